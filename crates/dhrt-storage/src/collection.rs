@@ -1,0 +1,468 @@
+//! One collection: its current generation (index + log), the write path, and
+//! recovery from its file.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::index::{Index, Slot};
+use crate::log::LogFile;
+use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
+use crate::version::{Clock, Version};
+use crate::{Options, SyncMode};
+
+/// File name suffix of a collection's log.
+pub(crate) const LOG_SUFFIX: &str = ".dhrt";
+/// Suffix of a compaction in progress; leftovers are deleted on open.
+pub(crate) const COMPACT_SUFFIX: &str = ".dhrt.compact";
+
+/// An index and the log its offsets point into. Readers load the current
+/// generation once per operation, so an index is never paired with the
+/// wrong file, even while compaction swaps them.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    pub(crate) index: Index,
+    pub(crate) log: LogFile,
+}
+
+/// What the writer knows about the current generation, kept exact under the
+/// writer lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct State {
+    pub(crate) live_keys: u64,
+    pub(crate) tombstones: u64,
+    /// Bytes of superseded records in the log.
+    pub(crate) garbage: u64,
+    /// Physical ms of the oldest tombstone (key or drop) in the log, or
+    /// `u64::MAX`; tells when a compaction could purge something.
+    pub(crate) oldest_tombstone_ms: u64,
+    /// The newest collection drop, if any survives in the log.
+    pub(crate) dropped_at: Option<Version>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            live_keys: 0,
+            tombstones: 0,
+            garbage: 0,
+            oldest_tombstone_ms: u64::MAX,
+            dropped_at: None,
+        }
+    }
+}
+
+/// How a write is versioned.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stamp<'a> {
+    /// A local write: stamped by the clock under the writer lock, so versions
+    /// of one key increase in log order. Always applies.
+    Local(&'a Clock),
+    /// A replicated write: applies only if newer than what is there.
+    Given(Version),
+}
+
+/// The outcome of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Written with this version; `replaced_live` says whether a live value
+    /// was there before.
+    Applied {
+        version: Version,
+        replaced_live: bool,
+    },
+    /// Nothing written: an equal or newer version (or drop) is there, or a
+    /// local delete found no live key.
+    Skipped,
+}
+
+struct Writer {
+    buf: Vec<u8>,
+    state: State,
+}
+
+/// A collection.
+pub(crate) struct Collection {
+    pub(crate) name: String,
+    pub(crate) current: ArcSwap<Generation>,
+    writer: Mutex<Writer>,
+    /// Held for the whole of a compaction, so only one runs at a time.
+    pub(crate) compacting: Mutex<()>,
+}
+
+impl std::fmt::Debug for Collection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// The record length of the entry `slot` points at.
+fn record_len_at(log: &[u8], slot: &Slot) -> u64 {
+    record::peek_header(&log[slot.offset() as usize..]).record_len() as u64
+}
+
+fn forget(state: &mut State, log: &[u8], old: &Slot) {
+    if old.is_tombstone() {
+        state.tombstones -= 1;
+    } else {
+        state.live_keys -= 1;
+    }
+    state.garbage += record_len_at(log, old);
+}
+
+/// Applies one record, already in the log at `offset`, to an index and its
+/// state. `log` holds the bytes the index's offsets point into. Returns
+/// whether it took effect; the keys a drop removed are pushed on `dropped`.
+pub(crate) fn apply_record(
+    index: &Index,
+    state: &mut State,
+    log: &[u8],
+    header: &Header,
+    key: &[u8],
+    offset: u64,
+    mut dropped: Option<&mut Vec<Vec<u8>>>,
+) -> bool {
+    let version = header.version;
+    let len = header.record_len() as u64;
+    if state.dropped_at.is_some_and(|d| version <= d) {
+        state.garbage += len;
+        return false;
+    }
+    match header.kind {
+        Kind::Drop => {
+            if state.dropped_at.is_some() {
+                state.garbage += RECORD_HEADER_LEN as u64; // the older drop record
+            }
+            state.dropped_at = Some(version);
+            state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            let mut doomed = Vec::new();
+            index.for_each(|k, s| {
+                if s.version < version {
+                    doomed.push((k.clone(), *s));
+                }
+            });
+            for (k, s) in doomed {
+                index.remove(k.as_bytes());
+                forget(state, log, &s);
+                if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
+                    out.push(k.as_bytes().to_vec());
+                }
+            }
+            true
+        }
+        Kind::Set | Kind::Tombstone => {
+            let old = index.get(key);
+            if old.is_some_and(|o| o.version >= version) {
+                state.garbage += len;
+                return false;
+            }
+            let tombstone = header.kind == Kind::Tombstone;
+            index.insert(key, Slot::new(offset, tombstone, version));
+            if let Some(o) = old {
+                forget(state, log, &o);
+            }
+            if tombstone {
+                state.tombstones += 1;
+                state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            } else {
+                state.live_keys += 1;
+            }
+            true
+        }
+    }
+}
+
+/// What recovery found.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Recovery {
+    /// Records replayed.
+    pub(crate) records: u64,
+    /// Bytes cut from a torn tail, and why the first cut record was bad.
+    pub(crate) truncated: Option<(u64, &'static str)>,
+    /// Greatest timestamp seen.
+    pub(crate) max_ts: u64,
+}
+
+/// Whether any valid record starts after `from` in `buf`.
+fn valid_record_after(buf: &[u8], from: usize) -> bool {
+    (from + 1..buf.len().saturating_sub(RECORD_HEADER_LEN - 1)).any(|at| {
+        // Cheap filter before the CRC: a known kind and zero reserved bytes.
+        matches!(buf[at + 4], 1..=3)
+            && buf[at + 5..at + 8] == [0, 0, 0]
+            && matches!(record::decode(&buf[at..]), Decoded::Record { .. })
+    })
+}
+
+impl Collection {
+    pub(crate) fn log_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}{LOG_SUFFIX}"))
+    }
+
+    fn from_parts(name: &str, generation: Generation, state: State) -> Collection {
+        Collection {
+            name: name.to_string(),
+            current: ArcSwap::from_pointee(generation),
+            writer: Mutex::new(Writer {
+                buf: Vec::new(),
+                state,
+            }),
+            compacting: Mutex::new(()),
+        }
+    }
+
+    /// A new, empty collection: a file in `dir`, or memory when `dir` is None.
+    pub(crate) fn create(dir: Option<&Path>, name: &str, options: &Options) -> Result<Collection> {
+        let path = dir.map(|d| Self::log_path(d, name));
+        let log = LogFile::create(path.as_deref(), name).map_err(|e| {
+            Error::io("create", path.clone().unwrap_or_else(|| "(memory)".into()), e)
+        })?;
+        if let Some(dir) = dir {
+            // The header must be durable and the file's name with it.
+            log.sync_all().map_err(|cause| Error::Poisoned {
+                collection: name.to_string(),
+                cause,
+            })?;
+            crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+        }
+        let generation = Generation {
+            index: Index::new(options.index_shards),
+            log,
+        };
+        Ok(Self::from_parts(name, generation, State::default()))
+    }
+
+    /// Opens an existing collection file: replays it into a fresh index,
+    /// cuts a torn tail, refuses a corrupt middle.
+    pub(crate) fn open(path: &Path, name: &str, options: &Options) -> Result<(Collection, Recovery)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        let index = Index::new(options.index_shards);
+        let mut state = State::default();
+        let mut recovery = Recovery::default();
+        let mut end = FILE_HEADER_LEN;
+        let mut cut_reason = None;
+        if len < FILE_HEADER_LEN as u64 {
+            // Creation was interrupted before the header was durable.
+            let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+            if !record::file_header().starts_with(&head) {
+                return Err(Error::BadHeader {
+                    path: path.into(),
+                    reason: format!("{len} bytes, not a header"),
+                });
+            }
+            std::os::unix::fs::FileExt::write_all_at(&file, &record::file_header(), 0)
+                .map_err(|e| Error::io("write", path, e))?;
+            file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
+            tracing::warn!(path = %path.display(), "rewrote an interrupted file header");
+        } else {
+            let map = crate::mmap::map(&file, len as usize)
+                .map_err(|e| Error::io("mmap", path, e))?;
+            let buf = &map[..];
+            record::check_file_header(buf).map_err(|reason| Error::BadHeader {
+                path: path.into(),
+                reason,
+            })?;
+            while end < buf.len() {
+                match record::decode(&buf[end..]) {
+                    Decoded::Record { header, key, .. } => {
+                        apply_record(&index, &mut state, buf, &header, key, end as u64, None);
+                        recovery.records += 1;
+                        recovery.max_ts = recovery.max_ts.max(header.version.ts);
+                        end += header.record_len();
+                    }
+                    bad => {
+                        let reason = match bad {
+                            Decoded::Invalid(why) => why,
+                            _ => "record runs past the end of the file",
+                        };
+                        if valid_record_after(buf, end) {
+                            return Err(Error::Corrupt {
+                                path: path.into(),
+                                offset: end as u64,
+                                reason,
+                            });
+                        }
+                        cut_reason = Some(reason);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(reason) = cut_reason {
+            let cut = len - end as u64;
+            tracing::warn!(
+                path = %path.display(),
+                offset = end,
+                bytes = cut,
+                reason,
+                "truncating a torn tail"
+            );
+            file.set_len(end as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::io("truncate", path, e))?;
+            recovery.truncated = Some((cut, reason));
+        }
+        let log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
+            .map_err(|e| Error::io("mmap", path, e))?;
+        let collection = Self::from_parts(name, Generation { index, log }, state);
+        Ok((collection, recovery))
+    }
+
+    /// Looks a key up: `None` if there is no entry, else its value (`None`
+    /// for a tombstone) and version.
+    #[inline]
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<(Option<Bytes>, Version)> {
+        let generation = self.current.load();
+        let slot = generation.index.get(key)?;
+        if slot.is_tombstone() {
+            return Some((None, slot.version));
+        }
+        let map = generation.log.map();
+        Some((Some(value_at(&map, &slot)), slot.version))
+    }
+
+    /// Writes a set (`value` is `Some`) or a delete of `key`.
+    pub(crate) fn write(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        stamp: Stamp<'_>,
+        sync: SyncMode,
+    ) -> Result<Written> {
+        let mut w = self.writer.lock().unwrap();
+        let generation = self.current.load();
+        self.check_poison(&generation.log)?;
+        let old = generation.index.get(key);
+        let version = match stamp {
+            Stamp::Local(clock) => {
+                if value.is_none() && old.is_none_or(|o| o.is_tombstone()) {
+                    return Ok(Written::Skipped);
+                }
+                clock.now()
+            }
+            Stamp::Given(v) => {
+                if old.is_some_and(|o| o.version >= v) || w.state.dropped_at.is_some_and(|d| v <= d) {
+                    return Ok(Written::Skipped);
+                }
+                v
+            }
+        };
+        let kind = if value.is_some() {
+            Kind::Set
+        } else {
+            Kind::Tombstone
+        };
+        let Writer { buf, state } = &mut *w;
+        buf.clear();
+        record::encode(buf, kind, key, value.unwrap_or_default(), version);
+        let offset = self.append(&generation.log, buf)?;
+        let header = record::peek_header(buf);
+        let end = offset + buf.len() as u64;
+        apply_record(&generation.index, state, &generation.log.map(), &header, key, offset, None);
+        drop(w);
+        self.durable(&generation.log, end, sync)?;
+        Ok(Written::Applied {
+            version,
+            replaced_live: old.is_some_and(|o| !o.is_tombstone()),
+        })
+    }
+
+    /// Drops every key older than the drop's version; returns the live keys
+    /// removed, or `None` if a newer drop was already there.
+    pub(crate) fn drop_keys(&self, stamp: Stamp<'_>, sync: SyncMode) -> Result<Option<Vec<Vec<u8>>>> {
+        let mut w = self.writer.lock().unwrap();
+        let generation = self.current.load();
+        self.check_poison(&generation.log)?;
+        let version = match stamp {
+            Stamp::Local(clock) => clock.now(),
+            Stamp::Given(v) => v,
+        };
+        if w.state.dropped_at.is_some_and(|d| d >= version) {
+            return Ok(None);
+        }
+        let Writer { buf, state } = &mut *w;
+        buf.clear();
+        record::encode(buf, Kind::Drop, &[], &[], version);
+        let offset = self.append(&generation.log, buf)?;
+        let header = record::peek_header(buf);
+        let end = offset + buf.len() as u64;
+        let mut removed = Vec::new();
+        let map = generation.log.map();
+        apply_record(&generation.index, state, &map, &header, &[], offset, Some(&mut removed));
+        drop(w);
+        self.durable(&generation.log, end, sync)?;
+        removed.sort();
+        Ok(Some(removed))
+    }
+
+    fn append(&self, log: &LogFile, buf: &[u8]) -> Result<u64> {
+        log.append(buf).map_err(|e| {
+            Error::io(
+                "write",
+                log.path().map_or_else(|| PathBuf::from("(memory)"), Path::to_path_buf),
+                e,
+            )
+        })
+    }
+
+    fn check_poison(&self, log: &LogFile) -> Result<()> {
+        match log.poisoned() {
+            Some(cause) => Err(Error::Poisoned {
+                collection: self.name.clone(),
+                cause,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn durable(&self, log: &LogFile, end: u64, sync: SyncMode) -> Result<()> {
+        if sync == SyncMode::Always {
+            log.sync_to(end).map_err(|cause| Error::Poisoned {
+                collection: self.name.clone(),
+                cause,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs the current log.
+    pub(crate) fn sync(&self) -> Result<()> {
+        let generation = self.current.load();
+        generation.log.sync_all().map_err(|cause| Error::Poisoned {
+            collection: self.name.clone(),
+            cause,
+        })
+    }
+
+    /// A copy of the writer's state.
+    pub(crate) fn state(&self) -> State {
+        self.writer.lock().unwrap().state
+    }
+
+    /// Runs `f` with the writer lock held (compaction's final phase).
+    pub(crate) fn with_writer<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.writer.lock().unwrap().state)
+    }
+}
+
+/// The value of the live record `slot` points at, without copying.
+#[inline]
+pub(crate) fn value_at(map: &Bytes, slot: &Slot) -> Bytes {
+    let offset = slot.offset() as usize;
+    let header = record::peek_header(&map[offset..]);
+    let start = offset + RECORD_HEADER_LEN + header.key_len as usize;
+    map.slice(start..start + header.value_len as usize)
+}

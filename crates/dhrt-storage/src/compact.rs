@@ -1,0 +1,183 @@
+//! Compaction: rewrite a collection's live records into a new file and swap
+//! it in, without blocking readers and without losing concurrent writes.
+//!
+//! 1. Note the log's tail `t0` (under the writer lock) and copy every index
+//!    entry that points below `t0` into a new file `<name>.dhrt.compact`,
+//!    skipping tombstones older than the grace period; fsync it. Readers and
+//!    writers carry on against the old generation meanwhile.
+//! 2. Under the writer lock: copy the records written since `t0` (the
+//!    catch-up), apply them to the new index, fsync, rename the new file over
+//!    the old one, fsync the directory, and swap the generation in. Readers
+//!    holding the old generation finish against the old map.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::collection::{self, COMPACT_SUFFIX, Collection, Generation, State};
+use crate::error::{Error, Result};
+use crate::index::{Index, Slot};
+use crate::log::{self, LogFile};
+use crate::record::{self, Decoded, Kind};
+use crate::version::wall_ms;
+use crate::Options;
+
+/// What one compaction did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactionReport {
+    /// File length before, in bytes.
+    pub bytes_before: u64,
+    /// File length after, in bytes.
+    pub bytes_after: u64,
+    /// Records in the new file.
+    pub records: u64,
+    /// Tombstones (and drop markers) purged because their grace had passed.
+    pub purged_tombstones: u64,
+    /// Records written while phase 1 ran and copied in the catch-up.
+    pub caught_up: u64,
+}
+
+const FLUSH_AT: usize = 1 << 20;
+
+/// Compacts `coll`. Only one compaction of a collection runs at a time.
+pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) -> Result<CompactionReport> {
+    let _only_one = coll.compacting.lock().unwrap();
+    let old = coll.current.load_full();
+    if let Some(cause) = old.log.poisoned() {
+        return Err(Error::Poisoned {
+            collection: coll.name.clone(),
+            cause,
+        });
+    }
+    let (t0, dropped_at) = coll.with_writer(|s| (old.log.tail(), s.dropped_at));
+    let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
+    let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
+    let io_err = |op, e| {
+        Error::io(
+            op,
+            tmp_path.clone().unwrap_or_else(|| "(memory)".into()),
+            e,
+        )
+    };
+    let mut report = CompactionReport {
+        bytes_before: t0,
+        ..Default::default()
+    };
+
+    let result = (|| {
+        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
+        let index = Index::new(options.index_shards);
+        let mut state = State::default();
+        let mut out = Vec::with_capacity(FLUSH_AT + 4096);
+        let mut base = new_log.tail();
+
+        // Phase 1: copy what the index points at below t0.
+        if let Some(d) = dropped_at {
+            if d.physical_ms() >= purge_before_ms {
+                record::encode(&mut out, Kind::Drop, &[], &[], d);
+                state.dropped_at = Some(d);
+                state.oldest_tombstone_ms = d.physical_ms();
+                report.records += 1;
+            } else {
+                report.purged_tombstones += 1;
+            }
+        }
+        let old_map = old.log.map();
+        for shard in old.index.shards() {
+            let mut cursor = shard.front();
+            while let Some(entry) = cursor {
+                let slot = *entry.value();
+                let offset = slot.offset();
+                if offset < t0 {
+                    if slot.is_tombstone() && slot.version.physical_ms() < purge_before_ms {
+                        report.purged_tombstones += 1;
+                    } else {
+                        let bytes = &old_map[offset as usize..];
+                        let Decoded::Record { header, .. } = record::decode(bytes) else {
+                            return Err(Error::Corrupt {
+                                path: old.log.path().map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                                offset,
+                                reason: "record failed its checksum during compaction",
+                            });
+                        };
+                        let len = header.record_len();
+                        let new_offset = base + out.len() as u64;
+                        out.extend_from_slice(&bytes[..len]);
+                        index.insert(entry.key().as_bytes(), Slot::new(new_offset, slot.is_tombstone(), slot.version));
+                        if slot.is_tombstone() {
+                            state.tombstones += 1;
+                            state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(slot.version.physical_ms());
+                        } else {
+                            state.live_keys += 1;
+                        }
+                        report.records += 1;
+                        if out.len() >= FLUSH_AT {
+                            new_log.append(&out).map_err(|e| io_err("write", e))?;
+                            base = new_log.tail();
+                            out.clear();
+                        }
+                    }
+                }
+                cursor = entry.next();
+            }
+        }
+        new_log.append(&out).map_err(|e| io_err("write", e))?;
+        out.clear();
+        new_log.sync_all().map_err(|cause| Error::Poisoned {
+            collection: coll.name.clone(),
+            cause,
+        })?;
+
+        // Phase 2: catch up with the writes since t0 and swap.
+        coll.with_writer(|live_state| {
+            let tail = old.log.tail();
+            let old_map = old.log.map();
+            let caught = &old_map[t0 as usize..tail as usize];
+            let base = new_log.tail();
+            new_log.append(caught).map_err(|e| io_err("write", e))?;
+            let new_map = new_log.map();
+            let mut pos = 0;
+            while pos < caught.len() {
+                let Decoded::Record { header, key, .. } = record::decode(&caught[pos..]) else {
+                    unreachable!("the engine wrote these records itself");
+                };
+                collection::apply_record(&index, &mut state, &new_map, &header, key, base + pos as u64, None);
+                pos += header.record_len();
+                report.caught_up += 1;
+                report.records += 1;
+            }
+            new_log.sync_all().map_err(|cause| Error::Poisoned {
+                collection: coll.name.clone(),
+                cause,
+            })?;
+            if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
+                let final_path = Collection::log_path(dir, &coll.name);
+                std::fs::rename(tmp, &final_path).map_err(|e| io_err("rename", e))?;
+                new_log.set_path(final_path);
+                log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+            }
+            report.bytes_after = new_log.tail();
+            coll.current.store(Arc::new(Generation { index, log: new_log }));
+            *live_state = state;
+            Ok(())
+        })
+    })();
+
+    if result.is_err() {
+        if let Some(tmp) = &tmp_path {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+    result.map(|()| report)
+}
+
+/// Whether `state` and a file of `len` bytes call for a compaction now.
+pub(crate) fn is_due(state: &State, len: u64, options: &Options) -> bool {
+    let garbage = len >= options.compaction_min_bytes
+        && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
+    let purge = state.oldest_tombstone_ms != u64::MAX
+        && state
+            .oldest_tombstone_ms
+            .saturating_add(options.tombstone_grace.as_millis() as u64)
+            < wall_ms();
+    garbage || purge
+}

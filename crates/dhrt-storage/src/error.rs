@@ -1,0 +1,108 @@
+//! The storage error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `dhrt-storage`.
+///
+/// Each variant says whether state was changed. Unless stated otherwise, a
+/// failed call changed nothing: no record was written and the index is as it
+/// was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The collection name is not `[A-Za-z0-9_-]{1,64}`. Nothing was changed.
+    #[error("invalid collection name {name:?}: {reason}")]
+    InvalidCollection {
+        /// The name as given (lossily printed).
+        name: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// The key is empty or longer than [`crate::MAX_KEY_LEN`]. Nothing was changed.
+    #[error("invalid key: {len} bytes (keys are 1 to {max} bytes)")]
+    InvalidKey {
+        /// Length of the refused key.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// The value is larger than the configured maximum. Nothing was changed.
+    #[error("value too large: {len} bytes (the limit is {max})")]
+    ValueTooLarge {
+        /// Length of the refused value.
+        len: usize,
+        /// The configured limit.
+        max: usize,
+    },
+
+    /// An I/O error while reading or writing a collection's file. A failed
+    /// write was cut back, so the file holds no partial record; nothing was
+    /// changed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("write", "open", ...).
+        op: &'static str,
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A record in the middle of a log failed its checksum or is malformed,
+    /// and valid records follow it. The collection was not opened and the
+    /// file was not touched: this needs an operator, not an automatic repair.
+    #[error("corrupt record in {path} at offset {offset}: {reason}; valid records follow, refusing to truncate")]
+    Corrupt {
+        /// The collection file.
+        path: PathBuf,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+
+    /// The file does not start with a dhrt log header of a known version.
+    /// Nothing was changed.
+    #[error("{path} is not a dhrt log file: {reason}")]
+    BadHeader {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// An earlier fsync of this collection failed, so its durable state is
+    /// unknown; it refuses writes until the process is restarted and the log
+    /// recovered. Reads keep working. Nothing was changed.
+    #[error("collection {collection:?} refuses writes after a failed fsync: {cause}")]
+    Poisoned {
+        /// The collection.
+        collection: String,
+        /// The original fsync error.
+        cause: String,
+    },
+
+    /// Another process holds the data directory's lock. Nothing was opened.
+    #[error("data directory {path} is in use by another process")]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// `Result` with the storage [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

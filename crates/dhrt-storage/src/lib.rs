@@ -1,0 +1,37 @@
+//! `dhrt-storage`: dhrt's embeddable local key/value engine.
+//!
+//! A [`Store`] is a data directory of named collections. Each collection is
+//! one append-only log file (`<name>.dhrt`, format in `docs/format.md`) read
+//! through a shared memory map, with an in-memory index — a key-hash-sharded
+//! set of `crossbeam_skiplist::SkipMap`s — from key to the newest record. A
+//! get is one index lookup and one read from the map; a set is one `pwrite`
+//! and one index insert. Every record carries a CRC32C and a [`Version`];
+//! [`Store::apply`] keeps whichever version is greater, which is what lets
+//! replicas converge. Memory mode ([`Store::memory`]) runs the same code over
+//! anonymous in-memory files.
+//!
+//! This crate knows nothing about the network.
+
+mod collection;
+mod compact;
+mod error;
+mod index;
+mod key;
+mod log;
+mod mmap;
+mod name;
+mod options;
+mod record;
+mod scan;
+mod store;
+mod version;
+
+pub use bytes::Bytes;
+pub use compact::CompactionReport;
+pub use error::{Error, Result};
+pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
+pub use options::{Options, SyncMode};
+pub use record::MAX_KEY_LEN;
+pub use scan::{Record, Records, Scan};
+pub use store::{CollectionStats, RecoveryReport, Stats, Store};
+pub use version::{Clock, LOGICAL_BITS, Version, wall_ms};

@@ -1,0 +1,191 @@
+//! One collection's append-only log file: appends, the read map, group commit
+//! and the poison flag.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use crate::mmap;
+use crate::record::{self, FILE_HEADER_LEN};
+
+/// Smallest map; the address space is reserved, not memory.
+const MIN_CAPACITY: u64 = 64 << 20;
+
+fn capacity_for(len: u64) -> u64 {
+    (len * 2).next_power_of_two().max(MIN_CAPACITY)
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Everything below this offset is on stable storage.
+    synced: u64,
+    /// A thread is running `fdatasync` right now.
+    in_progress: bool,
+    /// Set by a failed fsync; never cleared.
+    poisoned: Option<String>,
+}
+
+/// An append-only log: written with `pwrite` under the collection's writer
+/// lock, read through a shared map by anyone.
+#[derive(Debug)]
+pub(crate) struct LogFile {
+    file: File,
+    /// `None` for a memfd (memory mode).
+    path: Option<PathBuf>,
+    map: ArcSwap<Bytes>,
+    /// End of the last complete record written.
+    tail: AtomicU64,
+    sync: Mutex<SyncState>,
+    synced_cv: Condvar,
+}
+
+impl LogFile {
+    /// Creates a new log holding only the file header: at `path` (replacing
+    /// any file there) or, with `None`, in memory.
+    pub(crate) fn create(path: Option<&Path>, name: &str) -> io::Result<LogFile> {
+        let file = match path {
+            Some(p) => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)?,
+            None => mmap::memfd(name)?,
+        };
+        file.write_all_at(&record::file_header(), 0)?;
+        LogFile::with_file(file, path.map(Path::to_path_buf), FILE_HEADER_LEN as u64)
+    }
+
+    /// Wraps an existing file whose first `len` bytes are valid records.
+    pub(crate) fn with_file(file: File, path: Option<PathBuf>, len: u64) -> io::Result<LogFile> {
+        let map = mmap::map(&file, capacity_for(len) as usize)?;
+        Ok(LogFile {
+            file,
+            path,
+            map: ArcSwap::from_pointee(map),
+            tail: AtomicU64::new(len),
+            sync: Mutex::new(SyncState {
+                synced: len,
+                ..SyncState::default()
+            }),
+            synced_cv: Condvar::new(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub(crate) fn is_memory(&self) -> bool {
+        self.path.is_none()
+    }
+
+    /// End of the last complete record.
+    pub(crate) fn tail(&self) -> u64 {
+        self.tail.load(Ordering::Acquire)
+    }
+
+    /// The current map. Only ranges below [`tail`](Self::tail) as read
+    /// *before* the map was loaded may be read.
+    #[inline]
+    pub(crate) fn map(&self) -> arc_swap::Guard<std::sync::Arc<Bytes>> {
+        self.map.load()
+    }
+
+    /// Appends `buf` at the tail; returns the offset it was written at.
+    /// Callers serialize appends (the collection's writer lock). On error
+    /// the file is cut back to the old tail, so no partial record remains.
+    pub(crate) fn append(&self, buf: &[u8]) -> io::Result<u64> {
+        let offset = self.tail.load(Ordering::Relaxed);
+        if let Err(e) = self.file.write_all_at(buf, offset) {
+            if !self.is_memory() {
+                let _ = self.file.set_len(offset);
+            }
+            return Err(e);
+        }
+        let end = offset + buf.len() as u64;
+        if end > self.map.load().len() as u64 {
+            self.map
+                .store(std::sync::Arc::new(mmap::map(&self.file, capacity_for(end) as usize)?));
+        }
+        self.tail.store(end, Ordering::Release);
+        Ok(offset)
+    }
+
+    /// The poison message, if an fsync of this log ever failed.
+    pub(crate) fn poisoned(&self) -> Option<String> {
+        self.sync.lock().unwrap().poisoned.clone()
+    }
+
+    /// Whether bytes were written since the last fsync.
+    pub(crate) fn is_dirty(&self) -> bool {
+        !self.is_memory() && self.sync.lock().unwrap().synced < self.tail()
+    }
+
+    /// Makes everything below `end` durable. Concurrent callers share one
+    /// `fdatasync` (group commit): whoever finds none running starts one
+    /// covering every byte written so far; the rest wait for it. A failed
+    /// fsync poisons the log for good.
+    pub(crate) fn sync_to(&self, end: u64) -> Result<(), String> {
+        if self.is_memory() {
+            return Ok(());
+        }
+        let mut st = self.sync.lock().unwrap();
+        loop {
+            if let Some(e) = &st.poisoned {
+                return Err(e.clone());
+            }
+            if st.synced >= end {
+                return Ok(());
+            }
+            if st.in_progress {
+                st = self.synced_cv.wait(st).unwrap();
+                continue;
+            }
+            st.in_progress = true;
+            let target = self.tail();
+            drop(st);
+            let result = self.file.sync_data();
+            st = self.sync.lock().unwrap();
+            st.in_progress = false;
+            match result {
+                Ok(()) => st.synced = st.synced.max(target),
+                Err(e) => {
+                    let msg = format!("fdatasync {}: {e}", self.describe());
+                    tracing::error!("{msg}; the collection now refuses writes");
+                    st.poisoned = Some(msg);
+                }
+            }
+            self.synced_cv.notify_all();
+        }
+    }
+
+    /// Makes everything written so far durable.
+    pub(crate) fn sync_all(&self) -> Result<(), String> {
+        self.sync_to(self.tail())
+    }
+
+    /// Records that the file was renamed (a compacted file published).
+    pub(crate) fn set_path(&mut self, path: PathBuf) {
+        self.path = Some(path);
+    }
+
+    fn describe(&self) -> String {
+        match &self.path {
+            Some(p) => p.display().to_string(),
+            None => "(memory)".into(),
+        }
+    }
+}
+
+/// Fsyncs a directory, so that a file created or renamed in it survives a
+/// power loss.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}

@@ -1,0 +1,500 @@
+//! The `Store`: a data directory (or memory) of collections, the public API,
+//! and the background thread that syncs and compacts.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use crate::collection::{COMPACT_SUFFIX, Collection, LOG_SUFFIX, Stamp, Written};
+use crate::compact::{self, CompactionReport};
+use crate::error::{Error, Result};
+use crate::name::validate_collection_name;
+use crate::record::MAX_KEY_LEN;
+use crate::scan::{Record, Records, Scan};
+use crate::version::{Clock, Version};
+use crate::{Options, SyncMode};
+
+type Collections = HashMap<String, Arc<Collection>>;
+
+/// An embedded key/value store: named collections of byte keys and values,
+/// each collection one append-only log file in the data directory (or an
+/// anonymous in-memory file in memory mode), indexed in memory.
+///
+/// Cheap to clone; all clones share the same store. `Send + Sync`; reads take
+/// no lock, writes lock only their collection.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = dhrt_storage::Store::open(dir.path(), Default::default()).unwrap();
+/// store.set("users", b"ada", b"lovelace").unwrap();
+/// assert_eq!(store.get("users", b"ada").unwrap().as_deref(), Some(&b"lovelace"[..]));
+/// assert!(store.delete("users", b"ada").unwrap());
+/// assert_eq!(store.get("users", b"ada").unwrap(), None);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Shutdown {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: Option<PathBuf>,
+    options: Options,
+    clock: Clock,
+    collections: ArcSwap<Collections>,
+    create: Mutex<()>,
+    recovered: Vec<RecoveryReport>,
+    shutdown: Arc<Shutdown>,
+    background: Mutex<Option<JoinHandle<()>>>,
+    _dir_lock: Option<File>,
+}
+
+/// What opening a collection file found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The collection.
+    pub collection: String,
+    /// Records replayed.
+    pub records: u64,
+    /// Bytes cut off a torn tail, if any.
+    pub truncated_bytes: u64,
+}
+
+/// Statistics of one collection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CollectionStats {
+    /// The collection's name.
+    pub name: String,
+    /// Live keys.
+    pub keys: u64,
+    /// Tombstones not yet purged.
+    pub tombstones: u64,
+    /// Length of the log, in bytes.
+    pub bytes: u64,
+    /// Bytes of the log held by superseded records (reclaimed by compaction).
+    pub garbage_bytes: u64,
+    /// Whether writes are refused after a failed fsync.
+    pub poisoned: bool,
+}
+
+/// Statistics of a store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// `"persisted"` or `"memory"`.
+    pub mode: &'static str,
+    /// The data directory, in persisted mode.
+    pub data_dir: Option<PathBuf>,
+    /// Every open collection, by name, including empty ones.
+    pub collections: Vec<CollectionStats>,
+}
+
+fn check_key(key: &[u8]) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(Error::InvalidKey {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory `dir` and recovers every
+    /// collection in it. Fails if another process has it open, or if a
+    /// collection file is corrupt in the middle (a torn tail is cut and
+    /// reported instead).
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Store> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open", &lock_path, e))?;
+        if !crate::mmap::try_lock(&lock).map_err(|e| Error::io("lock", &lock_path, e))? {
+            return Err(Error::Locked { path: dir });
+        }
+        let clock = Clock::new(options.node_id);
+        let mut collections = Collections::new();
+        let mut recovered = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            let file_name = entry.file_name();
+            let Some(file_name) = file_name.to_str() else { continue };
+            if file_name.ends_with(COMPACT_SUFFIX) {
+                tracing::info!(file = file_name, "removing an unfinished compaction");
+                std::fs::remove_file(entry.path()).map_err(|e| Error::io("remove", entry.path(), e))?;
+            } else if let Some(name) = file_name.strip_suffix(LOG_SUFFIX) {
+                if validate_collection_name(name).is_ok() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        for name in names {
+            let path = Collection::log_path(&dir, &name);
+            let (collection, recovery) = Collection::open(&path, &name, &options)?;
+            clock.observe(recovery.max_ts);
+            recovered.push(RecoveryReport {
+                collection: name.clone(),
+                records: recovery.records,
+                truncated_bytes: recovery.truncated.map_or(0, |(bytes, _)| bytes),
+            });
+            collections.insert(name, Arc::new(collection));
+        }
+        Ok(Self::start(Some(dir), options, clock, collections, recovered, Some(lock)))
+    }
+
+    /// A store in memory: the same API and semantics, no files. Nothing
+    /// survives the process.
+    pub fn memory(options: Options) -> Store {
+        let clock = Clock::new(options.node_id);
+        Self::start(None, options, clock, Collections::new(), Vec::new(), None)
+    }
+
+    fn start(
+        dir: Option<PathBuf>,
+        options: Options,
+        clock: Clock,
+        collections: Collections,
+        recovered: Vec<RecoveryReport>,
+        dir_lock: Option<File>,
+    ) -> Store {
+        let inner = Arc::new(Inner {
+            dir,
+            options,
+            clock,
+            collections: ArcSwap::from_pointee(collections),
+            create: Mutex::new(()),
+            recovered,
+            shutdown: Arc::new(Shutdown::default()),
+            background: Mutex::new(None),
+            _dir_lock: dir_lock,
+        });
+        let weak = Arc::downgrade(&inner);
+        let shutdown = inner.shutdown.clone();
+        let handle = std::thread::Builder::new()
+            .name("dhrt-storage-bg".into())
+            .spawn(move || background(weak, shutdown))
+            .expect("spawn the storage background thread");
+        *inner.background.lock().unwrap() = Some(handle);
+        Store { inner }
+    }
+
+    /// The settings this store was opened with.
+    pub fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    /// The clock that stamps local writes. A replication layer observes
+    /// remote versions through [`apply`](Self::apply), which merges them
+    /// into this clock.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The data directory, or `None` in memory mode.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    /// What recovery found in each collection when the store was opened.
+    pub fn recovery(&self) -> &[RecoveryReport] {
+        &self.inner.recovered
+    }
+
+    fn existing(&self, name: &str) -> Result<Option<Arc<Collection>>> {
+        validate_collection_name(name)?;
+        Ok(self.inner.collections.load().get(name).cloned())
+    }
+
+    fn existing_or_create(&self, name: &str) -> Result<Arc<Collection>> {
+        if let Some(c) = self.existing(name)? {
+            return Ok(c);
+        }
+        let _creating = self.inner.create.lock().unwrap();
+        if let Some(c) = self.inner.collections.load().get(name) {
+            return Ok(c.clone());
+        }
+        let collection = Arc::new(Collection::create(self.dir(), name, &self.inner.options)?);
+        let mut map = Collections::clone(&self.inner.collections.load());
+        map.insert(name.to_string(), collection.clone());
+        self.inner.collections.store(Arc::new(map));
+        Ok(collection)
+    }
+
+    fn write(&self, collection: &str, key: &[u8], value: Option<&[u8]>, stamp: Stamp<'_>) -> Result<Written> {
+        check_key(key)?;
+        if let Some(v) = value {
+            if v.len() > self.inner.options.max_value_len {
+                return Err(Error::ValueTooLarge {
+                    len: v.len(),
+                    max: self.inner.options.max_value_len,
+                });
+            }
+        }
+        let coll = if value.is_none() && matches!(stamp, Stamp::Local(_)) {
+            match self.existing(collection)? {
+                Some(c) => c,
+                None => return Ok(Written::Skipped),
+            }
+        } else {
+            self.existing_or_create(collection)?
+        };
+        coll.write(key, value, stamp, self.inner.options.sync)
+    }
+
+    /// Sets `key` in `collection` (created on first write) to `value`, with a
+    /// fresh local version.
+    pub fn set(&self, collection: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.write(collection, key, Some(value), Stamp::Local(&self.inner.clock))
+            .map(|_| ())
+    }
+
+    /// Like [`set`](Self::set), returning the version written.
+    pub fn set_versioned(&self, collection: &str, key: &[u8], value: &[u8]) -> Result<Version> {
+        match self.write(collection, key, Some(value), Stamp::Local(&self.inner.clock))? {
+            Written::Applied { version, .. } => Ok(version),
+            Written::Skipped => unreachable!("a local set always applies"),
+        }
+    }
+
+    /// Deletes `key`, leaving a tombstone. Returns whether a live value was
+    /// there; if not, nothing is written.
+    pub fn delete(&self, collection: &str, key: &[u8]) -> Result<bool> {
+        Ok(matches!(
+            self.write(collection, key, None, Stamp::Local(&self.inner.clock))?,
+            Written::Applied { replaced_live: true, .. }
+        ))
+    }
+
+    /// Applies a replicated write: sets `key` to `value` (or deletes it, for
+    /// `None`) with the given version, if that version is greater than the
+    /// key's current one and than the collection's last drop. Returns whether
+    /// it applied. Idempotent and order-independent: replicas that apply the
+    /// same writes in any order end in the same state.
+    pub fn apply(&self, collection: &str, key: &[u8], value: Option<&[u8]>, version: Version) -> Result<bool> {
+        self.inner.clock.observe(version.ts);
+        Ok(matches!(
+            self.write(collection, key, value, Stamp::Given(version))?,
+            Written::Applied { .. }
+        ))
+    }
+
+    /// The value of `key`, or `None`. The value is not copied: it points into
+    /// the collection's map.
+    #[inline]
+    pub fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        Ok(self
+            .lookup_raw(collection, key)?
+            .and_then(|(value, _)| value))
+    }
+
+    /// The entry for `key` with its version: `Some` with `value: None` for a
+    /// tombstone, `None` if the key was never written (or was dropped or
+    /// purged).
+    pub fn lookup(&self, collection: &str, key: &[u8]) -> Result<Option<Record>> {
+        Ok(self.lookup_raw(collection, key)?.map(|(value, version)| Record {
+            key: key.to_vec(),
+            value,
+            version,
+        }))
+    }
+
+    #[inline]
+    fn lookup_raw(&self, collection: &str, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
+        check_key(key)?;
+        validate_collection_name(collection)?;
+        let collections = self.inner.collections.load();
+        Ok(collections.get(collection).and_then(|c| c.lookup(key)))
+    }
+
+    /// The live keys and values of `collection` in key order.
+    pub fn scan(&self, collection: &str) -> Result<Scan> {
+        self.scan_after(collection, None)
+    }
+
+    /// The live keys and values of `collection` after `after` (exclusive), in
+    /// key order: the resumable form for pagination.
+    pub fn scan_after(&self, collection: &str, after: Option<&[u8]>) -> Result<Scan> {
+        Ok(Scan(Records::new(self.existing(collection)?, after, true)))
+    }
+
+    /// Every record of `collection`, tombstones included, with versions, in
+    /// key order after `after`: what replication and anti-entropy exchange.
+    pub fn records(&self, collection: &str, after: Option<&[u8]>) -> Result<Records> {
+        Ok(Records::new(self.existing(collection)?, after, false))
+    }
+
+    /// Names of the collections holding at least one live key, sorted.
+    pub fn collections(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .collections
+            .load()
+            .values()
+            .filter(|c| c.state().live_keys > 0)
+            .map(|c| c.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Drops every key of `name` with a local version; returns the live keys
+    /// it held, sorted. A key written afterwards survives: the drop is a
+    /// versioned write like any other.
+    pub fn drop_collection(&self, name: &str) -> Result<Vec<Vec<u8>>> {
+        match self.existing(name)? {
+            Some(c) => Ok(c
+                .drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync)?
+                .unwrap_or_default()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Applies a replicated drop: removes every key of `name` older than
+    /// `version`, and refuses older writes from then on. Returns the live
+    /// keys removed, or `None` if an equal or newer drop was already there.
+    pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<Vec<Vec<u8>>>> {
+        self.inner.clock.observe(version.ts);
+        self.existing_or_create(name)?
+            .drop_keys(Stamp::Given(version), self.inner.options.sync)
+    }
+
+    /// Fsyncs every collection now.
+    pub fn sync(&self) -> Result<()> {
+        for c in self.inner.collections.load().values() {
+            c.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Compacts `collection` now, whatever its garbage ratio.
+    pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
+        match self.existing(collection)? {
+            Some(c) => compact::compact(&c, self.dir(), &self.inner.options),
+            None => Ok(CompactionReport::default()),
+        }
+    }
+
+    /// Statistics of the store and each collection.
+    pub fn stats(&self) -> Stats {
+        let mut collections: Vec<CollectionStats> = self
+            .inner
+            .collections
+            .load()
+            .values()
+            .map(|c| {
+                let generation = c.current.load();
+                let state = c.state();
+                CollectionStats {
+                    name: c.name.clone(),
+                    keys: state.live_keys,
+                    tombstones: state.tombstones,
+                    bytes: generation.log.tail(),
+                    garbage_bytes: state.garbage,
+                    poisoned: generation.log.poisoned().is_some(),
+                }
+            })
+            .collect();
+        collections.sort_by(|a, b| a.name.cmp(&b.name));
+        Stats {
+            mode: if self.inner.dir.is_some() {
+                "persisted"
+            } else {
+                "memory"
+            },
+            data_dir: self.inner.dir.clone(),
+            collections,
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        *self.shutdown.stop.lock().unwrap() = true;
+        self.shutdown.wake.notify_all();
+        if let Some(handle) = self.background.lock().unwrap().take() {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        if self.dir.is_some() {
+            for c in self.collections.load().values() {
+                if let Err(e) = c.sync() {
+                    tracing::error!(collection = %c.name, "final sync failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Syncs dirty collections every interval (in `Interval` mode) and compacts
+/// collections whose garbage or expired tombstones call for it.
+fn background(store: Weak<Inner>, shutdown: Arc<Shutdown>) {
+    const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+    let tick = match store.upgrade().map(|s| s.options.sync) {
+        Some(SyncMode::Interval(d)) => d.min(COMPACTION_CHECK),
+        _ => COMPACTION_CHECK,
+    };
+    let mut last_sync = Instant::now();
+    let mut last_check = Instant::now();
+    loop {
+        {
+            let stop = shutdown.stop.lock().unwrap();
+            let (stop, _) = shutdown.wake.wait_timeout(stop, tick).unwrap();
+            if *stop {
+                return;
+            }
+        }
+        let Some(inner) = store.upgrade() else { return };
+        if inner.dir.is_some() {
+            if let SyncMode::Interval(every) = inner.options.sync {
+                if last_sync.elapsed() >= every {
+                    last_sync = Instant::now();
+                    for c in inner.collections.load().values() {
+                        if c.current.load().log.is_dirty() {
+                            if let Err(e) = c.sync() {
+                                tracing::error!(collection = %c.name, "interval sync failed: {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK {
+            last_check = Instant::now();
+            for c in inner.collections.load().values() {
+                let len = c.current.load().log.tail();
+                if compact::is_due(&c.state(), len, &inner.options) {
+                    match compact::compact(c, inner.dir.as_deref(), &inner.options) {
+                        Ok(r) => tracing::info!(
+                            collection = %c.name,
+                            before = r.bytes_before,
+                            after = r.bytes_after,
+                            purged = r.purged_tombstones,
+                            "compacted"
+                        ),
+                        Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
