@@ -220,7 +220,11 @@ impl Collection {
     pub(crate) fn create(dir: Option<&Path>, name: &str, options: &Options) -> Result<Collection> {
         let path = dir.map(|d| Self::log_path(d, name));
         let log = LogFile::create(path.as_deref(), name).map_err(|e| {
-            Error::io("create", path.clone().unwrap_or_else(|| "(memory)".into()), e)
+            Error::io(
+                "create",
+                path.clone().unwrap_or_else(|| "(memory)".into()),
+                e,
+            )
         })?;
         if let Some(dir) = dir {
             // The header must be durable and the file's name with it.
@@ -239,7 +243,11 @@ impl Collection {
 
     /// Opens an existing collection file: replays it into a fresh index,
     /// cuts a torn tail, refuses a corrupt middle.
-    pub(crate) fn open(path: &Path, name: &str, options: &Options) -> Result<(Collection, Recovery)> {
+    pub(crate) fn open(
+        path: &Path,
+        name: &str,
+        options: &Options,
+    ) -> Result<(Collection, Recovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -268,8 +276,8 @@ impl Collection {
             file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
             tracing::warn!(path = %path.display(), "rewrote an interrupted file header");
         } else {
-            let map = crate::mmap::map(&file, len as usize)
-                .map_err(|e| Error::io("mmap", path, e))?;
+            let map =
+                crate::mmap::map(&file, len as usize).map_err(|e| Error::io("mmap", path, e))?;
             let buf = &map[..];
             record::check_file_header(buf).map_err(|reason| Error::BadHeader {
                 path: path.into(),
@@ -354,7 +362,8 @@ impl Collection {
                 clock.now()
             }
             Stamp::Given(v) => {
-                if old.is_some_and(|o| o.version >= v) || w.state.dropped_at.is_some_and(|d| v <= d) {
+                if old.is_some_and(|o| o.version >= v) || w.state.dropped_at.is_some_and(|d| v <= d)
+                {
                     return Ok(Written::Skipped);
                 }
                 v
@@ -371,7 +380,15 @@ impl Collection {
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
-        apply_record(&generation.index, state, &generation.log.map(), &header, key, offset, None);
+        apply_record(
+            &generation.index,
+            state,
+            &generation.log.map(),
+            &header,
+            key,
+            offset,
+            None,
+        );
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -382,7 +399,11 @@ impl Collection {
 
     /// Drops every key older than the drop's version; returns the live keys
     /// removed, or `None` if a newer drop was already there.
-    pub(crate) fn drop_keys(&self, stamp: Stamp<'_>, sync: SyncMode) -> Result<Option<Vec<Vec<u8>>>> {
+    pub(crate) fn drop_keys(
+        &self,
+        stamp: Stamp<'_>,
+        sync: SyncMode,
+    ) -> Result<Option<Vec<Vec<u8>>>> {
         let mut w = self.writer.lock().unwrap();
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
@@ -401,7 +422,15 @@ impl Collection {
         let end = offset + buf.len() as u64;
         let mut removed = Vec::new();
         let map = generation.log.map();
-        apply_record(&generation.index, state, &map, &header, &[], offset, Some(&mut removed));
+        apply_record(
+            &generation.index,
+            state,
+            &map,
+            &header,
+            &[],
+            offset,
+            Some(&mut removed),
+        );
         drop(w);
         self.durable(&generation.log, end, sync)?;
         removed.sort();
@@ -412,7 +441,8 @@ impl Collection {
         log.append(buf).map_err(|e| {
             Error::io(
                 "write",
-                log.path().map_or_else(|| PathBuf::from("(memory)"), Path::to_path_buf),
+                log.path()
+                    .map_or_else(|| PathBuf::from("(memory)"), Path::to_path_buf),
                 e,
             )
         })

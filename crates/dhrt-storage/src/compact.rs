@@ -13,13 +13,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::Options;
 use crate::collection::{self, COMPACT_SUFFIX, Collection, Generation, State};
 use crate::error::{Error, Result};
 use crate::index::{Index, Slot};
 use crate::log::{self, LogFile};
 use crate::record::{self, Decoded, Kind};
 use crate::version::wall_ms;
-use crate::Options;
 
 /// What one compaction did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,7 +39,11 @@ pub struct CompactionReport {
 const FLUSH_AT: usize = 1 << 20;
 
 /// Compacts `coll`. Only one compaction of a collection runs at a time.
-pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) -> Result<CompactionReport> {
+pub(crate) fn compact(
+    coll: &Collection,
+    dir: Option<&Path>,
+    options: &Options,
+) -> Result<CompactionReport> {
     let _only_one = coll.compacting.lock().unwrap();
     let old = coll.current.load_full();
     if let Some(cause) = old.log.poisoned() {
@@ -51,20 +55,15 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
     let (t0, dropped_at) = coll.with_writer(|s| (old.log.tail(), s.dropped_at));
     let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
     let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
-    let io_err = |op, e| {
-        Error::io(
-            op,
-            tmp_path.clone().unwrap_or_else(|| "(memory)".into()),
-            e,
-        )
-    };
+    let io_err = |op, e| Error::io(op, tmp_path.clone().unwrap_or_else(|| "(memory)".into()), e);
     let mut report = CompactionReport {
         bytes_before: t0,
         ..Default::default()
     };
 
     let result = (|| {
-        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
+        let mut new_log =
+            LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
         let index = Index::new(options.index_shards);
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
@@ -94,7 +93,10 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
                         let bytes = &old_map[offset as usize..];
                         let Decoded::Record { header, .. } = record::decode(bytes) else {
                             return Err(Error::Corrupt {
-                                path: old.log.path().map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                                path: old
+                                    .log
+                                    .path()
+                                    .map_or_else(|| "(memory)".into(), Path::to_path_buf),
                                 offset,
                                 reason: "record failed its checksum during compaction",
                             });
@@ -102,10 +104,14 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
                         let len = header.record_len();
                         let new_offset = base + out.len() as u64;
                         out.extend_from_slice(&bytes[..len]);
-                        index.insert(entry.key().as_bytes(), Slot::new(new_offset, slot.is_tombstone(), slot.version));
+                        index.insert(
+                            entry.key().as_bytes(),
+                            Slot::new(new_offset, slot.is_tombstone(), slot.version),
+                        );
                         if slot.is_tombstone() {
                             state.tombstones += 1;
-                            state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(slot.version.physical_ms());
+                            state.oldest_tombstone_ms =
+                                state.oldest_tombstone_ms.min(slot.version.physical_ms());
                         } else {
                             state.live_keys += 1;
                         }
@@ -140,7 +146,15 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
                 let Decoded::Record { header, key, .. } = record::decode(&caught[pos..]) else {
                     unreachable!("the engine wrote these records itself");
                 };
-                collection::apply_record(&index, &mut state, &new_map, &header, key, base + pos as u64, None);
+                collection::apply_record(
+                    &index,
+                    &mut state,
+                    &new_map,
+                    &header,
+                    key,
+                    base + pos as u64,
+                    None,
+                );
                 pos += header.record_len();
                 report.caught_up += 1;
                 report.records += 1;
@@ -156,16 +170,19 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
                 log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
             }
             report.bytes_after = new_log.tail();
-            coll.current.store(Arc::new(Generation { index, log: new_log }));
+            coll.current.store(Arc::new(Generation {
+                index,
+                log: new_log,
+            }));
             *live_state = state;
             Ok(())
         })
     })();
 
-    if result.is_err() {
-        if let Some(tmp) = &tmp_path {
-            let _ = std::fs::remove_file(tmp);
-        }
+    if result.is_err()
+        && let Some(tmp) = &tmp_path
+    {
+        let _ = std::fs::remove_file(tmp);
     }
     result.map(|()| report)
 }

@@ -55,7 +55,9 @@ pub enum Error {
     /// A record in the middle of a log failed its checksum or is malformed,
     /// and valid records follow it. The collection was not opened and the
     /// file was not touched: this needs an operator, not an automatic repair.
-    #[error("corrupt record in {path} at offset {offset}: {reason}; valid records follow, refusing to truncate")]
+    #[error(
+        "corrupt record in {path} at offset {offset}: {reason}; valid records follow, refusing to truncate"
+    )]
     Corrupt {
         /// The collection file.
         path: PathBuf,

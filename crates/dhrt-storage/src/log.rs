@@ -111,8 +111,10 @@ impl LogFile {
         }
         let end = offset + buf.len() as u64;
         if end > self.map.load().len() as u64 {
-            self.map
-                .store(std::sync::Arc::new(mmap::map(&self.file, capacity_for(end) as usize)?));
+            self.map.store(std::sync::Arc::new(mmap::map(
+                &self.file,
+                capacity_for(end) as usize,
+            )?));
         }
         self.tail.store(end, Ordering::Release);
         Ok(offset)

@@ -37,7 +37,14 @@ mod tests {
 
     #[test]
     fn accepts_plain_names() {
-        for ok in ["default", "a", "users_2024", "x-y", "_system", &"a".repeat(64)] {
+        for ok in [
+            "default",
+            "a",
+            "users_2024",
+            "x-y",
+            "_system",
+            &"a".repeat(64),
+        ] {
             validate_collection_name(ok).unwrap();
         }
     }
@@ -45,7 +52,17 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         for bad in [
-            "", "..", ".", "a/b", "../etc", "a\0b", "é", "a b", "a.dhrt", "%2e%2e", &"a".repeat(65),
+            "",
+            "..",
+            ".",
+            "a/b",
+            "../etc",
+            "a\0b",
+            "é",
+            "a b",
+            "a.dhrt",
+            "%2e%2e",
+            &"a".repeat(65),
         ] {
             assert!(validate_collection_name(bad).is_err(), "{bad:?} accepted");
         }

@@ -58,7 +58,11 @@ pub struct Records {
 }
 
 impl Records {
-    pub(crate) fn new(collection: Option<Arc<Collection>>, after: Option<&[u8]>, live_only: bool) -> Self {
+    pub(crate) fn new(
+        collection: Option<Arc<Collection>>,
+        after: Option<&[u8]>,
+        live_only: bool,
+    ) -> Self {
         Records {
             collection,
             after: after.map(<[u8]>::to_vec),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -48,17 +48,33 @@ struct Shutdown {
     wake: Condvar,
 }
 
+/// What the store and its background thread share.
 #[derive(Debug)]
-struct Inner {
+struct Core {
     dir: Option<PathBuf>,
     options: Options,
     clock: Clock,
     collections: ArcSwap<Collections>,
     create: Mutex<()>,
     recovered: Vec<RecoveryReport>,
+}
+
+/// Dropped when the last `Store` clone is: stops and joins the background
+/// thread, syncs, and only then releases the directory lock.
+#[derive(Debug)]
+struct Inner {
+    core: Arc<Core>,
     shutdown: Arc<Shutdown>,
-    background: Mutex<Option<JoinHandle<()>>>,
+    background: Option<JoinHandle<()>>,
     _dir_lock: Option<File>,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 /// What opening a collection file found.
@@ -136,14 +152,17 @@ impl Store {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
             let file_name = entry.file_name();
-            let Some(file_name) = file_name.to_str() else { continue };
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
             if file_name.ends_with(COMPACT_SUFFIX) {
                 tracing::info!(file = file_name, "removing an unfinished compaction");
-                std::fs::remove_file(entry.path()).map_err(|e| Error::io("remove", entry.path(), e))?;
-            } else if let Some(name) = file_name.strip_suffix(LOG_SUFFIX) {
-                if validate_collection_name(name).is_ok() {
-                    names.push(name.to_string());
-                }
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| Error::io("remove", entry.path(), e))?;
+            } else if let Some(name) = file_name.strip_suffix(LOG_SUFFIX)
+                && validate_collection_name(name).is_ok()
+            {
+                names.push(name.to_string());
             }
         }
         names.sort();
@@ -158,7 +177,14 @@ impl Store {
             });
             collections.insert(name, Arc::new(collection));
         }
-        Ok(Self::start(Some(dir), options, clock, collections, recovered, Some(lock)))
+        Ok(Self::start(
+            Some(dir),
+            options,
+            clock,
+            collections,
+            recovered,
+            Some(lock),
+        ))
     }
 
     /// A store in memory: the same API and semantics, no files. Nothing
@@ -176,25 +202,30 @@ impl Store {
         recovered: Vec<RecoveryReport>,
         dir_lock: Option<File>,
     ) -> Store {
-        let inner = Arc::new(Inner {
+        let core = Arc::new(Core {
             dir,
             options,
             clock,
             collections: ArcSwap::from_pointee(collections),
             create: Mutex::new(()),
             recovered,
-            shutdown: Arc::new(Shutdown::default()),
-            background: Mutex::new(None),
-            _dir_lock: dir_lock,
         });
-        let weak = Arc::downgrade(&inner);
-        let shutdown = inner.shutdown.clone();
-        let handle = std::thread::Builder::new()
-            .name("dhrt-storage-bg".into())
-            .spawn(move || background(weak, shutdown))
-            .expect("spawn the storage background thread");
-        *inner.background.lock().unwrap() = Some(handle);
-        Store { inner }
+        let shutdown = Arc::new(Shutdown::default());
+        let handle = {
+            let (core, shutdown) = (core.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name("dhrt-storage-bg".into())
+                .spawn(move || background(&core, &shutdown))
+                .expect("spawn the storage background thread")
+        };
+        Store {
+            inner: Arc::new(Inner {
+                core,
+                shutdown,
+                background: Some(handle),
+                _dir_lock: dir_lock,
+            }),
+        }
     }
 
     /// The settings this store was opened with.
@@ -239,15 +270,21 @@ impl Store {
         Ok(collection)
     }
 
-    fn write(&self, collection: &str, key: &[u8], value: Option<&[u8]>, stamp: Stamp<'_>) -> Result<Written> {
+    fn write(
+        &self,
+        collection: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        stamp: Stamp<'_>,
+    ) -> Result<Written> {
         check_key(key)?;
-        if let Some(v) = value {
-            if v.len() > self.inner.options.max_value_len {
-                return Err(Error::ValueTooLarge {
-                    len: v.len(),
-                    max: self.inner.options.max_value_len,
-                });
-            }
+        if let Some(v) = value
+            && v.len() > self.inner.options.max_value_len
+        {
+            return Err(Error::ValueTooLarge {
+                len: v.len(),
+                max: self.inner.options.max_value_len,
+            });
         }
         let coll = if value.is_none() && matches!(stamp, Stamp::Local(_)) {
             match self.existing(collection)? {
@@ -263,13 +300,23 @@ impl Store {
     /// Sets `key` in `collection` (created on first write) to `value`, with a
     /// fresh local version.
     pub fn set(&self, collection: &str, key: &[u8], value: &[u8]) -> Result<()> {
-        self.write(collection, key, Some(value), Stamp::Local(&self.inner.clock))
-            .map(|_| ())
+        self.write(
+            collection,
+            key,
+            Some(value),
+            Stamp::Local(&self.inner.clock),
+        )
+        .map(|_| ())
     }
 
     /// Like [`set`](Self::set), returning the version written.
     pub fn set_versioned(&self, collection: &str, key: &[u8], value: &[u8]) -> Result<Version> {
-        match self.write(collection, key, Some(value), Stamp::Local(&self.inner.clock))? {
+        match self.write(
+            collection,
+            key,
+            Some(value),
+            Stamp::Local(&self.inner.clock),
+        )? {
             Written::Applied { version, .. } => Ok(version),
             Written::Skipped => unreachable!("a local set always applies"),
         }
@@ -280,7 +327,10 @@ impl Store {
     pub fn delete(&self, collection: &str, key: &[u8]) -> Result<bool> {
         Ok(matches!(
             self.write(collection, key, None, Stamp::Local(&self.inner.clock))?,
-            Written::Applied { replaced_live: true, .. }
+            Written::Applied {
+                replaced_live: true,
+                ..
+            }
         ))
     }
 
@@ -289,7 +339,13 @@ impl Store {
     /// key's current one and than the collection's last drop. Returns whether
     /// it applied. Idempotent and order-independent: replicas that apply the
     /// same writes in any order end in the same state.
-    pub fn apply(&self, collection: &str, key: &[u8], value: Option<&[u8]>, version: Version) -> Result<bool> {
+    pub fn apply(
+        &self,
+        collection: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        version: Version,
+    ) -> Result<bool> {
         self.inner.clock.observe(version.ts);
         Ok(matches!(
             self.write(collection, key, value, Stamp::Given(version))?,
@@ -310,11 +366,13 @@ impl Store {
     /// tombstone, `None` if the key was never written (or was dropped or
     /// purged).
     pub fn lookup(&self, collection: &str, key: &[u8]) -> Result<Option<Record>> {
-        Ok(self.lookup_raw(collection, key)?.map(|(value, version)| Record {
-            key: key.to_vec(),
-            value,
-            version,
-        }))
+        Ok(self
+            .lookup_raw(collection, key)?
+            .map(|(value, version)| Record {
+                key: key.to_vec(),
+                value,
+                version,
+            }))
     }
 
     #[inline]
@@ -430,10 +488,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         *self.shutdown.stop.lock().unwrap() = true;
         self.shutdown.wake.notify_all();
-        if let Some(handle) = self.background.lock().unwrap().take() {
-            if handle.thread().id() != std::thread::current().id() {
-                let _ = handle.join();
-            }
+        if let Some(handle) = self.background.take() {
+            let _ = handle.join();
         }
         if self.dir.is_some() {
             for c in self.collections.load().values() {
@@ -447,10 +503,10 @@ impl Drop for Inner {
 
 /// Syncs dirty collections every interval (in `Interval` mode) and compacts
 /// collections whose garbage or expired tombstones call for it.
-fn background(store: Weak<Inner>, shutdown: Arc<Shutdown>) {
+fn background(inner: &Core, shutdown: &Shutdown) {
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
-    let tick = match store.upgrade().map(|s| s.options.sync) {
-        Some(SyncMode::Interval(d)) => d.min(COMPACTION_CHECK),
+    let tick = match inner.options.sync {
+        SyncMode::Interval(d) => d.min(COMPACTION_CHECK),
         _ => COMPACTION_CHECK,
     };
     let mut last_sync = Instant::now();
@@ -458,23 +514,24 @@ fn background(store: Weak<Inner>, shutdown: Arc<Shutdown>) {
     loop {
         {
             let stop = shutdown.stop.lock().unwrap();
-            let (stop, _) = shutdown.wake.wait_timeout(stop, tick).unwrap();
+            let (stop, _) = shutdown
+                .wake
+                .wait_timeout_while(stop, tick, |stop| !*stop)
+                .unwrap();
             if *stop {
                 return;
             }
         }
-        let Some(inner) = store.upgrade() else { return };
-        if inner.dir.is_some() {
-            if let SyncMode::Interval(every) = inner.options.sync {
-                if last_sync.elapsed() >= every {
-                    last_sync = Instant::now();
-                    for c in inner.collections.load().values() {
-                        if c.current.load().log.is_dirty() {
-                            if let Err(e) = c.sync() {
-                                tracing::error!(collection = %c.name, "interval sync failed: {e}");
-                            }
-                        }
-                    }
+        if inner.dir.is_some()
+            && let SyncMode::Interval(every) = inner.options.sync
+            && last_sync.elapsed() >= every
+        {
+            last_sync = Instant::now();
+            for c in inner.collections.load().values() {
+                if c.current.load().log.is_dirty()
+                    && let Err(e) = c.sync()
+                {
+                    tracing::error!(collection = %c.name, "interval sync failed: {e}");
                 }
             }
         }

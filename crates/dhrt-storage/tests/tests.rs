@@ -1,1 +1,28 @@
-mod smoke { #[test] fn t(){} }
+//! Integration tests of dhrt-storage: one test binary, a module per concern.
+
+mod api;
+mod compaction;
+mod crash;
+mod model;
+mod names;
+mod recovery;
+
+use dhrt_storage::{Options, Store, SyncMode};
+
+/// Options for tests: no background thread surprises.
+pub(crate) fn quiet_options() -> Options {
+    Options {
+        sync: SyncMode::Never,
+        background_compaction: false,
+        index_shards: 16,
+        ..Options::default()
+    }
+}
+
+/// Opens a persisted and a memory store, so each API test runs on both.
+pub(crate) fn both_modes(dir: &std::path::Path, options: Options) -> Vec<Store> {
+    vec![
+        Store::open(dir, options.clone()).unwrap(),
+        Store::memory(options),
+    ]
+}

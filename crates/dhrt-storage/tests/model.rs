@@ -1,0 +1,226 @@
+//! A property test of the store against a `BTreeMap` model: sets, deletes,
+//! replicated applies and drops, compactions, clean reopens, and crashes that
+//! cut every file back to its last synced length and append garbage.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dhrt_storage::{Store, Version};
+use proptest::prelude::*;
+
+use crate::quiet_options;
+
+const COLLECTIONS: [&str; 2] = ["alpha", "beta"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Set(usize, u8, Vec<u8>),
+    Delete(usize, u8),
+    Apply(usize, u8, Option<Vec<u8>>, i64, u8),
+    Drop(usize, i64),
+    Compact(usize),
+    Sync,
+    Reopen,
+    Crash(Vec<u8>),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let coll = 0..COLLECTIONS.len();
+    let key = 0u8..12;
+    let value = prop::collection::vec(any::<u8>(), 0..40);
+    prop_oneof![
+        6 => (coll.clone(), key.clone(), value.clone()).prop_map(|(c, k, v)| Op::Set(c, k, v)),
+        2 => (coll.clone(), key.clone()).prop_map(|(c, k)| Op::Delete(c, k)),
+        4 => (coll.clone(), key, prop::option::of(value), -3000i64..3000, 0u8..3)
+            .prop_map(|(c, k, v, t, n)| Op::Apply(c, k, v, t, n)),
+        1 => (coll.clone(), -3000i64..3000).prop_map(|(c, t)| Op::Drop(c, t)),
+        1 => coll.prop_map(Op::Compact),
+        2 => Just(Op::Sync),
+        1 => Just(Op::Reopen),
+        2 => prop::collection::vec(any::<u8>(), 0..80).prop_map(Op::Crash),
+    ]
+}
+
+/// One collection as the model sees it.
+type Entry = (Option<Vec<u8>>, Version);
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Model {
+    entries: BTreeMap<Vec<u8>, Entry>,
+    dropped_at: Option<Version>,
+}
+
+impl Model {
+    fn apply(&mut self, key: &[u8], value: Option<Vec<u8>>, version: Version) -> bool {
+        if self.dropped_at.is_some_and(|d| version <= d) {
+            return false;
+        }
+        if self.entries.get(key).is_some_and(|(_, v)| *v >= version) {
+            return false;
+        }
+        self.entries.insert(key.to_vec(), (value, version));
+        true
+    }
+
+    fn drop_older(&mut self, version: Version) -> Option<Vec<Vec<u8>>> {
+        if self.dropped_at.is_some_and(|d| d >= version) {
+            return None;
+        }
+        self.dropped_at = Some(version);
+        let mut removed = Vec::new();
+        self.entries.retain(|k, (v, ver)| {
+            let keep = *ver >= version;
+            if !keep && v.is_some() {
+                removed.push(k.clone());
+            }
+            keep
+        });
+        Some(removed)
+    }
+}
+
+fn key(k: u8) -> Vec<u8> {
+    format!("key-{k}").into_bytes()
+}
+
+fn check(store: &Store, models: &[Model], context: &str) {
+    for (c, model) in models.iter().enumerate() {
+        let records: Vec<(Vec<u8>, Entry)> = store
+            .records(COLLECTIONS[c], None)
+            .unwrap()
+            .map(|r| (r.key, (r.value.map(|b| b.to_vec()), r.version)))
+            .collect();
+        let expected: Vec<_> = model.entries.clone().into_iter().collect();
+        assert_eq!(
+            records, expected,
+            "{context}: collection {}",
+            COLLECTIONS[c]
+        );
+    }
+}
+
+fn file_len(dir: &Path, c: usize) -> u64 {
+    std::fs::metadata(dir.join(format!("{}.dhrt", COLLECTIONS[c])))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let base_ts = dhrt_storage::wall_ms() << 16;
+    let mut store = Some(Store::open(dir.path(), quiet_options()).unwrap());
+    let mut models = vec![Model::default(); COLLECTIONS.len()];
+    // What each collection held, and its file length, at its last fsync.
+    let mut durable = models.clone();
+    let mut synced_len = vec![0u64; COLLECTIONS.len()];
+
+    for (step, op) in ops.into_iter().enumerate() {
+        let s = store.as_ref().unwrap();
+        let context = format!("step {step}: {op:?}");
+        let was_new = |c: usize| file_len(dir.path(), c) == 0;
+        match op {
+            Op::Set(c, k, v) => {
+                let new = was_new(c);
+                let version = s.set_versioned(COLLECTIONS[c], &key(k), &v).unwrap();
+                assert!(models[c].apply(&key(k), Some(v), version), "{context}");
+                if new {
+                    // A new file's header is made durable when it is created.
+                    synced_len[c] = 16;
+                }
+            }
+            Op::Delete(c, k) => {
+                let existed = s.delete(COLLECTIONS[c], &key(k)).unwrap();
+                let live = models[c]
+                    .entries
+                    .get(&key(k))
+                    .is_some_and(|(v, _)| v.is_some());
+                assert_eq!(existed, live, "{context}");
+                if existed {
+                    let version = s.lookup(COLLECTIONS[c], &key(k)).unwrap().unwrap().version;
+                    assert!(models[c].apply(&key(k), None, version));
+                }
+            }
+            Op::Apply(c, k, v, t, n) => {
+                let new = was_new(c);
+                let version = Version::new((base_ts as i64 + (t << 16)) as u64, n as u64);
+                let applied = s
+                    .apply(COLLECTIONS[c], &key(k), v.as_deref(), version)
+                    .unwrap();
+                assert_eq!(applied, models[c].apply(&key(k), v, version), "{context}");
+                if new {
+                    synced_len[c] = 16;
+                }
+            }
+            Op::Drop(c, t) => {
+                let new = was_new(c);
+                let version = Version::new((base_ts as i64 + (t << 16)) as u64, 1);
+                let removed = s.apply_drop(COLLECTIONS[c], version).unwrap();
+                assert_eq!(removed, models[c].drop_older(version), "{context}");
+                if new {
+                    synced_len[c] = 16;
+                }
+            }
+            Op::Compact(c) => {
+                s.compact(COLLECTIONS[c]).unwrap();
+                if file_len(dir.path(), c) > 0 {
+                    durable[c] = models[c].clone();
+                    synced_len[c] = file_len(dir.path(), c);
+                }
+            }
+            Op::Sync => {
+                s.sync().unwrap();
+                durable = models.clone();
+                for (c, len) in synced_len.iter_mut().enumerate() {
+                    *len = file_len(dir.path(), c);
+                }
+            }
+            Op::Reopen => {
+                drop(store.take());
+                store = Some(Store::open(dir.path(), quiet_options()).unwrap());
+                durable = models.clone();
+                for (c, len) in synced_len.iter_mut().enumerate() {
+                    *len = file_len(dir.path(), c);
+                }
+                check(store.as_ref().unwrap(), &models, &context);
+            }
+            Op::Crash(garbage) => {
+                drop(store.take());
+                for (c, &len) in synced_len.iter().enumerate() {
+                    let path = dir.path().join(format!("{}.dhrt", COLLECTIONS[c]));
+                    if len == 0 {
+                        continue;
+                    }
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    assert!(
+                        bytes.len() as u64 >= len,
+                        "{context}: file shorter than synced"
+                    );
+                    bytes.truncate(len as usize);
+                    bytes.extend_from_slice(&garbage);
+                    std::fs::write(&path, bytes).unwrap();
+                }
+                let reopened = Store::open(dir.path(), quiet_options()).unwrap();
+                for r in reopened.recovery() {
+                    assert_eq!(r.truncated_bytes, garbage.len() as u64, "{context}");
+                }
+                models = durable.clone();
+                check(&reopened, &models, &context);
+                store = Some(reopened);
+            }
+        }
+    }
+    let s = store.take().unwrap();
+    check(&s, &models, "end");
+    drop(s);
+    let s = Store::open(dir.path(), quiet_options()).unwrap();
+    check(&s, &models, "final reopen");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_a_btreemap_model(ops in prop::collection::vec(op(), 1..60)) {
+        run(ops);
+    }
+}

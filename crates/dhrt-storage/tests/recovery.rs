@@ -1,0 +1,131 @@
+//! Recovery: a torn tail is cut at every possible byte, garbage after the last
+//! record is cut, a corrupt middle record is refused without touching the file.
+
+use std::path::Path;
+
+use dhrt_storage::{Error, Store};
+
+use crate::quiet_options;
+
+const KEYS: [&[u8]; 3] = [b"first", b"second", b"third"];
+
+/// Writes three records into collection `c` and returns the file's bytes and
+/// the offset where each record starts.
+fn three_records(dir: &Path) -> (Vec<u8>, Vec<usize>) {
+    let store = Store::open(dir, quiet_options()).unwrap();
+    let mut starts = Vec::new();
+    for key in KEYS {
+        starts.push(
+            store
+                .stats()
+                .collections
+                .first()
+                .map_or(16, |c| c.bytes as usize),
+        );
+        store.set("c", key, &[key, b"-value"].concat()).unwrap();
+    }
+    drop(store);
+    (std::fs::read(dir.join("c.dhrt")).unwrap(), starts)
+}
+
+fn open_with(bytes: &[u8]) -> (tempfile::TempDir, Result<Store, Error>) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.dhrt"), bytes).unwrap();
+    let store = Store::open(dir.path(), quiet_options());
+    (dir, store)
+}
+
+#[test]
+fn torn_tail_is_cut_at_every_byte_offset() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, starts) = three_records(src.path());
+    let last = starts[2];
+    for cut in last..bytes.len() {
+        let (dir, store) = open_with(&bytes[..cut]);
+        let store = store.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        assert_eq!(
+            store.get("c", KEYS[0]).unwrap().as_deref(),
+            Some(&b"first-value"[..])
+        );
+        assert_eq!(
+            store.get("c", KEYS[1]).unwrap().as_deref(),
+            Some(&b"second-value"[..])
+        );
+        assert_eq!(store.get("c", KEYS[2]).unwrap(), None, "cut at {cut}");
+        assert_eq!(store.recovery()[0].truncated_bytes, (cut - last) as u64);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len(),
+            last as u64
+        );
+        // The log goes on cleanly after the cut.
+        store.set("c", b"fourth", b"4").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), quiet_options()).unwrap();
+        assert_eq!(
+            store.get("c", b"fourth").unwrap().as_deref(),
+            Some(&b"4"[..])
+        );
+        assert_eq!(store.recovery()[0].truncated_bytes, 0);
+    }
+}
+
+#[test]
+fn an_interrupted_file_header_is_rewritten() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, _) = three_records(src.path());
+    for cut in 0..16 {
+        let (_dir, store) = open_with(&bytes[..cut]);
+        let store = store.unwrap();
+        assert_eq!(store.scan("c").unwrap().count(), 0);
+        store.set("c", b"k", b"v").unwrap();
+    }
+    let mut bad = bytes[..16].to_vec();
+    bad[0] = b'X';
+    assert!(matches!(open_with(&bad).1, Err(Error::BadHeader { .. })));
+}
+
+#[test]
+fn garbage_after_the_last_record_is_cut() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, _) = three_records(src.path());
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for len in (1..300).step_by(7) {
+        let mut garbage = Vec::new();
+        for _ in 0..len {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            garbage.push(seed as u8);
+        }
+        let (_dir, store) = open_with(&[&bytes[..], &garbage].concat());
+        let store = store.unwrap();
+        assert_eq!(store.recovery()[0].truncated_bytes, len as u64);
+        assert_eq!(store.scan("c").unwrap().count(), 3);
+    }
+    // Zeroes, as a power loss can leave them, too.
+    let (_dir, store) = open_with(&[&bytes[..], &[0u8; 4096][..]].concat());
+    assert_eq!(store.unwrap().recovery()[0].truncated_bytes, 4096);
+}
+
+#[test]
+fn a_flipped_bit_in_a_middle_record_is_refused_and_the_file_left_alone() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, starts) = three_records(src.path());
+    for bit in starts[1] * 8..starts[2] * 8 {
+        let mut bad = bytes.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        let (dir, store) = open_with(&bad);
+        match store {
+            Err(Error::Corrupt { offset, path, .. }) => {
+                assert_eq!(offset, starts[1] as u64, "bit {bit}");
+                assert!(path.ends_with("c.dhrt"));
+            }
+            other => panic!("bit {bit}: expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read(dir.path().join("c.dhrt")).unwrap(),
+            bad,
+            "file was touched"
+        );
+    }
+}
