@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::index::{Index, Slot};
+use crate::index::{Index, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
 use crate::version::{Clock, Version};
@@ -118,7 +118,8 @@ fn forget(state: &mut State, log: &[u8], old: &Slot) {
 
 /// Applies one record, already in the log at `offset`, to an index and its
 /// state. `log` holds the bytes the index's offsets point into. Returns
-/// whether it took effect; the keys a drop removed are pushed on `dropped`.
+/// `None` if it did not take effect, else the slot it replaced, if any; the
+/// keys a drop removed are pushed on `dropped`.
 pub(crate) fn apply_record(
     index: &Index,
     state: &mut State,
@@ -127,12 +128,12 @@ pub(crate) fn apply_record(
     key: &[u8],
     offset: u64,
     mut dropped: Option<&mut Vec<Vec<u8>>>,
-) -> bool {
+) -> Option<Option<Slot>> {
     let version = header.version;
     let len = header.record_len() as u64;
     if state.dropped_at.is_some_and(|d| version <= d) {
         state.garbage += len;
-        return false;
+        return None;
     }
     match header.kind {
         Kind::Drop => {
@@ -143,7 +144,7 @@ pub(crate) fn apply_record(
             state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
             let mut doomed = Vec::new();
             index.for_each(|k, s| {
-                if s.version < version {
+                if s.version() < version {
                     doomed.push((k.clone(), *s));
                 }
             });
@@ -154,26 +155,28 @@ pub(crate) fn apply_record(
                     out.push(k.as_bytes().to_vec());
                 }
             }
-            true
+            Some(None)
         }
         Kind::Set | Kind::Tombstone => {
-            let old = index.get(key);
-            if old.is_some_and(|o| o.version >= version) {
-                state.garbage += len;
-                return false;
-            }
             let tombstone = header.kind == Kind::Tombstone;
-            index.insert(key, Slot::new(offset, tombstone, version));
-            if let Some(o) = old {
-                forget(state, log, &o);
-            }
+            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version)) {
+                Upsert::Kept(_) => {
+                    state.garbage += len;
+                    return None;
+                }
+                Upsert::Replaced(old) => {
+                    forget(state, log, &old);
+                    Some(old)
+                }
+                Upsert::Inserted => None,
+            };
             if tombstone {
                 state.tombstones += 1;
                 state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
             } else {
                 state.live_keys += 1;
             }
-            true
+            Some(replaced)
         }
     }
 }
@@ -336,10 +339,10 @@ impl Collection {
         let generation = self.current.load();
         let slot = generation.index.get(key)?;
         if slot.is_tombstone() {
-            return Some((None, slot.version));
+            return Some((None, slot.version()));
         }
         let map = generation.log.map();
-        Some((Some(value_at(&map, &slot)), slot.version))
+        Some((Some(value_at(&map, &slot)), slot.version()))
     }
 
     /// Writes a set (`value` is `Some`) or a delete of `key`.
@@ -353,17 +356,18 @@ impl Collection {
         let mut w = self.writer.lock().unwrap();
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
-        let old = generation.index.get(key);
         let version = match stamp {
+            // A local set always applies: no need to look first.
+            Stamp::Local(clock) if value.is_some() => clock.now(),
             Stamp::Local(clock) => {
-                if value.is_none() && old.is_none_or(|o| o.is_tombstone()) {
+                if generation.index.get(key).is_none_or(|o| o.is_tombstone()) {
                     return Ok(Written::Skipped);
                 }
                 clock.now()
             }
             Stamp::Given(v) => {
-                if old.is_some_and(|o| o.version >= v) || w.state.dropped_at.is_some_and(|d| v <= d)
-                {
+                let older = generation.index.get(key).is_some_and(|o| o.version() >= v);
+                if older || w.state.dropped_at.is_some_and(|d| v <= d) {
                     return Ok(Written::Skipped);
                 }
                 v
@@ -380,20 +384,14 @@ impl Collection {
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
-        apply_record(
-            &generation.index,
-            state,
-            &generation.log.map(),
-            &header,
-            key,
-            offset,
-            None,
-        );
+        let map = generation.log.map();
+        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
+            .expect("checked above that the write is newer");
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
             version,
-            replaced_live: old.is_some_and(|o| !o.is_tombstone()),
+            replaced_live: replaced.is_some_and(|o| !o.is_tombstone()),
         })
     }
 

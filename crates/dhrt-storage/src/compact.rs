@@ -82,12 +82,13 @@ pub(crate) fn compact(
         }
         let old_map = old.log.map();
         for shard in old.index.shards() {
-            let mut cursor = shard.front();
+            let guard = &crossbeam_epoch::pin();
+            let mut cursor = shard.front(guard);
             while let Some(entry) = cursor {
                 let slot = *entry.value();
                 let offset = slot.offset();
                 if offset < t0 {
-                    if slot.is_tombstone() && slot.version.physical_ms() < purge_before_ms {
+                    if slot.is_tombstone() && slot.version().physical_ms() < purge_before_ms {
                         report.purged_tombstones += 1;
                     } else {
                         let bytes = &old_map[offset as usize..];
@@ -106,12 +107,12 @@ pub(crate) fn compact(
                         out.extend_from_slice(&bytes[..len]);
                         index.insert(
                             entry.key().as_bytes(),
-                            Slot::new(new_offset, slot.is_tombstone(), slot.version),
+                            Slot::new(new_offset, slot.is_tombstone(), slot.version()),
                         );
                         if slot.is_tombstone() {
                             state.tombstones += 1;
                             state.oldest_tombstone_ms =
-                                state.oldest_tombstone_ms.min(slot.version.physical_ms());
+                                state.oldest_tombstone_ms.min(slot.version().physical_ms());
                         } else {
                             state.live_keys += 1;
                         }

@@ -10,47 +10,115 @@
 //! visits once that node is overwritten. Walk with `lower_bound` and
 //! `Entry::next` instead.
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::ops::Bound;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use crossbeam_skiplist::SkipMap;
-use crossbeam_skiplist::map::Entry;
+use crossbeam_epoch::{self as epoch, Guard};
+use crossbeam_skiplist::base::{self, SkipList};
 
 use crate::key::Key;
 use crate::version::Version;
 
-const TOMBSTONE_BIT: u64 = 1 << 63;
+/// Offsets are below 2^47 (128 TiB); bit 47 marks a tombstone; the top 16
+/// bits hold the writer's node id, interned (see [`node_index`]).
+const OFFSET_BITS: u32 = 47;
+const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
+const TOMBSTONE_BIT: u64 = 1 << OFFSET_BITS;
+const NODE_SHIFT: u32 = 48;
 
-/// Where a key's newest record lives, and its version. 24 bytes.
+/// The node ids this process has seen, in order of first sight: a slot keeps
+/// a 16-bit index into this table instead of the 64-bit id, which keeps
+/// slots at 16 bytes. Append-only; reads take no lock.
+const MAX_NODES: usize = 1 << 16;
+static NODE_IDS: [AtomicU64; MAX_NODES] = [const { AtomicU64::new(0) }; MAX_NODES];
+static NODE_INTERN: Mutex<Option<HashMap<u64, u16>>> = Mutex::new(None);
+
+thread_local! {
+    static LAST_NODE: Cell<Option<(u64, u16)>> = const { Cell::new(None) };
+}
+
+/// The index of node id `node` in the process-wide table.
+fn node_index(node: u64) -> u16 {
+    if let Some((id, idx)) = LAST_NODE.get()
+        && id == node
+    {
+        return idx;
+    }
+    let mut guard = NODE_INTERN.lock().unwrap();
+    let map = guard.get_or_insert_with(HashMap::new);
+    let next = map.len();
+    let idx = *map.entry(node).or_insert_with(|| {
+        assert!(
+            next < MAX_NODES,
+            "more than {MAX_NODES} distinct node ids in one process"
+        );
+        NODE_IDS[next].store(node, Ordering::Release);
+        next as u16
+    });
+    LAST_NODE.set(Some((node, idx)));
+    idx
+}
+
+/// Where a key's newest record lives, and its version. 16 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Slot {
-    /// Offset of the record in the log, with [`TOMBSTONE_BIT`] for deletes.
+    ts: u64,
+    /// Offset, tombstone bit and interned node id.
     pos: u64,
-    pub(crate) version: Version,
 }
 
 impl Slot {
     pub(crate) fn new(offset: u64, tombstone: bool, version: Version) -> Self {
-        let pos = if tombstone {
-            offset | TOMBSTONE_BIT
-        } else {
-            offset
-        };
-        Slot { pos, version }
+        debug_assert!(offset <= OFFSET_MASK);
+        let mut pos = offset | (u64::from(node_index(version.node)) << NODE_SHIFT);
+        if tombstone {
+            pos |= TOMBSTONE_BIT;
+        }
+        Slot {
+            ts: version.ts,
+            pos,
+        }
     }
 
     #[inline]
     pub(crate) fn offset(&self) -> u64 {
-        self.pos & !TOMBSTONE_BIT
+        self.pos & OFFSET_MASK
     }
 
     #[inline]
     pub(crate) fn is_tombstone(&self) -> bool {
         self.pos & TOMBSTONE_BIT != 0
     }
+
+    #[inline]
+    pub(crate) fn version(&self) -> Version {
+        let node = NODE_IDS[(self.pos >> NODE_SHIFT) as usize].load(Ordering::Acquire);
+        Version::new(self.ts, node)
+    }
 }
 
-pub(crate) type Shard = SkipMap<Key, Slot>;
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+
+/// One skiplist of the index. The base API is used so that a lookup pins the
+/// epoch once and takes no reference count on the node it finds.
+pub(crate) type Shard = SkipList<Key, Slot>;
+
+/// A cursor into a shard, valid while its guard is pinned.
+pub(crate) type Cursor<'a, 'g> = base::Entry<'a, 'g, Key, Slot>;
+
+/// What [`Index::upsert`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Upsert {
+    /// The key was not there.
+    Inserted,
+    /// The key was there with this older slot, now replaced.
+    Replaced(Slot),
+    /// The key is there with this slot, of an equal or newer version; kept.
+    Kept(Slot),
+}
 
 /// The sharded index of one collection generation.
 pub(crate) struct Index {
@@ -92,22 +160,55 @@ impl Index {
     }
 
     fn shard_or_create(&self, key: &[u8]) -> &Shard {
-        self.shards[self.shard_index(key)].get_or_init(|| Box::new(SkipMap::new()))
+        self.shards[self.shard_index(key)]
+            .get_or_init(|| Box::new(SkipList::new(epoch::default_collector().clone())))
     }
 
     #[inline]
     pub(crate) fn get(&self, key: &[u8]) -> Option<Slot> {
-        self.shard(key)?.get(key).map(|e| *e.value())
+        let shard = self.shard(key)?;
+        let guard = &epoch::pin();
+        shard.get(key, guard).map(|e| *e.value())
     }
 
     /// Inserts or replaces. Callers serialize writes to one index.
     pub(crate) fn insert(&self, key: &[u8], slot: Slot) {
-        self.shard_or_create(key).insert(Key::new(key), slot);
+        let guard = &epoch::pin();
+        self.shard_or_create(key)
+            .insert(Key::new(key), slot, guard)
+            .release(guard);
+    }
+
+    /// Inserts `slot` unless the key holds an equal or newer version, in one
+    /// search. Callers serialize writes to one index.
+    pub(crate) fn upsert(&self, key: &[u8], slot: Slot) -> Upsert {
+        let version = slot.version();
+        let old = Cell::new(None);
+        let guard = &epoch::pin();
+        let entry = self.shard_or_create(key).compare_insert(
+            Key::new(key),
+            slot,
+            |o| {
+                old.set(Some(*o));
+                o.version() < version
+            },
+            guard,
+        );
+        let now = *entry.value();
+        entry.release(guard);
+        match old.get() {
+            None => Upsert::Inserted,
+            Some(o) if now == slot => Upsert::Replaced(o),
+            Some(_) => Upsert::Kept(now),
+        }
     }
 
     pub(crate) fn remove(&self, key: &[u8]) {
         if let Some(shard) = self.shard(key) {
-            shard.remove(key);
+            let guard = &epoch::pin();
+            if let Some(e) = shard.remove(key, guard) {
+                e.release(guard);
+            }
         }
     }
 
@@ -117,17 +218,24 @@ impl Index {
     }
 
     /// The first entry of `shard` after `after` (or its first entry).
-    pub(crate) fn seek<'a>(shard: &'a Shard, after: Option<&[u8]>) -> Option<Entry<'a, Key, Slot>> {
+    pub(crate) fn seek<'a: 'g, 'g>(
+        shard: &'a Shard,
+        after: Option<&[u8]>,
+        guard: &'g Guard,
+    ) -> Option<Cursor<'a, 'g>> {
         match after {
-            Some(k) => shard.lower_bound(Bound::Excluded(k)),
-            None => shard.front(),
+            Some(k) => shard.lower_bound(Bound::Excluded(k), guard),
+            None => shard.front(guard),
         }
     }
 
-    /// Calls `f` for every entry, shard by shard (not in key order).
+    /// Calls `f` for every entry, shard by shard (not in key order). The
+    /// epoch is re-pinned between shards so a long walk does not hold back
+    /// memory reclamation.
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Key, &Slot)) {
         for shard in self.shards() {
-            let mut cursor = shard.front();
+            let guard = &epoch::pin();
+            let mut cursor = shard.front(guard);
             while let Some(e) = cursor {
                 f(e.key(), e.value());
                 cursor = e.next();

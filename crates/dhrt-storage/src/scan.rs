@@ -6,11 +6,9 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use crossbeam_skiplist::map::Entry;
 
 use crate::collection::{self, Collection};
-use crate::index::{Index, Slot};
-use crate::key::Key;
+use crate::index::{Cursor, Index};
 use crate::version::Version;
 
 const BATCH: usize = 512;
@@ -28,20 +26,20 @@ pub struct Record {
 }
 
 /// A shard cursor in the merge heap, ordered so the smallest key pops first.
-struct Head<'a>(Entry<'a, Key, Slot>);
+struct Head<'a, 'g>(Cursor<'a, 'g>);
 
-impl PartialEq for Head<'_> {
+impl PartialEq for Head<'_, '_> {
     fn eq(&self, other: &Self) -> bool {
         self.0.key() == other.0.key()
     }
 }
-impl Eq for Head<'_> {}
-impl PartialOrd for Head<'_> {
+impl Eq for Head<'_, '_> {}
+impl PartialOrd for Head<'_, '_> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Head<'_> {
+impl Ord for Head<'_, '_> {
     fn cmp(&self, other: &Self) -> Ordering {
         other.0.key().cmp(self.0.key())
     }
@@ -77,10 +75,11 @@ impl Records {
         };
         let generation = coll.current.load();
         let map = generation.log.map();
-        let mut heap: BinaryHeap<Head<'_>> = generation
+        let guard = &crossbeam_epoch::pin();
+        let mut heap: BinaryHeap<Head<'_, '_>> = generation
             .index
             .shards()
-            .filter_map(|shard| Index::seek(shard, self.after.as_deref()))
+            .filter_map(|shard| Index::seek(shard, self.after.as_deref(), guard))
             .map(Head)
             .collect();
         let mut emitted = 0;
@@ -94,7 +93,7 @@ impl Records {
                 self.buffered.push_back(Record {
                     key: entry.key().as_bytes().to_vec(),
                     value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
-                    version: slot.version,
+                    version: slot.version(),
                 });
                 emitted += 1;
             }
