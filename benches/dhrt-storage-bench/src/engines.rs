@@ -24,8 +24,8 @@ pub(crate) fn open_engine(name: &str, dir: &Path) -> Box<dyn Engine> {
     match name {
         "dhrt" => {
             let mut options = dhrt_storage::Options::default();
-            if let Ok(shards) = std::env::var("DHRT_BENCH_SHARDS") {
-                options.index_shards = shards.parse().unwrap();
+            if let Ok(per) = std::env::var("DHRT_BENCH_KEYS_PER_SHARD") {
+                options.keys_per_shard = per.parse().unwrap();
             }
             Box::new(Dhrt(dhrt_storage::Store::open(dir, options).unwrap()))
         }

@@ -3,13 +3,13 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::index::{Index, Slot, Upsert};
+use crate::index::{Index, Part, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
 use crate::version::{Clock, Version};
@@ -26,7 +26,8 @@ pub(crate) const COMPACT_SUFFIX: &str = ".dhrt.compact";
 #[derive(Debug)]
 pub(crate) struct Generation {
     pub(crate) index: Index,
-    pub(crate) log: LogFile,
+    /// Shared when a rebuild gives the same log a new index.
+    pub(crate) log: Arc<LogFile>,
 }
 
 /// What the writer knows about the current generation, kept exact under the
@@ -90,8 +91,8 @@ pub(crate) struct Collection {
     pub(crate) name: String,
     pub(crate) current: ArcSwap<Generation>,
     writer: Mutex<Writer>,
-    /// Held for the whole of a compaction, so only one runs at a time.
-    pub(crate) compacting: Mutex<()>,
+    /// Held for the whole of a compaction or reshard: one at a time.
+    pub(crate) rebuilding: Mutex<()>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -120,6 +121,12 @@ fn forget(state: &mut State, log: &[u8], old: &Slot) {
 /// state. `log` holds the bytes the index's offsets point into. Returns
 /// `None` if it did not take effect, else the slot it replaced, if any; the
 /// keys a drop removed are pushed on `dropped`.
+///
+/// With a `part` other than [`Part::ALL`], only keys of that part's shards
+/// are touched, and drop records are accounted for by part 0 alone: several
+/// threads can then replay one log into one index, each with its own state,
+/// and the states add up.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_record(
     index: &Index,
     state: &mut State,
@@ -127,23 +134,35 @@ pub(crate) fn apply_record(
     header: &Header,
     key: &[u8],
     offset: u64,
+    part: Part,
     mut dropped: Option<&mut Vec<Vec<u8>>>,
 ) -> Option<Option<Slot>> {
     let version = header.version;
     let len = header.record_len() as u64;
+    let mine = match header.kind {
+        Kind::Drop => part.index == 0,
+        _ => index.in_part(key, part),
+    };
+    if !mine && header.kind != Kind::Drop {
+        return None;
+    }
     if state.dropped_at.is_some_and(|d| version <= d) {
-        state.garbage += len;
+        if mine {
+            state.garbage += len;
+        }
         return None;
     }
     match header.kind {
         Kind::Drop => {
-            if state.dropped_at.is_some() {
+            if state.dropped_at.is_some() && mine {
                 state.garbage += RECORD_HEADER_LEN as u64; // the older drop record
             }
             state.dropped_at = Some(version);
-            state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            if mine {
+                state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            }
             let mut doomed = Vec::new();
-            index.for_each(|k, s| {
+            index.for_each(part, |k, s| {
                 if s.version() < version {
                     doomed.push((k.clone(), *s));
                 }
@@ -192,6 +211,45 @@ pub(crate) struct Recovery {
     pub(crate) max_ts: u64,
 }
 
+/// Builds the index of a log whose records were all checked already.
+fn replay(log: &[u8], records: u64, options: &Options) -> (Index, State) {
+    let index = Index::new(options.shards_for(records));
+    let threads = if records < 50_000 {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    };
+    let replay_part = |part: Part| {
+        let mut state = State::default();
+        let mut pos = FILE_HEADER_LEN;
+        while pos < log.len() {
+            let header = record::peek_header(&log[pos..]);
+            let key = &log[pos + RECORD_HEADER_LEN..pos + RECORD_HEADER_LEN + header.key_len as usize];
+            apply_record(&index, &mut state, log, &header, key, pos as u64, part, None);
+            pos += header.record_len();
+        }
+        state
+    };
+    let states: Vec<State> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let replay_part = &replay_part;
+                s.spawn(move || replay_part(Part { index: i, of: threads }))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total = State::default();
+    for st in states {
+        total.live_keys += st.live_keys;
+        total.tombstones += st.tombstones;
+        total.garbage += st.garbage;
+        total.oldest_tombstone_ms = total.oldest_tombstone_ms.min(st.oldest_tombstone_ms);
+        total.dropped_at = total.dropped_at.max(st.dropped_at);
+    }
+    (index, total)
+}
+
 /// Whether any valid record starts after `from` in `buf`.
 fn valid_record_after(buf: &[u8], from: usize) -> bool {
     (from + 1..buf.len().saturating_sub(RECORD_HEADER_LEN - 1)).any(|at| {
@@ -215,7 +273,7 @@ impl Collection {
                 buf: Vec::new(),
                 state,
             }),
-            compacting: Mutex::new(()),
+            rebuilding: Mutex::new(()),
         }
     }
 
@@ -238,19 +296,19 @@ impl Collection {
             crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
         }
         let generation = Generation {
-            index: Index::new(options.index_shards),
-            log,
+            index: Index::new(options.shards_for(0)),
+            log: Arc::new(log),
         };
         Ok(Self::from_parts(name, generation, State::default()))
     }
 
     /// Opens an existing collection file: replays it into a fresh index,
     /// cuts a torn tail, refuses a corrupt middle.
-    pub(crate) fn open(
-        path: &Path,
-        name: &str,
-        options: &Options,
-    ) -> Result<(Collection, Recovery)> {
+    ///
+    /// Two passes: the first checks every record's CRC and finds the end of
+    /// the valid log (cheap, sequential); the second builds the index, on
+    /// several threads for large logs, each owning a share of the shards.
+    pub(crate) fn open(path: &Path, name: &str, options: &Options) -> Result<(Collection, Recovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -260,11 +318,10 @@ impl Collection {
             .metadata()
             .map_err(|e| Error::io("stat", path, e))?
             .len();
-        let index = Index::new(options.index_shards);
-        let mut state = State::default();
         let mut recovery = Recovery::default();
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
+        let mut built = (Index::new(options.shards_for(0)), State::default());
         if len < FILE_HEADER_LEN as u64 {
             // Creation was interrupted before the header was durable.
             let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
@@ -279,8 +336,8 @@ impl Collection {
             file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
             tracing::warn!(path = %path.display(), "rewrote an interrupted file header");
         } else {
-            let map =
-                crate::mmap::map(&file, len as usize).map_err(|e| Error::io("mmap", path, e))?;
+            let map = crate::mmap::map(&file, len as usize)
+                .map_err(|e| Error::io("mmap", path, e))?;
             let buf = &map[..];
             record::check_file_header(buf).map_err(|reason| Error::BadHeader {
                 path: path.into(),
@@ -288,8 +345,7 @@ impl Collection {
             })?;
             while end < buf.len() {
                 match record::decode(&buf[end..]) {
-                    Decoded::Record { header, key, .. } => {
-                        apply_record(&index, &mut state, buf, &header, key, end as u64, None);
+                    Decoded::Record { header, .. } => {
                         recovery.records += 1;
                         recovery.max_ts = recovery.max_ts.max(header.version.ts);
                         end += header.record_len();
@@ -311,6 +367,7 @@ impl Collection {
                     }
                 }
             }
+            built = replay(&buf[..end], recovery.records, options);
         }
         if let Some(reason) = cut_reason {
             let cut = len - end as u64;
@@ -328,8 +385,12 @@ impl Collection {
         }
         let log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
             .map_err(|e| Error::io("mmap", path, e))?;
-        let collection = Self::from_parts(name, Generation { index, log }, state);
-        Ok((collection, recovery))
+        let (index, state) = built;
+        let generation = Generation {
+            index,
+            log: Arc::new(log),
+        };
+        Ok((Self::from_parts(name, generation, state), recovery))
     }
 
     /// Looks a key up: `None` if there is no entry, else its value (`None`
@@ -385,7 +446,7 @@ impl Collection {
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
-        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
+        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, Part::ALL, None)
             .expect("checked above that the write is newer");
         drop(w);
         self.durable(&generation.log, end, sync)?;
@@ -427,6 +488,7 @@ impl Collection {
             &header,
             &[],
             offset,
+            Part::ALL,
             Some(&mut removed),
         );
         drop(w);

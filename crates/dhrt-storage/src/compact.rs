@@ -1,14 +1,17 @@
-//! Compaction: rewrite a collection's live records into a new file and swap
-//! it in, without blocking readers and without losing concurrent writes.
+//! Rebuilding a collection's generation without blocking readers and without
+//! losing concurrent writes: compaction (a new file holding only live
+//! records) and resharding (a new index with more shards over the same file).
 //!
 //! 1. Note the log's tail `t0` (under the writer lock) and copy every index
-//!    entry that points below `t0` into a new file `<name>.dhrt.compact`,
-//!    skipping tombstones older than the grace period; fsync it. Readers and
-//!    writers carry on against the old generation meanwhile.
-//! 2. Under the writer lock: copy the records written since `t0` (the
-//!    catch-up), apply them to the new index, fsync, rename the new file over
-//!    the old one, fsync the directory, and swap the generation in. Readers
-//!    holding the old generation finish against the old map.
+//!    entry that points below `t0` into the new generation — for compaction
+//!    its record goes into a new file `<name>.dhrt.compact`, skipping
+//!    tombstones older than the grace period, and the file is fsynced.
+//!    Readers and writers carry on against the old generation meanwhile.
+//! 2. Under the writer lock: replay the records written since `t0` (the
+//!    catch-up) into the new index (compaction copies them into the new file
+//!    first and fsyncs it, renames it over the old one and fsyncs the
+//!    directory), then swap the generation in. Readers holding the old
+//!    generation finish against the old map.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +19,7 @@ use std::sync::Arc;
 use crate::Options;
 use crate::collection::{self, COMPACT_SUFFIX, Collection, Generation, State};
 use crate::error::{Error, Result};
-use crate::index::{Index, Slot};
+use crate::index::{Index, Part, Slot};
 use crate::log::{self, LogFile};
 use crate::record::{self, Decoded, Kind};
 use crate::version::wall_ms;
@@ -38,21 +41,21 @@ pub struct CompactionReport {
 
 const FLUSH_AT: usize = 1 << 20;
 
-/// Compacts `coll`. Only one compaction of a collection runs at a time.
-pub(crate) fn compact(
-    coll: &Collection,
-    dir: Option<&Path>,
-    options: &Options,
-) -> Result<CompactionReport> {
-    let _only_one = coll.compacting.lock().unwrap();
+fn poisoned(coll: &Collection, cause: String) -> Error {
+    Error::Poisoned {
+        collection: coll.name.clone(),
+        cause,
+    }
+}
+
+/// Compacts `coll`. Only one rebuild of a collection runs at a time.
+pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) -> Result<CompactionReport> {
+    let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if let Some(cause) = old.log.poisoned() {
-        return Err(Error::Poisoned {
-            collection: coll.name.clone(),
-            cause,
-        });
+        return Err(poisoned(coll, cause));
     }
-    let (t0, dropped_at) = coll.with_writer(|s| (old.log.tail(), s.dropped_at));
+    let (t0, dropped_at, keys) = coll.with_writer(|s| (old.log.tail(), s.dropped_at, s.live_keys + s.tombstones));
     let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
     let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
     let io_err = |op, e| Error::io(op, tmp_path.clone().unwrap_or_else(|| "(memory)".into()), e);
@@ -62,9 +65,8 @@ pub(crate) fn compact(
     };
 
     let result = (|| {
-        let mut new_log =
-            LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
-        let index = Index::new(options.index_shards);
+        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
+        let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
         let mut base = new_log.tail();
@@ -86,53 +88,43 @@ pub(crate) fn compact(
             let mut cursor = shard.front(guard);
             while let Some(entry) = cursor {
                 let slot = *entry.value();
-                let offset = slot.offset();
-                if offset < t0 {
-                    if slot.is_tombstone() && slot.version().physical_ms() < purge_before_ms {
-                        report.purged_tombstones += 1;
-                    } else {
-                        let bytes = &old_map[offset as usize..];
-                        let Decoded::Record { header, .. } = record::decode(bytes) else {
-                            return Err(Error::Corrupt {
-                                path: old
-                                    .log
-                                    .path()
-                                    .map_or_else(|| "(memory)".into(), Path::to_path_buf),
-                                offset,
-                                reason: "record failed its checksum during compaction",
-                            });
-                        };
-                        let len = header.record_len();
-                        let new_offset = base + out.len() as u64;
-                        out.extend_from_slice(&bytes[..len]);
-                        index.insert(
-                            entry.key().as_bytes(),
-                            Slot::new(new_offset, slot.is_tombstone(), slot.version()),
-                        );
-                        if slot.is_tombstone() {
-                            state.tombstones += 1;
-                            state.oldest_tombstone_ms =
-                                state.oldest_tombstone_ms.min(slot.version().physical_ms());
-                        } else {
-                            state.live_keys += 1;
-                        }
-                        report.records += 1;
-                        if out.len() >= FLUSH_AT {
-                            new_log.append(&out).map_err(|e| io_err("write", e))?;
-                            base = new_log.tail();
-                            out.clear();
-                        }
-                    }
-                }
                 cursor = entry.next();
+                let offset = slot.offset();
+                if offset >= t0 {
+                    continue;
+                }
+                let version = slot.version();
+                if slot.is_tombstone() && version.physical_ms() < purge_before_ms {
+                    report.purged_tombstones += 1;
+                    continue;
+                }
+                let bytes = &old_map[offset as usize..];
+                let Decoded::Record { header, .. } = record::decode(bytes) else {
+                    return Err(Error::Corrupt {
+                        path: old.log.path().map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                        offset,
+                        reason: "record failed its checksum during compaction",
+                    });
+                };
+                let new_offset = base + out.len() as u64;
+                out.extend_from_slice(&bytes[..header.record_len()]);
+                index.insert(entry.key().as_bytes(), Slot::new(new_offset, slot.is_tombstone(), version));
+                if slot.is_tombstone() {
+                    state.tombstones += 1;
+                    state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+                } else {
+                    state.live_keys += 1;
+                }
+                report.records += 1;
+                if out.len() >= FLUSH_AT {
+                    new_log.append(&out).map_err(|e| io_err("write", e))?;
+                    base = new_log.tail();
+                    out.clear();
+                }
             }
         }
         new_log.append(&out).map_err(|e| io_err("write", e))?;
-        out.clear();
-        new_log.sync_all().map_err(|cause| Error::Poisoned {
-            collection: coll.name.clone(),
-            cause,
-        })?;
+        new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
 
         // Phase 2: catch up with the writes since t0 and swap.
         coll.with_writer(|live_state| {
@@ -142,28 +134,9 @@ pub(crate) fn compact(
             let base = new_log.tail();
             new_log.append(caught).map_err(|e| io_err("write", e))?;
             let new_map = new_log.map();
-            let mut pos = 0;
-            while pos < caught.len() {
-                let Decoded::Record { header, key, .. } = record::decode(&caught[pos..]) else {
-                    unreachable!("the engine wrote these records itself");
-                };
-                collection::apply_record(
-                    &index,
-                    &mut state,
-                    &new_map,
-                    &header,
-                    key,
-                    base + pos as u64,
-                    None,
-                );
-                pos += header.record_len();
-                report.caught_up += 1;
-                report.records += 1;
-            }
-            new_log.sync_all().map_err(|cause| Error::Poisoned {
-                collection: coll.name.clone(),
-                cause,
-            })?;
+            report.caught_up = replay_since(&index, &mut state, &caught_up_records(caught), &new_map, base);
+            report.records += report.caught_up;
+            new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
                 let final_path = Collection::log_path(dir, &coll.name);
                 std::fs::rename(tmp, &final_path).map_err(|e| io_err("rename", e))?;
@@ -173,7 +146,7 @@ pub(crate) fn compact(
             report.bytes_after = new_log.tail();
             coll.current.store(Arc::new(Generation {
                 index,
-                log: new_log,
+                log: Arc::new(new_log),
             }));
             *live_state = state;
             Ok(())
@@ -188,14 +161,80 @@ pub(crate) fn compact(
     result.map(|()| report)
 }
 
+/// Gives `coll` an index of `shards` shards over the same log.
+pub(crate) fn reshard(coll: &Collection, shards: usize) {
+    let _only_one = coll.rebuilding.lock().unwrap();
+    let old = coll.current.load_full();
+    if old.index.shard_count() >= shards {
+        return;
+    }
+    let t0 = coll.with_writer(|_| old.log.tail());
+    let index = Index::new(shards);
+    for shard in old.index.shards() {
+        let guard = &crossbeam_epoch::pin();
+        let mut cursor = shard.front(guard);
+        while let Some(entry) = cursor {
+            if entry.value().offset() < t0 {
+                index.insert(entry.key().as_bytes(), *entry.value());
+            }
+            cursor = entry.next();
+        }
+    }
+    coll.with_writer(|live_state| {
+        let map = old.log.map();
+        let caught = &map[t0 as usize..old.log.tail() as usize];
+        // The counters describe the same log and stay as they are; replay
+        // into a scratch copy.
+        let mut scratch = *live_state;
+        replay_since(&index, &mut scratch, &caught_up_records(caught), &map, t0);
+        coll.current.store(Arc::new(Generation {
+            index,
+            log: old.log.clone(),
+        }));
+    });
+}
+
+/// The offsets (relative to the start of `caught`) of the records in it.
+fn caught_up_records(caught: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pos = 0;
+    while pos < caught.len() {
+        let Decoded::Record { header, .. } = record::decode(&caught[pos..]) else {
+            unreachable!("the engine wrote these records itself");
+        };
+        starts.push(pos);
+        pos += header.record_len();
+    }
+    starts
+}
+
+/// Applies the records at `starts` (offsets from `base` in `map`) to `index`.
+fn replay_since(index: &Index, state: &mut State, starts: &[usize], map: &[u8], base: u64) -> u64 {
+    for &start in starts {
+        let at = &map[base as usize + start..];
+        let header = record::peek_header(at);
+        let key_end = record::RECORD_HEADER_LEN + header.key_len as usize;
+        let key = &at[record::RECORD_HEADER_LEN..key_end];
+        collection::apply_record(index, state, map, &header, key, base + start as u64, Part::ALL, None);
+    }
+    starts.len() as u64
+}
+
 /// Whether `state` and a file of `len` bytes call for a compaction now.
 pub(crate) fn is_due(state: &State, len: u64, options: &Options) -> bool {
-    let garbage = len >= options.compaction_min_bytes
-        && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
+    let garbage = len >= options.compaction_min_bytes && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
     let purge = state.oldest_tombstone_ms != u64::MAX
         && state
             .oldest_tombstone_ms
             .saturating_add(options.tombstone_grace.as_millis() as u64)
             < wall_ms();
     garbage || purge
+}
+
+/// The shard count `coll` should be rebuilt with, if it has outgrown its
+/// index.
+pub(crate) fn reshard_due(state: &State, shards: usize, options: &Options) -> Option<usize> {
+    let keys = state.live_keys + state.tombstones;
+    let limit = (shards * options.keys_per_shard.max(1) * 2) as u64;
+    (keys > limit && shards < 1 << 20).then(|| options.shards_for(keys) * 2)
 }

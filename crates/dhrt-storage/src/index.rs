@@ -109,6 +109,18 @@ pub(crate) type Shard = SkipList<Key, Slot>;
 /// A cursor into a shard, valid while its guard is pinned.
 pub(crate) type Cursor<'a, 'g> = base::Entry<'a, 'g, Key, Slot>;
 
+/// A share of an index's shards: those whose number is `index` modulo `of`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Part {
+    pub(crate) index: usize,
+    pub(crate) of: usize,
+}
+
+impl Part {
+    /// Every shard.
+    pub(crate) const ALL: Part = Part { index: 0, of: 1 };
+}
+
 /// What [`Index::upsert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Upsert {
@@ -143,6 +155,18 @@ impl Index {
             shards: (0..n).map(|_| OnceLock::new()).collect(),
             bits: n.trailing_zeros(),
         }
+    }
+
+    /// Number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether `key` belongs to part `part` of `parts` (for parallel
+    /// recovery: each thread owns whole shards).
+    #[inline]
+    pub(crate) fn in_part(&self, key: &[u8], part: Part) -> bool {
+        part.of == 1 || self.shard_index(key) % part.of == part.index
     }
 
     #[inline]
@@ -229,11 +253,12 @@ impl Index {
         }
     }
 
-    /// Calls `f` for every entry, shard by shard (not in key order). The
-    /// epoch is re-pinned between shards so a long walk does not hold back
-    /// memory reclamation.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&Key, &Slot)) {
-        for shard in self.shards() {
+    /// Calls `f` for every entry of the shards in `part`, shard by shard (not
+    /// in key order). The epoch is re-pinned between shards so a long walk
+    /// does not hold back memory reclamation.
+    pub(crate) fn for_each(&self, part: Part, mut f: impl FnMut(&Key, &Slot)) {
+        let shards = self.shards.iter().enumerate();
+        for shard in shards.filter(|(i, _)| i % part.of == part.index).filter_map(|(_, s)| s.get()) {
             let guard = &epoch::pin();
             let mut cursor = shard.front(guard);
             while let Some(e) = cursor {

@@ -47,11 +47,14 @@ pub struct Options {
     /// Whether a background thread compacts collections by itself.
     /// [`crate::Store::compact`] works either way. Default: true.
     pub background_compaction: bool,
-    /// Number of skiplists each collection's index is split into, by key
-    /// hash, rounded up to a power of two. More shards make each skiplist
-    /// shallower (faster point lookups) and ordered scans dearer. Shards are
-    /// allocated on first use. Default: 4096.
-    pub index_shards: usize,
+    /// Keys per index shard the index aims for. A collection's index is
+    /// split by key hash into many small skiplists, so each lookup walks a
+    /// shallow one; when a collection averages more than twice this many
+    /// keys per shard, a background rebuild gives it more shards. Fewer keys
+    /// per shard: faster lookups, more memory. Default: 16.
+    pub keys_per_shard: usize,
+    /// The fewest shards an index has (a power of two). Default: 16.
+    pub min_index_shards: usize,
 }
 
 impl Default for Options {
@@ -64,7 +67,19 @@ impl Default for Options {
             compaction_garbage_ratio: 0.5,
             compaction_min_bytes: 4 << 20,
             background_compaction: true,
-            index_shards: 4096,
+            keys_per_shard: 16,
+            min_index_shards: 16,
         }
+    }
+}
+
+impl Options {
+    /// The shard count for an index expected to hold `keys` keys.
+    pub(crate) fn shards_for(&self, keys: u64) -> usize {
+        let per = self.keys_per_shard.max(1) as u64;
+        ((keys / per) as usize)
+            .max(self.min_index_shards)
+            .clamp(1, 1 << 20)
+            .next_power_of_two()
     }
 }

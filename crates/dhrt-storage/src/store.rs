@@ -103,6 +103,8 @@ pub struct CollectionStats {
     pub garbage_bytes: u64,
     /// Whether writes are refused after a failed fsync.
     pub poisoned: bool,
+    /// Skiplists the index is split into (grows with the collection).
+    pub index_shards: usize,
 }
 
 /// Statistics of a store.
@@ -468,6 +470,7 @@ impl Store {
                     bytes: generation.log.tail(),
                     garbage_bytes: state.garbage,
                     poisoned: generation.log.poisoned().is_some(),
+                    index_shards: generation.index.shard_count(),
                 }
             })
             .collect();
@@ -501,14 +504,12 @@ impl Drop for Inner {
     }
 }
 
-/// Syncs dirty collections every interval (in `Interval` mode) and compacts
+/// Syncs dirty collections every interval (in `Interval` mode), gives
+/// collections that outgrew their index more shards, and compacts
 /// collections whose garbage or expired tombstones call for it.
 fn background(inner: &Core, shutdown: &Shutdown) {
+    const TICK: Duration = Duration::from_millis(100);
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
-    let tick = match inner.options.sync {
-        SyncMode::Interval(d) => d.min(COMPACTION_CHECK),
-        _ => COMPACTION_CHECK,
-    };
     let mut last_sync = Instant::now();
     let mut last_check = Instant::now();
     loop {
@@ -516,7 +517,7 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             let stop = shutdown.stop.lock().unwrap();
             let (stop, _) = shutdown
                 .wake
-                .wait_timeout_while(stop, tick, |stop| !*stop)
+                .wait_timeout_while(stop, TICK, |stop| !*stop)
                 .unwrap();
             if *stop {
                 return;
@@ -533,6 +534,14 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 {
                     tracing::error!(collection = %c.name, "interval sync failed: {e}");
                 }
+            }
+        }
+        for c in inner.collections.load().values() {
+            let shards = c.current.load().index.shard_count();
+            if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
+                let started = Instant::now();
+                compact::reshard(c, more);
+                tracing::debug!(collection = %c.name, shards = more, ms = started.elapsed().as_millis() as u64, "resharded the index");
             }
         }
         if inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK {

@@ -194,7 +194,7 @@ fn scan_is_ordered_and_resumable() {
     for store in both_modes(
         dir.path(),
         Options {
-            index_shards: 64,
+            min_index_shards: 64,
             ..quiet_options()
         },
     ) {

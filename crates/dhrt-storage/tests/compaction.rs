@@ -88,7 +88,7 @@ fn check(store: &Store, finals: &[HashMap<Vec<u8>, Option<Vec<u8>>>]) {
 fn compaction_racing_writers_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
-        index_shards: 8,
+        min_index_shards: 8,
         ..quiet_options()
     };
     let store = Store::open(dir.path(), options.clone()).unwrap();
@@ -106,7 +106,7 @@ fn compaction_racing_writers_loses_nothing() {
 #[test]
 fn compaction_in_memory_mode_too() {
     let store = Store::memory(Options {
-        index_shards: 8,
+        min_index_shards: 8,
         ..quiet_options()
     });
     let finals = run(&store);
@@ -117,4 +117,47 @@ fn compaction_in_memory_mode_too() {
     assert_eq!(after.garbage_bytes, 0);
     assert_eq!(after.bytes, before.bytes - before.garbage_bytes);
     check(&store, &finals);
+}
+
+#[test]
+fn the_index_reshards_under_load_without_losing_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options { min_index_shards: 1, keys_per_shard: 2, ..quiet_options() };
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    let shards_seen = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for i in 0..30_000u32 {
+                store.set("r", &i.to_be_bytes(), &i.to_le_bytes()).unwrap();
+                if i % 3 == 0 {
+                    // Early keys must stay readable while the index is rebuilt.
+                    let j = i / 2;
+                    assert_eq!(store.get("r", &j.to_be_bytes()).unwrap().as_deref(), Some(&j.to_le_bytes()[..]));
+                }
+            }
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        while !writer.is_finished() {
+            if let Some(c) = store.stats().collections.first() {
+                seen.insert(c.index_shards);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        writer.join().unwrap();
+        seen
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stats().collections[0].index_shards < 8192 {
+        assert!(std::time::Instant::now() < deadline, "never resharded: {shards_seen:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for i in 0..30_000u32 {
+        assert_eq!(store.get("r", &i.to_be_bytes()).unwrap().as_deref(), Some(&i.to_le_bytes()[..]));
+    }
+    assert_eq!(store.scan("r").unwrap().count(), 30_000);
+    assert_eq!(store.stats().collections[0].keys, 30_000);
+    drop(store);
+    // Recovery sizes the index from the log straight away.
+    let store = Store::open(dir.path(), options).unwrap();
+    assert!(store.stats().collections[0].index_shards >= 16384);
+    assert_eq!(store.scan("r").unwrap().count(), 30_000);
 }

@@ -17,7 +17,7 @@ fn options() -> Options {
     Options {
         sync: SyncMode::Always,
         background_compaction: false,
-        index_shards: 64,
+        min_index_shards: 64,
         ..Options::default()
     }
 }

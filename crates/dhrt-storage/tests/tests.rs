@@ -14,7 +14,8 @@ pub(crate) fn quiet_options() -> Options {
     Options {
         sync: SyncMode::Never,
         background_compaction: false,
-        index_shards: 16,
+        min_index_shards: 1,
+        keys_per_shard: 4,
         ..Options::default()
     }
 }
