@@ -176,7 +176,9 @@ fn main() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
-    println!("| engine | sets/s | random gets/s | 90/10 mix ops/s (2 threads) | reopen ms | disk MiB | heap B/key | peak RSS MiB |");
+    println!(
+        "| engine | sets/s | random gets/s | 90/10 mix ops/s (2 threads) | reopen ms | disk MiB | heap B/key | peak RSS MiB |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for engine in engines.split(',') {
         let out = Command::new(&exe)

@@ -224,8 +224,11 @@ fn replay(log: &[u8], records: u64, options: &Options) -> (Index, State) {
         let mut pos = FILE_HEADER_LEN;
         while pos < log.len() {
             let header = record::peek_header(&log[pos..]);
-            let key = &log[pos + RECORD_HEADER_LEN..pos + RECORD_HEADER_LEN + header.key_len as usize];
-            apply_record(&index, &mut state, log, &header, key, pos as u64, part, None);
+            let key =
+                &log[pos + RECORD_HEADER_LEN..pos + RECORD_HEADER_LEN + header.key_len as usize];
+            apply_record(
+                &index, &mut state, log, &header, key, pos as u64, part, None,
+            );
             pos += header.record_len();
         }
         state
@@ -234,7 +237,12 @@ fn replay(log: &[u8], records: u64, options: &Options) -> (Index, State) {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let replay_part = &replay_part;
-                s.spawn(move || replay_part(Part { index: i, of: threads }))
+                s.spawn(move || {
+                    replay_part(Part {
+                        index: i,
+                        of: threads,
+                    })
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -308,7 +316,11 @@ impl Collection {
     /// Two passes: the first checks every record's CRC and finds the end of
     /// the valid log (cheap, sequential); the second builds the index, on
     /// several threads for large logs, each owning a share of the shards.
-    pub(crate) fn open(path: &Path, name: &str, options: &Options) -> Result<(Collection, Recovery)> {
+    pub(crate) fn open(
+        path: &Path,
+        name: &str,
+        options: &Options,
+    ) -> Result<(Collection, Recovery)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -336,8 +348,8 @@ impl Collection {
             file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
             tracing::warn!(path = %path.display(), "rewrote an interrupted file header");
         } else {
-            let map = crate::mmap::map(&file, len as usize)
-                .map_err(|e| Error::io("mmap", path, e))?;
+            let map =
+                crate::mmap::map(&file, len as usize).map_err(|e| Error::io("mmap", path, e))?;
             let buf = &map[..];
             record::check_file_header(buf).map_err(|reason| Error::BadHeader {
                 path: path.into(),
@@ -446,8 +458,17 @@ impl Collection {
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
-        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, Part::ALL, None)
-            .expect("checked above that the write is newer");
+        let replaced = apply_record(
+            &generation.index,
+            state,
+            &map,
+            &header,
+            key,
+            offset,
+            Part::ALL,
+            None,
+        )
+        .expect("checked above that the write is newer");
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {

@@ -49,13 +49,18 @@ fn poisoned(coll: &Collection, cause: String) -> Error {
 }
 
 /// Compacts `coll`. Only one rebuild of a collection runs at a time.
-pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) -> Result<CompactionReport> {
+pub(crate) fn compact(
+    coll: &Collection,
+    dir: Option<&Path>,
+    options: &Options,
+) -> Result<CompactionReport> {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if let Some(cause) = old.log.poisoned() {
         return Err(poisoned(coll, cause));
     }
-    let (t0, dropped_at, keys) = coll.with_writer(|s| (old.log.tail(), s.dropped_at, s.live_keys + s.tombstones));
+    let (t0, dropped_at, keys) =
+        coll.with_writer(|s| (old.log.tail(), s.dropped_at, s.live_keys + s.tombstones));
     let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
     let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
     let io_err = |op, e| Error::io(op, tmp_path.clone().unwrap_or_else(|| "(memory)".into()), e);
@@ -65,7 +70,8 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
     };
 
     let result = (|| {
-        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
+        let mut new_log =
+            LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
         let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
@@ -101,17 +107,24 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
                 let bytes = &old_map[offset as usize..];
                 let Decoded::Record { header, .. } = record::decode(bytes) else {
                     return Err(Error::Corrupt {
-                        path: old.log.path().map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                        path: old
+                            .log
+                            .path()
+                            .map_or_else(|| "(memory)".into(), Path::to_path_buf),
                         offset,
                         reason: "record failed its checksum during compaction",
                     });
                 };
                 let new_offset = base + out.len() as u64;
                 out.extend_from_slice(&bytes[..header.record_len()]);
-                index.insert(entry.key().as_bytes(), Slot::new(new_offset, slot.is_tombstone(), version));
+                index.insert(
+                    entry.key().as_bytes(),
+                    Slot::new(new_offset, slot.is_tombstone(), version),
+                );
                 if slot.is_tombstone() {
                     state.tombstones += 1;
-                    state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+                    state.oldest_tombstone_ms =
+                        state.oldest_tombstone_ms.min(version.physical_ms());
                 } else {
                     state.live_keys += 1;
                 }
@@ -134,7 +147,13 @@ pub(crate) fn compact(coll: &Collection, dir: Option<&Path>, options: &Options) 
             let base = new_log.tail();
             new_log.append(caught).map_err(|e| io_err("write", e))?;
             let new_map = new_log.map();
-            report.caught_up = replay_since(&index, &mut state, &caught_up_records(caught), &new_map, base);
+            report.caught_up = replay_since(
+                &index,
+                &mut state,
+                &caught_up_records(caught),
+                &new_map,
+                base,
+            );
             report.records += report.caught_up;
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
@@ -215,14 +234,24 @@ fn replay_since(index: &Index, state: &mut State, starts: &[usize], map: &[u8], 
         let header = record::peek_header(at);
         let key_end = record::RECORD_HEADER_LEN + header.key_len as usize;
         let key = &at[record::RECORD_HEADER_LEN..key_end];
-        collection::apply_record(index, state, map, &header, key, base + start as u64, Part::ALL, None);
+        collection::apply_record(
+            index,
+            state,
+            map,
+            &header,
+            key,
+            base + start as u64,
+            Part::ALL,
+            None,
+        );
     }
     starts.len() as u64
 }
 
 /// Whether `state` and a file of `len` bytes call for a compaction now.
 pub(crate) fn is_due(state: &State, len: u64, options: &Options) -> bool {
-    let garbage = len >= options.compaction_min_bytes && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
+    let garbage = len >= options.compaction_min_bytes
+        && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
     let purge = state.oldest_tombstone_ms != u64::MAX
         && state
             .oldest_tombstone_ms

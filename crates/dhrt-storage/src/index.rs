@@ -109,6 +109,22 @@ pub(crate) type Shard = SkipList<Key, Slot>;
 /// A cursor into a shard, valid while its guard is pinned.
 pub(crate) type Cursor<'a, 'g> = base::Entry<'a, 'g, Key, Slot>;
 
+/// Bits of the key hash that order hash-ordered listings; shard numbers are
+/// prefixes of it, so the order does not change when the index reshards.
+pub(crate) const ORDER_BITS: u32 = 20;
+
+/// The top [`ORDER_BITS`] of the key's xxh3 hash.
+#[inline]
+pub(crate) fn order_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key) >> (64 - ORDER_BITS)
+}
+
+/// The shard, among `1 << bits`, of a key with this order hash.
+#[inline]
+pub(crate) fn shard_of(order_hash: u64, bits: u32) -> usize {
+    (order_hash >> (ORDER_BITS - bits)) as usize
+}
+
 /// A share of an index's shards: those whose number is `index` modulo `of`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Part {
@@ -150,7 +166,7 @@ impl std::fmt::Debug for Index {
 impl Index {
     /// An empty index of `shards` skiplists (rounded up to a power of two).
     pub(crate) fn new(shards: usize) -> Self {
-        let n = shards.clamp(1, 1 << 20).next_power_of_two();
+        let n = shards.clamp(1, 1 << ORDER_BITS).next_power_of_two();
         Index {
             shards: (0..n).map(|_| OnceLock::new()).collect(),
             bits: n.trailing_zeros(),
@@ -169,13 +185,19 @@ impl Index {
         part.of == 1 || self.shard_index(key) % part.of == part.index
     }
 
+    /// log2 of the number of shards.
+    pub(crate) fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// The shard holding keys whose [`order_hash`] has this prefix.
+    pub(crate) fn shard_at(&self, i: usize) -> Option<&Shard> {
+        self.shards.get(i)?.get().map(|b| &**b)
+    }
+
     #[inline]
     fn shard_index(&self, key: &[u8]) -> usize {
-        if self.bits == 0 {
-            0
-        } else {
-            (xxhash_rust::xxh3::xxh3_64(key) >> (64 - self.bits)) as usize
-        }
+        shard_of(order_hash(key), self.bits)
     }
 
     #[inline]
@@ -258,7 +280,10 @@ impl Index {
     /// does not hold back memory reclamation.
     pub(crate) fn for_each(&self, part: Part, mut f: impl FnMut(&Key, &Slot)) {
         let shards = self.shards.iter().enumerate();
-        for shard in shards.filter(|(i, _)| i % part.of == part.index).filter_map(|(_, s)| s.get()) {
+        for shard in shards
+            .filter(|(i, _)| i % part.of == part.index)
+            .filter_map(|(_, s)| s.get())
+        {
             let guard = &epoch::pin();
             let mut cursor = shard.front(guard);
             while let Some(e) = cursor {

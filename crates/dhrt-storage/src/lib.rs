@@ -32,6 +32,6 @@ pub use error::{Error, Result};
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
 pub use options::{Options, SyncMode};
 pub use record::MAX_KEY_LEN;
-pub use scan::{Record, Records, Scan};
+pub use scan::{Listing, Record, Records, Scan};
 pub use store::{CollectionStats, RecoveryReport, Stats, Store};
 pub use version::{Clock, LOGICAL_BITS, Version, wall_ms};

@@ -1,17 +1,26 @@
-//! Ordered iteration over a collection: a k-way merge of the index shards,
-//! refilled in batches so no iterator pins a generation for long.
+//! Iteration over a collection, in two orders.
+//!
+//! * Key order ([`Scan`], [`Records`] from `Store::scan`/`Store::records`): a
+//!   lazy k-way merge of the index shards. Starting costs one seek per shard;
+//!   each item after that one seek in one shard.
+//! * Hash order ([`Listing`]): shard by shard, and within a shard by
+//!   (20-bit key hash, key). Shard numbers are prefixes of that hash, so the
+//!   order does not change when the index reshards, and resuming after a key
+//!   costs one shard's walk: this is what paginated listings use.
+//!
+//! Neither is a snapshot: each sees writes made while it runs, each key at
+//! most once.
 
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::collection::{self, Collection};
-use crate::index::{Cursor, Index};
+use crate::index::{self, ORDER_BITS};
 use crate::version::Version;
-
-const BATCH: usize = 512;
 
 /// One entry of a collection, with its version; `value` is `None` for a
 /// tombstone.
@@ -25,33 +34,16 @@ pub struct Record {
     pub version: Version,
 }
 
-/// A shard cursor in the merge heap, ordered so the smallest key pops first.
-struct Head<'a, 'g>(Cursor<'a, 'g>);
-
-impl PartialEq for Head<'_, '_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.key() == other.0.key()
-    }
-}
-impl Eq for Head<'_, '_> {}
-impl PartialOrd for Head<'_, '_> {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Head<'_, '_> {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.0.key().cmp(self.0.key())
-    }
-}
-
 /// Iterator over a collection's records in key order, tombstones included.
-/// Not a snapshot: it sees writes made while it runs, each key at most once.
 #[derive(Debug)]
 pub struct Records {
     collection: Option<Arc<Collection>>,
+    /// Per shard, its next key not yet emitted; smallest first.
+    heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
+    /// Shard bits the heap was built for; a reshard rebuilds it.
+    bits: Option<u32>,
+    /// The last key emitted.
     after: Option<Vec<u8>>,
-    buffered: VecDeque<Record>,
     live_only: bool,
 }
 
@@ -63,47 +55,25 @@ impl Records {
     ) -> Self {
         Records {
             collection,
+            heap: BinaryHeap::new(),
+            bits: None,
             after: after.map(<[u8]>::to_vec),
-            buffered: VecDeque::new(),
             live_only,
         }
     }
 
-    fn fill(&mut self) {
-        let Some(coll) = self.collection.clone() else {
-            return;
-        };
-        let generation = coll.current.load();
-        let map = generation.log.map();
+    fn prime(&mut self, index: &index::Index) {
+        self.heap.clear();
         let guard = &crossbeam_epoch::pin();
-        let mut heap: BinaryHeap<Head<'_, '_>> = generation
-            .index
-            .shards()
-            .filter_map(|shard| Index::seek(shard, self.after.as_deref(), guard))
-            .map(Head)
-            .collect();
-        let mut emitted = 0;
-        while emitted < BATCH {
-            let Some(Head(entry)) = heap.pop() else {
-                self.collection = None;
-                break;
+        for i in 0..index.shard_count() {
+            let Some(shard) = index.shard_at(i) else {
+                continue;
             };
-            let slot = *entry.value();
-            if !(self.live_only && slot.is_tombstone()) {
-                self.buffered.push_back(Record {
-                    key: entry.key().as_bytes().to_vec(),
-                    value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
-                    version: slot.version(),
-                });
-                emitted += 1;
-            }
-            if let Some(next) = entry.next() {
-                heap.push(Head(next));
-            }
-            if emitted == BATCH || heap.is_empty() {
-                self.after = Some(entry.key().as_bytes().to_vec());
+            if let Some(e) = index::Index::seek(shard, self.after.as_deref(), guard) {
+                self.heap.push(Reverse((e.key().as_bytes().to_vec(), i)));
             }
         }
+        self.bits = Some(index.bits());
     }
 }
 
@@ -111,10 +81,42 @@ impl Iterator for Records {
     type Item = Record;
 
     fn next(&mut self) -> Option<Record> {
-        if self.buffered.is_empty() {
-            self.fill();
+        let coll = self.collection.clone()?;
+        let generation = coll.current.load();
+        if self.bits != Some(generation.index.bits()) {
+            self.prime(&generation.index);
         }
-        self.buffered.pop_front()
+        let map = generation.log.map();
+        let guard = &crossbeam_epoch::pin();
+        loop {
+            let Some(Reverse((key, i))) = self.heap.pop() else {
+                self.collection = None;
+                return None;
+            };
+            let shard = generation.index.shard_at(i).expect("a primed shard exists");
+            let Some(entry) = shard.lower_bound(Bound::Included(&key[..]), guard) else {
+                continue;
+            };
+            if let Some(next) = entry.next() {
+                self.heap.push(Reverse((next.key().as_bytes().to_vec(), i)));
+            }
+            if entry.key().as_bytes() != key {
+                // Removed since it was queued; what follows it was queued instead.
+                self.heap
+                    .push(Reverse((entry.key().as_bytes().to_vec(), i)));
+                continue;
+            }
+            let slot = *entry.value();
+            self.after = Some(key.clone());
+            if self.live_only && slot.is_tombstone() {
+                continue;
+            }
+            return Some(Record {
+                key,
+                value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
+                version: slot.version(),
+            });
+        }
     }
 }
 
@@ -127,6 +129,97 @@ impl Iterator for Scan {
 
     fn next(&mut self) -> Option<(Vec<u8>, Bytes)> {
         let r = self.0.next()?;
-        Some((r.key, r.value.expect("live_only scans skip tombstones")))
+        Some((r.key, r.value.expect("live-only scans skip tombstones")))
+    }
+}
+
+/// Iterator over a collection's records in hash order (see the module
+/// documentation), resumable after any key at the cost of one shard walk.
+#[derive(Debug)]
+pub struct Listing {
+    collection: Option<Arc<Collection>>,
+    /// (order hash, key) of the last record emitted.
+    after: Option<(u64, Vec<u8>)>,
+    buffered: VecDeque<Record>,
+    live_only: bool,
+}
+
+impl Listing {
+    pub(crate) fn new(
+        collection: Option<Arc<Collection>>,
+        after: Option<&[u8]>,
+        live_only: bool,
+    ) -> Self {
+        Listing {
+            collection,
+            after: after.map(|k| (index::order_hash(k), k.to_vec())),
+            buffered: VecDeque::new(),
+            live_only,
+        }
+    }
+
+    /// Buffers the rest of the shard the cursor is in, or of the following
+    /// shards until something is found.
+    fn fill(&mut self) {
+        let Some(coll) = self.collection.clone() else {
+            return;
+        };
+        let generation = coll.current.load();
+        let index = &generation.index;
+        let map = generation.log.map();
+        let mut shard_no = self
+            .after
+            .as_ref()
+            .map_or(0, |(h, _)| index::shard_of(*h, index.bits()));
+        let guard = &crossbeam_epoch::pin();
+        while shard_no < index.shard_count() {
+            if let Some(shard) = index.shard_at(shard_no) {
+                let mut entries = Vec::new();
+                let mut cursor = shard.front(guard);
+                while let Some(e) = cursor {
+                    let key = e.key().as_bytes();
+                    let pos = (index::order_hash(key), key);
+                    if self.after.as_ref().is_none_or(|(h, k)| pos > (*h, &k[..])) {
+                        entries.push((pos.0, key.to_vec(), *e.value()));
+                    }
+                    cursor = e.next();
+                }
+                entries.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                for (hash, key, slot) in entries {
+                    self.after = Some((hash, key.clone()));
+                    if self.live_only && slot.is_tombstone() {
+                        continue;
+                    }
+                    self.buffered.push_back(Record {
+                        key,
+                        value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
+                        version: slot.version(),
+                    });
+                }
+            }
+            shard_no += 1;
+            // Move the cursor to the start of the next shard's hash range.
+            let next_start = (shard_no as u64) << (ORDER_BITS - index.bits());
+            if self.after.as_ref().is_none_or(|(h, _)| *h < next_start)
+                && shard_no < index.shard_count()
+            {
+                self.after = Some((next_start, Vec::new()));
+            }
+            if !self.buffered.is_empty() {
+                return;
+            }
+        }
+        self.collection = None;
+    }
+}
+
+impl Iterator for Listing {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        if self.buffered.is_empty() {
+            self.fill();
+        }
+        self.buffered.pop_front()
     }
 }

@@ -16,7 +16,7 @@ use crate::compact::{self, CompactionReport};
 use crate::error::{Error, Result};
 use crate::name::validate_collection_name;
 use crate::record::MAX_KEY_LEN;
-use crate::scan::{Record, Records, Scan};
+use crate::scan::{Listing, Record, Records, Scan};
 use crate::version::{Clock, Version};
 use crate::{Options, SyncMode};
 
@@ -397,9 +397,18 @@ impl Store {
     }
 
     /// Every record of `collection`, tombstones included, with versions, in
-    /// key order after `after`: what replication and anti-entropy exchange.
+    /// key order after `after`.
     pub fn records(&self, collection: &str, after: Option<&[u8]>) -> Result<Records> {
         Ok(Records::new(self.existing(collection)?, after, false))
+    }
+
+    /// The records of `collection` in hash order after the key `after`:
+    /// cheap to start and to resume anywhere, so it suits paginated
+    /// listings, replication and anti-entropy. With `live_only`, tombstones
+    /// are skipped. The order is stable (it depends on the keys alone), so a
+    /// listing resumed after a key sees every key that existed throughout.
+    pub fn list(&self, collection: &str, after: Option<&[u8]>, live_only: bool) -> Result<Listing> {
+        Ok(Listing::new(self.existing(collection)?, after, live_only))
     }
 
     /// Names of the collections holding at least one live key, sorted.

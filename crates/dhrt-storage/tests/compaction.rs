@@ -122,7 +122,11 @@ fn compaction_in_memory_mode_too() {
 #[test]
 fn the_index_reshards_under_load_without_losing_a_key() {
     let dir = tempfile::tempdir().unwrap();
-    let options = Options { min_index_shards: 1, keys_per_shard: 2, ..quiet_options() };
+    let options = Options {
+        min_index_shards: 1,
+        keys_per_shard: 2,
+        ..quiet_options()
+    };
     let store = Store::open(dir.path(), options.clone()).unwrap();
     let shards_seen = std::thread::scope(|s| {
         let writer = s.spawn(|| {
@@ -131,7 +135,10 @@ fn the_index_reshards_under_load_without_losing_a_key() {
                 if i % 3 == 0 {
                     // Early keys must stay readable while the index is rebuilt.
                     let j = i / 2;
-                    assert_eq!(store.get("r", &j.to_be_bytes()).unwrap().as_deref(), Some(&j.to_le_bytes()[..]));
+                    assert_eq!(
+                        store.get("r", &j.to_be_bytes()).unwrap().as_deref(),
+                        Some(&j.to_le_bytes()[..])
+                    );
                 }
             }
         });
@@ -147,11 +154,17 @@ fn the_index_reshards_under_load_without_losing_a_key() {
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while store.stats().collections[0].index_shards < 8192 {
-        assert!(std::time::Instant::now() < deadline, "never resharded: {shards_seen:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never resharded: {shards_seen:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     for i in 0..30_000u32 {
-        assert_eq!(store.get("r", &i.to_be_bytes()).unwrap().as_deref(), Some(&i.to_le_bytes()[..]));
+        assert_eq!(
+            store.get("r", &i.to_be_bytes()).unwrap().as_deref(),
+            Some(&i.to_le_bytes()[..])
+        );
     }
     assert_eq!(store.scan("r").unwrap().count(), 30_000);
     assert_eq!(store.stats().collections[0].keys, 30_000);
