@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::index::{Index, Part, Slot, Upsert};
+use crate::index::{self, Index, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
 use crate::version::{Clock, Version};
@@ -121,12 +121,6 @@ fn forget(state: &mut State, log: &[u8], old: &Slot) {
 /// state. `log` holds the bytes the index's offsets point into. Returns
 /// `None` if it did not take effect, else the slot it replaced, if any; the
 /// keys a drop removed are pushed on `dropped`.
-///
-/// With a `part` other than [`Part::ALL`], only keys of that part's shards
-/// are touched, and drop records are accounted for by part 0 alone: several
-/// threads can then replay one log into one index, each with its own state,
-/// and the states add up.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_record(
     index: &Index,
     state: &mut State,
@@ -134,35 +128,23 @@ pub(crate) fn apply_record(
     header: &Header,
     key: &[u8],
     offset: u64,
-    part: Part,
     mut dropped: Option<&mut Vec<Vec<u8>>>,
 ) -> Option<Option<Slot>> {
     let version = header.version;
     let len = header.record_len() as u64;
-    let mine = match header.kind {
-        Kind::Drop => part.index == 0,
-        _ => index.in_part(key, part),
-    };
-    if !mine && header.kind != Kind::Drop {
-        return None;
-    }
     if state.dropped_at.is_some_and(|d| version <= d) {
-        if mine {
-            state.garbage += len;
-        }
+        state.garbage += len;
         return None;
     }
     match header.kind {
         Kind::Drop => {
-            if state.dropped_at.is_some() && mine {
+            if state.dropped_at.is_some() {
                 state.garbage += RECORD_HEADER_LEN as u64; // the older drop record
             }
             state.dropped_at = Some(version);
-            if mine {
-                state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
-            }
+            state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
             let mut doomed = Vec::new();
-            index.for_each(part, |k, s| {
+            index.for_each(|k, s| {
                 if s.version() < version {
                     doomed.push((k.clone(), *s));
                 }
@@ -211,49 +193,91 @@ pub(crate) struct Recovery {
     pub(crate) max_ts: u64,
 }
 
+/// What the validation pass of recovery collects for the replay.
+#[derive(Debug, Default)]
+struct Scanned {
+    /// (order hash of the key, offset) of every set and tombstone, in log
+    /// order.
+    records: Vec<(u32, u64)>,
+    /// The greatest drop version, and how many drop records there are.
+    dropped_at: Option<Version>,
+    drops: u64,
+}
+
 /// Builds the index of a log whose records were all checked already.
-fn replay(log: &[u8], records: u64, options: &Options) -> (Index, State) {
-    let index = Index::new(options.shards_for(records));
-    let threads = if records < 50_000 {
+///
+/// The final state does not depend on the order records are applied in
+/// (per key the greatest version wins; a drop removes what is older than
+/// it), so records are grouped by shard first (a stable counting sort) and
+/// each shard is built in one go while it is in cache, the shards split
+/// among threads.
+fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
+    let index = Index::new(options.shards_for(scanned.records.len() as u64));
+    let bits = index.bits();
+    let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
+    let mut starts = vec![0usize; index.shard_count() + 1];
+    for &(hash, _) in &scanned.records {
+        starts[shard(hash) + 1] += 1;
+    }
+    for i in 1..starts.len() {
+        starts[i] += starts[i - 1];
+    }
+    let mut next = starts.clone();
+    let mut sorted = vec![0u64; scanned.records.len()];
+    for &(hash, offset) in &scanned.records {
+        let s = shard(hash);
+        sorted[next[s]] = offset;
+        next[s] += 1;
+    }
+    drop(scanned.records);
+
+    let base = State {
+        dropped_at: scanned.dropped_at,
+        ..State::default()
+    };
+    let apply_range = |range: &[u64]| {
+        let mut state = base;
+        for &offset in range {
+            let at = &log[offset as usize..];
+            let header = record::peek_header(at);
+            let key = &at[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.key_len as usize];
+            apply_record(&index, &mut state, log, &header, key, offset, None);
+        }
+        state
+    };
+    let threads = if sorted.len() < 50_000 {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
-    let replay_part = |part: Part| {
-        let mut state = State::default();
-        let mut pos = FILE_HEADER_LEN;
-        while pos < log.len() {
-            let header = record::peek_header(&log[pos..]);
-            let key =
-                &log[pos + RECORD_HEADER_LEN..pos + RECORD_HEADER_LEN + header.key_len as usize];
-            apply_record(
-                &index, &mut state, log, &header, key, pos as u64, part, None,
-            );
-            pos += header.record_len();
-        }
-        state
-    };
+    // Cut the sorted offsets at shard boundaries into `threads` ranges.
+    let mut cuts = vec![0];
+    for t in 1..threads {
+        let target = sorted.len() * t / threads;
+        let boundary = starts.partition_point(|&s| s < target);
+        cuts.push(starts[boundary.min(starts.len() - 1)]);
+    }
+    cuts.push(sorted.len());
     let states: Vec<State> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|i| {
-                let replay_part = &replay_part;
-                s.spawn(move || {
-                    replay_part(Part {
-                        index: i,
-                        of: threads,
-                    })
-                })
+        let handles: Vec<_> = cuts
+            .windows(2)
+            .map(|w| {
+                let (range, apply_range) = (&sorted[w[0]..w[1]], &apply_range);
+                s.spawn(move || apply_range(range))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let mut total = State::default();
+    let mut total = base;
     for st in states {
         total.live_keys += st.live_keys;
         total.tombstones += st.tombstones;
         total.garbage += st.garbage;
         total.oldest_tombstone_ms = total.oldest_tombstone_ms.min(st.oldest_tombstone_ms);
-        total.dropped_at = total.dropped_at.max(st.dropped_at);
+    }
+    if let Some(d) = scanned.dropped_at {
+        total.garbage += (scanned.drops - 1) * RECORD_HEADER_LEN as u64;
+        total.oldest_tombstone_ms = total.oldest_tombstone_ms.min(d.physical_ms());
     }
     (index, total)
 }
@@ -334,6 +358,7 @@ impl Collection {
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
         let mut built = (Index::new(options.shards_for(0)), State::default());
+        let mut scanned = Scanned::default();
         if len < FILE_HEADER_LEN as u64 {
             // Creation was interrupted before the header was durable.
             let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
@@ -357,7 +382,15 @@ impl Collection {
             })?;
             while end < buf.len() {
                 match record::decode(&buf[end..]) {
-                    Decoded::Record { header, .. } => {
+                    Decoded::Record { header, key, .. } => {
+                        if header.kind == Kind::Drop {
+                            scanned.dropped_at = scanned.dropped_at.max(Some(header.version));
+                            scanned.drops += 1;
+                        } else {
+                            scanned
+                                .records
+                                .push((index::order_hash(key) as u32, end as u64));
+                        }
                         recovery.records += 1;
                         recovery.max_ts = recovery.max_ts.max(header.version.ts);
                         end += header.record_len();
@@ -379,7 +412,7 @@ impl Collection {
                     }
                 }
             }
-            built = replay(&buf[..end], recovery.records, options);
+            built = replay(&buf[..end], scanned, options);
         }
         if let Some(reason) = cut_reason {
             let cut = len - end as u64;
@@ -458,17 +491,8 @@ impl Collection {
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
-        let replaced = apply_record(
-            &generation.index,
-            state,
-            &map,
-            &header,
-            key,
-            offset,
-            Part::ALL,
-            None,
-        )
-        .expect("checked above that the write is newer");
+        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
+            .expect("checked above that the write is newer");
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -509,7 +533,6 @@ impl Collection {
             &header,
             &[],
             offset,
-            Part::ALL,
             Some(&mut removed),
         );
         drop(w);

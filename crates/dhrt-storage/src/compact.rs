@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::Options;
 use crate::collection::{self, COMPACT_SUFFIX, Collection, Generation, State};
 use crate::error::{Error, Result};
-use crate::index::{Index, Part, Slot};
+use crate::index::{Index, Slot};
 use crate::log::{self, LogFile};
 use crate::record::{self, Decoded, Kind};
 use crate::version::wall_ms;
@@ -234,16 +234,7 @@ fn replay_since(index: &Index, state: &mut State, starts: &[usize], map: &[u8], 
         let header = record::peek_header(at);
         let key_end = record::RECORD_HEADER_LEN + header.key_len as usize;
         let key = &at[record::RECORD_HEADER_LEN..key_end];
-        collection::apply_record(
-            index,
-            state,
-            map,
-            &header,
-            key,
-            base + start as u64,
-            Part::ALL,
-            None,
-        );
+        collection::apply_record(index, state, map, &header, key, base + start as u64, None);
     }
     starts.len() as u64
 }

@@ -125,18 +125,6 @@ pub(crate) fn shard_of(order_hash: u64, bits: u32) -> usize {
     (order_hash >> (ORDER_BITS - bits)) as usize
 }
 
-/// A share of an index's shards: those whose number is `index` modulo `of`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Part {
-    pub(crate) index: usize,
-    pub(crate) of: usize,
-}
-
-impl Part {
-    /// Every shard.
-    pub(crate) const ALL: Part = Part { index: 0, of: 1 };
-}
-
 /// What [`Index::upsert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Upsert {
@@ -178,19 +166,13 @@ impl Index {
         self.shards.len()
     }
 
-    /// Whether `key` belongs to part `part` of `parts` (for parallel
-    /// recovery: each thread owns whole shards).
-    #[inline]
-    pub(crate) fn in_part(&self, key: &[u8], part: Part) -> bool {
-        part.of == 1 || self.shard_index(key) % part.of == part.index
-    }
-
     /// log2 of the number of shards.
     pub(crate) fn bits(&self) -> u32 {
         self.bits
     }
 
-    /// The shard holding keys whose [`order_hash`] has this prefix.
+    /// Shard `i`, if allocated. Shard numbers are prefixes of the keys'
+    /// [`order_hash`].
     pub(crate) fn shard_at(&self, i: usize) -> Option<&Shard> {
         self.shards.get(i)?.get().map(|b| &**b)
     }
@@ -275,15 +257,11 @@ impl Index {
         }
     }
 
-    /// Calls `f` for every entry of the shards in `part`, shard by shard (not
-    /// in key order). The epoch is re-pinned between shards so a long walk
-    /// does not hold back memory reclamation.
-    pub(crate) fn for_each(&self, part: Part, mut f: impl FnMut(&Key, &Slot)) {
-        let shards = self.shards.iter().enumerate();
-        for shard in shards
-            .filter(|(i, _)| i % part.of == part.index)
-            .filter_map(|(_, s)| s.get())
-        {
+    /// Calls `f` for every entry, shard by shard (not in key order). The
+    /// epoch is re-pinned between shards so a long walk does not hold back
+    /// memory reclamation.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Key, &Slot)) {
+        for shard in self.shards() {
             let guard = &epoch::pin();
             let mut cursor = shard.front(guard);
             while let Some(e) = cursor {

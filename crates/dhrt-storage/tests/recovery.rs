@@ -129,3 +129,73 @@ fn a_flipped_bit_in_a_middle_record_is_refused_and_the_file_left_alone() {
         );
     }
 }
+
+#[test]
+fn a_large_log_replays_on_several_threads_to_the_same_state() {
+    use dhrt_storage::Version;
+    let dir = tempfile::tempdir().unwrap();
+    let options = dhrt_storage::Options {
+        keys_per_shard: 16,
+        min_index_shards: 16,
+        ..quiet_options()
+    };
+    let before = {
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        for i in 0..60_000u32 {
+            let key = format!("k{}", i % 40_000);
+            if i % 11 == 0 {
+                store.delete("big", key.as_bytes()).unwrap();
+            } else {
+                store.set("big", key.as_bytes(), &i.to_le_bytes()).unwrap();
+            }
+        }
+        // A replicated drop that falls between local writes, and keys written
+        // with versions on both sides of it.
+        let now = store.clock().now();
+        store
+            .apply(
+                "big",
+                b"old-remote",
+                Some(b"x"),
+                Version::new(now.ts - 10, 5),
+            )
+            .unwrap();
+        store.apply_drop("big", Version::new(now.ts, 5)).unwrap();
+        store
+            .apply(
+                "big",
+                b"new-remote",
+                Some(b"y"),
+                Version::new(now.ts + 1, 5),
+            )
+            .unwrap();
+        store
+            .apply_drop("big", Version::new(now.ts - 7, 5))
+            .unwrap(); // older: ignored
+        for i in 0..20_000u32 {
+            store
+                .set("big", format!("after{i}").as_bytes(), b"z")
+                .unwrap();
+        }
+        let records: Vec<_> = store.records("big", None).unwrap().collect();
+        (records, store.stats().collections)
+    };
+    let store = Store::open(dir.path(), options).unwrap();
+    let records: Vec<_> = store.records("big", None).unwrap().collect();
+    assert_eq!(records.len(), before.0.len());
+    assert!(records == before.0, "replayed state differs");
+    let stats = store.stats().collections;
+    assert_eq!(
+        (stats[0].keys, stats[0].tombstones),
+        (before.1[0].keys, before.1[0].tombstones)
+    );
+    assert_eq!(stats[0].garbage_bytes, before.1[0].garbage_bytes);
+    assert_eq!(stats[0].keys, 20_001);
+    assert!(store.get("big", b"old-remote").unwrap().is_none());
+    assert!(store.get("big", b"new-remote").unwrap().is_some());
+    assert!(
+        !store
+            .apply("big", b"k1", Some(b"stale"), Version::new(1, 1))
+            .unwrap()
+    );
+}
