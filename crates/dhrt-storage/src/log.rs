@@ -43,6 +43,9 @@ pub(crate) struct LogFile {
     tail: AtomicU64,
     sync: Mutex<SyncState>,
     synced_cv: Condvar,
+    /// Makes the next fsync fail, to test poisoning.
+    #[cfg(test)]
+    pub(crate) fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 impl LogFile {
@@ -75,6 +78,8 @@ impl LogFile {
                 ..SyncState::default()
             }),
             synced_cv: Condvar::new(),
+            #[cfg(test)]
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -154,6 +159,11 @@ impl LogFile {
             let target = self.tail();
             drop(st);
             let result = self.file.sync_data();
+            #[cfg(test)]
+            let result = match self.fail_next_sync.swap(false, Ordering::AcqRel) {
+                true => Err(io::Error::other("injected fsync failure")),
+                false => result,
+            };
             st = self.sync.lock().unwrap();
             st.in_progress = false;
             match result {

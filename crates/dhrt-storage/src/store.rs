@@ -573,3 +573,63 @@ fn background(inner: &Core, shutdown: &Shutdown) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn assert_send_sync<T: Send + Sync>() {}
+    const _: () = assert_send_sync::<Store>();
+
+    #[test]
+    fn a_failed_fsync_poisons_the_collection_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            sync: SyncMode::Always,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        store.set("sick", b"k", b"before").unwrap();
+        store.set("well", b"k", b"v").unwrap();
+        let sick = store.existing("sick").unwrap().unwrap();
+        sick.current
+            .load()
+            .log
+            .fail_next_sync
+            .store(true, std::sync::atomic::Ordering::Release);
+        // The write that meets the failed fsync is not acknowledged...
+        assert!(matches!(
+            store.set("sick", b"k2", b"v"),
+            Err(Error::Poisoned { .. })
+        ));
+        // ...and every later write is refused, though reads go on.
+        let err = store.set("sick", b"k3", b"v").unwrap_err();
+        assert!(err.to_string().contains("injected fsync failure"), "{err}");
+        assert!(matches!(
+            store.delete("sick", b"k"),
+            Err(Error::Poisoned { .. })
+        ));
+        assert!(matches!(store.compact("sick"), Err(Error::Poisoned { .. })));
+        assert_eq!(
+            store.get("sick", b"k").unwrap().as_deref(),
+            Some(&b"before"[..])
+        );
+        let stats = store.stats();
+        assert!(
+            stats
+                .collections
+                .iter()
+                .any(|c| c.name == "sick" && c.poisoned)
+        );
+        // Other collections are unaffected.
+        store.set("well", b"k", b"still fine").unwrap();
+        drop(store);
+        // A restart recovers the log and writes work again.
+        let store = Store::open(dir.path(), options).unwrap();
+        store.set("sick", b"k4", b"v").unwrap();
+        assert_eq!(
+            store.get("sick", b"k").unwrap().as_deref(),
+            Some(&b"before"[..])
+        );
+    }
+}
