@@ -1,0 +1,3 @@
+//! Workspace-level tests, one binary: the allowed edges between crates.
+
+mod architecture;
