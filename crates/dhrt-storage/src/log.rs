@@ -14,6 +14,9 @@ use bytes::Bytes;
 use crate::mmap;
 use crate::record::{self, FILE_HEADER_LEN};
 
+/// The index packs offsets into 47 bits.
+const MAX_LOG_LEN: u64 = 1 << 47;
+
 /// Smallest map; the address space is reserved, not memory.
 const MIN_CAPACITY: u64 = 64 << 20;
 
@@ -108,6 +111,12 @@ impl LogFile {
     /// the file is cut back to the old tail, so no partial record remains.
     pub(crate) fn append(&self, buf: &[u8]) -> io::Result<u64> {
         let offset = self.tail.load(Ordering::Relaxed);
+        if offset + buf.len() as u64 > MAX_LOG_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "log would exceed 128 TiB; compact or split the collection",
+            ));
+        }
         if let Err(e) = self.file.write_all_at(buf, offset) {
             if !self.is_memory() {
                 let _ = self.file.set_len(offset);

@@ -280,13 +280,12 @@ impl Store {
         stamp: Stamp<'_>,
     ) -> Result<Written> {
         check_key(key)?;
+        // The format stores a value length in 32 bits, whatever the setting.
+        let max = self.inner.options.max_value_len.min(u32::MAX as usize);
         if let Some(v) = value
-            && v.len() > self.inner.options.max_value_len
+            && v.len() > max
         {
-            return Err(Error::ValueTooLarge {
-                len: v.len(),
-                max: self.inner.options.max_value_len,
-            });
+            return Err(Error::ValueTooLarge { len: v.len(), max });
         }
         let coll = if value.is_none() && matches!(stamp, Stamp::Local(_)) {
             match self.existing(collection)? {
