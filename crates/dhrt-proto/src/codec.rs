@@ -1,0 +1,43 @@
+//! The only two functions that touch bincode. Every decode has a byte limit:
+//! an unlimited decode of a 20-byte hostile frame that claims a terabyte-long
+//! vector would try to allocate it and abort the process.
+
+use bincode::Options;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::ProtoError;
+
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_little_endian()
+        .with_varint_encoding()
+}
+
+/// Encodes `msg` and appends it to `out`.
+pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    options()
+        .serialize_into(out, msg)
+        .map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+/// Decodes exactly one `T` from `bytes`, reading at most `bytes.len()` bytes
+/// and refusing trailing bytes.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+    options()
+        .with_limit(bytes.len() as u64)
+        .reject_trailing_bytes()
+        .deserialize(bytes)
+        .map_err(|e| ProtoError::Malformed(e.to_string()))
+}
+
+/// The id at the start of an encoded [`crate::Request`], even when the rest
+/// does not decode (an unknown operation from a newer client, a corrupt
+/// field), so the server can answer that request with an error.
+pub fn request_id(payload: &[u8]) -> Option<u64> {
+    options()
+        .with_limit(payload.len() as u64)
+        .allow_trailing_bytes()
+        .deserialize(payload)
+        .ok()
+}

@@ -1,0 +1,156 @@
+//! The connection preamble and length-prefixed frames, as pure functions over
+//! byte slices: they answer "complete", "incomplete" or an error, and never
+//! touch a socket. Buffering lives with the connection.
+//!
+//! ```text
+//! preamble (8 bytes, client → server, once):  D4 'H' 'R' 'T' | version u16 LE | 0 0
+//! frame (both directions, repeated):          length u32 LE | bincode payload (length bytes)
+//! ```
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::ProtoError;
+
+/// The first bytes of a binary connection. The first byte is not ASCII, so no
+/// HTTP request starts like this.
+pub const MAGIC: [u8; 4] = [0xD4, b'H', b'R', b'T'];
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the preamble.
+pub const PREAMBLE_LEN: usize = 8;
+/// Length of a frame's length prefix.
+pub const FRAME_HEADER_LEN: usize = 4;
+/// The default largest frame payload: room for a 16 MiB value and its key.
+pub const DEFAULT_MAX_FRAME: u32 = 17 << 20;
+
+/// The preamble a client sends first.
+pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    let mut p = [0u8; PREAMBLE_LEN];
+    p[..4].copy_from_slice(&MAGIC);
+    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p
+}
+
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preamble {
+    /// A binary-protocol connection of this version; the preamble is
+    /// [`PREAMBLE_LEN`] bytes long.
+    Binary {
+        /// The client's protocol version.
+        version: u16,
+    },
+    /// Not the dhrt magic: treat the connection as HTTP.
+    NotBinary,
+    /// Too few bytes to tell yet.
+    Incomplete,
+}
+
+/// Reads the start of a connection.
+pub fn read_preamble(buf: &[u8]) -> Result<Preamble, ProtoError> {
+    let n = buf.len().min(MAGIC.len());
+    if buf[..n] != MAGIC[..n] {
+        return Ok(Preamble::NotBinary);
+    }
+    if buf.len() < PREAMBLE_LEN {
+        return Ok(Preamble::Incomplete);
+    }
+    let version = u16::from_le_bytes([buf[4], buf[5]]);
+    if version != PROTOCOL_VERSION {
+        return Err(ProtoError::UnsupportedVersion(version));
+    }
+    Ok(Preamble::Binary { version })
+}
+
+/// The result of looking for a frame at the start of a buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded<T> {
+    /// A whole frame: the message and how many bytes it took.
+    Complete {
+        /// The message.
+        msg: T,
+        /// Bytes consumed, prefix included.
+        len: usize,
+    },
+    /// The frame is not all there: at least `needed` more bytes are.
+    Incomplete {
+        /// How many more bytes are needed at least.
+        needed: usize,
+    },
+}
+
+/// Where the next frame's payload lies in `buf`, if it is all there.
+///
+/// A length above `max_frame` is an error even before the payload arrives,
+/// so a lying length never makes anyone buffer gigabytes.
+pub fn frame_bounds(
+    buf: &[u8],
+    max_frame: u32,
+) -> Result<Decoded<std::ops::Range<usize>>, ProtoError> {
+    if buf.len() < FRAME_HEADER_LEN {
+        return Ok(Decoded::Incomplete {
+            needed: FRAME_HEADER_LEN - buf.len(),
+        });
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().unwrap());
+    if len > max_frame {
+        return Err(ProtoError::FrameTooLarge {
+            len: len.into(),
+            max: max_frame,
+        });
+    }
+    if len == 0 {
+        return Err(ProtoError::Malformed("empty frame".into()));
+    }
+    let end = FRAME_HEADER_LEN + len as usize;
+    if buf.len() < end {
+        return Ok(Decoded::Incomplete {
+            needed: end - buf.len(),
+        });
+    }
+    Ok(Decoded::Complete {
+        msg: FRAME_HEADER_LEN..end,
+        len: end,
+    })
+}
+
+/// Decodes the frame at the start of `buf`.
+pub fn decode_frame<T: DeserializeOwned>(
+    buf: &[u8],
+    max_frame: u32,
+) -> Result<Decoded<T>, ProtoError> {
+    match frame_bounds(buf, max_frame)? {
+        Decoded::Complete { msg: range, len } => Ok(Decoded::Complete {
+            msg: codec::decode(&buf[range])?,
+            len,
+        }),
+        Decoded::Incomplete { needed } => Ok(Decoded::Incomplete { needed }),
+    }
+}
+
+/// Appends `msg` as one frame to `out`. Fails, leaving `out` as it was, if
+/// the payload would exceed `max_frame`.
+pub fn encode_frame<T: Serialize>(
+    msg: &T,
+    out: &mut Vec<u8>,
+    max_frame: u32,
+) -> Result<(), ProtoError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    if let Err(e) = codec::encode(msg, out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    let len = out.len() - start - FRAME_HEADER_LEN;
+    if len > max_frame as usize {
+        out.truncate(start);
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
+    }
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! `dhrt-proto`: the wire types of dhrt's binary protocol, its frame codec,
+//! and the [`Operations`] trait a node implements. No I/O: everything here
+//! works on byte slices and values, so it is tested (and fuzzed) alone.
+//!
+//! A binary connection starts with an 8-byte [`preamble`], then carries
+//! frames: a little-endian `u32` length and that many bytes of bincode. The
+//! client sends [`Request`]s, each with an id; the node answers each with a
+//! [`Response`] carrying the same id, so requests may be pipelined. The full
+//! specification is `docs/protocol.md`.
+//!
+//! ```
+//! use dhrt_proto::{Decoded, Op, Request, decode_frame, encode_frame, DEFAULT_MAX_FRAME};
+//!
+//! let request = Request { id: 7, op: Op::Get { collection: "default".into(), key: "k".into() } };
+//! let mut wire = Vec::new();
+//! encode_frame(&request, &mut wire, DEFAULT_MAX_FRAME).unwrap();
+//! match decode_frame::<Request>(&wire, DEFAULT_MAX_FRAME).unwrap() {
+//!     Decoded::Complete { msg, len } => assert_eq!((msg, len), (request, wire.len())),
+//!     Decoded::Incomplete { .. } => unreachable!(),
+//! }
+//! ```
+
+mod codec;
+mod error;
+mod frame;
+mod message;
+mod ops;
+mod stats;
+
+pub use codec::{decode, encode, request_id};
+pub use error::ProtoError;
+pub use frame::{
+    DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION, Preamble,
+    decode_frame, encode_frame, frame_bounds, preamble, read_preamble,
+};
+pub use message::{Entry, ErrorKind, Op, OpError, Page, Reply, Request, Response};
+pub use ops::{MAX_PAGE, Operations, dispatch};
+pub use stats::{CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats};

@@ -1,0 +1,149 @@
+//! The messages of the binary protocol: a client's [`Request`] and the node's
+//! [`Response`]. Each request carries an id, echoed in its response, so a
+//! client may pipeline many requests on one connection.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::NodeStats;
+
+/// A request: an id chosen by the client and an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Echoed in the response.
+    pub id: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+/// An operation on the node. `collection` is a collection name
+/// (`[A-Za-z0-9_-]{1,64}`; `default` when the user named none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Answered with [`Reply::Pong`].
+    Ping,
+    /// The value of a key: [`Reply::Value`].
+    Get {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// Set a key: [`Reply::Stored`].
+    Set {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// Value.
+        value: Bytes,
+    },
+    /// Delete a key: [`Reply::Deleted`].
+    Delete {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// A page of a collection's keys and values: [`Reply::Page`].
+    List {
+        /// Collection.
+        collection: String,
+        /// Resume after this key (the `next` of the previous page).
+        after: Option<Bytes>,
+        /// At most this many entries.
+        limit: u32,
+    },
+    /// Delete a whole collection: [`Reply::Dropped`].
+    DropCollection {
+        /// Collection.
+        collection: String,
+    },
+    /// Node and cluster statistics: [`Reply::Stats`].
+    Stats,
+}
+
+/// A response: the request's id and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// The id of the request answered.
+    pub id: u64,
+    /// What happened.
+    pub result: Result<Reply, OpError>,
+}
+
+/// A successful outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// To [`Op::Ping`].
+    Pong,
+    /// To [`Op::Get`]: the value, or `None` if the key does not exist.
+    Value(Option<Bytes>),
+    /// To [`Op::Set`].
+    Stored,
+    /// To [`Op::Delete`]: whether the key existed.
+    Deleted(bool),
+    /// To [`Op::List`].
+    Page(Page),
+    /// To [`Op::DropCollection`]: the keys the collection held.
+    Dropped(Vec<Bytes>),
+    /// To [`Op::Stats`].
+    Stats(NodeStats),
+}
+
+/// One key and its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The key.
+    pub key: Bytes,
+    /// The value.
+    pub value: Bytes,
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Entries, in the collection's listing order.
+    pub entries: Vec<Entry>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<Bytes>,
+}
+
+/// Why an operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request was wrong: a bad name, an empty key, ... (HTTP 400).
+    InvalidInput,
+    /// Something named does not exist (HTTP 404).
+    NotFound,
+    /// A key, value or frame over its limit (HTTP 413).
+    TooLarge,
+    /// The node cannot serve this now: shutting down, a collection refusing
+    /// writes after a failed fsync, no host reachable (HTTP 503).
+    Unavailable,
+    /// A peer did not answer in time (HTTP 504).
+    Timeout,
+    /// A bug or an unexpected I/O error (HTTP 500).
+    Internal,
+}
+
+/// A failed operation: a kind for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct OpError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// A readable sentence.
+    pub message: String,
+}
+
+impl OpError {
+    /// An error of `kind` saying `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        OpError {
+            kind,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The operations a node offers, as a trait: the cluster's node implements
+//! it; the HTTP API and the binary-protocol server serve whatever implements
+//! it, so both are testable without a cluster.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+use crate::message::{Op, OpError, Page, Reply};
+use crate::stats::NodeStats;
+
+/// The most entries one listing page returns, whatever the request asks.
+pub const MAX_PAGE: u32 = 10_000;
+
+/// What a node can do for a client.
+pub trait Operations: Send + Sync + 'static {
+    /// The value of `key` in `collection`, or `None`.
+    fn get(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> impl Future<Output = Result<Option<Bytes>, OpError>> + Send;
+
+    /// Sets `key` in `collection` to `value`.
+    fn set(
+        &self,
+        collection: &str,
+        key: &[u8],
+        value: Bytes,
+    ) -> impl Future<Output = Result<(), OpError>> + Send;
+
+    /// Deletes `key`; returns whether it existed.
+    fn delete(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> impl Future<Output = Result<bool, OpError>> + Send;
+
+    /// Up to `limit` entries of `collection` after the key `after`.
+    fn list(
+        &self,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Page, OpError>> + Send;
+
+    /// Whether a collection of this name holds any key (used to tell
+    /// `GET /:collection` from `GET /:key`).
+    fn has_collection(&self, name: &str) -> bool;
+
+    /// Deletes every key of `collection`; returns the keys it held.
+    fn drop_collection(
+        &self,
+        collection: &str,
+    ) -> impl Future<Output = Result<Vec<Bytes>, OpError>> + Send;
+
+    /// Node and cluster statistics.
+    fn stats(&self) -> impl Future<Output = NodeStats> + Send;
+}
+
+/// Runs one protocol operation against `ops`.
+pub async fn dispatch<O: Operations>(ops: &O, op: Op) -> Result<Reply, OpError> {
+    Ok(match op {
+        Op::Ping => Reply::Pong,
+        Op::Get { collection, key } => Reply::Value(ops.get(&collection, &key).await?),
+        Op::Set {
+            collection,
+            key,
+            value,
+        } => {
+            ops.set(&collection, &key, value).await?;
+            Reply::Stored
+        }
+        Op::Delete { collection, key } => Reply::Deleted(ops.delete(&collection, &key).await?),
+        Op::List {
+            collection,
+            after,
+            limit,
+        } => Reply::Page(
+            ops.list(&collection, after.as_deref(), limit.min(MAX_PAGE))
+                .await?,
+        ),
+        Op::DropCollection { collection } => {
+            Reply::Dropped(ops.drop_collection(&collection).await?)
+        }
+        Op::Stats => Reply::Stats(ops.stats().await),
+    })
+}

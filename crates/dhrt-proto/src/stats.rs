@@ -1,0 +1,75 @@
+//! Node and cluster statistics: what `GET /` returns as JSON and
+//! `dhrt-cli stats` prints. Field names are part of the product (scripts
+//! rely on them); see DESIGN §7.
+
+use serde::{Deserialize, Serialize};
+
+/// Statistics of a node and of the cluster as it sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// This node.
+    pub node: NodeInfo,
+    /// Each collection this node holds.
+    pub collections: Vec<CollectionInfo>,
+    /// Every node this node knows, itself included.
+    pub members: Vec<MemberInfo>,
+}
+
+/// This node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node id, 16 hex digits.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// The address peers and clients use.
+    pub addr: String,
+    /// The dhrt version.
+    pub version: String,
+    /// `persisted` or `memory`.
+    pub mode: String,
+    /// The data directory (empty in memory mode).
+    pub data_dir: String,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+}
+
+/// One collection on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    /// Name.
+    pub name: String,
+    /// Live keys.
+    pub keys: u64,
+    /// Bytes on disk (or in memory).
+    pub bytes: u64,
+}
+
+/// A member of the cluster as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Node id, 16 hex digits.
+    pub id: String,
+    /// Human name.
+    pub name: String,
+    /// Address.
+    pub addr: String,
+    /// Health.
+    pub state: MemberState,
+}
+
+/// The health of a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answering.
+    Healthy,
+    /// A request or probe failed; it may come back.
+    Unhealthy,
+    /// Failed repeatedly; must re-sync before it serves again.
+    Dead,
+    /// Left the cluster gracefully.
+    Left,
+    /// Receiving its handoff.
+    Syncing,
+}

@@ -1,0 +1,145 @@
+//! Every message survives encode → decode unchanged.
+
+use bytes::Bytes;
+use dhrt_proto::{
+    CollectionInfo, DEFAULT_MAX_FRAME, Decoded, Entry, ErrorKind, MemberInfo, MemberState,
+    NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, Response, decode_frame, encode_frame,
+};
+use proptest::prelude::*;
+
+fn bytes() -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(any::<u8>(), 0..100).prop_map(Bytes::from)
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let name = "[a-z_-]{1,10}";
+    prop_oneof![
+        Just(Op::Ping),
+        Just(Op::Stats),
+        (name, bytes()).prop_map(|(collection, key)| Op::Get { collection, key }),
+        (name, bytes(), bytes()).prop_map(|(collection, key, value)| Op::Set {
+            collection,
+            key,
+            value
+        }),
+        (name, bytes()).prop_map(|(collection, key)| Op::Delete { collection, key }),
+        (name, prop::option::of(bytes()), any::<u32>()).prop_map(|(collection, after, limit)| {
+            Op::List {
+                collection,
+                after,
+                limit,
+            }
+        }),
+        name.prop_map(|collection| Op::DropCollection { collection }),
+    ]
+}
+
+fn stats() -> NodeStats {
+    NodeStats {
+        node: NodeInfo {
+            id: "00000000000000ff".into(),
+            name: "n1".into(),
+            addr: "127.0.0.1:7453".into(),
+            version: "0.1.0".into(),
+            mode: "persisted".into(),
+            data_dir: "./dhrt-data".into(),
+            uptime_s: 5,
+        },
+        collections: vec![CollectionInfo {
+            name: "default".into(),
+            keys: 3,
+            bytes: 400,
+        }],
+        members: vec![MemberInfo {
+            id: "00000000000000ff".into(),
+            name: "n1".into(),
+            addr: "127.0.0.1:7453".into(),
+            state: MemberState::Healthy,
+        }],
+    }
+}
+
+fn reply() -> impl Strategy<Value = Result<Reply, OpError>> {
+    prop_oneof![
+        Just(Ok(Reply::Pong)),
+        Just(Ok(Reply::Stored)),
+        Just(Ok(Reply::Stats(stats()))),
+        any::<bool>().prop_map(|b| Ok(Reply::Deleted(b))),
+        prop::option::of(bytes()).prop_map(|v| Ok(Reply::Value(v))),
+        prop::collection::vec(bytes(), 0..5).prop_map(|k| Ok(Reply::Dropped(k))),
+        (
+            prop::collection::vec((bytes(), bytes()), 0..5),
+            prop::option::of(bytes())
+        )
+            .prop_map(|(e, next)| {
+                Ok(Reply::Page(Page {
+                    entries: e
+                        .into_iter()
+                        .map(|(key, value)| Entry { key, value })
+                        .collect(),
+                    next,
+                }))
+            }),
+        ".{0,40}".prop_map(|m| Err(OpError::new(ErrorKind::InvalidInput, m))),
+    ]
+}
+
+fn round_trip<T>(msg: &T) -> T
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+{
+    let mut wire = Vec::new();
+    encode_frame(msg, &mut wire, DEFAULT_MAX_FRAME).unwrap();
+    match decode_frame::<T>(&wire, DEFAULT_MAX_FRAME).unwrap() {
+        Decoded::Complete { msg, len } => {
+            assert_eq!(len, wire.len());
+            msg
+        }
+        Decoded::Incomplete { .. } => panic!("incomplete"),
+    }
+}
+
+proptest! {
+    #[test]
+    fn requests_round_trip(id in any::<u64>(), op in op()) {
+        let r = Request { id, op };
+        prop_assert_eq!(round_trip(&r), r);
+    }
+
+    #[test]
+    fn responses_round_trip(id in any::<u64>(), result in reply()) {
+        let r = Response { id, result };
+        prop_assert_eq!(round_trip(&r), r);
+    }
+}
+
+#[test]
+fn stats_serialize_with_the_documented_field_names() {
+    let json: serde_json::Value = serde_json::to_value(stats()).unwrap();
+    for field in [
+        "id", "name", "addr", "version", "mode", "data_dir", "uptime_s",
+    ] {
+        assert!(json["node"].get(field).is_some(), "node.{field} missing");
+    }
+    assert_eq!(json["collections"][0]["name"], "default");
+    assert_eq!(json["collections"][0]["keys"], 3);
+    assert_eq!(json["collections"][0]["bytes"], 400);
+    assert_eq!(json["members"][0]["state"], "healthy");
+    let states: Vec<String> = [
+        MemberState::Healthy,
+        MemberState::Unhealthy,
+        MemberState::Dead,
+        MemberState::Left,
+        MemberState::Syncing,
+    ]
+    .iter()
+    .map(|s| {
+        serde_json::to_value(s)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+    .collect();
+    assert_eq!(states, ["healthy", "unhealthy", "dead", "left", "syncing"]);
+}
