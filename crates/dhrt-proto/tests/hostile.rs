@@ -175,15 +175,16 @@ mod arbitrary {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
         /// Random bytes never panic the decoder, and a frame it accepts
-        /// re-encodes to the same bytes.
+        /// survives a re-encode unchanged.
         #[test]
         fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             let _ = read_preamble(&bytes);
             let _ = request_id(&bytes);
-            if let Ok(Decoded::Complete { msg, len }) = decode_frame::<Request>(&bytes, 1 << 16) {
+            if let Ok(Decoded::Complete { msg, .. }) = decode_frame::<Request>(&bytes, 1 << 16) {
                 let mut again = Vec::new();
                 encode_frame(&msg, &mut again, 1 << 16).unwrap();
-                prop_assert_eq!(&again[..], &bytes[..len]);
+                let back = decode_frame::<Request>(&again, 1 << 16).unwrap();
+                prop_assert_eq!(back, Decoded::Complete { msg, len: again.len() });
             }
         }
     }
