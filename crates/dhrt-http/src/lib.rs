@@ -1,0 +1,18 @@
+//! `dhrt-http`: dhrt's HTTP API, a raw hyper 1.x service over anything that
+//! implements [`dhrt_proto::Operations`]. It never touches storage or the
+//! cluster directly, so it is tested against a map.
+//!
+//! Routing is a pure function ([`route`]); failures become statuses and
+//! `{"Error": ...}` bodies in one place ([`error_response`]). The routes and
+//! shapes are documented in `docs/http.md`.
+
+mod body;
+mod error;
+mod json;
+mod router;
+mod service;
+
+pub use body::{BoxError, ResponseBody};
+pub use error::HttpError;
+pub use router::{DEFAULT_COLLECTION, Endpoint, ListParams, route};
+pub use service::{Api, Limits, error_response};

@@ -1,0 +1,335 @@
+//! Routing as a pure function: method, path and query in, an [`Endpoint`] or
+//! an [`HttpError`] out. No I/O and no knowledge of which collections exist:
+//! the ambiguous `GET /:x` and `DELETE /:x` are resolved by the service.
+
+use http::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
+
+use crate::error::HttpError;
+
+/// The collection used when a route names none.
+pub const DEFAULT_COLLECTION: &str = "default";
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /`: node and cluster statistics.
+    Stats,
+    /// `GET /:x`: the collection `x` if it exists, else the key `x` of
+    /// `default`.
+    KeyOrCollection {
+        /// The decoded segment.
+        name: Vec<u8>,
+        /// `?limit=` and `?after=`, used if `x` is a collection.
+        list: ListParams,
+    },
+    /// `GET /:collection/:key`.
+    Get {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// `POST /:key/:value` and `POST /:collection/:key/:value`.
+    Set {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// `PUT /:key` and `PUT /:collection/:key`: the value is the body.
+    Put {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// `DELETE /:x`: the collection `x` if it exists, else the key `x` of
+    /// `default`.
+    DeleteKeyOrCollection {
+        /// The decoded segment.
+        name: Vec<u8>,
+    },
+    /// `DELETE /:collection/:key`.
+    Delete {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Vec<u8>,
+    },
+}
+
+/// Paging of a collection listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListParams {
+    /// Return at most this many entries.
+    pub limit: Option<u64>,
+    /// Start after this key (the last key of the previous page).
+    pub after: Option<Vec<u8>>,
+}
+
+fn decode(segment: &str) -> Vec<u8> {
+    percent_decode_str(segment).collect()
+}
+
+fn collection(segment: &str) -> Result<String, HttpError> {
+    String::from_utf8(decode(segment))
+        .map_err(|_| HttpError::bad_request("invalid collection name: not UTF-8"))
+}
+
+fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
+    let mut params = ListParams::default();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                let limit = std::str::from_utf8(&decode(value))
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| {
+                        HttpError::bad_request(format!(
+                            "limit must be a whole number, not {value:?}"
+                        ))
+                    })?;
+                params.limit = Some(limit);
+            }
+            "after" => params.after = Some(decode(&value.replace('+', " "))),
+            other => {
+                return Err(HttpError::bad_request(format!(
+                    "unknown query parameter {other:?} (known: limit, after)"
+                )));
+            }
+        }
+    }
+    Ok(params)
+}
+
+/// Maps a request line onto an endpoint.
+pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoint, HttpError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(HttpError::bad_request("the path must start with /"));
+    };
+    // One trailing slash is forgiven ("/c/k/"), but "//" is not the root.
+    let rest = match rest.strip_suffix('/') {
+        Some(r) if !r.is_empty() => r,
+        _ => rest,
+    };
+    let segments: Vec<&str> = if rest.is_empty() {
+        Vec::new()
+    } else {
+        rest.split('/').collect()
+    };
+    if segments.iter().any(|s| s.is_empty()) {
+        return Err(HttpError::not_found(format!(
+            "no route for {method} {path}: empty path segment"
+        )));
+    }
+    let default = || DEFAULT_COLLECTION.to_string();
+    let endpoint = match (method, segments.as_slice()) {
+        (&Method::GET, []) => Endpoint::Stats,
+        (&Method::GET, [x]) => Endpoint::KeyOrCollection {
+            name: decode(x),
+            list: list_params(query)?,
+        },
+        (&Method::GET, [c, k]) => Endpoint::Get {
+            collection: collection(c)?,
+            key: decode(k),
+        },
+        (&Method::POST, [k, v]) => Endpoint::Set {
+            collection: default(),
+            key: decode(k),
+            value: decode(v),
+        },
+        (&Method::POST, [c, k, v]) => Endpoint::Set {
+            collection: collection(c)?,
+            key: decode(k),
+            value: decode(v),
+        },
+        (&Method::PUT, [k]) => Endpoint::Put {
+            collection: default(),
+            key: decode(k),
+        },
+        (&Method::PUT, [c, k]) => Endpoint::Put {
+            collection: collection(c)?,
+            key: decode(k),
+        },
+        (&Method::DELETE, [x]) => Endpoint::DeleteKeyOrCollection { name: decode(x) },
+        (&Method::DELETE, [c, k]) => Endpoint::Delete {
+            collection: collection(c)?,
+            key: decode(k),
+        },
+        (m, s)
+            if s.len() <= 3
+                && ![Method::GET, Method::POST, Method::PUT, Method::DELETE].contains(m) =>
+        {
+            return Err(HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method {m} is not supported (use GET, POST, PUT or DELETE)"),
+            ));
+        }
+        _ => {
+            return Err(HttpError::not_found(format!(
+                "no route for {method} {path}"
+            )));
+        }
+    };
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(method: Method, path: &str) -> Endpoint {
+        route(&method, path, None).unwrap()
+    }
+
+    #[test]
+    fn the_routes_of_the_design() {
+        assert_eq!(ok(Method::GET, "/"), Endpoint::Stats);
+        assert_eq!(
+            ok(Method::GET, "/users"),
+            Endpoint::KeyOrCollection {
+                name: b"users".to_vec(),
+                list: ListParams::default()
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/users/ada"),
+            Endpoint::Get {
+                collection: "users".into(),
+                key: b"ada".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::POST, "/k/v"),
+            Endpoint::Set {
+                collection: "default".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::POST, "/c/k/v"),
+            Endpoint::Set {
+                collection: "c".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::PUT, "/k"),
+            Endpoint::Put {
+                collection: "default".into(),
+                key: b"k".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::PUT, "/c/k"),
+            Endpoint::Put {
+                collection: "c".into(),
+                key: b"k".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::DELETE, "/x"),
+            Endpoint::DeleteKeyOrCollection {
+                name: b"x".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::DELETE, "/c/k"),
+            Endpoint::Delete {
+                collection: "c".into(),
+                key: b"k".to_vec()
+            }
+        );
+        assert_eq!(
+            ok(Method::GET, "/default/users"),
+            Endpoint::Get {
+                collection: "default".into(),
+                key: b"users".to_vec()
+            }
+        );
+        // A trailing slash is forgiven.
+        assert_eq!(ok(Method::GET, "/c/k/"), ok(Method::GET, "/c/k"));
+    }
+
+    #[test]
+    fn segments_are_percent_decoded() {
+        assert_eq!(
+            ok(Method::POST, "/a%2Fb/hello%20world"),
+            Endpoint::Set {
+                collection: "default".into(),
+                key: b"a/b".to_vec(),
+                value: b"hello world".to_vec()
+            }
+        );
+        // A collection segment that decodes to a path trick is passed on as
+        // a name, which the node then refuses.
+        assert_eq!(
+            ok(Method::GET, "/%2e%2e%2f/k"),
+            Endpoint::Get {
+                collection: "../".into(),
+                key: b"k".to_vec()
+            }
+        );
+        assert_eq!(
+            route(&Method::GET, "/%ff/k", None).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn query_parameters_of_listings() {
+        let e = route(&Method::GET, "/c", Some("limit=10&after=k%2001")).unwrap();
+        assert_eq!(
+            e,
+            Endpoint::KeyOrCollection {
+                name: b"c".to_vec(),
+                list: ListParams {
+                    limit: Some(10),
+                    after: Some(b"k 01".to_vec())
+                }
+            }
+        );
+        assert_eq!(
+            route(&Method::GET, "/c", Some("limit=ten"))
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            route(&Method::GET, "/c", Some("sort=asc"))
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn everything_else_is_an_error() {
+        for (method, path, status) in [
+            (Method::GET, "/a/b/c", StatusCode::NOT_FOUND),
+            (Method::POST, "/k", StatusCode::NOT_FOUND),
+            (Method::POST, "/", StatusCode::NOT_FOUND),
+            (Method::PUT, "/a/b/c", StatusCode::NOT_FOUND),
+            (Method::DELETE, "/", StatusCode::NOT_FOUND),
+            (Method::GET, "//k", StatusCode::NOT_FOUND),
+            (Method::GET, "//", StatusCode::NOT_FOUND),
+            (Method::GET, "/a//b", StatusCode::NOT_FOUND),
+            (Method::PATCH, "/k", StatusCode::METHOD_NOT_ALLOWED),
+            (Method::OPTIONS, "/", StatusCode::METHOD_NOT_ALLOWED),
+            (Method::GET, "nope", StatusCode::BAD_REQUEST),
+            (Method::GET, "/a/b/c/d/e", StatusCode::NOT_FOUND),
+        ] {
+            assert_eq!(
+                route(&method, path, None).unwrap_err().status,
+                status,
+                "{method} {path}"
+            );
+        }
+    }
+}

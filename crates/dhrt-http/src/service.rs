@@ -1,0 +1,335 @@
+//! The HTTP service: a request in, a response out, over anything that
+//! implements [`Operations`]; and the connection driver with its timeouts.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dhrt_proto::{Entry, Operations};
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::body::{self, BoxError, ResponseBody};
+use crate::error::HttpError;
+use crate::json;
+use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
+
+const JSON: &str = "application/json";
+const OCTETS: &str = "application/octet-stream";
+
+/// Limits that protect the node from its clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest request body (a `PUT` value), in bytes; more gets 413.
+    pub max_body: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Entries fetched per step of a streamed listing.
+    pub list_batch: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 16 << 20,
+            header_read_timeout: Duration::from_secs(10),
+            list_batch: 1000,
+        }
+    }
+}
+
+/// The HTTP API over a node.
+#[derive(Debug)]
+pub struct Api<O> {
+    ops: Arc<O>,
+    limits: Limits,
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ResponseBody> {
+    let mut r = Response::new(body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(body: Vec<u8>) -> Response<ResponseBody> {
+    response(StatusCode::OK, JSON, body)
+}
+
+/// The response for a failure: its status and `{"Error": ...}`.
+pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
+    response(e.status, JSON, json::error(&e.message))
+}
+
+fn wants_octets(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(OCTETS)))
+}
+
+/// A name that could be a collection: valid UTF-8 of the allowed characters.
+fn as_collection_name(name: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(name).ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    ok.then_some(s)
+}
+
+impl<O: Operations> Api<O> {
+    /// An API serving `ops`.
+    pub fn new(ops: Arc<O>, limits: Limits) -> Arc<Self> {
+        Arc::new(Api { ops, limits })
+    }
+
+    /// The node served.
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// Answers one request. Never fails: errors become responses.
+    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self.try_handle(req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        }
+    }
+
+    async fn try_handle<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<ResponseBody>, HttpError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.headers().contains_key(CONTENT_LENGTH)
+            && req.headers().contains_key(TRANSFER_ENCODING)
+        {
+            return Err(HttpError::bad_request(
+                "a request may not carry both Content-Length and Transfer-Encoding",
+            ));
+        }
+        let endpoint = router::route(req.method(), req.uri().path(), req.uri().query())?;
+        let raw = wants_octets(req.headers());
+        let ops = &self.ops;
+        match endpoint {
+            Endpoint::Stats => Ok(json(
+                serde_json::to_vec(&ops.stats().await).expect("stats serialize"),
+            )),
+            Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
+                Some(c) if ops.has_collection(c) => self.clone().list(c.to_string(), list).await,
+                _ => self.get(DEFAULT_COLLECTION, &name, raw).await,
+            },
+            Endpoint::Get { collection, key } => self.get(&collection, &key, raw).await,
+            Endpoint::Set {
+                collection,
+                key,
+                value,
+            } => {
+                ops.set(&collection, &key, Bytes::copy_from_slice(&value))
+                    .await?;
+                let mut out = Vec::new();
+                json::key_value(&mut out, &key, &value);
+                Ok(json(out))
+            }
+            Endpoint::Put { collection, key } => {
+                let value = self.read_body(req).await?;
+                let len = value.len();
+                ops.set(&collection, &key, value).await?;
+                Ok(json(json::key_only(&key, Some(len))))
+            }
+            Endpoint::DeleteKeyOrCollection { name } => match as_collection_name(&name) {
+                Some(c) if ops.has_collection(c) => {
+                    let keys = ops.drop_collection(c).await?;
+                    Ok(json(json::key_list(&keys)))
+                }
+                _ => self.delete(DEFAULT_COLLECTION, &name).await,
+            },
+            Endpoint::Delete { collection, key } => self.delete(&collection, &key).await,
+        }
+    }
+
+    async fn get(
+        &self,
+        collection: &str,
+        key: &[u8],
+        raw: bool,
+    ) -> Result<Response<ResponseBody>, HttpError> {
+        let Some(value) = self.ops.get(collection, key).await? else {
+            return Err(HttpError::not_found(format!(
+                "key {:?} not found in collection {collection:?}",
+                String::from_utf8_lossy(key)
+            )));
+        };
+        if raw {
+            return Ok(response(StatusCode::OK, OCTETS, value));
+        }
+        let mut out = Vec::with_capacity(value.len() + key.len() + 24);
+        json::key_value(&mut out, key, &value);
+        Ok(json(out))
+    }
+
+    async fn delete(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> Result<Response<ResponseBody>, HttpError> {
+        if self.ops.delete(collection, key).await? {
+            Ok(json(json::key_only(key, None)))
+        } else {
+            Err(HttpError::not_found(format!(
+                "key {:?} not found in collection {collection:?}",
+                String::from_utf8_lossy(key)
+            )))
+        }
+    }
+
+    async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, HttpError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let too_large = || {
+            HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body exceeds the limit of {} bytes",
+                    self.limits.max_body
+                ),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body as u64) {
+            return Err(too_large());
+        }
+        match Limited::new(req.into_body(), self.limits.max_body)
+            .collect()
+            .await
+        {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Err(e) => Err(HttpError::bad_request(format!(
+                "could not read the body: {e}"
+            ))),
+        }
+    }
+
+    /// A collection listing: the first batch is fetched before answering (so
+    /// a failure gets a proper status), the rest is streamed.
+    async fn list(
+        self: Arc<Self>,
+        collection: String,
+        params: ListParams,
+    ) -> Result<Response<ResponseBody>, HttpError> {
+        let mut remaining = params.limit.unwrap_or(u64::MAX);
+        let step = u64::from(self.limits.list_batch.max(1));
+        let batch = move |remaining: u64| remaining.min(step) as u32;
+        let first = self
+            .ops
+            .list(&collection, params.after.as_deref(), batch(remaining))
+            .await?;
+        let (tx, body) = body::channel(4);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut page = first;
+            let mut chunk = b"[".to_vec();
+            let mut first_entry = true;
+            loop {
+                for Entry { key, value } in &page.entries {
+                    if !first_entry {
+                        chunk.push(b',');
+                    }
+                    first_entry = false;
+                    json::key_value(&mut chunk, key, value);
+                }
+                remaining = remaining.saturating_sub(page.entries.len() as u64);
+                let Some(next) = page
+                    .next
+                    .take()
+                    .filter(|_| remaining > 0 && !page.entries.is_empty())
+                else {
+                    break;
+                };
+                if tx
+                    .send(Ok(std::mem::take(&mut chunk).into()))
+                    .await
+                    .is_err()
+                {
+                    return; // the client went away
+                }
+                page = match api
+                    .ops
+                    .list(&collection, Some(&next), batch(remaining))
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(collection, "listing aborted: {e}");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+            }
+            chunk.push(b']');
+            let _ = tx.send(Ok(chunk.into())).await;
+        });
+        let mut r = Response::new(body);
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+        Ok(r)
+    }
+
+    /// Serves HTTP/1.1 on one connection until the client closes it or
+    /// `shutdown` completes; then finishes the request in flight and closes.
+    pub async fn serve_connection<I>(
+        self: Arc<Self>,
+        io: I,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let api = self.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = shutdown => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! A node of one in-memory map: the test double the API is served over.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use dhrt_proto::{
+    CollectionInfo, Entry, ErrorKind, MemberInfo, MemberState, NodeInfo, NodeStats, OpError,
+    Operations, Page,
+};
+
+pub(crate) const MAX_VALUE: usize = 1 << 20;
+
+#[derive(Default)]
+pub(crate) struct MapNode {
+    map: Mutex<BTreeMap<(String, Bytes), Bytes>>,
+    /// Fail listings after this many pages (to test aborted streams).
+    pub(crate) fail_list_after: Mutex<Option<usize>>,
+}
+
+fn check(collection: &str, key: &[u8]) -> Result<(), OpError> {
+    let valid = !collection.is_empty()
+        && collection.len() <= 64
+        && collection
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(OpError::new(
+            ErrorKind::InvalidInput,
+            format!("invalid collection name {collection:?}"),
+        ));
+    }
+    if key.is_empty() {
+        return Err(OpError::new(ErrorKind::InvalidInput, "empty key"));
+    }
+    Ok(())
+}
+
+fn k(collection: &str, key: &[u8]) -> (String, Bytes) {
+    (collection.to_string(), Bytes::copy_from_slice(key))
+}
+
+impl Operations for MapNode {
+    async fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
+        check(collection, key)?;
+        Ok(self.map.lock().unwrap().get(&k(collection, key)).cloned())
+    }
+
+    async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
+        check(collection, key)?;
+        if value.len() > MAX_VALUE {
+            return Err(OpError::new(ErrorKind::TooLarge, "value too large"));
+        }
+        self.map.lock().unwrap().insert(k(collection, key), value);
+        Ok(())
+    }
+
+    async fn delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
+        check(collection, key)?;
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .remove(&k(collection, key))
+            .is_some())
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Page, OpError> {
+        check(collection, b"-")?;
+        {
+            let mut fail = self.fail_list_after.lock().unwrap();
+            if let Some(n) = fail.as_mut() {
+                if *n == 0 {
+                    return Err(OpError::new(ErrorKind::Unavailable, "listing failed"));
+                }
+                *n -= 1;
+            }
+        }
+        let map = self.map.lock().unwrap();
+        let mut entries: Vec<Entry> = map
+            .iter()
+            .filter(|((c, key), _)| c == collection && after.is_none_or(|a| &key[..] > a))
+            .take(limit as usize + 1)
+            .map(|((_, key), value)| Entry {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect();
+        let more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
+        let next = if more {
+            entries.last().map(|e| e.key.clone())
+        } else {
+            None
+        };
+        Ok(Page { entries, next })
+    }
+
+    fn has_collection(&self, name: &str) -> bool {
+        self.map.lock().unwrap().keys().any(|(c, _)| c == name)
+    }
+
+    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+        check(collection, b"-")?;
+        let mut map = self.map.lock().unwrap();
+        let keys: Vec<(String, Bytes)> = map
+            .keys()
+            .filter(|(c, _)| c == collection)
+            .cloned()
+            .collect();
+        for key in &keys {
+            map.remove(key);
+        }
+        Ok(keys.into_iter().map(|(_, key)| key).collect())
+    }
+
+    async fn stats(&self) -> NodeStats {
+        let map = self.map.lock().unwrap();
+        let mut collections: BTreeMap<String, CollectionInfo> = BTreeMap::new();
+        for ((c, _), v) in map.iter() {
+            let e = collections.entry(c.clone()).or_insert(CollectionInfo {
+                name: c.clone(),
+                keys: 0,
+                bytes: 0,
+            });
+            e.keys += 1;
+            e.bytes += v.len() as u64;
+        }
+        NodeStats {
+            node: NodeInfo {
+                id: "0000000000000001".into(),
+                name: "map".into(),
+                addr: "127.0.0.1:0".into(),
+                version: "test".into(),
+                mode: "memory".into(),
+                data_dir: String::new(),
+                uptime_s: 0,
+            },
+            collections: collections.into_values().collect(),
+            members: vec![MemberInfo {
+                id: "0000000000000001".into(),
+                name: "map".into(),
+                addr: "127.0.0.1:0".into(),
+                state: MemberState::Healthy,
+            }],
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Every route of DESIGN §6 with its exact JSON shape and status.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dhrt_http::{Api, Limits};
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+use crate::node::{MAX_VALUE, MapNode};
+
+pub(crate) fn api() -> Arc<Api<MapNode>> {
+    Api::new(
+        Arc::new(MapNode::default()),
+        Limits {
+            max_body: 2 << 20,
+            list_batch: 7,
+            ..Limits::default()
+        },
+    )
+}
+
+pub(crate) async fn call(
+    api: &Arc<Api<MapNode>>,
+    method: Method,
+    uri: &str,
+    body: &[u8],
+) -> (StatusCode, Bytes) {
+    call_with(api, Request::builder().method(method).uri(uri), body).await
+}
+
+async fn call_with(
+    api: &Arc<Api<MapNode>>,
+    req: http::request::Builder,
+    body: &[u8],
+) -> (StatusCode, Bytes) {
+    let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+    let resp = api.clone().handle(req).await;
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+fn parse(b: &Bytes) -> Value {
+    serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
+}
+
+async fn ok_json(api: &Arc<Api<MapNode>>, method: Method, uri: &str, body: &[u8]) -> Value {
+    let (status, b) = call(api, method.clone(), uri, body).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{method} {uri}: {}",
+        String::from_utf8_lossy(&b)
+    );
+    parse(&b)
+}
+
+async fn error(
+    api: &Arc<Api<MapNode>>,
+    method: Method,
+    uri: &str,
+    body: &[u8],
+) -> (StatusCode, String) {
+    let (status, b) = call(api, method, uri, body).await;
+    let v = parse(&b);
+    (
+        status,
+        v["Error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no Error field: {v}"))
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn set_get_delete_in_default_and_named_collections() {
+    let api = api();
+    assert_eq!(
+        ok_json(&api, Method::POST, "/greeting/hello", b"").await,
+        json!({"Key": "greeting", "Value": "hello"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/greeting", b"").await,
+        json!({"Key": "greeting", "Value": "hello"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/default/greeting", b"").await,
+        json!({"Key": "greeting", "Value": "hello"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::POST, "/users/ada/lovelace", b"").await,
+        json!({"Key": "ada", "Value": "lovelace"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/users/ada", b"").await,
+        json!({"Key": "ada", "Value": "lovelace"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/users/ada", b"").await,
+        json!({"Key": "ada"})
+    );
+    let (status, msg) = error(&api, Method::GET, "/users/ada", b"").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(msg.contains("not found"), "{msg}");
+    assert_eq!(
+        error(&api, Method::DELETE, "/users/ada", b"").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/greeting", b"").await,
+        json!({"Key": "greeting"})
+    );
+    assert_eq!(
+        error(&api, Method::GET, "/greeting", b"").await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn a_single_segment_means_the_collection_when_it_exists() {
+    let api = api();
+    ok_json(&api, Method::POST, "/fruit/apple/red", b"").await;
+    ok_json(&api, Method::POST, "/fruit/banana/yellow", b"").await;
+    ok_json(&api, Method::POST, "/fruit/fig", b"").await; // the key "fruit" of default
+    assert_eq!(
+        ok_json(&api, Method::GET, "/fruit", b"").await,
+        json!([{"Key": "apple", "Value": "red"}, {"Key": "banana", "Value": "yellow"}])
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/default/fruit", b"").await,
+        json!({"Key": "fruit", "Value": "fig"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/fruit", b"").await,
+        json!(["apple", "banana"])
+    );
+    // Now that the collection is gone, the segment names the key.
+    assert_eq!(
+        ok_json(&api, Method::GET, "/fruit", b"").await,
+        json!({"Key": "fruit", "Value": "fig"})
+    );
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/fruit", b"").await,
+        json!({"Key": "fruit"})
+    );
+}
+
+#[tokio::test]
+async fn listings_stream_in_batches_with_limit_and_after() {
+    let api = api();
+    for i in 0..50 {
+        ok_json(&api, Method::POST, &format!("/many/k{i:02}/v{i}"), b"").await;
+    }
+    let all = ok_json(&api, Method::GET, "/many", b"").await;
+    let keys: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 50);
+    assert_eq!(keys[0], "k00");
+    assert_eq!(keys[49], "k49");
+    let page = ok_json(&api, Method::GET, "/many?limit=10&after=k09", b"").await;
+    let keys: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        (10..20).map(|i| format!("k{i:02}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/many?limit=0", b"").await,
+        json!([])
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/many?after=k49", b"").await,
+        json!([])
+    );
+    assert_eq!(
+        error(&api, Method::GET, "/many?limit=-1", b"").await.0,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn a_listing_that_fails_midway_is_cut_not_completed() {
+    let api = api();
+    for i in 0..30 {
+        ok_json(&api, Method::POST, &format!("/c/k{i:02}/v"), b"").await;
+    }
+    // The first batch succeeds (and the status is sent); the third fails.
+    let node: &MapNode = api_node(&api);
+    *node.fail_list_after.lock().unwrap() = Some(2);
+    let req = Request::get("/c").body(Full::new(Bytes::new())).unwrap();
+    let resp = api.clone().handle(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "an aborted listing must not look complete"
+    );
+}
+
+fn api_node(api: &Arc<Api<MapNode>>) -> &MapNode {
+    api.ops()
+}
+
+#[tokio::test]
+async fn put_takes_the_value_from_the_body_and_binary_values_survive() {
+    let api = api();
+    let value: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(
+        ok_json(&api, Method::PUT, "/bin", &value).await,
+        json!({"Key": "bin", "Bytes": 256})
+    );
+    assert_eq!(
+        ok_json(&api, Method::PUT, "/files/a%2Fb.txt", b"slashes/ok").await,
+        json!({"Key": "a/b.txt", "Bytes": 10})
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/files/a%2Fb.txt", b"").await,
+        json!({"Key": "a/b.txt", "Value": "slashes/ok"})
+    );
+    // Not UTF-8: JSON carries base64; octet-stream carries the bytes.
+    let v = ok_json(&api, Method::GET, "/bin", b"").await;
+    assert!(v.get("Value").is_none());
+    assert_eq!(v["ValueBase64"].as_str().unwrap().len(), 344);
+    let (status, raw) = call_with(
+        &api,
+        Request::builder()
+            .uri("/default/bin")
+            .header("accept", "application/octet-stream"),
+        b"",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&raw[..], &value[..]);
+}
+
+#[tokio::test]
+async fn stats_have_the_documented_shape() {
+    let api = api();
+    ok_json(&api, Method::POST, "/c/k/v", b"").await;
+    let s = ok_json(&api, Method::GET, "/", b"").await;
+    for field in [
+        "id", "name", "addr", "version", "mode", "data_dir", "uptime_s",
+    ] {
+        assert!(s["node"].get(field).is_some(), "node.{field}");
+    }
+    assert_eq!(
+        s["collections"],
+        json!([{"name": "c", "keys": 1, "bytes": 1}])
+    );
+    assert_eq!(s["members"][0]["state"], "healthy");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_with_the_right_status() {
+    let api = api();
+    for (method, uri, status) in [
+        (Method::GET, "/a/b/c", StatusCode::NOT_FOUND),
+        (Method::PATCH, "/k", StatusCode::METHOD_NOT_ALLOWED),
+        (Method::GET, "/..%2f/k", StatusCode::BAD_REQUEST),
+        (Method::GET, "/%2e%2e%2f/k", StatusCode::BAD_REQUEST),
+        (Method::POST, "/a%00b/k/v", StatusCode::BAD_REQUEST),
+        (Method::POST, "/../k/v", StatusCode::BAD_REQUEST),
+        (Method::PUT, "/a.b/k", StatusCode::BAD_REQUEST),
+        (Method::GET, "//", StatusCode::NOT_FOUND),
+        (Method::GET, "/c?bogus=1", StatusCode::BAD_REQUEST),
+    ] {
+        let (got, msg) = error(&api, method.clone(), uri, b"").await;
+        assert_eq!(got, status, "{method} {uri}: {msg}");
+        assert!(!msg.is_empty());
+    }
+    // Over the node's value limit (413 from the node), over the body limit
+    // (413 from the API, before the node sees it).
+    let big = vec![b'x'; MAX_VALUE + 1];
+    assert_eq!(
+        error(&api, Method::PUT, "/k", &big).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let huge = vec![b'x'; (2 << 20) + 1];
+    let (status, msg) = error(&api, Method::PUT, "/k", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(msg.contains("limit"), "{msg}");
+    // Both Content-Length and Transfer-Encoding: refused.
+    let (status, _) = call_with(
+        &api,
+        Request::builder()
+            .method(Method::PUT)
+            .uri("/k")
+            .header("content-length", "1")
+            .header("transfer-encoding", "chunked"),
+        b"x",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -1,0 +1,188 @@
+//! The API over real loopback connections: keep-alive, slow and hostile
+//! clients, limits, and streamed listings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dhrt_http::{Api, Limits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::node::MapNode;
+
+async fn start() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = Limits {
+        max_body: 64 * 1024,
+        header_read_timeout: Duration::from_millis(300),
+        list_batch: 100,
+    };
+    let api = Api::new(Arc::new(MapNode::default()), limits);
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(api.clone().serve_connection(socket, std::future::pending()));
+        }
+    });
+    addr
+}
+
+/// Sends `raw` and reads until the server closes the connection.
+async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server did not close the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn keep_alive_serves_pipelined_requests_in_order() {
+    let addr = start().await;
+    let out = exchange(
+        addr,
+        b"POST /k/v1 HTTP/1.1\r\nHost: x\r\n\r\nGET /k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
+    assert!(out.ends_with(r#"{"Key":"k","Value":"v1"}"#), "{out}");
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    let addr = start().await;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        // Keep trickling one header byte at a time.
+        for b in b"X-Slow: yes" {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.read_to_end(&mut out).await
+    })
+    .await;
+    assert!(read.is_ok(), "still connected after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
+    // The server keeps serving others.
+    assert!(
+        exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[tokio::test]
+async fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
+    let addr = start().await;
+    let cases: [&[u8]; 5] = [
+        // A body over the limit, refused on its Content-Length.
+        b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+        // Garbage instead of a request line.
+        b"\x00\x01\x02 nonsense\r\n\r\n",
+        // A path trick in the collection.
+        b"GET /..%2f..%2fetc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        // NUL in a collection name.
+        b"POST /a%00b/k/v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        // An unsupported method.
+        b"PATCH /k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ];
+    for raw in cases {
+        let out = exchange(addr, raw).await;
+        let status: u16 = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        assert!(
+            (400..500).contains(&status),
+            "{:?} -> {out:?}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    let out = exchange(
+        addr,
+        b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(
+        exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[tokio::test]
+async fn a_smuggled_request_is_never_executed() {
+    let addr = start().await;
+    // Both framings: Transfer-Encoding wins (RFC 9112 §6.3), the body ends at
+    // the empty chunk, and the connection is closed after the response, so
+    // the request hidden behind it is never read.
+    let out = exchange(
+        addr,
+        b"POST /k/v HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /smuggled/x HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    let out = exchange(addr, b"GET /smuggled HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+}
+
+#[tokio::test]
+async fn a_large_listing_streams_as_one_json_array() {
+    let addr = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut batch = Vec::new();
+    for i in 0..2000 {
+        batch.extend_from_slice(
+            format!("POST /big/key{i:05}/value{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+    }
+    s.write_all(&batch).await.unwrap();
+    let mut seen = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut acc = String::new();
+    while seen < 2000 {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        acc.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen = acc.matches("HTTP/1.1 200 OK").count();
+    }
+    let out = exchange(
+        addr,
+        b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.contains("transfer-encoding: chunked"),
+        "{}",
+        &out[..200.min(out.len())]
+    );
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    // De-chunk.
+    let mut json = String::new();
+    let mut rest = body;
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size, 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        json.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2000);
+    assert_eq!(v[1999]["Key"], "key01999");
+}
