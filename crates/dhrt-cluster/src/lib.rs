@@ -1,0 +1,11 @@
+//! `dhrt-cluster`: the node. Today: the [`Node`] facade that implements the
+//! client [`dhrt_proto::Operations`] over the local store, and the
+//! binary-protocol connection server. Membership, replication,
+//! anti-entropy, join handoff and placement join here next (see
+//! docs/ARCHITECTURE.md).
+
+mod node;
+mod server;
+
+pub use node::{Identity, Node};
+pub use server::{BinaryLimits, Closed, serve_binary};

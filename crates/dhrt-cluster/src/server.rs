@@ -1,0 +1,163 @@
+//! The binary-protocol server: one connection, its preamble, then frames of
+//! pipelined requests, each answered through [`dispatch`]. Frame parsing is
+//! `dhrt_proto`'s pure decoder; this module only buffers and does I/O.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use dhrt_proto::{
+    DEFAULT_MAX_FRAME, Decoded, ErrorKind, OpError, Operations, PREAMBLE_LEN, Preamble, Request,
+    Response, dispatch, encode_frame, frame_bounds, read_preamble, request_id,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Limits of a binary connection.
+#[derive(Debug, Clone)]
+pub struct BinaryLimits {
+    /// The largest frame payload accepted or sent.
+    pub max_frame: u32,
+    /// A connection with no complete request for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for BinaryLimits {
+    fn default() -> Self {
+        BinaryLimits {
+            max_frame: DEFAULT_MAX_FRAME,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// The client closed it.
+    ByClient,
+    /// Nothing arrived within the idle timeout.
+    Idle,
+    /// The node is shutting down.
+    Shutdown,
+    /// The client broke the protocol (bad preamble, bad length, unreadable
+    /// request); the reason is logged.
+    Protocol(String),
+}
+
+async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    want: usize,
+    idle: Duration,
+) -> io::Result<Option<Closed>> {
+    buf.reserve(want.max(16 * 1024));
+    match tokio::time::timeout(idle, stream.read_buf(buf)).await {
+        Ok(Ok(0)) => Ok(Some(Closed::ByClient)),
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(Some(Closed::Idle)),
+    }
+}
+
+/// Serves one binary connection until the client leaves, it idles, it breaks
+/// the protocol, or `shutdown` completes (requests already received are
+/// answered first).
+pub async fn serve_binary<O, S>(
+    mut stream: S,
+    ops: Arc<O>,
+    limits: BinaryLimits,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<Closed>
+where
+    O: Operations,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        match read_preamble(&buf) {
+            Ok(Preamble::Binary { .. }) => {
+                buf.advance(PREAMBLE_LEN);
+                break;
+            }
+            Ok(Preamble::Incomplete) => {
+                if let Some(closed) =
+                    read_more(&mut stream, &mut buf, PREAMBLE_LEN, limits.idle_timeout).await?
+                {
+                    return Ok(closed);
+                }
+            }
+            Ok(Preamble::NotBinary) => return Ok(Closed::Protocol("not a dhrt preamble".into())),
+            Err(e) => return Ok(Closed::Protocol(e.to_string())),
+        }
+    }
+    tokio::pin!(shutdown);
+    let mut out = Vec::with_capacity(16 * 1024);
+    loop {
+        // Answer every complete request in the buffer, then write once.
+        let mut needed = 1;
+        let mut broken = None;
+        loop {
+            let (range, len) = match frame_bounds(&buf, limits.max_frame) {
+                Ok(Decoded::Complete { msg, len }) => (msg, len),
+                Ok(Decoded::Incomplete { needed: n }) => {
+                    needed = n;
+                    break;
+                }
+                Err(e) => {
+                    broken = Some(e.to_string());
+                    break;
+                }
+            };
+            let payload = &buf[range];
+            let response = match dhrt_proto::decode::<Request>(payload) {
+                Ok(request) => Response {
+                    id: request.id,
+                    result: dispatch(&*ops, request.op).await,
+                },
+                Err(e) => match request_id(payload) {
+                    Some(id) => Response {
+                        id,
+                        result: Err(OpError::new(
+                            ErrorKind::InvalidInput,
+                            format!("unreadable request: {e}"),
+                        )),
+                    },
+                    None => {
+                        broken = Some(format!("unreadable request without an id: {e}"));
+                        break;
+                    }
+                },
+            };
+            buf.advance(len);
+            if let Err(e) = encode_frame(&response, &mut out, limits.max_frame) {
+                let too_large = Response {
+                    id: response.id,
+                    result: Err(OpError::new(
+                        ErrorKind::TooLarge,
+                        format!("the response is too large: {e}"),
+                    )),
+                };
+                encode_frame(&too_large, &mut out, limits.max_frame)
+                    .expect("a short error fits in a frame");
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if let Some(reason) = broken {
+            return Ok(Closed::Protocol(reason));
+        }
+        tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(Closed::Shutdown),
+            closed = read_more(&mut stream, &mut buf, needed, limits.idle_timeout) => {
+                if let Some(closed) = closed? {
+                    return Ok(closed);
+                }
+            }
+        }
+    }
+}

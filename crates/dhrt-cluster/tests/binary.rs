@@ -1,0 +1,146 @@
+//! The binary-protocol server over an in-memory duplex stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dhrt_cluster::{BinaryLimits, Closed, serve_binary};
+use dhrt_proto::{
+    Decoded, ErrorKind, Op, Reply, Request, Response, decode_frame, encode_frame, preamble,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+fn limits() -> BinaryLimits {
+    BinaryLimits {
+        max_frame: 1 << 20,
+        idle_timeout: Duration::from_millis(500),
+    }
+}
+
+fn start() -> (
+    DuplexStream,
+    tokio::task::JoinHandle<std::io::Result<Closed>>,
+) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let node = Arc::new(crate::node::node());
+    let task = tokio::spawn(serve_binary(server, node, limits(), std::future::pending()));
+    (client, task)
+}
+
+async fn read_responses(client: &mut DuplexStream, n: usize) -> Vec<Response> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        match decode_frame::<Response>(&buf, 1 << 20).unwrap() {
+            Decoded::Complete { msg, len } => {
+                out.push(msg);
+                let _ = buf.split_to(len);
+            }
+            Decoded::Incomplete { .. } => {
+                let read = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(read > 0, "server closed early");
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_all_answered_by_id() {
+    let (mut client, _task) = start();
+    let mut wire = preamble().to_vec();
+    for i in 0..100u64 {
+        let op = Op::Set {
+            collection: "c".into(),
+            key: Bytes::from(format!("k{i}")),
+            value: Bytes::from(format!("v{i}")),
+        };
+        encode_frame(&Request { id: i, op }, &mut wire, 1 << 20).unwrap();
+    }
+    encode_frame(
+        &Request {
+            id: 1000,
+            op: Op::Get {
+                collection: "c".into(),
+                key: Bytes::from_static(b"k42"),
+            },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    // Send it in awkward pieces.
+    for chunk in wire.chunks(7) {
+        client.write_all(chunk).await.unwrap();
+    }
+    let responses = read_responses(&mut client, 101).await;
+    assert!(
+        responses[..100]
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.id == i as u64 && r.result == Ok(Reply::Stored))
+    );
+    assert_eq!(
+        responses[100],
+        Response {
+            id: 1000,
+            result: Ok(Reply::Value(Some(Bytes::from_static(b"v42"))))
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_request_with_an_id_gets_an_error_and_the_connection_goes_on() {
+    let (mut client, _task) = start();
+    let mut wire = preamble().to_vec();
+    // id 7, then op variant 99: readable id, unknown operation.
+    wire.extend_from_slice(&[2, 0, 0, 0, 7, 99]);
+    encode_frame(
+        &Request {
+            id: 8,
+            op: Op::Ping,
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    let responses = read_responses(&mut client, 2).await;
+    assert_eq!(responses[0].id, 7);
+    assert_eq!(
+        responses[0].result.as_ref().unwrap_err().kind,
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        responses[1],
+        Response {
+            id: 8,
+            result: Ok(Reply::Pong)
+        }
+    );
+}
+
+#[tokio::test]
+async fn protocol_violations_and_idle_clients_are_disconnected() {
+    // A lying length.
+    let (mut client, task) = start();
+    let mut wire = preamble().to_vec();
+    wire.extend_from_slice(&u32::MAX.to_le_bytes());
+    client.write_all(&wire).await.unwrap();
+    assert!(matches!(task.await.unwrap().unwrap(), Closed::Protocol(_)));
+    // A wrong preamble.
+    let (mut client, task) = start();
+    client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(matches!(task.await.unwrap().unwrap(), Closed::Protocol(_)));
+    // Silence.
+    let (mut client, task) = start();
+    client.write_all(&preamble()).await.unwrap();
+    assert_eq!(task.await.unwrap().unwrap(), Closed::Idle);
+    // A clean goodbye.
+    let (client, task) = start();
+    drop(client);
+    assert_eq!(task.await.unwrap().unwrap(), Closed::ByClient);
+}

@@ -1,0 +1,88 @@
+//! The node facade over a real store.
+
+use bytes::Bytes;
+use dhrt_cluster::{Identity, Node};
+use dhrt_proto::{ErrorKind, Operations};
+use dhrt_storage::{Options, Store};
+
+pub(crate) fn node() -> Node {
+    Node::new(
+        Store::memory(Options::default()),
+        Identity {
+            id: 0xabc,
+            name: "n1".into(),
+            addr: "127.0.0.1:7453".into(),
+        },
+    )
+}
+
+#[tokio::test]
+async fn operations_reach_the_store() {
+    let n = node();
+    n.set("c", b"k", Bytes::from_static(b"v")).await.unwrap();
+    assert_eq!(n.get("c", b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert!(n.has_collection("c"));
+    assert!(!n.has_collection("nope"));
+    for i in 0..25u32 {
+        n.set(
+            "many",
+            format!("k{i}").as_bytes(),
+            Bytes::from(i.to_string()),
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<Bytes> = None;
+    loop {
+        let page = n.list("many", after.as_deref(), 10).await.unwrap();
+        seen.extend(page.entries.iter().map(|e| e.key.clone()));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    seen.sort();
+    let mut want: Vec<Bytes> = (0..25).map(|i| Bytes::from(format!("k{i}"))).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(n.delete("c", b"k").await.unwrap());
+    assert!(!n.delete("c", b"k").await.unwrap());
+    let dropped = n.drop_collection("many").await.unwrap();
+    assert_eq!(dropped.len(), 25);
+    assert!(!n.has_collection("many"));
+    let stats = n.stats().await;
+    assert_eq!(stats.node.id, "0000000000000abc");
+    assert_eq!(stats.node.mode, "memory");
+    assert_eq!(stats.members.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_maps_to_the_right_error_kinds() {
+    let n = node();
+    let kind = |r: Result<(), dhrt_proto::OpError>| r.unwrap_err().kind;
+    assert_eq!(
+        kind(n.set("../x", b"k", Bytes::new()).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(n.set("_system", b"k", Bytes::new()).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(n.set("c", b"", Bytes::new()).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(
+            n.set("c", b"k", Bytes::from(vec![0u8; (16 << 20) + 1]))
+                .await
+        ),
+        ErrorKind::TooLarge
+    );
+    assert_eq!(
+        n.get("a\0b", b"k").await.unwrap_err().kind,
+        ErrorKind::InvalidInput
+    );
+    assert!(!n.has_collection("_system"));
+}

@@ -1,0 +1,4 @@
+//! Tests of dhrt-cluster, one binary.
+
+mod binary;
+mod node;
