@@ -1,7 +1,6 @@
 //! The node facade: the [`Operations`] a client sees, over the local store.
 //! (Replication to peers and fan-out reads join here with the cluster.)
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -159,8 +158,7 @@ impl Operations for Node {
                 mode: stats.mode.to_string(),
                 data_dir: stats
                     .data_dir
-                    .as_ref()
-                    .map(PathBuf::as_path)
+                    .as_deref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
                 uptime_s: self.started.elapsed().as_secs(),
