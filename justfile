@@ -4,6 +4,10 @@
 build:
     cargo build --workspace --release
 
+# Run a node on 127.0.0.1:7453, persisting to ./dhrt-data.
+run *args:
+    cargo run --release -p dhrtd -- {{args}}
+
 # The test suite (the same command CI and the README use).
 test:
     cargo test --workspace

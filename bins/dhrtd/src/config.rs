@@ -1,0 +1,134 @@
+//! Configuration: flags, `DHRT_<NAME>` environment variables, and a TOML file
+//! given with `--config`, in that order of precedence, over the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Deserialize;
+
+/// The dhrt node daemon.
+#[derive(Debug, Parser)]
+#[command(name = "dhrtd", version, about = "The dhrt node daemon")]
+pub(crate) struct Args {
+    /// The node's one endpoint, serving HTTP and the binary protocol.
+    #[arg(long, env = "DHRT_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The address peers and clients use to reach this node.
+    #[arg(long, env = "DHRT_ADVERTISE", value_name = "ADDR")]
+    advertise: Option<String>,
+    /// Where collection files live.
+    #[arg(long, env = "DHRT_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Keep everything in memory: no files, nothing survives a restart.
+    #[arg(long, env = "DHRT_MEMORY")]
+    memory: bool,
+    /// Durability: always (fsync before acknowledging), interval (fsync
+    /// every second), never (leave it to the OS).
+    #[arg(long, env = "DHRT_SYNC", value_name = "always|interval|never")]
+    sync: Option<String>,
+    /// Human name of the node in stats.
+    #[arg(long, env = "DHRT_NAME")]
+    name: Option<String>,
+    /// Most client connections served at once; more are refused.
+    #[arg(long, env = "DHRT_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Log format: text or json (filter with DHRT_LOG, e.g. DHRT_LOG=debug).
+    #[arg(long, env = "DHRT_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<String>,
+    /// A TOML file with any of the settings above (kebab-case keys).
+    #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// The same settings, as a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct File {
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    memory: Option<bool>,
+    sync: Option<String>,
+    name: Option<String>,
+    max_connections: Option<usize>,
+    log_format: Option<String>,
+}
+
+/// Durability, as the storage engine takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sync {
+    Always,
+    Interval,
+    Never,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) listen: SocketAddr,
+    pub(crate) advertise: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) memory: bool,
+    pub(crate) sync: Sync,
+    pub(crate) name: String,
+    pub(crate) max_connections: usize,
+    pub(crate) json_logs: bool,
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Config {
+    pub(crate) fn load(args: Args) -> anyhow::Result<Config> {
+        let file: File = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => File::default(),
+        };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:7453".parse().unwrap());
+        let sync = match args.sync.or(file.sync).as_deref().unwrap_or("interval") {
+            "always" => Sync::Always,
+            "interval" => Sync::Interval,
+            "never" => Sync::Never,
+            other => bail!("--sync must be always, interval or never, not {other:?}"),
+        };
+        let json_logs = match args
+            .log_format
+            .or(file.log_format)
+            .as_deref()
+            .unwrap_or("text")
+        {
+            "text" => false,
+            "json" => true,
+            other => bail!("--log-format must be text or json, not {other:?}"),
+        };
+        let advertise = args
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| listen.to_string());
+        Ok(Config {
+            listen,
+            name: args.name.or(file.name).unwrap_or_else(|| advertise.clone()),
+            advertise,
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./dhrt-data")),
+            memory: args.memory || file.memory.unwrap_or(false),
+            sync,
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(10_000),
+            json_logs,
+            shutdown_grace: Duration::from_secs(10),
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! The node's one endpoint: accept, cap the number of connections, tell the
+//! binary protocol (its preamble's first byte is not ASCII) from HTTP by the
+//! first byte, and hand the connection to the right server.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dhrt_cluster::{BinaryLimits, Node, serve_binary};
+use dhrt_http::Api;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a connection needs.
+pub(crate) struct Servers {
+    pub(crate) node: Arc<Node>,
+    pub(crate) http: Arc<Api<Node>>,
+    pub(crate) binary: BinaryLimits,
+    /// How long a new connection may take to send its first byte.
+    pub(crate) first_byte_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` is cancelled, then waits up to
+/// `grace` for the connections in flight to finish their requests.
+pub(crate) async fn run(
+    listener: TcpListener,
+    servers: Arc<Servers>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, go on.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max_connections, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (servers, shutdown) = (servers.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = serve(stream, &servers, shutdown).await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            open = tracker.len(),
+            "connections still open after the grace period; closing them"
+        );
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    servers: &Servers,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let mut first = [0u8; 1];
+    let n = tokio::select! {
+        r = tokio::time::timeout(servers.first_byte_timeout, stream.read(&mut first)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Ok(()), // connected and said nothing
+        },
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let stream = Prefixed {
+        prefix: Some(first[0]),
+        inner: stream,
+    };
+    if first[0] == dhrt_proto::MAGIC[0] {
+        let closed = serve_binary(
+            stream,
+            servers.node.clone(),
+            servers.binary.clone(),
+            shutdown.cancelled(),
+        )
+        .await?;
+        tracing::debug!(?closed, "binary connection closed");
+        Ok(())
+    } else {
+        servers
+            .http
+            .clone()
+            .serve_connection(stream, shutdown.cancelled_owned())
+            .await
+            .map_err(io::Error::other)
+    }
+}
+
+/// A stream with one byte already read from it put back in front.
+struct Prefixed {
+    prefix: Option<u8>,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(b) = self.prefix {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            buf.put_slice(&[b]);
+            self.prefix = None;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

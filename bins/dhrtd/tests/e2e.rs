@@ -1,0 +1,4 @@
+//! End-to-end tests of real `dhrtd` processes, one binary.
+
+mod dhrtd;
+mod node;
