@@ -1,0 +1,213 @@
+//! The command language shared by one-shot use and the REPL:
+//! `set [collection] key value`, `get [collection] key`,
+//! `del [collection] key`, `stats`, `help`.
+
+use dhrt_proto::Op;
+
+/// The collection used when a command names none.
+pub(crate) const DEFAULT_COLLECTION: &str = "default";
+
+/// The command names, for completion and help.
+pub(crate) const NAMES: [&str; 7] = ["set", "get", "del", "stats", "help", "quit", "exit"];
+
+pub(crate) const HELP: &str = "\
+commands:
+  set [collection] key value   set a key (collection defaults to \"default\")
+  get [collection] key         print a value, or (nil)
+  del [collection] key         delete a key
+  stats                        node and cluster statistics
+  help                         this text
+  quit | exit                  leave the REPL
+words with spaces go in double quotes: set greeting \"hello world\"";
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    Set {
+        collection: String,
+        key: String,
+        value: String,
+    },
+    Get {
+        collection: String,
+        key: String,
+    },
+    Del {
+        collection: String,
+        key: String,
+    },
+    Stats,
+    Help,
+    Quit,
+}
+
+impl Command {
+    /// The protocol operation, for commands that talk to the node.
+    pub(crate) fn op(&self) -> Option<Op> {
+        Some(match self {
+            Command::Set {
+                collection,
+                key,
+                value,
+            } => Op::Set {
+                collection: collection.clone(),
+                key: key.clone().into_bytes().into(),
+                value: value.clone().into_bytes().into(),
+            },
+            Command::Get { collection, key } => Op::Get {
+                collection: collection.clone(),
+                key: key.clone().into_bytes().into(),
+            },
+            Command::Del { collection, key } => Op::Delete {
+                collection: collection.clone(),
+                key: key.clone().into_bytes().into(),
+            },
+            Command::Stats => Op::Stats,
+            Command::Help | Command::Quit => return None,
+        })
+    }
+}
+
+/// Splits a line into words; double quotes group words, `\"` and `\\`
+/// escape inside them.
+pub(crate) fn split(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut chars = line.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else { break };
+        let mut word = String::new();
+        if first == '"' {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return Err("unterminated quote".into()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated quote".into()),
+                    },
+                    Some(c) => word.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+        }
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// Parses the words of one command.
+pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
+    let Some((name, args)) = words.split_first() else {
+        return Err("empty command (try help)".into());
+    };
+    let with_collection = |args: &[String]| -> (String, String) {
+        match args {
+            [key] => (DEFAULT_COLLECTION.to_string(), key.clone()),
+            [collection, key] => (collection.clone(), key.clone()),
+            _ => unreachable!("arity checked by the caller"),
+        }
+    };
+    match (name.to_ascii_lowercase().as_str(), args.len()) {
+        ("set", 2) => Ok(Command::Set {
+            collection: DEFAULT_COLLECTION.into(),
+            key: args[0].clone(),
+            value: args[1].clone(),
+        }),
+        ("set", 3) => Ok(Command::Set {
+            collection: args[0].clone(),
+            key: args[1].clone(),
+            value: args[2].clone(),
+        }),
+        ("set", _) => Err("usage: set [collection] key value".into()),
+        ("get", 1 | 2) => {
+            let (collection, key) = with_collection(args);
+            Ok(Command::Get { collection, key })
+        }
+        ("get", _) => Err("usage: get [collection] key".into()),
+        ("del", 1 | 2) => {
+            let (collection, key) = with_collection(args);
+            Ok(Command::Del { collection, key })
+        }
+        ("del", _) => Err("usage: del [collection] key".into()),
+        ("stats", 0) => Ok(Command::Stats),
+        ("stats", _) => Err("usage: stats".into()),
+        ("help", _) => Ok(Command::Help),
+        ("quit" | "exit", _) => Ok(Command::Quit),
+        (other, _) => Err(format!("unknown command {other:?} (try help)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        split(s).unwrap()
+    }
+
+    #[test]
+    fn splitting_and_quotes() {
+        assert_eq!(words("  set a  b "), ["set", "a", "b"]);
+        assert_eq!(words(r#"set k "hello world""#), ["set", "k", "hello world"]);
+        assert_eq!(words(r#"set k "say \"hi\"""#), ["set", "k", r#"say "hi""#]);
+        assert_eq!(words(r#"set k """#), ["set", "k", ""]);
+        assert!(split(r#"set k "open"#).is_err());
+    }
+
+    #[test]
+    fn parsing_with_and_without_a_collection() {
+        assert_eq!(
+            parse(&words("set k v")).unwrap(),
+            Command::Set {
+                collection: "default".into(),
+                key: "k".into(),
+                value: "v".into()
+            }
+        );
+        assert_eq!(
+            parse(&words("SET users ada lovelace")).unwrap(),
+            Command::Set {
+                collection: "users".into(),
+                key: "ada".into(),
+                value: "lovelace".into()
+            }
+        );
+        assert_eq!(
+            parse(&words("get k")).unwrap(),
+            Command::Get {
+                collection: "default".into(),
+                key: "k".into()
+            }
+        );
+        assert_eq!(
+            parse(&words("del c k")).unwrap(),
+            Command::Del {
+                collection: "c".into(),
+                key: "k".into()
+            }
+        );
+        assert_eq!(parse(&words("stats")).unwrap(), Command::Stats);
+        for bad in [
+            "set k",
+            "get",
+            "get a b c",
+            "del",
+            "stats x",
+            "frobnicate",
+            "",
+        ] {
+            assert!(parse(&words(bad)).is_err(), "{bad:?}");
+        }
+    }
+}

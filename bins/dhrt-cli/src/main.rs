@@ -1,0 +1,167 @@
+//! `dhrt-cli`: one-shot commands (`dhrt-cli get users ada`) and, with no
+//! command, an interactive REPL. Exit codes: 0 found/ok, 1 not found,
+//! 2 error. The logic is in `dhrt-client`; this parses and prints.
+
+mod command;
+mod repl;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use dhrt_client::{Client, Error};
+use dhrt_proto::Reply;
+
+use crate::command::Command;
+
+/// The dhrt command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dhrt-cli",
+    version,
+    about = "The dhrt command line; with no command, a REPL"
+)]
+struct Args {
+    /// The node to talk to.
+    #[arg(long, env = "DHRT_ADDR", default_value = "127.0.0.1:7453")]
+    addr: String,
+    /// Print results (and errors) as JSON.
+    #[arg(long)]
+    json: bool,
+    /// set [collection] key value | get [collection] key | del [collection]
+    /// key | stats | help
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// How a command went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done,
+    NotFound,
+}
+
+impl Outcome {
+    fn exit_code(self) -> ExitCode {
+        match self {
+            Outcome::Done => ExitCode::SUCCESS,
+            Outcome::NotFound => ExitCode::from(1),
+        }
+    }
+}
+
+fn error_text(e: &Error, addr: &str) -> String {
+    match e {
+        Error::Connect { .. } => {
+            format!("{e} (is dhrtd running there? --addr or DHRT_ADDR names another node)")
+        }
+        Error::Disconnected(_) => format!("{e} (node {addr})"),
+        _ => e.to_string(),
+    }
+}
+
+/// Prints `message` as an error: a sentence on stderr, or JSON with --json.
+pub(crate) fn print_error(message: &str, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "Error": message }));
+    } else {
+        eprintln!("dhrt-cli: {message}");
+    }
+}
+
+/// Runs a command that talks to the node; prints its result to `out`.
+pub(crate) async fn execute(
+    client: &Client,
+    command: &Command,
+    json: bool,
+    out: &mut Vec<u8>,
+) -> Result<Outcome, Error> {
+    let Some(op) = command.op() else {
+        return Ok(Outcome::Done);
+    };
+    let reply = client.request(op).await?;
+    let kv = |key: &str, value: &[u8]| serde_json::json!({ "Key": key, "Value": String::from_utf8_lossy(value) });
+    let outcome = match (command, reply) {
+        (Command::Get { key, .. }, Reply::Value(Some(v))) => {
+            if json {
+                writeln!(out, "{}", kv(key, &v)).unwrap();
+            } else {
+                out.extend_from_slice(&v);
+                out.push(b'\n');
+            }
+            Outcome::Done
+        }
+        (Command::Get { .. } | Command::Del { .. }, Reply::Value(None) | Reply::Deleted(false)) => {
+            if json {
+                writeln!(out, "null").unwrap();
+            } else {
+                writeln!(out, "(nil)").unwrap();
+            }
+            Outcome::NotFound
+        }
+        (Command::Set { key, value, .. }, Reply::Stored) => {
+            if json {
+                writeln!(out, "{}", kv(key, value.as_bytes())).unwrap();
+            } else {
+                writeln!(out, "OK").unwrap();
+            }
+            Outcome::Done
+        }
+        (Command::Del { key, .. }, Reply::Deleted(true)) => {
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "Key": key })).unwrap();
+            } else {
+                writeln!(out, "OK").unwrap();
+            }
+            Outcome::Done
+        }
+        (Command::Stats, Reply::Stats(stats)) => {
+            writeln!(out, "{}", serde_json::to_string_pretty(&stats).unwrap()).unwrap();
+            Outcome::Done
+        }
+        (_, other) => return Err(Error::UnexpectedReply(format!("{other:?}"))),
+    };
+    Ok(outcome)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start the runtime");
+    if args.command.is_empty() {
+        return repl::run(&runtime, &args.addr, args.json);
+    }
+    let command = match command::parse(&args.command) {
+        Ok(c) => c,
+        Err(e) => {
+            print_error(&e, args.json);
+            return ExitCode::from(2);
+        }
+    };
+    match command {
+        Command::Help => {
+            println!("{}", command::HELP);
+            return ExitCode::SUCCESS;
+        }
+        Command::Quit => return ExitCode::SUCCESS,
+        _ => {}
+    }
+    let result = runtime.block_on(async {
+        let client = Client::connect(args.addr.as_str()).await?;
+        let mut out = Vec::new();
+        let outcome = execute(&client, &command, args.json, &mut out).await?;
+        Ok::<_, Error>((outcome, out))
+    });
+    match result {
+        Ok((outcome, out)) => {
+            let _ = std::io::stdout().write_all(&out);
+            outcome.exit_code()
+        }
+        Err(e) => {
+            print_error(&error_text(&e, &args.addr), args.json);
+            ExitCode::from(2)
+        }
+    }
+}

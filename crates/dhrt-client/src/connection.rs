@@ -1,0 +1,266 @@
+//! One connection: a writer task that batches pipelined requests into as
+//! few writes as it can, a reader task that hands each response to the
+//! caller waiting for its id.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, Bytes, BytesMut};
+use dhrt_proto::{
+    DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, Reply, Request, Response, decode_frame,
+    encode_frame, preamble,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+
+type Answer = oneshot::Sender<Result<Reply, Error>>;
+
+struct Call {
+    request: Request,
+    answer: Answer,
+}
+
+#[derive(Default)]
+struct Inflight {
+    waiting: HashMap<u64, Answer>,
+    /// Why the connection is gone, once it is.
+    closed: Option<String>,
+}
+
+/// A connection to a dhrt node. Clones share it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    calls: mpsc::Sender<Call>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Call({})", self.request.id)
+    }
+}
+
+fn unexpected(reply: Reply) -> Error {
+    Error::UnexpectedReply(format!("{reply:?}"))
+}
+
+impl Client {
+    /// Connects to the node at `addr` (e.g. `"127.0.0.1:7453"`).
+    pub async fn connect(addr: impl ToSocketAddrs + Display) -> Result<Client, Error> {
+        let connect_err = |source| Error::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        let stream = TcpStream::connect(&addr).await.map_err(connect_err)?;
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        write.write_all(&preamble()).await.map_err(connect_err)?;
+        let inflight = Arc::new(Mutex::new(Inflight::default()));
+        let (calls, queue) = mpsc::channel(4096);
+        tokio::spawn(writer(queue, write, inflight.clone()));
+        tokio::spawn(reader(read, inflight));
+        Ok(Client {
+            calls,
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Sends one operation and waits for its reply. Many calls may be in
+    /// flight at once on one connection.
+    pub async fn request(&self, op: Op) -> Result<Reply, Error> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (answer, reply) = oneshot::channel();
+        self.calls
+            .send(Call {
+                request: Request { id, op },
+                answer,
+            })
+            .await
+            .map_err(|_| Error::Disconnected("the connection is closed".into()))?;
+        reply
+            .await
+            .map_err(|_| Error::Disconnected("the connection closed before the answer".into()))?
+    }
+
+    /// Checks that the node answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match self.request(Op::Ping).await? {
+            Reply::Pong => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The value of `key` in `collection`, or `None`.
+    pub async fn get(
+        &self,
+        collection: &str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<Bytes>, Error> {
+        let op = Op::Get {
+            collection: collection.into(),
+            key: Bytes::copy_from_slice(key.as_ref()),
+        };
+        match self.request(op).await? {
+            Reply::Value(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets `key` in `collection` to `value`.
+    pub async fn set(
+        &self,
+        collection: &str,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+    ) -> Result<(), Error> {
+        let op = Op::Set {
+            collection: collection.into(),
+            key: Bytes::copy_from_slice(key.as_ref()),
+            value: value.into(),
+        };
+        match self.request(op).await? {
+            Reply::Stored => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, collection: &str, key: impl AsRef<[u8]>) -> Result<bool, Error> {
+        let op = Op::Delete {
+            collection: collection.into(),
+            key: Bytes::copy_from_slice(key.as_ref()),
+        };
+        match self.request(op).await? {
+            Reply::Deleted(existed) => Ok(existed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Up to `limit` entries of `collection` after the key `after`; pass the
+    /// page's `next` as `after` for the following page.
+    pub async fn list(
+        &self,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Page, Error> {
+        let op = Op::List {
+            collection: collection.into(),
+            after: after.map(Bytes::copy_from_slice),
+            limit,
+        };
+        match self.request(op).await? {
+            Reply::Page(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a whole collection; returns the keys it held.
+    pub async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, Error> {
+        match self
+            .request(Op::DropCollection {
+                collection: collection.into(),
+            })
+            .await?
+        {
+            Reply::Dropped(keys) => Ok(keys),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Node and cluster statistics.
+    pub async fn stats(&self) -> Result<NodeStats, Error> {
+        match self.request(Op::Stats).await? {
+            Reply::Stats(stats) => Ok(stats),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+async fn writer(
+    mut queue: mpsc::Receiver<Call>,
+    mut write: OwnedWriteHalf,
+    inflight: Arc<Mutex<Inflight>>,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queue.try_recv() {
+                Ok(call) => batch.push(call),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut state = inflight.lock().unwrap();
+            for Call { request, answer } in batch {
+                if let Some(reason) = &state.closed {
+                    let _ = answer.send(Err(Error::Disconnected(reason.clone())));
+                    continue;
+                }
+                match encode_frame(&request, &mut buf, DEFAULT_MAX_FRAME) {
+                    Ok(()) => {
+                        state.waiting.insert(request.id, answer);
+                    }
+                    Err(e) => {
+                        let _ = answer.send(Err(e.into()));
+                    }
+                }
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        if let Err(e) = write.write_all(&buf).await {
+            close(&inflight, format!("write failed: {e}"));
+            return;
+        }
+        buf.clear();
+    }
+}
+
+async fn reader(mut read: OwnedReadHalf, inflight: Arc<Mutex<Inflight>>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let reason = 'read: loop {
+        loop {
+            match decode_frame::<Response>(&buf, DEFAULT_MAX_FRAME) {
+                Ok(Decoded::Complete { msg, len }) => {
+                    buf.advance(len);
+                    let answer = inflight.lock().unwrap().waiting.remove(&msg.id);
+                    match answer {
+                        Some(a) => {
+                            let _ = a.send(msg.result.map_err(Error::from));
+                        }
+                        None => tracing::warn!(id = msg.id, "a response nobody waits for"),
+                    }
+                }
+                Ok(Decoded::Incomplete { needed }) => {
+                    buf.reserve(needed.max(16 * 1024));
+                    break;
+                }
+                Err(e) => break 'read format!("the node sent a bad frame: {e}"),
+            }
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) => break "the node closed the connection".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("read failed: {e}"),
+        }
+    };
+    close(&inflight, reason);
+}
+
+/// Marks the connection gone and fails every call still waiting.
+fn close(inflight: &Mutex<Inflight>, reason: String) {
+    let mut state = inflight.lock().unwrap();
+    for (_, answer) in state.waiting.drain() {
+        let _ = answer.send(Err(Error::Disconnected(reason.clone())));
+    }
+    state.closed.get_or_insert(reason);
+}
