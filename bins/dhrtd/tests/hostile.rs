@@ -1,0 +1,82 @@
+//! DESIGN §8 against a real node: hostile binary frames, idle and half-open
+//! connections by the thousand. Each gets an error or a closed connection,
+//! and the node keeps serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use dhrt_proto::{Decoded, ErrorKind, Response, decode_frame, preamble};
+
+use crate::dhrtd::Dhrtd;
+
+/// Sends `bytes` on a fresh connection; returns what came back before the
+/// node closed it (or the read timed out).
+fn poke(node: &Dhrtd, bytes: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let closed = s.read_to_end(&mut out).is_ok();
+    (out, closed)
+}
+
+#[test]
+fn hostile_binary_frames_are_refused_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--memory"]);
+    let with_preamble = |rest: &[u8]| [&preamble()[..], rest].concat();
+    // A length prefix of 4 GiB: closed at once.
+    let (_, closed) = poke(&node, &with_preamble(&u32::MAX.to_le_bytes()));
+    assert!(closed);
+    // A 20-byte frame claiming a string of 2^64-1 bytes: the node does not
+    // try to allocate it; the request's id is readable, so it answers that
+    // request with an error.
+    let mut hostile = vec![0, 0, 0, 0, 1, 2, 253];
+    hostile.extend_from_slice(&u64::MAX.to_le_bytes());
+    hostile.push(0);
+    hostile[0] = (hostile.len() - 4) as u8;
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&with_preamble(&hostile)).unwrap();
+    let mut buf = Vec::new();
+    let response = loop {
+        let mut chunk = [0u8; 1024];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Decoded::Complete { msg, .. } = decode_frame::<Response>(&buf, 1 << 20).unwrap() {
+            break msg;
+        }
+    };
+    assert_eq!(response.id, 1);
+    assert_eq!(response.result.unwrap_err().kind, ErrorKind::InvalidInput);
+    // An empty frame, a future protocol version, a truncated preamble.
+    assert!(poke(&node, &with_preamble(&[0, 0, 0, 0])).1);
+    let mut future = preamble();
+    future[4] = 99;
+    assert!(poke(&node, &future).1);
+    // The node still answers.
+    assert_eq!(node.http("POST", "/k/v", b"").0, 200);
+}
+
+#[test]
+fn thousands_of_idle_and_half_open_connections_do_not_stop_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--memory"]);
+    let mut idle = Vec::new();
+    for i in 0..1500 {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        match i % 3 {
+            0 => {}                                                  // says nothing
+            1 => s.write_all(b"GET / HTTP/1.1\r\nHost: x").unwrap(), // never ends its head
+            _ => s.write_all(&preamble()[..5]).unwrap(),             // half a preamble
+        }
+        idle.push(s);
+    }
+    for i in 0..20 {
+        assert_eq!(node.http("POST", &format!("/busy/k{i}/v"), b"").0, 200);
+    }
+    drop(idle);
+    assert!(node.stop("TERM").success());
+}
