@@ -36,7 +36,8 @@ struct Inflight {
 /// A connection to a dhrt node. Clones share it.
 #[derive(Clone, Debug)]
 pub struct Client {
-    calls: mpsc::Sender<Call>,
+    /// Batches of calls; a batch goes out in one write.
+    calls: mpsc::Sender<Vec<Call>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -74,15 +75,48 @@ impl Client {
     /// Sends one operation and waits for its reply. Many calls may be in
     /// flight at once on one connection.
     pub async fn request(&self, op: Op) -> Result<Reply, Error> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (answer, reply) = oneshot::channel();
-        self.calls
-            .send(Call {
-                request: Request { id, op },
+        let mut replies = self.send(vec![op]).await?;
+        Self::wait(replies.pop().expect("one reply per operation")).await
+    }
+
+    /// Sends `ops` together (one write, like a Redis pipeline) and waits for
+    /// all their replies, in order. Each operation succeeds or fails on its
+    /// own.
+    pub async fn pipeline(&self, ops: Vec<Op>) -> Result<Vec<Result<Reply, Error>>, Error> {
+        let replies = self.send(ops).await?;
+        let mut out = Vec::with_capacity(replies.len());
+        for reply in replies {
+            out.push(Self::wait(reply).await);
+        }
+        Ok(out)
+    }
+
+    async fn send(
+        &self,
+        ops: Vec<Op>,
+    ) -> Result<Vec<oneshot::Receiver<Result<Reply, Error>>>, Error> {
+        let first = self.next_id.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let mut calls = Vec::with_capacity(ops.len());
+        let mut replies = Vec::with_capacity(ops.len());
+        for (i, op) in ops.into_iter().enumerate() {
+            let (answer, reply) = oneshot::channel();
+            calls.push(Call {
+                request: Request {
+                    id: first + i as u64,
+                    op,
+                },
                 answer,
-            })
+            });
+            replies.push(reply);
+        }
+        self.calls
+            .send(calls)
             .await
             .map_err(|_| Error::Disconnected("the connection is closed".into()))?;
+        Ok(replies)
+    }
+
+    async fn wait(reply: oneshot::Receiver<Result<Reply, Error>>) -> Result<Reply, Error> {
         reply
             .await
             .map_err(|_| Error::Disconnected("the connection closed before the answer".into()))?
@@ -184,16 +218,16 @@ impl Client {
 }
 
 async fn writer(
-    mut queue: mpsc::Receiver<Call>,
+    mut queue: mpsc::Receiver<Vec<Call>>,
     mut write: OwnedWriteHalf,
     inflight: Arc<Mutex<Inflight>>,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
+    while let Some(mut batch) = queue.recv().await {
+        // Whatever else is queued goes out in the same write.
         while batch.len() < 1024 {
             match queue.try_recv() {
-                Ok(call) => batch.push(call),
+                Ok(more) => batch.extend(more),
                 Err(_) => break,
             }
         }

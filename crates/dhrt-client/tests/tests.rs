@@ -105,3 +105,33 @@ async fn errors_are_typed() {
         Err(Error::Connect { .. })
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_answers_each_operation_in_order() {
+    use dhrt_proto::{Op, Reply};
+    let client = Client::connect(node().await).await.unwrap();
+    let ops = vec![
+        Op::Set {
+            collection: "p".into(),
+            key: "a".into(),
+            value: "1".into(),
+        },
+        Op::Get {
+            collection: "p".into(),
+            key: "a".into(),
+        },
+        Op::Get {
+            collection: "../bad".into(),
+            key: "a".into(),
+        },
+        Op::Delete {
+            collection: "p".into(),
+            key: "a".into(),
+        },
+    ];
+    let replies = client.pipeline(ops).await.unwrap();
+    assert!(matches!(replies[0], Ok(Reply::Stored)));
+    assert!(matches!(&replies[1], Ok(Reply::Value(Some(v))) if v.as_ref() == b"1"));
+    assert!(matches!(replies[2], Err(Error::InvalidInput(_))));
+    assert!(matches!(replies[3], Ok(Reply::Deleted(true))));
+}

@@ -1,0 +1,235 @@
+//! `dhrt-bench`: load for a dhrt node over the binary protocol, with the
+//! flags and CSV columns of `redis-benchmark`, so the two can be run side by
+//! side:
+//!
+//! ```sh
+//! dhrt-bench      --addr 127.0.0.1:7453 -t set,get -n 100000 -c 50 -d 100 -r 100000 -P 16 --csv
+//! redis-benchmark -h 127.0.0.1 -p 6379  -t set,get -n 100000 -c 50 -d 100 -r 100000 -P 16 --csv
+//! ```
+//!
+//! `-c` connections each send `-P` requests in one write and wait for all
+//! their answers before sending more (redis-benchmark's pipelining); keys
+//! are `key:NNNNNNNNNNNN` with a random number below `-r` (or
+//! `key:__rand_int__` without `-r`), values `-d` bytes. Latency is per
+//! request, from the write to the answer of its batch.
+
+mod stats;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use dhrt_client::Client;
+use dhrt_proto::Op;
+
+use crate::stats::Summary;
+
+/// Load generator for dhrt (redis-benchmark's flags).
+#[derive(Debug, Parser)]
+#[command(name = "dhrt-bench", version, disable_help_flag = true)]
+struct Args {
+    /// The node.
+    #[arg(long, env = "DHRT_ADDR", default_value = "127.0.0.1:7453")]
+    addr: String,
+    /// Tests to run, comma-separated: set, get.
+    #[arg(short = 't', default_value = "set,get")]
+    tests: String,
+    /// Total requests per test.
+    #[arg(short = 'n', default_value_t = 100_000)]
+    requests: u64,
+    /// Parallel connections.
+    #[arg(short = 'c', default_value_t = 50)]
+    clients: u64,
+    /// Value size in bytes.
+    #[arg(short = 'd', default_value_t = 3)]
+    data_size: usize,
+    /// Random keys below this number (0: one fixed key).
+    #[arg(short = 'r', default_value_t = 0)]
+    keyspace: u64,
+    /// Requests in flight per connection.
+    #[arg(short = 'P', default_value_t = 1)]
+    pipeline: u64,
+    /// The collection to use.
+    #[arg(long, default_value = "bench")]
+    collection: String,
+    /// Print CSV like redis-benchmark --csv.
+    #[arg(long)]
+    csv: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Test {
+    Set,
+    Get,
+}
+
+impl Test {
+    fn name(self) -> &'static str {
+        match self {
+            Test::Set => "SET",
+            Test::Get => "GET",
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Runs one test; returns every request's latency in microseconds and the
+/// wall time.
+async fn run(
+    args: &Args,
+    test: Test,
+    clients: &[Client],
+) -> Result<(Vec<u32>, Duration), dhrt_client::Error> {
+    let issued = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let value = Bytes::from(vec![b'x'; args.data_size]);
+    let started = Instant::now();
+    let progress = (!args.csv).then(|| {
+        let done = done.clone();
+        let total = args.requests;
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let n = done.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let rps = (n - last.1) as f64 / (now - last.0).as_secs_f64();
+                eprint!("\r{}: rps={rps:.1} ({n}/{total})          ", test.name());
+                last = (now, n);
+            }
+        })
+    });
+    let mut tasks = Vec::new();
+    for (c, client) in clients.iter().enumerate() {
+        let (client, issued, done, value) =
+            (client.clone(), issued.clone(), done.clone(), value.clone());
+        let (collection, keyspace, total, depth) = (
+            args.collection.clone(),
+            args.keyspace,
+            args.requests,
+            args.pipeline.max(1),
+        );
+        let mut rng = splitmix(c as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                // Claim up to `depth` of the remaining requests and send them
+                // in one write, as redis-benchmark -P does.
+                let start = issued.fetch_add(depth, Ordering::Relaxed);
+                if start >= total {
+                    break;
+                }
+                let n = depth.min(total - start);
+                let ops: Vec<Op> = (0..n)
+                    .map(|_| {
+                        let key = if keyspace == 0 {
+                            Bytes::from_static(b"key:__rand_int__")
+                        } else {
+                            rng = splitmix(rng);
+                            Bytes::from(format!("key:{:012}", rng % keyspace))
+                        };
+                        match test {
+                            Test::Set => Op::Set {
+                                collection: collection.clone(),
+                                key,
+                                value: value.clone(),
+                            },
+                            Test::Get => Op::Get {
+                                collection: collection.clone(),
+                                key,
+                            },
+                        }
+                    })
+                    .collect();
+                let t = Instant::now();
+                for reply in client.pipeline(ops).await? {
+                    reply?;
+                }
+                let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                latencies.extend(std::iter::repeat_n(us, n as usize));
+                done.fetch_add(n, Ordering::Relaxed);
+            }
+            Ok::<_, dhrt_client::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::with_capacity(args.requests as usize);
+    for t in tasks {
+        all.extend(t.await.expect("a load task panicked")?);
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r{:60}\r", "");
+    }
+    Ok((all, elapsed))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let tests: Vec<Test> = match args
+        .tests
+        .split(',')
+        .map(|t| match t.trim().to_ascii_lowercase().as_str() {
+            "set" => Ok(Test::Set),
+            "get" => Ok(Test::Get),
+            other => Err(format!("unknown test {other:?} (known: set, get)")),
+        })
+        .collect()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("dhrt-bench: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..args.clients.max(1) {
+            clients.push(Client::connect(args.addr.as_str()).await?);
+        }
+        if args.csv {
+            println!(r#""test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms""#);
+        }
+        for test in tests {
+            let (latencies, elapsed) = run(&args, test, &clients).await?;
+            let s = Summary::of(latencies, elapsed);
+            if args.csv {
+                println!("{}", s.csv_row(test.name()));
+            } else {
+                println!("{}", s.report(test.name(), &args_line(&args)));
+            }
+            let _ = std::io::stdout().flush();
+        }
+        Ok::<_, dhrt_client::Error>(())
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dhrt-bench: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn args_line(a: &Args) -> String {
+    format!(
+        "{} requests, {} connections, {} in flight each, {}-byte values, keyspace {}",
+        a.requests, a.clients, a.pipeline, a.data_size, a.keyspace
+    )
+}
