@@ -102,6 +102,20 @@ impl Operations for Node {
         self.write(move |s| s.set(&c, &k, &value)).await
     }
 
+    async fn set_many(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+    ) -> Result<(), OpError> {
+        user_collection(collection)?;
+        let c = collection.to_string();
+        self.write(move |s| {
+            let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            s.set_many(&c, &refs)
+        })
+        .await
+    }
+
     async fn delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
         user_collection(collection)?;
         let (c, k) = (collection.to_string(), key.to_vec());

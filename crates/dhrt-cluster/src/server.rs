@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use dhrt_proto::{
-    DEFAULT_MAX_FRAME, Decoded, ErrorKind, OpError, Operations, PREAMBLE_LEN, Preamble, Request,
-    Response, dispatch, encode_frame, frame_bounds, read_preamble, request_id,
+    DEFAULT_MAX_FRAME, Decoded, ErrorKind, Op, OpError, Operations, PREAMBLE_LEN, Preamble, Reply,
+    Request, Response, dispatch, encode_frame, frame_bounds, read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -95,9 +95,11 @@ where
     tokio::pin!(shutdown);
     let mut out = Vec::with_capacity(16 * 1024);
     loop {
-        // Answer every complete request in the buffer, then write once.
+        // Take every complete request in the buffer, answer them all, then
+        // write once.
         let mut needed = 1;
         let mut broken = None;
+        let mut batch: Vec<Result<Request, Response>> = Vec::new();
         loop {
             let (range, len) = match frame_bounds(&buf, limits.max_frame) {
                 Ok(Decoded::Complete { msg, len }) => (msg, len),
@@ -111,26 +113,25 @@ where
                 }
             };
             let payload = &buf[range];
-            let response = match dhrt_proto::decode::<Request>(payload) {
-                Ok(request) => Response {
-                    id: request.id,
-                    result: dispatch(&*ops, request.op).await,
-                },
+            match dhrt_proto::decode::<Request>(payload) {
+                Ok(request) => batch.push(Ok(request)),
                 Err(e) => match request_id(payload) {
-                    Some(id) => Response {
+                    Some(id) => batch.push(Err(Response {
                         id,
                         result: Err(OpError::new(
                             ErrorKind::InvalidInput,
                             format!("unreadable request: {e}"),
                         )),
-                    },
+                    })),
                     None => {
                         broken = Some(format!("unreadable request without an id: {e}"));
                         break;
                     }
                 },
-            };
+            }
             buf.advance(len);
+        }
+        for response in answer(&*ops, batch).await {
             if let Err(e) = encode_frame(&response, &mut out, limits.max_frame) {
                 let too_large = Response {
                     id: response.id,
@@ -160,4 +161,73 @@ where
             }
         }
     }
+}
+
+/// Answers a batch of requests in order. Consecutive sets to one collection
+/// go to [`Operations::set_many`] together (one lock, one write to the log);
+/// if that fails, they are retried one by one so each gets its own answer.
+async fn answer<O: Operations>(ops: &O, batch: Vec<Result<Request, Response>>) -> Vec<Response> {
+    let mut responses = Vec::with_capacity(batch.len());
+    let mut items = batch.into_iter().peekable();
+    while let Some(item) = items.next() {
+        let request = match item {
+            Ok(r) => r,
+            Err(response) => {
+                responses.push(response);
+                continue;
+            }
+        };
+        let Op::Set {
+            collection,
+            key,
+            value,
+        } = request.op
+        else {
+            responses.push(Response {
+                id: request.id,
+                result: dispatch(ops, request.op).await,
+            });
+            continue;
+        };
+        let mut run = vec![(request.id, key, value)];
+        while let Some(Ok(Request {
+            op: Op::Set { collection: c, .. },
+            ..
+        })) = items.peek()
+        {
+            if *c != collection {
+                break;
+            }
+            let Some(Ok(Request {
+                id,
+                op: Op::Set { key, value, .. },
+            })) = items.next()
+            else {
+                unreachable!("peeked a set");
+            };
+            run.push((id, key, value));
+        }
+        if run.len() > 1 {
+            let entries = run.iter().map(|(_, k, v)| (k.clone(), v.clone())).collect();
+            if ops.set_many(&collection, entries).await.is_ok() {
+                responses.extend(run.into_iter().map(|(id, ..)| Response {
+                    id,
+                    result: Ok(Reply::Stored),
+                }));
+                continue;
+            }
+        }
+        for (id, key, value) in run {
+            let op = Op::Set {
+                collection: collection.clone(),
+                key,
+                value,
+            };
+            responses.push(Response {
+                id,
+                result: dispatch(ops, op).await,
+            });
+        }
+    }
+    responses
 }

@@ -144,3 +144,54 @@ async fn protocol_violations_and_idle_clients_are_disconnected() {
     drop(client);
     assert_eq!(task.await.unwrap().unwrap(), Closed::ByClient);
 }
+
+#[tokio::test]
+async fn a_run_of_sets_is_written_together_and_a_bad_one_fails_alone() {
+    let (mut client, _task) = start();
+    let set = |id: u64, c: &str, k: &str| Request {
+        id,
+        op: Op::Set {
+            collection: c.into(),
+            key: Bytes::copy_from_slice(k.as_bytes()),
+            value: Bytes::from_static(b"v"),
+        },
+    };
+    let mut wire = preamble().to_vec();
+    for r in [
+        set(1, "a", "k1"),
+        set(2, "a", "k2"),
+        set(3, "a", ""),
+        set(4, "a", "k4"),
+        set(5, "b", "k5"),
+        set(6, "b", "k6"),
+    ] {
+        encode_frame(&r, &mut wire, 1 << 20).unwrap();
+    }
+    encode_frame(
+        &Request {
+            id: 7,
+            op: Op::Get {
+                collection: "a".into(),
+                key: Bytes::from_static(b"k4"),
+            },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    let responses = read_responses(&mut client, 7).await;
+    let ids: Vec<u64> = responses.iter().map(|r| r.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6, 7]);
+    for r in &responses[..6] {
+        if r.id == 3 {
+            assert_eq!(r.result.as_ref().unwrap_err().kind, ErrorKind::InvalidInput);
+        } else {
+            assert_eq!(r.result, Ok(Reply::Stored), "{r:?}");
+        }
+    }
+    assert_eq!(
+        responses[6].result,
+        Ok(Reply::Value(Some(Bytes::from_static(b"v"))))
+    );
+}

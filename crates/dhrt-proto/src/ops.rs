@@ -29,6 +29,23 @@ pub trait Operations: Send + Sync + 'static {
         value: Bytes,
     ) -> impl Future<Output = Result<(), OpError>> + Send;
 
+    /// Sets many keys of one collection. Implementations should check every
+    /// entry first and write all or none, in one go where they can (the
+    /// binary-protocol server hands a pipeline's consecutive sets here).
+    /// The default sets them one by one and stops at the first error.
+    fn set_many(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+    ) -> impl Future<Output = Result<(), OpError>> + Send {
+        async move {
+            for (key, value) in entries {
+                self.set(collection, &key, value).await?;
+            }
+            Ok(())
+        }
+    }
+
     /// Deletes `key`; returns whether it existed.
     fn delete(
         &self,

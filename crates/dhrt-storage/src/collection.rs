@@ -501,6 +501,45 @@ impl Collection {
         })
     }
 
+    /// Sets many keys with local versions under one lock and one `pwrite`
+    /// (and, with `SyncMode::Always`, one fsync). Callers validated every
+    /// entry, so either all are written or, on an I/O error, none.
+    pub(crate) fn write_many(
+        &self,
+        entries: &[(&[u8], &[u8])],
+        clock: &Clock,
+        sync: SyncMode,
+    ) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        let generation = self.current.load();
+        self.check_poison(&generation.log)?;
+        let Writer { buf, state } = &mut *w;
+        buf.clear();
+        let mut starts = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            starts.push(buf.len());
+            record::encode(buf, Kind::Set, key, value, clock.now());
+        }
+        let offset = self.append(&generation.log, buf)?;
+        let end = offset + buf.len() as u64;
+        let map = generation.log.map();
+        for (start, (key, _)) in starts.into_iter().zip(entries) {
+            let header = record::peek_header(&buf[start..]);
+            apply_record(
+                &generation.index,
+                state,
+                &map,
+                &header,
+                key,
+                offset + start as u64,
+                None,
+            )
+            .expect("local versions are newer than everything");
+        }
+        drop(w);
+        self.durable(&generation.log, end, sync)
+    }
+
     /// Drops every key older than the drop's version; returns the live keys
     /// removed, or `None` if a newer drop was already there.
     pub(crate) fn drop_keys(

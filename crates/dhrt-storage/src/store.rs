@@ -310,6 +310,30 @@ impl Store {
         .map(|_| ())
     }
 
+    /// Sets many keys of `collection` at once: one lock, one write to the
+    /// log and (with `SyncMode::Always`) one fsync for all of them. Every
+    /// entry is checked first; if one is invalid, nothing is written.
+    pub fn set_many(&self, collection: &str, entries: &[(&[u8], &[u8])]) -> Result<()> {
+        let max = self.inner.options.max_value_len.min(u32::MAX as usize);
+        for (key, value) in entries {
+            check_key(key)?;
+            if value.len() > max {
+                return Err(Error::ValueTooLarge {
+                    len: value.len(),
+                    max,
+                });
+            }
+        }
+        if entries.is_empty() {
+            return validate_collection_name(collection);
+        }
+        self.existing_or_create(collection)?.write_many(
+            entries,
+            &self.inner.clock,
+            self.inner.options.sync,
+        )
+    }
+
     /// Like [`set`](Self::set), returning the version written.
     pub fn set_versioned(&self, collection: &str, key: &[u8], value: &[u8]) -> Result<Version> {
         match self.write(

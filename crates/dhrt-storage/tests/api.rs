@@ -436,3 +436,51 @@ fn hash_order_listing_pages_see_every_key_across_reshards() {
     assert!(store.stats().collections[0].index_shards > 1);
     assert_eq!(store.list("missing", None, true).unwrap().count(), 0);
 }
+
+#[test]
+fn set_many_writes_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in both_modes(
+        dir.path(),
+        Options {
+            max_value_len: 10,
+            ..quiet_options()
+        },
+    ) {
+        store.set("m", b"a", b"old").unwrap();
+        let entries: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b"b", b"2"), (b"c", b"3")];
+        store.set_many("m", &entries).unwrap();
+        for (k, v) in &entries {
+            assert_eq!(store.get("m", k).unwrap().as_deref(), Some(*v));
+        }
+        assert_eq!(
+            store
+                .stats()
+                .collections
+                .iter()
+                .find(|c| c.name == "m")
+                .unwrap()
+                .keys,
+            3
+        );
+        // One bad entry: nothing is written.
+        let bad: Vec<(&[u8], &[u8])> = vec![(b"d", b"4"), (b"", b"5")];
+        assert!(matches!(
+            store.set_many("m", &bad),
+            Err(Error::InvalidKey { .. })
+        ));
+        let big: Vec<(&[u8], &[u8])> = vec![(b"d", b"4"), (b"e", &[0; 11])];
+        assert!(matches!(
+            store.set_many("m", &big),
+            Err(Error::ValueTooLarge { .. })
+        ));
+        assert_eq!(store.get("m", b"d").unwrap(), None);
+        assert!(matches!(
+            store.set_many("../m", &entries),
+            Err(Error::InvalidCollection { .. })
+        ));
+    }
+    // And it survives a reopen like any write.
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.get("m", b"c").unwrap().as_deref(), Some(&b"3"[..]));
+}
