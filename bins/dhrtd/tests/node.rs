@@ -34,6 +34,17 @@ fn http_and_binary_on_one_port_and_data_survives_a_restart() {
         json_of(&node.http("GET", "/files/a%2Fb", b"").1),
         json!({"Key": "a/b", "Value": "body value"})
     );
+    let (status, metrics) = node.http("GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    for want in [
+        r#"dhrt_requests_total{op="set",outcome="ok"} 3"#,
+        r#"dhrt_requests_total{op="get",outcome="ok"} 2"#,
+        r#"dhrt_collection_keys{collection="users"} 1"#,
+        r#"dhrt_request_duration_seconds_bucket{op="set",outcome="ok",le="+Inf"} 3"#,
+        "dhrt_build_info{",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from:\n{metrics}");
+    }
     let stats = json_of(&node.http("GET", "/", b"").1);
     assert_eq!(stats["node"]["mode"], "persisted");
     assert_eq!(stats["members"][0]["state"], "healthy");

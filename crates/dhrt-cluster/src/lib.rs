@@ -4,6 +4,7 @@
 //! anti-entropy, join handoff and placement join here next (see
 //! docs/ARCHITECTURE.md).
 
+mod metrics;
 mod node;
 mod server;
 

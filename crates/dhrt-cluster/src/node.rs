@@ -1,6 +1,7 @@
 //! The node facade: the [`Operations`] a client sees, over the local store.
 //! (Replication to peers and fan-out reads join here with the cluster.)
 
+use std::fmt::Write;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -9,6 +10,8 @@ use dhrt_proto::{
     Operations, Page,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode};
+
+use crate::metrics::{Metrics, OpKind, Outcome};
 
 /// Who this node is.
 #[derive(Debug, Clone)]
@@ -27,6 +30,7 @@ pub struct Node {
     store: Store,
     identity: Identity,
     started: Instant,
+    metrics: Metrics,
 }
 
 /// The storage error as an operation error: the kind decides the HTTP
@@ -64,6 +68,7 @@ impl Node {
             store,
             identity,
             started: Instant::now(),
+            metrics: Metrics::default(),
         }
     }
 
@@ -90,19 +95,20 @@ impl Node {
     }
 }
 
-impl Operations for Node {
-    async fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
+/// The operations themselves; the `Operations` impl below measures them.
+impl Node {
+    async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         user_collection(collection)?;
         self.store.get(collection, key).map_err(op_error)
     }
 
-    async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
+    async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
         user_collection(collection)?;
         let (c, k) = (collection.to_string(), key.to_vec());
         self.write(move |s| s.set(&c, &k, &value)).await
     }
 
-    async fn set_many(
+    async fn op_set_many(
         &self,
         collection: &str,
         entries: Vec<(Bytes, Bytes)>,
@@ -116,13 +122,13 @@ impl Operations for Node {
         .await
     }
 
-    async fn delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
+    async fn op_delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
         user_collection(collection)?;
         let (c, k) = (collection.to_string(), key.to_vec());
         self.write(move |s| s.delete(&c, &k)).await
     }
 
-    async fn list(
+    async fn op_list(
         &self,
         collection: &str,
         after: Option<&[u8]>,
@@ -149,18 +155,18 @@ impl Operations for Node {
         Ok(Page { entries, next })
     }
 
-    fn has_collection(&self, name: &str) -> bool {
+    fn op_has_collection(&self, name: &str) -> bool {
         !name.starts_with('_') && self.store.collections().iter().any(|c| c == name)
     }
 
-    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+    async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
         user_collection(collection)?;
         let c = collection.to_string();
         let keys = self.write(move |s| s.drop_collection(&c)).await?;
         Ok(keys.into_iter().map(Bytes::from).collect())
     }
 
-    async fn stats(&self) -> NodeStats {
+    async fn op_stats(&self) -> NodeStats {
         let stats = self.store.stats();
         let id = format!("{:016x}", self.identity.id);
         NodeStats {
@@ -194,5 +200,133 @@ impl Operations for Node {
                 state: MemberState::Healthy,
             }],
         }
+    }
+}
+
+/// The outcome label of a result.
+fn outcome<T>(r: &Result<T, OpError>, found: impl FnOnce(&T) -> bool) -> Outcome {
+    match r {
+        Ok(v) if found(v) => Outcome::Ok,
+        Ok(_) => Outcome::Miss,
+        Err(_) => Outcome::Error,
+    }
+}
+
+impl Operations for Node {
+    async fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
+        let t = Instant::now();
+        let r = self.op_get(collection, key).await;
+        self.metrics
+            .record(OpKind::Get, outcome(&r, Option::is_some), t.elapsed(), 1);
+        r
+    }
+
+    async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
+        let t = Instant::now();
+        let r = self.op_set(collection, key, value).await;
+        self.metrics
+            .record(OpKind::Set, outcome(&r, |_| true), t.elapsed(), 1);
+        r
+    }
+
+    async fn set_many(
+        &self,
+        collection: &str,
+        entries: Vec<(Bytes, Bytes)>,
+    ) -> Result<(), OpError> {
+        let t = Instant::now();
+        let n = entries.len() as u64;
+        let r = self.op_set_many(collection, entries).await;
+        // A failed batch is retried one by one by the server, and counted there.
+        if r.is_ok() {
+            self.metrics
+                .record(OpKind::Set, Outcome::Ok, t.elapsed(), n);
+        }
+        r
+    }
+
+    async fn delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
+        let t = Instant::now();
+        let r = self.op_delete(collection, key).await;
+        self.metrics.record(
+            OpKind::Delete,
+            outcome(&r, |existed| *existed),
+            t.elapsed(),
+            1,
+        );
+        r
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Page, OpError> {
+        let t = Instant::now();
+        let r = self.op_list(collection, after, limit).await;
+        self.metrics
+            .record(OpKind::List, outcome(&r, |_| true), t.elapsed(), 1);
+        r
+    }
+
+    fn has_collection(&self, name: &str) -> bool {
+        self.op_has_collection(name)
+    }
+
+    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+        let t = Instant::now();
+        let r = self.op_drop_collection(collection).await;
+        self.metrics
+            .record(OpKind::Drop, outcome(&r, |_| true), t.elapsed(), 1);
+        r
+    }
+
+    async fn stats(&self) -> NodeStats {
+        self.op_stats().await
+    }
+
+    async fn metrics(&self) -> String {
+        let mut out = String::new();
+        self.metrics.render(&mut out);
+        let stats = self.store.stats();
+        let user = || {
+            stats
+                .collections
+                .iter()
+                .filter(|c| !c.name.starts_with('_'))
+        };
+        out.push_str("# HELP dhrt_collection_keys Live keys per collection.\n");
+        out.push_str("# TYPE dhrt_collection_keys gauge\n");
+        for c in user() {
+            let _ = writeln!(
+                out,
+                "dhrt_collection_keys{{collection=\"{}\"}} {}",
+                c.name, c.keys
+            );
+        }
+        out.push_str("# HELP dhrt_collection_bytes Log bytes per collection.\n");
+        out.push_str("# TYPE dhrt_collection_bytes gauge\n");
+        for c in user() {
+            let _ = writeln!(
+                out,
+                "dhrt_collection_bytes{{collection=\"{}\"}} {}",
+                c.name, c.bytes
+            );
+        }
+        out.push_str("# HELP dhrt_build_info The running build.\n# TYPE dhrt_build_info gauge\n");
+        let _ = writeln!(
+            out,
+            "dhrt_build_info{{version=\"{}\",mode=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            stats.mode
+        );
+        out.push_str("# HELP dhrt_uptime_seconds Seconds since the node started.\n# TYPE dhrt_uptime_seconds gauge\n");
+        let _ = writeln!(
+            out,
+            "dhrt_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
+        out
     }
 }

@@ -15,6 +15,9 @@ pub const DEFAULT_COLLECTION: &str = "default";
 pub enum Endpoint {
     /// `GET /`: node and cluster statistics.
     Stats,
+    /// `GET /metrics`: Prometheus metrics. (The key `metrics` of `default`
+    /// is `/default/metrics`.)
+    Metrics,
     /// `GET /:x`: the collection `x` if it exists, else the key `x` of
     /// `default`.
     KeyOrCollection {
@@ -129,6 +132,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoin
     let default = || DEFAULT_COLLECTION.to_string();
     let endpoint = match (method, segments.as_slice()) {
         (&Method::GET, []) => Endpoint::Stats,
+        (&Method::GET, ["metrics"]) => Endpoint::Metrics,
         (&Method::GET, [x]) => Endpoint::KeyOrCollection {
             name: decode(x),
             list: list_params(query)?,
@@ -189,6 +193,7 @@ mod tests {
     #[test]
     fn the_routes_of_the_design() {
         assert_eq!(ok(Method::GET, "/"), Endpoint::Stats);
+        assert_eq!(ok(Method::GET, "/metrics"), Endpoint::Metrics);
         assert_eq!(
             ok(Method::GET, "/users"),
             Endpoint::KeyOrCollection {

@@ -136,6 +136,11 @@ impl<O: Operations> Api<O> {
             Endpoint::Stats => Ok(json(
                 serde_json::to_vec(&ops.stats().await).expect("stats serialize"),
             )),
+            Endpoint::Metrics => Ok(response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                ops.metrics().await,
+            )),
             Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
                 Some(c) if ops.has_collection(c) => self.clone().list(c.to_string(), list).await,
                 _ => self.get(DEFAULT_COLLECTION, &name, raw).await,

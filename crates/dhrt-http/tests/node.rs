@@ -36,6 +36,12 @@ fn check(collection: &str, key: &[u8]) -> Result<(), OpError> {
     Ok(())
 }
 
+impl MapNode {
+    fn map_len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+}
+
 fn k(collection: &str, key: &[u8]) -> (String, Bytes) {
     (collection.to_string(), Bytes::copy_from_slice(key))
 }
@@ -117,6 +123,10 @@ impl Operations for MapNode {
             map.remove(key);
         }
         Ok(keys.into_iter().map(|(_, key)| key).collect())
+    }
+
+    async fn metrics(&self) -> String {
+        format!("map_entries {}\n", self.map_len())
     }
 
     async fn stats(&self) -> NodeStats {

@@ -243,6 +243,15 @@ async fn put_takes_the_value_from_the_body_and_binary_values_survive() {
 }
 
 #[tokio::test]
+async fn metrics_come_from_the_node_as_prometheus_text() {
+    let api = api();
+    ok_json(&api, Method::POST, "/c/k/v", b"").await;
+    let (status, body) = call(&api, Method::GET, "/metrics", b"").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"map_entries 1\n");
+}
+
+#[tokio::test]
 async fn stats_have_the_documented_shape() {
     let api = api();
     ok_json(&api, Method::POST, "/c/k/v", b"").await;

@@ -73,6 +73,9 @@ pub trait Operations: Send + Sync + 'static {
 
     /// Node and cluster statistics.
     fn stats(&self) -> impl Future<Output = NodeStats> + Send;
+
+    /// Metrics in the Prometheus text exposition format (`GET /metrics`).
+    fn metrics(&self) -> impl Future<Output = String> + Send;
 }
 
 /// Runs one protocol operation against `ops`.

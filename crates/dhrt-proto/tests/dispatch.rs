@@ -76,6 +76,10 @@ impl Operations for MapNode {
         }
         Ok(keys.into_iter().map(|(_, k)| k).collect())
     }
+    async fn metrics(&self) -> String {
+        format!("map_entries {}\n", self.map_len())
+    }
+
     async fn stats(&self) -> NodeStats {
         NodeStats {
             node: NodeInfo {
@@ -90,6 +94,12 @@ impl Operations for MapNode {
             collections: Vec::new(),
             members: Vec::<MemberInfo>::new(),
         }
+    }
+}
+
+impl MapNode {
+    fn map_len(&self) -> usize {
+        self.0.lock().unwrap().len()
     }
 }
 
