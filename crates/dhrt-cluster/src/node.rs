@@ -156,7 +156,7 @@ impl Node {
     }
 
     fn op_has_collection(&self, name: &str) -> bool {
-        !name.starts_with('_') && self.store.collections().iter().any(|c| c == name)
+        !name.starts_with('_') && self.store.has_keys(name)
     }
 
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {

@@ -434,6 +434,16 @@ impl Store {
         Ok(Listing::new(self.existing(collection)?, after, live_only))
     }
 
+    /// Whether `collection` holds at least one live key (an invalid name
+    /// holds none).
+    pub fn has_keys(&self, collection: &str) -> bool {
+        self.inner
+            .collections
+            .load()
+            .get(collection)
+            .is_some_and(|c| c.state().live_keys > 0)
+    }
+
     /// Names of the collections holding at least one live key, sorted.
     pub fn collections(&self) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -63,6 +63,8 @@ fn reopen_serves_the_same_data() {
         Some(&b"one"[..])
     );
     assert_eq!(store.collections(), vec!["a".to_string(), "b".to_string()]);
+    assert!(store.has_keys("a") && store.has_keys("b"));
+    assert!(!store.has_keys("c") && !store.has_keys("../a"));
     let a = store
         .stats()
         .collections
