@@ -27,3 +27,23 @@ bench-storage n="1000000":
 # Criterion micro-benchmarks of the storage engine.
 bench-criterion:
     cargo bench -p dhrt-storage-bench
+
+# The command line (e.g. `just cli get users ada`); no arguments: the REPL.
+cli *args:
+    cargo run -q --release -p dhrt-cli -- {{args}}
+
+# Load a running node like redis-benchmark (e.g. `just load -P 16`).
+load *args:
+    cargo run -q --release -p dhrt-bench -- -t set,get -n 100000 -c 50 -d 100 -r 100000 {{args}}
+
+# dhrtd against Redis 7, side by side (needs redis-server, redis-tools).
+bench-redis:
+    bash benches/node-vs-redis.sh
+
+# dhrtd's HTTP against a bare hyper server (needs wrk).
+bench-http:
+    bash benches/http-vs-hyper.sh
+
+# Fuzz the protocol decoder for a minute (needs nightly and cargo-fuzz).
+fuzz seconds="60":
+    cd fuzz && cargo +nightly fuzz run decode_frame -- -max_total_time={{seconds}}

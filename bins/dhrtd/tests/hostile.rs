@@ -80,3 +80,41 @@ fn thousands_of_idle_and_half_open_connections_do_not_stop_the_node() {
     drop(idle);
     assert!(node.stop("TERM").success());
 }
+
+#[test]
+fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--memory", "--max-connections", "4"]);
+    // Dhrtd::start's readiness probe may still hold a slot for a moment.
+    std::thread::sleep(Duration::from_millis(100));
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(node.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // The fifth is accepted and closed at once: end of stream or a reset,
+    // never an answer, never a hang.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out)),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the refused connection hung: {e}"
+        ),
+    }
+    drop(held);
+    // Slots free up as connections close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while node.http("GET", "/", b"").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slots never came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
