@@ -28,9 +28,12 @@ struct Args {
     /// Print results (and errors) as JSON.
     #[arg(long)]
     json: bool,
-    /// set [collection] key value | get [collection] key | del [collection]
-    /// key | stats | help
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND",
+        help = "set [collection] key value | get [collection] key | del [collection] key | stats | help; none starts the REPL"
+    )]
     command: Vec<String>,
 }
 
