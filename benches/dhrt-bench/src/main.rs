@@ -58,6 +58,10 @@ struct Args {
     /// Print CSV like redis-benchmark --csv.
     #[arg(long)]
     csv: bool,
+    /// Client threads (like redis-benchmark --threads; it, too, uses one by
+    /// default).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
@@ -194,10 +198,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("runtime");
     let result = runtime.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..args.clients.max(1) {
