@@ -1,3 +1,9 @@
-//! Workspace-level tests, one binary: the allowed edges between crates.
+//! Workspace-level tests, one binary: the allowed edges between crates, and
+//! end-to-end tests that run the real `dhrtd` and `dhrt-cli` binaries.
 
 mod architecture;
+mod cli;
+mod crash;
+mod dhrtd;
+mod hostile;
+mod node;

@@ -1,14 +1,74 @@
-//! Starting and talking to real `dhrtd` processes.
+//! Starting and talking to real `dhrtd` processes, and finding the
+//! workspace's binaries.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
-/// The `dhrtd` binary cargo built for these tests.
+/// A binary of the workspace, from the target directory this test binary
+/// runs in. `cargo test --workspace` (the README's test command) builds
+/// every binary before it runs any test; run alone, this package does not,
+/// so a missing binary, or one older than the sources it is built from, is
+/// an error that says what to run.
+pub(crate) fn workspace_binary(name: &str, sources: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join(name);
+    let hint = format!("run `cargo test --workspace`, or `cargo build -p {name}` first");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: {hint}", bin.display()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for source in sources {
+        if let Some(newer) = newest(&root.join(source)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: {hint}",
+                bin.display(),
+                newer.1.display()
+            );
+        }
+    }
+    bin
+}
+
+/// The most recently modified file under `dir`.
+fn newest(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut best: Option<(SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest(&path)
+        } else {
+            entry.metadata().ok()?.modified().ok().map(|t| (t, path))
+        };
+        if let Some(c) = candidate
+            && best.as_ref().is_none_or(|b| c.0 > b.0)
+        {
+            best = Some(c);
+        }
+    }
+    best
+}
+
+/// The sources `dhrtd` is built from.
+const DHRTD_SOURCES: [&str; 5] = [
+    "bins/dhrtd/src",
+    "crates/dhrt-cluster/src",
+    "crates/dhrt-http/src",
+    "crates/dhrt-proto/src",
+    "crates/dhrt-storage/src",
+];
+
+/// The `dhrtd` binary.
 fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_dhrtd"))
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| workspace_binary("dhrtd", &DHRTD_SOURCES))
 }
 
 /// A free loopback port (the listener is dropped; another test could grab
