@@ -144,16 +144,27 @@ impl Dhrtd {
 
     /// One HTTP request on its own connection: the status and the body.
     pub(crate) fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        let mut s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        self.try_http(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Like [`http`](Self::http), with connection errors returned.
+    pub(crate) fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(self.addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: dhrt\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
+        s.write_all(head.as_bytes())?;
+        s.write_all(body)?;
         let mut out = Vec::new();
-        s.read_to_end(&mut out).unwrap();
+        s.read_to_end(&mut out)?;
         let text = String::from_utf8_lossy(&out).into_owned();
         let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
@@ -165,7 +176,7 @@ impl Dhrtd {
         } else {
             body.to_string()
         };
-        (status, body)
+        Ok((status, body))
     }
 }
 

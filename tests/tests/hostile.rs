@@ -85,12 +85,24 @@ fn thousands_of_idle_and_half_open_connections_do_not_stop_the_node() {
 fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
     let dir = tempfile::tempdir().unwrap();
     let node = Dhrtd::start(dir.path(), &["--memory", "--max-connections", "4"]);
-    // Dhrtd::start's readiness probe may still hold a slot for a moment.
-    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(node.http("GET", "/", b"").0, 200);
+    // Four keep-alive connections, each proven to hold a slot by an answer.
     let held: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(node.addr).unwrap())
+        .map(|_| {
+            let mut s = TcpStream::connect(node.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /a/b/c HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"\"}") {
+                let mut chunk = [0u8; 512];
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed before answering");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            s
+        })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
     // The fifth is accepted and closed at once: end of stream or a reset,
     // never an answer, never a hang.
     let mut s = TcpStream::connect(node.addr).unwrap();
@@ -110,7 +122,12 @@ fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
     drop(held);
     // Slots free up as connections close.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while node.http("GET", "/", b"").0 != 200 {
+    while node
+        .try_http("GET", "/", b"")
+        .map(|(status, _)| status)
+        .unwrap_or(0)
+        != 200
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "slots never came back"
