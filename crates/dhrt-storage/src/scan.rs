@@ -93,7 +93,11 @@ impl Iterator for Records {
                 self.collection = None;
                 return None;
             };
-            let shard = generation.index.shard_at(i).expect("a primed shard exists");
+            // A compaction may have swapped in an index (of the same shape)
+            // where this shard holds nothing any more.
+            let Some(shard) = generation.index.shard_at(i) else {
+                continue;
+            };
             let Some(entry) = shard.lower_bound(Bound::Included(&key[..]), guard) else {
                 continue;
             };

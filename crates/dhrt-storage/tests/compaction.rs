@@ -174,3 +174,38 @@ fn the_index_reshards_under_load_without_losing_a_key() {
     assert!(store.stats().collections[0].index_shards >= 16384);
     assert_eq!(store.scan("r").unwrap().count(), 30_000);
 }
+
+#[test]
+fn a_scan_survives_a_compaction_that_empties_shards() {
+    let options = Options {
+        min_index_shards: 64,
+        keys_per_shard: 1024,
+        tombstone_grace: std::time::Duration::ZERO,
+        ..quiet_options()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for store in [
+        Store::memory(options.clone()),
+        Store::open(dir.path(), options).unwrap(),
+    ] {
+        for i in 0..200u32 {
+            store.set("s", format!("k{i:03}").as_bytes(), b"v").unwrap();
+        }
+        let mut scan = store.scan("s").unwrap();
+        assert_eq!(scan.next().unwrap().0, b"k000");
+        // Delete all but a few keys and purge the tombstones: most shards of
+        // the new index are empty.
+        for i in 1..200u32 {
+            if i % 50 != 0 {
+                store.delete("s", format!("k{i:03}").as_bytes()).unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        store.compact("s").unwrap();
+        let rest: Vec<Vec<u8>> = scan.map(|(k, _)| k).collect();
+        assert_eq!(
+            rest,
+            vec![b"k050".to_vec(), b"k100".to_vec(), b"k150".to_vec()]
+        );
+    }
+}
