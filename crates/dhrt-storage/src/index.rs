@@ -4,7 +4,9 @@
 //! One skiplist of a million keys is about twenty levels deep, and every
 //! level is a cache miss; a few thousand skiplists of a few hundred keys each
 //! are a handful of levels, and the top of each stays in cache. Ordered scans
-//! merge the shards (see `scan.rs`). Shards are allocated on first insert.
+//! merge the shards (see `scan.rs`). The shards' headers sit inline in one
+//! array (no pointer to chase per lookup); since a collection's shard count
+//! follows its key count, nearly every shard is in use.
 //!
 //! Never call `SkipMap::range`: crossbeam-skiplist 0.1.3 leaks every node it
 //! visits once that node is overwritten. Walk with `lower_bound` and
@@ -13,8 +15,8 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Bound;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
 
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_skiplist::base::{self, SkipList};
@@ -138,7 +140,9 @@ pub(crate) enum Upsert {
 
 /// The sharded index of one collection generation.
 pub(crate) struct Index {
-    shards: Box<[OnceLock<Box<Shard>>]>,
+    /// Inline, not boxed: a lookup goes straight from the hash to the
+    /// skiplist's header without another pointer to chase.
+    shards: Box<[Shard]>,
     /// log2 of the number of shards.
     bits: u32,
 }
@@ -156,7 +160,9 @@ impl Index {
     pub(crate) fn new(shards: usize) -> Self {
         let n = shards.clamp(1, 1 << ORDER_BITS).next_power_of_two();
         Index {
-            shards: (0..n).map(|_| OnceLock::new()).collect(),
+            shards: (0..n)
+                .map(|_| SkipList::new(epoch::default_collector().clone()))
+                .collect(),
             bits: n.trailing_zeros(),
         }
     }
@@ -174,7 +180,7 @@ impl Index {
     /// Shard `i`, if allocated. Shard numbers are prefixes of the keys'
     /// [`order_hash`].
     pub(crate) fn shard_at(&self, i: usize) -> Option<&Shard> {
-        self.shards.get(i)?.get().map(|b| &**b)
+        self.shards.get(i)
     }
 
     #[inline]
@@ -184,12 +190,11 @@ impl Index {
 
     #[inline]
     fn shard(&self, key: &[u8]) -> Option<&Shard> {
-        self.shards[self.shard_index(key)].get().map(|b| &**b)
+        Some(&self.shards[self.shard_index(key)])
     }
 
     fn shard_or_create(&self, key: &[u8]) -> &Shard {
-        self.shards[self.shard_index(key)]
-            .get_or_init(|| Box::new(SkipList::new(epoch::default_collector().clone())))
+        &self.shards[self.shard_index(key)]
     }
 
     #[inline]
@@ -240,9 +245,9 @@ impl Index {
         }
     }
 
-    /// The allocated shards, in shard order.
+    /// The shards, in shard order.
     pub(crate) fn shards(&self) -> impl Iterator<Item = &Shard> {
-        self.shards.iter().filter_map(|s| s.get().map(|b| &**b))
+        self.shards.iter()
     }
 
     /// The first entry of `shard` after `after` (or its first entry).
