@@ -177,7 +177,7 @@ impl Index {
         self.bits
     }
 
-    /// Shard `i`, if allocated. Shard numbers are prefixes of the keys'
+    /// Shard `i`, if there is one. Shard numbers are prefixes of the keys'
     /// [`order_hash`].
     pub(crate) fn shard_at(&self, i: usize) -> Option<&Shard> {
         self.shards.get(i)
