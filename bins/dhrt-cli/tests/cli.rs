@@ -1,9 +1,8 @@
 //! The real `dhrt-cli` binary against a node served in this process: one-shot
-//! commands with their output and exit codes, and the REPL through piped
-//! stdin.
+//! commands with their output and exit codes, and its errors. (The REPL, and
+//! the CLI against a real `dhrtd`, are tested in `tests/tests/cli.rs`.)
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
 use dhrt_cluster::{BinaryLimits, Identity, Node, serve_binary};
@@ -111,40 +110,4 @@ fn errors_are_sentences_with_exit_code_2() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot connect"));
-}
-
-#[test]
-fn the_repl_reads_piped_stdin() {
-    let home = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dhrt-cli"))
-        .args(["--addr", node()])
-        .env("HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"set repl \"two words\"\nget repl\nget nothing-here\nbogus\nhelp\nset c k v\nget c k\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0));
-    let out = stdout(&o);
-    for want in [
-        "OK",
-        "two words",
-        "(nil)",
-        "(error) unknown command \"bogus\"",
-        "commands:",
-        "\nv\n",
-    ] {
-        assert!(out.contains(want), "{want:?} missing from {out:?}");
-    }
-    assert!(
-        home.path().join(".dhrt_history").exists(),
-        "history not saved"
-    );
 }
