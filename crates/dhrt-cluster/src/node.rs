@@ -9,7 +9,7 @@ use dhrt_proto::{
     CollectionInfo, Entry, ErrorKind, MemberInfo, MemberState, NodeInfo, NodeStats, OpError,
     Operations, Page,
 };
-use dhrt_storage::{Error as StorageError, Store, SyncMode};
+use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode};
 
 use crate::metrics::{Metrics, OpKind, Outcome};
 
@@ -203,6 +203,9 @@ impl Node {
     }
 }
 
+/// A per-collection gauge: name, help, and how to read it.
+type Gauge = (&'static str, &'static str, fn(&CollectionStats) -> u64);
+
 /// The outcome label of a result.
 fn outcome<T>(r: &Result<T, OpError>, found: impl FnOnce(&T) -> bool) -> Outcome {
     match r {
@@ -290,29 +293,23 @@ impl Operations for Node {
         let mut out = String::new();
         self.metrics.render(&mut out);
         let stats = self.store.stats();
-        let user = || {
-            stats
+        let gauges: [Gauge; 2] = [
+            ("dhrt_collection_keys", "Live keys per collection.", |c| {
+                c.keys
+            }),
+            ("dhrt_collection_bytes", "Log bytes per collection.", |c| {
+                c.bytes
+            }),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for c in stats
                 .collections
                 .iter()
                 .filter(|c| !c.name.starts_with('_'))
-        };
-        out.push_str("# HELP dhrt_collection_keys Live keys per collection.\n");
-        out.push_str("# TYPE dhrt_collection_keys gauge\n");
-        for c in user() {
-            let _ = writeln!(
-                out,
-                "dhrt_collection_keys{{collection=\"{}\"}} {}",
-                c.name, c.keys
-            );
-        }
-        out.push_str("# HELP dhrt_collection_bytes Log bytes per collection.\n");
-        out.push_str("# TYPE dhrt_collection_bytes gauge\n");
-        for c in user() {
-            let _ = writeln!(
-                out,
-                "dhrt_collection_bytes{{collection=\"{}\"}} {}",
-                c.name, c.bytes
-            );
+            {
+                let _ = writeln!(out, "{name}{{collection=\"{}\"}} {}", c.name, value(c));
+            }
         }
         out.push_str("# HELP dhrt_build_info The running build.\n# TYPE dhrt_build_info gauge\n");
         let _ = writeln!(

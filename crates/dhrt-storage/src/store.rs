@@ -272,6 +272,18 @@ impl Store {
         Ok(collection)
     }
 
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        // The format stores a value length in 32 bits, whatever the setting.
+        let max = self.inner.options.max_value_len.min(u32::MAX as usize);
+        if value.len() > max {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
     fn write(
         &self,
         collection: &str,
@@ -280,12 +292,8 @@ impl Store {
         stamp: Stamp<'_>,
     ) -> Result<Written> {
         check_key(key)?;
-        // The format stores a value length in 32 bits, whatever the setting.
-        let max = self.inner.options.max_value_len.min(u32::MAX as usize);
-        if let Some(v) = value
-            && v.len() > max
-        {
-            return Err(Error::ValueTooLarge { len: v.len(), max });
+        if let Some(v) = value {
+            self.check_value(v)?;
         }
         let coll = if value.is_none() && matches!(stamp, Stamp::Local(_)) {
             match self.existing(collection)? {
@@ -314,15 +322,9 @@ impl Store {
     /// log and (with `SyncMode::Always`) one fsync for all of them. Every
     /// entry is checked first; if one is invalid, nothing is written.
     pub fn set_many(&self, collection: &str, entries: &[(&[u8], &[u8])]) -> Result<()> {
-        let max = self.inner.options.max_value_len.min(u32::MAX as usize);
         for (key, value) in entries {
             check_key(key)?;
-            if value.len() > max {
-                return Err(Error::ValueTooLarge {
-                    len: value.len(),
-                    max,
-                });
-            }
+            self.check_value(value)?;
         }
         if entries.is_empty() {
             return validate_collection_name(collection);
