@@ -117,7 +117,7 @@ impl Node {
         let c = collection.to_string();
         self.write(move |s| {
             let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-            s.set_many(&c, &refs)
+            s.set_many(&c, &refs).map(|_| ())
         })
         .await
     }

@@ -509,16 +509,19 @@ impl Collection {
         entries: &[(&[u8], &[u8])],
         clock: &Clock,
         sync: SyncMode,
-    ) -> Result<()> {
+    ) -> Result<Vec<Version>> {
         let mut w = self.writer.lock().unwrap();
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
         let Writer { buf, state } = &mut *w;
         buf.clear();
         let mut starts = Vec::with_capacity(entries.len());
+        let mut versions = Vec::with_capacity(entries.len());
         for (key, value) in entries {
             starts.push(buf.len());
-            record::encode(buf, Kind::Set, key, value, clock.now());
+            let version = clock.now();
+            versions.push(version);
+            record::encode(buf, Kind::Set, key, value, version);
         }
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
@@ -537,7 +540,8 @@ impl Collection {
             .expect("local versions are newer than everything");
         }
         drop(w);
-        self.durable(&generation.log, end, sync)
+        self.durable(&generation.log, end, sync)?;
+        Ok(versions)
     }
 
     /// Drops every key older than the drop's version; returns the live keys

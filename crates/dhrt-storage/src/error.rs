@@ -29,6 +29,10 @@ pub enum Error {
         max: usize,
     },
 
+    /// A digest bucket number out of range. Nothing was changed.
+    #[error("invalid digest bucket {0} (there are {n})", n = crate::DIGEST_BUCKETS)]
+    InvalidBucket(usize),
+
     /// The value is larger than the configured maximum. Nothing was changed.
     #[error("value too large: {len} bytes (the limit is {max})")]
     ValueTooLarge {

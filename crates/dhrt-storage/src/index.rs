@@ -127,6 +127,30 @@ pub(crate) fn shard_of(order_hash: u64, bits: u32) -> usize {
     (order_hash >> (ORDER_BITS - bits)) as usize
 }
 
+/// log2 of the number of anti-entropy digest buckets per collection.
+pub const DIGEST_BITS: u32 = 10;
+/// Number of anti-entropy digest buckets per collection.
+pub const DIGEST_BUCKETS: usize = 1 << DIGEST_BITS;
+
+/// The digest bucket of a key: a prefix of its [`order_hash`], so a bucket's
+/// keys are one contiguous stretch of a hash-ordered listing.
+#[inline]
+pub fn digest_bucket(key: &[u8]) -> usize {
+    (order_hash(key) >> (ORDER_BITS - DIGEST_BITS)) as usize
+}
+
+/// What one entry contributes to its bucket's digest: a hash of the key, its
+/// version and whether it is a tombstone. Buckets XOR these, so the digest
+/// of a set of entries does not depend on the order they arrived in.
+#[inline]
+fn entry_hash(key: &[u8], slot: &Slot) -> u64 {
+    let v = slot.version();
+    let seed = v.ts.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ v.node.rotate_left(32)
+        ^ u64::from(slot.is_tombstone());
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, seed)
+}
+
 /// What [`Index::upsert`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Upsert {
@@ -145,6 +169,10 @@ pub(crate) struct Index {
     shards: Box<[Shard]>,
     /// log2 of the number of shards.
     bits: u32,
+    /// Per digest bucket, the XOR of [`entry_hash`] over the entries in it.
+    /// Atomic because the parallel replay of recovery may update one bucket
+    /// from two shards' threads; writers are otherwise serialized.
+    digest: Box<[AtomicU64]>,
 }
 
 impl std::fmt::Debug for Index {
@@ -164,7 +192,21 @@ impl Index {
                 .map(|_| SkipList::new(epoch::default_collector().clone()))
                 .collect(),
             bits: n.trailing_zeros(),
+            digest: (0..DIGEST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// The digest of every bucket.
+    pub(crate) fn digest(&self) -> Vec<u64> {
+        self.digest
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    #[inline]
+    fn toggle(&self, key: &[u8], slot: &Slot) {
+        self.digest[digest_bucket(key)].fetch_xor(entry_hash(key, slot), Ordering::Relaxed);
     }
 
     /// Number of shards.
@@ -204,8 +246,10 @@ impl Index {
         shard.get(key, guard).map(|e| *e.value())
     }
 
-    /// Inserts or replaces. Callers serialize writes to one index.
+    /// Inserts a key that is not in the index (building a fresh index).
+    /// Callers serialize writes to one index.
     pub(crate) fn insert(&self, key: &[u8], slot: Slot) {
+        self.toggle(key, &slot);
         let guard = &epoch::pin();
         self.shard_or_create(key)
             .insert(Key::new(key), slot, guard)
@@ -230,8 +274,15 @@ impl Index {
         let now = *entry.value();
         entry.release(guard);
         match old.get() {
-            None => Upsert::Inserted,
-            Some(o) if now == slot => Upsert::Replaced(o),
+            None => {
+                self.toggle(key, &slot);
+                Upsert::Inserted
+            }
+            Some(o) if now == slot => {
+                self.toggle(key, &o);
+                self.toggle(key, &slot);
+                Upsert::Replaced(o)
+            }
             Some(_) => Upsert::Kept(now),
         }
     }
@@ -240,6 +291,7 @@ impl Index {
         if let Some(shard) = self.shard(key) {
             let guard = &epoch::pin();
             if let Some(e) = shard.remove(key, guard) {
+                self.toggle(key, e.value());
                 e.release(guard);
             }
         }

@@ -146,6 +146,8 @@ pub struct Listing {
     after: Option<(u64, Vec<u8>)>,
     buffered: VecDeque<Record>,
     live_only: bool,
+    /// Order hashes at or past this end the listing.
+    end: u64,
 }
 
 impl Listing {
@@ -159,6 +161,22 @@ impl Listing {
             after: after.map(|k| (index::order_hash(k), k.to_vec())),
             buffered: VecDeque::new(),
             live_only,
+            end: 1 << ORDER_BITS,
+        }
+    }
+
+    /// Every record (tombstones included) of one digest bucket.
+    pub(crate) fn bucket(collection: Option<Arc<Collection>>, bucket: usize) -> Self {
+        let shift = ORDER_BITS - index::DIGEST_BITS;
+        let start = (bucket as u64) << shift;
+        Listing {
+            collection,
+            // Keys are never empty, so every key of the bucket sorts after
+            // (start, []).
+            after: Some((start, Vec::new())),
+            buffered: VecDeque::new(),
+            live_only: false,
+            end: start + (1 << shift),
         }
     }
 
@@ -176,14 +194,18 @@ impl Listing {
             .as_ref()
             .map_or(0, |(h, _)| index::shard_of(*h, index.bits()));
         let guard = &crossbeam_epoch::pin();
-        while shard_no < index.shard_count() {
+        while shard_no < index.shard_count()
+            && ((shard_no as u64) << (ORDER_BITS - index.bits())) < self.end
+        {
             if let Some(shard) = index.shard_at(shard_no) {
                 let mut entries = Vec::new();
                 let mut cursor = shard.front(guard);
                 while let Some(e) = cursor {
                     let key = e.key().as_bytes();
                     let pos = (index::order_hash(key), key);
-                    if self.after.as_ref().is_none_or(|(h, k)| pos > (*h, &k[..])) {
+                    if pos.0 < self.end
+                        && self.after.as_ref().is_none_or(|(h, k)| pos > (*h, &k[..]))
+                    {
                         entries.push((pos.0, key.to_vec(), *e.value()));
                     }
                     cursor = e.next();

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use crate::collection::{COMPACT_SUFFIX, Collection, LOG_SUFFIX, Stamp, Written};
 use crate::compact::{self, CompactionReport};
 use crate::error::{Error, Result};
+use crate::index::DIGEST_BUCKETS;
 use crate::name::validate_collection_name;
 use crate::record::MAX_KEY_LEN;
 use crate::scan::{Listing, Record, Records, Scan};
@@ -105,6 +106,32 @@ pub struct CollectionStats {
     pub poisoned: bool,
     /// Skiplists the index is split into (grows with the collection).
     pub index_shards: usize,
+}
+
+/// The anti-entropy digest of one collection; see [`Store::digest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    /// [`DIGEST_BUCKETS`] bucket hashes.
+    pub buckets: Vec<u64>,
+    /// The newest drop of the collection, if one is still on record.
+    pub dropped_at: Option<Version>,
+}
+
+impl Digest {
+    /// The digest of a collection without entries or drops.
+    pub fn empty() -> Self {
+        Digest {
+            buckets: vec![0; DIGEST_BUCKETS],
+            dropped_at: None,
+        }
+    }
+
+    /// The buckets in which `self` and `other` differ.
+    pub fn differing(&self, other: &Digest) -> Vec<usize> {
+        (0..DIGEST_BUCKETS)
+            .filter(|&b| self.buckets.get(b) != other.buckets.get(b))
+            .collect()
+    }
 }
 
 /// Statistics of a store.
@@ -321,13 +348,14 @@ impl Store {
     /// Sets many keys of `collection` at once: one lock, one write to the
     /// log and (with `SyncMode::Always`) one fsync for all of them. Every
     /// entry is checked first; if one is invalid, nothing is written.
-    pub fn set_many(&self, collection: &str, entries: &[(&[u8], &[u8])]) -> Result<()> {
+    /// Returns the version of each entry, in order.
+    pub fn set_many(&self, collection: &str, entries: &[(&[u8], &[u8])]) -> Result<Vec<Version>> {
         for (key, value) in entries {
             check_key(key)?;
             self.check_value(value)?;
         }
         if entries.is_empty() {
-            return validate_collection_name(collection);
+            return validate_collection_name(collection).map(|()| Vec::new());
         }
         self.existing_or_create(collection)?.write_many(
             entries,
@@ -359,6 +387,24 @@ impl Store {
                 ..
             }
         ))
+    }
+
+    /// Deletes `key` with a fresh local version, writing a tombstone even if
+    /// this store holds no live value for it, so that the delete still
+    /// reaches replicas that do. Returns the tombstone's version and whether
+    /// a live value was there.
+    pub fn delete_versioned(&self, collection: &str, key: &[u8]) -> Result<(Version, bool)> {
+        check_key(key)?;
+        validate_collection_name(collection)?;
+        let version = self.inner.clock.now();
+        Ok(
+            match self.write(collection, key, None, Stamp::Given(version))? {
+                Written::Applied { replaced_live, .. } => (version, replaced_live),
+                // A concurrent local write stamped after us: it wins here
+                // and everywhere else.
+                Written::Skipped => (version, false),
+            },
+        )
     }
 
     /// Applies a replicated write: sets `key` to `value` (or deletes it, for
@@ -479,6 +525,39 @@ impl Store {
         self.inner.clock.observe(version.ts);
         self.existing_or_create(name)?
             .drop_keys(Stamp::Given(version), self.inner.options.sync)
+    }
+
+    /// The anti-entropy digest of `collection`: per bucket of key hashes
+    /// ([`crate::digest_bucket`]), the XOR of a hash of every entry's key, version
+    /// and kind, tombstones included; kept current by every write. Two
+    /// stores holding the same entries have equal digests whatever order
+    /// the writes came in. A collection that does not exist has an empty
+    /// digest.
+    pub fn digest(&self, collection: &str) -> Result<Digest> {
+        Ok(match self.existing(collection)? {
+            Some(c) => Digest {
+                buckets: c.current.load().index.digest(),
+                dropped_at: c.state().dropped_at,
+            },
+            None => Digest::empty(),
+        })
+    }
+
+    /// Every record of `collection` in digest bucket `bucket` (tombstones
+    /// included, with versions), in hash order.
+    pub fn bucket(&self, collection: &str, bucket: usize) -> Result<Listing> {
+        if bucket >= DIGEST_BUCKETS {
+            return Err(Error::InvalidBucket(bucket));
+        }
+        Ok(Listing::bucket(self.existing(collection)?, bucket))
+    }
+
+    /// Names of every collection this store has a file for, including those
+    /// holding only tombstones or a drop, sorted.
+    pub fn all_collections(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.collections.load().keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Fsyncs every collection now.

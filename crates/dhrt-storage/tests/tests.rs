@@ -3,6 +3,7 @@
 mod api;
 mod compaction;
 mod crash;
+mod digest;
 mod model;
 mod names;
 mod recovery;

@@ -1,0 +1,171 @@
+//! Anti-entropy digests: equal for equal contents whatever the order of
+//! arrival, kept across reopen, compaction and resharding, and bucket
+//! listings that partition a collection.
+
+use std::collections::BTreeMap;
+
+use dhrt_storage::{DIGEST_BUCKETS, Digest, Store, Version, digest_bucket};
+use proptest::prelude::*;
+
+use crate::quiet_options;
+
+type Write = (u8, Option<u8>, u64, u64);
+
+fn key(k: u8) -> Vec<u8> {
+    format!("key-{k}").into_bytes()
+}
+
+fn apply_all(store: &Store, writes: &[Write]) {
+    for &(k, v, ts, node) in writes {
+        let value = v.map(|v| vec![v; 1 + v as usize % 7]);
+        store
+            .apply("c", &key(k), value.as_deref(), Version::new(ts, node))
+            .unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Two stores given the same replicated writes in different orders end
+    /// with the same digest; a store missing one effective write differs in
+    /// exactly that key's bucket.
+    #[test]
+    fn digest_is_order_independent(
+        writes in prop::collection::vec((0u8..40, prop::option::of(any::<u8>()), 1u64..50, 1u64..4), 1..120),
+        seed in any::<u64>(),
+    ) {
+        // A version names one write: keep the first write of each.
+        let mut seen = std::collections::HashSet::new();
+        let writes: Vec<Write> = writes.into_iter().filter(|w| seen.insert((w.2, w.3))).collect();
+        let a = Store::memory(quiet_options());
+        let b = Store::memory(quiet_options());
+        apply_all(&a, &writes);
+        let mut shuffled = writes.clone();
+        // A cheap seeded shuffle.
+        let mut x = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        apply_all(&b, &shuffled);
+        prop_assert_eq!(a.digest("c").unwrap(), b.digest("c").unwrap());
+
+        // The winner of the last written key, withheld from a third store.
+        let (k, ..) = *writes.last().unwrap();
+        let winner = writes.iter().filter(|w| w.0 == k).max_by_key(|w| (w.2, w.3)).copied().unwrap();
+        let c = Store::memory(quiet_options());
+        apply_all(&c, &writes.iter().copied().filter(|w| *w != winner).collect::<Vec<_>>());
+        let differing = a.digest("c").unwrap().differing(&c.digest("c").unwrap());
+        prop_assert_eq!(differing, vec![digest_bucket(&key(k))]);
+    }
+}
+
+#[test]
+fn empty_and_missing_collections_have_the_empty_digest() {
+    let store = Store::memory(quiet_options());
+    assert_eq!(store.digest("nothing").unwrap(), Digest::empty());
+    store.set("c", b"k", b"v").unwrap();
+    assert_ne!(store.digest("c").unwrap(), Digest::empty());
+    // A local delete leaves a tombstone, which is part of the digest.
+    let tombstoned = {
+        store.delete("c", b"k").unwrap();
+        store.digest("c").unwrap()
+    };
+    assert_ne!(tombstoned, Digest::empty());
+    assert!(store.digest("../x").is_err());
+}
+
+#[test]
+fn digest_survives_reopen_compaction_and_resharding() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let store = Store::open(dir.path(), quiet_options()).unwrap();
+        for i in 0..3000u32 {
+            store.set("c", &i.to_le_bytes(), &[i as u8; 10]).unwrap();
+        }
+        for i in (0..3000u32).step_by(3) {
+            store.delete("c", &i.to_le_bytes()).unwrap();
+        }
+        for i in (0..3000u32).step_by(5) {
+            store.set("c", &i.to_le_bytes(), b"again").unwrap();
+        }
+        let d = store.digest("c").unwrap();
+        store.compact("c").unwrap();
+        assert_eq!(
+            store.digest("c").unwrap(),
+            d,
+            "compaction (no purge) keeps the digest"
+        );
+        d
+    };
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(
+        store.digest("c").unwrap(),
+        before,
+        "reopen rebuilds the same digest"
+    );
+    // quiet_options keep 4 keys per shard: the reopened index has more
+    // shards than the first one started with.
+    assert!(store.stats().collections[0].index_shards > 1);
+}
+
+#[test]
+fn drops_are_part_of_the_digest() {
+    let a = Store::memory(quiet_options());
+    let b = Store::memory(quiet_options());
+    for s in [&a, &b] {
+        s.apply("c", b"k", Some(b"v"), Version::new(10, 1)).unwrap();
+    }
+    a.apply_drop("c", Version::new(20, 1)).unwrap();
+    let (da, db) = (a.digest("c").unwrap(), b.digest("c").unwrap());
+    assert_eq!(da.dropped_at, Some(Version::new(20, 1)));
+    assert_eq!(da.differing(&db), vec![digest_bucket(b"k")]);
+    b.apply_drop("c", Version::new(20, 1)).unwrap();
+    assert_eq!(a.digest("c").unwrap(), b.digest("c").unwrap());
+}
+
+#[test]
+fn buckets_partition_the_collection() {
+    let store = Store::memory(quiet_options());
+    let mut model = BTreeMap::new();
+    for i in 0..5000u32 {
+        let k = format!("k{i}").into_bytes();
+        if i % 4 == 0 {
+            store.apply("c", &k, None, Version::new(5, 1)).unwrap();
+            model.insert(k, None);
+        } else {
+            store.set("c", &k, &i.to_le_bytes()).unwrap();
+            model.insert(k, Some(i.to_le_bytes().to_vec()));
+        }
+    }
+    let mut seen = BTreeMap::new();
+    for b in 0..DIGEST_BUCKETS {
+        for r in store.bucket("c", b).unwrap() {
+            assert_eq!(digest_bucket(&r.key), b);
+            assert!(seen.insert(r.key, r.value.map(|v| v.to_vec())).is_none());
+        }
+    }
+    assert_eq!(seen, model);
+    assert!(store.bucket("c", DIGEST_BUCKETS).is_err());
+    assert_eq!(store.bucket("none", 3).unwrap().count(), 0);
+}
+
+#[test]
+fn delete_versioned_always_leaves_a_tombstone() {
+    let store = Store::memory(quiet_options());
+    let (v1, was_live) = store.delete_versioned("c", b"never-set").unwrap();
+    assert!(!was_live);
+    let r = store.lookup("c", b"never-set").unwrap().unwrap();
+    assert_eq!((r.value, r.version), (None, v1));
+    store.set("c", b"k", b"v").unwrap();
+    let (v2, was_live) = store.delete_versioned("c", b"k").unwrap();
+    assert!(was_live && v2 > v1);
+    // A replicated write older than the tombstone does not resurrect it.
+    assert!(
+        !store
+            .apply("c", b"k", Some(b"old"), Version::new(v2.ts - 1, 9))
+            .unwrap()
+    );
+    assert_eq!(store.get("c", b"k").unwrap(), None);
+}
