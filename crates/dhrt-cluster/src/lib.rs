@@ -4,9 +4,11 @@
 //! anti-entropy, join handoff and placement join here next (see
 //! docs/ARCHITECTURE.md).
 
+mod membership;
 mod metrics;
 mod node;
 mod server;
 
+pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::{Identity, Node};
 pub use server::{BinaryLimits, Closed, serve_binary};

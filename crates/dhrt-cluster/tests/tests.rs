@@ -1,4 +1,5 @@
 //! Tests of dhrt-cluster, one binary.
 
 mod binary;
+mod membership;
 mod node;

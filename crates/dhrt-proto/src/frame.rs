@@ -3,7 +3,7 @@
 //! touch a socket. Buffering lives with the connection.
 //!
 //! ```text
-//! preamble (8 bytes, client → server, once):  D4 'H' 'R' 'T' | version u16 LE | 0 0
+//! preamble (8 bytes, client → server, once):  D4 'H' 'R' 'T' | version u16 LE | channel u8 | 0
 //! frame (both directions, repeated):          length u32 LE | bincode payload (length bytes)
 //! ```
 
@@ -25,11 +25,29 @@ pub const FRAME_HEADER_LEN: usize = 4;
 /// The default largest frame payload: room for a 16 MiB value and its key.
 pub const DEFAULT_MAX_FRAME: u32 = 17 << 20;
 
+/// Which protocol a binary connection speaks after its preamble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// A client: [`crate::Request`]s and [`crate::Response`]s (byte 6 = 0).
+    Client,
+    /// Another node: a handshake, then [`crate::PeerMessage`]s (byte 6 = 1).
+    Peer,
+}
+
 /// The preamble a client sends first.
 pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    channel_preamble(Channel::Client)
+}
+
+/// The preamble of a connection on `channel`.
+pub fn channel_preamble(channel: Channel) -> [u8; PREAMBLE_LEN] {
     let mut p = [0u8; PREAMBLE_LEN];
     p[..4].copy_from_slice(&MAGIC);
     p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[6] = match channel {
+        Channel::Client => 0,
+        Channel::Peer => 1,
+    };
     p
 }
 
@@ -41,6 +59,8 @@ pub enum Preamble {
     Binary {
         /// The client's protocol version.
         version: u16,
+        /// Client or peer.
+        channel: Channel,
     },
     /// Not the dhrt magic: treat the connection as HTTP.
     NotBinary,
@@ -61,7 +81,12 @@ pub fn read_preamble(buf: &[u8]) -> Result<Preamble, ProtoError> {
     if version != PROTOCOL_VERSION {
         return Err(ProtoError::UnsupportedVersion(version));
     }
-    Ok(Preamble::Binary { version })
+    let channel = match buf[6] {
+        0 => Channel::Client,
+        1 => Channel::Peer,
+        other => return Err(ProtoError::Malformed(format!("unknown channel {other}"))),
+    };
+    Ok(Preamble::Binary { version, channel })
 }
 
 /// The result of looking for a frame at the start of a buffer.

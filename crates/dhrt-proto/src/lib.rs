@@ -25,14 +25,19 @@ mod error;
 mod frame;
 mod message;
 mod ops;
+mod peer;
 mod stats;
 
 pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;
 pub use frame::{
-    DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION, Preamble,
-    decode_frame, encode_frame, frame_bounds, preamble, read_preamble,
+    Channel, DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
+    Preamble, channel_preamble, decode_frame, encode_frame, frame_bounds, preamble, read_preamble,
 };
 pub use message::{Entry, ErrorKind, Op, OpError, Page, Reply, Request, Response};
 pub use ops::{MAX_PAGE, Operations, dispatch};
+pub use peer::{
+    CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate, Mutation, PROOF_LEN,
+    PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
+};
 pub use stats::{CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats};

@@ -139,7 +139,10 @@ fn bad_tags_trailing_bytes_and_empty_frames_are_malformed() {
 fn the_preamble_tells_binary_from_http() {
     assert_eq!(
         read_preamble(&preamble()).unwrap(),
-        Preamble::Binary { version: 1 }
+        Preamble::Binary {
+            version: 1,
+            channel: dhrt_proto::Channel::Client
+        }
     );
     assert_eq!(
         read_preamble(b"GET / HTTP/1.1\r\n").unwrap(),

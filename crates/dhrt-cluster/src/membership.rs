@@ -1,0 +1,566 @@
+//! Membership and failure detection as a sans-I/O state machine (SWIM with
+//! suspicion, indirect probes, piggybacked gossip and a periodic push-pull
+//! sync). It takes messages, timer ticks, the current time and a seeded
+//! random generator, and returns what to send and which members changed; a
+//! thin tokio task (`runtime`) does the I/O. So a seeded test can run many
+//! nodes through partitions and crashes in milliseconds.
+//!
+//! Rules (DESIGN §5 "Health"):
+//! - News about a member carries its incarnation; a higher incarnation
+//!   overrides a lower one, and at equal incarnation `Alive < Suspect < Dead
+//!   < Left`, so old news never overrides new.
+//! - Only a member itself raises its incarnation: to refute suspicion, or to
+//!   announce a change (syncing, collections). A member that hears it was
+//!   declared dead refutes *as syncing*: it is a healthy replica again only
+//!   after it has re-synced and says so ([`Membership::set_syncing`]).
+//! - A missed probe (direct, then through other members) or a failed request
+//!   makes a member suspect (`unhealthy`); suspicion that is not refuted
+//!   within the suspicion timeout makes it dead.
+//! - Dead members are still probed now and then, and the push-pull sync
+//!   includes them, so the two sides of a healed partition find each other.
+
+use std::collections::BTreeMap;
+
+use dhrt_proto::{Gossip, GossipKind, Liveness, MemberState, MemberUpdate};
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{RngExt, SeedableRng, rngs::SmallRng};
+
+/// Timing and fan-out of the protocol.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// One probe per period; ticks come this often.
+    pub period_ms: u64,
+    /// How long a suspect member has to refute before it is declared dead.
+    pub suspicion_ms: u64,
+    /// Members asked to probe indirectly when a direct probe goes unanswered.
+    pub indirect_probes: usize,
+    /// A push-pull sync of the whole member table every this many ticks.
+    pub sync_every: u64,
+    /// A dead member is probed every this many ticks.
+    pub dead_probe_every: u64,
+    /// Each piece of news is piggybacked about `retransmit * log2(n)` times.
+    pub retransmit: u32,
+    /// Most news items on one message.
+    pub max_piggyback: usize,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            period_ms: 250,
+            suspicion_ms: 3000,
+            indirect_probes: 3,
+            sync_every: 8,
+            dead_probe_every: 4,
+            retransmit: 4,
+            max_piggyback: 8,
+        }
+    }
+}
+
+/// What the state machine asks its driver to do or know.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send this message to member `to`.
+    Send {
+        /// The receiver's node id.
+        to: u64,
+        /// The message.
+        gossip: Gossip,
+    },
+    /// What is known of a member changed (a new member, a liveness, syncing
+    /// or placement change).
+    Changed {
+        /// The member as now known.
+        member: MemberUpdate,
+        /// Its liveness before, if it was known.
+        before: Option<Liveness>,
+    },
+    /// This node was declared dead while it was away: it must re-sync
+    /// before it reports itself healthy again.
+    MustResync,
+}
+
+/// The state a member shows in stats.
+pub fn member_state(m: &MemberUpdate) -> MemberState {
+    match m.liveness {
+        Liveness::Alive if m.syncing => MemberState::Syncing,
+        Liveness::Alive => MemberState::Healthy,
+        Liveness::Suspect => MemberState::Unhealthy,
+        Liveness::Dead => MemberState::Dead,
+        Liveness::Left => MemberState::Left,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    update: MemberUpdate,
+    /// When its liveness last changed here (ms on the driver's clock).
+    since_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Probe {
+    target: u64,
+    seq: u64,
+    indirect_sent: bool,
+    acked: bool,
+}
+
+#[derive(Debug, Clone)]
+struct News {
+    update: MemberUpdate,
+    sent: u32,
+}
+
+/// One node's view of the cluster.
+#[derive(Debug)]
+pub struct Membership {
+    me: MemberUpdate,
+    members: BTreeMap<u64, Known>,
+    news: Vec<News>,
+    probe: Option<Probe>,
+    seq: u64,
+    order: Vec<u64>,
+    ticks: u64,
+    config: MembershipConfig,
+    rng: SmallRng,
+    out: Vec<Output>,
+}
+
+fn rank(u: &MemberUpdate) -> (u64, Liveness) {
+    (u.incarnation, u.liveness)
+}
+
+impl Membership {
+    /// A node that knows only itself. `me.incarnation` should exceed any
+    /// incarnation of this node's earlier lives (the driver derives it from
+    /// the wall clock); `seed` drives every random choice.
+    pub fn new(me: MemberUpdate, config: MembershipConfig, seed: u64) -> Self {
+        Membership {
+            me,
+            members: BTreeMap::new(),
+            news: Vec::new(),
+            probe: None,
+            seq: 0,
+            order: Vec::new(),
+            ticks: 0,
+            config,
+            rng: SmallRng::seed_from_u64(seed),
+            out: Vec::new(),
+        }
+    }
+
+    /// This node as it announces itself.
+    pub fn me(&self) -> &MemberUpdate {
+        &self.me
+    }
+
+    /// Every other member known, in id order.
+    pub fn members(&self) -> impl Iterator<Item = &MemberUpdate> {
+        self.members.values().map(|k| &k.update)
+    }
+
+    /// A member by id (this node included).
+    pub fn get(&self, id: u64) -> Option<&MemberUpdate> {
+        if id == self.me.id {
+            return Some(&self.me);
+        }
+        self.members.get(&id).map(|k| &k.update)
+    }
+
+    /// This node and every member it knows: what a joining node is given.
+    pub fn table(&self) -> Vec<MemberUpdate> {
+        std::iter::once(self.me.clone())
+            .chain(self.members().cloned())
+            .collect()
+    }
+
+    /// Takes what the driver must do.
+    pub fn drain(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Merges news from a join reply or any other source.
+    pub fn merge(&mut self, now_ms: u64, updates: impl IntoIterator<Item = MemberUpdate>) {
+        for u in updates {
+            self.merge_one(now_ms, u);
+        }
+    }
+
+    fn merge_one(&mut self, now_ms: u64, u: MemberUpdate) {
+        if u.id == self.me.id {
+            self.about_me(u);
+            return;
+        }
+        let before = self.members.get(&u.id).map(|k| k.update.clone());
+        if let Some(b) = &before
+            && rank(&u) <= rank(b)
+        {
+            return;
+        }
+        let liveness_changed = before.as_ref().is_none_or(|b| b.liveness != u.liveness);
+        let visible = before.as_ref().is_none_or(|b| {
+            b.liveness != u.liveness
+                || b.syncing != u.syncing
+                || b.addr != u.addr
+                || b.collections != u.collections
+        });
+        let since_ms = match (&before, liveness_changed) {
+            (Some(_), false) => self.members[&u.id].since_ms,
+            _ => now_ms,
+        };
+        self.members.insert(
+            u.id,
+            Known {
+                update: u.clone(),
+                since_ms,
+            },
+        );
+        self.spread(u.clone());
+        if visible {
+            self.out.push(Output::Changed {
+                member: u,
+                before: before.map(|b| b.liveness),
+            });
+        }
+    }
+
+    /// News about this node: refute anything but "alive" that is not older
+    /// than what it says of itself.
+    fn about_me(&mut self, u: MemberUpdate) {
+        if u.liveness == Liveness::Alive && u.incarnation <= self.me.incarnation {
+            return;
+        }
+        if u.liveness != Liveness::Alive && u.incarnation < self.me.incarnation {
+            return;
+        }
+        if self.me.liveness == Liveness::Left {
+            return; // leaving: nothing to refute
+        }
+        self.me.incarnation = u.incarnation + 1;
+        if u.liveness == Liveness::Dead && !self.me.syncing {
+            self.me.syncing = true;
+            self.out.push(Output::MustResync);
+        }
+        self.spread(self.me.clone());
+    }
+
+    fn spread(&mut self, update: MemberUpdate) {
+        self.news.retain(|n| n.update.id != update.id);
+        self.news.push(News { update, sent: 0 });
+    }
+
+    /// Announces a change of this node's syncing flag (a new incarnation).
+    pub fn set_syncing(&mut self, syncing: bool) {
+        if self.me.syncing != syncing {
+            self.me.syncing = syncing;
+            self.me.incarnation += 1;
+            self.spread(self.me.clone());
+        }
+    }
+
+    /// Leaves: this node is `Left` from now on and tells every member.
+    pub fn leave(&mut self) {
+        self.me.liveness = Liveness::Left;
+        self.me.incarnation += 1;
+        let targets: Vec<u64> = self.reachable(true);
+        for to in targets {
+            let gossip = Gossip {
+                from: self.me.id,
+                kind: GossipKind::Sync { reply: false },
+                updates: vec![self.me.clone()],
+            };
+            self.out.push(Output::Send { to, gossip });
+        }
+    }
+
+    /// Evidence from a failed or timed-out request: `id` becomes suspect.
+    pub fn suspect(&mut self, now_ms: u64, id: u64) {
+        if let Some(k) = self.members.get(&id)
+            && k.update.liveness == Liveness::Alive
+        {
+            let mut u = k.update.clone();
+            u.liveness = Liveness::Suspect;
+            self.merge_one(now_ms, u);
+        }
+    }
+
+    /// Evidence of life from a successful request. A suspect member is sent
+    /// a probe at once, carrying the suspicion, so that it refutes it.
+    pub fn heard_from(&mut self, id: u64) {
+        if self
+            .members
+            .get(&id)
+            .is_some_and(|k| k.update.liveness == Liveness::Suspect)
+        {
+            self.seq += 1;
+            let seq = self.seq;
+            self.send(id, GossipKind::Ping { seq, relay: None });
+        }
+    }
+
+    /// Members this node exchanges messages with: alive and suspect ones,
+    /// plus dead ones when `with_dead`.
+    fn reachable(&self, with_dead: bool) -> Vec<u64> {
+        self.members
+            .values()
+            .filter(|k| match k.update.liveness {
+                Liveness::Alive | Liveness::Suspect => true,
+                Liveness::Dead => with_dead,
+                Liveness::Left => false,
+            })
+            .map(|k| k.update.id)
+            .collect()
+    }
+
+    fn send(&mut self, to: u64, kind: GossipKind) {
+        let mut updates = self.piggyback();
+        // A member must hear what is said about it to refute it, even when
+        // that news has long stopped spreading.
+        if let Some(k) = self.members.get(&to)
+            && k.update.liveness != Liveness::Alive
+            && !updates.iter().any(|u| u.id == to)
+        {
+            updates.push(k.update.clone());
+        }
+        let gossip = Gossip {
+            from: self.me.id,
+            kind,
+            updates,
+        };
+        self.out.push(Output::Send { to, gossip });
+    }
+
+    fn piggyback(&mut self) -> Vec<MemberUpdate> {
+        let n = self.members.len() as u32 + 1;
+        let limit = self.config.retransmit * (32 - n.leading_zeros()).max(1);
+        self.news.sort_by_key(|n| n.sent);
+        let mut out = Vec::new();
+        for n in self.news.iter_mut().take(self.config.max_piggyback) {
+            n.sent += 1;
+            out.push(n.update.clone());
+        }
+        self.news.retain(|n| n.sent < limit);
+        out
+    }
+
+    /// Handles a message from another member.
+    pub fn handle(&mut self, now_ms: u64, gossip: Gossip) {
+        let Gossip {
+            from,
+            kind,
+            updates,
+        } = gossip;
+        self.merge(now_ms, updates);
+        match kind {
+            GossipKind::Ping { seq, relay } => {
+                let to = from;
+                self.send(
+                    to,
+                    GossipKind::Ack {
+                        seq,
+                        about: self.me.id,
+                        relay,
+                    },
+                );
+            }
+            GossipKind::Ack {
+                seq,
+                about,
+                relay: Some(origin),
+            } => {
+                self.send(
+                    origin,
+                    GossipKind::Ack {
+                        seq,
+                        about,
+                        relay: None,
+                    },
+                );
+            }
+            GossipKind::Ack {
+                seq,
+                about,
+                relay: None,
+            } => {
+                if let Some(p) = &mut self.probe
+                    && p.seq == seq
+                    && p.target == about
+                {
+                    p.acked = true;
+                }
+            }
+            GossipKind::PingReq { seq, target } => {
+                if self.members.contains_key(&target) {
+                    self.send(
+                        target,
+                        GossipKind::Ping {
+                            seq,
+                            relay: Some(from),
+                        },
+                    );
+                }
+            }
+            GossipKind::Sync { reply } => {
+                if reply {
+                    let gossip = Gossip {
+                        from: self.me.id,
+                        kind: GossipKind::Sync { reply: false },
+                        updates: self.table(),
+                    };
+                    self.out.push(Output::Send { to: from, gossip });
+                }
+            }
+        }
+    }
+
+    /// Advances the protocol by one period.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.ticks += 1;
+        if self.me.liveness == Liveness::Left {
+            return;
+        }
+        self.finish_probe(now_ms);
+        self.expire_suspicions(now_ms);
+        if self.probe.is_none() {
+            self.start_probe();
+        }
+        if self.ticks.is_multiple_of(self.config.sync_every) {
+            let candidates = self.reachable(true);
+            if let Some(&to) = candidates.choose(&mut self.rng) {
+                let gossip = Gossip {
+                    from: self.me.id,
+                    kind: GossipKind::Sync { reply: true },
+                    updates: self.table(),
+                };
+                self.out.push(Output::Send { to, gossip });
+            }
+        }
+    }
+
+    fn finish_probe(&mut self, now_ms: u64) {
+        let Some(p) = self.probe.clone() else {
+            return;
+        };
+        if p.acked {
+            self.probe = None;
+            return;
+        }
+        let target_liveness = self.members.get(&p.target).map(|k| k.update.liveness);
+        if !matches!(
+            target_liveness,
+            Some(Liveness::Alive) | Some(Liveness::Suspect)
+        ) {
+            // Dead, left or forgotten meanwhile: no verdict needed.
+            self.probe = None;
+            return;
+        }
+        if !p.indirect_sent {
+            let mut helpers: Vec<u64> = self
+                .members
+                .values()
+                .filter(|k| k.update.liveness == Liveness::Alive && k.update.id != p.target)
+                .map(|k| k.update.id)
+                .collect();
+            helpers.shuffle(&mut self.rng);
+            helpers.truncate(self.config.indirect_probes);
+            for h in helpers {
+                self.send(
+                    h,
+                    GossipKind::PingReq {
+                        seq: p.seq,
+                        target: p.target,
+                    },
+                );
+            }
+            if let Some(p) = &mut self.probe {
+                p.indirect_sent = true;
+            }
+            return;
+        }
+        self.probe = None;
+        self.suspect(now_ms, p.target);
+    }
+
+    fn expire_suspicions(&mut self, now_ms: u64) {
+        let expired: Vec<MemberUpdate> = self
+            .members
+            .values()
+            .filter(|k| {
+                k.update.liveness == Liveness::Suspect
+                    && now_ms >= k.since_ms + self.config.suspicion_ms
+            })
+            .map(|k| MemberUpdate {
+                liveness: Liveness::Dead,
+                ..k.update.clone()
+            })
+            .collect();
+        for u in expired {
+            self.merge_one(now_ms, u);
+        }
+    }
+
+    fn start_probe(&mut self) {
+        let target = if self.ticks.is_multiple_of(self.config.dead_probe_every) {
+            let dead: Vec<u64> = self
+                .members
+                .values()
+                .filter(|k| k.update.liveness == Liveness::Dead)
+                .map(|k| k.update.id)
+                .collect();
+            dead.choose(&mut self.rng).copied()
+        } else {
+            None
+        };
+        let target = match target {
+            Some(t) => {
+                // A dead member is pinged for news only: no verdict.
+                self.seq += 1;
+                let seq = self.seq;
+                self.send(t, GossipKind::Ping { seq, relay: None });
+                return;
+            }
+            None => self.next_target(),
+        };
+        if let Some(target) = target {
+            self.seq += 1;
+            let seq = self.seq;
+            self.probe = Some(Probe {
+                target,
+                seq,
+                indirect_sent: false,
+                acked: false,
+            });
+            self.send(target, GossipKind::Ping { seq, relay: None });
+        }
+    }
+
+    /// Round-robin over a shuffled list of live members, reshuffled each
+    /// round (SWIM's bounded time to first detection).
+    fn next_target(&mut self) -> Option<u64> {
+        loop {
+            if self.order.is_empty() {
+                self.order = self.reachable(false);
+                if self.order.is_empty() {
+                    return None;
+                }
+                self.order.shuffle(&mut self.rng);
+            }
+            let id = self.order.pop()?;
+            if self
+                .members
+                .get(&id)
+                .is_some_and(|k| matches!(k.update.liveness, Liveness::Alive | Liveness::Suspect))
+            {
+                return Some(id);
+            }
+        }
+    }
+
+    /// A random number for the driver's own choices (e.g. which peer to
+    /// compare digests with), from the same seeded source.
+    pub fn random_index(&mut self, len: usize) -> usize {
+        self.rng.random_range(0..len.max(1))
+    }
+}

@@ -1,0 +1,400 @@
+//! Deterministic simulation of the membership state machine: five nodes over
+//! a seeded network with delay, message loss, partitions (two-way and
+//! one-way), a crash and restart, and a leave. Each seed runs the whole
+//! story in simulated time; a failing seed is printed so it can be rerun
+//! alone with `DHRT_SIM_SEED=<seed>`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use dhrt_cluster::{Membership, MembershipConfig, Output, member_state};
+use dhrt_proto::{Gossip, Liveness, MemberState, MemberUpdate};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+const N: u64 = 5;
+const STEP_MS: u64 = 5;
+
+struct Msg {
+    at: u64,
+    to: u64,
+    gossip: Gossip,
+}
+
+struct Sim {
+    now: u64,
+    nodes: BTreeMap<u64, Option<Membership>>,
+    /// When each node re-synced after being told it must.
+    resync_at: BTreeMap<u64, u64>,
+    inflight: Vec<Msg>,
+    blocked: HashSet<(u64, u64)>,
+    loss: f64,
+    rng: SmallRng,
+    config: MembershipConfig,
+    lives: u64,
+}
+
+fn me(id: u64, incarnation: u64) -> MemberUpdate {
+    MemberUpdate {
+        id,
+        name: format!("n{id}"),
+        addr: format!("10.0.0.{id}:7453"),
+        incarnation,
+        liveness: Liveness::Alive,
+        syncing: false,
+        collections: None,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        Sim {
+            now: 0,
+            nodes: BTreeMap::new(),
+            resync_at: BTreeMap::new(),
+            inflight: Vec::new(),
+            blocked: HashSet::new(),
+            loss: 0.0,
+            rng: SmallRng::seed_from_u64(seed),
+            config: MembershipConfig::default(),
+            lives: 0,
+        }
+    }
+
+    /// Starts node `id` (a new life) and joins it through `seed`, as the
+    /// runtime does with a `Join` request. A rejoining node starts syncing.
+    fn start(&mut self, id: u64, seed: Option<u64>) {
+        self.lives += 1;
+        let mut m = me(id, self.now * 1000 + self.lives);
+        m.syncing = seed.is_some() && self.lives > N;
+        let mut node = Membership::new(m, self.config.clone(), self.rng.random());
+        if let Some(s) = seed {
+            let table = {
+                let seed_node = self.nodes.get_mut(&s).unwrap().as_mut().unwrap();
+                seed_node.merge(self.now, [node.me().clone()]);
+                seed_node.table()
+            };
+            node.merge(self.now, table);
+        }
+        if node.me().syncing {
+            self.resync_at.insert(id, self.now + 300);
+        }
+        self.nodes.insert(id, Some(node));
+    }
+
+    fn crash(&mut self, id: u64) {
+        self.nodes.insert(id, None);
+        self.resync_at.remove(&id);
+    }
+
+    fn run_for(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += STEP_MS;
+            let now = self.now;
+            // Deliver what is due.
+            let (due, rest): (Vec<Msg>, Vec<Msg>) =
+                self.inflight.drain(..).partition(|m| m.at <= now);
+            self.inflight = rest;
+            for m in due {
+                if let Some(Some(node)) = self.nodes.get_mut(&m.to) {
+                    node.handle(now, m.gossip);
+                }
+            }
+            // Ticks, staggered per node.
+            let period = self.config.period_ms;
+            for (&id, node) in self.nodes.iter_mut() {
+                if let Some(node) = node
+                    && (now + id * 37) % period < STEP_MS
+                {
+                    node.tick(now);
+                }
+            }
+            // Re-syncs that finished.
+            let done: Vec<u64> = self
+                .resync_at
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in done {
+                self.resync_at.remove(&id);
+                if let Some(Some(node)) = self.nodes.get_mut(&id) {
+                    node.set_syncing(false);
+                }
+            }
+            self.collect();
+        }
+    }
+
+    fn collect(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let out = match self.nodes.get_mut(&id) {
+                Some(Some(node)) => node.drain(),
+                _ => continue,
+            };
+            for o in out {
+                match o {
+                    Output::Send { to, gossip } => {
+                        if self.blocked.contains(&(id, to)) || self.rng.random_bool(self.loss) {
+                            continue;
+                        }
+                        let at = self.now + self.rng.random_range(1..20);
+                        self.inflight.push(Msg { at, to, gossip });
+                    }
+                    Output::MustResync => {
+                        self.resync_at.insert(id, self.now + 300);
+                    }
+                    Output::Changed { .. } => {}
+                }
+            }
+        }
+        // A node that owes a re-sync never calls itself healthy.
+        for (id, _) in &self.resync_at {
+            if let Some(Some(node)) = self.nodes.get(id) {
+                assert!(
+                    node.me().syncing,
+                    "node {id} announced itself healthy before re-syncing"
+                );
+            }
+        }
+    }
+
+    fn state(&self, observer: u64, of: u64) -> Option<MemberState> {
+        let node = self.nodes.get(&observer)?.as_ref()?;
+        node.get(of).map(member_state)
+    }
+
+    fn live(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Runs until every observer sees every `of` in `want`, or fails after
+    /// `within_ms`.
+    fn until(
+        &mut self,
+        what: &str,
+        observers: &[u64],
+        of: &[u64],
+        want: MemberState,
+        within_ms: u64,
+    ) -> Result<u64, String> {
+        let start = self.now;
+        loop {
+            let ok = observers
+                .iter()
+                .all(|&o| of.iter().all(|&x| x == o || self.state(o, x) == Some(want)));
+            if ok {
+                return Ok(self.now - start);
+            }
+            if self.now - start > within_ms {
+                let views: Vec<String> = observers
+                    .iter()
+                    .map(|&o| {
+                        let v: Vec<String> = of
+                            .iter()
+                            .map(|&x| format!("{x}:{:?}", self.state(o, x)))
+                            .collect();
+                        format!("node {o} sees [{}]", v.join(" "))
+                    })
+                    .collect();
+                return Err(format!(
+                    "{what}: not all {want:?} after {within_ms} ms; {}",
+                    views.join("; ")
+                ));
+            }
+            self.run_for(50);
+        }
+    }
+
+    fn never(&mut self, what: &str, ms: u64, bad: impl Fn(&Sim) -> bool) -> Result<(), String> {
+        let end = self.now + ms;
+        while self.now < end {
+            if bad(self) {
+                return Err(format!("{what} at t={}", self.now));
+            }
+            self.run_for(50);
+        }
+        Ok(())
+    }
+}
+
+fn story(seed: u64) -> Result<(), String> {
+    let mut sim = Sim::new(seed);
+    let all: Vec<u64> = (1..=N).collect();
+    sim.start(1, None);
+    for id in 2..=N {
+        // Join through any member already in.
+        let through = 1 + (seed + id) % (id - 1);
+        sim.start(id, Some(through));
+        sim.run_for(20);
+    }
+    sim.until("everyone joins", &all, &all, MemberState::Healthy, 3000)?;
+
+    // 3 % message loss: nobody is declared dead for it.
+    sim.loss = 0.03;
+    sim.never("a false death under 3% loss", 5000, |s| {
+        s.live().iter().any(|&o| {
+            s.live()
+                .iter()
+                .any(|&x| s.state(o, x) == Some(MemberState::Dead))
+        })
+    })?;
+
+    // A crash: unhealthy, then dead, on every other node.
+    sim.crash(3);
+    let others: Vec<u64> = all.iter().copied().filter(|&x| x != 3).collect();
+    let cfg = sim.config.clone();
+    sim.until(
+        "a crashed node is declared dead",
+        &others,
+        &[3],
+        MemberState::Dead,
+        4 * cfg.period_ms + cfg.suspicion_ms + 2000,
+    )?;
+
+    // It restarts (a new incarnation), re-syncs, and is healthy everywhere.
+    sim.start(3, Some(5));
+    sim.until(
+        "a restarted node heals",
+        &all,
+        &all,
+        MemberState::Healthy,
+        5000,
+    )?;
+
+    // A two-way partition {1,2} | {3,4,5}: each side declares the other
+    // dead; after healing, everyone re-syncs and is healthy again.
+    sim.loss = 0.0;
+    for a in [1, 2] {
+        for b in [3, 4, 5] {
+            sim.blocked.insert((a, b));
+            sim.blocked.insert((b, a));
+        }
+    }
+    sim.until(
+        "a partition is detected",
+        &[1, 2],
+        &[3, 4, 5],
+        MemberState::Dead,
+        cfg.suspicion_ms + 5000,
+    )?;
+    sim.until(
+        "a partition is detected (other side)",
+        &[3, 4, 5],
+        &[1, 2],
+        MemberState::Dead,
+        cfg.suspicion_ms + 5000,
+    )?;
+    sim.blocked.clear();
+    sim.until(
+        "a healed partition converges",
+        &all,
+        &all,
+        MemberState::Healthy,
+        10_000,
+    )?;
+
+    // A one-way partition 1 -> 4: indirect probes keep both healthy.
+    sim.blocked.insert((1, 4));
+    sim.never("a one-way partition kills a node", 6000, |s| {
+        all.iter().any(|&o| {
+            all.iter().any(|&x| {
+                matches!(
+                    s.state(o, x),
+                    Some(MemberState::Dead) | Some(MemberState::Left)
+                )
+            })
+        })
+    })?;
+    sim.blocked.clear();
+
+    // A graceful leave reaches everyone.
+    sim.nodes.get_mut(&4).unwrap().as_mut().unwrap().leave();
+    sim.run_for(10);
+    sim.crash(4);
+    let rest: Vec<u64> = all.iter().copied().filter(|&x| x != 4).collect();
+    sim.until("a leave spreads", &rest, &[4], MemberState::Left, 2000)?;
+    sim.until(
+        "the rest stay healthy",
+        &rest,
+        &rest,
+        MemberState::Healthy,
+        2000,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn membership_converges_through_faults_over_many_seeds() {
+    let seeds: Vec<u64> = match std::env::var("DHRT_SIM_SEED") {
+        Ok(s) => vec![s.parse().expect("DHRT_SIM_SEED is a number")],
+        Err(_) => (0..64).collect(),
+    };
+    let failures: Vec<String> = seeds
+        .iter()
+        .filter_map(|&seed| story(seed).err().map(|e| format!("seed {seed}: {e}")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed (rerun one with DHRT_SIM_SEED=<seed>):\n{}",
+        failures.len(),
+        seeds.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn old_news_never_overrides_new() {
+    let mut m = Membership::new(me(1, 10), MembershipConfig::default(), 1);
+    m.merge(0, [me(2, 5)]);
+    let dead_old = MemberUpdate {
+        liveness: Liveness::Dead,
+        ..me(2, 4)
+    };
+    m.merge(1, [dead_old]);
+    assert_eq!(m.get(2).map(member_state), Some(MemberState::Healthy));
+    let suspect_same = MemberUpdate {
+        liveness: Liveness::Suspect,
+        ..me(2, 5)
+    };
+    m.merge(2, [suspect_same]);
+    assert_eq!(m.get(2).map(member_state), Some(MemberState::Unhealthy));
+    // Alive at the same incarnation does not clear suspicion; a refutation
+    // (a higher incarnation) does.
+    m.merge(3, [me(2, 5)]);
+    assert_eq!(m.get(2).map(member_state), Some(MemberState::Unhealthy));
+    m.merge(4, [me(2, 6)]);
+    assert_eq!(m.get(2).map(member_state), Some(MemberState::Healthy));
+}
+
+#[test]
+fn a_node_told_it_is_dead_refutes_as_syncing() {
+    let mut m = Membership::new(me(1, 10), MembershipConfig::default(), 1);
+    m.merge(
+        0,
+        [MemberUpdate {
+            liveness: Liveness::Dead,
+            ..me(1, 10)
+        }],
+    );
+    assert_eq!(m.me().incarnation, 11);
+    assert_eq!(member_state(m.me()), MemberState::Syncing);
+    assert!(m.drain().contains(&Output::MustResync));
+    m.set_syncing(false);
+    assert_eq!(m.me().incarnation, 12);
+    assert_eq!(member_state(m.me()), MemberState::Healthy);
+    // A suspicion of an older incarnation is ignored.
+    m.merge(
+        1,
+        [MemberUpdate {
+            liveness: Liveness::Suspect,
+            ..me(1, 11)
+        }],
+    );
+    assert_eq!(m.me().incarnation, 12);
+}

@@ -1,0 +1,258 @@
+//! The peer protocol: what nodes say to each other on a connection that
+//! opened with the [`Channel::Peer`](crate::Channel) preamble. First a
+//! [`Handshake`] in which both sides prove they know the cluster secret
+//! (the secret itself never crosses the wire), then [`PeerMessage`]s in
+//! both directions: requests with ids and their responses (replication,
+//! reads, anti-entropy, handoff, join) and one-way [`Gossip`] for
+//! membership. Specified in `docs/protocol.md`.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::message::OpError;
+
+/// Length of handshake nonces and proofs (HMAC-SHA256).
+pub const PROOF_LEN: usize = 32;
+
+/// The version of a write: hybrid-logical-clock timestamp and the id of the
+/// node that accepted it. Greater wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    /// HLC timestamp: ms since the Unix epoch << 16 | logical counter.
+    pub ts: u64,
+    /// Node id.
+    pub node: u64,
+}
+
+/// The handshake of a peer connection, in order: `Hello` (dialer), then
+/// `Challenge` (listener), then `Proof` (dialer), then `Accepted` or
+/// `Refused` (listener). Proofs are HMAC-SHA256 under the cluster secret
+/// (empty when none is set) over the role, both nonces and both node ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handshake {
+    /// The dialer's id and nonce.
+    Hello {
+        /// The dialer's node id.
+        node: u64,
+        /// Fresh random bytes.
+        nonce: [u8; PROOF_LEN],
+    },
+    /// The listener's id, its nonce, and its proof over both nonces.
+    Challenge {
+        /// The listener's node id.
+        node: u64,
+        /// Fresh random bytes.
+        nonce: [u8; PROOF_LEN],
+        /// The listener's proof.
+        proof: [u8; PROOF_LEN],
+    },
+    /// The dialer's proof over both nonces.
+    Proof {
+        /// The dialer's proof.
+        proof: [u8; PROOF_LEN],
+    },
+    /// The dialer may now send [`PeerMessage`]s.
+    Accepted,
+    /// The listener refuses the dialer; the connection closes.
+    Refused {
+        /// Why, for the dialer's log.
+        reason: String,
+    },
+}
+
+/// One frame on an established peer connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// A request; answered by a `Response` with the same id.
+    Request {
+        /// Chosen by the sender, echoed in the response.
+        id: u64,
+        /// What to do.
+        op: PeerOp,
+    },
+    /// The answer to the request with this id.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The outcome.
+        result: Result<PeerReply, OpError>,
+    },
+    /// Membership news; never answered directly.
+    Gossip(Gossip),
+}
+
+/// One replicated change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mutation {
+    /// A set (`value: Some`) or a delete (`None`) of a key, with its version.
+    Put {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// The value, or `None` for a delete.
+        value: Option<Bytes>,
+        /// The write's version.
+        version: Stamp,
+    },
+    /// Every key of `collection` older than `version` is gone.
+    Drop {
+        /// Collection.
+        collection: String,
+        /// The drop's version.
+        version: Stamp,
+    },
+}
+
+/// A key's entry as one node holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    /// The value, or `None` for a tombstone.
+    pub value: Option<Bytes>,
+    /// Its version.
+    pub version: Stamp,
+}
+
+/// What one node holds of a collection, summarized for anti-entropy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionDigest {
+    /// Collection.
+    pub collection: String,
+    /// The digest of each key-hash bucket.
+    pub buckets: Vec<u64>,
+    /// The collection's newest drop, if any.
+    pub dropped_at: Option<Stamp>,
+}
+
+/// A request from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerOp {
+    /// Apply these replicated changes: [`PeerReply::Applied`].
+    Apply(Vec<Mutation>),
+    /// The receiver's entry for a key, tombstones included:
+    /// [`PeerReply::Entry`].
+    Read {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+    },
+    /// The receiver's digests of these collections (every collection it
+    /// has, when empty): [`PeerReply::Digests`].
+    Digests(Vec<String>),
+    /// Every record of these buckets of a collection: [`PeerReply::Records`].
+    Buckets {
+        /// Collection.
+        collection: String,
+        /// Bucket numbers.
+        buckets: Vec<u32>,
+    },
+    /// A new node asks to join: [`PeerReply::Members`] with everyone known.
+    Join(MemberUpdate),
+    /// Stream a collection to the sender (join handoff), newest writes
+    /// first, as `Apply` requests back over the sender's own connection;
+    /// answered with [`PeerReply::HandoffDone`] once all are applied.
+    Handoff {
+        /// Collection.
+        collection: String,
+    },
+}
+
+/// The answer to a [`PeerOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerReply {
+    /// How many of the changes took effect (the others were older than
+    /// what the receiver holds).
+    Applied(u64),
+    /// The entry, or `None` if the receiver has never seen the key.
+    Entry(Option<Versioned>),
+    /// Digests, one per collection.
+    Digests(Vec<CollectionDigest>),
+    /// Records, as mutations to apply.
+    Records(Vec<Mutation>),
+    /// The members the receiver knows, itself included.
+    Members(Vec<MemberUpdate>),
+    /// The handoff of a collection is complete: how many records it sent.
+    HandoffDone(u64),
+}
+
+/// A member's liveness, as one node has heard it. At equal incarnation a
+/// later state in this order overrides an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Liveness {
+    /// Answering.
+    Alive,
+    /// A probe or request failed; the member may refute it.
+    Suspect,
+    /// Suspected for too long; must re-sync before it serves again.
+    Dead,
+    /// Left gracefully.
+    Left,
+}
+
+/// What is known of one member at one incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberUpdate {
+    /// Node id.
+    pub id: u64,
+    /// Human name.
+    pub name: String,
+    /// The address peers reach it at.
+    pub addr: String,
+    /// Bumped by the member itself to refute suspicion or announce a change;
+    /// newer incarnations override older ones.
+    pub incarnation: u64,
+    /// Liveness at that incarnation.
+    pub liveness: Liveness,
+    /// The member is catching up (join handoff or re-sync) and is not yet a
+    /// complete replica.
+    pub syncing: bool,
+    /// The collections it hosts, or `None` for all.
+    pub collections: Option<Vec<String>>,
+}
+
+/// A membership message: the protocol exchange plus piggybacked news.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gossip {
+    /// The sender's node id.
+    pub from: u64,
+    /// What kind of exchange this is.
+    pub kind: GossipKind,
+    /// Recent membership news.
+    pub updates: Vec<MemberUpdate>,
+}
+
+/// The exchanges of the membership protocol (SWIM with push-pull sync).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GossipKind {
+    /// Are you there? Answer with `Ack { seq, about: you }`; with
+    /// `relay: Some(origin)`, the sender asks on `origin`'s behalf.
+    Ping {
+        /// Probe sequence number.
+        seq: u64,
+        /// The node that asked for this probe, if indirect.
+        relay: Option<u64>,
+    },
+    /// `about` answered probe `seq`.
+    Ack {
+        /// Probe sequence number.
+        seq: u64,
+        /// The probed node.
+        about: u64,
+        /// The node the ack is forwarded to, if the probe was indirect.
+        relay: Option<u64>,
+    },
+    /// Please probe `target` for me and forward its ack.
+    PingReq {
+        /// The asker's probe sequence number.
+        seq: u64,
+        /// The node to probe.
+        target: u64,
+    },
+    /// My full member table (in `updates`); answer with yours
+    /// (`reply: false` on the answer).
+    Sync {
+        /// Whether the receiver should answer with its own table.
+        reply: bool,
+    },
+}
