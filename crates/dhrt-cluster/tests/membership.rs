@@ -150,7 +150,7 @@ impl Sim {
             }
         }
         // A node that owes a re-sync never calls itself healthy.
-        for (id, _) in &self.resync_at {
+        for id in self.resync_at.keys() {
             if let Some(Some(node)) = self.nodes.get(id) {
                 assert!(
                     node.me().syncing,
