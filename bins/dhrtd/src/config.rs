@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use dhrt_cluster::WriteAck;
 use serde::Deserialize;
 
 /// The dhrt node daemon.
@@ -38,6 +39,38 @@ pub(crate) struct Args {
     /// Log format: text or json (filter with DHRT_LOG, e.g. DHRT_LOG=debug).
     #[arg(long, env = "DHRT_LOG_FORMAT", value_name = "text|json")]
     log_format: Option<String>,
+    /// Join the cluster that ADDR belongs to (any member; repeat or
+    /// separate with commas to give several).
+    #[arg(
+        long,
+        visible_alias = "join",
+        env = "DHRT_NODE",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    node: Vec<String>,
+    /// Write concern: all (every healthy replica), quorum, or local.
+    #[arg(long, env = "DHRT_WRITE_ACK", value_name = "all|quorum|local")]
+    write_ack: Option<String>,
+    /// Per-peer request timeout in milliseconds.
+    #[arg(long, env = "DHRT_TIMEOUT_MS", value_name = "N")]
+    timeout_ms: Option<u64>,
+    /// Shared secret every peer must prove it knows.
+    #[arg(
+        long,
+        env = "DHRT_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    cluster_secret: Option<String>,
+    /// Host only these collections (comma-separated); default all.
+    #[arg(
+        long,
+        env = "DHRT_COLLECTIONS",
+        value_name = "A,B",
+        value_delimiter = ','
+    )]
+    collections: Vec<String>,
     /// A TOML file with any of the settings above (kebab-case keys).
     #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -55,6 +88,11 @@ struct File {
     name: Option<String>,
     max_connections: Option<usize>,
     log_format: Option<String>,
+    node: Option<Vec<String>>,
+    write_ack: Option<String>,
+    timeout_ms: Option<u64>,
+    cluster_secret: Option<String>,
+    collections: Option<Vec<String>>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -77,6 +115,11 @@ pub(crate) struct Config {
     pub(crate) max_connections: usize,
     pub(crate) json_logs: bool,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) seeds: Vec<String>,
+    pub(crate) write_ack: WriteAck,
+    pub(crate) timeout: Duration,
+    pub(crate) cluster_secret: Option<String>,
+    pub(crate) collections: Option<Vec<String>>,
 }
 
 impl Config {
@@ -109,6 +152,37 @@ impl Config {
             "json" => true,
             other => bail!("--log-format must be text or json, not {other:?}"),
         };
+        let write_ack: WriteAck = args
+            .write_ack
+            .or(file.write_ack)
+            .as_deref()
+            .unwrap_or("all")
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--write-ack: {e}"))?;
+        let timeout_ms = args.timeout_ms.or(file.timeout_ms).unwrap_or(500);
+        if timeout_ms == 0 {
+            bail!("--timeout-ms must be at least 1");
+        }
+        let seeds = if args.node.is_empty() {
+            file.node.unwrap_or_default()
+        } else {
+            args.node
+        };
+        let collections = if args.collections.is_empty() {
+            file.collections
+        } else {
+            Some(args.collections)
+        };
+        if let Some(c) = &collections {
+            for name in c {
+                dhrt_storage::validate_collection_name(name)
+                    .map_err(|e| anyhow::anyhow!("--collections: {e}"))?;
+            }
+        }
+        let cluster_secret = args
+            .cluster_secret
+            .or(file.cluster_secret)
+            .filter(|s| !s.is_empty());
         let advertise = args
             .advertise
             .or(file.advertise)
@@ -129,6 +203,11 @@ impl Config {
                 .unwrap_or(10_000),
             json_logs,
             shutdown_grace: Duration::from_secs(10),
+            seeds,
+            write_ack,
+            timeout: Duration::from_millis(timeout_ms),
+            cluster_secret,
+            collections,
         })
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use dhrt_cluster::{BinaryLimits, Identity, Node};
+use dhrt_cluster::{BinaryLimits, Cluster, ClusterOptions, Identity, Node};
 use dhrt_storage::{Options, Store, SyncMode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -139,13 +139,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         (store, id)
     };
-    let node = Arc::new(Node::new(
+    let cluster = Cluster::new(
+        store.clone(),
+        (id, config.name.clone(), config.advertise.clone()),
+        ClusterOptions {
+            write_ack: config.write_ack,
+            timeout: config.timeout,
+            secret: config.cluster_secret.clone(),
+            collections: config.collections.clone(),
+            seeds: config.seeds.clone(),
+            ..ClusterOptions::default()
+        },
+    );
+    let node = Arc::new(Node::with_cluster(
         store,
         Identity {
             id,
             name: config.name.clone(),
             addr: config.advertise.clone(),
         },
+        cluster.clone(),
     ));
     let listener = TcpListener::bind(config.listen)
         .await
@@ -155,6 +168,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             listen = %config.listen,
             "LISTENING ON A NON-LOOPBACK ADDRESS: anyone who can reach it can read and write every key"
         );
+        if config.cluster_secret.is_none() {
+            tracing::warn!(
+                listen = %config.listen,
+                "NO CLUSTER SECRET ON A NON-LOOPBACK ADDRESS: anyone who can reach this port can join the cluster and replicate writes into it; set --cluster-secret"
+            );
+        }
     }
     let servers = Arc::new(listener::Servers {
         node: node.clone(),
@@ -171,6 +190,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sync = ?config.sync,
         "dhrtd is serving"
     );
+    cluster.start();
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -190,6 +210,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await;
     node.store().sync().context("final flush")?;
+    cluster.leave().await;
+    tracing::info!("told the cluster this node is leaving");
     tracing::info!("flushed; exiting");
     Ok(())
 }

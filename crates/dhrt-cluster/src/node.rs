@@ -1,16 +1,18 @@
-//! The node facade: the [`Operations`] a client sees, over the local store.
-//! (Replication to peers and fan-out reads join here with the cluster.)
+//! The node facade: the [`Operations`] a client sees, over the local store
+//! and the cluster: writes are saved locally and replicated, local misses
+//! are asked of the other nodes.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionInfo, Entry, ErrorKind, MemberInfo, MemberState, NodeInfo, NodeStats, OpError,
-    Operations, Page,
+    CollectionInfo, Entry, ErrorKind, Mutation, NodeInfo, NodeStats, OpError, Operations, Page,
 };
 use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode};
 
+use crate::cluster::{Cluster, stamp};
 use crate::metrics::{Metrics, OpKind, Outcome};
 
 /// Who this node is.
@@ -31,11 +33,12 @@ pub struct Node {
     identity: Identity,
     started: Instant,
     metrics: Metrics,
+    cluster: Arc<Cluster>,
 }
 
 /// The storage error as an operation error: the kind decides the HTTP
 /// status and the client's error type.
-fn op_error(e: StorageError) -> OpError {
+pub(crate) fn op_error(e: StorageError) -> OpError {
     let kind = match &e {
         StorageError::InvalidCollection { .. } | StorageError::InvalidKey { .. } => {
             ErrorKind::InvalidInput
@@ -50,6 +53,24 @@ fn op_error(e: StorageError) -> OpError {
     OpError::new(kind, e.to_string())
 }
 
+/// The checks the store makes, for a write this node forwards without
+/// storing.
+fn check_entry(key: &[u8], value: &[u8]) -> Result<(), OpError> {
+    if key.is_empty() || key.len() > dhrt_storage::MAX_KEY_LEN {
+        return Err(op_error(StorageError::InvalidKey {
+            len: key.len(),
+            max: dhrt_storage::MAX_KEY_LEN,
+        }));
+    }
+    if value.len() > u32::MAX as usize {
+        return Err(op_error(StorageError::ValueTooLarge {
+            len: value.len(),
+            max: u32::MAX as usize,
+        }));
+    }
+    Ok(())
+}
+
 /// Collections whose names start with `_` belong to the system.
 fn user_collection(name: &str) -> Result<(), OpError> {
     if name.starts_with('_') {
@@ -62,14 +83,30 @@ fn user_collection(name: &str) -> Result<(), OpError> {
 }
 
 impl Node {
-    /// A node serving `store`.
+    /// A node serving `store` alone (a cluster of one until someone joins).
     pub fn new(store: Store, identity: Identity) -> Self {
+        let cluster = Cluster::single(
+            store.clone(),
+            (identity.id, identity.name.clone(), identity.addr.clone()),
+        );
+        Node::with_cluster(store, identity, cluster)
+    }
+
+    /// A node serving `store` as a member of `cluster` (built over the same
+    /// store).
+    pub fn with_cluster(store: Store, identity: Identity, cluster: Arc<Cluster>) -> Self {
         Node {
             store,
             identity,
             started: Instant::now(),
             metrics: Metrics::default(),
+            cluster,
         }
+    }
+
+    /// The cluster side of this node.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// The local store.
@@ -99,13 +136,50 @@ impl Node {
 impl Node {
     async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         user_collection(collection)?;
-        self.store.get(collection, key).map_err(op_error)
+        if let Some(r) = self.store.lookup(collection, key).map_err(op_error)? {
+            // A tombstone is an answer too.
+            return Ok(r.value);
+        }
+        if !self.cluster.has_peers() {
+            return Ok(None);
+        }
+        let found = self.cluster.read_remote(collection, key).await;
+        match found {
+            Some(v) => {
+                if self.cluster.stores_locally(collection) {
+                    // Read repair: keep what the others had.
+                    let m = Mutation::Put {
+                        collection: collection.to_string(),
+                        key: Bytes::copy_from_slice(key),
+                        value: v.value.clone(),
+                        version: v.version,
+                    };
+                    let _ = self.cluster.apply_async(vec![m]).await;
+                }
+                Ok(v.value)
+            }
+            None => Ok(None),
+        }
     }
 
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
         user_collection(collection)?;
-        let (c, k) = (collection.to_string(), key.to_vec());
-        self.write(move |s| s.set(&c, &k, &value)).await
+        let local = self.cluster.stores_locally(collection);
+        let version = if local {
+            let (c, k, v) = (collection.to_string(), key.to_vec(), value.clone());
+            self.write(move |s| s.set_versioned(&c, &k, &v)).await?
+        } else {
+            check_entry(key, &value)?;
+            self.cluster.stamp_now()
+        };
+        let m = Mutation::Put {
+            collection: collection.to_string(),
+            key: Bytes::copy_from_slice(key),
+            value: Some(value),
+            version: stamp(version),
+        };
+        self.cluster.replicate(vec![m], local).await;
+        Ok(())
     }
 
     async fn op_set_many(
@@ -114,18 +188,61 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
     ) -> Result<(), OpError> {
         user_collection(collection)?;
-        let c = collection.to_string();
-        self.write(move |s| {
-            let refs: Vec<(&[u8], &[u8])> = entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-            s.set_many(&c, &refs).map(|_| ())
-        })
-        .await
+        let local = self.cluster.stores_locally(collection);
+        let (c, entries) = (collection.to_string(), Arc::new(entries));
+        let versions = if local {
+            let entries = entries.clone();
+            self.write(move |s| {
+                let refs: Vec<(&[u8], &[u8])> =
+                    entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+                s.set_many(&c, &refs)
+            })
+            .await?
+        } else {
+            for (k, v) in entries.iter() {
+                check_entry(k, v)?;
+            }
+            entries.iter().map(|_| self.cluster.stamp_now()).collect()
+        };
+        if !self.cluster.has_peers() {
+            return Ok(());
+        }
+        let mutations = entries
+            .iter()
+            .zip(versions)
+            .map(|((k, v), version)| Mutation::Put {
+                collection: collection.to_string(),
+                key: k.clone(),
+                value: Some(v.clone()),
+                version: stamp(version),
+            })
+            .collect();
+        self.cluster.replicate(mutations, local).await;
+        Ok(())
     }
 
     async fn op_delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
         user_collection(collection)?;
         let (c, k) = (collection.to_string(), key.to_vec());
-        self.write(move |s| s.delete(&c, &k)).await
+        if !self.cluster.has_peers() {
+            return self.write(move |s| s.delete(&c, &k)).await;
+        }
+        // Whether the key existed is a question for the whole cluster when
+        // this node has no entry for it.
+        let known_here = self.store.lookup(collection, key).map_err(op_error)?;
+        let remote = match known_here {
+            None => self.cluster.read_remote(collection, key).await,
+            Some(_) => None,
+        };
+        let (version, was_live) = self.write(move |s| s.delete_versioned(&c, &k)).await?;
+        let m = Mutation::Put {
+            collection: collection.to_string(),
+            key: Bytes::copy_from_slice(key),
+            value: None,
+            version: stamp(version),
+        };
+        self.cluster.replicate(vec![m], true).await;
+        Ok(was_live || remote.is_some_and(|v| v.value.is_some()))
     }
 
     async fn op_list(
@@ -162,7 +279,16 @@ impl Node {
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
         user_collection(collection)?;
         let c = collection.to_string();
-        let keys = self.write(move |s| s.drop_collection(&c)).await?;
+        let version = self.store.clock().now();
+        let keys = self
+            .write(move |s| s.apply_drop(&c, version))
+            .await?
+            .unwrap_or_default();
+        let m = Mutation::Drop {
+            collection: collection.to_string(),
+            version: stamp(version),
+        };
+        self.cluster.replicate(vec![m], true).await;
         Ok(keys.into_iter().map(Bytes::from).collect())
     }
 
@@ -193,12 +319,8 @@ impl Node {
                     bytes: c.bytes,
                 })
                 .collect(),
-            members: vec![MemberInfo {
-                id,
-                name: self.identity.name.clone(),
-                addr: self.identity.addr.clone(),
-                state: MemberState::Healthy,
-            }],
+            members: self.cluster.members(),
+            sync: self.cluster.sync_info(),
         }
     }
 }

@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use dhrt_proto::{
-    DEFAULT_MAX_FRAME, Decoded, ErrorKind, Op, OpError, Operations, PREAMBLE_LEN, Preamble, Reply,
-    Request, Response, dispatch, encode_frame, frame_bounds, read_preamble, request_id,
+    Channel, DEFAULT_MAX_FRAME, Decoded, ErrorKind, Op, OpError, Operations, PREAMBLE_LEN,
+    Preamble, Reply, Request, Response, dispatch, encode_frame, frame_bounds, read_preamble,
+    request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::node::Node;
+use crate::peer_server::serve_peer;
 
 /// Limits of a binary connection.
 #[derive(Debug, Clone)]
@@ -64,19 +68,26 @@ async fn read_more<S: AsyncRead + Unpin>(
 /// Serves one binary connection until the client leaves, it idles, it breaks
 /// the protocol, or `shutdown` completes (requests already received are
 /// answered first).
-pub async fn serve_binary<O, S>(
+pub async fn serve_binary<S>(
     mut stream: S,
-    ops: Arc<O>,
+    ops: Arc<Node>,
     limits: BinaryLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<Closed>
 where
-    O: Operations,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
         match read_preamble(&buf) {
+            Ok(Preamble::Binary {
+                channel: Channel::Peer,
+                ..
+            }) => {
+                buf.advance(PREAMBLE_LEN);
+                let cluster = ops.cluster().clone();
+                return serve_peer(stream, buf, cluster, limits.max_frame, shutdown).await;
+            }
             Ok(Preamble::Binary { .. }) => {
                 buf.advance(PREAMBLE_LEN);
                 break;

@@ -158,6 +158,7 @@ impl Operations for MapNode {
                 addr: "127.0.0.1:0".into(),
                 state: MemberState::Healthy,
             }],
+            sync: None,
         }
     }
 }

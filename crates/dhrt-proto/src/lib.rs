@@ -40,4 +40,4 @@ pub use peer::{
     CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate, Mutation, PROOF_LEN,
     PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
 };
-pub use stats::{CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats};
+pub use stats::{CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo};

@@ -122,6 +122,8 @@ pub struct CollectionDigest {
     pub buckets: Vec<u64>,
     /// The collection's newest drop, if any.
     pub dropped_at: Option<Stamp>,
+    /// Entries held (live keys and tombstones).
+    pub entries: u64,
 }
 
 /// A request from one node to another.

@@ -13,6 +13,21 @@ pub struct NodeStats {
     pub collections: Vec<CollectionInfo>,
     /// Every node this node knows, itself included.
     pub members: Vec<MemberInfo>,
+    /// Progress of this node's join handoff or re-sync, while it runs.
+    pub sync: Option<SyncInfo>,
+}
+
+/// Progress of a join handoff or re-sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncInfo {
+    /// Records received so far.
+    pub received: u64,
+    /// Records expected (what the peers reported when it started).
+    pub total: u64,
+    /// `received` as a percentage of `total`, 0 to 100.
+    pub percent: u64,
+    /// Records received per second since it started.
+    pub keys_per_s: u64,
 }
 
 /// This node.

@@ -93,6 +93,7 @@ impl Operations for MapNode {
             },
             collections: Vec::new(),
             members: Vec::<MemberInfo>::new(),
+            sync: None,
         }
     }
 }

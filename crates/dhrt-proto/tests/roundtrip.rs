@@ -56,6 +56,7 @@ fn stats() -> NodeStats {
             addr: "127.0.0.1:7453".into(),
             state: MemberState::Healthy,
         }],
+        sync: None,
     }
 }
 

@@ -1,0 +1,1188 @@
+//! The cluster: the tokio layer around the membership state machine, one
+//! replication queue per peer (batched, bounded hints while it is away),
+//! write concerns, fan-out reads, anti-entropy over digests, join handoff and
+//! re-sync, and leave. The node facade (`node.rs`) calls into it; the peer
+//! server (`peer_server.rs`) feeds it what peers send.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dhrt_proto::{
+    CollectionDigest, ErrorKind, Gossip, Liveness, MemberInfo, MemberUpdate, Mutation, OpError,
+    PeerOp, PeerReply, Stamp, SyncInfo, Versioned,
+};
+use dhrt_storage::{DIGEST_BUCKETS, Digest, LOGICAL_BITS, Store, SyncMode, Version, wall_ms};
+use tokio::sync::Notify;
+
+use crate::link::{Dialer, Link, LinkError};
+use crate::membership::{Membership, MembershipConfig, Output, member_state};
+
+/// How many replicas acknowledge a write before the client hears "ok".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteAck {
+    /// Every healthy replica hosting the collection (bounded by the timeout).
+    #[default]
+    All,
+    /// A majority of the replicas hosting the collection, this node included.
+    Quorum,
+    /// This node alone; replication runs in the background.
+    Local,
+}
+
+impl FromStr for WriteAck {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(WriteAck::All),
+            "quorum" => Ok(WriteAck::Quorum),
+            "local" => Ok(WriteAck::Local),
+            other => Err(format!(
+                "unknown write ack {other:?} (expected all, quorum or local)"
+            )),
+        }
+    }
+}
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The write concern.
+    pub write_ack: WriteAck,
+    /// Per-peer request timeout.
+    pub timeout: Duration,
+    /// The shared secret peers must prove they know (`None`: empty secret).
+    pub secret: Option<String>,
+    /// The collections this node hosts, or `None` for all.
+    pub collections: Option<Vec<String>>,
+    /// Members to join through.
+    pub seeds: Vec<String>,
+    /// Membership protocol timing.
+    pub membership: MembershipConfig,
+    /// How often digests are compared with a random peer.
+    pub anti_entropy_every: Duration,
+    /// Writes kept per peer while it is away; beyond this, anti-entropy
+    /// repairs it when it returns.
+    pub max_hints: usize,
+    /// Replicated writes stamped further than this in the future are refused.
+    pub max_clock_ahead: Duration,
+    /// Largest frame on peer connections.
+    pub max_frame: u32,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            write_ack: WriteAck::All,
+            timeout: Duration::from_millis(500),
+            secret: None,
+            collections: None,
+            seeds: Vec::new(),
+            membership: MembershipConfig::default(),
+            anti_entropy_every: Duration::from_secs(2),
+            max_hints: 1_000_000,
+            max_clock_ahead: Duration::from_secs(60),
+            max_frame: dhrt_proto::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// Mutations per `Apply` frame, and their bytes.
+const BATCH_ITEMS: usize = 4096;
+const BATCH_BYTES: usize = 4 << 20;
+/// Buckets asked for per anti-entropy request.
+const BUCKETS_PER_REQUEST: usize = 32;
+
+fn mutation_bytes(m: &Mutation) -> usize {
+    match m {
+        Mutation::Put {
+            collection,
+            key,
+            value,
+            ..
+        } => 48 + collection.len() + key.len() + value.as_ref().map_or(0, Bytes::len),
+        Mutation::Drop { collection, .. } => 32 + collection.len(),
+    }
+}
+
+fn collection_of(m: &Mutation) -> &str {
+    match m {
+        Mutation::Put { collection, .. } | Mutation::Drop { collection, .. } => collection,
+    }
+}
+
+pub(crate) fn stamp(v: Version) -> Stamp {
+    Stamp {
+        ts: v.ts,
+        node: v.node,
+    }
+}
+
+pub(crate) fn version(s: Stamp) -> Version {
+    Version::new(s.ts, s.node)
+}
+
+fn hosts(m: &MemberUpdate, collection: &str) -> bool {
+    m.collections
+        .as_ref()
+        .is_none_or(|c| c.iter().any(|x| x == collection))
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Sequence number of the last mutation enqueued.
+    last_seq: u64,
+    items: VecDeque<(u64, Mutation)>,
+    /// Writes were dropped for lack of room: anti-entropy must repair.
+    overflowed: bool,
+}
+
+/// One peer: its connection and the writes on their way to it.
+#[derive(Debug)]
+struct Peer {
+    id: u64,
+    link: Link,
+    queue: Mutex<Queue>,
+    wake: Notify,
+    /// Sequence number of the last mutation the peer acknowledged.
+    acked: AtomicU64,
+    gone: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct SyncProgress {
+    running: AtomicBool,
+    received: AtomicU64,
+    total: AtomicU64,
+    started: Mutex<Option<Instant>>,
+}
+
+/// The cluster side of a node.
+pub struct Cluster {
+    store: Store,
+    options: ClusterOptions,
+    dialer: Dialer,
+    membership: Mutex<Membership>,
+    epoch: Instant,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    acks: Notify,
+    sync: SyncProgress,
+    running: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.dialer.me)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// The cluster side of node `me` (its id, name and advertised address)
+    /// over `store`. Nothing runs until [`start`](Self::start).
+    pub fn new(store: Store, me: (u64, String, String), options: ClusterOptions) -> Arc<Self> {
+        let (id, name, addr) = me;
+        let update = MemberUpdate {
+            id,
+            name,
+            addr,
+            // Above every incarnation of this node's earlier lives, as long
+            // as the wall clock moves forward between restarts.
+            incarnation: wall_ms(),
+            liveness: Liveness::Alive,
+            syncing: !options.seeds.is_empty(),
+            collections: options.collections.clone(),
+        };
+        let seed = id ^ wall_ms();
+        let membership = Membership::new(update, options.membership.clone(), seed);
+        Arc::new(Cluster {
+            dialer: Dialer {
+                me: id,
+                secret: options
+                    .secret
+                    .clone()
+                    .unwrap_or_default()
+                    .into_bytes()
+                    .into(),
+                max_frame: options.max_frame,
+            },
+            store,
+            options,
+            membership: Mutex::new(membership),
+            epoch: Instant::now(),
+            peers: Mutex::new(HashMap::new()),
+            acks: Notify::new(),
+            sync: SyncProgress::default(),
+            running: AtomicBool::new(true),
+        })
+    }
+
+    /// A cluster of one: no seeds, no peers until someone joins.
+    pub fn single(store: Store, me: (u64, String, String)) -> Arc<Self> {
+        Cluster::new(store, me, ClusterOptions::default())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.dialer.me
+    }
+
+    /// The settings.
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
+    pub(crate) fn secret(&self) -> &[u8] {
+        &self.dialer.secret
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Starts the membership protocol, anti-entropy and, with seeds, the
+    /// join and its handoff. Call once, inside a tokio runtime.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.membership_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.anti_entropy_loop().await });
+        if !self.options.seeds.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.join().await });
+        }
+    }
+
+    // ---- membership -------------------------------------------------------
+
+    fn with_membership<T>(self: &Arc<Self>, f: impl FnOnce(&mut Membership, u64) -> T) -> T {
+        let now = self.now_ms();
+        let (value, outputs) = {
+            let mut m = self.membership.lock().unwrap();
+            let value = f(&mut m, now);
+            (value, m.drain())
+        };
+        self.perform(outputs);
+        value
+    }
+
+    fn perform(self: &Arc<Self>, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, gossip } => {
+                    if let Some(peer) = self.peer(to) {
+                        let timeout = self.options.timeout;
+                        tokio::spawn(async move {
+                            let _ = peer.link.gossip(gossip, timeout).await;
+                        });
+                    }
+                }
+                Output::Changed { member, before } => self.member_changed(member, before),
+                Output::MustResync => {
+                    tracing::warn!(
+                        "the cluster declared this node dead while it was away: re-syncing"
+                    );
+                    let me = self.clone();
+                    tokio::spawn(async move { me.resync().await });
+                }
+            }
+        }
+    }
+
+    fn member_changed(self: &Arc<Self>, member: MemberUpdate, before: Option<Liveness>) {
+        let state = member_state(&member);
+        tracing::info!(
+            peer = %member.name, addr = %member.addr, id = %format!("{:016x}", member.id),
+            "member is {}", serde_json_state(state)
+        );
+        let Some(peer) = self.peer(member.id) else {
+            return;
+        };
+        match member.liveness {
+            Liveness::Left => {
+                // It said goodbye: what it would have received is its
+                // problem on return (anti-entropy), not a growing queue here.
+                let mut q = peer.queue.lock().unwrap();
+                q.items.clear();
+                peer.acked.store(q.last_seq, Ordering::Release);
+                drop(q);
+                self.acks.notify_waiters();
+            }
+            Liveness::Alive => {
+                peer.wake.notify_one();
+                let overflowed = std::mem::take(&mut peer.queue.lock().unwrap().overflowed);
+                if overflowed || matches!(before, Some(Liveness::Dead) | Some(Liveness::Left)) {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.anti_entropy_with(member.id).await {
+                            tracing::debug!("anti-entropy with a returning peer: {e}");
+                        }
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer with this id, created (with its replication task) on first
+    /// use. `None` for this node and unknown ids.
+    fn peer(self: &Arc<Self>, id: u64) -> Option<Arc<Peer>> {
+        if id == self.dialer.me {
+            return None;
+        }
+        let addr = self.membership.lock().unwrap().get(id)?.addr.clone();
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get(&id)
+            && p.link.addr() == addr
+        {
+            return Some(p.clone());
+        }
+        if let Some(old) = peers.remove(&id) {
+            old.gone.store(true, Ordering::Release);
+            old.wake.notify_one();
+        }
+        let peer = Arc::new(Peer {
+            id,
+            link: Link::new(addr, self.dialer.clone()),
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            acked: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+        });
+        peers.insert(id, peer.clone());
+        let me = self.clone();
+        let p = peer.clone();
+        tokio::spawn(async move { me.replication_loop(p).await });
+        Some(peer)
+    }
+
+    async fn membership_loop(self: Arc<Self>) {
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(self.options.membership.period_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.running.load(Ordering::Acquire) {
+            ticker.tick().await;
+            self.with_membership(|m, now| m.tick(now));
+        }
+    }
+
+    /// Membership news from a peer.
+    pub(crate) fn on_gossip(self: &Arc<Self>, gossip: Gossip) {
+        self.with_membership(|m, now| m.handle(now, gossip));
+    }
+
+    /// A node asks to join through this one: learn it, and hand it the table.
+    pub(crate) fn on_join(self: &Arc<Self>, update: MemberUpdate) -> Vec<MemberUpdate> {
+        self.with_membership(|m, now| {
+            m.merge(now, [update]);
+            m.table()
+        })
+    }
+
+    fn suspect(self: &Arc<Self>, id: u64) {
+        self.with_membership(|m, now| m.suspect(now, id));
+    }
+
+    fn heard_from(self: &Arc<Self>, id: u64) {
+        self.with_membership(|m, _| m.heard_from(id));
+    }
+
+    /// Joins through `addr` (or the configured seeds): learns the members,
+    /// receives the handoff, and then reports itself healthy.
+    async fn join(self: Arc<Self>) {
+        let seeds = self.options.seeds.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            for seed in &seeds {
+                match self.join_through(seed).await {
+                    Ok(()) => {
+                        self.handoff().await;
+                        return;
+                    }
+                    Err(e) => tracing::warn!("joining through {seed}: {e}"),
+                }
+            }
+            if !self.running.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Asks the member at `addr` to let this node in.
+    pub async fn join_through(self: &Arc<Self>, addr: &str) -> Result<(), LinkError> {
+        let link = Link::new(addr.to_string(), self.dialer.clone());
+        let me = self.membership.lock().unwrap().me().clone();
+        match link
+            .request(
+                PeerOp::Join(me),
+                self.options.timeout.max(Duration::from_secs(2)),
+            )
+            .await?
+        {
+            PeerReply::Members(table) => {
+                tracing::info!("joined through {addr}: {} members", table.len());
+                self.with_membership(|m, now| m.merge(now, table));
+                Ok(())
+            }
+            other => Err(LinkError::Refused {
+                addr: addr.to_string(),
+                reason: format!("unexpected answer to a join: {other:?}"),
+            }),
+        }
+    }
+
+    /// Live members other than this one, healthy first.
+    fn alive_peers(&self) -> Vec<MemberUpdate> {
+        let m = self.membership.lock().unwrap();
+        let mut peers: Vec<MemberUpdate> = m
+            .members()
+            .filter(|u| u.liveness == Liveness::Alive)
+            .cloned()
+            .collect();
+        peers.sort_by_key(|u| u.syncing);
+        peers
+    }
+
+    /// Whether any other member is known (left ones aside).
+    pub fn has_peers(&self) -> bool {
+        self.membership
+            .lock()
+            .unwrap()
+            .members()
+            .any(|u| u.liveness != Liveness::Left)
+    }
+
+    /// Every member, this node included, for stats.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let table = self.membership.lock().unwrap().table();
+        table
+            .iter()
+            .map(|u| MemberInfo {
+                id: format!("{:016x}", u.id),
+                name: u.name.clone(),
+                addr: u.addr.clone(),
+                state: member_state(u),
+            })
+            .collect()
+    }
+
+    /// Progress of a running handoff or re-sync.
+    pub fn sync_info(&self) -> Option<SyncInfo> {
+        if !self.sync.running.load(Ordering::Acquire) {
+            return None;
+        }
+        let received = self.sync.received.load(Ordering::Relaxed);
+        let total = self.sync.total.load(Ordering::Relaxed).max(received);
+        let secs = self
+            .sync
+            .started
+            .lock()
+            .unwrap()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Some(SyncInfo {
+            received,
+            total,
+            percent: (received * 100).checked_div(total).unwrap_or(0),
+            keys_per_s: if secs > 0.0 {
+                (received as f64 / secs) as u64
+            } else {
+                0
+            },
+        })
+    }
+
+    /// Tells the cluster this node is leaving, waiting briefly for the news
+    /// to go out.
+    pub async fn leave(self: &Arc<Self>) {
+        self.running.store(false, Ordering::Release);
+        let outputs = {
+            let mut m = self.membership.lock().unwrap();
+            m.leave();
+            m.drain()
+        };
+        let mut sends = tokio::task::JoinSet::new();
+        for o in outputs {
+            if let Output::Send { to, gossip } = o
+                && let Some(peer) = self.peer(to)
+            {
+                let timeout = self.options.timeout;
+                sends.spawn(async move { peer.link.gossip(gossip, timeout).await });
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;
+        // Give the writer tasks a moment to flush the frames.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // ---- writes -----------------------------------------------------------
+
+    /// Whether this node stores `collection` itself: it hosts it, or nobody
+    /// alive does (a write is never dropped for lack of a host).
+    pub(crate) fn stores_locally(&self, collection: &str) -> bool {
+        let m = self.membership.lock().unwrap();
+        hosts(m.me(), collection)
+            || !m
+                .members()
+                .any(|u| u.liveness == Liveness::Alive && hosts(u, collection))
+    }
+
+    /// A fresh version for a write this node does not store itself.
+    pub(crate) fn stamp_now(&self) -> Version {
+        self.store.clock().now()
+    }
+
+    /// Sends `mutations` (all of one collection) to every replica hosting
+    /// it and waits as the write concern says. Never fails: a peer that does
+    /// not answer in time is marked unhealthy and gets the writes later.
+    /// `stored_locally` says whether this node holds them too.
+    pub(crate) async fn replicate(
+        self: &Arc<Self>,
+        mutations: Vec<Mutation>,
+        stored_locally: bool,
+    ) {
+        let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
+            return;
+        };
+        let (targets, healthy): (Vec<u64>, HashSet<u64>) = {
+            let m = self.membership.lock().unwrap();
+            let targets = m
+                .members()
+                .filter(|u| u.liveness != Liveness::Left && hosts(u, &collection))
+                .map(|u| u.id)
+                .collect();
+            let healthy = m
+                .members()
+                .filter(|u| u.liveness == Liveness::Alive && !u.syncing && hosts(u, &collection))
+                .map(|u| u.id)
+                .collect();
+            (targets, healthy)
+        };
+        if targets.is_empty() {
+            return;
+        }
+        let mut waits = Vec::new();
+        for id in targets {
+            let Some(peer) = self.peer(id) else { continue };
+            let seq = self.enqueue(&peer, &mutations);
+            if healthy.contains(&id) {
+                waits.push((peer, seq));
+            }
+        }
+        let need = match self.options.write_ack {
+            // A forwarded write lives only on the hosts: wait for them all.
+            _ if !stored_locally => waits.len(),
+            WriteAck::All => waits.len(),
+            WriteAck::Quorum => {
+                let replicas = waits.len() + usize::from(stored_locally);
+                (replicas / 2 + 1).saturating_sub(usize::from(stored_locally))
+            }
+            WriteAck::Local => 0,
+        };
+        if need == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        loop {
+            let notified = self.acks.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let done = waits
+                .iter()
+                .filter(|(p, seq)| p.acked.load(Ordering::Acquire) >= *seq)
+                .count();
+            if done >= need {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                for (p, seq) in &waits {
+                    if p.acked.load(Ordering::Acquire) < *seq {
+                        tracing::warn!(
+                            "peer {} did not acknowledge a write within {} ms: unhealthy",
+                            p.link.addr(),
+                            self.options.timeout.as_millis()
+                        );
+                        self.suspect(p.id);
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> u64 {
+        let mut q = peer.queue.lock().unwrap();
+        for m in mutations {
+            q.last_seq += 1;
+            let seq = q.last_seq;
+            q.items.push_back((seq, m.clone()));
+        }
+        let over = q.items.len().saturating_sub(self.options.max_hints);
+        if over > 0 {
+            // Keep the newest; anti-entropy repairs the rest.
+            q.items.drain(..over);
+            q.overflowed = true;
+        }
+        let seq = q.last_seq;
+        drop(q);
+        peer.wake.notify_one();
+        seq
+    }
+
+    async fn replication_loop(self: Arc<Self>, peer: Arc<Peer>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if peer.gone.load(Ordering::Acquire) {
+                return;
+            }
+            let batch: Vec<(u64, Mutation)> = {
+                let q = peer.queue.lock().unwrap();
+                let mut bytes = 0;
+                q.items
+                    .iter()
+                    .take(BATCH_ITEMS)
+                    .take_while(|(_, m)| {
+                        bytes += mutation_bytes(m);
+                        bytes <= BATCH_BYTES
+                    })
+                    .cloned()
+                    .collect()
+            };
+            let batch = if batch.is_empty() {
+                // One oversized mutation still goes alone.
+                let q = peer.queue.lock().unwrap();
+                q.items.front().cloned().into_iter().collect()
+            } else {
+                batch
+            };
+            if batch.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
+                continue;
+            }
+            let liveness = self
+                .membership
+                .lock()
+                .unwrap()
+                .get(peer.id)
+                .map(|u| u.liveness);
+            if matches!(liveness, Some(Liveness::Dead)) {
+                // Hold the hints until it is back (a probe will tell).
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
+                if !matches!(
+                    self.membership
+                        .lock()
+                        .unwrap()
+                        .get(peer.id)
+                        .map(|u| u.liveness),
+                    Some(Liveness::Alive)
+                ) {
+                    continue;
+                }
+            }
+            let last = batch.last().map_or(0, |(s, _)| *s);
+            let mutations: Vec<Mutation> = batch.into_iter().map(|(_, m)| m).collect();
+            let timeout = self
+                .options
+                .timeout
+                .max(Duration::from_millis((mutations.len() as u64 / 8).max(1)));
+            match peer.link.request(PeerOp::Apply(mutations), timeout).await {
+                Ok(_) => {
+                    self.ack_through(&peer, last);
+                    self.heard_from(peer.id);
+                    backoff = Duration::from_millis(100);
+                }
+                Err(LinkError::Remote { error, .. }) => {
+                    tracing::error!(
+                        "peer {} refused replicated writes: {}",
+                        peer.link.addr(),
+                        error.message
+                    );
+                    // Retrying cannot help: skip them (anti-entropy will
+                    // compare again later).
+                    self.ack_through(&peer, last);
+                }
+                Err(e) => {
+                    tracing::debug!("replication to {}: {e}", peer.link.addr());
+                    self.suspect(peer.id);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn ack_through(&self, peer: &Peer, last: u64) {
+        let mut q = peer.queue.lock().unwrap();
+        while q.items.front().is_some_and(|(s, _)| *s <= last) {
+            q.items.pop_front();
+        }
+        drop(q);
+        peer.acked.fetch_max(last, Ordering::AcqRel);
+        self.acks.notify_waiters();
+    }
+
+    // ---- reads ------------------------------------------------------------
+
+    /// Asks every live peer hosting `collection` for `key` in parallel and
+    /// returns the newest entry found (a tombstone included).
+    pub(crate) async fn read_remote(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+    ) -> Option<Versioned> {
+        let targets: Vec<u64> = {
+            let m = self.membership.lock().unwrap();
+            m.members()
+                .filter(|u| {
+                    matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                        && hosts(u, collection)
+                })
+                .map(|u| u.id)
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for id in targets {
+            let Some(peer) = self.peer(id) else { continue };
+            let op = PeerOp::Read {
+                collection: collection.to_string(),
+                key: Bytes::copy_from_slice(key),
+            };
+            let timeout = self.options.timeout;
+            asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
+        }
+        let mut best: Option<Versioned> = None;
+        while let Some(Ok((id, r))) = asks.join_next().await {
+            match r {
+                Ok(PeerReply::Entry(Some(v))) => {
+                    if best.as_ref().is_none_or(|b| v.version > b.version) {
+                        best = Some(v);
+                    }
+                }
+                Ok(_) => {}
+                Err(LinkError::Remote { .. }) => {}
+                Err(_) => self.suspect(id),
+            }
+        }
+        best
+    }
+
+    // ---- applying what peers send ----------------------------------------
+
+    /// Applies replicated mutations; returns how many took effect.
+    pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<u64, OpError> {
+        let limit = (wall_ms() + self.options.max_clock_ahead.as_millis() as u64) << LOGICAL_BITS;
+        let mut applied = 0;
+        for m in mutations {
+            let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) = m;
+            if v.ts > limit {
+                let ahead = ((v.ts >> LOGICAL_BITS).saturating_sub(wall_ms())) / 1000;
+                tracing::error!(
+                    "refused a write from node {:016x} stamped {ahead} s in the future: check the clocks",
+                    v.node
+                );
+                return Err(OpError::new(
+                    ErrorKind::InvalidInput,
+                    format!("timestamp {ahead} s ahead of this node's clock"),
+                ));
+            }
+            let took = match m {
+                Mutation::Put {
+                    collection,
+                    key,
+                    value,
+                    version: v,
+                } => self
+                    .store
+                    .apply(collection, key, value.as_deref(), version(*v)),
+                Mutation::Drop {
+                    collection,
+                    version: v,
+                } => self
+                    .store
+                    .apply_drop(collection, version(*v))
+                    .map(|r| r.is_some()),
+            }
+            .map_err(crate::node::op_error)?;
+            applied += u64::from(took);
+        }
+        if self.sync.running.load(Ordering::Relaxed) {
+            self.sync
+                .received
+                .fetch_add(mutations.len() as u64, Ordering::Relaxed);
+        }
+        Ok(applied)
+    }
+
+    /// Applies on the blocking pool when the store fsyncs every write.
+    pub(crate) async fn apply_async(
+        self: &Arc<Self>,
+        mutations: Vec<Mutation>,
+    ) -> Result<u64, OpError> {
+        if self.store.options().sync == SyncMode::Always {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.apply(&mutations))
+                .await
+                .map_err(|e| OpError::new(ErrorKind::Internal, e.to_string()))?
+        } else {
+            self.apply(&mutations)
+        }
+    }
+
+    /// The digests of `names` (all collections when empty).
+    pub(crate) fn digests(&self, names: Vec<String>) -> Result<Vec<CollectionDigest>, OpError> {
+        let names = if names.is_empty() {
+            self.store.all_collections()
+        } else {
+            names
+        };
+        let stats = self.store.stats();
+        names
+            .into_iter()
+            .map(|c| {
+                let d = self.store.digest(&c).map_err(crate::node::op_error)?;
+                let entries = stats
+                    .collections
+                    .iter()
+                    .find(|s| s.name == c)
+                    .map_or(0, |s| s.keys + s.tombstones);
+                Ok(CollectionDigest {
+                    collection: c,
+                    buckets: d.buckets,
+                    dropped_at: d.dropped_at.map(stamp),
+                    entries,
+                })
+            })
+            .collect()
+    }
+
+    /// The records of some buckets of a collection, as mutations.
+    pub(crate) fn bucket_records(
+        &self,
+        collection: &str,
+        buckets: &[u32],
+    ) -> Result<Vec<Mutation>, OpError> {
+        let mut out = Vec::new();
+        for &b in buckets {
+            for r in self
+                .store
+                .bucket(collection, b as usize)
+                .map_err(crate::node::op_error)?
+            {
+                out.push(Mutation::Put {
+                    collection: collection.to_string(),
+                    key: r.key.into(),
+                    value: r.value,
+                    version: stamp(r.version),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Streams `collection` to peer `to`, newest writes first, in `Apply`
+    /// chunks, each waiting for the previous one to be applied
+    /// (back-pressure). Returns how many records went.
+    pub(crate) async fn stream_collection(
+        self: &Arc<Self>,
+        to: u64,
+        collection: &str,
+    ) -> Result<u64, OpError> {
+        let peer = self
+            .peer(to)
+            .ok_or_else(|| OpError::new(ErrorKind::Unavailable, "handoff to an unknown member"))?;
+        let mut records: Vec<_> = self
+            .store
+            .list(collection, None, false)
+            .map_err(crate::node::op_error)?
+            .collect();
+        records.sort_unstable_by(|a, b| b.version.cmp(&a.version));
+        let mut sent = 0;
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let timeout = self.options.timeout.max(Duration::from_secs(30));
+        let drop = self
+            .store
+            .digest(collection)
+            .map_err(crate::node::op_error)?
+            .dropped_at;
+        if let Some(d) = drop {
+            chunk.push(Mutation::Drop {
+                collection: collection.to_string(),
+                version: stamp(d),
+            });
+        }
+        let total = records.len();
+        for (i, r) in records.into_iter().enumerate() {
+            let m = Mutation::Put {
+                collection: collection.to_string(),
+                key: r.key.into(),
+                value: r.value,
+                version: stamp(r.version),
+            };
+            bytes += mutation_bytes(&m);
+            chunk.push(m);
+            if chunk.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES || i + 1 == total {
+                let n = chunk.len() as u64;
+                peer.link
+                    .request(PeerOp::Apply(std::mem::take(&mut chunk)), timeout)
+                    .await
+                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))?;
+                sent += n;
+                bytes = 0;
+            }
+        }
+        if !chunk.is_empty() {
+            peer.link
+                .request(PeerOp::Apply(chunk), timeout)
+                .await
+                .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))?;
+        }
+        Ok(sent)
+    }
+
+    // ---- handoff, re-sync, anti-entropy ------------------------------------
+
+    fn begin_sync(&self) {
+        self.sync.received.store(0, Ordering::Relaxed);
+        self.sync.total.store(0, Ordering::Relaxed);
+        *self.sync.started.lock().unwrap() = Some(Instant::now());
+        self.sync.running.store(true, Ordering::Release);
+    }
+
+    fn end_sync(self: &Arc<Self>) {
+        self.sync.running.store(false, Ordering::Release);
+        self.with_membership(|m, _| m.set_syncing(false));
+    }
+
+    /// After joining: every collection this node hosts is streamed to it by
+    /// a healthy member, newest first; then a digest comparison catches
+    /// what raced the stream; then this node reports itself healthy.
+    async fn handoff(self: Arc<Self>) {
+        self.begin_sync();
+        let started = Instant::now();
+        loop {
+            let Some(source) = self.alive_peers().into_iter().find(|u| !u.syncing) else {
+                // Nobody to sync from: this node is the cluster's only data.
+                if self.alive_peers().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            match self.handoff_from(&source).await {
+                Ok(n) => {
+                    tracing::info!(
+                        "handoff from {} complete: {n} records in {:.1} s",
+                        source.addr,
+                        started.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("handoff from {}: {e}; retrying", source.addr);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.end_sync();
+    }
+
+    async fn handoff_from(self: &Arc<Self>, source: &MemberUpdate) -> Result<u64, LinkError> {
+        let peer = self.peer(source.id).ok_or_else(|| LinkError::Refused {
+            addr: source.addr.clone(),
+            reason: "unknown member".into(),
+        })?;
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let digests = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
+            PeerReply::Digests(d) => d,
+            _ => Vec::new(),
+        };
+        let me = self.membership.lock().unwrap().me().clone();
+        let wanted: Vec<CollectionDigest> = digests
+            .into_iter()
+            .filter(|d| hosts(&me, &d.collection))
+            .collect();
+        self.sync
+            .total
+            .store(wanted.iter().map(|d| d.entries).sum(), Ordering::Relaxed);
+        let mut total = 0;
+        for d in &wanted {
+            tracing::info!(
+                "handoff of {:?} ({} records) from {}",
+                d.collection,
+                d.entries,
+                source.addr
+            );
+            match peer
+                .link
+                .request(
+                    PeerOp::Handoff {
+                        collection: d.collection.clone(),
+                    },
+                    Duration::from_secs(3600),
+                )
+                .await?
+            {
+                PeerReply::HandoffDone(n) => total += n,
+                other => tracing::warn!("unexpected handoff answer {other:?}"),
+            }
+        }
+        // What was written while the stream ran reached this node live, or
+        // is caught here.
+        self.anti_entropy_with(source.id).await?;
+        Ok(total)
+    }
+
+    /// After being declared dead: compare digests with every live member,
+    /// then report healthy.
+    async fn resync(self: Arc<Self>) {
+        self.begin_sync();
+        for member in self.alive_peers() {
+            if let Err(e) = self.anti_entropy_with(member.id).await {
+                tracing::warn!("re-sync with {}: {e}", member.addr);
+            }
+        }
+        tracing::info!("re-sync complete");
+        self.end_sync();
+    }
+
+    async fn anti_entropy_loop(self: Arc<Self>) {
+        let every = self.options.anti_entropy_every;
+        while self.running.load(Ordering::Acquire) {
+            tokio::time::sleep(every).await;
+            let peers: Vec<MemberUpdate> = self.alive_peers();
+            if peers.is_empty() {
+                continue;
+            }
+            let i = self.membership.lock().unwrap().random_index(peers.len());
+            let target = peers[i].clone();
+            if let Err(e) = self.anti_entropy_with(target.id).await {
+                tracing::debug!("anti-entropy with {}: {e}", target.addr);
+            }
+        }
+    }
+
+    /// Compares digests of every collection both nodes host with peer `id`
+    /// and exchanges the differing buckets, both ways.
+    pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
+        let Some(peer) = self.peer(id) else {
+            return Ok(());
+        };
+        let (me, them) = {
+            let m = self.membership.lock().unwrap();
+            (m.me().clone(), m.get(id).cloned())
+        };
+        let Some(them) = them else { return Ok(()) };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
+            PeerReply::Digests(d) => d,
+            _ => Vec::new(),
+        };
+        let mut names: Vec<String> = self.store.all_collections();
+        for d in &theirs {
+            if !names.contains(&d.collection) {
+                names.push(d.collection.clone());
+            }
+        }
+        names.retain(|c| hosts(&me, c) && hosts(&them, c));
+        for c in names {
+            let remote = theirs
+                .iter()
+                .find(|d| d.collection == c)
+                .map(|d| Digest {
+                    buckets: d.buckets.clone(),
+                    dropped_at: d.dropped_at.map(version),
+                })
+                .unwrap_or_else(Digest::empty);
+            let Ok(mut local) = self.store.digest(&c) else {
+                continue;
+            };
+            if remote.dropped_at > local.dropped_at
+                && let Some(d) = remote.dropped_at
+            {
+                let _ = self.store.apply_drop(&c, d);
+                local = self.store.digest(&c).unwrap_or_else(|_| Digest::empty());
+            }
+            let mut push = Vec::new();
+            if local.dropped_at > remote.dropped_at
+                && let Some(d) = local.dropped_at
+            {
+                push.push(Mutation::Drop {
+                    collection: c.clone(),
+                    version: stamp(d),
+                });
+            }
+            let differing = if remote.buckets.len() == DIGEST_BUCKETS {
+                local.differing(&remote)
+            } else {
+                (0..DIGEST_BUCKETS).collect()
+            };
+            for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
+                let buckets: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
+                let mine = self
+                    .bucket_records(&c, &buckets)
+                    .map_err(|e| LinkError::Remote {
+                        addr: peer.link.addr().to_string(),
+                        error: e,
+                    })?;
+                let reply = peer
+                    .link
+                    .request(
+                        PeerOp::Buckets {
+                            collection: c.clone(),
+                            buckets,
+                        },
+                        long,
+                    )
+                    .await?;
+                if let PeerReply::Records(records) = reply {
+                    // Only what is newer takes effect; send back only what
+                    // the peer lacks or holds older.
+                    let theirs: HashMap<Bytes, Stamp> = records
+                        .iter()
+                        .filter_map(|m| match m {
+                            Mutation::Put { key, version, .. } => Some((key.clone(), *version)),
+                            Mutation::Drop { .. } => None,
+                        })
+                        .collect();
+                    let _ = self.apply_async(records).await;
+                    push.extend(mine.into_iter().filter(|m| match m {
+                        Mutation::Put { key, version, .. } => {
+                            theirs.get(key).is_none_or(|v| v < version)
+                        }
+                        Mutation::Drop { .. } => true,
+                    }));
+                }
+                if push.len() >= BATCH_ITEMS {
+                    peer.link
+                        .request(PeerOp::Apply(std::mem::take(&mut push)), long)
+                        .await?;
+                }
+            }
+            if !push.is_empty() {
+                peer.link.request(PeerOp::Apply(push), long).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn serde_json_state(state: dhrt_proto::MemberState) -> &'static str {
+    use dhrt_proto::MemberState::*;
+    match state {
+        Healthy => "healthy",
+        Unhealthy => "unhealthy",
+        Dead => "dead",
+        Left => "left",
+        Syncing => "syncing",
+    }
+}

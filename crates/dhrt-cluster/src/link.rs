@@ -1,0 +1,286 @@
+//! A persistent connection to one peer, dialed on demand: the peer
+//! preamble, the handshake that proves both sides know the cluster secret,
+//! then pipelined requests matched to responses by id, and one-way gossip.
+//! A failed or timed-out exchange drops the connection; the next use dials
+//! again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dhrt_proto::{
+    Channel, Gossip, Handshake, OpError, PeerMessage, PeerOp, PeerReply, channel_preamble,
+    encode_frame,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::{self, Role, Transcript};
+use crate::wire::{read_msg, write_msg};
+
+/// Why an exchange with a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The peer could not be reached or the connection broke.
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable {
+        /// The peer's address.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The handshake failed: a wrong or missing cluster secret.
+    #[error("peer {addr} refused: {reason}")]
+    Refused {
+        /// The peer's address.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No answer within the timeout.
+    #[error("peer {addr} did not answer within {ms} ms")]
+    Timeout {
+        /// The peer's address.
+        addr: String,
+        /// The timeout.
+        ms: u64,
+    },
+    /// The peer answered with an error.
+    #[error("peer {addr}: {error}")]
+    Remote {
+        /// The peer's address.
+        addr: String,
+        /// Its error.
+        error: OpError,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<PeerReply, OpError>>>>>;
+
+struct Conn {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+}
+
+/// Who is dialing, and with what secret.
+#[derive(Debug, Clone)]
+pub(crate) struct Dialer {
+    pub(crate) me: u64,
+    pub(crate) secret: Arc<[u8]>,
+    pub(crate) max_frame: u32,
+}
+
+/// A connection to one peer address.
+pub(crate) struct Link {
+    addr: String,
+    dialer: Dialer,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("addr", &self.addr).finish()
+    }
+}
+
+impl Link {
+    pub(crate) fn new(addr: String, dialer: Dialer) -> Self {
+        Link {
+            addr,
+            dialer,
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn unreachable(&self, reason: impl std::fmt::Display) -> LinkError {
+        LinkError::Unreachable {
+            addr: self.addr.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The live connection, dialing if there is none.
+    async fn conn(&self, timeout: Duration) -> Result<Arc<Conn>, LinkError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref()
+            && c.alive.load(Ordering::Acquire)
+        {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let conn = match tokio::time::timeout(timeout, self.dial()).await {
+            Ok(r) => Arc::new(r?),
+            Err(_) => {
+                return Err(LinkError::Timeout {
+                    addr: self.addr.clone(),
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self) -> Result<Conn, LinkError> {
+        let mut stream = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let _ = stream.set_nodelay(true);
+        let max = self.dialer.max_frame;
+        stream
+            .write_all(&channel_preamble(Channel::Peer))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let dialer_nonce = auth::nonce();
+        write_msg(
+            &mut stream,
+            &Handshake::Hello {
+                node: self.dialer.me,
+                nonce: dialer_nonce,
+            },
+            max,
+        )
+        .await
+        .map_err(|e| self.unreachable(e))?;
+        let mut buf = BytesMut::new();
+        let refused = |reason: &str| LinkError::Refused {
+            addr: self.addr.clone(),
+            reason: reason.to_string(),
+        };
+        let (listener, listener_nonce, proof) =
+            match read_msg::<Handshake, _>(&mut stream, &mut buf, max).await {
+                Ok(Some(Handshake::Challenge { node, nonce, proof })) => (node, nonce, proof),
+                Ok(Some(Handshake::Refused { reason })) => return Err(refused(&reason)),
+                Ok(_) => return Err(refused("no challenge")),
+                Err(e) => return Err(self.unreachable(e)),
+            };
+        let t = Transcript {
+            dialer: self.dialer.me,
+            dialer_nonce,
+            listener,
+            listener_nonce,
+        };
+        if !auth::verify(&self.dialer.secret, Role::Listener, &t, &proof) {
+            return Err(refused("the peer does not know the cluster secret"));
+        }
+        let proof = auth::prove(&self.dialer.secret, Role::Dialer, &t);
+        write_msg(&mut stream, &Handshake::Proof { proof }, max)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        match read_msg::<Handshake, _>(&mut stream, &mut buf, max).await {
+            Ok(Some(Handshake::Accepted)) => {}
+            Ok(Some(Handshake::Refused { reason })) => return Err(refused(&reason)),
+            Ok(_) => return Err(refused("handshake ended early")),
+            Err(e) => return Err(self.unreachable(e)),
+        }
+        let (mut rd, mut wr) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        {
+            let alive = alive.clone();
+            tokio::spawn(async move {
+                while let Some(mut frame) = rx.recv().await {
+                    // Coalesce whatever else is queued into one write.
+                    while let Ok(more) = rx.try_recv() {
+                        frame.extend_from_slice(&more);
+                        if frame.len() > 1 << 20 {
+                            break;
+                        }
+                    }
+                    if wr.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                alive.store(false, Ordering::Release);
+            });
+        }
+        {
+            let (alive, pending) = (alive.clone(), pending.clone());
+            tokio::spawn(async move {
+                while let Ok(Some(msg)) = read_msg::<PeerMessage, _>(&mut rd, &mut buf, max).await {
+                    if let PeerMessage::Response { id, result } = msg
+                        && let Some(tx) = pending.lock().unwrap().remove(&id)
+                    {
+                        let _ = tx.send(result);
+                    }
+                }
+                alive.store(false, Ordering::Release);
+                // Fail everything still waiting.
+                pending.lock().unwrap().clear();
+            });
+        }
+        Ok(Conn {
+            frames: tx,
+            pending,
+            alive,
+        })
+    }
+
+    /// Sends `op` and waits for its answer, at most `timeout` (dialing
+    /// included).
+    pub(crate) async fn request(
+        &self,
+        op: PeerOp,
+        timeout: Duration,
+    ) -> Result<PeerReply, LinkError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let conn = self.conn(timeout).await?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        encode_frame(
+            &PeerMessage::Request { id, op },
+            &mut frame,
+            self.dialer.max_frame,
+        )
+        .map_err(|e| self.unreachable(e))?;
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().unwrap().insert(id, tx);
+        if conn.frames.send(frame).is_err() {
+            conn.pending.lock().unwrap().remove(&id);
+            return Err(self.unreachable("connection closed"));
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(error))) => Err(LinkError::Remote {
+                addr: self.addr.clone(),
+                error,
+            }),
+            Ok(Err(_)) => Err(self.unreachable("connection closed")),
+            Err(_) => {
+                conn.pending.lock().unwrap().remove(&id);
+                // A stuck connection stays stuck: dial afresh next time.
+                conn.alive.store(false, Ordering::Release);
+                Err(LinkError::Timeout {
+                    addr: self.addr.clone(),
+                    ms: timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    /// Sends gossip without waiting for anything but the connection.
+    pub(crate) async fn gossip(&self, gossip: Gossip, timeout: Duration) -> Result<(), LinkError> {
+        let conn = self.conn(timeout).await?;
+        let mut frame = Vec::new();
+        encode_frame(
+            &PeerMessage::Gossip(gossip),
+            &mut frame,
+            self.dialer.max_frame,
+        )
+        .map_err(|e| self.unreachable(e))?;
+        conn.frames
+            .send(frame)
+            .map_err(|_| self.unreachable("connection closed"))
+    }
+}
