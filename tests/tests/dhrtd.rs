@@ -89,8 +89,14 @@ pub(crate) struct Dhrtd {
 impl Dhrtd {
     /// Starts `dhrtd` on a free port with `args`, and waits until it serves.
     pub(crate) fn start(data_dir: &Path, args: &[&str]) -> Dhrtd {
+        Dhrtd::start_on(None, data_dir, args)
+    }
+
+    /// Starts `dhrtd` on `addr` (a restart keeps its address), or on a free
+    /// port.
+    pub(crate) fn start_on(at: Option<SocketAddr>, data_dir: &Path, args: &[&str]) -> Dhrtd {
         for _ in 0..5 {
-            let addr = free_addr();
+            let addr = at.unwrap_or_else(free_addr);
             let mut child = Command::new(binary())
                 .arg("--listen")
                 .arg(addr.to_string())

@@ -3,6 +3,7 @@
 
 mod architecture;
 mod cli;
+mod cluster;
 mod crash;
 mod dhrtd;
 mod hostile;

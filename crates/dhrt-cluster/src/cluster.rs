@@ -904,7 +904,7 @@ impl Cluster {
             .list(collection, None, false)
             .map_err(crate::node::op_error)?
             .collect();
-        records.sort_unstable_by(|a, b| b.version.cmp(&a.version));
+        records.sort_unstable_by_key(|r| std::cmp::Reverse(r.version));
         let mut sent = 0;
         let mut chunk = Vec::new();
         let mut bytes = 0;

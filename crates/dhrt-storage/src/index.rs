@@ -132,7 +132,7 @@ pub const DIGEST_BITS: u32 = 10;
 /// Number of anti-entropy digest buckets per collection.
 pub const DIGEST_BUCKETS: usize = 1 << DIGEST_BITS;
 
-/// The digest bucket of a key: a prefix of its [`order_hash`], so a bucket's
+/// The digest bucket of a key: a prefix of the hash that orders listings, so a bucket's
 /// keys are one contiguous stretch of a hash-ordered listing.
 #[inline]
 pub fn digest_bucket(key: &[u8]) -> usize {

@@ -1,0 +1,252 @@
+//! Real `dhrtd` clusters on loopback: replication of writes and deletes,
+//! fan-out reads and forwarding for a node that hosts only some
+//! collections, SIGKILL → unhealthy → dead → restart → re-sync → healthy,
+//! SIGTERM → left, a join under write load, and the cluster secret.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::dhrtd::Dhrtd;
+
+/// Polls `f` until it is true; fails with `what` after `within`.
+fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stats(node: &Dhrtd) -> Value {
+    let (status, body) = node.http("GET", "/", b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The state `observer` reports for the member at `addr`.
+fn state_of(observer: &Dhrtd, addr: &str) -> Option<String> {
+    stats(observer)["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["addr"] == addr)
+        .map(|m| m["state"].as_str().unwrap_or("").to_string())
+}
+
+fn all_healthy(nodes: &[&Dhrtd], count: usize) -> bool {
+    nodes.iter().all(|n| {
+        let s = stats(n);
+        let members = s["members"].as_array().unwrap();
+        members.len() == count && members.iter().all(|m| m["state"] == "healthy")
+    })
+}
+
+/// Live keys of `collection` held by the node itself.
+fn local_keys(node: &Dhrtd, collection: &str) -> u64 {
+    stats(node)["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == collection)
+        .map_or(0, |c| c["keys"].as_u64().unwrap())
+}
+
+fn get(node: &Dhrtd, path: &str) -> (u16, String) {
+    node.http("GET", path, b"")
+}
+
+fn join_args(seed: &Dhrtd) -> Vec<String> {
+    vec!["--node".into(), seed.addr.to_string()]
+}
+
+fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) -> Dhrtd {
+    let mut args = join_args(seed);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Dhrtd::start(dir, &args)
+}
+
+#[test]
+fn writes_and_deletes_on_any_node_reach_every_node() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let c = start_joined(dirs[2].path(), &b, &[]);
+    let nodes = [&a, &b, &c];
+    eventually(
+        "three healthy members everywhere",
+        Duration::from_secs(15),
+        || all_healthy(&nodes, 3),
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n.http("POST", &format!("/fruit/k{i}/v{i}"), b"").0, 200);
+    }
+    // Acknowledged with write-ack all: every node holds every key already.
+    for n in nodes {
+        for i in 0..3 {
+            let (status, body) = get(n, &format!("/fruit/k{i}"));
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains(&format!("\"v{i}\"")), "{body}");
+        }
+        assert_eq!(local_keys(n, "fruit"), 3);
+    }
+    assert_eq!(b.http("DELETE", "/fruit/k0", b"").0, 200);
+    for n in nodes {
+        assert_eq!(get(n, "/fruit/k0").0, 404);
+    }
+    // A dropped collection is dropped everywhere.
+    assert_eq!(c.http("DELETE", "/fruit", b"").0, 200);
+    for n in nodes {
+        assert_eq!(local_keys(n, "fruit"), 0);
+    }
+}
+
+#[test]
+fn a_node_hosting_other_collections_forwards_writes_and_fans_out_reads() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &["--collections", "only-here"]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    // b does not host `shared`: the write goes to a, and b keeps nothing.
+    assert_eq!(b.http("POST", "/shared/k/v", b"").0, 200);
+    assert_eq!(local_keys(&a, "shared"), 1);
+    assert_eq!(local_keys(&b, "shared"), 0);
+    // A read on b misses locally and is answered by a.
+    let (status, body) = get(&b, "/shared/k");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"v\""), "{body}");
+    assert_eq!(get(&b, "/shared/missing").0, 404);
+    // `only-here` is hosted by both (a hosts everything).
+    assert_eq!(a.http("POST", "/only-here/x/1", b"").0, 200);
+    assert_eq!(local_keys(&b, "only-here"), 1);
+}
+
+#[test]
+fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let c = start_joined(dirs[2].path(), &a, &[]);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    let c_addr = c.addr;
+    let c_name = c_addr.to_string();
+    c.stop("KILL");
+    for observer in [&a, &b] {
+        eventually(
+            "the killed node is dead on every peer",
+            Duration::from_secs(20),
+            || state_of(observer, &c_name).as_deref() == Some("dead"),
+        );
+    }
+    // Writes while it is dead are acknowledged by the living.
+    for i in 0..200 {
+        assert_eq!(a.http("POST", &format!("/while/k{i}/v{i}"), b"").0, 200);
+    }
+    assert_eq!(b.http("DELETE", "/while/k0", b"").0, 200);
+    // It restarts on its data directory and address, re-syncs, and is
+    // healthy everywhere, holding every write it missed.
+    let args = join_args(&b);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &args);
+    eventually(
+        "the restarted node is healthy everywhere",
+        Duration::from_secs(20),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    assert_eq!(local_keys(&c, "while"), 199);
+    assert_eq!(get(&c, "/while/k0").0, 404);
+    assert_eq!(get(&c, "/while/k199").0, 200);
+}
+
+#[test]
+fn sigterm_leaves_the_cluster() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let b_addr = b.addr.to_string();
+    assert!(b.stop("TERM").success());
+    eventually("the stopped node is left", Duration::from_secs(5), || {
+        state_of(&a, &b_addr).as_deref() == Some("left")
+    });
+    // The one that stays keeps serving writes at once (nobody to wait for).
+    let t = Instant::now();
+    assert_eq!(a.http("POST", "/after/k/v", b"").0, 200);
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_node_joining_a_loaded_node_under_writes_ends_equal() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let addr = a.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let load = |from: u32, to: u32| {
+        rt.block_on(async {
+            let client = dhrt_client::Client::connect(addr).await.unwrap();
+            let ops: Vec<dhrt_proto::Op> = (from..to)
+                .map(|i| dhrt_proto::Op::Set {
+                    collection: "load".into(),
+                    key: format!("key-{i}").into(),
+                    value: format!("value-{i}").into(),
+                })
+                .collect();
+            for chunk in ops.chunks(1000) {
+                for r in client.pipeline(chunk.to_vec()).await.unwrap() {
+                    r.unwrap();
+                }
+            }
+        })
+    };
+    load(0, 20_000);
+    // Writes continue while b joins and receives its handoff.
+    let b = std::thread::scope(|s| {
+        let writer = s.spawn(|| load(20_000, 30_000));
+        let b = start_joined(dirs[1].path(), &a, &[]);
+        writer.join().unwrap();
+        b
+    });
+    eventually(
+        "both healthy after the handoff",
+        Duration::from_secs(30),
+        || all_healthy(&[&a, &b], 2),
+    );
+    eventually(
+        "b holds everything a holds",
+        Duration::from_secs(15),
+        || local_keys(&b, "load") == 30_000,
+    );
+    assert_eq!(local_keys(&a, "load"), 30_000);
+    let (_, listing_a) = get(&a, "/load");
+    let (_, listing_b) = get(&b, "/load");
+    let sorted = |s: &str| {
+        let mut v: Vec<Value> = serde_json::from_str::<Vec<Value>>(s).unwrap();
+        v.sort_by_key(|e| e["Key"].as_str().unwrap().to_string());
+        v
+    };
+    assert_eq!(sorted(&listing_a), sorted(&listing_b));
+}
+
+#[test]
+fn a_peer_without_the_secret_is_refused() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &["--cluster-secret", "correct horse"]);
+    let stranger = start_joined(dirs[1].path(), &a, &["--cluster-secret", "wrong"]);
+    let anonymous = start_joined(dirs[2].path(), &a, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    for n in [&a, &stranger, &anonymous] {
+        assert_eq!(stats(n)["members"].as_array().unwrap().len(), 1);
+    }
+    drop((stranger, anonymous));
+    let dir = tempfile::tempdir().unwrap();
+    let friend = start_joined(dir.path(), &a, &["--cluster-secret", "correct horse"]);
+    eventually("the friend is in", Duration::from_secs(15), || {
+        all_healthy(&[&a, &friend], 2)
+    });
+}
