@@ -8,6 +8,20 @@ build:
 run *args:
     cargo run --release -p dhrtd -- {{args}}
 
+# Three local nodes on 127.0.0.1:7453-7455 (data in /tmp/dhrt-cluster-N),
+# joined into one cluster; Ctrl-C stops all three (they leave gracefully).
+cluster:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release -p dhrtd
+    trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT INT TERM
+    ./target/release/dhrtd --listen 127.0.0.1:7453 --data-dir /tmp/dhrt-cluster-1 --name n1 &
+    sleep 0.5
+    ./target/release/dhrtd --listen 127.0.0.1:7454 --data-dir /tmp/dhrt-cluster-2 --name n2 --node 127.0.0.1:7453 &
+    ./target/release/dhrtd --listen 127.0.0.1:7455 --data-dir /tmp/dhrt-cluster-3 --name n3 --node 127.0.0.1:7453 &
+    echo "cluster of three on 127.0.0.1:7453-7455; try: curl -s 127.0.0.1:7455/"
+    wait
+
 # The test suite (the same command CI and the README use).
 test:
     cargo test --workspace
