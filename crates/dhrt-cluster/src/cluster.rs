@@ -301,7 +301,7 @@ impl Cluster {
         let state = member_state(&member);
         tracing::info!(
             peer = %member.name, addr = %member.addr, id = %format!("{:016x}", member.id),
-            "member is {}", serde_json_state(state)
+            "member is {}", state.as_str()
         );
         let Some(peer) = self.peer(member.id) else {
             return;
@@ -1173,16 +1173,5 @@ impl Cluster {
             }
         }
         Ok(())
-    }
-}
-
-fn serde_json_state(state: dhrt_proto::MemberState) -> &'static str {
-    use dhrt_proto::MemberState::*;
-    match state {
-        Healthy => "healthy",
-        Unhealthy => "unhealthy",
-        Dead => "dead",
-        Left => "left",
-        Syncing => "syncing",
     }
 }

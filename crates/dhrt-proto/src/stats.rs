@@ -88,3 +88,16 @@ pub enum MemberState {
     /// Receiving its handoff.
     Syncing,
 }
+
+impl MemberState {
+    /// The name used in JSON and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MemberState::Healthy => "healthy",
+            MemberState::Unhealthy => "unhealthy",
+            MemberState::Dead => "dead",
+            MemberState::Left => "left",
+            MemberState::Syncing => "syncing",
+        }
+    }
+}
