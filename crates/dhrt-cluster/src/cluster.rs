@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
@@ -18,7 +20,7 @@ use dhrt_proto::{
 use dhrt_storage::{DIGEST_BUCKETS, Digest, LOGICAL_BITS, Store, SyncMode, Version, wall_ms};
 use tokio::sync::Notify;
 
-use crate::link::{Dialer, Link, LinkError};
+use crate::link::{Connector, Dialer, Link, LinkError, TcpConnector};
 use crate::membership::{Membership, MembershipConfig, Output, member_state};
 
 /// How many replicas acknowledge a write before the client hears "ok".
@@ -71,6 +73,11 @@ pub struct ClusterOptions {
     pub max_clock_ahead: Duration,
     /// Largest frame on peer connections.
     pub max_frame: u32,
+    /// How peers are dialed (TCP unless a test simulates the network).
+    pub connector: Arc<dyn Connector>,
+    /// Seeds the membership protocol's randomness (probe order, gossip
+    /// targets); `None` picks one from the node id and the clock.
+    pub rng_seed: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -86,6 +93,8 @@ impl Default for ClusterOptions {
             max_hints: 1_000_000,
             max_clock_ahead: Duration::from_secs(60),
             max_frame: dhrt_proto::DEFAULT_MAX_FRAME,
+            connector: Arc::new(TcpConnector),
+            rng_seed: None,
         }
     }
 }
@@ -197,7 +206,7 @@ impl Cluster {
             syncing: !options.seeds.is_empty(),
             collections: options.collections.clone(),
         };
-        let seed = id ^ wall_ms();
+        let seed = options.rng_seed.unwrap_or(id ^ wall_ms());
         let membership = Membership::new(update, options.membership.clone(), seed);
         Arc::new(Cluster {
             dialer: Dialer {
@@ -209,6 +218,7 @@ impl Cluster {
                     .into_bytes()
                     .into(),
                 max_frame: options.max_frame,
+                connector: options.connector.clone(),
             },
             store,
             options,
@@ -504,6 +514,12 @@ impl Cluster {
     /// Tells the cluster this node is leaving, waiting briefly for the news
     /// to go out.
     pub async fn leave(self: &Arc<Self>) {
+        // Hand what is still queued to the peers that can take it, so that
+        // a write this node acknowledged does not leave with it.
+        let deadline = Instant::now() + self.options.timeout.max(Duration::from_secs(2));
+        while Instant::now() < deadline && self.hints_for_live_peers() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.running.store(false, Ordering::Release);
         let outputs = {
             let mut m = self.membership.lock().unwrap();
@@ -522,6 +538,18 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;
         // Give the writer tasks a moment to flush the frames.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Writes queued for peers that are alive.
+    fn hints_for_live_peers(&self) -> usize {
+        let alive: HashSet<u64> = self.alive_peers().iter().map(|u| u.id).collect();
+        self.peers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| alive.contains(&p.id))
+            .map(|p| p.queue.lock().unwrap().items.len())
+            .sum()
     }
 
     // ---- writes -----------------------------------------------------------

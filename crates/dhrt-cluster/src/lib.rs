@@ -1,8 +1,11 @@
-//! `dhrt-cluster`: the node. Today: the [`Node`] facade that implements the
-//! client [`dhrt_proto::Operations`] over the local store, and the
-//! binary-protocol connection server. Membership, replication,
-//! anti-entropy, join handoff and placement join here next (see
-//! docs/ARCHITECTURE.md).
+//! `dhrt-cluster`: the node and the cluster. The [`Node`] facade implements
+//! the client [`dhrt_proto::Operations`] over the local store and the
+//! [`Cluster`]: membership and failure detection (a sans-I/O SWIM state
+//! machine, [`Membership`]), replication with write concerns and hints,
+//! fan-out reads, anti-entropy over digests, join handoff, re-sync, leave
+//! and placement. [`serve_binary`] serves client and peer connections.
+//! Peers are dialed through a [`Connector`] (TCP by default; the tests
+//! plug in a simulated network). See docs/ARCHITECTURE.md.
 
 mod auth;
 mod cluster;
@@ -15,7 +18,7 @@ mod server;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, WriteAck};
-pub use link::LinkError;
+pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::{Identity, Node};
 pub use server::{BinaryLimits, Closed, serve_binary};

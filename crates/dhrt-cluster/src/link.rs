@@ -5,6 +5,9 @@
 //! again.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +17,7 @@ use dhrt_proto::{
     Channel, Gossip, Handshake, OpError, PeerMessage, PeerOp, PeerReply, channel_preamble,
     encode_frame,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -58,6 +61,35 @@ pub enum LinkError {
     },
 }
 
+/// A byte stream to a peer: TCP in production, anything that reads and
+/// writes (a simulated network in tests).
+pub trait PeerStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> PeerStream for T {}
+
+/// What [`Connector::connect`] returns.
+pub type ConnectFuture<'a> =
+    Pin<Box<dyn Future<Output = io::Result<Box<dyn PeerStream>>> + Send + 'a>>;
+
+/// How a node opens connections to its peers.
+pub trait Connector: Send + Sync + std::fmt::Debug + 'static {
+    /// Opens a stream to `addr` (`host:port`).
+    fn connect<'a>(&'a self, addr: &'a str) -> ConnectFuture<'a>;
+}
+
+/// Plain TCP with `TCP_NODELAY`: the default.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    fn connect<'a>(&'a self, addr: &'a str) -> ConnectFuture<'a> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(Box::new(stream) as Box<dyn PeerStream>)
+        })
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<PeerReply, OpError>>>>>;
 
 struct Conn {
@@ -72,6 +104,7 @@ pub(crate) struct Dialer {
     pub(crate) me: u64,
     pub(crate) secret: Arc<[u8]>,
     pub(crate) max_frame: u32,
+    pub(crate) connector: Arc<dyn Connector>,
 }
 
 /// A connection to one peer address.
@@ -132,10 +165,12 @@ impl Link {
     }
 
     async fn dial(&self) -> Result<Conn, LinkError> {
-        let mut stream = TcpStream::connect(&self.addr)
+        let mut stream = self
+            .dialer
+            .connector
+            .connect(&self.addr)
             .await
             .map_err(|e| self.unreachable(e))?;
-        let _ = stream.set_nodelay(true);
         let max = self.dialer.max_frame;
         stream
             .write_all(&channel_preamble(Channel::Peer))
@@ -183,7 +218,7 @@ impl Link {
             Ok(_) => return Err(refused("handshake ended early")),
             Err(e) => return Err(self.unreachable(e)),
         }
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use dhrt_proto::{
     CollectionInfo, Entry, ErrorKind, Mutation, NodeInfo, NodeStats, OpError, Operations, Page,
 };
-use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode};
+use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
 
 use crate::cluster::{Cluster, stamp};
 use crate::metrics::{Metrics, OpKind, Outcome};
@@ -162,7 +162,41 @@ impl Node {
         }
     }
 
-    async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
+    /// Sets `key` as [`Operations::set`] does and returns the version the
+    /// write was stamped with.
+    pub async fn set_stamped(
+        &self,
+        collection: &str,
+        key: &[u8],
+        value: Bytes,
+    ) -> Result<Version, OpError> {
+        let t = Instant::now();
+        let r = self.op_set(collection, key, value).await;
+        self.metrics
+            .record(OpKind::Set, outcome(&r, |_| true), t.elapsed(), 1);
+        r
+    }
+
+    /// Deletes `key` as [`Operations::delete`] does; also returns the
+    /// tombstone's version (`None` when a node without peers had nothing to
+    /// delete).
+    pub async fn delete_stamped(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> Result<(bool, Option<Version>), OpError> {
+        let t = Instant::now();
+        let r = self.op_delete(collection, key).await;
+        self.metrics.record(
+            OpKind::Delete,
+            outcome(&r, |(existed, _)| *existed),
+            t.elapsed(),
+            1,
+        );
+        r
+    }
+
+    async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
         let local = self.cluster.stores_locally(collection);
         let version = if local {
@@ -179,7 +213,7 @@ impl Node {
             version: stamp(version),
         };
         self.cluster.replicate(vec![m], local).await;
-        Ok(())
+        Ok(version)
     }
 
     async fn op_set_many(
@@ -221,11 +255,15 @@ impl Node {
         Ok(())
     }
 
-    async fn op_delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
+    async fn op_delete(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> Result<(bool, Option<Version>), OpError> {
         user_collection(collection)?;
         let (c, k) = (collection.to_string(), key.to_vec());
         if !self.cluster.has_peers() {
-            return self.write(move |s| s.delete(&c, &k)).await;
+            return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
         }
         // Whether the key existed is a question for the whole cluster when
         // this node has no entry for it.
@@ -242,7 +280,10 @@ impl Node {
             version: stamp(version),
         };
         self.cluster.replicate(vec![m], true).await;
-        Ok(was_live || remote.is_some_and(|v| v.value.is_some()))
+        Ok((
+            was_live || remote.is_some_and(|v| v.value.is_some()),
+            Some(version),
+        ))
     }
 
     async fn op_list(
@@ -347,11 +388,7 @@ impl Operations for Node {
     }
 
     async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {
-        let t = Instant::now();
-        let r = self.op_set(collection, key, value).await;
-        self.metrics
-            .record(OpKind::Set, outcome(&r, |_| true), t.elapsed(), 1);
-        r
+        self.set_stamped(collection, key, value).await.map(|_| ())
     }
 
     async fn set_many(
@@ -371,15 +408,9 @@ impl Operations for Node {
     }
 
     async fn delete(&self, collection: &str, key: &[u8]) -> Result<bool, OpError> {
-        let t = Instant::now();
-        let r = self.op_delete(collection, key).await;
-        self.metrics.record(
-            OpKind::Delete,
-            outcome(&r, |existed| *existed),
-            t.elapsed(),
-            1,
-        );
-        r
+        self.delete_stamped(collection, key)
+            .await
+            .map(|(existed, _)| existed)
     }
 
     async fn list(

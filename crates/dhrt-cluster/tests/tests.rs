@@ -3,3 +3,4 @@
 mod binary;
 mod membership;
 mod node;
+mod sim;
