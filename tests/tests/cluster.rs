@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::dhrtd::Dhrtd;
 
 /// Polls `f` until it is true; fails with `what` after `within`.
-fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
@@ -18,14 +18,14 @@ fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn stats(node: &Dhrtd) -> Value {
+pub(crate) fn stats(node: &Dhrtd) -> Value {
     let (status, body) = node.http("GET", "/", b"");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 
 /// The state `observer` reports for the member at `addr`.
-fn state_of(observer: &Dhrtd, addr: &str) -> Option<String> {
+pub(crate) fn state_of(observer: &Dhrtd, addr: &str) -> Option<String> {
     stats(observer)["members"]
         .as_array()?
         .iter()
@@ -33,7 +33,7 @@ fn state_of(observer: &Dhrtd, addr: &str) -> Option<String> {
         .map(|m| m["state"].as_str().unwrap_or("").to_string())
 }
 
-fn all_healthy(nodes: &[&Dhrtd], count: usize) -> bool {
+pub(crate) fn all_healthy(nodes: &[&Dhrtd], count: usize) -> bool {
     nodes.iter().all(|n| {
         let s = stats(n);
         let members = s["members"].as_array().unwrap();

@@ -95,9 +95,37 @@ impl Dhrtd {
     /// Starts `dhrtd` on `addr` (a restart keeps its address), or on a free
     /// port.
     pub(crate) fn start_on(at: Option<SocketAddr>, data_dir: &Path, args: &[&str]) -> Dhrtd {
+        Dhrtd::start_in(None, at, data_dir, args)
+    }
+
+    /// Starts `dhrtd` inside network namespace `netns` (through `ip netns
+    /// exec`, which execs it in place), listening on `addr`.
+    pub(crate) fn start_in_netns(
+        netns: &str,
+        addr: SocketAddr,
+        data_dir: &Path,
+        args: &[&str],
+    ) -> Dhrtd {
+        Dhrtd::start_in(Some(netns), Some(addr), data_dir, args)
+    }
+
+    fn start_in(
+        netns: Option<&str>,
+        at: Option<SocketAddr>,
+        data_dir: &Path,
+        args: &[&str],
+    ) -> Dhrtd {
         for _ in 0..5 {
             let addr = at.unwrap_or_else(free_addr);
-            let mut child = Command::new(binary())
+            let mut command = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(binary());
+                    c
+                }
+                None => Command::new(binary()),
+            };
+            let mut child = command
                 .arg("--listen")
                 .arg(addr.to_string())
                 .arg("--data-dir")

@@ -8,3 +8,4 @@ mod crash;
 mod dhrtd;
 mod hostile;
 mod node;
+mod partition;

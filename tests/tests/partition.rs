@@ -1,0 +1,232 @@
+//! A real partition: three `dhrtd` in their own network namespaces, joined
+//! by a bridge, cut apart with blackhole routes while both sides take
+//! writes, then healed. The cluster must converge: every write on every
+//! node, deletes kept, conflicts resolved the same way everywhere.
+//!
+//! Needs root (network namespaces). Without it the test says so and
+//! passes, unless `DHRT_REQUIRE_NETNS=1` (which `.ci/run` sets, as CI runs
+//! as root) makes that a failure.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster::{all_healthy, eventually, state_of};
+use crate::dhrtd::Dhrtd;
+
+/// `ip` with `args`; whether it succeeded.
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ip_in(ns: &str, args: &[&str]) -> bool {
+    let mut all = vec!["netns", "exec", ns, "ip"];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// `n` network namespaces on one bridge, named after this process so that
+/// parallel runs do not collide; removed on drop.
+struct Net {
+    prefix: String,
+    subnet: String,
+    n: usize,
+}
+
+impl Net {
+    fn create(n: usize) -> Option<Net> {
+        let pid = std::process::id();
+        let net = Net {
+            prefix: format!("dh{}", pid % 100_000),
+            subnet: format!("10.231.{}", pid % 250),
+            n,
+        };
+        let br = net.bridge();
+        if !ip(&["link", "add", &br, "type", "bridge"]) {
+            return None;
+        }
+        let gateway = format!("{}.1/24", net.subnet);
+        assert!(ip(&["addr", "add", &gateway, "dev", &br]));
+        assert!(ip(&["link", "set", &br, "up"]));
+        for i in 1..=n {
+            let (ns, veth) = (net.ns(i), format!("{}v{i}", net.prefix));
+            let addr = format!("{}/24", net.ip(i));
+            assert!(ip(&["netns", "add", &ns]), "ip netns add {ns}");
+            assert!(ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns
+            ]));
+            assert!(ip(&["link", "set", &veth, "master", &br, "up"]));
+            assert!(ip_in(&ns, &["addr", "add", &addr, "dev", "eth0"]));
+            assert!(ip_in(&ns, &["link", "set", "eth0", "up"]));
+            assert!(ip_in(&ns, &["link", "set", "lo", "up"]));
+        }
+        Some(net)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}br", self.prefix)
+    }
+
+    fn ns(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    fn ip(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, 10 + i)
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        format!("{}:7453", self.ip(i)).parse().unwrap()
+    }
+
+    /// Blackholes (or restores) the traffic between nodes `a` and `b`,
+    /// both ways.
+    fn cut(&self, a: usize, b: usize, cut: bool) {
+        let verb = if cut { "add" } else { "del" };
+        for (from, to) in [(a, b), (b, a)] {
+            let dst = format!("{}/32", self.ip(to));
+            assert!(
+                ip_in(&self.ns(from), &["route", verb, "blackhole", &dst]),
+                "route {verb} blackhole {dst} in {}",
+                self.ns(from)
+            );
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=self.n {
+            ip(&["netns", "del", &self.ns(i)]);
+        }
+        ip(&["link", "del", &self.bridge()]);
+    }
+}
+
+/// The live entries of `collection` on `node`.
+fn listing(node: &Dhrtd, collection: &str) -> BTreeMap<String, String> {
+    let (status, body) = node.http("GET", &format!("/{collection}?limit=1000000"), b"");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Vec<Value>>(&body)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            (
+                e["Key"].as_str().unwrap().to_string(),
+                e["Value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn set(node: &Dhrtd, key: &str, value: &str) {
+    let (status, body) = node.http("PUT", &format!("/part/{key}"), value.as_bytes());
+    assert_eq!(status, 200, "PUT {key}: {body}");
+}
+
+#[test]
+fn a_partition_made_with_blackhole_routes_heals_and_converges() {
+    let Some(net) = Net::create(3) else {
+        let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "DHRT_REQUIRE_NETNS=1 but network namespaces cannot be created (run as root)"
+        );
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let secret = ["--cluster-secret", "partition test"];
+    let seed = net.addr(1).to_string();
+    let nodes: Vec<Dhrtd> = (1..=3)
+        .map(|i| {
+            let mut args = secret.to_vec();
+            if i > 1 {
+                args.extend(["--node", &seed]);
+            }
+            Dhrtd::start_in_netns(&net.ns(i), net.addr(i), dirs[i - 1].path(), &args)
+        })
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members everywhere",
+        Duration::from_secs(20),
+        || all_healthy(&all, 3),
+    );
+    for i in 0..300 {
+        set(&nodes[i % 3], &format!("before-{i}"), "old");
+    }
+
+    // Cut node 3 off from 1 and 2; the test still reaches everyone over
+    // the bridge.
+    net.cut(3, 1, true);
+    net.cut(3, 2, true);
+    let cut_at = Instant::now();
+    for i in 0..500 {
+        set(&nodes[0], &format!("majority-{i}"), &format!("m{i}"));
+        set(&nodes[2], &format!("minority-{i}"), &format!("n{i}"));
+    }
+    // Deletes and overwrites on the cut-off side, overwrites on the other.
+    for i in 0..100 {
+        let (status, _) = nodes[2].http("DELETE", &format!("/part/before-{i}"), b"");
+        assert_eq!(status, 200);
+        set(&nodes[2], &format!("before-{}", 100 + i), "minority");
+        set(&nodes[1], &format!("before-{}", 200 + i), "majority");
+    }
+    let (a3, a1) = (net.addr(3).to_string(), net.addr(1).to_string());
+    eventually(
+        "each side declares the other dead",
+        Duration::from_secs(20),
+        || {
+            state_of(&nodes[0], &a3).as_deref() == Some("dead")
+                && state_of(&nodes[2], &a1).as_deref() == Some("dead")
+        },
+    );
+    // A 10-second partition, as the convergence target is stated.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(cut_at.elapsed()) {
+        std::thread::sleep(rest);
+    }
+
+    net.cut(3, 1, false);
+    net.cut(3, 2, false);
+    let healed = Instant::now();
+    let reference = {
+        let mut want = BTreeMap::new();
+        for i in 0..300 {
+            want.insert(format!("before-{i}"), "old".to_string());
+        }
+        for i in 0..100 {
+            want.remove(&format!("before-{i}"));
+            want.insert(format!("before-{}", 100 + i), "minority".into());
+            want.insert(format!("before-{}", 200 + i), "majority".into());
+        }
+        for i in 0..500 {
+            want.insert(format!("majority-{i}"), format!("m{i}"));
+            want.insert(format!("minority-{i}"), format!("n{i}"));
+        }
+        want
+    };
+    eventually(
+        "every node holds every write after the heal",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| listing(n, "part") == reference),
+    );
+    let converged = healed.elapsed();
+    eventually(
+        "three healthy members everywhere after the heal",
+        Duration::from_secs(30),
+        || all_healthy(&all, 3),
+    );
+    eprintln!(
+        "partition of {:.1} s: converged {:.2} s after the heal, all healthy after {:.2} s",
+        healed.duration_since(cut_at).as_secs_f64(),
+        converged.as_secs_f64(),
+        healed.elapsed().as_secs_f64()
+    );
+}
