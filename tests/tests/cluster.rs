@@ -163,6 +163,147 @@ fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
 }
 
 #[test]
+fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
+    // Deletes are remembered for 2 s only, so the cluster forgets them
+    // while c is away; c must not bring the deleted keys back. With room
+    // for 10 hints, only the last 10 deletes wait for c: the full re-sync
+    // must find the other 90.
+    let grace = ["--tombstone-grace-secs", "2", "--max-hints", "10"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &grace);
+    let b = start_joined(dirs[1].path(), &a, &grace);
+    let c = start_joined(dirs[2].path(), &a, &grace);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for i in 0..200 {
+        assert_eq!(a.http("POST", &format!("/old/k{i}/v{i}"), b"").0, 200);
+    }
+    eventually("c holds every key", Duration::from_secs(10), || {
+        local_keys(&c, "old") == 200
+    });
+    // c notes, every second, that it is in touch: wait until that covers
+    // the writes, so that they are from before it went away.
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    eventually("c remembers its peers", Duration::from_secs(10), || {
+        let state =
+            std::fs::read_to_string(dirs[2].path().join("cluster.state")).unwrap_or_default();
+        let seen = state
+            .lines()
+            .find_map(|l| l.strip_prefix("seen "))
+            .and_then(|v| v.parse::<u64>().ok());
+        state.contains(&format!("member {}", b.addr)) && seen.is_some_and(|s| s > written)
+    });
+    let c_addr = c.addr;
+    c.stop("KILL");
+    for i in 0..100 {
+        assert_eq!(a.http("DELETE", &format!("/old/k{i}"), b"").0, 200);
+    }
+    for i in 200..250 {
+        assert_eq!(b.http("POST", &format!("/old/k{i}/v{i}"), b"").0, 200);
+    }
+    // Past the grace period, compaction purges the tombstones on a and b.
+    std::thread::sleep(Duration::from_secs(5));
+    // c restarts without --node: it rejoins through the members it
+    // remembers in cluster.state.
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &grace);
+    eventually(
+        "the returning node is healthy everywhere",
+        Duration::from_secs(30),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    // Let anti-entropy run a few rounds: nothing deleted comes back.
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [&a, &b, &c] {
+        assert_eq!(local_keys(node, "old"), 150, "on {}", node.addr);
+        assert_eq!(get(node, "/old/k0").0, 404);
+        assert_eq!(get(node, "/old/k99").0, 404);
+        assert_eq!(get(node, "/old/k100").0, 200);
+        assert_eq!(get(node, "/old/k249").0, 200);
+    }
+}
+
+#[test]
+fn a_restart_without_node_rejoins_the_members_it_remembers() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    // The member list reaches cluster.state within a couple of seconds.
+    eventually("b remembers a", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[1].path().join("cluster.state"))
+            .is_ok_and(|s| s.contains(&format!("member {}", a.addr)))
+    });
+    let b_addr = b.addr;
+    assert!(b.stop("TERM").success());
+    assert_eq!(a.http("POST", "/after/k/v", b"").0, 200);
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &[]);
+    eventually("both healthy again", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    eventually("b caught up", Duration::from_secs(10), || {
+        get(&b, "/after/k").0 == 200
+    });
+}
+
+#[test]
+fn a_whole_cluster_restarts_without_node_flags() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let c = start_joined(dirs[2].path(), &a, &[]);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for i in 0..100 {
+        assert_eq!(b.http("POST", &format!("/all/k{i}/v{i}"), b"").0, 200);
+    }
+    let addrs = [a.addr, b.addr, c.addr];
+    for (dir, node) in dirs.iter().zip([&a, &b, &c]) {
+        let others = addrs.iter().filter(|x| **x != node.addr).count();
+        eventually(
+            "the members are remembered",
+            Duration::from_secs(10),
+            || {
+                let state =
+                    std::fs::read_to_string(dir.path().join("cluster.state")).unwrap_or_default();
+                state.matches("member ").count() == others
+            },
+        );
+    }
+    for node in [a, b, c] {
+        assert!(node.stop("TERM").success());
+    }
+    // Everyone comes back at once, every one of them syncing: one goes
+    // first with its own data, the others sync from it.
+    let nodes: Vec<Dhrtd> = dirs
+        .iter()
+        .zip(addrs)
+        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &[]))
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members after the restart",
+        Duration::from_secs(30),
+        || all_healthy(&all, 3),
+    );
+    for node in &nodes {
+        assert_eq!(local_keys(node, "all"), 100);
+    }
+    assert_eq!(nodes[2].http("POST", "/all/new/v", b"").0, 200);
+    eventually(
+        "a new write reaches everyone",
+        Duration::from_secs(10),
+        || nodes.iter().all(|n| local_keys(n, "all") == 101),
+    );
+}
+
+#[test]
 fn sigterm_leaves_the_cluster() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

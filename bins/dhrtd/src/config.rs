@@ -71,6 +71,14 @@ pub(crate) struct Args {
         value_delimiter = ','
     )]
     collections: Vec<String>,
+    /// How long deletes are remembered (tombstones kept) before compaction
+    /// purges them; a node away longer than this re-syncs fully on return.
+    #[arg(long, env = "DHRT_TOMBSTONE_GRACE_SECS", value_name = "N")]
+    tombstone_grace_secs: Option<u64>,
+    /// Writes kept per unreachable peer until it returns; beyond this,
+    /// anti-entropy repairs it.
+    #[arg(long, env = "DHRT_MAX_HINTS", value_name = "N")]
+    max_hints: Option<usize>,
     /// A TOML file with any of the settings above (kebab-case keys).
     #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -93,6 +101,8 @@ struct File {
     timeout_ms: Option<u64>,
     cluster_secret: Option<String>,
     collections: Option<Vec<String>>,
+    tombstone_grace_secs: Option<u64>,
+    max_hints: Option<usize>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -120,6 +130,8 @@ pub(crate) struct Config {
     pub(crate) timeout: Duration,
     pub(crate) cluster_secret: Option<String>,
     pub(crate) collections: Option<Vec<String>>,
+    pub(crate) tombstone_grace: Duration,
+    pub(crate) max_hints: usize,
 }
 
 impl Config {
@@ -208,6 +220,12 @@ impl Config {
             timeout: Duration::from_millis(timeout_ms),
             cluster_secret,
             collections,
+            tombstone_grace: Duration::from_secs(
+                args.tombstone_grace_secs
+                    .or(file.tombstone_grace_secs)
+                    .unwrap_or(24 * 3600),
+            ),
+            max_hints: args.max_hints.or(file.max_hints).unwrap_or(1_000_000),
         })
     }
 }

@@ -121,6 +121,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Store::memory(Options {
                 sync,
                 node_id: id,
+                tombstone_grace: config.tombstone_grace,
                 ..Options::default()
             }),
             id,
@@ -130,6 +131,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let options = Options {
             sync,
             node_id: id,
+            tombstone_grace: config.tombstone_grace,
             ..Options::default()
         };
         let store = Store::open(&config.data_dir, options)
@@ -148,6 +150,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             secret: config.cluster_secret.clone(),
             collections: config.collections.clone(),
             seeds: config.seeds.clone(),
+            state_file: (!config.memory).then(|| config.data_dir.join("cluster.state")),
+            max_hints: config.max_hints,
             ..ClusterOptions::default()
         },
     );

@@ -5,6 +5,7 @@
 //! server (`peer_server.rs`) feeds it what peers send.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::link::{Connector, Dialer, Link, LinkError, TcpConnector};
 use crate::membership::{Membership, MembershipConfig, Output, member_state};
+use crate::state::{self, SavedState};
 
 /// How many replicas acknowledge a write before the client hears "ok".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +80,9 @@ pub struct ClusterOptions {
     /// Seeds the membership protocol's randomness (probe order, gossip
     /// targets); `None` picks one from the node id and the clock.
     pub rng_seed: Option<u64>,
+    /// Where to remember the members and when the cluster was last in
+    /// touch (`cluster.state` in the data directory); `None` in memory.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -95,6 +100,7 @@ impl Default for ClusterOptions {
             max_frame: dhrt_proto::DEFAULT_MAX_FRAME,
             connector: Arc::new(TcpConnector),
             rng_seed: None,
+            state_file: None,
         }
     }
 }
@@ -180,6 +186,13 @@ pub struct Cluster {
     acks: Notify,
     sync: SyncProgress,
     running: AtomicBool,
+    /// Wall-clock ms when this node last had a live, non-syncing peer (or
+    /// started, with no history).
+    last_contact: AtomicU64,
+    /// Set while this node's own data cannot be trusted: it was away
+    /// longer than the tombstone grace period, so keys deleted meanwhile
+    /// may still be here. Reads ask the others; a full re-sync prunes.
+    full_resync: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -195,6 +208,40 @@ impl Cluster {
     /// over `store`. Nothing runs until [`start`](Self::start).
     pub fn new(store: Store, me: (u64, String, String), options: ClusterOptions) -> Arc<Self> {
         let (id, name, addr) = me;
+        let mut options = options;
+        let saved = options.state_file.as_deref().and_then(|p| {
+            state::load(p)
+                .inspect_err(|e| tracing::warn!("ignoring {}: {e}", p.display()))
+                .ok()
+                .flatten()
+        });
+        let now = wall_ms();
+        let mut last_contact = now;
+        let mut full_resync = false;
+        if let Some(saved) = saved {
+            let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
+            if options.seeds.is_empty() && !members.is_empty() {
+                tracing::info!(
+                    "rejoining through the {} members remembered in cluster.state",
+                    members.len()
+                );
+                options.seeds = members;
+            }
+            last_contact = saved.seen_ms;
+            let grace = store.options().tombstone_grace;
+            let away = now.saturating_sub(saved.seen_ms);
+            if !options.seeds.is_empty()
+                && away > grace.as_millis() as u64
+                && !store.all_collections().is_empty()
+            {
+                tracing::warn!(
+                    "away from the cluster for {} s, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
+                    away / 1000,
+                    grace.as_secs()
+                );
+                full_resync = true;
+            }
+        }
         let update = MemberUpdate {
             id,
             name,
@@ -228,6 +275,8 @@ impl Cluster {
             acks: Notify::new(),
             sync: SyncProgress::default(),
             running: AtomicBool::new(true),
+            last_contact: AtomicU64::new(last_contact),
+            full_resync: AtomicBool::new(full_resync),
         })
     }
 
@@ -265,6 +314,8 @@ impl Cluster {
         tokio::spawn(async move { me.membership_loop().await });
         let me = self.clone();
         tokio::spawn(async move { me.anti_entropy_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.contact_loop().await });
         if !self.options.seeds.is_empty() {
             let me = self.clone();
             tokio::spawn(async move { me.join().await });
@@ -329,7 +380,8 @@ impl Cluster {
             Liveness::Alive => {
                 peer.wake.notify_one();
                 let overflowed = std::mem::take(&mut peer.queue.lock().unwrap().overflowed);
-                if overflowed || matches!(before, Some(Liveness::Dead) | Some(Liveness::Left)) {
+                let returning = matches!(before, Some(Liveness::Dead) | Some(Liveness::Left));
+                if (overflowed || returning) && !member.syncing {
                     let me = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = me.anti_entropy_with(member.id).await {
@@ -411,6 +463,11 @@ impl Cluster {
         let seeds = self.options.seeds.clone();
         let mut backoff = Duration::from_millis(200);
         loop {
+            if !self.alive_peers().is_empty() {
+                // Someone reached this node first: it is in.
+                self.handoff().await;
+                return;
+            }
             for seed in &seeds {
                 match self.join_through(seed).await {
                     Ok(()) => {
@@ -442,6 +499,7 @@ impl Cluster {
             PeerReply::Members(table) => {
                 tracing::info!("joined through {addr}: {} members", table.len());
                 self.with_membership(|m, now| m.merge(now, table));
+                self.save_state(&self.saved_state());
                 Ok(())
             }
             other => Err(LinkError::Refused {
@@ -521,6 +579,10 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.running.store(false, Ordering::Release);
+        if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
+            self.last_contact.store(wall_ms(), Ordering::Release);
+        }
+        self.save_state(&self.saved_state());
         let outputs = {
             let mut m = self.membership.lock().unwrap();
             m.leave();
@@ -979,33 +1041,150 @@ impl Cluster {
 
     // ---- handoff, re-sync, anti-entropy ------------------------------------
 
-    fn begin_sync(&self) {
+    /// Marks a handoff or re-sync as running; false if one already is.
+    fn begin_sync(&self) -> bool {
+        if self.sync.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         self.sync.received.store(0, Ordering::Relaxed);
         self.sync.total.store(0, Ordering::Relaxed);
         *self.sync.started.lock().unwrap() = Some(Instant::now());
-        self.sync.running.store(true, Ordering::Release);
+        true
     }
 
     fn end_sync(self: &Arc<Self>) {
+        self.full_resync.store(false, Ordering::Release);
+        self.last_contact.store(wall_ms(), Ordering::Release);
         self.sync.running.store(false, Ordering::Release);
         self.with_membership(|m, _| m.set_syncing(false));
+    }
+
+    /// While a full re-sync is pending or running: records of this node
+    /// stamped at or before this wall-clock ms may have been deleted
+    /// elsewhere (and the deletes forgotten), so they are not an answer.
+    pub(crate) fn distrusted_until(&self) -> Option<u64> {
+        self.full_resync
+            .load(Ordering::Acquire)
+            .then(|| self.last_contact.load(Ordering::Acquire))
+    }
+
+    /// Waits for a member to sync from. `None` when this node's own data
+    /// has to do: it is alone, or every live member is syncing too (the
+    /// whole cluster is coming back at once) and, after a moment for a
+    /// source to appear, this node has the lowest id among them, so it
+    /// goes first and the others sync from it.
+    async fn wait_for_source(&self) -> Option<MemberUpdate> {
+        let started = Instant::now();
+        loop {
+            if let Some(source) = self.sources().into_iter().next() {
+                return Some(source);
+            }
+            let peers = self.alive_peers();
+            if peers.is_empty() {
+                return None;
+            }
+            if started.elapsed() > Duration::from_secs(3)
+                && peers.iter().all(|u| u.id > self.dialer.me)
+            {
+                tracing::warn!(
+                    "every live member is syncing: this node goes first, with its own data"
+                );
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Members this node can sync from: alive and not syncing themselves.
+    fn sources(&self) -> Vec<MemberUpdate> {
+        self.alive_peers()
+            .into_iter()
+            .filter(|u| !u.syncing)
+            .collect()
+    }
+
+    /// Every second: remember when a live peer was last seen, and the
+    /// members, in the state file. Contact regained after longer than the
+    /// tombstone grace period starts a full re-sync.
+    async fn contact_loop(self: Arc<Self>) {
+        let grace = self.store.options().tombstone_grace.as_millis() as u64;
+        let mut had_contact = false;
+        let mut written: Option<SavedState> = None;
+        while self.running.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let contact = !self.sources().is_empty();
+            let now = wall_ms();
+            if contact && !had_contact {
+                let away = now.saturating_sub(self.last_contact.load(Ordering::Acquire));
+                if away > grace
+                    && !self.store.all_collections().is_empty()
+                    && !self.full_resync.swap(true, Ordering::AcqRel)
+                {
+                    tracing::warn!(
+                        "out of touch with the cluster for {} s, longer than the tombstone grace period: re-syncing fully",
+                        away / 1000
+                    );
+                    let me = self.clone();
+                    tokio::spawn(async move { me.resync().await });
+                }
+            }
+            had_contact = contact;
+            if contact && !self.full_resync.load(Ordering::Acquire) {
+                self.last_contact.store(now, Ordering::Release);
+            }
+            // Rewrite on news, and every second while in touch (a few
+            // bytes, no fsync: losing the last write only makes a restart
+            // look a little longer away).
+            let saved = self.saved_state();
+            let stale = written
+                .as_ref()
+                .is_none_or(|w| w.members != saved.members || saved.seen_ms > w.seen_ms);
+            if stale && self.save_state(&saved) {
+                written = Some(saved);
+            }
+        }
+    }
+
+    /// What the state file should say now.
+    fn saved_state(&self) -> SavedState {
+        let m = self.membership.lock().unwrap();
+        SavedState {
+            seen_ms: self.last_contact.load(Ordering::Acquire),
+            members: m
+                .members()
+                .filter(|u| u.liveness != Liveness::Left)
+                .map(|u| u.addr.clone())
+                .collect(),
+        }
+    }
+
+    /// Writes the state file (if there is one and there are members to
+    /// remember); whether it was written.
+    fn save_state(&self, saved: &SavedState) -> bool {
+        let Some(path) = &self.options.state_file else {
+            return false;
+        };
+        if saved.members.is_empty() {
+            return false;
+        }
+        match state::save(path, saved) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("writing {}: {e}", path.display());
+                false
+            }
+        }
     }
 
     /// After joining: every collection this node hosts is streamed to it by
     /// a healthy member, newest first; then a digest comparison catches
     /// what raced the stream; then this node reports itself healthy.
     async fn handoff(self: Arc<Self>) {
-        self.begin_sync();
+        if !self.begin_sync() {
+            return;
+        }
         let started = Instant::now();
-        loop {
-            let Some(source) = self.alive_peers().into_iter().find(|u| !u.syncing) else {
-                // Nobody to sync from: this node is the cluster's only data.
-                if self.alive_peers().is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
+        while let Some(source) = self.wait_for_source().await {
             match self.handoff_from(&source).await {
                 Ok(n) => {
                     tracing::info!(
@@ -1025,6 +1204,17 @@ impl Cluster {
     }
 
     async fn handoff_from(self: &Arc<Self>, source: &MemberUpdate) -> Result<u64, LinkError> {
+        if let Some(seen) = self.distrusted_until() {
+            // Away too long: the source's data is the truth.
+            let n = self.prune_with(source.id, seen).await?;
+            self.anti_entropy_with(source.id).await?;
+            return Ok(n);
+        }
+        if !self.store.all_collections().is_empty() {
+            // A returning node: only what differs travels.
+            self.anti_entropy_with(source.id).await?;
+            return Ok(0);
+        }
         let peer = self.peer(source.id).ok_or_else(|| LinkError::Refused {
             addr: source.addr.clone(),
             reason: "unknown member".into(),
@@ -1073,8 +1263,30 @@ impl Cluster {
     /// After being declared dead: compare digests with every live member,
     /// then report healthy.
     async fn resync(self: Arc<Self>) {
-        self.begin_sync();
-        for member in self.alive_peers() {
+        if !self.begin_sync() {
+            return;
+        }
+        let grace = self.store.options().tombstone_grace.as_millis() as u64;
+        let away = wall_ms().saturating_sub(self.last_contact.load(Ordering::Acquire));
+        if away > grace && !self.store.all_collections().is_empty() {
+            self.full_resync.store(true, Ordering::Release);
+        }
+        if let Some(seen) = self.distrusted_until() {
+            // Prune against one source before anything of ours travels.
+            while let Some(source) = self.wait_for_source().await {
+                match self.prune_with(source.id, seen).await {
+                    Ok(n) => {
+                        tracing::info!("full re-sync with {}: {n} records forgotten", source.addr);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("full re-sync with {}: {e}; retrying", source.addr);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+        for member in self.sources() {
             if let Err(e) = self.anti_entropy_with(member.id).await {
                 tracing::warn!("re-sync with {}: {e}", member.addr);
             }
@@ -1087,8 +1299,10 @@ impl Cluster {
         let every = self.options.anti_entropy_every;
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(every).await;
-            let peers: Vec<MemberUpdate> = self.alive_peers();
-            if peers.is_empty() {
+            // A syncing peer may hold what the cluster deleted long ago:
+            // it pulls, nobody pulls from it.
+            let peers: Vec<MemberUpdate> = self.sources();
+            if peers.is_empty() || self.full_resync.load(Ordering::Acquire) {
                 continue;
             }
             let i = self.membership.lock().unwrap().random_index(peers.len());
@@ -1201,5 +1415,119 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// The full re-sync of a node away longer than the tombstone grace
+    /// period, against peer `id`: for every collection both host, pulls
+    /// the differing buckets, and forgets its own records the peer does not
+    /// have that were stamped before it lost touch (`seen_ms`): the cluster
+    /// deleted them and has since purged the tombstones. Nothing of this
+    /// node's travels the other way. Returns how many records it forgot.
+    async fn prune_with(self: &Arc<Self>, id: u64, seen_ms: u64) -> Result<u64, LinkError> {
+        let Some(peer) = self.peer(id) else {
+            return Ok(0);
+        };
+        let (me, them) = {
+            let m = self.membership.lock().unwrap();
+            (m.me().clone(), m.get(id).cloned())
+        };
+        let Some(them) = them else { return Ok(0) };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
+            PeerReply::Digests(d) => d,
+            _ => Vec::new(),
+        };
+        let mut names: Vec<String> = self.store.all_collections();
+        for d in &theirs {
+            if !names.contains(&d.collection) {
+                names.push(d.collection.clone());
+            }
+        }
+        names.retain(|c| hosts(&me, c) && hosts(&them, c));
+        let mut forgotten = 0;
+        for c in names {
+            let remote = theirs
+                .iter()
+                .find(|d| d.collection == c)
+                .map(|d| Digest {
+                    buckets: d.buckets.clone(),
+                    dropped_at: d.dropped_at.map(version),
+                })
+                .unwrap_or_else(Digest::empty);
+            if remote.dropped_at.is_some() {
+                let local = self.store.digest(&c).unwrap_or_else(|_| Digest::empty());
+                if remote.dropped_at > local.dropped_at
+                    && let Some(d) = remote.dropped_at
+                {
+                    let _ = self.store.apply_drop(&c, d);
+                }
+            }
+            let Ok(local) = self.store.digest(&c) else {
+                continue;
+            };
+            let differing = if remote.buckets.len() == DIGEST_BUCKETS {
+                local.differing(&remote)
+            } else {
+                (0..DIGEST_BUCKETS).collect()
+            };
+            for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
+                let buckets: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
+                let mine = self
+                    .bucket_records(&c, &buckets)
+                    .map_err(|e| LinkError::Remote {
+                        addr: peer.link.addr().to_string(),
+                        error: e,
+                    })?;
+                let PeerReply::Records(records) = peer
+                    .link
+                    .request(
+                        PeerOp::Buckets {
+                            collection: c.clone(),
+                            buckets,
+                        },
+                        long,
+                    )
+                    .await?
+                else {
+                    continue;
+                };
+                let known: HashSet<Bytes> = records
+                    .iter()
+                    .filter_map(|m| match m {
+                        Mutation::Put { key, .. } => Some(key.clone()),
+                        Mutation::Drop { .. } => None,
+                    })
+                    .collect();
+                let _ = self.apply_async(records).await;
+                // A tombstone just above the forgotten record's version: it
+                // hides nothing newer, and is itself old enough to be purged
+                // at the next compaction.
+                let forget: Vec<Mutation> = mine
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        Mutation::Put {
+                            collection,
+                            key,
+                            value: Some(_),
+                            version: v,
+                        } if !known.contains(&key) && (v.ts >> LOGICAL_BITS) <= seen_ms => {
+                            Some(Mutation::Put {
+                                collection,
+                                key,
+                                value: None,
+                                version: Stamp {
+                                    ts: v.ts + 1,
+                                    node: v.node,
+                                },
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                forgotten += forget.len() as u64;
+                let _ = self.apply_async(forget).await;
+            }
+        }
+        Ok(forgotten)
     }
 }

@@ -15,6 +15,7 @@ mod metrics;
 mod node;
 mod peer_server;
 mod server;
+mod state;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, WriteAck};

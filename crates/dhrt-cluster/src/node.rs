@@ -136,7 +136,21 @@ impl Node {
 impl Node {
     async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         user_collection(collection)?;
-        if let Some(r) = self.store.lookup(collection, key).map_err(op_error)? {
+        let local = self.store.lookup(collection, key).map_err(op_error)?;
+        if let Some(seen) = self.cluster.distrusted_until() {
+            // Back after longer than the tombstone grace period: what this
+            // node held before may have been deleted since. Ask the others;
+            // only what it wrote since it returned is its own answer.
+            let remote = self.cluster.read_remote(collection, key).await;
+            let fresh = local.filter(|r| r.version.physical_ms() > seen);
+            return Ok(match (remote, fresh) {
+                (Some(r), Some(l)) if stamp(l.version) > r.version => l.value,
+                (Some(r), _) => r.value,
+                (None, Some(l)) => l.value,
+                (None, None) => None,
+            });
+        }
+        if let Some(r) = local {
             // A tombstone is an answer too.
             return Ok(r.value);
         }

@@ -1,0 +1,107 @@
+//! The cluster state file (`cluster.state` in the data directory): when
+//! this node was last in touch with the cluster, and the members it knew.
+//! A restart without `--node` rejoins through those members, and a node
+//! away longer than the tombstone grace period knows it must re-sync fully.
+//!
+//! Plain text, one fact per line, rewritten atomically (write, rename):
+//!
+//! ```text
+//! # dhrt cluster state: written by dhrtd, safe to delete
+//! seen 1764255000000
+//! member 10.0.0.2:7453
+//! member 10.0.0.3:7453
+//! ```
+
+use std::io;
+use std::path::Path;
+
+/// What the file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct SavedState {
+    /// Wall-clock milliseconds when this node last had a live peer.
+    pub(crate) seen_ms: u64,
+    /// The other members' addresses, left ones excluded.
+    pub(crate) members: Vec<String>,
+}
+
+/// Parses the file's text; unknown lines are ignored (newer versions may
+/// add facts), a malformed `seen` is an error.
+pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
+    let mut state = SavedState::default();
+    for line in text.lines().map(str::trim) {
+        if let Some(ms) = line.strip_prefix("seen ") {
+            state.seen_ms = ms.trim().parse().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("bad line {line:?}"))
+            })?;
+        } else if let Some(addr) = line.strip_prefix("member ") {
+            let addr = addr.trim();
+            if !addr.is_empty() && !state.members.iter().any(|m| m == addr) {
+                state.members.push(addr.to_string());
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// The file's text for `state`.
+pub(crate) fn render(state: &SavedState) -> String {
+    let mut out = String::from("# dhrt cluster state: written by dhrtd, safe to delete\n");
+    out.push_str(&format!("seen {}\n", state.seen_ms));
+    for m in &state.members {
+        out.push_str(&format!("member {m}\n"));
+    }
+    out
+}
+
+/// Reads the file; `None` if there is none.
+pub(crate) fn load(path: &Path) -> io::Result<Option<SavedState>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces the file with `state` (write beside it, then rename).
+pub(crate) fn save(path: &Path, state: &SavedState) -> io::Result<()> {
+    let tmp = path.with_extension("state.tmp");
+    std::fs::write(&tmp, render(state))?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_ignores_what_it_does_not_know() {
+        let s = SavedState {
+            seen_ms: 1_764_255_000_000,
+            members: vec!["10.0.0.2:7453".into(), "n3:7453".into()],
+        };
+        assert_eq!(parse(&render(&s)).unwrap(), s);
+        let text = "seen 5\nfuture-fact 1\nmember a:1\nmember a:1\n\n";
+        assert_eq!(
+            parse(text).unwrap(),
+            SavedState {
+                seen_ms: 5,
+                members: vec!["a:1".into()]
+            }
+        );
+        assert!(parse("seen yesterday\n").is_err());
+    }
+
+    #[test]
+    fn saves_atomically_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.state");
+        assert_eq!(load(&path).unwrap(), None);
+        let s = SavedState {
+            seen_ms: 42,
+            members: vec!["x:1".into()],
+        };
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path).unwrap(), Some(s));
+        assert!(!path.with_extension("state.tmp").exists());
+    }
+}
