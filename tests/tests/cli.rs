@@ -18,7 +18,7 @@ fn cli_binary() -> PathBuf {
     )
 }
 
-fn cli(node: &Dhrtd, args: &[&str]) -> Output {
+pub(crate) fn cli(node: &Dhrtd, args: &[&str]) -> Output {
     Command::new(cli_binary())
         .arg("--addr")
         .arg(node.addr.to_string())
@@ -27,7 +27,7 @@ fn cli(node: &Dhrtd, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn out(o: &Output) -> String {
+pub(crate) fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

@@ -304,6 +304,38 @@ fn a_whole_cluster_restarts_without_node_flags() {
 }
 
 #[test]
+fn dhrt_cli_join_makes_two_running_nodes_one_cluster() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = Dhrtd::start(dirs[1].path(), &[]);
+    for i in 0..50 {
+        assert_eq!(a.http("POST", &format!("/joined/a{i}/v"), b"").0, 200);
+        assert_eq!(b.http("POST", &format!("/joined/b{i}/v"), b"").0, 200);
+    }
+    let o = crate::cli::cli(&b, &["join", &a.addr.to_string()]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(
+        crate::cli::out(&o),
+        format!("OK: joined through {}, 2 members\n", a.addr)
+    );
+    eventually("both healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    eventually("both hold both halves", Duration::from_secs(15), || {
+        local_keys(&a, "joined") == 100 && local_keys(&b, "joined") == 100
+    });
+    // Joining yourself, or nobody, is a readable error with exit code 2.
+    let o = crate::cli::cli(&a, &["join", &a.addr.to_string()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = crate::cli::cli(&a, &["join", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unreachable"),
+        "{o:?}"
+    );
+}
+
+#[test]
 fn sigterm_leaves_the_cluster() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

@@ -1,6 +1,6 @@
 //! The command language shared by one-shot use and the REPL:
 //! `set [collection] key value`, `get [collection] key`,
-//! `del [collection] key`, `stats`, `help`.
+//! `del [collection] key`, `stats`, `join ADDR`, `help`.
 
 use dhrt_proto::Op;
 
@@ -8,7 +8,7 @@ use dhrt_proto::Op;
 pub(crate) const DEFAULT_COLLECTION: &str = "default";
 
 /// The command names, for completion and help.
-pub(crate) const NAMES: [&str; 7] = ["set", "get", "del", "stats", "help", "quit", "exit"];
+pub(crate) const NAMES: [&str; 8] = ["set", "get", "del", "stats", "join", "help", "quit", "exit"];
 
 pub(crate) const HELP: &str = "\
 commands:
@@ -16,6 +16,7 @@ commands:
   get [collection] key         print a value, or (nil)
   del [collection] key         delete a key
   stats                        node and cluster statistics
+  join ADDR                    make the node join the cluster of the member at ADDR
   help                         this text
   quit | exit                  leave the REPL
 words with spaces go in double quotes: set greeting \"hello world\"";
@@ -37,6 +38,9 @@ pub(crate) enum Command {
         key: String,
     },
     Stats,
+    Join {
+        addr: String,
+    },
     Help,
     Quit,
 }
@@ -63,6 +67,7 @@ impl Command {
                 key: key.clone().into_bytes().into(),
             },
             Command::Stats => Op::Stats,
+            Command::Join { addr } => Op::Join { addr: addr.clone() },
             Command::Help | Command::Quit => return None,
         })
     }
@@ -142,6 +147,10 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
         ("del", _) => Err("usage: del [collection] key".into()),
         ("stats", 0) => Ok(Command::Stats),
         ("stats", _) => Err("usage: stats".into()),
+        ("join", 1) => Ok(Command::Join {
+            addr: args[0].clone(),
+        }),
+        ("join", _) => Err("usage: join ADDR (another member's host:port)".into()),
         ("help", _) => Ok(Command::Help),
         ("quit" | "exit", _) => Ok(Command::Quit),
         (other, _) => Err(format!("unknown command {other:?} (try help)")),
@@ -198,6 +207,12 @@ mod tests {
             }
         );
         assert_eq!(parse(&words("stats")).unwrap(), Command::Stats);
+        assert_eq!(
+            parse(&words("join 10.0.0.2:7453")).unwrap(),
+            Command::Join {
+                addr: "10.0.0.2:7453".into()
+            }
+        );
         for bad in [
             "set k",
             "get",

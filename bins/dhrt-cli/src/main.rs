@@ -32,7 +32,7 @@ struct Args {
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "COMMAND",
-        help = "set [collection] key value | get [collection] key | del [collection] key | stats | help; none starts the REPL"
+        help = "set [collection] key value | get [collection] key | del [collection] key | stats | join ADDR | help; none starts the REPL"
     )]
     command: Vec<String>,
 }
@@ -115,6 +115,19 @@ pub(crate) async fn execute(
                 writeln!(out, "{}", serde_json::json!({ "Key": key })).unwrap();
             } else {
                 writeln!(out, "OK").unwrap();
+            }
+            Outcome::Done
+        }
+        (Command::Join { addr }, Reply::Joined(members)) => {
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "Joined": addr, "Members": members })
+                )
+                .unwrap();
+            } else {
+                writeln!(out, "OK: joined through {addr}, {members} members").unwrap();
             }
             Outcome::Done
         }

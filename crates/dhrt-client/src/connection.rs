@@ -215,6 +215,15 @@ impl Client {
             other => Err(unexpected(other)),
         }
     }
+
+    /// Tells the node to join the cluster of the member at `addr`; returns
+    /// how many members it then knows, itself included.
+    pub async fn join(&self, addr: &str) -> Result<u32, Error> {
+        match self.request(Op::Join { addr: addr.into() }).await? {
+            Reply::Joined(members) => Ok(members),
+            other => Err(unexpected(other)),
+        }
+    }
 }
 
 async fn writer(

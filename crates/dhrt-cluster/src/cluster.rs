@@ -485,6 +485,33 @@ impl Cluster {
         }
     }
 
+    /// `dhrt-cli join ADDR`: a running node joins the cluster of the member
+    /// at `addr`, then exchanges data with it (a handoff when this node is
+    /// empty, anti-entropy otherwise) while reporting itself syncing.
+    /// Returns how many members it knows.
+    pub async fn join_running(self: &Arc<Self>, addr: &str) -> Result<u32, OpError> {
+        let me = self.membership.lock().unwrap().me().addr.clone();
+        if addr.trim().is_empty() || addr == me {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                format!("cannot join through {addr:?}: give another member's address"),
+            ));
+        }
+        self.with_membership(|m, _| m.set_syncing(true));
+        if let Err(e) = self.join_through(addr).await {
+            if !self.sync.running.load(Ordering::Acquire) {
+                self.with_membership(|m, _| m.set_syncing(false));
+            }
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!("joining: {e}"),
+            ));
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.handoff().await });
+        Ok(self.membership.lock().unwrap().table().len() as u32)
+    }
+
     /// Asks the member at `addr` to let this node in.
     pub async fn join_through(self: &Arc<Self>, addr: &str) -> Result<(), LinkError> {
         let link = Link::new(addr.to_string(), self.dialer.clone());

@@ -456,6 +456,10 @@ impl Operations for Node {
         self.op_stats().await
     }
 
+    async fn join(&self, addr: &str) -> Result<u32, OpError> {
+        self.cluster.join_running(addr).await
+    }
+
     async fn metrics(&self) -> String {
         let mut out = String::new();
         self.metrics.render(&mut out);

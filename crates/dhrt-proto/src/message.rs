@@ -61,6 +61,13 @@ pub enum Op {
     },
     /// Node and cluster statistics: [`Reply::Stats`].
     Stats,
+    /// Join the cluster that the member at `addr` belongs to:
+    /// [`Reply::Joined`]. The node learns the members, they learn it, and
+    /// its data and theirs are exchanged.
+    Join {
+        /// Any member's address (`host:port`).
+        addr: String,
+    },
 }
 
 /// A response: the request's id and its outcome.
@@ -89,6 +96,9 @@ pub enum Reply {
     Dropped(Vec<Bytes>),
     /// To [`Op::Stats`].
     Stats(NodeStats),
+    /// To [`Op::Join`]: how many members the node now knows, itself
+    /// included.
+    Joined(u32),
 }
 
 /// One key and its value.

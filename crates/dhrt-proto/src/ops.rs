@@ -76,6 +76,19 @@ pub trait Operations: Send + Sync + 'static {
 
     /// Metrics in the Prometheus text exposition format (`GET /metrics`).
     fn metrics(&self) -> impl Future<Output = String> + Send;
+
+    /// Joins the cluster of the member at `addr`; returns how many members
+    /// this node then knows, itself included. A node that cannot be part of
+    /// a cluster says so.
+    fn join(&self, addr: &str) -> impl Future<Output = Result<u32, OpError>> + Send {
+        let _ = addr;
+        async {
+            Err(OpError::new(
+                crate::ErrorKind::Unavailable,
+                "this node cannot join a cluster",
+            ))
+        }
+    }
 }
 
 /// Runs one protocol operation against `ops`.
@@ -104,5 +117,6 @@ pub async fn dispatch<O: Operations>(ops: &O, op: Op) -> Result<Reply, OpError> 
             Reply::Dropped(ops.drop_collection(&collection).await?)
         }
         Op::Stats => Reply::Stats(ops.stats().await),
+        Op::Join { addr } => Reply::Joined(ops.join(&addr).await?),
     })
 }
