@@ -49,6 +49,11 @@ struct Args {
     /// Random keys below this number (0: one fixed key).
     #[arg(short = 'r', default_value_t = 0)]
     keyspace: u64,
+    /// Walk the keyspace in order instead of at random: request i uses key
+    /// i modulo -r, so `-n N -r N --sequential` writes N distinct keys
+    /// (for loading a node).
+    #[arg(long)]
+    sequential: bool,
     /// Requests in flight per connection.
     #[arg(short = 'P', default_value_t = 1)]
     pipeline: u64,
@@ -119,6 +124,7 @@ async fn run(
     for (c, client) in clients.iter().enumerate() {
         let (client, issued, done, value) =
             (client.clone(), issued.clone(), done.clone(), value.clone());
+        let sequential = args.sequential;
         let (collection, keyspace, total, depth) = (
             args.collection.clone(),
             args.keyspace,
@@ -137,9 +143,11 @@ async fn run(
                 }
                 let n = depth.min(total - start);
                 let ops: Vec<Op> = (0..n)
-                    .map(|_| {
+                    .map(|i| {
                         let key = if keyspace == 0 {
                             Bytes::from_static(b"key:__rand_int__")
+                        } else if sequential {
+                            Bytes::from(format!("key:{:012}", (start + i) % keyspace))
                         } else {
                             rng = splitmix(rng);
                             Bytes::from(format!("key:{:012}", rng % keyspace))

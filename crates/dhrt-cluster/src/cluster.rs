@@ -18,7 +18,9 @@ use dhrt_proto::{
     CollectionDigest, ErrorKind, Gossip, Liveness, MemberInfo, MemberUpdate, Mutation, OpError,
     PeerOp, PeerReply, Stamp, SyncInfo, Versioned,
 };
-use dhrt_storage::{DIGEST_BUCKETS, Digest, LOGICAL_BITS, Store, SyncMode, Version, wall_ms};
+use dhrt_storage::{
+    DIGEST_BUCKETS, Digest, LOGICAL_BITS, Replicated, Store, SyncMode, Version, wall_ms,
+};
 use tokio::sync::Notify;
 
 use crate::link::{Connector, Dialer, Link, LinkError, TcpConnector};
@@ -108,8 +110,19 @@ impl Default for ClusterOptions {
 /// Mutations per `Apply` frame, and their bytes.
 const BATCH_ITEMS: usize = 4096;
 const BATCH_BYTES: usize = 4 << 20;
+/// Handoff chunks in flight at once.
+const HANDOFF_WINDOW: usize = 4;
 /// Buckets asked for per anti-entropy request.
 const BUCKETS_PER_REQUEST: usize = 32;
+
+/// The outcome of a spawned handoff chunk.
+fn joined(r: Option<Result<Result<u64, OpError>, tokio::task::JoinError>>) -> Result<u64, OpError> {
+    match r {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(OpError::new(ErrorKind::Internal, e.to_string())),
+        None => Ok(0),
+    }
+}
 
 fn mutation_bytes(m: &Mutation) -> usize {
     match m {
@@ -894,10 +907,11 @@ impl Cluster {
 
     // ---- applying what peers send ----------------------------------------
 
-    /// Applies replicated mutations; returns how many took effect.
+    /// Applies replicated mutations; returns how many took effect. A batch
+    /// with a write stamped too far ahead is refused whole. Runs of puts to
+    /// one collection go to the store as one batch (one lock, one write).
     pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<u64, OpError> {
         let limit = (wall_ms() + self.options.max_clock_ahead.as_millis() as u64) << LOGICAL_BITS;
-        let mut applied = 0;
         for m in mutations {
             let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) = m;
             if v.ts > limit {
@@ -911,25 +925,49 @@ impl Cluster {
                     format!("timestamp {ahead} s ahead of this node's clock"),
                 ));
             }
-            let took = match m {
-                Mutation::Put {
-                    collection,
-                    key,
-                    value,
-                    version: v,
-                } => self
-                    .store
-                    .apply(collection, key, value.as_deref(), version(*v)),
+        }
+        let mut applied = 0;
+        let mut rest = mutations;
+        while let Some(first) = rest.first() {
+            match first {
                 Mutation::Drop {
                     collection,
                     version: v,
-                } => self
-                    .store
-                    .apply_drop(collection, version(*v))
-                    .map(|r| r.is_some()),
+                } => {
+                    let took = self
+                        .store
+                        .apply_drop(collection, version(*v))
+                        .map_err(crate::node::op_error)?
+                        .is_some();
+                    applied += u64::from(took);
+                    rest = &rest[1..];
+                }
+                Mutation::Put { collection, .. } => {
+                    let run = rest
+                        .iter()
+                        .take_while(
+                            |m| matches!(m, Mutation::Put { collection: c, .. } if c == collection),
+                        )
+                        .count();
+                    let entries: Vec<Replicated<'_>> = rest[..run]
+                        .iter()
+                        .filter_map(|m| match m {
+                            Mutation::Put {
+                                key,
+                                value,
+                                version: v,
+                                ..
+                            } => Some((&key[..], value.as_deref(), version(*v))),
+                            Mutation::Drop { .. } => None,
+                        })
+                        .collect();
+                    applied += self
+                        .store
+                        .apply_many(collection, &entries)
+                        .map_err(crate::node::op_error)? as u64;
+                    rest = &rest[run..];
+                }
             }
-            .map_err(crate::node::op_error)?;
-            applied += u64::from(took);
         }
         if self.sync.running.load(Ordering::Relaxed) {
             self.sync
@@ -1038,6 +1076,20 @@ impl Cluster {
             });
         }
         let total = records.len();
+        // Up to HANDOFF_WINDOW chunks in flight: the receiver's apply and
+        // the next chunk's encoding overlap, and the window bounds memory.
+        let mut inflight = tokio::task::JoinSet::new();
+        let send = |inflight: &mut tokio::task::JoinSet<_>, chunk: Vec<Mutation>| {
+            let peer = peer.clone();
+            let n = chunk.len() as u64;
+            inflight.spawn(async move {
+                peer.link
+                    .request(PeerOp::Apply(chunk), timeout)
+                    .await
+                    .map(|_| n)
+                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))
+            });
+        };
         for (i, r) in records.into_iter().enumerate() {
             let m = Mutation::Put {
                 collection: collection.to_string(),
@@ -1048,20 +1100,18 @@ impl Cluster {
             bytes += mutation_bytes(&m);
             chunk.push(m);
             if chunk.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES || i + 1 == total {
-                let n = chunk.len() as u64;
-                peer.link
-                    .request(PeerOp::Apply(std::mem::take(&mut chunk)), timeout)
-                    .await
-                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))?;
-                sent += n;
+                while inflight.len() >= HANDOFF_WINDOW {
+                    sent += joined(inflight.join_next().await)?;
+                }
+                send(&mut inflight, std::mem::take(&mut chunk));
                 bytes = 0;
             }
         }
         if !chunk.is_empty() {
-            peer.link
-                .request(PeerOp::Apply(chunk), timeout)
-                .await
-                .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))?;
+            send(&mut inflight, chunk);
+        }
+        while let Some(r) = inflight.join_next().await {
+            sent += joined(Some(r))?;
         }
         Ok(sent)
     }
@@ -1329,7 +1379,11 @@ impl Cluster {
             // A syncing peer may hold what the cluster deleted long ago:
             // it pulls, nobody pulls from it.
             let peers: Vec<MemberUpdate> = self.sources();
-            if peers.is_empty() || self.full_resync.load(Ordering::Acquire) {
+            // While this node syncs, the sync itself is its anti-entropy.
+            if peers.is_empty()
+                || self.full_resync.load(Ordering::Acquire)
+                || self.sync.running.load(Ordering::Acquire)
+            {
                 continue;
             }
             let i = self.membership.lock().unwrap().random_index(peers.len());

@@ -501,6 +501,65 @@ impl Collection {
         })
     }
 
+    /// Applies records stamped elsewhere (replication, anti-entropy,
+    /// handoff) under one lock and one `pwrite`: each takes effect only if
+    /// it is newer than what the index holds and than the last drop; the
+    /// others are skipped before they reach the log. Returns how many took
+    /// effect.
+    pub(crate) fn apply_many(
+        &self,
+        entries: &[crate::Replicated<'_>],
+        sync: SyncMode,
+    ) -> Result<usize> {
+        let mut w = self.writer.lock().unwrap();
+        let generation = self.current.load();
+        self.check_poison(&generation.log)?;
+        let Writer { buf, state } = &mut *w;
+        buf.clear();
+        let mut starts = Vec::with_capacity(entries.len());
+        for (i, (key, value, version)) in entries.iter().enumerate() {
+            let older = generation
+                .index
+                .get(key)
+                .is_some_and(|o| o.version() >= *version);
+            if older || state.dropped_at.is_some_and(|d| *version <= d) {
+                continue;
+            }
+            let kind = if value.is_some() {
+                Kind::Set
+            } else {
+                Kind::Tombstone
+            };
+            starts.push((buf.len(), i));
+            record::encode(buf, kind, key, value.unwrap_or_default(), *version);
+        }
+        if starts.is_empty() {
+            return Ok(0);
+        }
+        let offset = self.append(&generation.log, buf)?;
+        let end = offset + buf.len() as u64;
+        let map = generation.log.map();
+        let mut applied = 0;
+        for (start, i) in starts {
+            let header = record::peek_header(&buf[start..]);
+            // Two records of one key in a batch: the older one is kept
+            // out of the index here, and counted as garbage.
+            let took = apply_record(
+                &generation.index,
+                state,
+                &map,
+                &header,
+                entries[i].0,
+                offset + start as u64,
+                None,
+            );
+            applied += usize::from(took.is_some());
+        }
+        drop(w);
+        self.durable(&generation.log, end, sync)?;
+        Ok(applied)
+    }
+
     /// Sets many keys with local versions under one lock and one `pwrite`
     /// (and, with `SyncMode::Always`, one fsync). Callers validated every
     /// entry, so either all are written or, on an I/O error, none.

@@ -35,4 +35,4 @@ pub use options::{Options, SyncMode};
 pub use record::MAX_KEY_LEN;
 pub use scan::{Listing, Record, Records, Scan};
 pub use store::{CollectionStats, Digest, RecoveryReport, Stats, Store};
-pub use version::{Clock, LOGICAL_BITS, Version, wall_ms};
+pub use version::{Clock, LOGICAL_BITS, Replicated, Version, wall_ms};

@@ -426,6 +426,28 @@ impl Store {
         ))
     }
 
+    /// Applies many writes stamped elsewhere to `collection` at once, as
+    /// [`apply`](Self::apply) does one by one (last writer wins on the
+    /// version), under one lock and one write to the log. Every entry is
+    /// checked first; if one is invalid, nothing is written. Returns how
+    /// many took effect.
+    pub fn apply_many(&self, collection: &str, entries: &[crate::Replicated<'_>]) -> Result<usize> {
+        let mut newest = 0;
+        for (key, value, version) in entries {
+            check_key(key)?;
+            if let Some(v) = value {
+                self.check_value(v)?;
+            }
+            newest = newest.max(version.ts);
+        }
+        if entries.is_empty() {
+            return validate_collection_name(collection).map(|()| 0);
+        }
+        self.inner.clock.observe(newest);
+        self.existing_or_create(collection)?
+            .apply_many(entries, self.inner.options.sync)
+    }
+
     /// The value of `key`, or `None`. The value is not copied: it points into
     /// the collection's map.
     #[inline]

@@ -61,6 +61,45 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `apply_many` in batches ends where `apply` one by one does: same
+    /// entries, same versions, same digest, same count of writes that took
+    /// effect; duplicates of a key inside one batch included.
+    #[test]
+    fn apply_many_equals_apply_one_by_one(
+        writes in prop::collection::vec((0u8..30, prop::option::of(any::<u8>()), 1u64..60, 1u64..4), 1..150),
+        batch in 1usize..40,
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        let writes: Vec<Write> = writes.into_iter().filter(|w| seen.insert((w.2, w.3))).collect();
+        let one = Store::memory(quiet_options());
+        let mut took_one = 0;
+        for &(k, v, ts, node) in &writes {
+            let value = v.map(|v| vec![v; 1 + v as usize % 7]);
+            took_one += usize::from(one.apply("c", &key(k), value.as_deref(), Version::new(ts, node)).unwrap());
+        }
+        let many = Store::memory(quiet_options());
+        let mut took_many = 0;
+        for chunk in writes.chunks(batch) {
+            let owned: Vec<(Vec<u8>, Option<Vec<u8>>, Version)> = chunk
+                .iter()
+                .map(|&(k, v, ts, node)| (key(k), v.map(|v| vec![v; 1 + v as usize % 7]), Version::new(ts, node)))
+                .collect();
+            let entries: Vec<(&[u8], Option<&[u8]>, Version)> =
+                owned.iter().map(|(k, v, ver)| (&k[..], v.as_deref(), *ver)).collect();
+            took_many += many.apply_many("c", &entries).unwrap();
+        }
+        prop_assert_eq!(one.digest("c").unwrap(), many.digest("c").unwrap());
+        let list = |s: &Store| -> Vec<_> {
+            s.list("c", None, false).unwrap().map(|r| (r.key, r.value, r.version)).collect()
+        };
+        prop_assert_eq!(list(&one), list(&many));
+        prop_assert_eq!(took_one, took_many);
+    }
+}
+
 #[test]
 fn empty_and_missing_collections_have_the_empty_digest() {
     let store = Store::memory(quiet_options());
