@@ -95,6 +95,10 @@ impl Clock {
     }
 }
 
+/// One write stamped elsewhere, for [`Store::apply_many`](crate::Store::apply_many):
+/// the key, the value (`None` for a delete) and its version.
+pub type Replicated<'a> = (&'a [u8], Option<&'a [u8]>, Version);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,7 +123,3 @@ mod tests {
         assert!(Version::new(1, 2) > Version::new(1, 1));
     }
 }
-
-/// One write stamped elsewhere, for [`Store::apply_many`](crate::Store::apply_many):
-/// the key, the value (`None` for a delete) and its version.
-pub type Replicated<'a> = (&'a [u8], Option<&'a [u8]>, Version);
