@@ -87,7 +87,7 @@ proptest! {
                 .iter()
                 .map(|&(k, v, ts, node)| (key(k), v.map(|v| vec![v; 1 + v as usize % 7]), Version::new(ts, node)))
                 .collect();
-            let entries: Vec<(&[u8], Option<&[u8]>, Version)> =
+            let entries: Vec<dhrt_storage::Replicated<'_>> =
                 owned.iter().map(|(k, v, ver)| (&k[..], v.as_deref(), *ver)).collect();
             took_many += many.apply_many("c", &entries).unwrap();
         }
