@@ -54,6 +54,14 @@ load *args:
 bench-redis:
     bash benches/node-vs-redis.sh
 
+# A 3-node cluster's SET throughput under each write concern vs one node.
+bench-cluster:
+    bash benches/cluster-write-ack.sh
+
+# Join handoff of n records of 100 bytes.
+bench-handoff n="1000000":
+    bash benches/handoff.sh {{n}} 100
+
 # dhrtd's HTTP against a bare hyper server (needs wrk).
 bench-http:
     bash benches/http-vs-hyper.sh
