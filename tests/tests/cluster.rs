@@ -135,6 +135,12 @@ fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
     let c_addr = c.addr;
     let c_name = c_addr.to_string();
     c.stop("KILL");
+    // First suspected (unhealthy), then, unrefuted, dead.
+    eventually(
+        "the killed node is unhealthy",
+        Duration::from_secs(10),
+        || state_of(&a, &c_name).as_deref() == Some("unhealthy"),
+    );
     for observer in [&a, &b] {
         eventually(
             "the killed node is dead on every peer",

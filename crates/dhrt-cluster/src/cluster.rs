@@ -1394,17 +1394,20 @@ impl Cluster {
         }
     }
 
-    /// Compares digests of every collection both nodes host with peer `id`
-    /// and exchanges the differing buckets, both ways.
-    pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
+    /// Peer `id`'s digest of every collection both nodes host (the empty
+    /// digest where it has none), or `None` for an unknown peer.
+    async fn shared_digests(
+        self: &Arc<Self>,
+        id: u64,
+    ) -> Result<Option<(Arc<Peer>, Vec<(String, Digest)>)>, LinkError> {
         let Some(peer) = self.peer(id) else {
-            return Ok(());
+            return Ok(None);
         };
         let (me, them) = {
             let m = self.membership.lock().unwrap();
             (m.me().clone(), m.get(id).cloned())
         };
-        let Some(them) = them else { return Ok(()) };
+        let Some(them) = them else { return Ok(None) };
         let long = self.options.timeout.max(Duration::from_secs(10));
         let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
             PeerReply::Digests(d) => d,
@@ -1417,15 +1420,31 @@ impl Cluster {
             }
         }
         names.retain(|c| hosts(&me, c) && hosts(&them, c));
-        for c in names {
-            let remote = theirs
-                .iter()
-                .find(|d| d.collection == c)
-                .map(|d| Digest {
-                    buckets: d.buckets.clone(),
-                    dropped_at: d.dropped_at.map(version),
-                })
-                .unwrap_or_else(Digest::empty);
+        let shared = names
+            .into_iter()
+            .map(|c| {
+                let remote = theirs
+                    .iter()
+                    .find(|d| d.collection == c)
+                    .map(|d| Digest {
+                        buckets: d.buckets.clone(),
+                        dropped_at: d.dropped_at.map(version),
+                    })
+                    .unwrap_or_else(Digest::empty);
+                (c, remote)
+            })
+            .collect();
+        Ok(Some((peer, shared)))
+    }
+
+    /// Compares digests of every collection both nodes host with peer `id`
+    /// and exchanges the differing buckets, both ways.
+    pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
+        let Some((peer, shared)) = self.shared_digests(id).await? else {
+            return Ok(());
+        };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        for (c, remote) in shared {
             let Ok(mut local) = self.store.digest(&c) else {
                 continue;
             };
@@ -1505,36 +1524,12 @@ impl Cluster {
     /// deleted them and has since purged the tombstones. Nothing of this
     /// node's travels the other way. Returns how many records it forgot.
     async fn prune_with(self: &Arc<Self>, id: u64, seen_ms: u64) -> Result<u64, LinkError> {
-        let Some(peer) = self.peer(id) else {
+        let Some((peer, shared)) = self.shared_digests(id).await? else {
             return Ok(0);
         };
-        let (me, them) = {
-            let m = self.membership.lock().unwrap();
-            (m.me().clone(), m.get(id).cloned())
-        };
-        let Some(them) = them else { return Ok(0) };
         let long = self.options.timeout.max(Duration::from_secs(10));
-        let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
-            PeerReply::Digests(d) => d,
-            _ => Vec::new(),
-        };
-        let mut names: Vec<String> = self.store.all_collections();
-        for d in &theirs {
-            if !names.contains(&d.collection) {
-                names.push(d.collection.clone());
-            }
-        }
-        names.retain(|c| hosts(&me, c) && hosts(&them, c));
         let mut forgotten = 0;
-        for c in names {
-            let remote = theirs
-                .iter()
-                .find(|d| d.collection == c)
-                .map(|d| Digest {
-                    buckets: d.buckets.clone(),
-                    dropped_at: d.dropped_at.map(version),
-                })
-                .unwrap_or_else(Digest::empty);
+        for (c, remote) in shared {
             if remote.dropped_at.is_some() {
                 let local = self.store.digest(&c).unwrap_or_else(|_| Digest::empty());
                 if remote.dropped_at > local.dropped_at
