@@ -234,7 +234,7 @@ fn story(seed: u64) -> Result<(), String> {
     world.writing.store(true, Ordering::Release);
 
     // Flaky links: random short outages on every link.
-    sim.set_fail_rate(0.002);
+    sim.set_fail_rate(0.01);
     run_until(&mut sim, secs(4.0 + rng.random_range(0.0..1.0)));
     sim.set_fail_rate(0.0);
     for a in 1..=4 {
