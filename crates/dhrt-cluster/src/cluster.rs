@@ -206,6 +206,9 @@ pub struct Cluster {
     /// longer than the tombstone grace period, so keys deleted meanwhile
     /// may still be here. Reads ask the others; a full re-sync prunes.
     full_resync: AtomicBool,
+    /// Whether any other member (left ones aside) is known: kept by
+    /// `with_membership`, read on every write without the lock.
+    peers_known: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -290,6 +293,7 @@ impl Cluster {
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
             full_resync: AtomicBool::new(full_resync),
+            peers_known: AtomicBool::new(false),
         })
     }
 
@@ -342,6 +346,10 @@ impl Cluster {
         let (value, outputs) = {
             let mut m = self.membership.lock().unwrap();
             let value = f(&mut m, now);
+            self.peers_known.store(
+                m.members().any(|u| u.liveness != Liveness::Left),
+                Ordering::Release,
+            );
             (value, m.drain())
         };
         self.perform(outputs);
@@ -563,11 +571,7 @@ impl Cluster {
 
     /// Whether any other member is known (left ones aside).
     pub fn has_peers(&self) -> bool {
-        self.membership
-            .lock()
-            .unwrap()
-            .members()
-            .any(|u| u.liveness != Liveness::Left)
+        self.peers_known.load(Ordering::Acquire)
     }
 
     /// Every member, this node included, for stats.
@@ -680,6 +684,9 @@ impl Cluster {
         mutations: Vec<Mutation>,
         stored_locally: bool,
     ) {
+        if !self.has_peers() {
+            return;
+        }
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
             return;
         };

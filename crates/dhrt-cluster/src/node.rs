@@ -136,23 +136,26 @@ impl Node {
 impl Node {
     async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         user_collection(collection)?;
-        let local = self.store.lookup(collection, key).map_err(op_error)?;
+        let local = self
+            .store
+            .get_versioned(collection, key)
+            .map_err(op_error)?;
         if let Some(seen) = self.cluster.distrusted_until() {
             // Back after longer than the tombstone grace period: what this
             // node held before may have been deleted since. Ask the others;
             // only what it wrote since it returned is its own answer.
             let remote = self.cluster.read_remote(collection, key).await;
-            let fresh = local.filter(|r| r.version.physical_ms() > seen);
+            let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
             return Ok(match (remote, fresh) {
-                (Some(r), Some(l)) if stamp(l.version) > r.version => l.value,
+                (Some(r), Some((value, v))) if stamp(v) > r.version => value,
                 (Some(r), _) => r.value,
-                (None, Some(l)) => l.value,
+                (None, Some((value, _))) => value,
                 (None, None) => None,
             });
         }
-        if let Some(r) = local {
+        if let Some((value, _)) = local {
             // A tombstone is an answer too.
-            return Ok(r.value);
+            return Ok(value);
         }
         if !self.cluster.has_peers() {
             return Ok(None);
@@ -220,13 +223,15 @@ impl Node {
             check_entry(key, &value)?;
             self.cluster.stamp_now()
         };
-        let m = Mutation::Put {
-            collection: collection.to_string(),
-            key: Bytes::copy_from_slice(key),
-            value: Some(value),
-            version: stamp(version),
-        };
-        self.cluster.replicate(vec![m], local).await;
+        if self.cluster.has_peers() {
+            let m = Mutation::Put {
+                collection: collection.to_string(),
+                key: Bytes::copy_from_slice(key),
+                value: Some(value),
+                version: stamp(version),
+            };
+            self.cluster.replicate(vec![m], local).await;
+        }
         Ok(version)
     }
 
@@ -281,7 +286,10 @@ impl Node {
         }
         // Whether the key existed is a question for the whole cluster when
         // this node has no entry for it.
-        let known_here = self.store.lookup(collection, key).map_err(op_error)?;
+        let known_here = self
+            .store
+            .get_versioned(collection, key)
+            .map_err(op_error)?;
         let remote = match known_here {
             None => self.cluster.read_remote(collection, key).await,
             Some(_) => None,

@@ -470,6 +470,17 @@ impl Store {
             }))
     }
 
+    /// Like [`lookup`](Self::lookup) without copying the key: the value
+    /// (`None` for a tombstone) and its version.
+    #[inline]
+    pub fn get_versioned(
+        &self,
+        collection: &str,
+        key: &[u8],
+    ) -> Result<Option<(Option<Bytes>, Version)>> {
+        self.lookup_raw(collection, key)
+    }
+
     #[inline]
     fn lookup_raw(&self, collection: &str, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         check_key(key)?;
