@@ -94,6 +94,38 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The keys `key:NNNNNNNNNNNN` below the keyspace, formatted once into
+/// one buffer (as redis-benchmark patches digits into a template rather
+/// than formatting per request); a key is a slice of it, no allocation.
+/// Past `TABLE_MAX` keys they are formatted per request instead.
+#[derive(Clone)]
+struct Keys {
+    table: Option<Bytes>,
+}
+
+const KEY_LEN: usize = 16;
+const TABLE_MAX: u64 = 16 << 20;
+
+impl Keys {
+    fn new(keyspace: u64) -> Keys {
+        let table = (keyspace > 0 && keyspace <= TABLE_MAX).then(|| {
+            let mut buf = Vec::with_capacity(keyspace as usize * KEY_LEN);
+            for i in 0..keyspace {
+                buf.extend_from_slice(format!("key:{i:012}").as_bytes());
+            }
+            Bytes::from(buf)
+        });
+        Keys { table }
+    }
+
+    fn get(&self, i: u64) -> Bytes {
+        match &self.table {
+            Some(t) => t.slice(i as usize * KEY_LEN..(i as usize + 1) * KEY_LEN),
+            None => Bytes::from(format!("key:{i:012}")),
+        }
+    }
+}
+
 /// Runs one test; returns every request's latency in microseconds and the
 /// wall time.
 async fn run(
@@ -104,6 +136,7 @@ async fn run(
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let value = Bytes::from(vec![b'x'; args.data_size]);
+    let keys = Keys::new(args.keyspace);
     let started = Instant::now();
     let progress = (!args.csv).then(|| {
         let done = done.clone();
@@ -122,8 +155,13 @@ async fn run(
     });
     let mut tasks = Vec::new();
     for (c, client) in clients.iter().enumerate() {
-        let (client, issued, done, value) =
-            (client.clone(), issued.clone(), done.clone(), value.clone());
+        let (client, issued, done, value, keys) = (
+            client.clone(),
+            issued.clone(),
+            done.clone(),
+            value.clone(),
+            keys.clone(),
+        );
         let sequential = args.sequential;
         let (collection, keyspace, total, depth) = (
             args.collection.clone(),
@@ -147,10 +185,10 @@ async fn run(
                         let key = if keyspace == 0 {
                             Bytes::from_static(b"key:__rand_int__")
                         } else if sequential {
-                            Bytes::from(format!("key:{:012}", (start + i) % keyspace))
+                            keys.get((start + i) % keyspace)
                         } else {
                             rng = splitmix(rng);
-                            Bytes::from(format!("key:{:012}", rng % keyspace))
+                            keys.get(rng % keyspace)
                         };
                         match test {
                             Test::Set => Op::Set {
