@@ -1050,8 +1050,9 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Streams `collection` to peer `to`, newest writes first, in `Apply`
-    /// chunks, each waiting for the previous one to be applied
+    /// Streams `collection` to peer `to`, most recently written first
+    /// (`Store::newest_first`: 8 bytes held per record, not the records),
+    /// in `Apply` chunks, at most `HANDOFF_WINDOW` unanswered
     /// (back-pressure). Returns how many records went.
     pub(crate) async fn stream_collection(
         self: &Arc<Self>,
@@ -1061,12 +1062,10 @@ impl Cluster {
         let peer = self
             .peer(to)
             .ok_or_else(|| OpError::new(ErrorKind::Unavailable, "handoff to an unknown member"))?;
-        let mut records: Vec<_> = self
+        let records = self
             .store
-            .list(collection, None, false)
-            .map_err(crate::node::op_error)?
-            .collect();
-        records.sort_unstable_by_key(|r| std::cmp::Reverse(r.version));
+            .newest_first(collection)
+            .map_err(crate::node::op_error)?;
         let mut sent = 0;
         let mut chunk = Vec::new();
         let mut bytes = 0;
@@ -1082,7 +1081,7 @@ impl Cluster {
                 version: stamp(d),
             });
         }
-        let total = records.len();
+        let total = records.remaining();
         // Up to HANDOFF_WINDOW chunks in flight: the receiver's apply and
         // the next chunk's encoding overlap, and the window bounds memory.
         let mut inflight = tokio::task::JoinSet::new();

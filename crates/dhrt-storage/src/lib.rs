@@ -33,6 +33,6 @@ pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket};
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
 pub use options::{Options, SyncMode};
 pub use record::MAX_KEY_LEN;
-pub use scan::{Listing, Record, Records, Scan};
+pub use scan::{Listing, NewestFirst, Record, Records, Scan};
 pub use store::{CollectionStats, Digest, RecoveryReport, Stats, Store};
 pub use version::{Clock, LOGICAL_BITS, Replicated, Version, wall_ms};

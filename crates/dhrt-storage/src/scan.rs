@@ -249,3 +249,63 @@ impl Iterator for Listing {
         self.buffered.pop_front()
     }
 }
+
+/// Every record of a collection, tombstones included, the most recently
+/// written first (newest position in the log first): what a join handoff
+/// streams. It holds the log it started on (a compaction meanwhile does not
+/// disturb it) and 8 bytes per record, never the records themselves. Writes
+/// made after it started are not included.
+#[derive(Debug)]
+pub struct NewestFirst {
+    map: Bytes,
+    /// Record offsets, newest last (popped from the end).
+    offsets: Vec<u64>,
+}
+
+impl NewestFirst {
+    pub(crate) fn new(collection: Option<Arc<Collection>>) -> Self {
+        let Some(coll) = collection else {
+            return NewestFirst {
+                map: Bytes::new(),
+                offsets: Vec::new(),
+            };
+        };
+        let generation = coll.current.load_full();
+        let mut offsets = Vec::new();
+        generation
+            .index
+            .for_each(|_, slot| offsets.push(slot.offset()));
+        offsets.sort_unstable();
+        // Taken after the offsets: it covers every record they point at.
+        let map = Bytes::clone(&generation.log.map());
+        NewestFirst { map, offsets }
+    }
+
+    /// How many records are left.
+    pub fn remaining(&self) -> usize {
+        self.offsets.len()
+    }
+}
+
+impl Iterator for NewestFirst {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        let offset = self.offsets.pop()? as usize;
+        let header = crate::record::peek_header(&self.map[offset..]);
+        let key_start = offset + crate::record::RECORD_HEADER_LEN;
+        let value_start = key_start + header.key_len as usize;
+        Some(Record {
+            key: self.map[key_start..value_start].to_vec(),
+            value: (header.kind == crate::record::Kind::Set).then(|| {
+                self.map
+                    .slice(value_start..value_start + header.value_len as usize)
+            }),
+            version: header.version,
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.offsets.len(), Some(self.offsets.len()))
+    }
+}

@@ -489,6 +489,12 @@ impl Store {
         Ok(collections.get(collection).and_then(|c| c.lookup(key)))
     }
 
+    /// Every record of `collection`, tombstones included, most recently
+    /// written first, holding 8 bytes per record (see [`NewestFirst`]).
+    pub fn newest_first(&self, collection: &str) -> Result<crate::NewestFirst> {
+        Ok(crate::NewestFirst::new(self.existing(collection)?))
+    }
+
     /// The live keys and values of `collection` in key order.
     pub fn scan(&self, collection: &str) -> Result<Scan> {
         self.scan_after(collection, None)

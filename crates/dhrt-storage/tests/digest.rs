@@ -208,3 +208,40 @@ fn delete_versioned_always_leaves_a_tombstone() {
     );
     assert_eq!(store.get("c", b"k").unwrap(), None);
 }
+
+#[test]
+fn newest_first_walks_every_record_once_most_recent_first() {
+    let store = Store::memory(quiet_options());
+    for i in 0..1000 {
+        store.set("c", format!("k{i}").as_bytes(), b"v").unwrap();
+    }
+    for i in 0..100 {
+        store.set("c", format!("k{i}").as_bytes(), b"w").unwrap();
+    }
+    store.delete("c", b"k500").unwrap();
+    let mut records = store.newest_first("c").unwrap();
+    assert_eq!(records.remaining(), 1000);
+    let first = records.next().unwrap();
+    assert_eq!((first.key.as_slice(), &first.value), (&b"k500"[..], &None));
+    let overwritten: Vec<_> = records.by_ref().take(100).collect();
+    assert_eq!(overwritten[0].key, b"k99");
+    assert_eq!(overwritten[99].key, b"k0");
+    assert!(
+        overwritten
+            .iter()
+            .all(|r| r.value.as_deref() == Some(&b"w"[..]))
+    );
+    // A compaction (and more writes) meanwhile do not disturb the walk.
+    store.compact("c").unwrap();
+    store.set("c", b"later", b"x").unwrap();
+    let rest: Vec<_> = records.collect();
+    assert_eq!(rest.len(), 899);
+    assert!(rest.iter().all(|r| r.value.as_deref() == Some(&b"v"[..])));
+    let mut all = vec![first];
+    all.extend(overwritten);
+    all.extend(rest);
+    assert!(all.windows(2).all(|w| w[0].version > w[1].version));
+    let keys: std::collections::HashSet<_> = all.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 1000);
+    assert_eq!(store.newest_first("missing").unwrap().count(), 0);
+}
