@@ -51,6 +51,17 @@ fn local_keys(node: &Dhrtd, collection: &str) -> u64 {
         .map_or(0, |c| c["keys"].as_u64().unwrap())
 }
 
+/// The node's anti-entropy digest of `collection` (16 hex digits).
+pub(crate) fn digest_of(node: &Dhrtd, collection: &str) -> String {
+    stats(node)["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == collection)
+        .map(|c| c["digest"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
 fn get(node: &Dhrtd, path: &str) -> (u16, String) {
     node.http("GET", path, b"")
 }
@@ -402,6 +413,10 @@ fn a_node_joining_a_loaded_node_under_writes_ends_equal() {
         || local_keys(&b, "load") == 30_000,
     );
     assert_eq!(local_keys(&a, "load"), 30_000);
+    eventually("equal digests", Duration::from_secs(10), || {
+        digest_of(&a, "load") == digest_of(&b, "load")
+    });
+    assert_eq!(digest_of(&a, "load").len(), 16);
     let (_, listing_a) = get(&a, "/load");
     let (_, listing_b) = get(&b, "/load");
     let sorted = |s: &str| {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{all_healthy, eventually, state_of};
+use crate::cluster::{all_healthy, digest_of, eventually, state_of};
 use crate::dhrtd::Dhrtd;
 
 /// `ip` with `args`; whether it succeeded.
@@ -218,6 +218,10 @@ fn a_partition_made_with_blackhole_routes_heals_and_converges() {
         || nodes.iter().all(|n| listing(n, "part") == reference),
     );
     let converged = healed.elapsed();
+    eventually("equal digests everywhere", Duration::from_secs(10), || {
+        let d: Vec<String> = nodes.iter().map(|n| digest_of(n, "part")).collect();
+        d.iter().all(|x| *x == d[0] && x.len() == 16)
+    });
     eventually(
         "three healthy members everywhere after the heal",
         Duration::from_secs(30),

@@ -377,6 +377,11 @@ impl Node {
                 .into_iter()
                 .filter(|c| c.keys > 0 && !c.name.starts_with('_'))
                 .map(|c| CollectionInfo {
+                    digest: self
+                        .store
+                        .digest(&c.name)
+                        .map(|d| format!("{:016x}", d.summary()))
+                        .unwrap_or_default(),
                     name: c.name,
                     keys: c.keys,
                     bytes: c.bytes,

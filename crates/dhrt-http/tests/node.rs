@@ -137,6 +137,7 @@ impl Operations for MapNode {
                 name: c.clone(),
                 keys: 0,
                 bytes: 0,
+                digest: String::new(),
             });
             e.keys += 1;
             e.bytes += v.len() as u64;

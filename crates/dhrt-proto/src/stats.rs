@@ -58,6 +58,10 @@ pub struct CollectionInfo {
     pub keys: u64,
     /// Bytes on disk (or in memory).
     pub bytes: u64,
+    /// The anti-entropy digest in one number, 16 hex digits: equal on two
+    /// nodes that hold the same entries of this collection (deletes
+    /// included), so replicas can be compared at a glance.
+    pub digest: String,
 }
 
 /// A member of the cluster as this node sees it.

@@ -49,6 +49,7 @@ fn stats() -> NodeStats {
             name: "default".into(),
             keys: 3,
             bytes: 400,
+            digest: "0123456789abcdef".into(),
         }],
         members: vec![MemberInfo {
             id: "00000000000000ff".into(),

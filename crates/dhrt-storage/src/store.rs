@@ -132,6 +132,20 @@ impl Digest {
             .filter(|&b| self.buckets.get(b) != other.buckets.get(b))
             .collect()
     }
+
+    /// One number for the whole digest (xxh3 of the buckets and the drop):
+    /// equal on replicas holding the same entries, tombstones included.
+    pub fn summary(&self) -> u64 {
+        let mut bytes = Vec::with_capacity(self.buckets.len() * 8 + 16);
+        for b in &self.buckets {
+            bytes.extend_from_slice(&b.to_le_bytes());
+        }
+        if let Some(d) = self.dropped_at {
+            bytes.extend_from_slice(&d.ts.to_le_bytes());
+            bytes.extend_from_slice(&d.node.to_le_bytes());
+        }
+        xxhash_rust::xxh3::xxh3_64(&bytes)
+    }
 }
 
 /// Statistics of a store.
