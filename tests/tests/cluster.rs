@@ -164,6 +164,14 @@ fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
         assert_eq!(a.http("POST", &format!("/while/k{i}/v{i}"), b"").0, 200);
     }
     assert_eq!(b.http("DELETE", "/while/k0", b"").0, 200);
+    // a holds them as hints for c, and says so in its metrics.
+    let queued = || {
+        let (_, m) = a.http("GET", "/metrics", b"");
+        m.lines()
+            .find(|l| l.starts_with(&format!("dhrt_replication_queue{{peer=\"{c_name}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(queued(), Some(200));
     // It restarts on its data directory and address, re-syncs, and is
     // healthy everywhere, holding every write it missed.
     let args = join_args(&b);
@@ -175,6 +183,9 @@ fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
         || all_healthy(&[&a, &b, &c], 3),
     );
     assert_eq!(local_keys(&c, "while"), 199);
+    eventually("the hints drained", Duration::from_secs(10), || {
+        queued() == Some(0)
+    });
     assert_eq!(get(&c, "/while/k0").0, 404);
     assert_eq!(get(&c, "/while/k199").0, 200);
 }

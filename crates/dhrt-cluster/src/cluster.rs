@@ -209,6 +209,10 @@ pub struct Cluster {
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
+    /// Anti-entropy exchanges completed, and records pulled and pushed.
+    ae_rounds: AtomicU64,
+    ae_pulled: AtomicU64,
+    ae_pushed: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -294,6 +298,9 @@ impl Cluster {
             last_contact: AtomicU64::new(last_contact),
             full_resync: AtomicBool::new(full_resync),
             peers_known: AtomicBool::new(false),
+            ae_rounds: AtomicU64::new(0),
+            ae_pulled: AtomicU64::new(0),
+            ae_pushed: AtomicU64::new(0),
         })
     }
 
@@ -586,6 +593,66 @@ impl Cluster {
                 state: member_state(u),
             })
             .collect()
+    }
+
+    /// Cluster metrics in the Prometheus text format: members by state,
+    /// per-peer replication queues and acknowledged writes, anti-entropy
+    /// activity, and whether this node is syncing.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let table = self.membership.lock().unwrap().table();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_cluster_members Members this node knows, itself included, by state.\n# TYPE dhrt_cluster_members gauge"
+        );
+        for state in ["healthy", "unhealthy", "dead", "left", "syncing"] {
+            let n = table
+                .iter()
+                .filter(|u| member_state(u).as_str() == state)
+                .count();
+            let _ = writeln!(out, "dhrt_cluster_members{{state=\"{state}\"}} {n}");
+        }
+        let peers: Vec<Arc<Peer>> = self.peers.lock().unwrap().values().cloned().collect();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_replication_queue Writes queued for a peer (in flight, or hints while it is away).\n# TYPE dhrt_replication_queue gauge"
+        );
+        for p in &peers {
+            let queued = p.queue.lock().unwrap().items.len();
+            let _ = writeln!(
+                out,
+                "dhrt_replication_queue{{peer=\"{}\"}} {queued}",
+                p.link.addr()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_replication_acked_total Writes a peer acknowledged since this node started.\n# TYPE dhrt_replication_acked_total counter"
+        );
+        for p in &peers {
+            let _ = writeln!(
+                out,
+                "dhrt_replication_acked_total{{peer=\"{}\"}} {}",
+                p.link.addr(),
+                p.acked.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_anti_entropy_rounds_total Digest comparisons completed with a peer.\n# TYPE dhrt_anti_entropy_rounds_total counter\ndhrt_anti_entropy_rounds_total {}",
+            self.ae_rounds.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_anti_entropy_records_total Records exchanged by anti-entropy.\n# TYPE dhrt_anti_entropy_records_total counter\ndhrt_anti_entropy_records_total{{direction=\"pulled\"}} {}\ndhrt_anti_entropy_records_total{{direction=\"pushed\"}} {}",
+            self.ae_pulled.load(Ordering::Relaxed),
+            self.ae_pushed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_syncing Whether this node is receiving a handoff or re-syncing.\n# TYPE dhrt_syncing gauge\ndhrt_syncing {}",
+            u8::from(self.sync.running.load(Ordering::Relaxed))
+        );
     }
 
     /// Progress of a running handoff or re-sync.
@@ -1502,6 +1569,8 @@ impl Cluster {
                             Mutation::Drop { .. } => None,
                         })
                         .collect();
+                    self.ae_pulled
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
                     let _ = self.apply_async(records).await;
                     push.extend(mine.into_iter().filter(|m| match m {
                         Mutation::Put { key, version, .. } => {
@@ -1511,15 +1580,20 @@ impl Cluster {
                     }));
                 }
                 if push.len() >= BATCH_ITEMS {
+                    self.ae_pushed
+                        .fetch_add(push.len() as u64, Ordering::Relaxed);
                     peer.link
                         .request(PeerOp::Apply(std::mem::take(&mut push)), long)
                         .await?;
                 }
             }
             if !push.is_empty() {
+                self.ae_pushed
+                    .fetch_add(push.len() as u64, Ordering::Relaxed);
                 peer.link.request(PeerOp::Apply(push), long).await?;
             }
         }
+        self.ae_rounds.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -476,6 +476,7 @@ impl Operations for Node {
     async fn metrics(&self) -> String {
         let mut out = String::new();
         self.metrics.render(&mut out);
+        self.cluster.render_metrics(&mut out);
         let stats = self.store.stats();
         let gauges: [Gauge; 2] = [
             ("dhrt_collection_keys", "Live keys per collection.", |c| {
