@@ -504,7 +504,7 @@ impl Store {
     }
 
     /// Every record of `collection`, tombstones included, most recently
-    /// written first, holding 8 bytes per record (see [`NewestFirst`]).
+    /// written first, holding 8 bytes per record (see [`NewestFirst`](crate::NewestFirst)).
     pub fn newest_first(&self, collection: &str) -> Result<crate::NewestFirst> {
         Ok(crate::NewestFirst::new(self.existing(collection)?))
     }
