@@ -730,6 +730,10 @@ impl Cluster {
     /// Whether this node stores `collection` itself: it hosts it, or nobody
     /// alive does (a write is never dropped for lack of a host).
     pub(crate) fn stores_locally(&self, collection: &str) -> bool {
+        if self.options.collections.is_none() {
+            // This node hosts every collection.
+            return true;
+        }
         let m = self.membership.lock().unwrap();
         hosts(m.me(), collection)
             || !m

@@ -216,7 +216,12 @@ impl Node {
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
         let local = self.cluster.stores_locally(collection);
-        let version = if local {
+        let version = if local && self.store.options().sync != SyncMode::Always {
+            // Handed to the kernel only: inline, nothing copied.
+            self.store
+                .set_versioned(collection, key, &value)
+                .map_err(op_error)?
+        } else if local {
             let (c, k, v) = (collection.to_string(), key.to_vec(), value.clone());
             self.write(move |s| s.set_versioned(&c, &k, &v)).await?
         } else {
