@@ -8,8 +8,7 @@ build:
 run *args:
     cargo run --release -p dhrtd -- {{args}}
 
-# Three local nodes on 127.0.0.1:7453-7455 (data in /tmp/dhrt-cluster-N),
-# joined into one cluster; Ctrl-C stops all three (they leave gracefully).
+# Three joined local nodes on 127.0.0.1:7453-7455 (data in /tmp/dhrt-cluster-N); Ctrl-C stops them.
 cluster:
     #!/usr/bin/env bash
     set -euo pipefail
