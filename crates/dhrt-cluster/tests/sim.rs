@@ -16,8 +16,13 @@
 //!   seen is bound to the value written with it;
 //! - every member sees every other as `healthy`, and the leaver as `left`.
 //!
+//! Reads run along the writes (local, or fanned out on a miss) and must
+//! never return a value nobody wrote.
+//!
 //! A failing run prints its seed; `DHRT_SIM_SEED=<seed>` reruns it alone,
-//! `DHRT_SIM_SEEDS=<n>` runs more of them.
+//! `DHRT_SIM_SEEDS=<n>` runs more of them. Versions come from the real wall
+//! clock (the hybrid logical clock), so a rerun replays the same faults,
+//! writes and schedule, while the version numbers themselves differ.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -30,7 +35,7 @@ use dhrt_cluster::{
     BinaryLimits, Cluster, ClusterOptions, ConnectFuture, Connector, Identity, Node, PeerStream,
     serve_binary,
 };
-use dhrt_proto::MemberState;
+use dhrt_proto::{MemberState, Operations};
 use dhrt_storage::{Options, Store, Version};
 use rand::rngs::{SmallRng, StdRng};
 use rand::{RngExt, SeedableRng};
@@ -72,6 +77,8 @@ struct World {
     /// Every value ever attempted, per key (acknowledged or not).
     attempted: Arc<Mutex<HashMap<u32, Vec<Bytes>>>>,
     acked: Arc<Mutex<Vec<Acked>>>,
+    /// Reads that returned a value nobody wrote.
+    phantoms: Arc<Mutex<Vec<String>>>,
     writing: Arc<AtomicBool>,
     leave: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
@@ -142,7 +149,35 @@ async fn workload(world: World, node: Arc<Node>, i: u64, seed: u64, stop: Arc<At
         let key = rng.random_range(0..KEYS);
         let k = key.to_be_bytes();
         n += 1;
-        if rng.random_bool(0.8) {
+        if rng.random_bool(0.2) {
+            // A key someone wrote, so that some reads miss locally (the
+            // write has not arrived yet) and fan out.
+            let key = {
+                let attempted = world.attempted.lock().unwrap();
+                let mut keys: Vec<u32> = attempted.keys().copied().collect();
+                keys.sort_unstable();
+                if keys.is_empty() {
+                    continue;
+                }
+                keys[rng.random_range(0..keys.len())]
+            };
+            let k = key.to_be_bytes();
+            if let Ok(Some(v)) = node.get(COLLECTION, &k).await {
+                let known = world
+                    .attempted
+                    .lock()
+                    .unwrap()
+                    .get(&key)
+                    .is_some_and(|vs| vs.contains(&v));
+                if !known {
+                    world
+                        .phantoms
+                        .lock()
+                        .unwrap()
+                        .push(format!("n{i} read {v:?} for key {key}"));
+                }
+            }
+        } else if rng.random_bool(0.8) {
             let value = Bytes::from(format!("n{i}@{}#{n}", turmoil::elapsed().as_millis()));
             world
                 .attempted
@@ -348,6 +383,10 @@ fn check(world: &World, leaver: u64) -> Result<(), String> {
         .collect();
     if live.len() != 4 {
         return Err(format!("expected 4 live nodes, found {:?}", live.keys()));
+    }
+
+    if let Some(p) = world.phantoms.lock().unwrap().first() {
+        return Err(format!("a read returned a value never written: {p}"));
     }
 
     // Health: everyone sees everyone healthy, and the leaver as left.
