@@ -124,6 +124,16 @@ fn joined(r: Option<Result<Result<u64, OpError>, tokio::task::JoinError>>) -> Re
     }
 }
 
+/// How long this node was out of touch (ms), if that is longer than the
+/// tombstone grace period and it holds data that deletes made meanwhile may
+/// have been forgotten for: then it must re-sync fully.
+fn away_too_long(store: &Store, last_contact_ms: u64) -> Option<u64> {
+    let away = wall_ms().saturating_sub(last_contact_ms);
+    (away > store.options().tombstone_grace.as_millis() as u64
+        && !store.all_collections().is_empty())
+    .then_some(away)
+}
+
 fn mutation_bytes(m: &Mutation) -> usize {
     match m {
         Mutation::Put {
@@ -235,8 +245,7 @@ impl Cluster {
                 .ok()
                 .flatten()
         });
-        let now = wall_ms();
-        let mut last_contact = now;
+        let mut last_contact = wall_ms();
         let mut full_resync = false;
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
@@ -248,16 +257,13 @@ impl Cluster {
                 options.seeds = members;
             }
             last_contact = saved.seen_ms;
-            let grace = store.options().tombstone_grace;
-            let away = now.saturating_sub(saved.seen_ms);
-            if !options.seeds.is_empty()
-                && away > grace.as_millis() as u64
-                && !store.all_collections().is_empty()
+            if let Some(away) = away_too_long(&store, saved.seen_ms)
+                && !options.seeds.is_empty()
             {
                 tracing::warn!(
                     "away from the cluster for {} s, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
                     away / 1000,
-                    grace.as_secs()
+                    store.options().tombstone_grace.as_secs()
                 );
                 full_resync = true;
             }
@@ -1261,26 +1267,24 @@ impl Cluster {
     /// members, in the state file. Contact regained after longer than the
     /// tombstone grace period starts a full re-sync.
     async fn contact_loop(self: Arc<Self>) {
-        let grace = self.store.options().tombstone_grace.as_millis() as u64;
         let mut had_contact = false;
         let mut written: Option<SavedState> = None;
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let contact = !self.sources().is_empty();
             let now = wall_ms();
-            if contact && !had_contact {
-                let away = now.saturating_sub(self.last_contact.load(Ordering::Acquire));
-                if away > grace
-                    && !self.store.all_collections().is_empty()
-                    && !self.full_resync.swap(true, Ordering::AcqRel)
-                {
-                    tracing::warn!(
-                        "out of touch with the cluster for {} s, longer than the tombstone grace period: re-syncing fully",
-                        away / 1000
-                    );
-                    let me = self.clone();
-                    tokio::spawn(async move { me.resync().await });
-                }
+            if contact
+                && !had_contact
+                && let Some(away) =
+                    away_too_long(&self.store, self.last_contact.load(Ordering::Acquire))
+                && !self.full_resync.swap(true, Ordering::AcqRel)
+            {
+                tracing::warn!(
+                    "out of touch with the cluster for {} s, longer than the tombstone grace period: re-syncing fully",
+                    away / 1000
+                );
+                let me = self.clone();
+                tokio::spawn(async move { me.resync().await });
             }
             had_contact = contact;
             if contact && !self.full_resync.load(Ordering::Acquire) {
@@ -1420,9 +1424,7 @@ impl Cluster {
         if !self.begin_sync() {
             return;
         }
-        let grace = self.store.options().tombstone_grace.as_millis() as u64;
-        let away = wall_ms().saturating_sub(self.last_contact.load(Ordering::Acquire));
-        if away > grace && !self.store.all_collections().is_empty() {
+        if away_too_long(&self.store, self.last_contact.load(Ordering::Acquire)).is_some() {
             self.full_resync.store(true, Ordering::Release);
         }
         if let Some(seen) = self.distrusted_until() {
