@@ -124,6 +124,16 @@ fn joined(r: Option<Result<Result<u64, OpError>, tokio::task::JoinError>>) -> Re
     }
 }
 
+/// The buckets two digests should exchange: those that differ, or all of
+/// them when the peer's digest has another shape.
+fn buckets_to_exchange(local: &Digest, remote: &Digest) -> Vec<usize> {
+    if remote.buckets.len() == DIGEST_BUCKETS {
+        local.differing(remote)
+    } else {
+        (0..DIGEST_BUCKETS).collect()
+    }
+}
+
 /// How long this node was out of touch (ms), if that is longer than the
 /// tombstone grace period and it holds data that deletes made meanwhile may
 /// have been forgotten for: then it must re-sync fully.
@@ -1473,6 +1483,32 @@ impl Cluster {
         }
     }
 
+    /// This node's records of some buckets of `collection`, and the peer's
+    /// (`None` if the peer answered something else).
+    async fn bucket_pair(
+        &self,
+        peer: &Peer,
+        collection: &str,
+        buckets: &[usize],
+        timeout: Duration,
+    ) -> Result<Option<(Vec<Mutation>, Vec<Mutation>)>, LinkError> {
+        let buckets: Vec<u32> = buckets.iter().map(|&b| b as u32).collect();
+        let mine = self
+            .bucket_records(collection, &buckets)
+            .map_err(|e| LinkError::Remote {
+                addr: peer.link.addr().to_string(),
+                error: e,
+            })?;
+        let op = PeerOp::Buckets {
+            collection: collection.to_string(),
+            buckets,
+        };
+        Ok(match peer.link.request(op, timeout).await? {
+            PeerReply::Records(theirs) => Some((mine, theirs)),
+            _ => None,
+        })
+    }
+
     /// Peer `id`'s digest of every collection both nodes host (the empty
     /// digest where it has none), or `None` for an unknown peer.
     async fn shared_digests(
@@ -1542,30 +1578,8 @@ impl Cluster {
                     version: stamp(d),
                 });
             }
-            let differing = if remote.buckets.len() == DIGEST_BUCKETS {
-                local.differing(&remote)
-            } else {
-                (0..DIGEST_BUCKETS).collect()
-            };
-            for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
-                let buckets: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
-                let mine = self
-                    .bucket_records(&c, &buckets)
-                    .map_err(|e| LinkError::Remote {
-                        addr: peer.link.addr().to_string(),
-                        error: e,
-                    })?;
-                let reply = peer
-                    .link
-                    .request(
-                        PeerOp::Buckets {
-                            collection: c.clone(),
-                            buckets,
-                        },
-                        long,
-                    )
-                    .await?;
-                if let PeerReply::Records(records) = reply {
+            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
+                if let Some((mine, records)) = self.bucket_pair(&peer, &c, chunk, long).await? {
                     // Only what is newer takes effect; send back only what
                     // the peer lacks or holds older.
                     let theirs: HashMap<Bytes, Stamp> = records
@@ -1627,30 +1641,8 @@ impl Cluster {
             let Ok(local) = self.store.digest(&c) else {
                 continue;
             };
-            let differing = if remote.buckets.len() == DIGEST_BUCKETS {
-                local.differing(&remote)
-            } else {
-                (0..DIGEST_BUCKETS).collect()
-            };
-            for chunk in differing.chunks(BUCKETS_PER_REQUEST) {
-                let buckets: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
-                let mine = self
-                    .bucket_records(&c, &buckets)
-                    .map_err(|e| LinkError::Remote {
-                        addr: peer.link.addr().to_string(),
-                        error: e,
-                    })?;
-                let PeerReply::Records(records) = peer
-                    .link
-                    .request(
-                        PeerOp::Buckets {
-                            collection: c.clone(),
-                            buckets,
-                        },
-                        long,
-                    )
-                    .await?
-                else {
+            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
+                let Some((mine, records)) = self.bucket_pair(&peer, &c, chunk, long).await? else {
                     continue;
                 };
                 let known: HashSet<Bytes> = records
