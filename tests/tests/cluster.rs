@@ -77,6 +77,17 @@ fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) -> Dhrtd {
     Dhrtd::start(dir, &args)
 }
 
+/// Three nodes, b and c joined through a, once all are healthy.
+fn three_joined(dirs: &[tempfile::TempDir], extra: &[&str]) -> (Dhrtd, Dhrtd, Dhrtd) {
+    let a = Dhrtd::start(dirs[0].path(), extra);
+    let b = start_joined(dirs[1].path(), &a, extra);
+    let c = start_joined(dirs[2].path(), &a, extra);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    (a, b, c)
+}
+
 #[test]
 fn writes_and_deletes_on_any_node_reach_every_node() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -137,12 +148,7 @@ fn a_node_hosting_other_collections_forwards_writes_and_fans_out_reads() {
 #[test]
 fn a_killed_node_is_declared_dead_and_returns_only_after_resyncing() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    let c = start_joined(dirs[2].path(), &a, &[]);
-    eventually("three healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b, &c], 3)
-    });
+    let (a, b, c) = three_joined(&dirs, &[]);
     let c_addr = c.addr;
     let c_name = c_addr.to_string();
     c.stop("KILL");
@@ -198,12 +204,7 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     // must find the other 90.
     let grace = ["--tombstone-grace-secs", "2", "--max-hints", "10"];
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &grace);
-    let b = start_joined(dirs[1].path(), &a, &grace);
-    let c = start_joined(dirs[2].path(), &a, &grace);
-    eventually("three healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b, &c], 3)
-    });
+    let (a, b, c) = three_joined(&dirs, &grace);
     for i in 0..200 {
         assert_eq!(a.http("POST", &format!("/old/k{i}/v{i}"), b"").0, 200);
     }
@@ -282,12 +283,7 @@ fn a_restart_without_node_rejoins_the_members_it_remembers() {
 #[test]
 fn a_whole_cluster_restarts_without_node_flags() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    let c = start_joined(dirs[2].path(), &a, &[]);
-    eventually("three healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b, &c], 3)
-    });
+    let (a, b, c) = three_joined(&dirs, &[]);
     for i in 0..100 {
         assert_eq!(b.http("POST", &format!("/all/k{i}/v{i}"), b"").0, 200);
     }
