@@ -19,7 +19,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
         ),
         ("dhrt-cli", &["dhrt-client", "dhrt-proto"][..]),
         ("dhrt-storage-bench", &["dhrt-storage"][..]),
-        ("dhrt-bench", &["dhrt-client", "dhrt-proto"][..]),
+        ("dhrt-bench", &["dhrt-proto"][..]),
         ("dhrt-tests", &[][..]), // dev-dependencies only
     ])
 }

@@ -2,6 +2,7 @@
 //! end-to-end tests that run the real `dhrtd` and `dhrt-cli` binaries.
 
 mod architecture;
+mod bench;
 mod cli;
 mod cluster;
 mod crash;

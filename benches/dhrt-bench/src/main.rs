@@ -12,7 +12,12 @@
 //! are `key:NNNNNNNNNNNN` with a random number below `-r` (or
 //! `key:__rand_int__` without `-r`), values `-d` bytes. Latency is per
 //! request, from the write to the answer of its batch.
+//!
+//! Like redis-benchmark, each connection encodes one request and patches
+//! the id and the key digits into it per request (`load.rs`); every answer
+//! is decoded and checked, and any refusal stops the run with exit code 2.
 
+mod load;
 mod stats;
 
 use std::io::Write;
@@ -20,11 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::Parser;
-use dhrt_client::Client;
-use dhrt_proto::Op;
 
+use crate::load::{Connection, Kind, MAX_DEPTH, Template};
 use crate::stats::Summary;
 
 /// Load generator for dhrt (redis-benchmark's flags).
@@ -46,16 +49,16 @@ struct Args {
     /// Value size in bytes.
     #[arg(short = 'd', default_value_t = 3)]
     data_size: usize,
-    /// Random keys below this number (0: one fixed key).
-    #[arg(short = 'r', default_value_t = 0)]
+    /// Random keys below this number (0: one fixed key; at most 10^12).
+    #[arg(short = 'r', default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000_000_000))]
     keyspace: u64,
     /// Walk the keyspace in order instead of at random: request i uses key
     /// i modulo -r, so `-n N -r N --sequential` writes N distinct keys
     /// (for loading a node).
     #[arg(long)]
     sequential: bool,
-    /// Requests in flight per connection.
-    #[arg(short = 'P', default_value_t = 1)]
+    /// Requests in flight per connection (1 to 250).
+    #[arg(short = 'P', default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_DEPTH))]
     pipeline: u64,
     /// The collection to use.
     #[arg(long, default_value = "bench")]
@@ -94,49 +97,24 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The keys `key:NNNNNNNNNNNN` below the keyspace, formatted once into
-/// one buffer (as redis-benchmark patches digits into a template rather
-/// than formatting per request); a key is a slice of it, no allocation.
-/// Past `TABLE_MAX` keys they are formatted per request instead.
-#[derive(Clone)]
-struct Keys {
-    table: Option<Bytes>,
-}
-
-const KEY_LEN: usize = 16;
-const TABLE_MAX: u64 = 16 << 20;
-
-impl Keys {
-    fn new(keyspace: u64) -> Keys {
-        let table = (keyspace > 0 && keyspace <= TABLE_MAX).then(|| {
-            let mut buf = Vec::with_capacity(keyspace as usize * KEY_LEN);
-            for i in 0..keyspace {
-                buf.extend_from_slice(format!("key:{i:012}").as_bytes());
-            }
-            Bytes::from(buf)
-        });
-        Keys { table }
-    }
-
-    fn get(&self, i: u64) -> Bytes {
-        match &self.table {
-            Some(t) => t.slice(i as usize * KEY_LEN..(i as usize + 1) * KEY_LEN),
-            None => Bytes::from(format!("key:{i:012}")),
-        }
-    }
-}
-
 /// Runs one test; returns every request's latency in microseconds and the
 /// wall time.
 async fn run(
     args: &Args,
     test: Test,
-    clients: &[Client],
-) -> Result<(Vec<u32>, Duration), dhrt_client::Error> {
+    connections: Vec<Connection>,
+) -> Result<(Vec<u32>, Duration, Vec<Connection>), String> {
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
-    let value = Bytes::from(vec![b'x'; args.data_size]);
-    let keys = Keys::new(args.keyspace);
+    let kind = match test {
+        Test::Set => Kind::Set,
+        Test::Get => Kind::Get,
+    };
+    let template = Arc::new(Template::new(
+        kind,
+        &args.collection,
+        &vec![b'x'; args.data_size],
+    ));
     let started = Instant::now();
     let progress = (!args.csv).then(|| {
         let done = done.clone();
@@ -154,21 +132,10 @@ async fn run(
         })
     });
     let mut tasks = Vec::new();
-    for (c, client) in clients.iter().enumerate() {
-        let (client, issued, done, value, keys) = (
-            client.clone(),
-            issued.clone(),
-            done.clone(),
-            value.clone(),
-            keys.clone(),
-        );
+    for (c, mut connection) in connections.into_iter().enumerate() {
+        let (issued, done, template) = (issued.clone(), done.clone(), template.clone());
         let sequential = args.sequential;
-        let (collection, keyspace, total, depth) = (
-            args.collection.clone(),
-            args.keyspace,
-            args.requests,
-            args.pipeline.max(1),
-        );
+        let (keyspace, total, depth) = (args.keyspace, args.requests, args.pipeline);
         let mut rng = splitmix(c as u64);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -180,50 +147,45 @@ async fn run(
                     break;
                 }
                 let n = depth.min(total - start);
-                let ops: Vec<Op> = (0..n)
-                    .map(|i| {
-                        let key = if keyspace == 0 {
-                            Bytes::from_static(b"key:__rand_int__")
-                        } else if sequential {
-                            keys.get((start + i) % keyspace)
-                        } else {
-                            rng = splitmix(rng);
-                            keys.get(rng % keyspace)
-                        };
-                        match test {
-                            Test::Set => Op::Set {
-                                collection: collection.clone(),
-                                key,
-                                value: value.clone(),
-                            },
-                            Test::Get => Op::Get {
-                                collection: collection.clone(),
-                                key,
-                            },
-                        }
-                    })
-                    .collect();
-                let t = Instant::now();
-                for reply in client.pipeline(ops).await? {
-                    reply?;
-                }
+                let keys = (0..n).map(|i| {
+                    if keyspace == 0 {
+                        None
+                    } else if sequential {
+                        Some((start + i) % keyspace)
+                    } else {
+                        rng = splitmix(rng);
+                        Some(rng % keyspace)
+                    }
+                });
+                let t = connection.batch(&template, kind, keys).await?;
                 let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                 latencies.extend(std::iter::repeat_n(us, n as usize));
                 done.fetch_add(n, Ordering::Relaxed);
             }
-            Ok::<_, dhrt_client::Error>(latencies)
+            Ok::<_, String>((latencies, connection))
         }));
     }
     let mut all = Vec::with_capacity(args.requests as usize);
+    let mut connections = Vec::with_capacity(tasks.len());
+    let mut failed = None;
     for t in tasks {
-        all.extend(t.await.expect("a load task panicked")?);
+        match t.await.expect("a load task panicked") {
+            Ok((latencies, connection)) => {
+                all.extend(latencies);
+                connections.push(connection);
+            }
+            Err(e) => failed = failed.or(Some(e)),
+        }
     }
     let elapsed = started.elapsed();
     if let Some(p) = progress {
         p.abort();
         eprint!("\r{:60}\r", "");
     }
-    Ok((all, elapsed))
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((all, elapsed, connections)),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -256,15 +218,16 @@ fn main() -> std::process::ExitCode {
     }
     .expect("runtime");
     let result = runtime.block_on(async {
-        let mut clients = Vec::new();
+        let mut connections = Vec::new();
         for _ in 0..args.clients.max(1) {
-            clients.push(Client::connect(args.addr.as_str()).await?);
+            connections.push(Connection::open(&args.addr).await?);
         }
         if args.csv {
             println!(r#""test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms""#);
         }
         for test in tests {
-            let (latencies, elapsed) = run(&args, test, &clients).await?;
+            let (latencies, elapsed, back) = run(&args, test, connections).await?;
+            connections = back;
             let s = Summary::of(latencies, elapsed);
             if args.csv {
                 println!("{}", s.csv_row(test.name()));
@@ -273,7 +236,7 @@ fn main() -> std::process::ExitCode {
             }
             let _ = std::io::stdout().flush();
         }
-        Ok::<_, dhrt_client::Error>(())
+        Ok::<_, String>(())
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
