@@ -93,7 +93,7 @@ pub(crate) fn compact(
             let guard = &crossbeam_epoch::pin();
             let mut cursor = shard.front(guard);
             while let Some(entry) = cursor {
-                let slot = *entry.value();
+                let slot = entry.value().load();
                 cursor = entry.next();
                 let offset = slot.offset();
                 if offset >= t0 {
@@ -193,8 +193,9 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
         let guard = &crossbeam_epoch::pin();
         let mut cursor = shard.front(guard);
         while let Some(entry) = cursor {
-            if entry.value().offset() < t0 {
-                index.insert(entry.key().as_bytes(), *entry.value());
+            let slot = entry.value().load();
+            if slot.offset() < t0 {
+                index.insert(entry.key().as_bytes(), slot);
             }
             cursor = entry.next();
         }

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use crate::mmap;
 use crate::record::{self, FILE_HEADER_LEN};
 
-/// The index packs offsets into 47 bits.
-const MAX_LOG_LEN: u64 = 1 << 47;
+/// The index packs offsets into 46 bits.
+const MAX_LOG_LEN: u64 = 1 << crate::index::OFFSET_BITS;
 
 /// Smallest map; the address space is reserved, not memory.
 const MIN_CAPACITY: u64 = 64 << 20;
@@ -114,7 +114,7 @@ impl LogFile {
         if offset + buf.len() as u64 > MAX_LOG_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
-                "log would exceed 128 TiB; compact or split the collection",
+                "log would exceed 64 TiB; compact or split the collection",
             ));
         }
         if let Err(e) = self.file.write_all_at(buf, offset) {

@@ -110,7 +110,7 @@ impl Iterator for Records {
                     .push(Reverse((entry.key().as_bytes().to_vec(), i)));
                 continue;
             }
-            let slot = *entry.value();
+            let slot = entry.value().load();
             self.after = Some(key.clone());
             if self.live_only && slot.is_tombstone() {
                 continue;
@@ -206,7 +206,7 @@ impl Listing {
                     if pos.0 < self.end
                         && self.after.as_ref().is_none_or(|(h, k)| pos > (*h, &k[..]))
                     {
-                        entries.push((pos.0, key.to_vec(), *e.value()));
+                        entries.push((pos.0, key.to_vec(), e.value().load()));
                     }
                     cursor = e.next();
                 }
