@@ -9,6 +9,7 @@
 
 mod auth;
 mod cluster;
+mod combine;
 mod link;
 mod membership;
 mod metrics;

@@ -13,6 +13,7 @@ use dhrt_proto::{
 use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
 
 use crate::cluster::{Cluster, stamp};
+use crate::combine::Combiner;
 use crate::metrics::{Metrics, OpKind, Outcome};
 
 /// Who this node is.
@@ -34,6 +35,8 @@ pub struct Node {
     started: Instant,
     metrics: Metrics,
     cluster: Arc<Cluster>,
+    /// Combines concurrent local sets that do not wait for an fsync.
+    combiner: Arc<Combiner>,
 }
 
 /// The storage error as an operation error: the kind decides the HTTP
@@ -101,6 +104,7 @@ impl Node {
             started: Instant::now(),
             metrics: Metrics::default(),
             cluster,
+            combiner: Arc::default(),
         }
     }
 
@@ -247,31 +251,47 @@ impl Node {
     ) -> Result<(), OpError> {
         user_collection(collection)?;
         let local = self.cluster.stores_locally(collection);
-        let (c, entries) = (collection.to_string(), Arc::new(entries));
-        let versions = if local {
-            let entries = entries.clone();
-            self.write(move |s| {
-                let refs: Vec<(&[u8], &[u8])> =
-                    entries.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-                s.set_many(&c, &refs)
-            })
-            .await?
+        let peers = self.cluster.has_peers();
+        let (versions, entries) = if local && self.store.options().sync != SyncMode::Always {
+            // Combined with the sets of other connections running now; the
+            // entries are kept (reference counts, not bytes) to replicate.
+            let kept = if peers { entries.clone() } else { Vec::new() };
+            let versions = self
+                .combiner
+                .set_many(&self.store, collection, entries)
+                .await
+                .map_err(op_error)?;
+            (versions, kept)
+        } else if local {
+            let (c, shared) = (collection.to_string(), Arc::new(entries));
+            let batch = shared.clone();
+            let versions = self
+                .write(move |s| {
+                    let refs: Vec<(&[u8], &[u8])> =
+                        batch.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+                    s.set_many(&c, &refs)
+                })
+                .await?;
+            (versions, Arc::unwrap_or_clone(shared))
         } else {
-            for (k, v) in entries.iter() {
+            for (k, v) in &entries {
                 check_entry(k, v)?;
             }
-            entries.iter().map(|_| self.cluster.stamp_now()).collect()
+            (
+                entries.iter().map(|_| self.cluster.stamp_now()).collect(),
+                entries,
+            )
         };
-        if !self.cluster.has_peers() {
+        if !peers {
             return Ok(());
         }
         let mutations = entries
-            .iter()
+            .into_iter()
             .zip(versions)
-            .map(|((k, v), version)| Mutation::Put {
+            .map(|((key, value), version)| Mutation::Put {
                 collection: collection.to_string(),
-                key: k.clone(),
-                value: Some(v.clone()),
+                key,
+                value: Some(value),
                 version: stamp(version),
             })
             .collect();
