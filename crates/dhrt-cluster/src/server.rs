@@ -65,6 +65,44 @@ async fn read_more<S: AsyncRead + Unpin>(
     }
 }
 
+/// A connection's idle deadline: one timer, pushed forward lazily. Arming a
+/// fresh timeout around every read would cost two timer-wheel updates per
+/// request; instead each read notes the time, and a timer that fires early
+/// is re-armed for what remains.
+struct IdleTimer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last: tokio::time::Instant,
+    limit: Duration,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        IdleTimer {
+            sleep: Box::pin(tokio::time::sleep_until(now + limit)),
+            last: now,
+            limit,
+        }
+    }
+
+    /// Something arrived.
+    fn touch(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Completes once nothing arrived for the limit.
+    async fn expired(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            let deadline = self.last + self.limit;
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
 /// Serves one binary connection until the client leaves, it idles, it breaks
 /// the protocol, or `shutdown` completes (requests already received are
 /// answered first).
@@ -104,6 +142,7 @@ where
         }
     }
     tokio::pin!(shutdown);
+    let mut idle = IdleTimer::new(limits.idle_timeout);
     let mut out = Vec::with_capacity(16 * 1024);
     loop {
         // Take every complete request in the buffer, answer them all, then
@@ -162,14 +201,15 @@ where
         if let Some(reason) = broken {
             return Ok(Closed::Protocol(reason));
         }
+        buf.reserve(needed.max(16 * 1024));
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(Closed::Shutdown),
-            closed = read_more(&mut stream, &mut buf, needed, limits.idle_timeout) => {
-                if let Some(closed) = closed? {
-                    return Ok(closed);
-                }
-            }
+            read = stream.read_buf(&mut buf) => match read? {
+                0 => return Ok(Closed::ByClient),
+                _ => idle.touch(),
+            },
+            () = idle.expired() => return Ok(Closed::Idle),
         }
     }
 }

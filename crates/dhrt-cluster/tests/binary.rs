@@ -145,6 +145,33 @@ async fn protocol_violations_and_idle_clients_are_disconnected() {
     assert_eq!(task.await.unwrap().unwrap(), Closed::ByClient);
 }
 
+#[tokio::test(start_paused = true)]
+async fn only_silence_longer_than_the_idle_timeout_disconnects() {
+    // Six pings 200 ms apart (1.2 s in all, the timeout being 500 ms): the
+    // connection stays; then silence closes it after the timeout, counted
+    // from the last ping.
+    let (mut client, task) = start();
+    client.write_all(&preamble()).await.unwrap();
+    for id in 0..6 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut wire = Vec::new();
+        encode_frame(&Request { id, op: Op::Ping }, &mut wire, 1 << 20).unwrap();
+        client.write_all(&wire).await.unwrap();
+        assert_eq!(
+            read_responses(&mut client, 1).await[0].result,
+            Ok(Reply::Pong)
+        );
+        assert!(!task.is_finished(), "closed while talking, after ping {id}");
+    }
+    let silent = tokio::time::Instant::now();
+    assert_eq!(task.await.unwrap().unwrap(), Closed::Idle);
+    let waited = silent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_millis(600),
+        "{waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_run_of_sets_is_written_together_and_a_bad_one_fails_alone() {
     let (mut client, _task) = start();
