@@ -10,7 +10,13 @@ use crate::dhrtd::{Dhrtd, workspace_binary};
 fn bench_binary() -> PathBuf {
     workspace_binary(
         "dhrt-bench",
-        &["benches/dhrt-bench/src", "crates/dhrt-proto/src"],
+        // Not src/bin: that is the bare-hyper binary.
+        &[
+            "benches/dhrt-bench/src/main.rs",
+            "benches/dhrt-bench/src/load.rs",
+            "benches/dhrt-bench/src/stats.rs",
+            "crates/dhrt-proto/src",
+        ],
     )
 }
 

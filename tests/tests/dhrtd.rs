@@ -37,8 +37,12 @@ pub(crate) fn workspace_binary(name: &str, sources: &[&str]) -> PathBuf {
     bin
 }
 
-/// The most recently modified file under `dir`.
+/// The most recently modified file under `dir` (or `dir` itself, a file).
 fn newest(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    if dir.is_file() {
+        let modified = std::fs::metadata(dir).ok()?.modified().ok()?;
+        return Some((modified, dir.to_path_buf()));
+    }
     let mut best: Option<(SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();

@@ -55,7 +55,11 @@ pub(crate) async fn run(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (servers, shutdown) = (servers.clone(), shutdown.clone());
+        // A child token per connection: a connection polls its shutdown
+        // future on every wake, and polling locks the token's node; one
+        // node shared by every connection would be a lock all of them
+        // contend for.
+        let (servers, shutdown) = (servers.clone(), shutdown.child_token());
         tracker.spawn(async move {
             if let Err(e) = serve(stream, &servers, shutdown).await {
                 tracing::debug!(%peer, "connection ended: {e}");

@@ -53,10 +53,40 @@ struct Series {
     sum_ns: AtomicU64,
 }
 
+/// Every series once: one shard of the metrics.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    series: [[Series; OUTCOMES.len()]; OPS.len()],
+}
+
+/// Shards of the counters: each thread counts into its own, so threads
+/// answering requests at the same time do not fight over cache lines;
+/// rendering adds the shards up.
+const SHARDS: usize = 8;
+
+/// The shard of the calling thread (threads are dealt shards in turn).
+fn shard_index() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    MINE.with(|i| *i)
+}
+
 /// The node's request metrics.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    series: [[Series; OUTCOMES.len()]; OPS.len()],
+    shards: [Shard; SHARDS],
+}
+
+/// One series summed over the shards.
+#[derive(Default)]
+struct Summed {
+    buckets: [u64; BUCKETS.len() + 1],
+    count: u64,
+    sum_ns: u64,
 }
 
 impl Metrics {
@@ -64,7 +94,7 @@ impl Metrics {
     pub(crate) fn record(&self, op: OpKind, outcome: Outcome, took: Duration, n: u64) {
         let o = OPS.iter().position(|(k, _)| *k == op).unwrap();
         let i = OUTCOMES.iter().position(|(k, _)| *k == outcome).unwrap();
-        let s = &self.series[o][i];
+        let s = &self.shards[shard_index()].series[o][i];
         let secs = took.as_secs_f64();
         let bucket = BUCKETS
             .iter()
@@ -76,29 +106,42 @@ impl Metrics {
             .fetch_add(took.as_nanos() as u64 * n, Ordering::Relaxed);
     }
 
+    fn summed(&self, o: usize, i: usize) -> Summed {
+        let mut total = Summed::default();
+        for shard in &self.shards {
+            let s = &shard.series[o][i];
+            for (t, b) in total.buckets.iter_mut().zip(&s.buckets) {
+                *t += b.load(Ordering::Relaxed);
+            }
+            total.count += s.count.load(Ordering::Relaxed);
+            total.sum_ns += s.sum_ns.load(Ordering::Relaxed);
+        }
+        total
+    }
+
     /// The request series in Prometheus text format.
     pub(crate) fn render(&self, out: &mut String) {
         out.push_str("# HELP dhrt_request_duration_seconds Time to answer requests, by operation and outcome.\n");
         out.push_str("# TYPE dhrt_request_duration_seconds histogram\n");
         for (o, (_, op)) in OPS.iter().enumerate() {
             for (i, (_, outcome)) in OUTCOMES.iter().enumerate() {
-                let s = &self.series[o][i];
-                let count = s.count.load(Ordering::Relaxed);
+                let s = self.summed(o, i);
+                let count = s.count;
                 let labels = format!("op=\"{op}\",outcome=\"{outcome}\"");
                 let mut cumulative = 0;
                 for (b, le) in BUCKETS.iter().enumerate() {
-                    cumulative += s.buckets[b].load(Ordering::Relaxed);
+                    cumulative += s.buckets[b];
                     let _ = writeln!(
                         out,
                         "dhrt_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
                     );
                 }
-                cumulative += s.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+                cumulative += s.buckets[BUCKETS.len()];
                 let _ = writeln!(
                     out,
                     "dhrt_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
                 );
-                let sum = s.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                let sum = s.sum_ns as f64 / 1e9;
                 let _ = writeln!(out, "dhrt_request_duration_seconds_sum{{{labels}}} {sum}");
                 let _ = writeln!(
                     out,
@@ -110,7 +153,7 @@ impl Metrics {
         out.push_str("# TYPE dhrt_requests_total counter\n");
         for (o, (_, op)) in OPS.iter().enumerate() {
             for (i, (_, outcome)) in OUTCOMES.iter().enumerate() {
-                let count = self.series[o][i].count.load(Ordering::Relaxed);
+                let count = self.summed(o, i).count;
                 let _ = writeln!(
                     out,
                     "dhrt_requests_total{{op=\"{op}\",outcome=\"{outcome}\"}} {count}"
@@ -152,5 +195,37 @@ mod tests {
         ));
         assert!(out.contains(r#"dhrt_requests_total{op="get",outcome="ok"} 3"#));
         assert!(out.contains(r#"dhrt_requests_total{op="delete",outcome="miss"} 0"#));
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up_across_shards() {
+        let m = Metrics::default();
+        std::thread::scope(|s| {
+            for _ in 0..2 * SHARDS + 1 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        m.record(OpKind::Set, Outcome::Ok, Duration::from_micros(70), 2);
+                    }
+                });
+            }
+        });
+        let total = 2 * (2 * SHARDS as u64 + 1) * 1000;
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains(&format!(
+            r#"dhrt_request_duration_seconds_bucket{{op="set",outcome="ok",le="0.0001"}} {total}"#
+        )));
+        assert!(out.contains(&format!(
+            r#"dhrt_requests_total{{op="set",outcome="ok"}} {total}"#
+        )));
+        let sum: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"dhrt_request_duration_seconds_sum{op="set",outcome="ok"} "#)
+            })
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - total as f64 * 70e-6).abs() < 1e-9, "{sum}");
     }
 }

@@ -1,38 +1,45 @@
 //! Response bodies: whole buffers, or a stream of chunks fed through a
 //! channel (collection listings). An `Err` chunk aborts the response, so a
 //! client never mistakes a listing cut by a failure for a complete one.
+//!
+//! One enum instead of a boxed trait object: a whole body, by far the most
+//! common, costs no allocation and tells hyper its exact length.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
-use hyper::body::{Body, Frame};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 /// Errors that abort a streamed body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every response.
-pub type ResponseBody = BoxBody<Bytes, BoxError>;
+#[derive(Debug)]
+pub struct ResponseBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    /// A whole body, until it is sent.
+    Full(Option<Bytes>),
+    /// Chunks from a channel.
+    Channel(mpsc::Receiver<Result<Bytes, BoxError>>),
+}
 
 /// A whole body.
 pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    let bytes = bytes.into();
+    ResponseBody(Kind::Full((!bytes.is_empty()).then_some(bytes)))
 }
 
 /// A body streamed from a channel, and its sending end.
 pub(crate) fn channel(capacity: usize) -> (mpsc::Sender<Result<Bytes, BoxError>>, ResponseBody) {
     let (tx, rx) = mpsc::channel(capacity);
-    (tx, ChannelBody(rx).boxed())
+    (tx, ResponseBody(Kind::Channel(rx)))
 }
 
-struct ChannelBody(mpsc::Receiver<Result<Bytes, BoxError>>);
-
-impl Body for ChannelBody {
+impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -40,8 +47,54 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+        match &mut self.0 {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.0, Kind::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Channel(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_whole_body_has_its_exact_length_and_one_frame() {
+        let body = full("hello");
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "hello");
+        let empty = full("");
+        assert_eq!(empty.size_hint().exact(), Some(0));
+        assert!(empty.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_channel_body_streams_its_chunks_and_an_error_aborts_it() {
+        let (tx, body) = channel(4);
+        assert_eq!(body.size_hint().exact(), None);
+        tx.send(Ok("a".into())).await.unwrap();
+        tx.send(Ok("b".into())).await.unwrap();
+        drop(tx);
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "ab");
+        let (tx, body) = channel(4);
+        tx.send(Ok("a".into())).await.unwrap();
+        tx.send(Err("broken".into())).await.unwrap();
+        assert!(body.collect().await.is_err());
     }
 }

@@ -32,8 +32,46 @@ fn key_fields(key: &[u8]) -> (Cow<'_, str>, Option<String>) {
     }
 }
 
+/// Whether `s` goes into a JSON string as it is: UTF-8 with nothing to
+/// escape (no control character, quote or backslash).
+fn plain(s: &[u8]) -> bool {
+    s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') && std::str::from_utf8(s).is_ok()
+}
+
+/// The length of `{"Key": k, "Value": v}` when both are [`plain`].
+fn plain_key_value_len(key: &[u8], value: &[u8]) -> Option<usize> {
+    (plain(key) && plain(value)).then(|| key.len() + value.len() + 21)
+}
+
+/// `{"Key": k, "Value": v}` of plain strings, byte for byte what serde_json
+/// writes.
+fn plain_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    out.extend_from_slice(br#"{"Key":""#);
+    out.extend_from_slice(key);
+    out.extend_from_slice(br#"","Value":""#);
+    out.extend_from_slice(value);
+    out.extend_from_slice(br#""}"#);
+}
+
+/// `{"Key": k, "Value": v}` as a buffer of exactly its length (so it
+/// becomes a response body without another allocation).
+pub(crate) fn key_value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let Some(len) = plain_key_value_len(key, value) else {
+        let mut out = Vec::new();
+        key_value(&mut out, key, value);
+        return out;
+    };
+    let mut out = Vec::with_capacity(len);
+    plain_key_value(&mut out, key, value);
+    out
+}
+
 /// `{"Key": k, "Value": v}`.
 pub(crate) fn key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    if plain_key_value_len(key, value).is_some() {
+        plain_key_value(out, key, value);
+        return;
+    }
     let (key, key_base64) = key_fields(key);
     let (value, value_base64) = match std::str::from_utf8(value) {
         Ok(v) => (Some(v), None),
@@ -76,4 +114,49 @@ pub(crate) fn error(message: &str) -> Vec<u8> {
         error: &'a str,
     }
     serde_json::to_vec(&Error { error: message }).expect("writing JSON to a Vec cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_fast_path_writes_what_serde_json_writes() {
+        let cases: [(&[u8], &[u8]); 8] = [
+            (b"k", b"v"),
+            (b"key:000000000001", &[b'x'; 100]),
+            ("ключ".as_bytes(), "значение ✓".as_bytes()),
+            (b"q\"uote", b"back\\slash"),
+            (b"tab\t", b"new\nline"),
+            (b"\x7f del", b""),
+            (&[0xff, 0xfe], b"not utf-8 key"),
+            (b"k", &[0xc3]),
+        ];
+        for (key, value) in cases {
+            let mut fast = Vec::new();
+            key_value(&mut fast, key, value);
+            let (k, key_base64) = key_fields(key);
+            let (v, value_base64) = match std::str::from_utf8(value) {
+                Ok(v) => (Some(v), None),
+                Err(_) => (None, Some(b64(value))),
+            };
+            let reference = serde_json::to_vec(&KeyValue {
+                key: k,
+                key_base64,
+                value: v,
+                value_base64,
+                bytes: None,
+            })
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&reference)
+            );
+            let body = key_value_body(key, value);
+            assert_eq!(body, fast);
+            if plain_key_value_len(key, value).is_some() {
+                assert_eq!(body.capacity(), body.len(), "sized exactly");
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@
 
 mod body;
 mod error;
+mod head_timeout;
 mod json;
 mod router;
 mod service;

@@ -2,6 +2,8 @@
 //! an [`HttpError`] out. No I/O and no knowledge of which collections exist:
 //! the ambiguous `GET /:x` and `DELETE /:x` are resolved by the service.
 
+use std::borrow::Cow;
+
 use http::{Method, StatusCode};
 use percent_encoding::percent_decode_str;
 
@@ -10,9 +12,10 @@ use crate::error::HttpError;
 /// The collection used when a route names none.
 pub const DEFAULT_COLLECTION: &str = "default";
 
-/// What a request asks for.
+/// What a request asks for. Names, keys and values borrow from the path
+/// unless percent-decoding changed them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
+pub enum Endpoint<'a> {
     /// `GET /`: node and cluster statistics.
     Stats,
     /// `GET /metrics`: Prometheus metrics. (The key `metrics` of `default`
@@ -22,45 +25,45 @@ pub enum Endpoint {
     /// `default`.
     KeyOrCollection {
         /// The decoded segment.
-        name: Vec<u8>,
+        name: Cow<'a, [u8]>,
         /// `?limit=` and `?after=`, used if `x` is a collection.
         list: ListParams,
     },
     /// `GET /:collection/:key`.
     Get {
         /// Collection.
-        collection: String,
+        collection: Cow<'a, str>,
         /// Key.
-        key: Vec<u8>,
+        key: Cow<'a, [u8]>,
     },
     /// `POST /:key/:value` and `POST /:collection/:key/:value`.
     Set {
         /// Collection.
-        collection: String,
+        collection: Cow<'a, str>,
         /// Key.
-        key: Vec<u8>,
+        key: Cow<'a, [u8]>,
         /// Value.
-        value: Vec<u8>,
+        value: Cow<'a, [u8]>,
     },
     /// `PUT /:key` and `PUT /:collection/:key`: the value is the body.
     Put {
         /// Collection.
-        collection: String,
+        collection: Cow<'a, str>,
         /// Key.
-        key: Vec<u8>,
+        key: Cow<'a, [u8]>,
     },
     /// `DELETE /:x`: the collection `x` if it exists, else the key `x` of
     /// `default`.
     DeleteKeyOrCollection {
         /// The decoded segment.
-        name: Vec<u8>,
+        name: Cow<'a, [u8]>,
     },
     /// `DELETE /:collection/:key`.
     Delete {
         /// Collection.
-        collection: String,
+        collection: Cow<'a, str>,
         /// Key.
-        key: Vec<u8>,
+        key: Cow<'a, [u8]>,
     },
 }
 
@@ -73,12 +76,13 @@ pub struct ListParams {
     pub after: Option<Vec<u8>>,
 }
 
-fn decode(segment: &str) -> Vec<u8> {
-    percent_decode_str(segment).collect()
+fn decode(segment: &str) -> Cow<'_, [u8]> {
+    percent_decode_str(segment).into()
 }
 
-fn collection(segment: &str) -> Result<String, HttpError> {
-    String::from_utf8(decode(segment))
+fn collection(segment: &str) -> Result<Cow<'_, str>, HttpError> {
+    percent_decode_str(segment)
+        .decode_utf8()
         .map_err(|_| HttpError::bad_request("invalid collection name: not UTF-8"))
 }
 
@@ -98,7 +102,7 @@ fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
                     })?;
                 params.limit = Some(limit);
             }
-            "after" => params.after = Some(decode(&value.replace('+', " "))),
+            "after" => params.after = Some(decode(&value.replace('+', " ")).into_owned()),
             other => {
                 return Err(HttpError::bad_request(format!(
                     "unknown query parameter {other:?} (known: limit, after)"
@@ -110,7 +114,11 @@ fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
 }
 
 /// Maps a request line onto an endpoint.
-pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoint, HttpError> {
+pub fn route<'a>(
+    method: &Method,
+    path: &'a str,
+    query: Option<&str>,
+) -> Result<Endpoint<'a>, HttpError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(HttpError::bad_request("the path must start with /"));
     };
@@ -119,18 +127,23 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoin
         Some(r) if !r.is_empty() => r,
         _ => rest,
     };
-    let segments: Vec<&str> = if rest.is_empty() {
-        Vec::new()
-    } else {
-        rest.split('/').collect()
-    };
+    // At most three segments are routed; a fourth only marks "too many".
+    let mut parts = [""; 4];
+    let mut count = 0;
+    if !rest.is_empty() {
+        for part in rest.split('/').take(parts.len()) {
+            parts[count] = part;
+            count += 1;
+        }
+    }
+    let segments = &parts[..count];
     if segments.iter().any(|s| s.is_empty()) {
         return Err(HttpError::not_found(format!(
             "no route for {method} {path}: empty path segment"
         )));
     }
-    let default = || DEFAULT_COLLECTION.to_string();
-    let endpoint = match (method, segments.as_slice()) {
+    let default = || Cow::Borrowed(DEFAULT_COLLECTION);
+    let endpoint = match (method, segments) {
         (&Method::GET, []) => Endpoint::Stats,
         (&Method::GET, ["metrics"]) => Endpoint::Metrics,
         (&Method::GET, [x]) => Endpoint::KeyOrCollection {
@@ -186,7 +199,11 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Endpoin
 mod tests {
     use super::*;
 
-    fn ok(method: Method, path: &str) -> Endpoint {
+    fn b(bytes: &[u8]) -> Cow<'_, [u8]> {
+        Cow::Borrowed(bytes)
+    }
+
+    fn ok(method: Method, path: &str) -> Endpoint<'_> {
         route(&method, path, None).unwrap()
     }
 
@@ -197,7 +214,7 @@ mod tests {
         assert_eq!(
             ok(Method::GET, "/users"),
             Endpoint::KeyOrCollection {
-                name: b"users".to_vec(),
+                name: b(b"users"),
                 list: ListParams::default()
             }
         );
@@ -205,57 +222,55 @@ mod tests {
             ok(Method::GET, "/users/ada"),
             Endpoint::Get {
                 collection: "users".into(),
-                key: b"ada".to_vec()
+                key: b(b"ada")
             }
         );
         assert_eq!(
             ok(Method::POST, "/k/v"),
             Endpoint::Set {
                 collection: "default".into(),
-                key: b"k".to_vec(),
-                value: b"v".to_vec()
+                key: b(b"k"),
+                value: b(b"v")
             }
         );
         assert_eq!(
             ok(Method::POST, "/c/k/v"),
             Endpoint::Set {
                 collection: "c".into(),
-                key: b"k".to_vec(),
-                value: b"v".to_vec()
+                key: b(b"k"),
+                value: b(b"v")
             }
         );
         assert_eq!(
             ok(Method::PUT, "/k"),
             Endpoint::Put {
                 collection: "default".into(),
-                key: b"k".to_vec()
+                key: b(b"k")
             }
         );
         assert_eq!(
             ok(Method::PUT, "/c/k"),
             Endpoint::Put {
                 collection: "c".into(),
-                key: b"k".to_vec()
+                key: b(b"k")
             }
         );
         assert_eq!(
             ok(Method::DELETE, "/x"),
-            Endpoint::DeleteKeyOrCollection {
-                name: b"x".to_vec()
-            }
+            Endpoint::DeleteKeyOrCollection { name: b(b"x") }
         );
         assert_eq!(
             ok(Method::DELETE, "/c/k"),
             Endpoint::Delete {
                 collection: "c".into(),
-                key: b"k".to_vec()
+                key: b(b"k")
             }
         );
         assert_eq!(
             ok(Method::GET, "/default/users"),
             Endpoint::Get {
                 collection: "default".into(),
-                key: b"users".to_vec()
+                key: b(b"users")
             }
         );
         // A trailing slash is forgiven.
@@ -268,8 +283,8 @@ mod tests {
             ok(Method::POST, "/a%2Fb/hello%20world"),
             Endpoint::Set {
                 collection: "default".into(),
-                key: b"a/b".to_vec(),
-                value: b"hello world".to_vec()
+                key: b(b"a/b"),
+                value: b(b"hello world")
             }
         );
         // A collection segment that decodes to a path trick is passed on as
@@ -278,7 +293,7 @@ mod tests {
             ok(Method::GET, "/%2e%2e%2f/k"),
             Endpoint::Get {
                 collection: "../".into(),
-                key: b"k".to_vec()
+                key: b(b"k")
             }
         );
         assert_eq!(
@@ -293,7 +308,7 @@ mod tests {
         assert_eq!(
             e,
             Endpoint::KeyOrCollection {
-                name: b"c".to_vec(),
+                name: b(b"c"),
                 list: ListParams {
                     limit: Some(10),
                     after: Some(b"k 01".to_vec())

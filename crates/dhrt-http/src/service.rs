@@ -14,10 +14,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::body::{self, BoxError, ResponseBody};
 use crate::error::HttpError;
+use crate::head_timeout::{HeadWatch, Watched};
 use crate::json;
 use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
 
@@ -129,8 +130,9 @@ impl<O: Operations> Api<O> {
                 "a request may not carry both Content-Length and Transfer-Encoding",
             ));
         }
-        let endpoint = router::route(req.method(), req.uri().path(), req.uri().query())?;
-        let raw = wants_octets(req.headers());
+        let (head, body) = req.into_parts();
+        let endpoint = router::route(&head.method, head.uri.path(), head.uri.query())?;
+        let raw = wants_octets(&head.headers);
         let ops = &self.ops;
         match endpoint {
             Endpoint::Stats => Ok(json(
@@ -158,7 +160,7 @@ impl<O: Operations> Api<O> {
                 Ok(json(out))
             }
             Endpoint::Put { collection, key } => {
-                let value = self.read_body(req).await?;
+                let value = self.read_body(&head.headers, body).await?;
                 let len = value.len();
                 ops.set(&collection, &key, value).await?;
                 Ok(json(json::key_only(&key, Some(len))))
@@ -189,9 +191,7 @@ impl<O: Operations> Api<O> {
         if raw {
             return Ok(response(StatusCode::OK, OCTETS, value));
         }
-        let mut out = Vec::with_capacity(value.len() + key.len() + 24);
-        json::key_value(&mut out, key, &value);
-        Ok(json(out))
+        Ok(json(json::key_value_body(key, &value)))
     }
 
     async fn delete(
@@ -209,7 +209,7 @@ impl<O: Operations> Api<O> {
         }
     }
 
-    async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, HttpError>
+    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, HttpError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -223,18 +223,14 @@ impl<O: Operations> Api<O> {
                 ),
             )
         };
-        let declared = req
-            .headers()
+        let declared = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.limits.max_body as u64) {
             return Err(too_large());
         }
-        match Limited::new(req.into_body(), self.limits.max_body)
-            .collect()
-            .await
-        {
+        match Limited::new(body, self.limits.max_body).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
             Err(e) => Err(HttpError::bad_request(format!(
@@ -318,19 +314,32 @@ impl<O: Operations> Api<O> {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let watch = HeadWatch::new();
         let api = self.clone();
+        let service_watch = watch.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(api.handle(req).await) }
+            let (api, watch) = (api.clone(), service_watch.clone());
+            watch.head_complete();
+            async move {
+                let response = api.handle(req).await;
+                watch.answered();
+                Ok::<_, Infallible>(response)
+            }
         });
+        let io = Watched {
+            inner: io,
+            watch: watch.clone(),
+        };
         let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout)
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => r,
+            () = watch.expired(self.limits.header_read_timeout) => {
+                tracing::debug!("a request's headers took too long; closing the connection");
+                Ok(())
+            }
             () = shutdown => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
