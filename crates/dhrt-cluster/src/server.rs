@@ -144,12 +144,14 @@ where
     tokio::pin!(shutdown);
     let mut idle = IdleTimer::new(limits.idle_timeout);
     let mut out = Vec::with_capacity(16 * 1024);
+    // Reused from batch to batch: no allocation per request for them.
+    let mut batch: Vec<Result<Request, Response>> = Vec::new();
+    let mut responses: Vec<Response> = Vec::new();
     loop {
         // Take every complete request in the buffer, answer them all, then
         // write once.
         let mut needed = 1;
         let mut broken = None;
-        let mut batch: Vec<Result<Request, Response>> = Vec::new();
         loop {
             let (range, len) = match frame_bounds(&buf, limits.max_frame) {
                 Ok(Decoded::Complete { msg, len }) => (msg, len),
@@ -181,7 +183,8 @@ where
             }
             buf.advance(len);
         }
-        for response in answer(&*ops, batch).await {
+        answer(&*ops, &mut batch, &mut responses).await;
+        for response in responses.drain(..) {
             if let Err(e) = encode_frame(&response, &mut out, limits.max_frame) {
                 let too_large = Response {
                     id: response.id,
@@ -214,12 +217,17 @@ where
     }
 }
 
-/// Answers a batch of requests in order. Consecutive sets to one collection
-/// go to [`Operations::set_many`] together (one lock, one write to the log);
-/// if that fails, they are retried one by one so each gets its own answer.
-async fn answer<O: Operations>(ops: &O, batch: Vec<Result<Request, Response>>) -> Vec<Response> {
-    let mut responses = Vec::with_capacity(batch.len());
-    let mut items = batch.into_iter().peekable();
+/// Answers a batch of requests in order (draining `batch` into
+/// `responses`). Consecutive sets to one collection go to
+/// [`Operations::set_many`] together (one lock, one write to the log); if
+/// that fails, they are retried one by one so each gets its own answer.
+async fn answer<O: Operations>(
+    ops: &O,
+    batch: &mut Vec<Result<Request, Response>>,
+    responses: &mut Vec<Response>,
+) {
+    responses.reserve(batch.len());
+    let mut items = batch.drain(..).peekable();
     while let Some(item) = items.next() {
         let request = match item {
             Ok(r) => r,
@@ -228,17 +236,26 @@ async fn answer<O: Operations>(ops: &O, batch: Vec<Result<Request, Response>>) -
                 continue;
             }
         };
+        let run_follows = matches!(
+            (&request.op, items.peek()),
+            (Op::Set { collection, .. }, Some(Ok(Request { op: Op::Set { collection: next, .. }, .. })))
+                if next == collection
+        );
+        if !run_follows {
+            // A lone request: answered as it is, nothing copied.
+            responses.push(Response {
+                id: request.id,
+                result: dispatch(ops, request.op).await,
+            });
+            continue;
+        }
         let Op::Set {
             collection,
             key,
             value,
         } = request.op
         else {
-            responses.push(Response {
-                id: request.id,
-                result: dispatch(ops, request.op).await,
-            });
-            continue;
+            unreachable!("a run starts with a set");
         };
         let mut run = vec![(request.id, key, value)];
         while let Some(Ok(Request {
@@ -258,15 +275,13 @@ async fn answer<O: Operations>(ops: &O, batch: Vec<Result<Request, Response>>) -
             };
             run.push((id, key, value));
         }
-        if run.len() > 1 {
-            let entries = run.iter().map(|(_, k, v)| (k.clone(), v.clone())).collect();
-            if ops.set_many(&collection, entries).await.is_ok() {
-                responses.extend(run.into_iter().map(|(id, ..)| Response {
-                    id,
-                    result: Ok(Reply::Stored),
-                }));
-                continue;
-            }
+        let entries = run.iter().map(|(_, k, v)| (k.clone(), v.clone())).collect();
+        if ops.set_many(&collection, entries).await.is_ok() {
+            responses.extend(run.into_iter().map(|(id, ..)| Response {
+                id,
+                result: Ok(Reply::Stored),
+            }));
+            continue;
         }
         for (id, key, value) in run {
             let op = Op::Set {
@@ -280,5 +295,4 @@ async fn answer<O: Operations>(ops: &O, batch: Vec<Result<Request, Response>>) -
             });
         }
     }
-    responses
 }
