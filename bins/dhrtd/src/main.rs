@@ -139,6 +139,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         for r in store.recovery().iter().filter(|r| r.truncated_bytes > 0) {
             tracing::warn!(collection = %r.collection, bytes = r.truncated_bytes, "cut a torn tail during recovery");
         }
+        for r in store.recovery().iter().filter(|r| r.reserved_bytes > 0) {
+            tracing::info!(collection = %r.collection, bytes = r.reserved_bytes, "gave back reserved space");
+        }
         (store, id)
     };
     let cluster = Cluster::new(

@@ -191,6 +191,9 @@ pub(crate) struct Recovery {
     pub(crate) truncated: Option<(u64, &'static str)>,
     /// Greatest timestamp seen.
     pub(crate) max_ts: u64,
+    /// Zeros after the last record (reserved space never written), given
+    /// back.
+    pub(crate) reserved: u64,
 }
 
 /// What the validation pass of recovery collects for the replay.
@@ -357,6 +360,7 @@ impl Collection {
         let mut recovery = Recovery::default();
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
+        let mut preallocated = false;
         let mut built = (Index::new(options.shards_for(0)), State::default());
         let mut scanned = Scanned::default();
         if len < FILE_HEADER_LEN as u64 {
@@ -395,6 +399,13 @@ impl Collection {
                         recovery.max_ts = recovery.max_ts.max(header.version.ts);
                         end += header.record_len();
                     }
+                    _ if buf[end..].iter().all(|&b| b == 0) => {
+                        // Space reserved ahead of the tail and never
+                        // written (the process stopped without closing the
+                        // log): not a torn record.
+                        preallocated = true;
+                        break;
+                    }
                     bad => {
                         let reason = match bad {
                             Decoded::Invalid(why) => why,
@@ -413,6 +424,11 @@ impl Collection {
                 }
             }
             built = replay(&buf[..end], scanned, options);
+        }
+        if preallocated && cut_reason.is_none() {
+            file.set_len(end as u64)
+                .map_err(|e| Error::io("truncate", path, e))?;
+            recovery.reserved = len - end as u64;
         }
         if let Some(reason) = cut_reason {
             let cut = len - end as u64;
@@ -502,7 +518,7 @@ impl Collection {
     }
 
     /// Applies records stamped elsewhere (replication, anti-entropy,
-    /// handoff) under one lock and one `pwrite`: each takes effect only if
+    /// handoff) under one lock and one append: each takes effect only if
     /// it is newer than what the index holds and than the last drop; the
     /// others are skipped before they reach the log. Returns how many took
     /// effect.
@@ -560,7 +576,7 @@ impl Collection {
         Ok(applied)
     }
 
-    /// Sets many keys with local versions under one lock and one `pwrite`
+    /// Sets many keys with local versions under one lock and one append
     /// (and, with `SyncMode::Always`, one fsync). Callers validated every
     /// entry, so either all are written or, on an I/O error, none.
     pub(crate) fn write_many(

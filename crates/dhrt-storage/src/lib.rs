@@ -4,8 +4,9 @@
 //! one append-only log file (`<name>.dhrt`, format in `docs/format.md`) read
 //! through a shared memory map, with an in-memory index — a key-hash-sharded
 //! set of `crossbeam_skiplist::SkipMap`s — from key to the newest record. A
-//! get is one index lookup and one read from the map; a set is one `pwrite`
-//! and one index insert. Every record carries a CRC32C and a [`Version`];
+//! get is one index lookup and one read from the map; a set is one copy into
+//! the map (into space reserved ahead with `fallocate`; `pwrite` where that
+//! is impossible) and one index insert. Every record carries a CRC32C and a [`Version`];
 //! [`Store::apply`] keeps whichever version is greater, which is what lets
 //! replicas converge. Memory mode ([`Store::memory`]) runs the same code over
 //! anonymous in-memory files.

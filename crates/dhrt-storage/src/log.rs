@@ -34,14 +34,48 @@ struct SyncState {
     poisoned: Option<String>,
 }
 
-/// An append-only log: written with `pwrite` under the collection's writer
-/// lock, read through a shared map by anyone.
+/// How appends reach the file.
+enum Appender {
+    /// Copied into a writable map, below the reserved length.
+    Map {
+        map: mmap::WriteMap,
+        /// The file's length: blocks up to here are allocated.
+        reserved: u64,
+    },
+    /// `pwrite` (memory mode, and file systems without `fallocate`).
+    Pwrite,
+}
+
+impl std::fmt::Debug for Appender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Appender::Map { reserved, .. } => write!(f, "Map {{ reserved: {reserved} }}"),
+            Appender::Pwrite => write!(f, "Pwrite"),
+        }
+    }
+}
+
+/// Space reserved ahead of the tail at a time: an eighth of the log, from
+/// 64 KiB to 32 MiB, so that reservations are rare and unused space small
+/// (also for many small collections).
+fn reservation_after(end: u64) -> u64 {
+    const PAGE: u64 = 4096;
+    let chunk = (end / 8).clamp(64 << 10, 32 << 20);
+    (end + chunk).div_ceil(PAGE) * PAGE
+}
+
+/// An append-only log, read through a shared map by anyone. Appends, under
+/// the collection's writer lock, are copied into the map, into space
+/// reserved ahead with `fallocate` (no system call per write); where that
+/// is not possible (memory mode, a file system without `fallocate`) they
+/// are written with `pwrite`.
 #[derive(Debug)]
 pub(crate) struct LogFile {
     file: File,
     /// `None` for a memfd (memory mode).
     path: Option<PathBuf>,
     map: ArcSwap<Bytes>,
+    appender: Mutex<Appender>,
     /// End of the last complete record written.
     tail: AtomicU64,
     sync: Mutex<SyncState>,
@@ -68,13 +102,28 @@ impl LogFile {
         LogFile::with_file(file, path.map(Path::to_path_buf), FILE_HEADER_LEN as u64)
     }
 
-    /// Wraps an existing file whose first `len` bytes are valid records.
+    /// Wraps an existing file whose first `len` bytes are valid records
+    /// (and nothing follows them).
     pub(crate) fn with_file(file: File, path: Option<PathBuf>, len: u64) -> io::Result<LogFile> {
-        let map = mmap::map(&file, capacity_for(len) as usize)?;
+        let capacity = capacity_for(len) as usize;
+        let (map, appender) = match path {
+            Some(_) => {
+                let (map, write) = mmap::map_writable(&file, capacity)?;
+                (
+                    map,
+                    Appender::Map {
+                        map: write,
+                        reserved: len,
+                    },
+                )
+            }
+            None => (mmap::map(&file, capacity)?, Appender::Pwrite),
+        };
         Ok(LogFile {
             file,
             path,
             map: ArcSwap::from_pointee(map),
+            appender: Mutex::new(appender),
             tail: AtomicU64::new(len),
             sync: Mutex::new(SyncState {
                 synced: len,
@@ -108,22 +157,51 @@ impl LogFile {
 
     /// Appends `buf` at the tail; returns the offset it was written at.
     /// Callers serialize appends (the collection's writer lock). On error
-    /// the file is cut back to the old tail, so no partial record remains.
+    /// nothing of `buf` is in the log: a failed reservation writes nothing,
+    /// and a failed `pwrite` is cut back to the old tail.
     pub(crate) fn append(&self, buf: &[u8]) -> io::Result<u64> {
         let offset = self.tail.load(Ordering::Relaxed);
-        if offset + buf.len() as u64 > MAX_LOG_LEN {
+        let end = offset + buf.len() as u64;
+        if end > MAX_LOG_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::FileTooLarge,
                 "log would exceed 64 TiB; compact or split the collection",
             ));
         }
+        let mut appender = self.appender.lock().unwrap();
+        if let Appender::Map { map, reserved } = &mut *appender {
+            if end > *reserved {
+                let want = reservation_after(end);
+                match mmap::reserve(&self.file, *reserved, want) {
+                    Ok(()) => *reserved = want,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                        tracing::info!(path = %self.describe(), "no fallocate here; appending with pwrite");
+                        *appender = Appender::Pwrite;
+                        return self.pwrite(buf, offset, end);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if end > map.capacity() as u64 {
+                let (read, write) = mmap::map_writable(&self.file, capacity_for(end) as usize)?;
+                self.map.store(std::sync::Arc::new(read));
+                *map = write;
+            }
+            map.write_at(offset as usize, buf);
+            self.tail.store(end, Ordering::Release);
+            return Ok(offset);
+        }
+        drop(appender);
+        self.pwrite(buf, offset, end)
+    }
+
+    fn pwrite(&self, buf: &[u8], offset: u64, end: u64) -> io::Result<u64> {
         if let Err(e) = self.file.write_all_at(buf, offset) {
             if !self.is_memory() {
                 let _ = self.file.set_len(offset);
             }
             return Err(e);
         }
-        let end = offset + buf.len() as u64;
         if end > self.map.load().len() as u64 {
             self.map.store(std::sync::Arc::new(mmap::map(
                 &self.file,
@@ -205,8 +283,74 @@ impl LogFile {
     }
 }
 
+impl Drop for LogFile {
+    /// Gives back the space reserved past the tail, so a closed log ends
+    /// with its last record (readers still holding the map only ever read
+    /// below the tail).
+    fn drop(&mut self) {
+        let reserved = match self.appender.get_mut() {
+            Ok(Appender::Map { reserved, .. }) => *reserved,
+            _ => return,
+        };
+        let tail = *self.tail.get_mut();
+        if reserved > tail
+            && let Err(e) = self.file.set_len(tail)
+        {
+            tracing::warn!(path = %self.describe(), "cannot give back reserved space: {e}");
+        }
+    }
+}
+
 /// Fsyncs a directory, so that a file created or renamed in it survives a
 /// power loss.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log file, and what was appended to it.
+    fn fill(log: &LogFile, chunks: usize, len: usize) -> Vec<u8> {
+        let mut expected = record::file_header().to_vec();
+        for i in 0..chunks {
+            let chunk = vec![(i % 251) as u8 + 1; len];
+            let offset = log.append(&chunk).unwrap();
+            assert_eq!(offset as usize, expected.len());
+            expected.extend_from_slice(&chunk);
+            assert_eq!(log.tail() as usize, expected.len());
+        }
+        expected
+    }
+
+    #[test]
+    fn appends_through_the_map_cross_reservations_and_remaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = LogFile::create(Some(&path), "t").unwrap();
+        // 70 MiB: many reservations, and past the first 64 MiB map.
+        let expected = fill(&log, 70, 1 << 20);
+        let map = log.map();
+        assert!(map.len() > 64 << 20, "remapped");
+        assert_eq!(&map[..expected.len()], &expected[..]);
+        let reserved = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            reserved >= expected.len() as u64,
+            "the file covers the tail"
+        );
+        // Closing gives the reserved space back; the file is the log.
+        drop(log);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        // The old map outlives the log and still reads what was written.
+        assert_eq!(&map[..expected.len()], &expected[..]);
+    }
+
+    #[test]
+    fn memory_logs_append_with_pwrite() {
+        let log = LogFile::create(None, "t").unwrap();
+        assert!(matches!(*log.appender.lock().unwrap(), Appender::Pwrite));
+        let expected = fill(&log, 3, 1000);
+        assert_eq!(&log.map()[..expected.len()], &expected[..]);
+    }
 }

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 /// When a write reaches stable storage. In every persisted mode a write is
-/// handed to the kernel (`pwrite`) before it is acknowledged, so killing the
-/// process never loses an acknowledged write; the modes differ in what a
-/// power loss or kernel crash can take.
+/// in the kernel's page cache (copied into the file's mapped pages, or
+/// `pwrite`n) before it is acknowledged, so killing the process never loses
+/// an acknowledged write; the modes differ in what a power loss or kernel
+/// crash can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
     /// `fdatasync` before acknowledging. Concurrent writers share one

@@ -87,6 +87,10 @@ pub struct RecoveryReport {
     pub records: u64,
     /// Bytes cut off a torn tail, if any.
     pub truncated_bytes: u64,
+    /// Zeros after the last record given back: space reserved ahead of the
+    /// tail by a process that stopped without closing the log. Not a torn
+    /// record.
+    pub reserved_bytes: u64,
 }
 
 /// Statistics of one collection.
@@ -217,6 +221,7 @@ impl Store {
                 collection: name.clone(),
                 records: recovery.records,
                 truncated_bytes: recovery.truncated.map_or(0, |(bytes, _)| bytes),
+                reserved_bytes: recovery.reserved,
             });
             collections.insert(name, Arc::new(collection));
         }
