@@ -211,7 +211,7 @@ impl Client {
     /// Node and cluster statistics.
     pub async fn stats(&self) -> Result<NodeStats, Error> {
         match self.request(Op::Stats).await? {
-            Reply::Stats(stats) => Ok(stats),
+            Reply::Stats(stats) => Ok(*stats),
             other => Err(unexpected(other)),
         }
     }

@@ -94,8 +94,9 @@ pub enum Reply {
     Page(Page),
     /// To [`Op::DropCollection`]: the keys the collection held.
     Dropped(Vec<Bytes>),
-    /// To [`Op::Stats`].
-    Stats(NodeStats),
+    /// To [`Op::Stats`]. Boxed: it is large and rare, and every reply is
+    /// as large as its largest variant (boxing changes nothing on the wire).
+    Stats(Box<NodeStats>),
     /// To [`Op::Join`]: how many members the node now knows, itself
     /// included.
     Joined(u32),

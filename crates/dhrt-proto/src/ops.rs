@@ -116,7 +116,7 @@ pub async fn dispatch<O: Operations>(ops: &O, op: Op) -> Result<Reply, OpError> 
         Op::DropCollection { collection } => {
             Reply::Dropped(ops.drop_collection(&collection).await?)
         }
-        Op::Stats => Reply::Stats(ops.stats().await),
+        Op::Stats => Reply::Stats(Box::new(ops.stats().await)),
         Op::Join { addr } => Reply::Joined(ops.join(&addr).await?),
     })
 }

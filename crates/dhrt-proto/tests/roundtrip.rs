@@ -65,7 +65,7 @@ fn reply() -> impl Strategy<Value = Result<Reply, OpError>> {
     prop_oneof![
         Just(Ok(Reply::Pong)),
         Just(Ok(Reply::Stored)),
-        Just(Ok(Reply::Stats(stats()))),
+        Just(Ok(Reply::Stats(Box::new(stats())))),
         any::<bool>().prop_map(|b| Ok(Reply::Deleted(b))),
         prop::option::of(bytes()).prop_map(|v| Ok(Reply::Value(v))),
         prop::collection::vec(bytes(), 0..5).prop_map(|k| Ok(Reply::Dropped(k))),
