@@ -7,10 +7,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
-    Channel, DEFAULT_MAX_FRAME, Decoded, ErrorKind, Op, OpError, Operations, PREAMBLE_LEN,
-    Preamble, Reply, Request, Response, dispatch, encode_frame, frame_bounds, read_preamble,
+    Channel, DEFAULT_MAX_FRAME, Decoded, ErrorKind, OpError, OpRef, Operations, PREAMBLE_LEN,
+    Preamble, Reply, RequestRef, Response, dispatch_ref, encode_frame, frame_bounds, read_preamble,
     request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -145,45 +145,53 @@ where
     let mut idle = IdleTimer::new(limits.idle_timeout);
     let mut out = Vec::with_capacity(16 * 1024);
     // Reused from batch to batch: no allocation per request for them.
-    let mut batch: Vec<Result<Request, Response>> = Vec::new();
+    let mut spare: Vec<Item<'static>> = Vec::new();
     let mut responses: Vec<Response> = Vec::new();
     loop {
         // Take every complete request in the buffer, answer them all, then
-        // write once.
+        // write once. Requests are decoded in place: their names, keys and
+        // values borrow from the buffer until they are answered.
         let mut needed = 1;
         let mut broken = None;
-        loop {
-            let (range, len) = match frame_bounds(&buf, limits.max_frame) {
-                Ok(Decoded::Complete { msg, len }) => (msg, len),
-                Ok(Decoded::Incomplete { needed: n }) => {
-                    needed = n;
-                    break;
-                }
-                Err(e) => {
-                    broken = Some(e.to_string());
-                    break;
-                }
-            };
-            let payload = &buf[range];
-            match dhrt_proto::decode::<Request>(payload) {
-                Ok(request) => batch.push(Ok(request)),
-                Err(e) => match request_id(payload) {
-                    Some(id) => batch.push(Err(Response {
-                        id,
-                        result: Err(OpError::new(
-                            ErrorKind::InvalidInput,
-                            format!("unreadable request: {e}"),
-                        )),
-                    })),
-                    None => {
-                        broken = Some(format!("unreadable request without an id: {e}"));
+        let mut consumed = 0;
+        {
+            let mut batch = recycle(std::mem::take(&mut spare));
+            loop {
+                let rest = &buf[consumed..];
+                let (range, len) = match frame_bounds(rest, limits.max_frame) {
+                    Ok(Decoded::Complete { msg, len }) => (msg, len),
+                    Ok(Decoded::Incomplete { needed: n }) => {
+                        needed = n;
                         break;
                     }
-                },
+                    Err(e) => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                };
+                let payload = &rest[range];
+                match dhrt_proto::decode::<RequestRef<'_>>(payload) {
+                    Ok(request) => batch.push(Ok(request)),
+                    Err(e) => match request_id(payload) {
+                        Some(id) => batch.push(Err(Response {
+                            id,
+                            result: Err(OpError::new(
+                                ErrorKind::InvalidInput,
+                                format!("unreadable request: {e}"),
+                            )),
+                        })),
+                        None => {
+                            broken = Some(format!("unreadable request without an id: {e}"));
+                            break;
+                        }
+                    },
+                }
+                consumed += len;
             }
-            buf.advance(len);
+            answer(&*ops, &mut batch, &mut responses).await;
+            spare = recycle(batch);
         }
-        answer(&*ops, &mut batch, &mut responses).await;
+        buf.advance(consumed);
         for response in responses.drain(..) {
             if let Err(e) = encode_frame(&response, &mut out, limits.max_frame) {
                 let too_large = Response {
@@ -217,15 +225,24 @@ where
     }
 }
 
+/// A decoded request borrowing from the read buffer, or the answer to one
+/// that could not be decoded.
+type Item<'a> = Result<RequestRef<'a>, Response>;
+
+/// An empty batch, keeping the allocation of `batch` for a batch that
+/// borrows from the buffer anew.
+fn recycle<'b>(mut batch: Vec<Item<'_>>) -> Vec<Item<'b>> {
+    batch.clear();
+    // Collecting an emptied vector into one of the same layout reuses its
+    // allocation.
+    batch.into_iter().map(|_| unreachable!("emptied")).collect()
+}
+
 /// Answers a batch of requests in order (draining `batch` into
 /// `responses`). Consecutive sets to one collection go to
 /// [`Operations::set_many`] together (one lock, one write to the log); if
 /// that fails, they are retried one by one so each gets its own answer.
-async fn answer<O: Operations>(
-    ops: &O,
-    batch: &mut Vec<Result<Request, Response>>,
-    responses: &mut Vec<Response>,
-) {
+async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &mut Vec<Response>) {
     responses.reserve(batch.len());
     let mut items = batch.drain(..).peekable();
     while let Some(item) = items.next() {
@@ -238,18 +255,18 @@ async fn answer<O: Operations>(
         };
         let run_follows = matches!(
             (&request.op, items.peek()),
-            (Op::Set { collection, .. }, Some(Ok(Request { op: Op::Set { collection: next, .. }, .. })))
+            (OpRef::Set { collection, .. }, Some(Ok(RequestRef { op: OpRef::Set { collection: next, .. }, .. })))
                 if next == collection
         );
         if !run_follows {
-            // A lone request: answered as it is, nothing copied.
+            // A lone request: answered as it is.
             responses.push(Response {
                 id: request.id,
-                result: dispatch(ops, request.op).await,
+                result: dispatch_ref(ops, request.op).await,
             });
             continue;
         }
-        let Op::Set {
+        let OpRef::Set {
             collection,
             key,
             value,
@@ -258,25 +275,28 @@ async fn answer<O: Operations>(
             unreachable!("a run starts with a set");
         };
         let mut run = vec![(request.id, key, value)];
-        while let Some(Ok(Request {
-            op: Op::Set { collection: c, .. },
+        while let Some(Ok(RequestRef {
+            op: OpRef::Set { collection: c, .. },
             ..
         })) = items.peek()
         {
             if *c != collection {
                 break;
             }
-            let Some(Ok(Request {
+            let Some(Ok(RequestRef {
                 id,
-                op: Op::Set { key, value, .. },
+                op: OpRef::Set { key, value, .. },
             })) = items.next()
             else {
                 unreachable!("peeked a set");
             };
             run.push((id, key, value));
         }
-        let entries = run.iter().map(|(_, k, v)| (k.clone(), v.clone())).collect();
-        if ops.set_many(&collection, entries).await.is_ok() {
+        let entries = run
+            .iter()
+            .map(|(_, k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
+            .collect();
+        if ops.set_many(collection, entries).await.is_ok() {
             responses.extend(run.into_iter().map(|(id, ..)| Response {
                 id,
                 result: Ok(Reply::Stored),
@@ -284,14 +304,14 @@ async fn answer<O: Operations>(
             continue;
         }
         for (id, key, value) in run {
-            let op = Op::Set {
-                collection: collection.clone(),
+            let op = OpRef::Set {
+                collection,
                 key,
                 value,
             };
             responses.push(Response {
                 id,
-                result: dispatch(ops, op).await,
+                result: dispatch_ref(ops, op).await,
             });
         }
     }

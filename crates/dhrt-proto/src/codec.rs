@@ -3,8 +3,7 @@
 //! vector would try to allocate it and abort the process.
 
 use bincode::Options;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::error::ProtoError;
 
@@ -22,8 +21,9 @@ pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError
 }
 
 /// Decodes exactly one `T` from `bytes`, reading at most `bytes.len()` bytes
-/// and refusing trailing bytes.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ProtoError> {
+/// and refusing trailing bytes. `T` may borrow from `bytes` (a
+/// [`RequestRef`](crate::RequestRef) does: no copy of names, keys, values).
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     options()
         .with_limit(bytes.len() as u64)
         .reject_trailing_bytes()

@@ -34,8 +34,10 @@ pub use frame::{
     Channel, DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
     Preamble, channel_preamble, decode_frame, encode_frame, frame_bounds, preamble, read_preamble,
 };
-pub use message::{Entry, ErrorKind, Op, OpError, Page, Reply, Request, Response};
-pub use ops::{MAX_PAGE, Operations, dispatch};
+pub use message::{
+    Entry, ErrorKind, Op, OpError, OpRef, Page, Reply, Request, RequestRef, Response,
+};
+pub use ops::{MAX_PAGE, Operations, dispatch, dispatch_ref};
 pub use peer::{
     CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate, Mutation, PROOF_LEN,
     PeerMessage, PeerOp, PeerReply, Stamp, Versioned,

@@ -70,6 +70,82 @@ pub enum Op {
     },
 }
 
+/// A [`Request`] decoded without copying: its names, keys and values borrow
+/// from the frame. Same bytes on the wire; the server decodes this.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RequestRef<'a> {
+    /// Echoed in the response.
+    pub id: u64,
+    /// What to do.
+    #[serde(borrow)]
+    pub op: OpRef<'a>,
+}
+
+/// An [`Op`] borrowing from its frame (variants and fields in the same
+/// order, so the encodings are the same).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[allow(missing_docs)]
+pub enum OpRef<'a> {
+    Ping,
+    Get {
+        collection: &'a str,
+        key: &'a [u8],
+    },
+    Set {
+        collection: &'a str,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Delete {
+        collection: &'a str,
+        key: &'a [u8],
+    },
+    List {
+        collection: &'a str,
+        after: Option<&'a [u8]>,
+        limit: u32,
+    },
+    DropCollection {
+        collection: &'a str,
+    },
+    Stats,
+    Join {
+        addr: &'a str,
+    },
+}
+
+impl Op {
+    /// This operation as the borrowed form.
+    pub fn as_ref(&self) -> OpRef<'_> {
+        match self {
+            Op::Ping => OpRef::Ping,
+            Op::Get { collection, key } => OpRef::Get { collection, key },
+            Op::Set {
+                collection,
+                key,
+                value,
+            } => OpRef::Set {
+                collection,
+                key,
+                value,
+            },
+            Op::Delete { collection, key } => OpRef::Delete { collection, key },
+            Op::List {
+                collection,
+                after,
+                limit,
+            } => OpRef::List {
+                collection,
+                after: after.as_deref(),
+                limit: *limit,
+            },
+            Op::DropCollection { collection } => OpRef::DropCollection { collection },
+            Op::Stats => OpRef::Stats,
+            Op::Join { addr } => OpRef::Join { addr },
+        }
+    }
+}
+
 /// A response: the request's id and its outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {

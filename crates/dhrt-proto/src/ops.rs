@@ -6,7 +6,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use crate::message::{Op, OpError, Page, Reply};
+use crate::message::{Op, OpError, OpRef, Page, Reply};
 use crate::stats::NodeStats;
 
 /// The most entries one listing page returns, whatever the request asks.
@@ -93,30 +93,34 @@ pub trait Operations: Send + Sync + 'static {
 
 /// Runs one protocol operation against `ops`.
 pub async fn dispatch<O: Operations>(ops: &O, op: Op) -> Result<Reply, OpError> {
+    dispatch_ref(ops, op.as_ref()).await
+}
+
+/// Runs one protocol operation, borrowed from its frame, against `ops`.
+/// Only a set's value is copied (the node keeps it).
+pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply, OpError> {
     Ok(match op {
-        Op::Ping => Reply::Pong,
-        Op::Get { collection, key } => Reply::Value(ops.get(&collection, &key).await?),
-        Op::Set {
+        OpRef::Ping => Reply::Pong,
+        OpRef::Get { collection, key } => Reply::Value(ops.get(collection, key).await?),
+        OpRef::Set {
             collection,
             key,
             value,
         } => {
-            ops.set(&collection, &key, value).await?;
+            ops.set(collection, key, Bytes::copy_from_slice(value))
+                .await?;
             Reply::Stored
         }
-        Op::Delete { collection, key } => Reply::Deleted(ops.delete(&collection, &key).await?),
-        Op::List {
+        OpRef::Delete { collection, key } => Reply::Deleted(ops.delete(collection, key).await?),
+        OpRef::List {
             collection,
             after,
             limit,
-        } => Reply::Page(
-            ops.list(&collection, after.as_deref(), limit.min(MAX_PAGE))
-                .await?,
-        ),
-        Op::DropCollection { collection } => {
-            Reply::Dropped(ops.drop_collection(&collection).await?)
+        } => Reply::Page(ops.list(collection, after, limit.min(MAX_PAGE)).await?),
+        OpRef::DropCollection { collection } => {
+            Reply::Dropped(ops.drop_collection(collection).await?)
         }
-        Op::Stats => Reply::Stats(Box::new(ops.stats().await)),
-        Op::Join { addr } => Reply::Joined(ops.join(&addr).await?),
+        OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
+        OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),
     })
 }

@@ -65,6 +65,9 @@ fn huge_lengths_inside_a_small_frame_do_not_allocate() {
         assert!(payload.len() <= 24);
         let r = decode_frame::<Request>(&frame(&payload), DEFAULT_MAX_FRAME);
         assert!(matches!(r, Err(ProtoError::Malformed(_))), "{r:?}");
+        // The borrowed form the server decodes refuses it the same way.
+        let r = dhrt_proto::decode::<dhrt_proto::RequestRef<'_>>(&payload);
+        assert!(matches!(r, Err(ProtoError::Malformed(_))), "{r:?}");
         // The id is still readable, so the server can answer with an error.
         assert_eq!(request_id(&payload), Some(1));
     }
@@ -126,6 +129,10 @@ fn bad_tags_trailing_bytes_and_empty_frames_are_malformed() {
             decode_frame::<Request>(&frame(&bad), DEFAULT_MAX_FRAME),
             Err(ProtoError::Malformed(_))
         ));
+        assert!(matches!(
+            dhrt_proto::decode::<dhrt_proto::RequestRef<'_>>(&bad),
+            Err(ProtoError::Malformed(_))
+        ));
         assert_eq!(request_id(&bad), Some(42));
     }
     assert!(matches!(
@@ -183,6 +190,14 @@ mod arbitrary {
         fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             let _ = read_preamble(&bytes);
             let _ = request_id(&bytes);
+            // The borrowed form accepts exactly what the owned form accepts.
+            let owned = dhrt_proto::decode::<Request>(&bytes);
+            let borrowed = dhrt_proto::decode::<dhrt_proto::RequestRef<'_>>(&bytes);
+            match (&owned, &borrowed) {
+                (Ok(o), Ok(b)) => prop_assert_eq!(&o.op.as_ref(), &b.op),
+                (Err(_), Err(_)) => {}
+                _ => prop_assert!(false, "{owned:?} vs {borrowed:?}"),
+            }
             if let Ok(Decoded::Complete { msg, .. }) = decode_frame::<Request>(&bytes, 1 << 16) {
                 let mut again = Vec::new();
                 encode_frame(&msg, &mut again, 1 << 16).unwrap();

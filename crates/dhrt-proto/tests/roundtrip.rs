@@ -3,7 +3,8 @@
 use bytes::Bytes;
 use dhrt_proto::{
     CollectionInfo, DEFAULT_MAX_FRAME, Decoded, Entry, ErrorKind, MemberInfo, MemberState,
-    NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, Response, decode_frame, encode_frame,
+    NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, RequestRef, Response, decode,
+    decode_frame, encode_frame, frame_bounds,
 };
 use proptest::prelude::*;
 
@@ -31,6 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
             }
         }),
         name.prop_map(|collection| Op::DropCollection { collection }),
+        "[a-z0-9.:]{1,20}".prop_map(|addr| Op::Join { addr }),
     ]
 }
 
@@ -106,6 +108,29 @@ proptest! {
     fn requests_round_trip(id in any::<u64>(), op in op()) {
         let r = Request { id, op };
         prop_assert_eq!(round_trip(&r), r);
+    }
+
+    /// The server decodes the borrowed form: it must read exactly what the
+    /// owned form wrote, and refuse what the owned form refuses.
+    #[test]
+    fn requests_decode_as_borrowed_requests(id in any::<u64>(), op in op()) {
+        let r = Request { id, op };
+        let mut wire = Vec::new();
+        encode_frame(&r, &mut wire, DEFAULT_MAX_FRAME).unwrap();
+        let Decoded::Complete { msg, .. } = frame_bounds(&wire, DEFAULT_MAX_FRAME).unwrap() else {
+            panic!("incomplete");
+        };
+        let borrowed: RequestRef<'_> = decode(&wire[msg.clone()]).unwrap();
+        prop_assert_eq!(borrowed.id, id);
+        prop_assert_eq!(borrowed.op, r.op.as_ref());
+        // Cut short or extended, both forms refuse it alike.
+        let payload = &wire[msg];
+        for cut in [payload.len() - 1, payload.len() / 2] {
+            prop_assert!(decode::<RequestRef<'_>>(&payload[..cut]).is_err());
+            prop_assert!(decode::<Request>(&payload[..cut]).is_err());
+        }
+        let longer = [payload, &[0][..]].concat();
+        prop_assert!(decode::<RequestRef<'_>>(&longer).is_err());
     }
 
     #[test]
