@@ -83,6 +83,10 @@ pub(crate) struct LogFile {
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
     pub(crate) fail_next_sync: std::sync::atomic::AtomicBool,
+    /// Makes the next reservation fail with this OS error, to test the
+    /// fallbacks.
+    #[cfg(test)]
+    pub(crate) fail_next_reserve: std::sync::atomic::AtomicI32,
 }
 
 impl LogFile {
@@ -132,6 +136,8 @@ impl LogFile {
             synced_cv: Condvar::new(),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_reserve: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -172,10 +178,19 @@ impl LogFile {
         if let Appender::Map { map, reserved } = &mut *appender {
             if end > *reserved {
                 let want = reservation_after(end);
-                match mmap::reserve(&self.file, *reserved, want) {
+                let result = mmap::reserve(&self.file, *reserved, want);
+                #[cfg(test)]
+                let result = match self.fail_next_reserve.swap(0, Ordering::AcqRel) {
+                    0 => result,
+                    errno => Err(io::Error::from_raw_os_error(errno)),
+                };
+                match result {
                     Ok(()) => *reserved = want,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
                         tracing::info!(path = %self.describe(), "no fallocate here; appending with pwrite");
+                        // Give back what earlier reservations left past the
+                        // tail (readers only read below it).
+                        self.file.set_len(offset)?;
                         *appender = Appender::Pwrite;
                         return self.pwrite(buf, offset, end);
                     }
@@ -344,6 +359,46 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), expected);
         // The old map outlives the log and still reads what was written.
         assert_eq!(&map[..expected.len()], &expected[..]);
+    }
+
+    #[test]
+    fn a_failed_reservation_writes_nothing_and_a_missing_fallocate_falls_back_to_pwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = LogFile::create(Some(&path), "t").unwrap();
+        let mut expected = fill(&log, 3, 100);
+        // A full disk: the append fails, nothing of it is in the log.
+        log.fail_next_reserve.store(libc::ENOSPC, Ordering::Release);
+        let tail = log.tail();
+        let err = log.append(&vec![7u8; 1 << 20]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(log.tail(), tail);
+        // Space again: appends go on through the map.
+        expected.extend(fill_more(&log, 2, 100));
+        assert!(matches!(
+            *log.appender.lock().unwrap(),
+            Appender::Map { .. }
+        ));
+        // No fallocate here: the log goes on with pwrite, for good.
+        log.fail_next_reserve
+            .store(libc::EOPNOTSUPP, Ordering::Release);
+        expected.extend(fill_more(&log, 1, 1 << 20));
+        assert!(matches!(*log.appender.lock().unwrap(), Appender::Pwrite));
+        expected.extend(fill_more(&log, 3, 100));
+        assert_eq!(&log.map()[..expected.len()], &expected[..]);
+        drop(log);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
+
+    fn fill_more(log: &LogFile, chunks: usize, len: usize) -> Vec<u8> {
+        let mut appended = Vec::new();
+        for i in 0..chunks {
+            let chunk = vec![(i % 251) as u8 + 1; len];
+            let offset = log.append(&chunk).unwrap();
+            assert_eq!(offset + chunk.len() as u64, log.tail());
+            appended.extend_from_slice(&chunk);
+        }
+        appended
     }
 
     #[test]
