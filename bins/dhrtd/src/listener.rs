@@ -3,14 +3,11 @@
 //! first byte, and hand the connection to the right server.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dhrt_cluster::{BinaryLimits, Node, serve_binary};
 use dhrt_http::Api;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -78,13 +75,15 @@ pub(crate) async fn run(
 }
 
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     servers: &Servers,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    // Look at the first byte without taking it: the server chosen reads the
+    // connection from its start.
     let mut first = [0u8; 1];
     let n = tokio::select! {
-        r = tokio::time::timeout(servers.first_byte_timeout, stream.read(&mut first)) => match r {
+        r = tokio::time::timeout(servers.first_byte_timeout, stream.peek(&mut first)) => match r {
             Ok(r) => r?,
             Err(_) => return Ok(()), // connected and said nothing
         },
@@ -93,10 +92,6 @@ async fn serve(
     if n == 0 {
         return Ok(());
     }
-    let stream = Prefixed {
-        prefix: Some(first[0]),
-        inner: stream,
-    };
     if first[0] == dhrt_proto::MAGIC[0] {
         let closed = serve_binary(
             stream,
@@ -114,59 +109,5 @@ async fn serve(
             .serve_connection(stream, shutdown.cancelled_owned())
             .await
             .map_err(io::Error::other)
-    }
-}
-
-/// A stream with one byte already read from it put back in front.
-struct Prefixed {
-    prefix: Option<u8>,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if let Some(b) = self.prefix {
-            if buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
-            }
-            buf.put_slice(&[b]);
-            self.prefix = None;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
