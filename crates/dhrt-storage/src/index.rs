@@ -322,22 +322,30 @@ impl Index {
     /// Callers serialize writes to one index.
     pub(crate) fn upsert(&self, key: &[u8], slot: Slot) -> Upsert {
         let guard = &epoch::pin();
-        let shard = self.shard_or_create(key);
-        if let Some(entry) = shard.get(key, guard) {
-            let old = entry.value().load();
-            if old.version() >= slot.version() {
-                return Upsert::Kept(old);
-            }
+        // One search either way: inserts if the key is absent, else hands
+        // back the existing entry untouched (never replaces the node).
+        let entry = self.shard_or_create(key).compare_insert(
+            Key::new(key),
+            AtomicSlot::new(slot),
+            |_| false,
+            guard,
+        );
+        let old = entry.value().load();
+        let upsert = if old == slot {
+            // Positions never repeat, so an equal slot is the one just
+            // inserted.
+            self.toggle(key, &slot);
+            Upsert::Inserted
+        } else if old.version() >= slot.version() {
+            Upsert::Kept(old)
+        } else {
             entry.value().store(slot);
             self.toggle(key, &old);
             self.toggle(key, &slot);
-            return Upsert::Replaced(old);
-        }
-        shard
-            .insert(Key::new(key), AtomicSlot::new(slot), guard)
-            .release(guard);
-        self.toggle(key, &slot);
-        Upsert::Inserted
+            Upsert::Replaced(old)
+        };
+        entry.release(guard);
+        upsert
     }
 
     pub(crate) fn remove(&self, key: &[u8]) {
