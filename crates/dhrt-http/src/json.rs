@@ -58,7 +58,7 @@ fn plain_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 pub(crate) fn key_value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
     let Some(len) = plain_key_value_len(key, value) else {
         let mut out = Vec::new();
-        key_value(&mut out, key, value);
+        serde_key_value(&mut out, key, value);
         return out;
     };
     let mut out = Vec::with_capacity(len);
@@ -70,8 +70,14 @@ pub(crate) fn key_value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
 pub(crate) fn key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     if plain_key_value_len(key, value).is_some() {
         plain_key_value(out, key, value);
-        return;
+    } else {
+        serde_key_value(out, key, value);
     }
+}
+
+/// `{"Key": k, "Value": v}` through serde_json: escapes, and base64 for
+/// what is not UTF-8.
+fn serde_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     let (key, key_base64) = key_fields(key);
     let (value, value_base64) = match std::str::from_utf8(value) {
         Ok(v) => (Some(v), None),
