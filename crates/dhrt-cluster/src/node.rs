@@ -138,8 +138,28 @@ impl Node {
 
 /// The operations themselves; the `Operations` impl below measures them.
 impl Node {
+    /// A get this node answers alone, when it can: the key's record (a
+    /// tombstone too) is here, or the node has no peers to ask. `None` while
+    /// it is distrusting its own data, or when the others have to be asked.
+    fn local_get(&self, collection: &str, key: &[u8]) -> Option<Result<Option<Bytes>, OpError>> {
+        if let Err(e) = user_collection(collection) {
+            return Some(Err(e));
+        }
+        if self.cluster.distrusted_until().is_some() {
+            return None;
+        }
+        match self.store.get_versioned(collection, key) {
+            Err(e) => Some(Err(op_error(e))),
+            Ok(Some((value, _))) => Some(Ok(value)),
+            Ok(None) if !self.cluster.has_peers() => Some(Ok(None)),
+            Ok(None) => None,
+        }
+    }
+
     async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        user_collection(collection)?;
+        if let Some(answer) = self.local_get(collection, key) {
+            return answer;
+        }
         let local = self
             .store
             .get_versioned(collection, key)
@@ -437,6 +457,14 @@ impl Operations for Node {
         self.metrics
             .record(OpKind::Get, outcome(&r, Option::is_some), t.elapsed(), 1);
         r
+    }
+
+    fn get_now(&self, collection: &str, key: &[u8]) -> Option<Result<Option<Bytes>, OpError>> {
+        let t = Instant::now();
+        let r = self.local_get(collection, key)?;
+        self.metrics
+            .record(OpKind::Get, outcome(&r, Option::is_some), t.elapsed(), 1);
+        Some(r)
     }
 
     async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {

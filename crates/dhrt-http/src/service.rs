@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dhrt_proto::{Entry, Operations};
+use futures_util::future::{self, Either};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -74,6 +75,31 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
     response(e.status, JSON, json::error(&e.message))
 }
 
+/// A request with both `Content-Length` and `Transfer-Encoding` (a
+/// smuggling attempt, refused).
+fn conflicting_lengths(headers: &HeaderMap) -> bool {
+    headers.contains_key(CONTENT_LENGTH) && headers.contains_key(TRANSFER_ENCODING)
+}
+
+/// The answer to a `GET` of `key`: the value as JSON (or raw), or 404.
+fn found_response(
+    collection: &str,
+    key: &[u8],
+    value: Option<Bytes>,
+    raw: bool,
+) -> Result<Response<ResponseBody>, HttpError> {
+    let Some(value) = value else {
+        return Err(HttpError::not_found(format!(
+            "key {:?} not found in collection {collection:?}",
+            String::from_utf8_lossy(key)
+        )));
+    };
+    if raw {
+        return Ok(response(StatusCode::OK, OCTETS, value));
+    }
+    Ok(json(json::key_value_body(key, &value)))
+}
+
 fn wants_octets(headers: &HeaderMap) -> bool {
     headers
         .get_all(ACCEPT)
@@ -104,15 +130,63 @@ impl<O: Operations> Api<O> {
     }
 
     /// Answers one request. Never fails: errors become responses.
-    pub async fn handle<B>(self: Arc<Self>, req: Request<B>) -> Response<ResponseBody>
+    ///
+    /// The hot path, a `GET` of a key the node can answer at once
+    /// ([`Operations::get_now`]), is answered before this returns; the
+    /// future is then ready and holds nothing but the response.
+    pub fn handle<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+    ) -> Either<
+        future::Ready<Response<ResponseBody>>,
+        impl Future<Output = Response<ResponseBody>> + Send + 'static + use<O, B>,
+    >
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match self.try_handle(req).await {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
+        if let Some(response) = self.answer_now(&req) {
+            return Either::Left(future::ready(response));
         }
+        let api = self.clone();
+        Either::Right(async move {
+            match api.try_handle(req).await {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            }
+        })
+    }
+
+    /// The response to `req` if it is a `GET` of a key the node answers
+    /// without waiting; `None` sends it the long way (which also gives
+    /// every error of routing its response).
+    fn answer_now<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
+        if req.method() != Method::GET || conflicting_lengths(req.headers()) {
+            return None;
+        }
+        let uri = req.uri();
+        let endpoint = router::route(req.method(), uri.path(), uri.query()).ok()?;
+        let (collection, key) = match &endpoint {
+            Endpoint::Get { collection, key } => (&**collection, &**key),
+            Endpoint::KeyOrCollection { name, .. } if !self.is_collection(name) => {
+                (DEFAULT_COLLECTION, &**name)
+            }
+            _ => return None,
+        };
+        let found = self.ops.get_now(collection, key)?;
+        let raw = wants_octets(req.headers());
+        Some(
+            found
+                .map_err(HttpError::from)
+                .and_then(|value| found_response(collection, key, value, raw))
+                .unwrap_or_else(|e| error_response(&e)),
+        )
+    }
+
+    /// Whether `name` (a single path segment) names a collection that
+    /// exists, making `GET /name` a listing rather than a key.
+    fn is_collection(&self, name: &[u8]) -> bool {
+        as_collection_name(name).is_some_and(|c| self.ops.has_collection(c))
     }
 
     async fn try_handle<B>(
@@ -123,9 +197,7 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if req.headers().contains_key(CONTENT_LENGTH)
-            && req.headers().contains_key(TRANSFER_ENCODING)
-        {
+        if conflicting_lengths(req.headers()) {
             return Err(HttpError::bad_request(
                 "a request may not carry both Content-Length and Transfer-Encoding",
             ));
@@ -182,16 +254,8 @@ impl<O: Operations> Api<O> {
         key: &[u8],
         raw: bool,
     ) -> Result<Response<ResponseBody>, HttpError> {
-        let Some(value) = self.ops.get(collection, key).await? else {
-            return Err(HttpError::not_found(format!(
-                "key {:?} not found in collection {collection:?}",
-                String::from_utf8_lossy(key)
-            )));
-        };
-        if raw {
-            return Ok(response(StatusCode::OK, OCTETS, value));
-        }
-        Ok(json(json::key_value_body(key, &value)))
+        let value = self.ops.get(collection, key).await?;
+        found_response(collection, key, value, raw)
     }
 
     async fn delete(
@@ -318,12 +382,20 @@ impl<O: Operations> Api<O> {
         let api = self.clone();
         let service_watch = watch.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let (api, watch) = (api.clone(), service_watch.clone());
-            watch.head_complete();
-            async move {
-                let response = api.handle(req).await;
-                watch.answered();
-                Ok::<_, Infallible>(response)
+            service_watch.head_complete();
+            match api.handle(req) {
+                Either::Left(ready) => {
+                    service_watch.answered();
+                    Either::Left(future::ok::<_, Infallible>(ready.into_inner()))
+                }
+                Either::Right(later) => {
+                    let watch = service_watch.clone();
+                    Either::Right(async move {
+                        let response = later.await;
+                        watch.answered();
+                        Ok::<_, Infallible>(response)
+                    })
+                }
             }
         });
         let io = Watched {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use dhrt_proto::{
@@ -16,6 +17,11 @@ pub(crate) struct MapNode {
     map: Mutex<BTreeMap<(String, Bytes), Bytes>>,
     /// Fail listings after this many pages (to test aborted streams).
     pub(crate) fail_list_after: Mutex<Option<usize>>,
+    /// Answer gets through `get_now` too (as a real node does), not only
+    /// through `get`.
+    pub(crate) answers_now: AtomicBool,
+    /// Gets answered through `get_now`.
+    pub(crate) answered_now: AtomicUsize,
 }
 
 fn check(collection: &str, key: &[u8]) -> Result<(), OpError> {
@@ -50,6 +56,17 @@ impl Operations for MapNode {
     async fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         check(collection, key)?;
         Ok(self.map.lock().unwrap().get(&k(collection, key)).cloned())
+    }
+
+    fn get_now(&self, collection: &str, key: &[u8]) -> Option<Result<Option<Bytes>, OpError>> {
+        if !self.answers_now.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.answered_now.fetch_add(1, Ordering::Relaxed);
+        Some(
+            check(collection, key)
+                .map(|()| self.map.lock().unwrap().get(&k(collection, key)).cloned()),
+        )
     }
 
     async fn set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<(), OpError> {

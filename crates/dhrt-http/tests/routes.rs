@@ -1,6 +1,7 @@
 //! Every route of DESIGN §6 with its exact JSON shape and status.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use dhrt_http::{Api, Limits};
@@ -208,6 +209,81 @@ async fn a_listing_that_fails_midway_is_cut_not_completed() {
 
 fn api_node(api: &Arc<Api<MapNode>>) -> &MapNode {
     api.ops()
+}
+
+/// Status, content type and body of a response.
+async fn answer(
+    api: &Arc<Api<MapNode>>,
+    req: http::request::Builder,
+) -> (StatusCode, Option<http::HeaderValue>, Bytes) {
+    let resp = api.handle(req.body(Full::new(Bytes::new())).unwrap()).await;
+    let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+    (
+        resp.status(),
+        content_type,
+        resp.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+#[tokio::test]
+async fn gets_answered_at_once_match_gets_answered_the_long_way() {
+    let (slow, fast) = (api(), api());
+    api_node(&fast).answers_now.store(true, Ordering::Relaxed);
+    for api in [&slow, &fast] {
+        ok_json(api, Method::POST, "/key/value", b"").await;
+        ok_json(api, Method::POST, "/fruit/apple/red", b"").await;
+        ok_json(api, Method::POST, "/fruit/fig/%22quoted%22", b"").await;
+        call(api, Method::PUT, "/bin/%ff%fe", &[0, 159, 146, 150]).await;
+    }
+    let gets = [
+        "/key",
+        "/default/key",
+        "/fruit/apple",
+        "/fruit/fig",
+        "/bin/%ff%fe",
+        "/missing",
+        "/fruit/missing",
+        "/fruit",
+        "/fruit?limit=1",
+        "/bad%20name/k",
+        "/",
+        "/metrics",
+    ];
+    for uri in gets {
+        for accept in [None, Some("application/octet-stream")] {
+            let request = || {
+                let r = Request::builder().method(Method::GET).uri(uri);
+                match accept {
+                    Some(a) => r.header(http::header::ACCEPT, a),
+                    None => r,
+                }
+            };
+            assert_eq!(
+                answer(&slow, request()).await,
+                answer(&fast, request()).await,
+                "GET {uri} (Accept: {accept:?})"
+            );
+        }
+    }
+    // Smuggling is refused on the hot path too.
+    let smuggled = || {
+        Request::builder()
+            .method(Method::GET)
+            .uri("/key")
+            .header(http::header::CONTENT_LENGTH, "0")
+            .header(http::header::TRANSFER_ENCODING, "chunked")
+    };
+    let (status, ..) = answer(&fast, smuggled()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer(&slow, smuggled()).await,
+        answer(&fast, smuggled()).await
+    );
+    // The keys (and the key that was missing) were answered at once; the
+    // listings, stats and metrics were not.
+    let answered_now = api_node(&fast).answered_now.load(Ordering::Relaxed);
+    assert_eq!(answered_now, 2 * 8, "gets answered through get_now");
+    assert_eq!(api_node(&slow).answered_now.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
