@@ -6,6 +6,7 @@
 //! `{"Error": ...}` bodies in one place ([`error_response`]). The routes and
 //! shapes are documented in `docs/http.md`.
 
+mod beside;
 mod body;
 mod error;
 mod head_timeout;

@@ -17,6 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+use crate::beside::Beside;
 use crate::body::{self, BoxError, ResponseBody};
 use crate::error::HttpError;
 use crate::head_timeout::{HeadWatch, Watched};
@@ -47,6 +48,12 @@ impl Default for Limits {
     }
 }
 
+/// What ended a connection's guard.
+enum Guard {
+    Shutdown,
+    Expired,
+}
+
 /// The HTTP API over a node.
 #[derive(Debug)]
 pub struct Api<O> {
@@ -54,6 +61,7 @@ pub struct Api<O> {
     limits: Limits,
 }
 
+#[inline]
 fn response(
     status: StatusCode,
     content_type: &'static str,
@@ -66,6 +74,7 @@ fn response(
     r
 }
 
+#[inline]
 fn json(body: Vec<u8>) -> Response<ResponseBody> {
     response(StatusCode::OK, JSON, body)
 }
@@ -75,13 +84,40 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
     response(e.status, JSON, json::error(&e.message))
 }
 
-/// A request with both `Content-Length` and `Transfer-Encoding` (a
-/// smuggling attempt, refused).
-fn conflicting_lengths(headers: &HeaderMap) -> bool {
-    headers.contains_key(CONTENT_LENGTH) && headers.contains_key(TRANSFER_ENCODING)
+/// What the handler needs from a request's headers, found in one pass
+/// (a request has a handful: walking them beats hashing each name asked).
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadFacts {
+    /// Both `Content-Length` and `Transfer-Encoding`: a smuggling attempt,
+    /// refused.
+    conflicting_lengths: bool,
+    /// `Accept: application/octet-stream`: the raw value, not JSON.
+    wants_octets: bool,
+}
+
+impl HeadFacts {
+    fn of(headers: &HeaderMap) -> Self {
+        let (mut length, mut encoding, mut wants_octets) = (false, false, false);
+        for (name, value) in headers {
+            if name == CONTENT_LENGTH {
+                length = true;
+            } else if name == TRANSFER_ENCODING {
+                encoding = true;
+            } else if name == ACCEPT {
+                wants_octets |= value
+                    .to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().starts_with(OCTETS)));
+            }
+        }
+        HeadFacts {
+            conflicting_lengths: length && encoding,
+            wants_octets,
+        }
+    }
 }
 
 /// The answer to a `GET` of `key`: the value as JSON (or raw), or 404.
+#[inline]
 fn found_response(
     collection: &str,
     key: &[u8],
@@ -98,14 +134,6 @@ fn found_response(
         return Ok(response(StatusCode::OK, OCTETS, value));
     }
     Ok(json(json::key_value_body(key, &value)))
-}
-
-fn wants_octets(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().starts_with(OCTETS)))
 }
 
 /// A name that could be a collection: valid UTF-8 of the allowed characters.
@@ -145,23 +173,33 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if let Some(response) = self.answer_now(&req) {
-            return Either::Left(future::ready(response));
+        match self.answer_now(&req) {
+            Some(response) => Either::Left(future::ready(response)),
+            None => Either::Right(self.clone().answer_later(req)),
         }
-        let api = self.clone();
-        Either::Right(async move {
-            match api.try_handle(req).await {
-                Ok(r) => r,
-                Err(e) => error_response(&e),
-            }
-        })
+    }
+
+    /// The response to any request: the long way.
+    async fn answer_later<B>(self: Arc<Self>, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self.try_handle(req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        }
     }
 
     /// The response to `req` if it is a `GET` of a key the node answers
     /// without waiting; `None` sends it the long way (which also gives
     /// every error of routing its response).
     fn answer_now<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
-        if req.method() != Method::GET || conflicting_lengths(req.headers()) {
+        if req.method() != Method::GET {
+            return None;
+        }
+        let facts = HeadFacts::of(req.headers());
+        if facts.conflicting_lengths {
             return None;
         }
         let uri = req.uri();
@@ -174,11 +212,10 @@ impl<O: Operations> Api<O> {
             _ => return None,
         };
         let found = self.ops.get_now(collection, key)?;
-        let raw = wants_octets(req.headers());
         Some(
             found
                 .map_err(HttpError::from)
-                .and_then(|value| found_response(collection, key, value, raw))
+                .and_then(|value| found_response(collection, key, value, facts.wants_octets))
                 .unwrap_or_else(|e| error_response(&e)),
         )
     }
@@ -197,14 +234,15 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if conflicting_lengths(req.headers()) {
+        let facts = HeadFacts::of(req.headers());
+        if facts.conflicting_lengths {
             return Err(HttpError::bad_request(
                 "a request may not carry both Content-Length and Transfer-Encoding",
             ));
         }
         let (head, body) = req.into_parts();
         let endpoint = router::route(&head.method, head.uri.path(), head.uri.query())?;
-        let raw = wants_octets(&head.headers);
+        let raw = facts.wants_octets;
         let ops = &self.ops;
         match endpoint {
             Endpoint::Stats => Ok(json(
@@ -383,20 +421,18 @@ impl<O: Operations> Api<O> {
         let service_watch = watch.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             service_watch.head_complete();
-            match api.handle(req) {
-                Either::Left(ready) => {
-                    service_watch.answered();
-                    Either::Left(future::ok::<_, Infallible>(ready.into_inner()))
-                }
-                Either::Right(later) => {
-                    let watch = service_watch.clone();
-                    Either::Right(async move {
-                        let response = later.await;
-                        watch.answered();
-                        Ok::<_, Infallible>(response)
-                    })
-                }
+            // The same two ways as `handle`, without wrapping one future in
+            // another on the hot path.
+            if let Some(response) = api.answer_now(&req) {
+                service_watch.answered();
+                return Either::Left(future::ok::<_, Infallible>(response));
             }
+            let (later, watch) = (api.clone().answer_later(req), service_watch.clone());
+            Either::Right(async move {
+                let response = later.await;
+                watch.answered();
+                Ok::<_, Infallible>(response)
+            })
         });
         let io = Watched {
             inner: io,
@@ -406,13 +442,24 @@ impl<O: Operations> Api<O> {
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = watch.expired(self.limits.header_read_timeout) => {
+        // The guard is polled only when its timer or the shutdown signal
+        // fires, not on every request (see `beside`).
+        let limit = self.limits.header_read_timeout;
+        let guard = async {
+            tokio::select! {
+                biased;
+                () = shutdown => Guard::Shutdown,
+                () = watch.expired(limit) => Guard::Expired,
+            }
+        };
+        tokio::pin!(guard);
+        match Beside::new(conn.as_mut(), guard).await {
+            Either::Left(served) => served,
+            Either::Right(Guard::Expired) => {
                 tracing::debug!("a request's headers took too long; closing the connection");
                 Ok(())
             }
-            () = shutdown => {
+            Either::Right(Guard::Shutdown) => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
