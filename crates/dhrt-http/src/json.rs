@@ -36,15 +36,17 @@ fn key_fields(key: &[u8]) -> (Cow<'_, str>, Option<String>) {
 /// escape (no control character, quote or backslash).
 fn plain(s: &[u8]) -> bool {
     // The common case, printable ASCII, is checked 16 bytes at a time
-    // without a branch per byte; anything else gets the exact test.
-    fn printable(b: u8) -> bool {
-        (0x20..0x80).contains(&b) & (b != b'"') & (b != b'\\')
+    // without a branch per byte (the compiler makes vector compares of it);
+    // anything else gets the exact test.
+    fn escapes(b: u8) -> u8 {
+        // Below 0x20 or from 0x80 up in one unsigned compare.
+        u8::from(b.wrapping_sub(0x20) >= 0x60) | u8::from(b == b'"') | u8::from(b == b'\\')
     }
     let (blocks, rest) = s.as_chunks::<16>();
     let ascii = blocks
         .iter()
-        .all(|block| block.iter().fold(true, |ok, &b| ok & printable(b)))
-        && rest.iter().all(|&b| printable(b));
+        .all(|block| block.iter().fold(0, |bad, &b| bad | escapes(b)) == 0)
+        && rest.iter().all(|&b| escapes(b) == 0);
     ascii
         || s.iter().all(|&b| b >= 0x20 && b != b'"' && b != b'\\') && std::str::from_utf8(s).is_ok()
 }
