@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use crossbeam_epoch::{self as epoch, Guard};
 use crossbeam_skiplist::base::{self, SkipList};
 
-use crate::key::Key;
+use crate::key::{Key, KeyRef};
 use crate::version::Version;
 
 /// Offsets are below 2^46 (64 TiB); bit 46 marks a slot being rewritten in
@@ -304,7 +304,7 @@ impl Index {
     pub(crate) fn get(&self, key: &[u8]) -> Option<Slot> {
         let shard = self.shard(key)?;
         let guard = &epoch::pin();
-        shard.get(key, guard).map(|e| e.value().load())
+        shard.get(KeyRef::new(key), guard).map(|e| e.value().load())
     }
 
     /// Inserts a key that is not in the index (building a fresh index).
@@ -351,7 +351,7 @@ impl Index {
     pub(crate) fn remove(&self, key: &[u8]) {
         if let Some(shard) = self.shard(key) {
             let guard = &epoch::pin();
-            if let Some(e) = shard.remove(key, guard) {
+            if let Some(e) = shard.remove(KeyRef::new(key), guard) {
                 self.toggle(key, &e.value().load());
                 e.release(guard);
             }
@@ -370,7 +370,7 @@ impl Index {
         guard: &'g Guard,
     ) -> Option<Cursor<'a, 'g>> {
         match after {
-            Some(k) => shard.lower_bound(Bound::Excluded(k), guard),
+            Some(k) => shard.lower_bound(Bound::Excluded(KeyRef::new(k)), guard),
             None => shard.front(guard),
         }
     }

@@ -47,6 +47,73 @@ impl Borrow<[u8]> for Key {
     }
 }
 
+/// A key to look up: bytes that order as [`Key`] does, through
+/// [`compare`] instead of a `memcmp` call per skiplist node.
+#[repr(transparent)]
+pub(crate) struct KeyRef([u8]);
+
+impl PartialEq for KeyRef {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && compare(&self.0, &other.0) == Ordering::Equal
+    }
+}
+
+impl Eq for KeyRef {}
+
+impl KeyRef {
+    #[inline]
+    pub(crate) fn new(key: &[u8]) -> &KeyRef {
+        // SAFETY: `KeyRef` is a `repr(transparent)` wrapper of `[u8]`, so
+        // the two references have the same layout and metadata.
+        unsafe { &*(key as *const [u8] as *const KeyRef) }
+    }
+}
+
+impl PartialOrd for KeyRef {
+    #[inline]
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyRef {
+    #[inline]
+    fn cmp(&self, other: &Self) -> Ordering {
+        compare(&self.0, &other.0)
+    }
+}
+
+impl Borrow<KeyRef> for Key {
+    #[inline]
+    fn borrow(&self) -> &KeyRef {
+        KeyRef::new(self.as_bytes())
+    }
+}
+
+/// Byte-wise lexicographic order, as `<[u8]>::cmp`, eight bytes at a time
+/// and inline: a lookup compares its key with a handful of nodes' keys,
+/// most of them short, where a `memcmp` call costs more than the
+/// comparison.
+#[inline]
+pub(crate) fn compare(a: &[u8], b: &[u8]) -> Ordering {
+    let n = a.len().min(b.len());
+    let (mut a8, mut b8) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    for (x, y) in (&mut a8).zip(&mut b8) {
+        let x = u64::from_be_bytes(x.try_into().expect("8 bytes"));
+        let y = u64::from_be_bytes(y.try_into().expect("8 bytes"));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    for (x, y) in a8.remainder().iter().zip(b8.remainder()) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
 impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
@@ -64,7 +131,7 @@ impl PartialOrd for Key {
 impl Ord for Key {
     #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
-        self.as_bytes().cmp(other.as_bytes())
+        compare(self.as_bytes(), other.as_bytes())
     }
 }
 
@@ -76,7 +143,35 @@ impl fmt::Debug for Key {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Two keys that often share a prefix, of lengths around the 8-byte
+    /// steps and the inline limit.
+    fn key_pair() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (
+            prop::collection::vec(0u8..4, 0..30),
+            prop::collection::vec(any::<u8>(), 0..12),
+            prop::collection::vec(any::<u8>(), 0..12),
+        )
+            .prop_map(|(prefix, a, b)| {
+                let (mut x, mut y) = (prefix.clone(), prefix);
+                x.extend(a);
+                y.extend(b);
+                (x, y)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn compare_orders_as_slices_do((a, b) in key_pair()) {
+            prop_assert_eq!(compare(&a, &b), a.cmp(&b));
+            prop_assert_eq!(KeyRef::new(&a).cmp(KeyRef::new(&b)), a.cmp(&b));
+            prop_assert_eq!(KeyRef::new(&a) == KeyRef::new(&b), a == b);
+            prop_assert_eq!(Key::new(&a).cmp(&Key::new(&b)), a.cmp(&b));
+        }
+    }
 
     #[test]
     fn inline_and_heap_keys_order_like_slices() {

@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 use crate::collection::{self, Collection};
 use crate::index::{self, ORDER_BITS};
+use crate::key::KeyRef;
 use crate::version::Version;
 
 /// One entry of a collection, with its version; `value` is `None` for a
@@ -98,7 +99,8 @@ impl Iterator for Records {
             let Some(shard) = generation.index.shard_at(i) else {
                 continue;
             };
-            let Some(entry) = shard.lower_bound(Bound::Included(&key[..]), guard) else {
+            let Some(entry) = shard.lower_bound(Bound::Included(KeyRef::new(&key[..])), guard)
+            else {
                 continue;
             };
             if let Some(next) = entry.next() {
