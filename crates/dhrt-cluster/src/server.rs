@@ -5,13 +5,14 @@
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
-    Channel, DEFAULT_MAX_FRAME, Decoded, ErrorKind, OpError, OpRef, Operations, PREAMBLE_LEN,
-    Preamble, Reply, RequestRef, Response, dispatch_ref, encode_frame, frame_bounds, read_preamble,
-    request_id,
+    Beside, Channel, DEFAULT_MAX_FRAME, Decoded, Either, ErrorKind, OpError, OpRef, Operations,
+    PREAMBLE_LEN, Preamble, Reply, RequestRef, Response, dispatch_ref, encode_frame, frame_bounds,
+    read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -68,37 +69,42 @@ async fn read_more<S: AsyncRead + Unpin>(
 /// A connection's idle deadline: one timer, pushed forward lazily. Arming a
 /// fresh timeout around every read would cost two timer-wheel updates per
 /// request; instead each read notes the time, and a timer that fires early
-/// is re-armed for what remains.
+/// is re-armed for what remains. Shared by the reading loop (which
+/// touches it) and the connection's guard (which waits on it).
 struct IdleTimer {
-    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
-    last: tokio::time::Instant,
+    epoch: tokio::time::Instant,
+    /// Nanoseconds since `epoch` at the last arrival.
+    last: AtomicU64,
     limit: Duration,
 }
 
 impl IdleTimer {
     fn new(limit: Duration) -> Self {
-        let now = tokio::time::Instant::now();
         IdleTimer {
-            sleep: Box::pin(tokio::time::sleep_until(now + limit)),
-            last: now,
+            epoch: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
             limit,
         }
     }
 
     /// Something arrived.
-    fn touch(&mut self) {
-        self.last = tokio::time::Instant::now();
+    fn touch(&self) {
+        let since = self.epoch.elapsed().as_nanos() as u64;
+        self.last.store(since, Ordering::Relaxed);
     }
 
     /// Completes once nothing arrived for the limit.
-    async fn expired(&mut self) {
+    async fn expired(&self) {
+        let sleep = tokio::time::sleep(self.limit);
+        tokio::pin!(sleep);
         loop {
-            self.sleep.as_mut().await;
-            let deadline = self.last + self.limit;
+            sleep.as_mut().await;
+            let last = self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            let deadline = last + self.limit;
             if deadline <= tokio::time::Instant::now() {
                 return;
             }
-            self.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
     }
 }
@@ -141,8 +147,18 @@ where
             Err(e) => return Ok(Closed::Protocol(e.to_string())),
         }
     }
-    tokio::pin!(shutdown);
-    let mut idle = IdleTimer::new(limits.idle_timeout);
+    // Shutdown and silence are watched beside the reads, polled only when
+    // they fire (see `dhrt_proto::Beside`), not on every request.
+    let idle = IdleTimer::new(limits.idle_timeout);
+    let guard = async {
+        tokio::select! {
+            biased;
+            () = shutdown => Closed::Shutdown,
+            () = idle.expired() => Closed::Idle,
+        }
+    };
+    tokio::pin!(guard);
+    let mut guard = Beside::new(guard);
     let mut out = Vec::with_capacity(16 * 1024);
     // Reused from batch to batch: no allocation per request for them.
     let mut spare: Vec<Item<'static>> = Vec::new();
@@ -213,14 +229,14 @@ where
             return Ok(Closed::Protocol(reason));
         }
         buf.reserve(needed.max(16 * 1024));
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return Ok(Closed::Shutdown),
-            read = stream.read_buf(&mut buf) => match read? {
+        let read = stream.read_buf(&mut buf);
+        tokio::pin!(read);
+        match guard.run(read).await {
+            Either::Left(read) => match read? {
                 0 => return Ok(Closed::ByClient),
                 _ => idle.touch(),
             },
-            () = idle.expired() => return Ok(Closed::Idle),
+            Either::Right(closed) => return Ok(closed),
         }
     }
 }

@@ -6,7 +6,6 @@
 //! `{"Error": ...}` bodies in one place ([`error_response`]). The routes and
 //! shapes are documented in `docs/http.md`.
 
-mod beside;
 mod body;
 mod error;
 mod head_timeout;

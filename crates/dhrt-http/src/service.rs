@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dhrt_proto::{Entry, Operations};
+use dhrt_proto::{Beside, Entry, Operations};
 use futures_util::future::{self, Either};
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -17,7 +17,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use crate::beside::Beside;
 use crate::body::{self, BoxError, ResponseBody};
 use crate::error::HttpError;
 use crate::head_timeout::{HeadWatch, Watched};
@@ -443,7 +442,7 @@ impl<O: Operations> Api<O> {
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The guard is polled only when its timer or the shutdown signal
-        // fires, not on every request (see `beside`).
+        // fires, not on every request (see `dhrt_proto::Beside`).
         let limit = self.limits.header_read_timeout;
         let guard = async {
             tokio::select! {
@@ -453,7 +452,7 @@ impl<O: Operations> Api<O> {
             }
         };
         tokio::pin!(guard);
-        match Beside::new(conn.as_mut(), guard).await {
+        match Beside::new(guard).run(conn.as_mut()).await {
             Either::Left(served) => served,
             Either::Right(Guard::Expired) => {
                 tracing::debug!("a request's headers took too long; closing the connection");

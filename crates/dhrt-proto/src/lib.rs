@@ -20,6 +20,7 @@
 //! }
 //! ```
 
+mod beside;
 mod codec;
 mod error;
 mod frame;
@@ -28,6 +29,7 @@ mod ops;
 mod peer;
 mod stats;
 
+pub use beside::{Beside, Either, Run};
 pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;
 pub use frame::{

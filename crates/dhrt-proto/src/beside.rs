@@ -1,12 +1,14 @@
-//! A connection and its guard (header timeout, shutdown signal) in one task,
-//! with the guard polled only when something woke it.
+//! A connection's work and its guard (a timeout, the shutdown signal) in one
+//! task, with the guard polled only when something woke it. Both servers
+//! (HTTP and binary) run their connections this way.
 //!
 //! `tokio::select!` polls every branch each time its task wakes, and a
 //! connection's task wakes for every request: polling the guard each time
 //! re-registers its timer and takes the shutdown signal's lock, per request,
 //! for nothing. Here the guard gets a waker of its own that marks it woken
-//! before waking the task; the connection is polled on every wake, the guard
-//! only after its waker fired (and once at the start).
+//! before waking the task; the work is polled on every wake, the guard only
+//! after its waker fired (and once at the start). Runtime-agnostic: std and
+//! an `AtomicWaker`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::future::Either;
+/// Which of the two completed: the work (`Left`) or the guard (`Right`).
+pub use futures_util::future::Either;
 use futures_util::task::AtomicWaker;
 
 /// The guard's waker: marks it woken, then wakes the task.
@@ -35,17 +38,24 @@ impl Wake for GuardWake {
     }
 }
 
-/// Polls `main` and `guard` until one of them completes; see the module
-/// documentation. `Left` is `main`'s output, `Right` the guard's.
-pub(crate) struct Beside<M, G> {
-    main: M,
+/// A guard, kept across many pieces of work: [`run`](Self::run) polls a
+/// piece of work until it completes or the guard does. Once the guard has
+/// completed, the caller is done with it (it is not polled again).
+pub struct Beside<G> {
     guard: G,
     wake: Arc<GuardWake>,
     guard_waker: Waker,
 }
 
-impl<M, G> Beside<M, G> {
-    pub(crate) fn new(main: M, guard: G) -> Self {
+impl<G> std::fmt::Debug for Beside<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Beside").finish_non_exhaustive()
+    }
+}
+
+impl<G: Future + Unpin> Beside<G> {
+    /// A guard to run work beside (pin it first if it is not `Unpin`).
+    pub fn new(guard: G) -> Self {
         let wake = Arc::new(GuardWake {
             // The guard has never been polled: it has to be once.
             woken: AtomicBool::new(true),
@@ -53,24 +63,37 @@ impl<M, G> Beside<M, G> {
         });
         let guard_waker = Waker::from(wake.clone());
         Beside {
-            main,
             guard,
             wake,
             guard_waker,
         }
     }
+
+    /// Polls `main` until it completes (`Left`) or the guard does
+    /// (`Right`).
+    pub fn run<M: Future + Unpin>(&mut self, main: M) -> Run<'_, G, M> {
+        Run { beside: self, main }
+    }
 }
 
-impl<M: Future + Unpin, G: Future + Unpin> Future for Beside<M, G> {
+/// The future of [`Beside::run`].
+#[derive(Debug)]
+pub struct Run<'a, G, M> {
+    beside: &'a mut Beside<G>,
+    main: M,
+}
+
+impl<G: Future + Unpin, M: Future + Unpin> Future for Run<'_, G, M> {
     type Output = Either<M::Output, G::Output>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        let beside = &mut *this.beside;
         // Registered before the flag is read: a wake in between is not lost.
-        this.wake.task.register(cx.waker());
-        if this.wake.woken.swap(false, Ordering::Acquire) {
-            let mut guard_cx = Context::from_waker(&this.guard_waker);
-            if let Poll::Ready(out) = Pin::new(&mut this.guard).poll(&mut guard_cx) {
+        beside.wake.task.register(cx.waker());
+        if beside.wake.woken.swap(false, Ordering::Acquire) {
+            let mut guard_cx = Context::from_waker(&beside.guard_waker);
+            if let Poll::Ready(out) = Pin::new(&mut beside.guard).poll(&mut guard_cx) {
                 return Poll::Ready(Either::Right(out));
             }
         }
@@ -109,7 +132,7 @@ mod tests {
             "guard"
         };
         tokio::pin!(guard);
-        let out = Beside::new(Counted(&main_polls), guard.as_mut()).await;
+        let out = Beside::new(guard.as_mut()).run(Counted(&main_polls)).await;
         assert!(matches!(out, Either::Right("guard")));
         // The main future was polled on every wake (it woke the task 1000
         // times); the guard once at the start and once when its timer fired.
@@ -125,7 +148,10 @@ mod tests {
             tokio::task::yield_now().await;
             7
         });
-        let out = Beside::new(main, guard.as_mut()).await;
-        assert!(matches!(out, Either::Left(7)));
+        let mut beside = Beside::new(guard.as_mut());
+        assert!(matches!(beside.run(main).await, Either::Left(7)));
+        // The same guard goes on watching the next piece of work.
+        let next = Box::pin(async { 8 });
+        assert!(matches!(beside.run(next).await, Either::Left(8)));
     }
 }
