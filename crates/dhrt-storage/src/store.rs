@@ -312,6 +312,21 @@ impl Store {
         Ok(self.inner.collections.load().get(name).cloned())
     }
 
+    /// Runs `f` on the collection `name`, created on first use. The common
+    /// case, a collection that exists, borrows it from the collections map:
+    /// no name check (only valid names are in the map) and no reference
+    /// count taken on the write path.
+    fn with_collection<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&Collection) -> Result<T>,
+    ) -> Result<T> {
+        if let Some(c) = self.inner.collections.load().get(name) {
+            return f(c);
+        }
+        f(&*self.existing_or_create(name)?)
+    }
+
     fn existing_or_create(&self, name: &str) -> Result<Arc<Collection>> {
         if let Some(c) = self.existing(name)? {
             return Ok(c);
@@ -350,15 +365,15 @@ impl Store {
         if let Some(v) = value {
             self.check_value(v)?;
         }
-        let coll = if value.is_none() && matches!(stamp, Stamp::Local(_)) {
-            match self.existing(collection)? {
-                Some(c) => c,
-                None => return Ok(Written::Skipped),
-            }
-        } else {
-            self.existing_or_create(collection)?
-        };
-        coll.write(key, value, stamp, self.inner.options.sync)
+        let sync = self.inner.options.sync;
+        if value.is_none() && matches!(stamp, Stamp::Local(_)) {
+            // A local delete never creates its collection.
+            return match self.existing(collection)? {
+                Some(c) => c.write(key, value, stamp, sync),
+                None => Ok(Written::Skipped),
+            };
+        }
+        self.with_collection(collection, |c| c.write(key, value, stamp, sync))
     }
 
     /// Sets `key` in `collection` (created on first write) to `value`, with a
@@ -385,11 +400,9 @@ impl Store {
         if entries.is_empty() {
             return validate_collection_name(collection).map(|()| Vec::new());
         }
-        self.existing_or_create(collection)?.write_many(
-            entries,
-            &self.inner.clock,
-            self.inner.options.sync,
-        )
+        self.with_collection(collection, |c| {
+            c.write_many(entries, &self.inner.clock, self.inner.options.sync)
+        })
     }
 
     /// Like [`set`](Self::set), returning the version written.
@@ -472,8 +485,9 @@ impl Store {
             return validate_collection_name(collection).map(|()| 0);
         }
         self.inner.clock.observe(newest);
-        self.existing_or_create(collection)?
-            .apply_many(entries, self.inner.options.sync)
+        self.with_collection(collection, |c| {
+            c.apply_many(entries, self.inner.options.sync)
+        })
     }
 
     /// The value of `key`, or `None`. The value is not copied: it points into
