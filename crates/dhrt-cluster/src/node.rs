@@ -136,54 +136,64 @@ impl Node {
     }
 }
 
+/// What a node can say about a key on its own (see `Node::local_read`).
+enum LocalRead {
+    /// The answer: the key's record (or tombstone) is here, the node has
+    /// no peer to ask, or the request is refused.
+    Answer(Result<Option<Bytes>, OpError>),
+    /// The node distrusts what it held before `seen` (ms): the others
+    /// decide.
+    Distrusted { seen: u64 },
+    /// Not here; a peer may have it.
+    Missing,
+}
+
 /// The operations themselves; the `Operations` impl below measures them.
 impl Node {
-    /// A get this node answers alone, when it can: the key's record (a
-    /// tombstone too) is here, or the node has no peers to ask. `None` while
-    /// it is distrusting its own data, or when the others have to be asked.
-    fn local_get(&self, collection: &str, key: &[u8]) -> Option<Result<Option<Bytes>, OpError>> {
+    /// What this node can say about a key on its own, with one lookup.
+    fn local_read(&self, collection: &str, key: &[u8]) -> LocalRead {
         if let Err(e) = user_collection(collection) {
-            return Some(Err(e));
+            return LocalRead::Answer(Err(e));
         }
-        if self.cluster.distrusted_until().is_some() {
-            return None;
+        if let Some(seen) = self.cluster.distrusted_until() {
+            return LocalRead::Distrusted { seen };
         }
         match self.store.get_versioned(collection, key) {
-            Err(e) => Some(Err(op_error(e))),
-            Ok(Some((value, _))) => Some(Ok(value)),
-            Ok(None) if !self.cluster.has_peers() => Some(Ok(None)),
-            Ok(None) => None,
+            Err(e) => LocalRead::Answer(Err(op_error(e))),
+            // A tombstone is an answer too.
+            Ok(Some((value, _))) => LocalRead::Answer(Ok(value)),
+            Ok(None) if !self.cluster.has_peers() => LocalRead::Answer(Ok(None)),
+            Ok(None) => LocalRead::Missing,
         }
     }
 
     async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        if let Some(answer) = self.local_get(collection, key) {
-            return answer;
+        match self.local_read(collection, key) {
+            LocalRead::Answer(answer) => answer,
+            LocalRead::Distrusted { seen } => {
+                // Back after longer than the tombstone grace period: what this
+                // node held before may have been deleted since. Ask the others;
+                // only what it wrote since it returned is its own answer.
+                let local = self
+                    .store
+                    .get_versioned(collection, key)
+                    .map_err(op_error)?;
+                let remote = self.cluster.read_remote(collection, key).await;
+                let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
+                Ok(match (remote, fresh) {
+                    (Some(r), Some((value, v))) if stamp(v) > r.version => value,
+                    (Some(r), _) => r.value,
+                    (None, Some((value, _))) => value,
+                    (None, None) => None,
+                })
+            }
+            LocalRead::Missing => self.read_through(collection, key).await,
         }
-        let local = self
-            .store
-            .get_versioned(collection, key)
-            .map_err(op_error)?;
-        if let Some(seen) = self.cluster.distrusted_until() {
-            // Back after longer than the tombstone grace period: what this
-            // node held before may have been deleted since. Ask the others;
-            // only what it wrote since it returned is its own answer.
-            let remote = self.cluster.read_remote(collection, key).await;
-            let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
-            return Ok(match (remote, fresh) {
-                (Some(r), Some((value, v))) if stamp(v) > r.version => value,
-                (Some(r), _) => r.value,
-                (None, Some((value, _))) => value,
-                (None, None) => None,
-            });
-        }
-        if let Some((value, _)) = local {
-            // A tombstone is an answer too.
-            return Ok(value);
-        }
-        if !self.cluster.has_peers() {
-            return Ok(None);
-        }
+    }
+
+    /// A key missing here, asked of the peers (and kept, if this node
+    /// stores the collection).
+    async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         let found = self.cluster.read_remote(collection, key).await;
         match found {
             Some(v) => {
@@ -461,7 +471,9 @@ impl Operations for Node {
 
     fn get_now(&self, collection: &str, key: &[u8]) -> Option<Result<Option<Bytes>, OpError>> {
         let t = Instant::now();
-        let r = self.local_get(collection, key)?;
+        let LocalRead::Answer(r) = self.local_read(collection, key) else {
+            return None;
+        };
         self.metrics
             .record(OpKind::Get, outcome(&r, Option::is_some), t.elapsed(), 1);
         Some(r)
