@@ -84,7 +84,8 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
 }
 
 /// What the handler needs from a request's headers, found in one pass
-/// (a request has a handful: walking them beats hashing each name asked).
+/// (a request has a handful: walking them beats hashing each name asked),
+/// once per request whichever way it is answered.
 #[derive(Debug, Clone, Copy, Default)]
 struct HeadFacts {
     /// Both `Content-Length` and `Transfer-Encoding`: a smuggling attempt,
@@ -172,19 +173,24 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match self.answer_now(&req) {
+        let facts = HeadFacts::of(req.headers());
+        match self.answer_now(&req, facts) {
             Some(response) => Either::Left(future::ready(response)),
-            None => Either::Right(self.clone().answer_later(req)),
+            None => Either::Right(self.clone().answer_later(req, facts)),
         }
     }
 
     /// The response to any request: the long way.
-    async fn answer_later<B>(self: Arc<Self>, req: Request<B>) -> Response<ResponseBody>
+    async fn answer_later<B>(
+        self: Arc<Self>,
+        req: Request<B>,
+        facts: HeadFacts,
+    ) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match self.try_handle(req).await {
+        match self.try_handle(req, facts).await {
             Ok(r) => r,
             Err(e) => error_response(&e),
         }
@@ -193,12 +199,8 @@ impl<O: Operations> Api<O> {
     /// The response to `req` if it is a `GET` of a key the node answers
     /// without waiting; `None` sends it the long way (which also gives
     /// every error of routing its response).
-    fn answer_now<B>(&self, req: &Request<B>) -> Option<Response<ResponseBody>> {
-        if req.method() != Method::GET {
-            return None;
-        }
-        let facts = HeadFacts::of(req.headers());
-        if facts.conflicting_lengths {
+    fn answer_now<B>(&self, req: &Request<B>, facts: HeadFacts) -> Option<Response<ResponseBody>> {
+        if req.method() != Method::GET || facts.conflicting_lengths {
             return None;
         }
         let uri = req.uri();
@@ -228,12 +230,12 @@ impl<O: Operations> Api<O> {
     async fn try_handle<B>(
         self: Arc<Self>,
         req: Request<B>,
+        facts: HeadFacts,
     ) -> Result<Response<ResponseBody>, HttpError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let facts = HeadFacts::of(req.headers());
         if facts.conflicting_lengths {
             return Err(HttpError::bad_request(
                 "a request may not carry both Content-Length and Transfer-Encoding",
@@ -422,11 +424,12 @@ impl<O: Operations> Api<O> {
             service_watch.head_complete();
             // The same two ways as `handle`, without wrapping one future in
             // another on the hot path.
-            if let Some(response) = api.answer_now(&req) {
+            let facts = HeadFacts::of(req.headers());
+            if let Some(response) = api.answer_now(&req, facts) {
                 service_watch.answered();
                 return Either::Left(future::ok::<_, Infallible>(response));
             }
-            let (later, watch) = (api.clone().answer_later(req), service_watch.clone());
+            let (later, watch) = (api.clone().answer_later(req, facts), service_watch.clone());
             Either::Right(async move {
                 let response = later.await;
                 watch.answered();
