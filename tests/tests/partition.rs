@@ -130,6 +130,14 @@ fn set(node: &Dhrtd, key: &str, value: &str) {
     assert_eq!(status, 200, "PUT {key}: {body}");
 }
 
+/// A write during the partition: saved, but `all` cannot be met, and the
+/// client is told so (HTTP 504, "saved on N of 3 replicas").
+fn set_cut_off(node: &Dhrtd, key: &str, value: &str) {
+    let (status, body) = node.http("PUT", &format!("/part/{key}"), value.as_bytes());
+    assert_eq!(status, 504, "PUT {key}: {body}");
+    assert!(body.contains(" of 3 replicas"), "PUT {key}: {body}");
+}
+
 #[test]
 fn a_partition_made_with_blackhole_routes_heals_and_converges() {
     let Some(net) = Net::create(3) else {
@@ -169,15 +177,15 @@ fn a_partition_made_with_blackhole_routes_heals_and_converges() {
     net.cut(3, 2, true);
     let cut_at = Instant::now();
     for i in 0..500 {
-        set(&nodes[0], &format!("majority-{i}"), &format!("m{i}"));
-        set(&nodes[2], &format!("minority-{i}"), &format!("n{i}"));
+        set_cut_off(&nodes[0], &format!("majority-{i}"), &format!("m{i}"));
+        set_cut_off(&nodes[2], &format!("minority-{i}"), &format!("n{i}"));
     }
     // Deletes and overwrites on the cut-off side, overwrites on the other.
     for i in 0..100 {
-        let (status, _) = nodes[2].http("DELETE", &format!("/part/before-{i}"), b"");
-        assert_eq!(status, 200);
-        set(&nodes[2], &format!("before-{}", 100 + i), "minority");
-        set(&nodes[1], &format!("before-{}", 200 + i), "majority");
+        let (status, body) = nodes[2].http("DELETE", &format!("/part/before-{i}"), b"");
+        assert_eq!(status, 504, "{body}");
+        set_cut_off(&nodes[2], &format!("before-{}", 100 + i), "minority");
+        set_cut_off(&nodes[1], &format!("before-{}", 200 + i), "majority");
     }
     let (a3, a1) = (net.addr(3).to_string(), net.addr(1).to_string());
     eventually(

@@ -177,7 +177,13 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             print_error(&error_text(&e, &args.addr), args.json);
-            ExitCode::from(2)
+            // Saved, on fewer replicas than asked: not the same as failed.
+            let code = if matches!(e, Error::WriteConcern(_)) {
+                3
+            } else {
+                2
+            };
+            ExitCode::from(code)
         }
     }
 }

@@ -49,7 +49,10 @@ pub(crate) struct Args {
         value_delimiter = ','
     )]
     node: Vec<String>,
-    /// Write concern: all (every healthy replica), quorum, or local.
+    /// Write concern: all (every replica hosting the collection), quorum
+    /// (a majority of them), or local (this node). Not met within
+    /// --timeout-ms: the write is saved and the client is told on how many
+    /// replicas (HTTP 504).
     #[arg(long, env = "DHRT_WRITE_ACK", value_name = "all|quorum|local")]
     write_ack: Option<String>,
     /// Per-peer request timeout in milliseconds.
@@ -79,6 +82,20 @@ pub(crate) struct Args {
     /// anti-entropy repairs it.
     #[arg(long, env = "DHRT_MAX_HINTS", value_name = "N")]
     max_hints: Option<usize>,
+    /// The largest offset allowed between two nodes' clocks, in ms: a peer's
+    /// write stamped further ahead is refused, and a node whose clock is
+    /// further off from its peers' refuses client writes (503).
+    #[arg(long, env = "DHRT_MAX_CLOCK_OFFSET_MS", value_name = "N")]
+    max_clock_offset_ms: Option<u64>,
+    /// Fault injection for tests: shift this node's wall clock by N ms.
+    #[arg(
+        long,
+        env = "DHRT_CLOCK_OFFSET_MS",
+        value_name = "N",
+        hide = true,
+        allow_hyphen_values = true
+    )]
+    clock_offset_ms: Option<i64>,
     /// A TOML file with any of the settings above (kebab-case keys).
     #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -103,6 +120,7 @@ struct File {
     collections: Option<Vec<String>>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
+    max_clock_offset_ms: Option<u64>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -132,6 +150,8 @@ pub(crate) struct Config {
     pub(crate) collections: Option<Vec<String>>,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
+    pub(crate) max_clock_offset: Duration,
+    pub(crate) clock_offset_ms: i64,
 }
 
 impl Config {
@@ -174,6 +194,14 @@ impl Config {
         let timeout_ms = args.timeout_ms.or(file.timeout_ms).unwrap_or(500);
         if timeout_ms == 0 {
             bail!("--timeout-ms must be at least 1");
+        }
+        let max_clock_offset = Duration::from_millis(
+            args.max_clock_offset_ms
+                .or(file.max_clock_offset_ms)
+                .unwrap_or(60_000),
+        );
+        if max_clock_offset < Duration::from_millis(100) {
+            bail!("--max-clock-offset-ms must be at least 100");
         }
         let seeds = if args.node.is_empty() {
             file.node.unwrap_or_default()
@@ -226,6 +254,8 @@ impl Config {
                     .unwrap_or(24 * 3600),
             ),
             max_hints: args.max_hints.or(file.max_hints).unwrap_or(1_000_000),
+            max_clock_offset,
+            clock_offset_ms: args.clock_offset_ms.unwrap_or(0),
         })
     }
 }

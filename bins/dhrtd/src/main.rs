@@ -122,6 +122,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 sync,
                 node_id: id,
                 tombstone_grace: config.tombstone_grace,
+                clock_offset_ms: config.clock_offset_ms,
                 ..Options::default()
             }),
             id,
@@ -132,6 +133,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             sync,
             node_id: id,
             tombstone_grace: config.tombstone_grace,
+            clock_offset_ms: config.clock_offset_ms,
             ..Options::default()
         };
         let store = Store::open(&config.data_dir, options)
@@ -155,6 +157,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             seeds: config.seeds.clone(),
             state_file: (!config.memory).then(|| config.data_dir.join("cluster.state")),
             max_hints: config.max_hints,
+            max_clock_ahead: config.max_clock_offset,
             ..ClusterOptions::default()
         },
     );

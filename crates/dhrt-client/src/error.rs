@@ -42,6 +42,11 @@ pub enum Error {
     /// The node failed unexpectedly.
     #[error("node error: {0}")]
     Internal(String),
+    /// The write is saved, but on fewer replicas than the node's write
+    /// concern asks (within its timeout); it will reach the others. The
+    /// message says on how many of how many.
+    #[error("write concern not met: {0}")]
+    WriteConcern(String),
     /// The node answered with a reply of the wrong kind.
     #[error("unexpected reply from the node: {0}")]
     UnexpectedReply(String),
@@ -55,6 +60,7 @@ impl From<OpError> for Error {
             ErrorKind::TooLarge => Error::TooLarge(e.message),
             ErrorKind::Unavailable => Error::Unavailable(e.message),
             ErrorKind::Timeout => Error::Timeout(e.message),
+            ErrorKind::WriteConcern => Error::WriteConcern(e.message),
             _ => Error::Internal(e.message),
         }
     }

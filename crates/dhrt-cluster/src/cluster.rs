@@ -6,7 +6,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,43 +14,17 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionDigest, ErrorKind, Gossip, Liveness, MemberInfo, MemberUpdate, Mutation, OpError,
-    PeerOp, PeerReply, Stamp, SyncInfo, Versioned,
+    BucketCursor, CollectionDigest, ErrorKind, Gossip, Liveness, MemberInfo, MemberUpdate,
+    Mutation, OpError, PeerOp, PeerReply, Stamp, SyncInfo, Versioned,
 };
-use dhrt_storage::{
-    DIGEST_BUCKETS, Digest, LOGICAL_BITS, Replicated, Store, SyncMode, Version, wall_ms,
-};
+use dhrt_storage::{DIGEST_BUCKETS, Digest, Replicated, Store, SyncMode, Version};
 use tokio::sync::Notify;
 
 use crate::link::{Connector, Dialer, Link, LinkError, TcpConnector};
 use crate::membership::{Membership, MembershipConfig, Output, member_state};
+use crate::placement::{self, WriteAck, hosts};
+use crate::skew::{self, Guard, Offsets, Verdict};
 use crate::state::{self, SavedState};
-
-/// How many replicas acknowledge a write before the client hears "ok".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WriteAck {
-    /// Every healthy replica hosting the collection (bounded by the timeout).
-    #[default]
-    All,
-    /// A majority of the replicas hosting the collection, this node included.
-    Quorum,
-    /// This node alone; replication runs in the background.
-    Local,
-}
-
-impl FromStr for WriteAck {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "all" => Ok(WriteAck::All),
-            "quorum" => Ok(WriteAck::Quorum),
-            "local" => Ok(WriteAck::Local),
-            other => Err(format!(
-                "unknown write ack {other:?} (expected all, quorum or local)"
-            )),
-        }
-    }
-}
 
 /// Cluster settings.
 #[derive(Debug, Clone)]
@@ -73,7 +46,10 @@ pub struct ClusterOptions {
     /// Writes kept per peer while it is away; beyond this, anti-entropy
     /// repairs it when it returns.
     pub max_hints: usize,
-    /// Replicated writes stamped further than this in the future are refused.
+    /// The largest offset allowed between two nodes' clocks: a stamp from a
+    /// peer further than this ahead of this node's clock is refused, and a
+    /// node whose clock is further than this from its peers' refuses
+    /// client writes.
     pub max_clock_ahead: Duration,
     /// Largest frame on peer connections.
     pub max_frame: u32,
@@ -107,13 +83,33 @@ impl Default for ClusterOptions {
     }
 }
 
-/// Mutations per `Apply` frame, and their bytes.
-const BATCH_ITEMS: usize = 4096;
-const BATCH_BYTES: usize = 4 << 20;
+/// Mutations per `Apply` frame, and their bytes: a batch is cut before a
+/// mutation would take it past `BATCH_BYTES`; a larger mutation travels
+/// alone (the frame limit leaves room for the largest value).
+pub(crate) const BATCH_ITEMS: usize = 4096;
+pub(crate) const BATCH_BYTES: usize = 4 << 20;
 /// Handoff chunks in flight at once.
 const HANDOFF_WINDOW: usize = 4;
 /// Buckets asked for per anti-entropy request.
 const BUCKETS_PER_REQUEST: usize = 32;
+
+/// What applying replicated mutations did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// How many took effect.
+    pub(crate) applied: u64,
+    /// Indexes of those refused by the clock guard, ascending.
+    pub(crate) refused: Vec<u32>,
+}
+
+impl From<Applied> for PeerReply {
+    fn from(a: Applied) -> Self {
+        PeerReply::Applied {
+            applied: a.applied,
+            refused: a.refused,
+        }
+    }
+}
 
 /// The outcome of a spawned handoff chunk.
 fn joined(r: Option<Result<Result<u64, OpError>, tokio::task::JoinError>>) -> Result<u64, OpError> {
@@ -138,13 +134,13 @@ fn buckets_to_exchange(local: &Digest, remote: &Digest) -> Vec<usize> {
 /// tombstone grace period and it holds data that deletes made meanwhile may
 /// have been forgotten for: then it must re-sync fully.
 fn away_too_long(store: &Store, last_contact_ms: u64) -> Option<u64> {
-    let away = wall_ms().saturating_sub(last_contact_ms);
+    let away = store.clock().wall_ms().saturating_sub(last_contact_ms);
     (away > store.options().tombstone_grace.as_millis() as u64
         && !store.all_collections().is_empty())
     .then_some(away)
 }
 
-fn mutation_bytes(m: &Mutation) -> usize {
+pub(crate) fn mutation_bytes(m: &Mutation) -> usize {
     match m {
         Mutation::Put {
             collection,
@@ -173,11 +169,9 @@ pub(crate) fn version(s: Stamp) -> Version {
     Version::new(s.ts, s.node)
 }
 
-fn hosts(m: &MemberUpdate, collection: &str) -> bool {
-    m.collections
-        .as_ref()
-        .is_none_or(|c| c.iter().any(|x| x == collection))
-}
+/// Refused sequence numbers remembered per peer: enough for every write
+/// still waiting on its acknowledgement.
+const REFUSED_KEPT: usize = 1 << 14;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -186,6 +180,17 @@ struct Queue {
     items: VecDeque<(u64, Mutation)>,
     /// Writes were dropped for lack of room: anti-entropy must repair.
     overflowed: bool,
+    /// Recent writes the peer refused (not stored there): they are out of
+    /// the queue but not acknowledged.
+    refused: VecDeque<u64>,
+}
+
+impl Queue {
+    /// Whether the writes `first..=last` are all acknowledged: the peer
+    /// answered through `last` and refused none of them.
+    fn acknowledged(&self, acked: u64, first: u64, last: u64) -> bool {
+        acked >= last && !self.refused.iter().any(|s| (first..=last).contains(s))
+    }
 }
 
 /// One peer: its connection and the writes on their way to it.
@@ -193,6 +198,9 @@ struct Queue {
 struct Peer {
     id: u64,
     link: Link,
+    /// Cached: whether the peer's queue remembers refusals, so a waiter
+    /// takes the queue's lock only when there are some.
+    any_refused: AtomicBool,
     queue: Mutex<Queue>,
     wake: Notify,
     /// Sequence number of the last mutation the peer acknowledged.
@@ -233,6 +241,13 @@ pub struct Cluster {
     ae_rounds: AtomicU64,
     ae_pulled: AtomicU64,
     ae_pushed: AtomicU64,
+    /// Records from peers refused by the clock guard.
+    refused_future: AtomicU64,
+    /// The peers' clock offsets, and what they say of this node's clock.
+    offsets: Mutex<Offsets>,
+    verdict: Mutex<Verdict>,
+    /// `verdict.skewed`, read on every client write without the lock.
+    skewed: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -255,7 +270,7 @@ impl Cluster {
                 .ok()
                 .flatten()
         });
-        let mut last_contact = wall_ms();
+        let mut last_contact = store.clock().wall_ms();
         let mut full_resync = false;
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
@@ -284,12 +299,12 @@ impl Cluster {
             addr,
             // Above every incarnation of this node's earlier lives, as long
             // as the wall clock moves forward between restarts.
-            incarnation: wall_ms(),
+            incarnation: store.clock().wall_ms(),
             liveness: Liveness::Alive,
             syncing: !options.seeds.is_empty(),
             collections: options.collections.clone(),
         };
-        let seed = options.rng_seed.unwrap_or(id ^ wall_ms());
+        let seed = options.rng_seed.unwrap_or(id ^ dhrt_storage::wall_ms());
         let membership = Membership::new(update, options.membership.clone(), seed);
         Arc::new(Cluster {
             dialer: Dialer {
@@ -317,6 +332,10 @@ impl Cluster {
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),
             ae_pushed: AtomicU64::new(0),
+            refused_future: AtomicU64::new(0),
+            offsets: Mutex::new(Offsets::default()),
+            verdict: Mutex::new(Verdict::default()),
+            skewed: AtomicBool::new(false),
         })
     }
 
@@ -327,6 +346,17 @@ impl Cluster {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// This node's wall clock (the store's, which tests may offset).
+    fn wall_ms(&self) -> u64 {
+        self.store.clock().wall_ms()
+    }
+
+    fn guard(&self) -> Guard {
+        Guard {
+            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
+        }
     }
 
     /// This node's id.
@@ -382,9 +412,10 @@ impl Cluster {
     fn perform(self: &Arc<Self>, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { to, gossip } => {
+                Output::Send { to, mut gossip } => {
                     if let Some(peer) = self.peer(to) {
                         let timeout = self.options.timeout;
+                        gossip.sent_ms = self.wall_ms();
                         tokio::spawn(async move {
                             let _ = peer.link.gossip(gossip, timeout).await;
                         });
@@ -458,6 +489,7 @@ impl Cluster {
         let peer = Arc::new(Peer {
             id,
             link: Link::new(addr, self.dialer.clone()),
+            any_refused: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             acked: AtomicU64::new(0),
@@ -477,20 +509,93 @@ impl Cluster {
         while self.running.load(Ordering::Acquire) {
             ticker.tick().await;
             self.with_membership(|m, now| m.tick(now));
+            self.judge_clock();
         }
     }
 
-    /// Membership news from a peer.
-    pub(crate) fn on_gossip(self: &Arc<Self>, gossip: Gossip) {
+    /// Membership news from peer `from` (authenticated by the handshake):
+    /// gossip that claims another sender is dropped.
+    pub(crate) fn on_gossip(self: &Arc<Self>, from: u64, gossip: Gossip) {
+        if gossip.from != from {
+            tracing::warn!(
+                "dropped gossip from node {from:016x} claiming to come from {:016x}",
+                gossip.from
+            );
+            return;
+        }
+        let wall = self.wall_ms();
+        self.offsets
+            .lock()
+            .unwrap()
+            .record(from, gossip.sent_ms, wall);
         self.with_membership(|m, now| m.handle(now, gossip));
     }
 
-    /// A node asks to join through this one: learn it, and hand it the table.
+    /// A node asks to join through this one: learn it (its own word on
+    /// itself), and hand it the table.
     pub(crate) fn on_join(self: &Arc<Self>, update: MemberUpdate) -> Vec<MemberUpdate> {
         self.with_membership(|m, now| {
-            m.merge(now, [update]);
+            m.merge_own_word(now, update);
             m.table()
         })
+    }
+
+    /// Re-judges this node's clock against its live peers', logging when
+    /// the verdict changes.
+    fn judge_clock(&self) {
+        let alive: Vec<u64> = self
+            .membership
+            .lock()
+            .unwrap()
+            .members()
+            .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
+            .map(|u| u.id)
+            .collect();
+        let measured: Vec<i64> = {
+            let mut o = self.offsets.lock().unwrap();
+            o.retain(|id| alive.contains(&id));
+            alive.iter().filter_map(|id| o.of(*id)).collect()
+        };
+        let clock_ahead = self.store.clock().ahead_ms(self.store.clock().last());
+        let v = skew::verdict(
+            &measured,
+            self.options.max_clock_ahead.as_millis() as u64,
+            clock_ahead,
+        );
+        let mut current = self.verdict.lock().unwrap();
+        if v.skewed != current.skewed {
+            if v.skewed {
+                tracing::error!("clock skew: {}", v.reason);
+            } else {
+                tracing::warn!(
+                    "clock skew resolved: this node's clock is within {} s of its peers'; writes are accepted again",
+                    self.options.max_clock_ahead.as_secs()
+                );
+            }
+        }
+        self.skewed.store(v.skewed, Ordering::Release);
+        *current = v;
+    }
+
+    /// Why client writes are refused on this node now, if they are: its
+    /// clock is off from its peers'.
+    pub(crate) fn write_refusal(&self) -> Option<OpError> {
+        if !self.skewed.load(Ordering::Acquire) {
+            return None;
+        }
+        let reason = self.verdict.lock().unwrap().reason.clone();
+        Some(OpError::new(ErrorKind::Unavailable, reason))
+    }
+
+    /// This node's clock against its peers', for stats.
+    pub fn clock_info(&self) -> dhrt_proto::ClockInfo {
+        let v = self.verdict.lock().unwrap().clone();
+        dhrt_proto::ClockInfo {
+            skewed: v.skewed,
+            ahead_ms: v.ahead_ms,
+            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
+            reason: v.reason,
+        }
     }
 
     fn suspect(self: &Arc<Self>, id: u64) {
@@ -600,6 +705,7 @@ impl Cluster {
     /// Every member, this node included, for stats.
     pub fn members(&self) -> Vec<MemberInfo> {
         let table = self.membership.lock().unwrap().table();
+        let offsets = self.offsets.lock().unwrap();
         table
             .iter()
             .map(|u| MemberInfo {
@@ -607,6 +713,7 @@ impl Cluster {
                 name: u.name.clone(),
                 addr: u.addr.clone(),
                 state: member_state(u),
+                clock_offset_ms: offsets.of(u.id),
             })
             .collect()
     }
@@ -669,6 +776,27 @@ impl Cluster {
             "# HELP dhrt_syncing Whether this node is receiving a handoff or re-syncing.\n# TYPE dhrt_syncing gauge\ndhrt_syncing {}",
             u8::from(self.sync.running.load(Ordering::Relaxed))
         );
+        let clock = self.clock_info();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_clock_skewed Whether this node's clock is off from its peers' by more than the allowed offset (client writes are refused).\n# TYPE dhrt_clock_skewed gauge\ndhrt_clock_skewed {}\n# HELP dhrt_clock_ahead_ms How far this node's clock is ahead of the median of its peers' (negative: behind).\n# TYPE dhrt_clock_ahead_ms gauge\ndhrt_clock_ahead_ms {}",
+            u8::from(clock.skewed),
+            clock.ahead_ms
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_clock_offset_ms How far each peer's clock is ahead of this node's (negative: behind).\n# TYPE dhrt_clock_offset_ms gauge"
+        );
+        for m in self.members() {
+            if let Some(o) = m.clock_offset_ms {
+                let _ = writeln!(out, "dhrt_clock_offset_ms{{peer=\"{}\"}} {o}", m.addr);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_refused_future_total Records from peers refused because they were stamped too far ahead of this node's clock.\n# TYPE dhrt_refused_future_total counter\ndhrt_refused_future_total {}",
+            self.refused_future.load(Ordering::Relaxed)
+        );
     }
 
     /// Progress of a running handoff or re-sync.
@@ -707,7 +835,7 @@ impl Cluster {
         }
         self.running.store(false, Ordering::Release);
         if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
-            self.last_contact.store(wall_ms(), Ordering::Release);
+            self.last_contact.store(self.wall_ms(), Ordering::Release);
         }
         self.save_state(&self.saved_state());
         let outputs = {
@@ -717,10 +845,11 @@ impl Cluster {
         };
         let mut sends = tokio::task::JoinSet::new();
         for o in outputs {
-            if let Output::Send { to, gossip } = o
+            if let Output::Send { to, mut gossip } = o
                 && let Some(peer) = self.peer(to)
             {
                 let timeout = self.options.timeout;
+                gossip.sent_ms = self.wall_ms();
                 sends.spawn(async move { peer.link.gossip(gossip, timeout).await });
             }
         }
@@ -763,58 +892,67 @@ impl Cluster {
     }
 
     /// Sends `mutations` (all of one collection) to every replica hosting
-    /// it and waits as the write concern says. Never fails: a peer that does
-    /// not answer in time is marked unhealthy and gets the writes later.
-    /// `stored_locally` says whether this node holds them too.
+    /// it and waits as the write concern says, at most the timeout. The
+    /// writes are saved (here when `stored_locally`, and queued for every
+    /// replica) whatever the outcome: an error of kind
+    /// [`ErrorKind::WriteConcern`] says on how many replicas they are, when
+    /// that is fewer than the concern asks. A replica that refused them
+    /// does not count; one that does not answer in time is marked
+    /// unhealthy and gets them later.
     pub(crate) async fn replicate(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
         stored_locally: bool,
-    ) {
+    ) -> Result<(), OpError> {
         if !self.has_peers() {
-            return;
+            return Ok(());
         }
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
-            return;
+            return Ok(());
         };
-        let (targets, healthy): (Vec<u64>, HashSet<u64>) = {
+        let (targets, reachable): (Vec<u64>, HashSet<u64>) = {
             let m = self.membership.lock().unwrap();
             let targets = m
                 .members()
                 .filter(|u| u.liveness != Liveness::Left && hosts(u, &collection))
                 .map(|u| u.id)
                 .collect();
-            let healthy = m
+            let reachable = m
                 .members()
-                .filter(|u| u.liveness == Liveness::Alive && !u.syncing && hosts(u, &collection))
+                .filter(|u| {
+                    matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                        && hosts(u, &collection)
+                })
                 .map(|u| u.id)
                 .collect();
-            (targets, healthy)
+            (targets, reachable)
         };
-        if targets.is_empty() {
-            return;
-        }
+        let need = placement::need(self.options.write_ack, targets.len(), stored_locally);
         let mut waits = Vec::new();
         for id in targets {
             let Some(peer) = self.peer(id) else { continue };
-            let seq = self.enqueue(&peer, &mutations);
-            if healthy.contains(&id) {
-                waits.push((peer, seq));
+            let (first, last) = self.enqueue(&peer, &mutations);
+            if reachable.contains(&id) {
+                waits.push((peer, first, last));
             }
         }
-        let need = match self.options.write_ack {
-            // A forwarded write lives only on the hosts: wait for them all.
-            _ if !stored_locally => waits.len(),
-            WriteAck::All => waits.len(),
-            WriteAck::Quorum => {
-                let replicas = waits.len() + usize::from(stored_locally);
-                (replicas / 2 + 1).saturating_sub(usize::from(stored_locally))
-            }
-            WriteAck::Local => 0,
+        if need.remote_acks == 0 {
+            return Ok(());
+        }
+        let local = usize::from(stored_locally);
+        let unmet = |acked: usize| {
+            OpError::new(
+                ErrorKind::WriteConcern,
+                format!(
+                    "write concern {} not met within {} ms: the write is saved on {} of {} replicas ({} needed) and will reach the others",
+                    self.options.write_ack.as_str(),
+                    self.options.timeout.as_millis(),
+                    acked + local,
+                    need.replicas,
+                    need.copies
+                ),
+            )
         };
-        if need == 0 {
-            return;
-        }
         let deadline = tokio::time::Instant::now() + self.options.timeout;
         loop {
             let notified = self.acks.notified();
@@ -822,14 +960,24 @@ impl Cluster {
             notified.as_mut().enable();
             let done = waits
                 .iter()
-                .filter(|(p, seq)| p.acked.load(Ordering::Acquire) >= *seq)
+                .filter(|(p, first, last)| self.acknowledged(p, *first, *last))
                 .count();
-            if done >= need {
-                return;
+            if done >= need.remote_acks {
+                return Ok(());
+            }
+            // Too few replicas are up, or some refused: once every one that
+            // can answer has, the outcome is known.
+            let answered = waits
+                .iter()
+                .filter(|(p, _, last)| p.acked.load(Ordering::Acquire) >= *last)
+                .count();
+            let refused = answered - done;
+            if waits.len() - refused < need.remote_acks && answered == waits.len() {
+                return Err(unmet(done));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                for (p, seq) in &waits {
-                    if p.acked.load(Ordering::Acquire) < *seq {
+                for (p, _, last) in &waits {
+                    if p.acked.load(Ordering::Acquire) < *last {
                         tracing::warn!(
                             "peer {} did not acknowledge a write within {} ms: unhealthy",
                             p.link.addr(),
@@ -838,13 +986,32 @@ impl Cluster {
                         self.suspect(p.id);
                     }
                 }
-                return;
+                let done = waits
+                    .iter()
+                    .filter(|(p, first, last)| self.acknowledged(p, *first, *last))
+                    .count();
+                return Err(unmet(done));
             }
         }
     }
 
-    fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> u64 {
+    /// Whether peer `p` acknowledged the writes `first..=last`.
+    fn acknowledged(&self, p: &Peer, first: u64, last: u64) -> bool {
+        let acked = p.acked.load(Ordering::Acquire);
+        if acked < last {
+            return false;
+        }
+        if !p.any_refused.load(Ordering::Acquire) {
+            return true;
+        }
+        p.queue.lock().unwrap().acknowledged(acked, first, last)
+    }
+
+    /// Queues `mutations` for `peer`; returns the sequence numbers of the
+    /// first and the last.
+    fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> (u64, u64) {
         let mut q = peer.queue.lock().unwrap();
+        let first = q.last_seq + 1;
         for m in mutations {
             q.last_seq += 1;
             let seq = q.last_seq;
@@ -859,7 +1026,7 @@ impl Cluster {
         let seq = q.last_seq;
         drop(q);
         peer.wake.notify_one();
-        seq
+        (first, seq)
     }
 
     async fn replication_loop(self: Arc<Self>, peer: Arc<Peer>) {
@@ -870,23 +1037,12 @@ impl Cluster {
             }
             let batch: Vec<(u64, Mutation)> = {
                 let q = peer.queue.lock().unwrap();
-                let mut bytes = 0;
-                q.items
-                    .iter()
-                    .take(BATCH_ITEMS)
-                    .take_while(|(_, m)| {
-                        bytes += mutation_bytes(m);
-                        bytes <= BATCH_BYTES
-                    })
-                    .cloned()
-                    .collect()
-            };
-            let batch = if batch.is_empty() {
-                // One oversized mutation still goes alone.
-                let q = peer.queue.lock().unwrap();
-                q.items.front().cloned().into_iter().collect()
-            } else {
-                batch
+                let n = crate::batch::next_batch_len(
+                    q.items.iter().map(|(_, m)| mutation_bytes(m)),
+                    BATCH_BYTES,
+                    BATCH_ITEMS,
+                );
+                q.items.iter().take(n).cloned().collect()
             };
             if batch.is_empty() {
                 let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
@@ -913,16 +1069,36 @@ impl Cluster {
                 }
             }
             let last = batch.last().map_or(0, |(s, _)| *s);
+            let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
             let mutations: Vec<Mutation> = batch.into_iter().map(|(_, m)| m).collect();
             let timeout = self
                 .options
                 .timeout
                 .max(Duration::from_millis((mutations.len() as u64 / 8).max(1)));
             match peer.link.request(PeerOp::Apply(mutations), timeout).await {
-                Ok(_) => {
+                Ok(PeerReply::Applied { refused, .. }) => {
+                    if !refused.is_empty() {
+                        tracing::error!(
+                            "peer {} refused {} replicated writes stamped too far ahead of its clock: check the clocks",
+                            peer.link.addr(),
+                            refused.len()
+                        );
+                        let refused = refused
+                            .iter()
+                            .filter_map(|&i| seqs.get(i as usize).copied());
+                        self.refuse(&peer, refused);
+                    }
                     self.ack_through(&peer, last);
                     self.heard_from(peer.id);
                     backoff = Duration::from_millis(100);
+                }
+                Ok(other) => {
+                    tracing::error!(
+                        "peer {} answered replicated writes with {other:?}",
+                        peer.link.addr()
+                    );
+                    self.refuse(&peer, seqs.iter().copied());
+                    self.ack_through(&peer, last);
                 }
                 Err(LinkError::Remote { error, .. }) => {
                     tracing::error!(
@@ -930,8 +1106,9 @@ impl Cluster {
                         peer.link.addr(),
                         error.message
                     );
-                    // Retrying cannot help: skip them (anti-entropy will
-                    // compare again later).
+                    // Retrying cannot help: skip them, unacknowledged
+                    // (anti-entropy will compare again later).
+                    self.refuse(&peer, seqs.iter().copied());
                     self.ack_through(&peer, last);
                 }
                 Err(e) => {
@@ -942,6 +1119,20 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Remembers writes `peer` refused: they leave its queue but are not
+    /// acknowledged.
+    fn refuse(&self, peer: &Peer, seqs: impl Iterator<Item = u64>) {
+        let mut q = peer.queue.lock().unwrap();
+        for s in seqs {
+            if q.refused.len() == REFUSED_KEPT {
+                q.refused.pop_front();
+            }
+            q.refused.push_back(s);
+        }
+        peer.any_refused
+            .store(!q.refused.is_empty(), Ordering::Release);
     }
 
     fn ack_through(&self, peer: &Peer, last: u64) {
@@ -984,9 +1175,15 @@ impl Cluster {
             asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
         }
         let mut best: Option<Versioned> = None;
+        let guard = self.guard();
         while let Some(Ok((id, r))) = asks.join_next().await {
             match r {
                 Ok(PeerReply::Entry(Some(v))) => {
+                    if !guard.admits(v.version.ts, self.wall_ms()) {
+                        // A skewed peer's entry is no answer here.
+                        self.refused_future.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if best.as_ref().is_none_or(|b| v.version > b.version) {
                         best = Some(v);
                     }
@@ -1001,29 +1198,43 @@ impl Cluster {
 
     // ---- applying what peers send ----------------------------------------
 
-    /// Applies replicated mutations; returns how many took effect. A batch
-    /// with a write stamped too far ahead is refused whole. Runs of puts to
-    /// one collection go to the store as one batch (one lock, one write).
-    pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<u64, OpError> {
-        let limit = (wall_ms() + self.options.max_clock_ahead.as_millis() as u64) << LOGICAL_BITS;
-        for m in mutations {
+    /// Applies replicated mutations. Each passes the clock guard on its
+    /// own: one stamped too far ahead of this node's clock is refused (not
+    /// stored, not observed by the clock) and listed in the outcome; the
+    /// others apply. Runs of puts to one collection go to the store as one
+    /// batch (one lock, one write). An error is this node's own (storage).
+    pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
+        let guard = self.guard();
+        let wall = self.wall_ms();
+        let mut refused = Vec::new();
+        for (i, m) in mutations.iter().enumerate() {
             let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) = m;
-            if v.ts > limit {
-                let ahead = ((v.ts >> LOGICAL_BITS).saturating_sub(wall_ms())) / 1000;
-                tracing::error!(
-                    "refused a write from node {:016x} stamped {ahead} s in the future: check the clocks",
-                    v.node
-                );
-                return Err(OpError::new(
-                    ErrorKind::InvalidInput,
-                    format!("timestamp {ahead} s ahead of this node's clock"),
-                ));
+            if !guard.admits(v.ts, wall) {
+                refused.push(i as u32);
             }
         }
+        if let Some(&first) = refused.first() {
+            let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) =
+                &mutations[first as usize];
+            self.refused_future
+                .fetch_add(refused.len() as u64, Ordering::Relaxed);
+            tracing::error!(
+                "refused {} records from node {:016x}, stamped up to {} s ahead of this node's clock (more than the {} s allowed): check the clocks",
+                refused.len(),
+                v.node,
+                Guard::ahead_s(v.ts, wall),
+                self.options.max_clock_ahead.as_secs()
+            );
+        }
+        let admitted = |i: usize| refused.binary_search(&(i as u32)).is_err();
         let mut applied = 0;
-        let mut rest = mutations;
-        while let Some(first) = rest.first() {
-            match first {
+        let mut i = 0;
+        while i < mutations.len() {
+            if !admitted(i) {
+                i += 1;
+                continue;
+            }
+            match &mutations[i] {
                 Mutation::Drop {
                     collection,
                     version: v,
@@ -1034,18 +1245,20 @@ impl Cluster {
                         .map_err(crate::node::op_error)?
                         .is_some();
                     applied += u64::from(took);
-                    rest = &rest[1..];
+                    i += 1;
                 }
                 Mutation::Put { collection, .. } => {
-                    let run = rest
+                    let run = mutations[i..]
                         .iter()
                         .take_while(
                             |m| matches!(m, Mutation::Put { collection: c, .. } if c == collection),
                         )
                         .count();
-                    let entries: Vec<Replicated<'_>> = rest[..run]
+                    let entries: Vec<Replicated<'_>> = mutations[i..i + run]
                         .iter()
-                        .filter_map(|m| match m {
+                        .enumerate()
+                        .filter(|(j, _)| admitted(i + j))
+                        .filter_map(|(_, m)| match m {
                             Mutation::Put {
                                 key,
                                 value,
@@ -1059,7 +1272,7 @@ impl Cluster {
                         .store
                         .apply_many(collection, &entries)
                         .map_err(crate::node::op_error)? as u64;
-                    rest = &rest[run..];
+                    i += run;
                 }
             }
         }
@@ -1068,14 +1281,14 @@ impl Cluster {
                 .received
                 .fetch_add(mutations.len() as u64, Ordering::Relaxed);
         }
-        Ok(applied)
+        Ok(Applied { applied, refused })
     }
 
     /// Applies on the blocking pool when the store fsyncs every write.
     pub(crate) async fn apply_async(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
-    ) -> Result<u64, OpError> {
+    ) -> Result<Applied, OpError> {
         if self.store.options().sync == SyncMode::Always {
             let me = self.clone();
             tokio::task::spawn_blocking(move || me.apply(&mutations))
@@ -1113,28 +1326,56 @@ impl Cluster {
             .collect()
     }
 
-    /// The records of some buckets of a collection, as mutations.
+    /// A page of the records of some buckets of a collection, as
+    /// mutations, from `from` on: cut before it would pass `max_bytes`
+    /// (a larger record goes alone). Also the cursor of the next page.
     pub(crate) fn bucket_records(
         &self,
         collection: &str,
         buckets: &[u32],
-    ) -> Result<Vec<Mutation>, OpError> {
+        from: Option<BucketCursor>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Mutation>, Option<BucketCursor>), OpError> {
         let mut out = Vec::new();
-        for &b in buckets {
-            for r in self
+        let mut bytes = 0;
+        let start = match from {
+            Some(c) => buckets.iter().position(|&b| b == c.bucket).ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::InvalidInput,
+                    "cursor outside the requested buckets",
+                )
+            })?,
+            None => 0,
+        };
+        for (i, &b) in buckets.iter().enumerate().skip(start) {
+            let skip = match from {
+                Some(c) if i == start => c.skip,
+                _ => 0,
+            };
+            let records = self
                 .store
                 .bucket(collection, b as usize)
-                .map_err(crate::node::op_error)?
-            {
-                out.push(Mutation::Put {
+                .map_err(crate::node::op_error)?;
+            for (n, r) in records.enumerate().skip(skip as usize) {
+                let m = Mutation::Put {
                     collection: collection.to_string(),
                     key: r.key.into(),
                     value: r.value,
                     version: stamp(r.version),
-                });
+                };
+                let size = mutation_bytes(&m);
+                if !out.is_empty() && bytes + size > max_bytes {
+                    let next = BucketCursor {
+                        bucket: b,
+                        skip: n as u64,
+                    };
+                    return Ok((out, Some(next)));
+                }
+                bytes += size;
+                out.push(m);
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Streams `collection` to peer `to`, most recently written first
@@ -1154,8 +1395,7 @@ impl Cluster {
             .newest_first(collection)
             .map_err(crate::node::op_error)?;
         let mut sent = 0;
-        let mut chunk = Vec::new();
-        let mut bytes = 0;
+        let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
         let timeout = self.options.timeout.max(Duration::from_secs(30));
         let drop = self
             .store
@@ -1163,12 +1403,11 @@ impl Cluster {
             .map_err(crate::node::op_error)?
             .dropped_at;
         if let Some(d) = drop {
-            chunk.push(Mutation::Drop {
+            batcher.push(Mutation::Drop {
                 collection: collection.to_string(),
                 version: stamp(d),
             });
         }
-        let total = records.remaining();
         // Up to HANDOFF_WINDOW chunks in flight: the receiver's apply and
         // the next chunk's encoding overlap, and the window bounds memory.
         let mut inflight = tokio::task::JoinSet::new();
@@ -1183,24 +1422,21 @@ impl Cluster {
                     .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))
             });
         };
-        for (i, r) in records.into_iter().enumerate() {
+        for r in records {
             let m = Mutation::Put {
                 collection: collection.to_string(),
                 key: r.key.into(),
                 value: r.value,
                 version: stamp(r.version),
             };
-            bytes += mutation_bytes(&m);
-            chunk.push(m);
-            if chunk.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES || i + 1 == total {
+            if let Some(chunk) = batcher.push(m) {
                 while inflight.len() >= HANDOFF_WINDOW {
                     sent += joined(inflight.join_next().await)?;
                 }
-                send(&mut inflight, std::mem::take(&mut chunk));
-                bytes = 0;
+                send(&mut inflight, chunk);
             }
         }
-        if !chunk.is_empty() {
+        if let Some(chunk) = batcher.finish() {
             send(&mut inflight, chunk);
         }
         while let Some(r) = inflight.join_next().await {
@@ -1224,7 +1460,7 @@ impl Cluster {
 
     fn end_sync(self: &Arc<Self>) {
         self.full_resync.store(false, Ordering::Release);
-        self.last_contact.store(wall_ms(), Ordering::Release);
+        self.last_contact.store(self.wall_ms(), Ordering::Release);
         self.sync.running.store(false, Ordering::Release);
         self.with_membership(|m, _| m.set_syncing(false));
     }
@@ -1282,7 +1518,7 @@ impl Cluster {
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let contact = !self.sources().is_empty();
-            let now = wall_ms();
+            let now = self.wall_ms();
             if contact
                 && !had_contact
                 && let Some(away) =
@@ -1483,30 +1719,79 @@ impl Cluster {
         }
     }
 
-    /// This node's records of some buckets of `collection`, and the peer's
-    /// (`None` if the peer answered something else).
-    async fn bucket_pair(
-        &self,
+    /// Pulls the peer's records of some buckets of `collection`, page by
+    /// page, applying each page as it arrives (each record through the
+    /// clock guard). Returns the version of every key the peer holds there.
+    async fn pull_buckets(
+        self: &Arc<Self>,
         peer: &Peer,
         collection: &str,
         buckets: &[usize],
         timeout: Duration,
-    ) -> Result<Option<(Vec<Mutation>, Vec<Mutation>)>, LinkError> {
+    ) -> Result<HashMap<Bytes, Stamp>, LinkError> {
         let buckets: Vec<u32> = buckets.iter().map(|&b| b as u32).collect();
-        let mine = self
-            .bucket_records(collection, &buckets)
-            .map_err(|e| LinkError::Remote {
-                addr: peer.link.addr().to_string(),
-                error: e,
-            })?;
-        let op = PeerOp::Buckets {
-            collection: collection.to_string(),
-            buckets,
-        };
-        Ok(match peer.link.request(op, timeout).await? {
-            PeerReply::Records(theirs) => Some((mine, theirs)),
-            _ => None,
-        })
+        let mut theirs = HashMap::new();
+        let mut from = None;
+        loop {
+            let op = PeerOp::Buckets {
+                collection: collection.to_string(),
+                buckets: buckets.clone(),
+                from,
+            };
+            let (records, next) = match peer.link.request(op, timeout).await? {
+                PeerReply::Records { records, next } => (records, next),
+                other => {
+                    return Err(LinkError::Refused {
+                        addr: peer.link.addr().to_string(),
+                        reason: format!("unexpected answer to a bucket request: {other:?}"),
+                    });
+                }
+            };
+            for m in &records {
+                if let Mutation::Put { key, version, .. } = m {
+                    theirs.insert(key.clone(), *version);
+                }
+            }
+            self.ae_pulled
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.apply_async(records).await.map_err(LinkError::Local)?;
+            match next {
+                Some(n) if from != Some(n) => from = Some(n),
+                _ => return Ok(theirs),
+            }
+        }
+    }
+
+    /// Sends `mutations` to the peer in `Apply` frames cut by bytes. What
+    /// the peer refuses (this node's clock is ahead of its own) is counted,
+    /// not retried.
+    async fn push_to(
+        &self,
+        peer: &Peer,
+        mutations: Vec<Mutation>,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
+        let mut batches = Vec::new();
+        for m in mutations {
+            batches.extend(batcher.push(m));
+        }
+        batches.extend(batcher.finish());
+        for batch in batches {
+            self.ae_pushed
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if let PeerReply::Applied { refused, .. } =
+                peer.link.request(PeerOp::Apply(batch), timeout).await?
+                && !refused.is_empty()
+            {
+                tracing::warn!(
+                    "peer {} refused {} records stamped ahead of its clock",
+                    peer.link.addr(),
+                    refused.len()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Peer `id`'s digest of every collection both nodes host (the empty
@@ -1552,23 +1837,39 @@ impl Cluster {
         Ok(Some((peer, shared)))
     }
 
+    /// Applies a drop a peer's digest reports, through the clock guard.
+    async fn apply_remote_drop(
+        self: &Arc<Self>,
+        collection: &str,
+        local: &Digest,
+        remote: &Digest,
+    ) -> Result<(), LinkError> {
+        if remote.dropped_at > local.dropped_at
+            && let Some(d) = remote.dropped_at
+        {
+            let drop = Mutation::Drop {
+                collection: collection.to_string(),
+                version: stamp(d),
+            };
+            self.apply_async(vec![drop])
+                .await
+                .map_err(LinkError::Local)?;
+        }
+        Ok(())
+    }
+
     /// Compares digests of every collection both nodes host with peer `id`
-    /// and exchanges the differing buckets, both ways.
+    /// and exchanges the differing buckets, both ways. Every record pulled
+    /// passes the clock guard on its own; an error says whose it was.
     pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
         let Some((peer, shared)) = self.shared_digests(id).await? else {
             return Ok(());
         };
         let long = self.options.timeout.max(Duration::from_secs(10));
         for (c, remote) in shared {
-            let Ok(mut local) = self.store.digest(&c) else {
-                continue;
-            };
-            if remote.dropped_at > local.dropped_at
-                && let Some(d) = remote.dropped_at
-            {
-                let _ = self.store.apply_drop(&c, d);
-                local = self.store.digest(&c).unwrap_or_else(|_| Digest::empty());
-            }
+            let local = self.store.digest(&c).map_err(local_error)?;
+            self.apply_remote_drop(&c, &local, &remote).await?;
+            let local = self.store.digest(&c).map_err(local_error)?;
             let mut push = Vec::new();
             if local.dropped_at > remote.dropped_at
                 && let Some(d) = local.dropped_at
@@ -1579,39 +1880,29 @@ impl Cluster {
                 });
             }
             for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
-                if let Some((mine, records)) = self.bucket_pair(&peer, &c, chunk, long).await? {
-                    // Only what is newer takes effect; send back only what
-                    // the peer lacks or holds older.
-                    let theirs: HashMap<Bytes, Stamp> = records
-                        .iter()
-                        .filter_map(|m| match m {
-                            Mutation::Put { key, version, .. } => Some((key.clone(), *version)),
-                            Mutation::Drop { .. } => None,
+                let theirs = self.pull_buckets(&peer, &c, chunk, long).await?;
+                // Only what is newer takes effect; send back only what the
+                // peer lacks or holds older.
+                for b in chunk {
+                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
+                    push.extend(
+                        mine.filter(|r| {
+                            theirs.get(&r.key[..]).is_none_or(|v| *v < stamp(r.version))
                         })
-                        .collect();
-                    self.ae_pulled
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    let _ = self.apply_async(records).await;
-                    push.extend(mine.into_iter().filter(|m| match m {
-                        Mutation::Put { key, version, .. } => {
-                            theirs.get(key).is_none_or(|v| v < version)
-                        }
-                        Mutation::Drop { .. } => true,
-                    }));
+                        .map(|r| Mutation::Put {
+                            collection: c.clone(),
+                            key: r.key.into(),
+                            value: r.value,
+                            version: stamp(r.version),
+                        }),
+                    );
                 }
-                if push.len() >= BATCH_ITEMS {
-                    self.ae_pushed
-                        .fetch_add(push.len() as u64, Ordering::Relaxed);
-                    peer.link
-                        .request(PeerOp::Apply(std::mem::take(&mut push)), long)
-                        .await?;
+                let pending: usize = push.iter().map(mutation_bytes).sum();
+                if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
+                    self.push_to(&peer, std::mem::take(&mut push), long).await?;
                 }
             }
-            if !push.is_empty() {
-                self.ae_pushed
-                    .fetch_add(push.len() as u64, Ordering::Relaxed);
-                peer.link.request(PeerOp::Apply(push), long).await?;
-            }
+            self.push_to(&peer, push, long).await?;
         }
         self.ae_rounds.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1622,7 +1913,8 @@ impl Cluster {
     /// the differing buckets, and forgets its own records the peer does not
     /// have that were stamped before it lost touch (`seen_ms`): the cluster
     /// deleted them and has since purged the tombstones. Nothing of this
-    /// node's travels the other way. Returns how many records it forgot.
+    /// node's travels the other way. Returns how many records it forgot;
+    /// fails (and the re-sync goes on) if anything could not be applied.
     async fn prune_with(self: &Arc<Self>, id: u64, seen_ms: u64) -> Result<u64, LinkError> {
         let Some((peer, shared)) = self.shared_digests(id).await? else {
             return Ok(0);
@@ -1630,58 +1922,49 @@ impl Cluster {
         let long = self.options.timeout.max(Duration::from_secs(10));
         let mut forgotten = 0;
         for (c, remote) in shared {
-            if remote.dropped_at.is_some() {
-                let local = self.store.digest(&c).unwrap_or_else(|_| Digest::empty());
-                if remote.dropped_at > local.dropped_at
-                    && let Some(d) = remote.dropped_at
-                {
-                    let _ = self.store.apply_drop(&c, d);
-                }
-            }
-            let Ok(local) = self.store.digest(&c) else {
-                continue;
-            };
+            let local = self.store.digest(&c).map_err(local_error)?;
+            self.apply_remote_drop(&c, &local, &remote).await?;
+            let local = self.store.digest(&c).map_err(local_error)?;
             for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
-                let Some((mine, records)) = self.bucket_pair(&peer, &c, chunk, long).await? else {
-                    continue;
-                };
-                let known: HashSet<Bytes> = records
-                    .iter()
-                    .filter_map(|m| match m {
-                        Mutation::Put { key, .. } => Some(key.clone()),
-                        Mutation::Drop { .. } => None,
-                    })
-                    .collect();
-                let _ = self.apply_async(records).await;
+                let known = self.pull_buckets(&peer, &c, chunk, long).await?;
                 // A tombstone just above the forgotten record's version: it
                 // hides nothing newer, and is itself old enough to be purged
                 // at the next compaction.
-                let forget: Vec<Mutation> = mine
-                    .into_iter()
-                    .filter_map(|m| match m {
-                        Mutation::Put {
-                            collection,
-                            key,
-                            value: Some(_),
-                            version: v,
-                        } if !known.contains(&key) && (v.ts >> LOGICAL_BITS) <= seen_ms => {
-                            Some(Mutation::Put {
-                                collection,
-                                key,
+                let mut forget = Vec::new();
+                for b in chunk {
+                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
+                    forget.extend(mine.filter_map(|r| {
+                        (r.value.is_some()
+                            && !known.contains_key(&r.key[..])
+                            && r.version.physical_ms() <= seen_ms)
+                            .then(|| Mutation::Put {
+                                collection: c.clone(),
+                                key: r.key.into(),
                                 value: None,
                                 version: Stamp {
-                                    ts: v.ts + 1,
-                                    node: v.node,
+                                    ts: r.version.ts + 1,
+                                    node: r.version.node,
                                 },
                             })
-                        }
-                        _ => None,
-                    })
-                    .collect();
+                    }));
+                }
                 forgotten += forget.len() as u64;
-                let _ = self.apply_async(forget).await;
+                let outcome = self.apply_async(forget).await.map_err(LinkError::Local)?;
+                if !outcome.refused.is_empty() {
+                    // Cannot happen (they are this node's own stamps + 1),
+                    // but a prune that did not forget is no prune.
+                    return Err(LinkError::Local(OpError::new(
+                        ErrorKind::Internal,
+                        "the prune's tombstones were refused",
+                    )));
+                }
             }
         }
         Ok(forgotten)
     }
+}
+
+/// A local storage error met during a sync with a peer.
+fn local_error(e: dhrt_storage::Error) -> LinkError {
+    LinkError::Local(crate::node::op_error(e))
 }

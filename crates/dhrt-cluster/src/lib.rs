@@ -8,6 +8,7 @@
 //! plug in a simulated network). See docs/ARCHITECTURE.md.
 
 mod auth;
+mod batch;
 mod cluster;
 mod combine;
 mod link;
@@ -15,12 +16,15 @@ mod membership;
 mod metrics;
 mod node;
 mod peer_server;
+mod placement;
 mod server;
+mod skew;
 mod state;
 mod wire;
 
-pub use cluster::{Cluster, ClusterOptions, WriteAck};
+pub use cluster::{Cluster, ClusterOptions};
 pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::{Identity, Node};
+pub use placement::WriteAck;
 pub use server::{BinaryLimits, Closed, serve_binary};

@@ -59,6 +59,9 @@ pub enum LinkError {
         /// Its error.
         error: OpError,
     },
+    /// This node failed (its storage), not the peer.
+    #[error("this node: {0}")]
+    Local(OpError),
 }
 
 /// A byte stream to a peer: TCP in production, anything that reads and

@@ -13,6 +13,15 @@
 //!   announce a change (syncing, collections). A member that hears it was
 //!   declared dead refutes *as syncing*: it is a healthy replica again only
 //!   after it has re-synced and says so ([`Membership::set_syncing`]).
+//! - So news from a third party cannot raise a member's incarnation with
+//!   bad news: `Suspect` and `Dead` are taken only at an incarnation the
+//!   member itself has announced (or for a member not known yet), and
+//!   `Left` only from the member itself. What a member says of itself on
+//!   a message it sends (each one carries its own entry) is its word: it
+//!   replaces anything claimed of it at a higher incarnation. Refutations
+//!   add one to the member's own incarnation and saturate, so no message,
+//!   however forged, makes a live member permanently dead or left: the
+//!   next message it sends puts it right.
 //! - A missed probe (direct, then through other members) or a failed request
 //!   makes a member suspect (`unhealthy`); suspicion that is not refuted
 //!   within the suspicion timeout makes it dead.
@@ -128,6 +137,10 @@ pub struct Membership {
     out: Vec<Output>,
 }
 
+/// Incarnations start at the wall clock in ms (about 2^41) and grow by one
+/// per refutation: a claim above this is a lie, never adopted.
+const PLAUSIBLE_INCARNATION: u64 = 1 << 60;
+
 fn rank(u: &MemberUpdate) -> (u64, Liveness) {
     (u.incarnation, u.liveness)
 }
@@ -181,24 +194,53 @@ impl Membership {
         std::mem::take(&mut self.out)
     }
 
-    /// Merges news from a join reply or any other source.
+    /// Merges news heard from a third party (a join reply, a member
+    /// table): every update is what someone says of someone else.
     pub fn merge(&mut self, now_ms: u64, updates: impl IntoIterator<Item = MemberUpdate>) {
         for u in updates {
-            self.merge_one(now_ms, u);
+            self.merge_one(now_ms, u, false);
         }
     }
 
-    fn merge_one(&mut self, now_ms: u64, u: MemberUpdate) {
+    /// Merges what member `from` says of itself: its word on its own
+    /// incarnation (a joining node's request, its entry on a message).
+    pub fn merge_own_word(&mut self, now_ms: u64, u: MemberUpdate) {
+        self.merge_one(now_ms, u, true);
+    }
+
+    /// Whether `u` is news: ranked above what is known (with the rules on
+    /// who may say what, see the module doc).
+    fn is_news(&self, u: &MemberUpdate, own_word: bool) -> bool {
+        let Some(known) = self.members.get(&u.id).map(|k| &k.update) else {
+            // A member not known yet: learn it, unless a third party says
+            // it left (only the member itself announces that).
+            return own_word || u.liveness != Liveness::Left;
+        };
+        if own_word {
+            // Its word beats anything claimed of it at a higher
+            // incarnation; at the same incarnation suspicion stands until
+            // it refutes.
+            return rank(u) > rank(known)
+                || (u.incarnation < known.incarnation
+                    && (u.liveness, &u.addr, u.syncing)
+                        != (known.liveness, &known.addr, known.syncing));
+        }
+        match u.liveness {
+            Liveness::Left => false,
+            Liveness::Suspect | Liveness::Dead if u.incarnation > known.incarnation => false,
+            _ => rank(u) > rank(known),
+        }
+    }
+
+    fn merge_one(&mut self, now_ms: u64, u: MemberUpdate, own_word: bool) {
         if u.id == self.me.id {
             self.about_me(u);
             return;
         }
-        let before = self.members.get(&u.id).map(|k| k.update.clone());
-        if let Some(b) = &before
-            && rank(&u) <= rank(b)
-        {
+        if !self.is_news(&u, own_word) {
             return;
         }
+        let before = self.members.get(&u.id).map(|k| k.update.clone());
         let liveness_changed = before.as_ref().is_none_or(|b| b.liveness != u.liveness);
         let visible = before.as_ref().is_none_or(|b| {
             b.liveness != u.liveness
@@ -238,7 +280,15 @@ impl Membership {
         if self.me.liveness == Liveness::Left {
             return; // leaving: nothing to refute
         }
-        self.me.incarnation = u.incarnation + 1;
+        // Above the claim when it is plausible (a restart with a clock set
+        // back leaves the old life's incarnation above the new one), else
+        // one above its own: its own word beats a claim it never made.
+        // Never wraps.
+        self.me.incarnation = if u.incarnation < PLAUSIBLE_INCARNATION {
+            self.me.incarnation.max(u.incarnation).saturating_add(1)
+        } else {
+            self.me.incarnation.saturating_add(1)
+        };
         if u.liveness == Liveness::Dead && !self.me.syncing {
             self.me.syncing = true;
             self.out.push(Output::MustResync);
@@ -255,7 +305,7 @@ impl Membership {
     pub fn set_syncing(&mut self, syncing: bool) {
         if self.me.syncing != syncing {
             self.me.syncing = syncing;
-            self.me.incarnation += 1;
+            self.me.incarnation = self.me.incarnation.saturating_add(1);
             self.spread(self.me.clone());
         }
     }
@@ -263,11 +313,12 @@ impl Membership {
     /// Leaves: this node is `Left` from now on and tells every member.
     pub fn leave(&mut self) {
         self.me.liveness = Liveness::Left;
-        self.me.incarnation += 1;
+        self.me.incarnation = self.me.incarnation.saturating_add(1);
         let targets: Vec<u64> = self.reachable(true);
         for to in targets {
             let gossip = Gossip {
                 from: self.me.id,
+                sent_ms: 0,
                 kind: GossipKind::Sync { reply: false },
                 updates: vec![self.me.clone()],
             };
@@ -282,7 +333,7 @@ impl Membership {
         {
             let mut u = k.update.clone();
             u.liveness = Liveness::Suspect;
-            self.merge_one(now_ms, u);
+            self.merge_one(now_ms, u, false);
         }
     }
 
@@ -324,8 +375,13 @@ impl Membership {
         {
             updates.push(k.update.clone());
         }
+        // Every message carries the sender's word on itself.
+        if !updates.iter().any(|u| u.id == self.me.id) {
+            updates.push(self.me.clone());
+        }
         let gossip = Gossip {
             from: self.me.id,
+            sent_ms: 0,
             kind,
             updates,
         };
@@ -351,8 +407,12 @@ impl Membership {
             from,
             kind,
             updates,
+            ..
         } = gossip;
-        self.merge(now_ms, updates);
+        for u in updates {
+            let own_word = u.id == from;
+            self.merge_one(now_ms, u, own_word);
+        }
         match kind {
             GossipKind::Ping { seq, relay } => {
                 let to = from;
@@ -406,6 +466,7 @@ impl Membership {
                 if reply {
                     let gossip = Gossip {
                         from: self.me.id,
+                        sent_ms: 0,
                         kind: GossipKind::Sync { reply: false },
                         updates: self.table(),
                     };
@@ -431,6 +492,7 @@ impl Membership {
             if let Some(&to) = candidates.choose(&mut self.rng) {
                 let gossip = Gossip {
                     from: self.me.id,
+                    sent_ms: 0,
                     kind: GossipKind::Sync { reply: true },
                     updates: self.table(),
                 };
@@ -497,7 +559,7 @@ impl Membership {
             })
             .collect();
         for u in expired {
-            self.merge_one(now_ms, u);
+            self.merge_one(now_ms, u, false);
         }
     }
 

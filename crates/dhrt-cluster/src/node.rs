@@ -205,7 +205,9 @@ impl Node {
                         value: v.value.clone(),
                         version: v.version,
                     };
-                    let _ = self.cluster.apply_async(vec![m]).await;
+                    if let Err(e) = self.cluster.apply_async(vec![m]).await {
+                        tracing::warn!("read repair of {collection:?}: {e}");
+                    }
                 }
                 Ok(v.value)
             }
@@ -247,8 +249,17 @@ impl Node {
         r
     }
 
+    /// Why this node refuses client writes now, if it does.
+    fn refuse_writes(&self) -> Result<(), OpError> {
+        match self.cluster.write_refusal() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
+        self.refuse_writes()?;
         let local = self.cluster.stores_locally(collection);
         let version = if local && self.store.options().sync != SyncMode::Always {
             // Handed to the kernel only: inline, nothing copied.
@@ -269,7 +280,7 @@ impl Node {
                 value: Some(value),
                 version: stamp(version),
             };
-            self.cluster.replicate(vec![m], local).await;
+            self.cluster.replicate(vec![m], local).await?;
         }
         Ok(version)
     }
@@ -280,6 +291,7 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
     ) -> Result<(), OpError> {
         user_collection(collection)?;
+        self.refuse_writes()?;
         let local = self.cluster.stores_locally(collection);
         let peers = self.cluster.has_peers();
         let (versions, entries) = if local && self.store.options().sync != SyncMode::Always {
@@ -325,8 +337,7 @@ impl Node {
                 version: stamp(version),
             })
             .collect();
-        self.cluster.replicate(mutations, local).await;
-        Ok(())
+        self.cluster.replicate(mutations, local).await
     }
 
     async fn op_delete(
@@ -335,6 +346,7 @@ impl Node {
         key: &[u8],
     ) -> Result<(bool, Option<Version>), OpError> {
         user_collection(collection)?;
+        self.refuse_writes()?;
         let (c, k) = (collection.to_string(), key.to_vec());
         if !self.cluster.has_peers() {
             return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
@@ -356,7 +368,7 @@ impl Node {
             value: None,
             version: stamp(version),
         };
-        self.cluster.replicate(vec![m], true).await;
+        self.cluster.replicate(vec![m], true).await?;
         Ok((
             was_live || remote.is_some_and(|v| v.value.is_some()),
             Some(version),
@@ -396,6 +408,7 @@ impl Node {
 
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
         user_collection(collection)?;
+        self.refuse_writes()?;
         let c = collection.to_string();
         let version = self.store.clock().now();
         let keys = self
@@ -406,7 +419,7 @@ impl Node {
             collection: collection.to_string(),
             version: stamp(version),
         };
-        self.cluster.replicate(vec![m], true).await;
+        self.cluster.replicate(vec![m], true).await?;
         Ok(keys.into_iter().map(Bytes::from).collect())
     }
 
@@ -444,6 +457,7 @@ impl Node {
                 .collect(),
             members: self.cluster.members(),
             sync: self.cluster.sync_info(),
+            clock: self.cluster.clock_info(),
         }
     }
 }

@@ -18,6 +18,10 @@ use crate::cluster::{Cluster, stamp};
 use crate::server::Closed;
 use crate::wire::{read_msg, take_msg, write_msg};
 
+/// The bytes of records in one page of a bucket listing (a larger record
+/// goes alone): well under the frame limit.
+const BUCKET_PAGE_BYTES: usize = 4 << 20;
+
 /// Serves a peer connection whose preamble was consumed; `buf` holds what
 /// was read after it.
 pub(crate) async fn serve_peer<S>(
@@ -59,7 +63,7 @@ where
     loop {
         while let Some(msg) = take_msg::<PeerMessage>(&mut buf, max_frame)? {
             match msg {
-                PeerMessage::Gossip(g) => cluster.on_gossip(g),
+                PeerMessage::Gossip(g) => cluster.on_gossip(dialer, g),
                 PeerMessage::Request { id, op } => {
                     let (cluster, tx) = (cluster.clone(), tx.clone());
                     tokio::spawn(async move {
@@ -150,7 +154,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerReply, OpError> {
     match op {
-        PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::Applied),
+        PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::from),
         PeerOp::Read { collection, key } => {
             let r = cluster
                 .store()
@@ -165,9 +169,14 @@ async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerR
         PeerOp::Buckets {
             collection,
             buckets,
+            from,
         } => cluster
-            .bucket_records(&collection, &buckets)
-            .map(PeerReply::Records),
+            .bucket_records(&collection, &buckets, from, BUCKET_PAGE_BYTES)
+            .map(|(records, next)| PeerReply::Records { records, next }),
+        PeerOp::Join(update) if update.id != dialer => Err(OpError::new(
+            ErrorKind::InvalidInput,
+            format!("node {dialer:016x} asked to join as {:016x}", update.id),
+        )),
         PeerOp::Join(update) => Ok(PeerReply::Members(cluster.on_join(update))),
         PeerOp::Handoff { collection } => cluster
             .stream_collection(dialer, &collection)

@@ -312,12 +312,24 @@ async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &m
             .iter()
             .map(|(_, k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
             .collect();
-        if ops.set_many(collection, entries).await.is_ok() {
-            responses.extend(run.into_iter().map(|(id, ..)| Response {
-                id,
-                result: Ok(Reply::Stored),
-            }));
-            continue;
+        match ops.set_many(collection, entries).await {
+            Ok(()) => {
+                responses.extend(run.into_iter().map(|(id, ..)| Response {
+                    id,
+                    result: Ok(Reply::Stored),
+                }));
+                continue;
+            }
+            Err(e) if e.kind == ErrorKind::WriteConcern => {
+                // Saved, on fewer replicas than asked: every set says so
+                // (retrying would write them again).
+                responses.extend(run.into_iter().map(|(id, ..)| Response {
+                    id,
+                    result: Err(e.clone()),
+                }));
+                continue;
+            }
+            Err(_) => {}
         }
         for (id, key, value) in run {
             let op = OpRef::Set {

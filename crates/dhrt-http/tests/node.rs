@@ -175,8 +175,10 @@ impl Operations for MapNode {
                 name: "map".into(),
                 addr: "127.0.0.1:0".into(),
                 state: MemberState::Healthy,
+                clock_offset_ms: None,
             }],
             sync: None,
+            clock: Default::default(),
         }
     }
 }

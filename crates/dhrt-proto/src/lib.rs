@@ -41,7 +41,9 @@ pub use message::{
 };
 pub use ops::{MAX_PAGE, Operations, dispatch, dispatch_ref};
 pub use peer::{
-    CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate, Mutation, PROOF_LEN,
-    PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
+    BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate,
+    Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
 };
-pub use stats::{CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo};
+pub use stats::{
+    ClockInfo, CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo,
+};

@@ -213,6 +213,9 @@ pub enum ErrorKind {
     Timeout,
     /// A bug or an unexpected I/O error (HTTP 500).
     Internal,
+    /// The write is saved, but on fewer replicas than the write concern
+    /// asks within the timeout; it will reach the others (HTTP 504).
+    WriteConcern,
 }
 
 /// A failed operation: a kind for programs and a sentence for people.

@@ -104,6 +104,18 @@ pub enum Mutation {
     },
 }
 
+/// A position in a [`PeerOp::Buckets`] listing: the bucket (one of the
+/// requested ones) and how many of its records were already sent. Records
+/// written meanwhile may shift it by a few: anti-entropy compares again
+/// next round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketCursor {
+    /// The bucket number.
+    pub bucket: u32,
+    /// Records of it already sent.
+    pub skip: u64,
+}
+
 /// A key's entry as one node holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned {
@@ -142,12 +154,16 @@ pub enum PeerOp {
     /// The receiver's digests of these collections (every collection it
     /// has, when empty): [`PeerReply::Digests`].
     Digests(Vec<String>),
-    /// Every record of these buckets of a collection: [`PeerReply::Records`].
+    /// The records of these buckets of a collection, in pages cut by
+    /// bytes: [`PeerReply::Records`].
     Buckets {
         /// Collection.
         collection: String,
         /// Bucket numbers.
         buckets: Vec<u32>,
+        /// Where to go on: the `next` of the previous page, `None` for the
+        /// first.
+        from: Option<BucketCursor>,
     },
     /// A new node asks to join: [`PeerReply::Members`] with everyone known.
     Join(MemberUpdate),
@@ -163,15 +179,27 @@ pub enum PeerOp {
 /// The answer to a [`PeerOp`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerReply {
-    /// How many of the changes took effect (the others were older than
-    /// what the receiver holds).
-    Applied(u64),
+    /// The changes were applied or found older than what the receiver
+    /// holds, except those listed in `refused`.
+    Applied {
+        /// How many took effect.
+        applied: u64,
+        /// Indexes (into the request's list) of the changes the receiver
+        /// refused and did not store: stamped too far in the future by its
+        /// clock. They are not acknowledged.
+        refused: Vec<u32>,
+    },
     /// The entry, or `None` if the receiver has never seen the key.
     Entry(Option<Versioned>),
     /// Digests, one per collection.
     Digests(Vec<CollectionDigest>),
-    /// Records, as mutations to apply.
-    Records(Vec<Mutation>),
+    /// A page of records, as mutations to apply.
+    Records {
+        /// The records.
+        records: Vec<Mutation>,
+        /// Where the next page starts, if there is one.
+        next: Option<BucketCursor>,
+    },
     /// The members the receiver knows, itself included.
     Members(Vec<MemberUpdate>),
     /// The handoff of a collection is complete: how many records it sent.
@@ -218,6 +246,9 @@ pub struct MemberUpdate {
 pub struct Gossip {
     /// The sender's node id.
     pub from: u64,
+    /// The sender's wall clock when it sent this, ms since the Unix epoch:
+    /// how peers measure the offset between their clocks.
+    pub sent_ms: u64,
     /// What kind of exchange this is.
     pub kind: GossipKind,
     /// Recent membership news.

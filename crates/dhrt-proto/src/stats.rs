@@ -15,6 +15,25 @@ pub struct NodeStats {
     pub members: Vec<MemberInfo>,
     /// Progress of this node's join handoff or re-sync, while it runs.
     pub sync: Option<SyncInfo>,
+    /// How this node's clock compares with its peers'.
+    pub clock: ClockInfo,
+}
+
+/// This node's clock against its peers' (measured from their gossip).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockInfo {
+    /// This node's clock is off from its peers' by more than the allowed
+    /// offset (or its log holds writes stamped beyond it): it refuses
+    /// client writes until that is fixed. Reads go on.
+    pub skewed: bool,
+    /// How far this node's wall clock is ahead of the median of its live
+    /// peers', in ms (negative: behind); 0 with no peer measured.
+    pub ahead_ms: i64,
+    /// The largest offset allowed between two nodes' clocks, in ms
+    /// (`--max-clock-offset-ms`).
+    pub max_offset_ms: u64,
+    /// Why the node is skewed, in a sentence; empty when it is not.
+    pub reason: String,
 }
 
 /// Progress of a join handoff or re-sync.
@@ -75,6 +94,10 @@ pub struct MemberInfo {
     pub addr: String,
     /// Health.
     pub state: MemberState,
+    /// How far this member's clock is ahead of this node's, in ms
+    /// (negative: behind), as last measured; `None` for this node itself
+    /// and for members not heard from yet.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// The health of a member.

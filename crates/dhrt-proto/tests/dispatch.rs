@@ -94,6 +94,7 @@ impl Operations for MapNode {
             collections: Vec::new(),
             members: Vec::<MemberInfo>::new(),
             sync: None,
+            clock: Default::default(),
         }
     }
 }

@@ -2,9 +2,9 @@
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionInfo, DEFAULT_MAX_FRAME, Decoded, Entry, ErrorKind, MemberInfo, MemberState,
-    NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, RequestRef, Response, decode,
-    decode_frame, encode_frame, frame_bounds,
+    ClockInfo, CollectionInfo, DEFAULT_MAX_FRAME, Decoded, Entry, ErrorKind, MemberInfo,
+    MemberState, NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, RequestRef, Response,
+    decode, decode_frame, encode_frame, frame_bounds,
 };
 use proptest::prelude::*;
 
@@ -58,8 +58,15 @@ fn stats() -> NodeStats {
             name: "n1".into(),
             addr: "127.0.0.1:7453".into(),
             state: MemberState::Healthy,
+            clock_offset_ms: Some(-12),
         }],
         sync: None,
+        clock: ClockInfo {
+            skewed: true,
+            ahead_ms: 7_200_000,
+            max_offset_ms: 60_000,
+            reason: "ahead".into(),
+        },
     }
 }
 

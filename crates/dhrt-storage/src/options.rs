@@ -56,6 +56,9 @@ pub struct Options {
     pub keys_per_shard: usize,
     /// The fewest shards an index has (a power of two). Default: 16.
     pub min_index_shards: usize,
+    /// Shifts this store's wall clock by this many ms (fault injection: a
+    /// node whose clock is ahead or behind). Default: 0.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             background_compaction: true,
             keys_per_shard: 16,
             min_index_shards: 16,
+            clock_offset_ms: 0,
         }
     }
 }

@@ -193,7 +193,7 @@ impl Store {
         if !crate::mmap::try_lock(&lock).map_err(|e| Error::io("lock", &lock_path, e))? {
             return Err(Error::Locked { path: dir });
         }
-        let clock = Clock::new(options.node_id);
+        let clock = Clock::with_offset(options.node_id, options.clock_offset_ms);
         let mut collections = Collections::default();
         let mut recovered = Vec::new();
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
@@ -240,7 +240,7 @@ impl Store {
     /// A store in memory: the same API and semantics, no files. Nothing
     /// survives the process.
     pub fn memory(options: Options) -> Store {
-        let clock = Clock::new(options.node_id);
+        let clock = Clock::with_offset(options.node_id, options.clock_offset_ms);
         Self::start(
             None,
             options,

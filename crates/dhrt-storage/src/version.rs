@@ -49,15 +49,36 @@ pub fn wall_ms() -> u64 {
 pub struct Clock {
     last: AtomicU64,
     node: u64,
+    /// Added to the system's wall clock: zero in production; tests and
+    /// simulations set it to give one node a clock that is off.
+    offset_ms: i64,
 }
 
 impl Clock {
     /// A clock for node `node`.
     pub fn new(node: u64) -> Self {
+        Clock::with_offset(node, 0)
+    }
+
+    /// A clock for node `node` whose wall clock reads `offset_ms` away from
+    /// the system's (fault injection: a node with a clock ahead or behind).
+    pub fn with_offset(node: u64, offset_ms: i64) -> Self {
         Clock {
             last: AtomicU64::new(0),
             node,
+            offset_ms,
         }
+    }
+
+    /// This clock's wall time, in ms since the Unix epoch: the system's,
+    /// shifted by the offset it was made with.
+    pub fn wall_ms(&self) -> u64 {
+        wall_ms().saturating_add_signed(self.offset_ms)
+    }
+
+    /// The greatest timestamp this clock produced or observed.
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Acquire)
     }
 
     /// The node id stamped into versions.
@@ -68,7 +89,7 @@ impl Clock {
     /// A fresh version, greater than every version this clock produced or
     /// observed.
     pub fn now(&self) -> Version {
-        let physical = wall_ms() << LOGICAL_BITS;
+        let physical = self.wall_ms() << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = physical.max(last + 1);
@@ -89,9 +110,10 @@ impl Clock {
         self.last.fetch_max(ts, Ordering::AcqRel);
     }
 
-    /// How far `ts` lies ahead of the local wall clock, in ms (0 if behind).
-    pub fn ahead_ms(ts: u64) -> u64 {
-        (ts >> LOGICAL_BITS).saturating_sub(wall_ms())
+    /// How far `ts` lies ahead of this clock's wall time, in ms (0 if
+    /// behind).
+    pub fn ahead_ms(&self, ts: u64) -> u64 {
+        (ts >> LOGICAL_BITS).saturating_sub(self.wall_ms())
     }
 }
 
@@ -114,7 +136,18 @@ mod tests {
         let c = clock.now();
         assert!(c.ts > future);
         assert_eq!(c.node, 7);
-        assert!(Clock::ahead_ms(future) > 50_000);
+        assert!(clock.ahead_ms(future) > 50_000);
+    }
+
+    #[test]
+    fn an_offset_clock_stamps_by_its_own_wall_time() {
+        let ahead = Clock::with_offset(1, 3_600_000);
+        let v = ahead.now();
+        assert!(v.physical_ms() >= wall_ms() + 3_599_000);
+        assert!(ahead.wall_ms() >= wall_ms() + 3_599_000);
+        let behind = Clock::with_offset(2, -3_600_000);
+        assert!(behind.now().physical_ms() + 3_599_000 <= wall_ms());
+        assert_eq!(behind.ahead_ms(v.ts) / 1000 / 60, 120);
     }
 
     #[test]
