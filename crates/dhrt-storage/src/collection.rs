@@ -13,6 +13,7 @@ use crate::index::{self, Index, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
 use crate::version::{Clock, Version};
+use crate::watermark::{self, Watermark};
 use crate::{Options, SyncMode};
 
 /// File name suffix of a collection's log.
@@ -194,6 +195,8 @@ pub(crate) struct Recovery {
     /// Zeros after the last record (reserved space never written), given
     /// back.
     pub(crate) reserved: u64,
+    /// The durable watermark found, if the log has one.
+    pub(crate) watermark: Option<u64>,
 }
 
 /// What the validation pass of recovery collects for the replay.
@@ -322,12 +325,20 @@ impl Collection {
                 e,
             )
         })?;
-        if let Some(dir) = dir {
-            // The header must be durable and the file's name with it.
+        let mut log = log;
+        if let (Some(dir), Some(path)) = (dir, &path) {
+            // The header must be durable and the file's name with it, and
+            // the watermark file too, so that a crash before the first sync
+            // finds "nothing past the header was durable", not "no
+            // watermark, everything was".
             log.sync_all().map_err(|cause| Error::Poisoned {
                 collection: name.to_string(),
                 cause,
             })?;
+            let watermark = Watermark::create(path, log.id(), FILE_HEADER_LEN as u64)
+                .and_then(|w| w.sync().map(|()| w))
+                .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
+            log.set_watermark(Arc::new(watermark));
             crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
         }
         let generation = Generation {
@@ -357,7 +368,13 @@ impl Collection {
             .metadata()
             .map_err(|e| Error::io("stat", path, e))?
             .len();
-        let mut recovery = Recovery::default();
+        let mut recovery = Recovery {
+            watermark: watermark::read(path)
+                .map_err(|e| Error::io("read", watermark::path_for(path), e))?,
+            ..Recovery::default()
+        };
+        let found_watermark = recovery.watermark;
+        let below_watermark = |at: usize| found_watermark.is_some_and(|w| (at as u64) < w);
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
         let mut preallocated = false;
@@ -399,6 +416,15 @@ impl Collection {
                         recovery.max_ts = recovery.max_ts.max(header.version.ts);
                         end += header.record_len();
                     }
+                    _ if below_watermark(end) => {
+                        // These bytes were confirmed durable: damage here
+                        // is not a crash's doing, and needs an operator.
+                        return Err(Error::Corrupt {
+                            path: path.into(),
+                            offset: end as u64,
+                            reason: "bad record below the durable watermark",
+                        });
+                    }
                     _ if buf[end..].iter().all(|&b| b == 0) => {
                         // Space reserved ahead of the tail and never
                         // written (the process stopped without closing the
@@ -411,7 +437,12 @@ impl Collection {
                             Decoded::Invalid(why) => why,
                             _ => "record runs past the end of the file",
                         };
-                        if valid_record_after(buf, end) {
+                        // Past the watermark, valid records after the bad
+                        // one prove nothing: writeback of an unsynced tail
+                        // is out of order (a zeroed page between written
+                        // ones), so it is cut whatever follows. Without a
+                        // watermark, they mean a corrupt middle.
+                        if recovery.watermark.is_none() && valid_record_after(buf, end) {
                             return Err(Error::Corrupt {
                                 path: path.into(),
                                 offset: end as u64,
@@ -423,6 +454,13 @@ impl Collection {
                     }
                 }
             }
+            if below_watermark(end) {
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    offset: end as u64,
+                    reason: "the log ends before its durable watermark",
+                });
+            }
             built = replay(&buf[..end], scanned, options);
         }
         if preallocated && cut_reason.is_none() {
@@ -432,20 +470,45 @@ impl Collection {
         }
         if let Some(reason) = cut_reason {
             let cut = len - end as u64;
-            tracing::warn!(
-                path = %path.display(),
-                offset = end,
-                bytes = cut,
-                reason,
-                "truncating a torn tail"
-            );
+            match recovery.watermark {
+                Some(watermark) => tracing::warn!(
+                    path = %path.display(),
+                    offset = end,
+                    bytes = cut,
+                    watermark,
+                    reason,
+                    "cutting {cut} bytes at offset {end}, past the durable watermark \
+                     {watermark}: never confirmed durable, so lost in a crash, \
+                     not corrupted"
+                ),
+                None => tracing::warn!(
+                    path = %path.display(),
+                    offset = end,
+                    bytes = cut,
+                    reason,
+                    "truncating a torn tail"
+                ),
+            }
             file.set_len(end as u64)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| Error::io("truncate", path, e))?;
             recovery.truncated = Some((cut, reason));
         }
-        let log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
+        if recovery.watermark.is_none() {
+            // A log from before watermarks (or whose watermark was
+            // unreadable) was trusted whole; make it durable whole so the
+            // new watermark can say so.
+            file.sync_data().map_err(|e| Error::io("fsync", path, e))?;
+        }
+        let mut log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
             .map_err(|e| Error::io("mmap", path, e))?;
+        let watermark_path = watermark::path_for(path);
+        let watermark = match recovery.watermark {
+            Some(w) => Watermark::open(path, log.id(), w),
+            None => Watermark::create(path, log.id(), end as u64),
+        }
+        .map_err(|e| Error::io("open", &watermark_path, e))?;
+        log.set_watermark(Arc::new(watermark));
         let (index, state) = built;
         let generation = Generation {
             index,
@@ -697,6 +760,25 @@ impl Collection {
             collection: self.name.clone(),
             cause,
         })
+    }
+
+    /// Makes the durable watermark's last value durable, if it is not yet:
+    /// the lazy half of recording it (see `watermark.rs`).
+    pub(crate) fn sync_watermark(&self) -> Result<()> {
+        let generation = self.current.load();
+        match generation.log.watermark() {
+            Some(w) if w.is_dirty() => w.sync().map_err(|e| {
+                Error::io(
+                    "fsync",
+                    generation
+                        .log
+                        .path()
+                        .map_or_else(PathBuf::new, watermark::path_for),
+                    e,
+                )
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A copy of the writer's state.

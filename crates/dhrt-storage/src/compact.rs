@@ -158,9 +158,27 @@ pub(crate) fn compact(
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
                 let final_path = Collection::log_path(dir, &coll.name);
-                std::fs::rename(tmp, &final_path).map_err(|e| io_err("rename", e))?;
-                new_log.set_path(final_path);
+                // Before the rename, the watermark must suit both files a
+                // crash may leave under the name, and the old file's late
+                // syncs must no longer raise it.
+                if let Some(w) = old.log.watermark() {
+                    w.begin_swap(new_log.id(), new_log.tail()).map_err(|e| {
+                        Error::io("write", crate::watermark::path_for(&final_path), e)
+                    })?;
+                }
+                if let Err(e) = std::fs::rename(tmp, &final_path) {
+                    if let Some(w) = old.log.watermark() {
+                        w.abort_swap(old.log.id());
+                    }
+                    return Err(io_err("rename", e));
+                }
                 log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+                new_log.set_path(final_path);
+                if let Some(w) = old.log.watermark() {
+                    new_log.set_watermark(w.clone());
+                    // Every byte of the new file was synced above.
+                    w.advance(new_log.id(), new_log.tail());
+                }
             }
             report.bytes_after = new_log.tail();
             coll.current.store(Arc::new(Generation {

@@ -26,6 +26,7 @@ mod record;
 mod scan;
 mod store;
 mod version;
+mod watermark;
 
 pub use bytes::Bytes;
 pub use compact::CompactionReport;

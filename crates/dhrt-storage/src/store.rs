@@ -93,6 +93,10 @@ pub struct RecoveryReport {
     /// tail by a process that stopped without closing the log. Not a torn
     /// record.
     pub reserved_bytes: u64,
+    /// How far the log was confirmed durable (its watermark file), if it
+    /// had one. A cut at or past it (`truncated_bytes`) lost only writes
+    /// that were never synced; damage below it refuses the open instead.
+    pub durable_watermark: Option<u64>,
 }
 
 /// Statistics of one collection.
@@ -224,6 +228,7 @@ impl Store {
                 records: recovery.records,
                 truncated_bytes: recovery.truncated.map_or(0, |(bytes, _)| bytes),
                 reserved_bytes: recovery.reserved,
+                durable_watermark: recovery.watermark,
             });
             collections.insert(name, Arc::new(collection));
         }
@@ -702,7 +707,7 @@ impl Drop for Inner {
         }
         if self.dir.is_some() {
             for c in self.collections.load().values() {
-                if let Err(e) = c.sync() {
+                if let Err(e) = c.sync().and_then(|()| c.sync_watermark()) {
                     tracing::error!(collection = %c.name, "final sync failed: {e}");
                 }
             }
@@ -739,6 +744,13 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                     && let Err(e) = c.sync()
                 {
                     tracing::error!(collection = %c.name, "interval sync failed: {e}");
+                }
+            }
+        }
+        if inner.dir.is_some() {
+            for c in inner.collections.load().values() {
+                if let Err(e) = c.sync_watermark() {
+                    tracing::warn!(collection = %c.name, "cannot sync the durable watermark: {e}");
                 }
             }
         }
