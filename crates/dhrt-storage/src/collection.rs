@@ -151,7 +151,7 @@ pub(crate) fn apply_record(
                 }
             });
             for (k, s) in doomed {
-                index.remove(k.as_bytes());
+                index.remove(k.as_bytes(), log);
                 forget(state, log, &s);
                 if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
                     out.push(k.as_bytes().to_vec());
@@ -161,7 +161,9 @@ pub(crate) fn apply_record(
         }
         Kind::Set | Kind::Tombstone => {
             let tombstone = header.kind == Kind::Tombstone;
-            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version)) {
+            let crc = record::stored_crc(&log[offset as usize..]);
+            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version), crc, log)
+            {
                 Upsert::Kept(_) => {
                     state.garbage += len;
                     return None;
@@ -551,8 +553,8 @@ impl Collection {
                 clock.now()
             }
             Stamp::Given(v) => {
-                let older = generation.index.get(key).is_some_and(|o| o.version() >= v);
-                if older || w.state.dropped_at.is_some_and(|d| v <= d) {
+                let newer = generation.index.get(key).is_some_and(|o| o.version() > v);
+                if newer || w.state.dropped_at.is_some_and(|d| v <= d) {
                     return Ok(Written::Skipped);
                 }
                 v
@@ -566,6 +568,11 @@ impl Collection {
         let Writer { buf, state } = &mut *w;
         buf.clear();
         record::encode(buf, kind, key, value.unwrap_or_default(), version);
+        if let Stamp::Given(_) = stamp
+            && !self.wins_over_current(&generation, key, version, buf)
+        {
+            return Ok(Written::Skipped);
+        }
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
@@ -597,11 +604,11 @@ impl Collection {
         buf.clear();
         let mut starts = Vec::with_capacity(entries.len());
         for (i, (key, value, version)) in entries.iter().enumerate() {
-            let older = generation
+            let newer = generation
                 .index
                 .get(key)
-                .is_some_and(|o| o.version() >= *version);
-            if older || state.dropped_at.is_some_and(|d| *version <= d) {
+                .is_some_and(|o| o.version() > *version);
+            if newer || state.dropped_at.is_some_and(|d| *version <= d) {
                 continue;
             }
             let kind = if value.is_some() {
@@ -609,8 +616,13 @@ impl Collection {
             } else {
                 Kind::Tombstone
             };
-            starts.push((buf.len(), i));
+            let start = buf.len();
             record::encode(buf, kind, key, value.unwrap_or_default(), *version);
+            if !self.wins_over_current(&generation, key, *version, &buf[start..]) {
+                buf.truncate(start);
+                continue;
+            }
+            starts.push((start, i));
         }
         if starts.is_empty() {
             return Ok(0);
@@ -720,6 +732,29 @@ impl Collection {
         self.durable(&generation.log, end, sync)?;
         removed.sort();
         Ok(Some(removed))
+    }
+
+    /// Whether the encoded record `encoded` of `key` at `version` wins over
+    /// the key's current entry ([`index::wins`]): at an equal version, the
+    /// greater CRC wins, so two replicas that hold different bytes under
+    /// one version converge on the same record. Called under the writer
+    /// lock, after the cheaper check that no newer version is there.
+    fn wins_over_current(
+        &self,
+        generation: &Generation,
+        key: &[u8],
+        version: Version,
+        encoded: &[u8],
+    ) -> bool {
+        let Some(current) = generation.index.get(key) else {
+            return true;
+        };
+        index::wins(
+            version,
+            record::stored_crc(encoded),
+            current.version(),
+            || record::stored_crc(&generation.log.map()[current.offset() as usize..]),
+        )
     }
 
     fn append(&self, log: &LogFile, buf: &[u8]) -> Result<u64> {

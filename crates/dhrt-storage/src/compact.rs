@@ -120,6 +120,7 @@ pub(crate) fn compact(
                 index.insert(
                     entry.key().as_bytes(),
                     Slot::new(new_offset, slot.is_tombstone(), version),
+                    record::stored_crc(bytes),
                 );
                 if slot.is_tombstone() {
                     state.tombstones += 1;
@@ -207,13 +208,15 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
     }
     let t0 = coll.with_writer(|_| old.log.tail());
     let index = Index::new(shards);
+    let map = old.log.map();
     for shard in old.index.shards() {
         let guard = &crossbeam_epoch::pin();
         let mut cursor = shard.front(guard);
         while let Some(entry) = cursor {
             let slot = entry.value().load();
             if slot.offset() < t0 {
-                index.insert(entry.key().as_bytes(), slot);
+                let crc = record::stored_crc(&map[slot.offset() as usize..]);
+                index.insert(entry.key().as_bytes(), slot, crc);
             }
             cursor = entry.next();
         }

@@ -455,9 +455,13 @@ impl Store {
 
     /// Applies a replicated write: sets `key` to `value` (or deletes it, for
     /// `None`) with the given version, if that version is greater than the
-    /// key's current one and than the collection's last drop. Returns whether
-    /// it applied. Idempotent and order-independent: replicas that apply the
-    /// same writes in any order end in the same state.
+    /// key's current one and than the collection's last drop. At an
+    /// **equal** version with different bytes, the record with the greater
+    /// `crc32c` wins (an equal CRC is the same record: skipped), so
+    /// replicas that hold different values under one version converge.
+    /// Returns whether it applied. Idempotent and order-independent:
+    /// replicas that apply the same writes in any order end in the same
+    /// state.
     pub fn apply(
         &self,
         collection: &str,
@@ -474,7 +478,8 @@ impl Store {
 
     /// Applies many writes stamped elsewhere to `collection` at once, as
     /// [`apply`](Self::apply) does one by one (last writer wins on the
-    /// version), under one lock and one write to the log. Every entry is
+    /// version, the greater CRC on an equal version), under one lock and one
+    /// write to the log. Every entry is
     /// checked first; if one is invalid, nothing is written. Returns how
     /// many took effect.
     pub fn apply_many(&self, collection: &str, entries: &[crate::Replicated<'_>]) -> Result<usize> {
@@ -616,8 +621,9 @@ impl Store {
     }
 
     /// The anti-entropy digest of `collection`: per bucket of key hashes
-    /// ([`crate::digest_bucket`]), the XOR of a hash of every entry's key, version
-    /// and kind, tombstones included; kept current by every write. Two
+    /// ([`crate::digest_bucket`]), the XOR of a hash of every entry's key,
+    /// version, kind and record CRC (which covers the value), tombstones
+    /// included; kept current by every write. Two
     /// stores holding the same entries have equal digests whatever order
     /// the writes came in. A collection that does not exist has an empty
     /// digest.
