@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::index::{self, Index, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
+use crate::verify;
 use crate::version::{Clock, Version};
 use crate::watermark::{self, Watermark};
 use crate::{Options, SyncMode};
@@ -94,6 +96,15 @@ pub(crate) struct Collection {
     writer: Mutex<Writer>,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
+    /// Set when a damaged record was quarantined: compact soon.
+    pub(crate) compact_requested: AtomicBool,
+    /// Records quarantined since the collection was opened.
+    pub(crate) quarantined: AtomicU64,
+    /// Makes the next compaction stop in its final step (writer lock held)
+    /// and say so on the first channel, until the second one answers.
+    #[cfg(test)]
+    pub(crate) pause_compaction:
+        Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -314,6 +325,10 @@ impl Collection {
                 state,
             }),
             rebuilding: Mutex::new(()),
+            compact_requested: AtomicBool::new(false),
+            quarantined: AtomicU64::new(0),
+            #[cfg(test)]
+            pause_compaction: Mutex::new(None),
         }
     }
 
@@ -520,16 +535,30 @@ impl Collection {
     }
 
     /// Looks a key up: `None` if there is no entry, else its value (`None`
-    /// for a tombstone) and version.
+    /// for a tombstone) and version. A value whose record fails its CRC is
+    /// quarantined (see `verify.rs`) and reported as `Error::Checksum`.
     #[inline]
-    pub(crate) fn lookup(&self, key: &[u8]) -> Option<(Option<Bytes>, Version)> {
+    pub(crate) fn lookup(&self, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         let generation = self.current.load();
-        let slot = generation.index.get(key)?;
+        let Some(slot) = generation.index.get(key) else {
+            return Ok(None);
+        };
         if slot.is_tombstone() {
-            return Some((None, slot.version()));
+            return Ok(Some((None, slot.version())));
         }
+        // The tail before the map: the map covers everything below it.
+        let tail = generation.log.tail();
         let map = generation.log.map();
-        Some((Some(value_at(&map, &slot)), slot.version()))
+        match verify::read_value(&map, tail, &slot) {
+            Some(value) => Ok(Some((Some(value), slot.version()))),
+            None => {
+                self.quarantine(&generation.log, key, slot);
+                Err(Error::Checksum {
+                    collection: self.name.clone(),
+                    offset: slot.offset(),
+                })
+            }
+        }
     }
 
     /// Writes a set (`value` is `Some`) or a delete of `key`.
@@ -825,13 +854,4 @@ impl Collection {
     pub(crate) fn with_writer<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.writer.lock().unwrap().state)
     }
-}
-
-/// The value of the live record `slot` points at, without copying.
-#[inline]
-pub(crate) fn value_at(map: &Bytes, slot: &Slot) -> Bytes {
-    let offset = slot.offset() as usize;
-    let header = record::peek_header(&map[offset..]);
-    let start = offset + RECORD_HEADER_LEN + header.key_len as usize;
-    map.slice(start..start + header.value_len as usize)
 }

@@ -37,6 +37,9 @@ pub struct CompactionReport {
     pub purged_tombstones: u64,
     /// Records written while phase 1 ran and copied in the catch-up.
     pub caught_up: u64,
+    /// Records that failed their checksum and were left out (their keys
+    /// read as missing until a replica's copy is applied).
+    pub damaged: u64,
 }
 
 const FLUSH_AT: usize = 1 << 20;
@@ -104,16 +107,20 @@ pub(crate) fn compact(
                     report.purged_tombstones += 1;
                     continue;
                 }
-                let bytes = &old_map[offset as usize..];
+                let bytes = &old_map[offset as usize..t0 as usize];
                 let Decoded::Record { header, .. } = record::decode(bytes) else {
-                    return Err(Error::Corrupt {
-                        path: old
-                            .log
-                            .path()
-                            .map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                    // Damaged since it was written: left out of the new
+                    // file and index (and so of the digest), as a
+                    // quarantine would; a replica's copy restores it.
+                    tracing::error!(
+                        collection = %coll.name,
                         offset,
-                        reason: "record failed its checksum during compaction",
-                    });
+                        "a record failed its checksum during compaction; dropping it"
+                    );
+                    coll.quarantined
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    report.damaged += 1;
+                    continue;
                 };
                 let new_offset = base + out.len() as u64;
                 out.extend_from_slice(&bytes[..header.record_len()]);
@@ -180,6 +187,11 @@ pub(crate) fn compact(
                     // Every byte of the new file was synced above.
                     w.advance(new_log.id(), new_log.tail());
                 }
+            }
+            #[cfg(test)]
+            if let Some((paused, resume)) = coll.pause_compaction.lock().unwrap().take() {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
             }
             report.bytes_after = new_log.tail();
             coll.current.store(Arc::new(Generation {

@@ -386,6 +386,37 @@ impl Index {
         }
     }
 
+    /// Removes `key`, whose record may be damaged, and recomputes the
+    /// digest of its bucket from the remaining entries (the damaged
+    /// record's stored CRC cannot be trusted to XOR it out). Callers
+    /// serialize writes to one index.
+    pub(crate) fn remove_damaged(&self, key: &[u8], log: &[u8]) {
+        let Some(shard) = self.shard(key) else {
+            return;
+        };
+        let guard = &epoch::pin();
+        if let Some(e) = shard.remove(KeyRef::new(key), guard) {
+            e.release(guard);
+        }
+        let bucket = digest_bucket(key);
+        let shift = ORDER_BITS - DIGEST_BITS;
+        let first = shard_of((bucket as u64) << shift, self.bits);
+        let last = shard_of((((bucket as u64) + 1) << shift) - 1, self.bits);
+        let mut hash = 0;
+        for shard in &self.shards[first..=last] {
+            let mut cursor = shard.front(guard);
+            while let Some(e) = cursor {
+                let k = e.key().as_bytes();
+                if digest_bucket(k) == bucket {
+                    let slot = e.value().load();
+                    hash ^= entry_hash(k, &slot, crc_of(log, &slot));
+                }
+                cursor = e.next();
+            }
+        }
+        self.digest[bucket].store(hash, Ordering::Relaxed);
+    }
+
     /// The shards, in shard order.
     pub(crate) fn shards(&self) -> impl Iterator<Item = &Shard> {
         self.shards.iter()

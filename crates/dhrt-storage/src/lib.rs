@@ -25,6 +25,7 @@ mod options;
 mod record;
 mod scan;
 mod store;
+mod verify;
 mod version;
 mod watermark;
 

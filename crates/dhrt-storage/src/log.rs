@@ -309,6 +309,12 @@ impl LogFile {
         self.path = Some(path);
     }
 
+    /// Successful `fdatasync`s of this file so far.
+    #[cfg(test)]
+    pub(crate) fn fdatasyncs(&self) -> u64 {
+        self.fdatasyncs.load(Ordering::Relaxed)
+    }
+
     /// This file's id, as the watermark knows it.
     pub(crate) fn id(&self) -> u64 {
         self.id
