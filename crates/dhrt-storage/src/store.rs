@@ -1,5 +1,5 @@
 //! The `Store`: a data directory (or memory) of collections, the public API,
-//! and the background thread that syncs and compacts.
+//! the background thread that reshards and compacts, and the sync thread.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -515,7 +515,11 @@ impl Store {
     }
 
     /// The value of `key`, or `None`. The value is not copied: it points into
-    /// the collection's map.
+    /// the collection's map. Its record's CRC is checked first: a damaged
+    /// record fails with [`Error::Checksum`] and is quarantined, after which
+    /// the key reads as missing here until a replica's copy is applied
+    /// (the same holds for [`lookup`](Self::lookup) and
+    /// [`get_versioned`](Self::get_versioned); listings skip such records).
     #[inline]
     pub fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>> {
         Ok(self
