@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -12,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::index::{self, Index, Slot, Upsert};
 use crate::log::LogFile;
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
+use crate::verify;
 use crate::version::{Clock, Version};
+use crate::watermark::{self, Watermark};
 use crate::{Options, SyncMode};
 
 /// File name suffix of a collection's log.
@@ -93,6 +96,15 @@ pub(crate) struct Collection {
     writer: Mutex<Writer>,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
+    /// Set when a damaged record was quarantined: compact soon.
+    pub(crate) compact_requested: AtomicBool,
+    /// Records quarantined since the collection was opened.
+    pub(crate) quarantined: AtomicU64,
+    /// Makes the next compaction stop in its final step (writer lock held)
+    /// and say so on the first channel, until the second one answers.
+    #[cfg(test)]
+    pub(crate) pause_compaction:
+        Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl std::fmt::Debug for Collection {
@@ -150,7 +162,7 @@ pub(crate) fn apply_record(
                 }
             });
             for (k, s) in doomed {
-                index.remove(k.as_bytes());
+                index.remove(k.as_bytes(), log);
                 forget(state, log, &s);
                 if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
                     out.push(k.as_bytes().to_vec());
@@ -160,7 +172,9 @@ pub(crate) fn apply_record(
         }
         Kind::Set | Kind::Tombstone => {
             let tombstone = header.kind == Kind::Tombstone;
-            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version)) {
+            let crc = record::stored_crc(&log[offset as usize..]);
+            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version), crc, log)
+            {
                 Upsert::Kept(_) => {
                     state.garbage += len;
                     return None;
@@ -194,6 +208,8 @@ pub(crate) struct Recovery {
     /// Zeros after the last record (reserved space never written), given
     /// back.
     pub(crate) reserved: u64,
+    /// The durable watermark found, if the log has one.
+    pub(crate) watermark: Option<u64>,
 }
 
 /// What the validation pass of recovery collects for the replay.
@@ -309,6 +325,10 @@ impl Collection {
                 state,
             }),
             rebuilding: Mutex::new(()),
+            compact_requested: AtomicBool::new(false),
+            quarantined: AtomicU64::new(0),
+            #[cfg(test)]
+            pause_compaction: Mutex::new(None),
         }
     }
 
@@ -322,12 +342,20 @@ impl Collection {
                 e,
             )
         })?;
-        if let Some(dir) = dir {
-            // The header must be durable and the file's name with it.
+        let mut log = log;
+        if let (Some(dir), Some(path)) = (dir, &path) {
+            // The header must be durable and the file's name with it, and
+            // the watermark file too, so that a crash before the first sync
+            // finds "nothing past the header was durable", not "no
+            // watermark, everything was".
             log.sync_all().map_err(|cause| Error::Poisoned {
                 collection: name.to_string(),
                 cause,
             })?;
+            let watermark = Watermark::create(path, log.id(), FILE_HEADER_LEN as u64)
+                .and_then(|w| w.sync().map(|()| w))
+                .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
+            log.set_watermark(Arc::new(watermark));
             crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
         }
         let generation = Generation {
@@ -357,7 +385,13 @@ impl Collection {
             .metadata()
             .map_err(|e| Error::io("stat", path, e))?
             .len();
-        let mut recovery = Recovery::default();
+        let mut recovery = Recovery {
+            watermark: watermark::read(path)
+                .map_err(|e| Error::io("read", watermark::path_for(path), e))?,
+            ..Recovery::default()
+        };
+        let found_watermark = recovery.watermark;
+        let below_watermark = |at: usize| found_watermark.is_some_and(|w| (at as u64) < w);
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
         let mut preallocated = false;
@@ -399,6 +433,15 @@ impl Collection {
                         recovery.max_ts = recovery.max_ts.max(header.version.ts);
                         end += header.record_len();
                     }
+                    _ if below_watermark(end) => {
+                        // These bytes were confirmed durable: damage here
+                        // is not a crash's doing, and needs an operator.
+                        return Err(Error::Corrupt {
+                            path: path.into(),
+                            offset: end as u64,
+                            reason: "bad record below the durable watermark",
+                        });
+                    }
                     _ if buf[end..].iter().all(|&b| b == 0) => {
                         // Space reserved ahead of the tail and never
                         // written (the process stopped without closing the
@@ -411,7 +454,12 @@ impl Collection {
                             Decoded::Invalid(why) => why,
                             _ => "record runs past the end of the file",
                         };
-                        if valid_record_after(buf, end) {
+                        // Past the watermark, valid records after the bad
+                        // one prove nothing: writeback of an unsynced tail
+                        // is out of order (a zeroed page between written
+                        // ones), so it is cut whatever follows. Without a
+                        // watermark, they mean a corrupt middle.
+                        if recovery.watermark.is_none() && valid_record_after(buf, end) {
                             return Err(Error::Corrupt {
                                 path: path.into(),
                                 offset: end as u64,
@@ -423,6 +471,13 @@ impl Collection {
                     }
                 }
             }
+            if below_watermark(end) {
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    offset: end as u64,
+                    reason: "the log ends before its durable watermark",
+                });
+            }
             built = replay(&buf[..end], scanned, options);
         }
         if preallocated && cut_reason.is_none() {
@@ -432,20 +487,45 @@ impl Collection {
         }
         if let Some(reason) = cut_reason {
             let cut = len - end as u64;
-            tracing::warn!(
-                path = %path.display(),
-                offset = end,
-                bytes = cut,
-                reason,
-                "truncating a torn tail"
-            );
+            match recovery.watermark {
+                Some(watermark) => tracing::warn!(
+                    path = %path.display(),
+                    offset = end,
+                    bytes = cut,
+                    watermark,
+                    reason,
+                    "cutting {cut} bytes at offset {end}, past the durable watermark \
+                     {watermark}: never confirmed durable, so lost in a crash, \
+                     not corrupted"
+                ),
+                None => tracing::warn!(
+                    path = %path.display(),
+                    offset = end,
+                    bytes = cut,
+                    reason,
+                    "truncating a torn tail"
+                ),
+            }
             file.set_len(end as u64)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| Error::io("truncate", path, e))?;
             recovery.truncated = Some((cut, reason));
         }
-        let log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
+        if recovery.watermark.is_none() {
+            // A log from before watermarks (or whose watermark was
+            // unreadable) was trusted whole; make it durable whole so the
+            // new watermark can say so.
+            file.sync_data().map_err(|e| Error::io("fsync", path, e))?;
+        }
+        let mut log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
             .map_err(|e| Error::io("mmap", path, e))?;
+        let watermark_path = watermark::path_for(path);
+        let watermark = match recovery.watermark {
+            Some(w) => Watermark::open(path, log.id(), w),
+            None => Watermark::create(path, log.id(), end as u64),
+        }
+        .map_err(|e| Error::io("open", &watermark_path, e))?;
+        log.set_watermark(Arc::new(watermark));
         let (index, state) = built;
         let generation = Generation {
             index,
@@ -455,16 +535,30 @@ impl Collection {
     }
 
     /// Looks a key up: `None` if there is no entry, else its value (`None`
-    /// for a tombstone) and version.
+    /// for a tombstone) and version. A value whose record fails its CRC is
+    /// quarantined (see `verify.rs`) and reported as `Error::Checksum`.
     #[inline]
-    pub(crate) fn lookup(&self, key: &[u8]) -> Option<(Option<Bytes>, Version)> {
+    pub(crate) fn lookup(&self, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         let generation = self.current.load();
-        let slot = generation.index.get(key)?;
+        let Some(slot) = generation.index.get(key) else {
+            return Ok(None);
+        };
         if slot.is_tombstone() {
-            return Some((None, slot.version()));
+            return Ok(Some((None, slot.version())));
         }
+        // The tail before the map: the map covers everything below it.
+        let tail = generation.log.tail();
         let map = generation.log.map();
-        Some((Some(value_at(&map, &slot)), slot.version()))
+        match verify::read_value(&map, tail, &slot) {
+            Some(value) => Ok(Some((Some(value), slot.version()))),
+            None => {
+                self.quarantine(&generation.log, key, slot);
+                Err(Error::Checksum {
+                    collection: self.name.clone(),
+                    offset: slot.offset(),
+                })
+            }
+        }
     }
 
     /// Writes a set (`value` is `Some`) or a delete of `key`.
@@ -488,8 +582,8 @@ impl Collection {
                 clock.now()
             }
             Stamp::Given(v) => {
-                let older = generation.index.get(key).is_some_and(|o| o.version() >= v);
-                if older || w.state.dropped_at.is_some_and(|d| v <= d) {
+                let newer = generation.index.get(key).is_some_and(|o| o.version() > v);
+                if newer || w.state.dropped_at.is_some_and(|d| v <= d) {
                     return Ok(Written::Skipped);
                 }
                 v
@@ -503,6 +597,11 @@ impl Collection {
         let Writer { buf, state } = &mut *w;
         buf.clear();
         record::encode(buf, kind, key, value.unwrap_or_default(), version);
+        if let Stamp::Given(_) = stamp
+            && !self.wins_over_current(&generation, key, version, buf)
+        {
+            return Ok(Written::Skipped);
+        }
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
@@ -534,11 +633,11 @@ impl Collection {
         buf.clear();
         let mut starts = Vec::with_capacity(entries.len());
         for (i, (key, value, version)) in entries.iter().enumerate() {
-            let older = generation
+            let newer = generation
                 .index
                 .get(key)
-                .is_some_and(|o| o.version() >= *version);
-            if older || state.dropped_at.is_some_and(|d| *version <= d) {
+                .is_some_and(|o| o.version() > *version);
+            if newer || state.dropped_at.is_some_and(|d| *version <= d) {
                 continue;
             }
             let kind = if value.is_some() {
@@ -546,8 +645,13 @@ impl Collection {
             } else {
                 Kind::Tombstone
             };
-            starts.push((buf.len(), i));
+            let start = buf.len();
             record::encode(buf, kind, key, value.unwrap_or_default(), *version);
+            if !self.wins_over_current(&generation, key, *version, &buf[start..]) {
+                buf.truncate(start);
+                continue;
+            }
+            starts.push((start, i));
         }
         if starts.is_empty() {
             return Ok(0);
@@ -659,6 +763,29 @@ impl Collection {
         Ok(Some(removed))
     }
 
+    /// Whether the encoded record `encoded` of `key` at `version` wins over
+    /// the key's current entry ([`index::wins`]): at an equal version, the
+    /// greater CRC wins, so two replicas that hold different bytes under
+    /// one version converge on the same record. Called under the writer
+    /// lock, after the cheaper check that no newer version is there.
+    fn wins_over_current(
+        &self,
+        generation: &Generation,
+        key: &[u8],
+        version: Version,
+        encoded: &[u8],
+    ) -> bool {
+        let Some(current) = generation.index.get(key) else {
+            return true;
+        };
+        index::wins(
+            version,
+            record::stored_crc(encoded),
+            current.version(),
+            || record::stored_crc(&generation.log.map()[current.offset() as usize..]),
+        )
+    }
+
     fn append(&self, log: &LogFile, buf: &[u8]) -> Result<u64> {
         log.append(buf).map_err(|e| {
             Error::io(
@@ -699,6 +826,25 @@ impl Collection {
         })
     }
 
+    /// Makes the durable watermark's last value durable, if it is not yet:
+    /// the lazy half of recording it (see `watermark.rs`).
+    pub(crate) fn sync_watermark(&self) -> Result<()> {
+        let generation = self.current.load();
+        match generation.log.watermark() {
+            Some(w) if w.is_dirty() => w.sync().map_err(|e| {
+                Error::io(
+                    "fsync",
+                    generation
+                        .log
+                        .path()
+                        .map_or_else(PathBuf::new, watermark::path_for),
+                    e,
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A copy of the writer's state.
     pub(crate) fn state(&self) -> State {
         self.writer.lock().unwrap().state
@@ -708,13 +854,4 @@ impl Collection {
     pub(crate) fn with_writer<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.writer.lock().unwrap().state)
     }
-}
-
-/// The value of the live record `slot` points at, without copying.
-#[inline]
-pub(crate) fn value_at(map: &Bytes, slot: &Slot) -> Bytes {
-    let offset = slot.offset() as usize;
-    let header = record::peek_header(&map[offset..]);
-    let start = offset + RECORD_HEADER_LEN + header.key_len as usize;
-    map.slice(start..start + header.value_len as usize)
 }

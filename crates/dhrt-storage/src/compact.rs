@@ -37,6 +37,9 @@ pub struct CompactionReport {
     pub purged_tombstones: u64,
     /// Records written while phase 1 ran and copied in the catch-up.
     pub caught_up: u64,
+    /// Records that failed their checksum and were left out (their keys
+    /// read as missing until a replica's copy is applied).
+    pub damaged: u64,
 }
 
 const FLUSH_AT: usize = 1 << 20;
@@ -104,22 +107,27 @@ pub(crate) fn compact(
                     report.purged_tombstones += 1;
                     continue;
                 }
-                let bytes = &old_map[offset as usize..];
+                let bytes = &old_map[offset as usize..t0 as usize];
                 let Decoded::Record { header, .. } = record::decode(bytes) else {
-                    return Err(Error::Corrupt {
-                        path: old
-                            .log
-                            .path()
-                            .map_or_else(|| "(memory)".into(), Path::to_path_buf),
+                    // Damaged since it was written: left out of the new
+                    // file and index (and so of the digest), as a
+                    // quarantine would; a replica's copy restores it.
+                    tracing::error!(
+                        collection = %coll.name,
                         offset,
-                        reason: "record failed its checksum during compaction",
-                    });
+                        "a record failed its checksum during compaction; dropping it"
+                    );
+                    coll.quarantined
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    report.damaged += 1;
+                    continue;
                 };
                 let new_offset = base + out.len() as u64;
                 out.extend_from_slice(&bytes[..header.record_len()]);
                 index.insert(
                     entry.key().as_bytes(),
                     Slot::new(new_offset, slot.is_tombstone(), version),
+                    record::stored_crc(bytes),
                 );
                 if slot.is_tombstone() {
                     state.tombstones += 1;
@@ -158,9 +166,32 @@ pub(crate) fn compact(
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
                 let final_path = Collection::log_path(dir, &coll.name);
-                std::fs::rename(tmp, &final_path).map_err(|e| io_err("rename", e))?;
-                new_log.set_path(final_path);
+                // Before the rename, the watermark must suit both files a
+                // crash may leave under the name, and the old file's late
+                // syncs must no longer raise it.
+                if let Some(w) = old.log.watermark() {
+                    w.begin_swap(new_log.id(), new_log.tail()).map_err(|e| {
+                        Error::io("write", crate::watermark::path_for(&final_path), e)
+                    })?;
+                }
+                if let Err(e) = std::fs::rename(tmp, &final_path) {
+                    if let Some(w) = old.log.watermark() {
+                        w.abort_swap(old.log.id());
+                    }
+                    return Err(io_err("rename", e));
+                }
                 log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+                new_log.set_path(final_path);
+                if let Some(w) = old.log.watermark() {
+                    new_log.set_watermark(w.clone());
+                    // Every byte of the new file was synced above.
+                    w.advance(new_log.id(), new_log.tail());
+                }
+            }
+            #[cfg(test)]
+            if let Some((paused, resume)) = coll.pause_compaction.lock().unwrap().take() {
+                paused.send(()).unwrap();
+                resume.recv().unwrap();
             }
             report.bytes_after = new_log.tail();
             coll.current.store(Arc::new(Generation {
@@ -189,13 +220,15 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
     }
     let t0 = coll.with_writer(|_| old.log.tail());
     let index = Index::new(shards);
+    let map = old.log.map();
     for shard in old.index.shards() {
         let guard = &crossbeam_epoch::pin();
         let mut cursor = shard.front(guard);
         while let Some(entry) = cursor {
             let slot = entry.value().load();
             if slot.offset() < t0 {
-                index.insert(entry.key().as_bytes(), slot);
+                let crc = record::stored_crc(&map[slot.offset() as usize..]);
+                index.insert(entry.key().as_bytes(), slot, crc);
             }
             cursor = entry.next();
         }

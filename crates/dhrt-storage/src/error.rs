@@ -92,6 +92,24 @@ pub enum Error {
         cause: String,
     },
 
+    /// A record failed its checksum when read: the bytes in the file are not
+    /// what was written. The key's entry was **quarantined**: removed from
+    /// the index (so the key now reads as missing here) and from the
+    /// anti-entropy digest (so the bucket differs from replicas, which hold
+    /// the good copy), and the collection was marked for compaction, which
+    /// drops the damaged bytes from the file. Nothing else was changed. A
+    /// caller should answer from a replica and re-apply its record.
+    #[error(
+        "record of collection {collection:?} at offset {offset} failed its checksum; \
+         quarantined (the key reads as missing here until a replica's copy is applied)"
+    )]
+    Checksum {
+        /// The collection.
+        collection: String,
+        /// Byte offset of the damaged record in the collection's file.
+        offset: u64,
+    },
+
     /// Another process holds the data directory's lock. Nothing was opened.
     #[error("data directory {path} is in use by another process")]
     Locked {

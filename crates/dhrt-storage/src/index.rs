@@ -201,15 +201,39 @@ pub fn digest_bucket(key: &[u8]) -> usize {
 }
 
 /// What one entry contributes to its bucket's digest: a hash of the key, its
-/// version and whether it is a tombstone. Buckets XOR these, so the digest
-/// of a set of entries does not depend on the order they arrived in.
+/// version, whether it is a tombstone, and its record's CRC, which covers
+/// the value (so replicas holding different bytes under one version
+/// differ). Buckets XOR these, so the digest of a set of entries does not
+/// depend on the order they arrived in.
 #[inline]
-fn entry_hash(key: &[u8], slot: &Slot) -> u64 {
+fn entry_hash(key: &[u8], slot: &Slot, crc: u32) -> u64 {
     let v = slot.version();
     let seed = v.ts.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ v.node.rotate_left(32)
-        ^ u64::from(slot.is_tombstone());
+        ^ u64::from(slot.is_tombstone())
+        ^ (u64::from(crc) << 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     xxhash_rust::xxh3::xxh3_64_with_seed(key, seed)
+}
+
+/// The CRC of the record `slot` points at in `log`. The slot does not keep
+/// it (slots stay 16 bytes); the record's first 4 bytes do.
+#[inline]
+fn crc_of(log: &[u8], slot: &Slot) -> u32 {
+    crate::record::stored_crc(&log[slot.offset() as usize..])
+}
+
+/// Whether a record with version `new` and CRC `new_crc` wins over one
+/// with `old` and `old_crc`: the greater version, and at equal versions the
+/// greater CRC (equal CRCs: the same record). Deterministic, so replicas
+/// that got different bytes under one version converge.
+#[inline]
+pub(crate) fn wins(
+    new: Version,
+    new_crc: u32,
+    old: Version,
+    old_crc: impl FnOnce() -> u32,
+) -> bool {
+    new > old || (new == old && new_crc > old_crc())
 }
 
 /// What [`Index::upsert`] did.
@@ -266,8 +290,8 @@ impl Index {
     }
 
     #[inline]
-    fn toggle(&self, key: &[u8], slot: &Slot) {
-        self.digest[digest_bucket(key)].fetch_xor(entry_hash(key, slot), Ordering::Relaxed);
+    fn toggle(&self, key: &[u8], slot: &Slot, crc: u32) {
+        self.digest[digest_bucket(key)].fetch_xor(entry_hash(key, slot, crc), Ordering::Relaxed);
     }
 
     /// Number of shards.
@@ -307,20 +331,22 @@ impl Index {
         shard.get(KeyRef::new(key), guard).map(|e| e.value().load())
     }
 
-    /// Inserts a key that is not in the index (building a fresh index).
-    /// Callers serialize writes to one index.
-    pub(crate) fn insert(&self, key: &[u8], slot: Slot) {
-        self.toggle(key, &slot);
+    /// Inserts a key that is not in the index (building a fresh index);
+    /// `crc` is its record's. Callers serialize writes to one index.
+    pub(crate) fn insert(&self, key: &[u8], slot: Slot, crc: u32) {
+        self.toggle(key, &slot, crc);
         let guard = &epoch::pin();
         self.shard_or_create(key)
             .insert(Key::new(key), AtomicSlot::new(slot), guard)
             .release(guard);
     }
 
-    /// Inserts `slot` unless the key holds an equal or newer version. An
-    /// existing key is updated in place (one search, no allocation).
-    /// Callers serialize writes to one index.
-    pub(crate) fn upsert(&self, key: &[u8], slot: Slot) -> Upsert {
+    /// Inserts `slot` (whose record has CRC `crc`) unless the key holds a
+    /// record that [`wins`] over it. An existing key is updated in place
+    /// (one search, no allocation). `log` holds the records the index's
+    /// offsets point into (for the CRCs of replaced records). Callers
+    /// serialize writes to one index.
+    pub(crate) fn upsert(&self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
         let guard = &epoch::pin();
         // One search either way: inserts if the key is absent, else hands
         // back the existing entry untouched (never replaces the node).
@@ -334,28 +360,61 @@ impl Index {
         let upsert = if old == slot {
             // Positions never repeat, so an equal slot is the one just
             // inserted.
-            self.toggle(key, &slot);
+            self.toggle(key, &slot, crc);
             Upsert::Inserted
-        } else if old.version() >= slot.version() {
+        } else if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
             Upsert::Kept(old)
         } else {
             entry.value().store(slot);
-            self.toggle(key, &old);
-            self.toggle(key, &slot);
+            self.toggle(key, &old, crc_of(log, &old));
+            self.toggle(key, &slot, crc);
             Upsert::Replaced(old)
         };
         entry.release(guard);
         upsert
     }
 
-    pub(crate) fn remove(&self, key: &[u8]) {
+    /// Removes `key`; `log` holds the records the index points into.
+    pub(crate) fn remove(&self, key: &[u8], log: &[u8]) {
         if let Some(shard) = self.shard(key) {
             let guard = &epoch::pin();
             if let Some(e) = shard.remove(KeyRef::new(key), guard) {
-                self.toggle(key, &e.value().load());
+                let slot = e.value().load();
+                self.toggle(key, &slot, crc_of(log, &slot));
                 e.release(guard);
             }
         }
+    }
+
+    /// Removes `key`, whose record may be damaged, and recomputes the
+    /// digest of its bucket from the remaining entries (the damaged
+    /// record's stored CRC cannot be trusted to XOR it out). Callers
+    /// serialize writes to one index.
+    pub(crate) fn remove_damaged(&self, key: &[u8], log: &[u8]) {
+        let Some(shard) = self.shard(key) else {
+            return;
+        };
+        let guard = &epoch::pin();
+        if let Some(e) = shard.remove(KeyRef::new(key), guard) {
+            e.release(guard);
+        }
+        let bucket = digest_bucket(key);
+        let shift = ORDER_BITS - DIGEST_BITS;
+        let first = shard_of((bucket as u64) << shift, self.bits);
+        let last = shard_of((((bucket as u64) + 1) << shift) - 1, self.bits);
+        let mut hash = 0;
+        for shard in &self.shards[first..=last] {
+            let mut cursor = shard.front(guard);
+            while let Some(e) = cursor {
+                let k = e.key().as_bytes();
+                if digest_bucket(k) == bucket {
+                    let slot = e.value().load();
+                    hash ^= entry_hash(k, &slot, crc_of(log, &slot));
+                }
+                cursor = e.next();
+            }
+        }
+        self.digest[bucket].store(hash, Ordering::Relaxed);
     }
 
     /// The shards, in shard order.
@@ -439,23 +498,48 @@ mod tests {
         assert_eq!(slot.load().offset(), WRITES);
     }
 
+    /// A log whose "records" at 10, 20, 30 and 40 are only their CRCs.
+    fn crcs() -> Vec<u8> {
+        let mut log = vec![0u8; 64];
+        for (offset, crc) in [(10, 100u32), (20, 200), (30, 300), (40, 250)] {
+            log[offset..offset + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        log
+    }
+
     #[test]
     fn upsert_updates_in_place_and_keeps_newer_versions() {
+        let log = crcs();
         let index = Index::new(4);
         let first = Slot::new(10, false, version(5));
-        assert_eq!(index.upsert(b"k", first), Upsert::Inserted);
+        assert_eq!(index.upsert(b"k", first, 100, &log), Upsert::Inserted);
         let second = Slot::new(20, true, version(6));
-        assert_eq!(index.upsert(b"k", second), Upsert::Replaced(first));
+        assert_eq!(
+            index.upsert(b"k", second, 200, &log),
+            Upsert::Replaced(first)
+        );
         assert_eq!(index.get(b"k"), Some(second));
-        let stale = Slot::new(30, false, version(6));
-        assert_eq!(index.upsert(b"k", stale), Upsert::Kept(second));
-        assert_eq!(index.get(b"k"), Some(second));
-        // The digest is that of the newest entry alone.
+        // At an equal version the greater CRC wins...
+        let smaller = Slot::new(30, false, version(6));
+        assert_eq!(index.upsert(b"k", smaller, 150, &log), Upsert::Kept(second));
+        let greater = Slot::new(40, false, version(6));
+        assert_eq!(
+            index.upsert(b"k", greater, 250, &log),
+            Upsert::Replaced(second)
+        );
+        // ...and an older version never does.
+        let stale = Slot::new(30, false, version(5));
+        assert_eq!(index.upsert(b"k", stale, 300, &log), Upsert::Kept(greater));
+        assert_eq!(index.get(b"k"), Some(greater));
+        // The digest is that of the winning entry alone, its CRC included.
         let only = Index::new(4);
-        only.insert(b"k", second);
+        only.insert(b"k", greater, 250);
         assert_eq!(index.digest(), only.digest());
+        let other_bytes = Index::new(4);
+        other_bytes.insert(b"k", greater, 251);
+        assert_ne!(index.digest(), other_bytes.digest());
         let mut seen = Vec::new();
         index.for_each(|k, s| seen.push((k.as_bytes().to_vec(), *s)));
-        assert_eq!(seen, vec![(b"k".to_vec(), second)]);
+        assert_eq!(seen, vec![(b"k".to_vec(), greater)]);
     }
 }

@@ -25,7 +25,9 @@ mod options;
 mod record;
 mod scan;
 mod store;
+mod verify;
 mod version;
+mod watermark;
 
 pub use bytes::Bytes;
 pub use compact::CompactionReport;

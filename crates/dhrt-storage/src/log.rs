@@ -6,13 +6,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::mmap;
 use crate::record::{self, FILE_HEADER_LEN};
+use crate::watermark::{self, Watermark};
 
 /// The index packs offsets into 46 bits.
 const MAX_LOG_LEN: u64 = 1 << crate::index::OFFSET_BITS;
@@ -80,6 +81,13 @@ pub(crate) struct LogFile {
     tail: AtomicU64,
     sync: Mutex<SyncState>,
     synced_cv: Condvar,
+    /// Identifies this file to the collection's watermark.
+    id: u64,
+    /// Where successful fsyncs are recorded; `None` in memory mode and for
+    /// a compaction's file until it is published.
+    watermark: Option<Arc<Watermark>>,
+    /// Successful `fdatasync`s of this file.
+    fdatasyncs: AtomicU64,
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
     pub(crate) fail_next_sync: std::sync::atomic::AtomicBool,
@@ -134,6 +142,9 @@ impl LogFile {
                 ..SyncState::default()
             }),
             synced_cv: Condvar::new(),
+            id: watermark::next_log_id(),
+            watermark: None,
+            fdatasyncs: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -269,7 +280,15 @@ impl LogFile {
             st = self.sync.lock().unwrap();
             st.in_progress = false;
             match result {
-                Ok(()) => st.synced = st.synced.max(target),
+                Ok(()) => {
+                    st.synced = st.synced.max(target);
+                    self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+                    if let Some(w) = &self.watermark {
+                        // Under the sync lock, so values reach the file in
+                        // order; a pwrite into the page cache, no fsync.
+                        w.advance(self.id, target);
+                    }
+                }
                 Err(e) => {
                     let msg = format!("fdatasync {}: {e}", self.describe());
                     tracing::error!("{msg}; the collection now refuses writes");
@@ -288,6 +307,28 @@ impl LogFile {
     /// Records that the file was renamed (a compacted file published).
     pub(crate) fn set_path(&mut self, path: PathBuf) {
         self.path = Some(path);
+    }
+
+    /// Successful `fdatasync`s of this file so far.
+    #[cfg(test)]
+    pub(crate) fn fdatasyncs(&self) -> u64 {
+        self.fdatasyncs.load(Ordering::Relaxed)
+    }
+
+    /// This file's id, as the watermark knows it.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The collection's watermark, which this file's fsyncs advance.
+    pub(crate) fn watermark(&self) -> Option<&Arc<Watermark>> {
+        self.watermark.as_ref()
+    }
+
+    /// Makes this file's fsyncs advance `watermark` (which must already
+    /// name this file as its owner to take effect).
+    pub(crate) fn set_watermark(&mut self, watermark: Arc<Watermark>) {
+        self.watermark = Some(watermark);
     }
 
     fn describe(&self) -> String {

@@ -101,6 +101,25 @@ pub(crate) fn encode(buf: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8], ve
     buf[start..start + 4].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The CRC stored at the start of the record at the start of `buf`: a
+/// fingerprint of the whole record (kind, key, version and value), which
+/// the anti-entropy digest and the equal-version tie-break use.
+#[inline]
+pub(crate) fn stored_crc(buf: &[u8]) -> u32 {
+    u32::from_le_bytes(buf[..4].try_into().unwrap())
+}
+
+/// The length of the record at `offset` in `buf` if its header parses and
+/// the record fits in `buf` (whatever its CRC says).
+pub(crate) fn header_len_within(buf: &[u8], offset: u64) -> Option<u64> {
+    let at = buf.get(offset as usize..)?;
+    if at.len() < RECORD_HEADER_LEN {
+        return None;
+    }
+    let len = parse_header(at).ok()?.record_len();
+    (len <= at.len()).then_some(len as u64)
+}
+
 /// The result of decoding the record at the start of a slice.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded<'a> {

@@ -18,9 +18,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::collection::{self, Collection};
+use crate::collection::Collection;
 use crate::index::{self, ORDER_BITS};
 use crate::key::KeyRef;
+use crate::log::LogFile;
+use crate::record::{self, Decoded};
+use crate::verify;
 use crate::version::Version;
 
 /// One entry of a collection, with its version; `value` is `None` for a
@@ -87,7 +90,6 @@ impl Iterator for Records {
         if self.bits != Some(generation.index.bits()) {
             self.prime(&generation.index);
         }
-        let map = generation.log.map();
         let guard = &crossbeam_epoch::pin();
         loop {
             let Some(Reverse((key, i))) = self.heap.pop() else {
@@ -117,9 +119,25 @@ impl Iterator for Records {
             if self.live_only && slot.is_tombstone() {
                 continue;
             }
+            let value = if slot.is_tombstone() {
+                None
+            } else {
+                // Loaded after the slot: they cover its record.
+                let tail = generation.log.tail();
+                let map = generation.log.map();
+                match verify::read_value(&map, tail, &slot) {
+                    Some(value) => Some(value),
+                    None => {
+                        // Skipped, not yielded: a listing never serves
+                        // damaged bytes.
+                        coll.quarantine(&generation.log, &key, slot);
+                        continue;
+                    }
+                }
+            };
             return Some(Record {
                 key,
-                value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
+                value,
                 version: slot.version(),
             });
         }
@@ -190,7 +208,6 @@ impl Listing {
         };
         let generation = coll.current.load();
         let index = &generation.index;
-        let map = generation.log.map();
         let mut shard_no = self
             .after
             .as_ref()
@@ -213,14 +230,28 @@ impl Listing {
                     cursor = e.next();
                 }
                 entries.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                // Loaded after the slots: they cover their records.
+                let tail = generation.log.tail();
+                let map = generation.log.map();
                 for (hash, key, slot) in entries {
                     self.after = Some((hash, key.clone()));
                     if self.live_only && slot.is_tombstone() {
                         continue;
                     }
+                    let value = if slot.is_tombstone() {
+                        None
+                    } else {
+                        match verify::read_value(&map, tail, &slot) {
+                            Some(value) => Some(value),
+                            None => {
+                                coll.quarantine(&generation.log, &key, slot);
+                                continue;
+                            }
+                        }
+                    };
                     self.buffered.push_back(Record {
                         key,
-                        value: (!slot.is_tombstone()).then(|| collection::value_at(&map, &slot)),
+                        value,
                         version: slot.version(),
                     });
                 }
@@ -259,7 +290,12 @@ impl Iterator for Listing {
 /// made after it started are not included.
 #[derive(Debug)]
 pub struct NewestFirst {
+    /// The collection and the log the offsets point into, to quarantine a
+    /// damaged record.
+    source: Option<(Arc<Collection>, Arc<LogFile>)>,
     map: Bytes,
+    /// The log's tail when the walk started: every offset is below it.
+    tail: usize,
     /// Record offsets, newest last (popped from the end).
     offsets: Vec<u64>,
 }
@@ -268,7 +304,9 @@ impl NewestFirst {
     pub(crate) fn new(collection: Option<Arc<Collection>>) -> Self {
         let Some(coll) = collection else {
             return NewestFirst {
+                source: None,
                 map: Bytes::new(),
+                tail: 0,
                 offsets: Vec::new(),
             };
         };
@@ -278,9 +316,15 @@ impl NewestFirst {
             .index
             .for_each(|_, slot| offsets.push(slot.offset()));
         offsets.sort_unstable();
-        // Taken after the offsets: it covers every record they point at.
+        // Taken after the offsets: they cover every record they point at.
+        let tail = generation.log.tail() as usize;
         let map = Bytes::clone(&generation.log.map());
-        NewestFirst { map, offsets }
+        NewestFirst {
+            source: Some((coll, generation.log.clone())),
+            map,
+            tail,
+            offsets,
+        }
     }
 
     /// How many records are left.
@@ -293,18 +337,25 @@ impl Iterator for NewestFirst {
     type Item = Record;
 
     fn next(&mut self) -> Option<Record> {
-        let offset = self.offsets.pop()? as usize;
-        let header = crate::record::peek_header(&self.map[offset..]);
-        let key_start = offset + crate::record::RECORD_HEADER_LEN;
-        let value_start = key_start + header.key_len as usize;
-        Some(Record {
-            key: self.map[key_start..value_start].to_vec(),
-            value: (header.kind == crate::record::Kind::Set).then(|| {
-                self.map
-                    .slice(value_start..value_start + header.value_len as usize)
-            }),
-            version: header.version,
-        })
+        loop {
+            let offset = self.offsets.pop()? as usize;
+            let Decoded::Record { header, key, .. } = record::decode(&self.map[offset..self.tail])
+            else {
+                if let Some((coll, log)) = &self.source {
+                    coll.quarantine_offset(log, offset as u64);
+                }
+                continue;
+            };
+            let value_start = offset + record::RECORD_HEADER_LEN + key.len();
+            return Some(Record {
+                key: key.to_vec(),
+                value: (header.kind == record::Kind::Set).then(|| {
+                    self.map
+                        .slice(value_start..value_start + header.value_len as usize)
+                }),
+                version: header.version,
+            });
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

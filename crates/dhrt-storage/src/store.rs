@@ -1,5 +1,5 @@
 //! The `Store`: a data directory (or memory) of collections, the public API,
-//! and the background thread that syncs and compacts.
+//! the background thread that reshards and compacts, and the sync thread.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -63,12 +63,14 @@ struct Core {
 }
 
 /// Dropped when the last `Store` clone is: stops and joins the background
-/// thread, syncs, and only then releases the directory lock.
+/// threads, syncs, and only then releases the directory lock.
 #[derive(Debug)]
 struct Inner {
     core: Arc<Core>,
     shutdown: Arc<Shutdown>,
-    background: Option<JoinHandle<()>>,
+    /// The background thread (compaction, resharding) and, in persisted
+    /// mode, the sync thread.
+    threads: Vec<JoinHandle<()>>,
     _dir_lock: Option<File>,
 }
 
@@ -93,6 +95,10 @@ pub struct RecoveryReport {
     /// tail by a process that stopped without closing the log. Not a torn
     /// record.
     pub reserved_bytes: u64,
+    /// How far the log was confirmed durable (its watermark file), if it
+    /// had one. A cut at or past it (`truncated_bytes`) lost only writes
+    /// that were never synced; damage below it refuses the open instead.
+    pub durable_watermark: Option<u64>,
 }
 
 /// Statistics of one collection.
@@ -224,6 +230,7 @@ impl Store {
                 records: recovery.records,
                 truncated_bytes: recovery.truncated.map_or(0, |(bytes, _)| bytes),
                 reserved_bytes: recovery.reserved,
+                durable_watermark: recovery.watermark,
             });
             collections.insert(name, Arc::new(collection));
         }
@@ -268,18 +275,30 @@ impl Store {
             recovered,
         });
         let shutdown = Arc::new(Shutdown::default());
-        let handle = {
+        let mut threads = Vec::new();
+        {
             let (core, shutdown) = (core.clone(), shutdown.clone());
-            std::thread::Builder::new()
-                .name("dhrt-storage-bg".into())
-                .spawn(move || background(&core, &shutdown))
-                .expect("spawn the storage background thread")
-        };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("dhrt-storage-bg".into())
+                    .spawn(move || background(&core, &shutdown))
+                    .expect("spawn the storage background thread"),
+            );
+        }
+        if core.dir.is_some() {
+            let (core, shutdown) = (core.clone(), shutdown.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("dhrt-storage-sync".into())
+                    .spawn(move || sync_loop(&core, &shutdown))
+                    .expect("spawn the storage sync thread"),
+            );
+        }
         Store {
             inner: Arc::new(Inner {
                 core,
                 shutdown,
-                background: Some(handle),
+                threads,
                 _dir_lock: dir_lock,
             }),
         }
@@ -450,9 +469,13 @@ impl Store {
 
     /// Applies a replicated write: sets `key` to `value` (or deletes it, for
     /// `None`) with the given version, if that version is greater than the
-    /// key's current one and than the collection's last drop. Returns whether
-    /// it applied. Idempotent and order-independent: replicas that apply the
-    /// same writes in any order end in the same state.
+    /// key's current one and than the collection's last drop. At an
+    /// **equal** version with different bytes, the record with the greater
+    /// `crc32c` wins (an equal CRC is the same record: skipped), so
+    /// replicas that hold different values under one version converge.
+    /// Returns whether it applied. Idempotent and order-independent:
+    /// replicas that apply the same writes in any order end in the same
+    /// state.
     pub fn apply(
         &self,
         collection: &str,
@@ -469,7 +492,8 @@ impl Store {
 
     /// Applies many writes stamped elsewhere to `collection` at once, as
     /// [`apply`](Self::apply) does one by one (last writer wins on the
-    /// version), under one lock and one write to the log. Every entry is
+    /// version, the greater CRC on an equal version), under one lock and one
+    /// write to the log. Every entry is
     /// checked first; if one is invalid, nothing is written. Returns how
     /// many took effect.
     pub fn apply_many(&self, collection: &str, entries: &[crate::Replicated<'_>]) -> Result<usize> {
@@ -491,7 +515,11 @@ impl Store {
     }
 
     /// The value of `key`, or `None`. The value is not copied: it points into
-    /// the collection's map.
+    /// the collection's map. Its record's CRC is checked first: a damaged
+    /// record fails with [`Error::Checksum`] and is quarantined, after which
+    /// the key reads as missing here until a replica's copy is applied
+    /// (the same holds for [`lookup`](Self::lookup) and
+    /// [`get_versioned`](Self::get_versioned); listings skip such records).
     #[inline]
     pub fn get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>> {
         Ok(self
@@ -528,7 +556,7 @@ impl Store {
         check_key(key)?;
         match self.inner.collections.load().get(collection) {
             // Only valid names are ever in the map.
-            Some(c) => Ok(c.lookup(key)),
+            Some(c) => c.lookup(key),
             None => validate_collection_name(collection).map(|()| None),
         }
     }
@@ -611,8 +639,9 @@ impl Store {
     }
 
     /// The anti-entropy digest of `collection`: per bucket of key hashes
-    /// ([`crate::digest_bucket`]), the XOR of a hash of every entry's key, version
-    /// and kind, tombstones included; kept current by every write. Two
+    /// ([`crate::digest_bucket`]), the XOR of a hash of every entry's key,
+    /// version, kind and record CRC (which covers the value), tombstones
+    /// included; kept current by every write. Two
     /// stores holding the same entries have equal digests whatever order
     /// the writes came in. A collection that does not exist has an empty
     /// digest.
@@ -697,12 +726,14 @@ impl Drop for Inner {
     fn drop(&mut self) {
         *self.shutdown.stop.lock().unwrap() = true;
         self.shutdown.wake.notify_all();
-        if let Some(handle) = self.background.take() {
-            let _ = handle.join();
+        for handle in self.threads.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a storage thread panicked");
+            }
         }
         if self.dir.is_some() {
             for c in self.collections.load().values() {
-                if let Err(e) = c.sync() {
+                if let Err(e) = c.sync().and_then(|()| c.sync_watermark()) {
                     tracing::error!(collection = %c.name, "final sync failed: {e}");
                 }
             }
@@ -710,31 +741,36 @@ impl Drop for Inner {
     }
 }
 
-/// Syncs dirty collections every interval (in `Interval` mode), gives
-/// collections that outgrew their index more shards, and compacts
-/// collections whose garbage or expired tombstones call for it.
-fn background(inner: &Core, shutdown: &Shutdown) {
-    const TICK: Duration = Duration::from_millis(100);
-    const COMPACTION_CHECK: Duration = Duration::from_secs(1);
-    let mut last_sync = Instant::now();
-    let mut last_check = Instant::now();
-    loop {
-        {
-            let stop = shutdown.stop.lock().unwrap();
-            let (stop, _) = shutdown
-                .wake
-                .wait_timeout_while(stop, TICK, |stop| !*stop)
-                .unwrap();
-            if *stop {
-                return;
-            }
-        }
-        if inner.dir.is_some()
-            && let SyncMode::Interval(every) = inner.options.sync
-            && last_sync.elapsed() >= every
-        {
-            last_sync = Instant::now();
-            for c in inner.collections.load().values() {
+impl Shutdown {
+    /// Waits up to `timeout`; whether the store is shutting down.
+    fn wait(&self, timeout: Duration) -> bool {
+        let stop = self.stop.lock().unwrap();
+        let (stop, _) = self
+            .wake
+            .wait_timeout_while(stop, timeout, |stop| !*stop)
+            .unwrap();
+        *stop
+    }
+}
+
+/// The sync thread: in `Interval` mode, fsyncs dirty collections every
+/// interval; in every mode, makes durable the watermarks written since its
+/// last round (every interval, or every second outside `Interval` mode).
+///
+/// It has a thread of its own so that a long compaction or reshard never
+/// delays it. It takes no collection's writer lock: a sync holds only the
+/// log's sync state (never held across an `fdatasync`) and the watermark's
+/// lock (held by a compaction only to rewrite the watermark), so a
+/// compaction's final step, which holds the writer lock, does not block it.
+fn sync_loop(core: &Core, shutdown: &Shutdown) {
+    let every = match core.options.sync {
+        SyncMode::Interval(every) => every.max(Duration::from_millis(1)),
+        SyncMode::Always | SyncMode::Never => Duration::from_secs(1),
+    };
+    while !shutdown.wait(every) {
+        let collections = core.collections.load();
+        if let SyncMode::Interval(_) = core.options.sync {
+            for c in collections.values() {
                 if c.current.load().log.is_dirty()
                     && let Err(e) = c.sync()
                 {
@@ -742,6 +778,23 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 }
             }
         }
+        for c in collections.values() {
+            if let Err(e) = c.sync_watermark() {
+                tracing::warn!(collection = %c.name, "cannot sync the durable watermark: {e}");
+            }
+        }
+    }
+}
+
+/// The background thread: gives collections that outgrew their index more
+/// shards, and compacts collections whose garbage or expired tombstones
+/// call for it (with `background_compaction`) or in which a damaged record
+/// was quarantined (always: the damaged bytes must leave the file).
+fn background(inner: &Core, shutdown: &Shutdown) {
+    const TICK: Duration = Duration::from_millis(100);
+    const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+    let mut last_check = Instant::now();
+    while !shutdown.wait(TICK) {
         for c in inner.collections.load().values() {
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
@@ -750,21 +803,26 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 tracing::debug!(collection = %c.name, shards = more, ms = started.elapsed().as_millis() as u64, "resharded the index");
             }
         }
-        if inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK {
+        let check = inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK;
+        if check {
             last_check = Instant::now();
-            for c in inner.collections.load().values() {
-                let len = c.current.load().log.tail();
-                if compact::is_due(&c.state(), len, &inner.options) {
-                    match compact::compact(c, inner.dir.as_deref(), &inner.options) {
-                        Ok(r) => tracing::info!(
-                            collection = %c.name,
-                            before = r.bytes_before,
-                            after = r.bytes_after,
-                            purged = r.purged_tombstones,
-                            "compacted"
-                        ),
-                        Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
-                    }
+        }
+        for c in inner.collections.load().values() {
+            let requested = c.take_compaction_request();
+            let due =
+                check && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
+            if requested || due {
+                match compact::compact(c, inner.dir.as_deref(), &inner.options) {
+                    Ok(r) => tracing::info!(
+                        collection = %c.name,
+                        before = r.bytes_before,
+                        after = r.bytes_after,
+                        purged = r.purged_tombstones,
+                        damaged = r.damaged,
+                        requested,
+                        "compacted"
+                    ),
+                    Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
                 }
             }
         }
@@ -777,6 +835,57 @@ mod tests {
 
     const fn assert_send_sync<T: Send + Sync>() {}
     const _: () = assert_send_sync::<Store>();
+
+    /// A compaction stopped in its final step, holding its collection's
+    /// writer lock, delays neither the interval sync of another collection
+    /// nor a sync of its own.
+    #[test]
+    fn the_interval_sync_goes_on_while_a_compaction_is_stuck() {
+        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            sync: SyncMode::Interval(Duration::from_millis(5)),
+            // Only the requested compaction below runs.
+            compaction_min_bytes: u64::MAX,
+            tombstone_grace: Duration::from_secs(3600),
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        store.set("busy", b"k", b"v").unwrap();
+        let busy = store.existing("busy").unwrap().unwrap();
+        let (paused_tx, paused) = channel();
+        let (resume, resume_rx) = channel();
+        *busy.pause_compaction.lock().unwrap() = Some((paused_tx, resume_rx));
+        busy.compact_requested.store(true, Ordering::Release);
+        // The background thread is now inside the compaction's last step.
+        store.set("other", b"k", b"v").unwrap();
+        paused.recv().unwrap();
+        let log = store
+            .existing("other")
+            .unwrap()
+            .unwrap()
+            .current
+            .load_full()
+            .log
+            .clone();
+        let before = log.fdatasyncs();
+        store.set("other", b"k2", b"v").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while log.fdatasyncs() == before {
+            assert!(
+                Instant::now() < deadline,
+                "the interval sync waited behind the compaction"
+            );
+            std::thread::yield_now();
+        }
+        // Syncing the compacting collection takes no writer lock either.
+        store.sync().unwrap();
+        resume.send(()).unwrap();
+        // Waits for the background compaction to finish, then runs its own.
+        store.compact("busy").unwrap();
+        assert_eq!(store.get("busy", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    }
 
     #[test]
     fn a_failed_fsync_poisons_the_collection_until_restart() {

@@ -1,6 +1,7 @@
 //! A property test of the store against a `BTreeMap` model: sets, deletes,
-//! replicated applies and drops, compactions, clean reopens, and crashes that
-//! cut every file back to its last synced length and append garbage.
+//! replicated applies and drops, compactions, clean reopens, crashes that
+//! cut every file back to its last synced length and append garbage, and
+//! crashes that leave the unsynced tail with a zeroed page at its start.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +23,9 @@ enum Op {
     Sync,
     Reopen,
     Crash(Vec<u8>),
+    /// A crash whose unsynced tail was written back except its first page
+    /// (out-of-order writeback): valid records follow the hole.
+    Hole,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -38,6 +42,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Sync),
         1 => Just(Op::Reopen),
         2 => prop::collection::vec(any::<u8>(), 0..80).prop_map(Op::Crash),
+        1 => Just(Op::Hole),
     ]
 }
 
@@ -116,6 +121,28 @@ fn log_len(store: &Store, c: usize) -> u64 {
         .map_or(0, |s| s.bytes)
 }
 
+fn watermark_path(dir: &Path, c: usize) -> std::path::PathBuf {
+    dir.join(format!("{}.dhrt.durable", COLLECTIONS[c]))
+}
+
+/// The watermark files as they are now (what a crash would leave of them,
+/// right after a sync: they are rewritten after each sync).
+fn watermarks(dir: &Path) -> Vec<Option<Vec<u8>>> {
+    (0..COLLECTIONS.len())
+        .map(|c| std::fs::read(watermark_path(dir, c)).ok())
+        .collect()
+}
+
+/// Puts back the watermark files saved at the last sync: a clean close
+/// advanced them, a crash would not have.
+fn restore_watermarks(dir: &Path, saved: &[Option<Vec<u8>>]) {
+    for (c, w) in saved.iter().enumerate() {
+        if let Some(w) = w {
+            std::fs::write(watermark_path(dir, c), w).unwrap();
+        }
+    }
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let base_ts = dhrt_storage::wall_ms() << 16;
@@ -124,6 +151,8 @@ fn run(ops: Vec<Op>) {
     // What each collection held, and its file length, at its last fsync.
     let mut durable = models.clone();
     let mut synced_len = vec![0u64; COLLECTIONS.len()];
+    // The watermark files at the last sync of each collection.
+    let mut saved_watermarks = watermarks(dir.path());
 
     for (step, op) in ops.into_iter().enumerate() {
         let s = store.as_ref().unwrap();
@@ -137,6 +166,7 @@ fn run(ops: Vec<Op>) {
                 if new {
                     // A new file's header is made durable when it is created.
                     synced_len[c] = 16;
+                    saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
             Op::Delete(c, k) => {
@@ -160,6 +190,7 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(applied, models[c].apply(&key(k), v, version), "{context}");
                 if new {
                     synced_len[c] = 16;
+                    saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
             Op::Drop(c, t) => {
@@ -169,6 +200,7 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(removed, models[c].drop_older(version), "{context}");
                 if new {
                     synced_len[c] = 16;
+                    saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
             Op::Compact(c) => {
@@ -176,6 +208,7 @@ fn run(ops: Vec<Op>) {
                 if file_len(dir.path(), c) > 0 {
                     durable[c] = models[c].clone();
                     synced_len[c] = log_len(s, c);
+                    saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
             Op::Sync => {
@@ -184,6 +217,7 @@ fn run(ops: Vec<Op>) {
                 for (c, len) in synced_len.iter_mut().enumerate() {
                     *len = log_len(s, c);
                 }
+                saved_watermarks = watermarks(dir.path());
             }
             Op::Reopen => {
                 drop(store.take());
@@ -192,10 +226,12 @@ fn run(ops: Vec<Op>) {
                 for (c, len) in synced_len.iter_mut().enumerate() {
                     *len = log_len(store.as_ref().unwrap(), c);
                 }
+                saved_watermarks = watermarks(dir.path());
                 check(store.as_ref().unwrap(), &models, &context);
             }
             Op::Crash(garbage) => {
                 drop(store.take());
+                restore_watermarks(dir.path(), &saved_watermarks);
                 for (c, &len) in synced_len.iter().enumerate() {
                     let path = dir.path().join(format!("{}.dhrt", COLLECTIONS[c]));
                     if len == 0 {
@@ -224,6 +260,34 @@ fn run(ops: Vec<Op>) {
                     assert_eq!(r.reserved_bytes, reserved, "{context}");
                 }
                 models = durable.clone();
+                check(&reopened, &models, &context);
+                store = Some(reopened);
+            }
+            Op::Hole => {
+                drop(store.take());
+                restore_watermarks(dir.path(), &saved_watermarks);
+                let mut tails = Vec::new();
+                for (c, &len) in synced_len.iter().enumerate() {
+                    let path = dir.path().join(format!("{}.dhrt", COLLECTIONS[c]));
+                    if len == 0 {
+                        tails.push(0);
+                        continue;
+                    }
+                    let mut bytes = std::fs::read(&path).unwrap();
+                    let hole_end = bytes.len().min(len as usize + 4096);
+                    bytes[len as usize..hole_end].fill(0);
+                    tails.push(bytes.len() as u64 - len);
+                    std::fs::write(&path, bytes).unwrap();
+                }
+                let reopened = Store::open(dir.path(), quiet_options()).unwrap();
+                for r in reopened.recovery() {
+                    let c = COLLECTIONS.iter().position(|n| *n == r.collection).unwrap();
+                    // All zeros after the hole's start read as reserved
+                    // space; anything else is cut past the watermark.
+                    assert_eq!(r.truncated_bytes + r.reserved_bytes, tails[c], "{context}");
+                }
+                models = durable.clone();
+                saved_watermarks = watermarks(dir.path());
                 check(&reopened, &models, &context);
                 store = Some(reopened);
             }

@@ -60,5 +60,8 @@ fn path_tricks_are_refused_and_nothing_escapes() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     in_data.sort();
-    assert_eq!(in_data, vec!["LOCK", "fine_name-1.dhrt"]);
+    assert_eq!(
+        in_data,
+        vec!["LOCK", "fine_name-1.dhrt", "fine_name-1.dhrt.durable"]
+    );
 }

@@ -210,3 +210,182 @@ fn a_large_log_replays_on_several_threads_to_the_same_state() {
             .unwrap()
     );
 }
+
+/// (start offset, key) of each record of a log.
+type Records = Vec<(usize, Vec<u8>)>;
+
+/// The offset the durable watermark of `c` in `dir` records.
+fn watermark_of(dir: &Path) -> u64 {
+    let bytes = std::fs::read(dir.join("c.dhrt.durable")).unwrap();
+    u64::from_le_bytes(bytes[8..16].try_into().unwrap())
+}
+
+/// A log of `c` whose first 20 records were synced and whose next 200 were
+/// not, as a crash would leave it: the log whole (the OS wrote the tail
+/// back) and the watermark as of the sync. Returns the directory, the log's
+/// bytes, the watermark and the (start, key) of every record.
+fn synced_then_unsynced() -> (tempfile::TempDir, Vec<u8>, u64, Records) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    let mut records = Vec::new();
+    let mut watermark_file = Vec::new();
+    for i in 0..220u32 {
+        if i == 20 {
+            store.sync().unwrap();
+            watermark_file = std::fs::read(dir.path().join("c.dhrt.durable")).unwrap();
+        }
+        let start = store
+            .stats()
+            .collections
+            .first()
+            .map_or(16, |c| c.bytes as usize);
+        let key = format!("key-{i:03}").into_bytes();
+        store.set("c", &key, &[b'v'; 60]).unwrap();
+        records.push((start, key));
+    }
+    drop(store);
+    // The clean close synced everything; a crash would not have.
+    std::fs::write(dir.path().join("c.dhrt.durable"), watermark_file).unwrap();
+    let bytes = std::fs::read(dir.path().join("c.dhrt")).unwrap();
+    let watermark = watermark_of(dir.path());
+    assert_eq!(watermark as usize, records[20].0);
+    (dir, bytes, watermark, records)
+}
+
+/// Zeroes the 4 KiB page at `page` (a multiple of 4096) of the log in
+/// `dir`, and returns the start of the first record it damages.
+fn zero_page(dir: &Path, bytes: &[u8], page: usize, records: &[(usize, Vec<u8>)]) -> usize {
+    let mut bad = bytes.to_vec();
+    bad[page..page + 4096].fill(0);
+    std::fs::write(dir.join("c.dhrt"), bad).unwrap();
+    let next = records.iter().position(|r| r.0 >= page).unwrap();
+    records[next - 1].0
+}
+
+#[test]
+fn a_zeroed_page_past_the_watermark_is_cut_even_with_valid_records_after_it() {
+    let (dir, bytes, watermark, records) = synced_then_unsynced();
+    let page = (watermark as usize).div_ceil(4096) * 4096 + 4096;
+    assert!(
+        page + 3 * 4096 < bytes.len(),
+        "valid records follow the hole"
+    );
+    let cut_at = zero_page(dir.path(), &bytes, page, &records);
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    let report = &store.recovery()[0];
+    assert_eq!(report.durable_watermark, Some(watermark));
+    assert_eq!(report.truncated_bytes, (bytes.len() - cut_at) as u64);
+    for (start, key) in &records {
+        let found = store.get("c", key).unwrap();
+        assert_eq!(found.is_some(), *start < cut_at, "record at {start}");
+    }
+    assert_eq!(
+        std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len(),
+        cut_at as u64
+    );
+    // Writes go on after the cut, and the log reopens cleanly.
+    store.set("c", b"after", b"x").unwrap();
+    drop(store);
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.recovery()[0].truncated_bytes, 0);
+    assert!(store.get("c", b"after").unwrap().is_some());
+}
+
+#[test]
+fn the_same_damage_below_the_watermark_is_refused_and_the_file_left_alone() {
+    let (dir, bytes, _, records) = synced_then_unsynced();
+    // The whole log was synced: say so, as the clean close did.
+    std::fs::write(
+        dir.path().join("c.dhrt.durable"),
+        durable_file(bytes.len() as u64),
+    )
+    .unwrap();
+    let page = 8192;
+    let damaged = zero_page(dir.path(), &bytes, page, &records);
+    let on_disk = std::fs::read(dir.path().join("c.dhrt")).unwrap();
+    match Store::open(dir.path(), quiet_options()) {
+        Err(Error::Corrupt { offset, .. }) => assert_eq!(offset, damaged as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(dir.path().join("c.dhrt")).unwrap(), on_disk);
+    // A log cut short of its watermark lost durable bytes too.
+    std::fs::write(dir.path().join("c.dhrt"), &bytes[..records[100].0]).unwrap();
+    match Store::open(dir.path(), quiet_options()) {
+        Err(Error::Corrupt { offset, .. }) => assert_eq!(offset, records[100].0 as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// The bytes of a watermark file recording `offset`.
+fn durable_file(offset: u64) -> Vec<u8> {
+    let mut b = b"DHRTDUR\0".to_vec();
+    b.extend_from_slice(&offset.to_le_bytes());
+    let crc = crc32c_of(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(&[0; 4]);
+    b
+}
+
+/// CRC32C (Castagnoli), bit by bit: tests do not depend on the crc crate.
+fn crc32c_of(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn the_watermark_follows_syncs_compaction_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    store.set("c", b"k", b"v0").unwrap();
+    // A new collection's watermark covers its header only.
+    assert_eq!(watermark_of(dir.path()), 16);
+    for i in 0..300u32 {
+        store.set("c", b"k", &i.to_le_bytes()).unwrap();
+        store
+            .set("c", format!("other{i}").as_bytes(), b"x")
+            .unwrap();
+    }
+    store.sync().unwrap();
+    let before = store.stats().collections[0].bytes;
+    assert_eq!(watermark_of(dir.path()), before);
+    // Compaction shrinks the file below the old watermark; the watermark
+    // follows it, so the reopen is not refused as "ends before its
+    // watermark".
+    let report = store.compact("c").unwrap();
+    assert!(report.bytes_after < before);
+    assert_eq!(watermark_of(dir.path()), report.bytes_after);
+    // Syncs of the new file raise it again.
+    store.set("c", b"k", b"last").unwrap();
+    store.sync().unwrap();
+    let len = store.stats().collections[0].bytes;
+    assert_eq!(watermark_of(dir.path()), len);
+    drop(store);
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.recovery()[0].durable_watermark, Some(len));
+    assert_eq!(store.get("c", b"k").unwrap().as_deref(), Some(&b"last"[..]));
+    assert_eq!(store.scan("c").unwrap().count(), 301);
+}
+
+#[test]
+fn a_log_from_before_watermarks_is_trusted_whole_and_given_one() {
+    let src = tempfile::tempdir().unwrap();
+    let (bytes, starts) = three_records(src.path());
+    // A corrupt middle with no watermark is refused, as before.
+    let mut bad = bytes.clone();
+    bad[starts[1] + 40] ^= 1;
+    assert!(matches!(open_with(&bad).1, Err(Error::Corrupt { .. })));
+    let (dir, store) = open_with(&bytes);
+    let store = store.unwrap();
+    assert_eq!(store.recovery()[0].durable_watermark, None);
+    assert_eq!(watermark_of(dir.path()), bytes.len() as u64);
+}

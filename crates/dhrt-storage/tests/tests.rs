@@ -1,6 +1,7 @@
 //! Integration tests of dhrt-storage: one test binary, a module per concern.
 
 mod api;
+mod checksum;
 mod compaction;
 mod crash;
 mod digest;

@@ -1,0 +1,98 @@
+//! Checksums verified on read, and the quarantine of records that fail.
+//!
+//! Every read of a record's value checks the record's CRC32C, so bytes that
+//! changed on disk (bit rot, a stray write) are never served. A damaged
+//! record is *quarantined*: its key's entry leaves the index (the key reads
+//! as missing here, so the cluster asks a replica) and the anti-entropy
+//! digest (its bucket then differs from the replicas', which pulls the good
+//! copy back through the normal replicated apply), and the collection is
+//! marked so the background thread compacts it soon: the damaged bytes
+//! leave the file before a restart could meet them below the durable
+//! watermark and refuse to open.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use crate::collection::Collection;
+use crate::index::Slot;
+use crate::log::LogFile;
+use crate::record::{self, Decoded, RECORD_HEADER_LEN};
+
+/// The value of the live record `slot` points at, if its CRC checks out.
+/// `tail` is the log's tail, loaded before `map`: the record lies below it,
+/// and a damaged length is never followed past it.
+#[inline]
+pub(crate) fn read_value(map: &Bytes, tail: u64, slot: &Slot) -> Option<Bytes> {
+    let offset = slot.offset() as usize;
+    match record::decode(&map[offset..tail as usize]) {
+        Decoded::Record { header, .. } => {
+            let start = offset + RECORD_HEADER_LEN + header.key_len as usize;
+            Some(map.slice(start..start + header.value_len as usize))
+        }
+        _ => None,
+    }
+}
+
+impl Collection {
+    /// Quarantines `key`, whose record at `slot` in `log` failed its
+    /// checksum: removes the entry if it still points there, takes it out of
+    /// the digest, and asks for a compaction.
+    pub(crate) fn quarantine(&self, log: &Arc<LogFile>, key: &[u8], slot: Slot) {
+        tracing::error!(
+            collection = %self.name,
+            offset = slot.offset(),
+            "a record failed its checksum on read; quarantining its key until a replica's copy is applied"
+        );
+        self.with_writer(|state| {
+            let current = self.current.load();
+            // A compaction since then rewrote the file (and checked every
+            // record it copied); only the log the damage is in matters.
+            if !Arc::ptr_eq(&current.log, log) || current.index.get(key) != Some(slot) {
+                return;
+            }
+            let map = current.log.map();
+            current.index.remove_damaged(key, &map);
+            if slot.is_tombstone() {
+                state.tombstones -= 1;
+            } else {
+                state.live_keys -= 1;
+            }
+            // The length may be what is damaged; compaction is asked for
+            // below whatever the garbage count says.
+            if let Some(len) =
+                record::header_len_within(&map[..current.log.tail() as usize], slot.offset())
+            {
+                state.garbage += len;
+            }
+        });
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.compact_requested.store(true, Ordering::Release);
+    }
+
+    /// Quarantines the record at `offset` in `log` whose key is not known
+    /// (its bytes may be what is damaged): finds the entry pointing there.
+    pub(crate) fn quarantine_offset(&self, log: &Arc<LogFile>, offset: u64) {
+        let current = self.current.load();
+        if !Arc::ptr_eq(&current.log, log) {
+            return;
+        }
+        let mut found = None;
+        current.index.for_each(|k, s| {
+            if s.offset() == offset {
+                found = Some((k.as_bytes().to_vec(), *s));
+            }
+        });
+        drop(current);
+        match found {
+            Some((key, slot)) => self.quarantine(log, &key, slot),
+            None => self.compact_requested.store(true, Ordering::Release),
+        }
+    }
+
+    /// Whether a quarantine asked for a compaction; clears the request.
+    pub(crate) fn take_compaction_request(&self) -> bool {
+        self.compact_requested.swap(false, Ordering::AcqRel)
+    }
+}
