@@ -42,7 +42,7 @@ pub(crate) fn all_healthy(nodes: &[&Dhrtd], count: usize) -> bool {
 }
 
 /// Live keys of `collection` held by the node itself.
-fn local_keys(node: &Dhrtd, collection: &str) -> u64 {
+pub(crate) fn local_keys(node: &Dhrtd, collection: &str) -> u64 {
     stats(node)["collections"]
         .as_array()
         .unwrap()
@@ -70,7 +70,7 @@ fn join_args(seed: &Dhrtd) -> Vec<String> {
     vec!["--node".into(), seed.addr.to_string()]
 }
 
-fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) -> Dhrtd {
+pub(crate) fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) -> Dhrtd {
     let mut args = join_args(seed);
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -78,7 +78,7 @@ fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) -> Dhrtd {
 }
 
 /// Three nodes, b and c joined through a, once all are healthy.
-fn three_joined(dirs: &[tempfile::TempDir], extra: &[&str]) -> (Dhrtd, Dhrtd, Dhrtd) {
+pub(crate) fn three_joined(dirs: &[tempfile::TempDir], extra: &[&str]) -> (Dhrtd, Dhrtd, Dhrtd) {
     let a = Dhrtd::start(dirs[0].path(), extra);
     let b = start_joined(dirs[1].path(), &a, extra);
     let c = start_joined(dirs[2].path(), &a, extra);

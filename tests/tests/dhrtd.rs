@@ -70,7 +70,7 @@ const DHRTD_SOURCES: [&str; 5] = [
 ];
 
 /// The `dhrtd` binary.
-fn binary() -> &'static Path {
+pub(crate) fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| workspace_binary("dhrtd", &DHRTD_SOURCES))
 }
@@ -215,6 +215,32 @@ impl Dhrtd {
             body.to_string()
         };
         Ok((status, body))
+    }
+}
+
+impl Dhrtd {
+    /// `GET path` with `Accept: application/octet-stream`: the status and
+    /// the raw bytes of the body.
+    pub(crate) fn get_raw(&self, path: &str) -> (u16, Vec<u8>) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: dhrt\r\nAccept: application/octet-stream\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        let split = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let head = String::from_utf8_lossy(&out[..split]).to_ascii_lowercase();
+        let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        assert!(
+            !head.contains("transfer-encoding: chunked"),
+            "a chunked answer to GET {path}"
+        );
+        (status, out[split + 4..].to_vec())
     }
 }
 

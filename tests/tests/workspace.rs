@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod dhrtd;
+mod faults;
 mod hostile;
 mod node;
 mod partition;

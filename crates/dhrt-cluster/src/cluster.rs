@@ -958,19 +958,20 @@ impl Cluster {
             let notified = self.acks.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let done = waits
-                .iter()
-                .filter(|(p, first, last)| self.acknowledged(p, *first, *last))
-                .count();
+            // One reading of each peer: answered, and of those, acknowledged.
+            let (mut answered, mut done) = (0, 0);
+            for (p, first, last) in &waits {
+                let acked = p.acked.load(Ordering::Acquire);
+                if acked >= *last {
+                    answered += 1;
+                    done += usize::from(Self::acknowledged_at(p, acked, *first, *last));
+                }
+            }
             if done >= need.remote_acks {
                 return Ok(());
             }
             // Too few replicas are up, or some refused: once every one that
             // can answer has, the outcome is known.
-            let answered = waits
-                .iter()
-                .filter(|(p, _, last)| p.acked.load(Ordering::Acquire) >= *last)
-                .count();
             let refused = answered - done;
             if waits.len() - refused < need.remote_acks && answered == waits.len() {
                 return Err(unmet(done));
@@ -997,7 +998,12 @@ impl Cluster {
 
     /// Whether peer `p` acknowledged the writes `first..=last`.
     fn acknowledged(&self, p: &Peer, first: u64, last: u64) -> bool {
-        let acked = p.acked.load(Ordering::Acquire);
+        Self::acknowledged_at(p, p.acked.load(Ordering::Acquire), first, last)
+    }
+
+    /// Whether peer `p`, having answered through `acked`, acknowledged the
+    /// writes `first..=last` (answered, and refused none of them).
+    fn acknowledged_at(p: &Peer, acked: u64, first: u64, last: u64) -> bool {
         if acked < last {
             return false;
         }
@@ -1017,7 +1023,9 @@ impl Cluster {
             let seq = q.last_seq;
             q.items.push_back((seq, m.clone()));
         }
-        let over = q.items.len().saturating_sub(self.options.max_hints);
+        // The writes just queued always stay: they are this write's.
+        let room = self.options.max_hints.max(mutations.len());
+        let over = q.items.len().saturating_sub(room);
         if over > 0 {
             // Keep the newest; anti-entropy repairs the rest.
             q.items.drain(..over);

@@ -159,6 +159,9 @@ impl Node {
             return LocalRead::Distrusted { seen };
         }
         match self.store.get_versioned(collection, key) {
+            // The record failed its checksum and was quarantined: a replica
+            // answers, and its copy repairs this one (read repair).
+            Err(StorageError::Checksum { .. }) if self.cluster.has_peers() => LocalRead::Missing,
             Err(e) => LocalRead::Answer(Err(op_error(e))),
             // A tombstone is an answer too.
             Ok(Some((value, _))) => LocalRead::Answer(Ok(value)),
@@ -174,10 +177,10 @@ impl Node {
                 // Back after longer than the tombstone grace period: what this
                 // node held before may have been deleted since. Ask the others;
                 // only what it wrote since it returned is its own answer.
-                let local = self
-                    .store
-                    .get_versioned(collection, key)
-                    .map_err(op_error)?;
+                let local = match self.store.get_versioned(collection, key) {
+                    Err(StorageError::Checksum { .. }) => None,
+                    other => other.map_err(op_error)?,
+                };
                 let remote = self.cluster.read_remote(collection, key).await;
                 let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
                 Ok(match (remote, fresh) {
@@ -353,10 +356,11 @@ impl Node {
         }
         // Whether the key existed is a question for the whole cluster when
         // this node has no entry for it.
-        let known_here = self
-            .store
-            .get_versioned(collection, key)
-            .map_err(op_error)?;
+        let known_here = match self.store.get_versioned(collection, key) {
+            // Damaged and quarantined: the others say whether it existed.
+            Err(StorageError::Checksum { .. }) => None,
+            other => other.map_err(op_error)?,
+        };
         let remote = match known_here {
             None => self.cluster.read_remote(collection, key).await,
             Some(_) => None,

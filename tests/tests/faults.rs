@@ -1,0 +1,362 @@
+//! Real `dhrtd` clusters under ordinary faults: a clock hours ahead, values
+//! near the size limit, a replica down for a quorum write, a power loss
+//! that leaves a zeroed page, and bit rot in a value on one node.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cluster::{
+    all_healthy, digest_of, eventually, local_keys, start_joined, state_of, stats, three_joined,
+};
+use crate::dhrtd::{Dhrtd, binary};
+
+const TWO_HOURS_MS: &str = "7200000";
+
+fn clock(node: &Dhrtd) -> Value {
+    stats(node)["clock"].clone()
+}
+
+fn metric(node: &Dhrtd, name: &str) -> Option<f64> {
+    let (_, m) = node.http("GET", "/metrics", b"");
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn value(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| b'a' + ((i as u64 * 31 + u64::from(seed)) % 26) as u8)
+        .collect()
+}
+
+#[test]
+fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    for i in 0..50 {
+        assert_eq!(a.http("POST", &format!("/t/k{i}/v{i}"), b"").0, 200);
+    }
+    assert_eq!(a.http("POST", "/keep/z/1", b"").0, 200);
+
+    // c's clock is two hours ahead.
+    let c = start_joined(dirs[2].path(), &a, &["--clock-offset-ms", TWO_HOURS_MS]);
+    eventually(
+        "c is skewed by its own verdict",
+        Duration::from_secs(20),
+        || clock(&c)["skewed"] == true,
+    );
+    let verdict = clock(&c);
+    let ahead = verdict["ahead_ms"].as_i64().unwrap();
+    assert!((7_100_000..7_300_000).contains(&ahead), "{verdict}");
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("7200 s ahead"),
+        "{verdict}"
+    );
+    assert_eq!(metric(&c, "dhrt_clock_skewed"), Some(1.0));
+    // The healthy ones are not skewed, and see c's offset.
+    let offset_of_c = |n: &Dhrtd| {
+        stats(n)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["addr"] == c.addr.to_string())
+            .and_then(|m| m["clock_offset_ms"].as_i64())
+    };
+    for n in [&a, &b] {
+        eventually("a and b measure c's clock", Duration::from_secs(10), || {
+            offset_of_c(n).is_some()
+        });
+        assert_eq!(clock(n)["skewed"], false, "{}", clock(n));
+        let offset = offset_of_c(n).unwrap();
+        assert!((7_100_000..7_300_000).contains(&offset), "{offset}");
+    }
+    // c refuses client writes with a clear 503; reads go on.
+    let (status, body) = c.http("DELETE", "/t", b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("clock"), "{body}");
+    let (status, body) = c.http("POST", "/keep/z/2", b"");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(c.get_raw("/keep/z").1, b"1");
+    let c_addr = c.addr;
+    c.stop("KILL");
+
+    // Even a skewed node that does not see its skew (a tolerance of a day
+    // on c alone) cannot drop or overwrite anything on the others: each of
+    // its stamps is refused there, record by record, and the client is
+    // told the write reached only c.
+    let c = Dhrtd::start_on(
+        Some(c_addr),
+        dirs[2].path(),
+        &[
+            "--node",
+            &a.addr.to_string(),
+            "--clock-offset-ms",
+            TWO_HOURS_MS,
+            "--max-clock-offset-ms",
+            "86400000",
+        ],
+    );
+    eventually("c is healthy again", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    let (status, body) = c.http("DELETE", "/t", b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("saved on 1 of 3 replicas"), "{body}");
+    let (status, body) = c.http("POST", "/keep/z/from-the-future", b"");
+    assert_eq!(status, 504, "{body}");
+    // Several anti-entropy rounds (every 2 s) pass: nothing changes on a
+    // and b, who say they refused records from the future.
+    std::thread::sleep(Duration::from_secs(7));
+    for n in [&a, &b] {
+        assert_eq!(local_keys(n, "t"), 50, "collection t on {}", n.addr);
+        assert_eq!(n.get_raw("/keep/z").1, b"1");
+        assert!(metric(n, "dhrt_refused_future_total").unwrap() >= 2.0);
+    }
+    // a and b still replicate with each other, both ways: their clocks
+    // were not dragged into the future.
+    // (c takes their writes too: their stamps are behind its clock.)
+    assert_eq!(a.http("POST", "/keep/from-a/1", b"").0, 200);
+    assert_eq!(b.http("POST", "/keep/from-b/1", b"").0, 200);
+    eventually(
+        "a and b see each other's writes",
+        Duration::from_secs(5),
+        || a.get_raw("/keep/from-b").1 == b"1" && b.get_raw("/keep/from-a").1 == b"1",
+    );
+    assert_eq!(
+        state_of(&a, &b.addr.to_string()).as_deref(),
+        Some("healthy")
+    );
+}
+
+#[test]
+fn a_15_mb_value_and_dozens_of_100_kb_values_reach_a_joining_node() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let big = value(15 << 20, 1);
+    assert_eq!(a.http("PUT", "/big/huge", &big).0, 200);
+    for i in 0..40 {
+        assert_eq!(
+            a.http("PUT", &format!("/big/v{i}"), &value(100_000, i)).0,
+            200
+        );
+    }
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("b joins and is healthy", Duration::from_secs(60), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    assert_eq!(local_keys(&b, "big"), 41);
+    let (status, body) = b.get_raw("/big/huge");
+    assert_eq!(status, 200);
+    assert!(body == big, "the 15 MB value differs");
+    assert_eq!(digest_of(&a, "big"), digest_of(&b, "big"));
+}
+
+#[test]
+fn values_of_several_mb_missed_while_down_reach_a_node_through_anti_entropy() {
+    // No hints at all: only anti-entropy can bring them.
+    let args = [
+        "--max-hints",
+        "0",
+        "--write-ack",
+        "quorum",
+        "--timeout-ms",
+        "5000",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &args);
+    // c holds the collection already: on its return only what differs
+    // travels (anti-entropy), no handoff.
+    assert_eq!(a.http("PUT", "/mb/before", b"small").0, 200);
+    assert_eq!(local_keys(&c, "mb"), 1);
+    let c_addr = c.addr;
+    c.stop("KILL");
+    let nine = [value(9 << 20, 7), value(9 << 20, 8)];
+    for (i, v) in nine.iter().enumerate() {
+        let (status, body) = a.http("PUT", &format!("/mb/k{i}"), v);
+        assert_eq!(status, 200, "{body}");
+    }
+    for i in 0..20 {
+        assert_eq!(
+            b.http("PUT", &format!("/mb/s{i}"), &value(300_000, i)).0,
+            200
+        );
+    }
+    let mut restart = vec!["--node", "placeholder"];
+    let a_addr = a.addr.to_string();
+    restart[1] = &a_addr;
+    restart.extend(args);
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &restart);
+    eventually("c is healthy everywhere", Duration::from_secs(60), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    // c holds them itself (its own stats, not a fan-out read).
+    eventually("c holds every value", Duration::from_secs(30), || {
+        local_keys(&c, "mb") == 23
+    });
+    assert_eq!(digest_of(&a, "mb"), digest_of(&c, "mb"));
+    // Through anti-entropy: c pulled them, or a and b pushed them to it
+    // (only the last write of each may have waited as a hint).
+    let moved = metric(&c, "dhrt_anti_entropy_records_total{direction=\"pulled\"}").unwrap()
+        + metric(&a, "dhrt_anti_entropy_records_total{direction=\"pushed\"}").unwrap()
+        + metric(&b, "dhrt_anti_entropy_records_total{direction=\"pushed\"}").unwrap();
+    assert!(moved >= 20.0, "{moved} records moved by anti-entropy");
+}
+
+#[test]
+fn quorum_with_two_of_three_replicas_down_says_on_how_many_the_write_is() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &["--write-ack", "quorum"]);
+    // One replica down: a majority (2 of 3) still answers.
+    let c_name = c.addr.to_string();
+    c.stop("KILL");
+    let (status, body) = a.http("POST", "/q/one-down/1", b"");
+    assert_eq!(status, 200, "{body}");
+    let b_name = b.addr.to_string();
+    b.stop("KILL");
+    eventually("b and c are dead", Duration::from_secs(20), || {
+        state_of(&a, &b_name).as_deref() == Some("dead")
+            && state_of(&a, &c_name).as_deref() == Some("dead")
+    });
+    let (status, body) = a.http("POST", "/q/two-down/1", b"");
+    assert_eq!(status, 504, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    let message = error["Error"].as_str().unwrap();
+    assert!(
+        message.contains("saved on 1 of 3 replicas (2 needed)"),
+        "{message}"
+    );
+    // Saved all the same.
+    assert_eq!(a.get_raw("/q/two-down").1, b"1");
+    // The binary protocol says the same, as its own error kind: dhrt-cli
+    // exits 3 with the sentence.
+    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
+    let out = Command::new(cli)
+        .args(["--addr", &a.addr.to_string(), "set", "q", "cli", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("saved on 1 of 3 replicas"), "{stderr}");
+}
+
+/// The log file of `collection` in `dir`.
+fn log_of(dir: &Path, collection: &str) -> std::path::PathBuf {
+    dir.join(format!("{collection}.dhrt"))
+}
+
+/// Starts `dhrtd` on `dir` expecting it to exit; returns its code and log.
+fn start_expecting_exit(dir: &Path) -> (Option<i32>, String) {
+    let out = Command::new(binary())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("DHRT_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes 2,000 records of 1 KB to `pw`, then kills the node.
+fn fill_and_kill(dir: &Path, sync: &str) -> u64 {
+    let node = Dhrtd::start(dir, &["--sync", sync]);
+    for i in 0..2000 {
+        let (status, _) = node.http("PUT", &format!("/pw/k{i:05}"), &value(1000, i as u8));
+        assert_eq!(status, 200);
+    }
+    // Long enough for the watermark to follow the last fsync.
+    std::thread::sleep(Duration::from_millis(2500));
+    node.stop("KILL");
+    std::fs::metadata(log_of(dir, "pw")).unwrap().len()
+}
+
+fn zero_page_at(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[0u8; 4096], offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_zeroed_page_past_the_durable_watermark_is_cut_and_one_below_is_refused() {
+    // Under `never` nothing past the header was ever fsynced: a zeroed page
+    // in the middle is what out-of-order writeback leaves after a power
+    // loss. The node cuts the log there, warns, and starts.
+    let never = tempfile::tempdir().unwrap();
+    fill_and_kill(never.path(), "never");
+    zero_page_at(&log_of(never.path(), "pw"), 1 << 20);
+    let node = Dhrtd::start(never.path(), &[]);
+    let kept = local_keys(&node, "pw");
+    assert!((900..1100).contains(&kept), "kept {kept} of 2000 keys");
+    assert_eq!(node.http("GET", "/pw/k00000", b"").0, 200);
+    drop(node);
+
+    // Under `always` every record was durable: the same page zeroed is
+    // damage to acknowledged data, and the node refuses to start, saying
+    // where.
+    let always = tempfile::tempdir().unwrap();
+    fill_and_kill(always.path(), "always");
+    zero_page_at(&log_of(always.path(), "pw"), 1 << 20);
+    let (code, log) = start_expecting_exit(always.path());
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("pw.dhrt"), "{log}");
+}
+
+#[test]
+fn a_value_rotted_on_disk_is_detected_on_read_and_repaired_from_a_peer() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let good = value(4000, 3);
+    assert_eq!(a.http("PUT", "/rot/victim", &good).0, 200);
+    assert_eq!(a.http("PUT", "/rot/bystander", b"fine").0, 200);
+    assert_eq!(local_keys(&b, "rot"), 2);
+    // One byte of the value changes in b's file (its map sees it at once).
+    let path = log_of(dirs[1].path(), "rot");
+    let bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(good.len())
+        .position(|w| w == good.as_slice())
+        .expect("the value is in b's log");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[good[100] ^ 0x20], (at + 100) as u64)
+        .unwrap();
+    // b notices on read and answers with a's copy, never the rotted one.
+    let (status, body) = b.get_raw("/rot/victim");
+    assert_eq!(status, 200);
+    assert!(body == good, "b served a rotted value");
+    // And repairs itself: with a gone, b still answers, from its own copy.
+    eventually("b holds the key again", Duration::from_secs(10), || {
+        local_keys(&b, "rot") == 2
+    });
+    a.stop("KILL");
+    let (status, body) = b.get_raw("/rot/victim");
+    assert_eq!(status, 200);
+    assert!(body == good);
+    assert_eq!(b.get_raw("/rot/bystander").1, b"fine");
+    // The damaged bytes leave b's file (a compaction), so a restart meets
+    // no damage.
+    let mut rotted = good.clone();
+    rotted[100] ^= 0x20;
+    eventually(
+        "the rotted record leaves b's file",
+        Duration::from_secs(10),
+        || {
+            let bytes = std::fs::read(&path).unwrap();
+            !bytes.windows(rotted.len()).any(|w| w == rotted.as_slice())
+        },
+    );
+    let b_addr = b.addr;
+    b.stop("KILL");
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &[]);
+    assert!(b.get_raw("/rot/victim").1 == good);
+}
