@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 
-use dhrt_cluster::{BinaryLimits, Identity, Node, serve_binary};
+use dhrt_cluster::{BinaryLimits, Cluster, Identity, Node, serve_binary};
 use dhrt_storage::{Options, Store};
 
 /// A node on a loopback port, served by a runtime that lives as long as the
@@ -18,14 +18,14 @@ fn node() -> &'static str {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let node = Arc::new(Node::new(
+        let node = Arc::new(Node::new(Cluster::single(
             Store::memory(Options::default()),
             Identity {
                 id: 7,
                 name: "cli-test".into(),
                 addr: addr.clone(),
             },
-        ));
+        )));
         runtime.spawn(async move {
             loop {
                 let (socket, _) = listener.accept().await.unwrap();

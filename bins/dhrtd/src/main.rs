@@ -148,7 +148,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let cluster = Cluster::new(
         store.clone(),
-        (id, config.name.clone(), config.advertise.clone()),
+        Identity {
+            id,
+            name: config.name.clone(),
+            addr: config.advertise.clone(),
+        },
         ClusterOptions {
             write_ack: config.write_ack,
             timeout: config.timeout,
@@ -161,15 +165,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ..ClusterOptions::default()
         },
     );
-    let node = Arc::new(Node::with_cluster(
-        store,
-        Identity {
-            id,
-            name: config.name.clone(),
-            addr: config.advertise.clone(),
-        },
-        cluster.clone(),
-    ));
+    let node = Arc::new(Node::new(cluster.clone()));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -3,21 +3,21 @@
 use std::sync::Arc;
 
 use dhrt_client::{Client, Error};
-use dhrt_cluster::{BinaryLimits, Identity, Node, serve_binary};
+use dhrt_cluster::{BinaryLimits, Cluster, Identity, Node, serve_binary};
 use dhrt_storage::{Options, Store};
 use tokio::net::TcpListener;
 
 async fn node() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let node = Arc::new(Node::new(
+    let node = Arc::new(Node::new(Cluster::single(
         Store::memory(Options::default()),
         Identity {
             id: 1,
             name: "n".into(),
             addr: addr.clone(),
         },
-    ));
+    )));
     tokio::spawn(async move {
         loop {
             let (socket, _) = listener.accept().await.unwrap();

@@ -6,9 +6,22 @@
 //! alone. Every value the API accepts (16 MiB by default) fits a frame
 //! alone: the frame limit leaves room for the largest value and its key.
 
+use bytes::Bytes;
 use dhrt_proto::Mutation;
 
-use crate::cluster::mutation_bytes;
+/// The bytes `m` takes in a frame, near enough: its key, value and
+/// collection name plus a fixed allowance for the rest.
+pub(crate) fn mutation_bytes(m: &Mutation) -> usize {
+    match m {
+        Mutation::Put {
+            collection,
+            key,
+            value,
+            ..
+        } => 48 + collection.len() + key.len() + value.as_ref().map_or(0, Bytes::len),
+        Mutation::Drop { collection, .. } => 32 + collection.len(),
+    }
+}
 
 /// Builds batches of mutations under a byte budget and an item count.
 #[derive(Debug)]

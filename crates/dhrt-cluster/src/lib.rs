@@ -7,24 +7,29 @@
 //! Peers are dialed through a [`Connector`] (TCP by default; the tests
 //! plug in a simulated network). See docs/ARCHITECTURE.md.
 
+#![forbid(unsafe_code)]
+
 mod auth;
 mod batch;
 mod cluster;
 mod combine;
+mod error;
+mod handshake;
 mod link;
 mod membership;
 mod metrics;
 mod node;
 mod peer_server;
 mod placement;
+mod queue;
 mod server;
 mod skew;
 mod state;
 mod wire;
 
-pub use cluster::{Cluster, ClusterOptions};
+pub use cluster::{Cluster, ClusterOptions, Identity};
 pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
-pub use node::{Identity, Node};
+pub use node::Node;
 pub use placement::WriteAck;
 pub use server::{BinaryLimits, Closed, serve_binary};

@@ -14,15 +14,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dhrt_proto::{
-    Channel, Gossip, Handshake, OpError, PeerMessage, PeerOp, PeerReply, channel_preamble,
-    encode_frame,
+    Channel, Gossip, OpError, PeerMessage, PeerOp, PeerReply, channel_preamble, encode_frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::auth::{self, Role, Transcript};
-use crate::wire::{read_msg, write_msg};
+use crate::handshake::{self, DialError, Side};
+use crate::wire::read_msg;
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -179,47 +178,21 @@ impl Link {
             .write_all(&channel_preamble(Channel::Peer))
             .await
             .map_err(|e| self.unreachable(e))?;
-        let dialer_nonce = auth::nonce();
-        write_msg(
-            &mut stream,
-            &Handshake::Hello {
-                node: self.dialer.me,
-                nonce: dialer_nonce,
-            },
-            max,
-        )
-        .await
-        .map_err(|e| self.unreachable(e))?;
         let mut buf = BytesMut::new();
-        let refused = |reason: &str| LinkError::Refused {
-            addr: self.addr.clone(),
-            reason: reason.to_string(),
+        let me = Side {
+            id: self.dialer.me,
+            secret: &self.dialer.secret,
+            max_frame: max,
         };
-        let (listener, listener_nonce, proof) =
-            match read_msg::<Handshake, _>(&mut stream, &mut buf, max).await {
-                Ok(Some(Handshake::Challenge { node, nonce, proof })) => (node, nonce, proof),
-                Ok(Some(Handshake::Refused { reason })) => return Err(refused(&reason)),
-                Ok(_) => return Err(refused("no challenge")),
-                Err(e) => return Err(self.unreachable(e)),
-            };
-        let t = Transcript {
-            dialer: self.dialer.me,
-            dialer_nonce,
-            listener,
-            listener_nonce,
-        };
-        if !auth::verify(&self.dialer.secret, Role::Listener, &t, &proof) {
-            return Err(refused("the peer does not know the cluster secret"));
-        }
-        let proof = auth::prove(&self.dialer.secret, Role::Dialer, &t);
-        write_msg(&mut stream, &Handshake::Proof { proof }, max)
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        match read_msg::<Handshake, _>(&mut stream, &mut buf, max).await {
-            Ok(Some(Handshake::Accepted)) => {}
-            Ok(Some(Handshake::Refused { reason })) => return Err(refused(&reason)),
-            Ok(_) => return Err(refused("handshake ended early")),
-            Err(e) => return Err(self.unreachable(e)),
+        match handshake::dial(&mut stream, &mut buf, me).await {
+            Ok(_) => {}
+            Err(DialError::Io(e)) => return Err(self.unreachable(e)),
+            Err(DialError::Refused(reason)) => {
+                return Err(LinkError::Refused {
+                    addr: self.addr.clone(),
+                    reason,
+                });
+            }
         }
         let (mut rd, mut wr) = tokio::io::split(stream);
         let pending: Pending = Arc::default();

@@ -12,20 +12,10 @@ use dhrt_proto::{
 };
 use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
 
-use crate::cluster::{Cluster, stamp};
+use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
+use crate::error::op_error;
 use crate::metrics::{Metrics, OpKind, Outcome};
-
-/// Who this node is.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// The node id, stamped into versions.
-    pub id: u64,
-    /// Human name.
-    pub name: String,
-    /// The address peers and clients use.
-    pub addr: String,
-}
 
 /// A dhrt node.
 #[derive(Debug)]
@@ -37,23 +27,6 @@ pub struct Node {
     cluster: Arc<Cluster>,
     /// Combines concurrent local sets that do not wait for an fsync.
     combiner: Arc<Combiner>,
-}
-
-/// The storage error as an operation error: the kind decides the HTTP
-/// status and the client's error type.
-pub(crate) fn op_error(e: StorageError) -> OpError {
-    let kind = match &e {
-        StorageError::InvalidCollection { .. } | StorageError::InvalidKey { .. } => {
-            ErrorKind::InvalidInput
-        }
-        StorageError::ValueTooLarge { .. } => ErrorKind::TooLarge,
-        StorageError::Poisoned { .. } | StorageError::Locked { .. } => ErrorKind::Unavailable,
-        _ => ErrorKind::Internal,
-    };
-    if kind == ErrorKind::Internal {
-        tracing::error!("storage error: {e}");
-    }
-    OpError::new(kind, e.to_string())
 }
 
 /// The checks the store makes, for a write this node forwards without
@@ -86,21 +59,12 @@ fn user_collection(name: &str) -> Result<(), OpError> {
 }
 
 impl Node {
-    /// A node serving `store` alone (a cluster of one until someone joins).
-    pub fn new(store: Store, identity: Identity) -> Self {
-        let cluster = Cluster::single(
-            store.clone(),
-            (identity.id, identity.name.clone(), identity.addr.clone()),
-        );
-        Node::with_cluster(store, identity, cluster)
-    }
-
-    /// A node serving `store` as a member of `cluster` (built over the same
-    /// store).
-    pub fn with_cluster(store: Store, identity: Identity, cluster: Arc<Cluster>) -> Self {
+    /// The node facade over `cluster` (and the store it was built over).
+    /// A node alone is `Node::new(Cluster::single(store, identity))`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
         Node {
-            store,
-            identity,
+            store: cluster.store().clone(),
+            identity: cluster.identity().clone(),
             started: Instant::now(),
             metrics: Metrics::default(),
             cluster,

@@ -7,16 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dhrt_proto::{
-    ErrorKind, Handshake, OpError, PeerMessage, PeerOp, PeerReply, Versioned, encode_frame,
-};
+use dhrt_proto::{ErrorKind, OpError, PeerMessage, PeerOp, PeerReply, Versioned, encode_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::auth::{self, Role, Transcript};
 use crate::cluster::{Cluster, stamp};
-use crate::server::Closed;
-use crate::wire::{read_msg, take_msg, write_msg};
+use crate::handshake::{self, Side};
+use crate::wire::Closed;
+use crate::wire::take_msg;
 
 /// The bytes of records in one page of a bucket listing (a larger record
 /// goes alone): well under the frame limit.
@@ -35,23 +33,20 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let handshake_timeout = Duration::from_secs(5);
+    let me = Side {
+        id: cluster.id(),
+        secret: cluster.secret(),
+        max_frame,
+    };
     let dialer = match tokio::time::timeout(
         handshake_timeout,
-        handshake(&mut stream, &mut buf, &cluster, max_frame),
+        handshake::accept(&mut stream, &mut buf, me),
     )
     .await
     {
         Ok(Ok(Ok(dialer))) => dialer,
         Ok(Ok(Err(reason))) => {
             tracing::warn!("refused a peer connection: {reason}");
-            let _ = write_msg(
-                &mut stream,
-                &Handshake::Refused {
-                    reason: reason.clone(),
-                },
-                max_frame,
-            )
-            .await;
             return Ok(Closed::Protocol(reason));
         }
         Ok(Err(e)) => return Err(e),
@@ -112,46 +107,6 @@ fn encode(msg: &PeerMessage, out: &mut Vec<u8>, max_frame: u32) {
     }
 }
 
-/// The listener's half of the handshake: the dialer's id, or why it is
-/// refused.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-    cluster: &Cluster,
-    max_frame: u32,
-) -> io::Result<Result<u64, String>> {
-    let Some(Handshake::Hello { node, nonce }) = read_msg(stream, buf, max_frame).await? else {
-        return Ok(Err("expected a hello".into()));
-    };
-    let t = Transcript {
-        dialer: node,
-        dialer_nonce: nonce,
-        listener: cluster.id(),
-        listener_nonce: auth::nonce(),
-    };
-    let proof = auth::prove(cluster.secret(), Role::Listener, &t);
-    write_msg(
-        stream,
-        &Handshake::Challenge {
-            node: t.listener,
-            nonce: t.listener_nonce,
-            proof,
-        },
-        max_frame,
-    )
-    .await?;
-    let Some(Handshake::Proof { proof }) = read_msg(stream, buf, max_frame).await? else {
-        return Ok(Err("expected a proof".into()));
-    };
-    if !auth::verify(cluster.secret(), Role::Dialer, &t, &proof) {
-        return Ok(Err(format!(
-            "node {node:016x} does not know the cluster secret"
-        )));
-    }
-    write_msg(stream, &Handshake::Accepted, max_frame).await?;
-    Ok(Ok(node))
-}
-
 async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerReply, OpError> {
     match op {
         PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::from),
@@ -159,7 +114,7 @@ async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerR
             let r = cluster
                 .store()
                 .lookup(&collection, &key)
-                .map_err(crate::node::op_error)?;
+                .map_err(crate::error::op_error)?;
             Ok(PeerReply::Entry(r.map(|r| Versioned {
                 value: r.value,
                 version: stamp(r.version),

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::node::Node;
 use crate::peer_server::serve_peer;
+pub use crate::wire::Closed;
 
 /// Limits of a binary connection.
 #[derive(Debug, Clone)]
@@ -35,20 +36,6 @@ impl Default for BinaryLimits {
             idle_timeout: Duration::from_secs(300),
         }
     }
-}
-
-/// Why a connection ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Closed {
-    /// The client closed it.
-    ByClient,
-    /// Nothing arrived within the idle timeout.
-    Idle,
-    /// The node is shutting down.
-    Shutdown,
-    /// The client broke the protocol (bad preamble, bad length, unreadable
-    /// request); the reason is logged.
-    Protocol(String),
 }
 
 async fn read_more<S: AsyncRead + Unpin>(

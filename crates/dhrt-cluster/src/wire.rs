@@ -54,3 +54,17 @@ pub(crate) async fn write_msg<T: Serialize, S: AsyncWrite + Unpin>(
 pub(crate) fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
+
+/// Why a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// The client closed it.
+    ByClient,
+    /// Nothing arrived within the idle timeout.
+    Idle,
+    /// The node is shutting down.
+    Shutdown,
+    /// The client broke the protocol (bad preamble, bad length, unreadable
+    /// request); the reason is logged.
+    Protocol(String),
+}

@@ -1,19 +1,19 @@
 //! The node facade over a real store.
 
 use bytes::Bytes;
-use dhrt_cluster::{Identity, Node};
+use dhrt_cluster::{Cluster, Identity, Node};
 use dhrt_proto::{ErrorKind, Operations};
 use dhrt_storage::{Options, Store};
 
 pub(crate) fn node() -> Node {
-    Node::new(
+    Node::new(Cluster::single(
         Store::memory(Options::default()),
         Identity {
             id: 0xabc,
             name: "n1".into(),
             addr: "127.0.0.1:7453".into(),
         },
-    )
+    ))
 }
 
 #[tokio::test]

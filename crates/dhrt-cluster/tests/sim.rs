@@ -103,13 +103,13 @@ async fn run_node(world: World, i: u64, seeds: Vec<String>, seed: u64) -> turmoi
         rng_seed: Some(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         ..ClusterOptions::default()
     };
-    let cluster = Cluster::new(store.clone(), (i, name(i), addr(i)), options);
     let identity = Identity {
         id: i,
         name: name(i),
         addr: addr(i),
     };
-    let node = Arc::new(Node::with_cluster(store, identity, cluster.clone()));
+    let cluster = Cluster::new(store, identity, options);
+    let node = Arc::new(Node::new(cluster.clone()));
     cluster.start();
     world.nodes.lock().unwrap().insert(name(i), node.clone());
     let leave = world.leave.lock().unwrap()[&name(i)].clone();

@@ -6,6 +6,8 @@
 //! `{"Error": ...}` bodies in one place ([`error_response`]). The routes and
 //! shapes are documented in `docs/http.md`.
 
+#![forbid(unsafe_code)]
+
 mod body;
 mod error;
 mod head_timeout;

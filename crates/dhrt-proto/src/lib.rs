@@ -20,6 +20,8 @@
 //! }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod beside;
 mod codec;
 mod error;

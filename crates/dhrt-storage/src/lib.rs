@@ -13,12 +13,18 @@
 //!
 //! This crate knows nothing about the network.
 
+#![deny(unsafe_code)]
+
 mod collection;
 mod compact;
 mod error;
 mod index;
+// `KeyRef`: one cast of a byte slice to a transparent wrapper.
+#[allow(unsafe_code)]
 mod key;
 mod log;
+// Maps, `fallocate`, `memfd_create`, `flock`: the engine's system calls.
+#[allow(unsafe_code)]
 mod mmap;
 mod name;
 mod options;

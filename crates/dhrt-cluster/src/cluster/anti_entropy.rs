@@ -1,0 +1,284 @@
+//! Anti-entropy: digests compared with a random peer every few seconds,
+//! differing buckets pulled in pages (each record through the clock guard)
+//! and what the peer lacks pushed back in frames cut by bytes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dhrt_proto::{MemberUpdate, Mutation, PeerOp, PeerReply, Stamp};
+use dhrt_storage::{DIGEST_BUCKETS, Digest};
+
+use super::apply::local_error;
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, Peer, stamp, version};
+use crate::batch::mutation_bytes;
+use crate::link::LinkError;
+use crate::placement::hosts;
+
+/// The buckets two digests should exchange: those that differ, or all of
+/// them when the peer's digest has another shape.
+pub(super) fn buckets_to_exchange(local: &Digest, remote: &Digest) -> Vec<usize> {
+    if remote.buckets.len() == DIGEST_BUCKETS {
+        local.differing(remote)
+    } else {
+        (0..DIGEST_BUCKETS).collect()
+    }
+}
+
+/// Buckets asked for per anti-entropy request.
+pub(super) const BUCKETS_PER_REQUEST: usize = 32;
+
+/// Whether anti-entropy sends this node's record (version `mine`) to a
+/// peer holding `theirs` for the key: only what the peer lacks or holds
+/// older.
+pub(super) fn worth_pushing(theirs: Option<&Stamp>, mine: Stamp) -> bool {
+    theirs.is_none_or(|v| *v < mine)
+}
+
+impl Cluster {
+    pub(super) async fn anti_entropy_loop(self: Arc<Self>) {
+        let every = self.options.anti_entropy_every;
+        while self.running.load(Ordering::Acquire) {
+            tokio::time::sleep(every).await;
+            // A syncing peer may hold what the cluster deleted long ago:
+            // it pulls, nobody pulls from it.
+            let peers: Vec<MemberUpdate> = self.sources();
+            // While this node syncs, the sync itself is its anti-entropy.
+            if peers.is_empty()
+                || self.full_resync.load(Ordering::Acquire)
+                || self.sync.running.load(Ordering::Acquire)
+            {
+                continue;
+            }
+            let i = self.membership.lock().unwrap().random_index(peers.len());
+            let target = peers[i].clone();
+            if let Err(e) = self.anti_entropy_with(target.id).await {
+                tracing::debug!("anti-entropy with {}: {e}", target.addr);
+            }
+        }
+    }
+
+    /// Pulls the peer's records of some buckets of `collection`, page by
+    /// page, applying each page as it arrives (each record through the
+    /// clock guard). Returns the version of every key the peer holds there.
+    pub(super) async fn pull_buckets(
+        self: &Arc<Self>,
+        peer: &Peer,
+        collection: &str,
+        buckets: &[usize],
+        timeout: Duration,
+    ) -> Result<HashMap<Bytes, Stamp>, LinkError> {
+        let buckets: Vec<u32> = buckets.iter().map(|&b| b as u32).collect();
+        let mut theirs = HashMap::new();
+        let mut from = None;
+        loop {
+            let op = PeerOp::Buckets {
+                collection: collection.to_string(),
+                buckets: buckets.clone(),
+                from,
+            };
+            let (records, next) = match peer.link.request(op, timeout).await? {
+                PeerReply::Records { records, next } => (records, next),
+                other => {
+                    return Err(LinkError::Refused {
+                        addr: peer.link.addr().to_string(),
+                        reason: format!("unexpected answer to a bucket request: {other:?}"),
+                    });
+                }
+            };
+            for m in &records {
+                if let Mutation::Put { key, version, .. } = m {
+                    theirs.insert(key.clone(), *version);
+                }
+            }
+            self.ae_pulled
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            self.apply_async(records).await.map_err(LinkError::Local)?;
+            match next {
+                Some(n) if from != Some(n) => from = Some(n),
+                _ => return Ok(theirs),
+            }
+        }
+    }
+
+    /// Sends `mutations` to the peer in `Apply` frames cut by bytes. What
+    /// the peer refuses (this node's clock is ahead of its own) is counted,
+    /// not retried.
+    pub(super) async fn push_to(
+        &self,
+        peer: &Peer,
+        mutations: Vec<Mutation>,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
+        let mut batches = Vec::new();
+        for m in mutations {
+            batches.extend(batcher.push(m));
+        }
+        batches.extend(batcher.finish());
+        for batch in batches {
+            self.ae_pushed
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if let PeerReply::Applied { refused, .. } =
+                peer.link.request(PeerOp::Apply(batch), timeout).await?
+                && !refused.is_empty()
+            {
+                tracing::warn!(
+                    "peer {} refused {} records stamped ahead of its clock",
+                    peer.link.addr(),
+                    refused.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Peer `id`'s digest of every collection both nodes host (the empty
+    /// digest where it has none), or `None` for an unknown peer.
+    pub(super) async fn shared_digests(
+        self: &Arc<Self>,
+        id: u64,
+    ) -> Result<Option<(Arc<Peer>, Vec<(String, Digest)>)>, LinkError> {
+        let Some(peer) = self.peer(id) else {
+            return Ok(None);
+        };
+        let (me, them) = {
+            let m = self.membership.lock().unwrap();
+            (m.me().clone(), m.get(id).cloned())
+        };
+        let Some(them) = them else { return Ok(None) };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
+            PeerReply::Digests(d) => d,
+            _ => Vec::new(),
+        };
+        let mut names: Vec<String> = self.store.all_collections();
+        for d in &theirs {
+            if !names.contains(&d.collection) {
+                names.push(d.collection.clone());
+            }
+        }
+        names.retain(|c| hosts(&me, c) && hosts(&them, c));
+        let shared = names
+            .into_iter()
+            .map(|c| {
+                let remote = theirs
+                    .iter()
+                    .find(|d| d.collection == c)
+                    .map(|d| Digest {
+                        buckets: d.buckets.clone(),
+                        dropped_at: d.dropped_at.map(version),
+                    })
+                    .unwrap_or_else(Digest::empty);
+                (c, remote)
+            })
+            .collect();
+        Ok(Some((peer, shared)))
+    }
+
+    /// Applies a drop a peer's digest reports, through the clock guard.
+    pub(super) async fn apply_remote_drop(
+        self: &Arc<Self>,
+        collection: &str,
+        local: &Digest,
+        remote: &Digest,
+    ) -> Result<(), LinkError> {
+        if remote.dropped_at > local.dropped_at
+            && let Some(d) = remote.dropped_at
+        {
+            let drop = Mutation::Drop {
+                collection: collection.to_string(),
+                version: stamp(d),
+            };
+            self.apply_async(vec![drop])
+                .await
+                .map_err(LinkError::Local)?;
+        }
+        Ok(())
+    }
+
+    /// Compares digests of every collection both nodes host with peer `id`
+    /// and exchanges the differing buckets, both ways. Every record pulled
+    /// passes the clock guard on its own; an error says whose it was.
+    pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
+        let Some((peer, shared)) = self.shared_digests(id).await? else {
+            return Ok(());
+        };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        for (c, remote) in shared {
+            let local = self.store.digest(&c).map_err(local_error)?;
+            self.apply_remote_drop(&c, &local, &remote).await?;
+            let local = self.store.digest(&c).map_err(local_error)?;
+            let mut push = Vec::new();
+            if local.dropped_at > remote.dropped_at
+                && let Some(d) = local.dropped_at
+            {
+                push.push(Mutation::Drop {
+                    collection: c.clone(),
+                    version: stamp(d),
+                });
+            }
+            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
+                let theirs = self.pull_buckets(&peer, &c, chunk, long).await?;
+                // Only what is newer takes effect; send back only what the
+                // peer lacks or holds older.
+                for b in chunk {
+                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
+                    push.extend(
+                        mine.filter(|r| worth_pushing(theirs.get(&r.key[..]), stamp(r.version)))
+                            .map(|r| Mutation::Put {
+                                collection: c.clone(),
+                                key: r.key.into(),
+                                value: r.value,
+                                version: stamp(r.version),
+                            }),
+                    );
+                }
+                let pending: usize = push.iter().map(mutation_bytes).sum();
+                if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
+                    self.push_to(&peer, std::mem::take(&mut push), long).await?;
+                }
+            }
+            self.push_to(&peer, push, long).await?;
+        }
+        self.ae_rounds.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(ts: u64, node: u64) -> Stamp {
+        Stamp { ts, node }
+    }
+
+    #[test]
+    fn only_what_the_peer_lacks_or_holds_older_is_pushed() {
+        assert!(worth_pushing(None, st(5, 1)));
+        assert!(worth_pushing(Some(&st(4, 9)), st(5, 1)));
+        assert!(
+            worth_pushing(Some(&st(5, 0)), st(5, 1)),
+            "same ts, node breaks the tie"
+        );
+        assert!(!worth_pushing(Some(&st(5, 1)), st(5, 1)));
+        assert!(!worth_pushing(Some(&st(6, 0)), st(5, 1)));
+    }
+
+    #[test]
+    fn every_bucket_is_exchanged_with_a_digest_of_another_shape() {
+        let local = Digest::empty();
+        let odd = Digest {
+            buckets: vec![0; 3],
+            dropped_at: None,
+        };
+        assert_eq!(buckets_to_exchange(&local, &odd).len(), DIGEST_BUCKETS);
+        let mut same = Digest::empty();
+        assert!(buckets_to_exchange(&local, &same).is_empty());
+        same.buckets[7] ^= 1;
+        assert_eq!(buckets_to_exchange(&local, &same), vec![7]);
+    }
+}

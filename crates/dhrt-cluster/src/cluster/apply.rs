@@ -1,0 +1,218 @@
+//! Inbound peer data: replicated mutations applied through the clock guard
+//! record by record, digests, and paged bucket listings for anti-entropy.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dhrt_proto::{BucketCursor, CollectionDigest, ErrorKind, Mutation, OpError, PeerReply};
+use dhrt_storage::{Replicated, SyncMode};
+
+use super::{Cluster, stamp, version};
+use crate::batch::mutation_bytes;
+use crate::link::LinkError;
+use crate::skew::Guard;
+
+/// What applying replicated mutations did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// How many took effect.
+    pub(crate) applied: u64,
+    /// Indexes of those refused by the clock guard, ascending.
+    pub(crate) refused: Vec<u32>,
+}
+
+impl From<Applied> for PeerReply {
+    fn from(a: Applied) -> Self {
+        PeerReply::Applied {
+            applied: a.applied,
+            refused: a.refused,
+        }
+    }
+}
+
+/// A local storage error met during a sync with a peer.
+pub(super) fn local_error(e: dhrt_storage::Error) -> LinkError {
+    LinkError::Local(crate::error::op_error(e))
+}
+
+impl Cluster {
+    /// Applies replicated mutations. Each passes the clock guard on its
+    /// own: one stamped too far ahead of this node's clock is refused (not
+    /// stored, not observed by the clock) and listed in the outcome; the
+    /// others apply. Runs of puts to one collection go to the store as one
+    /// batch (one lock, one write). An error is this node's own (storage).
+    pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
+        let guard = self.guard();
+        let wall = self.wall_ms();
+        let mut refused = Vec::new();
+        for (i, m) in mutations.iter().enumerate() {
+            let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) = m;
+            if !guard.admits(v.ts, wall) {
+                refused.push(i as u32);
+            }
+        }
+        if let Some(&first) = refused.first() {
+            let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) =
+                &mutations[first as usize];
+            self.refused_future
+                .fetch_add(refused.len() as u64, Ordering::Relaxed);
+            tracing::error!(
+                "refused {} records from node {:016x}, stamped up to {} s ahead of this node's clock (more than the {} s allowed): check the clocks",
+                refused.len(),
+                v.node,
+                Guard::ahead_s(v.ts, wall),
+                self.options.max_clock_ahead.as_secs()
+            );
+        }
+        let admitted = |i: usize| refused.binary_search(&(i as u32)).is_err();
+        let mut applied = 0;
+        let mut i = 0;
+        while i < mutations.len() {
+            if !admitted(i) {
+                i += 1;
+                continue;
+            }
+            match &mutations[i] {
+                Mutation::Drop {
+                    collection,
+                    version: v,
+                } => {
+                    let took = self
+                        .store
+                        .apply_drop(collection, version(*v))
+                        .map_err(crate::error::op_error)?
+                        .is_some();
+                    applied += u64::from(took);
+                    i += 1;
+                }
+                Mutation::Put { collection, .. } => {
+                    let run = mutations[i..]
+                        .iter()
+                        .take_while(
+                            |m| matches!(m, Mutation::Put { collection: c, .. } if c == collection),
+                        )
+                        .count();
+                    let entries: Vec<Replicated<'_>> = mutations[i..i + run]
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| admitted(i + j))
+                        .filter_map(|(_, m)| match m {
+                            Mutation::Put {
+                                key,
+                                value,
+                                version: v,
+                                ..
+                            } => Some((&key[..], value.as_deref(), version(*v))),
+                            Mutation::Drop { .. } => None,
+                        })
+                        .collect();
+                    applied += self
+                        .store
+                        .apply_many(collection, &entries)
+                        .map_err(crate::error::op_error)? as u64;
+                    i += run;
+                }
+            }
+        }
+        if self.sync.running.load(Ordering::Relaxed) {
+            self.sync
+                .received
+                .fetch_add(mutations.len() as u64, Ordering::Relaxed);
+        }
+        Ok(Applied { applied, refused })
+    }
+
+    /// Applies on the blocking pool when the store fsyncs every write.
+    pub(crate) async fn apply_async(
+        self: &Arc<Self>,
+        mutations: Vec<Mutation>,
+    ) -> Result<Applied, OpError> {
+        if self.store.options().sync == SyncMode::Always {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.apply(&mutations))
+                .await
+                .map_err(|e| OpError::new(ErrorKind::Internal, e.to_string()))?
+        } else {
+            self.apply(&mutations)
+        }
+    }
+
+    /// The digests of `names` (all collections when empty).
+    pub(crate) fn digests(&self, names: Vec<String>) -> Result<Vec<CollectionDigest>, OpError> {
+        let names = if names.is_empty() {
+            self.store.all_collections()
+        } else {
+            names
+        };
+        let stats = self.store.stats();
+        names
+            .into_iter()
+            .map(|c| {
+                let d = self.store.digest(&c).map_err(crate::error::op_error)?;
+                let entries = stats
+                    .collections
+                    .iter()
+                    .find(|s| s.name == c)
+                    .map_or(0, |s| s.keys + s.tombstones);
+                Ok(CollectionDigest {
+                    collection: c,
+                    buckets: d.buckets,
+                    dropped_at: d.dropped_at.map(stamp),
+                    entries,
+                })
+            })
+            .collect()
+    }
+
+    /// A page of the records of some buckets of a collection, as
+    /// mutations, from `from` on: cut before it would pass `max_bytes`
+    /// (a larger record goes alone). Also the cursor of the next page.
+    pub(crate) fn bucket_records(
+        &self,
+        collection: &str,
+        buckets: &[u32],
+        from: Option<BucketCursor>,
+        max_bytes: usize,
+    ) -> Result<(Vec<Mutation>, Option<BucketCursor>), OpError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let start = match from {
+            Some(c) => buckets.iter().position(|&b| b == c.bucket).ok_or_else(|| {
+                OpError::new(
+                    ErrorKind::InvalidInput,
+                    "cursor outside the requested buckets",
+                )
+            })?,
+            None => 0,
+        };
+        for (i, &b) in buckets.iter().enumerate().skip(start) {
+            let skip = match from {
+                Some(c) if i == start => c.skip,
+                _ => 0,
+            };
+            let records = self
+                .store
+                .bucket(collection, b as usize)
+                .map_err(crate::error::op_error)?;
+            for (n, r) in records.enumerate().skip(skip as usize) {
+                let m = Mutation::Put {
+                    collection: collection.to_string(),
+                    key: r.key.into(),
+                    value: r.value,
+                    version: stamp(r.version),
+                };
+                let size = mutation_bytes(&m);
+                if !out.is_empty() && bytes + size > max_bytes {
+                    let next = BucketCursor {
+                        bucket: b,
+                        skip: n as u64,
+                    };
+                    return Ok((out, Some(next)));
+                }
+                bytes += size;
+                out.push(m);
+            }
+        }
+        Ok((out, None))
+    }
+}

@@ -1,0 +1,374 @@
+//! The membership driver: the tokio side of the sans-I/O [`Membership`]
+//! state machine (ticks, gossip in and out, member changes and what they
+//! set off), joining and leaving, and the clock verdict drawn from the
+//! peers' gossip (`crate::skew`).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dhrt_proto::{ErrorKind, Gossip, Liveness, MemberUpdate, OpError, PeerOp, PeerReply};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Cluster, Peer};
+use crate::link::{Link, LinkError};
+use crate::membership::Membership;
+use crate::membership::{Output, member_state};
+use crate::queue::Queue;
+use crate::skew::{self};
+
+impl Cluster {
+    pub(super) fn with_membership<T>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Membership, u64) -> T,
+    ) -> T {
+        let now = self.now_ms();
+        let (value, outputs) = {
+            let mut m = self.membership.lock().unwrap();
+            let value = f(&mut m, now);
+            self.peers_known.store(
+                m.members().any(|u| u.liveness != Liveness::Left),
+                Ordering::Release,
+            );
+            (value, m.drain())
+        };
+        self.perform(outputs);
+        value
+    }
+
+    pub(super) fn perform(self: &Arc<Self>, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { to, mut gossip } => {
+                    if let Some(peer) = self.peer(to) {
+                        let timeout = self.options.timeout;
+                        gossip.sent_ms = self.wall_ms();
+                        tokio::spawn(async move {
+                            let _ = peer.link.gossip(gossip, timeout).await;
+                        });
+                    }
+                }
+                Output::Changed { member, before } => self.member_changed(member, before),
+                Output::MustResync => {
+                    tracing::warn!(
+                        "the cluster declared this node dead while it was away: re-syncing"
+                    );
+                    let me = self.clone();
+                    tokio::spawn(async move { me.resync().await });
+                }
+            }
+        }
+    }
+
+    pub(super) fn member_changed(self: &Arc<Self>, member: MemberUpdate, before: Option<Liveness>) {
+        let state = member_state(&member);
+        tracing::info!(
+            peer = %member.name, addr = %member.addr, id = %format!("{:016x}", member.id),
+            "member is {}", state.as_str()
+        );
+        let Some(peer) = self.peer(member.id) else {
+            return;
+        };
+        match member.liveness {
+            Liveness::Left => {
+                // It said goodbye: what it would have received is its
+                // problem on return (anti-entropy), not a growing queue here.
+                let mut q = peer.queue.lock().unwrap();
+                let last = q.clear();
+                peer.acked.store(last, Ordering::Release);
+                drop(q);
+                self.acks.notify_waiters();
+            }
+            Liveness::Alive => {
+                peer.wake.notify_one();
+                let overflowed = std::mem::take(&mut peer.queue.lock().unwrap().overflowed);
+                let returning = matches!(before, Some(Liveness::Dead) | Some(Liveness::Left));
+                if (overflowed || returning) && !member.syncing {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.anti_entropy_with(member.id).await {
+                            tracing::debug!("anti-entropy with a returning peer: {e}");
+                        }
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer with this id, created (with its replication task) on first
+    /// use. `None` for this node and unknown ids.
+    pub(super) fn peer(self: &Arc<Self>, id: u64) -> Option<Arc<Peer>> {
+        if id == self.dialer.me {
+            return None;
+        }
+        let addr = self.membership.lock().unwrap().get(id)?.addr.clone();
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get(&id)
+            && p.link.addr() == addr
+        {
+            return Some(p.clone());
+        }
+        if let Some(old) = peers.remove(&id) {
+            old.gone.store(true, Ordering::Release);
+            old.wake.notify_one();
+        }
+        let peer = Arc::new(Peer {
+            id,
+            link: Link::new(addr, self.dialer.clone()),
+            any_refused: AtomicBool::new(false),
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+            acked: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+        });
+        peers.insert(id, peer.clone());
+        let me = self.clone();
+        let p = peer.clone();
+        tokio::spawn(async move { me.replication_loop(p).await });
+        Some(peer)
+    }
+
+    pub(super) async fn membership_loop(self: Arc<Self>) {
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(self.options.membership.period_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.running.load(Ordering::Acquire) {
+            ticker.tick().await;
+            self.with_membership(|m, now| m.tick(now));
+            self.judge_clock();
+        }
+    }
+
+    /// Membership news from peer `from` (authenticated by the handshake):
+    /// gossip that claims another sender is dropped.
+    pub(crate) fn on_gossip(self: &Arc<Self>, from: u64, gossip: Gossip) {
+        if gossip.from != from {
+            tracing::warn!(
+                "dropped gossip from node {from:016x} claiming to come from {:016x}",
+                gossip.from
+            );
+            return;
+        }
+        let wall = self.wall_ms();
+        self.offsets
+            .lock()
+            .unwrap()
+            .record(from, gossip.sent_ms, wall);
+        self.with_membership(|m, now| m.handle(now, gossip));
+    }
+
+    /// A node asks to join through this one: learn it (its own word on
+    /// itself), and hand it the table.
+    pub(crate) fn on_join(self: &Arc<Self>, update: MemberUpdate) -> Vec<MemberUpdate> {
+        self.with_membership(|m, now| {
+            m.merge_own_word(now, update);
+            m.table()
+        })
+    }
+
+    pub(super) fn suspect(self: &Arc<Self>, id: u64) {
+        self.with_membership(|m, now| m.suspect(now, id));
+    }
+
+    pub(super) fn heard_from(self: &Arc<Self>, id: u64) {
+        self.with_membership(|m, _| m.heard_from(id));
+    }
+
+    /// Joins through `addr` (or the configured seeds): learns the members,
+    /// receives the handoff, and then reports itself healthy.
+    pub(super) async fn join(self: Arc<Self>) {
+        let seeds = self.options.seeds.clone();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if !self.alive_peers().is_empty() {
+                // Someone reached this node first: it is in.
+                self.handoff().await;
+                return;
+            }
+            for seed in &seeds {
+                match self.join_through(seed).await {
+                    Ok(()) => {
+                        self.handoff().await;
+                        return;
+                    }
+                    Err(e) => tracing::warn!("joining through {seed}: {e}"),
+                }
+            }
+            if !self.running.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// `dhrt-cli join ADDR`: a running node joins the cluster of the member
+    /// at `addr`, then exchanges data with it (a handoff when this node is
+    /// empty, anti-entropy otherwise) while reporting itself syncing.
+    /// Returns how many members it knows.
+    pub async fn join_running(self: &Arc<Self>, addr: &str) -> Result<u32, OpError> {
+        let me = self.membership.lock().unwrap().me().addr.clone();
+        if addr.trim().is_empty() || addr == me {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                format!("cannot join through {addr:?}: give another member's address"),
+            ));
+        }
+        self.with_membership(|m, _| m.set_syncing(true));
+        if let Err(e) = self.join_through(addr).await {
+            if !self.sync.running.load(Ordering::Acquire) {
+                self.with_membership(|m, _| m.set_syncing(false));
+            }
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!("joining: {e}"),
+            ));
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.handoff().await });
+        Ok(self.membership.lock().unwrap().table().len() as u32)
+    }
+
+    /// Asks the member at `addr` to let this node in.
+    pub async fn join_through(self: &Arc<Self>, addr: &str) -> Result<(), LinkError> {
+        let link = Link::new(addr.to_string(), self.dialer.clone());
+        let me = self.membership.lock().unwrap().me().clone();
+        match link
+            .request(
+                PeerOp::Join(me),
+                self.options.timeout.max(Duration::from_secs(2)),
+            )
+            .await?
+        {
+            PeerReply::Members(table) => {
+                tracing::info!("joined through {addr}: {} members", table.len());
+                self.with_membership(|m, now| m.merge(now, table));
+                self.save_state(&self.saved_state());
+                Ok(())
+            }
+            other => Err(LinkError::Refused {
+                addr: addr.to_string(),
+                reason: format!("unexpected answer to a join: {other:?}"),
+            }),
+        }
+    }
+
+    /// Live members other than this one, healthy first.
+    pub(super) fn alive_peers(&self) -> Vec<MemberUpdate> {
+        let m = self.membership.lock().unwrap();
+        let mut peers: Vec<MemberUpdate> = m
+            .members()
+            .filter(|u| u.liveness == Liveness::Alive)
+            .cloned()
+            .collect();
+        peers.sort_by_key(|u| u.syncing);
+        peers
+    }
+
+    /// Tells the cluster this node is leaving, waiting briefly for the news
+    /// to go out.
+    pub async fn leave(self: &Arc<Self>) {
+        // Hand what is still queued to the peers that can take it, so that
+        // a write this node acknowledged does not leave with it.
+        let deadline = Instant::now() + self.options.timeout.max(Duration::from_secs(2));
+        while Instant::now() < deadline && self.hints_for_live_peers() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.running.store(false, Ordering::Release);
+        if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
+            self.last_contact.store(self.wall_ms(), Ordering::Release);
+        }
+        self.save_state(&self.saved_state());
+        let outputs = {
+            let mut m = self.membership.lock().unwrap();
+            m.leave();
+            m.drain()
+        };
+        let mut sends = tokio::task::JoinSet::new();
+        for o in outputs {
+            if let Output::Send { to, mut gossip } = o
+                && let Some(peer) = self.peer(to)
+            {
+                let timeout = self.options.timeout;
+                gossip.sent_ms = self.wall_ms();
+                sends.spawn(async move { peer.link.gossip(gossip, timeout).await });
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;
+        // Give the writer tasks a moment to flush the frames.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Writes queued for peers that are alive.
+    pub(super) fn hints_for_live_peers(&self) -> usize {
+        let alive: HashSet<u64> = self.alive_peers().iter().map(|u| u.id).collect();
+        self.peers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|p| alive.contains(&p.id))
+            .map(|p| p.queue.lock().unwrap().len())
+            .sum()
+    }
+
+    /// Re-judges this node's clock against its live peers', logging when
+    /// the verdict changes.
+    pub(super) fn judge_clock(&self) {
+        let alive: Vec<u64> = self
+            .membership
+            .lock()
+            .unwrap()
+            .members()
+            .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
+            .map(|u| u.id)
+            .collect();
+        let measured: Vec<i64> = {
+            let mut o = self.offsets.lock().unwrap();
+            o.retain(|id| alive.contains(&id));
+            alive.iter().filter_map(|id| o.of(*id)).collect()
+        };
+        let clock_ahead = self.store.clock().ahead_ms(self.store.clock().last());
+        let v = skew::verdict(
+            &measured,
+            self.options.max_clock_ahead.as_millis() as u64,
+            clock_ahead,
+        );
+        let mut current = self.verdict.lock().unwrap();
+        if v.skewed != current.skewed {
+            if v.skewed {
+                tracing::error!("clock skew: {}", v.reason);
+            } else {
+                tracing::warn!(
+                    "clock skew resolved: this node's clock is within {} s of its peers'; writes are accepted again",
+                    self.options.max_clock_ahead.as_secs()
+                );
+            }
+        }
+        self.skewed.store(v.skewed, Ordering::Release);
+        *current = v;
+    }
+
+    /// Why client writes are refused on this node now, if they are: its
+    /// clock is off from its peers'.
+    pub(crate) fn write_refusal(&self) -> Option<OpError> {
+        if !self.skewed.load(Ordering::Acquire) {
+            return None;
+        }
+        let reason = self.verdict.lock().unwrap().reason.clone();
+        Some(OpError::new(ErrorKind::Unavailable, reason))
+    }
+
+    /// This node's clock against its peers', for stats.
+    pub fn clock_info(&self) -> dhrt_proto::ClockInfo {
+        let v = self.verdict.lock().unwrap().clone();
+        dhrt_proto::ClockInfo {
+            skewed: v.skewed,
+            ahead_ms: v.ahead_ms,
+            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
+            reason: v.reason,
+        }
+    }
+}

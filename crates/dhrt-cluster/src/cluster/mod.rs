@@ -1,0 +1,454 @@
+//! The cluster: the tokio layer around the membership state machine, one
+//! replication queue per peer (batched, bounded hints while it is away),
+//! write concerns, fan-out reads, anti-entropy over digests, join handoff and
+//! re-sync, and leave. The node facade (`node.rs`) calls into it; the peer
+//! server (`peer_server.rs`) feeds it what peers send.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use dhrt_proto::{Liveness, MemberInfo, MemberUpdate, Mutation, Stamp, SyncInfo};
+use dhrt_storage::{Store, Version};
+use tokio::sync::Notify;
+
+use crate::link::{Connector, Dialer, TcpConnector};
+use crate::membership::{Membership, MembershipConfig, member_state};
+use crate::placement::WriteAck;
+use crate::skew::{Guard, Offsets, Verdict};
+use crate::state::{self};
+
+mod anti_entropy;
+mod apply;
+mod contact;
+mod driver;
+mod read;
+mod replicate;
+mod sync;
+
+use contact::away_too_long;
+use replicate::Peer;
+
+/// Who this node is.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The node id, stamped into versions.
+    pub id: u64,
+    /// Human name.
+    pub name: String,
+    /// The address peers and clients use.
+    pub addr: String,
+}
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The write concern.
+    pub write_ack: WriteAck,
+    /// Per-peer request timeout.
+    pub timeout: Duration,
+    /// The shared secret peers must prove they know (`None`: empty secret).
+    pub secret: Option<String>,
+    /// The collections this node hosts, or `None` for all.
+    pub collections: Option<Vec<String>>,
+    /// Members to join through.
+    pub seeds: Vec<String>,
+    /// Membership protocol timing.
+    pub membership: MembershipConfig,
+    /// How often digests are compared with a random peer.
+    pub anti_entropy_every: Duration,
+    /// Writes kept per peer while it is away; beyond this, anti-entropy
+    /// repairs it when it returns.
+    pub max_hints: usize,
+    /// The largest offset allowed between two nodes' clocks: a stamp from a
+    /// peer further than this ahead of this node's clock is refused, and a
+    /// node whose clock is further than this from its peers' refuses
+    /// client writes.
+    pub max_clock_ahead: Duration,
+    /// Largest frame on peer connections.
+    pub max_frame: u32,
+    /// How peers are dialed (TCP unless a test simulates the network).
+    pub connector: Arc<dyn Connector>,
+    /// Seeds the membership protocol's randomness (probe order, gossip
+    /// targets); `None` picks one from the node id and the clock.
+    pub rng_seed: Option<u64>,
+    /// Where to remember the members and when the cluster was last in
+    /// touch (`cluster.state` in the data directory); `None` in memory.
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            write_ack: WriteAck::All,
+            timeout: Duration::from_millis(500),
+            secret: None,
+            collections: None,
+            seeds: Vec::new(),
+            membership: MembershipConfig::default(),
+            anti_entropy_every: Duration::from_secs(2),
+            max_hints: 1_000_000,
+            max_clock_ahead: Duration::from_secs(60),
+            max_frame: dhrt_proto::DEFAULT_MAX_FRAME,
+            connector: Arc::new(TcpConnector),
+            rng_seed: None,
+            state_file: None,
+        }
+    }
+}
+
+/// Mutations per `Apply` frame, and their bytes: a batch is cut before a
+/// mutation would take it past `BATCH_BYTES`; a larger mutation travels
+/// alone (the frame limit leaves room for the largest value).
+pub(crate) const BATCH_ITEMS: usize = 4096;
+pub(crate) const BATCH_BYTES: usize = 4 << 20;
+
+fn collection_of(m: &Mutation) -> &str {
+    match m {
+        Mutation::Put { collection, .. } | Mutation::Drop { collection, .. } => collection,
+    }
+}
+
+pub(crate) fn stamp(v: Version) -> Stamp {
+    Stamp {
+        ts: v.ts,
+        node: v.node,
+    }
+}
+
+pub(crate) fn version(s: Stamp) -> Version {
+    Version::new(s.ts, s.node)
+}
+
+#[derive(Debug, Default)]
+struct SyncProgress {
+    running: AtomicBool,
+    received: AtomicU64,
+    total: AtomicU64,
+    started: Mutex<Option<Instant>>,
+}
+
+/// The cluster side of a node.
+pub struct Cluster {
+    store: Store,
+    identity: Identity,
+    options: ClusterOptions,
+    dialer: Dialer,
+    membership: Mutex<Membership>,
+    epoch: Instant,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    acks: Notify,
+    sync: SyncProgress,
+    running: AtomicBool,
+    /// Wall-clock ms when this node last had a live, non-syncing peer (or
+    /// started, with no history).
+    last_contact: AtomicU64,
+    /// Set while this node's own data cannot be trusted: it was away
+    /// longer than the tombstone grace period, so keys deleted meanwhile
+    /// may still be here. Reads ask the others; a full re-sync prunes.
+    full_resync: AtomicBool,
+    /// Whether any other member (left ones aside) is known: kept by
+    /// `with_membership`, read on every write without the lock.
+    peers_known: AtomicBool,
+    /// Anti-entropy exchanges completed, and records pulled and pushed.
+    ae_rounds: AtomicU64,
+    ae_pulled: AtomicU64,
+    ae_pushed: AtomicU64,
+    /// Records from peers refused by the clock guard.
+    refused_future: AtomicU64,
+    /// The peers' clock offsets, and what they say of this node's clock.
+    offsets: Mutex<Offsets>,
+    verdict: Mutex<Verdict>,
+    /// `verdict.skewed`, read on every client write without the lock.
+    skewed: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.dialer.me)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// The cluster side of node `me` (its id, name and advertised address)
+    /// over `store`. Nothing runs until [`start`](Self::start).
+    pub fn new(store: Store, identity: Identity, options: ClusterOptions) -> Arc<Self> {
+        let Identity { id, name, addr } = identity.clone();
+        let mut options = options;
+        let saved = options.state_file.as_deref().and_then(|p| {
+            state::load(p)
+                .inspect_err(|e| tracing::warn!("ignoring {}: {e}", p.display()))
+                .ok()
+                .flatten()
+        });
+        let mut last_contact = store.clock().wall_ms();
+        let mut full_resync = false;
+        if let Some(saved) = saved {
+            let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
+            if options.seeds.is_empty() && !members.is_empty() {
+                tracing::info!(
+                    "rejoining through the {} members remembered in cluster.state",
+                    members.len()
+                );
+                options.seeds = members;
+            }
+            last_contact = saved.seen_ms;
+            if let Some(away) = away_too_long(&store, saved.seen_ms)
+                && !options.seeds.is_empty()
+            {
+                tracing::warn!(
+                    "away from the cluster for {} s, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
+                    away / 1000,
+                    store.options().tombstone_grace.as_secs()
+                );
+                full_resync = true;
+            }
+        }
+        let update = MemberUpdate {
+            id,
+            name,
+            addr,
+            // Above every incarnation of this node's earlier lives, as long
+            // as the wall clock moves forward between restarts.
+            incarnation: store.clock().wall_ms(),
+            liveness: Liveness::Alive,
+            syncing: !options.seeds.is_empty(),
+            collections: options.collections.clone(),
+        };
+        let seed = options.rng_seed.unwrap_or(id ^ dhrt_storage::wall_ms());
+        let membership = Membership::new(update, options.membership.clone(), seed);
+        Arc::new(Cluster {
+            dialer: Dialer {
+                me: id,
+                secret: options
+                    .secret
+                    .clone()
+                    .unwrap_or_default()
+                    .into_bytes()
+                    .into(),
+                max_frame: options.max_frame,
+                connector: options.connector.clone(),
+            },
+            store,
+            identity,
+            options,
+            membership: Mutex::new(membership),
+            epoch: Instant::now(),
+            peers: Mutex::new(HashMap::new()),
+            acks: Notify::new(),
+            sync: SyncProgress::default(),
+            running: AtomicBool::new(true),
+            last_contact: AtomicU64::new(last_contact),
+            full_resync: AtomicBool::new(full_resync),
+            peers_known: AtomicBool::new(false),
+            ae_rounds: AtomicU64::new(0),
+            ae_pulled: AtomicU64::new(0),
+            ae_pushed: AtomicU64::new(0),
+            refused_future: AtomicU64::new(0),
+            offsets: Mutex::new(Offsets::default()),
+            verdict: Mutex::new(Verdict::default()),
+            skewed: AtomicBool::new(false),
+        })
+    }
+
+    /// A cluster of one: no seeds, no peers until someone joins.
+    pub fn single(store: Store, identity: Identity) -> Arc<Self> {
+        Cluster::new(store, identity, ClusterOptions::default())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// This node's wall clock (the store's, which tests may offset).
+    fn wall_ms(&self) -> u64 {
+        self.store.clock().wall_ms()
+    }
+
+    fn guard(&self) -> Guard {
+        Guard {
+            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
+        }
+    }
+
+    /// Who this node is.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.dialer.me
+    }
+
+    /// The settings.
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
+    pub(crate) fn secret(&self) -> &[u8] {
+        &self.dialer.secret
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Starts the membership protocol, anti-entropy and, with seeds, the
+    /// join and its handoff. Call once, inside a tokio runtime.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.membership_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.anti_entropy_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.contact_loop().await });
+        if !self.options.seeds.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.join().await });
+        }
+    }
+
+    // ---- membership -------------------------------------------------------
+
+    /// Whether any other member is known (left ones aside).
+    pub fn has_peers(&self) -> bool {
+        self.peers_known.load(Ordering::Acquire)
+    }
+
+    /// Every member, this node included, for stats.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let table = self.membership.lock().unwrap().table();
+        let offsets = self.offsets.lock().unwrap();
+        table
+            .iter()
+            .map(|u| MemberInfo {
+                id: format!("{:016x}", u.id),
+                name: u.name.clone(),
+                addr: u.addr.clone(),
+                state: member_state(u),
+                clock_offset_ms: offsets.of(u.id),
+            })
+            .collect()
+    }
+
+    /// Cluster metrics in the Prometheus text format: members by state,
+    /// per-peer replication queues and acknowledged writes, anti-entropy
+    /// activity, and whether this node is syncing.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let table = self.membership.lock().unwrap().table();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_cluster_members Members this node knows, itself included, by state.\n# TYPE dhrt_cluster_members gauge"
+        );
+        for state in ["healthy", "unhealthy", "dead", "left", "syncing"] {
+            let n = table
+                .iter()
+                .filter(|u| member_state(u).as_str() == state)
+                .count();
+            let _ = writeln!(out, "dhrt_cluster_members{{state=\"{state}\"}} {n}");
+        }
+        let peers: Vec<Arc<Peer>> = self.peers.lock().unwrap().values().cloned().collect();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_replication_queue Writes queued for a peer (in flight, or hints while it is away).\n# TYPE dhrt_replication_queue gauge"
+        );
+        for p in &peers {
+            let queued = p.queue.lock().unwrap().len();
+            let _ = writeln!(
+                out,
+                "dhrt_replication_queue{{peer=\"{}\"}} {queued}",
+                p.link.addr()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_replication_acked_total Writes a peer acknowledged since this node started.\n# TYPE dhrt_replication_acked_total counter"
+        );
+        for p in &peers {
+            let _ = writeln!(
+                out,
+                "dhrt_replication_acked_total{{peer=\"{}\"}} {}",
+                p.link.addr(),
+                p.acked.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_anti_entropy_rounds_total Digest comparisons completed with a peer.\n# TYPE dhrt_anti_entropy_rounds_total counter\ndhrt_anti_entropy_rounds_total {}",
+            self.ae_rounds.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_anti_entropy_records_total Records exchanged by anti-entropy.\n# TYPE dhrt_anti_entropy_records_total counter\ndhrt_anti_entropy_records_total{{direction=\"pulled\"}} {}\ndhrt_anti_entropy_records_total{{direction=\"pushed\"}} {}",
+            self.ae_pulled.load(Ordering::Relaxed),
+            self.ae_pushed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_syncing Whether this node is receiving a handoff or re-syncing.\n# TYPE dhrt_syncing gauge\ndhrt_syncing {}",
+            u8::from(self.sync.running.load(Ordering::Relaxed))
+        );
+        let clock = self.clock_info();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_clock_skewed Whether this node's clock is off from its peers' by more than the allowed offset (client writes are refused).\n# TYPE dhrt_clock_skewed gauge\ndhrt_clock_skewed {}\n# HELP dhrt_clock_ahead_ms How far this node's clock is ahead of the median of its peers' (negative: behind).\n# TYPE dhrt_clock_ahead_ms gauge\ndhrt_clock_ahead_ms {}",
+            u8::from(clock.skewed),
+            clock.ahead_ms
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_clock_offset_ms How far each peer's clock is ahead of this node's (negative: behind).\n# TYPE dhrt_clock_offset_ms gauge"
+        );
+        for m in self.members() {
+            if let Some(o) = m.clock_offset_ms {
+                let _ = writeln!(out, "dhrt_clock_offset_ms{{peer=\"{}\"}} {o}", m.addr);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_refused_future_total Records from peers refused because they were stamped too far ahead of this node's clock.\n# TYPE dhrt_refused_future_total counter\ndhrt_refused_future_total {}",
+            self.refused_future.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Progress of a running handoff or re-sync.
+    pub fn sync_info(&self) -> Option<SyncInfo> {
+        if !self.sync.running.load(Ordering::Acquire) {
+            return None;
+        }
+        let received = self.sync.received.load(Ordering::Relaxed);
+        let total = self.sync.total.load(Ordering::Relaxed).max(received);
+        let secs = self
+            .sync
+            .started
+            .lock()
+            .unwrap()
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Some(SyncInfo {
+            received,
+            total,
+            percent: (received * 100).checked_div(total).unwrap_or(0),
+            keys_per_s: if secs > 0.0 {
+                (received as f64 / secs) as u64
+            } else {
+                0
+            },
+        })
+    }
+
+    // ---- writes -----------------------------------------------------------
+
+    // ---- reads ------------------------------------------------------------
+
+    // ---- applying what peers send ----------------------------------------
+
+    // ---- handoff, re-sync, anti-entropy ------------------------------------
+}

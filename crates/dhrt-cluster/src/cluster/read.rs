@@ -1,0 +1,64 @@
+//! Fan-out reads: a key missing here (or distrusted) is asked of every live
+//! peer hosting its collection; the newest answer the clock guard admits
+//! wins.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use dhrt_proto::{Liveness, PeerOp, PeerReply, Versioned};
+
+use super::Cluster;
+use crate::link::LinkError;
+use crate::placement::hosts;
+
+impl Cluster {
+    /// Asks every live peer hosting `collection` for `key` in parallel and
+    /// returns the newest entry found (a tombstone included).
+    pub(crate) async fn read_remote(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+    ) -> Option<Versioned> {
+        let targets: Vec<u64> = {
+            let m = self.membership.lock().unwrap();
+            m.members()
+                .filter(|u| {
+                    matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                        && hosts(u, collection)
+                })
+                .map(|u| u.id)
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for id in targets {
+            let Some(peer) = self.peer(id) else { continue };
+            let op = PeerOp::Read {
+                collection: collection.to_string(),
+                key: Bytes::copy_from_slice(key),
+            };
+            let timeout = self.options.timeout;
+            asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
+        }
+        let mut best: Option<Versioned> = None;
+        let guard = self.guard();
+        while let Some(Ok((id, r))) = asks.join_next().await {
+            match r {
+                Ok(PeerReply::Entry(Some(v))) => {
+                    if !guard.admits(v.version.ts, self.wall_ms()) {
+                        // A skewed peer's entry is no answer here.
+                        self.refused_future.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if best.as_ref().is_none_or(|b| v.version > b.version) {
+                        best = Some(v);
+                    }
+                }
+                Ok(_) => {}
+                Err(LinkError::Remote { .. }) => {}
+                Err(_) => self.suspect(id),
+            }
+        }
+        best
+    }
+}

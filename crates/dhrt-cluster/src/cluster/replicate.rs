@@ -1,0 +1,291 @@
+//! Replication: one queue per peer, its sender task, and the
+//! write-concern wait (`crate::placement::need`). Invariant: a write counts
+//! as acknowledged by a peer only when the peer answered for it and did not
+//! refuse it.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dhrt_proto::{ErrorKind, Liveness, Mutation, OpError, PeerOp, PeerReply};
+use dhrt_storage::Version;
+use tokio::sync::Notify;
+
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of};
+use crate::link::{Link, LinkError};
+use crate::placement::{self, hosts};
+use crate::queue::Queue;
+
+/// One peer: its connection and the writes on their way to it.
+#[derive(Debug)]
+pub(super) struct Peer {
+    pub(super) id: u64,
+    pub(super) link: Link,
+    /// Cached: whether the peer's queue remembers refusals, so a waiter
+    /// takes the queue's lock only when there are some.
+    pub(super) any_refused: AtomicBool,
+    pub(super) queue: Mutex<Queue>,
+    pub(super) wake: Notify,
+    /// Sequence number of the last mutation the peer acknowledged.
+    pub(super) acked: AtomicU64,
+    pub(super) gone: AtomicBool,
+}
+
+impl Cluster {
+    /// Sends `mutations` (all of one collection) to every replica hosting
+    /// it and waits as the write concern says, at most the timeout. The
+    /// writes are saved (here when `stored_locally`, and queued for every
+    /// replica) whatever the outcome: an error of kind
+    /// [`ErrorKind::WriteConcern`] says on how many replicas they are, when
+    /// that is fewer than the concern asks. A replica that refused them
+    /// does not count; one that does not answer in time is marked
+    /// unhealthy and gets them later.
+    pub(crate) async fn replicate(
+        self: &Arc<Self>,
+        mutations: Vec<Mutation>,
+        stored_locally: bool,
+    ) -> Result<(), OpError> {
+        if !self.has_peers() {
+            return Ok(());
+        }
+        let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
+            return Ok(());
+        };
+        let (targets, reachable): (Vec<u64>, HashSet<u64>) = {
+            let m = self.membership.lock().unwrap();
+            let targets = m
+                .members()
+                .filter(|u| u.liveness != Liveness::Left && hosts(u, &collection))
+                .map(|u| u.id)
+                .collect();
+            let reachable = m
+                .members()
+                .filter(|u| {
+                    matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                        && hosts(u, &collection)
+                })
+                .map(|u| u.id)
+                .collect();
+            (targets, reachable)
+        };
+        let need = placement::need(self.options.write_ack, targets.len(), stored_locally);
+        let mut waits = Vec::new();
+        for id in targets {
+            let Some(peer) = self.peer(id) else { continue };
+            let (first, last) = self.enqueue(&peer, &mutations);
+            if reachable.contains(&id) {
+                waits.push((peer, first, last));
+            }
+        }
+        if need.remote_acks == 0 {
+            return Ok(());
+        }
+        let local = usize::from(stored_locally);
+        let unmet = |acked: usize| {
+            OpError::new(
+                ErrorKind::WriteConcern,
+                format!(
+                    "write concern {} not met within {} ms: the write is saved on {} of {} replicas ({} needed) and will reach the others",
+                    self.options.write_ack.as_str(),
+                    self.options.timeout.as_millis(),
+                    acked + local,
+                    need.replicas,
+                    need.copies
+                ),
+            )
+        };
+        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        loop {
+            let notified = self.acks.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // One reading of each peer: answered, and of those, acknowledged.
+            let (mut answered, mut done) = (0, 0);
+            for (p, first, last) in &waits {
+                let acked = p.acked.load(Ordering::Acquire);
+                if acked >= *last {
+                    answered += 1;
+                    done += usize::from(Self::acknowledged_at(p, acked, *first, *last));
+                }
+            }
+            if done >= need.remote_acks {
+                return Ok(());
+            }
+            // Too few replicas are up, or some refused: once every one that
+            // can answer has, the outcome is known.
+            let refused = answered - done;
+            if waits.len() - refused < need.remote_acks && answered == waits.len() {
+                return Err(unmet(done));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                for (p, _, last) in &waits {
+                    if p.acked.load(Ordering::Acquire) < *last {
+                        tracing::warn!(
+                            "peer {} did not acknowledge a write within {} ms: unhealthy",
+                            p.link.addr(),
+                            self.options.timeout.as_millis()
+                        );
+                        self.suspect(p.id);
+                    }
+                }
+                let done = waits
+                    .iter()
+                    .filter(|(p, first, last)| self.acknowledged(p, *first, *last))
+                    .count();
+                return Err(unmet(done));
+            }
+        }
+    }
+
+    /// Whether peer `p` acknowledged the writes `first..=last`.
+    pub(super) fn acknowledged(&self, p: &Peer, first: u64, last: u64) -> bool {
+        Self::acknowledged_at(p, p.acked.load(Ordering::Acquire), first, last)
+    }
+
+    /// Whether peer `p`, having answered through `acked`, acknowledged the
+    /// writes `first..=last` (answered, and refused none of them).
+    pub(super) fn acknowledged_at(p: &Peer, acked: u64, first: u64, last: u64) -> bool {
+        if acked < last {
+            return false;
+        }
+        if !p.any_refused.load(Ordering::Acquire) {
+            return true;
+        }
+        p.queue.lock().unwrap().acknowledged(acked, first, last)
+    }
+
+    /// Queues `mutations` for `peer`; returns the sequence numbers of the
+    /// first and the last.
+    pub(super) fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> (u64, u64) {
+        let range = peer
+            .queue
+            .lock()
+            .unwrap()
+            .push(mutations, self.options.max_hints);
+        peer.wake.notify_one();
+        range
+    }
+
+    pub(super) async fn replication_loop(self: Arc<Self>, peer: Arc<Peer>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if peer.gone.load(Ordering::Acquire) {
+                return;
+            }
+            let batch: Vec<(u64, Mutation)> = {
+                peer.queue
+                    .lock()
+                    .unwrap()
+                    .next_batch(BATCH_BYTES, BATCH_ITEMS)
+            };
+            if batch.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
+                continue;
+            }
+            let liveness = self
+                .membership
+                .lock()
+                .unwrap()
+                .get(peer.id)
+                .map(|u| u.liveness);
+            if matches!(liveness, Some(Liveness::Dead)) {
+                // Hold the hints until it is back (a probe will tell).
+                let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
+                if !matches!(
+                    self.membership
+                        .lock()
+                        .unwrap()
+                        .get(peer.id)
+                        .map(|u| u.liveness),
+                    Some(Liveness::Alive)
+                ) {
+                    continue;
+                }
+            }
+            let last = batch.last().map_or(0, |(s, _)| *s);
+            let seqs: Vec<u64> = batch.iter().map(|(s, _)| *s).collect();
+            let mutations: Vec<Mutation> = batch.into_iter().map(|(_, m)| m).collect();
+            let timeout = self
+                .options
+                .timeout
+                .max(Duration::from_millis((mutations.len() as u64 / 8).max(1)));
+            match peer.link.request(PeerOp::Apply(mutations), timeout).await {
+                Ok(PeerReply::Applied { refused, .. }) => {
+                    if !refused.is_empty() {
+                        tracing::error!(
+                            "peer {} refused {} replicated writes stamped too far ahead of its clock: check the clocks",
+                            peer.link.addr(),
+                            refused.len()
+                        );
+                        let refused = refused
+                            .iter()
+                            .filter_map(|&i| seqs.get(i as usize).copied());
+                        self.refuse(&peer, refused);
+                    }
+                    self.ack_through(&peer, last);
+                    self.heard_from(peer.id);
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(other) => {
+                    tracing::error!(
+                        "peer {} answered replicated writes with {other:?}",
+                        peer.link.addr()
+                    );
+                    self.refuse(&peer, seqs.iter().copied());
+                    self.ack_through(&peer, last);
+                }
+                Err(LinkError::Remote { error, .. }) => {
+                    tracing::error!(
+                        "peer {} refused replicated writes: {}",
+                        peer.link.addr(),
+                        error.message
+                    );
+                    // Retrying cannot help: skip them, unacknowledged
+                    // (anti-entropy will compare again later).
+                    self.refuse(&peer, seqs.iter().copied());
+                    self.ack_through(&peer, last);
+                }
+                Err(e) => {
+                    tracing::debug!("replication to {}: {e}", peer.link.addr());
+                    self.suspect(peer.id);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Remembers writes `peer` refused: they leave its queue but are not
+    /// acknowledged.
+    pub(super) fn refuse(&self, peer: &Peer, seqs: impl Iterator<Item = u64>) {
+        let mut q = peer.queue.lock().unwrap();
+        q.refuse(seqs);
+        peer.any_refused.store(q.any_refused(), Ordering::Release);
+    }
+
+    pub(super) fn ack_through(&self, peer: &Peer, last: u64) {
+        peer.queue.lock().unwrap().ack_through(last);
+        peer.acked.fetch_max(last, Ordering::AcqRel);
+        self.acks.notify_waiters();
+    }
+
+    /// Whether this node stores `collection` itself: it hosts it, or nobody
+    /// alive does (a write is never dropped for lack of a host).
+    pub(crate) fn stores_locally(&self, collection: &str) -> bool {
+        if self.options.collections.is_none() {
+            // This node hosts every collection.
+            return true;
+        }
+        let m = self.membership.lock().unwrap();
+        hosts(m.me(), collection)
+            || !m
+                .members()
+                .any(|u| u.liveness == Liveness::Alive && hosts(u, collection))
+    }
+
+    /// A fresh version for a write this node does not store itself.
+    pub(crate) fn stamp_now(&self) -> Version {
+        self.store.clock().now()
+    }
+}

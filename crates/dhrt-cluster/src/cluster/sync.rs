@@ -1,0 +1,379 @@
+//! Catching up: the join handoff (streamed, newest first, frames cut by
+//! bytes), the re-sync after being declared dead, and the full re-sync with
+//! prune after being away longer than the tombstone grace period.
+//! Invariant: a node leaves full re-sync only after a prune that applied
+//! everything it meant to.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dhrt_proto::{
+    CollectionDigest, ErrorKind, MemberUpdate, Mutation, OpError, PeerOp, PeerReply, Stamp,
+};
+use dhrt_storage::Version;
+use tokio::time::Instant;
+
+use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange};
+use super::apply::local_error;
+use super::contact::away_too_long;
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp};
+use crate::link::LinkError;
+use crate::placement::hosts;
+
+/// The outcome of a spawned handoff chunk.
+pub(super) fn joined(
+    r: Option<Result<Result<u64, OpError>, tokio::task::JoinError>>,
+) -> Result<u64, OpError> {
+    match r {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(OpError::new(ErrorKind::Internal, e.to_string())),
+        None => Ok(0),
+    }
+}
+
+/// Handoff chunks in flight at once.
+pub(super) const HANDOFF_WINDOW: usize = 4;
+
+/// Whether a full re-sync forgets this node's record: a live value the
+/// peer has no entry for (not even a tombstone), written before this node
+/// lost touch (`seen_ms`): the cluster deleted it and has since purged the
+/// tombstone. What this node wrote since it returned stays.
+pub(super) fn forgotten_by_prune(live: bool, peer_has_key: bool, v: Version, seen_ms: u64) -> bool {
+    live && !peer_has_key && v.physical_ms() <= seen_ms
+}
+
+impl Cluster {
+    /// Marks a handoff or re-sync as running; false if one already is.
+    pub(super) fn begin_sync(&self) -> bool {
+        if self.sync.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.sync.received.store(0, Ordering::Relaxed);
+        self.sync.total.store(0, Ordering::Relaxed);
+        *self.sync.started.lock().unwrap() = Some(Instant::now());
+        true
+    }
+
+    pub(super) fn end_sync(self: &Arc<Self>) {
+        self.full_resync.store(false, Ordering::Release);
+        self.last_contact.store(self.wall_ms(), Ordering::Release);
+        self.sync.running.store(false, Ordering::Release);
+        self.with_membership(|m, _| m.set_syncing(false));
+    }
+
+    /// While a full re-sync is pending or running: records of this node
+    /// stamped at or before this wall-clock ms may have been deleted
+    /// elsewhere (and the deletes forgotten), so they are not an answer.
+    pub(crate) fn distrusted_until(&self) -> Option<u64> {
+        self.full_resync
+            .load(Ordering::Acquire)
+            .then(|| self.last_contact.load(Ordering::Acquire))
+    }
+
+    /// Waits for a member to sync from. `None` when this node's own data
+    /// has to do: it is alone, or every live member is syncing too (the
+    /// whole cluster is coming back at once) and, after a moment for a
+    /// source to appear, this node has the lowest id among them, so it
+    /// goes first and the others sync from it.
+    pub(super) async fn wait_for_source(&self) -> Option<MemberUpdate> {
+        let started = Instant::now();
+        loop {
+            if let Some(source) = self.sources().into_iter().next() {
+                return Some(source);
+            }
+            let peers = self.alive_peers();
+            if peers.is_empty() {
+                return None;
+            }
+            if started.elapsed() > Duration::from_secs(3)
+                && peers.iter().all(|u| u.id > self.dialer.me)
+            {
+                tracing::warn!(
+                    "every live member is syncing: this node goes first, with its own data"
+                );
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Members this node can sync from: alive and not syncing themselves.
+    pub(super) fn sources(&self) -> Vec<MemberUpdate> {
+        self.alive_peers()
+            .into_iter()
+            .filter(|u| !u.syncing)
+            .collect()
+    }
+
+    /// After joining: every collection this node hosts is streamed to it by
+    /// a healthy member, newest first; then a digest comparison catches
+    /// what raced the stream; then this node reports itself healthy.
+    pub(super) async fn handoff(self: Arc<Self>) {
+        if !self.begin_sync() {
+            return;
+        }
+        let started = Instant::now();
+        while let Some(source) = self.wait_for_source().await {
+            match self.handoff_from(&source).await {
+                Ok(n) => {
+                    tracing::info!(
+                        "handoff from {} complete: {n} records in {:.1} s",
+                        source.addr,
+                        started.elapsed().as_secs_f64()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("handoff from {}: {e}; retrying", source.addr);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.end_sync();
+    }
+
+    pub(super) async fn handoff_from(
+        self: &Arc<Self>,
+        source: &MemberUpdate,
+    ) -> Result<u64, LinkError> {
+        if let Some(seen) = self.distrusted_until() {
+            // Away too long: the source's data is the truth.
+            let n = self.prune_with(source.id, seen).await?;
+            self.anti_entropy_with(source.id).await?;
+            return Ok(n);
+        }
+        if !self.store.all_collections().is_empty() {
+            // A returning node: only what differs travels.
+            self.anti_entropy_with(source.id).await?;
+            return Ok(0);
+        }
+        let peer = self.peer(source.id).ok_or_else(|| LinkError::Refused {
+            addr: source.addr.clone(),
+            reason: "unknown member".into(),
+        })?;
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let digests = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
+            PeerReply::Digests(d) => d,
+            _ => Vec::new(),
+        };
+        let me = self.membership.lock().unwrap().me().clone();
+        let wanted: Vec<CollectionDigest> = digests
+            .into_iter()
+            .filter(|d| hosts(&me, &d.collection))
+            .collect();
+        self.sync
+            .total
+            .store(wanted.iter().map(|d| d.entries).sum(), Ordering::Relaxed);
+        let mut total = 0;
+        for d in &wanted {
+            tracing::info!(
+                "handoff of {:?} ({} records) from {}",
+                d.collection,
+                d.entries,
+                source.addr
+            );
+            match peer
+                .link
+                .request(
+                    PeerOp::Handoff {
+                        collection: d.collection.clone(),
+                    },
+                    Duration::from_secs(3600),
+                )
+                .await?
+            {
+                PeerReply::HandoffDone(n) => total += n,
+                other => tracing::warn!("unexpected handoff answer {other:?}"),
+            }
+        }
+        // What was written while the stream ran reached this node live, or
+        // is caught here.
+        self.anti_entropy_with(source.id).await?;
+        Ok(total)
+    }
+
+    /// After being declared dead: compare digests with every live member,
+    /// then report healthy.
+    pub(super) async fn resync(self: Arc<Self>) {
+        if !self.begin_sync() {
+            return;
+        }
+        if away_too_long(&self.store, self.last_contact.load(Ordering::Acquire)).is_some() {
+            self.full_resync.store(true, Ordering::Release);
+        }
+        if let Some(seen) = self.distrusted_until() {
+            // Prune against one source before anything of ours travels.
+            while let Some(source) = self.wait_for_source().await {
+                match self.prune_with(source.id, seen).await {
+                    Ok(n) => {
+                        tracing::info!("full re-sync with {}: {n} records forgotten", source.addr);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("full re-sync with {}: {e}; retrying", source.addr);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+        for member in self.sources() {
+            if let Err(e) = self.anti_entropy_with(member.id).await {
+                tracing::warn!("re-sync with {}: {e}", member.addr);
+            }
+        }
+        tracing::info!("re-sync complete");
+        self.end_sync();
+    }
+
+    /// Streams `collection` to peer `to`, most recently written first
+    /// (`Store::newest_first`: 8 bytes held per record, not the records),
+    /// in `Apply` chunks, at most `HANDOFF_WINDOW` unanswered
+    /// (back-pressure). Returns how many records went.
+    pub(crate) async fn stream_collection(
+        self: &Arc<Self>,
+        to: u64,
+        collection: &str,
+    ) -> Result<u64, OpError> {
+        let peer = self
+            .peer(to)
+            .ok_or_else(|| OpError::new(ErrorKind::Unavailable, "handoff to an unknown member"))?;
+        let records = self
+            .store
+            .newest_first(collection)
+            .map_err(crate::error::op_error)?;
+        let mut sent = 0;
+        let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
+        let timeout = self.options.timeout.max(Duration::from_secs(30));
+        let drop = self
+            .store
+            .digest(collection)
+            .map_err(crate::error::op_error)?
+            .dropped_at;
+        if let Some(d) = drop {
+            batcher.push(Mutation::Drop {
+                collection: collection.to_string(),
+                version: stamp(d),
+            });
+        }
+        // Up to HANDOFF_WINDOW chunks in flight: the receiver's apply and
+        // the next chunk's encoding overlap, and the window bounds memory.
+        let mut inflight = tokio::task::JoinSet::new();
+        let send = |inflight: &mut tokio::task::JoinSet<_>, chunk: Vec<Mutation>| {
+            let peer = peer.clone();
+            let n = chunk.len() as u64;
+            inflight.spawn(async move {
+                peer.link
+                    .request(PeerOp::Apply(chunk), timeout)
+                    .await
+                    .map(|_| n)
+                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e.to_string()))
+            });
+        };
+        for r in records {
+            let m = Mutation::Put {
+                collection: collection.to_string(),
+                key: r.key.into(),
+                value: r.value,
+                version: stamp(r.version),
+            };
+            if let Some(chunk) = batcher.push(m) {
+                while inflight.len() >= HANDOFF_WINDOW {
+                    sent += joined(inflight.join_next().await)?;
+                }
+                send(&mut inflight, chunk);
+            }
+        }
+        if let Some(chunk) = batcher.finish() {
+            send(&mut inflight, chunk);
+        }
+        while let Some(r) = inflight.join_next().await {
+            sent += joined(Some(r))?;
+        }
+        Ok(sent)
+    }
+
+    /// The full re-sync of a node away longer than the tombstone grace
+    /// period, against peer `id`: for every collection both host, pulls
+    /// the differing buckets, and forgets its own records the peer does not
+    /// have that were stamped before it lost touch (`seen_ms`): the cluster
+    /// deleted them and has since purged the tombstones. Nothing of this
+    /// node's travels the other way. Returns how many records it forgot;
+    /// fails (and the re-sync goes on) if anything could not be applied.
+    pub(super) async fn prune_with(
+        self: &Arc<Self>,
+        id: u64,
+        seen_ms: u64,
+    ) -> Result<u64, LinkError> {
+        let Some((peer, shared)) = self.shared_digests(id).await? else {
+            return Ok(0);
+        };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let mut forgotten = 0;
+        for (c, remote) in shared {
+            let local = self.store.digest(&c).map_err(local_error)?;
+            self.apply_remote_drop(&c, &local, &remote).await?;
+            let local = self.store.digest(&c).map_err(local_error)?;
+            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
+                let known = self.pull_buckets(&peer, &c, chunk, long).await?;
+                // A tombstone just above the forgotten record's version: it
+                // hides nothing newer, and is itself old enough to be purged
+                // at the next compaction.
+                let mut forget = Vec::new();
+                for b in chunk {
+                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
+                    forget.extend(mine.filter_map(|r| {
+                        let peer_has_key = known.contains_key(&r.key[..]);
+                        forgotten_by_prune(r.value.is_some(), peer_has_key, r.version, seen_ms)
+                            .then(|| Mutation::Put {
+                                collection: c.clone(),
+                                key: r.key.into(),
+                                value: None,
+                                version: Stamp {
+                                    ts: r.version.ts + 1,
+                                    node: r.version.node,
+                                },
+                            })
+                    }));
+                }
+                forgotten += forget.len() as u64;
+                let outcome = self.apply_async(forget).await.map_err(LinkError::Local)?;
+                if !outcome.refused.is_empty() {
+                    // Cannot happen (they are this node's own stamps + 1),
+                    // but a prune that did not forget is no prune.
+                    return Err(LinkError::Local(OpError::new(
+                        ErrorKind::Internal,
+                        "the prune's tombstones were refused",
+                    )));
+                }
+            }
+        }
+        Ok(forgotten)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dhrt_storage::LOGICAL_BITS;
+
+    #[test]
+    fn a_prune_forgets_only_old_live_records_the_peer_never_heard_of() {
+        let seen = 1_000_000;
+        let before = Version::new((seen - 1) << LOGICAL_BITS, 1);
+        let after = Version::new((seen + 1) << LOGICAL_BITS, 1);
+        assert!(forgotten_by_prune(true, false, before, seen));
+        assert!(
+            !forgotten_by_prune(true, true, before, seen),
+            "the peer has it"
+        );
+        assert!(
+            !forgotten_by_prune(false, false, before, seen),
+            "a tombstone"
+        );
+        assert!(
+            !forgotten_by_prune(true, false, after, seen),
+            "written since"
+        );
+    }
+}

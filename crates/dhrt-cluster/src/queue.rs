@@ -1,0 +1,183 @@
+//! The writes on their way to one peer: a sequence-numbered queue (pure;
+//! the sender task and the write-concern wait live in `cluster/replicate`).
+//!
+//! Rules:
+//! - Every queued mutation gets the next sequence number; a write is the
+//!   range of numbers of its mutations.
+//! - The queue holds at most `max_hints` mutations, but never drops the
+//!   ones just pushed; beyond that the oldest go and the queue remembers
+//!   it overflowed (anti-entropy must repair the peer).
+//! - Batches are cut by bytes and count (`crate::batch`).
+//! - An answer for a batch takes its mutations out of the queue; the ones
+//!   the peer refused are remembered (the latest `REFUSED_KEPT`), so a
+//!   write counts as acknowledged only when the peer answered for all of
+//!   it and refused none of it.
+
+use std::collections::VecDeque;
+
+use dhrt_proto::Mutation;
+
+use crate::batch::{mutation_bytes, next_batch_len};
+
+/// Refused sequence numbers remembered: enough for every write still
+/// waiting on its acknowledgement.
+pub(crate) const REFUSED_KEPT: usize = 1 << 14;
+
+/// The queue of one peer.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    /// Sequence number of the last mutation pushed.
+    last_seq: u64,
+    items: VecDeque<(u64, Mutation)>,
+    /// Mutations were dropped for lack of room.
+    pub(crate) overflowed: bool,
+    /// Recent mutations the peer refused (not stored there).
+    refused: VecDeque<u64>,
+}
+
+impl Queue {
+    /// Queues `mutations`, keeping at most `max_hints` (never fewer than
+    /// these); returns their first and last sequence numbers.
+    pub(crate) fn push(&mut self, mutations: &[Mutation], max_hints: usize) -> (u64, u64) {
+        let first = self.last_seq + 1;
+        for m in mutations {
+            self.last_seq += 1;
+            self.items.push_back((self.last_seq, m.clone()));
+        }
+        let over = self
+            .items
+            .len()
+            .saturating_sub(max_hints.max(mutations.len()));
+        if over > 0 {
+            // Keep the newest; anti-entropy repairs the rest.
+            self.items.drain(..over);
+            self.overflowed = true;
+        }
+        (first, self.last_seq)
+    }
+
+    /// The next batch to send: at least one mutation when there are any,
+    /// then as many as fit `max_bytes` and `max_items`.
+    pub(crate) fn next_batch(&self, max_bytes: usize, max_items: usize) -> Vec<(u64, Mutation)> {
+        let n = next_batch_len(
+            self.items.iter().map(|(_, m)| mutation_bytes(m)),
+            max_bytes,
+            max_items,
+        );
+        self.items.iter().take(n).cloned().collect()
+    }
+
+    /// The peer answered for everything through `last`.
+    pub(crate) fn ack_through(&mut self, last: u64) {
+        while self.items.front().is_some_and(|(s, _)| *s <= last) {
+            self.items.pop_front();
+        }
+    }
+
+    /// The peer refused these mutations.
+    pub(crate) fn refuse(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        for s in seqs {
+            if self.refused.len() == REFUSED_KEPT {
+                self.refused.pop_front();
+            }
+            self.refused.push_back(s);
+        }
+    }
+
+    /// Whether any refusal is remembered.
+    pub(crate) fn any_refused(&self) -> bool {
+        !self.refused.is_empty()
+    }
+
+    /// Whether the writes `first..=last` are acknowledged, the peer having
+    /// answered through `acked`: all answered, none refused.
+    pub(crate) fn acknowledged(&self, acked: u64, first: u64, last: u64) -> bool {
+        acked >= last && !self.refused.iter().any(|s| (first..=last).contains(s))
+    }
+
+    /// Mutations waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Forgets everything waiting (the peer left): returns the last
+    /// sequence number, to count as answered.
+    pub(crate) fn clear(&mut self) -> u64 {
+        self.items.clear();
+        self.last_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use dhrt_proto::Stamp;
+
+    fn put(i: u64, len: usize) -> Mutation {
+        Mutation::Put {
+            collection: "c".into(),
+            key: Bytes::from(i.to_string()),
+            value: Some(Bytes::from(vec![0u8; len])),
+            version: Stamp { ts: i, node: 1 },
+        }
+    }
+
+    #[test]
+    fn a_write_is_acknowledged_only_when_answered_and_not_refused() {
+        let mut q = Queue::default();
+        let a = q.push(&[put(1, 1), put(2, 1)], 100);
+        let b = q.push(&[put(3, 1)], 100);
+        assert_eq!((a, b), ((1, 2), (3, 3)));
+        assert!(!q.acknowledged(0, a.0, a.1));
+        let batch = q.next_batch(1 << 20, 100);
+        assert_eq!(batch.len(), 3);
+        // The peer answered for all three and refused the second.
+        q.refuse([2]);
+        q.ack_through(3);
+        assert_eq!(q.len(), 0);
+        assert!(!q.acknowledged(3, a.0, a.1), "refused inside the write");
+        assert!(q.acknowledged(3, b.0, b.1));
+        assert!(!q.acknowledged(2, b.0, b.1), "not answered yet");
+    }
+
+    #[test]
+    fn the_newest_are_kept_and_the_push_itself_always_stays() {
+        let mut q = Queue::default();
+        for i in 0..10 {
+            q.push(&[put(i, 1)], 4);
+        }
+        assert_eq!(q.len(), 4);
+        assert!(q.overflowed);
+        // No room at all: the write itself still goes.
+        let mut q = Queue::default();
+        let (first, last) = q.push(&[put(1, 1), put(2, 1)], 0);
+        assert_eq!((first, last), (1, 2));
+        assert_eq!(q.next_batch(1 << 20, 10).len(), 2);
+    }
+
+    #[test]
+    fn batches_are_cut_by_bytes_and_a_large_one_goes_alone() {
+        let mut q = Queue::default();
+        q.push(
+            &[put(1, 3_000_000), put(2, 3_000_000), put(3, 9_000_000)],
+            100,
+        );
+        assert_eq!(q.next_batch(4 << 20, 4096).len(), 1);
+        q.ack_through(1);
+        assert_eq!(q.next_batch(4 << 20, 4096).len(), 1);
+        q.ack_through(2);
+        let alone = q.next_batch(4 << 20, 4096);
+        assert_eq!(alone.len(), 1);
+        assert_eq!(alone[0].0, 3);
+    }
+
+    #[test]
+    fn refusals_are_remembered_up_to_a_bound() {
+        let mut q = Queue::default();
+        q.refuse(0..(REFUSED_KEPT as u64 + 10));
+        assert!(q.any_refused());
+        assert!(q.acknowledged(20, 0, 5), "the oldest were forgotten");
+        assert!(!q.acknowledged(u64::MAX, REFUSED_KEPT as u64, REFUSED_KEPT as u64));
+    }
+}
