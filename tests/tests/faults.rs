@@ -53,8 +53,9 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
     let verdict = clock(&c);
     let ahead = verdict["ahead_ms"].as_i64().unwrap();
     assert!((7_100_000..7_300_000).contains(&ahead), "{verdict}");
+    let reason = verdict["reason"].as_str().unwrap();
     assert!(
-        verdict["reason"].as_str().unwrap().contains("7200 s ahead"),
+        reason.contains("7200 s off") && reason.contains("this node is ahead"),
         "{verdict}"
     );
     assert_eq!(metric(&c, "dhrt_clock_skewed"), Some(1.0));
@@ -103,6 +104,9 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
     );
     eventually("c is healthy again", Duration::from_secs(20), || {
         all_healthy(&[&a, &b, &c], 3)
+    });
+    eventually("c compared its clock", Duration::from_secs(10), || {
+        !c.http("POST", "/probe/k/1", b"").1.contains("not compared")
     });
     let (status, body) = c.http("DELETE", "/t", b"");
     assert_eq!(status, 504, "{body}");
@@ -359,4 +363,100 @@ fn a_value_rotted_on_disk_is_detected_on_read_and_repaired_from_a_peer() {
     b.stop("KILL");
     let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &[]);
     assert!(b.get_raw("/rot/victim").1 == good);
+}
+
+#[test]
+fn a_skewed_node_takes_no_write_from_its_first_moment_nor_once_its_peers_are_gone() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    assert_eq!(a.http("POST", "/keep/z/1", b"").0, 200);
+    // From the moment it answers, c (two hours ahead) refuses writes: first
+    // because it has not compared its clock yet, then because it is off.
+    let c = start_joined(dirs[2].path(), &a, &["--clock-offset-ms", TWO_HOURS_MS]);
+    let started = std::time::Instant::now();
+    let mut answers = std::collections::BTreeSet::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        let (status, body) = c.http("POST", "/keep/z/from-the-future", b"");
+        assert_eq!(status, 503, "{body}");
+        answers.insert(body.contains("not compared its clock"));
+    }
+    assert!(answers.contains(&false), "c never judged its clock");
+    // Its peers go away; c still knows its clock is off and still refuses.
+    a.stop("KILL");
+    b.stop("KILL");
+    std::thread::sleep(Duration::from_secs(5));
+    let (status, body) = c.http("DELETE", "/keep", b"");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(c.get_raw("/keep/z").1, b"1");
+}
+
+#[test]
+fn a_node_behind_the_others_still_reads_and_holds_their_data() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    for i in 0..30 {
+        assert_eq!(a.http("POST", &format!("/t/k{i}/v{i}"), b"").0, 200);
+    }
+    let c = start_joined(
+        dirs[2].path(),
+        &a,
+        &["--clock-offset-ms", "-7200000", "--write-ack", "quorum"],
+    );
+    eventually("c judges itself skewed", Duration::from_secs(20), || {
+        clock(&c)["skewed"] == true
+    });
+    assert!(clock(&c)["reason"].as_str().unwrap().contains("behind"));
+    // Its peers' stamps are admitted (the cluster's time is theirs): it
+    // holds their data and answers reads with it.
+    eventually("c holds every key", Duration::from_secs(30), || {
+        local_keys(&c, "t") == 30
+    });
+    assert_eq!(c.get_raw("/t/k3").1, b"v3");
+    assert_eq!(a.http("POST", "/t/late/1", b"").0, 200);
+    eventually("c sees a later write", Duration::from_secs(10), || {
+        c.get_raw("/t/late").1 == b"1"
+    });
+    assert_eq!(c.http("POST", "/t/from-c/1", b"").0, 503);
+    for n in [&a, &b] {
+        assert_eq!(clock(n)["skewed"], false);
+    }
+}
+
+#[test]
+fn two_nodes_whose_clocks_disagree_both_refuse_writes() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    assert_eq!(a.http("POST", "/t/k1/v1", b"").0, 200);
+    let b = start_joined(dirs[1].path(), &a, &["--clock-offset-ms", "-7200000"]);
+    for n in [&a, &b] {
+        eventually("both see the disagreement", Duration::from_secs(20), || {
+            clock(n)["skewed"] == true
+        });
+        let (status, body) = n.http("POST", "/t/k1/overwritten", b"");
+        assert_eq!(status, 503, "{body}");
+    }
+    assert_eq!(a.get_raw("/t/k1").1, b"v1");
+}
+
+#[test]
+fn a_node_wiped_and_restarted_at_its_address_replaces_its_old_self() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &[]);
+    let c_addr = c.addr;
+    let c_name = c_addr.to_string();
+    c.stop("KILL");
+    eventually("c is dead", Duration::from_secs(20), || {
+        state_of(&a, &c_name).as_deref() == Some("dead")
+    });
+    let wiped = tempfile::tempdir().unwrap();
+    let c = Dhrtd::start_on(Some(c_addr), wiped.path(), &["--node", &a.addr.to_string()]);
+    eventually(
+        "three healthy members, no ghost",
+        Duration::from_secs(30),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    let (status, body) = a.http("POST", "/after/k/1", b"");
+    assert_eq!(status, 200, "{body}");
 }

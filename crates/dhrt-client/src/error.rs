@@ -45,7 +45,7 @@ pub enum Error {
     /// The write is saved, but on fewer replicas than the node's write
     /// concern asks (within its timeout); it will reach the others. The
     /// message says on how many of how many.
-    #[error("write concern not met: {0}")]
+    #[error("{0}")]
     WriteConcern(String),
     /// The node answered with a reply of the wrong kind.
     #[error("unexpected reply from the node: {0}")]

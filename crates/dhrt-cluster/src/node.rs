@@ -110,6 +110,9 @@ enum LocalRead {
     Distrusted { seen: u64 },
     /// Not here; a peer may have it.
     Missing,
+    /// Its record failed its checksum (and was quarantined): a replica
+    /// must answer.
+    Damaged(StorageError),
 }
 
 /// The operations themselves; the `Operations` impl below measures them.
@@ -125,7 +128,9 @@ impl Node {
         match self.store.get_versioned(collection, key) {
             // The record failed its checksum and was quarantined: a replica
             // answers, and its copy repairs this one (read repair).
-            Err(StorageError::Checksum { .. }) if self.cluster.has_peers() => LocalRead::Missing,
+            Err(e @ StorageError::Checksum { .. }) if self.cluster.has_peers() => {
+                LocalRead::Damaged(e)
+            }
             Err(e) => LocalRead::Answer(Err(op_error(e))),
             // A tombstone is an answer too.
             Ok(Some((value, _))) => LocalRead::Answer(Ok(value)),
@@ -155,6 +160,15 @@ impl Node {
                 })
             }
             LocalRead::Missing => self.read_through(collection, key).await,
+            LocalRead::Damaged(e) => match self.cluster.read_remote(collection, key).await {
+                // Not "not found": the key exists, damaged here, and no
+                // replica answered for it.
+                None => Err(OpError::new(
+                    ErrorKind::Unavailable,
+                    format!("{e}; no replica answered for it"),
+                )),
+                found => Ok(self.keep(collection, key, found).await),
+            },
         }
     }
 
@@ -162,6 +176,17 @@ impl Node {
     /// stores the collection).
     async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         let found = self.cluster.read_remote(collection, key).await;
+        Ok(self.keep(collection, key, found).await)
+    }
+
+    /// What a replica answered for a key this node lacks, kept here (read
+    /// repair) if this node stores the collection.
+    async fn keep(
+        &self,
+        collection: &str,
+        key: &[u8],
+        found: Option<dhrt_proto::Versioned>,
+    ) -> Option<Bytes> {
         match found {
             Some(v) => {
                 if self.cluster.stores_locally(collection) {
@@ -176,9 +201,9 @@ impl Node {
                         tracing::warn!("read repair of {collection:?}: {e}");
                     }
                 }
-                Ok(v.value)
+                v.value
             }
-            None => Ok(None),
+            None => None,
         }
     }
 
@@ -217,16 +242,13 @@ impl Node {
     }
 
     /// Why this node refuses client writes now, if it does.
-    fn refuse_writes(&self) -> Result<(), OpError> {
-        match self.cluster.write_refusal() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+    async fn refuse_writes(&self) -> Result<(), OpError> {
+        self.cluster.clear_to_write().await
     }
 
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
-        self.refuse_writes()?;
+        self.refuse_writes().await?;
         let local = self.cluster.stores_locally(collection);
         let version = if local && self.store.options().sync != SyncMode::Always {
             // Handed to the kernel only: inline, nothing copied.
@@ -258,7 +280,7 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
     ) -> Result<(), OpError> {
         user_collection(collection)?;
-        self.refuse_writes()?;
+        self.refuse_writes().await?;
         let local = self.cluster.stores_locally(collection);
         let peers = self.cluster.has_peers();
         let (versions, entries) = if local && self.store.options().sync != SyncMode::Always {
@@ -313,7 +335,7 @@ impl Node {
         key: &[u8],
     ) -> Result<(bool, Option<Version>), OpError> {
         user_collection(collection)?;
-        self.refuse_writes()?;
+        self.refuse_writes().await?;
         let (c, k) = (collection.to_string(), key.to_vec());
         if !self.cluster.has_peers() {
             return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
@@ -376,7 +398,7 @@ impl Node {
 
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
         user_collection(collection)?;
-        self.refuse_writes()?;
+        self.refuse_writes().await?;
         let c = collection.to_string();
         let version = self.store.clock().now();
         let keys = self

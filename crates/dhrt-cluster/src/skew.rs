@@ -10,23 +10,35 @@
 //!   a remote stamp never pushes this node's clock beyond wall time plus
 //!   the allowed offset.
 //! - Every gossip message carries its sender's wall clock. A node keeps,
-//!   per live peer, the offset between their clocks ([`Offsets`]; the
-//!   largest of the last few samples, since network delay only makes a
-//!   sender look behind).
-//! - A node is *skewed* ([`verdict`]) when more of its measured peers are
-//!   beyond the allowed offset from it than within it (itself counted as
-//!   within); on a tie, the node whose clock is ahead is the skewed one
-//!   (its stamps are the ones the others refuse). A node whose own clock
-//!   has been pushed beyond wall time plus the allowed offset (its log
-//!   holds writes stamped in the future) is skewed too. A skewed node
-//!   refuses client writes until the cause is gone; reads go on.
+//!   per peer it knows (dead ones too: the last word stands), samples of
+//!   the peer's clock against its own *monotonic* clock ([`Offsets`]), so
+//!   a jump of its own wall clock shows at once, and extrapolates them to
+//!   now; of the last few samples the least delayed counts (delay only
+//!   makes a sender look behind).
+//! - The cluster's time is the median of this node's wall clock and its
+//!   peers' estimated clocks (the lower middle on a tie). The guard admits
+//!   stamps up to the allowed offset past the later of this node's wall
+//!   clock and the cluster's time: a node whose clock is behind takes its
+//!   peers' writes (its clock then follows theirs), a node ahead of the
+//!   others is refused by them.
+//! - A node is *skewed* ([`verdict`]) when as many of its measured peers
+//!   are beyond the allowed offset from it as within it, or more (itself
+//!   counted as within): on a tie, with two nodes, nobody can tell whose
+//!   clock is wrong, and both refuse writes. A node whose own clock has
+//!   been pushed beyond wall time plus the allowed offset (its log holds
+//!   writes stamped in the future) is skewed too. A skewed node refuses
+//!   client writes until the cause is gone; reads go on.
+//! - Until a node that has (or expects) peers has measured one, and when
+//!   its wall clock jumped against its monotonic clock since it last
+//!   judged, it refuses client writes too: no write is stamped by a clock
+//!   nobody checked.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use dhrt_storage::LOGICAL_BITS;
 
 /// Offset samples kept per peer.
-const SAMPLES: usize = 8;
+const SAMPLES: usize = 4;
 
 /// The per-record check on stamps from peers.
 #[derive(Debug, Clone, Copy)]
@@ -42,9 +54,16 @@ impl Guard {
         wall_ms.saturating_add(self.max_offset_ms) << LOGICAL_BITS
     }
 
-    /// Whether a stamp `ts` from a peer may be stored at `wall_ms`.
+    /// Whether a stamp `ts` from a peer may be stored when the local wall
+    /// clock reads `wall_ms`.
     pub(crate) fn admits(&self, ts: u64, wall_ms: u64) -> bool {
         ts <= self.limit(wall_ms)
+    }
+
+    /// The wall time to admit stamps by: the later of this node's wall
+    /// clock and the cluster's (`cluster_offset_ms` from it).
+    pub(crate) fn reference(wall_ms: u64, cluster_offset_ms: i64) -> u64 {
+        wall_ms.max(wall_ms.saturating_add_signed(cluster_offset_ms))
     }
 
     /// How far `ts` lies ahead of `wall_ms`, in whole seconds.
@@ -53,37 +72,53 @@ impl Guard {
     }
 }
 
-/// Measured clock offsets of peers: `peer's clock − this node's clock`, ms.
+/// Samples of peers' clocks: `(peer's wall clock at sending, this node's
+/// monotonic clock at arrival)`, ms.
 #[derive(Debug, Default)]
 pub(crate) struct Offsets {
-    samples: BTreeMap<u64, VecDeque<i64>>,
+    samples: BTreeMap<u64, VecDeque<(u64, u64)>>,
 }
 
 impl Offsets {
     /// A message from `peer`, sent at `sent_ms` by its clock, arrived at
-    /// `local_ms` by this node's.
-    pub(crate) fn record(&mut self, peer: u64, sent_ms: u64, local_ms: u64) {
+    /// `mono_ms` by this node's monotonic clock.
+    pub(crate) fn record(&mut self, peer: u64, sent_ms: u64, mono_ms: u64) {
         if sent_ms == 0 {
-            return; // not stamped (an older sender)
+            return; // not stamped
         }
-        let offset = sent_ms as i64 - local_ms as i64;
         let s = self.samples.entry(peer).or_default();
         if s.len() == SAMPLES {
             s.pop_front();
         }
-        s.push_back(offset);
+        s.push_back((sent_ms, mono_ms));
     }
 
-    /// The offset of `peer`, if measured: the largest recent sample (delay
-    /// only ever lowers a sample).
-    pub(crate) fn of(&self, peer: u64) -> Option<i64> {
-        self.samples.get(&peer)?.iter().copied().max()
+    /// How far `peer`'s clock is ahead of this node's wall clock (`wall_ms`
+    /// now, `mono_ms` on the monotonic clock now), if measured: its least
+    /// delayed recent sample, carried forward on the monotonic clock.
+    pub(crate) fn of(&self, peer: u64, wall_ms: u64, mono_ms: u64) -> Option<i64> {
+        let base = self
+            .samples
+            .get(&peer)?
+            .iter()
+            .map(|&(sent, at)| sent as i64 - at as i64)
+            .max()?;
+        Some(base + mono_ms as i64 - wall_ms as i64)
     }
 
-    /// Forgets peers not in `keep` (gone, dead or left).
+    /// Forgets peers for which `keep` is false (left, or forgotten).
     pub(crate) fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         self.samples.retain(|id, _| keep(*id));
     }
+}
+
+/// The cluster's time as an offset from this node's wall clock: the median
+/// of 0 (this node) and the peers' offsets, the lower middle on a tie.
+pub(crate) fn cluster_offset(offsets: &[i64]) -> i64 {
+    let mut v: Vec<i64> = offsets.to_vec();
+    v.push(0);
+    v.sort_unstable();
+    v[(v.len() - 1) / 2]
 }
 
 /// What a node concludes about its own clock.
@@ -101,20 +136,23 @@ pub(crate) struct Verdict {
 /// largest allowed offset, and how far this node's own clock (its greatest
 /// stamp) lies ahead of its wall time (`clock_ahead_ms`).
 pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) -> Verdict {
-    let ahead_ms = median(offsets).map_or(0, |m| -m);
+    let ahead_ms = -cluster_offset(offsets);
     let max = max_offset_ms as i64;
     let off = offsets.iter().filter(|o| o.abs() > max).count();
     let within = offsets.len() - off + 1;
-    let ahead_of_them = ahead_ms > 0;
-    if off > within || (off == within && ahead_of_them) {
+    if off > 0 && off >= within {
         return Verdict {
             skewed: true,
             ahead_ms,
             reason: format!(
-                "this node's clock is {} s {} the clocks of {off} of its {} peers, more than the {} s allowed: writes are refused until it is fixed (reads go on)",
-                ahead_ms.unsigned_abs() / 1000,
-                if ahead_ms >= 0 { "ahead of" } else { "behind" },
+                "this node's clock is {} s off from the clocks of {off} of its {} peers ({}), more than the {} s allowed: writes are refused until the clocks agree (reads go on)",
+                worst(offsets).unsigned_abs() / 1000,
                 offsets.len(),
+                if worst(offsets) < 0 {
+                    "this node is ahead"
+                } else {
+                    "this node is behind"
+                },
                 max_offset_ms / 1000
             ),
         };
@@ -137,13 +175,13 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
     }
 }
 
-fn median(xs: &[i64]) -> Option<i64> {
-    if xs.is_empty() {
-        return None;
-    }
-    let mut v = xs.to_vec();
-    v.sort_unstable();
-    Some(v[v.len() / 2])
+/// The offset of largest size.
+fn worst(offsets: &[i64]) -> i64 {
+    offsets
+        .iter()
+        .copied()
+        .max_by_key(|o| o.unsigned_abs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -173,18 +211,51 @@ mod tests {
         let v = verdict(&[-2 * HOUR, -2 * HOUR], MAX, 0);
         assert!(v.skewed, "{v:?}");
         assert_eq!(v.ahead_ms, 2 * HOUR);
-        assert!(v.reason.contains("7200 s ahead"), "{}", v.reason);
-        // Each healthy node sees one peer two hours ahead, one in step.
+        assert!(v.reason.contains("7200 s off"), "{}", v.reason);
+        assert!(v.reason.contains("this node is ahead"), "{}", v.reason);
+        // Each healthy node sees one peer two hours ahead, one in step,
+        // and says it is in step with the cluster.
         let v = verdict(&[2 * HOUR, 15], MAX, 0);
         assert!(!v.skewed, "{v:?}");
+        assert!(v.ahead_ms.abs() < 1000, "{v:?}");
         // A node behind the others is skewed as well.
-        assert!(verdict(&[HOUR, HOUR], MAX, 0).skewed);
+        let v = verdict(&[HOUR, HOUR], MAX, 0);
+        assert!(
+            v.skewed && v.reason.contains("this node is behind"),
+            "{v:?}"
+        );
     }
 
     #[test]
-    fn in_a_pair_the_node_ahead_is_the_skewed_one() {
+    fn in_a_pair_that_disagrees_both_refuse_writes() {
+        // Nobody can tell whose clock is wrong.
         assert!(verdict(&[-HOUR], MAX, 0).skewed);
-        assert!(!verdict(&[HOUR], MAX, 0).skewed);
+        assert!(verdict(&[HOUR], MAX, 0).skewed);
+        assert!(!verdict(&[MAX as i64], MAX, 0).skewed);
+        // Two against two: everyone refuses.
+        assert!(verdict(&[HOUR, HOUR, 0], MAX, 0).skewed);
+    }
+
+    #[test]
+    fn the_cluster_time_is_the_median_and_the_guard_follows_the_later_clock() {
+        assert_eq!(cluster_offset(&[]), 0);
+        // Ahead of two peers in step: the cluster is two hours behind.
+        assert_eq!(cluster_offset(&[-2 * HOUR, -2 * HOUR]), -2 * HOUR);
+        // In step with one of two: the cluster is here.
+        assert_eq!(cluster_offset(&[2 * HOUR, 0]), 0);
+        // Behind both: the cluster is ahead, and the guard admits its
+        // stamps.
+        let behind = cluster_offset(&[2 * HOUR, 2 * HOUR]);
+        assert_eq!(behind, 2 * HOUR);
+        let g = Guard { max_offset_ms: MAX };
+        let wall = 1_800_000_000_000u64;
+        let their_stamp = (wall + 2 * HOUR as u64) << LOGICAL_BITS;
+        assert!(!g.admits(their_stamp, wall));
+        assert!(g.admits(their_stamp, Guard::reference(wall, behind)));
+        // A node ahead keeps its own clock as the reference.
+        assert_eq!(Guard::reference(wall, -2 * HOUR), wall);
+        // A tie takes the lower middle: a pair refuses each other's future.
+        assert_eq!(cluster_offset(&[2 * HOUR]), 0);
     }
 
     #[test]
@@ -203,20 +274,29 @@ mod tests {
     }
 
     #[test]
-    fn an_offset_is_the_least_delayed_recent_sample() {
+    fn an_offset_is_the_least_delayed_recent_sample_carried_on_the_monotonic_clock() {
         let mut o = Offsets::default();
-        o.record(7, 1_000, 1_010); // 10 ms in flight
-        o.record(7, 2_000, 2_002);
-        assert_eq!(o.of(7), Some(-2));
-        assert_eq!(o.of(8), None);
+        // Peer 7's clock reads 1_000_000 when this node's monotonic clock
+        // reads 10 (10 ms in flight) and later 2_000_000 at 1_000_002.
+        o.record(7, 1_000_000, 10);
+        o.record(7, 2_000_000, 1_000_002);
+        // Now: monotonic 1_000_002, this node's wall 5_000_000.
+        assert_eq!(o.of(7, 5_000_000, 1_000_002), Some(2_000_000 - 5_000_000));
+        assert_eq!(o.of(8, 0, 0), None);
         o.record(8, 0, 5); // unstamped: ignored
-        assert_eq!(o.of(8), None);
+        assert_eq!(o.of(8, 0, 0), None);
+        // This node's wall clock jumps an hour ahead; its monotonic clock
+        // does not: the peer shows an hour behind at once, no new sample.
+        let later = 1_000_102;
+        let before = o.of(7, 5_000_100, later).unwrap();
+        let after = o.of(7, 5_000_100 + HOUR as u64, later).unwrap();
+        assert_eq!(before - after, HOUR);
+        // The peer's own clock jumps: its new samples roll the old out.
         for i in 0..SAMPLES as u64 {
-            o.record(7, 10_000 + i, 10_000 + i + HOUR as u64);
+            o.record(7, 10_000_000 + i - HOUR as u64, later + i);
         }
-        // The old samples have rolled out: the clock jumped.
-        assert_eq!(o.of(7), Some(-HOUR));
+        assert_eq!(o.of(7, 10_000_000, later), Some(-HOUR));
         o.retain(|id| id != 7);
-        assert_eq!(o.of(7), None);
+        assert_eq!(o.of(7, 0, 0), None);
     }
 }

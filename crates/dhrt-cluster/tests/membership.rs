@@ -145,7 +145,7 @@ impl Sim {
                     Output::MustResync => {
                         self.resync_at.insert(id, self.now + 300);
                     }
-                    Output::Changed { .. } => {}
+                    Output::Changed { .. } | Output::Forgotten { .. } => {}
                 }
             }
         }
@@ -397,4 +397,82 @@ fn a_node_told_it_is_dead_refutes_as_syncing() {
         }],
     );
     assert_eq!(m.me().incarnation, 12);
+}
+
+/// Node 1's view of member `id`.
+fn view(node: &Membership, id: u64) -> Option<(u64, Liveness)> {
+    node.get(id).map(|u| (u.incarnation, u.liveness))
+}
+
+fn gossip_from(from: u64, updates: Vec<MemberUpdate>) -> Gossip {
+    Gossip {
+        from,
+        sent_ms: 0,
+        kind: dhrt_proto::GossipKind::Sync { reply: false },
+        updates,
+    }
+}
+
+#[test]
+fn forged_news_cannot_pin_a_live_member_as_left_or_dead() {
+    let config = MembershipConfig::default();
+    let mut one = Membership::new(me(1, 100), config.clone(), 1);
+    let mut two = Membership::new(me(2, 200), config, 2);
+    one.merge_own_word(0, two.me().clone());
+    // Member 3 forges: 2 left at the last incarnation there is, then dead.
+    let forged = |liveness| MemberUpdate {
+        incarnation: u64::MAX,
+        liveness,
+        ..me(2, 0)
+    };
+    one.handle(1, gossip_from(3, vec![forged(Liveness::Left)]));
+    assert_eq!(
+        view(&one, 2),
+        Some((200, Liveness::Alive)),
+        "only 2 says it left"
+    );
+    one.handle(2, gossip_from(3, vec![forged(Liveness::Dead)]));
+    assert_eq!(
+        view(&one, 2),
+        Some((200, Liveness::Alive)),
+        "suspicion only at an incarnation 2 announced"
+    );
+    // Told of the forgery itself, 2 refutes one above its own word, and
+    // never wraps.
+    two.handle(3, gossip_from(3, vec![forged(Liveness::Suspect)]));
+    assert_eq!(two.me().incarnation, 201);
+    assert_eq!(two.me().liveness, Liveness::Alive);
+    // Even if 1 had believed a forgery at u64::MAX, 2's own word puts it
+    // right.
+    let mut three = Membership::new(me(3, 300), MembershipConfig::default(), 3);
+    three.merge(0, [forged(Liveness::Suspect)]);
+    assert_eq!(view(&three, 2), Some((u64::MAX, Liveness::Suspect)));
+    three.handle(4, gossip_from(2, vec![two.me().clone()]));
+    assert_eq!(view(&three, 2), Some((201, Liveness::Alive)));
+    // A real leave, said by 2 itself, is taken.
+    let mut left = two.me().clone();
+    left.incarnation += 1;
+    left.liveness = Liveness::Left;
+    one.handle(5, gossip_from(2, vec![left]));
+    assert_eq!(view(&one, 2), Some((202, Liveness::Left)));
+}
+
+#[test]
+fn a_node_restarted_with_a_new_identity_replaces_the_dead_one_at_its_address() {
+    let mut one = Membership::new(me(1, 100), MembershipConfig::default(), 1);
+    one.merge_own_word(0, me(2, 200));
+    let mut dead = me(2, 200);
+    dead.liveness = Liveness::Dead;
+    one.merge(1, [dead]);
+    one.drain();
+    // Node 2's disk was wiped: it comes back as 9 at the same address.
+    let mut nine = me(9, 500);
+    nine.addr = me(2, 0).addr;
+    one.merge_own_word(2, nine.clone());
+    assert!(one.get(2).is_none(), "the dead member is forgotten");
+    assert!(one.drain().contains(&Output::Forgotten { id: 2 }));
+    // Stale news of the old one, from a third party, does not bring it back.
+    one.merge(3, [me(2, 200)]);
+    assert!(one.get(2).is_none());
+    assert_eq!(one.members().count(), 1);
 }

@@ -43,7 +43,7 @@ impl Cluster {
     /// batch (one lock, one write). An error is this node's own (storage).
     pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
         let guard = self.guard();
-        let wall = self.wall_ms();
+        let wall = self.admission_wall();
         let mut refused = Vec::new();
         for (i, m) in mutations.iter().enumerate() {
             let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) = m;

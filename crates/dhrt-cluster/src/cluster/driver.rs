@@ -17,7 +17,6 @@ use crate::link::{Link, LinkError};
 use crate::membership::Membership;
 use crate::membership::{Output, member_state};
 use crate::queue::Queue;
-use crate::skew::{self};
 
 impl Cluster {
     pub(super) fn with_membership<T>(
@@ -57,6 +56,16 @@ impl Cluster {
                     );
                     let me = self.clone();
                     tokio::spawn(async move { me.resync().await });
+                }
+                Output::Forgotten { id } => {
+                    tracing::info!(
+                        id = %format!("{id:016x}"),
+                        "member replaced by a new one at its address: forgotten"
+                    );
+                    if let Some(old) = self.peers.lock().unwrap().remove(&id) {
+                        old.gone.store(true, Ordering::Release);
+                        old.wake.notify_one();
+                    }
                 }
             }
         }
@@ -152,12 +161,17 @@ impl Cluster {
             );
             return;
         }
-        let wall = self.wall_ms();
+        let mono = self.now_ms();
         self.offsets
             .lock()
             .unwrap()
-            .record(from, gossip.sent_ms, wall);
+            .record(from, gossip.sent_ms, mono);
         self.with_membership(|m, now| m.handle(now, gossip));
+        if !self.clock_measured.load(Ordering::Acquire) {
+            // Not judged on enough peers yet: judge at once, writes wait
+            // on it.
+            self.judge_clock();
+        }
     }
 
     /// A node asks to join through this one: learn it (its own word on
@@ -312,63 +326,5 @@ impl Cluster {
             .filter(|p| alive.contains(&p.id))
             .map(|p| p.queue.lock().unwrap().len())
             .sum()
-    }
-
-    /// Re-judges this node's clock against its live peers', logging when
-    /// the verdict changes.
-    pub(super) fn judge_clock(&self) {
-        let alive: Vec<u64> = self
-            .membership
-            .lock()
-            .unwrap()
-            .members()
-            .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
-            .map(|u| u.id)
-            .collect();
-        let measured: Vec<i64> = {
-            let mut o = self.offsets.lock().unwrap();
-            o.retain(|id| alive.contains(&id));
-            alive.iter().filter_map(|id| o.of(*id)).collect()
-        };
-        let clock_ahead = self.store.clock().ahead_ms(self.store.clock().last());
-        let v = skew::verdict(
-            &measured,
-            self.options.max_clock_ahead.as_millis() as u64,
-            clock_ahead,
-        );
-        let mut current = self.verdict.lock().unwrap();
-        if v.skewed != current.skewed {
-            if v.skewed {
-                tracing::error!("clock skew: {}", v.reason);
-            } else {
-                tracing::warn!(
-                    "clock skew resolved: this node's clock is within {} s of its peers'; writes are accepted again",
-                    self.options.max_clock_ahead.as_secs()
-                );
-            }
-        }
-        self.skewed.store(v.skewed, Ordering::Release);
-        *current = v;
-    }
-
-    /// Why client writes are refused on this node now, if they are: its
-    /// clock is off from its peers'.
-    pub(crate) fn write_refusal(&self) -> Option<OpError> {
-        if !self.skewed.load(Ordering::Acquire) {
-            return None;
-        }
-        let reason = self.verdict.lock().unwrap().reason.clone();
-        Some(OpError::new(ErrorKind::Unavailable, reason))
-    }
-
-    /// This node's clock against its peers', for stats.
-    pub fn clock_info(&self) -> dhrt_proto::ClockInfo {
-        let v = self.verdict.lock().unwrap().clone();
-        dhrt_proto::ClockInfo {
-            skewed: v.skewed,
-            ahead_ms: v.ahead_ms,
-            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
-            reason: v.reason,
-        }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use crate::state::{self};
 
 mod anti_entropy;
 mod apply;
+mod clock;
 mod contact;
 mod driver;
 mod read;
@@ -165,6 +166,16 @@ pub struct Cluster {
     verdict: Mutex<Verdict>,
     /// `verdict.skewed`, read on every client write without the lock.
     skewed: AtomicBool,
+    /// The cluster's time as an offset from this node's wall clock, ms
+    /// (`skew::cluster_offset`), as last judged.
+    cluster_offset: AtomicI64,
+    /// Wall minus monotonic clock when the verdict was drawn: a change
+    /// since means the wall clock jumped.
+    judged_wall_minus_mono: AtomicI64,
+    /// Whether most known peers' clocks were measured yet.
+    clock_measured: AtomicBool,
+    /// Woken each time the clock is judged.
+    clock_judged: Notify,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -187,7 +198,8 @@ impl Cluster {
                 .ok()
                 .flatten()
         });
-        let mut last_contact = store.clock().wall_ms();
+        let wall_at_start = store.clock().wall_ms();
+        let mut last_contact = wall_at_start;
         let mut full_resync = false;
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
@@ -254,6 +266,10 @@ impl Cluster {
             offsets: Mutex::new(Offsets::default()),
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
+            cluster_offset: AtomicI64::new(0),
+            judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
+            clock_measured: AtomicBool::new(false),
+            clock_judged: Notify::new(),
         })
     }
 
@@ -326,6 +342,7 @@ impl Cluster {
     pub fn members(&self) -> Vec<MemberInfo> {
         let table = self.membership.lock().unwrap().table();
         let offsets = self.offsets.lock().unwrap();
+        let (wall, mono) = (self.wall_ms(), self.now_ms());
         table
             .iter()
             .map(|u| MemberInfo {
@@ -333,7 +350,7 @@ impl Cluster {
                 name: u.name.clone(),
                 addr: u.addr.clone(),
                 state: member_state(u),
-                clock_offset_ms: offsets.of(u.id),
+                clock_offset_ms: offsets.of(u.id, wall, mono),
             })
             .collect()
     }

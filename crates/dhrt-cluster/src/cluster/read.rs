@@ -45,7 +45,7 @@ impl Cluster {
         while let Some(Ok((id, r))) = asks.join_next().await {
             match r {
                 Ok(PeerReply::Entry(Some(v))) => {
-                    if !guard.admits(v.version.ts, self.wall_ms()) {
+                    if !guard.admits(v.version.ts, self.admission_wall()) {
                         // A skewed peer's entry is no answer here.
                         self.refused_future.fetch_add(1, Ordering::Relaxed);
                         continue;

@@ -82,13 +82,18 @@ impl Cluster {
             return Ok(());
         }
         let local = usize::from(stored_locally);
+        let started = tokio::time::Instant::now();
         let unmet = |acked: usize| {
+            let when = if started.elapsed() >= self.options.timeout {
+                format!("within {} ms", self.options.timeout.as_millis())
+            } else {
+                "(too few replicas are up or accept it)".to_string()
+            };
             OpError::new(
                 ErrorKind::WriteConcern,
                 format!(
-                    "write concern {} not met within {} ms: the write is saved on {} of {} replicas ({} needed) and will reach the others",
+                    "write concern {} not met {when}: the write is saved on {} of {} replicas ({} needed) and will reach the others",
                     self.options.write_ack.as_str(),
-                    self.options.timeout.as_millis(),
                     acked + local,
                     need.replicas,
                     need.copies

@@ -22,6 +22,11 @@
 //!   add one to the member's own incarnation and saturate, so no message,
 //!   however forged, makes a live member permanently dead or left: the
 //!   next message it sends puts it right.
+//! - An address belongs to one member. A member announcing itself at the
+//!   address of another that is dead or left (or, in its own word, of any
+//!   other) replaces it: the old one is forgotten, and no longer counts as
+//!   a replica. News of an unknown member at a live member's address is
+//!   stale and ignored.
 //! - A missed probe (direct, then through other members) or a failed request
 //!   makes a member suspect (`unhealthy`); suspicion that is not refuted
 //!   within the suspicion timeout makes it dead.
@@ -31,8 +36,9 @@
 use std::collections::BTreeMap;
 
 use dhrt_proto::{Gossip, GossipKind, Liveness, MemberState, MemberUpdate};
-use rand::seq::{IndexedRandom, SliceRandom};
-use rand::{RngExt, SeedableRng, rngs::SmallRng};
+use rand::{SeedableRng, rngs::SmallRng};
+
+mod probe;
 
 /// Timing and fan-out of the protocol.
 #[derive(Debug, Clone)]
@@ -88,6 +94,12 @@ pub enum Output {
     /// This node was declared dead while it was away: it must re-sync
     /// before it reports itself healthy again.
     MustResync,
+    /// A member was replaced by another at its address (a node restarted
+    /// with a new identity): it is gone for good.
+    Forgotten {
+        /// The forgotten member's id.
+        id: u64,
+    },
 }
 
 /// The state a member shows in stats.
@@ -212,6 +224,13 @@ impl Membership {
     /// who may say what, see the module doc).
     fn is_news(&self, u: &MemberUpdate, own_word: bool) -> bool {
         let Some(known) = self.members.get(&u.id).map(|k| &k.update) else {
+            let addr_taken = self.members.values().any(|k| {
+                k.update.addr == u.addr
+                    && matches!(k.update.liveness, Liveness::Alive | Liveness::Suspect)
+            });
+            if addr_taken && !own_word {
+                return false;
+            }
             // A member not known yet: learn it, unless a third party says
             // it left (only the member itself announces that).
             return own_word || u.liveness != Liveness::Left;
@@ -241,6 +260,9 @@ impl Membership {
             return;
         }
         let before = self.members.get(&u.id).map(|k| k.update.clone());
+        if u.liveness != Liveness::Left {
+            self.forget_others_at(&u, own_word);
+        }
         let liveness_changed = before.as_ref().is_none_or(|b| b.liveness != u.liveness);
         let visible = before.as_ref().is_none_or(|b| {
             b.liveness != u.liveness
@@ -265,6 +287,30 @@ impl Membership {
                 member: u,
                 before: before.map(|b| b.liveness),
             });
+        }
+    }
+
+    /// Forgets members other than `u` at `u`'s address: dead or left ones,
+    /// or any when `u` says so itself (one address, one process).
+    fn forget_others_at(&mut self, u: &MemberUpdate, own_word: bool) {
+        let replaced: Vec<u64> = self
+            .members
+            .values()
+            .filter(|k| {
+                k.update.id != u.id
+                    && k.update.addr == u.addr
+                    && (own_word || matches!(k.update.liveness, Liveness::Dead | Liveness::Left))
+            })
+            .map(|k| k.update.id)
+            .collect();
+        for id in replaced {
+            self.members.remove(&id);
+            self.news.retain(|n| n.update.id != id);
+            self.order.retain(|o| *o != id);
+            if self.probe.as_ref().is_some_and(|p| p.target == id) {
+                self.probe = None;
+            }
+            self.out.push(Output::Forgotten { id });
         }
     }
 
@@ -349,280 +395,5 @@ impl Membership {
             let seq = self.seq;
             self.send(id, GossipKind::Ping { seq, relay: None });
         }
-    }
-
-    /// Members this node exchanges messages with: alive and suspect ones,
-    /// plus dead ones when `with_dead`.
-    fn reachable(&self, with_dead: bool) -> Vec<u64> {
-        self.members
-            .values()
-            .filter(|k| match k.update.liveness {
-                Liveness::Alive | Liveness::Suspect => true,
-                Liveness::Dead => with_dead,
-                Liveness::Left => false,
-            })
-            .map(|k| k.update.id)
-            .collect()
-    }
-
-    fn send(&mut self, to: u64, kind: GossipKind) {
-        let mut updates = self.piggyback();
-        // A member must hear what is said about it to refute it, even when
-        // that news has long stopped spreading.
-        if let Some(k) = self.members.get(&to)
-            && k.update.liveness != Liveness::Alive
-            && !updates.iter().any(|u| u.id == to)
-        {
-            updates.push(k.update.clone());
-        }
-        // Every message carries the sender's word on itself.
-        if !updates.iter().any(|u| u.id == self.me.id) {
-            updates.push(self.me.clone());
-        }
-        let gossip = Gossip {
-            from: self.me.id,
-            sent_ms: 0,
-            kind,
-            updates,
-        };
-        self.out.push(Output::Send { to, gossip });
-    }
-
-    fn piggyback(&mut self) -> Vec<MemberUpdate> {
-        let n = self.members.len() as u32 + 1;
-        let limit = self.config.retransmit * (32 - n.leading_zeros()).max(1);
-        self.news.sort_by_key(|n| n.sent);
-        let mut out = Vec::new();
-        for n in self.news.iter_mut().take(self.config.max_piggyback) {
-            n.sent += 1;
-            out.push(n.update.clone());
-        }
-        self.news.retain(|n| n.sent < limit);
-        out
-    }
-
-    /// Handles a message from another member.
-    pub fn handle(&mut self, now_ms: u64, gossip: Gossip) {
-        let Gossip {
-            from,
-            kind,
-            updates,
-            ..
-        } = gossip;
-        for u in updates {
-            let own_word = u.id == from;
-            self.merge_one(now_ms, u, own_word);
-        }
-        match kind {
-            GossipKind::Ping { seq, relay } => {
-                let to = from;
-                self.send(
-                    to,
-                    GossipKind::Ack {
-                        seq,
-                        about: self.me.id,
-                        relay,
-                    },
-                );
-            }
-            GossipKind::Ack {
-                seq,
-                about,
-                relay: Some(origin),
-            } => {
-                self.send(
-                    origin,
-                    GossipKind::Ack {
-                        seq,
-                        about,
-                        relay: None,
-                    },
-                );
-            }
-            GossipKind::Ack {
-                seq,
-                about,
-                relay: None,
-            } => {
-                if let Some(p) = &mut self.probe
-                    && p.seq == seq
-                    && p.target == about
-                {
-                    p.acked = true;
-                }
-            }
-            GossipKind::PingReq { seq, target } => {
-                if self.members.contains_key(&target) {
-                    self.send(
-                        target,
-                        GossipKind::Ping {
-                            seq,
-                            relay: Some(from),
-                        },
-                    );
-                }
-            }
-            GossipKind::Sync { reply } => {
-                if reply {
-                    let gossip = Gossip {
-                        from: self.me.id,
-                        sent_ms: 0,
-                        kind: GossipKind::Sync { reply: false },
-                        updates: self.table(),
-                    };
-                    self.out.push(Output::Send { to: from, gossip });
-                }
-            }
-        }
-    }
-
-    /// Advances the protocol by one period.
-    pub fn tick(&mut self, now_ms: u64) {
-        self.ticks += 1;
-        if self.me.liveness == Liveness::Left {
-            return;
-        }
-        self.finish_probe(now_ms);
-        self.expire_suspicions(now_ms);
-        if self.probe.is_none() {
-            self.start_probe();
-        }
-        if self.ticks.is_multiple_of(self.config.sync_every) {
-            let candidates = self.reachable(true);
-            if let Some(&to) = candidates.choose(&mut self.rng) {
-                let gossip = Gossip {
-                    from: self.me.id,
-                    sent_ms: 0,
-                    kind: GossipKind::Sync { reply: true },
-                    updates: self.table(),
-                };
-                self.out.push(Output::Send { to, gossip });
-            }
-        }
-    }
-
-    fn finish_probe(&mut self, now_ms: u64) {
-        let Some(p) = self.probe.clone() else {
-            return;
-        };
-        if p.acked {
-            self.probe = None;
-            return;
-        }
-        let target_liveness = self.members.get(&p.target).map(|k| k.update.liveness);
-        if !matches!(
-            target_liveness,
-            Some(Liveness::Alive) | Some(Liveness::Suspect)
-        ) {
-            // Dead, left or forgotten meanwhile: no verdict needed.
-            self.probe = None;
-            return;
-        }
-        if !p.indirect_sent {
-            let mut helpers: Vec<u64> = self
-                .members
-                .values()
-                .filter(|k| k.update.liveness == Liveness::Alive && k.update.id != p.target)
-                .map(|k| k.update.id)
-                .collect();
-            helpers.shuffle(&mut self.rng);
-            helpers.truncate(self.config.indirect_probes);
-            for h in helpers {
-                self.send(
-                    h,
-                    GossipKind::PingReq {
-                        seq: p.seq,
-                        target: p.target,
-                    },
-                );
-            }
-            if let Some(p) = &mut self.probe {
-                p.indirect_sent = true;
-            }
-            return;
-        }
-        self.probe = None;
-        self.suspect(now_ms, p.target);
-    }
-
-    fn expire_suspicions(&mut self, now_ms: u64) {
-        let expired: Vec<MemberUpdate> = self
-            .members
-            .values()
-            .filter(|k| {
-                k.update.liveness == Liveness::Suspect
-                    && now_ms >= k.since_ms + self.config.suspicion_ms
-            })
-            .map(|k| MemberUpdate {
-                liveness: Liveness::Dead,
-                ..k.update.clone()
-            })
-            .collect();
-        for u in expired {
-            self.merge_one(now_ms, u, false);
-        }
-    }
-
-    fn start_probe(&mut self) {
-        let target = if self.ticks.is_multiple_of(self.config.dead_probe_every) {
-            let dead: Vec<u64> = self
-                .members
-                .values()
-                .filter(|k| k.update.liveness == Liveness::Dead)
-                .map(|k| k.update.id)
-                .collect();
-            dead.choose(&mut self.rng).copied()
-        } else {
-            None
-        };
-        let target = match target {
-            Some(t) => {
-                // A dead member is pinged for news only: no verdict.
-                self.seq += 1;
-                let seq = self.seq;
-                self.send(t, GossipKind::Ping { seq, relay: None });
-                return;
-            }
-            None => self.next_target(),
-        };
-        if let Some(target) = target {
-            self.seq += 1;
-            let seq = self.seq;
-            self.probe = Some(Probe {
-                target,
-                seq,
-                indirect_sent: false,
-                acked: false,
-            });
-            self.send(target, GossipKind::Ping { seq, relay: None });
-        }
-    }
-
-    /// Round-robin over a shuffled list of live members, reshuffled each
-    /// round (SWIM's bounded time to first detection).
-    fn next_target(&mut self) -> Option<u64> {
-        loop {
-            if self.order.is_empty() {
-                self.order = self.reachable(false);
-                if self.order.is_empty() {
-                    return None;
-                }
-                self.order.shuffle(&mut self.rng);
-            }
-            let id = self.order.pop()?;
-            if self
-                .members
-                .get(&id)
-                .is_some_and(|k| matches!(k.update.liveness, Liveness::Alive | Liveness::Suspect))
-            {
-                return Some(id);
-            }
-        }
-    }
-
-    /// A random number for the driver's own choices (e.g. which peer to
-    /// compare digests with), from the same seeded source.
-    pub fn random_index(&mut self, len: usize) -> usize {
-        self.rng.random_range(0..len.max(1))
     }
 }

@@ -1,0 +1,139 @@
+//! This node's clock against its peers': the verdict drawn every tick from
+//! their gossip (`crate::skew`), the guard's reference time, and whether
+//! client writes are refused for it (skewed; its wall clock jumped since
+//! the last verdict; or, started to join a cluster, not compared yet).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dhrt_proto::{ErrorKind, Liveness, OpError};
+
+use super::Cluster;
+use crate::skew;
+
+/// How long a node that expects peers waits to measure one before it
+/// accepts writes with a clock nobody checked (its peers may all be down).
+const UNVERIFIED_GRACE: Duration = Duration::from_secs(10);
+
+impl Cluster {
+    /// Re-judges this node's clock against its peers' (every member not
+    /// left, the dead ones by their last word), logging when the verdict
+    /// changes.
+    pub(super) fn judge_clock(&self) {
+        let known: Vec<u64> = self
+            .membership
+            .lock()
+            .unwrap()
+            .members()
+            .filter(|u| u.liveness != Liveness::Left)
+            .map(|u| u.id)
+            .collect();
+        let (wall, mono) = (self.wall_ms(), self.now_ms());
+        let measured: Vec<i64> = {
+            let mut o = self.offsets.lock().unwrap();
+            o.retain(|id| known.contains(&id));
+            known
+                .iter()
+                .filter_map(|id| o.of(*id, wall, mono))
+                .collect()
+        };
+        let clock_ahead = self.store.clock().ahead_ms(self.store.clock().last());
+        let max = self.max_offset_ms();
+        // Judge by offsets only once most known peers are measured: a
+        // first word from one peer is no majority.
+        let enough = measured.len() * 2 > known.len();
+        let v = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
+        self.cluster_offset
+            .store(skew::cluster_offset(&measured), Ordering::Release);
+        let mut current = self.verdict.lock().unwrap();
+        if v.skewed != current.skewed {
+            if v.skewed {
+                tracing::error!("clock skew: {}", v.reason);
+            } else {
+                tracing::warn!(
+                    "clock skew resolved: this node's clock is within {} s of its peers'; writes are accepted again",
+                    max / 1000
+                );
+            }
+        }
+        self.skewed.store(v.skewed, Ordering::Release);
+        self.judged_wall_minus_mono
+            .store(wall as i64 - mono as i64, Ordering::Release);
+        if enough && !measured.is_empty() {
+            self.clock_measured.store(true, Ordering::Release);
+        }
+        *current = v;
+        drop(current);
+        self.clock_judged.notify_waiters();
+    }
+
+    fn max_offset_ms(&self) -> u64 {
+        self.options.max_clock_ahead.as_millis() as u64
+    }
+
+    /// The wall time stamps from peers are admitted by: the later of this
+    /// node's clock and the cluster's.
+    pub(super) fn admission_wall(&self) -> u64 {
+        skew::Guard::reference(self.wall_ms(), self.cluster_offset.load(Ordering::Acquire))
+    }
+
+    /// Whether this node may take a client write now: an error when its
+    /// clock is off from its peers' or jumped since it last compared them.
+    /// A node started to join a cluster first waits (a moment, at most
+    /// `UNVERIFIED_GRACE` from its start) until it has compared its clock
+    /// with a peer's, so that no write is stamped by a clock nobody checked.
+    pub(crate) async fn clear_to_write(&self) -> Result<(), OpError> {
+        loop {
+            let judged = self.clock_judged.notified();
+            tokio::pin!(judged);
+            judged.as_mut().enable();
+            if let Some(e) = self.write_refusal() {
+                return Err(e);
+            }
+            let unchecked =
+                !self.options.seeds.is_empty() && !self.clock_measured.load(Ordering::Acquire);
+            let Some(left) = UNVERIFIED_GRACE.checked_sub(self.epoch.elapsed()) else {
+                return Ok(());
+            };
+            if !unchecked {
+                return Ok(());
+            }
+            if tokio::time::timeout(left, judged).await.is_err() {
+                tracing::warn!(
+                    "no peer answered within {} s of starting: taking writes with a clock nobody checked",
+                    UNVERIFIED_GRACE.as_secs()
+                );
+            }
+        }
+    }
+
+    /// Why client writes are refused on this node now, if they are: its
+    /// clock is off from its peers', or jumped since it last compared them.
+    fn write_refusal(&self) -> Option<OpError> {
+        let refuse = |reason: String| Some(OpError::new(ErrorKind::Unavailable, reason));
+        if self.skewed.load(Ordering::Acquire) {
+            return refuse(self.verdict.lock().unwrap().reason.clone());
+        }
+        let drift = self.wall_ms() as i64
+            - self.now_ms() as i64
+            - self.judged_wall_minus_mono.load(Ordering::Acquire);
+        if drift.unsigned_abs() > self.max_offset_ms() / 2 {
+            return refuse(format!(
+                "this node's wall clock jumped {} s since it last compared it with its peers': writes wait for the next comparison",
+                drift / 1000
+            ));
+        }
+        None
+    }
+
+    /// This node's clock against its peers', for stats.
+    pub fn clock_info(&self) -> dhrt_proto::ClockInfo {
+        let v = self.verdict.lock().unwrap().clone();
+        dhrt_proto::ClockInfo {
+            skewed: v.skewed,
+            ahead_ms: v.ahead_ms,
+            max_offset_ms: self.max_offset_ms(),
+            reason: v.reason,
+        }
+    }
+}
