@@ -4,7 +4,10 @@
 //! in simulated time, one seed per run.
 //!
 //! The story, with its timing and victims drawn from the seed: four nodes
-//! write concurrently through flaky links, then a two-way partition during
+//! write concurrently through flaky links (now and then a value of several
+//! MB, and one of 15 MB), one of them with its clock two hours ahead or
+//! behind the others (it must refuse writes, and harm nothing), then a
+//! two-way partition during
 //! which a fifth node joins, a one-way partition, a crash and a restart on
 //! the same store, and a graceful leave. Then the network heals and the
 //! checks run on every node still in the cluster:
@@ -14,7 +17,11 @@
 //!   version (no lost write, no undone delete);
 //! - every value present was written by someone (no phantom), and a version
 //!   seen is bound to the value written with it;
-//! - every member sees every other as `healthy`, and the leaver as `left`.
+//! - every member sees every other as `healthy`, and the leaver as `left`;
+//! - the node with the wrong clock, and only it, says it is skewed.
+//!
+//! A negative control runs the same stories with hints and anti-entropy
+//! switched off: the checker must catch what they would have repaired.
 //!
 //! Reads run along the writes (local, or fanned out on a miss) and must
 //! never return a value nobody wrote.
@@ -93,7 +100,13 @@ fn addr(i: u64) -> String {
 
 /// One life of node `i`: listen, build the cluster over the node's store,
 /// serve peers, and write while the story says so.
-async fn run_node(world: World, i: u64, seeds: Vec<String>, seed: u64) -> turmoil::Result {
+async fn run_node(
+    world: World,
+    i: u64,
+    seeds: Vec<String>,
+    seed: u64,
+    repair: bool,
+) -> turmoil::Result {
     let listener =
         turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT)).await?;
     let store = world.stores.lock().unwrap()[&name(i)].clone();
@@ -101,6 +114,7 @@ async fn run_node(world: World, i: u64, seeds: Vec<String>, seed: u64) -> turmoi
         seeds,
         connector: Arc::new(SimConnector),
         rng_seed: Some(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        repair,
         ..ClusterOptions::default()
     };
     let identity = Identity {
@@ -178,7 +192,18 @@ async fn workload(world: World, node: Arc<Node>, i: u64, seed: u64, stop: Arc<At
                 }
             }
         } else if rng.random_bool(0.8) {
-            let value = Bytes::from(format!("n{i}@{}#{n}", turmoil::elapsed().as_millis()));
+            let mut value = format!("n{i}@{}#{n}", turmoil::elapsed().as_millis()).into_bytes();
+            // Now and then a value of several MB, and once one of 15 MB:
+            // they must travel every path (frames are cut by bytes).
+            let large = if i == 1 && n == 1 {
+                15 << 20
+            } else if rng.random_bool(0.005) {
+                rng.random_range(1..6) << 20
+            } else {
+                0
+            };
+            value.resize(value.len() + large, b'.');
+            let value = Bytes::from(value);
             world
                 .attempted
                 .lock()
@@ -216,8 +241,9 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-/// One seeded story; returns what went wrong, if anything.
-fn story(seed: u64) -> Result<(), String> {
+/// One seeded story; returns what went wrong, if anything. `repair: false`
+/// switches hints and anti-entropy off (the negative control).
+fn story(seed: u64, repair: bool) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -227,9 +253,13 @@ fn story(seed: u64) -> Result<(), String> {
         .max_message_latency(Duration::from_millis(3))
         .build();
     let world = World::default();
+    // One node's clock is two hours off, ahead or behind.
+    let skewed = rng.random_range(2..=4u64);
+    let skew_ms: i64 = if rng.random_bool(0.5) { 1 } else { -1 } * 7_200_000;
     for i in 1..=5 {
         let options = Options {
             node_id: i,
+            clock_offset_ms: if i == skewed { skew_ms } else { 0 },
             ..Options::default()
         };
         world
@@ -255,7 +285,7 @@ fn story(seed: u64) -> Result<(), String> {
             } else {
                 (1..=5).filter(|&j| j != i).map(addr).collect()
             };
-            run_node(world.clone(), i, seeds, seed.wrapping_add(life))
+            run_node(world.clone(), i, seeds, seed.wrapping_add(life), repair)
         });
     };
 
@@ -339,9 +369,10 @@ fn story(seed: u64) -> Result<(), String> {
     run_until(&mut sim, secs(t + 12.0));
 
     let story = format!(
-        "alone {alone}, joined through {through}, one-way {from}->{to}, crashed {crashed}, left {leaver}"
+        "skewed {skewed} by {} h, alone {alone}, joined through {through}, one-way {from}->{to}, crashed {crashed}, left {leaver}",
+        skew_ms / 3_600_000
     );
-    let r = check(&world, leaver).map_err(|e| format!("{story}: {e}"));
+    let r = check(&world, leaver, skewed).map_err(|e| format!("{story}: {e}"));
     eprintln!(
         "seed {seed}: {story}; {} writes acknowledged; {}",
         world.acked.lock().unwrap().len(),
@@ -375,7 +406,7 @@ fn expect_state(
     Ok(())
 }
 
-fn check(world: &World, leaver: u64) -> Result<(), String> {
+fn check(world: &World, leaver: u64, skewed: u64) -> Result<(), String> {
     let nodes = world.nodes.lock().unwrap().clone();
     let live: BTreeMap<String, Arc<Node>> = nodes
         .into_iter()
@@ -406,6 +437,26 @@ fn check(world: &World, leaver: u64) -> Result<(), String> {
                 ));
             }
         }
+    }
+
+    // The node with the wrong clock says so, and only it.
+    for (n, node) in &live {
+        let clock = node.cluster().clock_info();
+        if clock.skewed != (*n == name(skewed)) {
+            return Err(format!(
+                "{n} says skewed = {}: {}",
+                clock.skewed, clock.reason
+            ));
+        }
+    }
+    if world
+        .acked
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|w| w.node == name(skewed))
+    {
+        return Err(format!("the skewed n{skewed} acknowledged a write"));
     }
 
     // Equal digests.
@@ -482,7 +533,7 @@ fn data_path_survives_partitions_crashes_joins_and_leaves() {
                 scope.spawn(move || {
                     let mut failed = Vec::new();
                     for &seed in seeds.iter().skip(half).step_by(2) {
-                        if let Err(e) = story(seed) {
+                        if let Err(e) = story(seed, true) {
                             eprintln!(
                                 "seed {seed} failed: {e}\n  rerun: DHRT_SIM_SEED={seed} cargo test -p dhrt-cluster --test cluster sim::"
                             );
@@ -499,4 +550,16 @@ fn data_path_survives_partitions_crashes_joins_and_leaves() {
             .collect()
     });
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
+}
+
+#[test]
+fn without_hints_and_anti_entropy_the_checker_fails() {
+    // The negative control: the same stories, nothing repairs what a
+    // partition or a crash made a node miss. A checker that passed these
+    // would catch nothing.
+    let passed: Vec<u64> = (1..=3).filter(|&seed| story(seed, false).is_ok()).collect();
+    assert!(
+        passed.is_empty(),
+        "the checker passed seeds {passed:?} without hints and anti-entropy"
+    );
 }

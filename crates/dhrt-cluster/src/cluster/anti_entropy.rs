@@ -203,6 +203,9 @@ impl Cluster {
     /// and exchanges the differing buckets, both ways. Every record pulled
     /// passes the clock guard on its own; an error says whose it was.
     pub(crate) async fn anti_entropy_with(self: &Arc<Self>, id: u64) -> Result<(), LinkError> {
+        if !self.options.repair {
+            return Ok(());
+        }
         let Some((peer, shared)) = self.shared_digests(id).await? else {
             return Ok(());
         };

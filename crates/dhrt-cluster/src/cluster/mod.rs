@@ -80,6 +80,10 @@ pub struct ClusterOptions {
     /// Where to remember the members and when the cluster was last in
     /// touch (`cluster.state` in the data directory); `None` in memory.
     pub state_file: Option<PathBuf>,
+    /// Hints (writes kept for a peer that is away) and anti-entropy. Only
+    /// the simulation's negative control switches them off, to show that
+    /// its checker catches what they repair.
+    pub repair: bool,
 }
 
 impl Default for ClusterOptions {
@@ -98,6 +102,7 @@ impl Default for ClusterOptions {
             connector: Arc::new(TcpConnector),
             rng_seed: None,
             state_file: None,
+            repair: true,
         }
     }
 }

@@ -194,6 +194,12 @@ impl Cluster {
                 .unwrap()
                 .get(peer.id)
                 .map(|u| u.liveness);
+            if matches!(liveness, Some(Liveness::Dead)) && !self.options.repair {
+                let last = batch.last().map_or(0, |(s, _)| *s);
+                self.refuse(&peer, batch.iter().map(|(s, _)| *s));
+                self.ack_through(&peer, last);
+                continue;
+            }
             if matches!(liveness, Some(Liveness::Dead)) {
                 // Hold the hints until it is back (a probe will tell).
                 let _ = tokio::time::timeout(Duration::from_secs(1), peer.wake.notified()).await;
@@ -248,6 +254,13 @@ impl Cluster {
                     );
                     // Retrying cannot help: skip them, unacknowledged
                     // (anti-entropy will compare again later).
+                    self.refuse(&peer, seqs.iter().copied());
+                    self.ack_through(&peer, last);
+                }
+                Err(e) if !self.options.repair => {
+                    // No hints: what did not go through is gone for it.
+                    tracing::debug!("replication to {}: {e}; dropped", peer.link.addr());
+                    self.suspect(peer.id);
                     self.refuse(&peer, seqs.iter().copied());
                     self.ack_through(&peer, last);
                 }
