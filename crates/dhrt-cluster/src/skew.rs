@@ -132,7 +132,8 @@ pub(crate) struct Verdict {
     pub(crate) reason: String,
 }
 
-/// The verdict from the offsets of live peers (`peer − me`, ms), the
+/// The verdict from the offsets of the measured peers (`peer − me`, ms;
+/// every member not left, dead ones by their last word), the
 /// largest allowed offset, and how far this node's own clock (its greatest
 /// stamp) lies ahead of its wall time (`clock_ahead_ms`).
 pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) -> Verdict {

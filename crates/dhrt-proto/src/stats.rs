@@ -26,8 +26,9 @@ pub struct ClockInfo {
     /// offset (or its log holds writes stamped beyond it): it refuses
     /// client writes until that is fixed. Reads go on.
     pub skewed: bool,
-    /// How far this node's wall clock is ahead of the median of its live
-    /// peers', in ms (negative: behind); 0 with no peer measured.
+    /// How far this node's wall clock is ahead of the cluster's time (the
+    /// median of its own and its measured peers' clocks), in ms (negative:
+    /// behind); 0 with no peer measured.
     pub ahead_ms: i64,
     /// The largest offset allowed between two nodes' clocks, in ms
     /// (`--max-clock-offset-ms`).

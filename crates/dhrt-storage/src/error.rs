@@ -56,11 +56,13 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A record in the middle of a log failed its checksum or is malformed,
-    /// and valid records follow it. The collection was not opened and the
-    /// file was not touched: this needs an operator, not an automatic repair.
+    /// Bytes of a log that were confirmed durable (below its durable
+    /// watermark; for a log without one, a bad record that valid records
+    /// follow) are damaged or missing. The collection was not opened and
+    /// the file was not touched: this needs an operator, not an automatic
+    /// repair.
     #[error(
-        "corrupt record in {path} at offset {offset}: {reason}; valid records follow, refusing to truncate"
+        "corrupt record in {path} at offset {offset}: {reason}; the file was left untouched (docs/operations.md says what to do)"
     )]
     Corrupt {
         /// The collection file.

@@ -2,7 +2,7 @@
 //! suspicion, indirect probes, piggybacked gossip and a periodic push-pull
 //! sync). It takes messages, timer ticks, the current time and a seeded
 //! random generator, and returns what to send and which members changed; a
-//! thin tokio task (`runtime`) does the I/O. So a seeded test can run many
+//! thin tokio task (the driver, `cluster/driver.rs`) does the I/O. So a seeded test can run many
 //! nodes through partitions and crashes in milliseconds.
 //!
 //! Rules (DESIGN §5 "Health"):
