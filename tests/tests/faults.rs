@@ -463,3 +463,25 @@ fn a_node_wiped_and_restarted_at_its_address_replaces_its_old_self() {
     let (status, body) = a.http("POST", "/after/k/1", b"");
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn a_node_alone_goes_on_writing_after_its_clock_is_set_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let ahead = Dhrtd::start(dir.path(), &["--clock-offset-ms", TWO_HOURS_MS]);
+    assert_eq!(ahead.http("POST", "/t/k/future", b"").0, 200);
+    ahead.stop("TERM");
+    // The clock is fixed; the log holds a stamp two hours ahead. Alone,
+    // the node goes on from it: later writes still win.
+    let fixed = Dhrtd::start(dir.path(), &[]);
+    // Several clock verdicts (one every 250 ms) pass: every one of them
+    // lets the node write.
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let (status, body) = fixed.http("POST", &format!("/t/k/now{n}"), b"");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(fixed.get_raw("/t/k").1, format!("now{n}").as_bytes());
+        n += 1;
+    }
+    assert_eq!(clock(&fixed)["skewed"], false);
+}

@@ -24,9 +24,9 @@
 //! - A node is *skewed* ([`verdict`]) when as many of its measured peers
 //!   are beyond the allowed offset from it as within it, or more (itself
 //!   counted as within): on a tie, with two nodes, nobody can tell whose
-//!   clock is wrong, and both refuse writes. A node whose own clock has
-//!   been pushed beyond wall time plus the allowed offset (its log holds
-//!   writes stamped in the future) is skewed too. A skewed node refuses
+//!   clock is wrong, and both refuse writes. A node in a cluster whose own
+//!   clock has been pushed beyond wall time plus the allowed offset (its
+//!   log holds writes stamped in the future) is skewed too. A skewed node refuses
 //!   client writes until the cause is gone; reads go on.
 //! - Until a node that has (or expects) peers has measured one, and when
 //!   its wall clock jumped against its monotonic clock since it last

@@ -37,7 +37,13 @@ impl Cluster {
                 .filter_map(|id| o.of(*id, wall, mono))
                 .collect()
         };
-        let clock_ahead = self.store.clock().ahead_ms(self.store.clock().last());
+        // A log holding future stamps matters where peers would refuse
+        // them; a node alone just goes on from its own clock.
+        let clock_ahead = if known.is_empty() {
+            0
+        } else {
+            self.store.clock().ahead_ms(self.store.clock().last())
+        };
         let max = self.max_offset_ms();
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
