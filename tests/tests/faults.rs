@@ -87,41 +87,50 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
     let c_addr = c.addr;
     c.stop("KILL");
 
-    // Even a skewed node that does not see its skew (a tolerance of a day
-    // on c alone) cannot drop or overwrite anything on the others: each of
-    // its stamps is refused there, record by record, and the client is
-    // told the write reached only c.
+    // A node that wrote with its clock two hours ahead while it ran alone
+    // (nobody to compare with: it drops t and overwrites keep/z) then joins
+    // the cluster, through `dhrt-cli join`. Its future stamps reach a and b
+    // through anti-entropy, and are refused there record by record; a
+    // tolerance of a day on c changes nothing (the strictest setting in the
+    // cluster judges).
+    let fresh = tempfile::tempdir().unwrap();
     let c = Dhrtd::start_on(
         Some(c_addr),
-        dirs[2].path(),
+        fresh.path(),
         &[
-            "--node",
-            &a.addr.to_string(),
             "--clock-offset-ms",
             TWO_HOURS_MS,
             "--max-clock-offset-ms",
             "86400000",
         ],
     );
-    eventually("c is healthy again", Duration::from_secs(20), || {
+    assert_eq!(c.http("POST", "/t/c-only/1", b"").0, 200);
+    assert_eq!(c.http("DELETE", "/t", b"").0, 200);
+    assert_eq!(c.http("POST", "/keep/z/from-the-future", b"").0, 200);
+    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
+    let out = Command::new(cli)
+        .args(["--addr", &c.addr.to_string(), "join", &a.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    eventually("c is a healthy member", Duration::from_secs(20), || {
         all_healthy(&[&a, &b, &c], 3)
     });
-    eventually("c compared its clock", Duration::from_secs(10), || {
-        !c.http("POST", "/probe/k/1", b"").1.contains("not compared")
+    eventually("c judges itself skewed", Duration::from_secs(10), || {
+        clock(&c)["skewed"] == true
     });
-    let (status, body) = c.http("DELETE", "/t", b"");
-    assert_eq!(status, 504, "{body}");
-    assert!(body.contains("saved on 1 of 3 replicas"), "{body}");
-    let (status, body) = c.http("POST", "/keep/z/from-the-future", b"");
-    assert_eq!(status, 504, "{body}");
+    let (status, body) = c.http("POST", "/keep/z/again", b"");
+    assert_eq!(status, 503, "{body}");
     // Several anti-entropy rounds (every 2 s) pass: nothing changes on a
     // and b, who say they refused records from the future.
     std::thread::sleep(Duration::from_secs(7));
     for n in [&a, &b] {
         assert_eq!(local_keys(n, "t"), 50, "collection t on {}", n.addr);
         assert_eq!(n.get_raw("/keep/z").1, b"1");
-        assert!(metric(n, "dhrt_refused_future_total").unwrap() >= 2.0);
     }
+    let refused = metric(&a, "dhrt_refused_future_total").unwrap()
+        + metric(&b, "dhrt_refused_future_total").unwrap();
+    assert!(refused >= 2.0, "{refused} records refused");
     // a and b still replicate with each other, both ways: their clocks
     // were not dragged into the future.
     // (c takes their writes too: their stamps are behind its clock.)
@@ -484,4 +493,37 @@ fn a_node_alone_goes_on_writing_after_its_clock_is_set_back() {
         n += 1;
     }
     assert_eq!(clock(&fixed)["skewed"], false);
+}
+
+#[test]
+fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let good = value(4000, 5);
+    assert_eq!(a.http("PUT", "/rot/lonely", &good).0, 200);
+    a.stop("KILL");
+    let path = log_of(dirs[1].path(), "rot");
+    let bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(good.len())
+        .position(|w| w == good.as_slice())
+        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[good[7] ^ 1], (at + 7) as u64).unwrap();
+    // Over HTTP and the binary protocol, every time: damaged, not missing.
+    for _ in 0..3 {
+        let (status, body) = b.http("GET", "/rot/lonely", b"");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("damaged, not missing"), "{body}");
+    }
+    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
+    let out = Command::new(cli)
+        .args(["--addr", &b.addr.to_string(), "get", "rot", "lonely"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }

@@ -13,6 +13,7 @@ mod auth;
 mod batch;
 mod cluster;
 mod combine;
+mod damaged;
 mod error;
 mod handshake;
 mod link;

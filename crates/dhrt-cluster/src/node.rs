@@ -14,6 +14,7 @@ use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Vers
 
 use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
+use crate::damaged::Damaged;
 use crate::error::op_error;
 use crate::metrics::{Metrics, OpKind, Outcome};
 
@@ -27,6 +28,9 @@ pub struct Node {
     cluster: Arc<Cluster>,
     /// Combines concurrent local sets that do not wait for an fsync.
     combiner: Arc<Combiner>,
+    /// Keys whose record failed its checksum here and that no replica has
+    /// given back yet: they read as "damaged", not "not found".
+    damaged: Damaged,
 }
 
 /// The checks the store makes, for a write this node forwards without
@@ -45,6 +49,17 @@ fn check_entry(key: &[u8], value: &[u8]) -> Result<(), OpError> {
         }));
     }
     Ok(())
+}
+
+/// The answer for a key whose record here failed its checksum and that no
+/// replica has given back.
+fn unrepaired(collection: &str) -> OpError {
+    OpError::new(
+        ErrorKind::Unavailable,
+        format!(
+            "this key's record in collection {collection:?} failed its checksum on this node and no replica answered for it: it is damaged, not missing (see docs/operations.md, \"Damaged records\")"
+        ),
+    )
 }
 
 /// Collections whose names start with `_` belong to the system.
@@ -69,6 +84,7 @@ impl Node {
             metrics: Metrics::default(),
             cluster,
             combiner: Arc::default(),
+            damaged: Damaged::default(),
         }
     }
 
@@ -112,7 +128,7 @@ enum LocalRead {
     Missing,
     /// Its record failed its checksum (and was quarantined): a replica
     /// must answer.
-    Damaged(StorageError),
+    Damaged,
 }
 
 /// The operations themselves; the `Operations` impl below measures them.
@@ -127,15 +143,28 @@ impl Node {
         }
         match self.store.get_versioned(collection, key) {
             // The record failed its checksum and was quarantined: a replica
-            // answers, and its copy repairs this one (read repair).
-            Err(e @ StorageError::Checksum { .. }) if self.cluster.has_peers() => {
-                LocalRead::Damaged(e)
+            // answers, and its copy repairs this one (read repair). Until
+            // then the key reads as damaged, not missing.
+            Err(StorageError::Checksum { .. }) => {
+                self.damaged.insert(collection, key);
+                self.damaged_read(collection)
             }
             Err(e) => LocalRead::Answer(Err(op_error(e))),
             // A tombstone is an answer too.
             Ok(Some((value, _))) => LocalRead::Answer(Ok(value)),
+            Ok(None) if self.damaged.contains(collection, key) => self.damaged_read(collection),
             Ok(None) if !self.cluster.has_peers() => LocalRead::Answer(Ok(None)),
             Ok(None) => LocalRead::Missing,
+        }
+    }
+
+    /// A key whose record here failed its checksum: a replica must answer,
+    /// or, with none to ask, the answer is that it is damaged.
+    fn damaged_read(&self, collection: &str) -> LocalRead {
+        if self.cluster.has_peers() {
+            LocalRead::Damaged
+        } else {
+            LocalRead::Answer(Err(unrepaired(collection)))
         }
     }
 
@@ -160,14 +189,15 @@ impl Node {
                 })
             }
             LocalRead::Missing => self.read_through(collection, key).await,
-            LocalRead::Damaged(e) => match self.cluster.read_remote(collection, key).await {
+            LocalRead::Damaged => match self.cluster.read_remote(collection, key).await {
                 // Not "not found": the key exists, damaged here, and no
                 // replica answered for it.
-                None => Err(OpError::new(
-                    ErrorKind::Unavailable,
-                    format!("{e}; no replica answered for it"),
-                )),
-                found => Ok(self.keep(collection, key, found).await),
+                None => Err(unrepaired(collection)),
+                found => {
+                    let value = self.keep(collection, key, found).await;
+                    self.damaged.remove(collection, key);
+                    Ok(value)
+                }
             },
         }
     }
@@ -399,6 +429,7 @@ impl Node {
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
         user_collection(collection)?;
         self.refuse_writes().await?;
+        self.damaged.remove_collection(collection);
         let c = collection.to_string();
         let version = self.store.clock().now();
         let keys = self

@@ -73,13 +73,28 @@ impl Guard {
 }
 
 /// Samples of peers' clocks: `(peer's wall clock at sending, this node's
-/// monotonic clock at arrival)`, ms.
+/// monotonic clock at arrival)`, ms; and the largest offset each peer
+/// allows.
 #[derive(Debug, Default)]
 pub(crate) struct Offsets {
     samples: BTreeMap<u64, VecDeque<(u64, u64)>>,
+    settings: BTreeMap<u64, u64>,
 }
 
 impl Offsets {
+    /// `peer` allows clocks `max_offset_ms` apart (0: not said).
+    pub(crate) fn record_setting(&mut self, peer: u64, max_offset_ms: u64) {
+        if max_offset_ms > 0 {
+            self.settings.insert(peer, max_offset_ms);
+        }
+    }
+
+    /// The strictest allowed offset among `own` and the peers' settings:
+    /// a lenient node judges its clock by the strictest in the cluster.
+    pub(crate) fn strictest(&self, own: u64) -> u64 {
+        self.settings.values().copied().fold(own, u64::min)
+    }
+
     /// A message from `peer`, sent at `sent_ms` by its clock, arrived at
     /// `mono_ms` by this node's monotonic clock.
     pub(crate) fn record(&mut self, peer: u64, sent_ms: u64, mono_ms: u64) {
@@ -109,6 +124,7 @@ impl Offsets {
     /// Forgets peers for which `keep` is false (left, or forgotten).
     pub(crate) fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         self.samples.retain(|id, _| keep(*id));
+        self.settings.retain(|id, _| keep(*id));
     }
 }
 
@@ -299,5 +315,18 @@ mod tests {
         assert_eq!(o.of(7, 10_000_000, later), Some(-HOUR));
         o.retain(|id| id != 7);
         assert_eq!(o.of(7, 0, 0), None);
+    }
+
+    #[test]
+    fn the_strictest_allowed_offset_in_the_cluster_judges() {
+        let mut o = Offsets::default();
+        assert_eq!(o.strictest(200_000), 200_000);
+        o.record_setting(1, 60_000);
+        o.record_setting(2, 0); // not said
+        o.record_setting(3, 90_000);
+        assert_eq!(o.strictest(200_000), 60_000);
+        assert_eq!(o.strictest(1_000), 1_000);
+        o.retain(|id| id != 1);
+        assert_eq!(o.strictest(200_000), 90_000);
     }
 }

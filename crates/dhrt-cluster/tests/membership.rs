@@ -408,6 +408,7 @@ fn gossip_from(from: u64, updates: Vec<MemberUpdate>) -> Gossip {
     Gossip {
         from,
         sent_ms: 0,
+        max_offset_ms: 0,
         kind: dhrt_proto::GossipKind::Sync { reply: false },
         updates,
     }
@@ -475,4 +476,16 @@ fn a_node_restarted_with_a_new_identity_replaces_the_dead_one_at_its_address() {
     one.merge(3, [me(2, 200)]);
     assert!(one.get(2).is_none());
     assert_eq!(one.members().count(), 1);
+}
+
+#[test]
+fn no_other_member_is_kept_at_this_nodes_own_address() {
+    // Node 1 was wiped and came back as 7 at its address; the table it is
+    // handed still lists its earlier life.
+    let mut seven = me(7, 900);
+    seven.addr = me(1, 0).addr;
+    let mut node = Membership::new(seven, MembershipConfig::default(), 7);
+    node.merge(0, [me(1, 100), me(2, 200)]);
+    assert!(node.get(1).is_none(), "a ghost of itself");
+    assert!(node.get(2).is_some());
 }

@@ -249,6 +249,10 @@ pub struct Gossip {
     /// The sender's wall clock when it sent this, ms since the Unix epoch:
     /// how peers measure the offset between their clocks.
     pub sent_ms: u64,
+    /// The largest clock offset the sender allows (its
+    /// `--max-clock-offset-ms`): every node judges its own clock by the
+    /// strictest setting in the cluster.
+    pub max_offset_ms: u64,
     /// What kind of exchange this is.
     pub kind: GossipKind,
     /// Recent membership news.

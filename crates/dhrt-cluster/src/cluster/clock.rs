@@ -29,13 +29,15 @@ impl Cluster {
             .map(|u| u.id)
             .collect();
         let (wall, mono) = (self.wall_ms(), self.now_ms());
-        let measured: Vec<i64> = {
+        // Judged by the strictest allowed offset in the cluster.
+        let (measured, max): (Vec<i64>, u64) = {
             let mut o = self.offsets.lock().unwrap();
             o.retain(|id| known.contains(&id));
-            known
+            let measured = known
                 .iter()
                 .filter_map(|id| o.of(*id, wall, mono))
-                .collect()
+                .collect();
+            (measured, o.strictest(self.max_offset_ms()))
         };
         // A log holding future stamps matters where peers would refuse
         // them; a node alone just goes on from its own clock.
@@ -44,7 +46,6 @@ impl Cluster {
         } else {
             self.store.clock().ahead_ms(self.store.clock().last())
         };
-        let max = self.max_offset_ms();
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
         let enough = measured.len() * 2 > known.len();

@@ -44,6 +44,7 @@ impl Cluster {
                     if let Some(peer) = self.peer(to) {
                         let timeout = self.options.timeout;
                         gossip.sent_ms = self.wall_ms();
+                        gossip.max_offset_ms = self.options.max_clock_ahead.as_millis() as u64;
                         tokio::spawn(async move {
                             let _ = peer.link.gossip(gossip, timeout).await;
                         });
@@ -162,10 +163,11 @@ impl Cluster {
             return;
         }
         let mono = self.now_ms();
-        self.offsets
-            .lock()
-            .unwrap()
-            .record(from, gossip.sent_ms, mono);
+        {
+            let mut offsets = self.offsets.lock().unwrap();
+            offsets.record(from, gossip.sent_ms, mono);
+            offsets.record_setting(from, gossip.max_offset_ms);
+        }
         self.with_membership(|m, now| m.handle(now, gossip));
         if !self.clock_measured.load(Ordering::Acquire) {
             // Not judged on enough peers yet: judge at once, writes wait
@@ -308,6 +310,7 @@ impl Cluster {
             {
                 let timeout = self.options.timeout;
                 gossip.sent_ms = self.wall_ms();
+                gossip.max_offset_ms = self.options.max_clock_ahead.as_millis() as u64;
                 sends.spawn(async move { peer.link.gossip(gossip, timeout).await });
             }
         }

@@ -26,7 +26,8 @@
 //!   address of another that is dead or left (or, in its own word, of any
 //!   other) replaces it: the old one is forgotten, and no longer counts as
 //!   a replica. News of an unknown member at a live member's address is
-//!   stale and ignored.
+//!   stale and ignored, and so is news of another member at this node's
+//!   own address (an earlier life of it).
 //! - A missed probe (direct, then through other members) or a failed request
 //!   makes a member suspect (`unhealthy`); suspicion that is not refuted
 //!   within the suspicion timeout makes it dead.
@@ -223,6 +224,11 @@ impl Membership {
     /// Whether `u` is news: ranked above what is known (with the rules on
     /// who may say what, see the module doc).
     fn is_news(&self, u: &MemberUpdate, own_word: bool) -> bool {
+        if u.addr == self.me.addr {
+            // This node is the process at its address: another member
+            // there is an earlier life of it (or a misconfiguration).
+            return false;
+        }
         let Some(known) = self.members.get(&u.id).map(|k| &k.update) else {
             let addr_taken = self.members.values().any(|k| {
                 k.update.addr == u.addr
@@ -365,6 +371,7 @@ impl Membership {
             let gossip = Gossip {
                 from: self.me.id,
                 sent_ms: 0,
+                max_offset_ms: 0,
                 kind: GossipKind::Sync { reply: false },
                 updates: vec![self.me.clone()],
             };

@@ -40,6 +40,7 @@ impl Membership {
         let gossip = Gossip {
             from: self.me.id,
             sent_ms: 0,
+            max_offset_ms: 0,
             kind,
             updates,
         };
@@ -125,6 +126,7 @@ impl Membership {
                     let gossip = Gossip {
                         from: self.me.id,
                         sent_ms: 0,
+                        max_offset_ms: 0,
                         kind: GossipKind::Sync { reply: false },
                         updates: self.table(),
                     };
@@ -151,6 +153,7 @@ impl Membership {
                 let gossip = Gossip {
                     from: self.me.id,
                     sent_ms: 0,
+                    max_offset_ms: 0,
                     kind: GossipKind::Sync { reply: true },
                     updates: self.table(),
                 };
