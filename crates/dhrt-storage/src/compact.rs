@@ -153,15 +153,15 @@ pub(crate) fn compact(
             let old_map = old.log.map();
             let caught = &old_map[t0 as usize..tail as usize];
             let base = new_log.tail();
+            let Some(starts) = caught_up_records(caught) else {
+                return Err(Error::Checksum {
+                    collection: coll.name.clone(),
+                    offset: t0,
+                });
+            };
             new_log.append(caught).map_err(|e| io_err("write", e))?;
             let new_map = new_log.map();
-            report.caught_up = replay_since(
-                &index,
-                &mut state,
-                &caught_up_records(caught),
-                &new_map,
-                base,
-            );
+            report.caught_up = replay_since(&index, &mut state, &starts, &new_map, base);
             report.records += report.caught_up;
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
@@ -239,7 +239,14 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
         // The counters describe the same log and stay as they are; replay
         // into a scratch copy.
         let mut scratch = *live_state;
-        replay_since(&index, &mut scratch, &caught_up_records(caught), &map, t0);
+        let Some(starts) = caught_up_records(caught) else {
+            tracing::error!(
+                collection = %coll.name,
+                "a record written during the index rebuild failed its checksum: rebuild abandoned"
+            );
+            return;
+        };
+        replay_since(&index, &mut scratch, &starts, &map, t0);
         coll.current.store(Arc::new(Generation {
             index,
             log: old.log.clone(),
@@ -247,18 +254,20 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
     });
 }
 
-/// The offsets (relative to the start of `caught`) of the records in it.
-fn caught_up_records(caught: &[u8]) -> Vec<usize> {
+/// The offsets (relative to the start of `caught`) of the records in it;
+/// `None` if one fails its check (bytes written since the rebuild began
+/// were damaged in the file meanwhile): the rebuild is then abandoned.
+fn caught_up_records(caught: &[u8]) -> Option<Vec<usize>> {
     let mut starts = Vec::new();
     let mut pos = 0;
     while pos < caught.len() {
         let Decoded::Record { header, .. } = record::decode(&caught[pos..]) else {
-            unreachable!("the engine wrote these records itself");
+            return None;
         };
         starts.push(pos);
         pos += header.record_len();
     }
-    starts
+    Some(starts)
 }
 
 /// Applies the records at `starts` (offsets from `base` in `map`) to `index`.
