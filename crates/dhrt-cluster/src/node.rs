@@ -150,12 +150,26 @@ impl Node {
                 self.damaged_read(collection)
             }
             Err(e) => LocalRead::Answer(Err(op_error(e))),
-            // A tombstone is an answer too.
-            Ok(Some((value, _))) => LocalRead::Answer(Ok(value)),
-            Ok(None) if self.damaged.contains(collection, key) => self.damaged_read(collection),
+            // A tombstone is an answer too. (A key given back since it
+            // was damaged is no longer damaged.)
+            Ok(Some((value, _))) => {
+                self.damaged.remove(collection, key);
+                LocalRead::Answer(Ok(value))
+            }
+            Ok(None) if self.is_damaged(collection, key) => self.damaged_read(collection),
             Ok(None) if !self.cluster.has_peers() => LocalRead::Answer(Ok(None)),
             Ok(None) => LocalRead::Missing,
         }
+    }
+
+    /// Whether `key` was quarantined here (by this read path, or by a
+    /// listing, anti-entropy or a handoff that met its damaged record) and
+    /// not given back since.
+    fn is_damaged(&self, collection: &str, key: &[u8]) -> bool {
+        for k in self.store.take_quarantined(collection) {
+            self.damaged.insert(collection, &k);
+        }
+        self.damaged.contains(collection, key)
     }
 
     /// A key whose record here failed its checksum: a replica must answer,

@@ -100,6 +100,11 @@ pub(crate) struct Collection {
     pub(crate) compact_requested: AtomicBool,
     /// Records quarantined since the collection was opened.
     pub(crate) quarantined: AtomicU64,
+    /// Keys quarantined and not yet taken by `Store::take_quarantined`
+    /// (so a node can answer for them "damaged", not "missing").
+    pub(crate) quarantined_keys: Mutex<Vec<Vec<u8>>>,
+    /// Whether `quarantined_keys` holds any (read without the lock).
+    pub(crate) any_quarantined: AtomicBool,
     /// Makes the next compaction stop in its final step (writer lock held)
     /// and say so on the first channel, until the second one answers.
     #[cfg(test)]
@@ -327,6 +332,8 @@ impl Collection {
             rebuilding: Mutex::new(()),
             compact_requested: AtomicBool::new(false),
             quarantined: AtomicU64::new(0),
+            quarantined_keys: Mutex::new(Vec::new()),
+            any_quarantined: AtomicBool::new(false),
             #[cfg(test)]
             pause_compaction: Mutex::new(None),
         }

@@ -321,6 +321,20 @@ impl Store {
         self.inner.dir.as_deref()
     }
 
+    /// The keys of `collection` quarantined (their record failed its
+    /// checksum on a read, a listing, a scan) since the last call: they now
+    /// read as missing here, though they exist. Cheap when there are none.
+    pub fn take_quarantined(&self, collection: &str) -> Vec<Vec<u8>> {
+        match self.inner.collections.load().get(collection) {
+            Some(c) if c.any_quarantined.load(std::sync::atomic::Ordering::Acquire) => {
+                c.any_quarantined
+                    .store(false, std::sync::atomic::Ordering::Release);
+                std::mem::take(&mut *c.quarantined_keys.lock().unwrap())
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// What recovery found in each collection when the store was opened.
     pub fn recovery(&self) -> &[RecoveryReport] {
         &self.inner.recovered

@@ -68,6 +68,14 @@ impl Collection {
             }
         });
         self.quarantined.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut keys = self.quarantined_keys.lock().unwrap();
+            // Bounded: the node only needs the recent ones.
+            if keys.len() < 100_000 {
+                keys.push(key.to_vec());
+            }
+            self.any_quarantined.store(true, Ordering::Release);
+        }
         self.compact_requested.store(true, Ordering::Release);
     }
 

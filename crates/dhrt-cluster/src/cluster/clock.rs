@@ -52,6 +52,7 @@ impl Cluster {
         let v = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
         self.cluster_offset
             .store(skew::cluster_offset(&measured), Ordering::Release);
+        self.strictest_offset_ms.store(max, Ordering::Release);
         let mut current = self.verdict.lock().unwrap();
         if v.skewed != current.skewed {
             if v.skewed {
@@ -97,14 +98,22 @@ impl Cluster {
             if let Some(e) = self.write_refusal() {
                 return Err(e);
             }
-            let unchecked =
-                !self.options.seeds.is_empty() && !self.clock_measured.load(Ordering::Acquire);
-            let Some(left) = UNVERIFIED_GRACE.checked_sub(self.epoch.elapsed()) else {
-                return Ok(());
-            };
-            if !unchecked {
+            // Started to join a cluster, or joined one since (`dhrt-cli
+            // join`, a node joining this one): unchecked until compared.
+            let expects_peers = !self.options.seeds.is_empty() || self.has_peers();
+            if !expects_peers || self.clock_measured.load(Ordering::Acquire) {
                 return Ok(());
             }
+            // At most UNVERIFIED_GRACE from the start, or from the moment
+            // it last got peers.
+            let since = Duration::from_millis(self.peers_since_ms.load(Ordering::Acquire));
+            let from_peers = self.epoch.elapsed().saturating_sub(since);
+            let Some(left) = UNVERIFIED_GRACE
+                .checked_sub(self.epoch.elapsed())
+                .max(UNVERIFIED_GRACE.checked_sub(from_peers))
+            else {
+                return Ok(());
+            };
             if tokio::time::timeout(left, judged).await.is_err() {
                 tracing::warn!(
                     "no peer answered within {} s of starting: taking writes with a clock nobody checked",
@@ -124,7 +133,7 @@ impl Cluster {
         let drift = self.wall_ms() as i64
             - self.now_ms() as i64
             - self.judged_wall_minus_mono.load(Ordering::Acquire);
-        if drift.unsigned_abs() > self.max_offset_ms() / 2 {
+        if drift.unsigned_abs() > self.strictest_offset_ms.load(Ordering::Acquire) / 2 {
             return refuse(format!(
                 "this node's wall clock jumped {} s since it last compared it with its peers': writes wait for the next comparison",
                 drift / 1000

@@ -27,10 +27,12 @@ impl Cluster {
         let (value, outputs) = {
             let mut m = self.membership.lock().unwrap();
             let value = f(&mut m, now);
-            self.peers_known.store(
-                m.members().any(|u| u.liveness != Liveness::Left),
-                Ordering::Release,
-            );
+            let known = m.members().any(|u| u.liveness != Liveness::Left);
+            if known && !self.peers_known.swap(known, Ordering::AcqRel) {
+                // Peers from now on: the clock is unchecked until compared.
+                self.peers_since_ms.store(now.max(1), Ordering::Release);
+            }
+            self.peers_known.store(known, Ordering::Release);
             (value, m.drain())
         };
         self.perform(outputs);

@@ -181,6 +181,11 @@ pub struct Cluster {
     clock_measured: AtomicBool,
     /// Woken each time the clock is judged.
     clock_judged: Notify,
+    /// When (ms on the monotonic clock) this node last went from no peer
+    /// to some: its clock is unchecked from then until compared.
+    peers_since_ms: AtomicU64,
+    /// The strictest allowed offset heard, ms (as last judged).
+    strictest_offset_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -204,6 +209,7 @@ impl Cluster {
                 .flatten()
         });
         let wall_at_start = store.clock().wall_ms();
+        let options_max_offset = options.max_clock_ahead.as_millis() as u64;
         let mut last_contact = wall_at_start;
         let mut full_resync = false;
         if let Some(saved) = saved {
@@ -275,6 +281,8 @@ impl Cluster {
             judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
             clock_measured: AtomicBool::new(false),
             clock_judged: Notify::new(),
+            peers_since_ms: AtomicU64::new(0),
+            strictest_offset_ms: AtomicU64::new(options_max_offset),
         })
     }
 
