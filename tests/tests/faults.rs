@@ -107,8 +107,7 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
     assert_eq!(c.http("POST", "/t/c-only/1", b"").0, 200);
     assert_eq!(c.http("DELETE", "/t", b"").0, 200);
     assert_eq!(c.http("POST", "/keep/z/from-the-future", b"").0, 200);
-    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
-    let out = Command::new(cli)
+    let out = Command::new(cli())
         .args(["--addr", &c.addr.to_string(), "join", &a.addr.to_string()])
         .output()
         .unwrap();
@@ -254,8 +253,7 @@ fn quorum_with_two_of_three_replicas_down_says_on_how_many_the_write_is() {
     assert_eq!(a.get_raw("/q/two-down").1, b"1");
     // The binary protocol says the same, as its own error kind: dhrt-cli
     // exits 3 with the sentence.
-    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
-    let out = Command::new(cli)
+    let out = Command::new(cli())
         .args(["--addr", &a.addr.to_string(), "set", "q", "cli", "1"])
         .output()
         .unwrap();
@@ -295,6 +293,24 @@ fn fill_and_kill(dir: &Path, sync: &str) -> u64 {
     std::thread::sleep(Duration::from_millis(2500));
     node.stop("KILL");
     std::fs::metadata(log_of(dir, "pw")).unwrap().len()
+}
+
+/// Flips bits `mask` of byte `at` of `value` where it lies in the log at
+/// `path` (a running node's map sees the change at once).
+fn flip_byte_of(path: &Path, value: &[u8], at: usize, mask: u8) {
+    let bytes = std::fs::read(path).unwrap();
+    let start = bytes
+        .windows(value.len())
+        .position(|w| w == value)
+        .expect("the value is in the log");
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[value[at] ^ mask], (start + at) as u64)
+        .unwrap();
+}
+
+/// The `dhrt-cli` binary.
+fn cli() -> std::path::PathBuf {
+    crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"])
 }
 
 fn zero_page_at(path: &Path, offset: u64) {
@@ -342,14 +358,7 @@ fn a_value_rotted_on_disk_is_detected_on_read_and_repaired_from_a_peer() {
     assert_eq!(local_keys(&b, "rot"), 2);
     // One byte of the value changes in b's file (its map sees it at once).
     let path = log_of(dirs[1].path(), "rot");
-    let bytes = std::fs::read(&path).unwrap();
-    let at = bytes
-        .windows(good.len())
-        .position(|w| w == good.as_slice())
-        .expect("the value is in b's log");
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[good[100] ^ 0x20], (at + 100) as u64)
-        .unwrap();
+    flip_byte_of(&path, &good, 100, 0x20);
     // b notices on read and answers with a's copy, never the rotted one.
     let (status, body) = b.get_raw("/rot/victim");
     assert_eq!(status, 200);
@@ -512,14 +521,7 @@ fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
     let good = value(4000, 5);
     assert_eq!(a.http("PUT", "/rot/lonely", &good).0, 200);
     a.stop("KILL");
-    let path = log_of(dirs[1].path(), "rot");
-    let bytes = std::fs::read(&path).unwrap();
-    let at = bytes
-        .windows(good.len())
-        .position(|w| w == good.as_slice())
-        .unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[good[7] ^ 1], (at + 7) as u64).unwrap();
+    flip_byte_of(&log_of(dirs[1].path(), "rot"), &good, 7, 1);
     // A listing meets the damage first (and leaves the key out); reads of
     // the key, over HTTP and the binary protocol, every time: damaged, not
     // missing.
@@ -530,8 +532,7 @@ fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("damaged, not missing"), "{body}");
     }
-    let cli = crate::dhrtd::workspace_binary("dhrt-cli", &["bins/dhrt-cli/src"]);
-    let out = Command::new(cli)
+    let out = Command::new(cli())
         .args(["--addr", &b.addr.to_string(), "get", "rot", "lonely"])
         .output()
         .unwrap();

@@ -100,12 +100,9 @@ impl Cluster {
                 ),
             )
         };
-        let deadline = tokio::time::Instant::now() + self.options.timeout;
-        loop {
-            let notified = self.acks.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // One reading of each peer: answered, and of those, acknowledged.
+        // One reading of each peer: how many answered, and of those, how
+        // many acknowledged (answered and refused nothing).
+        let tally = || {
             let (mut answered, mut done) = (0, 0);
             for (p, first, last) in &waits {
                 let acked = p.acked.load(Ordering::Acquire);
@@ -114,6 +111,14 @@ impl Cluster {
                     done += usize::from(Self::acknowledged_at(p, acked, *first, *last));
                 }
             }
+            (answered, done)
+        };
+        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        loop {
+            let notified = self.acks.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (answered, done) = tally();
             if done >= need.remote_acks {
                 return Ok(());
             }
@@ -134,18 +139,9 @@ impl Cluster {
                         self.suspect(p.id);
                     }
                 }
-                let done = waits
-                    .iter()
-                    .filter(|(p, first, last)| self.acknowledged(p, *first, *last))
-                    .count();
-                return Err(unmet(done));
+                return Err(unmet(tally().1));
             }
         }
-    }
-
-    /// Whether peer `p` acknowledged the writes `first..=last`.
-    pub(super) fn acknowledged(&self, p: &Peer, first: u64, last: u64) -> bool {
-        Self::acknowledged_at(p, p.acked.load(Ordering::Acquire), first, last)
     }
 
     /// Whether peer `p`, having answered through `acked`, acknowledged the
