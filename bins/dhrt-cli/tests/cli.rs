@@ -28,9 +28,10 @@ fn node() -> &'static str {
         )));
         runtime.spawn(async move {
             loop {
-                let (socket, _) = listener.accept().await.unwrap();
+                let (socket, remote) = listener.accept().await.unwrap();
                 tokio::spawn(serve_binary(
                     socket,
+                    remote,
                     node.clone(),
                     BinaryLimits::default(),
                     std::future::pending(),

@@ -3,6 +3,7 @@
 //! first byte, and hand the connection to the right server.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +59,7 @@ pub(crate) async fn run(
         // contend for.
         let (servers, shutdown) = (servers.clone(), shutdown.child_token());
         tracker.spawn(async move {
-            if let Err(e) = serve(stream, &servers, shutdown).await {
+            if let Err(e) = serve(stream, peer, &servers, shutdown).await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
             drop(slot);
@@ -76,6 +77,7 @@ pub(crate) async fn run(
 
 async fn serve(
     stream: TcpStream,
+    remote: SocketAddr,
     servers: &Servers,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -95,6 +97,7 @@ async fn serve(
     if first[0] == dhrt_proto::MAGIC[0] {
         let closed = serve_binary(
             stream,
+            remote,
             servers.node.clone(),
             servers.binary.clone(),
             shutdown.cancelled(),

@@ -20,9 +20,10 @@ async fn node() -> String {
     )));
     tokio::spawn(async move {
         loop {
-            let (socket, _) = listener.accept().await.unwrap();
+            let (socket, remote) = listener.accept().await.unwrap();
             tokio::spawn(serve_binary(
                 socket,
+                remote,
                 node.clone(),
                 BinaryLimits::default(),
                 std::future::pending(),

@@ -3,6 +3,7 @@
 //! concurrently and gossip handed to the membership protocol.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ const BUCKET_PAGE_BYTES: usize = 4 << 20;
 /// was read after it.
 pub(crate) async fn serve_peer<S>(
     mut stream: S,
+    remote: SocketAddr,
     mut buf: BytesMut,
     cluster: Arc<Cluster>,
     max_frame: u32,
@@ -46,7 +48,7 @@ where
     {
         Ok(Ok(Ok(dialer))) => dialer,
         Ok(Ok(Err(reason))) => {
-            tracing::warn!("refused a peer connection: {reason}");
+            tracing::warn!(%remote, "refused a peer connection: {reason}");
             return Ok(Closed::Protocol(reason));
         }
         Ok(Err(e)) => return Err(e),

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -96,11 +97,12 @@ impl IdleTimer {
     }
 }
 
-/// Serves one binary connection until the client leaves, it idles, it breaks
+/// Serves one binary connection from `remote` until the client leaves, it idles, it breaks
 /// the protocol, or `shutdown` completes (requests already received are
 /// answered first).
 pub async fn serve_binary<S>(
     mut stream: S,
+    remote: SocketAddr,
     ops: Arc<Node>,
     limits: BinaryLimits,
     shutdown: impl Future<Output = ()>,
@@ -117,7 +119,7 @@ where
             }) => {
                 buf.advance(PREAMBLE_LEN);
                 let cluster = ops.cluster().clone();
-                return serve_peer(stream, buf, cluster, limits.max_frame, shutdown).await;
+                return serve_peer(stream, remote, buf, cluster, limits.max_frame, shutdown).await;
             }
             Ok(Preamble::Binary { .. }) => {
                 buf.advance(PREAMBLE_LEN);

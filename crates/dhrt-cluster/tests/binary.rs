@@ -23,7 +23,13 @@ fn start() -> (
 ) {
     let (client, server) = tokio::io::duplex(1 << 20);
     let node = Arc::new(crate::node::node());
-    let task = tokio::spawn(serve_binary(server, node, limits(), std::future::pending()));
+    let task = tokio::spawn(serve_binary(
+        server,
+        ([127, 0, 0, 1], 1).into(),
+        node,
+        limits(),
+        std::future::pending(),
+    ));
     (client, task)
 }
 

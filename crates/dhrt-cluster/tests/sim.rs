@@ -132,10 +132,10 @@ async fn run_node(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
+                let (stream, remote) = accepted?;
                 let node = node.clone();
                 tokio::spawn(async move {
-                    let _ = serve_binary(stream, node, BinaryLimits::default(), std::future::pending()).await;
+                    let _ = serve_binary(stream, remote, node, BinaryLimits::default(), std::future::pending()).await;
                 });
             }
             () = leave.notified() => {
