@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use crate::dhrtd::{Dhrtd, workspace_binary};
 
-fn cli_binary() -> PathBuf {
+pub(crate) fn cli_binary() -> PathBuf {
     workspace_binary(
         "dhrt-cli",
         &[

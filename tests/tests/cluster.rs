@@ -451,8 +451,21 @@ fn a_node_joining_a_loaded_node_under_writes_ends_equal() {
 #[test]
 fn a_peer_without_the_secret_is_refused() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &["--cluster-secret", "correct horse"]);
-    let stranger = start_joined(dirs[1].path(), &a, &["--cluster-secret", "wrong"]);
+    let a = Dhrtd::start(
+        dirs[0].path(),
+        &[
+            "--cluster-secret",
+            "correct horse battery staple, stapled twice",
+        ],
+    );
+    let stranger = start_joined(
+        dirs[1].path(),
+        &a,
+        &[
+            "--cluster-secret",
+            "a wrong secret of thirty-two bytes or more",
+        ],
+    );
     let anonymous = start_joined(dirs[2].path(), &a, &[]);
     std::thread::sleep(Duration::from_secs(2));
     for n in [&a, &stranger, &anonymous] {
@@ -460,7 +473,14 @@ fn a_peer_without_the_secret_is_refused() {
     }
     drop((stranger, anonymous));
     let dir = tempfile::tempdir().unwrap();
-    let friend = start_joined(dir.path(), &a, &["--cluster-secret", "correct horse"]);
+    let friend = start_joined(
+        dir.path(),
+        &a,
+        &[
+            "--cluster-secret",
+            "correct horse battery staple, stapled twice",
+        ],
+    );
     eventually("the friend is in", Duration::from_secs(15), || {
         all_healthy(&[&a, &friend], 2)
     });

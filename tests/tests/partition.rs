@@ -150,7 +150,12 @@ fn a_partition_made_with_blackhole_routes_heals_and_converges() {
         return;
     };
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let secret = ["--cluster-secret", "partition test"];
+    // The test talks to the nodes from the host, off their loopback.
+    let secret = [
+        "--cluster-secret",
+        "partition test: a secret of at least 32 bytes",
+        "--no-auth",
+    ];
     let seed = net.addr(1).to_string();
     let nodes: Vec<Dhrtd> = (1..=3)
         .map(|i| {

@@ -11,3 +11,4 @@ mod faults;
 mod hostile;
 mod node;
 mod partition;
+mod security;

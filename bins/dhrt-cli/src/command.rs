@@ -1,14 +1,17 @@
 //! The command language shared by one-shot use and the REPL:
 //! `set [collection] key value`, `get [collection] key`,
-//! `del [collection] key`, `stats`, `join ADDR`, `help`.
+//! `del [collection] key`, `stats`, `join ADDR`, `auth TOKEN`, `help`;
+//! and two that need no node: `token --role R [--name N]`, `secret`.
 
-use dhrt_proto::Op;
+use dhrt_proto::{Op, Role};
 
 /// The collection used when a command names none.
 pub(crate) const DEFAULT_COLLECTION: &str = "default";
 
 /// The command names, for completion and help.
-pub(crate) const NAMES: [&str; 8] = ["set", "get", "del", "stats", "join", "help", "quit", "exit"];
+pub(crate) const NAMES: [&str; 11] = [
+    "set", "get", "del", "stats", "join", "auth", "token", "secret", "help", "quit", "exit",
+];
 
 pub(crate) const HELP: &str = "\
 commands:
@@ -17,6 +20,10 @@ commands:
   del [collection] key         delete a key
   stats                        node and cluster statistics
   join ADDR                    make the node join the cluster of the member at ADDR
+  auth TOKEN                   use TOKEN on this connection from now on
+  token --role ROLE [--name N] a new token (read, write or admin): the token on the
+                               first line, the line for dhrtd's --auth-file on the second
+  secret                       a new cluster secret for --cluster-secret
   help                         this text
   quit | exit                  leave the REPL
 words with spaces go in double quotes: set greeting \"hello world\"";
@@ -41,6 +48,14 @@ pub(crate) enum Command {
     Join {
         addr: String,
     },
+    Auth {
+        token: String,
+    },
+    Token {
+        role: Role,
+        name: String,
+    },
+    Secret,
     Help,
     Quit,
 }
@@ -68,7 +83,12 @@ impl Command {
             },
             Command::Stats => Op::Stats,
             Command::Join { addr } => Op::Join { addr: addr.clone() },
-            Command::Help | Command::Quit => return None,
+            Command::Auth { token } => Op::Auth {
+                token: token.clone(),
+            },
+            Command::Token { .. } | Command::Secret | Command::Help | Command::Quit => {
+                return None;
+            }
         })
     }
 }
@@ -151,10 +171,43 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
             addr: args[0].clone(),
         }),
         ("join", _) => Err("usage: join ADDR (another member's host:port)".into()),
+        ("auth", 1) => Ok(Command::Auth {
+            token: args[0].clone(),
+        }),
+        ("auth", _) => Err("usage: auth TOKEN".into()),
+        ("token", _) => parse_token(args),
+        ("secret", 0) => Ok(Command::Secret),
+        ("secret", _) => Err("usage: secret".into()),
         ("help", _) => Ok(Command::Help),
         ("quit" | "exit", _) => Ok(Command::Quit),
         (other, _) => Err(format!("unknown command {other:?} (try help)")),
     }
+}
+
+/// `token --role ROLE [--name NAME]`.
+fn parse_token(args: &[String]) -> Result<Command, String> {
+    const USAGE: &str = "usage: token --role read|write|admin [--name NAME]";
+    let (mut role, mut name) = (None, String::new());
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let (flag, inline) = match flag.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_string())),
+            None => (flag.as_str(), None),
+        };
+        let value = inline
+            .or_else(|| args.next().cloned())
+            .ok_or_else(|| USAGE.to_string())?;
+        match flag {
+            "--role" => role = Some(value.parse::<Role>()?),
+            "--name" if value.chars().any(char::is_control) => {
+                return Err("a token's name may not hold control characters".into());
+            }
+            "--name" => name = value,
+            _ => return Err(USAGE.into()),
+        }
+    }
+    let role = role.ok_or_else(|| USAGE.to_string())?;
+    Ok(Command::Token { role, name })
 }
 
 #[cfg(test)]
@@ -213,7 +266,28 @@ mod tests {
                 addr: "10.0.0.2:7453".into()
             }
         );
+        assert_eq!(
+            parse(&words("token --role write --name \"app one\"")).unwrap(),
+            Command::Token {
+                role: Role::Write,
+                name: "app one".into()
+            }
+        );
+        assert_eq!(
+            parse(&words("token --role=admin")).unwrap(),
+            Command::Token {
+                role: Role::Admin,
+                name: String::new()
+            }
+        );
+        assert_eq!(parse(&words("secret")).unwrap(), Command::Secret);
         for bad in [
+            "token",
+            "token --role",
+            "token --role owner",
+            "token --rol read",
+            "secret x",
+            "auth",
             "set k",
             "get",
             "get a b c",

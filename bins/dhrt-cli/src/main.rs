@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dhrt_client::{Client, Error};
-use dhrt_proto::Reply;
+use dhrt_proto::{Reply, Role};
 
 use crate::command::Command;
 
@@ -25,6 +25,9 @@ struct Args {
     /// The node to talk to.
     #[arg(long, env = "DHRT_ADDR", default_value = "127.0.0.1:7453")]
     addr: String,
+    /// The token to authenticate with (see `dhrt-cli token`).
+    #[arg(long, env = "DHRT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print results (and errors) as JSON.
     #[arg(long)]
     json: bool,
@@ -32,7 +35,7 @@ struct Args {
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "COMMAND",
-        help = "set [collection] key value | get [collection] key | del [collection] key | stats | join ADDR | help; none starts the REPL"
+        help = "set [collection] key value | get [collection] key | del [collection] key | stats | join ADDR | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
     )]
     command: Vec<String>,
 }
@@ -59,6 +62,7 @@ fn error_text(e: &Error, addr: &str) -> String {
             format!("{e} (is dhrtd running there? --addr or DHRT_ADDR names another node)")
         }
         Error::Disconnected(_) => format!("{e} (node {addr})"),
+        Error::Unauthenticated(_) => format!("{e} (--token or DHRT_TOKEN gives a token)"),
         _ => e.to_string(),
     }
 }
@@ -131,6 +135,14 @@ pub(crate) async fn execute(
             }
             Outcome::Done
         }
+        (Command::Auth { .. }, Reply::Authenticated(role)) => {
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "Role": role.as_str() })).unwrap();
+            } else {
+                writeln!(out, "OK: {role}").unwrap();
+            }
+            Outcome::Done
+        }
         (Command::Stats, Reply::Stats(stats)) => {
             writeln!(out, "{}", serde_json::to_string_pretty(&stats).unwrap()).unwrap();
             Outcome::Done
@@ -140,6 +152,22 @@ pub(crate) async fn execute(
     Ok(outcome)
 }
 
+/// `token`: a fresh token, then the auth-file line that grants it.
+pub(crate) fn print_token(role: Role, name: &str) {
+    let token = dhrt_proto::auth::new_token();
+    println!("{token}");
+    println!("{}", dhrt_proto::auth::auth_line(role, &token, name));
+}
+
+/// A connection to `addr`, authenticated with `token` if one is given.
+pub(crate) async fn connect(addr: &str, token: Option<&str>) -> Result<Client, Error> {
+    let mut builder = Client::builder(addr);
+    if let Some(token) = token {
+        builder = builder.token(token);
+    }
+    builder.connect().await
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -147,7 +175,7 @@ fn main() -> ExitCode {
         .build()
         .expect("start the runtime");
     if args.command.is_empty() {
-        return repl::run(&runtime, &args.addr, args.json);
+        return repl::run(&runtime, &args.addr, args.token.as_deref(), args.json);
     }
     let command = match command::parse(&args.command) {
         Ok(c) => c,
@@ -162,10 +190,18 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Quit => return ExitCode::SUCCESS,
+        Command::Token { role, name } => {
+            print_token(role, &name);
+            return ExitCode::SUCCESS;
+        }
+        Command::Secret => {
+            println!("{}", dhrt_proto::auth::new_secret());
+            return ExitCode::SUCCESS;
+        }
         _ => {}
     }
     let result = runtime.block_on(async {
-        let client = Client::connect(args.addr.as_str()).await?;
+        let client = connect(&args.addr, args.token.as_deref()).await?;
         let mut out = Vec::new();
         let outcome = execute(&client, &command, args.json, &mut out).await?;
         Ok::<_, Error>((outcome, out))

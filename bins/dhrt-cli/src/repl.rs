@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use dhrt_client::Client;
 use rustyline::completion::Completer;
 use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
@@ -53,11 +52,20 @@ fn history_path() -> Option<std::path::PathBuf> {
 /// Runs the REPL until `quit`, `exit` or end of input. Errors of single
 /// commands are printed and the REPL goes on; failing to connect ends it
 /// with exit code 2.
-pub(crate) fn run(runtime: &tokio::runtime::Runtime, addr: &str, json: bool) -> ExitCode {
-    let client = match runtime.block_on(Client::connect(addr)) {
+pub(crate) fn run(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    token: Option<&str>,
+    json: bool,
+) -> ExitCode {
+    let client = match runtime.block_on(crate::connect(addr, token)) {
         Ok(c) => c,
-        Err(e) => {
+        Err(e @ dhrt_client::Error::Connect { .. }) => {
             crate::print_error(&format!("{e} (is dhrtd running there?)"), json);
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            crate::print_error(&e.to_string(), json);
             return ExitCode::from(2);
         }
     };
@@ -94,6 +102,8 @@ pub(crate) fn run(runtime: &tokio::runtime::Runtime, addr: &str, json: bool) -> 
         match command {
             Command::Quit => break,
             Command::Help => println!("{}", command::HELP),
+            Command::Token { role, name } => crate::print_token(role, &name),
+            Command::Secret => println!("{}", dhrt_proto::auth::new_secret()),
             _ => {
                 let mut out = Vec::new();
                 match runtime.block_on(crate::execute(&client, &command, json, &mut out)) {

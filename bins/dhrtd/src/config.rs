@@ -66,6 +66,15 @@ pub(crate) struct Args {
         hide_env_values = true
     )]
     cluster_secret: Option<String>,
+    /// The tokens clients may use, each with its role (make lines with
+    /// `dhrt-cli token`); re-read on SIGHUP. Without it, only clients on
+    /// loopback are served, unless --no-auth.
+    #[arg(long, env = "DHRT_AUTH_FILE", value_name = "FILE")]
+    auth_file: Option<PathBuf>,
+    /// Serve every client that can reach the port, without a token, as
+    /// admin: they can read, write and drop everything.
+    #[arg(long, env = "DHRT_NO_AUTH")]
+    no_auth: bool,
     /// Host only these collections (comma-separated); default all.
     #[arg(
         long,
@@ -117,6 +126,8 @@ struct File {
     write_ack: Option<String>,
     timeout_ms: Option<u64>,
     cluster_secret: Option<String>,
+    auth_file: Option<PathBuf>,
+    no_auth: Option<bool>,
     collections: Option<Vec<String>>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
@@ -130,6 +141,20 @@ pub(crate) enum Sync {
     Interval,
     Never,
 }
+
+/// Who may be a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Auth {
+    /// Clients on loopback only (no auth file).
+    LoopbackOnly,
+    /// The tokens of this file.
+    File(PathBuf),
+    /// Anyone (`--no-auth`).
+    Open,
+}
+
+/// The shortest cluster secret accepted, in bytes.
+pub(crate) const MIN_SECRET: usize = 32;
 
 /// The resolved configuration.
 #[derive(Debug, Clone)]
@@ -147,6 +172,7 @@ pub(crate) struct Config {
     pub(crate) write_ack: WriteAck,
     pub(crate) timeout: Duration,
     pub(crate) cluster_secret: Option<String>,
+    pub(crate) auth: Auth,
     pub(crate) collections: Option<Vec<String>>,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
@@ -223,6 +249,30 @@ impl Config {
             .cluster_secret
             .or(file.cluster_secret)
             .filter(|s| !s.is_empty());
+        match &cluster_secret {
+            Some(s) if s.len() < MIN_SECRET => bail!(
+                "the cluster secret is {} bytes; it must be at least {MIN_SECRET} \
+                 (`dhrt-cli secret` prints a fresh one)",
+                s.len()
+            ),
+            None if !listen.ip().is_loopback() => bail!(
+                "dhrtd listens on {listen}, beyond loopback, without a cluster secret: \
+                 anyone who can reach that port could join the cluster and read or \
+                 rewrite its data. Give every node the same --cluster-secret (or \
+                 DHRT_CLUSTER_SECRET) of at least {MIN_SECRET} bytes; `dhrt-cli secret` \
+                 prints a fresh one"
+            ),
+            _ => {}
+        }
+        let auth = match (
+            args.auth_file.or(file.auth_file),
+            args.no_auth || file.no_auth.unwrap_or(false),
+        ) {
+            (Some(_), true) => bail!("--auth-file and --no-auth contradict each other: choose one"),
+            (Some(path), false) => Auth::File(path),
+            (None, true) => Auth::Open,
+            (None, false) => Auth::LoopbackOnly,
+        };
         let advertise = args
             .advertise
             .or(file.advertise)
@@ -247,6 +297,7 @@ impl Config {
             write_ack,
             timeout: Duration::from_millis(timeout_ms),
             cluster_secret,
+            auth,
             collections,
             tombstone_grace: Duration::from_secs(
                 args.tombstone_grace_secs
@@ -258,4 +309,12 @@ impl Config {
             clock_offset_ms: args.clock_offset_ms.unwrap_or(0),
         })
     }
+}
+
+/// Reads the tokens of an auth file.
+pub(crate) fn read_tokens(path: &std::path::Path) -> anyhow::Result<dhrt_proto::auth::Tokens> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    dhrt_proto::auth::Tokens::parse(&text)
+        .with_context(|| format!("the auth file {}", path.display()))
 }

@@ -109,7 +109,7 @@ async fn serve(
         servers
             .http
             .clone()
-            .serve_connection(stream, shutdown.cancelled_owned())
+            .serve_connection(stream, remote.ip(), shutdown.cancelled_owned())
             .await
             .map_err(io::Error::other)
     }

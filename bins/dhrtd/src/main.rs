@@ -1,7 +1,8 @@
 //! `dhrtd`, the dhrt node daemon: reads its configuration, opens the store,
-//! serves HTTP and the binary protocol on one endpoint, and on SIGINT,
-//! SIGTERM, SIGHUP or SIGQUIT stops accepting, finishes the requests in
-//! flight, flushes, and exits 0. The logic lives in the library crates.
+//! serves HTTP and the binary protocol on one endpoint, re-reads its auth
+//! file on SIGHUP, and on SIGINT, SIGTERM or SIGQUIT stops accepting,
+//! finishes the requests in flight, flushes, and exits 0. The logic lives in
+//! the library crates.
 
 mod config;
 mod listener;
@@ -19,7 +20,8 @@ use dhrt_storage::{Options, Store, SyncMode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Args, Config, Sync};
+use crate::config::{Args, Auth, Config, Sync};
+use dhrt_proto::Access;
 
 fn main() -> ExitCode {
     let config = match Config::load(Args::parse()) {
@@ -28,6 +30,17 @@ fn main() -> ExitCode {
             eprintln!("dhrtd: {e:#}");
             return ExitCode::from(2);
         }
+    };
+    let access = match &config.auth {
+        Auth::LoopbackOnly => Access::loopback_only(),
+        Auth::Open => Access::open(),
+        Auth::File(path) => match config::read_tokens(path) {
+            Ok(tokens) => Access::tokens(tokens),
+            Err(e) => {
+                eprintln!("dhrtd: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
     };
     init_logging(config.json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -40,7 +53,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, access)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -95,21 +108,49 @@ fn node_id(dir: &Path) -> anyhow::Result<u64> {
     }
 }
 
-async fn signalled() -> &'static str {
+/// Waits for a signal to stop; re-reads the auth file on each SIGHUP
+/// meanwhile.
+/// Installed before the node serves, so that no signal meets the default
+/// action (which would end the process without a flush).
+fn signalled(
+    auth: Auth,
+    access: Arc<Access>,
+) -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
-    let mut quit = signal(SignalKind::quit()).expect("install SIGQUIT handler");
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
-        _ = quit.recv() => "SIGQUIT",
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let mut quit = signal(SignalKind::quit()).context("installing a SIGQUIT handler")?;
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => return "SIGINT",
+                _ = term.recv() => return "SIGTERM",
+                _ = quit.recv() => return "SIGQUIT",
+                _ = hup.recv() => reload(&auth, &access),
+            }
+        }
+    })
+}
+
+/// SIGHUP: the auth file again. A file that does not parse changes
+/// nothing: the node keeps the tokens it has.
+fn reload(auth: &Auth, access: &Access) {
+    let Auth::File(path) = auth else {
+        tracing::info!("SIGHUP: no auth file to re-read");
+        return;
+    };
+    match config::read_tokens(path) {
+        Ok(tokens) => {
+            let count = tokens.len();
+            access.replace(tokens);
+            tracing::info!(file = %path.display(), tokens = count, "SIGHUP: re-read the auth file");
+        }
+        Err(e) => tracing::error!("SIGHUP: kept the tokens in use: {e:#}"),
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
     let sync = match config.sync {
         Sync::Always => SyncMode::Always,
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
@@ -169,24 +210,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    if !config.listen.ip().is_loopback() {
-        tracing::warn!(
+    match &config.auth {
+        Auth::Open if !config.listen.ip().is_loopback() => tracing::warn!(
             listen = %config.listen,
-            "LISTENING ON A NON-LOOPBACK ADDRESS: anyone who can reach it can read and write every key"
-        );
-        if config.cluster_secret.is_none() {
-            tracing::warn!(
-                listen = %config.listen,
-                "NO CLUSTER SECRET ON A NON-LOOPBACK ADDRESS: anyone who can reach this port can join the cluster and replicate writes into it; set --cluster-secret"
-            );
+            "--no-auth ON A NON-LOOPBACK ADDRESS: anyone who can reach it can read, write and drop every collection"
+        ),
+        Auth::Open => {
+            tracing::warn!("--no-auth: every local user can read, write and drop every collection")
         }
+        Auth::LoopbackOnly if !config.listen.ip().is_loopback() => tracing::warn!(
+            listen = %config.listen,
+            "no auth file: only clients on loopback are served; others get 401 (see --auth-file)"
+        ),
+        Auth::File(path) if access.token_count() == 0 => tracing::warn!(
+            file = %path.display(),
+            "the auth file grants no token: every client is refused"
+        ),
+        _ => {}
     }
     let servers = Arc::new(listener::Servers {
         node: node.clone(),
-        http: dhrt_http::Api::new(node.clone(), dhrt_http::Limits::default()),
-        binary: BinaryLimits::default(),
+        http: dhrt_http::Api::new(
+            node.clone(),
+            dhrt_http::Limits {
+                access: access.clone(),
+                ..dhrt_http::Limits::default()
+            },
+        ),
+        binary: BinaryLimits {
+            access: access.clone(),
+            ..BinaryLimits::default()
+        },
         first_byte_timeout: Duration::from_secs(10),
     });
+    let signal = signalled(config.auth.clone(), access)?;
     tracing::info!(
         listen = %config.listen,
         id = %format!("{id:016x}"),
@@ -200,7 +257,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
-        let which = signalled().await;
+        let which = signal.await;
         tracing::info!(
             signal = which,
             "shutting down: finishing requests in flight"

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
-    DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, Reply, Request, Response, decode_frame,
+    DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, Reply, Request, Response, Role, decode_frame,
     encode_frame, preamble,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,8 +51,69 @@ fn unexpected(reply: Reply) -> Error {
     Error::UnexpectedReply(format!("{reply:?}"))
 }
 
+/// How to connect: [`Client::builder`].
+#[derive(Clone)]
+pub struct ClientBuilder {
+    addr: String,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("ClientBuilder")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "..."))
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// Authenticate with `token` (as `dhrt-cli token` makes them) before
+    /// anything else; a node with an auth file refuses every request of a
+    /// connection without one.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Connects, and authenticates if a token was given: a token the node
+    /// refuses fails here, with [`Error::Unauthenticated`].
+    pub async fn connect(self) -> Result<Client, Error> {
+        let client = Client::connect(self.addr.as_str()).await?;
+        if let Some(token) = self.token {
+            client.authenticate(&token).await?;
+        }
+        Ok(client)
+    }
+}
+
 impl Client {
-    /// Connects to the node at `addr` (e.g. `"127.0.0.1:7453"`).
+    /// A builder for a connection to `addr` (e.g. `"127.0.0.1:7453"`) with
+    /// options: a token.
+    pub fn builder(addr: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            addr: addr.into(),
+            token: None,
+        }
+    }
+
+    /// Presents `token` on this connection; returns the role it grants.
+    /// Requests sent after it are judged by that role.
+    pub async fn authenticate(&self, token: &str) -> Result<Role, Error> {
+        match self
+            .request(Op::Auth {
+                token: token.to_string(),
+            })
+            .await?
+        {
+            Reply::Authenticated(role) => Ok(role),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Connects to the node at `addr` (e.g. `"127.0.0.1:7453"`), without a
+    /// token (see [`Client::builder`]).
     pub async fn connect(addr: impl ToSocketAddrs + Display) -> Result<Client, Error> {
         let connect_err = |source| Error::Connect {
             addr: addr.to_string(),

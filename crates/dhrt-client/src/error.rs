@@ -47,6 +47,14 @@ pub enum Error {
     /// message says on how many of how many.
     #[error("{0}")]
     WriteConcern(String),
+    /// No valid token: none given to a node that needs one, an unknown or
+    /// revoked one, or a client off loopback on a node without an auth
+    /// file. The message says which.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The token's role may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// The node answered with a reply of the wrong kind.
     #[error("unexpected reply from the node: {0}")]
     UnexpectedReply(String),
@@ -61,6 +69,8 @@ impl From<OpError> for Error {
             ErrorKind::Unavailable => Error::Unavailable(e.message),
             ErrorKind::Timeout => Error::Timeout(e.message),
             ErrorKind::WriteConcern => Error::WriteConcern(e.message),
+            ErrorKind::Unauthenticated => Error::Unauthenticated(e.message),
+            ErrorKind::Forbidden => Error::Forbidden(e.message),
             _ => Error::Internal(e.message),
         }
     }

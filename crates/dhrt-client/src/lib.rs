@@ -20,6 +20,6 @@
 mod connection;
 mod error;
 
-pub use connection::Client;
-pub use dhrt_proto::{Entry, NodeStats, Page};
+pub use connection::{Client, ClientBuilder};
+pub use dhrt_proto::{Entry, NodeStats, Page, Role};
 pub use error::Error;

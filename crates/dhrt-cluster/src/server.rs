@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
-    Beside, Channel, DEFAULT_MAX_FRAME, Decoded, Either, ErrorKind, OpError, OpRef, Operations,
-    PREAMBLE_LEN, Preamble, Reply, RequestRef, Response, dispatch_ref, encode_frame, frame_bounds,
-    read_preamble, request_id,
+    Access, Beside, Channel, DEFAULT_MAX_FRAME, Decoded, Either, ErrorKind, OpError, OpRef,
+    Operations, PREAMBLE_LEN, Preamble, Reply, RequestRef, Response, Standing, dispatch_ref,
+    encode_frame, frame_bounds, read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -21,20 +21,25 @@ use crate::node::Node;
 use crate::peer_server::serve_peer;
 pub use crate::wire::Closed;
 
-/// Limits of a binary connection.
+/// Limits of a binary connection, and who may use it.
 #[derive(Debug, Clone)]
 pub struct BinaryLimits {
     /// The largest frame payload accepted or sent.
     pub max_frame: u32,
     /// A connection with no complete request for this long is closed.
     pub idle_timeout: Duration,
+    /// Who may do what (the node's auth file). Peers are not clients: they
+    /// prove the cluster secret instead.
+    pub access: Arc<Access>,
 }
 
 impl Default for BinaryLimits {
+    /// Loopback clients only, as a node without an auth file.
     fn default() -> Self {
         BinaryLimits {
             max_frame: DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
+            access: Access::loopback_only(),
         }
     }
 }
@@ -152,6 +157,8 @@ where
     // Reused from batch to batch: no allocation per request for them.
     let mut spare: Vec<Item<'static>> = Vec::new();
     let mut responses: Vec<Response> = Vec::new();
+    let access = &*limits.access;
+    let mut standing = access.connect(remote.ip());
     loop {
         // Take every complete request in the buffer, answer them all, then
         // write once. Requests are decoded in place: their names, keys and
@@ -176,7 +183,7 @@ where
                 };
                 let payload = &rest[range];
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
-                    Ok(request) => batch.push(Ok(request)),
+                    Ok(request) => batch.push(admit(access, &mut standing, request)),
                     Err(e) => match request_id(payload) {
                         Some(id) => batch.push(Err(Response {
                             id,
@@ -231,8 +238,36 @@ where
 }
 
 /// A decoded request borrowing from the read buffer, or the answer to one
-/// that could not be decoded.
+/// that is answered already (undecodable, refused, or an `Auth`).
 type Item<'a> = Result<RequestRef<'a>, Response>;
+
+/// Lets `request` through if the connection's standing allows it; answers
+/// it at once if not, or if it is an `Auth` (which changes the standing,
+/// in order: requests after it in the same batch see the new one).
+#[inline]
+fn admit<'a>(access: &Access, standing: &mut Standing, request: RequestRef<'a>) -> Item<'a> {
+    if let OpRef::Auth { token } = request.op {
+        let result = access.present(*standing, token.as_bytes()).and_then(|s| {
+            *standing = s;
+            access.role(s).map(Reply::Authenticated)
+        });
+        return Err(Response {
+            id: request.id,
+            result,
+        });
+    }
+    if *standing == Standing::Trusted(dhrt_proto::Role::Admin) {
+        return Ok(request);
+    }
+    let (needed, what) = dhrt_proto::auth::needed(&request.op);
+    match access.check(*standing, needed, what) {
+        Ok(()) => Ok(request),
+        Err(e) => Err(Response {
+            id: request.id,
+            result: Err(e),
+        }),
+    }
+}
 
 /// An empty batch, keeping the allocation of `batch` for a batch that
 /// borrows from the buffer anew.

@@ -14,6 +14,7 @@ fn limits() -> BinaryLimits {
     BinaryLimits {
         max_frame: 1 << 20,
         idle_timeout: Duration::from_millis(500),
+        ..BinaryLimits::default()
     }
 }
 
@@ -227,4 +228,80 @@ async fn a_run_of_sets_is_written_together_and_a_bad_one_fails_alone() {
         responses[6].result,
         Ok(Reply::Value(Some(Bytes::from_static(b"v"))))
     );
+}
+
+#[tokio::test]
+async fn an_auth_request_changes_what_the_requests_after_it_may_do() {
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    let (reader, writer) = (new_token(), new_token());
+    let file = format!(
+        "{}\n{}\n",
+        auth_line(Role::Read, &reader, ""),
+        auth_line(Role::Write, &writer, "")
+    );
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let limits = BinaryLimits {
+        access: Access::tokens(Tokens::parse(&file).unwrap()),
+        ..limits()
+    };
+    let node = Arc::new(crate::node::node());
+    let _task = tokio::spawn(serve_binary(
+        server,
+        ([127, 0, 0, 1], 1).into(),
+        node,
+        limits,
+        std::future::pending(),
+    ));
+    let set = |v: &'static str| Op::Set {
+        collection: "c".into(),
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(v.as_bytes()),
+    };
+    let get = Op::Get {
+        collection: "c".into(),
+        key: Bytes::from_static(b"k"),
+    };
+    let auth = |token: &str| Op::Auth {
+        token: token.to_string(),
+    };
+    // One pipelined batch: each request is judged by the token presented
+    // before it, in order.
+    let ops = [
+        get.clone(),
+        auth("dhrt_wrong"),
+        auth(&reader),
+        get.clone(),
+        set("by reader"),
+        auth(&writer),
+        set("by writer"),
+        set("again"),
+        get,
+        Op::DropCollection {
+            collection: "c".into(),
+        },
+    ];
+    let mut wire = preamble().to_vec();
+    for (id, op) in ops.into_iter().enumerate() {
+        encode_frame(&Request { id: id as u64, op }, &mut wire, 1 << 20).unwrap();
+    }
+    client.write_all(&wire).await.unwrap();
+    let mut responses = read_responses(&mut client, 10).await;
+    responses.sort_by_key(|r| r.id);
+    let kinds: Vec<_> = responses
+        .iter()
+        .map(|r| r.result.as_ref().map_err(|e| e.kind))
+        .collect();
+    assert_eq!(kinds[0], Err(ErrorKind::Unauthenticated));
+    assert_eq!(kinds[1], Err(ErrorKind::Unauthenticated));
+    assert_eq!(kinds[2], Ok(&Reply::Authenticated(Role::Read)));
+    assert_eq!(kinds[3], Ok(&Reply::Value(None)));
+    assert_eq!(kinds[4], Err(ErrorKind::Forbidden));
+    assert_eq!(kinds[5], Ok(&Reply::Authenticated(Role::Write)));
+    assert_eq!(kinds[6], Ok(&Reply::Stored));
+    assert_eq!(kinds[7], Ok(&Reply::Stored));
+    assert_eq!(
+        kinds[8],
+        Ok(&Reply::Value(Some(Bytes::from_static(b"again"))))
+    );
+    assert_eq!(kinds[9], Err(ErrorKind::Forbidden));
 }

@@ -3,13 +3,16 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dhrt_proto::{Beside, Entry, Operations};
+use dhrt_proto::{Access, Beside, Entry, Operations, Role, auth::Mode};
 use futures_util::future::{self, Either};
-use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
@@ -26,9 +29,11 @@ use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
 const JSON: &str = "application/json";
 const OCTETS: &str = "application/octet-stream";
 
-/// Limits that protect the node from its clients.
+/// Limits that protect the node from its clients, and who may use it.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Who may do what: the node's auth file, or loopback only, or anyone.
+    pub access: Arc<Access>,
     /// The largest request body (a `PUT` value), in bytes; more gets 413.
     pub max_body: usize,
     /// How long a client may take to send a request's headers.
@@ -40,6 +45,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            access: Access::loopback_only(),
             max_body: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
             list_batch: 1000,
@@ -78,9 +84,47 @@ fn json(body: Vec<u8>) -> Response<ResponseBody> {
     response(StatusCode::OK, JSON, body)
 }
 
-/// The response for a failure: its status and `{"Error": ...}`.
+/// The response for a failure: its status and `{"Error": ...}` (and, for
+/// a 401, the scheme a client should use).
 pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
-    response(e.status, JSON, json::error(&e.message))
+    let mut r = response(e.status, JSON, json::error(&e.message));
+    if e.status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"dhrt\""),
+        );
+    }
+    r
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header.
+fn bearer(headers: &HeaderMap) -> Result<Option<&[u8]>, HttpError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.as_bytes();
+    match value.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => {
+            Ok(Some(value[7..].trim_ascii()))
+        }
+        _ => Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "the Authorization header must be \"Bearer TOKEN\"",
+        )),
+    }
+}
+
+/// Whether `role` may do what needs `needed` (called `what`); 403 if not.
+#[inline]
+fn allow(role: Role, needed: Role, what: &str) -> Result<(), HttpError> {
+    if role.allows(needed) {
+        Ok(())
+    } else {
+        Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            format!("{what} needs the {needed} role; this token has the {role} role"),
+        ))
+    }
 }
 
 /// What the handler needs from a request's headers, found in one pass
@@ -157,11 +201,9 @@ impl<O: Operations> Api<O> {
         &self.ops
     }
 
-    /// Answers one request. Never fails: errors become responses.
-    ///
-    /// The hot path, a `GET` of a key the node can answer at once
-    /// ([`Operations::get_now`]), is answered before this returns; the
-    /// future is then ready and holds nothing but the response.
+    /// Answers one request, as if it came from loopback (see
+    /// [`handle_from`](Self::handle_from)). Never fails: errors become
+    /// responses.
     pub fn handle<B>(
         self: &Arc<Self>,
         req: Request<B>,
@@ -173,11 +215,47 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        self.handle_from(std::net::Ipv4Addr::LOCALHOST.into(), req)
+    }
+
+    /// Answers one request from `remote`. Never fails: errors become
+    /// responses.
+    ///
+    /// The hot path, a `GET` of a key the node can answer at once
+    /// ([`Operations::get_now`]), is answered before this returns; the
+    /// future is then ready and holds nothing but the response.
+    pub fn handle_from<B>(
+        self: &Arc<Self>,
+        remote: IpAddr,
+        req: Request<B>,
+    ) -> Either<
+        future::Ready<Response<ResponseBody>>,
+        impl Future<Output = Response<ResponseBody>> + Send + 'static + use<O, B>,
+    >
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let facts = HeadFacts::of(req.headers());
-        match self.answer_now(&req, facts) {
+        let role = self.role(remote, req.headers());
+        match self.answer_now(&req, facts, &role) {
             Some(response) => Either::Left(future::ready(response)),
-            None => Either::Right(self.clone().answer_later(req, facts)),
+            None => Either::Right(self.clone().answer_later(req, facts, role)),
         }
+    }
+
+    /// The role of a request from `remote` with these headers, or its 401.
+    #[inline]
+    fn role(&self, remote: IpAddr, headers: &HeaderMap) -> Result<Role, HttpError> {
+        let access = &self.limits.access;
+        if access.mode() == Mode::Open {
+            return Ok(Role::Admin);
+        }
+        let token = match access.mode() {
+            Mode::Tokens => bearer(headers)?,
+            _ => None,
+        };
+        Ok(access.request(remote, token)?)
     }
 
     /// The response to any request: the long way.
@@ -185,12 +263,17 @@ impl<O: Operations> Api<O> {
         self: Arc<Self>,
         req: Request<B>,
         facts: HeadFacts,
+        role: Result<Role, HttpError>,
     ) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match self.try_handle(req, facts).await {
+        let role = match role {
+            Ok(role) => role,
+            Err(e) => return error_response(&e),
+        };
+        match self.try_handle(req, facts, role).await {
             Ok(r) => r,
             Err(e) => error_response(&e),
         }
@@ -199,8 +282,14 @@ impl<O: Operations> Api<O> {
     /// The response to `req` if it is a `GET` of a key the node answers
     /// without waiting; `None` sends it the long way (which also gives
     /// every error of routing its response).
-    fn answer_now<B>(&self, req: &Request<B>, facts: HeadFacts) -> Option<Response<ResponseBody>> {
-        if req.method() != Method::GET || facts.conflicting_lengths {
+    fn answer_now<B>(
+        &self,
+        req: &Request<B>,
+        facts: HeadFacts,
+        role: &Result<Role, HttpError>,
+    ) -> Option<Response<ResponseBody>> {
+        // Every role may read; no role goes the long way to its 401.
+        if req.method() != Method::GET || facts.conflicting_lengths || role.is_err() {
             return None;
         }
         let uri = req.uri();
@@ -231,6 +320,7 @@ impl<O: Operations> Api<O> {
         self: Arc<Self>,
         req: Request<B>,
         facts: HeadFacts,
+        role: Role,
     ) -> Result<Response<ResponseBody>, HttpError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -245,6 +335,8 @@ impl<O: Operations> Api<O> {
         let endpoint = router::route(&head.method, head.uri.path(), head.uri.query())?;
         let raw = facts.wants_octets;
         let ops = &self.ops;
+        // Every endpoint reads at least; writes and drops are checked below.
+        allow(role, Role::Read, "reading")?;
         match endpoint {
             Endpoint::Stats => Ok(json(
                 serde_json::to_vec(&ops.stats().await).expect("stats serialize"),
@@ -264,6 +356,7 @@ impl<O: Operations> Api<O> {
                 key,
                 value,
             } => {
+                allow(role, Role::Write, "setting a key")?;
                 ops.set(&collection, &key, Bytes::copy_from_slice(&value))
                     .await?;
                 let mut out = Vec::new();
@@ -271,6 +364,7 @@ impl<O: Operations> Api<O> {
                 Ok(json(out))
             }
             Endpoint::Put { collection, key } => {
+                allow(role, Role::Write, "setting a key")?;
                 let value = self.read_body(&head.headers, body).await?;
                 let len = value.len();
                 ops.set(&collection, &key, value).await?;
@@ -278,12 +372,19 @@ impl<O: Operations> Api<O> {
             }
             Endpoint::DeleteKeyOrCollection { name } => match as_collection_name(&name) {
                 Some(c) if ops.has_collection(c) => {
+                    allow(role, Role::Admin, "dropping a collection")?;
                     let keys = ops.drop_collection(c).await?;
                     Ok(json(json::key_list(&keys)))
                 }
-                _ => self.delete(DEFAULT_COLLECTION, &name).await,
+                _ => {
+                    allow(role, Role::Write, "deleting a key")?;
+                    self.delete(DEFAULT_COLLECTION, &name).await
+                }
             },
-            Endpoint::Delete { collection, key } => self.delete(&collection, &key).await,
+            Endpoint::Delete { collection, key } => {
+                allow(role, Role::Write, "deleting a key")?;
+                self.delete(&collection, &key).await
+            }
         }
     }
 
@@ -412,6 +513,7 @@ impl<O: Operations> Api<O> {
     pub async fn serve_connection<I>(
         self: Arc<Self>,
         io: I,
+        remote: IpAddr,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), hyper::Error>
     where
@@ -425,11 +527,15 @@ impl<O: Operations> Api<O> {
             // The same two ways as `handle`, without wrapping one future in
             // another on the hot path.
             let facts = HeadFacts::of(req.headers());
-            if let Some(response) = api.answer_now(&req, facts) {
+            let role = api.role(remote, req.headers());
+            if let Some(response) = api.answer_now(&req, facts, &role) {
                 service_watch.answered();
                 return Either::Left(future::ok::<_, Infallible>(response));
             }
-            let (later, watch) = (api.clone().answer_later(req, facts), service_watch.clone());
+            let (later, watch) = (
+                api.clone().answer_later(req, facts, role),
+                service_watch.clone(),
+            );
             Either::Right(async move {
                 let response = later.await;
                 watch.answered();

@@ -386,3 +386,92 @@ async fn bad_input_gets_a_clear_error_with_the_right_status() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn tokens_and_roles_decide_who_may_do_what() {
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    let (reader, writer, admin) = (new_token(), new_token(), new_token());
+    let file = [
+        auth_line(Role::Read, &reader, "r"),
+        auth_line(Role::Write, &writer, ""),
+        auth_line(Role::Admin, &admin, "ops"),
+    ]
+    .join("\n");
+    let api = Api::new(
+        Arc::new(MapNode::default()),
+        Limits {
+            access: Access::tokens(Tokens::parse(&file).unwrap()),
+            ..Limits::default()
+        },
+    );
+    let send = |method: Method, uri: &'static str, token: Option<&str>| {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("bearer {t}"));
+        }
+        let api = api.clone();
+        async move {
+            let resp = api.handle(req.body(Full::new(Bytes::new())).unwrap()).await;
+            let challenge = resp.headers().get("www-authenticate").cloned();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, challenge, parse(&body))
+        }
+    };
+    // 401 with the Bearer challenge and a sentence, even on the hot path
+    // (a GET of a key the node holds) and even from loopback.
+    assert_eq!(
+        send(Method::POST, "/k/v", Some(&writer)).await.0,
+        StatusCode::OK
+    );
+    for token in [None, Some("dhrt_nope")] {
+        let (status, challenge, body) = send(Method::GET, "/k", token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(challenge.unwrap(), "Bearer realm=\"dhrt\"");
+        assert!(body["Error"].is_string());
+    }
+    assert_eq!(
+        send(Method::GET, "/k", Some(&reader)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(Method::GET, "/", Some(&reader)).await.0,
+        StatusCode::OK
+    );
+    let (status, challenge, body) = send(Method::PUT, "/k", Some(&reader)).await;
+    assert_eq!((status, challenge), (StatusCode::FORBIDDEN, None));
+    assert!(
+        body["Error"].as_str().unwrap().contains("write role"),
+        "{body}"
+    );
+    assert_eq!(
+        send(Method::DELETE, "/k", Some(&reader)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(Method::POST, "/c/a/1", Some(&writer)).await.0,
+        StatusCode::OK
+    );
+    // DELETE /c drops the collection c: an admin's job.
+    assert_eq!(
+        send(Method::DELETE, "/c", Some(&writer)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(Method::GET, "/c/a", Some(&reader)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(Method::DELETE, "/c", Some(&admin)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(Method::GET, "/c/a", Some(&reader)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // DELETE /x of a key (no collection x) is a writer's.
+    assert_eq!(
+        send(Method::DELETE, "/k", Some(&writer)).await.0,
+        StatusCode::OK
+    );
+}

@@ -18,12 +18,16 @@ async fn start() -> SocketAddr {
         max_body: 64 * 1024,
         header_read_timeout: Duration::from_millis(300),
         list_batch: 100,
+        ..Limits::default()
     };
     let api = Api::new(Arc::new(MapNode::default()), limits);
     tokio::spawn(async move {
         loop {
-            let (socket, _) = listener.accept().await.unwrap();
-            tokio::spawn(api.clone().serve_connection(socket, std::future::pending()));
+            let (socket, remote) = listener.accept().await.unwrap();
+            tokio::spawn(
+                api.clone()
+                    .serve_connection(socket, remote.ip(), std::future::pending()),
+            );
         }
     });
     addr

@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod beside;
 mod codec;
 mod error;
@@ -31,6 +32,7 @@ mod ops;
 mod peer;
 mod stats;
 
+pub use auth::{Access, Role, Standing};
 pub use beside::{Beside, Either, Run};
 pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;

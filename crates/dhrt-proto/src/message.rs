@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Role;
 use crate::stats::NodeStats;
 
 /// A request: an id chosen by the client and an operation.
@@ -68,6 +69,15 @@ pub enum Op {
         /// Any member's address (`host:port`).
         addr: String,
     },
+    /// Present a token: [`Reply::Authenticated`] with its role, or an
+    /// [`ErrorKind::Unauthenticated`] error. On a node with an auth file a
+    /// connection must send this before anything else; a later `Auth`
+    /// replaces the token. A node without one answers with the role the
+    /// connection already has.
+    Auth {
+        /// The token (`dhrt_...`).
+        token: String,
+    },
 }
 
 /// A [`Request`] decoded without copying: its names, keys and values borrow
@@ -112,6 +122,9 @@ pub enum OpRef<'a> {
     Join {
         addr: &'a str,
     },
+    Auth {
+        token: &'a str,
+    },
 }
 
 impl Op {
@@ -142,6 +155,7 @@ impl Op {
             Op::DropCollection { collection } => OpRef::DropCollection { collection },
             Op::Stats => OpRef::Stats,
             Op::Join { addr } => OpRef::Join { addr },
+            Op::Auth { token } => OpRef::Auth { token },
         }
     }
 }
@@ -176,6 +190,8 @@ pub enum Reply {
     /// To [`Op::Join`]: how many members the node now knows, itself
     /// included.
     Joined(u32),
+    /// To [`Op::Auth`]: the role the connection now has.
+    Authenticated(Role),
 }
 
 /// One key and its value.
@@ -216,6 +232,11 @@ pub enum ErrorKind {
     /// The write is saved, but on fewer replicas than the write concern
     /// asks within the timeout; it will reach the others (HTTP 504).
     WriteConcern,
+    /// No valid token: none sent, an unknown or revoked one, or a client
+    /// off loopback on a node without an auth file (HTTP 401).
+    Unauthenticated,
+    /// The token's role may not do this (HTTP 403).
+    Forbidden,
 }
 
 /// A failed operation: a kind for programs and a sentence for people.

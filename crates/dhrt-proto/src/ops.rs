@@ -134,5 +134,12 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
         }
         OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
         OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),
+        // The connection answers these: it holds the standing they change.
+        OpRef::Auth { .. } => {
+            return Err(OpError::new(
+                crate::ErrorKind::InvalidInput,
+                "Auth is answered by the connection, not dispatched",
+            ));
+        }
     })
 }

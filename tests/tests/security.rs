@@ -1,0 +1,389 @@
+//! Who may use a real `dhrtd`: tokens with roles over HTTP, the binary
+//! protocol, `dhrt-cli` and `dhrt-client`; revocation by SIGHUP; loopback
+//! only without an auth file; no start beyond loopback without a long
+//! cluster secret.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dhrt_client::{Client, Error};
+use serde_json::Value;
+
+use crate::cli::cli_binary;
+use crate::dhrtd::{Dhrtd, binary, http_at};
+
+/// `dhrt-cli token --role ROLE`: the token and its auth-file line.
+fn make_token(role: &str) -> (String, String) {
+    let o = Command::new(cli_binary())
+        .args(["token", "--role", role, "--name", &format!("{role} test")])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let text = String::from_utf8(o.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("dhrt_"), "{text}");
+    assert!(lines[1].starts_with(&format!("{role} sha256:")), "{text}");
+    assert!(
+        !lines[1].contains(&lines[0][5..]),
+        "the file line holds the token"
+    );
+    (lines[0].to_string(), lines[1].to_string())
+}
+
+fn request(node: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let headers = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    http_at(node, method, path, &headers, b"").unwrap()
+}
+
+fn error_of(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    v["Error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string()
+}
+
+fn dhrt_cli(node: &Dhrtd, token: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(cli_binary());
+    c.arg("--addr").arg(node.addr.to_string()).args(args);
+    c.env_remove("DHRT_TOKEN");
+    if let Some(t) = token {
+        c.env("DHRT_TOKEN", t);
+    }
+    c.output().unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn tokens_and_roles_over_http_the_binary_protocol_the_cli_and_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, read_line) = make_token("read");
+    let (writer, write_line) = make_token("write");
+    let (admin, admin_line) = make_token("admin");
+    let auth = dir.path().join("auth");
+    std::fs::write(
+        &auth,
+        format!("# tokens\n{read_line}\n{write_line}\n{admin_line}\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut node = Dhrtd::start(&data, &["--auth-file", auth.to_str().unwrap()]);
+    let at = node.addr;
+
+    // HTTP: no token, a wrong one, a malformed header: 401, loopback or not.
+    for token in [None, Some("dhrt_0000"), Some(&writer[..20])] {
+        let (status, body) = request(at, "GET", "/", token);
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert!(!error_of(&body).is_empty());
+    }
+    let (status, body) = http_at(at, "GET", "/", "Authorization: Basic YTpi\r\n", b"").unwrap();
+    assert_eq!((status, error_of(&body).contains("Bearer")), (401, true));
+    // Each role does what it may, and gets 403 for the rest.
+    assert_eq!(
+        request(at, "POST", "/users/ada/lovelace", Some(&writer)).0,
+        200
+    );
+    assert_eq!(request(at, "GET", "/users/ada", Some(&reader)).0, 200);
+    assert_eq!(request(at, "GET", "/users", Some(&reader)).0, 200);
+    assert_eq!(request(at, "GET", "/metrics", Some(&reader)).0, 200);
+    let (status, body) = request(at, "POST", "/users/ada/x", Some(&reader));
+    assert_eq!(status, 403, "{body}");
+    assert!(error_of(&body).contains("write role"), "{body}");
+    assert_eq!(request(at, "DELETE", "/users/nobody", Some(&reader)).0, 403);
+    let (status, body) = request(at, "DELETE", "/users", Some(&writer));
+    assert_eq!(status, 403, "{body}");
+    assert!(error_of(&body).contains("admin role"), "{body}");
+    assert_eq!(
+        request(at, "GET", "/users/ada", Some(&reader)).0,
+        200,
+        "nothing dropped"
+    );
+
+    // The binary protocol, through dhrt-client.
+    let rt = runtime();
+    rt.block_on(async {
+        let anonymous = Client::connect(at.to_string()).await.unwrap();
+        let e = anonymous.get("users", "ada").await.unwrap_err();
+        assert!(matches!(e, Error::Unauthenticated(_)), "{e:?}");
+        let e = Client::builder(at.to_string())
+            .token("dhrt_wrong")
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Unauthenticated(_)), "{e:?}");
+        let r = Client::builder(at.to_string())
+            .token(&reader)
+            .connect()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.get("users", "ada").await.unwrap().as_deref(),
+            Some(&b"lovelace"[..])
+        );
+        assert!(matches!(
+            r.set("users", "bob", "x").await,
+            Err(Error::Forbidden(_))
+        ));
+        let w = Client::builder(at.to_string())
+            .token(&writer)
+            .connect()
+            .await
+            .unwrap();
+        w.set("users", "bob", "builder").await.unwrap();
+        let e = w.drop_collection("users").await.unwrap_err();
+        assert!(matches!(e, Error::Forbidden(_)), "{e:?}");
+        let e = w.join("127.0.0.1:1").await.unwrap_err();
+        assert!(matches!(e, Error::Forbidden(_)), "{e:?}");
+        let a = Client::builder(at.to_string())
+            .token(&admin)
+            .connect()
+            .await
+            .unwrap();
+        a.set("scratch", "k", "v").await.unwrap();
+        assert_eq!(a.drop_collection("scratch").await.unwrap().len(), 1);
+    });
+
+    // dhrt-cli, with DHRT_TOKEN and with --token.
+    let o = dhrt_cli(&node, None, &["get", "users", "ada"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("not authenticated") && said.contains("--token"),
+        "{said}"
+    );
+    let o = dhrt_cli(&node, Some(&writer), &["set", "users", "cli", "yes"]);
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+        (Some(0), "OK\n")
+    );
+    let o = dhrt_cli(&node, None, &["--token", &reader, "get", "users", "cli"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "yes\n");
+    let o = dhrt_cli(&node, None, &["--token", &reader, "del", "users", "cli"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("forbidden"),
+        "{o:?}"
+    );
+
+    // Revocation: the writer's line goes, SIGHUP re-reads the file. A
+    // connection authenticated before keeps nothing.
+    let open_writer = rt.block_on(async {
+        let w = Client::builder(at.to_string())
+            .token(&writer)
+            .connect()
+            .await
+            .unwrap();
+        w.set("users", "before", "revocation").await.unwrap();
+        w
+    });
+    std::fs::write(&auth, format!("{read_line}\n{admin_line}\n")).unwrap();
+    node.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request(at, "GET", "/", Some(&writer)).0 != 401 {
+        assert!(Instant::now() < deadline, "the revoked token still works");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(node.running(), "SIGHUP reloads, it does not stop the node");
+    let e = rt
+        .block_on(open_writer.set("users", "after", "revocation"))
+        .unwrap_err();
+    assert!(matches!(e, Error::Unauthenticated(_)), "{e:?}");
+    assert_eq!(request(at, "GET", "/users/before", Some(&reader)).0, 200);
+    assert_eq!(request(at, "GET", "/users/after", Some(&reader)).0, 404);
+    // A file that does not parse changes nothing.
+    std::fs::write(&auth, "read sha256:nothex\n").unwrap();
+    node.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(node.running());
+    assert_eq!(request(at, "GET", "/", Some(&reader)).0, 200);
+    assert!(node.stop("TERM").success());
+}
+
+/// A global address of this machine, to reach a node from off loopback.
+fn host_ip() -> IpAddr {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("this machine has no global IPv4 address to test with: {text}"))
+}
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef-security-test";
+
+#[test]
+fn without_an_auth_file_only_loopback_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let node = spawn(
+        dir.path(),
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--cluster-secret",
+            SECRET,
+        ],
+    );
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let remote = SocketAddr::new(host_ip(), port);
+    wait_serving(local);
+    assert_eq!(request(local, "POST", "/k/v", None).0, 200);
+    let (status, body) = request(remote, "GET", "/k", None);
+    assert_eq!(status, 401, "{body}");
+    let said = error_of(&body);
+    assert!(
+        said.contains("--auth-file") && said.contains("dhrt-cli token"),
+        "{said}"
+    );
+    assert_eq!(request(remote, "POST", "/k/w", None).0, 401);
+    let e = runtime().block_on(async {
+        let c = Client::connect(remote.to_string()).await.unwrap();
+        c.get("default", "k").await.unwrap_err()
+    });
+    assert!(
+        matches!(&e, Error::Unauthenticated(m) if m.contains("loopback")),
+        "{e:?}"
+    );
+    drop(node);
+
+    // --no-auth, in so many words: anyone.
+    let node = spawn(
+        dir.path(),
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--cluster-secret",
+            SECRET,
+            "--no-auth",
+        ],
+    );
+    wait_serving(local);
+    assert_eq!(request(remote, "GET", "/k", None).0, 200);
+    drop(node);
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(data: &Path, args: &[&str]) -> Child {
+    Child(
+        Command::new(binary())
+            .arg("--data-dir")
+            .arg(data)
+            .args(args)
+            .env("DHRT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_serving(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "dhrtd did not start on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `dhrtd` expecting it to refuse to start: its exit code and stderr.
+fn refused(data: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let o = Command::new(binary())
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("DHRT_CLUSTER_SECRET")
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_node_beyond_loopback_does_not_start_without_a_long_cluster_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, said) = refused(dir.path(), &["--listen", "0.0.0.0:0"]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(
+        said.contains("without a cluster secret") && said.contains("dhrt-cli secret"),
+        "{said}"
+    );
+    let (code, said) = refused(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--cluster-secret", "short"],
+    );
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("at least 32"), "{said}");
+    let bad = dir.path().join("auth");
+    std::fs::write(&bad, "# ok\nwriter sha256:00\n").unwrap();
+    let (code, said) = refused(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-file",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("line 2"), "{said}");
+    let (code, said) = refused(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--auth-file",
+            bad.to_str().unwrap(),
+            "--no-auth",
+        ],
+    );
+    assert_eq!(code, Some(2), "{said}");
+
+    // `dhrt-cli secret` makes one that is accepted.
+    let o = Command::new(cli_binary()).arg("secret").output().unwrap();
+    let secret = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert!(secret.len() >= 32, "{secret}");
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _node = spawn(
+        dir.path(),
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--cluster-secret",
+            &secret,
+        ],
+    );
+    wait_serving(SocketAddr::from(([127, 0, 0, 1], port)));
+}
