@@ -192,6 +192,11 @@ impl Dhrtd {
         );
     }
 
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub(crate) fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

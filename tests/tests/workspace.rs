@@ -9,6 +9,7 @@ mod crash;
 mod dhrtd;
 mod faults;
 mod hostile;
+mod memory;
 mod node;
 mod partition;
 mod security;

@@ -36,6 +36,14 @@ pub(crate) struct Args {
     /// Most client connections served at once; more are refused.
     #[arg(long, env = "DHRT_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Most peer connections served at once, apart from the clients' (a
+    /// client flood never locks peers out).
+    #[arg(long, env = "DHRT_MAX_PEER_CONNECTIONS")]
+    max_peer_connections: Option<usize>,
+    /// A client connection (HTTP keep-alive or binary) with no request for
+    /// this many seconds is closed.
+    #[arg(long, env = "DHRT_IDLE_TIMEOUT_SECS", value_name = "N")]
+    idle_timeout_secs: Option<u64>,
     /// Log format: text or json (filter with DHRT_LOG, e.g. DHRT_LOG=debug).
     #[arg(long, env = "DHRT_LOG_FORMAT", value_name = "text|json")]
     log_format: Option<String>,
@@ -121,6 +129,8 @@ struct File {
     sync: Option<String>,
     name: Option<String>,
     max_connections: Option<usize>,
+    max_peer_connections: Option<usize>,
+    idle_timeout_secs: Option<u64>,
     log_format: Option<String>,
     node: Option<Vec<String>>,
     write_ack: Option<String>,
@@ -166,6 +176,8 @@ pub(crate) struct Config {
     pub(crate) sync: Sync,
     pub(crate) name: String,
     pub(crate) max_connections: usize,
+    pub(crate) max_peer_connections: usize,
+    pub(crate) idle_timeout: Duration,
     pub(crate) json_logs: bool,
     pub(crate) shutdown_grace: Duration,
     pub(crate) seeds: Vec<String>,
@@ -229,6 +241,14 @@ impl Config {
         if max_clock_offset < Duration::from_millis(100) {
             bail!("--max-clock-offset-ms must be at least 100");
         }
+        let idle_timeout = Duration::from_secs(
+            args.idle_timeout_secs
+                .or(file.idle_timeout_secs)
+                .unwrap_or(300),
+        );
+        if idle_timeout.is_zero() {
+            bail!("--idle-timeout-secs must be at least 1");
+        }
         let seeds = if args.node.is_empty() {
             file.node.unwrap_or_default()
         } else {
@@ -291,6 +311,11 @@ impl Config {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(10_000),
+            max_peer_connections: args
+                .max_peer_connections
+                .or(file.max_peer_connections)
+                .unwrap_or(1024),
+            idle_timeout,
             json_logs,
             shutdown_grace: Duration::from_secs(10),
             seeds,

@@ -234,11 +234,13 @@ async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
             node.clone(),
             dhrt_http::Limits {
                 access: access.clone(),
+                idle_timeout: config.idle_timeout,
                 ..dhrt_http::Limits::default()
             },
         ),
         binary: BinaryLimits {
             access: access.clone(),
+            idle_timeout: config.idle_timeout,
             ..BinaryLimits::default()
         },
         first_byte_timeout: Duration::from_secs(10),
@@ -267,7 +269,10 @@ async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
     listener::run(
         listener,
         servers,
-        config.max_connections,
+        listener::Slots {
+            clients: config.max_connections,
+            peers: config.max_peer_connections,
+        },
         shutdown,
         config.shutdown_grace,
     )

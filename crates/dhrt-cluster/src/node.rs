@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionInfo, Entry, ErrorKind, Mutation, NodeInfo, NodeStats, OpError, Operations, Page,
+    CollectionInfo, Entry, ErrorKind, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats, OpError,
+    Operations, Page,
 };
 use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
 
@@ -416,18 +417,24 @@ impl Node {
         limit: u32,
     ) -> Result<Page, OpError> {
         user_collection(collection)?;
-        let mut entries: Vec<Entry> = self
-            .store
-            .list(collection, after, true)
-            .map_err(op_error)?
-            .take(limit as usize + 1)
-            .map(|r| Entry {
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        for r in self.store.list(collection, after, true).map_err(op_error)? {
+            let value = r.value.unwrap_or_default();
+            let size = r.key.len() + value.len();
+            if entries.len() >= limit as usize
+                || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
+            {
+                more = true;
+                break;
+            }
+            bytes += size;
+            entries.push(Entry {
                 key: r.key.into(),
-                value: r.value.unwrap_or_default(),
-            })
-            .collect();
-        let more = entries.len() > limit as usize;
-        entries.truncate(limit as usize);
+                value,
+            });
+        }
         let next = if more {
             entries.last().map(|e| e.key.clone())
         } else {

@@ -156,13 +156,14 @@ where
     let mut out = Vec::with_capacity(16 * 1024);
     // Reused from batch to batch: no allocation per request for them.
     let mut spare: Vec<Item<'static>> = Vec::new();
-    let mut responses: Vec<Response> = Vec::new();
     let access = &*limits.access;
     let mut standing = access.connect(remote.ip());
     loop {
-        // Take every complete request in the buffer, answer them all, then
-        // write once. Requests are decoded in place: their names, keys and
-        // values borrow from the buffer until they are answered.
+        // Take every complete request in the buffer and answer them in
+        // order, writing whenever WRITE_BUDGET bytes of answers are ready
+        // (and once at the end): small answers share a write, large ones
+        // stream instead of piling up. Requests are decoded in place: their
+        // names, keys and values borrow from the buffer until answered.
         let mut needed = 1;
         let mut broken = None;
         let mut consumed = 0;
@@ -200,26 +201,28 @@ where
                 }
                 consumed += len;
             }
-            answer(&*ops, &mut batch, &mut responses).await;
+            let mut sink = Sink {
+                stream: &mut stream,
+                out: &mut out,
+                max_frame: limits.max_frame,
+                guard: &mut guard,
+            };
+            let answered = match answer(&*ops, &mut batch, &mut sink).await {
+                Ok(()) => sink.flush().await,
+                e => e,
+            };
             spare = recycle(batch);
-        }
-        buf.advance(consumed);
-        for response in responses.drain(..) {
-            if let Err(e) = encode_frame(&response, &mut out, limits.max_frame) {
-                let too_large = Response {
-                    id: response.id,
-                    result: Err(OpError::new(
-                        ErrorKind::TooLarge,
-                        format!("the response is too large: {e}"),
-                    )),
-                };
-                encode_frame(&too_large, &mut out, limits.max_frame)
-                    .expect("a short error fits in a frame");
+            match answered {
+                Ok(()) => {}
+                Err(Stop::Io(e)) => return Err(e),
+                Err(Stop::Closed(closed)) => return Ok(closed),
             }
         }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
+        buf.advance(consumed);
+        if out.capacity() > 4 * WRITE_BUDGET {
+            // One huge answer does not keep its buffer for the
+            // connection's life.
+            out = Vec::with_capacity(16 * 1024);
         }
         if let Some(reason) = broken {
             return Ok(Closed::Protocol(reason));
@@ -234,6 +237,62 @@ where
             },
             Either::Right(closed) => return Ok(closed),
         }
+    }
+}
+
+/// Answers are written once this many bytes of them are ready: what one
+/// connection holds in answers is this plus the largest single answer.
+const WRITE_BUDGET: usize = 256 * 1024;
+
+/// Where a batch's answers go: encoded into `out`, written to the stream
+/// whenever `out` reaches [`WRITE_BUDGET`]. A write waits beside the
+/// connection's guard: a client that stops reading its answers is closed
+/// after the idle timeout, and shutdown does not wait for it.
+struct Sink<'a, S, G> {
+    stream: &'a mut S,
+    out: &'a mut Vec<u8>,
+    max_frame: u32,
+    guard: &'a mut Beside<G>,
+}
+
+/// Why answering stopped.
+enum Stop {
+    Io(io::Error),
+    Closed(Closed),
+}
+
+impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
+    #[inline]
+    async fn push(&mut self, response: Response) -> Result<(), Stop> {
+        if let Err(e) = encode_frame(&response, self.out, self.max_frame) {
+            let too_large = Response {
+                id: response.id,
+                result: Err(OpError::new(
+                    ErrorKind::TooLarge,
+                    format!("the response is too large: {e}"),
+                )),
+            };
+            encode_frame(&too_large, self.out, self.max_frame)
+                .expect("a short error fits in a frame");
+        }
+        if self.out.len() >= WRITE_BUDGET {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let write = self.stream.write_all(self.out);
+        tokio::pin!(write);
+        match self.guard.run(write).await {
+            Either::Left(written) => written.map_err(Stop::Io)?,
+            Either::Right(closed) => return Err(Stop::Closed(closed)),
+        }
+        self.out.clear();
+        Ok(())
     }
 }
 
@@ -278,18 +337,21 @@ fn recycle<'b>(mut batch: Vec<Item<'_>>) -> Vec<Item<'b>> {
     batch.into_iter().map(|_| unreachable!("emptied")).collect()
 }
 
-/// Answers a batch of requests in order (draining `batch` into
-/// `responses`). Consecutive sets to one collection go to
-/// [`Operations::set_many`] together (one lock, one write to the log); if
-/// that fails, they are retried one by one so each gets its own answer.
-async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &mut Vec<Response>) {
-    responses.reserve(batch.len());
+/// Answers a batch of requests in order (draining `batch` into `sink`).
+/// Consecutive sets to one collection go to [`Operations::set_many`]
+/// together (one lock, one write to the log); if that fails, they are
+/// retried one by one so each gets its own answer.
+async fn answer<O: Operations, S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin>(
+    ops: &O,
+    batch: &mut Vec<Item<'_>>,
+    sink: &mut Sink<'_, S, G>,
+) -> Result<(), Stop> {
     let mut items = batch.drain(..).peekable();
     while let Some(item) = items.next() {
         let request = match item {
             Ok(r) => r,
             Err(response) => {
-                responses.push(response);
+                sink.push(response).await?;
                 continue;
             }
         };
@@ -300,10 +362,11 @@ async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &m
         );
         if !run_follows {
             // A lone request: answered as it is.
-            responses.push(Response {
+            let response = Response {
                 id: request.id,
                 result: dispatch_ref(ops, request.op).await,
-            });
+            };
+            sink.push(response).await?;
             continue;
         }
         let OpRef::Set {
@@ -336,24 +399,19 @@ async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &m
             .iter()
             .map(|(_, k, v)| (Bytes::copy_from_slice(k), Bytes::copy_from_slice(v)))
             .collect();
-        match ops.set_many(collection, entries).await {
-            Ok(()) => {
-                responses.extend(run.into_iter().map(|(id, ..)| Response {
-                    id,
-                    result: Ok(Reply::Stored),
-                }));
-                continue;
+        let all = match ops.set_many(collection, entries).await {
+            Ok(()) => Some(Ok(Reply::Stored)),
+            // Saved, on fewer replicas than asked: every set says so
+            // (retrying would write them again).
+            Err(e) if e.kind == ErrorKind::WriteConcern => Some(Err(e)),
+            Err(_) => None,
+        };
+        if let Some(result) = all {
+            for (id, ..) in run {
+                let result = result.clone();
+                sink.push(Response { id, result }).await?;
             }
-            Err(e) if e.kind == ErrorKind::WriteConcern => {
-                // Saved, on fewer replicas than asked: every set says so
-                // (retrying would write them again).
-                responses.extend(run.into_iter().map(|(id, ..)| Response {
-                    id,
-                    result: Err(e.clone()),
-                }));
-                continue;
-            }
-            Err(_) => {}
+            continue;
         }
         for (id, key, value) in run {
             let op = OpRef::Set {
@@ -361,10 +419,9 @@ async fn answer<O: Operations>(ops: &O, batch: &mut Vec<Item<'_>>, responses: &m
                 key,
                 value,
             };
-            responses.push(Response {
-                id,
-                result: dispatch_ref(ops, op).await,
-            });
+            let result = dispatch_ref(ops, op).await;
+            sink.push(Response { id, result }).await?;
         }
     }
+    Ok(())
 }

@@ -1,12 +1,14 @@
-//! The header-read timeout, kept per connection instead of per request.
+//! The header-read and idle timeouts, kept per connection instead of per
+//! request.
 //!
 //! hyper's own `header_read_timeout` arms a fresh timer for every request
 //! (an allocation and two timer-wheel updates each). Here the connection's
 //! reads note when a request's first bytes arrived, the service notes when
-//! its head was complete, and one timer per connection, re-armed lazily,
-//! closes the connection when a head has been arriving for longer than the
-//! limit: a client that trickles its headers is cut off, an idle keep-alive
-//! connection is not.
+//! its head was complete and when it was answered, and one timer per
+//! connection, re-armed lazily, closes the connection when a head has been
+//! arriving for longer than the header limit (a client that trickles its
+//! headers), or when no request has come for longer than the idle limit (a
+//! keep-alive connection nobody uses).
 
 use std::io;
 use std::pin::Pin;
@@ -31,6 +33,17 @@ pub(crate) struct HeadWatch {
     /// [`IDLE`], [`ANSWERING`], or 1 + the nanoseconds since `epoch` at
     /// which the first bytes of a head arrived.
     state: AtomicU64,
+    /// Nanoseconds since `epoch` at which the last request was answered.
+    idle_since: AtomicU64,
+}
+
+/// Which limit a connection passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expired {
+    /// A head took longer than the header limit.
+    Head,
+    /// No request came within the idle limit.
+    Idle,
 }
 
 impl HeadWatch {
@@ -38,6 +51,7 @@ impl HeadWatch {
         Arc::new(HeadWatch {
             epoch: Instant::now(),
             state: AtomicU64::new(IDLE),
+            idle_since: AtomicU64::new(0),
         })
     }
 
@@ -56,28 +70,39 @@ impl HeadWatch {
 
     /// The request was answered; waiting for the next.
     pub(crate) fn answered(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.idle_since.store(now, Ordering::Relaxed);
         self.state.store(IDLE, Ordering::Relaxed);
     }
 
-    /// When the head under way started arriving, if one is.
-    fn head_started(&self) -> Option<Instant> {
-        match self.state.load(Ordering::Relaxed) {
-            IDLE | ANSWERING => None,
-            since => Some(self.epoch + Duration::from_nanos(since - 1)),
-        }
-    }
-
-    /// Completes once a head has been arriving for longer than `limit`.
-    pub(crate) async fn expired(&self, limit: Duration) {
-        let sleep = tokio::time::sleep(limit);
+    /// Completes once a head has been arriving for longer than `head`, or
+    /// the connection has waited for a request for longer than `idle`.
+    /// (A request being answered, however long it takes, is neither.)
+    pub(crate) async fn expired(&self, head: Duration, idle: Duration) -> Expired {
+        let sleep = tokio::time::sleep(head.min(idle));
         tokio::pin!(sleep);
         loop {
             sleep.as_mut().await;
             let now = Instant::now();
-            let deadline = match self.head_started() {
-                Some(started) if now >= started + limit => return,
-                Some(started) => started + limit,
-                None => now + limit,
+            let deadline = match self.state.load(Ordering::Relaxed) {
+                IDLE => {
+                    let since = Duration::from_nanos(self.idle_since.load(Ordering::Relaxed));
+                    // Woken at least every `head`, so that a head which
+                    // starts meanwhile is timed from its first bytes.
+                    match (self.epoch + since).checked_add(idle) {
+                        Some(deadline) if now >= deadline => return Expired::Idle,
+                        Some(deadline) => deadline.min(now + head),
+                        None => now + head,
+                    }
+                }
+                ANSWERING => now + head,
+                started => {
+                    let deadline = self.epoch + Duration::from_nanos(started - 1) + head;
+                    if now >= deadline {
+                        return Expired::Head;
+                    }
+                    deadline
+                }
             };
             sleep.as_mut().reset(deadline);
         }
@@ -140,12 +165,38 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn a_connection_idle_for_too_long_expires_and_one_answering_does_not() {
+        let (head, idle) = (Duration::from_millis(300), Duration::from_secs(2));
+        let watch = HeadWatch::new();
+        let expired = {
+            let watch = watch.clone();
+            tokio::spawn(async move { watch.expired(head, idle).await })
+        };
+        // Requests, each answered slowly (longer than either limit).
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            watch.arrived();
+            watch.head_complete();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            watch.answered();
+        }
+        assert!(!expired.is_finished());
+        let started = Instant::now();
+        assert_eq!(expired.await.unwrap(), Expired::Idle);
+        let took = started.elapsed();
+        assert!(
+            took >= idle && took <= idle + Duration::from_millis(20),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn only_a_head_arriving_for_too_long_expires() {
         let limit = Duration::from_millis(300);
         let watch = HeadWatch::new();
         let expired = {
             let watch = watch.clone();
-            tokio::spawn(async move { watch.expired(limit).await })
+            tokio::spawn(async move { watch.expired(limit, Duration::from_secs(3600)).await })
         };
         // Idle for a long time: not expired.
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -167,6 +218,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             watch.arrived();
         }
+        assert_eq!(expired.await.unwrap(), Expired::Head);
         let took = started.elapsed();
         assert!(
             took >= limit && took <= limit + Duration::from_millis(20),

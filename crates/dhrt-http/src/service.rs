@@ -7,11 +7,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use dhrt_proto::{Access, Beside, Entry, Operations, Role, auth::Mode};
 use futures_util::future::{self, Either};
 use http::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
+    WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -22,11 +23,13 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, BoxError, ResponseBody};
 use crate::error::HttpError;
-use crate::head_timeout::{HeadWatch, Watched};
+use crate::head_timeout::{Expired, HeadWatch, Watched};
 use crate::json;
 use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
 
 const JSON: &str = "application/json";
+/// A streamed listing is sent in chunks of about this many bytes.
+const LIST_CHUNK: usize = 256 * 1024;
 const OCTETS: &str = "application/octet-stream";
 
 /// Limits that protect the node from its clients, and who may use it.
@@ -38,6 +41,14 @@ pub struct Limits {
     pub max_body: usize,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body must arrive at this many bytes a second or more,
+    /// after [`body_grace`](Self::body_grace); slower, it gets 408 and the
+    /// connection is closed.
+    pub body_min_rate: u32,
+    /// How long any body may take before the rate applies.
+    pub body_grace: Duration,
     /// Entries fetched per step of a streamed listing.
     pub list_batch: u32,
 }
@@ -48,6 +59,9 @@ impl Default for Limits {
             access: Access::loopback_only(),
             max_body: 16 << 20,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            body_min_rate: 1024,
+            body_grace: Duration::from_secs(10),
             list_batch: 1000,
         }
     }
@@ -56,7 +70,7 @@ impl Default for Limits {
 /// What ended a connection's guard.
 enum Guard {
     Shutdown,
-    Expired,
+    Expired(Expired),
 }
 
 /// The HTTP API over a node.
@@ -93,6 +107,10 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"dhrt\""),
         );
+    } else if e.status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may never come: nothing more is read.
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }
@@ -434,13 +452,56 @@ impl<O: Operations> Api<O> {
         if declared.is_some_and(|n| n > self.limits.max_body as u64) {
             return Err(too_large());
         }
-        match Limited::new(body, self.limits.max_body).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-            Err(e) => Err(HttpError::bad_request(format!(
-                "could not read the body: {e}"
-            ))),
+        let body = Limited::new(body, self.limits.max_body);
+        tokio::pin!(body);
+        // The body must keep coming: `body_grace`, plus a second for every
+        // `body_min_rate` bytes received.
+        let started = tokio::time::Instant::now();
+        let rate = u64::from(self.limits.body_min_rate.max(1));
+        let mut first: Option<Bytes> = None;
+        let mut rest = BytesMut::new();
+        let mut received = 0u64;
+        loop {
+            let allowance = Duration::from_millis(received.saturating_mul(1000) / rate);
+            let deadline = started + self.limits.body_grace + allowance;
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(HttpError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body arrived too slowly ({received} bytes in {:.1} s; at least \
+                             {rate} bytes a second after the first {} s)",
+                            started.elapsed().as_secs_f64(),
+                            self.limits.body_grace.as_secs()
+                        ),
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                    return Err(too_large());
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(HttpError::bad_request(format!(
+                        "could not read the body: {e}"
+                    )));
+                }
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            received += data.len() as u64;
+            // One piece (the usual case) is kept as it came, without a copy.
+            match first.take() {
+                None if rest.is_empty() => first = Some(data),
+                Some(earlier) => {
+                    rest.extend_from_slice(&earlier);
+                    rest.extend_from_slice(&data);
+                }
+                None => rest.extend_from_slice(&data),
+            }
         }
+        Ok(first.unwrap_or_else(|| rest.freeze()))
     }
 
     /// A collection listing: the first batch is fetched before answering (so
@@ -457,32 +518,43 @@ impl<O: Operations> Api<O> {
             .ops
             .list(&collection, params.after.as_deref(), batch(remaining))
             .await?;
-        let (tx, body) = body::channel(4);
+        // What a listing holds at once is bounded: a page (the node caps it
+        // by bytes), the chunk being filled, and the chunks queued here.
+        let (tx, body) = body::channel(2);
         let api = self.clone();
         tokio::spawn(async move {
             let mut page = first;
             let mut chunk = b"[".to_vec();
             let mut first_entry = true;
             loop {
+                let answered = page.entries.len() as u64;
                 for Entry { key, value } in &page.entries {
                     if !first_entry {
                         chunk.push(b',');
                     }
                     first_entry = false;
                     json::key_value(&mut chunk, key, value);
+                    if chunk.len() >= LIST_CHUNK
+                        && tx
+                            .send(Ok(std::mem::take(&mut chunk).into()))
+                            .await
+                            .is_err()
+                    {
+                        return; // the client went away
+                    }
                 }
-                remaining = remaining.saturating_sub(page.entries.len() as u64);
-                let Some(next) = page
-                    .next
-                    .take()
-                    .filter(|_| remaining > 0 && !page.entries.is_empty())
-                else {
+                // The page is answered: its values need not be held while
+                // the next one is fetched.
+                page.entries.clear();
+                remaining = remaining.saturating_sub(answered);
+                let Some(next) = page.next.take().filter(|_| remaining > 0 && answered > 0) else {
                     break;
                 };
-                if tx
-                    .send(Ok(std::mem::take(&mut chunk).into()))
-                    .await
-                    .is_err()
+                if !chunk.is_empty()
+                    && tx
+                        .send(Ok(std::mem::take(&mut chunk).into()))
+                        .await
+                        .is_err()
                 {
                     return; // the client went away
                 }
@@ -552,19 +624,23 @@ impl<O: Operations> Api<O> {
         tokio::pin!(conn);
         // The guard is polled only when its timer or the shutdown signal
         // fires, not on every request (see `dhrt_proto::Beside`).
-        let limit = self.limits.header_read_timeout;
+        let (head, idle) = (self.limits.header_read_timeout, self.limits.idle_timeout);
         let guard = async {
             tokio::select! {
                 biased;
                 () = shutdown => Guard::Shutdown,
-                () = watch.expired(limit) => Guard::Expired,
+                e = watch.expired(head, idle) => Guard::Expired(e),
             }
         };
         tokio::pin!(guard);
         match Beside::new(guard).run(conn.as_mut()).await {
             Either::Left(served) => served,
-            Either::Right(Guard::Expired) => {
+            Either::Right(Guard::Expired(Expired::Head)) => {
                 tracing::debug!("a request's headers took too long; closing the connection");
+                Ok(())
+            }
+            Either::Right(Guard::Expired(Expired::Idle)) => {
+                tracing::debug!("an idle connection reached the idle timeout; closing it");
                 Ok(())
             }
             Either::Right(Guard::Shutdown) => {

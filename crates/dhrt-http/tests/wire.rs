@@ -18,6 +18,9 @@ async fn start() -> SocketAddr {
         max_body: 64 * 1024,
         header_read_timeout: Duration::from_millis(300),
         list_batch: 100,
+        idle_timeout: Duration::from_secs(1),
+        body_grace: Duration::from_millis(300),
+        body_min_rate: 100,
         ..Limits::default()
     };
     let api = Api::new(Arc::new(MapNode::default()), limits);
@@ -83,6 +86,83 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
         exchange(addr, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 200")
+    );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let addr = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Requests, each after a pause shorter than the idle timeout, keep it.
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // Then silence: closed about a second after the last answer.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "an idle connection still open after 5 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_body_slower_than_the_minimum_rate_gets_408_and_is_cut_off() {
+    let addr = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PUT /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        // A byte every 100 ms: 10 bytes a second, under the 100 asked.
+        loop {
+            tokio::select! {
+                r = s.read_to_end(&mut out) => return r,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        return s.read_to_end(&mut out).await;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a trickled body still open after 10 s");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(out.contains("too slowly"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // A body at a fair rate is taken whole, however long it takes.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"PUT /fair HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 400\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..8 {
+        s.write_all(&[b'y'; 50]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+        "{out:?}"
     );
 }
 

@@ -43,7 +43,7 @@ pub use frame::{
 pub use message::{
     Entry, ErrorKind, Op, OpError, OpRef, Page, Reply, Request, RequestRef, Response,
 };
-pub use ops::{MAX_PAGE, Operations, dispatch, dispatch_ref};
+pub use ops::{MAX_PAGE, MAX_PAGE_BYTES, Operations, dispatch, dispatch_ref};
 pub use peer::{
     BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate,
     Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,

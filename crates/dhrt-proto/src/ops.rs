@@ -12,6 +12,11 @@ use crate::stats::NodeStats;
 /// The most entries one listing page returns, whatever the request asks.
 pub const MAX_PAGE: u32 = 10_000;
 
+/// The most bytes of keys and values one listing page carries, whatever
+/// the request asks: a page ends before the entry that would pass it (an
+/// entry larger than this comes alone), and its `next` says where to go on.
+pub const MAX_PAGE_BYTES: usize = 1 << 20;
+
 /// What a node can do for a client.
 pub trait Operations: Send + Sync + 'static {
     /// The value of `key` in `collection`, or `None`.
@@ -62,7 +67,8 @@ pub trait Operations: Send + Sync + 'static {
         key: &[u8],
     ) -> impl Future<Output = Result<bool, OpError>> + Send;
 
-    /// Up to `limit` entries of `collection` after the key `after`.
+    /// Up to `limit` entries of `collection` after the key `after`, and at
+    /// most [`MAX_PAGE_BYTES`] of them (but at least one).
     fn list(
         &self,
         collection: &str,
