@@ -1,6 +1,7 @@
 //! The listening side of a peer connection: the handshake (refusing anyone
 //! who cannot prove the cluster secret), then sealed frames: requests
-//! answered concurrently, and gossip handed to the membership protocol. Every refusal
+//! answered concurrently, at most [`MAX_IN_FLIGHT`] at a time per
+//! connection, and gossip handed to the membership protocol. Every refusal
 //! and every frame that fails to open is logged at warn with the peer's
 //! address, and closes the connection.
 
@@ -25,6 +26,11 @@ use crate::wire::{Closed, plain_max, seal_frame, take_sealed};
 /// The bytes of records in one page of a bucket listing (a larger record
 /// goes alone): well under the frame limit.
 const BUCKET_PAGE_BYTES: usize = 4 << 20;
+
+/// Requests of one connection being answered at once. At the cap the
+/// connection is not read until one is answered: a peer cannot make this
+/// node hold more than this many requests and their answers.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
 
 /// Serves a peer connection from `remote` whose preamble was consumed;
 /// `buf` holds what was read after it.
@@ -70,7 +76,11 @@ where
             async move { handle(&cluster, dialer, op).await }
         }
     };
-    let connection = Connection { remote, max_frame };
+    let connection = Connection {
+        remote,
+        max_frame,
+        max_in_flight: MAX_IN_FLIGHT,
+    };
     connection
         .serve(
             stream,
@@ -88,11 +98,13 @@ where
 struct Connection {
     remote: SocketAddr,
     max_frame: u32,
+    max_in_flight: usize,
 }
 
 impl Connection {
     /// Serves sealed frames after the handshake: each request is answered
-    /// by `handle` on its own task; gossip goes to `gossip`.
+    /// by `handle` on its own task, at most `max_in_flight` at once;
+    /// gossip goes to `gossip`.
     async fn serve<S, H, F>(
         self,
         mut stream: S,
@@ -116,11 +128,14 @@ impl Connection {
             tracing::warn!(%remote, "closed a peer connection: {reason}");
             Ok(Closed::Protocol(reason))
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        // Each task sends one answer: the channel never holds more than
+        // the requests in flight.
+        let (tx, mut rx) = mpsc::channel(self.max_in_flight);
+        let mut in_flight = 0;
         tokio::pin!(shutdown);
         let mut out = Vec::new();
         loop {
-            loop {
+            while in_flight < self.max_in_flight {
                 let msg = match take_sealed::<PeerMessage>(&mut buf, self.max_frame, &mut opener) {
                     Ok(Some(msg)) => msg,
                     Ok(None) => break,
@@ -129,11 +144,12 @@ impl Connection {
                 match msg {
                     PeerMessage::Gossip(g) => gossip(g),
                     PeerMessage::Request { id, op } => {
+                        in_flight += 1;
                         let (answer, tx) = (handle(op), tx.clone());
                         tokio::spawn(async move {
                             let result = answer.await;
                             // The connection may be gone: nobody to tell.
-                            let _ = tx.send((id, result));
+                            let _ = tx.send((id, result)).await;
                         });
                     }
                     PeerMessage::Response { .. } => {
@@ -145,14 +161,17 @@ impl Connection {
                 biased;
                 () = &mut shutdown => return Ok(Closed::Shutdown),
                 Some((id, result)) = rx.recv() => {
+                    in_flight -= 1;
                     self.encode(id, result, &mut out, &mut sealer)?;
                     while let Ok((id, result)) = rx.try_recv() {
+                        in_flight -= 1;
                         self.encode(id, result, &mut out, &mut sealer)?;
                     }
                     stream.write_all(&out).await?;
                     out.clear();
                 }
-                n = read_more(&mut stream, &mut buf) => {
+                // Backpressure: at the cap, read nothing more.
+                n = read_more(&mut stream, &mut buf), if in_flight < self.max_in_flight => {
                     if n? == 0 {
                         return Ok(Closed::ByClient);
                     }
@@ -227,6 +246,7 @@ mod tests {
 
     use bytes::Bytes;
     use tokio::io::DuplexStream;
+    use tokio::sync::Semaphore;
 
     use super::*;
     use crate::session::Opener;
@@ -234,10 +254,11 @@ mod tests {
 
     const MAX: u32 = 1 << 20;
 
-    fn connection() -> Connection {
+    fn connection(max_in_flight: usize) -> Connection {
         Connection {
             remote: "192.0.2.1:7453".parse().unwrap(),
             max_frame: MAX,
+            max_in_flight,
         }
     }
 
@@ -321,7 +342,7 @@ mod tests {
                 async { Ok(PeerReply::Entry(None)) }
             }
         };
-        let server = tokio::spawn(connection().serve(
+        let server = tokio::spawn(connection(8).serve(
             listener,
             listener_buf,
             listener_session,
@@ -352,5 +373,84 @@ mod tests {
         // The listener hung up.
         let rest = read_sealed::<PeerMessage, _>(&mut dialer, &mut dialer_buf, MAX, &mut opener);
         assert!(rest.await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn at_most_the_cap_of_requests_is_in_flight_and_all_are_answered() {
+        const CAP: usize = 4;
+        const SENT: u64 = 50;
+        let Ends {
+            mut dialer,
+            mut dialer_buf,
+            dialer_session,
+            listener,
+            listener_buf,
+            listener_session,
+        } = handshaken().await;
+        let Session {
+            mut sealer,
+            mut opener,
+        } = dialer_session;
+        // Handlers that wait for the gate: none finishes until it opens.
+        let started = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let handler = {
+            let (started, gate) = (started.clone(), gate.clone());
+            move |_| {
+                started.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    Ok(PeerReply::Entry(None))
+                }
+            }
+        };
+        let _server = tokio::spawn(connection(CAP).serve(
+            listener,
+            listener_buf,
+            listener_session,
+            handler,
+            |_| {},
+            std::future::pending(),
+        ));
+        let mut burst = Vec::new();
+        for id in 1..=SENT {
+            burst.extend_from_slice(&sealed(read(id), &mut sealer));
+        }
+        dialer.write_all(&burst).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < CAP {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached the cap"
+            );
+            tokio::task::yield_now().await;
+        }
+        // Every byte is there to be read, and the server takes no more.
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), CAP);
+        // One answered: exactly one more is taken.
+        gate.add_permits(1);
+        response(&mut dialer, &mut dialer_buf, &mut opener).await;
+        while started.load(Ordering::SeqCst) < CAP + 1 {
+            assert!(tokio::time::Instant::now() < deadline, "no request taken");
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), CAP + 1);
+        // The gate opens: everything is answered.
+        gate.add_permits(SENT as usize);
+        let mut answered = vec![];
+        for _ in 1..SENT {
+            answered.push(response(&mut dialer, &mut dialer_buf, &mut opener).await);
+        }
+        answered.sort_unstable();
+        answered.dedup();
+        assert_eq!(answered.len() as u64, SENT - 1);
+        assert_eq!(started.load(Ordering::SeqCst), SENT as usize);
     }
 }
