@@ -333,3 +333,85 @@ impl Link {
             .map_err(|_| self.unreachable("connection closed"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use dhrt_proto::{PREAMBLE_LEN, PeerReply};
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+    use crate::wire::read_sealed;
+
+    const SECRET: &[u8] = b"a cluster secret of at least 32 bytes";
+
+    /// Hands out one end of an in-memory stream, once.
+    #[derive(Debug)]
+    struct OneStream(Mutex<Option<DuplexStream>>);
+
+    impl Connector for OneStream {
+        fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+            let stream = self.0.lock().unwrap().take();
+            Box::pin(async move {
+                let stream = stream.ok_or_else(|| io::Error::other("dialed twice"))?;
+                Ok(Box::new(stream) as Box<dyn PeerStream>)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
+        let (d, mut l) = tokio::io::duplex(1 << 16);
+        let link = Link::new(
+            "192.0.2.2:7453".into(),
+            Dialer {
+                me: 1,
+                secret: SECRET.into(),
+                max_frame: 1 << 20,
+                connector: Arc::new(OneStream(Mutex::new(Some(d)))),
+            },
+        );
+        // The listener answers the first request with one bit flipped.
+        let listener = tokio::spawn(async move {
+            let mut preamble = [0; PREAMBLE_LEN];
+            l.read_exact(&mut preamble).await.unwrap();
+            let mut buf = BytesMut::new();
+            let me = Side {
+                id: 2,
+                secret: SECRET,
+                max_frame: 1 << 20,
+            };
+            let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
+                .await
+                .unwrap()
+                .unwrap();
+            let request = read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener);
+            let Some(PeerMessage::Request { id, .. }) = request.await.unwrap() else {
+                panic!("no request")
+            };
+            let answer = PeerMessage::Response {
+                id,
+                result: Ok(PeerReply::Entry(None)),
+            };
+            let mut out = Vec::new();
+            encode_frame(&answer, &mut out, 1 << 20).unwrap();
+            seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+            let last = out.len() - 1;
+            out[last] ^= 0x01;
+            l.write_all(&out).await.unwrap();
+            // The dialer hangs up.
+            let mut rest = Vec::new();
+            l.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let op = PeerOp::Read {
+            collection: "c".into(),
+            key: "k".into(),
+        };
+        let answer = link.request(op, Duration::from_secs(30)).await;
+        assert!(
+            matches!(&answer, Err(LinkError::Unreachable { reason, .. }) if reason.contains("closed")),
+            "{answer:?}"
+        );
+        assert!(listener.await.unwrap().is_empty());
+    }
+}
