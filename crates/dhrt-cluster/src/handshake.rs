@@ -20,6 +20,10 @@ use crate::auth::{self, Role, Transcript};
 use crate::session::{self, Proofs, Session};
 use crate::wire::{read_msg, write_msg};
 
+/// The largest handshake frame: before it has proved anything, a peer can
+/// make this node buffer no more than this (a refusal's reason included).
+const HANDSHAKE_MAX_FRAME: u32 = 4096;
+
 /// Why the dialer's half failed.
 #[derive(Debug)]
 pub(crate) enum DialError {
@@ -48,7 +52,7 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     me: Side<'_>,
 ) -> Result<(u64, Session), DialError> {
-    let max = me.max_frame;
+    let max = me.max_frame.min(HANDSHAKE_MAX_FRAME);
     let dialer_nonce = auth::nonce();
     let hello = Handshake::Hello {
         node: me.id,
@@ -103,7 +107,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     me: Side<'_>,
 ) -> io::Result<Result<(u64, Session), String>> {
-    let max = me.max_frame;
+    let max = me.max_frame.min(HANDSHAKE_MAX_FRAME);
     let Some(Handshake::Hello { node, nonce }) = read_msg(stream, buf, max).await? else {
         return refuse(stream, max, "expected a hello".into()).await;
     };
@@ -156,7 +160,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use dhrt_proto::PROOF_LEN;
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
 
     const MAX: u32 = 1 << 20;
     const SECRET: &[u8] = b"a long shared secret";
@@ -315,6 +319,19 @@ mod tests {
                 assert!(accepted.is_err());
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_stranger_cannot_make_the_listener_buffer_a_large_frame() {
+        let (mut d, mut l) = tokio::io::duplex(4096);
+        // A length prefix past the handshake's limit, within the frame
+        // limit: refused on the prefix alone.
+        d.write_all(&(HANDSHAKE_MAX_FRAME + 1).to_le_bytes())
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let accepted = accept(&mut l, &mut buf, side(2, SECRET)).await;
+        assert_eq!(accepted.unwrap_err().kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
