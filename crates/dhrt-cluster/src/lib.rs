@@ -24,6 +24,7 @@ mod peer_server;
 mod placement;
 mod queue;
 mod server;
+mod session;
 mod skew;
 mod state;
 mod wire;

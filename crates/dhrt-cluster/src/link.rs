@@ -1,7 +1,8 @@
 //! A persistent connection to one peer, dialed on demand: the peer
 //! preamble, the handshake that proves both sides know the cluster secret,
-//! then pipelined requests matched to responses by id, and one-way gossip.
-//! A failed or timed-out exchange drops the connection; the next use dials
+//! then sealed frames (`crate::session`): pipelined requests matched to
+//! responses by id, and one-way gossip. A failed or timed-out exchange, or
+//! a frame that fails to open, drops the connection; the next use dials
 //! again.
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::handshake::{self, DialError, Side};
-use crate::wire::read_msg;
+use crate::wire::{plain_max, read_sealed, seal_frame};
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -184,8 +185,8 @@ impl Link {
             secret: &self.dialer.secret,
             max_frame: max,
         };
-        match handshake::dial(&mut stream, &mut buf, me).await {
-            Ok(_) => {}
+        let session = match handshake::dial(&mut stream, &mut buf, me).await {
+            Ok((_, session)) => session,
             Err(DialError::Io(e)) => return Err(self.unreachable(e)),
             Err(DialError::Refused(reason)) => {
                 return Err(LinkError::Refused {
@@ -193,23 +194,46 @@ impl Link {
                     reason,
                 });
             }
-        }
+        };
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
         let (mut rd, mut wr) = tokio::io::split(stream);
+        // Dropped by the reader when it stops: the writer stops too, and
+        // the connection closes.
+        let (reading, mut stopped) = oneshot::channel::<()>();
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         {
             let alive = alive.clone();
             tokio::spawn(async move {
-                while let Some(mut frame) = rx.recv().await {
-                    // Coalesce whatever else is queued into one write.
-                    while let Ok(more) = rx.try_recv() {
+                loop {
+                    let mut frame = tokio::select! {
+                        biased;
+                        _ = &mut stopped => break,
+                        frame = rx.recv() => match frame {
+                            Some(frame) => frame,
+                            None => break,
+                        },
+                    };
+                    // Sealed here, in the order written: the counter is
+                    // the nonce. Whatever else is queued is appended and
+                    // sealed in place, for one write.
+                    if seal_frame(&mut frame, 0, &mut sealer).is_err() {
+                        break;
+                    }
+                    let mut sealed = true;
+                    while frame.len() <= 1 << 20
+                        && let Ok(more) = rx.try_recv()
+                    {
+                        let start = frame.len();
                         frame.extend_from_slice(&more);
-                        if frame.len() > 1 << 20 {
+                        if seal_frame(&mut frame, start, &mut sealer).is_err() {
+                            frame.truncate(start);
+                            sealed = false;
                             break;
                         }
                     }
-                    if wr.write_all(&frame).await.is_err() {
+                    if wr.write_all(&frame).await.is_err() || !sealed {
                         break;
                     }
                 }
@@ -217,9 +241,23 @@ impl Link {
             });
         }
         {
-            let (alive, pending) = (alive.clone(), pending.clone());
+            let (alive, pending, addr) = (alive.clone(), pending.clone(), self.addr.clone());
             tokio::spawn(async move {
-                while let Ok(Some(msg)) = read_msg::<PeerMessage, _>(&mut rd, &mut buf, max).await {
+                let _reading = reading;
+                loop {
+                    let msg = match read_sealed(&mut rd, &mut buf, max, &mut opener).await {
+                        Ok(Some(msg)) => msg,
+                        Ok(None) => break,
+                        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                            // Nothing of the frame is used.
+                            tracing::warn!(peer = %addr, "closed the connection to a peer: {e}");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %addr, "connection to a peer broke: {e}");
+                            break;
+                        }
+                    };
                     if let PeerMessage::Response { id, result } = msg
                         && let Some(tx) = pending.lock().unwrap().remove(&id)
                     {
@@ -252,7 +290,7 @@ impl Link {
         encode_frame(
             &PeerMessage::Request { id, op },
             &mut frame,
-            self.dialer.max_frame,
+            plain_max(self.dialer.max_frame),
         )
         .map_err(|e| self.unreachable(e))?;
         let (tx, rx) = oneshot::channel();
@@ -287,11 +325,93 @@ impl Link {
         encode_frame(
             &PeerMessage::Gossip(gossip),
             &mut frame,
-            self.dialer.max_frame,
+            plain_max(self.dialer.max_frame),
         )
         .map_err(|e| self.unreachable(e))?;
         conn.frames
             .send(frame)
             .map_err(|_| self.unreachable("connection closed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dhrt_proto::{PREAMBLE_LEN, PeerReply};
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    use super::*;
+    use crate::wire::read_sealed;
+
+    const SECRET: &[u8] = b"a cluster secret of at least 32 bytes";
+
+    /// Hands out one end of an in-memory stream, once.
+    #[derive(Debug)]
+    struct OneStream(Mutex<Option<DuplexStream>>);
+
+    impl Connector for OneStream {
+        fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+            let stream = self.0.lock().unwrap().take();
+            Box::pin(async move {
+                let stream = stream.ok_or_else(|| io::Error::other("dialed twice"))?;
+                Ok(Box::new(stream) as Box<dyn PeerStream>)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
+        let (d, mut l) = tokio::io::duplex(1 << 16);
+        let link = Link::new(
+            "192.0.2.2:7453".into(),
+            Dialer {
+                me: 1,
+                secret: SECRET.into(),
+                max_frame: 1 << 20,
+                connector: Arc::new(OneStream(Mutex::new(Some(d)))),
+            },
+        );
+        // The listener answers the first request with one bit flipped.
+        let listener = tokio::spawn(async move {
+            let mut preamble = [0; PREAMBLE_LEN];
+            l.read_exact(&mut preamble).await.unwrap();
+            let mut buf = BytesMut::new();
+            let me = Side {
+                id: 2,
+                secret: SECRET,
+                max_frame: 1 << 20,
+            };
+            let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
+                .await
+                .unwrap()
+                .unwrap();
+            let request = read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener);
+            let Some(PeerMessage::Request { id, .. }) = request.await.unwrap() else {
+                panic!("no request")
+            };
+            let answer = PeerMessage::Response {
+                id,
+                result: Ok(PeerReply::Entry(None)),
+            };
+            let mut out = Vec::new();
+            encode_frame(&answer, &mut out, 1 << 20).unwrap();
+            seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+            let last = out.len() - 1;
+            out[last] ^= 0x01;
+            l.write_all(&out).await.unwrap();
+            // The dialer hangs up.
+            let mut rest = Vec::new();
+            l.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let op = PeerOp::Read {
+            collection: "c".into(),
+            key: "k".into(),
+        };
+        let answer = link.request(op, Duration::from_secs(30)).await;
+        assert!(
+            matches!(&answer, Err(LinkError::Unreachable { reason, .. }) if reason.contains("closed")),
+            "{answer:?}"
+        );
+        assert!(listener.await.unwrap().is_empty());
     }
 }

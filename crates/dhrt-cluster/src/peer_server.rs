@@ -1,35 +1,46 @@
 //! The listening side of a peer connection: the handshake (refusing anyone
-//! who cannot prove the cluster secret), then requests answered
-//! concurrently and gossip handed to the membership protocol.
+//! who cannot prove the cluster secret), then sealed frames: requests
+//! answered concurrently, at most [`MAX_IN_FLIGHT`] at a time per
+//! connection, and gossip handed to the membership protocol. Every refusal
+//! and every frame that fails to open is logged at warn with the peer's
+//! address, and closes the connection.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dhrt_proto::{ErrorKind, OpError, PeerMessage, PeerOp, PeerReply, Versioned, encode_frame};
+use dhrt_proto::{
+    ErrorKind, Gossip, OpError, PeerMessage, PeerOp, PeerReply, Versioned, encode_frame,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::cluster::{Cluster, stamp};
 use crate::handshake::{self, Side};
-use crate::wire::Closed;
-use crate::wire::take_msg;
+use crate::session::{Sealer, Session};
+use crate::wire::{Closed, plain_max, seal_frame, take_sealed};
 
 /// The bytes of records in one page of a bucket listing (a larger record
 /// goes alone): well under the frame limit.
 const BUCKET_PAGE_BYTES: usize = 4 << 20;
 
-/// Serves a peer connection whose preamble was consumed; `buf` holds what
-/// was read after it.
+/// Requests of one connection being answered at once. At the cap the
+/// connection is not read until one is answered: a peer cannot make this
+/// node hold more than this many requests and their answers.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
+
+/// Serves a peer connection from `remote` whose preamble was consumed;
+/// `buf` holds what was read after it.
 pub(crate) async fn serve_peer<S>(
     mut stream: S,
     remote: SocketAddr,
     mut buf: BytesMut,
     cluster: Arc<Cluster>,
     max_frame: u32,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
 ) -> io::Result<Closed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -40,73 +51,160 @@ where
         secret: cluster.secret(),
         max_frame,
     };
-    let dialer = match tokio::time::timeout(
+    let (dialer, session) = match tokio::time::timeout(
         handshake_timeout,
         handshake::accept(&mut stream, &mut buf, me),
     )
     .await
     {
-        Ok(Ok(Ok(dialer))) => dialer,
+        Ok(Ok(Ok(accepted))) => accepted,
         Ok(Ok(Err(reason))) => {
             tracing::warn!(%remote, "refused a peer connection: {reason}");
             return Ok(Closed::Protocol(reason));
         }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            tracing::warn!(%remote, "refused a peer connection: {e}");
+            return Ok(Closed::Protocol(e.to_string()));
+        }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(Closed::Idle),
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<PeerMessage>();
-    tokio::pin!(shutdown);
-    let mut out = Vec::new();
-    loop {
-        while let Some(msg) = take_msg::<PeerMessage>(&mut buf, max_frame)? {
-            match msg {
-                PeerMessage::Gossip(g) => cluster.on_gossip(dialer, g),
-                PeerMessage::Request { id, op } => {
-                    let (cluster, tx) = (cluster.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let result = handle(&cluster, dialer, op).await;
-                        let _ = tx.send(PeerMessage::Response { id, result });
-                    });
+    let handler = {
+        let cluster = cluster.clone();
+        move |op| {
+            let cluster = cluster.clone();
+            async move { handle(&cluster, dialer, op).await }
+        }
+    };
+    let connection = Connection {
+        remote,
+        max_frame,
+        max_in_flight: MAX_IN_FLIGHT,
+    };
+    connection
+        .serve(
+            stream,
+            buf,
+            session,
+            handler,
+            |g| cluster.on_gossip(dialer, g),
+            shutdown,
+        )
+        .await
+}
+
+/// An authenticated peer connection's limits and whom it is with.
+#[derive(Debug, Clone, Copy)]
+struct Connection {
+    remote: SocketAddr,
+    max_frame: u32,
+    max_in_flight: usize,
+}
+
+impl Connection {
+    /// Serves sealed frames after the handshake: each request is answered
+    /// by `handle` on its own task, at most `max_in_flight` at once;
+    /// gossip goes to `gossip`.
+    async fn serve<S, H, F>(
+        self,
+        mut stream: S,
+        mut buf: BytesMut,
+        session: Session,
+        handle: H,
+        mut gossip: impl FnMut(Gossip),
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<Closed>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        H: Fn(PeerOp) -> F,
+        F: Future<Output = Result<PeerReply, OpError>> + Send + 'static,
+    {
+        let Session {
+            mut sealer,
+            mut opener,
+        } = session;
+        let remote = self.remote;
+        let refuse = |reason: String| {
+            tracing::warn!(%remote, "closed a peer connection: {reason}");
+            Ok(Closed::Protocol(reason))
+        };
+        // Each task sends one answer: the channel never holds more than
+        // the requests in flight.
+        let (tx, mut rx) = mpsc::channel(self.max_in_flight);
+        let mut in_flight = 0;
+        tokio::pin!(shutdown);
+        let mut out = Vec::new();
+        loop {
+            while in_flight < self.max_in_flight {
+                let msg = match take_sealed::<PeerMessage>(&mut buf, self.max_frame, &mut opener) {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(e) => return refuse(e.to_string()),
+                };
+                match msg {
+                    PeerMessage::Gossip(g) => gossip(g),
+                    PeerMessage::Request { id, op } => {
+                        in_flight += 1;
+                        let (answer, tx) = (handle(op), tx.clone());
+                        tokio::spawn(async move {
+                            let result = answer.await;
+                            // The connection may be gone: nobody to tell.
+                            let _ = tx.send((id, result)).await;
+                        });
+                    }
+                    PeerMessage::Response { .. } => {
+                        return refuse("a response on a listening connection".into());
+                    }
                 }
-                PeerMessage::Response { .. } => {
-                    return Ok(Closed::Protocol(
-                        "a response on a listening connection".into(),
-                    ));
+            }
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(Closed::Shutdown),
+                Some((id, result)) = rx.recv() => {
+                    in_flight -= 1;
+                    self.encode(id, result, &mut out, &mut sealer)?;
+                    while let Ok((id, result)) = rx.try_recv() {
+                        in_flight -= 1;
+                        self.encode(id, result, &mut out, &mut sealer)?;
+                    }
+                    stream.write_all(&out).await?;
+                    out.clear();
+                }
+                // Backpressure: at the cap, read nothing more.
+                n = read_more(&mut stream, &mut buf), if in_flight < self.max_in_flight => {
+                    if n? == 0 {
+                        return Ok(Closed::ByClient);
+                    }
                 }
             }
         }
-        buf.reserve(64 * 1024);
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return Ok(Closed::Shutdown),
-            Some(msg) = rx.recv() => {
-                encode(&msg, &mut out, max_frame);
-                while let Ok(more) = rx.try_recv() {
-                    encode(&more, &mut out, max_frame);
-                }
-                stream.write_all(&out).await?;
-                out.clear();
-            }
-            n = stream.read_buf(&mut buf) => {
-                if n? == 0 {
-                    return Ok(Closed::ByClient);
-                }
-            }
+    }
+
+    /// Appends the sealed response to request `id`; one too large to send
+    /// becomes a `TooLarge` error.
+    fn encode(
+        &self,
+        id: u64,
+        result: Result<PeerReply, OpError>,
+        out: &mut Vec<u8>,
+        sealer: &mut Sealer,
+    ) -> io::Result<()> {
+        let start = out.len();
+        let max = plain_max(self.max_frame);
+        if let Err(e) = encode_frame(&PeerMessage::Response { id, result }, out, max) {
+            let too_large = PeerMessage::Response {
+                id,
+                result: Err(OpError::new(ErrorKind::TooLarge, e.to_string())),
+            };
+            encode_frame(&too_large, out, max).expect("a short error fits");
         }
+        seal_frame(out, start, sealer)
     }
 }
 
-fn encode(msg: &PeerMessage, out: &mut Vec<u8>, max_frame: u32) {
-    if let Err(e) = encode_frame(msg, out, max_frame) {
-        let PeerMessage::Response { id, .. } = msg else {
-            return;
-        };
-        let too_large = PeerMessage::Response {
-            id: *id,
-            result: Err(OpError::new(ErrorKind::TooLarge, e.to_string())),
-        };
-        encode_frame(&too_large, out, max_frame).expect("a short error fits");
-    }
+async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(64 * 1024);
+    stream.read_buf(buf).await
 }
 
 async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerReply, OpError> {
@@ -139,5 +237,220 @@ async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerR
             .stream_collection(dialer, &collection)
             .await
             .map(PeerReply::HandoffDone),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use tokio::io::DuplexStream;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::session::Opener;
+    use crate::wire::read_sealed;
+
+    const MAX: u32 = 1 << 20;
+
+    fn connection(max_in_flight: usize) -> Connection {
+        Connection {
+            remote: "192.0.2.1:7453".parse().unwrap(),
+            max_frame: MAX,
+            max_in_flight,
+        }
+    }
+
+    /// Both ends of a connection past the handshake.
+    struct Ends {
+        dialer: DuplexStream,
+        dialer_buf: BytesMut,
+        dialer_session: Session,
+        listener: DuplexStream,
+        listener_buf: BytesMut,
+        listener_session: Session,
+    }
+
+    async fn handshaken() -> Ends {
+        let (mut d, mut l) = tokio::io::duplex(1 << 20);
+        let side = |id| Side {
+            id,
+            secret: b"a cluster secret of at least 32 bytes",
+            max_frame: MAX,
+        };
+        let (mut db, mut lb) = (BytesMut::new(), BytesMut::new());
+        let (dialed, accepted) = tokio::join!(
+            handshake::dial(&mut d, &mut db, side(1)),
+            handshake::accept(&mut l, &mut lb, side(2)),
+        );
+        Ends {
+            dialer: d,
+            dialer_buf: db,
+            dialer_session: dialed.unwrap().1,
+            listener: l,
+            listener_buf: lb,
+            listener_session: accepted.unwrap().unwrap().1,
+        }
+    }
+
+    fn read(id: u64) -> Vec<u8> {
+        let msg = PeerMessage::Request {
+            id,
+            op: PeerOp::Read {
+                collection: "c".into(),
+                key: Bytes::from(id.to_string()),
+            },
+        };
+        let mut frame = Vec::new();
+        encode_frame(&msg, &mut frame, plain_max(MAX)).unwrap();
+        frame
+    }
+
+    fn sealed(frame: Vec<u8>, sealer: &mut Sealer) -> Vec<u8> {
+        let mut frame = frame;
+        seal_frame(&mut frame, 0, sealer).unwrap();
+        frame
+    }
+
+    async fn response(d: &mut DuplexStream, buf: &mut BytesMut, opener: &mut Opener) -> u64 {
+        match read_sealed(d, buf, MAX, opener).await.unwrap() {
+            Some(PeerMessage::Response { id, result: Ok(_) }) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_altered_in_transit_closes_the_connection_unused() {
+        let Ends {
+            mut dialer,
+            mut dialer_buf,
+            dialer_session,
+            listener,
+            listener_buf,
+            listener_session,
+        } = handshaken().await;
+        let Session {
+            mut sealer,
+            mut opener,
+        } = dialer_session;
+        let handled = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let handled = handled.clone();
+            move |_| {
+                handled.fetch_add(1, Ordering::SeqCst);
+                async { Ok(PeerReply::Entry(None)) }
+            }
+        };
+        let server = tokio::spawn(connection(8).serve(
+            listener,
+            listener_buf,
+            listener_session,
+            handler,
+            |_| {},
+            std::future::pending(),
+        ));
+        // A sound frame is answered.
+        dialer
+            .write_all(&sealed(read(1), &mut sealer))
+            .await
+            .unwrap();
+        assert_eq!(response(&mut dialer, &mut dialer_buf, &mut opener).await, 1);
+        // One flipped bit past the length prefix.
+        let mut altered = sealed(read(2), &mut sealer);
+        altered[9] ^= 0x10;
+        dialer.write_all(&altered).await.unwrap();
+        let closed = server.await.unwrap().unwrap();
+        let Closed::Protocol(why) = closed else {
+            panic!("{closed:?}")
+        };
+        assert!(why.contains("failed to open"), "{why}");
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            1,
+            "nothing of it was acted on"
+        );
+        // The listener hung up.
+        let rest = read_sealed::<PeerMessage, _>(&mut dialer, &mut dialer_buf, MAX, &mut opener);
+        assert!(rest.await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn at_most_the_cap_of_requests_is_in_flight_and_all_are_answered() {
+        const CAP: usize = 4;
+        const SENT: u64 = 50;
+        let Ends {
+            mut dialer,
+            mut dialer_buf,
+            dialer_session,
+            listener,
+            listener_buf,
+            listener_session,
+        } = handshaken().await;
+        let Session {
+            mut sealer,
+            mut opener,
+        } = dialer_session;
+        // Handlers that wait for the gate: none finishes until it opens.
+        let started = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let handler = {
+            let (started, gate) = (started.clone(), gate.clone());
+            move |_| {
+                started.fetch_add(1, Ordering::SeqCst);
+                let gate = gate.clone();
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    Ok(PeerReply::Entry(None))
+                }
+            }
+        };
+        let _server = tokio::spawn(connection(CAP).serve(
+            listener,
+            listener_buf,
+            listener_session,
+            handler,
+            |_| {},
+            std::future::pending(),
+        ));
+        let mut burst = Vec::new();
+        for id in 1..=SENT {
+            burst.extend_from_slice(&sealed(read(id), &mut sealer));
+        }
+        dialer.write_all(&burst).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < CAP {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached the cap"
+            );
+            tokio::task::yield_now().await;
+        }
+        // Every byte is there to be read, and the server takes no more.
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), CAP);
+        // One answered: exactly one more is taken.
+        gate.add_permits(1);
+        response(&mut dialer, &mut dialer_buf, &mut opener).await;
+        while started.load(Ordering::SeqCst) < CAP + 1 {
+            assert!(tokio::time::Instant::now() < deadline, "no request taken");
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), CAP + 1);
+        // The gate opens: everything is answered.
+        gate.add_permits(SENT as usize);
+        let mut answered = vec![];
+        for _ in 1..SENT {
+            answered.push(response(&mut dialer, &mut dialer_buf, &mut opener).await);
+        }
+        answered.sort_unstable();
+        answered.dedup();
+        assert_eq!(answered.len() as u64, SENT - 1);
+        assert_eq!(started.load(Ordering::SeqCst), SENT as usize);
     }
 }

@@ -4,8 +4,10 @@
 //! Rules:
 //! - Every queued mutation gets the next sequence number; a write is the
 //!   range of numbers of its mutations.
-//! - The queue holds at most `max_hints` mutations, but never drops the
-//!   ones just pushed; beyond that the oldest go and the queue remembers
+//! - The queue holds at most `max_hints` mutations and `max_hint_bytes`
+//!   bytes of them (`crate::batch::mutation_bytes`: key, value, collection
+//!   and a fixed overhead), but never drops the ones being pushed. Room is
+//!   made before they go in: the oldest go first, and the queue remembers
 //!   it overflowed (anti-entropy must repair the peer).
 //! - Batches are cut by bytes and count (`crate::batch`).
 //! - An answer for a batch takes its mutations out of the queue; the ones
@@ -23,12 +25,23 @@ use crate::batch::{mutation_bytes, next_batch_len};
 /// waiting on its acknowledgement.
 pub(crate) const REFUSED_KEPT: usize = 1 << 14;
 
+/// How much a queue may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    /// Mutations.
+    pub(crate) items: usize,
+    /// Their bytes, by `mutation_bytes`.
+    pub(crate) bytes: usize,
+}
+
 /// The queue of one peer.
 #[derive(Debug, Default)]
 pub(crate) struct Queue {
     /// Sequence number of the last mutation pushed.
     last_seq: u64,
     items: VecDeque<(u64, Mutation)>,
+    /// `mutation_bytes` of `items`, summed.
+    bytes: usize,
     /// Mutations were dropped for lack of room.
     pub(crate) overflowed: bool,
     /// Recent mutations the peer refused (not stored there).
@@ -36,23 +49,25 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    /// Queues `mutations`, keeping at most `max_hints` (never fewer than
+    /// Queues `mutations` within `room` (dropping the oldest first, never
     /// these); returns their first and last sequence numbers.
-    pub(crate) fn push(&mut self, mutations: &[Mutation], max_hints: usize) -> (u64, u64) {
+    pub(crate) fn push(&mut self, mutations: &[Mutation], room: Room) -> (u64, u64) {
+        let incoming: usize = mutations.iter().map(mutation_bytes).sum();
+        // Keep the newest; anti-entropy repairs the rest.
+        while let Some((_, oldest)) = self.items.front()
+            && (self.items.len() + mutations.len() > room.items
+                || self.bytes + incoming > room.bytes)
+        {
+            self.bytes -= mutation_bytes(oldest);
+            self.items.pop_front();
+            self.overflowed = true;
+        }
         let first = self.last_seq + 1;
         for m in mutations {
             self.last_seq += 1;
             self.items.push_back((self.last_seq, m.clone()));
         }
-        let over = self
-            .items
-            .len()
-            .saturating_sub(max_hints.max(mutations.len()));
-        if over > 0 {
-            // Keep the newest; anti-entropy repairs the rest.
-            self.items.drain(..over);
-            self.overflowed = true;
-        }
+        self.bytes += incoming;
         (first, self.last_seq)
     }
 
@@ -69,7 +84,10 @@ impl Queue {
 
     /// The peer answered for everything through `last`.
     pub(crate) fn ack_through(&mut self, last: u64) {
-        while self.items.front().is_some_and(|(s, _)| *s <= last) {
+        while let Some((s, m)) = self.items.front()
+            && *s <= last
+        {
+            self.bytes -= mutation_bytes(m);
             self.items.pop_front();
         }
     }
@@ -100,10 +118,16 @@ impl Queue {
         self.items.len()
     }
 
+    /// Their bytes, by `mutation_bytes`.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Forgets everything waiting (the peer left): returns the last
     /// sequence number, to count as answered.
     pub(crate) fn clear(&mut self) -> u64 {
         self.items.clear();
+        self.bytes = 0;
         self.last_seq
     }
 }
@@ -123,11 +147,19 @@ mod tests {
         }
     }
 
+    /// Room for `items` mutations, bytes no object.
+    fn items(items: usize) -> Room {
+        Room {
+            items,
+            bytes: usize::MAX,
+        }
+    }
+
     #[test]
     fn a_write_is_acknowledged_only_when_answered_and_not_refused() {
         let mut q = Queue::default();
-        let a = q.push(&[put(1, 1), put(2, 1)], 100);
-        let b = q.push(&[put(3, 1)], 100);
+        let a = q.push(&[put(1, 1), put(2, 1)], items(100));
+        let b = q.push(&[put(3, 1)], items(100));
         assert_eq!((a, b), ((1, 2), (3, 3)));
         assert!(!q.acknowledged(0, a.0, a.1));
         let batch = q.next_batch(1 << 20, 100);
@@ -145,13 +177,13 @@ mod tests {
     fn the_newest_are_kept_and_the_push_itself_always_stays() {
         let mut q = Queue::default();
         for i in 0..10 {
-            q.push(&[put(i, 1)], 4);
+            q.push(&[put(i, 1)], items(4));
         }
         assert_eq!(q.len(), 4);
         assert!(q.overflowed);
         // No room at all: the write itself still goes.
         let mut q = Queue::default();
-        let (first, last) = q.push(&[put(1, 1), put(2, 1)], 0);
+        let (first, last) = q.push(&[put(1, 1), put(2, 1)], items(0));
         assert_eq!((first, last), (1, 2));
         assert_eq!(q.next_batch(1 << 20, 10).len(), 2);
     }
@@ -161,7 +193,7 @@ mod tests {
         let mut q = Queue::default();
         q.push(
             &[put(1, 3_000_000), put(2, 3_000_000), put(3, 9_000_000)],
-            100,
+            items(100),
         );
         assert_eq!(q.next_batch(4 << 20, 4096).len(), 1);
         q.ack_through(1);
@@ -170,6 +202,49 @@ mod tests {
         let alone = q.next_batch(4 << 20, 4096);
         assert_eq!(alone.len(), 1);
         assert_eq!(alone[0].0, 3);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_by_bytes_too_oldest_out_first() {
+        let size = mutation_bytes(&put(0, 1000));
+        let room = Room {
+            items: 1000,
+            bytes: 3 * size,
+        };
+        let mut q = Queue::default();
+        q.push(&[put(1, 1000), put(2, 1000)], room);
+        assert_eq!((q.len(), q.bytes()), (2, 2 * size));
+        assert!(!q.overflowed);
+        q.push(&[put(3, 1000)], room);
+        assert_eq!((q.len(), q.bytes()), (3, 3 * size));
+        assert!(!q.overflowed, "exactly full is not over");
+        // One more byte's worth: the oldest goes, before the push.
+        let (first, last) = q.push(&[put(4, 1000)], room);
+        assert_eq!((first, last), (4, 4));
+        assert!(q.overflowed);
+        assert_eq!((q.len(), q.bytes()), (3, 3 * size));
+        let seqs: Vec<u64> = q
+            .next_batch(usize::MAX, 100)
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(seqs, [2, 3, 4]);
+        // A write larger than the whole room still goes, alone.
+        q.push(&[put(5, 10_000)], room);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.bytes(), mutation_bytes(&put(5, 10_000)));
+        // Answers and a clear give the bytes back.
+        q.push(
+            &[put(6, 1)],
+            Room {
+                items: 1000,
+                bytes: usize::MAX,
+            },
+        );
+        q.ack_through(5);
+        assert_eq!(q.bytes(), mutation_bytes(&put(6, 1)));
+        q.clear();
+        assert_eq!((q.len(), q.bytes()), (0, 0));
     }
 
     #[test]

@@ -1,13 +1,18 @@
 //! Reading and writing whole frames on a stream: the buffering half of the
-//! peer protocol (the pure decoding half is `dhrt_proto`).
+//! peer protocol (the pure decoding half is `dhrt_proto`, the pure crypto
+//! `crate::session`). Handshake frames are plain; every later frame is
+//! sealed: `length u32 LE | ciphertext | tag`, the length counting
+//! ciphertext and tag and bounded by the frame limit.
 
 use std::io;
 
 use bytes::{Buf, BytesMut};
-use dhrt_proto::{Decoded, decode_frame, encode_frame};
+use dhrt_proto::{Decoded, FRAME_HEADER_LEN, decode_frame, encode_frame, frame_bounds};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::session::{Opener, Sealer, TAG_LEN};
 
 /// Decodes the next message from `buf` if a whole frame is there.
 pub(crate) fn take_msg<T: DeserializeOwned>(
@@ -49,6 +54,61 @@ pub(crate) async fn write_msg<T: Serialize, S: AsyncWrite + Unpin>(
     let mut out = Vec::new();
     encode_frame(msg, &mut out, max_frame).map_err(invalid)?;
     stream.write_all(&out).await
+}
+
+/// The largest plaintext payload of a sealed frame of at most `max_frame`
+/// bytes.
+pub(crate) fn plain_max(max_frame: u32) -> u32 {
+    max_frame.saturating_sub(TAG_LEN as u32)
+}
+
+/// Seals the plain frame at `out[start..]` (encoded with at most
+/// [`plain_max`] bytes of payload) in place: the payload is encrypted, the
+/// tag appended, the length prefix rewritten.
+pub(crate) fn seal_frame(out: &mut Vec<u8>, start: usize, sealer: &mut Sealer) -> io::Result<()> {
+    sealer
+        .seal(out, start + FRAME_HEADER_LEN)
+        .map_err(invalid)?;
+    let len = out.len() - start - FRAME_HEADER_LEN;
+    out[start..start + FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Opens and decodes the next sealed message in `buf` if a whole frame is
+/// there. A frame that fails to open is an `InvalidData` error: the caller
+/// closes the connection, and nothing of the frame is used.
+pub(crate) fn take_sealed<T: DeserializeOwned>(
+    buf: &mut BytesMut,
+    max_frame: u32,
+    opener: &mut Opener,
+) -> io::Result<Option<T>> {
+    let (range, len) = match frame_bounds(buf, max_frame).map_err(invalid)? {
+        Decoded::Complete { msg, len } => (msg, len),
+        Decoded::Incomplete { .. } => return Ok(None),
+    };
+    let plain = opener.open(&mut buf[range]).map_err(invalid)?;
+    let msg = dhrt_proto::decode(plain).map_err(invalid)?;
+    buf.advance(len);
+    Ok(Some(msg))
+}
+
+/// Reads until a whole sealed message is buffered; `None` when the stream
+/// ends.
+pub(crate) async fn read_sealed<T: DeserializeOwned, S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max_frame: u32,
+    opener: &mut Opener,
+) -> io::Result<Option<T>> {
+    loop {
+        if let Some(msg) = take_sealed(buf, max_frame, opener)? {
+            return Ok(Some(msg));
+        }
+        buf.reserve(64 * 1024);
+        if stream.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
 }
 
 pub(crate) fn invalid(e: impl std::fmt::Display) -> io::Error {

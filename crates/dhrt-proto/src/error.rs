@@ -10,7 +10,11 @@ pub enum ProtoError {
     #[error("not a dhrt binary connection (bad magic)")]
     BadMagic,
     /// The peer speaks a protocol version this build does not.
-    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})", PROTOCOL_VERSION = crate::PROTOCOL_VERSION)]
+    #[error(
+        "unsupported protocol version {0} (this build speaks {client} to clients, {peer} to peers)",
+        client = crate::PROTOCOL_VERSION,
+        peer = crate::PEER_PROTOCOL_VERSION
+    )]
     UnsupportedVersion(u16),
     /// A frame's length prefix exceeds the maximum frame size.
     #[error("frame of {len} bytes exceeds the limit of {max}")]

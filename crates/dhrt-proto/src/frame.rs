@@ -6,6 +6,9 @@
 //! preamble (8 bytes, client → server, once):  D4 'H' 'R' 'T' | version u16 LE | channel u8 | 0
 //! frame (both directions, repeated):          length u32 LE | bincode payload (length bytes)
 //! ```
+//!
+//! Each channel has its own version: the client channel speaks
+//! [`PROTOCOL_VERSION`], the peer channel [`PEER_PROTOCOL_VERSION`].
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,8 +19,11 @@ use crate::error::ProtoError;
 /// The first bytes of a binary connection. The first byte is not ASCII, so no
 /// HTTP request starts like this.
 pub const MAGIC: [u8; 4] = [0xD4, b'H', b'R', b'T'];
-/// The protocol version this build speaks.
+/// The version of the client channel this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The version of the peer channel this build speaks. 2: the dialer proves
+/// first, and every frame after the handshake is sealed.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Length of the preamble.
 pub const PREAMBLE_LEN: usize = 8;
 /// Length of a frame's length prefix.
@@ -43,12 +49,22 @@ pub fn preamble() -> [u8; PREAMBLE_LEN] {
 pub fn channel_preamble(channel: Channel) -> [u8; PREAMBLE_LEN] {
     let mut p = [0u8; PREAMBLE_LEN];
     p[..4].copy_from_slice(&MAGIC);
-    p[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    p[4..6].copy_from_slice(&channel.version().to_le_bytes());
     p[6] = match channel {
         Channel::Client => 0,
         Channel::Peer => 1,
     };
     p
+}
+
+impl Channel {
+    /// The version of this channel that this build speaks.
+    pub fn version(self) -> u16 {
+        match self {
+            Channel::Client => PROTOCOL_VERSION,
+            Channel::Peer => PEER_PROTOCOL_VERSION,
+        }
+    }
 }
 
 /// What the first bytes of a connection say.
@@ -78,14 +94,14 @@ pub fn read_preamble(buf: &[u8]) -> Result<Preamble, ProtoError> {
         return Ok(Preamble::Incomplete);
     }
     let version = u16::from_le_bytes([buf[4], buf[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(ProtoError::UnsupportedVersion(version));
-    }
     let channel = match buf[6] {
         0 => Channel::Client,
         1 => Channel::Peer,
         other => return Err(ProtoError::Malformed(format!("unknown channel {other}"))),
     };
+    if version != channel.version() {
+        return Err(ProtoError::UnsupportedVersion(version));
+    }
     Ok(Preamble::Binary { version, channel })
 }
 

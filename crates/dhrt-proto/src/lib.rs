@@ -37,8 +37,9 @@ pub use beside::{Beside, Either, Run};
 pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;
 pub use frame::{
-    Channel, DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PREAMBLE_LEN, PROTOCOL_VERSION,
-    Preamble, channel_preamble, decode_frame, encode_frame, frame_bounds, preamble, read_preamble,
+    Channel, DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PEER_PROTOCOL_VERSION,
+    PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, channel_preamble, decode_frame, encode_frame,
+    frame_bounds, preamble, read_preamble,
 };
 pub use message::{
     Entry, ErrorKind, Op, OpError, OpRef, Page, Reply, Request, RequestRef, Response,

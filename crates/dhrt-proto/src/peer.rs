@@ -26,8 +26,11 @@ pub struct Stamp {
 
 /// The handshake of a peer connection, in order: `Hello` (dialer), then
 /// `Challenge` (listener), then `Proof` (dialer), then `Accepted` or
-/// `Refused` (listener). Proofs are HMAC-SHA256 under the cluster secret
-/// (empty when none is set) over the role, both nonces and both node ids.
+/// `Refused` (listener). The dialer proves first: a stranger learns a
+/// node id and a random nonce, nothing it could test a guessed secret
+/// against. Proofs are HMAC-SHA256 under the cluster secret (empty when
+/// none is set) over the role, both node ids and both nonces. Every frame
+/// after `Accepted` is sealed (`docs/protocol.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Handshake {
     /// The dialer's id and nonce.
@@ -37,22 +40,24 @@ pub enum Handshake {
         /// Fresh random bytes.
         nonce: [u8; PROOF_LEN],
     },
-    /// The listener's id, its nonce, and its proof over both nonces.
+    /// The listener's id and nonce; no proof yet.
     Challenge {
         /// The listener's node id.
         node: u64,
         /// Fresh random bytes.
         nonce: [u8; PROOF_LEN],
-        /// The listener's proof.
-        proof: [u8; PROOF_LEN],
     },
-    /// The dialer's proof over both nonces.
+    /// The dialer's proof over both ids and nonces.
     Proof {
         /// The dialer's proof.
         proof: [u8; PROOF_LEN],
     },
-    /// The dialer may now send [`PeerMessage`]s.
-    Accepted,
+    /// The listener verified the dialer's proof; here is its own, which
+    /// the dialer verifies before sending anything else.
+    Accepted {
+        /// The listener's proof.
+        proof: [u8; PROOF_LEN],
+    },
     /// The listener refuses the dialer; the connection closes.
     Refused {
         /// Why, for the dialer's log.

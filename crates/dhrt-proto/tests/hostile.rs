@@ -170,6 +170,27 @@ fn the_preamble_tells_binary_from_http() {
 }
 
 #[test]
+fn the_peer_channel_has_its_own_version() {
+    use dhrt_proto::{Channel, PEER_PROTOCOL_VERSION, channel_preamble};
+    let peer = channel_preamble(Channel::Peer);
+    assert_eq!(
+        read_preamble(&peer).unwrap(),
+        Preamble::Binary {
+            version: PEER_PROTOCOL_VERSION,
+            channel: Channel::Peer
+        }
+    );
+    // A node of a build before the sealed peer channel says version 1.
+    let mut old = peer;
+    old[4..6].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(read_preamble(&old), Err(ProtoError::UnsupportedVersion(1)));
+    // The client channel did not change.
+    let mut client = preamble();
+    client[4..6].copy_from_slice(&PEER_PROTOCOL_VERSION.to_le_bytes());
+    assert!(read_preamble(&client).is_err());
+}
+
+#[test]
 fn oversized_messages_are_not_encoded() {
     let mut out = vec![1, 2, 3];
     let r = encode_frame(&sample(), &mut out, 100);

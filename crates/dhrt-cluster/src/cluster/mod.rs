@@ -65,6 +65,10 @@ pub struct ClusterOptions {
     /// Writes kept per peer while it is away; beyond this, anti-entropy
     /// repairs it when it returns.
     pub max_hints: usize,
+    /// The bytes of those writes kept per peer (keys, values and a fixed
+    /// allowance per write); beyond this too, the oldest are dropped and
+    /// anti-entropy repairs the peer when it returns.
+    pub max_hint_bytes: usize,
     /// The largest offset allowed between two nodes' clocks: a stamp from a
     /// peer further than this ahead of this node's clock is refused, and a
     /// node whose clock is further than this from its peers' refuses
@@ -97,6 +101,7 @@ impl Default for ClusterOptions {
             membership: MembershipConfig::default(),
             anti_entropy_every: Duration::from_secs(2),
             max_hints: 1_000_000,
+            max_hint_bytes: 256 << 20,
             max_clock_ahead: Duration::from_secs(60),
             max_frame: dhrt_proto::DEFAULT_MAX_FRAME,
             connector: Arc::new(TcpConnector),
@@ -390,11 +395,28 @@ impl Cluster {
             out,
             "# HELP dhrt_replication_queue Writes queued for a peer (in flight, or hints while it is away).\n# TYPE dhrt_replication_queue gauge"
         );
-        for p in &peers {
-            let queued = p.queue.lock().unwrap().len();
+        let queues: Vec<(usize, usize)> = peers
+            .iter()
+            .map(|p| {
+                let q = p.queue.lock().unwrap();
+                (q.len(), q.bytes())
+            })
+            .collect();
+        for (p, (queued, _)) in peers.iter().zip(&queues) {
             let _ = writeln!(
                 out,
                 "dhrt_replication_queue{{peer=\"{}\"}} {queued}",
+                p.link.addr()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_replication_queue_bytes Bytes of the writes queued for a peer (bounded by max_hint_bytes).\n# TYPE dhrt_replication_queue_bytes gauge"
+        );
+        for (p, (_, bytes)) in peers.iter().zip(&queues) {
+            let _ = writeln!(
+                out,
+                "dhrt_replication_queue_bytes{{peer=\"{}\"}} {bytes}",
                 p.link.addr()
             );
         }

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of};
 use crate::link::{Link, LinkError};
 use crate::placement::{self, hosts};
-use crate::queue::Queue;
+use crate::queue::{Queue, Room};
 
 /// One peer: its connection and the writes on their way to it.
 #[derive(Debug)]
@@ -159,11 +159,13 @@ impl Cluster {
     /// Queues `mutations` for `peer`; returns the sequence numbers of the
     /// first and the last.
     pub(super) fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> (u64, u64) {
-        let range = peer
-            .queue
-            .lock()
-            .unwrap()
-            .push(mutations, self.options.max_hints);
+        let range = peer.queue.lock().unwrap().push(
+            mutations,
+            Room {
+                items: self.options.max_hints,
+                bytes: self.options.max_hint_bytes,
+            },
+        );
         peer.wake.notify_one();
         range
     }
