@@ -10,11 +10,7 @@ fn allowed() -> BTreeMap<&'static str, &'static [&'static str]> {
     BTreeMap::from([
         ("dhrt-storage", &[][..]),
         ("dhrt-proto", &[][..]),
-        ("dhrt-seal", &[][..]),
-        (
-            "dhrt-cluster",
-            &["dhrt-storage", "dhrt-proto", "dhrt-seal"][..],
-        ),
+        ("dhrt-cluster", &["dhrt-storage", "dhrt-proto"][..]),
         ("dhrt-http", &["dhrt-proto"][..]),
         ("dhrt-client", &["dhrt-proto"][..]),
         (
@@ -184,13 +180,7 @@ fn unsafe_code_lives_only_where_it_is_allowed() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    for krate in [
-        "dhrt-proto",
-        "dhrt-seal",
-        "dhrt-http",
-        "dhrt-cluster",
-        "dhrt-client",
-    ] {
+    for krate in ["dhrt-proto", "dhrt-http", "dhrt-cluster", "dhrt-client"] {
         let lib =
             std::fs::read_to_string(root.join("crates").join(krate).join("src/lib.rs")).unwrap();
         assert!(lib.contains("#![forbid(unsafe_code)]"), "{krate}");

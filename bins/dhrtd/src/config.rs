@@ -99,6 +99,10 @@ pub(crate) struct Args {
     /// anti-entropy repairs it.
     #[arg(long, env = "DHRT_MAX_HINTS", value_name = "N")]
     max_hints: Option<usize>,
+    /// Bytes of writes kept per unreachable peer (keys and values), as well
+    /// as --max-hints; beyond either, anti-entropy repairs it.
+    #[arg(long, env = "DHRT_MAX_HINT_BYTES", value_name = "N")]
+    max_hint_bytes: Option<usize>,
     /// The largest offset allowed between two nodes' clocks, in ms: a peer's
     /// write stamped further ahead is refused, and a node whose clock is
     /// further off from its peers' refuses client writes (503).
@@ -141,6 +145,7 @@ struct File {
     collections: Option<Vec<String>>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
+    max_hint_bytes: Option<usize>,
     max_clock_offset_ms: Option<u64>,
 }
 
@@ -188,6 +193,7 @@ pub(crate) struct Config {
     pub(crate) collections: Option<Vec<String>>,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
+    pub(crate) max_hint_bytes: usize,
     pub(crate) max_clock_offset: Duration,
     pub(crate) clock_offset_ms: i64,
 }
@@ -330,6 +336,10 @@ impl Config {
                     .unwrap_or(24 * 3600),
             ),
             max_hints: args.max_hints.or(file.max_hints).unwrap_or(1_000_000),
+            max_hint_bytes: args
+                .max_hint_bytes
+                .or(file.max_hint_bytes)
+                .unwrap_or(256 << 20),
             max_clock_offset,
             clock_offset_ms: args.clock_offset_ms.unwrap_or(0),
         })

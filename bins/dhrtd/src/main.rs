@@ -202,6 +202,7 @@ async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
             seeds: config.seeds.clone(),
             state_file: (!config.memory).then(|| config.data_dir.join("cluster.state")),
             max_hints: config.max_hints,
+            max_hint_bytes: config.max_hint_bytes,
             max_clock_ahead: config.max_clock_offset,
             ..ClusterOptions::default()
         },

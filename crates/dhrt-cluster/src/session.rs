@@ -1,6 +1,6 @@
 //! The sealed session of a peer connection, pure (no I/O; `wire.rs`
 //! frames, reads and writes): two keys, one per direction, and
-//! ChaCha20-Poly1305 under them (`dhrt_seal`, built optimized even in
+//! ChaCha20-Poly1305 under them (`dhrt_proto::seal`, built optimized even in
 //! debug builds).
 //!
 //! Rules:
@@ -21,14 +21,14 @@
 //!   a node without a secret serves peers on loopback only.
 
 use dhrt_proto::PROOF_LEN;
-use dhrt_seal::{Cipher, NONCE_LEN};
+use dhrt_proto::seal::{Cipher, NONCE_LEN};
 use hkdf::Hkdf;
 use sha2::Sha256;
 
 use crate::auth::{Role, Transcript};
 
 /// Bytes a sealed frame adds: the Poly1305 tag.
-pub(crate) const TAG_LEN: usize = dhrt_seal::TAG_LEN;
+pub(crate) const TAG_LEN: usize = dhrt_proto::seal::TAG_LEN;
 
 const SALT_LABEL: &[u8] = b"dhrt-peer-session-v2";
 const DIALER_TO_LISTENER: &[u8] = b"dhrt-peer dialer to listener";

@@ -30,6 +30,7 @@ mod frame;
 mod message;
 mod ops;
 mod peer;
+pub mod seal;
 mod stats;
 
 pub use auth::{Access, Role, Standing};

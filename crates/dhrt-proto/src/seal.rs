@@ -1,13 +1,11 @@
-//! `dhrt-seal`: ChaCha20-Poly1305 (RFC 8439) in place, behind functions
-//! that are not generic. The RustCrypto cipher is generic code, compiled in
-//! the crate that names its types: in `dhrt-cluster`, left at opt-level 0
-//! in debug builds, it ran at a few MiB/s, and the simulations and
-//! end-to-end tests crawled. Here it is compiled once, optimized in every
-//! profile (see the workspace `Cargo.toml`). Nonces and keys are the
-//! caller's business (`dhrt-cluster`'s `session` module): this crate only
-//! seals and opens.
-
-#![forbid(unsafe_code)]
+//! The peer frames' cipher: ChaCha20-Poly1305 (RFC 8439) in place, behind
+//! functions that are not generic. The RustCrypto cipher is generic code,
+//! compiled in the crate that names its types: in `dhrt-cluster`, left at
+//! opt-level 0 in debug builds, it ran at a few MiB/s, and the simulations
+//! and end-to-end tests crawled. Here it is compiled once, in `dhrt-proto`,
+//! which is optimized in every profile (see the workspace `Cargo.toml`).
+//! Nonces and keys are the caller's business (`dhrt-cluster`'s `session`
+//! module): this only seals and opens.
 
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
