@@ -211,7 +211,7 @@ fn tokens_and_roles_over_http_the_binary_protocol_the_cli_and_the_client() {
 }
 
 /// A global address of this machine, to reach a node from off loopback.
-fn host_ip() -> IpAddr {
+pub(crate) fn host_ip() -> IpAddr {
     let out = Command::new("ip")
         .args(["-4", "-o", "addr", "show", "scope", "global"])
         .output()
@@ -224,7 +224,7 @@ fn host_ip() -> IpAddr {
         .unwrap_or_else(|| panic!("this machine has no global IPv4 address to test with: {text}"))
 }
 
-const SECRET: &str = "0123456789abcdef0123456789abcdef-security-test";
+pub(crate) const SECRET: &str = "0123456789abcdef0123456789abcdef-security-test";
 
 #[test]
 fn without_an_auth_file_only_loopback_clients_are_served() {
@@ -281,13 +281,19 @@ fn without_an_auth_file_only_loopback_clients_are_served() {
     drop(node);
 }
 
-struct Child(std::process::Child);
+pub(crate) struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `dhrtd` with exactly `args` (no --listen added).
+pub(crate) fn spawn_node(data: &Path, args: &[String]) -> Child {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(data, &args)
 }
 
 fn spawn(data: &Path, args: &[&str]) -> Child {
@@ -304,7 +310,7 @@ fn spawn(data: &Path, args: &[&str]) -> Child {
     )
 }
 
-fn wait_serving(addr: SocketAddr) {
+pub(crate) fn wait_serving(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "dhrtd did not start on {addr}");

@@ -13,3 +13,4 @@ mod memory;
 mod node;
 mod partition;
 mod security;
+mod tls;

@@ -28,6 +28,15 @@ struct Args {
     /// The token to authenticate with (see `dhrt-cli token`).
     #[arg(long, env = "DHRT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Speak TLS, trusting this CA (PEM) for the node's certificate.
+    #[arg(long, env = "DHRT_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With TLS, the client certificate (PEM) for a node that requires one.
+    #[arg(long, env = "DHRT_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DHRT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Print results (and errors) as JSON.
     #[arg(long)]
     json: bool,
@@ -159,11 +168,42 @@ pub(crate) fn print_token(role: Role, name: &str) {
     println!("{}", dhrt_proto::auth::auth_line(role, &token, name));
 }
 
-/// A connection to `addr`, authenticated with `token` if one is given.
-pub(crate) async fn connect(addr: &str, token: Option<&str>) -> Result<Client, Error> {
-    let mut builder = Client::builder(addr);
-    if let Some(token) = token {
+/// How to reach the node: address, token, TLS files.
+pub(crate) struct Target<'a> {
+    pub(crate) addr: &'a str,
+    token: Option<&'a str>,
+    tls_ca: Option<&'a std::path::Path>,
+    tls_identity: Option<(&'a std::path::Path, &'a std::path::Path)>,
+}
+
+impl<'a> Target<'a> {
+    fn of(args: &'a Args) -> Self {
+        Target {
+            addr: &args.addr,
+            token: args.token.as_deref(),
+            tls_ca: args.tls_ca.as_deref(),
+            tls_identity: args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+        }
+    }
+}
+
+/// A connection to the target, over TLS and authenticated as it says.
+pub(crate) async fn connect(target: &Target<'_>) -> Result<Client, Error> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| Error::Connect {
+            addr: format!("{} (reading {})", target.addr, path.display()),
+            source,
+        })
+    };
+    let mut builder = Client::builder(target.addr);
+    if let Some(token) = target.token {
         builder = builder.token(token);
+    }
+    if let Some(ca) = target.tls_ca {
+        builder = builder.tls_ca(read(ca)?);
+    }
+    if let Some((cert, key)) = target.tls_identity {
+        builder = builder.tls_identity(read(cert)?, read(key)?);
     }
     builder.connect().await
 }
@@ -175,7 +215,7 @@ fn main() -> ExitCode {
         .build()
         .expect("start the runtime");
     if args.command.is_empty() {
-        return repl::run(&runtime, &args.addr, args.token.as_deref(), args.json);
+        return repl::run(&runtime, &Target::of(&args), args.json);
     }
     let command = match command::parse(&args.command) {
         Ok(c) => c,
@@ -201,7 +241,7 @@ fn main() -> ExitCode {
         _ => {}
     }
     let result = runtime.block_on(async {
-        let client = connect(&args.addr, args.token.as_deref()).await?;
+        let client = connect(&Target::of(&args)).await?;
         let mut out = Vec::new();
         let outcome = execute(&client, &command, args.json, &mut out).await?;
         Ok::<_, Error>((outcome, out))

@@ -54,11 +54,11 @@ fn history_path() -> Option<std::path::PathBuf> {
 /// with exit code 2.
 pub(crate) fn run(
     runtime: &tokio::runtime::Runtime,
-    addr: &str,
-    token: Option<&str>,
+    target: &crate::Target<'_>,
     json: bool,
 ) -> ExitCode {
-    let client = match runtime.block_on(crate::connect(addr, token)) {
+    let addr = target.addr;
+    let client = match runtime.block_on(crate::connect(target)) {
         Ok(c) => c,
         Err(e @ dhrt_client::Error::Connect { .. }) => {
             crate::print_error(&format!("{e} (is dhrtd running there?)"), json);

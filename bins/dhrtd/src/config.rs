@@ -83,6 +83,22 @@ pub(crate) struct Args {
     /// admin: they can read, write and drop everything.
     #[arg(long, env = "DHRT_NO_AUTH")]
     no_auth: bool,
+    /// TLS on the one port, for HTTP, the binary protocol and peers: the
+    /// certificate chain (PEM). With it, plain text is served on loopback
+    /// only.
+    #[arg(long, env = "DHRT_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DHRT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require TLS clients to present a certificate signed by this CA (PEM).
+    #[arg(
+        long,
+        env = "DHRT_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
     /// Host only these collections (comma-separated); default all.
     #[arg(
         long,
@@ -142,6 +158,9 @@ struct File {
     cluster_secret: Option<String>,
     auth_file: Option<PathBuf>,
     no_auth: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     collections: Option<Vec<String>>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
@@ -190,6 +209,8 @@ pub(crate) struct Config {
     pub(crate) timeout: Duration,
     pub(crate) cluster_secret: Option<String>,
     pub(crate) auth: Auth,
+    /// Certificate, key, and client CA if any.
+    pub(crate) tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     pub(crate) collections: Option<Vec<String>>,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
@@ -299,6 +320,15 @@ impl Config {
             (None, true) => Auth::Open,
             (None, false) => Auth::LoopbackOnly,
         };
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (Some(cert), Some(key), ca) => Some((cert, key, ca)),
+            (None, None, None) => None,
+            _ => bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca needs them)"),
+        };
         let advertise = args
             .advertise
             .or(file.advertise)
@@ -329,6 +359,7 @@ impl Config {
             timeout: Duration::from_millis(timeout_ms),
             cluster_secret,
             auth,
+            tls,
             collections,
             tombstone_grace: Duration::from_secs(
                 args.tombstone_grace_secs

@@ -6,12 +6,17 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dhrt_cluster::{BinaryLimits, Node, serve_binary};
 use dhrt_http::Api;
 use dhrt_proto::{Channel, PREAMBLE_LEN, Preamble, read_preamble};
+
+use crate::tls::{self, Tls};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -31,8 +36,11 @@ pub(crate) struct Servers {
     pub(crate) node: Arc<Node>,
     pub(crate) http: Arc<Api<Node>>,
     pub(crate) binary: BinaryLimits,
-    /// How long a new connection may take to send its first byte.
+    /// How long a new connection may take to send its first byte (and,
+    /// with TLS, to finish its handshake).
     pub(crate) first_byte_timeout: Duration,
+    /// TLS, when configured: then plain text is served on loopback only.
+    pub(crate) tls: Option<Tls>,
 }
 
 /// Accepts connections until `shutdown` is cancelled, then waits up to
@@ -106,11 +114,29 @@ enum Kind {
     Http,
     Binary,
     Peer,
+    Tls,
+}
+
+/// What `head` (a connection's first bytes) says it is; `None` if too few
+/// bytes to tell.
+fn kind_of(head: &[u8]) -> Option<Kind> {
+    if head.first() == Some(&tls::HANDSHAKE_RECORD) {
+        return Some(Kind::Tls);
+    }
+    match read_preamble(head) {
+        Ok(Preamble::NotBinary) => Some(Kind::Http),
+        Ok(Preamble::Binary {
+            channel: Channel::Peer,
+            ..
+        }) => Some(Kind::Peer),
+        // A bad version or channel: the binary server says so.
+        Ok(Preamble::Binary { .. }) | Err(_) => Some(Kind::Binary),
+        Ok(Preamble::Incomplete) => None,
+    }
 }
 
 /// Looks at the first bytes without taking them (the server chosen reads
-/// the connection from its start): `None` if the connection closed or said
-/// nothing in time.
+/// the connection from its start): `None` if the connection closed first.
 async fn classify(stream: &TcpStream) -> io::Result<Option<Kind>> {
     let mut head = [0u8; PREAMBLE_LEN];
     loop {
@@ -118,41 +144,179 @@ async fn classify(stream: &TcpStream) -> io::Result<Option<Kind>> {
         if n == 0 {
             return Ok(None);
         }
-        match read_preamble(&head[..n]) {
-            Ok(Preamble::NotBinary) => return Ok(Some(Kind::Http)),
-            Ok(Preamble::Binary {
-                channel: Channel::Peer,
-                ..
-            }) => return Ok(Some(Kind::Peer)),
-            // A bad version or channel: the binary server says so.
-            Ok(Preamble::Binary { .. }) | Err(_) => return Ok(Some(Kind::Binary)),
+        match kind_of(&head[..n]) {
+            Some(kind) => return Ok(Some(kind)),
             // Part of a preamble: peeking again at once would find the
             // same bytes.
-            Ok(Preamble::Incomplete) => tokio::time::sleep(Duration::from_millis(5)).await,
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
 }
 
+/// Reads the first bytes inside TLS until they say what the connection is;
+/// the stream then replays them to the server chosen.
+async fn classify_inside<S: AsyncRead + Unpin>(
+    mut stream: S,
+) -> io::Result<Option<(Kind, Replay<S>)>> {
+    let mut head = Vec::with_capacity(PREAMBLE_LEN);
+    loop {
+        let mut more = [0u8; PREAMBLE_LEN];
+        let want = PREAMBLE_LEN - head.len();
+        let n = stream.read(&mut more[..want]).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&more[..n]);
+        match kind_of(&head) {
+            // TLS inside TLS is nothing this node speaks: HTTP answers it.
+            Some(Kind::Tls) => return Ok(Some((Kind::Http, Replay::new(head, stream)))),
+            Some(kind) => return Ok(Some((kind, Replay::new(head, stream)))),
+            None => {}
+        }
+    }
+}
+
+/// A stream whose first bytes were read already: they are read again
+/// first.
+struct Replay<S> {
+    head: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    fn new(head: Vec<u8>, inner: S) -> Self {
+        Replay { head, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The answer a plain HTTP client gets from a node that speaks TLS only.
+const TLS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Connection: close\r\nContent-Length: 57\r\n\r\n{\"Error\":\"this node speaks TLS only: use https (or TLS)\"}";
+
 async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     remote: SocketAddr,
     servers: &Servers,
     caps: &Caps,
     pending: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    let limit = servers.first_byte_timeout;
     let kind = tokio::select! {
-        r = tokio::time::timeout(servers.first_byte_timeout, classify(&stream)) => match r {
+        r = tokio::time::timeout(limit, classify(&stream)) => match r {
             Ok(Ok(Some(kind))) => kind,
             Ok(Ok(None)) | Err(_) => return Ok(()), // connected and said nothing
             Ok(Err(e)) => return Err(e),
         },
         () = shutdown.cancelled() => return Ok(()),
     };
-    drop(pending);
+    match (kind, &servers.tls) {
+        (Kind::Tls, None) => {
+            tracing::debug!(%remote, "a TLS connection to a node without TLS; closing");
+            Ok(())
+        }
+        (Kind::Tls, Some(tls)) => {
+            // The handshake and the first bytes inside it, in the time a
+            // plain connection has for its first byte.
+            let inside = async {
+                let stream = tls.acceptor.accept(stream).await?;
+                classify_inside(stream).await
+            };
+            let (kind, stream) = tokio::select! {
+                r = tokio::time::timeout(limit, inside) => match r {
+                    Ok(Ok(Some(found))) => found,
+                    Ok(Ok(None)) | Err(_) => return Ok(()),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, "TLS handshake failed: {e}");
+                        return Ok(());
+                    }
+                },
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            drop(pending);
+            serve_kind(kind, stream, remote, servers, caps, shutdown).await
+        }
+        // With TLS on, plain text only on loopback.
+        (kind, Some(_)) if !dhrt_proto::auth::is_loopback(remote.ip()) => {
+            tracing::debug!(%remote, ?kind, "plain text to a node that speaks TLS only; closing");
+            if kind == Kind::Http {
+                let _ = stream.write_all(TLS_REQUIRED).await;
+                let _ = stream.shutdown().await;
+                // Take what the client sent, briefly: closing with unread
+                // bytes would reset the connection before it reads the
+                // answer.
+                let mut sink = [0u8; 4096];
+                let drain = async {
+                    let mut left: usize = 64 * 1024;
+                    while left > 0 {
+                        match stream.read(&mut sink).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => left = left.saturating_sub(n),
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            }
+            Ok(())
+        }
+        (kind, _) => {
+            drop(pending);
+            serve_kind(kind, stream, remote, servers, caps, shutdown).await
+        }
+    }
+}
+
+/// Serves a connection known to be `kind`, in a slot of its kind.
+async fn serve_kind<S>(
+    kind: Kind,
+    stream: S,
+    remote: SocketAddr,
+    servers: &Servers,
+    caps: &Caps,
+    shutdown: CancellationToken,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (cap, limit) = match kind {
         Kind::Peer => (&caps.peers, caps.slots.peers),
-        Kind::Http | Kind::Binary => (&caps.clients, caps.slots.clients),
+        Kind::Http | Kind::Binary | Kind::Tls => (&caps.clients, caps.slots.clients),
     };
     let Ok(_slot) = cap.try_acquire() else {
         tracing::warn!(%remote, ?kind, limit, "connection limit reached; refusing");

@@ -6,6 +6,7 @@
 
 mod config;
 mod listener;
+mod tls;
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
@@ -42,6 +43,16 @@ fn main() -> ExitCode {
             }
         },
     };
+    let tls = match &config.tls {
+        None => None,
+        Some((cert, key, ca)) => match tls::Tls::load(cert, key, ca.as_deref()) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("dhrtd: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     init_logging(config.json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,7 +64,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, access)) {
+    match runtime.block_on(run(config, access, tls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -150,7 +161,7 @@ fn reload(auth: &Auth, access: &Access) {
     }
 }
 
-async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
+async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyhow::Result<()> {
     let sync = match config.sync {
         Sync::Always => SyncMode::Always,
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
@@ -204,6 +215,10 @@ async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
             max_hints: config.max_hints,
             max_hint_bytes: config.max_hint_bytes,
             max_clock_ahead: config.max_clock_offset,
+            connector: match &tls {
+                Some(tls) => tls.peers.clone(),
+                None => Arc::new(dhrt_cluster::TcpConnector),
+            },
             ..ClusterOptions::default()
         },
     );
@@ -245,6 +260,7 @@ async fn run(config: Config, access: Arc<Access>) -> anyhow::Result<()> {
             ..BinaryLimits::default()
         },
         first_byte_timeout: Duration::from_secs(10),
+        tls,
     });
     let signal = signalled(config.auth.clone(), access)?;
     tracing::info!(

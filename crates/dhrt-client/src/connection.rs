@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,12 +13,12 @@ use dhrt_proto::{
     DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, Reply, Request, Response, Role, decode_frame,
     encode_frame, preamble,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::tls;
 
 type Answer = oneshot::Sender<Result<Reply, Error>>;
 
@@ -56,6 +57,15 @@ fn unexpected(reply: Reply) -> Error {
 pub struct ClientBuilder {
     addr: String,
     token: Option<String>,
+    tls: Option<TlsOptions>,
+}
+
+/// TLS settings: the CA the node's certificate must chain to, and a client
+/// certificate for a node that asks for one.
+#[derive(Clone)]
+struct TlsOptions {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -64,6 +74,7 @@ impl std::fmt::Debug for ClientBuilder {
         f.debug_struct("ClientBuilder")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "..."))
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -77,10 +88,53 @@ impl ClientBuilder {
         self
     }
 
+    /// Speak TLS, trusting the certificates of the PEM `ca` (one or more
+    /// CA certificates) for the node's. The node's certificate must name
+    /// the host of the address connected to.
+    pub fn tls_ca(mut self, ca: impl Into<Vec<u8>>) -> Self {
+        let identity = self.tls.take().and_then(|t| t.identity);
+        self.tls = Some(TlsOptions {
+            ca: ca.into(),
+            identity,
+        });
+        self
+    }
+
+    /// With TLS, present this certificate chain and private key (PEM) to a
+    /// node that requires client certificates (`--tls-client-ca`).
+    pub fn tls_identity(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        let ca = self.tls.take().map(|t| t.ca).unwrap_or_default();
+        self.tls = Some(TlsOptions {
+            ca,
+            identity: Some((cert.into(), key.into())),
+        });
+        self
+    }
+
     /// Connects, and authenticates if a token was given: a token the node
     /// refuses fails here, with [`Error::Unauthenticated`].
     pub async fn connect(self) -> Result<Client, Error> {
-        let client = Client::connect(self.addr.as_str()).await?;
+        let connect_err = |source| Error::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let stream = TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(connect_err)?;
+        let _ = stream.set_nodelay(true);
+        let client = match &self.tls {
+            None => Client::start(stream).await.map_err(connect_err)?,
+            Some(tls) => {
+                let config = tls::client_config(tls.ca.as_slice(), tls.identity.as_ref())
+                    .map_err(|e| connect_err(io::Error::other(e)))?;
+                let name = tls::server_name(&self.addr).map_err(connect_err)?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(connect_err)?;
+                Client::start(stream).await.map_err(connect_err)?
+            }
+        };
         if let Some(token) = self.token {
             client.authenticate(&token).await?;
         }
@@ -95,6 +149,7 @@ impl Client {
         ClientBuilder {
             addr: addr.into(),
             token: None,
+            tls: None,
         }
     }
 
@@ -121,8 +176,16 @@ impl Client {
         };
         let stream = TcpStream::connect(&addr).await.map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
-        let (read, mut write) = stream.into_split();
-        write.write_all(&preamble()).await.map_err(connect_err)?;
+        Client::start(stream).await.map_err(connect_err)
+    }
+
+    /// Sends the preamble on `stream` and starts its writer and reader.
+    async fn start<S>(mut stream: S) -> io::Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        stream.write_all(&preamble()).await?;
+        let (read, write) = tokio::io::split(stream);
         let inflight = Arc::new(Mutex::new(Inflight::default()));
         let (calls, queue) = mpsc::channel(4096);
         tokio::spawn(writer(queue, write, inflight.clone()));
@@ -287,9 +350,9 @@ impl Client {
     }
 }
 
-async fn writer(
+async fn writer<W: AsyncWrite + Unpin>(
     mut queue: mpsc::Receiver<Vec<Call>>,
-    mut write: OwnedWriteHalf,
+    mut write: W,
     inflight: Arc<Mutex<Inflight>>,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
@@ -329,7 +392,7 @@ async fn writer(
     }
 }
 
-async fn reader(mut read: OwnedReadHalf, inflight: Arc<Mutex<Inflight>>) {
+async fn reader<R: AsyncRead + Unpin>(mut read: R, inflight: Arc<Mutex<Inflight>>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let reason = 'read: loop {
         loop {

@@ -19,6 +19,7 @@
 
 mod connection;
 mod error;
+mod tls;
 
 pub use connection::{Client, ClientBuilder};
 pub use dhrt_proto::{Entry, NodeStats, Page, Role};
