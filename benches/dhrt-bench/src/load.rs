@@ -4,6 +4,7 @@
 //! socket, not on building messages. Every answer is still decoded and
 //! checked: the id it echoes, and that it is the reply its request expects.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
@@ -11,7 +12,7 @@ use dhrt_proto::{
     DEFAULT_MAX_FRAME, Decoded, Op, Reply, Request, Response, decode, encode_frame, frame_bounds,
     preamble,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Length of every key: `key:` and 12 digits, or `key:__rand_int__`.
@@ -99,28 +100,112 @@ pub(crate) fn format_key(slot: &mut [u8], mut n: u64) {
     }
 }
 
+/// A byte stream to the node: TCP, or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+/// How to open connections: the address, TLS, a token.
+#[derive(Clone)]
+pub(crate) struct Dial {
+    pub(crate) addr: String,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(crate) token: Option<String>,
+}
+
+/// A TLS client configuration trusting the CA certificates of the PEM file
+/// `path`.
+pub(crate) fn tls_config(path: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{path}: {e}"))? {
+        roots
+            .add(cert.map_err(|e| format!("{path}: {e}"))?)
+            .map_err(|e| format!("{path}: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// One connection to the node.
 pub(crate) struct Connection {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     out: Vec<u8>,
     buf: BytesMut,
 }
 
 impl Connection {
-    pub(crate) async fn open(addr: &str) -> Result<Connection, String> {
-        let mut stream = TcpStream::connect(addr)
+    pub(crate) async fn open(dial: &Dial) -> Result<Connection, String> {
+        let addr = dial.addr.as_str();
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream: Box<dyn Stream> = match &dial.tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{host}: {e}"))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS to {addr}: {e}"))?;
+                Box::new(tls)
+            }
+        };
         stream
             .write_all(&preamble())
             .await
             .map_err(|e| format!("cannot write to {addr}: {e}"))?;
-        Ok(Connection {
+        let mut connection = Connection {
             stream,
             out: Vec::with_capacity(16 * 1024),
             buf: BytesMut::with_capacity(64 * 1024),
-        })
+        };
+        if let Some(token) = &dial.token {
+            connection.authenticate(token).await?;
+        }
+        Ok(connection)
+    }
+
+    /// Presents `token`; the node must accept it.
+    async fn authenticate(&mut self, token: &str) -> Result<(), String> {
+        let auth = Request {
+            id: 0,
+            op: Op::Auth {
+                token: token.to_string(),
+            },
+        };
+        self.out.clear();
+        encode_frame(&auth, &mut self.out, DEFAULT_MAX_FRAME).map_err(|e| e.to_string())?;
+        self.stream
+            .write_all(&self.out)
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+        loop {
+            if let Decoded::Complete { msg, len } = frame_bounds(&self.buf, DEFAULT_MAX_FRAME)
+                .map_err(|e| format!("the node sent a bad frame: {e}"))?
+            {
+                let response: Response = decode(&self.buf[msg])
+                    .map_err(|e| format!("the node sent an unreadable answer: {e}"))?;
+                self.buf.advance(len);
+                return match response.result {
+                    Ok(Reply::Authenticated(_)) => Ok(()),
+                    other => Err(format!("the token was refused: {other:?}")),
+                };
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) => return Err("the node closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read failed: {e}")),
+            }
+        }
     }
 
     /// Sends one request per entry of `keys` in one write and waits for

@@ -63,6 +63,12 @@ struct Args {
     /// The collection to use.
     #[arg(long, default_value = "bench")]
     collection: String,
+    /// Authenticate every connection with this token first.
+    #[arg(long, env = "DHRT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Speak TLS, trusting this CA (PEM) for the node's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<String>,
     /// Print CSV like redis-benchmark --csv.
     #[arg(long)]
     csv: bool,
@@ -218,9 +224,14 @@ fn main() -> std::process::ExitCode {
     }
     .expect("runtime");
     let result = runtime.block_on(async {
+        let dial = load::Dial {
+            addr: args.addr.clone(),
+            tls: args.tls_ca.as_deref().map(load::tls_config).transpose()?,
+            token: args.token.clone(),
+        };
         let mut connections = Vec::new();
         for _ in 0..args.clients.max(1) {
-            connections.push(Connection::open(&args.addr).await?);
+            connections.push(Connection::open(&dial).await?);
         }
         if args.csv {
             println!(r#""test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms""#);

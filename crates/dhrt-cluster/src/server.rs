@@ -17,6 +17,8 @@ use dhrt_proto::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use dhrt_proto::auth::Remembered;
+
 use crate::node::Node;
 use crate::peer_server::serve_peer;
 pub use crate::wire::Closed;
@@ -158,6 +160,7 @@ where
     let mut spare: Vec<Item<'static>> = Vec::new();
     let access = &*limits.access;
     let mut standing = access.connect(remote.ip());
+    let mut memo = Remembered::default();
     loop {
         // Take every complete request in the buffer and answer them in
         // order, writing whenever WRITE_BUDGET bytes of answers are ready
@@ -184,7 +187,9 @@ where
                 };
                 let payload = &rest[range];
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
-                    Ok(request) => batch.push(admit(access, &mut standing, request)),
+                    Ok(request) => {
+                        batch.push(admit(access, &mut standing, &mut memo, request));
+                    }
                     Err(e) => match request_id(payload) {
                         Some(id) => batch.push(Err(Response {
                             id,
@@ -304,7 +309,12 @@ type Item<'a> = Result<RequestRef<'a>, Response>;
 /// it at once if not, or if it is an `Auth` (which changes the standing,
 /// in order: requests after it in the same batch see the new one).
 #[inline]
-fn admit<'a>(access: &Access, standing: &mut Standing, request: RequestRef<'a>) -> Item<'a> {
+fn admit<'a>(
+    access: &Access,
+    standing: &mut Standing,
+    memo: &mut Remembered,
+    request: RequestRef<'a>,
+) -> Item<'a> {
     if let OpRef::Auth { token } = request.op {
         let result = access.present(*standing, token.as_bytes()).and_then(|s| {
             *standing = s;
@@ -319,7 +329,7 @@ fn admit<'a>(access: &Access, standing: &mut Standing, request: RequestRef<'a>) 
         return Ok(request);
     }
     let (needed, what) = dhrt_proto::auth::needed(&request.op);
-    match access.check(*standing, needed, what) {
+    match access.check_remembered(*standing, needed, what, memo) {
         Ok(()) => Ok(request),
         Err(e) => Err(Response {
             id: request.id,

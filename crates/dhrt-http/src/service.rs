@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use dhrt_proto::{Access, Beside, Entry, Operations, Role, auth::Mode};
+use dhrt_proto::auth::{Mode, Remembered};
+use dhrt_proto::{Access, Beside, Entry, Operations, Role};
 use futures_util::future::{self, Either};
 use http::header::{
     ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
@@ -255,7 +256,7 @@ impl<O: Operations> Api<O> {
         B::Error: Into<BoxError>,
     {
         let facts = HeadFacts::of(req.headers());
-        let role = self.role(remote, req.headers());
+        let role = self.role(remote, req.headers(), &mut Remembered::default());
         match self.answer_now(&req, facts, &role) {
             Some(response) => Either::Left(future::ready(response)),
             None => Either::Right(self.clone().answer_later(req, facts, role)),
@@ -264,7 +265,12 @@ impl<O: Operations> Api<O> {
 
     /// The role of a request from `remote` with these headers, or its 401.
     #[inline]
-    fn role(&self, remote: IpAddr, headers: &HeaderMap) -> Result<Role, HttpError> {
+    fn role(
+        &self,
+        remote: IpAddr,
+        headers: &HeaderMap,
+        memo: &mut Remembered,
+    ) -> Result<Role, HttpError> {
         let access = &self.limits.access;
         if access.mode() == Mode::Open {
             return Ok(Role::Admin);
@@ -273,7 +279,7 @@ impl<O: Operations> Api<O> {
             Mode::Tokens => bearer(headers)?,
             _ => None,
         };
-        Ok(access.request(remote, token)?)
+        Ok(access.request_remembered(remote, token, memo)?)
     }
 
     /// The response to any request: the long way.
@@ -594,12 +600,15 @@ impl<O: Operations> Api<O> {
         let watch = HeadWatch::new();
         let api = self.clone();
         let service_watch = watch.clone();
+        let memo = std::sync::Mutex::new(Remembered::default());
         let service = service_fn(move |req: Request<Incoming>| {
             service_watch.head_complete();
             // The same two ways as `handle`, without wrapping one future in
             // another on the hot path.
             let facts = HeadFacts::of(req.headers());
-            let role = api.role(remote, req.headers());
+            // One request at a time on a connection: the lock is never
+            // contended.
+            let role = api.role(remote, req.headers(), &mut memo.lock().unwrap());
             if let Some(response) = api.answer_now(&req, facts, &role) {
                 service_watch.answered();
                 return Either::Left(future::ok::<_, Infallible>(response));

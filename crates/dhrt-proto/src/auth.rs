@@ -14,6 +14,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -264,6 +265,20 @@ it read and write";
 pub struct Access {
     mode: Mode,
     tokens: ArcSwap<Tokens>,
+    /// Bumped by every [`replace`](Access::replace): what a connection
+    /// remembered of an earlier set of tokens is stale.
+    generation: AtomicU64,
+}
+
+/// What one connection remembers of its last check, so that the next
+/// request with the same token costs an atomic load, not a hash and a
+/// lookup. Stale after a reload.
+#[derive(Debug, Default)]
+pub struct Remembered {
+    generation: u64,
+    standing: Option<Standing>,
+    token: Vec<u8>,
+    role: Option<Role>,
 }
 
 /// What a connection has shown so far.
@@ -286,6 +301,7 @@ impl Access {
         Arc::new(Access {
             mode: Mode::Open,
             tokens: ArcSwap::from_pointee(Tokens::default()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -294,6 +310,7 @@ impl Access {
         Arc::new(Access {
             mode: Mode::LoopbackOnly,
             tokens: ArcSwap::from_pointee(Tokens::default()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -302,6 +319,7 @@ impl Access {
         Arc::new(Access {
             mode: Mode::Tokens,
             tokens: ArcSwap::from_pointee(tokens),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -314,6 +332,7 @@ impl Access {
     /// from the next request on, on connections already open too.
     pub fn replace(&self, tokens: Tokens) {
         self.tokens.store(Arc::new(tokens));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// How many tokens are granted.
@@ -377,15 +396,64 @@ impl Access {
         {
             return Ok(());
         }
-        let role = self.role(standing)?;
-        if role.allows(needed) {
-            Ok(())
-        } else {
-            Err(OpError::new(
-                ErrorKind::Forbidden,
-                format!("{what} needs the {needed} role; this token has the {role} role"),
-            ))
+        allow(self.role(standing)?, needed, what)
+    }
+
+    /// [`check`](Self::check), remembering the role found in `memo` for the
+    /// connection's next request.
+    #[inline]
+    pub fn check_remembered(
+        &self,
+        standing: Standing,
+        needed: Role,
+        what: &str,
+        memo: &mut Remembered,
+    ) -> Result<(), OpError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let role = match memo.role {
+            Some(role) if memo.generation == generation && memo.standing == Some(standing) => role,
+            _ => {
+                let role = self.role(standing)?;
+                *memo = Remembered {
+                    generation,
+                    standing: Some(standing),
+                    token: Vec::new(),
+                    role: Some(role),
+                };
+                role
+            }
+        };
+        allow(role, needed, what)
+    }
+
+    /// [`request`](Self::request), remembering the token and its role in
+    /// `memo` for the connection's next request.
+    #[inline]
+    pub fn request_remembered(
+        &self,
+        remote: IpAddr,
+        token: Option<&[u8]>,
+        memo: &mut Remembered,
+    ) -> Result<Role, OpError> {
+        let Some(token) = token else {
+            return self.request(remote, None);
+        };
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(role) = memo.role
+            && memo.generation == generation
+            && memo.standing.is_none()
+            && memo.token == token
+        {
+            return Ok(role);
         }
+        let role = self.request(remote, Some(token))?;
+        *memo = Remembered {
+            generation,
+            standing: None,
+            token: token.to_vec(),
+            role: Some(role),
+        };
+        Ok(role)
     }
 
     /// The role of a request that carries `token` (or none) from `remote`:
@@ -397,6 +465,19 @@ impl Access {
             _ => standing,
         };
         self.role(standing)
+    }
+}
+
+/// Whether `role` may do what needs `needed` (called `what`).
+#[inline]
+fn allow(role: Role, needed: Role, what: &str) -> Result<(), OpError> {
+    if role.allows(needed) {
+        Ok(())
+    } else {
+        Err(OpError::new(
+            ErrorKind::Forbidden,
+            format!("{what} needs the {needed} role; this token has the {role} role"),
+        ))
     }
 }
 
@@ -509,8 +590,46 @@ mod tests {
             ErrorKind::Forbidden
         );
 
+        // What a connection remembers answers the same as the long way.
+        let (mut memo, mut http) = (Remembered::default(), Remembered::default());
+        for _ in 0..3 {
+            assert_eq!(
+                access.check_remembered(as_writer, Role::Write, "s", &mut memo),
+                Ok(())
+            );
+            assert_eq!(
+                access.request_remembered(local, Some(writer.as_bytes()), &mut http),
+                Ok(Role::Write)
+            );
+        }
+        let e = access
+            .check_remembered(as_reader, Role::Write, "s", &mut memo)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Forbidden);
+        assert_eq!(
+            access.request_remembered(local, Some(reader.as_bytes()), &mut http),
+            Ok(Role::Read)
+        );
+        assert_eq!(
+            access.check_remembered(as_writer, Role::Write, "s", &mut memo),
+            Ok(())
+        );
+        assert_eq!(
+            access.request_remembered(local, Some(writer.as_bytes()), &mut http),
+            Ok(Role::Write)
+        );
+
         // The writer's line is removed and the file reloaded.
         access.replace(file(&[auth_line(Role::Read, &reader, "r")]));
+        // Nothing remembered outlives a reload.
+        let e = access
+            .check_remembered(as_writer, Role::Read, "reading", &mut memo)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthenticated);
+        let e = access
+            .request_remembered(local, Some(writer.as_bytes()), &mut http)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthenticated);
         let e = access.check(as_writer, Role::Read, "reading").unwrap_err();
         assert_eq!(e.kind, ErrorKind::Unauthenticated);
         assert!(e.message.contains("revoked"), "{e}");
