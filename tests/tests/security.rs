@@ -393,3 +393,177 @@ fn a_node_beyond_loopback_does_not_start_without_a_long_cluster_secret() {
     );
     wait_serving(SocketAddr::from(([127, 0, 0, 1], port)));
 }
+
+/// A TCP proxy from a free port to `to` that keeps every byte the dialer
+/// sends; returns its address and the bytes so far.
+fn recording_proxy(to: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = recorded.clone();
+    std::thread::spawn(move || {
+        // The first connection only: one handshake is all we want.
+        let Ok((mut dialer, _)) = listener.accept() else {
+            return;
+        };
+        let mut node = std::net::TcpStream::connect(to).unwrap();
+        let (mut dialer_r, mut node_w) = (dialer.try_clone().unwrap(), node.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = dialer_r.read(&mut buf) {
+                if n == 0 || node_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                keep.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = node.read(&mut buf) {
+            if n == 0 || dialer.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    (at, recorded)
+}
+
+/// The handshake messages a node sends on `stream` until it closes it.
+fn handshake_answers(mut stream: std::net::TcpStream) -> Vec<dhrt_proto::Handshake> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    let mut out = Vec::new();
+    while let Ok(dhrt_proto::Decoded::Complete { msg, len }) =
+        dhrt_proto::decode_frame::<dhrt_proto::Handshake>(&got, 1 << 20)
+    {
+        out.push(msg);
+        got.drain(..len);
+    }
+    assert!(
+        got.is_empty(),
+        "bytes after the handshake: {} of them",
+        got.len()
+    );
+    out
+}
+
+#[test]
+fn a_stranger_and_a_replayed_handshake_get_nothing_and_are_logged() {
+    use std::io::{Read, Write};
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = spawn(
+        dirs[0].path(),
+        &["--listen", &a_addr.to_string(), "--cluster-secret", SECRET],
+    );
+    wait_serving(a_addr);
+    assert_eq!(request(a_addr, "POST", "/secret/k/v", None).0, 200);
+
+    // A legitimate node joins through a proxy that records its handshake.
+    let (proxy, recorded) = recording_proxy(a_addr);
+    let b = Dhrtd::start(
+        dirs[1].path(),
+        &["--cluster-secret", SECRET, "--node", &proxy.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while request(b.addr, "GET", "/secret/k", None).0 != 200 {
+        assert!(Instant::now() < deadline, "b never joined");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let recorded = recorded.lock().unwrap().clone();
+    // Preamble, Hello, Proof: the dialer's part of the handshake.
+    let mut rest = &recorded[dhrt_proto::PREAMBLE_LEN..];
+    let mut dialer_said = Vec::new();
+    for _ in 0..2 {
+        let dhrt_proto::Decoded::Complete { msg, len } =
+            dhrt_proto::decode_frame::<dhrt_proto::Handshake>(rest, 1 << 20).unwrap()
+        else {
+            panic!("no whole handshake recorded")
+        };
+        dialer_said.push(msg);
+        rest = &rest[len..];
+    }
+    assert!(matches!(
+        dialer_said[0],
+        dhrt_proto::Handshake::Hello { .. }
+    ));
+    assert!(matches!(
+        dialer_said[1],
+        dhrt_proto::Handshake::Proof { .. }
+    ));
+    let handshake_len = recorded.len() - rest.len();
+
+    // Replayed on a new connection: refused, and nothing sealed follows.
+    let mut replay = std::net::TcpStream::connect(a_addr).unwrap();
+    replay.write_all(&recorded[..handshake_len]).unwrap();
+    let answers = handshake_answers(replay);
+    assert!(
+        matches!(answers[0], dhrt_proto::Handshake::Challenge { .. }),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(answers.last(), Some(dhrt_proto::Handshake::Refused { .. })),
+        "{answers:?}"
+    );
+    assert_eq!(answers.len(), 2, "{answers:?}");
+
+    // A stranger's Hello gets a challenge with nothing to guess from (a
+    // nonce and a node id), and a guessed proof gets a refusal.
+    let mut stranger = std::net::TcpStream::connect(a_addr).unwrap();
+    let mut hello = dhrt_proto::channel_preamble(dhrt_proto::Channel::Peer).to_vec();
+    let msg = dhrt_proto::Handshake::Hello {
+        node: 0xbad,
+        nonce: [7; dhrt_proto::PROOF_LEN],
+    };
+    dhrt_proto::encode_frame(&msg, &mut hello, 1 << 20).unwrap();
+    stranger.write_all(&hello).unwrap();
+    let mut first = [0u8; 4096];
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = stranger.read(&mut first).unwrap();
+    match dhrt_proto::decode_frame::<dhrt_proto::Handshake>(&first[..n], 1 << 20).unwrap() {
+        dhrt_proto::Decoded::Complete {
+            msg: dhrt_proto::Handshake::Challenge { .. },
+            len,
+        } => {
+            assert_eq!(
+                len, n,
+                "only the challenge before the dialer proves anything"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut guess = Vec::new();
+    let proof = dhrt_proto::Handshake::Proof {
+        proof: [1; dhrt_proto::PROOF_LEN],
+    };
+    dhrt_proto::encode_frame(&proof, &mut guess, 1 << 20).unwrap();
+    stranger.write_all(&guess).unwrap();
+    let answers = handshake_answers(stranger);
+    assert!(
+        matches!(answers.as_slice(), [dhrt_proto::Handshake::Refused { .. }]),
+        "{answers:?}"
+    );
+
+    // The legitimate node is still a member; both refusals are logged with
+    // the address they came from.
+    assert_eq!(request(b.addr, "GET", "/secret/k", None).0, 200);
+    let _ = a.0.kill();
+    let mut log = String::new();
+    a.0.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("refused a peer connection") && l.contains("127.0.0.1:"))
+        .count();
+    assert!(refusals >= 2, "{log}");
+}
