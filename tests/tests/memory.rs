@@ -210,3 +210,142 @@ fn idle_connections_are_closed_and_clients_at_the_cap_leave_room_for_peers() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_stranger_can_neither_park_a_large_frame_nor_take_the_peer_slots() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let auth = dirs[0].path().join("auth");
+    let token = dhrt_proto::auth::new_token();
+    let line = dhrt_proto::auth::auth_line(dhrt_proto::Role::Write, &token, "");
+    std::fs::write(&auth, line).unwrap();
+    let a = Dhrtd::start(
+        &dirs[0].path().join("data"),
+        &[
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--idle-timeout-secs",
+            "2",
+            "--max-peer-connections",
+            "2",
+        ],
+    );
+    // Before a token: a frame announced at 16 MiB closes the connection
+    // at once, nothing buffered.
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut wire = preamble().to_vec();
+    wire.extend_from_slice(&(16u32 << 20).to_le_bytes());
+    wire.extend_from_slice(&[0u8; 64 * 1024]);
+    let _ = s.write_all(&wire);
+    let mut rest = Vec::new();
+    let started = Instant::now();
+    let _ = s.read_to_end(&mut rest);
+    assert!(started.elapsed() < Duration::from_secs(2), "still open");
+    // Bytes trickled into a frame that never completes do not keep a
+    // connection: closed at the idle timeout.
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.write_all(&preamble()).unwrap();
+    s.write_all(&100u32.to_le_bytes()).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        if s.write_all(b"x").is_err() {
+            closed = true;
+            break;
+        }
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut rest = Vec::new();
+    closed |= s.read_to_end(&mut rest).is_ok();
+    assert!(closed, "a trickle kept the connection open");
+    assert!(started.elapsed() < Duration::from_secs(6));
+
+    // Strangers that say "peer" and prove nothing hold no peer slot: six
+    // of them, reconnecting whenever the node drops one, the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let strangers = {
+        let (stop, at) = (stop.clone(), a.addr);
+        std::thread::spawn(move || {
+            let mut open: Vec<TcpStream> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                open.retain(|s| {
+                    let _ = s.set_nonblocking(true);
+                    let mut b = [0u8; 1];
+                    !matches!((&*s).read(&mut b), Ok(0))
+                });
+                while open.len() < 6 {
+                    let Ok(mut s) = TcpStream::connect(at) else {
+                        break;
+                    };
+                    let peer = dhrt_proto::channel_preamble(dhrt_proto::Channel::Peer);
+                    let _ = s.write_all(&peer);
+                    open.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let b = Dhrtd::start(
+        &dirs[1].path().join("data"),
+        &["--node", &a.addr.to_string()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, stats) = b.http("GET", "/", b"");
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        let healthy = stats["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "healthy")
+            .count();
+        if healthy == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strangers kept the peer out: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    strangers.join().unwrap();
+}
+
+#[test]
+fn a_client_reading_a_long_answer_slowly_is_not_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--idle-timeout-secs", "1", "--sync", "never"]);
+    let value: Vec<u8> = (0..256 * 1024).map(|i| (i % 200) as u8 + 32).collect();
+    put(&node, "/slow/v", &value);
+    // 40 pipelined gets of 256 KiB (10 MiB of answers), read at about
+    // 2.5 MiB/s: four seconds of answers, four idle timeouts.
+    let mut s = TcpStream::connect(node.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut wire = preamble().to_vec();
+    for id in 0..40 {
+        let op = Op::Get {
+            collection: "slow".into(),
+            key: Bytes::from_static(b"v"),
+        };
+        encode_frame(&Request { id, op }, &mut wire, 1 << 20).unwrap();
+    }
+    s.write_all(&wire).unwrap();
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let want = 40 * 256 * 1024;
+    let started = Instant::now();
+    while got < want {
+        let n = s.read(&mut chunk).expect("the answers were cut");
+        assert!(n > 0, "closed after {got} bytes, {:?}", started.elapsed());
+        got += n;
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -4,14 +4,15 @@
 //! each kind apart (clients can never take the slots peers need), and hand
 //! the connection to the right server.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use dhrt_cluster::{BinaryLimits, Node, serve_binary};
+use dhrt_cluster::{BinaryLimits, LogThrottle, Node, serve_binary};
 use dhrt_http::Api;
 use dhrt_proto::{Channel, PREAMBLE_LEN, Preamble, read_preamble};
 
@@ -57,8 +58,8 @@ pub(crate) async fn run(
     let unknown = Arc::new(Semaphore::new(slots.clients + slots.peers));
     let caps = Arc::new(Caps {
         clients: Semaphore::new(slots.clients),
-        peers: Semaphore::new(slots.peers),
         slots,
+        pending_by_ip: Mutex::new(HashMap::new()),
     });
     let tracker = TaskTracker::new();
     loop {
@@ -76,7 +77,15 @@ pub(crate) async fn run(
             }
         };
         let Ok(pending) = unknown.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many connections that have not said what they are; refusing");
+            if let Some(left_out) = UNKNOWN_FULL.allow() {
+                tracing::warn!(%peer, left_out, "too many connections that have not said what they are; refusing");
+            }
+            continue;
+        };
+        let Some(pending) = Pending::new(caps.clone(), peer.ip(), pending) else {
+            if let Some(left_out) = ONE_SOURCE_FULL.allow() {
+                tracing::warn!(%peer, left_out, limit = PENDING_PER_SOURCE, "too many connections from one address that have not said what they are, or not proved the cluster secret; refusing");
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -101,11 +110,70 @@ pub(crate) async fn run(
     }
 }
 
-/// The caps on each kind of connection.
+/// The caps on each kind of connection. Peers take their slots in the
+/// peer server, once they have proved the cluster secret.
 struct Caps {
     clients: Semaphore,
-    peers: Semaphore,
     slots: Slots,
+    /// Connections not yet told apart, or peers not yet proved, per
+    /// address off loopback.
+    pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The most connections one address off loopback may have that have not
+/// said what they are (or, for peers, not yet proved the secret): one
+/// source cannot fill the slots every connection passes through.
+const PENDING_PER_SOURCE: usize = 64;
+
+static UNKNOWN_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static ONE_SOURCE_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static KIND_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+
+/// A connection that has not yet said what it is: it holds one of the
+/// node's pending slots and counts against its address.
+struct Pending {
+    caps: Arc<Caps>,
+    ip: Option<IpAddr>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn new(caps: Arc<Caps>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Pending> {
+        if dhrt_proto::auth::is_loopback(ip) {
+            return Some(Pending {
+                caps,
+                ip: None,
+                _permit: permit,
+            });
+        }
+        {
+            let mut by_ip = caps.pending_by_ip.lock().unwrap();
+            let count = by_ip.entry(ip).or_insert(0);
+            if *count >= PENDING_PER_SOURCE {
+                return None;
+            }
+            *count += 1;
+        }
+        Some(Pending {
+            caps,
+            ip: Some(ip),
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut by_ip = self.caps.pending_by_ip.lock().unwrap();
+            if let Some(count) = by_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 /// What a connection is, from its first bytes.
@@ -139,6 +207,7 @@ fn kind_of(head: &[u8]) -> Option<Kind> {
 /// the connection from its start): `None` if the connection closed first.
 async fn classify(stream: &TcpStream) -> io::Result<Option<Kind>> {
     let mut head = [0u8; PREAMBLE_LEN];
+    let mut wait = Duration::from_millis(2);
     loop {
         let n = stream.peek(&mut head).await?;
         if n == 0 {
@@ -147,8 +216,12 @@ async fn classify(stream: &TcpStream) -> io::Result<Option<Kind>> {
         match kind_of(&head[..n]) {
             Some(kind) => return Ok(Some(kind)),
             // Part of a preamble: peeking again at once would find the
-            // same bytes.
-            None => tokio::time::sleep(Duration::from_millis(5)).await,
+            // same bytes. Waiting longer each time keeps a client that
+            // stops there from costing the node a core.
+            None => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(250));
+            }
         }
     }
 }
@@ -234,7 +307,7 @@ async fn serve(
     remote: SocketAddr,
     servers: &Servers,
     caps: &Caps,
-    pending: OwnedSemaphorePermit,
+    pending: Pending,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let limit = servers.first_byte_timeout;
@@ -269,8 +342,7 @@ async fn serve(
                 },
                 () = shutdown.cancelled() => return Ok(()),
             };
-            drop(pending);
-            serve_kind(kind, stream, remote, servers, caps, shutdown).await
+            serve_kind(kind, stream, remote, servers, caps, pending, shutdown).await
         }
         // With TLS on, plain text only on loopback.
         (kind, Some(_)) if !dhrt_proto::auth::is_loopback(remote.ip()) => {
@@ -295,32 +367,38 @@ async fn serve(
             }
             Ok(())
         }
-        (kind, _) => {
-            drop(pending);
-            serve_kind(kind, stream, remote, servers, caps, shutdown).await
-        }
+        (kind, _) => serve_kind(kind, stream, remote, servers, caps, pending, shutdown).await,
     }
 }
 
-/// Serves a connection known to be `kind`, in a slot of its kind.
+/// Serves a connection known to be `kind`: a client in a client slot; a
+/// peer, still pending, until the peer server has its proof and gives it a
+/// peer slot.
 async fn serve_kind<S>(
     kind: Kind,
     stream: S,
     remote: SocketAddr,
     servers: &Servers,
     caps: &Caps,
+    pending: Pending,
     shutdown: CancellationToken,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (cap, limit) = match kind {
-        Kind::Peer => (&caps.peers, caps.slots.peers),
-        Kind::Http | Kind::Binary | Kind::Tls => (&caps.clients, caps.slots.clients),
-    };
-    let Ok(_slot) = cap.try_acquire() else {
-        tracing::warn!(%remote, ?kind, limit, "connection limit reached; refusing");
-        return Ok(());
+    let (_pending, _slot) = match kind {
+        Kind::Peer => (Some(pending), None),
+        Kind::Http | Kind::Binary | Kind::Tls => {
+            drop(pending);
+            let Ok(slot) = caps.clients.try_acquire() else {
+                if let Some(left_out) = KIND_FULL.allow() {
+                    let limit = caps.slots.clients;
+                    tracing::warn!(%remote, limit, left_out, "client connection limit reached; refusing");
+                }
+                return Ok(());
+            };
+            (None, Some(slot))
+        }
     };
     if kind != Kind::Http {
         let closed = serve_binary(

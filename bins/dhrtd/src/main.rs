@@ -257,6 +257,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         binary: BinaryLimits {
             access: access.clone(),
             idle_timeout: config.idle_timeout,
+            peer_slots: Arc::new(tokio::sync::Semaphore::new(config.max_peer_connections)),
             ..BinaryLimits::default()
         },
         first_byte_timeout: Duration::from_secs(10),

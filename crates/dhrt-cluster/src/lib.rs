@@ -27,6 +27,7 @@ mod server;
 mod session;
 mod skew;
 mod state;
+mod throttle;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, Identity};
@@ -35,3 +36,4 @@ pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::Node;
 pub use placement::WriteAck;
 pub use server::{BinaryLimits, Closed, serve_binary};
+pub use throttle::LogThrottle;

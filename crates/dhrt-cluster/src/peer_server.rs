@@ -18,9 +18,12 @@ use dhrt_proto::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use tokio::sync::Semaphore;
+
 use crate::cluster::{Cluster, stamp};
 use crate::handshake::{self, Side};
 use crate::session::{Sealer, Session};
+use crate::throttle::LogThrottle;
 use crate::wire::{Closed, plain_max, seal_frame, take_sealed};
 
 /// The bytes of records in one page of a bucket listing (a larger record
@@ -40,11 +43,18 @@ pub(crate) async fn serve_peer<S>(
     mut buf: BytesMut,
     cluster: Arc<Cluster>,
     max_frame: u32,
+    slots: &Semaphore,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<Closed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    static REFUSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+    let refused = |reason: &dyn std::fmt::Display| {
+        if let Some(left_out) = REFUSED.allow() {
+            tracing::warn!(%remote, left_out, "refused a peer connection: {reason}");
+        }
+    };
     let handshake_timeout = Duration::from_secs(5);
     let me = Side {
         id: cluster.id(),
@@ -59,15 +69,21 @@ where
     {
         Ok(Ok(Ok(accepted))) => accepted,
         Ok(Ok(Err(reason))) => {
-            tracing::warn!(%remote, "refused a peer connection: {reason}");
+            refused(&reason);
             return Ok(Closed::Protocol(reason));
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
-            tracing::warn!(%remote, "refused a peer connection: {e}");
+            refused(&e);
             return Ok(Closed::Protocol(e.to_string()));
         }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(Closed::Idle),
+    };
+    // A peer slot is taken only once the dialer has proved the secret:
+    // strangers cannot fill them.
+    let Ok(_slot) = slots.try_acquire() else {
+        refused(&"the peer connection limit is reached (--max-peer-connections)");
+        return Ok(Closed::Protocol("peer connection limit".into()));
     };
     let handler = {
         let cluster = cluster.clone();

@@ -16,6 +16,7 @@ use dhrt_proto::{
     encode_frame, frame_bounds, read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
 
 use dhrt_proto::auth::Remembered;
 
@@ -33,6 +34,9 @@ pub struct BinaryLimits {
     /// Who may do what (the node's auth file). Peers are not clients: they
     /// prove the cluster secret instead.
     pub access: Arc<Access>,
+    /// Slots for peer connections, taken once a peer has proved the
+    /// cluster secret; a proven peer finding none is closed.
+    pub peer_slots: Arc<Semaphore>,
 }
 
 impl Default for BinaryLimits {
@@ -42,6 +46,7 @@ impl Default for BinaryLimits {
             max_frame: DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
             access: Access::loopback_only(),
+            peer_slots: Arc::new(Semaphore::new(1024)),
         }
     }
 }
@@ -126,7 +131,17 @@ where
             }) => {
                 buf.advance(PREAMBLE_LEN);
                 let cluster = ops.cluster().clone();
-                return serve_peer(stream, remote, buf, cluster, limits.max_frame, shutdown).await;
+                let slots = &limits.peer_slots;
+                return serve_peer(
+                    stream,
+                    remote,
+                    buf,
+                    cluster,
+                    limits.max_frame,
+                    slots,
+                    shutdown,
+                )
+                .await;
             }
             Ok(Preamble::Binary { .. }) => {
                 buf.advance(PREAMBLE_LEN);
@@ -170,11 +185,19 @@ where
         let mut needed = 1;
         let mut broken = None;
         let mut consumed = 0;
+        let mut requests = 0usize;
         {
             let mut batch = recycle(std::mem::take(&mut spare));
             loop {
                 let rest = &buf[consumed..];
-                let (range, len) = match frame_bounds(rest, limits.max_frame) {
+                // Before it has shown a token, a connection may send
+                // nothing larger than an `Auth`: a stranger cannot make
+                // the node buffer a 16 MiB frame.
+                let max_frame = match standing {
+                    Standing::Anonymous | Standing::Refused => UNAUTHENTICATED_MAX_FRAME,
+                    _ => limits.max_frame,
+                };
+                let (range, len) = match frame_bounds(rest, max_frame) {
                     Ok(Decoded::Complete { msg, len }) => (msg, len),
                     Ok(Decoded::Incomplete { needed: n }) => {
                         needed = n;
@@ -205,12 +228,14 @@ where
                     },
                 }
                 consumed += len;
+                requests += 1;
             }
             let mut sink = Sink {
                 stream: &mut stream,
                 out: &mut out,
                 max_frame: limits.max_frame,
                 guard: &mut guard,
+                idle: &idle,
             };
             let answered = match answer(&*ops, &mut batch, &mut sink).await {
                 Ok(()) => sink.flush().await,
@@ -224,6 +249,11 @@ where
             }
         }
         buf.advance(consumed);
+        if requests > 0 {
+            // Only whole requests keep a connection from being idle: bytes
+            // trickled into a frame that never completes do not.
+            idle.touch();
+        }
         if out.capacity() > 4 * WRITE_BUDGET {
             // One huge answer does not keep its buffer for the
             // connection's life.
@@ -236,14 +266,19 @@ where
         let read = stream.read_buf(&mut buf);
         tokio::pin!(read);
         match guard.run(read).await {
-            Either::Left(read) => match read? {
-                0 => return Ok(Closed::ByClient),
-                _ => idle.touch(),
-            },
+            Either::Left(read) => {
+                if read? == 0 {
+                    return Ok(Closed::ByClient);
+                }
+            }
             Either::Right(closed) => return Ok(closed),
         }
     }
 }
+
+/// The largest frame accepted from a connection that has not shown a token
+/// (on a node with an auth file): room for an `Auth`, little more.
+const UNAUTHENTICATED_MAX_FRAME: u32 = 16 * 1024;
 
 /// Answers are written once this many bytes of them are ready: what one
 /// connection holds in answers is this plus the largest single answer.
@@ -258,6 +293,7 @@ struct Sink<'a, S, G> {
     out: &'a mut Vec<u8>,
     max_frame: u32,
     guard: &'a mut Beside<G>,
+    idle: &'a IdleTimer,
 }
 
 /// Why answering stopped.
@@ -296,6 +332,8 @@ impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
             Either::Left(written) => written.map_err(Stop::Io)?,
             Either::Right(closed) => return Err(Stop::Closed(closed)),
         }
+        // A client reading its answers is not idle, however long they take.
+        self.idle.touch();
         self.out.clear();
         Ok(())
     }

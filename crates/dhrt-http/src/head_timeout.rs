@@ -68,6 +68,16 @@ impl HeadWatch {
         self.state.store(ANSWERING, Ordering::Relaxed);
     }
 
+    /// Bytes of an answer went out: a client reading a long answer (a
+    /// listing streamed for minutes) is not idle. Only a connection on
+    /// which nothing moves either way is.
+    fn wrote(&self) {
+        if self.state.load(Ordering::Relaxed) == IDLE {
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            self.idle_since.store(now, Ordering::Relaxed);
+        }
+    }
+
     /// The request was answered; waiting for the next.
     pub(crate) fn answered(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
@@ -136,7 +146,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.watch.wrote();
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -152,7 +168,13 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.watch.wrote();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -179,6 +201,12 @@ mod tests {
             watch.head_complete();
             tokio::time::sleep(Duration::from_secs(10)).await;
             watch.answered();
+        }
+        assert!(!expired.is_finished());
+        // A long answer being read: bytes going out keep it.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            watch.wrote();
         }
         assert!(!expired.is_finished());
         let started = Instant::now();

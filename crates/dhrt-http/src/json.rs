@@ -106,6 +106,86 @@ fn serde_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     serde_json::to_writer(out, &kv).expect("writing JSON to a Vec cannot fail");
 }
 
+/// `{"Key": k, "Value": v}` in pieces, each from about `step` bytes of the
+/// value (so at most six times that, escaped), for values too large to
+/// escape into one buffer: a 16 MiB value of control bytes is 96 MiB of
+/// JSON. The pieces joined are byte for byte [`key_value`]'s output.
+pub(crate) struct KeyValuePieces<'a> {
+    key: &'a [u8],
+    value: &'a [u8],
+    /// Whether the value goes as text (UTF-8) or as base64.
+    text: bool,
+    /// How much of the value is written; `None` before the opening part.
+    at: Option<usize>,
+    step: usize,
+    done: bool,
+}
+
+impl<'a> KeyValuePieces<'a> {
+    pub(crate) fn new(key: &'a [u8], value: &'a [u8], step: usize) -> Self {
+        KeyValuePieces {
+            key,
+            value,
+            text: std::str::from_utf8(value).is_ok(),
+            at: None,
+            // Base64 is cut at multiples of three bytes, so that the pieces
+            // carry no padding but the last.
+            step: step.max(3) / 3 * 3,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for KeyValuePieces<'_> {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        if self.done {
+            return None;
+        }
+        let Some(at) = self.at else {
+            // `{"Key":..., ["KeyBase64":...,] "Value":"` (or ValueBase64).
+            let (key, key_base64) = key_fields(self.key);
+            let mut out = b"{\"Key\":".to_vec();
+            serde_json::to_writer(&mut out, &key).expect("writing JSON to a Vec cannot fail");
+            if let Some(b) = key_base64 {
+                out.extend_from_slice(b",\"KeyBase64\":");
+                serde_json::to_writer(&mut out, &b).expect("writing JSON to a Vec cannot fail");
+            }
+            out.extend_from_slice(if self.text {
+                b",\"Value\":\""
+            } else {
+                b",\"ValueBase64\":\""
+            });
+            self.at = Some(0);
+            return Some(out);
+        };
+        if at >= self.value.len() {
+            self.done = true;
+            return Some(b"\"}".to_vec());
+        }
+        let mut end = (at + self.step).min(self.value.len());
+        let mut out = Vec::new();
+        if self.text {
+            // Cut between characters: escaping is per character, so the
+            // escaped pieces joined are the whole escaped.
+            let text = std::str::from_utf8(self.value).expect("checked UTF-8");
+            while !text.is_char_boundary(end) {
+                end += 1;
+            }
+            serde_json::to_writer(&mut out, &text[at..end])
+                .expect("writing JSON to a Vec cannot fail");
+            // Without the quotes serde_json put around the piece.
+            out.pop();
+            out.remove(0);
+        } else {
+            out = b64(&self.value[at..end]).into_bytes();
+        }
+        self.at = Some(end);
+        Some(out)
+    }
+}
+
 /// `{"Key": k}`, plus `"Bytes": n` when given.
 pub(crate) fn key_only(key: &[u8], bytes: Option<usize>) -> Vec<u8> {
     let (key, key_base64) = key_fields(key);
@@ -167,6 +247,36 @@ mod tests {
         assert_eq!(body, fast);
         if plain_key_value_len(key, value).is_some() {
             assert_eq!(body.capacity(), body.len(), "sized exactly");
+        }
+    }
+
+    #[test]
+    fn pieces_joined_are_the_whole() {
+        let long_utf8 = "ключ-значение ✓ \u{1}\"\\ ".repeat(50);
+        let mut binary = long_utf8.clone().into_bytes();
+        binary.push(0xff);
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"k", long_utf8.as_bytes()),
+            (&[0xff, 1], long_utf8.as_bytes()),
+            (b"k", &binary),
+            (b"k", b""),
+            (b"k", &[1u8; 1000]),
+        ];
+        for (key, value) in cases {
+            let mut whole = Vec::new();
+            key_value(&mut whole, key, value);
+            for step in [1, 2, 3, 7, 64, 100_000] {
+                let joined: Vec<u8> = KeyValuePieces::new(key, value, step).flatten().collect();
+                assert_eq!(
+                    String::from_utf8_lossy(&joined),
+                    String::from_utf8_lossy(&whole),
+                    "step {step}"
+                );
+            }
+            // Bounded pieces: the opening part, then ~step of value each.
+            for piece in KeyValuePieces::new(key, value, 30).skip(1) {
+                assert!(piece.len() <= 6 * 33, "{}", piece.len());
+            }
         }
     }
 

@@ -29,8 +29,11 @@ use crate::json;
 use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
 
 const JSON: &str = "application/json";
-/// A streamed listing is sent in chunks of about this many bytes.
+/// A streamed listing is sent in chunks of about this many bytes; a value
+/// larger than this is escaped and sent in pieces.
 const LIST_CHUNK: usize = 256 * 1024;
+/// Bytes of a large value escaped at a time (at most six times as many out).
+const VALUE_STEP: usize = 64 * 1024;
 const OCTETS: &str = "application/octet-stream";
 
 /// Limits that protect the node from its clients, and who may use it.
@@ -196,7 +199,28 @@ fn found_response(
     if raw {
         return Ok(response(StatusCode::OK, OCTETS, value));
     }
+    if value.len() > LIST_CHUNK {
+        return Ok(streamed_key_value(Bytes::copy_from_slice(key), value));
+    }
     Ok(json(json::key_value_body(key, &value)))
+}
+
+/// `{"Key": k, "Value": v}` of a large value, escaped and sent a piece at a
+/// time: what the connection holds is the value and a few pieces, not the
+/// whole escaped text (six times the value for control bytes).
+fn streamed_key_value(key: Bytes, value: Bytes) -> Response<ResponseBody> {
+    let (tx, body) = body::channel(2);
+    tokio::spawn(async move {
+        for piece in json::KeyValuePieces::new(&key, &value, VALUE_STEP) {
+            if tx.send(Ok(piece.into())).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    r
 }
 
 /// A name that could be a collection: valid UTF-8 of the allowed characters.
@@ -539,7 +563,21 @@ impl<O: Operations> Api<O> {
                         chunk.push(b',');
                     }
                     first_entry = false;
-                    json::key_value(&mut chunk, key, value);
+                    if value.len() > LIST_CHUNK {
+                        for piece in json::KeyValuePieces::new(key, value, VALUE_STEP) {
+                            chunk.extend_from_slice(&piece);
+                            if chunk.len() >= LIST_CHUNK
+                                && tx
+                                    .send(Ok(std::mem::take(&mut chunk).into()))
+                                    .await
+                                    .is_err()
+                            {
+                                return; // the client went away
+                            }
+                        }
+                    } else {
+                        json::key_value(&mut chunk, key, value);
+                    }
                     if chunk.len() >= LIST_CHUNK
                         && tx
                             .send(Ok(std::mem::take(&mut chunk).into()))

@@ -475,3 +475,40 @@ async fn tokens_and_roles_decide_who_may_do_what() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_large_value_is_escaped_in_pieces_and_arrives_whole() {
+    let api = api();
+    let control = vec![1u8; 1 << 20];
+    assert_eq!(
+        call(&api, Method::PUT, "/big", &control).await.0,
+        StatusCode::OK
+    );
+    let (status, body) = call(&api, Method::GET, "/big", b"").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body.len(),
+        (1 << 20) * 6 + r#"{"Key":"big","Value":""}"#.len()
+    );
+    let v = parse(&body);
+    assert_eq!(v["Value"].as_str().unwrap().as_bytes(), &control[..]);
+    // Not UTF-8: base64, in pieces too.
+    let mut binary = vec![0xffu8; (1 << 20) - 1];
+    binary[7] = 0;
+    assert_eq!(
+        call(&api, Method::PUT, "/c/bin", &binary).await.0,
+        StatusCode::OK
+    );
+    let (_, body) = call(&api, Method::GET, "/c/bin", b"").await;
+    let v = parse(&body);
+    let b64 = v["ValueBase64"].as_str().unwrap();
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(decoded, binary);
+    // And in a listing.
+    let (_, body) = call(&api, Method::GET, "/c", b"").await;
+    let v = parse(&body);
+    assert_eq!(v[0]["ValueBase64"].as_str().unwrap(), b64);
+}
