@@ -516,6 +516,10 @@ fn a_stranger_and_a_replayed_handshake_get_nothing_and_are_logged() {
     );
     assert_eq!(answers.len(), 2, "{answers:?}");
 
+    // Refusals are logged at most once a second (a flood must not fill
+    // the disk): the next attempt comes after that.
+    std::thread::sleep(Duration::from_millis(1100));
+
     // A stranger's Hello gets a challenge with nothing to guess from (a
     // nonce and a node id), and a guessed proof gets a refusal.
     let mut stranger = std::net::TcpStream::connect(a_addr).unwrap();

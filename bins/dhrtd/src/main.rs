@@ -162,6 +162,13 @@ fn reload(auth: &Auth, access: &Access) {
 }
 
 async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyhow::Result<()> {
+    // Every collection keeps two files open, every connection one socket:
+    // the soft limit (often 1024) goes up to the hard one, as Redis and Go
+    // servers do, so that a node with many collections can start again.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files allowed"),
+        Err(e) => tracing::warn!("could not raise the open-files limit: {e}"),
+    }
     let sync = match config.sync {
         Sync::Always => SyncMode::Always,
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
