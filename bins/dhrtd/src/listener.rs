@@ -129,6 +129,23 @@ static UNKNOWN_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static ONE_SOURCE_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static KIND_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
+/// The source an address counts against: IPv4 as it is (also when mapped
+/// into IPv6), IPv6 by its /64, which one machine or network usually owns
+/// whole (one address each would be 2^64 buckets).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
 /// A connection that has not yet said what it is: it holds one of the
 /// node's pending slots and counts against its address.
 struct Pending {
@@ -146,6 +163,7 @@ impl Pending {
                 _permit: permit,
             });
         }
+        let ip = source(ip);
         {
             let mut by_ip = caps.pending_by_ip.lock().unwrap();
             let count = by_ip.entry(ip).or_insert(0);
@@ -418,5 +436,23 @@ where
             .serve_connection(stream, remote.ip(), shutdown.cancelled_owned())
             .await
             .map_err(io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_network_counts_as_one_source_and_mapped_ipv4_as_itself() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(other));
+        let mapped: IpAddr = "::ffff:192.0.2.2".parse().unwrap();
+        let v4: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(source(mapped), v4);
+        assert_eq!(source(v4), v4);
     }
 }

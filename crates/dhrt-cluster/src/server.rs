@@ -176,6 +176,8 @@ where
     let access = &*limits.access;
     let mut standing = access.connect(remote.ip());
     let mut memo = Remembered::default();
+    // Requests refused as unauthenticated on this connection, so far.
+    let mut refused = 0u32;
     loop {
         // Take every complete request in the buffer and answer them in
         // order, writing whenever WRITE_BUDGET bytes of answers are ready
@@ -211,7 +213,21 @@ where
                 let payload = &rest[range];
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
                     Ok(request) => {
-                        batch.push(admit(access, &mut standing, &mut memo, request));
+                        let item = admit(access, &mut standing, &mut memo, request);
+                        if is_unauthenticated(&item) {
+                            // A stranger's refused requests neither keep the
+                            // connection from idling nor pile up answers.
+                            refused += 1;
+                            if refused > MAX_REFUSED {
+                                broken = Some(format!(
+                                    "{MAX_REFUSED} requests refused for want of a valid token"
+                                ));
+                                break;
+                            }
+                        } else {
+                            requests += 1;
+                        }
+                        batch.push(item);
                     }
                     Err(e) => match request_id(payload) {
                         Some(id) => batch.push(Err(Response {
@@ -228,7 +244,6 @@ where
                     },
                 }
                 consumed += len;
-                requests += 1;
             }
             let mut sink = Sink {
                 stream: &mut stream,
@@ -279,6 +294,17 @@ where
 /// The largest frame accepted from a connection that has not shown a token
 /// (on a node with an auth file): room for an `Auth`, little more.
 const UNAUTHENTICATED_MAX_FRAME: u32 = 16 * 1024;
+
+/// Requests a connection may have refused for want of a valid token before
+/// it is closed: enough for a client to notice, not enough for a stranger
+/// to make the node hold thousands of refusals.
+const MAX_REFUSED: u32 = 64;
+
+/// Whether `item` is an answer refusing its request as unauthenticated.
+#[inline]
+fn is_unauthenticated(item: &Item<'_>) -> bool {
+    matches!(item, Err(Response { result: Err(e), .. }) if e.kind == ErrorKind::Unauthenticated)
+}
 
 /// Answers are written once this many bytes of them are ready: what one
 /// connection holds in answers is this plus the largest single answer.

@@ -305,3 +305,46 @@ async fn an_auth_request_changes_what_the_requests_after_it_may_do() {
     );
     assert_eq!(kinds[9], Err(ErrorKind::Forbidden));
 }
+
+#[tokio::test]
+async fn a_connection_refused_too_often_for_want_of_a_token_is_closed() {
+    use dhrt_proto::auth::{Access, Tokens};
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let limits = BinaryLimits {
+        access: Access::tokens(Tokens::default()),
+        ..limits()
+    };
+    let node = Arc::new(crate::node::node());
+    let task = tokio::spawn(serve_binary(
+        server,
+        ([127, 0, 0, 1], 1).into(),
+        node,
+        limits,
+        std::future::pending(),
+    ));
+    let mut wire = preamble().to_vec();
+    for id in 0..200 {
+        encode_frame(&Request { id, op: Op::Ping }, &mut wire, 1 << 20).unwrap();
+    }
+    client.write_all(&wire).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("still open after 200 refused requests")
+        .unwrap()
+        .unwrap();
+    let Closed::Protocol(why) = closed else {
+        panic!("{closed:?}")
+    };
+    assert!(why.contains("for want of a valid token"), "{why}");
+    // The refusals it got before: no more than the cap.
+    let mut answers = Vec::new();
+    let _ = client.read_to_end(&mut answers).await;
+    let mut count = 0;
+    let mut rest = &answers[..];
+    while let Ok(Decoded::Complete { msg, len }) = decode_frame::<Response>(rest, 1 << 20) {
+        assert_eq!(msg.result.unwrap_err().kind, ErrorKind::Unauthenticated);
+        count += 1;
+        rest = &rest[len..];
+    }
+    assert!(count <= 64, "{count}");
+}

@@ -111,6 +111,10 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"dhrt\""),
         );
+        // A client without a valid token does not keep its connection (nor
+        // the slot it holds): it comes back with one.
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     } else if e.status == StatusCode::REQUEST_TIMEOUT {
         // The rest of the body may never come: nothing more is read.
         r.headers_mut()

@@ -413,6 +413,10 @@ async fn tokens_and_roles_decide_who_may_do_what() {
         async move {
             let resp = api.handle(req.body(Full::new(Bytes::new())).unwrap()).await;
             let challenge = resp.headers().get("www-authenticate").cloned();
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                // A client without a valid token does not keep the connection.
+                assert_eq!(resp.headers().get("connection").unwrap(), "close");
+            }
             let status = resp.status();
             let body = resp.into_body().collect().await.unwrap().to_bytes();
             (status, challenge, parse(&body))
