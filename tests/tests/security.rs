@@ -109,6 +109,20 @@ fn tokens_and_roles_over_http_the_binary_protocol_the_cli_and_the_client() {
         200,
         "nothing dropped"
     );
+    // Refusals are counted for operators.
+    let (status, metrics) = request(at, "GET", "/metrics", Some(&reader));
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("dhrt_auth_tokens{mode=\"tokens\"} 3"),
+        "{metrics}"
+    );
+    let count = |reason: &str| -> u64 {
+        let name = format!("dhrt_auth_refused_total{{reason=\"{reason}\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&name)).expect(&name);
+        line[name.len()..].parse().unwrap()
+    };
+    assert!(count("unauthenticated") >= 4, "{metrics}");
+    assert!(count("forbidden") >= 3, "{metrics}");
 
     // The binary protocol, through dhrt-client.
     let rt = runtime();
@@ -559,9 +573,15 @@ fn a_stranger_and_a_replayed_handshake_get_nothing_and_are_logged() {
         "{answers:?}"
     );
 
-    // The legitimate node is still a member; both refusals are logged with
-    // the address they came from.
+    // The legitimate node is still a member; both refusals are counted, and
+    // logged with the address they came from.
     assert_eq!(request(b.addr, "GET", "/secret/k", None).0, 200);
+    let (_, metrics) = request(a_addr, "GET", "/metrics", None);
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dhrt_peer_refused_total "))
+        .expect("dhrt_peer_refused_total");
+    assert!(refused.parse::<u64>().unwrap() >= 2, "{metrics}");
     let _ = a.0.kill();
     let mut log = String::new();
     a.0.stderr.take().unwrap().read_to_string(&mut log).unwrap();

@@ -51,6 +51,7 @@ where
 {
     static REFUSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
     let refused = |reason: &dyn std::fmt::Display| {
+        cluster.count_refused_peer();
         if let Some(left_out) = REFUSED.allow() {
             tracing::warn!(%remote, left_out, "refused a peer connection: {reason}");
         }

@@ -384,6 +384,9 @@ fn admit<'a>(
             *standing = s;
             access.role(s).map(Reply::Authenticated)
         });
+        if let Err(e) = &result {
+            access.count_refusal(e);
+        }
         return Err(Response {
             id: request.id,
             result,
@@ -395,10 +398,13 @@ fn admit<'a>(
     let (needed, what) = dhrt_proto::auth::needed(&request.op);
     match access.check_remembered(*standing, needed, what, memo) {
         Ok(()) => Ok(request),
-        Err(e) => Err(Response {
-            id: request.id,
-            result: Err(e),
-        }),
+        Err(e) => {
+            access.count_refusal(&e);
+            Err(Response {
+                id: request.id,
+                result: Err(e),
+            })
+        }
     }
 }
 

@@ -321,13 +321,24 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let role = match role {
-            Ok(role) => role,
-            Err(e) => return error_response(&e),
+        let access = self.limits.access.clone();
+        let result = match role {
+            Ok(role) => self.try_handle(req, facts, role).await,
+            Err(e) => Err(e),
         };
-        match self.try_handle(req, facts, role).await {
+        match result {
             Ok(r) => r,
-            Err(e) => error_response(&e),
+            Err(e) => {
+                let kind = match e.status {
+                    StatusCode::UNAUTHORIZED => Some(dhrt_proto::ErrorKind::Unauthenticated),
+                    StatusCode::FORBIDDEN => Some(dhrt_proto::ErrorKind::Forbidden),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    access.count_refusal(&dhrt_proto::OpError::new(kind, ""));
+                }
+                error_response(&e)
+            }
         }
     }
 
@@ -393,11 +404,15 @@ impl<O: Operations> Api<O> {
             Endpoint::Stats => Ok(json(
                 serde_json::to_vec(&ops.stats().await).expect("stats serialize"),
             )),
-            Endpoint::Metrics => Ok(response(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                ops.metrics().await,
-            )),
+            Endpoint::Metrics => {
+                let mut text = ops.metrics().await;
+                self.limits.access.render_metrics(&mut text);
+                Ok(response(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text,
+                ))
+            }
             Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
                 Some(c) if ops.has_collection(c) => self.clone().list(c.to_string(), list).await,
                 _ => self.get(DEFAULT_COLLECTION, &name, raw).await,

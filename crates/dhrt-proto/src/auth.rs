@@ -268,6 +268,9 @@ pub struct Access {
     /// Bumped by every [`replace`](Access::replace): what a connection
     /// remembered of an earlier set of tokens is stale.
     generation: AtomicU64,
+    /// Requests refused: without a valid token, and for the token's role.
+    unauthenticated: AtomicU64,
+    forbidden: AtomicU64,
 }
 
 /// What one connection remembers of its last check, so that the next
@@ -302,6 +305,8 @@ impl Access {
             mode: Mode::Open,
             tokens: ArcSwap::from_pointee(Tokens::default()),
             generation: AtomicU64::new(0),
+            unauthenticated: AtomicU64::new(0),
+            forbidden: AtomicU64::new(0),
         })
     }
 
@@ -311,6 +316,8 @@ impl Access {
             mode: Mode::LoopbackOnly,
             tokens: ArcSwap::from_pointee(Tokens::default()),
             generation: AtomicU64::new(0),
+            unauthenticated: AtomicU64::new(0),
+            forbidden: AtomicU64::new(0),
         })
     }
 
@@ -320,6 +327,8 @@ impl Access {
             mode: Mode::Tokens,
             tokens: ArcSwap::from_pointee(tokens),
             generation: AtomicU64::new(0),
+            unauthenticated: AtomicU64::new(0),
+            forbidden: AtomicU64::new(0),
         })
     }
 
@@ -333,6 +342,37 @@ impl Access {
     pub fn replace(&self, tokens: Tokens) {
         self.tokens.store(Arc::new(tokens));
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Counts a refusal (for `/metrics`): every `Unauthenticated` or
+    /// `Forbidden` answer a server gives goes through here.
+    pub fn count_refusal(&self, e: &OpError) {
+        match e.kind {
+            ErrorKind::Unauthenticated => self.unauthenticated.fetch_add(1, Ordering::Relaxed),
+            ErrorKind::Forbidden => self.forbidden.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// The metrics of client authentication, in the Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let mode = match self.mode {
+            Mode::Open => "open",
+            Mode::LoopbackOnly => "loopback-only",
+            Mode::Tokens => "tokens",
+        };
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_auth_tokens Tokens the auth file grants, and how clients are admitted (mode).\n# TYPE dhrt_auth_tokens gauge\ndhrt_auth_tokens{{mode=\"{mode}\"}} {}",
+            self.token_count()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_auth_refused_total Client requests refused: without a valid token (401), or beyond the token's role (403).\n# TYPE dhrt_auth_refused_total counter\ndhrt_auth_refused_total{{reason=\"unauthenticated\"}} {}\ndhrt_auth_refused_total{{reason=\"forbidden\"}} {}",
+            self.unauthenticated.load(Ordering::Relaxed),
+            self.forbidden.load(Ordering::Relaxed)
+        );
     }
 
     /// How many tokens are granted.

@@ -171,6 +171,9 @@ pub struct Cluster {
     ae_pushed: AtomicU64,
     /// Records from peers refused by the clock guard.
     refused_future: AtomicU64,
+    /// Peer connections refused: a failed handshake, a broken frame, no
+    /// peer slot left.
+    refused_peers: AtomicU64,
     /// The peers' clock offsets, and what they say of this node's clock.
     offsets: Mutex<Offsets>,
     verdict: Mutex<Verdict>,
@@ -279,6 +282,7 @@ impl Cluster {
             ae_pulled: AtomicU64::new(0),
             ae_pushed: AtomicU64::new(0),
             refused_future: AtomicU64::new(0),
+            refused_peers: AtomicU64::new(0),
             offsets: Mutex::new(Offsets::default()),
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
@@ -469,6 +473,16 @@ impl Cluster {
             "# HELP dhrt_refused_future_total Records from peers refused because they were stamped too far ahead of this node's clock.\n# TYPE dhrt_refused_future_total counter\ndhrt_refused_future_total {}",
             self.refused_future.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_peer_refused_total Peer connections refused: no proof of the cluster secret, a frame that did not open, or no peer slot left.\n# TYPE dhrt_peer_refused_total counter\ndhrt_peer_refused_total {}",
+            self.refused_peers.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Counts a refused peer connection (for `/metrics`).
+    pub(crate) fn count_refused_peer(&self) {
+        self.refused_peers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Progress of a running handoff or re-sync.
