@@ -324,7 +324,18 @@ async fn metrics_come_from_the_node_as_prometheus_text() {
     ok_json(&api, Method::POST, "/c/k/v", b"").await;
     let (status, body) = call(&api, Method::GET, "/metrics", b"").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(&body[..], b"map_entries 1\n");
+    // The node's metrics, then the API's own: who is admitted, and how
+    // many requests were refused.
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.starts_with("map_entries 1\n"), "{text}");
+    assert!(
+        text.contains("dhrt_auth_tokens{mode=\"loopback-only\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dhrt_auth_refused_total{reason=\"unauthenticated\"} 0\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
