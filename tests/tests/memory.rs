@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dhrt_proto::{Decoded, Op, Reply, Request, Response, decode_frame, encode_frame, preamble};
 
+use crate::cluster::{all_healthy, eventually};
 use crate::dhrtd::Dhrtd;
 
 const MIB: u64 = 1 << 20;
@@ -175,25 +176,12 @@ fn idle_connections_are_closed_and_clients_at_the_cap_leave_room_for_peers() {
     assert!(a.try_http("GET", "/", b"").map(|r| r.0).unwrap_or(0) != 200);
     // ...a peer is not: another node joins through it.
     let b = Dhrtd::start(dirs[1].path(), &["--node", &a.addr.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, stats) = b.http("GET", "/", b"");
-        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-        let healthy = stats["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["state"] == "healthy")
-            .count();
-        if healthy == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the peer could not join: {stats}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // (Asked of the joining node: the first may have no client slot free.)
+    eventually(
+        "the peer could not join: {stats}",
+        Duration::from_secs(20),
+        || all_healthy(&[&b], 2),
+    );
     // The idle clients are closed after about a second of silence.
     for (name, s) in [("binary", &mut binary), ("http", &mut http)] {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -291,25 +279,12 @@ fn a_stranger_can_neither_park_a_large_frame_nor_take_the_peer_slots() {
         &dirs[1].path().join("data"),
         &["--node", &a.addr.to_string()],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, stats) = b.http("GET", "/", b"");
-        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
-        let healthy = stats["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["state"] == "healthy")
-            .count();
-        if healthy == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "strangers kept the peer out: {stats}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // (Asked of the joining node: the first may have no client slot free.)
+    eventually(
+        "strangers kept the peer out: {stats}",
+        Duration::from_secs(20),
+        || all_healthy(&[&b], 2),
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     strangers.join().unwrap();
 }

@@ -143,14 +143,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&[u8]>, HttpError> {
 /// Whether `role` may do what needs `needed` (called `what`); 403 if not.
 #[inline]
 fn allow(role: Role, needed: Role, what: &str) -> Result<(), HttpError> {
-    if role.allows(needed) {
-        Ok(())
-    } else {
-        Err(HttpError::new(
-            StatusCode::FORBIDDEN,
-            format!("{what} needs the {needed} role; this token has the {role} role"),
-        ))
-    }
+    Ok(dhrt_proto::auth::allow(role, needed, what)?)
 }
 
 /// What the handler needs from a request's headers, found in one pass

@@ -508,9 +508,10 @@ impl Access {
     }
 }
 
-/// Whether `role` may do what needs `needed` (called `what`).
+/// Whether `role` may do what needs `needed` (called `what`); the
+/// [`ErrorKind::Forbidden`] refusal naming both roles if not.
 #[inline]
-fn allow(role: Role, needed: Role, what: &str) -> Result<(), OpError> {
+pub fn allow(role: Role, needed: Role, what: &str) -> Result<(), OpError> {
     if role.allows(needed) {
         Ok(())
     } else {
