@@ -12,7 +12,9 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::index::{self, Index, Slot, Upsert};
 use crate::log::LogFile;
-use crate::record::{self, Decoded, FILE_HEADER_LEN, Header, Kind, RECORD_HEADER_LEN};
+use crate::record::{
+    self, Decoded, FILE_HEADER_LEN, FileHeader, FileKind, Header, Kind, RECORD_HEADER_LEN,
+};
 use crate::verify;
 use crate::version::{Clock, Version};
 use crate::watermark::{self, Watermark};
@@ -46,6 +48,8 @@ pub(crate) struct State {
     pub(crate) oldest_tombstone_ms: u64,
     /// The newest collection drop, if any survives in the log.
     pub(crate) dropped_at: Option<Version>,
+    /// Where that drop's record is in the log.
+    pub(crate) drop_offset: u64,
 }
 
 impl Default for State {
@@ -56,6 +60,7 @@ impl Default for State {
             garbage: 0,
             oldest_tombstone_ms: u64::MAX,
             dropped_at: None,
+            drop_offset: 0,
         }
     }
 }
@@ -87,6 +92,18 @@ pub(crate) enum Written {
 struct Writer {
     buf: Vec<u8>,
     state: State,
+    /// The seq the next record appended gets.
+    next_seq: u64,
+}
+
+/// Bits of a seq below the epoch: each opening of a store starts a new
+/// epoch (see `docs/format.md`), so a seq is never handed out twice, even
+/// when a crash lost records whose seqs a watcher had already seen.
+pub(crate) const EPOCH_SHIFT: u32 = 40;
+
+/// A new history id: random, never zero (zero means "no history yet").
+pub(crate) fn new_history() -> u64 {
+    rand::random::<u64>() | 1
 }
 
 /// A collection.
@@ -159,6 +176,7 @@ pub(crate) fn apply_record(
                 state.garbage += RECORD_HEADER_LEN as u64; // the older drop record
             }
             state.dropped_at = Some(version);
+            state.drop_offset = offset;
             state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
             let mut doomed = Vec::new();
             index.for_each(|k, s| {
@@ -201,6 +219,13 @@ pub(crate) fn apply_record(
     }
 }
 
+/// After an append at `offset..end` whose first record has `first_seq` was
+/// applied to the index: watchers may read it now.
+fn published(log: &LogFile, first_seq: u64, offset: u64, end: u64) {
+    log.note_checkpoint(first_seq, offset);
+    log.mark_applied(end);
+}
+
 /// What recovery found.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Recovery {
@@ -215,6 +240,10 @@ pub(crate) struct Recovery {
     pub(crate) reserved: u64,
     /// The durable watermark found, if the log has one.
     pub(crate) watermark: Option<u64>,
+    /// The greatest record seq found.
+    pub(crate) max_seq: u64,
+    /// Records carried over from a format 1 file, if it was one.
+    pub(crate) converted: Option<u64>,
 }
 
 /// What the validation pass of recovery collects for the replay.
@@ -223,9 +252,15 @@ struct Scanned {
     /// (order hash of the key, offset) of every set and tombstone, in log
     /// order.
     records: Vec<(u32, u64)>,
-    /// The greatest drop version, and how many drop records there are.
+    /// The greatest drop version, its offset, and how many drop records
+    /// there are.
     dropped_at: Option<Version>,
+    drop_offset: u64,
     drops: u64,
+    /// Checkpoints for the log (see `LogFile::note_checkpoint`).
+    checkpoints: Vec<(u64, u64)>,
+    /// The greatest seq seen.
+    max_seq: u64,
 }
 
 /// Builds the index of a log whose records were all checked already.
@@ -257,6 +292,7 @@ fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
 
     let base = State {
         dropped_at: scanned.dropped_at,
+        drop_offset: scanned.drop_offset,
         ..State::default()
     };
     let apply_range = |range: &[u64]| {
@@ -309,10 +345,8 @@ fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
 /// Whether any valid record starts after `from` in `buf`.
 fn valid_record_after(buf: &[u8], from: usize) -> bool {
     (from + 1..buf.len().saturating_sub(RECORD_HEADER_LEN - 1)).any(|at| {
-        // Cheap filter before the CRC: a known kind and zero reserved bytes.
-        matches!(buf[at + 4], 1..=3)
-            && buf[at + 5..at + 8] == [0, 0, 0]
-            && matches!(record::decode(&buf[at..]), Decoded::Record { .. })
+        // Cheap filter before the CRC: a known kind.
+        matches!(buf[at + 4], 1..=3) && matches!(record::decode(&buf[at..]), Decoded::Record { .. })
     })
 }
 
@@ -328,6 +362,7 @@ impl Collection {
             writer: Mutex::new(Writer {
                 buf: Vec::new(),
                 state,
+                next_seq: 1,
             }),
             rebuilding: Mutex::new(()),
             compact_requested: AtomicBool::new(false),
@@ -340,9 +375,18 @@ impl Collection {
     }
 
     /// A new, empty collection: a file in `dir`, or memory when `dir` is None.
-    pub(crate) fn create(dir: Option<&Path>, name: &str, options: &Options) -> Result<Collection> {
+    pub(crate) fn create(
+        dir: Option<&Path>,
+        name: &str,
+        options: &Options,
+        first_seq: u64,
+    ) -> Result<Collection> {
         let path = dir.map(|d| Self::log_path(d, name));
-        let log = LogFile::create(path.as_deref(), name).map_err(|e| {
+        let header = FileHeader {
+            history: new_history(),
+            purged_seq: 0,
+        };
+        let log = LogFile::create(path.as_deref(), name, header).map_err(|e| {
             Error::io(
                 "create",
                 path.clone().unwrap_or_else(|| "(memory)".into()),
@@ -369,7 +413,15 @@ impl Collection {
             index: Index::new(options.shards_for(0)),
             log: Arc::new(log),
         };
-        Ok(Self::from_parts(name, generation, State::default()))
+        let collection = Self::from_parts(name, generation, State::default());
+        collection.set_next_seq(first_seq);
+        Ok(collection)
+    }
+
+    /// Sets the seq the next record gets (the store's epoch, after opening).
+    pub(crate) fn set_next_seq(&self, seq: u64) {
+        let mut w = self.writer.lock().unwrap();
+        w.next_seq = w.next_seq.max(seq);
     }
 
     /// Opens an existing collection file: replays it into a fresh index,
@@ -383,6 +435,17 @@ impl Collection {
         name: &str,
         options: &Options,
     ) -> Result<(Collection, Recovery)> {
+        let mut converted = None;
+        {
+            let mut head = [0u8; crate::migrate::V1_FILE_HEADER_LEN];
+            let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+            if std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).is_ok()
+                && crate::migrate::is_v1_header(&head)
+            {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                converted = Some(crate::migrate::convert_v1(path, dir, name)?);
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -395,7 +458,12 @@ impl Collection {
         let mut recovery = Recovery {
             watermark: watermark::read(path)
                 .map_err(|e| Error::io("read", watermark::path_for(path), e))?,
+            converted,
             ..Recovery::default()
+        };
+        let mut file_header = FileHeader {
+            history: new_history(),
+            purged_seq: 0,
         };
         let found_watermark = recovery.watermark;
         let below_watermark = |at: usize| found_watermark.is_some_and(|w| (at as u64) < w);
@@ -404,16 +472,21 @@ impl Collection {
         let mut preallocated = false;
         let mut built = (Index::new(options.shards_for(0)), State::default());
         let mut scanned = Scanned::default();
+        let mut checkpoints = Vec::new();
         if len < FILE_HEADER_LEN as u64 {
             // Creation was interrupted before the header was durable.
             let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-            if !record::file_header().starts_with(&head) {
+            // The magic, the version and two zero bytes are fixed; the rest
+            // (history, purge mark, CRC) cannot be checked in a prefix.
+            let fixed = record::file_header(file_header);
+            let n = head.len().min(12);
+            if head[..n] != fixed[..n] {
                 return Err(Error::BadHeader {
                     path: path.into(),
                     reason: format!("{len} bytes, not a header"),
                 });
             }
-            std::os::unix::fs::FileExt::write_all_at(&file, &record::file_header(), 0)
+            std::os::unix::fs::FileExt::write_all_at(&file, &fixed, 0)
                 .map_err(|e| Error::io("write", path, e))?;
             file.sync_all().map_err(|e| Error::io("fsync", path, e))?;
             tracing::warn!(path = %path.display(), "rewrote an interrupted file header");
@@ -421,15 +494,37 @@ impl Collection {
             let map =
                 crate::mmap::map(&file, len as usize).map_err(|e| Error::io("mmap", path, e))?;
             let buf = &map[..];
-            record::check_file_header(buf).map_err(|reason| Error::BadHeader {
-                path: path.into(),
-                reason,
-            })?;
+            match record::check_file_header(buf) {
+                Ok(FileKind::Current(h)) => file_header = h,
+                Ok(FileKind::V1) => {
+                    return Err(Error::BadHeader {
+                        path: path.into(),
+                        reason: "still format 1 after its conversion".into(),
+                    });
+                }
+                Err(reason) => {
+                    return Err(Error::BadHeader {
+                        path: path.into(),
+                        reason,
+                    });
+                }
+            }
             while end < buf.len() {
                 match record::decode(&buf[end..]) {
                     Decoded::Record { header, key, .. } => {
+                        if scanned
+                            .checkpoints
+                            .last()
+                            .is_none_or(|&(_, at)| end as u64 >= at + crate::log::CHECKPOINT_EVERY)
+                        {
+                            scanned.checkpoints.push((header.seq, end as u64));
+                        }
+                        scanned.max_seq = scanned.max_seq.max(header.seq);
                         if header.kind == Kind::Drop {
-                            scanned.dropped_at = scanned.dropped_at.max(Some(header.version));
+                            if Some(header.version) > scanned.dropped_at {
+                                scanned.dropped_at = Some(header.version);
+                                scanned.drop_offset = end as u64;
+                            }
                             scanned.drops += 1;
                         } else {
                             scanned
@@ -485,6 +580,8 @@ impl Collection {
                     reason: "the log ends before its durable watermark",
                 });
             }
+            recovery.max_seq = scanned.max_seq;
+            checkpoints = std::mem::take(&mut scanned.checkpoints);
             built = replay(&buf[..end], scanned, options);
         }
         if preallocated && cut_reason.is_none() {
@@ -524,8 +621,9 @@ impl Collection {
             // new watermark can say so.
             file.sync_data().map_err(|e| Error::io("fsync", path, e))?;
         }
-        let mut log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64)
+        let mut log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64, file_header)
             .map_err(|e| Error::io("mmap", path, e))?;
+        log.set_checkpoints(checkpoints);
         let watermark_path = watermark::path_for(path);
         let watermark = match recovery.watermark {
             Some(w) => Watermark::open(path, log.id(), w),
@@ -601,20 +699,27 @@ impl Collection {
         } else {
             Kind::Tombstone
         };
-        let Writer { buf, state } = &mut *w;
+        let Writer {
+            buf,
+            state,
+            next_seq,
+        } = &mut *w;
         buf.clear();
-        record::encode(buf, kind, key, value.unwrap_or_default(), version);
+        let seq = *next_seq;
+        record::encode(buf, kind, key, value.unwrap_or_default(), version, seq);
         if let Stamp::Given(_) = stamp
             && !self.wins_over_current(&generation, key, version, buf)
         {
             return Ok(Written::Skipped);
         }
+        *next_seq += 1;
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
         let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
             .expect("checked above that the write is newer");
+        published(&generation.log, seq, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -636,8 +741,13 @@ impl Collection {
         let mut w = self.writer.lock().unwrap();
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
-        let Writer { buf, state } = &mut *w;
+        let Writer {
+            buf,
+            state,
+            next_seq,
+        } = &mut *w;
         buf.clear();
+        let first_seq = *next_seq;
         let mut starts = Vec::with_capacity(entries.len());
         for (i, (key, value, version)) in entries.iter().enumerate() {
             let newer = generation
@@ -653,11 +763,19 @@ impl Collection {
                 Kind::Tombstone
             };
             let start = buf.len();
-            record::encode(buf, kind, key, value.unwrap_or_default(), *version);
+            record::encode(
+                buf,
+                kind,
+                key,
+                value.unwrap_or_default(),
+                *version,
+                *next_seq,
+            );
             if !self.wins_over_current(&generation, key, *version, &buf[start..]) {
                 buf.truncate(start);
                 continue;
             }
+            *next_seq += 1;
             starts.push((start, i));
         }
         if starts.is_empty() {
@@ -682,6 +800,7 @@ impl Collection {
             );
             applied += usize::from(took.is_some());
         }
+        published(&generation.log, first_seq, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(applied)
@@ -699,15 +818,21 @@ impl Collection {
         let mut w = self.writer.lock().unwrap();
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
-        let Writer { buf, state } = &mut *w;
+        let Writer {
+            buf,
+            state,
+            next_seq,
+        } = &mut *w;
         buf.clear();
+        let first_seq = *next_seq;
         let mut starts = Vec::with_capacity(entries.len());
         let mut versions = Vec::with_capacity(entries.len());
         for (key, value) in entries {
             starts.push(buf.len());
             let version = clock.now();
             versions.push(version);
-            record::encode(buf, Kind::Set, key, value, version);
+            record::encode(buf, Kind::Set, key, value, version, *next_seq);
+            *next_seq += 1;
         }
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
@@ -725,6 +850,7 @@ impl Collection {
             )
             .expect("local versions are newer than everything");
         }
+        published(&generation.log, first_seq, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(versions)
@@ -747,9 +873,15 @@ impl Collection {
         if w.state.dropped_at.is_some_and(|d| d >= version) {
             return Ok(None);
         }
-        let Writer { buf, state } = &mut *w;
+        let Writer {
+            buf,
+            state,
+            next_seq,
+        } = &mut *w;
         buf.clear();
-        record::encode(buf, Kind::Drop, &[], &[], version);
+        let seq = *next_seq;
+        *next_seq += 1;
+        record::encode(buf, Kind::Drop, &[], &[], version, seq);
         let offset = self.append(&generation.log, buf)?;
         let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
@@ -764,6 +896,7 @@ impl Collection {
             offset,
             Some(&mut removed),
         );
+        published(&generation.log, seq, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         removed.sort();
@@ -855,6 +988,22 @@ impl Collection {
     /// A copy of the writer's state.
     pub(crate) fn state(&self) -> State {
         self.writer.lock().unwrap().state
+    }
+
+    /// Where the history stands now: the current generation, the end of the
+    /// records its index reflects, and the greatest seq handed out.
+    pub(crate) fn head(&self) -> (Arc<Generation>, u64, u64) {
+        let w = self.writer.lock().unwrap();
+        let generation = self.current.load_full();
+        let applied = generation.log.applied();
+        (generation, applied, w.next_seq - 1)
+    }
+
+    /// The tail of `log` (the current log), the greatest seq handed out, and
+    /// the writer's state, read together under the writer lock.
+    pub(crate) fn tail_and_state(&self, log: &LogFile) -> (u64, u64, State) {
+        let w = self.writer.lock().unwrap();
+        (log.tail(), w.next_seq - 1, w.state)
     }
 
     /// Runs `f` with the writer lock held (compaction's final phase).

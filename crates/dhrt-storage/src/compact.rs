@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::index::{Index, Slot};
 use crate::log::{self, LogFile};
 use crate::record::{self, Decoded, Kind};
+
 use crate::version::wall_ms;
 
 /// What one compaction did.
@@ -62,8 +63,9 @@ pub(crate) fn compact(
     if let Some(cause) = old.log.poisoned() {
         return Err(poisoned(coll, cause));
     }
-    let (t0, dropped_at, keys) =
-        coll.with_writer(|s| (old.log.tail(), s.dropped_at, s.live_keys + s.tombstones));
+    let (t0, t0_seq, st) = coll.tail_and_state(&old.log);
+    let (dropped_at, drop_offset, keys) =
+        (st.dropped_at, st.drop_offset, st.live_keys + st.tombstones);
     let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
     let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
     let io_err = |op, e| Error::io(op, tmp_path.clone().unwrap_or_else(|| "(memory)".into()), e);
@@ -73,25 +75,29 @@ pub(crate) fn compact(
     };
 
     let result = (|| {
-        let mut new_log =
-            LogFile::create(tmp_path.as_deref(), &coll.name).map_err(|e| io_err("create", e))?;
-        let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
-        let mut state = State::default();
-        let mut out = Vec::with_capacity(FLUSH_AT + 4096);
-        let mut base = new_log.tail();
-
-        // Phase 1: copy what the index points at below t0.
+        // Phase 1: choose what to copy: what the index points at below t0
+        // (and the drop record), less the tombstones past their grace. The
+        // new file holds them in log order, which is seq order, so that a
+        // watcher can find its place in it (see `feed.rs`).
+        let old_map = old.log.map();
+        let old_header = old.log.header();
+        let mut purged_seq = old_header.purged_seq;
+        // The seq of the record at `offset`; if its header is damaged, the
+        // greatest seq it can have.
+        let seq_at = |offset: u64| {
+            record::parse_header(&old_map[offset as usize..t0 as usize]).map_or(t0_seq, |h| h.seq)
+        };
+        let mut offsets: Vec<u64> = Vec::with_capacity(keys as usize + 1);
+        let mut kept_drop = None;
         if let Some(d) = dropped_at {
             if d.physical_ms() >= purge_before_ms {
-                record::encode(&mut out, Kind::Drop, &[], &[], d);
-                state.dropped_at = Some(d);
-                state.oldest_tombstone_ms = d.physical_ms();
-                report.records += 1;
+                offsets.push(drop_offset);
+                kept_drop = Some(d);
             } else {
+                purged_seq = purged_seq.max(seq_at(drop_offset));
                 report.purged_tombstones += 1;
             }
         }
-        let old_map = old.log.map();
         for shard in old.index.shards() {
             let guard = &crossbeam_epoch::pin();
             let mut cursor = shard.front(guard);
@@ -102,46 +108,70 @@ pub(crate) fn compact(
                 if offset >= t0 {
                     continue;
                 }
-                let version = slot.version();
-                if slot.is_tombstone() && version.physical_ms() < purge_before_ms {
+                if slot.is_tombstone() && slot.version().physical_ms() < purge_before_ms {
+                    purged_seq = purged_seq.max(seq_at(offset));
                     report.purged_tombstones += 1;
                     continue;
                 }
-                let bytes = &old_map[offset as usize..t0 as usize];
-                let Decoded::Record { header, .. } = record::decode(bytes) else {
-                    // Damaged since it was written: left out of the new
-                    // file and index (and so of the digest), as a
-                    // quarantine would; a replica's copy restores it.
-                    tracing::error!(
-                        collection = %coll.name,
-                        offset,
-                        "a record failed its checksum during compaction; dropping it"
-                    );
-                    coll.quarantined
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    report.damaged += 1;
-                    continue;
-                };
-                let new_offset = base + out.len() as u64;
-                out.extend_from_slice(&bytes[..header.record_len()]);
+                offsets.push(offset);
+            }
+        }
+        offsets.sort_unstable();
+
+        let header = record::FileHeader {
+            history: old_header.history,
+            purged_seq,
+        };
+        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
+            .map_err(|e| io_err("create", e))?;
+        let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
+        let mut state = State::default();
+        let mut out = Vec::with_capacity(FLUSH_AT + 4096);
+        let mut base = new_log.tail();
+        for offset in offsets {
+            let bytes = &old_map[offset as usize..t0 as usize];
+            let Decoded::Record { header, key, .. } = record::decode(bytes) else {
+                // Damaged since it was written: left out of the new
+                // file and index (and so of the digest), as a
+                // quarantine would; a replica's copy restores it.
+                tracing::error!(
+                    collection = %coll.name,
+                    offset,
+                    "a record failed its checksum during compaction; dropping it"
+                );
+                coll.quarantined
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                report.damaged += 1;
+                continue;
+            };
+            let new_offset = base + out.len() as u64;
+            out.extend_from_slice(&bytes[..header.record_len()]);
+            new_log.note_checkpoint(header.seq, new_offset);
+            report.records += 1;
+            let version = header.version;
+            if header.kind == Kind::Drop {
+                state.dropped_at = kept_drop;
+                state.drop_offset = new_offset;
+                state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            } else {
+                let tombstone = header.kind == Kind::Tombstone;
                 index.insert(
-                    entry.key().as_bytes(),
-                    Slot::new(new_offset, slot.is_tombstone(), version),
+                    key,
+                    Slot::new(new_offset, tombstone, version),
                     record::stored_crc(bytes),
                 );
-                if slot.is_tombstone() {
+                if tombstone {
                     state.tombstones += 1;
                     state.oldest_tombstone_ms =
                         state.oldest_tombstone_ms.min(version.physical_ms());
                 } else {
                     state.live_keys += 1;
                 }
-                report.records += 1;
-                if out.len() >= FLUSH_AT {
-                    new_log.append(&out).map_err(|e| io_err("write", e))?;
-                    base = new_log.tail();
-                    out.clear();
-                }
+            }
+            if out.len() >= FLUSH_AT {
+                new_log.append(&out).map_err(|e| io_err("write", e))?;
+                base = new_log.tail();
+                out.clear();
             }
         }
         new_log.append(&out).map_err(|e| io_err("write", e))?;
@@ -161,6 +191,10 @@ pub(crate) fn compact(
             };
             new_log.append(caught).map_err(|e| io_err("write", e))?;
             let new_map = new_log.map();
+            for &start in &starts {
+                let at = base + start as u64;
+                new_log.note_checkpoint(record::peek_header(&new_map[at as usize..]).seq, at);
+            }
             report.caught_up = replay_since(&index, &mut state, &starts, &new_map, base);
             report.records += report.caught_up;
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
@@ -194,6 +228,7 @@ pub(crate) fn compact(
                 resume.recv().unwrap();
             }
             report.bytes_after = new_log.tail();
+            new_log.mark_applied(new_log.tail());
             coll.current.store(Arc::new(Generation {
                 index,
                 log: Arc::new(new_log),

@@ -112,6 +112,21 @@ pub enum Error {
         offset: u64,
     },
 
+    /// A watch cannot start (or go on) from the position it was given
+    /// without missing changes: the position is from another node or
+    /// another history of the collection, compaction purged deletes after
+    /// it, or it is ahead of this node's log. The caller should take a
+    /// snapshot (watch with [`crate::WatchFrom::Snapshot`]) instead.
+    #[error("cannot resume watching {collection:?} from {position}: {reason}; take a snapshot")]
+    ResumeGone {
+        /// The collection.
+        collection: String,
+        /// The position asked for.
+        position: String,
+        /// Why.
+        reason: &'static str,
+    },
+
     /// Another process holds the data directory's lock. Nothing was opened.
     #[error("data directory {path} is in use by another process")]
     Locked {

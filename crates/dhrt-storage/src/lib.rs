@@ -18,11 +18,13 @@
 mod collection;
 mod compact;
 mod error;
+mod feed;
 mod index;
 // `KeyRef`: one cast of a byte slice to a transparent wrapper.
 #[allow(unsafe_code)]
 mod key;
 mod log;
+mod migrate;
 // Maps, `fallocate`, `memfd_create`, `flock`: the engine's system calls.
 #[allow(unsafe_code)]
 mod mmap;
@@ -38,6 +40,7 @@ mod watermark;
 pub use bytes::Bytes;
 pub use compact::CompactionReport;
 pub use error::{Error, Result};
+pub use feed::{Change, ChangeKind, Position, Watch, WatchEvent, WatchFrom};
 pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket};
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
 pub use options::{Options, SyncMode};

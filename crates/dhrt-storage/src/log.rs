@@ -12,11 +12,15 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::mmap;
-use crate::record::{self, FILE_HEADER_LEN};
+use crate::record::{self, FILE_HEADER_LEN, FileHeader};
 use crate::watermark::{self, Watermark};
 
 /// The index packs offsets into 46 bits.
 const MAX_LOG_LEN: u64 = 1 << crate::index::OFFSET_BITS;
+
+/// A checkpoint (seq, offset) is kept at most every this many bytes of log,
+/// so finding where a seq starts reads at most this much past one.
+pub(crate) const CHECKPOINT_EVERY: u64 = 64 << 10;
 
 /// Smallest map; the address space is reserved, not memory.
 const MIN_CAPACITY: u64 = 64 << 20;
@@ -79,6 +83,16 @@ pub(crate) struct LogFile {
     appender: Mutex<Appender>,
     /// End of the last complete record written.
     tail: AtomicU64,
+    /// End of the records the index already reflects: watchers read below
+    /// it (a record between it and the tail may not be in the index yet).
+    applied: AtomicU64,
+    /// Lock-free copy of `SyncState::synced`.
+    synced: AtomicU64,
+    /// What the file header says.
+    header: FileHeader,
+    /// Sparse (seq, offset) pairs, both increasing: where to start looking
+    /// for the first record after a seq.
+    checkpoints: Mutex<Vec<(u64, u64)>>,
     sync: Mutex<SyncState>,
     synced_cv: Condvar,
     /// Identifies this file to the collection's watermark.
@@ -100,7 +114,11 @@ pub(crate) struct LogFile {
 impl LogFile {
     /// Creates a new log holding only the file header: at `path` (replacing
     /// any file there) or, with `None`, in memory.
-    pub(crate) fn create(path: Option<&Path>, name: &str) -> io::Result<LogFile> {
+    pub(crate) fn create(
+        path: Option<&Path>,
+        name: &str,
+        header: FileHeader,
+    ) -> io::Result<LogFile> {
         let file = match path {
             Some(p) => OpenOptions::new()
                 .read(true)
@@ -110,13 +128,23 @@ impl LogFile {
                 .open(p)?,
             None => mmap::memfd(name)?,
         };
-        file.write_all_at(&record::file_header(), 0)?;
-        LogFile::with_file(file, path.map(Path::to_path_buf), FILE_HEADER_LEN as u64)
+        file.write_all_at(&record::file_header(header), 0)?;
+        LogFile::with_file(
+            file,
+            path.map(Path::to_path_buf),
+            FILE_HEADER_LEN as u64,
+            header,
+        )
     }
 
     /// Wraps an existing file whose first `len` bytes are valid records
     /// (and nothing follows them).
-    pub(crate) fn with_file(file: File, path: Option<PathBuf>, len: u64) -> io::Result<LogFile> {
+    pub(crate) fn with_file(
+        file: File,
+        path: Option<PathBuf>,
+        len: u64,
+        header: FileHeader,
+    ) -> io::Result<LogFile> {
         let capacity = capacity_for(len) as usize;
         let (map, appender) = match path {
             Some(_) => {
@@ -137,6 +165,10 @@ impl LogFile {
             map: ArcSwap::from_pointee(map),
             appender: Mutex::new(appender),
             tail: AtomicU64::new(len),
+            applied: AtomicU64::new(len),
+            synced: AtomicU64::new(len),
+            header,
+            checkpoints: Mutex::new(Vec::new()),
             sync: Mutex::new(SyncState {
                 synced: len,
                 ..SyncState::default()
@@ -163,6 +195,56 @@ impl LogFile {
     /// End of the last complete record.
     pub(crate) fn tail(&self) -> u64 {
         self.tail.load(Ordering::Acquire)
+    }
+
+    /// What the file header says.
+    pub(crate) fn header(&self) -> FileHeader {
+        self.header
+    }
+
+    /// End of the records the index reflects (see [`Self::mark_applied`]).
+    pub(crate) fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Says that the index reflects every record below `end`. Called under
+    /// the writer lock after the index was updated.
+    pub(crate) fn mark_applied(&self, end: u64) {
+        self.applied.store(end, Ordering::Release);
+    }
+
+    /// Everything below this offset is known to be on stable storage.
+    pub(crate) fn synced(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Notes that the record with `seq` starts at `offset` (records are
+    /// appended in seq order); kept if it is far enough past the last one.
+    pub(crate) fn note_checkpoint(&self, seq: u64, offset: u64) {
+        let mut cps = self.checkpoints.lock().unwrap();
+        if cps
+            .last()
+            .is_none_or(|&(_, last)| offset >= last + CHECKPOINT_EVERY)
+        {
+            cps.push((seq, offset));
+        }
+    }
+
+    /// Replaces the checkpoints (recovery found them).
+    pub(crate) fn set_checkpoints(&mut self, checkpoints: Vec<(u64, u64)>) {
+        *self.checkpoints.get_mut().unwrap() = checkpoints;
+    }
+
+    /// Where to start reading to find the first record with a seq greater
+    /// than `seq`: the last checkpoint at or below it (or the first record).
+    pub(crate) fn checkpoint_before(&self, seq: u64) -> u64 {
+        let cps = self.checkpoints.lock().unwrap();
+        let i = cps.partition_point(|&(s, _)| s <= seq);
+        if i == 0 {
+            FILE_HEADER_LEN as u64
+        } else {
+            cps[i - 1].1
+        }
     }
 
     /// The current map. Only ranges below [`tail`](Self::tail) as read
@@ -282,6 +364,7 @@ impl LogFile {
             match result {
                 Ok(()) => {
                     st.synced = st.synced.max(target);
+                    self.synced.store(st.synced, Ordering::Release);
                     self.fdatasyncs.fetch_add(1, Ordering::Relaxed);
                     if let Some(w) = &self.watermark {
                         // Under the sync lock, so values reach the file in
@@ -367,9 +450,14 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    const HEADER: FileHeader = FileHeader {
+        history: 7,
+        purged_seq: 0,
+    };
+
     /// A log file, and what was appended to it.
     fn fill(log: &LogFile, chunks: usize, len: usize) -> Vec<u8> {
-        let mut expected = record::file_header().to_vec();
+        let mut expected = record::file_header(HEADER).to_vec();
         for i in 0..chunks {
             let chunk = vec![(i % 251) as u8 + 1; len];
             let offset = log.append(&chunk).unwrap();
@@ -384,7 +472,7 @@ mod tests {
     fn appends_through_the_map_cross_reservations_and_remaps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let log = LogFile::create(Some(&path), "t").unwrap();
+        let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
         // 70 MiB: many reservations, and past the first 64 MiB map.
         let expected = fill(&log, 70, 1 << 20);
         let map = log.map();
@@ -406,7 +494,7 @@ mod tests {
     fn a_failed_reservation_writes_nothing_and_a_missing_fallocate_falls_back_to_pwrite() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
-        let log = LogFile::create(Some(&path), "t").unwrap();
+        let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
         let mut expected = fill(&log, 3, 100);
         // A full disk: the append fails, nothing of it is in the log.
         log.fail_next_reserve.store(libc::ENOSPC, Ordering::Release);
@@ -444,7 +532,7 @@ mod tests {
 
     #[test]
     fn memory_logs_append_with_pwrite() {
-        let log = LogFile::create(None, "t").unwrap();
+        let log = LogFile::create(None, "t", HEADER).unwrap();
         assert!(matches!(*log.appender.lock().unwrap(), Appender::Pwrite));
         let expected = fill(&log, 3, 1000);
         assert_eq!(&log.map()[..expected.len()], &expected[..]);

@@ -164,7 +164,8 @@ pub struct Listing {
     collection: Option<Arc<Collection>>,
     /// (order hash, key) of the last record emitted.
     after: Option<(u64, Vec<u8>)>,
-    buffered: VecDeque<Record>,
+    /// Records with their seqs.
+    buffered: VecDeque<(Record, u64)>,
     live_only: bool,
     /// Order hashes at or past this end the listing.
     end: u64,
@@ -249,11 +250,16 @@ impl Listing {
                             }
                         }
                     };
-                    self.buffered.push_back(Record {
-                        key,
-                        value,
-                        version: slot.version(),
-                    });
+                    let seq = record::parse_header(&map[slot.offset() as usize..tail as usize])
+                        .map_or(0, |h| h.seq);
+                    self.buffered.push_back((
+                        Record {
+                            key,
+                            value,
+                            version: slot.version(),
+                        },
+                        seq,
+                    ));
                 }
             }
             shard_no += 1;
@@ -272,14 +278,21 @@ impl Listing {
     }
 }
 
-impl Iterator for Listing {
-    type Item = Record;
-
-    fn next(&mut self) -> Option<Record> {
+impl Listing {
+    /// The next record and its seq.
+    pub(crate) fn next_with_seq(&mut self) -> Option<(Record, u64)> {
         if self.buffered.is_empty() {
             self.fill();
         }
         self.buffered.pop_front()
+    }
+}
+
+impl Iterator for Listing {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        self.next_with_seq().map(|(r, _)| r)
     }
 }
 

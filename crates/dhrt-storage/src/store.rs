@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use crate::collection::{COMPACT_SUFFIX, Collection, LOG_SUFFIX, Stamp, Written};
+use crate::collection::{COMPACT_SUFFIX, Collection, EPOCH_SHIFT, LOG_SUFFIX, Stamp, Written};
 use crate::compact::{self, CompactionReport};
 use crate::error::{Error, Result};
 use crate::index::DIGEST_BUCKETS;
@@ -51,15 +51,31 @@ struct Shutdown {
     wake: Condvar,
 }
 
+/// Told the name of a collection after each write that changed it.
+struct Listener(Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Listener")
+    }
+}
+
+/// The file in the data directory holding the last epoch (see
+/// `docs/format.md`).
+const EPOCH_FILE: &str = "EPOCH";
+
 /// What the store and its background thread share.
 #[derive(Debug)]
-struct Core {
+pub(crate) struct Core {
     dir: Option<PathBuf>,
     options: Options,
     clock: Clock,
     collections: ArcSwap<Collections>,
     create: Mutex<()>,
     recovered: Vec<RecoveryReport>,
+    /// This opening's epoch: the top bits of every seq it hands out.
+    epoch: u64,
+    listener: arc_swap::ArcSwapOption<Listener>,
 }
 
 /// Dropped when the last `Store` clone is: stops and joins the background
@@ -99,6 +115,8 @@ pub struct RecoveryReport {
     /// had one. A cut at or past it (`truncated_bytes`) lost only writes
     /// that were never synced; damage below it refuses the open instead.
     pub durable_watermark: Option<u64>,
+    /// Records carried over from a format 1 file converted on this open.
+    pub converted_records: Option<u64>,
 }
 
 /// Statistics of one collection.
@@ -221,18 +239,27 @@ impl Store {
             }
         }
         names.sort();
+        let mut last_epoch = read_epoch(&dir)?;
         for name in names {
             let path = Collection::log_path(&dir, &name);
             let (collection, recovery) = Collection::open(&path, &name, &options)?;
             clock.observe(recovery.max_ts);
+            last_epoch = last_epoch.max(recovery.max_seq >> EPOCH_SHIFT);
             recovered.push(RecoveryReport {
                 collection: name.clone(),
                 records: recovery.records,
                 truncated_bytes: recovery.truncated.map_or(0, |(bytes, _)| bytes),
                 reserved_bytes: recovery.reserved,
                 durable_watermark: recovery.watermark,
+                converted_records: recovery.converted,
             });
             collections.insert(name, Arc::new(collection));
+        }
+        // A new epoch, durable before any seq of it is handed out.
+        let epoch = last_epoch + 1;
+        write_epoch(&dir, epoch)?;
+        for c in collections.values() {
+            c.set_next_seq(epoch << EPOCH_SHIFT | 1);
         }
         Ok(Self::start(
             Some(dir),
@@ -241,6 +268,7 @@ impl Store {
             collections,
             recovered,
             Some(lock),
+            epoch,
         ))
     }
 
@@ -255,6 +283,7 @@ impl Store {
             Collections::default(),
             Vec::new(),
             None,
+            1,
         )
     }
 
@@ -265,6 +294,7 @@ impl Store {
         collections: Collections,
         recovered: Vec<RecoveryReport>,
         dir_lock: Option<File>,
+        epoch: u64,
     ) -> Store {
         let core = Arc::new(Core {
             dir,
@@ -273,6 +303,8 @@ impl Store {
             collections: ArcSwap::from_pointee(collections),
             create: Mutex::new(()),
             recovered,
+            epoch,
+            listener: arc_swap::ArcSwapOption::empty(),
         });
         let shutdown = Arc::new(Shutdown::default());
         let mut threads = Vec::new();
@@ -368,7 +400,12 @@ impl Store {
         if let Some(c) = self.inner.collections.load().get(name) {
             return Ok(c.clone());
         }
-        let collection = Arc::new(Collection::create(self.dir(), name, &self.inner.options)?);
+        let collection = Arc::new(Collection::create(
+            self.dir(),
+            name,
+            &self.inner.options,
+            self.inner.epoch << EPOCH_SHIFT | 1,
+        )?);
         let mut map = Collections::clone(&self.inner.collections.load());
         map.insert(name.to_string(), collection.clone());
         self.inner.collections.store(Arc::new(map));
@@ -387,7 +424,61 @@ impl Store {
         Ok(())
     }
 
+    /// Tells the listener, if any, that `collection` changed.
+    #[inline]
+    fn changed(&self, collection: &str) {
+        if let Some(l) = &*self.inner.listener.load() {
+            (l.0)(collection);
+        }
+    }
+
+    /// Calls `f` with a collection's name after every write that changed
+    /// it (a set, a delete, a drop, local or replicated), once the change
+    /// is visible to [`watch`](Self::watch): the place to wake watchers.
+    /// `f` runs on the writer's thread, after its lock is released; keep it
+    /// short. Replaces any earlier listener.
+    pub fn on_change(&self, f: impl Fn(&str) + Send + Sync + 'static) {
+        self.inner
+            .listener
+            .store(Some(Arc::new(Listener(Box::new(f)))));
+    }
+
+    /// Watches `collection` (which need not exist yet): see
+    /// [`Watch`](crate::Watch). Only keys starting with `prefix` are
+    /// emitted (a drop always is). Fails with [`Error::ResumeGone`] if
+    /// `from` is a position this node cannot resume from exactly.
+    pub fn watch(
+        &self,
+        collection: &str,
+        from: crate::WatchFrom,
+        prefix: Option<&[u8]>,
+    ) -> Result<crate::Watch> {
+        let existing = self.existing(collection)?;
+        crate::Watch::new(
+            self.inner.core.clone(),
+            collection,
+            existing,
+            from,
+            prefix.map(<[u8]>::to_vec),
+            self.inner.options.sync == SyncMode::Always,
+        )
+    }
+
     fn write(
+        &self,
+        collection: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+        stamp: Stamp<'_>,
+    ) -> Result<Written> {
+        let written = self.write_inner(collection, key, value, stamp)?;
+        if let Written::Applied { .. } = written {
+            self.changed(collection);
+        }
+        Ok(written)
+    }
+
+    fn write_inner(
         &self,
         collection: &str,
         key: &[u8],
@@ -433,9 +524,11 @@ impl Store {
         if entries.is_empty() {
             return validate_collection_name(collection).map(|()| Vec::new());
         }
-        self.with_collection(collection, |c| {
+        let versions = self.with_collection(collection, |c| {
             c.write_many(entries, &self.inner.clock, self.inner.options.sync)
-        })
+        })?;
+        self.changed(collection);
+        Ok(versions)
     }
 
     /// Like [`set`](Self::set), returning the version written.
@@ -523,9 +616,13 @@ impl Store {
             return validate_collection_name(collection).map(|()| 0);
         }
         self.inner.clock.observe(newest);
-        self.with_collection(collection, |c| {
+        let applied = self.with_collection(collection, |c| {
             c.apply_many(entries, self.inner.options.sync)
-        })
+        })?;
+        if applied > 0 {
+            self.changed(collection);
+        }
+        Ok(applied)
     }
 
     /// The value of `key`, or `None`. The value is not copied: it points into
@@ -636,9 +733,14 @@ impl Store {
     /// versioned write like any other.
     pub fn drop_collection(&self, name: &str) -> Result<Vec<Vec<u8>>> {
         match self.existing(name)? {
-            Some(c) => Ok(c
-                .drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync)?
-                .unwrap_or_default()),
+            Some(c) => {
+                let dropped =
+                    c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync)?;
+                if dropped.is_some() {
+                    self.changed(name);
+                }
+                Ok(dropped.unwrap_or_default())
+            }
             None => Ok(Vec::new()),
         }
     }
@@ -648,8 +750,13 @@ impl Store {
     /// keys removed, or `None` if an equal or newer drop was already there.
     pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<Vec<Vec<u8>>>> {
         self.inner.clock.observe(version.ts);
-        self.existing_or_create(name)?
-            .drop_keys(Stamp::Given(version), self.inner.options.sync)
+        let dropped = self
+            .existing_or_create(name)?
+            .drop_keys(Stamp::Given(version), self.inner.options.sync)?;
+        if dropped.is_some() {
+            self.changed(name);
+        }
+        Ok(dropped)
     }
 
     /// The anti-entropy digest of `collection`: per bucket of key hashes
@@ -736,6 +843,34 @@ impl Store {
     }
 }
 
+/// The last epoch recorded in `dir` (0 if none).
+fn read_epoch(dir: &Path) -> Result<u64> {
+    let path = dir.join(EPOCH_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|_| Error::BadHeader {
+            path,
+            reason: format!("not an epoch number: {:?}", s.trim()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io("read", path, e)),
+    }
+}
+
+/// Records `epoch` in `dir` durably (a new file renamed over the old).
+fn write_epoch(dir: &Path, epoch: u64) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(EPOCH_FILE);
+    let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        writeln!(f, "{epoch}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        crate::log::sync_dir(dir)
+    };
+    write().map_err(|e| Error::io("write", &path, e))
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         *self.shutdown.stop.lock().unwrap() = true;
@@ -752,6 +887,13 @@ impl Drop for Inner {
                 }
             }
         }
+    }
+}
+
+impl Core {
+    /// The collection `name`, if it exists.
+    pub(crate) fn existing_collection(&self, name: &str) -> Option<Arc<Collection>> {
+        self.collections.load().get(name).cloned()
     }
 }
 

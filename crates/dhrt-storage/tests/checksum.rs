@@ -24,7 +24,7 @@ fn loaded(dir: &Path) -> (Store, Vec<u64>) {
     let store = Store::open(dir, quiet_options()).unwrap();
     let mut offsets = Vec::new();
     for i in 0..60 {
-        offsets.push(store.stats().collections.first().map_or(16, |c| c.bytes));
+        offsets.push(store.stats().collections.first().map_or(32, |c| c.bytes));
         store.set("c", &key(i), &value(i)).unwrap();
     }
     store.sync().unwrap();
@@ -38,7 +38,7 @@ fn damage(dir: &Path, offsets: &[u64], i: u32) {
         .write(true)
         .open(dir.join("c.dhrt"))
         .unwrap();
-    let at = offsets[i as usize] + 32 + key(i).len() as u64 + 3;
+    let at = offsets[i as usize] + 40 + key(i).len() as u64 + 3;
     file.write_all_at(b"XYZ", at).unwrap();
 }
 

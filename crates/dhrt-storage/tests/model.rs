@@ -165,7 +165,7 @@ fn run(ops: Vec<Op>) {
                 assert!(models[c].apply(&key(k), Some(v), version), "{context}");
                 if new {
                     // A new file's header is made durable when it is created.
-                    synced_len[c] = 16;
+                    synced_len[c] = 32;
                     saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
@@ -189,7 +189,7 @@ fn run(ops: Vec<Op>) {
                     .unwrap();
                 assert_eq!(applied, models[c].apply(&key(k), v, version), "{context}");
                 if new {
-                    synced_len[c] = 16;
+                    synced_len[c] = 32;
                     saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }
@@ -199,7 +199,7 @@ fn run(ops: Vec<Op>) {
                 let removed = s.apply_drop(COLLECTIONS[c], version).unwrap();
                 assert_eq!(removed, models[c].drop_older(version), "{context}");
                 if new {
-                    synced_len[c] = 16;
+                    synced_len[c] = 32;
                     saved_watermarks[c] = watermarks(dir.path())[c].clone();
                 }
             }

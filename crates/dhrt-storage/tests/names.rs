@@ -62,6 +62,11 @@ fn path_tricks_are_refused_and_nothing_escapes() {
     in_data.sort();
     assert_eq!(
         in_data,
-        vec!["LOCK", "fine_name-1.dhrt", "fine_name-1.dhrt.durable"]
+        vec![
+            "EPOCH",
+            "LOCK",
+            "fine_name-1.dhrt",
+            "fine_name-1.dhrt.durable"
+        ]
     );
 }

@@ -20,7 +20,7 @@ fn three_records(dir: &Path) -> (Vec<u8>, Vec<usize>) {
                 .stats()
                 .collections
                 .first()
-                .map_or(16, |c| c.bytes as usize),
+                .map_or(32, |c| c.bytes as usize),
         );
         store.set("c", key, &[key, b"-value"].concat()).unwrap();
     }
@@ -73,13 +73,13 @@ fn torn_tail_is_cut_at_every_byte_offset() {
 fn an_interrupted_file_header_is_rewritten() {
     let src = tempfile::tempdir().unwrap();
     let (bytes, _) = three_records(src.path());
-    for cut in 0..16 {
+    for cut in 0..32 {
         let (_dir, store) = open_with(&bytes[..cut]);
         let store = store.unwrap();
         assert_eq!(store.scan("c").unwrap().count(), 0);
         store.set("c", b"k", b"v").unwrap();
     }
-    let mut bad = bytes[..16].to_vec();
+    let mut bad = bytes[..32].to_vec();
     bad[0] = b'X';
     assert!(matches!(open_with(&bad).1, Err(Error::BadHeader { .. })));
 }
@@ -238,7 +238,7 @@ fn synced_then_unsynced() -> (tempfile::TempDir, Vec<u8>, u64, Records) {
             .stats()
             .collections
             .first()
-            .map_or(16, |c| c.bytes as usize);
+            .map_or(32, |c| c.bytes as usize);
         let key = format!("key-{i:03}").into_bytes();
         store.set("c", &key, &[b'v'; 60]).unwrap();
         records.push((start, key));
@@ -348,7 +348,7 @@ fn the_watermark_follows_syncs_compaction_and_reopen() {
     let store = Store::open(dir.path(), quiet_options()).unwrap();
     store.set("c", b"k", b"v0").unwrap();
     // A new collection's watermark covers its header only.
-    assert_eq!(watermark_of(dir.path()), 16);
+    assert_eq!(watermark_of(dir.path()), 32);
     for i in 0..300u32 {
         store.set("c", b"k", &i.to_le_bytes()).unwrap();
         store
