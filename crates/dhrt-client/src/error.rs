@@ -55,6 +55,11 @@ pub enum Error {
     /// The token's role may not do this.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// A watch cannot resume from its token without missing changes (the
+    /// token is from another node, or compaction purged deletes after it):
+    /// take a snapshot.
+    #[error("cannot resume: {0}")]
+    Gone(String),
     /// The node answered with a reply of the wrong kind.
     #[error("unexpected reply from the node: {0}")]
     UnexpectedReply(String),
@@ -71,6 +76,7 @@ impl From<OpError> for Error {
             ErrorKind::WriteConcern => Error::WriteConcern(e.message),
             ErrorKind::Unauthenticated => Error::Unauthenticated(e.message),
             ErrorKind::Forbidden => Error::Forbidden(e.message),
+            ErrorKind::Gone => Error::Gone(e.message),
             _ => Error::Internal(e.message),
         }
     }

@@ -43,6 +43,7 @@ impl From<OpError> for HttpError {
             ErrorKind::Timeout | ErrorKind::WriteConcern => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::Gone => StatusCode::GONE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         HttpError::new(status, e.message)

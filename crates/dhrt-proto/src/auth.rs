@@ -82,6 +82,7 @@ pub fn needed(op: &OpRef<'_>) -> (Role, &'static str) {
         OpRef::DropCollection { .. } => (Role::Admin, "dropping a collection"),
         OpRef::Join { .. } => (Role::Admin, "joining a cluster"),
         OpRef::Auth { .. } => (Role::Read, "authenticating"),
+        OpRef::Watch(_) => (Role::Read, "watching a collection"),
     }
 }
 

@@ -32,6 +32,7 @@ mod ops;
 mod peer;
 pub mod seal;
 mod stats;
+mod watch;
 
 pub use auth::{Access, Role, Standing};
 pub use beside::{Beside, Either, Run};
@@ -50,6 +51,7 @@ pub use peer::{
     BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate,
     Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
 };
+pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};
 pub use stats::{
     ClockInfo, CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo,
 };

@@ -78,6 +78,11 @@ pub enum Op {
         /// The token (`dhrt_...`).
         token: String,
     },
+    /// Watch a collection: the connection becomes a stream of
+    /// [`Reply::Events`] answers carrying this request's id, until an error
+    /// answer ends it (or the client closes the connection). Nothing else
+    /// may be sent on the connection after it. See `docs/protocol.md`.
+    Watch(crate::WatchRequest),
 }
 
 /// A [`Request`] decoded without copying: its names, keys and values borrow
@@ -125,6 +130,7 @@ pub enum OpRef<'a> {
     Auth {
         token: &'a str,
     },
+    Watch(crate::WatchRequest),
 }
 
 impl Op {
@@ -156,6 +162,7 @@ impl Op {
             Op::Stats => OpRef::Stats,
             Op::Join { addr } => OpRef::Join { addr },
             Op::Auth { token } => OpRef::Auth { token },
+            Op::Watch(w) => OpRef::Watch(w.clone()),
         }
     }
 }
@@ -192,6 +199,8 @@ pub enum Reply {
     Joined(u32),
     /// To [`Op::Auth`]: the role the connection now has.
     Authenticated(Role),
+    /// To [`Op::Watch`], any number of times: the next events.
+    Events(Vec<crate::WatchEvent>),
 }
 
 /// One key and its value.
@@ -237,6 +246,9 @@ pub enum ErrorKind {
     Unauthenticated,
     /// The token's role may not do this (HTTP 403).
     Forbidden,
+    /// A watch cannot resume from the token it was given without missing
+    /// changes: take a snapshot (HTTP 410).
+    Gone,
 }
 
 /// A failed operation: a kind for programs and a sentence for people.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::message::{Op, OpError, OpRef, Page, Reply};
 use crate::stats::NodeStats;
+use crate::watch::{EventSource, WatchRequest};
 
 /// The most entries one listing page returns, whatever the request asks.
 pub const MAX_PAGE: u32 = 10_000;
@@ -92,6 +93,21 @@ pub trait Operations: Send + Sync + 'static {
     /// Metrics in the Prometheus text exposition format (`GET /metrics`).
     fn metrics(&self) -> impl Future<Output = String> + Send;
 
+    /// Opens a watch of a collection (see `docs/protocol.md`, "Watch"). A
+    /// node that cannot watch says so.
+    fn watch(
+        &self,
+        request: WatchRequest,
+    ) -> impl Future<Output = Result<Box<dyn EventSource>, OpError>> + Send {
+        let _ = request;
+        async {
+            Err(OpError::new(
+                crate::ErrorKind::Unavailable,
+                "this node cannot watch collections",
+            ))
+        }
+    }
+
     /// Joins the cluster of the member at `addr`; returns how many members
     /// this node then knows, itself included. A node that cannot be part of
     /// a cluster says so.
@@ -141,10 +157,10 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
         OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
         OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),
         // The connection answers these: it holds the standing they change.
-        OpRef::Auth { .. } => {
+        OpRef::Auth { .. } | OpRef::Watch(_) => {
             return Err(OpError::new(
                 crate::ErrorKind::InvalidInput,
-                "Auth is answered by the connection, not dispatched",
+                "Auth and Watch are answered by the connection, not dispatched",
             ));
         }
     })
