@@ -28,6 +28,7 @@ mod session;
 mod skew;
 mod state;
 mod throttle;
+mod watch;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, Identity};
@@ -37,3 +38,4 @@ pub use node::Node;
 pub use placement::WriteAck;
 pub use server::{BinaryLimits, Closed, serve_binary};
 pub use throttle::LogThrottle;
+pub use watch::{WatchCounts, WatchHub, WatchOptions};

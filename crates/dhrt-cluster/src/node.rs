@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionInfo, Entry, ErrorKind, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats, OpError,
-    Operations, Page,
+    CollectionInfo, Entry, ErrorKind, EventSource, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats,
+    OpError, Operations, Page, WatchInfo, WatchRequest,
 };
 use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
 
@@ -18,6 +18,7 @@ use crate::combine::Combiner;
 use crate::damaged::Damaged;
 use crate::error::op_error;
 use crate::metrics::{Metrics, OpKind, Outcome};
+use crate::watch::{WatchHub, WatchOptions};
 
 /// A dhrt node.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct Node {
     /// Keys whose record failed its checksum here and that no replica has
     /// given back yet: they read as "damaged", not "not found".
     damaged: Damaged,
+    /// The watches open on this node.
+    watches: Arc<WatchHub>,
 }
 
 /// The checks the store makes, for a write this node forwards without
@@ -78,7 +81,13 @@ impl Node {
     /// The node facade over `cluster` (and the store it was built over).
     /// A node alone is `Node::new(Cluster::single(store, identity))`.
     pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self::with_watch_options(cluster, WatchOptions::default())
+    }
+
+    /// A node with these watch settings.
+    pub fn with_watch_options(cluster: Arc<Cluster>, watch: WatchOptions) -> Self {
         Node {
+            watches: WatchHub::new(cluster.store().clone(), watch),
             store: cluster.store().clone(),
             identity: cluster.identity().clone(),
             started: Instant::now(),
@@ -500,7 +509,32 @@ impl Node {
             members: self.cluster.members(),
             sync: self.cluster.sync_info(),
             clock: self.cluster.clock_info(),
+            watch: {
+                let c = self.watches.counts();
+                WatchInfo {
+                    watchers: c.watchers,
+                    events_sent: c.events,
+                    slowest_lag_ms: c.slowest_lag_ms,
+                    slowest_lag_bytes: c.slowest_lag_bytes,
+                }
+            },
         }
+    }
+
+    /// Opens a watch of a collection this node stores.
+    fn op_watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
+        user_collection(&request.collection)?;
+        dhrt_storage::validate_collection_name(&request.collection).map_err(op_error)?;
+        if !self.cluster.stores_locally(&request.collection) {
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "this node does not store collection {:?} (--collections): watch it on a node that does",
+                    request.collection
+                ),
+            ));
+        }
+        self.watches.open(&request)
     }
 }
 
@@ -590,6 +624,10 @@ impl Operations for Node {
         self.op_stats().await
     }
 
+    async fn watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
+        self.op_watch(request)
+    }
+
     async fn join(&self, addr: &str) -> Result<u32, OpError> {
         self.cluster.join_running(addr).await
     }
@@ -598,6 +636,7 @@ impl Operations for Node {
         let mut out = String::new();
         self.metrics.render(&mut out);
         self.cluster.render_metrics(&mut out);
+        self.watches.render_metrics(&mut out);
         let stats = self.store.stats();
         let gauges: [Gauge; 2] = [
             ("dhrt_collection_keys", "Live keys per collection.", |c| {

@@ -14,6 +14,7 @@ mod head_timeout;
 mod json;
 mod router;
 mod service;
+mod watch;
 
 pub use body::{BoxError, ResponseBody};
 pub use error::HttpError;

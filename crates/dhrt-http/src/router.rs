@@ -18,6 +18,13 @@ pub const DEFAULT_COLLECTION: &str = "default";
 pub enum Endpoint<'a> {
     /// `GET /`: node and cluster statistics.
     Stats,
+    /// `GET /?watch=a,b`: a stream of the changes of several collections.
+    Watch {
+        /// The collections, as given (checked by the node).
+        collections: Vec<String>,
+        /// `?since=`, `?snapshot=`, `?prefix=`.
+        params: ListParams,
+    },
     /// `GET /metrics`: Prometheus metrics. (The key `metrics` of `default`
     /// is `/default/metrics`.)
     Metrics,
@@ -67,13 +74,26 @@ pub enum Endpoint<'a> {
     },
 }
 
-/// Paging of a collection listing.
+/// Paging of a collection listing, and where a watch starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListParams {
     /// Return at most this many entries.
     pub limit: Option<u64>,
     /// Start after this key (the last key of the previous page).
     pub after: Option<Vec<u8>>,
+    /// A watch: resume after this token.
+    pub since: Option<String>,
+    /// A watch: start with the current value of every key.
+    pub snapshot: bool,
+    /// A watch: only keys starting with this.
+    pub prefix: Option<Vec<u8>>,
+}
+
+impl ListParams {
+    /// Whether it holds a watch's parameters.
+    pub fn is_watch(&self) -> bool {
+        self.since.is_some() || self.snapshot || self.prefix.is_some()
+    }
 }
 
 fn decode(segment: &str) -> Cow<'_, [u8]> {
@@ -103,14 +123,46 @@ fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
                 params.limit = Some(limit);
             }
             "after" => params.after = Some(decode(&value.replace('+', " ")).into_owned()),
+            "since" => {
+                params.since = Some(
+                    String::from_utf8(decode(value).into_owned())
+                        .map_err(|_| HttpError::bad_request("since must be a resume token"))?,
+                )
+            }
+            "prefix" => params.prefix = Some(decode(&value.replace('+', " ")).into_owned()),
+            "snapshot" => {
+                params.snapshot = match value {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => {
+                        return Err(HttpError::bad_request(format!(
+                            "snapshot must be true or false, not {other:?}"
+                        )));
+                    }
+                }
+            }
+            // The route of a multi-collection watch; read by `route`.
+            "watch" => {}
             other => {
                 return Err(HttpError::bad_request(format!(
-                    "unknown query parameter {other:?} (known: limit, after)"
+                    "unknown query parameter {other:?} (known: limit, after; for a watch: since, snapshot, prefix)"
                 )));
             }
         }
     }
     Ok(params)
+}
+
+/// The collections of `?watch=a,b`, if the query has it.
+fn watch_list(query: Option<&str>) -> Option<Vec<String>> {
+    let value = query?.split('&').find_map(|p| p.strip_prefix("watch="))?;
+    Some(
+        decode(value)
+            .split(|&b| b == b',')
+            .filter(|c| !c.is_empty())
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect(),
+    )
 }
 
 /// Maps a request line onto an endpoint.
@@ -144,7 +196,13 @@ pub fn route<'a>(
     }
     let default = || Cow::Borrowed(DEFAULT_COLLECTION);
     let endpoint = match (method, segments) {
-        (&Method::GET, []) => Endpoint::Stats,
+        (&Method::GET, []) => match watch_list(query) {
+            Some(collections) => Endpoint::Watch {
+                collections,
+                params: list_params(query)?,
+            },
+            None => Endpoint::Stats,
+        },
         (&Method::GET, ["metrics"]) => Endpoint::Metrics,
         (&Method::GET, [x]) => Endpoint::KeyOrCollection {
             name: decode(x),
@@ -314,6 +372,30 @@ mod tests {
                     after: Some(b"k 01".to_vec())
                 }
             }
+        );
+        let e = route(
+            &Method::GET,
+            "/",
+            Some("watch=a%2Cb,c&since=a:00&snapshot=true&prefix=u%2F"),
+        )
+        .unwrap();
+        assert_eq!(
+            e,
+            Endpoint::Watch {
+                collections: vec!["a".into(), "b".into(), "c".into()],
+                params: ListParams {
+                    since: Some("a:00".into()),
+                    snapshot: true,
+                    prefix: Some(b"u/".to_vec()),
+                    ..ListParams::default()
+                }
+            }
+        );
+        assert_eq!(
+            route(&Method::GET, "/c", Some("snapshot=maybe"))
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
         );
         assert_eq!(
             route(&Method::GET, "/c", Some("limit=ten"))

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dhrt_proto::auth::{Mode, Remembered};
-use dhrt_proto::{Access, Beside, Entry, Operations, Role};
+use dhrt_proto::{Access, Beside, Entry, Operations, Role, WatchRequest, WatchStart};
 use futures_util::future::{self, Either};
 use http::header::{
     ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
@@ -27,6 +27,7 @@ use crate::error::HttpError;
 use crate::head_timeout::{Expired, HeadWatch, Watched};
 use crate::json;
 use crate::router::{self, DEFAULT_COLLECTION, Endpoint, ListParams};
+use crate::watch::{self, Format};
 
 const JSON: &str = "application/json";
 /// A streamed listing is sent in chunks of about this many bytes; a value
@@ -156,25 +157,29 @@ struct HeadFacts {
     conflicting_lengths: bool,
     /// `Accept: application/octet-stream`: the raw value, not JSON.
     wants_octets: bool,
+    /// `Accept: text/event-stream` or `application/x-ndjson`: a watch.
+    stream: Option<Format>,
 }
 
 impl HeadFacts {
     fn of(headers: &HeaderMap) -> Self {
         let (mut length, mut encoding, mut wants_octets) = (false, false, false);
+        let mut stream = None;
         for (name, value) in headers {
             if name == CONTENT_LENGTH {
                 length = true;
             } else if name == TRANSFER_ENCODING {
                 encoding = true;
             } else if name == ACCEPT {
-                wants_octets |= value
-                    .to_str()
-                    .is_ok_and(|v| v.split(',').any(|t| t.trim().starts_with(OCTETS)));
+                let v = value.to_str().unwrap_or("");
+                wants_octets |= v.split(',').any(|t| t.trim().starts_with(OCTETS));
+                stream = stream.or_else(|| Format::from_accept(v));
             }
         }
         HeadFacts {
             conflicting_lengths: length && encoding,
             wants_octets,
+            stream,
         }
     }
 }
@@ -345,7 +350,11 @@ impl<O: Operations> Api<O> {
         role: &Result<Role, HttpError>,
     ) -> Option<Response<ResponseBody>> {
         // Every role may read; no role goes the long way to its 401.
-        if req.method() != Method::GET || facts.conflicting_lengths || role.is_err() {
+        if req.method() != Method::GET
+            || facts.conflicting_lengths
+            || role.is_err()
+            || facts.stream.is_some()
+        {
             return None;
         }
         let uri = req.uri();
@@ -406,6 +415,30 @@ impl<O: Operations> Api<O> {
                     text,
                 ))
             }
+            Endpoint::KeyOrCollection { name, list } if facts.stream.is_some() => {
+                let Some(c) = as_collection_name(&name) else {
+                    return Err(HttpError::bad_request(format!(
+                        "{:?} is not a collection name (1 to 64 of A-Z a-z 0-9 _ -): nothing to watch",
+                        String::from_utf8_lossy(&name)
+                    )));
+                };
+                let format = facts.stream.expect("checked");
+                self.watch(vec![c.to_string()], list, false, format, &head.headers)
+                    .await
+            }
+            Endpoint::KeyOrCollection { list, .. } if list.is_watch() => {
+                Err(HttpError::bad_request(
+                    "since, snapshot and prefix are for watches: send Accept: text/event-stream or application/x-ndjson",
+                ))
+            }
+            Endpoint::Watch {
+                collections,
+                params,
+            } => {
+                let format = facts.stream.unwrap_or(Format::Sse);
+                self.watch(collections, params, true, format, &head.headers)
+                    .await
+            }
             Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
                 Some(c) if ops.has_collection(c) => self.clone().list(c.to_string(), list).await,
                 _ => self.get(DEFAULT_COLLECTION, &name, raw).await,
@@ -446,6 +479,59 @@ impl<O: Operations> Api<O> {
                 self.delete(&collection, &key).await
             }
         }
+    }
+
+    /// Opens a watch of `collections` and streams it.
+    async fn watch(
+        &self,
+        collections: Vec<String>,
+        params: ListParams,
+        multi: bool,
+        format: Format,
+        headers: &HeaderMap,
+    ) -> Result<Response<ResponseBody>, HttpError> {
+        const MAX_WATCHED: usize = 64;
+        if collections.is_empty() || collections.len() > MAX_WATCHED {
+            return Err(HttpError::bad_request(format!(
+                "watch 1 to {MAX_WATCHED} collections (?watch=a,b)"
+            )));
+        }
+        let mut unique = collections.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != collections.len() {
+            return Err(HttpError::bad_request(
+                "a collection is named twice in ?watch=",
+            ));
+        }
+        // An EventSource reconnecting says where it was.
+        let since = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.trim().is_empty())
+            .map(str::to_string)
+            .or(params.since);
+        let starts: Vec<WatchStart> = match since {
+            Some(s) => watch::parse_since(&collections, &s, multi)?
+                .into_iter()
+                .map(WatchStart::After)
+                .collect(),
+            None if params.snapshot => vec![WatchStart::Snapshot; collections.len()],
+            None => vec![WatchStart::Now; collections.len()],
+        };
+        let mut sources = Vec::with_capacity(collections.len());
+        for (collection, start) in collections.into_iter().zip(starts) {
+            let source = self
+                .ops
+                .watch(WatchRequest {
+                    collection: collection.clone(),
+                    start,
+                    prefix: params.prefix.clone().map(Bytes::from),
+                })
+                .await?;
+            sources.push((collection, source));
+        }
+        Ok(watch::stream(sources, multi, format))
     }
 
     async fn get(

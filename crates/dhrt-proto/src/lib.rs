@@ -51,7 +51,7 @@ pub use peer::{
     BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate,
     Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
 };
-pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};
 pub use stats::{
-    ClockInfo, CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo,
+    ClockInfo, CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo, WatchInfo,
 };
+pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};

@@ -17,6 +17,23 @@ pub struct NodeStats {
     pub sync: Option<SyncInfo>,
     /// How this node's clock compares with its peers'.
     pub clock: ClockInfo,
+    /// The watches open on this node.
+    #[serde(default)]
+    pub watch: WatchInfo,
+}
+
+/// The watches of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchInfo {
+    /// Watches open now.
+    pub watchers: u64,
+    /// Events sent since the node started (progress events not counted).
+    pub events_sent: u64,
+    /// How long the slowest watcher has been behind, in ms (0: every
+    /// watcher is caught up).
+    pub slowest_lag_ms: u64,
+    /// Bytes of log the slowest watcher had left to read at its last read.
+    pub slowest_lag_bytes: u64,
 }
 
 /// This node's clock against its peers' (measured from their gossip).

@@ -1,0 +1,401 @@
+//! Watches on this node: each one a cursor over a collection's log
+//! ([`dhrt_storage::Watch`]), woken when the collection changes.
+//!
+//! The write path only signals: the store calls [`WatchHub::changed`] after
+//! each write, which costs one atomic load when nobody watches, and
+//! otherwise a map lookup and one `Notify::notify_one` for the collection's
+//! *feed*. A feed's own task then wakes the collection's watchers (so a
+//! write never pays for a thousand wake-ups), and each watcher reads the
+//! log itself, at its own pace: the log is the buffer, so a slow watcher
+//! holds no memory and costs writers nothing. A watcher that falls more
+//! than `max_lag_bytes` of log behind is closed with a reason; it can
+//! resume with its last token.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dhrt_proto::{
+    ErrorKind, EventKind, EventSource, OpError, Token, WatchEvent, WatchRequest, WatchStart,
+};
+use dhrt_storage::{ChangeKind, Position, Store, WatchEvent as StoreEvent, WatchFrom};
+use tokio::sync::Notify;
+
+use crate::cluster::stamp;
+use crate::error::op_error;
+
+/// Settings of the watches of a node.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// A watcher further behind than this many bytes of log is closed.
+    pub max_lag_bytes: u64,
+    /// A watcher with nothing to send sends a progress event this often.
+    pub progress_every: Duration,
+    /// Bytes of keys and values read per batch.
+    pub batch_bytes: usize,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            max_lag_bytes: 256 << 20,
+            progress_every: Duration::from_secs(10),
+            batch_bytes: 256 << 10,
+        }
+    }
+}
+
+/// The watchers of one collection.
+#[derive(Debug, Default)]
+struct Feed {
+    /// Signalled by writers; the feed's task waits on it.
+    signal: Notify,
+    /// Wakes every watcher of the collection.
+    wake: Notify,
+    watchers: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// What the hub knows of one watcher, for stats.
+#[derive(Debug, Default)]
+struct WatcherStat {
+    /// When it last had events left unread after a read (ms since the
+    /// hub started, plus one), or 0 while it is caught up.
+    behind_since: AtomicU64,
+    lag_bytes: AtomicU64,
+}
+
+/// Every watch of a node.
+#[derive(Debug)]
+pub struct WatchHub {
+    store: Store,
+    options: WatchOptions,
+    feeds: ArcSwap<HashMap<String, Arc<Feed>>>,
+    /// Serializes changes to `feeds` (rare: a watch opening or closing).
+    edit: Mutex<()>,
+    watchers: AtomicUsize,
+    stats: Mutex<Vec<std::sync::Weak<WatcherStat>>>,
+    started: Instant,
+    opened: AtomicU64,
+    events: AtomicU64,
+    closed_lagging: AtomicU64,
+    refused_gone: AtomicU64,
+}
+
+/// What `GET /` and `/metrics` say about watches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchCounts {
+    /// Watches open now.
+    pub watchers: u64,
+    /// Events sent since the node started (progress events not counted).
+    pub events: u64,
+    /// How long the slowest watcher has been behind, in ms (0: all caught
+    /// up).
+    pub slowest_lag_ms: u64,
+    /// Bytes of log the slowest watcher had left to read at its last read.
+    pub slowest_lag_bytes: u64,
+    /// Watches closed for falling too far behind.
+    pub closed_lagging: u64,
+    /// Watches refused or ended because their token could not be resumed.
+    pub gone: u64,
+}
+
+impl WatchHub {
+    /// The hub of `store`'s watches; it listens to the store's changes.
+    pub fn new(store: Store, options: WatchOptions) -> Arc<WatchHub> {
+        let hub = Arc::new(WatchHub {
+            store: store.clone(),
+            options,
+            feeds: ArcSwap::default(),
+            edit: Mutex::new(()),
+            watchers: AtomicUsize::new(0),
+            stats: Mutex::new(Vec::new()),
+            started: Instant::now(),
+            opened: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            closed_lagging: AtomicU64::new(0),
+            refused_gone: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&hub);
+        store.on_change(move |collection| {
+            if let Some(hub) = weak.upgrade() {
+                hub.changed(collection);
+            }
+        });
+        hub
+    }
+
+    /// Called after every write that changed `collection`.
+    #[inline]
+    pub fn changed(&self, collection: &str) {
+        if self.watchers.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if let Some(feed) = self.feeds.load().get(collection) {
+            feed.signal.notify_one();
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Opens a watch (the caller checked the collection name and rights).
+    pub fn open(self: &Arc<Self>, request: &WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
+        let from = match &request.start {
+            WatchStart::Now => WatchFrom::Now,
+            WatchStart::Snapshot => WatchFrom::Snapshot,
+            WatchStart::After(t) => WatchFrom::After(Position {
+                history: t.history,
+                seq: t.seq,
+            }),
+        };
+        let watch = self
+            .store
+            .watch(&request.collection, from, request.prefix.as_deref())
+            .map_err(|e| self.watch_error(e))?;
+        let feed = self.feed(&request.collection);
+        let stat = Arc::new(WatcherStat::default());
+        {
+            let mut stats = self.stats.lock().unwrap();
+            stats.retain(|s| s.strong_count() > 0);
+            stats.push(Arc::downgrade(&stat));
+        }
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Box::new(NodeWatch {
+            hub: self.clone(),
+            feed,
+            name: request.collection.clone(),
+            watch,
+            stat,
+            next_progress: Instant::now() + self.options.progress_every,
+        }))
+    }
+
+    fn watch_error(&self, e: dhrt_storage::Error) -> OpError {
+        match e {
+            dhrt_storage::Error::ResumeGone { .. } => {
+                self.refused_gone.fetch_add(1, Ordering::Relaxed);
+                OpError::new(ErrorKind::Gone, e.to_string())
+            }
+            other => op_error(other),
+        }
+    }
+
+    /// The feed of `collection`, created (with its task) if it has none.
+    fn feed(&self, collection: &str) -> Arc<Feed> {
+        let _edit = self.edit.lock().unwrap();
+        self.watchers.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.feeds.load().get(collection) {
+            f.watchers.fetch_add(1, Ordering::Relaxed);
+            return f.clone();
+        }
+        let feed = Arc::new(Feed::default());
+        feed.watchers.store(1, Ordering::Relaxed);
+        let mut map = HashMap::clone(&self.feeds.load());
+        map.insert(collection.to_string(), feed.clone());
+        self.feeds.store(Arc::new(map));
+        let task = feed.clone();
+        tokio::spawn(async move {
+            loop {
+                task.signal.notified().await;
+                if task.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                task.wake.notify_waiters();
+            }
+        });
+        feed
+    }
+
+    fn release(&self, collection: &str, feed: &Arc<Feed>) {
+        let _edit = self.edit.lock().unwrap();
+        self.watchers.fetch_sub(1, Ordering::Relaxed);
+        if feed.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut map = HashMap::clone(&self.feeds.load());
+            map.remove(collection);
+            self.feeds.store(Arc::new(map));
+            feed.stop.store(true, Ordering::Release);
+            feed.signal.notify_one();
+        }
+    }
+
+    /// The counts for stats and metrics.
+    pub fn counts(&self) -> WatchCounts {
+        let now = self.now_ms();
+        let mut counts = WatchCounts {
+            watchers: self.watchers.load(Ordering::Relaxed) as u64,
+            events: self.events.load(Ordering::Relaxed),
+            closed_lagging: self.closed_lagging.load(Ordering::Relaxed),
+            gone: self.refused_gone.load(Ordering::Relaxed),
+            ..WatchCounts::default()
+        };
+        for s in self
+            .stats
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.upgrade())
+        {
+            let since = s.behind_since.load(Ordering::Relaxed);
+            if since != 0 {
+                counts.slowest_lag_ms = counts.slowest_lag_ms.max(now.saturating_sub(since));
+            }
+            counts.slowest_lag_bytes = counts
+                .slowest_lag_bytes
+                .max(s.lag_bytes.load(Ordering::Relaxed));
+        }
+        counts
+    }
+
+    /// Appends the watch metrics (Prometheus text format) to `out`.
+    pub fn render_metrics(&self, out: &mut String) {
+        let c = self.counts();
+        let _ = write!(
+            out,
+            "# HELP dhrt_watchers Watches open on this node.\n# TYPE dhrt_watchers gauge\ndhrt_watchers {}\n\
+             # HELP dhrt_watch_events_total Watch events sent (progress events not counted).\n# TYPE dhrt_watch_events_total counter\ndhrt_watch_events_total {}\n\
+             # HELP dhrt_watch_slowest_lag_seconds How long the slowest watcher has been behind.\n# TYPE dhrt_watch_slowest_lag_seconds gauge\ndhrt_watch_slowest_lag_seconds {:.3}\n\
+             # HELP dhrt_watch_slowest_lag_bytes Bytes of log the slowest watcher had left at its last read.\n# TYPE dhrt_watch_slowest_lag_bytes gauge\ndhrt_watch_slowest_lag_bytes {}\n\
+             # HELP dhrt_watch_closed_total Watches ended by the node, by reason.\n# TYPE dhrt_watch_closed_total counter\n\
+             dhrt_watch_closed_total{{reason=\"lagging\"}} {}\ndhrt_watch_closed_total{{reason=\"gone\"}} {}\n",
+            c.watchers,
+            c.events,
+            c.slowest_lag_ms as f64 / 1000.0,
+            c.slowest_lag_bytes,
+            c.closed_lagging,
+            c.gone,
+        );
+    }
+}
+
+/// One open watch.
+struct NodeWatch {
+    hub: Arc<WatchHub>,
+    feed: Arc<Feed>,
+    name: String,
+    watch: dhrt_storage::Watch,
+    stat: Arc<WatcherStat>,
+    next_progress: Instant,
+}
+
+impl Drop for NodeWatch {
+    fn drop(&mut self) {
+        self.hub.release(&self.name, &self.feed);
+    }
+}
+
+fn token(p: Position) -> Token {
+    Token {
+        history: p.history,
+        seq: p.seq,
+    }
+}
+
+fn event(e: StoreEvent) -> WatchEvent {
+    match e {
+        StoreEvent::Initial {
+            key,
+            value,
+            version,
+        } => WatchEvent {
+            kind: EventKind::Initial,
+            key,
+            value: Some(value),
+            version: Some(stamp(version)),
+            token: None,
+        },
+        StoreEvent::InitialDone(p) => WatchEvent {
+            kind: EventKind::Synced,
+            key: Default::default(),
+            value: None,
+            version: None,
+            token: Some(token(p)),
+        },
+        StoreEvent::Change(c) => WatchEvent {
+            kind: match c.kind {
+                ChangeKind::Set => EventKind::Set,
+                ChangeKind::Delete => EventKind::Delete,
+                ChangeKind::Drop => EventKind::Drop,
+            },
+            key: c.key,
+            value: c.value,
+            version: Some(stamp(c.version)),
+            token: Some(token(c.position)),
+        },
+    }
+}
+
+impl NodeWatch {
+    async fn next(&mut self) -> Result<Vec<WatchEvent>, OpError> {
+        loop {
+            let notified = self.feed.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let events = self
+                .watch
+                .poll(self.hub.options.batch_bytes)
+                .map_err(|e| self.hub.watch_error(e))?;
+            let lag = self.watch.lag_bytes();
+            self.stat.lag_bytes.store(lag, Ordering::Relaxed);
+            if lag > self.hub.options.max_lag_bytes {
+                self.hub.closed_lagging.fetch_add(1, Ordering::Relaxed);
+                return Err(OpError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "this watch fell too far behind ({lag} bytes of changes unread, the limit is {}): resume from the last token you received",
+                        self.hub.options.max_lag_bytes
+                    ),
+                ));
+            }
+            if !events.is_empty() {
+                if lag > 0 {
+                    let _ = self.stat.behind_since.compare_exchange(
+                        0,
+                        self.hub.now_ms(),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                } else {
+                    self.stat.behind_since.store(0, Ordering::Relaxed);
+                }
+                self.hub
+                    .events
+                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                self.next_progress = Instant::now() + self.hub.options.progress_every;
+                return Ok(events.into_iter().map(event).collect());
+            }
+            self.stat.behind_since.store(0, Ordering::Relaxed);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(self.next_progress.into()) => {
+                    self.next_progress = Instant::now() + self.hub.options.progress_every;
+                    return Ok(vec![WatchEvent {
+                        kind: EventKind::Progress,
+                        key: Default::default(),
+                        value: None,
+                        version: None,
+                        token: Some(token(self.watch.position())),
+                    }]);
+                }
+            }
+        }
+    }
+}
+
+impl EventSource for NodeWatch {
+    fn next_batch(
+        &mut self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<WatchEvent>, OpError>> + Send + '_>> {
+        Box::pin(self.next())
+    }
+
+    fn token(&self) -> Token {
+        token(self.watch.position())
+    }
+}

@@ -1,0 +1,312 @@
+//! Watches over HTTP: Server-Sent Events (`Accept: text/event-stream`) or
+//! one JSON object a line (`Accept: application/x-ndjson`), of one
+//! collection (`GET /:collection`) or several (`GET /?watch=a,b`).
+//!
+//! Each collection's [`EventSource`] runs in a task of its own and hands
+//! its batches to the stream's writer through a small channel, and the
+//! writer hands rendered chunks to hyper through another: when the client
+//! reads slowly, both fill and the sources simply stop reading the log
+//! (which is their buffer); when it goes away, everything ends.
+
+use bytes::Bytes;
+use dhrt_proto::{EventKind, EventSource, OpError, Token, WatchEvent, version_hex};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Response};
+use tokio::sync::mpsc;
+
+use crate::body::{self, ResponseBody};
+use crate::error::HttpError;
+use crate::json;
+
+/// A chunk is sent once it holds about this many bytes.
+const CHUNK: usize = 64 * 1024;
+/// A value larger than this is escaped and sent a piece at a time.
+const BIG_VALUE: usize = 256 * 1024;
+const PIECE: usize = 64 * 1024;
+
+/// How events are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `text/event-stream`.
+    Sse,
+    /// `application/x-ndjson`.
+    Ndjson,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for, if it asks for a stream.
+    pub(crate) fn from_accept(value: &str) -> Option<Format> {
+        value.split(',').find_map(|t| {
+            let t = t.trim();
+            if t.starts_with("text/event-stream") {
+                Some(Format::Sse)
+            } else if t.starts_with("application/x-ndjson") {
+                Some(Format::Ndjson)
+            } else {
+                None
+            }
+        })
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Sse => "text/event-stream",
+            Format::Ndjson => "application/x-ndjson",
+        }
+    }
+}
+
+/// Where each collection of a watch starts, from `since` (or the
+/// `Last-Event-ID` header): one token for one collection, `name:token,...`
+/// for several (what this stream's ids are).
+pub(crate) fn parse_since(
+    collections: &[String],
+    since: &str,
+    multi: bool,
+) -> Result<Vec<Token>, HttpError> {
+    if !multi {
+        return Ok(vec![since.trim().parse::<Token>()?]);
+    }
+    let mut tokens = vec![None; collections.len()];
+    for part in since.split(',').filter(|p| !p.is_empty()) {
+        let (name, token) = part.split_once(':').ok_or_else(|| {
+            HttpError::bad_request(format!(
+                "the token of a watch of several collections is name:token,..., not {part:?}"
+            ))
+        })?;
+        let i = collections.iter().position(|c| c == name).ok_or_else(|| {
+            HttpError::bad_request(format!("the token names {name:?}, which is not watched"))
+        })?;
+        tokens[i] = Some(token.parse::<Token>()?);
+    }
+    tokens
+        .into_iter()
+        .zip(collections)
+        .map(|(t, c)| {
+            t.ok_or_else(|| HttpError::bad_request(format!("the token has no position for {c:?}")))
+        })
+        .collect()
+}
+
+/// The stream's resume string: the one token, or `name:token,...`.
+fn resume(names: &[String], tokens: &[Token], multi: bool) -> String {
+    if !multi {
+        return tokens[0].to_string();
+    }
+    let mut s = String::new();
+    for (i, (n, t)) in names.iter().zip(tokens).enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(n);
+        s.push(':');
+        s.push_str(&t.to_string());
+    }
+    s
+}
+
+/// Appends the JSON object of `e` to `out`, except the value of a large
+/// set, which is returned to be sent in pieces after `out`.
+fn render_json<'e>(
+    out: &mut Vec<u8>,
+    collection: &str,
+    e: &'e WatchEvent,
+    token: Option<&str>,
+) -> Option<json::KeyValuePieces<'e>> {
+    // Collection names, kinds, versions and tokens need no escaping.
+    out.extend_from_slice(b"{\"Collection\":\"");
+    out.extend_from_slice(collection.as_bytes());
+    out.extend_from_slice(b"\",\"Kind\":\"");
+    out.extend_from_slice(e.kind.as_str().as_bytes());
+    out.push(b'"');
+    if let Some(v) = e.version {
+        out.extend_from_slice(b",\"Version\":\"");
+        out.extend_from_slice(version_hex(v).as_bytes());
+        out.push(b'"');
+    }
+    if let Some(t) = token {
+        out.extend_from_slice(b",\"Token\":\"");
+        out.extend_from_slice(t.as_bytes());
+        out.push(b'"');
+    }
+    match (e.kind, &e.value) {
+        (EventKind::Set | EventKind::Initial, Some(value)) => {
+            out.push(b',');
+            if value.len() > BIG_VALUE {
+                let mut pieces = json::KeyValuePieces::new(&e.key, value, PIECE);
+                // Without its opening brace: the object is already open.
+                let first = pieces.next().expect("a first piece");
+                out.extend_from_slice(&first[1..]);
+                return Some(pieces);
+            }
+            let at = out.len();
+            json::key_value(out, &e.key, value);
+            out.remove(at);
+        }
+        (EventKind::Delete, _) => {
+            out.push(b',');
+            let kv = json::key_only(&e.key, None);
+            out.extend_from_slice(&kv[1..kv.len() - 1]);
+            out.push(b'}');
+        }
+        _ => out.push(b'}'),
+    }
+    None
+}
+
+/// Renders and sends events; `Err` when the client went away.
+struct Writer {
+    tx: mpsc::Sender<Result<Bytes, body::BoxError>>,
+    buf: Vec<u8>,
+    format: Format,
+}
+
+impl Writer {
+    async fn flush(&mut self) -> Result<(), ()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx.send(Ok(chunk)).await.map_err(|_| ())
+    }
+
+    async fn event(
+        &mut self,
+        collection: &str,
+        e: &WatchEvent,
+        token: Option<&str>,
+    ) -> Result<(), ()> {
+        if self.format == Format::Sse {
+            if e.kind == EventKind::Progress {
+                self.buf.extend_from_slice(b": heartbeat\n");
+            }
+            if let Some(t) = token {
+                self.buf.extend_from_slice(b"id: ");
+                self.buf.extend_from_slice(t.as_bytes());
+                self.buf.push(b'\n');
+            }
+            self.buf.extend_from_slice(b"event: ");
+            self.buf.extend_from_slice(e.kind.as_str().as_bytes());
+            self.buf.extend_from_slice(b"\ndata: ");
+        }
+        if let Some(pieces) = render_json(&mut self.buf, collection, e, token) {
+            self.flush().await?;
+            for piece in pieces {
+                self.buf = piece;
+                self.flush().await?;
+            }
+        }
+        self.buf.extend_from_slice(if self.format == Format::Sse {
+            b"\n\n"
+        } else {
+            b"\n"
+        });
+        if self.buf.len() >= CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn error(&mut self, e: &OpError) -> Result<(), ()> {
+        if self.format == Format::Sse {
+            self.buf.extend_from_slice(b"event: error\ndata: ");
+        }
+        self.buf.extend_from_slice(&json::error(&e.message));
+        self.buf.extend_from_slice(if self.format == Format::Sse {
+            b"\n\n"
+        } else {
+            b"\n"
+        });
+        self.flush().await
+    }
+}
+
+/// The streamed response of a watch of `sources` (opened already, so that
+/// a refusal such as 410 was answered as a status).
+pub(crate) fn stream(
+    sources: Vec<(String, Box<dyn EventSource>)>,
+    multi: bool,
+    format: Format,
+) -> Response<ResponseBody> {
+    let (tx, body) = body::channel(2);
+    let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
+    let mut tokens: Vec<Token> = sources.iter().map(|(_, s)| s.token()).collect();
+    let (etx, mut erx) =
+        mpsc::channel::<(usize, Result<Vec<WatchEvent>, OpError>)>(sources.len() + 1);
+    for (i, (_, mut source)) in sources.into_iter().enumerate() {
+        let etx = etx.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    b = source.next_batch() => b,
+                    _ = etx.closed() => return,
+                };
+                let end = batch.is_err();
+                if etx.send((i, batch)).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+    }
+    drop(etx);
+    tokio::spawn(async move {
+        let closed = tx.clone();
+        let mut w = Writer {
+            tx,
+            buf: Vec::with_capacity(CHUNK + 4096),
+            format,
+        };
+        if format == Format::Sse {
+            // Reconnect after a second; then the first bytes go out at
+            // once, so the client knows the stream is open.
+            w.buf.extend_from_slice(b"retry: 1000\n\n");
+        } else {
+            let mut line = b"{\"Kind\":\"open\",\"Token\":\"".to_vec();
+            line.extend_from_slice(resume(&names, &tokens, multi).as_bytes());
+            line.extend_from_slice(b"\"}\n");
+            w.buf = line;
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                n = erx.recv() => n,
+                _ = closed.closed() => return,
+            };
+            let Some((i, batch)) = next else { return };
+            match batch {
+                Ok(events) => {
+                    for e in &events {
+                        let token = match e.token {
+                            Some(t) => {
+                                tokens[i] = t;
+                                Some(resume(&names, &tokens, multi))
+                            }
+                            None => None,
+                        };
+                        if w.event(&names[i], e, token.as_deref()).await.is_err() {
+                            return;
+                        }
+                    }
+                    if w.flush().await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = w.error(&e).await;
+                    return;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
