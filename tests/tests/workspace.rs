@@ -14,3 +14,4 @@ mod node;
 mod partition;
 mod security;
 mod tls;
+mod watch;

@@ -133,6 +133,14 @@ pub(crate) struct Args {
         allow_hyphen_values = true
     )]
     clock_offset_ms: Option<i64>,
+    /// A watcher further behind than this many bytes of changes is closed
+    /// with a reason (it can resume from its last token).
+    #[arg(long, env = "DHRT_WATCH_MAX_LAG_BYTES", value_name = "N")]
+    watch_max_lag_bytes: Option<u64>,
+    /// A watcher with nothing to send gets a progress event (a fresh
+    /// token, and an SSE heartbeat) this often.
+    #[arg(long, env = "DHRT_WATCH_PROGRESS_SECS", value_name = "N")]
+    watch_progress_secs: Option<u64>,
     /// A TOML file with any of the settings above (kebab-case keys).
     #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -166,6 +174,8 @@ struct File {
     max_hints: Option<usize>,
     max_hint_bytes: Option<usize>,
     max_clock_offset_ms: Option<u64>,
+    watch_max_lag_bytes: Option<u64>,
+    watch_progress_secs: Option<u64>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -217,6 +227,7 @@ pub(crate) struct Config {
     pub(crate) max_hint_bytes: usize,
     pub(crate) max_clock_offset: Duration,
     pub(crate) clock_offset_ms: i64,
+    pub(crate) watch: dhrt_cluster::WatchOptions,
 }
 
 impl Config {
@@ -373,6 +384,20 @@ impl Config {
                 .unwrap_or(256 << 20),
             max_clock_offset,
             clock_offset_ms: args.clock_offset_ms.unwrap_or(0),
+            watch: {
+                let d = dhrt_cluster::WatchOptions::default();
+                dhrt_cluster::WatchOptions {
+                    max_lag_bytes: args
+                        .watch_max_lag_bytes
+                        .or(file.watch_max_lag_bytes)
+                        .unwrap_or(d.max_lag_bytes),
+                    progress_every: args
+                        .watch_progress_secs
+                        .or(file.watch_progress_secs)
+                        .map_or(d.progress_every, |s| Duration::from_secs(s.clamp(1, 3600))),
+                    ..d
+                }
+            },
         })
     }
 }

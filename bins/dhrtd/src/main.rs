@@ -229,7 +229,10 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             ..ClusterOptions::default()
         },
     );
-    let node = Arc::new(Node::new(cluster.clone()));
+    let node = Arc::new(Node::with_watch_options(
+        cluster.clone(),
+        config.watch.clone(),
+    ));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -369,7 +369,8 @@ mod tests {
                 name: b(b"c"),
                 list: ListParams {
                     limit: Some(10),
-                    after: Some(b"k 01".to_vec())
+                    after: Some(b"k 01".to_vec()),
+                    ..ListParams::default()
                 }
             }
         );

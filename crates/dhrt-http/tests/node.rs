@@ -179,6 +179,7 @@ impl Operations for MapNode {
             }],
             sync: None,
             clock: Default::default(),
+            watch: Default::default(),
         }
     }
 }

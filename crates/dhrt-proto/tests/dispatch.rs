@@ -95,6 +95,7 @@ impl Operations for MapNode {
             members: Vec::<MemberInfo>::new(),
             sync: None,
             clock: Default::default(),
+            watch: Default::default(),
         }
     }
 }

@@ -67,6 +67,12 @@ fn stats() -> NodeStats {
             max_offset_ms: 60_000,
             reason: "ahead".into(),
         },
+        watch: dhrt_proto::WatchInfo {
+            watchers: 3,
+            events_sent: 99,
+            slowest_lag_ms: 12,
+            slowest_lag_bytes: 4096,
+        },
     }
 }
 

@@ -1,0 +1,559 @@
+//! Watches of real `dhrtd` processes over HTTP: SSE and NDJSON, across
+//! nodes, resumed across a compaction and a restart, snapshots, deletes and
+//! drops, impossible resumes, and a slow watcher that must not slow writers.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster::{all_healthy, eventually, start_joined, stats};
+use crate::dhrtd::Dhrtd;
+
+/// One event of a stream: its SSE id and event name (empty for NDJSON),
+/// and its data.
+#[derive(Debug, Clone)]
+pub(crate) struct Event {
+    pub(crate) id: Option<String>,
+    pub(crate) event: String,
+    pub(crate) data: Value,
+}
+
+impl Event {
+    pub(crate) fn kind(&self) -> &str {
+        self.data["Kind"].as_str().unwrap_or(&self.event)
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        self.data["Key"].as_str().unwrap_or("")
+    }
+}
+
+/// A watch over HTTP, read from a raw socket (the body is chunked).
+pub(crate) struct Stream {
+    sock: TcpStream,
+    /// Undecoded bytes of the chunked body.
+    raw: Vec<u8>,
+    /// Decoded body not yet parsed into events.
+    body: Vec<u8>,
+    sse: bool,
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    /// The error body of a refused watch.
+    pub(crate) refusal: String,
+    ended: bool,
+}
+
+impl Stream {
+    /// `GET path` with `accept`, and `extra` header lines.
+    pub(crate) fn open(addr: SocketAddr, path: &str, accept: &str, extra: &str) -> Stream {
+        let mut sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: dhrt\r\nAccept: {accept}\r\n{extra}\r\n");
+        sock.write_all(req.as_bytes()).unwrap();
+        let mut s = Stream {
+            sock,
+            raw: Vec::new(),
+            body: Vec::new(),
+            sse: accept == "text/event-stream",
+            status: 0,
+            head: String::new(),
+            refusal: String::new(),
+            ended: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let split = loop {
+            if let Some(p) = s.raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "no response head for {path}");
+            s.fill();
+        };
+        s.head = String::from_utf8_lossy(&s.raw[..split]).to_ascii_lowercase();
+        s.status = s.head[9..12].parse().unwrap();
+        s.raw.drain(..split + 4);
+        if s.status != 200 {
+            // A whole (not chunked) error body.
+            let len: usize = s
+                .head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while s.raw.len() < len && Instant::now() < deadline {
+                s.fill();
+            }
+            s.refusal = String::from_utf8_lossy(&s.raw).into_owned();
+        }
+        s
+    }
+
+    /// Reads what the socket has (up to 200 ms).
+    fn fill(&mut self) {
+        let mut buf = [0u8; 65536];
+        match self.sock.read(&mut buf) {
+            Ok(0) => self.ended = true,
+            Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => self.ended = true,
+        }
+    }
+
+    /// Moves whole chunks from `raw` to `body`.
+    fn dechunk(&mut self) {
+        loop {
+            let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16)
+                    .unwrap();
+            if size == 0 {
+                self.ended = true;
+                self.raw.clear();
+                return;
+            }
+            if self.raw.len() < eol + 2 + size + 2 {
+                return;
+            }
+            self.body
+                .extend_from_slice(&self.raw[eol + 2..eol + 2 + size]);
+            self.raw.drain(..eol + 2 + size + 2);
+        }
+    }
+
+    /// The next whole event in `body`, if any.
+    fn parse(&mut self) -> Option<Event> {
+        loop {
+            let sep: &[u8] = if self.sse { b"\n\n" } else { b"\n" };
+            let end = self.body.windows(sep.len()).position(|w| w == sep)?;
+            let block = String::from_utf8(self.body[..end].to_vec()).unwrap();
+            self.body.drain(..end + sep.len());
+            if !self.sse {
+                let data: Value = serde_json::from_str(&block).unwrap();
+                return Some(Event {
+                    id: data["Token"].as_str().map(str::to_string),
+                    event: String::new(),
+                    data,
+                });
+            }
+            let (mut id, mut event, mut data) = (None, String::new(), None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id: ") {
+                    id = Some(v.to_string());
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_string();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(v).unwrap());
+                }
+            }
+            // `retry:` and comment-only blocks carry no event.
+            if let Some(data) = data {
+                return Some(Event { id, event, data });
+            }
+        }
+    }
+
+    /// The next event within `within`, or `None` (the stream ended or
+    /// nothing came).
+    pub(crate) fn next(&mut self, within: Duration) -> Option<Event> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.dechunk();
+            if let Some(e) = self.parse() {
+                return Some(e);
+            }
+            if self.ended || Instant::now() >= deadline {
+                return None;
+            }
+            self.fill();
+        }
+    }
+
+    /// Events until one satisfies `stop` (included), failing after
+    /// `within`.
+    pub(crate) fn until(
+        &mut self,
+        within: Duration,
+        mut stop: impl FnMut(&Event) -> bool,
+    ) -> Vec<Event> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = self
+                .next(left)
+                .unwrap_or_else(|| panic!("no event satisfied the wait; got {out:?}"));
+            let done = stop(&e);
+            out.push(e);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Whether the server ended the stream.
+    pub(crate) fn ended(&mut self) -> bool {
+        self.dechunk();
+        self.ended
+    }
+}
+
+fn sse(node: &Dhrtd, path: &str) -> Stream {
+    let s = Stream::open(node.addr, path, "text/event-stream", "");
+    assert_eq!(s.status, 200, "{path}: {}", s.refusal);
+    assert!(
+        s.head.contains("content-type: text/event-stream"),
+        "{}",
+        s.head
+    );
+    s
+}
+
+fn set(node: &Dhrtd, c: &str, k: &str, v: &str) {
+    let (status, body) = node.http("PUT", &format!("/{c}/{k}"), v.as_bytes());
+    assert_eq!(status, 200, "{body}");
+}
+
+fn changes(events: &[Event]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .filter(|e| e.kind() != "progress")
+        .map(|e| {
+            (
+                e.kind().to_string(),
+                e.key().to_string(),
+                e.data["Value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_write_on_one_node_reaches_a_watcher_on_another_with_deletes_and_drops() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    // The collection does not exist yet: a browser's EventSource may
+    // subscribe first.
+    let mut on_b = sse(&b, "/fruit");
+    let mut ndjson = Stream::open(b.addr, "/fruit", "application/x-ndjson", "");
+    assert_eq!(ndjson.status, 200);
+    let open = ndjson.next(Duration::from_secs(5)).unwrap();
+    assert_eq!(open.kind(), "open");
+    set(&a, "fruit", "apple", "red");
+    set(&a, "fruit", "pear", "green");
+    assert_eq!(a.http("DELETE", "/fruit/apple", b"").0, 200);
+    let got = on_b.until(Duration::from_secs(10), |e| e.kind() == "delete");
+    assert_eq!(
+        changes(&got),
+        [
+            ("set", "apple", "red"),
+            ("set", "pear", "green"),
+            ("delete", "apple", "")
+        ]
+        .map(|(k, key, v)| (k.to_string(), key.to_string(), v.to_string()))
+    );
+    for e in &got {
+        assert_eq!(e.data["Collection"], "fruit");
+        assert_eq!(
+            e.id.as_deref(),
+            e.data["Token"].as_str(),
+            "the SSE id is the token"
+        );
+        assert_eq!(e.data["Version"].as_str().unwrap().len(), 32);
+    }
+    assert_eq!(
+        a.http("DELETE", "/fruit", b"").0,
+        200,
+        "drop the collection"
+    );
+    let dropped = on_b.until(Duration::from_secs(10), |e| e.kind() == "drop");
+    assert_eq!(dropped.last().unwrap().event, "drop");
+    let nd = ndjson.until(Duration::from_secs(10), |e| e.kind() == "drop");
+    assert_eq!(
+        changes(&nd)
+            .iter()
+            .map(|c| c.0.as_str())
+            .collect::<Vec<_>>(),
+        ["set", "set", "delete", "drop"]
+    );
+    // The stats and metrics count the watchers and what they were sent.
+    let s = stats(&b);
+    assert_eq!(s["watch"]["watchers"], 2, "{s}");
+    assert!(s["watch"]["events_sent"].as_u64().unwrap() >= 8, "{s}");
+    let (_, metrics) = b.http("GET", "/metrics", b"");
+    assert!(metrics.contains("dhrt_watchers 2"), "{metrics}");
+    drop(on_b);
+    drop(ndjson);
+    eventually("closed watches are let go", Duration::from_secs(15), || {
+        // A watcher waiting for a change notices its client left at the
+        // next change.
+        set(&a, "fruit", "tick", "x");
+        stats(&b)["watch"]["watchers"] == 0
+    });
+}
+
+#[test]
+fn a_watcher_resumes_with_its_token_across_a_compaction_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let mut w = sse(&node, "/docs");
+    for i in 0..5 {
+        set(&node, "docs", &format!("k{i}"), "v0");
+    }
+    let seen = w.until(Duration::from_secs(10), |e| e.key() == "k4");
+    let last = seen.last().unwrap().id.clone().unwrap();
+    drop(w);
+    // While it is away: overwrites big enough to compact, deletes, new keys.
+    let big = "x".repeat(256 * 1024);
+    for round in 0..40 {
+        set(&node, "docs", "k0", &format!("{round}{big}"));
+    }
+    assert_eq!(node.http("DELETE", "/docs/k1", b"").0, 200);
+    set(&node, "docs", "k2", "v1");
+    set(&node, "docs", "k9", "new");
+    let bytes = || {
+        stats(&node)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "docs")
+            .map(|c| c["bytes"].as_u64().unwrap())
+            .unwrap()
+    };
+    eventually("a background compaction", Duration::from_secs(30), || {
+        bytes() < 2 << 20
+    });
+    let expect = |events: &[Event]| {
+        let mut got: Vec<(String, String)> = changes(events)
+            .into_iter()
+            .map(|(kind, key, value)| (kind, format!("{key}={}", &value[..value.len().min(3)])))
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String)> = [
+            ("delete", "k1="),
+            ("set", "k0=39x"),
+            ("set", "k2=v1"),
+            ("set", "k9=new"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        want.sort();
+        assert_eq!(
+            got, want,
+            "every change since the token, only the latest of each key"
+        );
+    };
+    // Resumed with the SSE reconnect header.
+    let mut w = Stream::open(
+        node.addr,
+        "/docs",
+        "text/event-stream",
+        &format!("Last-Event-ID: {last}\r\n"),
+    );
+    assert_eq!(w.status, 200, "{}", w.refusal);
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k9");
+    expect(&got);
+    let after_all = got.last().unwrap().id.clone().unwrap();
+    drop(w);
+    // A restart of the node: the same token resumes the same way.
+    let addr = node.addr;
+    node.stop("KILL");
+    let node = Dhrtd::start_on(Some(addr), dir.path(), &[]);
+    let mut w = sse(&node, &format!("/docs?since={last}"));
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k9");
+    expect(&got);
+    // And the latest token misses nothing written after the restart.
+    drop(w);
+    set(&node, "docs", "after", "restart");
+    let mut w = sse(&node, &format!("/docs?since={after_all}"));
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "after");
+    assert_eq!(
+        changes(&got),
+        [("set".into(), "after".into(), "restart".into())]
+    );
+}
+
+#[test]
+fn a_snapshot_holds_every_key_once_then_every_later_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    for i in 0..300 {
+        set(&node, "snap", &format!("k{i:03}"), "v0");
+    }
+    assert_eq!(node.http("DELETE", "/snap/k000", b"").0, 200);
+    let mut w = Stream::open(node.addr, "/snap?snapshot=true", "application/x-ndjson", "");
+    assert_eq!(w.status, 200, "{}", w.refusal);
+    let initial = w.until(Duration::from_secs(10), |e| e.kind() == "synced");
+    let mut keys: Vec<&str> = initial
+        .iter()
+        .filter(|e| e.kind() == "initial")
+        .map(Event::key)
+        .collect();
+    assert!(
+        initial
+            .iter()
+            .all(|e| ["open", "initial", "synced"].contains(&e.kind()))
+    );
+    let listed = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((listed, keys.len()), (299, 299), "every live key once");
+    assert!(!keys.contains(&"k000"));
+    set(&node, "snap", "k001", "v1");
+    set(&node, "snap", "new", "n");
+    let after = w.until(Duration::from_secs(10), |e| e.key() == "new");
+    assert_eq!(
+        changes(&after),
+        [
+            ("set".into(), "k001".into(), "v1".into()),
+            ("set".into(), "new".into(), "n".into())
+        ]
+    );
+    // A prefix filters the snapshot and the changes alike.
+    let mut w = sse(&node, "/snap?snapshot=true&prefix=k29");
+    let got = w.until(Duration::from_secs(10), |e| e.kind() == "synced");
+    let keys: Vec<&str> = got
+        .iter()
+        .filter(|e| e.kind() == "initial")
+        .map(Event::key)
+        .collect();
+    assert_eq!(keys.len(), 10, "{keys:?}");
+    set(&node, "snap", "other", "x");
+    set(&node, "snap", "k299", "y");
+    let got = w.until(Duration::from_secs(10), |e| e.kind() == "set");
+    assert_eq!(got.last().unwrap().key(), "k299");
+}
+
+#[test]
+fn a_resume_that_cannot_be_honoured_gets_410_and_bad_tokens_400() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = Dhrtd::start(dirs[1].path(), &[]);
+    set(&a, "c", "k", "v");
+    set(&b, "c", "k", "v");
+    let mut on_a = sse(&a, "/c?snapshot=true");
+    let token = on_a
+        .until(Duration::from_secs(10), |e| e.kind() == "synced")
+        .last()
+        .unwrap()
+        .id
+        .clone()
+        .unwrap();
+    // The same token on another node: its history is not this node's.
+    let other = Stream::open(
+        b.addr,
+        &format!("/c?since={token}"),
+        "text/event-stream",
+        "",
+    );
+    assert_eq!(other.status, 410, "{}", other.refusal);
+    assert!(
+        other.refusal.contains("take a snapshot"),
+        "{}",
+        other.refusal
+    );
+    // A token ahead of the log.
+    let ahead = format!("{}ffffffffffffffff", &token[..16]);
+    let s = Stream::open(
+        a.addr,
+        &format!("/c?since={ahead}"),
+        "text/event-stream",
+        "",
+    );
+    assert_eq!(s.status, 410, "{}", s.refusal);
+    for bad in ["nonsense", "c:zz"] {
+        let s = Stream::open(a.addr, &format!("/c?since={bad}"), "text/event-stream", "");
+        assert_eq!(s.status, 400, "{bad}: {}", s.refusal);
+    }
+    let s = Stream::open(a.addr, "/bad%2Fname", "text/event-stream", "");
+    assert_eq!(s.status, 400);
+    // The stats count refused resumes.
+    let (_, metrics) = a.http("GET", "/metrics", b"");
+    assert!(
+        metrics.contains("dhrt_watch_closed_total{reason=\"gone\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn one_stream_follows_several_collections_and_resumes_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let mut w = sse(&node, "/?watch=users,orders");
+    set(&node, "users", "ada", "1");
+    set(&node, "orders", "o1", "2");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "o1");
+    assert_eq!(got[0].data["Collection"], "users");
+    assert_eq!(got[1].data["Collection"], "orders");
+    let token = got[1].id.clone().unwrap();
+    assert!(
+        token.starts_with("users:") && token.contains(",orders:"),
+        "{token}"
+    );
+    drop(w);
+    set(&node, "orders", "o2", "3");
+    set(&node, "users", "bob", "4");
+    let mut w = Stream::open(
+        node.addr,
+        "/?watch=users,orders",
+        "text/event-stream",
+        &format!("Last-Event-ID: {token}\r\n"),
+    );
+    assert_eq!(w.status, 200, "{}", w.refusal);
+    let mut keys: Vec<String> = Vec::new();
+    while keys.len() < 2 {
+        let e = w.next(Duration::from_secs(10)).expect("an event");
+        if e.kind() == "set" {
+            keys.push(e.key().to_string());
+        }
+    }
+    keys.sort();
+    assert_eq!(keys, ["bob", "o2"]);
+}
+
+#[test]
+fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--watch-max-lag-bytes", "1000000"]);
+    // A client that subscribes and then reads nothing.
+    let mut stalled = sse(&node, "/load");
+    let value = vec![b'v'; 16 * 1024];
+    let started = Instant::now();
+    for i in 0..2000 {
+        let (status, body) = node.http("PUT", &format!("/load/k{i}"), &value);
+        assert_eq!(status, 200, "{body}");
+    }
+    // 32 MB written while the watcher read nothing: every write answered
+    // (the watcher holds no buffer the writes must fill or wait on).
+    eprintln!(
+        "2000 writes of 16 KiB with a stalled watcher: {:?}",
+        started.elapsed()
+    );
+    // Now it reads: what was sent before it fell behind, then the reason.
+    let mut last = None;
+    while let Some(e) = stalled.next(Duration::from_secs(20)) {
+        last = Some(e);
+    }
+    let last = last.expect("some events");
+    assert_eq!(last.event, "error", "{last:?}");
+    let reason = last.data["Error"].as_str().unwrap();
+    assert!(reason.contains("fell too far behind"), "{reason}");
+    assert!(stalled.ended(), "the stream ends after the reason");
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    assert!(
+        metrics.contains("dhrt_watch_closed_total{reason=\"lagging\"} 1"),
+        "{metrics}"
+    );
+}
