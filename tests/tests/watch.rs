@@ -249,7 +249,8 @@ fn a_write_on_one_node_reaches_a_watcher_on_another_with_deletes_and_drops() {
     let mut ndjson = Stream::open(b.addr, "/fruit", "application/x-ndjson", "");
     assert_eq!(ndjson.status, 200);
     let open = ndjson.next(Duration::from_secs(5)).unwrap();
-    assert_eq!(open.kind(), "open");
+    assert_eq!(open.kind(), "progress", "a first token at once");
+    assert_eq!(open.data["Token"].as_str().unwrap().len(), 32);
     set(&a, "fruit", "apple", "red");
     set(&a, "fruit", "pear", "green");
     assert_eq!(a.http("DELETE", "/fruit/apple", b"").0, 200);
@@ -263,7 +264,7 @@ fn a_write_on_one_node_reaches_a_watcher_on_another_with_deletes_and_drops() {
         ]
         .map(|(k, key, v)| (k.to_string(), key.to_string(), v.to_string()))
     );
-    for e in &got {
+    for e in got.iter().filter(|e| e.kind() != "progress") {
         assert_eq!(e.data["Collection"], "fruit");
         assert_eq!(
             e.id.as_deref(),
@@ -404,7 +405,7 @@ fn a_snapshot_holds_every_key_once_then_every_later_change() {
     assert!(
         initial
             .iter()
-            .all(|e| ["open", "initial", "synced"].contains(&e.kind()))
+            .all(|e| ["progress", "initial", "synced"].contains(&e.kind()))
     );
     let listed = keys.len();
     keys.sort();
@@ -494,7 +495,11 @@ fn one_stream_follows_several_collections_and_resumes_them_all() {
     let mut w = sse(&node, "/?watch=users,orders");
     set(&node, "users", "ada", "1");
     set(&node, "orders", "o1", "2");
-    let got = w.until(Duration::from_secs(10), |e| e.key() == "o1");
+    let got: Vec<Event> = w
+        .until(Duration::from_secs(10), |e| e.key() == "o1")
+        .into_iter()
+        .filter(|e| e.kind() != "progress")
+        .collect();
     assert_eq!(got[0].data["Collection"], "users");
     assert_eq!(got[1].data["Collection"], "orders");
     let token = got[1].id.clone().unwrap();
@@ -556,4 +561,161 @@ fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
         metrics.contains("dhrt_watch_closed_total{reason=\"lagging\"} 1"),
         "{metrics}"
     );
+}
+
+#[test]
+fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    set(&node, "users", "before", "x");
+    let mut child = std::process::Command::new(crate::cli::cli_binary())
+        .args([
+            "--addr",
+            &node.addr.to_string(),
+            "watch",
+            "users",
+            "--snapshot",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let line = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line for {what}"))
+    };
+    let initial = line("the snapshot");
+    assert!(initial.starts_with("initial\tbefore\tx\t"), "{initial:?}");
+    let synced = line("the end of the snapshot");
+    assert!(synced.starts_with("synced\t"), "{synced:?}");
+    set(&node, "users", "ada", "lovelace");
+    assert_eq!(node.http("DELETE", "/users/ada", b"").0, 200);
+    let first = line("a set");
+    let fields: Vec<&str> = first.split('\t').collect();
+    assert_eq!(&fields[..3], ["set", "ada", "lovelace"], "{first:?}");
+    assert_eq!(fields[3].len(), 32, "the resume token");
+    assert!(line("a delete").starts_with("delete\tada\t\t"));
+    // Ctrl-C ends it cleanly.
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    // --since resumes after a line's token, --json gives the API's shape.
+    let out = std::process::Command::new(crate::cli::cli_binary())
+        .args([
+            "--addr",
+            &node.addr.to_string(),
+            "--json",
+            "watch",
+            "users",
+            "--since",
+            fields[3],
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = out.id();
+    std::thread::sleep(Duration::from_millis(500));
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let output = out.wait_with_output().unwrap();
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["Kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["progress", "delete"], "{lines:?}");
+    assert_eq!(lines[1]["Key"], "ada");
+}
+
+#[test]
+fn the_client_stream_resumes_by_itself_across_a_node_restart() {
+    use dhrt_client::{Client, EventKind, WatchItem, WatchStart};
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let addr = node.addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut w = Client::builder(addr.to_string()).watch("jobs", WatchStart::Now);
+    let next_change = |w: &mut dhrt_client::Watch| {
+        rt.block_on(async {
+            loop {
+                let item = tokio::time::timeout(Duration::from_secs(20), w.next())
+                    .await
+                    .expect("an item in time")
+                    .unwrap();
+                match item {
+                    WatchItem::Event(e) if e.kind == EventKind::Progress => continue,
+                    other => return other,
+                }
+            }
+        })
+    };
+    // The first poll connects; a write then arrives.
+    let writer = std::thread::spawn({
+        let node_addr = addr;
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            crate::dhrtd::http_at(node_addr, "PUT", "/jobs/j1", "", b"one").unwrap()
+        }
+    });
+    let WatchItem::Event(e) = next_change(&mut w) else {
+        panic!("an event")
+    };
+    assert_eq!((e.kind, &e.key[..]), (EventKind::Set, &b"j1"[..]));
+    assert_eq!(writer.join().unwrap().0, 200);
+    // The node goes down; writes happen while it restarts.
+    node.stop("KILL");
+    let node = Dhrtd::start_on(Some(addr), dir.path(), &[]);
+    set(&node, "jobs", "j2", "two");
+    assert_eq!(node.http("DELETE", "/jobs/j1", b"").0, 200);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match next_change(&mut w) {
+            WatchItem::Event(e) => got.push((e.kind, String::from_utf8_lossy(&e.key).into_owned())),
+            WatchItem::Resync(why) => panic!("the same node resumes exactly: {why}"),
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            (EventKind::Set, "j2".into()),
+            (EventKind::Delete, "j1".into())
+        ]
+    );
+    assert!(w.reconnects() >= 1);
+    // A node whose history it does not know: it resyncs with a snapshot.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Dhrtd::start(other_dir.path(), &[]);
+    set(&other, "jobs", "elsewhere", "x");
+    let token = w.token().unwrap();
+    let mut moved = Client::builder(other.addr.to_string()).watch("jobs", WatchStart::After(token));
+    match next_change(&mut moved) {
+        WatchItem::Resync(why) => assert!(why.contains("take a snapshot"), "{why}"),
+        other => panic!("expected a resync, got {other:?}"),
+    }
+    let WatchItem::Event(e) = next_change(&mut moved) else {
+        panic!("the snapshot")
+    };
+    assert_eq!(
+        (e.kind, &e.key[..]),
+        (EventKind::Initial, &b"elsewhere"[..])
+    );
+    let WatchItem::Event(e) = next_change(&mut moved) else {
+        panic!("its end")
+    };
+    assert_eq!(e.kind, EventKind::Synced);
 }

@@ -9,8 +9,9 @@ use dhrt_proto::{Op, Role};
 pub(crate) const DEFAULT_COLLECTION: &str = "default";
 
 /// The command names, for completion and help.
-pub(crate) const NAMES: [&str; 11] = [
-    "set", "get", "del", "stats", "join", "auth", "token", "secret", "help", "quit", "exit",
+pub(crate) const NAMES: [&str; 12] = [
+    "set", "get", "del", "watch", "stats", "join", "auth", "token", "secret", "help", "quit",
+    "exit",
 ];
 
 pub(crate) const HELP: &str = "\
@@ -18,6 +19,10 @@ commands:
   set [collection] key value   set a key (collection defaults to \"default\")
   get [collection] key         print a value, or (nil)
   del [collection] key         delete a key
+  watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P]
+                               print each change of COLLECTION as it happens, one a line
+                               (kind, key, value, resume token; --json for JSON lines),
+                               resuming by itself after a disconnect; Ctrl-C stops
   stats                        node and cluster statistics
   join ADDR                    make the node join the cluster of the member at ADDR
   auth TOKEN                   use TOKEN on this connection from now on
@@ -45,6 +50,12 @@ pub(crate) enum Command {
         key: String,
     },
     Stats,
+    Watch {
+        collection: String,
+        since: Option<String>,
+        snapshot: bool,
+        prefix: Option<String>,
+    },
     Join {
         addr: String,
     },
@@ -86,7 +97,11 @@ impl Command {
             Command::Auth { token } => Op::Auth {
                 token: token.clone(),
             },
-            Command::Token { .. } | Command::Secret | Command::Help | Command::Quit => {
+            Command::Token { .. }
+            | Command::Secret
+            | Command::Help
+            | Command::Quit
+            | Command::Watch { .. } => {
                 return None;
             }
         })
@@ -165,6 +180,7 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
             Ok(Command::Del { collection, key })
         }
         ("del", _) => Err("usage: del [collection] key".into()),
+        ("watch", _) => parse_watch(args),
         ("stats", 0) => Ok(Command::Stats),
         ("stats", _) => Err("usage: stats".into()),
         ("join", 1) => Ok(Command::Join {
@@ -182,6 +198,35 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
         ("quit" | "exit", _) => Ok(Command::Quit),
         (other, _) => Err(format!("unknown command {other:?} (try help)")),
     }
+}
+
+/// `watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P]`.
+fn parse_watch(args: &[String]) -> Result<Command, String> {
+    const USAGE: &str = "usage: watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P]";
+    let mut collection = None;
+    let (mut since, mut snapshot, mut prefix) = (None, false, None);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || inline.clone().or_else(|| args.next().cloned()).ok_or(USAGE);
+        match flag {
+            "--since" => since = Some(value()?),
+            "--prefix" => prefix = Some(value()?),
+            "--snapshot" => snapshot = true,
+            f if f.starts_with("--") => return Err(USAGE.into()),
+            _ if collection.is_none() => collection = Some(arg.clone()),
+            _ => return Err(USAGE.into()),
+        }
+    }
+    Ok(Command::Watch {
+        collection: collection.ok_or(USAGE)?,
+        since,
+        snapshot,
+        prefix,
+    })
 }
 
 /// `token --role ROLE [--name NAME]`.

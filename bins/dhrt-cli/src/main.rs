@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use dhrt_client::{Client, Error};
+use dhrt_client::{Client, Error, EventKind, WatchItem, WatchStart};
 use dhrt_proto::{Reply, Role};
 
 use crate::command::Command;
@@ -44,7 +44,7 @@ struct Args {
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "COMMAND",
-        help = "set [collection] key value | get [collection] key | del [collection] key | stats | join ADDR | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
+        help = "set [collection] key value | get [collection] key | del [collection] key | watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P] | stats | join ADDR | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
     )]
     command: Vec<String>,
 }
@@ -189,6 +189,11 @@ impl<'a> Target<'a> {
 
 /// A connection to the target, over TLS and authenticated as it says.
 pub(crate) async fn connect(target: &Target<'_>) -> Result<Client, Error> {
+    builder(target)?.connect().await
+}
+
+/// How to connect to the target.
+fn builder(target: &Target<'_>) -> Result<dhrt_client::ClientBuilder, Error> {
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| Error::Connect {
             addr: format!("{} (reading {})", target.addr, path.display()),
@@ -205,7 +210,83 @@ pub(crate) async fn connect(target: &Target<'_>) -> Result<Client, Error> {
     if let Some((cert, key)) = target.tls_identity {
         builder = builder.tls_identity(read(cert)?, read(key)?);
     }
-    builder.connect().await
+    Ok(builder)
+}
+
+/// `watch`: prints each event as it comes, until Ctrl-C (Ok) or an error
+/// reconnecting cannot fix.
+pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) -> Result<(), Error> {
+    let Command::Watch {
+        collection,
+        since,
+        snapshot,
+        prefix,
+    } = command
+    else {
+        unreachable!("a watch command");
+    };
+    let start = match (since, snapshot) {
+        (Some(t), _) => WatchStart::After(
+            t.parse()
+                .map_err(|e: dhrt_proto::OpError| Error::InvalidInput(e.message))?,
+        ),
+        (None, true) => WatchStart::Snapshot,
+        (None, false) => WatchStart::Now,
+    };
+    let mut w = builder(target)?.watch(collection, start);
+    if let Some(p) = prefix {
+        w = w.prefix(p.clone().into_bytes());
+    }
+    let mut stdout = std::io::stdout();
+    loop {
+        let item = tokio::select! {
+            item = w.next() => item?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let line = match item {
+            WatchItem::Resync(why) if json => {
+                serde_json::json!({ "Collection": collection, "Kind": "resync", "Reason": why })
+                    .to_string()
+            }
+            WatchItem::Resync(why) => format!("resync\t\t\t{why}"),
+            WatchItem::Event(e) if json => {
+                let mut o =
+                    serde_json::json!({ "Collection": collection, "Kind": e.kind.as_str() });
+                if !e.key.is_empty() {
+                    o["Key"] = String::from_utf8_lossy(&e.key).into();
+                }
+                if let Some(v) = &e.value {
+                    o["Value"] = String::from_utf8_lossy(v).into();
+                }
+                if let Some(v) = e.version {
+                    o["Version"] = dhrt_client::version_hex(v).into();
+                }
+                if let Some(t) = e.token {
+                    o["Token"] = t.to_string().into();
+                }
+                o.to_string()
+            }
+            // Text: one line per change; progress only refreshes the token.
+            WatchItem::Event(e) if e.kind == EventKind::Progress => continue,
+            WatchItem::Event(e) => format!(
+                "{}\t{}\t{}\t{}",
+                e.kind.as_str(),
+                String::from_utf8_lossy(&e.key),
+                e.value
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default(),
+                e.token.map(|t| t.to_string()).unwrap_or_default()
+            ),
+        };
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // The reader of our output went away (a closed pipe).
+            return Ok(());
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -237,6 +318,15 @@ fn main() -> ExitCode {
         Command::Secret => {
             println!("{}", dhrt_proto::auth::new_secret());
             return ExitCode::SUCCESS;
+        }
+        Command::Watch { .. } => {
+            return match runtime.block_on(watch(&Target::of(&args), &command, args.json)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    print_error(&error_text(&e, &args.addr), args.json);
+                    ExitCode::from(2)
+                }
+            };
         }
         _ => {}
     }

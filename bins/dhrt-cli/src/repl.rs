@@ -104,6 +104,12 @@ pub(crate) fn run(
             Command::Help => println!("{}", command::HELP),
             Command::Token { role, name } => crate::print_token(role, &name),
             Command::Secret => println!("{}", dhrt_proto::auth::new_secret()),
+            Command::Watch { .. } => {
+                println!("(watching; Ctrl-C returns to the prompt)");
+                if let Err(e) = runtime.block_on(crate::watch(target, &command, json)) {
+                    println!("(error) {e}");
+                }
+            }
             _ => {
                 let mut out = Vec::new();
                 match runtime.block_on(crate::execute(&client, &command, json, &mut out)) {

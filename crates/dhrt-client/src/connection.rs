@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::tls;
+use crate::watch::Watch;
 
 type Answer = oneshot::Sender<Result<Reply, Error>>;
 
@@ -79,7 +80,65 @@ impl std::fmt::Debug for ClientBuilder {
     }
 }
 
+/// A connected stream, plain or TLS.
+pub(crate) type BoxedStream = Box<dyn Duplex>;
+
+/// What a connection's stream is.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
 impl ClientBuilder {
+    /// The address it connects to.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The same settings for another address.
+    pub(crate) fn with_addr(mut self, addr: String) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// The token given, if any.
+    pub(crate) fn token_str(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// A watch of `collection` on a connection of its own, starting at
+    /// `start`, that resumes by itself after a disconnect (see [`Watch`]).
+    /// It connects when first polled.
+    pub fn watch(self, collection: &str, start: dhrt_proto::WatchStart) -> Watch {
+        Watch::new(self, collection, start)
+    }
+
+    /// Connects (TLS if asked) and sends the preamble.
+    pub(crate) async fn open(&self) -> Result<BoxedStream, Error> {
+        let connect_err = |source| Error::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let stream = TcpStream::connect(self.addr.as_str())
+            .await
+            .map_err(connect_err)?;
+        let _ = stream.set_nodelay(true);
+        let mut stream: BoxedStream = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let config = tls::client_config(tls.ca.as_slice(), tls.identity.as_ref())
+                    .map_err(|e| connect_err(io::Error::other(e)))?;
+                let name = tls::server_name(&self.addr).map_err(connect_err)?;
+                Box::new(
+                    tokio_rustls::TlsConnector::from(config)
+                        .connect(name, stream)
+                        .await
+                        .map_err(connect_err)?,
+                )
+            }
+        };
+        stream.write_all(&preamble()).await.map_err(connect_err)?;
+        Ok(stream)
+    }
+
     /// Authenticate with `token` (as `dhrt-cli token` makes them) before
     /// anything else; a node with an auth file refuses every request of a
     /// connection without one.

@@ -20,7 +20,11 @@
 mod connection;
 mod error;
 mod tls;
+mod watch;
 
 pub use connection::{Client, ClientBuilder};
-pub use dhrt_proto::{Entry, NodeStats, Page, Role};
+pub use dhrt_proto::{
+    Entry, EventKind, NodeStats, Page, Role, Token, WatchEvent, WatchStart, version_hex,
+};
 pub use error::Error;
+pub use watch::{Watch, WatchItem};

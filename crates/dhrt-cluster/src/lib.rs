@@ -29,6 +29,7 @@ mod skew;
 mod state;
 mod throttle;
 mod watch;
+mod watch_conn;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, Identity};

@@ -163,6 +163,52 @@ impl Metrics {
     }
 }
 
+/// A per-collection gauge: name, help, and how to read it.
+type Gauge = (
+    &'static str,
+    &'static str,
+    fn(&dhrt_storage::CollectionStats) -> u64,
+);
+
+/// The store's gauges, the build and the uptime, in the Prometheus text
+/// format.
+pub(crate) fn render_store(
+    out: &mut String,
+    stats: &dhrt_storage::Stats,
+    uptime: std::time::Duration,
+) {
+    use std::fmt::Write as _;
+    let gauges: [Gauge; 2] = [
+        ("dhrt_collection_keys", "Live keys per collection.", |c| {
+            c.keys
+        }),
+        ("dhrt_collection_bytes", "Log bytes per collection.", |c| {
+            c.bytes
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for c in stats
+            .collections
+            .iter()
+            .filter(|c| !c.name.starts_with('_'))
+        {
+            let _ = writeln!(out, "{name}{{collection=\"{}\"}} {}", c.name, value(c));
+        }
+    }
+    out.push_str("# HELP dhrt_build_info The running build.\n# TYPE dhrt_build_info gauge\n");
+    let _ = writeln!(
+        out,
+        "dhrt_build_info{{version=\"{}\",mode=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        stats.mode
+    );
+    out.push_str(
+        "# HELP dhrt_uptime_seconds Seconds since the node started.\n# TYPE dhrt_uptime_seconds gauge\n",
+    );
+    let _ = writeln!(out, "dhrt_uptime_seconds {}", uptime.as_secs());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,16 +2,15 @@
 //! and the cluster: writes are saved locally and replicated, local misses
 //! are asked of the other nodes.
 
-use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
     CollectionInfo, Entry, ErrorKind, EventSource, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats,
-    OpError, Operations, Page, WatchInfo, WatchRequest,
+    OpError, Operations, Page, WatchRequest,
 };
-use dhrt_storage::{CollectionStats, Error as StorageError, Store, SyncMode, Version};
+use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
 use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
@@ -509,37 +508,17 @@ impl Node {
             members: self.cluster.members(),
             sync: self.cluster.sync_info(),
             clock: self.cluster.clock_info(),
-            watch: {
-                let c = self.watches.counts();
-                WatchInfo {
-                    watchers: c.watchers,
-                    events_sent: c.events,
-                    slowest_lag_ms: c.slowest_lag_ms,
-                    slowest_lag_bytes: c.slowest_lag_bytes,
-                }
-            },
+            watch: self.watches.info(),
         }
     }
 
     /// Opens a watch of a collection this node stores.
     fn op_watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
         user_collection(&request.collection)?;
-        dhrt_storage::validate_collection_name(&request.collection).map_err(op_error)?;
-        if !self.cluster.stores_locally(&request.collection) {
-            return Err(OpError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "this node does not store collection {:?} (--collections): watch it on a node that does",
-                    request.collection
-                ),
-            ));
-        }
-        self.watches.open(&request)
+        let here = self.cluster.stores_locally(&request.collection);
+        self.watches.open_checked(&request, here)
     }
 }
-
-/// A per-collection gauge: name, help, and how to read it.
-type Gauge = (&'static str, &'static str, fn(&CollectionStats) -> u64);
 
 /// The outcome label of a result.
 fn outcome<T>(r: &Result<T, OpError>, found: impl FnOnce(&T) -> bool) -> Outcome {
@@ -637,38 +616,7 @@ impl Operations for Node {
         self.metrics.render(&mut out);
         self.cluster.render_metrics(&mut out);
         self.watches.render_metrics(&mut out);
-        let stats = self.store.stats();
-        let gauges: [Gauge; 2] = [
-            ("dhrt_collection_keys", "Live keys per collection.", |c| {
-                c.keys
-            }),
-            ("dhrt_collection_bytes", "Log bytes per collection.", |c| {
-                c.bytes
-            }),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for c in stats
-                .collections
-                .iter()
-                .filter(|c| !c.name.starts_with('_'))
-            {
-                let _ = writeln!(out, "{name}{{collection=\"{}\"}} {}", c.name, value(c));
-            }
-        }
-        out.push_str("# HELP dhrt_build_info The running build.\n# TYPE dhrt_build_info gauge\n");
-        let _ = writeln!(
-            out,
-            "dhrt_build_info{{version=\"{}\",mode=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION"),
-            stats.mode
-        );
-        out.push_str("# HELP dhrt_uptime_seconds Seconds since the node started.\n# TYPE dhrt_uptime_seconds gauge\n");
-        let _ = writeln!(
-            out,
-            "dhrt_uptime_seconds {}",
-            self.started.elapsed().as_secs()
-        );
+        crate::metrics::render_store(&mut out, &self.store.stats(), self.started.elapsed());
         out
     }
 }

@@ -71,7 +71,7 @@ async fn read_more<S: AsyncRead + Unpin>(
 /// request; instead each read notes the time, and a timer that fires early
 /// is re-armed for what remains. Shared by the reading loop (which
 /// touches it) and the connection's guard (which waits on it).
-struct IdleTimer {
+pub(crate) struct IdleTimer {
     epoch: tokio::time::Instant,
     /// Nanoseconds since `epoch` at the last arrival.
     last: AtomicU64,
@@ -88,7 +88,7 @@ impl IdleTimer {
     }
 
     /// Something arrived.
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let since = self.epoch.elapsed().as_nanos() as u64;
         self.last.store(since, Ordering::Relaxed);
     }
@@ -188,6 +188,9 @@ where
         let mut broken = None;
         let mut consumed = 0;
         let mut requests = 0usize;
+        // A watch request: the connection becomes its stream once the
+        // requests before it are answered.
+        let mut watch = None;
         {
             let mut batch = recycle(std::mem::take(&mut spare));
             loop {
@@ -214,6 +217,16 @@ where
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
                     Ok(request) => {
                         let item = admit(access, &mut standing, &mut memo, request);
+                        if let Ok(RequestRef {
+                            id,
+                            op: OpRef::Watch(w),
+                        }) = item
+                        {
+                            watch = Some((id, w));
+                            requests += 1;
+                            consumed += len;
+                            break;
+                        }
                         if is_unauthenticated(&item) {
                             // A stranger's refused requests neither keep the
                             // connection from idling nor pile up answers.
@@ -276,6 +289,42 @@ where
         }
         if let Some(reason) = broken {
             return Ok(Closed::Protocol(reason));
+        }
+        if let Some((id, request)) = watch {
+            match ops.watch(request).await {
+                Ok(source) => {
+                    return crate::watch_conn::serve_watch(
+                        stream,
+                        buf,
+                        id,
+                        source,
+                        limits.max_frame,
+                        guard,
+                        &idle,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    // Refused (a token that cannot be resumed, a bad
+                    // name): answered, and the connection goes on.
+                    let mut sink = Sink {
+                        stream: &mut stream,
+                        out: &mut out,
+                        max_frame: limits.max_frame,
+                        guard: &mut guard,
+                        idle: &idle,
+                    };
+                    let pushed = match sink.push(Response { id, result: Err(e) }).await {
+                        Ok(()) => sink.flush().await,
+                        e => e,
+                    };
+                    match pushed {
+                        Ok(()) => continue,
+                        Err(Stop::Io(e)) => return Err(e),
+                        Err(Stop::Closed(closed)) => return Ok(closed),
+                    }
+                }
+            }
         }
         buf.reserve(needed.max(16 * 1024));
         let read = stream.read_buf(&mut buf);

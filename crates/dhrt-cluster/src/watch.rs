@@ -145,6 +145,37 @@ impl WatchHub {
         self.started.elapsed().as_millis() as u64 + 1
     }
 
+    /// Opens a watch of a collection this node stores (`here`), or says
+    /// where to watch it.
+    pub(crate) fn open_checked(
+        self: &Arc<Self>,
+        request: &WatchRequest,
+        here: bool,
+    ) -> Result<Box<dyn EventSource>, OpError> {
+        dhrt_storage::validate_collection_name(&request.collection).map_err(op_error)?;
+        if !here {
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "this node does not store collection {:?} (--collections): watch it on a node that does",
+                    request.collection
+                ),
+            ));
+        }
+        self.open(request)
+    }
+
+    /// What `GET /` says about watches.
+    pub(crate) fn info(&self) -> dhrt_proto::WatchInfo {
+        let c = self.counts();
+        dhrt_proto::WatchInfo {
+            watchers: c.watchers,
+            events_sent: c.events,
+            slowest_lag_ms: c.slowest_lag_ms,
+            slowest_lag_bytes: c.slowest_lag_bytes,
+        }
+    }
+
     /// Opens a watch (the caller checked the collection name and rights).
     pub fn open(self: &Arc<Self>, request: &WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
         let from = match &request.start {

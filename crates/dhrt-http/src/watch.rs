@@ -257,14 +257,23 @@ pub(crate) fn stream(
             format,
         };
         if format == Format::Sse {
-            // Reconnect after a second; then the first bytes go out at
-            // once, so the client knows the stream is open.
+            // An EventSource reconnects after a second.
             w.buf.extend_from_slice(b"retry: 1000\n\n");
-        } else {
-            let mut line = b"{\"Kind\":\"open\",\"Token\":\"".to_vec();
-            line.extend_from_slice(resume(&names, &tokens, multi).as_bytes());
-            line.extend_from_slice(b"\"}\n");
-            w.buf = line;
+        }
+        // At once, so that the client knows the stream is open and holds a
+        // token before any change: a progress event per collection.
+        let id = resume(&names, &tokens, multi);
+        for (i, name) in names.iter().enumerate() {
+            let open = WatchEvent {
+                kind: EventKind::Progress,
+                key: Bytes::new(),
+                value: None,
+                version: None,
+                token: Some(tokens[i]),
+            };
+            if w.event(name, &open, Some(&id)).await.is_err() {
+                return;
+            }
         }
         if w.flush().await.is_err() {
             return;
