@@ -64,7 +64,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, access, tls)) {
+    // Watchers read the log on threads of their own, at a lower priority:
+    // when the CPU is short, they fall behind instead of slowing writers.
+    let watch_runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .thread_name("dhrt-watch")
+        .on_thread_start(lower_priority)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dhrtd: cannot start the watch runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = config;
+    config.watch.runtime = Some(watch_runtime.handle().clone());
+    let result = runtime.block_on(run(config, access, tls));
+    watch_runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -72,6 +91,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10).
+fn lower_priority() {
+    // On Linux, PRIO_PROCESS with 0 names the calling thread. Failing only
+    // leaves the thread at the normal priority.
+    #[allow(unsafe_code)]
+    // SAFETY: setpriority takes plain integers and touches no memory.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
 }
 
 fn init_logging(json: bool) {

@@ -38,6 +38,11 @@ pub struct WatchOptions {
     pub progress_every: Duration,
     /// Bytes of keys and values read per batch.
     pub batch_bytes: usize,
+    /// Where watchers read the log and wake: a runtime of their own, whose
+    /// threads run at a lower CPU priority (dhrtd makes one), so that when
+    /// the CPU is short, watchers fall behind rather than writers slow
+    /// down. `None`: the caller's runtime.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for WatchOptions {
@@ -46,6 +51,7 @@ impl Default for WatchOptions {
             max_lag_bytes: 256 << 20,
             progress_every: Duration::from_secs(10),
             batch_bytes: 256 << 10,
+            runtime: None,
         }
     }
 }
@@ -198,14 +204,34 @@ impl WatchHub {
             stats.push(Arc::downgrade(&stat));
         }
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(Box::new(NodeWatch {
+        let mut w = NodeWatch {
             hub: self.clone(),
             feed,
             name: request.collection.clone(),
             watch,
             stat,
             next_progress: Instant::now() + self.options.progress_every,
-        }))
+        };
+        let Some(runtime) = &self.options.runtime else {
+            return Ok(Box::new(w));
+        };
+        // Read on the watch runtime, handed over one batch at a time: the
+        // caller renders and sends only what the watcher managed to read.
+        let token = w.token();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        runtime.spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    b = w.next() => b,
+                    () = tx.closed() => return,
+                };
+                let end = batch.is_err();
+                if tx.send(batch).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Box::new(Pumped { rx, token }))
     }
 
     fn watch_error(&self, e: dhrt_storage::Error) -> OpError {
@@ -232,13 +258,28 @@ impl WatchHub {
         map.insert(collection.to_string(), feed.clone());
         self.feeds.store(Arc::new(map));
         let task = feed.clone();
-        tokio::spawn(async move {
+        let spawn_on = self
+            .options
+            .runtime
+            .clone()
+            .unwrap_or_else(tokio::runtime::Handle::current);
+        spawn_on.spawn(async move {
             loop {
                 task.signal.notified().await;
                 if task.stop.load(Ordering::Acquire) {
                     return;
                 }
                 task.wake.notify_waiters();
+                // With many watchers, wake them at most once per window
+                // (5 µs a watcher, at most 10 ms): each wake-up then reads
+                // a batch instead of one event, and the wake-ups cost a
+                // bounded share of the CPU whatever the write rate. A
+                // write during the window leaves a permit: nothing is
+                // missed, only gathered. One watcher is woken at once.
+                let n = task.watchers.load(Ordering::Relaxed) as u64;
+                if n > 1 {
+                    tokio::time::sleep(Duration::from_micros((n * 5).min(10_000))).await;
+                }
             }
         });
         feed
@@ -416,6 +457,35 @@ impl NodeWatch {
                 }
             }
         }
+    }
+}
+
+/// A watch read on the watch runtime: its batches, as they are read.
+struct Pumped {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<WatchEvent>, OpError>>,
+    token: Token,
+}
+
+impl EventSource for Pumped {
+    fn next_batch(
+        &mut self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<WatchEvent>, OpError>> + Send + '_>> {
+        Box::pin(async move {
+            let batch = self.rx.recv().await.unwrap_or_else(|| {
+                Err(OpError::new(
+                    ErrorKind::Unavailable,
+                    "the watch ended: the node is shutting down",
+                ))
+            })?;
+            if let Some(t) = batch.iter().rev().find_map(|e| e.token) {
+                self.token = t;
+            }
+            Ok(batch)
+        })
+    }
+
+    fn token(&self) -> Token {
+        self.token
     }
 }
 
