@@ -94,6 +94,8 @@ struct Writer {
     state: State,
     /// The seq the next record appended gets.
     next_seq: u64,
+    /// The seq of the last record appended (or found on opening).
+    last_seq: u64,
 }
 
 /// Bits of a seq below the epoch: each opening of a store starts a new
@@ -111,6 +113,9 @@ pub(crate) struct Collection {
     pub(crate) name: String,
     pub(crate) current: ArcSwap<Generation>,
     writer: Mutex<Writer>,
+    /// The greatest seq in the file when it was opened: records of earlier
+    /// epochs with a greater seq were lost in a crash (see `feed.rs`).
+    pub(crate) recovered_max_seq: AtomicU64,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
     /// Set when a damaged record was quarantined: compact soon.
@@ -363,7 +368,9 @@ impl Collection {
                 buf: Vec::new(),
                 state,
                 next_seq: 1,
+                last_seq: 0,
             }),
+            recovered_max_seq: AtomicU64::new(0),
             rebuilding: Mutex::new(()),
             compact_requested: AtomicBool::new(false),
             quarantined: AtomicU64::new(0),
@@ -636,7 +643,12 @@ impl Collection {
             index,
             log: Arc::new(log),
         };
-        Ok((Self::from_parts(name, generation, state), recovery))
+        let collection = Self::from_parts(name, generation, state);
+        collection
+            .recovered_max_seq
+            .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
+        collection.writer.lock().unwrap().last_seq = recovery.max_seq;
+        Ok((collection, recovery))
     }
 
     /// Looks a key up: `None` if there is no entry, else its value (`None`
@@ -703,6 +715,7 @@ impl Collection {
             buf,
             state,
             next_seq,
+            last_seq,
         } = &mut *w;
         buf.clear();
         let seq = *next_seq;
@@ -720,6 +733,7 @@ impl Collection {
         let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
             .expect("checked above that the write is newer");
         published(&generation.log, seq, offset, end);
+        *last_seq = *next_seq - 1;
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -745,6 +759,7 @@ impl Collection {
             buf,
             state,
             next_seq,
+            last_seq,
         } = &mut *w;
         buf.clear();
         let first_seq = *next_seq;
@@ -801,6 +816,7 @@ impl Collection {
             applied += usize::from(took.is_some());
         }
         published(&generation.log, first_seq, offset, end);
+        *last_seq = *next_seq - 1;
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(applied)
@@ -822,6 +838,7 @@ impl Collection {
             buf,
             state,
             next_seq,
+            last_seq,
         } = &mut *w;
         buf.clear();
         let first_seq = *next_seq;
@@ -851,6 +868,7 @@ impl Collection {
             .expect("local versions are newer than everything");
         }
         published(&generation.log, first_seq, offset, end);
+        *last_seq = *next_seq - 1;
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(versions)
@@ -877,6 +895,7 @@ impl Collection {
             buf,
             state,
             next_seq,
+            last_seq,
         } = &mut *w;
         buf.clear();
         let seq = *next_seq;
@@ -897,6 +916,7 @@ impl Collection {
             Some(&mut removed),
         );
         published(&generation.log, seq, offset, end);
+        *last_seq = *next_seq - 1;
         drop(w);
         self.durable(&generation.log, end, sync)?;
         removed.sort();
@@ -991,12 +1011,14 @@ impl Collection {
     }
 
     /// Where the history stands now: the current generation, the end of the
-    /// records its index reflects, and the greatest seq handed out.
-    pub(crate) fn head(&self) -> (Arc<Generation>, u64, u64) {
+    /// records its index reflects, the seq of the last record in the log
+    /// (0: none), and where this opening's seqs start.
+    pub(crate) fn head(&self) -> (Arc<Generation>, u64, u64, u64) {
         let w = self.writer.lock().unwrap();
         let generation = self.current.load_full();
         let applied = generation.log.applied();
-        (generation, applied, w.next_seq - 1)
+        let epoch_start = (w.next_seq - 1) >> EPOCH_SHIFT << EPOCH_SHIFT;
+        (generation, applied, w.last_seq, epoch_start)
     }
 
     /// The tail of `log` (the current log), the greatest seq handed out, and

@@ -249,8 +249,11 @@ impl Watch {
                 _ => Ok(w),
             };
         };
-        let (generation, applied, head_seq) = coll.head();
+        let (generation, applied, head_seq, epoch_start) = coll.head();
         let header = generation.log.header();
+        let recovered = coll
+            .recovered_max_seq
+            .load(std::sync::atomic::Ordering::Relaxed);
         match from {
             WatchFrom::Now | WatchFrom::Snapshot => {
                 w.offset = applied;
@@ -263,6 +266,9 @@ impl Watch {
                 }
             }
             WatchFrom::After(p) => {
+                if p.history == 0 && p.seq != 0 {
+                    return Err(gone(name, p, "not a position this node handed out"));
+                }
                 if p.history != 0 && p.history != header.history {
                     return Err(gone(
                         name,
@@ -275,6 +281,15 @@ impl Watch {
                         name,
                         p,
                         "compaction purged deletes made after this position",
+                    ));
+                }
+                if p.history != 0 && p.seq < epoch_start && p.seq > recovered {
+                    // Seen before a restart, and not in the log since: a
+                    // crash took those records (they were never synced).
+                    return Err(gone(
+                        name,
+                        p,
+                        "changes up to this position were lost in a crash of this node",
                     ));
                 }
                 if p.history != 0 && p.seq > head_seq {
@@ -386,10 +401,20 @@ impl Watch {
             return Ok(out);
         }
         let coll = self.collection.clone().expect("set above");
-        self.relocate(&coll)?;
+        // The end of what the index reflects, read before the generation it
+        // is judged against is chosen (and the same generation after): a
+        // rebuild swapped in later holds every record below it, one swapped
+        // in earlier is what `applied` already belongs to.
+        let (current, mut limit) = loop {
+            let g = coll.current.load_full();
+            let applied = g.log.applied();
+            if Arc::ptr_eq(&coll.current.load(), &g) {
+                break (g, applied);
+            }
+        };
+        self.relocate_to(current)?;
         let generation = self.generation.clone().expect("set with the collection");
         let log = &generation.log;
-        let mut limit = log.applied();
         if self.sync_always {
             limit = limit.min(log.synced());
         }
@@ -473,11 +498,10 @@ impl Watch {
         Ok(out)
     }
 
-    /// Follows the collection to its current generation: the same offset
-    /// after a reshard (same log), the first record after this watch's
-    /// position after a compaction (new log).
-    fn relocate(&mut self, coll: &Arc<Collection>) -> Result<()> {
-        let current = coll.current.load_full();
+    /// Follows the collection to `current`, its current generation: the
+    /// same offset after a reshard (same log), the first record after this
+    /// watch's position after a compaction (new log).
+    fn relocate_to(&mut self, current: Arc<Generation>) -> Result<()> {
         let generation = self.generation.as_ref().expect("set with the collection");
         if Arc::ptr_eq(&current, generation) {
             return Ok(());

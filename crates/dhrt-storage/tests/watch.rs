@@ -553,3 +553,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_position_past_records_a_crash_took_is_refused_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    store.set("c", b"kept", b"1").unwrap();
+    store.sync().unwrap();
+    let kept_len = store.stats().collections[0].bytes;
+    let mut w = store.watch("c", WatchFrom::Now, None).unwrap();
+    let before = w.position();
+    store.set("c", b"lost", b"2").unwrap();
+    drain(&mut w);
+    let seen = w.position();
+    assert!(seen.seq > before.seq);
+    drop(w);
+    drop(store);
+    // A power loss takes the unsynced record: the file ends where the sync
+    // left it.
+    let path = dir.path().join("c.dhrt");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(kept_len).unwrap();
+    drop(file);
+    // (Closing synced everything; the watermark says what a power loss
+    // right after the sync would have left.)
+    let mut mark = b"DHRTDUR\0".to_vec();
+    mark.extend_from_slice(&kept_len.to_le_bytes());
+    let crc = crc32c::crc32c(&mark);
+    mark.extend_from_slice(&crc.to_le_bytes());
+    mark.extend_from_slice(&[0; 4]);
+    std::fs::write(dir.path().join("c.dhrt.durable"), mark).unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.get("c", b"lost").unwrap(), None);
+    let err = store.watch("c", WatchFrom::After(seen), None).unwrap_err();
+    assert!(matches!(err, Error::ResumeGone { .. }), "{err}");
+    assert!(err.to_string().contains("lost in a crash"), "{err}");
+    // What the log still holds resumes as before.
+    let mut w = store.watch("c", WatchFrom::After(before), None).unwrap();
+    assert!(changes(&drain(&mut w)).is_empty());
+    // A history-0 position other than the start is no position at all.
+    let bogus = Position { history: 0, seq: 5 };
+    assert!(matches!(
+        store.watch("c", WatchFrom::After(bogus), None),
+        Err(Error::ResumeGone { .. })
+    ));
+}
