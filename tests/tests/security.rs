@@ -15,7 +15,7 @@ use crate::cli::cli_binary;
 use crate::dhrtd::{Dhrtd, binary, http_at};
 
 /// `dhrt-cli token --role ROLE`: the token and its auth-file line.
-fn make_token(role: &str) -> (String, String) {
+pub(crate) fn make_token(role: &str) -> (String, String) {
     let o = Command::new(cli_binary())
         .args(["token", "--role", role, "--name", &format!("{role} test")])
         .output()

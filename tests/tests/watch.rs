@@ -422,9 +422,14 @@ fn a_snapshot_holds_every_key_once_then_every_later_change() {
             ("set".into(), "new".into(), "n".into())
         ]
     );
-    // A prefix filters the snapshot and the changes alike.
+    // A prefix filters the snapshot and the changes alike. Over SSE, no
+    // event before the end of the snapshot has an id: an EventSource that
+    // reconnects halfway starts the snapshot again instead of skipping it.
     let mut w = sse(&node, "/snap?snapshot=true&prefix=k29");
     let got = w.until(Duration::from_secs(10), |e| e.kind() == "synced");
+    let (last, before) = got.split_last().unwrap();
+    assert!(before.iter().all(|e| e.id.is_none()), "{before:?}");
+    assert!(last.id.is_some());
     let keys: Vec<&str> = got
         .iter()
         .filter(|e| e.kind() == "initial")
@@ -531,36 +536,146 @@ fn one_stream_follows_several_collections_and_resumes_them_all() {
 #[test]
 fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Dhrtd::start(dir.path(), &["--watch-max-lag-bytes", "1000000"]);
-    // A client that subscribes and then reads nothing.
+    let node = Dhrtd::start(
+        dir.path(),
+        &[
+            "--watch-max-lag-bytes",
+            "1000000",
+            "--watch-lag-grace-secs",
+            "1",
+        ],
+    );
+    // A client that subscribes, then reads nothing while 32 MB are written.
     let mut stalled = sse(&node, "/load");
     let value = vec![b'v'; 16 * 1024];
-    let started = Instant::now();
     for i in 0..2000 {
         let (status, body) = node.http("PUT", &format!("/load/k{i}"), &value);
         assert_eq!(status, 200, "{body}");
     }
-    // 32 MB written while the watcher read nothing: every write answered
-    // (the watcher holds no buffer the writes must fill or wait on).
-    eprintln!(
-        "2000 writes of 16 KiB with a stalled watcher: {:?}",
-        started.elapsed()
-    );
-    // Now it reads: what was sent before it fell behind, then the reason.
+    // Every write was answered: the watcher holds no queue the writes must
+    // fill or wait on. Now writes go on while the client reads a little
+    // now and then, slower than they come: it falls further behind, and
+    // after the grace it is closed with the reason, which it reads last.
+    let addr = node.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let path = format!("/load/w{}", i % 5000);
+                crate::dhrtd::http_at(addr, "PUT", &path, "", &value).unwrap();
+                i += 1;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
-    while let Some(e) = stalled.next(Duration::from_secs(20)) {
-        last = Some(e);
+    loop {
+        assert!(Instant::now() < deadline, "never closed; last {last:?}");
+        std::thread::sleep(Duration::from_millis(50));
+        match stalled.next(Duration::from_millis(10)) {
+            Some(e) => last = Some(e),
+            None if stalled.ended() => break,
+            None => {}
+        }
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
     let last = last.expect("some events");
     assert_eq!(last.event, "error", "{last:?}");
     let reason = last.data["Error"].as_str().unwrap();
     assert!(reason.contains("fell too far behind"), "{reason}");
-    assert!(stalled.ended(), "the stream ends after the reason");
     let (_, metrics) = node.http("GET", "/metrics", b"");
     assert!(
         metrics.contains("dhrt_watch_closed_total{reason=\"lagging\"} 1"),
         "{metrics}"
     );
+    // One that reads as fast as it can catches up from far behind.
+    let mut quick = sse(&node, "/load?snapshot=true");
+    let done = quick.until(Duration::from_secs(60), |e| e.kind() == "synced");
+    assert!(done.len() > 5000);
+}
+
+#[test]
+fn a_revoked_token_ends_the_watches_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, read_line) = crate::security::make_token("read");
+    let (writer, write_line) = crate::security::make_token("write");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{read_line}\n{write_line}\n")).unwrap();
+    let node = Dhrtd::start(
+        &dir.path().join("data"),
+        &["--auth-file", auth.to_str().unwrap()],
+    );
+    let put = |key: &str| {
+        let header = format!("Authorization: Bearer {writer}\r\n");
+        let (status, body) =
+            crate::dhrtd::http_at(node.addr, "PUT", &format!("/c/{key}"), &header, b"v").unwrap();
+        assert_eq!(status, 200, "{body}");
+    };
+    let none = Stream::open(node.addr, "/c", "text/event-stream", "");
+    assert_eq!(none.status, 401, "no token, no watch");
+    let mut sse_watch = Stream::open(
+        node.addr,
+        "/c",
+        "text/event-stream",
+        &format!("Authorization: Bearer {reader}\r\n"),
+    );
+    assert_eq!(sse_watch.status, 200, "{}", sse_watch.refusal);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut binary = dhrt_client::Client::builder(node.addr.to_string())
+        .token(reader.clone())
+        .watch("c", dhrt_client::WatchStart::Now);
+    // The binary watch connects when first polled: its first item is the
+    // progress event that opens it.
+    let opened = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), binary.next()).await })
+        .expect("in time")
+        .unwrap();
+    assert!(
+        matches!(opened, dhrt_client::WatchItem::Event(ref e) if e.kind == dhrt_client::EventKind::Progress),
+        "{opened:?}"
+    );
+    put("before");
+    sse_watch.until(Duration::from_secs(10), |e| e.key() == "before");
+    let next_change = |w: &mut dhrt_client::Watch| {
+        rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, w.next()).await {
+                    Ok(Ok(dhrt_client::WatchItem::Event(e)))
+                        if e.kind == dhrt_client::EventKind::Progress => {}
+                    other => return other.expect("in time"),
+                }
+            }
+        })
+    };
+    let first = next_change(&mut binary).unwrap();
+    assert!(matches!(first, dhrt_client::WatchItem::Event(ref e) if &e.key[..] == b"before"));
+    // The read token is removed and the node told.
+    std::fs::write(&auth, format!("{write_line}\n")).unwrap();
+    node.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    put("after");
+    let got = sse_watch.until(Duration::from_secs(10), |e| e.event == "error");
+    assert!(got.iter().all(|e| e.key() != "after"), "{got:?}");
+    assert!(sse_watch.ended());
+    match next_change(&mut binary) {
+        Err(dhrt_client::Error::Unauthenticated(_)) => {}
+        other => panic!("expected the revoked token to end the watch, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_caps_its_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--max-watchers", "2"]);
+    let _a = sse(&node, "/a");
+    let _b = sse(&node, "/b");
+    let c = Stream::open(node.addr, "/c", "text/event-stream", "");
+    assert_eq!(c.status, 503, "{}", c.refusal);
+    assert!(c.refusal.contains("watches open"), "{}", c.refusal);
 }
 
 #[test]

@@ -133,10 +133,17 @@ pub(crate) struct Args {
         allow_hyphen_values = true
     )]
     clock_offset_ms: Option<i64>,
-    /// A watcher further behind than this many bytes of changes is closed
-    /// with a reason (it can resume from its last token).
+    /// A watcher further behind than this many bytes of changes, that
+    /// catches up none of it for --watch-lag-grace-secs, is closed with a
+    /// reason (it can resume from its last token).
     #[arg(long, env = "DHRT_WATCH_MAX_LAG_BYTES", value_name = "N")]
     watch_max_lag_bytes: Option<u64>,
+    /// See --watch-max-lag-bytes.
+    #[arg(long, env = "DHRT_WATCH_LAG_GRACE_SECS", value_name = "N")]
+    watch_lag_grace_secs: Option<u64>,
+    /// Watches open at once on this node, at most (more get 503).
+    #[arg(long, env = "DHRT_MAX_WATCHERS", value_name = "N")]
+    max_watchers: Option<usize>,
     /// A watcher with nothing to send gets a progress event (a fresh
     /// token, and an SSE heartbeat) this often.
     #[arg(long, env = "DHRT_WATCH_PROGRESS_SECS", value_name = "N")]
@@ -175,6 +182,8 @@ struct File {
     max_hint_bytes: Option<usize>,
     max_clock_offset_ms: Option<u64>,
     watch_max_lag_bytes: Option<u64>,
+    watch_lag_grace_secs: Option<u64>,
+    max_watchers: Option<usize>,
     watch_progress_secs: Option<u64>,
 }
 
@@ -394,7 +403,19 @@ impl Config {
                     progress_every: args
                         .watch_progress_secs
                         .or(file.watch_progress_secs)
-                        .map_or(d.progress_every, |s| Duration::from_secs(s.clamp(1, 3600))),
+                        .map_or(d.progress_every, |s| Duration::from_secs(s.clamp(1, 3600)))
+                        // A watcher with nothing to say must still speak
+                        // before the idle timeout would close it.
+                        .min(idle_timeout / 2)
+                        .max(Duration::from_millis(500)),
+                    lag_grace: args
+                        .watch_lag_grace_secs
+                        .or(file.watch_lag_grace_secs)
+                        .map_or(d.lag_grace, Duration::from_secs),
+                    max_watchers: args
+                        .max_watchers
+                        .or(file.max_watchers)
+                        .unwrap_or(d.max_watchers),
                     ..d
                 }
             },

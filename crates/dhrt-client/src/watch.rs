@@ -122,10 +122,7 @@ impl Watch {
             }
             if self.conn.is_none() {
                 match self.connect().await {
-                    Ok(conn) => {
-                        self.conn = Some(conn);
-                        self.backoff = Duration::from_millis(50);
-                    }
+                    Ok(conn) => self.conn = Some(conn),
                     Err(e) if fatal(&e) => return Err(e),
                     Err(e) => {
                         tracing::debug!("watch of {:?}: {e}; retrying", self.collection);
@@ -231,6 +228,10 @@ impl Watch {
         }
         match response.result {
             Ok(Reply::Events(events)) => {
+                if events.iter().any(|e| e.kind != EventKind::Progress) {
+                    // Getting somewhere: the next break retries at once.
+                    self.backoff = Duration::from_millis(50);
+                }
                 for e in events {
                     if let Some(t) = e.token
                         && !self.in_snapshot

@@ -293,6 +293,16 @@ where
         if let Some((id, request)) = watch {
             match ops.watch(request).await {
                 Ok(source) => {
+                    // The token is judged again before each batch: a watch
+                    // stops once its token is revoked (SIGHUP).
+                    let recheck = || {
+                        access.check_remembered(
+                            standing,
+                            dhrt_proto::Role::Read,
+                            "watching a collection",
+                            &mut memo,
+                        )
+                    };
                     return crate::watch_conn::serve_watch(
                         stream,
                         buf,
@@ -301,6 +311,7 @@ where
                         limits.max_frame,
                         guard,
                         &idle,
+                        recheck,
                     )
                     .await;
                 }

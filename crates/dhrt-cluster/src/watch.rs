@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use dhrt_proto::{
     ErrorKind, EventKind, EventSource, OpError, Token, WatchEvent, WatchRequest, WatchStart,
 };
@@ -38,6 +37,12 @@ pub struct WatchOptions {
     pub progress_every: Duration,
     /// Bytes of keys and values read per batch.
     pub batch_bytes: usize,
+    /// Watches open at once on the node, at most; more are refused (503).
+    pub max_watchers: usize,
+    /// A watcher past `max_lag_bytes` is closed only if it has not caught
+    /// up any of it for this long (one reading faster than the writes are
+    /// made goes on).
+    pub lag_grace: Duration,
     /// Where watchers read the log and wake: a runtime of their own, whose
     /// threads run at a lower CPU priority (dhrtd makes one), so that when
     /// the CPU is short, watchers fall behind rather than writers slow
@@ -51,6 +56,8 @@ impl Default for WatchOptions {
             max_lag_bytes: 256 << 20,
             progress_every: Duration::from_secs(10),
             batch_bytes: 256 << 10,
+            max_watchers: 65_536,
+            lag_grace: Duration::from_secs(30),
             runtime: None,
         }
     }
@@ -76,14 +83,16 @@ struct WatcherStat {
     lag_bytes: AtomicU64,
 }
 
+/// Feeds by collection, split in shards by name so that opening or closing
+/// a watch, and a write's lookup, lock one small map.
+const FEED_SHARDS: usize = 64;
+
 /// Every watch of a node.
 #[derive(Debug)]
 pub struct WatchHub {
     store: Store,
     options: WatchOptions,
-    feeds: ArcSwap<HashMap<String, Arc<Feed>>>,
-    /// Serializes changes to `feeds` (rare: a watch opening or closing).
-    edit: Mutex<()>,
+    feeds: [Mutex<HashMap<String, Arc<Feed>>>; FEED_SHARDS],
     watchers: AtomicUsize,
     stats: Mutex<Vec<std::sync::Weak<WatcherStat>>>,
     started: Instant,
@@ -117,8 +126,7 @@ impl WatchHub {
         let hub = Arc::new(WatchHub {
             store: store.clone(),
             options,
-            feeds: ArcSwap::default(),
-            edit: Mutex::new(()),
+            feeds: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             watchers: AtomicUsize::new(0),
             stats: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -142,9 +150,16 @@ impl WatchHub {
         if self.watchers.load(Ordering::Relaxed) == 0 {
             return;
         }
-        if let Some(feed) = self.feeds.load().get(collection) {
+        if let Some(feed) = self.shard(collection).lock().unwrap().get(collection) {
             feed.signal.notify_one();
         }
+    }
+
+    fn shard(&self, collection: &str) -> &Mutex<HashMap<String, Arc<Feed>>> {
+        let h = collection.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        &self.feeds[h % FEED_SHARDS]
     }
 
     fn now_ms(&self) -> u64 {
@@ -192,10 +207,28 @@ impl WatchHub {
                 seq: t.seq,
             }),
         };
-        let watch = self
+        // Taken first, given back by the watch (or below, if it does not
+        // open): a slot.
+        if self.watchers.fetch_add(1, Ordering::AcqRel) >= self.options.max_watchers {
+            self.watchers.fetch_sub(1, Ordering::AcqRel);
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "this node has {} watches open, its limit: try another node or later",
+                    self.options.max_watchers
+                ),
+            ));
+        }
+        let watch = match self
             .store
             .watch(&request.collection, from, request.prefix.as_deref())
-            .map_err(|e| self.watch_error(e))?;
+        {
+            Ok(w) => w,
+            Err(e) => {
+                self.watchers.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.watch_error(e));
+            }
+        };
         let feed = self.feed(&request.collection);
         let stat = Arc::new(WatcherStat::default());
         {
@@ -211,6 +244,7 @@ impl WatchHub {
             watch,
             stat,
             next_progress: Instant::now() + self.options.progress_every,
+            lagging: None,
         };
         let Some(runtime) = &self.options.runtime else {
             return Ok(Box::new(w));
@@ -246,17 +280,15 @@ impl WatchHub {
 
     /// The feed of `collection`, created (with its task) if it has none.
     fn feed(&self, collection: &str) -> Arc<Feed> {
-        let _edit = self.edit.lock().unwrap();
-        self.watchers.fetch_add(1, Ordering::Relaxed);
-        if let Some(f) = self.feeds.load().get(collection) {
+        let mut map = self.shard(collection).lock().unwrap();
+        if let Some(f) = map.get(collection) {
             f.watchers.fetch_add(1, Ordering::Relaxed);
             return f.clone();
         }
         let feed = Arc::new(Feed::default());
         feed.watchers.store(1, Ordering::Relaxed);
-        let mut map = HashMap::clone(&self.feeds.load());
         map.insert(collection.to_string(), feed.clone());
-        self.feeds.store(Arc::new(map));
+        drop(map);
         let task = feed.clone();
         let spawn_on = self
             .options
@@ -286,12 +318,10 @@ impl WatchHub {
     }
 
     fn release(&self, collection: &str, feed: &Arc<Feed>) {
-        let _edit = self.edit.lock().unwrap();
-        self.watchers.fetch_sub(1, Ordering::Relaxed);
+        let mut map = self.shard(collection).lock().unwrap();
+        self.watchers.fetch_sub(1, Ordering::AcqRel);
         if feed.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let mut map = HashMap::clone(&self.feeds.load());
             map.remove(collection);
-            self.feeds.store(Arc::new(map));
             feed.stop.store(true, Ordering::Release);
             feed.signal.notify_one();
         }
@@ -354,6 +384,9 @@ struct NodeWatch {
     watch: dhrt_storage::Watch,
     stat: Arc<WatcherStat>,
     next_progress: Instant,
+    /// Since when it has been more than the lag limit behind without
+    /// catching up, and by how much then.
+    lagging: Option<(Instant, u64)>,
 }
 
 impl Drop for NodeWatch {
@@ -404,38 +437,57 @@ fn event(e: StoreEvent) -> WatchEvent {
 }
 
 impl NodeWatch {
-    async fn next(&mut self) -> Result<Vec<WatchEvent>, OpError> {
-        loop {
-            let notified = self.feed.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let events = self
-                .watch
-                .poll(self.hub.options.batch_bytes)
-                .map_err(|e| self.hub.watch_error(e))?;
-            let lag = self.watch.lag_bytes();
-            self.stat.lag_bytes.store(lag, Ordering::Relaxed);
-            if lag > self.hub.options.max_lag_bytes {
+    /// Ends the watch if it has been past the lag limit for the grace
+    /// period without catching up any of it.
+    fn check_lag(&mut self) -> Result<(), OpError> {
+        let lag = self.watch.lag_bytes();
+        let limit = self.hub.options.max_lag_bytes;
+        if lag <= limit {
+            self.lagging = None;
+            return Ok(());
+        }
+        let now = Instant::now();
+        match self.lagging {
+            Some((_, then)) if lag < then => self.lagging = Some((now, lag)),
+            Some((since, _)) if now.duration_since(since) >= self.hub.options.lag_grace => {
                 self.hub.closed_lagging.fetch_add(1, Ordering::Relaxed);
                 return Err(OpError::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "this watch fell too far behind ({lag} bytes of changes unread, the limit is {}): resume from the last token you received",
-                        self.hub.options.max_lag_bytes
+                        "this watch fell too far behind ({lag} bytes of changes unread, the limit is {limit}, and it caught up none of it in {} s): resume from the last token you received, or take a snapshot",
+                        self.hub.options.lag_grace.as_secs()
                     ),
                 ));
             }
+            Some(_) => {}
+            None => self.lagging = Some((now, lag)),
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<Vec<WatchEvent>, OpError> {
+        loop {
+            let feed = self.feed.clone();
+            let notified = feed.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.check_lag()?;
+            let events = self
+                .watch
+                .poll(self.hub.options.batch_bytes)
+                .map_err(|e| self.hub.watch_error(e))?;
+            self.stat
+                .lag_bytes
+                .store(self.watch.lag_bytes(), Ordering::Relaxed);
             if !events.is_empty() {
-                if lag > 0 {
-                    let _ = self.stat.behind_since.compare_exchange(
-                        0,
-                        self.hub.now_ms(),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                } else {
-                    self.stat.behind_since.store(0, Ordering::Relaxed);
-                }
+                // Behind from now until a read finds nothing left (a
+                // watcher that stops reading stays behind in the stats).
+                let _ = self.stat.behind_since.compare_exchange(
+                    0,
+                    self.hub.now_ms(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 self.hub
                     .events
                     .fetch_add(events.len() as u64, Ordering::Relaxed);

@@ -26,6 +26,7 @@ pub(crate) async fn serve_watch<S, G>(
     max_frame: u32,
     mut guard: Beside<G>,
     idle: &IdleTimer,
+    mut recheck: impl FnMut() -> Result<(), OpError>,
 ) -> io::Result<Closed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -77,7 +78,12 @@ where
             Either::Left(Err(Err(e))) => return Err(e),
             Either::Left(Ok(batch)) => batch,
         };
+        // A large event's buffer is not kept for the watch's life.
+        if out.capacity() > 1 << 20 {
+            out = Vec::with_capacity(16 * 1024);
+        }
         out.clear();
+        let batch = batch.and_then(|b| recheck().map(|()| b));
         let end = batch.is_err();
         match batch {
             Ok(events) => encode_events(id, events, &mut out, max_frame),

@@ -285,7 +285,7 @@ impl<O: Operations> Api<O> {
         let role = self.role(remote, req.headers(), &mut Remembered::default());
         match self.answer_now(&req, facts, &role) {
             Some(response) => Either::Left(future::ready(response)),
-            None => Either::Right(self.clone().answer_later(req, facts, role)),
+            None => Either::Right(self.clone().answer_later(remote, req, facts, role)),
         }
     }
 
@@ -311,6 +311,7 @@ impl<O: Operations> Api<O> {
     /// The response to any request: the long way.
     async fn answer_later<B>(
         self: Arc<Self>,
+        remote: IpAddr,
         req: Request<B>,
         facts: HeadFacts,
         role: Result<Role, HttpError>,
@@ -321,7 +322,7 @@ impl<O: Operations> Api<O> {
     {
         let access = self.limits.access.clone();
         let result = match role {
-            Ok(role) => self.try_handle(req, facts, role).await,
+            Ok(role) => self.try_handle(remote, req, facts, role).await,
             Err(e) => Err(e),
         };
         match result {
@@ -383,6 +384,7 @@ impl<O: Operations> Api<O> {
 
     async fn try_handle<B>(
         self: Arc<Self>,
+        remote: IpAddr,
         req: Request<B>,
         facts: HeadFacts,
         role: Role,
@@ -423,8 +425,15 @@ impl<O: Operations> Api<O> {
                     )));
                 };
                 let format = facts.stream.expect("checked");
-                self.watch(vec![c.to_string()], list, false, format, &head.headers)
-                    .await
+                self.watch(
+                    remote,
+                    vec![c.to_string()],
+                    list,
+                    false,
+                    format,
+                    &head.headers,
+                )
+                .await
             }
             Endpoint::KeyOrCollection { list, .. } if list.is_watch() => {
                 Err(HttpError::bad_request(
@@ -436,7 +445,7 @@ impl<O: Operations> Api<O> {
                 params,
             } => {
                 let format = facts.stream.unwrap_or(Format::Sse);
-                self.watch(collections, params, true, format, &head.headers)
+                self.watch(remote, collections, params, true, format, &head.headers)
                     .await
             }
             Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
@@ -484,6 +493,7 @@ impl<O: Operations> Api<O> {
     /// Opens a watch of `collections` and streams it.
     async fn watch(
         &self,
+        remote: IpAddr,
         collections: Vec<String>,
         params: ListParams,
         multi: bool,
@@ -519,6 +529,19 @@ impl<O: Operations> Api<O> {
             None if params.snapshot => vec![WatchStart::Snapshot; collections.len()],
             None => vec![WatchStart::Now; collections.len()],
         };
+        let snapshot = starts.iter().all(|s| *s == WatchStart::Snapshot);
+        // The token is judged again before each batch: a watch stops once
+        // its token is revoked (SIGHUP), as a request would be refused.
+        let access = self.limits.access.clone();
+        let token = bearer(headers)?.map(<[u8]>::to_vec);
+        let mut memo = Remembered::default();
+        let recheck = move || -> Result<(), dhrt_proto::OpError> {
+            if access.mode() == Mode::Open {
+                return Ok(());
+            }
+            let role = access.request_remembered(remote, token.as_deref(), &mut memo)?;
+            dhrt_proto::auth::allow(role, Role::Read, "watching a collection")
+        };
         let mut sources = Vec::with_capacity(collections.len());
         for (collection, start) in collections.into_iter().zip(starts) {
             let source = self
@@ -531,7 +554,13 @@ impl<O: Operations> Api<O> {
                 .await?;
             sources.push((collection, source));
         }
-        Ok(watch::stream(sources, multi, format))
+        Ok(watch::stream(
+            sources,
+            multi,
+            format,
+            snapshot,
+            Box::new(recheck),
+        ))
     }
 
     async fn get(
@@ -750,7 +779,7 @@ impl<O: Operations> Api<O> {
                 return Either::Left(future::ok::<_, Infallible>(response));
             }
             let (later, watch) = (
-                api.clone().answer_later(req, facts, role),
+                api.clone().answer_later(remote, req, facts, role),
                 service_watch.clone(),
             );
             Either::Right(async move {

@@ -227,10 +227,16 @@ pub(crate) fn stream(
     sources: Vec<(String, Box<dyn EventSource>)>,
     multi: bool,
     format: Format,
+    snapshot: bool,
+    mut recheck: Box<dyn FnMut() -> Result<(), OpError> + Send>,
 ) -> Response<ResponseBody> {
     let (tx, body) = body::channel(2);
     let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
     let mut tokens: Vec<Token> = sources.iter().map(|(_, s)| s.token()).collect();
+    // Snapshots not yet complete: until every one is, no event carries a
+    // token (an EventSource reconnecting with one would skip the rest of
+    // a snapshot); the client then starts a snapshot again.
+    let mut unsynced = if snapshot { sources.len() } else { 0 };
     let (etx, mut erx) =
         mpsc::channel::<(usize, Result<Vec<WatchEvent>, OpError>)>(sources.len() + 1);
     for (i, (_, mut source)) in sources.into_iter().enumerate() {
@@ -262,7 +268,7 @@ pub(crate) fn stream(
         }
         // At once, so that the client knows the stream is open and holds a
         // token before any change: a progress event per collection.
-        let id = resume(&names, &tokens, multi);
+        let id = (unsynced == 0).then(|| resume(&names, &tokens, multi));
         for (i, name) in names.iter().enumerate() {
             let open = WatchEvent {
                 kind: EventKind::Progress,
@@ -271,7 +277,7 @@ pub(crate) fn stream(
                 version: None,
                 token: Some(tokens[i]),
             };
-            if w.event(name, &open, Some(&id)).await.is_err() {
+            if w.event(name, &open, id.as_deref()).await.is_err() {
                 return;
             }
         }
@@ -284,13 +290,17 @@ pub(crate) fn stream(
                 _ = closed.closed() => return,
             };
             let Some((i, batch)) = next else { return };
+            let batch = batch.and_then(|b| recheck().map(|()| b));
             match batch {
                 Ok(events) => {
                     for e in &events {
+                        if e.kind == EventKind::Synced {
+                            unsynced = unsynced.saturating_sub(1);
+                        }
                         let token = match e.token {
                             Some(t) => {
                                 tokens[i] = t;
-                                Some(resume(&names, &tokens, multi))
+                                (unsynced == 0).then(|| resume(&names, &tokens, multi))
                             }
                             None => None,
                         };
