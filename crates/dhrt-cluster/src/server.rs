@@ -306,8 +306,7 @@ where
                     return crate::watch_conn::serve_watch(
                         stream,
                         buf,
-                        id,
-                        source,
+                        (id, source),
                         limits.max_frame,
                         guard,
                         &idle,

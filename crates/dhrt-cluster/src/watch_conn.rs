@@ -21,8 +21,7 @@ use crate::wire::Closed;
 pub(crate) async fn serve_watch<S, G>(
     stream: S,
     buf: BytesMut,
-    id: u64,
-    mut source: Box<dyn dhrt_proto::EventSource>,
+    (id, mut source): (u64, Box<dyn dhrt_proto::EventSource>),
     max_frame: u32,
     mut guard: Beside<G>,
     idle: &IdleTimer,
