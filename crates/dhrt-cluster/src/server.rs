@@ -6,7 +6,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -23,6 +22,7 @@ use dhrt_proto::auth::Remembered;
 use crate::node::Node;
 use crate::peer_server::serve_peer;
 pub use crate::wire::Closed;
+use crate::wire::IdleTimer;
 
 /// Limits of a binary connection, and who may use it.
 #[derive(Debug, Clone)]
@@ -63,49 +63,6 @@ async fn read_more<S: AsyncRead + Unpin>(
         Ok(Ok(_)) => Ok(None),
         Ok(Err(e)) => Err(e),
         Err(_) => Ok(Some(Closed::Idle)),
-    }
-}
-
-/// A connection's idle deadline: one timer, pushed forward lazily. Arming a
-/// fresh timeout around every read would cost two timer-wheel updates per
-/// request; instead each read notes the time, and a timer that fires early
-/// is re-armed for what remains. Shared by the reading loop (which
-/// touches it) and the connection's guard (which waits on it).
-pub(crate) struct IdleTimer {
-    epoch: tokio::time::Instant,
-    /// Nanoseconds since `epoch` at the last arrival.
-    last: AtomicU64,
-    limit: Duration,
-}
-
-impl IdleTimer {
-    fn new(limit: Duration) -> Self {
-        IdleTimer {
-            epoch: tokio::time::Instant::now(),
-            last: AtomicU64::new(0),
-            limit,
-        }
-    }
-
-    /// Something arrived.
-    pub(crate) fn touch(&self) {
-        let since = self.epoch.elapsed().as_nanos() as u64;
-        self.last.store(since, Ordering::Relaxed);
-    }
-
-    /// Completes once nothing arrived for the limit.
-    async fn expired(&self) {
-        let sleep = tokio::time::sleep(self.limit);
-        tokio::pin!(sleep);
-        loop {
-            sleep.as_mut().await;
-            let last = self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed));
-            let deadline = last + self.limit;
-            if deadline <= tokio::time::Instant::now() {
-                return;
-            }
-            sleep.as_mut().reset(deadline);
-        }
     }
 }
 

@@ -8,8 +8,7 @@ use bytes::{Bytes, BytesMut};
 use dhrt_proto::{Beside, Either, ErrorKind, OpError, Reply, Response, encode_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::server::IdleTimer;
-use crate::wire::Closed;
+use crate::wire::{Closed, IdleTimer};
 
 /// Streams a watch on a connection: each batch of events is one
 /// [`Reply::Events`] answer to request `id`, written before the next batch

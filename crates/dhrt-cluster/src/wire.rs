@@ -5,6 +5,8 @@
 //! ciphertext and tag and bounded by the frame limit.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use dhrt_proto::{Decoded, FRAME_HEADER_LEN, decode_frame, encode_frame, frame_bounds};
@@ -127,4 +129,47 @@ pub enum Closed {
     /// The client broke the protocol (bad preamble, bad length, unreadable
     /// request); the reason is logged.
     Protocol(String),
+}
+
+/// A connection's idle deadline: one timer, pushed forward lazily. Arming a
+/// fresh timeout around every read would cost two timer-wheel updates per
+/// request; instead each read notes the time, and a timer that fires early
+/// is re-armed for what remains. Shared by the reading loop (which
+/// touches it) and the connection's guard (which waits on it).
+pub(crate) struct IdleTimer {
+    epoch: tokio::time::Instant,
+    /// Nanoseconds since `epoch` at the last arrival.
+    last: AtomicU64,
+    limit: Duration,
+}
+
+impl IdleTimer {
+    pub(crate) fn new(limit: Duration) -> Self {
+        IdleTimer {
+            epoch: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Something arrived.
+    pub(crate) fn touch(&self) {
+        let since = self.epoch.elapsed().as_nanos() as u64;
+        self.last.store(since, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing arrived for the limit.
+    pub(crate) async fn expired(&self) {
+        let sleep = tokio::time::sleep(self.limit);
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().await;
+            let last = self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            let deadline = last + self.limit;
+            if deadline <= tokio::time::Instant::now() {
+                return;
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
 }
