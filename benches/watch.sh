@@ -38,6 +38,6 @@ during=$(rss $pa)
 wait $!
 echo "node RSS: ${before} KiB before, ${during} KiB with 1,000 watchers open: $(( (during - before) / 1000 )) KiB a watcher"
 echo "== write throughput, 8 connections x 16 in flight, no watchers"
-wb --write $a --watchers 0 --max-writes --collection tput
+"$bin/dhrt-watch-bench" --seconds 5 --write $a --watchers 0 --max-writes --collection tput
 echo "== write throughput, 8 connections x 16 in flight, 1,000 watchers attached"
-wb --write $a --watch $a --watchers 1000 --max-writes --collection tput
+"$bin/dhrt-watch-bench" --seconds 5 --write $a --watch $a --watchers 1000 --max-writes --collection tput

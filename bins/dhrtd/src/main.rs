@@ -93,6 +93,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The listening socket, with room for a burst of connections (a thousand
+/// watchers reconnecting at once after a restart): a full accept queue
+/// drops handshakes, which clients then retry only after seconds.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Lowers the calling thread's CPU priority (nice 10).
 fn lower_priority() {
     // On Linux, PRIO_PROCESS with 0 names the calling thread. Failing only
@@ -261,9 +275,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         cluster.clone(),
         config.watch.clone(),
     ));
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     match &config.auth {
         Auth::Open if !config.listen.ip().is_loopback() => tracing::warn!(
             listen = %config.listen,
