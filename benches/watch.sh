@@ -41,3 +41,5 @@ echo "== write throughput, 8 connections x 16 in flight, no watchers"
 "$bin/dhrt-watch-bench" --seconds 5 --write $a --watchers 0 --max-writes --collection tput
 echo "== write throughput, 8 connections x 16 in flight, 1,000 watchers attached"
 "$bin/dhrt-watch-bench" --seconds 5 --write $a --watch $a --watchers 1000 --max-writes --collection tput
+echo "== the same, the watchers' readers at nice 19 (as if on other machines)"
+"$bin/dhrt-watch-bench" --seconds 5 --write $a --watch $a --watchers 1000 --max-writes --collection tput --readers-nice 19

@@ -660,7 +660,8 @@ fn a_revoked_token_ends_the_watches_it_opened() {
     put("after");
     let got = sse_watch.until(Duration::from_secs(10), |e| e.event == "error");
     assert!(got.iter().all(|e| e.key() != "after"), "{got:?}");
-    assert!(sse_watch.ended());
+    assert!(sse_watch.next(Duration::from_secs(10)).is_none());
+    assert!(sse_watch.ended(), "the stream ends after its error");
     match next_change(&mut binary) {
         Err(dhrt_client::Error::Unauthenticated(_)) => {}
         other => panic!("expected the revoked token to end the watch, got {other:?}"),

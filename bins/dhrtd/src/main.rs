@@ -301,6 +301,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             dhrt_http::Limits {
                 access: access.clone(),
                 idle_timeout: config.idle_timeout,
+                watch_runtime: node.watch_runtime(),
                 ..dhrt_http::Limits::default()
             },
         ),

@@ -102,6 +102,11 @@ impl Node {
         &self.cluster
     }
 
+    /// Where watchers do their work (see `WatchOptions::runtime`).
+    pub fn watch_runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.watches.runtime()
+    }
+
     /// The local store.
     pub fn store(&self) -> &Store {
         &self.store

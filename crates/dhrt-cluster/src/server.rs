@@ -77,7 +77,7 @@ pub async fn serve_binary<S>(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<Closed>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
@@ -117,7 +117,7 @@ where
     }
     // Shutdown and silence are watched beside the reads, polled only when
     // they fire (see `dhrt_proto::Beside`), not on every request.
-    let idle = IdleTimer::new(limits.idle_timeout);
+    let idle = Arc::new(IdleTimer::new(limits.idle_timeout));
     let guard = async {
         tokio::select! {
             biased;
@@ -252,7 +252,8 @@ where
                 Ok(source) => {
                     // The token is judged again before each batch: a watch
                     // stops once its token is revoked (SIGHUP).
-                    let recheck = || {
+                    let access = limits.access.clone();
+                    let recheck = move || {
                         access.check_remembered(
                             standing,
                             dhrt_proto::Role::Read,
@@ -266,8 +267,9 @@ where
                         (id, source),
                         limits.max_frame,
                         guard,
-                        &idle,
+                        idle.clone(),
                         recheck,
+                        ops.watch_runtime(),
                     )
                     .await;
                 }

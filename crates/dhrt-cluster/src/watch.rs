@@ -186,6 +186,11 @@ impl WatchHub {
         self.open(request)
     }
 
+    /// The watch runtime, if there is one.
+    pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.options.runtime.clone()
+    }
+
     /// What `GET /` says about watches.
     pub(crate) fn info(&self) -> dhrt_proto::WatchInfo {
         let c = self.counts();

@@ -9,6 +9,7 @@ use dhrt_proto::{Beside, Either, ErrorKind, OpError, Reply, Response, encode_fra
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire::{Closed, IdleTimer};
+use std::sync::Arc;
 
 /// Streams a watch on a connection: each batch of events is one
 /// [`Reply::Events`] answer to request `id`, written before the next batch
@@ -17,17 +18,19 @@ use crate::wire::{Closed, IdleTimer};
 /// closed after the idle timeout or once it falls too far behind). An error
 /// ends the watch with an error answer. Nothing more may come from the
 /// client: more bytes close the connection, and so does its end.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_watch<S, G>(
     stream: S,
     buf: BytesMut,
     (id, mut source): (u64, Box<dyn dhrt_proto::EventSource>),
     max_frame: u32,
     mut guard: Beside<G>,
-    idle: &IdleTimer,
-    mut recheck: impl FnMut() -> Result<(), OpError>,
+    idle: Arc<IdleTimer>,
+    mut recheck: impl FnMut() -> Result<(), OpError> + Send + 'static,
+    runtime: Option<tokio::runtime::Handle>,
 ) -> io::Result<Closed>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     G: Future<Output = Closed> + Unpin,
 {
     if !buf.is_empty() {
@@ -35,71 +38,69 @@ where
             "requests after a watch on one connection".into(),
         ));
     }
+    // The events are read, encoded and written by a task on the watch
+    // runtime (low CPU priority in dhrtd): when the CPU is short, watchers
+    // fall behind instead of taking it from the connections that write.
+    // This task keeps the reading half, to see the client leave, and the
+    // guard (shutdown, idle timeout), and ends the writer when either
+    // fires.
     let (mut read, mut write) = tokio::io::split(stream);
-    let mut out = Vec::with_capacity(16 * 1024);
+    let writer = async move {
+        // At once: the watch is open, and where it starts.
+        let open = vec![dhrt_proto::WatchEvent {
+            kind: dhrt_proto::EventKind::Progress,
+            key: Bytes::new(),
+            value: None,
+            version: None,
+            token: Some(source.token()),
+        }];
+        let mut out = Vec::new();
+        encode_events(id, open, &mut out, max_frame);
+        write.write_all(&out).await?;
+        loop {
+            let batch = source.next_batch().await;
+            let batch = batch.and_then(|b| recheck().map(|()| b));
+            let end = batch.is_err();
+            // A fresh buffer a batch: a large event's is not kept.
+            let mut out = Vec::new();
+            match batch {
+                Ok(events) => encode_events(id, events, &mut out, max_frame),
+                Err(e) => encode_frame(&Response { id, result: Err(e) }, &mut out, max_frame)
+                    .expect("a short error fits in a frame"),
+            }
+            write.write_all(&out).await?;
+            idle.touch();
+            if end {
+                let _ = write.shutdown().await;
+                return Ok::<_, io::Error>(());
+            }
+        }
+    };
+    let mut task = match runtime {
+        Some(rt) => rt.spawn(writer),
+        None => tokio::spawn(writer),
+    };
     let mut scratch = [0u8; 64];
-    // At once: the watch is open, and where it starts.
-    let mut first = Some(vec![dhrt_proto::WatchEvent {
-        kind: dhrt_proto::EventKind::Progress,
-        key: Bytes::new(),
-        value: None,
-        version: None,
-        token: Some(source.token()),
-    }]);
-    loop {
-        if let Some(events) = first.take() {
-            encode_events(id, events, &mut out, max_frame);
-            let written = write.write_all(&out);
-            tokio::pin!(written);
-            match guard.run(written).await {
-                Either::Left(r) => r?,
-                Either::Right(closed) => return Ok(closed),
-            }
-            out.clear();
-            continue;
+    let watched = async {
+        tokio::select! {
+            done = &mut task => Ok(done),
+            n = read.read(&mut scratch) => Err(n),
         }
-        let next = async {
-            tokio::select! {
-                batch = source.next_batch() => Ok(batch),
-                n = read.read(&mut scratch) => Err(n),
-            }
-        };
-        tokio::pin!(next);
-        let batch = match guard.run(next).await {
-            Either::Right(closed) => return Ok(closed),
-            Either::Left(Err(Ok(0))) => return Ok(Closed::ByClient),
-            Either::Left(Err(Ok(_))) => {
-                return Ok(Closed::Protocol(
-                    "requests after a watch on one connection".into(),
-                ));
-            }
-            Either::Left(Err(Err(e))) => return Err(e),
-            Either::Left(Ok(batch)) => batch,
-        };
-        // A large event's buffer is not kept for the watch's life.
-        if out.capacity() > 1 << 20 {
-            out = Vec::with_capacity(16 * 1024);
-        }
-        out.clear();
-        let batch = batch.and_then(|b| recheck().map(|()| b));
-        let end = batch.is_err();
-        match batch {
-            Ok(events) => encode_events(id, events, &mut out, max_frame),
-            Err(e) => encode_frame(&Response { id, result: Err(e) }, &mut out, max_frame)
-                .expect("a short error fits in a frame"),
-        }
-        let written = write.write_all(&out);
-        tokio::pin!(written);
-        match guard.run(written).await {
-            Either::Left(r) => r?,
-            Either::Right(closed) => return Ok(closed),
-        }
-        idle.touch();
-        if end {
-            let _ = write.shutdown().await;
-            return Ok(Closed::ByClient);
-        }
-    }
+    };
+    tokio::pin!(watched);
+    let closed = match guard.run(watched).await {
+        Either::Right(closed) => Ok(closed),
+        Either::Left(Ok(Ok(Ok(())))) => Ok(Closed::ByClient),
+        Either::Left(Ok(Ok(Err(e)))) => Err(e),
+        Either::Left(Ok(Err(join))) => Err(io::Error::other(join)),
+        Either::Left(Err(Ok(0))) => Ok(Closed::ByClient),
+        Either::Left(Err(Ok(_))) => Ok(Closed::Protocol(
+            "requests after a watch on one connection".into(),
+        )),
+        Either::Left(Err(Err(e))) => Err(e),
+    };
+    task.abort();
+    closed
 }
 
 /// Encodes `events` as `Reply::Events` answers to `id`, as many frames as

@@ -56,6 +56,10 @@ pub struct Limits {
     pub body_grace: Duration,
     /// Entries fetched per step of a streamed listing.
     pub list_batch: u32,
+    /// Where watches read and render their events (a runtime of low CPU
+    /// priority in dhrtd, so that watchers fall behind rather than slow
+    /// writers); `None`: the current one.
+    pub watch_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for Limits {
@@ -68,6 +72,7 @@ impl Default for Limits {
             body_min_rate: 1024,
             body_grace: Duration::from_secs(10),
             list_batch: 1000,
+            watch_runtime: None,
         }
     }
 }
@@ -560,6 +565,7 @@ impl<O: Operations> Api<O> {
             format,
             snapshot,
             Box::new(recheck),
+            self.limits.watch_runtime.clone(),
         ))
     }
 

@@ -229,7 +229,9 @@ pub(crate) fn stream(
     format: Format,
     snapshot: bool,
     mut recheck: Box<dyn FnMut() -> Result<(), OpError> + Send>,
+    runtime: Option<tokio::runtime::Handle>,
 ) -> Response<ResponseBody> {
+    let runtime = runtime.unwrap_or_else(tokio::runtime::Handle::current);
     let (tx, body) = body::channel(2);
     let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
     let mut tokens: Vec<Token> = sources.iter().map(|(_, s)| s.token()).collect();
@@ -241,7 +243,7 @@ pub(crate) fn stream(
         mpsc::channel::<(usize, Result<Vec<WatchEvent>, OpError>)>(sources.len() + 1);
     for (i, (_, mut source)) in sources.into_iter().enumerate() {
         let etx = etx.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 let batch = tokio::select! {
                     b = source.next_batch() => b,
@@ -255,7 +257,7 @@ pub(crate) fn stream(
         });
     }
     drop(etx);
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let closed = tx.clone();
         let mut w = Writer {
             tx,

@@ -64,6 +64,11 @@ struct Args {
     /// Sets in flight per writer connection (with --max-writes).
     #[arg(long, default_value_t = 16)]
     pipeline: usize,
+    /// The CPU priority (nice) of the threads reading the watches. They
+    /// stand for clients on other machines; on the node's machine, at 0
+    /// they take CPU from the writers being measured.
+    #[arg(long, default_value_t = 0)]
+    readers_nice: i32,
 }
 
 async fn connect(addr: &str) -> TcpStream {
@@ -235,8 +240,16 @@ fn main() {
         .unwrap();
     // The watchers' readers on a runtime of their own, so that the writers
     // here are not queued behind a thousand reading tasks.
+    let nice = args.readers_nice;
     let readers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(move || {
+            if nice != 0 {
+                // SAFETY: plain integers; PRIO_PROCESS 0 is this thread.
+                #[allow(unsafe_code)]
+                let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+            }
+        })
         .enable_all()
         .build()
         .unwrap();
