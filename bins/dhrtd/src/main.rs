@@ -107,13 +107,20 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Lowers the calling thread's CPU priority (nice 10).
+/// Puts the calling thread in the idle scheduling class: it runs on CPU
+/// time no other thread of normal priority wants. (Falls back to nice 19
+/// where that is refused; failing both leaves it as it was.)
 fn lower_priority() {
-    // On Linux, PRIO_PROCESS with 0 names the calling thread. Failing only
-    // leaves the thread at the normal priority.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain values and a pointer to a local that outlives the call;
+    // pid 0 names the calling thread.
     #[allow(unsafe_code)]
-    // SAFETY: setpriority takes plain integers and touches no memory.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if idle != 0 {
+        // SAFETY: plain integers; PRIO_PROCESS 0 is the calling thread.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    }
 }
 
 fn init_logging(json: bool) {
