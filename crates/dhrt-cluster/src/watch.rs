@@ -445,27 +445,30 @@ impl NodeWatch {
     /// Ends the watch if it has been past the lag limit for the grace
     /// period without catching up any of it.
     fn check_lag(&mut self) -> Result<(), OpError> {
-        let lag = self.watch.lag_bytes();
+        let known = self.watch.lag_bytes_known();
         let limit = self.hub.options.max_lag_bytes;
-        if lag <= limit {
+        if known.is_some_and(|l| l <= limit) {
             self.lagging = None;
             return Ok(());
         }
+        // Progress is judged in records, which compaction does not shrink.
+        let behind = self.watch.records_behind();
         let now = Instant::now();
         match self.lagging {
-            Some((_, then)) if lag < then => self.lagging = Some((now, lag)),
+            None if known.is_none() => {}
+            Some((_, then)) if behind < then => self.lagging = Some((now, behind)),
             Some((since, _)) if now.duration_since(since) >= self.hub.options.lag_grace => {
                 self.hub.closed_lagging.fetch_add(1, Ordering::Relaxed);
                 return Err(OpError::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "this watch fell too far behind ({lag} bytes of changes unread, the limit is {limit}, and it caught up none of it in {} s): resume from the last token you received, or take a snapshot",
+                        "this watch fell too far behind ({behind} changes unread, more than the limit of {limit} bytes, and it caught up none of it in {} s): resume from the last token you received, or take a snapshot",
                         self.hub.options.lag_grace.as_secs()
                     ),
                 ));
             }
             Some(_) => {}
-            None => self.lagging = Some((now, lag)),
+            None => self.lagging = Some((now, behind)),
         }
         Ok(())
     }

@@ -116,6 +116,8 @@ pub(crate) struct Collection {
     /// The greatest seq in the file when it was opened: records of earlier
     /// epochs with a greater seq were lost in a crash (see `feed.rs`).
     pub(crate) recovered_max_seq: AtomicU64,
+    /// The writer's last seq, for readers that must not take its lock.
+    pub(crate) last_seq_hint: AtomicU64,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
     /// Set when a damaged record was quarantined: compact soon.
@@ -371,6 +373,7 @@ impl Collection {
                 last_seq: 0,
             }),
             recovered_max_seq: AtomicU64::new(0),
+            last_seq_hint: AtomicU64::new(0),
             rebuilding: Mutex::new(()),
             compact_requested: AtomicBool::new(false),
             quarantined: AtomicU64::new(0),
@@ -648,6 +651,9 @@ impl Collection {
             .recovered_max_seq
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
         collection.writer.lock().unwrap().last_seq = recovery.max_seq;
+        collection
+            .last_seq_hint
+            .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
         Ok((collection, recovery))
     }
 
@@ -734,6 +740,8 @@ impl Collection {
             .expect("checked above that the write is newer");
         published(&generation.log, seq, offset, end);
         *last_seq = *next_seq - 1;
+        self.last_seq_hint
+            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -817,6 +825,8 @@ impl Collection {
         }
         published(&generation.log, first_seq, offset, end);
         *last_seq = *next_seq - 1;
+        self.last_seq_hint
+            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(applied)
@@ -869,6 +879,8 @@ impl Collection {
         }
         published(&generation.log, first_seq, offset, end);
         *last_seq = *next_seq - 1;
+        self.last_seq_hint
+            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(versions)
@@ -917,6 +929,8 @@ impl Collection {
         );
         published(&generation.log, seq, offset, end);
         *last_seq = *next_seq - 1;
+        self.last_seq_hint
+            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         removed.sort();

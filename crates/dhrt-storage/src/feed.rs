@@ -325,19 +325,35 @@ impl Watch {
         self.snapshot.is_some()
     }
 
-    /// Bytes of log this watch has yet to read.
+    /// Bytes of log this watch has yet to read: 0 while it lists its
+    /// snapshot, and until its next poll after a compaction (which finds
+    /// its place in the new file).
     pub fn lag_bytes(&self) -> u64 {
+        self.lag_bytes_known().unwrap_or(0)
+    }
+
+    /// [`lag_bytes`](Self::lag_bytes), `None` when it cannot be told (in
+    /// a snapshot, or after a compaction until the next poll).
+    pub fn lag_bytes_known(&self) -> Option<u64> {
         match (&self.collection, &self.generation) {
-            (Some(c), Some(g)) => {
+            (Some(c), Some(g)) if self.snapshot.is_none() => {
                 let current = c.current.load();
-                if Arc::ptr_eq(&current.log, &g.log) {
-                    g.log.applied().saturating_sub(self.offset)
-                } else {
-                    current.log.applied()
-                }
+                Arc::ptr_eq(&current.log, &g.log)
+                    .then(|| g.log.applied().saturating_sub(self.offset))
             }
-            _ => 0,
+            (None, _) => Some(0),
+            _ => None,
         }
+    }
+
+    /// Records appended to the collection after this watch's position (a
+    /// measure that compaction does not shrink, unlike bytes).
+    pub fn records_behind(&self) -> u64 {
+        self.collection.as_ref().map_or(0, |c| {
+            c.last_seq_hint
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(self.position.seq)
+        })
     }
 
     /// The events available now, up to about `max_bytes` of keys and values
