@@ -173,27 +173,7 @@ impl ClientBuilder {
     /// Connects, and authenticates if a token was given: a token the node
     /// refuses fails here, with [`Error::Unauthenticated`].
     pub async fn connect(self) -> Result<Client, Error> {
-        let connect_err = |source| Error::Connect {
-            addr: self.addr.clone(),
-            source,
-        };
-        let stream = TcpStream::connect(self.addr.as_str())
-            .await
-            .map_err(connect_err)?;
-        let _ = stream.set_nodelay(true);
-        let client = match &self.tls {
-            None => Client::start(stream).await.map_err(connect_err)?,
-            Some(tls) => {
-                let config = tls::client_config(tls.ca.as_slice(), tls.identity.as_ref())
-                    .map_err(|e| connect_err(io::Error::other(e)))?;
-                let name = tls::server_name(&self.addr).map_err(connect_err)?;
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(name, stream)
-                    .await
-                    .map_err(connect_err)?;
-                Client::start(stream).await.map_err(connect_err)?
-            }
-        };
+        let client = Client::run(self.open().await?);
         if let Some(token) = self.token {
             client.authenticate(&token).await?;
         }
@@ -244,15 +224,23 @@ impl Client {
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         stream.write_all(&preamble()).await?;
+        Ok(Client::run(stream))
+    }
+
+    /// Starts the writer and reader of a stream whose preamble was sent.
+    fn run<S>(stream: S) -> Client
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (read, write) = tokio::io::split(stream);
         let inflight = Arc::new(Mutex::new(Inflight::default()));
         let (calls, queue) = mpsc::channel(4096);
         tokio::spawn(writer(queue, write, inflight.clone()));
         tokio::spawn(reader(read, inflight));
-        Ok(Client {
+        Client {
             calls,
             next_id: Arc::new(AtomicU64::new(1)),
-        })
+        }
     }
 
     /// Sends one operation and waits for its reply. Many calls may be in

@@ -94,8 +94,6 @@ struct Writer {
     state: State,
     /// The seq the next record appended gets.
     next_seq: u64,
-    /// The seq of the last record appended (or found on opening).
-    last_seq: u64,
 }
 
 /// Bits of a seq below the epoch: each opening of a store starts a new
@@ -116,7 +114,8 @@ pub(crate) struct Collection {
     /// The greatest seq in the file when it was opened: records of earlier
     /// epochs with a greater seq were lost in a crash (see `feed.rs`).
     pub(crate) recovered_max_seq: AtomicU64,
-    /// The writer's last seq, for readers that must not take its lock.
+    /// The seq of the last record appended (or found on opening); written
+    /// under the writer lock, read by watchers without it.
     pub(crate) last_seq_hint: AtomicU64,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
@@ -224,13 +223,6 @@ pub(crate) fn apply_record(
             Some(replaced)
         }
     }
-}
-
-/// After an append at `offset..end` whose first record has `first_seq` was
-/// applied to the index: watchers may read it now.
-fn published(log: &LogFile, first_seq: u64, offset: u64, end: u64) {
-    log.note_checkpoint(first_seq, offset);
-    log.mark_applied(end);
 }
 
 /// What recovery found.
@@ -370,7 +362,6 @@ impl Collection {
                 buf: Vec::new(),
                 state,
                 next_seq: 1,
-                last_seq: 0,
             }),
             recovered_max_seq: AtomicU64::new(0),
             last_seq_hint: AtomicU64::new(0),
@@ -426,6 +417,15 @@ impl Collection {
         let collection = Self::from_parts(name, generation, State::default());
         collection.set_next_seq(first_seq);
         Ok(collection)
+    }
+
+    /// After an append at `offset..end` of records `first_seq..=last_seq`
+    /// was applied to the index (writer lock held): watchers may read it.
+    fn published(&self, log: &LogFile, first_seq: u64, last_seq: u64, offset: u64, end: u64) {
+        log.note_checkpoint(first_seq, offset);
+        log.mark_applied(end);
+        self.last_seq_hint
+            .store(last_seq, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets the seq the next record gets (the store's epoch, after opening).
@@ -650,7 +650,6 @@ impl Collection {
         collection
             .recovered_max_seq
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
-        collection.writer.lock().unwrap().last_seq = recovery.max_seq;
         collection
             .last_seq_hint
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
@@ -721,7 +720,6 @@ impl Collection {
             buf,
             state,
             next_seq,
-            last_seq,
         } = &mut *w;
         buf.clear();
         let seq = *next_seq;
@@ -738,10 +736,7 @@ impl Collection {
         let map = generation.log.map();
         let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
             .expect("checked above that the write is newer");
-        published(&generation.log, seq, offset, end);
-        *last_seq = *next_seq - 1;
-        self.last_seq_hint
-            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
+        self.published(&generation.log, seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(Written::Applied {
@@ -767,7 +762,6 @@ impl Collection {
             buf,
             state,
             next_seq,
-            last_seq,
         } = &mut *w;
         buf.clear();
         let first_seq = *next_seq;
@@ -823,10 +817,7 @@ impl Collection {
             );
             applied += usize::from(took.is_some());
         }
-        published(&generation.log, first_seq, offset, end);
-        *last_seq = *next_seq - 1;
-        self.last_seq_hint
-            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
+        self.published(&generation.log, first_seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(applied)
@@ -848,7 +839,6 @@ impl Collection {
             buf,
             state,
             next_seq,
-            last_seq,
         } = &mut *w;
         buf.clear();
         let first_seq = *next_seq;
@@ -877,10 +867,7 @@ impl Collection {
             )
             .expect("local versions are newer than everything");
         }
-        published(&generation.log, first_seq, offset, end);
-        *last_seq = *next_seq - 1;
-        self.last_seq_hint
-            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
+        self.published(&generation.log, first_seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         Ok(versions)
@@ -907,7 +894,6 @@ impl Collection {
             buf,
             state,
             next_seq,
-            last_seq,
         } = &mut *w;
         buf.clear();
         let seq = *next_seq;
@@ -927,10 +913,7 @@ impl Collection {
             offset,
             Some(&mut removed),
         );
-        published(&generation.log, seq, offset, end);
-        *last_seq = *next_seq - 1;
-        self.last_seq_hint
-            .store(*last_seq, std::sync::atomic::Ordering::Relaxed);
+        self.published(&generation.log, seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
         removed.sort();
@@ -1032,7 +1015,10 @@ impl Collection {
         let generation = self.current.load_full();
         let applied = generation.log.applied();
         let epoch_start = (w.next_seq - 1) >> EPOCH_SHIFT << EPOCH_SHIFT;
-        (generation, applied, w.last_seq, epoch_start)
+        let last_seq = self
+            .last_seq_hint
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (generation, applied, last_seq, epoch_start)
     }
 
     /// The tail of `log` (the current log), the greatest seq handed out, and
