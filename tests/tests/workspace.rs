@@ -15,3 +15,4 @@ mod partition;
 mod security;
 mod tls;
 mod watch;
+mod watch_relay;

@@ -17,6 +17,8 @@ use crate::combine::Combiner;
 use crate::damaged::Damaged;
 use crate::error::op_error;
 use crate::metrics::{Metrics, OpKind, Outcome};
+use crate::relay::Relay;
+use crate::sessions::Sessions;
 use crate::watch::{WatchHub, WatchOptions};
 
 /// A dhrt node.
@@ -34,6 +36,10 @@ pub struct Node {
     damaged: Damaged,
     /// The watches open on this node.
     watches: Arc<WatchHub>,
+    /// Watches of collections this node does not store, followed on hosts.
+    relay: Arc<Relay>,
+    /// Watches peers follow here.
+    sessions: Arc<Sessions>,
 }
 
 /// The checks the store makes, for a write this node forwards without
@@ -85,8 +91,11 @@ impl Node {
 
     /// A node with these watch settings.
     pub fn with_watch_options(cluster: Arc<Cluster>, watch: WatchOptions) -> Self {
+        let watches = WatchHub::new(cluster.store().clone(), watch);
         Node {
-            watches: WatchHub::new(cluster.store().clone(), watch),
+            relay: Relay::new(cluster.clone(), watches.clone()),
+            sessions: Sessions::new(watches.clone()),
+            watches,
             store: cluster.store().clone(),
             identity: cluster.identity().clone(),
             started: Instant::now(),
@@ -100,6 +109,11 @@ impl Node {
     /// The cluster side of this node.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// The watch sessions peers follow on this node.
+    pub(crate) fn watch_sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 
     /// Where watchers do their work (see `WatchOptions::runtime`).
@@ -518,10 +532,10 @@ impl Node {
     }
 
     /// Opens a watch of a collection this node stores.
-    fn op_watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
+    async fn op_watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
         user_collection(&request.collection)?;
-        let here = self.cluster.stores_locally(&request.collection);
-        self.watches.open_checked(&request, here)
+        dhrt_storage::validate_collection_name(&request.collection).map_err(op_error)?;
+        self.relay.watch(request).await
     }
 }
 
@@ -609,7 +623,7 @@ impl Operations for Node {
     }
 
     async fn watch(&self, request: WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
-        self.op_watch(request)
+        self.op_watch(request).await
     }
 
     async fn join(&self, addr: &str) -> Result<u32, OpError> {

@@ -23,6 +23,7 @@ use tokio::sync::Semaphore;
 use crate::cluster::{Cluster, stamp};
 use crate::handshake::{self, Side};
 use crate::session::{Sealer, Session};
+use crate::sessions::Sessions;
 use crate::throttle::LogThrottle;
 use crate::wire::{Closed, plain_max, seal_frame, take_sealed};
 
@@ -41,7 +42,7 @@ pub(crate) async fn serve_peer<S>(
     mut stream: S,
     remote: SocketAddr,
     mut buf: BytesMut,
-    cluster: Arc<Cluster>,
+    (cluster, sessions): (Arc<Cluster>, Arc<Sessions>),
     max_frame: u32,
     slots: &Semaphore,
     shutdown: impl Future<Output = ()>,
@@ -89,8 +90,8 @@ where
     let handler = {
         let cluster = cluster.clone();
         move |op| {
-            let cluster = cluster.clone();
-            async move { handle(&cluster, dialer, op).await }
+            let (cluster, sessions) = (cluster.clone(), sessions.clone());
+            async move { handle(&cluster, &sessions, dialer, op).await }
         }
     };
     let connection = Connection {
@@ -224,7 +225,12 @@ async fn read_more<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut) -> 
     stream.read_buf(buf).await
 }
 
-async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerReply, OpError> {
+async fn handle(
+    cluster: &Arc<Cluster>,
+    sessions: &Arc<Sessions>,
+    dialer: u64,
+    op: PeerOp,
+) -> Result<PeerReply, OpError> {
     match op {
         PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::from),
         PeerOp::Read { collection, key } => {
@@ -254,6 +260,12 @@ async fn handle(cluster: &Arc<Cluster>, dialer: u64, op: PeerOp) -> Result<PeerR
             .stream_collection(dialer, &collection)
             .await
             .map(PeerReply::HandoffDone),
+        PeerOp::WatchOpen(request) => {
+            let here = cluster.stores_locally(&request.collection);
+            sessions.open(dialer, request, here)
+        }
+        PeerOp::WatchNext { session, wait_ms } => sessions.next(dialer, session, wait_ms).await,
+        PeerOp::WatchClose { session } => Ok(sessions.close(dialer, session)),
     }
 }
 

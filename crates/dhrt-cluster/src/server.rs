@@ -93,7 +93,7 @@ where
                     stream,
                     remote,
                     buf,
-                    cluster,
+                    (cluster, ops.watch_sessions().clone()),
                     limits.max_frame,
                     slots,
                     shutdown,

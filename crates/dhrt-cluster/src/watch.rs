@@ -214,16 +214,7 @@ impl WatchHub {
         };
         // Taken first, given back by the watch (or below, if it does not
         // open): a slot.
-        if self.watchers.fetch_add(1, Ordering::AcqRel) >= self.options.max_watchers {
-            self.watchers.fetch_sub(1, Ordering::AcqRel);
-            return Err(OpError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "this node has {} watches open, its limit: try another node or later",
-                    self.options.max_watchers
-                ),
-            ));
-        }
+        self.reserve()?;
         let watch = match self
             .store
             .watch(&request.collection, from, request.prefix.as_deref())
@@ -271,6 +262,42 @@ impl WatchHub {
             }
         });
         Ok(Box::new(Pumped { rx, token }))
+    }
+
+    /// Takes one of the node's watch slots (the caller gives it back).
+    fn reserve(&self) -> Result<(), OpError> {
+        if self.watchers.fetch_add(1, Ordering::AcqRel) >= self.options.max_watchers {
+            self.watchers.fetch_sub(1, Ordering::AcqRel);
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "this node has {} watches open, its limit: try another node or later",
+                    self.options.max_watchers
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A slot for a watch this node relays from another (counted with the
+    /// local ones, given back on drop).
+    pub(crate) fn relay_slot(self: &Arc<Self>) -> Result<RelaySlot, OpError> {
+        self.reserve()?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(RelaySlot(self.clone()))
+    }
+
+    /// Counts events a relayed watch passed on, and a refused resume.
+    pub(crate) fn count_relayed(&self, events: u64, gone: bool) {
+        self.events.fetch_add(events, Ordering::Relaxed);
+        if gone {
+            self.refused_gone.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How often an idle watcher hears a progress event.
+    pub(crate) fn progress_every(&self) -> Duration {
+        self.options.progress_every
     }
 
     fn watch_error(&self, e: dhrt_storage::Error) -> OpError {
@@ -378,6 +405,16 @@ impl WatchHub {
             c.closed_lagging,
             c.gone,
         );
+    }
+}
+
+/// A relayed watch's place among the node's watches.
+#[derive(Debug)]
+pub(crate) struct RelaySlot(Arc<WatchHub>);
+
+impl Drop for RelaySlot {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::message::OpError;
+use crate::watch::{Token, WatchEvent, WatchRequest};
 
 /// Length of handshake nonces and proofs (HMAC-SHA256).
 pub const PROOF_LEN: usize = 32;
@@ -179,6 +180,25 @@ pub enum PeerOp {
         /// Collection.
         collection: String,
     },
+    /// Open a watch of a collection the receiver stores, on behalf of a
+    /// client of the sender (which does not store it):
+    /// [`PeerReply::WatchOpened`]. The receiver keeps the watch as a
+    /// session of the sender's, read with `WatchNext`, until `WatchClose`
+    /// or until it goes unread for a while.
+    WatchOpen(WatchRequest),
+    /// The next events of a watch session, waiting at most `wait_ms` for
+    /// some: [`PeerReply::Events`] (empty when none came in time).
+    WatchNext {
+        /// The session, as `WatchOpened` named it.
+        session: u64,
+        /// How long the receiver may wait for events.
+        wait_ms: u32,
+    },
+    /// Close a watch session: [`PeerReply::WatchClosed`].
+    WatchClose {
+        /// The session.
+        session: u64,
+    },
 }
 
 /// The answer to a [`PeerOp`].
@@ -209,6 +229,18 @@ pub enum PeerReply {
     Members(Vec<MemberUpdate>),
     /// The handoff of a collection is complete: how many records it sent.
     HandoffDone(u64),
+    /// A watch session is open.
+    WatchOpened {
+        /// Its name, for `WatchNext` and `WatchClose`.
+        session: u64,
+        /// The token that resumes from where it starts (a snapshot's is
+        /// resumable only from its `Synced` event on).
+        token: Token,
+    },
+    /// Events of a watch session, in order.
+    Events(Vec<WatchEvent>),
+    /// The session is closed (or was already gone).
+    WatchClosed,
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

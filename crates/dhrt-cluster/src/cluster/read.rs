@@ -9,7 +9,7 @@ use bytes::Bytes;
 use dhrt_proto::{Liveness, PeerOp, PeerReply, Versioned};
 
 use super::Cluster;
-use crate::link::LinkError;
+use crate::link::{Dialer, LinkError};
 use crate::placement::hosts;
 
 impl Cluster {
@@ -60,5 +60,47 @@ impl Cluster {
             }
         }
         best
+    }
+
+    /// The other members that host `collection` and answer, with their
+    /// addresses, best first: healthy before unhealthy, synced before
+    /// re-syncing, then in id order (so every node prefers the same one).
+    /// Where a watch of a collection this node does not store is followed.
+    pub(crate) fn watch_hosts(&self, collection: &str) -> Vec<(u64, String)> {
+        let m = self.membership.lock().unwrap();
+        let me = self.dialer.me;
+        let mut hosts: Vec<(bool, Liveness, u64, String)> = m
+            .members()
+            .filter(|u| {
+                u.id != me
+                    && matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                    && hosts(u, collection)
+            })
+            .map(|u| (u.syncing, u.liveness, u.id, u.addr.clone()))
+            .collect();
+        hosts.sort();
+        hosts
+            .into_iter()
+            .map(|(_, _, id, addr)| (id, addr))
+            .collect()
+    }
+
+    /// Whether this node hosts `collection` (it pinned no list, or one
+    /// with it).
+    pub(crate) fn hosts_here(&self, collection: &str) -> bool {
+        self.options
+            .collections
+            .as_ref()
+            .is_none_or(|c| c.iter().any(|x| x == collection))
+    }
+
+    /// Who this node dials as, for links of its own (watch relays).
+    pub(crate) fn dialer(&self) -> Dialer {
+        self.dialer.clone()
+    }
+
+    /// How long a peer has to answer a request.
+    pub(crate) fn peer_timeout(&self) -> std::time::Duration {
+        self.options.timeout
     }
 }

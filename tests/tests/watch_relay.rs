@@ -1,0 +1,204 @@
+//! Watches of a collection on a node that does not store it
+//! (`--collections`): followed on a node that does, with its guarantees and
+//! its tokens, across a disconnect and a restart of that node.
+
+use std::time::Duration;
+
+use crate::cluster::{all_healthy, eventually, local_keys, start_joined, stats};
+use crate::dhrtd::Dhrtd;
+use crate::watch::{Event, Stream};
+
+fn sse(node: &Dhrtd, path: &str) -> Stream {
+    let s = Stream::open(node.addr, path, "text/event-stream", "");
+    assert_eq!(s.status, 200, "{path}: {}", s.refusal);
+    s
+}
+
+fn set(node: &Dhrtd, c: &str, k: &str, v: &str) {
+    let (status, body) = node.http("PUT", &format!("/{c}/{k}"), v.as_bytes());
+    assert_eq!(status, 200, "{body}");
+}
+
+/// (kind, key, value) of the changes among `events`, sorted (a stream has
+/// no order across keys).
+fn changes(events: &[Event]) -> Vec<(String, String, String)> {
+    let mut out: Vec<_> = events
+        .iter()
+        .filter(|e| !matches!(e.kind(), "progress" | "synced"))
+        .map(|e| {
+            (
+                e.kind().to_string(),
+                e.key().to_string(),
+                e.data["Value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn owned(v: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    let mut out: Vec<_> = v
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+fn watchers(node: &Dhrtd) -> u64 {
+    stats(node)["watch"]["watchers"].as_u64().unwrap()
+}
+
+#[test]
+fn a_watch_on_a_node_without_the_collection_follows_a_node_with_it() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &["--collections", "users"]);
+    let b = start_joined(dirs[1].path(), &a, &["--collections", "other"]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    // Written before the watch: not an event of a watch from now.
+    set(&a, "users", "old", "x");
+    let mut w = sse(&b, "/users");
+    assert_eq!(watchers(&a), 1, "the host holds the watch b follows");
+    assert_eq!(watchers(&b), 1);
+    // A write through b (forwarded to a) and one on a.
+    set(&b, "users", "k1", "v1");
+    set(&a, "users", "k2", "v2");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k2");
+    assert_eq!(
+        changes(&got),
+        owned(&[("set", "k1", "v1"), ("set", "k2", "v2")])
+    );
+    assert_eq!(local_keys(&b, "users"), 0, "b stores nothing of users");
+    let last = got.last().unwrap().id.clone().unwrap();
+    drop(w);
+    eventually("the follower let go", Duration::from_secs(10), || {
+        watchers(&a) == 0 && watchers(&b) == 0
+    });
+
+    // Missed while away: resumed through b, and the same token on a itself
+    // (it is a's token) gives the same changes.
+    set(&a, "users", "k3", "v3");
+    assert_eq!(b.http("DELETE", "/users/k1", b"").0, 200);
+    let want = owned(&[("delete", "k1", ""), ("set", "k3", "v3")]);
+    for node in [&b, &a] {
+        let mut w = Stream::open(
+            node.addr,
+            "/users",
+            "text/event-stream",
+            &format!("Last-Event-ID: {last}\r\n"),
+        );
+        assert_eq!(w.status, 200, "{}", w.refusal);
+        let got = w.until(Duration::from_secs(10), |e| e.kind() == "delete");
+        let got: Vec<Event> = got
+            .into_iter()
+            .chain(std::iter::from_fn(|| w.next(Duration::from_millis(300))))
+            .collect();
+        assert_eq!(changes(&got), want, "resumed on {}", node.addr);
+    }
+
+    // A snapshot through b: every key once, the marker, then changes.
+    let mut w = Stream::open(b.addr, "/users?snapshot=true", "application/x-ndjson", "");
+    assert_eq!(w.status, 200, "{}", w.refusal);
+    let snap = w.until(Duration::from_secs(10), |e| e.kind() == "synced");
+    let before: Vec<&Event> = snap[..snap.len() - 1]
+        .iter()
+        .filter(|e| e.kind() != "progress")
+        .collect();
+    assert!(before.iter().all(|e| e.kind() == "initial"), "{snap:?}");
+    assert!(
+        snap[..snap.len() - 1].iter().all(|e| e.id.is_none()),
+        "no token before synced: {snap:?}"
+    );
+    assert_eq!(
+        changes(&snap),
+        owned(&[
+            ("initial", "k2", "v2"),
+            ("initial", "k3", "v3"),
+            ("initial", "old", "x"),
+        ])
+    );
+    set(&b, "users", "k4", "v4");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k4");
+    assert_eq!(changes(&got), owned(&[("set", "k4", "v4")]));
+    let after_k4 = got.last().unwrap().id.clone().unwrap();
+    drop(w);
+
+    // The host restarts: its token still resumes through b.
+    let a_addr = a.addr;
+    a.stop("KILL");
+    let a = Dhrtd::start_on(
+        Some(a_addr),
+        dirs[0].path(),
+        &["--collections", "users", "--node", &b.addr.to_string()],
+    );
+    eventually("two healthy members again", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    set(&a, "users", "k5", "v5");
+    let mut w = sse(&b, &format!("/users?since={after_k4}"));
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k5");
+    assert_eq!(changes(&got), owned(&[("set", "k5", "v5")]));
+
+    // The host dies under the watch: it ends with a reason, not silently.
+    let a_addr = a.addr;
+    a.stop("KILL");
+    let end = w.until(Duration::from_secs(15), |e| e.event == "error");
+    let last = end.last().unwrap();
+    assert!(
+        last.data["Error"].as_str().unwrap().contains("resume"),
+        "{last:?}"
+    );
+    assert!(w.ended() || w.next(Duration::from_secs(2)).is_none());
+    let _ = a_addr;
+}
+
+#[test]
+fn a_follower_resumes_a_token_on_the_host_that_issued_it() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &["--collections", "users"]);
+    let b = start_joined(dirs[1].path(), &a, &["--collections", "other"]);
+    let c = start_joined(dirs[2].path(), &a, &["--collections", "users"]);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    // Tokens from each host, resumed through b, which does not store the
+    // collection: whichever host b follows first, the one that issued the
+    // token takes it.
+    for host in [&a, &c] {
+        let mut w = sse(host, "/users?snapshot=true");
+        let token = w
+            .until(Duration::from_secs(10), |e| e.kind() == "synced")
+            .last()
+            .unwrap()
+            .id
+            .clone()
+            .unwrap();
+        drop(w);
+        let key = format!("after-{}", host.addr.port());
+        set(host, "users", &key, "v");
+        let mut w = sse(&b, &format!("/users?since={token}"));
+        let got = w.until(Duration::from_secs(10), |e| e.key() == key);
+        assert!(
+            got.iter().all(|e| e.kind() == "progress" || e.key() == key),
+            "{got:?}"
+        );
+    }
+    // A token no host issued: 410 through b too.
+    let s = Stream::open(
+        b.addr,
+        "/users?since=0123456789abcdef0000000000000001",
+        "text/event-stream",
+        "",
+    );
+    assert_eq!(s.status, 410, "{}", s.refusal);
+    assert!(s.refusal.contains("snapshot"), "{}", s.refusal);
+    // A prefix watch through b sees only its keys.
+    let mut w = sse(&b, "/users?prefix=p-");
+    set(&a, "users", "q-1", "no");
+    set(&c, "users", "p-1", "yes");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "p-1");
+    assert!(got.iter().all(|e| e.key() != "q-1"), "{got:?}");
+}
