@@ -37,6 +37,9 @@ pub(crate) struct Stream {
     raw: Vec<u8>,
     /// Decoded body not yet parsed into events.
     body: Vec<u8>,
+    /// How much of `body` is known to hold no event separator (a large
+    /// event arrives in many chunks: it is not searched again for each).
+    scanned: usize,
     sse: bool,
     pub(crate) status: u16,
     pub(crate) head: String,
@@ -57,6 +60,7 @@ impl Stream {
             sock,
             raw: Vec::new(),
             body: Vec::new(),
+            scanned: 0,
             sse: accept == "text/event-stream",
             status: 0,
             head: String::new(),
@@ -132,7 +136,13 @@ impl Stream {
     fn parse(&mut self) -> Option<Event> {
         loop {
             let sep: &[u8] = if self.sse { b"\n\n" } else { b"\n" };
-            let end = self.body.windows(sep.len()).position(|w| w == sep)?;
+            let from = self.scanned.saturating_sub(sep.len() - 1);
+            let Some(at) = self.body[from..].windows(sep.len()).position(|w| w == sep) else {
+                self.scanned = self.body.len();
+                return None;
+            };
+            let end = from + at;
+            self.scanned = 0;
             let block = String::from_utf8(self.body[..end].to_vec()).unwrap();
             self.body.drain(..end + sep.len());
             if !self.sse {

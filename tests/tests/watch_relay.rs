@@ -201,4 +201,12 @@ fn a_follower_resumes_a_token_on_the_host_that_issued_it() {
     set(&c, "users", "p-1", "yes");
     let got = w.until(Duration::from_secs(10), |e| e.key() == "p-1");
     assert!(got.iter().all(|e| e.key() != "q-1"), "{got:?}");
+    // A value at the size limit, behind a small change, reaches the
+    // follower's watcher whole.
+    set(&c, "users", "p-2", "small");
+    let big = "b".repeat((16 << 20) - 64);
+    set(&a, "users", "p-3", &big);
+    let got = w.until(Duration::from_secs(30), |e| e.key() == "p-3");
+    assert_eq!(got.last().unwrap().data["Value"].as_str().unwrap(), big);
+    assert!(got.iter().any(|e| e.key() == "p-2"), "{got:?}");
 }
