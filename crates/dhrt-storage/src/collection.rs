@@ -119,6 +119,8 @@ pub(crate) struct Collection {
     pub(crate) last_seq_hint: AtomicU64,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
+    /// The most records a rebuild replayed with the writer lock held.
+    pub(crate) locked_replay_max: AtomicU64,
     /// Set when a damaged record was quarantined: compact soon.
     pub(crate) compact_requested: AtomicBool,
     /// Records quarantined since the collection was opened.
@@ -366,6 +368,7 @@ impl Collection {
             recovered_max_seq: AtomicU64::new(0),
             last_seq_hint: AtomicU64::new(0),
             rebuilding: Mutex::new(()),
+            locked_replay_max: AtomicU64::new(0),
             compact_requested: AtomicBool::new(false),
             quarantined: AtomicU64::new(0),
             quarantined_keys: Mutex::new(Vec::new()),

@@ -7,11 +7,17 @@
 //!    its record goes into a new file `<name>.dhrt.compact`, skipping
 //!    tombstones older than the grace period, and the file is fsynced.
 //!    Readers and writers carry on against the old generation meanwhile.
-//! 2. Under the writer lock: replay the records written since `t0` (the
-//!    catch-up) into the new index (compaction copies them into the new file
-//!    first and fsyncs it, renames it over the old one and fsyncs the
-//!    directory), then swap the generation in. Readers holding the old
-//!    generation finish against the old map.
+//! 2. Catch up with the records written since `t0` outside the writer
+//!    lock: replay them into the new index (compaction copies them into the
+//!    new file first), round after round, until what is left is at most
+//!    [`LOCKED_CATCH_UP_BYTES`].
+//! 3. Under the writer lock: replay that rest (compaction then fsyncs the
+//!    new file, renames it over the old one and fsyncs the directory), and
+//!    swap the generation in. If writers outran the last round and more
+//!    than the bound is left, the lock is let go and step 2 runs again. A
+//!    writer waits at most for that bounded rest, never for work that grows
+//!    with the collection. Readers holding the old generation finish
+//!    against the old map.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,12 +44,87 @@ pub struct CompactionReport {
     pub purged_tombstones: u64,
     /// Records written while phase 1 ran and copied in the catch-up.
     pub caught_up: u64,
+    /// Of those, the records replayed while the writer lock was held (what
+    /// a writer could wait for): at most [`LOCKED_CATCH_UP_BYTES`] of them,
+    /// unless writers outran the catch-up for many rounds.
+    pub locked_records: u64,
     /// Records that failed their checksum and were left out (their keys
     /// read as missing until a replica's copy is applied).
     pub damaged: u64,
 }
 
 const FLUSH_AT: usize = 1 << 20;
+
+/// Bytes of racing writes a rebuild replays in one hold of the writer lock,
+/// at most (plus the record that crosses the bound): what a writer can wait
+/// for. The rest is caught up outside the lock.
+pub const LOCKED_CATCH_UP_BYTES: u64 = 256 << 10;
+
+/// Rounds of catching up outside the lock, chasing the writers, before a
+/// rebuild gains on them with one bounded step under the lock.
+const OUTSIDE_ROUNDS: u32 = 8;
+
+/// Catches up outside the writer lock, from `from` to what the log has
+/// applied, until at most [`LOCKED_CATCH_UP_BYTES`] is left or the rounds
+/// run out. `step(from, upto)` does one round and says where it ended
+/// (`None`: a record failed its check).
+fn catch_up_outside(
+    old: &LogFile,
+    mut from: u64,
+    mut step: impl FnMut(u64, u64) -> Result<Option<u64>>,
+) -> Result<Option<u64>> {
+    for _ in 0..OUTSIDE_ROUNDS {
+        let upto = old.applied();
+        if upto.saturating_sub(from) <= LOCKED_CATCH_UP_BYTES {
+            break;
+        }
+        match step(from, upto)? {
+            Some(end) => from = end,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(from))
+}
+
+/// The records of `old` from `from` up to `upto`, stopping after the one
+/// that crosses `from + limit`: replayed into `index` and `state`; for a
+/// compaction (`into`) copied to the end of the new log first. How many,
+/// and where they end; `None` if one fails its check.
+fn catch_up(
+    old: &LogFile,
+    (from, upto, limit): (u64, u64, u64),
+    into: Option<&LogFile>,
+    index: &Index,
+    state: &mut State,
+) -> Result<Option<(u64, u64)>> {
+    if upto <= from {
+        return Ok(Some((0, from)));
+    }
+    let map = old.map();
+    let Some((starts, len)) = caught_up_records(&map[from as usize..upto as usize], limit) else {
+        return Ok(None);
+    };
+    let end = from + len as u64;
+    let Some(new_log) = into else {
+        return Ok(Some((replay_since(index, state, &starts, &map, from), end)));
+    };
+    let base = new_log.tail();
+    new_log
+        .append(&map[from as usize..end as usize])
+        .map_err(|e| {
+            let path = new_log.path().unwrap_or(Path::new("(memory)"));
+            Error::io("write", path.to_path_buf(), e)
+        })?;
+    let new_map = new_log.map();
+    for &start in &starts {
+        let at = base + start as u64;
+        new_log.note_checkpoint(record::peek_header(&new_map[at as usize..]).seq, at);
+    }
+    Ok(Some((
+        replay_since(index, state, &starts, &new_map, base),
+        end,
+    )))
+}
 
 fn poisoned(coll: &Collection, cause: String) -> Error {
     Error::Poisoned {
@@ -122,7 +203,7 @@ pub(crate) fn compact(
             history: old_header.history,
             purged_seq,
         };
-        let mut new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
+        let new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
             .map_err(|e| io_err("create", e))?;
         let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
         let mut state = State::default();
@@ -175,67 +256,95 @@ pub(crate) fn compact(
             }
         }
         new_log.append(&out).map_err(|e| io_err("write", e))?;
-        new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
 
-        // Phase 2: catch up with the writes since t0 and swap.
-        coll.with_writer(|live_state| {
-            let tail = old.log.tail();
-            let old_map = old.log.map();
-            let caught = &old_map[t0 as usize..tail as usize];
-            let base = new_log.tail();
-            let Some(starts) = caught_up_records(caught) else {
-                return Err(Error::Checksum {
-                    collection: coll.name.clone(),
-                    offset: t0,
-                });
-            };
-            new_log.append(caught).map_err(|e| io_err("write", e))?;
-            let new_map = new_log.map();
-            for &start in &starts {
-                let at = base + start as u64;
-                new_log.note_checkpoint(record::peek_header(&new_map[at as usize..]).seq, at);
-            }
-            report.caught_up = replay_since(&index, &mut state, &starts, &new_map, base);
-            report.records += report.caught_up;
+        // Phases 2 and 3: catch up with the writes since t0, outside the
+        // lock, then the last of them under it, and swap.
+        let checksum = || Error::Checksum {
+            collection: coll.name.clone(),
+            offset: t0,
+        };
+        let mut from = t0;
+        let mut parts = Some((index, new_log));
+        loop {
+            let (index, new_log) = parts.as_ref().expect("until swapped");
+            from = catch_up_outside(&old.log, from, |from, upto| {
+                let n = catch_up(
+                    &old.log,
+                    (from, upto, u64::MAX),
+                    Some(new_log),
+                    index,
+                    &mut state,
+                )?;
+                report.caught_up += n.map_or(0, |(n, _)| n);
+                Ok(n.map(|(_, end)| end))
+            })?
+            .ok_or_else(checksum)?;
+            // Most of the file is synced before the lock is taken.
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
-            if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
-                let final_path = Collection::log_path(dir, &coll.name);
-                // Before the rename, the watermark must suit both files a
-                // crash may leave under the name, and the old file's late
-                // syncs must no longer raise it.
-                if let Some(w) = old.log.watermark() {
-                    w.begin_swap(new_log.id(), new_log.tail()).map_err(|e| {
-                        Error::io("write", crate::watermark::path_for(&final_path), e)
-                    })?;
+            let swapped = coll.with_writer(|live_state| {
+                let tail = old.log.tail();
+                let (index, new_log) = parts.as_ref().expect("until swapped");
+                let (n, end) = catch_up(
+                    &old.log,
+                    (from, tail, LOCKED_CATCH_UP_BYTES),
+                    Some(new_log),
+                    index,
+                    &mut state,
+                )?
+                .ok_or_else(checksum)?;
+                report.caught_up += n;
+                report.locked_records = report.locked_records.max(n);
+                from = end;
+                if end < tail {
+                    // Writers outran the catch-up: that bounded step
+                    // gained on them; the rest is caught up outside again.
+                    return Ok(false);
                 }
-                if let Err(e) = std::fs::rename(tmp, &final_path) {
+                let (index, mut new_log) = parts.take().expect("until swapped");
+                report.records += report.caught_up;
+                new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
+                if let (Some(dir), Some(tmp)) = (dir, &tmp_path) {
+                    let final_path = Collection::log_path(dir, &coll.name);
+                    // Before the rename, the watermark must suit both files a
+                    // crash may leave under the name, and the old file's late
+                    // syncs must no longer raise it.
                     if let Some(w) = old.log.watermark() {
-                        w.abort_swap(old.log.id());
+                        w.begin_swap(new_log.id(), new_log.tail()).map_err(|e| {
+                            Error::io("write", crate::watermark::path_for(&final_path), e)
+                        })?;
                     }
-                    return Err(io_err("rename", e));
+                    if let Err(e) = std::fs::rename(tmp, &final_path) {
+                        if let Some(w) = old.log.watermark() {
+                            w.abort_swap(old.log.id());
+                        }
+                        return Err(io_err("rename", e));
+                    }
+                    log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+                    new_log.set_path(final_path);
+                    if let Some(w) = old.log.watermark() {
+                        new_log.set_watermark(w.clone());
+                        // Every byte of the new file was synced above.
+                        w.advance(new_log.id(), new_log.tail());
+                    }
                 }
-                log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
-                new_log.set_path(final_path);
-                if let Some(w) = old.log.watermark() {
-                    new_log.set_watermark(w.clone());
-                    // Every byte of the new file was synced above.
-                    w.advance(new_log.id(), new_log.tail());
+                #[cfg(test)]
+                if let Some((paused, resume)) = coll.pause_compaction.lock().unwrap().take() {
+                    paused.send(()).unwrap();
+                    resume.recv().unwrap();
                 }
+                report.bytes_after = new_log.tail();
+                new_log.mark_applied(new_log.tail());
+                coll.current.store(Arc::new(Generation {
+                    index,
+                    log: Arc::new(new_log),
+                }));
+                *live_state = state;
+                Ok(true)
+            })?;
+            if swapped {
+                return Ok(());
             }
-            #[cfg(test)]
-            if let Some((paused, resume)) = coll.pause_compaction.lock().unwrap().take() {
-                paused.send(()).unwrap();
-                resume.recv().unwrap();
-            }
-            report.bytes_after = new_log.tail();
-            new_log.mark_applied(new_log.tail());
-            coll.current.store(Arc::new(Generation {
-                index,
-                log: Arc::new(new_log),
-            }));
-            *live_state = state;
-            Ok(())
-        })
+        }
     })();
 
     if result.is_err()
@@ -246,12 +355,13 @@ pub(crate) fn compact(
     result.map(|()| report)
 }
 
-/// Gives `coll` an index of `shards` shards over the same log.
-pub(crate) fn reshard(coll: &Collection, shards: usize) {
+/// Gives `coll` an index of `shards` shards over the same log. Returns the
+/// most records replayed in one hold of the writer lock.
+pub(crate) fn reshard(coll: &Collection, shards: usize) -> u64 {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if old.index.shard_count() >= shards {
-        return;
+        return 0;
     }
     let t0 = coll.with_writer(|_| old.log.tail());
     let index = Index::new(shards);
@@ -268,41 +378,77 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) {
             cursor = entry.next();
         }
     }
-    coll.with_writer(|live_state| {
-        let map = old.log.map();
-        let caught = &map[t0 as usize..old.log.tail() as usize];
-        // The counters describe the same log and stay as they are; replay
-        // into a scratch copy.
-        let mut scratch = *live_state;
-        let Some(starts) = caught_up_records(caught) else {
-            tracing::error!(
-                collection = %coll.name,
-                "a record written during the index rebuild failed its checksum: rebuild abandoned"
-            );
-            return;
+    drop(map);
+    let abandon = || {
+        tracing::error!(
+            collection = %coll.name,
+            "a record written during the index rebuild failed its checksum: rebuild abandoned"
+        );
+    };
+    // The counters describe the same log and stay as they are: the
+    // catch-up replays into a scratch copy.
+    let mut scratch = coll.state();
+    let (mut from, mut locked_max) = (t0, 0);
+    let mut index = Some(index);
+    loop {
+        let new = index.as_ref().expect("until swapped");
+        let caught = catch_up_outside(&old.log, from, |from, upto| {
+            let n = catch_up(&old.log, (from, upto, u64::MAX), None, new, &mut scratch)?;
+            Ok(n.map(|(_, end)| end))
+        });
+        from = match caught {
+            Ok(Some(at)) => at,
+            _ => {
+                abandon();
+                return locked_max;
+            }
         };
-        replay_since(&index, &mut scratch, &starts, &map, t0);
-        coll.current.store(Arc::new(Generation {
-            index,
-            log: old.log.clone(),
-        }));
-    });
+        let swapped = coll.with_writer(|_| {
+            let tail = old.log.tail();
+            let new = index.as_ref().expect("until swapped");
+            let step = catch_up(
+                &old.log,
+                (from, tail, LOCKED_CATCH_UP_BYTES),
+                None,
+                new,
+                &mut scratch,
+            );
+            let Ok(Some((n, end))) = step else {
+                abandon();
+                return true;
+            };
+            locked_max = locked_max.max(n);
+            from = end;
+            if end < tail {
+                return false;
+            }
+            coll.current.store(Arc::new(Generation {
+                index: index.take().expect("until swapped"),
+                log: old.log.clone(),
+            }));
+            true
+        });
+        if swapped {
+            return locked_max;
+        }
+    }
 }
 
-/// The offsets (relative to the start of `caught`) of the records in it;
-/// `None` if one fails its check (bytes written since the rebuild began
-/// were damaged in the file meanwhile): the rebuild is then abandoned.
-fn caught_up_records(caught: &[u8]) -> Option<Vec<usize>> {
+/// The offsets (relative to the start of `caught`) of its records, up to
+/// the one that crosses `limit`, and the length they cover; `None` if one
+/// fails its check (bytes written since the rebuild began were damaged in
+/// the file meanwhile): the rebuild is then abandoned.
+fn caught_up_records(caught: &[u8], limit: u64) -> Option<(Vec<usize>, usize)> {
     let mut starts = Vec::new();
     let mut pos = 0;
-    while pos < caught.len() {
+    while pos < caught.len() && (pos as u64) < limit {
         let Decoded::Record { header, .. } = record::decode(&caught[pos..]) else {
             return None;
         };
         starts.push(pos);
         pos += header.record_len();
     }
-    Some(starts)
+    Some((starts, pos))
 }
 
 /// Applies the records at `starts` (offsets from `base` in `map`) to `index`.

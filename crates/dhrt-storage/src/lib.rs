@@ -38,7 +38,7 @@ mod version;
 mod watermark;
 
 pub use bytes::Bytes;
-pub use compact::CompactionReport;
+pub use compact::{CompactionReport, LOCKED_CATCH_UP_BYTES};
 pub use error::{Error, Result};
 pub use feed::{Change, ChangeKind, Position, Watch, WatchEvent, WatchFrom};
 pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket};

@@ -136,6 +136,11 @@ pub struct CollectionStats {
     pub poisoned: bool,
     /// Skiplists the index is split into (grows with the collection).
     pub index_shards: usize,
+    /// The most records a compaction or reshard of it replayed while
+    /// holding its writer lock since it was opened: the longest a writer
+    /// waited for a rebuild, in records (bounded by
+    /// [`crate::LOCKED_CATCH_UP_BYTES`]).
+    pub rebuild_locked_records_max: u64,
 }
 
 /// The anti-entropy digest of one collection; see [`Store::digest`].
@@ -804,7 +809,10 @@ impl Store {
     /// Compacts `collection` now, whatever its garbage ratio.
     pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
         match self.existing(collection)? {
-            Some(c) => compact::compact(&c, self.dir(), &self.inner.options),
+            Some(c) => compact::compact(&c, self.dir(), &self.inner.options).inspect(|r| {
+                c.locked_replay_max
+                    .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
+            }),
             None => Ok(CompactionReport::default()),
         }
     }
@@ -827,6 +835,9 @@ impl Store {
                     garbage_bytes: state.garbage,
                     poisoned: generation.log.poisoned().is_some(),
                     index_shards: generation.index.shard_count(),
+                    rebuild_locked_records_max: c
+                        .locked_replay_max
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect();
@@ -955,8 +966,10 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
                 let started = Instant::now();
-                compact::reshard(c, more);
-                tracing::debug!(collection = %c.name, shards = more, ms = started.elapsed().as_millis() as u64, "resharded the index");
+                let locked = compact::reshard(c, more);
+                c.locked_replay_max
+                    .fetch_max(locked, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(collection = %c.name, shards = more, locked, ms = started.elapsed().as_millis() as u64, "resharded the index");
             }
         }
         let check = inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK;
@@ -969,15 +982,20 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 check && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
             if requested || due {
                 match compact::compact(c, inner.dir.as_deref(), &inner.options) {
-                    Ok(r) => tracing::info!(
+                    Ok(r) => {
+                        c.locked_replay_max
+                            .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(
                         collection = %c.name,
                         before = r.bytes_before,
                         after = r.bytes_after,
                         purged = r.purged_tombstones,
                         damaged = r.damaged,
                         requested,
+                        locked = r.locked_records,
                         "compacted"
-                    ),
+                        );
+                    }
                     Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
                 }
             }

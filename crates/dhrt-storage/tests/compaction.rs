@@ -209,3 +209,71 @@ fn a_scan_survives_a_compaction_that_empties_shards() {
         );
     }
 }
+
+/// Writers race compactions and index rebuilds of a large collection: each
+/// rebuild catches up with their records outside the writer lock, and no
+/// hold of the lock replays more than `LOCKED_CATCH_UP_BYTES` of them (plus
+/// the record that crosses it). Counted in records, not timed.
+#[test]
+fn writers_racing_rebuilds_wait_for_a_bounded_replay_only() {
+    // Every record here: a 40-byte header, an 8-byte key, a 16-byte value.
+    const RECORD: u64 = 40 + 8 + 16;
+    const BOUND: u64 = dhrt_storage::LOCKED_CATCH_UP_BYTES / RECORD + 1;
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        min_index_shards: 1,
+        keys_per_shard: 8,
+        ..quiet_options()
+    };
+    let store = Store::open(dir.path(), options).unwrap();
+    let value = [7u8; 16];
+    // Loaded while the index reshards again and again under the load.
+    for i in 0..200_000u64 {
+        store.set("c", &i.to_be_bytes(), &value).unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    let (caught_up, compactions) = std::thread::scope(|s| {
+        for w in 0..2u64 {
+            let (store, stop) = (&store, &stop);
+            s.spawn(move || {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    // Overwrites (garbage to compact) and new keys (more
+                    // reshards).
+                    let key = if i % 4 == 0 { 1_000_000 + i } else { i % 200_000 };
+                    store.set("c", &key.to_be_bytes(), &value).unwrap();
+                    i += 2;
+                }
+            });
+        }
+        let (mut caught_up, mut compactions) = (0, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        // Until the rebuilds have caught up with many times what one hold
+        // of the lock may replay.
+        while caught_up < 8 * BOUND && std::time::Instant::now() < deadline {
+            let report = store.compact("c").unwrap();
+            assert!(
+                report.locked_records <= BOUND,
+                "a compaction replayed {} records under the writer lock (bound {BOUND}); {report:?}",
+                report.locked_records
+            );
+            caught_up += report.caught_up;
+            compactions += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        (caught_up, compactions)
+    });
+    assert!(
+        caught_up >= 8 * BOUND,
+        "{compactions} compactions caught up only {caught_up} racing records"
+    );
+    let stats = &store.stats().collections[0];
+    assert!(stats.index_shards >= 16_384, "resharded: {stats:?}");
+    assert!(
+        stats.rebuild_locked_records_max <= BOUND,
+        "reshards and compactions held the lock for at most {BOUND} records: {stats:?}"
+    );
+    for i in 0..200_000u64 {
+        assert!(store.get("c", &i.to_be_bytes()).unwrap().is_some(), "{i}");
+    }
+}
