@@ -33,11 +33,52 @@ pub(crate) enum Kind {
 #[derive(Debug, Clone)]
 pub(crate) struct Template {
     frame: Vec<u8>,
-    id_at: usize,
+    /// Where the id byte lies (`None`: RESP, which has no ids).
+    id_at: Option<usize>,
     key_at: usize,
 }
 
 impl Template {
+    /// The same request in Redis's protocol (RESP), for a Redis server
+    /// measured with this very client: `SET key value` or `GET key`, the
+    /// collection ignored.
+    pub(crate) fn resp(kind: Kind, value: &[u8]) -> Template {
+        let mut frame = Vec::new();
+        let mut bulk = |s: &[u8]| {
+            frame.extend_from_slice(format!("${}\r\n", s.len()).as_bytes());
+            frame.extend_from_slice(s);
+            frame.extend_from_slice(b"\r\n");
+        };
+        let key = [b'0'; KEY_LEN];
+        match kind {
+            Kind::Set => {
+                bulk(b"SET");
+                bulk(&key);
+                bulk(value);
+            }
+            Kind::Get => {
+                bulk(b"GET");
+                bulk(&key);
+            }
+        }
+        let count: &[u8] = if kind == Kind::Set {
+            b"*3\r\n"
+        } else {
+            b"*2\r\n"
+        };
+        let frame = [count, &frame].concat();
+        // The key is the second bulk string: after `$16\r\n`.
+        let key_at = frame
+            .windows(KEY_LEN)
+            .position(|w| w == key)
+            .expect("the key is in the command");
+        Template {
+            frame,
+            id_at: None,
+            key_at,
+        }
+    }
+
     pub(crate) fn new(kind: Kind, collection: &str, value: &[u8]) -> Template {
         let encode = |id: u64, key: &[u8]| {
             let key = bytes::Bytes::copy_from_slice(key);
@@ -70,7 +111,7 @@ impl Template {
                 .expect("the encodings differ")
         };
         Template {
-            id_at: first_difference(&other_id),
+            id_at: Some(first_difference(&other_id)),
             key_at: first_difference(&other_key),
             frame: base,
         }
@@ -81,7 +122,9 @@ impl Template {
     pub(crate) fn append(&self, out: &mut Vec<u8>, id: u8, key: Option<u64>) {
         let start = out.len();
         out.extend_from_slice(&self.frame);
-        out[start + self.id_at] = id;
+        if let Some(at) = self.id_at {
+            out[start + at] = id;
+        }
         let slot = &mut out[start + self.key_at..start + self.key_at + KEY_LEN];
         match key {
             Some(n) => format_key(slot, n),
@@ -104,12 +147,14 @@ pub(crate) fn format_key(slot: &mut [u8], mut n: u64) {
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-/// How to open connections: the address, TLS, a token.
+/// How to open connections: the address, TLS, a token, the protocol.
 #[derive(Clone)]
 pub(crate) struct Dial {
     pub(crate) addr: String,
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     pub(crate) token: Option<String>,
+    /// Speak RESP to a Redis server instead of dhrt's protocol.
+    pub(crate) resp: bool,
 }
 
 /// A TLS client configuration trusting the CA certificates of the PEM file
@@ -137,6 +182,7 @@ pub(crate) struct Connection {
     stream: Box<dyn Stream>,
     out: Vec<u8>,
     buf: BytesMut,
+    resp: bool,
 }
 
 impl Connection {
@@ -159,14 +205,17 @@ impl Connection {
                 Box::new(tls)
             }
         };
-        stream
-            .write_all(&preamble())
-            .await
-            .map_err(|e| format!("cannot write to {addr}: {e}"))?;
+        if !dial.resp {
+            stream
+                .write_all(&preamble())
+                .await
+                .map_err(|e| format!("cannot write to {addr}: {e}"))?;
+        }
         let mut connection = Connection {
             stream,
             out: Vec::with_capacity(16 * 1024),
             buf: BytesMut::with_capacity(64 * 1024),
+            resp: dial.resp,
         };
         if let Some(token) = &dial.token {
             connection.authenticate(token).await?;
@@ -229,6 +278,23 @@ impl Connection {
             .map_err(|e| format!("write failed: {e}"))?;
         let mut answered = 0u8;
         while answered < sent {
+            if self.resp {
+                match resp_reply(&self.buf, kind)? {
+                    Some(len) => {
+                        self.buf.advance(len);
+                        answered += 1;
+                    }
+                    None => {
+                        self.buf.reserve(16 * 1024);
+                        match self.stream.read_buf(&mut self.buf).await {
+                            Ok(0) => return Err("the server closed the connection".into()),
+                            Ok(_) => {}
+                            Err(e) => return Err(format!("read failed: {e}")),
+                        }
+                    }
+                }
+                continue;
+            }
             match frame_bounds(&self.buf, DEFAULT_MAX_FRAME)
                 .map_err(|e| format!("the node sent a bad frame: {e}"))?
             {
@@ -250,6 +316,31 @@ impl Connection {
             }
         }
         Ok(started)
+    }
+}
+
+/// The length of the RESP reply at the start of `buf`, if it is whole: `+OK`
+/// to a SET, a bulk string or nil to a GET; anything else is an error.
+fn resp_reply(buf: &[u8], kind: Kind) -> Result<Option<usize>, String> {
+    let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let line = &buf[..eol];
+    match (line.first(), kind) {
+        (Some(b'+'), Kind::Set) if line == b"+OK" => Ok(Some(eol + 2)),
+        (Some(b'$'), Kind::Get) if line == b"$-1" => Ok(Some(eol + 2)),
+        (Some(b'$'), Kind::Get) => {
+            let n: usize = std::str::from_utf8(&line[1..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("a bad bulk length {:?}", String::from_utf8_lossy(line)))?;
+            let whole = eol + 2 + n + 2;
+            Ok((buf.len() >= whole).then_some(whole))
+        }
+        _ => Err(format!(
+            "the server answered {:?} to a {kind:?}",
+            String::from_utf8_lossy(line)
+        )),
     }
 }
 
@@ -302,6 +393,27 @@ mod tests {
                 assert_eq!(&patched[3..], &expected[..], "{kind:?} id {id} key {n}");
             }
         }
+    }
+
+    #[test]
+    fn a_resp_template_is_the_command_and_replies_are_checked() {
+        let t = Template::resp(Kind::Set, b"vv");
+        let mut out = Vec::new();
+        t.append(&mut out, 9, Some(42));
+        assert_eq!(
+            out,
+            b"*3\r\n$3\r\nSET\r\n$16\r\nkey:000000000042\r\n$2\r\nvv\r\n"
+        );
+        let t = Template::resp(Kind::Get, b"");
+        out.clear();
+        t.append(&mut out, 0, Some(7));
+        assert_eq!(out, b"*2\r\n$3\r\nGET\r\n$16\r\nkey:000000000007\r\n");
+        assert_eq!(resp_reply(b"+OK\r\n+O", Kind::Set), Ok(Some(5)));
+        assert_eq!(resp_reply(b"+O", Kind::Set), Ok(None));
+        assert_eq!(resp_reply(b"$-1\r\n", Kind::Get), Ok(Some(5)));
+        assert_eq!(resp_reply(b"$3\r\nabc\r\n", Kind::Get), Ok(Some(9)));
+        assert_eq!(resp_reply(b"$3\r\nab", Kind::Get), Ok(None));
+        assert!(resp_reply(b"-ERR oom\r\n", Kind::Set).is_err());
     }
 
     #[test]

@@ -72,6 +72,11 @@ struct Args {
     /// Print CSV like redis-benchmark --csv.
     #[arg(long)]
     csv: bool,
+    /// Speak Redis's protocol (RESP) to a Redis server at --addr, so that
+    /// Redis is measured with this very client and load (--sequential
+    /// included; the collection is ignored).
+    #[arg(long, conflicts_with_all = ["token", "tls_ca"])]
+    redis: bool,
     /// Client threads (like redis-benchmark --threads; it, too, uses one by
     /// default).
     #[arg(long, default_value_t = 1)]
@@ -116,11 +121,12 @@ async fn run(
         Test::Set => Kind::Set,
         Test::Get => Kind::Get,
     };
-    let template = Arc::new(Template::new(
-        kind,
-        &args.collection,
-        &vec![b'x'; args.data_size],
-    ));
+    let value = vec![b'x'; args.data_size];
+    let template = Arc::new(if args.redis {
+        Template::resp(kind, &value)
+    } else {
+        Template::new(kind, &args.collection, &value)
+    });
     let started = Instant::now();
     let progress = (!args.csv).then(|| {
         let done = done.clone();
@@ -228,6 +234,7 @@ fn main() -> std::process::ExitCode {
             addr: args.addr.clone(),
             tls: args.tls_ca.as_deref().map(load::tls_config).transpose()?,
             token: args.token.clone(),
+            resp: args.redis,
         };
         let mut connections = Vec::new();
         for _ in 0..args.clients.max(1) {

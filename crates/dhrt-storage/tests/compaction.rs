@@ -240,7 +240,11 @@ fn writers_racing_rebuilds_wait_for_a_bounded_replay_only() {
                 while !stop.load(Ordering::Relaxed) {
                     // Overwrites (garbage to compact) and new keys (more
                     // reshards).
-                    let key = if i % 4 == 0 { 1_000_000 + i } else { i % 200_000 };
+                    let key = if i % 4 == 0 {
+                        1_000_000 + i
+                    } else {
+                        i % 200_000
+                    };
                     store.set("c", &key.to_be_bytes(), &value).unwrap();
                     i += 2;
                 }
