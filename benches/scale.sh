@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Growth: dhrtd (--sync interval) against Redis 7 (appendonly yes,
+# appendfsync everysec) in the same run, both loaded by dhrt-bench (the same
+# client and load; --redis speaks RESP):
+#   1. N distinct keys in order:  -t set -n N -r N --sequential -c 8 -P 64 -d 100
+#   2. N random SETs over them:   -t set -n N -r N -c 50 -P 16 -d 100
+# Each prints redis-benchmark's CSV (p50, p99 and max write latency). Then
+# the resident memory of each server per key, and both are stopped (SIGTERM)
+# and started again: the time until each answers (dhrt replaying its logs,
+# Redis loading its AOF).
+#
+#   benches/scale.sh                 # N=10000000
+#   N=1000000 benches/scale.sh       # the 1M point, to compare
+# Needs redis-server (apt-get install redis-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-10000000}
+cargo build -q --release -p dhrtd -p dhrt-bench
+bin=target/release
+tmp=$(mktemp -d)
+dport=17463
+rport=16389
+dhrt="" redis=""
+cleanup() { kill $dhrt $redis 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+start_dhrt() {
+  "$bin/dhrtd" --listen 127.0.0.1:$dport --data-dir "$tmp/dhrt" --sync interval 2>>"$tmp/dhrtd.log" &
+  dhrt=$!
+}
+start_redis() {
+  redis-server --port $rport --appendonly yes --appendfsync everysec --save '' --dir "$tmp" >>"$tmp/redis.log" &
+  redis=$!
+}
+dhrt_up() { "$bin/dhrt-bench" --addr 127.0.0.1:$dport -t get -n 1 -c 1 --csv >/dev/null 2>&1; }
+redis_up() { [ "$(redis-cli -p $rport ping 2>/dev/null)" = PONG ]; }
+# Milliseconds until `$1` succeeds (polled every 5 ms).
+until_up() {
+  local t0 t1
+  t0=$(date +%s%N)
+  until "$1"; do sleep 0.005; done
+  t1=$(date +%s%N)
+  echo $(((t1 - t0) / 1000000))
+}
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+bench() {
+  local who=$1 label=$2
+  shift 2
+  local flags=(--addr 127.0.0.1:$dport)
+  [ "$who" = redis ] && flags=(--addr 127.0.0.1:$rport --redis)
+  "$bin/dhrt-bench" "${flags[@]}" "$@" --csv | tail -n +2 | sed "s/^/\"$who\",\"$label\",/"
+}
+
+echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {print $2}' /proc/meminfo) KiB; dhrt $(git rev-parse --short HEAD); $(redis-server --version | cut -d' ' -f3)"
+echo "== N=$N keys of 100 bytes"
+start_dhrt
+start_redis
+until_up dhrt_up >/dev/null
+until_up redis_up >/dev/null
+echo '"server","load","test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"'
+for who in dhrt redis; do
+  bench $who sequential -t set -n "$N" -r "$N" --sequential -c 8 -P 64 -d 100
+done
+for who in dhrt redis; do
+  bench $who random -t set -n "$N" -r "$N" -c 50 -P 16 -d 100
+done
+echo "== resident memory after the loads"
+d=$(rss_kib $dhrt)
+r=$(rss_kib $redis)
+echo "dhrt: $d KiB ($((d * 1024 / N)) bytes a key); redis: $r KiB ($((r * 1024 / N)) bytes a key)"
+grep -h "resharded\|compacted" "$tmp/dhrtd.log" | tail -5 || true
+echo "== stop (SIGTERM) and start again: ms until each answers"
+kill -TERM $dhrt $redis
+wait $dhrt $redis 2>/dev/null || true
+du -sh "$tmp/dhrt" "$tmp/appendonlydir" 2>/dev/null || true
+sync
+start_dhrt
+echo "dhrt reopen: $(until_up dhrt_up) ms"
+start_redis
+echo "redis AOF load: $(until_up redis_up) ms"
+echo "keys after reopen: dhrt $(curl -s http://127.0.0.1:$dport/ | grep -o '"keys":[0-9]*' | head -1), redis $(redis-cli -p $rport dbsize)"
