@@ -210,3 +210,49 @@ fn a_follower_resumes_a_token_on_the_host_that_issued_it() {
     assert_eq!(got.last().unwrap().data["Value"].as_str().unwrap(), big);
     assert!(got.iter().any(|e| e.key() == "p-2"), "{got:?}");
 }
+
+#[test]
+fn relayed_watches_leave_no_connections_or_sessions_behind() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Few peer connections on the host: a follower that kept one per
+    // burst of watchers would be refused within a few bursts.
+    let a = Dhrtd::start(dirs[0].path(), &["--max-peer-connections", "8"]);
+    let b = start_joined(dirs[1].path(), &a, &["--collections", "other"]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for burst in 0..6 {
+        // 100 at once: three of the follower's poll links.
+        let streams: Vec<Stream> = (0..100)
+            .map(|i| {
+                let s = Stream::open(b.addr, "/burst", "text/event-stream", "");
+                assert_eq!(s.status, 200, "burst {burst}, watch {i}: {}", s.refusal);
+                s
+            })
+            .collect();
+        assert_eq!(watchers(&a), 100);
+        drop(streams);
+        eventually("the host let go", Duration::from_secs(10), || {
+            watchers(&a) == 0 && watchers(&b) == 0
+        });
+    }
+    // Clients that hang up before the host has answered leave no session
+    // there either (well before the 30 s an unpolled session lives).
+    for _ in 0..50 {
+        let mut sock = std::net::TcpStream::connect(b.addr).unwrap();
+        std::io::Write::write_all(
+            &mut sock,
+            b"GET /burst HTTP/1.1\r\nHost: dhrt\r\nAccept: text/event-stream\r\n\r\n",
+        )
+        .unwrap();
+    }
+    eventually(
+        "no orphan session on the host",
+        Duration::from_secs(10),
+        || watchers(&a) == 0,
+    );
+    let mut w = sse(&b, "/burst");
+    set(&a, "burst", "k", "v");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k");
+    assert_eq!(changes(&got), owned(&[("set", "k", "v")]));
+}

@@ -238,6 +238,11 @@ impl Link {
                     }
                 }
                 alive.store(false, Ordering::Release);
+                // The link is gone (or the reader stopped): say so to the
+                // peer, whose end of the connection then closes, and with
+                // it the reader's. Without this a dropped link would keep
+                // its connection, and one of the peer's slots, open.
+                let _ = wr.shutdown().await;
             });
         }
         {

@@ -89,7 +89,13 @@ impl Relay {
             *at = addr.to_string();
             pool.clear();
         }
-        pool.retain(|p| p.users.load(Ordering::Acquire) > 0 || Arc::strong_count(&p.link) > 1);
+        // Links nobody polls over are let go (their connections close),
+        // but one: the next watch need not dial.
+        let mut spare = false;
+        pool.retain(|p| {
+            let used = p.users.load(Ordering::Acquire) > 0 || Arc::strong_count(&p.link) > 1;
+            used || !std::mem::replace(&mut spare, true)
+        });
         let spare = pool
             .iter()
             .find(|p| p.users.load(Ordering::Acquire) < WATCHES_PER_LINK);
@@ -127,10 +133,28 @@ impl Relay {
         }))
     }
 
+    /// Opens a watch on the first host that takes it, on a task of its own:
+    /// a client gone before the host answered does not leave the host's
+    /// session open (the finished task drops the watch, which closes it).
+    async fn open(
+        self: &Arc<Self>,
+        request: WatchRequest,
+    ) -> Result<Box<dyn EventSource>, OpError> {
+        let me = self.clone();
+        tokio::spawn(async move { me.open_on_a_host(request).await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(OpError::new(
+                    ErrorKind::Internal,
+                    format!("opening a relayed watch failed: {e}"),
+                ))
+            })
+    }
+
     /// Opens a watch on the first host that takes it: one that cannot
     /// resume the token (it did not issue it) says `Gone`, and the next
     /// is asked. `Gone` only if every host said so.
-    async fn open(
+    async fn open_on_a_host(
         self: &Arc<Self>,
         request: WatchRequest,
     ) -> Result<Box<dyn EventSource>, OpError> {

@@ -4,7 +4,6 @@
 //! polling.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -17,16 +16,16 @@ use crate::watch::WatchHub;
 const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
 /// A session its follower has not read for this long is closed.
 const SESSION_TTL: Duration = Duration::from_secs(30);
-/// Bytes of keys and values in one reply beyond its first event: well
-/// under the frame limit, which the largest single event fits.
-pub(crate) const REPLY_BYTES: usize = 1 << 20;
+/// Bytes of keys and values in one reply beyond its first event (a local
+/// watcher's batch): well under the frame limit, which the largest single
+/// event fits.
+pub(crate) const REPLY_BYTES: usize = 256 << 10;
 
 /// The watch sessions peers opened on this node.
 #[derive(Debug)]
 pub(crate) struct Sessions {
     hub: Arc<WatchHub>,
     map: Mutex<HashMap<u64, Arc<SessionEntry>>>,
-    next_id: AtomicU64,
     sweeping: std::sync::Once,
 }
 
@@ -62,7 +61,6 @@ impl Sessions {
         Arc::new(Sessions {
             hub,
             map: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
             sweeping: std::sync::Once::new(),
         })
     }
@@ -78,7 +76,6 @@ impl Sessions {
         self.start_sweeping();
         let source = self.hub.open_checked(&request, here)?;
         let token = source.token();
-        let session = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(SessionEntry {
             owner,
             used: Mutex::new(Instant::now()),
@@ -87,7 +84,17 @@ impl Sessions {
                 pending: VecDeque::new(),
             }),
         });
-        self.map.lock().unwrap().insert(session, entry);
+        // Random, never a counter: a follower that still holds a session
+        // of this node's previous run must get `NotFound`, not another
+        // watch's session that reuses its number.
+        let mut map = self.map.lock().unwrap();
+        let session = loop {
+            let id: u64 = rand::random();
+            if !map.contains_key(&id) {
+                break id;
+            }
+        };
+        map.insert(session, entry);
         Ok(PeerReply::WatchOpened { session, token })
     }
 
@@ -239,6 +246,22 @@ mod tests {
         assert_eq!(s.len(), 0);
         assert_eq!(
             s.next(7, session, 10).await.unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_of_a_previous_run_is_not_found_after_a_restart() {
+        // A follower still holding a session of this node's last run, and
+        // this node restarted (new sessions) and opening the follower's
+        // other watches: the old session must not name one of them.
+        let (_store, before) = sessions();
+        let old = open(&before, 7, WatchStart::Now);
+        let (_store, after) = sessions();
+        let fresh: Vec<u64> = (0..64).map(|_| open(&after, 7, WatchStart::Now)).collect();
+        assert!(!fresh.contains(&old));
+        assert_eq!(
+            after.next(7, old, 10).await.unwrap_err().kind,
             ErrorKind::NotFound
         );
     }
