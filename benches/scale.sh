@@ -21,6 +21,7 @@ tmp=$(mktemp -d)
 dport=17463
 rport=16389
 dhrt="" redis=""
+export DHRT_LOG=${DHRT_LOG:-info}
 cleanup() { kill $dhrt $redis 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 
@@ -42,13 +43,13 @@ until_up() {
   t1=$(date +%s%N)
   echo $(((t1 - t0) / 1000000))
 }
-rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_kib() { awk -v f="$2" '$1 == f":" {print $2}' "/proc/$1/status"; }
 bench() {
   local who=$1 label=$2
   shift 2
   local flags=(--addr 127.0.0.1:$dport)
   [ "$who" = redis ] && flags=(--addr 127.0.0.1:$rport --redis)
-  "$bin/dhrt-bench" "${flags[@]}" "$@" --csv | tail -n +2 | sed "s/^/\"$who\",\"$label\",/"
+  "$bin/dhrt-bench" "${flags[@]}" "$@" --csv --report-slow-ms "${SLOW_MS:-50}" | tail -n +2 | sed "s/^/\"$who\",\"$label\",/"
 }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {print $2}' /proc/meminfo) KiB; dhrt $(git rev-parse --short HEAD); $(redis-server --version | cut -d' ' -f3)"
@@ -65,9 +66,12 @@ for who in dhrt redis; do
   bench $who random -t set -n "$N" -r "$N" -c 50 -P 16 -d 100
 done
 echo "== resident memory after the loads"
-d=$(rss_kib $dhrt)
-r=$(rss_kib $redis)
-echo "dhrt: $d KiB ($((d * 1024 / N)) bytes a key); redis: $r KiB ($((r * 1024 / N)) bytes a key)"
+for who in dhrt redis; do
+  pid=${!who}
+  rss=$(rss_kib "$pid" VmRSS)
+  anon=$(rss_kib "$pid" RssAnon)
+  echo "$who: RSS $rss KiB ($((rss * 1024 / N)) bytes a key), of which anonymous (heap) $anon KiB ($((anon * 1024 / N)) bytes a key; the rest is the page cache of mapped files)"
+done
 grep -h "resharded\|compacted" "$tmp/dhrtd.log" | tail -5 || true
 echo "== stop (SIGTERM) and start again: ms until each answers"
 kill -TERM $dhrt $redis

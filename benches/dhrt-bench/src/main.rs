@@ -81,6 +81,10 @@ struct Args {
     /// default).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Print each batch slower than this many ms to stderr, with the
+    /// time it was sent (to line stalls up with the server's log).
+    #[arg(long, value_name = "MS")]
+    report_slow_ms: Option<u64>,
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
@@ -147,6 +151,7 @@ async fn run(
     for (c, mut connection) in connections.into_iter().enumerate() {
         let (issued, done, template) = (issued.clone(), done.clone(), template.clone());
         let sequential = args.sequential;
+        let slow_us = args.report_slow_ms.map(|ms| ms * 1000);
         let (keyspace, total, depth) = (args.keyspace, args.requests, args.pipeline);
         let mut rng = splitmix(c as u64);
         tasks.push(tokio::spawn(async move {
@@ -171,6 +176,17 @@ async fn run(
                 });
                 let t = connection.batch(&template, kind, keys).await?;
                 let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                if slow_us.is_some_and(|s| u64::from(us) > s) {
+                    let sent = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .saturating_sub(Duration::from_micros(us.into()));
+                    eprintln!(
+                        "slow: sent at {:.3} s (Unix), {:.1} ms",
+                        sent.as_secs_f64(),
+                        f64::from(us) / 1000.0
+                    );
+                }
                 latencies.extend(std::iter::repeat_n(us, n as usize));
                 done.fetch_add(n, Ordering::Relaxed);
             }

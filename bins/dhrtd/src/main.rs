@@ -24,6 +24,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Args, Auth, Config, Sync};
 use dhrt_proto::Access;
 
+/// mimalloc, not the system allocator: a reshard or compaction frees the
+/// millions of entries of the index it replaced from its own thread, and
+/// glibc's per-arena locks then stalled writers allocating beside it for
+/// 100-500 ms (`benches/scale.sh`, docs/benchmarks.md); mimalloc frees
+/// across threads without a lock.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = match Config::load(Args::parse()) {
         Ok(c) => c,

@@ -35,6 +35,16 @@ pub(crate) struct Generation {
     pub(crate) log: Arc<LogFile>,
 }
 
+/// Lets go of a generation a rebuild replaced. If this is its last holder
+/// (the rebuild's thread, usually), its index is freed a little at a time:
+/// millions of frees in one go hold the allocator's locks long enough to
+/// stall the writers allocating beside them for hundreds of milliseconds.
+pub(crate) fn retire(old: Arc<Generation>) {
+    if let Ok(generation) = Arc::try_unwrap(old) {
+        generation.index.free_gradually();
+    }
+}
+
 /// What the writer knows about the current generation, kept exact under the
 /// writer lock.
 #[derive(Clone, Copy, Debug)]

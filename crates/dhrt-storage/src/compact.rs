@@ -352,6 +352,9 @@ pub(crate) fn compact(
     {
         let _ = std::fs::remove_file(tmp);
     }
+    if result.is_ok() {
+        collection::retire(old);
+    }
     result.map(|()| report)
 }
 
@@ -429,6 +432,7 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) -> u64 {
             true
         });
         if swapped {
+            collection::retire(old);
             return locked_max;
         }
     }

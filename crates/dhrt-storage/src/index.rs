@@ -282,6 +282,21 @@ impl Index {
     }
 
     /// The digest of every bucket.
+    /// Frees the index shard by shard, pausing after every few thousand
+    /// entries (see `collection::retire`).
+    pub(crate) fn free_gradually(self) {
+        const ENTRIES_BETWEEN_PAUSES: usize = 4096;
+        let mut freed = 0;
+        for shard in self.shards.into_vec() {
+            freed += shard.len();
+            drop(shard);
+            if freed >= ENTRIES_BETWEEN_PAUSES {
+                freed = 0;
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+    }
+
     pub(crate) fn digest(&self) -> Vec<u64> {
         self.digest
             .iter()
