@@ -15,6 +15,7 @@ use crate::log::LogFile;
 use crate::record::{
     self, Decoded, FILE_HEADER_LEN, FileHeader, FileKind, Header, Kind, RECORD_HEADER_LEN,
 };
+use crate::recover;
 use crate::verify;
 use crate::version::{Clock, Version};
 use crate::watermark::{self, Watermark};
@@ -257,119 +258,6 @@ pub(crate) struct Recovery {
     pub(crate) converted: Option<u64>,
 }
 
-/// What the validation pass of recovery collects for the replay.
-#[derive(Debug, Default)]
-struct Scanned {
-    /// (order hash of the key, offset) of every set and tombstone, in log
-    /// order.
-    records: Vec<(u32, u64)>,
-    /// The greatest drop version, its offset, and how many drop records
-    /// there are.
-    dropped_at: Option<Version>,
-    drop_offset: u64,
-    drops: u64,
-    /// Checkpoints for the log (see `LogFile::note_checkpoint`).
-    checkpoints: Vec<(u64, u64)>,
-    /// The greatest seq seen.
-    max_seq: u64,
-}
-
-/// Builds the index of a log whose records were all checked already.
-///
-/// The final state does not depend on the order records are applied in
-/// (per key the greatest version wins; a drop removes what is older than
-/// it), so records are grouped by shard first (a stable counting sort) and
-/// each shard is built in one go while it is in cache, the shards split
-/// among threads.
-fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
-    let index = Index::new(options.shards_for(scanned.records.len() as u64));
-    let bits = index.bits();
-    let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
-    let mut starts = vec![0usize; index.shard_count() + 1];
-    for &(hash, _) in &scanned.records {
-        starts[shard(hash) + 1] += 1;
-    }
-    for i in 1..starts.len() {
-        starts[i] += starts[i - 1];
-    }
-    let mut next = starts.clone();
-    let mut sorted = vec![0u64; scanned.records.len()];
-    for &(hash, offset) in &scanned.records {
-        let s = shard(hash);
-        sorted[next[s]] = offset;
-        next[s] += 1;
-    }
-    drop(scanned.records);
-
-    let base = State {
-        dropped_at: scanned.dropped_at,
-        drop_offset: scanned.drop_offset,
-        ..State::default()
-    };
-    let apply_range = |range: &[u64]| {
-        let mut state = base;
-        for (i, &offset) in range.iter().enumerate() {
-            // The records are visited in shard order, all over the log:
-            // ask for one a few ahead, so its cache miss overlaps this
-            // one's work instead of following it.
-            if let Some(&ahead) = range.get(i + PREFETCH_AHEAD) {
-                crate::mmap::prefetch(&log[ahead as usize]);
-            }
-            let at = &log[offset as usize..];
-            let header = record::peek_header(at);
-            let key = &at[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.key_len as usize];
-            apply_record(&index, &mut state, log, &header, key, offset, None);
-        }
-        state
-    };
-    let threads = if sorted.len() < 50_000 {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
-    // Cut the sorted offsets at shard boundaries into `threads` ranges.
-    let mut cuts = vec![0];
-    for t in 1..threads {
-        let target = sorted.len() * t / threads;
-        let boundary = starts.partition_point(|&s| s < target);
-        cuts.push(starts[boundary.min(starts.len() - 1)]);
-    }
-    cuts.push(sorted.len());
-    let states: Vec<State> = std::thread::scope(|s| {
-        let handles: Vec<_> = cuts
-            .windows(2)
-            .map(|w| {
-                let (range, apply_range) = (&sorted[w[0]..w[1]], &apply_range);
-                s.spawn(move || apply_range(range))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let mut total = base;
-    for st in states {
-        total.live_keys += st.live_keys;
-        total.tombstones += st.tombstones;
-        total.garbage += st.garbage;
-        total.oldest_tombstone_ms = total.oldest_tombstone_ms.min(st.oldest_tombstone_ms);
-    }
-    if let Some(d) = scanned.dropped_at {
-        total.garbage += (scanned.drops - 1) * RECORD_HEADER_LEN as u64;
-        total.oldest_tombstone_ms = total.oldest_tombstone_ms.min(d.physical_ms());
-    }
-    (index, total)
-}
-
-/// How many records ahead recovery's replay prefetches.
-const PREFETCH_AHEAD: usize = 16;
-
-/// Whether any valid record starts after `from` in `buf`.
-fn valid_record_after(buf: &[u8], from: usize) -> bool {
-    (from + 1..buf.len().saturating_sub(RECORD_HEADER_LEN - 1)).any(|at| {
-        // Cheap filter before the CRC: a known kind.
-        matches!(buf[at + 4], 1..=3) && matches!(record::decode(&buf[at..]), Decoded::Record { .. })
-    })
-}
-
 impl Collection {
     pub(crate) fn log_path(dir: &Path, name: &str) -> PathBuf {
         dir.join(format!("{name}{LOG_SUFFIX}"))
@@ -503,7 +391,6 @@ impl Collection {
         let mut cut_reason = None;
         let mut preallocated = false;
         let mut built = (Index::new(options.shards_for(0)), State::default());
-        let mut scanned = Scanned::default();
         let mut checkpoints = Vec::new();
         if len < FILE_HEADER_LEN as u64 {
             // Creation was interrupted before the header was durable.
@@ -542,32 +429,13 @@ impl Collection {
                 }
             }
             let t_scan = std::time::Instant::now();
-            while end < buf.len() {
+            let found = recover::scan(buf);
+            end = found.end;
+            recovery.records = found.count;
+            recovery.max_ts = found.max_ts;
+            if end < buf.len() {
                 match record::decode(&buf[end..]) {
-                    Decoded::Record { header, key, .. } => {
-                        if scanned
-                            .checkpoints
-                            .last()
-                            .is_none_or(|&(_, at)| end as u64 >= at + crate::log::CHECKPOINT_EVERY)
-                        {
-                            scanned.checkpoints.push((header.seq, end as u64));
-                        }
-                        scanned.max_seq = scanned.max_seq.max(header.seq);
-                        if header.kind == Kind::Drop {
-                            if Some(header.version) > scanned.dropped_at {
-                                scanned.dropped_at = Some(header.version);
-                                scanned.drop_offset = end as u64;
-                            }
-                            scanned.drops += 1;
-                        } else {
-                            scanned
-                                .records
-                                .push((index::order_hash(key) as u32, end as u64));
-                        }
-                        recovery.records += 1;
-                        recovery.max_ts = recovery.max_ts.max(header.version.ts);
-                        end += header.record_len();
-                    }
+                    Decoded::Record { .. } => unreachable!("the scan stops on a bad record"),
                     _ if below_watermark(end) => {
                         // These bytes were confirmed durable: damage here
                         // is not a crash's doing, and needs an operator.
@@ -582,7 +450,6 @@ impl Collection {
                         // written (the process stopped without closing the
                         // log): not a torn record.
                         preallocated = true;
-                        break;
                     }
                     bad => {
                         let reason = match bad {
@@ -594,7 +461,7 @@ impl Collection {
                         // is out of order (a zeroed page between written
                         // ones), so it is cut whatever follows. Without a
                         // watermark, they mean a corrupt middle.
-                        if recovery.watermark.is_none() && valid_record_after(buf, end) {
+                        if recovery.watermark.is_none() && recover::valid_record_after(buf, end) {
                             return Err(Error::Corrupt {
                                 path: path.into(),
                                 offset: end as u64,
@@ -602,7 +469,6 @@ impl Collection {
                             });
                         }
                         cut_reason = Some(reason);
-                        break;
                     }
                 }
             }
@@ -613,10 +479,11 @@ impl Collection {
                     reason: "the log ends before its durable watermark",
                 });
             }
-            recovery.max_seq = scanned.max_seq;
-            checkpoints = std::mem::take(&mut scanned.checkpoints);
+            recovery.max_seq = found.max_seq;
+            let mut found = found;
+            checkpoints = std::mem::take(&mut found.checkpoints);
             let t_replay = std::time::Instant::now();
-            built = replay(&buf[..end], scanned, options);
+            built = recover::replay(&buf[..end], found, options);
             tracing::debug!(
                 collection = name,
                 records = recovery.records,

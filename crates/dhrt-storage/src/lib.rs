@@ -31,6 +31,7 @@ mod mmap;
 mod name;
 mod options;
 mod record;
+mod recover;
 mod scan;
 mod store;
 mod verify;
