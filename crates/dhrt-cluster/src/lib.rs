@@ -38,7 +38,7 @@ pub use cluster::{Cluster, ClusterOptions, Identity};
 pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::Node;
-pub use placement::WriteAck;
+pub use placement::{Replicas, WriteAck};
 pub use server::{BinaryLimits, Closed, serve_binary};
 pub use throttle::LogThrottle;
 pub use watch::{WatchCounts, WatchHub, WatchOptions};

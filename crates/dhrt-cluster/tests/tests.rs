@@ -3,4 +3,5 @@
 mod binary;
 mod membership;
 mod node;
+mod placement;
 mod sim;

@@ -15,7 +15,6 @@ use super::apply::local_error;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, Peer, stamp, version};
 use crate::batch::mutation_bytes;
 use crate::link::LinkError;
-use crate::placement::hosts;
 
 /// The buckets two digests should exchange: those that differ, or all of
 /// them when the peer's digest has another shape.
@@ -160,7 +159,13 @@ impl Cluster {
                 names.push(d.collection.clone());
             }
         }
-        names.retain(|c| hosts(&me, c) && hosts(&them, c));
+        {
+            let m = self.membership.lock().unwrap();
+            names.retain(|c| {
+                let owners = self.owners_in(&m, c);
+                owners.contains(&me.id) && owners.contains(&them.id)
+            });
+        }
         let shared = names
             .into_iter()
             .map(|c| {

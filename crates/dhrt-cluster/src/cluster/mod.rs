@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use crate::link::{Connector, Dialer, TcpConnector};
 use crate::membership::{Membership, MembershipConfig, member_state};
-use crate::placement::WriteAck;
+use crate::placement::{Replicas, WriteAck};
 use crate::skew::{Guard, Offsets, Verdict};
 use crate::state::{self};
 
@@ -27,6 +27,7 @@ mod apply;
 mod clock;
 mod contact;
 mod driver;
+mod owners;
 mod read;
 mod replicate;
 mod sync;
@@ -54,8 +55,10 @@ pub struct ClusterOptions {
     pub timeout: Duration,
     /// The shared secret peers must prove they know (`None`: empty secret).
     pub secret: Option<String>,
-    /// The collections this node hosts, or `None` for all.
+    /// The collections this node may own, or `None` for all.
     pub collections: Option<Vec<String>>,
+    /// How many members own each collection (`--replicas`).
+    pub replicas: Replicas,
     /// Members to join through.
     pub seeds: Vec<String>,
     /// Membership protocol timing.
@@ -97,6 +100,7 @@ impl Default for ClusterOptions {
             timeout: Duration::from_millis(500),
             secret: None,
             collections: None,
+            replicas: Replicas::All,
             seeds: Vec::new(),
             membership: MembershipConfig::default(),
             anti_entropy_every: Duration::from_secs(2),

@@ -10,7 +10,6 @@ use dhrt_proto::{Liveness, PeerOp, PeerReply, Versioned};
 
 use super::Cluster;
 use crate::link::{Dialer, LinkError};
-use crate::placement::hosts;
 
 impl Cluster {
     /// Asks every live peer hosting `collection` for `key` in parallel and
@@ -22,10 +21,11 @@ impl Cluster {
     ) -> Option<Versioned> {
         let targets: Vec<u64> = {
             let m = self.membership.lock().unwrap();
+            let owners = self.owners_in(&m, collection);
             m.members()
                 .filter(|u| {
                     matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
-                        && hosts(u, collection)
+                        && owners.contains(&u.id)
                 })
                 .map(|u| u.id)
                 .collect()
@@ -69,12 +69,13 @@ impl Cluster {
     pub(crate) fn watch_hosts(&self, collection: &str) -> Vec<(u64, String)> {
         let m = self.membership.lock().unwrap();
         let me = self.dialer.me;
+        let owners = self.owners_in(&m, collection);
         let mut hosts: Vec<(bool, Liveness, u64, String)> = m
             .members()
             .filter(|u| {
                 u.id != me
                     && matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
-                    && hosts(u, collection)
+                    && owners.contains(&u.id)
             })
             .map(|u| (u.syncing, u.liveness, u.id, u.addr.clone()))
             .collect();
@@ -85,13 +86,9 @@ impl Cluster {
             .collect()
     }
 
-    /// Whether this node hosts `collection` (it pinned no list, or one
-    /// with it).
+    /// Whether this node owns `collection`.
     pub(crate) fn hosts_here(&self, collection: &str) -> bool {
-        self.options
-            .collections
-            .as_ref()
-            .is_none_or(|c| c.iter().any(|x| x == collection))
+        self.everyone_owns_everything() || self.owners(collection).contains(&self.dialer.me)
     }
 
     /// Who this node dials as, for links of its own (watch relays).

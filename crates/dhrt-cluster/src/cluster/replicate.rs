@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of};
 use crate::link::{Link, LinkError};
-use crate::placement::{self, hosts};
+use crate::placement;
 use crate::queue::{Queue, Room};
 
 /// One peer: its connection and the writes on their way to it.
@@ -54,16 +54,17 @@ impl Cluster {
         };
         let (targets, reachable): (Vec<u64>, HashSet<u64>) = {
             let m = self.membership.lock().unwrap();
+            let owners = self.owners_in(&m, &collection);
             let targets = m
                 .members()
-                .filter(|u| u.liveness != Liveness::Left && hosts(u, &collection))
+                .filter(|u| u.liveness != Liveness::Left && owners.contains(&u.id))
                 .map(|u| u.id)
                 .collect();
             let reachable = m
                 .members()
                 .filter(|u| {
                     matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
-                        && hosts(u, &collection)
+                        && owners.contains(&u.id)
                 })
                 .map(|u| u.id)
                 .collect();
@@ -286,18 +287,18 @@ impl Cluster {
         self.acks.notify_waiters();
     }
 
-    /// Whether this node stores `collection` itself: it hosts it, or nobody
-    /// alive does (a write is never dropped for lack of a host).
+    /// Whether this node stores `collection` itself: it owns it, or no
+    /// owner is alive (a write is never dropped for lack of a host).
     pub(crate) fn stores_locally(&self, collection: &str) -> bool {
-        if self.options.collections.is_none() {
-            // This node hosts every collection.
+        if self.everyone_owns_everything() {
             return true;
         }
         let m = self.membership.lock().unwrap();
-        hosts(m.me(), collection)
+        let owners = self.owners_in(&m, collection);
+        owners.contains(&m.me().id)
             || !m
                 .members()
-                .any(|u| u.liveness == Liveness::Alive && hosts(u, collection))
+                .any(|u| u.liveness == Liveness::Alive && owners.contains(&u.id))
     }
 
     /// A fresh version for a write this node does not store itself.

@@ -19,7 +19,6 @@ use super::apply::local_error;
 use super::contact::away_too_long;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp};
 use crate::link::LinkError;
-use crate::placement::hosts;
 
 /// The outcome of a spawned handoff chunk.
 pub(super) fn joined(
@@ -157,11 +156,13 @@ impl Cluster {
             PeerReply::Digests(d) => d,
             _ => Vec::new(),
         };
-        let me = self.membership.lock().unwrap().me().clone();
-        let wanted: Vec<CollectionDigest> = digests
-            .into_iter()
-            .filter(|d| hosts(&me, &d.collection))
-            .collect();
+        let wanted: Vec<CollectionDigest> = {
+            let m = self.membership.lock().unwrap();
+            digests
+                .into_iter()
+                .filter(|d| self.owners_in(&m, &d.collection).contains(&m.me().id))
+                .collect()
+        };
         self.sync
             .total
             .store(wanted.iter().map(|d| d.entries).sum(), Ordering::Relaxed);
