@@ -18,8 +18,9 @@ use crate::watermark::{self, Watermark};
 /// The index packs offsets into 46 bits.
 const MAX_LOG_LEN: u64 = 1 << crate::index::OFFSET_BITS;
 
-/// A checkpoint (seq, offset) is kept at most every this many bytes of log,
-/// so finding where a seq starts reads at most this much past one.
+/// A checkpoint (seq, offset) is kept about every this many bytes of log
+/// (recovery adds one where each of its stretches starts), so finding where
+/// a seq starts reads at most this much past one.
 pub(crate) const CHECKPOINT_EVERY: u64 = 64 << 10;
 
 /// Smallest map; the address space is reserved, not memory.

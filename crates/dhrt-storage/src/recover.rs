@@ -32,6 +32,9 @@ pub(crate) struct Scanned {
     /// Where the valid log ends: the end of the buffer, or the first offset
     /// that does not hold a whole, valid record.
     pub(crate) end: usize,
+    /// The walk stopped at `end` before a record reaching past its bound,
+    /// without checking it: whoever goes on from `end` does.
+    deferred: bool,
 }
 
 impl Scanned {
@@ -53,23 +56,39 @@ impl Scanned {
         self.max_ts = self.max_ts.max(next.max_ts);
         self.count += next.count;
         self.end = next.end;
+        self.deferred = next.deferred;
     }
 }
 
 /// Logs below this are scanned on one thread.
 const PARALLEL_SCAN_BYTES: usize = 64 << 20;
 
+/// How far into its stretch the search for a first record goes: past it
+/// (a stretch starting inside a large value), the stretch is left to the
+/// walk through the ones before it.
+const MAX_SEARCH: usize = 1 << 20;
+
 /// Walks the records from `from` while they decode, until the first one
 /// that starts at or past `until` (or the end of `buf`). `end` is where it
 /// stopped: a record start at or past `until` if every record before it was
-/// valid, else the start of the first one that is not.
-fn scan_from(buf: &[u8], from: usize, until: usize) -> Scanned {
+/// valid, else the start of the first one that is not. With `defer`, it
+/// also stops (`deferred`) before a record whose header says it reaches
+/// past `until`, unchecked: a walk that may be thrown away does not
+/// checksum a length a crafted header claims.
+fn scan_from(buf: &[u8], from: usize, until: usize, defer: bool) -> Scanned {
     let mut s = Scanned {
         end: from,
         ..Scanned::default()
     };
     let mut records = Vec::new();
     while s.end < until {
+        if defer
+            && let Ok(header) = record::parse_header(&buf[s.end..])
+            && s.end + header.record_len() > until
+        {
+            s.deferred = true;
+            break;
+        }
         let Decoded::Record { header, key, .. } = record::decode(&buf[s.end..]) else {
             break;
         };
@@ -140,7 +159,7 @@ fn first_record_in(buf: &[u8], from: usize, until: usize, mut budget: usize) -> 
 pub(crate) fn scan(buf: &[u8]) -> Scanned {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     if buf.len() < PARALLEL_SCAN_BYTES || threads == 1 {
-        return scan_from(buf, FILE_HEADER_LEN, buf.len());
+        return scan_from(buf, FILE_HEADER_LEN, buf.len(), false);
     }
     scan_in_stretches(buf, threads, threads * 4)
 }
@@ -154,38 +173,52 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
         })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut found: Vec<Option<(usize, Scanned)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= stretches {
-                            return done;
-                        }
-                        let (from, until) = (bounds[i], bounds[i + 1]);
-                        let start = match i {
-                            0 => Some(from),
-                            _ => first_record_in(buf, from, until, 2 * (until - from)),
-                        };
-                        done.push((i, start.map(|at| (at, scan_from(buf, at, until)))));
-                    }
-                })
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= stretches {
+                return done;
+            }
+            let (from, until) = (bounds[i], bounds[i + 1]);
+            let scanned = match i {
+                // Always kept: nothing to defer.
+                0 => Some((from, scan_from(buf, from, until, false))),
+                _ => first_record_in(buf, from, until.min(from + MAX_SEARCH), 2 * (until - from))
+                    .map(|at| (at, scan_from(buf, at, until, true))),
+            };
+            done.push((i, scanned));
+        }
+    };
+    let mut found: Vec<Option<(usize, Scanned)>> = (0..stretches).map(|_| None).collect();
+    std::thread::scope(|s| {
+        // Helpers where threads can be had; this thread works too, so the
+        // scan completes without them.
+        let helpers: Vec<_> = (1..threads)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("dhrt-recover".into())
+                    .spawn_scoped(s, work)
+                    .ok()
             })
             .collect();
-        let mut found: Vec<Option<(usize, Scanned)>> = (0..stretches).map(|_| None).collect();
-        for w in workers {
-            for (i, result) in w.join().expect("scan thread panicked") {
+        let mine = work();
+        let theirs = helpers
+            .into_iter()
+            .map(|h| h.join().expect("scan thread panicked"));
+        for done in std::iter::once(mine).chain(theirs) {
+            for (i, result) in done {
                 found[i] = result;
             }
         }
-        found
     });
     let (_, mut total) = found[0]
         .take()
         .expect("the first stretch starts at the header");
     for i in 1..stretches {
+        if total.deferred {
+            total.extend(scan_from(buf, total.end, bounds[i], false));
+        }
         if total.end < bounds[i] {
             // The walk stopped on a bad record (or the end): the valid log
             // ends there, whatever follows.
@@ -193,9 +226,12 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
         }
         let next = match found[i].take() {
             Some((start, scanned)) if start == total.end => scanned,
-            _ => scan_from(buf, total.end, bounds[i + 1]),
+            _ => scan_from(buf, total.end, bounds[i + 1], true),
         };
         total.extend(next);
+    }
+    if total.deferred {
+        total.extend(scan_from(buf, total.end, buf.len(), false));
     }
     total
 }
@@ -263,14 +299,32 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
     }
     cuts.push(sorted.len());
     let states: Vec<State> = std::thread::scope(|s| {
+        // A range whose thread cannot be had is applied on this one.
+        let mut states = Vec::new();
         let handles: Vec<_> = cuts
             .windows(2)
-            .map(|w| {
+            .skip(1)
+            .filter_map(|w| {
                 let (range, apply_range) = (&sorted[w[0]..w[1]], &apply_range);
-                s.spawn(move || apply_range(range))
+                match std::thread::Builder::new()
+                    .name("dhrt-recover".into())
+                    .spawn_scoped(s, move || apply_range(range))
+                {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        states.push(apply_range(range));
+                        None
+                    }
+                }
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        states.push(apply_range(&sorted[cuts[0]..cuts[1]]));
+        states.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("replay thread panicked")),
+        );
+        states
     });
     let mut total = base;
     for st in states {
@@ -405,7 +459,7 @@ mod tests {
                 buf[at] ^= flip.max(1);
             }
             buf.resize(buf.len() + zeros, 0);
-            let single = scan_from(&buf, FILE_HEADER_LEN, buf.len());
+            let single = scan_from(&buf, FILE_HEADER_LEN, buf.len(), false);
             let parallel = scan_in_stretches(&buf, threads, stretches);
             same_result(&buf, &parallel, &single);
         }
@@ -419,7 +473,7 @@ mod tests {
             .map(|i| (1, format!("k{i}").into_bytes(), vec![b'v'; 3000], true))
             .collect();
         let buf = log_of(&items);
-        let single = scan_from(&buf, FILE_HEADER_LEN, buf.len());
+        let single = scan_from(&buf, FILE_HEADER_LEN, buf.len(), false);
         assert_eq!(single.count, 64);
         assert_eq!(single.end, buf.len());
         for stretches in [2, 7, 50, 300] {
@@ -444,14 +498,14 @@ mod tests {
             .collect();
         let mut buf = log_of(&items);
         assert!(buf.len() > PARALLEL_SCAN_BYTES);
-        let whole = scan_from(&buf, FILE_HEADER_LEN, buf.len());
+        let whole = scan_from(&buf, FILE_HEADER_LEN, buf.len(), false);
         assert_eq!(whole.count, 300_000);
         same_result(&buf, &scan(&buf), &whole);
 
         let damaged = buf.len() * 3 / 4;
         buf[damaged] ^= 0x40;
         buf.resize(buf.len() + (4 << 20), 0);
-        let cut = scan_from(&buf, FILE_HEADER_LEN, buf.len());
+        let cut = scan_from(&buf, FILE_HEADER_LEN, buf.len(), false);
         assert!(cut.end <= damaged && cut.count < 300_000);
         same_result(&buf, &scan(&buf), &cut);
     }
