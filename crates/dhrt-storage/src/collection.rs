@@ -130,6 +130,9 @@ pub(crate) struct Collection {
     pub(crate) last_seq_hint: AtomicU64,
     /// Held for the whole of a compaction or reshard: one at a time.
     pub(crate) rebuilding: Mutex<()>,
+    /// Set (under the writer lock) when the store released this collection:
+    /// a writer that waited for the lock must write to its successor.
+    pub(crate) released: AtomicBool,
     /// The most records a rebuild replayed with the writer lock held.
     pub(crate) locked_replay_max: AtomicU64,
     /// Set when a damaged record was quarantined: compact soon.
@@ -275,6 +278,7 @@ impl Collection {
             recovered_max_seq: AtomicU64::new(0),
             last_seq_hint: AtomicU64::new(0),
             rebuilding: Mutex::new(()),
+            released: AtomicBool::new(false),
             locked_replay_max: AtomicU64::new(0),
             compact_requested: AtomicBool::new(false),
             quarantined: AtomicU64::new(0),
@@ -552,6 +556,24 @@ impl Collection {
             .last_seq_hint
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
         Ok((collection, recovery))
+    }
+
+    /// Marks the collection released if its digest is still `expected`
+    /// (writer lock held, so no write lands in between); a writer waiting
+    /// for the lock then writes to the collection's successor instead.
+    pub(crate) fn release_if(&self, expected: &crate::Digest) -> bool {
+        let _rebuild = self.rebuilding.lock().unwrap();
+        let w = self.writer.lock().unwrap();
+        let digest = crate::Digest {
+            buckets: self.current.load().index.digest(),
+            dropped_at: w.state.dropped_at,
+        };
+        if digest != *expected {
+            return false;
+        }
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        true
     }
 
     /// Looks a key up: `None` if there is no entry, else its value (`None`
@@ -852,7 +874,14 @@ impl Collection {
         })
     }
 
+    /// Whether the collection takes writes (called with the writer lock
+    /// held): not released, not poisoned.
     fn check_poison(&self, log: &LogFile) -> Result<()> {
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Released {
+                collection: self.name.clone(),
+            });
+        }
         match log.poisoned() {
             Some(cause) => Err(Error::Poisoned {
                 collection: self.name.clone(),

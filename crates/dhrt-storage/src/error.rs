@@ -83,6 +83,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The collection was released ([`crate::Store::release`]) while the
+    /// call waited for it; the store retries such calls on the collection's
+    /// new incarnation, so callers never see this. Nothing was changed.
+    #[error("collection {collection:?} was released")]
+    Released {
+        /// The collection.
+        collection: String,
+    },
+
     /// An earlier fsync of this collection failed, so its durable state is
     /// unknown; it refuses writes until the process is restarted and the log
     /// recovered. Reads keep working. Nothing was changed.

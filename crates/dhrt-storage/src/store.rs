@@ -386,15 +386,52 @@ impl Store {
     /// case, a collection that exists, borrows it from the collections map:
     /// no name check (only valid names are in the map) and no reference
     /// count taken on the write path.
-    fn with_collection<T>(
-        &self,
-        name: &str,
-        f: impl FnOnce(&Collection) -> Result<T>,
-    ) -> Result<T> {
-        if let Some(c) = self.inner.collections.load().get(name) {
-            return f(c);
+    ///
+    /// A collection released while `f` waited for its writer lock is
+    /// retried on its successor.
+    fn with_collection<T>(&self, name: &str, f: impl Fn(&Collection) -> Result<T>) -> Result<T> {
+        loop {
+            let result = match self.inner.collections.load().get(name) {
+                Some(c) => f(c),
+                None => f(&*self.existing_or_create(name)?),
+            };
+            match result {
+                Err(Error::Released { .. }) => std::thread::yield_now(),
+                other => return other,
+            }
         }
-        f(&*self.existing_or_create(name)?)
+    }
+
+    /// Forgets this store's copy of `name` if its digest is still
+    /// `expected`: the collection leaves the store and its files are
+    /// deleted, with no record of it left behind (unlike a drop, which is
+    /// a versioned write every replica applies). For a node that no longer
+    /// owns a collection, once every owner holds what this copy holds.
+    /// Returns whether it was released; a write that raced the check keeps
+    /// the copy. A write after it creates the collection anew.
+    pub fn release(&self, name: &str, expected: &Digest) -> Result<bool> {
+        let _creating = self.inner.create.lock().unwrap();
+        let Some(c) = self.existing(name)? else {
+            return Ok(false);
+        };
+        if !c.release_if(expected) {
+            return Ok(false);
+        }
+        let mut map = Collections::clone(&self.inner.collections.load());
+        map.remove(name);
+        self.inner.collections.store(Arc::new(map));
+        if let Some(dir) = self.dir() {
+            let log = Collection::log_path(dir, name);
+            for path in [crate::watermark::path_for(&log), log] {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", path, e)),
+                }
+            }
+            crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+        }
+        Ok(true)
     }
 
     fn existing_or_create(&self, name: &str) -> Result<Arc<Collection>> {
@@ -497,10 +534,15 @@ impl Store {
         let sync = self.inner.options.sync;
         if value.is_none() && matches!(stamp, Stamp::Local(_)) {
             // A local delete never creates its collection.
-            return match self.existing(collection)? {
-                Some(c) => c.write(key, value, stamp, sync),
-                None => Ok(Written::Skipped),
-            };
+            loop {
+                return match self.existing(collection)? {
+                    Some(c) => match c.write(key, value, stamp, sync) {
+                        Err(Error::Released { .. }) => continue,
+                        other => other,
+                    },
+                    None => Ok(Written::Skipped),
+                };
+            }
         }
         self.with_collection(collection, |c| c.write(key, value, stamp, sync))
     }
@@ -737,16 +779,19 @@ impl Store {
     /// it held, sorted. A key written afterwards survives: the drop is a
     /// versioned write like any other.
     pub fn drop_collection(&self, name: &str) -> Result<Vec<Vec<u8>>> {
-        match self.existing(name)? {
-            Some(c) => {
-                let dropped =
-                    c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync)?;
-                if dropped.is_some() {
-                    self.changed(name);
-                }
-                Ok(dropped.unwrap_or_default())
+        loop {
+            let Some(c) = self.existing(name)? else {
+                return Ok(Vec::new());
+            };
+            let dropped =
+                match c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync) {
+                    Err(Error::Released { .. }) => continue,
+                    other => other?,
+                };
+            if dropped.is_some() {
+                self.changed(name);
             }
-            None => Ok(Vec::new()),
+            return Ok(dropped.unwrap_or_default());
         }
     }
 
@@ -755,9 +800,9 @@ impl Store {
     /// keys removed, or `None` if an equal or newer drop was already there.
     pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<Vec<Vec<u8>>>> {
         self.inner.clock.observe(version.ts);
-        let dropped = self
-            .existing_or_create(name)?
-            .drop_keys(Stamp::Given(version), self.inner.options.sync)?;
+        let dropped = self.with_collection(name, |c| {
+            c.drop_keys(Stamp::Given(version), self.inner.options.sync)
+        })?;
         if dropped.is_some() {
             self.changed(name);
         }

@@ -8,6 +8,7 @@ mod digest;
 mod model;
 mod names;
 mod recovery;
+mod release;
 mod watch;
 
 use dhrt_storage::{Options, Store, SyncMode};
