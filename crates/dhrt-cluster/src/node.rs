@@ -169,6 +169,14 @@ impl Node {
         if let Some(seen) = self.cluster.distrusted_until() {
             return LocalRead::Distrusted { seen };
         }
+        if !self.cluster.everyone_owns_everything()
+            && self.cluster.has_peers()
+            && !self.cluster.hosts_here(collection)
+        {
+            // Not an owner: a copy here is one being handed over (or a
+            // stray write), no newer than the owners' for sure. Merge.
+            return LocalRead::Distrusted { seen: 0 };
+        }
         match self.store.get_versioned(collection, key) {
             // The record failed its checksum and was quarantined: a replica
             // answers, and its copy repairs this one (read repair). Until

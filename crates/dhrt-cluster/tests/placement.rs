@@ -135,3 +135,126 @@ async fn each_collection_lives_on_its_owners_and_answers_through_every_member() 
     assert!(stored_on.iter().all(|&n| n > 0), "{stored_on:?}");
     assert_eq!(stored_on.iter().sum::<usize>(), 48);
 }
+
+/// Which members hold a copy of `name`.
+fn holders(nodes: &[Arc<Node>], name: &str) -> BTreeSet<u64> {
+    nodes
+        .iter()
+        .filter(|n| n.store().has_keys(name))
+        .map(|n| n.cluster().id())
+        .collect()
+}
+
+/// Waits until every collection is held by exactly the owners every member
+/// agrees on, then checks every key through every member.
+async fn settled(nodes: &[Arc<Node>], collections: &[String], keys: usize) {
+    let mut last = String::new();
+    for _ in 0..300 {
+        let wrong: Vec<String> = collections
+            .iter()
+            .filter_map(|name| {
+                let owners: BTreeSet<u64> = nodes[0].cluster().owners(name).into_iter().collect();
+                let agreed = nodes.iter().all(|n| {
+                    n.cluster()
+                        .owners(name)
+                        .into_iter()
+                        .collect::<BTreeSet<u64>>()
+                        == owners
+                });
+                let held = holders(nodes, name);
+                (!agreed || held != owners)
+                    .then(|| format!("{name}: held by {held:x?}, owners {owners:x?}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            for (i, node) in nodes.iter().enumerate() {
+                for name in collections {
+                    for k in 0..keys {
+                        let got = node.get(name, format!("k{k}").as_bytes()).await.unwrap();
+                        assert_eq!(
+                            got.as_deref(),
+                            Some(format!("{name}/{k}").as_bytes()),
+                            "{name}/k{k} through member {i}"
+                        );
+                    }
+                }
+            }
+            return;
+        }
+        last = wrong.join("; ");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("copies never settled on their owners: {last}");
+}
+
+async fn write_all(nodes: &[Arc<Node>], collections: &[String], keys: usize) {
+    for (c, name) in collections.iter().enumerate() {
+        for k in 0..keys {
+            let node = &nodes[(c + k) % nodes.len()];
+            node.set(
+                name,
+                format!("k{k}").as_bytes(),
+                Bytes::from(format!("{name}/{k}")),
+            )
+            .await
+            .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_takes_only_the_collections_it_now_owns() {
+    for replicas in [Replicas::N(2), Replicas::N(1)] {
+        let (first, seed) = member(0, Vec::new(), replicas).await;
+        let mut nodes = vec![first];
+        for i in 1..4 {
+            nodes.push(member(i, vec![seed.clone()], replicas).await.0);
+        }
+        all_healthy(&nodes).await;
+        let collections: Vec<String> = (0..24).map(|c| format!("c{c}")).collect();
+        write_all(&nodes, &collections, 5).await;
+        settled(&nodes, &collections, 5).await;
+        let before: Vec<BTreeSet<u64>> = collections.iter().map(|c| holders(&nodes, c)).collect();
+
+        nodes.push(member(4, vec![seed.clone()], replicas).await.0);
+        all_healthy(&nodes).await;
+        let newcomer = nodes[4].cluster().id();
+        settled(&nodes, &collections, 5).await;
+        let mut moved = 0;
+        for (c, name) in collections.iter().enumerate() {
+            let after = holders(&nodes, name);
+            if after.contains(&newcomer) {
+                moved += 1;
+                // The newcomer took one owner's place, no more.
+                assert_eq!(after.difference(&before[c]).count(), 1, "{name}");
+            } else {
+                assert_eq!(after, before[c], "{name} moved without the newcomer");
+            }
+        }
+        assert!(moved > 0, "{replicas}: the newcomer owns nothing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_member_hands_its_collections_over_first() {
+    let replicas = Replicas::N(1);
+    let (first, seed) = member(0, Vec::new(), replicas).await;
+    let mut nodes = vec![first];
+    for i in 1..4 {
+        nodes.push(member(i, vec![seed.clone()], replicas).await.0);
+    }
+    all_healthy(&nodes).await;
+    let collections: Vec<String> = (0..24).map(|c| format!("c{c}")).collect();
+    write_all(&nodes, &collections, 5).await;
+    settled(&nodes, &collections, 5).await;
+    let leaver = nodes.pop().unwrap();
+    let had = collections
+        .iter()
+        .filter(|c| leaver.store().has_keys(c))
+        .count();
+    assert!(had > 0, "the leaver owned nothing");
+    leaver.cluster().leave().await;
+    // With one replica, what the leaver held lived nowhere else: it is on
+    // the others now, or the leave lost it.
+    settled(&nodes, &collections, 5).await;
+}

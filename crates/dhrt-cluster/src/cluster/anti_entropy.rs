@@ -69,6 +69,21 @@ impl Cluster {
         buckets: &[usize],
         timeout: Duration,
     ) -> Result<HashMap<Bytes, Stamp>, LinkError> {
+        self.read_buckets(peer, collection, buckets, timeout, true)
+            .await
+    }
+
+    /// The version of every key the peer holds in some buckets of
+    /// `collection`, read page by page; with `apply`, each page is applied
+    /// here too (each record through the clock guard).
+    pub(super) async fn read_buckets(
+        self: &Arc<Self>,
+        peer: &Peer,
+        collection: &str,
+        buckets: &[usize],
+        timeout: Duration,
+        apply: bool,
+    ) -> Result<HashMap<Bytes, Stamp>, LinkError> {
         let buckets: Vec<u32> = buckets.iter().map(|&b| b as u32).collect();
         let mut theirs = HashMap::new();
         let mut from = None;
@@ -92,9 +107,11 @@ impl Cluster {
                     theirs.insert(key.clone(), *version);
                 }
             }
-            self.ae_pulled
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            self.apply_async(records).await.map_err(LinkError::Local)?;
+            if apply {
+                self.ae_pulled
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                self.apply_async(records).await.map_err(LinkError::Local)?;
+            }
             match next {
                 Some(n) if from != Some(n) => from = Some(n),
                 _ => return Ok(theirs),

@@ -18,6 +18,9 @@ use crate::membership::Membership;
 use crate::membership::{Output, member_state};
 use crate::queue::Queue;
 
+/// How long a leaving member hands its copies over before it goes.
+const HANDOVER_ON_LEAVE: Duration = Duration::from_secs(30);
+
 impl Cluster {
     pub(super) fn with_membership<T>(
         self: &Arc<Self>,
@@ -288,12 +291,23 @@ impl Cluster {
 
     /// Tells the cluster this node is leaving, waiting briefly for the news
     /// to go out.
+    ///
+    /// Where collections have fewer owners than members, the collections
+    /// this node holds are first handed to the owners that remain (for at
+    /// most `HANDOVER_ON_LEAVE`).
     pub async fn leave(self: &Arc<Self>) {
         // Hand what is still queued to the peers that can take it, so that
         // a write this node acknowledged does not leave with it.
         let deadline = Instant::now() + self.options.timeout.max(Duration::from_secs(2));
         while Instant::now() < deadline && self.hints_for_live_peers() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Where collections have fewer owners than members, this node's
+        // copies go to the owners it leaves them to, before it goes.
+        let handing_over = !self.everyone_owns_everything() && self.options.repair;
+        if handing_over {
+            let deadline = Instant::now() + HANDOVER_ON_LEAVE;
+            while self.hand_over_all(true).await.0 > 0 && Instant::now() < deadline {}
         }
         self.running.store(false, Ordering::Release);
         if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
@@ -317,6 +331,10 @@ impl Cluster {
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;
+        if handing_over {
+            // What was written here before the others heard of the leave.
+            let _ = tokio::time::timeout(HANDOVER_ON_LEAVE, self.hand_over_all(true)).await;
+        }
         // Give the writer tasks a moment to flush the frames.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

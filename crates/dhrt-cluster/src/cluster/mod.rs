@@ -27,6 +27,7 @@ mod apply;
 mod clock;
 mod contact;
 mod driver;
+mod moves;
 mod owners;
 mod read;
 mod replicate;
@@ -351,6 +352,8 @@ impl Cluster {
         tokio::spawn(async move { me.anti_entropy_loop().await });
         let me = self.clone();
         tokio::spawn(async move { me.contact_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.moves_loop().await });
         if !self.options.seeds.is_empty() {
             let me = self.clone();
             tokio::spawn(async move { me.join().await });

@@ -37,8 +37,9 @@ impl Cluster {
         placement::owners(collection, eligible, self.replicas_of(collection))
     }
 
-    /// The owners of `collection` now.
-    pub(crate) fn owners(&self, collection: &str) -> Vec<u64> {
+    /// The owners of `collection` now, as this node knows the members: ids,
+    /// best placement score first.
+    pub fn owners(&self, collection: &str) -> Vec<u64> {
         self.owners_in(&self.membership.lock().unwrap(), collection)
     }
 }

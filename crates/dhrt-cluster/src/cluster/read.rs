@@ -1,6 +1,7 @@
 //! Fan-out reads: a key missing here (or distrusted) is asked of every live
-//! peer hosting its collection; the newest answer the clock guard admits
-//! wins.
+//! peer owning its collection (every live peer, where a collection has
+//! fewer owners than there are members: a move may be under way); the
+//! newest answer the clock guard admits wins.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,11 +22,17 @@ impl Cluster {
     ) -> Option<Versioned> {
         let targets: Vec<u64> = {
             let m = self.membership.lock().unwrap();
-            let owners = self.owners_in(&m, collection);
+            // With fewer owners than members, a copy may still be on a
+            // member that no longer owns it (a move in progress): ask
+            // every member.
+            let owners = match self.replicas_of(collection) {
+                crate::placement::Replicas::All => Some(self.owners_in(&m, collection)),
+                crate::placement::Replicas::N(_) => None,
+            };
             m.members()
                 .filter(|u| {
                     matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
-                        && owners.contains(&u.id)
+                        && owners.as_ref().is_none_or(|o| o.contains(&u.id))
                 })
                 .map(|u| u.id)
                 .collect()
