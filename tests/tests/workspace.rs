@@ -12,6 +12,7 @@ mod hostile;
 mod memory;
 mod node;
 mod partition;
+mod replicas;
 mod security;
 mod tls;
 mod watch;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use dhrt_cluster::WriteAck;
+use dhrt_cluster::{Replicas, WriteAck};
 use serde::Deserialize;
 
 /// The dhrt node daemon.
@@ -99,6 +99,12 @@ pub(crate) struct Args {
         requires = "tls_cert"
     )]
     tls_client_ca: Option<PathBuf>,
+    /// How many members own each collection: all (every member, the
+    /// default) or a number. Collections are placed on their owners by
+    /// rendezvous hashing and handed over when members join or leave.
+    /// Every member must be started with the same value.
+    #[arg(long, env = "DHRT_REPLICAS", value_name = "N|all")]
+    replicas: Option<String>,
     /// Host only these collections (comma-separated); default all.
     #[arg(
         long,
@@ -177,6 +183,7 @@ struct File {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     collections: Option<Vec<String>>,
+    replicas: Option<String>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
     max_hint_bytes: Option<usize>,
@@ -231,6 +238,7 @@ pub(crate) struct Config {
     /// Certificate, key, and client CA if any.
     pub(crate) tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     pub(crate) collections: Option<Vec<String>>,
+    pub(crate) replicas: Replicas,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
     pub(crate) max_hint_bytes: usize,
@@ -312,6 +320,13 @@ impl Config {
                     .map_err(|e| anyhow::anyhow!("--collections: {e}"))?;
             }
         }
+        let replicas: Replicas = args
+            .replicas
+            .or(file.replicas)
+            .as_deref()
+            .unwrap_or("all")
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
         let cluster_secret = args
             .cluster_secret
             .or(file.cluster_secret)
@@ -381,6 +396,7 @@ impl Config {
             auth,
             tls,
             collections,
+            replicas,
             tombstone_grace: Duration::from_secs(
                 args.tombstone_grace_secs
                     .or(file.tombstone_grace_secs)

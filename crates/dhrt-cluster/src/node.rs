@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    CollectionInfo, Entry, ErrorKind, EventSource, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats,
-    OpError, Operations, Page, WatchRequest,
+    Entry, ErrorKind, EventSource, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats, OpError,
+    Operations, Page, WatchRequest,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
@@ -521,16 +521,7 @@ impl Node {
                 .collections
                 .into_iter()
                 .filter(|c| c.keys > 0 && !c.name.starts_with('_'))
-                .map(|c| CollectionInfo {
-                    digest: self
-                        .store
-                        .digest(&c.name)
-                        .map(|d| format!("{:016x}", d.summary()))
-                        .unwrap_or_default(),
-                    name: c.name,
-                    keys: c.keys,
-                    bytes: c.bytes,
-                })
+                .map(|c| self.cluster.collection_info(c))
                 .collect(),
             members: self.cluster.members(),
             sync: self.cluster.sync_info(),

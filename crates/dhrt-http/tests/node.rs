@@ -155,6 +155,9 @@ impl Operations for MapNode {
                 keys: 0,
                 bytes: 0,
                 digest: String::new(),
+                replicas: "all".into(),
+                owners: Vec::new(),
+                under_replicated: false,
             });
             e.keys += 1;
             e.bytes += v.len() as u64;

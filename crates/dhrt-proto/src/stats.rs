@@ -99,6 +99,16 @@ pub struct CollectionInfo {
     /// nodes that hold the same entries of this collection (deletes
     /// included), so replicas can be compared at a glance.
     pub digest: String,
+    /// Its replication factor: `all`, or how many members own it.
+    #[serde(default)]
+    pub replicas: String,
+    /// The members that own it (node ids, 16 hex digits), best placement
+    /// score first; this node's copy may be one being handed over.
+    #[serde(default)]
+    pub owners: Vec<String>,
+    /// Fewer members can own it than its replication factor asks.
+    #[serde(default)]
+    pub under_replicated: bool,
 }
 
 /// A member of the cluster as this node sees it.

@@ -52,6 +52,9 @@ fn stats() -> NodeStats {
             keys: 3,
             bytes: 400,
             digest: "0123456789abcdef".into(),
+            replicas: "2".into(),
+            owners: vec!["00000000000000ff".into(), "0000000000000100".into()],
+            under_replicated: false,
         }],
         members: vec![MemberInfo {
             id: "00000000000000ff".into(),

@@ -459,6 +459,18 @@ impl Cluster {
             "# HELP dhrt_syncing Whether this node is receiving a handoff or re-syncing.\n# TYPE dhrt_syncing gauge\ndhrt_syncing {}",
             u8::from(self.sync.running.load(Ordering::Relaxed))
         );
+        let under = self
+            .store
+            .all_collections()
+            .iter()
+            .filter(|c| {
+                matches!(self.replicas_of(c), Replicas::N(n) if self.owners(c).len() < usize::from(n))
+            })
+            .count();
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_collections_under_replicated Collections held here that fewer members can own than their replication factor asks.\n# TYPE dhrt_collections_under_replicated gauge\ndhrt_collections_under_replicated {under}"
+        );
         let clock = self.clock_info();
         let _ = writeln!(
             out,

@@ -4,7 +4,7 @@
 //! (replication targets, fan-out reads, watch hosts, handoff, anti-entropy)
 //! is answered here.
 
-use dhrt_proto::Liveness;
+use dhrt_proto::{CollectionInfo, Liveness};
 
 use super::Cluster;
 use crate::membership::Membership;
@@ -41,5 +41,27 @@ impl Cluster {
     /// best placement score first.
     pub fn owners(&self, collection: &str) -> Vec<u64> {
         self.owners_in(&self.membership.lock().unwrap(), collection)
+    }
+}
+
+impl Cluster {
+    /// What `GET /` says of a collection this node holds: its size and
+    /// digest here, its replication factor and owners.
+    pub(crate) fn collection_info(&self, c: dhrt_storage::CollectionStats) -> CollectionInfo {
+        let replicas = self.replicas_of(&c.name);
+        let owners = self.owners(&c.name);
+        CollectionInfo {
+            digest: self
+                .store
+                .digest(&c.name)
+                .map(|d| format!("{:016x}", d.summary()))
+                .unwrap_or_default(),
+            under_replicated: matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n)),
+            replicas: replicas.to_string(),
+            owners: owners.iter().map(|id| format!("{id:016x}")).collect(),
+            name: c.name,
+            keys: c.keys,
+            bytes: c.bytes,
+        }
     }
 }

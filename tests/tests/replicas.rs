@@ -1,0 +1,117 @@
+//! `--replicas 2` on real `dhrtd` processes: each collection is stored on
+//! exactly its two owners (as every node's `GET /` says), readable and
+//! writable through every node; a member joining takes only the
+//! collections it now owns, and the copies it replaces are released.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::cluster::{all_healthy, eventually, start_joined, stats};
+use crate::dhrtd::Dhrtd;
+
+/// Which nodes (by id) hold keys of each collection, and the owners each
+/// holder names for it.
+fn placement(nodes: &[&Dhrtd]) -> BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> {
+    let mut out: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for n in nodes {
+        let s = stats(n);
+        let id = s["node"]["id"].as_str().unwrap().to_string();
+        for c in s["collections"].as_array().unwrap() {
+            let e = out
+                .entry(c["name"].as_str().unwrap().to_string())
+                .or_default();
+            e.0.insert(id.clone());
+            assert_eq!(c["replicas"], "2", "{c}");
+            e.1.extend(
+                c["owners"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.as_str().unwrap().to_string()),
+            );
+        }
+    }
+    out
+}
+
+/// Every collection is held by exactly its two owners, as all holders say.
+fn on_owners(nodes: &[&Dhrtd], collections: usize) -> bool {
+    let p = placement(nodes);
+    p.len() == collections
+        && p.values()
+            .all(|(held, owners)| held.len() == 2 && held == owners)
+}
+
+fn readable_everywhere(nodes: &[&Dhrtd], collections: usize) {
+    for (i, n) in nodes.iter().enumerate() {
+        for c in 0..collections {
+            for k in 0..3 {
+                let (status, body) = n.http("GET", &format!("/c{c}/k{k}"), b"");
+                assert_eq!(status, 200, "c{c}/k{k} through node {i}: {body}");
+                assert!(body.contains(&format!("\"v{c}.{k}\"")), "{body}");
+            }
+        }
+    }
+}
+
+#[test]
+fn two_replicas_on_five_nodes_then_a_sixth_joins() {
+    let dirs: Vec<_> = (0..6).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--replicas", "2"];
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let mut others = Vec::new();
+    for d in &dirs[1..5] {
+        others.push(start_joined(d.path(), &a, &flags));
+    }
+    let mut nodes: Vec<&Dhrtd> = std::iter::once(&a).chain(others.iter()).collect();
+    eventually("five healthy members", Duration::from_secs(20), || {
+        all_healthy(&nodes, 5)
+    });
+    let collections = 20;
+    for c in 0..collections {
+        for k in 0..3 {
+            let n = nodes[(c + k) % nodes.len()];
+            let (status, body) = n.http("POST", &format!("/c{c}/k{k}/v{c}.{k}"), b"");
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    eventually(
+        "each collection on its two owners",
+        Duration::from_secs(20),
+        || on_owners(&nodes, collections),
+    );
+    readable_everywhere(&nodes, collections);
+    let before = placement(&nodes);
+
+    let f = start_joined(dirs[5].path(), &a, &flags);
+    nodes.push(&f);
+    eventually("six healthy members", Duration::from_secs(20), || {
+        all_healthy(&nodes, 6)
+    });
+    let newcomer = stats(&f)["node"]["id"].as_str().unwrap().to_string();
+    eventually(
+        "each collection on its two owners, six members",
+        Duration::from_secs(30),
+        || on_owners(&nodes, collections),
+    );
+    readable_everywhere(&nodes, collections);
+    let after = placement(&nodes);
+    let mut moved = 0;
+    for (c, (held, _)) in &after {
+        let was = &before[c].0;
+        if held.contains(&newcomer) {
+            moved += 1;
+            assert_eq!(held.difference(was).count(), 1, "{c}: {was:?} -> {held:?}");
+        } else {
+            assert_eq!(held, was, "{c} moved, and not to the newcomer");
+        }
+    }
+    assert!(moved > 0, "the newcomer owns nothing");
+    // The metrics count no under-replicated collection: six members can
+    // own every one.
+    let (_, metrics) = a.http("GET", "/metrics", b"");
+    assert!(
+        metrics.contains("dhrt_collections_under_replicated 0"),
+        "{metrics}"
+    );
+}
