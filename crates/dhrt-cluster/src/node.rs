@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    Entry, ErrorKind, EventSource, MAX_PAGE_BYTES, Mutation, NodeInfo, NodeStats, OpError,
-    Operations, Page, WatchRequest,
+    ErrorKind, EventSource, Mutation, NodeInfo, NodeStats, OpError, Operations, Page, WatchRequest,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
@@ -452,30 +451,13 @@ impl Node {
         limit: u32,
     ) -> Result<Page, OpError> {
         user_collection(collection)?;
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut bytes = 0;
-        let mut more = false;
-        for r in self.store.list(collection, after, true).map_err(op_error)? {
-            let value = r.value.unwrap_or_default();
-            let size = r.key.len() + value.len();
-            if entries.len() >= limit as usize
-                || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
-            {
-                more = true;
-                break;
+        if !self.cluster.everyone_owns_everything() && !self.cluster.hosts_here(collection) {
+            // An owner's listing: a copy here is partial, or gone.
+            if let Some(page) = self.cluster.list_remote(collection, after, limit).await {
+                return Ok(page);
             }
-            bytes += size;
-            entries.push(Entry {
-                key: r.key.into(),
-                value,
-            });
         }
-        let next = if more {
-            entries.last().map(|e| e.key.clone())
-        } else {
-            None
-        };
-        Ok(Page { entries, next })
+        crate::cluster::list_local(&self.store, collection, after, limit)
     }
 
     fn op_has_collection(&self, name: &str) -> bool {

@@ -266,6 +266,17 @@ async fn handle(
         }
         PeerOp::WatchNext { session, wait_ms } => sessions.next(dialer, session, wait_ms).await,
         PeerOp::WatchClose { session } => Ok(sessions.close(dialer, session)),
+        PeerOp::List {
+            collection,
+            after,
+            limit,
+        } => crate::cluster::list_local(
+            cluster.store(),
+            &collection,
+            after.as_deref(),
+            limit.min(dhrt_proto::MAX_PAGE),
+        )
+        .map(PeerReply::Page),
     }
 }
 

@@ -120,8 +120,12 @@ async fn each_collection_lives_on_its_owners_and_answers_through_every_member() 
                 );
             }
         }
-        // A delete through a member that does not own it reaches the owners.
+        // A member that does not own it lists an owner's copy.
         let outsider = (0..nodes.len()).find(|i| !holders.contains(i)).unwrap();
+        let page = nodes[outsider].list(name, None, 100).await.unwrap();
+        let keys: Vec<&[u8]> = page.entries.iter().map(|e| &e.key[..]).collect();
+        assert_eq!(keys.len(), 5, "{name} listed through n{outsider}");
+        // A delete through a member that does not own it reaches the owners.
         assert!(nodes[outsider].delete(name, b"k0").await.unwrap());
         for &i in &holders {
             assert_eq!(

@@ -199,6 +199,17 @@ pub enum PeerOp {
         /// The session.
         session: u64,
     },
+    /// A page of the receiver's own listing of a collection (live keys, in
+    /// its listing order): [`PeerReply::Page`]. For a node that does not
+    /// own the collection.
+    List {
+        /// The collection.
+        collection: String,
+        /// Start after this key.
+        after: Option<Bytes>,
+        /// At most this many entries.
+        limit: u32,
+    },
 }
 
 /// The answer to a [`PeerOp`].
@@ -241,6 +252,8 @@ pub enum PeerReply {
     Events(Vec<WatchEvent>),
     /// The session is closed (or was already gone).
     WatchClosed,
+    /// A page of a listing.
+    Page(crate::Page),
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

@@ -34,6 +34,7 @@ mod replicate;
 mod sync;
 
 use contact::away_too_long;
+pub(crate) use read::list_local;
 use replicate::Peer;
 
 /// Who this node is.

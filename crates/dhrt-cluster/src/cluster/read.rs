@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use dhrt_proto::{Liveness, PeerOp, PeerReply, Versioned};
+use dhrt_proto::{Entry, Liveness, MAX_PAGE_BYTES, OpError, Page, PeerOp, PeerReply, Versioned};
+use dhrt_storage::Store;
 
 use super::Cluster;
 use crate::link::{Dialer, LinkError};
@@ -98,6 +99,30 @@ impl Cluster {
         self.everyone_owns_everything() || self.owners(collection).contains(&self.dialer.me)
     }
 
+    /// A page of an owner's listing of `collection`: the owners are asked
+    /// in `watch_hosts` order until one answers. `None` if none does.
+    pub(crate) async fn list_remote(
+        self: &Arc<Self>,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Option<Page> {
+        for (id, _) in self.watch_hosts(collection) {
+            let Some(peer) = self.peer(id) else { continue };
+            let op = PeerOp::List {
+                collection: collection.to_string(),
+                after: after.map(Bytes::copy_from_slice),
+                limit,
+            };
+            match peer.link.request(op, self.options.timeout).await {
+                Ok(PeerReply::Page(page)) => return Some(page),
+                Ok(_) | Err(LinkError::Remote { .. }) => {}
+                Err(_) => self.suspect(id),
+            }
+        }
+        None
+    }
+
     /// Who this node dials as, for links of its own (watch relays).
     pub(crate) fn dialer(&self) -> Dialer {
         self.dialer.clone()
@@ -107,4 +132,40 @@ impl Cluster {
     pub(crate) fn peer_timeout(&self) -> std::time::Duration {
         self.options.timeout
     }
+}
+
+/// A page of this node's own listing of `collection`: live keys after
+/// `after`, at most `limit` of them and about `MAX_PAGE_BYTES`.
+pub(crate) fn list_local(
+    store: &Store,
+    collection: &str,
+    after: Option<&[u8]>,
+    limit: u32,
+) -> Result<Page, OpError> {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    let mut more = false;
+    for r in store
+        .list(collection, after, true)
+        .map_err(crate::error::op_error)?
+    {
+        let value = r.value.unwrap_or_default();
+        let size = r.key.len() + value.len();
+        if entries.len() >= limit as usize || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
+        {
+            more = true;
+            break;
+        }
+        bytes += size;
+        entries.push(Entry {
+            key: r.key.into(),
+            value,
+        });
+    }
+    let next = if more {
+        entries.last().map(|e| e.key.clone())
+    } else {
+        None
+    };
+    Ok(Page { entries, next })
 }
