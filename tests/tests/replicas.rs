@@ -115,3 +115,91 @@ fn two_replicas_on_five_nodes_then_a_sixth_joins() {
         "{metrics}"
     );
 }
+
+/// The nodes holding keys of `collection`.
+fn holders_of(nodes: &[&Dhrtd], collection: &str) -> usize {
+    nodes
+        .iter()
+        .filter(|n| {
+            stats(n)["collections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
+        })
+        .count()
+}
+
+#[test]
+fn a_collection_replication_factor_set_through_the_api_round_trips() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = crate::cluster::three_joined(&dirs, &[]);
+    let nodes = [&a, &b, &c];
+    for k in 0..20 {
+        assert_eq!(a.http("POST", &format!("/users/k{k}/v{k}"), b"").0, 200);
+    }
+    assert_eq!(holders_of(&nodes, "users"), 3);
+    let (status, body) = b.http("GET", "/users?replicas", b"");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["Collection"].as_str(), v["Replicas"].as_str()),
+        (Some("users"), Some("all"))
+    );
+    assert_eq!(v["Owners"].as_array().unwrap().len(), 3);
+
+    // all -> 1 over HTTP on one node: every node agrees, the data ends on
+    // the one owner, and nothing is lost.
+    let (status, body) = a.http("PUT", "/users?replicas=1", b"");
+    assert_eq!(status, 200, "{body}");
+    eventually("every node says 1 replica", Duration::from_secs(10), || {
+        nodes.iter().all(|n| {
+            n.http("GET", "/users?replicas", b"")
+                .1
+                .contains("\"Replicas\":\"1\"")
+        })
+    });
+    eventually("users on one node", Duration::from_secs(20), || {
+        holders_of(&nodes, "users") == 1
+    });
+    for n in nodes {
+        for k in 0..20 {
+            let (status, body) = n.http("GET", &format!("/users/k{k}"), b"");
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains(&format!("\"v{k}\"")), "{body}");
+        }
+    }
+    // 1 -> 2 with the CLI, then the cluster's default back to all and the
+    // collection's own setting with it: on every node again.
+    let o = crate::cli::cli(&c, &["replicas", "users", "2"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        crate::cli::out(&o).starts_with("users: 2 replicas, owners "),
+        "{}",
+        crate::cli::out(&o)
+    );
+    eventually("users on two nodes", Duration::from_secs(20), || {
+        holders_of(&nodes, "users") == 2
+    });
+    let o = crate::cli::cli(&c, &["replicas", "users", "all"]);
+    assert_eq!(o.status.code(), Some(0));
+    eventually("users on every node", Duration::from_secs(30), || {
+        holders_of(&nodes, "users") == 3
+    });
+    for n in nodes {
+        assert_eq!(crate::cluster::local_keys(n, "users"), 20);
+    }
+    // Bad input: a clear error, nothing changed.
+    assert_eq!(a.http("PUT", "/users?replicas=0", b"").0, 400);
+    assert_eq!(a.http("PUT", "/users?replicas=many", b"").0, 400);
+    assert_eq!(a.http("PUT", "/_replicas?replicas=1", b"").0, 400);
+    assert_eq!(
+        a.http("GET", "/?replicas", b"").1,
+        "{\"Collection\":\"*\",\"Owners\":[],\"Replicas\":\"all\",\"UnderReplicated\":false}"
+    );
+}

@@ -1,6 +1,7 @@
 //! The command language shared by one-shot use and the REPL:
 //! `set [collection] key value`, `get [collection] key`,
-//! `del [collection] key`, `stats`, `join ADDR`, `auth TOKEN`, `help`;
+//! `del [collection] key`, `stats`, `join ADDR`, `replicas COLLECTION|*
+//! [N|all]`, `auth TOKEN`, `help`;
 //! and two that need no node: `token --role R [--name N]`, `secret`.
 
 use dhrt_proto::{Op, Role};
@@ -9,9 +10,9 @@ use dhrt_proto::{Op, Role};
 pub(crate) const DEFAULT_COLLECTION: &str = "default";
 
 /// The command names, for completion and help.
-pub(crate) const NAMES: [&str; 12] = [
-    "set", "get", "del", "watch", "stats", "join", "auth", "token", "secret", "help", "quit",
-    "exit",
+pub(crate) const NAMES: [&str; 13] = [
+    "set", "get", "del", "watch", "stats", "join", "replicas", "auth", "token", "secret", "help",
+    "quit", "exit",
 ];
 
 pub(crate) const HELP: &str = "\
@@ -25,6 +26,9 @@ commands:
                                resuming by itself after a disconnect; Ctrl-C stops
   stats                        node and cluster statistics
   join ADDR                    make the node join the cluster of the member at ADDR
+  replicas COLLECTION [N|all]  a collection's replication factor and owners; with N or
+                               all, set it first (admin); COLLECTION * is the cluster's
+                               default
   auth TOKEN                   use TOKEN on this connection from now on
   token --role ROLE [--name N] a new token (read, write or admin): the token on the
                                first line, the line for dhrtd's --auth-file on the second
@@ -58,6 +62,11 @@ pub(crate) enum Command {
     },
     Join {
         addr: String,
+    },
+    Replicas {
+        /// `None`: the cluster's default (`*` on the command line).
+        collection: Option<String>,
+        set: Option<String>,
     },
     Auth {
         token: String,
@@ -94,6 +103,10 @@ impl Command {
             },
             Command::Stats => Op::Stats,
             Command::Join { addr } => Op::Join { addr: addr.clone() },
+            Command::Replicas { collection, set } => Op::Replicas {
+                collection: collection.clone(),
+                set: set.clone(),
+            },
             Command::Auth { token } => Op::Auth {
                 token: token.clone(),
             },
@@ -187,6 +200,13 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
             addr: args[0].clone(),
         }),
         ("join", _) => Err("usage: join ADDR (another member's host:port)".into()),
+        ("replicas", 1 | 2) => Ok(Command::Replicas {
+            collection: (args[0] != "*").then(|| args[0].clone()),
+            set: args.get(1).cloned(),
+        }),
+        ("replicas", _) => {
+            Err("usage: replicas COLLECTION [N|all] (COLLECTION * is the cluster's default)".into())
+        }
         ("auth", 1) => Ok(Command::Auth {
             token: args[0].clone(),
         }),
@@ -305,6 +325,21 @@ mod tests {
             }
         );
         assert_eq!(parse(&words("stats")).unwrap(), Command::Stats);
+        assert_eq!(
+            parse(&words("replicas users 3")).unwrap(),
+            Command::Replicas {
+                collection: Some("users".into()),
+                set: Some("3".into())
+            }
+        );
+        assert_eq!(
+            parse(&words("replicas *")).unwrap(),
+            Command::Replicas {
+                collection: None,
+                set: None
+            }
+        );
+        assert!(parse(&words("replicas")).is_err());
         assert_eq!(
             parse(&words("join 10.0.0.2:7453")).unwrap(),
             Command::Join {

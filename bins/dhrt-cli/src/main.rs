@@ -44,7 +44,7 @@ struct Args {
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "COMMAND",
-        help = "set [collection] key value | get [collection] key | del [collection] key | watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P] | stats | join ADDR | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
+        help = "set [collection] key value | get [collection] key | del [collection] key | watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P] | stats | join ADDR | replicas COLLECTION|* [N|all] | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
     )]
     command: Vec<String>,
 }
@@ -141,6 +141,34 @@ pub(crate) async fn execute(
                 .unwrap();
             } else {
                 writeln!(out, "OK: joined through {addr}, {members} members").unwrap();
+            }
+            Outcome::Done
+        }
+        (Command::Replicas { .. }, Reply::Replicas(info)) => {
+            let name = info.collection.as_deref().unwrap_or("*");
+            if json {
+                let v = serde_json::json!({
+                    "Collection": name,
+                    "Replicas": info.replicas,
+                    "Owners": info.owners,
+                    "UnderReplicated": info.under_replicated,
+                });
+                writeln!(out, "{v}").unwrap();
+            } else if info.collection.is_none() {
+                writeln!(out, "cluster default: {} replicas", info.replicas).unwrap();
+            } else {
+                let under = if info.under_replicated {
+                    " (under-replicated)"
+                } else {
+                    ""
+                };
+                writeln!(
+                    out,
+                    "{name}: {} replicas{under}, owners {}",
+                    info.replicas,
+                    info.owners.join(" ")
+                )
+                .unwrap();
             }
             Outcome::Done
         }

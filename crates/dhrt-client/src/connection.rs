@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
-    DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, Reply, Request, Response, Role, decode_frame,
-    encode_frame, preamble,
+    DEFAULT_MAX_FRAME, Decoded, NodeStats, Op, Page, ReplicasInfo, Reply, Request, Response, Role,
+    decode_frame, encode_frame, preamble,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
@@ -383,6 +383,38 @@ impl Client {
     pub async fn stats(&self) -> Result<NodeStats, Error> {
         match self.request(Op::Stats).await? {
             Reply::Stats(stats) => Ok(*stats),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The replication factor and owners of `collection` (the cluster's
+    /// default with `None`).
+    pub async fn replicas(&self, collection: Option<&str>) -> Result<ReplicasInfo, Error> {
+        self.replicas_op(collection, None).await
+    }
+
+    /// Sets the replication factor of `collection` (the cluster's default
+    /// with `None`) to `replicas` (`all` or a number); returns the
+    /// placement that follows. Needs the `admin` role.
+    pub async fn set_replicas(
+        &self,
+        collection: Option<&str>,
+        replicas: &str,
+    ) -> Result<ReplicasInfo, Error> {
+        self.replicas_op(collection, Some(replicas)).await
+    }
+
+    async fn replicas_op(
+        &self,
+        collection: Option<&str>,
+        set: Option<&str>,
+    ) -> Result<ReplicasInfo, Error> {
+        let op = Op::Replicas {
+            collection: collection.map(str::to_string),
+            set: set.map(str::to_string),
+        };
+        match self.request(op).await? {
+            Reply::Replicas(info) => Ok(info),
             other => Err(unexpected(other)),
         }
     }

@@ -24,7 +24,8 @@ mod watch;
 
 pub use connection::{Client, ClientBuilder};
 pub use dhrt_proto::{
-    Entry, EventKind, NodeStats, Page, Role, Token, WatchEvent, WatchStart, version_hex,
+    Entry, EventKind, NodeStats, Page, ReplicasInfo, Role, Token, WatchEvent, WatchStart,
+    version_hex,
 };
 pub use error::Error;
 pub use watch::{Watch, WatchItem};

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    ErrorKind, EventSource, Mutation, NodeInfo, NodeStats, OpError, Operations, Page, WatchRequest,
+    ErrorKind, EventSource, Mutation, NodeInfo, NodeStats, OpError, Operations, Page, ReplicasInfo,
+    WatchRequest,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
@@ -589,6 +590,13 @@ impl Operations for Node {
 
     fn has_collection(&self, name: &str) -> bool {
         self.op_has_collection(name)
+    }
+
+    async fn replicas(&self, c: Option<&str>, set: Option<&str>) -> Result<ReplicasInfo, OpError> {
+        if set.is_some() {
+            self.refuse_writes().await?;
+        }
+        self.cluster.replicas_op(c, set).await
     }
 
     async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {

@@ -25,6 +25,15 @@ pub enum Endpoint<'a> {
         /// `?since=`, `?snapshot=`, `?prefix=`.
         params: ListParams,
     },
+    /// `GET /?replicas`, `GET /:collection?replicas`: a replication factor
+    /// (the cluster's default, or a collection's) and owners;
+    /// `PUT /?replicas=N`, `PUT /:collection?replicas=N` set it first.
+    Replicas {
+        /// The collection, or `None` for the cluster's default.
+        collection: Option<Cow<'a, str>>,
+        /// The new replication factor (`all` or a number), if one is set.
+        set: Option<String>,
+    },
     /// `GET /metrics`: Prometheus metrics. (The key `metrics` of `default`
     /// is `/default/metrics`.)
     Metrics,
@@ -153,6 +162,19 @@ fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
     Ok(params)
 }
 
+/// `?replicas` (`Some(None)`) or `?replicas=N` (`Some(Some(N))`), if the
+/// query has it.
+fn replicas_param(query: Option<&str>) -> Option<Option<String>> {
+    query?.split('&').find_map(|p| match p.split_once('=') {
+        Some(("replicas", v)) if !v.is_empty() => {
+            Some(Some(percent_decode_str(v).decode_utf8_lossy().into_owned()))
+        }
+        Some(("replicas", _)) => Some(None),
+        None if p == "replicas" => Some(None),
+        _ => None,
+    })
+}
+
 /// The collections of `?watch=a,b`, if the query has it.
 fn watch_list(query: Option<&str>) -> Option<Vec<String>> {
     let value = query?.split('&').find_map(|p| p.strip_prefix("watch="))?;
@@ -195,6 +217,31 @@ pub fn route<'a>(
         )));
     }
     let default = || Cow::Borrowed(DEFAULT_COLLECTION);
+    if let Some(set) = replicas_param(query) {
+        return match (method, segments, set) {
+            (&Method::GET, [], None) => Ok(Endpoint::Replicas {
+                collection: None,
+                set: None,
+            }),
+            (&Method::PUT, [], set @ Some(_)) => Ok(Endpoint::Replicas {
+                collection: None,
+                set,
+            }),
+            (&Method::GET, [c], None) => Ok(Endpoint::Replicas {
+                collection: Some(collection(c)?),
+                set: None,
+            }),
+            (&Method::PUT, [c], set @ Some(_)) => Ok(Endpoint::Replicas {
+                collection: Some(collection(c)?),
+                set,
+            }),
+            _ => Err(HttpError::bad_request(
+                "?replicas: GET /?replicas (the cluster's default) or GET /:collection?replicas \
+                 reads a replication factor; PUT /?replicas=N or PUT /:collection?replicas=N \
+                 (N a number, or all) sets it",
+            )),
+        };
+    }
     let endpoint = match (method, segments) {
         (&Method::GET, []) => match watch_list(query) {
             Some(collections) => Endpoint::Watch {

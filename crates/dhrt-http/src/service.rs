@@ -492,6 +492,19 @@ impl<O: Operations> Api<O> {
                 allow(role, Role::Write, "deleting a key")?;
                 self.delete(&collection, &key).await
             }
+            Endpoint::Replicas { collection, set } => {
+                if set.is_some() {
+                    allow(role, Role::Admin, "setting a replication factor")?;
+                }
+                let info = ops.replicas(collection.as_deref(), set.as_deref()).await?;
+                let body = serde_json::json!({
+                    "Collection": info.collection.as_deref().unwrap_or("*"),
+                    "Replicas": info.replicas,
+                    "Owners": info.owners,
+                    "UnderReplicated": info.under_replicated,
+                });
+                Ok(json(serde_json::to_vec(&body).expect("serializes")))
+            }
         }
     }
 

@@ -83,6 +83,8 @@ pub fn needed(op: &OpRef<'_>) -> (Role, &'static str) {
         OpRef::Join { .. } => (Role::Admin, "joining a cluster"),
         OpRef::Auth { .. } => (Role::Read, "authenticating"),
         OpRef::Watch(_) => (Role::Read, "watching a collection"),
+        OpRef::Replicas { set: None, .. } => (Role::Read, "reading a replication factor"),
+        OpRef::Replicas { set: Some(_), .. } => (Role::Admin, "setting a replication factor"),
     }
 }
 

@@ -44,7 +44,7 @@ pub use frame::{
     frame_bounds, preamble, read_preamble,
 };
 pub use message::{
-    Entry, ErrorKind, Op, OpError, OpRef, Page, Reply, Request, RequestRef, Response,
+    Entry, ErrorKind, Op, OpError, OpRef, Page, ReplicasInfo, Reply, Request, RequestRef, Response,
 };
 pub use ops::{MAX_PAGE, MAX_PAGE_BYTES, Operations, dispatch, dispatch_ref};
 pub use peer::{

@@ -83,6 +83,15 @@ pub enum Op {
     /// answer ends it (or the client closes the connection). Nothing else
     /// may be sent on the connection after it. See `docs/protocol.md`.
     Watch(crate::WatchRequest),
+    /// A collection's replication factor and owners, or the cluster's
+    /// default with `collection` `None`; with `set`, first sets it (`all`
+    /// or a number): [`Reply::Replicas`].
+    Replicas {
+        /// The collection, or `None` for the cluster's default.
+        collection: Option<String>,
+        /// The new replication factor, if one is set.
+        set: Option<String>,
+    },
 }
 
 /// A [`Request`] decoded without copying: its names, keys and values borrow
@@ -131,6 +140,10 @@ pub enum OpRef<'a> {
         token: &'a str,
     },
     Watch(crate::WatchRequest),
+    Replicas {
+        collection: Option<&'a str>,
+        set: Option<&'a str>,
+    },
 }
 
 impl Op {
@@ -163,6 +176,10 @@ impl Op {
             Op::Join { addr } => OpRef::Join { addr },
             Op::Auth { token } => OpRef::Auth { token },
             Op::Watch(w) => OpRef::Watch(w.clone()),
+            Op::Replicas { collection, set } => OpRef::Replicas {
+                collection: collection.as_deref(),
+                set: set.as_deref(),
+            },
         }
     }
 }
@@ -201,6 +218,22 @@ pub enum Reply {
     Authenticated(Role),
     /// To [`Op::Watch`], any number of times: the next events.
     Events(Vec<crate::WatchEvent>),
+    /// To [`Op::Replicas`].
+    Replicas(ReplicasInfo),
+}
+
+/// A collection's placement, or the cluster's default replication factor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicasInfo {
+    /// The collection, or `None` for the cluster's default.
+    pub collection: Option<String>,
+    /// Its replication factor: `all`, or how many members own it.
+    pub replicas: String,
+    /// The members that own it (node ids, 16 hex digits), best placement
+    /// score first; empty for the default.
+    pub owners: Vec<String>,
+    /// Fewer members can own it than its replication factor asks.
+    pub under_replicated: bool,
 }
 
 /// One key and its value.

@@ -108,6 +108,23 @@ pub trait Operations: Send + Sync + 'static {
         }
     }
 
+    /// A collection's replication factor and owners (the cluster's default
+    /// with `collection` `None`), after setting it to `set` if given. A
+    /// node that is not part of a cluster says so.
+    fn replicas(
+        &self,
+        collection: Option<&str>,
+        set: Option<&str>,
+    ) -> impl Future<Output = Result<crate::ReplicasInfo, OpError>> + Send {
+        let _ = (collection, set);
+        async {
+            Err(OpError::new(
+                crate::ErrorKind::Unavailable,
+                "this node has no replication factor",
+            ))
+        }
+    }
+
     /// Joins the cluster of the member at `addr`; returns how many members
     /// this node then knows, itself included. A node that cannot be part of
     /// a cluster says so.
@@ -156,6 +173,9 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
         }
         OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
         OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),
+        OpRef::Replicas { collection, set } => {
+            Reply::Replicas(ops.replicas(collection, set).await?)
+        }
         // The connection answers these: it holds the standing they change.
         OpRef::Auth { .. } | OpRef::Watch(_) => {
             return Err(OpError::new(

@@ -42,6 +42,19 @@ impl Cluster {
     /// others apply. Runs of puts to one collection go to the store as one
     /// batch (one lock, one write). An error is this node's own (storage).
     pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
+        if mutations
+            .iter()
+            .any(|m| super::collection_of(m) == super::owners::SETTINGS)
+        {
+            // Read after this apply, whatever it takes.
+            let applied = self.apply_records(mutations);
+            self.settings_changed();
+            return applied;
+        }
+        self.apply_records(mutations)
+    }
+
+    fn apply_records(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
         let guard = self.guard();
         let wall = self.admission_wall();
         let mut refused = Vec::new();

@@ -200,6 +200,10 @@ pub struct Cluster {
     peers_since_ms: AtomicU64,
     /// The strictest allowed offset heard, ms (as last judged).
     strictest_offset_ms: AtomicU64,
+    /// Replication factors set through the API, as last read, and whether
+    /// they changed since (`owners.rs`).
+    settings: arc_swap::ArcSwap<owners::Settings>,
+    settings_stale: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -298,6 +302,8 @@ impl Cluster {
             clock_judged: Notify::new(),
             peers_since_ms: AtomicU64::new(0),
             strictest_offset_ms: AtomicU64::new(options_max_offset),
+            settings: arc_swap::ArcSwap::from_pointee(owners::Settings::unread()),
+            settings_stale: AtomicBool::new(true),
         })
     }
 

@@ -4,35 +4,134 @@
 //! (replication targets, fan-out reads, watch hosts, handoff, anti-entropy)
 //! is answered here.
 
-use dhrt_proto::{CollectionInfo, Liveness};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dhrt_proto::{CollectionInfo, ErrorKind, Liveness, Mutation, OpError, ReplicasInfo};
+use dhrt_storage::Store;
 
 use super::Cluster;
 use crate::membership::Membership;
 use crate::placement::{self, Replicas, hosts};
 
+/// The system collection of replication factors set through the API: a
+/// collection's name, or `*` for the cluster's default, to `all` or a
+/// number. Replicated to every member like any write (the newest version
+/// wins when two members set one at once), kept across restarts.
+pub(crate) const SETTINGS: &str = "_replicas";
+/// The key of the cluster's default in [`SETTINGS`].
+pub(crate) const DEFAULT_KEY: &str = "*";
+
+/// How long settings read from [`SETTINGS`] are used before they are read
+/// again (a change that reaches this node is seen at once).
+const SETTINGS_TTL: Duration = Duration::from_secs(2);
+
+/// What [`SETTINGS`] held when last read.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    default: Option<Replicas>,
+    per: HashMap<String, Replicas>,
+    read_at: Instant,
+}
+
+impl Settings {
+    /// An empty reading, due for a refresh.
+    pub(crate) fn unread() -> Settings {
+        Settings {
+            default: None,
+            per: HashMap::new(),
+            read_at: Instant::now() - SETTINGS_TTL * 2,
+        }
+    }
+
+    fn read(store: &Store) -> Settings {
+        let mut s = Settings {
+            read_at: Instant::now(),
+            ..Settings::unread()
+        };
+        if let Ok(listing) = store.list(SETTINGS, None, true) {
+            for r in listing {
+                let (Ok(key), Some(Ok(r))) = (
+                    std::str::from_utf8(&r.key),
+                    r.value
+                        .as_deref()
+                        .map(|v| std::str::from_utf8(v).unwrap_or("").parse::<Replicas>()),
+                ) else {
+                    continue;
+                };
+                if key == DEFAULT_KEY {
+                    s.default = Some(r);
+                } else {
+                    s.per.insert(key.to_string(), r);
+                }
+            }
+        }
+        s
+    }
+}
+
 impl Cluster {
-    /// The replication factor of `collection`. System collections (names
-    /// starting with `_`) live on every member.
+    /// The replication factors set through the API, as last read.
+    fn settings(&self) -> arc_swap::Guard<std::sync::Arc<Settings>> {
+        let s = self.settings.load();
+        if self.settings_stale.load(Ordering::Acquire) || s.read_at.elapsed() > SETTINGS_TTL {
+            self.settings_stale.store(false, Ordering::Release);
+            self.settings
+                .store(std::sync::Arc::new(Settings::read(&self.store)));
+            return self.settings.load();
+        }
+        s
+    }
+
+    /// Called when [`SETTINGS`] changed here: read it again before the next
+    /// placement.
+    pub(crate) fn settings_changed(&self) {
+        self.settings_stale.store(true, Ordering::Release);
+    }
+
+    /// The cluster's default replication factor: set through the API, else
+    /// `--replicas`.
+    pub(crate) fn default_replicas(&self) -> Replicas {
+        self.settings().default.unwrap_or(self.options.replicas)
+    }
+
+    /// The replication factor of `collection`: its own, else the cluster's
+    /// default. System collections (names starting with `_`) live on every
+    /// member.
     pub(crate) fn replicas_of(&self, collection: &str) -> Replicas {
         if collection.starts_with('_') {
             return Replicas::All;
         }
-        self.options.replicas
+        let s = self.settings();
+        s.per
+            .get(collection)
+            .copied()
+            .or(s.default)
+            .unwrap_or(self.options.replicas)
     }
 
     /// Whether every member owns every collection (no pins, no replication
     /// factor below `all`): the common case, answered without a lock.
     pub(crate) fn everyone_owns_everything(&self) -> bool {
-        self.options.collections.is_none() && self.options.replicas == Replicas::All
+        if self.options.collections.is_some() {
+            return false;
+        }
+        let s = self.settings();
+        s.default.unwrap_or(self.options.replicas) == Replicas::All
+            && s.per.values().all(|r| *r == Replicas::All)
     }
 
     /// The owners of `collection` among the members `m` knows (this node
-    /// included): the members that have not left and whose pins allow it,
-    /// ranked by placement score, as many as its replication factor asks.
+    /// included): the members that have not left and whose pins allow it
+    /// (system collections: every member), ranked by placement score, as
+    /// many as its replication factor asks.
     pub(crate) fn owners_in(&self, m: &Membership, collection: &str) -> Vec<u64> {
+        let system = collection.starts_with('_');
         let eligible = std::iter::once(m.me())
             .chain(m.members())
-            .filter(|u| u.liveness != Liveness::Left && hosts(u, collection))
+            .filter(|u| u.liveness != Liveness::Left && (system || hosts(u, collection)))
             .map(|u| u.id);
         placement::owners(collection, eligible, self.replicas_of(collection))
     }
@@ -63,5 +162,65 @@ impl Cluster {
             keys: c.keys,
             bytes: c.bytes,
         }
+    }
+}
+
+impl Cluster {
+    /// [`dhrt_proto::Operations::replicas`]: sets the replication factor of
+    /// `collection` (the cluster's default with `None`) if `set` says so, a
+    /// write of [`SETTINGS`] replicated to every member, then says what it
+    /// is and who owns the collection.
+    pub(crate) async fn replicas_op(
+        self: &std::sync::Arc<Self>,
+        collection: Option<&str>,
+        set: Option<&str>,
+    ) -> Result<ReplicasInfo, OpError> {
+        if let Some(c) = collection {
+            dhrt_storage::validate_collection_name(c).map_err(crate::error::op_error)?;
+            if c.starts_with('_') {
+                return Err(OpError::new(
+                    ErrorKind::InvalidInput,
+                    format!("collection names starting with '_' are reserved: {c:?}"),
+                ));
+            }
+        }
+        if let Some(value) = set {
+            let replicas: Replicas = value
+                .parse()
+                .map_err(|e: String| OpError::new(ErrorKind::InvalidInput, e))?;
+            let key = collection.unwrap_or(DEFAULT_KEY);
+            let value = replicas.to_string();
+            let version = self
+                .store
+                .set_versioned(SETTINGS, key.as_bytes(), value.as_bytes())
+                .map_err(crate::error::op_error)?;
+            self.settings_changed();
+            tracing::info!(collection = key, replicas = %value, "replication factor set");
+            let m = Mutation::Put {
+                collection: SETTINGS.to_string(),
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Some(Bytes::from(value)),
+                version: super::stamp(version),
+            };
+            self.replicate(vec![m], true).await?;
+        }
+        Ok(match collection {
+            None => ReplicasInfo {
+                collection: None,
+                replicas: self.default_replicas().to_string(),
+                owners: Vec::new(),
+                under_replicated: false,
+            },
+            Some(c) => {
+                let replicas = self.replicas_of(c);
+                let owners = self.owners(c);
+                ReplicasInfo {
+                    collection: Some(c.to_string()),
+                    under_replicated: matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n)),
+                    replicas: replicas.to_string(),
+                    owners: owners.iter().map(|id| format!("{id:016x}")).collect(),
+                }
+            }
+        })
     }
 }
