@@ -203,3 +203,60 @@ fn a_collection_replication_factor_set_through_the_api_round_trips() {
         "{\"Collection\":\"*\",\"Owners\":[],\"Replicas\":\"all\",\"UnderReplicated\":false}"
     );
 }
+
+/// A member that left with SIGTERM, and returns (same data directory)
+/// after the cluster deleted its keys and forgot the deletes, must not
+/// bring them back: it handed its copies over and released them when it
+/// left, and whatever stayed on its disk is not pushed as news.
+#[test]
+fn a_member_back_after_the_tombstone_grace_brings_nothing_deleted_back() {
+    let flags = ["--replicas", "1", "--tombstone-grace-secs", "2"];
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = start_joined(dirs[1].path(), &a, &flags);
+    let c = start_joined(dirs[2].path(), &a, &flags);
+    let d = start_joined(dirs[3].path(), &a, &flags);
+    eventually("four healthy members", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &c, &d], 4)
+    });
+    for c_ in 0..12 {
+        for k in 0..4 {
+            let (status, body) = a.http("POST", &format!("/g{c_}/k{k}/v"), b"");
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let d_addr = d.addr;
+    let held: Vec<String> = stats(&d)["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!held.is_empty(), "d owns nothing");
+    assert!(d.stop("TERM").success());
+    eventually("d has left", Duration::from_secs(10), || {
+        crate::cluster::state_of(&a, &d_addr.to_string()).as_deref() == Some("left")
+    });
+    for c_ in 0..12 {
+        for k in 0..4 {
+            let (status, body) = b.http("DELETE", &format!("/g{c_}/k{k}"), b"");
+            assert_eq!(status, 200, "g{c_}/k{k}: {body}");
+        }
+    }
+    // Past the grace, compaction purges the tombstones.
+    std::thread::sleep(Duration::from_secs(5));
+    let d = Dhrtd::start_on(Some(d_addr), dirs[3].path(), &flags);
+    let all = [&a, &b, &c, &d];
+    eventually("d back and healthy", Duration::from_secs(30), || {
+        all_healthy(&all, 4)
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    for n in all {
+        for c_ in 0..12 {
+            for k in 0..4 {
+                let (status, body) = n.http("GET", &format!("/g{c_}/k{k}"), b"");
+                assert_eq!(status, 404, "g{c_}/k{k} came back: {body}");
+            }
+        }
+    }
+}

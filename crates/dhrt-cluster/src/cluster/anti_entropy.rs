@@ -232,6 +232,9 @@ impl Cluster {
             return Ok(());
         };
         let long = self.options.timeout.max(Duration::from_secs(10));
+        // Back from longer than the tombstone grace: an old record the peer
+        // lacks may be one the cluster deleted and forgot (see `moves.rs`).
+        let stale_before = self.stale_before.load(Ordering::Acquire);
         for (c, remote) in shared {
             let local = self.store.digest(&c).map_err(local_error)?;
             self.apply_remote_drop(&c, &local, &remote).await?;
@@ -252,13 +255,23 @@ impl Cluster {
                 for b in chunk {
                     let mine = self.store.bucket(&c, *b).map_err(local_error)?;
                     push.extend(
-                        mine.filter(|r| worth_pushing(theirs.get(&r.key[..]), stamp(r.version)))
-                            .map(|r| Mutation::Put {
-                                collection: c.clone(),
-                                key: r.key.into(),
-                                value: r.value,
-                                version: stamp(r.version),
-                            }),
+                        mine.filter(|r| {
+                            let held = theirs.get(&r.key[..]);
+                            worth_pushing(held, stamp(r.version))
+                                && !(stale_before > 0
+                                    && super::sync::forgotten_by_prune(
+                                        r.value.is_some(),
+                                        held.is_some(),
+                                        r.version,
+                                        stale_before,
+                                    ))
+                        })
+                        .map(|r| Mutation::Put {
+                            collection: c.clone(),
+                            key: r.key.into(),
+                            value: r.value,
+                            version: stamp(r.version),
+                        }),
                     );
                 }
                 let pending: usize = push.iter().map(mutation_bytes).sum();

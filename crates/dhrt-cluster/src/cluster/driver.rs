@@ -332,8 +332,13 @@ impl Cluster {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;
         if handing_over {
-            // What was written here before the others heard of the leave.
-            let _ = tokio::time::timeout(HANDOVER_ON_LEAVE, self.hand_over_all(true)).await;
+            // What was written here before the others heard of the leave,
+            // then the copies themselves: a node that comes back must not
+            // bring back what was deleted while it was gone.
+            let deadline = Instant::now() + HANDOVER_ON_LEAVE;
+            while self.hand_over_all(true).await.1 > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         // Give the writer tasks a moment to flush the frames.
         tokio::time::sleep(Duration::from_millis(50)).await;

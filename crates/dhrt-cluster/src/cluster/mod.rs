@@ -168,6 +168,11 @@ pub struct Cluster {
     /// longer than the tombstone grace period, so keys deleted meanwhile
     /// may still be here. Reads ask the others; a full re-sync prunes.
     full_resync: AtomicBool,
+    /// Wall-clock ms up to which this node's own records may have been
+    /// deleted elsewhere while it was away longer than the tombstone grace
+    /// (0: never away that long in this life). A record at or before it
+    /// that a peer lacks is never pushed to that peer (`moves.rs`).
+    stale_before: AtomicU64,
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
@@ -287,6 +292,7 @@ impl Cluster {
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
             full_resync: AtomicBool::new(full_resync),
+            stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),

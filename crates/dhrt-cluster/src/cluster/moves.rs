@@ -20,6 +20,7 @@ use dhrt_storage::Digest;
 
 use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange, worth_pushing};
 use super::apply::local_error;
+use super::sync::forgotten_by_prune;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp, version};
 use crate::batch::mutation_bytes;
 use crate::link::LinkError;
@@ -43,10 +44,13 @@ impl Cluster {
     pub(super) async fn moves_loop(self: Arc<Self>) {
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(MOVE_EVERY).await;
-            // A leaving node hands over in `leave`, not here.
+            // A leaving node hands over in `leave`, not here; a node
+            // re-syncing (after being away) first learns what was deleted.
             if !self.running.load(Ordering::Acquire)
                 || self.everyone_owns_everything()
                 || !self.options.repair
+                || self.full_resync.load(Ordering::Acquire)
+                || self.sync.running.load(Ordering::Acquire)
             {
                 continue;
             }
@@ -87,7 +91,7 @@ impl Cluster {
             };
             let outcome = match owners {
                 None => Ok(Handover::Kept),
-                Some(owners) => self.hand_over(&c, &owners, !leaving).await,
+                Some(owners) => self.hand_over(&c, &owners).await,
             };
             match outcome {
                 Ok(Handover::Released) => {
@@ -107,21 +111,19 @@ impl Cluster {
         (pushed, held)
     }
 
-    /// Pushes `collection` to each of its `owners`; releases this copy
-    /// (with `release`) if none of them lacked anything and nothing was
-    /// written here meanwhile.
+    /// Pushes `collection` to each of its `owners`; releases this copy if
+    /// none of them lacked anything and nothing was written here meanwhile.
     async fn hand_over(
         self: &Arc<Self>,
         collection: &str,
         owners: &[u64],
-        release: bool,
     ) -> Result<Handover, LinkError> {
         let before = self.store.digest(collection).map_err(local_error)?;
         let mut pushed = 0;
         for &id in owners {
             pushed += self.push_collection(id, collection, &before).await?;
         }
-        if pushed > 0 || !release {
+        if pushed > 0 {
             return Ok(Handover::Pushed(pushed));
         }
         if self
@@ -176,6 +178,9 @@ impl Cluster {
             });
         }
         let mut sent = 0;
+        // Back from longer than the tombstone grace: what the owner lacks
+        // from before may be what the cluster deleted and forgot.
+        let stale_before = self.stale_before.load(Ordering::Acquire);
         for chunk in buckets_to_exchange(local, &remote).chunks(BUCKETS_PER_REQUEST) {
             let theirs = self
                 .read_buckets(&peer, collection, chunk, long, false)
@@ -183,13 +188,23 @@ impl Cluster {
             for b in chunk {
                 let mine = self.store.bucket(collection, *b).map_err(local_error)?;
                 push.extend(
-                    mine.filter(|r| worth_pushing(theirs.get(&r.key[..]), stamp(r.version)))
-                        .map(|r| Mutation::Put {
-                            collection: collection.to_string(),
-                            key: r.key.into(),
-                            value: r.value,
-                            version: stamp(r.version),
-                        }),
+                    mine.filter(|r| {
+                        let held = theirs.get(&r.key[..]);
+                        worth_pushing(held, stamp(r.version))
+                            && !(stale_before > 0
+                                && forgotten_by_prune(
+                                    r.value.is_some(),
+                                    held.is_some(),
+                                    r.version,
+                                    stale_before,
+                                ))
+                    })
+                    .map(|r| Mutation::Put {
+                        collection: collection.to_string(),
+                        key: r.key.into(),
+                        value: r.value,
+                        version: stamp(r.version),
+                    }),
                 );
             }
             let pending: usize = push.iter().map(mutation_bytes).sum();

@@ -138,7 +138,8 @@ impl Cluster {
     ) -> Result<u64, LinkError> {
         if let Some(seen) = self.distrusted_until() {
             // Away too long: the source's data is the truth.
-            let n = self.prune_with(source.id, seen).await?;
+            let (n, pruned) = self.prune_with(source.id, seen, None).await?;
+            let n = n + self.prune_the_rest(seen, pruned).await;
             self.anti_entropy_with(source.id).await?;
             return Ok(n);
         }
@@ -202,12 +203,15 @@ impl Cluster {
         }
         if away_too_long(&self.store, self.last_contact.load(Ordering::Acquire)).is_some() {
             self.full_resync.store(true, Ordering::Release);
+            self.stale_before
+                .fetch_max(self.last_contact.load(Ordering::Acquire), Ordering::AcqRel);
         }
         if let Some(seen) = self.distrusted_until() {
             // Prune against one source before anything of ours travels.
             while let Some(source) = self.wait_for_source().await {
-                match self.prune_with(source.id, seen).await {
-                    Ok(n) => {
+                match self.prune_with(source.id, seen, None).await {
+                    Ok((n, pruned)) => {
+                        let n = n + self.prune_the_rest(seen, pruned).await;
                         tracing::info!("full re-sync with {}: {n} records forgotten", source.addr);
                         break;
                     }
@@ -301,17 +305,26 @@ impl Cluster {
     /// deleted them and has since purged the tombstones. Nothing of this
     /// node's travels the other way. Returns how many records it forgot;
     /// fails (and the re-sync goes on) if anything could not be applied.
+    ///
+    /// With `only`, just those collections. Returns the records forgotten
+    /// and the collections pruned.
     pub(super) async fn prune_with(
         self: &Arc<Self>,
         id: u64,
         seen_ms: u64,
-    ) -> Result<u64, LinkError> {
-        let Some((peer, shared)) = self.shared_digests(id).await? else {
-            return Ok(0);
+        only: Option<&[String]>,
+    ) -> Result<(u64, Vec<String>), LinkError> {
+        let Some((peer, mut shared)) = self.shared_digests(id).await? else {
+            return Ok((0, Vec::new()));
         };
+        if let Some(only) = only {
+            shared.retain(|(c, _)| only.contains(c));
+        }
         let long = self.options.timeout.max(Duration::from_secs(10));
         let mut forgotten = 0;
+        let mut pruned = Vec::new();
         for (c, remote) in shared {
+            pruned.push(c.clone());
             let local = self.store.digest(&c).map_err(local_error)?;
             self.apply_remote_drop(&c, &local, &remote).await?;
             let local = self.store.digest(&c).map_err(local_error)?;
@@ -349,7 +362,34 @@ impl Cluster {
                 }
             }
         }
-        Ok(forgotten)
+        Ok((forgotten, pruned))
+    }
+
+    /// After a prune against one source: prunes every other collection
+    /// this node holds against one live member that owns it too (with
+    /// fewer owners than members, the first source shares only some).
+    /// Returns the records forgotten.
+    pub(super) async fn prune_the_rest(self: &Arc<Self>, seen_ms: u64, done: Vec<String>) -> u64 {
+        let mut left: Vec<String> = self
+            .store
+            .all_collections()
+            .into_iter()
+            .filter(|c| !done.contains(c))
+            .collect();
+        let mut forgotten = 0;
+        for source in self.sources() {
+            if left.is_empty() {
+                break;
+            }
+            match self.prune_with(source.id, seen_ms, Some(&left)).await {
+                Ok((n, pruned)) => {
+                    forgotten += n;
+                    left.retain(|c| !pruned.contains(c));
+                }
+                Err(e) => tracing::warn!("full re-sync with {}: {e}", source.addr),
+            }
+        }
+        forgotten
     }
 }
 
