@@ -45,6 +45,15 @@ fn on_owners(nodes: &[&Dhrtd], collections: usize) -> bool {
 fn readable_everywhere(nodes: &[&Dhrtd], collections: usize) {
     for (i, n) in nodes.iter().enumerate() {
         for c in 0..collections {
+            // Listed through every node, owner or not.
+            let (status, body) = n.http("GET", &format!("/c{c}"), b"");
+            assert_eq!(status, 200, "c{c} through node {i}: {body}");
+            let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                listed.as_array().map(Vec::len),
+                Some(3),
+                "c{c} through node {i}: {body}"
+            );
             for k in 0..3 {
                 let (status, body) = n.http("GET", &format!("/c{c}/k{k}"), b"");
                 assert_eq!(status, 200, "c{c}/k{k} through node {i}: {body}");

@@ -329,6 +329,7 @@ impl Node {
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
         self.refuse_writes().await?;
+        self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);
         let version = if local && self.store.options().sync != SyncMode::Always {
             // Handed to the kernel only: inline, nothing copied.
@@ -361,6 +362,7 @@ impl Node {
     ) -> Result<(), OpError> {
         user_collection(collection)?;
         self.refuse_writes().await?;
+        self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);
         let peers = self.cluster.has_peers();
         let (versions, entries) = if local && self.store.options().sync != SyncMode::Always {
@@ -462,7 +464,9 @@ impl Node {
     }
 
     fn op_has_collection(&self, name: &str) -> bool {
-        !name.starts_with('_') && self.store.has_keys(name)
+        !name.starts_with('_')
+            && (self.store.has_keys(name)
+                || (!self.cluster.everyone_owns_everything() && self.cluster.is_registered(name)))
     }
 
     async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {

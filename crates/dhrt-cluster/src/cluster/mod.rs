@@ -209,6 +209,8 @@ pub struct Cluster {
     /// they changed since (`owners.rs`).
     settings: arc_swap::ArcSwap<owners::Settings>,
     settings_stale: AtomicBool,
+    /// Collections this node knows are in the registry (`owners.rs`).
+    registered: arc_swap::ArcSwap<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -310,6 +312,7 @@ impl Cluster {
             strictest_offset_ms: AtomicU64::new(options_max_offset),
             settings: arc_swap::ArcSwap::from_pointee(owners::Settings::unread()),
             settings_stale: AtomicBool::new(true),
+            registered: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
         })
     }
 
@@ -359,6 +362,12 @@ impl Cluster {
     /// Starts the membership protocol, anti-entropy and, with seeds, the
     /// join and its handoff. Call once, inside a tokio runtime.
     pub fn start(self: &Arc<Self>) {
+        // Collections written before the registry existed.
+        for c in self.store.all_collections() {
+            if !c.starts_with('_') && self.store.has_keys(&c) {
+                self.register(&c);
+            }
+        }
         let me = self.clone();
         tokio::spawn(async move { me.membership_loop().await });
         let me = self.clone();

@@ -21,6 +21,12 @@ use crate::placement::{self, Replicas, hosts};
 /// number. Replicated to every member like any write (the newest version
 /// wins when two members set one at once), kept across restarts.
 pub(crate) const SETTINGS: &str = "_replicas";
+/// The system collection that names every collection ever written in the
+/// cluster (replicated to every member): how a member that holds no copy
+/// of a collection knows it exists (`GET /name` is the collection, not the
+/// key `name` of `default`).
+pub(crate) const REGISTRY: &str = "_collections";
+
 /// The key of the cluster's default in [`SETTINGS`].
 pub(crate) const DEFAULT_KEY: &str = "*";
 
@@ -222,5 +228,46 @@ impl Cluster {
                 }
             }
         })
+    }
+}
+
+impl Cluster {
+    /// Notes that `collection` exists, in [`REGISTRY`], the first time this
+    /// node writes it (a lookup in memory afterwards). The registry entry
+    /// is replicated in the background.
+    pub(crate) fn register(self: &std::sync::Arc<Self>, collection: &str) {
+        if self.registered.load().contains(collection) {
+            return;
+        }
+        let known = matches!(self.store.get(REGISTRY, collection.as_bytes()), Ok(Some(_)));
+        if !known
+            && let Ok(version) = self
+                .store
+                .set_versioned(REGISTRY, collection.as_bytes(), b"1")
+        {
+            let m = Mutation::Put {
+                collection: REGISTRY.to_string(),
+                key: Bytes::copy_from_slice(collection.as_bytes()),
+                value: Some(Bytes::from_static(b"1")),
+                version: super::stamp(version),
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.replicate(vec![m], true).await {
+                    tracing::debug!("registering a collection: {e}");
+                }
+            });
+        }
+        self.registered.rcu(|set| {
+            let mut set = std::collections::HashSet::clone(set);
+            set.insert(collection.to_string());
+            set
+        });
+    }
+
+    /// Whether `collection` was ever written anywhere in the cluster, as
+    /// far as this node has heard.
+    pub(crate) fn is_registered(&self, collection: &str) -> bool {
+        matches!(self.store.get(REGISTRY, collection.as_bytes()), Ok(Some(_)))
     }
 }
