@@ -362,12 +362,6 @@ impl Cluster {
     /// Starts the membership protocol, anti-entropy and, with seeds, the
     /// join and its handoff. Call once, inside a tokio runtime.
     pub fn start(self: &Arc<Self>) {
-        // Collections written before the registry existed.
-        for c in self.store.all_collections() {
-            if !c.starts_with('_') && self.store.has_keys(&c) {
-                self.register(&c);
-            }
-        }
         let me = self.clone();
         tokio::spawn(async move { me.membership_loop().await });
         let me = self.clone();

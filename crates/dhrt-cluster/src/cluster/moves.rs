@@ -68,6 +68,9 @@ impl Cluster {
             if c.starts_with('_') {
                 continue;
             }
+            // Held since before members could lack a copy: named in the
+            // registry before it may leave this node.
+            self.register(&c);
             let owners = {
                 let m = self.membership.lock().unwrap();
                 let me = m.me().id;

@@ -233,10 +233,12 @@ impl Cluster {
 
 impl Cluster {
     /// Notes that `collection` exists, in [`REGISTRY`], the first time this
-    /// node writes it (a lookup in memory afterwards). The registry entry
-    /// is replicated in the background.
+    /// node writes it (a lookup in memory afterwards), where members may
+    /// hold no copy of it (pins, a replication factor below `all`; the
+    /// collections held when that starts are registered by the moves
+    /// loop). The registry entry is replicated in the background.
     pub(crate) fn register(self: &std::sync::Arc<Self>, collection: &str) {
-        if self.registered.load().contains(collection) {
+        if self.everyone_owns_everything() || self.registered.load().contains(collection) {
             return;
         }
         let known = matches!(self.store.get(REGISTRY, collection.as_bytes()), Ok(Some(_)));
