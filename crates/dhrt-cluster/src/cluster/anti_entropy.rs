@@ -119,6 +119,43 @@ impl Cluster {
         }
     }
 
+    /// Appends to `push` this node's records of `buckets` of `collection`
+    /// that a peer holding `theirs` (key -> version) lacks or holds older.
+    /// Back from longer than the tombstone grace, an old record the peer
+    /// lacks is left out: the cluster may have deleted it and forgotten.
+    pub(super) fn worth_sending(
+        &self,
+        collection: &str,
+        buckets: &[usize],
+        theirs: &HashMap<Bytes, Stamp>,
+        push: &mut Vec<Mutation>,
+    ) -> Result<(), LinkError> {
+        let stale_before = self.stale_before.load(Ordering::Acquire);
+        for b in buckets {
+            let mine = self.store.bucket(collection, *b).map_err(local_error)?;
+            push.extend(
+                mine.filter(|r| {
+                    let held = theirs.get(&r.key[..]);
+                    worth_pushing(held, stamp(r.version))
+                        && !(stale_before > 0
+                            && super::sync::forgotten_by_prune(
+                                r.value.is_some(),
+                                held.is_some(),
+                                r.version,
+                                stale_before,
+                            ))
+                })
+                .map(|r| Mutation::Put {
+                    collection: collection.to_string(),
+                    key: r.key.into(),
+                    value: r.value,
+                    version: stamp(r.version),
+                }),
+            );
+        }
+        Ok(())
+    }
+
     /// Sends `mutations` to the peer in `Apply` frames cut by bytes. What
     /// the peer refuses (this node's clock is ahead of its own) is counted,
     /// not retried.
@@ -232,9 +269,6 @@ impl Cluster {
             return Ok(());
         };
         let long = self.options.timeout.max(Duration::from_secs(10));
-        // Back from longer than the tombstone grace: an old record the peer
-        // lacks may be one the cluster deleted and forgot (see `moves.rs`).
-        let stale_before = self.stale_before.load(Ordering::Acquire);
         for (c, remote) in shared {
             let local = self.store.digest(&c).map_err(local_error)?;
             self.apply_remote_drop(&c, &local, &remote).await?;
@@ -252,28 +286,7 @@ impl Cluster {
                 let theirs = self.pull_buckets(&peer, &c, chunk, long).await?;
                 // Only what is newer takes effect; send back only what the
                 // peer lacks or holds older.
-                for b in chunk {
-                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
-                    push.extend(
-                        mine.filter(|r| {
-                            let held = theirs.get(&r.key[..]);
-                            worth_pushing(held, stamp(r.version))
-                                && !(stale_before > 0
-                                    && super::sync::forgotten_by_prune(
-                                        r.value.is_some(),
-                                        held.is_some(),
-                                        r.version,
-                                        stale_before,
-                                    ))
-                        })
-                        .map(|r| Mutation::Put {
-                            collection: c.clone(),
-                            key: r.key.into(),
-                            value: r.value,
-                            version: stamp(r.version),
-                        }),
-                    );
-                }
+                self.worth_sending(&c, chunk, &theirs, &mut push)?;
                 let pending: usize = push.iter().map(mutation_bytes).sum();
                 if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
                     self.push_to(&peer, std::mem::take(&mut push), long).await?;

@@ -479,9 +479,7 @@ impl Cluster {
             .store
             .all_collections()
             .iter()
-            .filter(|c| {
-                matches!(self.replicas_of(c), Replicas::N(n) if self.owners(c).len() < usize::from(n))
-            })
+            .filter(|c| self.placement(c).2)
             .count();
         let _ = writeln!(
             out,

@@ -18,9 +18,8 @@ use std::time::Duration;
 use dhrt_proto::{Liveness, Mutation, PeerOp, PeerReply};
 use dhrt_storage::Digest;
 
-use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange, worth_pushing};
+use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange};
 use super::apply::local_error;
-use super::sync::forgotten_by_prune;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp, version};
 use crate::batch::mutation_bytes;
 use crate::link::LinkError;
@@ -181,35 +180,11 @@ impl Cluster {
             });
         }
         let mut sent = 0;
-        // Back from longer than the tombstone grace: what the owner lacks
-        // from before may be what the cluster deleted and forgot.
-        let stale_before = self.stale_before.load(Ordering::Acquire);
         for chunk in buckets_to_exchange(local, &remote).chunks(BUCKETS_PER_REQUEST) {
             let theirs = self
                 .read_buckets(&peer, collection, chunk, long, false)
                 .await?;
-            for b in chunk {
-                let mine = self.store.bucket(collection, *b).map_err(local_error)?;
-                push.extend(
-                    mine.filter(|r| {
-                        let held = theirs.get(&r.key[..]);
-                        worth_pushing(held, stamp(r.version))
-                            && !(stale_before > 0
-                                && forgotten_by_prune(
-                                    r.value.is_some(),
-                                    held.is_some(),
-                                    r.version,
-                                    stale_before,
-                                ))
-                    })
-                    .map(|r| Mutation::Put {
-                        collection: collection.to_string(),
-                        key: r.key.into(),
-                        value: r.value,
-                        version: stamp(r.version),
-                    }),
-                );
-            }
+            self.worth_sending(collection, chunk, &theirs, &mut push)?;
             let pending: usize = push.iter().map(mutation_bytes).sum();
             if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
                 sent += push.len();

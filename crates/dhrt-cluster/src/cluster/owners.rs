@@ -142,6 +142,15 @@ impl Cluster {
         placement::owners(collection, eligible, self.replicas_of(collection))
     }
 
+    /// The replication factor of `collection`, its owners now (best
+    /// placement score first), and whether they are fewer than it asks.
+    pub(crate) fn placement(&self, collection: &str) -> (Replicas, Vec<u64>, bool) {
+        let replicas = self.replicas_of(collection);
+        let owners = self.owners(collection);
+        let under = matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n));
+        (replicas, owners, under)
+    }
+
     /// The owners of `collection` now, as this node knows the members: ids,
     /// best placement score first.
     pub fn owners(&self, collection: &str) -> Vec<u64> {
@@ -153,15 +162,14 @@ impl Cluster {
     /// What `GET /` says of a collection this node holds: its size and
     /// digest here, its replication factor and owners.
     pub(crate) fn collection_info(&self, c: dhrt_storage::CollectionStats) -> CollectionInfo {
-        let replicas = self.replicas_of(&c.name);
-        let owners = self.owners(&c.name);
+        let (replicas, owners, under_replicated) = self.placement(&c.name);
         CollectionInfo {
             digest: self
                 .store
                 .digest(&c.name)
                 .map(|d| format!("{:016x}", d.summary()))
                 .unwrap_or_default(),
-            under_replicated: matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n)),
+            under_replicated,
             replicas: replicas.to_string(),
             owners: owners.iter().map(|id| format!("{id:016x}")).collect(),
             name: c.name,
@@ -218,11 +226,10 @@ impl Cluster {
                 under_replicated: false,
             },
             Some(c) => {
-                let replicas = self.replicas_of(c);
-                let owners = self.owners(c);
+                let (replicas, owners, under_replicated) = self.placement(c);
                 ReplicasInfo {
                     collection: Some(c.to_string()),
-                    under_replicated: matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n)),
+                    under_replicated,
                     replicas: replicas.to_string(),
                     owners: owners.iter().map(|id| format!("{id:016x}")).collect(),
                 }
