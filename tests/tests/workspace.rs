@@ -10,6 +10,7 @@ mod dhrtd;
 mod faults;
 mod hostile;
 mod memory;
+mod moves;
 mod node;
 mod partition;
 mod replicas;

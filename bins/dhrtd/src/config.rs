@@ -105,6 +105,12 @@ pub(crate) struct Args {
     /// Every member must be started with the same value.
     #[arg(long, env = "DHRT_REPLICAS", value_name = "N|all")]
     replicas: Option<String>,
+    /// MiB per second this node sends to move collections to their owners
+    /// (a handover after a join, a leave or a change of replication factor;
+    /// the streamed handoff of a newcomer); 0 for no limit. Client writes
+    /// and their replication are never paced.
+    #[arg(long, env = "DHRT_MOVE_RATE_MIB", value_name = "MIB_PER_S")]
+    move_rate_mib: Option<u64>,
     /// Host only these collections (comma-separated); default all.
     #[arg(
         long,
@@ -184,6 +190,7 @@ struct File {
     tls_client_ca: Option<PathBuf>,
     collections: Option<Vec<String>>,
     replicas: Option<String>,
+    move_rate_mib: Option<u64>,
     tombstone_grace_secs: Option<u64>,
     max_hints: Option<usize>,
     max_hint_bytes: Option<usize>,
@@ -239,6 +246,8 @@ pub(crate) struct Config {
     pub(crate) tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     pub(crate) collections: Option<Vec<String>>,
     pub(crate) replicas: Replicas,
+    /// Bytes per second; 0 for no limit.
+    pub(crate) move_rate: u64,
     pub(crate) tombstone_grace: Duration,
     pub(crate) max_hints: usize,
     pub(crate) max_hint_bytes: usize,
@@ -397,6 +406,12 @@ impl Config {
             tls,
             collections,
             replicas,
+            move_rate: args
+                .move_rate_mib
+                .or(file.move_rate_mib)
+                .map_or(dhrt_cluster::DEFAULT_MOVE_RATE, |m| {
+                    m.saturating_mul(1 << 20)
+                }),
             tombstone_grace: Duration::from_secs(
                 args.tombstone_grace_secs
                     .or(file.tombstone_grace_secs)

@@ -287,6 +287,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             secret: config.cluster_secret.clone(),
             collections: config.collections.clone(),
             replicas: config.replicas,
+            move_rate: config.move_rate,
             seeds: config.seeds.clone(),
             state_file: (!config.memory).then(|| config.data_dir.join("cluster.state")),
             max_hints: config.max_hints,

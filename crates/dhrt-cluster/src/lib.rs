@@ -20,6 +20,7 @@ mod link;
 mod membership;
 mod metrics;
 mod node;
+mod pace;
 mod peer_server;
 mod placement;
 mod queue;
@@ -34,7 +35,7 @@ mod watch;
 mod watch_conn;
 mod wire;
 
-pub use cluster::{Cluster, ClusterOptions, Identity};
+pub use cluster::{Cluster, ClusterOptions, DEFAULT_MOVE_RATE, Identity};
 pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::Node;

@@ -158,6 +158,7 @@ impl Operations for MapNode {
                 replicas: "all".into(),
                 owners: Vec::new(),
                 under_replicated: false,
+                moving: None,
             });
             e.keys += 1;
             e.bytes += v.len() as u64;

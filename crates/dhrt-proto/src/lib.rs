@@ -52,6 +52,7 @@ pub use peer::{
     Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
 };
 pub use stats::{
-    ClockInfo, CollectionInfo, MemberInfo, MemberState, NodeInfo, NodeStats, SyncInfo, WatchInfo,
+    ClockInfo, CollectionInfo, MemberInfo, MemberState, MoveInfo, NodeInfo, NodeStats, SyncInfo,
+    WatchInfo,
 };
 pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};

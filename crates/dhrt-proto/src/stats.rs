@@ -106,9 +106,30 @@ pub struct CollectionInfo {
     /// score first; this node's copy may be one being handed over.
     #[serde(default)]
     pub owners: Vec<String>,
-    /// Fewer members can own it than its replication factor asks.
+    /// Fewer members can own it than its replication factor asks, or an
+    /// owner is dead (until it returns or is removed).
     #[serde(default)]
     pub under_replicated: bool,
+    /// This node holds a copy it does not own and is handing it over to
+    /// the owners (`null` otherwise).
+    #[serde(default)]
+    pub moving: Option<MoveInfo>,
+}
+
+/// A copy on its way to the collection's owners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveInfo {
+    /// The owners it goes to (node ids, 16 hex digits).
+    pub to: Vec<String>,
+    /// Records sent to them so far.
+    pub records_sent: u64,
+    /// Bytes of those records (keys, values and a fixed allowance each).
+    pub bytes_sent: u64,
+    /// Seconds since this node began handing it over.
+    pub for_s: u64,
+    /// Why the handover cannot finish now (an owner down, no owner), if it
+    /// cannot.
+    pub waiting: Option<String>,
 }
 
 /// A member of the cluster as this node sees it.

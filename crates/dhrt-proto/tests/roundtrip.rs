@@ -55,6 +55,13 @@ fn stats() -> NodeStats {
             replicas: "2".into(),
             owners: vec!["00000000000000ff".into(), "0000000000000100".into()],
             under_replicated: false,
+            moving: Some(dhrt_proto::MoveInfo {
+                to: vec!["0000000000000100".into()],
+                records_sent: 10,
+                bytes_sent: 1000,
+                for_s: 2,
+                waiting: Some("owners not reachable: 0000000000000100".into()),
+            }),
         }],
         members: vec![MemberInfo {
             id: "00000000000000ff".into(),

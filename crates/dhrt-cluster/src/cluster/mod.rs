@@ -93,6 +93,10 @@ pub struct ClusterOptions {
     /// the simulation's negative control switches them off, to show that
     /// its checker catches what they repair.
     pub repair: bool,
+    /// Bytes per second this node sends to move collections (handovers,
+    /// the streamed handoff of a newcomer); 0 for no limit. Live writes
+    /// are never paced.
+    pub move_rate: u64,
 }
 
 impl Default for ClusterOptions {
@@ -114,6 +118,7 @@ impl Default for ClusterOptions {
             rng_seed: None,
             state_file: None,
             repair: true,
+            move_rate: DEFAULT_MOVE_RATE,
         }
     }
 }
@@ -122,6 +127,9 @@ impl Default for ClusterOptions {
 /// mutation would take it past `BATCH_BYTES`; a larger mutation travels
 /// alone (the frame limit leaves room for the largest value).
 pub(crate) const BATCH_ITEMS: usize = 4096;
+/// The default of [`ClusterOptions::move_rate`]: 64 MiB/s.
+pub const DEFAULT_MOVE_RATE: u64 = 64 << 20;
+
 pub(crate) const BATCH_BYTES: usize = 4 << 20;
 
 fn collection_of(m: &Mutation) -> &str {
@@ -211,6 +219,8 @@ pub struct Cluster {
     settings_stale: AtomicBool,
     /// Collections this node knows are in the registry (`owners.rs`).
     registered: arc_swap::ArcSwap<std::collections::HashSet<String>>,
+    /// Copies being handed over, their progress, and the pace (`moves.rs`).
+    moves: moves::Moves,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -235,6 +245,7 @@ impl Cluster {
         });
         let wall_at_start = store.clock().wall_ms();
         let options_max_offset = options.max_clock_ahead.as_millis() as u64;
+        let move_rate = options.move_rate;
         let mut last_contact = wall_at_start;
         let mut full_resync = false;
         if let Some(saved) = saved {
@@ -313,6 +324,7 @@ impl Cluster {
             settings: arc_swap::ArcSwap::from_pointee(owners::Settings::unread()),
             settings_stale: AtomicBool::new(true),
             registered: arc_swap::ArcSwap::from_pointee(std::collections::HashSet::new()),
+            moves: moves::Moves::new(move_rate),
         })
     }
 
@@ -483,7 +495,14 @@ impl Cluster {
             .count();
         let _ = writeln!(
             out,
-            "# HELP dhrt_collections_under_replicated Collections held here that fewer members can own than their replication factor asks.\n# TYPE dhrt_collections_under_replicated gauge\ndhrt_collections_under_replicated {under}"
+            "# HELP dhrt_collections_under_replicated Collections held here that fewer members can own than their replication factor asks, or with a dead owner.\n# TYPE dhrt_collections_under_replicated gauge\ndhrt_collections_under_replicated {under}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_moves_in_progress Copies held here that this node does not own, being handed over to their owners.\n# TYPE dhrt_moves_in_progress gauge\ndhrt_moves_in_progress {}\n# HELP dhrt_moved_records_total Records this node sent to move collections (handovers, handoff streams).\n# TYPE dhrt_moved_records_total counter\ndhrt_moved_records_total {}\n# HELP dhrt_moved_bytes_total Bytes of those records.\n# TYPE dhrt_moved_bytes_total counter\ndhrt_moved_bytes_total {}",
+            self.moves.in_progress(),
+            self.moves.records.load(Ordering::Relaxed),
+            self.moves.bytes.load(Ordering::Relaxed)
         );
         let clock = self.clock_info();
         let _ = writeln!(

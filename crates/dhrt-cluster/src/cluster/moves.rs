@@ -11,9 +11,10 @@
 //! not left, so a dead owner keeps its place, and a copy whose owners are
 //! not all reachable is kept until they are.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dhrt_proto::{Liveness, Mutation, PeerOp, PeerReply};
 use dhrt_storage::Digest;
@@ -23,10 +24,99 @@ use super::apply::local_error;
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp, version};
 use crate::batch::mutation_bytes;
 use crate::link::LinkError;
+use crate::pace::Pacer;
 use crate::placement;
 
 /// How often a member looks for copies to hand over.
 const MOVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The copies this node holds and does not own, what of them went so far,
+/// and the pace of sending.
+#[derive(Debug)]
+pub(crate) struct Moves {
+    pub(crate) pacer: Pacer,
+    held: Mutex<HashMap<String, Progress>>,
+    /// Records and bytes sent by handovers and handoff streams since start.
+    pub(crate) records: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+}
+
+/// One copy on its way to its owners.
+#[derive(Debug, Clone)]
+struct Progress {
+    to: Vec<u64>,
+    records: u64,
+    bytes: u64,
+    since: Instant,
+    /// Why the last round could not finish, if it could not.
+    waiting: Option<String>,
+}
+
+impl Moves {
+    pub(crate) fn new(rate: u64) -> Moves {
+        Moves {
+            pacer: Pacer::new(rate),
+            held: Mutex::new(HashMap::new()),
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a batch sent to move data, after waiting for its slot.
+    pub(crate) async fn send(&self, records: usize, bytes: usize) {
+        self.pacer.take(bytes).await;
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn note(
+        &self,
+        collection: &str,
+        to: &[u64],
+        records: usize,
+        bytes: usize,
+        waiting: Option<String>,
+    ) {
+        let mut held = self.held.lock().unwrap();
+        let p = held
+            .entry(collection.to_string())
+            .or_insert_with(|| Progress {
+                to: to.to_vec(),
+                records: 0,
+                bytes: 0,
+                since: Instant::now(),
+                waiting: None,
+            });
+        if !to.is_empty() {
+            p.to = to.to_vec();
+        }
+        p.records += records as u64;
+        p.bytes += bytes as u64;
+        p.waiting = waiting;
+    }
+
+    fn done(&self, collection: &str) {
+        self.held.lock().unwrap().remove(collection);
+    }
+
+    /// What `GET /` says of `collection`'s move, if this node is handing
+    /// it over.
+    pub(crate) fn info(&self, collection: &str) -> Option<dhrt_proto::MoveInfo> {
+        let held = self.held.lock().unwrap();
+        held.get(collection).map(|p| dhrt_proto::MoveInfo {
+            to: p.to.iter().map(|id| format!("{id:016x}")).collect(),
+            records_sent: p.records,
+            bytes_sent: p.bytes,
+            for_s: p.since.elapsed().as_secs(),
+            waiting: p.waiting.clone(),
+        })
+    }
+
+    /// How many copies this node is handing over.
+    pub(crate) fn in_progress(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+}
 
 /// What one handover round of a collection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +160,7 @@ impl Cluster {
             // Held since before members could lack a copy: named in the
             // registry before it may leave this node.
             self.register(&c);
-            let owners = {
+            let (owners, unreachable) = {
                 let m = self.membership.lock().unwrap();
                 let me = m.me().id;
                 let owners = if leaving {
@@ -83,20 +173,41 @@ impl Cluster {
                     self.owners_in(&m, &c)
                 };
                 if owners.contains(&me) {
+                    self.moves.done(&c);
                     continue;
                 }
-                let reachable = owners.iter().all(|id| {
-                    m.get(*id)
-                        .is_some_and(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
-                });
-                (reachable && !owners.is_empty()).then_some(owners)
+                // An owner receiving its own handoff (a newcomer, or back
+                // from the dead) is waited for, unless this node is leaving:
+                // the stream may be bringing this very collection, and two
+                // copies of it would travel.
+                let unreachable: Vec<u64> = owners
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        !m.get(*id).is_some_and(|u| {
+                            matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
+                                && (leaving || !u.syncing)
+                        })
+                    })
+                    .collect();
+                (owners, unreachable)
             };
-            let outcome = match owners {
-                None => Ok(Handover::Kept),
-                Some(owners) => self.hand_over(&c, &owners).await,
+            let outcome = if owners.is_empty() {
+                self.moves
+                    .note(&c, &owners, 0, 0, Some("no member can own it".into()));
+                Ok(Handover::Kept)
+            } else if !unreachable.is_empty() {
+                let ids: Vec<String> = unreachable.iter().map(|id| format!("{id:016x}")).collect();
+                let why = format!("owners down or syncing: {}", ids.join(", "));
+                self.moves.note(&c, &owners, 0, 0, Some(why));
+                Ok(Handover::Kept)
+            } else {
+                self.moves.note(&c, &owners, 0, 0, None);
+                self.hand_over(&c, &owners).await
             };
             match outcome {
                 Ok(Handover::Released) => {
+                    self.moves.done(&c);
                     tracing::info!(collection = %c, "handed over to its owners; this copy is released");
                 }
                 Ok(Handover::Pushed(n)) => {
@@ -106,6 +217,7 @@ impl Cluster {
                 Ok(Handover::Kept) => held += 1,
                 Err(e) => {
                     tracing::debug!(collection = %c, "handover: {e}");
+                    self.moves.note(&c, &[], 0, 0, Some(e.to_string()));
                     held += 1;
                 }
             }
@@ -180,19 +292,46 @@ impl Cluster {
             });
         }
         let mut sent = 0;
+        let batch_bytes = self.moves.pacer.batch_bytes(BATCH_BYTES);
         for chunk in buckets_to_exchange(local, &remote).chunks(BUCKETS_PER_REQUEST) {
             let theirs = self
                 .read_buckets(&peer, collection, chunk, long, false)
                 .await?;
             self.worth_sending(collection, chunk, &theirs, &mut push)?;
             let pending: usize = push.iter().map(mutation_bytes).sum();
-            if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
+            if push.len() >= BATCH_ITEMS || pending >= batch_bytes {
                 sent += push.len();
-                self.push_to(&peer, std::mem::take(&mut push), long).await?;
+                self.push_paced(&peer, collection, std::mem::take(&mut push), long)
+                    .await?;
             }
         }
         sent += push.len();
-        self.push_to(&peer, push, long).await?;
+        self.push_paced(&peer, collection, push, long).await?;
         Ok(sent)
+    }
+
+    /// Pushes `mutations` of a handover at the pace of moves, counted in
+    /// its progress.
+    async fn push_paced(
+        &self,
+        peer: &super::replicate::Peer,
+        collection: &str,
+        mutations: Vec<Mutation>,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        let mut batcher =
+            crate::batch::Batcher::new(self.moves.pacer.batch_bytes(BATCH_BYTES), BATCH_ITEMS);
+        let mut batches: Vec<Vec<Mutation>> = Vec::new();
+        for m in mutations {
+            batches.extend(batcher.push(m));
+        }
+        batches.extend(batcher.finish());
+        for batch in batches {
+            let (n, bytes) = (batch.len(), batch.iter().map(mutation_bytes).sum());
+            self.moves.send(n, bytes).await;
+            self.push_to(peer, batch, timeout).await?;
+            self.moves.note(collection, &[], n, bytes, None);
+        }
+        Ok(())
     }
 }

@@ -143,12 +143,18 @@ impl Cluster {
     }
 
     /// The replication factor of `collection`, its owners now (best
-    /// placement score first), and whether they are fewer than it asks.
+    /// placement score first), and whether it is under-replicated: fewer
+    /// owners than it asks, or an owner dead (its copy counts again once
+    /// it returns; a member removed from the cluster is no owner).
     pub(crate) fn placement(&self, collection: &str) -> (Replicas, Vec<u64>, bool) {
         let replicas = self.replicas_of(collection);
-        let owners = self.owners(collection);
-        let under = matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n));
-        (replicas, owners, under)
+        let m = self.membership.lock().unwrap();
+        let owners = self.owners_in(&m, collection);
+        let short = matches!(replicas, Replicas::N(n) if owners.len() < usize::from(n));
+        let dead = owners
+            .iter()
+            .any(|id| m.get(*id).is_some_and(|u| u.liveness == Liveness::Dead));
+        (replicas, owners, short || dead)
     }
 
     /// The owners of `collection` now, as this node knows the members: ids,
@@ -172,6 +178,7 @@ impl Cluster {
             under_replicated,
             replicas: replicas.to_string(),
             owners: owners.iter().map(|id| format!("{id:016x}")).collect(),
+            moving: self.moves.info(&c.name),
             name: c.name,
             keys: c.keys,
             bytes: c.bytes,

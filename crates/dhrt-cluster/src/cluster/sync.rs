@@ -248,7 +248,8 @@ impl Cluster {
             .newest_first(collection)
             .map_err(crate::error::op_error)?;
         let mut sent = 0;
-        let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
+        let mut batcher =
+            crate::batch::Batcher::new(self.moves.pacer.batch_bytes(BATCH_BYTES), BATCH_ITEMS);
         let timeout = self.options.timeout.max(Duration::from_secs(30));
         let drop = self
             .store
@@ -286,16 +287,24 @@ impl Cluster {
                 while inflight.len() >= HANDOFF_WINDOW {
                     sent += joined(inflight.join_next().await)?;
                 }
+                self.pace(&chunk).await;
                 send(&mut inflight, chunk);
             }
         }
         if let Some(chunk) = batcher.finish() {
+            self.pace(&chunk).await;
             send(&mut inflight, chunk);
         }
         while let Some(r) = inflight.join_next().await {
             sent += joined(Some(r))?;
         }
         Ok(sent)
+    }
+
+    /// Waits for the slot of a handoff chunk at the pace of moves.
+    async fn pace(&self, chunk: &[Mutation]) {
+        let bytes = chunk.iter().map(crate::batch::mutation_bytes).sum();
+        self.moves.send(chunk.len(), bytes).await;
     }
 
     /// The full re-sync of a node away longer than the tombstone grace
