@@ -391,3 +391,79 @@ fn two_members_joining_at_once_through_different_members_end_with_one_placement(
         }
     }
 }
+
+/// A member SIGKILLed for good: its collections count as under-replicated
+/// while it is dead; an operator removes it (`dhrt-cli remove`), and every
+/// collection is back on two live owners with nothing lost. A live member
+/// cannot be removed.
+#[test]
+fn a_dead_member_removed_by_an_operator_gives_its_collections_new_owners() {
+    let flags = ["--replicas", "2"];
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = crate::cluster::three_joined(&dirs[..3], &flags);
+    let d = start_joined(dirs[3].path(), &a, &flags);
+    eventually("four healthy members", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &c, &d], 4)
+    });
+    let collections: Vec<String> = (0..12).map(|i| format!("r{i}")).collect();
+    for col in &collections {
+        for k in 0..5 {
+            let (status, body) = b.http("POST", &format!("/{col}/k{k}/v{k}"), b"");
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let (d_id, d_addr) = (id_of(&d), d.addr.to_string());
+    let theirs: Vec<&String> = collections
+        .iter()
+        .filter(|col| owners_by(&a, col).contains(&d_id))
+        .collect();
+    assert!(!theirs.is_empty(), "d owns nothing");
+    // A live member is not removed.
+    let (status, body) = a.http("DELETE", &format!("/?member={d_id}"), b"");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not dead"), "{body}");
+    assert!(!d.stop("KILL").success());
+    let live = [&a, &b, &c];
+    eventually("d dead everywhere", Duration::from_secs(30), || {
+        live.iter()
+            .all(|n| crate::cluster::state_of(n, &d_addr).as_deref() == Some("dead"))
+    });
+    // Its collections are under-replicated, and say so.
+    eventually(
+        "under-replicated while d is dead",
+        Duration::from_secs(10),
+        || metric(&a, "dhrt_collections_under_replicated") > 0,
+    );
+    let (_, body) = a.http("GET", &format!("/{}?replicas", theirs[0]), b"");
+    assert!(body.contains("\"UnderReplicated\":true"), "{body}");
+    let o = crate::cli::cli(&c, &["remove", &d_id]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(crate::cli::out(&o).starts_with(&format!("OK: removed {d_id}")));
+    eventually("d left everywhere", Duration::from_secs(20), || {
+        live.iter()
+            .all(|n| crate::cluster::state_of(n, &d_addr).as_deref() == Some("left"))
+    });
+    eventually(
+        "every collection on two live owners",
+        Duration::from_secs(60),
+        || settled(&live, &collections),
+    );
+    for col in &collections {
+        assert_eq!(owners_by(&a, col).len(), 2);
+        for n in live {
+            for k in 0..5 {
+                let (status, body) = n.http("GET", &format!("/{col}/k{k}"), b"");
+                assert_eq!(status, 200, "{col}/k{k}: {body}");
+            }
+        }
+    }
+    assert_eq!(metric(&a, "dhrt_collections_under_replicated"), 0);
+    // Unknown members: a clear error.
+    let (status, body) = a.http("DELETE", "/?member=00000000deadbeef", b"");
+    assert_eq!(status, 404, "{body}");
+}

@@ -1,7 +1,7 @@
 //! The command language shared by one-shot use and the REPL:
 //! `set [collection] key value`, `get [collection] key`,
-//! `del [collection] key`, `stats`, `join ADDR`, `replicas COLLECTION|*
-//! [N|all]`, `auth TOKEN`, `help`;
+//! `del [collection] key`, `stats`, `join ADDR`, `remove MEMBER`,
+//! `replicas COLLECTION|* [N|all]`, `auth TOKEN`, `help`;
 //! and two that need no node: `token --role R [--name N]`, `secret`.
 
 use dhrt_proto::{Op, Role};
@@ -10,9 +10,9 @@ use dhrt_proto::{Op, Role};
 pub(crate) const DEFAULT_COLLECTION: &str = "default";
 
 /// The command names, for completion and help.
-pub(crate) const NAMES: [&str; 13] = [
-    "set", "get", "del", "watch", "stats", "join", "replicas", "auth", "token", "secret", "help",
-    "quit", "exit",
+pub(crate) const NAMES: [&str; 14] = [
+    "set", "get", "del", "watch", "stats", "join", "remove", "replicas", "auth", "token", "secret",
+    "help", "quit", "exit",
 ];
 
 pub(crate) const HELP: &str = "\
@@ -26,6 +26,8 @@ commands:
                                resuming by itself after a disconnect; Ctrl-C stops
   stats                        node and cluster statistics
   join ADDR                    make the node join the cluster of the member at ADDR
+  remove MEMBER                remove a dead member that will not come back (its id or
+                               address; admin): its collections get new owners
   replicas COLLECTION [N|all]  a collection's replication factor and owners; with N or
                                all, set it first (admin); COLLECTION * is the cluster's
                                default
@@ -62,6 +64,9 @@ pub(crate) enum Command {
     },
     Join {
         addr: String,
+    },
+    Remove {
+        member: String,
     },
     Replicas {
         /// `None`: the cluster's default (`*` on the command line).
@@ -103,6 +108,9 @@ impl Command {
             },
             Command::Stats => Op::Stats,
             Command::Join { addr } => Op::Join { addr: addr.clone() },
+            Command::Remove { member } => Op::RemoveMember {
+                member: member.clone(),
+            },
             Command::Replicas { collection, set } => Op::Replicas {
                 collection: collection.clone(),
                 set: set.clone(),
@@ -200,6 +208,10 @@ pub(crate) fn parse(words: &[String]) -> Result<Command, String> {
             addr: args[0].clone(),
         }),
         ("join", _) => Err("usage: join ADDR (another member's host:port)".into()),
+        ("remove", 1) => Ok(Command::Remove {
+            member: args[0].clone(),
+        }),
+        ("remove", _) => Err("usage: remove MEMBER (a dead member's id or address)".into()),
         ("replicas", 1 | 2) => Ok(Command::Replicas {
             collection: (args[0] != "*").then(|| args[0].clone()),
             set: args.get(1).cloned(),
@@ -340,6 +352,13 @@ mod tests {
             }
         );
         assert!(parse(&words("replicas")).is_err());
+        assert_eq!(
+            parse(&words("remove 00000000000000ff")).unwrap(),
+            Command::Remove {
+                member: "00000000000000ff".into()
+            }
+        );
+        assert!(parse(&words("remove")).is_err());
         assert_eq!(
             parse(&words("join 10.0.0.2:7453")).unwrap(),
             Command::Join {

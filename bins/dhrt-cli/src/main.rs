@@ -44,7 +44,7 @@ struct Args {
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "COMMAND",
-        help = "set [collection] key value | get [collection] key | del [collection] key | watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P] | stats | join ADDR | replicas COLLECTION|* [N|all] | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
+        help = "set [collection] key value | get [collection] key | del [collection] key | watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P] | stats | join ADDR | remove MEMBER | replicas COLLECTION|* [N|all] | auth TOKEN | token --role ROLE [--name N] | secret | help; none starts the REPL"
     )]
     command: Vec<String>,
 }
@@ -141,6 +141,14 @@ pub(crate) async fn execute(
                 .unwrap();
             } else {
                 writeln!(out, "OK: joined through {addr}, {members} members").unwrap();
+            }
+            Outcome::Done
+        }
+        (Command::Remove { .. }, Reply::Removed(id)) => {
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "Removed": id })).unwrap();
+            } else {
+                writeln!(out, "OK: removed {id}; its collections go to new owners").unwrap();
             }
             Outcome::Done
         }

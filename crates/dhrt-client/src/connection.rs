@@ -387,6 +387,20 @@ impl Client {
         }
     }
 
+    /// Removes a dead member that will not come back (its id, 16 hex
+    /// digits, or its address) from the cluster; returns its id. Its
+    /// collections get new owners. Needs the `admin` role; refused for a
+    /// member that is not dead.
+    pub async fn remove_member(&self, member: &str) -> Result<String, Error> {
+        let op = Op::RemoveMember {
+            member: member.to_string(),
+        };
+        match self.request(op).await? {
+            Reply::Removed(id) => Ok(id),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The replication factor and owners of `collection` (the cluster's
     /// default with `None`).
     pub async fn replicas(&self, collection: Option<&str>) -> Result<ReplicasInfo, Error> {

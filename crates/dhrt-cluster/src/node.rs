@@ -623,6 +623,10 @@ impl Operations for Node {
         self.cluster.join_running(addr).await
     }
 
+    async fn remove_member(&self, member: &str) -> Result<String, OpError> {
+        self.cluster.remove_member(member)
+    }
+
     async fn metrics(&self) -> String {
         let mut out = String::new();
         self.metrics.render(&mut out);

@@ -373,6 +373,46 @@ fn old_news_never_overrides_new() {
 }
 
 #[test]
+fn only_a_dead_member_is_removed_and_a_live_one_refutes_its_removal() {
+    let dead = |u: MemberUpdate| MemberUpdate {
+        liveness: Liveness::Dead,
+        ..u
+    };
+    let mut a = Membership::new(me(1, 10), MembershipConfig::default(), 1);
+    a.merge(0, [me(2, 5), me(3, 7)]);
+    // Alive (or suspect) here: refused, nothing changes.
+    assert!(a.remove(1, 2).unwrap_err().contains("not dead"));
+    assert!(a.remove(1, 9).unwrap_err().contains("no member"));
+    assert_eq!(a.get(2).map(member_state), Some(MemberState::Healthy));
+    a.merge(2, [dead(me(2, 5))]);
+    let removed = a.remove(3, 2).unwrap();
+    assert_eq!(member_state(&removed), MemberState::Left);
+    assert_eq!(a.get(2).map(member_state), Some(MemberState::Left));
+    // The news: taken by a member that knows it dead, not by one that
+    // still hears from it.
+    let mut b = Membership::new(me(4, 10), MembershipConfig::default(), 2);
+    b.merge(0, [dead(me(2, 5))]);
+    b.merge(1, [removed.clone()]);
+    assert_eq!(b.get(2).map(member_state), Some(MemberState::Left));
+    let mut c = Membership::new(me(5, 10), MembershipConfig::default(), 3);
+    c.merge(0, [me(2, 5)]);
+    c.merge(1, [removed.clone()]);
+    assert_eq!(c.get(2).map(member_state), Some(MemberState::Healthy));
+    // Stale news of it (dead, alive at the same incarnation) does not
+    // bring it back; its own word at a higher one does.
+    b.merge(2, [dead(me(2, 5)), me(2, 5)]);
+    assert_eq!(b.get(2).map(member_state), Some(MemberState::Left));
+    // The member itself, alive after all, refutes as syncing.
+    let mut two = Membership::new(me(2, 5), MembershipConfig::default(), 4);
+    two.merge(0, [removed]);
+    assert_eq!(two.me().incarnation, 6);
+    assert_eq!(member_state(two.me()), MemberState::Syncing);
+    assert!(two.drain().contains(&Output::MustResync));
+    b.merge_own_word(3, two.me().clone());
+    assert_eq!(b.get(2).map(member_state), Some(MemberState::Syncing));
+}
+
+#[test]
 fn a_node_told_it_is_dead_refutes_as_syncing() {
     let mut m = Membership::new(me(1, 10), MembershipConfig::default(), 1);
     m.merge(

@@ -34,6 +34,12 @@ pub enum Endpoint<'a> {
         /// The new replication factor (`all` or a number), if one is set.
         set: Option<String>,
     },
+    /// `DELETE /?member=ID_OR_ADDR`: removes a dead member from the
+    /// cluster for good.
+    RemoveMember {
+        /// The member's id (16 hex digits) or address, as given.
+        member: String,
+    },
     /// `GET /metrics`: Prometheus metrics. (The key `metrics` of `default`
     /// is `/default/metrics`.)
     Metrics,
@@ -175,6 +181,12 @@ fn replicas_param(query: Option<&str>) -> Option<Option<String>> {
     })
 }
 
+/// The value of `?member=`, if the query has it.
+fn member_param(query: Option<&str>) -> Option<String> {
+    let value = query?.split('&').find_map(|p| p.strip_prefix("member="))?;
+    Some(percent_decode_str(value).decode_utf8_lossy().into_owned())
+}
+
 /// The collections of `?watch=a,b`, if the query has it.
 fn watch_list(query: Option<&str>) -> Option<Vec<String>> {
     let value = query?.split('&').find_map(|p| p.strip_prefix("watch="))?;
@@ -239,6 +251,15 @@ pub fn route<'a>(
                 "?replicas: GET /?replicas (the cluster's default) or GET /:collection?replicas \
                  reads a replication factor; PUT /?replicas=N or PUT /:collection?replicas=N \
                  (N a number, or all) sets it",
+            )),
+        };
+    }
+    if let Some(member) = member_param(query) {
+        return match (method, segments) {
+            (&Method::DELETE, []) if !member.is_empty() => Ok(Endpoint::RemoveMember { member }),
+            _ => Err(HttpError::bad_request(
+                "?member: DELETE /?member=ID removes a dead member (its id, 16 hex digits, or \
+                 its address) from the cluster",
             )),
         };
     }
@@ -479,6 +500,33 @@ mod tests {
                 route(&method, path, None).unwrap_err().status,
                 status,
                 "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn removing_a_member_is_delete_on_the_root_with_its_id() {
+        assert_eq!(
+            route(&Method::DELETE, "/", Some("member=00000000000000ff")).unwrap(),
+            Endpoint::RemoveMember {
+                member: "00000000000000ff".into()
+            }
+        );
+        assert_eq!(
+            route(&Method::DELETE, "/", Some("member=127.0.0.1%3A7453")).unwrap(),
+            Endpoint::RemoveMember {
+                member: "127.0.0.1:7453".into()
+            }
+        );
+        for (m, path, q) in [
+            (Method::GET, "/", "member=ff"),
+            (Method::DELETE, "/c", "member=ff"),
+            (Method::DELETE, "/", "member="),
+        ] {
+            assert_eq!(
+                route(&m, path, Some(q)).unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{m} {path}?{q}"
             );
         }
     }

@@ -492,6 +492,12 @@ impl<O: Operations> Api<O> {
                 allow(role, Role::Write, "deleting a key")?;
                 self.delete(&collection, &key).await
             }
+            Endpoint::RemoveMember { member } => {
+                allow(role, Role::Admin, "removing a member")?;
+                let id = ops.remove_member(&member).await?;
+                let body = serde_json::json!({ "Removed": id });
+                Ok(json(serde_json::to_vec(&body).expect("serializes")))
+            }
             Endpoint::Replicas { collection, set } => {
                 if set.is_some() {
                     allow(role, Role::Admin, "setting a replication factor")?;

@@ -351,7 +351,7 @@ async fn stats_have_the_documented_shape() {
     assert_eq!(
         s["collections"],
         json!([{"name": "c", "keys": 1, "bytes": 1, "digest": "", "replicas": "all",
-                "owners": [], "under_replicated": false}])
+                "owners": [], "under_replicated": false, "moving": null}])
     );
     assert_eq!(s["members"][0]["state"], "healthy");
 }

@@ -81,6 +81,7 @@ pub fn needed(op: &OpRef<'_>) -> (Role, &'static str) {
         OpRef::Delete { .. } => (Role::Write, "deleting a key"),
         OpRef::DropCollection { .. } => (Role::Admin, "dropping a collection"),
         OpRef::Join { .. } => (Role::Admin, "joining a cluster"),
+        OpRef::RemoveMember { .. } => (Role::Admin, "removing a member"),
         OpRef::Auth { .. } => (Role::Read, "authenticating"),
         OpRef::Watch(_) => (Role::Read, "watching a collection"),
         OpRef::Replicas { set: None, .. } => (Role::Read, "reading a replication factor"),

@@ -92,6 +92,14 @@ pub enum Op {
         /// The new replication factor, if one is set.
         set: Option<String>,
     },
+    /// Remove a dead member that will not come back (its id, 16 hex
+    /// digits, or its address): it owns nothing from then on, and its
+    /// collections are copied to new owners. Refused for a member that is
+    /// not dead: [`Reply::Removed`].
+    RemoveMember {
+        /// The member's id or address.
+        member: String,
+    },
 }
 
 /// A [`Request`] decoded without copying: its names, keys and values borrow
@@ -144,6 +152,9 @@ pub enum OpRef<'a> {
         collection: Option<&'a str>,
         set: Option<&'a str>,
     },
+    RemoveMember {
+        member: &'a str,
+    },
 }
 
 impl Op {
@@ -180,6 +191,7 @@ impl Op {
                 collection: collection.as_deref(),
                 set: set.as_deref(),
             },
+            Op::RemoveMember { member } => OpRef::RemoveMember { member },
         }
     }
 }
@@ -220,6 +232,8 @@ pub enum Reply {
     Events(Vec<crate::WatchEvent>),
     /// To [`Op::Replicas`].
     Replicas(ReplicasInfo),
+    /// To [`Op::RemoveMember`]: the removed member's id (16 hex digits).
+    Removed(String),
 }
 
 /// A collection's placement, or the cluster's default replication factor.

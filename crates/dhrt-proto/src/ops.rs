@@ -125,6 +125,18 @@ pub trait Operations: Send + Sync + 'static {
         }
     }
 
+    /// Removes dead member `member` (id or address) from the cluster for
+    /// good; returns its id. A node that is not part of a cluster says so.
+    fn remove_member(&self, member: &str) -> impl Future<Output = Result<String, OpError>> + Send {
+        let _ = member;
+        async {
+            Err(OpError::new(
+                crate::ErrorKind::Unavailable,
+                "this node has no members to remove",
+            ))
+        }
+    }
+
     /// Joins the cluster of the member at `addr`; returns how many members
     /// this node then knows, itself included. A node that cannot be part of
     /// a cluster says so.
@@ -173,6 +185,7 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
         }
         OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
         OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),
+        OpRef::RemoveMember { member } => Reply::Removed(ops.remove_member(member).await?),
         OpRef::Replicas { collection, set } => {
             Reply::Replicas(ops.replicas(collection, set).await?)
         }

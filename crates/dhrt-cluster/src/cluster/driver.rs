@@ -253,6 +253,41 @@ impl Cluster {
         Ok(self.membership.lock().unwrap().table().len() as u32)
     }
 
+    /// `dhrt-cli remove MEMBER`: the dead member `who` (its id, 16 hex
+    /// digits, or its address) will not come back. It is `Left` from now
+    /// on, here and, as the news spreads, on every member that knows it
+    /// dead: it owns nothing, its hints are dropped, and the collections it
+    /// owned get new owners, which their other owners fill (anti-entropy).
+    /// Returns its id.
+    pub fn remove_member(self: &Arc<Self>, who: &str) -> Result<String, OpError> {
+        let who = who.trim();
+        let id = {
+            let m = self.membership.lock().unwrap();
+            m.members()
+                .find(|u| {
+                    format!("{:016x}", u.id) == who.to_ascii_lowercase()
+                        || (u.addr == who && u.liveness != Liveness::Left)
+                })
+                .map(|u| u.id)
+        };
+        let Some(id) = id else {
+            return Err(OpError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no member {who:?} is known here (give its id, 16 hex digits, or its address)"
+                ),
+            ));
+        };
+        let removed = self
+            .with_membership(|m, now| m.remove(now, id))
+            .map_err(|e| OpError::new(ErrorKind::InvalidInput, e))?;
+        tracing::warn!(
+            id = %format!("{id:016x}"), addr = %removed.addr,
+            "dead member removed by an operator: its collections go to new owners"
+        );
+        Ok(format!("{id:016x}"))
+    }
+
     /// Asks the member at `addr` to let this node in.
     pub async fn join_through(self: &Arc<Self>, addr: &str) -> Result<(), LinkError> {
         let link = Link::new(addr.to_string(), self.dialer.clone());

@@ -16,7 +16,8 @@
 //! - So news from a third party cannot raise a member's incarnation with
 //!   bad news: `Suspect` and `Dead` are taken only at an incarnation the
 //!   member itself has announced (or for a member not known yet), and
-//!   `Left` only from the member itself. What a member says of itself on
+//!   `Left` only from the member itself, or, for a member known dead, from
+//!   an operator's removal ([`Membership::remove`]). What a member says of itself on
 //!   a message it sends (each one carries its own entry) is its word: it
 //!   replaces anything claimed of it at a higher incarnation. Refutations
 //!   add one to the member's own incarnation and saturate, so no message,
@@ -251,7 +252,13 @@ impl Membership {
                         != (known.liveness, &known.addr, known.syncing));
         }
         match u.liveness {
-            Liveness::Left => false,
+            // A third party says a member left only when an operator
+            // removed it, which is done only to a dead member: taken over
+            // dead, never over alive or suspect (and refuted like any
+            // claim if the member is alive after all).
+            Liveness::Left => {
+                known.liveness == Liveness::Dead && u.incarnation >= known.incarnation
+            }
             Liveness::Suspect | Liveness::Dead if u.incarnation > known.incarnation => false,
             _ => rank(u) > rank(known),
         }
@@ -341,7 +348,7 @@ impl Membership {
         } else {
             self.me.incarnation.saturating_add(1)
         };
-        if u.liveness == Liveness::Dead && !self.me.syncing {
+        if matches!(u.liveness, Liveness::Dead | Liveness::Left) && !self.me.syncing {
             self.me.syncing = true;
             self.out.push(Output::MustResync);
         }
@@ -377,6 +384,28 @@ impl Membership {
             };
             self.out.push(Output::Send { to, gossip });
         }
+    }
+
+    /// An operator's word that dead member `id` will not come back: it is
+    /// `Left` from now on, owns nothing, and the news spreads (a member
+    /// that knows it as dead takes it). Refused for a member that is not
+    /// dead here. One that was alive after all puts it right with its
+    /// next message (its own word, at a higher incarnation) and re-syncs.
+    pub fn remove(&mut self, now_ms: u64, id: u64) -> Result<MemberUpdate, String> {
+        let Some(k) = self.members.get(&id) else {
+            return Err(format!("no member {id:016x} is known here"));
+        };
+        if k.update.liveness != Liveness::Dead {
+            return Err(format!(
+                "member {id:016x} ({}) is {} here, not dead: only a dead member can be removed (a live one leaves with SIGTERM)",
+                k.update.addr,
+                member_state(&k.update).as_str()
+            ));
+        }
+        let mut u = k.update.clone();
+        u.liveness = Liveness::Left;
+        self.merge_one(now_ms, u.clone(), false);
+        Ok(u)
     }
 
     /// Evidence from a failed or timed-out request: `id` becomes suspect.
