@@ -10,7 +10,8 @@ then reports:
   against RF - 1 (a write sent to an owner) and the expectation for writes
   sent to any node, RF/N x (RF-1) + (N-RF)/N x RF;
 - bytes moved when one more node joins (dhrt_moved_bytes_total over every
-  node), against the ideal data x RF / (N+1), and the time until no copy is
+  node), against the ideal data x RF / (N+1) (a whole copy with `all`),
+  and the time until no copy is
   left to hand over, with the pace it implies.
 
 Usage: python3 benches/placement.py [--nodes 3,6,12] [--rf 2,3,all]
@@ -156,7 +157,9 @@ def run(n, rf, args, base):
         wait("the join's moves", lambda: c.settled(names), 600)
         took = time.time() - t0
         moved = sum(metric(p, "dhrt_moved_bytes_total") for p in c.ports()) - moved0
-        ideal_move = data * r / (n + 1)
+        # With `all` the newcomer gets a whole copy; else it takes RF/(N+1)
+        # of the owner slots, each one copy of a collection.
+        ideal_move = data if rf == "all" else data * r / (n + 1)
         any_node = r / n * (r - 1) + (n - r) / n * r
         mib = 1 << 20
         print(f"| {n} | {rf} | {data / mib:.1f} | {busiest / mib:.1f} / {average / mib:.1f} "

@@ -256,3 +256,97 @@ fn relayed_watches_leave_no_connections_or_sessions_behind() {
     let got = w.until(Duration::from_secs(10), |e| e.key() == "k");
     assert_eq!(changes(&got), owned(&[("set", "k", "v")]));
 }
+
+#[test]
+fn a_watch_on_a_node_that_stops_storing_its_collection_ends_and_resumes_without_a_gap() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let c = start_joined(dirs[2].path(), &a, &[]);
+    let nodes = [&a, &b, &c];
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&nodes, 3)
+    });
+    // Every member owns `feed` (replicas all): each watches its own log.
+    set(&a, "feed", "k1", "v1");
+    let mut watches: Vec<Stream> = nodes.iter().map(|n| sse(n, "/feed")).collect();
+    set(&b, "feed", "k2", "v2");
+    let mut last = Vec::new();
+    for w in &mut watches {
+        let got = w.until(Duration::from_secs(10), |e| e.key() == "k2");
+        assert_eq!(changes(&got), owned(&[("set", "k2", "v2")]));
+        last.push(got.last().unwrap().id.clone().unwrap());
+    }
+
+    // One owner from now on: the other two no longer store `feed`, and
+    // writes no longer reach their logs. Their watches end with a reason;
+    // the owner's goes on.
+    let (status, body) = a.http("PUT", "/feed?replicas=1", b"");
+    assert_eq!(status, 200, "{body}");
+    let owner_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["Owners"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let owner = nodes
+        .iter()
+        .position(|n| stats(n)["node"]["id"] == owner_id.as_str())
+        .unwrap();
+    for n in nodes {
+        eventually(
+            "every node knows the one owner",
+            Duration::from_secs(10),
+            || {
+                let (_, body) = n.http("GET", "/feed?replicas", b"");
+                serde_json::from_str::<serde_json::Value>(&body).unwrap()["Owners"]
+                    == serde_json::json!([owner_id.as_str()])
+            },
+        );
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        set(n, "feed", &format!("after-{i}"), "x");
+    }
+    for (i, w) in watches.iter_mut().enumerate() {
+        if i == owner {
+            let got = w.until(Duration::from_secs(10), |e| e.key() == "after-2");
+            let keys: Vec<_> = changes(&got).into_iter().map(|c| c.1).collect();
+            assert!(keys.contains(&"after-0".to_string()), "{keys:?}");
+            assert!(keys.contains(&"after-1".to_string()), "{keys:?}");
+            continue;
+        }
+        let end = w.until(Duration::from_secs(15), |e| e.event == "error");
+        let reason = end.last().unwrap().data["Error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            reason.contains("no longer stores") && reason.contains("resume"),
+            "{reason}"
+        );
+        // Its token, resumed through it, is another history's on the
+        // owner: 410, never a silent gap; a snapshot through it has every
+        // key, and a new watch through it follows the owner.
+        let n = nodes[i];
+        let s = Stream::open(
+            n.addr,
+            &format!("/feed?since={}", last[i]),
+            "text/event-stream",
+            "",
+        );
+        assert_eq!(s.status, 410, "{}", s.refusal);
+        let mut snap = Stream::open(n.addr, "/feed?snapshot=true", "application/x-ndjson", "");
+        assert_eq!(snap.status, 200, "{}", snap.refusal);
+        let got = snap.until(Duration::from_secs(10), |e| e.kind() == "synced");
+        let keys: Vec<_> = changes(&got).into_iter().map(|c| c.1).collect();
+        let mut expected: Vec<String> = ["after-0", "after-1", "after-2", "k1", "k2"]
+            .map(String::from)
+            .into();
+        // Keys written after an earlier loser's snapshot, through the owner.
+        expected.extend((0..i).filter(|&j| j != owner).map(|j| format!("later-{j}")));
+        expected.sort();
+        assert_eq!(keys, expected);
+        let key = format!("later-{i}");
+        set(nodes[owner], "feed", &key, "y");
+        let got = snap.until(Duration::from_secs(10), |e| e.key() == key);
+        assert_eq!(changes(&got), owned(&[("set", &key, "y")]));
+    }
+}

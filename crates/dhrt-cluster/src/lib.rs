@@ -30,6 +30,7 @@ mod session;
 mod sessions;
 mod skew;
 mod state;
+mod stored;
 mod throttle;
 mod watch;
 mod watch_conn;

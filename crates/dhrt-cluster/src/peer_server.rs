@@ -261,8 +261,9 @@ async fn handle(
             .await
             .map(PeerReply::HandoffDone),
         PeerOp::WatchOpen(request) => {
-            let here = cluster.stores_locally(&request.collection);
-            sessions.open(dialer, request, here)
+            let (cluster, collection) = (cluster.clone(), request.collection.clone());
+            let stored = Box::new(move || cluster.stores_locally(&collection));
+            sessions.open(dialer, request, stored)
         }
         PeerOp::WatchNext { session, wait_ms } => sessions.next(dialer, session, wait_ms).await,
         PeerOp::WatchClose { session } => Ok(sessions.close(dialer, session)),

@@ -34,6 +34,7 @@ use dhrt_proto::{
 
 use crate::cluster::Cluster;
 use crate::link::{Link, LinkError};
+use crate::stored::WhileStored;
 use crate::watch::{RelaySlot, WatchHub};
 
 /// How long a host holds one `WatchNext` open when nothing happens.
@@ -122,15 +123,17 @@ impl Relay {
         if !self.cluster.stores_locally(&request.collection) {
             return self.open(request).await;
         }
+        // Ended once this node stops storing the collection (a move, a
+        // change of replication factor, or, for a node storing it only
+        // while no owner is alive, an owner back): writes go elsewhere then.
         let inner = self.hub.open(&request)?;
-        if self.cluster.hosts_here(&request.collection) {
-            return Ok(inner);
-        }
-        Ok(Box::new(Standby {
+        let cluster = self.cluster.clone();
+        let collection = request.collection.clone();
+        Ok(WhileStored::boxed(
             inner,
-            cluster: self.cluster.clone(),
-            collection: request.collection,
-        }))
+            request.collection,
+            Box::new(move || cluster.stores_locally(&collection)),
+        ))
     }
 
     /// Opens a watch on the first host that takes it, on a task of its own:
@@ -359,49 +362,5 @@ impl EventSource for RemoteWatch {
 
     fn token(&self) -> Token {
         self.token
-    }
-}
-
-/// A local watch of a collection this node stores only because no node
-/// that hosts it was alive. Once one is back, writes go there and no
-/// longer here: the watch ends, and the client's resume is relayed to the
-/// host (which answers `Gone` for this node's token: a snapshot, never a
-/// silent gap).
-struct Standby {
-    inner: Box<dyn EventSource>,
-    cluster: Arc<Cluster>,
-    collection: String,
-}
-
-impl Standby {
-    async fn next(&mut self) -> Result<Vec<WatchEvent>, OpError> {
-        loop {
-            tokio::select! {
-                batch = self.inner.next_batch() => return batch,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if !self.cluster.stores_locally(&self.collection) {
-                        return Err(OpError::new(
-                            ErrorKind::Unavailable,
-                            format!(
-                                "a node that stores collection {:?} is back, and changes go there now: resume from the last token you received",
-                                self.collection
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl EventSource for Standby {
-    fn next_batch(
-        &mut self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<WatchEvent>, OpError>> + Send + '_>> {
-        Box::pin(self.next())
-    }
-
-    fn token(&self) -> Token {
-        self.inner.token()
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dhrt_proto::{ErrorKind, EventSource, OpError, PeerReply, WatchEvent, WatchRequest};
 
+use crate::stored::{Stored, WhileStored};
 use crate::watch::WatchHub;
 
 /// The longest wait a host grants one `WatchNext`.
@@ -66,15 +67,17 @@ impl Sessions {
     }
 
     /// Opens a session of peer `owner` watching a collection this node
-    /// stores (`here`; otherwise the follower asks another host).
+    /// stores (`stored`; otherwise the follower asks another host). The
+    /// session ends once this node no longer stores it.
     pub(crate) fn open(
         self: &Arc<Self>,
         owner: u64,
         request: WatchRequest,
-        here: bool,
+        stored: Stored,
     ) -> Result<PeerReply, OpError> {
         self.start_sweeping();
-        let source = self.hub.open_checked(&request, here)?;
+        let source = self.hub.open_checked(&request, stored())?;
+        let source = WhileStored::boxed(source, request.collection.clone(), stored);
         let token = source.token();
         let entry = Arc::new(SessionEntry {
             owner,
@@ -203,7 +206,7 @@ mod tests {
             start,
             prefix: None,
         };
-        match s.open(owner, request, true).unwrap() {
+        match s.open(owner, request, Box::new(|| true)).unwrap() {
             PeerReply::WatchOpened { session, .. } => session,
             other => panic!("{other:?}"),
         }
@@ -298,13 +301,16 @@ mod tests {
             start: WatchStart::After(Token { history: 1, seq: 5 }),
             prefix: None,
         };
-        assert_eq!(s.open(1, request, true).unwrap_err().kind, ErrorKind::Gone);
+        assert_eq!(
+            s.open(1, request, Box::new(|| true)).unwrap_err().kind,
+            ErrorKind::Gone
+        );
         let request = WatchRequest {
             collection: "c".into(),
             start: WatchStart::Now,
             prefix: None,
         };
-        let err = s.open(1, request, false).unwrap_err();
+        let err = s.open(1, request, Box::new(|| false)).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable, "not stored here");
         assert_eq!(s.len(), 0);
     }
