@@ -215,30 +215,46 @@ pub(crate) fn apply_record(
             }
             Some(None)
         }
-        Kind::Set | Kind::Tombstone => {
-            let tombstone = header.kind == Kind::Tombstone;
-            let crc = record::stored_crc(&log[offset as usize..]);
-            let replaced = match index.upsert(key, Slot::new(offset, tombstone, version), crc, log)
-            {
-                Upsert::Kept(_) => {
-                    state.garbage += len;
-                    return None;
-                }
-                Upsert::Replaced(old) => {
-                    forget(state, log, &old);
-                    Some(old)
-                }
-                Upsert::Inserted => None,
-            };
-            if tombstone {
-                state.tombstones += 1;
-                state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
-            } else {
-                state.live_keys += 1;
-            }
-            Some(replaced)
-        }
+        Kind::Set | Kind::Tombstone => apply_write(state, log, header, offset, |slot, crc| {
+            index.upsert(key, slot, crc, log)
+        }),
     }
+}
+
+/// [`apply_record`] for a set or a tombstone, with `upsert` putting its
+/// slot and CRC in the index (a live [`Index`], or a builder's).
+pub(crate) fn apply_write(
+    state: &mut State,
+    log: &[u8],
+    header: &Header,
+    offset: u64,
+    upsert: impl FnOnce(Slot, u32) -> Upsert,
+) -> Option<Option<Slot>> {
+    let version = header.version;
+    if state.dropped_at.is_some_and(|d| version <= d) {
+        state.garbage += header.record_len() as u64;
+        return None;
+    }
+    let tombstone = header.kind == Kind::Tombstone;
+    let crc = record::stored_crc(&log[offset as usize..]);
+    let replaced = match upsert(Slot::new(offset, tombstone, version), crc) {
+        Upsert::Kept(_) => {
+            state.garbage += header.record_len() as u64;
+            return None;
+        }
+        Upsert::Replaced(old) => {
+            forget(state, log, &old);
+            Some(old)
+        }
+        Upsert::Inserted => None,
+    };
+    if tombstone {
+        state.tombstones += 1;
+        state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+    } else {
+        state.live_keys += 1;
+    }
+    Some(replaced)
 }
 
 /// What recovery found.

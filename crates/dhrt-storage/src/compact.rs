@@ -25,7 +25,7 @@ use std::sync::Arc;
 use crate::Options;
 use crate::collection::{self, COMPACT_SUFFIX, Collection, Generation, State};
 use crate::error::{Error, Result};
-use crate::index::{Index, Slot};
+use crate::index::{Builder, Index, Slot};
 use crate::log::{self, LogFile};
 use crate::record::{self, Decoded, Kind};
 
@@ -205,7 +205,7 @@ pub(crate) fn compact(
         };
         let new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
             .map_err(|e| io_err("create", e))?;
-        let index = Index::new(options.shards_for(keys).max(old.index.shard_count()));
+        let mut index = Builder::new(options.shards_for(keys).max(old.index.shard_count()));
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
         let mut base = new_log.tail();
@@ -256,6 +256,7 @@ pub(crate) fn compact(
             }
         }
         new_log.append(&out).map_err(|e| io_err("write", e))?;
+        let index = index.finish();
 
         // Phases 2 and 3: catch up with the writes since t0, outside the
         // lock, then the last of them under it, and swap.
@@ -367,7 +368,7 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) -> u64 {
         return 0;
     }
     let t0 = coll.with_writer(|_| old.log.tail());
-    let index = Index::new(shards);
+    let mut index = Builder::new(shards);
     let map = old.log.map();
     for shard in old.index.shards() {
         let guard = &crossbeam_epoch::pin();
@@ -382,6 +383,7 @@ pub(crate) fn reshard(coll: &Collection, shards: usize) -> u64 {
         }
     }
     drop(map);
+    let index = index.finish();
     let abandon = || {
         tracing::error!(
             collection = %coll.name,

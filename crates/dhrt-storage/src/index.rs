@@ -1,27 +1,27 @@
 //! A collection's in-memory index: key → where its newest record lives, split
-//! by key hash into many shallow skiplists.
+//! by key hash into many small shards.
 //!
-//! One skiplist of a million keys is about twenty levels deep, and every
-//! level is a cache miss; a few thousand skiplists of a few hundred keys each
-//! are a handful of levels, and the top of each stays in cache. Ordered scans
-//! merge the shards (see `scan.rs`). The shards' headers sit inline in one
-//! array (no pointer to chase per lookup); since a collection's shard count
-//! follows its key count, nearly every shard is in use.
+//! Each shard is a sorted array of a handful of entries (see `shard.rs`):
+//! a lookup hashes the key, loads one pointer and binary-searches adjacent
+//! cache lines. The shards' pointers sit in one array (8 bytes per shard);
+//! since a collection's shard count follows its key count, nearly every
+//! shard is in use. Ordered scans merge the shards (see `scan.rs`).
 //!
-//! Never call `SkipMap::range`: crossbeam-skiplist 0.1.3 leaks every node it
-//! visits once that node is overwritten. Walk with `lower_bound` and
-//! `Entry::next` instead.
+//! A fresh index (recovery, compaction, resharding) is filled through a
+//! [`Builder`], which owns its shards' entries outright and grows them in
+//! place; only the live index pays a copy per key added.
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::ops::Bound;
+use std::ops::{Bound, Range};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crossbeam_epoch::{self as epoch, Guard};
-use crossbeam_skiplist::base::{self, SkipList};
 
-use crate::key::{Key, KeyRef};
+use crate::key::{Key, compare};
+use crate::shard::Entry;
+pub(crate) use crate::shard::{Cursor, Shard};
 use crate::version::Version;
 
 /// Offsets are below 2^46 (64 TiB); bit 46 marks a slot being rewritten in
@@ -125,7 +125,7 @@ pub(crate) struct AtomicSlot {
 const _: () = assert!(std::mem::size_of::<AtomicSlot>() == 16);
 
 impl AtomicSlot {
-    fn new(slot: Slot) -> Self {
+    pub(crate) fn new(slot: Slot) -> Self {
         AtomicSlot {
             ts: AtomicU64::new(slot.ts),
             pos: AtomicU64::new(slot.pos),
@@ -164,13 +164,6 @@ impl std::fmt::Debug for AtomicSlot {
         self.load().fmt(f)
     }
 }
-
-/// One skiplist of the index. The base API is used so that a lookup pins the
-/// epoch once and takes no reference count on the node it finds.
-pub(crate) type Shard = SkipList<Key, AtomicSlot>;
-
-/// A cursor into a shard, valid while its guard is pinned.
-pub(crate) type Cursor<'a, 'g> = base::Entry<'a, 'g, Key, AtomicSlot>;
 
 /// Bits of the key hash that order hash-ordered listings; shard numbers are
 /// prefixes of it, so the order does not change when the index reshards.
@@ -249,14 +242,13 @@ pub(crate) enum Upsert {
 
 /// The sharded index of one collection generation.
 pub(crate) struct Index {
-    /// Inline, not boxed: a lookup goes straight from the hash to the
-    /// skiplist's header without another pointer to chase.
+    /// One pointer per shard: a lookup goes from the hash to the shard's
+    /// array through it.
     shards: Box<[Shard]>,
     /// log2 of the number of shards.
     bits: u32,
     /// Per digest bucket, the XOR of [`entry_hash`] over the entries in it.
-    /// Atomic because the parallel replay of recovery may update one bucket
-    /// from two shards' threads; writers are otherwise serialized.
+    /// Atomic for readers of the digest; writers are serialized.
     digest: Box<[AtomicU64]>,
 }
 
@@ -268,20 +260,20 @@ impl std::fmt::Debug for Index {
     }
 }
 
+/// `shards` rounded to the power of two an index has.
+fn shard_bits(shards: usize) -> u32 {
+    shards
+        .clamp(1, 1 << ORDER_BITS)
+        .next_power_of_two()
+        .trailing_zeros()
+}
+
 impl Index {
-    /// An empty index of `shards` skiplists (rounded up to a power of two).
+    /// An empty index of `shards` shards (rounded up to a power of two).
     pub(crate) fn new(shards: usize) -> Self {
-        let n = shards.clamp(1, 1 << ORDER_BITS).next_power_of_two();
-        Index {
-            shards: (0..n)
-                .map(|_| SkipList::new(epoch::default_collector().clone()))
-                .collect(),
-            bits: n.trailing_zeros(),
-            digest: (0..DIGEST_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-        }
+        Builder::new(shards).finish()
     }
 
-    /// The digest of every bucket.
     /// Frees the index shard by shard, pausing after every few thousand
     /// entries (see `collection::retire`).
     pub(crate) fn free_gradually(self) {
@@ -297,6 +289,7 @@ impl Index {
         }
     }
 
+    /// The digest of every bucket.
     pub(crate) fn digest(&self) -> Vec<u64> {
         self.digest
             .iter()
@@ -326,78 +319,61 @@ impl Index {
     }
 
     #[inline]
-    fn shard_index(&self, key: &[u8]) -> usize {
-        shard_of(order_hash(key), self.bits)
-    }
-
-    #[inline]
-    fn shard(&self, key: &[u8]) -> Option<&Shard> {
-        Some(&self.shards[self.shard_index(key)])
-    }
-
-    fn shard_or_create(&self, key: &[u8]) -> &Shard {
-        &self.shards[self.shard_index(key)]
+    fn shard(&self, key: &[u8]) -> &Shard {
+        &self.shards[shard_of(order_hash(key), self.bits)]
     }
 
     #[inline]
     pub(crate) fn get(&self, key: &[u8]) -> Option<Slot> {
-        let shard = self.shard(key)?;
         let guard = &epoch::pin();
-        shard.get(KeyRef::new(key), guard).map(|e| e.value().load())
-    }
-
-    /// Inserts a key that is not in the index (building a fresh index);
-    /// `crc` is its record's. Callers serialize writes to one index.
-    pub(crate) fn insert(&self, key: &[u8], slot: Slot, crc: u32) {
-        self.toggle(key, &slot, crc);
-        let guard = &epoch::pin();
-        self.shard_or_create(key)
-            .insert(Key::new(key), AtomicSlot::new(slot), guard)
-            .release(guard);
+        self.shard(key).get(key, guard).map(|e| e.slot.load())
     }
 
     /// Inserts `slot` (whose record has CRC `crc`) unless the key holds a
     /// record that [`wins`] over it. An existing key is updated in place
-    /// (one search, no allocation). `log` holds the records the index's
-    /// offsets point into (for the CRCs of replaced records). Callers
-    /// serialize writes to one index.
+    /// (no allocation); a new one gives its shard a new array. `log` holds
+    /// the records the index's offsets point into (for the CRCs of replaced
+    /// records). Callers serialize writes to one index.
     pub(crate) fn upsert(&self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
         let guard = &epoch::pin();
-        // One search either way: inserts if the key is absent, else hands
-        // back the existing entry untouched (never replaces the node).
-        let entry = self.shard_or_create(key).compare_insert(
-            Key::new(key),
-            AtomicSlot::new(slot),
-            |_| false,
-            guard,
-        );
-        let old = entry.value().load();
-        let upsert = if old == slot {
-            // Positions never repeat, so an equal slot is the one just
-            // inserted.
-            self.toggle(key, &slot, crc);
-            Upsert::Inserted
-        } else if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
-            Upsert::Kept(old)
-        } else {
-            entry.value().store(slot);
-            self.toggle(key, &old, crc_of(log, &old));
-            self.toggle(key, &slot, crc);
-            Upsert::Replaced(old)
-        };
-        entry.release(guard);
-        upsert
+        let shard = self.shard(key);
+        let entries = shard.entries(guard);
+        match Shard::search(entries, key) {
+            Err(at) => {
+                shard.insert_at(
+                    at,
+                    Entry {
+                        key: Key::new(key),
+                        slot: AtomicSlot::new(slot),
+                    },
+                    guard,
+                );
+                self.toggle(key, &slot, crc);
+                Upsert::Inserted
+            }
+            Ok(at) => {
+                let entry = &entries[at];
+                let old = entry.slot.load();
+                if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
+                    return Upsert::Kept(old);
+                }
+                entry.slot.store(slot);
+                self.toggle(key, &old, crc_of(log, &old));
+                self.toggle(key, &slot, crc);
+                Upsert::Replaced(old)
+            }
+        }
     }
 
     /// Removes `key`; `log` holds the records the index points into.
     pub(crate) fn remove(&self, key: &[u8], log: &[u8]) {
-        if let Some(shard) = self.shard(key) {
-            let guard = &epoch::pin();
-            if let Some(e) = shard.remove(KeyRef::new(key), guard) {
-                let slot = e.value().load();
-                self.toggle(key, &slot, crc_of(log, &slot));
-                e.release(guard);
-            }
+        let guard = &epoch::pin();
+        let shard = self.shard(key);
+        let entries = shard.entries(guard);
+        if let Ok(at) = Shard::search(entries, key) {
+            let slot = entries[at].slot.load();
+            self.toggle(key, &slot, crc_of(log, &slot));
+            shard.remove_at(at, guard);
         }
     }
 
@@ -406,12 +382,10 @@ impl Index {
     /// record's stored CRC cannot be trusted to XOR it out). Callers
     /// serialize writes to one index.
     pub(crate) fn remove_damaged(&self, key: &[u8], log: &[u8]) {
-        let Some(shard) = self.shard(key) else {
-            return;
-        };
         let guard = &epoch::pin();
-        if let Some(e) = shard.remove(KeyRef::new(key), guard) {
-            e.release(guard);
+        let shard = self.shard(key);
+        if let Ok(at) = Shard::search(shard.entries(guard), key) {
+            shard.remove_at(at, guard);
         }
         let bucket = digest_bucket(key);
         let shift = ORDER_BITS - DIGEST_BITS;
@@ -419,14 +393,12 @@ impl Index {
         let last = shard_of((((bucket as u64) + 1) << shift) - 1, self.bits);
         let mut hash = 0;
         for shard in &self.shards[first..=last] {
-            let mut cursor = shard.front(guard);
-            while let Some(e) = cursor {
-                let k = e.key().as_bytes();
+            for e in shard.entries(guard) {
+                let k = e.key.as_bytes();
                 if digest_bucket(k) == bucket {
-                    let slot = e.value().load();
+                    let slot = e.slot.load();
                     hash ^= entry_hash(k, &slot, crc_of(log, &slot));
                 }
-                cursor = e.next();
             }
         }
         self.digest[bucket].store(hash, Ordering::Relaxed);
@@ -438,13 +410,13 @@ impl Index {
     }
 
     /// The first entry of `shard` after `after` (or its first entry).
-    pub(crate) fn seek<'a: 'g, 'g>(
-        shard: &'a Shard,
+    pub(crate) fn seek<'g>(
+        shard: &Shard,
         after: Option<&[u8]>,
         guard: &'g Guard,
-    ) -> Option<Cursor<'a, 'g>> {
+    ) -> Option<Cursor<'g>> {
         match after {
-            Some(k) => shard.lower_bound(Bound::Excluded(KeyRef::new(k)), guard),
+            Some(k) => shard.lower_bound(Bound::Excluded(k), guard),
             None => shard.front(guard),
         }
     }
@@ -455,11 +427,143 @@ impl Index {
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Key, &Slot)) {
         for shard in self.shards() {
             let guard = &epoch::pin();
-            let mut cursor = shard.front(guard);
-            while let Some(e) = cursor {
-                f(e.key(), &e.value().load());
-                cursor = e.next();
+            for e in shard.entries(guard) {
+                f(&e.key, &e.slot.load());
             }
+        }
+    }
+}
+
+/// Fills a fresh index, or a range of its shards, before anyone reads it:
+/// it owns the entries outright and grows each shard's array in place.
+/// [`Builder::finish`] (or [`Index::from_parts`] for several builders of
+/// disjoint ranges) turns it into an [`Index`].
+pub(crate) struct Builder {
+    bits: u32,
+    /// The shards this builder fills.
+    range: Range<usize>,
+    shards: Vec<Vec<Entry>>,
+    /// XOR per digest bucket, as [`Index`] keeps it.
+    digest: Vec<u64>,
+}
+
+impl Builder {
+    /// A builder of a whole index of `shards` shards (rounded up to a
+    /// power of two).
+    pub(crate) fn new(shards: usize) -> Self {
+        let bits = shard_bits(shards);
+        Builder::part(bits, 0..1 << bits)
+    }
+
+    /// A builder of shards `range` of an index of `1 << bits` shards.
+    pub(crate) fn part(bits: u32, range: Range<usize>) -> Self {
+        Builder {
+            bits,
+            shards: range.clone().map(|_| Vec::new()).collect(),
+            range,
+            digest: vec![0; DIGEST_BUCKETS],
+        }
+    }
+
+    /// log2 of the number of shards of the index being built.
+    pub(crate) fn bits(&self) -> u32 {
+        self.bits
+    }
+
+    #[inline]
+    fn toggle(&mut self, key: &[u8], slot: &Slot, crc: u32) {
+        self.digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
+    }
+
+    #[inline]
+    fn shard(&mut self, key: &[u8]) -> &mut Vec<Entry> {
+        let i = shard_of(order_hash(key), self.bits);
+        assert!(
+            self.range.contains(&i),
+            "a key of shard {i} given to the builder of {:?}",
+            self.range
+        );
+        &mut self.shards[i - self.range.start]
+    }
+
+    /// As [`Index::upsert`].
+    pub(crate) fn upsert(&mut self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
+        let shard = self.shard(key);
+        match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
+            Err(at) => {
+                shard.insert(
+                    at,
+                    Entry {
+                        key: Key::new(key),
+                        slot: AtomicSlot::new(slot),
+                    },
+                );
+                self.toggle(key, &slot, crc);
+                Upsert::Inserted
+            }
+            Ok(at) => {
+                let old = shard[at].slot.load();
+                if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
+                    return Upsert::Kept(old);
+                }
+                shard[at].slot = AtomicSlot::new(slot);
+                self.toggle(key, &old, crc_of(log, &old));
+                self.toggle(key, &slot, crc);
+                Upsert::Replaced(old)
+            }
+        }
+    }
+
+    /// Inserts a key that is not in the index yet; `crc` is its record's.
+    pub(crate) fn insert(&mut self, key: &[u8], slot: Slot, crc: u32) {
+        let shard = self.shard(key);
+        // Keys often arrive in order (a reshard walks the old shards in
+        // key order): then this is a push.
+        let at = match shard.last() {
+            Some(last) if compare(last.key.as_bytes(), key).is_lt() => shard.len(),
+            None => 0,
+            Some(_) => match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
+                Ok(_) => panic!("Builder::insert of a key already there"),
+                Err(at) => at,
+            },
+        };
+        shard.insert(
+            at,
+            Entry {
+                key: Key::new(key),
+                slot: AtomicSlot::new(slot),
+            },
+        );
+        self.toggle(key, &slot, crc);
+    }
+
+    /// The index.
+    pub(crate) fn finish(self) -> Index {
+        Index::from_parts(vec![self])
+    }
+}
+
+impl Index {
+    /// The index filled by `parts`, builders of disjoint ranges of shards
+    /// that together cover the index.
+    pub(crate) fn from_parts(mut parts: Vec<Builder>) -> Index {
+        parts.sort_by_key(|p| p.range.start);
+        let bits = parts.first().map_or(0, |p| p.bits);
+        let mut digest = vec![0u64; DIGEST_BUCKETS];
+        let mut shards = Vec::with_capacity(1 << bits);
+        for part in parts {
+            assert_eq!(part.bits, bits, "parts of one index");
+            assert_eq!(part.range.start, shards.len(), "parts cover the index");
+            for (d, p) in digest.iter_mut().zip(&part.digest) {
+                *d ^= p;
+            }
+            shards.extend(part.shards.into_iter().map(Shard::from_sorted));
+        }
+        assert_eq!(shards.len(), 1 << bits, "parts cover the index");
+        Index {
+            shards: shards.into_boxed_slice(),
+            bits,
+            digest: digest.into_iter().map(AtomicU64::new).collect(),
         }
     }
 }
@@ -547,12 +651,12 @@ mod tests {
         assert_eq!(index.upsert(b"k", stale, 300, &log), Upsert::Kept(greater));
         assert_eq!(index.get(b"k"), Some(greater));
         // The digest is that of the winning entry alone, its CRC included.
-        let only = Index::new(4);
+        let mut only = Builder::new(4);
         only.insert(b"k", greater, 250);
-        assert_eq!(index.digest(), only.digest());
-        let other_bytes = Index::new(4);
+        assert_eq!(index.digest(), only.finish().digest());
+        let mut other_bytes = Builder::new(4);
         other_bytes.insert(b"k", greater, 251);
-        assert_ne!(index.digest(), other_bytes.digest());
+        assert_ne!(index.digest(), other_bytes.finish().digest());
         let mut seen = Vec::new();
         index.for_each(|k, s| seen.push((k.as_bytes().to_vec(), *s)));
         assert_eq!(seen, vec![(b"k".to_vec(), greater)]);

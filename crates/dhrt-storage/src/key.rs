@@ -1,18 +1,70 @@
-//! The index key: short keys live inline in the skiplist node, so comparing
+//! The index key: short keys live inline in the index entry, so comparing
 //! against them during a lookup touches no other cache line.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
+use std::ptr::NonNull;
 
 /// Keys up to this many bytes are stored inline.
 const INLINE: usize = 22;
 
-/// An index key: inline up to 22 bytes, boxed beyond. 24 bytes either way.
+/// An index key: inline up to 22 bytes, on the heap beyond. 24 bytes
+/// either way.
 #[derive(Clone)]
 pub(crate) enum Key {
     Inline { len: u8, bytes: [u8; INLINE] },
-    Heap(Box<[u8]>),
+    Heap(HeapBytes),
+}
+
+/// The bytes of a long key, owned, behind a raw pointer rather than a
+/// `Box`: an index shard copies its entries bitwise into a new array while
+/// readers may still read the old one (see `shard.rs`), and a raw pointer
+/// claims no unique access that such a copy would contradict. Exactly one
+/// copy owns the bytes and frees them.
+pub(crate) struct HeapBytes {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the bytes are owned and never written after creation.
+unsafe impl Send for HeapBytes {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for HeapBytes {}
+
+impl HeapBytes {
+    fn new(bytes: &[u8]) -> Self {
+        let boxed: Box<[u8]> = bytes.into();
+        let len = boxed.len();
+        let ptr = NonNull::new(Box::into_raw(boxed).cast::<u8>()).expect("Box is never null");
+        HeapBytes { ptr, len }
+    }
+
+    #[inline]
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` and `len` come from a live `Box<[u8]>` this value
+        // owns; it is freed only in `drop`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Clone for HeapBytes {
+    fn clone(&self) -> Self {
+        HeapBytes::new(self.as_bytes())
+    }
+}
+
+impl Drop for HeapBytes {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` are those of the `Box<[u8]>` made in
+        // `new`, owned by this value alone, dropped once.
+        drop(unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ))
+        });
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<Key>() == 24);
@@ -27,7 +79,7 @@ impl Key {
                 bytes,
             }
         } else {
-            Key::Heap(key.into())
+            Key::Heap(HeapBytes::new(key))
         }
     }
 
@@ -35,7 +87,7 @@ impl Key {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             Key::Inline { len, bytes } => &bytes[..*len as usize],
-            Key::Heap(b) => b,
+            Key::Heap(b) => b.as_bytes(),
         }
     }
 }

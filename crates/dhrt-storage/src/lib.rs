@@ -3,7 +3,7 @@
 //! A [`Store`] is a data directory of named collections. Each collection is
 //! one append-only log file (`<name>.dhrt`, format in `docs/format.md`) read
 //! through a shared memory map, with an in-memory index — a key-hash-sharded
-//! set of `crossbeam_skiplist::SkipMap`s — from key to the newest record. A
+//! set of small sorted arrays — from key to the newest record. A
 //! get is one index lookup and one read from the map; a set is one copy into
 //! the map (into space reserved ahead with `fallocate`; `pwrite` where that
 //! is impossible) and one index insert. Every record carries a CRC32C and a [`Version`];
@@ -20,7 +20,8 @@ mod compact;
 mod error;
 mod feed;
 mod index;
-// `KeyRef`: one cast of a byte slice to a transparent wrapper.
+// `KeyRef`: one cast of a byte slice to a transparent wrapper; long keys'
+// bytes behind a raw pointer.
 #[allow(unsafe_code)]
 mod key;
 mod log;
@@ -33,6 +34,9 @@ mod options;
 mod record;
 mod recover;
 mod scan;
+// Index shards: sorted arrays replaced whole, retired through the epoch.
+#[allow(unsafe_code)]
+mod shard;
 mod store;
 mod verify;
 mod version;

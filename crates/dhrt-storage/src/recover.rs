@@ -4,8 +4,8 @@
 //! for large logs; neither depends on the order records are visited in for
 //! its result.
 
-use crate::collection::{State, apply_record};
-use crate::index::{self, Index};
+use crate::collection::{State, apply_write};
+use crate::index::{self, Builder, Index};
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Kind, RECORD_HEADER_LEN};
 use crate::version::Version;
 use crate::{Options, log::CHECKPOINT_EVERY};
@@ -245,10 +245,10 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
 /// among threads.
 pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
     let keyed = scanned.keyed();
-    let index = Index::new(options.shards_for(keyed as u64));
-    let bits = index.bits();
+    let bits = Builder::new(options.shards_for(keyed as u64)).bits();
+    let shard_count = 1usize << bits;
     let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
-    let mut starts = vec![0usize; index.shard_count() + 1];
+    let mut starts = vec![0usize; shard_count + 1];
     for &(hash, _) in scanned.records.iter().flatten() {
         starts[shard(hash) + 1] += 1;
     }
@@ -269,8 +269,12 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
         drop_offset: scanned.drop_offset,
         ..State::default()
     };
-    let apply_range = |range: &[u64]| {
+    // Builds shards `shards` from their records, `sorted[starts[shards.start]..
+    // starts[shards.end]]`.
+    let apply_range = |shards: std::ops::Range<usize>| {
         let mut state = base;
+        let mut builder = Builder::part(bits, shards.clone());
+        let range = &sorted[starts[shards.start]..starts[shards.end]];
         for (i, &offset) in range.iter().enumerate() {
             // The records are visited in shard order, all over the log:
             // ask for one a few ahead, so its cache miss overlaps this
@@ -281,51 +285,55 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
             let at = &log[offset as usize..];
             let header = record::peek_header(at);
             let key = &at[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.key_len as usize];
-            apply_record(&index, &mut state, log, &header, key, offset, None);
+            apply_write(&mut state, log, &header, offset, |slot, crc| {
+                builder.upsert(key, slot, crc, log)
+            });
         }
-        state
+        (builder, state)
     };
     let threads = if sorted.len() < 50_000 {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
-    // Cut the sorted offsets at shard boundaries into `threads` ranges.
+    // Cut the shards into `threads` ranges of about as many records.
     let mut cuts = vec![0];
     for t in 1..threads {
         let target = sorted.len() * t / threads;
-        let boundary = starts.partition_point(|&s| s < target);
-        cuts.push(starts[boundary.min(starts.len() - 1)]);
+        let boundary = starts.partition_point(|&s| s < target).min(shard_count);
+        cuts.push(boundary.max(*cuts.last().expect("not empty")));
     }
-    cuts.push(sorted.len());
-    let states: Vec<State> = std::thread::scope(|s| {
+    cuts.push(shard_count);
+    let built: Vec<(Builder, State)> = std::thread::scope(|s| {
         // A range whose thread cannot be had is applied on this one.
-        let mut states = Vec::new();
+        let mut built = Vec::new();
         let handles: Vec<_> = cuts
             .windows(2)
             .skip(1)
             .filter_map(|w| {
-                let (range, apply_range) = (&sorted[w[0]..w[1]], &apply_range);
+                let (shards, apply_range) = (w[0]..w[1], &apply_range);
                 match std::thread::Builder::new()
                     .name("dhrt-recover".into())
-                    .spawn_scoped(s, move || apply_range(range))
+                    .spawn_scoped(s, move || apply_range(shards))
                 {
                     Ok(h) => Some(h),
                     Err(_) => {
-                        states.push(apply_range(range));
+                        built.push(apply_range(w[0]..w[1]));
                         None
                     }
                 }
             })
             .collect();
-        states.push(apply_range(&sorted[cuts[0]..cuts[1]]));
-        states.extend(
+        built.push(apply_range(cuts[0]..cuts[1]));
+        built.extend(
             handles
                 .into_iter()
                 .map(|h| h.join().expect("replay thread panicked")),
         );
-        states
+        built
     });
+    let (parts, states): (Vec<Builder>, Vec<State>) = built.into_iter().unzip();
+    let index = Index::from_parts(parts);
     let mut total = base;
     for st in states {
         total.live_keys += st.live_keys;

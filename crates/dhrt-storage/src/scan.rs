@@ -20,7 +20,6 @@ use bytes::Bytes;
 
 use crate::collection::Collection;
 use crate::index::{self, ORDER_BITS};
-use crate::key::KeyRef;
 use crate::log::LogFile;
 use crate::record::{self, Decoded};
 use crate::verify;
@@ -101,8 +100,7 @@ impl Iterator for Records {
             let Some(shard) = generation.index.shard_at(i) else {
                 continue;
             };
-            let Some(entry) = shard.lower_bound(Bound::Included(KeyRef::new(&key[..])), guard)
-            else {
+            let Some(entry) = shard.lower_bound(Bound::Included(&key[..]), guard) else {
                 continue;
             };
             if let Some(next) = entry.next() {
