@@ -157,6 +157,10 @@ def run(n, rf, args, base):
         wait("the join's moves", lambda: c.settled(names), 600)
         took = time.time() - t0
         moved = sum(metric(p, "dhrt_moved_bytes_total") for p in c.ports()) - moved0
+        # What the newcomer owns (and holds, once settled): the move's
+        # target, whatever the hash gave it.
+        newcomer = sum(x["bytes"] for x in stats(c.base + n)["collections"]
+                       if x["name"] in names)
         # With `all` the newcomer gets a whole copy; else it takes RF/(N+1)
         # of the owner slots, each one copy of a collection.
         ideal_move = data if rf == "all" else data * r / (n + 1)
@@ -165,7 +169,8 @@ def run(n, rf, args, base):
         print(f"| {n} | {rf} | {data / mib:.1f} | {busiest / mib:.1f} / {average / mib:.1f} "
               f"(ideal {ideal_store / mib:.1f}) | {busiest / average:.2f} "
               f"| {acked / writes:.2f} (owner {r - 1}, any node {any_node:.2f}) "
-              f"| {moved / mib:.1f} (ideal {ideal_move / mib:.1f}) | {took:.1f} s "
+              f"| {moved / mib:.1f} (ideal {ideal_move / mib:.1f}, newcomer holds "
+              f"{newcomer / mib:.1f}) | {took:.1f} s "
               f"({moved / mib / took:.1f} MiB/s) |", flush=True)
     finally:
         c.stop()

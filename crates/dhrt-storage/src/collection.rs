@@ -341,7 +341,7 @@ impl Collection {
             crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
         }
         let generation = Generation {
-            index: Index::new(options.shards_for(0)),
+            index: Index::new(options.shards_for(0), options.shard_array_max),
             log: Arc::new(log),
         };
         let collection = Self::from_parts(name, generation, State::default());
@@ -410,7 +410,10 @@ impl Collection {
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
         let mut preallocated = false;
-        let mut built = (Index::new(options.shards_for(0)), State::default());
+        let mut built = (
+            Index::new(options.shards_for(0), options.shard_array_max),
+            State::default(),
+        );
         let mut checkpoints = Vec::new();
         if len < FILE_HEADER_LEN as u64 {
             // Creation was interrupted before the header was durable.

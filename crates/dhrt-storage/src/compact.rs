@@ -205,7 +205,10 @@ pub(crate) fn compact(
         };
         let new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
             .map_err(|e| io_err("create", e))?;
-        let mut index = Builder::new(options.shards_for(keys).max(old.index.shard_count()));
+        let mut index = Builder::new(
+            options.shards_for(keys).max(old.index.shard_count()),
+            options.shard_array_max,
+        );
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
         let mut base = new_log.tail();
@@ -361,14 +364,14 @@ pub(crate) fn compact(
 
 /// Gives `coll` an index of `shards` shards over the same log. Returns the
 /// most records replayed in one hold of the writer lock.
-pub(crate) fn reshard(coll: &Collection, shards: usize) -> u64 {
+pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64 {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if old.index.shard_count() >= shards {
         return 0;
     }
     let t0 = coll.with_writer(|_| old.log.tail());
-    let mut index = Builder::new(shards);
+    let mut index = Builder::new(shards, array_max);
     let map = old.log.map();
     for shard in old.index.shards() {
         let guard = &crossbeam_epoch::pin();

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 use crossbeam_epoch::{self as epoch, Guard};
 
 use crate::key::{Key, compare};
-use crate::shard::Entry;
-pub(crate) use crate::shard::{Cursor, Shard};
+pub(crate) use crate::shard::{Cursor, ShardRef};
+use crate::shard::{Entry, Shard, Spill};
 use crate::version::Version;
 
 /// Offsets are below 2^46 (64 TiB); bit 46 marks a slot being rewritten in
@@ -107,9 +107,9 @@ impl Slot {
 const _: () = assert!(std::mem::size_of::<Slot>() == 16);
 
 /// A [`Slot`] that a writer rewrites in place while readers read it, so
-/// overwriting a key changes 16 bytes in its skiplist node instead of
-/// linking a new node and retiring the old one (an allocation, a free and
-/// epoch bookkeeping per write).
+/// overwriting a key changes 16 bytes in its index entry instead of
+/// publishing a new entry and retiring the old one (an allocation, a free
+/// and epoch bookkeeping per write).
 ///
 /// A seqlock whose sequence is the position word: a writer first sets
 /// [`BUSY_BIT`] in the old position, then stores the timestamp, then the new
@@ -149,7 +149,7 @@ impl AtomicSlot {
     }
 
     /// Replaces the slot. Only one writer at a time.
-    fn store(&self, slot: Slot) {
+    pub(crate) fn store(&self, slot: Slot) {
         let old = self.pos.load(Ordering::Relaxed);
         debug_assert_ne!(old, slot.pos, "positions never repeat");
         self.pos.store(old | BUSY_BIT, Ordering::Relaxed);
@@ -245,8 +245,12 @@ pub(crate) struct Index {
     /// One pointer per shard: a lookup goes from the hash to the shard's
     /// array through it.
     shards: Box<[Shard]>,
+    /// Per shard, where its entries go if it outgrows an array (cold).
+    spills: Box<[Spill]>,
     /// log2 of the number of shards.
     bits: u32,
+    /// Keys a shard holds in one array before it becomes a skiplist.
+    array_max: usize,
     /// Per digest bucket, the XOR of [`entry_hash`] over the entries in it.
     /// Atomic for readers of the digest; writers are serialized.
     digest: Box<[AtomicU64]>,
@@ -269,9 +273,10 @@ fn shard_bits(shards: usize) -> u32 {
 }
 
 impl Index {
-    /// An empty index of `shards` shards (rounded up to a power of two).
-    pub(crate) fn new(shards: usize) -> Self {
-        Builder::new(shards).finish()
+    /// An empty index of `shards` shards (rounded up to a power of two)
+    /// whose shards hold up to `array_max` keys in one array.
+    pub(crate) fn new(shards: usize, array_max: usize) -> Self {
+        Builder::new(shards, array_max).finish()
     }
 
     /// Frees the index shard by shard, pausing after every few thousand
@@ -279,9 +284,18 @@ impl Index {
     pub(crate) fn free_gradually(self) {
         const ENTRIES_BETWEEN_PAUSES: usize = 4096;
         let mut freed = 0;
-        for shard in self.shards.into_vec() {
-            freed += shard.len();
-            drop(shard);
+        for (hot, cold) in self
+            .shards
+            .into_vec()
+            .into_iter()
+            .zip(self.spills.into_vec())
+        {
+            freed += ShardRef {
+                hot: &hot,
+                cold: &cold,
+            }
+            .len();
+            drop((hot, cold));
             if freed >= ENTRIES_BETWEEN_PAUSES {
                 freed = 0;
                 std::thread::sleep(std::time::Duration::from_micros(100));
@@ -314,19 +328,25 @@ impl Index {
 
     /// Shard `i`, if there is one. Shard numbers are prefixes of the keys'
     /// [`order_hash`].
-    pub(crate) fn shard_at(&self, i: usize) -> Option<&Shard> {
-        self.shards.get(i)
+    pub(crate) fn shard_at(&self, i: usize) -> Option<ShardRef<'_>> {
+        Some(ShardRef {
+            hot: self.shards.get(i)?,
+            cold: &self.spills[i],
+        })
     }
 
     #[inline]
-    fn shard(&self, key: &[u8]) -> &Shard {
-        &self.shards[shard_of(order_hash(key), self.bits)]
+    fn shard(&self, key: &[u8]) -> ShardRef<'_> {
+        let i = shard_of(order_hash(key), self.bits);
+        ShardRef {
+            hot: &self.shards[i],
+            cold: &self.spills[i],
+        }
     }
 
     #[inline]
     pub(crate) fn get(&self, key: &[u8]) -> Option<Slot> {
-        let guard = &epoch::pin();
-        self.shard(key).get(key, guard).map(|e| e.slot.load())
+        self.shard(key).get(key, &epoch::pin())
     }
 
     /// Inserts `slot` (whose record has CRC `crc`) unless the key holds a
@@ -335,45 +355,28 @@ impl Index {
     /// the records the index's offsets point into (for the CRCs of replaced
     /// records). Callers serialize writes to one index.
     pub(crate) fn upsert(&self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
-        let guard = &epoch::pin();
-        let shard = self.shard(key);
-        let entries = shard.entries(guard);
-        match Shard::search(entries, key) {
-            Err(at) => {
-                shard.insert_at(
-                    at,
-                    Entry {
-                        key: Key::new(key),
-                        slot: AtomicSlot::new(slot),
-                    },
-                    guard,
-                );
-                self.toggle(key, &slot, crc);
-                Upsert::Inserted
-            }
-            Ok(at) => {
-                let entry = &entries[at];
-                let old = entry.slot.load();
-                if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
-                    return Upsert::Kept(old);
-                }
-                entry.slot.store(slot);
+        let upsert = self.shard(key).upsert(
+            key,
+            slot,
+            |old| wins(slot.version(), crc, old.version(), || crc_of(log, &old)),
+            self.array_max,
+            &epoch::pin(),
+        );
+        match upsert {
+            Upsert::Inserted => self.toggle(key, &slot, crc),
+            Upsert::Replaced(old) => {
                 self.toggle(key, &old, crc_of(log, &old));
                 self.toggle(key, &slot, crc);
-                Upsert::Replaced(old)
             }
+            Upsert::Kept(_) => {}
         }
+        upsert
     }
 
     /// Removes `key`; `log` holds the records the index points into.
     pub(crate) fn remove(&self, key: &[u8], log: &[u8]) {
-        let guard = &epoch::pin();
-        let shard = self.shard(key);
-        let entries = shard.entries(guard);
-        if let Ok(at) = Shard::search(entries, key) {
-            let slot = entries[at].slot.load();
+        if let Some(slot) = self.shard(key).remove(key, &epoch::pin()) {
             self.toggle(key, &slot, crc_of(log, &slot));
-            shard.remove_at(at, guard);
         }
     }
 
@@ -383,38 +386,40 @@ impl Index {
     /// serialize writes to one index.
     pub(crate) fn remove_damaged(&self, key: &[u8], log: &[u8]) {
         let guard = &epoch::pin();
-        let shard = self.shard(key);
-        if let Ok(at) = Shard::search(shard.entries(guard), key) {
-            shard.remove_at(at, guard);
-        }
+        self.shard(key).remove(key, guard);
         let bucket = digest_bucket(key);
         let shift = ORDER_BITS - DIGEST_BITS;
         let first = shard_of((bucket as u64) << shift, self.bits);
         let last = shard_of((((bucket as u64) + 1) << shift) - 1, self.bits);
         let mut hash = 0;
-        for shard in &self.shards[first..=last] {
-            for e in shard.entries(guard) {
-                let k = e.key.as_bytes();
+        for shard in (first..=last).filter_map(|i| self.shard_at(i)) {
+            let mut cursor = shard.front(guard);
+            while let Some(e) = cursor {
+                let k = e.key().as_bytes();
                 if digest_bucket(k) == bucket {
-                    let slot = e.slot.load();
+                    let slot = e.value().load();
                     hash ^= entry_hash(k, &slot, crc_of(log, &slot));
                 }
+                cursor = e.next();
             }
         }
         self.digest[bucket].store(hash, Ordering::Relaxed);
     }
 
     /// The shards, in shard order.
-    pub(crate) fn shards(&self) -> impl Iterator<Item = &Shard> {
-        self.shards.iter()
+    pub(crate) fn shards(&self) -> impl Iterator<Item = ShardRef<'_>> {
+        self.shards
+            .iter()
+            .zip(self.spills.iter())
+            .map(|(hot, cold)| ShardRef { hot, cold })
     }
 
     /// The first entry of `shard` after `after` (or its first entry).
-    pub(crate) fn seek<'g>(
-        shard: &Shard,
+    pub(crate) fn seek<'a, 'g>(
+        shard: ShardRef<'a>,
         after: Option<&[u8]>,
         guard: &'g Guard,
-    ) -> Option<Cursor<'g>> {
+    ) -> Option<Cursor<'a, 'g>> {
         match after {
             Some(k) => shard.lower_bound(Bound::Excluded(k), guard),
             None => shard.front(guard),
@@ -427,8 +432,10 @@ impl Index {
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Key, &Slot)) {
         for shard in self.shards() {
             let guard = &epoch::pin();
-            for e in shard.entries(guard) {
-                f(&e.key, &e.slot.load());
+            let mut cursor = shard.front(guard);
+            while let Some(e) = cursor {
+                f(e.key(), &e.value().load());
+                cursor = e.next();
             }
         }
     }
@@ -440,6 +447,7 @@ impl Index {
 /// disjoint ranges) turns it into an [`Index`].
 pub(crate) struct Builder {
     bits: u32,
+    array_max: usize,
     /// The shards this builder fills.
     range: Range<usize>,
     shards: Vec<Vec<Entry>>,
@@ -449,16 +457,17 @@ pub(crate) struct Builder {
 
 impl Builder {
     /// A builder of a whole index of `shards` shards (rounded up to a
-    /// power of two).
-    pub(crate) fn new(shards: usize) -> Self {
+    /// power of two) whose shards hold up to `array_max` keys in one array.
+    pub(crate) fn new(shards: usize, array_max: usize) -> Self {
         let bits = shard_bits(shards);
-        Builder::part(bits, 0..1 << bits)
+        Builder::part(bits, 0..1 << bits, array_max)
     }
 
     /// A builder of shards `range` of an index of `1 << bits` shards.
-    pub(crate) fn part(bits: u32, range: Range<usize>) -> Self {
+    pub(crate) fn part(bits: u32, range: Range<usize>, array_max: usize) -> Self {
         Builder {
             bits,
+            array_max,
             shards: range.clone().map(|_| Vec::new()).collect(),
             range,
             digest: vec![0; DIGEST_BUCKETS],
@@ -549,20 +558,28 @@ impl Index {
     pub(crate) fn from_parts(mut parts: Vec<Builder>) -> Index {
         parts.sort_by_key(|p| p.range.start);
         let bits = parts.first().map_or(0, |p| p.bits);
+        let array_max = parts.first().map_or(usize::MAX, |p| p.array_max);
         let mut digest = vec![0u64; DIGEST_BUCKETS];
         let mut shards = Vec::with_capacity(1 << bits);
+        let mut spills = Vec::with_capacity(1 << bits);
         for part in parts {
             assert_eq!(part.bits, bits, "parts of one index");
             assert_eq!(part.range.start, shards.len(), "parts cover the index");
             for (d, p) in digest.iter_mut().zip(&part.digest) {
                 *d ^= p;
             }
-            shards.extend(part.shards.into_iter().map(Shard::from_sorted));
+            for entries in part.shards {
+                let (hot, cold) = crate::shard::from_sorted(entries, array_max);
+                shards.push(hot);
+                spills.push(cold);
+            }
         }
         assert_eq!(shards.len(), 1 << bits, "parts cover the index");
         Index {
             shards: shards.into_boxed_slice(),
+            spills: spills.into_boxed_slice(),
             bits,
+            array_max,
             digest: digest.into_iter().map(AtomicU64::new).collect(),
         }
     }
@@ -629,7 +646,7 @@ mod tests {
     #[test]
     fn upsert_updates_in_place_and_keeps_newer_versions() {
         let log = crcs();
-        let index = Index::new(4);
+        let index = Index::new(4, 16);
         let first = Slot::new(10, false, version(5));
         assert_eq!(index.upsert(b"k", first, 100, &log), Upsert::Inserted);
         let second = Slot::new(20, true, version(6));
@@ -651,10 +668,10 @@ mod tests {
         assert_eq!(index.upsert(b"k", stale, 300, &log), Upsert::Kept(greater));
         assert_eq!(index.get(b"k"), Some(greater));
         // The digest is that of the winning entry alone, its CRC included.
-        let mut only = Builder::new(4);
+        let mut only = Builder::new(4, 16);
         only.insert(b"k", greater, 250);
         assert_eq!(index.digest(), only.finish().digest());
-        let mut other_bytes = Builder::new(4);
+        let mut other_bytes = Builder::new(4, 16);
         other_bytes.insert(b"k", greater, 251);
         assert_ne!(index.digest(), other_bytes.finish().digest());
         let mut seen = Vec::new();

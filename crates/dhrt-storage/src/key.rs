@@ -100,7 +100,7 @@ impl Borrow<[u8]> for Key {
 }
 
 /// A key to look up: bytes that order as [`Key`] does, through
-/// [`compare`] instead of a `memcmp` call per skiplist node.
+/// [`compare`] instead of a `memcmp` call per comparison.
 #[repr(transparent)]
 pub(crate) struct KeyRef([u8]);
 

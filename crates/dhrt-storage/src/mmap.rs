@@ -1,4 +1,4 @@
-//! One of the two modules allowed `unsafe` (with `key.rs`): the shared maps of collection files, the
+//! One of the three modules allowed `unsafe` (with `key.rs` and `shard.rs`): the shared maps of collection files, the
 //! copies of appended records into them, space reserved ahead of the tail
 //! (`fallocate`), and the anonymous in-memory files (memfd) that back memory
 //! mode.

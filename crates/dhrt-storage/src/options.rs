@@ -49,13 +49,20 @@ pub struct Options {
     /// [`crate::Store::compact`] works either way. Default: true.
     pub background_compaction: bool,
     /// Keys per index shard the index aims for. A collection's index is
-    /// split by key hash into many small skiplists, so each lookup walks a
-    /// shallow one; when a collection averages more than twice this many
-    /// keys per shard, a background rebuild gives it more shards. Fewer keys
-    /// per shard: faster lookups, more memory. Default: 16.
+    /// split by key hash into many small sorted arrays, so each lookup
+    /// searches a short one; when a collection averages more than twice
+    /// this many keys per shard, a background rebuild gives it more shards.
+    /// Fewer keys per shard: faster writes of new keys, more memory.
+    /// Default: 16.
     pub keys_per_shard: usize,
     /// The fewest shards an index has (a power of two). Default: 16.
     pub min_index_shards: usize,
+    /// Keys an index shard keeps in one sorted array. A shard given more
+    /// becomes a skiplist for good: lookups take a few more cache misses,
+    /// and adding a key no longer copies the shard. Only a collection past
+    /// about 2^20 × this many keys, or keys crafted to share a hash prefix,
+    /// reach it. Default: 256.
+    pub shard_array_max: usize,
     /// Shifts this store's wall clock by this many ms (fault injection: a
     /// node whose clock is ahead or behind). Default: 0.
     pub clock_offset_ms: i64,
@@ -73,6 +80,7 @@ impl Default for Options {
             background_compaction: true,
             keys_per_shard: 16,
             min_index_shards: 16,
+            shard_array_max: 256,
             clock_offset_ms: 0,
         }
     }

@@ -245,7 +245,7 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
 /// among threads.
 pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
     let keyed = scanned.keyed();
-    let bits = Builder::new(options.shards_for(keyed as u64)).bits();
+    let bits = Builder::new(options.shards_for(keyed as u64), 1).bits();
     let shard_count = 1usize << bits;
     let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
     let mut starts = vec![0usize; shard_count + 1];
@@ -273,7 +273,7 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
     // starts[shards.end]]`.
     let apply_range = |shards: std::ops::Range<usize>| {
         let mut state = base;
-        let mut builder = Builder::part(bits, shards.clone());
+        let mut builder = Builder::part(bits, shards.clone(), options.shard_array_max);
         let range = &sorted[starts[shards.start]..starts[shards.end]];
         for (i, &offset) in range.iter().enumerate() {
             // The records are visited in shard order, all over the log:

@@ -1,10 +1,10 @@
-//! One shard of a collection's index: its entries in key order, in one
-//! array that readers search without a lock.
+//! One shard of a collection's index: its entries in key order, read
+//! without a lock.
 //!
 //! A shard holds a handful of keys (the index aims for 16), so it is one
 //! sorted array rather than a tree or skiplist: a lookup is one pointer and
-//! a binary search over adjacent cache lines, and the shard's header is a
-//! single pointer (a skiplist's header is 512 bytes, which at 10 keys per
+//! a binary search over adjacent cache lines, and the shard costs 16 bytes
+//! beside its array (a skiplist's header is 512 bytes, which at 10 keys per
 //! shard cost more memory than the keys). Writers are serialized by the
 //! index's callers (the collection's writer lock, or one builder thread per
 //! shard); readers take no lock:
@@ -15,6 +15,14 @@
 //!   atomic store, and retires the old one through the epoch
 //!   (`crossbeam-epoch`): a reader that loaded it before the store reads it
 //!   to the end, and it is freed once no reader can hold it.
+//! - A shard that outgrows `array_max` keys (a collection past 2^20 × 16
+//!   keys, or keys crafted to share a hash prefix) becomes a crossbeam
+//!   skiplist for good, so adding a key never copies more than `array_max`
+//!   entries. The skiplist is published before the array is cleared, and a
+//!   reader that finds no array looks for the skiplist: it sees one or the
+//!   other. Never call `SkipList::range` (crossbeam-skiplist 0.1.3 leaks the
+//!   nodes it visits once they are overwritten); walk with `lower_bound`,
+//!   `front` and `Entry::next`.
 //!
 //! # Safety
 //!
@@ -26,7 +34,9 @@
 //! elements (`[MaybeUninit<Entry>]` drops none). A removed entry is dropped
 //! only after the epoch says no reader can still see the old array. Keys
 //! on the heap are raw pointers (`key::HeapBytes`), so a bitwise copy read
-//! alongside the original claims nothing a `Box` would.
+//! alongside the original claims nothing a `Box` would. Keys moved into a
+//! skiplist when a shard outgrows its array are likewise moved bitwise; the
+//! skiplist frees a key only through the same epoch.
 
 use std::mem::MaybeUninit;
 use std::ops::Bound;
@@ -34,9 +44,10 @@ use std::ptr;
 use std::sync::atomic::Ordering;
 
 use crossbeam_epoch::{self as epoch, Atomic, Guard, Owned, Shared};
+use crossbeam_skiplist::base::{self, SkipList};
 
-use crate::index::AtomicSlot;
-use crate::key::{Key, compare};
+use crate::index::{AtomicSlot, Slot, Upsert};
+use crate::key::{Key, KeyRef, compare};
 
 /// One key of the index and where its newest record is. 40 bytes.
 pub(crate) struct Entry {
@@ -48,10 +59,24 @@ const _: () = assert!(std::mem::size_of::<Entry>() == 40);
 
 type Run = [MaybeUninit<Entry>];
 
-/// A sorted array of entries, replaced whole when a key comes or goes.
+/// A shard too large for one array.
+type Big = SkipList<Key, AtomicSlot>;
+
+/// A shard's array of entries, replaced whole when a key comes or goes: the
+/// one word a lookup reads. Tagged [`BIG`] (and null) once the shard
+/// outgrew an array and its entries are in its [`Spill`].
 pub(crate) struct Shard {
-    /// Null while empty.
     run: Atomic<Run>,
+}
+
+/// The tag of a shard's word once its entries are in a skiplist.
+const BIG: usize = 1;
+
+/// Where a shard's entries go once they outgrow an array: a skiplist, set
+/// once and never unset. Kept apart from [`Shard`] so that lookups, which
+/// nearly never need it, do not carry it through the cache.
+pub(crate) struct Spill {
+    big: Atomic<Big>,
 }
 
 impl Default for Shard {
@@ -60,6 +85,21 @@ impl Default for Shard {
             run: Atomic::null(),
         }
     }
+}
+
+impl Default for Spill {
+    fn default() -> Self {
+        Spill {
+            big: Atomic::null(),
+        }
+    }
+}
+
+/// One shard: its array word and its spill.
+#[derive(Clone, Copy)]
+pub(crate) struct ShardRef<'a> {
+    pub(crate) hot: &'a Shard,
+    pub(crate) cold: &'a Spill,
 }
 
 /// Views an initialized run as entries.
@@ -73,53 +113,105 @@ fn entries_of<'g>(shared: Shared<'g, Run>) -> &'g [Entry] {
     }
 }
 
-impl Shard {
-    /// A shard of `entries`, which must be in strictly ascending key order.
-    pub(crate) fn from_sorted(entries: Vec<Entry>) -> Self {
-        debug_assert!(
-            entries
-                .windows(2)
-                .all(|w| compare(w[0].key.as_bytes(), w[1].key.as_bytes()).is_lt())
+/// Where `key` is (`Ok`) or would go (`Err`) in `entries`.
+#[inline]
+fn search(entries: &[Entry], key: &[u8]) -> Result<usize, usize> {
+    entries.binary_search_by(|e| compare(e.key.as_bytes(), key))
+}
+
+/// What a reader finds in a shard.
+enum View<'a, 'g> {
+    Array(&'g [Entry]),
+    Big(&'a Big),
+}
+
+/// A shard of `entries`, which must be in strictly ascending key order: one
+/// array, or a skiplist if there are more than `array_max`.
+pub(crate) fn from_sorted(entries: Vec<Entry>, array_max: usize) -> (Shard, Spill) {
+    debug_assert!(
+        entries
+            .windows(2)
+            .all(|w| compare(w[0].key.as_bytes(), w[1].key.as_bytes()).is_lt())
+    );
+    if entries.is_empty() {
+        return (Shard::default(), Spill::default());
+    }
+    if entries.len() > array_max {
+        let big = Big::new(epoch::default_collector().clone());
+        let guard = &epoch::pin();
+        for e in entries {
+            big.insert(e.key, e.slot, guard).release(guard);
+        }
+        return (
+            Shard {
+                run: Atomic::from(Shared::null().with_tag(BIG)),
+            },
+            Spill {
+                big: Atomic::new(big),
+            },
         );
-        if entries.is_empty() {
-            return Shard::default();
-        }
-        let mut run = Owned::<Run>::init(entries.len());
-        for (slot, entry) in run.iter_mut().zip(entries) {
-            slot.write(entry);
-        }
+    }
+    let mut run = Owned::<Run>::init(entries.len());
+    for (slot, entry) in run.iter_mut().zip(entries) {
+        slot.write(entry);
+    }
+    (
         Shard {
             run: Atomic::from(run),
+        },
+        Spill::default(),
+    )
+}
+
+impl<'a> ShardRef<'a> {
+    #[inline]
+    fn view<'g>(&self, guard: &'g Guard) -> View<'a, 'g> {
+        let run = self.hot.run.load(Ordering::Acquire, guard);
+        if run.tag() != BIG {
+            return View::Array(entries_of(run));
+        }
+        // The writer stored the skiplist before the tag (both with
+        // release): having seen the tag, this load sees the skiplist.
+        // SAFETY: `big` is set once and freed only with the spill, which
+        // outlives `'a`.
+        match unsafe {
+            self.cold
+                .big
+                .load(Ordering::Acquire, guard)
+                .as_raw()
+                .as_ref()
+        } {
+            Some(big) => View::Big(big),
+            None => unreachable!("a shard tagged big has its skiplist"),
         }
     }
 
-    /// The entries, in key order, as of now; valid while `guard` is pinned.
-    #[inline]
-    pub(crate) fn entries<'g>(&self, guard: &'g Guard) -> &'g [Entry] {
-        entries_of(self.run.load(Ordering::Acquire, guard))
+    /// Whether the shard is a skiplist (it outgrew an array).
+    #[cfg(test)]
+    pub(crate) fn is_big(&self) -> bool {
+        matches!(self.view(&epoch::pin()), View::Big(_))
     }
 
     /// Number of entries.
     pub(crate) fn len(&self) -> usize {
-        self.entries(&epoch::pin()).len()
+        match self.view(&epoch::pin()) {
+            View::Array(entries) => entries.len(),
+            View::Big(big) => big.len(),
+        }
     }
 
-    /// Where `key` is (`Ok`) or would go (`Err`) in `entries`.
+    /// The slot of `key`, if it is here.
     #[inline]
-    pub(crate) fn search(entries: &[Entry], key: &[u8]) -> Result<usize, usize> {
-        entries.binary_search_by(|e| compare(e.key.as_bytes(), key))
-    }
-
-    /// The entry of `key`, if any.
-    #[inline]
-    pub(crate) fn get<'g>(&self, key: &[u8], guard: &'g Guard) -> Option<&'g Entry> {
-        let entries = self.entries(guard);
-        Shard::search(entries, key).ok().map(|i| &entries[i])
+    pub(crate) fn get(&self, key: &[u8], guard: &Guard) -> Option<Slot> {
+        match self.view(guard) {
+            View::Array(entries) => search(entries, key).ok().map(|i| entries[i].slot.load()),
+            View::Big(big) => get_big(big, key, guard),
+        }
     }
 
     /// The first entry.
-    pub(crate) fn front<'g>(&self, guard: &'g Guard) -> Option<Cursor<'g>> {
-        Cursor::at(self.entries(guard), 0)
+    pub(crate) fn front<'g>(&self, guard: &'g Guard) -> Option<Cursor<'a, 'g>> {
+        self.lower_bound(Bound::Unbounded, guard)
     }
 
     /// The first entry at or after (`Included`) or after (`Excluded`) a key.
@@ -127,23 +219,73 @@ impl Shard {
         &self,
         bound: Bound<&[u8]>,
         guard: &'g Guard,
-    ) -> Option<Cursor<'g>> {
-        let entries = self.entries(guard);
-        let i = match bound {
-            Bound::Unbounded => 0,
-            Bound::Included(k) => Shard::search(entries, k).unwrap_or_else(|i| i),
-            Bound::Excluded(k) => match Shard::search(entries, k) {
-                Ok(i) => i + 1,
-                Err(i) => i,
-            },
-        };
-        Cursor::at(entries, i)
+    ) -> Option<Cursor<'a, 'g>> {
+        match self.view(guard) {
+            View::Array(entries) => {
+                let i = match bound {
+                    Bound::Unbounded => 0,
+                    Bound::Included(k) => search(entries, k).unwrap_or_else(|i| i),
+                    Bound::Excluded(k) => match search(entries, k) {
+                        Ok(i) => i + 1,
+                        Err(i) => i,
+                    },
+                };
+                Cursor::at(entries, i)
+            }
+            View::Big(big) => {
+                let bound = match bound {
+                    Bound::Unbounded => return big.front(guard).map(Cursor::Big),
+                    Bound::Included(k) => Bound::Included(KeyRef::new(k)),
+                    Bound::Excluded(k) => Bound::Excluded(KeyRef::new(k)),
+                };
+                big.lower_bound(bound, guard).map(Cursor::Big)
+            }
+        }
     }
 
-    /// Adds `entry` at position `at` of the current entries (where
-    /// [`Shard::search`] said it goes). Callers serialize writes to a shard.
-    pub(crate) fn insert_at(&self, at: usize, entry: Entry, guard: &Guard) {
-        let old = self.run.load(Ordering::Acquire, guard);
+    /// Puts `slot` under `key`: inserted if the key is absent; if present,
+    /// written in place when `replace(old)` says so. A shard of
+    /// `array_max` keys given one more becomes a skiplist. Callers
+    /// serialize writes to a shard.
+    pub(crate) fn upsert(
+        &self,
+        key: &[u8],
+        slot: Slot,
+        replace: impl FnOnce(Slot) -> bool,
+        array_max: usize,
+        guard: &Guard,
+    ) -> Upsert {
+        let entries = match self.view(guard) {
+            View::Array(entries) => entries,
+            View::Big(big) => return upsert_big(big, key, slot, replace, guard),
+        };
+        match search(entries, key) {
+            Ok(at) => {
+                let old = entries[at].slot.load();
+                if !replace(old) {
+                    return Upsert::Kept(old);
+                }
+                entries[at].slot.store(slot);
+                Upsert::Replaced(old)
+            }
+            Err(at) => {
+                let entry = Entry {
+                    key: Key::new(key),
+                    slot: AtomicSlot::new(slot),
+                };
+                if entries.len() >= array_max.max(1) {
+                    self.grow_big(entries, entry, guard);
+                } else {
+                    self.insert_at(at, entry, guard);
+                }
+                Upsert::Inserted
+            }
+        }
+    }
+
+    /// Adds `entry` at position `at` of the current array.
+    fn insert_at(&self, at: usize, entry: Entry, guard: &Guard) {
+        let old = self.hot.run.load(Ordering::Acquire, guard);
         let entries = entries_of(old);
         debug_assert!(at <= entries.len());
         let mut run = Owned::<Run>::init(entries.len() + 1);
@@ -160,7 +302,7 @@ impl Shard {
                 entries.len() - at,
             );
         }
-        self.run.store(run, Ordering::Release);
+        self.hot.run.store(run, Ordering::Release);
         if !old.is_null() {
             // SAFETY: unreachable from the shard after the store above;
             // readers that loaded it are protected by their pins.
@@ -168,18 +310,50 @@ impl Shard {
         }
     }
 
-    /// Removes the entry at position `at`; it is dropped once no reader can
-    /// see it. Callers serialize writes to a shard.
-    pub(crate) fn remove_at(&self, at: usize, guard: &Guard) {
-        let old = self.run.load(Ordering::Acquire, guard);
-        let entries = entries_of(old);
-        assert!(at < entries.len());
+    /// Moves the array's entries and `entry` into a skiplist, publishes it,
+    /// then clears the array.
+    fn grow_big(&self, entries: &[Entry], entry: Entry, guard: &Guard) {
+        let old = self.hot.run.load(Ordering::Acquire, guard);
+        let big = Big::new(epoch::default_collector().clone());
+        for e in entries {
+            // SAFETY: ownership of the key moves into the skiplist; the old
+            // run is destroyed without dropping its elements, and readers
+            // still reading it are protected by their pins (the skiplist
+            // frees a key only through the same epoch).
+            let key = unsafe { ptr::read(&e.key) };
+            big.insert(key, AtomicSlot::new(e.slot.load()), guard)
+                .release(guard);
+        }
+        big.insert(entry.key, entry.slot, guard).release(guard);
+        self.cold.big.store(Owned::new(big), Ordering::Release);
+        self.hot
+            .run
+            .store(Shared::null().with_tag(BIG), Ordering::Release);
+        // SAFETY: unreachable from the shard after the store above.
+        unsafe { guard.defer_destroy(old) };
+    }
+
+    /// Removes `key`; returns its slot if it was here. Callers serialize
+    /// writes to a shard.
+    pub(crate) fn remove(&self, key: &[u8], guard: &Guard) -> Option<Slot> {
+        let entries = match self.view(guard) {
+            View::Array(entries) => entries,
+            View::Big(big) => {
+                let e = big.remove(KeyRef::new(key), guard)?;
+                let slot = e.value().load();
+                e.release(guard);
+                return Some(slot);
+            }
+        };
+        let at = search(entries, key).ok()?;
+        let slot = entries[at].slot.load();
+        let old = self.hot.run.load(Ordering::Acquire, guard);
         // SAFETY: ownership of entry `at` moves out of the old run, which
         // is destroyed without dropping its elements; the entry itself is
         // dropped only after the epoch has passed every reader of it.
         let removed = unsafe { ptr::read(&entries[at]) };
         if entries.len() == 1 {
-            self.run.store(Shared::null(), Ordering::Release);
+            self.hot.run.store(Shared::null(), Ordering::Release);
         } else {
             let mut run = Owned::<Run>::init(entries.len() - 1);
             let dst = run.as_mut_ptr().cast::<Entry>();
@@ -192,12 +366,48 @@ impl Shard {
                     entries.len() - at - 1,
                 );
             }
-            self.run.store(run, Ordering::Release);
+            self.hot.run.store(run, Ordering::Release);
         }
         // SAFETY: unreachable from the shard after the stores above.
         unsafe { guard.defer_destroy(old) };
         guard.defer(move || drop(removed));
+        Some(slot)
     }
+}
+
+/// [`ShardRef::get`] in a skiplist: out of line, so the array path, which
+/// nearly every lookup takes, stays small enough to inline.
+#[cold]
+#[inline(never)]
+fn get_big(big: &Big, key: &[u8], guard: &Guard) -> Option<Slot> {
+    big.get(KeyRef::new(key), guard).map(|e| e.value().load())
+}
+
+/// [`ShardRef::upsert`] in a skiplist.
+#[cold]
+#[inline(never)]
+fn upsert_big(
+    big: &Big,
+    key: &[u8],
+    slot: Slot,
+    replace: impl FnOnce(Slot) -> bool,
+    guard: &Guard,
+) -> Upsert {
+    // One search either way: inserts if the key is absent, else hands back
+    // the existing entry untouched.
+    let entry = big.compare_insert(Key::new(key), AtomicSlot::new(slot), |_| false, guard);
+    let old = entry.value().load();
+    let upsert = if old == slot {
+        // Positions never repeat: an equal slot is the new one.
+        Upsert::Inserted
+    } else if replace(old) {
+        entry.value().store(slot);
+        Upsert::Replaced(old)
+    } else {
+        Upsert::Kept(old)
+    };
+    entry.release(guard);
+    upsert
 }
 
 impl Drop for Shard {
@@ -218,109 +428,185 @@ impl Drop for Shard {
     }
 }
 
-/// A position in one shard's entries as loaded once; valid while the guard
-/// it was loaded under is pinned. Later changes to the shard are not seen
-/// (except slot rewrites): callers that walk long re-seek by key.
-#[derive(Clone, Copy)]
-pub(crate) struct Cursor<'g> {
-    entries: &'g [Entry],
-    at: usize,
+impl Drop for Spill {
+    fn drop(&mut self) {
+        // SAFETY: as for `Shard`: the skiplist is this spill's alone.
+        unsafe {
+            let big = self.big.load(Ordering::Relaxed, epoch::unprotected());
+            if !big.is_null() {
+                drop(big.into_owned());
+            }
+        }
+    }
 }
 
-impl<'g> Cursor<'g> {
+/// A position in one shard; valid while the guard it was found under is
+/// pinned. In an array it is a position in the array as loaded then, so
+/// later changes to the shard are not seen (except slot rewrites):
+/// callers that walk long re-seek by key.
+pub(crate) enum Cursor<'a, 'g> {
+    Array { entries: &'g [Entry], at: usize },
+    Big(base::Entry<'a, 'g, Key, AtomicSlot>),
+}
+
+impl<'a, 'g> Cursor<'a, 'g> {
     fn at(entries: &'g [Entry], at: usize) -> Option<Self> {
-        (at < entries.len()).then_some(Cursor { entries, at })
+        (at < entries.len()).then_some(Cursor::Array { entries, at })
     }
 
     #[inline]
-    pub(crate) fn key(&self) -> &'g Key {
-        &self.entries[self.at].key
+    pub(crate) fn key(&self) -> &Key {
+        match self {
+            Cursor::Array { entries, at } => &entries[*at].key,
+            Cursor::Big(e) => e.key(),
+        }
     }
 
     #[inline]
-    pub(crate) fn value(&self) -> &'g AtomicSlot {
-        &self.entries[self.at].slot
+    pub(crate) fn value(&self) -> &AtomicSlot {
+        match self {
+            Cursor::Array { entries, at } => &entries[*at].slot,
+            Cursor::Big(e) => e.value(),
+        }
     }
 
     /// The entry after this one.
     #[inline]
     pub(crate) fn next(&self) -> Option<Self> {
-        Cursor::at(self.entries, self.at + 1)
+        match self {
+            Cursor::Array { entries, at } => Cursor::at(entries, at + 1),
+            Cursor::Big(e) => e.next().map(Cursor::Big),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::Slot;
     use crate::version::Version;
 
-    fn entry(key: &[u8], offset: u64) -> Entry {
-        Entry {
-            key: Key::new(key),
-            slot: AtomicSlot::new(Slot::new(offset, false, Version::new(offset, 1))),
+    fn slot(offset: u64) -> Slot {
+        Slot::new(offset, false, Version::new(offset, 1))
+    }
+
+    /// A shard and its spill, owned.
+    #[derive(Default)]
+    struct Owned2(Shard, Spill);
+
+    impl Owned2 {
+        fn r(&self) -> ShardRef<'_> {
+            ShardRef {
+                hot: &self.0,
+                cold: &self.1,
+            }
         }
     }
 
-    fn keys(shard: &Shard) -> Vec<Vec<u8>> {
+    fn keys(shard: ShardRef<'_>) -> Vec<Vec<u8>> {
         let guard = &epoch::pin();
-        shard
-            .entries(guard)
-            .iter()
-            .map(|e| e.key.as_bytes().to_vec())
-            .collect()
+        let mut out = Vec::new();
+        let mut cursor = shard.front(guard);
+        while let Some(c) = cursor {
+            out.push(c.key().as_bytes().to_vec());
+            cursor = c.next();
+        }
+        out
+    }
+
+    /// Inserts, overwrites, seeks and removes give the same answers in an
+    /// array and in a skiplist (array_max 3 makes one of five keys).
+    #[test]
+    fn an_array_and_a_skiplist_answer_alike() {
+        for array_max in [usize::MAX, 3] {
+            let owned = Owned2::default();
+            let shard = owned.r();
+            let long = vec![b'z'; 40];
+            let all: [&[u8]; 5] = [b"m", b"c", &long, b"a", b"x"];
+            for (i, k) in all.into_iter().enumerate() {
+                let guard = &epoch::pin();
+                let got = shard.upsert(k, slot(i as u64 + 1), |_| true, array_max, guard);
+                assert_eq!(got, Upsert::Inserted);
+            }
+            assert_eq!(shard.is_big(), array_max == 3);
+            assert_eq!(shard.len(), 5);
+            assert_eq!(
+                keys(shard),
+                vec![
+                    b"a".to_vec(),
+                    b"c".to_vec(),
+                    b"m".to_vec(),
+                    b"x".to_vec(),
+                    long.clone()
+                ]
+            );
+            let guard = &epoch::pin();
+            assert_eq!(shard.get(&long, guard).unwrap().offset(), 3);
+            assert!(shard.get(b"b", guard).is_none());
+            // Overwrites: kept or replaced as `replace` says.
+            assert_eq!(
+                shard.upsert(b"c", slot(10), |_| false, array_max, guard),
+                Upsert::Kept(slot(2))
+            );
+            assert_eq!(
+                shard.upsert(b"c", slot(11), |old| old == slot(2), array_max, guard),
+                Upsert::Replaced(slot(2))
+            );
+            assert_eq!(shard.get(b"c", guard), Some(slot(11)));
+            let after_c = shard.lower_bound(Bound::Excluded(b"c"), guard).unwrap();
+            assert_eq!(after_c.key().as_bytes(), b"m");
+            assert_eq!(after_c.next().unwrap().key().as_bytes(), b"x");
+            let at_b = shard.lower_bound(Bound::Included(b"b"), guard).unwrap();
+            assert_eq!(at_b.key().as_bytes(), b"c");
+            assert_eq!(at_b.value().load(), slot(11));
+            assert!(shard.lower_bound(Bound::Excluded(&long), guard).is_none());
+            assert_eq!(shard.remove(b"nope", guard), None);
+            for k in [&b"c"[..], &long, b"a", b"x", b"m"] {
+                assert!(shard.remove(k, guard).is_some());
+            }
+            assert!(keys(shard).is_empty());
+            assert!(shard.front(guard).is_none());
+        }
     }
 
     #[test]
-    fn inserts_and_removes_keep_key_order_and_entries() {
-        let shard = Shard::default();
-        let long = vec![b'z'; 40];
-        for (i, k) in [&b"m"[..], b"c", &long, b"a", b"x"].into_iter().enumerate() {
-            let guard = &epoch::pin();
-            let at = Shard::search(shard.entries(guard), k).unwrap_err();
-            shard.insert_at(at, entry(k, i as u64 + 1), guard);
-        }
-        assert_eq!(
-            keys(&shard),
-            vec![
-                b"a".to_vec(),
-                b"c".to_vec(),
-                b"m".to_vec(),
-                b"x".to_vec(),
-                long.clone()
-            ]
-        );
+    fn from_sorted_makes_an_array_or_a_skiplist() {
+        let entries = |n: u64| -> Vec<Entry> {
+            (0..n)
+                .map(|i| Entry {
+                    key: Key::new(format!("k{i:03}").as_bytes()),
+                    slot: AtomicSlot::new(slot(i + 1)),
+                })
+                .collect()
+        };
+        let (hot, cold) = from_sorted(entries(4), 4);
+        let small = Owned2(hot, cold);
+        let small = small.r();
+        let (hot, cold) = from_sorted(entries(5), 4);
+        let big = Owned2(hot, cold);
+        let big = big.r();
+        assert!(!small.is_big() && big.is_big());
+        assert_eq!(keys(big).len(), 5);
         let guard = &epoch::pin();
-        assert_eq!(shard.get(&long, guard).unwrap().slot.load().offset(), 3);
-        assert!(shard.get(b"b", guard).is_none());
-        let after_c = shard.lower_bound(Bound::Excluded(b"c"), guard).unwrap();
-        assert_eq!(after_c.key().as_bytes(), b"m");
-        assert_eq!(after_c.next().unwrap().key().as_bytes(), b"x");
-        let at_b = shard.lower_bound(Bound::Included(b"b"), guard).unwrap();
-        assert_eq!(at_b.key().as_bytes(), b"c");
-        assert!(shard.lower_bound(Bound::Excluded(&long), guard).is_none());
-        for k in [&b"c"[..], &long, b"a", b"x", b"m"] {
-            let at = Shard::search(shard.entries(guard), k).unwrap();
-            shard.remove_at(at, guard);
-        }
-        assert!(keys(&shard).is_empty());
-        assert!(shard.front(guard).is_none());
+        assert_eq!(big.get(b"k004", guard), Some(slot(5)));
+        assert_eq!(small.get(b"k003", guard), Some(slot(4)));
     }
 
+    /// A writer adds and removes keys around a fixed set, and the shard
+    /// turns into a skiplist on the way; readers on other threads must find
+    /// every fixed key at its offset and walk the shard in order, whatever
+    /// they race.
     #[test]
     fn readers_see_every_key_while_others_come_and_go() {
-        // A writer adds and removes keys around a fixed set; readers on
-        // other threads must find every fixed key at its offset, and see
-        // each array in order, whatever they race.
-        let shard = Shard::default();
+        let owned = Owned2::default();
+        let shard = owned.r();
+        let array_max = 24;
         let fixed: Vec<Vec<u8>> = (0..16u32)
             .map(|i| format!("f{i:02}").into_bytes())
             .collect();
         {
             let guard = &epoch::pin();
             for (i, k) in fixed.iter().enumerate() {
-                let at = Shard::search(shard.entries(guard), k).unwrap_err();
-                shard.insert_at(at, entry(k, i as u64 + 1), guard);
+                shard.upsert(k, slot(i as u64 + 1), |_| true, array_max, guard);
             }
         }
         let done = std::sync::atomic::AtomicBool::new(false);
@@ -330,14 +616,16 @@ mod tests {
                     while !done.load(Ordering::Relaxed) {
                         let guard = &epoch::pin();
                         for (i, k) in fixed.iter().enumerate() {
-                            let e = shard.get(k, guard).expect("a fixed key");
-                            assert_eq!(e.slot.load().offset(), i as u64 + 1);
+                            assert_eq!(shard.get(k, guard), Some(slot(i as u64 + 1)), "{k:?}");
                         }
-                        let all = shard.entries(guard);
-                        assert!(
-                            all.windows(2)
-                                .all(|w| w[0].key.as_bytes() < w[1].key.as_bytes())
-                        );
+                        let mut last: Option<Vec<u8>> = None;
+                        let mut cursor = shard.front(guard);
+                        while let Some(c) = cursor {
+                            let k = c.key().as_bytes().to_vec();
+                            assert!(last.as_ref().is_none_or(|l| *l < k));
+                            last = Some(k);
+                            cursor = c.next();
+                        }
                     }
                 });
             }
@@ -345,13 +633,13 @@ mod tests {
             for round in 0..rounds {
                 let k = format!("f{:02}-{}", round % 16, "x".repeat((round % 30) as usize));
                 let guard = &epoch::pin();
-                match Shard::search(shard.entries(guard), k.as_bytes()) {
-                    Ok(at) => shard.remove_at(at, guard),
-                    Err(at) => shard.insert_at(at, entry(k.as_bytes(), 100 + round), guard),
+                if shard.remove(k.as_bytes(), guard).is_none() {
+                    shard.upsert(k.as_bytes(), slot(100 + round), |_| true, array_max, guard);
                 }
             }
             done.store(true, Ordering::Relaxed);
         });
-        assert!(keys(&shard).len() >= 16);
+        assert!(shard.is_big(), "the shard outgrew its array");
+        assert!(keys(shard).len() >= 16);
     }
 }

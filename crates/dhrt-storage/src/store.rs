@@ -134,7 +134,7 @@ pub struct CollectionStats {
     pub garbage_bytes: u64,
     /// Whether writes are refused after a failed fsync.
     pub poisoned: bool,
-    /// Skiplists the index is split into (grows with the collection).
+    /// Shards the index is split into (grows with the collection).
     pub index_shards: usize,
     /// The most records a compaction or reshard of it replayed while
     /// holding its writer lock since it was opened: the longest a writer
@@ -1011,7 +1011,7 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
                 let started = Instant::now();
-                let locked = compact::reshard(c, more);
+                let locked = compact::reshard(c, more, inner.options.shard_array_max);
                 c.locked_replay_max
                     .fetch_max(locked, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(collection = %c.name, shards = more, locked, ms = started.elapsed().as_millis() as u64, "resharded the index");

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use dhrt_storage::{Store, Version};
+use dhrt_storage::{Options, Store, Version};
 use proptest::prelude::*;
 
 use crate::quiet_options;
@@ -143,10 +143,10 @@ fn restore_watermarks(dir: &Path, saved: &[Option<Vec<u8>>]) {
     }
 }
 
-fn run(ops: Vec<Op>) {
+fn run(ops: Vec<Op>, options: Options) {
     let dir = tempfile::tempdir().unwrap();
     let base_ts = dhrt_storage::wall_ms() << 16;
-    let mut store = Some(Store::open(dir.path(), quiet_options()).unwrap());
+    let mut store = Some(Store::open(dir.path(), options.clone()).unwrap());
     let mut models = vec![Model::default(); COLLECTIONS.len()];
     // What each collection held, and its file length, at its last fsync.
     let mut durable = models.clone();
@@ -221,7 +221,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::Reopen => {
                 drop(store.take());
-                store = Some(Store::open(dir.path(), quiet_options()).unwrap());
+                store = Some(Store::open(dir.path(), options.clone()).unwrap());
                 durable = models.clone();
                 for (c, len) in synced_len.iter_mut().enumerate() {
                     *len = log_len(store.as_ref().unwrap(), c);
@@ -246,7 +246,7 @@ fn run(ops: Vec<Op>) {
                     bytes.extend_from_slice(&garbage);
                     std::fs::write(&path, bytes).unwrap();
                 }
-                let reopened = Store::open(dir.path(), quiet_options()).unwrap();
+                let reopened = Store::open(dir.path(), options.clone()).unwrap();
                 // Zeros after the last record read as reserved space, given
                 // back; anything else as a torn tail, cut.
                 let zeros = garbage.iter().all(|&b| b == 0);
@@ -279,7 +279,7 @@ fn run(ops: Vec<Op>) {
                     tails.push(bytes.len() as u64 - len);
                     std::fs::write(&path, bytes).unwrap();
                 }
-                let reopened = Store::open(dir.path(), quiet_options()).unwrap();
+                let reopened = Store::open(dir.path(), options.clone()).unwrap();
                 for r in reopened.recovery() {
                     let c = COLLECTIONS.iter().position(|n| *n == r.collection).unwrap();
                     // All zeros after the hole's start read as reserved
@@ -296,7 +296,7 @@ fn run(ops: Vec<Op>) {
     let s = store.take().unwrap();
     check(&s, &models, "end");
     drop(s);
-    let s = Store::open(dir.path(), quiet_options()).unwrap();
+    let s = Store::open(dir.path(), options.clone()).unwrap();
     check(&s, &models, "final reopen");
 }
 
@@ -305,6 +305,20 @@ proptest! {
 
     #[test]
     fn store_matches_a_btreemap_model(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops);
+        run(ops, quiet_options());
+    }
+
+    /// The same with few shards that outgrow their arrays at two keys: the
+    /// index's skiplist shards, and the move from array to skiplist.
+    #[test]
+    fn store_with_skiplist_shards_matches_a_btreemap_model(
+        ops in prop::collection::vec(op(), 1..60)
+    ) {
+        run(ops, Options {
+            min_index_shards: 1,
+            keys_per_shard: 64,
+            shard_array_max: 2,
+            ..quiet_options()
+        });
     }
 }
