@@ -495,34 +495,6 @@ impl Builder {
         &mut self.shards[i - self.range.start]
     }
 
-    /// As [`Index::upsert`].
-    pub(crate) fn upsert(&mut self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
-        let shard = self.shard(key);
-        match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
-            Err(at) => {
-                shard.insert(
-                    at,
-                    Entry {
-                        key: Key::new(key),
-                        slot: AtomicSlot::new(slot),
-                    },
-                );
-                self.toggle(key, &slot, crc);
-                Upsert::Inserted
-            }
-            Ok(at) => {
-                let old = shard[at].slot.load();
-                if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
-                    return Upsert::Kept(old);
-                }
-                shard[at].slot = AtomicSlot::new(slot);
-                self.toggle(key, &old, crc_of(log, &old));
-                self.toggle(key, &slot, crc);
-                Upsert::Replaced(old)
-            }
-        }
-    }
-
     /// Inserts a key that is not in the index yet; `crc` is its record's.
     pub(crate) fn insert(&mut self, key: &[u8], slot: Slot, crc: u32) {
         let shard = self.shard(key);
@@ -546,16 +518,151 @@ impl Builder {
         self.toggle(key, &slot, crc);
     }
 
+    /// The shards built, ready to read (each array exactly as long as its
+    /// entries, or a skiplist).
+    pub(crate) fn seal(self) -> Part {
+        let mut shards = Vec::with_capacity(self.shards.len());
+        let mut spills = Vec::with_capacity(self.shards.len());
+        for mut entries in self.shards {
+            let (hot, cold) = crate::shard::from_sorted(&mut entries, self.array_max);
+            shards.push(hot);
+            spills.push(cold);
+        }
+        Part {
+            bits: self.bits,
+            range: self.range,
+            array_max: self.array_max,
+            shards,
+            spills,
+            digest: self.digest,
+        }
+    }
+
     /// The index.
     pub(crate) fn finish(self) -> Index {
-        Index::from_parts(vec![self])
+        Index::from_parts(vec![self.seal()])
     }
 }
 
+/// [`Index::upsert`] into one shard's entries, owned, `digest` kept as the
+/// index keeps it.
+fn upsert_sorted(
+    shard: &mut Vec<Entry>,
+    digest: &mut [u64],
+    key: &[u8],
+    slot: Slot,
+    crc: u32,
+    log: &[u8],
+) -> Upsert {
+    let mut toggle = |slot: &Slot, crc: u32| {
+        digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
+    };
+    match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
+        Err(at) => {
+            shard.insert(
+                at,
+                Entry {
+                    key: Key::new(key),
+                    slot: AtomicSlot::new(slot),
+                },
+            );
+            toggle(&slot, crc);
+            Upsert::Inserted
+        }
+        Ok(at) => {
+            let old = shard[at].slot.load();
+            if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
+                return Upsert::Kept(old);
+            }
+            shard[at].slot = AtomicSlot::new(slot);
+            toggle(&old, crc_of(log, &old));
+            toggle(&slot, crc);
+            Upsert::Replaced(old)
+        }
+    }
+}
+
+/// Fills a range of shards one after the other, as recovery's replay visits
+/// records shard by shard: the shard being filled is one scratch array,
+/// reused, sealed into its exact array when a key of a later shard comes.
+pub(crate) struct InOrder {
+    bits: u32,
+    array_max: usize,
+    range: Range<usize>,
+    /// The shard the scratch array holds.
+    current: usize,
+    scratch: Vec<Entry>,
+    shards: Vec<Shard>,
+    spills: Vec<Spill>,
+    digest: Vec<u64>,
+}
+
+impl InOrder {
+    /// Fills shards `range` of an index of `1 << bits` shards.
+    pub(crate) fn new(bits: u32, range: Range<usize>, array_max: usize) -> Self {
+        InOrder {
+            bits,
+            array_max,
+            current: range.start,
+            scratch: Vec::new(),
+            shards: Vec::with_capacity(range.len()),
+            spills: Vec::with_capacity(range.len()),
+            range,
+            digest: vec![0; DIGEST_BUCKETS],
+        }
+    }
+
+    /// Seals the shards before `shard`.
+    fn seal_to(&mut self, shard: usize) {
+        while self.current < shard {
+            let (hot, cold) = crate::shard::from_sorted(&mut self.scratch, self.array_max);
+            self.shards.push(hot);
+            self.spills.push(cold);
+            self.current += 1;
+        }
+    }
+
+    /// As [`Index::upsert`], for a key of the current shard or a later one.
+    pub(crate) fn upsert(&mut self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
+        let i = shard_of(order_hash(key), self.bits);
+        assert!(
+            i >= self.current && i < self.range.end,
+            "a key of shard {i} given to the in-order builder at {} of {:?}",
+            self.current,
+            self.range
+        );
+        self.seal_to(i);
+        upsert_sorted(&mut self.scratch, &mut self.digest, key, slot, crc, log)
+    }
+
+    /// The shards built.
+    pub(crate) fn seal(mut self) -> Part {
+        self.seal_to(self.range.end);
+        Part {
+            bits: self.bits,
+            range: self.range,
+            array_max: self.array_max,
+            shards: self.shards,
+            spills: self.spills,
+            digest: self.digest,
+        }
+    }
+}
+
+/// Shards built by one [`Builder`] or [`InOrder`], sealed.
+pub(crate) struct Part {
+    bits: u32,
+    range: Range<usize>,
+    array_max: usize,
+    shards: Vec<Shard>,
+    spills: Vec<Spill>,
+    digest: Vec<u64>,
+}
+
 impl Index {
-    /// The index filled by `parts`, builders of disjoint ranges of shards
-    /// that together cover the index.
-    pub(crate) fn from_parts(mut parts: Vec<Builder>) -> Index {
+    /// The index made of `parts`, of disjoint ranges of shards that
+    /// together cover it.
+    pub(crate) fn from_parts(mut parts: Vec<Part>) -> Index {
         parts.sort_by_key(|p| p.range.start);
         let bits = parts.first().map_or(0, |p| p.bits);
         let array_max = parts.first().map_or(usize::MAX, |p| p.array_max);
@@ -568,11 +675,8 @@ impl Index {
             for (d, p) in digest.iter_mut().zip(&part.digest) {
                 *d ^= p;
             }
-            for entries in part.shards {
-                let (hot, cold) = crate::shard::from_sorted(entries, array_max);
-                shards.push(hot);
-                spills.push(cold);
-            }
+            shards.extend(part.shards);
+            spills.extend(part.spills);
         }
         assert_eq!(shards.len(), 1 << bits, "parts cover the index");
         Index {

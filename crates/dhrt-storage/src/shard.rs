@@ -125,9 +125,10 @@ enum View<'a, 'g> {
     Big(&'a Big),
 }
 
-/// A shard of `entries`, which must be in strictly ascending key order: one
-/// array, or a skiplist if there are more than `array_max`.
-pub(crate) fn from_sorted(entries: Vec<Entry>, array_max: usize) -> (Shard, Spill) {
+/// A shard of `entries` (taken, leaving it empty with its capacity), which
+/// must be in strictly ascending key order: one array, or a skiplist if
+/// there are more than `array_max`.
+pub(crate) fn from_sorted(entries: &mut Vec<Entry>, array_max: usize) -> (Shard, Spill) {
     debug_assert!(
         entries
             .windows(2)
@@ -139,7 +140,7 @@ pub(crate) fn from_sorted(entries: Vec<Entry>, array_max: usize) -> (Shard, Spil
     if entries.len() > array_max {
         let big = Big::new(epoch::default_collector().clone());
         let guard = &epoch::pin();
-        for e in entries {
+        for e in entries.drain(..) {
             big.insert(e.key, e.slot, guard).release(guard);
         }
         return (
@@ -152,7 +153,7 @@ pub(crate) fn from_sorted(entries: Vec<Entry>, array_max: usize) -> (Shard, Spil
         );
     }
     let mut run = Owned::<Run>::init(entries.len());
-    for (slot, entry) in run.iter_mut().zip(entries) {
+    for (slot, entry) in run.iter_mut().zip(entries.drain(..)) {
         slot.write(entry);
     }
     (
@@ -578,10 +579,10 @@ mod tests {
                 })
                 .collect()
         };
-        let (hot, cold) = from_sorted(entries(4), 4);
+        let (hot, cold) = from_sorted(&mut entries(4), 4);
         let small = Owned2(hot, cold);
         let small = small.r();
-        let (hot, cold) = from_sorted(entries(5), 4);
+        let (hot, cold) = from_sorted(&mut entries(5), 4);
         let big = Owned2(hot, cold);
         let big = big.r();
         assert!(!small.is_big() && big.is_big());
