@@ -12,7 +12,7 @@
 //! place; only the live index pays a copy per key added.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, Range};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
@@ -265,7 +265,7 @@ impl std::fmt::Debug for Index {
 }
 
 /// `shards` rounded to the power of two an index has.
-fn shard_bits(shards: usize) -> u32 {
+pub(crate) fn shard_bits(shards: usize) -> u32 {
     shards
         .clamp(1, 1 << ORDER_BITS)
         .next_power_of_two()
@@ -415,7 +415,7 @@ impl Index {
     }
 
     /// The first entry of `shard` after `after` (or its first entry).
-    pub(crate) fn seek<'a, 'g>(
+    pub(crate) fn seek<'a: 'g, 'g>(
         shard: ShardRef<'a>,
         after: Option<&[u8]>,
         guard: &'g Guard,
@@ -474,11 +474,6 @@ impl Builder {
         }
     }
 
-    /// log2 of the number of shards of the index being built.
-    pub(crate) fn bits(&self) -> u32 {
-        self.bits
-    }
-
     #[inline]
     fn toggle(&mut self, key: &[u8], slot: &Slot, crc: u32) {
         self.digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
@@ -496,25 +491,16 @@ impl Builder {
     }
 
     /// Inserts a key that is not in the index yet; `crc` is its record's.
+    ///
+    /// Pushed, not inserted in place: [`Builder::seal`] sorts each shard
+    /// (already sorted when keys arrive in order, as a reshard's do), so
+    /// filling a shard of n keys costs n log n, never n² (compaction's keys
+    /// arrive in log order, and a shard may hold many).
     pub(crate) fn insert(&mut self, key: &[u8], slot: Slot, crc: u32) {
-        let shard = self.shard(key);
-        // Keys often arrive in order (a reshard walks the old shards in
-        // key order): then this is a push.
-        let at = match shard.last() {
-            Some(last) if compare(last.key.as_bytes(), key).is_lt() => shard.len(),
-            None => 0,
-            Some(_) => match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
-                Ok(_) => panic!("Builder::insert of a key already there"),
-                Err(at) => at,
-            },
-        };
-        shard.insert(
-            at,
-            Entry {
-                key: Key::new(key),
-                slot: AtomicSlot::new(slot),
-            },
-        );
+        self.shard(key).push(Entry {
+            key: Key::new(key),
+            slot: AtomicSlot::new(slot),
+        });
         self.toggle(key, &slot, crc);
     }
 
@@ -524,6 +510,13 @@ impl Builder {
         let mut shards = Vec::with_capacity(self.shards.len());
         let mut spills = Vec::with_capacity(self.shards.len());
         for mut entries in self.shards {
+            entries.sort_unstable_by(|a, b| compare(a.key.as_bytes(), b.key.as_bytes()));
+            assert!(
+                entries
+                    .windows(2)
+                    .all(|w| w[0].key.as_bytes() != w[1].key.as_bytes()),
+                "Builder::insert of a key already there"
+            );
             let (hot, cold) = crate::shard::from_sorted(&mut entries, self.array_max);
             shards.push(hot);
             spills.push(cold);
@@ -582,6 +575,37 @@ fn upsert_sorted(
     }
 }
 
+/// [`upsert_sorted`] into a shard that outgrew its array.
+fn upsert_tree(
+    tree: &mut BTreeMap<Key, Slot>,
+    digest: &mut [u64],
+    key: &[u8],
+    slot: Slot,
+    crc: u32,
+    log: &[u8],
+) -> Upsert {
+    let mut toggle = |slot: &Slot, crc: u32| {
+        digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
+    };
+    match tree.get_mut(key) {
+        None => {
+            tree.insert(Key::new(key), slot);
+            toggle(&slot, crc);
+            Upsert::Inserted
+        }
+        Some(held) => {
+            let old = *held;
+            if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
+                return Upsert::Kept(old);
+            }
+            *held = slot;
+            toggle(&old, crc_of(log, &old));
+            toggle(&slot, crc);
+            Upsert::Replaced(old)
+        }
+    }
+}
+
 /// Fills a range of shards one after the other, as recovery's replay visits
 /// records shard by shard: the shard being filled is one scratch array,
 /// reused, sealed into its exact array when a key of a later shard comes.
@@ -592,6 +616,10 @@ pub(crate) struct InOrder {
     /// The shard the scratch array holds.
     current: usize,
     scratch: Vec<Entry>,
+    /// The current shard's entries instead, once they outgrow
+    /// `array_max`: an insert in the middle of a long array would copy
+    /// the rest of it.
+    tree: Option<BTreeMap<Key, Slot>>,
     shards: Vec<Shard>,
     spills: Vec<Spill>,
     digest: Vec<u64>,
@@ -605,6 +633,7 @@ impl InOrder {
             array_max,
             current: range.start,
             scratch: Vec::new(),
+            tree: None,
             shards: Vec::with_capacity(range.len()),
             spills: Vec::with_capacity(range.len()),
             range,
@@ -615,6 +644,13 @@ impl InOrder {
     /// Seals the shards before `shard`.
     fn seal_to(&mut self, shard: usize) {
         while self.current < shard {
+            if let Some(tree) = self.tree.take() {
+                self.scratch
+                    .extend(tree.into_iter().map(|(key, slot)| Entry {
+                        key,
+                        slot: AtomicSlot::new(slot),
+                    }));
+            }
             let (hot, cold) = crate::shard::from_sorted(&mut self.scratch, self.array_max);
             self.shards.push(hot);
             self.spills.push(cold);
@@ -632,7 +668,18 @@ impl InOrder {
             self.range
         );
         self.seal_to(i);
-        upsert_sorted(&mut self.scratch, &mut self.digest, key, slot, crc, log)
+        if self.tree.is_none() && self.scratch.len() >= self.array_max.max(1) {
+            self.tree = Some(
+                self.scratch
+                    .drain(..)
+                    .map(|e| (e.key, e.slot.load()))
+                    .collect(),
+            );
+        }
+        match &mut self.tree {
+            None => upsert_sorted(&mut self.scratch, &mut self.digest, key, slot, crc, log),
+            Some(tree) => upsert_tree(tree, &mut self.digest, key, slot, crc, log),
+        }
     }
 
     /// The shards built.
@@ -663,6 +710,7 @@ impl Index {
     /// The index made of `parts`, of disjoint ranges of shards that
     /// together cover it.
     pub(crate) fn from_parts(mut parts: Vec<Part>) -> Index {
+        parts.retain(|p| !p.range.is_empty());
         parts.sort_by_key(|p| p.range.start);
         let bits = parts.first().map_or(0, |p| p.bits);
         let array_max = parts.first().map_or(usize::MAX, |p| p.array_max);

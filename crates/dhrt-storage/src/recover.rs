@@ -5,7 +5,7 @@
 //! its result.
 
 use crate::collection::{State, apply_write};
-use crate::index::{self, Builder, InOrder, Index, Part};
+use crate::index::{self, InOrder, Index, Part};
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Kind, RECORD_HEADER_LEN};
 use crate::version::Version;
 use crate::{Options, log::CHECKPOINT_EVERY};
@@ -247,7 +247,7 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
 /// record then lands in a shard out of cache.)
 pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
     let keyed = scanned.keyed();
-    let bits = Builder::new(options.shards_for(keyed as u64), 1).bits();
+    let bits = index::shard_bits(options.shards_for(keyed as u64));
     let shard_count = 1usize << bits;
     let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
     let mut starts = vec![0usize; shard_count + 1];
@@ -306,6 +306,9 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
         cuts.push(boundary.max(*cuts.last().expect("not empty")));
     }
     cuts.push(shard_count);
+    // One shard may hold more than a thread's share (a key rewritten many
+    // times, keys crafted to share a hash prefix): no empty ranges.
+    cuts.dedup();
     let built: Vec<(Part, State)> = std::thread::scope(|s| {
         // A range whose thread cannot be had is applied on this one.
         let mut built = Vec::new();

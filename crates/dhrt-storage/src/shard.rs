@@ -211,7 +211,10 @@ impl<'a> ShardRef<'a> {
     }
 
     /// The first entry.
-    pub(crate) fn front<'g>(&self, guard: &'g Guard) -> Option<Cursor<'a, 'g>> {
+    pub(crate) fn front<'g>(&self, guard: &'g Guard) -> Option<Cursor<'a, 'g>>
+    where
+        'a: 'g,
+    {
         self.lower_bound(Bound::Unbounded, guard)
     }
 
@@ -220,7 +223,10 @@ impl<'a> ShardRef<'a> {
         &self,
         bound: Bound<&[u8]>,
         guard: &'g Guard,
-    ) -> Option<Cursor<'a, 'g>> {
+    ) -> Option<Cursor<'a, 'g>>
+    where
+        'a: 'g,
+    {
         match self.view(guard) {
             View::Array(entries) => {
                 let i = match bound {
@@ -442,15 +448,16 @@ impl Drop for Spill {
 }
 
 /// A position in one shard; valid while the guard it was found under is
-/// pinned. In an array it is a position in the array as loaded then, so
+/// pinned, and never beyond the shard (`'a: 'g`): a dropped shard frees its
+/// array at once, not through the epoch. In an array it is a position in the array as loaded then, so
 /// later changes to the shard are not seen (except slot rewrites):
 /// callers that walk long re-seek by key.
-pub(crate) enum Cursor<'a, 'g> {
+pub(crate) enum Cursor<'a: 'g, 'g> {
     Array { entries: &'g [Entry], at: usize },
     Big(base::Entry<'a, 'g, Key, AtomicSlot>),
 }
 
-impl<'a, 'g> Cursor<'a, 'g> {
+impl<'a: 'g, 'g> Cursor<'a, 'g> {
     fn at(entries: &'g [Entry], at: usize) -> Option<Self> {
         (at < entries.len()).then_some(Cursor::Array { entries, at })
     }

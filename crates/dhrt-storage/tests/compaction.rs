@@ -281,3 +281,61 @@ fn writers_racing_rebuilds_wait_for_a_bounded_replay_only() {
         assert!(store.get("c", &i.to_be_bytes()).unwrap().is_some(), "{i}");
     }
 }
+
+/// A collection held in one shard of 60,000 keys (as keys crafted to share
+/// a hash prefix would make one): the live index moves it to a skiplist,
+/// compaction and recovery (on two threads, one of which gets no shard)
+/// build it without copying the shard for every key, and every key keeps
+/// its newest value through them.
+#[test]
+fn one_oversized_shard_survives_writes_compaction_and_recovery() {
+    const KEYS: u32 = 60_000;
+    let options = Options {
+        min_index_shards: 1,
+        keys_per_shard: 1 << 20,
+        ..quiet_options()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    for i in 0..KEYS {
+        store
+            .set("one", format!("k{i:06}").as_bytes(), &i.to_le_bytes())
+            .unwrap();
+    }
+    for i in (0..KEYS).step_by(3) {
+        store
+            .set("one", format!("k{i:06}").as_bytes(), &(i + 1).to_le_bytes())
+            .unwrap();
+    }
+    for i in (1..KEYS).step_by(7) {
+        store.delete("one", format!("k{i:06}").as_bytes()).unwrap();
+    }
+    let expect = |i: u32| -> Option<Vec<u8>> {
+        if i % 7 == 1 {
+            None
+        } else if i.is_multiple_of(3) {
+            Some((i + 1).to_le_bytes().to_vec())
+        } else {
+            Some(i.to_le_bytes().to_vec())
+        }
+    };
+    let check = |store: &Store, when: &str| {
+        assert_eq!(store.stats().collections[0].index_shards, 1, "{when}");
+        for i in 0..KEYS {
+            let got = store.get("one", format!("k{i:06}").as_bytes()).unwrap();
+            assert_eq!(got.as_deref(), expect(i).as_deref(), "k{i:06} {when}");
+        }
+        let live = (0..KEYS).filter(|&i| expect(i).is_some()).count();
+        assert_eq!(store.scan("one").unwrap().count(), live, "{when}");
+    };
+    check(&store, "after the writes");
+    drop(store);
+    // Recovery replays 60,000 + 20,000 + 8,572 records into one shard.
+    let store = Store::open(dir.path(), options.clone()).unwrap();
+    check(&store, "after a reopen");
+    store.compact("one").unwrap();
+    check(&store, "after a compaction");
+    drop(store);
+    let store = Store::open(dir.path(), options).unwrap();
+    check(&store, "after a compaction and a reopen");
+}
