@@ -335,7 +335,7 @@ impl Index {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn shard(&self, key: &[u8]) -> ShardRef<'_> {
         let i = shard_of(order_hash(key), self.bits);
         ShardRef {
@@ -344,7 +344,7 @@ impl Index {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(&self, key: &[u8]) -> Option<Slot> {
         self.shard(key).get(key, &epoch::pin())
     }

@@ -165,7 +165,7 @@ pub(crate) fn from_sorted(entries: &mut Vec<Entry>, array_max: usize) -> (Shard,
 }
 
 impl<'a> ShardRef<'a> {
-    #[inline]
+    #[inline(always)]
     fn view<'g>(&self, guard: &'g Guard) -> View<'a, 'g> {
         let run = self.hot.run.load(Ordering::Acquire, guard);
         if run.tag() != BIG {
@@ -202,7 +202,7 @@ impl<'a> ShardRef<'a> {
     }
 
     /// The slot of `key`, if it is here.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(&self, key: &[u8], guard: &Guard) -> Option<Slot> {
         match self.view(guard) {
             View::Array(entries) => search(entries, key).ok().map(|i| entries[i].slot.load()),
