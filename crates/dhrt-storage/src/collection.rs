@@ -144,6 +144,16 @@ pub(crate) struct Collection {
     pub(crate) quarantined_keys: Mutex<Vec<Vec<u8>>>,
     /// Whether `quarantined_keys` holds any (read without the lock).
     pub(crate) any_quarantined: AtomicBool,
+    /// While a reshard builds a new index over the same log: the keys
+    /// quarantined meanwhile (pushed under the writer lock), which its
+    /// copy of the old index may still hold and must drop before the swap.
+    /// `None` when no reshard runs; `Some(None)` once too many came.
+    pub(crate) resharding_quarantines: Mutex<Option<Option<Vec<Vec<u8>>>>>,
+    /// Makes the next reshard stop before its final step and say so on
+    /// the first channel, until the second one answers.
+    #[cfg(test)]
+    pub(crate) pause_reshard:
+        Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
     /// Makes the next compaction stop in its final step (writer lock held)
     /// and say so on the first channel, until the second one answers.
     #[cfg(test)]
@@ -300,6 +310,9 @@ impl Collection {
             quarantined: AtomicU64::new(0),
             quarantined_keys: Mutex::new(Vec::new()),
             any_quarantined: AtomicBool::new(false),
+            resharding_quarantines: Mutex::new(None),
+            #[cfg(test)]
+            pause_reshard: Mutex::new(None),
             #[cfg(test)]
             pause_compaction: Mutex::new(None),
         }

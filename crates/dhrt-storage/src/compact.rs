@@ -370,7 +370,18 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
     if old.index.shard_count() >= shards {
         return 0;
     }
-    let t0 = coll.with_writer(|_| old.log.tail());
+    // Quarantines from now on are noted for the swap (see below).
+    let t0 = coll.with_writer(|_| {
+        *coll.resharding_quarantines.lock().unwrap() = Some(Some(Vec::new()));
+        old.log.tail()
+    });
+    struct Noting<'a>(&'a Collection);
+    impl Drop for Noting<'_> {
+        fn drop(&mut self) {
+            *self.0.resharding_quarantines.lock().unwrap() = None;
+        }
+    }
+    let _noting = Noting(coll);
     let mut index = Builder::new(shards, array_max);
     let map = old.log.map();
     for shard in old.index.shards() {
@@ -411,6 +422,11 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
                 return locked_max;
             }
         };
+        #[cfg(test)]
+        if let Some((paused, resume)) = coll.pause_reshard.lock().unwrap().take() {
+            paused.send(()).unwrap();
+            resume.recv().unwrap();
+        }
         let swapped = coll.with_writer(|_| {
             let tail = old.log.tail();
             let new = index.as_ref().expect("until swapped");
@@ -429,6 +445,23 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
             from = end;
             if end < tail {
                 return false;
+            }
+            // Keys quarantined since the copy was taken (the same damaged
+            // bytes would come back with it): dropped from it too, unless
+            // a newer record was written since (caught up in both).
+            let Some(quarantined) = coll.resharding_quarantines.lock().unwrap().take().flatten()
+            else {
+                tracing::warn!(
+                    collection = %coll.name,
+                    "too many records quarantined during the index rebuild: rebuild abandoned"
+                );
+                return true;
+            };
+            let map = old.log.map();
+            for key in quarantined {
+                if old.index.get(&key).is_none() && new.get(&key).is_some() {
+                    new.remove_damaged(&key, &map);
+                }
             }
             coll.current.store(Arc::new(Generation {
                 index: index.take().expect("until swapped"),

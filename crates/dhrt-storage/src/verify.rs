@@ -35,6 +35,10 @@ pub(crate) fn read_value(map: &Bytes, tail: u64, slot: &Slot) -> Option<Bytes> {
     }
 }
 
+/// Keys quarantined while a reshard runs beyond which the reshard is
+/// abandoned rather than checking them all under the writer lock.
+pub(crate) const MAX_QUARANTINES_DURING_RESHARD: usize = 4096;
+
 impl Collection {
     /// Quarantines `key`, whose record at `slot` in `log` failed its
     /// checksum: removes the entry if it still points there, takes it out of
@@ -54,6 +58,15 @@ impl Collection {
             }
             let map = current.log.map();
             current.index.remove_damaged(key, &map);
+            // A reshard's copy of this index may hold the key still.
+            if let Some(during) = self.resharding_quarantines.lock().unwrap().as_mut() {
+                match during {
+                    Some(keys) if keys.len() < MAX_QUARANTINES_DURING_RESHARD => {
+                        keys.push(key.to_vec())
+                    }
+                    _ => *during = None,
+                }
+            }
             if slot.is_tombstone() {
                 state.tombstones -= 1;
             } else {
