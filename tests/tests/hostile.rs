@@ -87,20 +87,36 @@ fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
     let node = Dhrtd::start(dir.path(), &["--memory", "--max-connections", "4"]);
     assert_eq!(node.http("GET", "/", b"").0, 200);
     // Four keep-alive connections, each proven to hold a slot by an answer.
-    let held: Vec<TcpStream> = (0..4)
-        .map(|_| {
-            let mut s = TcpStream::connect(node.addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(b"GET /a/b/c HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            let mut got = Vec::new();
-            while !got.ends_with(b"\"}") {
-                let mut chunk = [0u8; 512];
-                let n = s.read(&mut chunk).unwrap();
-                assert!(n > 0, "closed before answering");
-                got.extend_from_slice(&chunk[..n]);
+    // The slot of the request above is given back once the node has seen
+    // that connection close, which may come after the fourth connects: a
+    // connection refused then is tried again.
+    let answered = |mut s: TcpStream| -> std::io::Result<TcpStream> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /a/b/c HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut got = Vec::new();
+        while !got.ends_with(b"\"}") {
+            let mut chunk = [0u8; 512];
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
-            s
+            got.extend_from_slice(&chunk[..n]);
+        }
+        Ok(s)
+    };
+    let held: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match answered(TcpStream::connect(node.addr).unwrap()) {
+                    Ok(s) => return s,
+                    Err(e) => assert!(
+                        std::time::Instant::now() < deadline,
+                        "connection {i} of 4 never held a slot: {e}"
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         })
         .collect();
     // The fifth is accepted and closed at once: end of stream or a reset,
