@@ -358,18 +358,11 @@ impl Index {
         let upsert = self.shard(key).upsert(
             key,
             slot,
-            |old| wins(slot.version(), crc, old.version(), || crc_of(log, &old)),
+            |old| matches!(decide(Some(old), slot, crc, log), Upsert::Replaced(_)),
             self.array_max,
             &epoch::pin(),
         );
-        match upsert {
-            Upsert::Inserted => self.toggle(key, &slot, crc),
-            Upsert::Replaced(old) => {
-                self.toggle(key, &old, crc_of(log, &old));
-                self.toggle(key, &slot, crc);
-            }
-            Upsert::Kept(_) => {}
-        }
+        account(upsert, slot, crc, log, |s, c| self.toggle(key, s, c));
         upsert
     }
 
@@ -537,6 +530,31 @@ impl Builder {
     }
 }
 
+/// What an upsert of `slot` (whose record has CRC `crc`) does to a key
+/// holding `old`: the one rule the live index and its builders follow.
+fn decide(old: Option<Slot>, slot: Slot, crc: u32, log: &[u8]) -> Upsert {
+    match old {
+        None => Upsert::Inserted,
+        Some(old) if wins(slot.version(), crc, old.version(), || crc_of(log, &old)) => {
+            Upsert::Replaced(old)
+        }
+        Some(old) => Upsert::Kept(old),
+    }
+}
+
+/// Keeps a digest in step with `upsert` of `slot`: `toggle` XORs one
+/// entry's hash into its bucket.
+fn account(upsert: Upsert, slot: Slot, crc: u32, log: &[u8], mut toggle: impl FnMut(&Slot, u32)) {
+    match upsert {
+        Upsert::Inserted => toggle(&slot, crc),
+        Upsert::Replaced(old) => {
+            toggle(&old, crc_of(log, &old));
+            toggle(&slot, crc);
+        }
+        Upsert::Kept(_) => {}
+    }
+}
+
 /// [`Index::upsert`] into one shard's entries, owned, `digest` kept as the
 /// index keeps it.
 fn upsert_sorted(
@@ -547,32 +565,23 @@ fn upsert_sorted(
     crc: u32,
     log: &[u8],
 ) -> Upsert {
-    let mut toggle = |slot: &Slot, crc: u32| {
-        digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
-    };
-    match shard.binary_search_by(|e| compare(e.key.as_bytes(), key)) {
-        Err(at) => {
-            shard.insert(
-                at,
-                Entry {
-                    key: Key::new(key),
-                    slot: AtomicSlot::new(slot),
-                },
-            );
-            toggle(&slot, crc);
-            Upsert::Inserted
-        }
-        Ok(at) => {
-            let old = shard[at].slot.load();
-            if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
-                return Upsert::Kept(old);
-            }
-            shard[at].slot = AtomicSlot::new(slot);
-            toggle(&old, crc_of(log, &old));
-            toggle(&slot, crc);
-            Upsert::Replaced(old)
-        }
+    let found = shard.binary_search_by(|e| compare(e.key.as_bytes(), key));
+    let upsert = decide(found.ok().map(|at| shard[at].slot.load()), slot, crc, log);
+    match (upsert, found) {
+        (Upsert::Inserted, Err(at)) => shard.insert(
+            at,
+            Entry {
+                key: Key::new(key),
+                slot: AtomicSlot::new(slot),
+            },
+        ),
+        (Upsert::Replaced(_), Ok(at)) => shard[at].slot = AtomicSlot::new(slot),
+        _ => {}
     }
+    account(upsert, slot, crc, log, |s, c| {
+        digest[digest_bucket(key)] ^= entry_hash(key, s, c);
+    });
+    upsert
 }
 
 /// [`upsert_sorted`] into a shard that outgrew its array.
@@ -584,26 +593,20 @@ fn upsert_tree(
     crc: u32,
     log: &[u8],
 ) -> Upsert {
-    let mut toggle = |slot: &Slot, crc: u32| {
-        digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
-    };
-    match tree.get_mut(key) {
-        None => {
+    let upsert = decide(tree.get(key).copied(), slot, crc, log);
+    match upsert {
+        Upsert::Inserted => {
             tree.insert(Key::new(key), slot);
-            toggle(&slot, crc);
-            Upsert::Inserted
         }
-        Some(held) => {
-            let old = *held;
-            if !wins(slot.version(), crc, old.version(), || crc_of(log, &old)) {
-                return Upsert::Kept(old);
-            }
-            *held = slot;
-            toggle(&old, crc_of(log, &old));
-            toggle(&slot, crc);
-            Upsert::Replaced(old)
+        Upsert::Replaced(_) => {
+            *tree.get_mut(key).expect("found above") = slot;
         }
+        Upsert::Kept(_) => {}
     }
+    account(upsert, slot, crc, log, |s, c| {
+        digest[digest_bucket(key)] ^= entry_hash(key, s, c);
+    });
+    upsert
 }
 
 /// Fills a range of shards one after the other, as recovery's replay visits
