@@ -12,7 +12,7 @@
 //! place; only the live index pays a copy per key added.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ops::{Bound, Range};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
@@ -555,63 +555,11 @@ fn account(upsert: Upsert, slot: Slot, crc: u32, log: &[u8], mut toggle: impl Fn
     }
 }
 
-/// [`Index::upsert`] into one shard's entries, owned, `digest` kept as the
-/// index keeps it.
-fn upsert_sorted(
-    shard: &mut Vec<Entry>,
-    digest: &mut [u64],
-    key: &[u8],
-    slot: Slot,
-    crc: u32,
-    log: &[u8],
-) -> Upsert {
-    let found = shard.binary_search_by(|e| compare(e.key.as_bytes(), key));
-    let upsert = decide(found.ok().map(|at| shard[at].slot.load()), slot, crc, log);
-    match (upsert, found) {
-        (Upsert::Inserted, Err(at)) => shard.insert(
-            at,
-            Entry {
-                key: Key::new(key),
-                slot: AtomicSlot::new(slot),
-            },
-        ),
-        (Upsert::Replaced(_), Ok(at)) => shard[at].slot = AtomicSlot::new(slot),
-        _ => {}
-    }
-    account(upsert, slot, crc, log, |s, c| {
-        digest[digest_bucket(key)] ^= entry_hash(key, s, c);
-    });
-    upsert
-}
-
-/// [`upsert_sorted`] into a shard that outgrew its array.
-fn upsert_tree(
-    tree: &mut BTreeMap<Key, Slot>,
-    digest: &mut [u64],
-    key: &[u8],
-    slot: Slot,
-    crc: u32,
-    log: &[u8],
-) -> Upsert {
-    let upsert = decide(tree.get(key).copied(), slot, crc, log);
-    match upsert {
-        Upsert::Inserted => {
-            tree.insert(Key::new(key), slot);
-        }
-        Upsert::Replaced(_) => {
-            *tree.get_mut(key).expect("found above") = slot;
-        }
-        Upsert::Kept(_) => {}
-    }
-    account(upsert, slot, crc, log, |s, c| {
-        digest[digest_bucket(key)] ^= entry_hash(key, s, c);
-    });
-    upsert
-}
-
-/// Fills a range of shards one after the other, as recovery's replay visits
-/// records shard by shard: the shard being filled is one scratch array,
-/// reused, sealed into its exact array when a key of a later shard comes.
+/// Fills a range of shards one after the other from each key's final entry,
+/// as recovery's replay hands them over: in shard order, and within a shard
+/// in key order (the replay has settled which of a key's records wins). The
+/// shard being filled is one scratch array, reused, sealed into its exact
+/// array when a key of a later shard comes.
 pub(crate) struct InOrder {
     bits: u32,
     array_max: usize,
@@ -619,10 +567,6 @@ pub(crate) struct InOrder {
     /// The shard the scratch array holds.
     current: usize,
     scratch: Vec<Entry>,
-    /// The current shard's entries instead, once they outgrow
-    /// `array_max`: an insert in the middle of a long array would copy
-    /// the rest of it.
-    tree: Option<BTreeMap<Key, Slot>>,
     shards: Vec<Shard>,
     spills: Vec<Spill>,
     digest: Vec<u64>,
@@ -636,7 +580,6 @@ impl InOrder {
             array_max,
             current: range.start,
             scratch: Vec::new(),
-            tree: None,
             shards: Vec::with_capacity(range.len()),
             spills: Vec::with_capacity(range.len()),
             range,
@@ -647,13 +590,6 @@ impl InOrder {
     /// Seals the shards before `shard`.
     fn seal_to(&mut self, shard: usize) {
         while self.current < shard {
-            if let Some(tree) = self.tree.take() {
-                self.scratch
-                    .extend(tree.into_iter().map(|(key, slot)| Entry {
-                        key,
-                        slot: AtomicSlot::new(slot),
-                    }));
-            }
             let (hot, cold) = crate::shard::from_sorted(&mut self.scratch, self.array_max);
             self.shards.push(hot);
             self.spills.push(cold);
@@ -661,9 +597,12 @@ impl InOrder {
         }
     }
 
-    /// As [`Index::upsert`], for a key of the current shard or a later one.
-    pub(crate) fn upsert(&mut self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
-        let i = shard_of(order_hash(key), self.bits);
+    /// Adds `key`, whose order hash is `hash`, with its final `slot` (its
+    /// record's CRC is `crc`): in a later shard than the last key added, or
+    /// in the same one and greater.
+    pub(crate) fn push(&mut self, hash: u64, key: Key, slot: Slot, crc: u32) {
+        debug_assert_eq!(hash, order_hash(key.as_bytes()));
+        let i = shard_of(hash, self.bits);
         assert!(
             i >= self.current && i < self.range.end,
             "a key of shard {i} given to the in-order builder at {} of {:?}",
@@ -671,18 +610,18 @@ impl InOrder {
             self.range
         );
         self.seal_to(i);
-        if self.tree.is_none() && self.scratch.len() >= self.array_max.max(1) {
-            self.tree = Some(
-                self.scratch
-                    .drain(..)
-                    .map(|e| (e.key, e.slot.load()))
-                    .collect(),
-            );
-        }
-        match &mut self.tree {
-            None => upsert_sorted(&mut self.scratch, &mut self.digest, key, slot, crc, log),
-            Some(tree) => upsert_tree(tree, &mut self.digest, key, slot, crc, log),
-        }
+        assert!(
+            self.scratch
+                .last()
+                .is_none_or(|e| compare(e.key.as_bytes(), key.as_bytes()).is_lt()),
+            "keys given to the in-order builder out of order"
+        );
+        let bucket = (hash >> (ORDER_BITS - DIGEST_BITS)) as usize;
+        self.digest[bucket] ^= entry_hash(key.as_bytes(), &slot, crc);
+        self.scratch.push(Entry {
+            key,
+            slot: AtomicSlot::new(slot),
+        });
     }
 
     /// The shards built.

@@ -159,19 +159,3 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
         Err(err)
     }
 }
-
-/// Hints the CPU to bring the cache line of `byte` in (a mapped record read
-/// soon, out of order).
-#[inline(always)]
-pub(crate) fn prefetch(byte: &u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86_64's baseline; a prefetch of a valid
-    // reference reads nothing and cannot fault.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            (byte as *const u8).cast(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = byte;
-}

@@ -1,21 +1,102 @@
 //! Recovery's two passes over a collection's log: the scan, which checks
-//! every record and finds where the valid log ends, and the replay, which
-//! builds the index from the records the scan found. Both use every core
-//! for large logs; neither depends on the order records are visited in for
-//! its result.
+//! every record, finds where the valid log ends and stages what the index
+//! needs of each set and tombstone, and the replay, which builds the index
+//! from what the scan staged, without reading the log again. Both use every
+//! core for large logs; neither depends on the order records are visited in
+//! for its result.
 
-use crate::collection::{State, apply_write};
-use crate::index::{self, InOrder, Index, Part};
+use std::cmp::Ordering;
+
+use crate::collection::State;
+use crate::index::{self, InOrder, Index, ORDER_BITS, Part, Slot};
+use crate::key::{Key, compare};
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Kind, RECORD_HEADER_LEN};
 use crate::version::Version;
 use crate::{Options, log::CHECKPOINT_EVERY};
 
+/// A set or tombstone as the scan found it: everything the replay needs of
+/// it, so the replay never goes back to the log (it would read it in shard
+/// order, all over the file: a cache and TLB miss per record, which made
+/// the replay of a 3 GB log four times as slow as its scan).
+pub(crate) struct Found {
+    key: Key,
+    /// Its offset, version and whether it is a tombstone.
+    slot: Slot,
+    crc: u32,
+    value_len: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Found>() == 48);
+
+impl Found {
+    fn record_len(&self) -> u64 {
+        (RECORD_HEADER_LEN + self.key.as_bytes().len()) as u64 + u64::from(self.value_len)
+    }
+
+    /// Whether this record wins over `other`, a record of the same key: the
+    /// greater version, then the greater CRC (as the live index decides),
+    /// then the earlier in the log (the same record written twice).
+    fn beats(&self, other: &Found) -> bool {
+        (self.slot.version(), self.crc)
+            .cmp(&(other.slot.version(), other.crc))
+            .then(other.slot.offset().cmp(&self.slot.offset()))
+            == Ordering::Greater
+    }
+}
+
+/// log2 of the number of buckets the scan sorts records into, by the top
+/// bits of their key's order hash: the replay builds a bucket's shards
+/// together. Few, so the scan writes to few places at once (see
+/// [`replay`]).
+const BUCKET_BITS: u32 = 6;
+const BUCKETS: usize = 1 << BUCKET_BITS;
+
+/// log2 of how many parts the replay splits a bucket into before it sorts
+/// each part's records by shard.
+const SPLIT_BITS: u32 = 6;
+
+/// A bucket grows in chunks of this many records, not by reallocating one
+/// vector (which would copy it and leave up to half of it unused).
+const CHUNK: usize = 1024;
+
+/// The records one walk found, by bucket, each bucket in chunks.
+#[derive(Default)]
+pub(crate) struct Stretch {
+    buckets: Vec<Vec<Vec<Found>>>,
+}
+
+impl Stretch {
+    fn push(&mut self, hash: u64, found: Found) {
+        if self.buckets.is_empty() {
+            self.buckets.resize_with(BUCKETS, Vec::new);
+        }
+        let bucket = &mut self.buckets[(hash >> (ORDER_BITS - BUCKET_BITS)) as usize];
+        match bucket.last_mut() {
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(found),
+            _ => {
+                let mut chunk = Vec::with_capacity(if bucket.is_empty() { 4 } else { CHUNK });
+                chunk.push(found);
+                bucket.push(chunk);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buckets.iter().flatten().map(Vec::len).sum()
+    }
+}
+
+impl std::fmt::Debug for Stretch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stretch({} records)", self.len())
+    }
+}
+
 /// What the scan collects for the replay and for the log.
 #[derive(Debug, Default)]
 pub(crate) struct Scanned {
-    /// (order hash of the key, offset) of every set and tombstone, in log
-    /// order, in stretches.
-    pub(crate) records: Vec<Vec<(u32, u64)>>,
+    /// Every set and tombstone, in stretches.
+    pub(crate) records: Vec<Stretch>,
     /// The greatest drop version, its offset, and how many drop records
     /// there are.
     pub(crate) dropped_at: Option<Version>,
@@ -40,7 +121,7 @@ pub(crate) struct Scanned {
 impl Scanned {
     /// Sets and tombstones found.
     fn keyed(&self) -> usize {
-        self.records.iter().map(Vec::len).sum()
+        self.records.iter().map(Stretch::len).sum()
     }
 
     /// Appends what a scan of the stretch right after this one found.
@@ -80,7 +161,7 @@ fn scan_from(buf: &[u8], from: usize, until: usize, defer: bool) -> Scanned {
         end: from,
         ..Scanned::default()
     };
-    let mut records = Vec::new();
+    let mut records = Stretch::default();
     while s.end < until {
         if defer
             && let Ok(header) = record::parse_header(&buf[s.end..])
@@ -108,7 +189,13 @@ fn scan_from(buf: &[u8], from: usize, until: usize, defer: bool) -> Scanned {
             }
             s.drops += 1;
         } else {
-            records.push((index::order_hash(key) as u32, at));
+            let found = Found {
+                key: Key::new(key),
+                slot: Slot::new(at, header.kind == Kind::Tombstone, header.version),
+                crc: record::stored_crc(&buf[s.end..]),
+                value_len: header.value_len,
+            };
+            records.push(index::order_hash(key), found);
         }
         s.count += 1;
         s.end += header.record_len();
@@ -236,100 +323,135 @@ fn scan_in_stretches(buf: &[u8], threads: usize, stretches: usize) -> Scanned {
     total
 }
 
-/// Builds the index of a log whose records were all checked already.
+/// Builds the index from what the scan staged, without reading the log.
 ///
 /// The final state does not depend on the order records are applied in
 /// (per key the greatest version wins; a drop removes what is older than
-/// it), so records are grouped by shard first (a stable counting sort) and
-/// each shard is built in one go while it is in cache, in one scratch array
-/// per thread, the shards split among threads. (Applying them in log order
-/// instead, to read the log front to back, took twice as long: every
-/// record then lands in a shard out of cache.)
-pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index, State) {
+/// it). The scan sorted the records into buckets by the top bits of their
+/// key's order hash; the replay takes a bucket's shards at a time (the
+/// bucket's records, about a megabyte per million records in the log, stay
+/// in cache), sorts each shard's records by key, keeps the winner of each
+/// key, and fills the index in shard order, the buckets split among
+/// threads.
+pub(crate) fn replay(scanned: Scanned, options: &Options) -> (Index, State) {
     let keyed = scanned.keyed();
     let bits = index::shard_bits(options.shards_for(keyed as u64));
-    let shard_count = 1usize << bits;
-    let shard = |hash: u32| index::shard_of(u64::from(hash), bits);
-    let mut starts = vec![0usize; shard_count + 1];
-    for &(hash, _) in scanned.records.iter().flatten() {
-        starts[shard(hash) + 1] += 1;
+    // A group is the buckets of one shard (few shards) or the shards of
+    // one bucket (many).
+    let buckets_per_group = 1usize << BUCKET_BITS.saturating_sub(bits);
+    let shards_per_group = 1usize << bits.saturating_sub(BUCKET_BITS);
+    let groups = BUCKETS / buckets_per_group;
+
+    let mut by_group: Vec<Vec<Vec<Found>>> = (0..groups).map(|_| Vec::new()).collect();
+    for stretch in scanned.records {
+        for (bucket, chunks) in stretch.buckets.into_iter().enumerate() {
+            by_group[bucket / buckets_per_group].extend(chunks);
+        }
     }
-    for i in 1..starts.len() {
-        starts[i] += starts[i - 1];
-    }
-    let mut next = starts.clone();
-    let mut sorted = vec![0u64; keyed];
-    for &(hash, offset) in scanned.records.iter().flatten() {
-        let s = shard(hash);
-        sorted[next[s]] = offset;
-        next[s] += 1;
-    }
-    drop(scanned.records);
+    let sizes: Vec<usize> = by_group
+        .iter()
+        .map(|chunks| chunks.iter().map(Vec::len).sum())
+        .collect();
 
     let base = State {
         dropped_at: scanned.dropped_at,
         drop_offset: scanned.drop_offset,
         ..State::default()
     };
-    // Builds shards `shards` from their records, `sorted[starts[shards.start]..
-    // starts[shards.end]]`.
-    let apply_range = |shards: std::ops::Range<usize>| {
+    // Builds the shards of groups `first..first + chunks.len()`.
+    // A group's records are split by the next bits of their hash, then
+    // each split by shard: no step writes to more than a few hundred places
+    // at once, in buffers reused from group to group. (Scattering records
+    // over thousands of places costs a TLB miss per record, in a virtual
+    // machine a two-level page walk: that made a scan into 1,024 buckets
+    // twice as slow as one into 16.)
+    let split_bits = bits.saturating_sub(BUCKET_BITS).min(SPLIT_BITS);
+    let shards_per_split = shards_per_group >> split_bits;
+    let apply_groups = |first: usize, chunks: Vec<Vec<Vec<Found>>>| {
         let mut state = base;
-        let mut builder = InOrder::new(bits, shards.clone(), options.shard_array_max);
-        let range = &sorted[starts[shards.start]..starts[shards.end]];
-        for (i, &offset) in range.iter().enumerate() {
-            // The records are visited in shard order, all over the log:
-            // ask for one a few ahead, so its cache miss overlaps this
-            // one's work instead of following it.
-            if let Some(&ahead) = range.get(i + PREFETCH_AHEAD) {
-                crate::mmap::prefetch(&log[ahead as usize]);
+        let shards = first * shards_per_group..(first + chunks.len()) * shards_per_group;
+        let mut builder = InOrder::new(bits, shards, options.shard_array_max);
+        let mut splits: Vec<Vec<(u64, Found)>> = (0..1 << split_bits).map(|_| Vec::new()).collect();
+        let mut per_shard: Vec<Vec<(u64, Found)>> =
+            (0..shards_per_split).map(|_| Vec::new()).collect();
+        for (g, group) in chunks.into_iter().enumerate() {
+            let first_shard = (first + g) * shards_per_group;
+            // Each chunk is freed once split.
+            for chunk in group {
+                for found in chunk {
+                    if state.dropped_at.is_some_and(|d| found.slot.version() <= d) {
+                        state.garbage += found.record_len();
+                        continue;
+                    }
+                    let hash = index::order_hash(found.key.as_bytes());
+                    let shard = index::shard_of(hash, bits) - first_shard;
+                    splits[shard / shards_per_split].push((hash, found));
+                }
             }
-            let at = &log[offset as usize..];
-            let header = record::peek_header(at);
-            let key = &at[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.key_len as usize];
-            apply_write(&mut state, log, &header, offset, |slot, crc| {
-                builder.upsert(key, slot, crc, log)
-            });
+            for (i, split) in splits.iter_mut().enumerate() {
+                let first_shard = first_shard + i * shards_per_split;
+                for (hash, found) in split.drain(..) {
+                    per_shard[index::shard_of(hash, bits) - first_shard].push((hash, found));
+                }
+                for records in &mut per_shard {
+                    settle(records, &mut state, &mut builder);
+                }
+            }
         }
         (builder.seal(), state)
     };
-    let threads = if sorted.len() < 50_000 {
+    let threads = if keyed < 50_000 {
         1
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
-    // Cut the shards into `threads` ranges of about as many records.
-    let mut cuts = vec![0];
-    for t in 1..threads {
-        let target = sorted.len() * t / threads;
-        let boundary = starts.partition_point(|&s| s < target).min(shard_count);
-        cuts.push(boundary.max(*cuts.last().expect("not empty")));
-    }
-    cuts.push(shard_count);
-    // One shard may hold more than a thread's share (a key rewritten many
+    // Cut the groups into `threads` ranges of about as many records; one
+    // group may hold more than a thread's share (a key rewritten many
     // times, keys crafted to share a hash prefix): no empty ranges.
+    let mut cuts = vec![0];
+    let mut sum = 0;
+    for (g, size) in sizes.iter().enumerate() {
+        sum += size;
+        if cuts.len() < threads && sum * threads >= keyed * cuts.len() && g + 1 < groups {
+            cuts.push(g + 1);
+        }
+    }
+    cuts.push(groups);
     cuts.dedup();
+    let mut ranges = Vec::new();
+    for w in cuts.windows(2).rev() {
+        ranges.push((w[0], std::sync::Mutex::new(Some(by_group.split_off(w[0])))));
+    }
+    ranges.reverse();
+    // Range `i`, built by whichever thread takes it.
+    let take = |i: usize| {
+        let (first, chunks) = &ranges[i];
+        let chunks = chunks
+            .lock()
+            .unwrap()
+            .take()
+            .expect("each range is taken once");
+        apply_groups(*first, chunks)
+    };
     let built: Vec<(Part, State)> = std::thread::scope(|s| {
         // A range whose thread cannot be had is applied on this one.
         let mut built = Vec::new();
-        let handles: Vec<_> = cuts
-            .windows(2)
-            .skip(1)
-            .filter_map(|w| {
-                let (shards, apply_range) = (w[0]..w[1], &apply_range);
+        let handles: Vec<_> = (1..ranges.len())
+            .filter_map(|i| {
+                let take = &take;
                 match std::thread::Builder::new()
                     .name("dhrt-recover".into())
-                    .spawn_scoped(s, move || apply_range(shards))
+                    .spawn_scoped(s, move || take(i))
                 {
                     Ok(h) => Some(h),
                     Err(_) => {
-                        built.push(apply_range(w[0]..w[1]));
+                        built.push(take(i));
                         None
                     }
                 }
             })
             .collect();
-        built.push(apply_range(cuts[0]..cuts[1]));
+        built.push(take(0));
         built.extend(
             handles
                 .into_iter()
@@ -353,8 +475,36 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
     (index, total)
 }
 
-/// How many records ahead recovery's replay prefetches.
-const PREFETCH_AHEAD: usize = 16;
+/// Settles one shard's records (taken, leaving `records` empty with its
+/// capacity): per key the record that wins goes into the index, the others
+/// count as garbage.
+fn settle(records: &mut Vec<(u64, Found)>, state: &mut State, builder: &mut InOrder) {
+    // By key only: the records of a key are few, and the sort does not
+    // slow down on many equal keys.
+    records.sort_unstable_by(|(_, a), (_, b)| compare(a.key.as_bytes(), b.key.as_bytes()));
+    let mut records = records.drain(..).peekable();
+    while let Some((hash, mut best)) = records.next() {
+        while let Some((_, next)) =
+            records.next_if(|(_, r)| r.key.as_bytes() == best.key.as_bytes())
+        {
+            let loser = if next.beats(&best) {
+                std::mem::replace(&mut best, next)
+            } else {
+                next
+            };
+            state.garbage += loser.record_len();
+        }
+        if best.slot.is_tombstone() {
+            state.tombstones += 1;
+            state.oldest_tombstone_ms = state
+                .oldest_tombstone_ms
+                .min(best.slot.version().physical_ms());
+        } else {
+            state.live_keys += 1;
+        }
+        builder.push(hash, best.key, best.slot, best.crc);
+    }
+}
 
 /// Whether any valid record starts after `from` in `buf`.
 pub(crate) fn valid_record_after(buf: &[u8], from: usize) -> bool {
@@ -413,8 +563,27 @@ mod tests {
     }
 
     fn same_result(buf: &[u8], parallel: &Scanned, single: &Scanned) {
-        let flat = |s: &Scanned| s.records.iter().flatten().copied().collect::<Vec<_>>();
+        // Every set and tombstone once, whichever stretch found it.
+        let flat = |s: &Scanned| {
+            let mut all: Vec<_> = s
+                .records
+                .iter()
+                .flat_map(|stretch| stretch.buckets.iter().flatten().flatten())
+                .map(|f| (f.slot, f.key.as_bytes().to_vec(), f.crc, f.value_len))
+                .collect();
+            all.sort_by_key(|f| f.0.offset());
+            all
+        };
         assert_eq!(flat(parallel), flat(single));
+        // And each in the bucket of its key.
+        for stretch in &parallel.records {
+            for (b, chunks) in stretch.buckets.iter().enumerate() {
+                for f in chunks.iter().flatten() {
+                    let hash = index::order_hash(f.key.as_bytes());
+                    assert_eq!((hash >> (ORDER_BITS - BUCKET_BITS)) as usize, b);
+                }
+            }
+        }
         assert_eq!(parallel.end, single.end);
         assert_eq!(parallel.count, single.count);
         assert_eq!(parallel.max_seq, single.max_seq);
