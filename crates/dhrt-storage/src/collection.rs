@@ -519,7 +519,7 @@ impl Collection {
             let mut found = found;
             checkpoints = std::mem::take(&mut found.checkpoints);
             let t_replay = std::time::Instant::now();
-            built = recover::replay(found, options);
+            built = recover::replay(&buf[..end], found, options);
             tracing::debug!(
                 collection = name,
                 records = recovery.records,

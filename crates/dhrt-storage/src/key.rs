@@ -7,7 +7,7 @@ use std::fmt;
 use std::ptr::NonNull;
 
 /// Keys up to this many bytes are stored inline.
-const INLINE: usize = 22;
+pub(crate) const INLINE: usize = 22;
 
 /// An index key: inline up to 22 bytes, on the heap beyond. 24 bytes
 /// either way.
