@@ -127,6 +127,26 @@ fn no_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
+/// Has mimalloc return the pages freed so far to the system now. Recovery
+/// stages 56 bytes per log record on threads that have exited by the time
+/// the replay frees them; their pages stay with the exited threads' heaps
+/// until some thread reclaims them, which an idle node may never do: after
+/// reopening 10M keys, 973 MB of heap stayed resident instead of about
+/// 580 MB.
+fn give_back_freed_memory() {
+    unsafe extern "C" {
+        /// mimalloc's `mi_collect`: with `force`, also purges the free
+        /// pages of exited threads' heaps.
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mimalloc is this process's allocator (GLOBAL above), so the
+    // symbol is linked in; it takes a plain bool and may run at any time.
+    #[allow(unsafe_code)]
+    unsafe {
+        mi_collect(true)
+    };
+}
+
 /// Puts the calling thread in the idle scheduling class: it runs on CPU
 /// time no other thread of normal priority wants. (Falls back to nice 19
 /// where that is refused; failing both leaves it as it was.)
@@ -272,6 +292,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         for r in store.recovery().iter().filter(|r| r.reserved_bytes > 0) {
             tracing::info!(collection = %r.collection, bytes = r.reserved_bytes, "gave back reserved space");
         }
+        give_back_freed_memory();
         (store, id)
     };
     let cluster = Cluster::new(
