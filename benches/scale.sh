@@ -85,6 +85,8 @@ du -sh "$tmp/dhrt" "$tmp/appendonlydir" 2>/dev/null || true
 sync
 start_dhrt
 echo "dhrt reopen: $(until_up dhrt_up $dport) ms"
+anon=$(rss_kib "$dhrt" RssAnon)
+echo "dhrt heap once reopened: $anon KiB ($((anon * 1024 / N)) bytes a key)"
 start_redis
 echo "redis AOF load: $(until_up redis_up $rport) ms"
 echo "keys after reopen: dhrt $(curl -s http://127.0.0.1:$dport/ | grep -o '"keys":[0-9]*' | head -1), redis $(redis-cli -p $rport dbsize)"
