@@ -66,6 +66,12 @@ fn node_index(node: u64) -> u16 {
     idx
 }
 
+/// How many node ids this process has interned.
+#[cfg(test)]
+pub(crate) fn interned_nodes() -> usize {
+    NODE_INTERN.lock().unwrap().as_ref().map_or(0, HashMap::len)
+}
+
 /// Where a key's newest record lives, and its version. 16 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Slot {

@@ -901,6 +901,49 @@ mod tests {
     }
 
     #[test]
+    fn made_up_records_in_a_value_leave_no_node_ids_behind() {
+        // A 16 MiB value made of 400,000 valid-looking records, each from
+        // a different node, in a log scanned in stretches: walks from false
+        // starts inside it decode them all, but only the records the
+        // replay keeps may add their node to the process's node table
+        // (65,536 at most; filling it would stop every restart).
+        let mut fake = Vec::new();
+        for node in 0..400_000u64 {
+            record::encode(
+                &mut fake,
+                Kind::Set,
+                b"f",
+                b"",
+                Version::new(7 << 16, 1_000_000 + node),
+                node + 1,
+            );
+        }
+        let mut records: Vec<Versioned> = (0..240_000u64)
+            .map(|i| {
+                (
+                    1,
+                    format!("k{i}").into_bytes(),
+                    vec![i as u8; 250],
+                    1 + i % 7,
+                    1 + i % 2,
+                )
+            })
+            .collect();
+        records.insert(120_000, (1, b"big".to_vec(), fake, 9, 1));
+        let buf = log_of_versions(&records);
+        assert!(buf.len() > PARALLEL_SCAN_BYTES);
+        let before = index::interned_nodes();
+        let scanned = scan_in_stretches(&buf, 2, 16);
+        assert_eq!(scanned.count, 240_001);
+        let (index, state) = replay(&buf, scanned, &Options::default());
+        assert_eq!(state.live_keys, 240_001);
+        assert!(index.get(b"big").is_some() && index.get(b"f").is_none());
+        // Other tests of this process may intern a few nodes meanwhile.
+        let grown = index::interned_nodes() - before;
+        assert!(grown < 1_000, "{grown} node ids interned");
+    }
+
+    #[test]
     fn a_stretch_starting_inside_a_value_that_looks_like_records_is_walked_again() {
         // Big values made of valid records, so most stretches start on a
         // false record.
