@@ -40,25 +40,22 @@ struct SyncState {
     poisoned: Option<String>,
 }
 
-/// How appends reach the file.
+/// How appends reach the file: always `pwrite`, into space reserved ahead
+/// with `fallocate` where the file system can. (Copying records into a
+/// shared writable map instead saved the system call but cost a page fault
+/// per new page of the log, each marking ext4's unwritten blocks written:
+/// a 10M-key sequential load ran at 383-395k SET/s with a p99 of 7.9-8.0 ms
+/// that way, and at 459-602k SET/s with a p99 of 3.3-4.4 ms with `pwrite`.)
+#[derive(Debug)]
 enum Appender {
-    /// Copied into a writable map, below the reserved length.
-    Map {
-        map: mmap::WriteMap,
+    /// Within reserved space.
+    Reserved {
         /// The file's length: blocks up to here are allocated.
         reserved: u64,
     },
-    /// `pwrite` (memory mode, and file systems without `fallocate`).
-    Pwrite,
-}
-
-impl std::fmt::Debug for Appender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Appender::Map { reserved, .. } => write!(f, "Map {{ reserved: {reserved} }}"),
-            Appender::Pwrite => write!(f, "Pwrite"),
-        }
-    }
+    /// Extending the file (memory mode, and file systems without
+    /// `fallocate`).
+    Extending,
 }
 
 /// Space reserved ahead of the tail at a time: an eighth of the log, from
@@ -71,10 +68,9 @@ fn reservation_after(end: u64) -> u64 {
 }
 
 /// An append-only log, read through a shared map by anyone. Appends, under
-/// the collection's writer lock, are copied into the map, into space
-/// reserved ahead with `fallocate` (no system call per write); where that
-/// is not possible (memory mode, a file system without `fallocate`) they
-/// are written with `pwrite`.
+/// the collection's writer lock, are written with `pwrite`, into space
+/// reserved ahead with `fallocate` where that is possible (not in memory
+/// mode, nor on a file system without `fallocate`).
 #[derive(Debug)]
 pub(crate) struct LogFile {
     file: File,
@@ -147,18 +143,10 @@ impl LogFile {
         header: FileHeader,
     ) -> io::Result<LogFile> {
         let capacity = capacity_for(len) as usize;
-        let (map, appender) = match path {
-            Some(_) => {
-                let (map, write) = mmap::map_writable(&file, capacity)?;
-                (
-                    map,
-                    Appender::Map {
-                        map: write,
-                        reserved: len,
-                    },
-                )
-            }
-            None => (mmap::map(&file, capacity)?, Appender::Pwrite),
+        let map = mmap::map(&file, capacity)?;
+        let appender = match path {
+            Some(_) => Appender::Reserved { reserved: len },
+            None => Appender::Extending,
         };
         Ok(LogFile {
             file,
@@ -269,7 +257,7 @@ impl LogFile {
             ));
         }
         let mut appender = self.appender.lock().unwrap();
-        if let Appender::Map { map, reserved } = &mut *appender {
+        if let Appender::Reserved { reserved } = &mut *appender {
             if end > *reserved {
                 let want = reservation_after(end);
                 let result = mmap::reserve(&self.file, *reserved, want);
@@ -281,27 +269,39 @@ impl LogFile {
                 match result {
                     Ok(()) => *reserved = want,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
-                        tracing::info!(path = %self.describe(), "no fallocate here; appending with pwrite");
+                        tracing::info!(path = %self.describe(), "no fallocate here; extending the file with each append");
                         // Give back what earlier reservations left past the
                         // tail (readers only read below it).
                         self.file.set_len(offset)?;
-                        *appender = Appender::Pwrite;
+                        *appender = Appender::Extending;
+                        drop(appender);
                         return self.pwrite(buf, offset, end);
                     }
                     Err(e) => return Err(e),
                 }
             }
-            if end > map.capacity() as u64 {
-                let (read, write) = mmap::map_writable(&self.file, capacity_for(end) as usize)?;
-                self.map.store(std::sync::Arc::new(read));
-                *map = write;
-            }
-            map.write_at(offset as usize, buf);
+            // Within reserved blocks: nothing to cut back if this fails
+            // (the bytes lie past the tail, where nobody reads, and the
+            // next append writes over them).
+            self.file.write_all_at(buf, offset)?;
+            self.remap_for(end)?;
             self.tail.store(end, Ordering::Release);
             return Ok(offset);
         }
         drop(appender);
         self.pwrite(buf, offset, end)
+    }
+
+    /// Maps the log anew, larger, if `end` lies past the current map
+    /// (readers of the old one keep it until they drop it).
+    fn remap_for(&self, end: u64) -> io::Result<()> {
+        if end > self.map.load().len() as u64 {
+            self.map.store(std::sync::Arc::new(mmap::map(
+                &self.file,
+                capacity_for(end) as usize,
+            )?));
+        }
+        Ok(())
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, end: u64) -> io::Result<u64> {
@@ -311,12 +311,7 @@ impl LogFile {
             }
             return Err(e);
         }
-        if end > self.map.load().len() as u64 {
-            self.map.store(std::sync::Arc::new(mmap::map(
-                &self.file,
-                capacity_for(end) as usize,
-            )?));
-        }
+        self.remap_for(end)?;
         self.tail.store(end, Ordering::Release);
         Ok(offset)
     }
@@ -429,7 +424,7 @@ impl Drop for LogFile {
     /// below the tail).
     fn drop(&mut self) {
         let reserved = match self.appender.get_mut() {
-            Ok(Appender::Map { reserved, .. }) => *reserved,
+            Ok(Appender::Reserved { reserved }) => *reserved,
             _ => return,
         };
         let tail = *self.tail.get_mut();
@@ -470,7 +465,7 @@ mod tests {
     }
 
     #[test]
-    fn appends_through_the_map_cross_reservations_and_remaps() {
+    fn appends_cross_reservations_and_remaps() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
@@ -503,17 +498,17 @@ mod tests {
         let err = log.append(&vec![7u8; 1 << 20]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(log.tail(), tail);
-        // Space again: appends go on through the map.
+        // Space again: appends go on into reserved space.
         expected.extend(fill_more(&log, 2, 100));
         assert!(matches!(
             *log.appender.lock().unwrap(),
-            Appender::Map { .. }
+            Appender::Reserved { .. }
         ));
-        // No fallocate here: the log goes on with pwrite, for good.
+        // No fallocate here: the log goes on extending the file, for good.
         log.fail_next_reserve
             .store(libc::EOPNOTSUPP, Ordering::Release);
         expected.extend(fill_more(&log, 1, 1 << 20));
-        assert!(matches!(*log.appender.lock().unwrap(), Appender::Pwrite));
+        assert!(matches!(*log.appender.lock().unwrap(), Appender::Extending));
         expected.extend(fill_more(&log, 3, 100));
         assert_eq!(&log.map()[..expected.len()], &expected[..]);
         drop(log);
@@ -534,7 +529,7 @@ mod tests {
     #[test]
     fn memory_logs_append_with_pwrite() {
         let log = LogFile::create(None, "t", HEADER).unwrap();
-        assert!(matches!(*log.appender.lock().unwrap(), Appender::Pwrite));
+        assert!(matches!(*log.appender.lock().unwrap(), Appender::Extending));
         let expected = fill(&log, 3, 1000);
         assert_eq!(&log.map()[..expected.len()], &expected[..]);
     }
