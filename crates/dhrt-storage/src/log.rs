@@ -106,6 +106,9 @@ pub(crate) struct LogFile {
     /// fallbacks.
     #[cfg(test)]
     pub(crate) fail_next_reserve: std::sync::atomic::AtomicI32,
+    /// Makes the next write fail with EIO after writing this many bytes.
+    #[cfg(test)]
+    pub(crate) fail_next_write: Mutex<Option<usize>>,
 }
 
 impl LogFile {
@@ -170,6 +173,8 @@ impl LogFile {
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             fail_next_reserve: std::sync::atomic::AtomicI32::new(0),
+            #[cfg(test)]
+            fail_next_write: Mutex::new(None),
         })
     }
 
@@ -245,8 +250,11 @@ impl LogFile {
 
     /// Appends `buf` at the tail; returns the offset it was written at.
     /// Callers serialize appends (the collection's writer lock). On error
-    /// nothing of `buf` is in the log: a failed reservation writes nothing,
-    /// and a failed `pwrite` is cut back to the old tail.
+    /// nothing of `buf` is in the log, nor in the file: a failed
+    /// reservation or map writes nothing, and the file is cut back to the
+    /// old tail after a failed `pwrite` (which may have written part of
+    /// `buf`: whole records of a batch reported failed must not come back
+    /// after a crash).
     pub(crate) fn append(&self, buf: &[u8]) -> io::Result<u64> {
         let offset = self.tail.load(Ordering::Relaxed);
         let end = offset + buf.len() as u64;
@@ -280,11 +288,15 @@ impl LogFile {
                     Err(e) => return Err(e),
                 }
             }
-            // Within reserved blocks: nothing to cut back if this fails
-            // (the bytes lie past the tail, where nobody reads, and the
-            // next append writes over them).
-            self.file.write_all_at(buf, offset)?;
             self.remap_for(end)?;
+            if let Err(e) = self.write_at(buf, offset) {
+                // Even reserved blocks can fail a write (an I/O error, a
+                // copy-on-write file system). Give the reservation back
+                // with what was written; the next append reserves again.
+                let _ = self.file.set_len(offset);
+                *reserved = offset;
+                return Err(e);
+            }
             self.tail.store(end, Ordering::Release);
             return Ok(offset);
         }
@@ -305,15 +317,27 @@ impl LogFile {
     }
 
     fn pwrite(&self, buf: &[u8], offset: u64, end: u64) -> io::Result<u64> {
-        if let Err(e) = self.file.write_all_at(buf, offset) {
+        self.remap_for(end)?;
+        if let Err(e) = self.write_at(buf, offset) {
             if !self.is_memory() {
                 let _ = self.file.set_len(offset);
             }
             return Err(e);
         }
-        self.remap_for(end)?;
         self.tail.store(end, Ordering::Release);
         Ok(offset)
+    }
+
+    /// `pwrite` of all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(written) = self.fail_next_write.lock().unwrap().take() {
+            // Part of `buf` reaches the file, then the write fails.
+            self.file
+                .write_all_at(&buf[..written.min(buf.len())], offset)?;
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.write_all_at(buf, offset)
     }
 
     /// The poison message, if an fsync of this log ever failed.
@@ -487,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_reservation_writes_nothing_and_a_missing_fallocate_falls_back_to_pwrite() {
+    fn a_failed_reservation_writes_nothing_and_a_missing_fallocate_extends_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
@@ -524,6 +548,40 @@ mod tests {
             appended.extend_from_slice(&chunk);
         }
         appended
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_leaves_nothing_of_it_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
+        let mut expected = fill(&log, 3, 100);
+        for extending in [false, true] {
+            if extending {
+                log.fail_next_reserve
+                    .store(libc::EOPNOTSUPP, Ordering::Release);
+                expected.extend(fill_more(&log, 1, 1 << 20));
+                assert!(matches!(*log.appender.lock().unwrap(), Appender::Extending));
+            }
+            // Two records of a batch reach the file, then the write fails:
+            // a crash now must not find them (the file ends at the tail).
+            let tail = log.tail();
+            *log.fail_next_write.lock().unwrap() = Some(200);
+            let err = log.append(&[9u8; 300]).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EIO));
+            assert_eq!(log.tail(), tail);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                tail,
+                "extending: {extending}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), expected);
+            // The log goes on, reserving again.
+            expected.extend(fill_more(&log, 2, 100));
+            assert_eq!(&log.map()[..expected.len()], &expected[..]);
+        }
+        drop(log);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
     }
 
     #[test]

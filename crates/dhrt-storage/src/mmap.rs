@@ -20,7 +20,9 @@
 //! 2. Bytes below the tail are never rewritten: the log is append-only.
 //!    Appends write only at and after the tail, under the collection's
 //!    writer lock, and only below the reserved length (blocks allocated by
-//!    `fallocate`, so a full disk fails the reservation, not the write).
+//!    `fallocate`, so a full disk fails the reservation, not the write, on
+//!    file systems that overwrite in place; a write that fails anyway is cut
+//!    back to the tail).
 //!    The file is only ever shortened while no map of it exists (recovery,
 //!    before mapping) or past the tail (cutting back a failed `pwrite`,
 //!    giving back reserved space on close).

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 /// When a write reaches stable storage. In every persisted mode a write is
-/// in the kernel's page cache (copied into the file's mapped pages, or
-/// `pwrite`n) before it is acknowledged, so killing the process never loses
+/// in the kernel's page cache (`pwrite`n into the file) before it is
+/// acknowledged, so killing the process never loses
 /// an acknowledged write; the modes differ in what a power loss or kernel
 /// crash can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
