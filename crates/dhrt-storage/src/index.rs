@@ -196,7 +196,13 @@ pub const DIGEST_BUCKETS: usize = 1 << DIGEST_BITS;
 /// keys are one contiguous stretch of a hash-ordered listing.
 #[inline]
 pub fn digest_bucket(key: &[u8]) -> usize {
-    (order_hash(key) >> (ORDER_BITS - DIGEST_BITS)) as usize
+    digest_bucket_of(order_hash(key))
+}
+
+/// [`digest_bucket`] of a key whose order hash is known.
+#[inline]
+fn digest_bucket_of(order_hash: u64) -> usize {
+    (order_hash >> (ORDER_BITS - DIGEST_BITS)) as usize
 }
 
 /// What one entry contributes to its bucket's digest: a hash of the key, its
@@ -622,8 +628,7 @@ impl InOrder {
                 .is_none_or(|e| compare(e.key.as_bytes(), key.as_bytes()).is_lt()),
             "keys given to the in-order builder out of order"
         );
-        let bucket = (hash >> (ORDER_BITS - DIGEST_BITS)) as usize;
-        self.digest[bucket] ^= entry_hash(key.as_bytes(), &slot, crc);
+        self.digest[digest_bucket_of(hash)] ^= entry_hash(key.as_bytes(), &slot, crc);
         self.scratch.push(Entry {
             key,
             slot: AtomicSlot::new(slot),

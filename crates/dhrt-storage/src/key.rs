@@ -69,17 +69,21 @@ impl Drop for HeapBytes {
 
 const _: () = assert!(std::mem::size_of::<Key>() == 24);
 
+/// `key` as an inline key's length and bytes, if it fits.
+#[inline]
+pub(crate) fn inline(key: &[u8]) -> Option<(u8, [u8; INLINE])> {
+    (key.len() <= INLINE).then(|| {
+        let mut bytes = [0; INLINE];
+        bytes[..key.len()].copy_from_slice(key);
+        (key.len() as u8, bytes)
+    })
+}
+
 impl Key {
     pub(crate) fn new(key: &[u8]) -> Self {
-        if key.len() <= INLINE {
-            let mut bytes = [0; INLINE];
-            bytes[..key.len()].copy_from_slice(key);
-            Key::Inline {
-                len: key.len() as u8,
-                bytes,
-            }
-        } else {
-            Key::Heap(HeapBytes::new(key))
+        match inline(key) {
+            Some((len, bytes)) => Key::Inline { len, bytes },
+            None => Key::Heap(HeapBytes::new(key)),
         }
     }
 

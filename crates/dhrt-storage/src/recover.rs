@@ -5,11 +5,9 @@
 //! core for large logs; neither depends on the order records are visited in
 //! for its result.
 
-use std::cmp::Ordering;
-
 use crate::collection::State;
 use crate::index::{self, InOrder, Index, ORDER_BITS, Part, Slot};
-use crate::key::{INLINE, Key, compare};
+use crate::key::{self, INLINE, Key, compare};
 use crate::record::{self, Decoded, FILE_HEADER_LEN, Kind, RECORD_HEADER_LEN};
 use crate::version::Version;
 use crate::{Options, log::CHECKPOINT_EVERY};
@@ -43,18 +41,12 @@ enum StagedKey {
 impl StagedKey {
     /// `key`, which the log holds at offset `at`.
     fn new(key: &[u8], at: usize) -> Self {
-        if key.len() <= INLINE {
-            let mut bytes = [0; INLINE];
-            bytes[..key.len()].copy_from_slice(key);
-            StagedKey::Inline {
-                len: key.len() as u8,
-                bytes,
-            }
-        } else {
-            StagedKey::InLog {
+        match key::inline(key) {
+            Some((len, bytes)) => StagedKey::Inline { len, bytes },
+            None => StagedKey::InLog {
                 len: key.len() as u32,
                 at: at as u64,
-            }
+            },
         }
     }
 
@@ -86,14 +78,13 @@ impl Found {
         (RECORD_HEADER_LEN + self.key.len()) as u64 + u64::from(self.value_len)
     }
 
-    /// Whether this record wins over `other`, a record of the same key: the
-    /// greater version, then the greater CRC (as the live index decides),
-    /// then the earlier in the log (the same record written twice).
+    /// Whether this record wins over `other`, a record of the same key: by
+    /// the live index's rule ([`index::wins`]), and of the same record
+    /// written twice, the earlier in the log.
     fn beats(&self, other: &Found) -> bool {
-        (self.version, self.crc)
-            .cmp(&(other.version, other.crc))
-            .then(other.offset().cmp(&self.offset()))
-            == Ordering::Greater
+        index::wins(self.version, self.crc, other.version, || other.crc)
+            || ((self.version, self.crc) == (other.version, other.crc)
+                && self.offset() < other.offset())
     }
 }
 
