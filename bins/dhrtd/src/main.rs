@@ -4,6 +4,7 @@
 //! finishes the requests in flight, flushes, and exits 0. The logic lives in
 //! the library crates.
 
+mod alloc;
 mod config;
 mod listener;
 mod tls;
@@ -24,16 +25,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Args, Auth, Config, Sync};
 use dhrt_proto::Access;
 
-/// mimalloc, not the system allocator: a reshard or compaction frees the
-/// millions of entries of the index it replaced from its own thread, and
-/// glibc's per-arena locks then stalled writers allocating beside it for
-/// 100-500 ms (`benches/scale.sh`, docs/benchmarks.md); mimalloc frees
-/// across threads without a lock.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
-    no_huge_pages();
+    alloc::no_huge_pages();
     let config = match Config::load(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
@@ -63,6 +56,7 @@ fn main() -> ExitCode {
         },
     };
     init_logging(config.json_logs);
+    alloc::purge_off_request_threads();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,37 +108,6 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
-}
-
-/// Opts this process out of transparent huge pages (as Redis does with
-/// `disable-thp`). mimalloc asks for them on its arenas, and then every
-/// first touch of 2 MiB zeroes it in one go: reopening 10M keys replayed
-/// in 2.0-3.4 s with them and 1.4-1.8 s without (docs/benchmarks.md).
-fn no_huge_pages() {
-    // SAFETY: plain integer arguments; PR_SET_THP_DISABLE affects only this
-    // process (and its children).
-    #[allow(unsafe_code)]
-    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-}
-
-/// Has mimalloc return the pages freed so far to the system now. Recovery
-/// stages 56 bytes per log record on threads that have exited by the time
-/// the replay frees them; their pages stay with the exited threads' heaps
-/// until some thread reclaims them, which an idle node may never do: after
-/// reopening 10M keys, 973 MB of heap stayed resident instead of about
-/// 580 MB.
-fn give_back_freed_memory() {
-    unsafe extern "C" {
-        /// mimalloc's `mi_collect`: with `force`, also purges the free
-        /// pages of exited threads' heaps.
-        fn mi_collect(force: bool);
-    }
-    // SAFETY: mimalloc is this process's allocator (GLOBAL above), so the
-    // symbol is linked in; it takes a plain bool and may run at any time.
-    #[allow(unsafe_code)]
-    unsafe {
-        mi_collect(true)
-    };
 }
 
 /// Puts the calling thread in the idle scheduling class: it runs on CPU
@@ -292,7 +255,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         for r in store.recovery().iter().filter(|r| r.reserved_bytes > 0) {
             tracing::info!(collection = %r.collection, bytes = r.reserved_bytes, "gave back reserved space");
         }
-        give_back_freed_memory();
+        alloc::give_back_freed_memory();
         (store, id)
     };
     let cluster = Cluster::new(

@@ -184,18 +184,23 @@ fn forget(state: &mut State, log: &[u8], old: &Slot) {
 }
 
 /// Applies one record, already in the log at `offset`, to an index and its
-/// state. `log` holds the bytes the index's offsets point into. Returns
-/// `None` if it did not take effect, else the slot it replaced, if any; the
-/// keys a drop removed are pushed on `dropped`.
+/// state. `record` is the record's bytes, from its header on: the
+/// writer's own buffer on the write path, so that applying a write reads
+/// nothing back through the map (which would map the log's new pages into
+/// it, one fault each, and make the map costlier to unmap). `log` holds
+/// the bytes the index's offsets point into. Returns `None` if it did not
+/// take effect, else the slot it replaced, if any; the keys a drop removed
+/// are pushed on `dropped`.
 pub(crate) fn apply_record(
     index: &Index,
     state: &mut State,
     log: &[u8],
-    header: &Header,
-    key: &[u8],
+    record: &[u8],
     offset: u64,
     mut dropped: Option<&mut Vec<Vec<u8>>>,
 ) -> Option<Option<Slot>> {
+    let header = &record::peek_header(record);
+    let key = &record[record::RECORD_HEADER_LEN..][..header.key_len as usize];
     let version = header.version;
     let len = header.record_len() as u64;
     if state.dropped_at.is_some_and(|d| version <= d) {
@@ -225,9 +230,14 @@ pub(crate) fn apply_record(
             }
             Some(None)
         }
-        Kind::Set | Kind::Tombstone => apply_write(state, log, header, offset, |slot, crc| {
-            index.upsert(key, slot, crc, log)
-        }),
+        Kind::Set | Kind::Tombstone => apply_write(
+            state,
+            log,
+            header,
+            offset,
+            record::stored_crc(record),
+            |slot, crc| index.upsert(key, slot, crc, log),
+        ),
     }
 }
 
@@ -238,6 +248,7 @@ pub(crate) fn apply_write(
     log: &[u8],
     header: &Header,
     offset: u64,
+    crc: u32,
     upsert: impl FnOnce(Slot, u32) -> Upsert,
 ) -> Option<Option<Slot>> {
     let version = header.version;
@@ -246,7 +257,6 @@ pub(crate) fn apply_write(
         return None;
     }
     let tombstone = header.kind == Kind::Tombstone;
-    let crc = record::stored_crc(&log[offset as usize..]);
     let replaced = match upsert(Slot::new(offset, tombstone, version), crc) {
         Upsert::Kept(_) => {
             state.garbage += header.record_len() as u64;
@@ -683,10 +693,9 @@ impl Collection {
         }
         *next_seq += 1;
         let offset = self.append(&generation.log, buf)?;
-        let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
-        let replaced = apply_record(&generation.index, state, &map, &header, key, offset, None)
+        let replaced = apply_record(&generation.index, state, &map, buf, offset, None)
             .expect("checked above that the write is newer");
         self.published(&generation.log, seq, *next_seq - 1, offset, end);
         drop(w);
@@ -718,7 +727,7 @@ impl Collection {
         buf.clear();
         let first_seq = *next_seq;
         let mut starts = Vec::with_capacity(entries.len());
-        for (i, (key, value, version)) in entries.iter().enumerate() {
+        for (key, value, version) in entries {
             let newer = generation
                 .index
                 .get(key)
@@ -745,7 +754,7 @@ impl Collection {
                 continue;
             }
             *next_seq += 1;
-            starts.push((start, i));
+            starts.push(start);
         }
         if starts.is_empty() {
             return Ok(0);
@@ -754,16 +763,14 @@ impl Collection {
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
         let mut applied = 0;
-        for (start, i) in starts {
-            let header = record::peek_header(&buf[start..]);
+        for start in starts {
             // Two records of one key in a batch: the older one is kept
             // out of the index here, and counted as garbage.
             let took = apply_record(
                 &generation.index,
                 state,
                 &map,
-                &header,
-                entries[i].0,
+                &buf[start..],
                 offset + start as u64,
                 None,
             );
@@ -806,14 +813,12 @@ impl Collection {
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
         let map = generation.log.map();
-        for (start, (key, _)) in starts.into_iter().zip(entries) {
-            let header = record::peek_header(&buf[start..]);
+        for start in starts {
             apply_record(
                 &generation.index,
                 state,
                 &map,
-                &header,
-                key,
+                &buf[start..],
                 offset + start as u64,
                 None,
             )
@@ -852,7 +857,6 @@ impl Collection {
         *next_seq += 1;
         record::encode(buf, Kind::Drop, &[], &[], version, seq);
         let offset = self.append(&generation.log, buf)?;
-        let header = record::peek_header(buf);
         let end = offset + buf.len() as u64;
         let mut removed = Vec::new();
         let map = generation.log.map();
@@ -860,8 +864,7 @@ impl Collection {
             &generation.index,
             state,
             &map,
-            &header,
-            &[],
+            buf,
             offset,
             Some(&mut removed),
         );

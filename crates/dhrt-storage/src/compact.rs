@@ -382,21 +382,20 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
         }
     }
     let _noting = Noting(coll);
+    // The copy reads only the index, not the log: its digest is the live
+    // index's, taken at the swap.
     let mut index = Builder::new(shards, array_max);
-    let map = old.log.map();
     for shard in old.index.shards() {
         let guard = &crossbeam_epoch::pin();
         let mut cursor = shard.front(guard);
         while let Some(entry) = cursor {
             let slot = entry.value().load();
             if slot.offset() < t0 {
-                let crc = record::stored_crc(&map[slot.offset() as usize..]);
-                index.insert(entry.key().as_bytes(), slot, crc);
+                index.insert_undigested(entry.key().as_bytes(), slot);
             }
             cursor = entry.next();
         }
     }
-    drop(map);
     let index = index.finish();
     let abandon = || {
         tracing::error!(
@@ -463,6 +462,8 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
                     new.remove_damaged(&key, &map);
                 }
             }
+            // Caught up to the tail, the two hold the same entries.
+            new.take_digest_of(&old.index);
             coll.current.store(Arc::new(Generation {
                 index: index.take().expect("until swapped"),
                 log: old.log.clone(),
@@ -497,10 +498,7 @@ fn caught_up_records(caught: &[u8], limit: u64) -> Option<(Vec<usize>, usize)> {
 fn replay_since(index: &Index, state: &mut State, starts: &[usize], map: &[u8], base: u64) -> u64 {
     for &start in starts {
         let at = &map[base as usize + start..];
-        let header = record::peek_header(at);
-        let key_end = record::RECORD_HEADER_LEN + header.key_len as usize;
-        let key = &at[record::RECORD_HEADER_LEN..key_end];
-        collection::apply_record(index, state, map, &header, key, base + start as u64, None);
+        collection::apply_record(index, state, map, at, base + start as u64, None);
     }
     starts.len() as u64
 }
