@@ -154,6 +154,11 @@ pub(crate) struct Collection {
     #[cfg(test)]
     pub(crate) pause_reshard:
         Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    /// Milliseconds a reshard sleeps after its copy, and each round of its
+    /// catch-up outside the writer lock before it replays: a rebuild
+    /// slower than the writers.
+    #[cfg(test)]
+    pub(crate) slow_catch_up_ms: AtomicU64,
     /// Makes the next compaction stop in its final step (writer lock held)
     /// and say so on the first channel, until the second one answers.
     #[cfg(test)]
@@ -323,6 +328,8 @@ impl Collection {
             resharding_quarantines: Mutex::new(None),
             #[cfg(test)]
             pause_reshard: Mutex::new(None),
+            #[cfg(test)]
+            slow_catch_up_ms: AtomicU64::new(0),
             #[cfg(test)]
             pause_compaction: Mutex::new(None),
         }

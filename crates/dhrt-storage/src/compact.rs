@@ -14,10 +14,14 @@
 //! 3. Under the writer lock: replay that rest (compaction then fsyncs the
 //!    new file, renames it over the old one and fsyncs the directory), and
 //!    swap the generation in. If writers outran the last round and more
-//!    than the bound is left, the lock is let go and step 2 runs again. A
-//!    writer waits at most for that bounded rest, never for work that grows
-//!    with the collection. Readers holding the old generation finish
-//!    against the old map.
+//!    than the bound is left, the lock is let go and step 2 runs again;
+//!    once a round outside the lock ends further behind than the one
+//!    before (the writers are faster than the catch-up), only bounded steps
+//!    under the lock follow, with a pause between them for the waiting
+//!    writers: each step gains on them, so the rebuild finishes under any
+//!    load. A writer waits at most for one bounded step, never for work
+//!    that grows with the collection. Readers holding the old generation
+//!    finish against the old map.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,26 +69,41 @@ pub const LOCKED_CATCH_UP_BYTES: u64 = 256 << 10;
 const OUTSIDE_ROUNDS: u32 = 8;
 
 /// Catches up outside the writer lock, from `from` to what the log has
-/// applied, until at most [`LOCKED_CATCH_UP_BYTES`] is left or the rounds
-/// run out. `step(from, upto)` does one round and says where it ended
-/// (`None`: a record failed its check).
+/// applied, until at most [`LOCKED_CATCH_UP_BYTES`] is left, the rounds
+/// run out, or a round would start further behind than the last one did:
+/// the writers outrun it, and more rounds would only fall further behind.
+/// `step(from, upto)` does one round and says where it ended (`None`: a
+/// record failed its check). Returns where it got to, and whether it was
+/// still gaining on the writers.
 fn catch_up_outside(
     old: &LogFile,
     mut from: u64,
     mut step: impl FnMut(u64, u64) -> Result<Option<u64>>,
-) -> Result<Option<u64>> {
+) -> Result<Option<(u64, bool)>> {
+    let mut behind = u64::MAX;
     for _ in 0..OUTSIDE_ROUNDS {
         let upto = old.applied();
-        if upto.saturating_sub(from) <= LOCKED_CATCH_UP_BYTES {
+        let gap = upto.saturating_sub(from);
+        if gap <= LOCKED_CATCH_UP_BYTES {
             break;
         }
+        if gap >= behind {
+            return Ok(Some((from, false)));
+        }
+        behind = gap;
         match step(from, upto)? {
             Some(end) => from = end,
             None => return Ok(None),
         }
     }
-    Ok(Some(from))
+    Ok(Some((from, true)))
 }
+
+/// Between two bounded steps under the writer lock, once the writers
+/// outran the catch-up outside it: long enough for waiting writers to take
+/// the lock, so that they go on (at most one step behind) while the steps
+/// gain on them.
+const BETWEEN_LOCKED_STEPS: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The records of `old` from `from` up to `upto`, stopping after the one
 /// that crosses `from + limit`: replayed into `index` and `state`; for a
@@ -269,20 +288,27 @@ pub(crate) fn compact(
         };
         let mut from = t0;
         let mut parts = Some((index, new_log));
+        let mut outrun = false;
         loop {
             let (index, new_log) = parts.as_ref().expect("until swapped");
-            from = catch_up_outside(&old.log, from, |from, upto| {
-                let n = catch_up(
-                    &old.log,
-                    (from, upto, u64::MAX),
-                    Some(new_log),
-                    index,
-                    &mut state,
-                )?;
-                report.caught_up += n.map_or(0, |(n, _)| n);
-                Ok(n.map(|(_, end)| end))
-            })?
-            .ok_or_else(checksum)?;
+            if outrun {
+                std::thread::sleep(BETWEEN_LOCKED_STEPS);
+            } else {
+                let gaining;
+                (from, gaining) = catch_up_outside(&old.log, from, |from, upto| {
+                    let n = catch_up(
+                        &old.log,
+                        (from, upto, u64::MAX),
+                        Some(new_log),
+                        index,
+                        &mut state,
+                    )?;
+                    report.caught_up += n.map_or(0, |(n, _)| n);
+                    Ok(n.map(|(_, end)| end))
+                })?
+                .ok_or_else(checksum)?;
+                outrun = !gaining;
+            }
             // Most of the file is synced before the lock is taken.
             new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
             let swapped = coll.with_writer(|live_state| {
@@ -301,7 +327,8 @@ pub(crate) fn compact(
                 from = end;
                 if end < tail {
                     // Writers outran the catch-up: that bounded step
-                    // gained on them; the rest is caught up outside again.
+                    // gained on them; the rest is caught up outside again,
+                    // or, if the writers outrun that, in more such steps.
                     return Ok(false);
                 }
                 let (index, mut new_log) = parts.take().expect("until swapped");
@@ -363,8 +390,14 @@ pub(crate) fn compact(
 }
 
 /// Gives `coll` an index of `shards` shards over the same log. Returns the
-/// most records replayed in one hold of the writer lock.
-pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64 {
+/// most records replayed in one hold of the writer lock. Gives up, leaving
+/// the index as it was, once `stop()` says so (the store is closing).
+pub(crate) fn reshard(
+    coll: &Collection,
+    shards: usize,
+    array_max: usize,
+    stop: &dyn Fn() -> bool,
+) -> u64 {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if old.index.shard_count() >= shards {
@@ -408,19 +441,37 @@ pub(crate) fn reshard(coll: &Collection, shards: usize, array_max: usize) -> u64
     let mut scratch = coll.state();
     let (mut from, mut locked_max) = (t0, 0);
     let mut index = Some(index);
+    let mut outrun = false;
+    #[cfg(test)]
+    std::thread::sleep(std::time::Duration::from_millis(
+        coll.slow_catch_up_ms
+            .load(std::sync::atomic::Ordering::Relaxed),
+    ));
     loop {
+        if stop() {
+            return locked_max;
+        }
         let new = index.as_ref().expect("until swapped");
-        let caught = catch_up_outside(&old.log, from, |from, upto| {
-            let n = catch_up(&old.log, (from, upto, u64::MAX), None, new, &mut scratch)?;
-            Ok(n.map(|(_, end)| end))
-        });
-        from = match caught {
-            Ok(Some(at)) => at,
-            _ => {
-                abandon();
-                return locked_max;
-            }
-        };
+        if outrun {
+            std::thread::sleep(BETWEEN_LOCKED_STEPS);
+        } else {
+            let caught = catch_up_outside(&old.log, from, |from, upto| {
+                #[cfg(test)]
+                std::thread::sleep(std::time::Duration::from_millis(
+                    coll.slow_catch_up_ms
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                ));
+                let n = catch_up(&old.log, (from, upto, u64::MAX), None, new, &mut scratch)?;
+                Ok(n.map(|(_, end)| end))
+            });
+            (from, outrun) = match caught {
+                Ok(Some((at, gaining))) => (at, !gaining),
+                _ => {
+                    abandon();
+                    return locked_max;
+                }
+            };
+        }
         #[cfg(test)]
         if let Some((paused, resume)) = coll.pause_reshard.lock().unwrap().take() {
             paused.send(()).unwrap();

@@ -1011,10 +1011,14 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
                 let started = Instant::now();
-                let locked = compact::reshard(c, more, inner.options.shard_array_max);
+                let locked = compact::reshard(c, more, inner.options.shard_array_max, &|| {
+                    *shutdown.stop.lock().unwrap()
+                });
                 c.locked_replay_max
                     .fetch_max(locked, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!(collection = %c.name, shards = more, locked, ms = started.elapsed().as_millis() as u64, "resharded the index");
+                if c.current.load().index.shard_count() >= more {
+                    tracing::debug!(collection = %c.name, shards = more, locked, ms = started.elapsed().as_millis() as u64, "resharded the index");
+                }
             }
         }
         let check = inner.options.background_compaction && last_check.elapsed() >= COMPACTION_CHECK;
@@ -1106,6 +1110,78 @@ mod tests {
         assert_eq!(store.get("busy", b"k").unwrap().as_deref(), Some(&b"v"[..]));
     }
 
+    /// A reshard whose catch-up outside the writer lock is slower than the
+    /// writers (the copy and each round sleep 100 ms) still finishes while they
+    /// write: once a round ends further behind than the one before, it
+    /// gains on them in bounded steps under the lock, and no step replays
+    /// more than the bound (counted in records, so it cannot flake). Before
+    /// that rule, it went on falling behind for as long as they wrote.
+    #[test]
+    fn a_reshard_outrun_by_its_writers_finishes_in_bounded_steps() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let options = Options {
+            min_index_shards: 1,
+            // No reshard but the one below.
+            keys_per_shard: 1 << 30,
+            background_compaction: false,
+            sync: SyncMode::Never,
+            ..Options::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), options).unwrap();
+        let value = [7u8; 100];
+        store.set("c", b"first", &value).unwrap();
+        let coll = store.existing("c").unwrap().unwrap();
+        coll.slow_catch_up_ms.store(100, Ordering::Relaxed);
+        let done = AtomicBool::new(false);
+        let after = AtomicU64::new(0);
+        let locked = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let started = std::time::Instant::now();
+                let mut i = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "the reshard never finished while the writer wrote"
+                    );
+                    store
+                        .set("c", format!("k{i:012}").as_bytes(), &value)
+                        .unwrap();
+                    i += 1;
+                }
+                // Writes go on after the swap, into the new index.
+                for _ in 0..100 {
+                    store
+                        .set("c", format!("k{i:012}").as_bytes(), &value)
+                        .unwrap();
+                    i += 1;
+                    after.fetch_add(1, Ordering::Relaxed);
+                }
+                i
+            });
+            let locked = compact::reshard(&coll, 1024, 4096, &|| false);
+            done.store(true, Ordering::Release);
+            let written = writer.join().unwrap();
+            assert_eq!(store.stats().collections[0].keys, written + 1);
+            locked
+        });
+        assert_eq!(coll.current.load().index.shard_count(), 1024, "resharded");
+        let record = crate::record::RECORD_HEADER_LEN as u64 + 13 + 100;
+        assert!(
+            locked <= compact::LOCKED_CATCH_UP_BYTES / record + 1,
+            "{locked} records replayed in one hold of the lock"
+        );
+        assert_eq!(after.load(Ordering::Relaxed), 100);
+        for i in [0u64, 1, 500] {
+            assert!(
+                store
+                    .get("c", format!("k{i:012}").as_bytes())
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    }
+
     /// A record damaged and quarantined while a reshard copies the index
     /// does not come back with the copy: after the swap the key reads as
     /// missing (its damage was reported once), and a rewrite of it is
@@ -1133,7 +1209,7 @@ mod tests {
         let (resume, resume_rx) = channel();
         *coll.pause_reshard.lock().unwrap() = Some((paused_tx, resume_rx));
         std::thread::scope(|s| {
-            let resharding = s.spawn(|| compact::reshard(&coll, 64, 256));
+            let resharding = s.spawn(|| compact::reshard(&coll, 64, 256, &|| false));
             paused.recv().unwrap();
             // The copy holds every key; now two values go bad on disk.
             let log = coll.current.load().log.clone();
