@@ -11,10 +11,16 @@
 #
 #   benches/scale.sh                 # N=10000000
 #   N=1000000 benches/scale.sh       # the 1M point, to compare
-# Needs redis-server (apt-get install redis-server).
+# Needs redis-server (apt-get install redis-server). With cyclictest
+# (apt-get install rt-tests), each load is followed by the machine's own
+# longest stall during it: how late a SCHED_FIFO 99 thread per CPU woke
+# from a 1 ms timer. Nothing in the machine can delay that thread but the
+# kernel with interrupts off or the hypervisor not running the vCPU, so it
+# is the floor under any maximum latency measured here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-10000000}
+command -v redis-server >/dev/null || { echo "scale.sh: needs redis-server (apt-get install redis-server)" >&2; exit 1; }
 cargo build -q --release -p dhrtd -p dhrt-bench
 bin=target/release
 tmp=$(mktemp -d)
@@ -50,11 +56,20 @@ until_up() {
 }
 rss_kib() { awk -v f="$2" '$1 == f":" {print $2}' "/proc/$1/status"; }
 bench() {
-  local who=$1 label=$2
+  local who=$1 label=$2 jitter=""
   shift 2
   local flags=(--addr 127.0.0.1:$dport)
   [ "$who" = redis ] && flags=(--addr 127.0.0.1:$rport --redis)
+  if command -v cyclictest >/dev/null; then
+    cyclictest -t "$(nproc)" -a -p 99 -i 1000 -q >"$tmp/jitter" 2>&1 &
+    jitter=$!
+  fi
   "$bin/dhrt-bench" "${flags[@]}" "$@" --csv --report-slow-ms "${SLOW_MS:-50}" | tail -n +2 | sed "s/^/\"$who\",\"$label\",/"
+  if [ -n "$jitter" ]; then
+    kill -INT $jitter
+    wait $jitter || true
+    echo "# machine stall during it (cyclictest max, per CPU): $(grep -o 'Max: *[0-9]*' "$tmp/jitter" | awk '{printf "%s%.1f ms", sep, $2 / 1000; sep = ", "}')"
+  fi
 }
 
 echo "== machine: $(nproc) cores, $(awk '/MemTotal/ {print $2}' /proc/meminfo) KiB; dhrt $(git rev-parse --short HEAD); $(redis-server --version | cut -d' ' -f3)"

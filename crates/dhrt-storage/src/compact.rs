@@ -99,6 +99,10 @@ fn catch_up_outside(
     Ok(Some((from, true)))
 }
 
+/// In bounded steps, a compaction syncs its new file before taking the
+/// lock only once this much is unsynced (or the step may be the last).
+const SYNC_BETWEEN_STEPS_EVERY: u64 = 8 << 20;
+
 /// Between two bounded steps under the writer lock, once the writers
 /// outran the catch-up outside it: long enough for waiting writers to take
 /// the lock, so that they go on (at most one step behind) while the steps
@@ -287,6 +291,7 @@ pub(crate) fn compact(
             offset: t0,
         };
         let mut from = t0;
+        let mut synced = 0;
         let mut parts = Some((index, new_log));
         let mut outrun = false;
         loop {
@@ -309,8 +314,16 @@ pub(crate) fn compact(
                 .ok_or_else(checksum)?;
                 outrun = !gaining;
             }
-            // Most of the file is synced before the lock is taken.
-            new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
+            // Most of the file is synced before the lock is taken. In
+            // bounded steps, only every few MiB or when the step may be the
+            // last: a sync per step would give the writers that long to
+            // write more, and the steps might never gain on them.
+            let unsynced = new_log.tail() - synced;
+            let last = old.log.applied().saturating_sub(from) <= LOCKED_CATCH_UP_BYTES;
+            if !outrun || last || unsynced >= SYNC_BETWEEN_STEPS_EVERY {
+                new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
+                synced = new_log.tail();
+            }
             let swapped = coll.with_writer(|live_state| {
                 let tail = old.log.tail();
                 let (index, new_log) = parts.as_ref().expect("until swapped");
@@ -400,13 +413,17 @@ pub(crate) fn reshard(
 ) -> u64 {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
-    if old.index.shard_count() >= shards {
+    if old.index.shard_count() >= shards || stop() {
         return 0;
     }
-    // Quarantines from now on are noted for the swap (see below).
-    let t0 = coll.with_writer(|_| {
+    // Quarantines from now on are noted for the swap (see below). The
+    // counters are taken with t0: the catch-up replays into a copy of them
+    // from where the copy of the index starts (taken later, they could
+    // already hold a drop written during the copy, which the catch-up
+    // would then skip, bringing the keys it dropped back).
+    let (t0, mut scratch) = coll.with_writer(|state| {
         *coll.resharding_quarantines.lock().unwrap() = Some(Some(Vec::new()));
-        old.log.tail()
+        (old.log.tail(), *state)
     });
     struct Noting<'a>(&'a Collection);
     impl Drop for Noting<'_> {
@@ -430,23 +447,20 @@ pub(crate) fn reshard(
         }
     }
     let index = index.finish();
+    #[cfg(test)]
+    std::thread::sleep(std::time::Duration::from_millis(
+        coll.slow_catch_up_ms
+            .load(std::sync::atomic::Ordering::Relaxed),
+    ));
     let abandon = || {
         tracing::error!(
             collection = %coll.name,
             "a record written during the index rebuild failed its checksum: rebuild abandoned"
         );
     };
-    // The counters describe the same log and stay as they are: the
-    // catch-up replays into a scratch copy.
-    let mut scratch = coll.state();
     let (mut from, mut locked_max) = (t0, 0);
     let mut index = Some(index);
     let mut outrun = false;
-    #[cfg(test)]
-    std::thread::sleep(std::time::Duration::from_millis(
-        coll.slow_catch_up_ms
-            .load(std::sync::atomic::Ordering::Relaxed),
-    ));
     loop {
         if stop() {
             return locked_max;

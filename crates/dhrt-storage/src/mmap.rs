@@ -1,8 +1,8 @@
 //! One of the three modules allowed `unsafe` (with `key.rs` and `shard.rs`):
 //! the shared read-only maps of collection files (unmapped on a thread of
 //! their own), space reserved ahead of the tail (`fallocate`), the anonymous
-//! in-memory files (memfd) that back memory mode, and the lower priority of
-//! background threads.
+//! in-memory files (memfd) that back memory mode, and the priority of the
+//! thread that unmaps.
 //!
 //! # Safety
 //!
@@ -75,7 +75,7 @@ impl Drop for Reaped {
 }
 
 /// One thread per process, `dhrt-unmap`, at a lower priority (nice 10)
-/// than request threads, that unmaps what it is handed.
+/// than request threads, that unmaps what it is handed, in order.
 mod reaper {
     use std::sync::mpsc::{self, Sender};
     use std::sync::{Mutex, OnceLock};
@@ -84,10 +84,11 @@ mod reaper {
 
     static QUEUE: OnceLock<Option<Mutex<Sender<Mmap>>>> = OnceLock::new();
 
-    /// Hands `map` to the reaper; unmaps it here if there is none (it
-    /// could not be started).
-    pub(super) fn unmap(map: Mmap) {
-        let queue = QUEUE.get_or_init(|| {
+    /// Starts the reaper if it is not running yet. A thread inherits its
+    /// creator's scheduling: the store starts it when it opens, so that it
+    /// is not first started (and left idle-class) by a watcher's thread.
+    pub(super) fn start() -> &'static Option<Mutex<Sender<Mmap>>> {
+        QUEUE.get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Mmap>();
             std::thread::Builder::new()
                 .name("dhrt-unmap".into())
@@ -99,8 +100,13 @@ mod reaper {
                 })
                 .ok()
                 .map(|_| Mutex::new(tx))
-        });
-        let map = match queue {
+        })
+    }
+
+    /// Hands `map` to the reaper; unmaps it here if there is none (it
+    /// could not be started).
+    pub(super) fn unmap(map: Mmap) {
+        let map = match start() {
             Some(tx) => match tx.lock().unwrap_or_else(|e| e.into_inner()).send(map) {
                 Ok(()) => return,
                 Err(mpsc::SendError(map)) => map,
@@ -111,13 +117,20 @@ mod reaper {
     }
 }
 
-/// Lowers the calling thread's priority to nice 10, so that background
-/// work (unmapping, resharding, compaction) takes the cores second to
-/// request threads. Best effort: a failure leaves the priority as it was.
-pub(crate) fn lower_priority() {
-    // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS
-    // and a thread id changes that thread's nice value only.
+/// Starts the thread that unmaps maps (see [`Reaped`]).
+pub(crate) fn start_reaper() {
+    reaper::start();
+}
+
+/// Puts the calling thread (the reaper) in the normal scheduling class at
+/// nice 10, so that it takes the cores second to request threads but is
+/// not starved by them. Best effort: a failure leaves it as it was.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain values and a pointer to a local that outlives the
+    // call; pid 0 and a thread id name the calling thread only.
     unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
         let tid = libc::gettid();
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
     }

@@ -312,6 +312,7 @@ impl Store {
             listener: arc_swap::ArcSwapOption::empty(),
         });
         let shutdown = Arc::new(Shutdown::default());
+        crate::mmap::start_reaper();
         let mut threads = Vec::new();
         {
             let (core, shutdown) = (core.clone(), shutdown.clone());
@@ -1006,14 +1007,16 @@ fn background(inner: &Core, shutdown: &Shutdown) {
     const TICK: Duration = Duration::from_millis(100);
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
     let mut last_check = Instant::now();
+    let stopping = || *shutdown.stop.lock().unwrap();
     while !shutdown.wait(TICK) {
         for c in inner.collections.load().values() {
+            if stopping() {
+                return;
+            }
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
                 let started = Instant::now();
-                let locked = compact::reshard(c, more, inner.options.shard_array_max, &|| {
-                    *shutdown.stop.lock().unwrap()
-                });
+                let locked = compact::reshard(c, more, inner.options.shard_array_max, &stopping);
                 c.locked_replay_max
                     .fetch_max(locked, std::sync::atomic::Ordering::Relaxed);
                 if c.current.load().index.shard_count() >= more {
@@ -1026,6 +1029,9 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             last_check = Instant::now();
         }
         for c in inner.collections.load().values() {
+            if stopping() {
+                return;
+            }
             let requested = c.take_compaction_request();
             let due =
                 check && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
@@ -1180,6 +1186,51 @@ mod tests {
                     .is_some()
             );
         }
+    }
+
+    /// A drop written while a reshard copies the index is caught up like
+    /// any other write: the keys it dropped stay dropped after the swap,
+    /// and the digest is the one recovery computes. (With the counters
+    /// taken after the copy, the catch-up saw the drop as already applied
+    /// and skipped it: the dropped keys came back.)
+    #[test]
+    fn a_drop_during_a_reshards_copy_stays_dropped() {
+        use std::sync::atomic::Ordering;
+        let options = Options {
+            min_index_shards: 1,
+            // No reshard but the one below.
+            keys_per_shard: 1 << 30,
+            background_compaction: false,
+            ..Options::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        for i in 0..200u32 {
+            store.set("c", format!("k{i}").as_bytes(), b"v").unwrap();
+        }
+        let coll = store.existing("c").unwrap().unwrap();
+        // The reshard sleeps 300 ms once its copy is taken.
+        coll.slow_catch_up_ms.store(300, Ordering::Relaxed);
+        std::thread::scope(|s| {
+            let resharding = s.spawn(|| compact::reshard(&coll, 64, 256, &|| false));
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(store.drop_collection("c").unwrap().len(), 200);
+            store.set("c", b"after", b"v").unwrap();
+            resharding.join().unwrap();
+        });
+        assert_eq!(coll.current.load().index.shard_count(), 64, "resharded");
+        for i in 0..200u32 {
+            assert_eq!(store.get("c", format!("k{i}").as_bytes()).unwrap(), None);
+        }
+        assert_eq!(
+            store.get("c", b"after").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(store.scan("c").unwrap().count(), 1);
+        let digest = store.digest("c").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), options).unwrap();
+        assert_eq!(store.digest("c").unwrap(), digest);
     }
 
     /// A record damaged and quarantined while a reshard copies the index
