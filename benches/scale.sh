@@ -93,15 +93,29 @@ for who in dhrt redis; do
   echo "$who: RSS $rss KiB ($((rss * 1024 / N)) bytes a key), of which anonymous (heap) $anon KiB ($((anon * 1024 / N)) bytes a key; the rest is the page cache of mapped files)"
 done
 grep -h "resharded\|compacted" "$tmp/dhrtd.log" | tail -5 || true
-echo "== stop (SIGTERM) and start again: ms until each answers"
+echo "== stop (SIGTERM) and start again: ms until each answers (files: ${CACHE:-warm})"
 kill -TERM $dhrt $redis
 wait $dhrt $redis 2>/dev/null || true
 du -sh "$tmp/dhrt" "$tmp/appendonlydir" 2>/dev/null || true
 sync
+# What is timed is the reopen, not the page cache's state, which the VM's
+# proactive reclaim (DAMON) leaves anywhere from all to none of the files
+# cached after the minutes of the loads. warm (the default): each server's
+# files are read into the page cache just before it starts, as after a
+# restart of a running machine. cold: the page cache is dropped before
+# each start, as after a boot (needs root). asis: as the loads left it.
+cache() {
+  case "${CACHE:-warm}" in
+    warm) cat "$@" >/dev/null ;;
+    cold) sync && echo 3 >/proc/sys/vm/drop_caches ;;
+  esac
+}
+cache "$tmp"/dhrt/*
 start_dhrt
 echo "dhrt reopen: $(until_up dhrt_up $dport) ms"
 anon=$(rss_kib "$dhrt" RssAnon)
 echo "dhrt heap once reopened: $anon KiB ($((anon * 1024 / N)) bytes a key)"
+cache "$tmp"/appendonlydir/*
 start_redis
 echo "redis AOF load: $(until_up redis_up $rport) ms"
 echo "keys after reopen: dhrt $(curl -s http://127.0.0.1:$dport/ | grep -o '"keys":[0-9]*' | head -1), redis $(redis-cli -p $rport dbsize)"
