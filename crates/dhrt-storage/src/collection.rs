@@ -242,12 +242,12 @@ pub(crate) fn apply_record(
             // pages as they are written (a minor fault a page), so that the
             // reads of later overwrites find them mapped, and the page
             // cache keeps them as mapped pages. With the CRC taken from the
-            // writer's buffer instead, a 10M-key log stayed unmapped, the
-            // VM's proactive reclaim (which takes unmapped page cache)
-            // evicted it, and the first overwrites after it read it back
-            // from disk: 48-57 ms for the first batches of a random load,
-            // against 15-27 ms. (Unmapping a populated map is the
-            // reaper's, off the write path: see `mmap.rs`.)
+            // writer's buffer instead, a 10M-key log stayed unmapped
+            // (reclaim that takes unmapped page cache first may evict it)
+            // and the first batches of a random load that followed took
+            // 27-57 ms, against 23-29 ms (docs/benchmarks.md, session 15).
+            // Unmapping a populated map is the reaper's, off the write
+            // path: see `mmap.rs`.
             record::stored_crc(&log[offset as usize..]),
             |slot, crc| index.upsert(key, slot, crc, log),
         ),
