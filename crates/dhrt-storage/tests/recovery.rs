@@ -52,7 +52,19 @@ fn torn_tail_is_cut_at_every_byte_offset() {
             Some(&b"second-value"[..])
         );
         assert_eq!(store.get("c", KEYS[2]).unwrap(), None, "cut at {cut}");
-        assert_eq!(store.recovery()[0].truncated_bytes, (cut - last) as u64);
+        // A torn tail of zero bytes only (the record's CRC starts with
+        // one, once in 256 runs, and the cut keeps just that) cannot be
+        // told from space reserved ahead and never written: it is given
+        // back as such, and either way the file ends at the last record.
+        let report = &store.recovery()[0];
+        if bytes[last..cut].iter().all(|&b| b == 0) {
+            assert_eq!(
+                (report.truncated_bytes, report.reserved_bytes),
+                (0, (cut - last) as u64)
+            );
+        } else {
+            assert_eq!(report.truncated_bytes, (cut - last) as u64);
+        }
         assert_eq!(
             std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len(),
             last as u64
@@ -67,6 +79,13 @@ fn torn_tail_is_cut_at_every_byte_offset() {
         );
         assert_eq!(store.recovery()[0].truncated_bytes, 0);
     }
+    // The case above that a CRC starting with a zero byte makes: one zero
+    // byte past the last record is reserved space, not a torn record.
+    let (_dir, store) = open_with(&[&bytes[..last], &[0u8][..]].concat());
+    let store = store.unwrap();
+    let report = &store.recovery()[0];
+    assert_eq!((report.truncated_bytes, report.reserved_bytes), (0, 1));
+    assert_eq!(store.get("c", KEYS[2]).unwrap(), None);
 }
 
 #[test]
