@@ -41,12 +41,6 @@ const PURGE_DELAY_MS: std::ffi::c_long = 30_000;
 /// second instead, so memory goes back as promptly as before and writers
 /// never do it.
 pub(crate) fn purge_off_request_threads() {
-    // SAFETY: mimalloc is this process's allocator (GLOBAL above); options
-    // may be set at any time and take plain integers.
-    #[allow(unsafe_code)]
-    unsafe {
-        mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS)
-    };
     let spawned = std::thread::Builder::new()
         .name("dhrt-purge".into())
         .spawn(|| {
@@ -57,12 +51,14 @@ pub(crate) fn purge_off_request_threads() {
         });
     if let Err(e) = spawned {
         tracing::warn!("cannot start the purge thread ({e}); writers will purge");
-        // SAFETY: as above.
-        #[allow(unsafe_code)]
-        unsafe {
-            mi_option_set(MI_OPTION_PURGE_DELAY, 1000)
-        };
+        return;
     }
+    // SAFETY: mimalloc is this process's allocator (GLOBAL above); options
+    // may be set at any time and take plain integers.
+    #[allow(unsafe_code)]
+    unsafe {
+        mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS)
+    };
 }
 
 /// Has mimalloc return the pages freed so far to the system now. Also

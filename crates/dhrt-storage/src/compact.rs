@@ -72,14 +72,21 @@ const OUTSIDE_ROUNDS: u32 = 8;
 /// applied, until at most [`LOCKED_CATCH_UP_BYTES`] is left, the rounds
 /// run out, or a round would start further behind than the last one did:
 /// the writers outrun it, and more rounds would only fall further behind.
-/// `step(from, upto)` does one round and says where it ended (`None`: a
-/// record failed its check). Returns where it got to, and whether it was
-/// still gaining on the writers.
+/// Once they have (`outrun`, set here and kept by the caller), it only
+/// pauses [`BETWEEN_LOCKED_STEPS`] for the waiting writers: the rest is
+/// caught up in bounded steps under the lock. `step(from, upto)` does one
+/// round and says where it ended (`None`: a record failed its check).
+/// Returns where it got to.
 fn catch_up_outside(
     old: &LogFile,
     mut from: u64,
+    outrun: &mut bool,
     mut step: impl FnMut(u64, u64) -> Result<Option<u64>>,
-) -> Result<Option<(u64, bool)>> {
+) -> Result<Option<u64>> {
+    if *outrun {
+        std::thread::sleep(BETWEEN_LOCKED_STEPS);
+        return Ok(Some(from));
+    }
     let mut behind = u64::MAX;
     for _ in 0..OUTSIDE_ROUNDS {
         let upto = old.applied();
@@ -88,7 +95,8 @@ fn catch_up_outside(
             break;
         }
         if gap >= behind {
-            return Ok(Some((from, false)));
+            *outrun = true;
+            break;
         }
         behind = gap;
         match step(from, upto)? {
@@ -96,7 +104,7 @@ fn catch_up_outside(
             None => return Ok(None),
         }
     }
-    Ok(Some((from, true)))
+    Ok(Some(from))
 }
 
 /// In bounded steps, a compaction syncs its new file before taking the
@@ -296,24 +304,18 @@ pub(crate) fn compact(
         let mut outrun = false;
         loop {
             let (index, new_log) = parts.as_ref().expect("until swapped");
-            if outrun {
-                std::thread::sleep(BETWEEN_LOCKED_STEPS);
-            } else {
-                let gaining;
-                (from, gaining) = catch_up_outside(&old.log, from, |from, upto| {
-                    let n = catch_up(
-                        &old.log,
-                        (from, upto, u64::MAX),
-                        Some(new_log),
-                        index,
-                        &mut state,
-                    )?;
-                    report.caught_up += n.map_or(0, |(n, _)| n);
-                    Ok(n.map(|(_, end)| end))
-                })?
-                .ok_or_else(checksum)?;
-                outrun = !gaining;
-            }
+            from = catch_up_outside(&old.log, from, &mut outrun, |from, upto| {
+                let n = catch_up(
+                    &old.log,
+                    (from, upto, u64::MAX),
+                    Some(new_log),
+                    index,
+                    &mut state,
+                )?;
+                report.caught_up += n.map_or(0, |(n, _)| n);
+                Ok(n.map(|(_, end)| end))
+            })?
+            .ok_or_else(checksum)?;
             // Most of the file is synced before the lock is taken. In
             // bounded steps, only every few MiB or when the step may be the
             // last: a sync per step would give the writers that long to
@@ -466,26 +468,22 @@ pub(crate) fn reshard(
             return locked_max;
         }
         let new = index.as_ref().expect("until swapped");
-        if outrun {
-            std::thread::sleep(BETWEEN_LOCKED_STEPS);
-        } else {
-            let caught = catch_up_outside(&old.log, from, |from, upto| {
-                #[cfg(test)]
-                std::thread::sleep(std::time::Duration::from_millis(
-                    coll.slow_catch_up_ms
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                ));
-                let n = catch_up(&old.log, (from, upto, u64::MAX), None, new, &mut scratch)?;
-                Ok(n.map(|(_, end)| end))
-            });
-            (from, outrun) = match caught {
-                Ok(Some((at, gaining))) => (at, !gaining),
-                _ => {
-                    abandon();
-                    return locked_max;
-                }
-            };
-        }
+        let caught = catch_up_outside(&old.log, from, &mut outrun, |from, upto| {
+            #[cfg(test)]
+            std::thread::sleep(std::time::Duration::from_millis(
+                coll.slow_catch_up_ms
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ));
+            let n = catch_up(&old.log, (from, upto, u64::MAX), None, new, &mut scratch)?;
+            Ok(n.map(|(_, end)| end))
+        });
+        from = match caught {
+            Ok(Some(at)) => at,
+            _ => {
+                abandon();
+                return locked_max;
+            }
+        };
         #[cfg(test)]
         if let Some((paused, resume)) = coll.pause_reshard.lock().unwrap().take() {
             paused.send(()).unwrap();

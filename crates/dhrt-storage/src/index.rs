@@ -510,10 +510,7 @@ impl Builder {
     /// filling a shard of n keys costs n log n, never n² (compaction's keys
     /// arrive in log order, and a shard may hold many).
     pub(crate) fn insert(&mut self, key: &[u8], slot: Slot, crc: u32) {
-        self.shard(key).push(Entry {
-            key: Key::new(key),
-            slot: AtomicSlot::new(slot),
-        });
+        self.insert_undigested(key, slot);
         self.toggle(key, &slot, crc);
     }
 

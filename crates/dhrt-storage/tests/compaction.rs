@@ -119,6 +119,19 @@ fn compaction_in_memory_mode_too() {
     check(&store, &finals);
 }
 
+/// Waits up to 10 s for the background thread to reshard the store's only
+/// collection to at least `shards` shards; `seen` goes in the failure.
+fn wait_for_shards(store: &Store, shards: usize, seen: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.stats().collections[0].index_shards < shards {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never resharded: {seen}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn the_index_reshards_under_load_without_losing_a_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,14 +165,7 @@ fn the_index_reshards_under_load_without_losing_a_key() {
         writer.join().unwrap();
         seen
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.stats().collections[0].index_shards < 8192 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never resharded: {shards_seen:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_shards(&store, 8192, &format!("{shards_seen:?}"));
     for i in 0..30_000u32 {
         assert_eq!(
             store.get("r", &i.to_be_bytes()).unwrap().as_deref(),
@@ -196,11 +202,7 @@ fn reshards_racing_writers_keep_the_digest_recovery_computes() {
             store.set("d", &(i / 4).to_be_bytes(), b"again").unwrap();
         }
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while store.stats().collections[0].index_shards < 8192 {
-        assert!(std::time::Instant::now() < deadline, "never resharded");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_shards(&store, 8192, "");
     let kept = store.digest("d").unwrap();
     drop(store);
     let store = Store::open(dir.path(), options).unwrap();
