@@ -208,9 +208,12 @@ pub fn route<'a>(
     let Some(rest) = path.strip_prefix('/') else {
         return Err(HttpError::bad_request("the path must start with /"));
     };
-    // One trailing slash is forgiven ("/c/k/"), but "//" is not the root.
+    // One trailing slash after a key is forgiven ("/c/k/" is "/c/k"), but
+    // not after a first segment: "/c/" is collection c with an empty key
+    // (a script's `DELETE /users/$KEY` with an empty `$KEY` must not drop
+    // the collection), and "//" is not the root.
     let rest = match rest.strip_suffix('/') {
-        Some(r) if !r.is_empty() => r,
+        Some(r) if r.contains('/') => r,
         _ => rest,
     };
     // At most three segments are routed; a fourth only marks "too many".
@@ -223,10 +226,18 @@ pub fn route<'a>(
         }
     }
     let segments = &parts[..count];
-    if segments.iter().any(|s| s.is_empty()) {
-        return Err(HttpError::not_found(format!(
-            "no route for {method} {path}: empty path segment"
-        )));
+    match segments.iter().position(|s| s.is_empty()) {
+        Some(1) if count == 2 => {
+            return Err(HttpError::bad_request(format!(
+                "{method} {path}: the key is empty"
+            )));
+        }
+        Some(_) => {
+            return Err(HttpError::not_found(format!(
+                "no route for {method} {path}: empty path segment"
+            )));
+        }
+        None => {}
     }
     let default = || Cow::Borrowed(DEFAULT_COLLECTION);
     if let Some(set) = replicas_param(query) {
@@ -399,8 +410,14 @@ mod tests {
                 key: b(b"users")
             }
         );
-        // A trailing slash is forgiven.
+        // A trailing slash is forgiven after a key...
         assert_eq!(ok(Method::GET, "/c/k/"), ok(Method::GET, "/c/k"));
+        // ...not after a collection: that is an empty key, and a DELETE
+        // of one must not become a drop of the collection.
+        for method in [Method::DELETE, Method::PUT, Method::GET] {
+            let e = route(&method, "/users/", None).unwrap_err();
+            assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST, "{method}");
+        }
     }
 
     #[test]
