@@ -31,6 +31,18 @@ pub struct BinaryLimits {
     pub max_frame: u32,
     /// A connection with no complete request for this long is closed.
     pub idle_timeout: Duration,
+    /// A frame (and the preamble) must arrive within this, plus a second
+    /// for every [`frame_min_rate`](Self::frame_min_rate) bytes of it
+    /// received; a client that must show a token (a node with an auth
+    /// file, or a remote client of a node without one) must have shown a
+    /// valid one this long after connecting. Slower, the connection is
+    /// closed: a stranger cannot hold a connection slot for the idle
+    /// timeout by trickling a frame or by saying nothing after the
+    /// preamble.
+    pub frame_grace: Duration,
+    /// The slowest rate, in bytes a second, at which a frame may arrive
+    /// once [`frame_grace`](Self::frame_grace) has passed.
+    pub frame_min_rate: u32,
     /// Who may do what (the node's auth file). Peers are not clients: they
     /// prove the cluster secret instead.
     pub access: Arc<Access>,
@@ -45,6 +57,8 @@ impl Default for BinaryLimits {
         BinaryLimits {
             max_frame: DEFAULT_MAX_FRAME,
             idle_timeout: Duration::from_secs(300),
+            frame_grace: Duration::from_secs(10),
+            frame_min_rate: 1024,
             access: Access::loopback_only(),
             peer_slots: Arc::new(Semaphore::new(1024)),
         }
@@ -80,6 +94,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    let connected = tokio::time::Instant::now();
     loop {
         match read_preamble(&buf) {
             Ok(Preamble::Binary {
@@ -105,10 +120,16 @@ where
                 break;
             }
             Ok(Preamble::Incomplete) => {
-                if let Some(closed) =
-                    read_more(&mut stream, &mut buf, PREAMBLE_LEN, limits.idle_timeout).await?
-                {
-                    return Ok(closed);
+                let left = limits.frame_grace.saturating_sub(connected.elapsed());
+                match read_more(&mut stream, &mut buf, PREAMBLE_LEN, left).await? {
+                    Some(Closed::Idle) => {
+                        return Ok(Closed::TooSlow(format!(
+                            "no whole preamble within {} s",
+                            limits.frame_grace.as_secs_f64()
+                        )));
+                    }
+                    Some(closed) => return Ok(closed),
+                    None => {}
                 }
             }
             Ok(Preamble::NotBinary) => return Ok(Closed::Protocol("not a dhrt preamble".into())),
@@ -135,6 +156,9 @@ where
     let mut memo = Remembered::default();
     // Requests refused as unauthenticated on this connection, so far.
     let mut refused = 0u32;
+    // When the first bytes of the unfinished frame at the front of `buf`
+    // arrived, if there is one.
+    let mut frame_started: Option<tokio::time::Instant> = None;
     loop {
         // Take every complete request in the buffer and answer them in
         // order, writing whenever WRITE_BUDGET bytes of answers are ready
@@ -234,6 +258,13 @@ where
             }
         }
         buf.advance(consumed);
+        if buf.is_empty() {
+            frame_started = None;
+        } else if consumed > 0 || frame_started.is_none() {
+            // What is left began arriving with the read that completed the
+            // frames before it (or now, if nothing completed).
+            frame_started = Some(tokio::time::Instant::now());
+        }
         if requests > 0 {
             // Only whole requests keep a connection from being idle: bytes
             // trickled into a frame that never completes do not.
@@ -295,16 +326,73 @@ where
                 }
             }
         }
+        // Deadlines beside the idle timeout, armed only while a frame is
+        // unfinished or the client has yet to show a token: a client
+        // answered whole reads at a time never arms a timer here.
+        let frame_due = frame_started.map(|at| {
+            let allowance = buf.len() as u64 * 1000 / u64::from(limits.frame_min_rate.max(1));
+            (
+                at + limits.frame_grace + Duration::from_millis(allowance),
+                Slow::Frame,
+            )
+        });
+        let token_due = match standing {
+            Standing::Anonymous | Standing::Refused => {
+                Some((connected + limits.frame_grace, Slow::Token))
+            }
+            Standing::Trusted(_) | Standing::Token(_) => None,
+        };
+        let due = match (frame_due, token_due) {
+            (Some(f), Some(t)) => Some(if t.0 < f.0 { t } else { f }),
+            (f, t) => f.or(t),
+        };
         buf.reserve(needed.max(16 * 1024));
         let read = stream.read_buf(&mut buf);
         tokio::pin!(read);
-        match guard.run(read).await {
+        let read = match due {
+            None => guard.run(read).await,
+            Some((at, why)) => {
+                let read = tokio::time::timeout_at(at, read);
+                tokio::pin!(read);
+                match guard.run(read).await {
+                    Either::Left(Ok(read)) => Either::Left(read),
+                    Either::Left(Err(_)) => {
+                        return Ok(Closed::TooSlow(why.reason(&limits, buf.len())));
+                    }
+                    Either::Right(closed) => Either::Right(closed),
+                }
+            }
+        };
+        match read {
             Either::Left(read) => {
                 if read? == 0 {
                     return Ok(Closed::ByClient);
                 }
             }
             Either::Right(closed) => return Ok(closed),
+        }
+    }
+}
+
+/// Which deadline a slow connection missed.
+#[derive(Debug, Clone, Copy)]
+enum Slow {
+    /// An unfinished frame arrived slower than the minimum rate.
+    Frame,
+    /// A client that must show a token had not shown a valid one.
+    Token,
+}
+
+impl Slow {
+    fn reason(self, limits: &BinaryLimits, buffered: usize) -> String {
+        let grace = limits.frame_grace.as_secs_f64();
+        match self {
+            Slow::Frame => format!(
+                "a frame arrived too slowly ({buffered} bytes of it; at least {} bytes a second \
+                 after the first {grace} s)",
+                limits.frame_min_rate
+            ),
+            Slow::Token => format!("no valid token shown within {grace} s of connecting"),
         }
     }
 }

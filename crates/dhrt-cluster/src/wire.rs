@@ -129,6 +129,10 @@ pub enum Closed {
     /// The client broke the protocol (bad preamble, bad length, unreadable
     /// request); the reason is logged.
     Protocol(String),
+    /// The client was too slow: a frame (or the preamble) arrived slower
+    /// than the minimum rate, or a client that must show a token had not
+    /// shown a valid one in time. The reason is logged.
+    TooSlow(String),
 }
 
 /// A connection's idle deadline: one timer, pushed forward lazily. Arming a

@@ -348,3 +348,193 @@ async fn a_connection_refused_too_often_for_want_of_a_token_is_closed() {
     }
     assert!(count <= 64, "{count}");
 }
+
+/// A server with a 300 s idle timeout (much longer than the frame grace, so
+/// only the grace can close these connections) and `access`.
+fn start_slow_limits(
+    access: Arc<dhrt_proto::auth::Access>,
+    remote: std::net::SocketAddr,
+) -> (
+    DuplexStream,
+    tokio::task::JoinHandle<std::io::Result<Closed>>,
+) {
+    let (client, server) = tokio::io::duplex(1 << 20);
+    let limits = BinaryLimits {
+        max_frame: 1 << 20,
+        idle_timeout: Duration::from_secs(300),
+        frame_grace: Duration::from_secs(10),
+        frame_min_rate: 1024,
+        access,
+        ..BinaryLimits::default()
+    };
+    let node = Arc::new(crate::node::node());
+    let task = tokio::spawn(serve_binary(
+        server,
+        remote,
+        node,
+        limits,
+        std::future::pending(),
+    ));
+    (client, task)
+}
+
+/// Waits for the connection to close; how long it took, and why.
+async fn closed_after(
+    task: tokio::task::JoinHandle<std::io::Result<Closed>>,
+) -> (Duration, Closed) {
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(200), task)
+        .await
+        .expect("still open after 200 s")
+        .unwrap()
+        .unwrap();
+    (started.elapsed(), closed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unfinished_frame_or_preamble_is_closed_after_the_grace_not_the_idle_timeout() {
+    use dhrt_proto::auth::Access;
+    let local = ([127, 0, 0, 1], 1).into();
+    // Half a preamble, then nothing.
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), local);
+    client.write_all(&preamble()[..3]).await.unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("preamble")),
+        "{closed:?}"
+    );
+    assert!(waited <= Duration::from_secs(10), "{waited:?}");
+    // A whole preamble and the first 5 bytes of a frame, then nothing: the
+    // slot is given back after the grace (plus a few ms for 5 bytes).
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), local);
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Ping,
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client
+        .write_all(&wire[..preamble().len() + 5])
+        .await
+        .unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("too slowly")),
+        "{closed:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frame_arriving_faster_than_the_minimum_rate_is_answered_however_long_it_takes() {
+    use dhrt_proto::auth::Access;
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), ([127, 0, 0, 1], 1).into());
+    let value = vec![7u8; 60 * 1024];
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Set {
+                collection: "c".into(),
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(value.clone()),
+            },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    // 2 KiB a second: 30 s for the frame, three times the grace, at twice
+    // the minimum rate.
+    for chunk in wire.chunks(2048) {
+        client.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!task.is_finished(), "closed while the frame kept coming");
+    }
+    assert_eq!(
+        read_responses(&mut client, 1).await[0].result,
+        Ok(Reply::Stored)
+    );
+    // Then a frame that stops half way is closed, counted from its own start.
+    let mut wire = Vec::new();
+    encode_frame(
+        &Request {
+            id: 2,
+            op: Op::Ping,
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire[..3]).await.unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(matches!(closed, Closed::TooSlow(_)), "{closed:?}");
+    assert!(waited < Duration::from_secs(11), "{waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_must_show_a_token_and_does_not_is_closed_after_the_grace() {
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    // A remote client of a node without an auth file says nothing after
+    // its preamble.
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), ([192, 0, 2, 1], 1).into());
+    client.write_all(&preamble()).await.unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("token")),
+        "{closed:?}"
+    );
+    assert!(waited <= Duration::from_secs(10), "{waited:?}");
+    // A client of a node with tokens that never shows one.
+    let token = new_token();
+    let access = Access::tokens(Tokens::parse(&auth_line(Role::Read, &token, "")).unwrap());
+    let (mut client, task) = start_slow_limits(access.clone(), ([127, 0, 0, 1], 1).into());
+    client.write_all(&preamble()).await.unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("token")),
+        "{closed:?}"
+    );
+    assert!(waited <= Duration::from_secs(10), "{waited:?}");
+    // One that shows it stays, idle, long past the grace.
+    let (mut client, task) = start_slow_limits(access, ([127, 0, 0, 1], 1).into());
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Auth { token },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    assert_eq!(
+        read_responses(&mut client, 1).await[0].result,
+        Ok(Reply::Authenticated(Role::Read))
+    );
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!task.is_finished(), "an authenticated client was closed");
+    let mut wire = Vec::new();
+    encode_frame(
+        &Request {
+            id: 2,
+            op: Op::Ping,
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    assert_eq!(
+        read_responses(&mut client, 1).await[0].result,
+        Ok(Reply::Pong)
+    );
+}
