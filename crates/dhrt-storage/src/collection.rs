@@ -174,18 +174,19 @@ impl std::fmt::Debug for Collection {
     }
 }
 
-/// The record length of the entry `slot` points at.
-fn record_len_at(log: &[u8], slot: &Slot) -> u64 {
-    record::peek_header(&log[slot.offset() as usize..]).record_len() as u64
+/// The length of the record `slot` of a key of `key_len` bytes points at.
+fn record_len_of(key_len: usize, slot: &Slot) -> u64 {
+    (RECORD_HEADER_LEN + key_len) as u64 + u64::from(slot.value_len())
 }
 
-fn forget(state: &mut State, log: &[u8], old: &Slot) {
+/// Counts the record `old`, of a key of `key_len` bytes, as replaced.
+fn forget(state: &mut State, key_len: usize, old: &Slot) {
     if old.is_tombstone() {
         state.tombstones -= 1;
     } else {
         state.live_keys -= 1;
     }
-    state.garbage += record_len_at(log, old);
+    state.garbage += record_len_of(key_len, old);
 }
 
 /// Applies one record, already in the log at `offset`, to an index and its
@@ -225,8 +226,8 @@ pub(crate) fn apply_record(
                 }
             });
             for (k, s) in doomed {
-                index.remove(k.as_bytes(), log);
-                forget(state, log, &s);
+                index.remove(k.as_bytes());
+                forget(state, k.as_bytes().len(), &s);
                 if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
                     out.push(k.as_bytes().to_vec());
                 }
@@ -235,34 +236,29 @@ pub(crate) fn apply_record(
         }
         Kind::Set | Kind::Tombstone => apply_write(
             state,
-            log,
             header,
             offset,
             // Read back through the map on purpose: it maps the log's new
-            // pages as they are written (a minor fault a page), so that the
-            // reads of later overwrites find them mapped, and the page
-            // cache keeps them as mapped pages. With the CRC taken from the
-            // writer's buffer instead, a 10M-key log stayed unmapped
-            // (reclaim that takes unmapped page cache first may evict it)
-            // and the first batches of a random load that followed took
-            // 27-57 ms, against 23-29 ms (docs/benchmarks.md, session 15).
+            // pages as they are written (a minor fault a page), so that
+            // reads find them mapped, and the page cache keeps them as
+            // mapped pages (reclaim that takes unmapped page cache first
+            // may evict an unmapped log: docs/benchmarks.md, session 15).
             // Unmapping a populated map is the reaper's, off the write
             // path: see `mmap.rs`.
             record::stored_crc(&log[offset as usize..]),
-            |slot, crc| index.upsert(key, slot, crc, log),
+            |slot| index.upsert(key, slot),
         ),
     }
 }
 
 /// [`apply_record`] for a set or a tombstone, with `upsert` putting its
-/// slot and CRC in the index (a live [`Index`], or a builder's).
+/// slot in the index (a live [`Index`], or a builder's).
 pub(crate) fn apply_write(
     state: &mut State,
-    log: &[u8],
     header: &Header,
     offset: u64,
     crc: u32,
-    upsert: impl FnOnce(Slot, u32) -> Upsert,
+    upsert: impl FnOnce(Slot) -> Upsert,
 ) -> Option<Option<Slot>> {
     let version = header.version;
     if state.dropped_at.is_some_and(|d| version <= d) {
@@ -270,13 +266,14 @@ pub(crate) fn apply_write(
         return None;
     }
     let tombstone = header.kind == Kind::Tombstone;
-    let replaced = match upsert(Slot::new(offset, tombstone, version), crc) {
+    let slot = Slot::new(offset, tombstone, version, crc, header.value_len);
+    let replaced = match upsert(slot) {
         Upsert::Kept(_) => {
             state.garbage += header.record_len() as u64;
             return None;
         }
         Upsert::Replaced(old) => {
-            forget(state, log, &old);
+            forget(state, header.key_len as usize, &old);
             Some(old)
         }
         Upsert::Inserted => None,
@@ -909,7 +906,7 @@ impl Collection {
             version,
             record::stored_crc(encoded),
             current.version(),
-            || record::stored_crc(&generation.log.map()[current.offset() as usize..]),
+            || current.crc(),
         )
     }
 

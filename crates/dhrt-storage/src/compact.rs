@@ -270,11 +270,9 @@ pub(crate) fn compact(
                 state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
             } else {
                 let tombstone = header.kind == Kind::Tombstone;
-                index.insert(
-                    key,
-                    Slot::new(new_offset, tombstone, version),
-                    record::stored_crc(bytes),
-                );
+                let crc = record::stored_crc(bytes);
+                let slot = Slot::new(new_offset, tombstone, version, crc, header.value_len);
+                index.insert(key, slot);
                 if tombstone {
                     state.tombstones += 1;
                     state.oldest_tombstone_ms =
@@ -519,10 +517,9 @@ pub(crate) fn reshard(
                 );
                 return true;
             };
-            let map = old.log.map();
             for key in quarantined {
                 if old.index.get(&key).is_none() && new.get(&key).is_some() {
-                    new.remove_damaged(&key, &map);
+                    new.remove_damaged(&key);
                 }
             }
             // Caught up to the tail, the two hold the same entries.

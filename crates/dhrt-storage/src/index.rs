@@ -72,16 +72,34 @@ pub(crate) fn interned_nodes() -> usize {
     NODE_INTERN.lock().unwrap().as_ref().map_or(0, HashMap::len)
 }
 
-/// Where a key's newest record lives, and its version. 16 bytes.
+/// Where a key's newest record lives, its version, and the record's CRC
+/// and value length. 24 bytes.
+///
+/// The CRC and length are what an overwrite needs of the record it
+/// replaces (the digest XORs the old entry out, the garbage count adds its
+/// length): kept here, an overwrite never reads the log. Read from the log,
+/// they cost a random read of an old record under the writer lock, which
+/// on a large log, parts of it no longer cached, was a disk read: the first
+/// batches of a 10M-key random load took 25-44 ms, 102 major faults in its
+/// first million SETs; with these 8 bytes, none and 9 ms
+/// (docs/benchmarks.md, session 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Slot {
     ts: u64,
     /// Offset, tombstone bit and interned node id.
     pos: u64,
+    /// The record's CRC (high 32 bits) and value length (low 32 bits).
+    meta: u64,
 }
 
 impl Slot {
-    pub(crate) fn new(offset: u64, tombstone: bool, version: Version) -> Self {
+    pub(crate) fn new(
+        offset: u64,
+        tombstone: bool,
+        version: Version,
+        crc: u32,
+        value_len: u32,
+    ) -> Self {
         debug_assert!(offset <= OFFSET_MASK);
         let mut pos = offset | (u64::from(node_index(version.node)) << NODE_SHIFT);
         if tombstone {
@@ -90,7 +108,20 @@ impl Slot {
         Slot {
             ts: version.ts,
             pos,
+            meta: u64::from(crc) << 32 | u64::from(value_len),
         }
+    }
+
+    /// The CRC of the record, as stored in its first 4 bytes.
+    #[inline]
+    pub(crate) fn crc(&self) -> u32 {
+        (self.meta >> 32) as u32
+    }
+
+    /// The length of the record's value (0 for a tombstone).
+    #[inline]
+    pub(crate) fn value_len(&self) -> u32 {
+        self.meta as u32
     }
 
     #[inline]
@@ -110,31 +141,33 @@ impl Slot {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() == 16);
+const _: () = assert!(std::mem::size_of::<Slot>() == 24);
 
 /// A [`Slot`] that a writer rewrites in place while readers read it, so
-/// overwriting a key changes 16 bytes in its index entry instead of
+/// overwriting a key changes 24 bytes in its index entry instead of
 /// publishing a new entry and retiring the old one (an allocation, a free
 /// and epoch bookkeeping per write).
 ///
 /// A seqlock whose sequence is the position word: a writer first sets
-/// [`BUSY_BIT`] in the old position, then stores the timestamp, then the new
-/// position. A reader retries while the bit is set or the position changed
+/// [`BUSY_BIT`] in the old position, then stores the timestamp and the
+/// CRC and length, then the new position. A reader retries while the bit is set or the position changed
 /// under it. Positions never repeat (every record has its own offset in an
 /// append-only log), so an unchanged position means an untorn slot. Writers
 /// of one index are serialized by its callers.
 pub(crate) struct AtomicSlot {
     ts: AtomicU64,
     pos: AtomicU64,
+    meta: AtomicU64,
 }
 
-const _: () = assert!(std::mem::size_of::<AtomicSlot>() == 16);
+const _: () = assert!(std::mem::size_of::<AtomicSlot>() == 24);
 
 impl AtomicSlot {
     pub(crate) fn new(slot: Slot) -> Self {
         AtomicSlot {
             ts: AtomicU64::new(slot.ts),
             pos: AtomicU64::new(slot.pos),
+            meta: AtomicU64::new(slot.meta),
         }
     }
 
@@ -145,9 +178,10 @@ impl AtomicSlot {
             let pos = self.pos.load(Ordering::Acquire);
             if pos & BUSY_BIT == 0 {
                 let ts = self.ts.load(Ordering::Relaxed);
+                let meta = self.meta.load(Ordering::Relaxed);
                 fence(Ordering::Acquire);
                 if self.pos.load(Ordering::Relaxed) == pos {
-                    return Slot { ts, pos };
+                    return Slot { ts, pos, meta };
                 }
             }
             std::hint::spin_loop();
@@ -161,6 +195,7 @@ impl AtomicSlot {
         self.pos.store(old | BUSY_BIT, Ordering::Relaxed);
         fence(Ordering::Release);
         self.ts.store(slot.ts, Ordering::Relaxed);
+        self.meta.store(slot.meta, Ordering::Relaxed);
         self.pos.store(slot.pos, Ordering::Release);
     }
 }
@@ -211,20 +246,14 @@ fn digest_bucket_of(order_hash: u64) -> usize {
 /// differ). Buckets XOR these, so the digest of a set of entries does not
 /// depend on the order they arrived in.
 #[inline]
-fn entry_hash(key: &[u8], slot: &Slot, crc: u32) -> u64 {
+fn entry_hash(key: &[u8], slot: &Slot) -> u64 {
     let v = slot.version();
+    let crc = slot.crc();
     let seed = v.ts.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ v.node.rotate_left(32)
         ^ u64::from(slot.is_tombstone())
         ^ (u64::from(crc) << 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     xxhash_rust::xxh3::xxh3_64_with_seed(key, seed)
-}
-
-/// The CRC of the record `slot` points at in `log`. The slot does not keep
-/// it (slots stay 16 bytes); the record's first 4 bytes do.
-#[inline]
-fn crc_of(log: &[u8], slot: &Slot) -> u32 {
-    crate::record::stored_crc(&log[slot.offset() as usize..])
 }
 
 /// Whether a record with version `new` and CRC `new_crc` wins over one
@@ -324,8 +353,8 @@ impl Index {
     }
 
     #[inline]
-    fn toggle(&self, key: &[u8], slot: &Slot, crc: u32) {
-        self.digest[digest_bucket(key)].fetch_xor(entry_hash(key, slot, crc), Ordering::Relaxed);
+    fn toggle(&self, key: &[u8], slot: &Slot) {
+        self.digest[digest_bucket(key)].fetch_xor(entry_hash(key, slot), Ordering::Relaxed);
     }
 
     /// Sets this index's digest to `other`'s. For a reshard's swap, under
@@ -369,35 +398,34 @@ impl Index {
         self.shard(key).get(key, &epoch::pin())
     }
 
-    /// Inserts `slot` (whose record has CRC `crc`) unless the key holds a
-    /// record that [`wins`] over it. An existing key is updated in place
-    /// (no allocation); a new one gives its shard a new array. `log` holds
-    /// the records the index's offsets point into (for the CRCs of replaced
-    /// records). Callers serialize writes to one index.
-    pub(crate) fn upsert(&self, key: &[u8], slot: Slot, crc: u32, log: &[u8]) -> Upsert {
+    /// Inserts `slot` unless the key holds a record that [`wins`] over it.
+    /// An existing key is updated in place (no allocation); a new one gives
+    /// its shard a new array. Reads nothing of the log. Callers serialize
+    /// writes to one index.
+    pub(crate) fn upsert(&self, key: &[u8], slot: Slot) -> Upsert {
         let upsert = self.shard(key).upsert(
             key,
             slot,
-            |old| matches!(decide(Some(old), slot, crc, log), Upsert::Replaced(_)),
+            |old| matches!(decide(Some(old), slot), Upsert::Replaced(_)),
             self.array_max,
             &epoch::pin(),
         );
-        account(upsert, slot, crc, log, |s, c| self.toggle(key, s, c));
+        account(upsert, slot, |s| self.toggle(key, s));
         upsert
     }
 
-    /// Removes `key`; `log` holds the records the index points into.
-    pub(crate) fn remove(&self, key: &[u8], log: &[u8]) {
+    /// Removes `key`.
+    pub(crate) fn remove(&self, key: &[u8]) {
         if let Some(slot) = self.shard(key).remove(key, &epoch::pin()) {
-            self.toggle(key, &slot, crc_of(log, &slot));
+            self.toggle(key, &slot);
         }
     }
 
     /// Removes `key`, whose record may be damaged, and recomputes the
-    /// digest of its bucket from the remaining entries (the damaged
-    /// record's stored CRC cannot be trusted to XOR it out). Callers
+    /// digest of its bucket from the remaining entries (a damaged index, not
+    /// only a damaged record, is not trusted to XOR it out). Callers
     /// serialize writes to one index.
-    pub(crate) fn remove_damaged(&self, key: &[u8], log: &[u8]) {
+    pub(crate) fn remove_damaged(&self, key: &[u8]) {
         let guard = &epoch::pin();
         self.shard(key).remove(key, guard);
         let bucket = digest_bucket(key);
@@ -411,7 +439,7 @@ impl Index {
                 let k = e.key().as_bytes();
                 if digest_bucket(k) == bucket {
                     let slot = e.value().load();
-                    hash ^= entry_hash(k, &slot, crc_of(log, &slot));
+                    hash ^= entry_hash(k, &slot);
                 }
                 cursor = e.next();
             }
@@ -488,8 +516,8 @@ impl Builder {
     }
 
     #[inline]
-    fn toggle(&mut self, key: &[u8], slot: &Slot, crc: u32) {
-        self.digest[digest_bucket(key)] ^= entry_hash(key, slot, crc);
+    fn toggle(&mut self, key: &[u8], slot: &Slot) {
+        self.digest[digest_bucket(key)] ^= entry_hash(key, slot);
     }
 
     #[inline]
@@ -503,15 +531,15 @@ impl Builder {
         &mut self.shards[i - self.range.start]
     }
 
-    /// Inserts a key that is not in the index yet; `crc` is its record's.
+    /// Inserts a key that is not in the index yet.
     ///
     /// Pushed, not inserted in place: [`Builder::seal`] sorts each shard
     /// (already sorted when keys arrive in order, as a reshard's do), so
     /// filling a shard of n keys costs n log n, never n² (compaction's keys
     /// arrive in log order, and a shard may hold many).
-    pub(crate) fn insert(&mut self, key: &[u8], slot: Slot, crc: u32) {
+    pub(crate) fn insert(&mut self, key: &[u8], slot: Slot) {
         self.insert_undigested(key, slot);
-        self.toggle(key, &slot, crc);
+        self.toggle(key, &slot);
     }
 
     /// [`insert`](Self::insert) without the digest: for a reshard, which
@@ -559,12 +587,12 @@ impl Builder {
     }
 }
 
-/// What an upsert of `slot` (whose record has CRC `crc`) does to a key
-/// holding `old`: the one rule the live index and its builders follow.
-fn decide(old: Option<Slot>, slot: Slot, crc: u32, log: &[u8]) -> Upsert {
+/// What an upsert of `slot` does to a key holding `old`: the one rule the
+/// live index and its builders follow.
+fn decide(old: Option<Slot>, slot: Slot) -> Upsert {
     match old {
         None => Upsert::Inserted,
-        Some(old) if wins(slot.version(), crc, old.version(), || crc_of(log, &old)) => {
+        Some(old) if wins(slot.version(), slot.crc(), old.version(), || old.crc()) => {
             Upsert::Replaced(old)
         }
         Some(old) => Upsert::Kept(old),
@@ -573,12 +601,12 @@ fn decide(old: Option<Slot>, slot: Slot, crc: u32, log: &[u8]) -> Upsert {
 
 /// Keeps a digest in step with `upsert` of `slot`: `toggle` XORs one
 /// entry's hash into its bucket.
-fn account(upsert: Upsert, slot: Slot, crc: u32, log: &[u8], mut toggle: impl FnMut(&Slot, u32)) {
+fn account(upsert: Upsert, slot: Slot, mut toggle: impl FnMut(&Slot)) {
     match upsert {
-        Upsert::Inserted => toggle(&slot, crc),
+        Upsert::Inserted => toggle(&slot),
         Upsert::Replaced(old) => {
-            toggle(&old, crc_of(log, &old));
-            toggle(&slot, crc);
+            toggle(&old);
+            toggle(&slot);
         }
         Upsert::Kept(_) => {}
     }
@@ -626,10 +654,9 @@ impl InOrder {
         }
     }
 
-    /// Adds `key`, whose order hash is `hash`, with its final `slot` (its
-    /// record's CRC is `crc`): in a later shard than the last key added, or
-    /// in the same one and greater.
-    pub(crate) fn push(&mut self, hash: u64, key: Key, slot: Slot, crc: u32) {
+    /// Adds `key`, whose order hash is `hash`, with its final `slot`: in a
+    /// later shard than the last key added, or in the same one and greater.
+    pub(crate) fn push(&mut self, hash: u64, key: Key, slot: Slot) {
         debug_assert_eq!(hash, order_hash(key.as_bytes()));
         let i = shard_of(hash, self.bits);
         assert!(
@@ -645,7 +672,7 @@ impl InOrder {
                 .is_none_or(|e| compare(e.key.as_bytes(), key.as_bytes()).is_lt()),
             "keys given to the in-order builder out of order"
         );
-        self.digest[digest_bucket_of(hash)] ^= entry_hash(key.as_bytes(), &slot, crc);
+        self.digest[digest_bucket_of(hash)] ^= entry_hash(key.as_bytes(), &slot);
         self.scratch.push(Entry {
             key,
             slot: AtomicSlot::new(slot),
@@ -718,10 +745,20 @@ mod tests {
     #[test]
     fn a_slot_rewritten_in_place_is_never_read_torn() {
         // One writer moves the slot through offsets 1, 2, 3, ... with the
-        // timestamp 3 × offset; readers on other threads must only ever see
-        // pairs that belong together.
+        // timestamp 3 × offset, the CRC 7 × offset and the length the offset;
+        // readers on other threads must only ever see words that belong
+        // together.
         const WRITES: u64 = 200_000;
-        let slot = AtomicSlot::new(Slot::new(1, false, version(3)));
+        let at = |offset: u64| {
+            Slot::new(
+                offset,
+                offset.is_multiple_of(2),
+                version(3 * offset),
+                7 * offset as u32,
+                offset as u32,
+            )
+        };
+        let slot = AtomicSlot::new(at(1));
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let readers: Vec<_> = (0..3)
@@ -732,6 +769,12 @@ mod tests {
                         while !done.load(Ordering::Relaxed) {
                             let seen = slot.load();
                             assert_eq!(seen.version().ts, 3 * seen.offset(), "torn: {seen:?}");
+                            assert_eq!(seen.crc(), 7 * seen.offset() as u32, "torn: {seen:?}");
+                            assert_eq!(
+                                u64::from(seen.value_len()),
+                                seen.offset(),
+                                "torn: {seen:?}"
+                            );
                             assert!(seen.offset() >= last, "went back: {seen:?}");
                             assert_eq!(seen.is_tombstone(), seen.offset().is_multiple_of(2));
                             last = seen.offset();
@@ -742,11 +785,7 @@ mod tests {
                 })
                 .collect();
             for offset in 2..=WRITES {
-                slot.store(Slot::new(
-                    offset,
-                    offset.is_multiple_of(2),
-                    version(3 * offset),
-                ));
+                slot.store(at(offset));
             }
             done.store(true, Ordering::Relaxed);
             for r in readers {
@@ -756,45 +795,29 @@ mod tests {
         assert_eq!(slot.load().offset(), WRITES);
     }
 
-    /// A log whose "records" at 10, 20, 30 and 40 are only their CRCs.
-    fn crcs() -> Vec<u8> {
-        let mut log = vec![0u8; 64];
-        for (offset, crc) in [(10, 100u32), (20, 200), (30, 300), (40, 250)] {
-            log[offset..offset + 4].copy_from_slice(&crc.to_le_bytes());
-        }
-        log
-    }
-
     #[test]
     fn upsert_updates_in_place_and_keeps_newer_versions() {
-        let log = crcs();
         let index = Index::new(4, 16);
-        let first = Slot::new(10, false, version(5));
-        assert_eq!(index.upsert(b"k", first, 100, &log), Upsert::Inserted);
-        let second = Slot::new(20, true, version(6));
-        assert_eq!(
-            index.upsert(b"k", second, 200, &log),
-            Upsert::Replaced(first)
-        );
+        let first = Slot::new(10, false, version(5), 100, 1);
+        assert_eq!(index.upsert(b"k", first), Upsert::Inserted);
+        let second = Slot::new(20, true, version(6), 200, 0);
+        assert_eq!(index.upsert(b"k", second), Upsert::Replaced(first));
         assert_eq!(index.get(b"k"), Some(second));
         // At an equal version the greater CRC wins...
-        let smaller = Slot::new(30, false, version(6));
-        assert_eq!(index.upsert(b"k", smaller, 150, &log), Upsert::Kept(second));
-        let greater = Slot::new(40, false, version(6));
-        assert_eq!(
-            index.upsert(b"k", greater, 250, &log),
-            Upsert::Replaced(second)
-        );
+        let smaller = Slot::new(30, false, version(6), 150, 1);
+        assert_eq!(index.upsert(b"k", smaller), Upsert::Kept(second));
+        let greater = Slot::new(40, false, version(6), 250, 1);
+        assert_eq!(index.upsert(b"k", greater), Upsert::Replaced(second));
         // ...and an older version never does.
-        let stale = Slot::new(30, false, version(5));
-        assert_eq!(index.upsert(b"k", stale, 300, &log), Upsert::Kept(greater));
+        let stale = Slot::new(30, false, version(5), 300, 1);
+        assert_eq!(index.upsert(b"k", stale), Upsert::Kept(greater));
         assert_eq!(index.get(b"k"), Some(greater));
         // The digest is that of the winning entry alone, its CRC included.
         let mut only = Builder::new(4, 16);
-        only.insert(b"k", greater, 250);
+        only.insert(b"k", greater);
         assert_eq!(index.digest(), only.finish().digest());
         let mut other_bytes = Builder::new(4, 16);
-        other_bytes.insert(b"k", greater, 251);
+        other_bytes.insert(b"k", Slot::new(40, false, version(6), 251, 1));
         assert_ne!(index.digest(), other_bytes.finish().digest());
         let mut seen = Vec::new();
         index.for_each(|k, s| seen.push((k.as_bytes().to_vec(), *s)));

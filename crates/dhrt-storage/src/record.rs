@@ -165,17 +165,6 @@ pub(crate) fn stored_crc(buf: &[u8]) -> u32 {
     u32::from_le_bytes(buf[..4].try_into().unwrap())
 }
 
-/// The length of the record at `offset` in `buf` if its header parses and
-/// the record fits in `buf` (whatever its CRC says).
-pub(crate) fn header_len_within(buf: &[u8], offset: u64) -> Option<u64> {
-    let at = buf.get(offset as usize..)?;
-    if at.len() < RECORD_HEADER_LEN {
-        return None;
-    }
-    let len = parse_header(at).ok()?.record_len();
-    (len <= at.len()).then_some(len as u64)
-}
-
 /// The result of decoding the record at the start of a slice.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decoded<'a> {

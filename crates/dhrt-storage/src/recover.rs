@@ -552,8 +552,14 @@ fn settle(records: &mut Vec<(u64, Found)>, log: &[u8], state: &mut State, builde
         } else {
             state.live_keys += 1;
         }
-        let slot = Slot::new(best.offset(), best.is_tombstone(), best.version);
-        builder.push(hash, Key::new(best.key.bytes(log)), slot, best.crc);
+        let slot = Slot::new(
+            best.offset(),
+            best.is_tombstone(),
+            best.version,
+            best.crc,
+            best.value_len,
+        );
+        builder.push(hash, Key::new(best.key.bytes(log)), slot);
     }
 }
 
@@ -805,9 +811,10 @@ mod tests {
         assert_eq!(state.dropped_at, dropped_at);
         let live = Index::new(16, options.shard_array_max);
         for (key, (version, crc, at, tombstone)) in &winners {
-            let slot = Slot::new(*at, *tombstone, *version);
+            let value_len = record::peek_header(&buf[*at as usize..]).value_len;
+            let slot = Slot::new(*at, *tombstone, *version, *crc, value_len);
             assert_eq!(index.get(key), Some(slot), "key {key:?}");
-            live.upsert(key, slot, *crc, buf);
+            live.upsert(key, slot);
         }
         for (_, key, _, _) in &records {
             if !winners.contains_key(key) {

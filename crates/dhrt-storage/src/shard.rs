@@ -49,13 +49,13 @@ use crossbeam_skiplist::base::{self, SkipList};
 use crate::index::{AtomicSlot, Slot, Upsert};
 use crate::key::{Key, KeyRef, compare};
 
-/// One key of the index and where its newest record is. 40 bytes.
+/// One key of the index and where its newest record is. 48 bytes.
 pub(crate) struct Entry {
     pub(crate) key: Key,
     pub(crate) slot: AtomicSlot,
 }
 
-const _: () = assert!(std::mem::size_of::<Entry>() == 40);
+const _: () = assert!(std::mem::size_of::<Entry>() == 48);
 
 type Run = [MaybeUninit<Entry>];
 
@@ -494,7 +494,7 @@ mod tests {
     use crate::version::Version;
 
     fn slot(offset: u64) -> Slot {
-        Slot::new(offset, false, Version::new(offset, 1))
+        Slot::new(offset, false, Version::new(offset, 1), offset as u32, 1)
     }
 
     /// A shard and its spill, owned.

@@ -56,8 +56,7 @@ impl Collection {
             if !Arc::ptr_eq(&current.log, log) || current.index.get(key) != Some(slot) {
                 return;
             }
-            let map = current.log.map();
-            current.index.remove_damaged(key, &map);
+            current.index.remove_damaged(key);
             // A reshard's copy of this index may hold the key still.
             if let Some(during) = self.resharding_quarantines.lock().unwrap().as_mut() {
                 match during {
@@ -72,13 +71,9 @@ impl Collection {
             } else {
                 state.live_keys -= 1;
             }
-            // The length may be what is damaged; compaction is asked for
-            // below whatever the garbage count says.
-            if let Some(len) =
-                record::header_len_within(&map[..current.log.tail() as usize], slot.offset())
-            {
-                state.garbage += len;
-            }
+            // The length the index kept, not the damaged header's.
+            state.garbage +=
+                (record::RECORD_HEADER_LEN + key.len()) as u64 + u64::from(slot.value_len());
         });
         self.quarantined.fetch_add(1, Ordering::Relaxed);
         {
