@@ -193,7 +193,10 @@ impl Client {
     }
 
     /// Presents `token` on this connection; returns the role it grants.
-    /// Requests sent after it are judged by that role.
+    /// Requests sent after it are judged by that role. A node with an auth
+    /// file closes a connection that has not shown a valid token 10 s
+    /// after connecting: present it right away (as
+    /// [`ClientBuilder::token`] does), not when the first request needs it.
     pub async fn authenticate(&self, token: &str) -> Result<Role, Error> {
         match self
             .request(Op::Auth {

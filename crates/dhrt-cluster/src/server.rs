@@ -120,12 +120,13 @@ where
                 break;
             }
             Ok(Preamble::Incomplete) => {
-                let left = limits.frame_grace.saturating_sub(connected.elapsed());
+                let grace = limits.frame_grace.min(limits.idle_timeout);
+                let left = grace.saturating_sub(connected.elapsed());
                 match read_more(&mut stream, &mut buf, PREAMBLE_LEN, left).await? {
                     Some(Closed::Idle) => {
                         return Ok(Closed::TooSlow(format!(
                             "no whole preamble within {} s",
-                            limits.frame_grace.as_secs_f64()
+                            grace.as_secs_f64()
                         )));
                     }
                     Some(closed) => return Ok(closed),
@@ -327,8 +328,10 @@ where
             }
         }
         // Deadlines beside the idle timeout, armed only while a frame is
-        // unfinished or the client has yet to show a token: a client
-        // answered whole reads at a time never arms a timer here.
+        // unfinished or the client has yet to show a token: a read that
+        // ends on a frame boundary (a client that writes whole requests)
+        // arms no timer here; one that ends inside a frame arms one for
+        // the next read.
         let frame_due = frame_started.map(|at| {
             let allowance = buf.len() as u64 * 1000 / u64::from(limits.frame_min_rate.max(1));
             (

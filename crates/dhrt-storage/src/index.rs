@@ -35,7 +35,7 @@ const NODE_SHIFT: u32 = 48;
 
 /// The node ids this process has seen, in order of first sight: a slot keeps
 /// a 16-bit index into this table instead of the 64-bit id, which keeps
-/// slots at 16 bytes. Append-only; reads take no lock.
+/// slots at 24 bytes. Append-only; reads take no lock.
 const MAX_NODES: usize = 1 << 16;
 static NODE_IDS: [AtomicU64; MAX_NODES] = [const { AtomicU64::new(0) }; MAX_NODES];
 static NODE_INTERN: Mutex<Option<HashMap<u64, u16>>> = Mutex::new(None);
