@@ -115,6 +115,10 @@ start_dhrt
 echo "dhrt reopen: $(until_up dhrt_up $dport) ms"
 anon=$(rss_kib "$dhrt" RssAnon)
 echo "dhrt heap once reopened: $anon KiB ($((anon * 1024 / N)) bytes a key)"
+sleep 5
+anon=$(rss_kib "$dhrt" RssAnon)
+echo "dhrt heap 5 s later: $anon KiB ($((anon * 1024 / N)) bytes a key)"
+grep -h "recovered the index\|compact" "$tmp/dhrtd.log" | tail -3 | cut -c1-240 || true
 cache "$tmp"/appendonlydir/*
 start_redis
 echo "redis AOF load: $(until_up redis_up $rport) ms"

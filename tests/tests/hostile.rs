@@ -151,3 +151,65 @@ fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn binary_connections_stalled_in_a_frame_give_their_slots_back_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--memory", "--max-connections", "4"]);
+    // Four binary connections each send the preamble and 5 bytes of a frame
+    // announcing 100, then nothing: before, they held every client slot for
+    // the idle timeout (300 s).
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(node.addr).unwrap();
+            let mut wire = preamble().to_vec();
+            wire.extend_from_slice(&100u32.to_le_bytes());
+            wire.push(0);
+            s.write_all(&wire).unwrap();
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    // Full meanwhile: an HTTP request is refused (closed without an answer).
+    std::thread::sleep(Duration::from_millis(500));
+    let served = || {
+        let mut s = TcpStream::connect(node.addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out.starts_with(b"HTTP/1.1 200").then_some(())
+    };
+    assert!(
+        served().is_none(),
+        "a fifth connection was served beside four stalled ones"
+    );
+    // Within the 10 s grace and a little more, the node closes them and
+    // serves again.
+    loop {
+        if served().is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still full {:?} after the stalled frames began",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed before the grace: {waited:?}"
+    );
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        assert!(
+            matches!(s.read_to_end(&mut out), Ok(_)),
+            "a stalled connection was not closed"
+        );
+    }
+    assert!(node.stop("TERM").success());
+}
