@@ -206,10 +206,16 @@ fn binary_connections_stalled_in_a_frame_give_their_slots_back_after_the_grace()
     for mut s in stalled {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut out = Vec::new();
-        assert!(
-            matches!(s.read_to_end(&mut out), Ok(_)),
-            "a stalled connection was not closed"
-        );
+        // Closed: end of stream, or a reset; not a read that times out.
+        if let Err(e) = s.read_to_end(&mut out) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a stalled connection was not closed: {e}"
+            );
+        }
     }
     assert!(node.stop("TERM").success());
 }
