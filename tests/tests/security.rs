@@ -591,3 +591,56 @@ fn a_stranger_and_a_replayed_handshake_get_nothing_and_are_logged() {
         .count();
     assert!(refusals >= 2, "{log}");
 }
+
+/// A node guarding its clients with tokens and no cluster secret takes no
+/// peers: a process on the same machine proving the empty secret would
+/// otherwise join it and read and write what the tokens guard.
+#[test]
+fn a_node_with_an_auth_file_and_no_cluster_secret_takes_no_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, admin_line) = make_token("admin");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{admin_line}\n")).unwrap();
+    let guarded = Dhrtd::start(
+        &dir.path().join("a"),
+        &["--auth-file", auth.to_str().unwrap()],
+    );
+    let (code, body) = request(guarded.addr, "PUT", "/c/k", Some(&admin));
+    assert!(code == 201 || code == 200, "{code} {body}");
+    // An intruder without a token, told to join it.
+    let intruder = Dhrtd::start(
+        &dir.path().join("b"),
+        &["--node", &guarded.addr.to_string()],
+    );
+    let (code, _) = request(intruder.addr, "PUT", "/c/pwned", None);
+    assert!(code == 201 || code == 200, "{code}");
+    // Nothing flows either way: the intruder's write never reaches the
+    // guarded node, and the guarded node's key never reaches the intruder.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let (code, body) = request(guarded.addr, "GET", "/c/pwned", Some(&admin));
+        assert_eq!(
+            code, 404,
+            "the intruder's write reached the guarded node: {body}"
+        );
+        let (code, body) = request(intruder.addr, "GET", "/c/k", None);
+        assert_eq!(
+            code, 404,
+            "the guarded node's key reached the intruder: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // And a node told to cluster with an auth file and no secret does not
+    // start.
+    let (code, said) = refused(
+        &dir.path().join("c"),
+        &[
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--node",
+            &guarded.addr.to_string(),
+        ],
+    );
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("cluster secret"), "{said}");
+}

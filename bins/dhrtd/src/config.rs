@@ -257,6 +257,14 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// Whether this node talks to peers. Not with an auth file and no
+    /// cluster secret: a peer proving the empty secret could read and write
+    /// everything the tokens guard (on loopback only, as a node beyond it
+    /// does not start without a secret; still any local user or tunnel).
+    pub(crate) fn takes_peers(&self) -> bool {
+        !(matches!(self.auth, Auth::File(_)) && self.cluster_secret.is_none())
+    }
+
     pub(crate) fn load(args: Args) -> anyhow::Result<Config> {
         let file: File = match &args.config {
             Some(path) => {
@@ -364,6 +372,14 @@ impl Config {
             (None, true) => Auth::Open,
             (None, false) => Auth::LoopbackOnly,
         };
+        if matches!(auth, Auth::File(_)) && cluster_secret.is_none() && !seeds.is_empty() {
+            bail!(
+                "--node with --auth-file needs a cluster secret: without one, anyone who \
+                 can reach the port could join as a peer and skip the tokens. Give every \
+                 node the same --cluster-secret (or DHRT_CLUSTER_SECRET) of at least \
+                 {MIN_SECRET} bytes; `dhrt-cli secret` prints a fresh one"
+            );
+        }
         let tls = match (
             args.tls_cert.or(file.tls_cert),
             args.tls_key.or(file.tls_key),

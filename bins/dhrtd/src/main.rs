@@ -273,7 +273,9 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             replicas: config.replicas,
             move_rate: config.move_rate,
             seeds: config.seeds.clone(),
-            state_file: (!config.memory).then(|| config.data_dir.join("cluster.state")),
+            // A node that takes no peers remembers none (it would dial them).
+            state_file: (!config.memory && config.takes_peers())
+                .then(|| config.data_dir.join("cluster.state")),
             max_hints: config.max_hints,
             max_hint_bytes: config.max_hint_bytes,
             max_clock_ahead: config.max_clock_offset,
@@ -322,6 +324,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             access: access.clone(),
             idle_timeout: config.idle_timeout,
             peer_slots: Arc::new(tokio::sync::Semaphore::new(config.max_peer_connections)),
+            takes_peers: config.takes_peers(),
             ..BinaryLimits::default()
         },
         first_byte_timeout: Duration::from_secs(10),

@@ -49,6 +49,9 @@ pub struct BinaryLimits {
     /// Slots for peer connections, taken once a peer has proved the
     /// cluster secret; a proven peer finding none is closed.
     pub peer_slots: Arc<Semaphore>,
+    /// Whether peer connections are served at all (not on a node whose
+    /// clients need tokens and whose peers would prove an empty secret).
+    pub takes_peers: bool,
 }
 
 impl Default for BinaryLimits {
@@ -61,6 +64,7 @@ impl Default for BinaryLimits {
             frame_min_rate: 1024,
             access: Access::loopback_only(),
             peer_slots: Arc::new(Semaphore::new(1024)),
+            takes_peers: true,
         }
     }
 }
@@ -97,6 +101,19 @@ where
     let connected = tokio::time::Instant::now();
     loop {
         match read_preamble(&buf) {
+            Ok(Preamble::Binary {
+                channel: Channel::Peer,
+                ..
+            }) if !limits.takes_peers => {
+                static REFUSED: crate::LogThrottle =
+                    crate::LogThrottle::new(Duration::from_secs(1));
+                if let Some(left_out) = REFUSED.allow() {
+                    tracing::warn!(%remote, left_out, "refused a peer: this node has an auth file and no cluster secret, so it takes no peers (set --cluster-secret on every node to cluster)");
+                }
+                return Ok(Closed::Protocol(
+                    "peers refused: an auth file and no cluster secret".into(),
+                ));
+            }
             Ok(Preamble::Binary {
                 channel: Channel::Peer,
                 ..
