@@ -92,3 +92,66 @@ fn the_cli_against_a_real_node() {
     let o = cli(&node, &["get", "greeting"]);
     assert_eq!(out(&o), "hello world\n");
 }
+
+/// Runs the REPL on `node`, feeding it `lines` with the pauses given before
+/// each; returns what it printed.
+fn repl_with_pauses(node: &Dhrtd, lines: &[(std::time::Duration, &str)]) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let mut child = Command::new(cli_binary())
+        .args(["--addr", &node.addr.to_string()])
+        .env("HOME", home.path())
+        .env_remove("DHRT_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (pause, line) in lines {
+        std::thread::sleep(*pause);
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    out(&o)
+}
+
+#[test]
+fn the_repl_connects_again_once_the_node_has_closed_its_connection() {
+    use std::time::Duration;
+    // The idle timeout closes the REPL's connection between two commands.
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--idle-timeout-secs", "1"]);
+    let text = repl_with_pauses(
+        &node,
+        &[
+            (Duration::ZERO, "set c k v1"),
+            (Duration::from_millis(2500), "get c k"),
+        ],
+    );
+    assert!(!text.contains("lost"), "{text:?}");
+    assert_eq!(text, "OK\nv1\n");
+
+    // On a node with an auth file, a REPL started without a token is closed
+    // 10 s after connecting; an `auth` typed later connects again with it,
+    // and the commands after it use it.
+    let (token, line) = crate::security::make_token("write");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{line}\n")).unwrap();
+    let node = Dhrtd::start(
+        &dir.path().join("b"),
+        &["--auth-file", auth.to_str().unwrap()],
+    );
+    let text = repl_with_pauses(
+        &node,
+        &[
+            (Duration::from_secs(11), &format!("auth {token}")),
+            (Duration::ZERO, "set c k v2"),
+            (Duration::ZERO, "get c k"),
+        ],
+    );
+    assert!(!text.contains("lost"), "{text:?}");
+    assert!(text.ends_with("OK\nv2\n"), "{text:?}");
+}

@@ -205,6 +205,7 @@ pub(crate) fn print_token(role: Role, name: &str) {
 }
 
 /// How to reach the node: address, token, TLS files.
+#[derive(Clone, Copy)]
 pub(crate) struct Target<'a> {
     pub(crate) addr: &'a str,
     token: Option<&'a str>,

@@ -58,7 +58,7 @@ pub(crate) fn run(
     json: bool,
 ) -> ExitCode {
     let addr = target.addr;
-    let client = match runtime.block_on(crate::connect(target)) {
+    let mut client = match runtime.block_on(crate::connect(target)) {
         Ok(c) => c,
         Err(e @ dhrt_client::Error::Connect { .. }) => {
             crate::print_error(&format!("{e} (is dhrtd running there?)"), json);
@@ -82,6 +82,8 @@ pub(crate) fn run(
         let _ = editor.load_history(h);
     }
     let prompt = format!("{addr}> ");
+    // The token to connect again with: the one given, or the last `auth`.
+    let mut token: Option<String> = target.token.map(str::to_string);
     loop {
         let line = match editor.readline(&prompt) {
             Ok(line) => line,
@@ -111,8 +113,35 @@ pub(crate) fn run(
                 }
             }
             _ => {
+                if let Command::Auth { token: given } = &command {
+                    token = Some(given.clone());
+                }
                 let mut out = Vec::new();
-                match runtime.block_on(crate::execute(&client, &command, json, &mut out)) {
+                let mut result =
+                    runtime.block_on(crate::execute(&client, &command, json, &mut out));
+                if let Err(dhrt_client::Error::Disconnected(_)) = result {
+                    // The node closed the connection while the prompt
+                    // waited (the idle timeout, or no token shown within
+                    // 10 s on a node with an auth file): connect again,
+                    // with the token known so far, and try once more.
+                    let again = crate::Target {
+                        token: token.as_deref(),
+                        ..*target
+                    };
+                    match runtime.block_on(crate::connect(&again)) {
+                        Ok(c) => {
+                            client = c;
+                            out.clear();
+                            result =
+                                runtime.block_on(crate::execute(&client, &command, json, &mut out));
+                        }
+                        Err(e) => {
+                            println!("(error) {e}");
+                            continue;
+                        }
+                    }
+                }
+                match result {
                     Ok(_) => {
                         let _ = std::io::stdout().write_all(&out);
                     }
