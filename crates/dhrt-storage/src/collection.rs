@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -657,6 +657,30 @@ impl Collection {
         }
     }
 
+    /// The writer lock, for a write of `keys`. If another writer holds it,
+    /// the wait is spent looking the keys up first, so that the upserts
+    /// under the lock find their shards in cache: index memory that has
+    /// gone unread for a while is slow to read again (a cache and TLB miss
+    /// at best; on a virtual machine whose host reclaims idle guest memory,
+    /// a host fault of microseconds a page), and read under the lock, every
+    /// writer of the collection waits for it. A free lock is taken at once:
+    /// looking every key up twice cost a third of the throughput of random
+    /// SETs with the index warm (docs/benchmarks.md, session 16).
+    fn lock_for<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) -> MutexGuard<'_, Writer> {
+        match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::WouldBlock) => {
+                let generation = self.current.load();
+                for key in keys {
+                    std::hint::black_box(generation.index.get(key));
+                }
+                drop(generation);
+                self.writer.lock().unwrap()
+            }
+            Err(TryLockError::Poisoned(e)) => panic!("the writer lock is poisoned: {e}"),
+        }
+    }
+
     /// Writes a set (`value` is `Some`) or a delete of `key`.
     pub(crate) fn write(
         &self,
@@ -665,7 +689,7 @@ impl Collection {
         stamp: Stamp<'_>,
         sync: SyncMode,
     ) -> Result<Written> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.lock_for(std::iter::once(key));
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
         let version = match stamp {
@@ -728,7 +752,7 @@ impl Collection {
         entries: &[crate::Replicated<'_>],
         sync: SyncMode,
     ) -> Result<usize> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.lock_for(entries.iter().map(|(key, ..)| *key));
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
         let Writer {
@@ -803,7 +827,7 @@ impl Collection {
         clock: &Clock,
         sync: SyncMode,
     ) -> Result<Vec<Version>> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = self.lock_for(entries.iter().map(|(key, _)| *key));
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
         let Writer {
