@@ -201,6 +201,7 @@ fn idle_connections_are_closed_and_clients_at_the_cap_leave_room_for_peers() {
 
 #[test]
 fn a_stranger_can_neither_park_a_large_frame_nor_take_the_peer_slots() {
+    const SECRET: &str = "a cluster secret of more than thirty-two bytes";
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let auth = dirs[0].path().join("auth");
     let token = dhrt_proto::auth::new_token();
@@ -215,6 +216,9 @@ fn a_stranger_can_neither_park_a_large_frame_nor_take_the_peer_slots() {
             "2",
             "--max-peer-connections",
             "2",
+            // A node with an auth file takes peers only with a secret.
+            "--cluster-secret",
+            SECRET,
         ],
     );
     // Before a token: a frame announced at 16 MiB closes the connection
@@ -277,7 +281,7 @@ fn a_stranger_can_neither_park_a_large_frame_nor_take_the_peer_slots() {
     std::thread::sleep(Duration::from_millis(300));
     let b = Dhrtd::start(
         &dirs[1].path().join("data"),
-        &["--node", &a.addr.to_string()],
+        &["--node", &a.addr.to_string(), "--cluster-secret", SECRET],
     );
     // (Asked of the joining node: the first may have no client slot free.)
     eventually(
