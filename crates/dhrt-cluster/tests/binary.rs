@@ -407,16 +407,7 @@ async fn an_unfinished_frame_or_preamble_is_closed_after_the_grace_not_the_idle_
     // A whole preamble and the first 5 bytes of a frame, then nothing: the
     // slot is given back after the grace (plus a few ms for 5 bytes).
     let (mut client, task) = start_slow_limits(Access::loopback_only(), local);
-    let mut wire = preamble().to_vec();
-    encode_frame(
-        &Request {
-            id: 1,
-            op: Op::Ping,
-        },
-        &mut wire,
-        1 << 20,
-    )
-    .unwrap();
+    let wire = [&preamble()[..], &ping(1)].concat();
     client
         .write_all(&wire[..preamble().len() + 5])
         .await
@@ -463,16 +454,7 @@ async fn a_frame_arriving_faster_than_the_minimum_rate_is_answered_however_long_
         Ok(Reply::Stored)
     );
     // Then a frame that stops half way is closed, counted from its own start.
-    let mut wire = Vec::new();
-    encode_frame(
-        &Request {
-            id: 2,
-            op: Op::Ping,
-        },
-        &mut wire,
-        1 << 20,
-    )
-    .unwrap();
+    let wire = ping(2);
     client.write_all(&wire[..3]).await.unwrap();
     let (waited, closed) = closed_after(task).await;
     assert!(matches!(closed, Closed::TooSlow(_)), "{closed:?}");
@@ -522,19 +504,17 @@ async fn a_client_that_must_show_a_token_and_does_not_is_closed_after_the_grace(
     );
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!task.is_finished(), "an authenticated client was closed");
-    let mut wire = Vec::new();
-    encode_frame(
-        &Request {
-            id: 2,
-            op: Op::Ping,
-        },
-        &mut wire,
-        1 << 20,
-    )
-    .unwrap();
+    let wire = ping(2);
     client.write_all(&wire).await.unwrap();
     assert_eq!(
         read_responses(&mut client, 1).await[0].result,
         Ok(Reply::Pong)
     );
+}
+
+/// The frame of a `Ping` with `id`.
+fn ping(id: u64) -> Vec<u8> {
+    let mut wire = Vec::new();
+    encode_frame(&Request { id, op: Op::Ping }, &mut wire, 1 << 20).unwrap();
+    wire
 }

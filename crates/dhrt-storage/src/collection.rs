@@ -174,11 +174,6 @@ impl std::fmt::Debug for Collection {
     }
 }
 
-/// The length of the record `slot` of a key of `key_len` bytes points at.
-fn record_len_of(key_len: usize, slot: &Slot) -> u64 {
-    (RECORD_HEADER_LEN + key_len) as u64 + u64::from(slot.value_len())
-}
-
 /// Counts the record `old`, of a key of `key_len` bytes, as replaced.
 fn forget(state: &mut State, key_len: usize, old: &Slot) {
     if old.is_tombstone() {
@@ -186,7 +181,7 @@ fn forget(state: &mut State, key_len: usize, old: &Slot) {
     } else {
         state.live_keys -= 1;
     }
-    state.garbage += record_len_of(key_len, old);
+    state.garbage += old.record_len(key_len);
 }
 
 /// Applies one record, already in the log at `offset`, to an index and its

@@ -124,6 +124,12 @@ impl Slot {
         self.meta as u32
     }
 
+    /// The length of the whole record, whose key is `key_len` bytes.
+    #[inline]
+    pub(crate) fn record_len(&self, key_len: usize) -> u64 {
+        (crate::record::RECORD_HEADER_LEN + key_len) as u64 + u64::from(self.value_len())
+    }
+
     #[inline]
     pub(crate) fn offset(&self) -> u64 {
         self.pos & OFFSET_MASK

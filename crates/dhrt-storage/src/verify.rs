@@ -72,8 +72,7 @@ impl Collection {
                 state.live_keys -= 1;
             }
             // The length the index kept, not the damaged header's.
-            state.garbage +=
-                (record::RECORD_HEADER_LEN + key.len()) as u64 + u64::from(slot.value_len());
+            state.garbage += slot.record_len(key.len());
         });
         self.quarantined.fetch_add(1, Ordering::Relaxed);
         {
