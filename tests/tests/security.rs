@@ -644,3 +644,117 @@ fn a_node_with_an_auth_file_and_no_cluster_secret_takes_no_peers() {
     assert_eq!(code, Some(2), "{said}");
     assert!(said.contains("cluster secret"), "{said}");
 }
+
+/// Strangers that connect first and show no valid token cannot keep a
+/// client with one out: when every client slot is taken, a newcomer closes
+/// the oldest connection that has not shown a token and takes its slot.
+/// Connections that have shown one are never closed for a newcomer.
+#[test]
+fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, admin_line) = make_token("admin");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{admin_line}\n")).unwrap();
+    let node = Dhrtd::start(
+        &dir.path().join("a"),
+        &[
+            "--memory",
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--max-connections",
+            "4",
+        ],
+    );
+    let at = node.addr;
+    // Four strangers take every client slot: two binary connections that
+    // send the preamble and nothing more, one that shows a wrong token, and
+    // one that sends part of an HTTP head.
+    let mut strangers = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(at).unwrap();
+        s.write_all(&dhrt_proto::preamble()).unwrap();
+        strangers.push(s);
+    }
+    let mut wrong = TcpStream::connect(at).unwrap();
+    let mut auth_frame = Vec::new();
+    let wrong_token = dhrt_proto::Request {
+        id: 1,
+        op: dhrt_proto::Op::Auth {
+            token: "dhrt_wrong".into(),
+        },
+    };
+    dhrt_proto::encode_frame(&wrong_token, &mut auth_frame, 1 << 20).unwrap();
+    wrong.write_all(&dhrt_proto::preamble()).unwrap();
+    wrong.write_all(&auth_frame).unwrap();
+    strangers.push(wrong);
+    let mut http = TcpStream::connect(at).unwrap();
+    http.write_all(b"GET /c/k HTTP/1.1\r\nHost: x\r\n").unwrap();
+    strangers.push(http);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A client with a token gets in, over HTTP and over the binary
+    // protocol, again and again, well within the strangers' 10 s grace.
+    let started = Instant::now();
+    for round in 0..3 {
+        let (code, body) = request(at, "PUT", &format!("/c/k{round}"), Some(&admin));
+        assert!(
+            code == 200 || code == 201,
+            "round {round}: a client with a token was kept out by strangers: {code} {body}"
+        );
+    }
+    let rt = runtime();
+    // Four clients with a token now hold every slot.
+    let proven: Vec<Client> = rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let c = Client::builder(at.to_string())
+                .token(&admin)
+                .connect()
+                .await
+                .expect("a client with a token was kept out by strangers");
+            c.set("c", "k", "v").await.unwrap();
+            clients.push(c);
+        }
+        clients
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}: the strangers' grace ran out, not room made",
+        started.elapsed()
+    );
+    // Every stranger was closed for them.
+    for mut s in strangers {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut rest = Vec::new();
+        if let Err(e) = s.read_to_end(&mut rest) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a stranger still holds a slot: {e}"
+            );
+        }
+    }
+    // A newcomer finds no stranger to close: it is refused, and the clients
+    // that showed a token are all still served.
+    let fifth = http_at(
+        at,
+        "GET",
+        "/c/k",
+        &format!("Authorization: Bearer {admin}\r\n"),
+        b"",
+    );
+    assert!(
+        !matches!(fifth, Ok((200, _))),
+        "a fifth connection was served beside four clients: {fifth:?}"
+    );
+    rt.block_on(async {
+        for c in &proven {
+            assert_eq!(c.get("c", "k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        }
+    });
+    assert!(node.stop("TERM").success());
+}

@@ -35,6 +35,7 @@ fn node() -> &'static str {
                     node.clone(),
                     BinaryLimits::default(),
                     std::future::pending(),
+                    dhrt_proto::Proven::ignored(),
                 ));
             }
         });

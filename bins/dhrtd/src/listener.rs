@@ -4,22 +4,23 @@
 //! each kind apart (clients can never take the slots peers need), and hand
 //! the connection to the right server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dhrt_cluster::{BinaryLimits, LogThrottle, Node, serve_binary};
 use dhrt_http::Api;
-use dhrt_proto::{Channel, PREAMBLE_LEN, Preamble, read_preamble};
+use dhrt_proto::{Channel, PREAMBLE_LEN, Preamble, Proven, Standing, read_preamble};
 
 use crate::tls::{self, Tls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -60,6 +61,8 @@ pub(crate) async fn run(
         clients: Semaphore::new(slots.clients),
         slots,
         pending_by_ip: Mutex::new(HashMap::new()),
+        unproven: Mutex::new(BTreeMap::new()),
+        next_unproven: AtomicU64::new(0),
     });
     let tracker = TaskTracker::new();
     loop {
@@ -118,6 +121,66 @@ struct Caps {
     /// Connections not yet told apart, or peers not yet proved, per
     /// address off loopback.
     pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Client connections in a slot that must show a token and have not
+    /// yet, oldest first: when every slot is taken, a newcomer closes the
+    /// oldest of them and takes its slot.
+    unproven: Mutex<BTreeMap<u64, CancellationToken>>,
+    next_unproven: AtomicU64,
+}
+
+/// How long a newcomer waits for the slot of the stranger it closed.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+impl Caps {
+    /// A client slot: a free one, or else the one the oldest client that
+    /// has not shown a token holds, once it has closed. `None` when every
+    /// slot is held by a client that needs no token or has shown one.
+    async fn client_slot(&self) -> Option<SemaphorePermit<'_>> {
+        if let Ok(slot) = self.clients.try_acquire() {
+            return Some(slot);
+        }
+        // Legitimate clients show their token in their first request, so
+        // the stranger closed is one that has had longer than any of them
+        // to do so: strangers cannot hold every slot by connecting first
+        // and saying nothing (or nothing valid).
+        let (_, oldest) = self.unproven.lock().unwrap().pop_first()?;
+        oldest.cancel();
+        if let Some(left_out) = STRANGER_CLOSED.allow() {
+            tracing::warn!(
+                left_out,
+                "every client slot taken: closed the oldest connection that had not shown a token, for a newcomer"
+            );
+        }
+        match tokio::time::timeout(EVICTION_WAIT, self.clients.acquire()).await {
+            Ok(Ok(slot)) => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// Counts a client connection that must still show a token among those
+    /// a newcomer may close; `closing` closes it.
+    fn unproven(self: &Arc<Self>, closing: CancellationToken) -> Proven {
+        let id = self.next_unproven.fetch_add(1, Ordering::Relaxed);
+        self.unproven.lock().unwrap().insert(id, closing);
+        let guard = Unproven {
+            caps: self.clone(),
+            id,
+        };
+        Proven::new(move || drop(guard))
+    }
+}
+
+/// Takes a connection off the unproven list when it ends without proving
+/// itself (dropped with the [`Proven`] that would have).
+struct Unproven {
+    caps: Arc<Caps>,
+    id: u64,
+}
+
+impl Drop for Unproven {
+    fn drop(&mut self) {
+        self.caps.unproven.lock().unwrap().remove(&self.id);
+    }
 }
 
 /// The most connections one address off loopback may have that have not
@@ -128,6 +191,7 @@ const PENDING_PER_SOURCE: usize = 64;
 static UNKNOWN_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static ONE_SOURCE_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static KIND_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static STRANGER_CLOSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
 /// The source an address counts against: IPv4 as it is (also when mapped
 /// into IPv6), IPv6 by its /64, which one machine or network usually owns
@@ -324,7 +388,7 @@ async fn serve(
     mut stream: TcpStream,
     remote: SocketAddr,
     servers: &Servers,
-    caps: &Caps,
+    caps: &Arc<Caps>,
     pending: Pending,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -397,7 +461,7 @@ async fn serve_kind<S>(
     stream: S,
     remote: SocketAddr,
     servers: &Servers,
-    caps: &Caps,
+    caps: &Arc<Caps>,
     pending: Pending,
     shutdown: CancellationToken,
 ) -> io::Result<()>
@@ -408,7 +472,7 @@ where
         Kind::Peer => (Some(pending), None),
         Kind::Http | Kind::Binary | Kind::Tls => {
             drop(pending);
-            let Ok(slot) = caps.clients.try_acquire() else {
+            let Some(slot) = caps.client_slot().await else {
                 if let Some(left_out) = KIND_FULL.allow() {
                     let limit = caps.slots.clients;
                     tracing::warn!(%remote, limit, left_out, "client connection limit reached; refusing");
@@ -418,24 +482,44 @@ where
             (None, Some(slot))
         }
     };
-    if kind != Kind::Http {
-        let closed = serve_binary(
-            stream,
-            remote,
-            servers.node.clone(),
-            servers.binary.clone(),
-            shutdown.cancelled(),
-        )
-        .await?;
-        tracing::debug!(?closed, "binary connection closed");
-        Ok(())
-    } else {
-        servers
-            .http
-            .clone()
-            .serve_connection(stream, remote.ip(), shutdown.cancelled_owned())
-            .await
-            .map_err(io::Error::other)
+    // A client that needs no token (loopback, without an auth file) is
+    // never closed for a newcomer; one that does is, until it shows one:
+    // at once, mid-request or not (dropping the connection's future
+    // closes it), so its slot is free for the newcomer waiting.
+    let evicted = CancellationToken::new();
+    let proven = match servers.binary.access.connect(remote.ip()) {
+        Standing::Trusted(_) => Proven::ignored(),
+        _ if kind == Kind::Peer => Proven::ignored(),
+        _ => caps.unproven(evicted.clone()),
+    };
+    let served = async {
+        if kind != Kind::Http {
+            let closed = serve_binary(
+                stream,
+                remote,
+                servers.node.clone(),
+                servers.binary.clone(),
+                shutdown.cancelled(),
+                proven,
+            )
+            .await?;
+            tracing::debug!(?closed, "binary connection closed");
+            Ok(())
+        } else {
+            servers
+                .http
+                .clone()
+                .serve_connection(stream, remote.ip(), shutdown.cancelled_owned(), proven)
+                .await
+                .map_err(io::Error::other)
+        }
+    };
+    tokio::select! {
+        r = served => r,
+        () = evicted.cancelled() => {
+            tracing::debug!(%remote, "closed for a newcomer: every client slot was taken and it had shown no token");
+            Ok(())
+        }
     }
 }
 

@@ -27,6 +27,7 @@ async fn node() -> String {
                 node.clone(),
                 BinaryLimits::default(),
                 std::future::pending(),
+                dhrt_proto::Proven::ignored(),
             ));
         }
     });

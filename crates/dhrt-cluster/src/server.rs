@@ -11,8 +11,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
     Access, Beside, Channel, DEFAULT_MAX_FRAME, Decoded, Either, ErrorKind, OpError, OpRef,
-    Operations, PREAMBLE_LEN, Preamble, Reply, RequestRef, Response, Standing, dispatch_ref,
-    encode_frame, frame_bounds, read_preamble, request_id,
+    Operations, PREAMBLE_LEN, Preamble, Proven, Reply, RequestRef, Response, Standing,
+    dispatch_ref, encode_frame, frame_bounds, read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -86,13 +86,15 @@ async fn read_more<S: AsyncRead + Unpin>(
 
 /// Serves one binary connection from `remote` until the client leaves, it idles, it breaks
 /// the protocol, or `shutdown` completes (requests already received are
-/// answered first).
+/// answered first). `proven` is told once the client has shown a valid
+/// token.
 pub async fn serve_binary<S>(
     mut stream: S,
     remote: SocketAddr,
     ops: Arc<Node>,
     limits: BinaryLimits,
     shutdown: impl Future<Output = ()>,
+    mut proven: Proven,
 ) -> io::Result<Closed>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -216,6 +218,9 @@ where
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
                     Ok(request) => {
                         let item = admit(access, &mut standing, &mut memo, request);
+                        if let Standing::Token(_) = standing {
+                            proven.now();
+                        }
                         if let Ok(RequestRef {
                             id,
                             op: OpRef::Watch(w),

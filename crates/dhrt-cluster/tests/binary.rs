@@ -30,6 +30,7 @@ fn start() -> (
         node,
         limits(),
         std::future::pending(),
+        dhrt_proto::Proven::ignored(),
     ));
     (client, task)
 }
@@ -251,6 +252,7 @@ async fn an_auth_request_changes_what_the_requests_after_it_may_do() {
         node,
         limits,
         std::future::pending(),
+        dhrt_proto::Proven::ignored(),
     ));
     let set = |v: &'static str| Op::Set {
         collection: "c".into(),
@@ -321,6 +323,7 @@ async fn a_connection_refused_too_often_for_want_of_a_token_is_closed() {
         node,
         limits,
         std::future::pending(),
+        dhrt_proto::Proven::ignored(),
     ));
     let mut wire = preamble().to_vec();
     for id in 0..200 {
@@ -374,6 +377,7 @@ fn start_slow_limits(
         node,
         limits,
         std::future::pending(),
+        dhrt_proto::Proven::ignored(),
     ));
     (client, task)
 }

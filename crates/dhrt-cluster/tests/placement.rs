@@ -44,6 +44,7 @@ async fn member(i: u64, seeds: Vec<String>, replicas: Replicas) -> (Arc<Node>, S
                     node,
                     BinaryLimits::default(),
                     std::future::pending(),
+                    dhrt_proto::Proven::ignored(),
                 )
                 .await;
             });

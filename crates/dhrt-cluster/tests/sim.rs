@@ -135,7 +135,7 @@ async fn run_node(
                 let (stream, remote) = accepted?;
                 let node = node.clone();
                 tokio::spawn(async move {
-                    let _ = serve_binary(stream, remote, node, BinaryLimits::default(), std::future::pending()).await;
+                    let _ = serve_binary(stream, remote, node, BinaryLimits::default(), std::future::pending(), dhrt_proto::Proven::ignored()).await;
                 });
             }
             () = leave.notified() => {

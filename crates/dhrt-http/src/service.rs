@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dhrt_proto::auth::{Mode, Remembered};
-use dhrt_proto::{Access, Beside, Entry, Operations, Role, WatchRequest, WatchStart};
+use dhrt_proto::{Access, Beside, Entry, Operations, Proven, Role, WatchRequest, WatchStart};
 use futures_util::future::{self, Either};
 use http::header::{
     ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
@@ -778,11 +778,13 @@ impl<O: Operations> Api<O> {
 
     /// Serves HTTP/1.1 on one connection until the client closes it or
     /// `shutdown` completes; then finishes the request in flight and closes.
+    /// `proven` is told once a request has shown a valid token.
     pub async fn serve_connection<I>(
         self: Arc<Self>,
         io: I,
         remote: IpAddr,
         shutdown: impl Future<Output = ()>,
+        proven: Proven,
     ) -> Result<(), hyper::Error>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -790,7 +792,7 @@ impl<O: Operations> Api<O> {
         let watch = HeadWatch::new();
         let api = self.clone();
         let service_watch = watch.clone();
-        let memo = std::sync::Mutex::new(Remembered::default());
+        let memo = std::sync::Mutex::new((Remembered::default(), proven));
         let service = service_fn(move |req: Request<Incoming>| {
             service_watch.head_complete();
             // The same two ways as `handle`, without wrapping one future in
@@ -798,7 +800,14 @@ impl<O: Operations> Api<O> {
             let facts = HeadFacts::of(req.headers());
             // One request at a time on a connection: the lock is never
             // contended.
-            let role = api.role(remote, req.headers(), &mut memo.lock().unwrap());
+            let role = {
+                let (memo, proven) = &mut *memo.lock().unwrap();
+                let role = api.role(remote, req.headers(), memo);
+                if role.is_ok() {
+                    proven.now();
+                }
+                role
+            };
             if let Some(response) = api.answer_now(&req, facts, &role) {
                 service_watch.answered();
                 return Either::Left(future::ok::<_, Infallible>(response));

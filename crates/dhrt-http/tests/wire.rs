@@ -27,10 +27,12 @@ async fn start() -> SocketAddr {
     tokio::spawn(async move {
         loop {
             let (socket, remote) = listener.accept().await.unwrap();
-            tokio::spawn(
-                api.clone()
-                    .serve_connection(socket, remote.ip(), std::future::pending()),
-            );
+            tokio::spawn(api.clone().serve_connection(
+                socket,
+                remote.ip(),
+                std::future::pending(),
+                dhrt_proto::Proven::ignored(),
+            ));
         }
     });
     addr

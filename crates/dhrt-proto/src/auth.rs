@@ -277,6 +277,43 @@ pub struct Access {
     forbidden: AtomicU64,
 }
 
+/// Told, once, that a connection has shown it may use the node (a valid
+/// token): the listener stops counting it among the strangers it closes,
+/// oldest first, to make room for a newcomer when every client slot is
+/// taken. Servers call [`Proven::now`] whenever a token is accepted; only
+/// the first call does anything.
+#[derive(Default)]
+pub struct Proven(Option<Box<dyn FnOnce() + Send>>);
+
+impl Proven {
+    /// Runs `told` the first time the connection proves itself.
+    pub fn new(told: impl FnOnce() + Send + 'static) -> Proven {
+        Proven(Some(Box::new(told)))
+    }
+
+    /// Nobody listens: a connection that needs no proof, or a test.
+    pub fn ignored() -> Proven {
+        Proven(None)
+    }
+
+    /// The connection has proved itself.
+    pub fn now(&mut self) {
+        if let Some(told) = self.0.take() {
+            told();
+        }
+    }
+}
+
+impl std::fmt::Debug for Proven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Proven(waiting)"
+        } else {
+            "Proven(done)"
+        })
+    }
+}
+
 /// What one connection remembers of its last check, so that the next
 /// request with the same token costs an atomic load, not a hash and a
 /// lookup. Stale after a reload.

@@ -34,7 +34,7 @@ pub mod seal;
 mod stats;
 mod watch;
 
-pub use auth::{Access, Role, Standing};
+pub use auth::{Access, Proven, Role, Standing};
 pub use beside::{Beside, Either, Run};
 pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;
