@@ -20,14 +20,20 @@ use crate::index::Slot;
 use crate::log::LogFile;
 use crate::record::{self, Decoded, RECORD_HEADER_LEN};
 
-/// The value of the live record `slot` points at, if its CRC checks out.
-/// `tail` is the log's tail, loaded before `map`: the record lies below it,
-/// and a damaged length is never followed past it.
+/// The value of the live record `slot` points at, if its CRC checks out
+/// and it is the record the index wrote there: its CRC and value length are
+/// the ones the slot kept (a valid record of another key, copied over this
+/// one by a misdirected write, is damage too). `tail` is the log's tail,
+/// loaded before `map`: the record lies below it, and a damaged length is
+/// never followed past it.
 #[inline]
 pub(crate) fn read_value(map: &Bytes, tail: u64, slot: &Slot) -> Option<Bytes> {
     let offset = slot.offset() as usize;
     match record::decode(&map[offset..tail as usize]) {
-        Decoded::Record { header, .. } => {
+        Decoded::Record { header, .. }
+            if record::stored_crc(&map[offset..]) == slot.crc()
+                && header.value_len == slot.value_len() =>
+        {
             let start = offset + RECORD_HEADER_LEN + header.key_len as usize;
             Some(map.slice(start..start + header.value_len as usize))
         }

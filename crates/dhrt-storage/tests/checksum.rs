@@ -163,3 +163,38 @@ fn an_overwrite_of_a_record_damaged_on_disk_keeps_the_digest_and_garbage_exact()
         assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
     }
 }
+
+/// A record that checks out by itself but is not the one the index wrote
+/// there (a misdirected write copied another key's record over it) is not
+/// served as this key's value: the index keeps each record's CRC and value
+/// length, and a read compares them.
+#[test]
+fn a_valid_record_of_another_key_written_over_a_value_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    // Keys 11 and 12 have records of the same length, side by side.
+    let (a, b) = (offsets[11], offsets[12]);
+    assert_eq!(b - a, offsets[13] - b);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("c.dhrt"))
+        .unwrap();
+    let mut other = vec![0u8; (b - a) as usize];
+    file.read_exact_at(&mut other, b).unwrap();
+    file.write_all_at(&other, a).unwrap();
+
+    match store.get("c", &key(11)) {
+        Err(Error::Checksum { offset, .. }) => assert_eq!(offset, a),
+        other => panic!("key 11 read as {other:?}, not a checksum error"),
+    }
+    assert_eq!(store.get("c", &key(11)).unwrap(), None);
+    assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
+    // A listing neither serves it.
+    let listed: Vec<_> = store
+        .scan("c")
+        .unwrap()
+        .filter(|(k, _)| k[..] == key(11)[..])
+        .collect();
+    assert!(listed.is_empty(), "{listed:?}");
+}
