@@ -538,3 +538,30 @@ fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// Deleting a key whose value rotted on disk deletes it: the answer is not
+/// "not found" (it existed), a tombstone is written, and the key reads as
+/// missing from then on, across a restart too.
+#[test]
+fn deleting_a_rotted_value_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Dhrtd::start(dir.path(), &[]);
+    let good = value(4000, 9);
+    assert_eq!(a.http("PUT", "/rot/gone", &good).0, 200);
+    assert_eq!(a.http("PUT", "/rot/kept", b"fine").0, 200);
+    flip_byte_of(&log_of(dir.path(), "rot"), &good, 11, 1);
+    let (status, body) = a.http("GET", "/rot/gone", b"");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = a.http("DELETE", "/rot/gone", b"");
+    assert_eq!(status, 200, "deleting a damaged key: {body}");
+    for _ in 0..2 {
+        let (status, body) = a.http("GET", "/rot/gone", b"");
+        assert_eq!(status, 404, "{body}");
+    }
+    assert!(a.stop("TERM").success());
+    let a = Dhrtd::start(dir.path(), &[]);
+    let (status, body) = a.http("GET", "/rot/gone", b"");
+    assert_eq!(status, 404, "after a restart: {body}");
+    assert_eq!(a.get_raw("/rot/kept").1, b"fine");
+    assert!(a.stop("TERM").success());
+}

@@ -419,16 +419,28 @@ impl Node {
         user_collection(collection)?;
         self.refuse_writes().await?;
         let (c, k) = (collection.to_string(), key.to_vec());
-        if !self.cluster.has_peers() {
+        // A key quarantined here as damaged exists: deleting it writes a
+        // tombstone (which ends its "damaged" answers) and is no 404.
+        let mut damaged = self.is_damaged(collection, key);
+        if !self.cluster.has_peers() && !damaged {
             return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
         }
         // Whether the key existed is a question for the whole cluster when
         // this node has no entry for it.
         let known_here = match self.store.get_versioned(collection, key) {
             // Damaged and quarantined: the others say whether it existed.
-            Err(StorageError::Checksum { .. }) => None,
+            Err(StorageError::Checksum { .. }) => {
+                self.damaged.insert(collection, key);
+                damaged = true;
+                None
+            }
             other => other.map_err(op_error)?,
         };
+        if !self.cluster.has_peers() {
+            let (_, was_live) = self.write(move |s| s.delete_versioned(&c, &k)).await?;
+            self.damaged.remove(collection, key);
+            return Ok((was_live || damaged, None));
+        }
         let remote = match known_here {
             None => self.cluster.read_remote(collection, key).await,
             Some(_) => None,
@@ -441,8 +453,9 @@ impl Node {
             version: stamp(version),
         };
         self.cluster.replicate(vec![m], true).await?;
+        self.damaged.remove(collection, key);
         Ok((
-            was_live || remote.is_some_and(|v| v.value.is_some()),
+            was_live || damaged || remote.is_some_and(|v| v.value.is_some()),
             Some(version),
         ))
     }

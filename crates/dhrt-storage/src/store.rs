@@ -939,6 +939,22 @@ impl Drop for Inner {
         }
         if self.dir.is_some() {
             for c in self.collections.load().values() {
+                // A record quarantined as damaged and not yet compacted out
+                // would stop the next open (damage below the durable
+                // watermark): it leaves the file before the store closes.
+                if c.take_compaction_request() {
+                    match compact::compact(c, self.dir.as_deref(), &self.options) {
+                        Ok(r) => tracing::info!(
+                            collection = %c.name,
+                            damaged = r.damaged,
+                            "compacted the damaged records out before closing"
+                        ),
+                        Err(e) => tracing::error!(
+                            collection = %c.name,
+                            "cannot compact the damaged records out before closing: {e}"
+                        ),
+                    }
+                }
                 if let Err(e) = c.sync().and_then(|()| c.sync_watermark()) {
                     tracing::error!(collection = %c.name, "final sync failed: {e}");
                 }

@@ -198,3 +198,23 @@ fn a_valid_record_of_another_key_written_over_a_value_is_not_served() {
         .collect();
     assert!(listed.is_empty(), "{listed:?}");
 }
+
+/// A store closed right after a read found damage (before the background
+/// thread's compaction) compacts the damaged record out as it closes: the
+/// next open does not meet it below the durable watermark and refuse.
+#[test]
+fn a_store_closed_right_after_finding_damage_opens_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    damage(dir.path(), &offsets, 21);
+    assert!(matches!(
+        store.get("c", &key(21)),
+        Err(Error::Checksum { .. })
+    ));
+    drop(store);
+    let store = Store::open(dir.path(), quiet_options()).expect("reopened");
+    assert_eq!(store.get("c", &key(21)).unwrap(), None);
+    for i in (0..60).filter(|&i| i != 21) {
+        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
+    }
+}
