@@ -267,7 +267,8 @@ where
                 out: &mut out,
                 max_frame: limits.max_frame,
                 guard: &mut guard,
-                idle: &idle,
+                // Answers that are only refusals do not count as activity.
+                idle: (requests > 0).then_some(&*idle),
             };
             let answered = match answer(&*ops, &mut batch, &mut sink).await {
                 Ok(()) => sink.flush().await,
@@ -335,7 +336,7 @@ where
                         out: &mut out,
                         max_frame: limits.max_frame,
                         guard: &mut guard,
-                        idle: &idle,
+                        idle: Some(&*idle),
                     };
                     let pushed = match sink.push(Response { id, result: Err(e) }).await {
                         Ok(()) => sink.flush().await,
@@ -450,7 +451,8 @@ struct Sink<'a, S, G> {
     out: &'a mut Vec<u8>,
     max_frame: u32,
     guard: &'a mut Beside<G>,
-    idle: &'a IdleTimer,
+    /// Touched as answers are written, if they answer whole requests.
+    idle: Option<&'a IdleTimer>,
 }
 
 /// Why answering stopped.
@@ -490,7 +492,9 @@ impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
             Either::Right(closed) => return Err(Stop::Closed(closed)),
         }
         // A client reading its answers is not idle, however long they take.
-        self.idle.touch();
+        if let Some(idle) = self.idle {
+            idle.touch();
+        }
         self.out.clear();
         Ok(())
     }

@@ -522,3 +522,63 @@ fn ping(id: u64) -> Vec<u8> {
     encode_frame(&Request { id, op: Op::Ping }, &mut wire, 1 << 20).unwrap();
     wire
 }
+
+/// A connection whose token was revoked gets its requests refused, and the
+/// refusals do not count as activity: it is closed for idling after the
+/// idle timeout, however often it keeps asking.
+#[tokio::test(start_paused = true)]
+async fn refused_requests_on_a_revoked_token_do_not_keep_a_connection_from_idling() {
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    let token = new_token();
+    let access = Access::tokens(Tokens::parse(&auth_line(Role::Read, &token, "")).unwrap());
+    let (mut client, task) = start_slow_limits(access.clone(), ([127, 0, 0, 1], 1).into());
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Auth { token },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    assert_eq!(
+        read_responses(&mut client, 1).await[0].result,
+        Ok(Reply::Authenticated(Role::Read))
+    );
+    access.replace(Tokens::default());
+    let started = tokio::time::Instant::now();
+    let mut id = 2;
+    while !task.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(320),
+            "refused requests kept the connection open past the 300 s idle timeout"
+        );
+        let mut wire = Vec::new();
+        encode_frame(
+            &Request {
+                id,
+                op: Op::Get {
+                    collection: "c".into(),
+                    key: Bytes::from_static(b"k"),
+                },
+            },
+            &mut wire,
+            1 << 20,
+        )
+        .unwrap();
+        if client.write_all(&wire).await.is_err() {
+            break;
+        }
+        id += 1;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let closed = task.await.unwrap().unwrap();
+    assert!(matches!(closed, Closed::Idle), "{closed:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(280),
+        "{:?}",
+        started.elapsed()
+    );
+}
