@@ -404,6 +404,15 @@ impl Index {
         self.shard(key).get(key, &epoch::pin())
     }
 
+    /// Reads the memory an upsert of each of `keys` reads first (its
+    /// shard's word and the middle of its array), without a search.
+    pub(crate) fn touch<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        let guard = &epoch::pin();
+        for key in keys {
+            self.shard(key).touch(guard);
+        }
+    }
+
     /// Inserts `slot` unless the key holds a record that [`wins`] over it.
     /// An existing key is updated in place (no allocation); a new one gives
     /// its shard a new array. Reads nothing of the log. Callers serialize
