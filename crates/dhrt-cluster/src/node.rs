@@ -455,7 +455,9 @@ impl Node {
         self.cluster.replicate(vec![m], true).await?;
         self.damaged.remove(collection, key);
         Ok((
-            was_live || damaged || remote.is_some_and(|v| v.value.is_some()),
+            // The replicas answer whether a key missing here existed; a
+            // key damaged here existed if none of them could say.
+            was_live || remote.map_or(damaged, |v| v.value.is_some()),
             Some(version),
         ))
     }

@@ -59,6 +59,19 @@ pub struct CompactionReport {
 
 const FLUSH_AT: usize = 1 << 20;
 
+/// Bits of an entry's CRC a compaction checks against the record it copies
+/// (all that fit in a word beside an offset of `OFFSET_BITS`).
+const CRC_CHECK_BITS: u32 = 64 - crate::index::OFFSET_BITS;
+const CRC_CHECK_MASK: u32 = (1 << CRC_CHECK_BITS) - 1;
+
+fn pack(offset: u64, crc: u32) -> u64 {
+    offset << CRC_CHECK_BITS | u64::from(crc & CRC_CHECK_MASK)
+}
+
+fn unpack(packed: u64) -> (u64, u32) {
+    (packed >> CRC_CHECK_BITS, packed as u32 & CRC_CHECK_MASK)
+}
+
 /// Bytes of racing writes a rebuild replays in one hold of the writer lock,
 /// at most (plus the record that crosses the bound): what a writer can wait
 /// for. The rest is caught up outside the lock.
@@ -199,11 +212,16 @@ pub(crate) fn compact(
         let seq_at = |offset: u64| {
             record::parse_header(&old_map[offset as usize..t0 as usize]).map_or(t0_seq, |h| h.seq)
         };
+        // Each record to copy, as its offset and the low bits of the CRC
+        // its entry kept, in one word (sorted, they are in log order): a
+        // record whose stored CRC differs is not the one the index wrote
+        // there (another record copied over it) and is dropped as damage.
         let mut offsets: Vec<u64> = Vec::with_capacity(keys as usize + 1);
         let mut kept_drop = None;
         if let Some(d) = dropped_at {
             if d.physical_ms() >= purge_before_ms {
-                offsets.push(drop_offset);
+                let crc = record::stored_crc(&old_map[drop_offset as usize..t0 as usize]);
+                offsets.push(pack(drop_offset, crc));
                 kept_drop = Some(d);
             } else {
                 purged_seq = purged_seq.max(seq_at(drop_offset));
@@ -225,7 +243,7 @@ pub(crate) fn compact(
                     report.purged_tombstones += 1;
                     continue;
                 }
-                offsets.push(offset);
+                offsets.push(pack(offset, slot.crc()));
             }
         }
         offsets.sort_unstable();
@@ -243,9 +261,18 @@ pub(crate) fn compact(
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
         let mut base = new_log.tail();
-        for offset in offsets {
+        for packed in offsets {
+            let (offset, crc_bits) = unpack(packed);
             let bytes = &old_map[offset as usize..t0 as usize];
-            let Decoded::Record { header, key, .. } = record::decode(bytes) else {
+            let decoded = match record::decode(bytes) {
+                Decoded::Record { header, key, .. }
+                    if record::stored_crc(bytes) & CRC_CHECK_MASK == crc_bits =>
+                {
+                    Some((header, key))
+                }
+                _ => None,
+            };
+            let Some((header, key)) = decoded else {
                 // Damaged since it was written: left out of the new
                 // file and index (and so of the digest), as a
                 // quarantine would; a replica's copy restores it.

@@ -218,3 +218,31 @@ fn a_store_closed_right_after_finding_damage_opens_again() {
         assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
     }
 }
+
+/// A compaction that meets such a record first (no read found it) drops it
+/// as damage: it neither copies it in under the other key (which then
+/// would be in the new index twice) nor fails.
+#[test]
+fn a_compaction_drops_a_valid_record_of_another_key_written_over_a_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    let (a, b) = (offsets[11], offsets[12]);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join("c.dhrt"))
+        .unwrap();
+    let mut other = vec![0u8; (b - a) as usize];
+    file.read_exact_at(&mut other, b).unwrap();
+    file.write_all_at(&other, a).unwrap();
+
+    let report = store.compact("c").unwrap();
+    assert_eq!(report.damaged, 1, "{report:?}");
+    assert_eq!(store.get("c", &key(11)).unwrap(), None);
+    assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
+    assert_eq!(store.scan("c").unwrap().count(), 59);
+    drop(store);
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
+    assert_eq!(store.scan("c").unwrap().count(), 59);
+}
