@@ -422,44 +422,37 @@ impl Node {
         // A key quarantined here as damaged exists: deleting it writes a
         // tombstone (which ends its "damaged" answers) and is no 404.
         let mut damaged = self.is_damaged(collection, key);
-        if !self.cluster.has_peers() && !damaged {
+        let peers = self.cluster.has_peers();
+        if !peers && !damaged {
             return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
         }
-        // Whether the key existed is a question for the whole cluster when
-        // this node has no entry for it.
+        // Whether a key this node has no entry for existed is a question for
+        // the whole cluster.
         let known_here = match self.store.get_versioned(collection, key) {
-            // Damaged and quarantined: the others say whether it existed.
             Err(StorageError::Checksum { .. }) => {
-                self.damaged.insert(collection, key);
                 damaged = true;
                 None
             }
             other => other.map_err(op_error)?,
         };
-        if !self.cluster.has_peers() {
-            let (_, was_live) = self.write(move |s| s.delete_versioned(&c, &k)).await?;
-            self.damaged.remove(collection, key);
-            return Ok((was_live || damaged, None));
-        }
         let remote = match known_here {
-            None => self.cluster.read_remote(collection, key).await,
-            Some(_) => None,
+            None if peers => self.cluster.read_remote(collection, key).await,
+            _ => None,
         };
         let (version, was_live) = self.write(move |s| s.delete_versioned(&c, &k)).await?;
-        let m = Mutation::Put {
-            collection: collection.to_string(),
-            key: Bytes::copy_from_slice(key),
-            value: None,
-            version: stamp(version),
-        };
-        self.cluster.replicate(vec![m], true).await?;
+        if peers {
+            let m = Mutation::Put {
+                collection: collection.to_string(),
+                key: Bytes::copy_from_slice(key),
+                value: None,
+                version: stamp(version),
+            };
+            self.cluster.replicate(vec![m], true).await?;
+        }
         self.damaged.remove(collection, key);
-        Ok((
-            // The replicas answer whether a key missing here existed; a
-            // key damaged here existed if none of them could say.
-            was_live || remote.map_or(damaged, |v| v.value.is_some()),
-            Some(version),
-        ))
+        // A key damaged here existed if no replica could say.
+        let existed = was_live || remote.map_or(damaged, |v| v.value.is_some());
+        Ok((existed, peers.then_some(version)))
     }
 
     async fn op_list(
