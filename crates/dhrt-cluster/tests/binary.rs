@@ -491,21 +491,7 @@ async fn a_client_that_must_show_a_token_and_does_not_is_closed_after_the_grace(
     assert!(waited <= Duration::from_secs(10), "{waited:?}");
     // One that shows it stays, idle, long past the grace.
     let (mut client, task) = start_slow_limits(access, ([127, 0, 0, 1], 1).into());
-    let mut wire = preamble().to_vec();
-    encode_frame(
-        &Request {
-            id: 1,
-            op: Op::Auth { token },
-        },
-        &mut wire,
-        1 << 20,
-    )
-    .unwrap();
-    client.write_all(&wire).await.unwrap();
-    assert_eq!(
-        read_responses(&mut client, 1).await[0].result,
-        Ok(Reply::Authenticated(Role::Read))
-    );
+    authenticate(&mut client, token).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!task.is_finished(), "an authenticated client was closed");
     let wire = ping(2);
@@ -532,21 +518,7 @@ async fn refused_requests_on_a_revoked_token_do_not_keep_a_connection_from_idlin
     let token = new_token();
     let access = Access::tokens(Tokens::parse(&auth_line(Role::Read, &token, "")).unwrap());
     let (mut client, task) = start_slow_limits(access.clone(), ([127, 0, 0, 1], 1).into());
-    let mut wire = preamble().to_vec();
-    encode_frame(
-        &Request {
-            id: 1,
-            op: Op::Auth { token },
-        },
-        &mut wire,
-        1 << 20,
-    )
-    .unwrap();
-    client.write_all(&wire).await.unwrap();
-    assert_eq!(
-        read_responses(&mut client, 1).await[0].result,
-        Ok(Reply::Authenticated(Role::Read))
-    );
+    authenticate(&mut client, token).await;
     access.replace(Tokens::default());
     let started = tokio::time::Instant::now();
     let mut id = 2;
@@ -580,5 +552,26 @@ async fn refused_requests_on_a_revoked_token_do_not_keep_a_connection_from_idlin
         started.elapsed() >= Duration::from_secs(280),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// Sends the preamble and an `Auth` with `token` (of the read role), and
+/// checks that it is accepted.
+async fn authenticate(client: &mut DuplexStream, token: String) {
+    use dhrt_proto::auth::Role;
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Auth { token },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire).await.unwrap();
+    assert_eq!(
+        read_responses(client, 1).await[0].result,
+        Ok(Reply::Authenticated(Role::Read))
     );
 }

@@ -42,6 +42,23 @@ fn damage(dir: &Path, offsets: &[u64], i: u32) {
     file.write_all_at(b"XYZ", at).unwrap();
 }
 
+/// Writes key 12's record over key 11's, as a misdirected write would (the
+/// two have records of the same length, side by side); returns key 11's
+/// offset.
+fn copy_record_12_over_11(dir: &Path, offsets: &[u64]) -> u64 {
+    let (a, b) = (offsets[11], offsets[12]);
+    assert_eq!(b - a, offsets[13] - b);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("c.dhrt"))
+        .unwrap();
+    let mut other = vec![0u8; (b - a) as usize];
+    file.read_exact_at(&mut other, b).unwrap();
+    file.write_all_at(&other, a).unwrap();
+    a
+}
+
 #[test]
 fn a_damaged_value_is_an_error_once_then_missing_and_a_replica_copy_restores_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,17 +189,7 @@ fn an_overwrite_of_a_record_damaged_on_disk_keeps_the_digest_and_garbage_exact()
 fn a_valid_record_of_another_key_written_over_a_value_is_not_served() {
     let dir = tempfile::tempdir().unwrap();
     let (store, offsets) = loaded(dir.path());
-    // Keys 11 and 12 have records of the same length, side by side.
-    let (a, b) = (offsets[11], offsets[12]);
-    assert_eq!(b - a, offsets[13] - b);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.path().join("c.dhrt"))
-        .unwrap();
-    let mut other = vec![0u8; (b - a) as usize];
-    file.read_exact_at(&mut other, b).unwrap();
-    file.write_all_at(&other, a).unwrap();
+    let a = copy_record_12_over_11(dir.path(), &offsets);
 
     match store.get("c", &key(11)) {
         Err(Error::Checksum { offset, .. }) => assert_eq!(offset, a),
@@ -226,15 +233,7 @@ fn a_store_closed_right_after_finding_damage_opens_again() {
 fn a_compaction_drops_a_valid_record_of_another_key_written_over_a_value() {
     let dir = tempfile::tempdir().unwrap();
     let (store, offsets) = loaded(dir.path());
-    let (a, b) = (offsets[11], offsets[12]);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(dir.path().join("c.dhrt"))
-        .unwrap();
-    let mut other = vec![0u8; (b - a) as usize];
-    file.read_exact_at(&mut other, b).unwrap();
-    file.write_all_at(&other, a).unwrap();
+    copy_record_12_over_11(dir.path(), &offsets);
 
     let report = store.compact("c").unwrap();
     assert_eq!(report.damaged, 1, "{report:?}");
