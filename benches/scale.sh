@@ -138,7 +138,10 @@ echo "redis AOF load: $(until_up redis_up $rport) ms"
 echo "keys after reopen: dhrt $(curl -s http://127.0.0.1:$dport/ | grep -o '"keys":[0-9]*' | head -1), redis $(redis-cli -p $rport dbsize)"
 # Half of dhrt's log is garbage: the reopened node compacts it, during this
 # load (the reopens were timed first, so that 1M and 10M compare the same
-# logs: two records a key).
+# logs: two records a key). On a VM with free page reporting
+# (virtio-balloon), the gigabytes the restarts just freed are handed to the
+# host in batches every 2 s, each stalling the whole VM's memory accesses
+# for up to hundreds of ms: see docs/benchmarks.md, session 17.
 echo "== after the restart: N random SETs while dhrt compacts"
 for who in dhrt redis; do
   bench $who compacting -t set -n "$N" -r "$N" -c 50 -P 16 -d 100
