@@ -362,6 +362,12 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         config.shutdown_grace,
     )
     .await;
+    // Not left to the store's drop: a watch task may hold the last handle
+    // on a runtime the process does not wait for.
+    let store = node.store().clone();
+    tokio::task::spawn_blocking(move || store.compact_damaged())
+        .await
+        .context("compacting damaged records out")?;
     node.store().sync().context("final flush")?;
     cluster.leave().await;
     tracing::info!("told the cluster this node is leaving");

@@ -844,6 +844,14 @@ impl Store {
         names
     }
 
+    /// Compacts, now, every collection in which a read found a damaged
+    /// record that the background thread has not compacted out yet (a
+    /// process about to exit calls it: the store is also closed this way
+    /// when its last handle drops, which may not happen before an exit).
+    pub fn compact_damaged(&self) {
+        self.inner.compact_damaged();
+    }
+
     /// Fsyncs every collection now.
     pub fn sync(&self) -> Result<()> {
         for c in self.inner.collections.load().values() {
@@ -938,23 +946,8 @@ impl Drop for Inner {
             }
         }
         if self.dir.is_some() {
+            self.compact_damaged();
             for c in self.collections.load().values() {
-                // A record quarantined as damaged and not yet compacted out
-                // would stop the next open (damage below the durable
-                // watermark): it leaves the file before the store closes.
-                if c.take_compaction_request() {
-                    match compact::compact(c, self.dir.as_deref(), &self.options) {
-                        Ok(r) => tracing::info!(
-                            collection = %c.name,
-                            damaged = r.damaged,
-                            "compacted the damaged records out before closing"
-                        ),
-                        Err(e) => tracing::error!(
-                            collection = %c.name,
-                            "cannot compact the damaged records out before closing: {e}"
-                        ),
-                    }
-                }
                 if let Err(e) = c.sync().and_then(|()| c.sync_watermark()) {
                     tracing::error!(collection = %c.name, "final sync failed: {e}");
                 }
@@ -964,6 +957,31 @@ impl Drop for Inner {
 }
 
 impl Core {
+    /// Compacts every collection in which a damaged record was quarantined
+    /// and not yet compacted out, now, on this thread: left in the file, it
+    /// would stop the next open (damage below the durable watermark).
+    fn compact_damaged(&self) {
+        if self.dir.is_none() {
+            return;
+        }
+        for c in self.collections.load().values() {
+            if !c.take_compaction_request() {
+                continue;
+            }
+            match compact::compact(c, self.dir.as_deref(), &self.options) {
+                Ok(r) => tracing::info!(
+                    collection = %c.name,
+                    damaged = r.damaged,
+                    "compacted the damaged records out before closing"
+                ),
+                Err(e) => tracing::error!(
+                    collection = %c.name,
+                    "cannot compact the damaged records out before closing: {e}"
+                ),
+            }
+        }
+    }
+
     /// The collection `name`, if it exists.
     pub(crate) fn existing_collection(&self, name: &str) -> Option<Arc<Collection>> {
         self.collections.load().get(name).cloned()
