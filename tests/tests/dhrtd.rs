@@ -297,3 +297,20 @@ fn dechunk(mut rest: &str) -> String {
     }
     out
 }
+
+/// Asserts that the node has closed `stream` within `within`: a read ends
+/// (end of stream, or a reset), it does not time out. `what` says what was
+/// expected closed.
+pub(crate) fn assert_closed(mut stream: TcpStream, within: Duration, what: &str) {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut rest = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut rest) {
+        assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{what}: {e}"
+        );
+    }
+}

@@ -220,6 +220,8 @@ pub(crate) fn compact(
         let mut kept_drop = None;
         if let Some(d) = dropped_at {
             if d.physical_ms() >= purge_before_ms {
+                // No entry kept a drop's CRC: its record is checked
+                // against itself (its own CRC check still applies).
                 let crc = record::stored_crc(&old_map[drop_offset as usize..t0 as usize]);
                 offsets.push(pack(drop_offset, crc));
                 kept_drop = Some(d);

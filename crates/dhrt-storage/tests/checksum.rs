@@ -31,6 +31,13 @@ fn loaded(dir: &Path) -> (Store, Vec<u64>) {
     (store, offsets)
 }
 
+/// Asserts that every key of [`loaded`] but `missing` reads back its value.
+fn assert_all_read_back_but(store: &Store, missing: u32) {
+    for i in (0..60).filter(|&i| i != missing) {
+        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
+    }
+}
+
 /// Flips bytes of key `i`'s value in the file under the open store: the
 /// shared map sees it at once.
 fn damage(dir: &Path, offsets: &[u64], i: u32) {
@@ -86,9 +93,7 @@ fn a_damaged_value_is_an_error_once_then_missing_and_a_replica_copy_restores_it(
     store.compact("c").unwrap();
     drop(store);
     let store = Store::open(dir.path(), quiet_options()).unwrap();
-    for i in (0..60).filter(|&i| i != 7) {
-        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
-    }
+    assert_all_read_back_but(&store, 7);
     assert_eq!(store.get("c", &key(7)).unwrap(), None);
     assert_eq!(store.digest("c").unwrap(), after);
 
@@ -176,9 +181,7 @@ fn an_overwrite_of_a_record_damaged_on_disk_keeps_the_digest_and_garbage_exact()
     drop(store);
     let store = Store::open(dir.path(), quiet_options()).unwrap();
     assert_eq!(store.digest("c").unwrap(), live);
-    for i in (0..60).filter(|&i| i != 7) {
-        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
-    }
+    assert_all_read_back_but(&store, 7);
 }
 
 /// A record that checks out by itself but is not the one the index wrote
@@ -221,9 +224,7 @@ fn a_store_closed_right_after_finding_damage_opens_again() {
     drop(store);
     let store = Store::open(dir.path(), quiet_options()).expect("reopened");
     assert_eq!(store.get("c", &key(21)).unwrap(), None);
-    for i in (0..60).filter(|&i| i != 21) {
-        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
-    }
+    assert_all_read_back_but(&store, 21);
 }
 
 /// A compaction that meets such a record first (no read found it) drops it
