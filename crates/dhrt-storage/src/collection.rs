@@ -300,6 +300,9 @@ pub(crate) struct Recovery {
     pub(crate) max_seq: u64,
     /// Records carried over from a format 1 file, if it was one.
     pub(crate) converted: Option<u64>,
+    /// Damaged records dropped because a later record of their key
+    /// supersedes them (garbage nothing had read).
+    pub(crate) damaged_skipped: u64,
 }
 
 impl Collection {
@@ -482,27 +485,24 @@ impl Collection {
                 }
             }
             let t_scan = std::time::Instant::now();
-            let found = recover::scan(buf);
-            end = found.end;
-            recovery.records = found.count;
-            recovery.max_ts = found.max_ts;
-            if end < buf.len() {
-                match record::decode(&buf[end..]) {
+            let mut found = recover::scan(buf);
+            // Damaged records stepped over, each with why it would have
+            // refused the open: the open goes on only if a later record of
+            // its key supersedes each (checked once the index is built).
+            let mut stepped_over: Vec<(usize, &'static str)> = Vec::new();
+            while found.end < buf.len() {
+                end = found.end;
+                let refused = match record::decode(&buf[end..]) {
                     Decoded::Record { .. } => unreachable!("the scan stops on a bad record"),
-                    _ if below_watermark(end) => {
-                        // These bytes were confirmed durable: damage here
-                        // is not a crash's doing, and needs an operator.
-                        return Err(Error::Corrupt {
-                            path: path.into(),
-                            offset: end as u64,
-                            reason: "bad record below the durable watermark",
-                        });
-                    }
+                    // These bytes were confirmed durable: damage here is
+                    // not a crash's doing.
+                    _ if below_watermark(end) => Some("bad record below the durable watermark"),
                     _ if buf[end..].iter().all(|&b| b == 0) => {
                         // Space reserved ahead of the tail and never
                         // written (the process stopped without closing the
                         // log): not a torn record.
                         preallocated = true;
+                        None
                     }
                     bad => {
                         let reason = match bad {
@@ -515,16 +515,32 @@ impl Collection {
                         // ones), so it is cut whatever follows. Without a
                         // watermark, they mean a corrupt middle.
                         if recovery.watermark.is_none() && recover::valid_record_after(buf, end) {
-                            return Err(Error::Corrupt {
-                                path: path.into(),
-                                offset: end as u64,
-                                reason,
-                            });
+                            Some(reason)
+                        } else {
+                            cut_reason = Some(reason);
+                            None
                         }
-                        cut_reason = Some(reason);
+                    }
+                };
+                let Some(reason) = refused else { break };
+                // A record damaged only inside its checksum, in an intact
+                // frame, is stepped over; it may be garbage (a later
+                // record of its key wrote over it before anything read it).
+                match found.step_over_damaged(buf) {
+                    Some(at) => stepped_over.push((at, reason)),
+                    // Damage that needs an operator.
+                    None => {
+                        return Err(Error::Corrupt {
+                            path: path.into(),
+                            offset: end as u64,
+                            reason,
+                        });
                     }
                 }
             }
+            end = found.end;
+            recovery.records = found.count;
+            recovery.max_ts = found.max_ts;
             if below_watermark(end) {
                 return Err(Error::Corrupt {
                     path: path.into(),
@@ -533,10 +549,31 @@ impl Collection {
                 });
             }
             recovery.max_seq = found.max_seq;
-            let mut found = found;
             checkpoints = std::mem::take(&mut found.checkpoints);
             let t_replay = std::time::Instant::now();
             built = recover::replay(&buf[..end], found, options);
+            for &(at, reason) in &stepped_over {
+                // Garbage only if the index keeps a later record of the
+                // same key (a set or a tombstone): the engine appends a
+                // record only over what it supersedes. Otherwise it may be
+                // the key's current value, and an older record would be
+                // served in its place: refuse, as before stepping over.
+                let key = recover::key_at(buf, at);
+                if built.0.get(key).is_none_or(|s| s.offset() <= at as u64) {
+                    return Err(Error::Corrupt {
+                        path: path.into(),
+                        offset: at as u64,
+                        reason,
+                    });
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    offset = at,
+                    "skipped a damaged record that a later record of its key supersedes; \
+                     the collection is compacted to drop it"
+                );
+            }
+            recovery.damaged_skipped = stepped_over.len() as u64;
             tracing::debug!(
                 collection = name,
                 records = recovery.records,
@@ -598,6 +635,12 @@ impl Collection {
             log: Arc::new(log),
         };
         let collection = Self::from_parts(name, generation, state);
+        if recovery.damaged_skipped > 0 {
+            // Out of the file before a restart meets them again.
+            collection
+                .compact_requested
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         collection
             .recovered_max_seq
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);

@@ -216,6 +216,9 @@ pub(crate) fn parse_header(buf: &[u8]) -> Result<Header, &'static str> {
     }
 }
 
+/// Why [`decode`] refuses a well-formed record whose content CRC fails.
+pub(crate) const CHECKSUM_MISMATCH: &str = "checksum mismatch";
+
 /// Decodes the record at the start of `buf`, checking its CRC.
 pub(crate) fn decode(buf: &[u8]) -> Decoded<'_> {
     if buf.len() < RECORD_HEADER_LEN {
@@ -230,7 +233,7 @@ pub(crate) fn decode(buf: &[u8]) -> Decoded<'_> {
         return Decoded::Incomplete;
     }
     if stored_crc(buf) != content_crc(&buf[..len]) {
-        return Decoded::Invalid("checksum mismatch");
+        return Decoded::Invalid(CHECKSUM_MISMATCH);
     }
     let key_end = RECORD_HEADER_LEN + header.key_len as usize;
     Decoded::Record {

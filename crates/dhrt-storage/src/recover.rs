@@ -185,6 +185,50 @@ impl Scanned {
     }
 }
 
+impl Scanned {
+    /// Steps over the record at `end` when its checksum fails but its
+    /// framing holds: its header parses (kind, lengths, seq check), it is a
+    /// set or tombstone, it ends inside the file, and what follows it is a
+    /// valid record, the end of the file or zeros. The scan goes on from
+    /// after it (on one thread: a damaged log is rare). Returns the
+    /// damaged record's offset, or `None`, leaving the scan as it was, when
+    /// the record cannot be stepped over. Whether it may be dropped (a
+    /// later record of its key supersedes it) is for the caller to check
+    /// once the index is built.
+    pub(crate) fn step_over_damaged(&mut self, buf: &[u8]) -> Option<usize> {
+        let at = self.end;
+        let next = damaged_record_end(buf, at)?;
+        self.extend(scan_from(buf, next, buf.len(), false));
+        Some(at)
+    }
+}
+
+/// The end of the record at `at` if only its checksum fails and its
+/// framing holds (see [`Scanned::step_over_damaged`]).
+fn damaged_record_end(buf: &[u8], at: usize) -> Option<usize> {
+    let header = record::parse_header(buf.get(at..)?).ok()?;
+    if header.kind == Kind::Drop {
+        return None;
+    }
+    let next = at.checked_add(header.record_len())?;
+    if next > buf.len() || record::decode(&buf[at..]) != Decoded::Invalid(record::CHECKSUM_MISMATCH)
+    {
+        return None;
+    }
+    let rest = &buf[next..];
+    let framed = rest.is_empty()
+        || matches!(record::decode(rest), Decoded::Record { .. })
+        || rest.iter().all(|&b| b == 0);
+    framed.then_some(next)
+}
+
+/// The key of the set or tombstone at `at`, whose header parses (the
+/// record [`Scanned::step_over_damaged`] stepped over).
+pub(crate) fn key_at(buf: &[u8], at: usize) -> &[u8] {
+    let header = record::peek_header(&buf[at..]);
+    &buf[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + header.key_len as usize]
+}
+
 /// Logs below this are scanned on one thread.
 const PARALLEL_SCAN_BYTES: usize = 64 << 20;
 

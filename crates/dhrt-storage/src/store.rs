@@ -117,6 +117,11 @@ pub struct RecoveryReport {
     pub durable_watermark: Option<u64>,
     /// Records carried over from a format 1 file converted on this open.
     pub converted_records: Option<u64>,
+    /// Damaged records stepped over because a later record of the same key
+    /// supersedes them (garbage that nothing had read); the collection is
+    /// compacted soon after, which drops them from the file. A damaged
+    /// record that may still be a key's value refuses the open instead.
+    pub damaged_records_skipped: u64,
 }
 
 /// Statistics of one collection.
@@ -257,6 +262,7 @@ impl Store {
                 reserved_bytes: recovery.reserved,
                 durable_watermark: recovery.watermark,
                 converted_records: recovery.converted,
+                damaged_records_skipped: recovery.damaged_skipped,
             });
             collections.insert(name, Arc::new(collection));
         }

@@ -246,3 +246,72 @@ fn a_compaction_drops_a_valid_record_of_another_key_written_over_a_value() {
     assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
     assert_eq!(store.scan("c").unwrap().count(), 59);
 }
+
+/// A record damaged on disk that nothing read, then overwritten or deleted,
+/// is garbage: a store closed cleanly then opens again, stepping over it
+/// (a later record of its key supersedes it), and compacts it out, so the
+/// open after that meets no damage.
+#[test]
+fn damage_nothing_read_that_a_later_write_superseded_does_not_stop_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    damage(dir.path(), &offsets, 7);
+    damage(dir.path(), &offsets, 9);
+    store
+        .set("c", &key(7), b"written after the damage")
+        .unwrap();
+    store.delete("c", &key(9)).unwrap();
+    store.sync().unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path(), quiet_options()).expect("reopened");
+    assert_eq!(store.recovery()[0].damaged_records_skipped, 2);
+    assert_eq!(
+        store.get("c", &key(7)).unwrap(),
+        Some(b"written after the damage".to_vec().into())
+    );
+    assert_eq!(store.get("c", &key(9)).unwrap(), None);
+    for i in (0..60).filter(|&i| i != 7 && i != 9) {
+        assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
+    }
+    // The open asked for a compaction, which drops the damaged bytes.
+    store.compact_damaged();
+    drop(store);
+    let store = Store::open(dir.path(), quiet_options()).expect("reopened");
+    assert_eq!(store.recovery()[0].damaged_records_skipped, 0);
+    assert_eq!(store.get("c", &key(9)).unwrap(), None);
+}
+
+/// A damaged record nothing supersedes may be its key's value: the open is
+/// refused as before (an older record would otherwise be served in its
+/// place), even when another key was written after it, and the file is
+/// left alone.
+#[test]
+fn damage_below_the_watermark_that_may_be_a_value_still_refuses_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = loaded(dir.path());
+    // An older version of key 7 before the damaged one.
+    store.set("c", &key(7), b"newer").unwrap();
+    let newer = store.stats().collections[0].bytes - 40 - key(7).len() as u64 - 5;
+    store
+        .set("c", &key(8), b"a later write of another key")
+        .unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("c.dhrt"))
+        .unwrap();
+    file.write_all_at(b"XYZ", newer + 40 + key(7).len() as u64 + 1)
+        .unwrap();
+    drop(file);
+    let before = std::fs::read(dir.path().join("c.dhrt")).unwrap();
+    match Store::open(dir.path(), quiet_options()) {
+        Err(Error::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset, newer);
+            assert_eq!(reason, "bad record below the durable watermark");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(dir.path().join("c.dhrt")).unwrap(), before);
+}
