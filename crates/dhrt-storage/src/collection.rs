@@ -487,9 +487,9 @@ impl Collection {
             let t_scan = std::time::Instant::now();
             let mut found = recover::scan(buf);
             // Damaged records stepped over, each with why it would have
-            // refused the open: the open goes on only if a later record of
-            // its key supersedes each (checked once the index is built).
-            let mut stepped_over: Vec<(usize, &'static str)> = Vec::new();
+            // refused the open: the open goes on only if each was garbage
+            // (checked once the index is built).
+            let mut stepped_over: Vec<(recover::Stepped, &'static str)> = Vec::new();
             while found.end < buf.len() {
                 end = found.end;
                 let refused = match record::decode(&buf[end..]) {
@@ -523,11 +523,12 @@ impl Collection {
                     }
                 };
                 let Some(reason) = refused else { break };
-                // A record damaged only inside its checksum, in an intact
-                // frame, is stepped over; it may be garbage (a later
-                // record of its key wrote over it before anything read it).
+                // A record whose damage is one byte, located, so that its
+                // key and version are known, is stepped over: it may be
+                // garbage (a later write replaced it before anything read
+                // it).
                 match found.step_over_damaged(buf) {
-                    Some(at) => stepped_over.push((at, reason)),
+                    Some(stepped) => stepped_over.push((stepped, reason)),
                     // Damage that needs an operator.
                     None => {
                         return Err(Error::Corrupt {
@@ -552,24 +553,28 @@ impl Collection {
             checkpoints = std::mem::take(&mut found.checkpoints);
             let t_replay = std::time::Instant::now();
             built = recover::replay(&buf[..end], found, options);
-            for &(at, reason) in &stepped_over {
-                // Garbage only if the index keeps a later record of the
-                // same key (a set or a tombstone): the engine appends a
-                // record only over what it supersedes. Otherwise it may be
-                // the key's current value, and an older record would be
-                // served in its place: refuse, as before stepping over.
-                let key = recover::key_at(buf, at);
-                if built.0.get(key).is_none_or(|s| s.offset() <= at as u64) {
+            for (stepped, reason) in &stepped_over {
+                // Garbage only if what the log holds besides it beats it:
+                // the key's winner has a greater version (or the same
+                // record, kept intact elsewhere), or a drop removed it.
+                // Otherwise it was the key's current value, and an older
+                // record would be served in its place: refuse.
+                let (index, state) = &built;
+                let beaten = index.get(&stepped.key).is_some_and(|e| {
+                    (e.version(), e.crc()) == (stepped.version, stepped.crc)
+                        || index::wins(e.version(), e.crc(), stepped.version, || stepped.crc)
+                });
+                if !beaten && state.dropped_at.is_none_or(|d| stepped.version > d) {
                     return Err(Error::Corrupt {
                         path: path.into(),
-                        offset: at as u64,
+                        offset: stepped.at as u64,
                         reason,
                     });
                 }
                 tracing::warn!(
                     path = %path.display(),
-                    offset = at,
-                    "skipped a damaged record that a later record of its key supersedes; \
+                    offset = stepped.at,
+                    "skipped a damaged record that a later write of its key replaced; \
                      the collection is compacted to drop it"
                 );
             }

@@ -24,6 +24,7 @@ mod index;
 // bytes behind a raw pointer.
 #[allow(unsafe_code)]
 mod key;
+mod locate;
 mod log;
 mod migrate;
 // Maps, `fallocate`, `memfd_create`, `flock`: the engine's system calls.

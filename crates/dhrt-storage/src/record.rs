@@ -127,7 +127,7 @@ fn seq_check(seq: u64) -> [u8; 3] {
 /// The content CRC of a record: its kind, lengths, version, key and value,
 /// not its seq (which differs between replicas holding the same record).
 #[inline]
-fn content_crc(record: &[u8]) -> u32 {
+pub(crate) fn content_crc(record: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&record[4..5]), &record[16..])
 }
 

@@ -185,48 +185,52 @@ impl Scanned {
     }
 }
 
+/// A damaged record the scan stepped over: its key and version as they
+/// were written (its one damaged byte undone), for the caller to check,
+/// once the index is built, that a record of that key beats it.
+#[derive(Debug)]
+pub(crate) struct Stepped {
+    pub(crate) at: usize,
+    pub(crate) key: Vec<u8>,
+    pub(crate) version: Version,
+    pub(crate) crc: u32,
+}
+
 impl Scanned {
-    /// Steps over the record at `end` when its checksum fails but its
-    /// framing holds: its header parses (kind, lengths, seq check), it is a
-    /// set or tombstone, it ends inside the file, and what follows it is a
-    /// valid record, the end of the file or zeros. The scan goes on from
-    /// after it (on one thread: a damaged log is rare). Returns the
-    /// damaged record's offset, or `None`, leaving the scan as it was, when
-    /// the record cannot be stepped over. Whether it may be dropped (a
-    /// later record of its key supersedes it) is for the caller to check
-    /// once the index is built.
-    pub(crate) fn step_over_damaged(&mut self, buf: &[u8]) -> Option<usize> {
+    /// Steps over the record at `end` when it fails its CRC because of one
+    /// damaged byte, located (see `locate.rs`) outside its lengths, so that
+    /// its frame, key and version are known as written; the scan goes on
+    /// from after it (on one thread: a damaged log is rare). `None`, the
+    /// scan left as it was, for anything else: damage of several bytes,
+    /// a drop record, a record running past the end.
+    pub(crate) fn step_over_damaged(&mut self, buf: &[u8]) -> Option<Stepped> {
         let at = self.end;
-        let next = damaged_record_end(buf, at)?;
-        self.extend(scan_from(buf, next, buf.len(), false));
-        Some(at)
+        let rest = &buf[at..];
+        let header = record::parse_header(rest).ok()?;
+        let len = header.record_len();
+        if header.kind == Kind::Drop || len > rest.len() {
+            return None;
+        }
+        let key_len = header.key_len as usize;
+        let (head, damage) = crate::locate::repaired_head(&rest[..len], key_len)?;
+        // The kind may have been the damaged byte: the repaired header
+        // must still parse (a tombstone has no value).
+        let header = record::parse_header(&head).ok()?;
+        if header.kind == Kind::Drop {
+            return None;
+        }
+        let crc = match damage {
+            crate::locate::Damage::InCrc => record::content_crc(&rest[..len]),
+            crate::locate::Damage::At { .. } => record::stored_crc(rest),
+        };
+        self.extend(scan_from(buf, at + len, buf.len(), false));
+        Some(Stepped {
+            at,
+            key: head[RECORD_HEADER_LEN..].to_vec(),
+            version: header.version,
+            crc,
+        })
     }
-}
-
-/// The end of the record at `at` if only its checksum fails and its
-/// framing holds (see [`Scanned::step_over_damaged`]).
-fn damaged_record_end(buf: &[u8], at: usize) -> Option<usize> {
-    let header = record::parse_header(buf.get(at..)?).ok()?;
-    if header.kind == Kind::Drop {
-        return None;
-    }
-    let next = at.checked_add(header.record_len())?;
-    if next > buf.len() || record::decode(&buf[at..]) != Decoded::Invalid(record::CHECKSUM_MISMATCH)
-    {
-        return None;
-    }
-    let rest = &buf[next..];
-    let framed = rest.is_empty()
-        || matches!(record::decode(rest), Decoded::Record { .. })
-        || rest.iter().all(|&b| b == 0);
-    framed.then_some(next)
-}
-
-/// The key of the set or tombstone at `at`, whose header parses (the
-/// record [`Scanned::step_over_damaged`] stepped over).
-pub(crate) fn key_at(buf: &[u8], at: usize) -> &[u8] {
-    let header = record::peek_header(&buf[at..]);
-    &buf[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + header.key_len as usize]
 }
 
 /// Logs below this are scanned on one thread.

@@ -247,31 +247,75 @@ fn a_compaction_drops_a_valid_record_of_another_key_written_over_a_value() {
     assert_eq!(store.scan("c").unwrap().count(), 59);
 }
 
-/// A record damaged on disk that nothing read, then overwritten or deleted,
-/// is garbage: a store closed cleanly then opens again, stepping over it
-/// (a later record of its key supersedes it), and compacts it out, so the
-/// open after that meets no damage.
+/// XORs `mask` into the byte at `at` of `c`'s file (one damaged byte, as
+/// bit rot leaves).
+fn flip(dir: &Path, at: u64, mask: u8) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("c.dhrt"))
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ mask], at).unwrap();
+}
+
+/// The offset of the first byte of key `i`'s value in [`loaded`]'s file.
+fn value_at(offsets: &[u64], i: u32) -> u64 {
+    offsets[i as usize] + 40 + key(i).len() as u64
+}
+
+/// Asserts that opening `dir` is refused for damage at `offset`, and
+/// leaves the file as it was.
+fn assert_refused_at(dir: &Path, offset: u64) {
+    let before = std::fs::read(dir.join("c.dhrt")).unwrap();
+    match Store::open(dir, quiet_options()) {
+        Err(Error::Corrupt {
+            offset: at, reason, ..
+        }) => {
+            assert_eq!(at, offset);
+            assert_eq!(reason, "bad record below the durable watermark");
+        }
+        other => panic!("expected Corrupt at {offset}, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(dir.join("c.dhrt")).unwrap(), before);
+}
+
+/// A byte damaged on disk that nothing read, in a value then overwritten
+/// or deleted, is garbage: a store closed cleanly then opens again,
+/// stepping over it (the damaged byte is located from the CRC, so the key
+/// and version are known as written, and a later record of the key beats
+/// it), and compacts it out, so the open after that meets no damage.
 #[test]
 fn damage_nothing_read_that_a_later_write_superseded_does_not_stop_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let (store, offsets) = loaded(dir.path());
-    damage(dir.path(), &offsets, 7);
-    damage(dir.path(), &offsets, 9);
+    flip(dir.path(), value_at(&offsets, 7) + 5, 0x01);
+    flip(dir.path(), value_at(&offsets, 9) + 2, 0xff);
+    // Its stored CRC, and (by one bit) its key: undone, so the key is 8's.
+    flip(dir.path(), offsets[8] + 1, 0x10);
+    flip(dir.path(), offsets[10] + 40 + 6, 0x01);
     store
         .set("c", &key(7), b"written after the damage")
         .unwrap();
     store.delete("c", &key(9)).unwrap();
+    store.set("c", &key(8), b"eight again").unwrap();
+    store.set("c", &key(10), b"ten again").unwrap();
     store.sync().unwrap();
     drop(store);
 
     let store = Store::open(dir.path(), quiet_options()).expect("reopened");
-    assert_eq!(store.recovery()[0].damaged_records_skipped, 2);
+    assert_eq!(store.recovery()[0].damaged_records_skipped, 4);
     assert_eq!(
         store.get("c", &key(7)).unwrap(),
         Some(b"written after the damage".to_vec().into())
     );
     assert_eq!(store.get("c", &key(9)).unwrap(), None);
-    for i in (0..60).filter(|&i| i != 7 && i != 9) {
+    assert_eq!(
+        store.get("c", &key(10)).unwrap(),
+        Some(b"ten again".to_vec().into())
+    );
+    for i in (0..60).filter(|&i| !(7..=10).contains(&i)) {
         assert_eq!(store.get("c", &key(i)).unwrap(), Some(value(i).into()));
     }
     // The open asked for a compaction, which drops the damaged bytes.
@@ -282,15 +326,16 @@ fn damage_nothing_read_that_a_later_write_superseded_does_not_stop_the_next_open
     assert_eq!(store.get("c", &key(9)).unwrap(), None);
 }
 
-/// A damaged record nothing supersedes may be its key's value: the open is
-/// refused as before (an older record would otherwise be served in its
-/// place), even when another key was written after it, and the file is
-/// left alone.
+/// A damaged record that may be its key's value refuses the open, and the
+/// file is left alone: one nothing superseded (an older record of its key
+/// would be served in its place), even when another key was written after
+/// it; one whose key was damaged into the name of a key written later
+/// (the damaged byte is undone: it is the key's only record); one damaged
+/// in more than one byte, which cannot be located, even if superseded.
 #[test]
 fn damage_below_the_watermark_that_may_be_a_value_still_refuses_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = loaded(dir.path());
-    // An older version of key 7 before the damaged one.
     store.set("c", &key(7), b"newer").unwrap();
     let newer = store.stats().collections[0].bytes - 40 - key(7).len() as u64 - 5;
     store
@@ -298,20 +343,69 @@ fn damage_below_the_watermark_that_may_be_a_value_still_refuses_the_open() {
         .unwrap();
     store.sync().unwrap();
     drop(store);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.path().join("c.dhrt"))
+    flip(dir.path(), newer + 40 + key(7).len() as u64 + 1, 0x04);
+    assert_refused_at(dir.path(), newer);
+
+    // "key-008" -> "key-009", and 9 was written after 8.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    drop(store);
+    flip(dir.path(), offsets[8] + 40 + 6, 0x01);
+    assert_refused_at(dir.path(), offsets[8]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    damage(dir.path(), &offsets, 7);
+    store
+        .set("c", &key(7), b"written after the damage")
         .unwrap();
-    file.write_all_at(b"XYZ", newer + 40 + key(7).len() as u64 + 1)
-        .unwrap();
-    drop(file);
-    let before = std::fs::read(dir.path().join("c.dhrt")).unwrap();
-    match Store::open(dir.path(), quiet_options()) {
-        Err(Error::Corrupt { offset, reason, .. }) => {
-            assert_eq!(offset, newer);
-            assert_eq!(reason, "bad record below the durable watermark");
-        }
-        other => panic!("expected Corrupt, got {other:?}"),
+    drop(store);
+    assert_refused_at(dir.path(), offsets[7]);
+}
+
+/// A damaged length that makes a superseded record span the records after
+/// it, up to a record's start, neither hides them (they hold acknowledged
+/// writes) nor brings back what they replaced: the open is refused.
+#[test]
+fn a_damaged_length_that_swallows_the_next_records_refuses_the_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = loaded(dir.path());
+    // Records of 128 bytes (40 + 7 + 81): a flip of bit 7 of a value
+    // length of 81 makes it 209, one record more. 10, then 11, then 10
+    // again: the first of these is superseded, 11's is not.
+    let start = store.stats().collections[0].bytes;
+    for (k, v) in [(10, b'a'), (11, b'b'), (10, b'c')] {
+        store.set("c", &key(k), &[v; 81]).unwrap();
     }
-    assert_eq!(std::fs::read(dir.path().join("c.dhrt")).unwrap(), before);
+    drop(store);
+    flip(dir.path(), start + 20, 0x80);
+    assert_refused_at(dir.path(), start);
+}
+
+/// One replicated batch may write a key twice, the losing version after
+/// the winning one (it keeps the winner in the index): a later record of a
+/// key does not always beat an earlier one. With the winner damaged, the
+/// open is refused rather than serving the loser in its place.
+#[test]
+fn a_damaged_winner_followed_by_a_losing_record_of_its_key_refuses_the_open() {
+    use dhrt_storage::Version;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = loaded(dir.path());
+    let now = store.set_versioned("c", b"other", b"x").unwrap();
+    let start = store.stats().collections[0].bytes;
+    let (high, low) = (Version::new(now.ts + 20, 2), Version::new(now.ts + 10, 3));
+    let k = b"twice".as_slice();
+    store
+        .apply_many(
+            "c",
+            &[
+                (k, Some(b"winner".as_slice()), high),
+                (k, Some(b"loser".as_slice()), low),
+            ],
+        )
+        .unwrap();
+    assert_eq!(store.get("c", k).unwrap(), Some(b"winner".to_vec().into()));
+    drop(store);
+    flip(dir.path(), start + 40 + k.len() as u64 + 2, 0x01);
+    assert_refused_at(dir.path(), start);
 }
