@@ -808,6 +808,12 @@ impl Collection {
         buf.clear();
         let first_seq = *next_seq;
         let mut starts = Vec::with_capacity(entries.len());
+        // Each key's last record in this batch: a record that loses to one
+        // before it in the batch is not appended, so a later record of a
+        // key always beats the earlier ones (recovery relies on it to tell
+        // a damaged record superseded).
+        let mut batch: std::collections::HashMap<&[u8], (Version, u32)> =
+            std::collections::HashMap::new();
         for (key, value, version) in entries {
             let newer = generation
                 .index
@@ -830,9 +836,18 @@ impl Collection {
                 *version,
                 *next_seq,
             );
-            if !self.wins_over_current(&generation, key, *version, &buf[start..]) {
+            let crc = record::stored_crc(&buf[start..]);
+            let beaten_in_batch = entries.len() > 1
+                && batch
+                    .get(key)
+                    .is_some_and(|&(v, c)| !index::wins(*version, crc, v, || c));
+            if beaten_in_batch || !self.wins_over_current(&generation, key, *version, &buf[start..])
+            {
                 buf.truncate(start);
                 continue;
+            }
+            if entries.len() > 1 {
+                batch.insert(key, (*version, crc));
             }
             *next_seq += 1;
             starts.push(start);
@@ -845,8 +860,8 @@ impl Collection {
         let map = generation.log.map();
         let mut applied = 0;
         for start in starts {
-            // Two records of one key in a batch: the older one is kept
-            // out of the index here, and counted as garbage.
+            // Two records of one key in a batch: the earlier (beaten) one
+            // is kept out of the index here, and counted as garbage.
             let took = apply_record(
                 &generation.index,
                 state,

@@ -382,10 +382,10 @@ fn a_damaged_length_that_swallows_the_next_records_refuses_the_open() {
     assert_refused_at(dir.path(), start);
 }
 
-/// One replicated batch may write a key twice, the losing version after
-/// the winning one (it keeps the winner in the index): a later record of a
-/// key does not always beat an earlier one. With the winner damaged, the
-/// open is refused rather than serving the loser in its place.
+/// One replicated batch that writes a key twice, the losing version after
+/// the winning one, appends only the winner (a later record of a key
+/// always beats the earlier ones). With that winner damaged, the open is
+/// refused: nothing beats it.
 #[test]
 fn a_damaged_winner_followed_by_a_losing_record_of_its_key_refuses_the_open() {
     use dhrt_storage::Version;
@@ -405,6 +405,8 @@ fn a_damaged_winner_followed_by_a_losing_record_of_its_key_refuses_the_open() {
         )
         .unwrap();
     assert_eq!(store.get("c", k).unwrap(), Some(b"winner".to_vec().into()));
+    let one_record = 40 + k.len() as u64 + b"winner".len() as u64;
+    assert_eq!(store.stats().collections[0].bytes, start + one_record);
     drop(store);
     flip(dir.path(), start + 40 + k.len() as u64 + 2, 0x01);
     assert_refused_at(dir.path(), start);
