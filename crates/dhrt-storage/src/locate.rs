@@ -4,10 +4,12 @@
 //! damaged byte can be found, and undone, by walking the syndrome back
 //! through the content one byte at a time.
 //!
-//! Recovery uses it to tell a damaged record's key and version for sure
-//! before it drops the record as superseded (`recover.rs`): damage of more
-//! than one byte cannot be located, and the record is left to refuse the
-//! open as before.
+//! Recovery uses it to tell a damaged record's key and version before it
+//! drops the record as superseded (`recover.rs`). Damage of several bytes
+//! is taken for one byte with a chance of about `n / 2^24` in `n` bytes of
+//! content (a random syndrome matching one of 255 byte patterns at one of
+//! `n` places), so recovery locates damage only in short records, and
+//! checks their frame apart from the CRC.
 
 use crate::record::{self, RECORD_HEADER_LEN};
 

@@ -196,19 +196,42 @@ pub(crate) struct Stepped {
     pub(crate) crc: u32,
 }
 
+/// The longest record a damaged byte is located in. Damage of several
+/// bytes is taken for one byte, somewhere in a record's content of `n`
+/// bytes, with a chance of about `n / 2^24` (a random syndrome matches one
+/// of the 255 byte patterns at one of `n` places): at most 1 in 4,096
+/// here. Longer records that fail their CRC are not stepped over.
+pub(crate) const MAX_LOCATED_LEN: usize = 4096;
+
 impl Scanned {
     /// Steps over the record at `end` when it fails its CRC because of one
     /// damaged byte, located (see `locate.rs`) outside its lengths, so that
-    /// its frame, key and version are known as written; the scan goes on
-    /// from after it (on one thread: a damaged log is rare). `None`, the
-    /// scan left as it was, for anything else: damage of several bytes,
-    /// a drop record, a record running past the end.
-    pub(crate) fn step_over_damaged(&mut self, buf: &[u8]) -> Option<Stepped> {
+    /// its key and version are known as written; the scan goes on from
+    /// after it (on one thread: a damaged log is rare). Its frame is
+    /// checked apart from its CRC: the record after it must carry the next
+    /// seq (a seq has a check of its own, and a damaged length that spans
+    /// other records, or ends inside one, meets a different seq or none),
+    /// or it must end at the durable watermark `watermark`, a record
+    /// boundary kept in a file of its own. `None`, the scan left as it
+    /// was, for anything else: damage of several bytes, a record longer
+    /// than [`MAX_LOCATED_LEN`], a drop record, a record followed by a gap
+    /// in seqs (a compacted stretch, a restart) or by the end of the file.
+    pub(crate) fn step_over_damaged(
+        &mut self,
+        buf: &[u8],
+        watermark: Option<u64>,
+    ) -> Option<Stepped> {
         let at = self.end;
         let rest = &buf[at..];
         let header = record::parse_header(rest).ok()?;
         let len = header.record_len();
-        if header.kind == Kind::Drop || len > rest.len() {
+        if header.kind == Kind::Drop || len > rest.len() || len > MAX_LOCATED_LEN {
+            return None;
+        }
+        let framed = watermark == Some((at + len) as u64)
+            || record::parse_header(&rest[len..])
+                .is_ok_and(|next| Some(next.seq) == header.seq.checked_add(1));
+        if !framed {
             return None;
         }
         let key_len = header.key_len as usize;

@@ -411,3 +411,31 @@ fn a_damaged_winner_followed_by_a_losing_record_of_its_key_refuses_the_open() {
     flip(dir.path(), start + 40 + k.len() as u64 + 2, 0x01);
     assert_refused_at(dir.path(), start);
 }
+
+/// Stepping over needs the damage located for sure and the frame checked
+/// apart from the CRC: a superseded record longer than 4 KiB (where
+/// damage of several bytes passes for one byte too often), or one followed
+/// by a record whose seq does not follow its own (here, the first record
+/// after a restart), refuses the open even with one damaged byte.
+#[test]
+fn a_long_record_or_one_before_a_gap_in_seqs_is_not_stepped_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = loaded(dir.path());
+    let long = store.stats().collections[0].bytes;
+    store.set("c", &key(3), &[b'l'; 5000]).unwrap();
+    store.set("c", &key(3), b"short").unwrap();
+    drop(store);
+    flip(dir.path(), long + 40 + 7 + 100, 0x01);
+    assert_refused_at(dir.path(), long);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    drop(store);
+    // Key 59's record is the last before the restart.
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    store.set("c", &key(59), b"after the restart").unwrap();
+    store.set("c", &key(0), b"and another").unwrap();
+    drop(store);
+    flip(dir.path(), value_at(&offsets, 59) + 1, 0x01);
+    assert_refused_at(dir.path(), offsets[59]);
+}
