@@ -527,7 +527,7 @@ impl Collection {
                 // key and version are known, is stepped over: it may be
                 // garbage (a later write replaced it before anything read
                 // it).
-                match found.step_over_damaged(buf, recovery.watermark) {
+                match found.step_over_damaged(buf) {
                     Some(stepped) => stepped_over.push((stepped, reason)),
                     // Damage that needs an operator.
                     None => {

@@ -210,17 +210,14 @@ impl Scanned {
     /// after it (on one thread: a damaged log is rare). Its frame is
     /// checked apart from its CRC: the record after it must carry the next
     /// seq (a seq has a check of its own, and a damaged length that spans
-    /// other records, or ends inside one, meets a different seq or none),
-    /// or it must end at the durable watermark `watermark`, a record
-    /// boundary kept in a file of its own. `None`, the scan left as it
-    /// was, for anything else: damage of several bytes, a record longer
-    /// than [`MAX_LOCATED_LEN`], a drop record, a record followed by a gap
-    /// in seqs (a compacted stretch, a restart) or by the end of the file.
-    pub(crate) fn step_over_damaged(
-        &mut self,
-        buf: &[u8],
-        watermark: Option<u64>,
-    ) -> Option<Stepped> {
+    /// other records, or ends inside one, meets a different seq or none).
+    /// The end of the file after it is no proof: a superseded record is
+    /// never the last one anyway (what supersedes it was written after
+    /// it). `None`, the scan left as it was, for anything else: damage of
+    /// several bytes, a record longer than [`MAX_LOCATED_LEN`], a drop
+    /// record, a record followed by a gap in seqs (a compacted stretch, a
+    /// restart) or by the end of the file.
+    pub(crate) fn step_over_damaged(&mut self, buf: &[u8]) -> Option<Stepped> {
         let at = self.end;
         let rest = &buf[at..];
         let header = record::parse_header(rest).ok()?;
@@ -228,9 +225,8 @@ impl Scanned {
         if header.kind == Kind::Drop || len > rest.len() || len > MAX_LOCATED_LEN {
             return None;
         }
-        let framed = watermark == Some((at + len) as u64)
-            || record::parse_header(&rest[len..])
-                .is_ok_and(|next| Some(next.seq) == header.seq.checked_add(1));
+        let framed = record::parse_header(&rest[len..])
+            .is_ok_and(|next| Some(next.seq) == header.seq.checked_add(1));
         if !framed {
             return None;
         }
