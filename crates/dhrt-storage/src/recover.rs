@@ -160,6 +160,11 @@ pub(crate) struct Scanned {
     /// The walk stopped at `end` before a record reaching past its bound,
     /// without checking it: whoever goes on from `end` does.
     deferred: bool,
+    /// A record's seq was not greater than the one before it in this walk
+    /// (a valid log's seqs increase record by record: only bytes that are
+    /// not the log's own records, such as records embedded in a value,
+    /// break that).
+    seq_regressed: bool,
 }
 
 impl Scanned {
@@ -213,7 +218,9 @@ impl Scanned {
     /// other records, or ends inside one, meets a different seq or none).
     /// The end of the file after it is no proof: a superseded record is
     /// never the last one anyway (what supersedes it was written after
-    /// it). `None`, the scan left as it was, for anything else: damage of
+    /// it). The seqs of every record after it must increase, so records a
+    /// client wrote inside a value cannot pass for the next ones. `None`,
+    /// the scan left as it was, for anything else: damage of
     /// several bytes, a record longer than [`MAX_LOCATED_LEN`], a drop
     /// record, a record followed by a gap in seqs (a compacted stretch, a
     /// restart) or by the end of the file.
@@ -242,7 +249,15 @@ impl Scanned {
             crate::locate::Damage::InCrc => record::content_crc(&rest[..len]),
             crate::locate::Damage::At { .. } => record::stored_crc(rest),
         };
-        self.extend(scan_from(buf, at + len, buf.len(), false));
+        // The rest of the log must read as the log's own records: a
+        // record a client embedded in a value (it controls those bytes)
+        // can carry the next seq, but the true next record then repeats
+        // it.
+        let after = scan_from(buf, at + len, buf.len(), false);
+        if after.seq_regressed {
+            return None;
+        }
+        self.extend(after);
         Some(Stepped {
             at,
             key: head[RECORD_HEADER_LEN..].to_vec(),
@@ -291,6 +306,7 @@ fn scan_from(buf: &[u8], from: usize, until: usize, defer: bool) -> Scanned {
         {
             s.checkpoints.push((header.seq, at));
         }
+        s.seq_regressed |= header.seq <= s.max_seq;
         s.max_seq = s.max_seq.max(header.seq);
         s.max_ts = s.max_ts.max(header.version.ts);
         if header.kind == Kind::Drop {
