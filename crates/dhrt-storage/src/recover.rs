@@ -96,8 +96,14 @@ const BUCKET_BITS: u32 = 6;
 const BUCKETS: usize = 1 << BUCKET_BITS;
 
 /// log2 of how many parts the replay splits a bucket into before it sorts
-/// each part's records by shard.
-const SPLIT_BITS: u32 = 6;
+/// each part's records by shard. Few: the split writes to that many places
+/// at once, a cache line a record, and once a bucket no longer fits in the
+/// core's cache (a log of millions of records) every write stream the
+/// prefetcher cannot follow is a miss to memory. At 64 parts the split of
+/// a 10M-key log cost 170 ns a record against 67 at 1M keys; at 16, 39
+/// and 36 ns, and the reopen of 10M keys took 2.7 s instead of 4.1
+/// (docs/benchmarks.md, session 18).
+const SPLIT_BITS: u32 = 4;
 
 /// A bucket grows in chunks of this many records, not by reallocating one
 /// vector (which would copy it and leave up to half of it unused).
