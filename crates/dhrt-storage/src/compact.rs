@@ -178,11 +178,15 @@ fn poisoned(coll: &Collection, cause: String) -> Error {
 }
 
 /// Compacts `coll`. Only one rebuild of a collection runs at a time.
+/// Gives up (`Ok(None)`, the new file deleted, the collection as it was)
+/// once `stopping()` says so: a node told to stop does not wait for a
+/// compaction of its whole log, which can take minutes.
 pub(crate) fn compact(
     coll: &Collection,
     dir: Option<&Path>,
     options: &Options,
-) -> Result<CompactionReport> {
+    stopping: &dyn Fn() -> bool,
+) -> Result<Option<CompactionReport>> {
     let _only_one = coll.rebuilding.lock().unwrap();
     let old = coll.current.load_full();
     if let Some(cause) = old.log.poisoned() {
@@ -311,6 +315,9 @@ pub(crate) fn compact(
                 }
             }
             if out.len() >= FLUSH_AT {
+                if stopping() {
+                    return Ok(false);
+                }
                 new_log.append(&out).map_err(|e| io_err("write", e))?;
                 base = new_log.tail();
                 out.clear();
@@ -330,6 +337,9 @@ pub(crate) fn compact(
         let mut parts = Some((index, new_log));
         let mut outrun = false;
         loop {
+            if stopping() {
+                return Ok(false);
+            }
             let (index, new_log) = parts.as_ref().expect("until swapped");
             from = catch_up_outside(&old.log, from, &mut outrun, |from, upto| {
                 let n = catch_up(
@@ -415,20 +425,20 @@ pub(crate) fn compact(
                 Ok(true)
             })?;
             if swapped {
-                return Ok(());
+                return Ok(true);
             }
         }
     })();
 
-    if result.is_err()
+    if !matches!(result, Ok(true))
         && let Some(tmp) = &tmp_path
     {
         let _ = std::fs::remove_file(tmp);
     }
-    if result.is_ok() {
+    if matches!(result, Ok(true)) {
         collection::retire(old);
     }
-    result.map(|()| report)
+    result.map(|swapped| swapped.then_some(report))
 }
 
 /// Gives `coll` an index of `shards` shards over the same log. Returns the

@@ -869,9 +869,11 @@ impl Store {
     /// Compacts `collection` now, whatever its garbage ratio.
     pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
         match self.existing(collection)? {
-            Some(c) => compact::compact(&c, self.dir(), &self.inner.options).inspect(|r| {
+            Some(c) => compact::compact(&c, self.dir(), &self.inner.options, &|| false).map(|r| {
+                let r = r.expect("a compaction told never to stop finishes");
                 c.locked_replay_max
                     .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
+                r
             }),
             None => Ok(CompactionReport::default()),
         }
@@ -974,8 +976,9 @@ impl Core {
             if !c.take_compaction_request() {
                 continue;
             }
-            match compact::compact(c, self.dir.as_deref(), &self.options) {
-                Ok(r) => tracing::info!(
+            match compact::compact(c, self.dir.as_deref(), &self.options, &|| false) {
+                Ok(None) => unreachable!("a compaction told never to stop finishes"),
+                Ok(Some(r)) => tracing::info!(
                     collection = %c.name,
                     damaged = r.damaged,
                     "compacted the damaged records out before closing"
@@ -1076,8 +1079,18 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             let due =
                 check && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
             if requested || due {
-                match compact::compact(c, inner.dir.as_deref(), &inner.options) {
-                    Ok(r) => {
+                match compact::compact(c, inner.dir.as_deref(), &inner.options, &stopping) {
+                    Ok(None) => {
+                        // The store is closing; a requested compaction
+                        // (damaged records) is run whole as it closes.
+                        if requested {
+                            c.compact_requested
+                                .store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        tracing::info!(collection = %c.name, "gave up a compaction: the store is closing");
+                        return;
+                    }
+                    Ok(Some(r)) => {
                         c.locked_replay_max
                             .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
@@ -1385,5 +1398,48 @@ mod tests {
             store.get("sick", b"k").unwrap().as_deref(),
             Some(&b"before"[..])
         );
+    }
+
+    /// A compaction told to stop (the store is closing) gives up: its new
+    /// file is deleted and the collection goes on from the old one, whole.
+    #[test]
+    fn a_compaction_gives_up_when_the_store_is_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            compaction_min_bytes: u64::MAX,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        let value = [b'v'; 100];
+        for round in 0..2u8 {
+            for i in 0..20_000u32 {
+                store
+                    .set(
+                        "c",
+                        format!("k{i}").as_bytes(),
+                        &[&value[..], &[round]].concat(),
+                    )
+                    .unwrap();
+            }
+        }
+        let c = store.existing("c").unwrap().unwrap();
+        let before = std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let stopping = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
+        let report = crate::compact::compact(&c, Some(dir.path()), &options, &stopping).unwrap();
+        assert!(report.is_none(), "{report:?}");
+        assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+        assert!(!dir.path().join(format!("c{COMPACT_SUFFIX}")).exists());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len(),
+            before
+        );
+        assert_eq!(
+            store.get("c", b"k19999").unwrap(),
+            Some([&value[..], &[1]].concat().into())
+        );
+        // Told never to stop, the same compaction finishes.
+        let report = crate::compact::compact(&c, Some(dir.path()), &options, &|| false).unwrap();
+        assert_eq!(report.map(|r| r.records), Some(20_000));
     }
 }
