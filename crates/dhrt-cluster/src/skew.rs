@@ -10,7 +10,7 @@
 //!   a remote stamp never pushes this node's clock beyond wall time plus
 //!   the allowed offset.
 //! - Every gossip message carries its sender's wall clock. A node keeps,
-//!   per peer it knows (dead ones too: the last word stands; see [`judge`]), samples of
+//!   per peer it knows (dead ones too: the last word stands), samples of
 //!   the peer's clock against its own *monotonic* clock ([`Offsets`]), so
 //!   a jump of its own wall clock shows at once, and extrapolates them to
 //!   now; of the last few samples the least delayed counts (delay only
@@ -24,10 +24,7 @@
 //! - A node is *skewed* ([`verdict`]) when as many of its measured peers
 //!   are beyond the allowed offset from it as within it, or more (itself
 //!   counted as within): on a tie, with two nodes, nobody can tell whose
-//!   clock is wrong, and both refuse writes. The live peers judge when
-//!   they decide by a strict majority; otherwise (none live, or a tie)
-//!   every member not left does, the dead by their last word ([`judge`]).
-//!   A node in a cluster whose own
+//!   clock is wrong, and both refuse writes. A node in a cluster whose own
 //!   clock has been pushed beyond wall time plus the allowed offset (its
 //!   log holds writes stamped in the future) is skewed too. A skewed node refuses
 //!   client writes until the cause is gone; reads go on.
@@ -149,27 +146,6 @@ pub(crate) struct Verdict {
     pub(crate) ahead_ms: i64,
     /// Why it is skewed (empty if not).
     pub(crate) reason: String,
-}
-
-/// The verdict from the offsets of the live peers measured (`live`: not
-/// dead, not left) when they decide it by a strict majority, else from
-/// every measured peer's (`all`: dead ones by their last word). A dead
-/// member's last word keeps a node cut off from its peers, or left with
-/// one that disagrees, from trusting its own clock for lack of witnesses;
-/// but where the live peers decide, a member that died long ago (a node
-/// gone for good, its clock perhaps wrong) does not outvote them.
-pub(crate) fn judge(live: &[i64], all: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) -> Verdict {
-    let off = live
-        .iter()
-        .filter(|o| o.unsigned_abs() > max_offset_ms)
-        .count();
-    // A tie is off == within, within counting this node: 2 off == len + 1.
-    let decisive = !live.is_empty() && 2 * off != live.len() + 1;
-    verdict(
-        if decisive { live } else { all },
-        max_offset_ms,
-        clock_ahead_ms,
-    )
 }
 
 /// The verdict from the offsets of the measured peers (`peer − me`, ms;
@@ -304,28 +280,6 @@ mod tests {
         assert!(!verdict(&[], MAX, 0).skewed);
         assert!(!verdict(&[59_000, -59_000, 0], MAX, 0).skewed);
         assert_eq!(verdict(&[], MAX, 0).ahead_ms, 0);
-    }
-
-    #[test]
-    fn live_peers_judge_when_they_decide_and_the_dead_break_their_ties() {
-        let ahead = 2 * HOUR;
-        // A healthy node, a healthy peer and a skewed live peer; a skewed
-        // member dead for good would tie them: the live majority judges.
-        assert!(!judge(&[0, ahead], &[0, ahead, ahead], MAX, 0).skewed);
-        assert!(verdict(&[0, ahead, ahead], MAX, 0).skewed);
-        // Left with one live peer that disagrees (a tie), the last word of
-        // a healthy dead one decides for this node...
-        assert!(!judge(&[ahead], &[0, ahead], MAX, 0).skewed);
-        // ...and against the skewed one.
-        assert!(judge(&[-ahead], &[-ahead, -ahead], MAX, 0).skewed);
-        // Cut off from every peer, the last words judge.
-        assert!(judge(&[], &[-ahead, -ahead], MAX, 0).skewed);
-        assert!(!judge(&[], &[0, 0], MAX, 0).skewed);
-        // A live majority against this node is a verdict too.
-        let live = [-ahead, -ahead, -ahead, 0];
-        assert!(judge(&live, &[-ahead, -ahead, -ahead, 0, 0, 0, 0], MAX, 0).skewed);
-        // A log ahead of the wall clock is skewed whoever judges.
-        assert!(judge(&[0], &[0], MAX, 2 * MAX).skewed);
     }
 
     #[test]

@@ -435,8 +435,18 @@ pub(crate) fn compact(
     {
         let _ = std::fs::remove_file(tmp);
     }
-    if matches!(result, Ok(true)) {
-        collection::retire(old);
+    match result {
+        Ok(true) => collection::retire(old),
+        Ok(false) if report.damaged > 0 => {
+            // Given up after meeting damaged records still in the file:
+            // they are not forgotten (the store's close compacts them
+            // out), nor counted twice.
+            coll.quarantined
+                .fetch_sub(report.damaged, std::sync::atomic::Ordering::Relaxed);
+            coll.compact_requested
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        _ => {}
     }
     result.map(|swapped| swapped.then_some(report))
 }

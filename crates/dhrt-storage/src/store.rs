@@ -49,6 +49,11 @@ pub struct Store {
 struct Shutdown {
     stop: Mutex<bool>,
     wake: Condvar,
+    /// Rebuilds (compactions, reshards) give up and none starts while set:
+    /// [`Store::compact_damaged`] is compacting damaged records out.
+    paused: std::sync::atomic::AtomicBool,
+    /// The background thread is choosing or running a rebuild.
+    busy: std::sync::atomic::AtomicBool,
 }
 
 /// Told the name of a collection after each write that changed it.
@@ -855,7 +860,18 @@ impl Store {
     /// process about to exit calls it: the store is also closed this way
     /// when its last handle drops, which may not happen before an exit).
     pub fn compact_damaged(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // A background compaction that took the request first would make
+        // this one find none, and might not finish before the process
+        // exits: it is told to give up (it asks again for what it was
+        // asked), and this waits until it has.
+        let shutdown = &self.inner.shutdown;
+        shutdown.paused.store(true, SeqCst);
+        while shutdown.busy.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.inner.compact_damaged();
+        shutdown.paused.store(false, SeqCst);
     }
 
     /// Fsyncs every collection now.
@@ -1047,19 +1063,36 @@ fn sync_loop(core: &Core, shutdown: &Shutdown) {
 /// call for it (with `background_compaction`) or in which a damaged record
 /// was quarantined (always: the damaged bytes must leave the file).
 fn background(inner: &Core, shutdown: &Shutdown) {
+    use std::sync::atomic::Ordering::SeqCst;
     const TICK: Duration = Duration::from_millis(100);
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
     let mut last_check = Instant::now();
-    let stopping = || *shutdown.stop.lock().unwrap();
+    let closing = || *shutdown.stop.lock().unwrap();
+    // Rebuilds give up when the store closes or `compact_damaged` runs.
+    let stopping = || closing() || shutdown.paused.load(SeqCst);
+    // Marks a rebuild as running, unless `compact_damaged` has the floor.
+    let start = || {
+        shutdown.busy.store(true, SeqCst);
+        if shutdown.paused.load(SeqCst) {
+            shutdown.busy.store(false, SeqCst);
+            return false;
+        }
+        true
+    };
+    let done = || shutdown.busy.store(false, SeqCst);
     while !shutdown.wait(TICK) {
         for c in inner.collections.load().values() {
-            if stopping() {
+            if closing() {
                 return;
             }
             let shards = c.current.load().index.shard_count();
             if let Some(more) = compact::reshard_due(&c.state(), shards, &inner.options) {
+                if !start() {
+                    break;
+                }
                 let started = Instant::now();
                 let locked = compact::reshard(c, more, inner.options.shard_array_max, &stopping);
+                done();
                 c.locked_replay_max
                     .fetch_max(locked, std::sync::atomic::Ordering::Relaxed);
                 if c.current.load().index.shard_count() >= more {
@@ -1072,8 +1105,11 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             last_check = Instant::now();
         }
         for c in inner.collections.load().values() {
-            if stopping() {
+            if closing() {
                 return;
+            }
+            if !start() {
+                break;
             }
             let requested = c.take_compaction_request();
             let due =
@@ -1081,14 +1117,13 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             if requested || due {
                 match compact::compact(c, inner.dir.as_deref(), &inner.options, &stopping) {
                     Ok(None) => {
-                        // The store is closing; a requested compaction
-                        // (damaged records) is run whole as it closes.
+                        // Told to stop: what was asked for is asked again,
+                        // for `compact_damaged` or the store's close.
                         if requested {
                             c.compact_requested
                                 .store(true, std::sync::atomic::Ordering::Release);
                         }
-                        tracing::info!(collection = %c.name, "gave up a compaction: the store is closing");
-                        return;
+                        tracing::info!(collection = %c.name, "gave up a compaction: the store is closing or compacting damaged records out");
                     }
                     Ok(Some(r)) => {
                         c.locked_replay_max
@@ -1107,6 +1142,7 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                     Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
                 }
             }
+            done();
         }
     }
 }
@@ -1438,8 +1474,25 @@ mod tests {
             store.get("c", b"k19999").unwrap(),
             Some([&value[..], &[1]].concat().into())
         );
+        assert!(!c.compact_requested.load(std::sync::atomic::Ordering::Acquire));
+
+        // One that met a damaged record before giving up asks to be run
+        // again (the store's close runs it whole) and counts it once.
+        let at = c.current.load().index.get(b"k0").unwrap().offset();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("c.dhrt"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"XYZ", at + 45).unwrap();
+        asked.store(0, std::sync::atomic::Ordering::Relaxed);
+        let report = crate::compact::compact(&c, Some(dir.path()), &options, &stopping).unwrap();
+        assert!(report.is_none());
+        assert!(c.compact_requested.load(std::sync::atomic::Ordering::Acquire));
+        assert_eq!(c.quarantined.load(std::sync::atomic::Ordering::Relaxed), 0);
         // Told never to stop, the same compaction finishes.
-        let report = crate::compact::compact(&c, Some(dir.path()), &options, &|| false).unwrap();
-        assert_eq!(report.map(|r| r.records), Some(20_000));
+        let report = crate::compact::compact(&c, Some(dir.path()), &options, &|| false)
+            .unwrap()
+            .unwrap();
+        assert_eq!((report.records, report.damaged), (19_999, 1));
     }
 }

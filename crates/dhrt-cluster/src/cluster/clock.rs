@@ -16,35 +16,28 @@ use crate::skew;
 const UNVERIFIED_GRACE: Duration = Duration::from_secs(10);
 
 impl Cluster {
-    /// Re-judges this node's clock against its peers' (see
-    /// [`skew::judge`]: the live ones, or every member not left, the dead
-    /// ones by their last word, when the live ones cannot decide), logging
-    /// when the verdict changes.
+    /// Re-judges this node's clock against its peers' (every member not
+    /// left, the dead ones by their last word), logging when the verdict
+    /// changes.
     pub(super) fn judge_clock(&self) {
-        let known: Vec<(u64, bool)> = self
+        let known: Vec<u64> = self
             .membership
             .lock()
             .unwrap()
             .members()
             .filter(|u| u.liveness != Liveness::Left)
-            .map(|u| (u.id, u.liveness != Liveness::Dead))
+            .map(|u| u.id)
             .collect();
         let (wall, mono) = (self.wall_ms(), self.now_ms());
         // Judged by the strictest allowed offset in the cluster.
-        let (measured, live, max): (Vec<i64>, Vec<i64>, u64) = {
+        let (measured, max): (Vec<i64>, u64) = {
             let mut o = self.offsets.lock().unwrap();
-            o.retain(|id| known.iter().any(|&(k, _)| k == id));
-            let mut measured = Vec::new();
-            let mut live = Vec::new();
-            for &(id, alive) in &known {
-                if let Some(offset) = o.of(id, wall, mono) {
-                    measured.push(offset);
-                    if alive {
-                        live.push(offset);
-                    }
-                }
-            }
-            (measured, live, o.strictest(self.max_offset_ms()))
+            o.retain(|id| known.contains(&id));
+            let measured = known
+                .iter()
+                .filter_map(|id| o.of(*id, wall, mono))
+                .collect();
+            (measured, o.strictest(self.max_offset_ms()))
         };
         // A log holding future stamps matters where peers would refuse
         // them; a node alone just goes on from its own clock.
@@ -56,14 +49,7 @@ impl Cluster {
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
         let enough = measured.len() * 2 > known.len();
-        let alive = known.iter().filter(|&&(_, alive)| alive).count();
-        let live_enough = live.len() * 2 > alive;
-        let v = skew::judge(
-            if live_enough { &live } else { &[] },
-            if enough { &measured } else { &[] },
-            max,
-            clock_ahead,
-        );
+        let v = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
         self.cluster_offset
             .store(skew::cluster_offset(&measured), Ordering::Release);
         self.strictest_offset_ms.store(max, Ordering::Release);
