@@ -860,8 +860,9 @@ impl Collection {
         let map = generation.log.map();
         let mut applied = 0;
         for start in starts {
-            // Two records of one key in a batch: the earlier (beaten) one
-            // is kept out of the index here, and counted as garbage.
+            // Two records of one key in a batch (the later one beats the
+            // earlier, or it was not appended): the later one replaces the
+            // earlier in the index, which is counted as garbage.
             let took = apply_record(
                 &generation.index,
                 state,

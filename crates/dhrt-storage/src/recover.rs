@@ -498,12 +498,13 @@ pub(crate) fn replay(log: &[u8], scanned: Scanned, options: &Options) -> (Index,
         ..State::default()
     };
     // Builds the shards of groups `first..first + chunks.len()`.
-    // A group's records are split by the next bits of their hash, then
-    // each split by shard: no step writes to more than a few hundred places
-    // at once, in buffers reused from group to group. (Scattering records
-    // over thousands of places costs a TLB miss per record, in a virtual
-    // machine a two-level page walk: that made a scan into 1,024 buckets
-    // twice as slow as one into 16.)
+    // A group's records are split 16 ways by the next bits of their hash,
+    // then each split by shard (up to about a thousand shards, whose
+    // buffers, a split's records, stay in the core's cache), in buffers
+    // reused from group to group. (Scattering records over thousands of
+    // places in memory costs a TLB miss per record, in a virtual machine a
+    // two-level page walk: that made a scan into 1,024 buckets twice as
+    // slow as one into 16; see `SPLIT_BITS` for the split.)
     let split_bits = bits.saturating_sub(BUCKET_BITS).min(SPLIT_BITS);
     let shards_per_split = shards_per_group >> split_bits;
     let apply_groups = |first: usize, chunks: Vec<Vec<Vec<Found>>>| {

@@ -1474,7 +1474,10 @@ mod tests {
             store.get("c", b"k19999").unwrap(),
             Some([&value[..], &[1]].concat().into())
         );
-        assert!(!c.compact_requested.load(std::sync::atomic::Ordering::Acquire));
+        assert!(
+            !c.compact_requested
+                .load(std::sync::atomic::Ordering::Acquire)
+        );
 
         // One that met a damaged record before giving up asks to be run
         // again (the store's close runs it whole) and counts it once.
@@ -1487,7 +1490,10 @@ mod tests {
         asked.store(0, std::sync::atomic::Ordering::Relaxed);
         let report = crate::compact::compact(&c, Some(dir.path()), &options, &stopping).unwrap();
         assert!(report.is_none());
-        assert!(c.compact_requested.load(std::sync::atomic::Ordering::Acquire));
+        assert!(
+            c.compact_requested
+                .load(std::sync::atomic::Ordering::Acquire)
+        );
         assert_eq!(c.quarantined.load(std::sync::atomic::Ordering::Relaxed), 0);
         // Told never to stop, the same compaction finishes.
         let report = crate::compact::compact(&c, Some(dir.path()), &options, &|| false)
