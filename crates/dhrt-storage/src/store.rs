@@ -1501,4 +1501,68 @@ mod tests {
             .unwrap();
         assert_eq!((report.records, report.damaged), (19_999, 1));
     }
+
+    /// `compact_damaged` (what a stopping node calls) returns only once no
+    /// damaged record is left in the file, even when the background thread
+    /// had taken the compaction request and was in the middle of it.
+    #[test]
+    fn compact_damaged_waits_for_a_background_compaction_in_flight() {
+        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::channel;
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            compaction_min_bytes: u64::MAX,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        for i in 0..100u32 {
+            store
+                .set("c", format!("k{i:03}").as_bytes(), &[b'v'; 50])
+                .unwrap();
+        }
+        store.sync().unwrap();
+        let c = store.existing("c").unwrap().unwrap();
+        let at = c.current.load().index.get(b"k010").unwrap().offset();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("c.dhrt"))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"X", at + 50).unwrap();
+        let (paused_tx, paused) = channel();
+        let (resume, resume_rx) = channel();
+        *c.pause_compaction.lock().unwrap() = Some((paused_tx, resume_rx));
+        // The read finds the damage and asks for a compaction, which the
+        // background thread takes and holds in its last step.
+        assert!(matches!(
+            store.get("c", b"k010"),
+            Err(Error::Checksum { .. })
+        ));
+        paused.recv().unwrap();
+        let returned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = {
+            let (store, returned) = (store.clone(), returned.clone());
+            std::thread::spawn(move || {
+                store.compact_damaged();
+                returned.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "compact_damaged returned while the damage was still in the file"
+        );
+        resume.send(()).unwrap();
+        stopping.join().unwrap();
+        // A copy of the files as they are now opens: no damage is left.
+        let copy = tempfile::tempdir().unwrap();
+        for name in ["c.dhrt", "c.dhrt.durable", "EPOCH"] {
+            std::fs::copy(dir.path().join(name), copy.path().join(name)).unwrap();
+        }
+        let reopened = Store::open(copy.path(), options).expect("no damage left");
+        assert_eq!(reopened.get("c", b"k010").unwrap(), None);
+        assert_eq!(
+            reopened.get("c", b"k099").unwrap(),
+            Some(vec![b'v'; 50].into())
+        );
+    }
 }
