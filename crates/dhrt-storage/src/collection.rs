@@ -164,6 +164,9 @@ pub(crate) struct Collection {
     #[cfg(test)]
     pub(crate) pause_compaction:
         Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+    /// Makes the first write-back of the next compaction's file fail.
+    #[cfg(test)]
+    pub(crate) fail_compaction_write_back: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Collection {
@@ -335,6 +338,8 @@ impl Collection {
             slow_catch_up_ms: AtomicU64::new(0),
             #[cfg(test)]
             pause_compaction: Mutex::new(None),
+            #[cfg(test)]
+            fail_compaction_write_back: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

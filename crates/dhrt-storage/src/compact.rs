@@ -59,6 +59,48 @@ pub struct CompactionReport {
 
 const FLUSH_AT: usize = 1 << 20;
 
+/// A compaction hands its new file to the disk every this many bytes and
+/// then waits for the stretch before, so that at most about twice this of
+/// it is dirty at a time.
+const WRITE_BEHIND: u64 = 8 << 20;
+
+/// Write-behind for the bulk copy of a compaction (as RocksDB's
+/// `bytes_per_sync`). Left to the kernel, the copy piles up gigabytes of
+/// dirty pages, flushed in bursts that fill the disk's queue: the log's
+/// own I/O (a block bitmap its reservation reads, its fsync) then waits
+/// behind them, some of it under the writer lock, and once the dirty limit
+/// is near every writer of the machine is throttled. Paced, the copy runs
+/// at the disk's speed and the queue holds at most two stretches of it.
+struct WriteBehind {
+    /// Where the stretch handed to the disk last starts.
+    started: u64,
+    /// Everything below this is written back.
+    done: u64,
+}
+
+impl WriteBehind {
+    fn new(at: u64) -> WriteBehind {
+        WriteBehind {
+            started: at,
+            done: at,
+        }
+    }
+
+    /// After an append to `log`: once a stretch of [`WRITE_BEHIND`] is
+    /// written, starts its write-back and waits for the one before.
+    fn wrote(&mut self, log: &LogFile) -> std::io::Result<()> {
+        let tail = log.tail();
+        if tail - self.started < WRITE_BEHIND {
+            return Ok(());
+        }
+        log.write_back(self.started, tail, false)?;
+        log.write_back(self.done, self.started, true)?;
+        self.done = self.started;
+        self.started = tail;
+        Ok(())
+    }
+}
+
 /// Bits of an entry's CRC a compaction checks against the record it copies
 /// (all that fit in a word beside an offset of `OFFSET_BITS`).
 const CRC_CHECK_BITS: u32 = 64 - crate::index::OFFSET_BITS;
@@ -260,6 +302,15 @@ pub(crate) fn compact(
         };
         let new_log = LogFile::create(tmp_path.as_deref(), &coll.name, header)
             .map_err(|e| io_err("create", e))?;
+        #[cfg(test)]
+        if coll
+            .fail_compaction_write_back
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            new_log
+                .fail_next_write_back
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let mut index = Builder::new(
             options.shards_for(keys).max(old.index.shard_count()),
             options.shard_array_max,
@@ -267,6 +318,7 @@ pub(crate) fn compact(
         let mut state = State::default();
         let mut out = Vec::with_capacity(FLUSH_AT + 4096);
         let mut base = new_log.tail();
+        let mut behind = WriteBehind::new(base);
         for packed in offsets {
             let (offset, crc_bits) = unpack(packed);
             let bytes = &old_map[offset as usize..t0 as usize];
@@ -319,6 +371,9 @@ pub(crate) fn compact(
                     return Ok(false);
                 }
                 new_log.append(&out).map_err(|e| io_err("write", e))?;
+                behind
+                    .wrote(&new_log)
+                    .map_err(|e| io_err("write back", e))?;
                 base = new_log.tail();
                 out.clear();
             }

@@ -99,6 +99,12 @@ pub(crate) struct LogFile {
     watermark: Option<Arc<Watermark>>,
     /// Successful `fdatasync`s of this file.
     fdatasyncs: AtomicU64,
+    /// Calls of [`LogFile::write_back`] that reached the file.
+    #[cfg(test)]
+    write_backs: AtomicU64,
+    /// Makes the next write-back fail with EIO.
+    #[cfg(test)]
+    pub(crate) fail_next_write_back: std::sync::atomic::AtomicBool,
     /// Makes the next fsync fail, to test poisoning.
     #[cfg(test)]
     pub(crate) fail_next_sync: std::sync::atomic::AtomicBool,
@@ -169,6 +175,10 @@ impl LogFile {
             id: watermark::next_log_id(),
             watermark: None,
             fdatasyncs: AtomicU64::new(0),
+            #[cfg(test)]
+            write_backs: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_write_back: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -338,6 +348,30 @@ impl LogFile {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.file.write_all_at(buf, offset)
+    }
+
+    /// Starts the write-back of bytes `[from, to)` and, with `wait`, waits
+    /// for it ([`mmap::write_back`]); nothing in memory mode. For a file
+    /// written in bulk (a compaction's), so that its dirty pages never pile
+    /// up into a flush that fills the disk's queue, ahead of the log's own
+    /// I/O. An error is the write's (the next fsync may not see it again).
+    pub(crate) fn write_back(&self, from: u64, to: u64, wait: bool) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_next_write_back.swap(false, Ordering::AcqRel) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if self.is_memory() || to <= from {
+            return Ok(());
+        }
+        #[cfg(test)]
+        self.write_backs.fetch_add(1, Ordering::Relaxed);
+        mmap::write_back(&self.file, from, to, wait)
+    }
+
+    /// Calls of [`Self::write_back`] that reached the file.
+    #[cfg(test)]
+    pub(crate) fn write_backs(&self) -> u64 {
+        self.write_backs.load(Ordering::Relaxed)
     }
 
     /// The poison message, if an fsync of this log ever failed.

@@ -193,6 +193,32 @@ pub(crate) fn reserve(file: &File, from: u64, to: u64) -> io::Result<()> {
     }
 }
 
+/// Starts the write-back of bytes `[from, to)` of `file` to the disk
+/// (`sync_file_range`), and with `wait` waits until they are written. No
+/// metadata and no cache flush: this paces a bulk writer, it does not make
+/// anything durable (an `fsync` still does). Its error must be taken as the
+/// write's: it is reported once per descriptor, so the next `fsync` of this
+/// descriptor may no longer see it.
+pub(crate) fn write_back(file: &File, from: u64, to: u64, wait: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off64_t::try_from(to.saturating_sub(from)).map_err(io::Error::other)?;
+    let start = libc::off64_t::try_from(from).map_err(io::Error::other)?;
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    // SAFETY: the descriptor is open for the lifetime of `file`.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), start, len, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// An anonymous file in memory (memfd), the backing of memory mode: the same
 /// code path as a real file, with no name in any directory.
 pub(crate) fn memfd(name: &str) -> io::Result<File> {

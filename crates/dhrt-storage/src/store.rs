@@ -1502,6 +1502,69 @@ mod tests {
         assert_eq!((report.records, report.damaged), (19_999, 1));
     }
 
+    /// A compaction hands its new file to the disk as it writes it, a few
+    /// MiB at a time, and a write-back that fails fails the compaction: the
+    /// collection goes on from its old file, whole, and the next one works.
+    #[test]
+    fn a_compaction_writes_its_file_behind_and_a_failed_write_back_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            compaction_min_bytes: u64::MAX,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        let value = |i: u32| vec![(i % 251) as u8; 10_000];
+        // About 30 MiB live: several stretches of write-behind.
+        for i in 0..3_000u32 {
+            store
+                .set("c", format!("k{i}").as_bytes(), &value(i))
+                .unwrap();
+        }
+        let c = store.existing("c").unwrap().unwrap();
+        let before = std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len();
+        c.fail_compaction_write_back
+            .store(true, std::sync::atomic::Ordering::Release);
+        let err = store.compact("c").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Io {
+                    op: "write back",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!dir.path().join(format!("c{COMPACT_SUFFIX}")).exists());
+        assert_eq!(
+            std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len(),
+            before
+        );
+        assert_eq!(c.current.load().log.write_backs(), 0);
+        store.set("c", b"after", b"failed compaction").unwrap();
+
+        let report = store.compact("c").unwrap();
+        assert_eq!(report.records, 3_001);
+        // 8 MiB stretches of about 30 MiB: three handed over, two waited for.
+        let write_backs = c.current.load().log.write_backs();
+        assert!(write_backs >= 5, "{write_backs} write-backs");
+        drop((c, store));
+        let store = Store::open(dir.path(), options).unwrap();
+        for i in (0..3_000u32).step_by(7) {
+            assert_eq!(
+                store
+                    .get("c", format!("k{i}").as_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(&value(i)[..])
+            );
+        }
+        assert_eq!(
+            store.get("c", b"after").unwrap().as_deref(),
+            Some(&b"failed compaction"[..])
+        );
+    }
+
     /// `compact_damaged` (what a stopping node calls) returns only once no
     /// damaged record is left in the file, even when the background thread
     /// had taken the compaction request and was in the middle of it.
