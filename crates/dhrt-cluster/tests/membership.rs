@@ -313,12 +313,68 @@ fn story(seed: u64) -> Result<(), String> {
     })?;
     sim.blocked.clear();
 
+    // One node cut off from all others {5} | {1,2,3,4}: it declares them
+    // all dead, and they declare it dead. When it comes back, its verdicts
+    // are news to the majority, but no member of the majority, which
+    // never stopped hearing from each other, takes another for dead (it
+    // may suspect one until that one refutes).
+    for x in [1, 2, 3, 4] {
+        sim.blocked.insert((5, x));
+        sim.blocked.insert((x, 5));
+    }
+    let majority = [1, 2, 3, 4];
+    sim.until(
+        "a cut-off node declares the rest dead",
+        &[5],
+        &majority,
+        MemberState::Dead,
+        cfg.suspicion_ms + 5000,
+    )?;
+    sim.until(
+        "the rest declare it dead",
+        &majority,
+        &[5],
+        MemberState::Dead,
+        cfg.suspicion_ms + 5000,
+    )?;
+    sim.blocked.clear();
+    sim.never(
+        "a member of the majority is declared dead by another after a minority heals",
+        4 * cfg.suspicion_ms,
+        |s| {
+            majority.iter().any(|&o| {
+                majority
+                    .iter()
+                    .any(|&x| s.state(o, x) == Some(MemberState::Dead))
+            })
+        },
+    )?;
+    sim.until(
+        "a healed minority converges",
+        &all,
+        &all,
+        MemberState::Healthy,
+        10_000,
+    )?;
+
     // A graceful leave reaches everyone.
     sim.nodes.get_mut(&4).unwrap().as_mut().unwrap().leave();
     sim.run_for(10);
     sim.crash(4);
     let rest: Vec<u64> = all.iter().copied().filter(|&x| x != 4).collect();
-    sim.until("a leave spreads", &rest, &[4], MemberState::Left, 2000)?;
+    // Messages can overtake each other: a node that hears the leave and
+    // then an older message of the member (alive, at the incarnation
+    // before) takes that as its word (a member restarted with its clock
+    // set back has a lower incarnation too). It then suspects the member,
+    // which no longer answers, declares it dead on its own timeout, and
+    // takes the leave the others spread.
+    sim.until(
+        "a leave spreads",
+        &rest,
+        &[4],
+        MemberState::Left,
+        4 * cfg.period_ms + cfg.suspicion_ms + 2000,
+    )?;
     sim.until(
         "the rest stay healthy",
         &rest,
@@ -384,7 +440,11 @@ fn only_a_dead_member_is_removed_and_a_live_one_refutes_its_removal() {
     assert!(a.remove(1, 2).unwrap_err().contains("not dead"));
     assert!(a.remove(1, 9).unwrap_err().contains("no member"));
     assert_eq!(a.get(2).map(member_state), Some(MemberState::Healthy));
+    // Another node's verdict is suspicion here; its own timeout kills it.
     a.merge(2, [dead(me(2, 5))]);
+    assert_eq!(a.get(2).map(member_state), Some(MemberState::Unhealthy));
+    a.tick(3 + MembershipConfig::default().suspicion_ms);
+    assert_eq!(a.get(2).map(member_state), Some(MemberState::Dead));
     let removed = a.remove(3, 2).unwrap();
     assert_eq!(member_state(&removed), MemberState::Left);
     assert_eq!(a.get(2).map(member_state), Some(MemberState::Left));

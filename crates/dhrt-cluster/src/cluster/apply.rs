@@ -64,9 +64,13 @@ impl Cluster {
                 refused.push(i as u32);
             }
         }
-        if let Some(&first) = refused.first() {
+        let stamp_of = |i: u32| {
             let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) =
-                &mutations[first as usize];
+                &mutations[i as usize];
+            v
+        };
+        // The one furthest ahead, for the message (a batch can mix them).
+        if let Some(v) = refused.iter().map(|&i| stamp_of(i)).max_by_key(|v| v.ts) {
             self.refused_future
                 .fetch_add(refused.len() as u64, Ordering::Relaxed);
             tracing::error!(

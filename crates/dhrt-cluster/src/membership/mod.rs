@@ -32,6 +32,12 @@
 //! - A missed probe (direct, then through other members) or a failed request
 //!   makes a member suspect (`unhealthy`); suspicion that is not refuted
 //!   within the suspicion timeout makes it dead.
+//! - A node declares a member it knows dead only on its own timeout: another
+//!   node's "dead" is taken as "suspect" (as memberlist does with a dead
+//!   entry in a push-pull sync). A node cut off from the rest declares them
+//!   all dead; when it comes back, its verdicts make the others suspect,
+//!   and the members they name refute, instead of being declared dead
+//!   where they never stopped answering.
 //! - Dead members are still probed now and then, and the push-pull sync
 //!   includes them, so the two sides of a healed partition find each other.
 
@@ -212,7 +218,7 @@ impl Membership {
     /// table): every update is what someone says of someone else.
     pub fn merge(&mut self, now_ms: u64, updates: impl IntoIterator<Item = MemberUpdate>) {
         for u in updates {
-            self.merge_one(now_ms, u, false);
+            self.merge_hearsay(now_ms, u);
         }
     }
 
@@ -262,6 +268,19 @@ impl Membership {
             Liveness::Suspect | Liveness::Dead if u.incarnation > known.incarnation => false,
             _ => rank(u) > rank(known),
         }
+    }
+
+    /// Merges what another node says of a member (not this node's own
+    /// verdict). Its "dead" of a member known here is only suspicion: this
+    /// node declares a member it knows dead on its own timeout, which the
+    /// member can refute. A node cut off from the rest declares them all
+    /// dead, and taking its word when it returns would kill members that
+    /// never stopped answering here.
+    fn merge_hearsay(&mut self, now_ms: u64, mut u: MemberUpdate) {
+        if u.liveness == Liveness::Dead && self.members.contains_key(&u.id) {
+            u.liveness = Liveness::Suspect;
+        }
+        self.merge_one(now_ms, u, false);
     }
 
     fn merge_one(&mut self, now_ms: u64, u: MemberUpdate, own_word: bool) {

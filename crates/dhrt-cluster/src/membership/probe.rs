@@ -69,8 +69,11 @@ impl Membership {
             ..
         } = gossip;
         for u in updates {
-            let own_word = u.id == from;
-            self.merge_one(now_ms, u, own_word);
+            if u.id == from {
+                self.merge_own_word(now_ms, u);
+            } else {
+                self.merge_hearsay(now_ms, u);
+            }
         }
         match kind {
             GossipKind::Ping { seq, relay } => {
