@@ -623,6 +623,56 @@ fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
     assert!(done.len() > 5000);
 }
 
+/// A client that subscribes and then reads nothing at all: its connection
+/// is stuck writing and never asks for the next batch, yet the lag rule
+/// closes the watch (it would otherwise keep its place in the log, and the
+/// file a compaction replaced, open until the connection's idle timeout).
+/// When the client reads at last, the reason comes after what was sent.
+#[test]
+fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(
+        dir.path(),
+        &[
+            "--watch-max-lag-bytes",
+            "1000000",
+            "--watch-lag-grace-secs",
+            "1",
+        ],
+    );
+    let mut stalled = sse(&node, "/load");
+    let value = vec![b'v'; 16 * 1024];
+    let closed = "dhrt_watch_closed_total{reason=\"lagging\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    loop {
+        // Writes of 16 KiB, over 2,000 keys (compactions run meanwhile),
+        // until the metrics count the watch closed for lagging.
+        for _ in 0..200 {
+            let (status, body) = node.http("PUT", &format!("/load/k{}", i % 2000), &value);
+            assert_eq!(status, 200, "{body}");
+            i += 1;
+        }
+        let (_, metrics) = node.http("GET", "/metrics", b"");
+        if metrics.contains(closed) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not closed after {i} writes: {metrics}"
+        );
+    }
+    let mut last = None;
+    while let Some(e) = stalled.next(Duration::from_secs(10)) {
+        last = Some(e);
+    }
+    assert!(stalled.ended());
+    let last = last.expect("some events");
+    assert_eq!(last.event, "error", "{last:?}");
+    let reason = last.data["Error"].as_str().unwrap();
+    assert!(reason.contains("fell too far behind"), "{reason}");
+}
+
 #[test]
 fn a_revoked_token_ends_the_watches_it_opened() {
     let dir = tempfile::tempdir().unwrap();

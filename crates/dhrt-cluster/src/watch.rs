@@ -249,6 +249,8 @@ impl WatchHub {
         // caller renders and sends only what the watcher managed to read.
         let token = w.token();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let closed = Arc::new(Mutex::new(None));
+        let reason = closed.clone();
         runtime.spawn(async move {
             loop {
                 let batch = tokio::select! {
@@ -256,12 +258,36 @@ impl WatchHub {
                     () = tx.closed() => return,
                 };
                 let end = batch.is_err();
-                if tx.send(batch).await.is_err() || end {
+                // A client that stops reading leaves its connection stuck
+                // in a write, and the batch before this one unsent: the
+                // lag rule still applies while this one waits, so that a
+                // watch nobody reads does not keep its place in the log
+                // (and the file a compaction replaced) until the
+                // connection's idle timeout.
+                let permit = loop {
+                    tokio::select! {
+                        permit = tx.reserve() => match permit {
+                            Ok(permit) => break permit,
+                            Err(_) => return,
+                        },
+                        () = tokio::time::sleep(LAG_CHECK_EVERY) => {
+                            w.stat
+                                .lag_bytes
+                                .store(w.watch.lag_bytes_at_least(), Ordering::Relaxed);
+                            if let Err(e) = w.check_lag() {
+                                *reason.lock().unwrap() = Some(e);
+                                return;
+                            }
+                        }
+                    }
+                };
+                permit.send(batch);
+                if end {
                     return;
                 }
             }
         });
-        Ok(Box::new(Pumped { rx, token }))
+        Ok(Box::new(Pumped { rx, token, closed }))
     }
 
     /// Takes one of the node's watch slots (the caller gives it back).
@@ -418,6 +444,10 @@ impl Drop for RelaySlot {
     }
 }
 
+/// How often a watch whose client is not taking its batches checks the
+/// lag rule.
+const LAG_CHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// One open watch.
 struct NodeWatch {
     hub: Arc<WatchHub>,
@@ -488,11 +518,14 @@ impl NodeWatch {
             self.lagging = None;
             return Ok(());
         }
+        // Past the limit for certain, even when a compaction since its last
+        // read hides the exact lag.
+        let over = self.watch.lag_bytes_at_least() > limit;
         // Progress is judged in records, which compaction does not shrink.
         let behind = self.watch.records_behind();
         let now = Instant::now();
         match self.lagging {
-            None if known.is_none() => {}
+            None if !over => {}
             Some((_, then)) if behind < then => self.lagging = Some((now, behind)),
             Some((since, _)) if now.duration_since(since) >= self.hub.options.lag_grace => {
                 self.hub.closed_lagging.fetch_add(1, Ordering::Relaxed);
@@ -561,6 +594,9 @@ impl NodeWatch {
 struct Pumped {
     rx: tokio::sync::mpsc::Receiver<Result<Vec<WatchEvent>, OpError>>,
     token: Token,
+    /// Why the reading side ended the watch while a batch waited for the
+    /// client (it fell too far behind), for after that batch.
+    closed: Arc<Mutex<Option<OpError>>>,
 }
 
 impl EventSource for Pumped {
@@ -568,12 +604,15 @@ impl EventSource for Pumped {
         &mut self,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<WatchEvent>, OpError>> + Send + '_>> {
         Box::pin(async move {
-            let batch = self.rx.recv().await.unwrap_or_else(|| {
-                Err(OpError::new(
-                    ErrorKind::Unavailable,
-                    "the watch ended: the node is shutting down",
-                ))
-            })?;
+            let batch = match self.rx.recv().await {
+                Some(batch) => batch,
+                None => Err(self.closed.lock().unwrap().take().unwrap_or_else(|| {
+                    OpError::new(
+                        ErrorKind::Unavailable,
+                        "the watch ended: the node is shutting down",
+                    )
+                })),
+            }?;
             if let Some(t) = batch.iter().rev().find_map(|e| e.token) {
                 self.token = t;
             }

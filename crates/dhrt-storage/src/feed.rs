@@ -346,6 +346,22 @@ impl Watch {
         }
     }
 
+    /// Bytes of log this watch has at least to read: [`lag_bytes_known`]
+    /// when it can be told; after a compaction, until the next poll, what
+    /// is left past its place in the old file it still reads (and keeps
+    /// open), every byte of which was written before the compaction.
+    ///
+    /// [`lag_bytes_known`]: Self::lag_bytes_known
+    pub fn lag_bytes_at_least(&self) -> u64 {
+        if let Some(lag) = self.lag_bytes_known() {
+            return lag;
+        }
+        match &self.generation {
+            Some(g) if self.snapshot.is_none() => g.log.applied().saturating_sub(self.offset),
+            _ => 0,
+        }
+    }
+
     /// Records appended to the collection after this watch's position (a
     /// measure that compaction does not shrink, unlike bytes).
     pub fn records_behind(&self) -> u64 {
