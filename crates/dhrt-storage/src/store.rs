@@ -272,6 +272,15 @@ impl Store {
             collections.insert(name, Arc::new(collection));
         }
         // A new epoch, durable before any seq of it is handed out.
+        if last_epoch >= MAX_EPOCH {
+            return Err(Error::io(
+                "open",
+                dir.join(EPOCH_FILE),
+                std::io::Error::other(format!(
+                    "epoch {last_epoch} is the last a seq can carry ({MAX_EPOCH}): a new one would reuse seqs, so this directory cannot be opened again (copy its data into a new node)"
+                )),
+            ));
+        }
         let epoch = last_epoch + 1;
         write_epoch(&dir, epoch)?;
         for c in collections.values() {
@@ -945,19 +954,58 @@ fn read_epoch(dir: &Path) -> Result<u64> {
     }
 }
 
-/// Records `epoch` in `dir` durably (a new file renamed over the old).
+/// The greatest epoch: the top bits of a seq above [`EPOCH_SHIFT`].
+const MAX_EPOCH: u64 = (1 << (64 - EPOCH_SHIFT)) - 1;
+
+#[cfg(test)]
+thread_local! {
+    /// Makes the next new `EPOCH` file on this thread fail with ENOSPC.
+    static FAIL_NEW_EPOCH_FILE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Records `epoch` in `dir` durably: a new file renamed over the old, or,
+/// when the disk has no room for a new file, the old one overwritten in
+/// place (so that a node on a full disk still starts and serves reads).
 fn write_epoch(dir: &Path, epoch: u64) -> Result<()> {
     use std::io::Write;
     let path = dir.join(EPOCH_FILE);
     let tmp = dir.join(format!("{EPOCH_FILE}.tmp"));
     let write = || -> std::io::Result<()> {
+        #[cfg(test)]
+        if FAIL_NEW_EPOCH_FILE.with(|f| f.replace(false)) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         let mut f = File::create(&tmp)?;
         writeln!(f, "{epoch}")?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         crate::log::sync_dir(dir)
     };
-    write().map_err(|e| Error::io("write", &path, e))
+    match write() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && path.exists() => {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), "no room for a new EPOCH file (the disk is full): overwriting the old one in place");
+            overwrite_epoch(&path, epoch).map_err(|e| Error::io("write", &path, e))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(Error::io("write", &path, e))
+        }
+    }
+}
+
+/// Writes `epoch` over the `EPOCH` file in place: one write of at most 21
+/// bytes at offset 0, in the block the file already has (an epoch has no
+/// fewer digits than the one before, so the text is never shorter), which
+/// a crash leaves whole or not at all, then an fsync.
+fn overwrite_epoch(path: &Path, epoch: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let text = format!("{epoch}\n");
+    f.write_all_at(text.as_bytes(), 0)?;
+    f.set_len(text.len() as u64)?;
+    f.sync_all()
 }
 
 impl Drop for Inner {
@@ -1382,6 +1430,49 @@ mod tests {
             Some(&b"some value"[..])
         );
         assert_eq!(store.scan("c").unwrap().count(), 199);
+    }
+
+    /// A node on a full disk still opens: with no room for a new `EPOCH`
+    /// file it overwrites the old one in place, and the epoch still grows.
+    /// The last epoch a seq can carry is refused, never wrapped.
+    #[test]
+    fn the_epoch_is_written_in_place_on_a_full_disk_and_never_wraps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.set("c", b"k", b"v").unwrap();
+        drop(store);
+        let epoch = || read_epoch(dir.path()).unwrap();
+        let before = epoch();
+        FAIL_NEW_EPOCH_FILE.with(|f| f.set(true));
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        assert!(
+            !FAIL_NEW_EPOCH_FILE.with(|f| f.get()),
+            "the hook was not met"
+        );
+        assert_eq!(epoch(), before + 1);
+        assert!(!dir.path().join("EPOCH.tmp").exists());
+        assert_eq!(store.get("c", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        drop(store);
+        // From 9 to 10: one more digit, still in place.
+        std::fs::write(dir.path().join(EPOCH_FILE), "9\n").unwrap();
+        FAIL_NEW_EPOCH_FILE.with(|f| f.set(true));
+        drop(Store::open(dir.path(), Options::default()).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(EPOCH_FILE)).unwrap(),
+            "10\n"
+        );
+
+        std::fs::write(dir.path().join(EPOCH_FILE), format!("{}\n", MAX_EPOCH - 1)).unwrap();
+        drop(Store::open(dir.path(), Options::default()).unwrap());
+        assert_eq!(epoch(), MAX_EPOCH);
+        let err = Store::open(dir.path(), Options::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("the last a seq can carry"),
+            "{err}"
+        );
+        assert_eq!(epoch(), MAX_EPOCH);
+        std::fs::write(dir.path().join(EPOCH_FILE), format!("{}\n", u64::MAX)).unwrap();
+        assert!(Store::open(dir.path(), Options::default()).is_err());
     }
 
     #[test]
