@@ -212,3 +212,30 @@ fn binary_connections_stalled_in_a_frame_give_their_slots_back_after_the_grace()
     }
     assert!(node.stop("TERM").success());
 }
+
+/// A client with the write role cannot make the node create more
+/// collections than it can keep open (two files each): past the cap a
+/// write to a new one is refused with 503 and a sentence, nothing is left
+/// on disk for it, the others are served, and the node starts again.
+#[test]
+fn a_client_cannot_create_more_collections_than_the_node_can_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--max-collections", "3"];
+    let node = Dhrtd::start(dir.path(), &args);
+    for i in 0..3 {
+        let (status, body) = node.http("PUT", &format!("/c{i}/k"), b"v");
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = node.http("PUT", "/c3/k", b"v");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("as many as it can keep open"), "{body}");
+    assert!(!dir.path().join("c3.dhrt").exists());
+    let (status, body) = node.http("PUT", "/c0/k2", b"v2");
+    assert_eq!(status, 200, "{body}");
+    assert!(node.stop("TERM").success());
+    let node = Dhrtd::start(dir.path(), &args);
+    let (status, body) = node.http("GET", "/c2/k", b"");
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = node.http("PUT", "/c4/k", b"v");
+    assert_eq!(status, 503);
+}

@@ -40,6 +40,12 @@ pub(crate) struct Args {
     /// client flood never locks peers out).
     #[arg(long, env = "DHRT_MAX_PEER_CONNECTIONS")]
     max_peer_connections: Option<usize>,
+    /// Most collections this node creates; past it, a write to a new one is
+    /// refused (503). Default: what its open-files limit leaves after the
+    /// connections, two files a collection, so that it can always start
+    /// again.
+    #[arg(long, env = "DHRT_MAX_COLLECTIONS")]
+    max_collections: Option<usize>,
     /// A client connection (HTTP keep-alive or binary) with no request for
     /// this many seconds is closed.
     #[arg(long, env = "DHRT_IDLE_TIMEOUT_SECS", value_name = "N")]
@@ -177,6 +183,7 @@ struct File {
     name: Option<String>,
     max_connections: Option<usize>,
     max_peer_connections: Option<usize>,
+    max_collections: Option<usize>,
     idle_timeout_secs: Option<u64>,
     log_format: Option<String>,
     node: Option<Vec<String>>,
@@ -234,6 +241,8 @@ pub(crate) struct Config {
     pub(crate) name: String,
     pub(crate) max_connections: usize,
     pub(crate) max_peer_connections: usize,
+    /// `None`: derived from the open-files limit at start.
+    pub(crate) max_collections: Option<usize>,
     pub(crate) idle_timeout: Duration,
     pub(crate) json_logs: bool,
     pub(crate) shutdown_grace: Duration,
@@ -411,6 +420,7 @@ impl Config {
                 .max_peer_connections
                 .or(file.max_peer_connections)
                 .unwrap_or(1024),
+            max_collections: args.max_collections.or(file.max_collections),
             idle_timeout,
             json_logs,
             shutdown_grace: Duration::from_secs(10),

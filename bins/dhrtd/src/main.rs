@@ -196,6 +196,23 @@ fn signalled(
     })
 }
 
+/// The most collections a node creates by default: what `open_files`
+/// leaves after the client and peer connections and 512 more descriptors
+/// (listeners, threads, a compaction's new file, watches), two files a
+/// collection; if the connections alone could take the whole limit, a
+/// quarter of it.
+fn collections_within(open_files: u64, connections: usize, peers: usize) -> usize {
+    let reserve = (connections as u64)
+        .saturating_add(peers as u64)
+        .saturating_add(512);
+    let spare = if open_files >= reserve.saturating_add(128) {
+        open_files - reserve
+    } else {
+        open_files / 2
+    };
+    usize::try_from(spare / 2).unwrap_or(usize::MAX)
+}
+
 /// SIGHUP: the auth file again. A file that does not parse changes
 /// nothing: the node keeps the tokens it has.
 fn reload(auth: &Auth, access: &Access) {
@@ -217,10 +234,23 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
     // Every collection keeps two files open, every connection one socket:
     // the soft limit (often 1024) goes up to the hard one, as Redis and Go
     // servers do, so that a node with many collections can start again.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(limit, "open files allowed"),
-        Err(e) => tracing::warn!("could not raise the open-files limit: {e}"),
-    }
+    let open_files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            tracing::info!(limit, "open files allowed");
+            limit
+        }
+        Err(e) => {
+            tracing::warn!("could not raise the open-files limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    };
+    let max_collections = config.max_collections.unwrap_or_else(|| {
+        collections_within(
+            open_files,
+            config.max_connections,
+            config.max_peer_connections,
+        )
+    });
     let sync = match config.sync {
         Sync::Always => SyncMode::Always,
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
@@ -245,10 +275,19 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             node_id: id,
             tombstone_grace: config.tombstone_grace,
             clock_offset_ms: config.clock_offset_ms,
+            max_collections,
             ..Options::default()
         };
         let store = Store::open(&config.data_dir, options)
             .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
+        let held = store.collections().len();
+        if held > max_collections {
+            tracing::warn!(
+                held,
+                max_collections,
+                "this node holds more collections than it would create now (its open-files limit is lower, or --max-collections): no new one will be created"
+            );
+        }
         for r in store.recovery().iter().filter(|r| r.truncated_bytes > 0) {
             tracing::warn!(collection = %r.collection, bytes = r.truncated_bytes, "cut a torn tail during recovery");
         }
@@ -373,4 +412,24 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
     tracing::info!("told the cluster this node is leaving");
     tracing::info!("flushed; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collections_within;
+
+    #[test]
+    fn collections_fit_the_open_files_left_by_the_connections() {
+        // 20,000 files, 10,000 + 1,024 connections: (20,000 - 11,536) / 2.
+        assert_eq!(collections_within(20_000, 10_000, 1024), 4_232);
+        // Twice as many collections as files can never be opened again;
+        // with the defaults, a node never creates more than fit.
+        for limit in [256, 1024, 4096, 65_536, 1 << 20] {
+            let n = collections_within(limit, 10_000, 1024) as u64;
+            assert!(2 * n <= limit, "{limit}: {n}");
+            assert!(n >= limit / 8, "{limit}: {n}");
+        }
+        // No limit (RLIM_INFINITY): no practical cap.
+        assert!(collections_within(u64::MAX, 10_000, 1024) > 1 << 40);
+    }
 }

@@ -13,7 +13,9 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
             ErrorKind::InvalidInput
         }
         StorageError::ValueTooLarge { .. } => ErrorKind::TooLarge,
-        StorageError::Poisoned { .. } | StorageError::Locked { .. } => ErrorKind::Unavailable,
+        StorageError::Poisoned { .. }
+        | StorageError::Locked { .. }
+        | StorageError::TooManyCollections { .. } => ErrorKind::Unavailable,
         _ => ErrorKind::Internal,
     };
     if kind == ErrorKind::Internal {

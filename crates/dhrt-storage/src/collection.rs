@@ -368,15 +368,24 @@ impl Collection {
             // the watermark file too, so that a crash before the first sync
             // finds "nothing past the header was durable", not "no
             // watermark, everything was".
-            log.sync_all().map_err(|cause| Error::Poisoned {
-                collection: name.to_string(),
-                cause,
-            })?;
-            let watermark = Watermark::create(path, log.id(), FILE_HEADER_LEN as u64)
-                .and_then(|w| w.sync().map(|()| w))
-                .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
-            log.set_watermark(Arc::new(watermark));
-            crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?;
+            let durable = (|| {
+                log.sync_all().map_err(|cause| Error::Poisoned {
+                    collection: name.to_string(),
+                    cause,
+                })?;
+                let watermark = Watermark::create(path, log.id(), FILE_HEADER_LEN as u64)
+                    .and_then(|w| w.sync().map(|()| w))
+                    .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
+                log.set_watermark(Arc::new(watermark));
+                crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))
+            })();
+            if let Err(e) = durable {
+                // A collection that was never created leaves no files
+                // (a next opening would otherwise find an empty one).
+                let _ = std::fs::remove_file(watermark::path_for(path));
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
         }
         let generation = Generation {
             index: Index::new(options.shards_for(0), options.shard_array_max),

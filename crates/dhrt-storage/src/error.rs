@@ -42,6 +42,18 @@ pub enum Error {
         max: usize,
     },
 
+    /// Creating another collection would pass `Options::max_collections`.
+    /// Nothing was changed.
+    #[error(
+        "this node already holds {count} collections (dropped ones too: a drop keeps its file), as many as it can keep open ({max}, two open files each): raise the node's open-files limit, or --max-collections"
+    )]
+    TooManyCollections {
+        /// Collections held (not counting the node's own).
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+
     /// An I/O error while reading or writing a collection's file. A failed
     /// write was cut back, so the file holds no partial record; nothing was
     /// changed.

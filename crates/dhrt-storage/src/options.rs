@@ -66,6 +66,11 @@ pub struct Options {
     /// Shifts this store's wall clock by this many ms (fault injection: a
     /// node whose clock is ahead or behind). Default: 0.
     pub clock_offset_ms: i64,
+    /// The most collections this store creates (names starting with `_`,
+    /// the node's own, are not counted). Each one keeps two files open, so
+    /// a store that created more than its process's open-files limit
+    /// allows could not be opened again. Default: no limit.
+    pub max_collections: usize,
 }
 
 impl Default for Options {
@@ -82,6 +87,7 @@ impl Default for Options {
             min_index_shards: 16,
             shard_array_max: 256,
             clock_offset_ms: 0,
+            max_collections: usize::MAX,
         }
     }
 }

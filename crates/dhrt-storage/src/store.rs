@@ -460,9 +460,18 @@ impl Store {
             return Ok(c);
         }
         let _creating = self.inner.create.lock().unwrap();
-        if let Some(c) = self.inner.collections.load().get(name) {
+        let collections = self.inner.collections.load();
+        if let Some(c) = collections.get(name) {
             return Ok(c.clone());
         }
+        let max = self.inner.options.max_collections;
+        if !name.starts_with('_') {
+            let count = collections.keys().filter(|n| !n.starts_with('_')).count();
+            if count >= max {
+                return Err(Error::TooManyCollections { count, max });
+            }
+        }
+        drop(collections);
         let collection = Arc::new(Collection::create(
             self.dir(),
             name,
@@ -1430,6 +1439,37 @@ mod tests {
             Some(&b"some value"[..])
         );
         assert_eq!(store.scan("c").unwrap().count(), 199);
+    }
+
+    /// Past `max_collections`, a write to a new collection is refused and
+    /// nothing is created; the collections there go on, the node's own
+    /// (`_`) are not counted, and the store opens again with all of them.
+    #[test]
+    fn a_store_creates_no_more_collections_than_it_may_keep_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            max_collections: 2,
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options.clone()).unwrap();
+        store.set("a", b"k", b"v").unwrap();
+        store.set("b", b"k", b"v").unwrap();
+        store.set("_members", b"k", b"v").unwrap();
+        let err = store.set("c", b"k", b"v").unwrap_err();
+        assert!(
+            matches!(err, Error::TooManyCollections { count: 2, max: 2 }),
+            "{err}"
+        );
+        assert!(!Collection::log_path(dir.path(), "c").exists());
+        store.set("a", b"k2", b"v2").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), options).unwrap();
+        assert_eq!(store.get("b", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            store.get("_members", b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert!(store.set("d", b"k", b"v").is_err());
     }
 
     /// A node on a full disk still opens: with no room for a new `EPOCH`
