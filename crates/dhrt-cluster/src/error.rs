@@ -16,10 +16,43 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
         StorageError::Poisoned { .. }
         | StorageError::Locked { .. }
         | StorageError::TooManyCollections { .. } => ErrorKind::Unavailable,
+        // A full disk is not a bug: reads go on, and writes work again
+        // once there is room.
+        StorageError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            tracing::error!("storage error: {e}");
+            ErrorKind::Unavailable
+        }
         _ => ErrorKind::Internal,
     };
     if kind == ErrorKind::Internal {
         tracing::error!("storage error: {e}");
     }
     OpError::new(kind, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk answers 503 with the system's sentence (not 500, which
+    /// says a bug); other I/O errors stay internal.
+    #[test]
+    fn a_full_disk_is_unavailable_not_internal() {
+        let io = |errno| StorageError::Io {
+            op: "write",
+            path: "/data/c.dhrt".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for errno in [28 /* ENOSPC */, 122 /* EDQUOT */] {
+            let e = op_error(io(errno));
+            assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+            assert!(e.message.contains("/data/c.dhrt"), "{e}");
+        }
+        assert_eq!(op_error(io(5 /* EIO */)).kind, ErrorKind::Internal);
+    }
 }

@@ -137,6 +137,9 @@ pub(crate) struct Collection {
     pub(crate) locked_replay_max: AtomicU64,
     /// Set when a damaged record was quarantined: compact soon.
     pub(crate) compact_requested: AtomicBool,
+    /// After a background compaction failed (a full disk, an I/O error):
+    /// when the next may start, and the wait after the next failure.
+    pub(crate) compaction_backoff: Mutex<Option<(std::time::Instant, std::time::Duration)>>,
     /// Records quarantined since the collection was opened.
     pub(crate) quarantined: AtomicU64,
     /// Keys quarantined and not yet taken by `Store::take_quarantined`
@@ -328,6 +331,7 @@ impl Collection {
             released: AtomicBool::new(false),
             locked_replay_max: AtomicU64::new(0),
             compact_requested: AtomicBool::new(false),
+            compaction_backoff: Mutex::new(None),
             quarantined: AtomicU64::new(0),
             quarantined_keys: Mutex::new(Vec::new()),
             any_quarantined: AtomicBool::new(false),

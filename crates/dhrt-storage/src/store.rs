@@ -1123,6 +1123,10 @@ fn background(inner: &Core, shutdown: &Shutdown) {
     use std::sync::atomic::Ordering::SeqCst;
     const TICK: Duration = Duration::from_millis(100);
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+    /// The wait before a compaction that failed is tried again, doubled
+    /// at each failure up to the longest.
+    const COMPACTION_RETRY_FIRST: Duration = Duration::from_secs(5);
+    const COMPACTION_RETRY_MAX: Duration = Duration::from_secs(300);
     let mut last_check = Instant::now();
     let closing = || *shutdown.stop.lock().unwrap();
     // Rebuilds give up when the store closes or `compact_damaged` runs.
@@ -1169,8 +1173,14 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 break;
             }
             let requested = c.take_compaction_request();
-            let due =
-                check && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
+            let backing_off = c
+                .compaction_backoff
+                .lock()
+                .unwrap()
+                .is_some_and(|(retry_at, _)| Instant::now() < retry_at);
+            let due = check
+                && !backing_off
+                && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
             if requested || due {
                 match compact::compact(c, inner.dir.as_deref(), &inner.options, &stopping) {
                     Ok(None) => {
@@ -1183,6 +1193,7 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                         tracing::info!(collection = %c.name, "gave up a compaction: the store is closing or compacting damaged records out");
                     }
                     Ok(Some(r)) => {
+                        *c.compaction_backoff.lock().unwrap() = None;
                         c.locked_replay_max
                             .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
@@ -1196,7 +1207,15 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                         "compacted"
                         );
                     }
-                    Err(e) => tracing::error!(collection = %c.name, "compaction failed: {e}"),
+                    Err(e) => {
+                        // Not again at every check: a full disk would log
+                        // (and write and delete a file) every second.
+                        let mut backoff = c.compaction_backoff.lock().unwrap();
+                        let wait = backoff.map_or(COMPACTION_RETRY_FIRST, |(_, wait)| wait);
+                        *backoff =
+                            Some((Instant::now() + wait, (wait * 2).min(COMPACTION_RETRY_MAX)));
+                        tracing::error!(collection = %c.name, retry_in_s = wait.as_secs(), "compaction failed: {e}");
+                    }
                 }
             }
             done();
@@ -1439,6 +1458,50 @@ mod tests {
             Some(&b"some value"[..])
         );
         assert_eq!(store.scan("c").unwrap().count(), 199);
+    }
+
+    /// A background compaction that fails is tried again later, after a
+    /// wait that doubles with each failure, not at every check; once one
+    /// succeeds the wait is forgotten.
+    #[test]
+    fn a_failed_background_compaction_is_retried_after_a_wait() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let c = store.existing_or_create("c").unwrap();
+        // Its first write-back fails: about 9 MiB live, two thirds garbage.
+        c.fail_compaction_write_back.store(true, Ordering::Release);
+        let value = vec![b'v'; 6 << 10];
+        for _ in 0..3 {
+            for i in 0..1500u32 {
+                store.set("c", format!("k{i}").as_bytes(), &value).unwrap();
+            }
+        }
+        let before = c.current.load().log.tail();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((_, next)) = *c.compaction_backoff.lock().unwrap() {
+                assert_eq!(next, Duration::from_secs(10));
+                break;
+            }
+            assert!(Instant::now() < deadline, "the compaction never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!c.fail_compaction_write_back.load(Ordering::Acquire));
+        // Not at the next checks (one a second)...
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(c.current.load().log.tail(), before);
+        // ...but after the wait, and then it succeeds.
+        while c.current.load().log.tail() >= before
+            || c.compaction_backoff.lock().unwrap().is_some()
+        {
+            assert!(Instant::now() < deadline, "never compacted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            store.get("c", b"k1499").unwrap().as_deref(),
+            Some(&value[..])
+        );
     }
 
     /// Past `max_collections`, a write to a new collection is refused and
