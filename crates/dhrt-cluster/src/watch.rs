@@ -263,14 +263,15 @@ impl WatchHub {
                 // lag rule still applies while this one waits, so that a
                 // watch nobody reads does not keep its place in the log
                 // (and the file a compaction replaced) until the
-                // connection's idle timeout.
+                // connection's idle timeout. (An error waiting to be read
+                // is the watch's last word: no lag verdict replaces it.)
                 let permit = loop {
                     tokio::select! {
                         permit = tx.reserve() => match permit {
                             Ok(permit) => break permit,
                             Err(_) => return,
                         },
-                        () = tokio::time::sleep(LAG_CHECK_EVERY) => {
+                        () = tokio::time::sleep(LAG_CHECK_EVERY), if !end => {
                             w.stat
                                 .lag_bytes
                                 .store(w.watch.lag_bytes_at_least(), Ordering::Relaxed);

@@ -992,7 +992,12 @@ fn write_epoch(dir: &Path, epoch: u64) -> Result<()> {
     };
     match write() {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && path.exists() => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) && path.exists() =>
+        {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!(path = %path.display(), "no room for a new EPOCH file (the disk is full): overwriting the old one in place");
             overwrite_epoch(&path, epoch).map_err(|e| Error::io("write", &path, e))

@@ -17,7 +17,8 @@ use crate::skew::Guard;
 pub(crate) struct Applied {
     /// How many took effect.
     pub(crate) applied: u64,
-    /// Indexes of those refused by the clock guard, ascending.
+    /// Indexes of those refused, ascending: by the clock guard, or of a
+    /// collection this node may not create (at its collection cap).
     pub(crate) refused: Vec<u32>,
 }
 
@@ -82,6 +83,10 @@ impl Cluster {
             );
         }
         let admitted = |i: usize| refused.binary_search(&(i as u32)).is_err();
+        // Records of collections this node may not create (it holds as
+        // many as it can keep open): refused one by one, like records
+        // stamped too far ahead, and the rest of the batch applies.
+        let mut uncreated: Vec<u32> = Vec::new();
         let mut applied = 0;
         let mut i = 0;
         while i < mutations.len() {
@@ -94,12 +99,13 @@ impl Cluster {
                     collection,
                     version: v,
                 } => {
-                    let took = self
-                        .store
-                        .apply_drop(collection, version(*v))
-                        .map_err(crate::error::op_error)?
-                        .is_some();
-                    applied += u64::from(took);
+                    match self.store.apply_drop(collection, version(*v)) {
+                        Ok(took) => applied += u64::from(took.is_some()),
+                        Err(dhrt_storage::Error::TooManyCollections { .. }) => {
+                            uncreated.push(i as u32);
+                        }
+                        Err(e) => return Err(crate::error::op_error(e)),
+                    }
                     i += 1;
                 }
                 Mutation::Put { collection, .. } => {
@@ -123,13 +129,25 @@ impl Cluster {
                             Mutation::Drop { .. } => None,
                         })
                         .collect();
-                    applied += self
-                        .store
-                        .apply_many(collection, &entries)
-                        .map_err(crate::error::op_error)? as u64;
+                    match self.store.apply_many(collection, &entries) {
+                        Ok(n) => applied += n as u64,
+                        Err(dhrt_storage::Error::TooManyCollections { .. }) => {
+                            uncreated
+                                .extend((i..i + run).filter(|&j| admitted(j)).map(|j| j as u32));
+                        }
+                        Err(e) => return Err(crate::error::op_error(e)),
+                    }
                     i += run;
                 }
             }
+        }
+        if !uncreated.is_empty() {
+            tracing::error!(
+                "refused {} replicated records to collections this node cannot create: it holds as many as it can keep open (--max-collections)",
+                uncreated.len()
+            );
+            refused.extend(uncreated);
+            refused.sort_unstable();
         }
         if self.sync.running.load(Ordering::Relaxed) {
             self.sync
@@ -231,5 +249,62 @@ impl Cluster {
             }
         }
         Ok((out, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use dhrt_proto::{Mutation, Stamp};
+    use dhrt_storage::{Options, Store};
+
+    use crate::cluster::{Cluster, Identity};
+
+    /// A node at its collection cap refuses the replicated records of a
+    /// collection it would have to create, one by one: the rest of the
+    /// batch, before and after them, applies.
+    #[test]
+    fn records_of_a_collection_a_node_cannot_create_are_refused_alone() {
+        let store = Store::memory(Options {
+            max_collections: 1,
+            ..Options::default()
+        });
+        store.set("held", b"k0", b"v").unwrap();
+        let cluster = Cluster::single(
+            store.clone(),
+            Identity {
+                id: 0xabc,
+                name: "n1".into(),
+                addr: "127.0.0.1:7453".into(),
+            },
+        );
+        let ts = (dhrt_storage::wall_ms() << 16) | 1;
+        let put = |c: &str, k: &'static str| Mutation::Put {
+            collection: c.into(),
+            key: Bytes::from_static(k.as_bytes()),
+            value: Some(Bytes::from_static(b"replicated")),
+            version: Stamp { ts, node: 0xdef },
+        };
+        let applied = cluster
+            .apply(&[
+                put("held", "k1"),
+                put("new", "a"),
+                put("new", "b"),
+                Mutation::Drop {
+                    collection: "other".into(),
+                    version: Stamp { ts, node: 0xdef },
+                },
+                put("held", "k2"),
+            ])
+            .unwrap();
+        assert_eq!(applied.refused, [1, 2, 3]);
+        assert_eq!(applied.applied, 2);
+        for k in [&b"k1"[..], b"k2"] {
+            assert_eq!(
+                store.get("held", k).unwrap().as_deref(),
+                Some(&b"replicated"[..])
+            );
+        }
+        assert!(store.get("new", b"a").unwrap().is_none());
     }
 }

@@ -224,7 +224,7 @@ impl Cluster {
                 Ok(PeerReply::Applied { refused, .. }) => {
                     if !refused.is_empty() {
                         tracing::error!(
-                            "peer {} refused {} replicated writes stamped too far ahead of its clock: check the clocks",
+                            "peer {} refused {} replicated writes, stamped too far ahead of its clock or to collections it cannot create: see its log",
                             peer.link.addr(),
                             refused.len()
                         );
