@@ -83,8 +83,9 @@ impl Cluster {
             );
         }
         let admitted = |i: usize| refused.binary_search(&(i as u32)).is_err();
-        // Records of collections this node may not create (it holds as
-        // many as it can keep open): refused one by one, like records
+        // Records this node may not store (a collection it may not create:
+        // it holds as many as it can keep open; a name, key or value no
+        // client could have written): refused one by one, like records
         // stamped too far ahead, and the rest of the batch applies.
         let mut uncreated: Vec<u32> = Vec::new();
         let mut applied = 0;
@@ -101,9 +102,7 @@ impl Cluster {
                 } => {
                     match self.store.apply_drop(collection, version(*v)) {
                         Ok(took) => applied += u64::from(took.is_some()),
-                        Err(dhrt_storage::Error::TooManyCollections { .. }) => {
-                            uncreated.push(i as u32);
-                        }
+                        Err(e) if refused_alone(&e) => uncreated.push(i as u32),
                         Err(e) => return Err(crate::error::op_error(e)),
                     }
                     i += 1;
@@ -131,7 +130,7 @@ impl Cluster {
                         .collect();
                     match self.store.apply_many(collection, &entries) {
                         Ok(n) => applied += n as u64,
-                        Err(dhrt_storage::Error::TooManyCollections { .. }) => {
+                        Err(e) if refused_alone(&e) => {
                             uncreated
                                 .extend((i..i + run).filter(|&j| admitted(j)).map(|j| j as u32));
                         }
@@ -143,7 +142,7 @@ impl Cluster {
         }
         if !uncreated.is_empty() {
             tracing::error!(
-                "refused {} replicated records to collections this node cannot create: it holds as many as it can keep open (--max-collections)",
+                "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), or invalid",
                 uncreated.len()
             );
             refused.extend(uncreated);
@@ -252,6 +251,18 @@ impl Cluster {
     }
 }
 
+/// A storage error that refuses the records it concerns, not the batch:
+/// the node's own trouble (I/O) fails the whole `Apply`.
+fn refused_alone(e: &dhrt_storage::Error) -> bool {
+    matches!(
+        e,
+        dhrt_storage::Error::TooManyCollections { .. }
+            | dhrt_storage::Error::InvalidCollection { .. }
+            | dhrt_storage::Error::InvalidKey { .. }
+            | dhrt_storage::Error::ValueTooLarge { .. }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -262,7 +273,7 @@ mod tests {
 
     /// A node at its collection cap refuses the replicated records of a
     /// collection it would have to create, one by one: the rest of the
-    /// batch, before and after them, applies.
+    /// batch, before and after them, applies. Invalid records too.
     #[test]
     fn records_of_a_collection_a_node_cannot_create_are_refused_alone() {
         let store = Store::memory(Options {
@@ -299,6 +310,18 @@ mod tests {
             .unwrap();
         assert_eq!(applied.refused, [1, 2, 3]);
         assert_eq!(applied.applied, 2);
+        // The same for records no client could have written (a peer with
+        // the cluster secret sending them): an empty key, a bad name. A
+        // bad record refuses the run of its collection it came in; other
+        // runs apply.
+        let applied = cluster
+            .apply(&[put("held", ""), put("../x", "a"), put("held", "k3")])
+            .unwrap();
+        assert_eq!(applied.refused, [0, 1]);
+        assert_eq!(
+            store.get("held", b"k3").unwrap().as_deref(),
+            Some(&b"replicated"[..])
+        );
         for k in [&b"k1"[..], b"k2"] {
             assert_eq!(
                 store.get("held", k).unwrap().as_deref(),
