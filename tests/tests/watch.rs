@@ -559,18 +559,18 @@ fn one_stream_follows_several_collections_and_resumes_them_all() {
     assert_eq!(keys, ["bob", "o2"]);
 }
 
+/// A lag limit of 1 MB and a grace of 1 s, for the slow-watcher tests.
+const LAG_LIMITED: &[&str] = &[
+    "--watch-max-lag-bytes",
+    "1000000",
+    "--watch-lag-grace-secs",
+    "1",
+];
+
 #[test]
 fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Dhrtd::start(
-        dir.path(),
-        &[
-            "--watch-max-lag-bytes",
-            "1000000",
-            "--watch-lag-grace-secs",
-            "1",
-        ],
-    );
+    let node = Dhrtd::start(dir.path(), LAG_LIMITED);
     // A client that subscribes, then reads nothing while 32 MB are written.
     let mut stalled = sse(&node, "/load");
     let value = vec![b'v'; 16 * 1024];
@@ -631,15 +631,7 @@ fn a_slow_watcher_does_not_hold_writers_back_and_is_closed_with_a_reason() {
 #[test]
 fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Dhrtd::start(
-        dir.path(),
-        &[
-            "--watch-max-lag-bytes",
-            "1000000",
-            "--watch-lag-grace-secs",
-            "1",
-        ],
-    );
+    let node = Dhrtd::start(dir.path(), LAG_LIMITED);
     let mut stalled = sse(&node, "/load");
     let value = vec![b'v'; 16 * 1024];
     let closed = "dhrt_watch_closed_total{reason=\"lagging\"} 1";

@@ -280,12 +280,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         };
         let store = Store::open(&config.data_dir, options)
             .with_context(|| format!("opening the data directory {}", config.data_dir.display()))?;
-        // Counted as the cap counts: dropped ones too, not the node's own.
-        let held = store
-            .all_collections()
-            .iter()
-            .filter(|n| !n.starts_with('_'))
-            .count();
+        let held = store.counted_collections();
         if held > max_collections {
             tracing::warn!(
                 held,

@@ -466,7 +466,7 @@ impl Store {
         }
         let max = self.inner.options.max_collections;
         if !name.starts_with('_') {
-            let count = collections.keys().filter(|n| !n.starts_with('_')).count();
+            let count = counted(&collections);
             if count >= max {
                 return Err(Error::TooManyCollections { count, max });
             }
@@ -865,6 +865,13 @@ impl Store {
         Ok(Listing::bucket(self.existing(collection)?, bucket))
     }
 
+    /// Collections counted against `Options::max_collections`: every one
+    /// held, dropped ones too (a drop keeps its file), but the node's own
+    /// (names starting with `_`).
+    pub fn counted_collections(&self) -> usize {
+        counted(&self.inner.collections.load())
+    }
+
     /// Names of every collection this store has a file for, including those
     /// holding only tombstones or a drop, sorted.
     pub fn all_collections(&self) -> Vec<String> {
@@ -961,6 +968,11 @@ fn read_epoch(dir: &Path) -> Result<u64> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(Error::io("read", path, e)),
     }
+}
+
+/// How many of `collections` count against `Options::max_collections`.
+fn counted(collections: &Collections) -> usize {
+    collections.keys().filter(|n| !n.starts_with('_')).count()
 }
 
 /// The greatest epoch: the top bits of a seq above [`EPOCH_SHIFT`].

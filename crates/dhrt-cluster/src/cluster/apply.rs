@@ -17,8 +17,9 @@ use crate::skew::Guard;
 pub(crate) struct Applied {
     /// How many took effect.
     pub(crate) applied: u64,
-    /// Indexes of those refused, ascending: by the clock guard, or of a
-    /// collection this node may not create (at its collection cap).
+    /// Indexes of those refused, ascending: by the clock guard, of a
+    /// collection this node may not create (at its collection cap), or
+    /// invalid.
     pub(crate) refused: Vec<u32>,
 }
 
@@ -87,7 +88,7 @@ impl Cluster {
         // it holds as many as it can keep open; a name, key or value no
         // client could have written): refused one by one, like records
         // stamped too far ahead, and the rest of the batch applies.
-        let mut uncreated: Vec<u32> = Vec::new();
+        let mut unstorable: Vec<u32> = Vec::new();
         let mut applied = 0;
         let mut i = 0;
         while i < mutations.len() {
@@ -102,7 +103,7 @@ impl Cluster {
                 } => {
                     match self.store.apply_drop(collection, version(*v)) {
                         Ok(took) => applied += u64::from(took.is_some()),
-                        Err(e) if refused_alone(&e) => uncreated.push(i as u32),
+                        Err(e) if refused_alone(&e) => unstorable.push(i as u32),
                         Err(e) => return Err(crate::error::op_error(e)),
                     }
                     i += 1;
@@ -131,7 +132,7 @@ impl Cluster {
                     match self.store.apply_many(collection, &entries) {
                         Ok(n) => applied += n as u64,
                         Err(e) if refused_alone(&e) => {
-                            uncreated
+                            unstorable
                                 .extend((i..i + run).filter(|&j| admitted(j)).map(|j| j as u32));
                         }
                         Err(e) => return Err(crate::error::op_error(e)),
@@ -140,12 +141,12 @@ impl Cluster {
                 }
             }
         }
-        if !uncreated.is_empty() {
+        if !unstorable.is_empty() {
             tracing::error!(
                 "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), or invalid",
-                uncreated.len()
+                unstorable.len()
             );
-            refused.extend(uncreated);
+            refused.extend(unstorable);
             refused.sort_unstable();
         }
         if self.sync.running.load(Ordering::Relaxed) {
