@@ -158,9 +158,13 @@ fn a_watch_on_a_node_without_the_collection_follows_a_node_with_it() {
 #[test]
 fn a_follower_resumes_a_token_on_the_host_that_issued_it() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &["--collections", "users"]);
+    // a and c hold every write's replicas, so a write waits for both: the
+    // 16 MiB value at the end gets more than the default 500 ms to reach
+    // the other one, which a loaded machine running debug builds can take.
+    let slow_ok = ["--collections", "users", "--timeout-ms", "10000"];
+    let a = Dhrtd::start(dirs[0].path(), &slow_ok);
     let b = start_joined(dirs[1].path(), &a, &["--collections", "other"]);
-    let c = start_joined(dirs[2].path(), &a, &["--collections", "users"]);
+    let c = start_joined(dirs[2].path(), &a, &slow_ok);
     eventually("three healthy members", Duration::from_secs(15), || {
         all_healthy(&[&a, &b, &c], 3)
     });
