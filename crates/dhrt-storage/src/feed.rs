@@ -284,12 +284,15 @@ impl Watch {
                     ));
                 }
                 if p.history != 0 && p.seq < epoch_start && p.seq > recovered {
-                    // Seen before a restart, and not in the log since: a
-                    // crash took those records (they were never synced).
+                    // Before the restart's epoch, and past what the log
+                    // held when it reopened: a crash took those records
+                    // (they were never synced), or the token was never
+                    // handed out. Nothing here tells the two apart.
                     return Err(gone(
                         name,
                         p,
-                        "changes up to this position were lost in a crash of this node",
+                        "this node's log ends before this position: changes up to it \
+                         were lost in a crash of this node, or it was never handed out",
                     ));
                 }
                 if p.history != 0 && p.seq > head_seq {
