@@ -402,9 +402,22 @@ impl Config {
             .advertise
             .or(file.advertise)
             .unwrap_or_else(|| listen.to_string());
+        let name = args.name.or(file.name).unwrap_or_else(|| advertise.clone());
+        // What peers take from a member (they refuse anything else).
+        dhrt_proto::MemberUpdate {
+            id: 0,
+            name: name.clone(),
+            addr: advertise.clone(),
+            incarnation: 0,
+            liveness: dhrt_proto::Liveness::Alive,
+            syncing: false,
+            collections: collections.clone(),
+        }
+        .check()
+        .map_err(|e| anyhow::anyhow!("--name, --advertise or --collections: {e}"))?;
         Ok(Config {
             listen,
-            name: args.name.or(file.name).unwrap_or_else(|| advertise.clone()),
+            name,
             advertise,
             data_dir: args
                 .data_dir

@@ -255,7 +255,10 @@ async fn handle(
             ErrorKind::InvalidInput,
             format!("node {dialer:016x} asked to join as {:016x}", update.id),
         )),
-        PeerOp::Join(update) => Ok(PeerReply::Members(cluster.on_join(update))),
+        PeerOp::Join(update) => match update.check() {
+            Ok(()) => Ok(PeerReply::Members(cluster.on_join(update))),
+            Err(why) => Err(OpError::new(ErrorKind::InvalidInput, why)),
+        },
         PeerOp::Handoff { collection } => cluster
             .stream_collection(dialer, &collection)
             .await

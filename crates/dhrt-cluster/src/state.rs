@@ -28,8 +28,14 @@ pub(crate) struct SavedState {
 /// add facts), a malformed `seen` is an error.
 pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
     let mut state = SavedState::default();
+    let mut seen = false;
     for line in text.lines().map(str::trim) {
         if let Some(ms) = line.strip_prefix("seen ") {
+            // The first one counts: the file has one, and a later one can
+            // only have been smuggled in.
+            if std::mem::replace(&mut seen, true) {
+                continue;
+            }
             state.seen_ms = ms.trim().parse().map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("bad line {line:?}"))
             })?;
@@ -47,7 +53,13 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
 pub(crate) fn render(state: &SavedState) -> String {
     let mut out = String::from("# dhrt cluster state: written by dhrtd, safe to delete\n");
     out.push_str(&format!("seen {}\n", state.seen_ms));
-    for m in &state.members {
+    // A member's address is checked when it is learned; one that could
+    // break a line is never written.
+    for m in state
+        .members
+        .iter()
+        .filter(|m| !m.chars().any(char::is_whitespace))
+    {
         out.push_str(&format!("member {m}\n"));
     }
     out
@@ -103,5 +115,20 @@ mod tests {
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
         assert!(!path.with_extension("state.tmp").exists());
+    }
+
+    /// A line smuggled into the file (a member address holding a newline)
+    /// cannot replace `seen`, and such an address is never written.
+    #[test]
+    fn only_the_first_seen_counts_and_no_address_breaks_a_line() {
+        let text = "seen 5\nmember a:1\nseen 99999999999999\n";
+        assert_eq!(parse(text).unwrap().seen_ms, 5);
+        let state = SavedState {
+            seen_ms: 7,
+            members: vec!["a:1\nseen 99999999999999".into(), "b:2".into()],
+        };
+        let back = parse(&render(&state)).unwrap();
+        assert_eq!(back.seen_ms, 7);
+        assert_eq!(back.members, ["b:2"]);
     }
 }

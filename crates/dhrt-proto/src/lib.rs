@@ -48,8 +48,9 @@ pub use message::{
 };
 pub use ops::{MAX_PAGE, MAX_PAGE_BYTES, Operations, dispatch, dispatch_ref};
 pub use peer::{
-    BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MemberUpdate,
-    Mutation, PROOF_LEN, PeerMessage, PeerOp, PeerReply, Stamp, Versioned,
+    BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness,
+    MAX_MEMBER_COLLECTIONS, MAX_MEMBER_FIELD, MemberUpdate, Mutation, PROOF_LEN, PeerMessage,
+    PeerOp, PeerReply, Stamp, Versioned,
 };
 pub use stats::{
     ClockInfo, CollectionInfo, MemberInfo, MemberState, MoveInfo, NodeInfo, NodeStats, SyncInfo,

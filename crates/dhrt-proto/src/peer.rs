@@ -291,6 +291,62 @@ pub struct MemberUpdate {
     pub collections: Option<Vec<String>>,
 }
 
+/// The longest member name or address a node takes (bytes).
+pub const MAX_MEMBER_FIELD: usize = 255;
+
+/// The most collections a member may list (`--collections`).
+pub const MAX_MEMBER_COLLECTIONS: usize = 1024;
+
+impl MemberUpdate {
+    /// Whether this record is well formed, with the reason if not: a name
+    /// and an address of at most [`MAX_MEMBER_FIELD`] bytes without
+    /// control characters (the address is `host:port`, without spaces),
+    /// and at most [`MAX_MEMBER_COLLECTIONS`] collections of valid names.
+    /// Members are written into logs, listings and `cluster.state`, and
+    /// gossiped to every node: a peer (which holds the cluster secret,
+    /// but may be buggy or taken over) must not be able to smuggle lines
+    /// into the state file or grow every node's member table without end.
+    pub fn check(&self) -> Result<(), String> {
+        let field = |what: &str, v: &str| {
+            if v.is_empty() || v.len() > MAX_MEMBER_FIELD {
+                return Err(format!(
+                    "a member {what} must be 1 to {MAX_MEMBER_FIELD} bytes"
+                ));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(format!("a member {what} must not hold control characters"));
+            }
+            Ok(())
+        };
+        field("name", &self.name)?;
+        field("address", &self.addr)?;
+        let port_ok = self
+            .addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok || self.addr.chars().any(char::is_whitespace) {
+            return Err("a member address must be host:port, without spaces".into());
+        }
+        if let Some(collections) = &self.collections {
+            if collections.len() > MAX_MEMBER_COLLECTIONS {
+                return Err(format!(
+                    "a member may host at most {MAX_MEMBER_COLLECTIONS} named collections"
+                ));
+            }
+            let valid = |c: &String| {
+                !c.is_empty()
+                    && c.len() <= 64
+                    && c.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            };
+            if !collections.iter().all(valid) {
+                return Err("a member's collections must be valid collection names".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A membership message: the protocol exchange plus piggybacked news.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Gossip {
@@ -342,4 +398,53 @@ pub enum GossipKind {
         /// Whether the receiver should answer with its own table.
         reply: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, addr: &str) -> MemberUpdate {
+        MemberUpdate {
+            id: 1,
+            name: name.into(),
+            addr: addr.into(),
+            incarnation: 1,
+            liveness: Liveness::Alive,
+            syncing: false,
+            collections: None,
+        }
+    }
+
+    #[test]
+    fn a_member_record_is_checked() {
+        for ok in [
+            member("n1", "10.0.0.2:7453"),
+            member("eu west 1", "db-1.example:7453"),
+            member("v6", "[::1]:7453"),
+        ] {
+            assert_eq!(ok.check(), Ok(()), "{ok:?}");
+        }
+        let long = "x".repeat(MAX_MEMBER_FIELD + 1);
+        for bad in [
+            member("n1", "127.0.0.1:7453\nseen 99999999999999"),
+            member("n1\nforged log line", "127.0.0.1:7453"),
+            member("", "127.0.0.1:7453"),
+            member(&long, "127.0.0.1:7453"),
+            member("n1", &format!("{long}:1")),
+            member("n1", "127.0.0.1"),
+            member("n1", ":7453"),
+            member("n1", "127.0.0.1:99999"),
+            member("n1", "a b:1"),
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        let mut m = member("n1", "127.0.0.1:7453");
+        m.collections = Some(vec!["users".into(), "../x".into()]);
+        assert!(m.check().is_err());
+        m.collections = Some(vec!["c".into(); MAX_MEMBER_COLLECTIONS + 1]);
+        assert!(m.check().is_err());
+        m.collections = Some(vec!["users".into(); MAX_MEMBER_COLLECTIONS]);
+        assert_eq!(m.check(), Ok(()));
+    }
 }

@@ -284,6 +284,11 @@ impl Membership {
     }
 
     fn merge_one(&mut self, now_ms: u64, u: MemberUpdate, own_word: bool) {
+        if let Err(why) = u.check() {
+            // Debug, not warn: the sender repeats it with every message.
+            tracing::debug!(id = %format_args!("{:016x}", u.id), "member record refused: {why}");
+            return;
+        }
         if u.id == self.me.id {
             self.about_me(u);
             return;
