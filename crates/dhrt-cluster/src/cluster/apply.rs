@@ -83,12 +83,21 @@ impl Cluster {
                 self.options.max_clock_ahead.as_secs()
             );
         }
-        let admitted = |i: usize| refused.binary_search(&(i as u32)).is_err();
+        // Records no node sends: of a system collection other than the two
+        // replicated ones, a registry entry that is no client's collection
+        // name, the drop of a system collection.
+        let forbidden: Vec<u32> = (0..mutations.len() as u32)
+            .filter(|&i| !peer_may_write(&mutations[i as usize]))
+            .collect();
+        let admitted = |i: usize| {
+            refused.binary_search(&(i as u32)).is_err()
+                && forbidden.binary_search(&(i as u32)).is_err()
+        };
         // Records this node may not store (a collection it may not create:
         // it holds as many as it can keep open; a name, key or value no
         // client could have written): refused one by one, like records
         // stamped too far ahead, and the rest of the batch applies.
-        let mut unstorable: Vec<u32> = Vec::new();
+        let mut unstorable: Vec<u32> = forbidden.clone();
         let mut applied = 0;
         let mut i = 0;
         while i < mutations.len() {
@@ -148,6 +157,7 @@ impl Cluster {
             );
             refused.extend(unstorable);
             refused.sort_unstable();
+            refused.dedup();
         }
         if self.sync.running.load(Ordering::Relaxed) {
             self.sync
@@ -254,6 +264,27 @@ impl Cluster {
 
 /// A storage error that refuses the records it concerns, not the batch:
 /// the node's own trouble (I/O) fails the whole `Apply`.
+/// Whether a peer may send `m`. Of the system collections (names starting
+/// with `_`), only the replication settings and the registry of collection
+/// names are replicated, and a registry key is a collection a client may
+/// write. Anything else would be a node's own state written by another:
+/// uncounted files, or a registry entry that turns a `default` key's short
+/// route into a collection's.
+fn peer_may_write(m: &Mutation) -> bool {
+    match m {
+        Mutation::Drop { collection, .. } => !collection.starts_with('_'),
+        Mutation::Put {
+            collection, key, ..
+        } => match collection.as_str() {
+            super::owners::SETTINGS => true,
+            super::owners::REGISTRY => std::str::from_utf8(key).is_ok_and(|name| {
+                !name.starts_with('_') && dhrt_storage::validate_collection_name(name).is_ok()
+            }),
+            c => !c.starts_with('_'),
+        },
+    }
+}
+
 fn refused_alone(e: &dhrt_storage::Error) -> bool {
     matches!(
         e,
@@ -330,5 +361,50 @@ mod tests {
             );
         }
         assert!(store.get("new", b"a").unwrap().is_none());
+    }
+
+    /// Of the system collections, a peer may write only the replication
+    /// settings and the registry's client collection names; the rest of
+    /// its batch applies.
+    #[test]
+    fn a_peer_writes_no_system_collection_but_the_replicated_ones() {
+        let store = Store::memory(Options::default());
+        let cluster = Cluster::single(
+            store.clone(),
+            Identity {
+                id: 0xabc,
+                name: "n1".into(),
+                addr: "127.0.0.1:7453".into(),
+            },
+        );
+        let ts = (dhrt_storage::wall_ms() << 16) | 1;
+        let stamp = Stamp { ts, node: 0xdef };
+        let put = |c: &str, k: &'static str| Mutation::Put {
+            collection: c.into(),
+            key: Bytes::from_static(k.as_bytes()),
+            value: Some(Bytes::from_static(b"1")),
+            version: stamp,
+        };
+        let applied = cluster
+            .apply(&[
+                put("_j0", "a"),
+                put("_collections", "_j1"),
+                put("_collections", "../x"),
+                put("_collections", "ghost"),
+                put("_replicas", "users"),
+                Mutation::Drop {
+                    collection: "_replicas".into(),
+                    version: stamp,
+                },
+                put("users", "k"),
+            ])
+            .unwrap();
+        assert_eq!(applied.refused, [0, 1, 2, 5]);
+        assert_eq!(applied.applied, 3);
+        assert!(store.get("_j0", b"a").unwrap().is_none());
+        assert!(store.get("_collections", b"_j1").unwrap().is_none());
+        assert!(store.get("_collections", b"ghost").unwrap().is_some());
+        assert!(store.get("_replicas", b"users").unwrap().is_some());
+        assert!(store.get("users", b"k").unwrap().is_some());
     }
 }
