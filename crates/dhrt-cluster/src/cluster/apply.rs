@@ -152,7 +152,7 @@ impl Cluster {
         }
         if !unstorable.is_empty() {
             tracing::error!(
-                "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), or invalid",
+                "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), invalid, or of system collections no peer writes",
                 unstorable.len()
             );
             refused.extend(unstorable);
