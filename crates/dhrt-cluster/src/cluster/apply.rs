@@ -262,9 +262,7 @@ impl Cluster {
     }
 }
 
-/// A storage error that refuses the records it concerns, not the batch:
-/// the node's own trouble (I/O) fails the whole `Apply`.
-/// Whether a peer may send `m`. Of the system collections (names starting
+/// Whether a peer may send `m` (the node's own applies pass too). Of the system collections (names starting
 /// with `_`), only the replication settings and the registry of collection
 /// names are replicated, and a registry key is a collection a client may
 /// write. Anything else would be a node's own state written by another:
@@ -285,6 +283,8 @@ fn peer_may_write(m: &Mutation) -> bool {
     }
 }
 
+/// A storage error that refuses the records it concerns, not the batch:
+/// the node's own trouble (I/O) fails the whole `Apply`.
 fn refused_alone(e: &dhrt_storage::Error) -> bool {
     matches!(
         e,
