@@ -303,6 +303,18 @@ mod tests {
 
     use crate::cluster::{Cluster, Identity};
 
+    /// A one-node cluster over `store`.
+    fn single(store: &Store) -> std::sync::Arc<Cluster> {
+        Cluster::single(
+            store.clone(),
+            Identity {
+                id: 0xabc,
+                name: "n1".into(),
+                addr: "127.0.0.1:7453".into(),
+            },
+        )
+    }
+
     /// A node at its collection cap refuses the replicated records of a
     /// collection it would have to create, one by one: the rest of the
     /// batch, before and after them, applies. Invalid records too.
@@ -313,14 +325,7 @@ mod tests {
             ..Options::default()
         });
         store.set("held", b"k0", b"v").unwrap();
-        let cluster = Cluster::single(
-            store.clone(),
-            Identity {
-                id: 0xabc,
-                name: "n1".into(),
-                addr: "127.0.0.1:7453".into(),
-            },
-        );
+        let cluster = single(&store);
         let ts = (dhrt_storage::wall_ms() << 16) | 1;
         let put = |c: &str, k: &'static str| Mutation::Put {
             collection: c.into(),
@@ -369,14 +374,7 @@ mod tests {
     #[test]
     fn a_peer_writes_no_system_collection_but_the_replicated_ones() {
         let store = Store::memory(Options::default());
-        let cluster = Cluster::single(
-            store.clone(),
-            Identity {
-                id: 0xabc,
-                name: "n1".into(),
-                addr: "127.0.0.1:7453".into(),
-            },
-        );
+        let cluster = single(&store);
         let ts = (dhrt_storage::wall_ms() << 16) | 1;
         let stamp = Stamp { ts, node: 0xdef };
         let put = |c: &str, k: &'static str| Mutation::Put {
