@@ -58,11 +58,17 @@ enum Appender {
     Extending,
 }
 
+const PAGE: u64 = 4096;
+
+/// Whether `e` says the disk (or the quota) is full.
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 /// Space reserved ahead of the tail at a time: an eighth of the log, from
 /// 64 KiB to 32 MiB, so that reservations are rare and unused space small
 /// (also for many small collections).
 fn reservation_after(end: u64) -> u64 {
-    const PAGE: u64 = 4096;
     let chunk = (end / 8).clamp(64 << 10, 32 << 20);
     (end + chunk).div_ceil(PAGE) * PAGE
 }
@@ -112,6 +118,10 @@ pub(crate) struct LogFile {
     /// fallbacks.
     #[cfg(test)]
     pub(crate) fail_next_reserve: std::sync::atomic::AtomicI32,
+    /// Where the disk ends for this file (0: nowhere): a reservation past
+    /// it fails with ENOSPC, as on a nearly full disk.
+    #[cfg(test)]
+    pub(crate) disk_end: AtomicU64,
     /// Makes the next write fail with EIO after writing this many bytes.
     #[cfg(test)]
     pub(crate) fail_next_write: Mutex<Option<usize>>,
@@ -183,6 +193,8 @@ impl LogFile {
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             fail_next_reserve: std::sync::atomic::AtomicI32::new(0),
+            #[cfg(test)]
+            disk_end: AtomicU64::new(0),
             #[cfg(test)]
             fail_next_write: Mutex::new(None),
         })
@@ -277,13 +289,16 @@ impl LogFile {
         let mut appender = self.appender.lock().unwrap();
         if let Appender::Reserved { reserved } = &mut *appender {
             if end > *reserved {
-                let want = reservation_after(end);
-                let result = mmap::reserve(&self.file, *reserved, want);
-                #[cfg(test)]
-                let result = match self.fail_next_reserve.swap(0, Ordering::AcqRel) {
-                    0 => result,
-                    errno => Err(io::Error::from_raw_os_error(errno)),
-                };
+                let mut want = reservation_after(end);
+                let mut result = self.reserve(*reserved, want);
+                // A nearly full disk: no room for the headroom, maybe for
+                // what this append needs.
+                if let Err(e) = &result
+                    && is_full(e)
+                {
+                    want = end.div_ceil(PAGE) * PAGE;
+                    result = self.reserve(*reserved, want);
+                }
                 match result {
                     Ok(()) => *reserved = want,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
@@ -312,6 +327,22 @@ impl LogFile {
         }
         drop(appender);
         self.pwrite(buf, offset, end)
+    }
+
+    /// Reserves bytes `[from, to)` of the file (`fallocate`).
+    fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            let errno = self.fail_next_reserve.swap(0, Ordering::AcqRel);
+            if errno != 0 {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+            let disk_end = self.disk_end.load(Ordering::Acquire);
+            if disk_end != 0 && to > disk_end {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        mmap::reserve(&self.file, from, to)
     }
 
     /// Maps the log anew, larger, if `end` lies past the current map
@@ -550,13 +581,21 @@ mod tests {
         let path = dir.path().join("log");
         let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
         let mut expected = fill(&log, 3, 100);
+        // A nearly full disk, with room for 3 MiB past the tail but not
+        // for the headroom a reservation takes: appends go on until the
+        // disk is full.
+        let room = log.tail() + (3 << 20);
+        log.disk_end.store(room, Ordering::Release);
+        expected.extend(fill_more(&log, 2, 1 << 20));
+        expected.extend(fill_more(&log, 10, 100));
         // A full disk: the append fails, nothing of it is in the log.
-        log.fail_next_reserve.store(libc::ENOSPC, Ordering::Release);
         let tail = log.tail();
         let err = log.append(&vec![7u8; 1 << 20]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(log.tail(), tail);
+        assert!(std::fs::metadata(&path).unwrap().len() <= room);
         // Space again: appends go on into reserved space.
+        log.disk_end.store(0, Ordering::Release);
         expected.extend(fill_more(&log, 2, 100));
         assert!(matches!(
             *log.appender.lock().unwrap(),
