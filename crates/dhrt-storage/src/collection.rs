@@ -107,6 +107,36 @@ struct Writer {
     next_seq: u64,
 }
 
+/// The largest write buffer a collection keeps between writes. A larger one
+/// (a large value, a large batch) is freed when its write is done: kept, a
+/// single 16 MiB write would pin 16 MiB in every collection it reached.
+pub(crate) const KEEP_WRITE_BUF: usize = 64 << 10;
+
+/// The collection's writer lock, held. Dropping it frees a write buffer
+/// grown past [`KEEP_WRITE_BUF`], however the write ended.
+struct WriterGuard<'a>(MutexGuard<'a, Writer>);
+
+impl std::ops::Deref for WriterGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WriterGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.0
+    }
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.buf.capacity() > KEEP_WRITE_BUF {
+            self.0.buf = Vec::new();
+        }
+    }
+}
+
 /// Bits of a seq below the epoch: each opening of a store starts a new
 /// epoch (see `docs/format.md`), so a seq is never handed out twice, even
 /// when a crash lost records whose seqs a watcher had already seen.
@@ -728,9 +758,9 @@ impl Collection {
     /// writer holds the lock, the wait is spent looking the keys up in full
     /// too. (Looking every key up in full before every lock cost a third of
     /// the throughput: session 16.)
-    fn lock_for<'k>(&self, keys: impl Iterator<Item = &'k [u8]> + Clone) -> MutexGuard<'_, Writer> {
+    fn lock_for<'k>(&self, keys: impl Iterator<Item = &'k [u8]> + Clone) -> WriterGuard<'_> {
         self.current.load().index.touch(keys.clone());
-        match self.writer.try_lock() {
+        WriterGuard(match self.writer.try_lock() {
             Ok(w) => w,
             Err(TryLockError::WouldBlock) => {
                 let generation = self.current.load();
@@ -741,7 +771,13 @@ impl Collection {
                 self.writer.lock().unwrap()
             }
             Err(TryLockError::Poisoned(e)) => panic!("the writer lock is poisoned: {e}"),
-        }
+        })
+    }
+
+    /// The capacity of the write buffer kept between writes.
+    #[cfg(test)]
+    pub(crate) fn write_buf_capacity(&self) -> usize {
+        self.writer.lock().unwrap().buf.capacity()
     }
 
     /// Writes a set (`value` is `Some`) or a delete of `key`.
@@ -952,7 +988,7 @@ impl Collection {
         stamp: Stamp<'_>,
         sync: SyncMode,
     ) -> Result<Option<Vec<Vec<u8>>>> {
-        let mut w = self.writer.lock().unwrap();
+        let mut w = WriterGuard(self.writer.lock().unwrap());
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
         let version = match stamp {

@@ -1247,6 +1247,34 @@ mod tests {
     const fn assert_send_sync<T: Send + Sync>() {}
     const _: () = assert_send_sync::<Store>();
 
+    /// A large write leaves no large buffer behind in its collection: one
+    /// 16 MiB value into each of many collections pinned 16 MiB in each.
+    #[test]
+    fn a_large_write_leaves_no_large_buffer_behind() {
+        let store = Store::memory(Options::default());
+        let kept = |name: &str| {
+            let c = store.existing(name).unwrap().unwrap();
+            c.write_buf_capacity()
+        };
+        store.set("c", b"small", b"v").unwrap();
+        let small = kept("c");
+        assert!(small > 0 && small <= crate::collection::KEEP_WRITE_BUF);
+        store.set("c", b"big", &vec![1u8; 4 << 20]).unwrap();
+        assert!(kept("c") <= crate::collection::KEEP_WRITE_BUF);
+        // A write that is skipped after its record was built, too (the
+        // same record again: equal version and CRC).
+        let v = store.get_versioned("c", b"big").unwrap().unwrap().1;
+        let applied = store
+            .apply("c", b"big", Some(&vec![1u8; 4 << 20]), v)
+            .unwrap();
+        assert!(!applied);
+        assert!(kept("c") <= crate::collection::KEEP_WRITE_BUF);
+        assert_eq!(store.get("c", b"big").unwrap().unwrap().len(), 4 << 20);
+        // Small writes keep theirs.
+        store.set("c", b"small2", b"v").unwrap();
+        assert!(kept("c") >= small && kept("c") <= crate::collection::KEEP_WRITE_BUF);
+    }
+
     /// A compaction stopped in its final step, holding its collection's
     /// writer lock, delays neither the interval sync of another collection
     /// nor a sync of its own.
