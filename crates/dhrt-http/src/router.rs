@@ -109,6 +109,11 @@ impl ListParams {
     pub fn is_watch(&self) -> bool {
         self.since.is_some() || self.snapshot || self.prefix.is_some()
     }
+
+    /// Whether it holds a listing's parameters.
+    pub fn is_listing(&self) -> bool {
+        self.limit.is_some() || self.after.is_some()
+    }
 }
 
 fn decode(segment: &str) -> Cow<'_, [u8]> {
@@ -123,8 +128,15 @@ fn collection(segment: &str) -> Result<Cow<'_, str>, HttpError> {
 
 fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
     let mut params = ListParams::default();
+    let mut seen: Vec<&str> = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if seen.contains(&name) {
+            return Err(HttpError::bad_request(format!(
+                "query parameter {name:?} is given more than once"
+            )));
+        }
+        seen.push(name);
         match name {
             "limit" => {
                 let limit = std::str::from_utf8(&decode(value))

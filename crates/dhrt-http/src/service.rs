@@ -90,6 +90,13 @@ pub struct Api<O> {
     limits: Limits,
 }
 
+/// A watch asked with a listing's paging, which it would ignore.
+fn listing_params_in_a_watch() -> HttpError {
+    HttpError::bad_request(
+        "limit and after are for listings, not watches: a watch takes since, snapshot and prefix",
+    )
+}
+
 #[inline]
 fn response(
     status: StatusCode,
@@ -421,6 +428,14 @@ impl<O: Operations> Api<O> {
                     "text/plain; version=0.0.4; charset=utf-8",
                     text,
                 ))
+            }
+            Endpoint::KeyOrCollection { list, .. }
+                if facts.stream.is_some() && list.is_listing() =>
+            {
+                Err(listing_params_in_a_watch())
+            }
+            Endpoint::Watch { params, .. } if params.is_listing() => {
+                Err(listing_params_in_a_watch())
             }
             Endpoint::KeyOrCollection { name, list } if facts.stream.is_some() => {
                 let Some(c) = as_collection_name(&name) else {

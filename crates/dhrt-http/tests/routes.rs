@@ -369,10 +369,29 @@ async fn bad_input_gets_a_clear_error_with_the_right_status() {
         (Method::PUT, "/a.b/k", StatusCode::BAD_REQUEST),
         (Method::GET, "//", StatusCode::NOT_FOUND),
         (Method::GET, "/c?bogus=1", StatusCode::BAD_REQUEST),
+        (Method::GET, "/c?limit=1&limit=2", StatusCode::BAD_REQUEST),
+        // A watch would ignore a listing's paging.
+        (Method::GET, "/?watch=c&limit=5", StatusCode::BAD_REQUEST),
+        (Method::GET, "/?watch=c&after=x", StatusCode::BAD_REQUEST),
     ] {
         let (got, msg) = error(&api, method.clone(), uri, b"").await;
         assert_eq!(got, status, "{method} {uri}: {msg}");
         assert!(!msg.is_empty());
+    }
+    for accept in ["application/x-ndjson", "text/event-stream"] {
+        for query in ["limit=5", "after=k"] {
+            let (status, b) = call_with(
+                &api,
+                Request::builder()
+                    .method(Method::GET)
+                    .uri(format!("/c?{query}"))
+                    .header("accept", accept),
+                b"",
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{accept} {query}");
+            assert!(parse(&b)["Error"].as_str().unwrap().contains("not watches"));
+        }
     }
     // Over the node's value limit (413 from the node), over the body limit
     // (413 from the API, before the node sees it).
