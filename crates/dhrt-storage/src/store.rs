@@ -254,7 +254,8 @@ impl Store {
             }
         }
         names.sort();
-        let mut last_epoch = read_epoch(&dir)?;
+        let recorded = read_epoch(&dir)?;
+        let mut last_epoch = recorded.unwrap_or(0);
         for name in names {
             let path = Collection::log_path(&dir, &name);
             let (collection, recovery) = Collection::open(&path, &name, &options)?;
@@ -270,6 +271,11 @@ impl Store {
                 damaged_records_skipped: recovery.damaged_skipped,
             });
             collections.insert(name, Arc::new(collection));
+        }
+        if recorded.is_none() {
+            // `EPOCH` was damaged: the logs' last epoch may be older than
+            // openings that wrote nothing, whose seqs a watcher may hold.
+            last_epoch += DAMAGED_EPOCH_MARGIN;
         }
         // A new epoch, durable before any seq of it is handed out.
         if last_epoch >= MAX_EPOCH {
@@ -957,18 +963,35 @@ impl Store {
     }
 }
 
-/// The last epoch recorded in `dir` (0 if none).
-fn read_epoch(dir: &Path) -> Result<u64> {
+/// The last epoch recorded in `dir`: 0 if there is no `EPOCH` file (a new
+/// directory), `None` if the file is damaged. A damaged file does not stop
+/// the opening: the epoch is then taken from the logs' seqs, plus
+/// [`DAMAGED_EPOCH_MARGIN`].
+fn read_epoch(dir: &Path) -> Result<Option<u64>> {
     let path = dir.join(EPOCH_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(s) => s.trim().parse().map_err(|_| Error::BadHeader {
-            path,
-            reason: format!("not an epoch number: {:?}", s.trim()),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let epoch = text.trim().parse().ok();
+            if epoch.is_none() {
+                let shown: String = text.trim().chars().take(40).collect();
+                tracing::warn!(
+                    path = %path.display(),
+                    "EPOCH is damaged (not an epoch number: {shown:?}); taking the epoch from the logs, {DAMAGED_EPOCH_MARGIN} past their last"
+                );
+            }
+            Ok(epoch)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(0)),
         Err(e) => Err(Error::io("read", path, e)),
     }
 }
+
+/// How far past the logs' last epoch an opening starts when `EPOCH` is
+/// damaged: openings that wrote nothing left no seq in the logs, and seqs
+/// of theirs handed to watchers must not be handed out again. 65,536
+/// such openings in a row, of the 16,777,215 a directory has.
+const DAMAGED_EPOCH_MARGIN: u64 = 1 << 16;
 
 /// How many of `collections` count against `Options::max_collections`.
 fn counted(collections: &Collections) -> usize {
@@ -1589,7 +1612,7 @@ mod tests {
         let store = Store::open(dir.path(), Options::default()).unwrap();
         store.set("c", b"k", b"v").unwrap();
         drop(store);
-        let epoch = || read_epoch(dir.path()).unwrap();
+        let epoch = || read_epoch(dir.path()).unwrap().unwrap();
         let before = epoch();
         FAIL_NEW_EPOCH_FILE.with(|f| f.set(true));
         let store = Store::open(dir.path(), Options::default()).unwrap();
@@ -1621,6 +1644,28 @@ mod tests {
         assert_eq!(epoch(), MAX_EPOCH);
         std::fs::write(dir.path().join(EPOCH_FILE), format!("{}\n", u64::MAX)).unwrap();
         assert!(Store::open(dir.path(), Options::default()).is_err());
+    }
+
+    /// A damaged `EPOCH` (garbage, or empty) does not stop the opening:
+    /// the epoch is taken from the logs' seqs, well past them, and the
+    /// data is all there.
+    #[test]
+    fn a_damaged_epoch_file_is_replaced_from_the_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.set("c", b"k", b"v").unwrap();
+        drop(store);
+        let epoch = || read_epoch(dir.path()).unwrap();
+        let written = epoch().unwrap();
+        for damage in ["garbage\n", "", "\u{0}\u{0}\u{0}"] {
+            std::fs::write(dir.path().join(EPOCH_FILE), damage).unwrap();
+            assert_eq!(epoch(), None, "{damage:?}");
+            let store = Store::open(dir.path(), Options::default()).unwrap();
+            // The log's last seq is of the first opening's epoch.
+            assert_eq!(epoch(), Some(written + DAMAGED_EPOCH_MARGIN + 1));
+            assert_eq!(store.get("c", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+            drop(store);
+        }
     }
 
     #[test]
