@@ -27,7 +27,17 @@ use dhrt_proto::Access;
 
 fn main() -> ExitCode {
     alloc::no_huge_pages();
-    let config = match Config::load(Args::parse()) {
+    let args = Args::parse();
+    if let Err(before) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        // Versions are stamped with the time, and the HTTP server's Date
+        // header (hyper) panics on such a time, failing every request.
+        eprintln!(
+            "dhrtd: the system clock reads {} s before 1970: set the clock (NTP) and start again",
+            before.duration().as_secs()
+        );
+        return ExitCode::FAILURE;
+    }
+    let config = match Config::load(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("dhrtd: {e:#}");
