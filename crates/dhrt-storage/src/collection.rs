@@ -666,10 +666,14 @@ impl Collection {
                 .map_err(|e| Error::io("truncate", path, e))?;
             recovery.truncated = Some((cut, reason));
         }
-        if recovery.watermark.is_none() {
-            // A log from before watermarks (or whose watermark was
-            // unreadable) was trusted whole; make it durable whole so the
-            // new watermark can say so.
+        // A log from before watermarks (or whose watermark was unreadable)
+        // was trusted whole, and records past the watermark that survived a
+        // crash (in the page cache) are served from now on: make the log
+        // durable whole so the watermark can say so. Left past it, damage
+        // to such a record would be cut as a tail lost in a crash, and
+        // writes a client was answered for would vanish without a word.
+        let synced_now = recovery.watermark.is_none_or(|w| end as u64 > w);
+        if synced_now {
             file.sync_data().map_err(|e| Error::io("fsync", path, e))?;
         }
         let mut log = LogFile::with_file(file, Some(path.to_path_buf()), end as u64, file_header)
@@ -681,6 +685,12 @@ impl Collection {
             None => Watermark::create(path, log.id(), end as u64),
         }
         .map_err(|e| Error::io("open", &watermark_path, e))?;
+        if synced_now {
+            watermark.advance(log.id(), end as u64);
+            watermark
+                .sync()
+                .map_err(|e| Error::io("fsync", &watermark_path, e))?;
+        }
         log.set_watermark(Arc::new(watermark));
         let (index, state) = built;
         let generation = Generation {

@@ -335,6 +335,36 @@ fn the_same_damage_below_the_watermark_is_refused_and_the_file_left_alone() {
     }
 }
 
+/// Records past the watermark that a crash left whole are served from the
+/// next opening on, so that opening makes them durable and says so: damage
+/// to them afterwards is refused like any other, never cut as a tail lost
+/// in a crash (which dropped writes a client was answered for, without a
+/// word, even after a clean stop, until a new write moved the watermark).
+#[test]
+fn records_that_survived_a_crash_are_made_durable_by_the_next_opening() {
+    let (dir, bytes, watermark, records) = synced_then_unsynced();
+    assert!((watermark as usize) < bytes.len());
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(store.recovery()[0].durable_watermark, Some(watermark));
+    assert_eq!(store.recovery()[0].truncated_bytes, 0);
+    assert_eq!(watermark_of(dir.path()), bytes.len() as u64);
+    drop(store);
+    // No write since: the watermark still covers every record.
+    assert_eq!(watermark_of(dir.path()), bytes.len() as u64);
+    let last = records.last().unwrap().0;
+    let on_disk = {
+        let mut b = bytes.clone();
+        b[last + 45] ^= 0x10;
+        b
+    };
+    std::fs::write(dir.path().join("c.dhrt"), &on_disk).unwrap();
+    match Store::open(dir.path(), quiet_options()) {
+        Err(Error::Corrupt { offset, .. }) => assert_eq!(offset, last as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(dir.path().join("c.dhrt")).unwrap(), on_disk);
+}
+
 /// The bytes of a watermark file recording `offset`.
 fn durable_file(offset: u64) -> Vec<u8> {
     let mut b = b"DHRTDUR\0".to_vec();
