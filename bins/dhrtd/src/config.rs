@@ -335,6 +335,9 @@ impl Config {
         } else {
             args.node
         };
+        for seed in &seeds {
+            check_host_port(seed).map_err(|why| anyhow::anyhow!("--node {seed:?}: {why}"))?;
+        }
         let collections = if args.collections.is_empty() {
             file.collections
         } else {
@@ -499,4 +502,53 @@ pub(crate) fn read_tokens(path: &std::path::Path) -> anyhow::Result<dhrt_proto::
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     dhrt_proto::auth::Tokens::parse(&text)
         .with_context(|| format!("the auth file {}", path.display()))
+}
+
+/// Whether `addr` is a peer address: `host:port` (an IPv6 host in
+/// brackets), with a port from 1 to 65535. The host is not resolved here:
+/// a name that does not resolve yet is retried while the node runs.
+fn check_host_port(addr: &str) -> Result<(), &'static str> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or("an address is host:port, and this has no port")?;
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("an address is host:port, and this has no host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 address goes in brackets: [::1]:7453");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err("the port must be a number from 1 to 65535"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_host_port;
+
+    #[test]
+    fn a_peer_address_is_host_and_port() {
+        for good in [
+            "127.0.0.1:7453",
+            "node-1.example:7453",
+            "[::1]:7453",
+            "localhost:1",
+        ] {
+            assert_eq!(check_host_port(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "notaddr",
+            "localhost",
+            "host:notaport",
+            "host:0",
+            "host:65536",
+            ":7453",
+            "::1:7453",
+            "a b:7453",
+            "",
+        ] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
 }
