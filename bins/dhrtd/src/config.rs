@@ -166,6 +166,16 @@ pub(crate) struct Args {
     /// token, and an SSE heartbeat) this often.
     #[arg(long, env = "DHRT_WATCH_PROGRESS_SECS", value_name = "N")]
     watch_progress_secs: Option<u64>,
+    /// Web pages of ORIGIN (scheme://host[:port], or * for any) may call
+    /// the API and follow feeds from a browser; repeat or separate with
+    /// commas. A request from a page of any other origin is refused (403).
+    #[arg(
+        long,
+        env = "DHRT_CORS_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    cors_origin: Vec<String>,
     /// A TOML file with any of the settings above (kebab-case keys).
     #[arg(long, env = "DHRT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -206,6 +216,7 @@ struct File {
     watch_lag_grace_secs: Option<u64>,
     max_watchers: Option<usize>,
     watch_progress_secs: Option<u64>,
+    cors_origin: Option<Vec<String>>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -234,6 +245,8 @@ pub(crate) const MIN_SECRET: usize = 32;
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) listen: SocketAddr,
+    /// Origins whose web pages may call the API.
+    pub(crate) cors: dhrt_http::Cors,
     pub(crate) advertise: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) memory: bool,
@@ -335,6 +348,12 @@ impl Config {
         } else {
             args.node
         };
+        let cors = dhrt_http::Cors::new(&if args.cors_origin.is_empty() {
+            file.cors_origin.unwrap_or_default()
+        } else {
+            args.cors_origin
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
         for seed in &seeds {
             check_host_port(seed).map_err(|why| anyhow::anyhow!("--node {seed:?}: {why}"))?;
         }
@@ -420,6 +439,7 @@ impl Config {
         .map_err(|e| anyhow::anyhow!("--name, --advertise or --collections: {e}"))?;
         Ok(Config {
             listen,
+            cors,
             name,
             advertise,
             data_dir: args

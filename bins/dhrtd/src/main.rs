@@ -365,6 +365,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             dhrt_http::Limits {
                 access: access.clone(),
                 idle_timeout: config.idle_timeout,
+                cors: config.cors.clone(),
                 watch_runtime: node.watch_runtime(),
                 ..dhrt_http::Limits::default()
             },

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod cors;
 mod error;
 mod head_timeout;
 mod json;
@@ -17,6 +18,7 @@ mod service;
 mod watch;
 
 pub use body::{BoxError, ResponseBody};
+pub use cors::Cors;
 pub use error::HttpError;
 pub use router::{DEFAULT_COLLECTION, Endpoint, ListParams, route};
 pub use service::{Api, Limits, error_response};

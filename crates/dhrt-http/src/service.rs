@@ -12,7 +12,7 @@ use dhrt_proto::auth::{Mode, Remembered};
 use dhrt_proto::{Access, Beside, Entry, Operations, Proven, Role, WatchRequest, WatchStart};
 use futures_util::future::{self, Either};
 use http::header::{
-    ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING,
+    ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN, TRANSFER_ENCODING,
     WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -23,6 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, BoxError, ResponseBody};
+use crate::cors::{self, Cors, CrossOrigin};
 use crate::error::HttpError;
 use crate::head_timeout::{Expired, HeadWatch, Watched};
 use crate::json;
@@ -56,6 +57,9 @@ pub struct Limits {
     pub body_grace: Duration,
     /// Entries fetched per step of a streamed listing.
     pub list_batch: u32,
+    /// The origins whose web pages may call the API (`--cors-origin`);
+    /// none by default, and a request from any other is refused.
+    pub cors: Cors,
     /// Where watches read and render their events (a runtime of low CPU
     /// priority in dhrtd, so that watchers fall behind rather than slow
     /// writers); `None`: the current one.
@@ -72,6 +76,7 @@ impl Default for Limits {
             body_min_rate: 1024,
             body_grace: Duration::from_secs(10),
             list_batch: 1000,
+            cors: Cors::default(),
             watch_runtime: None,
         }
     }
@@ -171,14 +176,18 @@ struct HeadFacts {
     wants_octets: bool,
     /// `Accept: text/event-stream` or `application/x-ndjson`: a watch.
     stream: Option<Format>,
+    /// An `Origin`: a browser's request, for a web page (see `crate::cors`).
+    origin: bool,
 }
 
 impl HeadFacts {
     fn of(headers: &HeaderMap) -> Self {
         let (mut length, mut encoding, mut wants_octets) = (false, false, false);
-        let mut stream = None;
+        let (mut stream, mut origin) = (None, false);
         for (name, value) in headers {
-            if name == CONTENT_LENGTH {
+            if name == ORIGIN {
+                origin = true;
+            } else if name == CONTENT_LENGTH {
                 length = true;
             } else if name == TRANSFER_ENCODING {
                 encoding = true;
@@ -192,6 +201,7 @@ impl HeadFacts {
             conflicting_lengths: length && encoding,
             wants_octets,
             stream,
+            origin,
         }
     }
 }
@@ -332,12 +342,22 @@ impl<O: Operations> Api<O> {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
+        let origin = if facts.origin {
+            match cors::check(&self.limits.cors, req.method(), req.headers()) {
+                Ok(CrossOrigin::Allowed(origin)) => Some(origin),
+                Ok(CrossOrigin::Plain) => None,
+                Ok(CrossOrigin::Preflight(response)) => return response,
+                Err(e) => return error_response(&e),
+            }
+        } else {
+            None
+        };
         let access = self.limits.access.clone();
         let result = match role {
             Ok(role) => self.try_handle(remote, req, facts, role).await,
             Err(e) => Err(e),
         };
-        match result {
+        let mut response = match result {
             Ok(r) => r,
             Err(e) => {
                 let kind = match e.status {
@@ -350,7 +370,11 @@ impl<O: Operations> Api<O> {
                 }
                 error_response(&e)
             }
+        };
+        if let Some(origin) = origin {
+            cors::allow(response.headers_mut(), origin);
         }
+        response
     }
 
     /// The response to `req` if it is a `GET` of a key the node answers
@@ -367,6 +391,7 @@ impl<O: Operations> Api<O> {
             || facts.conflicting_lengths
             || role.is_err()
             || facts.stream.is_some()
+            || facts.origin
         {
             return None;
         }

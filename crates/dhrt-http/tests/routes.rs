@@ -511,6 +511,168 @@ async fn tokens_and_roles_decide_who_may_do_what() {
     );
 }
 
+/// A web page's request (it carries an `Origin`) is refused unless the
+/// node allows its origin; an allowed one gets the CORS headers on every
+/// answer, its preflight is answered without a token, and the request
+/// after it is authenticated as any other.
+#[tokio::test]
+async fn web_pages_of_allowed_origins_only() {
+    use dhrt_http::Cors;
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    let writer = new_token();
+    let node = |cors: Cors| {
+        Api::new(
+            Arc::new(MapNode::default()),
+            Limits {
+                access: Access::tokens(
+                    Tokens::parse(&auth_line(Role::Write, &writer, "")).unwrap(),
+                ),
+                cors,
+                ..Limits::default()
+            },
+        )
+    };
+    let send = |api: &Arc<Api<MapNode>>, method: Method, uri: &str, headers: &[(&str, &str)]| {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let api = api.clone();
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        async move {
+            let resp = api.handle(req).await;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.unwrap().to_bytes();
+            (parts.status, parts.headers, body)
+        }
+    };
+    let bearer = format!("Bearer {writer}");
+    let page = "https://app.example.com";
+    // No origin allowed (the default): a page may not even write with a
+    // token; clients without an Origin are served as before.
+    let closed = node(Cors::default());
+    for (method, uri) in [
+        (Method::POST, "/c/k/v"),
+        (Method::PUT, "/c/k"),
+        (Method::DELETE, "/c/k"),
+    ] {
+        let (status, headers, body) = send(
+            &closed,
+            method,
+            uri,
+            &[("origin", page), ("authorization", &bearer)],
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(headers.get("access-control-allow-origin").is_none());
+        assert!(String::from_utf8_lossy(&body).contains("--cors-origin"));
+    }
+    let (status, ..) = send(
+        &closed,
+        Method::POST,
+        "/c/k/v",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // Its reads are answered, without the headers that would let the page
+    // see the answer.
+    let (status, headers, _) = send(
+        &closed,
+        Method::GET,
+        "/c/k",
+        &[("origin", page), ("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get("access-control-allow-origin").is_none());
+
+    let open = node(Cors::new(&[page]).unwrap());
+    // Another origin: refused, preflight included.
+    let (status, ..) = send(
+        &open,
+        Method::OPTIONS,
+        "/c/k",
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "PUT"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // The preflight of the allowed one: 204, no token needed.
+    let (status, headers, _) = send(
+        &open,
+        Method::OPTIONS,
+        "/c/k",
+        &[
+            ("origin", page),
+            ("access-control-request-method", "PUT"),
+            (
+                "access-control-request-headers",
+                "authorization, content-type",
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers["access-control-allow-origin"], page);
+    assert!(
+        headers["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("PUT")
+    );
+    let allowed = headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("last-event-id"));
+    // The request itself: authenticated as any other, with the headers on
+    // success and on failure alike (so the page can read its 401).
+    let (status, headers, _) = send(
+        &open,
+        Method::POST,
+        "/c/k/v",
+        &[("origin", page), ("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], page);
+    let (status, headers, _) = send(&open, Method::GET, "/c/k", &[("origin", page)]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["access-control-allow-origin"], page);
+    let (status, headers, body) = send(
+        &open,
+        Method::GET,
+        "/c/k",
+        &[
+            ("origin", "HTTPS://APP.example.com"),
+            ("authorization", &bearer),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "HTTPS://APP.example.com"
+    );
+    assert_eq!(headers["vary"], "Origin");
+    assert_eq!(parse(&body)["Value"], "v");
+
+    // `*`: any page, even a sandboxed one (`null`).
+    let any = node(Cors::new(&["*"]).unwrap());
+    let (status, headers, _) = send(
+        &any,
+        Method::POST,
+        "/c/k/w",
+        &[("origin", "null"), ("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["access-control-allow-origin"], "null");
+}
+
 #[tokio::test]
 async fn a_large_value_is_escaped_in_pieces_and_arrives_whole() {
     let api = api();
