@@ -439,7 +439,17 @@ impl Node {
             None if peers => self.cluster.read_remote(collection, key).await,
             _ => None,
         };
-        let (version, was_live) = self.write(move |s| s.delete_versioned(&c, &k)).await?;
+        // As for a set: a node that does not store the collection stamps
+        // the delete and leaves the tombstone to the replicas, and does not
+        // count itself as one of them for the write concern.
+        let local = !peers || self.cluster.stores_locally(collection);
+        let (version, was_live) = if local {
+            self.write(move |s| s.delete_versioned(&c, &k)).await?
+        } else {
+            check_entry(key, &[])?;
+            let live_here = matches!(known_here, Some((Some(_), _)));
+            (self.cluster.stamp_now(), live_here)
+        };
         if peers {
             let m = Mutation::Put {
                 collection: collection.to_string(),
@@ -447,9 +457,11 @@ impl Node {
                 value: None,
                 version: stamp(version),
             };
-            self.cluster.replicate(vec![m], true).await?;
+            self.cluster.replicate(vec![m], local).await?;
         }
-        self.damaged.remove(collection, key);
+        if local {
+            self.damaged.remove(collection, key);
+        }
         // A key damaged here existed if no replica could say.
         let existed = was_live || remote.map_or(damaged, |v| v.value.is_some());
         Ok((existed, peers.then_some(version)))

@@ -126,7 +126,8 @@ async fn each_collection_lives_on_its_owners_and_answers_through_every_member() 
         let page = nodes[outsider].list(name, None, 100).await.unwrap();
         let keys: Vec<&[u8]> = page.entries.iter().map(|e| &e.key[..]).collect();
         assert_eq!(keys.len(), 5, "{name} listed through n{outsider}");
-        // A delete through a member that does not own it reaches the owners.
+        // A delete through a member that does not own it reaches the
+        // owners, and leaves no copy on that member: it is no replica.
         assert!(nodes[outsider].delete(name, b"k0").await.unwrap());
         for &i in &holders {
             assert_eq!(
@@ -135,6 +136,10 @@ async fn each_collection_lives_on_its_owners_and_answers_through_every_member() 
                 "{name} on n{i}"
             );
         }
+        assert!(
+            !nodes[outsider].store().all_collections().contains(name),
+            "{name} on n{outsider}"
+        );
     }
     // 24 collections on 2 of 5 members each: every member holds some.
     assert!(stored_on.iter().all(|&n| n > 0), "{stored_on:?}");
