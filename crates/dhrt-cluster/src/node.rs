@@ -479,6 +479,14 @@ impl Node {
             if let Some(page) = self.cluster.list_remote(collection, after, limit).await {
                 return Ok(page);
             }
+            // No owner answered: the collection's writes were kept by the
+            // members they went through (see `stores_locally`).
+            if self.cluster.has_peers() {
+                return self
+                    .cluster
+                    .list_everywhere(&self.store, collection, after, limit)
+                    .await;
+            }
         }
         crate::cluster::list_local(&self.store, collection, after, limit)
     }

@@ -13,6 +13,19 @@ use dhrt_storage::{Options, Store};
 
 /// Starts a member on a loopback port, joined through `seeds`.
 async fn member(i: u64, seeds: Vec<String>, replicas: Replicas) -> (Arc<Node>, String) {
+    member_with(
+        i,
+        ClusterOptions {
+            seeds,
+            replicas,
+            ..ClusterOptions::default()
+        },
+    )
+    .await
+}
+
+/// Starts a member on a loopback port with these options.
+async fn member_with(i: u64, options: ClusterOptions) -> (Arc<Node>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let cluster = Cluster::new(
@@ -22,11 +35,7 @@ async fn member(i: u64, seeds: Vec<String>, replicas: Replicas) -> (Arc<Node>, S
             name: format!("n{i}"),
             addr: addr.clone(),
         },
-        ClusterOptions {
-            seeds,
-            replicas,
-            ..ClusterOptions::default()
-        },
+        options,
     );
     let node = Arc::new(Node::new(cluster.clone()));
     cluster.start();
@@ -144,6 +153,64 @@ async fn each_collection_lives_on_its_owners_and_answers_through_every_member() 
     // 24 collections on 2 of 5 members each: every member holds some.
     assert!(stored_on.iter().all(|&n| n > 0), "{stored_on:?}");
     assert_eq!(stored_on.iter().sum::<usize>(), 48);
+}
+
+/// A collection no member hosts is kept by the members its writes went
+/// through, and read and listed through every member: a read that misses
+/// asks every live member, and a listing with no owner to ask merges
+/// every member's pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_no_member_hosts_is_read_and_listed_through_every_member() {
+    let only_a = |seeds: Vec<String>| ClusterOptions {
+        seeds,
+        collections: Some(vec!["a".to_string()]),
+        ..ClusterOptions::default()
+    };
+    let (n0, seed) = member_with(0, only_a(Vec::new())).await;
+    let (n1, _) = member_with(1, only_a(vec![seed])).await;
+    let nodes = [n0, n1];
+    all_healthy(&nodes).await;
+    // Keys b/k0..k9 through n1, b/k10..k19 through n0.
+    for i in 0..20 {
+        let through = &nodes[usize::from(i < 10)];
+        through
+            .set(
+                "b",
+                format!("k{i}").as_bytes(),
+                Bytes::from(format!("v{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(nodes[1].store().has_keys("b") && nodes[0].store().has_keys("b"));
+    for (n, node) in nodes.iter().enumerate() {
+        for i in 0..20 {
+            let got = node.get("b", format!("k{i}").as_bytes()).await.unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(format!("v{i}").as_bytes()),
+                "k{i} through n{n}"
+            );
+        }
+        assert_eq!(node.get("b", b"missing").await.unwrap(), None);
+        for limit in [3, 100] {
+            let mut keys = Vec::new();
+            let mut after: Option<Bytes> = None;
+            loop {
+                let page = node.list("b", after.as_deref(), limit).await.unwrap();
+                keys.extend(page.entries.iter().map(|e| e.key.clone()));
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            let mut sorted = keys.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 20, "through n{n}, limit {limit}: {keys:?}");
+            assert_eq!(keys.len(), 20, "each key once, through n{n}");
+        }
+    }
 }
 
 /// Which members hold a copy of `name`.

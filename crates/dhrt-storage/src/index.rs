@@ -216,9 +216,10 @@ impl std::fmt::Debug for AtomicSlot {
 /// prefixes of it, so the order does not change when the index reshards.
 pub(crate) const ORDER_BITS: u32 = 20;
 
-/// The top [`ORDER_BITS`] of the key's xxh3 hash.
+/// The top [`ORDER_BITS`] of the key's xxh3 hash: listings are in order
+/// of `(order_hash(key), key)`, so pages from several stores merge.
 #[inline]
-pub(crate) fn order_hash(key: &[u8]) -> u64 {
+pub fn order_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key) >> (64 - ORDER_BITS)
 }
 

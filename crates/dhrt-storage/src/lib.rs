@@ -47,7 +47,7 @@ pub use bytes::Bytes;
 pub use compact::{CompactionReport, LOCKED_CATCH_UP_BYTES};
 pub use error::{Error, Result};
 pub use feed::{Change, ChangeKind, Position, Watch, WatchEvent, WatchFrom};
-pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket};
+pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket, order_hash};
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
 pub use options::{Options, SyncMode};
 pub use record::MAX_KEY_LEN;

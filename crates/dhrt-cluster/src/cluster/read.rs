@@ -1,7 +1,9 @@
 //! Fan-out reads: a key missing here (or distrusted) is asked of every live
-//! peer owning its collection (every live peer, where a collection has
-//! fewer owners than there are members: a move may be under way); the
-//! newest answer the clock guard admits wins.
+//! peer, not only its collection's owners: a copy may still be on a member
+//! that no longer owns it (a move in progress), or on the member a write
+//! went through while no owner was up, or no member may host the
+//! collection at all (each stores what it was sent). The newest answer the
+//! clock guard admits wins.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,8 +16,9 @@ use super::Cluster;
 use crate::link::{Dialer, LinkError};
 
 impl Cluster {
-    /// Asks every live peer hosting `collection` for `key` in parallel and
-    /// returns the newest entry found (a tombstone included).
+    /// Asks every live peer for `key` in parallel and returns the newest
+    /// entry found (a tombstone included). A peer that holds no copy of
+    /// the collection answers at once.
     pub(crate) async fn read_remote(
         self: &Arc<Self>,
         collection: &str,
@@ -23,18 +26,8 @@ impl Cluster {
     ) -> Option<Versioned> {
         let targets: Vec<u64> = {
             let m = self.membership.lock().unwrap();
-            // With fewer owners than members, a copy may still be on a
-            // member that no longer owns it (a move in progress): ask
-            // every member.
-            let owners = match self.replicas_of(collection) {
-                crate::placement::Replicas::All => Some(self.owners_in(&m, collection)),
-                crate::placement::Replicas::N(_) => None,
-            };
             m.members()
-                .filter(|u| {
-                    matches!(u.liveness, Liveness::Alive | Liveness::Suspect)
-                        && owners.as_ref().is_none_or(|o| o.contains(&u.id))
-                })
+                .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
                 .map(|u| u.id)
                 .collect()
         };
@@ -123,6 +116,46 @@ impl Cluster {
         None
     }
 
+    /// A page merged from this node's listing of `collection` and every
+    /// live peer's, for a collection no live member owns: its writes were
+    /// kept by whichever members they went through. A key held by several
+    /// is listed once (with one of their values: pages carry no versions).
+    pub(crate) async fn list_everywhere(
+        self: &Arc<Self>,
+        store: &Store,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Page, OpError> {
+        let targets: Vec<u64> = {
+            let m = self.membership.lock().unwrap();
+            m.members()
+                .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
+                .map(|u| u.id)
+                .collect()
+        };
+        let mut asks = tokio::task::JoinSet::new();
+        for id in targets {
+            let Some(peer) = self.peer(id) else { continue };
+            let op = PeerOp::List {
+                collection: collection.to_string(),
+                after: after.map(Bytes::copy_from_slice),
+                limit,
+            };
+            let timeout = self.options.timeout;
+            asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
+        }
+        let mut pages = vec![list_local(store, collection, after, limit)?];
+        while let Some(Ok((id, r))) = asks.join_next().await {
+            match r {
+                Ok(PeerReply::Page(page)) => pages.push(page),
+                Ok(_) | Err(LinkError::Remote { .. }) => {}
+                Err(_) => self.suspect(id),
+            }
+        }
+        Ok(merge_pages(pages, limit))
+    }
+
     /// Who this node dials as, for links of its own (watch relays).
     pub(crate) fn dialer(&self) -> Dialer {
         self.dialer.clone()
@@ -168,4 +201,116 @@ pub(crate) fn list_local(
         None
     };
     Ok(Page { entries, next })
+}
+
+/// Where `key` comes in a listing.
+fn listing_place(key: &[u8]) -> (u64, &[u8]) {
+    (dhrt_storage::order_hash(key), key)
+}
+
+/// One page from pages of the same listing (the same `after` and `limit`)
+/// taken from several stores: their union, in listing order, each key once,
+/// at most `limit` entries and about [`MAX_PAGE_BYTES`]. A store's page cut
+/// short says nothing of its keys past the cut, so the merged page stops at
+/// the earliest cut, and its `next` resumes from its last key.
+pub(crate) fn merge_pages(pages: Vec<Page>, limit: u32) -> Page {
+    let cut: Option<Bytes> = pages
+        .iter()
+        .filter_map(|p| p.next.clone())
+        .min_by(|a, b| listing_place(a).cmp(&listing_place(b)));
+    let mut merged: std::collections::BTreeMap<(u64, Bytes), Bytes> =
+        std::collections::BTreeMap::new();
+    for page in pages {
+        for e in page.entries {
+            if cut
+                .as_ref()
+                .is_some_and(|c| listing_place(&e.key) > listing_place(c))
+            {
+                continue;
+            }
+            merged
+                .entry((dhrt_storage::order_hash(&e.key), e.key))
+                .or_insert(e.value);
+        }
+    }
+    let total = merged.len();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut bytes = 0;
+    for ((_, key), value) in merged {
+        let size = key.len() + value.len();
+        if entries.len() >= limit as usize || (!entries.is_empty() && bytes + size > MAX_PAGE_BYTES)
+        {
+            break;
+        }
+        bytes += size;
+        entries.push(Entry { key, value });
+    }
+    let next = if entries.len() < total || cut.is_some() {
+        entries.last().map(|e| e.key.clone())
+    } else {
+        None
+    };
+    Page { entries, next }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(keys: &[&str], next: Option<&str>) -> Page {
+        Page {
+            entries: keys
+                .iter()
+                .map(|k| Entry {
+                    key: Bytes::copy_from_slice(k.as_bytes()),
+                    value: Bytes::from_static(b"v"),
+                })
+                .collect(),
+            next: next.map(|n| Bytes::copy_from_slice(n.as_bytes())),
+        }
+    }
+
+    /// Keys spread over three stores, some on two of them, paged through
+    /// with a small limit: every key once, in listing order.
+    #[test]
+    fn pages_from_several_stores_merge_into_one_listing() {
+        let all: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let mut sorted = all.clone();
+        sorted.sort_by(|a, b| listing_place(a.as_bytes()).cmp(&listing_place(b.as_bytes())));
+        // Store s holds keys i with i % 3 == s, and every key divisible by 5.
+        let holds = |s: usize, k: &str| {
+            let i: usize = k[1..].parse().unwrap();
+            i % 3 == s || i % 5 == 0
+        };
+        let list = |s: usize, after: Option<&str>, limit: usize| {
+            let start = after.map_or(0, |a| sorted.iter().position(|k| k == a).unwrap() + 1);
+            let mine: Vec<&str> = sorted[start..]
+                .iter()
+                .filter(|k| holds(s, k))
+                .map(String::as_str)
+                .collect();
+            let taken = &mine[..mine.len().min(limit)];
+            page(taken, (mine.len() > limit).then(|| *taken.last().unwrap()))
+        };
+        for limit in [1, 3, 7, 100] {
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            for _ in 0..200 {
+                let pages = (0..3).map(|s| list(s, after.as_deref(), limit)).collect();
+                let merged = merge_pages(pages, limit as u32);
+                assert!(merged.entries.len() <= limit);
+                seen.extend(
+                    merged
+                        .entries
+                        .iter()
+                        .map(|e| String::from_utf8(e.key.to_vec()).unwrap()),
+                );
+                match merged.next {
+                    Some(n) => after = Some(String::from_utf8(n.to_vec()).unwrap()),
+                    None => break,
+                }
+            }
+            assert_eq!(seen, sorted, "limit {limit}");
+        }
+    }
 }
