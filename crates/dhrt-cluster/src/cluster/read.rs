@@ -280,7 +280,7 @@ mod tests {
         // Store s holds keys i with i % 3 == s, and every key divisible by 5.
         let holds = |s: usize, k: &str| {
             let i: usize = k[1..].parse().unwrap();
-            i % 3 == s || i % 5 == 0
+            i % 3 == s || i.is_multiple_of(5)
         };
         let list = |s: usize, after: Option<&str>, limit: usize| {
             let start = after.map_or(0, |a| sorted.iter().position(|k| k == a).unwrap() + 1);
