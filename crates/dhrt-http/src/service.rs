@@ -713,7 +713,7 @@ impl<O: Operations> Api<O> {
                 continue; // trailers
             };
             received += data.len() as u64;
-            // One piece (the usual case) is kept as it came, without a copy.
+            // One piece (the usual case) is kept as it came, for now.
             match first.take() {
                 None if rest.is_empty() => first = Some(data),
                 Some(earlier) => {
@@ -723,7 +723,15 @@ impl<O: Operations> Api<O> {
                 None => rest.extend_from_slice(&data),
             }
         }
-        Ok(first.unwrap_or_else(|| rest.freeze()))
+        // The value may be kept for as long as a peer is away (a hint), so
+        // it must own its bytes: a piece as it came is a view into the
+        // connection's read buffer (8 KiB or more, kept whole by the view),
+        // and `rest` may have grown to twice the body.
+        Ok(match first {
+            Some(piece) => Bytes::copy_from_slice(&piece),
+            None if rest.capacity() - rest.len() > 4096 => Bytes::copy_from_slice(&rest),
+            None => rest.freeze(),
+        })
     }
 
     /// A collection listing: the first batch is fetched before answering (so

@@ -673,6 +673,32 @@ async fn web_pages_of_allowed_origins_only() {
     assert_eq!(headers["access-control-allow-origin"], "null");
 }
 
+/// A value handed to the node owns its bytes: the node may keep it for as
+/// long as a peer is away (a hint), and a view into the connection's read
+/// buffer kept that whole buffer (8 KiB and more) for each 100-byte value.
+#[tokio::test]
+async fn a_value_is_not_a_view_into_the_buffer_it_came_in() {
+    let api = api();
+    let buffer = Bytes::from(vec![7u8; 8192]);
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri("/c/k")
+        .body(Full::new(buffer.slice(100..200)))
+        .unwrap();
+    let resp = api.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(buffer.is_unique(), "the stored value keeps the buffer");
+    let (status, _, body) = answer(
+        &api,
+        Request::builder()
+            .uri("/c/k")
+            .header("accept", "application/octet-stream"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, buffer.slice(100..200));
+}
+
 #[tokio::test]
 async fn a_large_value_is_escaped_in_pieces_and_arrives_whole() {
     let api = api();
