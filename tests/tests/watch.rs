@@ -736,6 +736,32 @@ fn a_revoked_token_ends_the_watches_it_opened() {
     }
 }
 
+/// A watch never ends by itself: a stopping node ends it at once with an
+/// error event that says why (it held the stop for the whole grace period,
+/// then was cut without a word).
+#[test]
+fn a_stopping_node_ends_its_watches_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let mut sse_watch = sse(&node, "/c");
+    let mut ndjson = Stream::open(node.addr, "/c", "application/x-ndjson", "");
+    assert_eq!(ndjson.status, 200, "{}", ndjson.refusal);
+    set(&node, "c", "k", "v");
+    sse_watch.until(Duration::from_secs(10), |e| e.key() == "k");
+    ndjson.until(Duration::from_secs(10), |e| e.key() == "k");
+    assert!(node.stop("TERM").success());
+    for w in [&mut sse_watch, &mut ndjson] {
+        let got = w.until(Duration::from_secs(10), |e| {
+            e.data["Error"]
+                .as_str()
+                .is_some_and(|m| m.contains("shutting down"))
+        });
+        assert!(!got.is_empty());
+        assert!(w.next(Duration::from_secs(10)).is_none());
+        assert!(w.ended(), "the stream ends after its error");
+    }
+}
+
 #[test]
 fn a_node_caps_its_watches() {
     let dir = tempfile::tempdir().unwrap();

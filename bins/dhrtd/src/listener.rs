@@ -45,14 +45,47 @@ pub(crate) struct Servers {
     pub(crate) tls: Option<Tls>,
 }
 
-/// Accepts connections until `shutdown` is cancelled, then waits up to
-/// `grace` for the connections in flight to finish their requests.
+/// How the node stops: clients first, then, once it has left the cluster,
+/// peers. Peers are served while it leaves: a stopping node that stopped
+/// answering them at once heard no probe answers, declared every peer dead,
+/// and then had no owner to hand its collections to.
+#[derive(Clone, Default)]
+pub(crate) struct Stopping {
+    /// Cancelled at the signal: no new client connection, and those open
+    /// finish what is in flight (watches end).
+    pub(crate) clients: CancellationToken,
+    /// Cancelled once the node has left: the listener closes.
+    pub(crate) peers: CancellationToken,
+    /// The client connections open.
+    clients_open: TaskTracker,
+}
+
+impl Stopping {
+    /// Stops serving clients and waits up to `grace` for their connections
+    /// to finish the requests in flight.
+    pub(crate) async fn stop_clients(&self, grace: Duration) {
+        self.clients.cancel();
+        self.clients_open.close();
+        if tokio::time::timeout(grace, self.clients_open.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.clients_open.len(),
+                "client connections still open after the grace period; they close as the node exits"
+            );
+        }
+    }
+}
+
+/// Accepts connections until `stopping.peers` is cancelled (clients only
+/// until `stopping.clients` is), then gives the peer connections in
+/// flight a moment to finish.
 pub(crate) async fn run(
     listener: TcpListener,
     servers: Arc<Servers>,
     slots: Slots,
-    shutdown: CancellationToken,
-    grace: Duration,
+    stopping: Stopping,
 ) {
     // Connections not yet told apart (they have a few seconds to say what
     // they are) are capped too, so a flood of silent ones costs little.
@@ -67,7 +100,7 @@ pub(crate) async fn run(
     let tracker = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = stopping.peers.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -96,7 +129,12 @@ pub(crate) async fn run(
         // future on every wake, and polling locks the token's node; one
         // node shared by every connection would be a lock all of them
         // contend for.
-        let (servers, caps, shutdown) = (servers.clone(), caps.clone(), shutdown.child_token());
+        let shutdown = Shutdown {
+            clients: stopping.clients.child_token(),
+            peers: stopping.peers.child_token(),
+            clients_open: stopping.clients_open.clone(),
+        };
+        let (servers, caps) = (servers.clone(), caps.clone());
         tracker.spawn(async move {
             if let Err(e) = serve(stream, peer, &servers, &caps, pending, shutdown).await {
                 tracing::debug!(%peer, "connection ended: {e}");
@@ -105,12 +143,14 @@ pub(crate) async fn run(
     }
     drop(listener);
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "connections still open after the grace period; closing them"
-        );
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+}
+
+/// A connection's view of [`Stopping`].
+struct Shutdown {
+    clients: CancellationToken,
+    peers: CancellationToken,
+    clients_open: TaskTracker,
 }
 
 /// The caps on each kind of connection. Peers take their slots in the
@@ -390,7 +430,7 @@ async fn serve(
     servers: &Servers,
     caps: &Arc<Caps>,
     pending: Pending,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> io::Result<()> {
     let limit = servers.first_byte_timeout;
     let kind = tokio::select! {
@@ -399,7 +439,7 @@ async fn serve(
             Ok(Ok(None)) | Err(_) => return Ok(()), // connected and said nothing
             Ok(Err(e)) => return Err(e),
         },
-        () = shutdown.cancelled() => return Ok(()),
+        () = shutdown.peers.cancelled() => return Ok(()),
     };
     match (kind, &servers.tls) {
         (Kind::Tls, None) => {
@@ -422,7 +462,7 @@ async fn serve(
                         return Ok(());
                     }
                 },
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.peers.cancelled() => return Ok(()),
             };
             serve_kind(kind, stream, remote, servers, caps, pending, shutdown).await
         }
@@ -463,11 +503,23 @@ async fn serve_kind<S>(
     servers: &Servers,
     caps: &Arc<Caps>,
     pending: Pending,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    // A client is served until the node stops serving clients, and counted
+    // among the client connections it waits for; a peer, until it has left.
+    let (_open, shutdown) = match kind {
+        Kind::Peer => (None, shutdown.peers),
+        Kind::Http | Kind::Binary | Kind::Tls => {
+            let open = shutdown.clients_open.token();
+            if shutdown.clients.is_cancelled() {
+                return Ok(());
+            }
+            (Some(open), shutdown.clients)
+        }
+    };
     let (_pending, _slot) = match kind {
         Kind::Peer => (Some(pending), None),
         Kind::Http | Kind::Binary | Kind::Tls => {

@@ -20,7 +20,6 @@ use clap::Parser;
 use dhrt_cluster::{BinaryLimits, Cluster, ClusterOptions, Identity, Node};
 use dhrt_storage::{Options, Store, SyncMode};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Args, Auth, Config, Sync};
 use dhrt_proto::Access;
@@ -358,6 +357,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         ),
         _ => {}
     }
+    let stopping = listener::Stopping::default();
     let servers = Arc::new(listener::Servers {
         node: node.clone(),
         http: dhrt_http::Api::new(
@@ -366,6 +366,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
                 access: access.clone(),
                 idle_timeout: config.idle_timeout,
                 cors: config.cors.clone(),
+                stopping: stopping.clients.clone(),
                 watch_runtime: node.watch_runtime(),
                 ..dhrt_http::Limits::default()
             },
@@ -391,27 +392,27 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         "dhrtd is serving"
     );
     cluster.start();
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        let which = signal.await;
-        tracing::info!(
-            signal = which,
-            "shutting down: finishing requests in flight"
-        );
-        trigger.cancel();
-    });
-    listener::run(
+    let serving = tokio::spawn(listener::run(
         listener,
         servers,
         listener::Slots {
             clients: config.max_connections,
             peers: config.max_peer_connections,
         },
-        shutdown,
-        config.shutdown_grace,
-    )
-    .await;
+        stopping.clone(),
+    ));
+    let which = signal.await;
+    tracing::info!(
+        signal = which,
+        "shutting down: finishing requests in flight"
+    );
+    stopping.stop_clients(config.shutdown_grace).await;
+    // Peers are still served: the leave hands collections over and spreads
+    // the news through them.
+    cluster.leave().await;
+    tracing::info!("told the cluster this node is leaving");
+    stopping.peers.cancel();
+    let _ = serving.await;
     // Not left to the store's drop: a watch task may hold the last handle
     // on a runtime the process does not wait for.
     let store = node.store().clone();
@@ -419,8 +420,6 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         .await
         .context("compacting damaged records out")?;
     node.store().sync().context("final flush")?;
-    cluster.leave().await;
-    tracing::info!("told the cluster this node is leaving");
     tracing::info!("flushed; exiting");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Storage errors as the operation errors clients and peers see: the kind
 //! decides the HTTP status, the binary protocol's error kind and the
-//! client's error type.
+//! client's error type; and the checks of a request the node makes
+//! before the store would.
 
 use dhrt_proto::{ErrorKind, OpError};
 use dhrt_storage::Error as StorageError;
@@ -33,6 +34,46 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
         tracing::error!("storage error: {e}");
     }
     OpError::new(kind, e.to_string())
+}
+
+/// The checks the store makes, for a write this node forwards without
+/// storing.
+pub(crate) fn check_entry(key: &[u8], value: &[u8]) -> Result<(), OpError> {
+    if key.is_empty() || key.len() > dhrt_storage::MAX_KEY_LEN {
+        return Err(op_error(StorageError::InvalidKey {
+            len: key.len(),
+            max: dhrt_storage::MAX_KEY_LEN,
+        }));
+    }
+    if value.len() > u32::MAX as usize {
+        return Err(op_error(StorageError::ValueTooLarge {
+            len: value.len(),
+            max: u32::MAX as usize,
+        }));
+    }
+    Ok(())
+}
+
+/// The answer for a key whose record here failed its checksum and that no
+/// replica has given back.
+pub(crate) fn unrepaired(collection: &str) -> OpError {
+    OpError::new(
+        ErrorKind::Unavailable,
+        format!(
+            "this key's record in collection {collection:?} failed its checksum on this node and no replica answered for it: it is damaged, not missing (see docs/operations.md, \"Damaged records\")"
+        ),
+    )
+}
+
+/// Collections whose names start with `_` belong to the system.
+pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
+    if name.starts_with('_') {
+        return Err(OpError::new(
+            ErrorKind::InvalidInput,
+            format!("collection names starting with '_' are reserved: {name:?}"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
 use crate::damaged::Damaged;
-use crate::error::op_error;
+use crate::error::{check_entry, op_error, unrepaired, user_collection};
 use crate::metrics::{Metrics, OpKind, Outcome};
 use crate::relay::Relay;
 use crate::sessions::Sessions;
@@ -40,46 +40,6 @@ pub struct Node {
     relay: Arc<Relay>,
     /// Watches peers follow here.
     sessions: Arc<Sessions>,
-}
-
-/// The checks the store makes, for a write this node forwards without
-/// storing.
-fn check_entry(key: &[u8], value: &[u8]) -> Result<(), OpError> {
-    if key.is_empty() || key.len() > dhrt_storage::MAX_KEY_LEN {
-        return Err(op_error(StorageError::InvalidKey {
-            len: key.len(),
-            max: dhrt_storage::MAX_KEY_LEN,
-        }));
-    }
-    if value.len() > u32::MAX as usize {
-        return Err(op_error(StorageError::ValueTooLarge {
-            len: value.len(),
-            max: u32::MAX as usize,
-        }));
-    }
-    Ok(())
-}
-
-/// The answer for a key whose record here failed its checksum and that no
-/// replica has given back.
-fn unrepaired(collection: &str) -> OpError {
-    OpError::new(
-        ErrorKind::Unavailable,
-        format!(
-            "this key's record in collection {collection:?} failed its checksum on this node and no replica answered for it: it is damaged, not missing (see docs/operations.md, \"Damaged records\")"
-        ),
-    )
-}
-
-/// Collections whose names start with `_` belong to the system.
-fn user_collection(name: &str) -> Result<(), OpError> {
-    if name.starts_with('_') {
-        return Err(OpError::new(
-            ErrorKind::InvalidInput,
-            format!("collection names starting with '_' are reserved: {name:?}"),
-        ));
-    }
-    Ok(())
 }
 
 impl Node {

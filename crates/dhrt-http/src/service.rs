@@ -57,6 +57,10 @@ pub struct Limits {
     pub body_grace: Duration,
     /// Entries fetched per step of a streamed listing.
     pub list_batch: u32,
+    /// Cancelled when the node stops: every watch then ends at once with
+    /// an error event saying so (a watch never ends by itself, so it
+    /// would hold the stop for the whole grace period).
+    pub stopping: tokio_util::sync::CancellationToken,
     /// The origins whose web pages may call the API (`--cors-origin`);
     /// none by default, and a request from any other is refused.
     pub cors: Cors,
@@ -77,6 +81,7 @@ impl Default for Limits {
             body_grace: Duration::from_secs(10),
             list_batch: 1000,
             cors: Cors::default(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             watch_runtime: None,
         }
     }
@@ -625,6 +630,7 @@ impl<O: Operations> Api<O> {
             snapshot,
             Box::new(recheck),
             self.limits.watch_runtime.clone(),
+            self.limits.stopping.child_token(),
         ))
     }
 

@@ -9,7 +9,7 @@
 //! (which is their buffer); when it goes away, everything ends.
 
 use bytes::Bytes;
-use dhrt_proto::{EventKind, EventSource, OpError, Token, WatchEvent, version_hex};
+use dhrt_proto::{ErrorKind, EventKind, EventSource, OpError, Token, WatchEvent, version_hex};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Response};
 use tokio::sync::mpsc;
@@ -20,6 +20,8 @@ use crate::json;
 
 /// A chunk is sent once it holds about this many bytes.
 const CHUNK: usize = 64 * 1024;
+/// How long a watch's last event may take to go out as the node stops.
+const STOP_WRITE: std::time::Duration = std::time::Duration::from_millis(500);
 /// A value larger than this is escaped and sent a piece at a time.
 const BIG_VALUE: usize = 256 * 1024;
 const PIECE: usize = 64 * 1024;
@@ -230,6 +232,7 @@ pub(crate) fn stream(
     snapshot: bool,
     mut recheck: Box<dyn FnMut() -> Result<(), OpError> + Send>,
     runtime: Option<tokio::runtime::Handle>,
+    stopping: tokio_util::sync::CancellationToken,
 ) -> Response<ResponseBody> {
     let runtime = runtime.unwrap_or_else(tokio::runtime::Handle::current);
     let (tx, body) = body::channel(2);
@@ -290,6 +293,15 @@ pub(crate) fn stream(
             let next = tokio::select! {
                 n = erx.recv() => n,
                 _ = closed.closed() => return,
+                () = stopping.cancelled() => {
+                    let stop = OpError::new(
+                        ErrorKind::Unavailable,
+                        "the watch ended: the node is shutting down; resume from the last token",
+                    );
+                    // A client that reads nothing does not hold the stop.
+                    let _ = tokio::time::timeout(STOP_WRITE, w.error(&stop)).await;
+                    return;
+                }
             };
             let Some((i, batch)) = next else { return };
             let batch = batch.and_then(|b| recheck().map(|()| b));

@@ -342,7 +342,7 @@ impl Cluster {
         let handing_over = !self.everyone_owns_everything() && self.options.repair;
         if handing_over {
             let deadline = Instant::now() + HANDOVER_ON_LEAVE;
-            while self.hand_over_all(true).await.0 > 0 && Instant::now() < deadline {}
+            while self.hand_over_all(true).await.pushed > 0 && Instant::now() < deadline {}
         }
         self.running.store(false, Ordering::Release);
         if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
@@ -370,8 +370,21 @@ impl Cluster {
             // What was written here before the others heard of the leave,
             // then the copies themselves: a node that comes back must not
             // bring back what was deleted while it was gone.
+            // A copy no owner can take now (every owner down or syncing)
+            // stays in the data directory, to be handed over when this
+            // node starts again: waiting here would not change that.
             let deadline = Instant::now() + HANDOVER_ON_LEAVE;
-            while self.hand_over_all(true).await.1 > 0 && Instant::now() < deadline {
+            loop {
+                let round = self.hand_over_all(true).await;
+                if round.held == round.kept || Instant::now() >= deadline {
+                    if round.kept > 0 {
+                        tracing::warn!(
+                            collections = round.kept,
+                            "leaving with copies no owner could take (owners down): they stay in this node's data directory"
+                        );
+                    }
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

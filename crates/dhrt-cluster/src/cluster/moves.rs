@@ -129,6 +129,19 @@ enum Handover {
     Kept,
 }
 
+/// What a round of [`Cluster::hand_over_all`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HandOver {
+    /// Records pushed to owners.
+    pub(crate) pushed: usize,
+    /// Collections still held here.
+    pub(crate) held: usize,
+    /// Of those, the ones kept because no owner can take them now: every
+    /// owner down or syncing, or no member may own them. Another round
+    /// right away does not change that.
+    pub(crate) kept: usize,
+}
+
 impl Cluster {
     pub(super) async fn moves_loop(self: Arc<Self>) {
         while self.running.load(Ordering::Acquire) {
@@ -149,10 +162,9 @@ impl Cluster {
 
     /// One handover round of every collection this node holds and does not
     /// own (with `leaving`, of every collection: its owners are computed
-    /// without this node). Returns the records pushed, and how many copies
-    /// are still held.
-    pub(crate) async fn hand_over_all(self: &Arc<Self>, leaving: bool) -> (usize, usize) {
-        let (mut pushed, mut held) = (0, 0);
+    /// without this node).
+    pub(crate) async fn hand_over_all(self: &Arc<Self>, leaving: bool) -> HandOver {
+        let (mut pushed, mut held, mut kept) = (0, 0, 0);
         for c in self.store.all_collections() {
             if c.starts_with('_') {
                 continue;
@@ -214,7 +226,10 @@ impl Cluster {
                     pushed += n;
                     held += 1;
                 }
-                Ok(Handover::Kept) => held += 1,
+                Ok(Handover::Kept) => {
+                    held += 1;
+                    kept += 1;
+                }
                 Err(e) => {
                     tracing::debug!(collection = %c, "handover: {e}");
                     self.moves.note(&c, &[], 0, 0, Some(e.to_string()));
@@ -222,7 +237,7 @@ impl Cluster {
                 }
             }
         }
-        (pushed, held)
+        HandOver { pushed, held, kept }
     }
 
     /// Pushes `collection` to each of its `owners`; releases this copy if
