@@ -341,6 +341,16 @@ pub fn route<'a>(
             )));
         }
     };
+    let takes_query = matches!(
+        endpoint,
+        Endpoint::Watch { .. } | Endpoint::KeyOrCollection { .. }
+    );
+    if !takes_query && let Some(q) = query.filter(|q| !q.is_empty()) {
+        let name = q.split(['=', '&']).next().unwrap_or(q);
+        return Err(HttpError::bad_request(format!(
+            "unknown query parameter {name:?}: {method} {path} takes none"
+        )));
+    }
     Ok(endpoint)
 }
 

@@ -370,6 +370,14 @@ async fn bad_input_gets_a_clear_error_with_the_right_status() {
         (Method::GET, "//", StatusCode::NOT_FOUND),
         (Method::GET, "/c?bogus=1", StatusCode::BAD_REQUEST),
         (Method::GET, "/c?limit=1&limit=2", StatusCode::BAD_REQUEST),
+        // Routes that take no parameter refuse any.
+        (Method::GET, "/?bogus=1", StatusCode::BAD_REQUEST),
+        (Method::GET, "/?limit=abc", StatusCode::BAD_REQUEST),
+        (Method::GET, "/default/k?bogus=1", StatusCode::BAD_REQUEST),
+        (Method::POST, "/q1/k/v?bogus=1", StatusCode::BAD_REQUEST),
+        (Method::PUT, "/q1/k?x", StatusCode::BAD_REQUEST),
+        (Method::DELETE, "/q1/k?x=1", StatusCode::BAD_REQUEST),
+        (Method::GET, "/metrics?bogus=1", StatusCode::BAD_REQUEST),
         // A watch would ignore a listing's paging.
         (Method::GET, "/?watch=c&limit=5", StatusCode::BAD_REQUEST),
         (Method::GET, "/?watch=c&after=x", StatusCode::BAD_REQUEST),
