@@ -24,7 +24,7 @@ pub(crate) struct Args {
     #[arg(long, env = "DHRT_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Keep everything in memory: no files, nothing survives a restart.
-    #[arg(long, env = "DHRT_MEMORY")]
+    #[arg(long, env = "DHRT_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
     memory: bool,
     /// Durability: always (fsync before acknowledging), interval (fsync
     /// every second), never (leave it to the OS).
@@ -87,7 +87,7 @@ pub(crate) struct Args {
     auth_file: Option<PathBuf>,
     /// Serve every client that can reach the port, without a token, as
     /// admin: they can read, write and drop everything.
-    #[arg(long, env = "DHRT_NO_AUTH")]
+    #[arg(long, env = "DHRT_NO_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     no_auth: bool,
     /// TLS on the one port, for HTTP, the binary protocol and peers: the
     /// certificate chain (PEM). With it, plain text is served on loopback
@@ -225,6 +225,17 @@ pub(crate) enum Sync {
     Always,
     Interval,
     Never,
+}
+
+impl Sync {
+    /// As `--sync` spells it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Sync::Always => "always",
+            Sync::Interval => "interval",
+            Sync::Never => "never",
+        }
+    }
 }
 
 /// Who may be a client.

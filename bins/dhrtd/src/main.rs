@@ -387,8 +387,8 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         id = %format!("{id:016x}"),
         name = %config.name,
         mode = if config.memory { "memory" } else { "persisted" },
-        data_dir = %config.data_dir.display(),
-        sync = ?config.sync,
+        data_dir = %if config.memory { std::path::Path::new("") } else { &config.data_dir }.display(),
+        sync = config.sync.as_str(),
         "dhrtd is serving"
     );
     cluster.start();
