@@ -166,6 +166,12 @@ pub(crate) struct Args {
     /// token, and an SSE heartbeat) this often.
     #[arg(long, env = "DHRT_WATCH_PROGRESS_SECS", value_name = "N")]
     watch_progress_secs: Option<u64>,
+    /// The largest value a client may write through this node, in bytes:
+    /// from 1 to 16777216 (16 MiB, the default and the most a node stores).
+    /// Larger values get 413 (TooLarge). Values replicated from peers are
+    /// taken up to 16 MiB whatever this says.
+    #[arg(long, env = "DHRT_MAX_VALUE_BYTES", value_name = "N")]
+    max_value_bytes: Option<usize>,
     /// Web pages of ORIGIN (scheme://host[:port], or * for any) may call
     /// the API and follow feeds from a browser; repeat or separate with
     /// commas. A request from a page of any other origin is refused (403).
@@ -217,6 +223,7 @@ struct File {
     max_watchers: Option<usize>,
     watch_progress_secs: Option<u64>,
     cors_origin: Option<Vec<String>>,
+    max_value_bytes: Option<usize>,
 }
 
 /// Durability, as the storage engine takes it.
@@ -258,6 +265,8 @@ pub(crate) struct Config {
     pub(crate) listen: SocketAddr,
     /// Origins whose web pages may call the API.
     pub(crate) cors: dhrt_http::Cors,
+    /// The largest value a client may write.
+    pub(crate) max_value: usize,
     pub(crate) advertise: String,
     pub(crate) data_dir: PathBuf,
     pub(crate) memory: bool,
@@ -365,6 +374,16 @@ impl Config {
             args.cors_origin
         })
         .map_err(|e| anyhow::anyhow!(e))?;
+        let max_value = args
+            .max_value_bytes
+            .or(file.max_value_bytes)
+            .unwrap_or(dhrt_cluster::MAX_VALUE);
+        if !(1..=dhrt_cluster::MAX_VALUE).contains(&max_value) {
+            bail!(
+                "--max-value-bytes must be from 1 to {} (16 MiB, the most a node stores), not {max_value}",
+                dhrt_cluster::MAX_VALUE
+            );
+        }
         for seed in &seeds {
             check_host_port(seed).map_err(|why| anyhow::anyhow!("--node {seed:?}: {why}"))?;
         }
@@ -451,6 +470,7 @@ impl Config {
         Ok(Config {
             listen,
             cors,
+            max_value,
             name,
             advertise,
             data_dir: args

@@ -334,10 +334,10 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             ..ClusterOptions::default()
         },
     );
-    let node = Arc::new(Node::with_watch_options(
-        cluster.clone(),
-        config.watch.clone(),
-    ));
+    let node = Arc::new(
+        Node::with_watch_options(cluster.clone(), config.watch.clone())
+            .with_max_value(config.max_value),
+    );
     let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     match &config.auth {
         Auth::Open if !config.listen.ip().is_loopback() => tracing::warn!(
@@ -366,6 +366,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
                 access: access.clone(),
                 idle_timeout: config.idle_timeout,
                 cors: config.cors.clone(),
+                max_body: config.max_value,
                 stopping: stopping.clients.clone(),
                 watch_runtime: node.watch_runtime(),
                 ..dhrt_http::Limits::default()

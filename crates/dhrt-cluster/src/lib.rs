@@ -39,7 +39,7 @@ mod wire;
 pub use cluster::{Cluster, ClusterOptions, DEFAULT_MOVE_RATE, Identity};
 pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
-pub use node::Node;
+pub use node::{MAX_VALUE, Node};
 pub use placement::{Replicas, WriteAck};
 pub use server::{BinaryLimits, Closed, serve_binary};
 pub use throttle::LogThrottle;

@@ -40,7 +40,12 @@ pub struct Node {
     relay: Arc<Relay>,
     /// Watches peers follow here.
     sessions: Arc<Sessions>,
+    /// The largest value a client may write through this node.
+    max_value: usize,
 }
+
+/// The largest value a node stores, and the default a client may write.
+pub const MAX_VALUE: usize = 16 << 20;
 
 impl Node {
     /// The node facade over `cluster` (and the store it was built over).
@@ -63,7 +68,32 @@ impl Node {
             cluster,
             combiner: Arc::default(),
             damaged: Damaged::default(),
+            max_value: MAX_VALUE,
         }
+    }
+
+    /// The same node, taking values of at most `max` bytes from clients
+    /// (at most [`MAX_VALUE`]). Values replicated from peers are taken up
+    /// to [`MAX_VALUE`] whatever this says, so that a member set lower
+    /// than the others still stores every write.
+    pub fn with_max_value(mut self, max: usize) -> Self {
+        self.max_value = max.min(MAX_VALUE);
+        self
+    }
+
+    /// Refuses a client's value over this node's maximum.
+    fn check_value(&self, value: &[u8]) -> Result<(), OpError> {
+        if value.len() > self.max_value {
+            return Err(OpError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "a value of {} bytes is over this node's maximum of {} bytes (--max-value-bytes)",
+                    value.len(),
+                    self.max_value
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The cluster side of this node.
@@ -288,6 +318,7 @@ impl Node {
 
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
+        self.check_value(&value)?;
         self.refuse_writes().await?;
         self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);
@@ -321,6 +352,9 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
     ) -> Result<(), OpError> {
         user_collection(collection)?;
+        for (_, value) in &entries {
+            self.check_value(value)?;
+        }
         self.refuse_writes().await?;
         self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);

@@ -16,6 +16,44 @@ pub(crate) fn node() -> Node {
     ))
 }
 
+/// `--max-value-bytes`: a client's value over the node's maximum is
+/// refused (TooLarge), alone or in a batch (then nothing of the batch is
+/// written); a value replicated from a peer is stored up to the most any
+/// node stores, so a member set lower than the others still holds every
+/// write.
+#[tokio::test]
+async fn a_client_value_over_the_nodes_maximum_is_refused_a_peers_is_not() {
+    let n = node().with_max_value(100);
+    n.set("c", b"k", Bytes::from(vec![1u8; 100])).await.unwrap();
+    let e = n
+        .set("c", b"k", Bytes::from(vec![2u8; 101]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TooLarge);
+    assert!(e.message.contains("--max-value-bytes"), "{}", e.message);
+    let e = n
+        .set_many(
+            "c",
+            vec![
+                (Bytes::from_static(b"a"), Bytes::from_static(b"small")),
+                (Bytes::from_static(b"b"), Bytes::from(vec![3u8; 101])),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TooLarge);
+    assert_eq!(n.get("c", b"a").await.unwrap(), None);
+    assert_eq!(n.get("c", b"k").await.unwrap().unwrap().len(), 100);
+    let v = n.store().get_versioned("c", b"k").unwrap().unwrap().1;
+    let newer = dhrt_storage::Version::new(v.ts + (1 << 20), v.node);
+    assert!(
+        n.store()
+            .apply("c", b"k", Some(&[4u8; 5000]), newer)
+            .unwrap()
+    );
+    assert_eq!(n.get("c", b"k").await.unwrap().unwrap().len(), 5000);
+}
+
 #[tokio::test]
 async fn operations_reach_the_store() {
     let n = node();
