@@ -211,6 +211,36 @@ async fn a_collection_no_member_hosts_is_read_and_listed_through_every_member() 
             assert_eq!(keys.len(), 20, "each key once, through n{n}");
         }
     }
+    // k0 and k1 were written through n1; n0 deletes one and overwrites the
+    // other. A listing through either shows what a get does.
+    assert!(nodes[0].delete("b", b"k0").await.unwrap());
+    nodes[0]
+        .set("b", b"k1", Bytes::from_static(b"newer"))
+        .await
+        .unwrap();
+    for (n, node) in nodes.iter().enumerate() {
+        assert_eq!(node.get("b", b"k0").await.unwrap(), None, "through n{n}");
+        for limit in [3, 100] {
+            let mut listed = Vec::new();
+            let mut after: Option<Bytes> = None;
+            loop {
+                let page = node.list("b", after.as_deref(), limit).await.unwrap();
+                listed.extend(
+                    page.entries
+                        .iter()
+                        .map(|e| (e.key.clone(), e.value.clone())),
+                );
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            assert_eq!(listed.len(), 19, "through n{n}, limit {limit}: {listed:?}");
+            assert!(listed.iter().all(|(k, _)| &k[..] != b"k0"));
+            let k1 = listed.iter().find(|(k, _)| &k[..] == b"k1").unwrap();
+            assert_eq!(&k1.1[..], b"newer", "through n{n}");
+        }
+    }
 }
 
 /// Which members hold a copy of `name`.

@@ -118,8 +118,10 @@ impl Cluster {
 
     /// A page merged from this node's listing of `collection` and every
     /// live peer's, for a collection no live member owns: its writes were
-    /// kept by whichever members they went through. A key held by several
-    /// is listed once (with one of their values: pages carry no versions).
+    /// kept by whichever members they went through. Pages carry no versions
+    /// and leave tombstones out, so each key of the merged page is then
+    /// read everywhere, as a get is: its newest version is listed, and a
+    /// key deleted through another member is left out.
     pub(crate) async fn list_everywhere(
         self: &Arc<Self>,
         store: &Store,
@@ -153,7 +155,43 @@ impl Cluster {
                 Err(_) => self.suspect(id),
             }
         }
-        Ok(merge_pages(pages, limit))
+        let merged = merge_pages(pages, limit);
+        let mut entries = Vec::with_capacity(merged.entries.len());
+        for chunk in merged.entries.chunks(RESOLVE_AT_ONCE) {
+            let mut reads = tokio::task::JoinSet::new();
+            for (i, e) in chunk.iter().enumerate() {
+                let (this, store) = (self.clone(), store.clone());
+                let (collection, key) = (collection.to_string(), e.key.clone());
+                reads.spawn(async move {
+                    let local = match store.get_versioned(&collection, &key) {
+                        Ok(Some((value, version))) => Some(Versioned {
+                            value,
+                            version: super::stamp(version),
+                        }),
+                        _ => None,
+                    };
+                    let remote = this.read_remote(&collection, &key).await;
+                    let newest = match (local, remote) {
+                        (Some(l), Some(r)) if r.version > l.version => Some(r),
+                        (Some(l), _) => Some(l),
+                        (None, r) => r,
+                    };
+                    (i, key, newest.and_then(|v| v.value))
+                });
+            }
+            let mut found: Vec<(usize, Bytes, Option<Bytes>)> = reads.join_all().await;
+            found.sort_by_key(|(i, ..)| *i);
+            entries.extend(
+                found
+                    .into_iter()
+                    .filter_map(|(_, key, value)| Some(Entry { key, value: value? })),
+            );
+        }
+        // `next` is the merged page's: the keys left out were passed.
+        Ok(Page {
+            entries,
+            next: merged.next,
+        })
     }
 
     /// Who this node dials as, for links of its own (watch relays).
@@ -202,6 +240,9 @@ pub(crate) fn list_local(
     };
     Ok(Page { entries, next })
 }
+
+/// Keys of a merged page read everywhere at once.
+const RESOLVE_AT_ONCE: usize = 32;
 
 /// Where `key` comes in a listing.
 fn listing_place(key: &[u8]) -> (u64, &[u8]) {
