@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         // header (hyper) panics on such a time, failing every request.
         eprintln!(
             "dhrtd: the system clock reads {} s before 1970: set the clock (NTP) and start again",
-            before.duration().as_secs()
+            before.duration().as_secs_f64().ceil()
         );
         return ExitCode::FAILURE;
     }

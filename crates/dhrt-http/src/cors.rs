@@ -81,6 +81,13 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
     {
         return Err("an origin is scheme://host[:port], with no path, query or user");
     }
+    // A port, if any, after the host (an IPv6 host is in brackets).
+    if let Some((host, port)) = rest.rsplit_once(':')
+        && (!host.contains(':') || host.ends_with(']'))
+        && port.parse::<u16>().is_err()
+    {
+        return Err("the port of an origin is a number from 0 to 65535");
+    }
     Ok(())
 }
 
@@ -168,8 +175,13 @@ mod tests {
             "https://a?x",
             "ht tp://a",
             "https://u@a",
+            "https://a.com:99999",
+            "https://a.com:x",
         ] {
             assert!(Cors::new(&[bad]).is_err(), "{bad}");
+        }
+        for good in ["http://[::1]:8080", "http://[::1]", "https://a.com:443"] {
+            assert!(Cors::new(&[good]).is_ok(), "{good}");
         }
     }
 }
