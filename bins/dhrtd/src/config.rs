@@ -172,7 +172,7 @@ pub(crate) struct Args {
     /// taken up to 16 MiB whatever this says.
     #[arg(long, env = "DHRT_MAX_VALUE_BYTES", value_name = "N")]
     max_value_bytes: Option<usize>,
-    /// Web pages of ORIGIN (scheme://host[:port], or * for any) may call
+    /// Web pages of ORIGIN (scheme://host, with a port if any; * for any) may call
     /// the API and follow feeds from a browser; repeat or separate with
     /// commas. A request from a page of any other origin is refused (403).
     #[arg(

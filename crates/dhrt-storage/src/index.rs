@@ -216,7 +216,7 @@ impl std::fmt::Debug for AtomicSlot {
 /// prefixes of it, so the order does not change when the index reshards.
 pub(crate) const ORDER_BITS: u32 = 20;
 
-/// The top [`ORDER_BITS`] of the key's xxh3 hash: listings are in order
+/// The top 20 bits (`ORDER_BITS`) of the key's xxh3 hash: listings are in order
 /// of `(order_hash(key), key)`, so pages from several stores merge.
 #[inline]
 pub fn order_hash(key: &[u8]) -> u64 {
