@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    ErrorKind, EventSource, Mutation, NodeInfo, NodeStats, OpError, Operations, Page, ReplicasInfo,
+    ErrorKind, EventSource, Mutation, NodeStats, OpError, Operations, Page, ReplicasInfo,
     WatchRequest,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
@@ -20,6 +20,8 @@ use crate::metrics::{Metrics, OpKind, Outcome};
 use crate::relay::Relay;
 use crate::sessions::Sessions;
 use crate::watch::{WatchHub, WatchOptions};
+
+mod stats;
 
 /// A dhrt node.
 #[derive(Debug)]
@@ -507,36 +509,6 @@ impl Node {
         };
         self.cluster.replicate(vec![m], true).await?;
         Ok(keys.into_iter().map(Bytes::from).collect())
-    }
-
-    async fn op_stats(&self) -> NodeStats {
-        let stats = self.store.stats();
-        let id = format!("{:016x}", self.identity.id);
-        NodeStats {
-            node: NodeInfo {
-                id: id.clone(),
-                name: self.identity.name.clone(),
-                addr: self.identity.addr.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                mode: stats.mode.to_string(),
-                data_dir: stats
-                    .data_dir
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                uptime_s: self.started.elapsed().as_secs(),
-            },
-            collections: stats
-                .collections
-                .into_iter()
-                .filter(|c| c.keys > 0 && !c.name.starts_with('_'))
-                .map(|c| self.cluster.collection_info(c))
-                .collect(),
-            members: self.cluster.members(),
-            sync: self.cluster.sync_info(),
-            clock: self.cluster.clock_info(),
-            watch: self.watches.info(),
-        }
     }
 
     /// Opens a watch of a collection this node stores.
