@@ -193,6 +193,22 @@ fn replicas_param(query: Option<&str>) -> Option<Option<String>> {
     })
 }
 
+/// Refuses a query holding anything but `name`.
+fn only_param(query: Option<&str>, name: &str) -> Result<(), HttpError> {
+    let other = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map_or(p, |(n, _)| n))
+        .find(|n| *n != name);
+    match other {
+        Some(n) => Err(HttpError::bad_request(format!(
+            "unknown query parameter {n:?}: ?{name} takes no other"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The value of `?member=`, if the query has it.
 fn member_param(query: Option<&str>) -> Option<String> {
     let value = query?.split('&').find_map(|p| p.strip_prefix("member="))?;
@@ -253,6 +269,7 @@ pub fn route<'a>(
     }
     let default = || Cow::Borrowed(DEFAULT_COLLECTION);
     if let Some(set) = replicas_param(query) {
+        only_param(query, "replicas")?;
         return match (method, segments, set) {
             (&Method::GET, [], None) => Ok(Endpoint::Replicas {
                 collection: None,
@@ -278,6 +295,7 @@ pub fn route<'a>(
         };
     }
     if let Some(member) = member_param(query) {
+        only_param(query, "member")?;
         return match (method, segments) {
             (&Method::DELETE, []) if !member.is_empty() => Ok(Endpoint::RemoveMember { member }),
             _ => Err(HttpError::bad_request(

@@ -378,6 +378,12 @@ async fn bad_input_gets_a_clear_error_with_the_right_status() {
         (Method::PUT, "/q1/k?x", StatusCode::BAD_REQUEST),
         (Method::DELETE, "/q1/k?x=1", StatusCode::BAD_REQUEST),
         (Method::GET, "/metrics?bogus=1", StatusCode::BAD_REQUEST),
+        (Method::GET, "/c?replicas&limit=5", StatusCode::BAD_REQUEST),
+        (
+            Method::DELETE,
+            "/?member=x&limit=5",
+            StatusCode::BAD_REQUEST,
+        ),
         // A watch would ignore a listing's paging.
         (Method::GET, "/?watch=c&limit=5", StatusCode::BAD_REQUEST),
         (Method::GET, "/?watch=c&after=x", StatusCode::BAD_REQUEST),
