@@ -129,6 +129,28 @@ impl Cluster {
         after: Option<&[u8]>,
         limit: u32,
     ) -> Result<Page, OpError> {
+        let mut after = after.map(Bytes::copy_from_slice);
+        loop {
+            let page = self
+                .list_everywhere_once(store, collection, after.as_deref(), limit)
+                .await?;
+            // Every key of a merged page may have been deleted; an empty
+            // page ends a listing, so the next one is taken instead.
+            match page.next {
+                Some(next) if page.entries.is_empty() => after = Some(next),
+                _ => return Ok(page),
+            }
+        }
+    }
+
+    /// One merged page, which may come out empty of live keys.
+    async fn list_everywhere_once(
+        self: &Arc<Self>,
+        store: &Store,
+        collection: &str,
+        after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Page, OpError> {
         let targets: Vec<u64> = {
             let m = self.membership.lock().unwrap();
             m.members()
