@@ -100,6 +100,12 @@ pub struct Api<O> {
     limits: Limits,
 }
 
+/// Put on a watch request by [`Api::serve_connection`]: a watch that cannot
+/// deliver its last event as the node stops (its client reads nothing)
+/// cancels it, and the connection is closed instead of holding the stop.
+#[derive(Clone)]
+struct CloseConnection(tokio_util::sync::CancellationToken);
+
 /// A watch asked with a listing's paging, which it would ignore.
 fn listing_params_in_a_watch() -> HttpError {
     HttpError::bad_request(
@@ -475,15 +481,8 @@ impl<O: Operations> Api<O> {
                     )));
                 };
                 let format = facts.stream.expect("checked");
-                self.watch(
-                    remote,
-                    vec![c.to_string()],
-                    list,
-                    false,
-                    format,
-                    &head.headers,
-                )
-                .await
+                self.watch(remote, vec![c.to_string()], list, false, format, &head)
+                    .await
             }
             Endpoint::KeyOrCollection { list, .. } if list.is_watch() => {
                 Err(HttpError::bad_request(
@@ -495,7 +494,7 @@ impl<O: Operations> Api<O> {
                 params,
             } => {
                 let format = facts.stream.unwrap_or(Format::Sse);
-                self.watch(remote, collections, params, true, format, &head.headers)
+                self.watch(remote, collections, params, true, format, &head)
                     .await
             }
             Endpoint::KeyOrCollection { name, list } => match as_collection_name(&name) {
@@ -567,9 +566,14 @@ impl<O: Operations> Api<O> {
         params: ListParams,
         multi: bool,
         format: Format,
-        headers: &HeaderMap,
+        head: &http::request::Parts,
     ) -> Result<Response<ResponseBody>, HttpError> {
         const MAX_WATCHED: usize = 64;
+        let headers = &head.headers;
+        let close_connection = head
+            .extensions
+            .get::<CloseConnection>()
+            .map(|c| c.0.clone());
         if collections.is_empty() || collections.len() > MAX_WATCHED {
             return Err(HttpError::bad_request(format!(
                 "watch 1 to {MAX_WATCHED} collections (?watch=a,b)"
@@ -630,7 +634,10 @@ impl<O: Operations> Api<O> {
             snapshot,
             Box::new(recheck),
             self.limits.watch_runtime.clone(),
-            self.limits.stopping.child_token(),
+            watch::Stop {
+                stopping: self.limits.stopping.child_token(),
+                close_connection,
+            },
         ))
     }
 
@@ -847,11 +854,17 @@ impl<O: Operations> Api<O> {
         let api = self.clone();
         let service_watch = watch.clone();
         let memo = std::sync::Mutex::new((Remembered::default(), proven));
-        let service = service_fn(move |req: Request<Incoming>| {
+        let close = tokio_util::sync::CancellationToken::new();
+        let service_close = close.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
             service_watch.head_complete();
             // The same two ways as `handle`, without wrapping one future in
             // another on the hot path.
             let facts = HeadFacts::of(req.headers());
+            if facts.stream.is_some() || req.uri().query().is_some_and(|q| q.contains("watch=")) {
+                req.extensions_mut()
+                    .insert(CloseConnection(service_close.clone()));
+            }
             // One request at a time on a connection: the lock is never
             // contended.
             let role = {
@@ -907,7 +920,13 @@ impl<O: Operations> Api<O> {
             }
             Either::Right(Guard::Shutdown) => {
                 conn.as_mut().graceful_shutdown();
-                conn.await
+                tokio::select! {
+                    served = conn.as_mut() => served,
+                    () = close.cancelled() => {
+                        tracing::debug!("a watch's client read nothing as the node stopped; closing the connection");
+                        Ok(())
+                    }
+                }
             }
         }
     }

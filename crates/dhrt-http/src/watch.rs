@@ -161,6 +161,8 @@ struct Writer {
     tx: mpsc::Sender<Result<Bytes, body::BoxError>>,
     buf: Vec<u8>,
     format: Format,
+    /// Between the first and the last byte of an event.
+    mid_event: bool,
 }
 
 impl Writer {
@@ -178,6 +180,7 @@ impl Writer {
         e: &WatchEvent,
         token: Option<&str>,
     ) -> Result<(), ()> {
+        self.mid_event = true;
         if self.format == Format::Sse {
             if e.kind == EventKind::Progress {
                 self.buf.extend_from_slice(b": heartbeat\n");
@@ -203,6 +206,7 @@ impl Writer {
         } else {
             b"\n"
         });
+        self.mid_event = false;
         if self.buf.len() >= CHUNK {
             self.flush().await?;
         }
@@ -223,6 +227,15 @@ impl Writer {
     }
 }
 
+/// How a watch learns that the node stops.
+pub(crate) struct Stop {
+    /// Cancelled when the node stops.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
+    /// Cancelled by the watch to close its connection, when its client
+    /// reads nothing and its last event cannot go out.
+    pub(crate) close_connection: Option<tokio_util::sync::CancellationToken>,
+}
+
 /// The streamed response of a watch of `sources` (opened already, so that
 /// a refusal such as 410 was answered as a status).
 pub(crate) fn stream(
@@ -232,8 +245,12 @@ pub(crate) fn stream(
     snapshot: bool,
     mut recheck: Box<dyn FnMut() -> Result<(), OpError> + Send>,
     runtime: Option<tokio::runtime::Handle>,
-    stopping: tokio_util::sync::CancellationToken,
+    stop: Stop,
 ) -> Response<ResponseBody> {
+    let Stop {
+        stopping,
+        close_connection,
+    } = stop;
     let runtime = runtime.unwrap_or_else(tokio::runtime::Handle::current);
     let (tx, body) = body::channel(2);
     let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
@@ -266,70 +283,93 @@ pub(crate) fn stream(
             tx,
             buf: Vec::with_capacity(CHUNK + 4096),
             format,
+            mid_event: false,
         };
-        if format == Format::Sse {
-            // An EventSource reconnects after a second.
-            w.buf.extend_from_slice(b"retry: 1000\n\n");
-        }
-        // At once, so that the client knows the stream is open and holds a
-        // token before any change: a progress event per collection.
-        let id = (unsynced == 0).then(|| resume(&names, &tokens, multi));
-        for (i, name) in names.iter().enumerate() {
-            let open = WatchEvent {
-                kind: EventKind::Progress,
-                key: Bytes::new(),
-                value: None,
-                version: None,
-                token: Some(tokens[i]),
-            };
-            if w.event(name, &open, id.as_deref()).await.is_err() {
-                return;
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
-        loop {
-            let next = tokio::select! {
-                n = erx.recv() => n,
-                _ = closed.closed() => return,
-                () = stopping.cancelled() => {
-                    let stop = OpError::new(
-                        ErrorKind::Unavailable,
-                        "the watch ended: the node is shutting down; resume from the last token",
-                    );
-                    // A client that reads nothing does not hold the stop.
-                    let _ = tokio::time::timeout(STOP_WRITE, w.error(&stop)).await;
-                    return;
+        let stopped = {
+            let run = std::pin::pin!(async {
+                if format == Format::Sse {
+                    // An EventSource reconnects after a second.
+                    w.buf.extend_from_slice(b"retry: 1000\n\n");
                 }
-            };
-            let Some((i, batch)) = next else { return };
-            let batch = batch.and_then(|b| recheck().map(|()| b));
-            match batch {
-                Ok(events) => {
-                    for e in &events {
-                        if e.kind == EventKind::Synced {
-                            unsynced = unsynced.saturating_sub(1);
-                        }
-                        let token = match e.token {
-                            Some(t) => {
-                                tokens[i] = t;
-                                (unsynced == 0).then(|| resume(&names, &tokens, multi))
-                            }
-                            None => None,
-                        };
-                        if w.event(&names[i], e, token.as_deref()).await.is_err() {
-                            return;
-                        }
-                    }
-                    if w.flush().await.is_err() {
+                // At once, so that the client knows the stream is open and
+                // holds a token before any change: a progress event per
+                // collection.
+                let id = (unsynced == 0).then(|| resume(&names, &tokens, multi));
+                for (i, name) in names.iter().enumerate() {
+                    let open = WatchEvent {
+                        kind: EventKind::Progress,
+                        key: Bytes::new(),
+                        value: None,
+                        version: None,
+                        token: Some(tokens[i]),
+                    };
+                    if w.event(name, &open, id.as_deref()).await.is_err() {
                         return;
                     }
                 }
-                Err(e) => {
-                    let _ = w.error(&e).await;
+                if w.flush().await.is_err() {
                     return;
                 }
+                loop {
+                    let next = tokio::select! {
+                        n = erx.recv() => n,
+                        _ = closed.closed() => return,
+                    };
+                    let Some((i, batch)) = next else { return };
+                    let batch = batch.and_then(|b| recheck().map(|()| b));
+                    match batch {
+                        Ok(events) => {
+                            for e in &events {
+                                if e.kind == EventKind::Synced {
+                                    unsynced = unsynced.saturating_sub(1);
+                                }
+                                let token = match e.token {
+                                    Some(t) => {
+                                        tokens[i] = t;
+                                        (unsynced == 0).then(|| resume(&names, &tokens, multi))
+                                    }
+                                    None => None,
+                                };
+                                if w.event(&names[i], e, token.as_deref()).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if w.flush().await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = w.error(&e).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            // However far the writer is (waiting for a change, or for a
+            // client that reads nothing to make room), a stop ends it.
+            tokio::select! {
+                () = run => false,
+                () = stopping.cancelled() => true,
+            }
+        };
+        if stopped {
+            let stop = OpError::new(
+                ErrorKind::Unavailable,
+                "the watch ended: the node is shutting down; resume from the last token",
+            );
+            if w.mid_event {
+                // An event cut short: the error goes on a line of its own.
+                w.buf.clear();
+                w.buf.push(b'\n');
+            }
+            // A client that reads nothing does not hold the stop: its
+            // connection is closed instead.
+            if tokio::time::timeout(STOP_WRITE, w.error(&stop))
+                .await
+                .is_err()
+                && let Some(close) = close_connection
+            {
+                close.cancel();
             }
         }
     });

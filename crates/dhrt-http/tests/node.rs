@@ -186,4 +186,60 @@ impl Operations for MapNode {
             watch: Default::default(),
         }
     }
+
+    /// Only `flood` can be watched: an endless stream of 64 KiB sets, as
+    /// fast as the client takes them.
+    async fn watch(
+        &self,
+        request: dhrt_proto::WatchRequest,
+    ) -> Result<Box<dyn dhrt_proto::EventSource>, OpError> {
+        if request.collection != "flood" {
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                "only flood is watched",
+            ));
+        }
+        Ok(Box::new(Flood(0)))
+    }
+}
+
+/// The events of the `flood` watch.
+struct Flood(u64);
+
+impl dhrt_proto::EventSource for Flood {
+    fn next_batch(
+        &mut self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<dhrt_proto::WatchEvent>, OpError>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let events = (0..16)
+                .map(|_| {
+                    self.0 += 1;
+                    dhrt_proto::WatchEvent {
+                        kind: dhrt_proto::EventKind::Set,
+                        key: Bytes::from(format!("k{}", self.0)),
+                        value: Some(Bytes::from(vec![b'x'; 64 << 10])),
+                        version: Some(dhrt_proto::Stamp {
+                            ts: self.0,
+                            node: 1,
+                        }),
+                        token: Some(self.token()),
+                    }
+                })
+                .collect();
+            Ok(events)
+        })
+    }
+
+    fn token(&self) -> dhrt_proto::Token {
+        dhrt_proto::Token {
+            history: 1,
+            seq: self.0,
+        }
+    }
 }

@@ -272,3 +272,49 @@ async fn a_large_listing_streams_as_one_json_array() {
     assert_eq!(v.as_array().unwrap().len(), 2000);
     assert_eq!(v[1999]["Key"], "key01999");
 }
+
+/// A watch whose client reads nothing does not hold a stopping node: it
+/// cannot take its last event, so its connection is closed. (Graceful
+/// shutdown alone waited for its endless body, for ever.)
+#[tokio::test]
+async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let api = Api::new(
+        Arc::new(MapNode::default()),
+        Limits {
+            stopping: stopping.clone(),
+            ..Limits::default()
+        },
+    );
+    let shutdown = stopping.clone();
+    let served = tokio::spawn(async move {
+        let (socket, remote) = listener.accept().await.unwrap();
+        api.serve_connection(
+            socket,
+            remote.ip(),
+            shutdown.cancelled_owned(),
+            dhrt_proto::Proven::ignored(),
+        )
+        .await
+    });
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /flood HTTP/1.1\r\nHost: x\r\nAccept: application/x-ndjson\r\n\r\n")
+        .await
+        .unwrap();
+    // The stream flows; then the client stops reading, and the node's
+    // buffers and the socket's fill.
+    let mut head = [0u8; 4096];
+    let n = client.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stopping.cancel();
+    // Only a guard against hanging for ever, as it did before.
+    tokio::time::timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the connection was not closed")
+        .unwrap()
+        .unwrap();
+}
