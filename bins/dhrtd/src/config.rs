@@ -269,6 +269,8 @@ pub(crate) struct Config {
     pub(crate) max_value: usize,
     pub(crate) advertise: String,
     pub(crate) data_dir: PathBuf,
+    /// `--data-dir` given with `--memory`, which keeps no files.
+    pub(crate) data_dir_ignored: bool,
     pub(crate) memory: bool,
     pub(crate) sync: Sync,
     pub(crate) name: String,
@@ -473,6 +475,8 @@ impl Config {
             max_value,
             name,
             advertise,
+            data_dir_ignored: (args.memory || file.memory.unwrap_or(false))
+                && (args.data_dir.is_some() || file.data_dir.is_some()),
             data_dir: args
                 .data_dir
                 .or(file.data_dir)

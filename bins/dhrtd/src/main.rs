@@ -265,6 +265,12 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
         Sync::Never => SyncMode::Never,
     };
+    if config.data_dir_ignored {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "--memory keeps no files: --data-dir is ignored"
+        );
+    }
     let (store, id) = if config.memory {
         let id = random_id();
         (

@@ -675,7 +675,7 @@ impl<O: Operations> Api<O> {
             HttpError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
-                    "the body exceeds the limit of {} bytes",
+                    "the body exceeds the limit of {} bytes (the largest value this node takes: --max-value-bytes)",
                     self.limits.max_body
                 ),
             )
