@@ -16,14 +16,12 @@ use super::Cluster;
 use crate::link::{Dialer, LinkError};
 
 impl Cluster {
-    /// Asks every live peer for `key` in parallel and returns the newest
-    /// entry found (a tombstone included). A peer that holds no copy of
-    /// the collection answers at once.
-    pub(crate) async fn read_remote(
+    /// Sends `op()` to every live peer at once; their answers, by peer id,
+    /// as they come.
+    fn ask_live_peers(
         self: &Arc<Self>,
-        collection: &str,
-        key: &[u8],
-    ) -> Option<Versioned> {
+        op: impl Fn() -> PeerOp,
+    ) -> tokio::task::JoinSet<(u64, Result<PeerReply, LinkError>)> {
         let targets: Vec<u64> = {
             let m = self.membership.lock().unwrap();
             m.members()
@@ -34,13 +32,24 @@ impl Cluster {
         let mut asks = tokio::task::JoinSet::new();
         for id in targets {
             let Some(peer) = self.peer(id) else { continue };
-            let op = PeerOp::Read {
-                collection: collection.to_string(),
-                key: Bytes::copy_from_slice(key),
-            };
-            let timeout = self.options.timeout;
+            let (op, timeout) = (op(), self.options.timeout);
             asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
         }
+        asks
+    }
+
+    /// Asks every live peer for `key` in parallel and returns the newest
+    /// entry found (a tombstone included). A peer that holds no copy of
+    /// the collection answers at once.
+    pub(crate) async fn read_remote(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+    ) -> Option<Versioned> {
+        let mut asks = self.ask_live_peers(|| PeerOp::Read {
+            collection: collection.to_string(),
+            key: Bytes::copy_from_slice(key),
+        });
         let mut best: Option<Versioned> = None;
         let guard = self.guard();
         while let Some(Ok((id, r))) = asks.join_next().await {
@@ -151,24 +160,11 @@ impl Cluster {
         after: Option<&[u8]>,
         limit: u32,
     ) -> Result<Page, OpError> {
-        let targets: Vec<u64> = {
-            let m = self.membership.lock().unwrap();
-            m.members()
-                .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
-                .map(|u| u.id)
-                .collect()
-        };
-        let mut asks = tokio::task::JoinSet::new();
-        for id in targets {
-            let Some(peer) = self.peer(id) else { continue };
-            let op = PeerOp::List {
-                collection: collection.to_string(),
-                after: after.map(Bytes::copy_from_slice),
-                limit,
-            };
-            let timeout = self.options.timeout;
-            asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
-        }
+        let mut asks = self.ask_live_peers(|| PeerOp::List {
+            collection: collection.to_string(),
+            after: after.map(Bytes::copy_from_slice),
+            limit,
+        });
         let mut pages = vec![list_local(store, collection, after, limit)?];
         while let Some(Ok((id, r))) = asks.join_next().await {
             match r {
