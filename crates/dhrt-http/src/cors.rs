@@ -30,7 +30,8 @@ use crate::error::HttpError;
 pub struct Cors {
     /// Any origin (`*`).
     any: bool,
-    /// These origins, as `scheme://host[:port]`, lowercase.
+    /// These origins, as `scheme://host[:port]` the way browsers send
+    /// them (see `normalize_origin`).
     origins: Vec<String>,
 }
 
@@ -46,8 +47,11 @@ impl Cors {
                 cors.any = true;
                 continue;
             }
-            check_origin(origin).map_err(|why| format!("--cors-origin {origin:?}: {why}"))?;
-            cors.origins.push(origin.to_ascii_lowercase());
+            let normal = normalize_origin(origin)
+                .map_err(|why| format!("--cors-origin {origin:?}: {why}"))?;
+            if !cors.origins.contains(&normal) {
+                cors.origins.push(normal);
+            }
         }
         Ok(cors)
     }
@@ -62,13 +66,16 @@ impl Cors {
     }
 }
 
-/// An origin as browsers send it: `scheme://host` with an optional port,
-/// nothing after.
-fn check_origin(origin: &str) -> Result<(), &'static str> {
+/// An origin as browsers send it, `scheme://host[:port]`, in the form
+/// they send it: lowercase, and without the port when it is the scheme's
+/// default (`https://a.com:443` is sent as `https://a.com`), so that a
+/// value given differently still matches.
+fn normalize_origin(origin: &str) -> Result<String, &'static str> {
+    let origin = origin.to_ascii_lowercase();
     let (scheme, rest) = origin
         .split_once("://")
         .ok_or("an origin is scheme://host[:port], such as https://app.example.com, or *")?;
-    if scheme.is_empty()
+    if !scheme.starts_with(|c: char| c.is_ascii_alphabetic())
         || !scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
@@ -76,19 +83,57 @@ fn check_origin(origin: &str) -> Result<(), &'static str> {
         return Err("the scheme of an origin is letters, such as https");
     }
     if rest.is_empty()
-        || rest.contains(['/', '?', '#', '@'])
+        || rest.contains(['/', '?', '#', '@', '\\'])
         || rest.chars().any(|c| c.is_whitespace() || c.is_control())
     {
         return Err("an origin is scheme://host[:port], with no path, query or user");
     }
-    // A port, if any, after the host (an IPv6 host is in brackets).
-    if let Some((host, port)) = rest.rsplit_once(':')
-        && (!host.contains(':') || host.ends_with(']'))
-        && port.parse::<u16>().is_err()
-    {
-        return Err("the port of an origin is a number from 0 to 65535");
+    // The host: a name, or an IPv6 address in brackets.
+    let (host, port) = if rest.starts_with('[') {
+        let end = rest
+            .find(']')
+            .ok_or("an IPv6 host of an origin ends with ]")?;
+        match &rest[end + 1..] {
+            "" => (&rest[..=end], None),
+            after => (
+                &rest[..=end],
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("an origin's port follows a colon")?,
+                ),
+            ),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() || host == "[]" || (!host.starts_with('[') && host.contains(['[', ']'])) {
+        return Err("an origin names a host, such as https://app.example.com");
     }
-    Ok(())
+    let port = match port {
+        None => None,
+        Some(port) => {
+            if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("the port of an origin is a number from 0 to 65535");
+            }
+            let port: u16 = port
+                .parse()
+                .map_err(|_| "the port of an origin is a number from 0 to 65535")?;
+            let default = match scheme {
+                "http" | "ws" => Some(80),
+                "https" | "wss" => Some(443),
+                _ => None,
+            };
+            (default != Some(port)).then_some(port)
+        }
+    };
+    Ok(match port {
+        Some(port) => format!("{scheme}://{host}:{port}"),
+        None => format!("{scheme}://{host}"),
+    })
 }
 
 /// What to do with a request that carries an `Origin`.
@@ -180,8 +225,29 @@ mod tests {
         ] {
             assert!(Cors::new(&[bad]).is_err(), "{bad}");
         }
+        for bad in [
+            "http://[::1",
+            "http://[::1]x",
+            "http://a.com:+80",
+            "http://a.com:",
+            "http://a]:80",
+            "http://:80",
+            "1http://a.com",
+        ] {
+            assert!(Cors::new(&[bad]).is_err(), "{bad}");
+        }
         for good in ["http://[::1]:8080", "http://[::1]", "https://a.com:443"] {
             assert!(Cors::new(&[good]).is_ok(), "{good}");
         }
+        // Given as browsers would never send them, and still matched.
+        let cors =
+            Cors::new(&["https://A.com:443", "http://b.com:080", "http://[::1]:80"]).unwrap();
+        assert!(cors.allows("https://a.com"));
+        assert!(!cors.allows("https://a.com:443"));
+        assert!(cors.allows("http://b.com"));
+        assert!(cors.allows("http://[::1]"));
+        let cors = Cors::new(&["http://b.com:0080", "https://b.com:80"]).unwrap();
+        assert!(cors.allows("http://b.com"));
+        assert!(cors.allows("https://b.com:80"));
     }
 }
