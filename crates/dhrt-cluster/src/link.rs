@@ -145,23 +145,30 @@ impl Link {
         }
     }
 
-    /// The live connection, dialing if there is none.
-    async fn conn(&self, timeout: Duration) -> Result<Arc<Conn>, LinkError> {
-        let mut slot = self.conn.lock().await;
+    /// The live connection, dialing if there is none, by `deadline`.
+    ///
+    /// The deadline covers the wait for the slot too: while one caller
+    /// dials a peer that does not answer (a SYN into a black hole), the
+    /// others queue behind it, and each must still give up at its own
+    /// deadline rather than one dial timeout after the one before it.
+    async fn conn(&self, deadline: tokio::time::Instant) -> Result<Arc<Conn>, LinkError> {
+        let started = tokio::time::Instant::now();
+        let timed_out = || LinkError::Timeout {
+            addr: self.addr.clone(),
+            ms: deadline.saturating_duration_since(started).as_millis() as u64,
+        };
+        let Ok(mut slot) = tokio::time::timeout_at(deadline, self.conn.lock()).await else {
+            return Err(timed_out());
+        };
         if let Some(c) = slot.as_ref()
             && c.alive.load(Ordering::Acquire)
         {
             return Ok(c.clone());
         }
         *slot = None;
-        let conn = match tokio::time::timeout(timeout, self.dial()).await {
+        let conn = match tokio::time::timeout_at(deadline, self.dial()).await {
             Ok(r) => Arc::new(r?),
-            Err(_) => {
-                return Err(LinkError::Timeout {
-                    addr: self.addr.clone(),
-                    ms: timeout.as_millis() as u64,
-                });
-            }
+            Err(_) => return Err(timed_out()),
         };
         *slot = Some(conn.clone());
         Ok(conn)
@@ -289,7 +296,7 @@ impl Link {
         timeout: Duration,
     ) -> Result<PeerReply, LinkError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let conn = self.conn(timeout).await?;
+        let conn = self.conn(deadline).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_frame(
@@ -325,7 +332,7 @@ impl Link {
 
     /// Sends gossip without waiting for anything but the connection.
     pub(crate) async fn gossip(&self, gossip: Gossip, timeout: Duration) -> Result<(), LinkError> {
-        let conn = self.conn(timeout).await?;
+        let conn = self.conn(tokio::time::Instant::now() + timeout).await?;
         let mut frame = Vec::new();
         encode_frame(
             &PeerMessage::Gossip(gossip),
@@ -418,5 +425,64 @@ mod tests {
             "{answer:?}"
         );
         assert!(listener.await.unwrap().is_empty());
+    }
+
+    /// Dials into a black hole: the connection is never made.
+    #[derive(Debug)]
+    struct BlackHole;
+
+    impl Connector for BlackHole {
+        fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_queued_behind_a_dial_that_hangs_give_up_at_their_own_deadline() {
+        let link = Arc::new(Link::new(
+            "192.0.2.3:7453".into(),
+            Dialer {
+                me: 1,
+                secret: SECRET.into(),
+                max_frame: 1 << 20,
+                connector: Arc::new(BlackHole),
+            },
+        ));
+        let started = tokio::time::Instant::now();
+        let timeout = Duration::from_millis(500);
+        let mut callers = tokio::task::JoinSet::new();
+        for i in 0..5 {
+            let link = link.clone();
+            callers.spawn(async move {
+                let answer = if i % 2 == 0 {
+                    link.request(PeerOp::Digests(Vec::new()), timeout)
+                        .await
+                        .map(|_| ())
+                } else {
+                    let gossip = Gossip {
+                        from: 1,
+                        sent_ms: 0,
+                        max_offset_ms: 0,
+                        kind: dhrt_proto::GossipKind::Ping {
+                            seq: 1,
+                            relay: None,
+                        },
+                        updates: Vec::new(),
+                    };
+                    link.gossip(gossip, timeout).await
+                };
+                (answer, started.elapsed())
+            });
+        }
+        // Time is paused: each caller's clock moves only by its timers, so
+        // this is exact. Queued one dial timeout after another, the last
+        // would give up after 2.5 s.
+        for (answer, took) in callers.join_all().await {
+            assert!(
+                matches!(answer, Err(LinkError::Timeout { .. })),
+                "{answer:?}"
+            );
+            assert_eq!(took, timeout, "a caller gave up after {took:?}");
+        }
     }
 }
