@@ -5,3 +5,4 @@ mod membership;
 mod node;
 mod placement;
 mod sim;
+mod sim_leave;

@@ -12,6 +12,7 @@ use dhrt_proto::{ErrorKind, Gossip, Liveness, MemberUpdate, OpError, PeerOp, Pee
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::moves::Round;
 use super::{Cluster, Peer};
 use crate::link::{Link, LinkError};
 use crate::membership::Membership;
@@ -20,6 +21,8 @@ use crate::queue::Queue;
 
 /// How long a leaving member hands its copies over before it goes.
 const HANDOVER_ON_LEAVE: Duration = Duration::from_secs(30);
+/// The least time the round after the goodbye gets.
+const LAST_HANDOVER: Duration = Duration::from_secs(5);
 
 impl Cluster {
     pub(super) fn with_membership<T>(
@@ -329,7 +332,8 @@ impl Cluster {
     ///
     /// Where collections have fewer owners than members, the collections
     /// this node holds are first handed to the owners that remain (for at
-    /// most `HANDOVER_ON_LEAVE`).
+    /// most `HANDOVER_ON_LEAVE` in all, and `LAST_HANDOVER` after the
+    /// goodbye).
     pub async fn leave(self: &Arc<Self>) {
         // Hand what is still queued to the peers that can take it, so that
         // a write this node acknowledged does not leave with it.
@@ -340,9 +344,19 @@ impl Cluster {
         // Where collections have fewer owners than members, this node's
         // copies go to the owners it leaves them to, before it goes.
         let handing_over = !self.everyone_owns_everything() && self.options.repair;
+        // One deadline for the whole handover, each round included: with
+        // an owner that never answers, a round waits a request timeout for
+        // each collection bound for it.
+        let handover_deadline = Instant::now() + HANDOVER_ON_LEAVE;
+        // Owners that did not answer: not asked again before this node goes.
+        let mut failed = HashSet::new();
         if handing_over {
-            let deadline = Instant::now() + HANDOVER_ON_LEAVE;
-            while self.hand_over_all(true).await.pushed > 0 && Instant::now() < deadline {}
+            // One round: what is written meanwhile goes after the goodbye.
+            let _ = tokio::time::timeout_at(
+                handover_deadline,
+                self.hand_over_all(Round::PreCopy, &mut failed),
+            )
+            .await;
         }
         self.running.store(false, Ordering::Release);
         if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
@@ -373,14 +387,26 @@ impl Cluster {
             // A copy no owner can take now (every owner down or syncing)
             // stays in the data directory, to be handed over when this
             // node starts again: waiting here would not change that.
-            let deadline = Instant::now() + HANDOVER_ON_LEAVE;
+            // At least a short last round, should the first ones have used
+            // up the time.
+            let deadline = handover_deadline.max(Instant::now() + LAST_HANDOVER);
             loop {
-                let round = self.hand_over_all(true).await;
+                let Ok(round) = tokio::time::timeout_at(
+                    deadline,
+                    self.hand_over_all(Round::Leave, &mut failed),
+                )
+                .await
+                else {
+                    tracing::warn!(
+                        "leaving before every copy was handed over (an owner did not answer in time): what was not handed over stays in this node's data directory"
+                    );
+                    break;
+                };
                 if round.held == round.kept || Instant::now() >= deadline {
                     if round.kept > 0 {
                         tracing::warn!(
                             collections = round.kept,
-                            "leaving with copies no owner could take (owners down): they stay in this node's data directory"
+                            "leaving with copies no owner could take (owners down or not answering): they stay in this node's data directory"
                         );
                     }
                     break;

@@ -11,7 +11,7 @@
 //! not left, so a dead owner keeps its place, and a copy whose owners are
 //! not all reachable is kept until they are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -129,6 +129,22 @@ enum Handover {
     Kept,
 }
 
+/// Which handover round [`Cluster::hand_over_all`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Round {
+    /// The background round: hand over what this node no longer owns.
+    Settle,
+    /// A leaving node, before it says goodbye: copy everything to the
+    /// owners it leaves it to, and release nothing. Those owners still
+    /// count this node as an owner, and hand the copies back (releasing
+    /// their own): were this node to release too, each could release the
+    /// copy on the word of the other.
+    PreCopy,
+    /// A leaving node, after its goodbye: copy, and release what every
+    /// owner holds.
+    Leave,
+}
+
 /// What a round of [`Cluster::hand_over_all`] did.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HandOver {
@@ -156,14 +172,24 @@ impl Cluster {
             {
                 continue;
             }
-            self.hand_over_all(false).await;
+            self.hand_over_all(Round::Settle, &mut HashSet::new()).await;
         }
     }
 
     /// One handover round of every collection this node holds and does not
-    /// own (with `leaving`, of every collection: its owners are computed
-    /// without this node).
-    pub(crate) async fn hand_over_all(self: &Arc<Self>, leaving: bool) -> HandOver {
+    /// own (leaving, of every collection: its owners are computed without
+    /// this node).
+    ///
+    /// An owner that times out or cannot be reached is added to `failed`,
+    /// and the collections bound for an owner in `failed` are kept without
+    /// asking it: with an owner that never answers, each would wait out a
+    /// request timeout.
+    pub(crate) async fn hand_over_all(
+        self: &Arc<Self>,
+        round: Round,
+        failed: &mut HashSet<u64>,
+    ) -> HandOver {
+        let leaving = round != Round::Settle;
         let (mut pushed, mut held, mut kept) = (0, 0, 0);
         for c in self.store.all_collections() {
             if c.starts_with('_') {
@@ -213,9 +239,14 @@ impl Cluster {
                 let why = format!("owners down or syncing: {}", ids.join(", "));
                 self.moves.note(&c, &owners, 0, 0, Some(why));
                 Ok(Handover::Kept)
+            } else if let Some(id) = owners.iter().find(|id| failed.contains(id)) {
+                let why = format!("owner {id:016x} did not answer a handover request");
+                self.moves.note(&c, &owners, 0, 0, Some(why));
+                Ok(Handover::Kept)
             } else {
                 self.moves.note(&c, &owners, 0, 0, None);
-                self.hand_over(&c, &owners).await
+                self.hand_over(&c, &owners, round != Round::PreCopy, failed)
+                    .await
             };
             match outcome {
                 Ok(Handover::Released) => {
@@ -240,19 +271,31 @@ impl Cluster {
         HandOver { pushed, held, kept }
     }
 
-    /// Pushes `collection` to each of its `owners`; releases this copy if
-    /// none of them lacked anything and nothing was written here meanwhile.
+    /// Pushes `collection` to each of its `owners`; with `release`,
+    /// releases this copy if none of them lacked anything and nothing was
+    /// written here meanwhile. An owner that times out or cannot be
+    /// reached is added to `failed`.
     async fn hand_over(
         self: &Arc<Self>,
         collection: &str,
         owners: &[u64],
+        release: bool,
+        failed: &mut HashSet<u64>,
     ) -> Result<Handover, LinkError> {
         let before = self.store.digest(collection).map_err(local_error)?;
         let mut pushed = 0;
         for &id in owners {
-            pushed += self.push_collection(id, collection, &before).await?;
+            pushed += match self.push_collection(id, collection, &before).await {
+                Ok(n) => n,
+                Err(e) => {
+                    if matches!(e, LinkError::Timeout { .. } | LinkError::Unreachable { .. }) {
+                        failed.insert(id);
+                    }
+                    return Err(e);
+                }
+            };
         }
-        if pushed > 0 {
+        if pushed > 0 || !release {
             return Ok(Handover::Pushed(pushed));
         }
         if self
