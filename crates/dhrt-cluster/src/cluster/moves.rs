@@ -148,8 +148,6 @@ pub(crate) enum Round {
 /// What a round of [`Cluster::hand_over_all`] did.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HandOver {
-    /// Records pushed to owners.
-    pub(crate) pushed: usize,
     /// Collections still held here.
     pub(crate) held: usize,
     /// Of those, the ones kept because no owner can take them now: every
@@ -190,7 +188,7 @@ impl Cluster {
         failed: &mut HashSet<u64>,
     ) -> HandOver {
         let leaving = round != Round::Settle;
-        let (mut pushed, mut held, mut kept) = (0, 0, 0);
+        let (mut held, mut kept) = (0, 0);
         for c in self.store.all_collections() {
             if c.starts_with('_') {
                 continue;
@@ -253,10 +251,7 @@ impl Cluster {
                     self.moves.done(&c);
                     tracing::info!(collection = %c, "handed over to its owners; this copy is released");
                 }
-                Ok(Handover::Pushed(n)) => {
-                    pushed += n;
-                    held += 1;
-                }
+                Ok(Handover::Pushed(_)) => held += 1,
                 Ok(Handover::Kept) => {
                     held += 1;
                     kept += 1;
@@ -268,7 +263,7 @@ impl Cluster {
                 }
             }
         }
-        HandOver { pushed, held, kept }
+        HandOver { held, kept }
     }
 
     /// Pushes `collection` to each of its `owners`; with `release`,
