@@ -145,7 +145,9 @@ impl Sim {
                     Output::MustResync => {
                         self.resync_at.insert(id, self.now + 300);
                     }
-                    Output::Changed { .. } | Output::Forgotten { .. } => {}
+                    Output::Changed { .. }
+                    | Output::Forgotten { .. }
+                    | Output::LeftForgotten { .. } => {}
                 }
             }
         }
@@ -588,4 +590,46 @@ fn no_other_member_is_kept_at_this_nodes_own_address() {
     node.merge(0, [me(1, 100), me(2, 200)]);
     assert!(node.get(1).is_none(), "a ghost of itself");
     assert!(node.get(2).is_some());
+}
+
+#[test]
+fn a_member_that_left_is_forgotten_after_a_while() {
+    let config = MembershipConfig {
+        forget_left_ms: 60_000,
+        ..MembershipConfig::default()
+    };
+    let mut one = Membership::new(me(1, 100), config.clone(), 1);
+    one.merge_own_word(0, me(2, 200));
+    one.merge_own_word(0, me(3, 300));
+    let mut left = me(2, 201);
+    left.liveness = Liveness::Left;
+    one.handle(1_000, gossip_from(2, vec![left.clone()]));
+    assert_eq!(one.get(2).map(member_state), Some(MemberState::Left));
+    one.drain();
+    // Shown as left for a while...
+    one.tick(60_999);
+    assert_eq!(one.get(2).map(member_state), Some(MemberState::Left));
+    assert!(!one.drain().contains(&Output::LeftForgotten { id: 2 }));
+    // ... then forgotten, and nothing else with it.
+    one.tick(61_000);
+    assert!(one.get(2).is_none(), "a member that left a while ago");
+    assert!(one.drain().contains(&Output::LeftForgotten { id: 2 }));
+    assert!(one.get(3).is_some());
+    assert!(one.table().iter().all(|u| u.id != 2), "gone from the syncs");
+    // A member that has not forgotten it yet says it left: not taken.
+    one.handle(62_000, gossip_from(3, vec![me(3, 300), left.clone()]));
+    assert!(one.get(2).is_none(), "brought back by hearsay");
+    // Started again, its own word brings it back.
+    one.handle(63_000, gossip_from(2, vec![me(2, 202)]));
+    assert_eq!(one.get(2).map(member_state), Some(MemberState::Healthy));
+    // A dead member removed by an operator is forgotten the same way.
+    let mut dead = me(3, 300);
+    dead.liveness = Liveness::Dead;
+    let mut two = Membership::new(me(4, 400), config, 4);
+    two.merge(0, [dead]);
+    two.remove(10, 3).unwrap();
+    two.tick(59_000);
+    assert!(two.get(3).is_some());
+    two.tick(60_010);
+    assert!(two.get(3).is_none());
 }

@@ -71,12 +71,21 @@ impl Cluster {
                         id = %format!("{id:016x}"),
                         "member replaced by a new one at its address: forgotten"
                     );
-                    if let Some(old) = self.peers.lock().unwrap().remove(&id) {
-                        old.gone.store(true, Ordering::Release);
-                        old.wake.notify_one();
-                    }
+                    self.drop_peer(id);
+                }
+                Output::LeftForgotten { id } => {
+                    tracing::info!(id = %format!("{id:016x}"), "member left long ago: forgotten");
+                    self.drop_peer(id);
                 }
             }
+        }
+    }
+
+    /// Stops serving a forgotten member.
+    fn drop_peer(&self, id: u64) {
+        if let Some(old) = self.peers.lock().unwrap().remove(&id) {
+            old.gone.store(true, Ordering::Release);
+            old.wake.notify_one();
         }
     }
 

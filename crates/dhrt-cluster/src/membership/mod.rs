@@ -65,6 +65,10 @@ pub struct MembershipConfig {
     pub retransmit: u32,
     /// Most news items on one message.
     pub max_piggyback: usize,
+    /// A member that has left (or was removed) is forgotten this long
+    /// after this node heard so: a cluster whose members come and go at new
+    /// addresses does not carry every one of them in its syncs for ever.
+    pub forget_left_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -77,6 +81,7 @@ impl Default for MembershipConfig {
             dead_probe_every: 4,
             retransmit: 4,
             max_piggyback: 8,
+            forget_left_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -105,6 +110,13 @@ pub enum Output {
     /// A member was replaced by another at its address (a node restarted
     /// with a new identity): it is gone for good.
     Forgotten {
+        /// The forgotten member's id.
+        id: u64,
+    },
+    /// A member that left was forgotten, `forget_left_ms` after it left.
+    /// Only its own word brings it back: news from others that it left is
+    /// not taken of a member unknown here.
+    LeftForgotten {
         /// The forgotten member's id.
         id: u64,
     },
@@ -341,13 +353,34 @@ impl Membership {
             .map(|k| k.update.id)
             .collect();
         for id in replaced {
-            self.members.remove(&id);
-            self.news.retain(|n| n.update.id != id);
-            self.order.retain(|o| *o != id);
-            if self.probe.as_ref().is_some_and(|p| p.target == id) {
-                self.probe = None;
-            }
+            self.forget(id);
             self.out.push(Output::Forgotten { id });
+        }
+    }
+
+    fn forget(&mut self, id: u64) {
+        self.members.remove(&id);
+        self.news.retain(|n| n.update.id != id);
+        self.order.retain(|o| *o != id);
+        if self.probe.as_ref().is_some_and(|p| p.target == id) {
+            self.probe = None;
+        }
+    }
+
+    /// Forgets the members that left `forget_left_ms` ago or more.
+    pub(super) fn forget_left(&mut self, now_ms: u64) {
+        let gone: Vec<u64> = self
+            .members
+            .values()
+            .filter(|k| {
+                k.update.liveness == Liveness::Left
+                    && now_ms.saturating_sub(k.since_ms) >= self.config.forget_left_ms
+            })
+            .map(|k| k.update.id)
+            .collect();
+        for id in gone {
+            self.forget(id);
+            self.out.push(Output::LeftForgotten { id });
         }
     }
 

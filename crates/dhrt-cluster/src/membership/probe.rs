@@ -147,6 +147,7 @@ impl Membership {
         }
         self.finish_probe(now_ms);
         self.expire_suspicions(now_ms);
+        self.forget_left(now_ms);
         if self.probe.is_none() {
             self.start_probe();
         }
