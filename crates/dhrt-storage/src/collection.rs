@@ -346,6 +346,28 @@ impl Collection {
         dir.join(format!("{name}{LOG_SUFFIX}"))
     }
 
+    /// Whether the log at `path` is what an interrupted creation leaves:
+    /// shorter than its header, a prefix of a header, and no watermark
+    /// beside it (one is written only once the header is durable). Such a
+    /// file never held a record.
+    pub(crate) fn never_created(path: &Path) -> Result<bool> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        if len >= FILE_HEADER_LEN as u64 || watermark::path_for(path).exists() {
+            return Ok(false);
+        }
+        let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let fixed = record::file_header(FileHeader {
+            history: new_history(),
+            purged_seq: 0,
+        });
+        // The magic, the version and two zero bytes are fixed; the rest
+        // (history, purge mark, CRC) cannot be checked in a prefix.
+        let n = head.len().min(12);
+        Ok(head[..n] == fixed[..n])
+    }
+
     fn from_parts(name: &str, generation: Generation, state: State) -> Collection {
         Collection {
             name: name.to_string(),
@@ -390,6 +412,11 @@ impl Collection {
             purged_seq: 0,
         };
         let log = LogFile::create(path.as_deref(), name, header).map_err(|e| {
+            // No file left behind (a full disk fails the header's write):
+            // the next opening would find a collection never created.
+            if let Some(path) = &path {
+                let _ = std::fs::remove_file(path);
+            }
             Error::io(
                 "create",
                 path.clone().unwrap_or_else(|| "(memory)".into()),
@@ -497,6 +524,14 @@ impl Collection {
         );
         let mut checkpoints = Vec::new();
         if len < FILE_HEADER_LEN as u64 {
+            // A watermark is written only once the header is durable.
+            if watermark::path_for(path).exists() {
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    offset: len,
+                    reason: "the log ends before its durable watermark",
+                });
+            }
             // Creation was interrupted before the header was durable.
             let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
             // The magic, the version and two zero bytes are fixed; the rest

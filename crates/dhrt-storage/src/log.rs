@@ -144,6 +144,10 @@ impl LogFile {
                 .open(p)?,
             None => mmap::memfd(name)?,
         };
+        #[cfg(test)]
+        if FAIL_HEADER_WRITE.with(|f| f.replace(false)) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         file.write_all_at(&record::file_header(header), 0)?;
         LogFile::with_file(
             file,
@@ -529,6 +533,13 @@ impl Drop for LogFile {
 /// power loss.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes the header write of the next new log on this thread fail
+    /// with ENOSPC, after the file was created.
+    pub(crate) static FAIL_HEADER_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::name::validate_collection_name;
 use crate::record::MAX_KEY_LEN;
 use crate::scan::{Listing, Record, Records, Scan};
 use crate::version::{Clock, Version};
+use crate::watermark::WATERMARK_SUFFIX;
 use crate::{Options, SyncMode};
 
 /// Collections by name. Looked up on every operation: foldhash (seeded per
@@ -92,7 +93,7 @@ struct Inner {
     /// The background thread (compaction, resharding) and, in persisted
     /// mode, the sync thread.
     threads: Vec<JoinHandle<()>>,
-    _dir_lock: Option<File>,
+    _dir_lock: Vec<File>,
 }
 
 impl std::ops::Deref for Inner {
@@ -232,11 +233,18 @@ impl Store {
         if !crate::mmap::try_lock(&lock).map_err(|e| Error::io("lock", &lock_path, e))? {
             return Err(Error::Locked { path: dir });
         }
+        // The directory too: `LOCK` is an empty file that a cleaner of old
+        // files may delete, and a second process would then lock a new one.
+        let dir_handle = File::open(&dir).map_err(|e| Error::io("open", &dir, e))?;
+        if !crate::mmap::try_lock(&dir_handle).map_err(|e| Error::io("lock", &dir, e))? {
+            return Err(Error::Locked { path: dir });
+        }
         let clock = Clock::with_offset(options.node_id, options.clock_offset_ms);
         let mut collections = Collections::default();
         let mut recovered = Vec::new();
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))?;
         let mut names = Vec::new();
+        let mut watermarked = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
             let file_name = entry.file_name();
@@ -251,9 +259,37 @@ impl Store {
                 && validate_collection_name(name).is_ok()
             {
                 names.push(name.to_string());
+            } else if let Some(name) = file_name.strip_suffix(WATERMARK_SUFFIX)
+                && validate_collection_name(name).is_ok()
+            {
+                watermarked.push(name.to_string());
             }
         }
         names.sort();
+        // A watermark says records of its log were made durable: a log
+        // missing beside it was lost, not never written.
+        if let Some(name) = watermarked.iter().find(|w| !names.contains(w)) {
+            return Err(Error::Corrupt {
+                path: Collection::log_path(&dir, name),
+                offset: 0,
+                reason: "the log is missing, but its durable watermark file says records of it were durable",
+            });
+        }
+        // A log shorter than its header, without a watermark: its creation
+        // was interrupted, so it never held a record. Removed (on a full
+        // disk, rewriting its header could fail and stop the node).
+        let mut kept = Vec::with_capacity(names.len());
+        for name in names {
+            let path = Collection::log_path(&dir, &name);
+            if Collection::never_created(&path)? {
+                tracing::warn!(path = %path.display(), "removing the file of a collection whose creation was interrupted (it holds no record)");
+                std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+                crate::log::sync_dir(&dir).map_err(|e| Error::io("fsync", &dir, e))?;
+            } else {
+                kept.push(name);
+            }
+        }
+        let names = kept;
         let recorded = read_epoch(&dir)?;
         let mut last_epoch = recorded.unwrap_or(0);
         for name in names {
@@ -298,7 +334,7 @@ impl Store {
             clock,
             collections,
             recovered,
-            Some(lock),
+            vec![lock, dir_handle],
             epoch,
         ))
     }
@@ -313,7 +349,7 @@ impl Store {
             clock,
             Collections::default(),
             Vec::new(),
-            None,
+            Vec::new(),
             1,
         )
     }
@@ -324,7 +360,7 @@ impl Store {
         clock: Clock,
         collections: Collections,
         recovered: Vec<RecoveryReport>,
-        dir_lock: Option<File>,
+        dir_lock: Vec<File>,
         epoch: u64,
     ) -> Store {
         let core = Arc::new(Core {
@@ -1606,6 +1642,26 @@ mod tests {
     /// A node on a full disk still opens: with no room for a new `EPOCH`
     /// file it overwrites the old one in place, and the epoch still grows.
     /// The last epoch a seq can carry is refused, never wrapped.
+    #[test]
+    fn a_collection_whose_creation_fails_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        crate::log::FAIL_HEADER_WRITE.with(|f| f.set(true));
+        assert!(store.set("full", b"k", b"v").is_err());
+        assert!(
+            !crate::log::FAIL_HEADER_WRITE.with(|f| f.get()),
+            "the hook was not met"
+        );
+        assert!(!dir.path().join("full.dhrt").exists());
+        assert!(!dir.path().join("full.dhrt.durable").exists());
+        assert!(store.all_collections().is_empty());
+        // The disk has room again: created as if nothing happened.
+        store.set("full", b"k", b"v").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(store.get("full", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    }
+
     #[test]
     fn the_epoch_is_written_in_place_on_a_full_disk_and_never_wraps() {
         let dir = tempfile::tempdir().unwrap();

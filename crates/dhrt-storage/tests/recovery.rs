@@ -89,18 +89,64 @@ fn torn_tail_is_cut_at_every_byte_offset() {
 }
 
 #[test]
-fn an_interrupted_file_header_is_rewritten() {
+fn a_log_whose_creation_was_interrupted_is_removed_unless_its_watermark_says_otherwise() {
     let src = tempfile::tempdir().unwrap();
     let (bytes, _) = three_records(src.path());
+    let watermark = std::fs::read(src.path().join("c.dhrt.durable")).unwrap();
     for cut in 0..32 {
-        let (_dir, store) = open_with(&bytes[..cut]);
-        let store = store.unwrap();
-        assert_eq!(store.scan("c").unwrap().count(), 0);
+        // No watermark: the header was never durable, no record was ever
+        // in it. The file goes (no write needed, so a full disk cannot
+        // stop the opening), and the name is free for a new collection.
+        let (dir, store) = open_with(&bytes[..cut]);
+        let store = store.unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        assert!(store.all_collections().is_empty(), "cut at {cut}");
+        assert!(!dir.path().join("c.dhrt").exists(), "cut at {cut}");
         store.set("c", b"k", b"v").unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), quiet_options()).unwrap();
+        assert_eq!(store.get("c", b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        drop(store);
+        // A watermark beside it: the header and records were durable, so
+        // this is a log that lost its bytes. Refused, and left as it is.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.dhrt"), &bytes[..cut]).unwrap();
+        std::fs::write(dir.path().join("c.dhrt.durable"), &watermark).unwrap();
+        let opened = Store::open(dir.path(), quiet_options());
+        assert!(
+            matches!(&opened, Err(Error::Corrupt { reason, .. }) if reason.contains("before its durable watermark")),
+            "cut at {cut}: {:?}",
+            opened.map(|_| ())
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("c.dhrt")).unwrap(),
+            &bytes[..cut]
+        );
     }
-    let mut bad = bytes[..32].to_vec();
-    bad[0] = b'X';
-    assert!(matches!(open_with(&bad).1, Err(Error::BadHeader { .. })));
+    // Not a prefix of a header: not ours to remove.
+    for len in [10, 32] {
+        let mut bad = bytes[..len].to_vec();
+        bad[0] = b'X';
+        let (dir, opened) = open_with(&bad);
+        assert!(matches!(opened, Err(Error::BadHeader { .. })), "{len}");
+        assert!(dir.path().join("c.dhrt").exists());
+    }
+}
+
+#[test]
+fn a_log_missing_beside_its_watermark_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    three_records(dir.path());
+    std::fs::remove_file(dir.path().join("c.dhrt")).unwrap();
+    let opened = Store::open(dir.path(), quiet_options());
+    assert!(
+        matches!(&opened, Err(Error::Corrupt { reason, .. }) if reason.contains("the log is missing")),
+        "{:?}",
+        opened.map(|_| ())
+    );
+    // The operator accepts the loss by deleting the watermark.
+    std::fs::remove_file(dir.path().join("c.dhrt.durable")).unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert!(store.all_collections().is_empty());
 }
 
 #[test]
