@@ -582,3 +582,41 @@ fn deleting_a_rotted_value_deletes_it() {
     assert_eq!(a.get_raw("/rot/kept").1, b"fine");
     assert!(a.stop("TERM").success());
 }
+
+#[test]
+fn files_emptied_by_a_power_loss_or_an_operator_are_told_apart() {
+    // `node.id` empty: the machine lost power right after the first start,
+    // before anything was acknowledged. The node takes a new id and starts.
+    let dir = tempfile::tempdir().unwrap();
+    drop(Dhrtd::start(dir.path(), &[]));
+    std::fs::write(dir.path().join("node.id"), b"").unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let (status, _) = node.http("PUT", "/c/k", b"v");
+    assert_eq!(status, 200);
+    let id = std::fs::read_to_string(dir.path().join("node.id")).unwrap();
+    assert_eq!(id.trim().len(), 16, "{id:?}");
+    drop(node);
+    // The log of `c` emptied (or cut inside its header) while its
+    // watermark says records were durable: the start is refused, and the
+    // file left as it is.
+    for len in [0, 11, 31] {
+        let log = log_of(dir.path(), "c");
+        let bytes = std::fs::read(&log).unwrap();
+        std::fs::write(&log, &bytes[..len]).unwrap();
+        let (code, out) = start_expecting_exit(dir.path());
+        assert_ne!(code, Some(0), "{out}");
+        assert!(out.contains("before its durable watermark"), "{out}");
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), len as u64);
+        std::fs::write(&log, &bytes).unwrap();
+    }
+    // The log deleted beside its watermark: refused too.
+    let log = log_of(dir.path(), "c");
+    let bytes = std::fs::read(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    let (code, out) = start_expecting_exit(dir.path());
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("the log is missing"), "{out}");
+    std::fs::write(&log, &bytes).unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    assert_eq!(node.http("GET", "/c/k", b"").0, 200);
+}

@@ -167,17 +167,37 @@ fn node_id(dir: &Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("node.id");
     match std::fs::read_to_string(&path) {
-        Ok(text) => u64::from_str_radix(text.trim(), 16)
-            .with_context(|| format!("{} is not a node id", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = random_id();
-            let tmp = dir.join("node.id.tmp");
-            std::fs::write(&tmp, format!("{id:016x}\n"))
-                .and_then(|()| std::fs::rename(&tmp, &path))?;
+        // Empty: a power loss after the first start, before the file's
+        // bytes reached the disk (so before anything was acknowledged).
+        Ok(text) if text.trim().is_empty() => {
+            let id = new_node_id(dir, &path)?;
+            tracing::warn!(
+                "{} was empty (the machine lost power soon after the first start): this node takes the new id {id:016x}",
+                path.display()
+            );
             Ok(id)
         }
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .with_context(|| format!("{} is not a node id", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_node_id(dir, &path),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// Writes a new random id to `path` durably: the file, then its name.
+fn new_node_id(dir: &Path, path: &Path) -> anyhow::Result<u64> {
+    use std::io::Write;
+    let id = random_id();
+    let tmp = dir.join("node.id.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{id:016x}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 /// Waits for a signal to stop; re-reads the auth file on each SIGHUP
