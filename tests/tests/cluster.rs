@@ -270,6 +270,63 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
 }
 
 #[test]
+fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
+    // As above, but c comes back with its clock 40 s behind (within the
+    // allowed offset, so it is not skewed): by its own clock it was away
+    // for no time at all. Compared with its peers', it was away longer
+    // than the grace, and it must re-sync fully.
+    let grace = [
+        "--tombstone-grace-secs",
+        "2",
+        "--max-hints",
+        "0",
+        "--write-ack",
+        "quorum",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &grace);
+    for i in 0..50 {
+        assert_eq!(a.http("POST", &format!("/old/k{i}/v{i}"), b"").0, 200);
+    }
+    eventually("c holds every key", Duration::from_secs(10), || {
+        local_keys(&c, "old") == 50
+    });
+    let written = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    eventually("c remembers its peers", Duration::from_secs(10), || {
+        let state =
+            std::fs::read_to_string(dirs[2].path().join("cluster.state")).unwrap_or_default();
+        let seen = state
+            .lines()
+            .find_map(|l| l.strip_prefix("seen "))
+            .and_then(|v| v.parse::<u64>().ok());
+        state.contains(&format!("member {}", b.addr)) && seen.is_some_and(|s| s > written)
+    });
+    let c_addr = c.addr;
+    c.stop("KILL");
+    for i in 0..20 {
+        assert_eq!(a.http("DELETE", &format!("/old/k{i}"), b"").0, 200);
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let mut behind = grace.to_vec();
+    behind.extend(["--clock-offset-ms", "-40000"]);
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &behind);
+    eventually(
+        "the returning node is healthy everywhere",
+        Duration::from_secs(30),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [&a, &b, &c] {
+        assert_eq!(local_keys(node, "old"), 30, "on {}", node.addr);
+        assert_eq!(get(node, "/old/k0").0, 404);
+        assert_eq!(get(node, "/old/k49").0, 200);
+    }
+}
+
+#[test]
 fn a_restart_without_node_rejoins_the_members_it_remembers() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

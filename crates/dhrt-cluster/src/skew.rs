@@ -137,6 +137,16 @@ pub(crate) fn cluster_offset(offsets: &[i64]) -> i64 {
     v[(v.len() - 1) / 2]
 }
 
+/// The peers' time as an offset from this node's wall clock: the middle
+/// of their offsets (the upper middle on a tie), 0 with none. Unlike
+/// [`cluster_offset`], this node's own clock has no vote: with one peer,
+/// the peer's.
+pub(crate) fn peers_offset(offsets: &[i64]) -> i64 {
+    let mut v: Vec<i64> = offsets.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
 /// What a node concludes about its own clock.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Verdict {

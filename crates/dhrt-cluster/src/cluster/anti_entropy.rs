@@ -46,6 +46,7 @@ impl Cluster {
             let peers: Vec<MemberUpdate> = self.sources();
             // While this node syncs, the sync itself is its anti-entropy.
             if peers.is_empty()
+                || !self.absence_judged.load(Ordering::Acquire)
                 || self.full_resync.load(Ordering::Acquire)
                 || self.sync.running.load(Ordering::Acquire)
             {

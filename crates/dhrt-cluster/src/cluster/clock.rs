@@ -13,7 +13,7 @@ use crate::skew;
 
 /// How long a node that expects peers waits to measure one before it
 /// accepts writes with a clock nobody checked (its peers may all be down).
-const UNVERIFIED_GRACE: Duration = Duration::from_secs(10);
+pub(super) const UNVERIFIED_GRACE: Duration = Duration::from_secs(10);
 
 impl Cluster {
     /// Re-judges this node's clock against its peers' (every member not
@@ -52,6 +52,8 @@ impl Cluster {
         let v = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
         self.cluster_offset
             .store(skew::cluster_offset(&measured), Ordering::Release);
+        self.peers_offset
+            .store(skew::peers_offset(&measured), Ordering::Release);
         self.strictest_offset_ms.store(max, Ordering::Release);
         let mut current = self.verdict.lock().unwrap();
         if v.skewed != current.skewed {

@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use dhrt_proto::Liveness;
 use dhrt_storage::Store;
+use tokio::time::Instant;
 
 use super::Cluster;
+use super::clock::UNVERIFIED_GRACE;
 use crate::state::{self, SavedState};
 
-/// How long this node was out of touch (ms), if that is longer than the
-/// tombstone grace period and it holds data that deletes made meanwhile may
-/// have been forgotten for: then it must re-sync fully.
-pub(super) fn away_too_long(store: &Store, last_contact_ms: u64) -> Option<u64> {
-    let away = store.clock().wall_ms().saturating_sub(last_contact_ms);
+/// How long this node was out of touch (ms) as of `now_ms`, if that is
+/// longer than the tombstone grace period and it holds data that deletes
+/// made meanwhile may have been forgotten for: then it must re-sync fully.
+pub(super) fn away_too_long(store: &Store, now_ms: u64, last_contact_ms: u64) -> Option<u64> {
+    let away = now_ms.saturating_sub(last_contact_ms);
     (away > store.options().tombstone_grace.as_millis() as u64
         && !store.all_collections().is_empty())
     .then_some(away)
@@ -31,12 +33,20 @@ impl Cluster {
         let mut written: Option<SavedState> = None;
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            // Until the absence before this start is judged, the contact it
+            // was measured from stays as it was.
+            if !self.absence_judged.load(Ordering::Acquire) {
+                continue;
+            }
             let contact = !self.sources().is_empty();
-            let now = self.wall_ms();
+            let now = self.contact_now();
             if contact
                 && !had_contact
-                && let Some(away) =
-                    away_too_long(&self.store, self.last_contact.load(Ordering::Acquire))
+                && let Some(away) = away_too_long(
+                    &self.store,
+                    self.absence_now(),
+                    self.last_contact.load(Ordering::Acquire),
+                )
                 && !self.full_resync.swap(true, Ordering::AcqRel)
             {
                 tracing::warn!(
@@ -61,6 +71,76 @@ impl Cluster {
                 written = Some(saved);
             }
         }
+    }
+
+    /// The time an absence is measured by: the later of this node's wall
+    /// clock and its peers' (the middle of their offsets), once compared.
+    /// A clock set back while the node was down must not hide how long it
+    /// was away.
+    pub(super) fn absence_now(&self) -> u64 {
+        let wall = self.wall_ms();
+        if self.clock_measured.load(Ordering::Acquire) {
+            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire).max(0))
+        } else {
+            wall
+        }
+    }
+
+    /// The time contact is recorded at: the earlier of this node's wall
+    /// clock and its peers', so that a clock running ahead does not make
+    /// a later absence look shorter.
+    pub(super) fn contact_now(&self) -> u64 {
+        let wall = self.wall_ms();
+        if self.clock_measured.load(Ordering::Acquire) {
+            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire).min(0))
+        } else {
+            wall
+        }
+    }
+
+    /// Judges, once per life and before any of this node's data travels
+    /// (its first handoff or re-sync; anti-entropy and moves wait for it),
+    /// whether it was away longer than the tombstone grace period: by
+    /// [`absence_now`](Self::absence_now) once its clock has been compared
+    /// with its peers' (at most `UNVERIFIED_GRACE` after the start), else
+    /// by its own clock, unless that reads before the contact it
+    /// recorded (set back while it was down): then nothing tells how long
+    /// it was away, and it re-syncs fully.
+    pub(super) async fn judge_absence(&self) {
+        if self.absence_judged.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = self.epoch + UNVERIFIED_GRACE;
+        while !self.clock_measured.load(Ordering::Acquire) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = self.last_contact.load(Ordering::Acquire);
+        let wall = self.wall_ms();
+        let measured = self.clock_measured.load(Ordering::Acquire);
+        let set_back = !measured
+            && wall.saturating_add(self.options.max_clock_ahead.as_millis() as u64) < seen
+            && !self.store.all_collections().is_empty();
+        let away = away_too_long(&self.store, self.absence_now(), seen);
+        if (away.is_some() || set_back) && !self.full_resync.swap(true, Ordering::AcqRel) {
+            match away {
+                Some(away) => tracing::warn!(
+                    "away from the cluster for {} s by its clock{}, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
+                    away / 1000,
+                    if measured && wall < self.absence_now() {
+                        "s' (this node's own clock is behind them)"
+                    } else {
+                        ""
+                    },
+                    self.store.options().tombstone_grace.as_secs()
+                ),
+                None => tracing::warn!(
+                    "this node's clock reads {} s before its last contact with the cluster (set back while it was down), and no peer could be compared with it: it cannot tell how long it was away, so a full re-sync runs before it trusts its own data",
+                    seen.saturating_sub(wall) / 1000
+                ),
+            }
+            self.stale_before.fetch_max(seen, Ordering::AcqRel);
+        }
+        self.absence_judged.store(true, Ordering::Release);
     }
 
     /// What the state file should say now.

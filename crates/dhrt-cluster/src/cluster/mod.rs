@@ -176,6 +176,9 @@ pub struct Cluster {
     /// longer than the tombstone grace period, so keys deleted meanwhile
     /// may still be here. Reads ask the others; a full re-sync prunes.
     full_resync: AtomicBool,
+    /// Whether the absence before this start was judged (`contact.rs`):
+    /// until then nothing of this node's own data travels.
+    absence_judged: AtomicBool,
     /// Wall-clock ms up to which this node's own records may have been
     /// deleted elsewhere while it was away longer than the tombstone grace
     /// (0: never away that long in this life). A record at or before it
@@ -201,6 +204,8 @@ pub struct Cluster {
     /// The cluster's time as an offset from this node's wall clock, ms
     /// (`skew::cluster_offset`), as last judged.
     cluster_offset: AtomicI64,
+    /// The peers' alone (`skew::peers_offset`).
+    peers_offset: AtomicI64,
     /// Wall minus monotonic clock when the verdict was drawn: a change
     /// since means the wall clock jumped.
     judged_wall_minus_mono: AtomicI64,
@@ -248,6 +253,7 @@ impl Cluster {
         let move_rate = options.move_rate;
         let mut last_contact = wall_at_start;
         let mut full_resync = false;
+        let mut absence_judged = true;
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
             if options.seeds.is_empty() && !members.is_empty() {
@@ -258,7 +264,7 @@ impl Cluster {
                 options.seeds = members;
             }
             last_contact = saved.seen_ms;
-            if let Some(away) = away_too_long(&store, saved.seen_ms)
+            if let Some(away) = away_too_long(&store, wall_at_start, saved.seen_ms)
                 && !options.seeds.is_empty()
             {
                 tracing::warn!(
@@ -267,6 +273,10 @@ impl Cluster {
                     store.options().tombstone_grace.as_secs()
                 );
                 full_resync = true;
+            } else if !options.seeds.is_empty() && !store.all_collections().is_empty() {
+                // Its clock may have been set back while it was down:
+                // judged again once compared with its peers'.
+                absence_judged = false;
             }
         }
         let update = MemberUpdate {
@@ -305,6 +315,7 @@ impl Cluster {
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
             full_resync: AtomicBool::new(full_resync),
+            absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
             ae_rounds: AtomicU64::new(0),
@@ -316,6 +327,7 @@ impl Cluster {
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
             cluster_offset: AtomicI64::new(0),
+            peers_offset: AtomicI64::new(0),
             judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
             clock_measured: AtomicBool::new(false),
             clock_judged: Notify::new(),
@@ -382,6 +394,8 @@ impl Cluster {
         tokio::spawn(async move { me.contact_loop().await });
         let me = self.clone();
         tokio::spawn(async move { me.moves_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.judge_absence().await });
         if !self.options.seeds.is_empty() {
             let me = self.clone();
             tokio::spawn(async move { me.join().await });

@@ -165,6 +165,7 @@ impl Cluster {
             if !self.running.load(Ordering::Acquire)
                 || self.everyone_owns_everything()
                 || !self.options.repair
+                || !self.absence_judged.load(Ordering::Acquire)
                 || self.full_resync.load(Ordering::Acquire)
                 || self.sync.running.load(Ordering::Acquire)
             {

@@ -56,7 +56,8 @@ impl Cluster {
 
     pub(super) fn end_sync(self: &Arc<Self>) {
         self.full_resync.store(false, Ordering::Release);
-        self.last_contact.store(self.wall_ms(), Ordering::Release);
+        self.last_contact
+            .store(self.contact_now(), Ordering::Release);
         self.sync.running.store(false, Ordering::Release);
         self.with_membership(|m, _| m.set_syncing(false));
     }
@@ -136,6 +137,7 @@ impl Cluster {
         self: &Arc<Self>,
         source: &MemberUpdate,
     ) -> Result<u64, LinkError> {
+        self.judge_absence().await;
         if let Some(seen) = self.distrusted_until() {
             // Away too long: the source's data is the truth.
             let (n, pruned) = self.prune_with(source.id, seen, None).await?;
@@ -201,7 +203,14 @@ impl Cluster {
         if !self.begin_sync() {
             return;
         }
-        if away_too_long(&self.store, self.last_contact.load(Ordering::Acquire)).is_some() {
+        self.judge_absence().await;
+        if away_too_long(
+            &self.store,
+            self.absence_now(),
+            self.last_contact.load(Ordering::Acquire),
+        )
+        .is_some()
+        {
             self.full_resync.store(true, Ordering::Release);
             self.stale_before
                 .fetch_max(self.last_contact.load(Ordering::Acquire), Ordering::AcqRel);
