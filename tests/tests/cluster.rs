@@ -327,6 +327,45 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
 }
 
 #[test]
+fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_copies() {
+    // b restarts while a is down: it knows a only by its address in
+    // cluster.state. A write it holds alone is not on "every replica".
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    assert_eq!(a.http("POST", "/c/old/v", b"").0, 200);
+    eventually("b remembers a", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[1].path().join("cluster.state"))
+            .is_ok_and(|s| s.contains(&format!("member {}", a.addr)))
+    });
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    assert!(b.stop("TERM").success());
+    a.stop("KILL");
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &["--timeout-ms", "300"]);
+    // After its wait for a clock to compare with (10 s), it takes writes,
+    // saved here only: 504, saying so, under the default concern `all`.
+    let (status, body) = b.http("POST", "/c/new/v", b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("saved on 1 of 2 replicas"), "{body}");
+    // A delete of a key it does not hold is written too, for a to get.
+    let (status, body) = b.http("DELETE", "/c/old", b"");
+    assert_eq!(status, 504, "{body}");
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &[]);
+    eventually("both healthy again", Duration::from_secs(30), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    eventually(
+        "the write and the delete reach a",
+        Duration::from_secs(30),
+        || get(&a, "/c/new").0 == 200 && get(&a, "/c/old").0 == 404,
+    );
+    assert_eq!(b.http("POST", "/c/later/v", b"").0, 200);
+}
+
+#[test]
 fn a_restart_without_node_rejoins_the_members_it_remembers() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

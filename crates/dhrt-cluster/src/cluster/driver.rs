@@ -39,6 +39,9 @@ impl Cluster {
                 self.peers_since_ms.store(now.max(1), Ordering::Release);
             }
             self.peers_known.store(known, Ordering::Release);
+            if known {
+                self.heard_peers.store(true, Ordering::Release);
+            }
             (value, m.drain())
         };
         self.perform(outputs);

@@ -187,6 +187,8 @@ pub struct Cluster {
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
+    /// Whether any other member was known at some point in this life.
+    heard_peers: AtomicBool,
     /// Anti-entropy exchanges completed, and records pulled and pushed.
     ae_rounds: AtomicU64,
     ae_pulled: AtomicU64,
@@ -318,6 +320,7 @@ impl Cluster {
             absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
+            heard_peers: AtomicBool::new(false),
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),
             ae_pushed: AtomicU64::new(0),

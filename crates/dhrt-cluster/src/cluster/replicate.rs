@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of};
 use crate::link::{Link, LinkError};
-use crate::placement;
+use crate::placement::{self, Replicas};
 use crate::queue::{Queue, Room};
 
 /// One peer: its connection and the writes on their way to it.
@@ -47,7 +47,10 @@ impl Cluster {
         stored_locally: bool,
     ) -> Result<(), OpError> {
         if !self.has_peers() {
-            return Ok(());
+            return match mutations.first() {
+                Some(m) => self.unreached_concern(collection_of(m)),
+                None => Ok(()),
+            };
         }
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
             return Ok(());
@@ -143,6 +146,43 @@ impl Cluster {
                 return Err(unmet(tally().1));
             }
         }
+    }
+
+    /// Whether this node was started to join a cluster (`--node`, or
+    /// members remembered in `cluster.state`) and has not heard from any
+    /// member since: its replicas are out of reach, not absent.
+    pub(crate) fn unreached(&self) -> bool {
+        !self.options.seeds.is_empty() && !self.heard_peers.load(Ordering::Acquire)
+    }
+
+    /// The write concern of a write this node holds alone while
+    /// [`unreached`](Self::unreached): its replicas are counted as the
+    /// members it was given (at most the collection's replication factor),
+    /// so under `quorum` or `all` the write is saved on 1 of them, and the
+    /// client is told so. Anti-entropy takes it to the others once they
+    /// are reached.
+    pub(crate) fn unreached_concern(&self, collection: &str) -> Result<(), OpError> {
+        if !self.unreached() {
+            return Ok(());
+        }
+        let members = 1 + self.options.seeds.len();
+        let replicas = match self.replicas_of(collection) {
+            Replicas::All => members,
+            Replicas::N(n) => members.min(usize::from(n).max(1)),
+        };
+        let need = placement::need(self.options.write_ack, replicas - 1, true);
+        if need.copies <= 1 {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ErrorKind::WriteConcern,
+            format!(
+                "write concern {} not met: no member has answered since this node started, so the write is saved on 1 of {} replicas ({} needed) and will reach the others once they answer",
+                self.options.write_ack.as_str(),
+                need.replicas,
+                need.copies
+            ),
+        ))
     }
 
     /// Whether peer `p`, having answered through `acked`, acknowledged the

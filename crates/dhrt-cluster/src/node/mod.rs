@@ -344,6 +344,8 @@ impl Node {
                 version: stamp(version),
             };
             self.cluster.replicate(vec![m], local).await?;
+        } else {
+            self.cluster.unreached_concern(collection)?;
         }
         Ok(version)
     }
@@ -392,7 +394,7 @@ impl Node {
             )
         };
         if !peers {
-            return Ok(());
+            return self.cluster.unreached_concern(collection);
         }
         let mutations = entries
             .into_iter()
@@ -418,7 +420,9 @@ impl Node {
         // A key quarantined here as damaged exists: deleting it writes a
         // tombstone (which ends its "damaged" answers) and is no 404.
         let mut damaged = self.is_damaged(collection, key);
-        let peers = self.cluster.has_peers();
+        // A node not yet in touch with the members it was given writes a
+        // tombstone too: the key may exist on them.
+        let peers = self.cluster.has_peers() || self.cluster.unreached();
         if !peers && !damaged {
             return Ok((self.write(move |s| s.delete(&c, &k)).await?, None));
         }
