@@ -465,15 +465,36 @@ impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
     #[inline]
     async fn push(&mut self, response: Response) -> Result<(), Stop> {
         if let Err(e) = encode_frame(&response, self.out, self.max_frame) {
-            let too_large = Response {
-                id: response.id,
-                result: Err(OpError::new(
-                    ErrorKind::TooLarge,
-                    format!("the response is too large: {e}"),
-                )),
+            let id = response.id;
+            let fallback = match response.result {
+                // The drop is done: an error would say it was refused.
+                // The keys that fit, in order.
+                Ok(Reply::Dropped(mut keys)) => {
+                    let budget = (self.max_frame as usize).saturating_sub(1024);
+                    let mut used = 0;
+                    let fit = keys
+                        .iter()
+                        .take_while(|k| {
+                            used += 8 + k.len();
+                            used <= budget
+                        })
+                        .count();
+                    keys.truncate(fit);
+                    Response {
+                        id,
+                        result: Ok(Reply::Dropped(keys)),
+                    }
+                }
+                _ => Response {
+                    id,
+                    result: Err(OpError::new(
+                        ErrorKind::TooLarge,
+                        format!("the response is too large: {e}"),
+                    )),
+                },
             };
-            encode_frame(&too_large, self.out, self.max_frame)
-                .expect("a short error fits in a frame");
+            encode_frame(&fallback, self.out, self.max_frame)
+                .expect("a short error, or keys cut to fit, fit in a frame");
         }
         if self.out.len() >= WRITE_BUDGET {
             self.flush().await?;

@@ -575,3 +575,49 @@ async fn authenticate(client: &mut DuplexStream, token: String) {
         Ok(Reply::Authenticated(Role::Read))
     );
 }
+
+#[tokio::test]
+async fn a_drop_whose_key_list_exceeds_a_frame_still_answers_that_it_dropped() {
+    let (mut client, _task) = start();
+    let mut wire = preamble().to_vec();
+    // 30 keys of 60 KiB: 1.8 MB of names, past the 1 MiB frame.
+    let key = |i: u8| Bytes::from(vec![b'a' + i; 60 << 10]);
+    for i in 0..30u8 {
+        let op = Op::Set {
+            collection: "big".into(),
+            key: key(i),
+            value: Bytes::from_static(b"v"),
+        };
+        encode_frame(&Request { id: i.into(), op }, &mut wire, 1 << 20).unwrap();
+    }
+    let drop = Op::DropCollection {
+        collection: "big".into(),
+    };
+    encode_frame(&Request { id: 100, op: drop }, &mut wire, 1 << 20).unwrap();
+    let list = Op::List {
+        collection: "big".into(),
+        after: None,
+        limit: 100,
+    };
+    encode_frame(&Request { id: 101, op: list }, &mut wire, 1 << 20).unwrap();
+    client.write_all(&wire).await.unwrap();
+    let responses = read_responses(&mut client, 32).await;
+    assert!(
+        responses[..30]
+            .iter()
+            .all(|r| r.result == Ok(Reply::Stored))
+    );
+    // Done, and said so: the keys that fit, each one of those dropped.
+    let Ok(Reply::Dropped(keys)) = &responses[30].result else {
+        panic!("{:?}", responses[30].result.as_ref().map(|_| ()))
+    };
+    assert!(!keys.is_empty() && keys.len() < 30, "{} keys", keys.len());
+    assert!(
+        keys.iter()
+            .all(|k| k.len() == 60 << 10 && (0..30).any(|i| *k == key(i)))
+    );
+    let Ok(Reply::Page(page)) = &responses[31].result else {
+        panic!("{:?}", responses[31].result)
+    };
+    assert!(page.entries.is_empty());
+}
