@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use dhrt_proto::{
     Access, Beside, Channel, DEFAULT_MAX_FRAME, Decoded, Either, ErrorKind, OpError, OpRef,
-    Operations, PREAMBLE_LEN, Preamble, Proven, Reply, RequestRef, Response, Standing,
+    Operations, PREAMBLE_LEN, Preamble, Proven, Reply, RequestRef, Response, Role, Standing,
     dispatch_ref, encode_frame, frame_bounds, read_preamble, request_id,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -199,8 +199,13 @@ where
                 // Before it has shown a token, a connection may send
                 // nothing larger than an `Auth`: a stranger cannot make
                 // the node buffer a 16 MiB frame.
+                // A read-only token sends no values either: it cannot
+                // make the node buffer one.
                 let max_frame = match standing {
                     Standing::Anonymous | Standing::Refused => UNAUTHENTICATED_MAX_FRAME,
+                    Standing::Token(_) if !matches!(access.role(standing), Ok(r) if r.allows(Role::Write)) => {
+                        READ_MAX_FRAME.min(limits.max_frame)
+                    }
                     _ => limits.max_frame,
                 };
                 let (range, len) = match frame_bounds(rest, max_frame) {
@@ -426,6 +431,11 @@ impl Slow {
 /// The largest frame accepted from a connection that has not shown a token
 /// (on a node with an auth file): room for an `Auth`, little more.
 const UNAUTHENTICATED_MAX_FRAME: u32 = 16 * 1024;
+
+/// The largest frame accepted from a connection whose token may only read:
+/// room for a request naming a key of 64 KiB twice (a key and a listing's
+/// `after`), and no value.
+const READ_MAX_FRAME: u32 = 192 * 1024;
 
 /// Requests a connection may have refused for want of a valid token before
 /// it is closed: enough for a client to notice, not enough for a stranger

@@ -621,3 +621,70 @@ async fn a_drop_whose_key_list_exceeds_a_frame_still_answers_that_it_dropped() {
     };
     assert!(page.entries.is_empty());
 }
+
+#[tokio::test]
+async fn a_read_only_token_cannot_make_the_node_buffer_a_value() {
+    use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};
+    let (reader, writer) = (new_token(), new_token());
+    let file = format!(
+        "{}\n{}\n",
+        auth_line(Role::Read, &reader, ""),
+        auth_line(Role::Write, &writer, "")
+    );
+    let access = Access::tokens(Tokens::parse(&file).unwrap());
+    let serve = |access: Arc<Access>| {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        // Nothing else closes it in this test's time.
+        let limits = BinaryLimits {
+            access,
+            idle_timeout: Duration::from_secs(60),
+            frame_grace: Duration::from_secs(60),
+            ..limits()
+        };
+        let task = tokio::spawn(serve_binary(
+            server,
+            ([127, 0, 0, 1], 1).into(),
+            Arc::new(crate::node::node()),
+            limits,
+            std::future::pending(),
+            dhrt_proto::Proven::ignored(),
+        ));
+        (client, task)
+    };
+    // A frame of 512 KiB, the size of a set of such a value.
+    let big = |id| {
+        let mut wire = Vec::new();
+        let op = Op::Set {
+            collection: "c".into(),
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from(vec![7u8; 512 << 10]),
+        };
+        encode_frame(&Request { id, op }, &mut wire, 1 << 20).unwrap();
+        wire
+    };
+    let auth = |token: &str| {
+        let mut wire = preamble().to_vec();
+        let op = Op::Auth {
+            token: token.to_string(),
+        };
+        encode_frame(&Request { id: 1, op }, &mut wire, 1 << 20).unwrap();
+        wire
+    };
+    // The reader's connection is closed at the frame's length, before its
+    // bytes are buffered.
+    let (mut client, task) = serve(access.clone());
+    client.write_all(&auth(&reader)).await.unwrap();
+    assert_eq!(
+        read_responses(&mut client, 1).await[0].result,
+        Ok(Reply::Authenticated(Role::Read))
+    );
+    let _ = client.write_all(&big(2)[..64]).await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(matches!(closed, Ok(Ok(Ok(_)))), "{closed:?}");
+    // The writer's is answered.
+    let (mut client, _task) = serve(access);
+    client.write_all(&auth(&writer)).await.unwrap();
+    client.write_all(&big(2)).await.unwrap();
+    let answers = read_responses(&mut client, 2).await;
+    assert_eq!(answers[1].result, Ok(Reply::Stored));
+}
