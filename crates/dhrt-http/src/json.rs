@@ -1,6 +1,7 @@
 //! The JSON shapes of the API: `{"Key": k, "Value": v}`, `["k1", ...]`,
-//! `{"Error": "..."}`. Keys and values that are not UTF-8 are sent as base64
-//! in `KeyBase64` / `ValueBase64` instead of being mangled.
+//! `{"Error": "..."}`. Values that are not UTF-8 are sent as base64 in
+//! `ValueBase64` instead of being mangled; keys in `KeyBase64`, beside a
+//! `Key` that only shows them.
 
 use std::borrow::Cow;
 
