@@ -190,6 +190,51 @@ async fn listings_stream_in_batches_with_limit_and_after() {
 }
 
 #[tokio::test]
+async fn keys_that_are_not_utf8_are_paged_by_their_base64_bytes() {
+    use base64::Engine;
+    let api = api();
+    // Keys ff00 .. ff09 (not UTF-8) and a0 .. a9 (ASCII).
+    for i in 0..10u8 {
+        let (status, _) = call(&api, Method::PUT, &format!("/odd/%FF%0{i}"), b"v").await;
+        assert_eq!(status, StatusCode::OK);
+        ok_json(&api, Method::POST, &format!("/odd/a{i}/v"), b"").await;
+    }
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    for _ in 0..40 {
+        let page = ok_json(&api, Method::GET, &format!("/odd?limit=3{after}"), b"").await;
+        let page = page.as_array().unwrap();
+        let Some(last) = page.last() else { break };
+        for e in page {
+            seen.push(match e.get("KeyBase64") {
+                Some(b) => base64::engine::general_purpose::STANDARD
+                    .decode(b.as_str().unwrap())
+                    .unwrap(),
+                None => e["Key"].as_str().unwrap().as_bytes().to_vec(),
+            });
+        }
+        let bytes = match last.get("KeyBase64") {
+            Some(b) => base64::engine::general_purpose::STANDARD
+                .decode(b.as_str().unwrap())
+                .unwrap(),
+            None => last["Key"].as_str().unwrap().as_bytes().to_vec(),
+        };
+        after = format!(
+            "&after={}",
+            bytes
+                .iter()
+                .map(|b| format!("%{b:02X}"))
+                .collect::<String>()
+        );
+    }
+    let mut want: Vec<Vec<u8>> = (0..10u8)
+        .flat_map(|i| [vec![0xff, i], format!("a{i}").into_bytes()])
+        .collect();
+    want.sort();
+    assert_eq!(seen, want, "each key once, in order, and the paging ends");
+}
+
+#[tokio::test]
 async fn a_listing_that_fails_midway_is_cut_not_completed() {
     let api = api();
     for i in 0..30 {
