@@ -352,6 +352,41 @@ async fn a_connection_refused_too_often_for_want_of_a_token_is_closed() {
     assert!(count <= 64, "{count}");
 }
 
+#[tokio::test]
+async fn a_stranger_sending_unreadable_requests_is_closed_too() {
+    use dhrt_proto::auth::{Access, Tokens};
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    let limits = BinaryLimits {
+        access: Access::tokens(Tokens::default()),
+        idle_timeout: Duration::from_secs(300),
+        frame_grace: Duration::from_secs(300),
+        ..limits()
+    };
+    let task = tokio::spawn(serve_binary(
+        server,
+        ([127, 0, 0, 1], 1).into(),
+        Arc::new(crate::node::node()),
+        limits,
+        std::future::pending(),
+        dhrt_proto::Proven::ignored(),
+    ));
+    // id 7, then op variant 200: each gets an answer it never reads.
+    let mut wire = preamble().to_vec();
+    for _ in 0..200 {
+        wire.extend_from_slice(&[2, 0, 0, 0, 7, 200]);
+    }
+    client.write_all(&wire).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("still open after 200 unreadable requests")
+        .unwrap()
+        .unwrap();
+    let Closed::Protocol(why) = closed else {
+        panic!("{closed:?}")
+    };
+    assert!(why.contains("refused"), "{why}");
+}
+
 /// A server with a 300 s idle timeout (much longer than the frame grace, so
 /// only the grace can close these connections) and `access`.
 fn start_slow_limits(
