@@ -466,6 +466,26 @@ fn a_node_behind_the_others_still_reads_and_holds_their_data() {
     for n in [&a, &b] {
         assert_eq!(clock(n)["skewed"], false);
     }
+    // Restarted, its first read of a key it missed is asked of the others,
+    // whose stamps are two hours ahead of its clock: it is answered once
+    // the clocks are compared, never "not found".
+    eventually("c remembers its peers", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[2].path().join("cluster.state"))
+            .is_ok_and(|s| s.contains(&format!("member {}", a.addr)))
+    });
+    let c_addr = c.addr;
+    c.stop("KILL");
+    // Saved on a and b; c, down, counts under `all`.
+    let (status, body) = a.http("POST", "/t/missed/1", b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("saved on 2 of 3"), "{body}");
+    let c = Dhrtd::start_on(
+        Some(c_addr),
+        dirs[2].path(),
+        &["--clock-offset-ms", "-7200000", "--write-ack", "quorum"],
+    );
+    let (status, body) = c.http("GET", "/t/missed", b"");
+    assert_eq!(status, 200, "{body}");
 }
 
 #[test]

@@ -77,6 +77,16 @@ impl Cluster {
         self.clock_judged.notify_waiters();
     }
 
+    /// Waits until this node has compared its clock with most known
+    /// peers', or `UNVERIFIED_GRACE` has passed since its start.
+    pub(super) async fn clock_compared(&self) {
+        let deadline = self.epoch + UNVERIFIED_GRACE;
+        while !self.clock_measured.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn max_offset_ms(&self) -> u64 {
         self.options.max_clock_ahead.as_millis() as u64
     }

@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use dhrt_proto::Liveness;
 use dhrt_storage::Store;
-use tokio::time::Instant;
 
 use super::Cluster;
-use super::clock::UNVERIFIED_GRACE;
 use crate::state::{self, SavedState};
 
 /// How long this node was out of touch (ms) as of `now_ms`, if that is
@@ -102,7 +100,7 @@ impl Cluster {
     /// (its first handoff or re-sync; anti-entropy and moves wait for it),
     /// whether it was away longer than the tombstone grace period: by
     /// [`absence_now`](Self::absence_now) once its clock has been compared
-    /// with its peers' (at most `UNVERIFIED_GRACE` after the start), else
+    /// with its peers' (at most 10 s after the start), else
     /// by its own clock, unless that reads before the contact it
     /// recorded (set back while it was down): then nothing tells how long
     /// it was away, and it re-syncs fully.
@@ -110,10 +108,7 @@ impl Cluster {
         if self.absence_judged.load(Ordering::Acquire) {
             return;
         }
-        let deadline = self.epoch + UNVERIFIED_GRACE;
-        while !self.clock_measured.load(Ordering::Acquire) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.clock_compared().await;
         let seen = self.last_contact.load(Ordering::Acquire);
         let wall = self.wall_ms();
         let measured = self.clock_measured.load(Ordering::Acquire);

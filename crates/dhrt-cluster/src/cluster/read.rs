@@ -56,6 +56,12 @@ impl Cluster {
             match r {
                 Ok(PeerReply::Entry(Some(v))) => {
                     if !guard.admits(v.version.ts, self.admission_wall()) {
+                        // Before this node has compared its clock with its
+                        // peers', its own may be the one behind: judged
+                        // again once compared, not taken for "not found".
+                        self.clock_compared().await;
+                    }
+                    if !guard.admits(v.version.ts, self.admission_wall()) {
                         // A skewed peer's entry is no answer here.
                         self.refused_future.fetch_add(1, Ordering::Relaxed);
                         continue;
