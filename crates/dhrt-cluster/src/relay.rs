@@ -104,7 +104,7 @@ impl Relay {
             Some(p) => p,
             None => {
                 pool.push(PollLink {
-                    link: Arc::new(Link::new(addr.to_string(), self.cluster.dialer())),
+                    link: Arc::new(Link::to_member(addr.to_string(), id, self.cluster.dialer())),
                     users: Arc::default(),
                 });
                 pool.last().unwrap()

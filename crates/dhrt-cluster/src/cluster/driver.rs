@@ -147,7 +147,7 @@ impl Cluster {
         }
         let peer = Arc::new(Peer {
             id,
-            link: Link::new(addr, self.dialer.clone()),
+            link: Link::to_member(addr, id, self.dialer.clone()),
             any_refused: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),

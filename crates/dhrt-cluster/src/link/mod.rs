@@ -19,7 +19,7 @@ use dhrt_proto::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::handshake::{self, DialError, Side};
 use crate::wire::{plain_max, read_sealed, seal_frame};
@@ -99,6 +99,12 @@ struct Conn {
     frames: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     alive: Arc<AtomicBool>,
+    /// Dropped with the connection: its writer sends what is queued, tells
+    /// the peer, and stops, giving up a write the peer does not read after
+    /// `LINGER`; the reader then stops once the peer closes its end, or
+    /// `LINGER` later. A peer that never answers and never closes keeps no
+    /// descriptor per abandoned connection.
+    _close: watch::Sender<()>,
 }
 
 /// Who is dialing, and with what secret.
@@ -110,9 +116,17 @@ pub(crate) struct Dialer {
     pub(crate) connector: Arc<dyn Connector>,
 }
 
+/// How long a dropped connection waits for a peer that does not read its
+/// last write, or does not close its end once told.
+const LINGER: Duration = Duration::from_secs(10);
+
 /// A connection to one peer address.
 pub(crate) struct Link {
     addr: String,
+    /// The member expected at `addr`: a node that answers there as another
+    /// is refused (an address that moved, a port forwarded to the wrong
+    /// node).
+    expect: Option<u64>,
     dialer: Dialer,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
@@ -125,9 +139,22 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
+    /// A link to whatever node answers at `addr` (a seed).
     pub(crate) fn new(addr: String, dialer: Dialer) -> Self {
         Link {
             addr,
+            expect: None,
+            dialer,
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A link to member `id` at `addr`.
+    pub(crate) fn to_member(addr: String, id: u64, dialer: Dialer) -> Self {
+        Link {
+            addr,
+            expect: Some(id),
             dialer,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
@@ -193,7 +220,19 @@ impl Link {
             max_frame: max,
         };
         let session = match handshake::dial(&mut stream, &mut buf, me).await {
-            Ok((_, session)) => session,
+            Ok((id, session)) if self.expect.is_none_or(|e| e == id) => session,
+            Ok((id, _)) => {
+                let expected = self.expect.unwrap_or_default();
+                tracing::warn!(
+                    peer = %self.addr,
+                    "member {expected:016x} was dialed at {}, and node {id:016x} answered there: check its --advertise address (and any port forward)",
+                    self.addr
+                );
+                return Err(LinkError::Refused {
+                    addr: self.addr.clone(),
+                    reason: format!("node {id:016x} answered there, not member {expected:016x}"),
+                });
+            }
             Err(DialError::Io(e)) => return Err(self.unreachable(e)),
             Err(DialError::Refused(reason)) => {
                 return Err(LinkError::Refused {
@@ -210,13 +249,29 @@ impl Link {
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (close, closed) = watch::channel(());
+        // Dropped by the writer when it stops: the reader stops too.
+        let (writing, mut written_all) = oneshot::channel::<()>();
         {
             let alive = alive.clone();
+            let mut closed = closed;
             tokio::spawn(async move {
+                let _writing = writing;
+                // The connection was dropped: what is queued still goes out
+                // (a last gossip), a write to a peer that does not read for
+                // `LINGER` aside.
+                let mut gone = false;
                 loop {
                     let mut frame = tokio::select! {
                         biased;
                         _ = &mut stopped => break,
+                        r = closed.changed(), if !gone => match r {
+                            Ok(()) => break,
+                            Err(_) => {
+                                gone = true;
+                                continue;
+                            }
+                        },
                         frame = rx.recv() => match frame {
                             Some(frame) => frame,
                             None => break,
@@ -240,7 +295,23 @@ impl Link {
                             break;
                         }
                     }
-                    if wr.write_all(&frame).await.is_err() || !sealed {
+                    // A peer that stops reading holds this write: closing
+                    // the connection does not wait for it.
+                    let write = wr.write_all(&frame);
+                    tokio::pin!(write);
+                    let written = loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut stopped => break None,
+                            r = closed.changed(), if !gone => match r {
+                                Ok(()) => break None,
+                                Err(_) => gone = true,
+                            },
+                            _ = tokio::time::sleep(LINGER), if gone => break None,
+                            written = &mut write => break Some(written),
+                        }
+                    };
+                    if !matches!(written, Some(Ok(()))) || !sealed {
                         break;
                     }
                 }
@@ -256,8 +327,21 @@ impl Link {
             let (alive, pending, addr) = (alive.clone(), pending.clone(), self.addr.clone());
             tokio::spawn(async move {
                 let _reading = reading;
+                // The writer has stopped and said so to the peer, which
+                // then closes its end; one that does not is not waited for
+                // past `LINGER`.
+                let writer_gone = async {
+                    let _ = (&mut written_all).await;
+                    tokio::time::sleep(LINGER).await;
+                };
+                tokio::pin!(writer_gone);
                 loop {
-                    let msg = match read_sealed(&mut rd, &mut buf, max, &mut opener).await {
+                    let read = tokio::select! {
+                        biased;
+                        () = &mut writer_gone => break,
+                        read = read_sealed(&mut rd, &mut buf, max, &mut opener) => read,
+                    };
+                    let msg = match read {
                         Ok(Some(msg)) => msg,
                         Ok(None) => break,
                         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -285,6 +369,7 @@ impl Link {
             frames: tx,
             pending,
             alive,
+            _close: close,
         })
     }
 
@@ -320,7 +405,8 @@ impl Link {
             Ok(Err(_)) => Err(self.unreachable("connection closed")),
             Err(_) => {
                 conn.pending.lock().unwrap().remove(&id);
-                // A stuck connection stays stuck: dial afresh next time.
+                // A stuck connection stays stuck: dialed afresh next time,
+                // and closed once the requests still on it are done.
                 conn.alive.store(false, Ordering::Release);
                 Err(LinkError::Timeout {
                     addr: self.addr.clone(),
@@ -347,142 +433,4 @@ impl Link {
 }
 
 #[cfg(test)]
-mod tests {
-    use dhrt_proto::{PREAMBLE_LEN, PeerReply};
-    use tokio::io::{AsyncReadExt, DuplexStream};
-
-    use super::*;
-    use crate::wire::read_sealed;
-
-    const SECRET: &[u8] = b"a cluster secret of at least 32 bytes";
-
-    /// Hands out one end of an in-memory stream, once.
-    #[derive(Debug)]
-    struct OneStream(Mutex<Option<DuplexStream>>);
-
-    impl Connector for OneStream {
-        fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
-            let stream = self.0.lock().unwrap().take();
-            Box::pin(async move {
-                let stream = stream.ok_or_else(|| io::Error::other("dialed twice"))?;
-                Ok(Box::new(stream) as Box<dyn PeerStream>)
-            })
-        }
-    }
-
-    #[tokio::test]
-    async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
-        let (d, mut l) = tokio::io::duplex(1 << 16);
-        let link = Link::new(
-            "192.0.2.2:7453".into(),
-            Dialer {
-                me: 1,
-                secret: SECRET.into(),
-                max_frame: 1 << 20,
-                connector: Arc::new(OneStream(Mutex::new(Some(d)))),
-            },
-        );
-        // The listener answers the first request with one bit flipped.
-        let listener = tokio::spawn(async move {
-            let mut preamble = [0; PREAMBLE_LEN];
-            l.read_exact(&mut preamble).await.unwrap();
-            let mut buf = BytesMut::new();
-            let me = Side {
-                id: 2,
-                secret: SECRET,
-                max_frame: 1 << 20,
-            };
-            let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
-                .await
-                .unwrap()
-                .unwrap();
-            let request = read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener);
-            let Some(PeerMessage::Request { id, .. }) = request.await.unwrap() else {
-                panic!("no request")
-            };
-            let answer = PeerMessage::Response {
-                id,
-                result: Ok(PeerReply::Entry(None)),
-            };
-            let mut out = Vec::new();
-            encode_frame(&answer, &mut out, 1 << 20).unwrap();
-            seal_frame(&mut out, 0, &mut session.sealer).unwrap();
-            let last = out.len() - 1;
-            out[last] ^= 0x01;
-            l.write_all(&out).await.unwrap();
-            // The dialer hangs up.
-            let mut rest = Vec::new();
-            l.read_to_end(&mut rest).await.unwrap();
-            rest
-        });
-        let op = PeerOp::Read {
-            collection: "c".into(),
-            key: "k".into(),
-        };
-        let answer = link.request(op, Duration::from_secs(30)).await;
-        assert!(
-            matches!(&answer, Err(LinkError::Unreachable { reason, .. }) if reason.contains("closed")),
-            "{answer:?}"
-        );
-        assert!(listener.await.unwrap().is_empty());
-    }
-
-    /// Dials into a black hole: the connection is never made.
-    #[derive(Debug)]
-    struct BlackHole;
-
-    impl Connector for BlackHole {
-        fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
-            Box::pin(std::future::pending())
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn callers_queued_behind_a_dial_that_hangs_give_up_at_their_own_deadline() {
-        let link = Arc::new(Link::new(
-            "192.0.2.3:7453".into(),
-            Dialer {
-                me: 1,
-                secret: SECRET.into(),
-                max_frame: 1 << 20,
-                connector: Arc::new(BlackHole),
-            },
-        ));
-        let started = tokio::time::Instant::now();
-        let timeout = Duration::from_millis(500);
-        let mut callers = tokio::task::JoinSet::new();
-        for i in 0..5 {
-            let link = link.clone();
-            callers.spawn(async move {
-                let answer = if i % 2 == 0 {
-                    link.request(PeerOp::Digests(Vec::new()), timeout)
-                        .await
-                        .map(|_| ())
-                } else {
-                    let gossip = Gossip {
-                        from: 1,
-                        sent_ms: 0,
-                        max_offset_ms: 0,
-                        kind: dhrt_proto::GossipKind::Ping {
-                            seq: 1,
-                            relay: None,
-                        },
-                        updates: Vec::new(),
-                    };
-                    link.gossip(gossip, timeout).await
-                };
-                (answer, started.elapsed())
-            });
-        }
-        // Time is paused: each caller's clock moves only by its timers, so
-        // this is exact. Queued one dial timeout after another, the last
-        // would give up after 2.5 s.
-        for (answer, took) in callers.join_all().await {
-            assert!(
-                matches!(answer, Err(LinkError::Timeout { .. })),
-                "{answer:?}"
-            );
-            assert_eq!(took, timeout, "a caller gave up after {took:?}");
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,237 @@
+//! The link's tests: tampering, a dial that hangs, a peer that never
+//! answers nor closes, and a node answering as another member.
+
+use dhrt_proto::{PREAMBLE_LEN, PeerReply};
+use tokio::io::{AsyncReadExt, DuplexStream};
+
+use super::*;
+use crate::wire::read_sealed;
+
+const SECRET: &[u8] = b"a cluster secret of at least 32 bytes";
+
+/// Hands out one end of an in-memory stream, once.
+#[derive(Debug)]
+struct OneStream(Mutex<Option<DuplexStream>>);
+
+impl Connector for OneStream {
+    fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+        let stream = self.0.lock().unwrap().take();
+        Box::pin(async move {
+            let stream = stream.ok_or_else(|| io::Error::other("dialed twice"))?;
+            Ok(Box::new(stream) as Box<dyn PeerStream>)
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
+    let (d, mut l) = tokio::io::duplex(1 << 16);
+    let link = Link::new(
+        "192.0.2.2:7453".into(),
+        Dialer {
+            me: 1,
+            secret: SECRET.into(),
+            max_frame: 1 << 20,
+            connector: Arc::new(OneStream(Mutex::new(Some(d)))),
+        },
+    );
+    // The listener answers the first request with one bit flipped.
+    let listener = tokio::spawn(async move {
+        let mut preamble = [0; PREAMBLE_LEN];
+        l.read_exact(&mut preamble).await.unwrap();
+        let mut buf = BytesMut::new();
+        let me = Side {
+            id: 2,
+            secret: SECRET,
+            max_frame: 1 << 20,
+        };
+        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
+            .await
+            .unwrap()
+            .unwrap();
+        let request = read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener);
+        let Some(PeerMessage::Request { id, .. }) = request.await.unwrap() else {
+            panic!("no request")
+        };
+        let answer = PeerMessage::Response {
+            id,
+            result: Ok(PeerReply::Entry(None)),
+        };
+        let mut out = Vec::new();
+        encode_frame(&answer, &mut out, 1 << 20).unwrap();
+        seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+        let last = out.len() - 1;
+        out[last] ^= 0x01;
+        l.write_all(&out).await.unwrap();
+        // The dialer hangs up.
+        let mut rest = Vec::new();
+        l.read_to_end(&mut rest).await.unwrap();
+        rest
+    });
+    let op = PeerOp::Read {
+        collection: "c".into(),
+        key: "k".into(),
+    };
+    let answer = link.request(op, Duration::from_secs(30)).await;
+    assert!(
+        matches!(&answer, Err(LinkError::Unreachable { reason, .. }) if reason.contains("closed")),
+        "{answer:?}"
+    );
+    assert!(listener.await.unwrap().is_empty());
+}
+
+/// A listener that completes the handshake as node `id` and then
+/// reads everything and answers nothing, never closing its end; it
+/// returns once the dialer's end is gone (not only half-closed).
+fn silent_listener(mut l: DuplexStream, id: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut preamble = [0; PREAMBLE_LEN];
+        l.read_exact(&mut preamble).await.unwrap();
+        let mut buf = BytesMut::new();
+        let me = Side {
+            id,
+            secret: SECRET,
+            max_frame: 1 << 20,
+        };
+        let _session = handshake::accept(&mut l, &mut buf, me).await;
+        let mut rest = Vec::new();
+        let _ = l.read_to_end(&mut rest).await;
+        // Told the dialer is done (its end half-closed): is its end
+        // gone too? The start of a frame that never ends, a byte now
+        // and then, until it is.
+        let mut trickle = l.write_all(&1000u32.to_le_bytes()).await;
+        while trickle.is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            trickle = l.write_all(&[0]).await;
+        }
+    })
+}
+
+fn dialer(stream: DuplexStream) -> Dialer {
+    Dialer {
+        me: 1,
+        secret: SECRET.into(),
+        max_frame: 1 << 20,
+        connector: Arc::new(OneStream(Mutex::new(Some(stream)))),
+    }
+}
+
+/// Hands out these streams, one per dial.
+#[derive(Debug)]
+struct Streams(Mutex<Vec<DuplexStream>>);
+
+impl Connector for Streams {
+    fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+        let stream = self.0.lock().unwrap().pop();
+        Box::pin(async move {
+            let stream = stream.ok_or_else(|| io::Error::other("no more streams"))?;
+            Ok(Box::new(stream) as Box<dyn PeerStream>)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_whose_request_timed_out_is_closed_though_the_peer_keeps_it_open() {
+    let (d1, l1) = tokio::io::duplex(1 << 16);
+    let (d2, l2) = tokio::io::duplex(1 << 16);
+    let (first, _second) = (silent_listener(l1, 2), silent_listener(l2, 2));
+    let link = Link::to_member(
+        "192.0.2.4:7453".into(),
+        2,
+        Dialer {
+            me: 1,
+            secret: SECRET.into(),
+            max_frame: 1 << 20,
+            connector: Arc::new(Streams(Mutex::new(vec![d2, d1]))),
+        },
+    );
+    for _ in 0..2 {
+        let answer = link
+            .request(PeerOp::Digests(Vec::new()), Duration::from_secs(1))
+            .await;
+        assert!(
+            matches!(answer, Err(LinkError::Timeout { .. })),
+            "{answer:?}"
+        );
+    }
+    // The link lives on, on its second connection; the first, given
+    // up, is closed though its peer never closes its end.
+    tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the dialer kept the abandoned connection open")
+        .unwrap();
+    drop(link);
+}
+
+#[tokio::test]
+async fn a_node_answering_as_another_member_is_refused() {
+    let (d, l) = tokio::io::duplex(1 << 16);
+    let _listener = silent_listener(l, 3);
+    let link = Link::to_member("192.0.2.5:7453".into(), 2, dialer(d));
+    let answer = link
+        .request(PeerOp::Digests(Vec::new()), Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&answer, Err(LinkError::Refused { reason, .. }) if reason.contains("not member 0000000000000002")),
+        "{answer:?}"
+    );
+}
+
+/// Dials into a black hole: the connection is never made.
+#[derive(Debug)]
+struct BlackHole;
+
+impl Connector for BlackHole {
+    fn connect<'a>(&'a self, _: &'a str) -> ConnectFuture<'a> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_queued_behind_a_dial_that_hangs_give_up_at_their_own_deadline() {
+    let link = Arc::new(Link::new(
+        "192.0.2.3:7453".into(),
+        Dialer {
+            me: 1,
+            secret: SECRET.into(),
+            max_frame: 1 << 20,
+            connector: Arc::new(BlackHole),
+        },
+    ));
+    let started = tokio::time::Instant::now();
+    let timeout = Duration::from_millis(500);
+    let mut callers = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let link = link.clone();
+        callers.spawn(async move {
+            let answer = if i % 2 == 0 {
+                link.request(PeerOp::Digests(Vec::new()), timeout)
+                    .await
+                    .map(|_| ())
+            } else {
+                let gossip = Gossip {
+                    from: 1,
+                    sent_ms: 0,
+                    max_offset_ms: 0,
+                    kind: dhrt_proto::GossipKind::Ping {
+                        seq: 1,
+                        relay: None,
+                    },
+                    updates: Vec::new(),
+                };
+                link.gossip(gossip, timeout).await
+            };
+            (answer, started.elapsed())
+        });
+    }
+    // Time is paused: each caller's clock moves only by its timers, so
+    // this is exact. Queued one dial timeout after another, the last
+    // would give up after 2.5 s.
+    for (answer, took) in callers.join_all().await {
+        assert!(
+            matches!(answer, Err(LinkError::Timeout { .. })),
+            "{answer:?}"
+        );
+        assert_eq!(took, timeout, "a caller gave up after {took:?}");
+    }
+}
