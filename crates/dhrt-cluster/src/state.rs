@@ -6,7 +6,7 @@
 //! Plain text, one fact per line, rewritten atomically (write, rename):
 //!
 //! ```text
-//! # dhrt cluster state: written by dhrtd, safe to delete
+//! # dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)
 //! seen 1764255000000
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
@@ -51,7 +51,9 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
 
 /// The file's text for `state`.
 pub(crate) fn render(state: &SavedState) -> String {
-    let mut out = String::from("# dhrt cluster state: written by dhrtd, safe to delete\n");
+    let mut out = String::from(
+        "# dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)\n",
+    );
     out.push_str(&format!("seen {}\n", state.seen_ms));
     // A member's address is checked when it is learned; one that could
     // break a line is never written.

@@ -256,6 +256,15 @@ impl Cluster {
         let mut last_contact = wall_at_start;
         let mut full_resync = false;
         let mut absence_judged = true;
+        if saved.is_none()
+            && options.state_file.is_some()
+            && !options.seeds.is_empty()
+            && !store.all_collections().is_empty()
+        {
+            tracing::warn!(
+                "no cluster.state beside this node's data: it cannot tell how long it was away, and takes itself to have been in touch until now (if it was away longer than the tombstone grace period, keys deleted meanwhile come back)"
+            );
+        }
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
             if options.seeds.is_empty() && !members.is_empty() {

@@ -124,6 +124,12 @@ impl Cluster {
                     );
                     break;
                 }
+                // The source has not heard of this node yet (a join's
+                // news is on its way): not worth a warning.
+                Err(LinkError::Remote { error, .. }) if error.kind == ErrorKind::Unavailable => {
+                    tracing::debug!("handoff from {}: {error}; retrying", source.addr);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 Err(e) => {
                     tracing::warn!("handoff from {}: {e}; retrying", source.addr);
                     tokio::time::sleep(Duration::from_millis(500)).await;
