@@ -49,7 +49,20 @@ impl Cluster {
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
         let enough = measured.len() * 2 > known.len();
-        let v = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
+        let v = if enough {
+            skew::verdict(&measured, max, clock_ahead)
+        } else {
+            // Too few measured to judge by offsets (a join just brought
+            // members not heard from yet): the log's stamps still count,
+            // and a verdict of skew stands until most peers are measured.
+            let fresh = skew::verdict(&[], max, clock_ahead);
+            let current = self.verdict.lock().unwrap().clone();
+            if fresh.skewed || !current.skewed {
+                fresh
+            } else {
+                current
+            }
+        };
         self.cluster_offset
             .store(skew::cluster_offset(&measured), Ordering::Release);
         self.peers_offset
