@@ -258,10 +258,13 @@ impl Cluster {
             if !self.sync.running.load(Ordering::Acquire) {
                 self.with_membership(|m, _| m.set_syncing(false));
             }
-            return Err(OpError::new(
-                ErrorKind::Unavailable,
-                format!("joining: {e}"),
-            ));
+            let kind = match &e {
+                LinkError::Refused { reason, .. } if reason == crate::link::ITSELF => {
+                    ErrorKind::InvalidInput
+                }
+                _ => ErrorKind::Unavailable,
+            };
+            return Err(OpError::new(kind, format!("joining: {e}")));
         }
         let me = self.clone();
         tokio::spawn(async move { me.handoff().await });

@@ -64,6 +64,10 @@ pub enum LinkError {
     Local(OpError),
 }
 
+/// Why a dial that reached this very node is refused (an address of its
+/// own other than the one it advertises: `localhost`, a loopback one).
+pub(crate) const ITSELF: &str = "that address is this node itself";
+
 /// A byte stream to a peer: TCP in production, anything that reads and
 /// writes (a simulated network in tests).
 pub trait PeerStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -220,6 +224,12 @@ impl Link {
             max_frame: max,
         };
         let session = match handshake::dial(&mut stream, &mut buf, me).await {
+            Ok((id, _)) if id == self.dialer.me => {
+                return Err(LinkError::Refused {
+                    addr: self.addr.clone(),
+                    reason: ITSELF.into(),
+                });
+            }
             Ok((id, session)) if self.expect.is_none_or(|e| e == id) => session,
             Ok((id, _)) => {
                 let expected = self.expect.unwrap_or_default();

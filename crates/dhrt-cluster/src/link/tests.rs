@@ -235,3 +235,18 @@ async fn callers_queued_behind_a_dial_that_hangs_give_up_at_their_own_deadline()
         assert_eq!(took, timeout, "a caller gave up after {took:?}");
     }
 }
+
+#[tokio::test]
+async fn a_dial_that_reaches_this_node_itself_is_refused() {
+    let (d, l) = tokio::io::duplex(1 << 16);
+    // The dialer is node 1; so is what answers.
+    let _listener = silent_listener(l, 1);
+    let link = Link::new("localhost:7453".into(), dialer(d));
+    let answer = link
+        .request(PeerOp::Digests(Vec::new()), Duration::from_secs(5))
+        .await;
+    assert!(
+        matches!(&answer, Err(LinkError::Refused { reason, .. }) if reason == ITSELF),
+        "{answer:?}"
+    );
+}
