@@ -147,7 +147,8 @@ impl Sim {
                     }
                     Output::Changed { .. }
                     | Output::Forgotten { .. }
-                    | Output::LeftForgotten { .. } => {}
+                    | Output::LeftForgotten { .. }
+                    | Output::SharedId { .. } => {}
                 }
             }
         }
@@ -632,4 +633,38 @@ fn a_member_that_left_is_forgotten_after_a_while() {
     assert!(two.get(3).is_some());
     two.tick(60_010);
     assert!(two.get(3).is_none());
+}
+
+#[test]
+fn one_id_heard_at_two_addresses_in_turn_is_flagged_once_a_minute() {
+    let mut one = Membership::new(me(1, 100), MembershipConfig::default(), 1);
+    let at = |addr: &str, incarnation| MemberUpdate {
+        addr: addr.into(),
+        ..me(2, incarnation)
+    };
+    let flagged = |m: &mut Membership| {
+        m.drain()
+            .iter()
+            .filter(|o| matches!(o, Output::SharedId { id: 2, .. }))
+            .count()
+    };
+    one.handle(0, gossip_from(2, vec![at("10.0.0.2:7453", 200)]));
+    // A move, once: restarted with another --advertise.
+    one.handle(1_000, gossip_from(2, vec![at("10.0.0.9:7453", 300)]));
+    assert_eq!(view(&one, 2), Some((300, Liveness::Alive)));
+    assert_eq!(flagged(&mut one), 0);
+    // Back and forth: the old process runs on (a copy of the data
+    // directory, started again elsewhere), each speaking for member 2.
+    for t in 0..20 {
+        let (addr, incarnation) = if t % 2 == 0 {
+            ("10.0.0.2:7453", 200)
+        } else {
+            ("10.0.0.9:7453", 300)
+        };
+        one.handle(2_000 + t * 500, gossip_from(2, vec![at(addr, incarnation)]));
+    }
+    assert_eq!(flagged(&mut one), 1);
+    one.handle(70_000, gossip_from(2, vec![at("10.0.0.2:7453", 200)]));
+    one.handle(70_500, gossip_from(2, vec![at("10.0.0.9:7453", 300)]));
+    assert_eq!(flagged(&mut one), 1, "again, a minute later");
 }

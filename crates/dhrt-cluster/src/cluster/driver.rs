@@ -76,6 +76,11 @@ impl Cluster {
                     );
                     self.drop_peer(id);
                 }
+                Output::SharedId { id, addrs } => tracing::warn!(
+                    "member {id:016x} announces itself at {} and at {} in turn: two processes share its node id (a copied data directory?); stop one, or start it on an empty data directory",
+                    addrs[0],
+                    addrs[1]
+                ),
                 Output::LeftForgotten { id } => {
                     tracing::info!(id = %format!("{id:016x}"), "member left long ago: forgotten");
                     self.drop_peer(id);

@@ -113,6 +113,14 @@ pub enum Output {
         /// The forgotten member's id.
         id: u64,
     },
+    /// Member `id` announces itself at two addresses in turn: two
+    /// processes share its node id (a copied data directory).
+    SharedId {
+        /// The member's id.
+        id: u64,
+        /// Its two addresses.
+        addrs: [String; 2],
+    },
     /// A member that left was forgotten, `forget_left_ms` after it left.
     /// Only its own word brings it back: news from others that it left is
     /// not taken of a member unknown here.
@@ -138,6 +146,10 @@ struct Known {
     update: MemberUpdate,
     /// When its liveness last changed here (ms on the driver's clock).
     since_ms: u64,
+    /// When its address last changed here, in its own word (ms), and when
+    /// that last made it `Output::SharedId`.
+    moved_ms: Option<u64>,
+    flagged_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -323,11 +335,32 @@ impl Membership {
             (Some(_), false) => self.members[&u.id].since_ms,
             _ => now_ms,
         };
+        let (mut moved_ms, mut flagged_ms) = self
+            .members
+            .get(&u.id)
+            .map_or((None, None), |k| (k.moved_ms, k.flagged_ms));
+        if let Some(b) = &before
+            && b.addr != u.addr
+        {
+            // Back and forth within a minute: two processes speak as one
+            // member, each at its own address. Said once a minute.
+            let recent = |at: Option<u64>| at.is_some_and(|at| now_ms.saturating_sub(at) < 60_000);
+            if recent(moved_ms) && !recent(flagged_ms) {
+                self.out.push(Output::SharedId {
+                    id: u.id,
+                    addrs: [b.addr.clone(), u.addr.clone()],
+                });
+                flagged_ms = Some(now_ms);
+            }
+            moved_ms = Some(now_ms);
+        }
         self.members.insert(
             u.id,
             Known {
                 update: u.clone(),
                 since_ms,
+                moved_ms,
+                flagged_ms,
             },
         );
         self.spread(u.clone());
