@@ -680,6 +680,22 @@ impl<O: Operations> Api<O> {
                 ),
             )
         };
+        // HTTP/1.1 takes `chunked` off; any other transfer coding (gzip,
+        // deflate) would be stored still encoded as the value.
+        for te in headers.get_all(hyper::header::TRANSFER_ENCODING) {
+            let te = te.to_str().unwrap_or("?");
+            if te
+                .split(',')
+                .any(|c| !c.trim().eq_ignore_ascii_case("chunked"))
+            {
+                return Err(HttpError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "transfer coding {te:?} is not supported: send the value as it is (chunked or with a Content-Length)"
+                    ),
+                ));
+            }
+        }
         let declared = headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())

@@ -206,6 +206,28 @@ async fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_body_in_a_transfer_coding_other_than_chunked_is_refused_not_stored() {
+    let addr = start().await;
+    // "hello" gzipped would be stored still gzipped: 501, nothing stored.
+    let out = exchange(
+        addr,
+        b"PUT /gz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 501"), "{out}");
+    assert!(out.contains("transfer coding"), "{out}");
+    let out = exchange(addr, b"GET /gz HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    // Plain chunked is taken.
+    let out = exchange(
+        addr,
+        b"PUT /ch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test]
 async fn a_smuggled_request_is_never_executed() {
     let addr = start().await;
     // Both framings: Transfer-Encoding wins (RFC 9112 §6.3), the body ends at
