@@ -723,3 +723,33 @@ async fn a_read_only_token_cannot_make_the_node_buffer_a_value() {
     let answers = read_responses(&mut client, 2).await;
     assert_eq!(answers[1].result, Ok(Reply::Stored));
 }
+
+#[tokio::test]
+async fn a_list_of_no_entries_is_refused_not_answered_as_the_last_page() {
+    let (mut client, _task) = start();
+    let mut wire = preamble().to_vec();
+    let set = Op::Set {
+        collection: "c".into(),
+        key: Bytes::from_static(b"k"),
+        value: Bytes::from_static(b"v"),
+    };
+    encode_frame(&Request { id: 1, op: set }, &mut wire, 1 << 20).unwrap();
+    for (id, limit) in [(2, 0), (3, 1)] {
+        let op = Op::List {
+            collection: "c".into(),
+            after: None,
+            limit,
+        };
+        encode_frame(&Request { id, op }, &mut wire, 1 << 20).unwrap();
+    }
+    client.write_all(&wire).await.unwrap();
+    let responses = read_responses(&mut client, 3).await;
+    assert_eq!(
+        responses[1].result.as_ref().unwrap_err().kind,
+        ErrorKind::InvalidInput
+    );
+    let Ok(Reply::Page(page)) = &responses[2].result else {
+        panic!("{:?}", responses[2].result)
+    };
+    assert_eq!(page.entries.len(), 1);
+}

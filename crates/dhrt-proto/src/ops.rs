@@ -6,7 +6,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use crate::message::{Op, OpError, OpRef, Page, Reply};
+use crate::message::{ErrorKind, Op, OpError, OpRef, Page, Reply};
 use crate::stats::NodeStats;
 use crate::watch::{EventSource, WatchRequest};
 
@@ -175,6 +175,13 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
             Reply::Stored
         }
         OpRef::Delete { collection, key } => Reply::Deleted(ops.delete(collection, key).await?),
+        // An empty page says "the end": a page of none would lie.
+        OpRef::List { limit: 0, .. } => {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                "a List asks for at least 1 entry (limit 0 would answer a last page)",
+            ));
+        }
         OpRef::List {
             collection,
             after,
