@@ -366,6 +366,32 @@ fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_cop
 }
 
 #[test]
+fn a_node_whose_peers_all_left_restarts_alone_and_takes_writes() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    eventually("a remembers b", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[0].path().join("cluster.state"))
+            .is_ok_and(|s| s.contains(&format!("member {}", b.addr)))
+    });
+    let b_addr = b.addr;
+    assert!(b.stop("TERM").success());
+    // a forgets b's address once b has left: a restart does not wait for it.
+    eventually("a forgets b's address", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[0].path().join("cluster.state"))
+            .is_ok_and(|s| !s.contains(&format!("member {b_addr}")))
+    });
+    let a_addr = a.addr;
+    assert!(a.stop("TERM").success());
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &[]);
+    let (status, body) = a.http("POST", "/c/k/v", b"");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
 fn a_restart_without_node_rejoins_the_members_it_remembers() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

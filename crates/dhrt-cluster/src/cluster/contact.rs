@@ -152,12 +152,18 @@ impl Cluster {
     }
 
     /// Writes the state file (if there is one and there are members to
-    /// remember); whether it was written.
+    /// remember, or every member it knew has left: a restart must not
+    /// wait for them); whether it was written.
     pub(super) fn save_state(&self, saved: &SavedState) -> bool {
         let Some(path) = &self.options.state_file else {
             return false;
         };
-        if saved.members.is_empty() {
+        let all_left = {
+            let m = self.membership.lock().unwrap();
+            let mut members = m.members().peekable();
+            members.peek().is_some() && members.all(|u| u.liveness == Liveness::Left)
+        };
+        if saved.members.is_empty() && !all_left {
             return false;
         }
         match state::save(path, saved) {

@@ -221,7 +221,7 @@ impl Cluster {
     /// Joins through `addr` (or the configured seeds): learns the members,
     /// receives the handoff, and then reports itself healthy.
     pub(super) async fn join(self: Arc<Self>) {
-        let seeds = self.options.seeds.clone();
+        let mut seeds = self.options.seeds.clone();
         let mut backoff = Duration::from_millis(200);
         loop {
             if !self.alive_peers().is_empty() {
@@ -229,14 +229,27 @@ impl Cluster {
                 self.handoff().await;
                 return;
             }
+            let mut itself = Vec::new();
             for seed in &seeds {
                 match self.join_through(seed).await {
                     Ok(()) => {
                         self.handoff().await;
                         return;
                     }
+                    Err(LinkError::Refused { reason, .. }) if reason == crate::link::ITSELF => {
+                        tracing::error!(
+                            "--node {seed} reaches this node itself: not a member to join through"
+                        );
+                        itself.push(seed.clone());
+                    }
                     Err(e) => tracing::warn!("joining through {seed}: {e}"),
                 }
+            }
+            seeds.retain(|s| !itself.contains(s));
+            if seeds.is_empty() {
+                // Given only itself: alone, and no member to wait for.
+                self.heard_peers.store(true, Ordering::Release);
+                return;
             }
             if !self.running.load(Ordering::Acquire) {
                 return;

@@ -187,7 +187,8 @@ pub struct Cluster {
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
-    /// Whether any other member was known at some point in this life.
+    /// Whether any other member was known at some point in this life (or
+    /// there is none to wait for: its only seeds were itself).
     heard_peers: AtomicBool,
     /// Anti-entropy exchanges completed, and records pulled and pushed.
     ae_rounds: AtomicU64,
