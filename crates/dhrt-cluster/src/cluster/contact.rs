@@ -10,6 +10,7 @@ use dhrt_proto::Liveness;
 use dhrt_storage::Store;
 
 use super::Cluster;
+use super::clock::UNVERIFIED_GRACE;
 use crate::state::{self, SavedState};
 
 /// How long this node was out of touch (ms) as of `now_ms`, if that is
@@ -84,13 +85,14 @@ impl Cluster {
         }
     }
 
-    /// The time contact is recorded at: the earlier of this node's wall
-    /// clock and its peers', so that a clock running ahead does not make
-    /// a later absence look shorter.
+    /// The time contact is recorded at: the peers' (the middle of their
+    /// clocks) once compared, so that a clock running ahead does not make a
+    /// later absence look shorter, nor one running behind make every
+    /// absence look longer by its offset.
     pub(super) fn contact_now(&self) -> u64 {
         let wall = self.wall_ms();
         if self.clock_measured.load(Ordering::Acquire) {
-            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire).min(0))
+            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire))
         } else {
             wall
         }
@@ -100,15 +102,28 @@ impl Cluster {
     /// (its first handoff or re-sync; anti-entropy and moves wait for it),
     /// whether it was away longer than the tombstone grace period: by
     /// [`absence_now`](Self::absence_now) once its clock has been compared
-    /// with its peers' (at most 10 s after the start), else
-    /// by its own clock, unless that reads before the contact it
+    /// with its peers' (it waits for a peer; one known for 10 s and never
+    /// compared leaves it to its own clock), unless that reads before the contact it
     /// recorded (set back while it was down): then nothing tells how long
     /// it was away, and it re-syncs fully.
     pub(super) async fn judge_absence(&self) {
         if self.absence_judged.load(Ordering::Acquire) {
             return;
         }
-        self.clock_compared().await;
+        // Until a peer answers nothing travels anyway: no judging by an
+        // unchecked clock meanwhile (it may have been set back by less
+        // than the allowed offset). Peers known for `UNVERIFIED_GRACE`
+        // without a comparison: judged by this node's clock after all.
+        loop {
+            if self.clock_measured.load(Ordering::Acquire) {
+                break;
+            }
+            let since = Duration::from_millis(self.peers_since_ms.load(Ordering::Acquire));
+            if self.has_peers() && self.epoch.elapsed().saturating_sub(since) > UNVERIFIED_GRACE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let seen = self.last_contact.load(Ordering::Acquire);
         let wall = self.wall_ms();
         let measured = self.clock_measured.load(Ordering::Acquire);
