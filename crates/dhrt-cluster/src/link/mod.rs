@@ -233,11 +233,17 @@ impl Link {
             Ok((id, session)) if self.expect.is_none_or(|e| e == id) => session,
             Ok((id, _)) => {
                 let expected = self.expect.unwrap_or_default();
-                tracing::warn!(
-                    peer = %self.addr,
-                    "member {expected:016x} was dialed at {}, and node {id:016x} answered there: check its --advertise address (and any port forward)",
-                    self.addr
-                );
+                // Redialed on every exchange while it lasts: a line a minute.
+                static WRONG_NODE: crate::LogThrottle =
+                    crate::LogThrottle::new(Duration::from_secs(60));
+                if let Some(left_out) = WRONG_NODE.allow() {
+                    tracing::warn!(
+                        peer = %self.addr,
+                        left_out,
+                        "member {expected:016x} was dialed at {}, and node {id:016x} answered there: a node started afresh at that address without --node (it joins when given one), or a wrong --advertise address or port forward",
+                        self.addr
+                    );
+                }
                 return Err(LinkError::Refused {
                     addr: self.addr.clone(),
                     reason: format!("node {id:016x} answered there, not member {expected:016x}"),
