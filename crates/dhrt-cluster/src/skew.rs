@@ -138,13 +138,16 @@ pub(crate) fn cluster_offset(offsets: &[i64]) -> i64 {
 }
 
 /// The peers' time as an offset from this node's wall clock: the middle
-/// of their offsets (the upper middle on a tie), 0 with none. Unlike
-/// [`cluster_offset`], this node's own clock has no vote: with one peer,
-/// the peer's.
-pub(crate) fn peers_offset(offsets: &[i64]) -> i64 {
+/// of their offsets, 0 with none; on a tie, the `(lower, upper)` middle.
+/// Unlike [`cluster_offset`], this node's own clock has no vote: with one
+/// peer, the peer's.
+pub(crate) fn peers_offset(offsets: &[i64]) -> (i64, i64) {
     let mut v: Vec<i64> = offsets.to_vec();
     v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+    match v.len() {
+        0 => (0, 0),
+        n => (v[(n - 1) / 2], v[n / 2]),
+    }
 }
 
 /// What a node concludes about its own clock.
@@ -217,6 +220,16 @@ mod tests {
 
     const HOUR: i64 = 3_600_000;
     const MAX: u64 = 60_000;
+
+    #[test]
+    fn the_peers_time_is_their_middle_and_a_tie_gives_both() {
+        assert_eq!(peers_offset(&[]), (0, 0));
+        assert_eq!(peers_offset(&[40_000]), (40_000, 40_000));
+        // One of two peers two hours ahead: contact is recorded by the
+        // other, absence measured by it.
+        assert_eq!(peers_offset(&[2 * HOUR, 40_000]), (40_000, 2 * HOUR));
+        assert_eq!(peers_offset(&[5, -3, 2 * HOUR]), (5, 5));
+    }
 
     #[test]
     fn the_guard_admits_up_to_the_allowed_offset_and_no_further() {

@@ -65,8 +65,9 @@ impl Cluster {
         };
         self.cluster_offset
             .store(skew::cluster_offset(&measured), Ordering::Release);
-        self.peers_offset
-            .store(skew::peers_offset(&measured), Ordering::Release);
+        let (low, high) = skew::peers_offset(&measured);
+        self.peers_offset_low.store(low, Ordering::Release);
+        self.peers_offset_high.store(high, Ordering::Release);
         self.strictest_offset_ms.store(max, Ordering::Release);
         let mut current = self.verdict.lock().unwrap();
         if v.skewed != current.skewed {

@@ -79,7 +79,7 @@ impl Cluster {
     pub(super) fn absence_now(&self) -> u64 {
         let wall = self.wall_ms();
         if self.clock_measured.load(Ordering::Acquire) {
-            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire).max(0))
+            wall.saturating_add_signed(self.peers_offset_high.load(Ordering::Acquire).max(0))
         } else {
             wall
         }
@@ -92,7 +92,7 @@ impl Cluster {
     pub(super) fn contact_now(&self) -> u64 {
         let wall = self.wall_ms();
         if self.clock_measured.load(Ordering::Acquire) {
-            wall.saturating_add_signed(self.peers_offset.load(Ordering::Acquire))
+            wall.saturating_add_signed(self.peers_offset_low.load(Ordering::Acquire))
         } else {
             wall
         }

@@ -207,8 +207,12 @@ pub struct Cluster {
     /// The cluster's time as an offset from this node's wall clock, ms
     /// (`skew::cluster_offset`), as last judged.
     cluster_offset: AtomicI64,
-    /// The peers' alone (`skew::peers_offset`).
-    peers_offset: AtomicI64,
+    /// The peers' alone, the lower and the upper middle
+    /// (`skew::peers_offset`): contact is recorded by the lower, absence
+    /// measured by the upper, so that a peer's clock off on a tie never
+    /// makes an absence look shorter.
+    peers_offset_low: AtomicI64,
+    peers_offset_high: AtomicI64,
     /// Wall minus monotonic clock when the verdict was drawn: a change
     /// since means the wall clock jumped.
     judged_wall_minus_mono: AtomicI64,
@@ -340,7 +344,8 @@ impl Cluster {
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
             cluster_offset: AtomicI64::new(0),
-            peers_offset: AtomicI64::new(0),
+            peers_offset_low: AtomicI64::new(0),
+            peers_offset_high: AtomicI64::new(0),
             judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
             clock_measured: AtomicBool::new(false),
             clock_judged: Notify::new(),
