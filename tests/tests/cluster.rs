@@ -379,10 +379,12 @@ fn a_node_whose_peers_all_left_restarts_alone_and_takes_writes() {
     });
     let b_addr = b.addr;
     assert!(b.stop("TERM").success());
-    // a forgets b's address once b has left: a restart does not wait for it.
-    eventually("a forgets b's address", Duration::from_secs(10), || {
-        std::fs::read_to_string(dirs[0].path().join("cluster.state"))
-            .is_ok_and(|s| !s.contains(&format!("member {b_addr}")))
+    // a remembers that b left: a restart rejoins through it if it is
+    // back, and does not wait for it as a replica.
+    eventually("a remembers that b left", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[0].path().join("cluster.state")).is_ok_and(|s| {
+            !s.contains(&format!("member {b_addr}")) && s.contains(&format!("left {b_addr}"))
+        })
     });
     let a_addr = a.addr;
     assert!(a.stop("TERM").success());

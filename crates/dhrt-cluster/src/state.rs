@@ -10,6 +10,7 @@
 //! seen 1764255000000
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
+//! left 10.0.0.4:7453
 //! ```
 
 use std::io;
@@ -22,6 +23,10 @@ pub(crate) struct SavedState {
     pub(crate) seen_ms: u64,
     /// The other members' addresses, left ones excluded.
     pub(crate) members: Vec<String>,
+    /// The addresses of members that left: rejoined through after a
+    /// restart (a whole cluster stopped one by one comes back), but not
+    /// waited for as replicas.
+    pub(crate) left: Vec<String>,
 }
 
 /// Parses the file's text; unknown lines are ignored (newer versions may
@@ -44,6 +49,11 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
             if !addr.is_empty() && !state.members.iter().any(|m| m == addr) {
                 state.members.push(addr.to_string());
             }
+        } else if let Some(addr) = line.strip_prefix("left ") {
+            let addr = addr.trim();
+            if !addr.is_empty() && !state.left.iter().any(|m| m == addr) {
+                state.left.push(addr.to_string());
+            }
         }
     }
     Ok(state)
@@ -57,12 +67,10 @@ pub(crate) fn render(state: &SavedState) -> String {
     out.push_str(&format!("seen {}\n", state.seen_ms));
     // A member's address is checked when it is learned; one that could
     // break a line is never written.
-    for m in state
-        .members
-        .iter()
-        .filter(|m| !m.chars().any(char::is_whitespace))
-    {
-        out.push_str(&format!("member {m}\n"));
+    for (kind, list) in [("member", &state.members), ("left", &state.left)] {
+        for m in list.iter().filter(|m| !m.chars().any(char::is_whitespace)) {
+            out.push_str(&format!("{kind} {m}\n"));
+        }
     }
     out
 }
@@ -92,14 +100,16 @@ mod tests {
         let s = SavedState {
             seen_ms: 1_764_255_000_000,
             members: vec!["10.0.0.2:7453".into(), "n3:7453".into()],
+            left: vec!["n4:7453".into()],
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
-        let text = "seen 5\nfuture-fact 1\nmember a:1\nmember a:1\n\n";
+        let text = "seen 5\nfuture-fact 1\nmember a:1\nmember a:1\nleft b:2\n\n";
         assert_eq!(
             parse(text).unwrap(),
             SavedState {
                 seen_ms: 5,
-                members: vec!["a:1".into()]
+                members: vec!["a:1".into()],
+                left: vec!["b:2".into()],
             }
         );
         assert!(parse("seen yesterday\n").is_err());
@@ -113,6 +123,7 @@ mod tests {
         let s = SavedState {
             seen_ms: 42,
             members: vec!["x:1".into()],
+            left: Vec::new(),
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
@@ -128,6 +139,7 @@ mod tests {
         let state = SavedState {
             seen_ms: 7,
             members: vec!["a:1\nseen 99999999999999".into(), "b:2".into()],
+            left: Vec::new(),
         };
         let back = parse(&render(&state)).unwrap();
         assert_eq!(back.seen_ms, 7);

@@ -63,9 +63,9 @@ impl Cluster {
             // bytes, no fsync: losing the last write only makes a restart
             // look a little longer away).
             let saved = self.saved_state();
-            let stale = written
-                .as_ref()
-                .is_none_or(|w| w.members != saved.members || saved.seen_ms > w.seen_ms);
+            let stale = written.as_ref().is_none_or(|w| {
+                w.members != saved.members || w.left != saved.left || saved.seen_ms > w.seen_ms
+            });
             if stale && self.save_state(&saved) {
                 written = Some(saved);
             }
@@ -156,29 +156,31 @@ impl Cluster {
     /// What the state file should say now.
     pub(super) fn saved_state(&self) -> SavedState {
         let m = self.membership.lock().unwrap();
+        let members: Vec<String> = m
+            .members()
+            .filter(|u| u.liveness != Liveness::Left)
+            .map(|u| u.addr.clone())
+            .collect();
+        let mut left: Vec<String> = m
+            .members()
+            .filter(|u| u.liveness == Liveness::Left && !members.contains(&u.addr))
+            .map(|u| u.addr.clone())
+            .collect();
+        left.dedup();
         SavedState {
             seen_ms: self.last_contact.load(Ordering::Acquire),
-            members: m
-                .members()
-                .filter(|u| u.liveness != Liveness::Left)
-                .map(|u| u.addr.clone())
-                .collect(),
+            members,
+            left,
         }
     }
 
     /// Writes the state file (if there is one and there are members to
-    /// remember, or every member it knew has left: a restart must not
-    /// wait for them); whether it was written.
+    /// remember, left ones included); whether it was written.
     pub(super) fn save_state(&self, saved: &SavedState) -> bool {
         let Some(path) = &self.options.state_file else {
             return false;
         };
-        let all_left = {
-            let m = self.membership.lock().unwrap();
-            let mut members = m.members().peekable();
-            members.peek().is_some() && members.all(|u| u.liveness == Liveness::Left)
-        };
-        if saved.members.is_empty() && !all_left {
+        if saved.members.is_empty() && saved.left.is_empty() {
             return false;
         }
         match state::save(path, saved) {

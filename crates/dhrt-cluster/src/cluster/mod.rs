@@ -190,6 +190,10 @@ pub struct Cluster {
     /// Whether any other member was known at some point in this life (or
     /// there is none to wait for: its only seeds were itself).
     heard_peers: AtomicBool,
+    /// How many members it was started with that count as replicas until
+    /// one is heard from (`--node`, or those in `cluster.state` that had
+    /// not left).
+    awaited: usize,
     /// Anti-entropy exchanges completed, and records pulled and pushed.
     ae_rounds: AtomicU64,
     ae_pulled: AtomicU64,
@@ -270,14 +274,20 @@ impl Cluster {
                 "no cluster.state beside this node's data: it cannot tell how long it was away, and takes itself to have been in touch until now (if it was away longer than the tombstone grace period, keys deleted meanwhile come back)"
             );
         }
+        // The members this node waits for as replicas until it hears from
+        // one: those it was given, or those it remembers that had not left.
+        let mut awaited = options.seeds.len();
         if let Some(saved) = saved {
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
-            if options.seeds.is_empty() && !members.is_empty() {
+            let left: Vec<String> = saved.left.into_iter().filter(|m| *m != addr).collect();
+            if options.seeds.is_empty() && !(members.is_empty() && left.is_empty()) {
                 tracing::info!(
-                    "rejoining through the {} members remembered in cluster.state",
-                    members.len()
+                    "rejoining through the {} members remembered in cluster.state ({} of them had left)",
+                    members.len() + left.len(),
+                    left.len()
                 );
-                options.seeds = members;
+                awaited = members.len();
+                options.seeds = members.into_iter().chain(left).collect();
             }
             last_contact = saved.seen_ms;
             if let Some(away) = away_too_long(&store, wall_at_start, saved.seen_ms)
@@ -335,6 +345,7 @@ impl Cluster {
             stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),
+            awaited,
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),
             ae_pushed: AtomicU64::new(0),

@@ -149,10 +149,11 @@ impl Cluster {
     }
 
     /// Whether this node was started to join a cluster (`--node`, or
-    /// members remembered in `cluster.state`) and has not heard from any
-    /// member since: its replicas are out of reach, not absent.
+    /// members remembered in `cluster.state` that had not left) and has
+    /// not heard from any member since: its replicas are out of reach, not
+    /// absent.
     pub(crate) fn unreached(&self) -> bool {
-        !self.options.seeds.is_empty() && !self.heard_peers.load(Ordering::Acquire)
+        self.awaited > 0 && !self.heard_peers.load(Ordering::Acquire)
     }
 
     /// The write concern of a write this node holds alone while
@@ -165,7 +166,7 @@ impl Cluster {
         if !self.unreached() {
             return Ok(());
         }
-        let members = 1 + self.options.seeds.len();
+        let members = 1 + self.awaited;
         let replicas = match self.replicas_of(collection) {
             Replicas::All => members,
             Replicas::N(n) => members.min(usize::from(n).max(1)),
