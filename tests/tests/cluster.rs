@@ -394,6 +394,32 @@ fn a_node_whose_peers_all_left_restarts_alone_and_takes_writes() {
 }
 
 #[test]
+fn a_seed_given_itself_as_node_runs_as_a_node_started_alone() {
+    // One configuration for every node, the seed's included: the seed's
+    // --node reaches the seed itself (under another name).
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let addr = crate::dhrtd::free_addr();
+    let itself = format!("localhost:{}", addr.port());
+    let seed = Dhrtd::start_on(Some(addr), dirs[0].path(), &["--node", &itself]);
+    assert_eq!(seed.http("POST", "/c/k/v", b"").0, 200);
+    eventually(
+        "the seed is healthy, not syncing",
+        Duration::from_secs(10),
+        || state_of(&seed, &seed.addr.to_string()).as_deref() == Some("healthy"),
+    );
+    // A node joining it gets its data.
+    let other = start_joined(dirs[1].path(), &seed, &[]);
+    eventually("both healthy", Duration::from_secs(20), || {
+        all_healthy(&[&seed, &other], 2)
+    });
+    eventually(
+        "the joiner holds the seed's key",
+        Duration::from_secs(10),
+        || local_keys(&other, "c") == 1,
+    );
+}
+
+#[test]
 fn a_restart_without_node_rejoins_the_members_it_remembers() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);

@@ -77,7 +77,7 @@ pub(crate) fn binary() -> &'static Path {
 
 /// A free loopback port (the listener is dropped; another test could grab
 /// it, so callers retry on a bind failure).
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -126,7 +126,9 @@ impl Cluster {
             }
             // Started to join a cluster, or joined one since (`dhrt-cli
             // join`, a node joining this one): unchecked until compared.
-            let expects_peers = !self.options.seeds.is_empty() || self.has_peers();
+            let expects_peers = (!self.options.seeds.is_empty()
+                && !self.seeds_are_itself.load(Ordering::Acquire))
+                || self.has_peers();
             if !expects_peers || self.clock_measured.load(Ordering::Acquire) {
                 return Ok(());
             }

@@ -247,8 +247,13 @@ impl Cluster {
             }
             seeds.retain(|s| !itself.contains(s));
             if seeds.is_empty() {
-                // Given only itself: alone, and no member to wait for.
+                // Given only itself: a node started alone (the seed of a
+                // configuration every node shares). No member to wait for,
+                // nothing to sync from, nobody to judge its clock by.
                 self.heard_peers.store(true, Ordering::Release);
+                self.seeds_are_itself.store(true, Ordering::Release);
+                self.absence_judged.store(true, Ordering::Release);
+                self.with_membership(|m, _| m.set_syncing(false));
                 return;
             }
             if !self.running.load(Ordering::Acquire) {

@@ -190,6 +190,9 @@ pub struct Cluster {
     /// Whether any other member was known at some point in this life (or
     /// there is none to wait for: its only seeds were itself).
     heard_peers: AtomicBool,
+    /// Whether every seed it was given turned out to be itself: it runs
+    /// as a node started alone.
+    seeds_are_itself: AtomicBool,
     /// How many members it was started with that count as replicas until
     /// one is heard from (`--node`, or those in `cluster.state` that had
     /// not left).
@@ -345,6 +348,7 @@ impl Cluster {
             stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),
+            seeds_are_itself: AtomicBool::new(false),
             awaited,
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),
