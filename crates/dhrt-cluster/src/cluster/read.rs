@@ -46,6 +46,12 @@ impl Cluster {
         collection: &str,
         key: &[u8],
     ) -> Option<Versioned> {
+        if self.unreached() {
+            // Started to join a cluster and not in touch yet: "not found"
+            // would only say what this node missed while it was down.
+            // Asked once a member answers (at most 10 s after the start).
+            self.clock_compared().await;
+        }
         let mut asks = self.ask_live_peers(|| PeerOp::Read {
             collection: collection.to_string(),
             key: Bytes::copy_from_slice(key),

@@ -185,7 +185,9 @@ impl Node {
                 LocalRead::Answer(Ok(value))
             }
             Ok(None) if self.is_damaged(collection, key) => self.damaged_read(collection),
-            Ok(None) if !self.cluster.has_peers() => LocalRead::Answer(Ok(None)),
+            Ok(None) if !self.cluster.has_peers() && !self.cluster.unreached() => {
+                LocalRead::Answer(Ok(None))
+            }
             Ok(None) => LocalRead::Missing,
         }
     }
