@@ -48,13 +48,13 @@ use rand::rngs::{SmallRng, StdRng};
 use rand::{RngExt, SeedableRng};
 use tokio::sync::Notify;
 
-const PORT: u16 = 7453;
+pub(crate) const PORT: u16 = 7453;
 const COLLECTION: &str = "sim";
 const KEYS: u32 = 4096;
 
 /// Dials over turmoil's network.
 #[derive(Debug)]
-struct SimConnector;
+pub(crate) struct SimConnector;
 
 impl Connector for SimConnector {
     fn connect<'a>(&'a self, addr: &'a str) -> ConnectFuture<'a> {

@@ -11,31 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dhrt_cluster::{
-    BinaryLimits, Cluster, ClusterOptions, ConnectFuture, Connector, Identity, Node, PeerStream,
-    Replicas, serve_binary,
-};
+use dhrt_cluster::{BinaryLimits, Cluster, ClusterOptions, Identity, Node, Replicas, serve_binary};
 use dhrt_proto::Operations;
 use dhrt_storage::{Options, Store};
 use tokio::sync::Notify;
 
-const PORT: u16 = 7453;
+use crate::sim::{PORT, SimConnector};
+
 const COLLECTIONS: usize = 60;
 /// The most a leave may take: the handover's 30 s, the wait for queued
 /// writes (2 s), the goodbye (1 s) and the last round after it (5 s).
 const LEAVE_BOUND: Duration = Duration::from_secs(40);
-
-#[derive(Debug)]
-struct SimConnector;
-
-impl Connector for SimConnector {
-    fn connect<'a>(&'a self, addr: &'a str) -> ConnectFuture<'a> {
-        Box::pin(async move {
-            let s = turmoil::net::TcpStream::connect(addr).await?;
-            Ok(Box::new(s) as Box<dyn PeerStream>)
-        })
-    }
-}
 
 #[derive(Clone, Default)]
 struct World {
