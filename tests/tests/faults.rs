@@ -640,3 +640,36 @@ fn files_emptied_by_a_power_loss_or_an_operator_are_told_apart() {
     let node = Dhrtd::start(dir.path(), &[]);
     assert_eq!(node.http("GET", "/c/k", b"").0, 200);
 }
+
+/// A page of a log the node cannot read (a failing sector; here the file
+/// shortened under the running node) used to kill it with SIGBUS. The
+/// records on it are damage like any other now: 503 for a key no replica
+/// can give back, and the node goes on serving everything else.
+#[test]
+fn a_page_of_a_log_that_cannot_be_read_does_not_kill_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Dhrtd::start(dir.path(), &["--sync", "always"]);
+    for i in 0..300 {
+        let status = a
+            .http("PUT", &format!("/cut/k{i:03}"), &value(8192, i as u8))
+            .0;
+        assert_eq!(status, 200);
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log_of(dir.path(), "cut"))
+        .unwrap()
+        .set_len(100_000)
+        .unwrap();
+    let (status, body) = a.http("GET", "/cut/k250", b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("damaged, not missing"), "{body}");
+    assert!(a.running(), "the node died");
+    // A key wholly below the cut is served as it was; listings and writes
+    // go on.
+    assert_eq!(a.get_raw("/cut/k001").1, value(8192, 1));
+    assert_eq!(a.http("GET", "/cut?limit=1000", b"").0, 200);
+    assert_eq!(a.http("PUT", "/other/k", b"v").0, 200);
+    assert_eq!(a.get_raw("/other/k").1, b"v");
+    assert!(a.running(), "the node died");
+}

@@ -334,6 +334,7 @@ pub(crate) fn compact(
                 // Damaged since it was written: left out of the new
                 // file and index (and so of the digest), as a
                 // quarantine would; a replica's copy restores it.
+                crate::verify::report_unreadable_pages();
                 tracing::error!(
                     collection = %coll.name,
                     offset,

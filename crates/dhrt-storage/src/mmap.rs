@@ -31,9 +31,15 @@
 //!    (reference counted through `Bytes`) until its last reader drops it. The
 //!    old file is unlinked but not truncated.
 //!
-//! What the engine cannot rule out is another process truncating a file in
-//! the data directory; the directory is locked against other dhrt processes,
-//! and operators must not edit files of a running node.
+//! What the engine cannot rule out is a page it cannot read: a disk sector
+//! that fails (EIO on page-in), or another process truncating a file in the
+//! data directory (the directory is locked against other dhrt processes, and
+//! operators must not edit files of a running node). Either raises SIGBUS on
+//! the reading thread, which would kill the process. [`guard`] catches it for
+//! addresses inside these maps: the page is replaced by a page of zeros, the
+//! read goes on, and the record on it fails its checksum, so its key is
+//! quarantined (`verify.rs`) like any other damage and the node keeps
+//! serving.
 
 use std::fs::File;
 use std::io;
@@ -45,10 +51,18 @@ use memmap2::MmapOptions;
 /// is unmapped on the reaper thread once its last `Bytes` is dropped,
 /// wherever that happens.
 pub(crate) fn map(file: &File, capacity: usize) -> io::Result<Bytes> {
+    guard::install();
     // SAFETY: see the module documentation; the map is read-only and only
     // ranges below the file's length are ever read.
     let map = unsafe { MmapOptions::new().len(capacity).map(file)? };
-    Ok(Bytes::from_owner(Reaped(Some(map))))
+    let slot = guard::cover(map.as_ptr() as usize, map.len());
+    Ok(Bytes::from_owner(Reaped(Some(map), slot)))
+}
+
+/// How many pages of maps could not be read (SIGBUS) and were replaced by
+/// zeros since the process started.
+pub(crate) fn unreadable_pages() -> u64 {
+    guard::REPLACED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A map that is unmapped off the thread that drops it. `munmap` of a map
@@ -58,7 +72,7 @@ pub(crate) fn map(file: &File, capacity: usize) -> io::Result<Bytes> {
 /// dropped by the writer that grew the log, under the collection's writer
 /// lock, or by a request thread done with a value; either way every
 /// request behind it would wait that long.
-struct Reaped(Option<memmap2::Mmap>);
+struct Reaped(Option<memmap2::Mmap>, Option<&'static guard::Slot>);
 
 impl AsRef<[u8]> for Reaped {
     fn as_ref(&self) -> &[u8] {
@@ -68,8 +82,222 @@ impl AsRef<[u8]> for Reaped {
 
 impl Drop for Reaped {
     fn drop(&mut self) {
+        // Nothing reads the map any more, so no fault can come from it.
+        if let Some(slot) = self.1.take() {
+            slot.uncover();
+        }
         if let Some(map) = self.0.take() {
             reaper::unmap(map);
+        }
+    }
+}
+
+/// The SIGBUS handler that keeps an unreadable page of a map from killing
+/// the process (see the module documentation).
+///
+/// The ranges of the live maps are kept in slots that the handler reads
+/// without locks or allocation: chunks of slots linked in a list that only
+/// grows, never freed, so a slot the handler reads is always valid memory.
+/// A fault at an address inside a covered range has its page replaced by
+/// an anonymous page of zeros (`mmap` with `MAP_FIXED`, a system call the
+/// handler may make); the faulting read then runs again and reads zeros. A
+/// fault anywhere else goes to the handler installed before (Rust's own,
+/// which reports a stack overflow), or kills the process as it would have.
+mod guard {
+    use std::ptr;
+    use std::sync::Once;
+    use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+    /// Slots per chunk.
+    const SLOTS: usize = 128;
+    /// A slot's start while it is being filled or emptied (never a map's
+    /// address: maps are page aligned).
+    const BUSY: usize = 1;
+
+    /// The range `[start, start + len)` of one live map; `start` 0: free.
+    pub(crate) struct Slot {
+        start: AtomicUsize,
+        len: AtomicUsize,
+    }
+
+    impl Slot {
+        /// Stops covering the slot's map and frees the slot.
+        pub(crate) fn uncover(&self) {
+            self.start.store(BUSY, Ordering::Release);
+            self.len.store(0, Ordering::Release);
+            self.start.store(0, Ordering::Release);
+        }
+    }
+
+    struct Chunk {
+        slots: [Slot; SLOTS],
+        next: AtomicPtr<Chunk>,
+    }
+
+    static HEAD: AtomicPtr<Chunk> = AtomicPtr::new(ptr::null_mut());
+    /// The handler installed before this one (leaked, read by the handler).
+    static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(ptr::null_mut());
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    /// Pages replaced by zeros.
+    pub(super) static REPLACED: AtomicU64 = AtomicU64::new(0);
+
+    fn new_chunk() -> *mut Chunk {
+        Box::into_raw(Box::new(Chunk {
+            slots: std::array::from_fn(|_| Slot {
+                start: AtomicUsize::new(0),
+                len: AtomicUsize::new(0),
+            }),
+            next: AtomicPtr::new(ptr::null_mut()),
+        }))
+    }
+
+    /// Covers `[start, start + len)`; `None` if the handler is not
+    /// installed (the map is then as unguarded as any).
+    pub(super) fn cover(start: usize, len: usize) -> Option<&'static Slot> {
+        if PREVIOUS.load(Ordering::Acquire).is_null() {
+            return None;
+        }
+        let mut link = &HEAD;
+        loop {
+            let mut chunk = link.load(Ordering::Acquire);
+            if chunk.is_null() {
+                let fresh = new_chunk();
+                match link.compare_exchange(
+                    ptr::null_mut(),
+                    fresh,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => chunk = fresh,
+                    Err(other) => {
+                        // SAFETY: `fresh` was never shared.
+                        drop(unsafe { Box::from_raw(fresh) });
+                        chunk = other;
+                    }
+                }
+            }
+            // SAFETY: chunks are leaked once linked: valid for ever.
+            let chunk: &'static Chunk = unsafe { &*chunk };
+            for slot in &chunk.slots {
+                if slot
+                    .start
+                    .compare_exchange(0, BUSY, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    slot.len.store(len, Ordering::Release);
+                    slot.start.store(start, Ordering::Release);
+                    return Some(slot);
+                }
+            }
+            link = &chunk.next;
+        }
+    }
+
+    /// Whether `addr` lies in a covered map. Async-signal-safe: atomic
+    /// loads only.
+    fn covered(addr: usize) -> bool {
+        let mut chunk = HEAD.load(Ordering::Acquire);
+        while !chunk.is_null() {
+            // SAFETY: chunks are never freed.
+            let c = unsafe { &*chunk };
+            for slot in &c.slots {
+                let start = slot.start.load(Ordering::Acquire);
+                if start > BUSY {
+                    let len = slot.len.load(Ordering::Acquire);
+                    if addr >= start && addr - start < len {
+                        return true;
+                    }
+                }
+            }
+            chunk = c.next.load(Ordering::Acquire);
+        }
+        false
+    }
+
+    /// Installs the handler, once per process. Best effort: if it cannot
+    /// be installed, maps are left unguarded.
+    pub(super) fn install() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: sysconf with a valid name has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let Ok(page) = usize::try_from(page) else {
+                return;
+            };
+            if !page.is_power_of_two() {
+                return;
+            }
+            PAGE.store(page, Ordering::Release);
+            // SAFETY: zeroed `sigaction`s are valid values; the handler has
+            // the signature SA_SIGINFO asks for; `previous` is written by
+            // the call before it is read.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_sigbus as *const () as libc::sighandler_t;
+                action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                libc::sigemptyset(&mut action.sa_mask);
+                let previous = Box::into_raw(Box::new(std::mem::zeroed::<libc::sigaction>()));
+                // Published before the handler can run.
+                PREVIOUS.store(previous, Ordering::Release);
+                if libc::sigaction(libc::SIGBUS, &action, previous) != 0 {
+                    PREVIOUS.store(ptr::null_mut(), Ordering::Release);
+                    drop(Box::from_raw(previous));
+                }
+            }
+        });
+    }
+
+    extern "C" fn on_sigbus(
+        signal: libc::c_int,
+        info: *mut libc::siginfo_t,
+        context: *mut libc::c_void,
+    ) {
+        // SAFETY: the kernel passes a valid `siginfo_t` to an SA_SIGINFO
+        // handler; for SIGBUS, `si_addr` is the faulting address.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let page = PAGE.load(Ordering::Acquire);
+        if page != 0 && covered(addr) {
+            // SAFETY: the page lies inside a live map of ours (covered), so
+            // replacing it touches no other mapping; it becomes a private
+            // page of zeros, readable as the map was.
+            let at = unsafe {
+                libc::mmap(
+                    (addr & !(page - 1)) as *mut libc::c_void,
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if at != libc::MAP_FAILED {
+                REPLACED.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let previous = PREVIOUS.load(Ordering::Acquire);
+        // SAFETY: `previous` was filled by `sigaction` before this handler
+        // was installed, and is never freed.
+        let previous = unsafe { &*previous };
+        let handler = previous.sa_sigaction;
+        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+            // Back to the default: the faulting instruction runs again and
+            // the signal kills the process, as if no handler had been here.
+            // SAFETY: a zeroed `sigaction` is SIG_DFL with no flags.
+            unsafe {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(libc::SIGBUS, &default, ptr::null_mut());
+            }
+        } else if previous.sa_flags & libc::SA_SIGINFO != 0 {
+            // SAFETY: an SA_SIGINFO handler has this signature.
+            let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(handler) };
+            handler(signal, info, context);
+        } else {
+            // SAFETY: a plain handler has this signature.
+            let handler: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+            handler(signal);
         }
     }
 }

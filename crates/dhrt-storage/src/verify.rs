@@ -41,6 +41,30 @@ pub(crate) fn read_value(map: &Bytes, tail: u64, slot: &Slot) -> Option<Bytes> {
     }
 }
 
+/// Logs that pages of the maps could not be read and were read as zeros
+/// (`mmap.rs`), the likely cause of the damage just met: at the first such
+/// page, then at most once a minute while more are met.
+pub(crate) fn report_unreadable_pages() {
+    static REPORTED: std::sync::Mutex<Option<(u64, std::time::Instant)>> =
+        std::sync::Mutex::new(None);
+    let now = crate::mmap::unreadable_pages();
+    if now == 0 {
+        return;
+    }
+    let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    let due = match *reported {
+        None => true,
+        Some((count, at)) => now > count && at.elapsed() >= std::time::Duration::from_secs(60),
+    };
+    if due {
+        *reported = Some((now, std::time::Instant::now()));
+        tracing::error!(
+            pages = now,
+            "pages of collection files could not be read (SIGBUS: a failing disk, or a file shortened by another process) and were read as zeros; the records on them fail their checksums and are quarantined"
+        );
+    }
+}
+
 /// Keys quarantined while a reshard runs beyond which the reshard is
 /// abandoned rather than checking them all under the writer lock.
 pub(crate) const MAX_QUARANTINES_DURING_RESHARD: usize = 4096;
@@ -50,6 +74,7 @@ impl Collection {
     /// checksum: removes the entry if it still points there, takes it out of
     /// the digest, and asks for a compaction.
     pub(crate) fn quarantine(&self, log: &Arc<LogFile>, key: &[u8], slot: Slot) {
+        report_unreadable_pages();
         tracing::error!(
             collection = %self.name,
             offset = slot.offset(),
