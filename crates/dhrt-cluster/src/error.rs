@@ -17,13 +17,16 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
         StorageError::Poisoned { .. }
         | StorageError::Locked { .. }
         | StorageError::TooManyCollections { .. } => ErrorKind::Unavailable,
-        // A full disk is not a bug: reads go on, and writes work again
-        // once there is room.
+        // A full, read-only or failing disk is not a bug: reads go on, and
+        // writes work again once there is room or the disk is back (a
+        // collection whose fsync failed stays refused: `Poisoned`).
         StorageError::Io { source, .. }
             if matches!(
                 source.kind(),
-                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-            ) =>
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::QuotaExceeded
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+            ) || source.raw_os_error() == Some(EIO) =>
         {
             tracing::error!("storage error: {e}");
             ErrorKind::Unavailable
@@ -35,6 +38,9 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
     }
     OpError::new(kind, e.to_string())
 }
+
+/// EIO (Linux), the errno of a disk that failed a read or write.
+const EIO: i32 = 5;
 
 /// The checks the store makes, for a write this node forwards without
 /// storing.
@@ -80,20 +86,26 @@ pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
 mod tests {
     use super::*;
 
-    /// A full disk answers 503 with the system's sentence (not 500, which
-    /// says a bug); other I/O errors stay internal.
+    /// A full, read-only or failing disk answers 503 with the system's
+    /// sentence (not 500, which says a bug); other I/O errors stay
+    /// internal.
     #[test]
-    fn a_full_disk_is_unavailable_not_internal() {
+    fn a_full_or_failing_disk_is_unavailable_not_internal() {
         let io = |errno| StorageError::Io {
             op: "write",
             path: "/data/c.dhrt".into(),
             source: std::io::Error::from_raw_os_error(errno),
         };
-        for errno in [28 /* ENOSPC */, 122 /* EDQUOT */] {
+        for errno in [
+            28,  /* ENOSPC */
+            122, /* EDQUOT */
+            30,  /* EROFS */
+            5,   /* EIO */
+        ] {
             let e = op_error(io(errno));
             assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
             assert!(e.message.contains("/data/c.dhrt"), "{e}");
         }
-        assert_eq!(op_error(io(5 /* EIO */)).kind, ErrorKind::Internal);
+        assert_eq!(op_error(io(9 /* EBADF */)).kind, ErrorKind::Internal);
     }
 }

@@ -255,6 +255,10 @@ async fn handle(
             ErrorKind::InvalidInput,
             format!("node {dialer:016x} asked to join as {:016x}", update.id),
         )),
+        PeerOp::Join(_) if dialer == cluster.id() => Err(OpError::new(
+            ErrorKind::InvalidInput,
+            format!("node {dialer:016x} is this node: it cannot join itself"),
+        )),
         PeerOp::Join(update) => match update.check() {
             Ok(()) => Ok(PeerReply::Members(cluster.on_join(update))),
             Err(why) => Err(OpError::new(ErrorKind::InvalidInput, why)),
@@ -496,5 +500,35 @@ mod tests {
         answered.dedup();
         assert_eq!(answered.len() as u64, SENT - 1);
         assert_eq!(started.load(Ordering::SeqCst), SENT as usize);
+    }
+
+    /// A dialer holding this node's own id (a copied data directory, or a
+    /// forged handshake on loopback) cannot join as it.
+    #[tokio::test]
+    async fn a_join_under_this_nodes_own_id_is_refused() {
+        let store = dhrt_storage::Store::memory(dhrt_storage::Options::default());
+        let me = crate::Identity {
+            id: 7,
+            name: "me".into(),
+            addr: "127.0.0.1:7453".into(),
+        };
+        let cluster = Cluster::single(store.clone(), me);
+        let hub = crate::WatchHub::new(store, crate::WatchOptions::default());
+        let sessions = Sessions::new(hub);
+        let update = dhrt_proto::MemberUpdate {
+            id: 7,
+            name: "twin".into(),
+            addr: "127.0.0.1:7454".into(),
+            incarnation: 1,
+            liveness: dhrt_proto::Liveness::Alive,
+            syncing: false,
+            collections: None,
+        };
+        let answer = handle(&cluster, &sessions, 7, PeerOp::Join(update)).await;
+        match answer {
+            Err(e) => assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}"),
+            Ok(reply) => panic!("joined: {reply:?}"),
+        }
+        assert_eq!(cluster.members().len(), 1);
     }
 }

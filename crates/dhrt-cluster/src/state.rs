@@ -3,7 +3,8 @@
 //! A restart without `--node` rejoins through those members, and a node
 //! away longer than the tombstone grace period knows it must re-sync fully.
 //!
-//! Plain text, one fact per line, rewritten atomically (write, rename):
+//! Plain text, one fact per line, rewritten atomically (write, fsync,
+//! rename, fsync of the directory):
 //!
 //! ```text
 //! # dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)
@@ -84,11 +85,21 @@ pub(crate) fn load(path: &Path) -> io::Result<Option<SavedState>> {
     }
 }
 
-/// Replaces the file with `state` (write beside it, then rename).
+/// Replaces the file with `state`: written beside it and made durable,
+/// then renamed over it, and the rename made durable. A power loss leaves
+/// the old file or the new one, never an empty one (which would read as
+/// "never in touch", or lose the members a restart rejoins through).
 pub(crate) fn save(path: &Path, state: &SavedState) -> io::Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("state.tmp");
-    std::fs::write(&tmp, render(state))?;
-    std::fs::rename(&tmp, path)
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(render(state).as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

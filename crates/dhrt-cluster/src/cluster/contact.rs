@@ -60,14 +60,20 @@ impl Cluster {
                 self.last_contact.store(now, Ordering::Release);
             }
             // Rewrite on news, and every second while in touch (a few
-            // bytes, no fsync: losing the last write only makes a restart
-            // look a little longer away).
+            // bytes and an fsync, off the runtime's threads).
             let saved = self.saved_state();
             let stale = written.as_ref().is_none_or(|w| {
                 w.members != saved.members || w.left != saved.left || saved.seen_ms > w.seen_ms
             });
-            if stale && self.save_state(&saved) {
-                written = Some(saved);
+            if stale {
+                let me = self.clone();
+                let to_save = saved.clone();
+                let saved_ok = tokio::task::spawn_blocking(move || me.save_state(&to_save))
+                    .await
+                    .unwrap_or(false);
+                if saved_ok {
+                    written = Some(saved);
+                }
             }
         }
     }

@@ -296,11 +296,17 @@ impl Cluster {
             if let Some(away) = away_too_long(&store, wall_at_start, saved.seen_ms)
                 && !options.seeds.is_empty()
             {
-                tracing::warn!(
-                    "away from the cluster for {} s, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
-                    away / 1000,
-                    store.options().tombstone_grace.as_secs()
-                );
+                if saved.seen_ms == 0 {
+                    tracing::warn!(
+                        "cluster.state says nothing of when this node was last in touch (no `seen` line: damaged, or emptied by a power loss): a full re-sync runs before this node trusts its own data"
+                    );
+                } else {
+                    tracing::warn!(
+                        "away from the cluster for {} s, longer than the tombstone grace period ({} s): a full re-sync runs before this node trusts its own data",
+                        away / 1000,
+                        store.options().tombstone_grace.as_secs()
+                    );
+                }
                 full_resync = true;
             } else if !options.seeds.is_empty() && !store.all_collections().is_empty() {
                 // Its clock may have been set back while it was down:
