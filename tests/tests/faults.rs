@@ -673,3 +673,47 @@ fn a_page_of_a_log_that_cannot_be_read_does_not_kill_the_node() {
     assert_eq!(a.get_raw("/other/k").1, b"v");
     assert!(a.running(), "the node died");
 }
+
+/// Clocks in a chain, at 0, +40 s and +80 s, with 60 s allowed: no node is
+/// off from most of its peers, so every node takes writes. The node at 0
+/// admits the +80 s node's stamps (within 60 s of the cluster's middle,
+/// +40 s), and must not then judge itself skewed for holding them: that
+/// locked the one node with the right time out of writes.
+#[test]
+fn a_chain_of_clocks_within_the_allowed_offset_locks_no_node_out() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &["--clock-offset-ms", "40000"]);
+    let c = start_joined(dirs[2].path(), &a, &["--clock-offset-ms", "80000"]);
+    let measured = |n: &Dhrtd| {
+        stats(n)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["clock_offset_ms"].is_i64())
+            .count()
+            == 2
+    };
+    eventually(
+        "every node measures both peers",
+        Duration::from_secs(20),
+        || [&a, &b, &c].iter().all(|n| measured(n)),
+    );
+    for n in [&a, &b, &c] {
+        assert_eq!(clock(n)["skewed"], false, "{}", clock(n));
+    }
+    for i in 0..5 {
+        let (status, body) = c.http("POST", &format!("/chain/c{i}/v"), b"");
+        assert_eq!(status, 200, "{body}");
+    }
+    eventually("a holds c's writes", Duration::from_secs(10), || {
+        a.http("GET", "/chain/c4", b"").0 == 200
+    });
+    // A few of a's verdicts later, it still takes writes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(clock(&a)["skewed"], false, "{}", clock(&a));
+    for i in 0..5 {
+        let (status, body) = a.http("POST", &format!("/chain/a{i}/v"), b"");
+        assert_eq!(status, 200, "{body}");
+    }
+}

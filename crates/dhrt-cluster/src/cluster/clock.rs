@@ -40,11 +40,18 @@ impl Cluster {
             (measured, o.strictest(self.max_offset_ms()))
         };
         // A log holding future stamps matters where peers would refuse
-        // them; a node alone just goes on from its own clock.
+        // them; a node alone just goes on from its own clock. Measured
+        // from the time peers' stamps are admitted by (the later of this
+        // clock and the cluster's), not from this clock alone: a node
+        // behind the cluster's middle but within the allowed offset admits
+        // stamps up to that far ahead of the middle, and must not then
+        // judge itself skewed for holding them (a chain of clocks at 0,
+        // +40 s and +80 s would lock out the one at 0).
         let clock_ahead = if known.is_empty() {
             0
         } else {
-            self.store.clock().ahead_ms(self.store.clock().last())
+            let reference = skew::Guard::reference(wall, skew::cluster_offset(&measured));
+            (self.store.clock().last() >> dhrt_storage::LOGICAL_BITS).saturating_sub(reference)
         };
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
