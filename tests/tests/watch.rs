@@ -665,6 +665,70 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
     assert!(reason.contains("fell too far behind"), "{reason}");
 }
 
+/// Log files a compaction replaced that the node still holds open
+/// (mapped or as a descriptor).
+fn replaced_logs_held(node: &Dhrtd) -> usize {
+    let pid = node.pid();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mapped = maps
+        .lines()
+        .filter(|l| l.contains(".dhrt") && l.ends_with("(deleted)"))
+        .count();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t.contains(".dhrt") && t.ends_with("(deleted)")
+        })
+        .count();
+    mapped + open
+}
+
+/// A watcher that reads nothing while the same few keys are overwritten
+/// is not far behind in bytes (each compaction leaves one value a key),
+/// so the lag rule rightly leaves it open; but it must not hold on to
+/// every file a compaction replaced meanwhile (the first one it was
+/// reading, and the batches waiting for it, kept theirs until the
+/// connection's idle timeout: tens of GB of deleted files on a large
+/// collection).
+#[test]
+fn a_watcher_that_reads_nothing_holds_no_file_a_compaction_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let stalled = sse(&node, "/hot");
+    let value = vec![b'v'; 64 * 1024];
+    // 25 MiB over 16 keys: compactions every few MiB (4 MiB at least,
+    // half of it garbage).
+    for i in 0..400 {
+        let (status, body) = node.http("PUT", &format!("/hot/k{}", i % 16), &value);
+        assert_eq!(status, 200, "{body}");
+    }
+    let hot_bytes = || {
+        stats(&node)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "hot")
+            .map(|c| c["bytes"].as_u64().unwrap())
+            .unwrap()
+    };
+    eventually("a background compaction", Duration::from_secs(30), || {
+        hot_bytes() < 8 << 20
+    });
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    eventually(
+        "no replaced log is held open",
+        Duration::from_secs(10),
+        || replaced_logs_held(&node) == 0,
+    );
+    assert!(
+        metrics.contains("dhrt_watch_closed_total{reason=\"lagging\"} 0"),
+        "{metrics}"
+    );
+    drop(stalled);
+}
+
 #[test]
 fn a_revoked_token_ends_the_watches_it_opened() {
     let dir = tempfile::tempdir().unwrap();

@@ -272,9 +272,12 @@ impl WatchHub {
                             Err(_) => return,
                         },
                         () = tokio::time::sleep(LAG_CHECK_EVERY), if !end => {
+                            // Off the file a compaction replaced, if one
+                            // did: the batches waiting hold copies.
+                            w.watch.follow();
                             w.stat
                                 .lag_bytes
-                                .store(w.watch.lag_bytes_at_least(), Ordering::Relaxed);
+                                .store(w.watch.lag_bytes(), Ordering::Relaxed);
                             if let Err(e) = w.check_lag() {
                                 *reason.lock().unwrap() = Some(e);
                                 return;
@@ -475,7 +478,12 @@ fn token(p: Position) -> Token {
     }
 }
 
+/// The event as sent, its key and value copied out of the log's map: a
+/// batch waiting for a watcher that does not read must not keep a file a
+/// compaction replaced (the map, and the disk space) alive. Rendering the
+/// event costs more than the copy.
 fn event(e: StoreEvent) -> WatchEvent {
+    let own = |b: bytes::Bytes| bytes::Bytes::copy_from_slice(&b);
     match e {
         StoreEvent::Initial {
             key,
@@ -483,8 +491,8 @@ fn event(e: StoreEvent) -> WatchEvent {
             version,
         } => WatchEvent {
             kind: EventKind::Initial,
-            key,
-            value: Some(value),
+            key: own(key),
+            value: Some(own(value)),
             version: Some(stamp(version)),
             token: None,
         },
@@ -501,8 +509,8 @@ fn event(e: StoreEvent) -> WatchEvent {
                 ChangeKind::Delete => EventKind::Delete,
                 ChangeKind::Drop => EventKind::Drop,
             },
-            key: c.key,
-            value: c.value,
+            key: own(c.key),
+            value: c.value.map(own),
             version: Some(stamp(c.version)),
             token: Some(token(c.position)),
         },
@@ -519,9 +527,9 @@ impl NodeWatch {
             self.lagging = None;
             return Ok(());
         }
-        // Past the limit for certain, even when a compaction since its last
-        // read hides the exact lag.
-        let over = self.watch.lag_bytes_at_least() > limit;
+        // Past the limit (measured in the file a compaction put in place of
+        // the one it last read, if one did); not told in a snapshot.
+        let over = known.is_some();
         // Progress is judged in records, which compaction does not shrink.
         let behind = self.watch.records_behind();
         let now = Instant::now();

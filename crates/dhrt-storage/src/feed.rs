@@ -329,40 +329,50 @@ impl Watch {
     }
 
     /// Bytes of log this watch has yet to read: 0 while it lists its
-    /// snapshot, and until its next poll after a compaction (which finds
-    /// its place in the new file).
+    /// snapshot.
     pub fn lag_bytes(&self) -> u64 {
         self.lag_bytes_known().unwrap_or(0)
     }
 
     /// [`lag_bytes`](Self::lag_bytes), `None` when it cannot be told (in
-    /// a snapshot, or after a compaction until the next poll).
+    /// a snapshot). After a compaction since the last poll, the lag it will
+    /// have once it follows the collection to the new file: from the first
+    /// record after its position there to the end (the next poll resumes
+    /// there; what is left of the old file is not read). A watch that stops
+    /// polling is judged by what was written meanwhile, however many
+    /// compactions replaced the file it last read.
     pub fn lag_bytes_known(&self) -> Option<u64> {
         match (&self.collection, &self.generation) {
             (Some(c), Some(g)) if self.snapshot.is_none() => {
                 let current = c.current.load();
-                Arc::ptr_eq(&current.log, &g.log)
-                    .then(|| g.log.applied().saturating_sub(self.offset))
+                if Arc::ptr_eq(&current.log, &g.log) {
+                    return Some(g.log.applied().saturating_sub(self.offset));
+                }
+                let applied = current.log.applied();
+                Some(applied.saturating_sub(first_after(&current.log, self.position.seq, applied)))
             }
             (None, _) => Some(0),
             _ => None,
         }
     }
 
-    /// Bytes of log this watch has at least to read: [`lag_bytes_known`]
-    /// when it can be told; after a compaction, until the next poll, what
-    /// is left past its place in the old file it still reads (and keeps
-    /// open), every byte of which was written before the compaction.
-    ///
-    /// [`lag_bytes_known`]: Self::lag_bytes_known
-    pub fn lag_bytes_at_least(&self) -> u64 {
-        if let Some(lag) = self.lag_bytes_known() {
-            return lag;
+    /// Follows the collection to its current file if a compaction
+    /// replaced the one this watch reads, without reading: a watch whose
+    /// reader stopped no longer holds the replaced file open (nor its disk
+    /// space). Whether it moved. (A resume that compaction made impossible
+    /// is left for the next poll to report.)
+    pub fn follow(&mut self) -> bool {
+        let (Some(c), Some(g)) = (&self.collection, &self.generation) else {
+            return false;
+        };
+        if self.snapshot.is_some() {
+            return false;
         }
-        match &self.generation {
-            Some(g) if self.snapshot.is_none() => g.log.applied().saturating_sub(self.offset),
-            _ => 0,
+        let current = c.current.load_full();
+        if Arc::ptr_eq(&current.log, &g.log) {
+            return false;
         }
+        self.relocate_to(current).is_ok()
     }
 
     /// Records appended to the collection after this watch's position (a

@@ -291,6 +291,39 @@ fn a_watch_follows_a_compaction_that_happens_while_it_lags() {
     assert_eq!(state, state_of(&store, "c"));
 }
 
+/// A watch that stops polling is behind by what was written since,
+/// however many compactions replaced the file it last read: its lag is
+/// measured where its next poll resumes, in the current file, not by what
+/// is left of the replaced one (which hid a stalled watcher from the lag
+/// rule for as long as writes went on).
+#[test]
+fn a_watch_that_stopped_reading_lags_by_what_was_written_since_across_compactions() {
+    let store = Store::memory(quiet_options());
+    let value = vec![b'v'; 1000];
+    for i in 0..100u32 {
+        store.set("c", format!("k{i}").as_bytes(), &value).unwrap();
+    }
+    let mut w = store.watch("c", WatchFrom::Now, None).unwrap();
+    assert_eq!(w.lag_bytes_known(), Some(0));
+    // 50 rounds of overwrites of the same 100 keys, a compaction after
+    // each: at most one round's records live in the file at any time.
+    for round in 0..50u32 {
+        for i in 0..100u32 {
+            store.set("c", format!("k{i}").as_bytes(), &value).unwrap();
+        }
+        store.compact("c").unwrap();
+        let lag = w.lag_bytes_known().expect("told after a compaction");
+        // Everything live was written after the watch's position.
+        let live = store.stats().collections[0].bytes - 32;
+        assert_eq!(lag, live, "round {round}");
+        assert!(lag >= 100 * 1000, "round {round}: {lag}");
+    }
+    // Its next poll reads exactly that much: the last value of each key.
+    let events = drain(&mut w);
+    assert_eq!(events.len(), 100);
+    assert_eq!(w.lag_bytes_known(), Some(0));
+}
+
 #[test]
 fn impossible_resumes_are_refused_with_resume_gone() {
     let store = Store::memory(Options {
