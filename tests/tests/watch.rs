@@ -837,6 +837,22 @@ fn a_node_caps_its_watches() {
     assert!(c.refusal.contains("watches open"), "{}", c.refusal);
 }
 
+/// `dhrt-cli watch` of an address where no node answers says so and
+/// exits 2 at once, as `get` does (it used to retry in silence for ever).
+#[test]
+fn the_cli_watch_of_an_address_nobody_answers_fails_at_once() {
+    let addr = crate::dhrtd::free_addr();
+    let started = Instant::now();
+    let out = std::process::Command::new(crate::cli::cli_binary())
+        .args(["--addr", &addr.to_string(), "watch", "users"])
+        .output()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&addr.to_string()), "{stderr}");
+}
+
 #[test]
 fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
     use std::io::BufRead;
@@ -880,6 +896,18 @@ fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
     assert_eq!(fields[3].len(), 32, "the resume token");
     assert_eq!(node.http("DELETE", "/users/ada", b"").0, 200);
     assert!(line("a delete").starts_with("delete\tada\t\t"));
+    // A value with tabs and newlines stays on its line: escaped, it cannot
+    // forge another event's.
+    let (status, _) = node.http("PUT", "/users/evil", b"a\tb\\\nset\tforged\tx\r");
+    assert_eq!(status, 200);
+    let evil = line("a value with tabs and newlines");
+    let fields_of_evil: Vec<&str> = evil.split('\t').collect();
+    assert_eq!(fields_of_evil.len(), 4, "{evil:?}");
+    assert_eq!(
+        &fields_of_evil[..3],
+        ["set", "evil", "a\\tb\\\\\\nset\\tforged\\tx\\r"],
+        "{evil:?}"
+    );
     // Ctrl-C ends it cleanly.
     std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -914,8 +942,9 @@ fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let kinds: Vec<&str> = lines.iter().map(|l| l["Kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["progress", "delete"], "{lines:?}");
+    assert_eq!(kinds, ["progress", "delete", "set"], "{lines:?}");
     assert_eq!(lines[1]["Key"], "ada");
+    assert_eq!(lines[2]["Value"], "a\tb\\\nset\tforged\tx\r");
 }
 
 #[test]

@@ -270,7 +270,19 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
         (None, true) => WatchStart::Snapshot,
         (None, false) => WatchStart::Now,
     };
-    let mut w = builder(target)?.watch(collection, start);
+    // A wrong address or a node that is down is told at once (exit 2, as
+    // for `get`); once watching, a break is retried, and said on stderr
+    // (at most every 10 s) so that a silent terminal is not a mystery.
+    let mut last_told: Option<std::time::Instant> = None;
+    let mut w = builder(target)?
+        .watch(collection, start)
+        .connect_first()
+        .on_retry(move |e| {
+            if last_told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                last_told = Some(std::time::Instant::now());
+                eprintln!("dhrt-cli: watch: {e}; retrying");
+            }
+        });
     if let Some(p) = prefix {
         w = w.prefix(p.clone().into_bytes());
     }
@@ -308,11 +320,8 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
             WatchItem::Event(e) => format!(
                 "{}\t{}\t{}\t{}",
                 e.kind.as_str(),
-                String::from_utf8_lossy(&e.key),
-                e.value
-                    .as_deref()
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default(),
+                escaped(&e.key),
+                e.value.as_deref().map(escaped).unwrap_or_default(),
                 e.token.map(|t| t.to_string()).unwrap_or_default()
             ),
         };
@@ -324,6 +333,24 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
             return Ok(());
         }
     }
+}
+
+/// A key or value for a tab-separated line: a backslash, tab, newline or
+/// carriage return is written as `\\`, `\t`, `\n` or `\r`, so a value
+/// cannot split its line or forge another event's.
+fn escaped(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn main() -> ExitCode {

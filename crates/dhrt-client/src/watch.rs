@@ -51,6 +51,12 @@ pub struct Watch {
     backoff: Duration,
     /// Reconnections so far.
     reconnects: u64,
+    /// Told of each error retried after.
+    on_retry: Option<Box<dyn FnMut(&Error) + Send>>,
+    /// Fail, rather than retry, while no connection has been made yet.
+    connect_first: bool,
+    /// A connection was made once.
+    connected_once: bool,
 }
 
 impl std::fmt::Debug for Watch {
@@ -83,7 +89,26 @@ impl Watch {
             pending: VecDeque::new(),
             backoff: Duration::from_millis(50),
             reconnects: 0,
+            on_retry: None,
+            connect_first: false,
+            connected_once: false,
         }
+    }
+
+    /// Calls `f` with each error the watch retries after (a connection
+    /// that cannot be made, or that broke), before it waits to retry: a
+    /// caller can say why nothing comes.
+    pub fn on_retry(mut self, f: impl FnMut(&Error) + Send + 'static) -> Self {
+        self.on_retry = Some(Box::new(f));
+        self
+    }
+
+    /// Fails with the error, instead of retrying, when no connection could
+    /// be made yet (a wrong address, a node that is down): a command-line
+    /// caller tells its user at once. Once connected, breaks are retried.
+    pub fn connect_first(mut self) -> Self {
+        self.connect_first = true;
+        self
     }
 
     /// Only keys starting with `prefix` (drops always come).
@@ -124,8 +149,10 @@ impl Watch {
                 match self.connect().await {
                     Ok(conn) => self.conn = Some(conn),
                     Err(e) if fatal(&e) => return Err(e),
+                    Err(e) if self.connect_first && !self.connected_once => return Err(e),
                     Err(e) => {
                         tracing::debug!("watch of {:?}: {e}; retrying", self.collection);
+                        self.told(&e);
                         self.retry_later().await;
                         continue;
                     }
@@ -141,8 +168,13 @@ impl Watch {
                     self.conn = None;
                     self.resync(why);
                 }
+                Err(e) if self.connect_first && !self.connected_once => {
+                    self.conn = None;
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::debug!("watch of {:?} broke: {e}; resuming", self.collection);
+                    self.told(&e);
                     self.conn = None;
                     self.after_break();
                     self.retry_later().await;
@@ -180,6 +212,12 @@ impl Watch {
             Some(t) => WatchStart::After(t),
             None => self.start.clone(),
         };
+    }
+
+    fn told(&mut self, e: &Error) {
+        if let Some(f) = &mut self.on_retry {
+            f(e);
+        }
     }
 
     async fn retry_later(&mut self) {
@@ -228,6 +266,7 @@ impl Watch {
         }
         match response.result {
             Ok(Reply::Events(events)) => {
+                self.connected_once = true;
                 if events.iter().any(|e| e.kind != EventKind::Progress) {
                     // Getting somewhere: the next break retries at once.
                     self.backoff = Duration::from_millis(50);
