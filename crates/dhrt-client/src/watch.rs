@@ -52,7 +52,7 @@ pub struct Watch {
     /// Reconnections so far.
     reconnects: u64,
     /// Told of each error retried after.
-    on_retry: Option<Box<dyn FnMut(&Error) + Send>>,
+    on_retry: Option<RetryHook>,
     /// Fail, rather than retry, while no connection has been made yet.
     connect_first: bool,
     /// A connection was made once.
@@ -68,6 +68,9 @@ impl std::fmt::Debug for Watch {
             .finish()
     }
 }
+
+/// What [`Watch::on_retry`] calls.
+type RetryHook = Box<dyn FnMut(&Error) + Send>;
 
 const WATCH_ID: u64 = 2;
 
