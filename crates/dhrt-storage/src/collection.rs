@@ -434,9 +434,10 @@ impl Collection {
                     collection: name.to_string(),
                     cause,
                 })?;
-                let watermark = Watermark::create(path, log.id(), FILE_HEADER_LEN as u64)
-                    .and_then(|w| w.sync().map(|()| w))
-                    .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
+                let watermark =
+                    Watermark::create(path, header.history, log.id(), FILE_HEADER_LEN as u64)
+                        .and_then(|w| w.sync().map(|()| w))
+                        .map_err(|e| Error::io("create", watermark::path_for(path), e))?;
                 log.set_watermark(Arc::new(watermark));
                 crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))
             })();
@@ -503,9 +504,10 @@ impl Collection {
             .metadata()
             .map_err(|e| Error::io("stat", path, e))?
             .len();
+        let found =
+            watermark::read(path).map_err(|e| Error::io("read", watermark::path_for(path), e))?;
         let mut recovery = Recovery {
-            watermark: watermark::read(path)
-                .map_err(|e| Error::io("read", watermark::path_for(path), e))?,
+            watermark: found.map(|(offset, _)| offset),
             converted,
             ..Recovery::default()
         };
@@ -553,7 +555,24 @@ impl Collection {
                 crate::mmap::map(&file, len as usize).map_err(|e| Error::io("mmap", path, e))?;
             let buf = &map[..];
             match record::check_file_header(buf) {
-                Ok(FileKind::Current(h)) => file_header = h,
+                Ok(FileKind::Current(h)) => {
+                    // A watermark written for another log (another
+                    // collection's, swapped or copied in; or an earlier file
+                    // of this one) says nothing of this one: trusting it
+                    // could cut durable records as a torn tail, or refuse
+                    // sound ones.
+                    if let Some((_, tag)) = found
+                        && tag != 0
+                        && tag != watermark::tag_for(path, h.history)
+                    {
+                        return Err(Error::Corrupt {
+                            path: path.into(),
+                            offset: 0,
+                            reason: "its durable watermark file belongs to another log (another collection's, or an earlier file of this one): the files were moved, copied or swapped; put back the right pair, or move the .dhrt.durable file aside to trust this log whole",
+                        });
+                    }
+                    file_header = h;
+                }
                 Ok(FileKind::V1) => {
                     return Err(Error::BadHeader {
                         path: path.into(),
@@ -716,8 +735,8 @@ impl Collection {
         log.set_checkpoints(checkpoints);
         let watermark_path = watermark::path_for(path);
         let watermark = match recovery.watermark {
-            Some(w) => Watermark::open(path, log.id(), w),
-            None => Watermark::create(path, log.id(), end as u64),
+            Some(w) => Watermark::open(path, file_header.history, log.id(), w),
+            None => Watermark::create(path, file_header.history, log.id(), end as u64),
         }
         .map_err(|e| Error::io("open", &watermark_path, e))?;
         if synced_now {

@@ -74,11 +74,13 @@ fn decode_v1(
 /// (see the module documentation). Returns how many records it carried.
 pub(crate) fn convert_v1(path: &Path, dir: &Path, name: &str) -> Result<u64> {
     let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    let found_watermark =
-        watermark::read(path).map_err(|e| Error::io("read", watermark::path_for(path), e))?;
+    let found_watermark = watermark::read(path)
+        .map_err(|e| Error::io("read", watermark::path_for(path), e))?
+        .map(|(offset, _)| offset);
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 4);
+    let history = crate::collection::new_history();
     out.extend_from_slice(&record::file_header(FileHeader {
-        history: crate::collection::new_history(),
+        history,
         purged_seq: 0,
     }));
     let mut at = V1_FILE_HEADER_LEN;
@@ -127,7 +129,10 @@ pub(crate) fn convert_v1(path: &Path, dir: &Path, name: &str) -> Result<u64> {
             .create(true)
             .truncate(true)
             .open(&w)?;
-        wf.write_all(&watermark::encode(out.len() as u64))?;
+        wf.write_all(&watermark::encode(
+            out.len() as u64,
+            watermark::tag_for(path, history),
+        ))?;
         wf.sync_all()
     };
     write().map_err(|e| Error::io("convert", path, e))?;

@@ -29,28 +29,56 @@ const MAGIC: [u8; 8] = *b"DHRTDUR\0";
 /// Length of the sidecar file.
 pub(crate) const WATERMARK_LEN: usize = 24;
 
-/// Encodes a watermark: magic, offset, crc32c of the first 16 bytes, zeros.
-pub(crate) fn encode(offset: u64) -> [u8; WATERMARK_LEN] {
+/// The tag that ties a watermark file to its log: a hash of the log's
+/// file name (its collection) and its history (the id its header carries
+/// from its creation on, kept by compaction). Never 0, which marks a file
+/// written before tags: such a file is taken as it is, and tagged at its
+/// next write.
+pub(crate) fn tag_for(log_path: &Path, history: u64) -> u32 {
+    use std::os::unix::ffi::OsStrExt;
+    let name = log_path.file_name().map_or(&[][..], |n| n.as_bytes());
+    let tag = crc32c::crc32c_append(crc32c::crc32c(name), &history.to_le_bytes());
+    tag.max(1)
+}
+
+/// The checksum of a watermark's bytes: of the first 16, and of the tag
+/// unless it is 0 (the layout before tags, whose last 4 bytes were zeros).
+fn checksum(b: &[u8; WATERMARK_LEN]) -> u32 {
+    let crc = crc32c::crc32c(&b[..16]);
+    if b[20..24] == [0; 4] {
+        crc
+    } else {
+        crc32c::crc32c_append(crc, &b[20..24])
+    }
+}
+
+/// Encodes a watermark: magic, offset, checksum, tag (see [`tag_for`]).
+pub(crate) fn encode(offset: u64, tag: u32) -> [u8; WATERMARK_LEN] {
     let mut b = [0u8; WATERMARK_LEN];
     b[..8].copy_from_slice(&MAGIC);
     b[8..16].copy_from_slice(&offset.to_le_bytes());
-    let crc = crc32c::crc32c(&b[..16]);
+    b[20..24].copy_from_slice(&tag.to_le_bytes());
+    let crc = checksum(&b);
     b[16..20].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-/// Decodes a watermark file's bytes; the error says what is wrong.
-pub(crate) fn decode(b: &[u8]) -> Result<u64, &'static str> {
-    if b.len() < WATERMARK_LEN {
+/// Decodes a watermark file's bytes into its offset and tag (0 for a file
+/// written before tags); the error says what is wrong.
+pub(crate) fn decode(b: &[u8]) -> Result<(u64, u32), &'static str> {
+    let Some(b) = b.first_chunk::<WATERMARK_LEN>() else {
         return Err("shorter than a watermark");
-    }
+    };
     if b[..8] != MAGIC {
         return Err("bad magic");
     }
-    if u32::from_le_bytes(b[16..20].try_into().unwrap()) != crc32c::crc32c(&b[..16]) {
+    if u32::from_le_bytes(b[16..20].try_into().unwrap()) != checksum(b) {
         return Err("checksum mismatch");
     }
-    Ok(u64::from_le_bytes(b[8..16].try_into().unwrap()))
+    Ok((
+        u64::from_le_bytes(b[8..16].try_into().unwrap()),
+        u32::from_le_bytes(b[20..24].try_into().unwrap()),
+    ))
 }
 
 /// Ids of log files, so the sidecar knows which file may raise it.
@@ -72,14 +100,14 @@ pub(crate) fn path_for(log_path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Reads the watermark of the log at `log_path`: `Ok(None)` if there is no
-/// sidecar (a file from before watermarks) or it is unreadable, which
-/// recovery treats as "everything is durable".
-pub(crate) fn read(log_path: &Path) -> io::Result<Option<u64>> {
+/// Reads the watermark of the log at `log_path`, with its tag: `Ok(None)`
+/// if there is no sidecar (a file from before watermarks) or it is
+/// unreadable, which recovery treats as "everything is durable".
+pub(crate) fn read(log_path: &Path) -> io::Result<Option<(u64, u32)>> {
     let path = path_for(log_path);
     match std::fs::read(&path) {
         Ok(bytes) => match decode(&bytes) {
-            Ok(offset) => Ok(Some(offset)),
+            Ok(found) => Ok(Some(found)),
             Err(why) => {
                 tracing::warn!(path = %path.display(), why, "ignoring an unreadable durable watermark; treating the log as fully durable");
                 Ok(None)
@@ -105,13 +133,22 @@ struct State {
 pub(crate) struct Watermark {
     file: File,
     path: PathBuf,
+    /// Written with every value (see [`tag_for`]).
+    tag: u32,
     state: Mutex<State>,
 }
 
 impl Watermark {
     /// Opens (creating or rewriting) the sidecar of the log at `log_path`,
-    /// writing `value` into it for `owner`. The write is not fsynced.
-    pub(crate) fn create(log_path: &Path, owner: u64, value: u64) -> io::Result<Watermark> {
+    /// whose history is `history`, writing `value` into it for `owner`.
+    /// The write is not fsynced.
+    pub(crate) fn create(
+        log_path: &Path,
+        history: u64,
+        owner: u64,
+        value: u64,
+    ) -> io::Result<Watermark> {
+        let tag = tag_for(log_path, history);
         let path = path_for(log_path);
         let file = OpenOptions::new()
             .read(true)
@@ -119,11 +156,12 @@ impl Watermark {
             .create(true)
             .truncate(false)
             .open(&path)?;
-        file.write_all_at(&encode(value), 0)?;
+        file.write_all_at(&encode(value, tag), 0)?;
         file.set_len(WATERMARK_LEN as u64)?;
         Ok(Watermark {
             file,
             path,
+            tag,
             state: Mutex::new(State {
                 value,
                 owner,
@@ -132,13 +170,20 @@ impl Watermark {
         })
     }
 
-    /// Opens the existing sidecar holding `value` without rewriting it.
-    pub(crate) fn open(log_path: &Path, owner: u64, value: u64) -> io::Result<Watermark> {
+    /// Opens the existing sidecar holding `value` without rewriting it
+    /// (its tag is written with the next value).
+    pub(crate) fn open(
+        log_path: &Path,
+        history: u64,
+        owner: u64,
+        value: u64,
+    ) -> io::Result<Watermark> {
         let path = path_for(log_path);
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         Ok(Watermark {
             file,
             path,
+            tag: tag_for(log_path, history),
             state: Mutex::new(State {
                 value,
                 owner,
@@ -155,7 +200,7 @@ impl Watermark {
         if st.owner != owner || offset <= st.value {
             return;
         }
-        match self.file.write_all_at(&encode(offset), 0) {
+        match self.file.write_all_at(&encode(offset, self.tag), 0) {
             Ok(()) => {
                 st.value = offset;
                 st.dirty = true;
@@ -191,7 +236,7 @@ impl Watermark {
         let mut st = self.state.lock().unwrap();
         st.owner = new_owner;
         let value = st.value.min(new_len);
-        self.file.write_all_at(&encode(value), 0)?;
+        self.file.write_all_at(&encode(value, self.tag), 0)?;
         self.file.sync_data()?;
         st.value = value;
         st.dirty = false;
@@ -211,30 +256,55 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let b = encode(12345);
-        assert_eq!(decode(&b), Ok(12345));
-        for i in 0..20 {
-            let mut bad = b;
-            bad[i] ^= 0x10;
-            assert!(decode(&bad).is_err(), "byte {i}");
+        for tag in [0, 0x1234_5678] {
+            let b = encode(12345, tag);
+            assert_eq!(decode(&b), Ok((12345, tag)));
+            for i in 0..24 {
+                let mut bad = b;
+                bad[i] ^= 0x10;
+                assert!(decode(&bad).is_err(), "byte {i}, tag {tag}");
+            }
+            assert!(decode(&b[..20]).is_err());
         }
-        assert!(decode(&b[..20]).is_err());
+    }
+
+    /// The layout before tags (zeros where the tag is, the checksum of the
+    /// first 16 bytes) still reads.
+    #[test]
+    fn a_watermark_written_before_tags_reads_with_tag_0() {
+        let mut b = [0u8; WATERMARK_LEN];
+        b[..8].copy_from_slice(b"DHRTDUR\0");
+        b[8..16].copy_from_slice(&777u64.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..16]);
+        b[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&b), Ok((777, 0)));
+    }
+
+    #[test]
+    fn the_tag_names_the_collection_and_its_history() {
+        let a = Path::new("/d/a.dhrt");
+        let t = tag_for(a, 42);
+        assert_ne!(t, 0);
+        assert_eq!(t, tag_for(Path::new("/elsewhere/a.dhrt"), 42));
+        assert_ne!(t, tag_for(Path::new("/d/b.dhrt"), 42));
+        assert_ne!(t, tag_for(a, 43));
     }
 
     #[test]
     fn only_the_owner_raises_it_and_a_swap_lowers_it_durably() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("c.dhrt");
-        let w = Watermark::create(&log, 1, 16).unwrap();
+        let w = Watermark::create(&log, 9, 1, 16).unwrap();
+        let tag = tag_for(&log, 9);
         assert_eq!(path_for(&log), dir.path().join("c.dhrt.durable"));
         w.advance(1, 1000);
         w.advance(1, 500); // never lowered by a sync
-        assert_eq!(read(&log).unwrap(), Some(1000));
+        assert_eq!(read(&log).unwrap(), Some((1000, tag)));
         w.begin_swap(2, 300).unwrap();
         w.advance(1, 5000); // the replaced file's late sync
-        assert_eq!(read(&log).unwrap(), Some(300));
+        assert_eq!(read(&log).unwrap(), Some((300, tag)));
         w.advance(2, 400);
-        assert_eq!(read(&log).unwrap(), Some(400));
+        assert_eq!(read(&log).unwrap(), Some((400, tag)));
         assert!(w.is_dirty());
         w.sync().unwrap();
         assert!(!w.is_dirty());

@@ -149,6 +149,68 @@ fn a_log_missing_beside_its_watermark_is_refused() {
     assert!(store.all_collections().is_empty());
 }
 
+/// The watermark file is tied to its log (a tag of the collection's name
+/// and the log's history): two collections whose files were swapped, in
+/// pairs or the watermarks alone, are refused with a sentence rather than
+/// served under each other's names, or judged by another log's watermark.
+#[test]
+fn files_swapped_between_collections_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), quiet_options()).unwrap();
+        for i in 0..20 {
+            store.set("a", format!("k{i}").as_bytes(), b"of a").unwrap();
+            store
+                .set("b", format!("k{i}").as_bytes(), b"of b, longer")
+                .unwrap();
+        }
+    }
+    let file = |n: &str| dir.path().join(n);
+    let swap = |x: &str, y: &str| {
+        std::fs::rename(file(x), file("tmp")).unwrap();
+        std::fs::rename(file(y), file(x)).unwrap();
+        std::fs::rename(file("tmp"), file(y)).unwrap();
+    };
+    let refused = |what: &str| {
+        let opened = Store::open(dir.path(), quiet_options());
+        assert!(
+            matches!(&opened, Err(Error::Corrupt { reason, .. }) if reason.contains("belongs to another log")),
+            "{what}: {:?}",
+            opened.map(|_| ())
+        );
+    };
+    // Both pairs swapped: each log with its own watermark, under the other
+    // collection's name.
+    swap("a.dhrt", "b.dhrt");
+    swap("a.dhrt.durable", "b.dhrt.durable");
+    refused("pairs swapped");
+    // The logs put back, the watermarks still swapped.
+    swap("a.dhrt", "b.dhrt");
+    refused("watermarks swapped");
+    // Everything put back: as before.
+    swap("a.dhrt.durable", "b.dhrt.durable");
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(
+        store.get("a", b"k3").unwrap().as_deref(),
+        Some(&b"of a"[..])
+    );
+    assert_eq!(
+        store.get("b", b"k3").unwrap().as_deref(),
+        Some(&b"of b, longer"[..])
+    );
+    drop(store);
+    // An operator who means it moves the watermark aside: the log is
+    // trusted whole under its new name.
+    swap("a.dhrt", "b.dhrt");
+    std::fs::remove_file(file("a.dhrt.durable")).unwrap();
+    std::fs::remove_file(file("b.dhrt.durable")).unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    assert_eq!(
+        store.get("a", b"k3").unwrap().as_deref(),
+        Some(&b"of b, longer"[..])
+    );
+}
+
 #[test]
 fn garbage_after_the_last_record_is_cut() {
     let src = tempfile::tempdir().unwrap();
