@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::handshake::{self, DialError, Side};
 use crate::wire::{plain_max, read_sealed, seal_frame};
+use progress::{Counting, MIN_MOVED, MOST_EXTRA, Moved, transfer_time};
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -103,6 +104,8 @@ struct Conn {
     frames: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     alive: Arc<AtomicBool>,
+    /// Bytes moved on it, both ways (`progress.rs`).
+    moved: Arc<Moved>,
     /// Dropped with the connection: its writer sends what is queued, tells
     /// the peer, and stops, giving up a write the peer does not read after
     /// `LINGER`; the reader then stops once the peer closes its end, or
@@ -258,7 +261,12 @@ impl Link {
             }
         };
         let (mut sealer, mut opener) = (session.sealer, session.opener);
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let moved = Arc::new(Moved::default());
+        let (rd, wr) = tokio::io::split(stream);
+        let (mut rd, mut wr) = (
+            Counting::new(rd, moved.clone()),
+            Counting::new(wr, moved.clone()),
+        );
         // Dropped by the reader when it stops: the writer stops too, and
         // the connection closes.
         let (reading, mut stopped) = oneshot::channel::<()>();
@@ -385,19 +393,24 @@ impl Link {
             frames: tx,
             pending,
             alive,
+            moved,
             _close: close,
         })
     }
 
-    /// Sends `op` and waits for its answer, at most `timeout` (dialing
-    /// included).
+    /// Sends `op` and waits for its answer: at most `timeout` (dialing
+    /// included), plus the time its own frame takes at [`FLOOR_RATE`] (a
+    /// request carrying a large value); past that, as long as the
+    /// connection carries [`MIN_MOVED`] bytes per `timeout` (a large
+    /// answer on its way, or frames queued before it), the wait goes on,
+    /// up to [`MOST_EXTRA`] more.
     pub(crate) async fn request(
         &self,
         op: PeerOp,
         timeout: Duration,
     ) -> Result<PeerReply, LinkError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let conn = self.conn(deadline).await?;
+        let started = tokio::time::Instant::now();
+        let conn = self.conn(started + timeout).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         encode_frame(
@@ -406,13 +419,28 @@ impl Link {
             plain_max(self.dialer.max_frame),
         )
         .map_err(|e| self.unreachable(e))?;
+        let mut deadline = started + timeout + transfer_time(frame.len());
+        let latest = deadline + MOST_EXTRA;
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().unwrap().insert(id, tx);
         if conn.frames.send(frame).is_err() {
             conn.pending.lock().unwrap().remove(&id);
             return Err(self.unreachable("connection closed"));
         }
-        match tokio::time::timeout_at(deadline, rx).await {
+        let answer = {
+            tokio::pin!(rx);
+            let mut moved = conn.moved.total();
+            loop {
+                match tokio::time::timeout_at(deadline, &mut rx).await {
+                    Err(_) if deadline < latest && conn.moved.total() - moved >= MIN_MOVED => {
+                        moved = conn.moved.total();
+                        deadline = (deadline + timeout).min(latest);
+                    }
+                    answer => break answer,
+                }
+            }
+        };
+        match answer {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(error))) => Err(LinkError::Remote {
                 addr: self.addr.clone(),
@@ -448,5 +476,6 @@ impl Link {
     }
 }
 
+mod progress;
 #[cfg(test)]
 mod tests;

@@ -250,3 +250,88 @@ async fn a_dial_that_reaches_this_node_itself_is_refused() {
         "{answer:?}"
     );
 }
+
+/// A request whose frame takes many timeouts to cross a slow link (a
+/// large value) is not given up while its bytes move: the listener reads
+/// 32 KiB every 100 ms, about 3 s for the 900 KiB frame, with a 500 ms
+/// timeout (and 0.9 s more for the frame's size at the floor rate). One
+/// that moves nothing is given up at its timeout.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_bytes_keep_moving_is_waited_for_past_its_timeout() {
+    let (d, mut l) = tokio::io::duplex(64 << 10);
+    let link = Link::new("192.0.2.2:7453".into(), dialer(d));
+    let listener = tokio::spawn(async move {
+        let mut preamble = [0; PREAMBLE_LEN];
+        l.read_exact(&mut preamble).await.unwrap();
+        let mut buf = BytesMut::new();
+        let me = Side {
+            id: 2,
+            secret: SECRET,
+            max_frame: 4 << 20,
+        };
+        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
+            .await
+            .unwrap()
+            .unwrap();
+        // A slow link: 32 KiB every 100 ms.
+        let mut ids = Vec::new();
+        loop {
+            if let Some(msg) =
+                crate::wire::take_sealed(&mut buf, 4 << 20, &mut session.opener).unwrap()
+            {
+                let PeerMessage::Request { id, .. } = msg else {
+                    panic!("not a request")
+                };
+                ids.push(id);
+                let answer = PeerMessage::Response {
+                    id,
+                    result: Ok(PeerReply::Entry(None)),
+                };
+                let mut out = Vec::new();
+                encode_frame(&answer, &mut out, 1 << 20).unwrap();
+                seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+                l.write_all(&out).await.unwrap();
+                if ids.len() == 1 {
+                    // Then nothing more moves: the next request waits in
+                    // vain.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut chunk = vec![0u8; 32 << 10];
+            let n = l.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    });
+    let big = PeerOp::Apply(vec![dhrt_proto::Mutation::Put {
+        collection: "c".into(),
+        key: "k".into(),
+        value: Some(vec![7u8; 900 << 10].into()),
+        version: dhrt_proto::Stamp { ts: 1, node: 1 },
+    }]);
+    let started = tokio::time::Instant::now();
+    let answer = link.request(big, Duration::from_millis(500)).await;
+    assert!(matches!(answer, Ok(PeerReply::Entry(None))), "{answer:?}");
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let small = PeerOp::Read {
+        collection: "c".into(),
+        key: "k".into(),
+    };
+    let started = tokio::time::Instant::now();
+    let answer = link.request(small, Duration::from_millis(500)).await;
+    assert!(
+        matches!(answer, Err(LinkError::Timeout { .. })),
+        "{answer:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    listener.abort();
+}
