@@ -275,3 +275,55 @@ fn a_member_back_after_the_tombstone_grace_brings_nothing_deleted_back() {
         }
     }
 }
+
+/// Through a node that does not store a collection, a key whose owner does
+/// not answer in time is not "not found", and a listing is not cut short
+/// as if the owner's keys did not exist: both are 503, and both answer
+/// again once the owner does.
+#[test]
+fn an_owner_that_does_not_answer_is_not_taken_for_a_missing_key() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--replicas", "1", "--timeout-ms", "200"];
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = start_joined(dirs[1].path(), &a, &flags);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..8 {
+        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    // A collection b owns (and a does not store).
+    let on_b = eventually_value(|| {
+        let held: Vec<String> = stats(&b)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["keys"].as_u64() > Some(0))
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .filter(|n| n.starts_with('c'))
+            .collect();
+        held.into_iter().find(|n| holders_of(&[&a], n) == 0)
+    });
+    b.signal("STOP");
+    let (status, body) = a.http("GET", &format!("/{on_b}/k"), b"");
+    let (list_status, list_body) = a.http("GET", &format!("/{on_b}"), b"");
+    b.signal("CONT");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("did not answer"), "{body}");
+    assert_eq!(list_status, 503, "{list_body}");
+    eventually("b answers again", Duration::from_secs(20), || {
+        a.http("GET", &format!("/{on_b}/k"), b"").0 == 200
+    });
+}
+
+/// Waits (up to 15 s) for `f` to find something.
+fn eventually_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing found");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -71,6 +71,17 @@ pub(crate) fn unrepaired(collection: &str) -> OpError {
     )
 }
 
+/// The answer for a key this node does not store when an owner of its
+/// collection did not answer in time.
+pub(crate) fn owner_silent(collection: &str) -> OpError {
+    OpError::new(
+        ErrorKind::Unavailable,
+        format!(
+            "this node does not store collection {collection:?}, and an owner of it did not answer in time: whether the key exists is not known (try again, or ask an owner)"
+        ),
+    )
+}
+
 /// Collections whose names start with `_` belong to the system.
 pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
     if name.starts_with('_') {

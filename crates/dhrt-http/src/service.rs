@@ -50,8 +50,8 @@ pub struct Limits {
     /// A keep-alive connection with no request for this long is closed.
     pub idle_timeout: Duration,
     /// A request body must arrive at this many bytes a second or more,
-    /// after [`body_grace`](Self::body_grace); slower, it gets 408 and the
-    /// connection is closed.
+    /// after [`body_grace`](Self::body_grace), and never pause longer than
+    /// the grace; slower, it gets 408 and the connection is closed.
     pub body_min_rate: u32,
     /// How long any body may take before the rate applies.
     pub body_grace: Duration,
@@ -706,15 +706,20 @@ impl<O: Operations> Api<O> {
         let body = Limited::new(body, self.limits.max_body);
         tokio::pin!(body);
         // The body must keep coming: `body_grace`, plus a second for every
-        // `body_min_rate` bytes received.
+        // `body_min_rate` bytes received; and never a pause longer than
+        // `body_grace` (a client that sent most of a large body at once
+        // would otherwise hold its buffer for hours before the average
+        // fell below the rate).
         let started = tokio::time::Instant::now();
         let rate = u64::from(self.limits.body_min_rate.max(1));
         let mut first: Option<Bytes> = None;
         let mut rest = BytesMut::new();
         let mut received = 0u64;
+        let mut last = started;
         loop {
             let allowance = Duration::from_millis(received.saturating_mul(1000) / rate);
-            let deadline = started + self.limits.body_grace + allowance;
+            let deadline =
+                (started + self.limits.body_grace + allowance).min(last + self.limits.body_grace);
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
                     return Err(HttpError::new(
@@ -742,6 +747,7 @@ impl<O: Operations> Api<O> {
                 continue; // trailers
             };
             received += data.len() as u64;
+            last = tokio::time::Instant::now();
             // One piece (the usual case) is kept as it came, for now.
             match first.take() {
                 None if rest.is_empty() => first = Some(data),

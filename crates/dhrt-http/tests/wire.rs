@@ -340,3 +340,28 @@ async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
         .unwrap()
         .unwrap();
 }
+
+/// A client that sends most of a body at once and then nothing is not
+/// allowed the hours its average rate would grant (1 s per 100 bytes
+/// received here, about 10 min for 60,000 bytes): a pause longer than the
+/// grace gets 408, and the buffer is let go.
+#[tokio::test]
+async fn a_body_that_stops_after_a_fast_start_gets_408_after_the_grace() {
+    let addr = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PUT /parked HTTP/1.1\r\nHost: x\r\nContent-Length: 60001\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'p'; 60000]).await.unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "a parked body still open after 10 s");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -374,10 +374,25 @@ impl Cluster {
     /// goodbye).
     pub async fn leave(self: &Arc<Self>) {
         // Hand what is still queued to the peers that can take it, so that
-        // a write this node acknowledged does not leave with it.
-        let deadline = Instant::now() + self.options.timeout.max(Duration::from_secs(2));
-        while Instant::now() < deadline && self.hints_for_live_peers() > 0 {
+        // a write this node acknowledged does not leave with it: while the
+        // queues drain (a large value on a slow link takes its time), for
+        // at most `HANDOVER_ON_LEAVE`.
+        let latest = Instant::now() + HANDOVER_ON_LEAVE;
+        let grace = self.options.timeout.max(Duration::from_secs(2));
+        let (mut deadline, mut queued) = (Instant::now() + grace, self.hints_for_live_peers());
+        while queued > 0 && Instant::now() < deadline.min(latest) {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let now_queued = self.hints_for_live_peers();
+            if now_queued < queued {
+                deadline = Instant::now() + grace;
+            }
+            queued = now_queued;
+        }
+        if queued > 0 {
+            tracing::warn!(
+                writes = queued,
+                "leaving with writes its live peers have not acknowledged: those of collections this node stores reach them through anti-entropy when it is back; those it only forwarded are lost"
+            );
         }
         // Where collections have fewer owners than members, this node's
         // copies go to the owners it leaves them to, before it goes.

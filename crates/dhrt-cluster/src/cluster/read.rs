@@ -46,6 +46,19 @@ impl Cluster {
         collection: &str,
         key: &[u8],
     ) -> Option<Versioned> {
+        self.read_remote_told(collection, key).await.0
+    }
+
+    /// [`read_remote`](Self::read_remote), and whether an owner of the
+    /// collection that was alive did not answer (it timed out, or could
+    /// not be reached): then "not found" is not known to a node that does
+    /// not own the collection. (Owners known dead are not asked: their
+    /// collection's writes went to the members they came through.)
+    pub(crate) async fn read_remote_told(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+    ) -> (Option<Versioned>, bool) {
         if self.unreached() {
             // Started to join a cluster and not in touch yet: "not found"
             // would only say what this node missed while it was down.
@@ -57,6 +70,8 @@ impl Cluster {
             key: Bytes::copy_from_slice(key),
         });
         let mut best: Option<Versioned> = None;
+        let mut owner_silent = false;
+        let owners = self.owners(collection);
         let guard = self.guard();
         while let Some(Ok((id, r))) = asks.join_next().await {
             match r {
@@ -78,10 +93,13 @@ impl Cluster {
                 }
                 Ok(_) => {}
                 Err(LinkError::Remote { .. }) => {}
-                Err(_) => self.suspect(id),
+                Err(_) => {
+                    owner_silent |= owners.contains(&id);
+                    self.suspect(id);
+                }
             }
         }
-        best
+        (best, owner_silent)
     }
 
     /// The other members that host `collection` and answer, with their
@@ -178,12 +196,27 @@ impl Cluster {
             limit,
         });
         let mut pages = vec![list_local(store, collection, after, limit)?];
+        let mut silent = None;
         while let Some(Ok((id, r))) = asks.join_next().await {
             match r {
                 Ok(PeerReply::Page(page)) => pages.push(page),
                 Ok(_) | Err(LinkError::Remote { .. }) => {}
-                Err(_) => self.suspect(id),
+                Err(e) => {
+                    self.suspect(id);
+                    silent = Some(e);
+                }
             }
+        }
+        // A member that holds some of the collection's keys may not have
+        // answered: a page without them would end the listing early, as if
+        // they did not exist.
+        if let Some(e) = silent {
+            return Err(OpError::new(
+                dhrt_proto::ErrorKind::Unavailable,
+                format!(
+                    "no owner of collection {collection:?} answered, and a member that may hold some of its keys did not either ({e}): the listing would be incomplete (try again)"
+                ),
+            ));
         }
         let merged = merge_pages(pages, limit);
         let mut entries = Vec::with_capacity(merged.entries.len());

@@ -223,12 +223,15 @@ impl Node {
                     Err(StorageError::Checksum { .. }) => None,
                     other => other.map_err(op_error)?,
                 };
-                let remote = self.cluster.read_remote(collection, key).await;
+                let (remote, silent) = self.cluster.read_remote_told(collection, key).await;
                 let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
                 Ok(match (remote, fresh) {
                     (Some(r), Some((value, v))) if stamp(v) > r.version => value,
                     (Some(r), _) => r.value,
                     (None, Some((value, _))) => value,
+                    (None, None) if silent && !self.cluster.hosts_here(collection) => {
+                        return Err(crate::error::owner_silent(collection));
+                    }
                     (None, None) => None,
                 })
             }
@@ -249,7 +252,12 @@ impl Node {
     /// A key missing here, asked of the peers (and kept, if this node
     /// stores the collection).
     async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        let found = self.cluster.read_remote(collection, key).await;
+        let (found, owner_silent) = self.cluster.read_remote_told(collection, key).await;
+        if found.is_none() && owner_silent && !self.cluster.hosts_here(collection) {
+            // Nothing here to answer from, and an owner that may hold the
+            // key did not say: not "not found".
+            return Err(crate::error::owner_silent(collection));
+        }
         Ok(self.keep(collection, key, found).await)
     }
 
