@@ -500,6 +500,37 @@ async fn a_frame_arriving_faster_than_the_minimum_rate_is_answered_however_long_
     assert!(waited < Duration::from_secs(11), "{waited:?}");
 }
 
+/// A frame sent almost whole at once and then left unfinished is not
+/// allowed the time its received bytes would buy at the minimum rate
+/// (about 15 min for 900 KiB): a pause longer than the grace closes it,
+/// and the buffer is let go.
+#[tokio::test(start_paused = true)]
+async fn a_frame_that_stops_after_a_fast_start_is_closed_after_the_grace() {
+    use dhrt_proto::auth::Access;
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), ([127, 0, 0, 1], 1).into());
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 1,
+            op: Op::Set {
+                collection: "c".into(),
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(vec![7u8; 900 * 1024]),
+            },
+        },
+        &mut wire,
+        1 << 20,
+    )
+    .unwrap();
+    client.write_all(&wire[..wire.len() - 10]).await.unwrap();
+    let (waited, closed) = closed_after(task).await;
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("too slowly")),
+        "{closed:?}"
+    );
+    assert!(waited < Duration::from_secs(11), "{waited:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_that_must_show_a_token_and_does_not_is_closed_after_the_grace() {
     use dhrt_proto::auth::{Access, Role, Tokens, auth_line, new_token};

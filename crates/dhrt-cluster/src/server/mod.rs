@@ -36,7 +36,8 @@ pub struct BinaryLimits {
     pub idle_timeout: Duration,
     /// A frame (and the preamble) must arrive within this, plus a second
     /// for every [`frame_min_rate`](Self::frame_min_rate) bytes of it
-    /// received; a client that must show a token (a node with an auth
+    /// received, and never pause longer than this; a client that must
+    /// show a token (a node with an auth
     /// file, or a remote client of a node without one) must have shown a
     /// valid one this long after connecting. Slower, the connection is
     /// closed: a stranger cannot hold a connection slot for the idle
@@ -182,6 +183,9 @@ where
     // When the first bytes of the unfinished frame at the front of `buf`
     // arrived, if there is one.
     let mut frame_started: Option<tokio::time::Instant> = None;
+    // When bytes last arrived: an unfinished frame may not pause longer
+    // than the grace, however much of it came before.
+    let mut last_bytes = tokio::time::Instant::now();
     loop {
         // Take every complete request in the buffer and answer them in
         // order, writing whenever WRITE_BUDGET bytes of answers are ready
@@ -381,7 +385,8 @@ where
         let frame_due = frame_started.map(|at| {
             let allowance = buf.len() as u64 * 1000 / u64::from(limits.frame_min_rate.max(1));
             (
-                at + limits.frame_grace + Duration::from_millis(allowance),
+                (at + limits.frame_grace + Duration::from_millis(allowance))
+                    .min(last_bytes + limits.frame_grace),
                 Slow::Frame,
             )
         });
@@ -417,6 +422,7 @@ where
                 if read? == 0 {
                     return Ok(Closed::ByClient);
                 }
+                last_bytes = tokio::time::Instant::now();
             }
             Either::Right(closed) => return Ok(closed),
         }
@@ -438,7 +444,7 @@ impl Slow {
         match self {
             Slow::Frame => format!(
                 "a frame arrived too slowly ({buffered} bytes of it; at least {} bytes a second \
-                 after the first {grace} s)",
+                 after the first {grace} s, and no pause longer than that)",
                 limits.frame_min_rate
             ),
             Slow::Token => format!("no valid token shown within {grace} s of connecting"),
