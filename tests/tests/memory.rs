@@ -328,3 +328,71 @@ fn a_client_reading_a_long_answer_slowly_is_not_idle() {
         started.elapsed()
     );
 }
+
+/// Many clients that start large uploads and stop (or trickle) cannot
+/// take the node's memory all together: past `--max-inflight-mib` of
+/// request bytes held at once, HTTP and binary alike, a large request is
+/// refused at once with a sentence, and once the others finish it is
+/// taken again.
+#[test]
+fn large_requests_arriving_at_once_share_a_node_wide_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--max-inflight-mib", "20"]);
+    // Two uploads of 12 MiB hold 8 MiB each, and stop there.
+    let head = |key: &str| {
+        format!(
+            "PUT /up/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            12 * MIB
+        )
+    };
+    let mut holders = Vec::new();
+    for key in ["a", "b"] {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        s.write_all(head(key).as_bytes()).unwrap();
+        s.write_all(&vec![b'h'; 8 * MIB as usize]).unwrap();
+        holders.push(s);
+    }
+    // A third is refused before its 8 MiB are in: 503, with why.
+    let mut third = TcpStream::connect(node.addr).unwrap();
+    third.write_all(head("c").as_bytes()).unwrap();
+    let _ = third.write_all(&vec![b'h'; 8 * MIB as usize]);
+    let mut answer = Vec::new();
+    let _ = third.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("--max-inflight-mib"), "{answer}");
+    // So is a binary frame of 12 MiB: answered Unavailable, then closed.
+    let mut bin = TcpStream::connect(node.addr).unwrap();
+    let mut wire = preamble().to_vec();
+    encode_frame(
+        &Request {
+            id: 9,
+            op: Op::Set {
+                collection: "up".into(),
+                key: Bytes::from_static(b"d"),
+                value: Bytes::from(vec![b'b'; 12 * MIB as usize]),
+            },
+        },
+        &mut wire,
+        dhrt_proto::DEFAULT_MAX_FRAME,
+    )
+    .unwrap();
+    let _ = bin.write_all(&wire);
+    let mut answer = Vec::new();
+    let _ = bin.read_to_end(&mut answer);
+    let Ok(Decoded::Complete { msg, .. }) = decode_frame::<Response>(&answer, 1 << 20) else {
+        panic!("no answer to the refused frame: {} bytes", answer.len());
+    };
+    assert_eq!(msg.id, 9);
+    let e = msg.result.unwrap_err();
+    assert_eq!(e.kind, dhrt_proto::ErrorKind::Unavailable, "{e}");
+    // The first two finish; then large requests are taken again.
+    for mut s in holders {
+        s.write_all(&vec![b'h'; 4 * MIB as usize]).unwrap();
+        let mut status = [0u8; 12];
+        s.read_exact(&mut status).unwrap();
+        assert_eq!(&status, b"HTTP/1.1 200");
+    }
+    put(&node, "/up/c", &vec![b'c'; 12 * MIB as usize]);
+    assert_eq!(node.get_raw("/up/c").1.len(), 12 * MIB as usize);
+}

@@ -40,6 +40,12 @@ pub(crate) struct Args {
     /// client flood never locks peers out).
     #[arg(long, env = "DHRT_MAX_PEER_CONNECTIONS")]
     max_peer_connections: Option<usize>,
+    /// MiB of large requests (HTTP bodies, binary frames) this node holds
+    /// in memory at once while they arrive, all connections together; a
+    /// request that would go past it is refused (503, or Unavailable).
+    /// Default 1024
+    #[arg(long, value_name = "MIB", env = "DHRT_MAX_INFLIGHT_MIB")]
+    max_inflight_mib: Option<usize>,
     /// Most collections this node creates; past it, a write to a new one is
     /// refused (503). Default: what its open-files limit leaves after the
     /// connections, two files a collection, so that it can always start
@@ -199,6 +205,7 @@ struct File {
     name: Option<String>,
     max_connections: Option<usize>,
     max_peer_connections: Option<usize>,
+    max_inflight_mib: Option<usize>,
     max_collections: Option<usize>,
     idle_timeout_secs: Option<u64>,
     log_format: Option<String>,
@@ -276,6 +283,8 @@ pub(crate) struct Config {
     pub(crate) name: String,
     pub(crate) max_connections: usize,
     pub(crate) max_peer_connections: usize,
+    /// Bytes of large requests held at once while they arrive.
+    pub(crate) max_inflight: usize,
     /// `None`: derived from the open-files limit at start.
     pub(crate) max_collections: Option<usize>,
     pub(crate) idle_timeout: Duration,
@@ -491,6 +500,12 @@ impl Config {
                 .max_peer_connections
                 .or(file.max_peer_connections)
                 .unwrap_or(1024),
+            max_inflight: args
+                .max_inflight_mib
+                .or(file.max_inflight_mib)
+                .unwrap_or(1024)
+                .max(17)
+                .saturating_mul(1 << 20),
             max_collections: args.max_collections.or(file.max_collections),
             idle_timeout,
             json_logs,

@@ -384,6 +384,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         _ => {}
     }
     let stopping = listener::Stopping::default();
+    let inflight = dhrt_proto::Inflight::new(config.max_inflight);
     let servers = Arc::new(listener::Servers {
         node: node.clone(),
         http: dhrt_http::Api::new(
@@ -393,6 +394,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
                 idle_timeout: config.idle_timeout,
                 cors: config.cors.clone(),
                 max_body: config.max_value,
+                inflight: inflight.clone(),
                 stopping: stopping.clients.clone(),
                 watch_runtime: node.watch_runtime(),
                 ..dhrt_http::Limits::default()
@@ -403,6 +405,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             idle_timeout: config.idle_timeout,
             peer_slots: Arc::new(tokio::sync::Semaphore::new(config.max_peer_connections)),
             takes_peers: config.takes_peers(),
+            inflight,
             ..BinaryLimits::default()
         },
         first_byte_timeout: Duration::from_secs(10),

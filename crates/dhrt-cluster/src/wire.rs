@@ -133,6 +133,9 @@ pub enum Closed {
     /// than the minimum rate, or a client that must show a token had not
     /// shown a valid one in time. The reason is logged.
     TooSlow(String),
+    /// The node's budget of bytes being received was full: the unfinished
+    /// frame was refused (answered, if its id could be read).
+    Busy(String),
 }
 
 /// A connection's idle deadline: one timer, pushed forward lazily. Arming a

@@ -55,6 +55,9 @@ pub struct Limits {
     pub body_min_rate: u32,
     /// How long any body may take before the rate applies.
     pub body_grace: Duration,
+    /// The node-wide budget of bytes being received (shared with the
+    /// binary protocol): a body that would go past it gets 503.
+    pub inflight: Arc<dhrt_proto::Inflight>,
     /// Entries fetched per step of a streamed listing.
     pub list_batch: u32,
     /// Cancelled when the node stops: every watch then ends at once with
@@ -79,6 +82,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             body_min_rate: 1024,
             body_grace: Duration::from_secs(10),
+            inflight: dhrt_proto::Inflight::unlimited(),
             list_batch: 1000,
             cors: Cors::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
@@ -716,6 +720,7 @@ impl<O: Operations> Api<O> {
         let mut rest = BytesMut::new();
         let mut received = 0u64;
         let mut last = started;
+        let mut held = dhrt_proto::Held::new(&self.limits.inflight);
         loop {
             let allowance = Duration::from_millis(received.saturating_mul(1000) / rate);
             let deadline =
@@ -748,6 +753,12 @@ impl<O: Operations> Api<O> {
             };
             received += data.len() as u64;
             last = tokio::time::Instant::now();
+            if !held.resize(received as usize) {
+                return Err(HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    held.refusal(),
+                ));
+            }
             // One piece (the usual case) is kept as it came, for now.
             match first.take() {
                 None if rest.is_empty() => first = Some(data),

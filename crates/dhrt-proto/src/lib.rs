@@ -27,6 +27,7 @@ mod beside;
 mod codec;
 mod error;
 mod frame;
+pub mod inflight;
 mod message;
 mod ops;
 mod peer;
@@ -43,6 +44,7 @@ pub use frame::{
     PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, channel_preamble, decode_frame, encode_frame,
     frame_bounds, preamble, read_preamble,
 };
+pub use inflight::{Held, Inflight};
 pub use message::{
     Entry, ErrorKind, Op, OpError, OpRef, Page, ReplicasInfo, Reply, Request, RequestRef, Response,
 };

@@ -56,6 +56,10 @@ pub struct BinaryLimits {
     /// Whether peer connections are served at all (not on a node whose
     /// clients need tokens and whose peers would prove an empty secret).
     pub takes_peers: bool,
+    /// The node-wide budget of bytes being received (shared with HTTP):
+    /// a frame that would go past it is answered `Unavailable` and its
+    /// connection closed.
+    pub inflight: Arc<dhrt_proto::Inflight>,
 }
 
 impl Default for BinaryLimits {
@@ -69,6 +73,7 @@ impl Default for BinaryLimits {
             access: Access::loopback_only(),
             peer_slots: Arc::new(Semaphore::new(1024)),
             takes_peers: true,
+            inflight: dhrt_proto::Inflight::unlimited(),
         }
     }
 }
@@ -186,6 +191,8 @@ where
     // When bytes last arrived: an unfinished frame may not pause longer
     // than the grace, however much of it came before.
     let mut last_bytes = tokio::time::Instant::now();
+    // What the unfinished frame in `buf` holds of the node's budget.
+    let mut held = dhrt_proto::Held::new(&limits.inflight);
     loop {
         // Take every complete request in the buffer and answer them in
         // order, writing whenever WRITE_BUDGET bytes of answers are ready
@@ -309,6 +316,7 @@ where
             }
         }
         buf.advance(consumed);
+        held.resize(buf.len());
         if buf.is_empty() {
             frame_started = None;
         } else if consumed > 0 || frame_started.is_none() {
@@ -423,10 +431,37 @@ where
                     return Ok(Closed::ByClient);
                 }
                 last_bytes = tokio::time::Instant::now();
+                if !held.resize(buf.len()) {
+                    return refuse_frame(&mut stream, &buf, held.refusal(), &limits).await;
+                }
             }
             Either::Right(closed) => return Ok(closed),
         }
     }
+}
+
+/// Answers the unfinished frame at the front of `buf` with `why`
+/// (`Unavailable`), if its id can be read yet, and closes the connection:
+/// the rest of the frame is not taken.
+async fn refuse_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &[u8],
+    why: String,
+    limits: &BinaryLimits,
+) -> io::Result<Closed> {
+    use tokio::io::AsyncWriteExt;
+    if let Some(id) = buf.get(dhrt_proto::FRAME_HEADER_LEN..).and_then(request_id) {
+        let answer = Response {
+            id,
+            result: Err(OpError::new(ErrorKind::Unavailable, why.clone())),
+        };
+        let mut out = Vec::new();
+        if dhrt_proto::encode_frame(&answer, &mut out, limits.max_frame).is_ok() {
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+        }
+    }
+    Ok(Closed::Busy(why))
 }
 
 /// Which deadline a slow connection missed.

@@ -1,0 +1,130 @@
+//! The node-wide budget of bytes being received: request bodies (HTTP)
+//! and unfinished frames (the binary protocol) held in memory until they
+//! are whole. Each connection is bounded by the largest value; this bounds
+//! them all together, so that many clients uploading large values slowly
+//! (or starting to and stopping) cannot take the node's memory. A request
+//! that would go past it is refused, at once, with a sentence saying so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Bytes of a request below which it is not counted: small requests (the
+/// usual ones) never touch the shared counter.
+pub const UNCOUNTED: usize = 64 << 10;
+
+/// The budget: bytes held, against a limit.
+#[derive(Debug)]
+pub struct Inflight {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl Inflight {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Inflight> {
+        Arc::new(Inflight {
+            held: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// No limit (tests, embedders that bound connections otherwise).
+    pub fn unlimited() -> Arc<Inflight> {
+        Inflight::new(usize::MAX)
+    }
+
+    /// The limit, in bytes.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |h| {
+                h.checked_add(n).filter(|&t| t <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// What one request holds of the budget; given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<Inflight>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Holds nothing yet.
+    pub fn new(budget: &Arc<Inflight>) -> Held {
+        Held {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Holds what a request of `total` bytes so far needs (nothing below
+    /// [`UNCOUNTED`]); `false`, holding what it held, if the budget cannot
+    /// give it.
+    pub fn resize(&mut self, total: usize) -> bool {
+        let want = total.saturating_sub(UNCOUNTED);
+        if want > self.bytes {
+            if !self.budget.try_take(want - self.bytes) {
+                return false;
+            }
+        } else if want < self.bytes {
+            self.budget.give_back(self.bytes - want);
+        }
+        self.bytes = want;
+        true
+    }
+
+    /// The sentence for a request refused because the budget is full.
+    pub fn refusal(&self) -> String {
+        format!(
+            "this node is receiving {} MiB of large requests at once, its limit (--max-inflight-mib): try again",
+            self.budget.held() >> 20
+        )
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.give_back(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_share_the_budget_and_give_it_back() {
+        let budget = Inflight::new(1 << 20);
+        let mut a = Held::new(&budget);
+        let mut b = Held::new(&budget);
+        // Small requests are not counted.
+        assert!(a.resize(UNCOUNTED));
+        assert_eq!(budget.held(), 0);
+        assert!(a.resize(UNCOUNTED + (700 << 10)));
+        assert!(!b.resize(UNCOUNTED + (400 << 10)), "past the limit");
+        assert_eq!(budget.held(), 700 << 10);
+        assert!(b.resize(UNCOUNTED + (300 << 10)));
+        assert_eq!(budget.held(), 1000 << 10);
+        drop(a);
+        assert_eq!(budget.held(), 300 << 10);
+        assert!(b.resize(10));
+        assert_eq!(budget.held(), 0);
+    }
+}
