@@ -307,13 +307,65 @@ fn an_owner_that_does_not_answer_is_not_taken_for_a_missing_key() {
     b.signal("STOP");
     let (status, body) = a.http("GET", &format!("/{on_b}/k"), b"");
     let (list_status, list_body) = a.http("GET", &format!("/{on_b}"), b"");
-    b.signal("CONT");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("did not answer"), "{body}");
     assert_eq!(list_status, 503, "{list_body}");
+    // Once b is judged dead it is no longer asked; still not "not found",
+    // nor an empty listing.
+    let b_addr = b.addr.to_string();
+    eventually("a judges b dead", Duration::from_secs(20), || {
+        crate::cluster::state_of(&a, &b_addr).as_deref() == Some("dead")
+    });
+    let (status, body) = a.http("GET", &format!("/{on_b}/k"), b"");
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = a.http("GET", &format!("/{on_b}"), b"");
+    assert_eq!(status, 503, "{body}");
+    b.signal("CONT");
     eventually("b answers again", Duration::from_secs(20), || {
         a.http("GET", &format!("/{on_b}/k"), b"").0 == 200
     });
+}
+
+/// A write through a node that does not own its collection, that no owner
+/// acknowledged, is not kept in that node's memory alone: it is saved in
+/// its store (the 504 says so) and reaches the owner once the owner is
+/// back, though the node was killed in between.
+#[test]
+fn a_forwarded_write_no_owner_took_survives_the_forwarding_node_crashing() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--replicas", "1", "--timeout-ms", "200"];
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = start_joined(dirs[1].path(), &a, &flags);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..8 {
+        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    let on_b = eventually_value(|| {
+        let held: Vec<String> = stats(&b)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["keys"].as_u64() > Some(0))
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .filter(|n| n.starts_with('c'))
+            .collect();
+        held.into_iter().find(|n| holders_of(&[&a], n) == 0)
+    });
+    b.signal("STOP");
+    let (status, body) = a.http("POST", &format!("/{on_b}/late/kept"), b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("kept on this node"), "{body}");
+    let a_addr = a.addr;
+    assert!(a.stop("KILL").code().is_none());
+    b.signal("CONT");
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &flags);
+    eventually("b has the write a kept", Duration::from_secs(30), || {
+        b.http("GET", &format!("/{on_b}/late"), b"").0 == 200
+    });
+    assert_eq!(b.get_raw(&format!("/{on_b}/late")).1, b"kept");
+    drop(a);
 }
 
 /// Waits (up to 15 s) for `f` to find something.

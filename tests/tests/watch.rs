@@ -898,14 +898,14 @@ fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
     assert!(line("a delete").starts_with("delete\tada\t\t"));
     // A value with tabs and newlines stays on its line: escaped, it cannot
     // forge another event's.
-    let (status, _) = node.http("PUT", "/users/evil", b"a\tb\\\nset\tforged\tx\r");
+    let (status, _) = node.http("PUT", "/users/evil", b"a\tb\\\nset\tforged\tx\r\x1b[2J");
     assert_eq!(status, 200);
     let evil = line("a value with tabs and newlines");
     let fields_of_evil: Vec<&str> = evil.split('\t').collect();
     assert_eq!(fields_of_evil.len(), 4, "{evil:?}");
     assert_eq!(
         &fields_of_evil[..3],
-        ["set", "evil", "a\\tb\\\\\\nset\\tforged\\tx\\r"],
+        ["set", "evil", "a\\tb\\\\\\nset\\tforged\\tx\\r\\x1b[2J"],
         "{evil:?}"
     );
     // Ctrl-C ends it cleanly.
@@ -944,7 +944,7 @@ fn the_cli_prints_each_change_and_stops_on_ctrl_c() {
     let kinds: Vec<&str> = lines.iter().map(|l| l["Kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["progress", "delete", "set"], "{lines:?}");
     assert_eq!(lines[1]["Key"], "ada");
-    assert_eq!(lines[2]["Value"], "a\tb\\\nset\tforged\tx\r");
+    assert_eq!(lines[2]["Value"], "a\tb\\\nset\tforged\tx\r\x1b[2J");
 }
 
 #[test]

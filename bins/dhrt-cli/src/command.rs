@@ -23,10 +23,10 @@ commands:
   watch COLLECTION [--since TOKEN] [--snapshot] [--prefix P]
                                print each change of COLLECTION as it happens, one a line
                                (kind, key, value, resume token, tab-separated, with tab,
-                               newline, CR and backslash written \\t \\n \\r \\\\; --json for
-                               JSON lines), resuming by itself after a disconnect (said on
-                               stderr); exits 2 if the node cannot be reached at the start;
-                               Ctrl-C stops
+                               newline, CR and backslash written \\t \\n \\r \\\\, other
+                               control bytes \\xNN; --json for JSON lines), resuming by
+                               itself after a disconnect (said on stderr); exits 2 if the
+                               node cannot be reached at the start; Ctrl-C stops
   stats                        node and cluster statistics
   join ADDR                    make the node join the cluster of the member at ADDR
   remove MEMBER                remove a dead member that will not come back (its id or

@@ -336,9 +336,12 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
 }
 
 /// A key or value for a tab-separated line: a backslash, tab, newline or
-/// carriage return is written as `\\`, `\t`, `\n` or `\r`, so a value
-/// cannot split its line or forge another event's.
+/// carriage return is written as `\\`, `\t`, `\n` or `\r`, and any other
+/// control character as `\xNN`, so a value
+/// can neither split its line, forge another event's, nor send the
+/// terminal escape sequences.
 fn escaped(bytes: &[u8]) -> String {
+    use std::fmt::Write;
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -347,6 +350,10 @@ fn escaped(bytes: &[u8]) -> String {
             '\t' => out.push_str("\\t"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
+            // C0, DEL and C1: all below 0x100.
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
             c => out.push(c),
         }
     }

@@ -71,13 +71,13 @@ pub(crate) fn unrepaired(collection: &str) -> OpError {
     )
 }
 
-/// The answer for a key this node does not store when an owner of its
-/// collection did not answer in time.
+/// The answer for a key or listing of a collection this node does not
+/// own when its owners did not answer (in time, or at all: down).
 pub(crate) fn owner_silent(collection: &str) -> OpError {
     OpError::new(
         ErrorKind::Unavailable,
         format!(
-            "this node does not store collection {collection:?}, and an owner of it did not answer in time: whether the key exists is not known (try again, or ask an owner)"
+            "this node does not own collection {collection:?}, and its owners did not answer (in time, or they are down): what it holds is not known here (try again, or ask an owner)"
         ),
     )
 }

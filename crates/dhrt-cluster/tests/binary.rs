@@ -529,6 +529,25 @@ async fn a_frame_that_stops_after_a_fast_start_is_closed_after_the_grace() {
         "{closed:?}"
     );
     assert!(waited < Duration::from_secs(11), "{waited:?}");
+    // The same, then a byte a second (each pause under the grace): the
+    // rate holds in every stretch of the grace, not only on average.
+    let (mut client, task) = start_slow_limits(Access::loopback_only(), ([127, 0, 0, 1], 1).into());
+    client.write_all(&wire[..wire.len() - 10]).await.unwrap();
+    let started = tokio::time::Instant::now();
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let at = wire.len() - 10 + i;
+        if client.write_all(&wire[at..at + 1]).await.is_err() {
+            break;
+        }
+    }
+    let (_, closed) = closed_after(task).await;
+    assert!(matches!(closed, Closed::TooSlow(_)), "{closed:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(11),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -50,8 +50,9 @@ pub struct Limits {
     /// A keep-alive connection with no request for this long is closed.
     pub idle_timeout: Duration,
     /// A request body must arrive at this many bytes a second or more,
-    /// after [`body_grace`](Self::body_grace), and never pause longer than
-    /// the grace; slower, it gets 408 and the connection is closed.
+    /// after [`body_grace`](Self::body_grace), and at that rate in every
+    /// stretch of the grace too; slower, it gets 408 and the connection is
+    /// closed.
     pub body_min_rate: u32,
     /// How long any body may take before the rate applies.
     pub body_grace: Duration,
@@ -710,21 +711,22 @@ impl<O: Operations> Api<O> {
         let body = Limited::new(body, self.limits.max_body);
         tokio::pin!(body);
         // The body must keep coming: `body_grace`, plus a second for every
-        // `body_min_rate` bytes received; and never a pause longer than
-        // `body_grace` (a client that sent most of a large body at once
-        // would otherwise hold its buffer for hours before the average
-        // fell below the rate).
+        // `body_min_rate` bytes received; and at that rate in every stretch
+        // of `body_grace` too (a client that sent most of a large body at
+        // once, then a byte now and then, would otherwise hold its buffer
+        // for hours before its average fell below the rate).
         let started = tokio::time::Instant::now();
         let rate = u64::from(self.limits.body_min_rate.max(1));
+        let stretch = (rate as f64 * self.limits.body_grace.as_secs_f64()) as u64;
         let mut first: Option<Bytes> = None;
         let mut rest = BytesMut::new();
         let mut received = 0u64;
-        let mut last = started;
+        let (mut stretch_start, mut stretch_bytes) = (started, 0u64);
         let mut held = dhrt_proto::Held::new(&self.limits.inflight);
         loop {
             let allowance = Duration::from_millis(received.saturating_mul(1000) / rate);
-            let deadline =
-                (started + self.limits.body_grace + allowance).min(last + self.limits.body_grace);
+            let deadline = (started + self.limits.body_grace + allowance)
+                .min(stretch_start + self.limits.body_grace);
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
                     return Err(HttpError::new(
@@ -752,7 +754,10 @@ impl<O: Operations> Api<O> {
                 continue; // trailers
             };
             received += data.len() as u64;
-            last = tokio::time::Instant::now();
+            stretch_bytes += data.len() as u64;
+            if stretch_bytes >= stretch {
+                (stretch_start, stretch_bytes) = (tokio::time::Instant::now(), 0);
+            }
             if !held.resize(received as usize) {
                 return Err(HttpError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

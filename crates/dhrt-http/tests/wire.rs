@@ -365,3 +365,41 @@ async fn a_body_that_stops_after_a_fast_start_gets_408_after_the_grace() {
         started.elapsed()
     );
 }
+
+/// Most of a body at once, then a byte now and then (each pause under the
+/// grace): the rate holds in every stretch of the grace, not only on
+/// average, so this gets 408 after about the grace too.
+#[tokio::test]
+async fn a_body_that_trickles_after_a_fast_start_gets_408() {
+    let addr = start().await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"PUT /trickled HTTP/1.1\r\nHost: x\r\nContent-Length: 60100\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&[b'p'; 60000]).await.unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        // A byte every 100 ms: under the grace each time, 10 bytes a
+        // second against the 100 asked.
+        loop {
+            tokio::select! {
+                r = s.read_to_end(&mut out) => return r,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        return s.read_to_end(&mut out).await;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a trickled body still open after 10 s");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -472,9 +472,17 @@ impl Cluster {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    /// Writes queued for peers that are alive.
+    /// Writes queued for peers that are up (healthy, or unhealthy: a late
+    /// answer to a large value marks a peer unhealthy that is taking it).
     pub(super) fn hints_for_live_peers(&self) -> usize {
-        let alive: HashSet<u64> = self.alive_peers().iter().map(|u| u.id).collect();
+        let alive: HashSet<u64> = self
+            .membership
+            .lock()
+            .unwrap()
+            .members()
+            .filter(|u| matches!(u.liveness, Liveness::Alive | Liveness::Suspect))
+            .map(|u| u.id)
+            .collect();
         self.peers
             .lock()
             .unwrap()

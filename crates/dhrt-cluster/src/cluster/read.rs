@@ -49,11 +49,12 @@ impl Cluster {
         self.read_remote_told(collection, key).await.0
     }
 
-    /// [`read_remote`](Self::read_remote), and whether an owner of the
-    /// collection that was alive did not answer (it timed out, or could
-    /// not be reached): then "not found" is not known to a node that does
-    /// not own the collection. (Owners known dead are not asked: their
-    /// collection's writes went to the members they came through.)
+    /// [`read_remote`](Self::read_remote), and whether "not found" is not
+    /// known, to a node that does not own the collection: an owner that was
+    /// up did not answer (it timed out, or could not be reached), or no
+    /// owner answered at all (every one down: their copies hold what was
+    /// written before). A collection nobody owns (no member hosts it) is
+    /// known from the members its writes went through.
     pub(crate) async fn read_remote_told(
         self: &Arc<Self>,
         collection: &str,
@@ -71,9 +72,11 @@ impl Cluster {
         });
         let mut best: Option<Versioned> = None;
         let mut owner_silent = false;
+        let mut owner_answered = false;
         let owners = self.owners(collection);
         let guard = self.guard();
         while let Some(Ok((id, r))) = asks.join_next().await {
+            owner_answered |= matches!(r, Ok(PeerReply::Entry(_))) && owners.contains(&id);
             match r {
                 Ok(PeerReply::Entry(Some(v))) => {
                     if !guard.admits(v.version.ts, self.admission_wall()) {
@@ -99,7 +102,8 @@ impl Cluster {
                 }
             }
         }
-        (best, owner_silent)
+        let unknown = owner_silent || (!owners.is_empty() && !owner_answered);
+        (best, unknown)
     }
 
     /// The other members that host `collection` and answer, with their

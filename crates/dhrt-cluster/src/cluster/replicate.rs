@@ -87,20 +87,30 @@ impl Cluster {
         }
         let local = usize::from(stored_locally);
         let started = tokio::time::Instant::now();
-        let unmet = |acked: usize| {
+        // A write this node only forwards, that no replica has yet, lives
+        // in its memory (the queues) alone: it is kept in its store too,
+        // like a copy of a collection it does not own, handed over to the
+        // owners (`moves.rs`) even if this node stops or crashes first.
+        let unmet = |acked: usize| async move {
             let when = if started.elapsed() >= self.options.timeout {
                 format!("within {} ms", self.options.timeout.as_millis())
             } else {
                 "(too few replicas are up or accept it)".to_string()
             };
+            let kept = acked + local == 0 && self.keep_unacknowledged(&mutations).await;
             OpError::new(
                 ErrorKind::WriteConcern,
                 format!(
-                    "write concern {} not met {when}: the write is saved on {} of {} replicas ({} needed) and will reach the others",
+                    "write concern {} not met {when}: the write is saved on {} of {} replicas ({} needed){} and will reach the others",
                     self.options.write_ack.as_str(),
                     acked + local,
                     need.replicas,
-                    need.copies
+                    need.copies,
+                    if kept {
+                        ", kept on this node (not a replica) until one has it,"
+                    } else {
+                        ""
+                    }
                 ),
             )
         };
@@ -130,7 +140,7 @@ impl Cluster {
             // can answer has, the outcome is known.
             let refused = answered - done;
             if waits.len() - refused < need.remote_acks && answered == waits.len() {
-                return Err(unmet(done));
+                return Err(unmet(done).await);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 for (p, _, last) in &waits {
@@ -143,7 +153,19 @@ impl Cluster {
                         self.suspect(p.id);
                     }
                 }
-                return Err(unmet(tally().1));
+                return Err(unmet(tally().1).await);
+            }
+        }
+    }
+
+    /// Keeps in this node's store writes it only forwarded and that no
+    /// replica acknowledged: whether they were kept.
+    async fn keep_unacknowledged(self: &Arc<Self>, mutations: &[Mutation]) -> bool {
+        match self.apply_async(mutations.to_vec()).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("keeping writes no replica acknowledged: {e}");
+                false
             }
         }
     }

@@ -254,8 +254,7 @@ impl Node {
     async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
         let (found, owner_silent) = self.cluster.read_remote_told(collection, key).await;
         if found.is_none() && owner_silent && !self.cluster.hosts_here(collection) {
-            // Nothing here to answer from, and an owner that may hold the
-            // key did not say: not "not found".
+            // No owner said: not "not found".
             return Err(crate::error::owner_silent(collection));
         }
         Ok(self.keep(collection, key, found).await)
@@ -489,8 +488,12 @@ impl Node {
             if let Some(page) = self.cluster.list_remote(collection, after, limit).await {
                 return Ok(page);
             }
-            // No owner answered: the collection's writes were kept by the
-            // members they went through (see `stores_locally`).
+            // Without its owners, a listing would look complete.
+            if !self.cluster.owners(collection).is_empty() {
+                return Err(crate::error::owner_silent(collection));
+            }
+            // No member owns it: its writes were kept by the members they
+            // went through (see `stores_locally`).
             if self.cluster.has_peers() {
                 return self
                     .cluster

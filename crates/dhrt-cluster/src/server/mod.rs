@@ -36,8 +36,8 @@ pub struct BinaryLimits {
     pub idle_timeout: Duration,
     /// A frame (and the preamble) must arrive within this, plus a second
     /// for every [`frame_min_rate`](Self::frame_min_rate) bytes of it
-    /// received, and never pause longer than this; a client that must
-    /// show a token (a node with an auth
+    /// received, and at that rate in every stretch of this long too; a
+    /// client that must show a token (a node with an auth
     /// file, or a remote client of a node without one) must have shown a
     /// valid one this long after connecting. Slower, the connection is
     /// closed: a stranger cannot hold a connection slot for the idle
@@ -188,9 +188,11 @@ where
     // When the first bytes of the unfinished frame at the front of `buf`
     // arrived, if there is one.
     let mut frame_started: Option<tokio::time::Instant> = None;
-    // When bytes last arrived: an unfinished frame may not pause longer
-    // than the grace, however much of it came before.
-    let mut last_bytes = tokio::time::Instant::now();
+    // An unfinished frame must arrive at the minimum rate in every stretch
+    // of the grace too, however much of it came before: the stretch under
+    // way began then, and has had this many bytes.
+    let stretch = (f64::from(limits.frame_min_rate) * limits.frame_grace.as_secs_f64()) as usize;
+    let (mut stretch_start, mut stretch_bytes) = (tokio::time::Instant::now(), 0usize);
     // What the unfinished frame in `buf` holds of the node's budget.
     let mut held = dhrt_proto::Held::new(&limits.inflight);
     loop {
@@ -394,7 +396,7 @@ where
             let allowance = buf.len() as u64 * 1000 / u64::from(limits.frame_min_rate.max(1));
             (
                 (at + limits.frame_grace + Duration::from_millis(allowance))
-                    .min(last_bytes + limits.frame_grace),
+                    .min(stretch_start.max(at) + limits.frame_grace),
                 Slow::Frame,
             )
         });
@@ -427,10 +429,14 @@ where
         };
         match read {
             Either::Left(read) => {
-                if read? == 0 {
+                let n = read?;
+                if n == 0 {
                     return Ok(Closed::ByClient);
                 }
-                last_bytes = tokio::time::Instant::now();
+                stretch_bytes += n;
+                if stretch_bytes >= stretch {
+                    (stretch_start, stretch_bytes) = (tokio::time::Instant::now(), 0);
+                }
                 if !held.resize(buf.len()) {
                     return refuse_frame(&mut stream, &buf, held.refusal(), &limits).await;
                 }
@@ -479,7 +485,7 @@ impl Slow {
         match self {
             Slow::Frame => format!(
                 "a frame arrived too slowly ({buffered} bytes of it; at least {} bytes a second \
-                 after the first {grace} s, and no pause longer than that)",
+                 after the first {grace} s, and as much in every {grace} s)",
                 limits.frame_min_rate
             ),
             Slow::Token => format!("no valid token shown within {grace} s of connecting"),
