@@ -91,8 +91,9 @@ impl Held {
     /// The sentence for a request refused because the budget is full.
     pub fn refusal(&self) -> String {
         format!(
-            "this node is receiving {} MiB of large requests at once, its limit (--max-inflight-mib): try again",
-            self.budget.held() >> 20
+            "this node already holds {} MiB of large requests still arriving, against its limit of {} MiB (--max-inflight-mib): try again",
+            self.budget.held() >> 20,
+            self.budget.max() >> 20
         )
     }
 }
