@@ -282,28 +282,7 @@ fn a_member_back_after_the_tombstone_grace_brings_nothing_deleted_back() {
 /// again once the owner does.
 #[test]
 fn an_owner_that_does_not_answer_is_not_taken_for_a_missing_key() {
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let flags = ["--replicas", "1", "--timeout-ms", "200"];
-    let a = Dhrtd::start(dirs[0].path(), &flags);
-    let b = start_joined(dirs[1].path(), &a, &flags);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
-    for c in 0..8 {
-        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
-    }
-    // A collection b owns (and a does not store).
-    let on_b = eventually_value(|| {
-        let held: Vec<String> = stats(&b)["collections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["keys"].as_u64() > Some(0))
-            .map(|c| c["name"].as_str().unwrap().to_string())
-            .filter(|n| n.starts_with('c'))
-            .collect();
-        held.into_iter().find(|n| holders_of(&[&a], n) == 0)
-    });
+    let (_dirs, a, b, on_b) = one_owner_each();
     b.signal("STOP");
     let (status, body) = a.http("GET", &format!("/{on_b}/k"), b"");
     let (list_status, list_body) = a.http("GET", &format!("/{on_b}"), b"");
@@ -332,10 +311,32 @@ fn an_owner_that_does_not_answer_is_not_taken_for_a_missing_key() {
 /// back, though the node was killed in between.
 #[test]
 fn a_forwarded_write_no_owner_took_survives_the_forwarding_node_crashing() {
+    let (dirs, a, b, on_b) = one_owner_each();
+    b.signal("STOP");
+    let (status, body) = a.http("POST", &format!("/{on_b}/late/kept"), b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("kept on this node"), "{body}");
+    let a_addr = a.addr;
+    assert!(a.stop("KILL").code().is_none());
+    b.signal("CONT");
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &ONE_OWNER);
+    eventually("b has the write a kept", Duration::from_secs(30), || {
+        b.http("GET", &format!("/{on_b}/late"), b"").0 == 200
+    });
+    assert_eq!(b.get_raw(&format!("/{on_b}/late")).1, b"kept");
+    drop(a);
+}
+
+/// One owner a collection, and a short timeout.
+const ONE_OWNER: [&str; 4] = ["--replicas", "1", "--timeout-ms", "200"];
+
+/// Two nodes started with [`ONE_OWNER`], collections c0..c7
+/// written through the first; and a collection the second owns (and the
+/// first does not store).
+fn one_owner_each() -> (Vec<tempfile::TempDir>, Dhrtd, Dhrtd, String) {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let flags = ["--replicas", "1", "--timeout-ms", "200"];
-    let a = Dhrtd::start(dirs[0].path(), &flags);
-    let b = start_joined(dirs[1].path(), &a, &flags);
+    let a = Dhrtd::start(dirs[0].path(), &ONE_OWNER);
+    let b = start_joined(dirs[1].path(), &a, &ONE_OWNER);
     eventually("a and b are healthy", Duration::from_secs(15), || {
         all_healthy(&[&a, &b], 2)
     });
@@ -353,19 +354,7 @@ fn a_forwarded_write_no_owner_took_survives_the_forwarding_node_crashing() {
             .collect();
         held.into_iter().find(|n| holders_of(&[&a], n) == 0)
     });
-    b.signal("STOP");
-    let (status, body) = a.http("POST", &format!("/{on_b}/late/kept"), b"");
-    assert_eq!(status, 504, "{body}");
-    assert!(body.contains("kept on this node"), "{body}");
-    let a_addr = a.addr;
-    assert!(a.stop("KILL").code().is_none());
-    b.signal("CONT");
-    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &flags);
-    eventually("b has the write a kept", Duration::from_secs(30), || {
-        b.http("GET", &format!("/{on_b}/late"), b"").0 == 200
-    });
-    assert_eq!(b.get_raw(&format!("/{on_b}/late")).1, b"kept");
-    drop(a);
+    (dirs, a, b, on_b)
 }
 
 /// Waits (up to 15 s) for `f` to find something.

@@ -50,6 +50,27 @@ async fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Writes a byte every 100 ms until the server closes the connection (at
+/// most 10 s), reading what it answers into `out`.
+async fn trickle_until_closed(
+    s: &mut TcpStream,
+    out: &mut Vec<u8>,
+) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                r = s.read_to_end(out) => return r,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if s.write_all(b"x").await.is_err() {
+                        return s.read_to_end(out).await;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn keep_alive_serves_pipelined_requests_in_order() {
     let addr = start().await;
@@ -126,20 +147,8 @@ async fn a_body_slower_than_the_minimum_rate_gets_408_and_is_cut_off() {
         .unwrap();
     let started = Instant::now();
     let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        // A byte every 100 ms: 10 bytes a second, under the 100 asked.
-        loop {
-            tokio::select! {
-                r = s.read_to_end(&mut out) => return r,
-                () = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if s.write_all(b"x").await.is_err() {
-                        return s.read_to_end(&mut out).await;
-                    }
-                }
-            }
-        }
-    })
-    .await;
+    // A byte every 100 ms: 10 bytes a second, under the 100 asked.
+    let read = trickle_until_closed(&mut s, &mut out).await;
     assert!(read.is_ok(), "a trickled body still open after 10 s");
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
@@ -379,21 +388,9 @@ async fn a_body_that_trickles_after_a_fast_start_gets_408() {
     s.write_all(&[b'p'; 60000]).await.unwrap();
     let started = Instant::now();
     let mut out = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), async {
-        // A byte every 100 ms: under the grace each time, 10 bytes a
-        // second against the 100 asked.
-        loop {
-            tokio::select! {
-                r = s.read_to_end(&mut out) => return r,
-                () = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if s.write_all(b"x").await.is_err() {
-                        return s.read_to_end(&mut out).await;
-                    }
-                }
-            }
-        }
-    })
-    .await;
+    // A byte every 100 ms: under the grace each time, 10 bytes a second
+    // against the 100 asked.
+    let read = trickle_until_closed(&mut s, &mut out).await;
     assert!(read.is_ok(), "a trickled body still open after 10 s");
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
