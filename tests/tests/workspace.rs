@@ -15,6 +15,7 @@ mod node;
 mod partition;
 mod replicas;
 mod security;
+mod slow_link;
 mod tls;
 mod watch;
 mod watch_relay;

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use crate::cluster::{Cluster, stamp};
 use crate::handshake::{self, Side};
@@ -35,6 +36,12 @@ const BUCKET_PAGE_BYTES: usize = 4 << 20;
 /// connection is not read until one is answered: a peer cannot make this
 /// node hold more than this many requests and their answers.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
+
+/// A frame that has been arriving this long gets a [`PeerMessage::Received`]
+/// note back, and another every so often while it keeps arriving: the
+/// dialer's sign that its bytes are still on their way (a large value on a
+/// slow link) when none move on its side.
+pub(crate) const NOTE_EVERY: Duration = Duration::from_millis(200);
 
 /// Serves a peer connection from `remote` whose preamble was consumed;
 /// `buf` holds what was read after it.
@@ -152,6 +159,10 @@ impl Connection {
         let mut in_flight = 0;
         tokio::pin!(shutdown);
         let mut out = Vec::new();
+        // Bytes read since the handshake, and since when the frame at the
+        // head of `buf` has been arriving (`None`: no frame is).
+        let (mut received, mut arriving) = (0u64, None::<Instant>);
+        let mut noted = Instant::now();
         loop {
             while in_flight < self.max_in_flight {
                 let msg = match take_sealed::<PeerMessage>(&mut buf, self.max_frame, &mut opener) {
@@ -159,6 +170,7 @@ impl Connection {
                     Ok(None) => break,
                     Err(e) => return refuse(e.to_string()),
                 };
+                arriving = None;
                 match msg {
                     PeerMessage::Gossip(g) => gossip(g),
                     PeerMessage::Request { id, op } => {
@@ -173,7 +185,15 @@ impl Connection {
                     PeerMessage::Response { .. } => {
                         return refuse("a response on a listening connection".into());
                     }
+                    PeerMessage::Received { .. } => {
+                        return refuse("a progress note on a listening connection".into());
+                    }
                 }
+            }
+            if buf.is_empty() {
+                arriving = None;
+            } else if arriving.is_none() {
+                arriving = Some(Instant::now());
             }
             tokio::select! {
                 biased;
@@ -190,8 +210,21 @@ impl Connection {
                 }
                 // Backpressure: at the cap, read nothing more.
                 n = read_more(&mut stream, &mut buf), if in_flight < self.max_in_flight => {
-                    if n? == 0 {
+                    let n = n?;
+                    if n == 0 {
                         return Ok(Closed::ByClient);
+                    }
+                    received += n as u64;
+                    if arriving.is_some_and(|t| t.elapsed() >= NOTE_EVERY)
+                        && noted.elapsed() >= NOTE_EVERY
+                    {
+                        noted = Instant::now();
+                        let note = PeerMessage::Received { bytes: received };
+                        encode_frame(&note, &mut out, plain_max(self.max_frame))
+                            .expect("a note fits");
+                        seal_frame(&mut out, 0, &mut sealer)?;
+                        stream.write_all(&out).await?;
+                        out.clear();
                     }
                 }
             }
@@ -500,6 +533,82 @@ mod tests {
         answered.dedup();
         assert_eq!(answered.len() as u64, SENT - 1);
         assert_eq!(started.load(Ordering::SeqCst), SENT as usize);
+    }
+
+    /// A frame that takes long to arrive (a large value on a slow link) gets
+    /// notes of the bytes read so far, every [`NOTE_EVERY`] while it
+    /// arrives; one that arrives at once gets none.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_arrives_slowly_is_noted_as_it_arrives() {
+        let Ends {
+            dialer,
+            mut dialer_buf,
+            dialer_session,
+            listener,
+            listener_buf,
+            listener_session,
+        } = handshaken().await;
+        let Session {
+            mut sealer,
+            mut opener,
+        } = dialer_session;
+        let handler = |_| async { Ok(PeerReply::Entry(None)) };
+        let _server = tokio::spawn(connection(8).serve(
+            listener,
+            listener_buf,
+            listener_session,
+            handler,
+            |_| {},
+            std::future::pending(),
+        ));
+        let (mut rd, mut wr) = tokio::io::split(dialer);
+        let mut next = async || {
+            read_sealed::<PeerMessage, _>(&mut rd, &mut dialer_buf, MAX, &mut opener)
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        // Arriving at once: answered, no note.
+        let small = sealed(read(1), &mut sealer);
+        wr.write_all(&small).await.unwrap();
+        let msg = next().await;
+        assert!(
+            matches!(msg, PeerMessage::Response { id: 1, .. }),
+            "{msg:?}"
+        );
+        // 600 KiB in 20 pieces, one every 60 ms: 1.14 s on the way.
+        let big = PeerMessage::Request {
+            id: 2,
+            op: PeerOp::Read {
+                collection: "c".into(),
+                key: Bytes::from(vec![7u8; 600 << 10]),
+            },
+        };
+        let mut frame = Vec::new();
+        encode_frame(&big, &mut frame, plain_max(MAX)).unwrap();
+        let frame = sealed(frame, &mut sealer);
+        let (before, len) = (small.len() as u64, frame.len() as u64);
+        tokio::spawn(async move {
+            for piece in frame.chunks(frame.len().div_ceil(20)) {
+                wr.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            wr
+        });
+        let mut notes = vec![];
+        loop {
+            match next().await {
+                PeerMessage::Received { bytes } => notes.push(bytes),
+                PeerMessage::Response { id: 2, .. } => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!((3..=6).contains(&notes.len()), "notes: {notes:?}");
+        assert!(notes.windows(2).all(|w| w[0] < w[1]), "{notes:?}");
+        assert!(
+            notes[0] > before && notes[notes.len() - 1] < before + len,
+            "{notes:?}"
+        );
     }
 
     /// A dialer holding this node's own id (a copied data directory, or a

@@ -148,7 +148,8 @@ impl Sim {
                     Output::Changed { .. }
                     | Output::Forgotten { .. }
                     | Output::LeftForgotten { .. }
-                    | Output::SharedId { .. } => {}
+                    | Output::SharedId { .. }
+                    | Output::Unanswered { .. } => {}
                 }
             }
         }
@@ -667,4 +668,35 @@ fn one_id_heard_at_two_addresses_in_turn_is_flagged_once_a_minute() {
     one.handle(70_000, gossip_from(2, vec![at("10.0.0.2:7453", 200)]));
     one.handle(70_500, gossip_from(2, vec![at("10.0.0.9:7453", 300)]));
     assert_eq!(flagged(&mut one), 1, "again, a minute later");
+}
+
+/// A direct probe that goes unanswered is reported as such, before the
+/// member is suspected, so that the node gives up the connection that
+/// carried it (one stuck since a partition would lose every later probe).
+#[test]
+fn an_unanswered_probe_is_reported_before_the_member_is_suspected() {
+    let mut one = Membership::new(me(1, 100), MembershipConfig::default(), 1);
+    one.merge_own_word(0, me(2, 200));
+    one.drain();
+    let mut now = 0;
+    let reported = loop {
+        now += STEP_MS;
+        assert!(now < 10_000, "no probe was reported unanswered");
+        one.tick(now);
+        if one.drain().contains(&Output::Unanswered { member: 2 }) {
+            break now;
+        }
+    };
+    assert_eq!(
+        view(&one, 2),
+        Some((200, Liveness::Alive)),
+        "at {reported} ms"
+    );
+    // Still unanswered, it is suspected next.
+    while view(&one, 2).map(|v| v.1) == Some(Liveness::Alive) {
+        now += STEP_MS;
+        assert!(now < 20_000, "never suspected");
+        one.tick(now);
+    }
+    assert_eq!(view(&one, 2).map(|v| v.1), Some(Liveness::Suspect));
 }

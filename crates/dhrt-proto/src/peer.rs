@@ -85,6 +85,14 @@ pub enum PeerMessage {
     },
     /// Membership news; never answered directly.
     Gossip(Gossip),
+    /// From the listener: how many bytes of the connection it has read so
+    /// far. Sent while a frame takes long to arrive (a large value on a
+    /// slow link), so that the dialer tells bytes still on their way from
+    /// a peer that does not answer; never answered.
+    Received {
+        /// Bytes read from the dialer since the handshake.
+        bytes: u64,
+    },
 }
 
 /// One replicated change.

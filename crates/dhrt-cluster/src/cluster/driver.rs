@@ -57,7 +57,7 @@ impl Cluster {
                         gossip.sent_ms = self.wall_ms();
                         gossip.max_offset_ms = self.options.max_clock_ahead.as_millis() as u64;
                         tokio::spawn(async move {
-                            let _ = peer.link.gossip(gossip, timeout).await;
+                            let _ = peer.gossip.gossip(gossip, timeout).await;
                         });
                     }
                 }
@@ -81,6 +81,11 @@ impl Cluster {
                     addrs[0],
                     addrs[1]
                 ),
+                Output::Unanswered { member } => {
+                    if let Some(peer) = self.peers.lock().unwrap().get(&member) {
+                        peer.gossip.abandon();
+                    }
+                }
                 Output::LeftForgotten { id } => {
                     tracing::info!(id = %format!("{id:016x}"), "member left long ago: forgotten");
                     self.drop_peer(id);
@@ -152,7 +157,8 @@ impl Cluster {
         }
         let peer = Arc::new(Peer {
             id,
-            link: Link::to_member(addr, id, self.dialer.clone()),
+            link: Link::to_member(addr.clone(), id, self.dialer.clone()),
+            gossip: Link::to_member(addr, id, self.dialer.clone()),
             any_refused: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
@@ -430,7 +436,7 @@ impl Cluster {
                 let timeout = self.options.timeout;
                 gossip.sent_ms = self.wall_ms();
                 gossip.max_offset_ms = self.options.max_clock_ahead.as_millis() as u64;
-                sends.spawn(async move { peer.link.gossip(gossip, timeout).await });
+                sends.spawn(async move { peer.gossip.gossip(gossip, timeout).await });
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), sends.join_all()).await;

@@ -22,6 +22,10 @@ use crate::queue::{Queue, Room};
 pub(super) struct Peer {
     pub(super) id: u64,
     pub(super) link: Link,
+    /// Membership's own connection to the peer: a probe never waits behind
+    /// a large value crossing a slow link on `link`, which would make a
+    /// busy peer look dead.
+    pub(super) gossip: Link,
     /// Cached: whether the peer's queue remembers refusals, so a waiter
     /// takes the queue's lock only when there are some.
     pub(super) any_refused: AtomicBool,

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::handshake::{self, DialError, Side};
 use crate::wire::{plain_max, read_sealed, seal_frame};
-use progress::{Counting, MIN_MOVED, MOST_EXTRA, Moved, transfer_time};
+use progress::{Counting, MIN_MOVED, MOST_EXTRA, Moved, WINDOW, transfer_time};
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -104,7 +104,7 @@ struct Conn {
     frames: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     alive: Arc<AtomicBool>,
-    /// Bytes moved on it, both ways (`progress.rs`).
+    /// Bytes that arrived on it, either way (`progress.rs`).
     moved: Arc<Moved>,
     /// Dropped with the connection: its writer sends what is queued, tells
     /// the peer, and stops, giving up a write the peer does not read after
@@ -170,6 +170,16 @@ impl Link {
 
     pub(crate) fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Gives up the connection, if there is one: the next message dials
+    /// afresh (one being dialed now is fresh already).
+    pub(crate) fn abandon(&self) {
+        if let Ok(slot) = self.conn.try_lock()
+            && let Some(c) = slot.as_ref()
+        {
+            c.alive.store(false, Ordering::Release);
+        }
     }
 
     fn unreachable(&self, reason: impl std::fmt::Display) -> LinkError {
@@ -262,11 +272,8 @@ impl Link {
         };
         let (mut sealer, mut opener) = (session.sealer, session.opener);
         let moved = Arc::new(Moved::default());
-        let (rd, wr) = tokio::io::split(stream);
-        let (mut rd, mut wr) = (
-            Counting::new(rd, moved.clone()),
-            Counting::new(wr, moved.clone()),
-        );
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = Counting::new(rd, moved.clone());
         // Dropped by the reader when it stops: the writer stops too, and
         // the connection closes.
         let (reading, mut stopped) = oneshot::channel::<()>();
@@ -349,6 +356,7 @@ impl Link {
         }
         {
             let (alive, pending, addr) = (alive.clone(), pending.clone(), self.addr.clone());
+            let moved = moved.clone();
             tokio::spawn(async move {
                 let _reading = reading;
                 // The writer has stopped and said so to the peer, which
@@ -378,10 +386,14 @@ impl Link {
                             break;
                         }
                     };
-                    if let PeerMessage::Response { id, result } = msg
-                        && let Some(tx) = pending.lock().unwrap().remove(&id)
-                    {
-                        let _ = tx.send(result);
+                    match msg {
+                        PeerMessage::Response { id, result } => {
+                            if let Some(tx) = pending.lock().unwrap().remove(&id) {
+                                let _ = tx.send(result);
+                            }
+                        }
+                        PeerMessage::Received { bytes } => moved.received(bytes),
+                        PeerMessage::Request { .. } | PeerMessage::Gossip(_) => {}
                     }
                 }
                 alive.store(false, Ordering::Release);
@@ -400,9 +412,10 @@ impl Link {
 
     /// Sends `op` and waits for its answer: at most `timeout` (dialing
     /// included), plus the time its own frame takes at [`FLOOR_RATE`] (a
-    /// request carrying a large value); past that, as long as the
-    /// connection carries [`MIN_MOVED`] bytes per `timeout` (a large
-    /// answer on its way, or frames queued before it), the wait goes on,
+    /// request carrying a large value); past that, as long as
+    /// [`MIN_MOVED`] bytes arrive on the connection per [`WINDOW`] (or per
+    /// `timeout`, when longer), either way (a large answer on its way, or
+    /// this frame or those before it reaching the peer), the wait goes on,
     /// up to [`MOST_EXTRA`] more.
     pub(crate) async fn request(
         &self,
@@ -421,6 +434,7 @@ impl Link {
         .map_err(|e| self.unreachable(e))?;
         let mut deadline = started + timeout + transfer_time(frame.len());
         let latest = deadline + MOST_EXTRA;
+        let window = timeout.max(WINDOW);
         let (tx, rx) = oneshot::channel();
         conn.pending.lock().unwrap().insert(id, tx);
         if conn.frames.send(frame).is_err() {
@@ -434,7 +448,7 @@ impl Link {
                 match tokio::time::timeout_at(deadline, &mut rx).await {
                     Err(_) if deadline < latest && conn.moved.total() - moved >= MIN_MOVED => {
                         moved = conn.moved.total();
-                        deadline = (deadline + timeout).min(latest);
+                        deadline = (deadline + window).min(latest);
                     }
                     answer => break answer,
                 }

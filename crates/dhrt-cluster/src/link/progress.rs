@@ -1,9 +1,13 @@
 //! Time for a large value to cross a slow link, apart from the time a peer
 //! has to answer: a request carrying many MiB is allowed the time its frame
-//! takes at [`FLOOR_RATE`] on top of its timeout; and bytes moving on a
-//! connection, either way, tell a slow transfer from a peer that does not
-//! answer: while the connection carries at least [`MIN_MOVED`] bytes per
-//! timeout, the wait goes on, up to [`MOST_EXTRA`] beyond it.
+//! takes at [`FLOOR_RATE`] on top of its timeout; and bytes arriving, either
+//! way, tell a slow transfer from a peer that does not answer: while at
+//! least [`MIN_MOVED`] of them arrive per [`WINDOW`] (or per timeout, when
+//! longer), the wait goes on, up to [`MOST_EXTRA`] beyond it. Bytes that
+//! arrive here are counted as they are read; bytes that arrive at the peer,
+//! as its [`Received`](dhrt_proto::PeerMessage::Received) notes say. What
+//! this side writes is not counted: the kernel's buffers, and a relay's,
+//! take many MiB that move nowhere when the peer has stopped.
 
 use std::io;
 use std::pin::Pin;
@@ -12,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The slowest link a frame is given time for: 1 MiB/s (16 s for a value at
 /// the 16 MiB limit).
@@ -23,30 +27,46 @@ pub(crate) fn transfer_time(len: usize) -> Duration {
     Duration::from_millis(len as u64 * 1000 / FLOOR_RATE)
 }
 
-/// Bytes that must move on a connection within one timeout for a request
-/// on it to be waited for longer: far above what gossip and small answers
-/// carry, far below any link that moves a large value.
-pub(crate) const MIN_MOVED: u64 = 32 << 10;
+/// Bytes that must arrive on a connection, either way, within a
+/// [`WINDOW`] for a request on it to be waited for longer: 16 KiB/s, far
+/// below any link that moves a large value, far above what small answers
+/// carry.
+pub(crate) const MIN_MOVED: u64 = 16 << 10;
+
+/// The stretch over which a connection must move [`MIN_MOVED`] bytes (or
+/// the request's timeout, when longer).
+pub(crate) const WINDOW: Duration = Duration::from_secs(1);
 
 /// The longest a request is waited for beyond its timeout while its
 /// connection moves bytes: 16 MiB at about 56 KiB/s.
 pub(crate) const MOST_EXTRA: Duration = Duration::from_secs(300);
 
-/// Bytes moved on one connection so far, both ways.
+/// Bytes that arrived on one connection so far: read here, and read by
+/// the peer as its notes say.
 #[derive(Debug, Default)]
-pub(crate) struct Moved(AtomicU64);
+pub(crate) struct Moved {
+    here: AtomicU64,
+    there: AtomicU64,
+}
 
 impl Moved {
     pub(crate) fn total(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.here
+            .load(Ordering::Relaxed)
+            .saturating_add(self.there.load(Ordering::Relaxed))
+    }
+
+    /// The peer says it has read `bytes` of the connection so far.
+    pub(crate) fn received(&self, bytes: u64) {
+        self.there.fetch_max(bytes, Ordering::Relaxed);
     }
 
     fn add(&self, n: usize) {
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        self.here.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-/// A half of a connection that counts the bytes it moves.
+/// The reading half of a connection, counting the bytes it reads.
 pub(crate) struct Counting<S> {
     inner: S,
     moved: Arc<Moved>,
@@ -69,28 +89,5 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         this.moved.add(buf.filled().len() - before);
         r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.moved.add(n);
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

@@ -252,12 +252,13 @@ async fn a_dial_that_reaches_this_node_itself_is_refused() {
 }
 
 /// A request whose frame takes many timeouts to cross a slow link (a
-/// large value) is not given up while its bytes move: the listener reads
-/// 32 KiB every 100 ms, about 3 s for the 900 KiB frame, with a 500 ms
-/// timeout (and 0.9 s more for the frame's size at the floor rate). One
-/// that moves nothing is given up at its timeout.
+/// large value) is not given up while the peer says its bytes arrive: the
+/// listener reads 32 KiB every 100 ms, about 3 s for the 900 KiB frame,
+/// with a 500 ms timeout (and 0.9 s more for the frame's size at the floor
+/// rate), and notes what it has read as it goes. One that moves nothing
+/// is given up at its timeout.
 #[tokio::test(start_paused = true)]
-async fn a_request_whose_bytes_keep_moving_is_waited_for_past_its_timeout() {
+async fn a_request_whose_bytes_the_peer_says_arrive_is_waited_for_past_its_timeout() {
     let (d, mut l) = tokio::io::duplex(64 << 10);
     let link = Link::new("192.0.2.2:7453".into(), dialer(d));
     let listener = tokio::spawn(async move {
@@ -274,7 +275,7 @@ async fn a_request_whose_bytes_keep_moving_is_waited_for_past_its_timeout() {
             .unwrap()
             .unwrap();
         // A slow link: 32 KiB every 100 ms.
-        let mut ids = Vec::new();
+        let (mut ids, mut received) = (Vec::new(), 0u64);
         loop {
             if let Some(msg) =
                 crate::wire::take_sealed(&mut buf, 4 << 20, &mut session.opener).unwrap()
@@ -302,6 +303,12 @@ async fn a_request_whose_bytes_keep_moving_is_waited_for_past_its_timeout() {
             let mut chunk = vec![0u8; 32 << 10];
             let n = l.read(&mut chunk).await.unwrap();
             buf.extend_from_slice(&chunk[..n]);
+            received += n as u64;
+            let note = PeerMessage::Received { bytes: received };
+            let mut out = Vec::new();
+            encode_frame(&note, &mut out, 1 << 20).unwrap();
+            seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+            l.write_all(&out).await.unwrap();
         }
     });
     let big = PeerOp::Apply(vec![dhrt_proto::Mutation::Put {

@@ -121,6 +121,14 @@ pub enum Output {
         /// Its two addresses.
         addrs: [String; 2],
     },
+    /// A direct probe of `member` went unanswered: whatever carries
+    /// messages to it is suspect too (a TCP connection that lost segments
+    /// in a partition waits out its retransmission backoff long after the
+    /// network heals), and the next message takes a fresh one.
+    Unanswered {
+        /// The probed member's id.
+        member: u64,
+    },
     /// A member that left was forgotten, `forget_left_ms` after it left.
     /// Only its own word brings it back: news from others that it left is
     /// not taken of a member unknown here.

@@ -184,6 +184,7 @@ impl Membership {
             return;
         }
         if !p.indirect_sent {
+            self.out.push(Output::Unanswered { member: p.target });
             let mut helpers: Vec<u64> = self
                 .members
                 .values()

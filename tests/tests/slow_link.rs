@@ -1,0 +1,141 @@
+//! Replication over a slow link: a relay that passes one direction at a
+//! fixed rate stands between two nodes, so that what a node writes sits in
+//! the kernel's and the relay's buffers long after its side has handed it
+//! over.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cluster::{eventually, local_keys, state_of};
+use crate::dhrtd::{Dhrtd, free_addr};
+
+/// One direction of a link: bytes pass at `rate` a second, whichever
+/// connections carry them.
+struct Way {
+    rate: u64,
+    started: Instant,
+    passed: Mutex<u64>,
+}
+
+impl Way {
+    fn new(rate: u64) -> Arc<Way> {
+        Arc::new(Way {
+            rate,
+            started: Instant::now(),
+            passed: Mutex::new(0),
+        })
+    }
+
+    /// Copies `from` to `to` at the way's pace, then closes `to`'s side.
+    fn carry(self: &Arc<Self>, mut from: TcpStream, mut to: TcpStream) {
+        let way = self.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = match from.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let due = {
+                    let mut passed = way.passed.lock().unwrap();
+                    *passed += n as u64;
+                    way.started + Duration::from_micros(*passed * 1_000_000 / way.rate)
+                };
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if to.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+/// Accepts on a free loopback port and relays each connection to `to`:
+/// what goes to `to` takes way `inward`, what comes back `outward`.
+/// Returns the relay's address.
+fn relay(to: SocketAddr, inward: Arc<Way>, outward: Arc<Way>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for dialer in listener.incoming() {
+            let Ok(dialer) = dialer else { continue };
+            let Ok(target) = TcpStream::connect(to) else {
+                continue;
+            };
+            inward.carry(dialer.try_clone().unwrap(), target.try_clone().unwrap());
+            outward.carry(target, dialer);
+        }
+    });
+    at
+}
+
+/// A value far larger than the link passes in a timeout reaches the peer,
+/// the writes queued behind it follow, and the two nodes go on seeing each
+/// other alive. Before the listener said how much it had read, the dialer
+/// saw nothing move once the frame sat in the buffers, timed out, dropped
+/// the connection and sent it all again; and the probes queued behind it
+/// made each node declare the other dead within seconds.
+#[test]
+fn a_large_value_on_a_slow_link_replicates_and_the_writes_behind_it_follow() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Each node advertises a relay in front of it: whatever they say to
+    // each other crosses one link of 96 KiB/s each way.
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let (to_a, to_b) = (Way::new(96 << 10), Way::new(96 << 10));
+    let a_relay = relay(a_addr, to_a.clone(), to_b.clone());
+    let b_relay = relay(b_addr, to_b, to_a);
+    let a = Dhrtd::start_on(
+        Some(a_addr),
+        dirs[0].path(),
+        &["--write-ack", "local", "--advertise", &a_relay.to_string()],
+    );
+    let b = Dhrtd::start_on(
+        Some(b_addr),
+        dirs[1].path(),
+        &[
+            "--node",
+            &a_relay.to_string(),
+            "--advertise",
+            &b_relay.to_string(),
+        ],
+    );
+    eventually("b joined", Duration::from_secs(20), || {
+        state_of(&a, &b_relay.to_string()).as_deref() == Some("healthy")
+    });
+    // 1.5 MiB: 16 s on this link, 2 s allowed for its frame by its size.
+    let big: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
+    assert_eq!(a.http("PUT", "/slow/big", &big).0, 200);
+    for i in 0..20 {
+        let (status, body) = a.http("PUT", &format!("/slow/k{i}"), b"small");
+        assert_eq!(status, 200, "{body}");
+    }
+    // 16 s on the link alone, 32 s with anti-entropy pulling it too.
+    // Neither judges the other dead meanwhile: membership has its own
+    // connection, which does not wait behind the value.
+    let started = Instant::now();
+    while local_keys(&b, "slow") != 21 {
+        let views = [
+            state_of(&a, &b_relay.to_string()),
+            state_of(&b, &a_relay.to_string()),
+        ];
+        assert!(
+            views.iter().all(|v| v.as_deref() != Some("dead")),
+            "after {:?}: b at a, a at b: {views:?}",
+            started.elapsed()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(75),
+            "b holds {} of the 21 keys after 75 s",
+            local_keys(&b, "slow")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, got) = b.get_raw("/slow/big");
+    assert_eq!(status, 200);
+    assert!(got == big, "b holds {} bytes, not the value", got.len());
+}
