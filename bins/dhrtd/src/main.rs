@@ -226,13 +226,14 @@ fn signalled(
 }
 
 /// The most collections a node creates by default: what `open_files`
-/// leaves after the client and peer connections and 512 more descriptors
+/// leaves after the client connections, the peer connections (as many
+/// dialed as accepted: two each way per member) and 512 more descriptors
 /// (listeners, threads, a compaction's new file, watches), two files a
 /// collection; if the connections alone could take the whole limit, a
 /// quarter of it.
 fn collections_within(open_files: u64, connections: usize, peers: usize) -> usize {
     let reserve = (connections as u64)
-        .saturating_add(peers as u64)
+        .saturating_add((peers as u64).saturating_mul(2))
         .saturating_add(512);
     let spare = if open_files >= reserve.saturating_add(128) {
         open_files - reserve
@@ -460,8 +461,9 @@ mod tests {
 
     #[test]
     fn collections_fit_the_open_files_left_by_the_connections() {
-        // 20,000 files, 10,000 + 1,024 connections: (20,000 - 11,536) / 2.
-        assert_eq!(collections_within(20_000, 10_000, 1024), 4_232);
+        // 20,000 files, 10,000 + 2 × 1,024 connections (the peer ones
+        // accepted and dialed): (20,000 - 12,560) / 2.
+        assert_eq!(collections_within(20_000, 10_000, 1024), 3_720);
         // Twice as many collections as files can never be opened again;
         // with the defaults, a node never creates more than fit.
         for limit in [256, 1024, 4096, 65_536, 1 << 20] {

@@ -24,6 +24,12 @@ const HANDOVER_ON_LEAVE: Duration = Duration::from_secs(30);
 /// The least time the round after the goodbye gets.
 const LAST_HANDOVER: Duration = Duration::from_secs(5);
 
+/// A gossip connection younger than this is kept when a probe over it goes
+/// unanswered: a stuck one is replaced within this time, and a member at
+/// a long round trip, whose probes miss anyway, is not dialed afresh at
+/// every probe.
+const GOSSIP_CONN_MIN_AGE: Duration = Duration::from_secs(10);
+
 impl Cluster {
     pub(super) fn with_membership<T>(
         self: &Arc<Self>,
@@ -82,8 +88,10 @@ impl Cluster {
                     addrs[1]
                 ),
                 Output::Unanswered { member } => {
+                    // Not one just dialed: on a link of long round trips
+                    // a fresh connection misses its first probes too.
                     if let Some(peer) = self.peers.lock().unwrap().get(&member) {
-                        peer.gossip.abandon();
+                        peer.gossip.abandon(GOSSIP_CONN_MIN_AGE);
                     }
                 }
                 Output::LeftForgotten { id } => {

@@ -106,6 +106,8 @@ struct Conn {
     alive: Arc<AtomicBool>,
     /// Bytes that arrived on it, either way (`progress.rs`).
     moved: Arc<Moved>,
+    /// When it was dialed.
+    since: tokio::time::Instant,
     /// Dropped with the connection: its writer sends what is queued, tells
     /// the peer, and stops, giving up a write the peer does not read after
     /// `LINGER`; the reader then stops once the peer closes its end, or
@@ -172,11 +174,13 @@ impl Link {
         &self.addr
     }
 
-    /// Gives up the connection, if there is one: the next message dials
-    /// afresh (one being dialed now is fresh already).
-    pub(crate) fn abandon(&self) {
-        if let Ok(slot) = self.conn.try_lock()
-            && let Some(c) = slot.as_ref()
+    /// Gives up the connection if it is older than `age`: it closes, and
+    /// the next message dials afresh. One being dialed or used right now
+    /// is left alone.
+    pub(crate) fn abandon(&self, age: Duration) {
+        if let Ok(mut slot) = self.conn.try_lock()
+            && slot.as_ref().is_some_and(|c| c.since.elapsed() >= age)
+            && let Some(c) = slot.take()
         {
             c.alive.store(false, Ordering::Release);
         }
@@ -284,7 +288,7 @@ impl Link {
         // Dropped by the writer when it stops: the reader stops too.
         let (writing, mut written_all) = oneshot::channel::<()>();
         {
-            let alive = alive.clone();
+            let (alive, sent) = (alive.clone(), moved.clone());
             let mut closed = closed;
             tokio::spawn(async move {
                 let _writing = writing;
@@ -328,6 +332,7 @@ impl Link {
                     }
                     // A peer that stops reading holds this write: closing
                     // the connection does not wait for it.
+                    sent.sending(frame.len());
                     let write = wr.write_all(&frame);
                     tokio::pin!(write);
                     let written = loop {
@@ -406,6 +411,7 @@ impl Link {
             pending,
             alive,
             moved,
+            since: tokio::time::Instant::now(),
             _close: close,
         })
     }

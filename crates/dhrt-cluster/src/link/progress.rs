@@ -42,11 +42,13 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(1);
 pub(crate) const MOST_EXTRA: Duration = Duration::from_secs(300);
 
 /// Bytes that arrived on one connection so far: read here, and read by
-/// the peer as its notes say.
+/// the peer as its notes say, never more than this side has sent (a
+/// lying peer cannot make a dead connection look alive for good).
 #[derive(Debug, Default)]
 pub(crate) struct Moved {
     here: AtomicU64,
     there: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl Moved {
@@ -58,7 +60,13 @@ impl Moved {
 
     /// The peer says it has read `bytes` of the connection so far.
     pub(crate) fn received(&self, bytes: u64) {
-        self.there.fetch_max(bytes, Ordering::Relaxed);
+        let sent = self.sent.load(Ordering::Relaxed);
+        self.there.fetch_max(bytes.min(sent), Ordering::Relaxed);
+    }
+
+    /// `n` more bytes are being written to the peer.
+    pub(crate) fn sending(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     fn add(&self, n: usize) {
@@ -89,5 +97,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         this.moved.add(buf.filled().len() - before);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_believed_only_up_to_what_was_sent_to_it() {
+        let moved = Moved::default();
+        moved.received(1 << 40);
+        assert_eq!(moved.total(), 0, "nothing was sent");
+        moved.sending(1000);
+        moved.received(u64::MAX);
+        assert_eq!(moved.total(), 1000);
+        // An older note moves nothing back.
+        moved.received(10);
+        assert_eq!(moved.total(), 1000);
+        moved.add(24);
+        assert_eq!(moved.total(), 1024);
     }
 }

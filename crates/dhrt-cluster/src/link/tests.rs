@@ -342,3 +342,120 @@ async fn a_request_whose_bytes_the_peer_says_arrive_is_waited_for_past_its_timeo
     );
     listener.abort();
 }
+
+/// Bytes written are not progress: a peer that stopped after its buffers
+/// took the whole frame (the kernel's take many MiB) says nothing, and the
+/// request is given up at its deadline, the frame's time at the floor rate
+/// included, not waited for while it sits there.
+#[tokio::test(start_paused = true)]
+async fn a_frame_swallowed_by_buffers_of_a_peer_that_stopped_is_given_up_at_the_deadline() {
+    let (d, mut l) = tokio::io::duplex(4 << 20);
+    let link = Link::new("192.0.2.2:7453".into(), dialer(d));
+    let listener = tokio::spawn(async move {
+        let mut preamble = [0; PREAMBLE_LEN];
+        l.read_exact(&mut preamble).await.unwrap();
+        let mut buf = BytesMut::new();
+        let me = Side {
+            id: 2,
+            secret: SECRET,
+            max_frame: 4 << 20,
+        };
+        let _session = handshake::accept(&mut l, &mut buf, me)
+            .await
+            .unwrap()
+            .unwrap();
+        // Then it stops: the duplex's 4 MiB hold the frame unread.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(l);
+    });
+    let big = PeerOp::Apply(vec![dhrt_proto::Mutation::Put {
+        collection: "c".into(),
+        key: "k".into(),
+        value: Some(vec![7u8; 900 << 10].into()),
+        version: dhrt_proto::Stamp { ts: 1, node: 1 },
+    }]);
+    let started = tokio::time::Instant::now();
+    let answer = link.request(big, Duration::from_millis(500)).await;
+    assert!(
+        matches!(answer, Err(LinkError::Timeout { .. })),
+        "{answer:?}"
+    );
+    // 500 ms and 0.88 s for 900 KiB at 1 MiB/s.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    listener.abort();
+}
+
+/// A listener that takes the handshake, then reports each gossip it reads,
+/// and `None` when the dialer closes the connection.
+fn gossip_listener(mut l: DuplexStream) -> mpsc::UnboundedReceiver<Option<u64>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut preamble = [0; PREAMBLE_LEN];
+        l.read_exact(&mut preamble).await.unwrap();
+        let mut buf = BytesMut::new();
+        let me = Side {
+            id: 2,
+            secret: SECRET,
+            max_frame: 1 << 20,
+        };
+        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
+            .await
+            .unwrap()
+            .unwrap();
+        loop {
+            match read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener).await {
+                Ok(Some(PeerMessage::Gossip(g))) => {
+                    let _ = tx.send(Some(g.sent_ms));
+                }
+                Ok(Some(other)) => panic!("{other:?}"),
+                Ok(None) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// A connection given up after a probe went unanswered closes, and the
+/// next message dials afresh; one younger than the age given is kept.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_connection_closes_and_the_next_message_dials_afresh() {
+    let (d1, l1) = tokio::io::duplex(1 << 16);
+    let (d2, l2) = tokio::io::duplex(1 << 16);
+    let link = Link::new(
+        "192.0.2.2:7453".into(),
+        Dialer {
+            me: 1,
+            secret: SECRET.into(),
+            max_frame: 1 << 20,
+            // Popped from the end: d1 first.
+            connector: Arc::new(Streams(Mutex::new(vec![d2, d1]))),
+        },
+    );
+    let (mut first, mut second) = (gossip_listener(l1), gossip_listener(l2));
+    let gossip = |n| Gossip {
+        from: 1,
+        sent_ms: n,
+        max_offset_ms: 0,
+        kind: dhrt_proto::GossipKind::Sync { reply: false },
+        updates: vec![],
+    };
+    let timeout = Duration::from_secs(1);
+    link.gossip(gossip(1), timeout).await.unwrap();
+    assert_eq!(first.recv().await, Some(Some(1)));
+    // Too young to be given up.
+    link.abandon(Duration::from_secs(10));
+    link.gossip(gossip(2), timeout).await.unwrap();
+    assert_eq!(first.recv().await, Some(Some(2)));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    link.abandon(Duration::from_secs(10));
+    assert_eq!(first.recv().await, Some(None), "the old connection closed");
+    link.gossip(gossip(3), timeout).await.unwrap();
+    assert_eq!(second.recv().await, Some(Some(3)));
+}

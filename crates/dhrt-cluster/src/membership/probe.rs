@@ -174,6 +174,9 @@ impl Membership {
             self.probe = None;
             return;
         }
+        if !p.indirect_sent {
+            self.out.push(Output::Unanswered { member: p.target });
+        }
         let target_liveness = self.members.get(&p.target).map(|k| k.update.liveness);
         if !matches!(
             target_liveness,
@@ -184,7 +187,6 @@ impl Membership {
             return;
         }
         if !p.indirect_sent {
-            self.out.push(Output::Unanswered { member: p.target });
             let mut helpers: Vec<u64> = self
                 .members
                 .values()
