@@ -25,10 +25,11 @@ const HANDOVER_ON_LEAVE: Duration = Duration::from_secs(30);
 const LAST_HANDOVER: Duration = Duration::from_secs(5);
 
 /// A gossip connection younger than this is kept when a probe over it goes
-/// unanswered: a stuck one is replaced within this time, and a member at
-/// a long round trip, whose probes miss anyway, is not dialed afresh at
-/// every probe.
-const GOSSIP_CONN_MIN_AGE: Duration = Duration::from_secs(10);
+/// unanswered: the first probe over a fresh one waits for the dial and
+/// the handshake (four round trips) and may miss, which must not make the
+/// next one dial again; past it, a stuck one is replaced at the first
+/// probe it loses.
+const GOSSIP_CONN_MIN_AGE: Duration = Duration::from_secs(2);
 
 impl Cluster {
     pub(super) fn with_membership<T>(
