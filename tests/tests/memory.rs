@@ -352,6 +352,20 @@ fn large_requests_arriving_at_once_share_a_node_wide_budget() {
         s.write_all(&vec![b'h'; 8 * MIB as usize]).unwrap();
         holders.push(s);
     }
+    // Read by the node (not only taken by the kernel's buffers) before the
+    // third comes: otherwise the third may take the budget first.
+    let held = || {
+        let (_, metrics) = node.http("GET", "/metrics", b"");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("dhrt_inflight_bytes "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    crate::cluster::eventually(
+        "the node holds both uploads",
+        Duration::from_secs(10),
+        || held() >= 2 * (8 * MIB - (64 << 10)),
+    );
     // A third is refused before its 8 MiB are in: 503, with why.
     let mut third = TcpStream::connect(node.addr).unwrap();
     third.write_all(head("c").as_bytes()).unwrap();
@@ -395,4 +409,6 @@ fn large_requests_arriving_at_once_share_a_node_wide_budget() {
     }
     put(&node, "/up/c", &vec![b'c'; 12 * MIB as usize]);
     assert_eq!(node.get_raw("/up/c").1.len(), 12 * MIB as usize);
+    // Every byte of the budget is given back.
+    crate::cluster::eventually("an empty budget", Duration::from_secs(5), || held() == 0);
 }

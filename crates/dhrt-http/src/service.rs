@@ -464,6 +464,7 @@ impl<O: Operations> Api<O> {
             Endpoint::Metrics => {
                 let mut text = ops.metrics().await;
                 self.limits.access.render_metrics(&mut text);
+                self.limits.inflight.render_metrics(&mut text);
                 Ok(response(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",

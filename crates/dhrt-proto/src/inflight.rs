@@ -43,6 +43,23 @@ impl Inflight {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// Appends the budget's gauges in Prometheus' text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_inflight_bytes Bytes of large requests still arriving, held against --max-inflight-mib.\n# TYPE dhrt_inflight_bytes gauge\ndhrt_inflight_bytes {}",
+            self.held()
+        );
+        if self.max != usize::MAX {
+            let _ = writeln!(
+                out,
+                "# HELP dhrt_inflight_limit_bytes --max-inflight-mib, in bytes.\n# TYPE dhrt_inflight_limit_bytes gauge\ndhrt_inflight_limit_bytes {}",
+                self.max
+            );
+        }
+    }
+
     fn try_take(&self, n: usize) -> bool {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |h| {
