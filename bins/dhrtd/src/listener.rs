@@ -125,6 +125,9 @@ pub(crate) async fn run(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Peers and clients alike: one that vanished does not keep its
+        // slot.
+        dhrt_cluster::keep_alive(&stream);
         // A child token per connection: a connection polls its shutdown
         // future on every wake, and polling locks the token's node; one
         // node shared by every connection would be a lock all of them

@@ -110,6 +110,7 @@ impl Connector for PeerConnector {
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
+            dhrt_cluster::keep_alive(&stream);
             let host = match addr.rsplit_once(':') {
                 Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
                 None => addr,

@@ -37,7 +37,7 @@ mod watch_conn;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, DEFAULT_MOVE_RATE, Identity};
-pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector};
+pub use link::{ConnectFuture, Connector, LinkError, PeerStream, TcpConnector, keep_alive};
 pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::{MAX_VALUE, Node};
 pub use placement::{Replicas, WriteAck};

@@ -93,8 +93,33 @@ impl Connector for TcpConnector {
         Box::pin(async move {
             let stream = TcpStream::connect(addr).await?;
             let _ = stream.set_nodelay(true);
+            keep_alive(&stream);
             Ok(Box::new(stream) as Box<dyn PeerStream>)
         })
+    }
+}
+
+/// How long a TCP connection may be silent before the kernel asks the
+/// other end whether it is still there; unanswered
+/// [`KEEPALIVE_PROBES`] times, [`KEEPALIVE_INTERVAL`] apart, it is closed.
+pub(crate) const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// See [`KEEPALIVE_IDLE`].
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// See [`KEEPALIVE_IDLE`].
+pub(crate) const KEEPALIVE_PROBES: u32 = 4;
+
+/// Turns TCP keepalive on: a connection whose other end vanished without
+/// a word (a partition that outlived it, a host that lost power) is closed
+/// within about 50 s of silence, rather than held, with its slot and its
+/// descriptor, for ever. A dialer that gave up a connection during a
+/// partition could not tell the listener, whose end would otherwise stay.
+pub fn keep_alive(stream: &TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!("TCP keepalive not set: {e}");
     }
 }
 

@@ -459,3 +459,20 @@ async fn an_abandoned_connection_closes_and_the_next_message_dials_afresh() {
     link.gossip(gossip(3), timeout).await.unwrap();
     assert_eq!(second.recv().await, Some(Some(3)));
 }
+
+/// Both ends of a node's connections probe a silent other end: the
+/// options are on the socket, as the kernel reports them.
+#[tokio::test]
+async fn keepalive_is_on_with_its_timings() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stream = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let sock = socket2::SockRef::from(&stream);
+    assert!(!sock.keepalive().unwrap(), "off by default");
+    keep_alive(&stream);
+    assert!(sock.keepalive().unwrap());
+    assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+    assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+    assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+}
