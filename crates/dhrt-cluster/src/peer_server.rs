@@ -343,17 +343,24 @@ mod tests {
         }
     }
 
-    /// Both ends of a connection past the handshake.
-    struct Ends {
-        dialer: DuplexStream,
-        dialer_buf: BytesMut,
-        dialer_session: Session,
-        listener: DuplexStream,
-        listener_buf: BytesMut,
-        listener_session: Session,
+    /// The dialer's end of a connection past the handshake.
+    struct Dialer {
+        stream: DuplexStream,
+        buf: BytesMut,
+        sealer: Sealer,
+        opener: Opener,
     }
 
-    async fn handshaken() -> Ends {
+    /// A connection past the handshake whose listening end is served, at
+    /// most `max_in_flight` requests at once, by `handle`.
+    async fn served<H, F>(
+        max_in_flight: usize,
+        handle: H,
+    ) -> (Dialer, tokio::task::JoinHandle<io::Result<Closed>>)
+    where
+        H: Fn(PeerOp) -> F + Send + 'static,
+        F: Future<Output = Result<PeerReply, OpError>> + Send + 'static,
+    {
         let (mut d, mut l) = tokio::io::duplex(1 << 20);
         let side = |id| Side {
             id,
@@ -365,14 +372,22 @@ mod tests {
             handshake::dial(&mut d, &mut db, side(1)),
             handshake::accept(&mut l, &mut lb, side(2)),
         );
-        Ends {
-            dialer: d,
-            dialer_buf: db,
-            dialer_session: dialed.unwrap().1,
-            listener: l,
-            listener_buf: lb,
-            listener_session: accepted.unwrap().unwrap().1,
-        }
+        let server = tokio::spawn(connection(max_in_flight).serve(
+            l,
+            lb,
+            accepted.unwrap().unwrap().1,
+            handle,
+            |_| {},
+            std::future::pending(),
+        ));
+        let Session { sealer, opener } = dialed.unwrap().1;
+        let dialer = Dialer {
+            stream: d,
+            buf: db,
+            sealer,
+            opener,
+        };
+        (dialer, server)
     }
 
     fn read(id: u64) -> Vec<u8> {
@@ -403,18 +418,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_frame_altered_in_transit_closes_the_connection_unused() {
-        let Ends {
-            mut dialer,
-            mut dialer_buf,
-            dialer_session,
-            listener,
-            listener_buf,
-            listener_session,
-        } = handshaken().await;
-        let Session {
-            mut sealer,
-            mut opener,
-        } = dialer_session;
         let handled = Arc::new(AtomicUsize::new(0));
         let handler = {
             let handled = handled.clone();
@@ -423,14 +426,13 @@ mod tests {
                 async { Ok(PeerReply::Entry(None)) }
             }
         };
-        let server = tokio::spawn(connection(8).serve(
-            listener,
-            listener_buf,
-            listener_session,
-            handler,
-            |_| {},
-            std::future::pending(),
-        ));
+        let (dialer, server) = served(8, handler).await;
+        let Dialer {
+            stream: mut dialer,
+            buf: mut dialer_buf,
+            mut sealer,
+            mut opener,
+        } = dialer;
         // A sound frame is answered.
         dialer
             .write_all(&sealed(read(1), &mut sealer))
@@ -460,18 +462,6 @@ mod tests {
     async fn at_most_the_cap_of_requests_is_in_flight_and_all_are_answered() {
         const CAP: usize = 4;
         const SENT: u64 = 50;
-        let Ends {
-            mut dialer,
-            mut dialer_buf,
-            dialer_session,
-            listener,
-            listener_buf,
-            listener_session,
-        } = handshaken().await;
-        let Session {
-            mut sealer,
-            mut opener,
-        } = dialer_session;
         // Handlers that wait for the gate: none finishes until it opens.
         let started = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
@@ -486,14 +476,13 @@ mod tests {
                 }
             }
         };
-        let _server = tokio::spawn(connection(CAP).serve(
-            listener,
-            listener_buf,
-            listener_session,
-            handler,
-            |_| {},
-            std::future::pending(),
-        ));
+        let (dialer, _server) = served(CAP, handler).await;
+        let Dialer {
+            stream: mut dialer,
+            buf: mut dialer_buf,
+            mut sealer,
+            mut opener,
+        } = dialer;
         let mut burst = Vec::new();
         for id in 1..=SENT {
             burst.extend_from_slice(&sealed(read(id), &mut sealer));
@@ -540,27 +529,14 @@ mod tests {
     /// arrives; one that arrives at once gets none.
     #[tokio::test(start_paused = true)]
     async fn a_frame_that_arrives_slowly_is_noted_as_it_arrives() {
-        let Ends {
-            dialer,
-            mut dialer_buf,
-            dialer_session,
-            listener,
-            listener_buf,
-            listener_session,
-        } = handshaken().await;
-        let Session {
+        let handler = |_| async { Ok(PeerReply::Entry(None)) };
+        let (dialer, _server) = served(8, handler).await;
+        let Dialer {
+            stream: dialer,
+            buf: mut dialer_buf,
             mut sealer,
             mut opener,
-        } = dialer_session;
-        let handler = |_| async { Ok(PeerReply::Entry(None)) };
-        let _server = tokio::spawn(connection(8).serve(
-            listener,
-            listener_buf,
-            listener_session,
-            handler,
-            |_| {},
-            std::future::pending(),
-        ));
+        } = dialer;
         let (mut rd, mut wr) = tokio::io::split(dialer);
         let mut next = async || {
             read_sealed::<PeerMessage, _>(&mut rd, &mut dialer_buf, MAX, &mut opener)

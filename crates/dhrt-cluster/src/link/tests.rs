@@ -37,18 +37,7 @@ async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
     );
     // The listener answers the first request with one bit flipped.
     let listener = tokio::spawn(async move {
-        let mut preamble = [0; PREAMBLE_LEN];
-        l.read_exact(&mut preamble).await.unwrap();
-        let mut buf = BytesMut::new();
-        let me = Side {
-            id: 2,
-            secret: SECRET,
-            max_frame: 1 << 20,
-        };
-        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut buf, mut session) = accepted(&mut l, 1 << 20).await;
         let request = read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener);
         let Some(PeerMessage::Request { id, .. }) = request.await.unwrap() else {
             panic!("no request")
@@ -57,9 +46,7 @@ async fn an_answer_altered_in_transit_closes_the_dialed_connection() {
             id,
             result: Ok(PeerReply::Entry(None)),
         };
-        let mut out = Vec::new();
-        encode_frame(&answer, &mut out, 1 << 20).unwrap();
-        seal_frame(&mut out, 0, &mut session.sealer).unwrap();
+        let mut out = sealed(&answer, &mut session.sealer);
         let last = out.len() - 1;
         out[last] ^= 0x01;
         l.write_all(&out).await.unwrap();
@@ -105,6 +92,39 @@ fn silent_listener(mut l: DuplexStream, id: u64) -> tokio::task::JoinHandle<()> 
             trickle = l.write_all(&[0]).await;
         }
     })
+}
+
+/// Takes the preamble and the handshake as member 2, with frames of at
+/// most `max_frame`: what was read past them, and the session.
+async fn accepted(l: &mut DuplexStream, max_frame: u32) -> (BytesMut, crate::session::Session) {
+    let mut preamble = [0; PREAMBLE_LEN];
+    l.read_exact(&mut preamble).await.unwrap();
+    let mut buf = BytesMut::new();
+    let me = Side {
+        id: 2,
+        secret: SECRET,
+        max_frame,
+    };
+    let (_, session) = handshake::accept(l, &mut buf, me).await.unwrap().unwrap();
+    (buf, session)
+}
+
+/// `msg` as the listener sends it: encoded and sealed.
+fn sealed(msg: &PeerMessage, sealer: &mut crate::session::Sealer) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(msg, &mut out, 1 << 20).unwrap();
+    seal_frame(&mut out, 0, sealer).unwrap();
+    out
+}
+
+/// A request carrying a value of 900 KiB.
+fn apply_900_kib() -> PeerOp {
+    PeerOp::Apply(vec![dhrt_proto::Mutation::Put {
+        collection: "c".into(),
+        key: "k".into(),
+        value: Some(vec![7u8; 900 << 10].into()),
+        version: dhrt_proto::Stamp { ts: 1, node: 1 },
+    }])
 }
 
 fn dialer(stream: DuplexStream) -> Dialer {
@@ -262,18 +282,7 @@ async fn a_request_whose_bytes_the_peer_says_arrive_is_waited_for_past_its_timeo
     let (d, mut l) = tokio::io::duplex(64 << 10);
     let link = Link::new("192.0.2.2:7453".into(), dialer(d));
     let listener = tokio::spawn(async move {
-        let mut preamble = [0; PREAMBLE_LEN];
-        l.read_exact(&mut preamble).await.unwrap();
-        let mut buf = BytesMut::new();
-        let me = Side {
-            id: 2,
-            secret: SECRET,
-            max_frame: 4 << 20,
-        };
-        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut buf, mut session) = accepted(&mut l, 4 << 20).await;
         // A slow link: 32 KiB every 100 ms.
         let (mut ids, mut received) = (Vec::new(), 0u64);
         loop {
@@ -288,10 +297,9 @@ async fn a_request_whose_bytes_the_peer_says_arrive_is_waited_for_past_its_timeo
                     id,
                     result: Ok(PeerReply::Entry(None)),
                 };
-                let mut out = Vec::new();
-                encode_frame(&answer, &mut out, 1 << 20).unwrap();
-                seal_frame(&mut out, 0, &mut session.sealer).unwrap();
-                l.write_all(&out).await.unwrap();
+                l.write_all(&sealed(&answer, &mut session.sealer))
+                    .await
+                    .unwrap();
                 if ids.len() == 1 {
                     // Then nothing more moves: the next request waits in
                     // vain.
@@ -305,18 +313,12 @@ async fn a_request_whose_bytes_the_peer_says_arrive_is_waited_for_past_its_timeo
             buf.extend_from_slice(&chunk[..n]);
             received += n as u64;
             let note = PeerMessage::Received { bytes: received };
-            let mut out = Vec::new();
-            encode_frame(&note, &mut out, 1 << 20).unwrap();
-            seal_frame(&mut out, 0, &mut session.sealer).unwrap();
-            l.write_all(&out).await.unwrap();
+            l.write_all(&sealed(&note, &mut session.sealer))
+                .await
+                .unwrap();
         }
     });
-    let big = PeerOp::Apply(vec![dhrt_proto::Mutation::Put {
-        collection: "c".into(),
-        key: "k".into(),
-        value: Some(vec![7u8; 900 << 10].into()),
-        version: dhrt_proto::Stamp { ts: 1, node: 1 },
-    }]);
+    let big = apply_900_kib();
     let started = tokio::time::Instant::now();
     let answer = link.request(big, Duration::from_millis(500)).await;
     assert!(matches!(answer, Ok(PeerReply::Entry(None))), "{answer:?}");
@@ -352,28 +354,12 @@ async fn a_frame_swallowed_by_buffers_of_a_peer_that_stopped_is_given_up_at_the_
     let (d, mut l) = tokio::io::duplex(4 << 20);
     let link = Link::new("192.0.2.2:7453".into(), dialer(d));
     let listener = tokio::spawn(async move {
-        let mut preamble = [0; PREAMBLE_LEN];
-        l.read_exact(&mut preamble).await.unwrap();
-        let mut buf = BytesMut::new();
-        let me = Side {
-            id: 2,
-            secret: SECRET,
-            max_frame: 4 << 20,
-        };
-        let _session = handshake::accept(&mut l, &mut buf, me)
-            .await
-            .unwrap()
-            .unwrap();
+        let _accepted = accepted(&mut l, 4 << 20).await;
         // Then it stops: the duplex's 4 MiB hold the frame unread.
         tokio::time::sleep(Duration::from_secs(3600)).await;
         drop(l);
     });
-    let big = PeerOp::Apply(vec![dhrt_proto::Mutation::Put {
-        collection: "c".into(),
-        key: "k".into(),
-        value: Some(vec![7u8; 900 << 10].into()),
-        version: dhrt_proto::Stamp { ts: 1, node: 1 },
-    }]);
+    let big = apply_900_kib();
     let started = tokio::time::Instant::now();
     let answer = link.request(big, Duration::from_millis(500)).await;
     assert!(
@@ -394,18 +380,7 @@ async fn a_frame_swallowed_by_buffers_of_a_peer_that_stopped_is_given_up_at_the_
 fn gossip_listener(mut l: DuplexStream) -> mpsc::UnboundedReceiver<Option<u64>> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut preamble = [0; PREAMBLE_LEN];
-        l.read_exact(&mut preamble).await.unwrap();
-        let mut buf = BytesMut::new();
-        let me = Side {
-            id: 2,
-            secret: SECRET,
-            max_frame: 1 << 20,
-        };
-        let (_, mut session) = handshake::accept(&mut l, &mut buf, me)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut buf, mut session) = accepted(&mut l, 1 << 20).await;
         loop {
             match read_sealed(&mut l, &mut buf, 1 << 20, &mut session.opener).await {
                 Ok(Some(PeerMessage::Gossip(g))) => {
