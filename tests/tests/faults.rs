@@ -505,6 +505,52 @@ fn two_nodes_whose_clocks_disagree_both_refuse_writes() {
 }
 
 #[test]
+fn a_node_whose_clock_was_ahead_writes_again_as_soon_as_it_is_fixed() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, _b, c) = three_joined(&dirs, &[]);
+    for collection in ["x", "y", "z"] {
+        assert_eq!(a.http("POST", &format!("/{collection}/k/1"), b"").0, 200);
+    }
+    eventually("c holds all three", Duration::from_secs(20), || {
+        ["x", "y", "z"].iter().all(|n| local_keys(&c, n) == 1)
+    });
+    let c_addr = c.addr;
+    c.stop("KILL");
+    // Restarted two hours ahead and pinned to x: it holds y and z, which it
+    // no longer hosts, and would hand them over, naming them in the
+    // registry first. A registry entry stamped now would be two hours
+    // ahead, refused by its peers and kept here.
+    let join = a.addr.to_string();
+    let c = Dhrtd::start_on(
+        Some(c_addr),
+        dirs[2].path(),
+        &[
+            "--node",
+            &join,
+            "--clock-offset-ms",
+            TWO_HOURS_MS,
+            "--collections",
+            "x",
+        ],
+    );
+    eventually(
+        "c is skewed by its own verdict",
+        Duration::from_secs(20),
+        || clock(&c)["skewed"] == true,
+    );
+    // A few rounds of its moves loop (one a second).
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(local_keys(&c, "y"), 1, "a skewed node hands nothing over");
+    c.stop("KILL");
+    // Its clock is fixed: it holds no stamp from the future, so it takes
+    // writes again as soon as it has compared its clock with its peers'.
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &["--node", &join]);
+    let (status, body) = c.http("POST", "/x/after/1", b"");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(clock(&c)["skewed"], false);
+}
+
+#[test]
 fn a_node_wiped_and_restarted_at_its_address_replaces_its_old_self() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b, c) = three_joined(&dirs, &[]);

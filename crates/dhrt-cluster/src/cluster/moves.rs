@@ -195,8 +195,19 @@ impl Cluster {
                 continue;
             }
             // Held since before members could lack a copy: named in the
-            // registry before it may leave this node.
-            self.register(&c);
+            // registry before it may leave this node. The entry is a write
+            // like a client's: stamped by a clock that is off (or not
+            // compared yet), peers would refuse it, and this node would
+            // hold a future stamp long after its clock is fixed, refusing
+            // every write until the wall clock caught up.
+            let may_stamp = self.clear_to_write().await.is_ok();
+            if !self.register_held(&c, may_stamp) {
+                let why = "not yet in the registry, and this node's clock may not stamp it now";
+                self.moves.note(&c, &[], 0, 0, Some(why.into()));
+                held += 1;
+                kept += 1;
+                continue;
+            }
             let (owners, unreachable) = {
                 let m = self.membership.lock().unwrap();
                 let me = m.me().id;

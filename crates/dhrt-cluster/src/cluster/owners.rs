@@ -281,6 +281,25 @@ impl Cluster {
         });
     }
 
+    /// [`Self::register`] for a collection this node already holds: false,
+    /// registering nothing, when it still needs an entry and `may_stamp`
+    /// is false (this node's clock may not stamp writes now).
+    pub(crate) fn register_held(
+        self: &std::sync::Arc<Self>,
+        collection: &str,
+        may_stamp: bool,
+    ) -> bool {
+        if !may_stamp
+            && !self.everyone_owns_everything()
+            && !self.registered.load().contains(collection)
+            && !self.is_registered(collection)
+        {
+            return false;
+        }
+        self.register(collection);
+        true
+    }
+
     /// Whether `collection` was ever written anywhere in the cluster, as
     /// far as this node has heard.
     pub(crate) fn is_registered(&self, collection: &str) -> bool {
