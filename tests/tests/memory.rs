@@ -412,3 +412,102 @@ fn large_requests_arriving_at_once_share_a_node_wide_budget() {
     // Every byte of the budget is given back.
     crate::cluster::eventually("an empty budget", Duration::from_secs(5), || held() == 0);
 }
+
+/// `dhrt_watchers` from the node's metrics.
+fn watchers(node: &Dhrtd) -> u64 {
+    let (_, m) = node.http("GET", "/metrics", b"");
+    m.lines()
+        .find_map(|l| l.strip_prefix("dhrt_watchers "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no dhrt_watchers in {m}"))
+}
+
+#[test]
+fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--sync", "never"]);
+    let pid = node.pid();
+    let value: Vec<u8> = (0..15 * MIB).map(|i| (i % 251) as u8).collect();
+    for key in ["a", "b"] {
+        put(&node, &format!("/big/{key}"), &value);
+        assert_eq!(node.get_raw(&format!("/big/{key}")).1, value); // pages warm
+    }
+    let base = status_bytes(pid, "RssAnon:");
+
+    // Each reads nothing: 16 binary watches and 8 HTTP watches from a
+    // snapshot (both values), 16 connections of 4 pipelined gets and 8
+    // HTTP gets.
+    let mut stalled = Vec::new();
+    for i in 0..48u64 {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        let wire = match i {
+            0..16 => {
+                let mut w = preamble().to_vec();
+                let watch = dhrt_proto::WatchRequest {
+                    collection: "big".into(),
+                    start: dhrt_proto::WatchStart::Snapshot,
+                    prefix: None,
+                };
+                let r = Request {
+                    id: 1,
+                    op: Op::Watch(watch),
+                };
+                encode_frame(&r, &mut w, 1 << 20).unwrap();
+                w
+            }
+            16..24 => b"GET /big?snapshot=true HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                        Accept: application/x-ndjson\r\n\r\n"
+                .to_vec(),
+            40.. => b"GET /big/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_vec(),
+            _ => {
+                let mut w = preamble().to_vec();
+                for id in 0..4 {
+                    let get = Op::Get {
+                        collection: "big".into(),
+                        key: Bytes::from_static(b"a"),
+                    };
+                    encode_frame(&Request { id, op: get }, &mut w, 1 << 20).unwrap();
+                }
+                w
+            }
+        };
+        s.write_all(&wire).unwrap();
+        stalled.push(s);
+    }
+    eventually("24 watches open", Duration::from_secs(30), || {
+        watchers(&node) == 24
+    });
+    // Every writer has filled its socket and waits; the node's memory is
+    // sampled for a while, its largest reading kept.
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        most = most.max(status_bytes(pid, "RssAnon:"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew = most.saturating_sub(base);
+    eprintln!(
+        "48 stalled readers of two 15 MiB values: anonymous RSS +{} MiB",
+        grew / MIB
+    );
+    // Watchers copy large values within a node-wide budget (64 MiB) and
+    // share them beyond it. Copies of everything waiting were 984 MiB.
+    assert!(grew < 96 * MIB, "anonymous RSS grew by {} MiB", grew / MIB);
+
+    // The node serves meanwhile, and once they go, more of the same works.
+    assert_eq!(node.get_raw("/big/b").1, value);
+    drop(stalled);
+    eventually("the watches closed", Duration::from_secs(30), || {
+        watchers(&node) == 0
+    });
+    let gets: Vec<Request> = (0..8)
+        .map(|id| Request {
+            id,
+            op: Op::Get {
+                collection: "big".into(),
+                key: Bytes::from_static(b"b"),
+            },
+        })
+        .collect();
+    assert_eq!(pipeline(&node, &gets), (8, 8 * 15 * MIB));
+}

@@ -34,6 +34,7 @@ mod stored;
 mod throttle;
 mod watch;
 mod watch_conn;
+mod watch_event;
 mod wire;
 
 pub use cluster::{Cluster, ClusterOptions, DEFAULT_MOVE_RATE, Identity};

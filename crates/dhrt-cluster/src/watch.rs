@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use dhrt_proto::{
     ErrorKind, EventKind, EventSource, OpError, Token, WatchEvent, WatchRequest, WatchStart,
 };
-use dhrt_storage::{ChangeKind, Position, Store, WatchEvent as StoreEvent, WatchFrom};
+use dhrt_storage::{Position, Store, WatchFrom};
 use tokio::sync::Notify;
 
-use crate::cluster::stamp;
 use crate::error::op_error;
+use crate::watch_event::{Copies, event, token};
 
 /// Settings of the watches of a node.
 #[derive(Debug, Clone)]
@@ -39,6 +39,9 @@ pub struct WatchOptions {
     pub batch_bytes: usize,
     /// Watches open at once on the node, at most; more are refused (503).
     pub max_watchers: usize,
+    /// Bytes of large values the node's watchers may hold as copies, all
+    /// together (see [`crate::watch_event`]).
+    pub copy_budget: usize,
     /// A watcher past `max_lag_bytes` is closed only if it has not caught
     /// up any of it for this long (one reading faster than the writes are
     /// made goes on).
@@ -57,6 +60,7 @@ impl Default for WatchOptions {
             progress_every: Duration::from_secs(10),
             batch_bytes: 256 << 10,
             max_watchers: 65_536,
+            copy_budget: 64 << 20,
             lag_grace: Duration::from_secs(30),
             runtime: None,
         }
@@ -100,6 +104,7 @@ pub struct WatchHub {
     events: AtomicU64,
     closed_lagging: AtomicU64,
     refused_gone: AtomicU64,
+    copies: Arc<Copies>,
 }
 
 /// What `GET /` and `/metrics` say about watches.
@@ -123,6 +128,7 @@ pub struct WatchCounts {
 impl WatchHub {
     /// The hub of `store`'s watches; it listens to the store's changes.
     pub fn new(store: Store, options: WatchOptions) -> Arc<WatchHub> {
+        let copies = Copies::new(options.copy_budget);
         let hub = Arc::new(WatchHub {
             store: store.clone(),
             options,
@@ -134,6 +140,7 @@ impl WatchHub {
             events: AtomicU64::new(0),
             closed_lagging: AtomicU64::new(0),
             refused_gone: AtomicU64::new(0),
+            copies,
         });
         let weak = Arc::downgrade(&hub);
         store.on_change(move |collection| {
@@ -471,52 +478,6 @@ impl Drop for NodeWatch {
     }
 }
 
-fn token(p: Position) -> Token {
-    Token {
-        history: p.history,
-        seq: p.seq,
-    }
-}
-
-/// The event as sent, its key and value copied out of the log's map: a
-/// batch waiting for a watcher that does not read must not keep a file a
-/// compaction replaced (the map, and the disk space) alive. Rendering the
-/// event costs more than the copy.
-fn event(e: StoreEvent) -> WatchEvent {
-    let own = |b: bytes::Bytes| bytes::Bytes::copy_from_slice(&b);
-    match e {
-        StoreEvent::Initial {
-            key,
-            value,
-            version,
-        } => WatchEvent {
-            kind: EventKind::Initial,
-            key: own(key),
-            value: Some(own(value)),
-            version: Some(stamp(version)),
-            token: None,
-        },
-        StoreEvent::InitialDone(p) => WatchEvent {
-            kind: EventKind::Synced,
-            key: Default::default(),
-            value: None,
-            version: None,
-            token: Some(token(p)),
-        },
-        StoreEvent::Change(c) => WatchEvent {
-            kind: match c.kind {
-                ChangeKind::Set => EventKind::Set,
-                ChangeKind::Delete => EventKind::Delete,
-                ChangeKind::Drop => EventKind::Drop,
-            },
-            key: own(c.key),
-            value: c.value.map(own),
-            version: Some(stamp(c.version)),
-            token: Some(token(c.position)),
-        },
-    }
-}
-
 impl NodeWatch {
     /// Ends the watch if it has been past the lag limit for the grace
     /// period without catching up any of it.
@@ -579,7 +540,10 @@ impl NodeWatch {
                     .events
                     .fetch_add(events.len() as u64, Ordering::Relaxed);
                 self.next_progress = Instant::now() + self.hub.options.progress_every;
-                return Ok(events.into_iter().map(event).collect());
+                return Ok(events
+                    .into_iter()
+                    .map(|e| event(e, &self.hub.copies))
+                    .collect());
             }
             self.stat.behind_since.store(0, Ordering::Relaxed);
             tokio::select! {

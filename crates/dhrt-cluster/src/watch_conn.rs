@@ -5,7 +5,9 @@ use std::future::Future;
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use dhrt_proto::{Beside, Either, ErrorKind, OpError, Reply, Response, encode_frame};
+use dhrt_proto::{
+    Beside, Either, ErrorKind, OpError, Reply, Response, encode_frame, encode_frame_shared,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire::{Closed, IdleTimer};
@@ -54,21 +56,22 @@ where
             version: None,
             token: Some(source.token()),
         }];
-        let mut out = Vec::new();
-        encode_events(id, open, &mut out, max_frame);
-        write.write_all(&out).await?;
+        for piece in encode_events(id, open, max_frame) {
+            write.write_all(&piece).await?;
+        }
         loop {
             let batch = source.next_batch().await;
             let batch = batch.and_then(|b| recheck().map(|()| b));
             let end = batch.is_err();
-            // A fresh buffer a batch: a large event's is not kept.
-            let mut out = Vec::new();
-            match batch {
-                Ok(events) => encode_events(id, events, &mut out, max_frame),
-                Err(e) => encode_frame(&Response { id, result: Err(e) }, &mut out, max_frame)
-                    .expect("a short error fits in a frame"),
+            let out = match batch {
+                Ok(events) => encode_events(id, events, max_frame),
+                Err(e) => vec![error_frame(id, e, max_frame)],
+            };
+            // Piece by piece, the large values as the log's pages: a client
+            // that stops reading holds no copy of them in the node.
+            for piece in out {
+                write.write_all(&piece).await?;
             }
-            write.write_all(&out).await?;
             idle.touch();
             if end {
                 let _ = write.shutdown().await;
@@ -104,34 +107,45 @@ where
 }
 
 /// Encodes `events` as `Reply::Events` answers to `id`, as many frames as
-/// they need (one event alone if it is too large to share one).
-fn encode_events(id: u64, events: Vec<dhrt_proto::WatchEvent>, out: &mut Vec<u8>, max_frame: u32) {
-    let start = out.len();
-    let response = Response {
-        id,
-        result: Ok(Reply::Events(events)),
-    };
-    if encode_frame(&response, out, max_frame).is_ok() {
-        return;
-    }
-    out.truncate(start);
-    let Ok(Reply::Events(events)) = response.result else {
-        unreachable!("built above")
-    };
-    for e in events {
-        let one = Response {
+/// they need (one event alone if it is too large to share one), in pieces
+/// that share the large values instead of copying them.
+fn encode_events(id: u64, events: Vec<dhrt_proto::WatchEvent>, max_frame: u32) -> Vec<Bytes> {
+    let encode = |events: Vec<dhrt_proto::WatchEvent>| {
+        let response = Response {
             id,
-            result: Ok(Reply::Events(vec![e])),
+            result: Ok(Reply::Events(events)),
         };
-        if encode_frame(&one, out, max_frame).is_err() {
-            let too_large = Response {
+        let Ok(reply) = &response.result else {
+            unreachable!("built above")
+        };
+        encode_frame_shared(&response, &reply.large_values(), max_frame).map_err(|_| response)
+    };
+    let events = match encode(events) {
+        Ok(pieces) => return pieces,
+        Err(Response {
+            result: Ok(Reply::Events(events)),
+            ..
+        }) => events,
+        Err(_) => unreachable!("built as events"),
+    };
+    let mut out = Vec::new();
+    for e in events {
+        match encode(vec![e]) {
+            Ok(pieces) => out.extend(pieces),
+            Err(_) => out.push(error_frame(
                 id,
-                result: Err(OpError::new(
-                    ErrorKind::TooLarge,
-                    "an event is larger than a frame",
-                )),
-            };
-            encode_frame(&too_large, out, max_frame).expect("a short error fits in a frame");
+                OpError::new(ErrorKind::TooLarge, "an event is larger than a frame"),
+                max_frame,
+            )),
         }
     }
+    out
+}
+
+/// The frame of an error answer to `id`.
+fn error_frame(id: u64, e: OpError, max_frame: u32) -> Bytes {
+    let mut out = Vec::new();
+    encode_frame(&Response { id, result: Err(e) }, &mut out, max_frame)
+        .expect("a short error fits in a frame");
+    out.into()
 }

@@ -13,8 +13,10 @@ fn options() -> impl Options {
         .with_varint_encoding()
 }
 
-/// Encodes `msg` and appends it to `out`.
-pub fn encode<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+/// Encodes `msg` and writes it to `out` (appends it, to a `Vec`). Each
+/// byte string of `msg` is handed to `out` in one `write` of the slice it
+/// is: [`crate::encode_frame_shared`] tells a value's bytes apart by that.
+pub fn encode<T: Serialize, W: std::io::Write>(msg: &T, out: W) -> Result<(), ProtoError> {
     options()
         .serialize_into(out, msg)
         .map_err(|e| ProtoError::Encode(e.to_string()))

@@ -10,6 +10,7 @@
 //! Each channel has its own version: the client channel speaks
 //! [`PROTOCOL_VERSION`], the peer channel [`PEER_PROTOCOL_VERSION`].
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -180,7 +181,7 @@ pub fn encode_frame<T: Serialize>(
 ) -> Result<(), ProtoError> {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-    if let Err(e) = codec::encode(msg, out) {
+    if let Err(e) = codec::encode(msg, &mut *out) {
         out.truncate(start);
         return Err(e);
     }
@@ -194,4 +195,94 @@ pub fn encode_frame<T: Serialize>(
     }
     out[start..start + FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// Byte strings at least this long are worth sharing rather than copying
+/// into a frame.
+pub const SHARE_AT_LEAST: usize = 64 * 1024;
+
+/// [`encode_frame`], except that each of `shared` (byte strings `msg`
+/// holds, such as a large value read from a log's map) goes into the frame
+/// as itself, its reference counted, not copied: the frame is the
+/// concatenation of the returned pieces, in order, byte for byte what
+/// [`encode_frame`] writes. What a connection holds while a slow client
+/// reads the frame is then the small pieces; the value's bytes stay where
+/// they were (pages of a file, for a value from a log). A string of
+/// `shared` that `msg` does not hold, or one shorter than
+/// [`SHARE_AT_LEAST`], is ignored.
+pub fn encode_frame_shared<T: Serialize>(
+    msg: &T,
+    shared: &[&Bytes],
+    max_frame: u32,
+) -> Result<Vec<Bytes>, ProtoError> {
+    let mut w = Splicer {
+        shared,
+        done: Vec::new(),
+        current: vec![0; FRAME_HEADER_LEN],
+        len: 0,
+    };
+    codec::encode(msg, &mut w)?;
+    let Splicer {
+        mut done,
+        current,
+        len,
+        ..
+    } = w;
+    if len > max_frame as usize {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            max: max_frame,
+        });
+    }
+    done.push(Piece::Own(current));
+    let Some(Piece::Own(first)) = done.first_mut() else {
+        unreachable!("the first piece is the header's")
+    };
+    first[..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(done
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Own(v) if v.is_empty() => None,
+            Piece::Own(v) => Some(Bytes::from(v)),
+            Piece::Shared(b) => Some(b),
+        })
+        .collect())
+}
+
+enum Piece {
+    Own(Vec<u8>),
+    Shared(Bytes),
+}
+
+/// The writer of [`encode_frame_shared`]: copies what it is given, except
+/// a write that is exactly one of the shared strings.
+struct Splicer<'a> {
+    shared: &'a [&'a Bytes],
+    done: Vec<Piece>,
+    current: Vec<u8>,
+    /// Payload bytes so far.
+    len: usize,
+}
+
+impl std::io::Write for Splicer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.len += buf.len();
+        if buf.len() >= SHARE_AT_LEAST
+            && let Some(b) = self
+                .shared
+                .iter()
+                .find(|b| b.as_ptr() == buf.as_ptr() && b.len() == buf.len())
+        {
+            self.done
+                .push(Piece::Own(std::mem::take(&mut self.current)));
+            self.done.push(Piece::Shared((*b).clone()));
+        } else {
+            self.current.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -41,8 +41,8 @@ pub use codec::{decode, encode, request_id};
 pub use error::ProtoError;
 pub use frame::{
     Channel, DEFAULT_MAX_FRAME, Decoded, FRAME_HEADER_LEN, MAGIC, PEER_PROTOCOL_VERSION,
-    PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, channel_preamble, decode_frame, encode_frame,
-    frame_bounds, preamble, read_preamble,
+    PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, SHARE_AT_LEAST, channel_preamble, decode_frame,
+    encode_frame, encode_frame_shared, frame_bounds, preamble, read_preamble,
 };
 pub use inflight::{Held, Inflight};
 pub use message::{

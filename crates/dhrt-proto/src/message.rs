@@ -236,6 +236,24 @@ pub enum Reply {
     Removed(String),
 }
 
+impl Reply {
+    /// The values this reply carries that are worth sharing rather than
+    /// copying into a frame (see [`crate::encode_frame_shared`]).
+    pub fn large_values(&self) -> Vec<&Bytes> {
+        let large = |v: &&Bytes| v.len() >= crate::SHARE_AT_LEAST;
+        match self {
+            Reply::Value(Some(v)) => [v].into_iter().filter(large).collect(),
+            Reply::Page(p) => p.entries.iter().map(|e| &e.value).filter(large).collect(),
+            Reply::Events(events) => events
+                .iter()
+                .filter_map(|e| e.value.as_ref())
+                .filter(large)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A collection's placement, or the cluster's default replication factor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicasInfo {

@@ -4,7 +4,8 @@ use bytes::Bytes;
 use dhrt_proto::{
     ClockInfo, CollectionInfo, DEFAULT_MAX_FRAME, Decoded, Entry, ErrorKind, MemberInfo,
     MemberState, NodeInfo, NodeStats, Op, OpError, Page, Reply, Request, RequestRef, Response,
-    decode, decode_frame, encode_frame, frame_bounds,
+    SHARE_AT_LEAST, WatchEvent, decode, decode_frame, encode_frame, encode_frame_shared,
+    frame_bounds,
 };
 use proptest::prelude::*;
 
@@ -160,6 +161,51 @@ proptest! {
     fn responses_round_trip(id in any::<u64>(), result in reply()) {
         let r = Response { id, result };
         prop_assert_eq!(round_trip(&r), r);
+    }
+
+    /// A frame whose large values are shared is, joined, the frame copied
+    /// whole, and each large value in it is the value itself, not a copy.
+    #[test]
+    fn a_frame_sharing_its_values_is_the_frame(
+        id in any::<u64>(),
+        lens in prop::collection::vec(
+            prop_oneof![0..100usize, SHARE_AT_LEAST - 1..SHARE_AT_LEAST + 300],
+            1..4,
+        ),
+        seed in any::<u8>(),
+    ) {
+        let values: Vec<Bytes> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (j as u8).wrapping_mul(seed).wrapping_add(i as u8)).collect::<Vec<u8>>().into())
+            .collect();
+        let events: Vec<WatchEvent> = values
+            .iter()
+            .map(|v| WatchEvent {
+                kind: dhrt_proto::EventKind::Set,
+                key: Bytes::from_static(b"k"),
+                value: Some(v.clone()),
+                version: None,
+                token: None,
+            })
+            .collect();
+        let r = Response { id, result: Ok(Reply::Events(events)) };
+        let mut whole = Vec::new();
+        encode_frame(&r, &mut whole, DEFAULT_MAX_FRAME).unwrap();
+        let shared: Vec<&Bytes> = values.iter().collect();
+        let pieces = encode_frame_shared(&r, &shared, DEFAULT_MAX_FRAME).unwrap();
+        prop_assert_eq!(&pieces.concat(), &whole);
+        for v in values.iter().filter(|v| v.len() >= SHARE_AT_LEAST) {
+            prop_assert!(pieces.iter().any(|p| p.as_ptr() == v.as_ptr() && p.len() == v.len()));
+        }
+        let copied = pieces.iter().map(Bytes::len).sum::<usize>()
+            - values.iter().filter(|v| v.len() >= SHARE_AT_LEAST).map(Bytes::len).sum::<usize>();
+        let small: usize = values.iter().map(Bytes::len).filter(|&n| n < SHARE_AT_LEAST).sum();
+        prop_assert!(copied <= small + 32 * lens.len() + 32, "copied {} bytes", copied);
+        // Too large for the frame: refused, as encode_frame refuses it.
+        let max = (whole.len() - 5) as u32;
+        prop_assert!(encode_frame_shared(&r, &shared, max).is_err());
+        prop_assert!(encode_frame(&r, &mut Vec::new(), max).is_err());
     }
 }
 

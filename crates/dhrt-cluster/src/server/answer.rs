@@ -8,7 +8,7 @@ use std::io;
 use bytes::Bytes;
 use dhrt_proto::{
     Beside, Either, ErrorKind, OpError, OpRef, Operations, Reply, RequestRef, Response,
-    dispatch_ref, encode_frame,
+    dispatch_ref, encode_frame, encode_frame_shared,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -41,6 +41,21 @@ pub(super) enum Stop {
 impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
     #[inline]
     pub(super) async fn push(&mut self, response: Response) -> Result<(), Stop> {
+        if let Ok(reply) = &response.result {
+            let large = reply.large_values();
+            if !large.is_empty()
+                && let Ok(pieces) = encode_frame_shared(&response, &large, self.max_frame)
+            {
+                // The answers before it, then it, its large values as they
+                // are (the log's pages): a client that stops reading holds
+                // no copy of them in the node.
+                self.flush().await?;
+                for piece in pieces {
+                    self.write(&piece).await?;
+                }
+                return Ok(());
+            }
+        }
         if let Err(e) = encode_frame(&response, self.out, self.max_frame) {
             let id = response.id;
             let fallback = match response.result {
@@ -83,7 +98,17 @@ impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let write = self.stream.write_all(self.out);
+        let out = std::mem::take(self.out);
+        let written = self.write(&out).await;
+        // The buffer is kept (its allocation), empty.
+        *self.out = out;
+        self.out.clear();
+        written
+    }
+
+    /// Writes `bytes` beside the guard.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Stop> {
+        let write = self.stream.write_all(bytes);
         tokio::pin!(write);
         match self.guard.run(write).await {
             Either::Left(written) => written.map_err(Stop::Io)?,
@@ -93,7 +118,6 @@ impl<S: AsyncWrite + Unpin, G: Future<Output = Closed> + Unpin> Sink<'_, S, G> {
         if let Some(idle) = self.idle {
             idle.touch();
         }
-        self.out.clear();
         Ok(())
     }
 }
