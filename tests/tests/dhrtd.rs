@@ -231,7 +231,7 @@ pub(crate) fn http_at(
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: dhrt\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes())?;
@@ -259,7 +259,7 @@ impl Dhrtd {
         let mut s = TcpStream::connect(self.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: dhrt\r\nAccept: application/octet-stream\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/octet-stream\r\nConnection: close\r\n\r\n"
         );
         s.write_all(head.as_bytes()).unwrap();
         let mut out = Vec::new();

@@ -92,7 +92,7 @@ fn connections_over_the_cap_are_refused_and_the_slots_come_back() {
     // connection refused then is tried again.
     let answered = |mut s: TcpStream| -> std::io::Result<TcpStream> {
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET /a/b/c HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        s.write_all(b"GET /a/b/c HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
         let mut got = Vec::new();
         while !got.ends_with(b"\"}") {
             let mut chunk = [0u8; 512];

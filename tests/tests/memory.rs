@@ -165,7 +165,7 @@ fn idle_connections_are_closed_and_clients_at_the_cap_leave_room_for_peers() {
     let mut binary = TcpStream::connect(a.addr).unwrap();
     binary.write_all(&preamble()).unwrap();
     let mut http = TcpStream::connect(a.addr).unwrap();
-    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    http.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     let mut answer = [0u8; 8192];
     assert!(http.read(&mut answer).unwrap() > 0);
@@ -341,7 +341,7 @@ fn large_requests_arriving_at_once_share_a_node_wide_budget() {
     // Two uploads of 12 MiB hold 8 MiB each, and stop there.
     let head = |key: &str| {
         format!(
-            "PUT /up/{key} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            "PUT /up/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
             12 * MIB
         )
     };

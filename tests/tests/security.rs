@@ -303,6 +303,98 @@ fn without_an_auth_file_only_loopback_clients_are_served() {
     drop(node);
 }
 
+/// The status and body of a request to `addr` naming `host` in `Host`.
+fn with_host(addr: SocketAddr, method: &str, path: &str, host: &str, extra: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = if method == "GET" { "" } else { "v" };
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    // A watch does not end: its head and first event are enough.
+    let mut chunk = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") || answer.len() < 200 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+        if answer.starts_with(b"HTTP/1.1 200") && path.contains("watch") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
+}
+
+/// DNS rebinding: a web page whose site name now points at 127.0.0.1
+/// reaches a node that trusts loopback; the browser names the site in
+/// `Host`, and the node refuses it. By address or `localhost` it serves,
+/// and a node with tokens does not care what `Host` says.
+#[test]
+fn a_node_without_tokens_refuses_requests_naming_a_foreign_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let port = node.addr.port();
+    let site = format!("attacker.example:{port}");
+    assert_eq!(
+        with_host(node.addr, "PUT", "/c/k", &format!("127.0.0.1:{port}"), "").0,
+        200
+    );
+    for (method, path, extra) in [
+        ("GET", "/c/k", ""),
+        ("GET", "/c", ""),
+        ("GET", "/", ""),
+        ("GET", "/metrics", ""),
+        ("GET", "/?watch=c", "Accept: text/event-stream\r\n"),
+        ("PUT", "/c/k", ""),
+        ("DELETE", "/c/k", ""),
+    ] {
+        let (status, text) = with_host(node.addr, method, path, &site, extra);
+        assert_eq!(status, 403, "{method} {path}: {text}");
+        assert!(
+            text.contains("DNS rebinding") && text.contains("--auth-file"),
+            "{text}"
+        );
+        assert!(!text.contains(r#""Value""#), "nothing of the data: {text}");
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "localhost".to_string(),
+    ] {
+        let (status, text) = with_host(node.addr, "GET", "/c/k", &host, "");
+        assert_eq!(status, 200, "{host}: {text}");
+        assert!(text.ends_with(r#"{"Key":"k","Value":"v"}"#), "{text}");
+    }
+    let (status, text) = with_host(
+        node.addr,
+        "GET",
+        "/?watch=c",
+        &format!("[::1]:{port}"),
+        "Accept: text/event-stream\r\n",
+    );
+    assert_eq!(status, 200, "{text}");
+    drop(node);
+
+    let (admin, auth) = admin_auth_file(dir.path());
+    let node = Dhrtd::start(
+        &dir.path().join("data"),
+        &["--auth-file", auth.to_str().unwrap()],
+    );
+    let bearer = format!("Authorization: Bearer {admin}\r\n");
+    let site = format!("db.internal.example:{}", node.addr.port());
+    assert_eq!(with_host(node.addr, "PUT", "/c/k", &site, &bearer).0, 200);
+    let (status, text) = with_host(node.addr, "GET", "/c/k", &site, "");
+    assert_eq!(status, 401, "no token: {text}");
+}
+
 pub(crate) struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -696,7 +788,8 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
     wrong.write_all(&auth_frame).unwrap();
     strangers.push(wrong);
     let mut http = TcpStream::connect(at).unwrap();
-    http.write_all(b"GET /c/k HTTP/1.1\r\nHost: x\r\n").unwrap();
+    http.write_all(b"GET /c/k HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
     strangers.push(http);
     std::thread::sleep(Duration::from_millis(300));
 

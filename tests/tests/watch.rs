@@ -54,7 +54,8 @@ impl Stream {
         let mut sock = TcpStream::connect(addr).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: dhrt\r\nAccept: {accept}\r\n{extra}\r\n");
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n{extra}\r\n");
         sock.write_all(req.as_bytes()).unwrap();
         let mut s = Stream {
             sock,

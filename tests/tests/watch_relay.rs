@@ -246,7 +246,7 @@ fn relayed_watches_leave_no_connections_or_sessions_behind() {
         let mut sock = std::net::TcpStream::connect(b.addr).unwrap();
         std::io::Write::write_all(
             &mut sock,
-            b"GET /burst HTTP/1.1\r\nHost: dhrt\r\nAccept: text/event-stream\r\n\r\n",
+            b"GET /burst HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
         )
         .unwrap();
     }

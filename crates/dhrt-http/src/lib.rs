@@ -12,6 +12,7 @@ mod body;
 mod cors;
 mod error;
 mod head_timeout;
+mod host;
 mod json;
 mod router;
 mod service;

@@ -341,7 +341,11 @@ impl<O: Operations> Api<O> {
         }
         let token = match access.mode() {
             Mode::Tokens => bearer(headers)?,
-            _ => None,
+            Mode::LoopbackOnly => {
+                crate::host::check(headers)?;
+                None
+            }
+            Mode::Open => None,
         };
         Ok(access.request_remembered(remote, token, memo)?)
     }

@@ -76,7 +76,7 @@ async fn keep_alive_serves_pipelined_requests_in_order() {
     let addr = start().await;
     let out = exchange(
         addr,
-        b"POST /k/v1 HTTP/1.1\r\nHost: x\r\n\r\nGET /k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /k/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /k HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out}");
@@ -88,7 +88,9 @@ async fn a_client_that_trickles_its_headers_is_cut_off() {
     let addr = start().await;
     let started = Instant::now();
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         // Keep trickling one header byte at a time.
@@ -118,7 +120,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     // Requests, each after a pause shorter than the idle timeout, keep it.
     for _ in 0..3 {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .unwrap();
         let mut buf = [0u8; 4096];
@@ -142,7 +144,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 async fn a_body_slower_than_the_minimum_rate_gets_408_and_is_cut_off() {
     let addr = start().await;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"PUT /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+    s.write_all(b"PUT /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60000\r\n\r\n")
         .await
         .unwrap();
     let started = Instant::now();
@@ -161,7 +163,7 @@ async fn a_body_slower_than_the_minimum_rate_gets_408_and_is_cut_off() {
     // A body at a fair rate is taken whole, however long it takes.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        b"PUT /fair HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 400\r\n\r\n",
+        b"PUT /fair HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 400\r\n\r\n",
     )
     .await
     .unwrap();
@@ -182,15 +184,15 @@ async fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
     let addr = start().await;
     let cases: [&[u8]; 5] = [
         // A body over the limit, refused on its Content-Length.
-        b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+        b"PUT /k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n",
         // Garbage instead of a request line.
         b"\x00\x01\x02 nonsense\r\n\r\n",
         // A path trick in the collection.
-        b"GET /..%2f..%2fetc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /..%2f..%2fetc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         // NUL in a collection name.
-        b"POST /a%00b/k/v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /a%00b/k/v HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         // An unsupported method.
-        b"PATCH /k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"PATCH /k HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     ];
     for raw in cases {
         let out = exchange(addr, raw).await;
@@ -203,7 +205,7 @@ async fn hostile_requests_get_4xx_and_the_server_keeps_serving() {
     }
     let out = exchange(
         addr,
-        b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n",
+        b"PUT /k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n",
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
@@ -220,7 +222,7 @@ async fn a_body_in_a_transfer_coding_other_than_chunked_is_refused_not_stored() 
     // "hello" gzipped would be stored still gzipped: 501, nothing stored.
     let out = exchange(
         addr,
-        b"PUT /gz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"PUT /gz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 501"), "{out}");
@@ -230,7 +232,7 @@ async fn a_body_in_a_transfer_coding_other_than_chunked_is_refused_not_stored() 
     // Plain chunked is taken.
     let out = exchange(
         addr,
-        b"PUT /ch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"PUT /ch HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -244,7 +246,7 @@ async fn a_smuggled_request_is_never_executed() {
     // the request hidden behind it is never read.
     let out = exchange(
         addr,
-        b"POST /k/v HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /smuggled/x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /k/v HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nPOST /smuggled/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
     )
     .await;
     assert_eq!(out.matches("HTTP/1.1").count(), 1, "{out}");
@@ -263,7 +265,7 @@ async fn a_large_listing_streams_as_one_json_array() {
     let mut batch = Vec::new();
     for i in 0..2000 {
         batch.extend_from_slice(
-            format!("POST /big/key{i:05}/value{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            format!("POST /big/key{i:05}/value{i} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
         );
     }
     s.write_all(&batch).await.unwrap();
@@ -278,7 +280,7 @@ async fn a_large_listing_streams_as_one_json_array() {
     }
     let out = exchange(
         addr,
-        b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(
@@ -332,7 +334,9 @@ async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
     });
     let mut client = TcpStream::connect(addr).await.unwrap();
     client
-        .write_all(b"GET /flood HTTP/1.1\r\nHost: x\r\nAccept: application/x-ndjson\r\n\r\n")
+        .write_all(
+            b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n",
+        )
         .await
         .unwrap();
     // The stream flows; then the client stops reading, and the node's
@@ -358,7 +362,7 @@ async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
 async fn a_body_that_stops_after_a_fast_start_gets_408_after_the_grace() {
     let addr = start().await;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"PUT /parked HTTP/1.1\r\nHost: x\r\nContent-Length: 60001\r\n\r\n")
+    s.write_all(b"PUT /parked HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60001\r\n\r\n")
         .await
         .unwrap();
     s.write_all(&[b'p'; 60000]).await.unwrap();
@@ -382,7 +386,7 @@ async fn a_body_that_stops_after_a_fast_start_gets_408_after_the_grace() {
 async fn a_body_that_trickles_after_a_fast_start_gets_408() {
     let addr = start().await;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"PUT /trickled HTTP/1.1\r\nHost: x\r\nContent-Length: 60100\r\n\r\n")
+    s.write_all(b"PUT /trickled HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 60100\r\n\r\n")
         .await
         .unwrap();
     s.write_all(&[b'p'; 60000]).await.unwrap();
