@@ -155,3 +155,32 @@ fn the_repl_connects_again_once_the_node_has_closed_its_connection() {
     assert!(!text.contains("lost"), "{text:?}");
     assert!(text.ends_with("OK\nv2\n"), "{text:?}");
 }
+
+/// A value holding escape sequences: on a terminal (`script` gives the CLI
+/// one), `get` shows them escaped and sends the terminal none; piped, the
+/// value comes out byte for byte.
+#[test]
+fn get_on_a_terminal_sends_it_no_escape_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &[]);
+    let value = b"ok\x1b]0;pwned\x07\x1b[2J\\\nline2";
+    assert_eq!(node.http("PUT", "/c/k", value).0, 200);
+    let piped = cli(&node, &["get", "c", "k"]);
+    assert_eq!(piped.stdout, [&value[..], b"\n"].concat());
+    let command = format!("{} --addr {} get c k", cli_binary().display(), node.addr);
+    let o = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let shown = out(&o);
+    assert!(
+        !o.stdout.iter().any(|&b| b == 0x1b || b == 0x07),
+        "raw control bytes reached the terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains(r"ok\x1b]0;pwned\x07\x1b[2J\\\nline2"),
+        "{shown:?}"
+    );
+}

@@ -5,7 +5,7 @@
 mod command;
 mod repl;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -101,6 +101,11 @@ pub(crate) async fn execute(
         (Command::Get { key, .. }, Reply::Value(Some(v))) => {
             if json {
                 writeln!(out, "{}", kv(key, &v)).unwrap();
+            } else if std::io::stdout().is_terminal() {
+                // A value shown on a terminal cannot send it escape
+                // sequences (retitle it, rewrite what it showed, ...);
+                // piped, it goes out byte for byte.
+                writeln!(out, "{}", escaped(&v)).unwrap();
             } else {
                 out.extend_from_slice(&v);
                 out.push(b'\n');
@@ -335,7 +340,8 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
     }
 }
 
-/// A key or value for a tab-separated line: a backslash, tab, newline or
+/// A key or value for a tab-separated line, or a value `get` shows on a
+/// terminal: a backslash, tab, newline or
 /// carriage return is written as `\\`, `\t`, `\n` or `\r`, and any other
 /// control character as `\xNN`, so a value
 /// can neither split its line, forge another event's, nor send the
