@@ -285,6 +285,18 @@ fn without_an_auth_file_only_loopback_clients_are_served() {
         matches!(&e, Error::Unauthenticated(m) if m.contains("loopback")),
         "{e:?}"
     );
+    // The secret was given on the command line: the node says where it
+    // belongs instead.
+    let mut node = node;
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut node.0.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("cluster secret is on the command line")
+            && said.contains("DHRT_CLUSTER_SECRET"),
+        "{said}"
+    );
     drop(node);
 
     // --no-auth, in so many words: anyone.

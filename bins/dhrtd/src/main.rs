@@ -286,6 +286,12 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         Sync::Interval => SyncMode::Interval(Duration::from_secs(1)),
         Sync::Never => SyncMode::Never,
     };
+    if std::env::args().any(|a| a == "--cluster-secret" || a.starts_with("--cluster-secret=")) {
+        tracing::warn!(
+            "the cluster secret is on the command line, where every user of this machine can \
+             read it (ps, /proc): give it in DHRT_CLUSTER_SECRET or the --config file instead"
+        );
+    }
     if config.data_dir_ignored {
         tracing::warn!(
             data_dir = %config.data_dir.display(),
