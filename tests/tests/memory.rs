@@ -42,6 +42,19 @@ fn put(node: &Dhrtd, path: &str, value: &[u8]) {
     assert_eq!(status, 200, "PUT {path}: {body}");
 }
 
+/// `n` gets of one key, ids 0 to n - 1.
+fn gets(collection: &str, key: &str, n: u64) -> Vec<Request> {
+    (0..n)
+        .map(|id| Request {
+            id,
+            op: Op::Get {
+                collection: collection.into(),
+                key: Bytes::copy_from_slice(key.as_bytes()),
+            },
+        })
+        .collect()
+}
+
 /// Sends `requests` in one write and reads every answer, counting their
 /// bytes without keeping them.
 fn pipeline(node: &Dhrtd, requests: &[Request]) -> (usize, u64) {
@@ -81,15 +94,7 @@ fn pipelined_gets_of_a_large_value_and_a_listing_of_escaped_values_hold_little_m
     let value: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
     put(&node, "/big/one", &value);
     assert_eq!(node.get_raw("/big/one").1.len() as u64, MIB); // pages warm
-    let gets: Vec<Request> = (0..1000)
-        .map(|id| Request {
-            id,
-            op: Op::Get {
-                collection: "big".into(),
-                key: Bytes::from_static(b"one"),
-            },
-        })
-        .collect();
+    let gets = gets("big", "one", 1000);
     let base = reset_peak(pid);
     let (answers, bytes) = pipeline(&node, &gets);
     assert_eq!((answers, bytes), (1000, 1000 * MIB));
@@ -461,12 +466,8 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
             40.. => b"GET /big/a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_vec(),
             _ => {
                 let mut w = preamble().to_vec();
-                for id in 0..4 {
-                    let get = Op::Get {
-                        collection: "big".into(),
-                        key: Bytes::from_static(b"a"),
-                    };
-                    encode_frame(&Request { id, op: get }, &mut w, 1 << 20).unwrap();
+                for r in gets("big", "a", 4) {
+                    encode_frame(&r, &mut w, 1 << 20).unwrap();
                 }
                 w
             }
@@ -500,14 +501,6 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
     eventually("the watches closed", Duration::from_secs(30), || {
         watchers(&node) == 0
     });
-    let gets: Vec<Request> = (0..8)
-        .map(|id| Request {
-            id,
-            op: Op::Get {
-                collection: "big".into(),
-                key: Bytes::from_static(b"b"),
-            },
-        })
-        .collect();
+    let gets = gets("big", "b", 8);
     assert_eq!(pipeline(&node, &gets), (8, 8 * 15 * MIB));
 }
