@@ -40,7 +40,7 @@ pub struct WatchOptions {
     /// Watches open at once on the node, at most; more are refused (503).
     pub max_watchers: usize,
     /// Bytes of large values the node's watchers may hold as copies, all
-    /// together (see [`crate::watch_event`]).
+    /// together: beyond it, a waiting large value is the log's pages.
     pub copy_budget: usize,
     /// A watcher past `max_lag_bytes` is closed only if it has not caught
     /// up any of it for this long (one reading faster than the writes are
