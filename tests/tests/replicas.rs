@@ -368,3 +368,50 @@ fn eventually_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A node whose clock is behind, writing through to a collection it does
+/// not own, has never seen the owner's versions: a write (or delete) it
+/// forwards after one the owner acknowledged must still win, not be
+/// acknowledged and then lose. The owner says it holds a newer version,
+/// and the forwarding node stamps the write again, later.
+#[test]
+fn a_write_forwarded_by_a_node_whose_clock_is_behind_wins_over_the_one_before() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &ONE_OWNER);
+    let mut behind = ONE_OWNER.to_vec();
+    behind.extend(["--clock-offset-ms", "-2000"]);
+    let b = start_joined(dirs[1].path(), &a, &behind);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..8 {
+        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    let on_a = eventually_value(|| {
+        (0..8)
+            .map(|c| format!("c{c}"))
+            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
+    });
+    for i in 0..10 {
+        let (status, body) = a.http("POST", &format!("/{on_a}/k{i}/first"), b"");
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = b.http("POST", &format!("/{on_a}/k{i}/second"), b"");
+        assert_eq!(status, 200, "{body}");
+        for n in [&a, &b] {
+            assert_eq!(
+                n.get_raw(&format!("/{on_a}/k{i}")).1,
+                b"second",
+                "k{i} through {}",
+                n.addr
+            );
+        }
+        let (status, body) = a.http("POST", &format!("/{on_a}/d{i}/alive"), b"");
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = b.http("DELETE", &format!("/{on_a}/d{i}"), b"");
+        assert_eq!(status, 200, "{body}");
+        for n in [&a, &b] {
+            let (status, body) = n.http("GET", &format!("/{on_a}/d{i}"), b"");
+            assert_eq!(status, 404, "d{i} through {}: {body}", n.addr);
+        }
+    }
+}

@@ -266,6 +266,9 @@ async fn handle(
 ) -> Result<PeerReply, OpError> {
     match op {
         PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::from),
+        PeerOp::ApplyReporting(mutations) => {
+            cluster.apply_async(mutations).await.map(|a| a.reporting())
+        }
         PeerOp::Read { collection, key } => {
             let r = cluster
                 .store()

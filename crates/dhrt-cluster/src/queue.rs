@@ -13,11 +13,13 @@
 //! - An answer for a batch takes its mutations out of the queue; the ones
 //!   the peer refused are remembered (the latest `REFUSED_KEPT`), so a
 //!   write counts as acknowledged only when the peer answered for all of
-//!   it and refused none of it.
+//!   it and refused none of it. The ones that lost to a newer version the
+//!   peer holds are remembered with it (as many), so their writer can
+//!   stamp them again.
 
 use std::collections::VecDeque;
 
-use dhrt_proto::Mutation;
+use dhrt_proto::{Mutation, Stamp};
 
 use crate::batch::{mutation_bytes, next_batch_len};
 
@@ -46,6 +48,9 @@ pub(crate) struct Queue {
     pub(crate) overflowed: bool,
     /// Recent mutations the peer refused (not stored there).
     refused: VecDeque<u64>,
+    /// Recent mutations that lost to a newer version the peer holds, with
+    /// that version (the latest `REFUSED_KEPT`).
+    newer: VecDeque<(u64, Stamp)>,
 }
 
 impl Queue {
@@ -100,6 +105,31 @@ impl Queue {
             }
             self.refused.push_back(s);
         }
+    }
+
+    /// These mutations lost to the newer versions the peer holds.
+    pub(crate) fn superseded(&mut self, lost: impl IntoIterator<Item = (u64, Stamp)>) {
+        for l in lost {
+            if self.newer.len() == REFUSED_KEPT {
+                self.newer.pop_front();
+            }
+            self.newer.push_back(l);
+        }
+    }
+
+    /// Whether any mutation is remembered as superseded.
+    pub(crate) fn any_superseded(&self) -> bool {
+        !self.newer.is_empty()
+    }
+
+    /// The mutations of `first..=last` that lost to a newer version the
+    /// peer holds: their offsets from `first`, each with that version.
+    pub(crate) fn superseded_in(&self, first: u64, last: u64) -> Vec<(usize, Stamp)> {
+        self.newer
+            .iter()
+            .filter(|(s, _)| (first..=last).contains(s))
+            .map(|&(s, v)| ((s - first) as usize, v))
+            .collect()
     }
 
     /// Whether any refusal is remembered.
@@ -245,6 +275,25 @@ mod tests {
         assert_eq!(q.bytes(), mutation_bytes(&put(6, 1)));
         q.clear();
         assert_eq!((q.len(), q.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn superseded_writes_are_told_by_offset_within_their_range() {
+        let mut q = Queue::default();
+        let room = items(10);
+        let a = q.push(&[put(1, 1), put(2, 1)], room);
+        let b = q.push(&[put(3, 1), put(4, 1)], room);
+        let v = Stamp { ts: 7, node: 1 };
+        q.superseded([(a.1, v), (b.0 + 1, v)]);
+        assert_eq!(q.superseded_in(a.0, a.1), vec![(1, v)]);
+        assert_eq!(q.superseded_in(b.0, b.1), vec![(1, v)]);
+        for i in 0..REFUSED_KEPT as u64 {
+            q.superseded([(100 + i, v)]);
+        }
+        assert!(
+            q.superseded_in(a.0, b.1).is_empty(),
+            "bounded: the oldest go"
+        );
     }
 
     #[test]

@@ -218,6 +218,14 @@ pub enum PeerOp {
         /// At most this many entries.
         limit: u32,
     },
+    /// Apply these replicated changes as [`PeerOp::Apply`] does, and say
+    /// which lost to a newer version the receiver holds:
+    /// [`PeerReply::Superseded`] when some did, else
+    /// [`PeerReply::Applied`]. The replication of client writes uses it:
+    /// the writer stamps a write that lost again, later, so a write
+    /// acknowledged to a client never loses to one acknowledged before it
+    /// (a writer whose clock is behind, a node forwarding to the owners).
+    ApplyReporting(Vec<Mutation>),
 }
 
 /// The answer to a [`PeerOp`].
@@ -262,6 +270,19 @@ pub enum PeerReply {
     WatchClosed,
     /// A page of a listing.
     Page(crate::Page),
+    /// The answer to [`PeerOp::ApplyReporting`] when some changes lost:
+    /// as [`PeerReply::Applied`], and the index of each change that lost
+    /// to a newer version held by the receiver, with that version.
+    Superseded {
+        /// How many took effect.
+        applied: u64,
+        /// As in [`PeerReply::Applied`].
+        refused: Vec<u32>,
+        /// Indexes (into the request's list) of changes older than what the
+        /// receiver holds for their key (or than the collection's drop),
+        /// each with the version held.
+        newer: Vec<(u32, Stamp)>,
+    },
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

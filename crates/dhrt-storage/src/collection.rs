@@ -910,11 +910,14 @@ impl Collection {
     /// it is newer than what the index holds and than the last drop; the
     /// others are skipped before they reach the log. Returns how many took
     /// effect.
+    /// Also returns the entries that lost to a newer version here (or to
+    /// the collection's drop), by index, with that version.
     pub(crate) fn apply_many(
         &self,
         entries: &[crate::Replicated<'_>],
         sync: SyncMode,
-    ) -> Result<usize> {
+    ) -> Result<(usize, Vec<(usize, Version)>)> {
+        let mut newer = Vec::new();
         let mut w = self.lock_for(entries.iter().map(|(key, ..)| *key));
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
@@ -932,12 +935,15 @@ impl Collection {
         // a damaged record superseded).
         let mut batch: std::collections::HashMap<&[u8], (Version, u32)> =
             std::collections::HashMap::new();
-        for (key, value, version) in entries {
-            let newer = generation
+        for (i, (key, value, version)) in entries.iter().enumerate() {
+            let held = generation
                 .index
                 .get(key)
-                .is_some_and(|o| o.version() > *version);
-            if newer || state.dropped_at.is_some_and(|d| *version <= d) {
+                .map(|o| o.version())
+                .filter(|v| v > version);
+            let dropped = state.dropped_at.filter(|d| version <= d);
+            if let Some(v) = held.max(dropped) {
+                newer.push((i, v));
                 continue;
             }
             let kind = if value.is_some() {
@@ -971,7 +977,7 @@ impl Collection {
             starts.push(start);
         }
         if starts.is_empty() {
-            return Ok(0);
+            return Ok((0, newer));
         }
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
@@ -994,7 +1000,7 @@ impl Collection {
         self.published(&generation.log, first_seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
-        Ok(applied)
+        Ok((applied, newer))
     }
 
     /// Sets many keys with local versions under one lock and one append

@@ -723,6 +723,20 @@ impl Store {
     /// checked first; if one is invalid, nothing is written. Returns how
     /// many took effect.
     pub fn apply_many(&self, collection: &str, entries: &[crate::Replicated<'_>]) -> Result<usize> {
+        self.apply_many_newer(collection, entries)
+            .map(|(applied, _)| applied)
+    }
+
+    /// [`apply_many`](Self::apply_many), also saying which entries lost to
+    /// a newer version held here (or to the collection's drop): their
+    /// indexes, each with that version. A coordinator told so about a
+    /// client's write stamps it again, later (a clock behind must not
+    /// make an acknowledged write lose to one that came before it).
+    pub fn apply_many_newer(
+        &self,
+        collection: &str,
+        entries: &[crate::Replicated<'_>],
+    ) -> Result<(usize, Vec<(usize, Version)>)> {
         let mut newest = 0;
         for (key, value, version) in entries {
             check_key(key)?;
@@ -732,16 +746,16 @@ impl Store {
             newest = newest.max(version.ts);
         }
         if entries.is_empty() {
-            return validate_collection_name(collection).map(|()| 0);
+            return validate_collection_name(collection).map(|()| (0, Vec::new()));
         }
         self.inner.clock.observe(newest);
-        let applied = self.with_collection(collection, |c| {
+        let (applied, newer) = self.with_collection(collection, |c| {
             c.apply_many(entries, self.inner.options.sync)
         })?;
         if applied > 0 {
             self.changed(collection);
         }
-        Ok(applied)
+        Ok((applied, newer))
     }
 
     /// The value of `key`, or `None`. The value is not copied: it points into

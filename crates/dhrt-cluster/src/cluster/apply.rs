@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use dhrt_proto::{BucketCursor, CollectionDigest, ErrorKind, Mutation, OpError, PeerReply};
+use dhrt_proto::{BucketCursor, CollectionDigest, ErrorKind, Mutation, OpError, PeerReply, Stamp};
 use dhrt_storage::{Replicated, SyncMode};
 
 use super::{Cluster, stamp, version};
@@ -21,6 +21,23 @@ pub(crate) struct Applied {
     /// collection this node may not create (at its collection cap), or
     /// invalid.
     pub(crate) refused: Vec<u32>,
+    /// Indexes of puts that lost to a newer version held here (or to the
+    /// collection's drop), with that version, ascending.
+    pub(crate) newer: Vec<(u32, Stamp)>,
+}
+
+impl Applied {
+    /// The answer to [`dhrt_proto::PeerOp::ApplyReporting`].
+    pub(crate) fn reporting(self) -> PeerReply {
+        if self.newer.is_empty() {
+            return self.into();
+        }
+        PeerReply::Superseded {
+            applied: self.applied,
+            refused: self.refused,
+            newer: self.newer,
+        }
+    }
 }
 
 impl From<Applied> for PeerReply {
@@ -98,6 +115,7 @@ impl Cluster {
         // client could have written): refused one by one, like records
         // stamped too far ahead, and the rest of the batch applies.
         let mut unstorable: Vec<u32> = forbidden.clone();
+        let mut newer = Vec::new();
         let mut applied = 0;
         let mut i = 0;
         while i < mutations.len() {
@@ -124,22 +142,30 @@ impl Cluster {
                             |m| matches!(m, Mutation::Put { collection: c, .. } if c == collection),
                         )
                         .count();
+                    // Each entry's index among the mutations.
+                    let mut at = Vec::with_capacity(run);
                     let entries: Vec<Replicated<'_>> = mutations[i..i + run]
                         .iter()
                         .enumerate()
                         .filter(|(j, _)| admitted(i + j))
-                        .filter_map(|(_, m)| match m {
+                        .filter_map(|(j, m)| match m {
                             Mutation::Put {
                                 key,
                                 value,
                                 version: v,
                                 ..
-                            } => Some((&key[..], value.as_deref(), version(*v))),
+                            } => {
+                                at.push((i + j) as u32);
+                                Some((&key[..], value.as_deref(), version(*v)))
+                            }
                             Mutation::Drop { .. } => None,
                         })
                         .collect();
-                    match self.store.apply_many(collection, &entries) {
-                        Ok(n) => applied += n as u64,
+                    match self.store.apply_many_newer(collection, &entries) {
+                        Ok((n, lost)) => {
+                            applied += n as u64;
+                            newer.extend(lost.into_iter().map(|(e, v)| (at[e], stamp(v))));
+                        }
                         Err(e) if refused_alone(&e) => {
                             unstorable
                                 .extend((i..i + run).filter(|&j| admitted(j)).map(|j| j as u32));
@@ -164,7 +190,11 @@ impl Cluster {
                 .received
                 .fetch_add(mutations.len() as u64, Ordering::Relaxed);
         }
-        Ok(Applied { applied, refused })
+        Ok(Applied {
+            applied,
+            refused,
+            newer,
+        })
     }
 
     /// Applies on the blocking pool when the store fsyncs every write.

@@ -169,6 +169,7 @@ impl Cluster {
             link: Link::to_member(addr.clone(), id, self.dialer.clone()),
             gossip: Link::to_member(addr, id, self.dialer.clone()),
             any_refused: AtomicBool::new(false),
+            any_superseded: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             acked: AtomicU64::new(0),

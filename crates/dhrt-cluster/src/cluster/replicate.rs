@@ -8,11 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dhrt_proto::{ErrorKind, Liveness, Mutation, OpError, PeerOp, PeerReply};
+use dhrt_proto::{ErrorKind, Liveness, Mutation, OpError, PeerOp, PeerReply, Stamp};
 use dhrt_storage::Version;
 use tokio::sync::Notify;
 
-use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of};
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of, stamp};
+
+/// How many times a write that lost to newer versions on replicas is
+/// stamped again before it is left as it is (each time, a replica held a
+/// version written meanwhile).
+pub(crate) const RESTAMPS: usize = 3;
 use crate::link::{Link, LinkError};
 use crate::placement::{self, Replicas};
 use crate::queue::{Queue, Room};
@@ -29,6 +34,9 @@ pub(super) struct Peer {
     /// Cached: whether the peer's queue remembers refusals, so a waiter
     /// takes the queue's lock only when there are some.
     pub(super) any_refused: AtomicBool,
+    /// Cached: whether the peer's queue remembers writes that lost to a
+    /// newer version the peer holds.
+    pub(super) any_superseded: AtomicBool,
     pub(super) queue: Mutex<Queue>,
     pub(super) wake: Notify,
     /// Sequence number of the last mutation the peer acknowledged.
@@ -45,19 +53,88 @@ impl Cluster {
     /// that is fewer than the concern asks. A replica that refused them
     /// does not count; one that does not answer in time is marked
     /// unhealthy and gets them later.
+    ///
+    /// A replica that answers that a write lost to a newer version it
+    /// holds (written through another node whose clock is ahead of this
+    /// one's, or that this node, not an owner, never saw) makes this node
+    /// stamp that write again, later than the replica's version, store it
+    /// again here (when `stored_locally`) and replicate it again, up to
+    /// [`RESTAMPS`] times: a write acknowledged to a client does not lose
+    /// to one acknowledged before it was sent.
     pub(crate) async fn replicate(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
         stored_locally: bool,
     ) -> Result<(), OpError> {
+        self.replicate_latest(mutations, stored_locally)
+            .await
+            .map(drop)
+    }
+
+    /// [`replicate`](Self::replicate), returning each mutation's version
+    /// as finally written (later than the one given, if it was stamped
+    /// again).
+    pub(crate) async fn replicate_latest(
+        self: &Arc<Self>,
+        mut mutations: Vec<Mutation>,
+        stored_locally: bool,
+    ) -> Result<Vec<Stamp>, OpError> {
+        let mut pending: Vec<usize> = (0..mutations.len()).collect();
+        for round in 0..=RESTAMPS {
+            let batch: Vec<Mutation> = pending.iter().map(|&i| mutations[i].clone()).collect();
+            let lost = self.replicate_once(batch, stored_locally).await?;
+            if lost.is_empty() || round == RESTAMPS {
+                if !lost.is_empty() {
+                    tracing::warn!(
+                        "{} writes lost to newer versions on replicas {RESTAMPS} times in a row: left as they are",
+                        lost.len()
+                    );
+                }
+                break;
+            }
+            let clock = self.store.clock();
+            let mut again = Vec::with_capacity(lost.len());
+            for (at, newer) in lost {
+                let i = pending[at];
+                clock.observe(newer.ts);
+                let fresh = stamp(clock.now());
+                let (Mutation::Put { version: v, .. } | Mutation::Drop { version: v, .. }) =
+                    &mut mutations[i];
+                *v = fresh;
+                again.push(i);
+            }
+            if stored_locally {
+                let restamped = again.iter().map(|&i| mutations[i].clone()).collect();
+                self.apply_async(restamped).await?;
+            }
+            pending = again;
+        }
+        Ok(mutations
+            .iter()
+            .map(|m| match m {
+                Mutation::Put { version, .. } | Mutation::Drop { version, .. } => *version,
+            })
+            .collect())
+    }
+
+    /// One round of [`replicate`](Self::replicate): the offsets (into
+    /// `mutations`) of the writes an acknowledging replica holds a newer
+    /// version of, each with the newest such version.
+    async fn replicate_once(
+        self: &Arc<Self>,
+        mutations: Vec<Mutation>,
+        stored_locally: bool,
+    ) -> Result<Vec<(usize, Stamp)>, OpError> {
         if !self.has_peers() {
             return match mutations.first() {
-                Some(m) => self.unreached_concern(collection_of(m)),
-                None => Ok(()),
+                Some(m) => self
+                    .unreached_concern(collection_of(m))
+                    .map(|()| Vec::new()),
+                None => Ok(Vec::new()),
             };
         }
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let (targets, reachable): (Vec<u64>, HashSet<u64>) = {
             let m = self.membership.lock().unwrap();
@@ -87,7 +164,7 @@ impl Cluster {
             }
         }
         if need.remote_acks == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let local = usize::from(stored_locally);
         let started = tokio::time::Instant::now();
@@ -138,7 +215,7 @@ impl Cluster {
             notified.as_mut().enable();
             let (answered, done) = tally();
             if done >= need.remote_acks {
-                return Ok(());
+                return Ok(Self::superseded(&waits));
             }
             // Too few replicas are up, or some refused: once every one that
             // can answer has, the outcome is known.
@@ -160,6 +237,22 @@ impl Cluster {
                 return Err(unmet(tally().1).await);
             }
         }
+    }
+
+    /// Of the writes each waited-for peer answered for, those it holds a
+    /// newer version of: offsets with the newest version told.
+    fn superseded(waits: &[(Arc<Peer>, u64, u64)]) -> Vec<(usize, Stamp)> {
+        let mut lost: Vec<(usize, Stamp)> = Vec::new();
+        for (p, first, last) in waits {
+            if !p.any_superseded.load(Ordering::Acquire) || p.acked.load(Ordering::Acquire) < *last
+            {
+                continue;
+            }
+            lost.extend(p.queue.lock().unwrap().superseded_in(*first, *last));
+        }
+        lost.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        lost.dedup_by_key(|(at, _)| *at);
+        lost
     }
 
     /// Keeps in this node's store writes it only forwarded and that no
@@ -287,19 +380,29 @@ impl Cluster {
                 .options
                 .timeout
                 .max(Duration::from_millis((mutations.len() as u64 / 8).max(1)));
-            match peer.link.request(PeerOp::Apply(mutations), timeout).await {
-                Ok(PeerReply::Applied { refused, .. }) => {
-                    if !refused.is_empty() {
-                        tracing::error!(
-                            "peer {} refused {} replicated writes, stamped too far ahead of its clock or to collections it cannot create: see its log",
-                            peer.link.addr(),
-                            refused.len()
+            match peer
+                .link
+                .request(PeerOp::ApplyReporting(mutations), timeout)
+                .await
+            {
+                Ok(PeerReply::Superseded { refused, newer, .. }) => {
+                    self.refused_by(&peer, &seqs, &refused);
+                    {
+                        let mut q = peer.queue.lock().unwrap();
+                        q.superseded(
+                            newer
+                                .iter()
+                                .filter_map(|&(i, v)| seqs.get(i as usize).map(|&s| (s, v))),
                         );
-                        let refused = refused
-                            .iter()
-                            .filter_map(|&i| seqs.get(i as usize).copied());
-                        self.refuse(&peer, refused);
+                        peer.any_superseded
+                            .store(q.any_superseded(), Ordering::Release);
                     }
+                    self.ack_through(&peer, last);
+                    self.heard_from(peer.id);
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(PeerReply::Applied { refused, .. }) => {
+                    self.refused_by(&peer, &seqs, &refused);
                     self.ack_through(&peer, last);
                     self.heard_from(peer.id);
                     backoff = Duration::from_millis(100);
@@ -338,6 +441,25 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Remembers the writes of a batch (`seqs`) that `peer` refused, by
+    /// their indexes in it.
+    fn refused_by(&self, peer: &Peer, seqs: &[u64], refused: &[u32]) {
+        if refused.is_empty() {
+            return;
+        }
+        tracing::error!(
+            "peer {} refused {} replicated writes, stamped too far ahead of its clock or to collections it cannot create: see its log",
+            peer.link.addr(),
+            refused.len()
+        );
+        self.refuse(
+            peer,
+            refused
+                .iter()
+                .filter_map(|&i| seqs.get(i as usize).copied()),
+        );
     }
 
     /// Remembers writes `peer` refused: they leave its queue but are not

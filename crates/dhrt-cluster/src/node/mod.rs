@@ -12,7 +12,7 @@ use dhrt_proto::{
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
-use crate::cluster::{Cluster, Identity, stamp};
+use crate::cluster::{Cluster, Identity, stamp, version};
 use crate::combine::Combiner;
 use crate::damaged::Damaged;
 use crate::error::{check_entry, op_error, unrepaired, user_collection};
@@ -352,10 +352,11 @@ impl Node {
                 value: Some(value),
                 version: stamp(version),
             };
-            self.cluster.replicate(vec![m], local).await?;
-        } else {
-            self.cluster.unreached_concern(collection)?;
+            // Later than the given version if a replica held a newer one.
+            let latest = self.cluster.replicate_latest(vec![m], local).await?;
+            return Ok(latest.first().map_or(version, |v| self::version(*v)));
         }
+        self.cluster.unreached_concern(collection)?;
         Ok(version)
     }
 
@@ -452,10 +453,14 @@ impl Node {
         // the delete and leaves the tombstone to the replicas, and does not
         // count itself as one of them for the write concern.
         let local = !peers || self.cluster.stores_locally(collection);
-        let (version, was_live) = if local {
+        let (mut version, was_live) = if local {
             self.write(move |s| s.delete_versioned(&c, &k)).await?
         } else {
             check_entry(key, &[])?;
+            if let Some(r) = &remote {
+                // Stamped after what the owners told, not by a clock behind.
+                self.store.clock().observe(r.version.ts);
+            }
             let live_here = matches!(known_here, Some((Some(_), _)));
             (self.cluster.stamp_now(), live_here)
         };
@@ -466,7 +471,10 @@ impl Node {
                 value: None,
                 version: stamp(version),
             };
-            self.cluster.replicate(vec![m], local).await?;
+            let latest = self.cluster.replicate_latest(vec![m], local).await?;
+            if let Some(v) = latest.first() {
+                version = self::version(*v);
+            }
         }
         if local {
             self.damaged.remove(collection, key);
