@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod dhrtd;
+mod disk_full;
 mod faults;
 mod hostile;
 mod memory;

@@ -52,6 +52,12 @@ pub(crate) struct Args {
     /// again.
     #[arg(long, env = "DHRT_MAX_COLLECTIONS")]
     max_collections: Option<usize>,
+    /// Disk space kept in reserve (a file, RESERVE, in the data directory)
+    /// and given up when the disk fills, so that deletes, drops and
+    /// compaction still have room while new values are refused (503).
+    /// 0: no reserve. Default: 1% of the file system, 1 to 64 MiB
+    #[arg(long, env = "DHRT_DISK_RESERVE_MIB", value_name = "MIB")]
+    disk_reserve_mib: Option<u64>,
     /// A client connection (HTTP keep-alive or binary) with no request for
     /// this many seconds is closed.
     #[arg(long, env = "DHRT_IDLE_TIMEOUT_SECS", value_name = "N")]
@@ -207,6 +213,7 @@ struct File {
     max_peer_connections: Option<usize>,
     max_inflight_mib: Option<usize>,
     max_collections: Option<usize>,
+    disk_reserve_mib: Option<u64>,
     idle_timeout_secs: Option<u64>,
     log_format: Option<String>,
     node: Option<Vec<String>>,
@@ -287,6 +294,8 @@ pub(crate) struct Config {
     pub(crate) max_inflight: usize,
     /// `None`: derived from the open-files limit at start.
     pub(crate) max_collections: Option<usize>,
+    /// `None`: 1% of the file system, 1 to 64 MiB.
+    pub(crate) disk_reserve: Option<u64>,
     pub(crate) idle_timeout: Duration,
     pub(crate) json_logs: bool,
     pub(crate) shutdown_grace: Duration,
@@ -507,6 +516,10 @@ impl Config {
                 .max(17)
                 .saturating_mul(1 << 20),
             max_collections: args.max_collections.or(file.max_collections),
+            disk_reserve: args
+                .disk_reserve_mib
+                .or(file.disk_reserve_mib)
+                .map(|m| m.saturating_mul(1 << 20)),
             idle_timeout,
             json_logs,
             shutdown_grace: Duration::from_secs(10),

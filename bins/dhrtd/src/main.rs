@@ -318,6 +318,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             tombstone_grace: config.tombstone_grace,
             clock_offset_ms: config.clock_offset_ms,
             max_collections,
+            disk_reserve: config.disk_reserve,
             ..Options::default()
         };
         let store = Store::open(&config.data_dir, options)

@@ -15,6 +15,7 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
         }
         StorageError::ValueTooLarge { .. } => ErrorKind::TooLarge,
         StorageError::Poisoned { .. }
+        | StorageError::DiskFull { .. }
         | StorageError::Locked { .. }
         | StorageError::TooManyCollections { .. } => ErrorKind::Unavailable,
         // A full, read-only or failing disk is not a bug: reads go on, and
@@ -28,7 +29,12 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
                     | std::io::ErrorKind::ReadOnlyFilesystem
             ) || source.raw_os_error() == Some(EIO) =>
         {
-            tracing::error!("storage error: {e}");
+            // Once a second at most: a full disk fails every write.
+            static FAILING: crate::throttle::LogThrottle =
+                crate::throttle::LogThrottle::new(std::time::Duration::from_secs(1));
+            if let Some(left_out) = FAILING.allow() {
+                tracing::error!(left_out, "storage error: {e}");
+            }
             ErrorKind::Unavailable
         }
         _ => ErrorKind::Internal,

@@ -104,6 +104,24 @@ pub enum Error {
         collection: String,
     },
 
+    /// The disk holding the data directory is full (or was: free space has
+    /// not yet come back to three reserves): writes of values are refused,
+    /// deletes and drops are taken, and compaction gives space back.
+    /// Nothing was changed.
+    #[error(
+        "the disk holding {dir} is full ({free_mib} MiB free): new values are refused until {needed_mib} MiB are free; deletes and drops are still taken, and free space once compacted",
+        free_mib = free >> 20,
+        needed_mib = needed >> 20
+    )]
+    DiskFull {
+        /// The data directory.
+        dir: PathBuf,
+        /// Bytes free at the last check.
+        free: u64,
+        /// Bytes free from which values are taken again.
+        needed: u64,
+    },
+
     /// An earlier fsync of this collection failed, so its durable state is
     /// unknown; it refuses writes until the process is restarted and the log
     /// recovered. Reads keep working. Nothing was changed.

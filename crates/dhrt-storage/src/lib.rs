@@ -17,6 +17,7 @@
 
 mod collection;
 mod compact;
+mod disk;
 mod error;
 mod feed;
 mod index;

@@ -61,7 +61,7 @@ enum Appender {
 const PAGE: u64 = 4096;
 
 /// Whether `e` says the disk (or the quota) is full.
-fn is_full(e: &io::Error) -> bool {
+pub(crate) fn is_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 

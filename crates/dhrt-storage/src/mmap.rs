@@ -480,6 +480,30 @@ pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     }
 }
 
+/// The size of the file system holding `dir` and the bytes free on it (for
+/// an unprivileged writer).
+// The field types differ between targets (u32 on some, u64 here).
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn space(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `s` points to a
+    // `statvfs` the call fills in when it returns 0.
+    let r = unsafe { libc::statvfs(path.as_ptr(), s.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the call succeeded, so it initialized `s`.
+    let s = unsafe { s.assume_init() };
+    let unit = s.f_frsize as u64;
+    Ok((
+        (s.f_blocks as u64).saturating_mul(unit),
+        (s.f_bavail as u64).saturating_mul(unit),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     /// Whether any part of the file with inode `inode` is mapped in this

@@ -71,6 +71,13 @@ pub struct Options {
     /// a store that created more than its process's open-files limit
     /// allows could not be opened again. Default: no limit.
     pub max_collections: usize,
+    /// Bytes of the data directory's disk kept in reserve (a file,
+    /// `RESERVE`) and given up when the disk fills, so that deletes, drops
+    /// and compaction still have room: see [`crate::Error::DiskFull`].
+    /// `None`: 1% of the file system, at least 1 MiB, at most 64 MiB.
+    /// `Some(0)`: no reserve (a full disk then refuses every write, deletes
+    /// included, until space is freed by other means). Default: `None`.
+    pub disk_reserve: Option<u64>,
 }
 
 impl Default for Options {
@@ -88,6 +95,7 @@ impl Default for Options {
             shard_array_max: 256,
             clock_offset_ms: 0,
             max_collections: usize::MAX,
+            disk_reserve: None,
         }
     }
 }

@@ -82,6 +82,8 @@ pub(crate) struct Core {
     /// This opening's epoch: the top bits of every seq it hands out.
     epoch: u64,
     listener: arc_swap::ArcSwapOption<Listener>,
+    /// The data directory's disk and its reserve (persisted mode).
+    disk: Option<crate::disk::Disk>,
 }
 
 /// Dropped when the last `Store` clone is: stops and joins the background
@@ -325,11 +327,12 @@ impl Store {
         }
         let epoch = last_epoch + 1;
         write_epoch(&dir, epoch)?;
+        let disk = crate::disk::Disk::open(&dir, options.disk_reserve);
         for c in collections.values() {
             c.set_next_seq(epoch << EPOCH_SHIFT | 1);
         }
         Ok(Self::start(
-            Some(dir),
+            Some((dir, disk)),
             options,
             clock,
             collections,
@@ -355,7 +358,7 @@ impl Store {
     }
 
     fn start(
-        dir: Option<PathBuf>,
+        dir: Option<(PathBuf, crate::disk::Disk)>,
         options: Options,
         clock: Clock,
         collections: Collections,
@@ -363,6 +366,7 @@ impl Store {
         dir_lock: Vec<File>,
         epoch: u64,
     ) -> Store {
+        let (dir, disk) = dir.unzip();
         let core = Arc::new(Core {
             dir,
             options,
@@ -372,6 +376,7 @@ impl Store {
             recovered,
             epoch,
             listener: arc_swap::ArcSwapOption::empty(),
+            disk,
         });
         let shutdown = Arc::new(Shutdown::default());
         crate::mmap::start_reaper();
@@ -456,11 +461,11 @@ impl Store {
         loop {
             let result = match self.inner.collections.load().get(name) {
                 Some(c) => f(c),
-                None => f(&*self.existing_or_create(name)?),
+                None => self.existing_or_create(name).and_then(|c| f(&c)),
             };
             match result {
                 Err(Error::Released { .. }) => std::thread::yield_now(),
-                other => return other,
+                other => return self.inner.noted(other),
             }
         }
     }
@@ -524,6 +529,22 @@ impl Store {
         map.insert(name.to_string(), collection.clone());
         self.inner.collections.store(Arc::new(map));
         Ok(collection)
+    }
+
+    /// Refuses a write of new values while the disk is full (see
+    /// `disk.rs`); deletes and drops are taken.
+    #[inline]
+    fn room_for_values(&self) -> Result<()> {
+        match &self.inner.disk {
+            Some(d) if d.is_full() => Err(d.refusal()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether new values are refused for want of disk space (see
+    /// [`Error::DiskFull`]), and the bytes free at the last look.
+    pub fn disk_full(&self) -> Option<(bool, u64)> {
+        self.inner.disk.as_ref().map(|d| (d.is_full(), d.free()))
     }
 
     fn check_value(&self, value: &[u8]) -> Result<()> {
@@ -602,6 +623,7 @@ impl Store {
         check_key(key)?;
         if let Some(v) = value {
             self.check_value(v)?;
+            self.room_for_values()?;
         }
         let sync = self.inner.options.sync;
         if value.is_none() && matches!(stamp, Stamp::Local(_)) {
@@ -610,7 +632,7 @@ impl Store {
                 return match self.existing(collection)? {
                     Some(c) => match c.write(key, value, stamp, sync) {
                         Err(Error::Released { .. }) => continue,
-                        other => other,
+                        other => self.inner.noted(other),
                     },
                     None => Ok(Written::Skipped),
                 };
@@ -643,6 +665,7 @@ impl Store {
         if entries.is_empty() {
             return validate_collection_name(collection).map(|()| Vec::new());
         }
+        self.room_for_values()?;
         let versions = self.with_collection(collection, |c| {
             c.write_many(entries, &self.inner.clock, self.inner.options.sync)
         })?;
@@ -747,6 +770,9 @@ impl Store {
         }
         if entries.is_empty() {
             return validate_collection_name(collection).map(|()| (0, Vec::new()));
+        }
+        if entries.iter().any(|(_, value, _)| value.is_some()) {
+            self.room_for_values()?;
         }
         self.inner.clock.observe(newest);
         let (applied, newer) = self.with_collection(collection, |c| {
@@ -872,7 +898,7 @@ impl Store {
             let dropped =
                 match c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync) {
                     Err(Error::Released { .. }) => continue,
-                    other => other?,
+                    other => self.inner.noted(other)?,
                 };
             if dropped.is_some() {
                 self.changed(name);
@@ -1128,6 +1154,31 @@ impl Drop for Inner {
 }
 
 impl Core {
+    /// Notes a write that failed for want of space: the store is full
+    /// from now on (see `disk.rs`), and every collection with garbage is
+    /// compacted at once.
+    fn noted<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Io { source, .. }) = &r
+            && crate::log::is_full(source)
+            && let Some(disk) = &self.disk
+            && disk.out_of_space()
+        {
+            self.compact_for_room();
+        }
+        r
+    }
+
+    /// Asks for a compaction of every collection holding garbage, now,
+    /// whatever failed before.
+    fn compact_for_room(&self) {
+        for c in self.collections.load().values() {
+            if c.state().garbage > 0 {
+                *c.compaction_backoff.lock().unwrap() = None;
+                c.compact_requested
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
     /// Compacts every collection in which a damaged record was quarantined
     /// and not yet compacted out, now, on this thread: left in the file, it
     /// would stop the next open (damage below the durable watermark).
@@ -1213,6 +1264,8 @@ fn background(inner: &Core, shutdown: &Shutdown) {
     use std::sync::atomic::Ordering::SeqCst;
     const TICK: Duration = Duration::from_millis(100);
     const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+    /// Garbage worth a compaction while the disk is full.
+    const FULL_DISK_GARBAGE: u64 = 64 << 10;
     /// The wait before a compaction that failed is tried again, doubled
     /// at each failure up to the longest.
     const COMPACTION_RETRY_FIRST: Duration = Duration::from_secs(5);
@@ -1232,6 +1285,13 @@ fn background(inner: &Core, shutdown: &Shutdown) {
     };
     let done = || shutdown.busy.store(false, SeqCst);
     while !shutdown.wait(TICK) {
+        if let Some(disk) = &inner.disk
+            && disk.check()
+            && disk.is_full()
+        {
+            inner.compact_for_room();
+        }
+        let full = inner.disk.as_ref().is_some_and(crate::disk::Disk::is_full);
         for c in inner.collections.load().values() {
             if closing() {
                 return;
@@ -1268,9 +1328,11 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                 .lock()
                 .unwrap()
                 .is_some_and(|(retry_at, _)| Instant::now() < retry_at);
+            // On a full disk any garbage is worth giving back.
             let due = check
                 && !backing_off
-                && compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options);
+                && (compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options)
+                    || full && c.state().garbage >= FULL_DISK_GARBAGE);
             if requested || due {
                 match compact::compact(c, inner.dir.as_deref(), &inner.options, &stopping) {
                     Ok(None) => {
@@ -1301,7 +1363,15 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                         // Not again at every check: a full disk would log
                         // (and write and delete a file) every second.
                         let mut backoff = c.compaction_backoff.lock().unwrap();
-                        let wait = backoff.map_or(COMPACTION_RETRY_FIRST, |(_, wait)| wait);
+                        // On a full disk, sooner: deletes free space as
+                        // they come.
+                        let wait = backoff
+                            .map_or(COMPACTION_RETRY_FIRST, |(_, wait)| wait)
+                            .min(if full {
+                                COMPACTION_RETRY_FIRST
+                            } else {
+                                COMPACTION_RETRY_MAX
+                            });
                         *backoff =
                             Some((Instant::now() + wait, (wait * 2).min(COMPACTION_RETRY_MAX)));
                         tracing::error!(collection = %c.name, retry_in_s = wait.as_secs(), "compaction failed: {e}");
@@ -1581,6 +1651,78 @@ mod tests {
     /// A background compaction that fails is tried again later, after a
     /// wait that doubles with each failure, not at every check; once one
     /// succeeds the wait is forgotten.
+    /// A write that finds the disk full makes the store full: the reserve
+    /// is given up, values are refused (and nothing written), deletes are
+    /// taken, the collection is compacted at once, and values are taken
+    /// again once the disk has room.
+    #[test]
+    fn a_full_disk_gives_up_its_reserve_takes_deletes_and_compacts_at_once() {
+        use std::sync::atomic::Ordering::Release;
+        let dir = tempfile::tempdir().unwrap();
+        let reserve = dir.path().join(crate::disk::RESERVE_FILE);
+        let options = Options {
+            disk_reserve: Some(1 << 20),
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        let disk = store.inner.disk.as_ref().unwrap();
+        // Between one and three reserves free: no check changes anything.
+        disk.fake_free.store(2 << 20, Release);
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1 << 20);
+        let value = vec![5u8; 10_000];
+        for i in 0..400 {
+            store.set("c", format!("k{i}").as_bytes(), &value).unwrap();
+        }
+        let coll = store.existing("c").unwrap().unwrap();
+        let log = coll.current.load().log.clone();
+        let before = log.tail();
+        log.disk_end.store(before + 4096, Release);
+        let err = store.set("c", b"big", &vec![1u8; 8 << 20]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+            "{err}"
+        );
+        assert_eq!(store.disk_full().map(|(full, _)| full), Some(true));
+        assert!(!reserve.exists(), "the reserve is given up");
+        let err = store.set("c", b"k1", b"small").unwrap_err();
+        assert!(matches!(err, Error::DiskFull { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("deletes and drops are still taken")
+        );
+        assert!(matches!(
+            store.set_many("c", &[(b"k2", b"small")]),
+            Err(Error::DiskFull { .. })
+        ));
+        let replicated = [(&b"k3"[..], Some(&b"v"[..]), Version { ts: 1, node: 9 })];
+        assert!(matches!(
+            store.apply_many("c", &replicated),
+            Err(Error::DiskFull { .. })
+        ));
+        assert_eq!(store.get("c", b"k1").unwrap().as_deref(), Some(&value[..]));
+        // Deletes are taken, within the room the reserve gave back.
+        log.disk_end.store(0, Release);
+        for i in 0..400 {
+            assert!(store.delete("c", format!("k{i}").as_bytes()).unwrap());
+        }
+        // Compacted without waiting for the garbage check or a backoff.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while coll.current.load().log.tail() >= before {
+            assert!(Instant::now() < deadline, "not compacted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(coll.compaction_backoff.lock().unwrap().is_none());
+        // Room again: the reserve is set aside and values are taken.
+        disk.fake_free.store(100 << 20, Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.set("c", b"after", b"v").is_err() {
+            assert!(Instant::now() < deadline, "still refused");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 1 << 20);
+        assert!(!disk.is_full());
+    }
+
     #[test]
     fn a_failed_background_compaction_is_retried_after_a_wait() {
         use std::sync::atomic::Ordering;
@@ -1669,8 +1811,14 @@ mod tests {
         assert!(!dir.path().join("full.dhrt").exists());
         assert!(!dir.path().join("full.dhrt.durable").exists());
         assert!(store.all_collections().is_empty());
-        // The disk has room again: created as if nothing happened.
-        store.set("full", b"k", b"v").unwrap();
+        // The disk has room again: once the store has looked (it took the
+        // failure for a full disk), created as if nothing happened.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = store.set("full", b"k", b"v") {
+            assert!(matches!(e, Error::DiskFull { .. }), "{e}");
+            assert!(Instant::now() < deadline, "{e}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         drop(store);
         let store = Store::open(dir.path(), Options::default()).unwrap();
         assert_eq!(store.get("full", b"k").unwrap().as_deref(), Some(&b"v"[..]));

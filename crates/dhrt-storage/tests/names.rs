@@ -65,6 +65,7 @@ fn path_tricks_are_refused_and_nothing_escapes() {
         vec![
             "EPOCH",
             "LOCK",
+            "RESERVE",
             "fine_name-1.dhrt",
             "fine_name-1.dhrt.durable"
         ]

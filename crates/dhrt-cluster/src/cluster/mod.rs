@@ -573,6 +573,13 @@ impl Cluster {
                 let _ = writeln!(out, "dhrt_clock_offset_ms{{peer=\"{}\"}} {o}", m.addr);
             }
         }
+        if let Some((full, free)) = self.store.disk_full() {
+            let _ = writeln!(
+                out,
+                "# HELP dhrt_disk_full Whether the data directory's disk is full: its reserve given up, new values refused (503), deletes and drops taken.\n# TYPE dhrt_disk_full gauge\ndhrt_disk_full {}\n# HELP dhrt_disk_free_bytes Bytes free on the data directory's disk at the last look (every 100 ms).\n# TYPE dhrt_disk_free_bytes gauge\ndhrt_disk_free_bytes {free}",
+                u8::from(full)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP dhrt_refused_future_total Records from peers refused because they were stamped too far ahead of this node's clock.\n# TYPE dhrt_refused_future_total counter\ndhrt_refused_future_total {}",

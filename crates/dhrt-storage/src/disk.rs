@@ -1,0 +1,243 @@
+//! The disk reserve: room kept in the data directory so that a full disk
+//! never wedges the store.
+//!
+//! An append-only store frees space only by writing: a delete appends a
+//! tombstone, and a compaction writes the live records to a new file before
+//! the old one goes. On a disk with no byte left, neither can run, so the
+//! data nobody wants any more can never be given back. The store therefore
+//! holds a file of [`Disk::reserve`] bytes (`RESERVE`, allocated, never
+//! read) while the disk has room, and watches the room left:
+//!
+//! - When free space falls below the reserve, or a write fails for want of
+//!   space, the store is **full**: it deletes `RESERVE`, so that deletes,
+//!   drops and compactions have room, and refuses writes of new values with
+//!   [`Error::DiskFull`] (deletes and drops are still taken). Every
+//!   collection is compacted as soon as it has garbage.
+//! - Once free space is three reserves again, it allocates `RESERVE` anew
+//!   and takes values again.
+//!
+//! Invariants: while not full, `RESERVE` holds `reserve` allocated bytes; a
+//! refused write changed nothing; the state changes only here, checked
+//! from the background thread every tick and from a failed write.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::error::Error;
+
+/// The reserve's file in the data directory.
+pub(crate) const RESERVE_FILE: &str = "RESERVE";
+
+/// The reserve when the options do not set one: 1% of the file system,
+/// at least 1 MiB, at most 64 MiB (room for about a million tombstones).
+fn auto_reserve(total: u64) -> u64 {
+    (total / 100).clamp(1 << 20, 64 << 20)
+}
+
+/// Free space must reach this many reserves before values are taken again
+/// (one goes back into `RESERVE`).
+const LEAVE_AT: u64 = 3;
+
+/// The disk of a data directory, as the store sees it.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    dir: PathBuf,
+    reserve: u64,
+    full: AtomicBool,
+    /// Free bytes at the last check.
+    free: AtomicU64,
+    /// Serializes the changes of state (a write's failure and the
+    /// background check may race).
+    change: Mutex<()>,
+    /// Tests: the free space the checks see, if not `u64::MAX`.
+    #[cfg(test)]
+    pub(crate) fake_free: AtomicU64,
+}
+
+impl Disk {
+    /// The disk of `dir`, with a reserve of `reserve` bytes (`None`: 1% of
+    /// the file system, 1 to 64 MiB; `Some(0)`: none). Allocates the
+    /// reserve if it is missing and there is room for it.
+    pub(crate) fn open(dir: &Path, reserve: Option<u64>) -> Disk {
+        let (total, free) = crate::mmap::space(dir).unwrap_or((0, u64::MAX));
+        let disk = Disk {
+            dir: dir.to_path_buf(),
+            reserve: reserve.unwrap_or_else(|| auto_reserve(total)),
+            full: AtomicBool::new(false),
+            free: AtomicU64::new(free),
+            change: Mutex::new(()),
+            #[cfg(test)]
+            fake_free: AtomicU64::new(u64::MAX),
+        };
+        if disk.reserve == 0 {
+            let _ = std::fs::remove_file(disk.path());
+            return disk;
+        }
+        let held = std::fs::metadata(disk.path()).is_ok_and(|m| m.len() >= disk.reserve);
+        if !held {
+            if free >= disk.reserve.saturating_mul(2) && disk.allocate().is_ok() {
+                return disk;
+            }
+            // No room to set the reserve aside: full from the start.
+            let _ = std::fs::remove_file(disk.path());
+            disk.full.store(true, Ordering::Release);
+            tracing::warn!(
+                dir = %dir.display(),
+                free_mib = free >> 20,
+                reserve_mib = disk.reserve >> 20,
+                "the disk is nearly full: new values are refused until {} MiB are free; deletes and drops are taken",
+                (disk.reserve * LEAVE_AT) >> 20
+            );
+        }
+        disk
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(RESERVE_FILE)
+    }
+
+    /// Whether new values are refused.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Free bytes at the last check.
+    pub(crate) fn free(&self) -> u64 {
+        self.free.load(Ordering::Relaxed)
+    }
+
+    /// The error a write of a value gets while the disk is full.
+    pub(crate) fn refusal(&self) -> Error {
+        Error::DiskFull {
+            dir: self.dir.clone(),
+            free: self.free(),
+            needed: self.reserve.saturating_mul(LEAVE_AT),
+        }
+    }
+
+    /// A write failed for want of space: full now, if it was not. Returns
+    /// whether the state changed.
+    pub(crate) fn out_of_space(&self) -> bool {
+        if self.reserve == 0 || self.is_full() {
+            return false;
+        }
+        let _change = self.change.lock().unwrap();
+        self.enter()
+    }
+
+    /// Looks at the free space: full below one reserve, not full from
+    /// three. Returns whether the state changed.
+    pub(crate) fn check(&self) -> bool {
+        if self.reserve == 0 {
+            return false;
+        }
+        let Ok((_, free)) = crate::mmap::space(&self.dir) else {
+            return false;
+        };
+        #[cfg(test)]
+        let free = match self.fake_free.load(Ordering::Relaxed) {
+            u64::MAX => free,
+            fake => fake,
+        };
+        self.free.store(free, Ordering::Relaxed);
+        let _change = self.change.lock().unwrap();
+        if !self.is_full() {
+            return free < self.reserve && self.enter();
+        }
+        if free < self.reserve.saturating_mul(LEAVE_AT) {
+            return false;
+        }
+        match self.allocate() {
+            Ok(()) => {
+                self.full.store(false, Ordering::Release);
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    free_mib = free >> 20,
+                    "the disk has room again: the reserve is set aside and new values are taken"
+                );
+                true
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.path());
+                tracing::debug!("allocating the disk reserve: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gives up the reserve and refuses values (`change` held).
+    fn enter(&self) -> bool {
+        if self.is_full() {
+            return false;
+        }
+        self.full.store(true, Ordering::Release);
+        let released = std::fs::remove_file(self.path()).is_ok();
+        tracing::error!(
+            dir = %self.dir.display(),
+            reserve_mib = self.reserve >> 20,
+            released,
+            "the disk is full: gave up the reserve so that deletes, drops and compaction have room; new values are refused until {} MiB are free",
+            (self.reserve * LEAVE_AT) >> 20
+        );
+        true
+    }
+
+    /// Allocates `RESERVE` (written through a temporary file, so a reserve
+    /// is either whole or absent).
+    fn allocate(&self) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!("{RESERVE_FILE}.tmp"));
+        let made = (|| {
+            let f = File::create(&tmp)?;
+            crate::mmap::reserve(&f, 0, self.reserve)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.path())
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_is_one_percent_within_bounds() {
+        assert_eq!(auto_reserve(64 << 20), 1 << 20);
+        assert_eq!(auto_reserve(1 << 30), (1 << 30) / 100);
+        assert_eq!(auto_reserve(1 << 40), 64 << 20);
+    }
+
+    #[test]
+    fn the_reserve_is_set_aside_given_up_when_full_and_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::open(dir.path(), Some(1 << 20));
+        assert!(!disk.is_full());
+        let held = std::fs::metadata(dir.path().join(RESERVE_FILE)).unwrap();
+        assert_eq!(held.len(), 1 << 20);
+        assert!(disk.out_of_space(), "a write found no room: full");
+        assert!(disk.is_full());
+        assert!(!dir.path().join(RESERVE_FILE).exists(), "given up");
+        assert!(matches!(disk.refusal(), Error::DiskFull { .. }));
+        assert!(!disk.out_of_space(), "once");
+        // This disk has room: the next check takes values again.
+        assert!(disk.check());
+        assert!(!disk.is_full());
+        assert!(dir.path().join(RESERVE_FILE).exists());
+    }
+
+    #[test]
+    fn without_a_reserve_nothing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::open(dir.path(), Some(0));
+        assert!(!disk.out_of_space());
+        assert!(!disk.check());
+        assert!(!disk.is_full());
+        assert!(!dir.path().join(RESERVE_FILE).exists());
+    }
+}

@@ -1,0 +1,134 @@
+//! A full disk, for real: `dhrtd` on a small tmpfs, filled until it refuses
+//! values. Nothing acknowledged is lost, deletes are taken, and once they
+//! are compacted away values are taken again, before and after a restart
+//! on the full disk.
+//!
+//! Needs root (to mount the tmpfs). Without it the test says so and
+//! passes, unless `DHRT_REQUIRE_NETNS=1` (which `.ci/run` sets, as CI runs
+//! as root) makes that a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::cluster::eventually;
+use crate::dhrtd::Dhrtd;
+
+/// A tmpfs of `mib` MiB mounted on a new directory, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(mib: u32) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Puts 16 KB values under `fill/k<n>` until the node says its disk is
+/// full: the keys acknowledged (`k0` up to that), and the refusal. A write
+/// that met the end of the disk before the node looked (503 too, "No space
+/// left on device") is tried again.
+fn fill(node: &Dhrtd) -> (usize, String) {
+    let value = vec![b'v'; 16_000];
+    let mut n = 0;
+    loop {
+        let (status, body) = node.http("PUT", &format!("/fill/k{n}"), &value);
+        match status {
+            200 => n += 1,
+            503 if body.contains("is full") => return (n, body),
+            503 => assert!(body.contains("No space left"), "{body}"),
+            _ => panic!("{status} {body}"),
+        }
+        assert!(n < 10_000, "a 48 MiB disk took 160 MB");
+    }
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
+    let Some(disk) = Tmpfs::mount(48) else {
+        let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "DHRT_REQUIRE_NETNS=1 but a tmpfs cannot be mounted (run as root)"
+        );
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let data = disk.path();
+    let node = Dhrtd::start(&data, &[]);
+    assert!(
+        files(&data).contains(&"RESERVE".to_string()),
+        "{:?}",
+        files(&data)
+    );
+    let (acked, refusal) = fill(&node);
+    assert!(acked > 1000, "only {acked} values on a 48 MiB disk");
+    assert!(refusal.contains("is full"), "{refusal}");
+    assert!(
+        refusal.contains("deletes and drops are still taken"),
+        "{refusal}"
+    );
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    assert!(metrics.contains("dhrt_disk_full 1"), "{metrics}");
+    // Served still, and a restart on the full disk changes nothing.
+    let addr = node.addr;
+    assert!(node.stop("TERM").success());
+    let node = Dhrtd::start_on(Some(addr), &data, &[]);
+    for n in (0..acked).step_by(97) {
+        assert_eq!(node.get_raw(&format!("/fill/k{n}")).1.len(), 16_000, "k{n}");
+    }
+    let (status, body) = node.http("PUT", "/other/x", b"small");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("is full"), "{body}");
+    // Deletes are taken, and give the room back once compacted.
+    for n in 0..acked {
+        let (status, body) = node.http("DELETE", &format!("/fill/k{n}"), b"");
+        assert_eq!(status, 200, "k{n}: {body}");
+    }
+    eventually("values are taken again", Duration::from_secs(30), || {
+        node.http("PUT", "/other/x", b"small").0 == 200
+    });
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    assert!(metrics.contains("dhrt_disk_full 0"), "{metrics}");
+    assert!(files(&data).contains(&"RESERVE".to_string()));
+    // And fill again: as many fit as the first time, give or take.
+    let (again, _) = fill(&node);
+    assert!(
+        again * 10 > acked * 9,
+        "{again} values the second time, {acked} the first"
+    );
+    assert!(node.stop("TERM").success());
+    let node = Dhrtd::start_on(Some(addr), &data, &[]);
+    assert_eq!(node.get_raw("/other/x").1, b"small");
+    assert_eq!(
+        node.http("GET", &format!("/fill/k{}", again - 1), b"").0,
+        200
+    );
+}
