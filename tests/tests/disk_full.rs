@@ -47,8 +47,12 @@ impl Drop for Tmpfs {
 /// that met the end of the disk before the node looked (503 too, "No space
 /// left on device") is tried again.
 fn fill(node: &Dhrtd) -> (usize, String) {
+    fill_from(node, 0)
+}
+
+/// [`fill`] from `fill/k<n>` on.
+fn fill_from(node: &Dhrtd, mut n: usize) -> (usize, String) {
     let value = vec![b'v'; 16_000];
-    let mut n = 0;
     loop {
         let (status, body) = node.http("PUT", &format!("/fill/k{n}"), &value);
         match status {
@@ -104,9 +108,16 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
     for n in (0..acked).step_by(97) {
         assert_eq!(node.get_raw(&format!("/fill/k{n}")).1.len(), 16_000, "k{n}");
     }
-    let (status, body) = node.http("PUT", "/other/x", b"small");
-    assert_eq!(status, 503, "{body}");
+    // A restart gives back the room logs kept reserved ahead of their
+    // tails: some values may fit, then the node is full again.
+    let (more, body) = fill_from(&node, acked);
     assert!(body.contains("is full"), "{body}");
+    assert!(
+        more - acked < 200,
+        "{} more values after a restart",
+        more - acked
+    );
+    let acked = more;
     // Deletes are taken, and give the room back once compacted.
     for n in 0..acked {
         let (status, body) = node.http("DELETE", &format!("/fill/k{n}"), b"");

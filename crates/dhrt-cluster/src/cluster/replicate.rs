@@ -71,6 +71,17 @@ impl Cluster {
             .map(drop)
     }
 
+    /// [`replicate`](Self::replicate) of one mutation: its version as
+    /// finally written (later than the one given, if stamped again).
+    pub(crate) async fn replicate_one(
+        self: &Arc<Self>,
+        m: Mutation,
+        stored_locally: bool,
+    ) -> Result<Version, OpError> {
+        let latest = self.replicate_latest(vec![m], stored_locally).await?;
+        Ok(super::version(latest[0]))
+    }
+
     /// [`replicate`](Self::replicate), returning each mutation's version
     /// as finally written (later than the one given, if it was stamped
     /// again).
@@ -493,5 +504,14 @@ impl Cluster {
     /// A fresh version for a write this node does not store itself.
     pub(crate) fn stamp_now(&self) -> Version {
         self.store.clock().now()
+    }
+
+    /// [`stamp_now`](Self::stamp_now), later than `seen` (what the owners
+    /// told of the key), whatever this node's clock says.
+    pub(crate) fn stamp_after(&self, seen: Option<&dhrt_proto::Versioned>) -> Version {
+        if let Some(s) = seen {
+            self.store.clock().observe(s.version.ts);
+        }
+        self.stamp_now()
     }
 }

@@ -12,7 +12,7 @@ use dhrt_proto::{
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 
-use crate::cluster::{Cluster, Identity, stamp, version};
+use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
 use crate::damaged::Damaged;
 use crate::error::{check_entry, op_error, unrepaired, user_collection};
@@ -352,9 +352,7 @@ impl Node {
                 value: Some(value),
                 version: stamp(version),
             };
-            // Later than the given version if a replica held a newer one.
-            let latest = self.cluster.replicate_latest(vec![m], local).await?;
-            return Ok(latest.first().map_or(version, |v| self::version(*v)));
+            return self.cluster.replicate_one(m, local).await;
         }
         self.cluster.unreached_concern(collection)?;
         Ok(version)
@@ -457,12 +455,8 @@ impl Node {
             self.write(move |s| s.delete_versioned(&c, &k)).await?
         } else {
             check_entry(key, &[])?;
-            if let Some(r) = &remote {
-                // Stamped after what the owners told, not by a clock behind.
-                self.store.clock().observe(r.version.ts);
-            }
             let live_here = matches!(known_here, Some((Some(_), _)));
-            (self.cluster.stamp_now(), live_here)
+            (self.cluster.stamp_after(remote.as_ref()), live_here)
         };
         if peers {
             let m = Mutation::Put {
@@ -471,10 +465,7 @@ impl Node {
                 value: None,
                 version: stamp(version),
             };
-            let latest = self.cluster.replicate_latest(vec![m], local).await?;
-            if let Some(v) = latest.first() {
-                version = self::version(*v);
-            }
+            version = self.cluster.replicate_one(m, local).await?;
         }
         if local {
             self.damaged.remove(collection, key);
