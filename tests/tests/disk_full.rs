@@ -129,6 +129,19 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
     let (_, metrics) = node.http("GET", "/metrics", b"");
     assert!(metrics.contains("dhrt_disk_full 0"), "{metrics}");
     assert!(files(&data).contains(&"RESERVE".to_string()));
+    // All of the room comes back once the deletes are compacted away.
+    eventually(
+        "the deleted values' room is free",
+        Duration::from_secs(30),
+        || {
+            let (_, metrics) = node.http("GET", "/metrics", b"");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("dhrt_disk_free_bytes "))
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|free| free > 40 << 20)
+        },
+    );
     // And fill again: as many fit as the first time, give or take.
     let (again, _) = fill(&node);
     assert!(
