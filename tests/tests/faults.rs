@@ -152,6 +152,21 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
     let refused = metric(&a, "dhrt_refused_future_total").unwrap()
         + metric(&b, "dhrt_refused_future_total").unwrap();
     assert!(refused >= 2.0, "{refused} records refused");
+    // A write through a to a key c holds from the future: c answers that
+    // it holds a newer version, and a does not stamp the write again after
+    // it (its clock would be dragged two hours ahead, out of bounds, and b
+    // would refuse the write): a and b keep it, and a stays writable.
+    let (status, body) = a.http("POST", "/keep/z/2", b"");
+    assert_eq!(status, 200, "{body}");
+    for n in [&a, &b] {
+        assert_eq!(n.get_raw("/keep/z").1, b"2", "keep/z on {}", n.addr);
+    }
+    // Several clock verdicts (one every 250 ms) pass.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(clock(&a)["skewed"], false, "{}", clock(&a));
+    let (status, body) = a.http("POST", "/keep/z/3", b"");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(b.get_raw("/keep/z").1, b"3");
     // a and b still replicate with each other, both ways: their clocks
     // were not dragged into the future.
     // (c takes their writes too: their stamps are behind its clock.)

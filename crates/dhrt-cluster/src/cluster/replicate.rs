@@ -104,6 +104,27 @@ impl Cluster {
                 break;
             }
             let clock = self.store.clock();
+            // A newer version stamped further ahead than this node admits
+            // from peers (a replica's clock was ahead when it was written,
+            // or the replica lies) is not followed: stamping after it would
+            // push this node's clock out of bounds, and every peer would
+            // refuse the write anyway.
+            let (guard, wall) = (self.guard(), self.admission_wall());
+            let (lost, beyond): (Vec<_>, Vec<_>) = lost
+                .into_iter()
+                .partition(|(_, newer)| guard.admits(newer.ts, wall));
+            if let Some((_, v)) = beyond.iter().max_by_key(|(_, v)| v.ts) {
+                tracing::warn!(
+                    "{} writes lost to versions stamped up to {} s ahead of this node's clock (more than the {} s allowed), by node {:016x}: not stamped again; check the clocks",
+                    beyond.len(),
+                    crate::skew::Guard::ahead_s(v.ts, wall),
+                    self.options.max_clock_ahead.as_secs(),
+                    v.node
+                );
+            }
+            if lost.is_empty() {
+                break;
+            }
             let mut again = Vec::with_capacity(lost.len());
             for (at, newer) in lost {
                 let i = pending[at];
