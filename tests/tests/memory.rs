@@ -504,3 +504,130 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
     let gets = gets("big", "b", 8);
     assert_eq!(pipeline(&node, &gets), (8, 8 * 15 * MIB));
 }
+
+/// `dhrt_inflight_bytes` from the node's metrics.
+fn inflight_bytes(node: &Dhrtd) -> u64 {
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dhrt_inflight_bytes "))
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+}
+
+/// A node that does not store a collection relays its values from an
+/// owner: each lives in its memory until the client has read it. Clients
+/// that ask for a large value through it and stop reading hold it against
+/// the node-wide budget of large values in flight; past it, a read is
+/// refused (503, `Unavailable`) with a sentence saying why, and the node's
+/// memory stays bounded. Reads of the owner's own values (its log's pages)
+/// are not counted.
+#[test]
+fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--replicas", "1", "--max-inflight-mib", "40"];
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = crate::cluster::start_joined(dirs[1].path(), &a, &flags);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..8 {
+        put(&a, &format!("/c{c}/small"), b"1");
+    }
+    let keys_on = |n: &Dhrtd, collection: &str| {
+        crate::cluster::stats(n)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
+    };
+    let mut on_a = None;
+    eventually(
+        "a collection only a stores",
+        Duration::from_secs(15),
+        || {
+            on_a = (0..8)
+                .map(|c| format!("c{c}"))
+                .find(|n| keys_on(&a, n) && !keys_on(&b, n));
+            on_a.is_some()
+        },
+    );
+    let on_a = on_a.unwrap();
+    let value: Vec<u8> = (0..15 * MIB).map(|i| (i % 251) as u8).collect();
+    put(&a, &format!("/{on_a}/big"), &value);
+    assert_eq!(b.get_raw(&format!("/{on_a}/big")).1, value);
+    assert_eq!(inflight_bytes(&b), 0, "given back once read");
+    let pid = b.pid();
+    let base = status_bytes(pid, "RssAnon:");
+
+    let stall = |node: &Dhrtd| {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        s.write_all(
+            format!(
+                "GET /{on_a}/big HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        s
+    };
+    // Two fit in 40 MiB, and are held while their clients read nothing.
+    let mut stalled = Vec::new();
+    for n in 1..=2 {
+        stalled.push(stall(&b));
+        eventually("the relayed value is held", Duration::from_secs(10), || {
+            inflight_bytes(&b) >= n * 15 * MIB
+        });
+    }
+    // The next ones are refused at once, over HTTP and the binary protocol.
+    for _ in 0..14 {
+        let mut s = stall(&b);
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 503");
+        stalled.push(s);
+    }
+    let mut refused = stall(&b);
+    let mut answer = vec![0u8; 2048];
+    let n = refused.read(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("--max-inflight-mib"),
+        "{answer}"
+    );
+    let mut bin = TcpStream::connect(b.addr).unwrap();
+    let mut wire = preamble().to_vec();
+    encode_frame(&gets(&on_a, "big", 1)[0], &mut wire, 1 << 20).unwrap();
+    bin.write_all(&wire).unwrap();
+    let mut answer = Vec::new();
+    let e = loop {
+        let mut chunk = [0u8; 4096];
+        let n = bin.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&chunk[..n]);
+        if let Ok(Decoded::Complete { msg, .. }) = decode_frame::<Response>(&answer, 1 << 20) {
+            break msg.result.unwrap_err();
+        }
+    };
+    assert_eq!(e.kind, dhrt_proto::ErrorKind::Unavailable, "{e}");
+    assert!(e.message.contains("--max-inflight-mib"), "{e}");
+    let grew = status_bytes(pid, "RssAnon:").saturating_sub(base);
+    eprintln!(
+        "16 stalled relayed reads of a 15 MiB value: anonymous RSS +{} MiB",
+        grew / MIB
+    );
+    assert!(grew < 100 * MIB, "anonymous RSS grew by {} MiB", grew / MIB);
+    // The owner's own values are not counted: its stalled readers hold
+    // nothing of its budget.
+    let on_owner: Vec<_> = (0..4).map(|_| stall(&a)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(inflight_bytes(&a), 0);
+    assert_eq!(a.get_raw(&format!("/{on_a}/big")).1, value);
+    drop(on_owner);
+    // Once the stalled clients go, their share comes back.
+    drop(stalled);
+    drop(refused);
+    eventually("an empty budget", Duration::from_secs(10), || {
+        inflight_bytes(&b) == 0
+    });
+    assert_eq!(b.get_raw(&format!("/{on_a}/big")).1, value);
+}

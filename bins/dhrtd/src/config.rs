@@ -40,10 +40,11 @@ pub(crate) struct Args {
     /// client flood never locks peers out).
     #[arg(long, env = "DHRT_MAX_PEER_CONNECTIONS")]
     max_peer_connections: Option<usize>,
-    /// MiB of large requests (HTTP bodies, binary frames) this node holds
-    /// in memory at once while they arrive, all connections together; a
-    /// request that would go past it is refused (503, or Unavailable).
-    /// Default 1024
+    /// MiB of large values this node holds in memory at once for its
+    /// clients, all connections together: requests (HTTP bodies, binary
+    /// frames) while they arrive, and values relayed from other nodes
+    /// until the client has read them; a request or relayed read that
+    /// would go past it is refused (503, or Unavailable). Default 1024
     #[arg(long, value_name = "MIB", env = "DHRT_MAX_INFLIGHT_MIB")]
     max_inflight_mib: Option<usize>,
     /// Most collections this node creates; past it, a write to a new one is

@@ -368,9 +368,11 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             ..ClusterOptions::default()
         },
     );
+    let inflight = dhrt_proto::Inflight::new(config.max_inflight);
     let node = Arc::new(
         Node::with_watch_options(cluster.clone(), config.watch.clone())
-            .with_max_value(config.max_value),
+            .with_max_value(config.max_value)
+            .with_inflight(inflight.clone()),
     );
     let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     match &config.auth {
@@ -392,7 +394,6 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         _ => {}
     }
     let stopping = listener::Stopping::default();
-    let inflight = dhrt_proto::Inflight::new(config.max_inflight);
     let servers = Arc::new(listener::Servers {
         node: node.clone(),
         http: dhrt_http::Api::new(

@@ -1,12 +1,17 @@
-//! The node-wide budget of bytes being received: request bodies (HTTP)
-//! and unfinished frames (the binary protocol) held in memory until they
-//! are whole. Each connection is bounded by the largest value; this bounds
-//! them all together, so that many clients uploading large values slowly
-//! (or starting to and stopping) cannot take the node's memory. A request
-//! that would go past it is refused, at once, with a sentence saying so.
+//! The node-wide budget of large values in flight through client
+//! connections: request bodies (HTTP) and unfinished frames (the binary
+//! protocol) held in memory until they are whole, and values a node
+//! relays from its peers, held until the client has read them. Each
+//! connection is bounded by the largest value; this bounds them all
+//! together, so that many clients uploading large values slowly (or
+//! starting to and stopping), or asking for large values and not reading
+//! them, cannot take the node's memory. A request that would go past it is
+//! refused, at once, with a sentence saying so.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
 
 /// Bytes of a request below which it is not counted: small requests (the
 /// usual ones) never touch the shared counter.
@@ -48,7 +53,7 @@ impl Inflight {
         use std::fmt::Write;
         let _ = writeln!(
             out,
-            "# HELP dhrt_inflight_bytes Bytes of large requests still arriving, held against --max-inflight-mib.\n# TYPE dhrt_inflight_bytes gauge\ndhrt_inflight_bytes {}",
+            "# HELP dhrt_inflight_bytes Bytes of large values in flight (requests still arriving, values relayed from peers to clients still reading them), held against --max-inflight-mib.\n# TYPE dhrt_inflight_bytes gauge\ndhrt_inflight_bytes {}",
             self.held()
         );
         if self.max != usize::MAX {
@@ -58,6 +63,29 @@ impl Inflight {
                 self.max
             );
         }
+    }
+
+    /// `value` (received from a peer, in this node's memory) held against
+    /// the budget until its last reference is dropped: once a client has
+    /// read it, or its connection closed. Values below [`UNCOUNTED`] are
+    /// not counted. The sentence for a client if the budget has no room.
+    pub fn hold(self: &Arc<Self>, value: Bytes) -> Result<Bytes, String> {
+        let n = value.len();
+        if n < UNCOUNTED {
+            return Ok(value);
+        }
+        if !self.try_take(n) {
+            return Err(format!(
+                "this node already holds {} MiB of large values in flight (requests still arriving, values relayed to clients still reading them), against its limit of {} MiB (--max-inflight-mib): try again, or read from a node that stores the collection",
+                self.held() >> 20,
+                self.max >> 20
+            ));
+        }
+        let held = Held {
+            budget: self.clone(),
+            bytes: n,
+        };
+        Ok(Bytes::from_owner(Relayed { value, _held: held }))
     }
 
     fn try_take(&self, n: usize) -> bool {
@@ -70,6 +98,18 @@ impl Inflight {
 
     fn give_back(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// A relayed value and its share of the budget.
+struct Relayed {
+    value: Bytes,
+    _held: Held,
+}
+
+impl AsRef<[u8]> for Relayed {
+    fn as_ref(&self) -> &[u8] {
+        &self.value
     }
 }
 
@@ -108,7 +148,7 @@ impl Held {
     /// The sentence for a request refused because the budget is full.
     pub fn refusal(&self) -> String {
         format!(
-            "this node already holds {} MiB of large requests still arriving, against its limit of {} MiB (--max-inflight-mib): try again",
+            "this node already holds {} MiB of large values in flight (requests still arriving, values relayed to clients still reading them), against its limit of {} MiB (--max-inflight-mib): try again",
             self.budget.held() >> 20,
             self.budget.max() >> 20
         )
@@ -144,5 +184,31 @@ mod tests {
         assert_eq!(budget.held(), 300 << 10);
         assert!(b.resize(10));
         assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn relayed_values_hold_the_budget_until_their_last_reference_goes() {
+        let budget = Inflight::new(1 << 20);
+        let small = budget.hold(Bytes::from(vec![1u8; 100])).unwrap();
+        assert_eq!((small.len(), budget.held()), (100, 0), "not counted");
+        let large = Bytes::from(vec![7u8; 600 << 10]);
+        let held = budget.hold(large.clone()).unwrap();
+        assert_eq!(held, large);
+        assert_eq!(budget.held(), 600 << 10);
+        // A slice (a body being written) keeps it held.
+        let tail = held.slice(1000..);
+        drop(held);
+        assert_eq!(budget.held(), 600 << 10);
+        // No room for another: refused, and nothing more is held.
+        let refusal = budget.hold(large.clone()).unwrap_err();
+        assert!(refusal.contains("--max-inflight-mib"), "{refusal}");
+        assert_eq!(budget.held(), 600 << 10);
+        // A request arriving shares the same budget.
+        let mut request = Held::new(&budget);
+        assert!(!request.resize(UNCOUNTED + (500 << 10)));
+        drop(tail);
+        assert_eq!(budget.held(), 0);
+        assert!(request.resize(UNCOUNTED + (500 << 10)));
+        assert!(budget.hold(large).is_err(), "the request holds its share");
     }
 }

@@ -15,13 +15,16 @@ use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
 use crate::cluster::{Cluster, Identity, stamp};
 use crate::combine::Combiner;
 use crate::damaged::Damaged;
-use crate::error::{check_entry, op_error, unrepaired, user_collection};
+use crate::error::{check_entry, op_error, user_collection};
 use crate::metrics::{Metrics, OpKind, Outcome};
 use crate::relay::Relay;
 use crate::sessions::Sessions;
 use crate::watch::{WatchHub, WatchOptions};
 
+mod read;
 mod stats;
+
+use read::LocalRead;
 
 /// A dhrt node.
 #[derive(Debug)]
@@ -44,6 +47,9 @@ pub struct Node {
     sessions: Arc<Sessions>,
     /// The largest value a client may write through this node.
     max_value: usize,
+    /// The node-wide budget of large values in flight, which holds values
+    /// relayed from peers until their client has read them.
+    inflight: Arc<dhrt_proto::Inflight>,
 }
 
 /// The largest value a node stores, and the default a client may write.
@@ -71,7 +77,16 @@ impl Node {
             combiner: Arc::default(),
             damaged: Damaged::default(),
             max_value: MAX_VALUE,
+            inflight: dhrt_proto::Inflight::unlimited(),
         }
+    }
+
+    /// The same node, holding values it relays from peers to clients
+    /// against `inflight` (shared with the servers' requests still
+    /// arriving) until the client has read them. Unlimited by default.
+    pub fn with_inflight(mut self, inflight: Arc<dhrt_proto::Inflight>) -> Self {
+        self.inflight = inflight;
+        self
     }
 
     /// The same node, taking values of at most `max` bytes from clients
@@ -136,158 +151,8 @@ impl Node {
     }
 }
 
-/// What a node can say about a key on its own (see `Node::local_read`).
-enum LocalRead {
-    /// The answer: the key's record (or tombstone) is here, the node has
-    /// no peer to ask, or the request is refused.
-    Answer(Result<Option<Bytes>, OpError>),
-    /// The node distrusts what it held before `seen` (ms): the others
-    /// decide.
-    Distrusted { seen: u64 },
-    /// Not here; a peer may have it.
-    Missing,
-    /// Its record failed its checksum (and was quarantined): a replica
-    /// must answer.
-    Damaged,
-}
-
 /// The operations themselves; the `Operations` impl below measures them.
 impl Node {
-    /// What this node can say about a key on its own, with one lookup.
-    fn local_read(&self, collection: &str, key: &[u8]) -> LocalRead {
-        if let Err(e) = user_collection(collection) {
-            return LocalRead::Answer(Err(e));
-        }
-        if let Some(seen) = self.cluster.distrusted_until() {
-            return LocalRead::Distrusted { seen };
-        }
-        if !self.cluster.everyone_owns_everything()
-            && self.cluster.has_peers()
-            && !self.cluster.hosts_here(collection)
-        {
-            // Not an owner: a copy here is one being handed over (or a
-            // stray write), no newer than the owners' for sure. Merge.
-            return LocalRead::Distrusted { seen: 0 };
-        }
-        match self.store.get_versioned(collection, key) {
-            // The record failed its checksum and was quarantined: a replica
-            // answers, and its copy repairs this one (read repair). Until
-            // then the key reads as damaged, not missing.
-            Err(StorageError::Checksum { .. }) => {
-                self.damaged.insert(collection, key);
-                self.damaged_read(collection)
-            }
-            Err(e) => LocalRead::Answer(Err(op_error(e))),
-            // A tombstone is an answer too. (A key given back since it
-            // was damaged is no longer damaged.)
-            Ok(Some((value, _))) => {
-                self.damaged.remove(collection, key);
-                LocalRead::Answer(Ok(value))
-            }
-            Ok(None) if self.is_damaged(collection, key) => self.damaged_read(collection),
-            Ok(None) if !self.cluster.has_peers() && !self.cluster.unreached() => {
-                LocalRead::Answer(Ok(None))
-            }
-            Ok(None) => LocalRead::Missing,
-        }
-    }
-
-    /// Whether `key` was quarantined here (by this read path, or by a
-    /// listing, anti-entropy or a handoff that met its damaged record) and
-    /// not given back since.
-    fn is_damaged(&self, collection: &str, key: &[u8]) -> bool {
-        for k in self.store.take_quarantined(collection) {
-            self.damaged.insert(collection, &k);
-        }
-        self.damaged.contains(collection, key)
-    }
-
-    /// A key whose record here failed its checksum: a replica must answer,
-    /// or, with none to ask, the answer is that it is damaged.
-    fn damaged_read(&self, collection: &str) -> LocalRead {
-        if self.cluster.has_peers() {
-            LocalRead::Damaged
-        } else {
-            LocalRead::Answer(Err(unrepaired(collection)))
-        }
-    }
-
-    async fn op_get(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        match self.local_read(collection, key) {
-            LocalRead::Answer(answer) => answer,
-            LocalRead::Distrusted { seen } => {
-                // Back after longer than the tombstone grace period: what this
-                // node held before may have been deleted since. Ask the others;
-                // only what it wrote since it returned is its own answer.
-                let local = match self.store.get_versioned(collection, key) {
-                    Err(StorageError::Checksum { .. }) => None,
-                    other => other.map_err(op_error)?,
-                };
-                let (remote, silent) = self.cluster.read_remote_told(collection, key).await;
-                let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
-                Ok(match (remote, fresh) {
-                    (Some(r), Some((value, v))) if stamp(v) > r.version => value,
-                    (Some(r), _) => r.value,
-                    (None, Some((value, _))) => value,
-                    (None, None) if silent && !self.cluster.hosts_here(collection) => {
-                        return Err(crate::error::owner_silent(collection));
-                    }
-                    (None, None) => None,
-                })
-            }
-            LocalRead::Missing => self.read_through(collection, key).await,
-            LocalRead::Damaged => match self.cluster.read_remote(collection, key).await {
-                // Not "not found": the key exists, damaged here, and no
-                // replica answered for it.
-                None => Err(unrepaired(collection)),
-                found => {
-                    let value = self.keep(collection, key, found).await;
-                    self.damaged.remove(collection, key);
-                    Ok(value)
-                }
-            },
-        }
-    }
-
-    /// A key missing here, asked of the peers (and kept, if this node
-    /// stores the collection).
-    async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        let (found, owner_silent) = self.cluster.read_remote_told(collection, key).await;
-        if found.is_none() && owner_silent && !self.cluster.hosts_here(collection) {
-            // No owner said: not "not found".
-            return Err(crate::error::owner_silent(collection));
-        }
-        Ok(self.keep(collection, key, found).await)
-    }
-
-    /// What a replica answered for a key this node lacks, kept here (read
-    /// repair) if this node stores the collection.
-    async fn keep(
-        &self,
-        collection: &str,
-        key: &[u8],
-        found: Option<dhrt_proto::Versioned>,
-    ) -> Option<Bytes> {
-        match found {
-            Some(v) => {
-                if self.cluster.stores_locally(collection) {
-                    // Read repair: keep what the others had.
-                    let m = Mutation::Put {
-                        collection: collection.to_string(),
-                        key: Bytes::copy_from_slice(key),
-                        value: v.value.clone(),
-                        version: v.version,
-                    };
-                    if let Err(e) = self.cluster.apply_async(vec![m]).await {
-                        tracing::warn!("read repair of {collection:?}: {e}");
-                    }
-                }
-                v.value
-            }
-            None => None,
-        }
-    }
-
     /// Sets `key` as [`Operations::set`] does and returns the version the
     /// write was stamped with.
     pub async fn set_stamped(
