@@ -554,6 +554,7 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
     let on_a = on_a.unwrap();
     let value: Vec<u8> = (0..15 * MIB).map(|i| (i % 251) as u8).collect();
     put(&a, &format!("/{on_a}/big"), &value);
+    assert_eq!(a.http("DELETE", &format!("/{on_a}/small"), b"").0, 200);
     assert_eq!(b.get_raw(&format!("/{on_a}/big")).1, value);
     assert_eq!(inflight_bytes(&b), 0, "given back once read");
     let pid = b.pid();
@@ -594,6 +595,10 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
         answer.starts_with("HTTP/1.1 503") && answer.contains("--max-inflight-mib"),
         "{answer}"
     );
+    // A listing of it too (a page of the owner's, held while it is sent).
+    let (status, body) = b.http("GET", &format!("/{on_a}?limit=1"), b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--max-inflight-mib"), "{body}");
     let mut bin = TcpStream::connect(b.addr).unwrap();
     let mut wire = preamble().to_vec();
     encode_frame(&gets(&on_a, "big", 1)[0], &mut wire, 1 << 20).unwrap();
@@ -630,4 +635,8 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
         inflight_bytes(&b) == 0
     });
     assert_eq!(b.get_raw(&format!("/{on_a}/big")).1, value);
+    let (status, body) = b.http("GET", &format!("/{on_a}?limit=1"), b"");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("[{\"Key\":\"big\"") && body.len() > 15 * MIB as usize);
+    assert_eq!(inflight_bytes(&b), 0);
 }

@@ -75,17 +75,47 @@ impl Inflight {
             return Ok(value);
         }
         if !self.try_take(n) {
-            return Err(format!(
-                "this node already holds {} MiB of large values in flight (requests still arriving, values relayed to clients still reading them), against its limit of {} MiB (--max-inflight-mib): try again, or read from a node that stores the collection",
-                self.held() >> 20,
-                self.max >> 20
-            ));
+            return Err(self.relay_refusal());
         }
-        let held = Held {
+        let held = Arc::new(Held {
             budget: self.clone(),
             bytes: n,
-        };
+        });
         Ok(Bytes::from_owner(Relayed { value, _held: held }))
+    }
+
+    /// [`hold`](Self::hold) of several values together (a page of a
+    /// listing: its keys and values), counted as one: their share is given
+    /// back once the last of them is dropped. Nothing is counted when they
+    /// add up to less than [`UNCOUNTED`].
+    pub fn hold_all(self: &Arc<Self>, values: Vec<&mut Bytes>) -> Result<(), String> {
+        let n: usize = values.iter().map(|v| v.len()).sum();
+        if n < UNCOUNTED {
+            return Ok(());
+        }
+        if !self.try_take(n) {
+            return Err(self.relay_refusal());
+        }
+        let held = Arc::new(Held {
+            budget: self.clone(),
+            bytes: n,
+        });
+        for v in values {
+            let value = std::mem::take(v);
+            *v = Bytes::from_owner(Relayed {
+                value,
+                _held: held.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn relay_refusal(&self) -> String {
+        format!(
+            "this node already holds {} MiB of large values in flight (requests still arriving, values relayed to clients still reading them), against its limit of {} MiB (--max-inflight-mib): try again, or read from a node that stores the collection",
+            self.held() >> 20,
+            self.max >> 20
+        )
     }
 
     fn try_take(&self, n: usize) -> bool {
@@ -104,7 +134,7 @@ impl Inflight {
 /// A relayed value and its share of the budget.
 struct Relayed {
     value: Bytes,
-    _held: Held,
+    _held: Arc<Held>,
 }
 
 impl AsRef<[u8]> for Relayed {
@@ -210,5 +240,28 @@ mod tests {
         assert_eq!(budget.held(), 0);
         assert!(request.resize(UNCOUNTED + (500 << 10)));
         assert!(budget.hold(large).is_err(), "the request holds its share");
+    }
+
+    #[test]
+    fn a_page_is_held_as_one_until_its_last_part_goes() {
+        let budget = Inflight::new(1 << 20);
+        let (mut k1, mut v1) = (Bytes::from_static(b"k1"), Bytes::from(vec![1u8; 40 << 10]));
+        let (mut k2, mut v2) = (Bytes::from_static(b"k2"), Bytes::from(vec![2u8; 40 << 10]));
+        budget
+            .hold_all(vec![&mut k1, &mut v1, &mut k2, &mut v2])
+            .unwrap();
+        assert_eq!(budget.held(), 4 + (80 << 10), "counted together");
+        assert_eq!((&k1[..], v2[0], v2.len()), (&b"k1"[..], 2, 40 << 10));
+        drop((k1, v1, k2));
+        assert_eq!(budget.held(), 4 + (80 << 10));
+        drop(v2);
+        assert_eq!(budget.held(), 0);
+        // Small pages are not counted; a page past the budget is refused.
+        let mut small = Bytes::from_static(b"tiny");
+        budget.hold_all(vec![&mut small]).unwrap();
+        assert_eq!(budget.held(), 0);
+        let mut huge = Bytes::from(vec![0u8; 2 << 20]);
+        assert!(budget.hold_all(vec![&mut huge]).is_err());
+        assert_eq!((budget.held(), huge.len()), (0, 2 << 20));
     }
 }

@@ -349,7 +349,16 @@ impl Node {
         user_collection(collection)?;
         if !self.cluster.everyone_owns_everything() && !self.cluster.hosts_here(collection) {
             // An owner's listing: a copy here is partial, or gone.
-            if let Some(page) = self.cluster.list_remote(collection, after, limit).await {
+            if let Some(mut page) = self.cluster.list_remote(collection, after, limit).await {
+                // In this node's memory until the client has read it.
+                let parts = page
+                    .entries
+                    .iter_mut()
+                    .flat_map(|e| [&mut e.key, &mut e.value])
+                    .collect();
+                self.inflight
+                    .hold_all(parts)
+                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e))?;
                 return Ok(page);
             }
             // Without its owners, a listing would look complete.
