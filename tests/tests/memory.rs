@@ -520,7 +520,7 @@ fn inflight_bytes(node: &Dhrtd) -> u64 {
 /// the node-wide budget of large values in flight; past it, a read is
 /// refused (503, `Unavailable`) with a sentence saying why, and the node's
 /// memory stays bounded. Reads of the owner's own values (its log's pages)
-/// are not counted.
+/// are not counted. Listings and watches relayed the same way share it.
 #[test]
 fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -615,6 +615,27 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
     };
     assert_eq!(e.kind, dhrt_proto::ErrorKind::Unavailable, "{e}");
     assert!(e.message.contains("--max-inflight-mib"), "{e}");
+    // And a watch of it through b: its snapshot's batch is refused, and
+    // the watch ends saying why.
+    let mut watch = TcpStream::connect(b.addr).unwrap();
+    watch
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    watch
+        .write_all(
+            format!(
+                "GET /{on_a}?snapshot=true HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut told = Vec::new();
+    while !String::from_utf8_lossy(&told).contains("--max-inflight-mib") {
+        let mut chunk = [0u8; 4096];
+        let n = watch.read(&mut chunk).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&told));
+        told.extend_from_slice(&chunk[..n]);
+    }
     let grew = status_bytes(pid, "RssAnon:").saturating_sub(base);
     eprintln!(
         "16 stalled relayed reads of a 15 MiB value: anonymous RSS +{} MiB",

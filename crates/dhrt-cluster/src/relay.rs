@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dhrt_proto::{
-    ErrorKind, EventKind, EventSource, OpError, PeerOp, PeerReply, Token, WatchEvent, WatchRequest,
-    WatchStart,
+    ErrorKind, EventKind, EventSource, Inflight, OpError, PeerOp, PeerReply, Token, WatchEvent,
+    WatchRequest, WatchStart,
 };
 
 use crate::cluster::Cluster;
@@ -69,14 +69,22 @@ pub(crate) struct Relay {
     hub: Arc<WatchHub>,
     /// Poll links by host id, each with the address it dials.
     links: Mutex<HashMap<u64, (String, Vec<PollLink>)>>,
+    /// The node-wide budget of large values in flight: a batch read from a
+    /// host holds its share until its client has read it.
+    inflight: Arc<Inflight>,
 }
 
 impl Relay {
-    pub(crate) fn new(cluster: Arc<Cluster>, hub: Arc<WatchHub>) -> Arc<Relay> {
+    pub(crate) fn new(
+        cluster: Arc<Cluster>,
+        hub: Arc<WatchHub>,
+        inflight: Arc<Inflight>,
+    ) -> Arc<Relay> {
         Arc::new(Relay {
             cluster,
             hub,
             links: Mutex::new(HashMap::new()),
+            inflight,
         })
     }
 
@@ -319,7 +327,23 @@ impl RemoteWatch {
                         }]);
                     }
                 }
-                Ok(PeerReply::Events(events)) => {
+                Ok(PeerReply::Events(mut events)) => {
+                    // In this node's memory until the client has read it;
+                    // refused past the budget (the client resumes from the
+                    // last token it received: these events come again).
+                    let parts = events
+                        .iter_mut()
+                        .flat_map(|e| std::iter::once(&mut e.key).chain(e.value.as_mut()))
+                        .collect();
+                    if let Err(e) = self.relay.inflight.hold_all(parts) {
+                        return Err(OpError::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the next changes of collection {:?}, relayed from node {:016x}: {e}; resume from the last token you received",
+                                self.collection, self.host
+                            ),
+                        ));
+                    }
                     if let Some(t) = events.iter().rev().find_map(|e| e.token) {
                         self.token = t;
                     }

@@ -66,7 +66,11 @@ impl Node {
     pub fn with_watch_options(cluster: Arc<Cluster>, watch: WatchOptions) -> Self {
         let watches = WatchHub::new(cluster.store().clone(), watch);
         Node {
-            relay: Relay::new(cluster.clone(), watches.clone()),
+            relay: Relay::new(
+                cluster.clone(),
+                watches.clone(),
+                dhrt_proto::Inflight::unlimited(),
+            ),
             sessions: Sessions::new(watches.clone()),
             watches,
             store: cluster.store().clone(),
@@ -85,6 +89,7 @@ impl Node {
     /// against `inflight` (shared with the servers' requests still
     /// arriving) until the client has read them. Unlimited by default.
     pub fn with_inflight(mut self, inflight: Arc<dhrt_proto::Inflight>) -> Self {
+        self.relay = Relay::new(self.cluster.clone(), self.watches.clone(), inflight.clone());
         self.inflight = inflight;
         self
     }
