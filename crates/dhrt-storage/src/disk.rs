@@ -119,13 +119,34 @@ impl Disk {
     }
 
     /// A write failed for want of space: full now, if it was not. Returns
-    /// whether the state changed.
+    /// whether the state changed. A write larger than the room left while
+    /// the disk still has the room values are taken back at (three
+    /// reserves) fails alone: refusing every value for it would only last
+    /// until the next check, and start again with the next large write.
     pub(crate) fn out_of_space(&self) -> bool {
         if self.reserve == 0 || self.is_full() {
             return false;
         }
+        if self
+            .look()
+            .is_some_and(|free| free >= self.reserve.saturating_mul(LEAVE_AT))
+        {
+            return false;
+        }
         let _change = self.change.lock().unwrap();
         self.enter()
+    }
+
+    /// The free space now (remembered for [`free`](Self::free)).
+    fn look(&self) -> Option<u64> {
+        let (_, free) = crate::mmap::space(&self.dir).ok()?;
+        #[cfg(test)]
+        let free = match self.fake_free.load(Ordering::Relaxed) {
+            u64::MAX => free,
+            fake => fake,
+        };
+        self.free.store(free, Ordering::Relaxed);
+        Some(free)
     }
 
     /// Looks at the free space: full below one reserve, not full from
@@ -134,15 +155,9 @@ impl Disk {
         if self.reserve == 0 {
             return false;
         }
-        let Ok((_, free)) = crate::mmap::space(&self.dir) else {
+        let Some(free) = self.look() else {
             return false;
         };
-        #[cfg(test)]
-        let free = match self.fake_free.load(Ordering::Relaxed) {
-            u64::MAX => free,
-            fake => fake,
-        };
-        self.free.store(free, Ordering::Relaxed);
         let _change = self.change.lock().unwrap();
         if !self.is_full() {
             return free < self.reserve && self.enter();
@@ -220,12 +235,24 @@ mod tests {
         assert!(!disk.is_full());
         let held = std::fs::metadata(dir.path().join(RESERVE_FILE)).unwrap();
         assert_eq!(held.len(), 1 << 20);
+        // A write too large for the room left, with three reserves free:
+        // it fails alone.
+        disk.fake_free.store(3 << 20, Ordering::Relaxed);
+        assert!(!disk.out_of_space(), "room enough for other values");
+        assert!(!disk.is_full());
+        disk.fake_free.store((2 << 20) + 5, Ordering::Relaxed);
         assert!(disk.out_of_space(), "a write found no room: full");
+        assert_eq!(
+            disk.free(),
+            (2 << 20) + 5,
+            "the refusal says what is free now"
+        );
         assert!(disk.is_full());
         assert!(!dir.path().join(RESERVE_FILE).exists(), "given up");
         assert!(matches!(disk.refusal(), Error::DiskFull { .. }));
         assert!(!disk.out_of_space(), "once");
         // This disk has room: the next check takes values again.
+        disk.fake_free.store(u64::MAX, Ordering::Relaxed);
         assert!(disk.check());
         assert!(!disk.is_full());
         assert!(dir.path().join(RESERVE_FILE).exists());
