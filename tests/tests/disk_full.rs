@@ -159,3 +159,51 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
         200
     );
 }
+
+/// A replica whose disk is full refuses the replicated values: a write
+/// through a healthy node is saved there, and the client is told its write
+/// concern was not met and why, naming the replica. Once the collection
+/// is dropped, the full replica has room again and writes go through.
+#[test]
+fn a_write_concern_unmet_for_a_full_replica_names_it_and_says_why() {
+    let Some(disk) = Tmpfs::mount(48) else {
+        let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "DHRT_REQUIRE_NETNS=1 but a tmpfs cannot be mounted (run as root)"
+        );
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let roomy = tempfile::tempdir().unwrap();
+    let a = Dhrtd::start(roomy.path(), &[]);
+    let b = crate::cluster::start_joined(&disk.path(), &a, &[]);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        crate::cluster::all_healthy(&[&a, &b], 2)
+    });
+    let value = vec![b'v'; 16_000];
+    let mut n = 0;
+    let body = loop {
+        let (status, body) = a.http("PUT", &format!("/fill/k{n}"), &value);
+        match status {
+            200 => n += 1,
+            504 => break body,
+            _ => panic!("{status} {body}"),
+        }
+        assert!(n < 10_000, "a 48 MiB disk took 160 MB");
+    };
+    assert!(n > 1000, "only {n} values on a 48 MiB disk");
+    eprintln!("after {n} values: {body}");
+    assert!(
+        body.contains(&format!("replica {} refused it", b.addr)) && body.contains("is full"),
+        "{body}"
+    );
+    assert!(body.contains("the write is saved on 1 of 2"), "{body}");
+    assert_eq!(a.get_raw(&format!("/fill/k{n}")).1, value);
+    // Dropped through a: b drops it too, has room again, and takes values.
+    assert_eq!(a.http("DELETE", "/fill", b"").0, 200);
+    eventually("b takes values again", Duration::from_secs(30), || {
+        a.http("PUT", "/after/k", b"v").0 == 200
+    });
+    assert_eq!(b.get_raw("/after/k").1, b"v");
+}

@@ -170,6 +170,7 @@ impl Cluster {
             gossip: Link::to_member(addr, id, self.dialer.clone()),
             any_refused: AtomicBool::new(false),
             any_superseded: AtomicBool::new(false),
+            refusal: Mutex::default(),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
             acked: AtomicU64::new(0),

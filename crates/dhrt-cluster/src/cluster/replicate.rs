@@ -37,6 +37,9 @@ pub(super) struct Peer {
     /// Cached: whether the peer's queue remembers writes that lost to a
     /// newer version the peer holds.
     pub(super) any_superseded: AtomicBool,
+    /// Why the peer last refused writes, for the client told that its
+    /// write concern was not met.
+    pub(super) refusal: Mutex<String>,
     pub(super) queue: Mutex<Queue>,
     pub(super) wake: Notify,
     /// Sequence number of the last mutation the peer acknowledged.
@@ -204,6 +207,7 @@ impl Cluster {
         // in its memory (the queues) alone: it is kept in its store too,
         // like a copy of a collection it does not own, handed over to the
         // owners (`moves.rs`) even if this node stops or crashes first.
+        let waited = &waits;
         let unmet = |acked: usize| async move {
             let when = if started.elapsed() >= self.options.timeout {
                 format!("within {} ms", self.options.timeout.as_millis())
@@ -211,10 +215,22 @@ impl Cluster {
                 "(too few replicas are up or accept it)".to_string()
             };
             let kept = acked + local == 0 && self.keep_unacknowledged(&mutations).await;
+            // A replica that answered and refused says why.
+            let why = waited
+                .iter()
+                .find(|(p, first, last)| {
+                    let at = p.acked.load(Ordering::Acquire);
+                    at >= *last && !Self::acknowledged_at(p, at, *first, *last)
+                })
+                .map(|(p, ..)| (p.link.addr().to_string(), p.refusal.lock().unwrap().clone()))
+                .filter(|(_, why)| !why.is_empty())
+                .map_or(String::new(), |(addr, why)| {
+                    format!(" (replica {addr} refused it: {why})")
+                });
             OpError::new(
                 ErrorKind::WriteConcern,
                 format!(
-                    "write concern {} not met {when}: the write is saved on {} of {} replicas ({} needed){} and will reach the others",
+                    "write concern {} not met {when}{why}: the write is saved on {} of {} replicas ({} needed){} and will reach the others",
                     self.options.write_ack.as_str(),
                     acked + local,
                     need.replicas,
@@ -448,11 +464,19 @@ impl Cluster {
                     self.ack_through(&peer, last);
                 }
                 Err(LinkError::Remote { error, .. }) => {
-                    tracing::error!(
-                        "peer {} refused replicated writes: {}",
-                        peer.link.addr(),
-                        error.message
-                    );
+                    // Once a second at most: a peer whose disk is full
+                    // refuses every batch.
+                    peer.refusal.lock().unwrap().clone_from(&error.message);
+                    static REFUSED: crate::throttle::LogThrottle =
+                        crate::throttle::LogThrottle::new(Duration::from_secs(1));
+                    if let Some(left_out) = REFUSED.allow() {
+                        tracing::error!(
+                            left_out,
+                            "peer {} refused replicated writes: {}",
+                            peer.link.addr(),
+                            error.message
+                        );
+                    }
                     // Retrying cannot help: skip them, unacknowledged
                     // (anti-entropy will compare again later).
                     self.refuse(&peer, seqs.iter().copied());
@@ -481,11 +505,19 @@ impl Cluster {
         if refused.is_empty() {
             return;
         }
-        tracing::error!(
-            "peer {} refused {} replicated writes, stamped too far ahead of its clock or to collections it cannot create: see its log",
-            peer.link.addr(),
-            refused.len()
-        );
+        *peer.refusal.lock().unwrap() =
+            "stamped too far ahead of its clock, or to a collection it cannot create (see its log)"
+                .to_string();
+        static REFUSED: crate::throttle::LogThrottle =
+            crate::throttle::LogThrottle::new(Duration::from_secs(1));
+        if let Some(left_out) = REFUSED.allow() {
+            tracing::error!(
+                left_out,
+                "peer {} refused {} replicated writes, stamped too far ahead of its clock or to collections it cannot create: see its log",
+                peer.link.addr(),
+                refused.len()
+            );
+        }
         self.refuse(
             peer,
             refused
