@@ -46,16 +46,11 @@ impl Cluster {
         // behind the cluster's middle but within the allowed offset admits
         // stamps up to that far ahead of the middle, and must not then
         // judge itself skewed for holding them (a chain of clocks at 0,
-        // +40 s and +80 s would lock out the one at 0). Nor once a member
-        // leaves: with one peer left, at +40 s, the cluster's middle is
-        // this node's own clock (the lower middle of two), but that peer
-        // admits stamps up to +100 s: the peers' own middle counts too.
+        // +40 s and +80 s would lock out the one at 0).
         let clock_ahead = if known.is_empty() {
             0
         } else {
-            let (peers_low, _) = skew::peers_offset(&measured);
-            let middle = skew::cluster_offset(&measured).max(peers_low);
-            let reference = skew::Guard::reference(wall, middle);
+            let reference = skew::Guard::reference(wall, skew::cluster_offset(&measured));
             (self.store.clock().last() >> dhrt_storage::LOGICAL_BITS).saturating_sub(reference)
         };
         // Judge by offsets only once most known peers are measured: a
