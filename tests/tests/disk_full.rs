@@ -31,6 +31,21 @@ impl Tmpfs {
         ok.then_some(Tmpfs { dir })
     }
 
+    /// [`mount`](Self::mount), or `None` after saying the test is skipped
+    /// (a failure under `DHRT_REQUIRE_NETNS=1`).
+    fn mount_or_skip(mib: u32) -> Option<Tmpfs> {
+        let disk = Tmpfs::mount(mib);
+        if disk.is_none() {
+            let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "DHRT_REQUIRE_NETNS=1 but a tmpfs cannot be mounted (run as root)"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+        }
+        disk
+    }
+
     fn path(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -76,13 +91,7 @@ fn files(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
-    let Some(disk) = Tmpfs::mount(48) else {
-        let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "DHRT_REQUIRE_NETNS=1 but a tmpfs cannot be mounted (run as root)"
-        );
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(disk) = Tmpfs::mount_or_skip(48) else {
         return;
     };
     let data = disk.path();
@@ -166,13 +175,7 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
 /// is dropped, the full replica has room again and writes go through.
 #[test]
 fn a_write_concern_unmet_for_a_full_replica_names_it_and_says_why() {
-    let Some(disk) = Tmpfs::mount(48) else {
-        let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "DHRT_REQUIRE_NETNS=1 but a tmpfs cannot be mounted (run as root)"
-        );
-        eprintln!("skipped: mounting a tmpfs needs root");
+    let Some(disk) = Tmpfs::mount_or_skip(48) else {
         return;
     };
     let roomy = tempfile::tempdir().unwrap();
