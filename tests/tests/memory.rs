@@ -661,3 +661,123 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
     assert!(body.starts_with("[{\"Key\":\"big\"") && body.len() > 15 * MIB as usize);
     assert_eq!(inflight_bytes(&b), 0);
 }
+
+/// Bytes of the answers a node sent to its peers' requests, from its
+/// `/metrics`.
+fn answered(node: &Dhrtd) -> u64 {
+    let (_, metrics) = node.http("GET", "/metrics", b"");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dhrt_peer_answered_bytes_total "))
+        .map(|v| v.trim().parse::<u64>().unwrap())
+        .expect("dhrt_peer_answered_bytes_total in /metrics")
+}
+
+/// A large value read through a node that does not store its collection
+/// crosses the network once, from one of its owners, not once per owner;
+/// and a read the node has no room for is refused before the value is
+/// asked for: its owners send nothing for it. Counted in the bytes the
+/// owners answered to their peers.
+#[test]
+fn a_large_value_relayed_to_a_client_crosses_the_network_once_and_only_with_room_for_it() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = ["--replicas", "2", "--max-inflight-mib", "40"];
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = crate::cluster::start_joined(dirs[1].path(), &a, &flags);
+    let c = crate::cluster::start_joined(dirs[2].path(), &a, &flags);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for n in 0..8 {
+        put(&a, &format!("/c{n}/small"), b"1");
+    }
+    let keys_on = |n: &Dhrtd, collection: &str| {
+        crate::cluster::stats(n)["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
+    };
+    let mut name = None;
+    eventually(
+        "a collection a and b store, and c does not",
+        Duration::from_secs(15),
+        || {
+            name = (0..8)
+                .map(|n| format!("c{n}"))
+                .find(|n| keys_on(&a, n) && keys_on(&b, n) && !keys_on(&c, n));
+            name.is_some()
+        },
+    );
+    let name = name.unwrap();
+    let value: Vec<u8> = (0..15 * MIB).map(|i| (i % 253) as u8).collect();
+    put(&a, &format!("/{name}/big"), &value);
+    assert_eq!(
+        b.get_raw(&format!("/{name}/big")).1,
+        value,
+        "on both owners"
+    );
+    let owners_wrote = || answered(&a) + answered(&b);
+
+    let before = owners_wrote();
+    assert_eq!(c.get_raw(&format!("/{name}/big")).1, value);
+    let sent = owners_wrote() - before;
+    assert!(
+        (15 * MIB..20 * MIB).contains(&sent),
+        "the owners wrote {} KiB to relay a 15 MiB value once",
+        sent >> 10
+    );
+
+    // Two clients that stop reading hold 30 of c's 40 MiB; the next read
+    // is refused before anything is fetched.
+    let stall = || {
+        let mut s = TcpStream::connect(c.addr).unwrap();
+        s.write_all(
+            format!(
+                "GET /{name}/big HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        s
+    };
+    let mut stalled = Vec::new();
+    let base = owners_wrote();
+    for n in 1..=2 {
+        stalled.push(stall());
+        // Room is taken before the value is asked for: held, then sent.
+        eventually("the relayed value is held", Duration::from_secs(10), || {
+            inflight_bytes(&c) >= n * 15 * MIB
+        });
+        eventually("the value is sent", Duration::from_secs(10), || {
+            owners_wrote() - base >= n * 15 * MIB
+        });
+    }
+    let before = owners_wrote();
+    for _ in 0..4 {
+        let (status, body) = c.http("GET", &format!("/{name}/big"), b"");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("--max-inflight-mib"), "{body}");
+    }
+    let sent = owners_wrote() - before;
+    assert!(
+        sent < MIB,
+        "the owners wrote {} KiB for four reads refused for want of room",
+        sent >> 10
+    );
+    // A delete through c learns whether the key exists without fetching
+    // its value.
+    drop(stalled);
+    eventually("an empty budget", Duration::from_secs(10), || {
+        inflight_bytes(&c) == 0
+    });
+    let before = owners_wrote();
+    assert_eq!(c.http("DELETE", &format!("/{name}/big"), b"").0, 200);
+    let sent = owners_wrote() - before;
+    assert!(
+        sent < MIB,
+        "the owners wrote {} KiB for a delete",
+        sent >> 10
+    );
+    assert_eq!(a.http("GET", &format!("/{name}/big"), b"").0, 404);
+}

@@ -9,19 +9,18 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use dhrt_proto::{
-    ErrorKind, Gossip, OpError, PeerMessage, PeerOp, PeerReply, Versioned, encode_frame,
-};
+use dhrt_proto::{ErrorKind, Gossip, OpError, PeerMessage, PeerOp, PeerReply, encode_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::cluster::{Cluster, stamp};
+use crate::cluster::Cluster;
 use crate::handshake::{self, Side};
 use crate::session::{Sealer, Session};
 use crate::sessions::Sessions;
@@ -105,6 +104,7 @@ where
         remote,
         max_frame,
         max_in_flight: MAX_IN_FLIGHT,
+        answered: cluster.answered(),
     };
     connection
         .serve(
@@ -119,11 +119,13 @@ where
 }
 
 /// An authenticated peer connection's limits and whom it is with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Connection {
     remote: SocketAddr,
     max_frame: u32,
     max_in_flight: usize,
+    /// Counts the bytes of the answers sent (the node's, for `/metrics`).
+    answered: Arc<AtomicU64>,
 }
 
 impl Connection {
@@ -206,6 +208,7 @@ impl Connection {
                         self.encode(id, result, &mut out, &mut sealer)?;
                     }
                     stream.write_all(&out).await?;
+                    self.answered.fetch_add(out.len() as u64, Ordering::Relaxed);
                     out.clear();
                 }
                 // Backpressure: at the cap, read nothing more.
@@ -269,16 +272,12 @@ async fn handle(
         PeerOp::ApplyReporting(mutations) => {
             cluster.apply_async(mutations).await.map(|a| a.reporting())
         }
-        PeerOp::Read { collection, key } => {
-            let r = cluster
-                .store()
-                .lookup(&collection, &key)
-                .map_err(crate::error::op_error)?;
-            Ok(PeerReply::Entry(r.map(|r| Versioned {
-                value: r.value,
-                version: stamp(r.version),
-            })))
-        }
+        PeerOp::Read { collection, key } => cluster.entry(&collection, &key, u32::MAX),
+        PeerOp::Peek {
+            collection,
+            key,
+            inline_max,
+        } => cluster.entry(&collection, &key, inline_max),
         PeerOp::Digests(names) => cluster.digests(names).map(PeerReply::Digests),
         PeerOp::Buckets {
             collection,
@@ -343,6 +342,7 @@ mod tests {
             remote: "192.0.2.1:7453".parse().unwrap(),
             max_frame: MAX,
             max_in_flight,
+            answered: Arc::default(),
         }
     }
 

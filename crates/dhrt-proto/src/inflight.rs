@@ -70,18 +70,22 @@ impl Inflight {
     /// read it, or its connection closed. Values below [`UNCOUNTED`] are
     /// not counted. The sentence for a client if the budget has no room.
     pub fn hold(self: &Arc<Self>, value: Bytes) -> Result<Bytes, String> {
-        let n = value.len();
-        if n < UNCOUNTED {
-            return Ok(value);
-        }
-        if !self.try_take(n) {
+        self.reserve(value.len())?.hold(value)
+    }
+
+    /// Room for a value of `len` bytes about to be fetched from a peer,
+    /// taken before it is asked for: a value this node has no room for
+    /// does not cross the network. Nothing is taken below [`UNCOUNTED`].
+    /// The sentence for a client if the budget has no room.
+    pub fn reserve(self: &Arc<Self>, len: usize) -> Result<Reserved, String> {
+        let n = counted(len);
+        if n > 0 && !self.try_take(n) {
             return Err(self.relay_refusal());
         }
-        let held = Arc::new(Held {
+        Ok(Reserved(Held {
             budget: self.clone(),
             bytes: n,
-        });
-        Ok(Bytes::from_owner(Relayed { value, _held: held }))
+        }))
     }
 
     /// [`hold`](Self::hold) of several values together (a page of a
@@ -128,6 +132,42 @@ impl Inflight {
 
     fn give_back(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// What a value of `len` bytes counts against the budget.
+fn counted(len: usize) -> usize {
+    if len < UNCOUNTED { 0 } else { len }
+}
+
+/// Room taken for a value on its way from a peer
+/// ([`Inflight::reserve`]); given back if dropped unused.
+#[derive(Debug)]
+pub struct Reserved(Held);
+
+impl Reserved {
+    /// `value`, held against the budget until its last reference is
+    /// dropped, in the room taken for it (resized to its length: a value
+    /// larger than the one announced needs room for the difference, and is
+    /// refused, giving the room back, if there is none).
+    pub fn hold(self, value: Bytes) -> Result<Bytes, String> {
+        let mut held = self.0;
+        let want = counted(value.len());
+        if want > held.bytes {
+            if !held.budget.try_take(want - held.bytes) {
+                return Err(held.budget.relay_refusal());
+            }
+        } else if want < held.bytes {
+            held.budget.give_back(held.bytes - want);
+        }
+        held.bytes = want;
+        if want == 0 {
+            return Ok(value);
+        }
+        Ok(Bytes::from_owner(Relayed {
+            value,
+            _held: Arc::new(held),
+        }))
     }
 }
 
@@ -240,6 +280,31 @@ mod tests {
         assert_eq!(budget.held(), 0);
         assert!(request.resize(UNCOUNTED + (500 << 10)));
         assert!(budget.hold(large).is_err(), "the request holds its share");
+    }
+
+    #[test]
+    fn room_reserved_for_a_value_is_resized_to_it_or_given_back() {
+        let budget = Inflight::new(1 << 20);
+        let room = budget.reserve(600 << 10).unwrap();
+        assert_eq!(budget.held(), 600 << 10, "taken before the value comes");
+        let refusal = budget.reserve(600 << 10).unwrap_err();
+        assert!(refusal.contains("--max-inflight-mib"), "{refusal}");
+        // The value came smaller than announced: the rest is given back.
+        let value = room.hold(Bytes::from(vec![3u8; 500 << 10])).unwrap();
+        assert_eq!((value.len(), budget.held()), (500 << 10, 500 << 10));
+        // Larger than announced, with no room for the difference: refused,
+        // and the room given back.
+        let room = budget.reserve(300 << 10).unwrap();
+        assert_eq!(budget.held(), 800 << 10);
+        assert!(room.hold(Bytes::from(vec![4u8; 600 << 10])).is_err());
+        assert_eq!(budget.held(), 500 << 10);
+        // Unused room is given back; small values take none.
+        drop(budget.reserve(400 << 10).unwrap());
+        let small = budget.reserve(100).unwrap();
+        assert_eq!(budget.held(), 500 << 10);
+        assert_eq!(small.hold(Bytes::from_static(b"x")).unwrap(), "x");
+        drop(value);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub use frame::{
     PREAMBLE_LEN, PROTOCOL_VERSION, Preamble, SHARE_AT_LEAST, channel_preamble, decode_frame,
     encode_frame, encode_frame_shared, frame_bounds, preamble, read_preamble,
 };
-pub use inflight::{Held, Inflight};
+pub use inflight::{Held, Inflight, Reserved, UNCOUNTED};
 pub use message::{
     Entry, ErrorKind, Op, OpError, OpRef, Page, ReplicasInfo, Reply, Request, RequestRef, Response,
 };

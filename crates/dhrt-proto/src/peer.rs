@@ -226,6 +226,21 @@ pub enum PeerOp {
     /// acknowledged to a client never loses to one acknowledged before it
     /// (a writer whose clock is behind, a node forwarding to the owners).
     ApplyReporting(Vec<Mutation>),
+    /// The receiver's entry for a key, as [`PeerOp::Read`] answers it,
+    /// with its value only if that is at most `inline_max` bytes:
+    /// [`PeerReply::Entry`], or [`PeerReply::Withheld`] for a larger
+    /// value. The fan-out read asks every live peer this way, then fetches
+    /// a large value from one of the peers that hold its newest version:
+    /// a value crosses the network once, not once per replica, and only
+    /// after the reader has room for it.
+    Peek {
+        /// Collection.
+        collection: String,
+        /// Key.
+        key: Bytes,
+        /// The largest value sent inline.
+        inline_max: u32,
+    },
 }
 
 /// The answer to a [`PeerOp`].
@@ -282,6 +297,15 @@ pub enum PeerReply {
         /// receiver holds for their key (or than the collection's drop),
         /// each with the version held.
         newer: Vec<(u32, Stamp)>,
+    },
+    /// The answer to [`PeerOp::Peek`] for a live value larger than its
+    /// `inline_max`: the version and size of the value the receiver holds,
+    /// without it ([`PeerOp::Read`] fetches it).
+    Withheld {
+        /// Its version.
+        version: Stamp,
+        /// The value's length in bytes.
+        len: u64,
     },
 }
 

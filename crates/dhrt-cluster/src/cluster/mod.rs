@@ -206,6 +206,8 @@ pub struct Cluster {
     /// Peer connections refused: a failed handshake, a broken frame, no
     /// peer slot left.
     refused_peers: AtomicU64,
+    /// Bytes of the answers sent to peers' requests.
+    answered: Arc<AtomicU64>,
     /// The peers' clock offsets, and what they say of this node's clock.
     offsets: Mutex<Offsets>,
     verdict: Mutex<Verdict>,
@@ -361,6 +363,7 @@ impl Cluster {
             ae_pushed: AtomicU64::new(0),
             refused_future: AtomicU64::new(0),
             refused_peers: AtomicU64::new(0),
+            answered: Arc::default(),
             offsets: Mutex::new(Offsets::default()),
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
@@ -590,6 +593,16 @@ impl Cluster {
             "# HELP dhrt_peer_refused_total Peer connections refused: no proof of the cluster secret, a frame that did not open, or no peer slot left.\n# TYPE dhrt_peer_refused_total counter\ndhrt_peer_refused_total {}",
             self.refused_peers.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP dhrt_peer_answered_bytes_total Bytes of the answers this node sent to its peers' requests (acknowledgements, values read, anti-entropy and listing pages).\n# TYPE dhrt_peer_answered_bytes_total counter\ndhrt_peer_answered_bytes_total {}",
+            self.answered.load(Ordering::Relaxed)
+        );
+    }
+
+    /// The count of bytes answered to peers (for `/metrics`).
+    pub(crate) fn answered(&self) -> Arc<AtomicU64> {
+        self.answered.clone()
     }
 
     /// Counts a refused peer connection (for `/metrics`).

@@ -3,13 +3,20 @@
 //! that no longer owns it (a move in progress), or on the member a write
 //! went through while no owner was up, or no member may host the
 //! collection at all (each stores what it was sent). The newest answer the
-//! clock guard admits wins.
+//! clock guard admits wins. Peers answer with their version and only small
+//! values inline (`PeerOp::Peek`); a large newest value is then fetched
+//! from one of its holders, after room for it is taken from the node's
+//! budget of values in flight: a value crosses the network once, and not
+//! at all for a read refused for want of room.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use dhrt_proto::{Entry, Liveness, MAX_PAGE_BYTES, OpError, Page, PeerOp, PeerReply, Versioned};
+use dhrt_proto::{
+    Entry, ErrorKind, Inflight, Liveness, MAX_PAGE_BYTES, OpError, Page, PeerOp, PeerReply, Stamp,
+    UNCOUNTED, Versioned,
+};
 use dhrt_storage::Store;
 
 use super::Cluster;
@@ -39,71 +46,221 @@ impl Cluster {
     }
 
     /// Asks every live peer for `key` in parallel and returns the newest
-    /// entry found (a tombstone included). A peer that holds no copy of
-    /// the collection answers at once.
+    /// entry found (a tombstone included), `budget` as in
+    /// [`read_remote_told`](Self::read_remote_told).
     pub(crate) async fn read_remote(
         self: &Arc<Self>,
         collection: &str,
         key: &[u8],
-    ) -> Option<Versioned> {
-        self.read_remote_told(collection, key).await.0
+        budget: Option<&Arc<Inflight>>,
+    ) -> Result<Option<Versioned>, OpError> {
+        Ok(self.read_remote_told(collection, key, budget).await?.0)
     }
 
-    /// [`read_remote`](Self::read_remote), and whether "not found" is not
-    /// known, to a node that does not own the collection: an owner that was
-    /// up did not answer (it timed out, or could not be reached), or no
-    /// owner answered at all (every one down: their copies hold what was
-    /// written before). A collection nobody owns (no member hosts it) is
-    /// known from the members its writes went through.
+    /// The newest entry the live peers hold for `key` (a tombstone
+    /// included), and whether "not found" is not known, to a node that does
+    /// not own the collection: an owner that was up did not answer (it
+    /// timed out, or could not be reached), or no owner answered at all
+    /// (every one down: their copies hold what was written before). A
+    /// collection nobody owns (no member hosts it) is known from the
+    /// members its writes went through.
+    ///
+    /// Every live peer is asked for its version, with small values inline
+    /// ([`PeerOp::Peek`]); a larger newest value is then fetched from one
+    /// of the peers that hold it, once there is room for it in `budget`
+    /// (the node's budget of values in flight, which holds it until the
+    /// caller's client has read it; `None` for a value not held for a
+    /// client). `Unavailable` if there is no room, or if none of them
+    /// sends it.
     pub(crate) async fn read_remote_told(
         self: &Arc<Self>,
         collection: &str,
         key: &[u8],
-    ) -> (Option<Versioned>, bool) {
+        budget: Option<&Arc<Inflight>>,
+    ) -> Result<(Option<Versioned>, bool), OpError> {
+        let peeked = self.peek_remote(collection, key).await;
+        let unknown = peeked.unknown;
+        let entry = match peeked.withheld {
+            Some(w) if peeked.entry.as_ref().is_none_or(|e| w.version > e.version) => {
+                Some(self.fetch(collection, key, w, budget).await?)
+            }
+            _ => match (peeked.entry, budget) {
+                // Small, or sent whole all the same (by a peer that ignored
+                // `inline_max`): held as it is.
+                (Some(mut e), Some(budget)) => {
+                    if let Some(value) = e.value.take() {
+                        e.value = Some(budget.hold(value).map_err(unavailable)?);
+                    }
+                    Some(e)
+                }
+                (entry, _) => entry,
+            },
+        };
+        Ok((entry, unknown))
+    }
+
+    /// The newest version the live peers hold of `key`, and whether it is
+    /// a value (not a tombstone): what a delete needs to know, without
+    /// any value crossing the network.
+    pub(crate) async fn remote_version(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+    ) -> Option<(Stamp, bool)> {
+        let peeked = self.peek_remote(collection, key).await;
+        let entry = peeked.entry.map(|e| (e.version, e.value.is_some()));
+        let withheld = peeked.withheld.map(|w| (w.version, true));
+        entry.max(withheld)
+    }
+
+    /// This node's entry for `key`, for a peer: [`PeerReply::Entry`], or
+    /// [`PeerReply::Withheld`] for a value larger than `inline_max`.
+    pub(crate) fn entry(
+        &self,
+        collection: &str,
+        key: &[u8],
+        inline_max: u32,
+    ) -> Result<PeerReply, OpError> {
+        let r = self
+            .store()
+            .lookup(collection, key)
+            .map_err(crate::error::op_error)?;
+        Ok(match r {
+            Some(r) => match r.value {
+                Some(value) if value.len() > inline_max as usize => PeerReply::Withheld {
+                    version: super::stamp(r.version),
+                    len: value.len() as u64,
+                },
+                value => PeerReply::Entry(Some(Versioned {
+                    value,
+                    version: super::stamp(r.version),
+                })),
+            },
+            None => PeerReply::Entry(None),
+        })
+    }
+
+    /// Every live peer's version of `key` ([`PeerOp::Peek`]).
+    async fn peek_remote(self: &Arc<Self>, collection: &str, key: &[u8]) -> Peeked {
         if self.unreached() {
             // Started to join a cluster and not in touch yet: "not found"
             // would only say what this node missed while it was down.
             // Asked once a member answers (at most 10 s after the start).
             self.clock_compared().await;
         }
-        let mut asks = self.ask_live_peers(|| PeerOp::Read {
+        let mut asks = self.ask_live_peers(|| PeerOp::Peek {
             collection: collection.to_string(),
             key: Bytes::copy_from_slice(key),
+            inline_max: INLINE_MAX,
         });
-        let mut best: Option<Versioned> = None;
+        let mut peeked = Peeked::default();
         let mut owner_silent = false;
         let mut owner_answered = false;
         let owners = self.owners(collection);
         let guard = self.guard();
         while let Some(Ok((id, r))) = asks.join_next().await {
-            owner_answered |= matches!(r, Ok(PeerReply::Entry(_))) && owners.contains(&id);
-            match r {
-                Ok(PeerReply::Entry(Some(v))) => {
-                    if !guard.admits(v.version.ts, self.admission_wall()) {
-                        // Before this node has compared its clock with its
-                        // peers', its own may be the one behind: judged
-                        // again once compared, not taken for "not found".
-                        self.clock_compared().await;
-                    }
-                    if !guard.admits(v.version.ts, self.admission_wall()) {
-                        // A skewed peer's entry is no answer here.
-                        self.refused_future.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if best.as_ref().is_none_or(|b| v.version > b.version) {
-                        best = Some(v);
-                    }
-                }
-                Ok(_) => {}
-                Err(LinkError::Remote { .. }) => {}
+            let version = match &r {
+                Ok(PeerReply::Entry(e)) => e.as_ref().map(|e| e.version),
+                Ok(PeerReply::Withheld { version, .. }) => Some(*version),
+                Ok(_) | Err(LinkError::Remote { .. }) => continue,
                 Err(_) => {
                     owner_silent |= owners.contains(&id);
                     self.suspect(id);
+                    continue;
+                }
+            };
+            owner_answered |= owners.contains(&id);
+            let Some(version) = version else { continue };
+            if !guard.admits(version.ts, self.admission_wall()) {
+                // Before this node has compared its clock with its
+                // peers', its own may be the one behind: judged again
+                // once compared, not taken for "not found".
+                self.clock_compared().await;
+            }
+            if !guard.admits(version.ts, self.admission_wall()) {
+                // A skewed peer's entry is no answer here.
+                self.refused_future.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match r {
+                Ok(PeerReply::Entry(Some(v)))
+                    if peeked.entry.as_ref().is_none_or(|b| v.version > b.version) =>
+                {
+                    peeked.entry = Some(v);
+                }
+                Ok(PeerReply::Withheld { version, len }) => match &mut peeked.withheld {
+                    Some(w) if w.version == version => w.holders.push(id),
+                    Some(w) if w.version > version => {}
+                    w => {
+                        *w = Some(Withheld {
+                            version,
+                            len,
+                            holders: vec![id],
+                        })
+                    }
+                },
+                _ => {}
+            }
+        }
+        peeked.unknown = owner_silent || (!owners.is_empty() && !owner_answered);
+        peeked
+    }
+
+    /// The value a `Peek` withheld, from the first of its holders (in the
+    /// order they answered: the least busy first) that sends it, in room
+    /// taken from `budget` before it is asked for. A newer version written
+    /// since the peek is as good; an older one (the holder lost its copy
+    /// meanwhile) is not.
+    async fn fetch(
+        self: &Arc<Self>,
+        collection: &str,
+        key: &[u8],
+        w: Withheld,
+        budget: Option<&Arc<Inflight>>,
+    ) -> Result<Versioned, OpError> {
+        let mut room = budget
+            .map(|b| b.reserve(usize::try_from(w.len).unwrap_or(usize::MAX)))
+            .transpose()
+            .map_err(unavailable)?;
+        let guard = self.guard();
+        let mut why = String::from("none is a member now");
+        for id in w.holders {
+            let Some(peer) = self.peer(id) else { continue };
+            let op = PeerOp::Read {
+                collection: collection.to_string(),
+                key: Bytes::copy_from_slice(key),
+            };
+            match peer.link.request(op, self.options.timeout).await {
+                Ok(PeerReply::Entry(Some(v)))
+                    if v.version >= w.version
+                        && guard.admits(v.version.ts, self.admission_wall()) =>
+                {
+                    let value = match (v.value, room.take()) {
+                        (Some(value), Some(room)) => Some(room.hold(value).map_err(unavailable)?),
+                        (value, _) => value,
+                    };
+                    return Ok(Versioned {
+                        value,
+                        version: v.version,
+                    });
+                }
+                Ok(_) => why = format!("{} no longer holds it", peer.link.addr()),
+                Err(e) => {
+                    if !matches!(e, LinkError::Remote { .. }) {
+                        self.suspect(id);
+                    }
+                    why = e.to_string();
                 }
             }
         }
-        let unknown = owner_silent || (!owners.is_empty() && !owner_answered);
-        (best, unknown)
+        Err(OpError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "the newest value of key {:?} in collection {collection:?} ({} bytes) is on members that did not send it ({why}): try again",
+                String::from_utf8_lossy(key),
+                w.len
+            ),
+        ))
     }
 
     /// The other members that host `collection` and answer, with their
@@ -237,16 +394,21 @@ impl Cluster {
                         }),
                         _ => None,
                     };
-                    let remote = this.read_remote(&collection, &key).await;
+                    // The page is held for the client as a whole.
+                    let remote = this.read_remote(&collection, &key, None).await?;
                     let newest = match (local, remote) {
                         (Some(l), Some(r)) if r.version > l.version => Some(r),
                         (Some(l), _) => Some(l),
                         (None, r) => r,
                     };
-                    (i, key, newest.and_then(|v| v.value))
+                    Ok::<_, OpError>((i, key, newest.and_then(|v| v.value)))
                 });
             }
-            let mut found: Vec<(usize, Bytes, Option<Bytes>)> = reads.join_all().await;
+            let mut found: Vec<(usize, Bytes, Option<Bytes>)> = reads
+                .join_all()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
             found.sort_by_key(|(i, ..)| *i);
             entries.extend(
                 found
@@ -306,6 +468,34 @@ pub(crate) fn list_local(
         None
     };
     Ok(Page { entries, next })
+}
+
+/// The largest value a fan-out read takes inline in the peers' answers:
+/// below what the budget of values in flight counts. Larger ones are
+/// fetched from one peer.
+const INLINE_MAX: u32 = UNCOUNTED as u32 - 1;
+
+/// What the live peers answered to a `Peek` of a key.
+#[derive(Default)]
+struct Peeked {
+    /// The newest entry sent whole (a tombstone, a small value).
+    entry: Option<Versioned>,
+    /// The newest value withheld for its size.
+    withheld: Option<Withheld>,
+    /// "Not found" is not known (see `read_remote_told`).
+    unknown: bool,
+}
+
+/// A value withheld for its size: its version and length, and the peers
+/// that hold that version, in the order they answered.
+struct Withheld {
+    version: Stamp,
+    len: u64,
+    holders: Vec<u64>,
+}
+
+fn unavailable(why: String) -> OpError {
+    OpError::new(ErrorKind::Unavailable, why)
 }
 
 /// Keys of a merged page read everywhere at once.

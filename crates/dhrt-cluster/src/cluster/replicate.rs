@@ -561,9 +561,9 @@ impl Cluster {
 
     /// [`stamp_now`](Self::stamp_now), later than `seen` (what the owners
     /// told of the key), whatever this node's clock says.
-    pub(crate) fn stamp_after(&self, seen: Option<&dhrt_proto::Versioned>) -> Version {
+    pub(crate) fn stamp_after(&self, seen: Option<dhrt_proto::Stamp>) -> Version {
         if let Some(s) = seen {
-            self.store.clock().observe(s.version.ts);
+            self.store.clock().observe(s.ts);
         }
         self.stamp_now()
     }

@@ -314,7 +314,7 @@ impl Node {
             other => other.map_err(op_error)?,
         };
         let remote = match known_here {
-            None if peers => self.cluster.read_remote(collection, key).await,
+            None if peers => self.cluster.remote_version(collection, key).await,
             _ => None,
         };
         // As for a set: a node that does not store the collection stamps
@@ -326,7 +326,7 @@ impl Node {
         } else {
             check_entry(key, &[])?;
             let live_here = matches!(known_here, Some((Some(_), _)));
-            (self.cluster.stamp_after(remote.as_ref()), live_here)
+            (self.cluster.stamp_after(remote.map(|(v, _)| v)), live_here)
         };
         if peers {
             let m = Mutation::Put {
@@ -341,7 +341,7 @@ impl Node {
             self.damaged.remove(collection, key);
         }
         // A key damaged here existed if no replica could say.
-        let existed = was_live || remote.map_or(damaged, |v| v.value.is_some());
+        let existed = was_live || remote.map_or(damaged, |(_, live)| live);
         Ok((existed, peers.then_some(version)))
     }
 

@@ -8,7 +8,7 @@
 //! its memory.
 
 use bytes::Bytes;
-use dhrt_proto::{ErrorKind, Mutation, OpError};
+use dhrt_proto::{Mutation, OpError};
 use dhrt_storage::Error as StorageError;
 
 use super::Node;
@@ -105,11 +105,14 @@ impl Node {
                     Err(StorageError::Checksum { .. }) => None,
                     other => other.map_err(op_error)?,
                 };
-                let (remote, silent) = self.cluster.read_remote_told(collection, key).await;
+                let (remote, silent) = self
+                    .cluster
+                    .read_remote_told(collection, key, Some(&self.inflight))
+                    .await?;
                 let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
                 Ok(match (remote, fresh) {
                     (Some(r), Some((value, v))) if stamp(v) > r.version => value,
-                    (Some(r), _) => self.relayed(r.value)?,
+                    (Some(r), _) => r.value,
                     (None, Some((value, _))) => value,
                     (None, None) if silent && !self.cluster.hosts_here(collection) => {
                         return Err(crate::error::owner_silent(collection));
@@ -118,14 +121,18 @@ impl Node {
                 })
             }
             LocalRead::Missing => self.read_through(collection, key).await,
-            LocalRead::Damaged => match self.cluster.read_remote(collection, key).await {
+            LocalRead::Damaged => match self
+                .cluster
+                .read_remote(collection, key, Some(&self.inflight))
+                .await?
+            {
                 // Not "not found": the key exists, damaged here, and no
                 // replica answered for it.
                 None => Err(unrepaired(collection)),
                 found => {
                     let value = self.keep(collection, key, found).await;
                     self.damaged.remove(collection, key);
-                    self.relayed(value)
+                    Ok(value)
                 }
             },
         }
@@ -134,25 +141,18 @@ impl Node {
     /// A key missing here, asked of the peers (and kept, if this node
     /// stores the collection).
     async fn read_through(&self, collection: &str, key: &[u8]) -> Result<Option<Bytes>, OpError> {
-        let (found, owner_silent) = self.cluster.read_remote_told(collection, key).await;
+        // A value relayed from a peer is held against the node's budget
+        // of large values in flight until the client has read it (room
+        // for it is taken before it is fetched).
+        let (found, owner_silent) = self
+            .cluster
+            .read_remote_told(collection, key, Some(&self.inflight))
+            .await?;
         if found.is_none() && owner_silent && !self.cluster.hosts_here(collection) {
             // No owner said: not "not found".
             return Err(crate::error::owner_silent(collection));
         }
-        self.relayed(self.keep(collection, key, found).await)
-    }
-
-    /// A value a peer sent, for a client: held against the node's budget
-    /// of large values in flight until the client has read it, or refused
-    /// (`Unavailable`) if the budget has no room.
-    fn relayed(&self, value: Option<Bytes>) -> Result<Option<Bytes>, OpError> {
-        value
-            .map(|v| {
-                self.inflight
-                    .hold(v)
-                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e))
-            })
-            .transpose()
+        Ok(self.keep(collection, key, found).await)
     }
 
     /// What a replica answered for a key this node lacks, kept here (read
