@@ -778,3 +778,40 @@ fn a_chain_of_clocks_within_the_allowed_offset_locks_no_node_out() {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// A byte of a collection file's header rots while the node is down: the
+/// node starts (rather than refusing the file, whose only remedy was to
+/// move it away and lose the collection on a node alone), rebuilds the
+/// header, and serves every key; a later restart is clean. (What becomes
+/// of watch positions is the storage tests'.)
+#[test]
+fn a_node_whose_collection_header_rotted_starts_with_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Dhrtd::start(dir.path(), &["--sync", "always"]);
+    for i in 0..50 {
+        assert_eq!(
+            a.http("PUT", &format!("/hd/k{i}"), format!("v{i}").as_bytes())
+                .0,
+            200
+        );
+    }
+    a.signal("KILL");
+    drop(a);
+    let path = log_of(dir.path(), "hd");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[13] ^= 0x01; // inside the collection's history
+    std::fs::write(&path, &bytes).unwrap();
+    let a = Dhrtd::start(dir.path(), &[]);
+    for i in 0..50 {
+        assert_eq!(
+            a.get_raw(&format!("/hd/k{i}")).1,
+            format!("v{i}").as_bytes()
+        );
+    }
+    assert_eq!(a.http("PUT", "/hd/after", b"x").0, 200);
+    assert!(a.stop("TERM").success());
+    let a = Dhrtd::start(dir.path(), &[]);
+    assert_eq!(a.get_raw("/hd/k7").1, b"v7");
+    assert_eq!(a.get_raw("/hd/after").1, b"x");
+    assert!(a.stop("TERM").success());
+}

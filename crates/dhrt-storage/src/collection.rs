@@ -339,6 +339,9 @@ pub(crate) struct Recovery {
     /// Damaged records dropped because a later record of their key
     /// supersedes them (garbage nothing had read).
     pub(crate) damaged_skipped: u64,
+    /// The file header failed its checks (why) over a sound log, and was
+    /// rebuilt.
+    pub(crate) header_rebuilt: Option<String>,
 }
 
 impl Collection {
@@ -515,8 +518,6 @@ impl Collection {
             history: new_history(),
             purged_seq: 0,
         };
-        let found_watermark = recovery.watermark;
-        let below_watermark = |at: usize| found_watermark.is_some_and(|w| (at as u64) < w);
         let mut end = FILE_HEADER_LEN;
         let mut cut_reason = None;
         let mut preallocated = false;
@@ -525,6 +526,7 @@ impl Collection {
             State::default(),
         );
         let mut checkpoints = Vec::new();
+        let mut header_damage = None;
         if len < FILE_HEADER_LEN as u64 {
             // A watermark is written only once the header is durable.
             if watermark::path_for(path).exists() {
@@ -579,13 +581,25 @@ impl Collection {
                         reason: "still format 1 after its conversion".into(),
                     });
                 }
-                Err(reason) => {
-                    return Err(Error::BadHeader {
-                        path: path.into(),
-                        reason,
-                    });
-                }
+                Err(reason) => match crate::header::rebuild(path, buf, found, new_history) {
+                    // The header is damaged, the log after it sound.
+                    Some(rebuilt) => {
+                        if !rebuilt.watermark_kept {
+                            recovery.watermark = None;
+                        }
+                        file_header = rebuilt.header;
+                        header_damage = Some((reason, rebuilt));
+                    }
+                    None => {
+                        return Err(Error::BadHeader {
+                            path: path.into(),
+                            reason,
+                        });
+                    }
+                },
             }
+            let found_watermark = recovery.watermark;
+            let below_watermark = |at: usize| found_watermark.is_some_and(|w| (at as u64) < w);
             let t_scan = std::time::Instant::now();
             let mut found = recover::scan(buf);
             // Damaged records stepped over, each with why it would have
@@ -681,6 +695,21 @@ impl Collection {
                 );
             }
             recovery.damaged_skipped = stepped_over.len() as u64;
+            if let Some((reason, rebuilt)) = header_damage {
+                Self::rewrite_header(path, &file, &mut file_header, rebuilt, &recovery)?;
+                tracing::warn!(
+                    path = %path.display(),
+                    reason,
+                    records = recovery.records,
+                    "rebuilt the damaged file header of a sound log{}",
+                    match (rebuilt.exact, rebuilt.watermark_kept) {
+                        (true, _) => "",
+                        (false, true) => ": watches resume from positions after this opening",
+                        (false, false) => ": watches resume from positions after this opening; its durable watermark could not be tied to it, so the log was trusted whole",
+                    }
+                );
+                recovery.header_rebuilt = Some(reason);
+            }
             tracing::debug!(
                 collection = name,
                 records = recovery.records,
@@ -765,6 +794,39 @@ impl Collection {
             .last_seq_hint
             .store(recovery.max_seq, std::sync::atomic::Ordering::Relaxed);
         Ok((collection, recovery))
+    }
+
+    /// Writes the header rebuilt for a log whose header was damaged
+    /// (`header.rs`), durably, before anything else is written to it. A
+    /// purge mark that was not recovered becomes the log's last seq. A
+    /// watermark that could not be tied to the log is removed first: were
+    /// the process to stop between the two writes, the next opening finds
+    /// a sound header with no watermark (the log trusted whole), never a
+    /// watermark tagged for another history.
+    fn rewrite_header(
+        path: &Path,
+        file: &std::fs::File,
+        header: &mut FileHeader,
+        rebuilt: crate::header::Rebuilt,
+        recovery: &Recovery,
+    ) -> Result<()> {
+        if !rebuilt.exact {
+            header.purged_seq = recovery.max_seq;
+        }
+        if !rebuilt.watermark_kept {
+            let w = watermark::path_for(path);
+            match std::fs::remove_file(&w) {
+                Ok(()) => {
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    crate::log::sync_dir(dir).map_err(|e| Error::io("fsync", dir, e))?
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &w, e)),
+            }
+        }
+        std::os::unix::fs::FileExt::write_all_at(file, &record::file_header(*header), 0)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| Error::io("write", path, e))
     }
 
     /// Marks the collection released if its digest is still `expected`

@@ -20,6 +20,7 @@ mod compact;
 mod disk;
 mod error;
 mod feed;
+mod header;
 mod index;
 // `KeyRef`: one cast of a byte slice to a transparent wrapper; long keys'
 // bytes behind a raw pointer.

@@ -130,6 +130,9 @@ pub struct RecoveryReport {
     /// compacted soon after, which drops them from the file. A damaged
     /// record that may still be a key's value refuses the open instead.
     pub damaged_records_skipped: u64,
+    /// The file header failed its checks (why) over a sound log, and was
+    /// rebuilt from what could be trusted (`header.rs`).
+    pub header_rebuilt: Option<String>,
 }
 
 /// Statistics of one collection.
@@ -307,6 +310,7 @@ impl Store {
                 durable_watermark: recovery.watermark,
                 converted_records: recovery.converted,
                 damaged_records_skipped: recovery.damaged_skipped,
+                header_rebuilt: recovery.header_rebuilt,
             });
             collections.insert(name, Arc::new(collection));
         }
