@@ -354,3 +354,81 @@ fn a_watch_on_a_node_that_stops_storing_its_collection_ends_and_resumes_without_
         assert_eq!(changes(&got), owned(&[("set", &key, "y")]));
     }
 }
+
+/// The only owner of a collection is down: a token it issued, resumed
+/// through another member, is "retry" (503), never 410 (which tells the
+/// client to throw its state away and take a snapshot), also once that
+/// member takes the collection's writes itself for want of a live owner.
+/// Back, the owner resumes it exactly.
+#[test]
+fn a_token_of_an_owner_that_is_down_is_retried_not_gone() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &["--replicas", "1"]);
+    let b = start_joined(dirs[1].path(), &a, &["--replicas", "1"]);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    // A collection a owns.
+    let name = (0..16)
+        .map(|i| format!("rc{i}"))
+        .find(|n| {
+            let (_, body) = a.http("GET", &format!("/{n}?replicas"), b"");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["Owners"][0] == stats(&a)["node"]["id"]
+        })
+        .expect("a collection a owns");
+    set(&a, &name, "k1", "v1");
+    let mut w = sse(&b, &format!("/{name}"));
+    set(&a, &name, "k2", "v2");
+    let got = w.until(Duration::from_secs(10), |e| e.key() == "k2");
+    let token = got.last().unwrap().id.clone().unwrap();
+    drop(w);
+    set(&a, &name, "k3", "v3");
+    let a_addr = a.addr;
+    a.stop("KILL");
+    let resume = || {
+        Stream::open(
+            b.addr,
+            &format!("/{name}?since={token}"),
+            "text/event-stream",
+            "",
+        )
+    };
+    eventually("b takes a for dead", Duration::from_secs(20), || {
+        let s = resume();
+        assert_eq!(s.status, 503, "{}", s.refusal);
+        stats(&b)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["state"] == "dead")
+    });
+    for _ in 0..3 {
+        let s = resume();
+        assert_eq!(s.status, 503, "{}", s.refusal);
+        assert!(s.refusal.contains("retry"), "{}", s.refusal);
+    }
+    let a = Dhrtd::start_on(
+        Some(a_addr),
+        dirs[0].path(),
+        &["--replicas", "1", "--node", &b.addr.to_string()],
+    );
+    eventually("two healthy members again", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let mut w = None;
+    eventually(
+        "the token resumes through b",
+        Duration::from_secs(15),
+        || {
+            let s = resume();
+            let ok = s.status == 200;
+            w = ok.then_some(s);
+            ok
+        },
+    );
+    let got = w
+        .unwrap()
+        .until(Duration::from_secs(10), |e| e.key() == "k3");
+    assert_eq!(changes(&got), owned(&[("set", "k3", "v3")]));
+}

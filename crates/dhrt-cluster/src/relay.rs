@@ -134,7 +134,26 @@ impl Relay {
         // Ended once this node stops storing the collection (a move, a
         // change of replication factor, or, for a node storing it only
         // while no owner is alive, an owner back): writes go elsewhere then.
-        let inner = self.hub.open(&request)?;
+        let inner = match self.hub.open(&request) {
+            // Stored here only while none of its owners is alive: a token
+            // this node cannot resume is theirs (or older than this node's
+            // copy), and resumes once one is back. Not "take a snapshot".
+            Err(e)
+                if e.kind == ErrorKind::Gone
+                    && matches!(request.start, WatchStart::After(_))
+                    && !self.cluster.hosts_here(&request.collection)
+                    && !self.cluster.owners(&request.collection).is_empty() =>
+            {
+                return Err(OpError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "this node does not own collection {:?}, and none of its owners, which issued this token, is up: retry, and the watch resumes once one is back (or take a snapshot)",
+                        request.collection
+                    ),
+                ));
+            }
+            opened => opened?,
+        };
         let cluster = self.cluster.clone();
         let collection = request.collection.clone();
         Ok(WhileStored::boxed(
