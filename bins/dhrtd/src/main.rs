@@ -171,8 +171,14 @@ fn node_id(dir: &Path) -> anyhow::Result<u64> {
         // bytes reached the disk (so before anything was acknowledged).
         Ok(text) if text.trim().is_empty() => {
             let id = new_node_id(dir, &path)?;
+            // With data beside it, the file was emptied some other way.
+            let why = if dir.join("cluster.state").exists() {
+                "the file was emptied or damaged; the data beside it is kept, and members that knew this node by its old id see a new member at its address"
+            } else {
+                "the machine lost power soon after the first start"
+            };
             tracing::warn!(
-                "{} was empty (the machine lost power soon after the first start): this node takes the new id {id:016x}",
+                "{} was empty ({why}): this node takes the new id {id:016x}",
                 path.display()
             );
             Ok(id)
