@@ -506,6 +506,15 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
 }
 
 /// `dhrt_inflight_bytes` from the node's metrics.
+/// Whether `node` holds keys of `collection`.
+fn keys_on(node: &Dhrtd, collection: &str) -> bool {
+    crate::cluster::stats(node)["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
+}
+
 fn inflight_bytes(node: &Dhrtd) -> u64 {
     let (_, metrics) = node.http("GET", "/metrics", b"");
     metrics
@@ -533,13 +542,6 @@ fn values_relayed_to_clients_that_stop_reading_share_the_node_wide_budget() {
     for c in 0..8 {
         put(&a, &format!("/c{c}/small"), b"1");
     }
-    let keys_on = |n: &Dhrtd, collection: &str| {
-        crate::cluster::stats(n)["collections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
-    };
     let mut on_a = None;
     eventually(
         "a collection only a stores",
@@ -688,22 +690,17 @@ fn a_large_value_relayed_to_a_client_crosses_the_network_once_and_only_with_room
     eventually("three healthy members", Duration::from_secs(15), || {
         all_healthy(&[&a, &b, &c], 3)
     });
-    for n in 0..8 {
+    // Enough collections that one falls on a and b alone (8 missed it one
+    // time in 26).
+    for n in 0..32 {
         put(&a, &format!("/c{n}/small"), b"1");
     }
-    let keys_on = |n: &Dhrtd, collection: &str| {
-        crate::cluster::stats(n)["collections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["name"] == collection && c["keys"].as_u64() > Some(0))
-    };
     let mut name = None;
     eventually(
         "a collection a and b store, and c does not",
         Duration::from_secs(15),
         || {
-            name = (0..8)
+            name = (0..32)
                 .map(|n| format!("c{n}"))
                 .find(|n| keys_on(&a, n) && keys_on(&b, n) && !keys_on(&c, n));
             name.is_some()
