@@ -777,6 +777,37 @@ fn a_chain_of_clocks_within_the_allowed_offset_locks_no_node_out() {
         let (status, body) = a.http("POST", &format!("/chain/a{i}/v"), b"");
         assert_eq!(status, 200, "{body}");
     }
+    // c leaves. a still holds c's stamps, 80 s past its own wall clock but
+    // only 40 s past b's, the one peer it has left: it keeps taking writes
+    // (it used to refuse them until its wall clock came within the allowed
+    // offset of c's stamps, about 20 s), and a and b take each other's
+    // writes, stamped by a clock that follows c's: a record refused by
+    // either would be on one node only.
+    let c_addr = c.addr.to_string();
+    assert!(c.stop("TERM").success());
+    eventually("a and b see c leave", Duration::from_secs(20), || {
+        [&a, &b]
+            .iter()
+            .all(|n| state_of(n, &c_addr).as_deref() == Some("left"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for n in [&a, &b] {
+        assert_eq!(clock(n)["skewed"], false, "{}", clock(n));
+    }
+    for i in 0..5 {
+        for (n, name) in [(&a, "a"), (&b, "b")] {
+            let (status, body) = n.http("POST", &format!("/chain/after-{name}{i}/v"), b"");
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    eventually(
+        "a and b hold each other's writes",
+        Duration::from_secs(10),
+        || [&a, &b].iter().all(|n| local_keys(n, "chain") == 20),
+    );
+    for n in [&a, &b] {
+        assert_eq!(metric(n, "dhrt_refused_future_total"), Some(0.0));
+    }
 }
 
 /// A byte of a collection file's header rots while the node is down: the

@@ -16,7 +16,13 @@
 //!   now; of the last few samples the least delayed counts (delay only
 //!   makes a sender look behind).
 //! - The cluster's time is the median of this node's wall clock and its
-//!   peers' estimated clocks (the lower middle on a tie). The guard admits
+//!   peers' estimated clocks. On a tie, the upper middle when it is ahead
+//!   of this node's clock by at most the allowed offset, else the lower
+//!   (so a node ahead of its pair shows ahead of the cluster). A pair
+//!   whose clocks agree then both admit by the later one: a node left with
+//!   one peer once the top of a chain of clocks leaves admits, and judges
+//!   the stamps it took from that top by, what its peer does. A pair that
+//!   disagrees refuses each other's future. The guard admits
 //!   stamps up to the allowed offset past the later of this node's wall
 //!   clock and the cluster's time: a node whose clock is behind takes its
 //!   peers' writes (its clock then follows theirs), a node ahead of the
@@ -129,12 +135,25 @@ impl Offsets {
 }
 
 /// The cluster's time as an offset from this node's wall clock: the median
-/// of 0 (this node) and the peers' offsets, the lower middle on a tie.
-pub(crate) fn cluster_offset(offsets: &[i64]) -> i64 {
+/// of 0 (this node) and the peers' offsets; on a tie, the upper middle if
+/// it is ahead of this node by at most `max_offset_ms`, else the lower.
+///
+/// Both nodes of a pair whose clocks agree then admit stamps by the later
+/// clock, and judge the stamps they hold by it: with clocks at 0, +40 s
+/// and +80 s (allowed 60 s), the node at 0 takes the +80 s node's writes
+/// by the middle clock; once that node leaves, the same reference (its
+/// remaining peer's) must stand, or the node at 0 would hold stamps beyond
+/// what it admits, judge itself skewed, and refuse its peer's next writes.
+pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
     let mut v: Vec<i64> = offsets.to_vec();
     v.push(0);
     v.sort_unstable();
-    v[(v.len() - 1) / 2]
+    let (lower, upper) = (v[(v.len() - 1) / 2], v[v.len() / 2]);
+    if upper > 0 && upper.unsigned_abs() <= max_offset_ms {
+        upper
+    } else {
+        lower
+    }
 }
 
 /// The peers' time as an offset from this node's wall clock: the middle
@@ -166,7 +185,7 @@ pub(crate) struct Verdict {
 /// largest allowed offset, and how far this node's own clock (its greatest
 /// stamp) lies ahead of its wall time (`clock_ahead_ms`).
 pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) -> Verdict {
-    let ahead_ms = -cluster_offset(offsets);
+    let ahead_ms = -cluster_offset(offsets, max_offset_ms);
     let max = max_offset_ms as i64;
     let off = offsets.iter().filter(|o| o.abs() > max).count();
     let within = offsets.len() - off + 1;
@@ -278,14 +297,14 @@ mod tests {
 
     #[test]
     fn the_cluster_time_is_the_median_and_the_guard_follows_the_later_clock() {
-        assert_eq!(cluster_offset(&[]), 0);
+        assert_eq!(cluster_offset(&[], MAX), 0);
         // Ahead of two peers in step: the cluster is two hours behind.
-        assert_eq!(cluster_offset(&[-2 * HOUR, -2 * HOUR]), -2 * HOUR);
+        assert_eq!(cluster_offset(&[-2 * HOUR, -2 * HOUR], MAX), -2 * HOUR);
         // In step with one of two: the cluster is here.
-        assert_eq!(cluster_offset(&[2 * HOUR, 0]), 0);
+        assert_eq!(cluster_offset(&[2 * HOUR, 0], MAX), 0);
         // Behind both: the cluster is ahead, and the guard admits its
         // stamps.
-        let behind = cluster_offset(&[2 * HOUR, 2 * HOUR]);
+        let behind = cluster_offset(&[2 * HOUR, 2 * HOUR], MAX);
         assert_eq!(behind, 2 * HOUR);
         let g = Guard { max_offset_ms: MAX };
         let wall = 1_800_000_000_000u64;
@@ -294,8 +313,35 @@ mod tests {
         assert!(g.admits(their_stamp, Guard::reference(wall, behind)));
         // A node ahead keeps its own clock as the reference.
         assert_eq!(Guard::reference(wall, -2 * HOUR), wall);
-        // A tie takes the lower middle: a pair refuses each other's future.
-        assert_eq!(cluster_offset(&[2 * HOUR]), 0);
+        // A tie beyond the allowed offset takes the lower middle: a pair
+        // that disagrees refuses each other's future.
+        assert_eq!(cluster_offset(&[2 * HOUR], MAX), 0);
+        assert_eq!(cluster_offset(&[-2 * HOUR], MAX), -2 * HOUR);
+        assert_eq!(cluster_offset(&[0, 2 * HOUR, 2 * HOUR], MAX), 0);
+    }
+
+    #[test]
+    fn a_pair_in_step_admits_by_the_later_clock_on_both_sides() {
+        let g = Guard { max_offset_ms: MAX };
+        let wall = 1_800_000_000_000u64;
+        // A chain at 0, +40 s, +80 s: the node at 0 admits by the middle.
+        assert_eq!(cluster_offset(&[40_000, 80_000], MAX), 40_000);
+        // The top leaves: the node at 0 keeps its peer's clock as its
+        // reference, and judges the top's stamps it took by it.
+        let low = cluster_offset(&[40_000], MAX);
+        assert_eq!(low, 40_000);
+        let top_stamp = (wall + 80_000) << LOGICAL_BITS;
+        assert!(g.admits(top_stamp, Guard::reference(wall, low)));
+        // Its peer (at +40 s) admits by its own clock: the same limit.
+        let high = cluster_offset(&[-40_000], MAX);
+        let peer_wall = wall + 40_000;
+        assert_eq!(
+            Guard::reference(peer_wall, high),
+            Guard::reference(wall, low)
+        );
+        let v = verdict(&[40_000], MAX, 80_000 - 40_000);
+        assert!(!v.skewed, "{v:?}");
+        assert_eq!(v.ahead_ms, -40_000);
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub(crate) struct Rebuilt {
     pub(crate) header: FileHeader,
     /// Both `history` and `purged_seq` came through intact.
     pub(crate) exact: bool,
-    /// The durable watermark (if the file has one) can be trusted: it is
-    /// tagged for this history, or untagged (written before tags).
+    /// The durable watermark can be trusted: it is tagged for this
+    /// history, or untagged (written before tags); or there is none (none
+    /// readable), so none to leave out.
     pub(crate) watermark_kept: bool,
 }
 
@@ -96,7 +97,7 @@ pub(crate) fn rebuild(
             purged_seq: 0,
         },
         exact: false,
-        watermark_kept: confirmed || untagged,
+        watermark_kept: watermark.is_none() || confirmed || untagged,
     })
 }
 
@@ -171,9 +172,10 @@ mod tests {
             (r.header.history, r.exact, r.watermark_kept),
             (99, false, false)
         );
-        // No watermark: nothing to confirm it with.
+        // No watermark: nothing to confirm the history with, and none to
+        // leave out.
         let r = rebuilt(&buf, None).unwrap();
-        assert_eq!((r.header.history, r.watermark_kept), (99, false));
+        assert_eq!((r.header.history, r.watermark_kept), (99, true));
         // An untagged watermark (written before tags) is kept as it is.
         let r = rebuilt(&buf, Some((32, 0))).unwrap();
         assert_eq!((r.header.history, r.watermark_kept), (99, true));

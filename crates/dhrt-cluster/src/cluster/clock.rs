@@ -50,7 +50,7 @@ impl Cluster {
         let clock_ahead = if known.is_empty() {
             0
         } else {
-            let reference = skew::Guard::reference(wall, skew::cluster_offset(&measured));
+            let reference = skew::Guard::reference(wall, skew::cluster_offset(&measured, max));
             (self.store.clock().last() >> dhrt_storage::LOGICAL_BITS).saturating_sub(reference)
         };
         // Judge by offsets only once most known peers are measured: a
@@ -71,7 +71,7 @@ impl Cluster {
             }
         };
         self.cluster_offset
-            .store(skew::cluster_offset(&measured), Ordering::Release);
+            .store(skew::cluster_offset(&measured, max), Ordering::Release);
         let (low, high) = skew::peers_offset(&measured);
         self.peers_offset_low.store(low, Ordering::Release);
         self.peers_offset_high.store(high, Ordering::Release);
