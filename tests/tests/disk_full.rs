@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::cluster::eventually;
+use crate::cluster::{eventually, stats};
 use crate::dhrtd::Dhrtd;
 
 /// A tmpfs of `mib` MiB mounted on a new directory, unmounted on drop.
@@ -110,6 +110,9 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
     );
     let (_, metrics) = node.http("GET", "/metrics", b"");
     assert!(metrics.contains("dhrt_disk_full 1"), "{metrics}");
+    let disk = &stats(&node)["disk"];
+    assert_eq!(disk["full"], true, "{disk}");
+    assert!(disk["free_bytes"].as_u64().unwrap() < 48 << 20, "{disk}");
     // Served still, and a restart on the full disk changes nothing.
     let addr = node.addr;
     assert!(node.stop("TERM").success());
@@ -137,6 +140,7 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
     });
     let (_, metrics) = node.http("GET", "/metrics", b"");
     assert!(metrics.contains("dhrt_disk_full 0"), "{metrics}");
+    assert_eq!(stats(&node)["disk"]["full"], false);
     assert!(files(&data).contains(&"RESERVE".to_string()));
     // All of the room comes back once the deletes are compacted away.
     eventually(

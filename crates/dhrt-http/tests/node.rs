@@ -184,6 +184,7 @@ impl Operations for MapNode {
             sync: None,
             clock: Default::default(),
             watch: Default::default(),
+            disk: None,
         }
     }
 

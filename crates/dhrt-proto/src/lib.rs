@@ -55,7 +55,7 @@ pub use peer::{
     PeerOp, PeerReply, Stamp, Versioned,
 };
 pub use stats::{
-    ClockInfo, CollectionInfo, MemberInfo, MemberState, MoveInfo, NodeInfo, NodeStats, SyncInfo,
-    WatchInfo,
+    ClockInfo, CollectionInfo, DiskInfo, MemberInfo, MemberState, MoveInfo, NodeInfo, NodeStats,
+    SyncInfo, WatchInfo,
 };
 pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};

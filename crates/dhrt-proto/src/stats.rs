@@ -20,6 +20,20 @@ pub struct NodeStats {
     /// The watches open on this node.
     #[serde(default)]
     pub watch: WatchInfo,
+    /// The data directory's disk; `None` for a node in memory.
+    #[serde(default)]
+    pub disk: Option<DiskInfo>,
+}
+
+/// The disk holding a node's data directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// The disk is full: the node gave up its reserve and refuses new
+    /// values (sets, batches, replicated values) until it has room again;
+    /// reads, deletes and drops go on.
+    pub full: bool,
+    /// Bytes free on the disk at the node's last look (every 100 ms).
+    pub free_bytes: u64,
 }
 
 /// The watches of a node.

@@ -96,6 +96,7 @@ impl Operations for MapNode {
             sync: None,
             clock: Default::default(),
             watch: Default::default(),
+            disk: None,
         }
     }
 }

@@ -84,6 +84,10 @@ fn stats() -> NodeStats {
             slowest_lag_ms: 12,
             slowest_lag_bytes: 4096,
         },
+        disk: Some(dhrt_proto::DiskInfo {
+            full: true,
+            free_bytes: 1 << 20,
+        }),
     }
 }
 

@@ -1,6 +1,6 @@
 //! What `GET /` and `stats` show of a node.
 
-use dhrt_proto::{NodeInfo, NodeStats};
+use dhrt_proto::{DiskInfo, NodeInfo, NodeStats};
 
 use super::Node;
 
@@ -32,6 +32,10 @@ impl Node {
             sync: self.cluster.sync_info(),
             clock: self.cluster.clock_info(),
             watch: self.watches.info(),
+            disk: self
+                .store
+                .disk_full()
+                .map(|(full, free_bytes)| DiskInfo { full, free_bytes }),
         }
     }
 }
