@@ -17,8 +17,9 @@
 //!   makes a sender look behind).
 //! - The cluster's time is the median of this node's wall clock and its
 //!   peers' estimated clocks. On a tie, the upper middle when it is ahead
-//!   of this node's clock by at most the allowed offset, else the lower
-//!   (so a node ahead of its pair shows ahead of the cluster). A pair
+//!   of this node's clock by at most the allowed offset and no clock is
+//!   further than that ahead of the lower middle, else the lower (so a
+//!   node ahead of its pair shows ahead of the cluster). A pair
 //!   whose clocks agree then both admit by the later one: a node left with
 //!   one peer once the top of a chain of clocks leaves admits, and judges
 //!   the stamps it took from that top by, what its peer does. A pair that
@@ -34,7 +35,8 @@
 //!   clock has been pushed beyond wall time plus the allowed offset (its
 //!   log holds writes stamped in the future) is skewed too. A skewed node refuses
 //!   client writes until the cause is gone; reads go on.
-//! - Until a node that has (or expects) peers has measured one, and when
+//! - Until a node that has (or expects) peers has measured enough of them
+//!   that the rest could not overturn its verdict ([`decided`]), and when
 //!   its wall clock jumped against its monotonic clock since it last
 //!   judged, it refuses client writes too: no write is stamped by a clock
 //!   nobody checked.
@@ -135,8 +137,9 @@ impl Offsets {
 }
 
 /// The cluster's time as an offset from this node's wall clock: the median
-/// of 0 (this node) and the peers' offsets; on a tie, the upper middle if
-/// it is ahead of this node by at most `max_offset_ms`, else the lower.
+/// of 0 (this node) and the peers' offsets. On a tie, the upper middle if
+/// it is ahead of this node by at most `max_offset_ms` and no clock is
+/// more than `max_offset_ms` ahead of the lower middle; else the lower.
 ///
 /// Both nodes of a pair whose clocks agree then admit stamps by the later
 /// clock, and judge the stamps they hold by it: with clocks at 0, +40 s
@@ -144,12 +147,17 @@ impl Offsets {
 /// by the middle clock; once that node leaves, the same reference (its
 /// remaining peer's) must stand, or the node at 0 would hold stamps beyond
 /// what it admits, judge itself skewed, and refuse its peer's next writes.
+/// But a clock too far ahead of the lower middle keeps the lower: with
+/// clocks at 0, 0, +50 s and +110 s, the upper middle would admit the
+/// stamps of the node at +110 s, which most clocks find skewed.
 pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
     let mut v: Vec<i64> = offsets.to_vec();
     v.push(0);
     v.sort_unstable();
     let (lower, upper) = (v[(v.len() - 1) / 2], v[v.len() / 2]);
-    if upper > 0 && upper.unsigned_abs() <= max_offset_ms {
+    let top = v[v.len() - 1];
+    let max = max_offset_ms as i64;
+    if upper > 0 && upper <= max && top <= lower.saturating_add(max) {
         upper
     } else {
         lower
@@ -222,6 +230,18 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
         ahead_ms,
         reason: String::new(),
     }
+}
+
+/// Whether the peers' clocks decide this node's verdict whatever the
+/// clocks of `unmeasured` more known peers turn out to be: a node that
+/// has measured only some of its peers (one that just joined) must not
+/// take writes on a verdict the others could overturn.
+pub(crate) fn decided(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) -> bool {
+    let max = max_offset_ms as i64;
+    let off = offsets.iter().filter(|o| o.abs() > max).count();
+    let within = offsets.len() - off + 1;
+    let skewed = |off: usize, within: usize| off > 0 && off >= within;
+    skewed(off + unmeasured, within) == skewed(off, within + unmeasured)
 }
 
 /// The offset of largest size.
@@ -342,6 +362,36 @@ mod tests {
         let v = verdict(&[40_000], MAX, 80_000 - 40_000);
         assert!(!v.skewed, "{v:?}");
         assert_eq!(v.ahead_ms, -40_000);
+        // Clocks at 0, 0, +50 s and +110 s: the one at +110 s is more than
+        // the allowed offset ahead of the lower middle, so the node at 0
+        // keeps its own clock and refuses that node's stamps (the upper
+        // middle would admit them), and has nothing to judge itself by
+        // when it leaves.
+        assert_eq!(cluster_offset(&[0, 50_000, 110_000], MAX), 0);
+        let skewed_stamp = (wall + 110_000) << LOGICAL_BITS;
+        assert!(!g.admits(skewed_stamp, Guard::reference(wall, 0)));
+        // The same four from the node at +50 s: its own clock.
+        assert_eq!(cluster_offset(&[-50_000, -50_000, 60_000], MAX), -50_000);
+        // Every clock within the allowed offset of the lower middle.
+        assert_eq!(cluster_offset(&[0, 55_000, 55_000], MAX), 55_000);
+    }
+
+    #[test]
+    fn a_verdict_the_unmeasured_peers_could_overturn_is_not_decided() {
+        // Joined a cluster at 0, 0 and +50 s with a clock at +110 s, and
+        // measured the +50 s node and one at 0: one within, one off, one
+        // not measured, whose clock decides.
+        assert!(!verdict(&[-60_000, -110_000], MAX, 0).skewed);
+        assert!(!decided(&[-60_000, -110_000], 1, MAX));
+        assert!(decided(&[-60_000, -110_000, -110_000], 0, MAX));
+        // Most peers within: decided whatever the rest says.
+        assert!(decided(&[5, -3], 1, MAX));
+        assert!(decided(&[5, -3, 40_000], 2, MAX));
+        assert!(!decided(&[5], 2, MAX));
+        // Most peers off: skewed whatever the rest says.
+        assert!(decided(&[HOUR, HOUR, HOUR], 1, MAX));
+        assert!(!decided(&[HOUR], 1, MAX));
+        assert!(decided(&[], 0, MAX));
     }
 
     #[test]

@@ -90,7 +90,17 @@ impl Cluster {
         self.skewed.store(v.skewed, Ordering::Release);
         self.judged_wall_minus_mono
             .store(wall as i64 - mono as i64, Ordering::Release);
-        if enough && !measured.is_empty() {
+        // Cleared to write once the verdict stands whatever the peers not
+        // measured yet say (a node that just joined, having heard from a
+        // few, waits for the rest when they could overturn it), and only
+        // once it knows who they are: a joining node may hear from the
+        // member it joins through before that member's table arrives.
+        let unmeasured = known.len().saturating_sub(measured.len());
+        if enough
+            && !measured.is_empty()
+            && skew::decided(&measured, unmeasured, max)
+            && self.members_learned.load(Ordering::Acquire)
+        {
             self.clock_measured.store(true, Ordering::Release);
         }
         *current = v;

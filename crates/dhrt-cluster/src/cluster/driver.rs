@@ -243,6 +243,7 @@ impl Cluster {
         loop {
             if !self.alive_peers().is_empty() {
                 // Someone reached this node first: it is in.
+                self.members_learned.store(true, Ordering::Release);
                 self.handoff().await;
                 return;
             }
@@ -269,6 +270,7 @@ impl Cluster {
                 // nothing to sync from, nobody to judge its clock by.
                 self.heard_peers.store(true, Ordering::Release);
                 self.seeds_are_itself.store(true, Ordering::Release);
+                self.members_learned.store(true, Ordering::Release);
                 self.absence_judged.store(true, Ordering::Release);
                 self.with_membership(|m, _| m.set_syncing(false));
                 return;
@@ -360,6 +362,7 @@ impl Cluster {
             PeerReply::Members(table) => {
                 tracing::info!("joined through {addr}: {} members", table.len());
                 self.with_membership(|m, now| m.merge(now, table));
+                self.members_learned.store(true, Ordering::Release);
                 self.save_state(&self.saved_state());
                 Ok(())
             }

@@ -193,6 +193,8 @@ pub struct Cluster {
     /// Whether every seed it was given turned out to be itself: it runs
     /// as a node started alone.
     seeds_are_itself: AtomicBool,
+    /// Whether it knows the members (no seeds, or a join's table merged).
+    members_learned: AtomicBool,
     /// How many members it was started with that count as replicas until
     /// one is heard from (`--node`, or those in `cluster.state` that had
     /// not left).
@@ -327,6 +329,7 @@ impl Cluster {
             syncing: !options.seeds.is_empty(),
             collections: options.collections.clone(),
         };
+        let members_learned = AtomicBool::new(options.seeds.is_empty());
         let seed = options.rng_seed.unwrap_or(id ^ dhrt_storage::wall_ms());
         let membership = Membership::new(update, options.membership.clone(), seed);
         Arc::new(Cluster {
@@ -357,6 +360,7 @@ impl Cluster {
             peers_known: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),
             seeds_are_itself: AtomicBool::new(false),
+            members_learned,
             awaited,
             ae_rounds: AtomicU64::new(0),
             ae_pulled: AtomicU64::new(0),
