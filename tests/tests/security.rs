@@ -12,7 +12,7 @@ use dhrt_client::{Client, Error};
 use serde_json::Value;
 
 use crate::cli::cli_binary;
-use crate::dhrtd::{Dhrtd, assert_closed, binary, http_at};
+use crate::dhrtd::{Dhrtd, assert_closed, binary, free_addr, http_at};
 
 /// `dhrt-cli token --role ROLE`: the token and its auth-file line.
 pub(crate) fn make_token(role: &str) -> (String, String) {
@@ -858,4 +858,72 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
         }
     });
     assert!(node.stop("TERM").success());
+}
+
+/// The data directory and every file the node makes in it are its user's
+/// alone, whatever the umask it was started with: the logs hold every
+/// value, readable without a token by whoever can open them. A data
+/// directory left open to other users is named in a warning.
+#[test]
+fn the_data_directory_is_private_to_the_node_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data");
+    let log = parent.path().join("dhrtd.log");
+    // Started the way a shell with the usual umask starts it.
+    let start = || {
+        let addr = free_addr();
+        let child = Command::new("sh")
+            .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+            .arg(binary())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&dir)
+            .env("DHRT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "dhrtd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (child, addr)
+    };
+    let (mut child, addr) = start();
+    assert_eq!(request(addr, "PUT", "/secrets/k", None).0, 200);
+    // The collection's log and its watermark exist once a write is made.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("secrets.dhrt")),
+        "{files:?}"
+    );
+    for f in &files {
+        assert_eq!(mode(f) & 0o077, 0, "{} is open to others", f.display());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("open to other users")
+    );
+    // A directory made open by hand (or by an earlier build) is named.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mut child, _) = start();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("is open to other users of this machine (mode 755)")
+            && text.contains("chmod 700"),
+        "{text}"
+    );
 }

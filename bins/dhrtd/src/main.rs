@@ -26,6 +26,7 @@ use dhrt_proto::Access;
 
 fn main() -> ExitCode {
     alloc::no_huge_pages();
+    private_files();
     let args = Args::parse();
     if let Err(before) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         // Versions are stamped with the time, and the HTTP server's Date
@@ -160,6 +161,34 @@ fn random_id() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Every file and directory this process creates (the data directory,
+/// collection logs, `node.id`, `cluster.state`, ...) is its user's alone:
+/// the values in a log are readable by anyone who can open it, with no
+/// token.
+fn private_files() {
+    // SAFETY: umask only sets the process's file-creation mask; it cannot
+    // fail, and no other thread runs yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Warns when other users of this machine can reach the data directory
+/// (one made before this build, or by hand): its logs hold every value.
+fn check_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "the data directory {} is open to other users of this machine (mode {mode:o}), who can read every value in its files without a token: chmod 700 it",
+                dir.display()
+            );
+        }
+    }
 }
 
 /// The node id kept in `<data-dir>/node.id`, created on first start.
@@ -318,6 +347,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         )
     } else {
         let id = node_id(&config.data_dir)?;
+        check_private(&config.data_dir);
         let options = Options {
             sync,
             node_id: id,
