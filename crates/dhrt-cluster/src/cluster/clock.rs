@@ -56,13 +56,18 @@ impl Cluster {
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
         let enough = measured.len() * 2 > known.len();
-        let v = if enough {
+        // And once the peers not measured could not overturn the verdict.
+        let unmeasured = known.len().saturating_sub(measured.len());
+        let decided = enough && skew::decided(&measured, unmeasured, max);
+        let v = if decided {
             skew::verdict(&measured, max, clock_ahead)
         } else {
             // Too few measured to judge by offsets (a join just brought
             // members not heard from yet): the log's stamps still count,
-            // and a verdict of skew stands until most peers are measured.
-            let fresh = skew::verdict(&[], max, clock_ahead);
+            // and so do the offsets of most peers; a verdict of skew stands
+            // until the peers decide it.
+            let measured: &[i64] = if enough { &measured } else { &[] };
+            let fresh = skew::verdict(measured, max, clock_ahead);
             let current = self.verdict.lock().unwrap().clone();
             if fresh.skewed || !current.skewed {
                 fresh
@@ -82,6 +87,8 @@ impl Cluster {
                 tracing::error!("clock skew: {}", v.reason);
             } else {
                 tracing::warn!(
+                    offsets_ms = ?measured,
+                    known = known.len(),
                     "clock skew resolved: this node's clock is within {} s of its peers'; writes are accepted again",
                     max / 1000
                 );
@@ -95,12 +102,7 @@ impl Cluster {
         // few, waits for the rest when they could overturn it), and only
         // once it knows who they are: a joining node may hear from the
         // member it joins through before that member's table arrives.
-        let unmeasured = known.len().saturating_sub(measured.len());
-        if enough
-            && !measured.is_empty()
-            && skew::decided(&measured, unmeasured, max)
-            && self.members_learned.load(Ordering::Acquire)
-        {
+        if decided && !measured.is_empty() && self.members_learned.load(Ordering::Acquire) {
             self.clock_measured.store(true, Ordering::Release);
         }
         *current = v;
