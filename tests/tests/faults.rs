@@ -810,6 +810,39 @@ fn a_chain_of_clocks_within_the_allowed_offset_locks_no_node_out() {
     }
 }
 
+/// A node joins with its clock 110 s ahead, through the one member whose
+/// clock is within the allowed offset of it (+50 s; the two others at 0):
+/// it must not take a write on the word of the first peers it hears from
+/// (it did, about one start in four: stored on the member it joined
+/// through, and later on the others), only on a verdict its unmeasured
+/// peers cannot overturn, which is skewed here.
+#[test]
+fn a_node_joining_with_its_clock_ahead_takes_no_write_before_it_has_heard_enough_peers() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let c = start_joined(dirs[2].path(), &a, &["--clock-offset-ms", "50000"]);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for n in [&a, &b, &c] {
+        assert_eq!(clock(n)["skewed"], false, "{}", clock(n));
+    }
+    let d = start_joined(dirs[3].path(), &c, &["--clock-offset-ms", "110000"]);
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut tries = 0;
+    while std::time::Instant::now() < until {
+        let (status, body) = d.http("PUT", &format!("/early/k{tries}"), b"v");
+        assert_eq!(status, 503, "write {tries} through d: {body}");
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(clock(&d)["skewed"], true, "{}", clock(&d));
+    for n in [&a, &b, &c, &d] {
+        assert_eq!(local_keys(n, "early"), 0, "{}", n.addr);
+    }
+}
+
 /// A byte of a collection file's header rots while the node is down: the
 /// node starts (rather than refusing the file, whose only remedy was to
 /// move it away and lose the collection on a node alone), rebuilds the
