@@ -112,7 +112,8 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
     assert!(metrics.contains("dhrt_disk_full 1"), "{metrics}");
     let disk = &stats(&node)["disk"];
     assert_eq!(disk["full"], true, "{disk}");
-    assert!(disk["free_bytes"].as_u64().unwrap() < 48 << 20, "{disk}");
+    // Full: less than three reserves (1 MiB each on this disk) free.
+    assert!(disk["free_bytes"].as_u64().unwrap() < 3 << 20, "{disk}");
     // Served still, and a restart on the full disk changes nothing.
     let addr = node.addr;
     assert!(node.stop("TERM").success());

@@ -244,6 +244,30 @@ pub(crate) fn decided(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) ->
     skewed(off + unmeasured, within) == skewed(off, within + unmeasured)
 }
 
+/// For a node not cleared to write yet whose measured peers do not decide
+/// its verdict ([`decided`]): skewed if its clock is beyond the allowed
+/// offset from any peer it has heard, since the peers not heard from yet
+/// could side with that one.
+pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) -> Option<Verdict> {
+    let max = max_offset_ms as i64;
+    let off = offsets.iter().filter(|o| o.abs() > max).count();
+    (off > 0).then(|| Verdict {
+        skewed: true,
+        ahead_ms: -cluster_offset(offsets, max_offset_ms),
+        reason: format!(
+            "this node's clock is {} s off from the clocks of {off} of the {} peers it has heard from ({}), more than the {} s allowed, with {unmeasured} more not heard from yet: writes are refused until enough peers are heard to tell whose clock is wrong (reads go on)",
+            worst(offsets).unsigned_abs() / 1000,
+            offsets.len(),
+            if worst(offsets) < 0 {
+                "this node is ahead"
+            } else {
+                "this node is behind"
+            },
+            max_offset_ms / 1000
+        ),
+    })
+}
+
 /// The offset of largest size.
 fn worst(offsets: &[i64]) -> i64 {
     offsets
@@ -392,6 +416,14 @@ mod tests {
         assert!(decided(&[HOUR, HOUR, HOUR], 1, MAX));
         assert!(!decided(&[HOUR], 1, MAX));
         assert!(decided(&[], 0, MAX));
+        // Not decided, one peer heard beyond the allowed offset: skewed
+        // until enough are heard.
+        let v = unsettled(&[-60_000, -110_000], 1, MAX).unwrap();
+        assert!(
+            v.skewed && v.reason.contains("with 1 more not heard from yet"),
+            "{v:?}"
+        );
+        assert!(unsettled(&[5, -3], 2, MAX).is_none());
     }
 
     #[test]

@@ -20,6 +20,8 @@ impl Cluster {
     /// left, the dead ones by their last word), logging when the verdict
     /// changes.
     pub(super) fn judge_clock(&self) {
+        // Read before the members: a join merges its table, then says so.
+        let learned = self.members_learned.load(Ordering::Acquire);
         let known: Vec<u64> = self
             .membership
             .lock()
@@ -59,15 +61,22 @@ impl Cluster {
         // And once the peers not measured could not overturn the verdict.
         let unmeasured = known.len().saturating_sub(measured.len());
         let decided = enough && skew::decided(&measured, unmeasured, max);
-        let v = if decided {
+        // Cleared to write once before (on a decided verdict): judged by
+        // most peers, as ever, a dead one never measured since a restart
+        // notwithstanding.
+        let cleared = self.clock_measured.load(Ordering::Acquire);
+        let v = if decided || (enough && cleared) || known.is_empty() {
             skew::verdict(&measured, max, clock_ahead)
         } else {
             // Too few measured to judge by offsets (a join just brought
-            // members not heard from yet): the log's stamps still count,
-            // and so do the offsets of most peers; a verdict of skew stands
-            // until the peers decide it.
-            let measured: &[i64] = if enough { &measured } else { &[] };
-            let fresh = skew::verdict(measured, max, clock_ahead);
+            // members not heard from yet), or, not cleared yet, too few to
+            // decide: the log's stamps still count, a clock off from a
+            // peer heard is not trusted until enough are, and a verdict of
+            // skew stands until the peers decide it.
+            let mut fresh = skew::verdict(if enough { &measured } else { &[] }, max, clock_ahead);
+            if !cleared && !fresh.skewed {
+                fresh = skew::unsettled(&measured, unmeasured, max).unwrap_or(fresh);
+            }
             let current = self.verdict.lock().unwrap().clone();
             if fresh.skewed || !current.skewed {
                 fresh
@@ -97,12 +106,12 @@ impl Cluster {
         self.skewed.store(v.skewed, Ordering::Release);
         self.judged_wall_minus_mono
             .store(wall as i64 - mono as i64, Ordering::Release);
-        // Cleared to write once the verdict stands whatever the peers not
+        // Cleared to write once the verdict is good whatever the peers not
         // measured yet say (a node that just joined, having heard from a
         // few, waits for the rest when they could overturn it), and only
         // once it knows who they are: a joining node may hear from the
         // member it joins through before that member's table arrives.
-        if decided && !measured.is_empty() && self.members_learned.load(Ordering::Acquire) {
+        if decided && !v.skewed && !measured.is_empty() && learned {
             self.clock_measured.store(true, Ordering::Release);
         }
         *current = v;

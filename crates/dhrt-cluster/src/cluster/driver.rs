@@ -241,9 +241,16 @@ impl Cluster {
         let mut seeds = self.options.seeds.clone();
         let mut backoff = Duration::from_millis(200);
         loop {
-            if !self.alive_peers().is_empty() {
-                // Someone reached this node first: it is in.
-                self.members_learned.store(true, Ordering::Release);
+            let alive = self.alive_peers();
+            if !alive.is_empty() {
+                // Someone reached this node first: it is in. Its gossip
+                // brings news, not the whole table: ask for that (a failed
+                // ask leaves the clock to be cleared after its grace).
+                for peer in &alive {
+                    if self.join_through(&peer.addr).await.is_ok() {
+                        break;
+                    }
+                }
                 self.handoff().await;
                 return;
             }
@@ -296,7 +303,12 @@ impl Cluster {
             ));
         }
         self.with_membership(|m, _| m.set_syncing(true));
+        // Its clock is unchecked against the cluster it joins until it has
+        // that cluster's table and has compared it with enough members.
+        self.members_learned.store(false, Ordering::Release);
+        self.clock_measured.store(false, Ordering::Release);
         if let Err(e) = self.join_through(addr).await {
+            self.members_learned.store(true, Ordering::Release);
             if !self.sync.running.load(Ordering::Acquire) {
                 self.with_membership(|m, _| m.set_syncing(false));
             }
