@@ -847,6 +847,44 @@ fn a_node_joining_with_its_clock_ahead_takes_no_write_before_it_has_heard_enough
     }
 }
 
+/// A node joins a pair whose other member is dead, with its clock two
+/// hours ahead: it has heard one peer of two, which is off, and the dead
+/// one could side with either. It refuses writes, also past the 10 s in
+/// which a node whose peers never answer takes them after all (it used to
+/// take them then, 200 under `local`: stamped two hours ahead, kept on it
+/// alone, refused by the live member).
+#[test]
+fn a_node_joining_with_its_clock_ahead_while_half_its_peers_are_dead_takes_no_write() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    eventually("a pair", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let b_addr = b.addr.to_string();
+    b.signal("KILL");
+    drop(b);
+    eventually("b is dead", Duration::from_secs(20), || {
+        state_of(&a, &b_addr).as_deref() == Some("dead")
+    });
+    let d = start_joined(
+        dirs[2].path(),
+        &a,
+        &["--clock-offset-ms", "7200000", "--write-ack", "local"],
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let mut tries = 0;
+    while std::time::Instant::now() < until {
+        let (status, body) = d.http("PUT", &format!("/ahead/k{tries}"), b"v");
+        assert_eq!(status, 503, "write {tries} through d: {body}");
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(clock(&d)["skewed"], true, "{}", clock(&d));
+    assert_eq!(local_keys(&d, "ahead"), 0);
+    assert_eq!(local_keys(&a, "ahead"), 0);
+}
+
 /// A byte of a collection file's header rots while the node is down: the
 /// node starts (rather than refusing the file, whose only remedy was to
 /// move it away and lose the collection on a node alone), rebuilds the

@@ -58,9 +58,11 @@ impl Cluster {
         // Judge by offsets only once most known peers are measured: a
         // first word from one peer is no majority.
         let enough = measured.len() * 2 > known.len();
-        // And once the peers not measured could not overturn the verdict.
+        // Or once the peers not measured could not overturn the verdict
+        // (one of two peers measured within the allowed offset, the other
+        // dead since before this node started, decides it).
         let unmeasured = known.len().saturating_sub(measured.len());
-        let decided = enough && skew::decided(&measured, unmeasured, max);
+        let decided = !measured.is_empty() && skew::decided(&measured, unmeasured, max);
         // Cleared to write once before (on a decided verdict): judged by
         // most peers, as ever, a dead one never measured since a restart
         // notwithstanding.
@@ -168,14 +170,15 @@ impl Cluster {
                 .checked_sub(self.epoch.elapsed())
                 .max(UNVERIFIED_GRACE.checked_sub(from_peers))
             else {
+                if !self.unchecked_said.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "no peer answered within {} s of starting: taking writes with a clock nobody checked",
+                        UNVERIFIED_GRACE.as_secs()
+                    );
+                }
                 return Ok(());
             };
-            if tokio::time::timeout(left, judged).await.is_err() {
-                tracing::warn!(
-                    "no peer answered within {} s of starting: taking writes with a clock nobody checked",
-                    UNVERIFIED_GRACE.as_secs()
-                );
-            }
+            let _ = tokio::time::timeout(left, judged).await;
         }
     }
 

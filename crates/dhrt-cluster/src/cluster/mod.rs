@@ -218,17 +218,17 @@ pub struct Cluster {
     /// The cluster's time as an offset from this node's wall clock, ms
     /// (`skew::cluster_offset`), as last judged.
     cluster_offset: AtomicI64,
-    /// The peers' alone, the lower and the upper middle
-    /// (`skew::peers_offset`): contact is recorded by the lower, absence
-    /// measured by the upper, so that a peer's clock off on a tie never
-    /// makes an absence look shorter.
+    /// The peers' alone, the lower and the upper middle: contact recorded
+    /// by the lower, absence by the upper (`contact.rs`).
     peers_offset_low: AtomicI64,
     peers_offset_high: AtomicI64,
     /// Wall minus monotonic clock when the verdict was drawn: a change
     /// since means the wall clock jumped.
     judged_wall_minus_mono: AtomicI64,
-    /// Whether most known peers' clocks were measured yet.
+    /// Cleared to write: compared with enough peers (`judge_clock`).
     clock_measured: AtomicBool,
+    /// Whether it said it takes writes with a clock nobody checked.
+    unchecked_said: AtomicBool,
     /// Woken each time the clock is judged.
     clock_judged: Notify,
     /// When (ms on the monotonic clock) this node last went from no peer
@@ -376,6 +376,7 @@ impl Cluster {
             peers_offset_high: AtomicI64::new(0),
             judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
             clock_measured: AtomicBool::new(false),
+            unchecked_said: AtomicBool::new(false),
             clock_judged: Notify::new(),
             peers_since_ms: AtomicU64::new(0),
             strictest_offset_ms: AtomicU64::new(options_max_offset),
