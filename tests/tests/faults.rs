@@ -814,6 +814,21 @@ fn a_chain_of_clocks_within_the_allowed_offset_locks_no_node_out() {
     }
 }
 
+/// Writes to `collection` through `node`, one each `every`, for `span`:
+/// every one refused for the node's clock (503), which it then says is
+/// skewed.
+fn refuses_every_write(node: &Dhrtd, collection: &str, span: Duration, every: Duration) {
+    let until = std::time::Instant::now() + span;
+    let mut tries = 0;
+    while std::time::Instant::now() < until {
+        let (status, body) = node.http("PUT", &format!("/{collection}/k{tries}"), b"v");
+        assert_eq!(status, 503, "write {tries} through {}: {body}", node.addr);
+        tries += 1;
+        std::thread::sleep(every);
+    }
+    assert_eq!(clock(node)["skewed"], true, "{}", clock(node));
+}
+
 /// A node joins with its clock 100 s ahead, through the one member whose
 /// clock is within the allowed offset of it (+50 s; the two others at 0):
 /// it must not take a write on the word of the first peers it hears from
@@ -833,15 +848,12 @@ fn a_node_joining_with_its_clock_ahead_takes_no_write_before_it_has_heard_enough
         assert_eq!(clock(n)["skewed"], false, "{}", clock(n));
     }
     let d = start_joined(dirs[3].path(), &c, &["--clock-offset-ms", "100000"]);
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    let mut tries = 0;
-    while std::time::Instant::now() < until {
-        let (status, body) = d.http("PUT", &format!("/early/k{tries}"), b"v");
-        assert_eq!(status, 503, "write {tries} through d: {body}");
-        tries += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(clock(&d)["skewed"], true, "{}", clock(&d));
+    refuses_every_write(
+        &d,
+        "early",
+        Duration::from_secs(3),
+        Duration::from_millis(50),
+    );
     for n in [&a, &b, &c, &d] {
         assert_eq!(local_keys(n, "early"), 0, "{}", n.addr);
     }
@@ -872,15 +884,12 @@ fn a_node_joining_with_its_clock_ahead_while_half_its_peers_are_dead_takes_no_wr
         &a,
         &["--clock-offset-ms", "7200000", "--write-ack", "local"],
     );
-    let until = std::time::Instant::now() + Duration::from_secs(12);
-    let mut tries = 0;
-    while std::time::Instant::now() < until {
-        let (status, body) = d.http("PUT", &format!("/ahead/k{tries}"), b"v");
-        assert_eq!(status, 503, "write {tries} through d: {body}");
-        tries += 1;
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(clock(&d)["skewed"], true, "{}", clock(&d));
+    refuses_every_write(
+        &d,
+        "ahead",
+        Duration::from_secs(12),
+        Duration::from_millis(500),
+    );
     assert_eq!(local_keys(&d, "ahead"), 0);
     assert_eq!(local_keys(&a, "ahead"), 0);
 }

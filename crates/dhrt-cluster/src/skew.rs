@@ -194,22 +194,15 @@ pub(crate) struct Verdict {
 /// stamp) lies ahead of its wall time (`clock_ahead_ms`).
 pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) -> Verdict {
     let ahead_ms = -cluster_offset(offsets, max_offset_ms);
-    let max = max_offset_ms as i64;
-    let off = offsets.iter().filter(|o| o.abs() > max).count();
-    let within = offsets.len() - off + 1;
+    let (off, within) = split(offsets, max_offset_ms);
     if off > 0 && off >= within {
+        let (secs, which) = worst(offsets);
         return Verdict {
             skewed: true,
             ahead_ms,
             reason: format!(
-                "this node's clock is {} s off from the clocks of {off} of its {} peers ({}), more than the {} s allowed: writes are refused until the clocks agree (reads go on)",
-                worst(offsets).unsigned_abs() / 1000,
+                "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than the {} s allowed: writes are refused until the clocks agree (reads go on)",
                 offsets.len(),
-                if worst(offsets) < 0 {
-                    "this node is ahead"
-                } else {
-                    "this node is behind"
-                },
                 max_offset_ms / 1000
             ),
         };
@@ -237,9 +230,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
 /// has measured only some of its peers (one that just joined) must not
 /// take writes on a verdict the others could overturn.
 pub(crate) fn decided(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) -> bool {
-    let max = max_offset_ms as i64;
-    let off = offsets.iter().filter(|o| o.abs() > max).count();
-    let within = offsets.len() - off + 1;
+    let (off, within) = split(offsets, max_offset_ms);
     let skewed = |off: usize, within: usize| off > 0 && off >= within;
     skewed(off + unmeasured, within) == skewed(off, within + unmeasured)
 }
@@ -249,32 +240,42 @@ pub(crate) fn decided(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) ->
 /// offset from any peer it has heard, since the peers not heard from yet
 /// could side with that one.
 pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) -> Option<Verdict> {
-    let max = max_offset_ms as i64;
-    let off = offsets.iter().filter(|o| o.abs() > max).count();
+    let (off, _) = split(offsets, max_offset_ms);
+    let (secs, which) = worst(offsets);
     (off > 0).then(|| Verdict {
         skewed: true,
         ahead_ms: -cluster_offset(offsets, max_offset_ms),
         reason: format!(
-            "this node's clock is {} s off from the clocks of {off} of the {} peers it has heard from ({}), more than the {} s allowed, with {unmeasured} more not heard from yet: writes are refused until enough peers are heard to tell whose clock is wrong (reads go on)",
-            worst(offsets).unsigned_abs() / 1000,
+            "this node's clock is {secs} s off from the clocks of {off} of the {} peers it has heard from ({which}), more than the {} s allowed, with {unmeasured} more not heard from yet: writes are refused until enough peers are heard to tell whose clock is wrong (reads go on)",
             offsets.len(),
-            if worst(offsets) < 0 {
-                "this node is ahead"
-            } else {
-                "this node is behind"
-            },
             max_offset_ms / 1000
         ),
     })
 }
 
-/// The offset of largest size.
-fn worst(offsets: &[i64]) -> i64 {
-    offsets
+/// How many peers are beyond the allowed offset, and how many clocks
+/// within it (this node's own counted).
+fn split(offsets: &[i64], max_offset_ms: u64) -> (usize, usize) {
+    let off = offsets
+        .iter()
+        .filter(|o| o.unsigned_abs() > max_offset_ms)
+        .count();
+    (off, offsets.len() - off + 1)
+}
+
+/// The offset of largest size, in whole seconds, and which way it goes.
+fn worst(offsets: &[i64]) -> (u64, &'static str) {
+    let worst = offsets
         .iter()
         .copied()
         .max_by_key(|o| o.unsigned_abs())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let which = if worst < 0 {
+        "this node is ahead"
+    } else {
+        "this node is behind"
+    };
+    (worst.unsigned_abs() / 1000, which)
 }
 
 #[cfg(test)]
