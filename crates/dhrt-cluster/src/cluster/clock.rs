@@ -172,7 +172,7 @@ impl Cluster {
             else {
                 if !self.unchecked_said.swap(true, Ordering::AcqRel) {
                     tracing::warn!(
-                        "no peer answered within {} s of starting: taking writes with a clock nobody checked",
+                        "too few peers answered within {} s of starting to check this node's clock (none, or fewer than could decide it): taking writes with its clock unchecked",
                         UNVERIFIED_GRACE.as_secs()
                     );
                 }
