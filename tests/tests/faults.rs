@@ -894,6 +894,51 @@ fn a_node_joining_with_its_clock_ahead_while_half_its_peers_are_dead_takes_no_wr
     assert_eq!(local_keys(&a, "ahead"), 0);
 }
 
+/// A node allowing clocks a day apart, in a cluster whose other member
+/// allows 60 s, admits peers' stamps by the strictest setting, as it
+/// judges its own clock: records written 90 s ahead by a third, lenient
+/// node before it joined are refused on both (the lenient one used to
+/// store them, then judge itself skewed for holding them, refusing writes
+/// for 30 s).
+#[test]
+fn a_lenient_node_admits_stamps_by_the_strictest_allowed_offset() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let lenient = ["--max-clock-offset-ms", "86400000"];
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &lenient);
+    eventually("a pair", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let c = Dhrtd::start(
+        dirs[2].path(),
+        &["--clock-offset-ms", "90000", lenient[0], lenient[1]],
+    );
+    for i in 0..3 {
+        assert_eq!(c.http("PUT", &format!("/lenient/k{i}"), b"v").0, 200);
+    }
+    let out = Command::new(cli())
+        .args(["--addr", &c.addr.to_string(), "join", &a.addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    eventually(
+        "a and b refuse c's records",
+        Duration::from_secs(20),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|n| metric(n, "dhrt_refused_future_total").unwrap_or(0.0) > 0.0)
+        },
+    );
+    // A few anti-entropy rounds (every 2 s) later.
+    std::thread::sleep(Duration::from_secs(5));
+    for n in [&a, &b] {
+        assert_eq!(local_keys(n, "lenient"), 0, "{}", n.addr);
+        assert_eq!(clock(n)["skewed"], false, "{}: {}", n.addr, clock(n));
+        assert_eq!(n.http("PUT", "/other/k", b"v").0, 200, "{}", n.addr);
+    }
+}
+
 /// A byte of a collection file's header rots while the node is down: the
 /// node starts (rather than refusing the file, whose only remedy was to
 /// move it away and lose the collection on a node alone), rebuilds the

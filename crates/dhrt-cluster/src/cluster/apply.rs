@@ -97,7 +97,7 @@ impl Cluster {
                 refused.len(),
                 v.node,
                 Guard::ahead_s(v.ts, wall),
-                self.options.max_clock_ahead.as_secs()
+                guard.max_offset_ms / 1000
             );
         }
         // Records no node sends: of a system collection other than the two

@@ -402,9 +402,9 @@ impl Cluster {
     }
 
     fn guard(&self) -> Guard {
-        Guard {
-            max_offset_ms: self.options.max_clock_ahead.as_millis() as u64,
-        }
+        // The strictest setting heard, as the verdict judges by.
+        let max_offset_ms = self.strictest_offset_ms.load(Ordering::Acquire);
+        Guard { max_offset_ms }
     }
 
     /// Who this node is.

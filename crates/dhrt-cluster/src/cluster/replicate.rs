@@ -121,7 +121,7 @@ impl Cluster {
                     "{} writes lost to versions stamped up to {} s ahead of this node's clock (more than the {} s allowed), by node {:016x}: not stamped again; check the clocks",
                     beyond.len(),
                     crate::skew::Guard::ahead_s(v.ts, wall),
-                    self.options.max_clock_ahead.as_secs(),
+                    guard.max_offset_ms / 1000,
                     v.node
                 );
             }
