@@ -935,6 +935,8 @@ fn a_lenient_node_admits_stamps_by_the_strictest_allowed_offset() {
     for n in [&a, &b] {
         assert_eq!(local_keys(n, "lenient"), 0, "{}", n.addr);
         assert_eq!(clock(n)["skewed"], false, "{}: {}", n.addr, clock(n));
+        // The bound in force, the strictest, not b's own setting.
+        assert_eq!(clock(n)["max_offset_ms"], 60_000, "{}", n.addr);
         assert_eq!(n.http("PUT", "/other/k", b"v").0, 200, "{}", n.addr);
     }
 }

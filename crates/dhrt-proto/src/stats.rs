@@ -61,8 +61,8 @@ pub struct ClockInfo {
     /// median of its own and its measured peers' clocks), in ms (negative:
     /// behind); 0 with no peer measured.
     pub ahead_ms: i64,
-    /// The largest offset allowed between two nodes' clocks, in ms
-    /// (`--max-clock-offset-ms`).
+    /// The largest offset allowed between two nodes' clocks, in ms: the
+    /// strictest `--max-clock-offset-ms` among the members.
     pub max_offset_ms: u64,
     /// Why the node is skewed, in a sentence; empty when it is not.
     pub reason: String,

@@ -207,7 +207,7 @@ impl Cluster {
         dhrt_proto::ClockInfo {
             skewed: v.skewed,
             ahead_ms: v.ahead_ms,
-            max_offset_ms: self.max_offset_ms(),
+            max_offset_ms: self.strictest_offset_ms.load(Ordering::Acquire),
             reason: v.reason,
         }
     }
