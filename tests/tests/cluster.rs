@@ -77,6 +77,16 @@ pub(crate) fn start_joined(dir: &std::path::Path, seed: &Dhrtd, extra: &[&str]) 
     Dhrtd::start(dir, &args)
 }
 
+/// Two members, the second joined through the first, both healthy.
+pub(crate) fn two_joined(dirs: &[tempfile::TempDir], extra: &[&str]) -> (Dhrtd, Dhrtd) {
+    let a = Dhrtd::start(dirs[0].path(), extra);
+    let b = start_joined(dirs[1].path(), &a, extra);
+    eventually("two healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    (a, b)
+}
+
 /// Three nodes, b and c joined through a, once all are healthy.
 pub(crate) fn three_joined(dirs: &[tempfile::TempDir], extra: &[&str]) -> (Dhrtd, Dhrtd, Dhrtd) {
     let a = Dhrtd::start(dirs[0].path(), extra);
@@ -331,11 +341,7 @@ fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_cop
     // b restarts while a is down: it knows a only by its address in
     // cluster.state. A write it holds alone is not on "every replica".
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("two healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     assert_eq!(a.http("POST", "/c/old/v", b"").0, 200);
     eventually("b remembers a", Duration::from_secs(10), || {
         std::fs::read_to_string(dirs[1].path().join("cluster.state"))
@@ -368,11 +374,7 @@ fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_cop
 #[test]
 fn a_node_whose_peers_all_left_restarts_alone_and_takes_writes() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("two healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     eventually("a remembers b", Duration::from_secs(10), || {
         std::fs::read_to_string(dirs[0].path().join("cluster.state"))
             .is_ok_and(|s| s.contains(&format!("member {}", b.addr)))
@@ -422,11 +424,7 @@ fn a_seed_given_itself_as_node_runs_as_a_node_started_alone() {
 #[test]
 fn a_restart_without_node_rejoins_the_members_it_remembers() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("two healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     // The member list reaches cluster.state within a couple of seconds.
     eventually("b remembers a", Duration::from_secs(10), || {
         std::fs::read_to_string(dirs[1].path().join("cluster.state"))
@@ -526,11 +524,7 @@ fn dhrt_cli_join_makes_two_running_nodes_one_cluster() {
 #[test]
 fn sigterm_leaves_the_cluster() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("two healthy members", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     let b_addr = b.addr.to_string();
     assert!(b.stop("TERM").success());
     eventually("the stopped node is left", Duration::from_secs(5), || {

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::cluster::{
     all_healthy, digest_of, eventually, local_keys, start_joined, state_of, stats, three_joined,
+    two_joined,
 };
 use crate::dhrtd::{Dhrtd, binary};
 
@@ -379,11 +380,7 @@ fn a_zeroed_page_past_the_durable_watermark_is_cut_and_one_below_is_refused() {
 #[test]
 fn a_value_rotted_on_disk_is_detected_on_read_and_repaired_from_a_peer() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     let good = value(4000, 3);
     assert_eq!(a.http("PUT", "/rot/victim", &good).0, 200);
     assert_eq!(a.http("PUT", "/rot/bystander", b"fine").0, 200);
@@ -611,11 +608,7 @@ fn a_node_alone_goes_on_writing_after_its_clock_is_set_back() {
 #[test]
 fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &[]);
-    let b = start_joined(dirs[1].path(), &a, &[]);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
+    let (a, b) = two_joined(&dirs, &[]);
     let good = value(4000, 5);
     assert_eq!(a.http("PUT", "/rot/lonely", &good).0, 200);
     a.stop("KILL");
