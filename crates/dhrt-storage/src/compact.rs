@@ -244,6 +244,8 @@ pub(crate) fn compact(
         bytes_before: t0,
         ..Default::default()
     };
+    // Where the records that failed their checksums were.
+    let mut damaged = std::collections::HashSet::new();
 
     let result = (|| {
         // Phase 1: choose what to copy: what the index points at below t0
@@ -343,6 +345,7 @@ pub(crate) fn compact(
                 coll.quarantined
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 report.damaged += 1;
+                damaged.insert(offset);
                 continue;
             };
             let new_offset = base + out.len() as u64;
@@ -492,7 +495,21 @@ pub(crate) fn compact(
         let _ = std::fs::remove_file(tmp);
     }
     match result {
-        Ok(true) => collection::retire(old),
+        Ok(true) => {
+            if !damaged.is_empty() {
+                // Their keys read as damaged, as a read's quarantine
+                // makes them: the old index still points at the records
+                // (a key written since points past t0, and is not).
+                let mut keys = Vec::new();
+                old.index.for_each(|k, s| {
+                    if damaged.contains(&s.offset()) {
+                        keys.push(k.as_bytes().to_vec());
+                    }
+                });
+                coll.note_quarantined(keys);
+            }
+            collection::retire(old)
+        }
         Ok(false) if report.damaged > 0 => {
             // Given up after meeting damaged records still in the file:
             // they are not forgotten (the store's close compacts them

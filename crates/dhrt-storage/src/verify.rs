@@ -106,15 +106,25 @@ impl Collection {
             state.garbage += slot.record_len(key.len());
         });
         self.quarantined.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut keys = self.quarantined_keys.lock().unwrap();
+        self.note_quarantined([key.to_vec()]);
+        self.compact_requested.store(true, Ordering::Release);
+    }
+
+    /// Hands `keys`, whose records were found damaged and left the index,
+    /// to `Store::take_quarantined`: the node reads them as damaged, not
+    /// missing, until a replica's copy is applied.
+    pub(crate) fn note_quarantined(&self, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let mut held = self.quarantined_keys.lock().unwrap();
+        for key in keys {
             // Bounded: the node only needs the recent ones.
-            if keys.len() < 100_000 {
-                keys.push(key.to_vec());
+            if held.len() >= 100_000 {
+                break;
             }
+            held.push(key);
+        }
+        if !held.is_empty() {
             self.any_quarantined.store(true, Ordering::Release);
         }
-        self.compact_requested.store(true, Ordering::Release);
     }
 
     /// Quarantines the record at `offset` in `log` whose key is not known

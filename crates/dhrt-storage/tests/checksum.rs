@@ -239,12 +239,39 @@ fn a_compaction_drops_a_valid_record_of_another_key_written_over_a_value() {
     let report = store.compact("c").unwrap();
     assert_eq!(report.damaged, 1, "{report:?}");
     assert_eq!(store.get("c", &key(11)).unwrap(), None);
+    // Its key is handed over as quarantined, as a read's would be: the
+    // node reads it as damaged, not missing.
+    assert_eq!(store.take_quarantined("c"), vec![key(11)]);
     assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
     assert_eq!(store.scan("c").unwrap().count(), 59);
     drop(store);
     let store = Store::open(dir.path(), quiet_options()).unwrap();
     assert_eq!(store.get("c", &key(12)).unwrap(), Some(value(12).into()));
     assert_eq!(store.scan("c").unwrap().count(), 59);
+}
+
+#[test]
+fn damage_a_compaction_meets_before_any_read_quarantines_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, offsets) = loaded(dir.path());
+    // Key 30 is written again after the damage: its new record is good.
+    for i in [4, 30, 41] {
+        damage(dir.path(), &offsets, i);
+    }
+    store.set("c", &key(30), b"again").unwrap();
+
+    let report = store.compact("c").unwrap();
+    assert_eq!(report.damaged, 2, "{report:?}");
+    let mut keys = store.take_quarantined("c");
+    keys.sort();
+    assert_eq!(keys, vec![key(4), key(41)]);
+    assert!(store.take_quarantined("c").is_empty());
+    assert_eq!(store.get("c", &key(4)).unwrap(), None);
+    assert_eq!(
+        store.get("c", &key(30)).unwrap(),
+        Some(b"again".to_vec().into())
+    );
+    assert_eq!(store.scan("c").unwrap().count(), 58);
 }
 
 /// XORs `mask` into the byte at `at` of `c`'s file (one damaged byte, as
