@@ -656,6 +656,18 @@ impl Collection {
                 }
             }
             end = found.end;
+            if let Some(at) = found.regressed_at {
+                // Whole, valid records out of seq order: no crash writes
+                // them, wherever they are (a torn tail is cut at its first
+                // bad record). One of them was written over another
+                // record, which is lost, and the index would be rebuilt
+                // from whichever wins: an old value, a deleted key back.
+                return Err(Error::Corrupt {
+                    path: path.into(),
+                    offset: at as u64,
+                    reason: "a record here has a seq no greater than one before it: a record copied over another (a misdirected write), here or just before",
+                });
+            }
             recovery.records = found.count;
             recovery.max_ts = found.max_ts;
             if below_watermark(end) {

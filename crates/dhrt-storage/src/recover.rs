@@ -166,11 +166,14 @@ pub(crate) struct Scanned {
     /// The walk stopped at `end` before a record reaching past its bound,
     /// without checking it: whoever goes on from `end` does.
     deferred: bool,
-    /// A record's seq was not greater than the one before it in this walk
-    /// (a valid log's seqs increase record by record: only bytes that are
-    /// not the log's own records, such as records embedded in a value,
-    /// break that).
-    seq_regressed: bool,
+    /// The seq of the walk's first record (0 before one is found).
+    first_seq: u64,
+    /// Where the first record whose seq was not greater than every seq
+    /// before it in this walk starts. A valid log's seqs increase record by
+    /// record: only bytes that are not the log's own records break that,
+    /// such as records embedded in a value (for a walk from a false start),
+    /// or a record written over another (a misdirected write).
+    pub(crate) regressed_at: Option<usize>,
 }
 
 impl Scanned {
@@ -188,6 +191,18 @@ impl Scanned {
         }
         self.drops += next.drops;
         self.checkpoints.extend(next.checkpoints);
+        if self.regressed_at.is_none() {
+            // `next` starts where this walk ended.
+            let at_seam = self.count > 0 && next.count > 0 && next.first_seq <= self.max_seq;
+            self.regressed_at = if at_seam {
+                Some(self.end)
+            } else {
+                next.regressed_at
+            };
+        }
+        if self.count == 0 {
+            self.first_seq = next.first_seq;
+        }
         self.max_seq = self.max_seq.max(next.max_seq);
         self.max_ts = self.max_ts.max(next.max_ts);
         self.count += next.count;
@@ -260,7 +275,7 @@ impl Scanned {
         // can carry the next seq, but the true next record then repeats
         // it.
         let after = scan_from(buf, at + len, buf.len(), false);
-        if after.seq_regressed {
+        if after.regressed_at.is_some() {
             return None;
         }
         self.extend(after);
@@ -312,7 +327,11 @@ fn scan_from(buf: &[u8], from: usize, until: usize, defer: bool) -> Scanned {
         {
             s.checkpoints.push((header.seq, at));
         }
-        s.seq_regressed |= header.seq <= s.max_seq;
+        if s.count == 0 {
+            s.first_seq = header.seq;
+        } else if header.seq <= s.max_seq && s.regressed_at.is_none() {
+            s.regressed_at = Some(s.end);
+        }
         s.max_seq = s.max_seq.max(header.seq);
         s.max_ts = s.max_ts.max(header.version.ts);
         if header.kind == Kind::Drop {
@@ -681,13 +700,19 @@ mod tests {
     type Item = (u8, Vec<u8>, Vec<u8>, bool);
 
     fn log_of(items: &[Item]) -> Vec<u8> {
+        log_with_seq_back(items, None)
+    }
+
+    /// [`log_of`], the record at `back` numbered as the one before it (a
+    /// record out of seq order, as a misdirected write leaves).
+    fn log_with_seq_back(items: &[Item], back: Option<usize>) -> Vec<u8> {
         let mut buf = record::file_header(record::FileHeader {
             history: 7,
             purged_seq: 0,
         })
         .to_vec();
-        for (seq, (kind, key, value, nested)) in items.iter().enumerate() {
-            let seq = seq as u64 + 1;
+        for (i, (kind, key, value, nested)) in items.iter().enumerate() {
+            let seq = i as u64 + 1 - u64::from(back == Some(i) && i > 0);
             let version = Version::new(1000 + seq * 3, 1 + seq % 3);
             let mut value = value.clone();
             if *nested {
@@ -751,6 +776,7 @@ mod tests {
         assert_eq!(parallel.end, single.end);
         assert_eq!(parallel.count, single.count);
         assert_eq!(parallel.max_seq, single.max_seq);
+        assert_eq!(parallel.regressed_at, single.regressed_at);
         assert_eq!(parallel.max_ts, single.max_ts);
         assert_eq!(
             (parallel.dropped_at, parallel.drop_offset, parallel.drops),
@@ -768,7 +794,9 @@ mod tests {
         }
         assert_eq!(parallel.checkpoints.first(), starts.first());
         for w in parallel.checkpoints.windows(2) {
-            assert!(w[0].0 < w[1].0 && w[0].1 < w[1].1, "{w:?}");
+            // (A log out of seq order is refused: its seqs prove nothing.)
+            let seqs_ordered = w[0].0 < w[1].0 || single.regressed_at.is_some();
+            assert!(seqs_ordered && w[0].1 < w[1].1, "{w:?}");
         }
         for c in &parallel.checkpoints {
             assert!(starts.contains(c), "{c:?} is not a record start");
@@ -796,8 +824,10 @@ mod tests {
             zeros in 0usize..5000,
             threads in 1usize..4,
             stretches in 2usize..24,
+            back in proptest::option::weighted(0.3, any::<prop::sample::Index>()),
         ) {
-            let mut buf = log_of(&items);
+            let back = back.map(|b| b.index(items.len().max(1)));
+            let mut buf = log_with_seq_back(&items, back);
             if let Some((at, flip)) = damage
                 && buf.len() > FILE_HEADER_LEN
             {
@@ -808,7 +838,22 @@ mod tests {
             let single = scan_from(&buf, FILE_HEADER_LEN, buf.len(), false);
             let parallel = scan_in_stretches(&buf, threads, stretches);
             same_result(&buf, &parallel, &single);
+            // The walk names the record numbered back, if it reached it.
+            let starts = record_starts(&buf, single.end);
+            let expected = back.filter(|&b| b > 0 && b < starts.len()).map(|b| starts[b]);
+            prop_assert_eq!(single.regressed_at, expected);
         }
+    }
+
+    /// Where each record a walk to `end` passes starts.
+    fn record_starts(buf: &[u8], end: usize) -> Vec<usize> {
+        let mut starts = Vec::new();
+        let mut at = FILE_HEADER_LEN;
+        while at < end {
+            starts.push(at);
+            at += record::peek_header(&buf[at..]).record_len();
+        }
+        starts
     }
 
     /// A record to write: kind (1 set, 2 tombstone, 3 drop), key, value,

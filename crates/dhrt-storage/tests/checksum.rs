@@ -209,6 +209,41 @@ fn a_valid_record_of_another_key_written_over_a_value_is_not_served() {
     assert!(listed.is_empty(), "{listed:?}");
 }
 
+/// The same misdirected write met first by an opening (nothing read it):
+/// both records are whole and valid, so only their seqs, out of order,
+/// show it, and the open is refused rather than rebuild the index from
+/// whichever wins (key 11's lost record may be its current value, or a
+/// delete).
+#[test]
+fn a_misdirected_write_met_by_an_opening_refuses_it() {
+    for later_over_earlier in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, offsets) = loaded(dir.path());
+        drop(store);
+        if later_over_earlier {
+            copy_record_12_over_11(dir.path(), &offsets);
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.path().join("c.dhrt"))
+                .unwrap();
+            let mut record = vec![0u8; (offsets[12] - offsets[11]) as usize];
+            file.read_exact_at(&mut record, offsets[11]).unwrap();
+            file.write_all_at(&record, offsets[12]).unwrap();
+        }
+        let before = std::fs::read(dir.path().join("c.dhrt")).unwrap();
+        match Store::open(dir.path(), quiet_options()) {
+            Err(Error::Corrupt { offset, reason, .. }) => {
+                assert_eq!(offset, offsets[12]);
+                assert!(reason.contains("misdirected write"), "{reason}");
+            }
+            other => panic!("opened a log with records out of seq order: {other:?}"),
+        }
+        assert_eq!(std::fs::read(dir.path().join("c.dhrt")).unwrap(), before);
+    }
+}
+
 /// A store closed right after a read found damage (before the background
 /// thread's compaction) compacts the damaged record out as it closes: the
 /// next open does not meet it below the durable watermark and refuse.

@@ -67,19 +67,29 @@ fn a_write_racing_a_release_is_never_lost() {
         let store = Arc::new(store);
         let done = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
+        let released = Arc::new(AtomicBool::new(false));
         let writer = {
-            let (store, done, written) = (store.clone(), done.clone(), written.clone());
+            let (store, done, written, released) = (
+                store.clone(),
+                done.clone(),
+                written.clone(),
+                released.clone(),
+            );
             std::thread::spawn(move || {
-                for i in 0..2000u64 {
+                // 2,000 writes, and more until a release went through (on
+                // a busy machine the first quiet moments may all be lost).
+                let mut i = 0u64;
+                while i < 2000 || (!released.load(Ordering::Acquire) && i < 200_000) {
                     store.set("c", format!("k{i}").as_bytes(), b"v").unwrap();
                     written.store(i + 1, Ordering::Release);
                     if i % 50 == 0 {
                         // Quiet moments, in which a release can go through.
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
+                    i += 1;
                 }
                 done.store(true, Ordering::Release);
-                2000
+                i
             })
         };
         // The releaser: a digest, then the keys it covers read back, then a
@@ -102,6 +112,7 @@ fn a_write_racing_a_release_is_never_lost() {
             }
             if store.release("c", &digest).unwrap() {
                 releases += 1;
+                released.store(true, Ordering::Release);
                 handed_over.extend(held);
             }
         }
