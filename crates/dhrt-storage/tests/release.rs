@@ -82,7 +82,7 @@ fn a_write_racing_a_release_is_never_lost() {
                 while i < 2000 || (!released.load(Ordering::Acquire) && i < 200_000) {
                     store.set("c", format!("k{i}").as_bytes(), b"v").unwrap();
                     written.store(i + 1, Ordering::Release);
-                    if i % 50 == 0 {
+                    if i.is_multiple_of(50) {
                         // Quiet moments, in which a release can go through.
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
