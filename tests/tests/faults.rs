@@ -21,7 +21,7 @@ fn clock(node: &Dhrtd) -> Value {
     stats(node)["clock"].clone()
 }
 
-fn metric(node: &Dhrtd, name: &str) -> Option<f64> {
+pub(crate) fn metric(node: &Dhrtd, name: &str) -> Option<f64> {
     let (_, m) = node.http("GET", "/metrics", b"");
     m.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

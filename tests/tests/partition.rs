@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::cluster::{all_healthy, digest_of, eventually, state_of};
 use crate::dhrtd::Dhrtd;
+use crate::faults::metric;
 use crate::watch::Stream;
 
 /// `ip` with `args`; whether it succeeded.
@@ -32,8 +33,9 @@ fn ip_in(ns: &str, args: &[&str]) -> bool {
     ip(&all)
 }
 
-/// `n` network namespaces on one bridge, named after this process so that
-/// parallel runs do not collide; removed on drop.
+/// `n` network namespaces on one bridge, named after this process and the
+/// test's turn in it so that parallel runs and tests do not collide;
+/// removed on drop.
 struct Net {
     prefix: String,
     subnet: String,
@@ -42,10 +44,12 @@ struct Net {
 
 impl Net {
     fn create(n: usize) -> Option<Net> {
+        static TURN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let turn = TURN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 20;
         let pid = std::process::id();
         let net = Net {
-            prefix: format!("dh{}", pid % 100_000),
-            subnet: format!("10.231.{}", pid % 250),
+            prefix: format!("dh{}t{turn}", pid % 100_000),
+            subnet: format!("10.{}.{}", 231 + turn, pid % 250),
             n,
         };
         let br = net.bridge();
@@ -139,15 +143,24 @@ fn set_cut_off(node: &Dhrtd, key: &str, value: &str) {
     assert!(body.contains(" of 3 replicas"), "PUT {key}: {body}");
 }
 
-#[test]
-fn a_partition_made_with_blackhole_routes_heals_and_converges() {
-    let Some(net) = Net::create(3) else {
+/// `n` namespaces, or `None` (the test passes, saying so) without root,
+/// unless `DHRT_REQUIRE_NETNS=1`.
+fn net_or_skip(n: usize) -> Option<Net> {
+    let net = Net::create(n);
+    if net.is_none() {
         let required = std::env::var("DHRT_REQUIRE_NETNS").is_ok_and(|v| v == "1");
         assert!(
             !required,
             "DHRT_REQUIRE_NETNS=1 but network namespaces cannot be created (run as root)"
         );
         eprintln!("skipped: creating network namespaces needs root");
+    }
+    net
+}
+
+#[test]
+fn a_partition_made_with_blackhole_routes_heals_and_converges() {
+    let Some(net) = net_or_skip(3) else {
         return;
     };
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -281,4 +294,97 @@ fn a_partition_made_with_blackhole_routes_heals_and_converges() {
         converged.as_secs_f64(),
         healed.elapsed().as_secs_f64()
     );
+}
+
+/// A partition longer than the tombstone grace period: the deletes made on
+/// either side are kept until every member has them, so none is undone at
+/// the heal, neither a delete newer than the other side's write of the key
+/// nor a delete of a key the other side left alone.
+#[test]
+fn a_partition_longer_than_the_tombstone_grace_loses_no_delete() {
+    let Some(net) = net_or_skip(3) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = [
+        "--cluster-secret",
+        "partition test: a secret of at least 32 bytes",
+        "--no-auth",
+        "--tombstone-grace-secs",
+        "1",
+    ];
+    let seed = net.addr(1).to_string();
+    let nodes: Vec<Dhrtd> = (1..=3)
+        .map(|i| {
+            let mut args = flags.to_vec();
+            if i > 1 {
+                args.extend(["--node", &seed]);
+            }
+            Dhrtd::start_in_netns(&net.ns(i), net.addr(i), dirs[i - 1].path(), &args)
+        })
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members everywhere",
+        Duration::from_secs(20),
+        || all_healthy(&all, 3),
+    );
+    for i in 0..60 {
+        set(&nodes[0], &format!("k{i}"), "old");
+    }
+    // Every member has had an anti-entropy round with every other.
+    eventually(
+        "the deletes held are recent",
+        Duration::from_secs(30),
+        || {
+            nodes
+                .iter()
+                .all(|n| metric(n, "dhrt_tombstones_held_seconds").is_some_and(|s| s < 5.0))
+        },
+    );
+
+    net.cut(3, 1, true);
+    net.cut(3, 2, true);
+    // Node 3 writes k0..k19, then node 1 deletes them (newer); node 3
+    // deletes k20..k39; node 1 deletes k40..k49.
+    for i in 0..20 {
+        set_cut_off(&nodes[2], &format!("k{i}"), "minority");
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    for i in (0..20).chain(40..50) {
+        let (status, body) = nodes[0].http("DELETE", &format!("/part/k{i}"), b"");
+        assert_eq!(status, 504, "{body}");
+    }
+    for i in 20..40 {
+        let (status, body) = nodes[2].http("DELETE", &format!("/part/k{i}"), b"");
+        assert_eq!(status, 504, "{body}");
+    }
+    // Well past the grace period, with compactions meanwhile: the
+    // deletes are held, and the metric says for how long.
+    std::thread::sleep(Duration::from_secs(8));
+    for n in &nodes {
+        let held = metric(n, "dhrt_tombstones_held_seconds").unwrap();
+        assert!(held >= 8.0, "{held}");
+    }
+
+    net.cut(3, 1, false);
+    net.cut(3, 2, false);
+    let want: BTreeMap<String, String> = (50..60)
+        .map(|i| (format!("k{i}"), "old".to_string()))
+        .collect();
+    eventually(
+        "every node holds the deletes of both sides",
+        Duration::from_secs(60),
+        || nodes.iter().all(|n| listing(n, "part") == want),
+    );
+    // Still so once the members have synced and the deletes are let go.
+    eventually("the deletes are let go", Duration::from_secs(60), || {
+        nodes
+            .iter()
+            .all(|n| metric(n, "dhrt_tombstones_held_seconds").is_some_and(|s| s < 5.0))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for n in &nodes {
+        assert_eq!(listing(n, "part"), want);
+    }
 }

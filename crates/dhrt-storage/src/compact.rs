@@ -227,6 +227,7 @@ pub(crate) fn compact(
     coll: &Collection,
     dir: Option<&Path>,
     options: &Options,
+    hold_from_ms: u64,
     stopping: &dyn Fn() -> bool,
 ) -> Result<Option<CompactionReport>> {
     let _only_one = coll.rebuilding.lock().unwrap();
@@ -237,7 +238,7 @@ pub(crate) fn compact(
     let (t0, t0_seq, st) = coll.tail_and_state(&old.log);
     let (dropped_at, drop_offset, keys) =
         (st.dropped_at, st.drop_offset, st.live_keys + st.tombstones);
-    let purge_before_ms = wall_ms().saturating_sub(options.tombstone_grace.as_millis() as u64);
+    let purge_before_ms = purge_before_ms(options, hold_from_ms);
     let tmp_path = dir.map(|d| d.join(format!("{}{COMPACT_SUFFIX}", coll.name)));
     let io_err = |op, e| Error::io(op, tmp_path.clone().unwrap_or_else(|| "(memory)".into()), e);
     let mut report = CompactionReport {
@@ -685,15 +686,21 @@ fn replay_since(index: &Index, state: &mut State, starts: &[usize], map: &[u8], 
     starts.len() as u64
 }
 
+/// Tombstones (and a drop record) stamped before this are purged: those
+/// past their grace period, but none stamped at or after `hold_from_ms`
+/// (see `Store::hold_tombstones_from`).
+pub(crate) fn purge_before_ms(options: &Options, hold_from_ms: u64) -> u64 {
+    wall_ms()
+        .saturating_sub(options.tombstone_grace.as_millis() as u64)
+        .min(hold_from_ms)
+}
+
 /// Whether `state` and a file of `len` bytes call for a compaction now.
-pub(crate) fn is_due(state: &State, len: u64, options: &Options) -> bool {
+pub(crate) fn is_due(state: &State, len: u64, options: &Options, hold_from_ms: u64) -> bool {
     let garbage = len >= options.compaction_min_bytes
         && state.garbage as f64 > options.compaction_garbage_ratio * len as f64;
     let purge = state.oldest_tombstone_ms != u64::MAX
-        && state
-            .oldest_tombstone_ms
-            .saturating_add(options.tombstone_grace.as_millis() as u64)
-            < wall_ms();
+        && state.oldest_tombstone_ms < purge_before_ms(options, hold_from_ms);
     garbage || purge
 }
 

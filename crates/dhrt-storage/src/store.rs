@@ -84,6 +84,8 @@ pub(crate) struct Core {
     listener: arc_swap::ArcSwapOption<Listener>,
     /// The data directory's disk and its reserve (persisted mode).
     disk: Option<crate::disk::Disk>,
+    /// See [`Store::hold_tombstones_from`].
+    hold_from_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Dropped when the last `Store` clone is: stops and joins the background
@@ -381,6 +383,7 @@ impl Store {
             epoch,
             listener: arc_swap::ArcSwapOption::empty(),
             disk,
+            hold_from_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
         });
         let shutdown = Arc::new(Shutdown::default());
         crate::mmap::start_reaper();
@@ -993,10 +996,29 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps every tombstone (and drop record) stamped at or after `ms`
+    /// (physical ms), even past its grace period, until called again with
+    /// a later time: a cluster holds its deletes until every member is
+    /// known to have them, so that a member that never heard of one
+    /// cannot bring the deleted value back. `u64::MAX` (the default): the
+    /// grace period alone decides.
+    pub fn hold_tombstones_from(&self, ms: u64) {
+        self.inner
+            .hold_from_ms
+            .store(ms, std::sync::atomic::Ordering::Release);
+    }
+
     /// Compacts `collection` now, whatever its garbage ratio.
     pub fn compact(&self, collection: &str) -> Result<CompactionReport> {
         match self.existing(collection)? {
-            Some(c) => compact::compact(&c, self.dir(), &self.inner.options, &|| false).map(|r| {
+            Some(c) => compact::compact(
+                &c,
+                self.dir(),
+                &self.inner.options,
+                self.inner.hold_from(),
+                &|| false,
+            )
+            .map(|r| {
                 let r = r.expect("a compaction told never to stop finishes");
                 c.locked_replay_max
                     .fetch_max(r.locked_records, std::sync::atomic::Ordering::Relaxed);
@@ -1158,6 +1180,11 @@ impl Drop for Inner {
 }
 
 impl Core {
+    /// See [`Store::hold_tombstones_from`].
+    fn hold_from(&self) -> u64 {
+        self.hold_from_ms.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Notes a write that failed for want of space: the store is full
     /// from now on (see `disk.rs`), and every collection with garbage is
     /// compacted at once.
@@ -1194,7 +1221,13 @@ impl Core {
             if !c.take_compaction_request() {
                 continue;
             }
-            match compact::compact(c, self.dir.as_deref(), &self.options, &|| false) {
+            match compact::compact(
+                c,
+                self.dir.as_deref(),
+                &self.options,
+                self.hold_from(),
+                &|| false,
+            ) {
                 Ok(None) => unreachable!("a compaction told never to stop finishes"),
                 Ok(Some(r)) => tracing::info!(
                     collection = %c.name,
@@ -1335,10 +1368,20 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             // On a full disk any garbage is worth giving back.
             let due = check
                 && !backing_off
-                && (compact::is_due(&c.state(), c.current.load().log.tail(), &inner.options)
-                    || full && c.state().garbage >= FULL_DISK_GARBAGE);
+                && (compact::is_due(
+                    &c.state(),
+                    c.current.load().log.tail(),
+                    &inner.options,
+                    inner.hold_from(),
+                ) || full && c.state().garbage >= FULL_DISK_GARBAGE);
             if requested || due {
-                match compact::compact(c, inner.dir.as_deref(), &inner.options, &stopping) {
+                match compact::compact(
+                    c,
+                    inner.dir.as_deref(),
+                    &inner.options,
+                    inner.hold_from(),
+                    &stopping,
+                ) {
                     Ok(None) => {
                         // Told to stop: what was asked for is asked again,
                         // for `compact_damaged` or the store's close.
@@ -1968,7 +2011,8 @@ mod tests {
         let before = std::fs::metadata(dir.path().join("c.dhrt")).unwrap().len();
         let asked = std::sync::atomic::AtomicUsize::new(0);
         let stopping = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 1;
-        let report = crate::compact::compact(&c, Some(dir.path()), &options, &stopping).unwrap();
+        let report =
+            crate::compact::compact(&c, Some(dir.path()), &options, u64::MAX, &stopping).unwrap();
         assert!(report.is_none(), "{report:?}");
         assert!(asked.load(std::sync::atomic::Ordering::Relaxed) >= 2);
         assert!(!dir.path().join(format!("c{COMPACT_SUFFIX}")).exists());
@@ -1994,7 +2038,8 @@ mod tests {
             .unwrap();
         std::os::unix::fs::FileExt::write_all_at(&file, b"XYZ", at + 45).unwrap();
         asked.store(0, std::sync::atomic::Ordering::Relaxed);
-        let report = crate::compact::compact(&c, Some(dir.path()), &options, &stopping).unwrap();
+        let report =
+            crate::compact::compact(&c, Some(dir.path()), &options, u64::MAX, &stopping).unwrap();
         assert!(report.is_none());
         assert!(
             c.compact_requested
@@ -2002,7 +2047,7 @@ mod tests {
         );
         assert_eq!(c.quarantined.load(std::sync::atomic::Ordering::Relaxed), 0);
         // Told never to stop, the same compaction finishes.
-        let report = crate::compact::compact(&c, Some(dir.path()), &options, &|| false)
+        let report = crate::compact::compact(&c, Some(dir.path()), &options, u64::MAX, &|| false)
             .unwrap()
             .unwrap();
         assert_eq!((report.records, report.damaged), (19_999, 1));

@@ -287,6 +287,45 @@ fn a_directory_is_opened_by_one_store_at_a_time() {
     Store::open(dir.path(), quiet_options()).unwrap();
 }
 
+/// Tombstones and drops a cluster holds (not every member is known to
+/// have them) outlive their grace period; once released, they are purged.
+#[test]
+fn tombstones_held_for_the_cluster_outlive_their_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        tombstone_grace: std::time::Duration::ZERO,
+        ..quiet_options()
+    };
+    let store = Store::open(dir.path(), options).unwrap();
+    store.set("c", b"a", b"1").unwrap();
+    store.set("c", b"b", b"2").unwrap();
+    store.delete("c", b"a").unwrap();
+    store.set("d", b"x", b"1").unwrap();
+    store.drop_collection("d").unwrap();
+    let tombstone = store
+        .lookup("c", b"a")
+        .unwrap()
+        .expect("a tombstone")
+        .version;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+
+    // Held from just before the delete: kept, however often compacted.
+    store.hold_tombstones_from(tombstone.physical_ms());
+    for _ in 0..2 {
+        let report = store.compact("c").unwrap();
+        assert_eq!(report.purged_tombstones, 0, "{report:?}");
+        assert_eq!(store.compact("d").unwrap().purged_tombstones, 0);
+    }
+    assert!(store.lookup("c", b"a").unwrap().is_some());
+    assert!(store.digest("d").unwrap().dropped_at.is_some());
+
+    // Held from after it: the grace period alone decides, and it is past.
+    store.hold_tombstones_from(tombstone.physical_ms() + 1);
+    assert_eq!(store.compact("c").unwrap().purged_tombstones, 1);
+    assert_eq!(store.lookup("c", b"a").unwrap(), None);
+    assert_eq!(store.get("c", b"b").unwrap().as_deref(), Some(&b"2"[..]));
+}
+
 #[test]
 fn tombstones_are_purged_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();

@@ -266,6 +266,7 @@ impl Cluster {
         if !self.options.repair {
             return Ok(());
         }
+        let started = self.wall_ms();
         let Some((peer, shared)) = self.shared_digests(id).await? else {
             return Ok(());
         };
@@ -296,6 +297,7 @@ impl Cluster {
             self.push_to(&peer, push, long).await?;
         }
         self.ae_rounds.fetch_add(1, Ordering::Relaxed);
+        self.note_synced(id, started);
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ impl Cluster {
         let mut written: Option<SavedState> = None;
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            self.hold_tombstones();
             // Until the absence before this start is judged, the contact it
             // was measured from stays as it was.
             if !self.absence_judged.load(Ordering::Acquire) {
