@@ -94,6 +94,13 @@ async fn errors_are_typed() {
         client.set("c", "k", vec![0u8; (16 << 20) + 1]).await,
         Err(Error::TooLarge(_))
     ));
+    // A page "after" the empty key, which no key is, and a page of none.
+    for (after, limit) in [(Some(&b""[..]), 10), (None, 0)] {
+        assert!(matches!(
+            client.list("c", after, limit).await,
+            Err(Error::InvalidInput(_))
+        ));
+    }
     // Still usable after errors.
     client.ping().await.unwrap();
     // Nobody listening.

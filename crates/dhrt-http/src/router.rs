@@ -149,7 +149,17 @@ fn list_params(query: Option<&str>) -> Result<ListParams, HttpError> {
                     })?;
                 params.limit = Some(limit);
             }
-            "after" => params.after = Some(decode(&value.replace('+', " ")).into_owned()),
+            "after" => {
+                let after = decode(&value.replace('+', " ")).into_owned();
+                if after.is_empty() {
+                    // No key is empty: "after" it would be a place in the
+                    // hash order, and the listing would skip what precedes.
+                    return Err(HttpError::bad_request(
+                        "after must name a key (1 byte or more); leave it out to list from the start",
+                    ));
+                }
+                params.after = Some(after);
+            }
             "since" => {
                 params.since = Some(
                     String::from_utf8(decode(value).into_owned())
@@ -529,6 +539,10 @@ mod tests {
                 .status,
             StatusCode::BAD_REQUEST
         );
+        for empty in ["after=", "after", "limit=5&after="] {
+            let e = route(&Method::GET, "/c", Some(empty)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{empty}");
+        }
         assert_eq!(
             route(&Method::GET, "/c", Some("sort=asc"))
                 .unwrap_err()

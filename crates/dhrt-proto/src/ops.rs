@@ -183,6 +183,14 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
             ));
         }
         OpRef::List {
+            after: Some([]), ..
+        } => {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                "a List's after names a key (1 byte or more), or is None to start at the beginning",
+            ));
+        }
+        OpRef::List {
             collection,
             after,
             limit,
