@@ -372,6 +372,40 @@ fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_cop
 }
 
 #[test]
+fn a_node_whose_cluster_state_is_damaged_refuses_to_start_alone_over_its_data() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = two_joined(&dirs, &[]);
+    assert_eq!(a.http("POST", "/c/k/v", b"").0, 200);
+    let state = dirs[0].path().join("cluster.state");
+    eventually("a remembers b", Duration::from_secs(10), || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&format!("member {}", b.addr)))
+    });
+    let a_addr = a.addr;
+    a.stop("KILL");
+    // Emptied (a power loss on a filesystem that does not keep renames in
+    // order), or overwritten: it no longer says who the members are.
+    for damaged in [&b""[..], b"\xff\xfe garbage\n"] {
+        std::fs::write(&state, damaged).unwrap();
+        let (code, log) = crate::faults::start_expecting_exit(dirs[0].path());
+        assert_ne!(code, Some(0), "{log}");
+        assert!(
+            log.contains("cluster.state is damaged") && log.contains("--node ADDR"),
+            "{log}"
+        );
+    }
+    // Given a member, it starts, rejoins and keeps its data.
+    let b_addr = b.addr.to_string();
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &["--node", &b_addr]);
+    eventually("both healthy again", Duration::from_secs(30), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    assert_eq!(get(&a, "/c/k").0, 200);
+    eventually("a remembers b again", Duration::from_secs(10), || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&format!("member {b_addr}")))
+    });
+}
+
+#[test]
 fn a_node_whose_peers_all_left_restarts_alone_and_takes_writes() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b) = two_joined(&dirs, &[]);

@@ -301,7 +301,7 @@ fn log_of(dir: &Path, collection: &str) -> std::path::PathBuf {
 }
 
 /// Starts `dhrtd` on `dir` expecting it to exit; returns its code and log.
-fn start_expecting_exit(dir: &Path) -> (Option<i32>, String) {
+pub(crate) fn start_expecting_exit(dir: &Path) -> (Option<i32>, String) {
     let out = Command::new(binary())
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)

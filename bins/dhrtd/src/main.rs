@@ -376,6 +376,16 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
         alloc::give_back_freed_memory();
         (store, id)
     };
+    let state_file =
+        (!config.memory && config.takes_peers()).then(|| config.data_dir.join("cluster.state"));
+    if let Some(path) = &state_file {
+        dhrt_cluster::check_state_file(
+            path,
+            !config.seeds.is_empty(),
+            !store.all_collections().is_empty(),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     let cluster = Cluster::new(
         store.clone(),
         Identity {
@@ -392,8 +402,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             move_rate: config.move_rate,
             seeds: config.seeds.clone(),
             // A node that takes no peers remembers none (it would dial them).
-            state_file: (!config.memory && config.takes_peers())
-                .then(|| config.data_dir.join("cluster.state")),
+            state_file,
             max_hints: config.max_hints,
             max_hint_bytes: config.max_hint_bytes,
             max_clock_ahead: config.max_clock_offset,

@@ -43,5 +43,6 @@ pub use membership::{Membership, MembershipConfig, Output, member_state};
 pub use node::{MAX_VALUE, Node};
 pub use placement::{Replicas, WriteAck};
 pub use server::{BinaryLimits, Closed, serve_binary};
+pub use state::check_state_file;
 pub use throttle::LogThrottle;
 pub use watch::{WatchCounts, WatchHub, WatchOptions};

@@ -85,6 +85,26 @@ pub(crate) fn load(path: &Path) -> io::Result<Option<SavedState>> {
     }
 }
 
+/// Refuses a start over a damaged state file (there, but unreadable or
+/// without its `seen` line) when the node holds data and was given no
+/// member to join through: it cannot tell which cluster it was part of nor
+/// how long it was away, and started alone it would serve its data apart
+/// from the cluster, with no word of it. `Err` says what to do.
+pub fn check_state_file(path: &Path, seeds_given: bool, holds_data: bool) -> Result<(), String> {
+    let damage = match load(path) {
+        Ok(Some(saved)) if saved.seen_ms == 0 => "it has no `seen` line".to_string(),
+        Ok(_) => return Ok(()),
+        Err(e) => e.to_string(),
+    };
+    if seeds_given || !holds_data {
+        return Ok(());
+    }
+    Err(format!(
+        "{} is damaged ({damage}): this node cannot tell which cluster it belonged to nor how long it was away, and started alone it would serve its data apart from the cluster. If it was a member of a cluster, start it with --node ADDR of a live member (it re-syncs fully before trusting its own data); if it ran alone, delete that file",
+        path.display()
+    ))
+}
+
 /// Replaces the file with `state`: written beside it and made durable,
 /// then renamed over it, and the rename made durable. A power loss leaves
 /// the old file or the new one, never an empty one (which would read as
@@ -139,6 +159,34 @@ mod tests {
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
         assert!(!path.with_extension("state.tmp").exists());
+    }
+
+    #[test]
+    fn a_damaged_file_refuses_a_start_alone_over_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.state");
+        // No file: a node that never joined, or one told to forget.
+        assert!(check_state_file(&path, false, true).is_ok());
+        save(
+            &path,
+            &SavedState {
+                seen_ms: 42,
+                ..SavedState::default()
+            },
+        )
+        .unwrap();
+        assert!(check_state_file(&path, false, true).is_ok());
+        for damaged in ["", "\0\0\0\0", "member a:1\n", "seen yesterday\n"] {
+            std::fs::write(&path, damaged).unwrap();
+            let e = check_state_file(&path, false, true).unwrap_err();
+            assert!(e.contains("--node ADDR"), "{damaged:?}: {e}");
+            // Given a member, the start goes on (and re-syncs fully);
+            // without data there is nothing to keep apart.
+            assert!(check_state_file(&path, true, true).is_ok());
+            assert!(check_state_file(&path, false, false).is_ok());
+        }
+        std::fs::write(&path, [0xffu8, 0xfe, b'\n']).unwrap();
+        assert!(check_state_file(&path, false, true).is_err());
     }
 
     /// A line smuggled into the file (a member address holding a newline)

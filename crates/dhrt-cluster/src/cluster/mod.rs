@@ -265,10 +265,11 @@ impl Cluster {
         let Identity { id, name, addr } = identity.clone();
         let mut options = options;
         let saved = options.state_file.as_deref().and_then(|p| {
+            // A file that does not read is as damaged as one without its
+            // `seen` line: the node cannot tell how long it was away.
             state::load(p)
-                .inspect_err(|e| tracing::warn!("ignoring {}: {e}", p.display()))
-                .ok()
-                .flatten()
+                .inspect_err(|e| tracing::warn!("{} is damaged: {e}", p.display()))
+                .unwrap_or(Some(state::SavedState::default()))
         });
         let wall_at_start = store.clock().wall_ms();
         let options_max_offset = options.max_clock_ahead.as_millis() as u64;
