@@ -139,3 +139,59 @@ fn a_large_value_on_a_slow_link_replicates_and_the_writes_behind_it_follow() {
     assert_eq!(status, 200);
     assert!(got == big, "b holds {} bytes, not the value", got.len());
 }
+
+/// Large values written at once, each answered within `--timeout-ms` or
+/// not: the peers working through them (acknowledging the earlier ones,
+/// taking the bytes of the next) are late, not unhealthy. Before, every
+/// write whose concern timed out marked the replicas it still waited for
+/// unhealthy, and a burst of large values made healthy peers flap.
+#[test]
+fn peers_taking_a_burst_of_large_values_are_not_marked_unhealthy() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = crate::cluster::three_joined(&dirs, &[]);
+    let peers = [b.addr.to_string(), c.addr.to_string()];
+    let a = Arc::new(a);
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..8)
+        .map(|t| {
+            let (a, writing) = (a.clone(), writing.clone());
+            std::thread::spawn(move || {
+                let value = vec![b'a' + t as u8; 12 << 20];
+                let mut late = 0;
+                for i in 0.. {
+                    if !writing.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let (status, body) = a.http("PUT", &format!("/big/t{t}-{}", i % 4), &value);
+                    match status {
+                        200 => {}
+                        // Saved, and late on a replica: said so.
+                        504 => late += 1,
+                        _ => panic!("{status}: {body}"),
+                    }
+                }
+                late
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    while started.elapsed() < Duration::from_secs(6) {
+        for p in &peers {
+            let state = state_of(&a, p);
+            if state.as_deref() != Some("healthy") {
+                seen.push((started.elapsed(), p.clone(), state));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let late: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    eprintln!("{late} writes answered 504 (late on a replica)");
+    assert!(seen.is_empty(), "peers not healthy at a: {seen:?}");
+    for n in [&b, &c] {
+        eventually("every value replicated", Duration::from_secs(30), || {
+            local_keys(n, "big") == 32
+        });
+    }
+}

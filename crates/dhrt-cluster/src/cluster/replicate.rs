@@ -203,6 +203,13 @@ impl Cluster {
         }
         let local = usize::from(stored_locally);
         let started = tokio::time::Instant::now();
+        // What each peer had acknowledged, and its link moved: a peer
+        // working through a large value or a backlog does one or the
+        // other, one that does not answer neither.
+        let at_start: Vec<(u64, u64)> = waits
+            .iter()
+            .map(|(p, ..)| (p.acked.load(Ordering::Acquire), p.link.moved()))
+            .collect();
         // A write this node only forwards, that no replica has yet, lives
         // in its memory (the queues) alone: it is kept in its store too,
         // like a copy of a collection it does not own, handed over to the
@@ -272,8 +279,14 @@ impl Cluster {
                 return Err(unmet(done).await);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                for (p, _, last) in &waits {
-                    if p.acked.load(Ordering::Acquire) < *last {
+                for ((p, _, last), (acked, moved)) in waits.iter().zip(&at_start) {
+                    // Still taking what it was sent (a large value, or
+                    // writes queued before this one): late, not unhealthy.
+                    // Its sender gives up on it if that stops.
+                    let now_acked = p.acked.load(Ordering::Acquire);
+                    let moving = now_acked > *acked
+                        || p.link.moved().saturating_sub(*moved) >= crate::link::MIN_MOVED;
+                    if now_acked < *last && !moving {
                         tracing::warn!(
                             "peer {} did not acknowledge a write within {} ms: unhealthy",
                             p.link.addr(),

@@ -23,7 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::handshake::{self, DialError, Side};
 use crate::wire::{plain_max, read_sealed, seal_frame};
-use progress::{Counting, MIN_MOVED, MOST_EXTRA, Moved, WINDOW, transfer_time};
+pub(crate) use progress::MIN_MOVED;
+use progress::{Counting, MOST_EXTRA, Moved, WINDOW, transfer_time};
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -164,6 +165,8 @@ pub(crate) struct Link {
     dialer: Dialer,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
+    /// Bytes that arrived on its connections, either way (`progress.rs`).
+    moved: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Link {
@@ -181,6 +184,7 @@ impl Link {
             dialer,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            moved: Arc::default(),
         }
     }
 
@@ -192,11 +196,19 @@ impl Link {
             dialer,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            moved: Arc::default(),
         }
     }
 
     pub(crate) fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Bytes that arrived on its connections so far, either way: read
+    /// here, and read by the peer as it said. Two readings tell a peer
+    /// taking a large value from one that does not answer.
+    pub(crate) fn moved(&self) -> u64 {
+        self.moved.load(Ordering::Relaxed)
     }
 
     /// Gives up the connection if it is older than `age`: it closes, and
@@ -300,7 +312,7 @@ impl Link {
             }
         };
         let (mut sealer, mut opener) = (session.sealer, session.opener);
-        let moved = Arc::new(Moved::default());
+        let moved = Arc::new(Moved::for_link(self.moved.clone()));
         let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = Counting::new(rd, moved.clone());
         // Dropped by the reader when it stops: the writer stops too, and

@@ -49,9 +49,19 @@ pub(crate) struct Moved {
     here: AtomicU64,
     there: AtomicU64,
     sent: AtomicU64,
+    /// The same bytes counted for the link, over all its connections.
+    link: Arc<AtomicU64>,
 }
 
 impl Moved {
+    /// Counting for a connection of the link whose count is `link`.
+    pub(crate) fn for_link(link: Arc<AtomicU64>) -> Self {
+        Moved {
+            link,
+            ..Moved::default()
+        }
+    }
+
     pub(crate) fn total(&self) -> u64 {
         self.here
             .load(Ordering::Relaxed)
@@ -61,7 +71,11 @@ impl Moved {
     /// The peer says it has read `bytes` of the connection so far.
     pub(crate) fn received(&self, bytes: u64) {
         let sent = self.sent.load(Ordering::Relaxed);
-        self.there.fetch_max(bytes.min(sent), Ordering::Relaxed);
+        let new = bytes.min(sent);
+        let old = self.there.fetch_max(new, Ordering::Relaxed);
+        if new > old {
+            self.link.fetch_add(new - old, Ordering::Relaxed);
+        }
     }
 
     /// `n` more bytes are being written to the peer.
@@ -71,6 +85,7 @@ impl Moved {
 
     fn add(&self, n: usize) {
         self.here.fetch_add(n as u64, Ordering::Relaxed);
+        self.link.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -106,7 +121,8 @@ mod tests {
 
     #[test]
     fn a_peer_is_believed_only_up_to_what_was_sent_to_it() {
-        let moved = Moved::default();
+        let link = Arc::new(AtomicU64::new(0));
+        let moved = Moved::for_link(link.clone());
         moved.received(1 << 40);
         assert_eq!(moved.total(), 0, "nothing was sent");
         moved.sending(1000);
@@ -117,5 +133,11 @@ mod tests {
         assert_eq!(moved.total(), 1000);
         moved.add(24);
         assert_eq!(moved.total(), 1024);
+        // The link counts the same bytes, and goes on over its next
+        // connection.
+        assert_eq!(link.load(Ordering::Relaxed), 1024);
+        let next = Moved::for_link(link.clone());
+        next.add(1);
+        assert_eq!(link.load(Ordering::Relaxed), 1025);
     }
 }
