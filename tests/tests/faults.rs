@@ -623,6 +623,15 @@ fn a_rotted_value_no_replica_can_give_back_is_damaged_not_missing() {
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("damaged, not missing"), "{body}");
     }
+    // And /metrics says so: one damaged record, one key answering so.
+    assert_eq!(
+        metric(
+            &b,
+            r#"dhrt_collection_damaged_records_total{collection="rot"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&b, "dhrt_damaged_keys"), Some(1.0));
     let out = Command::new(cli())
         .args(["--addr", &b.addr.to_string(), "get", "rot", "lonely"])
         .output()
@@ -645,6 +654,7 @@ fn deleting_a_rotted_value_deletes_it() {
     assert_eq!(status, 503, "{body}");
     let (status, body) = a.http("DELETE", "/rot/gone", b"");
     assert_eq!(status, 200, "deleting a damaged key: {body}");
+    assert_eq!(metric(&a, "dhrt_damaged_keys"), Some(0.0));
     for _ in 0..2 {
         let (status, body) = a.http("GET", "/rot/gone", b"");
         assert_eq!(status, 404, "{body}");

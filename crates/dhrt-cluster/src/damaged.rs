@@ -29,6 +29,15 @@ impl Damaged {
         self.any.store(true, Ordering::Release);
     }
 
+    /// How many keys answer "damaged" now.
+    pub(crate) fn len(&self) -> usize {
+        if self.any.load(Ordering::Acquire) {
+            self.keys.lock().unwrap().len()
+        } else {
+            0
+        }
+    }
+
     pub(crate) fn contains(&self, collection: &str, key: &[u8]) -> bool {
         self.any.load(Ordering::Acquire)
             && self

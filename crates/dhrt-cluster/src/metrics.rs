@@ -186,8 +186,14 @@ pub(crate) fn render_store(
             c.bytes
         }),
     ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    let counters: [Gauge; 1] = [(
+        "dhrt_collection_damaged_records_total",
+        "Records that failed their checksum since the collection was opened (each one's key answers damaged until a replica's copy is applied).",
+        |c| c.damaged_records,
+    )];
+    let kinds = gauges.map(|g| (g, "gauge")).into_iter();
+    for ((name, help, value), kind) in kinds.chain(counters.map(|g| (g, "counter"))) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for c in stats
             .collections
             .iter()

@@ -159,6 +159,10 @@ pub struct CollectionStats {
     /// waited for a rebuild, in records (bounded by
     /// [`crate::LOCKED_CATCH_UP_BYTES`]).
     pub rebuild_locked_records_max: u64,
+    /// Records of it that failed their checksum since it was opened (on a
+    /// read, a compaction or a watch's scan): each one's key was
+    /// quarantined until a replica's copy is applied.
+    pub damaged_records: u64,
 }
 
 /// The anti-entropy digest of one collection; see [`Store::digest`].
@@ -1049,6 +1053,7 @@ impl Store {
                     rebuild_locked_records_max: c
                         .locked_replay_max
                         .load(std::sync::atomic::Ordering::Relaxed),
+                    damaged_records: c.quarantined.load(std::sync::atomic::Ordering::Relaxed),
                 }
             })
             .collect();

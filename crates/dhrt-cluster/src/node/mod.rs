@@ -522,6 +522,13 @@ impl Operations for Node {
         self.cluster.render_metrics(&mut out);
         self.watches.render_metrics(&mut out);
         crate::metrics::render_store(&mut out, &self.store.stats(), self.started.elapsed());
+        out.push_str(
+            "# HELP dhrt_damaged_keys Keys whose record failed its checksum here and that no replica has given back yet (they answer 503 damaged).\n# TYPE dhrt_damaged_keys gauge\n",
+        );
+        let _ = std::fmt::Write::write_fmt(
+            &mut out,
+            format_args!("dhrt_damaged_keys {}\n", self.damaged.len()),
+        );
         out
     }
 }
