@@ -148,3 +148,21 @@ fn bad_input_gets_4xx_and_the_node_keeps_serving() {
     );
     assert!(node.stop("QUIT").success());
 }
+
+/// A setting out of its range stops the start with a sentence naming it,
+/// rather than being quietly changed to one that works.
+#[test]
+fn settings_out_of_range_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [
+        ("--max-inflight-mib", "16"),
+        ("--timeout-ms", "0"),
+        ("--idle-timeout-secs", "0"),
+        ("--max-clock-offset-ms", "99"),
+    ] {
+        let (code, said) =
+            crate::security::refused(dir.path(), &["--listen", "127.0.0.1:0", flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}: {said}");
+        assert!(said.contains(&format!("{flag} must be at least")), "{said}");
+    }
+}

@@ -445,7 +445,7 @@ pub(crate) fn wait_serving(addr: SocketAddr) {
 }
 
 /// Runs `dhrtd` expecting it to refuse to start: its exit code and stderr.
-fn refused(data: &Path, args: &[&str]) -> (Option<i32>, String) {
+pub(crate) fn refused(data: &Path, args: &[&str]) -> (Option<i32>, String) {
     let o = Command::new(binary())
         .arg("--data-dir")
         .arg(data)

@@ -368,6 +368,15 @@ impl Config {
         if timeout_ms == 0 {
             bail!("--timeout-ms must be at least 1");
         }
+        let max_inflight_mib = args
+            .max_inflight_mib
+            .or(file.max_inflight_mib)
+            .unwrap_or(1024);
+        if max_inflight_mib < 17 {
+            // One request at the 16 MiB value limit, and its framing,
+            // must fit, or such a value could never be written.
+            bail!("--max-inflight-mib must be at least 17 (a value at the 16 MiB limit must fit)");
+        }
         let max_clock_offset = Duration::from_millis(
             args.max_clock_offset_ms
                 .or(file.max_clock_offset_ms)
@@ -510,12 +519,7 @@ impl Config {
                 .max_peer_connections
                 .or(file.max_peer_connections)
                 .unwrap_or(1024),
-            max_inflight: args
-                .max_inflight_mib
-                .or(file.max_inflight_mib)
-                .unwrap_or(1024)
-                .max(17)
-                .saturating_mul(1 << 20),
+            max_inflight: max_inflight_mib.saturating_mul(1 << 20),
             max_collections: args.max_collections.or(file.max_collections),
             disk_reserve: args
                 .disk_reserve_mib
