@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -811,10 +812,53 @@ fn a_stopping_node_ends_its_watches_with_a_reason() {
     let mut sse_watch = sse(&node, "/c");
     let mut ndjson = Stream::open(node.addr, "/c", "application/x-ndjson", "");
     assert_eq!(ndjson.status, 200, "{}", ndjson.refusal);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // It reconnects by itself; what broke each connection goes to its hook.
+    let told = Arc::new(Mutex::new(Vec::<String>::new()));
+    let hook = told.clone();
+    let mut binary = dhrt_client::Client::builder(node.addr.to_string())
+        .watch("c", dhrt_client::WatchStart::Now)
+        .on_retry(move |e| hook.lock().unwrap().push(e.to_string()));
+    // It connects when first polled: its first item is the progress event
+    // that opens it.
+    let opened = rt
+        .block_on(async { tokio::time::timeout(Duration::from_secs(20), binary.next()).await })
+        .expect("in time")
+        .unwrap();
+    assert!(
+        matches!(opened, dhrt_client::WatchItem::Event(ref e) if e.kind == dhrt_client::EventKind::Progress),
+        "{opened:?}"
+    );
+    // The next item that is not progress, within 30 s.
+    let next = |w: &mut dhrt_client::Watch| {
+        rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, w.next())
+                    .await
+                    .expect("in time")
+                {
+                    Ok(dhrt_client::WatchItem::Event(e))
+                        if e.kind == dhrt_client::EventKind::Progress => {}
+                    other => return other,
+                }
+            }
+        })
+    };
     set(&node, "c", "k", "v");
     sse_watch.until(Duration::from_secs(10), |e| e.key() == "k");
     ndjson.until(Duration::from_secs(10), |e| e.key() == "k");
+    let first = next(&mut binary).unwrap();
+    assert!(matches!(first, dhrt_client::WatchItem::Event(ref e) if &e.key[..] == b"k"));
     assert!(node.stop("TERM").success());
+    // The binary protocol says it too (before, the connection just closed).
+    let _ =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), binary.next()).await });
+    let told = told.lock().unwrap();
+    assert!(
+        told.first().is_some_and(|e| e.contains("shutting down")),
+        "{told:?}"
+    );
     for w in [&mut sse_watch, &mut ndjson] {
         let got = w.until(Duration::from_secs(10), |e| {
             e.data["Error"]

@@ -47,6 +47,9 @@ where
     // guard (shutdown, idle timeout), and ends the writer when either
     // fires.
     let (mut read, mut write) = tokio::io::split(stream);
+    // Why the guard ended the watch (the node stopping), for the writer to
+    // say last.
+    let (end_tx, mut end_rx) = tokio::sync::oneshot::channel::<OpError>();
     let writer = async move {
         // At once: the watch is open, and where it starts.
         let open = vec![dhrt_proto::WatchEvent {
@@ -60,7 +63,11 @@ where
             write.write_all(&piece).await?;
         }
         loop {
-            let batch = source.next_batch().await;
+            let batch = tokio::select! {
+                biased;
+                Ok(why) = &mut end_rx => Err(why),
+                batch = source.next_batch() => batch,
+            };
             let batch = batch.and_then(|b| recheck().map(|()| b));
             let end = batch.is_err();
             let out = match batch {
@@ -92,7 +99,28 @@ where
     };
     tokio::pin!(watched);
     let closed = match guard.run(watched).await {
-        Either::Right(closed) => Ok(closed),
+        Either::Right(closed) => {
+            // Said to the client as HTTP watches say it, so that it
+            // resumes elsewhere instead of taking the close for a fault;
+            // a client that does not read is not waited for long.
+            let why = match &closed {
+                Closed::Shutdown => {
+                    Some("the watch ended: the node is shutting down; resume from the last token")
+                }
+                Closed::Idle => Some(
+                    "the watch ended: nothing was sent within the idle timeout; resume from the last token",
+                ),
+                _ => None,
+            };
+            if let Some(why) = why
+                && end_tx
+                    .send(OpError::new(ErrorKind::Unavailable, why))
+                    .is_ok()
+            {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut task).await;
+            }
+            Ok(closed)
+        }
         Either::Left(Ok(Ok(Ok(())))) => Ok(Closed::ByClient),
         Either::Left(Ok(Ok(Err(e)))) => Err(e),
         Either::Left(Ok(Err(join))) => Err(io::Error::other(join)),
