@@ -114,6 +114,26 @@ impl Cluster {
         // it holds as many as it can keep open; a name, key or value no
         // client could have written): refused one by one, like records
         // stamped too far ahead, and the rest of the batch applies.
+        // Tombstones and drops reach this node later than they were
+        // stamped: held from their stamps until every member has had a
+        // round since (`tombstones.rs`), before any can be purged.
+        let oldest_tombstone = mutations
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| admitted(i))
+            .filter_map(|(_, m)| match m {
+                Mutation::Put {
+                    value: None,
+                    version: v,
+                    ..
+                }
+                | Mutation::Drop { version: v, .. } => Some(version(*v).physical_ms()),
+                Mutation::Put { .. } => None,
+            })
+            .min();
+        if let Some(stamp_ms) = oldest_tombstone {
+            self.note_arrived_tombstones(stamp_ms);
+        }
         let mut unstorable: Vec<u32> = forbidden.clone();
         let mut newer = Vec::new();
         let mut applied = 0;

@@ -12,6 +12,13 @@
 //! member completes in this life (after a start, a member that is down or
 //! unreachable), nothing stamped since is purged; `dhrt-cli remove` of a
 //! member that will not come back lets them go.
+//!
+//! A tombstone (or drop) that reaches this node from a peer arrives later
+//! than it was stamped, possibly long after (relayed across a partition
+//! that healed in pieces): a round that started before it *arrived* does
+//! not cover it, whatever its stamp. Each such arrival is remembered (its
+//! time and the oldest stamp it brought) and keeps its stamps held until
+//! every member has had a round that started after it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,6 +35,10 @@ use super::Cluster;
 pub(super) struct Synced {
     rounds: Mutex<HashMap<u64, u64>>,
     pub(super) oldest: AtomicU64,
+    /// Tombstones and drops that arrived from peers: (when they arrived,
+    /// the oldest physical ms stamped among them), oldest arrival first;
+    /// forgotten once every member's last round started after the arrival.
+    arrived: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Default for Synced {
@@ -35,8 +46,34 @@ impl Default for Synced {
         Synced {
             rounds: Mutex::default(),
             oldest: AtomicU64::new(0),
+            arrived: Mutex::default(),
         }
     }
+}
+
+/// Arrivals remembered one by one; past this, later ones merge into the
+/// newest (kept longer, never shorter).
+const ARRIVALS_KEPT: usize = 4096;
+
+/// Notes tombstones stamped from `stamp_ms` on that arrived at `now_ms`.
+/// Arrivals within a second of the newest merge into it.
+fn note_arrival(arrived: &mut Vec<(u64, u64)>, now_ms: u64, stamp_ms: u64) {
+    let full = arrived.len() >= ARRIVALS_KEPT;
+    match arrived.last_mut() {
+        Some(last) if now_ms < last.0.saturating_add(1000) || full => {
+            last.0 = last.0.max(now_ms);
+            last.1 = last.1.min(stamp_ms);
+        }
+        _ => arrived.push((now_ms, stamp_ms)),
+    }
+}
+
+/// Forgets the arrivals every member has had a round since (their rounds
+/// started at or after `covered_ms`); the oldest stamp among the others
+/// (`u64::MAX`: none).
+fn arrivals_held(arrived: &mut Vec<(u64, u64)>, covered_ms: u64) -> u64 {
+    arrived.retain(|&(at, _)| at >= covered_ms);
+    arrived.iter().map(|&(_, s)| s).min().unwrap_or(u64::MAX)
 }
 
 /// The time from which tombstones are held: the oldest start among the
@@ -59,6 +96,14 @@ impl Cluster {
         let mut synced = self.synced.rounds.lock().unwrap();
         let at = synced.entry(id).or_insert(started_ms);
         *at = (*at).max(started_ms);
+    }
+
+    /// Notes tombstones or drops from a peer, stamped from `stamp_ms` on,
+    /// applied now, and holds them at once.
+    pub(super) fn note_arrived_tombstones(&self, stamp_ms: u64) {
+        let now = self.wall_ms();
+        note_arrival(&mut self.synced.arrived.lock().unwrap(), now, stamp_ms);
+        self.hold_tombstones();
     }
 
     /// Tells the store which tombstones it must keep past their grace
@@ -88,9 +133,11 @@ impl Cluster {
             // Members gone (left, removed, forgotten) no longer count.
             synced.retain(|id, _| members.contains(id));
             let rounds = || members.iter().map(|id| synced.get(id).copied());
+            let oldest = hold_from(rounds(), 0);
+            let arrived = arrivals_held(&mut self.synced.arrived.lock().unwrap(), oldest);
             (
-                hold_from(rounds(), 0),
-                hold_from(rounds(), self.strictest_offset_ms.load(Ordering::Acquire)),
+                oldest,
+                hold_from(rounds(), self.strictest_offset_ms.load(Ordering::Acquire)).min(arrived),
             )
         };
         self.synced.oldest.store(oldest, Ordering::Release);
@@ -113,5 +160,34 @@ mod tests {
         // A member with no round in this life holds everything.
         assert_eq!(hold_from([Some(1_000_000), None], 60_000), 0);
         assert_eq!(hold_from([Some(10)], 60_000), 0);
+    }
+
+    #[test]
+    fn a_late_arrival_is_held_by_its_stamp_until_every_round_covers_it() {
+        let mut arrived = Vec::new();
+        // Stamped at 1,000, arrived at 500,000; more within the second.
+        note_arrival(&mut arrived, 500_000, 1_000);
+        note_arrival(&mut arrived, 500_400, 7_000);
+        note_arrival(&mut arrived, 500_600, 900);
+        note_arrival(&mut arrived, 600_000, 50_000);
+        assert_eq!(arrived, [(500_600, 900), (600_000, 50_000)]);
+        // Rounds that started before the arrival do not cover it.
+        assert_eq!(arrivals_held(&mut arrived, 400_000), 900);
+        assert_eq!(arrivals_held(&mut arrived, 500_600), 900);
+        assert_eq!(arrivals_held(&mut arrived, 500_601), 50_000);
+        assert_eq!(arrivals_held(&mut arrived, 600_001), u64::MAX);
+        assert!(arrived.is_empty());
+        // Bounded: past the cap, arrivals merge into the newest.
+        for i in 0..(ARRIVALS_KEPT as u64 + 10) {
+            note_arrival(&mut arrived, i * 2_000, 100 + i);
+        }
+        assert_eq!(arrived.len(), ARRIVALS_KEPT);
+        assert_eq!(
+            *arrived.last().unwrap(),
+            (
+                (ARRIVALS_KEPT as u64 + 9) * 2_000,
+                100 + ARRIVALS_KEPT as u64 - 1
+            )
+        );
     }
 }
