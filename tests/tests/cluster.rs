@@ -384,7 +384,7 @@ fn a_node_whose_cluster_state_is_damaged_refuses_to_start_alone_over_its_data() 
     a.stop("KILL");
     // Emptied (a power loss on a filesystem that does not keep renames in
     // order), or overwritten: it no longer says who the members are.
-    for damaged in [&b""[..], b"\xff\xfe garbage\n"] {
+    for damaged in [&b""[..], b"\xff\xfe garbage\n", b"seen 1796573197784\n"] {
         std::fs::write(&state, damaged).unwrap();
         let (code, log) = crate::faults::start_expecting_exit(dirs[0].path());
         assert_ne!(code, Some(0), "{log}");

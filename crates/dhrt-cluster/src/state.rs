@@ -85,14 +85,19 @@ pub(crate) fn load(path: &Path) -> io::Result<Option<SavedState>> {
     }
 }
 
-/// Refuses a start over a damaged state file (there, but unreadable or
-/// without its `seen` line) when the node holds data and was given no
-/// member to join through: it cannot tell which cluster it was part of nor
-/// how long it was away, and started alone it would serve its data apart
-/// from the cluster, with no word of it. `Err` says what to do.
+/// Refuses a start over a damaged state file (there, but unreadable, or
+/// naming no member, which no node writes: it is written only once there
+/// are members to remember) when the node holds data and was given no
+/// member to join through: it cannot tell which cluster it was part of,
+/// and started alone it would serve its data apart from the cluster, with
+/// no word of it. `Err` says what to do. A file that names members but
+/// lost its `seen` line is not refused: the node rejoins through them and
+/// re-syncs fully.
 pub fn check_state_file(path: &Path, seeds_given: bool, holds_data: bool) -> Result<(), String> {
     let damage = match load(path) {
-        Ok(Some(saved)) if saved.seen_ms == 0 => "it has no `seen` line".to_string(),
+        Ok(Some(saved)) if saved.members.is_empty() && saved.left.is_empty() => {
+            "it names no member".to_string()
+        }
         Ok(_) => return Ok(()),
         Err(e) => e.to_string(),
     };
@@ -171,12 +176,23 @@ mod tests {
             &path,
             &SavedState {
                 seen_ms: 42,
-                ..SavedState::default()
+                members: vec!["a:1".into()],
+                left: Vec::new(),
             },
         )
         .unwrap();
         assert!(check_state_file(&path, false, true).is_ok());
-        for damaged in ["", "\0\0\0\0", "member a:1\n", "seen yesterday\n"] {
+        // Its `seen` line lost, it still names a member to rejoin through
+        // (and re-syncs fully).
+        std::fs::write(&path, "member a:1\n").unwrap();
+        assert!(check_state_file(&path, false, true).is_ok());
+        for damaged in [
+            "",
+            "\0\0\0\0",
+            "# dhrt cluster state\nseen 17965731977",
+            "seen 1796573197784\n",
+            "seen yesterday\nmember a:1\n",
+        ] {
             std::fs::write(&path, damaged).unwrap();
             let e = check_state_file(&path, false, true).unwrap_err();
             assert!(e.contains("--node ADDR"), "{damaged:?}: {e}");
