@@ -106,9 +106,33 @@ impl Cluster {
         let forbidden: Vec<u32> = (0..mutations.len() as u32)
             .filter(|&i| !peer_may_write(&mutations[i as usize]))
             .collect();
+        // A tombstone past its grace period for a key this node holds no
+        // record of is not written: this node purged it (or never had the
+        // key), and the members that may still hold an older value get it
+        // from the nodes holding it (`tombstones.rs`). Written, it would
+        // be purged again, pushed back by a node still holding it, and so
+        // on, each pass a watch event and a compaction.
+        let purged_before = self
+            .wall_ms()
+            .saturating_sub(self.store.options().tombstone_grace.as_millis() as u64);
+        let spent: Vec<u32> = (0..mutations.len() as u32)
+            .filter(|&i| match &mutations[i as usize] {
+                Mutation::Put {
+                    collection,
+                    key,
+                    value: None,
+                    version: v,
+                } => {
+                    version(*v).physical_ms() < purged_before
+                        && matches!(self.store.lookup(collection, key), Ok(None))
+                }
+                _ => false,
+            })
+            .collect();
         let admitted = |i: usize| {
             refused.binary_search(&(i as u32)).is_err()
                 && forbidden.binary_search(&(i as u32)).is_err()
+                && spent.binary_search(&(i as u32)).is_err()
         };
         // Records this node may not store (a collection it may not create:
         // it holds as many as it can keep open; a name, key or value no
