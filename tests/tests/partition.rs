@@ -158,26 +158,20 @@ fn net_or_skip(n: usize) -> Option<Net> {
     net
 }
 
-#[test]
-fn a_partition_made_with_blackhole_routes_heals_and_converges() {
-    let Some(net) = net_or_skip(3) else {
-        return;
-    };
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    // The test talks to the nodes from the host, off their loopback.
-    // One hint per peer: what the other side wrote reaches a node through
-    // anti-entropy after the heal, not through hints.
-    let secret = [
-        "--cluster-secret",
-        "partition test: a secret of at least 32 bytes",
-        "--no-auth",
-        "--max-hints",
-        "1",
-    ];
+/// Starts a node in each of `net`'s namespaces on `dirs`, with the
+/// cluster secret, `--no-auth` (the test talks to them from the host, off
+/// their loopback) and `extra`; nodes 2 and 3 join node 1. Waits until all
+/// three see three healthy members.
+fn three_in(net: &Net, dirs: &[tempfile::TempDir], extra: &[&str]) -> Vec<Dhrtd> {
     let seed = net.addr(1).to_string();
     let nodes: Vec<Dhrtd> = (1..=3)
         .map(|i| {
-            let mut args = secret.to_vec();
+            let mut args = vec![
+                "--cluster-secret",
+                "partition test: a secret of at least 32 bytes",
+                "--no-auth",
+            ];
+            args.extend_from_slice(extra);
             if i > 1 {
                 args.extend(["--node", &seed]);
             }
@@ -190,6 +184,19 @@ fn a_partition_made_with_blackhole_routes_heals_and_converges() {
         Duration::from_secs(20),
         || all_healthy(&all, 3),
     );
+    nodes
+}
+
+#[test]
+fn a_partition_made_with_blackhole_routes_heals_and_converges() {
+    let Some(net) = net_or_skip(3) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // One hint per peer: what the other side wrote reaches a node through
+    // anti-entropy after the heal, not through hints.
+    let nodes = three_in(&net, &dirs, &["--max-hints", "1"]);
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
     for i in 0..300 {
         set(&nodes[i % 3], &format!("before-{i}"), "old");
     }
@@ -306,29 +313,7 @@ fn a_partition_longer_than_the_tombstone_grace_loses_no_delete() {
         return;
     };
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let flags = [
-        "--cluster-secret",
-        "partition test: a secret of at least 32 bytes",
-        "--no-auth",
-        "--tombstone-grace-secs",
-        "1",
-    ];
-    let seed = net.addr(1).to_string();
-    let nodes: Vec<Dhrtd> = (1..=3)
-        .map(|i| {
-            let mut args = flags.to_vec();
-            if i > 1 {
-                args.extend(["--node", &seed]);
-            }
-            Dhrtd::start_in_netns(&net.ns(i), net.addr(i), dirs[i - 1].path(), &args)
-        })
-        .collect();
-    let all: Vec<&Dhrtd> = nodes.iter().collect();
-    eventually(
-        "three healthy members everywhere",
-        Duration::from_secs(20),
-        || all_healthy(&all, 3),
-    );
+    let nodes = three_in(&net, &dirs, &["--tombstone-grace-secs", "1"]);
     for i in 0..60 {
         set(&nodes[0], &format!("k{i}"), "old");
     }
