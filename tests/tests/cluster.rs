@@ -137,6 +137,8 @@ fn writes_and_deletes_on_any_node_reach_every_node() {
 fn a_node_hosting_other_collections_forwards_writes_and_fans_out_reads() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let a = Dhrtd::start(dirs[0].path(), &[]);
+    // Written while every member owned everything.
+    assert_eq!(a.http("POST", "/older/k/v", b"").0, 200);
     let b = start_joined(dirs[1].path(), &a, &["--collections", "only-here"]);
     eventually("two healthy members", Duration::from_secs(15), || {
         all_healthy(&[&a, &b], 2)
@@ -150,6 +152,18 @@ fn a_node_hosting_other_collections_forwards_writes_and_fans_out_reads() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"v\""), "{body}");
     assert_eq!(get(&b, "/shared/missing").0, 404);
+    // b knows both collections exist though it holds neither: `GET /name`
+    // is their listing, not the key `name` of `default`.
+    for c in ["shared", "older"] {
+        eventually(
+            "b lists a collection it does not host",
+            Duration::from_secs(10),
+            || {
+                let (status, body) = get(&b, &format!("/{c}"));
+                status == 200 && body.contains("\"Key\":\"k\"")
+            },
+        );
+    }
     // `only-here` is hosted by both (a hosts everything).
     assert_eq!(a.http("POST", "/only-here/x/1", b"").0, 200);
     assert_eq!(local_keys(&b, "only-here"), 1);

@@ -46,6 +46,10 @@ impl Cluster {
                 self.peers_since_ms.store(now.max(1), Ordering::Release);
             }
             self.peers_known.store(known, Ordering::Release);
+            let pinned = m
+                .members()
+                .any(|u| u.liveness != Liveness::Left && u.collections.is_some());
+            self.members_pinned.store(pinned, Ordering::Release);
             if known {
                 self.heard_peers.store(true, Ordering::Release);
             }

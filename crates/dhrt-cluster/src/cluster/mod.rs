@@ -189,6 +189,10 @@ pub struct Cluster {
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
+    /// Whether any other member (left ones aside) pins the collections it
+    /// hosts (`--collections`): kept by `with_membership`, so that
+    /// [`Cluster::everyone_owns_everything`] needs no lock.
+    members_pinned: AtomicBool,
     /// Whether any other member was known at some point in this life (or
     /// there is none to wait for: its only seeds were itself).
     heard_peers: AtomicBool,
@@ -365,6 +369,7 @@ impl Cluster {
             absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
             peers_known: AtomicBool::new(false),
+            members_pinned: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),
             seeds_are_itself: AtomicBool::new(false),
             members_learned,
