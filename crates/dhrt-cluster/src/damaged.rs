@@ -62,4 +62,14 @@ impl Damaged {
             self.any.store(!keys.is_empty(), Ordering::Release);
         }
     }
+
+    /// Whether `key` is damaged, with what the store quarantined since
+    /// the last look (reads, listings, anti-entropy and compaction meet
+    /// damaged records too) counted first.
+    pub(crate) fn holds(&self, store: &dhrt_storage::Store, collection: &str, key: &[u8]) -> bool {
+        for k in store.take_quarantined(collection) {
+            self.insert(collection, &k);
+        }
+        self.contains(collection, key)
+    }
 }

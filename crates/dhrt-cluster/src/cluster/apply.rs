@@ -111,7 +111,8 @@ impl Cluster {
         // key), and the members that may still hold an older value get it
         // from the nodes holding it (`tombstones.rs`). Written, it would
         // be purged again, pushed back by a node still holding it, and so
-        // on, each pass a watch event and a compaction.
+        // on, each pass a watch event and a compaction. (A key quarantined
+        // here as damaged reads as missing, but it is no purged delete.)
         let purged_before = self
             .wall_ms()
             .saturating_sub(self.store.options().tombstone_grace.as_millis() as u64);
@@ -125,6 +126,8 @@ impl Cluster {
                 } => {
                     version(*v).physical_ms() < purged_before
                         && matches!(self.store.lookup(collection, key), Ok(None))
+                        // A key quarantined here is repaired by it.
+                        && !self.damaged.holds(&self.store, collection, key)
                 }
                 _ => false,
             })
@@ -478,5 +481,49 @@ mod tests {
         assert!(store.get("_collections", b"ghost").unwrap().is_some());
         assert!(store.get("_replicas", b"users").unwrap().is_some());
         assert!(store.get("users", b"k").unwrap().is_some());
+    }
+
+    /// A delete past its grace period is not written for a key this node
+    /// holds no record of (it purged it), but it is for a key whose record
+    /// here was quarantined as damaged: it repairs it, where skipped the
+    /// key would answer "damaged" once the other members purged it too.
+    #[test]
+    fn a_late_delete_repairs_a_damaged_key_but_is_not_written_where_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            tombstone_grace: std::time::Duration::from_secs(1),
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        store.set("c", b"k", b"value-to-damage-0123456789").unwrap();
+        // The page rots under the open store.
+        let path = dir.path().join("c.dhrt");
+        let at = std::fs::read(&path)
+            .unwrap()
+            .windows(15)
+            .position(|w| w == b"value-to-damage")
+            .unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"X", at as u64).unwrap();
+        assert!(matches!(
+            store.get("c", b"k"),
+            Err(dhrt_storage::Error::Checksum { .. })
+        ));
+        let cluster = single(&store);
+        let old = ((dhrt_storage::wall_ms() - 10_000) << 16) | 1;
+        let delete = |k: &'static str| Mutation::Put {
+            collection: "c".into(),
+            key: Bytes::from_static(k.as_bytes()),
+            value: None,
+            version: Stamp {
+                ts: old,
+                node: 0xdef,
+            },
+        };
+        let applied = cluster.apply(&[delete("k"), delete("gone")]).unwrap();
+        assert_eq!(applied.applied, 1);
+        let repaired = store.lookup("c", b"k").unwrap().expect("a tombstone");
+        assert!(repaired.value.is_none());
+        assert!(store.lookup("c", b"gone").unwrap().is_none());
     }
 }

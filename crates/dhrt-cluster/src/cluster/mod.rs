@@ -16,6 +16,7 @@ use dhrt_proto::{Liveness, MemberInfo, MemberUpdate, Mutation, Stamp, SyncInfo};
 use dhrt_storage::{Store, Version};
 use tokio::sync::Notify;
 
+use crate::damaged::Damaged;
 use crate::link::{Connector, Dialer, TcpConnector};
 use crate::membership::{Membership, MembershipConfig, member_state};
 use crate::placement::{Replicas, WriteAck};
@@ -218,6 +219,9 @@ pub struct Cluster {
     refused_peers: AtomicU64,
     /// Bytes of the answers sent to peers' requests.
     answered: Arc<AtomicU64>,
+    /// Keys quarantined here as damaged and not given back yet (shared
+    /// with the node, which answers for them).
+    damaged: Arc<Damaged>,
     /// The peers' clock offsets, and what they say of this node's clock.
     offsets: Mutex<Offsets>,
     verdict: Mutex<Verdict>,
@@ -381,6 +385,7 @@ impl Cluster {
             refused_future: AtomicU64::new(0),
             refused_peers: AtomicU64::new(0),
             answered: Arc::default(),
+            damaged: Arc::default(),
             offsets: Mutex::new(Offsets::default()),
             verdict: Mutex::new(Verdict::default()),
             skewed: AtomicBool::new(false),
@@ -437,6 +442,10 @@ impl Cluster {
 
     pub(crate) fn secret(&self) -> &[u8] {
         &self.dialer.secret
+    }
+
+    pub(crate) fn damaged(&self) -> &Arc<Damaged> {
+        &self.damaged
     }
 
     pub(crate) fn store(&self) -> &Store {

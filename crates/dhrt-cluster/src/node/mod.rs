@@ -38,7 +38,7 @@ pub struct Node {
     combiner: Arc<Combiner>,
     /// Keys whose record failed its checksum here and that no replica has
     /// given back yet: they read as "damaged", not "not found".
-    damaged: Damaged,
+    damaged: Arc<Damaged>,
     /// The watches open on this node.
     watches: Arc<WatchHub>,
     /// Watches of collections this node does not store, followed on hosts.
@@ -75,11 +75,11 @@ impl Node {
             watches,
             store: cluster.store().clone(),
             identity: cluster.identity().clone(),
+            damaged: cluster.damaged().clone(),
             started: Instant::now(),
             metrics: Metrics::default(),
             cluster,
             combiner: Arc::default(),
-            damaged: Damaged::default(),
             max_value: MAX_VALUE,
             inflight: dhrt_proto::Inflight::unlimited(),
         }

@@ -74,10 +74,7 @@ impl Node {
     /// listing, anti-entropy or a handoff that met its damaged record) and
     /// not given back since.
     pub(super) fn is_damaged(&self, collection: &str, key: &[u8]) -> bool {
-        for k in self.store.take_quarantined(collection) {
-            self.damaged.insert(collection, &k);
-        }
-        self.damaged.contains(collection, key)
+        self.damaged.holds(&self.store, collection, key)
     }
 
     /// A key whose record here failed its checksum: a replica must answer,
