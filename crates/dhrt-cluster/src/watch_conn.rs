@@ -62,10 +62,19 @@ where
         for piece in encode_events(id, open, max_frame) {
             write.write_all(&piece).await?;
         }
+        // Polled until it completes, never after: the reading side may end
+        // (and drop its sender) before this task is aborted.
+        let mut end_open = true;
         loop {
             let batch = tokio::select! {
                 biased;
-                Ok(why) = &mut end_rx => Err(why),
+                why = &mut end_rx, if end_open => match why {
+                    Ok(why) => Err(why),
+                    Err(_) => {
+                        end_open = false;
+                        continue;
+                    }
+                },
                 batch = source.next_batch() => batch,
             };
             let batch = batch.and_then(|b| recheck().map(|()| b));
