@@ -114,8 +114,13 @@ pub fn check_state_file(path: &Path, seeds_given: bool, holds_data: bool) -> Res
 /// then renamed over it, and the rename made durable. A power loss leaves
 /// the old file or the new one, never an empty one (which would read as
 /// "never in touch", or lose the members a restart rejoins through).
+///
+/// One save at a time: two at once (the contact loop's and a leave's)
+/// shared the file beside it, and one could rename the other's half.
 pub(crate) fn save(path: &Path, state: &SavedState) -> io::Result<()> {
     use std::io::Write;
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = path.with_extension("state.tmp");
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(render(state).as_bytes())?;
@@ -164,6 +169,31 @@ mod tests {
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
         assert!(!path.with_extension("state.tmp").exists());
+    }
+
+    /// Saves from several threads at once each succeed, and the file is
+    /// always one of them whole.
+    #[test]
+    fn saves_at_once_never_tear_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.state");
+        let state = |t: u64| SavedState {
+            seen_ms: t,
+            members: (0..50).map(|i| format!("n{t}-{i}:7453")).collect(),
+            left: Vec::new(),
+        };
+        std::thread::scope(|s| {
+            for t in 1..=4u64 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        save(path, &state(t)).unwrap();
+                        let read = load(path).unwrap().unwrap();
+                        assert_eq!(read, state(read.seen_ms));
+                    }
+                });
+            }
+        });
     }
 
     #[test]
