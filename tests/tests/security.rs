@@ -860,6 +860,97 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
     assert!(node.stop("TERM").success());
 }
 
+/// Strangers that connect and say nothing (or send a peer's preamble and
+/// prove nothing), reconnecting as soon as they are closed, cannot keep
+/// out a client with a token nor a peer with the secret: when every
+/// pending slot is taken, a newcomer closes the oldest connection that has
+/// not said what it is (or proved the secret) and takes its slot.
+#[test]
+fn strangers_holding_every_pending_slot_keep_out_neither_clients_nor_peers() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (admin, auth) = admin_auth_file(dirs[0].path());
+    let a = Dhrtd::start(
+        &dirs[0].path().join("a"),
+        &[
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--cluster-secret",
+            SECRET,
+            "--max-connections",
+            "4",
+            "--max-peer-connections",
+            "2",
+        ],
+    );
+    let at = a.addr;
+    // Eight strangers for the six pending slots (4 + 2), each opened again
+    // as soon as the node closes it.
+    let stop = AtomicBool::new(false);
+    let reopened = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let open = |i: usize| {
+                let mut c = TcpStream::connect(at).ok()?;
+                if i.is_multiple_of(4) {
+                    let peer = dhrt_proto::channel_preamble(dhrt_proto::Channel::Peer);
+                    c.write_all(&peer).ok()?;
+                }
+                c.set_nonblocking(true).ok()?;
+                Some(c)
+            };
+            let mut strangers: Vec<Option<TcpStream>> = (0..8).map(open).collect();
+            while !stop.load(Ordering::Relaxed) {
+                for (i, c) in strangers.iter_mut().enumerate() {
+                    let closed = match c {
+                        None => true,
+                        Some(s) => !matches!(s.read(&mut [0u8; 64]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                    };
+                    if closed {
+                        *c = open(i);
+                        reopened.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        // The strangers stop however this ends (a failed assertion too).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        std::thread::sleep(Duration::from_millis(300));
+        for round in 0..3 {
+            let headers = format!("Authorization: Bearer {admin}\r\n");
+            let answer = http_at(at, "PUT", &format!("/c/k{round}"), &headers, b"");
+            assert!(
+                matches!(answer, Ok((200 | 201, _))),
+                "round {round}: a client with a token was kept out by strangers: {answer:?}"
+            );
+        }
+        // A peer with the secret joins, and is a healthy member.
+        let b = Dhrtd::start(
+            dirs[1].path(),
+            &["--cluster-secret", SECRET, "--node", &at.to_string()],
+        );
+        crate::cluster::eventually(
+            "a peer joins past the strangers",
+            Duration::from_secs(20),
+            || crate::cluster::all_healthy(&[&b], 2),
+        );
+        assert_eq!(request(b.addr, "GET", "/c/k2", None).0, 200);
+    });
+    assert!(
+        reopened.load(Ordering::Relaxed) > 0,
+        "no stranger was closed for a newcomer"
+    );
+}
+
 /// The data directory and every file the node makes in it are its user's
 /// alone, whatever the umask it was started with: the logs hold every
 /// value, readable without a token by whoever can open them. A data

@@ -94,6 +94,7 @@ pub(crate) async fn run(
         clients: Semaphore::new(slots.clients),
         slots,
         pending_by_ip: Mutex::new(HashMap::new()),
+        undeclared: Mutex::new(BTreeMap::new()),
         unproven: Mutex::new(BTreeMap::new()),
         next_unproven: AtomicU64::new(0),
     });
@@ -112,18 +113,38 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let Ok(pending) = unknown.clone().try_acquire_owned() else {
-            if let Some(left_out) = UNKNOWN_FULL.allow() {
-                tracing::warn!(%peer, left_out, "too many connections that have not said what they are; refusing");
-            }
-            continue;
-        };
-        let Some(pending) = Pending::new(caps.clone(), peer.ip(), pending) else {
+        let Some(source) = caps.count_source(peer.ip()) else {
             if let Some(left_out) = ONE_SOURCE_FULL.allow() {
                 tracing::warn!(%peer, left_out, limit = PENDING_PER_SOURCE, "too many connections from one address that have not said what they are, or not proved the cluster secret; refusing");
             }
             continue;
         };
+        // Every pending slot taken: the connection that has had longest to
+        // say what it is (or to prove the secret) is closed, and its slot
+        // goes to the newcomer. Clients and peers say what they are in
+        // their first bytes, so strangers that connect and say nothing
+        // cannot keep them out.
+        let permit = match unknown.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match caps.close_oldest_undeclared() {
+                Some(permit) => {
+                    if let Some(left_out) = UNDECLARED_CLOSED.allow() {
+                        tracing::warn!(
+                            left_out,
+                            "every pending slot taken: closed the oldest connection that had not said what it is, or proved the cluster secret, for a newcomer"
+                        );
+                    }
+                    permit
+                }
+                None => {
+                    if let Some(left_out) = UNKNOWN_FULL.allow() {
+                        tracing::warn!(%peer, left_out, "too many connections that have not said what they are; refusing");
+                    }
+                    continue;
+                }
+            },
+        };
+        let (pending, closing) = Pending::new(caps.clone(), source, permit);
         let _ = stream.set_nodelay(true);
         // Peers and clients alike: one that vanished does not keep its
         // slot.
@@ -139,6 +160,7 @@ pub(crate) async fn run(
         };
         let (servers, caps) = (servers.clone(), caps.clone());
         tracker.spawn(async move {
+            let pending = (pending, closing);
             if let Err(e) = serve(stream, peer, &servers, &caps, pending, shutdown).await {
                 tracing::debug!(%peer, "connection ended: {e}");
             }
@@ -164,6 +186,10 @@ struct Caps {
     /// Connections not yet told apart, or peers not yet proved, per
     /// address off loopback.
     pending_by_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// The connections in a pending slot (not yet told apart, or peers
+    /// not yet proved), oldest first, with the slot each holds: when every
+    /// one is taken, a newcomer closes the oldest and takes its slot.
+    undeclared: Mutex<BTreeMap<u64, (CancellationToken, OwnedSemaphorePermit)>>,
     /// Client connections in a slot that must show a token and have not
     /// yet, oldest first: when every slot is taken, a newcomer closes the
     /// oldest of them and takes its slot.
@@ -198,6 +224,31 @@ impl Caps {
             Ok(Ok(slot)) => Some(slot),
             _ => None,
         }
+    }
+
+    /// The slot of the oldest connection that has not said what it is (or
+    /// proved the secret), which is closed; `None` if there is none.
+    fn close_oldest_undeclared(&self) -> Option<OwnedSemaphorePermit> {
+        let (_, (closing, permit)) = self.undeclared.lock().unwrap().pop_first()?;
+        closing.cancel();
+        Some(permit)
+    }
+
+    /// Counts a connection from `ip` among its address's pending ones:
+    /// `None` if that address has as many as it may; `Some(None)` for
+    /// loopback, which is not counted.
+    fn count_source(&self, ip: IpAddr) -> Option<Option<IpAddr>> {
+        if dhrt_proto::auth::is_loopback(ip) {
+            return Some(None);
+        }
+        let ip = source(ip);
+        let mut by_ip = self.pending_by_ip.lock().unwrap();
+        let count = by_ip.entry(ip).or_insert(0);
+        if *count >= PENDING_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(Some(ip))
     }
 
     /// Counts a client connection that must still show a token among those
@@ -235,6 +286,7 @@ static UNKNOWN_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static ONE_SOURCE_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static KIND_FULL: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 static STRANGER_CLOSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
+static UNDECLARED_CLOSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
 
 /// The source an address counts against: IPv4 as it is (also when mapped
 /// into IPv6), IPv6 by its /64, which one machine or network usually owns
@@ -253,42 +305,43 @@ fn source(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// A connection that has not yet said what it is: it holds one of the
-/// node's pending slots and counts against its address.
+/// A connection that has not yet said what it is (or a peer that has not
+/// proved the secret): it holds one of the node's pending slots (kept in
+/// [`Caps::undeclared`], where a newcomer may take it) and counts against
+/// its address. Dropped once it has.
 struct Pending {
     caps: Arc<Caps>,
     ip: Option<IpAddr>,
-    _permit: OwnedSemaphorePermit,
+    id: u64,
 }
 
 impl Pending {
-    fn new(caps: Arc<Caps>, ip: IpAddr, permit: OwnedSemaphorePermit) -> Option<Pending> {
-        if dhrt_proto::auth::is_loopback(ip) {
-            return Some(Pending {
-                caps,
-                ip: None,
-                _permit: permit,
-            });
-        }
-        let ip = source(ip);
-        {
-            let mut by_ip = caps.pending_by_ip.lock().unwrap();
-            let count = by_ip.entry(ip).or_insert(0);
-            if *count >= PENDING_PER_SOURCE {
-                return None;
-            }
-            *count += 1;
-        }
-        Some(Pending {
-            caps,
-            ip: Some(ip),
-            _permit: permit,
-        })
+    /// A connection from `ip` (as [`Caps::count_source`] counted it) in
+    /// the pending slot `permit`; closed when the token returned is.
+    fn new(
+        caps: Arc<Caps>,
+        ip: Option<IpAddr>,
+        permit: OwnedSemaphorePermit,
+    ) -> (Pending, CancellationToken) {
+        let closing = CancellationToken::new();
+        let id = caps.next_unproven.fetch_add(1, Ordering::Relaxed);
+        caps.undeclared
+            .lock()
+            .unwrap()
+            .insert(id, (closing.clone(), permit));
+        (Pending { caps, ip, id }, closing)
+    }
+
+    /// Released when the peer proves the secret.
+    fn proof(self) -> Proven {
+        Proven::new(move || drop(self))
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        // Its slot, unless a newcomer took it.
+        drop(self.caps.undeclared.lock().unwrap().remove(&self.id));
         if let Some(ip) = self.ip {
             let mut by_ip = self.caps.pending_by_ip.lock().unwrap();
             if let Some(count) = by_ip.get_mut(&ip) {
@@ -427,12 +480,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 const TLS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
 Connection: close\r\nContent-Length: 57\r\n\r\n{\"Error\":\"this node speaks TLS only: use https (or TLS)\"}";
 
+/// Serves a connection in a pending slot (`pending`, closed when its token
+/// is, for a newcomer, until it has said what it is or, a peer, proved the
+/// secret).
 async fn serve(
     mut stream: TcpStream,
     remote: SocketAddr,
     servers: &Servers,
     caps: &Arc<Caps>,
-    pending: Pending,
+    pending: (Pending, CancellationToken),
     shutdown: Shutdown,
 ) -> io::Result<()> {
     let limit = servers.first_byte_timeout;
@@ -443,6 +499,10 @@ async fn serve(
             Ok(Err(e)) => return Err(e),
         },
         () = shutdown.peers.cancelled() => return Ok(()),
+        () = pending.1.cancelled() => {
+            tracing::debug!(%remote, "closed for a newcomer: every pending slot was taken and it had said nothing");
+            return Ok(());
+        }
     };
     match (kind, &servers.tls) {
         (Kind::Tls, None) => {
@@ -466,6 +526,7 @@ async fn serve(
                     }
                 },
                 () = shutdown.peers.cancelled() => return Ok(()),
+                () = pending.1.cancelled() => return Ok(()),
             };
             serve_kind(kind, stream, remote, servers, caps, pending, shutdown).await
         }
@@ -505,7 +566,7 @@ async fn serve_kind<S>(
     remote: SocketAddr,
     servers: &Servers,
     caps: &Arc<Caps>,
-    pending: Pending,
+    (pending, closing): (Pending, CancellationToken),
     shutdown: Shutdown,
 ) -> io::Result<()>
 where
@@ -523,7 +584,7 @@ where
             (Some(open), shutdown.clients)
         }
     };
-    let (_pending, _slot) = match kind {
+    let (pending, _slot) = match kind {
         Kind::Peer => (Some(pending), None),
         Kind::Http | Kind::Binary | Kind::Tls => {
             drop(pending);
@@ -540,12 +601,18 @@ where
     // A client that needs no token (loopback, without an auth file) is
     // never closed for a newcomer; one that does is, until it shows one:
     // at once, mid-request or not (dropping the connection's future
-    // closes it), so its slot is free for the newcomer waiting.
-    let evicted = CancellationToken::new();
-    let proven = match servers.binary.access.connect(remote.ip()) {
-        Standing::Trusted(_) => Proven::ignored(),
-        _ if kind == Kind::Peer => Proven::ignored(),
-        _ => caps.unproven(evicted.clone()),
+    // closes it), so its slot is free for the newcomer waiting. A peer is,
+    // until it has proved the secret.
+    let evicted = if kind == Kind::Peer {
+        closing
+    } else {
+        CancellationToken::new()
+    };
+    let proven = match (servers.binary.access.connect(remote.ip()), pending) {
+        // A peer's pending slot is released once it has proved the secret.
+        (_, Some(pending)) => pending.proof(),
+        (Standing::Trusted(_), None) => Proven::ignored(),
+        (_, None) => caps.unproven(evicted.clone()),
     };
     let served = async {
         if kind != Kind::Http {
@@ -572,7 +639,7 @@ where
     tokio::select! {
         r = served => r,
         () = evicted.cancelled() => {
-            tracing::debug!(%remote, "closed for a newcomer: every client slot was taken and it had shown no token");
+            tracing::debug!(%remote, ?kind, "closed for a newcomer: every slot was taken and it had shown no token (or proved no secret)");
             Ok(())
         }
     }

@@ -43,14 +43,15 @@ pub(crate) const MAX_IN_FLIGHT: usize = 64;
 pub(crate) const NOTE_EVERY: Duration = Duration::from_millis(200);
 
 /// Serves a peer connection from `remote` whose preamble was consumed;
-/// `buf` holds what was read after it.
+/// `buf` holds what was read after it. It takes one of `slots` once it has
+/// proved the cluster secret, and tells `proven` then.
 pub(crate) async fn serve_peer<S>(
     mut stream: S,
     remote: SocketAddr,
     mut buf: BytesMut,
     (cluster, sessions): (Arc<Cluster>, Arc<Sessions>),
     max_frame: u32,
-    slots: &Semaphore,
+    (slots, mut proven): (&Semaphore, dhrt_proto::Proven),
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<Closed>
 where
@@ -88,7 +89,9 @@ where
         Err(_) => return Ok(Closed::Idle),
     };
     // A peer slot is taken only once the dialer has proved the secret:
-    // strangers cannot fill them.
+    // strangers cannot fill them (and until then, a stranger's connection
+    // may be closed for a newcomer: `proven`).
+    proven.now();
     let Ok(_slot) = slots.try_acquire() else {
         refused(&"the peer connection limit is reached (--max-peer-connections)");
         return Ok(Closed::Protocol("peer connection limit".into()));

@@ -96,7 +96,7 @@ async fn read_more<S: AsyncRead + Unpin>(
 /// Serves one binary connection from `remote` until the client leaves, it idles, it breaks
 /// the protocol, or `shutdown` completes (requests already received are
 /// answered first). `proven` is told once the client has shown a valid
-/// token.
+/// token, or a peer has proved the cluster secret.
 pub async fn serve_binary<S>(
     mut stream: S,
     remote: SocketAddr,
@@ -138,7 +138,7 @@ where
                     buf,
                     (cluster, ops.watch_sessions().clone()),
                     limits.max_frame,
-                    slots,
+                    (slots, proven),
                     shutdown,
                 )
                 .await;
