@@ -351,6 +351,85 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
 }
 
 #[test]
+fn a_node_whose_clock_is_behind_keeps_what_it_took_while_cut_off() {
+    // c's clock is 40 s behind its peers' (within the allowed offset). It
+    // is cut off longer than the grace period, takes writes meanwhile, and
+    // re-syncs fully on return: its writes were stamped before its last
+    // contact by its peers' clocks, yet after it by its own, and they are
+    // kept; a delete the cluster made and forgot meanwhile is not undone.
+    let grace = [
+        "--tombstone-grace-secs",
+        "2",
+        "--max-hints",
+        "0",
+        "--write-ack",
+        "quorum",
+    ];
+    let mut behind = grace.to_vec();
+    behind.extend(["--clock-offset-ms", "-40000"]);
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &grace);
+    let b = start_joined(dirs[1].path(), &a, &grace);
+    let c = start_joined(dirs[2].path(), &a, &behind);
+    eventually("three healthy members", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for i in 0..10 {
+        assert_eq!(a.http("POST", &format!("/c/old{i}/v"), b"").0, 200);
+    }
+    eventually("c holds every key", Duration::from_secs(10), || {
+        local_keys(&c, "c") == 10
+    });
+    let seen_at = |at: &std::path::Path| {
+        std::fs::read_to_string(at.join("cluster.state"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("seen ").and_then(|v| v.parse::<u64>().ok()))
+    };
+    let first = seen_at(dirs[2].path());
+    eventually(
+        "c notes its contact after the writes",
+        Duration::from_secs(10),
+        || seen_at(dirs[2].path()) > first,
+    );
+    // Cut off: c comes back knowing a cluster secret its peers do not, so
+    // they refuse it and it them.
+    let c_addr = c.addr;
+    assert!(c.stop("TERM").success());
+    let mut cut = behind.clone();
+    cut.extend(["--cluster-secret", crate::security::SECRET]);
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &cut);
+    assert_eq!(a.http("DELETE", "/c/old0", b"").0, 200);
+    // Its clock compared with nobody's for a while, it takes writes alone.
+    eventually("c takes writes cut off", Duration::from_secs(30), || {
+        let (status, body) = c.http("POST", "/c/new0/isolated", b"");
+        status == 504 && body.contains("saved on 1 of 3")
+    });
+    for i in 1..3 {
+        let (status, body) = c.http("POST", &format!("/c/new{i}/isolated"), b"");
+        assert_eq!(status, 504, "{body}");
+    }
+    // Longer than the grace period: a and b forget the delete.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(c.stop("TERM").success());
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &behind);
+    eventually(
+        "the returning node is healthy everywhere",
+        Duration::from_secs(30),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for node in [&a, &b, &c] {
+        for i in 0..3 {
+            let (status, body) = get(node, &format!("/c/new{i}"));
+            assert_eq!(status, 200, "new{i} on {}: {body}", node.addr);
+        }
+        assert_eq!(get(node, "/c/old0").0, 404, "on {}", node.addr);
+        assert_eq!(get(node, "/c/old9").0, 200, "on {}", node.addr);
+    }
+}
+
+#[test]
 fn a_node_restarted_apart_from_the_members_it_remembers_does_not_claim_their_copies() {
     // b restarts while a is down: it knows a only by its address in
     // cluster.state. A write it holds alone is not on "every replica".

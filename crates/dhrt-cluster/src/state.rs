@@ -9,6 +9,7 @@
 //! ```text
 //! # dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)
 //! seen 1764255000000
+//! stamp 1764255000000
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
 //! left 10.0.0.4:7453
@@ -20,8 +21,13 @@ use std::path::Path;
 /// What the file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct SavedState {
-    /// Wall-clock milliseconds when this node last had a live peer.
+    /// Wall-clock milliseconds when this node last had a live peer (by
+    /// its peers' clocks, once compared with them).
     pub(crate) seen_ms: u64,
+    /// This node's own clock then (the milliseconds of the versions it
+    /// stamped): what it wrote later has later stamps, whatever its clock's
+    /// offset from its peers'. `None` in a file of an older version.
+    pub(crate) stamp_ms: Option<u64>,
     /// The other members' addresses, left ones excluded.
     pub(crate) members: Vec<String>,
     /// The addresses of members that left: rejoined through after a
@@ -45,6 +51,10 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
             state.seen_ms = ms.trim().parse().map_err(|_| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("bad line {line:?}"))
             })?;
+        } else if let Some(ms) = line.strip_prefix("stamp ") {
+            if state.stamp_ms.is_none() {
+                state.stamp_ms = ms.trim().parse().ok();
+            }
         } else if let Some(addr) = line.strip_prefix("member ") {
             let addr = addr.trim();
             if !addr.is_empty() && !state.members.iter().any(|m| m == addr) {
@@ -66,6 +76,9 @@ pub(crate) fn render(state: &SavedState) -> String {
         "# dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)\n",
     );
     out.push_str(&format!("seen {}\n", state.seen_ms));
+    if let Some(ms) = state.stamp_ms {
+        out.push_str(&format!("stamp {ms}\n"));
+    }
     // A member's address is checked when it is learned; one that could
     // break a line is never written.
     for (kind, list) in [("member", &state.members), ("left", &state.left)] {
@@ -140,15 +153,18 @@ mod tests {
     fn round_trips_and_ignores_what_it_does_not_know() {
         let s = SavedState {
             seen_ms: 1_764_255_000_000,
+            stamp_ms: Some(1_764_254_945_000),
             members: vec!["10.0.0.2:7453".into(), "n3:7453".into()],
             left: vec!["n4:7453".into()],
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
+        // A file of an older version has no stamp line.
         let text = "seen 5\nfuture-fact 1\nmember a:1\nmember a:1\nleft b:2\n\n";
         assert_eq!(
             parse(text).unwrap(),
             SavedState {
                 seen_ms: 5,
+                stamp_ms: None,
                 members: vec!["a:1".into()],
                 left: vec!["b:2".into()],
             }
@@ -163,6 +179,7 @@ mod tests {
         assert_eq!(load(&path).unwrap(), None);
         let s = SavedState {
             seen_ms: 42,
+            stamp_ms: None,
             members: vec!["x:1".into()],
             left: Vec::new(),
         };
@@ -179,6 +196,7 @@ mod tests {
         let path = dir.path().join("cluster.state");
         let state = |t: u64| SavedState {
             seen_ms: t,
+            stamp_ms: None,
             members: (0..50).map(|i| format!("n{t}-{i}:7453")).collect(),
             left: Vec::new(),
         };
@@ -206,6 +224,7 @@ mod tests {
             &path,
             &SavedState {
                 seen_ms: 42,
+                stamp_ms: None,
                 members: vec!["a:1".into()],
                 left: Vec::new(),
             },
@@ -243,6 +262,7 @@ mod tests {
         assert_eq!(parse(text).unwrap().seen_ms, 5);
         let state = SavedState {
             seen_ms: 7,
+            stamp_ms: None,
             members: vec!["a:1\nseen 99999999999999".into(), "b:2".into()],
             left: Vec::new(),
         };

@@ -23,6 +23,14 @@ pub(super) fn away_too_long(store: &Store, now_ms: u64, last_contact_ms: u64) ->
     .then_some(away)
 }
 
+/// A clock's time as a version timestamp: every version it stamped or saw
+/// so far is at or before it, every one it stamps later after it.
+pub(super) fn stamp_now(clock: &dhrt_storage::Clock) -> u64 {
+    clock
+        .last()
+        .max(clock.wall_ms() << dhrt_storage::LOGICAL_BITS)
+}
+
 impl Cluster {
     /// Every second: remember when a live peer was last seen, and the
     /// members, in the state file. Contact regained after longer than the
@@ -58,7 +66,7 @@ impl Cluster {
             }
             had_contact = contact;
             if contact && !self.full_resync.load(Ordering::Acquire) {
-                self.last_contact.store(now, Ordering::Release);
+                self.touched(now);
             }
             // Rewrite on news, and every second while in touch (a few
             // bytes and an fsync, off the runtime's threads).
@@ -103,6 +111,15 @@ impl Cluster {
         } else {
             wall
         }
+    }
+
+    /// Records contact with the cluster at `now` ([`Self::contact_now`]).
+    pub(super) fn touched(&self, now: u64) {
+        // Its own clock first: read without the other, the pair may only
+        // err towards keeping this node's records.
+        self.contact_stamp
+            .store(stamp_now(self.store.clock()), Ordering::Release);
+        self.last_contact.store(now, Ordering::Release);
     }
 
     /// Judges, once per life and before any of this node's data travels
@@ -155,7 +172,8 @@ impl Cluster {
                     seen.saturating_sub(wall) / 1000
                 ),
             }
-            self.stale_before.fetch_max(seen, Ordering::AcqRel);
+            self.stale_before
+                .fetch_max(self.contact_stamp.load(Ordering::Acquire), Ordering::AcqRel);
         }
         self.absence_judged.store(true, Ordering::Release);
     }
@@ -176,6 +194,7 @@ impl Cluster {
         left.dedup();
         SavedState {
             seen_ms: self.last_contact.load(Ordering::Acquire),
+            stamp_ms: Some(self.contact_stamp.load(Ordering::Acquire)),
             members,
             left,
         }

@@ -449,8 +449,7 @@ impl Cluster {
         }
         self.running.store(false, Ordering::Release);
         if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
-            self.last_contact
-                .store(self.contact_now(), Ordering::Release);
+            self.touched(self.contact_now());
         }
         self.save_state(&self.saved_state());
         let outputs = {

@@ -173,8 +173,14 @@ pub struct Cluster {
     sync: SyncProgress,
     running: AtomicBool,
     /// Wall-clock ms when this node last had a live, non-syncing peer (or
-    /// started, with no history).
+    /// started, with no history), by its peers' clocks once compared: how
+    /// long it was away is measured from it.
     last_contact: AtomicU64,
+    /// This node's own clock then, a version timestamp
+    /// (`contact::stamp_now`): its records stamped at or before it are the ones the cluster may have deleted
+    /// and forgotten while it was away; those after it, it wrote since (a
+    /// clock behind its peers' stamps them before `last_contact`).
+    contact_stamp: AtomicU64,
     /// Set while this node's own data cannot be trusted: it was away
     /// longer than the tombstone grace period, so keys deleted meanwhile
     /// may still be here. Reads ask the others; a full re-sync prunes.
@@ -182,8 +188,8 @@ pub struct Cluster {
     /// Whether the absence before this start was judged (`contact.rs`):
     /// until then nothing of this node's own data travels.
     absence_judged: AtomicBool,
-    /// Wall-clock ms up to which this node's own records may have been
-    /// deleted elsewhere while it was away longer than the tombstone grace
+    /// The ms (of this node's clock, as `contact_stamp`) up to
+    /// which this node's own records may have been deleted elsewhere while it was away longer than the tombstone grace
     /// (0: never away that long in this life). A record at or before it
     /// that a peer lacks is never pushed to that peer (`moves.rs`).
     stale_before: AtomicU64,
@@ -283,6 +289,7 @@ impl Cluster {
         let options_max_offset = options.max_clock_ahead.as_millis() as u64;
         let move_rate = options.move_rate;
         let mut last_contact = wall_at_start;
+        let mut contact_stamp = contact::stamp_now(store.clock());
         let mut full_resync = false;
         let mut absence_judged = true;
         if saved.is_none()
@@ -310,6 +317,21 @@ impl Cluster {
                 options.seeds = members.into_iter().chain(left).collect();
             }
             last_contact = saved.seen_ms;
+            // A file of an older version: its peers' time is all it says.
+            contact_stamp = saved.stamp_ms.unwrap_or_else(|| match saved.seen_ms {
+                0 => 0,
+                ms => ((ms + 1) << dhrt_storage::LOGICAL_BITS) - 1,
+            });
+            // What it stamps from now on comes after it, even with its
+            // clock behind its peers' (records are stamped by the newest
+            // seen when the wall clock is behind it); not if that was ahead
+            // of the wall clock by more than the allowed offset (its clock
+            // was set back since): it would refuse writes until then.
+            if (contact_stamp >> dhrt_storage::LOGICAL_BITS)
+                <= wall_at_start.saturating_add(options_max_offset)
+            {
+                store.clock().observe(contact_stamp);
+            }
             if let Some(away) = away_too_long(&store, wall_at_start, saved.seen_ms)
                 && !options.seeds.is_empty()
             {
@@ -369,9 +391,10 @@ impl Cluster {
             sync: SyncProgress::default(),
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
+            contact_stamp: AtomicU64::new(contact_stamp),
             full_resync: AtomicBool::new(full_resync),
             absence_judged: AtomicBool::new(absence_judged),
-            stale_before: AtomicU64::new(if full_resync { last_contact } else { 0 }),
+            stale_before: AtomicU64::new(if full_resync { contact_stamp } else { 0 }),
             peers_known: AtomicBool::new(false),
             members_pinned: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),

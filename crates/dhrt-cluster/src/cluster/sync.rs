@@ -35,11 +35,18 @@ pub(super) fn joined(
 pub(super) const HANDOFF_WINDOW: usize = 4;
 
 /// Whether a full re-sync forgets this node's record: a live value the
-/// peer has no entry for (not even a tombstone), written before this node
-/// lost touch (`seen_ms`): the cluster deleted it and has since purged the
-/// tombstone. What this node wrote since it returned stays.
-pub(super) fn forgotten_by_prune(live: bool, peer_has_key: bool, v: Version, seen_ms: u64) -> bool {
-    live && !peer_has_key && v.physical_ms() <= seen_ms
+/// peer has no entry for (not even a tombstone), stamped at or before
+/// `lost_touch` (its own clock when it lost touch, a version timestamp:
+/// it stamped or saw every record it held then): the cluster deleted it
+/// and has since purged the tombstone. What this node wrote after, while
+/// away or since it returned, stays.
+pub(super) fn forgotten_by_prune(
+    live: bool,
+    peer_has_key: bool,
+    v: Version,
+    lost_touch: u64,
+) -> bool {
+    live && !peer_has_key && v.ts <= lost_touch
 }
 
 impl Cluster {
@@ -56,19 +63,19 @@ impl Cluster {
 
     pub(super) fn end_sync(self: &Arc<Self>) {
         self.full_resync.store(false, Ordering::Release);
-        self.last_contact
-            .store(self.contact_now(), Ordering::Release);
+        self.touched(self.contact_now());
         self.sync.running.store(false, Ordering::Release);
         self.with_membership(|m, _| m.set_syncing(false));
     }
 
     /// While a full re-sync is pending or running: records of this node
-    /// stamped at or before this wall-clock ms may have been deleted
-    /// elsewhere (and the deletes forgotten), so they are not an answer.
+    /// stamped at or before this timestamp (of its own clock when it lost
+    /// touch, as versions have it) may have been deleted elsewhere (and the
+    /// deletes forgotten), so they are not an answer.
     pub(crate) fn distrusted_until(&self) -> Option<u64> {
         self.full_resync
             .load(Ordering::Acquire)
-            .then(|| self.last_contact.load(Ordering::Acquire))
+            .then(|| self.contact_stamp.load(Ordering::Acquire))
     }
 
     /// Waits for a member to sync from. `None` when this node's own data
@@ -219,7 +226,7 @@ impl Cluster {
         {
             self.full_resync.store(true, Ordering::Release);
             self.stale_before
-                .fetch_max(self.last_contact.load(Ordering::Acquire), Ordering::AcqRel);
+                .fetch_max(self.contact_stamp.load(Ordering::Acquire), Ordering::AcqRel);
         }
         if let Some(seen) = self.distrusted_until() {
             // Prune against one source before anything of ours travels.
@@ -424,20 +431,23 @@ mod tests {
 
     #[test]
     fn a_prune_forgets_only_old_live_records_the_peer_never_heard_of() {
-        let seen = 1_000_000;
-        let before = Version::new((seen - 1) << LOGICAL_BITS, 1);
-        let after = Version::new((seen + 1) << LOGICAL_BITS, 1);
-        assert!(forgotten_by_prune(true, false, before, seen));
+        // Lost touch at this clock's time, a few versions into a ms.
+        let lost = (1_000_000 << LOGICAL_BITS) + 5;
+        let before = Version::new(lost - 1, 1);
+        assert!(forgotten_by_prune(true, false, before, lost));
+        assert!(forgotten_by_prune(true, false, Version::new(lost, 1), lost));
         assert!(
-            !forgotten_by_prune(true, true, before, seen),
+            !forgotten_by_prune(true, true, before, lost),
             "the peer has it"
         );
         assert!(
-            !forgotten_by_prune(false, false, before, seen),
+            !forgotten_by_prune(false, false, before, lost),
             "a tombstone"
         );
+        // Stamped after it in the same ms: a clock behind its peers' stamps
+        // by the newest it saw, advancing only the logical part.
         assert!(
-            !forgotten_by_prune(true, false, after, seen),
+            !forgotten_by_prune(true, false, Version::new(lost + 1, 1), lost),
             "written since"
         );
     }

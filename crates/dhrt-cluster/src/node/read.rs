@@ -20,8 +20,8 @@ pub(super) enum LocalRead {
     /// The answer: the key's record (or tombstone) is here, the node has
     /// no peer to ask, or the request is refused.
     Answer(Result<Option<Bytes>, OpError>),
-    /// The node distrusts what it held before `seen` (ms): the others
-    /// decide.
+    /// The node distrusts what it held stamped up to `seen` (a version
+    /// timestamp): the others decide.
     Distrusted { seen: u64 },
     /// Not here; a peer may have it.
     Missing,
@@ -106,7 +106,7 @@ impl Node {
                     .cluster
                     .read_remote_told(collection, key, Some(&self.inflight))
                     .await?;
-                let fresh = local.filter(|(_, v)| v.physical_ms() > seen);
+                let fresh = local.filter(|(_, v)| v.ts > seen);
                 Ok(match (remote, fresh) {
                     (Some(r), Some((value, v))) if stamp(v) > r.version => value,
                     (Some(r), _) => r.value,
