@@ -50,7 +50,7 @@ pub use message::{
 };
 pub use ops::{MAX_PAGE, MAX_PAGE_BYTES, Operations, dispatch, dispatch_ref};
 pub use peer::{
-    BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness,
+    BucketCursor, CollectionDigest, Gossip, GossipKind, Handshake, Liveness, MAX_APPLY,
     MAX_MEMBER_COLLECTIONS, MAX_MEMBER_FIELD, MemberUpdate, Mutation, PROOF_LEN, PeerMessage,
     PeerOp, PeerReply, Stamp, Versioned,
 };

@@ -152,11 +152,49 @@ pub struct CollectionDigest {
     pub entries: u64,
 }
 
+/// The most mutations one [`PeerOp::Apply`] (or `ApplyReporting`) may
+/// carry: what senders cut their batches at. More is refused as the frame
+/// is decoded, not after: a frame of millions of tiny mutations decodes
+/// into some sixteen times its size.
+pub const MAX_APPLY: usize = 4096;
+
+/// Decodes a batch of mutations, refusing one of more than [`MAX_APPLY`].
+fn at_most_max_apply<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Mutation>, D::Error> {
+    struct Batch;
+    impl<'de> serde::de::Visitor<'de> for Batch {
+        type Value = Vec<Mutation>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_APPLY} mutations")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let too_many = || serde::de::Error::custom(format!("more than {MAX_APPLY} mutations"));
+            if seq.size_hint().is_some_and(|n| n > MAX_APPLY) {
+                return Err(too_many());
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(m) = seq.next_element()? {
+                if out.len() == MAX_APPLY {
+                    return Err(too_many());
+                }
+                out.push(m);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Batch)
+}
+
 /// A request from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerOp {
-    /// Apply these replicated changes: [`PeerReply::Applied`].
-    Apply(Vec<Mutation>),
+    /// Apply these replicated changes: [`PeerReply::Applied`]. At most
+    /// [`MAX_APPLY`] of them.
+    Apply(#[serde(deserialize_with = "at_most_max_apply")] Vec<Mutation>),
     /// The receiver's entry for a key, tombstones included:
     /// [`PeerReply::Entry`].
     Read {
@@ -225,7 +263,8 @@ pub enum PeerOp {
     /// the writer stamps a write that lost again, later, so a write
     /// acknowledged to a client never loses to one acknowledged before it
     /// (a writer whose clock is behind, a node forwarding to the owners).
-    ApplyReporting(Vec<Mutation>),
+    /// At most [`MAX_APPLY`] of them.
+    ApplyReporting(#[serde(deserialize_with = "at_most_max_apply")] Vec<Mutation>),
     /// The receiver's entry for a key, as [`PeerOp::Read`] answers it,
     /// with its value only if that is at most `inline_max` bytes:
     /// [`PeerReply::Entry`], or [`PeerReply::Withheld`] for a larger
@@ -466,6 +505,32 @@ mod tests {
             liveness: Liveness::Alive,
             syncing: false,
             collections: None,
+        }
+    }
+
+    /// A batch of more mutations than any sender cuts is refused as it is
+    /// decoded; one at the limit decodes whole.
+    #[test]
+    fn an_apply_of_more_than_the_batch_limit_does_not_decode() {
+        let put = Mutation::Put {
+            collection: "c".into(),
+            key: Bytes::from_static(b"k"),
+            value: None,
+            version: Stamp { ts: 1, node: 1 },
+        };
+        for (n, ok) in [(MAX_APPLY, true), (MAX_APPLY + 1, false)] {
+            for op in [
+                PeerOp::Apply(vec![put.clone(); n]),
+                PeerOp::ApplyReporting(vec![put.clone(); n]),
+            ] {
+                let mut bytes = Vec::new();
+                crate::encode(&op, &mut bytes).unwrap();
+                let decoded = crate::decode::<PeerOp>(&bytes);
+                assert_eq!(decoded.is_ok(), ok, "{n}: {decoded:?}");
+                if ok {
+                    assert_eq!(decoded.unwrap(), op);
+                }
+            }
         }
     }
 

@@ -129,7 +129,7 @@ impl Default for ClusterOptions {
 /// Mutations per `Apply` frame, and their bytes: a batch is cut before a
 /// mutation would take it past `BATCH_BYTES`; a larger mutation travels
 /// alone (the frame limit leaves room for the largest value).
-pub(crate) const BATCH_ITEMS: usize = 4096;
+pub(crate) const BATCH_ITEMS: usize = dhrt_proto::MAX_APPLY;
 /// The default of [`ClusterOptions::move_rate`]: 64 MiB/s.
 pub const DEFAULT_MOVE_RATE: u64 = 64 << 20;
 
