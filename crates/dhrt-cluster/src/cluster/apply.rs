@@ -259,31 +259,50 @@ impl Cluster {
         }
     }
 
-    /// The digests of `names` (all collections when empty).
+    /// The digests of `names` (all collections when empty). An answer that
+    /// could not be sent (past the frame limit) is refused as soon as it
+    /// grows past it, not built whole: a peer naming one collection a
+    /// million times must not make this node hold gigabytes.
     pub(crate) fn digests(&self, names: Vec<String>) -> Result<Vec<CollectionDigest>, OpError> {
+        // Members ask for one by name, or for all.
+        const MOST_NAMED: usize = 256;
         let names = if names.is_empty() {
             self.store.all_collections()
+        } else if names.len() > MOST_NAMED {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                format!("{} collections named, more than {MOST_NAMED}", names.len()),
+            ));
         } else {
             names
         };
         let stats = self.store.stats();
-        names
-            .into_iter()
-            .map(|c| {
-                let d = self.store.digest(&c).map_err(crate::error::op_error)?;
-                let entries = stats
-                    .collections
-                    .iter()
-                    .find(|s| s.name == c)
-                    .map_or(0, |s| s.keys + s.tombstones);
-                Ok(CollectionDigest {
-                    collection: c,
-                    buckets: d.buckets,
-                    dropped_at: d.dropped_at.map(stamp),
-                    entries,
-                })
-            })
-            .collect()
+        let max = self.dialer.max_frame as usize;
+        let mut size = 0usize;
+        let mut out = Vec::new();
+        for c in names {
+            let d = self.store.digest(&c).map_err(crate::error::op_error)?;
+            // As encoded: a varint per bucket, the name, a few fields.
+            size += 32 + c.len() + d.buckets.iter().map(|&b| varint_len(b)).sum::<usize>();
+            if size > max {
+                return Err(OpError::new(
+                    ErrorKind::TooLarge,
+                    format!("the digests asked for pass the {max}-byte frame limit"),
+                ));
+            }
+            let entries = stats
+                .collections
+                .iter()
+                .find(|s| s.name == c)
+                .map_or(0, |s| s.keys + s.tombstones);
+            out.push(CollectionDigest {
+                collection: c,
+                buckets: d.buckets,
+                dropped_at: d.dropped_at.map(stamp),
+                entries,
+            });
+        }
+        Ok(out)
     }
 
     /// A page of the records of some buckets of a collection, as
@@ -345,6 +364,16 @@ impl Cluster {
 /// write. Anything else would be a node's own state written by another:
 /// uncounted files, or a registry entry that turns a `default` key's short
 /// route into a collection's.
+/// The bytes of `v` as a varint in the peer protocol's encoding.
+fn varint_len(v: u64) -> usize {
+    match v {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
 fn peer_may_write(m: &Mutation) -> bool {
     match m {
         Mutation::Drop { collection, .. } => !collection.starts_with('_'),
