@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dhrt_proto::{MemberUpdate, Mutation, PeerOp, PeerReply, Stamp};
+use dhrt_proto::{BucketCursor, MemberUpdate, Mutation, PeerOp, PeerReply, Stamp};
 use dhrt_storage::{DIGEST_BUCKETS, Digest};
 
 use super::apply::local_error;
@@ -113,8 +113,18 @@ impl Cluster {
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 self.apply_async(records).await.map_err(LinkError::Local)?;
             }
+            // Pages go forward through the buckets asked for: a cursor that
+            // goes back, stays, or leaves them ends the listing (a lying
+            // peer cannot keep this loop, and every repair behind it,
+            // going for ever).
+            let key = |c: &BucketCursor| (c.bucket, c.skip);
             match next {
-                Some(n) if from != Some(n) => from = Some(n),
+                Some(n)
+                    if from.as_ref().is_none_or(|f| key(&n) > key(f))
+                        && buckets.iter().any(|&b| b >= n.bucket) =>
+                {
+                    from = Some(n)
+                }
                 _ => return Ok(theirs),
             }
         }
