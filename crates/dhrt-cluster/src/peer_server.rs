@@ -36,6 +36,14 @@ const BUCKET_PAGE_BYTES: usize = 4 << 20;
 /// node hold more than this many requests and their answers.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
 
+/// Answers ready at once are sealed into one write up to this many bytes.
+const ANSWERS_SHARE_A_WRITE: usize = 1 << 20;
+
+/// How long a write of answers may take beyond its bytes' time at the
+/// slowest rate allowed (`link::transfer_time`) before the connection is
+/// closed: a peer that stops reading holds its answers no longer.
+const WRITE_STALL: Duration = Duration::from_secs(30);
+
 /// A frame that has been arriving this long gets a [`PeerMessage::Received`]
 /// note back, and another every so often while it keeps arriving: the
 /// dialer's sign that its bytes are still on their way (a large value on a
@@ -206,11 +214,26 @@ impl Connection {
                 Some((id, result)) = rx.recv() => {
                     in_flight -= 1;
                     self.encode(id, result, &mut out, &mut sealer)?;
-                    while let Ok((id, result)) = rx.try_recv() {
+                    // Small answers share a write; large ones go one at a
+                    // time (sealed, each is a copy: a peer that stops
+                    // reading must not make this node seal every answer it
+                    // has in flight at once).
+                    while out.len() < ANSWERS_SHARE_A_WRITE
+                        && let Ok((id, result)) = rx.try_recv()
+                    {
                         in_flight -= 1;
                         self.encode(id, result, &mut out, &mut sealer)?;
                     }
-                    stream.write_all(&out).await?;
+                    // A peer that reads nothing is let go, at the slowest
+                    // rate a frame is given time for.
+                    let allowed = WRITE_STALL + crate::link::transfer_time(out.len());
+                    if tokio::time::timeout(allowed, stream.write_all(&out)).await.is_err() {
+                        return Ok(Closed::TooSlow(format!(
+                            "the peer read no {} bytes of answers within {} s",
+                            out.len(),
+                            allowed.as_secs()
+                        )));
+                    }
                     self.answered.fetch_add(out.len() as u64, Ordering::Relaxed);
                     out.clear();
                 }

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::handshake::{self, DialError, Side};
 use crate::wire::{plain_max, read_sealed, seal_frame};
-pub(crate) use progress::MIN_MOVED;
-use progress::{Counting, MOST_EXTRA, Moved, WINDOW, transfer_time};
+use progress::{Counting, MOST_EXTRA, Moved, WINDOW};
+pub(crate) use progress::{MIN_MOVED, transfer_time};
 
 /// Why an exchange with a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
