@@ -700,3 +700,20 @@ fn an_unanswered_probe_is_reported_before_the_member_is_suspected() {
     }
     assert_eq!(view(&one, 2).map(|v| v.1), Some(Liveness::Suspect));
 }
+
+/// Members claimed past the table's size (1,024: more than the peer slots
+/// serve) are not taken: a peer gossiping thousands of made-up members
+/// cannot make every write queue for them.
+#[test]
+fn a_flood_of_made_up_members_stops_at_the_table_size() {
+    let mut one = Membership::new(me(1, 100), MembershipConfig::default(), 1);
+    let made_up = (10..3000).map(|id| MemberUpdate {
+        addr: format!("10.1.{}.{}:7453", id / 256, id % 256),
+        ..me(id, 1)
+    });
+    one.merge(0, made_up);
+    assert_eq!(one.members().count(), 1024);
+    // Those it knows still change as ever.
+    one.handle(1, gossip_from(10, vec![me(10, 2)]));
+    assert_eq!(view(&one, 10), Some((2, Liveness::Alive)));
+}

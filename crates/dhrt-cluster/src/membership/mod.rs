@@ -189,6 +189,11 @@ pub struct Membership {
     out: Vec<Output>,
 }
 
+/// The most members (left ones included, until forgotten) a node keeps in
+/// its table: with the default 1,024 peer slots it serves clusters of up to
+/// about 500 (docs/operations.md).
+pub(crate) const MAX_MEMBERS: usize = 1024;
+
 /// Incarnations start at the wall clock in ms (about 2^41) and grow by one
 /// per refutation: a claim above this is a lie, never adopted.
 const PLAUSIBLE_INCARNATION: u64 = 1 << 60;
@@ -274,6 +279,21 @@ impl Membership {
                     && matches!(k.update.liveness, Liveness::Alive | Liveness::Suspect)
             });
             if addr_taken && !own_word {
+                return false;
+            }
+            // A table this size is no cluster this node can serve (each
+            // member holds two peer connections, a queue, hints): what
+            // would take it past is a peer's lie or a mistake, not news.
+            if self.members.len() >= MAX_MEMBERS {
+                static FULL: crate::LogThrottle =
+                    crate::LogThrottle::new(std::time::Duration::from_secs(10));
+                if let Some(left_out) = FULL.allow() {
+                    tracing::warn!(
+                        addr = %u.addr,
+                        left_out,
+                        "{MAX_MEMBERS} members known already: a new one is not taken"
+                    );
+                }
                 return false;
             }
             // A member not known yet: learn it, unless a third party says
