@@ -158,35 +158,45 @@ pub struct CollectionDigest {
 /// into some sixteen times its size.
 pub const MAX_APPLY: usize = 4096;
 
-/// Decodes a batch of mutations, refusing one of more than [`MAX_APPLY`].
-fn at_most_max_apply<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Mutation>, D::Error> {
-    struct Batch;
-    impl<'de> serde::de::Visitor<'de> for Batch {
-        type Value = Vec<Mutation>;
+/// Lists in peer messages are refused as they decode once longer than
+/// senders ever make them (a list of one-byte items decodes into many
+/// times its frame): each list's limit is its field's.
+const MAX_DIGESTS_NAMED: usize = 256;
+/// Buckets of a digest (`DIGEST_BUCKETS` in dhrt-storage).
+const MAX_BUCKETS: usize = 1024;
+/// Members in a table or a gossip message: twice the most a node keeps.
+const MAX_MEMBERS_SENT: usize = 2048;
+
+/// Decodes a list, refusing one of more than `N` items.
+fn at_most<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct List<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> serde::de::Visitor<'de> for List<T, N> {
+        type Value = Vec<T>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "at most {MAX_APPLY} mutations")
+            write!(f, "a list of at most {N} items")
         }
 
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            let too_many = || serde::de::Error::custom(format!("more than {MAX_APPLY} mutations"));
-            if seq.size_hint().is_some_and(|n| n > MAX_APPLY) {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let too_many = || serde::de::Error::custom(format!("a list of more than {N} items"));
+            if seq.size_hint().is_some_and(|n| n > N) {
                 return Err(too_many());
             }
             let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-            while let Some(m) = seq.next_element()? {
-                if out.len() == MAX_APPLY {
+            while let Some(item) = seq.next_element()? {
+                if out.len() == N {
                     return Err(too_many());
                 }
-                out.push(m);
+                out.push(item);
             }
             Ok(out)
         }
     }
-    d.deserialize_seq(Batch)
+    d.deserialize_seq(List::<T, N>(std::marker::PhantomData))
 }
 
 /// A request from one node to another.
@@ -194,7 +204,7 @@ fn at_most_max_apply<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Mutat
 pub enum PeerOp {
     /// Apply these replicated changes: [`PeerReply::Applied`]. At most
     /// [`MAX_APPLY`] of them.
-    Apply(#[serde(deserialize_with = "at_most_max_apply")] Vec<Mutation>),
+    Apply(#[serde(deserialize_with = "at_most::<_, _, MAX_APPLY>")] Vec<Mutation>),
     /// The receiver's entry for a key, tombstones included:
     /// [`PeerReply::Entry`].
     Read {
@@ -205,13 +215,14 @@ pub enum PeerOp {
     },
     /// The receiver's digests of these collections (every collection it
     /// has, when empty): [`PeerReply::Digests`].
-    Digests(Vec<String>),
+    Digests(#[serde(deserialize_with = "at_most::<_, _, MAX_DIGESTS_NAMED>")] Vec<String>),
     /// The records of these buckets of a collection, in pages cut by
     /// bytes: [`PeerReply::Records`].
     Buckets {
         /// Collection.
         collection: String,
         /// Bucket numbers.
+        #[serde(deserialize_with = "at_most::<_, _, MAX_BUCKETS>")]
         buckets: Vec<u32>,
         /// Where to go on: the `next` of the previous page, `None` for the
         /// first.
@@ -264,7 +275,7 @@ pub enum PeerOp {
     /// acknowledged to a client never loses to one acknowledged before it
     /// (a writer whose clock is behind, a node forwarding to the owners).
     /// At most [`MAX_APPLY`] of them.
-    ApplyReporting(#[serde(deserialize_with = "at_most_max_apply")] Vec<Mutation>),
+    ApplyReporting(#[serde(deserialize_with = "at_most::<_, _, MAX_APPLY>")] Vec<Mutation>),
     /// The receiver's entry for a key, as [`PeerOp::Read`] answers it,
     /// with its value only if that is at most `inline_max` bytes:
     /// [`PeerReply::Entry`], or [`PeerReply::Withheld`] for a larger
@@ -307,7 +318,7 @@ pub enum PeerReply {
         next: Option<BucketCursor>,
     },
     /// The members the receiver knows, itself included.
-    Members(Vec<MemberUpdate>),
+    Members(#[serde(deserialize_with = "at_most::<_, _, MAX_MEMBERS_SENT>")] Vec<MemberUpdate>),
     /// The handoff of a collection is complete: how many records it sent.
     HandoffDone(u64),
     /// A watch session is open.
@@ -454,6 +465,7 @@ pub struct Gossip {
     /// What kind of exchange this is.
     pub kind: GossipKind,
     /// Recent membership news.
+    #[serde(deserialize_with = "at_most::<_, _, MAX_MEMBERS_SENT>")]
     pub updates: Vec<MemberUpdate>,
 }
 
@@ -509,9 +521,9 @@ mod tests {
     }
 
     /// A batch of more mutations than any sender cuts is refused as it is
-    /// decoded; one at the limit decodes whole.
+    /// decoded; one at the limit decodes whole. The same for other lists.
     #[test]
-    fn an_apply_of_more_than_the_batch_limit_does_not_decode() {
+    fn lists_longer_than_any_sender_makes_do_not_decode() {
         let put = Mutation::Put {
             collection: "c".into(),
             key: Bytes::from_static(b"k"),
@@ -531,6 +543,12 @@ mod tests {
                     assert_eq!(decoded.unwrap(), op);
                 }
             }
+        }
+        // So are the names of a digest request, however short.
+        for (n, ok) in [(MAX_DIGESTS_NAMED, true), (MAX_DIGESTS_NAMED + 1, false)] {
+            let mut bytes = Vec::new();
+            crate::encode(&PeerOp::Digests(vec![String::new(); n]), &mut bytes).unwrap();
+            assert_eq!(crate::decode::<PeerOp>(&bytes).is_ok(), ok, "{n} names");
         }
     }
 
