@@ -39,10 +39,11 @@ pub(crate) const MAX_IN_FLIGHT: usize = 64;
 /// Answers ready at once are sealed into one write up to this many bytes.
 const ANSWERS_SHARE_A_WRITE: usize = 1 << 20;
 
-/// How long a write of answers may take beyond its bytes' time at the
-/// slowest rate allowed (`link::transfer_time`) before the connection is
-/// closed: a peer that stops reading holds its answers no longer.
+/// How long a piece of answers ([`WRITE_PIECE`] bytes) may take to be
+/// written before the connection is closed: a peer that stops reading
+/// holds its answers no longer; one reading at 2 KiB/s goes on.
 const WRITE_STALL: Duration = Duration::from_secs(30);
+const WRITE_PIECE: usize = 64 << 10;
 
 /// A frame that has been arriving this long gets a [`PeerMessage::Received`]
 /// note back, and another every so often while it keeps arriving: the
@@ -224,15 +225,17 @@ impl Connection {
                         in_flight -= 1;
                         self.encode(id, result, &mut out, &mut sealer)?;
                     }
-                    // A peer that reads nothing is let go, at the slowest
-                    // rate a frame is given time for.
-                    let allowed = WRITE_STALL + crate::link::transfer_time(out.len());
-                    if tokio::time::timeout(allowed, stream.write_all(&out)).await.is_err() {
-                        return Ok(Closed::TooSlow(format!(
-                            "the peer read no {} bytes of answers within {} s",
-                            out.len(),
-                            allowed.as_secs()
-                        )));
+                    // A peer that stops reading is let go; one reading
+                    // slowly is not (each piece gets the time).
+                    for piece in out.chunks(WRITE_PIECE) {
+                        if tokio::time::timeout(WRITE_STALL, stream.write_all(piece)).await.is_err() {
+                            tracing::warn!(%self.remote, "closed a peer connection: it read none of {} bytes of answers in {} s", piece.len(), WRITE_STALL.as_secs());
+                            return Ok(Closed::TooSlow(format!(
+                                "the peer read none of {} bytes of answers in {} s",
+                                piece.len(),
+                                WRITE_STALL.as_secs()
+                            )));
+                        }
                     }
                     self.answered.fetch_add(out.len() as u64, Ordering::Relaxed);
                     out.clear();
