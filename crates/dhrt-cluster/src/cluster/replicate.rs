@@ -206,9 +206,15 @@ impl Cluster {
         // What each peer had acknowledged, and its link moved: a peer
         // working through a large value or a backlog does one or the
         // other, one that does not answer neither.
-        let at_start: Vec<(u64, u64)> = waits
+        // And the bytes queued for it, this write's included: a backlog of
+        // large values takes its time to cross even a fast link, and to
+        // be applied by a busy peer.
+        let at_start: Vec<(u64, u64, usize)> = waits
             .iter()
-            .map(|(p, ..)| (p.acked.load(Ordering::Acquire), p.link.moved()))
+            .map(|(p, ..)| {
+                let queued = p.queue.lock().unwrap().bytes();
+                (p.acked.load(Ordering::Acquire), p.link.moved(), queued)
+            })
             .collect();
         // A write this node only forwards, that no replica has yet, lives
         // in its memory (the queues) alone: it is kept in its store too,
@@ -279,14 +285,21 @@ impl Cluster {
                 return Err(unmet(done).await);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                for ((p, _, last), (acked, moved)) in waits.iter().zip(&at_start) {
+                for ((p, _, last), (acked, moved, queued)) in waits.iter().zip(&at_start) {
                     // Still taking what it was sent (a large value, or
                     // writes queued before this one): late, not unhealthy.
-                    // Its sender gives up on it if that stops.
+                    // Its sender gives up on it if that stops. A backlog
+                    // of more than a MiB is given its bytes' time at the
+                    // slowest rate allowed first (its link's requests
+                    // time out, and membership probes go on meanwhile).
                     let now_acked = p.acked.load(Ordering::Acquire);
                     let moving = now_acked > *acked
                         || p.link.moved().saturating_sub(*moved) >= crate::link::MIN_MOVED;
-                    if now_acked < *last && !moving {
+                    let backlog = crate::link::transfer_time(queued.saturating_sub(1 << 20));
+                    if now_acked < *last
+                        && !moving
+                        && started.elapsed() >= self.options.timeout + backlog
+                    {
                         tracing::warn!(
                             "peer {} did not acknowledge a write within {} ms: unhealthy",
                             p.link.addr(),
