@@ -122,12 +122,14 @@ fn a_node_on_a_full_disk_takes_deletes_and_values_again_once_they_free_room() {
         assert_eq!(node.get_raw(&format!("/fill/k{n}")).1.len(), 16_000, "k{n}");
     }
     // A restart gives back the room logs kept reserved ahead of their
-    // tails: some values may fit, then the node is full again.
+    // tails (at most an eighth of a log, `reservation_after` in the
+    // storage engine: up to ~350 of these values, by where the last
+    // reservation stood): some values may fit, then the node is full again.
     let (more, body) = fill_from(&node, acked);
     assert!(body.contains("is full"), "{body}");
     assert!(
-        more - acked < 200,
-        "{} more values after a restart",
+        more - acked <= acked / 8 + 16,
+        "{} more values after a restart, past {acked} values",
         more - acked
     );
     let acked = more;

@@ -228,13 +228,11 @@ impl Connection {
                     // A peer that stops reading is let go; one reading
                     // slowly is not (each piece gets the time).
                     for piece in out.chunks(WRITE_PIECE) {
-                        if tokio::time::timeout(WRITE_STALL, stream.write_all(piece)).await.is_err() {
-                            tracing::warn!(%self.remote, "closed a peer connection: it read none of {} bytes of answers in {} s", piece.len(), WRITE_STALL.as_secs());
-                            return Ok(Closed::TooSlow(format!(
-                                "the peer read none of {} bytes of answers in {} s",
-                                piece.len(),
-                                WRITE_STALL.as_secs()
-                            )));
+                        let write = tokio::time::timeout(WRITE_STALL, stream.write_all(piece));
+                        if write.await.is_err() {
+                            let why = format!("it read none of {} bytes of answers in 30 s", piece.len());
+                            tracing::warn!(remote = %self.remote, "closed a peer connection: {why}");
+                            return Ok(Closed::TooSlow(why));
                         }
                     }
                     self.answered.fetch_add(out.len() as u64, Ordering::Relaxed);
