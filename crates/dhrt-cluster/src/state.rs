@@ -9,7 +9,7 @@
 //! ```text
 //! # dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)
 //! seen 1764255000000
-//! stamp 1764255000000
+//! stamp 115622215680000000
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
 //! left 10.0.0.4:7453
@@ -24,9 +24,10 @@ pub(crate) struct SavedState {
     /// Wall-clock milliseconds when this node last had a live peer (by
     /// its peers' clocks, once compared with them).
     pub(crate) seen_ms: u64,
-    /// This node's own clock then (the milliseconds of the versions it
-    /// stamped): what it wrote later has later stamps, whatever its clock's
-    /// offset from its peers'. `None` in a file of an older version.
+    /// This node's own clock then, as a version timestamp (ms shifted
+    /// left by 16, and a counter): what it wrote later has later stamps,
+    /// whatever its clock's offset from its peers'. `None` in a file of an
+    /// older version.
     pub(crate) stamp_ms: Option<u64>,
     /// The other members' addresses, left ones excluded.
     pub(crate) members: Vec<String>,

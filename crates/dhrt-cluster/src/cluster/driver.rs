@@ -448,7 +448,12 @@ impl Cluster {
             .await;
         }
         self.running.store(false, Ordering::Release);
-        if !self.sources().is_empty() && !self.full_resync.load(Ordering::Acquire) {
+        // Not before its absence was judged: a node stopping then would
+        // note a contact that hides how long it had been away.
+        if !self.sources().is_empty()
+            && !self.full_resync.load(Ordering::Acquire)
+            && self.absence_judged.load(Ordering::Acquire)
+        {
             self.touched(self.contact_now());
         }
         self.save_state(&self.saved_state());

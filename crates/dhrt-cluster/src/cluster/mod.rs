@@ -318,10 +318,12 @@ impl Cluster {
             }
             last_contact = saved.seen_ms;
             // A file of an older version: its peers' time is all it says.
-            contact_stamp = saved.stamp_ms.unwrap_or_else(|| match saved.seen_ms {
-                0 => 0,
-                ms => ((ms + 1) << dhrt_storage::LOGICAL_BITS) - 1,
-            });
+            // A damaged one (no `seen`): nothing it holds is trusted.
+            contact_stamp = match (saved.stamp_ms, saved.seen_ms) {
+                (_, 0) => store.clock().last(),
+                (Some(stamp), _) => stamp,
+                (None, ms) => ((ms + 1) << dhrt_storage::LOGICAL_BITS) - 1,
+            };
             // What it stamps from now on comes after it, even with its
             // clock behind its peers' (records are stamped by the newest
             // seen when the wall clock is behind it); not if that was ahead
