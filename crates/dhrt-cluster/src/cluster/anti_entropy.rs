@@ -114,18 +114,27 @@ impl Cluster {
                 self.apply_async(records).await.map_err(LinkError::Local)?;
             }
             // Pages go forward through the buckets asked for: a cursor that
-            // goes back, stays, or leaves them ends the listing (a lying
-            // peer cannot keep this loop, and every repair behind it,
-            // going for ever).
+            // goes back, stays, or leaves them is refused (a lying peer
+            // cannot keep this loop, and every repair behind it, going for
+            // ever), not taken for the end: a prune would take the records
+            // of the pages never read for ones the peer lacks.
             let key = |c: &BucketCursor| (c.bucket, c.skip);
             match next {
+                None => return Ok(theirs),
                 Some(n)
                     if from.as_ref().is_none_or(|f| key(&n) > key(f))
                         && buckets.iter().any(|&b| b >= n.bucket) =>
                 {
                     from = Some(n)
                 }
-                _ => return Ok(theirs),
+                Some(n) => {
+                    return Err(LinkError::Refused {
+                        addr: peer.link.addr().to_string(),
+                        reason: format!(
+                            "a bucket listing cursor that does not go forward: {n:?} after {from:?}"
+                        ),
+                    });
+                }
             }
         }
     }
