@@ -284,7 +284,10 @@ impl Membership {
             // A table this size is no cluster this node can serve (each
             // member holds two peer connections, a queue, hints): what
             // would take it past is a peer's lie or a mistake, not news.
-            if self.members.len() >= MAX_MEMBERS {
+            // (One that takes the place of a member at its address is.)
+            if self.members.len() >= MAX_MEMBERS
+                && !self.members.values().any(|k| k.update.addr == u.addr)
+            {
                 static FULL: crate::LogThrottle =
                     crate::LogThrottle::new(std::time::Duration::from_secs(10));
                 if let Some(left_out) = FULL.allow() {
