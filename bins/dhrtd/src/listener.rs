@@ -137,6 +137,7 @@ pub(crate) async fn run(
                     permit
                 }
                 None => {
+                    caps.uncount_source(source);
                     if let Some(left_out) = UNKNOWN_FULL.allow() {
                         tracing::warn!(%peer, left_out, "too many connections that have not said what they are; refusing");
                     }
@@ -251,6 +252,19 @@ impl Caps {
         Some(Some(ip))
     }
 
+    /// Undoes [`Self::count_source`].
+    fn uncount_source(&self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip {
+            let mut by_ip = self.pending_by_ip.lock().unwrap();
+            if let Some(count) = by_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
     /// Counts a client connection that must still show a token among those
     /// a newcomer may close; `closing` closes it.
     fn unproven(self: &Arc<Self>, closing: CancellationToken) -> Proven {
@@ -342,15 +356,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         // Its slot, unless a newcomer took it.
         drop(self.caps.undeclared.lock().unwrap().remove(&self.id));
-        if let Some(ip) = self.ip {
-            let mut by_ip = self.caps.pending_by_ip.lock().unwrap();
-            if let Some(count) = by_ip.get_mut(&ip) {
-                *count -= 1;
-                if *count == 0 {
-                    by_ip.remove(&ip);
-                }
-            }
-        }
+        self.caps.uncount_source(self.ip);
     }
 }
 
