@@ -288,10 +288,11 @@ impl Cluster {
                 for ((p, _, last), (acked, moved, queued)) in waits.iter().zip(&at_start) {
                     // Still taking what it was sent (a large value, or
                     // writes queued before this one): late, not unhealthy.
-                    // Its sender gives up on it if that stops. A backlog
-                    // of more than a MiB is given its bytes' time at the
-                    // slowest rate allowed first (its link's requests
-                    // time out, and membership probes go on meanwhile).
+                    // Its sender gives up on it if that stops. With more
+                    // than a MiB queued, not judged here at all: its
+                    // link's requests, allowed their bytes' time at the
+                    // slowest rate, time out if it stalls, and membership
+                    // probes go on meanwhile.
                     let now_acked = p.acked.load(Ordering::Acquire);
                     let moving = now_acked > *acked
                         || p.link.moved().saturating_sub(*moved) >= crate::link::MIN_MOVED;
