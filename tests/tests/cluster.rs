@@ -3,6 +3,7 @@
 //! collections, SIGKILL → unhealthy → dead → restart → re-sync → healthy,
 //! SIGTERM → left, a join under write load, and the cluster secret.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -276,14 +277,8 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     std::thread::sleep(Duration::from_secs(5));
     // c restarts without --node: it rejoins through the members it
     // remembers in cluster.state.
-    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &grace);
-    eventually(
-        "the returning node is healthy everywhere",
-        Duration::from_secs(30),
-        || all_healthy(&[&a, &b, &c], 3),
-    );
-    // Let anti-entropy run a few rounds: nothing deleted comes back.
-    std::thread::sleep(Duration::from_secs(3));
+    let c = return_to(c_addr, dirs[2].path(), &grace, [&a, &b]);
+    // Anti-entropy ran a few rounds: nothing deleted comes back.
     for node in [&a, &b, &c] {
         assert_eq!(local_keys(node, "old"), 150, "on {}", node.addr);
         assert_eq!(get(node, "/old/k0").0, 404);
@@ -291,6 +286,19 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
         assert_eq!(get(node, "/old/k100").0, 200);
         assert_eq!(get(node, "/old/k249").0, 200);
     }
+}
+
+/// Restarts the third node of a cluster at `addr` on `dir`, waits until
+/// every member is healthy, and lets anti-entropy run a few rounds.
+fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&Dhrtd; 2]) -> Dhrtd {
+    let c = Dhrtd::start_on(Some(addr), dir, args);
+    eventually(
+        "the returning node is healthy everywhere",
+        Duration::from_secs(30),
+        || all_healthy(&[a, b, &c], 3),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    c
 }
 
 #[test]
@@ -336,13 +344,7 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     std::thread::sleep(Duration::from_secs(5));
     let mut behind = grace.to_vec();
     behind.extend(["--clock-offset-ms", "-40000"]);
-    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &behind);
-    eventually(
-        "the returning node is healthy everywhere",
-        Duration::from_secs(30),
-        || all_healthy(&[&a, &b, &c], 3),
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    let c = return_to(c_addr, dirs[2].path(), &behind, [&a, &b]);
     for node in [&a, &b, &c] {
         assert_eq!(local_keys(node, "old"), 30, "on {}", node.addr);
         assert_eq!(get(node, "/old/k0").0, 404);
@@ -409,16 +411,11 @@ fn a_node_whose_clock_is_behind_keeps_what_it_took_while_cut_off() {
         let (status, body) = c.http("POST", &format!("/c/new{i}/isolated"), b"");
         assert_eq!(status, 504, "{body}");
     }
-    // Longer than the grace period: a and b forget the delete.
+    // Away longer than the grace period: it re-syncs fully on return (a
+    // and b hold the delete for it, which has had no round since).
     std::thread::sleep(Duration::from_secs(5));
     assert!(c.stop("TERM").success());
-    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &behind);
-    eventually(
-        "the returning node is healthy everywhere",
-        Duration::from_secs(30),
-        || all_healthy(&[&a, &b, &c], 3),
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    let c = return_to(c_addr, dirs[2].path(), &behind, [&a, &b]);
     for node in [&a, &b, &c] {
         for i in 0..3 {
             let (status, body) = get(node, &format!("/c/new{i}"));
