@@ -190,12 +190,13 @@ impl Cluster {
             (targets, reachable)
         };
         let need = placement::need(self.options.write_ack, targets.len(), stored_locally);
-        let mut waits = Vec::new();
+        let (mut waits, mut queued) = (Vec::new(), Vec::new());
         for id in targets {
             let Some(peer) = self.peer(id) else { continue };
-            let (first, last) = self.enqueue(&peer, &mutations);
+            let (first, last, bytes) = self.enqueue(&peer, &mutations);
             if reachable.contains(&id) {
                 waits.push((peer, first, last));
+                queued.push(bytes);
             }
         }
         if need.remote_acks == 0 {
@@ -211,10 +212,8 @@ impl Cluster {
         // be applied by a busy peer.
         let at_start: Vec<(u64, u64, usize)> = waits
             .iter()
-            .map(|(p, ..)| {
-                let queued = p.queue.lock().unwrap().bytes();
-                (p.acked.load(Ordering::Acquire), p.link.moved(), queued)
-            })
+            .zip(queued)
+            .map(|((p, ..), queued)| (p.acked.load(Ordering::Acquire), p.link.moved(), queued))
             .collect();
         // A write this node only forwards, that no replica has yet, lives
         // in its memory (the queues) alone: it is kept in its store too,
@@ -394,16 +393,20 @@ impl Cluster {
 
     /// Queues `mutations` for `peer`; returns the sequence numbers of the
     /// first and the last.
-    pub(super) fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> (u64, u64) {
-        let range = peer.queue.lock().unwrap().push(
-            mutations,
-            Room {
+    /// Queues `mutations` for `peer`: their range in its queue, and the
+    /// bytes it holds now, theirs included.
+    pub(super) fn enqueue(&self, peer: &Peer, mutations: &[Mutation]) -> (u64, u64, usize) {
+        let (first, last, queued) = {
+            let mut queue = peer.queue.lock().unwrap();
+            let room = Room {
                 items: self.options.max_hints,
                 bytes: self.options.max_hint_bytes,
-            },
-        );
+            };
+            let (first, last) = queue.push(mutations, room);
+            (first, last, queue.bytes())
+        };
         peer.wake.notify_one();
-        range
+        (first, last, queued)
     }
 
     pub(super) async fn replication_loop(self: Arc<Self>, peer: Arc<Peer>) {
