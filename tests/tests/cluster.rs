@@ -252,18 +252,9 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     });
     // c notes, every second, that it is in touch: wait until that covers
     // the writes, so that they are from before it went away.
-    let written = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let written = now_ms();
     eventually("c remembers its peers", Duration::from_secs(10), || {
-        let state =
-            std::fs::read_to_string(dirs[2].path().join("cluster.state")).unwrap_or_default();
-        let seen = state
-            .lines()
-            .find_map(|l| l.strip_prefix("seen "))
-            .and_then(|v| v.parse::<u64>().ok());
-        state.contains(&format!("member {}", b.addr)) && seen.is_some_and(|s| s > written)
+        in_touch_since(dirs[2].path(), &b, written)
     });
     let c_addr = c.addr;
     c.stop("KILL");
@@ -288,6 +279,36 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     }
 }
 
+/// Short tombstone grace, no hints, quorum writes: a node away for a few
+/// seconds is away longer than the grace, and catches up by re-syncing.
+const SHORT_GRACE_NO_HINTS: [&str; 6] = [
+    "--tombstone-grace-secs",
+    "2",
+    "--max-hints",
+    "0",
+    "--write-ack",
+    "quorum",
+];
+
+/// The wall clock, in ms since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Whether the node whose data directory is `dir` remembers `member` in
+/// its cluster.state, and noted contact with the cluster after `ms`.
+fn in_touch_since(dir: &std::path::Path, member: &Dhrtd, ms: u64) -> bool {
+    let state = std::fs::read_to_string(dir.join("cluster.state")).unwrap_or_default();
+    let seen = state
+        .lines()
+        .find_map(|l| l.strip_prefix("seen "))
+        .and_then(|v| v.parse::<u64>().ok());
+    state.contains(&format!("member {}", member.addr)) && seen.is_some_and(|s| s > ms)
+}
+
 /// Restarts the third node of a cluster at `addr` on `dir`, waits until
 /// every member is healthy, and lets anti-entropy run a few rounds.
 fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&Dhrtd; 2]) -> Dhrtd {
@@ -307,14 +328,7 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     // allowed offset, so it is not skewed): by its own clock it was away
     // for no time at all. Compared with its peers', it was away longer
     // than the grace, and it must re-sync fully.
-    let grace = [
-        "--tombstone-grace-secs",
-        "2",
-        "--max-hints",
-        "0",
-        "--write-ack",
-        "quorum",
-    ];
+    let grace = SHORT_GRACE_NO_HINTS;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b, c) = three_joined(&dirs, &grace);
     for i in 0..50 {
@@ -323,18 +337,9 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     eventually("c holds every key", Duration::from_secs(10), || {
         local_keys(&c, "old") == 50
     });
-    let written = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let written = now_ms();
     eventually("c remembers its peers", Duration::from_secs(10), || {
-        let state =
-            std::fs::read_to_string(dirs[2].path().join("cluster.state")).unwrap_or_default();
-        let seen = state
-            .lines()
-            .find_map(|l| l.strip_prefix("seen "))
-            .and_then(|v| v.parse::<u64>().ok());
-        state.contains(&format!("member {}", b.addr)) && seen.is_some_and(|s| s > written)
+        in_touch_since(dirs[2].path(), &b, written)
     });
     let c_addr = c.addr;
     c.stop("KILL");
@@ -358,15 +363,8 @@ fn a_node_whose_clock_is_behind_keeps_what_it_took_while_cut_off() {
     // is cut off longer than the grace period, takes writes meanwhile, and
     // re-syncs fully on return: its writes were stamped before its last
     // contact by its peers' clocks, yet after it by its own, and they are
-    // kept; a delete the cluster made and forgot meanwhile is not undone.
-    let grace = [
-        "--tombstone-grace-secs",
-        "2",
-        "--max-hints",
-        "0",
-        "--write-ack",
-        "quorum",
-    ];
+    // kept; a delete the cluster made meanwhile is not undone.
+    let grace = SHORT_GRACE_NO_HINTS;
     let mut behind = grace.to_vec();
     behind.extend(["--clock-offset-ms", "-40000"]);
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -382,17 +380,11 @@ fn a_node_whose_clock_is_behind_keeps_what_it_took_while_cut_off() {
     eventually("c holds every key", Duration::from_secs(10), || {
         local_keys(&c, "c") == 10
     });
-    let seen_at = |at: &std::path::Path| {
-        std::fs::read_to_string(at.join("cluster.state"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("seen ").and_then(|v| v.parse::<u64>().ok()))
-    };
-    let first = seen_at(dirs[2].path());
+    let written = now_ms();
     eventually(
         "c notes its contact after the writes",
         Duration::from_secs(10),
-        || seen_at(dirs[2].path()) > first,
+        || in_touch_since(dirs[2].path(), &b, written),
     );
     // Cut off: c comes back knowing a cluster secret its peers do not, so
     // they refuse it and it them.
