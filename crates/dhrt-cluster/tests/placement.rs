@@ -26,10 +26,19 @@ async fn member(i: u64, seeds: Vec<String>, replicas: Replicas) -> (Arc<Node>, S
 
 /// Starts a member on a loopback port with these options.
 async fn member_with(i: u64, options: ClusterOptions) -> (Arc<Node>, String) {
+    member_on(i, Store::memory(Options::default()), options).await
+}
+
+/// Starts a member over `store` on a loopback port with these options.
+pub(crate) async fn member_on(
+    i: u64,
+    store: Store,
+    options: ClusterOptions,
+) -> (Arc<Node>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let cluster = Cluster::new(
-        Store::memory(Options::default()),
+        store,
         Identity {
             id: 0x1000 + i,
             name: format!("n{i}"),
@@ -62,7 +71,7 @@ async fn member_with(i: u64, options: ClusterOptions) -> (Arc<Node>, String) {
     (node, addr)
 }
 
-async fn all_healthy(nodes: &[Arc<Node>]) {
+pub(crate) async fn all_healthy(nodes: &[Arc<Node>]) {
     for _ in 0..200 {
         let settled = nodes.iter().all(|n| {
             let members = n.cluster().members();

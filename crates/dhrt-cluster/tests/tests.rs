@@ -1,6 +1,7 @@
 //! Tests of dhrt-cluster, one binary.
 
 mod binary;
+mod digest_pages;
 mod membership;
 mod node;
 mod placement;

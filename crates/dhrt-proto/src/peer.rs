@@ -145,6 +145,7 @@ pub struct CollectionDigest {
     /// Collection.
     pub collection: String,
     /// The digest of each key-hash bucket.
+    #[serde(deserialize_with = "at_most::<_, _, MAX_BUCKETS>")]
     pub buckets: Vec<u64>,
     /// The collection's newest drop, if any.
     pub dropped_at: Option<Stamp>,
@@ -166,6 +167,10 @@ const MAX_DIGESTS_NAMED: usize = 256;
 const MAX_BUCKETS: usize = 1024;
 /// Members in a table or a gossip message: twice the most a node keeps.
 const MAX_MEMBERS_SENT: usize = 2048;
+/// Digests in one answer: far more than a [`PeerOp::DigestsAfter`] page
+/// holds (about a MiB of them), as many as a full frame of small
+/// collections' digests in an answer to [`PeerOp::Digests`].
+const MAX_DIGESTS_SENT: usize = 65_536;
 
 /// Decodes a list, refusing one of more than `N` items.
 fn at_most<'de, D, T, const N: usize>(d: D) -> Result<Vec<T>, D::Error>
@@ -291,6 +296,16 @@ pub enum PeerOp {
         /// The largest value sent inline.
         inline_max: u32,
     },
+    /// A page of the receiver's digests of every collection it has, in
+    /// name order, of the names after `after` (from the first with
+    /// `None`): [`PeerReply::Digests`], cut at about a MiB; an empty page
+    /// ends the listing. Anti-entropy and the full re-sync read a peer's
+    /// digests this way, so that how many collections a node holds is not
+    /// bounded by one frame.
+    DigestsAfter {
+        /// The last name of the page before, `None` for the first page.
+        after: Option<String>,
+    },
 }
 
 /// The answer to a [`PeerOp`].
@@ -309,7 +324,7 @@ pub enum PeerReply {
     /// The entry, or `None` if the receiver has never seen the key.
     Entry(Option<Versioned>),
     /// Digests, one per collection.
-    Digests(Vec<CollectionDigest>),
+    Digests(#[serde(deserialize_with = "at_most::<_, _, MAX_DIGESTS_SENT>")] Vec<CollectionDigest>),
     /// A page of records, as mutations to apply.
     Records {
         /// The records.
@@ -550,6 +565,36 @@ mod tests {
             crate::encode(&PeerOp::Digests(vec![String::new(); n]), &mut bytes).unwrap();
             assert_eq!(crate::decode::<PeerOp>(&bytes).is_ok(), ok, "{n} names");
         }
+        // And the digests of an answer, and each digest's buckets.
+        let digest = |buckets: usize| CollectionDigest {
+            collection: "c".into(),
+            buckets: vec![7; buckets],
+            dropped_at: None,
+            entries: 0,
+        };
+        for (reply, ok) in [
+            (PeerReply::Digests(vec![digest(MAX_BUCKETS)]), true),
+            (PeerReply::Digests(vec![digest(MAX_BUCKETS + 1)]), false),
+            (PeerReply::Digests(vec![digest(0); MAX_DIGESTS_SENT]), true),
+            (
+                PeerReply::Digests(vec![digest(0); MAX_DIGESTS_SENT + 1]),
+                false,
+            ),
+        ] {
+            let mut bytes = Vec::new();
+            crate::encode(&reply, &mut bytes).unwrap();
+            let decoded = crate::decode::<PeerReply>(&bytes);
+            assert_eq!(decoded.is_ok(), ok, "{decoded:?}");
+            if ok {
+                assert_eq!(decoded.unwrap(), reply);
+            }
+        }
+        let op = PeerOp::DigestsAfter {
+            after: Some("users".into()),
+        };
+        let mut bytes = Vec::new();
+        crate::encode(&op, &mut bytes).unwrap();
+        assert_eq!(crate::decode::<PeerOp>(&bytes).unwrap(), op);
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! differing buckets pulled in pages (each record through the clock guard)
 //! and what the peer lacks pushed back in frames cut by bytes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dhrt_proto::{BucketCursor, MemberUpdate, Mutation, PeerOp, PeerReply, Stamp};
+use dhrt_proto::{
+    BucketCursor, CollectionDigest, MemberUpdate, Mutation, PeerOp, PeerReply, Stamp,
+};
 use dhrt_storage::{DIGEST_BUCKETS, Digest};
 
 use super::apply::local_error;
@@ -24,6 +26,20 @@ pub(super) fn buckets_to_exchange(local: &Digest, remote: &Digest) -> Vec<usize>
     } else {
         (0..DIGEST_BUCKETS).collect()
     }
+}
+
+/// A peer's digests being read a page at a time
+/// ([`Cluster::next_shared`]).
+pub(super) struct SharedDigests {
+    /// The peer.
+    pub(super) peer: Arc<Peer>,
+    /// This node's id and the peer's: the collections both own are shared.
+    me: u64,
+    them: u64,
+    /// The last name of the page before; `None` before the first.
+    after: Option<String>,
+    /// Every page is read.
+    done: bool,
 }
 
 /// Buckets asked for per anti-entropy request.
@@ -208,53 +224,116 @@ impl Cluster {
         Ok(())
     }
 
-    /// Peer `id`'s digest of every collection both nodes host (the empty
-    /// digest where it has none), or `None` for an unknown peer.
-    pub(super) async fn shared_digests(
+    /// The digests of peer `id`, to be read a page at a time with
+    /// [`Cluster::next_shared`]; `None` for an unknown peer.
+    pub(super) fn shared_digests(self: &Arc<Self>, id: u64) -> Option<SharedDigests> {
+        let peer = self.peer(id)?;
+        let m = self.membership.lock().unwrap();
+        let them = m.get(id)?.id;
+        Some(SharedDigests {
+            peer,
+            me: m.me().id,
+            them,
+            after: None,
+            done: false,
+        })
+    }
+
+    /// The next page of a peer's digests of the collections both nodes
+    /// host: those named after the page before's last, up to the last name
+    /// of the peer's page (to the end, once the peer has no more), with the
+    /// empty digest where the peer has none. `None` once every page is
+    /// read. A node holding any number of collections is compared this
+    /// way, some hundred at a time, never in one frame.
+    pub(super) async fn next_shared(
         self: &Arc<Self>,
-        id: u64,
-    ) -> Result<Option<(Arc<Peer>, Vec<(String, Digest)>)>, LinkError> {
-        let Some(peer) = self.peer(id) else {
+        pages: &mut SharedDigests,
+    ) -> Result<Option<Vec<(String, Digest)>>, LinkError> {
+        if pages.done {
             return Ok(None);
-        };
-        let (me, them) = {
-            let m = self.membership.lock().unwrap();
-            (m.me().clone(), m.get(id).cloned())
-        };
-        let Some(them) = them else { return Ok(None) };
-        let long = self.options.timeout.max(Duration::from_secs(10));
-        let theirs = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
-            PeerReply::Digests(d) => d,
-            _ => Vec::new(),
-        };
-        let mut names: Vec<String> = self.store.all_collections();
-        for d in &theirs {
-            if !names.contains(&d.collection) {
-                names.push(d.collection.clone());
-            }
         }
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let page = self
+            .digest_page(&pages.peer, pages.after.clone(), long)
+            .await?;
+        let end = page.last().map(|d| d.collection.clone());
+        let in_range = |c: &String| {
+            pages.after.as_ref().is_none_or(|a| c > a) && end.as_ref().is_none_or(|e| c <= e)
+        };
+        let mut names: BTreeSet<String> = self
+            .store
+            .all_collections()
+            .into_iter()
+            .filter(in_range)
+            .collect();
+        names.extend(page.iter().map(|d| d.collection.clone()));
         {
             let m = self.membership.lock().unwrap();
             names.retain(|c| {
                 let owners = self.owners_in(&m, c);
-                owners.contains(&me.id) && owners.contains(&them.id)
+                owners.contains(&pages.me) && owners.contains(&pages.them)
             });
         }
+        let mut theirs: HashMap<String, CollectionDigest> = page
+            .into_iter()
+            .map(|d| (d.collection.clone(), d))
+            .collect();
         let shared = names
             .into_iter()
             .map(|c| {
                 let remote = theirs
-                    .iter()
-                    .find(|d| d.collection == c)
+                    .remove(&c)
                     .map(|d| Digest {
-                        buckets: d.buckets.clone(),
+                        buckets: d.buckets,
                         dropped_at: d.dropped_at.map(version),
                     })
                     .unwrap_or_else(Digest::empty);
                 (c, remote)
             })
             .collect();
-        Ok(Some((peer, shared)))
+        match end {
+            Some(e) => pages.after = Some(e),
+            None => pages.done = true,
+        }
+        Ok(Some(shared))
+    }
+
+    /// A page of the peer's digests of every collection it has, in name
+    /// order, after `after`: empty once past its last. Names that do not
+    /// go forward are refused (a lying peer cannot keep a comparison going
+    /// round).
+    pub(super) async fn digest_page(
+        &self,
+        peer: &Peer,
+        after: Option<String>,
+        timeout: Duration,
+    ) -> Result<Vec<CollectionDigest>, LinkError> {
+        let op = PeerOp::DigestsAfter {
+            after: after.clone(),
+        };
+        let page = match peer.link.request(op, timeout).await? {
+            PeerReply::Digests(d) => d,
+            other => {
+                return Err(LinkError::Refused {
+                    addr: peer.link.addr().to_string(),
+                    reason: format!("unexpected answer to a digest request: {other:?}"),
+                });
+            }
+        };
+        let mut last = after;
+        for d in &page {
+            if last.as_ref().is_some_and(|l| d.collection <= *l) {
+                return Err(LinkError::Refused {
+                    addr: peer.link.addr().to_string(),
+                    reason: format!(
+                        "digests out of name order: {:?} after {last:?}",
+                        d.collection
+                    ),
+                });
+            }
+            last = Some(d.collection.clone());
+        }
+        Ok(page)
     }
 
     /// Applies a drop a peer's digest reports, through the clock guard.
@@ -286,38 +365,52 @@ impl Cluster {
             return Ok(());
         }
         let started = self.wall_ms();
-        let Some((peer, shared)) = self.shared_digests(id).await? else {
+        let Some(mut pages) = self.shared_digests(id) else {
             return Ok(());
         };
         let long = self.options.timeout.max(Duration::from_secs(10));
-        for (c, remote) in shared {
-            let local = self.store.digest(&c).map_err(local_error)?;
-            self.apply_remote_drop(&c, &local, &remote).await?;
-            let local = self.store.digest(&c).map_err(local_error)?;
-            let mut push = Vec::new();
-            if local.dropped_at > remote.dropped_at
-                && let Some(d) = local.dropped_at
-            {
-                push.push(Mutation::Drop {
-                    collection: c.clone(),
-                    version: stamp(d),
-                });
+        while let Some(shared) = self.next_shared(&mut pages).await? {
+            for (c, remote) in shared {
+                self.exchange(&pages.peer, &c, &remote, long).await?;
             }
-            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
-                let theirs = self.pull_buckets(&peer, &c, chunk, long).await?;
-                // Only what is newer takes effect; send back only what the
-                // peer lacks or holds older.
-                self.worth_sending(&c, chunk, &theirs, &mut push)?;
-                let pending: usize = push.iter().map(mutation_bytes).sum();
-                if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
-                    self.push_to(&peer, std::mem::take(&mut push), long).await?;
-                }
-            }
-            self.push_to(&peer, push, long).await?;
         }
         self.ae_rounds.fetch_add(1, Ordering::Relaxed);
         self.note_synced(id, started);
         Ok(())
+    }
+
+    /// Exchanges with a peer holding `remote` of collection `c` the
+    /// differing buckets, both ways.
+    async fn exchange(
+        self: &Arc<Self>,
+        peer: &Peer,
+        c: &str,
+        remote: &Digest,
+        long: Duration,
+    ) -> Result<(), LinkError> {
+        let local = self.store.digest(c).map_err(local_error)?;
+        self.apply_remote_drop(c, &local, remote).await?;
+        let local = self.store.digest(c).map_err(local_error)?;
+        let mut push = Vec::new();
+        if local.dropped_at > remote.dropped_at
+            && let Some(d) = local.dropped_at
+        {
+            push.push(Mutation::Drop {
+                collection: c.to_string(),
+                version: stamp(d),
+            });
+        }
+        for chunk in buckets_to_exchange(&local, remote).chunks(BUCKETS_PER_REQUEST) {
+            let theirs = self.pull_buckets(peer, c, chunk, long).await?;
+            // Only what is newer takes effect; send back only what the
+            // peer lacks or holds older.
+            self.worth_sending(c, chunk, &theirs, &mut push)?;
+            let pending: usize = push.iter().map(mutation_bytes).sum();
+            if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
+                self.push_to(peer, std::mem::take(&mut push), long).await?;
+            }
+        }
+        self.push_to(peer, push, long).await
     }
 }
 

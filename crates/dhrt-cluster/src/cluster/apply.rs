@@ -276,19 +276,48 @@ impl Cluster {
         } else {
             names
         };
-        let stats = self.store.stats();
         let max = self.dialer.max_frame as usize;
+        let (out, cut) = self.digests_within(names, max)?;
+        if cut {
+            return Err(OpError::new(
+                ErrorKind::TooLarge,
+                format!("the digests asked for pass the {max}-byte frame limit"),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A page of the digests of every collection this node has, in name
+    /// order, of the names after `after`: as many as fit in
+    /// [`DIGEST_PAGE_BYTES`] (at least one). Empty once past the last.
+    pub(crate) fn digests_after(
+        &self,
+        after: Option<String>,
+    ) -> Result<Vec<CollectionDigest>, OpError> {
+        let mut names = self.store.all_collections();
+        if let Some(after) = after {
+            names.retain(|c| *c > after);
+        }
+        Ok(self.digests_within(names, DIGEST_PAGE_BYTES)?.0)
+    }
+
+    /// The digests of `names`, in order, until the next would take the
+    /// answer past `max` bytes as encoded (the first is always taken);
+    /// also whether any were left out.
+    fn digests_within(
+        &self,
+        names: Vec<String>,
+        max: usize,
+    ) -> Result<(Vec<CollectionDigest>, bool), OpError> {
+        let stats = self.store.stats();
         let mut size = 0usize;
         let mut out = Vec::new();
         for c in names {
             let d = self.store.digest(&c).map_err(crate::error::op_error)?;
             // As encoded: a varint per bucket, the name, a few fields.
             size += 32 + c.len() + d.buckets.iter().map(|&b| varint_len(b)).sum::<usize>();
-            if size > max {
-                return Err(OpError::new(
-                    ErrorKind::TooLarge,
-                    format!("the digests asked for pass the {max}-byte frame limit"),
-                ));
+            if size > max && !out.is_empty() {
+                return Ok((out, true));
             }
             let entries = stats
                 .collections
@@ -302,7 +331,7 @@ impl Cluster {
                 entries,
             });
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// A page of the records of some buckets of a collection, as
@@ -365,6 +394,10 @@ impl Cluster {
 /// uncounted files, or a registry entry that turns a `default` key's short
 /// route into a collection's.
 /// The bytes of `v` as a varint in the peer protocol's encoding.
+/// About how many bytes of digests a [`dhrt_proto::PeerOp::DigestsAfter`] page holds:
+/// some hundred large collections' (a digest is at most about 9 KiB).
+pub(crate) const DIGEST_PAGE_BYTES: usize = 1 << 20;
+
 fn varint_len(v: u64) -> usize {
     match v {
         0..=250 => 1,
@@ -554,5 +587,43 @@ mod tests {
         let repaired = store.lookup("c", b"k").unwrap().expect("a tombstone");
         assert!(repaired.value.is_none());
         assert!(store.lookup("c", b"gone").unwrap().is_none());
+    }
+
+    /// A node's digests are read in pages of at most about a MiB, in name
+    /// order, every collection once, however many it holds.
+    #[test]
+    fn digests_are_paged_in_name_order_each_within_its_budget() {
+        let store = Store::memory(Options::default());
+        let names: Vec<String> = (0..2500).map(|i| format!("c{i:05}")).collect();
+        for c in &names {
+            store.set(c, b"k", b"v").unwrap();
+        }
+        let cluster = single(&store);
+        let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let page = cluster.digests_after(after.clone()).unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.collection.clone());
+            let mut bytes = Vec::new();
+            dhrt_proto::encode(&dhrt_proto::PeerReply::Digests(page.clone()), &mut bytes).unwrap();
+            assert!(
+                bytes.len() <= super::DIGEST_PAGE_BYTES,
+                "{} bytes",
+                bytes.len()
+            );
+            assert!(
+                page.iter()
+                    .all(|d| d.entries == 1 && d.buckets.len() == 1024)
+            );
+            seen.extend(page.into_iter().map(|d| d.collection));
+            pages += 1;
+        }
+        assert_eq!(seen, names);
+        assert!(pages >= 3, "{pages} pages");
+        // After a name it does not hold, from the next one on.
+        let page = cluster.digests_after(Some("c02499a".into())).unwrap();
+        assert!(page.is_empty());
+        let page = cluster.digests_after(Some("c00099x".into())).unwrap();
+        assert_eq!(page[0].collection, "c00100");
     }
 }

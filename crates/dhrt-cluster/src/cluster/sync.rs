@@ -8,16 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use dhrt_proto::{
-    CollectionDigest, ErrorKind, MemberUpdate, Mutation, OpError, PeerOp, PeerReply, Stamp,
-};
-use dhrt_storage::Version;
+use dhrt_proto::{ErrorKind, MemberUpdate, Mutation, OpError, PeerOp, PeerReply, Stamp};
+use dhrt_storage::{Digest, Version};
 use tokio::time::Instant;
 
 use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange};
 use super::apply::local_error;
 use super::contact::away_too_long;
-use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp};
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, Peer, stamp};
 use crate::link::LinkError;
 
 /// The outcome of a spawned handoff chunk.
@@ -168,36 +166,32 @@ impl Cluster {
             reason: "unknown member".into(),
         })?;
         let long = self.options.timeout.max(Duration::from_secs(10));
-        let digests = match peer.link.request(PeerOp::Digests(Vec::new()), long).await? {
-            PeerReply::Digests(d) => d,
-            _ => Vec::new(),
-        };
-        let wanted: Vec<CollectionDigest> = {
+        // The collections this node owns, and how many records each holds.
+        let mut wanted: Vec<(String, u64)> = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.digest_page(&peer, after, long).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.collection.clone());
             let m = self.membership.lock().unwrap();
-            digests
-                .into_iter()
-                .filter(|d| self.owners_in(&m, &d.collection).contains(&m.me().id))
-                .collect()
-        };
+            wanted.extend(
+                page.into_iter()
+                    .filter(|d| self.owners_in(&m, &d.collection).contains(&m.me().id))
+                    .map(|d| (d.collection, d.entries)),
+            );
+        }
         self.sync
             .total
-            .store(wanted.iter().map(|d| d.entries).sum(), Ordering::Relaxed);
+            .store(wanted.iter().map(|d| d.1).sum(), Ordering::Relaxed);
         let mut total = 0;
-        for d in &wanted {
+        for (collection, entries) in wanted {
             tracing::info!(
-                "handoff of {:?} ({} records) from {}",
-                d.collection,
-                d.entries,
+                "handoff of {collection:?} ({entries} records) from {}",
                 source.addr
             );
             match peer
                 .link
-                .request(
-                    PeerOp::Handoff {
-                        collection: d.collection.clone(),
-                    },
-                    Duration::from_secs(3600),
-                )
+                .request(PeerOp::Handoff { collection }, Duration::from_secs(3600))
                 .await?
             {
                 PeerReply::HandoffDone(n) => total += n,
@@ -345,55 +339,75 @@ impl Cluster {
         seen_ms: u64,
         only: Option<&[String]>,
     ) -> Result<(u64, Vec<String>), LinkError> {
-        let Some((peer, mut shared)) = self.shared_digests(id).await? else {
+        let Some(mut pages) = self.shared_digests(id) else {
             return Ok((0, Vec::new()));
         };
-        if let Some(only) = only {
-            shared.retain(|(c, _)| only.contains(c));
-        }
         let long = self.options.timeout.max(Duration::from_secs(10));
         let mut forgotten = 0;
         let mut pruned = Vec::new();
-        for (c, remote) in shared {
-            pruned.push(c.clone());
-            let local = self.store.digest(&c).map_err(local_error)?;
-            self.apply_remote_drop(&c, &local, &remote).await?;
-            let local = self.store.digest(&c).map_err(local_error)?;
-            for chunk in buckets_to_exchange(&local, &remote).chunks(BUCKETS_PER_REQUEST) {
-                let known = self.pull_buckets(&peer, &c, chunk, long).await?;
-                // A tombstone just above the forgotten record's version: it
-                // hides nothing newer, and is itself old enough to be purged
-                // at the next compaction.
-                let mut forget = Vec::new();
-                for b in chunk {
-                    let mine = self.store.bucket(&c, *b).map_err(local_error)?;
-                    forget.extend(mine.filter_map(|r| {
-                        let peer_has_key = known.contains_key(&r.key[..]);
-                        forgotten_by_prune(r.value.is_some(), peer_has_key, r.version, seen_ms)
-                            .then(|| Mutation::Put {
-                                collection: c.clone(),
-                                key: r.key.into(),
-                                value: None,
-                                version: Stamp {
-                                    ts: r.version.ts + 1,
-                                    node: r.version.node,
-                                },
-                            })
-                    }));
-                }
-                forgotten += forget.len() as u64;
-                let outcome = self.apply_async(forget).await.map_err(LinkError::Local)?;
-                if !outcome.refused.is_empty() {
-                    // Cannot happen (they are this node's own stamps + 1),
-                    // but a prune that did not forget is no prune.
-                    return Err(LinkError::Local(OpError::new(
-                        ErrorKind::Internal,
-                        "the prune's tombstones were refused",
-                    )));
-                }
+        while let Some(mut shared) = self.next_shared(&mut pages).await? {
+            if let Some(only) = only {
+                shared.retain(|(c, _)| only.contains(c));
+            }
+            for (c, remote) in shared {
+                forgotten += self
+                    .prune_collection(&pages.peer, &c, &remote, seen_ms, long)
+                    .await?;
+                pruned.push(c);
             }
         }
         Ok((forgotten, pruned))
+    }
+
+    /// [`Cluster::prune_with`] of one collection, of which the peer holds
+    /// `remote`. Returns how many records it forgot.
+    async fn prune_collection(
+        self: &Arc<Self>,
+        peer: &Peer,
+        c: &str,
+        remote: &Digest,
+        seen_ms: u64,
+        long: Duration,
+    ) -> Result<u64, LinkError> {
+        let local = self.store.digest(c).map_err(local_error)?;
+        self.apply_remote_drop(c, &local, remote).await?;
+        let local = self.store.digest(c).map_err(local_error)?;
+        let mut forgotten = 0;
+        for chunk in buckets_to_exchange(&local, remote).chunks(BUCKETS_PER_REQUEST) {
+            let known = self.pull_buckets(peer, c, chunk, long).await?;
+            // A tombstone just above the forgotten record's version: it
+            // hides nothing newer, and is itself old enough to be purged
+            // at the next compaction.
+            let mut forget = Vec::new();
+            for b in chunk {
+                let mine = self.store.bucket(c, *b).map_err(local_error)?;
+                forget.extend(mine.filter_map(|r| {
+                    let peer_has_key = known.contains_key(&r.key[..]);
+                    forgotten_by_prune(r.value.is_some(), peer_has_key, r.version, seen_ms).then(
+                        || Mutation::Put {
+                            collection: c.to_string(),
+                            key: r.key.into(),
+                            value: None,
+                            version: Stamp {
+                                ts: r.version.ts + 1,
+                                node: r.version.node,
+                            },
+                        },
+                    )
+                }));
+            }
+            forgotten += forget.len() as u64;
+            let outcome = self.apply_async(forget).await.map_err(LinkError::Local)?;
+            if !outcome.refused.is_empty() {
+                // Cannot happen (they are this node's own stamps + 1),
+                // but a prune that did not forget is no prune.
+                return Err(LinkError::Local(OpError::new(
+                    ErrorKind::Internal,
+                    "the prune's tombstones were refused",
+                )));
+            }
+        }
+        Ok(forgotten)
     }
 
     /// After a prune against one source: prunes every other collection

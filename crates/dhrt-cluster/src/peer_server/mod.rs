@@ -322,6 +322,7 @@ async fn handle(
             inline_max,
         } => cluster.entry(&collection, &key, inline_max),
         PeerOp::Digests(names) => cluster.digests(names).map(PeerReply::Digests),
+        PeerOp::DigestsAfter { after } => cluster.digests_after(after).map(PeerReply::Digests),
         PeerOp::Buckets {
             collection,
             buckets,
