@@ -13,6 +13,9 @@ use super::Cluster;
 use super::clock::UNVERIFIED_GRACE;
 use crate::state::{self, SavedState};
 
+/// How often a lasting error writing the state file is logged again.
+const STATE_ERROR_EVERY: Duration = Duration::from_secs(60);
+
 /// How long this node was out of touch (ms) as of `now_ms`, if that is
 /// longer than the tombstone grace period and it holds data that deletes
 /// made meanwhile may have been forgotten for: then it must re-sync fully.
@@ -209,12 +212,79 @@ impl Cluster {
         if saved.members.is_empty() && saved.left.is_empty() {
             return false;
         }
-        match state::save(path, saved) {
-            Ok(()) => true,
+        let result = state::save(path, saved);
+        let mut last = self.state_save_error.lock().unwrap();
+        match result {
+            Ok(()) => {
+                if last.take().is_some() {
+                    tracing::info!("{} is written again", path.display());
+                }
+                true
+            }
             Err(e) => {
-                tracing::warn!("writing {}: {e}", path.display());
+                let e = e.to_string();
+                let again = last
+                    .as_ref()
+                    .is_some_and(|(was, at)| *was == e && at.elapsed() < STATE_ERROR_EVERY);
+                if !again {
+                    tracing::warn!(
+                        "writing {}: {e}; until it is written, a restart judges this node's \
+                         absence from the last state saved",
+                        path.display()
+                    );
+                    *last = Some((e, std::time::Instant::now()));
+                }
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dhrt_storage::{Options, Store};
+
+    use crate::cluster::{Cluster, ClusterOptions, Identity};
+    use crate::state::SavedState;
+
+    /// A state file that cannot be written (here a directory in its
+    /// place) is reported at the first save, not at every one after; its
+    /// return is noted, and a new error is reported again.
+    #[test]
+    fn a_lasting_error_writing_the_state_file_is_not_reported_at_every_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.state");
+        std::fs::create_dir(&path).unwrap();
+        let cluster = Cluster::new(
+            Store::memory(Options::default()),
+            Identity {
+                id: 1,
+                name: "n1".into(),
+                addr: "127.0.0.1:7453".into(),
+            },
+            ClusterOptions {
+                state_file: Some(path.clone()),
+                ..ClusterOptions::default()
+            },
+        );
+        let saved = SavedState {
+            seen_ms: 1,
+            stamp_ms: Some(1 << 16),
+            members: vec!["127.0.0.1:7454".into()],
+            left: Vec::new(),
+        };
+        let reported = || cluster.state_save_error.lock().unwrap().clone();
+        assert!(!cluster.save_state(&saved));
+        let first = reported().expect("reported");
+        assert!(!cluster.save_state(&saved));
+        assert_eq!(reported(), Some(first.clone()), "reported again");
+        std::fs::remove_dir(&path).unwrap();
+        assert!(cluster.save_state(&saved));
+        assert_eq!(reported(), None);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(!cluster.save_state(&saved));
+        assert!(reported().is_some_and(|(_, at)| at > first.1));
     }
 }

@@ -181,6 +181,10 @@ pub struct Cluster {
     /// and forgotten while it was away; those after it, it wrote since (a
     /// clock behind its peers' stamps them before `last_contact`).
     contact_stamp: AtomicU64,
+    /// The last error writing the state file, and when it was logged: a
+    /// lasting one (a full disk, a directory in its place) is logged once
+    /// a minute, not at every save.
+    state_save_error: Mutex<Option<(String, std::time::Instant)>>,
     /// Set while this node's own data cannot be trusted: it was away
     /// longer than the tombstone grace period, so keys deleted meanwhile
     /// may still be here. Reads ask the others; a full re-sync prunes.
@@ -394,6 +398,7 @@ impl Cluster {
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
             contact_stamp: AtomicU64::new(contact_stamp),
+            state_save_error: Mutex::new(None),
             full_resync: AtomicBool::new(full_resync),
             absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { contact_stamp } else { 0 }),
