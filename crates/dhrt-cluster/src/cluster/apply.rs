@@ -319,11 +319,14 @@ impl Cluster {
             if size > max && !out.is_empty() {
                 return Ok((out, true));
             }
+            // Stats come in name order.
             let entries = stats
                 .collections
-                .iter()
-                .find(|s| s.name == c)
-                .map_or(0, |s| s.keys + s.tombstones);
+                .binary_search_by(|s| s.name.as_str().cmp(&c))
+                .map_or(0, |i| {
+                    let s = &stats.collections[i];
+                    s.keys + s.tombstones
+                });
             out.push(CollectionDigest {
                 collection: c,
                 buckets: d.buckets,
