@@ -406,6 +406,40 @@ fn a_watcher_resumes_with_its_token_across_a_compaction_and_a_restart() {
     );
 }
 
+/// A member stopped with SIGTERM keeps its copies of the collections it
+/// hosts on every member, though another member pins its own collections
+/// (then the leave hands copies over): started again, it resumes its
+/// watchers' tokens exactly, with what was written while it was away.
+/// Before, it released every copy as it left, and the token got 410.
+#[test]
+fn a_member_restarted_with_sigterm_beside_a_pinned_one_resumes_its_watchers() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &[]);
+    let b = start_joined(dirs[1].path(), &a, &[]);
+    let _pinned = start_joined(dirs[2].path(), &a, &["--collections", "other"]);
+    eventually("three healthy members", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &_pinned], 3)
+    });
+    set(&b, "tt", "k0", "v0");
+    let mut w = sse(&b, "/tt");
+    set(&a, "tt", "k1", "v1");
+    let seen = w.until(Duration::from_secs(10), |e| e.key() == "k1");
+    let token = seen.last().unwrap().id.clone().unwrap();
+    drop(w);
+    let b_addr = b.addr;
+    assert!(b.stop("TERM").success());
+    eventually("b has left", Duration::from_secs(10), || {
+        crate::cluster::state_of(&a, &b_addr.to_string()).as_deref() == Some("left")
+    });
+    set(&a, "tt", "k2", "v2");
+    // Started again on its data directory, without --node: it rejoins
+    // through the members it remembers.
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &[]);
+    let mut w = sse(&b, &format!("/tt?since={token}"));
+    let got = w.until(Duration::from_secs(30), |e| e.key() == "k2");
+    assert_eq!(changes(&got), [("set".into(), "k2".into(), "v2".into())]);
+}
+
 #[test]
 fn a_snapshot_holds_every_key_once_then_every_later_change() {
     let dir = tempfile::tempdir().unwrap();

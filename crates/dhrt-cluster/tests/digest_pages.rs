@@ -60,7 +60,11 @@ async fn every_page_of_digests_is_handed_off_and_repaired() {
     }
     for i in [3, COLLECTIONS / 2, COLLECTIONS - 2] {
         assert!(holds(&second, &name(i), b"only-first").await, "{}", name(i));
-        assert!(holds(&first, &name(i + 1), b"only-second").await, "{}", name(i + 1));
+        assert!(
+            holds(&first, &name(i + 1), b"only-second").await,
+            "{}",
+            name(i + 1)
+        );
     }
     // And through the nodes' own reads.
     let got = b.get(&name(COLLECTIONS - 2), b"only-first").await.unwrap();

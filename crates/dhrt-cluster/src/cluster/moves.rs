@@ -25,7 +25,7 @@ use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, stamp, version};
 use crate::batch::mutation_bytes;
 use crate::link::LinkError;
 use crate::pace::Pacer;
-use crate::placement;
+use crate::placement::{self, Replicas};
 
 /// How often a member looks for copies to hand over.
 const MOVE_EVERY: Duration = Duration::from_secs(1);
@@ -208,9 +208,17 @@ impl Cluster {
                 kept += 1;
                 continue;
             }
-            let (owners, unreachable) = {
+            let (owners, unreachable, back) = {
                 let m = self.membership.lock().unwrap();
                 let me = m.me().id;
+                // A collection every member hosting it owns, that this
+                // node hosts: it owns it again as soon as it is back. A
+                // leave pushes what the others lack but keeps the copy, so
+                // that a restart keeps its data and its watchers' tokens
+                // (as when nobody pins and every collection is on all).
+                let back = leaving
+                    && self.replicas_of(&c) == Replicas::All
+                    && placement::hosts(m.me(), &c);
                 let owners = if leaving {
                     let eligible = m
                         .members()
@@ -238,7 +246,7 @@ impl Cluster {
                         })
                     })
                     .collect();
-                (owners, unreachable)
+                (owners, unreachable, back)
             };
             let outcome = if owners.is_empty() {
                 self.moves
@@ -255,10 +263,14 @@ impl Cluster {
                 Ok(Handover::Kept)
             } else {
                 self.moves.note(&c, &owners, 0, 0, None);
-                self.hand_over(&c, &owners, round != Round::PreCopy, failed)
-                    .await
+                let release = round != Round::PreCopy && !back;
+                self.hand_over(&c, &owners, release, failed).await
             };
             match outcome {
+                Ok(Handover::Pushed(0)) if back && round == Round::Leave => {
+                    self.moves.done(&c);
+                    tracing::debug!(collection = %c, "every owner holds it; this copy is kept for this node's return");
+                }
                 Ok(Handover::Released) => {
                     self.moves.done(&c);
                     tracing::info!(collection = %c, "handed over to its owners; this copy is released");
