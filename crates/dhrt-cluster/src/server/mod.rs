@@ -317,7 +317,16 @@ where
                 Err(Stop::Closed(closed)) => return Ok(closed),
             }
         }
+        let allocated = buf.capacity();
         buf.advance(consumed);
+        if allocated > KEEP_BUFFER && buf.len() < KEEP_BUFFER {
+            // A large frame is answered: its buffer does not stay with
+            // the connection (outside the node's budget, which counts
+            // only what is arriving) for the rest of its life.
+            let mut smaller = BytesMut::with_capacity(KEEP_BUFFER.min(buf.len().max(16 * 1024)));
+            smaller.extend_from_slice(&buf);
+            buf = smaller;
+        }
         held.resize(buf.len());
         if buf.is_empty() {
             frame_started = None;
@@ -492,6 +501,10 @@ impl Slow {
         }
     }
 }
+
+/// A connection's read buffer grown past this (a large value arrived) is
+/// given back once the frame is answered.
+const KEEP_BUFFER: usize = 1 << 20;
 
 /// The largest frame accepted from a connection that has not shown a token
 /// (on a node with an auth file): room for an `Auth`, little more.
