@@ -562,6 +562,49 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
     assert_eq!(pipeline(&node, &gets), (8, 8 * 15 * MIB));
 }
 
+/// Watchers that read nothing each hold at most the batch the node renders
+/// for them and the one read ahead, not a queue of batches: a hundred of
+/// them behind 48 MB of changes held 74-78 MiB in all, now 15-25.
+#[test]
+fn watchers_that_read_nothing_hold_two_batches_at_most() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), &["--sync", "never"]);
+    let pid = node.pid();
+    put(&node, "/w/k", b"v");
+    let base = status_bytes(pid, "RssAnon:");
+    let mut stalled = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        s.write_all(b"GET /w HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n")
+            .unwrap();
+        stalled.push(s);
+    }
+    eventually("100 watches open", Duration::from_secs(30), || {
+        watchers(&node) == 100
+    });
+    let value = vec![b'v'; 4000];
+    for i in 0..12_000 {
+        put(&node, &format!("/w/k{}", i % 500), &value);
+    }
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        most = most.max(status_bytes(pid, "RssAnon:"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew = most.saturating_sub(base);
+    eprintln!(
+        "100 watchers reading nothing: anonymous RSS +{} MiB",
+        grew / MIB
+    );
+    assert!(
+        grew < 48 * MIB,
+        "100 watchers reading nothing: anonymous RSS +{} MiB",
+        grew / MIB
+    );
+    drop(stalled);
+}
+
 /// `dhrt_inflight_bytes` from the node's metrics.
 /// Whether `node` holds keys of `collection`.
 fn keys_on(node: &Dhrtd, collection: &str) -> bool {

@@ -260,25 +260,20 @@ impl WatchHub {
         let reason = closed.clone();
         runtime.spawn(async move {
             loop {
-                let batch = tokio::select! {
-                    b = w.next() => b,
-                    () = tx.closed() => return,
-                };
-                let end = batch.is_err();
-                // A client that stops reading leaves its connection stuck
-                // in a write, and the batch before this one unsent: the
-                // lag rule still applies while this one waits, so that a
-                // watch nobody reads does not keep its place in the log
-                // (and the file a compaction replaced) until the
-                // connection's idle timeout. (An error waiting to be read
-                // is the watch's last word: no lag verdict replaces it.)
+                // Room first, then the read: a watcher that stops reading
+                // holds the batch in the channel and the one it renders,
+                // not a third read ahead. While its connection is stuck in
+                // a write, the lag rule still applies, so that a watch
+                // nobody reads does not keep its place in the log (and the
+                // file a compaction replaced) until the connection's idle
+                // timeout.
                 let permit = loop {
                     tokio::select! {
                         permit = tx.reserve() => match permit {
                             Ok(permit) => break permit,
                             Err(_) => return,
                         },
-                        () = tokio::time::sleep(LAG_CHECK_EVERY), if !end => {
+                        () = tokio::time::sleep(LAG_CHECK_EVERY) => {
                             // Off the file a compaction replaced, if one
                             // did: the batches waiting hold copies.
                             w.watch.follow();
@@ -292,6 +287,11 @@ impl WatchHub {
                         }
                     }
                 };
+                let batch = tokio::select! {
+                    b = w.next() => b,
+                    () = tx.closed() => return,
+                };
+                let end = batch.is_err();
                 permit.send(batch);
                 if end {
                     return;

@@ -19,7 +19,7 @@ use crate::error::HttpError;
 use crate::json;
 
 /// A chunk is sent once it holds about this many bytes.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 16 * 1024;
 /// How long a watch's last event may take to go out as the node stops.
 const STOP_WRITE: std::time::Duration = std::time::Duration::from_millis(500);
 /// A value larger than this is escaped and sent a piece at a time.
@@ -156,6 +156,14 @@ fn render_json<'e>(
     None
 }
 
+/// A source's batch, its index, and its turn: the source reads no more
+/// until the batch is written.
+type Batch = (
+    usize,
+    Result<Vec<WatchEvent>, OpError>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
 /// Renders and sends events; `Err` when the client went away.
 struct Writer {
     tx: mpsc::Sender<Result<Bytes, body::BoxError>>,
@@ -170,7 +178,11 @@ impl Writer {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        // A copy of exactly its size: the buffer stays, at its capacity,
+        // and what waits in the body for a slow client is no larger than
+        // what it says.
+        let chunk = Bytes::copy_from_slice(&self.buf);
+        self.buf.clear();
         self.tx.send(Ok(chunk)).await.map_err(|_| ())
     }
 
@@ -197,8 +209,7 @@ impl Writer {
         if let Some(pieces) = render_json(&mut self.buf, collection, e, token) {
             self.flush().await?;
             for piece in pieces {
-                self.buf = piece;
-                self.flush().await?;
+                self.tx.send(Ok(Bytes::from(piece))).await.map_err(|_| ())?;
             }
         }
         self.buf.extend_from_slice(if self.format == Format::Sse {
@@ -259,18 +270,25 @@ pub(crate) fn stream(
     // token (an EventSource reconnecting with one would skip the rest of
     // a snapshot); the client then starts a snapshot again.
     let mut unsynced = if snapshot { sources.len() } else { 0 };
-    let (etx, mut erx) =
-        mpsc::channel::<(usize, Result<Vec<WatchEvent>, OpError>)>(sources.len() + 1);
+    // Each source reads its next batch only once the writer has rendered
+    // the one before (and handed it to the body): a watcher that reads
+    // nothing holds at most one batch a collection, not a queue of them.
+    let (etx, mut erx) = mpsc::channel::<Batch>(sources.len());
     for (i, (_, mut source)) in sources.into_iter().enumerate() {
         let etx = etx.clone();
+        let turn = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
         runtime.spawn(async move {
             loop {
                 let batch = tokio::select! {
-                    b = source.next_batch() => b,
+                    b = async {
+                        let permit = turn.clone().acquire_owned().await.ok()?;
+                        Some((source.next_batch().await, permit))
+                    } => b,
                     _ = etx.closed() => return,
                 };
+                let Some((batch, permit)) = batch else { return };
                 let end = batch.is_err();
-                if etx.send((i, batch)).await.is_err() || end {
+                if etx.send((i, batch, permit)).await.is_err() || end {
                     return;
                 }
             }
@@ -315,7 +333,11 @@ pub(crate) fn stream(
                         n = erx.recv() => n,
                         _ = closed.closed() => return,
                     };
-                    let Some((i, batch)) = next else { return };
+                    // The permit goes back (and the source reads on)
+                    // once the batch is rendered and handed to the body.
+                    let Some((i, batch, _turn)) = next else {
+                        return;
+                    };
                     let batch = batch.and_then(|b| recheck().map(|()| b));
                     match batch {
                         Ok(events) => {
