@@ -77,8 +77,21 @@ impl Disk {
         }
         let held = std::fs::metadata(disk.path()).is_ok_and(|m| m.len() >= disk.reserve);
         if !held {
-            if free >= disk.reserve.saturating_mul(2) && disk.allocate().is_ok() {
-                return disk;
+            if free >= disk.reserve.saturating_mul(2) {
+                match disk.allocate() {
+                    Ok(()) => return disk,
+                    // Not for want of room (a directory in its place, no
+                    // permission): the disk is not full, and saying so
+                    // would refuse every value for good.
+                    Err(e) if !no_room(&e) => {
+                        tracing::warn!(
+                            path = %disk.path().display(),
+                            "cannot set the disk reserve aside ({e}): running without one, so a disk that fills has no room kept for deletes, drops and compaction"
+                        );
+                        return Disk { reserve: 0, ..disk };
+                    }
+                    Err(_) => {}
+                }
             }
             // No room to set the reserve aside: full from the start.
             let _ = std::fs::remove_file(disk.path());
@@ -217,9 +230,29 @@ impl Disk {
     }
 }
 
+/// Whether `e` says the file system has no room (or quota) left.
+fn no_room(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `RESERVE` that cannot be made (here a directory in its place) is
+    /// not a full disk: the node runs without a reserve, and takes values.
+    #[test]
+    fn a_reserve_that_cannot_be_made_is_not_a_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(RESERVE_FILE)).unwrap();
+        let disk = Disk::open(dir.path(), Some(1 << 20));
+        assert!(!disk.is_full());
+        assert_eq!(disk.reserve, 0);
+        assert!(dir.path().join(RESERVE_FILE).is_dir(), "left as it was");
+    }
 
     #[test]
     fn the_reserve_is_one_percent_within_bounds() {
