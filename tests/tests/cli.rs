@@ -48,6 +48,10 @@ fn the_cli_against_a_real_node() {
     assert_eq!((o.status.code(), out(&o).as_str()), (Some(1), "(nil)\n"));
     let o = cli(&node, &["--json", "get", "users", "ada"]);
     assert_eq!(out(&o).trim(), r#"{"Key":"ada","Value":"lovelace"}"#);
+    // A value that is not UTF-8 comes out whole, in base64, as over HTTP.
+    assert_eq!(node.http("PUT", "/users/raw", &[0xff, 0x00, 0xfe]).0, 200);
+    let o = cli(&node, &["--json", "get", "users", "raw"]);
+    assert_eq!(out(&o).trim(), r#"{"Key":"raw","ValueBase64":"/wD+"}"#);
     let o = cli(&node, &["stats"]);
     let stats: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
     assert_eq!(stats["collections"].as_array().unwrap().len(), 2);

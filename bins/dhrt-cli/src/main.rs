@@ -76,6 +76,24 @@ fn error_text(e: &Error, addr: &str) -> String {
     }
 }
 
+/// Sets `field` of `o` to `bytes` as the HTTP API does: a string when they
+/// are UTF-8; else base64 in `<field>Base64` (a key also keeps `Key`, with
+/// the bytes that are not UTF-8 replaced, to show it), never mangled.
+fn json_bytes(o: &mut serde_json::Value, field: &str, bytes: &[u8]) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => o[field] = text.into(),
+        Err(_) => {
+            if field == "Key" {
+                o[field] = String::from_utf8_lossy(bytes).into();
+            }
+            o[format!("{field}Base64")] = base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into();
+        }
+    }
+}
+
 /// Prints `message` as an error: a sentence on stderr, or JSON with --json.
 pub(crate) fn print_error(message: &str, json: bool) {
     if json {
@@ -96,7 +114,11 @@ pub(crate) async fn execute(
         return Ok(Outcome::Done);
     };
     let reply = client.request(op).await?;
-    let kv = |key: &str, value: &[u8]| serde_json::json!({ "Key": key, "Value": String::from_utf8_lossy(value) });
+    let kv = |key: &str, value: &[u8]| {
+        let mut o = serde_json::json!({ "Key": key });
+        json_bytes(&mut o, "Value", value);
+        o
+    };
     let outcome = match (command, reply) {
         (Command::Get { key, .. }, Reply::Value(Some(v))) => {
             if json {
@@ -307,10 +329,10 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
                 let mut o =
                     serde_json::json!({ "Collection": collection, "Kind": e.kind.as_str() });
                 if !e.key.is_empty() {
-                    o["Key"] = String::from_utf8_lossy(&e.key).into();
+                    json_bytes(&mut o, "Key", &e.key);
                 }
                 if let Some(v) = &e.value {
-                    o["Value"] = String::from_utf8_lossy(v).into();
+                    json_bytes(&mut o, "Value", v);
                 }
                 if let Some(v) = e.version {
                     o["Version"] = dhrt_client::version_hex(v).into();
