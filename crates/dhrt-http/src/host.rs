@@ -19,6 +19,20 @@ use http::{HeaderMap, StatusCode};
 
 use crate::error::HttpError;
 
+/// Refuses a request with more than one `Host` (400, as RFC 9112 asks):
+/// which one names the node would be a guess, and a proxy in front may
+/// guess otherwise.
+#[inline]
+pub(crate) fn single(headers: &HeaderMap) -> Result<(), HttpError> {
+    if headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            "more than one Host header".to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a request whose `Host` could be a site's name pointed at this
 /// machine. A request without `Host` (HTTP/1.0; browsers always send it)
 /// passes.
@@ -89,6 +103,16 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(HOST, value.parse().unwrap());
         check(&h)
+    }
+
+    #[test]
+    fn two_hosts_are_refused_whatever_they_name() {
+        let mut h = HeaderMap::new();
+        h.insert(HOST, "127.0.0.1".parse().unwrap());
+        assert!(single(&h).is_ok());
+        h.append(HOST, "127.0.0.1".parse().unwrap());
+        assert_eq!(single(&h).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert!(single(&HeaderMap::new()).is_ok());
     }
 
     #[test]

@@ -335,6 +335,7 @@ impl<O: Operations> Api<O> {
         headers: &HeaderMap,
         memo: &mut Remembered,
     ) -> Result<Role, HttpError> {
+        crate::host::single(headers)?;
         let access = &self.limits.access;
         if access.mode() == Mode::Open {
             return Ok(Role::Admin);
