@@ -30,7 +30,18 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> 
         .with_limit(bytes.len() as u64)
         .reject_trailing_bytes()
         .deserialize(bytes)
-        .map_err(|e| ProtoError::Malformed(e.to_string()))
+        .map_err(|e| ProtoError::Malformed(describe(&e)))
+}
+
+/// What went wrong decoding, in words: bincode says "io error: " and
+/// nothing more when the bytes end early.
+fn describe(e: &bincode::Error) -> String {
+    match &**e {
+        bincode::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "it ends before its last field".to_string()
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// The id at the start of an encoded [`crate::Request`], even when the rest
@@ -42,4 +53,18 @@ pub fn request_id(payload: &[u8]) -> Option<u64> {
         .allow_trailing_bytes()
         .deserialize(payload)
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_cut_short_says_so() {
+        let mut bytes = Vec::new();
+        encode(&("collection".to_string(), 7u64), &mut bytes).unwrap();
+        bytes.truncate(bytes.len() - 1);
+        let e = decode::<(String, u64)>(&bytes).unwrap_err().to_string();
+        assert_eq!(e, "malformed frame: it ends before its last field");
+    }
 }
