@@ -16,7 +16,7 @@ use http::header::{
     WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -103,6 +103,34 @@ enum Guard {
 pub struct Api<O> {
     ops: Arc<O>,
     limits: Limits,
+}
+
+/// How long, and how many bytes of it, the rest of a refused body is read
+/// and thrown away.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
+const DRAIN_BYTES: usize = 32 << 20;
+
+/// Reads the rest of a body whose request is refused (too large, or the
+/// node's budget is full), throwing it away, for a while: a client still
+/// sending it then finishes and reads the answer, where a connection
+/// closed under its writes would meet a reset and lose the answer. Nothing
+/// of it is kept; past `DRAIN_FOR` or `DRAIN_BYTES` the body is dropped and
+/// the connection closed.
+fn drain<B>(mut body: std::pin::Pin<Box<B>>)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + DRAIN_FOR;
+        let mut left = DRAIN_BYTES;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(until, body.frame()).await {
+            let n = frame.data_ref().map_or(0, Bytes::len);
+            if n >= left {
+                return;
+            }
+            left -= n;
+        }
+    });
 }
 
 /// Put on a watch request by [`Api::serve_connection`]: a watch that cannot
@@ -711,11 +739,11 @@ impl<O: Operations> Api<O> {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let mut body = Box::pin(body);
         if declared.is_some_and(|n| n > self.limits.max_body as u64) {
+            drain(body);
             return Err(too_large());
         }
-        let body = Limited::new(body, self.limits.max_body);
-        tokio::pin!(body);
         // The body must keep coming: `body_grace`, plus a second for every
         // `body_min_rate` bytes received; and at that rate in every stretch
         // of `body_grace` too (a client that sent most of a large body at
@@ -747,10 +775,8 @@ impl<O: Operations> Api<O> {
                 }
                 Ok(None) => break,
                 Ok(Some(Ok(frame))) => frame,
-                Ok(Some(Err(e))) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                    return Err(too_large());
-                }
                 Ok(Some(Err(e))) => {
+                    let e: BoxError = e.into();
                     return Err(HttpError::bad_request(format!(
                         "could not read the body: {e}"
                     )));
@@ -760,11 +786,17 @@ impl<O: Operations> Api<O> {
                 continue; // trailers
             };
             received += data.len() as u64;
+            if received > self.limits.max_body as u64 {
+                drop(data);
+                drain(body);
+                return Err(too_large());
+            }
             stretch_bytes += data.len() as u64;
             if stretch_bytes >= stretch {
                 (stretch_start, stretch_bytes) = (tokio::time::Instant::now(), 0);
             }
             if !held.resize(received as usize) {
+                drain(body);
                 return Err(HttpError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     held.refusal(),

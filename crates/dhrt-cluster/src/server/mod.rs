@@ -457,14 +457,16 @@ where
 
 /// Answers the unfinished frame at the front of `buf` with `why`
 /// (`Unavailable`), if its id can be read yet, and closes the connection:
-/// the rest of the frame is not taken.
-async fn refuse_frame<S: AsyncWrite + Unpin>(
+/// the rest of the frame is not taken, only read and thrown away for a
+/// while (`LINGER`), so that a client still sending it gets to read the
+/// answer instead of a reset.
+async fn refuse_frame<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &[u8],
     why: String,
     limits: &BinaryLimits,
 ) -> io::Result<Closed> {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if let Some(id) = buf.get(dhrt_proto::FRAME_HEADER_LEN..).and_then(request_id) {
         let answer = Response {
             id,
@@ -476,8 +478,24 @@ async fn refuse_frame<S: AsyncWrite + Unpin>(
             let _ = stream.flush().await;
         }
     }
+    let mut left = match frame_bounds(buf, limits.max_frame) {
+        Ok(Decoded::Incomplete { needed }) => needed,
+        _ => 0,
+    };
+    let until = tokio::time::Instant::now() + LINGER;
+    let mut scratch = vec![0u8; 16 * 1024];
+    while left > 0 {
+        match tokio::time::timeout_at(until, stream.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
+        }
+    }
     Ok(Closed::Busy(why))
 }
+
+/// How long the rest of a refused frame is read (and thrown away) before
+/// its connection is closed.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Which deadline a slow connection missed.
 #[derive(Debug, Clone, Copy)]
