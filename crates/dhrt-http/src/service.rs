@@ -741,7 +741,14 @@ impl<O: Operations> Api<O> {
             .and_then(|v| v.parse::<u64>().ok());
         let mut body = Box::pin(body);
         if declared.is_some_and(|n| n > self.limits.max_body as u64) {
-            drain(body);
+            // A client that waits for `100 Continue` sends nothing until
+            // told to: reading would tell it to, for nothing.
+            let waits = headers
+                .get(hyper::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if !waits {
+                drain(body);
+            }
             return Err(too_large());
         }
         // The body must keep coming: `body_grace`, plus a second for every

@@ -404,3 +404,43 @@ async fn a_body_that_trickles_after_a_fast_start_gets_408() {
         started.elapsed()
     );
 }
+
+/// A body over the limit: a client that waits for `100 Continue` gets the
+/// 413 without being asked for the body; one that sends it all gets to
+/// write it (the rest is read and thrown away) and reads the 413 after it,
+/// where the connection used to close under its writes with a reset.
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_whether_its_client_waits_or_sends_it() {
+    let addr = start().await;
+    let big = 8 << 20;
+    let head = |expect: &str| {
+        format!("PUT /c/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {big}\r\n{expect}\r\n")
+    };
+    let mut waits = TcpStream::connect(addr).await.unwrap();
+    waits
+        .write_all(head("Expect: 100-continue\r\n").as_bytes())
+        .await
+        .unwrap();
+    let text = answer(&mut waits).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+
+    let mut sends = TcpStream::connect(addr).await.unwrap();
+    let mut request = head("").into_bytes();
+    request.resize(request.len() + big, b'v');
+    sends
+        .write_all(&request)
+        .await
+        .expect("the refused body is read, not reset");
+    let text = answer(&mut sends).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
+
+/// The start of the answer waiting on `s`.
+async fn answer(s: &mut TcpStream) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("no answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
