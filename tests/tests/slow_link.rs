@@ -195,3 +195,43 @@ fn peers_taking_a_burst_of_large_values_are_not_marked_unhealthy() {
         });
     }
 }
+
+/// A write's concern waits `--timeout-ms` plus its bytes' time at the
+/// slowest rate a link is allowed (1 MiB/s), as its replication request
+/// does: a value of 1.5 MiB over a link of 4 MiB/s is answered 200 once the
+/// replica has it. Before, it had `--timeout-ms` alone, and was answered
+/// 504 (saved, and late) for taking longer than that to cross.
+#[test]
+fn a_large_value_is_given_its_bytes_time_for_its_write_concern() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let (to_a, to_b) = (Way::new(4 << 20), Way::new(4 << 20));
+    let a_relay = relay(a_addr, to_a.clone(), to_b.clone());
+    let b_relay = relay(b_addr, to_b, to_a);
+    let flags = ["--write-ack", "all", "--timeout-ms", "100"];
+    let advertise = |at: SocketAddr| ["--advertise".to_string(), at.to_string()];
+    let a_args: Vec<String> = flags
+        .iter()
+        .map(|f| f.to_string())
+        .chain(advertise(a_relay))
+        .collect();
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &a_args);
+    let b_args: Vec<String> = flags
+        .iter()
+        .map(|f| f.to_string())
+        .chain(advertise(b_relay))
+        .chain(["--node".to_string(), a_relay.to_string()])
+        .collect();
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &b_args);
+    eventually("b joined", Duration::from_secs(20), || {
+        state_of(&a, &b_relay.to_string()).as_deref() == Some("healthy")
+    });
+    let big: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
+    for i in 0..3 {
+        let (status, body) = a.http("PUT", &format!("/slow/big{i}"), &big);
+        assert_eq!(status, 200, "value {i}: {body}");
+    }
+    assert_eq!(b.get_raw("/slow/big2").1, big);
+}

@@ -78,8 +78,8 @@ pub(crate) struct Args {
     node: Vec<String>,
     /// Write concern: all (every replica hosting the collection), quorum
     /// (a majority of them), or local (this node). Not met within
-    /// --timeout-ms: the write is saved and the client is told on how many
-    /// replicas (HTTP 504).
+    /// --timeout-ms (plus the value's bytes at 1 MiB/s): the write is saved
+    /// and the client is told on how many replicas (HTTP 504).
     #[arg(long, env = "DHRT_WRITE_ACK", value_name = "all|quorum|local")]
     write_ack: Option<String>,
     /// Per-peer request timeout in milliseconds.

@@ -204,6 +204,11 @@ impl Cluster {
         }
         let local = usize::from(stored_locally);
         let started = tokio::time::Instant::now();
+        // A large value is given the time its bytes take at the slowest
+        // rate a link is allowed, as its replication request is: a write
+        // of 16 MiB is not 504 for taking more than --timeout-ms to cross.
+        let bytes: usize = mutations.iter().map(crate::batch::mutation_bytes).sum();
+        let allowed = self.options.timeout + crate::link::transfer_time(bytes);
         // What each peer had acknowledged, and its link moved: a peer
         // working through a large value or a backlog does one or the
         // other, one that does not answer neither.
@@ -221,8 +226,8 @@ impl Cluster {
         // owners (`moves.rs`) even if this node stops or crashes first.
         let waited = &waits;
         let unmet = |acked: usize| async move {
-            let when = if started.elapsed() >= self.options.timeout {
-                format!("within {} ms", self.options.timeout.as_millis())
+            let when = if started.elapsed() >= allowed {
+                format!("within {} ms", allowed.as_millis())
             } else {
                 "(too few replicas are up or accept it)".to_string()
             };
@@ -268,7 +273,7 @@ impl Cluster {
             }
             (answered, done)
         };
-        let deadline = tokio::time::Instant::now() + self.options.timeout;
+        let deadline = started + allowed;
         loop {
             let notified = self.acks.notified();
             tokio::pin!(notified);
@@ -296,14 +301,11 @@ impl Cluster {
                     let moving = now_acked > *acked
                         || p.link.moved().saturating_sub(*moved) >= crate::link::MIN_MOVED;
                     let backlog = crate::link::transfer_time(queued.saturating_sub(1 << 20));
-                    if now_acked < *last
-                        && !moving
-                        && started.elapsed() >= self.options.timeout + backlog
-                    {
+                    if now_acked < *last && !moving && started.elapsed() >= allowed + backlog {
                         tracing::warn!(
                             "peer {} did not acknowledge a write within {} ms: unhealthy",
                             p.link.addr(),
-                            self.options.timeout.as_millis()
+                            allowed.as_millis()
                         );
                         self.suspect(p.id);
                     }
