@@ -183,6 +183,11 @@ impl Writer {
         // what it says.
         let chunk = Bytes::copy_from_slice(&self.buf);
         self.buf.clear();
+        if self.buf.capacity() > 4 * CHUNK {
+            // Grown by one large event (a value escaped whole): not kept
+            // for the life of the watch.
+            self.buf = Vec::with_capacity(CHUNK + 4096);
+        }
         self.tx.send(Ok(chunk)).await.map_err(|_| ())
     }
 

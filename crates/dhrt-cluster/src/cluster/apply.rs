@@ -390,17 +390,11 @@ impl Cluster {
     }
 }
 
-/// Whether a peer may send `m` (the node's own applies pass too). Of the system collections (names starting
-/// with `_`), only the replication settings and the registry of collection
-/// names are replicated, and a registry key is a collection a client may
-/// write. Anything else would be a node's own state written by another:
-/// uncounted files, or a registry entry that turns a `default` key's short
-/// route into a collection's.
-/// The bytes of `v` as a varint in the peer protocol's encoding.
 /// About how many bytes of digests a [`dhrt_proto::PeerOp::DigestsAfter`] page holds:
 /// some hundred large collections' (a digest is at most about 9 KiB).
 pub(crate) const DIGEST_PAGE_BYTES: usize = 1 << 20;
 
+/// The bytes of `v` as a varint in the peer protocol's encoding.
 fn varint_len(v: u64) -> usize {
     match v {
         0..=250 => 1,
@@ -410,6 +404,12 @@ fn varint_len(v: u64) -> usize {
     }
 }
 
+/// Whether a peer may send `m` (the node's own applies pass too). Of the system collections (names starting
+/// with `_`), only the replication settings and the registry of collection
+/// names are replicated, and a registry key is a collection a client may
+/// write. Anything else would be a node's own state written by another:
+/// uncounted files, or a registry entry that turns a `default` key's short
+/// route into a collection's.
 fn peer_may_write(m: &Mutation) -> bool {
     match m {
         Mutation::Drop { collection, .. } => !collection.starts_with('_'),

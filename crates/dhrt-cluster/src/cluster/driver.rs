@@ -19,6 +19,9 @@ use crate::membership::Membership;
 use crate::membership::{Output, member_state};
 use crate::queue::Queue;
 
+/// How long a leaving member's last anti-entropy round may take.
+const LEAVE_ROUND: Duration = Duration::from_secs(5);
+
 /// How long a leaving member hands its copies over before it goes.
 const HANDOVER_ON_LEAVE: Duration = Duration::from_secs(30);
 /// The least time the round after the goodbye gets.
@@ -446,6 +449,26 @@ impl Cluster {
                 self.hand_over_all(Round::PreCopy, &mut failed),
             )
             .await;
+        }
+        // The copies this node keeps (collections on every member, which it
+        // owns again when back) must not lack a delete it was never sent:
+        // once it has left, the others purge deletes past their grace
+        // without waiting for it. One anti-entropy round with a live
+        // member brings them here (and sends what it alone holds).
+        if self.options.repair
+            && self.absence_judged.load(Ordering::Acquire)
+            && !self.full_resync.load(Ordering::Acquire)
+            && let Some(source) = self.sources().first()
+        {
+            let round = self.anti_entropy_with(source.id);
+            match tokio::time::timeout(LEAVE_ROUND, round).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("a last anti-entropy round before leaving: {e}"),
+                Err(_) => tracing::warn!(
+                    "leaving before a last anti-entropy round with {} ended",
+                    source.addr
+                ),
+            }
         }
         self.running.store(false, Ordering::Release);
         // Not before its absence was judged: a node stopping then would

@@ -345,9 +345,11 @@ impl Cluster {
         let long = self.options.timeout.max(Duration::from_secs(10));
         let mut forgotten = 0;
         let mut pruned = Vec::new();
+        let only: Option<std::collections::HashSet<&str>> =
+            only.map(|o| o.iter().map(String::as_str).collect());
         while let Some(mut shared) = self.next_shared(&mut pages).await? {
-            if let Some(only) = only {
-                shared.retain(|(c, _)| only.contains(c));
+            if let Some(only) = &only {
+                shared.retain(|(c, _)| only.contains(c.as_str()));
             }
             for (c, remote) in shared {
                 forgotten += self
@@ -415,6 +417,7 @@ impl Cluster {
     /// fewer owners than members, the first source shares only some).
     /// Returns the records forgotten.
     pub(super) async fn prune_the_rest(self: &Arc<Self>, seen_ms: u64, done: Vec<String>) -> u64 {
+        let done: std::collections::HashSet<String> = done.into_iter().collect();
         let mut left: Vec<String> = self
             .store
             .all_collections()
@@ -429,6 +432,7 @@ impl Cluster {
             match self.prune_with(source.id, seen_ms, Some(&left)).await {
                 Ok((n, pruned)) => {
                     forgotten += n;
+                    let pruned: std::collections::HashSet<String> = pruned.into_iter().collect();
                     left.retain(|c| !pruned.contains(c));
                 }
                 Err(e) => tracing::warn!("full re-sync with {}: {e}", source.addr),

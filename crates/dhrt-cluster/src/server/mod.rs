@@ -447,7 +447,11 @@ where
                     (stretch_start, stretch_bytes) = (tokio::time::Instant::now(), 0);
                 }
                 if !held.resize(buf.len()) {
-                    return refuse_frame(&mut stream, &buf, held.refusal(), &limits).await;
+                    let why = held.refusal();
+                    // The refused frame's share of the budget, and its
+                    // buffer, go back before the rest of it is read.
+                    held.resize(0);
+                    return refuse_frame(&mut stream, std::mem::take(&mut buf), why, &limits).await;
                 }
             }
             Either::Right(closed) => return Ok(closed),
@@ -462,7 +466,7 @@ where
 /// answer instead of a reset.
 async fn refuse_frame<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    buf: &[u8],
+    buf: BytesMut,
     why: String,
     limits: &BinaryLimits,
 ) -> io::Result<Closed> {
@@ -478,10 +482,11 @@ async fn refuse_frame<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = stream.flush().await;
         }
     }
-    let mut left = match frame_bounds(buf, limits.max_frame) {
+    let mut left = match frame_bounds(&buf, limits.max_frame) {
         Ok(Decoded::Incomplete { needed }) => needed,
         _ => 0,
     };
+    drop(buf);
     let until = tokio::time::Instant::now() + LINGER;
     let mut scratch = vec![0u8; 16 * 1024];
     while left > 0 {
