@@ -31,6 +31,17 @@ fn status_bytes(pid: u32, field: &str) -> u64 {
     kb * 1024
 }
 
+/// The largest anonymous RSS of process `pid` sampled over `span`.
+fn most_anon(pid: u32, span: Duration) -> u64 {
+    let mut most = 0;
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        most = most.max(status_bytes(pid, "RssAnon:"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    most
+}
+
 /// Resets the node's peak RSS to its current RSS; returns that.
 fn reset_peak(pid: u32) -> u64 {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
@@ -542,13 +553,7 @@ fn clients_that_stop_reading_large_values_cost_the_node_a_bounded_memory() {
     });
     // Every writer has filled its socket and waits; the node's memory is
     // sampled for a while, its largest reading kept.
-    let mut most = 0;
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        most = most.max(status_bytes(pid, "RssAnon:"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let grew = most.saturating_sub(base);
+    let grew = most_anon(pid, Duration::from_secs(4)).saturating_sub(base);
     eprintln!(
         "48 stalled readers of two 15 MiB values: anonymous RSS +{} MiB",
         grew / MIB
@@ -591,13 +596,7 @@ fn watchers_that_read_nothing_hold_two_batches_at_most() {
     for i in 0..12_000 {
         put(&node, &format!("/w/k{}", i % 500), &value);
     }
-    let mut most = 0;
-    let until = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < until {
-        most = most.max(status_bytes(pid, "RssAnon:"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let grew = most.saturating_sub(base);
+    let grew = most_anon(pid, Duration::from_secs(4)).saturating_sub(base);
     eprintln!(
         "100 watchers reading nothing: anonymous RSS +{} MiB",
         grew / MIB
