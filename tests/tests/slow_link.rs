@@ -74,6 +74,38 @@ fn relay(to: SocketAddr, inward: Arc<Way>, outward: Arc<Way>) -> SocketAddr {
     at
 }
 
+/// Two nodes in `dirs`, each advertising a relay in front of it, so that
+/// whatever they say to each other crosses one link of `rate` bytes a
+/// second each way; `b` joins `a` through it. Also the two relays.
+fn relayed_pair(
+    dirs: &[tempfile::TempDir],
+    rate: u64,
+    a_flags: &[&str],
+    b_flags: &[&str],
+) -> (Dhrtd, Dhrtd, SocketAddr, SocketAddr) {
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let (to_a, to_b) = (Way::new(rate), Way::new(rate));
+    let a_relay = relay(a_addr, to_a.clone(), to_b.clone());
+    let b_relay = relay(b_addr, to_b, to_a);
+    let (a_at, b_at) = (a_relay.to_string(), b_relay.to_string());
+    let a_args: Vec<&str> = a_flags
+        .iter()
+        .copied()
+        .chain(["--advertise", &a_at])
+        .collect();
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &a_args);
+    let b_args: Vec<&str> = b_flags
+        .iter()
+        .copied()
+        .chain(["--node", &a_at, "--advertise", &b_at])
+        .collect();
+    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &b_args);
+    eventually("b joined", Duration::from_secs(20), || {
+        state_of(&a, &b_at).as_deref() == Some("healthy")
+    });
+    (a, b, a_relay, b_relay)
+}
+
 /// A value far larger than the link passes in a timeout reaches the peer,
 /// the writes queued behind it follow, and the two nodes go on seeing each
 /// other alive. Before the listener said how much it had read, the dialer
@@ -83,30 +115,9 @@ fn relay(to: SocketAddr, inward: Arc<Way>, outward: Arc<Way>) -> SocketAddr {
 #[test]
 fn a_large_value_on_a_slow_link_replicates_and_the_writes_behind_it_follow() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    // Each node advertises a relay in front of it: whatever they say to
-    // each other crosses one link of 96 KiB/s each way.
-    let (a_addr, b_addr) = (free_addr(), free_addr());
-    let (to_a, to_b) = (Way::new(96 << 10), Way::new(96 << 10));
-    let a_relay = relay(a_addr, to_a.clone(), to_b.clone());
-    let b_relay = relay(b_addr, to_b, to_a);
-    let a = Dhrtd::start_on(
-        Some(a_addr),
-        dirs[0].path(),
-        &["--write-ack", "local", "--advertise", &a_relay.to_string()],
-    );
-    let b = Dhrtd::start_on(
-        Some(b_addr),
-        dirs[1].path(),
-        &[
-            "--node",
-            &a_relay.to_string(),
-            "--advertise",
-            &b_relay.to_string(),
-        ],
-    );
-    eventually("b joined", Duration::from_secs(20), || {
-        state_of(&a, &b_relay.to_string()).as_deref() == Some("healthy")
-    });
+    // Whatever the nodes say to each other crosses one link of 96 KiB/s
+    // each way.
+    let (a, b, a_relay, b_relay) = relayed_pair(&dirs, 96 << 10, &["--write-ack", "local"], &[]);
     // 1.5 MiB: 16 s on this link, 2 s allowed for its frame by its size.
     let big: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
     assert_eq!(a.http("PUT", "/slow/big", &big).0, 200);
@@ -204,30 +215,8 @@ fn peers_taking_a_burst_of_large_values_are_not_marked_unhealthy() {
 #[test]
 fn a_large_value_is_given_its_bytes_time_for_its_write_concern() {
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (a_addr, b_addr) = (free_addr(), free_addr());
-    let (to_a, to_b) = (Way::new(4 << 20), Way::new(4 << 20));
-    let a_relay = relay(a_addr, to_a.clone(), to_b.clone());
-    let b_relay = relay(b_addr, to_b, to_a);
     let flags = ["--write-ack", "all", "--timeout-ms", "100"];
-    let advertise = |at: SocketAddr| ["--advertise".to_string(), at.to_string()];
-    let a_args: Vec<String> = flags
-        .iter()
-        .map(|f| f.to_string())
-        .chain(advertise(a_relay))
-        .collect();
-    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
-    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &a_args);
-    let b_args: Vec<String> = flags
-        .iter()
-        .map(|f| f.to_string())
-        .chain(advertise(b_relay))
-        .chain(["--node".to_string(), a_relay.to_string()])
-        .collect();
-    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let b = Dhrtd::start_on(Some(b_addr), dirs[1].path(), &b_args);
-    eventually("b joined", Duration::from_secs(20), || {
-        state_of(&a, &b_relay.to_string()).as_deref() == Some("healthy")
-    });
+    let (a, b, ..) = relayed_pair(&dirs, 4 << 20, &flags, &flags);
     let big: Vec<u8> = (0..3 << 19).map(|i| (i % 251) as u8).collect();
     for i in 0..3 {
         let (status, body) = a.http("PUT", &format!("/slow/big{i}"), &big);

@@ -116,9 +116,9 @@ const DRAIN_BYTES: usize = 32 << 20;
 /// closed under its writes would meet a reset and lose the answer. Nothing
 /// of it is kept; past `DRAIN_FOR` or `DRAIN_BYTES` the body is dropped and
 /// the connection closed.
-fn drain<B>(mut body: std::pin::Pin<Box<B>>)
+fn drain<B>(mut body: B)
 where
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
 {
     tokio::spawn(async move {
         let until = tokio::time::Instant::now() + DRAIN_FOR;
@@ -323,7 +323,7 @@ impl<O: Operations> Api<O> {
         impl Future<Output = Response<ResponseBody>> + Send + 'static + use<O, B>,
     >
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         self.handle_from(std::net::Ipv4Addr::LOCALHOST.into(), req)
@@ -344,7 +344,7 @@ impl<O: Operations> Api<O> {
         impl Future<Output = Response<ResponseBody>> + Send + 'static + use<O, B>,
     >
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let facts = HeadFacts::of(req.headers());
@@ -388,7 +388,7 @@ impl<O: Operations> Api<O> {
         role: Result<Role, HttpError>,
     ) -> Response<ResponseBody>
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let origin = if facts.origin {
@@ -476,7 +476,7 @@ impl<O: Operations> Api<O> {
         role: Role,
     ) -> Result<Response<ResponseBody>, HttpError>
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         if facts.conflicting_lengths {
@@ -705,9 +705,12 @@ impl<O: Operations> Api<O> {
         }
     }
 
-    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, HttpError>
+    /// Reads a value's body within the limits (size, rate, the node's
+    /// budget). `B` is `Unpin`, as hyper's body is: read in place, and
+    /// moved whole into [`drain`] when refused.
+    async fn read_body<B>(&self, headers: &HeaderMap, mut body: B) -> Result<Bytes, HttpError>
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let too_large = || {
@@ -739,7 +742,6 @@ impl<O: Operations> Api<O> {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let mut body = Box::pin(body);
         if declared.is_some_and(|n| n > self.limits.max_body as u64) {
             // A client that waits for `100 Continue` sends nothing until
             // told to: reading would tell it to, for nothing.
