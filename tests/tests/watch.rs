@@ -96,6 +96,11 @@ impl Stream {
         s
     }
 
+    /// The client's end of the connection: its port.
+    pub(crate) fn local_port(&self) -> u16 {
+        self.sock.local_addr().unwrap().port()
+    }
+
     /// Reads what the socket has (up to 200 ms).
     fn fill(&mut self) {
         let mut buf = [0u8; 65536];
@@ -669,27 +674,7 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
     let dir = tempfile::tempdir().unwrap();
     let node = Dhrtd::start(dir.path(), LAG_LIMITED);
     let mut stalled = sse(&node, "/load");
-    let value = vec![b'v'; 16 * 1024];
-    let closed = "dhrt_watch_closed_total{reason=\"lagging\"} 1";
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut i = 0u64;
-    loop {
-        // Writes of 16 KiB, over 2,000 keys (compactions run meanwhile),
-        // until the metrics count the watch closed for lagging.
-        for _ in 0..200 {
-            let (status, body) = node.http("PUT", &format!("/load/k{}", i % 2000), &value);
-            assert_eq!(status, 200, "{body}");
-            i += 1;
-        }
-        let (_, metrics) = node.http("GET", "/metrics", b"");
-        if metrics.contains(closed) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not closed after {i} writes: {metrics}"
-        );
-    }
+    write_until_closed_for_lag(&node);
     let mut last = None;
     while let Some(e) = stalled.next(Duration::from_secs(10)) {
         last = Some(e);
@@ -699,6 +684,71 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
     assert_eq!(last.event, "error", "{last:?}");
     let reason = last.data["Error"].as_str().unwrap();
     assert!(reason.contains("fell too far behind"), "{reason}");
+}
+
+/// Writes of 16 KiB to `/load`, over 2,000 keys (compactions run
+/// meanwhile), until the metrics count one watch closed for lagging.
+fn write_until_closed_for_lag(node: &Dhrtd) {
+    let value = vec![b'v'; 16 * 1024];
+    let closed = "dhrt_watch_closed_total{reason=\"lagging\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    loop {
+        for _ in 0..200 {
+            let (status, body) = node.http("PUT", &format!("/load/k{}", i % 2000), &value);
+            assert_eq!(status, 200, "{body}");
+            i += 1;
+        }
+        let (_, metrics) = node.http("GET", "/metrics", b"");
+        if metrics.contains(closed) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not closed after {i} writes: {metrics}"
+        );
+    }
+}
+
+/// The kernel's state of the node's end of a loopback TCP connection
+/// (`/proc/net/tcp`: 1 is established), if it has one.
+fn server_side_state(node: &Dhrtd, client_port: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let (local, remote) = (
+        format!(":{:04X}", node.addr.port()),
+        format!(":{client_port:04X}"),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].ends_with(&local) && f[2].ends_with(&remote))
+            .then(|| u8::from_str_radix(f[3], 16).unwrap())
+    })
+}
+
+/// A watch closed for lag whose client reads nothing at all cannot be
+/// told why; its connection (and what waits in it, a batch or two) is not
+/// kept until the idle timeout (300 s) for that: the node closes it.
+#[test]
+fn a_watch_closed_for_lag_whose_client_reads_nothing_loses_its_connection() {
+    const ESTABLISHED: u8 = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Dhrtd::start(dir.path(), LAG_LIMITED);
+    let stalled = sse(&node, "/load");
+    let port = stalled.local_port();
+    assert_eq!(server_side_state(&node, port), Some(ESTABLISHED));
+    write_until_closed_for_lag(&node);
+    eventually(
+        "the node closes the stalled watcher's connection",
+        Duration::from_secs(30),
+        || server_side_state(&node, port) != Some(ESTABLISHED),
+    );
+    // Others go on watching.
+    let mut fresh = sse(&node, "/load");
+    let (status, _) = node.http("PUT", "/load/after", b"v");
+    assert_eq!(status, 200);
+    let seen = fresh.until(Duration::from_secs(10), |e| e.key() == "after");
+    assert_eq!(seen.last().map(|e| e.kind()), Some("set"));
+    drop(stalled);
 }
 
 /// Log files a compaction replaced that the node still holds open

@@ -82,4 +82,8 @@ impl EventSource for WhileStored {
     fn token(&self) -> Token {
         self.inner.token()
     }
+
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        self.inner.ended()
+    }
 }

@@ -258,6 +258,8 @@ impl WatchHub {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let closed = Arc::new(Mutex::new(None));
         let reason = closed.clone();
+        let ended = tokio_util::sync::CancellationToken::new();
+        let end_it = ended.clone();
         runtime.spawn(async move {
             loop {
                 // Room first, then the read: a watcher that stops reading
@@ -282,6 +284,7 @@ impl WatchHub {
                                 .store(w.watch.lag_bytes(), Ordering::Relaxed);
                             if let Err(e) = w.check_lag() {
                                 *reason.lock().unwrap() = Some(e);
+                                end_it.cancel();
                                 return;
                             }
                         }
@@ -294,11 +297,17 @@ impl WatchHub {
                 let end = batch.is_err();
                 permit.send(batch);
                 if end {
+                    end_it.cancel();
                     return;
                 }
             }
         });
-        Ok(Box::new(Pumped { rx, token, closed }))
+        Ok(Box::new(Pumped {
+            rx,
+            token,
+            closed,
+            ended,
+        }))
     }
 
     /// Takes one of the node's watch slots (the caller gives it back).
@@ -570,6 +579,8 @@ struct Pumped {
     /// Why the reading side ended the watch while a batch waited for the
     /// client (it fell too far behind), for after that batch.
     closed: Arc<Mutex<Option<OpError>>>,
+    /// Cancelled when the reading side ended the watch with an error.
+    ended: tokio_util::sync::CancellationToken,
 }
 
 impl EventSource for Pumped {
@@ -595,6 +606,10 @@ impl EventSource for Pumped {
 
     fn token(&self) -> Token {
         self.token
+    }
+
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(self.ended.clone().cancelled_owned())
     }
 }
 

@@ -96,6 +96,8 @@ impl Default for Limits {
 enum Guard {
     Shutdown,
     Expired(Expired),
+    /// A watch the node ended, whose client reads nothing.
+    Closed,
 }
 
 /// The HTTP API over a node.
@@ -990,6 +992,7 @@ impl<O: Operations> Api<O> {
                 biased;
                 () = shutdown => Guard::Shutdown,
                 e = watch.expired(head, idle) => Guard::Expired(e),
+                () = close.cancelled() => Guard::Closed,
             }
         };
         tokio::pin!(guard);
@@ -1001,6 +1004,12 @@ impl<O: Operations> Api<O> {
             }
             Either::Right(Guard::Expired(Expired::Idle)) => {
                 tracing::debug!("an idle connection reached the idle timeout; closing it");
+                Ok(())
+            }
+            Either::Right(Guard::Closed) => {
+                tracing::debug!(
+                    "a watch ended by the node could not be sent to its client, which reads nothing; closing the connection"
+                );
                 Ok(())
             }
             Either::Right(Guard::Shutdown) => {

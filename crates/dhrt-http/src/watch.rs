@@ -22,6 +22,11 @@ use crate::json;
 const CHUNK: usize = 16 * 1024;
 /// How long a watch's last event may take to go out as the node stops.
 const STOP_WRITE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a watch the node ended (its watcher fell too far behind) has
+/// to send what was read last and the reason, before its connection is
+/// closed: a client that reads nothing does not keep it until its idle
+/// timeout.
+const ENDED_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 /// A value larger than this is escaped and sent a piece at a time.
 const BIG_VALUE: usize = 256 * 1024;
 const PIECE: usize = 64 * 1024;
@@ -279,6 +284,14 @@ pub(crate) fn stream(
     // the one before (and handed it to the body): a watcher that reads
     // nothing holds at most one batch a collection, not a queue of them.
     let (etx, mut erx) = mpsc::channel::<Batch>(sources.len());
+    let mut ended: Vec<_> = sources.iter().map(|(_, s)| s.ended()).collect();
+    let any_ended = std::future::poll_fn(move |cx| {
+        if ended.iter_mut().any(|e| e.as_mut().poll(cx).is_ready()) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
     for (i, (_, mut source)) in sources.into_iter().enumerate() {
         let etx = etx.clone();
         let turn = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
@@ -372,11 +385,28 @@ pub(crate) fn stream(
                     }
                 }
             });
+            let mut run = run;
             // However far the writer is (waiting for a change, or for a
             // client that reads nothing to make room), a stop ends it.
             tokio::select! {
-                () = run => false,
+                () = &mut run => false,
                 () = stopping.cancelled() => true,
+                () = any_ended => {
+                    // The node ended the watch: the writer sends what was
+                    // read and why to a client that reads them; one that
+                    // reads nothing loses its connection.
+                    tokio::select! {
+                        done = tokio::time::timeout(ENDED_WRITE, &mut run) => {
+                            if done.is_err()
+                                && let Some(close) = &close_connection
+                            {
+                                close.cancel();
+                            }
+                            false
+                        }
+                        () = stopping.cancelled() => true,
+                    }
+                }
             }
         };
         if stopped {

@@ -133,6 +133,15 @@ pub trait EventSource: Send {
 
     /// The token that resumes after everything returned so far.
     fn token(&self) -> Token;
+
+    /// Resolves once the source has ended the watch on its own side (the
+    /// watcher fell too far behind) while what it read last still waits
+    /// to be taken: a server stuck writing to a client that reads nothing
+    /// learns of the end without taking it, and need not keep the
+    /// connection for it. Never resolves by default.
+    fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 impl fmt::Debug for dyn EventSource {
