@@ -105,6 +105,17 @@ fn tokens_and_roles_over_http_the_binary_protocol_the_cli_and_the_client() {
     assert_eq!(request(at, "GET", "/users/ada", Some(&reader)).0, 200);
     assert_eq!(request(at, "GET", "/users", Some(&reader)).0, 200);
     assert_eq!(request(at, "GET", "/metrics", Some(&reader)).0, 200);
+    // Two tokens in one request: neither counts, whichever comes first.
+    for (first, second) in [(&reader, &writer), (&writer, &reader)] {
+        let headers =
+            format!("Authorization: Bearer {first}\r\nAuthorization: Bearer {second}\r\n");
+        let (status, body) = http_at(at, "PUT", "/users/two", &headers, b"v").unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            error_of(&body).contains("more than one Authorization"),
+            "{body}"
+        );
+    }
     let (status, body) = request(at, "POST", "/users/ada/x", Some(&reader));
     assert_eq!(status, 403, "{body}");
     assert!(error_of(&body).contains("write role"), "{body}");
@@ -1017,4 +1028,60 @@ fn the_data_directory_is_private_to_the_node_user() {
             && text.contains("chmod 700"),
         "{text}"
     );
+}
+
+/// The files that guard a node are named in a warning when other users of
+/// the machine can read the cluster secret in the config file or change
+/// the auth file; so are tokens that would cross the network in clear.
+#[test]
+fn files_others_can_read_or_change_and_tokens_in_clear_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, line) = make_token("admin");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{line}\n")).unwrap();
+    let config = dir.path().join("dhrtd.toml");
+    std::fs::write(
+        &config,
+        "cluster-secret = \"a config file's secret of at least 32 bytes\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("dhrtd.log");
+    let warnings = |listen: &str, auth_mode: u32, config_mode: u32| -> String {
+        std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(auth_mode)).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(config_mode)).unwrap();
+        let port = free_addr().port();
+        let mut child = Command::new(binary())
+            .arg("--listen")
+            .arg(format!("{listen}:{port}"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--auth-file")
+            .arg(&auth)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DHRT_CLUSTER_SECRET")
+            .env("DHRT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_serving(format!("127.0.0.1:{port}").parse().unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let text = warnings("0.0.0.0", 0o666, 0o644);
+    for said in [
+        "holds the cluster secret and other users of this machine can read it (mode 644)",
+        "the auth file",
+        "can be changed by other users of this machine (mode 666)",
+        "tokens cross the network in clear",
+    ] {
+        assert!(text.contains(said), "{said:?} not in {text}");
+    }
+    let text = warnings("127.0.0.1", 0o600, 0o600);
+    for unsaid in ["cluster secret", "auth file", "in clear"] {
+        assert!(!text.contains(unsaid), "{unsaid:?} in {text}");
+    }
 }

@@ -304,6 +304,8 @@ pub(crate) struct Config {
     pub(crate) write_ack: WriteAck,
     pub(crate) timeout: Duration,
     pub(crate) cluster_secret: Option<String>,
+    /// The `--config` file the cluster secret was read from, if it was.
+    pub(crate) secret_file: Option<PathBuf>,
     pub(crate) auth: Auth,
     /// Certificate, key, and client CA if any.
     pub(crate) tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
@@ -435,6 +437,10 @@ impl Config {
             .unwrap_or("all")
             .parse()
             .map_err(|e| anyhow::anyhow!("--replicas: {e}"))?;
+        let secret_file = args
+            .config
+            .clone()
+            .filter(|_| args.cluster_secret.is_none() && file.cluster_secret.is_some());
         let cluster_secret = args
             .cluster_secret
             .or(file.cluster_secret)
@@ -532,6 +538,7 @@ impl Config {
             write_ack,
             timeout: Duration::from_millis(timeout_ms),
             cluster_secret,
+            secret_file,
             auth,
             tls,
             collections,

@@ -191,6 +191,50 @@ fn check_private(dir: &Path) {
     }
 }
 
+/// The permission bits of `path`, if it can be read.
+fn mode_of(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    Some(std::fs::metadata(path).ok()?.permissions().mode() & 0o7777)
+}
+
+/// Warns about the files that guard the node when other users of this
+/// machine can read the secret in one, or change the tokens in another;
+/// and about tokens that would cross the network in clear.
+fn check_guards(config: &Config, tls: bool) {
+    if let Some(path) = &config.secret_file
+        && let Some(mode) = mode_of(path).filter(|m| m & 0o044 != 0)
+    {
+        tracing::warn!(
+            "the config file {} holds the cluster secret and other users of this machine can read it (mode {mode:o}); with it they can join the cluster as a peer and read or rewrite everything: chmod 600 it",
+            path.display()
+        );
+    }
+    if let Auth::File(path) = &config.auth {
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        for (what, at) in [
+            ("auth file", path.as_path()),
+            ("auth file's directory", parent),
+        ] {
+            // A sticky directory (/tmp) lets nobody replace another's file.
+            if let Some(mode) = mode_of(at).filter(|m| m & 0o022 != 0 && m & 0o1000 == 0) {
+                tracing::warn!(
+                    "the {what} {} can be changed by other users of this machine (mode {mode:o}): any of them could add an admin token, taken at the next SIGHUP: chmod go-w it",
+                    at.display()
+                );
+            }
+        }
+        if !tls && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "tokens cross the network in clear: this node serves clients beyond loopback without TLS, so anyone on the path can read a token and use it (give --tls-cert and --tls-key)"
+            );
+        }
+    }
+}
+
 /// The node id kept in `<data-dir>/node.id`, created on first start.
 fn node_id(dir: &Path) -> anyhow::Result<u64> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -327,6 +371,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
              read it (ps, /proc): give it in DHRT_CLUSTER_SECRET or the --config file instead"
         );
     }
+    check_guards(&config, tls.is_some());
     if config.data_dir_ignored {
         tracing::warn!(
             data_dir = %config.data_dir.display(),

@@ -49,6 +49,22 @@ fn read_chain(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(chain)
 }
 
+/// What is wrong with the certificate or key, in words: a key that is not
+/// the certificate's, or a certificate rustls cannot use (an X.509 v1
+/// certificate, made without extensions, among them).
+fn cert_error(cert: &Path, e: rustls::Error) -> anyhow::Error {
+    match e {
+        rustls::Error::InconsistentKeys(_) => {
+            anyhow::anyhow!("the TLS certificate and key do not go together: {e}")
+        }
+        e if format!("{e:?}").contains("UnsupportedCertVersion") => anyhow::anyhow!(
+            "the TLS certificate {} is X.509 version 1, which TLS here does not accept: make a version 3 certificate (with extensions, such as subjectAltName for the node's address)",
+            cert.display()
+        ),
+        e => anyhow::anyhow!("the TLS certificate {} cannot be used: {e}", cert.display()),
+    }
+}
+
 impl Tls {
     /// Loads the certificate chain and key, and the client CA if given.
     pub(crate) fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<Tls> {
@@ -76,7 +92,7 @@ impl Tls {
         };
         let server = builder
             .with_single_cert(chain.clone(), key.clone_key())
-            .context("the TLS certificate and key do not go together")?;
+            .map_err(|e| cert_error(cert, e))?;
         let client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .context("TLS protocol versions")?

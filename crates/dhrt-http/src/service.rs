@@ -189,9 +189,17 @@ pub fn error_response(e: &HttpError) -> Response<ResponseBody> {
 
 /// The token of an `Authorization: Bearer TOKEN` header.
 fn bearer(headers: &HeaderMap) -> Result<Option<&[u8]>, HttpError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
+    let mut all = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = all.next() else {
         return Ok(None);
     };
+    if all.next().is_some() {
+        // Which one counts would depend on the reader (a proxy may have
+        // added one): neither does.
+        return Err(HttpError::bad_request(
+            "the request has more than one Authorization header: send one",
+        ));
+    }
     let value = value.as_bytes();
     match value.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => {

@@ -163,8 +163,15 @@ impl Connection {
             mut opener,
         } = session;
         let remote = self.remote;
+        // A peer that keeps sending what cannot be opened (it holds the
+        // secret, yet speaks another version, or lies) reconnects as fast
+        // as it is closed: one line a second, on one line each.
+        static CLOSED: LogThrottle = LogThrottle::new(Duration::from_secs(1));
         let refuse = |reason: String| {
-            tracing::warn!(%remote, "closed a peer connection: {reason}");
+            let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+            if let Some(left_out) = CLOSED.allow() {
+                tracing::warn!(%remote, left_out, "closed a peer connection: {reason}");
+            }
             Ok(Closed::Protocol(reason))
         };
         // Each task sends one answer: the channel never holds more than
