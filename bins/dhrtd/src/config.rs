@@ -110,7 +110,8 @@ pub(crate) struct Args {
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "DHRT_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Require TLS clients to present a certificate signed by this CA (PEM).
+    /// Require TLS clients to present a certificate signed by this CA (PEM);
+    /// plain-text clients on loopback are served without one.
     #[arg(
         long,
         env = "DHRT_TLS_CLIENT_CA",
