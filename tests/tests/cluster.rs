@@ -322,6 +322,75 @@ fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&D
     c
 }
 
+/// A whole cluster down for longer than the tombstone grace comes back,
+/// every member due a full re-sync. The one with the lowest id goes first,
+/// with its own data; here it is the first that died, and the others must
+/// not take its lack of what they wrote after it died for deletes the
+/// cluster forgot: the writes the other two acknowledged (quorum), and a
+/// delete, stay.
+#[test]
+fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_missed() {
+    let args = ["--tombstone-grace-secs", "2", "--write-ack", "quorum"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &args);
+    // Lowest id first.
+    let id = |n: &Dhrtd| stats(n)["node"]["id"].as_str().unwrap().to_string();
+    let mut nodes: Vec<(Dhrtd, &tempfile::TempDir)> =
+        vec![(a, &dirs[0]), (b, &dirs[1]), (c, &dirs[2])];
+    nodes.sort_by_key(|(n, _)| u64::from_str_radix(&id(n), 16).unwrap());
+    let [(first, first_dir), (second, second_dir), (third, third_dir)]: [_; 3] =
+        nodes.try_into().ok().unwrap();
+    assert_eq!(first.http("POST", "/late/base/v", b"").0, 200);
+    let written = now_ms();
+    for (dir, other) in [
+        (first_dir, &second),
+        (second_dir, &third),
+        (third_dir, &first),
+    ] {
+        eventually("in touch after the write", Duration::from_secs(10), || {
+            in_touch_since(dir.path(), other, written)
+        });
+    }
+    let addrs = [first.addr, second.addr, third.addr];
+    first.stop("KILL");
+    for i in 0..20 {
+        let (status, body) = second.http("POST", &format!("/late/k{i}/v{i}"), b"");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(third.http("DELETE", "/late/base", b"").0, 200);
+    let written = now_ms();
+    for (dir, other) in [(second_dir, &third), (third_dir, &second)] {
+        eventually("in touch after the writes", Duration::from_secs(10), || {
+            in_touch_since(dir.path(), other, written)
+        });
+    }
+    second.stop("KILL");
+    third.stop("KILL");
+    std::thread::sleep(Duration::from_secs(4));
+    let nodes: Vec<Dhrtd> = [first_dir, second_dir, third_dir]
+        .iter()
+        .zip(addrs)
+        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members after the restart",
+        Duration::from_secs(30),
+        || all_healthy(&all, 3),
+    );
+    eventually(
+        "every write the cluster acknowledged, everywhere",
+        Duration::from_secs(20),
+        || nodes.iter().all(|n| local_keys(n, "late") == 20),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &nodes {
+        assert_eq!(local_keys(node, "late"), 20, "on {}", node.addr);
+        assert_eq!(get(node, "/late/k19").0, 200);
+        assert_eq!(get(node, "/late/base").0, 404, "the delete stays");
+    }
+}
+
 #[test]
 fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     // As above, but c comes back with its clock 40 s behind (within the

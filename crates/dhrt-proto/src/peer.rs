@@ -306,6 +306,9 @@ pub enum PeerOp {
         /// The last name of the page before, `None` for the first page.
         after: Option<String>,
     },
+    /// How far the receiver's data can judge another's: [`PeerReply::Horizon`].
+    /// A node in full re-sync asks its source before it forgets anything.
+    Horizon,
 }
 
 /// The answer to a [`PeerOp`].
@@ -372,6 +375,14 @@ pub enum PeerReply {
         /// The value's length in bytes.
         len: u64,
     },
+    /// The answer to [`PeerOp::Horizon`]: `None` when the receiver's data
+    /// is the cluster's (it has been in touch, or re-synced from a member
+    /// that was); else the stamp from which it was out of touch before it
+    /// went on with its own data (every member was back from a long
+    /// absence at once, or it came back alone): it cannot tell what was
+    /// deleted after that, and a record stamped after it that it lacks is
+    /// not one the cluster forgot.
+    Horizon(Option<u64>),
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

@@ -113,8 +113,11 @@ impl Cluster {
         // few, waits for the rest when they could overturn it), and only
         // once it knows who they are: a joining node may hear from the
         // member it joins through before that member's table arrives.
-        if decided && !v.skewed && !measured.is_empty() && learned {
-            self.clock_measured.store(true, Ordering::Release);
+        if decided && !measured.is_empty() && learned {
+            self.peers_compared.store(true, Ordering::Release);
+            if !v.skewed {
+                self.clock_measured.store(true, Ordering::Release);
+            }
         }
         *current = v;
         drop(current);

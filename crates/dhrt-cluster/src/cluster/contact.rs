@@ -96,7 +96,7 @@ impl Cluster {
     /// was away.
     pub(super) fn absence_now(&self) -> u64 {
         let wall = self.wall_ms();
-        if self.clock_measured.load(Ordering::Acquire) {
+        if self.peers_compared.load(Ordering::Acquire) {
             wall.saturating_add_signed(self.peers_offset_high.load(Ordering::Acquire).max(0))
         } else {
             wall
@@ -109,7 +109,7 @@ impl Cluster {
     /// absence look longer by its offset.
     pub(super) fn contact_now(&self) -> u64 {
         let wall = self.wall_ms();
-        if self.clock_measured.load(Ordering::Acquire) {
+        if self.peers_compared.load(Ordering::Acquire) {
             wall.saturating_add_signed(self.peers_offset_low.load(Ordering::Acquire))
         } else {
             wall
@@ -142,7 +142,7 @@ impl Cluster {
         // than the allowed offset). Peers known for `UNVERIFIED_GRACE`
         // without a comparison: judged by this node's clock after all.
         loop {
-            if self.clock_measured.load(Ordering::Acquire) {
+            if self.peers_compared.load(Ordering::Acquire) {
                 break;
             }
             let since = Duration::from_millis(self.peers_since_ms.load(Ordering::Acquire));
@@ -153,7 +153,7 @@ impl Cluster {
         }
         let seen = self.last_contact.load(Ordering::Acquire);
         let wall = self.wall_ms();
-        let measured = self.clock_measured.load(Ordering::Acquire);
+        let measured = self.peers_compared.load(Ordering::Acquire);
         let set_back = !measured
             && wall.saturating_add(self.options.max_clock_ahead.as_millis() as u64) < seen
             && !self.store.all_collections().is_empty();

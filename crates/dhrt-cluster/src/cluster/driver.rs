@@ -314,6 +314,7 @@ impl Cluster {
         // that cluster's table and has compared it with enough members.
         self.members_learned.store(false, Ordering::Release);
         self.clock_measured.store(false, Ordering::Release);
+        self.peers_compared.store(false, Ordering::Release);
         if let Err(e) = self.join_through(addr).await {
             self.members_learned.store(true, Ordering::Release);
             if !self.sync.running.load(Ordering::Acquire) {

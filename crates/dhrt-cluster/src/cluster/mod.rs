@@ -197,6 +197,12 @@ pub struct Cluster {
     /// (0: never away that long in this life). A record at or before it
     /// that a peer lacks is never pushed to that peer (`moves.rs`).
     stale_before: AtomicU64,
+    /// `u64::MAX`, or the stamp from which this node was out of touch
+    /// before it went on with its own data ([`dhrt_proto::PeerReply::Horizon`]),
+    /// until every member has had an anti-entropy round with it since
+    /// (`horizon_since`, wall ms).
+    horizon: AtomicU64,
+    horizon_since: AtomicU64,
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
@@ -249,6 +255,10 @@ pub struct Cluster {
     judged_wall_minus_mono: AtomicI64,
     /// Cleared to write: compared with enough peers (`judge_clock`).
     clock_measured: AtomicBool,
+    /// Compared with enough peers that the rest could not change the
+    /// verdict, whatever it is: their clocks then tell how long this node
+    /// was away, its own clock skewed or not.
+    peers_compared: AtomicBool,
     /// Whether it said it takes writes with a clock nobody checked.
     unchecked_said: AtomicBool,
     /// Woken each time the clock is judged.
@@ -402,6 +412,8 @@ impl Cluster {
             full_resync: AtomicBool::new(full_resync),
             absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { contact_stamp } else { 0 }),
+            horizon: AtomicU64::new(u64::MAX),
+            horizon_since: AtomicU64::new(0),
             peers_known: AtomicBool::new(false),
             members_pinned: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),
@@ -424,6 +436,7 @@ impl Cluster {
             peers_offset_high: AtomicI64::new(0),
             judged_wall_minus_mono: AtomicI64::new(wall_at_start as i64),
             clock_measured: AtomicBool::new(false),
+            peers_compared: AtomicBool::new(false),
             unchecked_said: AtomicBool::new(false),
             clock_judged: Notify::new(),
             peers_since_ms: AtomicU64::new(0),

@@ -119,6 +119,7 @@ impl Cluster {
             return;
         }
         let started = Instant::now();
+        let mut synced = false;
         while let Some(source) = self.wait_for_source().await {
             match self.handoff_from(&source).await {
                 Ok(n) => {
@@ -127,6 +128,7 @@ impl Cluster {
                         source.addr,
                         started.elapsed().as_secs_f64()
                     );
+                    synced = true;
                     break;
                 }
                 // The source has not heard of this node yet (a join's
@@ -141,7 +143,70 @@ impl Cluster {
                 }
             }
         }
+        if !synced && let Some(lost_touch) = self.distrusted_until() {
+            self.own_data(lost_touch);
+        }
         self.end_sync();
+    }
+
+    /// This node's horizon: see [`dhrt_proto::PeerReply::Horizon`].
+    pub(crate) fn horizon(&self) -> Option<u64> {
+        let h = self.horizon.load(Ordering::Acquire);
+        (h != u64::MAX).then_some(h)
+    }
+
+    /// Back from a long absence with no member to re-sync from (it came
+    /// back alone, or every member came back at once): it goes on with its
+    /// own data, which cannot tell what the cluster deleted after it lost
+    /// touch (`lost_touch`, a stamp) until every member has had an
+    /// anti-entropy round with it.
+    fn own_data(&self, lost_touch: u64) {
+        self.horizon.fetch_min(lost_touch, Ordering::AcqRel);
+        self.horizon_since.store(self.wall_ms(), Ordering::Release);
+    }
+
+    /// Once every member has had a round with this node that started
+    /// after it went on with its own data (`oldest`: the oldest start of
+    /// the members' last rounds), its data is the cluster's again.
+    pub(super) fn review_horizon(&self, oldest: u64) {
+        if self.horizon.load(Ordering::Acquire) != u64::MAX
+            && oldest != 0
+            && oldest >= self.horizon_since.load(Ordering::Acquire)
+        {
+            self.horizon.store(u64::MAX, Ordering::Release);
+        }
+    }
+
+    /// The stamp up to which a full re-sync against `id` may forget this
+    /// node's records the peer lacks: when it lost touch (`lost_touch`),
+    /// or earlier, from when the peer itself could not tell (its horizon):
+    /// a record stamped after that which the peer lacks is one it never
+    /// had, not one the cluster deleted. Pruned against such a peer, this
+    /// node's data can judge no further either.
+    async fn prune_bound(self: &Arc<Self>, id: u64, lost_touch: u64) -> Result<u64, LinkError> {
+        let Some(peer) = self.peer(id) else {
+            return Ok(lost_touch);
+        };
+        let long = self.options.timeout.max(Duration::from_secs(10));
+        let horizon = match peer.link.request(PeerOp::Horizon, long).await? {
+            PeerReply::Horizon(h) => h,
+            other => {
+                return Err(LinkError::Refused {
+                    addr: peer.link.addr().to_string(),
+                    reason: format!("unexpected answer to Horizon: {other:?}"),
+                });
+            }
+        };
+        let Some(h) = horizon.filter(|&h| h < lost_touch) else {
+            return Ok(lost_touch);
+        };
+        tracing::warn!(
+            "{} went on with its own data from before this node lost touch: only records stamped before that are judged by it",
+            peer.link.addr()
+        );
+        self.own_data(h);
+        self.stale_before.fetch_min(h, Ordering::AcqRel);
+        Ok(h)
     }
 
     pub(super) async fn handoff_from(
@@ -152,7 +217,8 @@ impl Cluster {
         if let Some(seen) = self.distrusted_until() {
             // Away too long: the source's data is the truth.
             let (n, pruned) = self.prune_with(source.id, seen, None).await?;
-            let n = n + self.prune_the_rest(seen, pruned).await;
+            let bound = self.horizon().map_or(seen, |h| h.min(seen));
+            let n = n + self.prune_the_rest(bound, pruned).await;
             self.anti_entropy_with(source.id).await?;
             return Ok(n);
         }
@@ -224,11 +290,14 @@ impl Cluster {
         }
         if let Some(seen) = self.distrusted_until() {
             // Prune against one source before anything of ours travels.
+            let mut pruned_once = false;
             while let Some(source) = self.wait_for_source().await {
                 match self.prune_with(source.id, seen, None).await {
                     Ok((n, pruned)) => {
-                        let n = n + self.prune_the_rest(seen, pruned).await;
+                        let bound = self.horizon().map_or(seen, |h| h.min(seen));
+                        let n = n + self.prune_the_rest(bound, pruned).await;
                         tracing::info!("full re-sync with {}: {n} records forgotten", source.addr);
+                        pruned_once = true;
                         break;
                     }
                     Err(e) => {
@@ -236,6 +305,9 @@ impl Cluster {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
+            }
+            if !pruned_once {
+                self.own_data(seen);
             }
         }
         for member in self.sources() {
@@ -339,6 +411,7 @@ impl Cluster {
         seen_ms: u64,
         only: Option<&[String]>,
     ) -> Result<(u64, Vec<String>), LinkError> {
+        let seen_ms = self.prune_bound(id, seen_ms).await?;
         let Some(mut pages) = self.shared_digests(id) else {
             return Ok((0, Vec::new()));
         };

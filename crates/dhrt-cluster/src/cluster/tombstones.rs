@@ -142,6 +142,7 @@ impl Cluster {
         };
         self.synced.oldest.store(oldest, Ordering::Release);
         self.store.hold_tombstones_from(from);
+        self.review_horizon(oldest);
     }
 }
 

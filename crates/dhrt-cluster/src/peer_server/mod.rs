@@ -330,6 +330,7 @@ async fn handle(
         } => cluster.entry(&collection, &key, inline_max),
         PeerOp::Digests(names) => cluster.digests(names).map(PeerReply::Digests),
         PeerOp::DigestsAfter { after } => cluster.digests_after(after).map(PeerReply::Digests),
+        PeerOp::Horizon => Ok(PeerReply::Horizon(cluster.horizon())),
         PeerOp::Buckets {
             collection,
             buckets,
