@@ -92,13 +92,20 @@ impl Cluster {
         if let Some(v) = refused.iter().map(|&i| stamp_of(i)).max_by_key(|v| v.ts) {
             self.refused_future
                 .fetch_add(refused.len() as u64, Ordering::Relaxed);
-            tracing::error!(
-                "refused {} records from node {:016x}, stamped up to {} s ahead of this node's clock (more than the {} s allowed): check the clocks",
-                refused.len(),
-                v.node,
-                Guard::ahead_s(v.ts, wall),
-                guard.max_offset_ms / 1000
-            );
+            // A peer far ahead sends batch after batch: one line in five
+            // seconds says it (dhrt_refused_future_total counts them all).
+            static REFUSED: crate::throttle::LogThrottle =
+                crate::throttle::LogThrottle::new(std::time::Duration::from_secs(5));
+            if let Some(left_out) = REFUSED.allow() {
+                tracing::error!(
+                    left_out,
+                    "refused {} records from node {:016x}, stamped up to {} s ahead of this node's clock (more than the {} s allowed): check the clocks",
+                    refused.len(),
+                    v.node,
+                    Guard::ahead_s(v.ts, wall),
+                    guard.max_offset_ms / 1000
+                );
+            }
         }
         // Records no node sends: of a system collection other than the two
         // replicated ones, a registry entry that is no client's collection

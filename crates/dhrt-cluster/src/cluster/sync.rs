@@ -123,11 +123,17 @@ impl Cluster {
         while let Some(source) = self.wait_for_source().await {
             match self.handoff_from(&source).await {
                 Ok(n) => {
-                    tracing::info!(
-                        "handoff from {} complete: {n} records in {:.1} s",
-                        source.addr,
-                        started.elapsed().as_secs_f64()
-                    );
+                    let secs = started.elapsed().as_secs_f64();
+                    match n {
+                        Some(n) => tracing::info!(
+                            "handoff from {} complete: {n} records in {secs:.1} s",
+                            source.addr
+                        ),
+                        None => tracing::info!(
+                            "re-sync with {} complete: what differed was exchanged, in {secs:.1} s",
+                            source.addr
+                        ),
+                    }
                     synced = true;
                     break;
                 }
@@ -138,7 +144,11 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
-                    tracing::warn!("handoff from {}: {e}; retrying", source.addr);
+                    static RETRIES: crate::throttle::LogThrottle =
+                        crate::throttle::LogThrottle::new(Duration::from_secs(10));
+                    if let Some(left_out) = RETRIES.allow() {
+                        tracing::warn!(left_out, "handoff from {}: {e}; retrying", source.addr);
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -209,10 +219,12 @@ impl Cluster {
         Ok(h)
     }
 
+    /// Catches up from `source`: the records streamed or forgotten, or
+    /// `None` for a returning node that exchanged only what differed.
     pub(super) async fn handoff_from(
         self: &Arc<Self>,
         source: &MemberUpdate,
-    ) -> Result<u64, LinkError> {
+    ) -> Result<Option<u64>, LinkError> {
         self.judge_absence().await;
         if let Some(seen) = self.distrusted_until() {
             // Away too long: the source's data is the truth.
@@ -220,12 +232,12 @@ impl Cluster {
             let bound = self.horizon().map_or(seen, |h| h.min(seen));
             let n = n + self.prune_the_rest(bound, pruned).await;
             self.anti_entropy_with(source.id).await?;
-            return Ok(n);
+            return Ok(Some(n));
         }
         if !self.store.all_collections().is_empty() {
             // A returning node: only what differs travels.
             self.anti_entropy_with(source.id).await?;
-            return Ok(0);
+            return Ok(None);
         }
         let peer = self.peer(source.id).ok_or_else(|| LinkError::Refused {
             addr: source.addr.clone(),
@@ -267,7 +279,7 @@ impl Cluster {
         // What was written while the stream ran reached this node live, or
         // is caught here.
         self.anti_entropy_with(source.id).await?;
-        Ok(total)
+        Ok(Some(total))
     }
 
     /// After being declared dead: compare digests with every live member,
@@ -301,7 +313,16 @@ impl Cluster {
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!("full re-sync with {}: {e}; retrying", source.addr);
+                        // Retried twice a second: one line in ten seconds.
+                        static RETRIES: crate::throttle::LogThrottle =
+                            crate::throttle::LogThrottle::new(Duration::from_secs(10));
+                        if let Some(left_out) = RETRIES.allow() {
+                            tracing::warn!(
+                                left_out,
+                                "full re-sync with {}: {e}; retrying",
+                                source.addr
+                            );
+                        }
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
