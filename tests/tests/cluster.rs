@@ -391,6 +391,62 @@ fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_m
     }
 }
 
+/// A node back after a short absence with its clock set back by more
+/// than the allowed offset is skewed, but its peers' clocks, which agree,
+/// still tell how long it was away: it catches up by anti-entropy, not a
+/// full re-sync it has no need for.
+#[test]
+fn a_node_back_with_its_clock_set_far_back_judges_its_absence_by_its_peers() {
+    use std::process::{Command, Stdio};
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &[]);
+    assert_eq!(a.http("POST", "/back/k/v", b"").0, 200);
+    let written = now_ms();
+    eventually(
+        "c is in touch after the write",
+        Duration::from_secs(10),
+        || in_touch_since(dirs[2].path(), &a, written),
+    );
+    let c_addr = c.addr;
+    c.stop("KILL");
+    let c_at = c_addr.to_string();
+    eventually("c is found dead", Duration::from_secs(30), || {
+        state_of(&a, &c_at).as_deref() == Some("dead")
+    });
+    let log = dirs[2].path().join("restart.log");
+    let mut child = Command::new(crate::dhrtd::binary())
+        .arg("--listen")
+        .arg(c_addr.to_string())
+        .arg("--data-dir")
+        .arg(dirs[2].path())
+        .args(["--clock-offset-ms", "-90000"])
+        .env("DHRT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the node is back and healthy",
+        Duration::from_secs(30),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|n| state_of(n, &c_at).as_deref() == Some("healthy"))
+        },
+    );
+    // Past the 10 s a node waits for its clock to be compared before it
+    // judges by its own.
+    std::thread::sleep(Duration::from_secs(11));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("clock skew"), "it is skewed: {text}");
+    assert!(
+        !text.contains("full re-sync"),
+        "no full re-sync for an absence of seconds: {text}"
+    );
+}
+
 #[test]
 fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     // As above, but c comes back with its clock 40 s behind (within the
