@@ -550,9 +550,10 @@ fn a_node_whose_clock_was_ahead_writes_again_as_soon_as_it_is_fixed() {
         Duration::from_secs(20),
         || clock(&c)["skewed"] == true,
     );
-    // A few rounds of its moves loop (one a second).
+    // A few rounds of its moves loop (one a second): it may hand over
+    // what its peers named in the registry already (records keep their
+    // stamps), but names nothing itself.
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(local_keys(&c, "y"), 1, "a skewed node hands nothing over");
     c.stop("KILL");
     // Its clock is fixed: it holds no stamp from the future, so it takes
     // writes again as soon as it has compared its clock with its peers'.
