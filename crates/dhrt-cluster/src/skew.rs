@@ -203,7 +203,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
             reason: format!(
                 "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than the {} s allowed: writes are refused until the clocks agree (reads go on)",
                 offsets.len(),
-                max_offset_ms / 1000
+                seconds(max_offset_ms)
             ),
         };
     }
@@ -213,8 +213,8 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
             ahead_ms,
             reason: format!(
                 "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed (its clock ran ahead once, or was set back since): writes are refused until its clock passes them (reads go on)",
-                clock_ahead_ms / 1000,
-                max_offset_ms / 1000
+                seconds(clock_ahead_ms),
+                seconds(max_offset_ms)
             ),
         };
     }
@@ -248,7 +248,7 @@ pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) 
         reason: format!(
             "this node's clock is {secs} s off from the clocks of {off} of the {} peers it has heard from ({which}), more than the {} s allowed, with {unmeasured} more not heard from yet: writes are refused until enough peers are heard to tell whose clock is wrong (reads go on)",
             offsets.len(),
-            max_offset_ms / 1000
+            seconds(max_offset_ms)
         ),
     })
 }
@@ -263,8 +263,18 @@ fn split(offsets: &[i64], max_offset_ms: u64) -> (usize, usize) {
     (off, offsets.len() - off + 1)
 }
 
-/// The offset of largest size, in whole seconds, and which way it goes.
-fn worst(offsets: &[i64]) -> (u64, &'static str) {
+/// `ms` in seconds for a sentence: whole from 10 s, to the millisecond
+/// below (a limit of 1 s and an offset of 1.003 s are not "1 s" both).
+fn seconds(ms: u64) -> String {
+    if ms >= 10_000 {
+        (ms / 1000).to_string()
+    } else {
+        format!("{}", ms as f64 / 1000.0)
+    }
+}
+
+/// The offset of largest size, in seconds, and which way it goes.
+fn worst(offsets: &[i64]) -> (String, &'static str) {
     let worst = offsets
         .iter()
         .copied()
@@ -275,7 +285,7 @@ fn worst(offsets: &[i64]) -> (u64, &'static str) {
     } else {
         "this node is behind"
     };
-    (worst.unsigned_abs() / 1000, which)
+    (seconds(worst.unsigned_abs()), which)
 }
 
 #[cfg(test)]
@@ -284,6 +294,21 @@ mod tests {
 
     const HOUR: i64 = 3_600_000;
     const MAX: u64 = 60_000;
+
+    #[test]
+    fn sentences_give_seconds_to_the_millisecond_below_ten() {
+        assert_eq!(seconds(60_000), "60");
+        assert_eq!(seconds(86_399_999), "86399");
+        assert_eq!(seconds(1_000), "1");
+        assert_eq!(seconds(1_003), "1.003");
+        let v = verdict(&[-1_003], 1_000, 0);
+        assert!(v.skewed);
+        assert!(
+            v.reason.contains("1.003 s off") && v.reason.contains("the 1 s allowed"),
+            "{}",
+            v.reason
+        );
+    }
 
     #[test]
     fn the_peers_time_is_their_middle_and_a_tie_gives_both() {
