@@ -35,6 +35,10 @@ pub(crate) struct SavedState {
     /// restart (a whole cluster stopped one by one comes back), but not
     /// waited for as replicas.
     pub(crate) left: Vec<String>,
+    /// The stamp from which this node's data cannot judge another's (it
+    /// went on with its own data after a long absence), until every member
+    /// has had a round with it: see `dhrt_proto::PeerReply::Horizon`.
+    pub(crate) horizon: Option<u64>,
 }
 
 /// Parses the file's text; unknown lines are ignored (newer versions may
@@ -56,6 +60,10 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
             if state.stamp_ms.is_none() {
                 state.stamp_ms = ms.trim().parse().ok();
             }
+        } else if let Some(h) = line.strip_prefix("horizon ") {
+            // Unreadable: the lowest there is (nothing is judged by it).
+            let h = h.trim().parse().unwrap_or(0);
+            state.horizon = Some(state.horizon.map_or(h, |o: u64| o.min(h)));
         } else if let Some(addr) = line.strip_prefix("member ") {
             let addr = addr.trim();
             if !addr.is_empty() && !state.members.iter().any(|m| m == addr) {
@@ -79,6 +87,9 @@ pub(crate) fn render(state: &SavedState) -> String {
     out.push_str(&format!("seen {}\n", state.seen_ms));
     if let Some(ms) = state.stamp_ms {
         out.push_str(&format!("stamp {ms}\n"));
+    }
+    if let Some(h) = state.horizon {
+        out.push_str(&format!("horizon {h}\n"));
     }
     // A member's address is checked when it is learned; one that could
     // break a line is never written.
@@ -157,8 +168,40 @@ mod tests {
             stamp_ms: Some(1_764_254_945_000),
             members: vec!["10.0.0.2:7453".into(), "n3:7453".into()],
             left: vec!["n4:7453".into()],
+            horizon: Some(115_622_210_000_000_000),
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
+        // A node that went on with its own data keeps its horizon across
+        // a restart; an unreadable one judges nothing.
+        assert_eq!(
+            parse(
+                "seen 5
+horizon 77
+"
+            )
+            .unwrap()
+            .horizon,
+            Some(77)
+        );
+        assert_eq!(
+            parse(
+                "seen 5
+horizon x
+"
+            )
+            .unwrap()
+            .horizon,
+            Some(0)
+        );
+        assert_eq!(
+            parse(
+                "seen 5
+"
+            )
+            .unwrap()
+            .horizon,
+            None
+        );
         // A file of an older version has no stamp line.
         let text = "seen 5\nfuture-fact 1\nmember a:1\nmember a:1\nleft b:2\n\n";
         assert_eq!(
@@ -168,6 +211,7 @@ mod tests {
                 stamp_ms: None,
                 members: vec!["a:1".into()],
                 left: vec!["b:2".into()],
+                horizon: None,
             }
         );
         assert!(parse("seen yesterday\n").is_err());
@@ -183,6 +227,7 @@ mod tests {
             stamp_ms: None,
             members: vec!["x:1".into()],
             left: Vec::new(),
+            horizon: None,
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
@@ -200,6 +245,7 @@ mod tests {
             stamp_ms: None,
             members: (0..50).map(|i| format!("n{t}-{i}:7453")).collect(),
             left: Vec::new(),
+            horizon: None,
         };
         std::thread::scope(|s| {
             for t in 1..=4u64 {
@@ -228,6 +274,7 @@ mod tests {
                 stamp_ms: None,
                 members: vec!["a:1".into()],
                 left: Vec::new(),
+                horizon: None,
             },
         )
         .unwrap();
@@ -266,6 +313,7 @@ mod tests {
             stamp_ms: None,
             members: vec!["a:1\nseen 99999999999999".into(), "b:2".into()],
             left: Vec::new(),
+            horizon: None,
         };
         let back = parse(&render(&state)).unwrap();
         assert_eq!(back.seen_ms, 7);

@@ -22,10 +22,10 @@ use crate::json;
 const CHUNK: usize = 16 * 1024;
 /// How long a watch's last event may take to go out as the node stops.
 const STOP_WRITE: std::time::Duration = std::time::Duration::from_millis(500);
-/// How long a watch the node ended (its watcher fell too far behind) has
-/// to send what was read last and the reason, before its connection is
-/// closed: a client that reads nothing does not keep it until its idle
-/// timeout.
+/// How long a watch the node ended (its watcher fell too far behind) may
+/// send nothing of what was read last and the reason before its
+/// connection is closed: a client that reads nothing does not keep it
+/// until its idle timeout.
 const ENDED_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 /// A value larger than this is escaped and sent a piece at a time.
 const BIG_VALUE: usize = 256 * 1024;
@@ -172,6 +172,8 @@ type Batch = (
 /// Renders and sends events; `Err` when the client went away.
 struct Writer {
     tx: mpsc::Sender<Result<Bytes, body::BoxError>>,
+    /// Chunks handed to the body so far: whether the client still reads.
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
     buf: Vec<u8>,
     format: Format,
     /// Between the first and the last byte of an event.
@@ -193,7 +195,9 @@ impl Writer {
             // for the life of the watch.
             self.buf = Vec::with_capacity(CHUNK + 4096);
         }
-        self.tx.send(Ok(chunk)).await.map_err(|_| ())
+        self.tx.send(Ok(chunk)).await.map_err(|_| ())?;
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     async fn event(
@@ -220,6 +224,7 @@ impl Writer {
             self.flush().await?;
             for piece in pieces {
                 self.tx.send(Ok(Bytes::from(piece))).await.map_err(|_| ())?;
+                self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         self.buf.extend_from_slice(if self.format == Format::Sse {
@@ -315,8 +320,10 @@ pub(crate) fn stream(
     drop(etx);
     runtime.spawn(async move {
         let closed = tx.clone();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut w = Writer {
             tx,
+            sent: sent.clone(),
             buf: Vec::with_capacity(CHUNK + 4096),
             format,
             mid_event: false,
@@ -391,20 +398,25 @@ pub(crate) fn stream(
             tokio::select! {
                 () = &mut run => false,
                 () = stopping.cancelled() => true,
-                () = any_ended => {
+                () = any_ended => loop {
                     // The node ended the watch: the writer sends what was
-                    // read and why to a client that reads them; one that
-                    // reads nothing loses its connection.
+                    // read and why to a client that reads them, however
+                    // slowly; one that reads nothing for `ENDED_WRITE`
+                    // loses its connection.
+                    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
                     tokio::select! {
                         done = tokio::time::timeout(ENDED_WRITE, &mut run) => {
-                            if done.is_err()
-                                && let Some(close) = &close_connection
-                            {
-                                close.cancel();
+                            if done.is_ok() {
+                                break false;
                             }
-                            false
+                            if sent.load(std::sync::atomic::Ordering::Relaxed) == before {
+                                if let Some(close) = &close_connection {
+                                    close.cancel();
+                                }
+                                break false;
+                            }
                         }
-                        () = stopping.cancelled() => true,
+                        () = stopping.cancelled() => break true,
                     }
                 }
             }

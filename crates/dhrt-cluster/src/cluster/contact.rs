@@ -75,7 +75,10 @@ impl Cluster {
             // bytes and an fsync, off the runtime's threads).
             let saved = self.saved_state();
             let stale = written.as_ref().is_none_or(|w| {
-                w.members != saved.members || w.left != saved.left || saved.seen_ms > w.seen_ms
+                w.members != saved.members
+                    || w.left != saved.left
+                    || w.horizon != saved.horizon
+                    || saved.seen_ms > w.seen_ms
             });
             if stale {
                 let me = self.clone();
@@ -109,8 +112,14 @@ impl Cluster {
     /// absence look longer by its offset.
     pub(super) fn contact_now(&self) -> u64 {
         let wall = self.wall_ms();
-        if self.peers_compared.load(Ordering::Acquire) {
-            wall.saturating_add_signed(self.peers_offset_low.load(Ordering::Acquire))
+        let low = self.peers_offset_low.load(Ordering::Acquire);
+        if self.clock_measured.load(Ordering::Acquire) {
+            wall.saturating_add_signed(low)
+        } else if self.peers_compared.load(Ordering::Acquire) {
+            // Skewed: its peers may be the ones that are wrong; never
+            // later than its own clock (a contact noted in the future
+            // would shorten the next absence).
+            wall.saturating_add_signed(low.min(0))
         } else {
             wall
         }
@@ -200,6 +209,7 @@ impl Cluster {
             stamp_ms: Some(self.contact_stamp.load(Ordering::Acquire)),
             members,
             left,
+            horizon: self.horizon(),
         }
     }
 
@@ -272,6 +282,7 @@ mod tests {
             stamp_ms: Some(1 << 16),
             members: vec!["127.0.0.1:7454".into()],
             left: Vec::new(),
+            horizon: None,
         };
         let reported = || cluster.state_save_error.lock().unwrap().clone();
         assert!(!cluster.save_state(&saved));

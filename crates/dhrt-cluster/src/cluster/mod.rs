@@ -203,6 +203,9 @@ pub struct Cluster {
     /// (`horizon_since`, wall ms).
     horizon: AtomicU64,
     horizon_since: AtomicU64,
+    /// The members `cluster.state` named at start (left ones aside): a
+    /// horizon stays until each of them is heard from again.
+    remembered: Vec<String>,
     /// Whether any other member (left ones aside) is known: kept by
     /// `with_membership`, read on every write without the lock.
     peers_known: AtomicBool,
@@ -318,8 +321,12 @@ impl Cluster {
         // The members this node waits for as replicas until it hears from
         // one: those it was given, or those it remembers that had not left.
         let mut awaited = options.seeds.len();
+        let mut horizon = u64::MAX;
+        let mut remembered = Vec::new();
         if let Some(saved) = saved {
+            horizon = saved.horizon.unwrap_or(u64::MAX);
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
+            remembered = members.clone();
             let left: Vec<String> = saved.left.into_iter().filter(|m| *m != addr).collect();
             if options.seeds.is_empty() && !(members.is_empty() && left.is_empty()) {
                 tracing::info!(
@@ -412,8 +419,9 @@ impl Cluster {
             full_resync: AtomicBool::new(full_resync),
             absence_judged: AtomicBool::new(absence_judged),
             stale_before: AtomicU64::new(if full_resync { contact_stamp } else { 0 }),
-            horizon: AtomicU64::new(u64::MAX),
-            horizon_since: AtomicU64::new(0),
+            horizon: AtomicU64::new(horizon),
+            horizon_since: AtomicU64::new(wall_at_start),
+            remembered,
             peers_known: AtomicBool::new(false),
             members_pinned: AtomicBool::new(false),
             heard_peers: AtomicBool::new(false),

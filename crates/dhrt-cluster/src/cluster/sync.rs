@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dhrt_proto::{ErrorKind, MemberUpdate, Mutation, OpError, PeerOp, PeerReply, Stamp};
-use dhrt_storage::{Digest, Version};
+use dhrt_storage::{Digest, LOGICAL_BITS, Version};
 use tokio::time::Instant;
 
 use super::anti_entropy::{BUCKETS_PER_REQUEST, buckets_to_exchange};
@@ -171,7 +171,11 @@ impl Cluster {
     /// touch (`lost_touch`, a stamp) until every member has had an
     /// anti-entropy round with it.
     fn own_data(&self, lost_touch: u64) {
-        self.horizon.fetch_min(lost_touch, Ordering::AcqRel);
+        // Less the allowed offset: a write made just after, stamped by a
+        // clock behind this one's, carries an earlier stamp.
+        let margin = self.strictest_offset_ms.load(Ordering::Acquire) << LOGICAL_BITS;
+        self.horizon
+            .fetch_min(lost_touch.saturating_sub(margin), Ordering::AcqRel);
         self.horizon_since.store(self.wall_ms(), Ordering::Release);
     }
 
@@ -179,44 +183,38 @@ impl Cluster {
     /// after it went on with its own data (`oldest`: the oldest start of
     /// the members' last rounds), its data is the cluster's again.
     pub(super) fn review_horizon(&self, oldest: u64) {
-        if self.horizon.load(Ordering::Acquire) != u64::MAX
-            && oldest != 0
-            && oldest >= self.horizon_since.load(Ordering::Acquire)
+        if self.horizon.load(Ordering::Acquire) == u64::MAX
+            || oldest == 0
+            || oldest < self.horizon_since.load(Ordering::Acquire)
         {
+            return;
+        }
+        // Members it remembers but has not heard from in this life are not
+        // in the table yet: they count too.
+        let all_back = {
+            let m = self.membership.lock().unwrap();
+            self.remembered
+                .iter()
+                .all(|addr| m.members().any(|u| u.addr == *addr))
+        };
+        if all_back {
             self.horizon.store(u64::MAX, Ordering::Release);
         }
     }
 
-    /// The stamp up to which a full re-sync against `id` may forget this
-    /// node's records the peer lacks: when it lost touch (`lost_touch`),
-    /// or earlier, from when the peer itself could not tell (its horizon):
-    /// a record stamped after that which the peer lacks is one it never
-    /// had, not one the cluster deleted. Pruned against such a peer, this
-    /// node's data can judge no further either.
-    async fn prune_bound(self: &Arc<Self>, id: u64, lost_touch: u64) -> Result<u64, LinkError> {
+    /// The horizon of peer `id` (`None`: its data is the cluster's).
+    async fn horizon_of(self: &Arc<Self>, id: u64) -> Result<Option<u64>, LinkError> {
         let Some(peer) = self.peer(id) else {
-            return Ok(lost_touch);
+            return Ok(None);
         };
         let long = self.options.timeout.max(Duration::from_secs(10));
-        let horizon = match peer.link.request(PeerOp::Horizon, long).await? {
-            PeerReply::Horizon(h) => h,
-            other => {
-                return Err(LinkError::Refused {
-                    addr: peer.link.addr().to_string(),
-                    reason: format!("unexpected answer to Horizon: {other:?}"),
-                });
-            }
-        };
-        let Some(h) = horizon.filter(|&h| h < lost_touch) else {
-            return Ok(lost_touch);
-        };
-        tracing::warn!(
-            "{} went on with its own data from before this node lost touch: only records stamped before that are judged by it",
-            peer.link.addr()
-        );
-        self.own_data(h);
-        self.stale_before.fetch_min(h, Ordering::AcqRel);
-        Ok(h)
+        match peer.link.request(PeerOp::Horizon, long).await? {
+            PeerReply::Horizon(h) => Ok(h),
+            other => Err(LinkError::Refused {
+                addr: peer.link.addr().to_string(),
+                reason: format!("unexpected answer to Horizon: {other:?}"),
+            }),
+        }
     }
 
     /// Catches up from `source`: the records streamed or forgotten, or
@@ -229,8 +227,7 @@ impl Cluster {
         if let Some(seen) = self.distrusted_until() {
             // Away too long: the source's data is the truth.
             let (n, pruned) = self.prune_with(source.id, seen, None).await?;
-            let bound = self.horizon().map_or(seen, |h| h.min(seen));
-            let n = n + self.prune_the_rest(bound, pruned).await;
+            let n = n + self.prune_the_rest(seen, pruned).await;
             self.anti_entropy_with(source.id).await?;
             return Ok(Some(n));
         }
@@ -306,8 +303,7 @@ impl Cluster {
             while let Some(source) = self.wait_for_source().await {
                 match self.prune_with(source.id, seen, None).await {
                     Ok((n, pruned)) => {
-                        let bound = self.horizon().map_or(seen, |h| h.min(seen));
-                        let n = n + self.prune_the_rest(bound, pruned).await;
+                        let n = n + self.prune_the_rest(seen, pruned).await;
                         tracing::info!("full re-sync with {}: {n} records forgotten", source.addr);
                         pruned_once = true;
                         break;
@@ -432,7 +428,12 @@ impl Cluster {
         seen_ms: u64,
         only: Option<&[String]>,
     ) -> Result<(u64, Vec<String>), LinkError> {
-        let seen_ms = self.prune_bound(id, seen_ms).await?;
+        // A peer that went on with its own data after an absence cannot
+        // tell what was deleted after its horizon: a record stamped after
+        // it that it lacks is one it never had. Pruned against it, this
+        // node's data can judge no further either.
+        let horizon = self.horizon_of(id).await?;
+        let seen_ms = horizon.map_or(seen_ms, |h| h.min(seen_ms));
         let Some(mut pages) = self.shared_digests(id) else {
             return Ok((0, Vec::new()));
         };
@@ -451,6 +452,14 @@ impl Cluster {
                     .await?;
                 pruned.push(c);
             }
+        }
+        if let Some(h) = horizon {
+            tracing::warn!(
+                "the member this node re-synced from went on with its own data after an absence: only records stamped before it lost touch were judged by it"
+            );
+            self.horizon.fetch_min(h, Ordering::AcqRel);
+            self.horizon_since.store(self.wall_ms(), Ordering::Release);
+            self.stale_before.fetch_min(seen_ms, Ordering::AcqRel);
         }
         Ok((forgotten, pruned))
     }
