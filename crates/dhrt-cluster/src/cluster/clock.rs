@@ -125,10 +125,11 @@ impl Cluster {
     }
 
     /// Waits until this node has compared its clock with most known
-    /// peers', or `UNVERIFIED_GRACE` has passed since its start.
+    /// peers' (skewed or not: the cluster's time is then known), or
+    /// `UNVERIFIED_GRACE` has passed since its start.
     pub(super) async fn clock_compared(&self) {
         let deadline = self.epoch + UNVERIFIED_GRACE;
-        while !self.clock_measured.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline
+        while !self.peers_compared.load(Ordering::Acquire) && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
