@@ -689,8 +689,13 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
 /// Writes of 16 KiB to `/load`, over 2,000 keys (compactions run
 /// meanwhile), until the metrics count one watch closed for lagging.
 fn write_until_closed_for_lag(node: &Dhrtd) {
+    write_until_watches_closed_for_lag(node, 1);
+}
+
+/// As [`write_until_closed_for_lag`], until `n` are counted.
+fn write_until_watches_closed_for_lag(node: &Dhrtd, n: u32) {
     let value = vec![b'v'; 16 * 1024];
-    let closed = "dhrt_watch_closed_total{reason=\"lagging\"} 1";
+    let closed = format!("dhrt_watch_closed_total{{reason=\"lagging\"}} {n}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut i = 0u64;
     loop {
@@ -700,7 +705,7 @@ fn write_until_closed_for_lag(node: &Dhrtd) {
             i += 1;
         }
         let (_, metrics) = node.http("GET", "/metrics", b"");
-        if metrics.contains(closed) {
+        if metrics.contains(&closed) {
             return;
         }
         assert!(
@@ -727,20 +732,44 @@ fn server_side_state(node: &Dhrtd, client_port: u16) -> Option<u8> {
 
 /// A watch closed for lag whose client reads nothing at all cannot be
 /// told why; its connection (and what waits in it, a batch or two) is not
-/// kept until the idle timeout (300 s) for that: the node closes it.
+/// kept until the idle timeout (300 s) for that: the node closes it, HTTP
+/// and binary alike.
 #[test]
 fn a_watch_closed_for_lag_whose_client_reads_nothing_loses_its_connection() {
+    use dhrt_proto::{Op, Request, encode_frame, preamble};
     const ESTABLISHED: u8 = 1;
     let dir = tempfile::tempdir().unwrap();
     let node = Dhrtd::start(dir.path(), LAG_LIMITED);
     let stalled = sse(&node, "/load");
-    let port = stalled.local_port();
-    assert_eq!(server_side_state(&node, port), Some(ESTABLISHED));
-    write_until_closed_for_lag(&node);
+    let mut binary = TcpStream::connect(node.addr).unwrap();
+    let mut wire = preamble().to_vec();
+    let watch = Request {
+        id: 1,
+        op: Op::Watch(dhrt_proto::WatchRequest {
+            collection: "load".into(),
+            start: dhrt_proto::WatchStart::Now,
+            prefix: None,
+        }),
+    };
+    encode_frame(&watch, &mut wire, 1 << 20).unwrap();
+    binary.write_all(&wire).unwrap();
+    let ports = [stalled.local_port(), binary.local_addr().unwrap().port()];
+    eventually("both watches open", Duration::from_secs(10), || {
+        let (_, metrics) = node.http("GET", "/metrics", b"");
+        metrics.contains("dhrt_watchers 2")
+    });
+    for port in ports {
+        assert_eq!(server_side_state(&node, port), Some(ESTABLISHED));
+    }
+    write_until_watches_closed_for_lag(&node, 2);
     eventually(
-        "the node closes the stalled watcher's connection",
+        "the node closes the stalled watchers' connections",
         Duration::from_secs(30),
-        || server_side_state(&node, port) != Some(ESTABLISHED),
+        || {
+            ports
+                .iter()
+                .all(|p| server_side_state(&node, *p) != Some(ESTABLISHED))
+        },
     );
     // Others go on watching.
     let mut fresh = sse(&node, "/load");
@@ -748,7 +777,7 @@ fn a_watch_closed_for_lag_whose_client_reads_nothing_loses_its_connection() {
     assert_eq!(status, 200);
     let seen = fresh.until(Duration::from_secs(10), |e| e.key() == "after");
     assert_eq!(seen.last().map(|e| e.kind()), Some("set"));
-    drop(stalled);
+    drop((stalled, binary));
 }
 
 /// Log files a compaction replaced that the node still holds open

@@ -47,6 +47,12 @@ where
     // guard (shutdown, idle timeout), and ends the writer when either
     // fires.
     let (mut read, mut write) = tokio::io::split(stream);
+    // Ended by the node (fallen too far behind) while its client reads
+    // nothing: its last batch and the reason cannot go out, and the
+    // connection is not kept for them until the idle timeout.
+    let ended = source.ended();
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let progress = written.clone();
     // Why the guard ended the watch (the node stopping), for the writer to
     // say last.
     let (end_tx, mut end_rx) = tokio::sync::oneshot::channel::<OpError>();
@@ -87,6 +93,7 @@ where
             // that stops reading holds no copy of them in the node.
             for piece in out {
                 write.write_all(&piece).await?;
+                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             idle.touch();
             if end {
@@ -100,14 +107,28 @@ where
         None => tokio::spawn(writer),
     };
     let mut scratch = [0u8; 64];
-    let watched = async {
-        tokio::select! {
-            done = &mut task => Ok(done),
-            n = read.read(&mut scratch) => Err(n),
+    let stalled = async {
+        ended.await;
+        loop {
+            let before = written.load(std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(ENDED_WRITE).await;
+            if written.load(std::sync::atomic::Ordering::Relaxed) == before {
+                return;
+            }
         }
     };
-    tokio::pin!(watched);
-    let closed = match guard.run(watched).await {
+    let outcome = {
+        let watched = async {
+            tokio::select! {
+                done = &mut task => Ok(Ok(done)),
+                n = read.read(&mut scratch) => Ok(Err(n)),
+                () = stalled => Err(()),
+            }
+        };
+        tokio::pin!(watched);
+        guard.run(watched).await
+    };
+    let closed = match outcome {
         Either::Right(closed) => {
             // Said to the client as HTTP watches say it, so that it
             // resumes elsewhere instead of taking the close for a fault;
@@ -130,18 +151,25 @@ where
             }
             Ok(closed)
         }
-        Either::Left(Ok(Ok(Ok(())))) => Ok(Closed::ByClient),
-        Either::Left(Ok(Ok(Err(e)))) => Err(e),
-        Either::Left(Ok(Err(join))) => Err(io::Error::other(join)),
-        Either::Left(Err(Ok(0))) => Ok(Closed::ByClient),
-        Either::Left(Err(Ok(_))) => Ok(Closed::Protocol(
+        Either::Left(Ok(Ok(Ok(Ok(()))))) => Ok(Closed::ByClient),
+        Either::Left(Ok(Ok(Ok(Err(e))))) => Err(e),
+        Either::Left(Ok(Ok(Err(join)))) => Err(io::Error::other(join)),
+        Either::Left(Ok(Err(Ok(0)))) => Ok(Closed::ByClient),
+        Either::Left(Ok(Err(Ok(_)))) => Ok(Closed::Protocol(
             "requests after a watch on one connection".into(),
         )),
-        Either::Left(Err(Err(e))) => Err(e),
+        Either::Left(Ok(Err(Err(e)))) => Err(e),
+        Either::Left(Err(())) => Ok(Closed::TooSlow(
+            "a watch ended by the node could not be sent to its client, which reads nothing".into(),
+        )),
     };
     task.abort();
     closed
 }
+
+/// How long a watch the node ended may send nothing of what it read last
+/// and the reason before its connection is closed.
+const ENDED_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Encodes `events` as `Reply::Events` answers to `id`, as many frames as
 /// they need (one event alone if it is too large to share one), in pieces
