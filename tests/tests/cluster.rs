@@ -252,10 +252,7 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     });
     // c notes, every second, that it is in touch: wait until that covers
     // the writes, so that they are from before it went away.
-    let written = now_ms();
-    eventually("c remembers its peers", Duration::from_secs(10), || {
-        in_touch_since(dirs[2].path(), &b, written)
-    });
+    noted_in_touch_from_now(dirs[2].path(), &b);
     let c_addr = c.addr;
     c.stop("KILL");
     for i in 0..100 {
@@ -309,6 +306,19 @@ fn in_touch_since(dir: &std::path::Path, member: &Dhrtd, ms: u64) -> bool {
     state.contains(&format!("member {}", member.addr)) && seen.is_some_and(|s| s > ms)
 }
 
+/// Waits until the node whose data directory is `dir` remembers `member`
+/// in its cluster.state and has noted contact with the cluster since now
+/// (it does every second while in touch): what was written before is from
+/// before it goes away.
+fn noted_in_touch_from_now(dir: &std::path::Path, member: &Dhrtd) {
+    let now = now_ms();
+    eventually(
+        "contact noted in cluster.state",
+        Duration::from_secs(10),
+        || in_touch_since(dir, member, now),
+    );
+}
+
 /// Restarts the third node of a cluster at `addr` on `dir`, waits until
 /// every member is healthy, and lets anti-entropy run a few rounds.
 fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&Dhrtd; 2]) -> Dhrtd {
@@ -341,15 +351,12 @@ fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_m
     let [(first, first_dir), (second, second_dir), (third, third_dir)]: [_; 3] =
         nodes.try_into().ok().unwrap();
     assert_eq!(first.http("POST", "/late/base/v", b"").0, 200);
-    let written = now_ms();
     for (dir, other) in [
         (first_dir, &second),
         (second_dir, &third),
         (third_dir, &first),
     ] {
-        eventually("in touch after the write", Duration::from_secs(10), || {
-            in_touch_since(dir.path(), other, written)
-        });
+        noted_in_touch_from_now(dir.path(), other);
     }
     let addrs = [first.addr, second.addr, third.addr];
     first.stop("KILL");
@@ -358,11 +365,8 @@ fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_m
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(third.http("DELETE", "/late/base", b"").0, 200);
-    let written = now_ms();
     for (dir, other) in [(second_dir, &third), (third_dir, &second)] {
-        eventually("in touch after the writes", Duration::from_secs(10), || {
-            in_touch_since(dir.path(), other, written)
-        });
+        noted_in_touch_from_now(dir.path(), other);
     }
     second.stop("KILL");
     third.stop("KILL");
@@ -401,12 +405,7 @@ fn a_node_back_with_its_clock_set_far_back_judges_its_absence_by_its_peers() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b, c) = three_joined(&dirs, &[]);
     assert_eq!(a.http("POST", "/back/k/v", b"").0, 200);
-    let written = now_ms();
-    eventually(
-        "c is in touch after the write",
-        Duration::from_secs(10),
-        || in_touch_since(dirs[2].path(), &a, written),
-    );
+    noted_in_touch_from_now(dirs[2].path(), &a);
     let c_addr = c.addr;
     c.stop("KILL");
     let c_at = c_addr.to_string();
@@ -462,10 +461,7 @@ fn a_node_back_with_its_clock_set_back_still_resyncs_fully() {
     eventually("c holds every key", Duration::from_secs(10), || {
         local_keys(&c, "old") == 50
     });
-    let written = now_ms();
-    eventually("c remembers its peers", Duration::from_secs(10), || {
-        in_touch_since(dirs[2].path(), &b, written)
-    });
+    noted_in_touch_from_now(dirs[2].path(), &b);
     let c_addr = c.addr;
     c.stop("KILL");
     for i in 0..20 {
@@ -505,12 +501,7 @@ fn a_node_whose_clock_is_behind_keeps_what_it_took_while_cut_off() {
     eventually("c holds every key", Duration::from_secs(10), || {
         local_keys(&c, "c") == 10
     });
-    let written = now_ms();
-    eventually(
-        "c notes its contact after the writes",
-        Duration::from_secs(10),
-        || in_touch_since(dirs[2].path(), &b, written),
-    );
+    noted_in_touch_from_now(dirs[2].path(), &b);
     // Cut off: c comes back knowing a cluster secret its peers do not, so
     // they refuse it and it them.
     let c_addr = c.addr;

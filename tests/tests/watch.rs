@@ -674,7 +674,7 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
     let dir = tempfile::tempdir().unwrap();
     let node = Dhrtd::start(dir.path(), LAG_LIMITED);
     let mut stalled = sse(&node, "/load");
-    write_until_closed_for_lag(&node);
+    write_until_closed_for_lag(&node, 1);
     let mut last = None;
     while let Some(e) = stalled.next(Duration::from_secs(10)) {
         last = Some(e);
@@ -687,13 +687,8 @@ fn a_watcher_that_reads_nothing_is_closed_by_the_lag_rule() {
 }
 
 /// Writes of 16 KiB to `/load`, over 2,000 keys (compactions run
-/// meanwhile), until the metrics count one watch closed for lagging.
-fn write_until_closed_for_lag(node: &Dhrtd) {
-    write_until_watches_closed_for_lag(node, 1);
-}
-
-/// As [`write_until_closed_for_lag`], until `n` are counted.
-fn write_until_watches_closed_for_lag(node: &Dhrtd, n: u32) {
+/// meanwhile), until the metrics count `n` watches closed for lagging.
+fn write_until_closed_for_lag(node: &Dhrtd, n: u32) {
     let value = vec![b'v'; 16 * 1024];
     let closed = format!("dhrt_watch_closed_total{{reason=\"lagging\"}} {n}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -761,7 +756,7 @@ fn a_watch_closed_for_lag_whose_client_reads_nothing_loses_its_connection() {
     for port in ports {
         assert_eq!(server_side_state(&node, port), Some(ESTABLISHED));
     }
-    write_until_watches_closed_for_lag(&node, 2);
+    write_until_closed_for_lag(&node, 2);
     eventually(
         "the node closes the stalled watchers' connections",
         Duration::from_secs(30),

@@ -107,16 +107,9 @@ where
         None => tokio::spawn(writer),
     };
     let mut scratch = [0u8; 64];
-    let stalled = async {
-        ended.await;
-        loop {
-            let before = written.load(std::sync::atomic::Ordering::Relaxed);
-            tokio::time::sleep(ENDED_WRITE).await;
-            if written.load(std::sync::atomic::Ordering::Relaxed) == before {
-                return;
-            }
-        }
-    };
+    let stalled = dhrt_proto::ended_unread(ended, &written, || {
+        tokio::time::sleep(dhrt_proto::ENDED_QUIET)
+    });
     let outcome = {
         let watched = async {
             tokio::select! {
@@ -166,10 +159,6 @@ where
     task.abort();
     closed
 }
-
-/// How long a watch the node ended may send nothing of what it read last
-/// and the reason before its connection is closed.
-const ENDED_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Encodes `events` as `Reply::Events` answers to `id`, as many frames as
 /// they need (one event alone if it is too large to share one), in pieces

@@ -22,11 +22,7 @@ use crate::json;
 const CHUNK: usize = 16 * 1024;
 /// How long a watch's last event may take to go out as the node stops.
 const STOP_WRITE: std::time::Duration = std::time::Duration::from_millis(500);
-/// How long a watch the node ended (its watcher fell too far behind) may
-/// send nothing of what was read last and the reason before its
-/// connection is closed: a client that reads nothing does not keep it
-/// until its idle timeout.
-const ENDED_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A value larger than this is escaped and sent a piece at a time.
 const BIG_VALUE: usize = 256 * 1024;
 const PIECE: usize = 64 * 1024;
@@ -392,32 +388,21 @@ pub(crate) fn stream(
                     }
                 }
             });
-            let mut run = run;
             // However far the writer is (waiting for a change, or for a
             // client that reads nothing to make room), a stop ends it.
             tokio::select! {
-                () = &mut run => false,
+                () = run => false,
                 () = stopping.cancelled() => true,
-                () = any_ended => loop {
-                    // The node ended the watch: the writer sends what was
-                    // read and why to a client that reads them, however
-                    // slowly; one that reads nothing for `ENDED_WRITE`
-                    // loses its connection.
-                    let before = sent.load(std::sync::atomic::Ordering::Relaxed);
-                    tokio::select! {
-                        done = tokio::time::timeout(ENDED_WRITE, &mut run) => {
-                            if done.is_ok() {
-                                break false;
-                            }
-                            if sent.load(std::sync::atomic::Ordering::Relaxed) == before {
-                                if let Some(close) = &close_connection {
-                                    close.cancel();
-                                }
-                                break false;
-                            }
-                        }
-                        () = stopping.cancelled() => break true,
+                () = dhrt_proto::ended_unread(any_ended, &sent, || {
+                    tokio::time::sleep(dhrt_proto::ENDED_QUIET)
+                }) => {
+                    // The node ended the watch and its client reads
+                    // nothing: what was read and why cannot go out, and
+                    // the connection is not kept for them.
+                    if let Some(close) = &close_connection {
+                        close.cancel();
                     }
+                    false
                 }
             }
         };

@@ -58,4 +58,7 @@ pub use stats::{
     ClockInfo, CollectionInfo, DiskInfo, MemberInfo, MemberState, MoveInfo, NodeInfo, NodeStats,
     SyncInfo, WatchInfo,
 };
-pub use watch::{EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, version_hex};
+pub use watch::{
+    ENDED_QUIET, EventKind, EventSource, Token, WatchEvent, WatchRequest, WatchStart, ended_unread,
+    version_hex,
+};

@@ -144,6 +144,31 @@ pub trait EventSource: Send {
     }
 }
 
+/// How long a watch its source ended may send nothing more (what it read
+/// last, the reason) before the server closes its connection.
+pub const ENDED_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resolves once `ended` ([`EventSource::ended`]) has, and `sent` (what
+/// the server has written of the watch so far, in any unit) has then stood
+/// still for a `quiet()` ([`ENDED_QUIET`] on the server's timer): a watch
+/// the node ended whose client reads nothing, so its connection need not
+/// be kept for it. A client that reads, however slowly, keeps it.
+pub async fn ended_unread<Q: Future<Output = ()>>(
+    ended: impl Future<Output = ()>,
+    sent: &std::sync::atomic::AtomicU64,
+    mut quiet: impl FnMut() -> Q,
+) {
+    use std::sync::atomic::Ordering;
+    ended.await;
+    loop {
+        let before = sent.load(Ordering::Relaxed);
+        quiet().await;
+        if sent.load(Ordering::Relaxed) == before {
+            return;
+        }
+    }
+}
+
 impl fmt::Debug for dyn EventSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "EventSource({})", self.token())

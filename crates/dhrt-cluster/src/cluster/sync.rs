@@ -174,8 +174,13 @@ impl Cluster {
         // Less the allowed offset: a write made just after, stamped by a
         // clock behind this one's, carries an earlier stamp.
         let margin = self.strictest_offset_ms.load(Ordering::Acquire) << LOGICAL_BITS;
-        self.horizon
-            .fetch_min(lost_touch.saturating_sub(margin), Ordering::AcqRel);
+        self.take_horizon(lost_touch.saturating_sub(margin));
+    }
+
+    /// This node's data judges nothing stamped after `h`, from now until
+    /// every member has had a round with it.
+    fn take_horizon(&self, h: u64) {
+        self.horizon.fetch_min(h, Ordering::AcqRel);
         self.horizon_since.store(self.wall_ms(), Ordering::Release);
     }
 
@@ -457,8 +462,7 @@ impl Cluster {
             tracing::warn!(
                 "the member this node re-synced from went on with its own data after an absence: only records stamped before it lost touch were judged by it"
             );
-            self.horizon.fetch_min(h, Ordering::AcqRel);
-            self.horizon_since.store(self.wall_ms(), Ordering::Release);
+            self.take_horizon(h);
             self.stale_before.fetch_min(seen_ms, Ordering::AcqRel);
         }
         Ok((forgotten, pruned))
