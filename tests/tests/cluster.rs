@@ -333,11 +333,11 @@ fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&D
 }
 
 /// A whole cluster down for longer than the tombstone grace comes back,
-/// every member due a full re-sync. The one with the lowest id goes first,
-/// with its own data; here it is the first that died, and the others must
-/// not take its lack of what they wrote after it died for deletes the
-/// cluster forgot: the writes the other two acknowledged (quorum), and a
-/// delete, stay.
+/// every member due a full re-sync, and one goes first with its own data.
+/// The first that died (here the lowest id, which once decided) holds the
+/// stalest: whichever goes first, nobody may take its lack of what the
+/// others wrote after it died for deletes the cluster forgot. The writes
+/// the other two acknowledged (quorum), and a delete, stay.
 #[test]
 fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_missed() {
     let args = ["--tombstone-grace-secs", "2", "--write-ack", "quorum"];
@@ -392,6 +392,47 @@ fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_m
         assert_eq!(local_keys(node, "late"), 20, "on {}", node.addr);
         assert_eq!(get(node, "/late/k19").0, 200);
         assert_eq!(get(node, "/late/base").0, 404, "the delete stays");
+    }
+}
+
+/// A whole cluster back from longer than the tombstone grace, and a
+/// newcomer joining it meanwhile with the lowest id there is: every member
+/// is syncing, and one must go first with its own data. Not the newcomer:
+/// the others would forget every record it lacks (all of them). The one
+/// whose data was last in touch goes first.
+#[test]
+fn a_newcomer_joining_a_whole_cluster_back_from_longer_than_the_grace_never_goes_first() {
+    let args = ["--tombstone-grace-secs", "2"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = two_joined(&dirs, &args);
+    for i in 0..20 {
+        assert_eq!(a.http("POST", &format!("/kept/k{i}/v{i}"), b"").0, 200);
+    }
+    eventually("b holds every key", Duration::from_secs(10), || {
+        local_keys(&b, "kept") == 20
+    });
+    noted_in_touch_from_now(dirs[0].path(), &b);
+    noted_in_touch_from_now(dirs[1].path(), &a);
+    let addrs = [a.addr, b.addr];
+    a.stop("KILL");
+    b.stop("KILL");
+    std::thread::sleep(Duration::from_secs(4));
+    std::fs::write(dirs[2].path().join("node.id"), "0000000000000001\n").unwrap();
+    let a = Dhrtd::start_on(Some(addrs[0]), dirs[0].path(), &args);
+    let b = Dhrtd::start_on(Some(addrs[1]), dirs[1].path(), &args);
+    let newcomer = start_joined(dirs[2].path(), &a, &args);
+    assert_eq!(stats(&newcomer)["node"]["id"], "0000000000000001");
+    let all = [&a, &b, &newcomer];
+    eventually("three healthy members", Duration::from_secs(30), || {
+        all_healthy(&all, 3)
+    });
+    eventually("every key, everywhere", Duration::from_secs(20), || {
+        all.iter().all(|n| local_keys(n, "kept") == 20)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for node in all {
+        assert_eq!(local_keys(node, "kept"), 20, "on {}", node.addr);
+        assert!(get(node, "/kept/k19").1.contains("v19"), "on {}", node.addr);
     }
 }
 

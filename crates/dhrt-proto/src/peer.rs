@@ -309,6 +309,10 @@ pub enum PeerOp {
     /// How far the receiver's data can judge another's: [`PeerReply::Horizon`].
     /// A node in full re-sync asks its source before it forgets anything.
     Horizon,
+    /// How fresh the receiver's data is: [`PeerReply::Contact`]. When
+    /// every live member is syncing at once, each asks the others to
+    /// choose the one that goes first.
+    Contact,
 }
 
 /// The answer to a [`PeerOp`].
@@ -383,6 +387,14 @@ pub enum PeerReply {
     /// deleted after that, and a record stamped after it that it lacks is
     /// not one the cluster forgot.
     Horizon(Option<u64>),
+    /// The answer to [`PeerOp::Contact`]: when the data the receiver holds
+    /// was last in touch with the cluster (wall ms, by its peers' clocks
+    /// as it noted them), or `None` when it holds none from an earlier
+    /// life and has not synced in this one (a newcomer, a wiped node).
+    /// Among members all syncing at once, the one with the latest goes
+    /// first with its own data; one with `None` never does while another
+    /// has some: the others would forget what it lacks.
+    Contact(Option<u64>),
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

@@ -132,6 +132,18 @@ impl Cluster {
         self.contact_stamp
             .store(stamp_now(self.store.clock()), Ordering::Release);
         self.last_contact.store(now, Ordering::Release);
+        // A node syncing may be in touch with data that is not yet the
+        // cluster's (a newcomer's, or an old copy's).
+        let syncing = self.membership.lock().unwrap().me().syncing;
+        if !syncing && !self.sync.running.load(Ordering::Acquire) {
+            self.data_contact.store(now, Ordering::Release);
+        }
+    }
+
+    /// How fresh this node's data is: [`dhrt_proto::PeerReply::Contact`].
+    pub(crate) fn data_contact(&self) -> Option<u64> {
+        let at = self.data_contact.load(Ordering::Acquire);
+        (at != u64::MAX).then_some(at)
     }
 
     /// Judges, once per life and before any of this node's data travels

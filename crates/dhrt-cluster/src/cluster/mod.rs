@@ -181,6 +181,12 @@ pub struct Cluster {
     /// and forgotten while it was away; those after it, it wrote since (a
     /// clock behind its peers' stamps them before `last_contact`).
     contact_stamp: AtomicU64,
+    /// When the data this node holds was last in touch with the cluster
+    /// (`last_contact` as of its last sync or contact while not syncing;
+    /// at start, what `cluster.state` says, 0 if it says nothing);
+    /// `u64::MAX` while it holds none from an earlier life and has not
+    /// synced in this one: [`dhrt_proto::PeerReply::Contact`].
+    data_contact: AtomicU64,
     /// The last error writing the state file, and when it was logged: a
     /// lasting one (a full disk, a directory in its place) is logged once
     /// a minute, not at every save.
@@ -307,6 +313,12 @@ impl Cluster {
         let move_rate = options.move_rate;
         let mut last_contact = wall_at_start;
         let mut contact_stamp = contact::stamp_now(store.clock());
+        // Data without a state file beside it cannot say how fresh it is.
+        let mut data_contact = if store.all_collections().is_empty() {
+            u64::MAX
+        } else {
+            0
+        };
         let mut full_resync = false;
         let mut absence_judged = true;
         if saved.is_none()
@@ -338,6 +350,9 @@ impl Cluster {
                 options.seeds = members.into_iter().chain(left).collect();
             }
             last_contact = saved.seen_ms;
+            if data_contact != u64::MAX {
+                data_contact = saved.seen_ms;
+            }
             // A file of an older version: its peers' time is all it says.
             // A damaged one (no `seen`): nothing it holds is trusted.
             contact_stamp = match (saved.stamp_ms, saved.seen_ms) {
@@ -415,6 +430,7 @@ impl Cluster {
             running: AtomicBool::new(true),
             last_contact: AtomicU64::new(last_contact),
             contact_stamp: AtomicU64::new(contact_stamp),
+            data_contact: AtomicU64::new(data_contact),
             state_save_error: Mutex::new(None),
             full_resync: AtomicBool::new(full_resync),
             absence_judged: AtomicBool::new(absence_judged),

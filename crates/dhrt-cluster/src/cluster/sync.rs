@@ -47,6 +47,13 @@ pub(super) fn forgotten_by_prune(
     live && !peer_has_key && v.ts <= lost_touch
 }
 
+/// Whether data last in touch at `a` (on member `a_id`) goes before data
+/// last in touch at `b` (on `b_id`) when every member syncs at once: the
+/// later contact first, then the lower id; no data last.
+pub(super) fn first_of(a: Option<u64>, a_id: u64, b: Option<u64>, b_id: u64) -> bool {
+    (a, std::cmp::Reverse(a_id)) > (b, std::cmp::Reverse(b_id))
+}
+
 impl Cluster {
     /// Marks a handoff or re-sync as running; false if one already is.
     pub(super) fn begin_sync(&self) -> bool {
@@ -61,7 +68,9 @@ impl Cluster {
 
     pub(super) fn end_sync(self: &Arc<Self>) {
         self.full_resync.store(false, Ordering::Release);
-        self.touched(self.contact_now());
+        let now = self.contact_now();
+        self.touched(now);
+        self.data_contact.store(now, Ordering::Release);
         self.sync.running.store(false, Ordering::Release);
         self.with_membership(|m, _| m.set_syncing(false));
     }
@@ -79,9 +88,10 @@ impl Cluster {
     /// Waits for a member to sync from. `None` when this node's own data
     /// has to do: it is alone, or every live member is syncing too (the
     /// whole cluster is coming back at once) and, after a moment for a
-    /// source to appear, this node has the lowest id among them, so it
-    /// goes first and the others sync from it.
-    pub(super) async fn wait_for_source(&self) -> Option<MemberUpdate> {
+    /// source to appear, this node's data is the freshest among them
+    /// ([`Self::goes_first`]), so it goes first and the others sync from
+    /// it.
+    pub(super) async fn wait_for_source(self: &Arc<Self>) -> Option<MemberUpdate> {
         let started = Instant::now();
         loop {
             if let Some(source) = self.sources().into_iter().next() {
@@ -91,15 +101,62 @@ impl Cluster {
             if peers.is_empty() {
                 return None;
             }
-            if started.elapsed() > Duration::from_secs(3)
-                && peers.iter().all(|u| u.id > self.dialer.me)
-            {
+            if started.elapsed() > Duration::from_secs(3) && self.goes_first(&peers).await {
                 tracing::warn!(
-                    "every live member is syncing: this node goes first, with its own data"
+                    "every live member is syncing: this node goes first, with its own data (the freshest among them)"
                 );
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether this node goes first among `peers`, all syncing: its data
+    /// was in touch with the cluster last (ties: the lowest id). A member
+    /// back long after it left, or away longest, would otherwise bring
+    /// back what the cluster deleted since; a newcomer or a wiped node
+    /// (no data from an earlier life) would make the others forget all
+    /// they hold. A peer that cannot say (an earlier build, a lost
+    /// answer) is ranked by id alone.
+    async fn goes_first(self: &Arc<Self>, peers: &[MemberUpdate]) -> bool {
+        let me = self.dialer.me;
+        let mine = self.data_contact();
+        for p in peers {
+            let theirs = match self.contact_of(p.id).await {
+                Ok(theirs) => theirs,
+                Err(e) => {
+                    tracing::debug!("asking {} how fresh its data is: {e}", p.addr);
+                    if p.id < me {
+                        return false;
+                    }
+                    continue;
+                }
+            };
+            if first_of(theirs, p.id, mine, me) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// How fresh peer `id`'s data is: [`dhrt_proto::PeerReply::Contact`].
+    async fn contact_of(self: &Arc<Self>, id: u64) -> Result<Option<u64>, LinkError> {
+        let Some(peer) = self.peer(id) else {
+            return Err(LinkError::Refused {
+                addr: id.to_string(),
+                reason: "unknown member".into(),
+            });
+        };
+        match peer
+            .link
+            .request(PeerOp::Contact, self.options.timeout)
+            .await?
+        {
+            PeerReply::Contact(at) => Ok(at),
+            other => Err(LinkError::Refused {
+                addr: peer.link.addr().to_string(),
+                reason: format!("unexpected answer to Contact: {other:?}"),
+            }),
         }
     }
 
@@ -575,5 +632,20 @@ mod tests {
             !forgotten_by_prune(true, false, Version::new(lost + 1, 1), lost),
             "written since"
         );
+    }
+
+    #[test]
+    fn the_freshest_data_goes_first_and_none_goes_last() {
+        // Later contact first, whatever the ids.
+        assert!(first_of(Some(2_000), 9, Some(1_000), 1));
+        assert!(!first_of(Some(1_000), 1, Some(2_000), 9));
+        // Equal contact: the lower id.
+        assert!(first_of(Some(1_000), 1, Some(1_000), 9));
+        assert!(!first_of(Some(1_000), 9, Some(1_000), 1));
+        // No data from an earlier life never goes before data, even data
+        // that cannot say how fresh it is (0).
+        assert!(!first_of(None, 1, Some(0), 9));
+        assert!(first_of(Some(0), 9, None, 1));
+        assert!(first_of(None, 1, None, 9));
     }
 }

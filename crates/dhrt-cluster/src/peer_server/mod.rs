@@ -331,6 +331,7 @@ async fn handle(
         PeerOp::Digests(names) => cluster.digests(names).map(PeerReply::Digests),
         PeerOp::DigestsAfter { after } => cluster.digests_after(after).map(PeerReply::Digests),
         PeerOp::Horizon => Ok(PeerReply::Horizon(cluster.horizon())),
+        PeerOp::Contact => Ok(PeerReply::Contact(cluster.data_contact())),
         PeerOp::Buckets {
             collection,
             buckets,
