@@ -436,6 +436,72 @@ fn a_newcomer_joining_a_whole_cluster_back_from_longer_than_the_grace_never_goes
     }
 }
 
+/// A member that left (SIGTERM) before keys were deleted and their
+/// tombstones purged, then a whole cluster back from longer than the grace
+/// at once, the one that left among them with the lowest id there is. The
+/// others' data was in touch last: one of them goes first, and the deleted
+/// keys the one that left still holds do not come back.
+#[test]
+fn a_member_that_left_before_deletes_never_goes_first_when_the_whole_cluster_returns() {
+    let args = [
+        "--tombstone-grace-secs",
+        "2",
+        "--max-clock-offset-ms",
+        "300",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    std::fs::write(dirs[0].path().join("node.id"), "0000000000000001\n").unwrap();
+    let (a, b, c) = three_joined(&dirs, &args);
+    for i in 0..10 {
+        assert_eq!(b.http("POST", &format!("/gone/k{i}/v{i}"), b"").0, 200);
+    }
+    assert_eq!(b.http("POST", "/kept/x/y", b"").0, 200);
+    eventually("a holds every key", Duration::from_secs(10), || {
+        local_keys(&a, "gone") == 10 && local_keys(&a, "kept") == 1
+    });
+    let addrs = [a.addr, b.addr, c.addr];
+    let a_at = a.addr.to_string();
+    assert!(a.stop("TERM").success());
+    eventually("a has left", Duration::from_secs(10), || {
+        [&b, &c]
+            .iter()
+            .all(|n| state_of(n, &a_at).as_deref() == Some("left"))
+    });
+    for i in 0..10 {
+        assert_eq!(c.http("DELETE", &format!("/gone/k{i}"), b"").0, 200);
+    }
+    // Past the grace, and a few anti-entropy rounds between b and c: the
+    // tombstones are purged (nothing holds them for a member that left).
+    std::thread::sleep(Duration::from_secs(8));
+    noted_in_touch_from_now(dirs[1].path(), &c);
+    noted_in_touch_from_now(dirs[2].path(), &b);
+    b.stop("KILL");
+    c.stop("KILL");
+    std::thread::sleep(Duration::from_secs(4));
+    let nodes: Vec<Dhrtd> = dirs
+        .iter()
+        .zip(addrs)
+        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members after the restart",
+        Duration::from_secs(40),
+        || all_healthy(&all, 3),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &nodes {
+        assert_eq!(
+            local_keys(node, "gone"),
+            0,
+            "deleted keys back on {}",
+            node.addr
+        );
+        assert_eq!(get(node, "/gone/k3").0, 404, "on {}", node.addr);
+        assert_eq!(local_keys(node, "kept"), 1, "on {}", node.addr);
+    }
+}
+
 /// A node back after a short absence with its clock set back by more
 /// than the allowed offset is skewed, but its peers' clocks, which agree,
 /// still tell how long it was away: it catches up by anti-entropy, not a

@@ -28,6 +28,7 @@ mod apply;
 mod clock;
 mod contact;
 mod driver;
+mod first;
 mod moves;
 mod owners;
 mod read;
