@@ -201,9 +201,20 @@ pub(crate) fn key_only(key: &[u8], bytes: Option<usize>) -> Vec<u8> {
 }
 
 /// `["k1", "k2", ...]` (non-UTF-8 keys lossily: a key list is for people).
-pub(crate) fn key_list(keys: &[bytes::Bytes]) -> Vec<u8> {
-    let keys: Vec<Cow<'_, str>> = keys.iter().map(|k| String::from_utf8_lossy(k)).collect();
-    serde_json::to_vec(&keys).expect("writing JSON to a Vec cannot fail")
+pub(crate) fn key_list(keys: &dhrt_proto::Keys) -> Vec<u8> {
+    // One key at a time: a drop may list millions, and a `Vec` of them as
+    // strings would be a second copy of the list.
+    let mut out = Vec::with_capacity(2 + keys.iter().map(|k| k.len() + 3).sum::<usize>());
+    out.push(b'[');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &String::from_utf8_lossy(k))
+            .expect("writing JSON to a Vec cannot fail");
+    }
+    out.push(b']');
+    out
 }
 
 /// `{"Error": message}`.
@@ -316,6 +327,23 @@ mod tests {
         #[test]
         fn any_key_and_value_come_out_as_serde_json_writes_them(key in text(), value in text()) {
             check_against_serde(&key, &value);
+        }
+
+        #[test]
+        fn a_drop_lists_its_keys_as_serde_json_writes_them(
+            keys in prop::collection::vec(text(), 0..8)
+        ) {
+            let list: dhrt_proto::Keys = keys
+                .iter()
+                .map(|k| bytes::Bytes::copy_from_slice(k))
+                .collect::<Vec<_>>()
+                .into();
+            let reference: Vec<Cow<'_, str>> =
+                keys.iter().map(|k| String::from_utf8_lossy(k)).collect();
+            prop_assert_eq!(
+                String::from_utf8(key_list(&list)).unwrap(),
+                serde_json::to_string(&reference).unwrap()
+            );
         }
     }
 }

@@ -128,7 +128,7 @@ impl Operations for MapNode {
         self.map.lock().unwrap().keys().any(|(c, _)| c == name)
     }
 
-    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+    async fn drop_collection(&self, collection: &str) -> Result<dhrt_proto::Keys, OpError> {
         check(collection, b"-")?;
         let mut map = self.map.lock().unwrap();
         let keys: Vec<(String, Bytes)> = map
@@ -139,7 +139,11 @@ impl Operations for MapNode {
         for key in &keys {
             map.remove(key);
         }
-        Ok(keys.into_iter().map(|(_, key)| key).collect())
+        Ok(keys
+            .into_iter()
+            .map(|(_, key)| key)
+            .collect::<Vec<_>>()
+            .into())
     }
 
     async fn metrics(&self) -> String {

@@ -28,6 +28,7 @@ mod codec;
 mod error;
 mod frame;
 pub mod inflight;
+mod keys;
 mod message;
 mod ops;
 mod peer;
@@ -45,6 +46,7 @@ pub use frame::{
     encode_frame, encode_frame_shared, frame_bounds, preamble, read_preamble,
 };
 pub use inflight::{Held, Inflight, Reserved, UNCOUNTED};
+pub use keys::Keys;
 pub use message::{
     Entry, ErrorKind, Op, OpError, OpRef, Page, ReplicasInfo, Reply, Request, RequestRef, Response,
 };

@@ -6,6 +6,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+use crate::keys::Keys;
 use crate::message::{ErrorKind, Op, OpError, OpRef, Page, Reply};
 use crate::stats::NodeStats;
 use crate::watch::{EventSource, WatchRequest};
@@ -85,7 +86,7 @@ pub trait Operations: Send + Sync + 'static {
     fn drop_collection(
         &self,
         collection: &str,
-    ) -> impl Future<Output = Result<Vec<Bytes>, OpError>> + Send;
+    ) -> impl Future<Output = Result<Keys, OpError>> + Send;
 
     /// Node and cluster statistics.
     fn stats(&self) -> impl Future<Output = NodeStats> + Send;
@@ -196,7 +197,7 @@ pub async fn dispatch_ref<O: Operations>(ops: &O, op: OpRef<'_>) -> Result<Reply
             limit,
         } => Reply::Page(ops.list(collection, after, limit.min(MAX_PAGE)).await?),
         OpRef::DropCollection { collection } => {
-            Reply::Dropped(ops.drop_collection(collection).await?)
+            Reply::Dropped(ops.drop_collection(collection).await?.to_bytes())
         }
         OpRef::Stats => Reply::Stats(Box::new(ops.stats().await)),
         OpRef::Join { addr } => Reply::Joined(ops.join(addr).await?),

@@ -64,7 +64,7 @@ impl Operations for MapNode {
     fn has_collection(&self, name: &str) -> bool {
         self.0.lock().unwrap().keys().any(|(c, _)| c == name)
     }
-    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+    async fn drop_collection(&self, collection: &str) -> Result<dhrt_proto::Keys, OpError> {
         let mut map = self.0.lock().unwrap();
         let keys: Vec<(String, Bytes)> = map
             .keys()
@@ -74,7 +74,7 @@ impl Operations for MapNode {
         for k in &keys {
             map.remove(k);
         }
-        Ok(keys.into_iter().map(|(_, k)| k).collect())
+        Ok(keys.into_iter().map(|(_, k)| k).collect::<Vec<_>>().into())
     }
     async fn metrics(&self) -> String {
         format!("map_entries {}\n", self.map_len())

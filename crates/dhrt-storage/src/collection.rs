@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::index::{self, Index, Slot, Upsert};
+use crate::key_list::KeyList;
 use crate::log::LogFile;
 use crate::record::{
     self, Decoded, FILE_HEADER_LEN, FileHeader, FileKind, Header, Kind, RECORD_HEADER_LEN,
@@ -232,7 +233,7 @@ pub(crate) fn apply_record(
     log: &[u8],
     record: &[u8],
     offset: u64,
-    mut dropped: Option<&mut Vec<Vec<u8>>>,
+    mut dropped: Option<&mut KeyList>,
 ) -> Option<Option<Slot>> {
     let header = &record::peek_header(record);
     let key = &record[record::RECORD_HEADER_LEN..][..header.key_len as usize];
@@ -250,17 +251,30 @@ pub(crate) fn apply_record(
             state.dropped_at = Some(version);
             state.drop_offset = offset;
             state.oldest_tombstone_ms = state.oldest_tombstone_ms.min(version.physical_ms());
+            // A shard at a time: what is held meanwhile is one shard's
+            // worth, whatever the collection's size.
             let mut doomed = Vec::new();
-            index.for_each(|k, s| {
-                if s.version() < version {
-                    doomed.push((k.clone(), *s));
+            for shard in 0..index.shard_count() {
+                let Some(shard) = index.shard_at(shard) else {
+                    break;
+                };
+                {
+                    let guard = &crossbeam_epoch::pin();
+                    let mut cursor = shard.front(guard);
+                    while let Some(e) = cursor {
+                        let s = e.value().load();
+                        if s.version() < version {
+                            doomed.push((e.key().clone(), s));
+                        }
+                        cursor = e.next();
+                    }
                 }
-            });
-            for (k, s) in doomed {
-                index.remove(k.as_bytes());
-                forget(state, k.as_bytes().len(), &s);
-                if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
-                    out.push(k.as_bytes().to_vec());
+                for (k, s) in doomed.drain(..) {
+                    index.remove(k.as_bytes());
+                    forget(state, k.as_bytes().len(), &s);
+                    if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
+                        out.push(k.as_bytes());
+                    }
                 }
             }
             Some(None)
@@ -1127,11 +1141,7 @@ impl Collection {
 
     /// Drops every key older than the drop's version; returns the live keys
     /// removed, or `None` if a newer drop was already there.
-    pub(crate) fn drop_keys(
-        &self,
-        stamp: Stamp<'_>,
-        sync: SyncMode,
-    ) -> Result<Option<Vec<Vec<u8>>>> {
+    pub(crate) fn drop_keys(&self, stamp: Stamp<'_>, sync: SyncMode) -> Result<Option<KeyList>> {
         let mut w = WriterGuard(self.writer.lock().unwrap());
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
@@ -1153,7 +1163,7 @@ impl Collection {
         record::encode(buf, Kind::Drop, &[], &[], version, seq);
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
-        let mut removed = Vec::new();
+        let mut removed = KeyList::new();
         let map = generation.log.map();
         apply_record(
             &generation.index,

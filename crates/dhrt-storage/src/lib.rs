@@ -26,6 +26,7 @@ mod index;
 // bytes behind a raw pointer.
 #[allow(unsafe_code)]
 mod key;
+mod key_list;
 mod locate;
 mod log;
 mod migrate;
@@ -50,6 +51,7 @@ pub use compact::{CompactionReport, LOCKED_CATCH_UP_BYTES};
 pub use error::{Error, Result};
 pub use feed::{Change, ChangeKind, Position, Watch, WatchEvent, WatchFrom};
 pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket, order_hash};
+pub use key_list::KeyList;
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};
 pub use options::{Options, SyncMode};
 pub use record::MAX_KEY_LEN;

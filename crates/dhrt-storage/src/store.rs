@@ -15,6 +15,7 @@ use crate::collection::{COMPACT_SUFFIX, Collection, EPOCH_SHIFT, LOG_SUFFIX, Sta
 use crate::compact::{self, CompactionReport};
 use crate::error::{Error, Result};
 use crate::index::DIGEST_BUCKETS;
+use crate::key_list::KeyList;
 use crate::name::validate_collection_name;
 use crate::record::MAX_KEY_LEN;
 use crate::scan::{Listing, Record, Records, Scan};
@@ -901,10 +902,10 @@ impl Store {
     /// Drops every key of `name` with a local version; returns the live keys
     /// it held, sorted. A key written afterwards survives: the drop is a
     /// versioned write like any other.
-    pub fn drop_collection(&self, name: &str) -> Result<Vec<Vec<u8>>> {
+    pub fn drop_collection(&self, name: &str) -> Result<KeyList> {
         loop {
             let Some(c) = self.existing(name)? else {
-                return Ok(Vec::new());
+                return Ok(KeyList::new());
             };
             let dropped =
                 match c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync) {
@@ -921,7 +922,7 @@ impl Store {
     /// Applies a replicated drop: removes every key of `name` older than
     /// `version`, and refuses older writes from then on. Returns the live
     /// keys removed, or `None` if an equal or newer drop was already there.
-    pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<Vec<Vec<u8>>>> {
+    pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<KeyList>> {
         self.inner.clock.observe(version.ts);
         let dropped = self.with_collection(name, |c| {
             c.drop_keys(Stamp::Given(version), self.inner.options.sync)

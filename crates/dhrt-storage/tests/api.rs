@@ -149,7 +149,7 @@ fn drop_removes_older_keys_and_refuses_older_writes() {
             .apply_drop("c", Version::new(200, 1))
             .unwrap()
             .unwrap();
-        assert_eq!(removed, vec![b"old".to_vec()]);
+        assert_eq!(removed.to_vec(), vec![b"old".to_vec()]);
         assert_eq!(store.get("c", b"old").unwrap(), None);
         assert_eq!(store.lookup("c", b"gone").unwrap(), None);
         assert_eq!(store.get("c", b"new").unwrap().as_deref(), Some(&b"2"[..]));
@@ -182,7 +182,7 @@ fn drop_removes_older_keys_and_refuses_older_writes() {
     assert_eq!(keys, vec![b"later".to_vec(), b"new".to_vec()]);
     // A local drop removes everything, and the collection leaves the listing.
     assert_eq!(
-        store.drop_collection("c").unwrap(),
+        store.drop_collection("c").unwrap().to_vec(),
         vec![b"later".to_vec(), b"new".to_vec()]
     );
     assert!(store.collections().is_empty());

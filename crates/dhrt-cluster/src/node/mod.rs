@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dhrt_proto::{
-    ErrorKind, EventSource, Mutation, NodeStats, OpError, Operations, Page, ReplicasInfo,
+    ErrorKind, EventSource, Keys, Mutation, NodeStats, OpError, Operations, Page, ReplicasInfo,
     WatchRequest,
 };
 use dhrt_storage::{Error as StorageError, Store, SyncMode, Version};
@@ -388,7 +388,7 @@ impl Node {
                 || (!self.cluster.everyone_owns_everything() && self.cluster.is_registered(name)))
     }
 
-    async fn op_drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+    async fn op_drop_collection(&self, collection: &str) -> Result<Keys, OpError> {
         user_collection(collection)?;
         self.refuse_writes().await?;
         self.damaged.remove_collection(collection);
@@ -403,7 +403,8 @@ impl Node {
             version: stamp(version),
         };
         self.cluster.replicate(vec![m], true).await?;
-        Ok(keys.into_iter().map(Bytes::from).collect())
+        let (bytes, ends) = keys.into_parts();
+        Ok(Keys::from_parts(bytes, ends))
     }
 
     /// Opens a watch of a collection this node stores.
@@ -492,7 +493,7 @@ impl Operations for Node {
         self.cluster.replicas_op(c, set).await
     }
 
-    async fn drop_collection(&self, collection: &str) -> Result<Vec<Bytes>, OpError> {
+    async fn drop_collection(&self, collection: &str) -> Result<Keys, OpError> {
         let t = Instant::now();
         let r = self.op_drop_collection(collection).await;
         self.metrics
