@@ -49,7 +49,7 @@ mod watermark;
 pub use bytes::Bytes;
 pub use compact::{CompactionReport, LOCKED_CATCH_UP_BYTES};
 pub use error::{Error, Result};
-pub use feed::{Change, ChangeKind, Position, Watch, WatchEvent, WatchFrom};
+pub use feed::{Change, ChangeKind, EVENT_OVERHEAD, Position, Watch, WatchEvent, WatchFrom};
 pub use index::{DIGEST_BITS, DIGEST_BUCKETS, digest_bucket, order_hash};
 pub use key_list::KeyList;
 pub use name::{MAX_COLLECTION_NAME_LEN, validate_collection_name};

@@ -142,6 +142,52 @@ fn a_watch_sees_every_change_in_order_with_increasing_positions() {
     assert!("xyz".parse::<Position>().is_err());
 }
 
+/// A batch of tiny records (short keys, empty values) is as small as one
+/// of large ones: each event counts `EVENT_OVERHEAD` bytes besides its key
+/// and value, so a watcher that stops reading holds a bounded batch, not
+/// 65,536 events rendered into some 20 MB.
+#[test]
+fn a_batch_of_tiny_records_is_bounded_by_what_each_event_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), quiet_options()).unwrap();
+    let budget = 64 << 10;
+    for (from, snapshot) in [
+        (WatchFrom::After(Position::START), false),
+        (WatchFrom::Snapshot, true),
+    ] {
+        if !snapshot {
+            for i in 0..20_000u32 {
+                store.set("tiny", format!("{i}").as_bytes(), b"").unwrap();
+            }
+        }
+        let mut w = store.watch("tiny", from, None).unwrap();
+        let most = budget / dhrt_storage::EVENT_OVERHEAD + 1;
+        let mut keys = 0;
+        loop {
+            let batch = w.poll(budget).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            assert!(
+                batch.len() <= most,
+                "{} events in one batch (snapshot: {snapshot}), at most {most}",
+                batch.len()
+            );
+            keys += batch
+                .iter()
+                .filter(|e| matches!(e, WatchEvent::Change(_) | WatchEvent::Initial { .. }))
+                .count();
+            if matches!(batch.last(), Some(WatchEvent::InitialDone(_))) {
+                break;
+            }
+        }
+        assert_eq!(
+            keys, 20_000,
+            "every event still comes (snapshot: {snapshot})"
+        );
+    }
+}
+
 #[test]
 fn a_watch_of_a_missing_collection_sees_it_from_its_first_write() {
     let store = Store::memory(quiet_options());
