@@ -276,6 +276,56 @@ fn a_node_away_longer_than_the_tombstone_grace_resyncs_fully() {
     }
 }
 
+/// Deletes of keys that never existed, made while c is away longer than
+/// the grace: c, back, does not take those tombstones (past their grace,
+/// for keys it has no record of), so their buckets differ until a and b
+/// purge them. Anti-entropy pulls those whole buckets, old tombstones all
+/// three hold included: those are no arrivals, or they would hold every
+/// tombstone from being purged, round after round, and the digests would
+/// never agree.
+#[test]
+fn tombstones_a_returning_node_does_not_take_are_purged_and_digests_agree() {
+    let args = [
+        "--tombstone-grace-secs",
+        "2",
+        "--max-clock-offset-ms",
+        "300",
+        "--write-ack",
+        "quorum",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = three_joined(&dirs, &args);
+    for i in 0..1000 {
+        assert_eq!(a.http("POST", &format!("/t/base{i}/v"), b"").0, 200);
+    }
+    for i in 0..800 {
+        assert_eq!(a.http("DELETE", &format!("/t/base{i}"), b"").0, 200);
+    }
+    eventually("c holds what a holds", Duration::from_secs(20), || {
+        local_keys(&c, "t") == 200 && digest_of(&c, "t") == digest_of(&a, "t")
+    });
+    noted_in_touch_from_now(dirs[2].path(), &b);
+    let c_addr = c.addr;
+    c.stop("KILL");
+    for i in 0..30 {
+        // 404, and a tombstone all the same.
+        assert_eq!(b.http("DELETE", &format!("/t/never{i}"), b"").0, 404);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let c = return_to(c_addr, dirs[2].path(), &args, [&a, &b]);
+    eventually(
+        "equal digests on every node",
+        Duration::from_secs(60),
+        || {
+            let d = digest_of(&a, "t");
+            d == digest_of(&b, "t") && d == digest_of(&c, "t")
+        },
+    );
+    for node in [&a, &b, &c] {
+        assert_eq!(local_keys(node, "t"), 200, "on {}", node.addr);
+    }
+}
+
 /// Short tombstone grace, no hints, quorum writes: a node away for a few
 /// seconds is away longer than the grace, and catches up by re-syncing.
 const SHORT_GRACE_NO_HINTS: [&str; 6] = [

@@ -877,6 +877,16 @@ impl Collection {
     /// for a tombstone) and version. A value whose record fails its CRC is
     /// quarantined (see `verify.rs`) and reported as `Error::Checksum`.
     #[inline]
+    /// The version the index holds for `key` (a tombstone's too), without
+    /// reading the record.
+    pub(crate) fn version_of(&self, key: &[u8]) -> Option<Version> {
+        self.current
+            .load()
+            .index
+            .get(key)
+            .map(|slot| slot.version())
+    }
+
     pub(crate) fn lookup(&self, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         let generation = self.current.load();
         let Some(slot) = generation.index.get(key) else {

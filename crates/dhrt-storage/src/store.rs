@@ -833,6 +833,16 @@ impl Store {
         self.lookup_raw(collection, key)
     }
 
+    /// The version of `key`'s record in `collection` (a tombstone's too),
+    /// without reading the record: `None` if it has none.
+    pub fn version_of(&self, collection: &str, key: &[u8]) -> Result<Option<Version>> {
+        check_key(key)?;
+        match self.inner.collections.load().get(collection) {
+            Some(c) => Ok(c.version_of(key)),
+            None => validate_collection_name(collection).map(|()| None),
+        }
+    }
+
     #[inline]
     fn lookup_raw(&self, collection: &str, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         check_key(key)?;

@@ -150,18 +150,29 @@ impl Cluster {
         // stamped too far ahead, and the rest of the batch applies.
         // Tombstones and drops reach this node later than they were
         // stamped: held from their stamps until every member has had a
-        // round since (`tombstones.rs`), before any can be purged.
+        // round since (`tombstones.rs`), before any can be purged. One it
+        // holds already (or something newer) is no arrival: anti-entropy
+        // brings the whole of a bucket that differs, and a bucket that
+        // stays different (a tombstone past its grace that a member back
+        // from a long absence does not take) would otherwise hold every
+        // old tombstone in it, round after round, and nothing would ever
+        // be purged.
         let oldest_tombstone = mutations
             .iter()
             .enumerate()
             .filter(|&(i, _)| admitted(i))
             .filter_map(|(_, m)| match m {
                 Mutation::Put {
+                    collection,
+                    key,
                     value: None,
                     version: v,
-                    ..
+                } => {
+                    let v = version(*v);
+                    let held = self.store.version_of(collection, key);
+                    (!matches!(held, Ok(Some(have)) if have >= v)).then(|| v.physical_ms())
                 }
-                | Mutation::Drop { version: v, .. } => Some(version(*v).physical_ms()),
+                Mutation::Drop { version: v, .. } => Some(version(*v).physical_ms()),
                 Mutation::Put { .. } => None,
             })
             .min();

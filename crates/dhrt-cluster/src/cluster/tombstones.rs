@@ -18,7 +18,9 @@
 //! that healed in pieces): a round that started before it *arrived* does
 //! not cover it, whatever its stamp. Each such arrival is remembered (its
 //! time and the oldest stamp it brought) and keeps its stamps held until
-//! every member has had a round that started after it.
+//! every member has had a round that started after it. A tombstone this
+//! node already holds (at that version or newer) is no arrival: a bucket
+//! that keeps differing brings it back every round.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
