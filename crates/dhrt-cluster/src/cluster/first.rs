@@ -57,7 +57,7 @@ impl Cluster {
             }
             if waited > Duration::from_secs(3)
                 && (missing == 0 || waited > AWAIT_REMEMBERED)
-                && self.goes_first(&peers).await
+                && self.goes_first(&peers, waited > AWAIT_REMEMBERED).await
             {
                 tracing::warn!(
                     "every live member is syncing: this node goes first, with its own data (the freshest among them)"
@@ -87,9 +87,11 @@ impl Cluster {
     /// back long after it left, or away longest, would otherwise bring
     /// back what the cluster deleted since; a newcomer or a wiped node
     /// (no data from an earlier life) would make the others forget all
-    /// they hold. A peer that cannot say (an earlier build, a lost
-    /// answer) is ranked by id alone.
-    async fn goes_first(self: &Arc<Self>, peers: &[MemberUpdate]) -> bool {
+    /// they hold. A peer that cannot say (a lost answer, an earlier
+    /// build that does not know the question) keeps this node from going
+    /// first until it has waited `AWAIT_REMEMBERED` (`late`); then it is
+    /// ranked by id alone.
+    async fn goes_first(self: &Arc<Self>, peers: &[MemberUpdate], late: bool) -> bool {
         let me = self.dialer.me;
         let mine = self.data_contact();
         for p in peers {
@@ -97,7 +99,7 @@ impl Cluster {
                 Ok(theirs) => theirs,
                 Err(e) => {
                     tracing::debug!("asking {} how fresh its data is: {e}", p.addr);
-                    if p.id < me {
+                    if !late || p.id < me {
                         return false;
                     }
                     continue;
