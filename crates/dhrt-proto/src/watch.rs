@@ -152,7 +152,8 @@ pub const ENDED_QUIET: std::time::Duration = std::time::Duration::from_secs(10);
 /// the server has written of the watch so far, in any unit) has then stood
 /// still for a `quiet()` ([`ENDED_QUIET`] on the server's timer): a watch
 /// the node ended whose client reads nothing, so its connection need not
-/// be kept for it. A client that reads, however slowly, keeps it.
+/// be kept for it. A client that reads, but too slowly to free room for
+/// the server's next write in a `quiet()`, loses it too.
 pub async fn ended_unread<Q: Future<Output = ()>>(
     ended: impl Future<Output = ()>,
     sent: &std::sync::atomic::AtomicU64,
