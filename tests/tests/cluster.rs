@@ -486,6 +486,61 @@ fn a_newcomer_joining_a_whole_cluster_back_from_longer_than_the_grace_never_goes
     }
 }
 
+/// A newcomer stopped halfway through its handoff holds part of the data,
+/// and its `cluster.state` says it was in touch until it stopped: it must
+/// not pass for the freshest when the whole cluster comes back from longer
+/// than the grace (here with the lowest id there is), or the others would
+/// forget every record it had not received yet.
+#[test]
+fn a_newcomer_stopped_mid_handoff_never_goes_first_when_the_whole_cluster_returns() {
+    let args = [
+        "--tombstone-grace-secs",
+        "2",
+        "--move-rate-mib",
+        "1",
+        "--max-clock-offset-ms",
+        "300",
+    ];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = two_joined(&dirs, &args);
+    let value = vec![b'v'; 50_000];
+    for i in 0..200 {
+        assert_eq!(a.http("PUT", &format!("/big/k{i}"), &value).0, 200);
+    }
+    eventually("b holds every key", Duration::from_secs(20), || {
+        local_keys(&b, "big") == 200
+    });
+    std::fs::write(dirs[2].path().join("node.id"), "0000000000000001\n").unwrap();
+    let newcomer = start_joined(dirs[2].path(), &a, &args);
+    eventually("the newcomer is halfway", Duration::from_secs(20), || {
+        (1..150).contains(&local_keys(&newcomer, "big"))
+    });
+    noted_in_touch_from_now(dirs[0].path(), &b);
+    noted_in_touch_from_now(dirs[1].path(), &a);
+    noted_in_touch_from_now(dirs[2].path(), &a);
+    let state = std::fs::read_to_string(dirs[2].path().join("cluster.state")).unwrap();
+    assert!(state.contains("fresh none"), "{state}");
+    let addrs = [a.addr, b.addr, newcomer.addr];
+    a.stop("KILL");
+    b.stop("KILL");
+    newcomer.stop("KILL");
+    std::thread::sleep(Duration::from_secs(4));
+    let nodes: Vec<Dhrtd> = dirs
+        .iter()
+        .zip(addrs)
+        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "three healthy members after the restart",
+        Duration::from_secs(60),
+        || all_healthy(&all, 3),
+    );
+    eventually("every key, everywhere", Duration::from_secs(30), || {
+        nodes.iter().all(|n| local_keys(n, "big") == 200)
+    });
+}
+
 /// A member that left (SIGTERM) before keys were deleted and their
 /// tombstones purged, then a whole cluster back from longer than the grace
 /// at once, the one that left among them with the lowest id there is. The

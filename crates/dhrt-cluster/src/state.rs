@@ -10,6 +10,7 @@
 //! # dhrt cluster state: written by dhrtd; keep it with the data (docs/operations.md)
 //! seen 1764255000000
 //! stamp 115622215680000000
+//! fresh 1764255000000
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
 //! left 10.0.0.4:7453
@@ -39,6 +40,12 @@ pub(crate) struct SavedState {
     /// went on with its own data after a long absence), until every member
     /// has had a round with it: see `dhrt_proto::PeerReply::Horizon`.
     pub(crate) horizon: Option<u64>,
+    /// When this node's data was last in touch with the cluster (`seen`
+    /// while it was not syncing: a newcomer's half-done handoff is not
+    /// fresh data), `Some(None)` when it holds none from a sync: see
+    /// `dhrt_proto::PeerReply::Contact`. `None` in a file of an older
+    /// version (then `seen` says it).
+    pub(crate) fresh: Option<Option<u64>>,
 }
 
 /// Parses the file's text; unknown lines are ignored (newer versions may
@@ -59,6 +66,11 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
         } else if let Some(ms) = line.strip_prefix("stamp ") {
             if state.stamp_ms.is_none() {
                 state.stamp_ms = ms.trim().parse().ok();
+            }
+        } else if let Some(f) = line.strip_prefix("fresh ") {
+            // Unreadable: as if it held no data from a sync (never first).
+            if state.fresh.is_none() {
+                state.fresh = Some(f.trim().parse().ok());
             }
         } else if let Some(h) = line.strip_prefix("horizon ") {
             // Unreadable: the lowest there is (nothing is judged by it).
@@ -90,6 +102,11 @@ pub(crate) fn render(state: &SavedState) -> String {
     }
     if let Some(h) = state.horizon {
         out.push_str(&format!("horizon {h}\n"));
+    }
+    match state.fresh {
+        Some(Some(ms)) => out.push_str(&format!("fresh {ms}\n")),
+        Some(None) => out.push_str("fresh none\n"),
+        None => {}
     }
     // A member's address is checked when it is learned; one that could
     // break a line is never written.
@@ -169,8 +186,19 @@ mod tests {
             members: vec!["10.0.0.2:7453".into(), "n3:7453".into()],
             left: vec!["n4:7453".into()],
             horizon: Some(115_622_210_000_000_000),
+            fresh: Some(Some(1_764_254_999_000)),
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
+        // No data from a sync (a newcomer mid-handoff): said so, never
+        // taken for fresh; unreadable reads the same way.
+        let none = SavedState {
+            fresh: Some(None),
+            ..s.clone()
+        };
+        assert_eq!(parse(&render(&none)).unwrap(), none);
+        assert_eq!(parse("seen 5\nfresh x\n").unwrap().fresh, Some(None));
+        // A file of an older version says nothing of it.
+        assert_eq!(parse("seen 5\n").unwrap().fresh, None);
         // A node that went on with its own data keeps its horizon across
         // a restart; an unreadable one judges nothing.
         assert_eq!(
@@ -212,6 +240,7 @@ horizon x
                 members: vec!["a:1".into()],
                 left: vec!["b:2".into()],
                 horizon: None,
+                fresh: None,
             }
         );
         assert!(parse("seen yesterday\n").is_err());
@@ -228,6 +257,7 @@ horizon x
             members: vec!["x:1".into()],
             left: Vec::new(),
             horizon: None,
+            fresh: None,
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
@@ -246,6 +276,7 @@ horizon x
             members: (0..50).map(|i| format!("n{t}-{i}:7453")).collect(),
             left: Vec::new(),
             horizon: None,
+            fresh: None,
         };
         std::thread::scope(|s| {
             for t in 1..=4u64 {
@@ -275,6 +306,7 @@ horizon x
                 members: vec!["a:1".into()],
                 left: Vec::new(),
                 horizon: None,
+                fresh: None,
             },
         )
         .unwrap();
@@ -314,6 +346,7 @@ horizon x
             members: vec!["a:1\nseen 99999999999999".into(), "b:2".into()],
             left: Vec::new(),
             horizon: None,
+            fresh: None,
         };
         let back = parse(&render(&state)).unwrap();
         assert_eq!(back.seen_ms, 7);

@@ -873,10 +873,6 @@ impl Collection {
         true
     }
 
-    /// Looks a key up: `None` if there is no entry, else its value (`None`
-    /// for a tombstone) and version. A value whose record fails its CRC is
-    /// quarantined (see `verify.rs`) and reported as `Error::Checksum`.
-    #[inline]
     /// The version the index holds for `key` (a tombstone's too), without
     /// reading the record.
     pub(crate) fn version_of(&self, key: &[u8]) -> Option<Version> {
@@ -887,6 +883,10 @@ impl Collection {
             .map(|slot| slot.version())
     }
 
+    /// Looks a key up: `None` if there is no entry, else its value (`None`
+    /// for a tombstone) and version. A value whose record fails its CRC is
+    /// quarantined (see `verify.rs`) and reported as `Error::Checksum`.
+    #[inline]
     pub(crate) fn lookup(&self, key: &[u8]) -> Result<Option<(Option<Bytes>, Version)>> {
         let generation = self.current.load();
         let Some(slot) = generation.index.get(key) else {

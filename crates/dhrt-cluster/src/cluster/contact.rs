@@ -78,6 +78,7 @@ impl Cluster {
                 w.members != saved.members
                     || w.left != saved.left
                     || w.horizon != saved.horizon
+                    || w.fresh != saved.fresh
                     || saved.seen_ms > w.seen_ms
             });
             if stale {
@@ -222,6 +223,7 @@ impl Cluster {
             members,
             left,
             horizon: self.horizon(),
+            fresh: Some(self.data_contact()),
         }
     }
 
@@ -295,6 +297,7 @@ mod tests {
             members: vec!["127.0.0.1:7454".into()],
             left: Vec::new(),
             horizon: None,
+            fresh: None,
         };
         let reported = || cluster.state_save_error.lock().unwrap().clone();
         assert!(!cluster.save_state(&saved));

@@ -42,12 +42,22 @@ impl Cluster {
                 return Some(source);
             }
             let peers = self.alive_peers();
-            if peers.is_empty() {
-                return None;
-            }
             let waited = started.elapsed();
             // The freshest may be one still on its way back.
             let missing = self.remembered_not_back();
+            if peers.is_empty() {
+                // Alone: with its own data, once no member it remembers
+                // is still on its way (a peer it knew only just suspected,
+                // or restarting, counts as on its way); with none from a
+                // sync (a newcomer whose source went away), only after the
+                // wait, so that it does not become the empty source the
+                // others would prune against.
+                if (missing == 0 && self.data_contact().is_some()) || waited > AWAIT_REMEMBERED {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             if waited > Duration::from_secs(3) && missing > 0 && !told {
                 told = true;
                 tracing::info!(
@@ -90,7 +100,7 @@ impl Cluster {
     /// they hold. A peer that cannot say (a lost answer, an earlier
     /// build that does not know the question) keeps this node from going
     /// first until it has waited `AWAIT_REMEMBERED` (`late`); then it is
-    /// ranked by id alone.
+    /// ranked as holding no data.
     async fn goes_first(self: &Arc<Self>, peers: &[MemberUpdate], late: bool) -> bool {
         let me = self.dialer.me;
         let mine = self.data_contact();
@@ -99,10 +109,12 @@ impl Cluster {
                 Ok(theirs) => theirs,
                 Err(e) => {
                     tracing::debug!("asking {} how fresh its data is: {e}", p.addr);
-                    if !late || p.id < me {
+                    if !late {
                         return false;
                     }
-                    continue;
+                    // Ranked as holding nothing: by id it could defer to a
+                    // peer that defers to it, and none would ever go.
+                    None
                 }
             };
             if first_of(theirs, p.id, mine, me) {

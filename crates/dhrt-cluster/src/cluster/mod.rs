@@ -184,7 +184,8 @@ pub struct Cluster {
     contact_stamp: AtomicU64,
     /// When the data this node holds was last in touch with the cluster
     /// (`last_contact` as of its last sync or contact while not syncing;
-    /// at start, what `cluster.state` says, 0 if it says nothing);
+    /// at start, the `fresh` line of `cluster.state`, 0 if it says
+    /// nothing);
     /// `u64::MAX` while it holds none from an earlier life and has not
     /// synced in this one: [`dhrt_proto::PeerReply::Contact`].
     data_contact: AtomicU64,
@@ -351,8 +352,13 @@ impl Cluster {
                 options.seeds = members.into_iter().chain(left).collect();
             }
             last_contact = saved.seen_ms;
+            // `seen` goes on while a node syncs: a file of an older version
+            // (no `fresh` line) has nothing better to say.
             if data_contact != u64::MAX {
-                data_contact = saved.seen_ms;
+                data_contact = match saved.fresh {
+                    Some(fresh) => fresh.unwrap_or(u64::MAX),
+                    None => saved.seen_ms,
+                };
             }
             // A file of an older version: its peers' time is all it says.
             // A damaged one (no `seen`): nothing it holds is trusted.
