@@ -369,6 +369,29 @@ fn noted_in_touch_from_now(dir: &std::path::Path, member: &Dhrtd) {
     );
 }
 
+/// Starts every node of a cluster that was down at once, each at its
+/// address on its data directory, and waits (up to `secs`) until every
+/// one is healthy everywhere.
+fn whole_cluster_back<'a>(
+    dirs: impl IntoIterator<Item = &'a std::path::Path>,
+    addrs: impl IntoIterator<Item = SocketAddr>,
+    args: &[&str],
+    secs: u64,
+) -> Vec<Dhrtd> {
+    let nodes: Vec<Dhrtd> = dirs
+        .into_iter()
+        .zip(addrs)
+        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir, args))
+        .collect();
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually(
+        "every member healthy after the restart",
+        Duration::from_secs(secs),
+        || all_healthy(&all, all.len()),
+    );
+    nodes
+}
+
 /// Restarts the third node of a cluster at `addr` on `dir`, waits until
 /// every member is healthy, and lets anti-entropy run a few rounds.
 fn return_to(addr: SocketAddr, dir: &std::path::Path, args: &[&str], [a, b]: [&Dhrtd; 2]) -> Dhrtd {
@@ -421,16 +444,11 @@ fn a_whole_cluster_back_from_longer_than_the_grace_keeps_what_its_first_member_m
     second.stop("KILL");
     third.stop("KILL");
     std::thread::sleep(Duration::from_secs(4));
-    let nodes: Vec<Dhrtd> = [first_dir, second_dir, third_dir]
-        .iter()
-        .zip(addrs)
-        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
-        .collect();
-    let all: Vec<&Dhrtd> = nodes.iter().collect();
-    eventually(
-        "three healthy members after the restart",
-        Duration::from_secs(30),
-        || all_healthy(&all, 3),
+    let nodes = whole_cluster_back(
+        [first_dir, second_dir, third_dir].map(|d| d.path()),
+        addrs,
+        &args,
+        30,
     );
     eventually(
         "every write the cluster acknowledged, everywhere",
@@ -525,17 +543,7 @@ fn a_newcomer_stopped_mid_handoff_never_goes_first_when_the_whole_cluster_return
     b.stop("KILL");
     newcomer.stop("KILL");
     std::thread::sleep(Duration::from_secs(4));
-    let nodes: Vec<Dhrtd> = dirs
-        .iter()
-        .zip(addrs)
-        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
-        .collect();
-    let all: Vec<&Dhrtd> = nodes.iter().collect();
-    eventually(
-        "three healthy members after the restart",
-        Duration::from_secs(60),
-        || all_healthy(&all, 3),
-    );
+    let nodes = whole_cluster_back(dirs.iter().map(|d| d.path()), addrs, &args, 60);
     eventually("every key, everywhere", Duration::from_secs(30), || {
         nodes.iter().all(|n| local_keys(n, "big") == 200)
     });
@@ -583,17 +591,7 @@ fn a_member_that_left_before_deletes_never_goes_first_when_the_whole_cluster_ret
     b.stop("KILL");
     c.stop("KILL");
     std::thread::sleep(Duration::from_secs(4));
-    let nodes: Vec<Dhrtd> = dirs
-        .iter()
-        .zip(addrs)
-        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &args))
-        .collect();
-    let all: Vec<&Dhrtd> = nodes.iter().collect();
-    eventually(
-        "three healthy members after the restart",
-        Duration::from_secs(40),
-        || all_healthy(&all, 3),
-    );
+    let nodes = whole_cluster_back(dirs.iter().map(|d| d.path()), addrs, &args, 40);
     std::thread::sleep(Duration::from_secs(3));
     for node in &nodes {
         assert_eq!(
@@ -911,17 +909,7 @@ fn a_whole_cluster_restarts_without_node_flags() {
     }
     // Everyone comes back at once, every one of them syncing: one goes
     // first with its own data, the others sync from it.
-    let nodes: Vec<Dhrtd> = dirs
-        .iter()
-        .zip(addrs)
-        .map(|(dir, addr)| Dhrtd::start_on(Some(addr), dir.path(), &[]))
-        .collect();
-    let all: Vec<&Dhrtd> = nodes.iter().collect();
-    eventually(
-        "three healthy members after the restart",
-        Duration::from_secs(30),
-        || all_healthy(&all, 3),
-    );
+    let nodes = whole_cluster_back(dirs.iter().map(|d| d.path()), addrs, &[], 30);
     for node in &nodes {
         assert_eq!(local_keys(node, "all"), 100);
     }
