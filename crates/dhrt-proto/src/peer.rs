@@ -389,8 +389,9 @@ pub enum PeerReply {
     Horizon(Option<u64>),
     /// The answer to [`PeerOp::Contact`]: when the data the receiver holds
     /// was last in touch with the cluster (wall ms, by its peers' clocks
-    /// as it noted them), or `None` when it holds none from an earlier
-    /// life and has not synced in this one (a newcomer, a wiped node).
+    /// as it noted them, kept across restarts), or `None` when it has not
+    /// finished a sync (a newcomer, a wiped node, one stopped halfway
+    /// through its handoff).
     /// Among members all syncing at once, the one with the latest goes
     /// first with its own data; one with `None` never does while another
     /// has some: the others would forget what it lacks.
