@@ -324,6 +324,11 @@ pub(crate) fn stream(
             format,
             mid_event: false,
         };
+        let watchdog = dhrt_proto::ended_unread(any_ended, &sent, || {
+            tokio::time::sleep(dhrt_proto::ENDED_QUIET)
+        });
+        tokio::pin!(watchdog);
+        let mut ended_by_source = false;
         let stopped = {
             let run = std::pin::pin!(async {
                 if format == Format::Sse {
@@ -343,22 +348,23 @@ pub(crate) fn stream(
                         token: Some(tokens[i]),
                     };
                     if w.event(name, &open, id.as_deref()).await.is_err() {
-                        return;
+                        return false;
                     }
                 }
                 if w.flush().await.is_err() {
-                    return;
+                    return false;
                 }
                 loop {
                     let next = tokio::select! {
                         n = erx.recv() => n,
-                        _ = closed.closed() => return,
+                        _ = closed.closed() => return false,
                     };
                     // The permit goes back (and the source reads on)
                     // once the batch is rendered and handed to the body.
                     let Some((i, batch, _turn)) = next else {
-                        return;
+                        return false;
                     };
+                    let from_source = batch.is_err();
                     let batch = batch.and_then(|b| recheck().map(|()| b));
                     match batch {
                         Ok(events) => {
@@ -374,16 +380,15 @@ pub(crate) fn stream(
                                     None => None,
                                 };
                                 if w.event(&names[i], e, token.as_deref()).await.is_err() {
-                                    return;
+                                    return false;
                                 }
                             }
                             if w.flush().await.is_err() {
-                                return;
+                                return false;
                             }
                         }
                         Err(e) => {
-                            let _ = w.error(&e).await;
-                            return;
+                            return w.error(&e).await.is_ok() && from_source;
                         }
                     }
                 }
@@ -391,11 +396,12 @@ pub(crate) fn stream(
             // However far the writer is (waiting for a change, or for a
             // client that reads nothing to make room), a stop ends it.
             tokio::select! {
-                () = run => false,
+                ended = run => {
+                    ended_by_source = ended;
+                    false
+                }
                 () = stopping.cancelled() => true,
-                () = dhrt_proto::ended_unread(any_ended, &sent, || {
-                    tokio::time::sleep(dhrt_proto::ENDED_QUIET)
-                }) => {
+                () = &mut watchdog => {
                     // The node ended the watch and its client reads
                     // nothing: what was read and why cannot go out, and
                     // the connection is not kept for them.
@@ -406,6 +412,25 @@ pub(crate) fn stream(
                 }
             }
         };
+        if ended_by_source {
+            // The reason was handed over and the body ends; but for a
+            // client that reads nothing the rest can sit in the server's
+            // buffer, the connection kept for it until the idle timeout.
+            // The watchdog goes on (its quiet may have begun just before
+            // the last chunk: two of them at most); a client that read it
+            // all then loses an idle connection, nothing more.
+            drop((w, closed));
+            tokio::select! {
+                () = &mut watchdog => {
+                    if let Some(close) = &close_connection {
+                        close.cancel();
+                    }
+                }
+                () = tokio::time::sleep(dhrt_proto::ENDED_QUIET * 2 + std::time::Duration::from_secs(1)) => {}
+                () = stopping.cancelled() => {}
+            }
+            return;
+        }
         if stopped {
             let stop = OpError::new(
                 ErrorKind::Unavailable,
