@@ -35,7 +35,8 @@ use dhrt_proto::{
 use crate::cluster::Cluster;
 use crate::link::{Link, LinkError};
 use crate::stored::WhileStored;
-use crate::watch::{RelaySlot, WatchHub};
+use crate::watch::WatchHub;
+use crate::watch_event::WatchSlot;
 
 /// How long a host holds one `WatchNext` open when nothing happens.
 const POLL_WAIT: Duration = Duration::from_secs(2);
@@ -204,7 +205,7 @@ impl Relay {
                 Ok(PeerReply::WatchOpened { session, token }) => {
                     return Ok(Box::new(RemoteWatch {
                         relay: self.clone(),
-                        _slot: slot,
+                        slot: Some(slot),
                         _link_use: link_use,
                         host,
                         link,
@@ -251,7 +252,7 @@ impl Relay {
 /// A watch followed on another node.
 struct RemoteWatch {
     relay: Arc<Relay>,
-    _slot: RelaySlot,
+    slot: Option<WatchSlot>,
     _link_use: LinkUse,
     host: u64,
     link: Arc<Link>,
@@ -405,5 +406,9 @@ impl EventSource for RemoteWatch {
 
     fn token(&self) -> Token {
         self.token
+    }
+
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        WatchSlot::boxed(&mut self.slot)
     }
 }

@@ -86,4 +86,8 @@ impl EventSource for WhileStored {
     fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         self.inner.ended()
     }
+
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        self.inner.take_slot()
+    }
 }

@@ -26,7 +26,7 @@ use dhrt_storage::{Position, Store, WatchFrom};
 use tokio::sync::Notify;
 
 use crate::error::op_error;
-use crate::watch_event::{Copies, event, token};
+use crate::watch_event::{Copies, WatchSlot, event, token};
 
 /// Settings of the watches of a node.
 #[derive(Debug, Clone)]
@@ -97,7 +97,11 @@ pub struct WatchHub {
     store: Store,
     options: WatchOptions,
     feeds: [Mutex<HashMap<String, Arc<Feed>>>; FEED_SHARDS],
-    watchers: AtomicUsize,
+    /// Watches open: their slots ([`WatchSlot`]), held by the connection.
+    watchers: Arc<AtomicUsize>,
+    /// Watches reading this node's logs: open ones, and those whose client
+    /// left while their task has not run since (at most `max_watchers`).
+    reading: AtomicUsize,
     stats: Mutex<Vec<std::sync::Weak<WatcherStat>>>,
     started: Instant,
     opened: AtomicU64,
@@ -133,7 +137,8 @@ impl WatchHub {
             store: store.clone(),
             options,
             feeds: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            watchers: AtomicUsize::new(0),
+            watchers: Arc::default(),
+            reading: AtomicUsize::new(0),
             stats: Mutex::new(Vec::new()),
             started: Instant::now(),
             opened: AtomicU64::new(0),
@@ -154,7 +159,7 @@ impl WatchHub {
     /// Called after every write that changed `collection`.
     #[inline]
     pub fn changed(&self, collection: &str) {
-        if self.watchers.load(Ordering::Relaxed) == 0 {
+        if self.reading.load(Ordering::Relaxed) == 0 {
             return;
         }
         if let Some(feed) = self.shard(collection).lock().unwrap().get(collection) {
@@ -219,16 +224,17 @@ impl WatchHub {
                 seq: t.seq,
             }),
         };
-        // Taken first, given back by the watch (or below, if it does not
-        // open): a slot.
-        self.reserve()?;
+        // Taken first, given back by whoever holds it last (or here, if
+        // the watch does not open).
+        let slot = self.reserve(true)?;
+        self.reading.fetch_add(1, Ordering::AcqRel);
         let watch = match self
             .store
             .watch(&request.collection, from, request.prefix.as_deref())
         {
             Ok(w) => w,
             Err(e) => {
-                self.watchers.fetch_sub(1, Ordering::AcqRel);
+                self.reading.fetch_sub(1, Ordering::AcqRel);
                 return Err(self.watch_error(e));
             }
         };
@@ -248,10 +254,12 @@ impl WatchHub {
             stat,
             next_progress: Instant::now() + self.options.progress_every,
             lagging: None,
+            slot: Some(slot),
         };
         let Some(runtime) = &self.options.runtime else {
             return Ok(Box::new(w));
         };
+        let slot = w.slot.take();
         // Read on the watch runtime, handed over one batch at a time: the
         // caller renders and sends only what the watcher managed to read.
         let token = w.token();
@@ -307,30 +315,43 @@ impl WatchHub {
             token,
             closed,
             ended,
+            slot,
         }))
     }
 
-    /// Takes one of the node's watch slots (the caller gives it back).
-    fn reserve(&self) -> Result<(), OpError> {
-        if self.watchers.fetch_add(1, Ordering::AcqRel) >= self.options.max_watchers {
-            self.watchers.fetch_sub(1, Ordering::AcqRel);
+    /// Takes one of the node's watch slots. One that reads this node's log
+    /// (`local`) also needs room among the watches reading it: those whose
+    /// client left go on until their task runs (at a lower priority: under
+    /// a full CPU, seconds later), and a churn must not pile them up.
+    fn reserve(&self, local: bool) -> Result<WatchSlot, OpError> {
+        let (max, reading) = (
+            self.options.max_watchers,
+            self.reading.load(Ordering::Acquire),
+        );
+        if local && reading >= max.saturating_mul(2) {
             return Err(OpError::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "this node has {} watches open, its limit: try another node or later",
-                    self.options.max_watchers
+                    "this node is still closing watches whose clients left ({reading} read its logs, for a limit of {max} open): try again shortly"
                 ),
             ));
         }
-        Ok(())
+        if self.watchers.fetch_add(1, Ordering::AcqRel) >= max {
+            self.watchers.fetch_sub(1, Ordering::AcqRel);
+            return Err(OpError::new(
+                ErrorKind::Unavailable,
+                format!("this node has {max} watches open, its limit: try another node or later"),
+            ));
+        }
+        Ok(WatchSlot(self.watchers.clone()))
     }
 
     /// A slot for a watch this node relays from another (counted with the
     /// local ones, given back on drop).
-    pub(crate) fn relay_slot(self: &Arc<Self>) -> Result<RelaySlot, OpError> {
-        self.reserve()?;
+    pub(crate) fn relay_slot(self: &Arc<Self>) -> Result<WatchSlot, OpError> {
+        let slot = self.reserve(false)?;
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(RelaySlot(self.clone()))
+        Ok(slot)
     }
 
     /// Counts events a relayed watch passed on, and a refused resume.
@@ -397,7 +418,7 @@ impl WatchHub {
 
     fn release(&self, collection: &str, feed: &Arc<Feed>) {
         let mut map = self.shard(collection).lock().unwrap();
-        self.watchers.fetch_sub(1, Ordering::AcqRel);
+        self.reading.fetch_sub(1, Ordering::AcqRel);
         if feed.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
             map.remove(collection);
             feed.stop.store(true, Ordering::Release);
@@ -454,16 +475,6 @@ impl WatchHub {
     }
 }
 
-/// A relayed watch's place among the node's watches.
-#[derive(Debug)]
-pub(crate) struct RelaySlot(Arc<WatchHub>);
-
-impl Drop for RelaySlot {
-    fn drop(&mut self) {
-        self.0.watchers.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// How often a watch whose client is not taking its batches checks the
 /// lag rule.
 const LAG_CHECK_EVERY: Duration = Duration::from_millis(500);
@@ -479,6 +490,8 @@ struct NodeWatch {
     /// Since when it has been more than the lag limit behind without
     /// catching up, and by how much then.
     lagging: Option<(Instant, u64)>,
+    /// Its place among the open watches, unless handed over.
+    slot: Option<WatchSlot>,
 }
 
 impl Drop for NodeWatch {
@@ -581,6 +594,8 @@ struct Pumped {
     closed: Arc<Mutex<Option<OpError>>>,
     /// Cancelled when the reading side ended the watch with an error.
     ended: tokio_util::sync::CancellationToken,
+    /// Its place among the open watches, unless handed over.
+    slot: Option<WatchSlot>,
 }
 
 impl EventSource for Pumped {
@@ -611,6 +626,10 @@ impl EventSource for Pumped {
     fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         Box::pin(self.ended.clone().cancelled_owned())
     }
+
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        WatchSlot::boxed(&mut self.slot)
+    }
 }
 
 impl EventSource for NodeWatch {
@@ -622,5 +641,9 @@ impl EventSource for NodeWatch {
 
     fn token(&self) -> Token {
         token(self.watch.position())
+    }
+
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        WatchSlot::boxed(&mut self.slot)
     }
 }

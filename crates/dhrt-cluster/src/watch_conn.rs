@@ -51,6 +51,10 @@ where
     // nothing: its last batch and the reason cannot go out, and the
     // connection is not kept for them until the idle timeout.
     let ended = source.ended();
+    // The watch's place among the node's open watches stays with this
+    // task, which sees the client leave, not with the writer, which runs
+    // at a lower priority and could hold it for seconds after.
+    let _slot = source.take_slot();
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let progress = written.clone();
     // Why the guard ended the watch (the node stopping), for the writer to

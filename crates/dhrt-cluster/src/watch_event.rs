@@ -23,6 +23,24 @@ use dhrt_storage::{ChangeKind, Position, WatchEvent as StoreEvent};
 
 use crate::cluster::stamp;
 
+/// A watch's place among the node's open watches (`--max-watchers`): one
+/// of the count it was taken from, given back on drop.
+#[derive(Debug)]
+pub(crate) struct WatchSlot(pub(crate) Arc<AtomicUsize>);
+
+impl WatchSlot {
+    /// For [`dhrt_proto::EventSource::take_slot`].
+    pub(crate) fn boxed(slot: &mut Option<WatchSlot>) -> Option<Box<dyn Send + Sync>> {
+        Some(Box::new(slot.take()?))
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The node-wide budget of bytes of large values held as copies.
 #[derive(Debug)]
 pub(crate) struct Copies {

@@ -124,3 +124,69 @@ async fn bad_input_maps_to_the_right_error_kinds() {
     );
     assert!(!n.has_collection("_system"));
 }
+
+/// A watch's place among the open ones goes with what `take_slot` hands
+/// over (the connection): dropped, the watch no longer counts as open,
+/// though its task, on a starved watch runtime, has not run since. Such
+/// watches still read the log until it runs, so no more than twice
+/// `max_watchers` of them, open or left, are let pile up in a churn.
+#[tokio::test]
+async fn watches_whose_clients_left_free_their_places_at_once_and_cannot_pile_up() {
+    let starved = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel::<()>();
+    starved.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        let _ = held.recv();
+    });
+    blocked_rx.recv().unwrap();
+    let store = Store::memory(Options::default());
+    store.set("c", b"k", b"v").unwrap();
+    let hub = dhrt_cluster::WatchHub::new(
+        store,
+        dhrt_cluster::WatchOptions {
+            max_watchers: 2,
+            runtime: Some(starved.handle().clone()),
+            ..Default::default()
+        },
+    );
+    let request = dhrt_proto::WatchRequest {
+        collection: "c".into(),
+        prefix: None,
+        start: dhrt_proto::WatchStart::Now,
+    };
+    let open = || hub.open(&request);
+    // Two open: the limit.
+    let mut a = open().unwrap();
+    let mut b = open().unwrap();
+    let e = open().err().unwrap();
+    assert!(e.message.contains("2 watches open"), "{}", e.message);
+    assert_eq!(hub.counts().watchers, 2);
+    // Their clients leave: the places come back at once.
+    drop((a.take_slot(), b.take_slot(), a, b));
+    assert_eq!(hub.counts().watchers, 0);
+    // Two more open and leave; then the starved tasks of four are too many.
+    for _ in 0..2 {
+        let mut w = open().unwrap();
+        drop(w.take_slot());
+    }
+    let e = open().err().unwrap();
+    assert_eq!(e.kind, ErrorKind::Unavailable);
+    assert!(e.message.contains("still closing watches"), "{}", e.message);
+    // Once the watch runtime runs, they end, and watches open again.
+    drop(hold);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let w = loop {
+        match open() {
+            Ok(w) => break w,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{}", e.message),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    drop(w);
+    starved.shutdown_background();
+}

@@ -23,8 +23,22 @@ pub struct ResponseBody(Kind);
 enum Kind {
     /// A whole body, until it is sent.
     Full(Option<Bytes>),
-    /// Chunks from a channel.
-    Channel(mpsc::Receiver<Result<Bytes, BoxError>>),
+    /// Chunks from a channel, and what lives as long as the body (a
+    /// watch's place among the node's open watches).
+    Channel {
+        rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+        _held: Held,
+    },
+}
+
+/// Kept alive with a streamed body, dropped with it: hyper drops the body
+/// as soon as its connection closes.
+struct Held(Vec<Box<dyn Send + Sync>>);
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({})", self.0.len())
+    }
 }
 
 /// A whole body.
@@ -35,8 +49,22 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> ResponseBody {
 
 /// A body streamed from a channel, and its sending end.
 pub(crate) fn channel(capacity: usize) -> (mpsc::Sender<Result<Bytes, BoxError>>, ResponseBody) {
+    channel_holding(capacity, Vec::new())
+}
+
+/// A body streamed from a channel that keeps `held` until it is dropped.
+pub(crate) fn channel_holding(
+    capacity: usize,
+    held: Vec<Box<dyn Send + Sync>>,
+) -> (mpsc::Sender<Result<Bytes, BoxError>>, ResponseBody) {
     let (tx, rx) = mpsc::channel(capacity);
-    (tx, ResponseBody(Kind::Channel(rx)))
+    (
+        tx,
+        ResponseBody(Kind::Channel {
+            rx,
+            _held: Held(held),
+        }),
+    )
 }
 
 impl Body for ResponseBody {
@@ -49,7 +77,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.0 {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Channel(rx) => rx
+            Kind::Channel { rx, .. } => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|r| r.map(Frame::data))),
         }
@@ -62,7 +90,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Channel(_) => SizeHint::default(),
+            Kind::Channel { .. } => SizeHint::default(),
         }
     }
 }

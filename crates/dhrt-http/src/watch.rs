@@ -261,7 +261,7 @@ pub(crate) struct Stop {
 /// The streamed response of a watch of `sources` (opened already, so that
 /// a refusal such as 410 was answered as a status).
 pub(crate) fn stream(
-    sources: Vec<(String, Box<dyn EventSource>)>,
+    mut sources: Vec<(String, Box<dyn EventSource>)>,
     multi: bool,
     format: Format,
     snapshot: bool,
@@ -274,7 +274,15 @@ pub(crate) fn stream(
         close_connection,
     } = stop;
     let runtime = runtime.unwrap_or_else(tokio::runtime::Handle::current);
-    let (tx, body) = body::channel(2);
+    // The watches' places among the node's open watches go with the body,
+    // which hyper drops as soon as the client leaves: the tasks below run
+    // at a lower priority, and under a full CPU would hold them for
+    // seconds after it (a churn of watches then kept new ones out).
+    let slots = sources
+        .iter_mut()
+        .filter_map(|(_, s)| s.take_slot())
+        .collect();
+    let (tx, body) = body::channel_holding(2, slots);
     let names: Vec<String> = sources.iter().map(|(n, _)| n.clone()).collect();
     let mut tokens: Vec<Token> = sources.iter().map(|(_, s)| s.token()).collect();
     // Snapshots not yet complete: until every one is, no event carries a

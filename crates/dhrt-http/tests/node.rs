@@ -198,13 +198,54 @@ impl Operations for MapNode {
         &self,
         request: dhrt_proto::WatchRequest,
     ) -> Result<Box<dyn dhrt_proto::EventSource>, OpError> {
-        if request.collection != "flood" {
-            return Err(OpError::new(
+        match request.collection.as_str() {
+            "flood" => Ok(Box::new(Flood(0))),
+            "slotted" => {
+                SLOTS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                Ok(Box::new(Slotted(Some(Slot))))
+            }
+            _ => Err(OpError::new(
                 ErrorKind::Unavailable,
-                "only flood is watched",
-            ));
+                "only flood and slotted are watched",
+            )),
         }
-        Ok(Box::new(Flood(0)))
+    }
+}
+
+/// Places taken by `slotted` watches and not given back.
+pub(crate) static SLOTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A `slotted` watch's place, given back on drop.
+struct Slot;
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        SLOTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// A watch with nothing to say, holding a place until handed over.
+struct Slotted(Option<Slot>);
+
+impl dhrt_proto::EventSource for Slotted {
+    fn next_batch(
+        &mut self,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Vec<dhrt_proto::WatchEvent>, OpError>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(std::future::pending())
+    }
+
+    fn token(&self) -> dhrt_proto::Token {
+        dhrt_proto::Token { history: 1, seq: 0 }
+    }
+
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        Some(Box::new(self.0.take()?))
     }
 }
 

@@ -354,6 +354,75 @@ async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
         .unwrap();
 }
 
+/// A watch's place among the node's open watches is given back as soon as
+/// its client leaves, even while the runtime that reads and writes watches
+/// (low CPU priority in dhrtd) gets no CPU: a churn of watches under load
+/// kept their places for 14-40 s, and new watches were refused meanwhile.
+#[tokio::test]
+async fn a_watch_gives_its_place_back_when_its_client_leaves_though_its_tasks_starve() {
+    use std::sync::atomic::Ordering;
+    // A watch runtime whose only thread is held: nothing spawned on it runs.
+    let starved = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let (blocked_tx, blocked_rx) = std::sync::mpsc::channel::<()>();
+    starved.spawn(async move {
+        blocked_tx.send(()).unwrap();
+        let _ = held.recv();
+    });
+    blocked_rx.recv().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let api = Api::new(
+        Arc::new(MapNode::default()),
+        Limits {
+            watch_runtime: Some(starved.handle().clone()),
+            ..Limits::default()
+        },
+    );
+    tokio::spawn(async move {
+        loop {
+            let (socket, remote) = listener.accept().await.unwrap();
+            tokio::spawn(api.clone().serve_connection(
+                socket,
+                remote.ip(),
+                std::future::pending(),
+                dhrt_proto::Proven::ignored(),
+            ));
+        }
+    });
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"GET /slotted HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut head = [0u8; 1024];
+        let n = client.read(&mut head).await.unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+        clients.push(client);
+    }
+    assert_eq!(crate::node::SLOTS.load(Ordering::Acquire), 3);
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::node::SLOTS.load(Ordering::Acquire) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} places still held 10 s after their clients left",
+            crate::node::SLOTS.load(Ordering::Acquire)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(hold);
+    starved.shutdown_background();
+}
+
 /// A client that sends most of a body at once and then nothing is not
 /// allowed the hours its average rate would grant (1 s per 100 bytes
 /// received here, about 10 min for 60,000 bytes): a pause longer than the

@@ -142,6 +142,16 @@ pub trait EventSource: Send {
     fn ended(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         Box::pin(std::future::pending())
     }
+
+    /// Hands over the watch's place among the node's open watches (its
+    /// `--max-watchers`), for the server to hold where it learns first
+    /// that the client left (with the connection, not in the task that
+    /// reads the log, which runs at a lower priority and can be starved
+    /// for seconds): dropping it gives the place back. `None` by default,
+    /// and once handed over.
+    fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
+        None
+    }
 }
 
 /// How long a watch its source ended may send nothing more (what it read
