@@ -36,7 +36,7 @@ use crate::cluster::Cluster;
 use crate::link::{Link, LinkError};
 use crate::stored::WhileStored;
 use crate::watch::WatchHub;
-use crate::watch_event::WatchSlot;
+use crate::watch_event::Tally;
 
 /// How long a host holds one `WatchNext` open when nothing happens.
 const POLL_WAIT: Duration = Duration::from_secs(2);
@@ -189,7 +189,7 @@ impl Relay {
         self: &Arc<Self>,
         request: WatchRequest,
     ) -> Result<Box<dyn EventSource>, OpError> {
-        let slot = self.hub.relay_slot()?;
+        let (slot, task) = self.hub.relay_slot()?;
         let hosts = self.cluster.watch_hosts(&request.collection);
         let mut gone = None;
         let mut failed = None;
@@ -206,6 +206,7 @@ impl Relay {
                     return Ok(Box::new(RemoteWatch {
                         relay: self.clone(),
                         slot: Some(slot),
+                        _task: task,
                         _link_use: link_use,
                         host,
                         link,
@@ -252,7 +253,8 @@ impl Relay {
 /// A watch followed on another node.
 struct RemoteWatch {
     relay: Arc<Relay>,
-    slot: Option<WatchSlot>,
+    slot: Option<Tally>,
+    _task: Tally,
     _link_use: LinkUse,
     host: u64,
     link: Arc<Link>,
@@ -409,6 +411,6 @@ impl EventSource for RemoteWatch {
     }
 
     fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
-        WatchSlot::boxed(&mut self.slot)
+        Tally::boxed(&mut self.slot)
     }
 }

@@ -26,7 +26,7 @@ use dhrt_storage::{Position, Store, WatchFrom};
 use tokio::sync::Notify;
 
 use crate::error::op_error;
-use crate::watch_event::{Copies, WatchSlot, event, token};
+use crate::watch_event::{Copies, Tally, event, token};
 
 /// Settings of the watches of a node.
 #[derive(Debug, Clone)]
@@ -97,11 +97,12 @@ pub struct WatchHub {
     store: Store,
     options: WatchOptions,
     feeds: [Mutex<HashMap<String, Arc<Feed>>>; FEED_SHARDS],
-    /// Watches open: their slots ([`WatchSlot`]), held by the connection.
+    /// Watches open: their places, held by their connections.
     watchers: Arc<AtomicUsize>,
-    /// Watches reading this node's logs: open ones, and those whose client
-    /// left while their task has not run since (at most `max_watchers`).
-    reading: AtomicUsize,
+    /// Watches whose tasks run (reading this node's logs, or following
+    /// another node's): open ones, and those whose client left while their
+    /// task has not run since. About twice `max_watchers` at most.
+    tasks: Arc<AtomicUsize>,
     stats: Mutex<Vec<std::sync::Weak<WatcherStat>>>,
     started: Instant,
     opened: AtomicU64,
@@ -116,6 +117,9 @@ pub struct WatchHub {
 pub struct WatchCounts {
     /// Watches open now.
     pub watchers: u64,
+    /// Watch tasks running: the open watches', and those of watches whose
+    /// client left that have not wound down yet.
+    pub tasks: u64,
     /// Events sent since the node started (progress events not counted).
     pub events: u64,
     /// How long the slowest watcher has been behind, in ms (0: all caught
@@ -138,7 +142,7 @@ impl WatchHub {
             options,
             feeds: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             watchers: Arc::default(),
-            reading: AtomicUsize::new(0),
+            tasks: Arc::default(),
             stats: Mutex::new(Vec::new()),
             started: Instant::now(),
             opened: AtomicU64::new(0),
@@ -159,7 +163,7 @@ impl WatchHub {
     /// Called after every write that changed `collection`.
     #[inline]
     pub fn changed(&self, collection: &str) {
-        if self.reading.load(Ordering::Relaxed) == 0 {
+        if self.tasks.load(Ordering::Relaxed) == 0 {
             return;
         }
         if let Some(feed) = self.shard(collection).lock().unwrap().get(collection) {
@@ -226,18 +230,11 @@ impl WatchHub {
         };
         // Taken first, given back by whoever holds it last (or here, if
         // the watch does not open).
-        let slot = self.reserve(true)?;
-        self.reading.fetch_add(1, Ordering::AcqRel);
-        let watch = match self
+        let (slot, task) = self.reserve()?;
+        let watch = self
             .store
             .watch(&request.collection, from, request.prefix.as_deref())
-        {
-            Ok(w) => w,
-            Err(e) => {
-                self.reading.fetch_sub(1, Ordering::AcqRel);
-                return Err(self.watch_error(e));
-            }
-        };
+            .map_err(|e| self.watch_error(e))?;
         let feed = self.feed(&request.collection);
         let stat = Arc::new(WatcherStat::default());
         {
@@ -255,6 +252,7 @@ impl WatchHub {
             next_progress: Instant::now() + self.options.progress_every,
             lagging: None,
             slot: Some(slot),
+            _task: task,
         };
         let Some(runtime) = &self.options.runtime else {
             return Ok(Box::new(w));
@@ -319,39 +317,37 @@ impl WatchHub {
         }))
     }
 
-    /// Takes one of the node's watch slots. One that reads this node's log
-    /// (`local`) also needs room among the watches reading it: those whose
-    /// client left go on until their task runs (at a lower priority: under
-    /// a full CPU, seconds later), and a churn must not pile them up.
-    fn reserve(&self, local: bool) -> Result<WatchSlot, OpError> {
-        let (max, reading) = (
-            self.options.max_watchers,
-            self.reading.load(Ordering::Acquire),
-        );
-        if local && reading >= max.saturating_mul(2) {
+    /// Takes a place among the node's open watches, and one among its
+    /// watch tasks: those of watches whose client left go on until they
+    /// next run (at a lower priority: under a full CPU, seconds later), and
+    /// a churn must not pile them up.
+    fn reserve(&self) -> Result<(Tally, Tally), OpError> {
+        let max = self.options.max_watchers;
+        let (task, running) = Tally::take(&self.tasks);
+        if running >= max.saturating_mul(2) {
             return Err(OpError::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "this node is still closing watches whose clients left ({reading} read its logs, for a limit of {max} open): try again shortly"
+                    "this node is still closing watches whose clients left ({running} still run, for a limit of {max} open): try again shortly"
                 ),
             ));
         }
-        if self.watchers.fetch_add(1, Ordering::AcqRel) >= max {
-            self.watchers.fetch_sub(1, Ordering::AcqRel);
+        let (slot, open) = Tally::take(&self.watchers);
+        if open >= max {
             return Err(OpError::new(
                 ErrorKind::Unavailable,
                 format!("this node has {max} watches open, its limit: try another node or later"),
             ));
         }
-        Ok(WatchSlot(self.watchers.clone()))
+        Ok((slot, task))
     }
 
-    /// A slot for a watch this node relays from another (counted with the
-    /// local ones, given back on drop).
-    pub(crate) fn relay_slot(self: &Arc<Self>) -> Result<WatchSlot, OpError> {
-        let slot = self.reserve(false)?;
+    /// The place and the task of a watch this node relays from another
+    /// (counted with the local ones, given back on drop).
+    pub(crate) fn relay_slot(self: &Arc<Self>) -> Result<(Tally, Tally), OpError> {
+        let taken = self.reserve()?;
         self.opened.fetch_add(1, Ordering::Relaxed);
-        Ok(slot)
+        Ok(taken)
     }
 
     /// Counts events a relayed watch passed on, and a refused resume.
@@ -418,7 +414,6 @@ impl WatchHub {
 
     fn release(&self, collection: &str, feed: &Arc<Feed>) {
         let mut map = self.shard(collection).lock().unwrap();
-        self.reading.fetch_sub(1, Ordering::AcqRel);
         if feed.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
             map.remove(collection);
             feed.stop.store(true, Ordering::Release);
@@ -431,6 +426,7 @@ impl WatchHub {
         let now = self.now_ms();
         let mut counts = WatchCounts {
             watchers: self.watchers.load(Ordering::Relaxed) as u64,
+            tasks: self.tasks.load(Ordering::Relaxed) as u64,
             events: self.events.load(Ordering::Relaxed),
             closed_lagging: self.closed_lagging.load(Ordering::Relaxed),
             gone: self.refused_gone.load(Ordering::Relaxed),
@@ -460,12 +456,14 @@ impl WatchHub {
         let _ = write!(
             out,
             "# HELP dhrt_watchers Watches open on this node.\n# TYPE dhrt_watchers gauge\ndhrt_watchers {}\n\
+             # HELP dhrt_watch_tasks Watch tasks running: the open watches', and those of watches whose client left, winding down.\n# TYPE dhrt_watch_tasks gauge\ndhrt_watch_tasks {}\n\
              # HELP dhrt_watch_events_total Watch events sent (progress events not counted).\n# TYPE dhrt_watch_events_total counter\ndhrt_watch_events_total {}\n\
              # HELP dhrt_watch_slowest_lag_seconds How long the slowest watcher has been behind.\n# TYPE dhrt_watch_slowest_lag_seconds gauge\ndhrt_watch_slowest_lag_seconds {:.3}\n\
              # HELP dhrt_watch_slowest_lag_bytes Bytes of log the slowest watcher had left at its last read.\n# TYPE dhrt_watch_slowest_lag_bytes gauge\ndhrt_watch_slowest_lag_bytes {}\n\
              # HELP dhrt_watch_closed_total Watches ended by the node, by reason.\n# TYPE dhrt_watch_closed_total counter\n\
              dhrt_watch_closed_total{{reason=\"lagging\"}} {}\ndhrt_watch_closed_total{{reason=\"gone\"}} {}\n",
             c.watchers,
+            c.tasks,
             c.events,
             c.slowest_lag_ms as f64 / 1000.0,
             c.slowest_lag_bytes,
@@ -491,7 +489,8 @@ struct NodeWatch {
     /// catching up, and by how much then.
     lagging: Option<(Instant, u64)>,
     /// Its place among the open watches, unless handed over.
-    slot: Option<WatchSlot>,
+    slot: Option<Tally>,
+    _task: Tally,
 }
 
 impl Drop for NodeWatch {
@@ -595,7 +594,7 @@ struct Pumped {
     /// Cancelled when the reading side ended the watch with an error.
     ended: tokio_util::sync::CancellationToken,
     /// Its place among the open watches, unless handed over.
-    slot: Option<WatchSlot>,
+    slot: Option<Tally>,
 }
 
 impl EventSource for Pumped {
@@ -628,7 +627,7 @@ impl EventSource for Pumped {
     }
 
     fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
-        WatchSlot::boxed(&mut self.slot)
+        Tally::boxed(&mut self.slot)
     }
 }
 
@@ -644,6 +643,6 @@ impl EventSource for NodeWatch {
     }
 
     fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
-        WatchSlot::boxed(&mut self.slot)
+        Tally::boxed(&mut self.slot)
     }
 }

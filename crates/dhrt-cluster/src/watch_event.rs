@@ -23,19 +23,24 @@ use dhrt_storage::{ChangeKind, Position, WatchEvent as StoreEvent};
 
 use crate::cluster::stamp;
 
-/// A watch's place among the node's open watches (`--max-watchers`): one
-/// of the count it was taken from, given back on drop.
+/// One of a count (a watch's place among the node's open watches, or its
+/// running task), given back on drop.
 #[derive(Debug)]
-pub(crate) struct WatchSlot(pub(crate) Arc<AtomicUsize>);
+pub(crate) struct Tally(Arc<AtomicUsize>);
 
-impl WatchSlot {
+impl Tally {
+    /// One more of `count`, and how many there were before.
+    pub(crate) fn take(count: &Arc<AtomicUsize>) -> (Tally, usize) {
+        (Tally(count.clone()), count.fetch_add(1, Ordering::AcqRel))
+    }
+
     /// For [`dhrt_proto::EventSource::take_slot`].
-    pub(crate) fn boxed(slot: &mut Option<WatchSlot>) -> Option<Box<dyn Send + Sync>> {
+    pub(crate) fn boxed(slot: &mut Option<Tally>) -> Option<Box<dyn Send + Sync>> {
         Some(Box::new(slot.take()?))
     }
 }
 
-impl Drop for WatchSlot {
+impl Drop for Tally {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }

@@ -190,3 +190,27 @@ async fn watches_whose_clients_left_free_their_places_at_once_and_cannot_pile_up
     drop(w);
     starved.shutdown_background();
 }
+
+/// A watch opened through the node (the relay, the wrapper that ends it
+/// once the collection moves away) still hands over its place among the
+/// open watches, for its connection to hold: given back, the watch stops
+/// counting, though it is not dropped yet.
+#[tokio::test]
+async fn a_watch_opened_through_the_node_hands_its_place_to_the_connection() {
+    let n = node();
+    n.set("c", b"k", Bytes::from_static(b"v")).await.unwrap();
+    let mut w = n
+        .watch(dhrt_proto::WatchRequest {
+            collection: "c".into(),
+            start: dhrt_proto::WatchStart::Now,
+            prefix: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(n.stats().await.watch.watchers, 1);
+    let slot = w.take_slot().expect("no place handed over");
+    assert!(w.take_slot().is_none(), "handed over twice");
+    drop(slot);
+    assert_eq!(n.stats().await.watch.watchers, 0);
+    drop(w);
+}
