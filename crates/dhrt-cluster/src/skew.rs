@@ -225,6 +225,31 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
     }
 }
 
+/// A skewed node's next verdict (`fresh`, from `offsets`, `max_offset_ms`
+/// and `clock_ahead_ms`): it takes writes again only once its clock is
+/// within the allowed offset by a twentieth of it. A clock at the limit,
+/// measured a few milliseconds either side of it from round to round,
+/// would otherwise refuse and take writes by turns, logging each turn.
+pub(crate) fn settle(
+    current: &Verdict,
+    fresh: Verdict,
+    offsets: &[i64],
+    max_offset_ms: u64,
+    clock_ahead_ms: u64,
+) -> Verdict {
+    if !current.skewed || fresh.skewed {
+        return fresh;
+    }
+    let clearly = max_offset_ms - max_offset_ms / 20;
+    match verdict(offsets, clearly, clock_ahead_ms).skewed {
+        true => Verdict {
+            ahead_ms: fresh.ahead_ms,
+            ..current.clone()
+        },
+        false => fresh,
+    }
+}
+
 /// Whether the peers' clocks decide this node's verdict whatever the
 /// clocks of `unmeasured` more known peers turn out to be: a node that
 /// has measured only some of its peers (one that just joined) must not
@@ -363,6 +388,29 @@ mod tests {
         assert!(!verdict(&[MAX as i64], MAX, 0).skewed);
         // Two against two: everyone refuses.
         assert!(verdict(&[HOUR, HOUR, 0], MAX, 0).skewed);
+    }
+
+    #[test]
+    fn a_skewed_node_takes_writes_again_only_clearly_within_the_limit() {
+        let max = MAX as i64;
+        let fine = Verdict::default();
+        let skewed = verdict(&[max + 3], MAX, 0);
+        assert!(skewed.skewed);
+        // Into skew at once, as before.
+        assert!(settle(&fine, skewed.clone(), &[max + 3], MAX, 0).skewed);
+        // Measured just within the limit next round: still refusing.
+        let fresh = verdict(&[max - 2], MAX, 0);
+        assert!(!fresh.skewed);
+        let kept = settle(&skewed, fresh, &[max - 2], MAX, 0);
+        assert!(kept.skewed && kept.reason == skewed.reason, "{kept:?}");
+        // Within by more than a twentieth: writes again.
+        let clear = max - max / 20 - 1;
+        assert!(!settle(&skewed, verdict(&[clear], MAX, 0), &[clear], MAX, 0).skewed);
+        // The same for stamps ahead of the clock in its log.
+        let ahead = verdict(&[], MAX, MAX + 1);
+        assert!(ahead.skewed);
+        assert!(settle(&ahead, verdict(&[], MAX, MAX - 1), &[], MAX, MAX - 1).skewed);
+        assert!(!settle(&ahead, verdict(&[], MAX, 1_000), &[], MAX, 1_000).skewed);
     }
 
     #[test]

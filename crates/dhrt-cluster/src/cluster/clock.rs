@@ -68,7 +68,9 @@ impl Cluster {
         // notwithstanding.
         let cleared = self.clock_measured.load(Ordering::Acquire);
         let v = if decided || (enough && cleared) || known.is_empty() {
-            skew::verdict(&measured, max, clock_ahead)
+            let fresh = skew::verdict(&measured, max, clock_ahead);
+            let current = self.verdict.lock().unwrap().clone();
+            skew::settle(&current, fresh, &measured, max, clock_ahead)
         } else {
             // Too few measured to judge by offsets (a join just brought
             // members not heard from yet), or, not cleared yet, too few to
