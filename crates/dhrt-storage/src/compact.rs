@@ -162,54 +162,52 @@ fn catch_up_outside(
     Ok(Some(from))
 }
 
-/// The most one bounded step under the writer lock catches up, once steps
-/// of [`LOCKED_CATCH_UP_BYTES`] stopped gaining on the writers.
-pub(crate) const LOCKED_STEP_MAX: u64 = 64 << 20;
+/// Bounded steps after which the gap must have shrunk, or the next ones
+/// are twice as large.
+const STEPS_WITHOUT_GAIN: u32 = 128;
 
-/// Bounded steps that do not bring the gap below its smallest, in a row,
-/// before the next ones are twice as large.
-const STEPS_WITHOUT_GAIN: u32 = 32;
-
-/// How much each bounded step under the writer lock catches up. Steps of
+/// How much each of a compaction's bounded steps under the writer lock
+/// catches up, once the writers outran its rounds outside it. Steps of
 /// [`LOCKED_CATCH_UP_BYTES`] gain on writers that append less than that
 /// while the lock is let go; writers that append more each time (a batch
 /// combined from many clients' pipelined writes, or all they wrote while
 /// the new file was synced between steps) outrun them for good, and the
 /// log grows until the disk is full: two clients of 32 connections with
-/// 64 SETs in flight each, over 400k keys, grew it to 14.7 GB in 100 s,
-/// the compaction finishing only once they stopped. So steps double when
-/// [`STEPS_WITHOUT_GAIN`] in a row did not bring the gap below its
-/// smallest, up to [`LOCKED_STEP_MAX`]: writers then wait for longer
-/// steps, only while they outrun the rebuild, and the rebuild ends.
+/// 64 SETs in flight each, over 400k keys, grew it to 12.9 GB in 90 s,
+/// the compaction finishing only once they stopped. So when the gap has
+/// not shrunk over [`STEPS_WITHOUT_GAIN`] steps, the next ones are twice
+/// as large, up to `Options::rebuild_step_max`: writers then wait for
+/// longer steps, only while they outrun the compaction, and it ends.
 #[derive(Debug)]
 struct Steps {
     limit: u64,
-    smallest: u64,
-    without_gain: u32,
+    max: u64,
+    /// The gap when the current run of steps began, and its steps so far.
+    window: (u64, u32),
 }
 
 impl Steps {
-    fn new() -> Steps {
+    fn new(max: u64) -> Steps {
         Steps {
             limit: LOCKED_CATCH_UP_BYTES,
-            smallest: u64::MAX,
-            without_gain: 0,
+            max,
+            window: (u64::MAX, 0),
         }
     }
 
     /// The limit of the next step, `gap` bytes behind the writers.
     fn next(&mut self, gap: u64) -> u64 {
-        if gap < self.smallest {
-            self.smallest = gap;
-            self.without_gain = 0;
-        } else {
-            self.without_gain += 1;
-            if self.without_gain >= STEPS_WITHOUT_GAIN {
-                self.limit = (self.limit * 2).min(LOCKED_STEP_MAX);
-                self.smallest = gap;
-                self.without_gain = 0;
+        let (began, steps) = self.window;
+        self.window = match steps {
+            0 => (gap, 1),
+            n if n < STEPS_WITHOUT_GAIN => (began, n + 1),
+            _ => {
+                if gap >= began {
+                    self.limit = (self.limit * 2).min(self.max).max(self.limit);
+                }
+                (gap, 1)
             }
-        }
+        };
         self.limit
     }
 }
@@ -448,7 +446,7 @@ pub(crate) fn compact(
         let mut synced = 0;
         let mut parts = Some((index, new_log));
         let mut outrun = false;
-        let mut steps = Steps::new();
+        let mut steps = Steps::new(options.rebuild_step_max);
         loop {
             if stopping() {
                 return Ok(false);
@@ -471,8 +469,12 @@ pub(crate) fn compact(
             // last: a sync per step would give the writers that long to
             // write more, and the steps might never gain on them.
             let unsynced = new_log.tail() - synced;
-            let limit = steps.next(old.log.applied().saturating_sub(from));
-            let last = old.log.applied().saturating_sub(from) <= limit;
+            let gap = old.log.applied().saturating_sub(from);
+            let limit = match outrun {
+                true => steps.next(gap),
+                false => LOCKED_CATCH_UP_BYTES,
+            };
+            let last = gap <= limit;
             if !outrun || last || unsynced >= SYNC_BETWEEN_STEPS_EVERY {
                 new_log.sync_all().map_err(|cause| poisoned(coll, cause))?;
                 synced = new_log.tail();
@@ -638,7 +640,6 @@ pub(crate) fn reshard(
     let (mut from, mut locked_max) = (t0, 0);
     let mut index = Some(index);
     let mut outrun = false;
-    let mut steps = Steps::new();
     loop {
         if stop() {
             return locked_max;
@@ -665,11 +666,16 @@ pub(crate) fn reshard(
             paused.send(()).unwrap();
             resume.recv().unwrap();
         }
-        let limit = steps.next(old.log.applied().saturating_sub(from));
         let swapped = coll.with_writer(|_| {
             let tail = old.log.tail();
             let new = index.as_ref().expect("until swapped");
-            let step = catch_up(&old.log, (from, tail, limit), None, new, &mut scratch);
+            let step = catch_up(
+                &old.log,
+                (from, tail, LOCKED_CATCH_UP_BYTES),
+                None,
+                new,
+                &mut scratch,
+            );
             let Ok(Some((n, end))) = step else {
                 abandon();
                 return true;
@@ -767,42 +773,42 @@ mod tests {
     use super::*;
 
     /// Steps stay at the bound while they gain on the writers, however
-    /// unevenly, and double while they do not, up to the most.
+    /// unevenly (a sync between steps sets them back now and then), and
+    /// double while they do not, up to the most.
     #[test]
     fn locked_steps_grow_only_while_the_writers_outrun_them() {
-        let mut steps = Steps::new();
-        // Gaining, with a setback now and then (a sync between steps).
-        let mut gap = 64u64 << 20;
+        const MAX: u64 = 16 << 20;
+        let mut steps = Steps::new(MAX);
+        let mut gap = 1u64 << 30;
         for i in 0..1000 {
             gap = if i % 20 == 19 {
                 gap + (1 << 20)
             } else {
-                gap - (1 << 16)
+                gap - (1 << 17)
             };
             assert_eq!(steps.next(gap), LOCKED_CATCH_UP_BYTES, "step {i}");
         }
-        for _ in 0..40 {
-            gap -= 1 << 16;
-            assert_eq!(steps.next(gap), LOCKED_CATCH_UP_BYTES);
-        }
-        // Outrun: the gap only grows. Each STEPS_WITHOUT_GAIN steps, twice
-        // the step, up to the most.
+        // Outrun: the gap only grows. Twice the step at the end of each
+        // run of steps, up to the most.
         let mut limits = Vec::new();
         for _ in 0..STEPS_WITHOUT_GAIN * 12 {
             gap += 1 << 20;
             limits.push(steps.next(gap));
         }
-        assert_eq!(
-            limits[STEPS_WITHOUT_GAIN as usize - 2],
-            LOCKED_CATCH_UP_BYTES
+        assert!(limits.contains(&(LOCKED_CATCH_UP_BYTES * 2)), "{limits:?}");
+        let first = limits.iter().position(|&l| l > LOCKED_CATCH_UP_BYTES);
+        assert!(
+            first.unwrap() <= STEPS_WITHOUT_GAIN as usize * 2,
+            "{limits:?}"
         );
-        assert_eq!(
-            limits[STEPS_WITHOUT_GAIN as usize - 1],
-            LOCKED_CATCH_UP_BYTES * 2
-        );
-        assert_eq!(*limits.last().unwrap(), LOCKED_STEP_MAX);
+        assert_eq!(*limits.last().unwrap(), MAX);
         // Gaining again: the step stays as large as it had to be.
-        gap -= LOCKED_STEP_MAX / 2;
-        assert_eq!(steps.next(gap), LOCKED_STEP_MAX);
+        gap -= MAX / 2;
+        assert_eq!(steps.next(gap), MAX);
+        // A most below the bound never shrinks the steps.
+        let mut steps = Steps::new(1 << 10);
+        for i in 0..100 {
+            assert_eq!(steps.next(i << 20), LOCKED_CATCH_UP_BYTES);
+        }
     }
 }

@@ -63,6 +63,11 @@ pub struct Options {
     /// about 2^20 × this many keys, or keys crafted to share a hash prefix,
     /// reach it. Default: 256.
     pub shard_array_max: usize,
+    /// The most a compaction's bounded step under the writer lock may
+    /// catch up once its steps of `LOCKED_CATCH_UP_BYTES` stopped gaining
+    /// on writers that outrun them (see `compact::Steps`): the longest a
+    /// writer waits then. Default: 16 MiB.
+    pub rebuild_step_max: u64,
     /// Shifts this store's wall clock by this many ms (fault injection: a
     /// node whose clock is ahead or behind). Default: 0.
     pub clock_offset_ms: i64,
@@ -93,6 +98,7 @@ impl Default for Options {
             keys_per_shard: 16,
             min_index_shards: 16,
             shard_array_max: 256,
+            rebuild_step_max: 16 << 20,
             clock_offset_ms: 0,
             max_collections: usize::MAX,
             disk_reserve: None,

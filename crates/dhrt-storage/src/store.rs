@@ -158,8 +158,8 @@ pub struct CollectionStats {
     /// The most records a compaction or reshard of it replayed while
     /// holding its writer lock since it was opened: the longest a writer
     /// waited for a rebuild, in records (bounded by
-    /// [`crate::LOCKED_CATCH_UP_BYTES`], unless writers outran the
-    /// rebuild's steps: up to 64 MiB of records then).
+    /// [`crate::LOCKED_CATCH_UP_BYTES`], unless writers outran a
+    /// compaction's steps: up to `Options::rebuild_step_max` then).
     pub rebuild_locked_records_max: u64,
     /// Records of it that failed their checksum since it was opened (on a
     /// read, a compaction or a watch's scan): each one's key was
