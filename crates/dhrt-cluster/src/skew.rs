@@ -186,6 +186,8 @@ pub(crate) struct Verdict {
     pub(crate) ahead_ms: i64,
     /// Why it is skewed (empty if not).
     pub(crate) reason: String,
+    /// Skewed for the stamps in its log, not for its peers' clocks.
+    pub(crate) by_stamps: bool,
 }
 
 /// The verdict from the offsets of the measured peers (`peer − me`, ms;
@@ -205,6 +207,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
                 offsets.len(),
                 seconds(max_offset_ms)
             ),
+            by_stamps: false,
         };
     }
     if clock_ahead_ms > max_offset_ms {
@@ -216,20 +219,23 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
                 seconds(clock_ahead_ms),
                 seconds(max_offset_ms)
             ),
+            by_stamps: true,
         };
     }
     Verdict {
         skewed: false,
         ahead_ms,
         reason: String::new(),
+        by_stamps: false,
     }
 }
 
 /// A skewed node's next verdict (`fresh`, from `offsets`, `max_offset_ms`
-/// and `clock_ahead_ms`): it takes writes again only once its clock is
-/// within the allowed offset by a twentieth of it. A clock at the limit,
-/// measured a few milliseconds either side of it from round to round,
-/// would otherwise refuse and take writes by turns, logging each turn.
+/// and `clock_ahead_ms`): it takes writes again only once what made it
+/// skewed (its peers' clocks, or the stamps in its log) is within the
+/// allowed offset by a twentieth of it. A clock at the limit, measured a
+/// few milliseconds either side of it from round to round, would
+/// otherwise refuse and take writes by turns, logging each turn.
 pub(crate) fn settle(
     current: &Verdict,
     fresh: Verdict,
@@ -241,13 +247,23 @@ pub(crate) fn settle(
         return fresh;
     }
     let clearly = max_offset_ms - max_offset_ms / 20;
-    match verdict(offsets, clearly, clock_ahead_ms).skewed {
-        true => Verdict {
-            ahead_ms: fresh.ahead_ms,
-            ..current.clone()
-        },
-        false => fresh,
+    let still = match current.by_stamps {
+        true => clock_ahead_ms > clearly,
+        false => verdict(offsets, clearly, 0).skewed,
+    };
+    if !still {
+        return fresh;
     }
+    let mut kept = current.clone();
+    kept.ahead_ms = fresh.ahead_ms;
+    if !kept.reason.contains("takes writes again once within") {
+        kept.reason = format!(
+            "{} (it takes writes again once within {} s)",
+            kept.reason,
+            seconds(clearly)
+        );
+    }
+    kept
 }
 
 /// Whether the peers' clocks decide this node's verdict whatever the
@@ -275,6 +291,7 @@ pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) 
             offsets.len(),
             seconds(max_offset_ms)
         ),
+        by_stamps: false,
     })
 }
 
@@ -402,7 +419,10 @@ mod tests {
         let fresh = verdict(&[max - 2], MAX, 0);
         assert!(!fresh.skewed);
         let kept = settle(&skewed, fresh, &[max - 2], MAX, 0);
-        assert!(kept.skewed && kept.reason == skewed.reason, "{kept:?}");
+        assert!(
+            kept.skewed && kept.reason.starts_with(&skewed.reason),
+            "{kept:?}"
+        );
         // Within by more than a twentieth: writes again.
         let clear = max - max / 20 - 1;
         assert!(!settle(&skewed, verdict(&[clear], MAX, 0), &[clear], MAX, 0).skewed);
@@ -411,6 +431,16 @@ mod tests {
         assert!(ahead.skewed);
         assert!(settle(&ahead, verdict(&[], MAX, MAX - 1), &[], MAX, MAX - 1).skewed);
         assert!(!settle(&ahead, verdict(&[], MAX, 1_000), &[], MAX, 1_000).skewed);
+        // Skewed for its stamps, it is not held for a peer that sits
+        // within the limit but inside the margin: only the stamps are
+        // judged more strictly.
+        let peer = [max - 2];
+        let ahead = verdict(&peer, MAX, MAX + 1);
+        assert!(ahead.skewed && ahead.by_stamps);
+        assert!(!settle(&ahead, verdict(&peer, MAX, 1_000), &peer, MAX, 1_000).skewed);
+        // And what it says while held says when it lets go.
+        let held = settle(&skewed, verdict(&[max - 2], MAX, 0), &[max - 2], MAX, 0);
+        assert!(held.reason.contains("once within 57 s"), "{}", held.reason);
     }
 
     #[test]
