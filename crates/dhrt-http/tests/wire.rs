@@ -12,9 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::node::MapNode;
 
 async fn start() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let limits = Limits {
+    start_with(Limits {
         max_body: 64 * 1024,
         header_read_timeout: Duration::from_millis(300),
         list_batch: 100,
@@ -22,7 +20,14 @@ async fn start() -> SocketAddr {
         body_grace: Duration::from_millis(300),
         body_min_rate: 100,
         ..Limits::default()
-    };
+    })
+    .await
+}
+
+/// A server of a `MapNode` with `limits`, accepting until the test ends.
+async fn start_with(limits: Limits) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let api = Api::new(Arc::new(MapNode::default()), limits);
     tokio::spawn(async move {
         loop {
@@ -36,6 +41,19 @@ async fn start() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Opens an NDJSON watch of `collection` and reads its answer's head (200).
+async fn open_watch(addr: SocketAddr, collection: &str) -> TcpStream {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /{collection} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n"
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 4096];
+    let n = client.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    client
 }
 
 /// Sends `raw` and reads until the server closes the connection.
@@ -332,18 +350,9 @@ async fn a_stop_closes_a_watch_whose_client_reads_nothing() {
         )
         .await
     });
-    let mut client = TcpStream::connect(addr).await.unwrap();
-    client
-        .write_all(
-            b"GET /flood HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n",
-        )
-        .await
-        .unwrap();
     // The stream flows; then the client stops reading, and the node's
     // buffers and the socket's fill.
-    let mut head = [0u8; 4096];
-    let n = client.read(&mut head).await.unwrap();
-    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    let _client = open_watch(addr, "flood").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stopping.cancel();
     // Only a guard against hanging for ever, as it did before.
@@ -374,39 +383,14 @@ async fn a_watch_gives_its_place_back_when_its_client_leaves_though_its_tasks_st
         let _ = held.recv();
     });
     blocked_rx.recv().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let api = Api::new(
-        Arc::new(MapNode::default()),
-        Limits {
-            watch_runtime: Some(starved.handle().clone()),
-            ..Limits::default()
-        },
-    );
-    tokio::spawn(async move {
-        loop {
-            let (socket, remote) = listener.accept().await.unwrap();
-            tokio::spawn(api.clone().serve_connection(
-                socket,
-                remote.ip(),
-                std::future::pending(),
-                dhrt_proto::Proven::ignored(),
-            ));
-        }
-    });
+    let addr = start_with(Limits {
+        watch_runtime: Some(starved.handle().clone()),
+        ..Limits::default()
+    })
+    .await;
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut client = TcpStream::connect(addr).await.unwrap();
-        client
-            .write_all(
-                b"GET /slotted HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/x-ndjson\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut head = [0u8; 1024];
-        let n = client.read(&mut head).await.unwrap();
-        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
-        clients.push(client);
+        clients.push(open_watch(addr, "slotted").await);
     }
     assert_eq!(crate::node::SLOTS.load(Ordering::Acquire), 3);
     drop(clients);
