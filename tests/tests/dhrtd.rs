@@ -135,7 +135,11 @@ impl Dhrtd {
                 .arg("--data-dir")
                 .arg(data_dir)
                 .args(args)
-                .env("DHRT_LOG", "warn")
+                // DHRT_TEST_LOG=info shows the nodes' own account of a run.
+                .env(
+                    "DHRT_LOG",
+                    std::env::var("DHRT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()

@@ -717,3 +717,120 @@ fn a_flood_of_made_up_members_stops_at_the_table_size() {
     one.handle(1, gossip_from(10, vec![me(10, 2)]));
     assert_eq!(view(&one, 10), Some((2, Liveness::Alive)));
 }
+
+/// The ping node 1 sent to `to` among `outputs`, if any: its sequence.
+fn ping_to(outputs: &[Output], to: u64) -> Option<u64> {
+    outputs.iter().find_map(|o| match o {
+        Output::Send { to: t, gossip } if *t == to => match gossip.kind {
+            dhrt_proto::GossipKind::Ping { seq, relay: None } => Some(seq),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// A member busy with a burst of large values can answer a ping late and
+/// still send its own messages on time: any word from it answers the
+/// probe under way. Silent, it is suspected as before.
+#[test]
+fn any_word_from_a_probed_member_answers_its_probe() {
+    let config = MembershipConfig::default();
+    let period = config.period_ms;
+    let mut one = Membership::new(me(1, 100), config, 1);
+    one.merge_own_word(0, me(2, 200));
+    one.drain();
+    let mut now = 0;
+    for round in 0..20 {
+        now += period;
+        one.tick(now);
+        let out = one.drain();
+        assert!(
+            !out.contains(&Output::Unanswered { member: 2 }),
+            "round {round}: a probe reported unanswered though 2 spoke after each ping"
+        );
+        if ping_to(&out, 2).is_some() {
+            // Its own ping to node 1, not an ack.
+            let mut word = gossip_from(2, vec![me(2, 200)]);
+            word.kind = dhrt_proto::GossipKind::Ping {
+                seq: 7,
+                relay: None,
+            };
+            one.handle(now + 1, word);
+            one.drain();
+        }
+    }
+    assert_eq!(view(&one, 2), Some((200, Liveness::Alive)));
+    // Silent from now on: suspected within the direct and indirect probes.
+    for _ in 0..4 {
+        now += period;
+        one.tick(now);
+    }
+    assert_eq!(view(&one, 2).map(|v| v.1), Some(Liveness::Suspect));
+}
+
+/// A node whose own ticks come late (its process starved) gives the probe
+/// under way up to two more periods before judging it: the answer may be
+/// waiting unread. An answer in that time clears it; a dead member is
+/// still suspected, two periods later.
+#[test]
+fn a_node_that_ran_late_gives_its_probe_more_time_and_still_suspects_the_dead() {
+    let config = MembershipConfig::default();
+    let period = config.period_ms;
+    let late = 3 * period;
+    let start = |now: &mut u64| {
+        let mut one = Membership::new(me(1, 100), MembershipConfig::default(), 1);
+        one.merge_own_word(0, me(2, 200));
+        one.drain();
+        loop {
+            *now += period;
+            one.tick(*now);
+            if let Some(seq) = ping_to(&one.drain(), 2) {
+                return (one, seq);
+            }
+        }
+    };
+    // Answered after two late ticks: never reported unanswered.
+    let mut now = 0;
+    let (mut one, seq) = start(&mut now);
+    for _ in 0..2 {
+        now += late;
+        one.tick(now);
+        assert!(!one.drain().contains(&Output::Unanswered { member: 2 }));
+    }
+    let mut ack = gossip_from(2, vec![]);
+    ack.kind = dhrt_proto::GossipKind::Ack {
+        seq,
+        about: 2,
+        relay: None,
+    };
+    ack.from = 3; // not the target's own word: only the ack answers
+    one.handle(now, ack);
+    now += late;
+    one.tick(now);
+    assert!(!one.drain().contains(&Output::Unanswered { member: 2 }));
+    assert_eq!(view(&one, 2).map(|v| v.1), Some(Liveness::Alive));
+
+    // Never answered: suspected after the two grace ticks and the usual
+    // two, late as they all are.
+    let mut now = 0;
+    let (mut one, _) = start(&mut now);
+    let mut ticks = 0;
+    while view(&one, 2).map(|v| v.1) == Some(Liveness::Alive) {
+        now += late;
+        one.tick(now);
+        ticks += 1;
+        assert!(ticks <= 4, "not suspected after {ticks} late ticks");
+    }
+    assert_eq!(ticks, 4, "suspected after {ticks} late ticks, not 2 + 2");
+
+    // On time, no grace: suspected after two ticks.
+    let mut now = 0;
+    let (mut one, _) = start(&mut now);
+    let mut ticks = 0;
+    while view(&one, 2).map(|v| v.1) == Some(Liveness::Alive) {
+        now += period;
+        one.tick(now);
+        ticks += 1;
+    }
+    assert_eq!(ticks, 2);
+}

@@ -31,7 +31,9 @@
 //!   own address (an earlier life of it).
 //! - A missed probe (direct, then through other members) or a failed request
 //!   makes a member suspect (`unhealthy`); suspicion that is not refuted
-//!   within the suspicion timeout makes it dead.
+//!   within the suspicion timeout makes it dead. Any word from the probed
+//!   member meanwhile answers its probe, and a node whose own ticks run
+//!   late gives the probe up to two more periods (`probe.rs`, `tick`).
 //! - A node declares a member it knows dead only on its own timeout: another
 //!   node's "dead" is taken as "suspect" (as memberlist does with a dead
 //!   entry in a push-pull sync). A node cut off from the rest declares them
@@ -166,6 +168,9 @@ struct Probe {
     seq: u64,
     indirect_sent: bool,
     acked: bool,
+    /// Ticks this probe was given beyond its two because this node itself
+    /// ran late (see [`Membership::tick`]).
+    grace: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +189,8 @@ pub struct Membership {
     seq: u64,
     order: Vec<u64>,
     ticks: u64,
+    /// When the last tick ran (ms on the driver's clock).
+    last_tick_ms: Option<u64>,
     config: MembershipConfig,
     rng: SmallRng,
     out: Vec<Output>,
@@ -215,6 +222,7 @@ impl Membership {
             seq: 0,
             order: Vec::new(),
             ticks: 0,
+            last_tick_ms: None,
             config,
             rng: SmallRng::seed_from_u64(seed),
             out: Vec::new(),
@@ -540,9 +548,11 @@ impl Membership {
         }
     }
 
-    /// Evidence of life from a successful request. A suspect member is sent
-    /// a probe at once, carrying the suspicion, so that it refutes it.
+    /// Evidence of life from a successful request: it answers the probe
+    /// of `id` under way, if any. A suspect member is sent a probe at once,
+    /// carrying the suspicion, so that it refutes it.
     pub fn heard_from(&mut self, id: u64) {
+        self.alive_evidence(id);
         if self
             .members
             .get(&id)

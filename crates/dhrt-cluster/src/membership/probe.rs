@@ -8,6 +8,10 @@ use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::{Membership, Output, Probe};
 
+/// The most periods a probe is given beyond its two because this node ran
+/// late.
+const MAX_PROBE_GRACE: u32 = 2;
+
 impl Membership {
     /// Members this node exchanges messages with: alive and suspect ones,
     /// plus dead ones when `with_dead`.
@@ -68,6 +72,7 @@ impl Membership {
             updates,
             ..
         } = gossip;
+        self.alive_evidence(from);
         for u in updates {
             if u.id == from {
                 self.merge_own_word(now_ms, u);
@@ -139,13 +144,45 @@ impl Membership {
         }
     }
 
+    /// Any message from `from`, or an answered request to it, shows it
+    /// alive now: the probe of it under way needs no other answer (a member
+    /// busy with a burst of large values may answer a ping late, its
+    /// replication acknowledgements and its own pings on time).
+    pub(super) fn alive_evidence(&mut self, from: u64) {
+        if let Some(p) = &mut self.probe
+            && p.target == from
+        {
+            p.acked = true;
+        }
+    }
+
     /// Advances the protocol by one period.
+    ///
+    /// A tick that comes over half a period late says this node itself was
+    /// starved (its process paused, or its threads got no CPU): the answer
+    /// to its probe may be waiting unread in a socket. The probe under way
+    /// is then given one more period rather than judged, at most twice
+    /// (Lifeguard's local-health awareness, in its simplest form): an
+    /// overloaded node does not mark healthy peers unhealthy, and still
+    /// suspects a dead one within a few periods.
     pub fn tick(&mut self, now_ms: u64) {
         self.ticks += 1;
+        let late = self
+            .last_tick_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) > self.config.period_ms * 3 / 2);
+        self.last_tick_ms = Some(now_ms);
         if self.me.liveness == Liveness::Left {
             return;
         }
-        self.finish_probe(now_ms);
+        if late
+            && let Some(p) = &mut self.probe
+            && !p.acked
+            && p.grace < MAX_PROBE_GRACE
+        {
+            p.grace += 1;
+        } else {
+            self.finish_probe(now_ms);
+        }
         self.expire_suspicions(now_ms);
         self.forget_left(now_ms);
         if self.probe.is_none() {
@@ -261,6 +298,7 @@ impl Membership {
                 seq,
                 indirect_sent: false,
                 acked: false,
+                grace: 0,
             });
             self.send(target, GossipKind::Ping { seq, relay: None });
         }
