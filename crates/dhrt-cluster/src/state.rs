@@ -14,10 +14,21 @@
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
 //! left 10.0.0.4:7453
+//! known 10.0.0.2:7453 3f465c332847fa5a * n2
+//! known 10.0.0.3:7453 91d0c7e2a4b35f10 users,orders n3
 //! ```
+//!
+//! A `known` line is a member that had not left as this node last knew it:
+//! its address, id, pinned collections (`*` for all, `,` for none) and
+//! name. After a restart it is known again at once, as dead until it
+//! answers: a whole cluster restarted without one member still places that
+//! member's collections on it (unavailable, not empty). Versions before
+//! these lines ignore them.
 
 use std::io;
 use std::path::Path;
+
+use dhrt_proto::{Liveness, MemberUpdate};
 
 /// What the file holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,6 +57,51 @@ pub(crate) struct SavedState {
     /// `dhrt_proto::PeerReply::Contact`. `None` in a file of an older
     /// version (then `seen` says it).
     pub(crate) fresh: Option<Option<u64>>,
+    /// The members that had not left as this node knew them (`known`
+    /// lines), each as dead at incarnation 0 (see [`remembered`]).
+    pub(crate) known: Vec<MemberUpdate>,
+}
+
+/// Member `u` as a `known` line remembers it: dead at incarnation 0, below
+/// anything it says of itself, so its first word replaces it; the
+/// incarnation also marks it as not heard from in this life.
+pub(crate) fn remembered(u: &MemberUpdate) -> MemberUpdate {
+    MemberUpdate {
+        id: u.id,
+        name: u.name.clone(),
+        addr: u.addr.clone(),
+        incarnation: 0,
+        liveness: Liveness::Dead,
+        syncing: false,
+        collections: u.collections.clone(),
+    }
+}
+
+/// A `known` line's fields after its keyword; `None` if malformed.
+fn parse_known(rest: &str) -> Option<MemberUpdate> {
+    let mut fields = rest.splitn(4, ' ');
+    let addr = fields.next()?;
+    let id = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let collections = match fields.next()? {
+        "*" => None,
+        list => Some(
+            list.split(',')
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+    };
+    let name = fields.next()?.trim();
+    let u = MemberUpdate {
+        id,
+        name: name.to_string(),
+        addr: addr.to_string(),
+        incarnation: 0,
+        liveness: Liveness::Dead,
+        syncing: false,
+        collections,
+    };
+    u.check().ok().map(|()| u)
 }
 
 /// Parses the file's text; unknown lines are ignored (newer versions may
@@ -81,6 +137,14 @@ pub(crate) fn parse(text: &str) -> io::Result<SavedState> {
             if !addr.is_empty() && !state.members.iter().any(|m| m == addr) {
                 state.members.push(addr.to_string());
             }
+        } else if let Some(rest) = line.strip_prefix("known ") {
+            // Malformed: skipped (the member is rejoined by its address
+            // alone, as before these lines).
+            if let Some(u) = parse_known(rest.trim())
+                && !state.known.iter().any(|k| k.id == u.id)
+            {
+                state.known.push(u);
+            }
         } else if let Some(addr) = line.strip_prefix("left ") {
             let addr = addr.trim();
             if !addr.is_empty() && !state.left.iter().any(|m| m == addr) {
@@ -114,6 +178,19 @@ pub(crate) fn render(state: &SavedState) -> String {
         for m in list.iter().filter(|m| !m.chars().any(char::is_whitespace)) {
             out.push_str(&format!("{kind} {m}\n"));
         }
+    }
+    // Checked when learned (no control characters, no space in the
+    // address, valid collection names): nothing here breaks a line.
+    for u in state.known.iter().filter(|u| u.check().is_ok()) {
+        let pins = match &u.collections {
+            None => "*".to_string(),
+            Some(list) if list.is_empty() => ",".to_string(),
+            Some(list) => list.join(","),
+        };
+        out.push_str(&format!(
+            "known {} {:016x} {pins} {}\n",
+            u.addr, u.id, u.name
+        ));
     }
     out
 }
@@ -187,8 +264,43 @@ mod tests {
             left: vec!["n4:7453".into()],
             horizon: Some(115_622_210_000_000_000),
             fresh: Some(Some(1_764_254_999_000)),
+            known: vec![
+                remembered(&MemberUpdate {
+                    id: 0x3f46_5c33_2847_fa5a,
+                    name: "node two, rack 4".into(),
+                    addr: "10.0.0.2:7453".into(),
+                    incarnation: 1_764_255_000_000,
+                    liveness: Liveness::Suspect,
+                    syncing: true,
+                    collections: None,
+                }),
+                remembered(&MemberUpdate {
+                    id: 7,
+                    name: "n3".into(),
+                    addr: "n3:7453".into(),
+                    incarnation: 9,
+                    liveness: Liveness::Alive,
+                    syncing: false,
+                    collections: Some(vec!["users".into(), "orders".into()]),
+                }),
+                remembered(&MemberUpdate {
+                    id: 8,
+                    name: "n5".into(),
+                    addr: "n5:7453".into(),
+                    incarnation: 9,
+                    liveness: Liveness::Alive,
+                    syncing: false,
+                    collections: Some(Vec::new()),
+                }),
+            ],
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
+        assert!(render(&s).contains("known 10.0.0.2:7453 3f465c332847fa5a * node two, rack 4\n"));
+        // Malformed `known` lines are skipped, the rest is read.
+        let text = "seen 5\nknown a:1\nknown a:1 zz * n\nknown a:1 0a x/y n\nknown a:1 0b * \nknown a:1 0c * n\n";
+        let known = parse(text).unwrap().known;
+        assert_eq!(known.len(), 1, "{known:?}");
+        assert_eq!((known[0].id, known[0].name.as_str()), (12, "n"));
         // No data from a sync (a newcomer mid-handoff): said so, never
         // taken for fresh; unreadable reads the same way.
         let none = SavedState {
@@ -241,6 +353,7 @@ horizon x
                 left: vec!["b:2".into()],
                 horizon: None,
                 fresh: None,
+                known: Vec::new(),
             }
         );
         assert!(parse("seen yesterday\n").is_err());
@@ -258,6 +371,7 @@ horizon x
             left: Vec::new(),
             horizon: None,
             fresh: None,
+            known: Vec::new(),
         };
         save(&path, &s).unwrap();
         assert_eq!(load(&path).unwrap(), Some(s));
@@ -277,6 +391,7 @@ horizon x
             left: Vec::new(),
             horizon: None,
             fresh: None,
+            known: Vec::new(),
         };
         std::thread::scope(|s| {
             for t in 1..=4u64 {
@@ -307,6 +422,7 @@ horizon x
                 left: Vec::new(),
                 horizon: None,
                 fresh: None,
+                known: Vec::new(),
             },
         )
         .unwrap();
@@ -347,6 +463,7 @@ horizon x
             left: Vec::new(),
             horizon: None,
             fresh: None,
+            known: Vec::new(),
         };
         let back = parse(&render(&state)).unwrap();
         assert_eq!(back.seen_ms, 7);

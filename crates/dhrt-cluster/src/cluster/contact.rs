@@ -77,6 +77,7 @@ impl Cluster {
             let stale = written.as_ref().is_none_or(|w| {
                 w.members != saved.members
                     || w.left != saved.left
+                    || w.known != saved.known
                     || w.horizon != saved.horizon
                     || w.fresh != saved.fresh
                     || saved.seen_ms > w.seen_ms
@@ -217,6 +218,11 @@ impl Cluster {
             .map(|u| u.addr.clone())
             .collect();
         left.dedup();
+        let known = m
+            .members()
+            .filter(|u| u.liveness != Liveness::Left)
+            .map(crate::state::remembered)
+            .collect();
         SavedState {
             seen_ms: self.last_contact.load(Ordering::Acquire),
             stamp_ms: Some(self.contact_stamp.load(Ordering::Acquire)),
@@ -224,6 +230,7 @@ impl Cluster {
             left,
             horizon: self.horizon(),
             fresh: Some(self.data_contact()),
+            known,
         }
     }
 
@@ -298,6 +305,7 @@ mod tests {
             left: Vec::new(),
             horizon: None,
             fresh: None,
+            known: Vec::new(),
         };
         let reported = || cluster.state_save_error.lock().unwrap().clone();
         assert!(!cluster.save_state(&saved));

@@ -16,7 +16,7 @@ use super::moves::Round;
 use super::{Cluster, Peer};
 use crate::link::{Link, LinkError};
 use crate::membership::Membership;
-use crate::membership::{Output, member_state};
+use crate::membership::{Output, member_state, remembered_only};
 use crate::queue::Queue;
 
 /// How long a leaving member's last anti-entropy round may take.
@@ -43,7 +43,11 @@ impl Cluster {
         let (value, outputs) = {
             let mut m = self.membership.lock().unwrap();
             let value = f(&mut m, now);
-            let known = m.members().any(|u| u.liveness != Liveness::Left);
+            // Remembered from an earlier life and not heard of since:
+            // no peer yet.
+            let known = m
+                .members()
+                .any(|u| u.liveness != Liveness::Left && !remembered_only(u));
             if known && !self.peers_known.swap(known, Ordering::AcqRel) {
                 // Peers from now on: the clock is unchecked until compared.
                 self.peers_since_ms.store(now.max(1), Ordering::Release);

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::Cluster;
 use crate::link::LinkError;
+use crate::membership::remembered_only;
 
 /// How long a member back with the whole cluster waits for the members it
 /// remembers before one of those back goes first with its own data: the
@@ -194,7 +195,7 @@ impl Cluster {
             let m = self.membership.lock().unwrap();
             self.remembered
                 .iter()
-                .all(|addr| m.members().any(|u| u.addr == *addr))
+                .all(|addr| m.members().any(|u| u.addr == *addr && !remembered_only(u)))
         };
         if all_back {
             self.horizon.store(u64::MAX, Ordering::Release);

@@ -337,7 +337,9 @@ impl Cluster {
         let mut awaited = options.seeds.len();
         let mut horizon = u64::MAX;
         let mut remembered = Vec::new();
-        if let Some(saved) = saved {
+        let mut known = Vec::new();
+        if let Some(mut saved) = saved {
+            known = std::mem::take(&mut saved.known);
             horizon = saved.horizon.unwrap_or(u64::MAX);
             let members: Vec<String> = saved.members.into_iter().filter(|m| *m != addr).collect();
             remembered = members.clone();
@@ -413,7 +415,11 @@ impl Cluster {
             store.hold_tombstones_from(0); // Until `tombstones.rs` knows more.
         }
         let seed = options.rng_seed.unwrap_or(id ^ dhrt_storage::wall_ms());
-        let membership = Membership::new(update, options.membership.clone(), seed);
+        let mut membership = Membership::new(update, options.membership.clone(), seed);
+        // Known again at once, as dead until they answer: their
+        // collections stay placed on them (a read of one is unavailable,
+        // not "not found") when the whole cluster restarts without one.
+        membership.remember(0, known);
         Arc::new(Cluster {
             dialer: Dialer {
                 me: id,

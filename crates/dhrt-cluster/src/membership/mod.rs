@@ -140,6 +140,14 @@ pub enum Output {
     },
 }
 
+/// Whether `m` is only remembered from this node's earlier life (or heard
+/// of from another node that remembers it so): nobody has heard from it in
+/// this life. Incarnations are wall-clock milliseconds; a remembered
+/// member's is 0.
+pub(crate) fn remembered_only(m: &MemberUpdate) -> bool {
+    m.incarnation == 0
+}
+
 /// The state a member shows in stats.
 pub fn member_state(m: &MemberUpdate) -> MemberState {
     match m.liveness {
@@ -535,6 +543,19 @@ impl Membership {
         u.liveness = Liveness::Left;
         self.merge_one(now_ms, u.clone(), false);
         Ok(u)
+    }
+
+    /// Takes the members remembered from this node's earlier life (each
+    /// dead at incarnation 0, see `state::remembered`) that it does not
+    /// know yet: as if another node had said they are dead. Anything they
+    /// say of themselves, and any news of them from a live member, is
+    /// newer.
+    pub fn remember(&mut self, now_ms: u64, remembered: impl IntoIterator<Item = MemberUpdate>) {
+        for u in remembered {
+            if u.id != self.me.id && !self.members.contains_key(&u.id) {
+                self.merge_one(now_ms, u, false);
+            }
+        }
     }
 
     /// Evidence from a failed or timed-out request: `id` becomes suspect.
