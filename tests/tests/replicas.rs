@@ -447,6 +447,10 @@ fn a_member_missing_from_a_whole_cluster_restart_still_owns_its_collections() {
         n.stop("KILL");
     }
     let a = Dhrtd::start_on(Some(addrs[0]), dirs[0].path(), &ONE_OWNER);
+    // Alone, a holds a write to c's collection as no replica of it: said
+    // so (before, it took itself for the owner of everything and said 200).
+    let (status, body) = a.http("PUT", &format!("/{on_c}/k3"), b"alone");
+    assert_eq!(status, 504, "{body}");
     let b = Dhrtd::start_on(Some(addrs[1]), dirs[1].path(), &ONE_OWNER);
     let c_addr = addrs[2].to_string();
     for n in [&a, &b] {
@@ -479,11 +483,12 @@ fn a_member_missing_from_a_whole_cluster_restart_still_owns_its_collections() {
         a.get_raw(&format!("/{on_c}/k")) == (200, value.clone().into_bytes())
     });
     eventually(
-        "the write made meanwhile is on c",
+        "the writes made meanwhile are on c",
         Duration::from_secs(30),
         || {
             c.get_raw(&format!("/{on_c}/k2")) == (200, b"meanwhile".to_vec())
-                && local_keys(&c, &on_c) == 2
+                && c.get_raw(&format!("/{on_c}/k3")) == (200, b"alone".to_vec())
+                && local_keys(&c, &on_c) == 3
         },
     );
     eventually("all three healthy", Duration::from_secs(30), || {
@@ -502,4 +507,57 @@ fn all_healthy_but(nodes: &[&Dhrtd], dead: &str) -> bool {
                 m["state"] == want
             })
     })
+}
+
+/// A member that left while another was down is not brought back by that
+/// one's memory of it: after a whole-cluster restart the two agree it
+/// left (before `known` lines said whether a member had left, the one that
+/// missed the leave remembered it as a dead member owning collections).
+#[test]
+fn a_member_that_left_while_another_was_down_stays_left_after_a_restart() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = crate::cluster::three_joined(&dirs, &ONE_OWNER);
+    std::thread::sleep(Duration::from_millis(1500));
+    let addrs = [a.addr, b.addr, c.addr];
+    let c_addr = addrs[2].to_string();
+    b.stop("KILL");
+    assert!(c.stop("TERM").success());
+    eventually("a saw c leave", Duration::from_secs(20), || {
+        crate::cluster::state_of(&a, &c_addr).as_deref() == Some("left")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    a.stop("KILL");
+    let a = Dhrtd::start_on(Some(addrs[0]), dirs[0].path(), &ONE_OWNER);
+    let b = Dhrtd::start_on(Some(addrs[1]), dirs[1].path(), &ONE_OWNER);
+    eventually(
+        "a and b see each other healthy",
+        Duration::from_secs(60),
+        || {
+            [&a, &b].iter().all(|n| {
+                stats(n)["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["state"] == "healthy")
+                    .count()
+                    == 2
+            })
+        },
+    );
+    for n in [&a, &b] {
+        eventually("c is left", Duration::from_secs(10), || {
+            crate::cluster::state_of(n, &c_addr).as_deref() == Some("left")
+        });
+    }
+    // And stays so: neither brings it back from its memory (before, b
+    // did, and gossiped it to a).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        crate::cluster::state_of(&a, &c_addr).as_deref(),
+        Some("left")
+    );
+    assert_eq!(
+        crate::cluster::state_of(&b, &c_addr).as_deref(),
+        Some("left")
+    );
 }

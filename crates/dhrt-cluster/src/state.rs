@@ -14,16 +14,20 @@
 //! member 10.0.0.2:7453
 //! member 10.0.0.3:7453
 //! left 10.0.0.4:7453
-//! known 10.0.0.2:7453 3f465c332847fa5a * n2
-//! known 10.0.0.3:7453 91d0c7e2a4b35f10 users,orders n3
+//! known 10.0.0.2:7453 3f465c332847fa5a dead * n2
+//! known 10.0.0.3:7453 91d0c7e2a4b35f10 dead users,orders n3
+//! known 10.0.0.4:7453 5603d15f839092af left * n4
 //! ```
 //!
-//! A `known` line is a member that had not left as this node last knew it:
-//! its address, id, pinned collections (`*` for all, `,` for none) and
-//! name. After a restart it is known again at once, as dead until it
-//! answers: a whole cluster restarted without one member still places that
-//! member's collections on it (unavailable, not empty). Versions before
-//! these lines ignore them.
+//! A `known` line is a member as this node last knew it: its address, id,
+//! whether it had left (`left`) or not (`dead`), pinned collections (`*`
+//! for all, `,` for none) and name. After a restart it is known again at
+//! once, as dead (or left) until it answers: a whole cluster restarted
+//! without one member still places that member's collections on it
+//! (unavailable, not empty), and a member that left or was removed is not
+//! brought back by a node that missed it and remembers it as a member
+//! (its `left` word, at the same incarnation, outranks that node's
+//! `dead`). Versions before these lines ignore them.
 
 use std::io;
 use std::path::Path;
@@ -57,21 +61,26 @@ pub(crate) struct SavedState {
     /// `dhrt_proto::PeerReply::Contact`. `None` in a file of an older
     /// version (then `seen` says it).
     pub(crate) fresh: Option<Option<u64>>,
-    /// The members that had not left as this node knew them (`known`
-    /// lines), each as dead at incarnation 0 (see [`remembered`]).
+    /// The members as this node knew them (`known` lines), each as dead
+    /// or left at incarnation 0 (see [`remembered`]).
     pub(crate) known: Vec<MemberUpdate>,
 }
 
-/// Member `u` as a `known` line remembers it: dead at incarnation 0, below
-/// anything it says of itself, so its first word replaces it; the
-/// incarnation also marks it as not heard from in this life.
+/// Member `u` as a `known` line remembers it: left if it had left, dead
+/// otherwise, at incarnation 0, below anything it says of itself, so its
+/// first word replaces it; the incarnation also marks it as not heard from
+/// in this life.
 pub(crate) fn remembered(u: &MemberUpdate) -> MemberUpdate {
     MemberUpdate {
         id: u.id,
         name: u.name.clone(),
         addr: u.addr.clone(),
         incarnation: 0,
-        liveness: Liveness::Dead,
+        liveness: if u.liveness == Liveness::Left {
+            Liveness::Left
+        } else {
+            Liveness::Dead
+        },
         syncing: false,
         collections: u.collections.clone(),
     }
@@ -79,9 +88,14 @@ pub(crate) fn remembered(u: &MemberUpdate) -> MemberUpdate {
 
 /// A `known` line's fields after its keyword; `None` if malformed.
 fn parse_known(rest: &str) -> Option<MemberUpdate> {
-    let mut fields = rest.splitn(4, ' ');
+    let mut fields = rest.splitn(5, ' ');
     let addr = fields.next()?;
     let id = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let liveness = match fields.next()? {
+        "dead" => Liveness::Dead,
+        "left" => Liveness::Left,
+        _ => return None,
+    };
     let collections = match fields.next()? {
         "*" => None,
         list => Some(
@@ -91,13 +105,17 @@ fn parse_known(rest: &str) -> Option<MemberUpdate> {
                 .collect(),
         ),
     };
-    let name = fields.next()?.trim();
+    // Lines are read trimmed: a name that was only spaces is its address.
+    let name = match fields.next().unwrap_or("").trim() {
+        "" => addr,
+        name => name,
+    };
     let u = MemberUpdate {
         id,
         name: name.to_string(),
         addr: addr.to_string(),
         incarnation: 0,
-        liveness: Liveness::Dead,
+        liveness,
         syncing: false,
         collections,
     };
@@ -187,8 +205,13 @@ pub(crate) fn render(state: &SavedState) -> String {
             Some(list) if list.is_empty() => ",".to_string(),
             Some(list) => list.join(","),
         };
+        let state = if u.liveness == Liveness::Left {
+            "left"
+        } else {
+            "dead"
+        };
         out.push_str(&format!(
-            "known {} {:016x} {pins} {}\n",
+            "known {} {:016x} {state} {pins} {}\n",
             u.addr, u.id, u.name
         ));
     }
@@ -288,19 +311,27 @@ mod tests {
                     name: "n5".into(),
                     addr: "n5:7453".into(),
                     incarnation: 9,
-                    liveness: Liveness::Alive,
+                    liveness: Liveness::Left,
                     syncing: false,
                     collections: Some(Vec::new()),
                 }),
             ],
         };
         assert_eq!(parse(&render(&s)).unwrap(), s);
-        assert!(render(&s).contains("known 10.0.0.2:7453 3f465c332847fa5a * node two, rack 4\n"));
-        // Malformed `known` lines are skipped, the rest is read.
-        let text = "seen 5\nknown a:1\nknown a:1 zz * n\nknown a:1 0a x/y n\nknown a:1 0b * \nknown a:1 0c * n\n";
+        assert!(
+            render(&s).contains("known 10.0.0.2:7453 3f465c332847fa5a dead * node two, rack 4\n")
+        );
+        assert!(render(&s).contains("known n5:7453 0000000000000008 left , n5\n"));
+        // Malformed `known` lines are skipped, the rest is read; a name
+        // lost to trimming is the address.
+        let text = "seen 5\nknown a:1\nknown a:1 zz dead * n\nknown a:1 0a dead x/y n\n\
+                    known a:1 0b gone * n\nknown a:1 0c dead * n\nknown a:1 0d left *\n";
         let known = parse(text).unwrap().known;
-        assert_eq!(known.len(), 1, "{known:?}");
+        assert_eq!(known.len(), 2, "{known:?}");
         assert_eq!((known[0].id, known[0].name.as_str()), (12, "n"));
+        assert_eq!(known[0].liveness, Liveness::Dead);
+        assert_eq!((known[1].id, known[1].name.as_str()), (13, "a:1"));
+        assert_eq!(known[1].liveness, Liveness::Left);
         // No data from a sync (a newcomer mid-handoff): said so, never
         // taken for fresh; unreadable reads the same way.
         let none = SavedState {

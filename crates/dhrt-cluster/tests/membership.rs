@@ -834,3 +834,52 @@ fn a_node_that_ran_late_gives_its_probe_more_time_and_still_suspects_the_dead() 
     }
     assert_eq!(ticks, 2);
 }
+
+/// Members remembered from an earlier life (`cluster.state`) come back
+/// dead at incarnation 0; one that a node remembers as left stays left
+/// on a node that missed the leave and remembers it as dead. A remembered
+/// member does not replace another at its address, and its own word
+/// replaces it.
+#[test]
+fn remembered_members_come_back_dead_and_a_remembered_leave_outranks_them() {
+    let config = MembershipConfig::default();
+    let mut one = Membership::new(me(1, 100), config.clone(), 1);
+    let mut two = Membership::new(me(2, 200), config, 2);
+    let dead = MemberUpdate {
+        liveness: Liveness::Dead,
+        ..me(3, 0)
+    };
+    let left = MemberUpdate {
+        liveness: Liveness::Left,
+        ..dead.clone()
+    };
+    one.remember(0, [dead.clone()]);
+    two.remember(0, [left.clone()]);
+    assert_eq!(view(&one, 3), Some((0, Liveness::Dead)));
+    assert_eq!(view(&two, 3), Some((0, Liveness::Left)));
+    // Remembered, not spread as news: nothing about 3 on one's messages.
+    assert!(one.drain().iter().all(|o| match o {
+        Output::Send { gossip, .. } => gossip.updates.iter().all(|u| u.id != 3),
+        _ => true,
+    }));
+    // Each hears the other's table: the leave stands on both.
+    let (t1, t2) = (one.table(), two.table());
+    one.handle(10, gossip_from(2, t2));
+    two.handle(10, gossip_from(1, t1));
+    assert_eq!(view(&one, 3), Some((0, Liveness::Left)));
+    assert_eq!(view(&two, 3), Some((0, Liveness::Left)));
+    // Another node's stale memory of a different member at 3's address
+    // does not replace it.
+    let ghost = MemberUpdate {
+        id: 4,
+        ..dead.clone()
+    };
+    one.handle(20, gossip_from(2, vec![ghost]));
+    assert_eq!(view(&one, 4), None);
+    assert_eq!(view(&one, 3), Some((0, Liveness::Left)));
+    // Its own word does, once it is back.
+    let mut back = Membership::new(me(5, 100), MembershipConfig::default(), 5);
+    back.remember(0, [dead.clone()]);
+    back.handle(30, gossip_from(3, vec![me(3, 300)]));
+    assert_eq!(view(&back, 3), Some((300, Liveness::Alive)));
+}

@@ -361,6 +361,20 @@ impl Cluster {
         if !self.unreached() {
             return Ok(());
         }
+        // Its owners are members it remembers: a copy on a node that does
+        // not own the collection is no replica, whatever the concern.
+        let owns = {
+            let m = self.membership.lock().unwrap();
+            self.owners_in(&m, collection).contains(&self.dialer.me)
+        };
+        if !owns {
+            return Err(OpError::new(
+                ErrorKind::WriteConcern,
+                format!(
+                    "no owner of collection {collection:?} has answered since this node started: the write is saved on this node, which does not own it, and reaches its owners once they answer"
+                ),
+            ));
+        }
         let members = 1 + self.awaited;
         let replicas = match self.replicas_of(collection) {
             Replicas::All => members,

@@ -297,6 +297,16 @@ impl Membership {
             if addr_taken && !own_word {
                 return false;
             }
+            // Remembered from an earlier life by another node: it does
+            // not replace another member known at its address (whichever
+            // of two stale files is newer cannot be told), only a word of
+            // this life does.
+            if remembered_only(u)
+                && !own_word
+                && self.members.values().any(|k| k.update.addr == u.addr)
+            {
+                return false;
+            }
             // A table this size is no cluster this node can serve (each
             // member holds two peer connections, a queue, hints): what
             // would take it past is a peer's lie or a mistake, not news.
@@ -550,10 +560,38 @@ impl Membership {
     /// know yet: as if another node had said they are dead. Anything they
     /// say of themselves, and any news of them from a live member, is
     /// newer.
+    ///
+    /// Taken quietly (not spread as news; table exchanges carry them): a
+    /// left one too, so that a node that missed the leave, and remembers
+    /// the member as dead, learns it. Of two remembered at one address (a
+    /// stale file), the first stands here.
     pub fn remember(&mut self, now_ms: u64, remembered: impl IntoIterator<Item = MemberUpdate>) {
         for u in remembered {
-            if u.id != self.me.id && !self.members.contains_key(&u.id) {
-                self.merge_one(now_ms, u, false);
+            if u.id == self.me.id
+                || u.addr == self.me.addr
+                || u.check().is_err()
+                || self.members.contains_key(&u.id)
+                || self.members.values().any(|k| k.update.addr == u.addr)
+            {
+                continue;
+            }
+            if self.members.len() >= MAX_MEMBERS {
+                break;
+            }
+            self.members.insert(
+                u.id,
+                Known {
+                    update: u.clone(),
+                    since_ms: now_ms,
+                    moved_ms: None,
+                    flagged_ms: None,
+                },
+            );
+            if u.liveness != Liveness::Left {
+                self.out.push(Output::Changed {
+                    member: u,
+                    before: None,
+                });
             }
         }
     }
