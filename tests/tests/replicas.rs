@@ -513,10 +513,14 @@ fn all_healthy_but(nodes: &[&Dhrtd], dead: &str) -> bool {
 /// one's memory of it: after a whole-cluster restart the two agree it
 /// left (before `known` lines said whether a member had left, the one that
 /// missed the leave remembered it as a dead member owning collections).
+/// And what it held for the member that was down is not lost with it.
 #[test]
 fn a_member_that_left_while_another_was_down_stays_left_after_a_restart() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b, c) = crate::cluster::three_joined(&dirs, &ONE_OWNER);
+    for i in 0..COLLECTIONS {
+        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
+    }
     std::thread::sleep(Duration::from_millis(1500));
     let addrs = [a.addr, b.addr, c.addr];
     let c_addr = addrs[2].to_string();
@@ -560,4 +564,15 @@ fn a_member_that_left_while_another_was_down_stays_left_after_a_restart() {
         crate::cluster::state_of(&b, &c_addr).as_deref(),
         Some("left")
     );
+    // Every key reads: c handed the collections whose new owner (b) was
+    // down to a, standing in, which handed them to b once it was back.
+    // Before, they stayed in c's data directory alone, and read 404.
+    for i in 0..COLLECTIONS {
+        for n in [&a, &b] {
+            let path = format!("/c{i}/k");
+            eventually("every key reads", Duration::from_secs(30), || {
+                n.get_raw(&path) == (200, format!("v{i}").into_bytes())
+            });
+        }
+    }
 }

@@ -528,7 +528,7 @@ impl Cluster {
                     if round.kept > 0 {
                         tracing::warn!(
                             collections = round.kept,
-                            "leaving with copies no owner could take (owners down or not answering): they stay in this node's data directory"
+                            "leaving with copies no owner could take (owners down or not answering): they stay in this node's data directory, and with the live members standing in for those owners, if any"
                         );
                     }
                     break;

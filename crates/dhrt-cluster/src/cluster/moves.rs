@@ -256,10 +256,17 @@ impl Cluster {
                 let ids: Vec<String> = unreachable.iter().map(|id| format!("{id:016x}")).collect();
                 let why = format!("owners down or syncing: {}", ids.join(", "));
                 self.moves.note(&c, &owners, 0, 0, Some(why));
+                if round == Round::Leave {
+                    self.hand_to_stand_ins(&c, unreachable.len(), failed).await;
+                }
                 Ok(Handover::Kept)
             } else if let Some(id) = owners.iter().find(|id| failed.contains(id)) {
                 let why = format!("owner {id:016x} did not answer a handover request");
                 self.moves.note(&c, &owners, 0, 0, Some(why));
+                if round == Round::Leave {
+                    let missing = owners.iter().filter(|id| failed.contains(id)).count();
+                    self.hand_to_stand_ins(&c, missing, failed).await;
+                }
                 Ok(Handover::Kept)
             } else {
                 self.moves.note(&c, &owners, 0, 0, None);
@@ -288,6 +295,54 @@ impl Cluster {
             }
         }
         HandOver { held, kept }
+    }
+
+    /// A leaving node's copy of `collection` whose owners (`missing` of
+    /// them) are down: pushed to as many live members that may host it,
+    /// best placed first, which hold it as copies they do not own and hand
+    /// it to the owners once those are back (as they do a write no owner
+    /// took). This node keeps its own copy too. Without them, the
+    /// collection's keys would live only in the data directory of a node
+    /// that left, and read as "not found" until it came back.
+    async fn hand_to_stand_ins(
+        self: &Arc<Self>,
+        collection: &str,
+        missing: usize,
+        failed: &mut HashSet<u64>,
+    ) {
+        let stand_ins = {
+            let m = self.membership.lock().unwrap();
+            let live = m
+                .members()
+                .filter(|u| {
+                    u.liveness == Liveness::Alive
+                        && !u.syncing
+                        && !failed.contains(&u.id)
+                        && placement::hosts(u, collection)
+                })
+                .map(|u| u.id);
+            let mut ranked = placement::owners(collection, live, Replicas::All);
+            ranked.truncate(missing.max(1));
+            ranked
+        };
+        let Ok(digest) = self.store.digest(collection) else {
+            return;
+        };
+        for id in stand_ins {
+            match self.push_collection(id, collection, &digest).await {
+                Ok(n) => tracing::info!(
+                    collection,
+                    records = n,
+                    "its owners are down: handed to node {id:016x}, which hands it to them once they are back"
+                ),
+                Err(e) => {
+                    if matches!(e, LinkError::Timeout { .. } | LinkError::Unreachable { .. }) {
+                        failed.insert(id);
+                    }
+                    tracing::debug!(collection, "handing to a stand-in: {e}");
+                }
+            }
+        }
     }
 
     /// Pushes `collection` to each of its `owners`; with `release`,
