@@ -868,18 +868,85 @@ fn remembered_members_come_back_dead_and_a_remembered_leave_outranks_them() {
     two.handle(10, gossip_from(1, t1));
     assert_eq!(view(&one, 3), Some((0, Liveness::Left)));
     assert_eq!(view(&two, 3), Some((0, Liveness::Left)));
-    // Another node's stale memory of a different member at 3's address
-    // does not replace it.
-    let ghost = MemberUpdate {
+    // Another node's memory of a different member at 3's address (one
+    // that took its place after it left) is taken; 3 stays left. (One at
+    // the address of a member that has not left is not: see
+    // `a_replacement_one_node_missed_reaches_it_through_the_tables`.)
+    let after = MemberUpdate {
         id: 4,
         ..dead.clone()
     };
-    one.handle(20, gossip_from(2, vec![ghost]));
-    assert_eq!(view(&one, 4), None);
-    assert_eq!(view(&one, 3), Some((0, Liveness::Left)));
+    one.handle(20, gossip_from(2, vec![after]));
+    assert_eq!(view(&one, 4), Some((0, Liveness::Dead)));
+    assert!(view(&one, 3).is_none_or(|v| v.1 == Liveness::Left));
     // Its own word does, once it is back.
     let mut back = Membership::new(me(5, 100), MembershipConfig::default(), 5);
     back.remember(0, [dead.clone()]);
     back.handle(30, gossip_from(3, vec![me(3, 300)]));
     assert_eq!(view(&back, 3), Some((300, Liveness::Alive)));
+}
+
+/// A member replaced by a new identity at its address while node two was
+/// down: two remembers the old one (dead), one the new one (dead) and the
+/// old one as replaced (left). Their table exchanges bring two round to
+/// the new one; before, each kept its own and they placed collections
+/// differently until the member spoke.
+#[test]
+fn a_replacement_one_node_missed_reaches_it_through_the_tables() {
+    let config = MembershipConfig::default();
+    let old = MemberUpdate {
+        liveness: Liveness::Dead,
+        ..me(3, 0)
+    };
+    let new = MemberUpdate {
+        id: 4,
+        ..old.clone()
+    };
+    // Node one saw the replacement in its earlier life.
+    let mut earlier = Membership::new(me(1, 50), config.clone(), 1);
+    earlier.merge_own_word(0, me(3, 300));
+    earlier.merge_own_word(
+        10,
+        MemberUpdate {
+            id: 4,
+            ..me(3, 400)
+        },
+    );
+    assert_eq!(view(&earlier, 3), None);
+    assert_eq!(
+        earlier
+            .replaced()
+            .iter()
+            .map(|r| (r.id, r.liveness))
+            .collect::<Vec<_>>(),
+        [(3, Liveness::Left)]
+    );
+    // Restarted: what its `cluster.state` says, in any order.
+    let left_old = MemberUpdate {
+        liveness: Liveness::Left,
+        ..old.clone()
+    };
+    let mut one = Membership::new(me(1, 100), config.clone(), 1);
+    one.remember(0, [left_old, new.clone()]);
+    assert_eq!(view(&one, 4), Some((0, Liveness::Dead)));
+    assert_eq!(view(&one, 3), None);
+    let mut two = Membership::new(me(2, 200), config, 2);
+    two.remember(0, [old]);
+    assert_eq!(view(&two, 3), Some((0, Liveness::Dead)));
+    // A table exchange or two.
+    for round in 0..2 {
+        let t1 = one.sync_table();
+        two.handle(10 + round, gossip_from(1, t1));
+    }
+    assert_eq!(view(&two, 4), Some((0, Liveness::Dead)));
+    assert!(
+        view(&two, 3).is_none_or(|v| v.1 == Liveness::Left),
+        "{:?}",
+        view(&two, 3)
+    );
+    // And one does not take two's stale memory back.
+    let t2 = two.table();
+    one.handle(20, gossip_from(2, t2));
+    assert_eq!(view(&one, 3), None);
+    assert_eq!(view(&one, 4), Some((0, Liveness::Dead)));
 }

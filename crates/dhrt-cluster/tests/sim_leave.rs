@@ -154,20 +154,22 @@ fn a_leave_ends_in_bounded_time_when_an_owner_never_answers_it() {
         "the leave took {took:?} (simulated), past its bound of {LEAVE_BOUND:?}"
     );
     // What n2 took was released here; what n1 could not take stays, and
-    // n2 holds it too, standing in for n1 (it hands it to n1 later).
+    // n2 holds it too, standing in for n1 (it hands it on to n1, which
+    // it can reach).
     assert!(
         kept > 0 && kept < held,
         "n3 kept {kept} of its {held} collections after leaving"
     );
+    let n1 = world.stores.lock().unwrap()[0].clone();
     let n2 = world.stores.lock().unwrap()[1].clone();
     let after = n3.all_collections();
     for c in &before {
         if after.contains(c) {
-            assert_eq!(
-                n2.get(c, b"k").unwrap().as_deref(),
-                Some(&b"v"[..]),
-                "{c} is kept, and n2 does not stand in for its owner"
-            );
+            // On n2, standing in, or already handed on by it to n1.
+            let live = [&n2, &n1]
+                .iter()
+                .any(|n| n.get(c, b"k").unwrap().as_deref() == Some(&b"v"[..]));
+            assert!(live, "{c} is kept, and on no live member");
         } else {
             assert_eq!(
                 n2.get(c, b"k").unwrap().as_deref(),

@@ -218,7 +218,11 @@ impl Cluster {
             .map(|u| u.addr.clone())
             .collect();
         left.dedup();
-        let known = m.members().map(crate::state::remembered).collect();
+        let known = m
+            .members()
+            .chain(m.replaced())
+            .map(crate::state::remembered)
+            .collect();
         SavedState {
             seen_ms: self.last_contact.load(Ordering::Acquire),
             stamp_ms: Some(self.contact_stamp.load(Ordering::Acquire)),

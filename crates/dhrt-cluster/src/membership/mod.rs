@@ -49,6 +49,9 @@ use dhrt_proto::{Gossip, GossipKind, Liveness, MemberState, MemberUpdate};
 use rand::{SeedableRng, rngs::SmallRng};
 
 mod probe;
+mod remembered;
+
+pub(crate) use remembered::remembered_only;
 
 /// Timing and fan-out of the protocol.
 #[derive(Debug, Clone)]
@@ -140,14 +143,6 @@ pub enum Output {
     },
 }
 
-/// Whether `m` is only remembered from this node's earlier life (or heard
-/// of from another node that remembers it so): nobody has heard from it in
-/// this life. Incarnations are wall-clock milliseconds; a remembered
-/// member's is 0.
-pub(crate) fn remembered_only(m: &MemberUpdate) -> bool {
-    m.incarnation == 0
-}
-
 /// The state a member shows in stats.
 pub fn member_state(m: &MemberUpdate) -> MemberState {
     match m.liveness {
@@ -199,6 +194,12 @@ pub struct Membership {
     ticks: u64,
     /// When the last tick ran (ms on the driver's clock).
     last_tick_ms: Option<u64>,
+    /// Members replaced by another at their address (a node restarted
+    /// with a new identity), as left at incarnation 0, newest last: kept
+    /// in `cluster.state` and sent with table exchanges, so that a node
+    /// that missed the replacement and remembers the old one (as dead at
+    /// incarnation 0) takes it as left and the new one in its place.
+    replaced: Vec<MemberUpdate>,
     config: MembershipConfig,
     rng: SmallRng,
     out: Vec<Output>,
@@ -231,6 +232,7 @@ impl Membership {
             order: Vec::new(),
             ticks: 0,
             last_tick_ms: None,
+            replaced: Vec::new(),
             config,
             rng: SmallRng::seed_from_u64(seed),
             out: Vec::new(),
@@ -303,7 +305,10 @@ impl Membership {
             // this life does.
             if remembered_only(u)
                 && !own_word
-                && self.members.values().any(|k| k.update.addr == u.addr)
+                && self
+                    .members
+                    .values()
+                    .any(|k| k.update.addr == u.addr && k.update.liveness != Liveness::Left)
             {
                 return false;
             }
@@ -443,6 +448,9 @@ impl Membership {
             .map(|k| k.update.id)
             .collect();
         for id in replaced {
+            if let Some(old) = self.members.get(&id).map(|k| k.update.clone()) {
+                self.note_replaced(&old);
+            }
             self.forget(id);
             self.out.push(Output::Forgotten { id });
         }
@@ -553,47 +561,6 @@ impl Membership {
         u.liveness = Liveness::Left;
         self.merge_one(now_ms, u.clone(), false);
         Ok(u)
-    }
-
-    /// Takes the members remembered from this node's earlier life (each
-    /// dead at incarnation 0, see `state::remembered`) that it does not
-    /// know yet: as if another node had said they are dead. Anything they
-    /// say of themselves, and any news of them from a live member, is
-    /// newer.
-    ///
-    /// Taken quietly (not spread as news; table exchanges carry them): a
-    /// left one too, so that a node that missed the leave, and remembers
-    /// the member as dead, learns it. Of two remembered at one address (a
-    /// stale file), the first stands here.
-    pub fn remember(&mut self, now_ms: u64, remembered: impl IntoIterator<Item = MemberUpdate>) {
-        for u in remembered {
-            if u.id == self.me.id
-                || u.addr == self.me.addr
-                || u.check().is_err()
-                || self.members.contains_key(&u.id)
-                || self.members.values().any(|k| k.update.addr == u.addr)
-            {
-                continue;
-            }
-            if self.members.len() >= MAX_MEMBERS {
-                break;
-            }
-            self.members.insert(
-                u.id,
-                Known {
-                    update: u.clone(),
-                    since_ms: now_ms,
-                    moved_ms: None,
-                    flagged_ms: None,
-                },
-            );
-            if u.liveness != Liveness::Left {
-                self.out.push(Output::Changed {
-                    member: u,
-                    before: None,
-                });
-            }
-        }
     }
 
     /// Evidence from a failed or timed-out request: `id` becomes suspect.

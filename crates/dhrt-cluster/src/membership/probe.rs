@@ -136,7 +136,7 @@ impl Membership {
                         sent_ms: 0,
                         max_offset_ms: 0,
                         kind: GossipKind::Sync { reply: false },
-                        updates: self.table(),
+                        updates: self.sync_table(),
                     };
                     self.out.push(Output::Send { to: from, gossip });
                 }
@@ -196,7 +196,7 @@ impl Membership {
                     sent_ms: 0,
                     max_offset_ms: 0,
                     kind: GossipKind::Sync { reply: true },
-                    updates: self.table(),
+                    updates: self.sync_table(),
                 };
                 self.out.push(Output::Send { to, gossip });
             }
