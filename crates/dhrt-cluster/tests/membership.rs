@@ -950,3 +950,39 @@ fn a_replacement_one_node_missed_reaches_it_through_the_tables() {
     assert_eq!(view(&one, 3), None);
     assert_eq!(view(&one, 4), Some((0, Liveness::Dead)));
 }
+
+/// A member replaced at its address is not brought back by another node's
+/// stale memory of it, even once the member that replaced it has left:
+/// only its own word brings it back.
+#[test]
+fn a_replaced_member_comes_back_only_on_its_own_word() {
+    let mut one = Membership::new(me(1, 50), MembershipConfig::default(), 1);
+    one.merge_own_word(0, me(3, 300));
+    one.merge_own_word(
+        10,
+        MemberUpdate {
+            id: 4,
+            ..me(3, 400)
+        },
+    );
+    one.merge_own_word(
+        20,
+        MemberUpdate {
+            liveness: Liveness::Left,
+            ..MemberUpdate {
+                id: 4,
+                ..me(3, 401)
+            }
+        },
+    );
+    assert_eq!(view(&one, 4), Some((401, Liveness::Left)));
+    let stale = MemberUpdate {
+        liveness: Liveness::Dead,
+        ..me(3, 0)
+    };
+    one.handle(30, gossip_from(2, vec![stale]));
+    assert_eq!(view(&one, 3), None);
+    assert_eq!(view(&one, 4), Some((401, Liveness::Left)));
+    one.handle(40, gossip_from(3, vec![me(3, 500)]));
+    assert_eq!(view(&one, 3), Some((500, Liveness::Alive)));
+}

@@ -234,7 +234,7 @@ impl Cluster {
     pub(crate) fn on_join(self: &Arc<Self>, update: MemberUpdate) -> Vec<MemberUpdate> {
         self.with_membership(|m, now| {
             m.merge_own_word(now, update);
-            m.table()
+            m.sync_table()
         })
     }
 

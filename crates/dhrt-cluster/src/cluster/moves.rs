@@ -39,6 +39,8 @@ pub(crate) struct Moves {
     /// Records and bytes sent by handovers and handoff streams since start.
     pub(crate) records: AtomicU64,
     pub(crate) bytes: AtomicU64,
+    /// Collections a leave pushed to stand-ins already: once each.
+    stood_in: Mutex<HashSet<String>>,
 }
 
 /// One copy on its way to its owners.
@@ -59,6 +61,7 @@ impl Moves {
             held: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            stood_in: Mutex::new(HashSet::new()),
         }
     }
 
@@ -190,6 +193,10 @@ impl Cluster {
     ) -> HandOver {
         let leaving = round != Round::Settle;
         let (mut held, mut kept) = (0, 0);
+        // Copies whose owners are down, with how many: pushed to stand-ins
+        // after every owner had its handover, so that they do not use up
+        // the leave's time first.
+        let mut stand_in_for: Vec<(String, usize)> = Vec::new();
         for c in self.store.all_collections() {
             if c.starts_with('_') {
                 continue;
@@ -257,7 +264,7 @@ impl Cluster {
                 let why = format!("owners down or syncing: {}", ids.join(", "));
                 self.moves.note(&c, &owners, 0, 0, Some(why));
                 if round == Round::Leave {
-                    self.hand_to_stand_ins(&c, unreachable.len(), failed).await;
+                    stand_in_for.push((c.clone(), unreachable.len()));
                 }
                 Ok(Handover::Kept)
             } else if let Some(id) = owners.iter().find(|id| failed.contains(id)) {
@@ -265,7 +272,7 @@ impl Cluster {
                 self.moves.note(&c, &owners, 0, 0, Some(why));
                 if round == Round::Leave {
                     let missing = owners.iter().filter(|id| failed.contains(id)).count();
-                    self.hand_to_stand_ins(&c, missing, failed).await;
+                    stand_in_for.push((c.clone(), missing));
                 }
                 Ok(Handover::Kept)
             } else {
@@ -292,6 +299,11 @@ impl Cluster {
                     self.moves.note(&c, &[], 0, 0, Some(e.to_string()));
                     held += 1;
                 }
+            }
+        }
+        for (c, missing) in stand_in_for {
+            if self.moves.stood_in.lock().unwrap().insert(c.clone()) {
+                self.hand_to_stand_ins(&c, missing, failed).await;
             }
         }
         HandOver { held, kept }

@@ -292,6 +292,11 @@ impl Membership {
             return false;
         }
         let Some(known) = self.members.get(&u.id).map(|k| &k.update) else {
+            // Replaced at its address by another: only its own word brings
+            // it back (another node's stale memory of it does not).
+            if !own_word && self.replaced.iter().any(|r| r.id == u.id) {
+                return false;
+            }
             let addr_taken = self.members.values().any(|k| {
                 k.update.addr == u.addr
                     && matches!(k.update.liveness, Liveness::Alive | Liveness::Suspect)
