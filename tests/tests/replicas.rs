@@ -430,10 +430,7 @@ fn a_write_forwarded_by_a_node_whose_clock_is_behind_wins_over_the_one_before() 
 #[test]
 fn a_member_missing_from_a_whole_cluster_restart_still_owns_its_collections() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (a, b, c) = crate::cluster::three_joined(&dirs, &ONE_OWNER);
-    for i in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
-    }
+    let (a, b, c) = three_with_a_key_in_each(&dirs);
     let on_c = eventually_value(|| {
         (0..COLLECTIONS)
             .map(|i| format!("c{i}"))
@@ -517,10 +514,7 @@ fn all_healthy_but(nodes: &[&Dhrtd], dead: &str) -> bool {
 #[test]
 fn a_member_that_left_while_another_was_down_stays_left_after_a_restart() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let (a, b, c) = crate::cluster::three_joined(&dirs, &ONE_OWNER);
-    for i in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
-    }
+    let (a, b, c) = three_with_a_key_in_each(&dirs);
     std::thread::sleep(Duration::from_millis(1500));
     let addrs = [a.addr, b.addr, c.addr];
     let c_addr = addrs[2].to_string();
@@ -575,4 +569,14 @@ fn a_member_that_left_while_another_was_down_stays_left_after_a_restart() {
             });
         }
     }
+}
+
+/// Three nodes joined with [`ONE_OWNER`], and key `k` = `v{i}` written in
+/// each collection `c{i}` of c0..c23.
+fn three_with_a_key_in_each(dirs: &[tempfile::TempDir]) -> (Dhrtd, Dhrtd, Dhrtd) {
+    let (a, b, c) = crate::cluster::three_joined(dirs, &ONE_OWNER);
+    for i in 0..COLLECTIONS {
+        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
+    }
+    (a, b, c)
 }

@@ -812,27 +812,29 @@ fn a_node_that_ran_late_gives_its_probe_more_time_and_still_suspects_the_dead() 
 
     // Never answered: suspected after the two grace ticks and the usual
     // two, late as they all are.
-    let mut now = 0;
-    let (mut one, _) = start(&mut now);
-    let mut ticks = 0;
-    while view(&one, 2).map(|v| v.1) == Some(Liveness::Alive) {
-        now += late;
-        one.tick(now);
-        ticks += 1;
-        assert!(ticks <= 4, "not suspected after {ticks} late ticks");
-    }
+    let ticks = ticks_until_suspected(start, late);
     assert_eq!(ticks, 4, "suspected after {ticks} late ticks, not 2 + 2");
 
     // On time, no grace: suspected after two ticks.
+    assert_eq!(ticks_until_suspected(start, period), 2);
+}
+
+/// Ticks, `every` ms apart, until node 1 of `start` suspects node 2 (at
+/// most 10).
+fn ticks_until_suspected(start: impl Fn(&mut u64) -> (Membership, u64), every: u64) -> u32 {
     let mut now = 0;
     let (mut one, _) = start(&mut now);
     let mut ticks = 0;
     while view(&one, 2).map(|v| v.1) == Some(Liveness::Alive) {
-        now += period;
+        now += every;
         one.tick(now);
         ticks += 1;
+        assert!(
+            ticks <= 10,
+            "not suspected after {ticks} ticks {every} ms apart"
+        );
     }
-    assert_eq!(ticks, 2);
+    ticks
 }
 
 /// Members remembered from an earlier life (`cluster.state`) come back
@@ -903,15 +905,7 @@ fn a_replacement_one_node_missed_reaches_it_through_the_tables() {
         ..old.clone()
     };
     // Node one saw the replacement in its earlier life.
-    let mut earlier = Membership::new(me(1, 50), config.clone(), 1);
-    earlier.merge_own_word(0, me(3, 300));
-    earlier.merge_own_word(
-        10,
-        MemberUpdate {
-            id: 4,
-            ..me(3, 400)
-        },
-    );
+    let earlier = saw_3_replaced_by_4();
     assert_eq!(view(&earlier, 3), None);
     assert_eq!(
         earlier
@@ -956,15 +950,7 @@ fn a_replacement_one_node_missed_reaches_it_through_the_tables() {
 /// only its own word brings it back.
 #[test]
 fn a_replaced_member_comes_back_only_on_its_own_word() {
-    let mut one = Membership::new(me(1, 50), MembershipConfig::default(), 1);
-    one.merge_own_word(0, me(3, 300));
-    one.merge_own_word(
-        10,
-        MemberUpdate {
-            id: 4,
-            ..me(3, 400)
-        },
-    );
+    let mut one = saw_3_replaced_by_4();
     one.merge_own_word(
         20,
         MemberUpdate {
@@ -985,4 +971,19 @@ fn a_replaced_member_comes_back_only_on_its_own_word() {
     assert_eq!(view(&one, 4), Some((401, Liveness::Left)));
     one.handle(40, gossip_from(3, vec![me(3, 500)]));
     assert_eq!(view(&one, 3), Some((500, Liveness::Alive)));
+}
+
+/// Node 1, which heard member 3 and then member 4, a new identity at 3's
+/// address, in their own words.
+fn saw_3_replaced_by_4() -> Membership {
+    let mut one = Membership::new(me(1, 50), MembershipConfig::default(), 1);
+    one.merge_own_word(0, me(3, 300));
+    one.merge_own_word(
+        10,
+        MemberUpdate {
+            id: 4,
+            ..me(3, 400)
+        },
+    );
+    one
 }
