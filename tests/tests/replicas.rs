@@ -316,6 +316,26 @@ fn a_forwarded_write_no_owner_took_survives_the_forwarding_node_crashing() {
     let (status, body) = a.http("POST", &format!("/{on_b}/late/kept"), b"");
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("kept on this node"), "{body}");
+    assert!(
+        body.contains("saved on 0 of 1 replicas (1 needed)"),
+        "{body}"
+    );
+    // Once a takes b for down, it stores the next write itself, and that
+    // copy is no replica either: the 504 does not count it as one.
+    let b_addr = b.addr.to_string();
+    eventually("a takes b for down", Duration::from_secs(15), || {
+        stats(&a)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["addr"] == b_addr.as_str() && m["state"] != "healthy")
+    });
+    let (status, body) = a.http("POST", &format!("/{on_b}/later/kept"), b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        body.contains("saved on 0 of 1 replicas (1 needed), kept on this node"),
+        "{body}"
+    );
     let a_addr = a.addr;
     assert!(a.stop("KILL").code().is_none());
     b.signal("CONT");
@@ -324,6 +344,11 @@ fn a_forwarded_write_no_owner_took_survives_the_forwarding_node_crashing() {
         b.http("GET", &format!("/{on_b}/late"), b"").0 == 200
     });
     assert_eq!(b.get_raw(&format!("/{on_b}/late")).1, b"kept");
+    eventually(
+        "b has the second write a kept",
+        Duration::from_secs(30),
+        || b.http("GET", &format!("/{on_b}/later"), b"").0 == 200,
+    );
     drop(a);
 }
 

@@ -171,9 +171,10 @@ impl Cluster {
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
             return Ok(Vec::new());
         };
-        let (targets, reachable): (Vec<u64>, HashSet<u64>) = {
+        let (targets, reachable, owner_here): (Vec<u64>, HashSet<u64>, bool) = {
             let m = self.membership.lock().unwrap();
             let owners = self.owners_in(&m, &collection);
+            let owner_here = owners.contains(&m.me().id);
             let targets = m
                 .members()
                 .filter(|u| u.liveness != Liveness::Left && owners.contains(&u.id))
@@ -187,7 +188,7 @@ impl Cluster {
                 })
                 .map(|u| u.id)
                 .collect();
-            (targets, reachable)
+            (targets, reachable, owner_here)
         };
         let need = placement::need(self.options.write_ack, targets.len(), stored_locally);
         let (mut waits, mut queued) = (Vec::new(), Vec::new());
@@ -231,7 +232,16 @@ impl Cluster {
             } else {
                 "(too few replicas are up or accept it)".to_string()
             };
-            let kept = acked + local == 0 && self.keep_unacknowledged(&mutations).await;
+            // A copy on a node that does not own the collection (kept
+            // because no owner is up) is no replica: it is not counted.
+            let stand_in = local == 1 && !owner_here;
+            let kept =
+                stand_in || (acked + local == 0 && self.keep_unacknowledged(&mutations).await);
+            let (saved, replicas, copies) = if stand_in {
+                (acked, need.replicas - 1, need.remote_acks)
+            } else {
+                (acked + local, need.replicas, need.copies)
+            };
             // A replica that answered and refused says why.
             let why = waited
                 .iter()
@@ -249,9 +259,9 @@ impl Cluster {
                 format!(
                     "write concern {} not met {when}{why}: the write is saved on {} of {} replicas ({} needed){} and will reach the others",
                     self.options.write_ack.as_str(),
-                    acked + local,
-                    need.replicas,
-                    need.copies,
+                    saved,
+                    replicas,
+                    copies,
                     if kept {
                         ", kept on this node (not a replica) until one has it,"
                     } else {
