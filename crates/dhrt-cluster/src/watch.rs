@@ -12,7 +12,6 @@
 //! resume with its last token.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +26,11 @@ use tokio::sync::Notify;
 
 use crate::error::op_error;
 use crate::watch_event::{Copies, Tally, event, token};
+
+mod stats;
+
+pub use stats::WatchCounts;
+use stats::{Place, WatcherStat};
 
 /// Settings of the watches of a node.
 #[derive(Debug, Clone)]
@@ -78,15 +82,6 @@ struct Feed {
     stop: AtomicBool,
 }
 
-/// What the hub knows of one watcher, for stats.
-#[derive(Debug, Default)]
-struct WatcherStat {
-    /// When it last had events left unread after a read (ms since the
-    /// hub started, plus one), or 0 while it is caught up.
-    behind_since: AtomicU64,
-    lag_bytes: AtomicU64,
-}
-
 /// Feeds by collection, split in shards by name so that opening or closing
 /// a watch, and a write's lookup, lock one small map.
 const FEED_SHARDS: usize = 64;
@@ -110,27 +105,6 @@ pub struct WatchHub {
     closed_lagging: AtomicU64,
     refused_gone: AtomicU64,
     copies: Arc<Copies>,
-}
-
-/// What `GET /` and `/metrics` say about watches.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WatchCounts {
-    /// Watches open now.
-    pub watchers: u64,
-    /// Watch tasks running: the open watches', and those of watches whose
-    /// client left that have not wound down yet.
-    pub tasks: u64,
-    /// Events sent since the node started (progress events not counted).
-    pub events: u64,
-    /// How long the slowest watcher has been behind, in ms (0: all caught
-    /// up).
-    pub slowest_lag_ms: u64,
-    /// Bytes of log the slowest watcher had left to read at its last read.
-    pub slowest_lag_bytes: u64,
-    /// Watches closed for falling too far behind.
-    pub closed_lagging: u64,
-    /// Watches refused or ended because their token could not be resumed.
-    pub gone: u64,
 }
 
 impl WatchHub {
@@ -207,17 +181,6 @@ impl WatchHub {
         self.options.runtime.clone()
     }
 
-    /// What `GET /` says about watches.
-    pub(crate) fn info(&self) -> dhrt_proto::WatchInfo {
-        let c = self.counts();
-        dhrt_proto::WatchInfo {
-            watchers: c.watchers,
-            events_sent: c.events,
-            slowest_lag_ms: c.slowest_lag_ms,
-            slowest_lag_bytes: c.slowest_lag_bytes,
-        }
-    }
-
     /// Opens a watch (the caller checked the collection name and rights).
     pub fn open(self: &Arc<Self>, request: &WatchRequest) -> Result<Box<dyn EventSource>, OpError> {
         let from = match &request.start {
@@ -237,21 +200,17 @@ impl WatchHub {
             .map_err(|e| self.watch_error(e))?;
         let feed = self.feed(&request.collection);
         let stat = Arc::new(WatcherStat::default());
-        {
-            let mut stats = self.stats.lock().unwrap();
-            stats.retain(|s| s.strong_count() > 0);
-            stats.push(Arc::downgrade(&stat));
-        }
+        self.track(&stat);
         self.opened.fetch_add(1, Ordering::Relaxed);
         let mut w = NodeWatch {
             hub: self.clone(),
             feed,
             name: request.collection.clone(),
             watch,
+            slot: Some(Place::new(slot, stat.clone())),
             stat,
             next_progress: Instant::now() + self.options.progress_every,
             lagging: None,
-            slot: Some(slot),
             _task: task,
         };
         let Some(runtime) = &self.options.runtime else {
@@ -420,57 +379,6 @@ impl WatchHub {
             feed.signal.notify_one();
         }
     }
-
-    /// The counts for stats and metrics.
-    pub fn counts(&self) -> WatchCounts {
-        let now = self.now_ms();
-        let mut counts = WatchCounts {
-            watchers: self.watchers.load(Ordering::Relaxed) as u64,
-            tasks: self.tasks.load(Ordering::Relaxed) as u64,
-            events: self.events.load(Ordering::Relaxed),
-            closed_lagging: self.closed_lagging.load(Ordering::Relaxed),
-            gone: self.refused_gone.load(Ordering::Relaxed),
-            ..WatchCounts::default()
-        };
-        for s in self
-            .stats
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|s| s.upgrade())
-        {
-            let since = s.behind_since.load(Ordering::Relaxed);
-            if since != 0 {
-                counts.slowest_lag_ms = counts.slowest_lag_ms.max(now.saturating_sub(since));
-            }
-            counts.slowest_lag_bytes = counts
-                .slowest_lag_bytes
-                .max(s.lag_bytes.load(Ordering::Relaxed));
-        }
-        counts
-    }
-
-    /// Appends the watch metrics (Prometheus text format) to `out`.
-    pub fn render_metrics(&self, out: &mut String) {
-        let c = self.counts();
-        let _ = write!(
-            out,
-            "# HELP dhrt_watchers Watches open on this node.\n# TYPE dhrt_watchers gauge\ndhrt_watchers {}\n\
-             # HELP dhrt_watch_tasks Watch tasks running: the open watches', and those of watches whose client left, winding down.\n# TYPE dhrt_watch_tasks gauge\ndhrt_watch_tasks {}\n\
-             # HELP dhrt_watch_events_total Watch events sent (progress events not counted).\n# TYPE dhrt_watch_events_total counter\ndhrt_watch_events_total {}\n\
-             # HELP dhrt_watch_slowest_lag_seconds How long the slowest watcher has been behind.\n# TYPE dhrt_watch_slowest_lag_seconds gauge\ndhrt_watch_slowest_lag_seconds {:.3}\n\
-             # HELP dhrt_watch_slowest_lag_bytes Bytes of log the slowest watcher had left at its last read.\n# TYPE dhrt_watch_slowest_lag_bytes gauge\ndhrt_watch_slowest_lag_bytes {}\n\
-             # HELP dhrt_watch_closed_total Watches ended by the node, by reason.\n# TYPE dhrt_watch_closed_total counter\n\
-             dhrt_watch_closed_total{{reason=\"lagging\"}} {}\ndhrt_watch_closed_total{{reason=\"gone\"}} {}\n",
-            c.watchers,
-            c.tasks,
-            c.events,
-            c.slowest_lag_ms as f64 / 1000.0,
-            c.slowest_lag_bytes,
-            c.closed_lagging,
-            c.gone,
-        );
-    }
 }
 
 /// How often a watch whose client is not taking its batches checks the
@@ -489,7 +397,7 @@ struct NodeWatch {
     /// catching up, and by how much then.
     lagging: Option<(Instant, u64)>,
     /// Its place among the open watches, unless handed over.
-    slot: Option<Tally>,
+    slot: Option<Place>,
     _task: Tally,
 }
 
@@ -594,7 +502,7 @@ struct Pumped {
     /// Cancelled when the reading side ended the watch with an error.
     ended: tokio_util::sync::CancellationToken,
     /// Its place among the open watches, unless handed over.
-    slot: Option<Tally>,
+    slot: Option<Place>,
 }
 
 impl EventSource for Pumped {
@@ -627,7 +535,7 @@ impl EventSource for Pumped {
     }
 
     fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
-        Tally::boxed(&mut self.slot)
+        Place::boxed(&mut self.slot)
     }
 }
 
@@ -643,6 +551,6 @@ impl EventSource for NodeWatch {
     }
 
     fn take_slot(&mut self) -> Option<Box<dyn Send + Sync>> {
-        Tally::boxed(&mut self.slot)
+        Place::boxed(&mut self.slot)
     }
 }

@@ -191,6 +191,62 @@ async fn watches_whose_clients_left_free_their_places_at_once_and_cannot_pile_up
     starved.shutdown_background();
 }
 
+/// A watcher that fell behind and whose client left stops counting in the
+/// stats' slowest lag at once, though its task, on a watch runtime that
+/// does not run now, still holds its cursor (before, its lag was reported
+/// until that task next ran: under a full CPU, for as long as the load).
+#[test]
+fn a_departed_watchers_lag_leaves_the_stats_with_its_client() {
+    // A runtime that runs only while the test drives it.
+    let watch_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Store::memory(Options::default());
+    store.set("c", b"k", b"v").unwrap();
+    let hub = dhrt_cluster::WatchHub::new(
+        store.clone(),
+        dhrt_cluster::WatchOptions {
+            batch_bytes: 1024,
+            runtime: Some(watch_rt.handle().clone()),
+            ..Default::default()
+        },
+    );
+    let request = dhrt_proto::WatchRequest {
+        collection: "c".into(),
+        prefix: None,
+        start: dhrt_proto::WatchStart::Now,
+    };
+    let write = || {
+        for i in 0..200 {
+            store
+                .set("c", format!("k{i}").as_bytes(), &[7; 100])
+                .unwrap();
+        }
+    };
+    let mut w = watch_rt.block_on(async { hub.open(&request) }).unwrap();
+    write();
+    // One batch read, and the next read ahead: the rest is left unread.
+    let first = watch_rt.block_on(w.next_batch()).unwrap();
+    assert!(!first.is_empty());
+    watch_rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(50)).await });
+    let lag = hub.counts().slowest_lag_bytes;
+    assert!(lag > 0, "a watcher behind shows its lag");
+    assert_eq!(hub.counts().watchers, 1);
+    // Its client leaves; the watch runtime does not run meanwhile.
+    drop(w);
+    let after = hub.counts();
+    assert_eq!(after.watchers, 0);
+    assert_eq!(after.slowest_lag_bytes, 0, "was {lag} bytes");
+    assert_eq!(after.slowest_lag_ms, 0);
+    // A new watcher's lag counts again.
+    let mut again = watch_rt.block_on(async { hub.open(&request) }).unwrap();
+    write();
+    watch_rt.block_on(again.next_batch()).unwrap();
+    watch_rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(50)).await });
+    assert!(hub.counts().slowest_lag_bytes > 0);
+}
+
 /// A watch opened through the node (the relay, the wrapper that ends it
 /// once the collection moves away) still hands over its place among the
 /// open watches, for its connection to hold: given back, the watch stops
