@@ -160,6 +160,14 @@ pub(crate) struct HandOver {
 }
 
 impl Cluster {
+    /// Whether this node said goodbye. It then tells no member what it
+    /// holds (digests): a member that missed the goodbye, holding a copy
+    /// it stands in for, would take this node for an owner holding it all,
+    /// and release its copy to a node about to go.
+    pub(crate) fn has_left(&self) -> bool {
+        self.membership.lock().unwrap().me().liveness == Liveness::Left
+    }
+
     pub(super) async fn moves_loop(self: Arc<Self>) {
         while self.running.load(Ordering::Acquire) {
             tokio::time::sleep(MOVE_EVERY).await;

@@ -328,6 +328,12 @@ async fn handle(
             key,
             inline_max,
         } => cluster.entry(&collection, &key, inline_max),
+        PeerOp::Digests(_) | PeerOp::DigestsAfter { .. } if cluster.has_left() => {
+            Err(OpError::new(
+                ErrorKind::Unavailable,
+                "this node has left the cluster: it holds no copy for anyone",
+            ))
+        }
         PeerOp::Digests(names) => cluster.digests(names).map(PeerReply::Digests),
         PeerOp::DigestsAfter { after } => cluster.digests_after(after).map(PeerReply::Digests),
         PeerOp::Horizon => Ok(PeerReply::Horizon(cluster.horizon())),

@@ -294,3 +294,36 @@ async fn a_join_under_this_nodes_own_id_is_refused() {
     }
     assert_eq!(cluster.members().len(), 1);
 }
+
+/// A node that said goodbye tells no member what it holds: a member that
+/// missed the goodbye and stands in for an owner that is down would take
+/// it for an owner holding everything, and release its copy to a node
+/// about to go (the copy then left only in the leaving node's directory).
+#[tokio::test]
+async fn a_node_that_left_answers_no_digests() {
+    let store = dhrt_storage::Store::memory(dhrt_storage::Options::default());
+    store.set("c", b"k", b"v").unwrap();
+    let me = crate::Identity {
+        id: 7,
+        name: "me".into(),
+        addr: "127.0.0.1:7453".into(),
+    };
+    let cluster = Cluster::single(store.clone(), me);
+    let hub = crate::WatchHub::new(store, crate::WatchOptions::default());
+    let sessions = Sessions::new(hub);
+    let digests = || PeerOp::Digests(vec!["c".into()]);
+    match handle(&cluster, &sessions, 9, digests()).await {
+        Ok(PeerReply::Digests(d)) => assert_eq!(d.len(), 1),
+        other => panic!("before the leave: {other:?}"),
+    }
+    cluster.leave().await;
+    for op in [digests(), PeerOp::DigestsAfter { after: None }] {
+        match handle(&cluster, &sessions, 9, op).await {
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+                assert!(e.message.contains("has left"), "{e}");
+            }
+            Ok(_) => panic!("a node that left told what it holds"),
+        }
+    }
+}
