@@ -605,3 +605,48 @@ fn three_with_a_key_in_each(dirs: &[tempfile::TempDir]) -> (Dhrtd, Dhrtd, Dhrtd)
     }
     (a, b, c)
 }
+
+/// A write every owner refuses, that the node it went through could not
+/// keep either, is saved nowhere: 503 saying so, not a 504 "saved on 0 of
+/// 1 replicas … will reach the others"; and its collection is not
+/// registered (its name does not become an empty collection everywhere).
+/// Here both nodes reach `--max-collections`.
+#[test]
+fn a_write_no_node_could_take_is_answered_not_saved_and_registers_nothing() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let flags = [&ONE_OWNER[..], &["--max-collections", "4"]].concat();
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = start_joined(dirs[1].path(), &a, &flags);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let (mut saved, mut not_saved) = (Vec::new(), Vec::new());
+    for i in 0..40 {
+        let (status, body) = a.http("POST", &format!("/x{i}/k/v"), b"");
+        match status {
+            200 | 504 => saved.push(i),
+            503 => {
+                if body.contains("the write is not saved: every replica refused it") {
+                    not_saved.push(i);
+                }
+            }
+            _ => panic!("x{i}: {status} {body}"),
+        }
+    }
+    assert!(
+        !saved.is_empty() && !not_saved.is_empty(),
+        "{saved:?} {not_saved:?}"
+    );
+    for i in not_saved {
+        for n in [&a, &b] {
+            let (status, body) = n.http("GET", &format!("/x{i}?limit=1"), b"");
+            assert_ne!(status, 200, "x{i} on {}: {body}", n.addr);
+        }
+    }
+    for i in saved {
+        let held = [&a, &b]
+            .iter()
+            .any(|n| n.http("GET", &format!("/x{i}/k"), b"").0 == 200);
+        assert!(held, "x{i} was answered saved but reads nowhere");
+    }
+}

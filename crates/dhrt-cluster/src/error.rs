@@ -96,7 +96,10 @@ pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
             format!("collection names starting with '_' are reserved: {name:?}"),
         ));
     }
-    Ok(())
+    // Checked here, not only by the store: a node that does not store the
+    // collection forwards the write, and registers a collection it writes
+    // (a name that is no collection must not reach the registry).
+    dhrt_storage::validate_collection_name(name).map_err(op_error)
 }
 
 #[cfg(test)]

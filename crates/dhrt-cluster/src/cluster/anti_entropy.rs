@@ -193,8 +193,8 @@ impl Cluster {
     }
 
     /// Sends `mutations` to the peer in `Apply` frames cut by bytes. What
-    /// the peer refuses (this node's clock is ahead of its own) is counted,
-    /// not retried.
+    /// the peer refuses (this node's clock is ahead of its own, a
+    /// collection past its cap) is logged, not retried.
     pub(super) async fn push_to(
         &self,
         peer: &Peer,
@@ -215,7 +215,7 @@ impl Cluster {
                 && !refused.is_empty()
             {
                 tracing::warn!(
-                    "peer {} refused {} records stamped ahead of its clock",
+                    "peer {} refused {} records (stamped too far ahead of its clock, or of a collection it cannot create or take: see its log)",
                     peer.link.addr(),
                     refused.len()
                 );

@@ -308,4 +308,18 @@ impl Cluster {
     pub(crate) fn is_registered(&self, collection: &str) -> bool {
         matches!(self.store.get(REGISTRY, collection.as_bytes()), Ok(Some(_)))
     }
+
+    /// Whether this node stores `collection` itself: it owns it, or no
+    /// owner is alive (a write is never dropped for lack of a host).
+    pub(crate) fn stores_locally(&self, collection: &str) -> bool {
+        if self.everyone_owns_everything() {
+            return true;
+        }
+        let m = self.membership.lock().unwrap();
+        let owners = self.owners_in(&m, collection);
+        owners.contains(&m.me().id)
+            || !m
+                .members()
+                .any(|u| u.liveness == Liveness::Alive && owners.contains(&u.id))
+    }
 }

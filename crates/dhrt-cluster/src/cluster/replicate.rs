@@ -192,12 +192,17 @@ impl Cluster {
         };
         let need = placement::need(self.options.write_ack, targets.len(), stored_locally);
         let (mut waits, mut queued) = (Vec::new(), Vec::new());
+        // Replicas the write is queued for that are down: it reaches them
+        // when they are back.
+        let mut held_for_later = 0;
         for id in targets {
             let Some(peer) = self.peer(id) else { continue };
             let (first, last, bytes) = self.enqueue(&peer, &mutations);
             if reachable.contains(&id) {
                 waits.push((peer, first, last));
                 queued.push(bytes);
+            } else {
+                held_for_later += 1;
             }
         }
         if need.remote_acks == 0 {
@@ -242,18 +247,29 @@ impl Cluster {
             } else {
                 (acked + local, need.replicas, need.copies)
             };
+            let refused = |(p, first, last): &&(Arc<Peer>, u64, u64)| {
+                let at = p.acked.load(Ordering::Acquire);
+                at >= *last && !Self::acknowledged_at(p, at, *first, *last)
+            };
             // A replica that answered and refused says why.
             let why = waited
                 .iter()
-                .find(|(p, first, last)| {
-                    let at = p.acked.load(Ordering::Acquire);
-                    at >= *last && !Self::acknowledged_at(p, at, *first, *last)
-                })
+                .find(refused)
                 .map(|(p, ..)| (p.link.addr().to_string(), p.refusal.lock().unwrap().clone()))
                 .filter(|(_, why)| !why.is_empty())
                 .map_or(String::new(), |(addr, why)| {
                     format!(" (replica {addr} refused it: {why})")
                 });
+            // Every replica refused it, none is waited for later, and this
+            // node could not keep it: it is nowhere, and says so.
+            if saved == 0 && !kept && held_for_later == 0 && waited.iter().all(|w| refused(&w)) {
+                return OpError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "the write is not saved: every replica refused it{why}, and this node could not keep it"
+                    ),
+                );
+            }
             OpError::new(
                 ErrorKind::WriteConcern,
                 format!(
@@ -345,6 +361,16 @@ impl Cluster {
     /// replica acknowledged: whether they were kept.
     async fn keep_unacknowledged(self: &Arc<Self>, mutations: &[Mutation]) -> bool {
         match self.apply_async(mutations.to_vec()).await {
+            // Records it refused (a collection past its cap, a stamp ahead
+            // of its clock) are not kept.
+            Ok(applied) if !applied.refused.is_empty() => {
+                tracing::warn!(
+                    "could not keep {} of {} writes no replica acknowledged (a collection past --max-collections, or stamped ahead of this node's clock)",
+                    applied.refused.len(),
+                    mutations.len()
+                );
+                false
+            }
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!("keeping writes no replica acknowledged: {e}");
@@ -594,20 +620,6 @@ impl Cluster {
         peer.queue.lock().unwrap().ack_through(last);
         peer.acked.fetch_max(last, Ordering::AcqRel);
         self.acks.notify_waiters();
-    }
-
-    /// Whether this node stores `collection` itself: it owns it, or no
-    /// owner is alive (a write is never dropped for lack of a host).
-    pub(crate) fn stores_locally(&self, collection: &str) -> bool {
-        if self.everyone_owns_everything() {
-            return true;
-        }
-        let m = self.membership.lock().unwrap();
-        let owners = self.owners_in(&m, collection);
-        owners.contains(&m.me().id)
-            || !m
-                .members()
-                .any(|u| u.liveness == Liveness::Alive && owners.contains(&u.id))
     }
 
     /// A fresh version for a write this node does not store itself.

@@ -200,8 +200,8 @@ impl Node {
     async fn op_set(&self, collection: &str, key: &[u8], value: Bytes) -> Result<Version, OpError> {
         user_collection(collection)?;
         self.check_value(&value)?;
+        check_entry(key, &value)?;
         self.refuse_writes().await?;
-        self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);
         let version = if local && self.store.options().sync != SyncMode::Always {
             // Handed to the kernel only: inline, nothing copied.
@@ -212,9 +212,11 @@ impl Node {
             let (c, k, v) = (collection.to_string(), key.to_vec(), value.clone());
             self.write(move |s| s.set_versioned(&c, &k, &v)).await?
         } else {
-            check_entry(key, &value)?;
             self.cluster.stamp_now()
         };
+        if local {
+            self.cluster.register(collection);
+        }
         if self.cluster.has_peers() {
             let m = Mutation::Put {
                 collection: collection.to_string(),
@@ -222,10 +224,25 @@ impl Node {
                 value: Some(value),
                 version: stamp(version),
             };
-            return self.cluster.replicate_one(m, local).await;
+            let replicated = self.cluster.replicate_one(m, local).await;
+            if !local {
+                self.register_forwarded(collection, &replicated);
+            }
+            return replicated;
         }
         self.cluster.unreached_concern(collection)?;
         Ok(version)
+    }
+
+    /// Registers the collection of a write this node forwarded once the
+    /// write is saved somewhere (acknowledged, or saved on some node and
+    /// due to reach the rest: a 504): not a write every owner refused.
+    fn register_forwarded<T>(&self, collection: &str, outcome: &Result<T, OpError>) {
+        match outcome {
+            Ok(_) => self.cluster.register(collection),
+            Err(e) if e.kind == ErrorKind::WriteConcern => self.cluster.register(collection),
+            Err(_) => {}
+        }
     }
 
     async fn op_set_many(
@@ -234,11 +251,11 @@ impl Node {
         entries: Vec<(Bytes, Bytes)>,
     ) -> Result<(), OpError> {
         user_collection(collection)?;
-        for (_, value) in &entries {
+        for (key, value) in &entries {
             self.check_value(value)?;
+            check_entry(key, value)?;
         }
         self.refuse_writes().await?;
-        self.cluster.register(collection);
         let local = self.cluster.stores_locally(collection);
         let peers = self.cluster.has_peers();
         let (versions, entries) = if local && self.store.options().sync != SyncMode::Always {
@@ -263,14 +280,14 @@ impl Node {
                 .await?;
             (versions, Arc::unwrap_or_clone(shared))
         } else {
-            for (k, v) in &entries {
-                check_entry(k, v)?;
-            }
             (
                 entries.iter().map(|_| self.cluster.stamp_now()).collect(),
                 entries,
             )
         };
+        if local {
+            self.cluster.register(collection);
+        }
         if !peers {
             return self.cluster.unreached_concern(collection);
         }
@@ -284,7 +301,11 @@ impl Node {
                 version: stamp(version),
             })
             .collect();
-        self.cluster.replicate(mutations, local).await
+        let replicated = self.cluster.replicate(mutations, local).await;
+        if !local {
+            self.register_forwarded(collection, &replicated);
+        }
+        replicated
     }
 
     async fn op_delete(
