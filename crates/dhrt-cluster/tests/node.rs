@@ -54,6 +54,56 @@ async fn a_client_value_over_the_nodes_maximum_is_refused_a_peers_is_not() {
     assert_eq!(n.get("c", b"k").await.unwrap().unwrap().len(), 5000);
 }
 
+/// A write the node refuses registers nothing: not a name that is no
+/// collection, not one with a bad key (whose registry entry would turn the
+/// short route `/NAME` to the key NAME of `default` into an empty
+/// collection's), not one past `--max-collections`. Before, each such
+/// write added its name to `_collections`, replicated to every member,
+/// without bound.
+#[tokio::test]
+async fn a_refused_write_registers_no_collection() {
+    let store = Store::memory(Options {
+        max_collections: 2,
+        ..Options::default()
+    });
+    let options = dhrt_cluster::ClusterOptions {
+        replicas: dhrt_cluster::Replicas::N(1),
+        ..Default::default()
+    };
+    let identity = Identity {
+        id: 0xabc,
+        name: "n1".into(),
+        addr: "127.0.0.1:7453".into(),
+    };
+    let n = Node::new(Cluster::new(store.clone(), identity, options));
+    let v = || Bytes::from_static(b"v");
+    n.set("default", b"report", v()).await.unwrap();
+    for name in ["a/b", "..", "sp ace", "nul\0", &"x".repeat(65)] {
+        let e = n.set(name, b"k", v()).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{name:?}: {}", e.message);
+        let e = n
+            .set_many(name, vec![(Bytes::from_static(b"k"), v())])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{name:?}: {}", e.message);
+    }
+    let e = n.set("report", b"", v()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{}", e.message);
+    assert!(!n.has_collection("report"), "the short route is hijacked");
+    // `default` and one more: the limit.
+    n.set("c1", b"k", v()).await.unwrap();
+    assert!(n.has_collection("c1"));
+    let e = n.set("c2", b"k", v()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{}", e.message);
+    assert!(!n.has_collection("c2"));
+    let registered: Vec<String> = store
+        .scan("_collections")
+        .unwrap()
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .collect();
+    assert_eq!(registered, ["c1", "default"]);
+}
+
 #[tokio::test]
 async fn operations_reach_the_store() {
     let n = node();
