@@ -446,6 +446,57 @@ fn a_write_forwarded_by_a_node_whose_clock_is_behind_wins_over_the_one_before() 
     }
 }
 
+/// The same with the owner down, so that no replica can tell the node
+/// behind that it holds a newer version: the node stamps by its peers'
+/// latest clock within the allowed offset (the owner's, measured before it
+/// went down), so its write and its delete, made after the owner's write,
+/// still win once the owner is back. Before, both were silently undone:
+/// the owner's older write carried the later stamp.
+#[test]
+fn a_write_through_a_node_whose_clock_is_behind_wins_while_the_owner_is_down() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &ONE_OWNER);
+    let mut behind = ONE_OWNER.to_vec();
+    behind.extend(["--clock-offset-ms", "-5000"]);
+    let b = start_joined(dirs[1].path(), &a, &behind);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..COLLECTIONS {
+        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    let on_a = eventually_value(|| {
+        (0..COLLECTIONS)
+            .map(|c| format!("c{c}"))
+            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
+    });
+    for key in ["k", "gone"] {
+        let (status, body) = a.http("POST", &format!("/{on_a}/{key}/old"), b"");
+        assert_eq!(status, 200, "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let a_addr = a.addr;
+    a.stop("KILL");
+    let (status, body) = b.http("POST", &format!("/{on_a}/k/new"), b"");
+    assert!(status == 200 || status == 504, "{status} {body}");
+    let (status, body) = b.http("DELETE", &format!("/{on_a}/gone"), b"");
+    assert!(
+        status == 200 || status == 404 || status == 504,
+        "{status} {body}"
+    );
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &ONE_OWNER);
+    eventually(
+        "the later write and delete win on both",
+        Duration::from_secs(30),
+        || {
+            [&a, &b].iter().all(|n| {
+                n.get_raw(&format!("/{on_a}/k")) == (200, b"new".to_vec())
+                    && n.http("GET", &format!("/{on_a}/gone"), b"").0 == 404
+            })
+        },
+    );
+}
+
 /// A whole cluster killed at once and restarted without one member: the
 /// others remember it (its id, from `cluster.state`) as a dead member that
 /// still owns its collections. A key it holds is unavailable (503), not

@@ -164,6 +164,25 @@ pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
     }
 }
 
+/// How far ahead of this node's wall clock it stamps writes: the lead of
+/// the latest peer clock within `max_offset_ms` of it (0 if none is ahead).
+/// A write this node makes after one a peer made (by real time) then
+/// follows it whatever the two clocks say, as far as they agree within the
+/// allowed offset, even with no peer there to tell it it holds a newer
+/// version (the owners down, a partition): the peer's clock runs ahead of
+/// this node's by the lead, and the write comes later. A clock further
+/// ahead is skewed, and not followed. The estimate errs low (a message's
+/// delay makes its sender look behind), so writes are never stamped
+/// further ahead than the peer's clock.
+pub(crate) fn lead(offsets: &[i64], max_offset_ms: u64) -> u64 {
+    offsets
+        .iter()
+        .filter_map(|&o| u64::try_from(o).ok())
+        .filter(|&o| o <= max_offset_ms)
+        .max()
+        .unwrap_or(0)
+}
+
 /// The peers' time as an offset from this node's wall clock: the middle
 /// of their offsets, 0 with none; on a tie, the `(lower, upper)` middle.
 /// Unlike [`cluster_offset`], this node's own clock has no vote: with one
@@ -336,6 +355,16 @@ mod tests {
 
     const HOUR: i64 = 3_600_000;
     const MAX: u64 = 60_000;
+
+    #[test]
+    fn the_lead_is_the_latest_peer_clock_within_the_allowed_offset() {
+        assert_eq!(lead(&[], MAX), 0);
+        assert_eq!(lead(&[-5_000, -1], MAX), 0);
+        assert_eq!(lead(&[-5_000, 5_000, 2_000], MAX), 5_000);
+        // A clock beyond the allowed offset is skewed: not followed.
+        assert_eq!(lead(&[2 * HOUR, 5_000], MAX), 5_000);
+        assert_eq!(lead(&[MAX as i64], MAX), MAX);
+    }
 
     #[test]
     fn sentences_give_seconds_to_the_millisecond_below_ten() {

@@ -52,6 +52,12 @@ pub struct Clock {
     /// Added to the system's wall clock: zero in production; tests and
     /// simulations set it to give one node a clock that is off.
     offset_ms: i64,
+    /// How far ahead of [`wall_ms`](Self::wall_ms) versions are stamped:
+    /// the lead of the latest clock among the node's peers (within the
+    /// offset they allow), set by the cluster. A node whose clock is behind
+    /// then stamps a write after one a peer made earlier, though no peer
+    /// is there to tell it (the owners down).
+    lead_ms: AtomicU64,
 }
 
 impl Clock {
@@ -67,7 +73,20 @@ impl Clock {
             last: AtomicU64::new(0),
             node,
             offset_ms,
+            lead_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Stamps versions `lead_ms` ahead of this clock's wall time from now
+    /// on (0: by its wall time). Versions never go backwards: a smaller
+    /// lead only lets the wall clock catch up.
+    pub fn set_lead(&self, lead_ms: u64) {
+        self.lead_ms.store(lead_ms, Ordering::Relaxed);
+    }
+
+    /// What [`set_lead`](Self::set_lead) last set.
+    pub fn lead_ms(&self) -> u64 {
+        self.lead_ms.load(Ordering::Relaxed)
     }
 
     /// This clock's wall time, in ms since the Unix epoch: the system's,
@@ -89,7 +108,7 @@ impl Clock {
     /// A fresh version, greater than every version this clock produced or
     /// observed.
     pub fn now(&self) -> Version {
-        let physical = self.wall_ms() << LOGICAL_BITS;
+        let physical = (self.wall_ms() + self.lead_ms.load(Ordering::Relaxed)) << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = physical.max(last + 1);
@@ -124,6 +143,26 @@ pub type Replicated<'a> = (&'a [u8], Option<&'a [u8]>, Version);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lead_stamps_ahead_of_the_wall_clock_and_never_goes_back() {
+        let behind = Clock::with_offset(3, -5_000);
+        let before = behind.now().ts >> LOGICAL_BITS;
+        assert!(before + 4_000 < wall_ms(), "stamped by its own clock");
+        behind.set_lead(5_000);
+        let led = behind.now();
+        assert!(
+            (led.ts >> LOGICAL_BITS) + 100 >= wall_ms(),
+            "stamped by the lead"
+        );
+        behind.set_lead(0);
+        assert!(behind.now() > led, "a smaller lead never goes back");
+        assert!(
+            behind.ahead_ms(led.ts) >= 4_900,
+            "{}",
+            behind.ahead_ms(led.ts)
+        );
+    }
 
     #[test]
     fn now_is_strictly_increasing_and_passes_observed() {

@@ -88,6 +88,7 @@ impl Cluster {
                 current
             }
         };
+        self.store.clock().set_lead(skew::lead(&measured, max));
         self.cluster_offset
             .store(skew::cluster_offset(&measured, max), Ordering::Release);
         let (low, high) = skew::peers_offset(&measured);
