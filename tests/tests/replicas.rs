@@ -497,6 +497,48 @@ fn a_write_through_a_node_whose_clock_is_behind_wins_while_the_owner_is_down() {
     );
 }
 
+/// A delete through a node that does not own the collection, while its
+/// owner is down, under `--write-ack local`: the node cannot tell whether
+/// the key exists (a read says 503), so the delete, written and due to
+/// reach the owner, is no 404 "not found" (before, it was, for a key the
+/// owner held); and it takes effect once the owner is back.
+#[test]
+fn a_delete_no_owner_could_answer_for_is_no_404() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let local = [&ONE_OWNER[..], &["--write-ack", "local"]].concat();
+    let a = Dhrtd::start(dirs[0].path(), &local);
+    let b = start_joined(dirs[1].path(), &a, &local);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for c in 0..COLLECTIONS {
+        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    let on_a = eventually_value(|| {
+        (0..COLLECTIONS)
+            .map(|c| format!("c{c}"))
+            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
+    });
+    assert_eq!(a.http("POST", &format!("/{on_a}/gone/v"), b"").0, 200);
+    let a_addr = a.addr;
+    a.stop("KILL");
+    eventually("b takes a for down", Duration::from_secs(15), || {
+        b.http("GET", &format!("/{on_a}/gone"), b"").0 == 503
+    });
+    let (status, body) = b.http("DELETE", &format!("/{on_a}/gone"), b"");
+    assert_eq!(status, 200, "{body}");
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &local);
+    eventually(
+        "the delete reaches the owner",
+        Duration::from_secs(30),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|n| n.http("GET", &format!("/{on_a}/gone"), b"").0 == 404)
+        },
+    );
+}
+
 /// A whole cluster killed at once and restarted without one member: the
 /// others remember it (its id, from `cluster.state`) as a dead member that
 /// still owns its collections. A key it holds is unavailable (503), not

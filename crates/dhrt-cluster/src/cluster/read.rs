@@ -101,16 +101,17 @@ impl Cluster {
 
     /// The newest version the live peers hold of `key`, and whether it is
     /// a value (not a tombstone): what a delete needs to know, without
-    /// any value crossing the network.
+    /// any value crossing the network. And whether "none" is not known
+    /// (an owner did not answer, or every owner is down).
     pub(crate) async fn remote_version(
         self: &Arc<Self>,
         collection: &str,
         key: &[u8],
-    ) -> Option<(Stamp, bool)> {
+    ) -> (Option<(Stamp, bool)>, bool) {
         let peeked = self.peek_remote(collection, key).await;
         let entry = peeked.entry.map(|e| (e.version, e.value.is_some()));
         let withheld = peeked.withheld.map(|w| (w.version, true));
-        entry.max(withheld)
+        (entry.max(withheld), peeked.unknown)
     }
 
     /// This node's entry for `key`, for a peer: [`PeerReply::Entry`], or

@@ -334,9 +334,9 @@ impl Node {
             }
             other => other.map_err(op_error)?,
         };
-        let remote = match known_here {
+        let (remote, unknown) = match known_here {
             None if peers => self.cluster.remote_version(collection, key).await,
-            _ => None,
+            _ => (None, false),
         };
         // As for a set: a node that does not store the collection stamps
         // the delete and leaves the tombstone to the replicas, and does not
@@ -361,8 +361,10 @@ impl Node {
         if local {
             self.damaged.remove(collection, key);
         }
-        // A key damaged here existed if no replica could say.
-        let existed = was_live || remote.map_or(damaged, |(_, live)| live);
+        // A key damaged here existed if no replica could say; so may one no
+        // owner could say anything of (all down): the delete is written,
+        // and "not found" would be a guess.
+        let existed = was_live || remote.map_or(damaged || unknown, |(_, live)| live);
         Ok((existed, peers.then_some(version)))
     }
 
