@@ -78,10 +78,15 @@ impl Clock {
     }
 
     /// Stamps versions `lead_ms` ahead of this clock's wall time from now
-    /// on (0: by its wall time). Versions never go backwards: a smaller
-    /// lead only lets the wall clock catch up.
+    /// on (0: by its wall time). Versions never go below the time the lead
+    /// reached: a smaller lead (the peer ahead gone) only lets the wall
+    /// clock catch up, so a write made after one that peer stamped still
+    /// comes after it.
     pub fn set_lead(&self, lead_ms: u64) {
-        self.lead_ms.store(lead_ms, Ordering::Relaxed);
+        let before = self.lead_ms.swap(lead_ms, Ordering::Relaxed);
+        if lead_ms < before {
+            self.observe((self.wall_ms() + before) << LOGICAL_BITS);
+        }
     }
 
     /// What [`set_lead`](Self::set_lead) last set.
@@ -156,7 +161,12 @@ mod tests {
             "stamped by the lead"
         );
         behind.set_lead(0);
-        assert!(behind.now() > led, "a smaller lead never goes back");
+        let after = behind.now();
+        assert!(after > led, "a smaller lead never goes back");
+        assert!(
+            behind.ahead_ms(after.ts) >= 4_900,
+            "nor below the time it reached"
+        );
         assert!(
             behind.ahead_ms(led.ts) >= 4_900,
             "{}",
