@@ -520,6 +520,11 @@ fn a_delete_no_owner_could_answer_for_is_no_404() {
             .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
     });
     assert_eq!(a.http("POST", &format!("/{on_a}/gone/v"), b"").0, 200);
+    // With the owner up, a key no one has is 404 through either node.
+    for n in [&a, &b] {
+        let (status, body) = n.http("DELETE", &format!("/{on_a}/nokey"), b"");
+        assert_eq!(status, 404, "through {}: {body}", n.addr);
+    }
     let a_addr = a.addr;
     a.stop("KILL");
     eventually("b takes a for down", Duration::from_secs(15), || {

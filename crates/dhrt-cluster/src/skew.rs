@@ -173,14 +173,20 @@ pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
 /// this node's by the lead, and the write comes later. A clock further
 /// ahead is skewed, and not followed. The estimate errs low (a message's
 /// delay makes its sender look behind), so writes are never stamped
-/// further ahead than the peer's clock.
+/// further ahead than the peer's clock. Nor further than every measured
+/// peer admits by its own wall clock (the slowest's plus the allowed
+/// offset): a clock within the offset of this one may be beyond it from a
+/// peer behind, which would refuse whatever this node stamped by it.
 pub(crate) fn lead(offsets: &[i64], max_offset_ms: u64) -> u64 {
-    offsets
+    let latest = offsets
         .iter()
         .filter_map(|&o| u64::try_from(o).ok())
         .filter(|&o| o <= max_offset_ms)
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let slowest = offsets.iter().copied().min().unwrap_or(0).min(0);
+    let admitted = u64::try_from(slowest.saturating_add_unsigned(max_offset_ms)).unwrap_or(0);
+    latest.min(admitted)
 }
 
 /// The peers' time as an offset from this node's wall clock: the middle
@@ -364,6 +370,12 @@ mod tests {
         // A clock beyond the allowed offset is skewed: not followed.
         assert_eq!(lead(&[2 * HOUR, 5_000], MAX), 5_000);
         assert_eq!(lead(&[MAX as i64], MAX), MAX);
+        // Peers at 0, 0 and +65 s from this node at +5 s: the one at +65 s
+        // is within the offset of this node but beyond it from the other
+        // two, which would refuse stamps that far ahead of their clocks.
+        assert_eq!(lead(&[-5_000, -5_000, 60_000], MAX), 55_000);
+        assert_eq!(lead(&[-(MAX as i64), 30_000], MAX), 0);
+        assert_eq!(lead(&[-2 * HOUR, 30_000], MAX), 0);
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub struct Clock {
     /// then stamps a write after one a peer made earlier, though no peer
     /// is there to tell it (the owners down).
     lead_ms: AtomicU64,
+    /// When the lead was last set, on the monotonic clock, and the time it
+    /// stamped by then (wall plus lead, ms): what it reached, carried
+    /// forward on a clock the wall clock's steps do not move.
+    lead_set: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Clock {
@@ -74,6 +78,7 @@ impl Clock {
             node,
             offset_ms,
             lead_ms: AtomicU64::new(0),
+            lead_set: std::sync::Mutex::new(None),
         }
     }
 
@@ -82,11 +87,25 @@ impl Clock {
     /// reached: a smaller lead (the peer ahead gone) only lets the wall
     /// clock catch up, so a write made after one that peer stamped still
     /// comes after it.
+    ///
+    /// The time reached is carried forward from when the lead was last
+    /// set on the monotonic clock, not read off the wall clock: a wall
+    /// clock stepped forward (which the next lead makes up for) must not
+    /// add the step to it.
     pub fn set_lead(&self, lead_ms: u64) {
-        let before = self.lead_ms.swap(lead_ms, Ordering::Relaxed);
-        if lead_ms < before {
-            self.observe((self.wall_ms() + before) << LOGICAL_BITS);
+        let mut set = self.lead_set.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let before = self.lead_ms.load(Ordering::Relaxed);
+        if lead_ms < before
+            && let Some((at, reached)) = *set
+        {
+            let elapsed = now.duration_since(at).as_millis() as u64;
+            // Raised before the smaller lead is stored: no version in
+            // between is stamped below it.
+            self.observe((reached + elapsed) << LOGICAL_BITS);
         }
+        self.lead_ms.store(lead_ms, Ordering::Relaxed);
+        *set = Some((now, self.wall_ms() + lead_ms));
     }
 
     /// What [`set_lead`](Self::set_lead) last set.

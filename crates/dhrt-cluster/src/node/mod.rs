@@ -335,7 +335,11 @@ impl Node {
             other => other.map_err(op_error)?,
         };
         let (remote, unknown) = match known_here {
-            None if peers => self.cluster.remote_version(collection, key).await,
+            // On an owner, its own word counts: "not found" is known.
+            None if peers => {
+                let (remote, unknown) = self.cluster.remote_version(collection, key).await;
+                (remote, unknown && !self.cluster.hosts_here(collection))
+            }
             _ => (None, false),
         };
         // As for a set: a node that does not store the collection stamps
