@@ -497,6 +497,53 @@ fn a_write_through_a_node_whose_clock_is_behind_wins_while_the_owner_is_down() {
     );
 }
 
+/// The same across a gap wider than the allowed offset (60 s): the owner
+/// 50 s ahead, a third node at 0, the writer 15 s behind. The writer
+/// admits the owner's stamps (by the cluster's middle clock), so it follows
+/// the owner's clock too, not only the peers within 60 s of its own.
+#[test]
+fn a_write_through_a_node_far_behind_the_owner_wins_while_the_owner_is_down() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ahead = [&ONE_OWNER[..], &["--clock-offset-ms", "50000"]].concat();
+    let behind = [&ONE_OWNER[..], &["--clock-offset-ms", "-15000"]].concat();
+    let a = Dhrtd::start(dirs[0].path(), &ahead);
+    let b = start_joined(dirs[1].path(), &a, &ONE_OWNER);
+    let c = start_joined(dirs[2].path(), &a, &behind);
+    eventually("all three healthy", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    for i in 0..COLLECTIONS {
+        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
+    }
+    let on_a = eventually_value(|| {
+        (0..COLLECTIONS)
+            .map(|i| format!("c{i}"))
+            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b, &c], n) == 0)
+    });
+    for key in ["k", "gone"] {
+        let (status, body) = a.http("POST", &format!("/{on_a}/{key}/old"), b"");
+        assert_eq!(status, 200, "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let a_addr = a.addr;
+    a.stop("KILL");
+    let (status, body) = c.http("POST", &format!("/{on_a}/k/new"), b"");
+    assert!(status == 200 || status == 504, "{status} {body}");
+    let (status, body) = c.http("DELETE", &format!("/{on_a}/gone"), b"");
+    assert!(status == 200 || status == 504, "{status} {body}");
+    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &ahead);
+    eventually(
+        "the later write and delete win everywhere",
+        Duration::from_secs(30),
+        || {
+            [&a, &b, &c].iter().all(|n| {
+                n.get_raw(&format!("/{on_a}/k")) == (200, b"new".to_vec())
+                    && n.http("GET", &format!("/{on_a}/gone"), b"").0 == 404
+            })
+        },
+    );
+}
+
 /// A delete through a node that does not own the collection, while its
 /// owner is down, under `--write-ack local`: the node cannot tell whether
 /// the key exists (a read says 503), so the delete, written and due to

@@ -165,28 +165,36 @@ pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
 }
 
 /// How far ahead of this node's wall clock it stamps writes: the lead of
-/// the latest peer clock within `max_offset_ms` of it (0 if none is ahead).
-/// A write this node makes after one a peer made (by real time) then
-/// follows it whatever the two clocks say, as far as they agree within the
-/// allowed offset, even with no peer there to tell it it holds a newer
-/// version (the owners down, a partition): the peer's clock runs ahead of
-/// this node's by the lead, and the write comes later. A clock further
-/// ahead is skewed, and not followed. The estimate errs low (a message's
-/// delay makes its sender look behind), so writes are never stamped
-/// further ahead than the peer's clock. Nor further than every measured
-/// peer admits by its own wall clock (the slowest's plus the allowed
-/// offset): a clock within the offset of this one may be beyond it from a
-/// peer behind, which would refuse whatever this node stamped by it.
+/// the latest peer clock whose stamps it admits (within the allowed offset
+/// of the later of its own clock and the cluster's middle: the guard's
+/// reference), 0 if none is ahead. A write this node makes after one such
+/// a peer made (by real time) then follows it whatever the two clocks say,
+/// even with no peer there to tell it it holds a newer version (the owners
+/// down, a partition): the peer's clock runs ahead of this node's by the
+/// lead, and the write comes later. A clock further ahead is skewed: its
+/// stamps are refused here, and it is not followed. The estimate errs low
+/// (a message's delay makes its sender look behind), so writes are never
+/// stamped further ahead than the peer's clock. Nor further than every
+/// measured peer admits by its own wall clock (plus the allowed offset): a
+/// clock this node admits may be beyond what a peer behind it admits,
+/// which would refuse whatever this node stamped by it.
 pub(crate) fn lead(offsets: &[i64], max_offset_ms: u64) -> u64 {
+    let max = i64::try_from(max_offset_ms).unwrap_or(i64::MAX);
+    let admitted_here = cluster_offset(offsets, max_offset_ms)
+        .max(0)
+        .saturating_add(max);
     let latest = offsets
         .iter()
-        .filter_map(|&o| u64::try_from(o).ok())
-        .filter(|&o| o <= max_offset_ms)
+        .copied()
+        .filter(|&o| o > 0 && o <= admitted_here)
         .max()
         .unwrap_or(0);
-    let slowest = offsets.iter().copied().min().unwrap_or(0).min(0);
-    let admitted = u64::try_from(slowest.saturating_add_unsigned(max_offset_ms)).unwrap_or(0);
-    latest.min(admitted)
+    let admitted_by_all = offsets
+        .iter()
+        .map(|&o| o.saturating_add(max))
+        .min()
+        .unwrap_or(i64::MAX);
+    u64::try_from(latest.min(admitted_by_all)).unwrap_or(0)
 }
 
 /// The peers' time as an offset from this node's wall clock: the middle
@@ -375,7 +383,12 @@ mod tests {
         // two, which would refuse stamps that far ahead of their clocks.
         assert_eq!(lead(&[-5_000, -5_000, 60_000], MAX), 55_000);
         assert_eq!(lead(&[-(MAX as i64), 30_000], MAX), 0);
-        assert_eq!(lead(&[-2 * HOUR, 30_000], MAX), 0);
+        // This node at -15 s, peers at 0 and +50 s: the one at +50 s is
+        // 65 s ahead of it, but its stamps are admitted here (by the
+        // cluster's middle, +15 s from this node), so it is followed.
+        assert_eq!(lead(&[15_000, 65_000], MAX), 65_000);
+        // Beyond what is admitted here: not followed.
+        assert_eq!(lead(&[15_000, 80_000], MAX), 15_000);
     }
 
     #[test]
