@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use dhrt_proto::{BucketCursor, CollectionDigest, ErrorKind, Mutation, OpError, PeerReply, Stamp};
+use dhrt_proto::{BucketCursor, ErrorKind, Mutation, OpError, PeerReply, Stamp};
 use dhrt_storage::{Replicated, SyncMode};
 
 use super::{Cluster, stamp, version};
@@ -242,10 +242,17 @@ impl Cluster {
             }
         }
         if !unstorable.is_empty() {
-            tracing::error!(
-                "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), invalid, or of system collections no peer writes",
-                unstorable.len()
-            );
+            // Once a second at most: a client writing to new collections
+            // through another node would log a line a write.
+            static UNSTORABLE: crate::throttle::LogThrottle =
+                crate::throttle::LogThrottle::new(std::time::Duration::from_secs(1));
+            if let Some(left_out) = UNSTORABLE.allow() {
+                tracing::error!(
+                    left_out,
+                    "refused {} replicated records: of collections this node cannot create (it holds as many as it can keep open, --max-collections), invalid, or of system collections no peer writes",
+                    unstorable.len()
+                );
+            }
             refused.extend(unstorable);
             refused.sort_unstable();
             refused.dedup();
@@ -275,84 +282,6 @@ impl Cluster {
         } else {
             self.apply(&mutations)
         }
-    }
-
-    /// The digests of `names` (all collections when empty). An answer that
-    /// could not be sent (past the frame limit) is refused as soon as it
-    /// grows past it, not built whole: a peer naming one collection a
-    /// million times must not make this node hold gigabytes.
-    pub(crate) fn digests(&self, names: Vec<String>) -> Result<Vec<CollectionDigest>, OpError> {
-        // Members ask for one by name, or for all.
-        const MOST_NAMED: usize = 256;
-        let names = if names.is_empty() {
-            self.store.all_collections()
-        } else if names.len() > MOST_NAMED {
-            return Err(OpError::new(
-                ErrorKind::InvalidInput,
-                format!("{} collections named, more than {MOST_NAMED}", names.len()),
-            ));
-        } else {
-            names
-        };
-        let max = self.dialer.max_frame as usize;
-        let (out, cut) = self.digests_within(names, max)?;
-        if cut {
-            return Err(OpError::new(
-                ErrorKind::TooLarge,
-                format!("the digests asked for pass the {max}-byte frame limit"),
-            ));
-        }
-        Ok(out)
-    }
-
-    /// A page of the digests of every collection this node has, in name
-    /// order, of the names after `after`: as many as fit in
-    /// [`DIGEST_PAGE_BYTES`] (at least one). Empty once past the last.
-    pub(crate) fn digests_after(
-        &self,
-        after: Option<String>,
-    ) -> Result<Vec<CollectionDigest>, OpError> {
-        let mut names = self.store.all_collections();
-        if let Some(after) = after {
-            names.retain(|c| *c > after);
-        }
-        Ok(self.digests_within(names, DIGEST_PAGE_BYTES)?.0)
-    }
-
-    /// The digests of `names`, in order, until the next would take the
-    /// answer past `max` bytes as encoded (the first is always taken);
-    /// also whether any were left out.
-    fn digests_within(
-        &self,
-        names: Vec<String>,
-        max: usize,
-    ) -> Result<(Vec<CollectionDigest>, bool), OpError> {
-        let stats = self.store.stats();
-        let mut size = 0usize;
-        let mut out = Vec::new();
-        for c in names {
-            let d = self.store.digest(&c).map_err(crate::error::op_error)?;
-            // As encoded: a varint per bucket, the name, a few fields.
-            size += 32 + c.len() + d.buckets.iter().map(|&b| varint_len(b)).sum::<usize>();
-            if size > max && !out.is_empty() {
-                return Ok((out, true));
-            }
-            // Stats come in name order.
-            let entries = stats
-                .collections
-                .binary_search_by(|s| s.name.as_str().cmp(&c))
-                .map_or(0, |i| {
-                    let s = &stats.collections[i];
-                    s.keys + s.tombstones
-                });
-            out.push(CollectionDigest {
-                collection: c,
-                buckets: d.buckets,
-                dropped_at: d.dropped_at.map(stamp),
-                entries,
-            });
-        }
-        Ok((out, false))
     }
 
     /// A page of the records of some buckets of a collection, as
@@ -405,20 +334,6 @@ impl Cluster {
             }
         }
         Ok((out, None))
-    }
-}
-
-/// About how many bytes of digests a [`dhrt_proto::PeerOp::DigestsAfter`] page holds:
-/// some hundred large collections' (a digest is at most about 9 KiB).
-pub(crate) const DIGEST_PAGE_BYTES: usize = 1 << 20;
-
-/// The bytes of `v` as a varint in the peer protocol's encoding.
-fn varint_len(v: u64) -> usize {
-    match v {
-        0..=250 => 1,
-        251..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
     }
 }
 
@@ -628,7 +543,7 @@ mod tests {
             let mut bytes = Vec::new();
             dhrt_proto::encode(&dhrt_proto::PeerReply::Digests(page.clone()), &mut bytes).unwrap();
             assert!(
-                bytes.len() <= super::DIGEST_PAGE_BYTES,
+                bytes.len() <= crate::cluster::digests::DIGEST_PAGE_BYTES,
                 "{} bytes",
                 bytes.len()
             );

@@ -27,6 +27,7 @@ mod anti_entropy;
 mod apply;
 mod clock;
 mod contact;
+mod digests;
 mod driver;
 mod first;
 mod moves;

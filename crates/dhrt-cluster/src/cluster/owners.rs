@@ -322,4 +322,56 @@ impl Cluster {
                 .members()
                 .any(|u| u.liveness == Liveness::Alive && owners.contains(&u.id))
     }
+
+    /// Whether this node was started to join a cluster (`--node`, or
+    /// members remembered in `cluster.state` that had not left) and has
+    /// not heard from any member since: its replicas are out of reach, not
+    /// absent.
+    pub(crate) fn unreached(&self) -> bool {
+        self.awaited > 0 && !self.heard_peers.load(Ordering::Acquire)
+    }
+
+    /// The write concern of a write this node holds alone while
+    /// [`unreached`](Self::unreached): its replicas are counted as the
+    /// members it was given (at most the collection's replication factor),
+    /// so under `quorum` or `all` the write is saved on 1 of them, and the
+    /// client is told so. Anti-entropy takes it to the others once they
+    /// are reached.
+    pub(crate) fn unreached_concern(&self, collection: &str) -> Result<(), OpError> {
+        if !self.unreached() {
+            return Ok(());
+        }
+        // Its owners are members it remembers: a copy on a node that does
+        // not own the collection is no replica, whatever the concern.
+        let owns = {
+            let m = self.membership.lock().unwrap();
+            self.owners_in(&m, collection).contains(&self.dialer.me)
+        };
+        if !owns {
+            return Err(OpError::new(
+                ErrorKind::WriteConcern,
+                format!(
+                    "no owner of collection {collection:?} has answered since this node started: the write is saved on this node, which does not own it, and reaches its owners once they answer"
+                ),
+            ));
+        }
+        let members = 1 + self.awaited;
+        let replicas = match self.replicas_of(collection) {
+            Replicas::All => members,
+            Replicas::N(n) => members.min(usize::from(n).max(1)),
+        };
+        let need = placement::need(self.options.write_ack, replicas - 1, true);
+        if need.copies <= 1 {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ErrorKind::WriteConcern,
+            format!(
+                "write concern {} not met: no member has answered since this node started, so the write is saved on 1 of {} replicas ({} needed) and will reach the others once they answer",
+                self.options.write_ack.as_str(),
+                need.replicas,
+                need.copies
+            ),
+        ))
+    }
 }

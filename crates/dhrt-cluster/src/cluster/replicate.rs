@@ -19,7 +19,7 @@ use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of, stamp};
 /// version written meanwhile).
 pub(crate) const RESTAMPS: usize = 3;
 use crate::link::{Link, LinkError};
-use crate::placement::{self, Replicas};
+use crate::placement;
 use crate::queue::{Queue, Room};
 
 /// One peer: its connection and the writes on their way to it.
@@ -270,6 +270,17 @@ impl Cluster {
                     ),
                 );
             }
+            // Saved nowhere yet: it waits in this node's memory (the
+            // queues) for replicas that are down.
+            if saved == 0 && !kept {
+                return OpError::new(
+                    ErrorKind::WriteConcern,
+                    format!(
+                        "write concern {} not met {when}{why}: the write is saved on no replica yet (this node, not a replica, could not keep it): it waits in this node's memory for the replicas, and is lost if this node stops first",
+                        self.options.write_ack.as_str(),
+                    ),
+                );
+            }
             OpError::new(
                 ErrorKind::WriteConcern,
                 format!(
@@ -364,7 +375,13 @@ impl Cluster {
             // Records it refused (a collection past its cap, a stamp ahead
             // of its clock) are not kept.
             Ok(applied) if !applied.refused.is_empty() => {
+                static NOT_KEPT: crate::throttle::LogThrottle =
+                    crate::throttle::LogThrottle::new(Duration::from_secs(1));
+                let Some(left_out) = NOT_KEPT.allow() else {
+                    return false;
+                };
                 tracing::warn!(
+                    left_out,
                     "could not keep {} of {} writes no replica acknowledged (a collection past --max-collections, or stamped ahead of this node's clock)",
                     applied.refused.len(),
                     mutations.len()
@@ -377,58 +394,6 @@ impl Cluster {
                 false
             }
         }
-    }
-
-    /// Whether this node was started to join a cluster (`--node`, or
-    /// members remembered in `cluster.state` that had not left) and has
-    /// not heard from any member since: its replicas are out of reach, not
-    /// absent.
-    pub(crate) fn unreached(&self) -> bool {
-        self.awaited > 0 && !self.heard_peers.load(Ordering::Acquire)
-    }
-
-    /// The write concern of a write this node holds alone while
-    /// [`unreached`](Self::unreached): its replicas are counted as the
-    /// members it was given (at most the collection's replication factor),
-    /// so under `quorum` or `all` the write is saved on 1 of them, and the
-    /// client is told so. Anti-entropy takes it to the others once they
-    /// are reached.
-    pub(crate) fn unreached_concern(&self, collection: &str) -> Result<(), OpError> {
-        if !self.unreached() {
-            return Ok(());
-        }
-        // Its owners are members it remembers: a copy on a node that does
-        // not own the collection is no replica, whatever the concern.
-        let owns = {
-            let m = self.membership.lock().unwrap();
-            self.owners_in(&m, collection).contains(&self.dialer.me)
-        };
-        if !owns {
-            return Err(OpError::new(
-                ErrorKind::WriteConcern,
-                format!(
-                    "no owner of collection {collection:?} has answered since this node started: the write is saved on this node, which does not own it, and reaches its owners once they answer"
-                ),
-            ));
-        }
-        let members = 1 + self.awaited;
-        let replicas = match self.replicas_of(collection) {
-            Replicas::All => members,
-            Replicas::N(n) => members.min(usize::from(n).max(1)),
-        };
-        let need = placement::need(self.options.write_ack, replicas - 1, true);
-        if need.copies <= 1 {
-            return Ok(());
-        }
-        Err(OpError::new(
-            ErrorKind::WriteConcern,
-            format!(
-                "write concern {} not met: no member has answered since this node started, so the write is saved on 1 of {} replicas ({} needed) and will reach the others once they answer",
-                self.options.write_ack.as_str(),
-                need.replicas,
-                need.copies
-            ),
-        ))
     }
 
     /// Whether peer `p`, having answered through `acked`, acknowledged the
