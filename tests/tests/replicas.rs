@@ -406,22 +406,9 @@ fn eventually_value<T>(mut f: impl FnMut() -> Option<T>) -> T {
 /// and the forwarding node stamps the write again, later.
 #[test]
 fn a_write_forwarded_by_a_node_whose_clock_is_behind_wins_over_the_one_before() {
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &ONE_OWNER);
-    let mut behind = ONE_OWNER.to_vec();
-    behind.extend(["--clock-offset-ms", "-2000"]);
-    let b = start_joined(dirs[1].path(), &a, &behind);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
-    for c in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
-    }
-    let on_a = eventually_value(|| {
-        (0..COLLECTIONS)
-            .map(|c| format!("c{c}"))
-            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
-    });
+    let behind = [&ONE_OWNER[..], &["--clock-offset-ms", "-2000"]].concat();
+    let (_dirs, nodes, on_a) = owned_by_the_first(&[ONE_OWNER.to_vec(), behind]);
+    let (a, b) = (&nodes[0], &nodes[1]);
     for i in 0..10 {
         let (status, body) = a.http("POST", &format!("/{on_a}/k{i}/first"), b"");
         assert_eq!(status, 200, "{body}");
@@ -448,53 +435,13 @@ fn a_write_forwarded_by_a_node_whose_clock_is_behind_wins_over_the_one_before() 
 
 /// The same with the owner down, so that no replica can tell the node
 /// behind that it holds a newer version: the node stamps by its peers'
-/// latest clock within the allowed offset (the owner's, measured before it
-/// went down), so its write and its delete, made after the owner's write,
-/// still win once the owner is back. Before, both were silently undone:
-/// the owner's older write carried the later stamp.
+/// latest clock it admits (the owner's, measured before it went down), so
+/// its write and its delete, made after the owner's write, still win once
+/// the owner is back. Before, both were silently undone: the owner's older
+/// write carried the later stamp.
 #[test]
 fn a_write_through_a_node_whose_clock_is_behind_wins_while_the_owner_is_down() {
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let a = Dhrtd::start(dirs[0].path(), &ONE_OWNER);
-    let mut behind = ONE_OWNER.to_vec();
-    behind.extend(["--clock-offset-ms", "-5000"]);
-    let b = start_joined(dirs[1].path(), &a, &behind);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
-    for c in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
-    }
-    let on_a = eventually_value(|| {
-        (0..COLLECTIONS)
-            .map(|c| format!("c{c}"))
-            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
-    });
-    for key in ["k", "gone"] {
-        let (status, body) = a.http("POST", &format!("/{on_a}/{key}/old"), b"");
-        assert_eq!(status, 200, "{body}");
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let a_addr = a.addr;
-    a.stop("KILL");
-    let (status, body) = b.http("POST", &format!("/{on_a}/k/new"), b"");
-    assert!(status == 200 || status == 504, "{status} {body}");
-    let (status, body) = b.http("DELETE", &format!("/{on_a}/gone"), b"");
-    assert!(
-        status == 200 || status == 404 || status == 504,
-        "{status} {body}"
-    );
-    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &ONE_OWNER);
-    eventually(
-        "the later write and delete win on both",
-        Duration::from_secs(30),
-        || {
-            [&a, &b].iter().all(|n| {
-                n.get_raw(&format!("/{on_a}/k")) == (200, b"new".to_vec())
-                    && n.http("GET", &format!("/{on_a}/gone"), b"").0 == 404
-            })
-        },
-    );
+    later_write_through_the_last_wins_with_the_owner_down(&["0", "-5000"]);
 }
 
 /// The same across a gap wider than the allowed offset (60 s): the owner
@@ -503,45 +450,69 @@ fn a_write_through_a_node_whose_clock_is_behind_wins_while_the_owner_is_down() {
 /// the owner's clock too, not only the peers within 60 s of its own.
 #[test]
 fn a_write_through_a_node_far_behind_the_owner_wins_while_the_owner_is_down() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ahead = [&ONE_OWNER[..], &["--clock-offset-ms", "50000"]].concat();
-    let behind = [&ONE_OWNER[..], &["--clock-offset-ms", "-15000"]].concat();
-    let a = Dhrtd::start(dirs[0].path(), &ahead);
-    let b = start_joined(dirs[1].path(), &a, &ONE_OWNER);
-    let c = start_joined(dirs[2].path(), &a, &behind);
-    eventually("all three healthy", Duration::from_secs(20), || {
-        all_healthy(&[&a, &b, &c], 3)
-    });
-    for i in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{i}/k/v{i}"), b"").0, 200);
-    }
-    let on_a = eventually_value(|| {
-        (0..COLLECTIONS)
-            .map(|i| format!("c{i}"))
-            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b, &c], n) == 0)
-    });
+    later_write_through_the_last_wins_with_the_owner_down(&["50000", "0", "-15000"]);
+}
+
+/// Nodes with these clock offsets (ms), `--replicas 1`: a key set and one
+/// to delete through the first (the owner), which is then killed; a set and
+/// a delete through the last; the owner restarted. The later set and the
+/// delete must win on every node.
+fn later_write_through_the_last_wins_with_the_owner_down(offsets: &[&str]) {
+    let flags: Vec<Vec<&str>> = offsets
+        .iter()
+        .map(|o| [&ONE_OWNER[..], &["--clock-offset-ms", o]].concat())
+        .collect();
+    let (dirs, mut nodes, on_a) = owned_by_the_first(&flags);
     for key in ["k", "gone"] {
-        let (status, body) = a.http("POST", &format!("/{on_a}/{key}/old"), b"");
+        let (status, body) = nodes[0].http("POST", &format!("/{on_a}/{key}/old"), b"");
         assert_eq!(status, 200, "{body}");
     }
     std::thread::sleep(Duration::from_millis(500));
+    let a = nodes.remove(0);
     let a_addr = a.addr;
     a.stop("KILL");
-    let (status, body) = c.http("POST", &format!("/{on_a}/k/new"), b"");
+    let writer = nodes.last().unwrap();
+    let (status, body) = writer.http("POST", &format!("/{on_a}/k/new"), b"");
     assert!(status == 200 || status == 504, "{status} {body}");
-    let (status, body) = c.http("DELETE", &format!("/{on_a}/gone"), b"");
+    let (status, body) = writer.http("DELETE", &format!("/{on_a}/gone"), b"");
     assert!(status == 200 || status == 504, "{status} {body}");
-    let a = Dhrtd::start_on(Some(a_addr), dirs[0].path(), &ahead);
+    nodes.push(Dhrtd::start_on(Some(a_addr), dirs[0].path(), &flags[0]));
     eventually(
         "the later write and delete win everywhere",
         Duration::from_secs(30),
         || {
-            [&a, &b, &c].iter().all(|n| {
+            nodes.iter().all(|n| {
                 n.get_raw(&format!("/{on_a}/k")) == (200, b"new".to_vec())
                     && n.http("GET", &format!("/{on_a}/gone"), b"").0 == 404
             })
         },
     );
+}
+
+/// Nodes started with these flags, joined through the first, every one
+/// healthy, collections c0..c23 written through the first; and one of them
+/// only the first holds.
+fn owned_by_the_first(flags: &[Vec<&str>]) -> (Vec<tempfile::TempDir>, Vec<Dhrtd>, String) {
+    let dirs: Vec<_> = flags.iter().map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Dhrtd::start(dirs[0].path(), &flags[0]);
+    let mut nodes = vec![];
+    for (dir, f) in dirs.iter().zip(flags).skip(1) {
+        nodes.push(start_joined(dir.path(), &first, f));
+    }
+    nodes.insert(0, first);
+    let all: Vec<&Dhrtd> = nodes.iter().collect();
+    eventually("every node healthy", Duration::from_secs(20), || {
+        all_healthy(&all, all.len())
+    });
+    for c in 0..COLLECTIONS {
+        assert_eq!(nodes[0].http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
+    }
+    let on_a = eventually_value(|| {
+        (0..COLLECTIONS)
+            .map(|c| format!("c{c}"))
+            .find(|n| holders_of(&all[..1], n) == 1 && holders_of(&all[1..], n) == 0)
+    });
+    (dirs, nodes, on_a)
 }
 
 /// A delete through a node that does not own the collection, while its
@@ -551,21 +522,9 @@ fn a_write_through_a_node_far_behind_the_owner_wins_while_the_owner_is_down() {
 /// owner held); and it takes effect once the owner is back.
 #[test]
 fn a_delete_no_owner_could_answer_for_is_no_404() {
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let local = [&ONE_OWNER[..], &["--write-ack", "local"]].concat();
-    let a = Dhrtd::start(dirs[0].path(), &local);
-    let b = start_joined(dirs[1].path(), &a, &local);
-    eventually("a and b are healthy", Duration::from_secs(15), || {
-        all_healthy(&[&a, &b], 2)
-    });
-    for c in 0..COLLECTIONS {
-        assert_eq!(a.http("POST", &format!("/c{c}/k/v{c}"), b"").0, 200);
-    }
-    let on_a = eventually_value(|| {
-        (0..COLLECTIONS)
-            .map(|c| format!("c{c}"))
-            .find(|n| holders_of(&[&a], n) == 1 && holders_of(&[&b], n) == 0)
-    });
+    let (dirs, mut nodes, on_a) = owned_by_the_first(&[local.clone(), local.clone()]);
+    let (b, a) = (nodes.pop().unwrap(), nodes.pop().unwrap());
     assert_eq!(a.http("POST", &format!("/{on_a}/gone/v"), b"").0, 200);
     // With the owner up, a key no one has is 404 through either node.
     for n in [&a, &b] {

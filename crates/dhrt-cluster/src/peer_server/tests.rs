@@ -265,11 +265,8 @@ async fn a_frame_that_arrives_slowly_is_noted_as_it_arrives() {
     );
 }
 
-/// A dialer holding this node's own id (a copied data directory, or a
-/// forged handshake on loopback) cannot join as it.
-#[tokio::test]
-async fn a_join_under_this_nodes_own_id_is_refused() {
-    let store = dhrt_storage::Store::memory(dhrt_storage::Options::default());
+/// A one-node cluster of id 7 on `store`, and its watch sessions.
+fn node_7(store: dhrt_storage::Store) -> (std::sync::Arc<Cluster>, std::sync::Arc<Sessions>) {
     let me = crate::Identity {
         id: 7,
         name: "me".into(),
@@ -277,7 +274,15 @@ async fn a_join_under_this_nodes_own_id_is_refused() {
     };
     let cluster = Cluster::single(store.clone(), me);
     let hub = crate::WatchHub::new(store, crate::WatchOptions::default());
-    let sessions = Sessions::new(hub);
+    (cluster, Sessions::new(hub))
+}
+
+/// A dialer holding this node's own id (a copied data directory, or a
+/// forged handshake on loopback) cannot join as it.
+#[tokio::test]
+async fn a_join_under_this_nodes_own_id_is_refused() {
+    let store = dhrt_storage::Store::memory(dhrt_storage::Options::default());
+    let (cluster, sessions) = node_7(store);
     let update = dhrt_proto::MemberUpdate {
         id: 7,
         name: "twin".into(),
@@ -303,14 +308,7 @@ async fn a_join_under_this_nodes_own_id_is_refused() {
 async fn a_node_that_left_answers_no_digests() {
     let store = dhrt_storage::Store::memory(dhrt_storage::Options::default());
     store.set("c", b"k", b"v").unwrap();
-    let me = crate::Identity {
-        id: 7,
-        name: "me".into(),
-        addr: "127.0.0.1:7453".into(),
-    };
-    let cluster = Cluster::single(store.clone(), me);
-    let hub = crate::WatchHub::new(store, crate::WatchOptions::default());
-    let sessions = Sessions::new(hub);
+    let (cluster, sessions) = node_7(store);
     let digests = || PeerOp::Digests(vec!["c".into()]);
     match handle(&cluster, &sessions, 9, digests()).await {
         Ok(PeerReply::Digests(d)) => assert_eq!(d.len(), 1),
