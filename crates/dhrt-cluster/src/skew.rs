@@ -181,7 +181,7 @@ pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
 pub(crate) fn lead(offsets: &[i64], max_offset_ms: u64) -> u64 {
     let max = i64::try_from(max_offset_ms).unwrap_or(i64::MAX);
     let admitted_here = cluster_offset(offsets, max_offset_ms)
-        .max(0)
+        .clamp(0, max)
         .saturating_add(max);
     let latest = offsets
         .iter()
@@ -371,7 +371,7 @@ mod tests {
     const MAX: u64 = 60_000;
 
     #[test]
-    fn the_lead_is_the_latest_peer_clock_within_the_allowed_offset() {
+    fn the_lead_is_the_latest_peer_clock_this_node_and_its_peers_admit() {
         assert_eq!(lead(&[], MAX), 0);
         assert_eq!(lead(&[-5_000, -1], MAX), 0);
         assert_eq!(lead(&[-5_000, 5_000, 2_000], MAX), 5_000);
@@ -389,6 +389,10 @@ mod tests {
         assert_eq!(lead(&[15_000, 65_000], MAX), 65_000);
         // Beyond what is admitted here: not followed.
         assert_eq!(lead(&[15_000, 80_000], MAX), 15_000);
+        assert_eq!(lead(&[-2 * HOUR, 30_000], MAX), 0);
+        // Two peers hours ahead agree with each other: this node is the
+        // one off (skewed), and the lead stays within twice the offset.
+        assert!(lead(&[2 * HOUR, 2 * HOUR], MAX) <= 2 * MAX);
     }
 
     #[test]

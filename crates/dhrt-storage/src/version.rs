@@ -91,8 +91,11 @@ impl Clock {
     /// The time reached is carried forward from when the lead was last
     /// set on the monotonic clock, not read off the wall clock: a wall
     /// clock stepped forward (which the next lead makes up for) must not
-    /// add the step to it.
-    pub fn set_lead(&self, lead_ms: u64) {
+    /// add the step to it. It is kept up to `limit_ms` (ms since the
+    /// epoch) at most: the latest time this node admits now (a clock it no
+    /// longer admits, e.g. one fixed after running hours ahead, must not
+    /// leave this node holding a clock beyond its own limits).
+    pub fn set_lead(&self, lead_ms: u64, limit_ms: u64) {
         let mut set = self.lead_set.lock().unwrap_or_else(|e| e.into_inner());
         let now = std::time::Instant::now();
         let before = self.lead_ms.load(Ordering::Relaxed);
@@ -102,7 +105,7 @@ impl Clock {
             let elapsed = now.duration_since(at).as_millis() as u64;
             // Raised before the smaller lead is stored: no version in
             // between is stamped below it.
-            self.observe((reached + elapsed) << LOGICAL_BITS);
+            self.observe((reached + elapsed).min(limit_ms) << LOGICAL_BITS);
         }
         self.lead_ms.store(lead_ms, Ordering::Relaxed);
         *set = Some((now, self.wall_ms() + lead_ms));
@@ -173,19 +176,26 @@ mod tests {
         let behind = Clock::with_offset(3, -5_000);
         let before = behind.now().ts >> LOGICAL_BITS;
         assert!(before + 4_000 < wall_ms(), "stamped by its own clock");
-        behind.set_lead(5_000);
+        behind.set_lead(5_000, u64::MAX);
         let led = behind.now();
         assert!(
             (led.ts >> LOGICAL_BITS) + 100 >= wall_ms(),
             "stamped by the lead"
         );
-        behind.set_lead(0);
+        behind.set_lead(0, u64::MAX);
         let after = behind.now();
         assert!(after > led, "a smaller lead never goes back");
         assert!(
             behind.ahead_ms(after.ts) >= 4_900,
             "nor below the time it reached"
         );
+        // A lead of an hour, dropped with a limit of the wall clock plus a
+        // minute: kept up to the limit only.
+        let clock = Clock::new(4);
+        clock.set_lead(3_600_000, u64::MAX);
+        clock.set_lead(0, clock.wall_ms() + 60_000);
+        let ahead = clock.ahead_ms(clock.now().ts);
+        assert!((59_000..=60_000).contains(&ahead), "{ahead}");
         assert!(
             behind.ahead_ms(led.ts) >= 4_900,
             "{}",

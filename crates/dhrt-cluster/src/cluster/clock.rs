@@ -88,13 +88,18 @@ impl Cluster {
                 current
             }
         };
-        self.store.clock().set_lead(skew::lead(&measured, max));
-        self.cluster_offset
-            .store(skew::cluster_offset(&measured, max), Ordering::Release);
+        let cluster_offset = skew::cluster_offset(&measured, max);
+        self.cluster_offset.store(cluster_offset, Ordering::Release);
         let (low, high) = skew::peers_offset(&measured);
         self.peers_offset_low.store(low, Ordering::Release);
         self.peers_offset_high.store(high, Ordering::Release);
         self.strictest_offset_ms.store(max, Ordering::Release);
+        // After the reference it is admitted by is published; a lead that
+        // drops keeps the clock no further than this node admits now.
+        let limit = skew::Guard::reference(wall, cluster_offset).saturating_add(max);
+        self.store
+            .clock()
+            .set_lead(skew::lead(&measured, max), limit);
         let mut current = self.verdict.lock().unwrap();
         if v.skewed != current.skewed {
             if v.skewed {
