@@ -263,11 +263,14 @@ impl Cluster {
             // Every replica refused it, none is waited for later, and this
             // node could not keep it: it is nowhere, and says so.
             if saved == 0 && !kept && held_for_later == 0 && waited.iter().all(|w| refused(&w)) {
+                let reason = if waited.is_empty() {
+                    "no replica is known to this node now".to_string()
+                } else {
+                    format!("every replica refused it{why}")
+                };
                 return OpError::new(
                     ErrorKind::Unavailable,
-                    format!(
-                        "the write is not saved: every replica refused it{why}, and this node could not keep it"
-                    ),
+                    format!("the write is not saved: {reason}, and this node could not keep it"),
                 );
             }
             // Saved nowhere yet: it waits in this node's memory (the
