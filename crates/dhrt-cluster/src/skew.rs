@@ -165,36 +165,28 @@ pub(crate) fn cluster_offset(offsets: &[i64], max_offset_ms: u64) -> i64 {
 }
 
 /// How far ahead of this node's wall clock it stamps writes: the lead of
-/// the latest peer clock whose stamps it admits (within the allowed offset
-/// of the later of its own clock and the cluster's middle: the guard's
-/// reference), 0 if none is ahead. A write this node makes after one such
-/// a peer made (by real time) then follows it whatever the two clocks say,
-/// even with no peer there to tell it it holds a newer version (the owners
-/// down, a partition): the peer's clock runs ahead of this node's by the
-/// lead, and the write comes later. A clock further ahead is skewed: its
-/// stamps are refused here, and it is not followed. The estimate errs low
-/// (a message's delay makes its sender look behind), so writes are never
-/// stamped further ahead than the peer's clock. Nor further than every
-/// measured peer admits by its own wall clock (plus the allowed offset): a
-/// clock this node admits may be beyond what a peer behind it admits,
-/// which would refuse whatever this node stamped by it.
+/// the latest clock in the cluster that is not skewed, that is within the
+/// allowed offset of the cluster's middle clock (as this node measures
+/// it), 0 if none is ahead of this one. Every node then stamps by about
+/// the same clock, the latest the cluster agrees on, and every node admits
+/// it (the guard admits up to the allowed offset past the middle clock).
+/// A write made after another (by real time) follows it whatever the
+/// clocks of the two nodes say, even with no replica there to tell the
+/// second node it holds a newer version (the owners down, a partition). A
+/// clock further ahead is skewed: it refuses writes, its stamps are
+/// refused, and it is not followed. The estimate errs low (a message's
+/// delay makes its sender look behind), so no node stamps further ahead
+/// than the clock it follows. At most twice the allowed offset.
 pub(crate) fn lead(offsets: &[i64], max_offset_ms: u64) -> u64 {
     let max = i64::try_from(max_offset_ms).unwrap_or(i64::MAX);
-    let admitted_here = cluster_offset(offsets, max_offset_ms)
-        .clamp(0, max)
-        .saturating_add(max);
+    let middle = cluster_offset(offsets, max_offset_ms).min(max);
     let latest = offsets
         .iter()
         .copied()
-        .filter(|&o| o > 0 && o <= admitted_here)
+        .filter(|&o| o > 0 && o <= middle.saturating_add(max))
         .max()
         .unwrap_or(0);
-    let admitted_by_all = offsets
-        .iter()
-        .map(|&o| o.saturating_add(max))
-        .min()
-        .unwrap_or(i64::MAX);
-    u64::try_from(latest.min(admitted_by_all)).unwrap_or(0)
+    u64::try_from(latest).unwrap_or(0)
 }
 
 /// The peers' time as an offset from this node's wall clock: the middle
@@ -371,25 +363,28 @@ mod tests {
     const MAX: u64 = 60_000;
 
     #[test]
-    fn the_lead_is_the_latest_peer_clock_this_node_and_its_peers_admit() {
+    fn the_lead_is_the_latest_clock_the_cluster_does_not_find_skewed() {
         assert_eq!(lead(&[], MAX), 0);
         assert_eq!(lead(&[-5_000, -1], MAX), 0);
         assert_eq!(lead(&[-5_000, 5_000, 2_000], MAX), 5_000);
         // A clock beyond the allowed offset is skewed: not followed.
         assert_eq!(lead(&[2 * HOUR, 5_000], MAX), 5_000);
         assert_eq!(lead(&[MAX as i64], MAX), MAX);
-        // Peers at 0, 0 and +65 s from this node at +5 s: the one at +65 s
-        // is within the offset of this node but beyond it from the other
-        // two, which would refuse stamps that far ahead of their clocks.
-        assert_eq!(lead(&[-5_000, -5_000, 60_000], MAX), 55_000);
-        assert_eq!(lead(&[-(MAX as i64), 30_000], MAX), 0);
-        // This node at -15 s, peers at 0 and +50 s: the one at +50 s is
-        // 65 s ahead of it, but its stamps are admitted here (by the
-        // cluster's middle, +15 s from this node), so it is followed.
+        // This node at -15 s, peers at 0 and +50 s: the middle is 0, the
+        // +50 s clock within the offset of it, followed (65 s from here);
+        // from the node at 0, the same clock (+50 s).
         assert_eq!(lead(&[15_000, 65_000], MAX), 65_000);
-        // Beyond what is admitted here: not followed.
-        assert_eq!(lead(&[15_000, 80_000], MAX), 15_000);
-        assert_eq!(lead(&[-2 * HOUR, 30_000], MAX), 0);
+        assert_eq!(lead(&[-15_000, 50_000], MAX), 50_000);
+        // A chain 0, +40 s, +80 s: the middle +40 s, every clock within
+        // the offset of it; all follow +80 s.
+        assert_eq!(lead(&[40_000, 80_000], MAX), 80_000);
+        assert_eq!(lead(&[-40_000, 40_000], MAX), 40_000);
+        // Clocks 0, 0, +5 s and +65 s, from the one at +5 s: the +65 s
+        // clock is within the offset of this one but beyond it from the
+        // middle (0): skewed, not followed. From a node at 0: +5 s.
+        assert_eq!(lead(&[-5_000, -5_000, 60_000], MAX), 0);
+        assert_eq!(lead(&[0, 5_000, 65_000], MAX), 5_000);
+        assert_eq!(lead(&[-2 * HOUR, 30_000], MAX), 30_000);
         // Two peers hours ahead agree with each other: this node is the
         // one off (skewed), and the lead stays within twice the offset.
         assert!(lead(&[2 * HOUR, 2 * HOUR], MAX) <= 2 * MAX);
