@@ -981,3 +981,47 @@ fn a_node_whose_collection_header_rotted_starts_with_every_key() {
     assert_eq!(a.get_raw("/hd/after").1, b"x");
     assert!(a.stop("TERM").success());
 }
+
+/// Two nodes whose clocks ran 8 s ahead (allowed: 5 s) wrote, then both
+/// stopped; one is started again with its clock right, alone. It holds
+/// stamps from the future and refuses writes until its wall clock has
+/// passed them, then takes writes again, with its peer still down (before,
+/// it refused them until a peer came back).
+#[test]
+fn a_node_restarted_alone_over_stamps_from_the_future_writes_once_past_them() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ahead = ["--clock-offset-ms", "8000", "--max-clock-offset-ms", "5000"];
+    let a = Dhrtd::start(dirs[0].path(), &ahead);
+    let b = start_joined(dirs[1].path(), &a, &ahead);
+    eventually("a and b are healthy", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    for i in 0..8 {
+        assert_eq!(a.http("POST", &format!("/t/k{i}/ahead"), b"").0, 200);
+    }
+    eventually("a remembers b", Duration::from_secs(10), || {
+        std::fs::read_to_string(dirs[0].path().join("cluster.state"))
+            .is_ok_and(|s| s.contains(&format!("member {}", b.addr)))
+    });
+    let a_addr = a.addr;
+    b.stop("KILL");
+    a.stop("KILL");
+    let started = std::time::Instant::now();
+    let a = Dhrtd::start_on(
+        Some(a_addr),
+        dirs[0].path(),
+        &["--max-clock-offset-ms", "5000", "--write-ack", "local"],
+    );
+    eventually(
+        "a takes writes again, alone",
+        Duration::from_secs(30),
+        || a.http("POST", "/t/after/now", b"").0 == 200,
+    );
+    // Not before its stamps were within the allowed offset: 3 s at least.
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.get_raw("/t/after"), (200, b"now".to_vec()));
+}

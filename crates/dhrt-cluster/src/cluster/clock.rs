@@ -82,7 +82,12 @@ impl Cluster {
                 fresh = skew::unsettled(&measured, unmeasured, max).unwrap_or(fresh);
             }
             let current = self.verdict.lock().unwrap().clone();
-            if fresh.skewed || !current.skewed {
+            // A verdict drawn from this node's own stamps ends when its
+            // wall clock has passed them, peers or none (before, a node
+            // restarted alone over stamps from a clock that ran ahead
+            // refused writes until a peer came back).
+            let stamps_passed = current.by_stamps && clock_ahead <= max - max / 20 && !fresh.skewed;
+            if fresh.skewed || !current.skewed || stamps_passed {
                 fresh
             } else {
                 current
