@@ -240,7 +240,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
             skewed: true,
             ahead_ms,
             reason: format!(
-                "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed (its clock ran ahead once, or was set back since): writes are refused until its clock passes them (reads go on)",
+                "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed (its clock ran ahead once, or was set back since): writes are refused until its clock comes within the allowed offset of them (reads go on)",
                 seconds(clock_ahead_ms),
                 seconds(max_offset_ms)
             ),

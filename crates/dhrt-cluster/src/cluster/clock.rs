@@ -67,7 +67,12 @@ impl Cluster {
         // most peers, as ever, a dead one never measured since a restart
         // notwithstanding.
         let cleared = self.clock_measured.load(Ordering::Acquire);
-        let v = if decided || (enough && cleared) || known.is_empty() {
+        // Peers' clocks are followed only once they decide this node's
+        // verdict: from the first few heard (a node just started, or that
+        // just joined) the middle clock can be one most find skewed, and
+        // stamps taken by it would hold every clock there.
+        let judged = decided || (enough && cleared);
+        let v = if judged || known.is_empty() {
             let fresh = skew::verdict(&measured, max, clock_ahead);
             let current = self.verdict.lock().unwrap().clone();
             skew::settle(&current, fresh, &measured, max, clock_ahead)
@@ -102,9 +107,12 @@ impl Cluster {
         // After the reference it is admitted by is published; a lead that
         // drops keeps the clock no further than this node admits now.
         let limit = skew::Guard::reference(wall, cluster_offset).saturating_add(max);
-        self.store
-            .clock()
-            .set_lead(skew::lead(&measured, max), limit);
+        let lead = if judged {
+            skew::lead(&measured, max)
+        } else {
+            0
+        };
+        self.store.clock().set_lead(lead, limit);
         let mut current = self.verdict.lock().unwrap();
         if v.skewed != current.skewed {
             if v.skewed {
