@@ -111,11 +111,6 @@ impl Clock {
         *set = Some((now, self.wall_ms() + lead_ms));
     }
 
-    /// What [`set_lead`](Self::set_lead) last set.
-    pub fn lead_ms(&self) -> u64 {
-        self.lead_ms.load(Ordering::Relaxed)
-    }
-
     /// This clock's wall time, in ms since the Unix epoch: the system's,
     /// shifted by the offset it was made with.
     pub fn wall_ms(&self) -> u64 {
