@@ -1,7 +1,7 @@
 //! Versions and the hybrid logical clock that stamps them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Bits of a timestamp that hold the logical counter; the rest hold
 /// milliseconds since the Unix epoch.
@@ -45,24 +45,37 @@ pub fn wall_ms() -> u64 {
 /// A hybrid logical clock (Kulkarni et al.): timestamps follow the wall clock
 /// but never go backwards and always exceed every timestamp observed, so a
 /// local write is newer than anything this node has seen.
+///
+/// In a cluster the wall clock is read once a verdict (every 250 ms, by
+/// [`set_lead`](Self::set_lead)), and stamps between two verdicts follow
+/// the monotonic clock from there: a wall clock stepped in between (NTP,
+/// a VM resumed) moves no stamp until the next verdict has measured the
+/// step against the peers' clocks and set the lead to make up for it.
 #[derive(Debug)]
 pub struct Clock {
     last: AtomicU64,
     node: u64,
     /// Added to the system's wall clock: zero in production; tests and
     /// simulations set it to give one node a clock that is off.
-    offset_ms: i64,
+    offset_ms: AtomicI64,
     /// How far ahead of [`wall_ms`](Self::wall_ms) versions are stamped:
     /// the lead of the latest clock among the node's peers (within the
     /// offset they allow), set by the cluster. A node whose clock is behind
     /// then stamps a write after one a peer made earlier, though no peer
     /// is there to tell it (the owners down).
     lead_ms: AtomicU64,
-    /// When the lead was last set, on the monotonic clock, and the time it
-    /// stamped by then (wall plus lead, ms): what it reached, carried
-    /// forward on a clock the wall clock's steps do not move.
-    lead_set: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+    /// The time stamps follow (wall plus lead, ms) minus the monotonic
+    /// clock's ms since `base`, as of the last [`set_lead`](Self::set_lead);
+    /// [`NO_LEAD`] before the first (an embedded store: the wall clock).
+    projection: AtomicI64,
+    /// Origin of the monotonic ms in `projection`.
+    base: Instant,
+    /// Serializes [`set_lead`](Self::set_lead).
+    lead_set: std::sync::Mutex<()>,
 }
+
+/// `Clock::projection` before any lead is set.
+const NO_LEAD: i64 = i64::MIN;
 
 impl Clock {
     /// A clock for node `node`.
@@ -76,14 +89,17 @@ impl Clock {
         Clock {
             last: AtomicU64::new(0),
             node,
-            offset_ms,
+            offset_ms: AtomicI64::new(offset_ms),
             lead_ms: AtomicU64::new(0),
-            lead_set: std::sync::Mutex::new(None),
+            projection: AtomicI64::new(NO_LEAD),
+            base: Instant::now(),
+            lead_set: std::sync::Mutex::new(()),
         }
     }
 
     /// Stamps versions `lead_ms` ahead of this clock's wall time from now
-    /// on (0: by its wall time). Versions never go below the time the lead
+    /// on (0: by its wall time), carried forward on the monotonic clock
+    /// until the next call. Versions never go below the time the lead
     /// reached: a smaller lead (the peer ahead gone) only lets the wall
     /// clock catch up, so a write made after one that peer stamped still
     /// comes after it.
@@ -96,25 +112,38 @@ impl Clock {
     /// longer admits, e.g. one fixed after running hours ahead, must not
     /// leave this node holding a clock beyond its own limits).
     pub fn set_lead(&self, lead_ms: u64, limit_ms: u64) {
-        let mut set = self.lead_set.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
+        let _set = self.lead_set.lock().unwrap_or_else(|e| e.into_inner());
+        let mono = self.mono_ms();
         let before = self.lead_ms.load(Ordering::Relaxed);
-        if lead_ms < before
-            && let Some((at, reached)) = *set
-        {
-            let elapsed = now.duration_since(at).as_millis() as u64;
+        let projection = self.projection.load(Ordering::Acquire);
+        if lead_ms < before && projection != NO_LEAD {
+            let reached = mono.saturating_add(projection).max(0) as u64;
             // Raised before the smaller lead is stored: no version in
             // between is stamped below it.
-            self.observe((reached + elapsed).min(limit_ms) << LOGICAL_BITS);
+            self.observe(reached.min(limit_ms) << LOGICAL_BITS);
         }
         self.lead_ms.store(lead_ms, Ordering::Relaxed);
-        *set = Some((now, self.wall_ms() + lead_ms));
+        let target = self.wall_ms().saturating_add(lead_ms) as i64;
+        self.projection
+            .store(target.saturating_sub(mono), Ordering::Release);
+    }
+
+    /// Milliseconds on the monotonic clock since this clock was made.
+    fn mono_ms(&self) -> i64 {
+        self.base.elapsed().as_millis() as i64
+    }
+
+    /// Moves this clock's wall time by `ms` (fault injection: a wall
+    /// clock stepped while the node runs).
+    #[doc(hidden)]
+    pub fn step_wall(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
     /// This clock's wall time, in ms since the Unix epoch: the system's,
     /// shifted by the offset it was made with.
     pub fn wall_ms(&self) -> u64 {
-        wall_ms().saturating_add_signed(self.offset_ms)
+        wall_ms().saturating_add_signed(self.offset_ms.load(Ordering::Relaxed))
     }
 
     /// The greatest timestamp this clock produced or observed.
@@ -130,7 +159,10 @@ impl Clock {
     /// A fresh version, greater than every version this clock produced or
     /// observed.
     pub fn now(&self) -> Version {
-        let physical = (self.wall_ms() + self.lead_ms.load(Ordering::Relaxed)) << LOGICAL_BITS;
+        let physical = match self.projection.load(Ordering::Acquire) {
+            NO_LEAD => self.wall_ms(),
+            p => self.mono_ms().saturating_add(p).max(0) as u64,
+        } << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = physical.max(last + 1);
@@ -196,6 +228,43 @@ mod tests {
             "{}",
             behind.ahead_ms(led.ts)
         );
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_between_leads_moves_no_stamp() {
+        // A node 20 s behind its peers, led by 20 s: it stamps by their
+        // time.
+        let clock = Clock::with_offset(5, -20_000);
+        clock.set_lead(20_000, u64::MAX);
+        let first = clock.now().physical_ms();
+        assert!(first.abs_diff(wall_ms()) < 1_000, "{first}");
+        // NTP sets its clock right (20 s forward) before the next verdict:
+        // stamps go on by the time they followed, not 20 s ahead of it.
+        clock.step_wall(20_000);
+        let stepped = clock.now().physical_ms();
+        assert!(
+            stepped.abs_diff(wall_ms()) < 1_000,
+            "stamped {} ms ahead by the lead of the clock before the step",
+            stepped as i64 - wall_ms() as i64
+        );
+        // The next verdict finds it level with its peers: no lead, and the
+        // stamps stay with the wall clock.
+        clock.set_lead(0, wall_ms() + 60_000);
+        let next = clock.now();
+        assert!(next.physical_ms().abs_diff(wall_ms()) < 1_000);
+        // Stepped 30 s forward again, alone (no peers: the next verdict
+        // sets no lead), it stamps by its own clock once that verdict came.
+        clock.step_wall(30_000);
+        assert!(clock.now().physical_ms().abs_diff(wall_ms()) < 1_000);
+        clock.set_lead(0, u64::MAX);
+        let alone = clock.now();
+        assert!(alone > next);
+        assert!(alone.physical_ms().abs_diff(wall_ms() + 30_000) < 1_000);
+        // An embedded store (no lead ever set) stamps by the wall clock,
+        // steps included.
+        let embedded = Clock::new(6);
+        embedded.step_wall(45_000);
+        assert!(embedded.now().physical_ms().abs_diff(wall_ms() + 45_000) < 1_000);
     }
 
     #[test]
