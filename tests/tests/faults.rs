@@ -563,6 +563,81 @@ fn a_node_whose_clock_was_ahead_writes_again_as_soon_as_it_is_fixed() {
     assert_eq!(clock(&c)["skewed"], false);
 }
 
+/// The clocks 0, +40 s and +80 s all take writes (each within the 60 s
+/// allowed of the middle one), stamped by the latest, +80 s. A node at 0
+/// joins: the middle moves back, the +80 s one is skewed, and the stamps the
+/// cluster took lawfully are now beyond what the newcomer admits. A write
+/// or delete through it that loses to them on every replica is not taken
+/// (it would be undone everywhere within seconds) and must not be answered
+/// 200 (nor a delete 404: the key exists).
+#[test]
+fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_200() {
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Dhrtd::start(dirs[0].path(), &[]);
+    let ahead: Vec<Dhrtd> = ["40000", "80000"]
+        .iter()
+        .zip(&dirs[1..3])
+        .map(|(o, d)| start_joined(d.path(), &first, &["--clock-offset-ms", o]))
+        .collect();
+    let three = [&first, &ahead[0], &ahead[1]];
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&three, 3)
+    });
+    // Every verdict drawn from all three clocks: none is skewed, and the
+    // +40 s node stamps by the +80 s clock.
+    eventually("three clocks measured", Duration::from_secs(15), || {
+        three.iter().all(|n| {
+            let members = stats(n)["members"].as_array().unwrap().clone();
+            clock(n)["skewed"] == false
+                && members
+                    .iter()
+                    .filter(|m| m["clock_offset_ms"].is_i64())
+                    .count()
+                    == 2
+        })
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    for key in ["k", "g"] {
+        eventually(
+            "a write through the +40 s node",
+            Duration::from_secs(10),
+            || ahead[0].http("POST", &format!("/t/{key}/old"), b"").0 == 200,
+        );
+    }
+    eventually("every node holds both", Duration::from_secs(5), || {
+        three
+            .iter()
+            .all(|n| n.get_raw("/t/g") == (200, b"old".to_vec()))
+    });
+    let joiner = start_joined(dirs[3].path(), &first, &[]);
+    let four = [&first, &ahead[0], &ahead[1], &joiner];
+    eventually("four healthy members", Duration::from_secs(15), || {
+        all_healthy(&four, 4)
+    });
+    eventually("the +80 s node is skewed", Duration::from_secs(15), || {
+        clock(&ahead[1])["skewed"] == true
+    });
+    let (status, body) = joiner.http("POST", "/t/k/new", b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("loses to a version of its key stamped"),
+        "{body}"
+    );
+    let (status, body) = joiner.http("DELETE", "/t/g", b"");
+    assert_eq!(status, 503, "{body}");
+    // What the answers said: the old values stay, on every node.
+    eventually(
+        "every node holds the old values",
+        Duration::from_secs(40),
+        || {
+            four.iter().all(|n| {
+                n.get_raw("/t/k") == (200, b"old".to_vec())
+                    && n.get_raw("/t/g") == (200, b"old".to_vec())
+            })
+        },
+    );
+}
+
 #[test]
 fn a_node_wiped_and_restarted_at_its_address_replaces_its_old_self() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -213,6 +213,11 @@ pub(crate) struct Verdict {
     pub(crate) reason: String,
     /// Skewed for the stamps in its log, not for its peers' clocks.
     pub(crate) by_stamps: bool,
+    /// Drawn from too few peers to decide it ([`unsettled`]): it stands
+    /// until enough are heard, then the peers' verdict replaces it whole,
+    /// with no margin to clear (a node that first heard from the one peer
+    /// its clock is far from would otherwise be held by the margin).
+    pub(crate) provisional: bool,
 }
 
 /// The verdict from the offsets of the measured peers (`peer − me`, ms;
@@ -233,6 +238,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
                 seconds(max_offset_ms)
             ),
             by_stamps: false,
+            provisional: false,
         };
     }
     if clock_ahead_ms > max_offset_ms {
@@ -245,6 +251,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
                 seconds(max_offset_ms)
             ),
             by_stamps: true,
+            provisional: false,
         };
     }
     Verdict {
@@ -252,6 +259,7 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
         ahead_ms,
         reason: String::new(),
         by_stamps: false,
+        provisional: false,
     }
 }
 
@@ -268,7 +276,7 @@ pub(crate) fn settle(
     max_offset_ms: u64,
     clock_ahead_ms: u64,
 ) -> Verdict {
-    if !current.skewed || fresh.skewed {
+    if !current.skewed || fresh.skewed || current.provisional {
         return fresh;
     }
     let clearly = max_offset_ms - max_offset_ms / 20;
@@ -281,13 +289,26 @@ pub(crate) fn settle(
     }
     let mut kept = current.clone();
     kept.ahead_ms = fresh.ahead_ms;
-    if !kept.reason.contains("takes writes again once within") {
-        kept.reason = format!(
-            "{} (it takes writes again once within {} s)",
-            kept.reason,
-            seconds(clearly)
-        );
-    }
+    // Told with the clocks as they are now, not as when it was judged.
+    let now = if current.by_stamps {
+        format!(
+            "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed when it was judged skewed, or within it by less than a twentieth: writes are refused until its clock comes within the allowed offset of them (reads go on)",
+            seconds(clock_ahead_ms),
+            seconds(max_offset_ms)
+        )
+    } else {
+        let (off, _) = split(offsets, clearly);
+        let (secs, which) = worst(offsets);
+        format!(
+            "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than the {} s allowed when it was judged skewed, or within it by less than a twentieth: writes are refused until the clocks agree (reads go on)",
+            offsets.len(),
+            seconds(max_offset_ms)
+        )
+    };
+    kept.reason = format!(
+        "{now} (it takes writes again once within {} s)",
+        seconds(clearly)
+    );
     kept
 }
 
@@ -317,6 +338,7 @@ pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) 
             seconds(max_offset_ms)
         ),
         by_stamps: false,
+        provisional: true,
     })
 }
 
@@ -473,7 +495,10 @@ mod tests {
         assert!(!fresh.skewed);
         let kept = settle(&skewed, fresh, &[max - 2], MAX, 0);
         assert!(
-            kept.skewed && kept.reason.starts_with(&skewed.reason),
+            kept.skewed
+                && kept
+                    .reason
+                    .contains("59 s off from the clocks of 1 of its 1 peers"),
             "{kept:?}"
         );
         // Within by more than a twentieth: writes again.
@@ -494,6 +519,24 @@ mod tests {
         // And what it says while held says when it lets go.
         let held = settle(&skewed, verdict(&[max - 2], MAX, 0), &[max - 2], MAX, 0);
         assert!(held.reason.contains("once within 57 s"), "{}", held.reason);
+    }
+
+    #[test]
+    fn a_verdict_drawn_from_too_few_peers_gives_way_to_theirs_whole() {
+        // Clocks 0, +30 s, +59 s and +61 s: the node at 0 first hears from
+        // the +61 s one, and is skewed until it has heard enough.
+        let first = unsettled(&[61_000], 2, MAX).unwrap();
+        assert!(first.skewed && first.provisional);
+        let all = [30_000, 59_000, 61_000];
+        let fresh = verdict(&all, MAX, 0);
+        assert!(!fresh.skewed, "{fresh:?}");
+        // Three clocks of four within 60 s of it, but two of four within
+        // 57 s: held by the margin, it would refuse writes for good.
+        assert!(!settle(&first, fresh.clone(), &all, MAX, 0).skewed);
+        // A verdict drawn from the peers keeps its margin.
+        let judged = verdict(&[61_000, 61_000, 30_000], MAX, 0);
+        assert!(judged.skewed && !judged.provisional);
+        assert!(settle(&judged, fresh, &all, MAX, 0).skewed);
     }
 
     #[test]
