@@ -102,6 +102,48 @@ pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
     dhrt_storage::validate_collection_name(name).map_err(op_error)
 }
 
+/// The answer to writes (`keys`, of `total`) a replica holds a version
+/// of stamped `past_ms` beyond the latest time this node admits: that
+/// version wins everywhere once the clocks come within the allowed
+/// offset of it (a replica refusing it now takes it then), so they are
+/// not acknowledged, though saved for now. (A cluster that took such
+/// stamps while its clocks allowed, then a node joined and moved their
+/// middle back; a member that wrote alone with its clock ahead.)
+pub(crate) fn undone_later(
+    keys: &[bytes::Bytes],
+    total: usize,
+    drop: bool,
+    past_ms: u64,
+    max_offset_ms: u64,
+) -> OpError {
+    let shown: Vec<String> = keys
+        .iter()
+        .take(3)
+        .map(|k| format!("{:?}", String::from_utf8_lossy(k)))
+        .collect();
+    let more = if keys.len() > 3 { ", …" } else { "" };
+    let what = match total {
+        1 if drop => {
+            "the drop is done for now, but a replica holds a version of the collection".to_string()
+        }
+        1 => "the write is saved for now, but a replica holds a version of its key".to_string(),
+        n => format!(
+            "{} of the {n} writes (keys {}{more}) are saved for now, but replicas hold versions of their keys",
+            keys.len(),
+            shown.join(", ")
+        ),
+    };
+    OpError::new(
+        ErrorKind::Unavailable,
+        format!(
+            "{what} stamped {} s ahead of the cluster's time as this node takes it, more than the {} s allowed (check the clocks: `clock` in GET / of each node). That version wins everywhere once the clocks come within the allowed offset of it, in about {} s, and would undo this write: not acknowledged. Writes to such a key are answered so until then",
+            (past_ms + max_offset_ms).div_ceil(1000),
+            max_offset_ms / 1000,
+            past_ms.div_ceil(1000)
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

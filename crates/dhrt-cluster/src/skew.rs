@@ -213,10 +213,11 @@ pub(crate) struct Verdict {
     pub(crate) reason: String,
     /// Skewed for the stamps in its log, not for its peers' clocks.
     pub(crate) by_stamps: bool,
-    /// Drawn from too few peers to decide it ([`unsettled`]): it stands
-    /// until enough are heard, then the peers' verdict replaces it whole,
-    /// with no margin to clear (a node that first heard from the one peer
-    /// its clock is far from would otherwise be held by the margin).
+    /// Drawn from too few peers to decide it ([`unsettled`]), or before
+    /// the node was first cleared to write: it stands until enough are
+    /// heard, then the peers' verdict replaces it whole, with no margin to
+    /// clear (a node that first heard from the one peer its clock is far
+    /// from would otherwise be held by the margin).
     pub(crate) provisional: bool,
 }
 

@@ -73,7 +73,12 @@ impl Cluster {
         // stamps taken by it would hold every clock there.
         let judged = decided || (enough && cleared);
         let v = if judged || known.is_empty() {
-            let fresh = skew::verdict(&measured, max, clock_ahead);
+            let mut fresh = skew::verdict(&measured, max, clock_ahead);
+            // Before it is first cleared (just started or joined), a skew
+            // drawn from the peers known so far is not held by the margin
+            // once more are heard: one that joined through the one peer
+            // its clock is far from must not stay refusing for good.
+            fresh.provisional = fresh.skewed && !cleared && !known.is_empty();
             let current = self.verdict.lock().unwrap().clone();
             skew::settle(&current, fresh, &measured, max, clock_ahead)
         } else {

@@ -143,6 +143,14 @@ fn collection_of(m: &Mutation) -> &str {
     }
 }
 
+/// The key a mutation writes (none for a collection drop).
+pub(super) fn key_of(m: &Mutation) -> bytes::Bytes {
+    match m {
+        Mutation::Put { key, .. } => key.clone(),
+        Mutation::Drop { .. } => bytes::Bytes::new(),
+    }
+}
+
 pub(crate) fn stamp(v: Version) -> Stamp {
     Stamp {
         ts: v.ts,

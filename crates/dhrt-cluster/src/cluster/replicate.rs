@@ -94,12 +94,41 @@ impl Cluster {
         stored_locally: bool,
     ) -> Result<Vec<Stamp>, OpError> {
         let mut pending: Vec<usize> = (0..mutations.len()).collect();
-        // Writes that lost to versions this node could not stamp after:
-        // how many, how far ahead the newest was, and the offset allowed.
-        let mut unfollowed: Option<(usize, u64, u64)> = None;
+        // Writes that lost to versions this node cannot stamp after: their
+        // keys, and the newest such version's distance past the latest
+        // time this node admits (ms).
+        let mut unfollowed: (Vec<bytes::Bytes>, u64) = (Vec::new(), 0);
         for round in 0..=RESTAMPS {
             let batch: Vec<Mutation> = pending.iter().map(|&i| mutations[i].clone()).collect();
             let lost = self.replicate_once(batch, stored_locally).await?;
+            let clock = self.store.clock();
+            // A newer version stamped further ahead than this node admits
+            // from peers (a replica's clock was ahead when it was written,
+            // or the cluster's middle clock moved back since, or the
+            // replica lies) is not followed: stamping after it would push
+            // this node's clock out of bounds, and every peer would refuse
+            // the write anyway.
+            let (guard, wall) = (self.guard(), self.admission_wall());
+            let (lost, beyond): (Vec<_>, Vec<_>) = lost
+                .into_iter()
+                .partition(|(_, newer)| guard.admits(newer.ts, wall));
+            if let Some((_, v)) = beyond.iter().max_by_key(|(_, v)| v.ts) {
+                tracing::warn!(
+                    "{} writes lost to versions stamped up to {} s ahead of this node's clock (more than the {} s allowed), by node {:016x}: not stamped again; check the clocks",
+                    beyond.len(),
+                    crate::skew::Guard::ahead_s(v.ts, wall),
+                    guard.max_offset_ms / 1000,
+                    v.node
+                );
+                let past = (v.ts >> dhrt_storage::LOGICAL_BITS)
+                    .saturating_sub(wall.saturating_add(guard.max_offset_ms));
+                unfollowed.1 = unfollowed.1.max(past);
+                unfollowed.0.extend(
+                    beyond
+                        .iter()
+                        .map(|&(at, _)| super::key_of(&mutations[pending[at]])),
+                );
+            }
             if lost.is_empty() || round == RESTAMPS {
                 if !lost.is_empty() {
                     tracing::warn!(
@@ -109,40 +138,8 @@ impl Cluster {
                 }
                 break;
             }
-            let clock = self.store.clock();
-            // A newer version stamped further ahead than this node admits
-            // from peers (a replica's clock was ahead when it was written,
-            // or the replica lies) is not followed: stamping after it would
-            // push this node's clock out of bounds, and every peer would
-            // refuse the write anyway.
-            let (guard, wall) = (self.guard(), self.admission_wall());
-            let (lost, beyond): (Vec<_>, Vec<_>) = lost
-                .into_iter()
-                .partition(|(_, newer, _)| guard.admits(newer.ts, wall));
-            if let Some((_, v, _)) = beyond.iter().max_by_key(|(_, v, _)| v.ts) {
-                let ahead = crate::skew::Guard::ahead_s(v.ts, wall);
-                tracing::warn!(
-                    "{} writes lost to versions stamped up to {} s ahead of this node's clock (more than the {} s allowed), by node {:016x}: not stamped again; check the clocks",
-                    beyond.len(),
-                    ahead,
-                    guard.max_offset_ms / 1000,
-                    v.node
-                );
-                // Taken by no replica: the version wins everywhere once the
-                // clocks reach it. (Held by some only, e.g. a node that
-                // wrote alone with its clock ahead, it is refused by the
-                // others, which keep this write.)
-                let nowhere = beyond.iter().filter(|(.., all)| *all).count();
-                if nowhere > 0 {
-                    let before = unfollowed.map_or(0, |(n, ..)| n);
-                    unfollowed = Some((before + nowhere, ahead, guard.max_offset_ms / 1000));
-                }
-            }
-            if lost.is_empty() {
-                break;
-            }
             let mut again = Vec::with_capacity(lost.len());
-            for (at, newer, _) in lost {
+            for (at, newer) in lost {
                 let i = pending[at];
                 clock.observe(newer.ts);
                 let fresh = stamp(clock.now());
@@ -157,20 +154,14 @@ impl Cluster {
             }
             pending = again;
         }
-        // Such a version, held by every replica that answered, wins
-        // everywhere once the clocks reach it (a cluster that took it while
-        // its clocks allowed, then a node joined and moved their middle
-        // back): the write is not taken, and saying 200 would be a lie.
-        if let Some((lost, ahead, max)) = unfollowed {
-            let what = match mutations.len() {
-                1 => "the write loses to a version of its key".to_string(),
-                n => format!("{lost} of the {n} writes lose to versions of their keys"),
-            };
-            return Err(OpError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "{what} stamped up to {ahead} s ahead of this node's clock, more than the {max} s allowed, which a replica holds: not taken; such a key takes writes again once the clocks reach its version (compare `clock` in GET / of the nodes)"
-                ),
+        if !unfollowed.0.is_empty() {
+            let drop = matches!(mutations.first(), Some(Mutation::Drop { .. }));
+            return Err(crate::error::undone_later(
+                &unfollowed.0,
+                mutations.len(),
+                drop,
+                unfollowed.1,
+                self.guard().max_offset_ms,
             ));
         }
         Ok(mutations
@@ -188,7 +179,7 @@ impl Cluster {
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
         stored_locally: bool,
-    ) -> Result<Vec<(usize, Stamp, bool)>, OpError> {
+    ) -> Result<Vec<(usize, Stamp)>, OpError> {
         if !self.has_peers() {
             return match mutations.first() {
                 Some(m) => self
@@ -385,32 +376,19 @@ impl Cluster {
     }
 
     /// Of the writes each waited-for peer answered for, those it holds a
-    /// newer version of: offsets with the newest version told, and whether
-    /// every peer that acknowledged it held a newer one (none took it).
-    fn superseded(waits: &[(Arc<Peer>, u64, u64)]) -> Vec<(usize, Stamp, bool)> {
-        // (offset, newest version, told by a peer that acknowledged it)
-        let mut lost: Vec<(usize, Stamp, bool)> = Vec::new();
-        let mut acknowledged = 0;
+    /// newer version of: offsets with the newest version told.
+    fn superseded(waits: &[(Arc<Peer>, u64, u64)]) -> Vec<(usize, Stamp)> {
+        let mut lost: Vec<(usize, Stamp)> = Vec::new();
         for (p, first, last) in waits {
-            let acked = p.acked.load(Ordering::Acquire);
-            let acking = Self::acknowledged_at(p, acked, *first, *last);
-            acknowledged += usize::from(acking);
-            if !p.any_superseded.load(Ordering::Acquire) || acked < *last {
+            if !p.any_superseded.load(Ordering::Acquire) || p.acked.load(Ordering::Acquire) < *last
+            {
                 continue;
             }
-            let mut theirs = p.queue.lock().unwrap().superseded_in(*first, *last);
-            theirs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            theirs.dedup_by_key(|(at, _)| *at);
-            lost.extend(theirs.into_iter().map(|(at, v)| (at, v, acking)));
+            lost.extend(p.queue.lock().unwrap().superseded_in(*first, *last));
         }
         lost.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        // Each offset once, with its newest version (sorted first).
-        let mut out: Vec<(usize, Stamp, bool)> = Vec::with_capacity(lost.len());
-        for group in lost.chunk_by(|a, b| a.0 == b.0) {
-            let by = group.iter().filter(|(.., acking)| *acking).count();
-            out.push((group[0].0, group[0].1, by >= acknowledged));
-        }
-        out
+        lost.dedup_by_key(|(at, _)| *at);
+        lost
     }
 
     /// Keeps in this node's store writes it only forwarded and that no
