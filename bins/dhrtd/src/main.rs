@@ -126,7 +126,7 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// never stop. (In the idle class, `SCHED_IDLE`, 100 watchers under a
 /// write load taking both cores got their events 197-350 ms late at the
 /// 99th percentile, up to 570 ms, and a new watch could stay silent for a
-/// minute; at nice 10, 21-24 ms and at most 48 ms, for the same write
+/// minute; at nice 10, 21-26 ms and at most 61 ms, for the same write
 /// throughput: docs/benchmarks.md, session 41.) Failing leaves it as it
 /// was.
 fn lower_priority() {

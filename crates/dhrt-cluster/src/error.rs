@@ -103,43 +103,44 @@ pub(crate) fn user_collection(name: &str) -> Result<(), OpError> {
 }
 
 /// The answer to writes (`keys`, of `total`) a replica holds a version
-/// of stamped `past_ms` beyond the latest time this node admits: that
-/// version wins everywhere once the clocks come within the allowed
-/// offset of it (a replica refusing it now takes it then), so they are
-/// not acknowledged, though saved for now. (A cluster that took such
+/// of (or a drop of their collection) stamped `past_ms` beyond the latest
+/// time this node admits: that version wins everywhere once the clocks
+/// come within the allowed offset of it (a replica refusing it now takes
+/// it then), so they are not acknowledged. (A cluster that took such
 /// stamps while its clocks allowed, then a node joined and moved their
 /// middle back; a member that wrote alone with its clock ahead.)
 pub(crate) fn undone_later(
     keys: &[bytes::Bytes],
     total: usize,
-    drop: bool,
     past_ms: u64,
     max_offset_ms: u64,
 ) -> OpError {
+    // Keys as text, each cut to 64 characters, three at most.
     let shown: Vec<String> = keys
         .iter()
         .take(3)
-        .map(|k| format!("{:?}", String::from_utf8_lossy(k)))
+        .map(|k| {
+            let text: String = String::from_utf8_lossy(k).chars().take(64).collect();
+            format!("{text:?}")
+        })
         .collect();
     let more = if keys.len() > 3 { ", …" } else { "" };
     let what = match total {
-        1 if drop => {
-            "the drop is done for now, but a replica holds a version of the collection".to_string()
-        }
-        1 => "the write is saved for now, but a replica holds a version of its key".to_string(),
+        1 => "the write is not acknowledged: a replica holds a version of its key (or a drop of its collection)".to_string(),
         n => format!(
-            "{} of the {n} writes (keys {}{more}) are saved for now, but replicas hold versions of their keys",
+            "{} of the {n} writes (keys {}{more}) are not acknowledged: replicas hold versions of their keys (or a drop of their collection)",
             keys.len(),
             shown.join(", ")
         ),
     };
+    let past_ms = past_ms.max(1);
     OpError::new(
         ErrorKind::Unavailable,
         format!(
-            "{what} stamped {} s ahead of the cluster's time as this node takes it, more than the {} s allowed (check the clocks: `clock` in GET / of each node). That version wins everywhere once the clocks come within the allowed offset of it, in about {} s, and would undo this write: not acknowledged. Writes to such a key are answered so until then",
-            (past_ms + max_offset_ms).div_ceil(1000),
-            max_offset_ms / 1000,
-            past_ms.div_ceil(1000)
+            "{what} stamped {} s ahead of the cluster's time as this node takes it, more than the {} s allowed (check the clocks: `clock` in GET / of each node). That version wins everywhere once the clocks come within the allowed offset of it, in about {} s, and would undo the write, which until then may be read where it was stored. Writes to such a key are answered so until then",
+            crate::skew::seconds(past_ms + max_offset_ms),
+            crate::skew::seconds(max_offset_ms),
+            crate::skew::seconds(past_ms)
         ),
     )
 }

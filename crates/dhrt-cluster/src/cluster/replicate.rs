@@ -155,11 +155,9 @@ impl Cluster {
             pending = again;
         }
         if !unfollowed.0.is_empty() {
-            let drop = matches!(mutations.first(), Some(Mutation::Drop { .. }));
             return Err(crate::error::undone_later(
                 &unfollowed.0,
                 mutations.len(),
-                drop,
                 unfollowed.1,
                 self.guard().max_offset_ms,
             ));

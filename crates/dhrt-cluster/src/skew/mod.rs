@@ -355,7 +355,7 @@ fn split(offsets: &[i64], max_offset_ms: u64) -> (usize, usize) {
 
 /// `ms` in seconds for a sentence: whole from 10 s, to the millisecond
 /// below (a limit of 1 s and an offset of 1.003 s are not "1 s" both).
-fn seconds(ms: u64) -> String {
+pub(crate) fn seconds(ms: u64) -> String {
     if ms >= 10_000 {
         (ms / 1000).to_string()
     } else {
