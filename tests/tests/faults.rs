@@ -566,9 +566,10 @@ fn a_node_whose_clock_was_ahead_writes_again_as_soon_as_it_is_fixed() {
     assert_eq!(clock(&c)["skewed"], false);
 }
 
-/// The clocks 0, +40 s and +80 s all take writes (each within the 60 s
-/// allowed of the middle one), stamped by the latest, +80 s. A node at 0
-/// joins: the middle moves back, the +80 s one is skewed, and the stamps the
+/// The clocks 0, +50 s and +100 s all take writes (each within the 60 s
+/// allowed of the middle one), stamped by the latest, +100 s (40 s past
+/// what a node at 0 admits: time for it to join). A node at 0
+/// joins: the middle moves back, the +100 s one is skewed, and the stamps the
 /// cluster took lawfully are now beyond what the newcomer admits. A write
 /// or delete through it that loses to them would be undone everywhere
 /// within seconds: it must not be answered 200 (nor a delete 404: the key
@@ -577,7 +578,7 @@ fn a_node_whose_clock_was_ahead_writes_again_as_soon_as_it_is_fixed() {
 fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_200() {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let first = Dhrtd::start(dirs[0].path(), &[]);
-    let ahead: Vec<Dhrtd> = ["40000", "80000"]
+    let ahead: Vec<Dhrtd> = ["50000", "100000"]
         .iter()
         .zip(&dirs[1..3])
         .map(|(o, d)| start_joined(d.path(), &first, &["--clock-offset-ms", o]))
@@ -587,7 +588,7 @@ fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_20
         all_healthy(&three, 3)
     });
     // Every verdict drawn from all three clocks: none is skewed, and the
-    // +40 s node stamps by the +80 s clock.
+    // +50 s node stamps by the +100 s clock.
     eventually("three clocks measured", Duration::from_secs(15), || {
         three.iter().all(|n| {
             let members = stats(n)["members"].as_array().unwrap().clone();
@@ -602,7 +603,7 @@ fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_20
     std::thread::sleep(Duration::from_millis(600));
     for key in ["k", "g"] {
         eventually(
-            "a write through the +40 s node",
+            "a write through the +50 s node",
             Duration::from_secs(10),
             || ahead[0].http("POST", &format!("/t/{key}/old"), b"").0 == 200,
         );
@@ -617,7 +618,7 @@ fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_20
     eventually("four healthy members", Duration::from_secs(15), || {
         all_healthy(&four, 4)
     });
-    eventually("the +80 s node is skewed", Duration::from_secs(15), || {
+    eventually("the +100 s node is skewed", Duration::from_secs(15), || {
         clock(&ahead[1])["skewed"] == true
     });
     // Either the newcomer took those stamps while it joined (it had heard
@@ -634,7 +635,7 @@ fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_20
     // What the answers said: the old values stay, on every node.
     eventually(
         "every node holds the old values",
-        Duration::from_secs(40),
+        Duration::from_secs(70),
         || {
             four.iter().all(|n| {
                 n.get_raw("/t/k") == (200, b"old".to_vec())
