@@ -137,7 +137,7 @@ pub(crate) fn undone_later(
     OpError::new(
         ErrorKind::Unavailable,
         format!(
-            "{what} stamped {} s ahead of the cluster's time as this node takes it, more than the {} s allowed (check the clocks: `clock` in GET / of each node). That version wins everywhere once the clocks come within the allowed offset of it, in about {} s, and would undo the write, which until then may be read where it was stored. Writes to such a key are answered so until then",
+            "{what} stamped {} s ahead of the cluster's time as this node takes it, more than the {} s allowed (check the clocks: `clock` in GET / of each node). That version wins everywhere once the clocks come within the allowed offset of it, in about {} s, and would undo the write, which until then may be read where it was stored, if anywhere. Writes to such a key are answered so until then",
             crate::skew::seconds(past_ms + max_offset_ms),
             crate::skew::seconds(max_offset_ms),
             crate::skew::seconds(past_ms)
