@@ -229,14 +229,13 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
     let ahead_ms = -cluster_offset(offsets, max_offset_ms);
     let (off, within) = split(offsets, max_offset_ms);
     if off > 0 && off >= within {
-        let (secs, which) = worst(offsets);
         return Verdict {
             skewed: true,
             ahead_ms,
-            reason: format!(
-                "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than the {} s allowed: writes are refused until the clocks agree (reads go on)",
-                offsets.len(),
-                seconds(max_offset_ms)
+            reason: off_reason(
+                offsets,
+                off,
+                &format!("the {} s allowed", seconds(max_offset_ms)),
             ),
             by_stamps: false,
             provisional: false,
@@ -246,10 +245,12 @@ pub(crate) fn verdict(offsets: &[i64], max_offset_ms: u64, clock_ahead_ms: u64) 
         return Verdict {
             skewed: true,
             ahead_ms,
-            reason: format!(
-                "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed (its clock ran ahead once, or was set back since): writes are refused until its clock comes within the allowed offset of them (reads go on)",
-                seconds(clock_ahead_ms),
-                seconds(max_offset_ms)
+            reason: stamps_reason(
+                clock_ahead_ms,
+                &format!(
+                    "the {} s allowed (its clock ran ahead once, or was set back since)",
+                    seconds(max_offset_ms)
+                ),
             ),
             by_stamps: true,
             provisional: false,
@@ -291,20 +292,14 @@ pub(crate) fn settle(
     let mut kept = current.clone();
     kept.ahead_ms = fresh.ahead_ms;
     // Told with the clocks as they are now, not as when it was judged.
+    let limit = format!(
+        "the {} s allowed when it was judged skewed, or within it by less than a twentieth",
+        seconds(max_offset_ms)
+    );
     let now = if current.by_stamps {
-        format!(
-            "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than the {} s allowed when it was judged skewed, or within it by less than a twentieth: writes are refused until its clock comes within the allowed offset of them (reads go on)",
-            seconds(clock_ahead_ms),
-            seconds(max_offset_ms)
-        )
+        stamps_reason(clock_ahead_ms, &limit)
     } else {
-        let (off, _) = split(offsets, clearly);
-        let (secs, which) = worst(offsets);
-        format!(
-            "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than the {} s allowed when it was judged skewed, or within it by less than a twentieth: writes are refused until the clocks agree (reads go on)",
-            offsets.len(),
-            seconds(max_offset_ms)
-        )
+        off_reason(offsets, split(offsets, clearly).0, &limit)
     };
     kept.reason = format!(
         "{now} (it takes writes again once within {} s)",
@@ -341,6 +336,25 @@ pub(crate) fn unsettled(offsets: &[i64], unmeasured: usize, max_offset_ms: u64) 
         by_stamps: false,
         provisional: true,
     })
+}
+
+/// Why a node is skewed for its peers' clocks: `off` of them are further
+/// from it than `limit` says.
+fn off_reason(offsets: &[i64], off: usize, limit: &str) -> String {
+    let (secs, which) = worst(offsets);
+    format!(
+        "this node's clock is {secs} s off from the clocks of {off} of its {} peers ({which}), more than {limit}: writes are refused until the clocks agree (reads go on)",
+        offsets.len()
+    )
+}
+
+/// Why a node is skewed for the stamps in its log, `clock_ahead_ms` ahead,
+/// further than `limit` says.
+fn stamps_reason(clock_ahead_ms: u64, limit: &str) -> String {
+    format!(
+        "this node holds writes stamped {} s ahead of its wall clock (or of its peers' middle, if later), more than {limit}: writes are refused until its clock comes within the allowed offset of them (reads go on)",
+        seconds(clock_ahead_ms)
+    )
 }
 
 /// How many peers are beyond the allowed offset, and how many clocks
