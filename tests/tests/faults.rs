@@ -621,6 +621,21 @@ fn a_write_that_loses_everywhere_to_stamps_from_before_a_join_is_not_answered_20
     eventually("the +100 s node is skewed", Duration::from_secs(15), || {
         clock(&ahead[1])["skewed"] == true
     });
+    // The newcomer has measured every clock (until then it refuses writes
+    // for not having heard enough peers, which is not what is tested).
+    eventually(
+        "the newcomer measured three clocks",
+        Duration::from_secs(15),
+        || {
+            let members = stats(&joiner)["members"].as_array().unwrap().clone();
+            members
+                .iter()
+                .filter(|m| m["clock_offset_ms"].is_i64())
+                .count()
+                == 3
+        },
+    );
+    std::thread::sleep(Duration::from_millis(600));
     // Either the newcomer took those stamps while it joined (it had heard
     // from too few peers to refuse them) and refuses every write, or it
     // did not and refuses these keys.
