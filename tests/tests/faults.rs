@@ -186,6 +186,17 @@ fn a_node_with_its_clock_hours_ahead_cannot_drop_or_overwrite_anything_elsewhere
         state_of(&a, &b.addr.to_string()).as_deref(),
         Some("healthy")
     );
+    // With b down, a write to keep/z cannot meet `all`; c's version from
+    // the future still undoes it, and that is what the answer says (it
+    // said "saved on 2 of 3 replicas", counting c, which kept its own).
+    // A write to another key is saved on a and c, and waits for b.
+    b.stop("KILL");
+    let (status, body) = a.http("POST", "/keep/z/4", b"");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("would undo the write"), "{body}");
+    let (status, body) = a.http("POST", "/keep/w/1", b"");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("saved on 2 of 3 replicas"), "{body}");
 }
 
 #[test]

@@ -335,6 +335,34 @@ impl Cluster {
         }
         Ok((out, None))
     }
+
+    /// Keeps in this node's store writes it only forwarded and that no
+    /// replica acknowledged: whether they were kept.
+    pub(super) async fn keep_unacknowledged(self: &Arc<Self>, mutations: &[Mutation]) -> bool {
+        match self.apply_async(mutations.to_vec()).await {
+            // Records it refused (a collection past its cap, a stamp ahead
+            // of its clock) are not kept.
+            Ok(applied) if !applied.refused.is_empty() => {
+                static NOT_KEPT: crate::throttle::LogThrottle =
+                    crate::throttle::LogThrottle::new(std::time::Duration::from_secs(1));
+                let Some(left_out) = NOT_KEPT.allow() else {
+                    return false;
+                };
+                tracing::warn!(
+                    left_out,
+                    "could not keep {} of {} writes no replica acknowledged (a collection past --max-collections, or stamped ahead of this node's clock)",
+                    applied.refused.len(),
+                    mutations.len()
+                );
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("keeping writes no replica acknowledged: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// Whether a peer may send `m` (the node's own applies pass too). Of the system collections (names starting

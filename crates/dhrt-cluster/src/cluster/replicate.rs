@@ -98,9 +98,14 @@ impl Cluster {
         // keys, and the newest such version's distance past the latest
         // time this node admits (ms).
         let mut unfollowed: (Vec<bytes::Bytes>, u64) = (Vec::new(), 0);
+        // The write concern, unmet in the last round.
+        let mut unmet = None;
         for round in 0..=RESTAMPS {
             let batch: Vec<Mutation> = pending.iter().map(|&i| mutations[i].clone()).collect();
-            let lost = self.replicate_once(batch, stored_locally).await?;
+            let (lost, missed) = self
+                .replicate_once(batch, stored_locally, round == RESTAMPS)
+                .await?;
+            unmet = missed;
             let clock = self.store.clock();
             // A newer version stamped further ahead than this node admits
             // from peers (a replica's clock was ahead when it was written,
@@ -154,6 +159,8 @@ impl Cluster {
             }
             pending = again;
         }
+        // A version that will undo the write is told first: the replicas
+        // that lack the write get it later, and lose it to that version.
         if !unfollowed.0.is_empty() {
             return Err(crate::error::undone_later(
                 &unfollowed.0,
@@ -161,6 +168,9 @@ impl Cluster {
                 unfollowed.1,
                 self.guard().max_offset_ms,
             ));
+        }
+        if let Some(e) = unmet {
+            return Err(e);
         }
         Ok(mutations
             .iter()
@@ -171,23 +181,29 @@ impl Cluster {
     }
 
     /// One round of [`replicate`](Self::replicate): the offsets (into
-    /// `mutations`) of the writes an acknowledging replica holds a newer
-    /// version of, each with the newest such version.
+    /// `mutations`) of the writes an answering replica holds a newer
+    /// version of, each with the newest such version; and the write
+    /// concern's error if it was not met. When some writes lost, that
+    /// error is only told in the `last_round`: the writes are stamped
+    /// again first (a replica that answered with a newer version did not
+    /// save them, and the ones that have not answered yet would lose them
+    /// to it too).
     async fn replicate_once(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
         stored_locally: bool,
-    ) -> Result<Vec<(usize, Stamp)>, OpError> {
+        last_round: bool,
+    ) -> Result<(Vec<(usize, Stamp)>, Option<OpError>), OpError> {
         if !self.has_peers() {
             return match mutations.first() {
                 Some(m) => self
                     .unreached_concern(collection_of(m))
-                    .map(|()| Vec::new()),
-                None => Ok(Vec::new()),
+                    .map(|()| (Vec::new(), None)),
+                None => Ok((Vec::new(), None)),
             };
         }
         let Some(collection) = mutations.first().map(|m| collection_of(m).to_string()) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let (targets, reachable, owner_here): (Vec<u64>, HashSet<u64>, bool) = {
             let m = self.membership.lock().unwrap();
@@ -224,7 +240,7 @@ impl Cluster {
             }
         }
         if need.remote_acks == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let local = usize::from(stored_locally);
         let started = tokio::time::Instant::now();
@@ -332,19 +348,19 @@ impl Cluster {
             (answered, done)
         };
         let deadline = started + allowed;
-        loop {
+        let done = loop {
             let notified = self.acks.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (answered, done) = tally();
             if done >= need.remote_acks {
-                return Ok(Self::superseded(&waits));
+                return Ok((Self::superseded(&waits), None));
             }
             // Too few replicas are up, or some refused: once every one that
             // can answer has, the outcome is known.
             let refused = answered - done;
             if waits.len() - refused < need.remote_acks && answered == waits.len() {
-                return Err(unmet(done).await);
+                break done;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 for ((p, _, last), (acked, moved, queued)) in waits.iter().zip(&at_start) {
@@ -368,9 +384,24 @@ impl Cluster {
                         self.suspect(p.id);
                     }
                 }
-                return Err(unmet(tally().1).await);
+                break tally().1;
             }
+        };
+        let lost = Self::superseded(&waits);
+        if !lost.is_empty() && !last_round {
+            return Ok((lost, None));
         }
+        // A replica that answered with a newer version did not save the
+        // write: it is no copy of it.
+        let superseding = waits
+            .iter()
+            .filter(|(p, first, last)| {
+                let acked = p.acked.load(Ordering::Acquire);
+                Self::acknowledged_at(p, acked, *first, *last)
+                    && !Self::superseded_by(p, *first, *last).is_empty()
+            })
+            .count();
+        Ok((lost, Some(unmet(done.saturating_sub(superseding)).await)))
     }
 
     /// Of the writes each waited-for peer answered for, those it holds a
@@ -378,43 +409,20 @@ impl Cluster {
     fn superseded(waits: &[(Arc<Peer>, u64, u64)]) -> Vec<(usize, Stamp)> {
         let mut lost: Vec<(usize, Stamp)> = Vec::new();
         for (p, first, last) in waits {
-            if !p.any_superseded.load(Ordering::Acquire) || p.acked.load(Ordering::Acquire) < *last
-            {
-                continue;
-            }
-            lost.extend(p.queue.lock().unwrap().superseded_in(*first, *last));
+            lost.extend(Self::superseded_by(p, *first, *last));
         }
         lost.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         lost.dedup_by_key(|(at, _)| *at);
         lost
     }
 
-    /// Keeps in this node's store writes it only forwarded and that no
-    /// replica acknowledged: whether they were kept.
-    async fn keep_unacknowledged(self: &Arc<Self>, mutations: &[Mutation]) -> bool {
-        match self.apply_async(mutations.to_vec()).await {
-            // Records it refused (a collection past its cap, a stamp ahead
-            // of its clock) are not kept.
-            Ok(applied) if !applied.refused.is_empty() => {
-                static NOT_KEPT: crate::throttle::LogThrottle =
-                    crate::throttle::LogThrottle::new(Duration::from_secs(1));
-                let Some(left_out) = NOT_KEPT.allow() else {
-                    return false;
-                };
-                tracing::warn!(
-                    left_out,
-                    "could not keep {} of {} writes no replica acknowledged (a collection past --max-collections, or stamped ahead of this node's clock)",
-                    applied.refused.len(),
-                    mutations.len()
-                );
-                false
-            }
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!("keeping writes no replica acknowledged: {e}");
-                false
-            }
+    /// Of the writes `first..=last`, those peer `p` answered for and holds
+    /// a newer version of.
+    fn superseded_by(p: &Peer, first: u64, last: u64) -> Vec<(usize, Stamp)> {
+        if !p.any_superseded.load(Ordering::Acquire) || p.acked.load(Ordering::Acquire) < last {
+            return Vec::new();
         }
+        p.queue.lock().unwrap().superseded_in(first, last)
     }
 
     /// Whether peer `p`, having answered through `acked`, acknowledged the
