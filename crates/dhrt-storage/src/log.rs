@@ -149,12 +149,19 @@ impl LogFile {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         file.write_all_at(&record::file_header(header), 0)?;
-        LogFile::with_file(
+        let mut log = LogFile::with_file(
             file,
             path.map(Path::to_path_buf),
             FILE_HEADER_LEN as u64,
             header,
-        )
+        )?;
+        // Not even the header is durable yet: the first sync makes it so
+        // (a collection's watermark is written only after that).
+        if path.is_some() {
+            *log.synced.get_mut() = 0;
+            log.sync.get_mut().unwrap().synced = 0;
+        }
+        Ok(log)
     }
 
     /// Wraps an existing file whose first `len` bytes are valid records
@@ -562,6 +569,23 @@ mod tests {
             assert_eq!(log.tail() as usize, expected.len());
         }
         expected
+    }
+
+    /// A new log's header is not taken for durable before an fsync: the
+    /// first sync makes it so, before anything (a collection's watermark)
+    /// says it is. Before, a collection created just before a power cut
+    /// left a watermark beside an empty log, and the node refused to start.
+    #[test]
+    fn the_first_sync_of_a_new_log_makes_its_header_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::create(Some(&dir.path().join("log")), "t", HEADER).unwrap();
+        assert!(log.is_dirty());
+        log.sync_all().unwrap();
+        assert_eq!(log.fdatasyncs(), 1);
+        assert_eq!(log.synced(), FILE_HEADER_LEN as u64);
+        assert!(!log.is_dirty());
+        log.sync_all().unwrap();
+        assert_eq!(log.fdatasyncs(), 1, "nothing new to sync");
     }
 
     #[test]
