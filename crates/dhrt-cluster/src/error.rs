@@ -18,15 +18,18 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
         | StorageError::DiskFull { .. }
         | StorageError::Locked { .. }
         | StorageError::TooManyCollections { .. } => ErrorKind::Unavailable,
-        // A full, read-only or failing disk is not a bug: reads go on, and
-        // writes work again once there is room or the disk is back (a
-        // collection whose fsync failed stays refused: `Poisoned`).
+        // A full, read-only or failing disk is not a bug, nor is a data
+        // directory the node may not write (permissions, an immutable
+        // flag): reads go on, and writes work again once there is room,
+        // the disk is back or the permissions are (a collection whose fsync
+        // failed stays refused: `Poisoned`).
         StorageError::Io { source, .. }
             if matches!(
                 source.kind(),
                 std::io::ErrorKind::StorageFull
                     | std::io::ErrorKind::QuotaExceeded
                     | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::PermissionDenied
             ) || source.raw_os_error() == Some(EIO) =>
         {
             // Once a second at most: a full disk fails every write.
@@ -149,9 +152,9 @@ pub(crate) fn undone_later(
 mod tests {
     use super::*;
 
-    /// A full, read-only or failing disk answers 503 with the system's
-    /// sentence (not 500, which says a bug); other I/O errors stay
-    /// internal.
+    /// A full, read-only or failing disk, or a data directory the node
+    /// may not write, answers 503 with the system's sentence (not 500,
+    /// which says a bug); other I/O errors stay internal.
     #[test]
     fn a_full_or_failing_disk_is_unavailable_not_internal() {
         let io = |errno| StorageError::Io {
@@ -164,6 +167,8 @@ mod tests {
             122, /* EDQUOT */
             30,  /* EROFS */
             5,   /* EIO */
+            1,   /* EPERM: chattr +i on the data directory */
+            13,  /* EACCES */
         ] {
             let e = op_error(io(errno));
             assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
