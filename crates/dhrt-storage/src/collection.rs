@@ -143,6 +143,18 @@ impl Drop for WriterGuard<'_> {
 /// when a crash lost records whose seqs a watcher had already seen.
 pub(crate) const EPOCH_SHIFT: u32 = 40;
 
+/// Where a collection's seqs start in `epoch`: at a random point of the
+/// epoch's first quarter, not at 1, so that two collections written in
+/// step do not hold the same seqs at the same offsets. A record copied from
+/// one's file over the other's (a misdirected write) is then out of seq
+/// order there, and refused on opening like one copied within a file
+/// (`docs/format.md`, "Recovery"). Still 3 * 2^38 seqs (8.2 * 10^11
+/// records) before the epoch's bits are reached, and a seq that reached
+/// them only makes the next opening's epoch greater.
+pub(crate) fn first_seq_of(epoch: u64) -> u64 {
+    epoch << EPOCH_SHIFT | (1 + rand::random::<u64>() % (1 << (EPOCH_SHIFT - 2)))
+}
+
 /// A new history id: random, never zero (zero means "no history yet").
 pub(crate) fn new_history() -> u64 {
     rand::random::<u64>() | 1

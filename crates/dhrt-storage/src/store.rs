@@ -350,7 +350,7 @@ impl Store {
         write_epoch(&dir, epoch)?;
         let disk = crate::disk::Disk::open(&dir, options.disk_reserve);
         for c in collections.values() {
-            c.set_next_seq(epoch << EPOCH_SHIFT | 1);
+            c.set_next_seq(crate::collection::first_seq_of(epoch));
         }
         Ok(Self::start(
             Some((dir, disk)),
@@ -545,7 +545,7 @@ impl Store {
             self.dir(),
             name,
             &self.inner.options,
-            self.inner.epoch << EPOCH_SHIFT | 1,
+            crate::collection::first_seq_of(self.inner.epoch),
         )?);
         let mut map = Collections::clone(&self.inner.collections.load());
         map.insert(name.to_string(), collection.clone());
