@@ -220,3 +220,57 @@ fn a_write_concern_unmet_for_a_full_replica_names_it_and_says_why() {
     });
     assert_eq!(b.get_raw("/after/k").1, b"v");
 }
+
+/// Fills what is free of the file system holding `dir` with a file of
+/// another process's (here, the test's), until it has no byte left.
+fn fill_outside(dir: &Path, name: &str) {
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", dir.join(name).display()),
+            "bs=64k",
+            "status=none",
+        ])
+        .status()
+        .unwrap();
+    assert!(!status.success(), "dd stopped before the disk was full");
+}
+
+/// Another process fills the disk after the node gave its reserve back
+/// (not dhrt's own values: it stops at the reserve), leaving no byte. A
+/// drop of a collection must still free its file: the drop's compaction
+/// finds no room, takes the last stand the node kept of its reserve, and
+/// runs; values are taken again. Before, the node gave up its whole
+/// reserve at once, the other process took it, and the compaction failed
+/// every 5 s until a restart.
+#[test]
+fn a_drop_frees_its_collection_on_a_disk_another_process_filled_to_the_last_byte() {
+    let Some(disk) = Tmpfs::mount_or_skip(48) else {
+        return;
+    };
+    let data = disk.path();
+    let node = Dhrtd::start(&data, &[]);
+    let big = vec![b'b'; 4 << 20];
+    for i in 0..5 {
+        assert_eq!(node.http("PUT", &format!("/c0/k{i}"), &big).0, 200);
+    }
+    assert_eq!(node.http("PUT", "/c1/k", b"kept").0, 200);
+    fill_outside(disk.dir.path(), "other-1");
+    eventually("the node is full", Duration::from_secs(10), || {
+        stats(&node)["disk"]["full"] == true
+    });
+    // What the node gave back is taken too.
+    fill_outside(disk.dir.path(), "other-2");
+    let (status, body) = node.http("DELETE", "/c0", b"");
+    assert_eq!(status, 200, "{body}");
+    eventually(
+        "the dropped collection's file is freed",
+        Duration::from_secs(30),
+        || std::fs::metadata(data.join("c0.dhrt")).map_or(0, |m| m.len()) < 1 << 20,
+    );
+    eventually("values are taken again", Duration::from_secs(10), || {
+        node.http("PUT", "/c1/after", b"v").0 == 200
+    });
+    assert_eq!(node.get_raw("/c1/k").1, b"kept");
+    assert_eq!(node.http("GET", "/c0/k0", b"").0, 404);
+}

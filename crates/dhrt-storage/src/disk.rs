@@ -9,16 +9,24 @@
 //! read) while the disk has room, and watches the room left:
 //!
 //! - When free space falls below the reserve, or a write fails for want of
-//!   space, the store is **full**: it deletes `RESERVE`, so that deletes,
-//!   drops and compactions have room, and refuses writes of new values with
+//!   space, the store is **full**: it shrinks `RESERVE` to its *last
+//!   stand* (an eighth, 256 KiB at least), so that deletes, drops and
+//!   compactions have room, and refuses writes of new values with
 //!   [`Error::DiskFull`] (deletes and drops are still taken). Every
 //!   collection is compacted as soon as it has garbage.
+//! - A compaction that fails for want of room while full gives up the last
+//!   stand ([`Disk::give_up_last_stand`]): when something else took the
+//!   room given back (another process, or values already on their way), a
+//!   drop's compaction, which writes little, can still run and free the
+//!   dropped collection's file. The last stand is kept across a restart on
+//!   a full disk, for the same reason.
 //! - Once free space is three reserves again, it allocates `RESERVE` anew
 //!   and takes values again.
 //!
-//! Invariants: while not full, `RESERVE` holds `reserve` allocated bytes; a
-//! refused write changed nothing; the state changes only here, checked
-//! from the background thread every tick and from a failed write.
+//! Invariants: while not full, `RESERVE` holds `reserve` allocated bytes;
+//! while full, at most the last stand; a refused write changed nothing; the
+//! state changes only here, checked from the background thread every tick
+//! and from a failed write.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -39,6 +47,12 @@ fn auto_reserve(total: u64) -> u64 {
 /// Free space must reach this many reserves before values are taken again
 /// (one goes back into `RESERVE`).
 const LEAVE_AT: u64 = 3;
+
+/// What is kept of a reserve of `reserve` bytes once the disk is full, for
+/// compactions that find no room otherwise: an eighth, 256 KiB at least.
+fn last_stand(reserve: u64) -> u64 {
+    (reserve / 8).max(256 << 10).min(reserve)
+}
 
 /// The disk of a data directory, as the store sees it.
 #[derive(Debug)]
@@ -93,8 +107,10 @@ impl Disk {
                     Err(_) => {}
                 }
             }
-            // No room to set the reserve aside: full from the start.
-            let _ = std::fs::remove_file(disk.path());
+            // No room to set the reserve aside: full from the start. What
+            // is left of a reserve (the last stand, kept from before a
+            // restart) stays for compactions that find no room.
+            let _ = std::fs::remove_file(disk.dir.join(format!("{RESERVE_FILE}.tmp")));
             disk.full.store(true, Ordering::Release);
             tracing::warn!(
                 dir = %dir.display(),
@@ -196,19 +212,40 @@ impl Disk {
         }
     }
 
-    /// Gives up the reserve and refuses values (`change` held).
+    /// Gives up the reserve but its last stand, and refuses values
+    /// (`change` held).
     fn enter(&self) -> bool {
         if self.is_full() {
             return false;
         }
         self.full.store(true, Ordering::Release);
-        let released = std::fs::remove_file(self.path()).is_ok();
+        // Shortening a file frees its blocks past the new end.
+        let released = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.path())
+            .and_then(|f| f.set_len(last_stand(self.reserve)))
+            .is_ok();
         tracing::error!(
             dir = %self.dir.display(),
             reserve_mib = self.reserve >> 20,
             released,
             "the disk is full: gave up the reserve so that deletes, drops and compaction have room; new values are refused until {} MiB are free",
             (self.reserve * LEAVE_AT) >> 20
+        );
+        true
+    }
+
+    /// A compaction failed for want of room while the disk is full: gives
+    /// up the last stand of the reserve, so that the next attempt has it.
+    /// Returns whether there was one.
+    pub(crate) fn give_up_last_stand(&self) -> bool {
+        let _change = self.change.lock().unwrap();
+        if !self.is_full() || std::fs::remove_file(self.path()).is_err() {
+            return false;
+        }
+        tracing::error!(
+            dir = %self.dir.display(),
+            "the disk is still full and a compaction found no room: gave up the last of the reserve"
         );
         true
     }
@@ -281,14 +318,38 @@ mod tests {
             "the refusal says what is free now"
         );
         assert!(disk.is_full());
-        assert!(!dir.path().join(RESERVE_FILE).exists(), "given up");
+        let kept = std::fs::metadata(dir.path().join(RESERVE_FILE)).unwrap();
+        assert_eq!(kept.len(), 256 << 10, "given up but its last stand");
         assert!(matches!(disk.refusal(), Error::DiskFull { .. }));
         assert!(!disk.out_of_space(), "once");
+        // A compaction found no room: the last stand goes, once.
+        assert!(disk.give_up_last_stand());
+        assert!(!dir.path().join(RESERVE_FILE).exists());
+        assert!(!disk.give_up_last_stand());
         // This disk has room: the next check takes values again.
         disk.fake_free.store(u64::MAX, Ordering::Relaxed);
         assert!(disk.check());
         assert!(!disk.is_full());
+        let held = std::fs::metadata(dir.path().join(RESERVE_FILE)).unwrap();
+        assert_eq!(held.len(), 1 << 20);
+        // Not full: the reserve is not given up for a compaction.
+        assert!(!disk.give_up_last_stand());
         assert!(dir.path().join(RESERVE_FILE).exists());
+    }
+
+    /// A node restarted on a full disk keeps what is left of its reserve
+    /// (the last stand): a drop's compaction may need it.
+    #[test]
+    fn a_full_disk_at_the_start_keeps_the_last_stand() {
+        let dir = tempfile::tempdir().unwrap();
+        let reserve = dir.path().join(RESERVE_FILE);
+        std::fs::write(&reserve, vec![0u8; 256 << 10]).unwrap();
+        // A reserve larger than this disk could ever set aside.
+        let disk = Disk::open(dir.path(), Some(u64::MAX / 4));
+        assert!(disk.is_full());
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), 256 << 10);
+        assert!(disk.give_up_last_stand());
+        assert!(!reserve.exists());
     }
 
     #[test]

@@ -1448,6 +1448,18 @@ fn background(inner: &Core, shutdown: &Shutdown) {
                         *backoff =
                             Some((Instant::now() + wait, (wait * 2).min(COMPACTION_RETRY_MAX)));
                         tracing::error!(collection = %c.name, retry_in_s = wait.as_secs(), "compaction failed: {e}");
+                        // The room the reserve gave back is gone (taken by
+                        // another process, or by values already on their
+                        // way): its last stand lets the next attempt run,
+                        // at the next check.
+                        if matches!(&e, Error::Io { source, .. } if crate::log::is_full(source))
+                            && inner
+                                .disk
+                                .as_ref()
+                                .is_some_and(crate::disk::Disk::give_up_last_stand)
+                        {
+                            *backoff = None;
+                        }
                     }
                 }
             }
@@ -1756,7 +1768,11 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.disk_full().map(|(full, _)| full), Some(true));
-        assert!(!reserve.exists(), "the reserve is given up");
+        assert_eq!(
+            std::fs::metadata(&reserve).unwrap().len(),
+            256 << 10,
+            "the reserve is given up, but its last stand"
+        );
         let err = store.set("c", b"k1", b"small").unwrap_err();
         assert!(matches!(err, Error::DiskFull { .. }), "{err}");
         assert!(
