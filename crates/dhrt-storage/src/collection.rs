@@ -377,24 +377,14 @@ impl Collection {
 
     /// Whether the log at `path` is what an interrupted creation leaves:
     /// shorter than its header, a prefix of a header, and no watermark
-    /// beside it that confirms more than the header (one is written only
-    /// once the header is durable). Such a file never held a record.
+    /// beside it (one is written only once the header is durable). Such a
+    /// file never held a record.
     pub(crate) fn never_created(path: &Path) -> Result<bool> {
         let len = std::fs::metadata(path)
             .map_err(|e| Error::io("stat", path, e))?
             .len();
-        if len >= FILE_HEADER_LEN as u64 {
+        if len >= FILE_HEADER_LEN as u64 || watermark::path_for(path).exists() {
             return Ok(false);
-        }
-        // A watermark that confirms nothing past the header confirms no
-        // record either (earlier versions let a new log's watermark reach
-        // the disk before its header: a power cut then left both).
-        if watermark::path_for(path).exists() {
-            let confirmed = watermark::read(path)
-                .map_err(|e| Error::io("read", watermark::path_for(path), e))?;
-            if confirmed.is_none_or(|(offset, _)| offset > FILE_HEADER_LEN as u64) {
-                return Ok(false);
-            }
         }
         let head = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
         let fixed = record::file_header(FileHeader {

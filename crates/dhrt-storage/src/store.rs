@@ -288,23 +288,14 @@ impl Store {
                 reason: "the log is missing, but its durable watermark file says records of it were durable",
             });
         }
-        // A log shorter than its header, without a watermark that confirms
-        // a record: its creation was interrupted, so it never held one.
-        // Removed (on a full disk, rewriting its header could fail and stop
-        // the node), its watermark first (a watermark left alone would say
-        // the log was lost).
+        // A log shorter than its header, without a watermark: its creation
+        // was interrupted, so it never held a record. Removed (on a full
+        // disk, rewriting its header could fail and stop the node).
         let mut kept = Vec::with_capacity(names.len());
         for name in names {
             let path = Collection::log_path(&dir, &name);
             if Collection::never_created(&path)? {
                 tracing::warn!(path = %path.display(), "removing the file of a collection whose creation was interrupted (it holds no record)");
-                let watermark = crate::watermark::path_for(&path);
-                match std::fs::remove_file(&watermark) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(Error::io("remove", &watermark, e));
-                    }
-                    _ => {}
-                }
                 std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
                 crate::log::sync_dir(&dir).map_err(|e| Error::io("fsync", &dir, e))?;
             } else {

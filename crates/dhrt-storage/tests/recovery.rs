@@ -132,40 +132,6 @@ fn a_log_whose_creation_was_interrupted_is_removed_unless_its_watermark_says_oth
     }
 }
 
-/// A power cut soon after a collection was created, under `--sync never`
-/// or `interval`, can leave its watermark (which confirms only the header)
-/// beside a log shorter than the header: earlier versions wrote the
-/// watermark before the header was durable, and refused to start there
-/// ("the log ends before its durable watermark"). Nothing in such a log
-/// was ever confirmed durable: it is removed like any interrupted creation.
-#[test]
-fn a_log_shorter_than_its_header_beside_a_watermark_of_the_header_alone_is_removed() {
-    let src = tempfile::tempdir().unwrap();
-    let store = Store::open(src.path(), quiet_options()).unwrap();
-    store.set("c", b"k", b"v").unwrap();
-    // No sync yet (`SyncMode::Never`): the watermark says the header.
-    let header_only = std::fs::read(src.path().join("c.dhrt.durable")).unwrap();
-    drop(store);
-    for cut in [0, 12, 31] {
-        let dir = tempfile::tempdir().unwrap();
-        let bytes = std::fs::read(src.path().join("c.dhrt")).unwrap();
-        std::fs::write(dir.path().join("c.dhrt"), &bytes[..cut]).unwrap();
-        std::fs::write(dir.path().join("c.dhrt.durable"), &header_only).unwrap();
-        let store = Store::open(dir.path(), quiet_options())
-            .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
-        assert!(store.all_collections().is_empty(), "cut at {cut}");
-        assert!(!dir.path().join("c.dhrt").exists(), "cut at {cut}");
-        assert!(!dir.path().join("c.dhrt.durable").exists(), "cut at {cut}");
-        store.set("c", b"k", b"again").unwrap();
-        drop(store);
-        let store = Store::open(dir.path(), quiet_options()).unwrap();
-        assert_eq!(
-            store.get("c", b"k").unwrap().as_deref(),
-            Some(&b"again"[..])
-        );
-    }
-}
-
 #[test]
 fn a_log_missing_beside_its_watermark_is_refused() {
     let dir = tempfile::tempdir().unwrap();
