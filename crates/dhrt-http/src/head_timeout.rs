@@ -9,6 +9,15 @@
 //! arriving for longer than the header limit (a client that trickles its
 //! headers), or when no request has come for longer than the idle limit (a
 //! keep-alive connection nobody uses).
+//!
+//! The same reads count the bytes of the head under way, before anyone
+//! could have shown a token: past [`FREE_HEAD`] bytes a head draws on one
+//! budget shared by every connection ([`HEAD_BUDGET`]), and a connection
+//! whose head finds it spent is closed. Without it, every connection could
+//! hold hyper's whole read buffer of unfinished headers (about 400 KiB:
+//! 4.4 GB held by a stranger's 9,800 connections, each sending headers and
+//! never ending them). hyper's buffer itself is capped as well
+//! ([`MAX_BUF`]).
 
 use std::io;
 use std::pin::Pin;
@@ -19,6 +28,21 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
+
+/// The most hyper buffers of a connection's reads: a request line of
+/// 65,534 bytes (the parser's limit) and its headers fit.
+pub(crate) const MAX_BUF: usize = 96 << 10;
+
+/// Bytes of a head a connection may hold without drawing on the shared
+/// [`HEAD_BUDGET`] (a request's headers are rarely 2 KiB).
+pub(crate) const FREE_HEAD: u64 = 8 << 10;
+
+/// Bytes past [`FREE_HEAD`] that unfinished heads may hold, all connections
+/// together: room for about 650 heads at once that carry the longest keys.
+pub(crate) const HEAD_BUDGET: u64 = 64 << 20;
+
+/// Bytes of unfinished heads drawn on [`HEAD_BUDGET`] now.
+static HEAD_DRAWN: AtomicU64 = AtomicU64::new(0);
 
 /// No request under way: waiting for one.
 const IDLE: u64 = 0;
@@ -35,6 +59,11 @@ pub(crate) struct HeadWatch {
     state: AtomicU64,
     /// Nanoseconds since `epoch` at which the last request was answered.
     idle_since: AtomicU64,
+    /// Bytes of the head under way so far (read only by the connection's
+    /// reads, reset when a head starts).
+    head_bytes: AtomicU64,
+    /// Of those, the bytes drawn on [`HEAD_BUDGET`].
+    drawn: AtomicU64,
 }
 
 /// Which limit a connection passed.
@@ -52,20 +81,52 @@ impl HeadWatch {
             epoch: Instant::now(),
             state: AtomicU64::new(IDLE),
             idle_since: AtomicU64::new(0),
+            head_bytes: AtomicU64::new(0),
+            drawn: AtomicU64::new(0),
         })
     }
 
-    /// Bytes arrived: if no request was under way, a head starts now.
-    fn arrived(&self) {
-        if self.state.load(Ordering::Relaxed) == IDLE {
-            let since = self.epoch.elapsed().as_nanos() as u64 + 1;
-            self.state.store(since, Ordering::Relaxed);
+    /// `n` bytes arrived: if no request was under way, a head starts now.
+    /// Returns `false` when they belong to a head that finds the shared
+    /// budget of unfinished heads spent: the connection is to be closed.
+    fn arrived(&self, n: u64) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            IDLE => {
+                let since = self.epoch.elapsed().as_nanos() as u64 + 1;
+                self.state.store(since, Ordering::Relaxed);
+                self.head_bytes.store(0, Ordering::Relaxed);
+            }
+            // A body, or the next request sent early (hyper's buffer,
+            // `MAX_BUF`, bounds that).
+            ANSWERING => return true,
+            _ => {}
+        }
+        let bytes = self.head_bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let want = bytes.saturating_sub(FREE_HEAD);
+        let more = want.saturating_sub(self.drawn.load(Ordering::Relaxed));
+        if more == 0 {
+            return true;
+        }
+        if HEAD_DRAWN.fetch_add(more, Ordering::AcqRel) + more > HEAD_BUDGET {
+            HEAD_DRAWN.fetch_sub(more, Ordering::AcqRel);
+            return false;
+        }
+        self.drawn.fetch_add(more, Ordering::Relaxed);
+        true
+    }
+
+    /// Gives back what the head under way drew on the shared budget.
+    fn give_back(&self) {
+        let drawn = self.drawn.swap(0, Ordering::Relaxed);
+        if drawn > 0 {
+            HEAD_DRAWN.fetch_sub(drawn, Ordering::AcqRel);
         }
     }
 
     /// A request's head is complete (the service was called).
     pub(crate) fn head_complete(&self) {
         self.state.store(ANSWERING, Ordering::Relaxed);
+        self.give_back();
     }
 
     /// Bytes of an answer went out: a client reading a long answer (a
@@ -133,10 +194,32 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.watch.arrived();
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 && !self.watch.arrived(n) {
+            // Once a second at most.
+            static WARNED_AT: AtomicU64 = AtomicU64::new(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if WARNED_AT.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(
+                    "closing a connection whose request head passed {} KiB while unfinished heads of all connections hold {} MiB, the most allowed",
+                    FREE_HEAD >> 10,
+                    HEAD_BUDGET >> 20
+                );
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "unfinished request heads hold all the memory allowed them",
+            )));
         }
         polled
+    }
+}
+
+impl<I> Drop for Watched<I> {
+    fn drop(&mut self) {
+        self.watch.give_back();
     }
 }
 
@@ -186,6 +269,30 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 mod tests {
     use super::*;
 
+    /// Heads past their free bytes draw on one budget: once it is spent,
+    /// the next head that needs more is refused (its connection closed),
+    /// and a head that completes gives its share back. Bodies draw nothing.
+    #[test]
+    fn heads_past_their_free_bytes_share_one_budget() {
+        let mib = 1 << 20;
+        let heads: Vec<_> = (0..HEAD_BUDGET / mib).map(|_| HeadWatch::new()).collect();
+        for h in &heads {
+            assert!(h.arrived(FREE_HEAD), "free bytes are free");
+            assert!(h.arrived(mib));
+        }
+        let late = HeadWatch::new();
+        assert!(late.arrived(FREE_HEAD), "free bytes are free");
+        assert!(!late.arrived(mib), "the budget is spent");
+        heads[0].head_complete();
+        let next = HeadWatch::new();
+        assert!(next.arrived(FREE_HEAD + mib), "a completed head gave back");
+        assert!(heads[0].arrived(16 * mib), "a body draws nothing");
+        for h in heads.iter().chain([&late, &next]) {
+            h.head_complete();
+        }
+        assert_eq!(HEAD_DRAWN.load(Ordering::Acquire), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_idle_for_too_long_expires_and_one_answering_does_not() {
         let (head, idle) = (Duration::from_millis(300), Duration::from_secs(2));
@@ -197,7 +304,7 @@ mod tests {
         // Requests, each answered slowly (longer than either limit).
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            watch.arrived();
+            assert!(watch.arrived(1));
             watch.head_complete();
             tokio::time::sleep(Duration::from_secs(10)).await;
             watch.answered();
@@ -231,20 +338,20 @@ mod tests {
         assert!(!expired.is_finished());
         // Requests whose heads complete in time, some answered slowly.
         for _ in 0..10 {
-            watch.arrived();
+            assert!(watch.arrived(1));
             tokio::time::sleep(Duration::from_millis(200)).await;
             watch.head_complete();
-            watch.arrived(); // a body arriving while answering
+            assert!(watch.arrived(1)); // a body arriving while answering
             tokio::time::sleep(Duration::from_millis(500)).await;
             watch.answered();
         }
         assert!(!expired.is_finished());
         // A head that keeps arriving: expired 300 ms after its first bytes.
         let started = Instant::now();
-        watch.arrived();
+        assert!(watch.arrived(1));
         while !expired.is_finished() {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            watch.arrived();
+            assert!(watch.arrived(1));
         }
         assert_eq!(expired.await.unwrap(), Expired::Head);
         let took = started.elapsed();
