@@ -51,6 +51,13 @@ const WRITE_PIECE: usize = 64 << 10;
 /// slow link) when none move on its side.
 pub(crate) const NOTE_EVERY: Duration = Duration::from_millis(200);
 
+/// A frame that is arriving must bring this many bytes in every
+/// [`FRAME_STRETCH`], or the connection is closed: a peer that sends most
+/// of a 16 MiB frame and then nothing does not hold it here for long
+/// (dialers give up far sooner: they need 16 KiB a second).
+const FRAME_STRETCH_BYTES: u64 = 10 << 10;
+const FRAME_STRETCH: Duration = Duration::from_secs(10);
+
 /// Serves a peer connection from `remote` whose preamble was consumed;
 /// `buf` holds what was read after it. It takes one of `slots` once it has
 /// proved the cluster secret, and tells `proven` then.
@@ -184,6 +191,12 @@ impl Connection {
         // head of `buf` has been arriving (`None`: no frame is).
         let (mut received, mut arriving) = (0u64, None::<Instant>);
         let mut noted = Instant::now();
+        // Since when the frame arriving has had to bring
+        // `FRAME_STRETCH_BYTES`, and what it had received then.
+        let mut stretch = (Instant::now(), 0u64);
+        // Whether the last turn was at the cap of requests in flight (the
+        // connection not read meanwhile: no stretch runs).
+        let mut was_capped = false;
         loop {
             while in_flight < self.max_in_flight {
                 let msg = match take_sealed::<PeerMessage>(&mut buf, self.max_frame, &mut opener) {
@@ -215,10 +228,29 @@ impl Connection {
                 arriving = None;
             } else if arriving.is_none() {
                 arriving = Some(Instant::now());
+                stretch = (Instant::now(), received);
             }
+            let capped = in_flight >= self.max_in_flight;
+            if capped || was_capped || received - stretch.1 >= FRAME_STRETCH_BYTES {
+                stretch = (Instant::now(), received);
+            }
+            was_capped = capped;
+            let stalled = stretch.0 + FRAME_STRETCH;
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(Closed::Shutdown),
+                // Waiting for more of a frame, not for its answer's turn.
+                () = tokio::time::sleep_until(stalled), if arriving.is_some() && !capped =>
+                {
+                    let why = format!(
+                        "a frame brought fewer than {} KiB in {} s ({} bytes of it here)",
+                        FRAME_STRETCH_BYTES >> 10,
+                        FRAME_STRETCH.as_secs(),
+                        buf.len()
+                    );
+                    tracing::warn!(remote = %self.remote, "closed a peer connection: {why}");
+                    return Ok(Closed::TooSlow(why));
+                }
                 Some((id, result)) = rx.recv() => {
                     in_flight -= 1;
                     self.encode(id, result, &mut out, &mut sealer)?;

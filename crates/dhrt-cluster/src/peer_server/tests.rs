@@ -121,6 +121,13 @@ async fn a_frame_altered_in_transit_closes_the_connection_unused() {
     let mut altered = sealed(read(2), &mut sealer);
     altered[9] ^= 0x10;
     dialer.write_all(&altered).await.unwrap();
+    for _ in 0..600 {
+        if server.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.is_finished(), "still open a minute later");
     let closed = server.await.unwrap().unwrap();
     let Closed::Protocol(why) = closed else {
         panic!("{closed:?}")
@@ -263,6 +270,56 @@ async fn a_frame_that_arrives_slowly_is_noted_as_it_arrives() {
         notes[0] > before && notes[notes.len() - 1] < before + len,
         "{notes:?}"
     );
+}
+
+/// A peer that sends most of a large frame and then nothing (or too
+/// little) does not hold it here for long: fewer than 10 KiB in 10 s
+/// closes the connection. Before, the frame was held for as long as the
+/// connection stayed open (17 MB each, over minutes).
+#[tokio::test(start_paused = true)]
+async fn a_frame_that_stops_arriving_closes_the_connection() {
+    let handler = |_| async { Ok(PeerReply::Entry(None)) };
+    let (dialer, server) = served(8, handler).await;
+    let Dialer {
+        stream: dialer,
+        mut sealer,
+        ..
+    } = dialer;
+    let (_rd, mut wr) = tokio::io::split(dialer);
+    let big = PeerMessage::Request {
+        id: 1,
+        op: PeerOp::Read {
+            collection: "c".into(),
+            key: Bytes::from(vec![7u8; 600 << 10]),
+        },
+    };
+    let mut frame = Vec::new();
+    encode_frame(&big, &mut frame, plain_max(MAX)).unwrap();
+    let frame = sealed(frame, &mut sealer);
+    // Most of it at once, then 11 KiB every 9 s: still arriving.
+    let cut = frame.len() - (100 << 10);
+    wr.write_all(&frame[..cut]).await.unwrap();
+    let mut at = cut;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        wr.write_all(&frame[at..at + (11 << 10)]).await.unwrap();
+        at += 11 << 10;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !server.is_finished(),
+        "closed while the frame kept arriving"
+    );
+    // Then 5 KiB, and nothing: closed 10 s after the last stretch began.
+    wr.write_all(&frame[at..at + (5 << 10)]).await.unwrap();
+    let started = Instant::now();
+    let closed = server.await.unwrap().unwrap();
+    assert!(
+        matches!(&closed, Closed::TooSlow(why) if why.contains("fewer than 10 KiB")),
+        "{closed:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited <= Duration::from_secs(6), "{waited:?}");
 }
 
 /// A one-node cluster of id 7 on `store`, and its watch sessions.
