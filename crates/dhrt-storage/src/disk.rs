@@ -204,8 +204,8 @@ impl Disk {
                 );
                 true
             }
+            // The last stand stays (`allocate` leaves no temporary file).
             Err(e) => {
-                let _ = std::fs::remove_file(self.path());
                 tracing::debug!("allocating the disk reserve: {e}");
                 false
             }
@@ -322,6 +322,18 @@ mod tests {
         assert_eq!(kept.len(), 256 << 10, "given up but its last stand");
         assert!(matches!(disk.refusal(), Error::DiskFull { .. }));
         assert!(!disk.out_of_space(), "once");
+        // Room again, but the reserve cannot be allocated (here a
+        // directory where its temporary file goes; on a disk another
+        // process fills, the room gone again): still full, and the last
+        // stand stays.
+        let tmp = dir.path().join(format!("{RESERVE_FILE}.tmp"));
+        std::fs::create_dir(&tmp).unwrap();
+        disk.fake_free.store(u64::MAX, Ordering::Relaxed);
+        assert!(!disk.check());
+        assert!(disk.is_full());
+        assert!(dir.path().join(RESERVE_FILE).exists(), "the last stand stays");
+        std::fs::remove_dir(&tmp).unwrap();
+        disk.fake_free.store((2 << 20) + 5, Ordering::Relaxed);
         // A compaction found no room: the last stand goes, once.
         assert!(disk.give_up_last_stand());
         assert!(!dir.path().join(RESERVE_FILE).exists());

@@ -98,14 +98,17 @@ impl Cluster {
         // keys, and the newest such version's distance past the latest
         // time this node admits (ms).
         let mut unfollowed: (Vec<bytes::Bytes>, u64) = (Vec::new(), 0);
-        // The write concern, unmet in the last round.
-        let mut unmet = None;
+        // The write concern as the first round that missed it told it (for
+        // the whole batch; later rounds send only the writes stamped
+        // again), and that round's deadline, which later rounds keep to.
+        let mut unmet: Option<(OpError, tokio::time::Instant)> = None;
         for round in 0..=RESTAMPS {
             let batch: Vec<Mutation> = pending.iter().map(|&i| mutations[i].clone()).collect();
-            let (lost, missed) = self
-                .replicate_once(batch, stored_locally, round == RESTAMPS)
-                .await?;
-            unmet = missed;
+            let cap = unmet.as_ref().map(|(_, deadline)| *deadline);
+            let (lost, missed) = self.replicate_once(batch, stored_locally, cap).await?;
+            if unmet.is_none() {
+                unmet = missed;
+            }
             let clock = self.store.clock();
             // A newer version stamped further ahead than this node admits
             // from peers (a replica's clock was ahead when it was written,
@@ -169,7 +172,7 @@ impl Cluster {
                 self.guard().max_offset_ms,
             ));
         }
-        if let Some(e) = unmet {
+        if let Some((e, _)) = unmet {
             return Err(e);
         }
         Ok(mutations
@@ -182,18 +185,17 @@ impl Cluster {
 
     /// One round of [`replicate`](Self::replicate): the offsets (into
     /// `mutations`) of the writes an answering replica holds a newer
-    /// version of, each with the newest such version; and the write
-    /// concern's error if it was not met. When some writes lost, that
-    /// error is only told in the `last_round`: the writes are stamped
-    /// again first (a replica that answered with a newer version did not
-    /// save them, and the ones that have not answered yet would lose them
-    /// to it too).
+    /// version of, each with the newest such version; and, if the write
+    /// concern was not met, its error with this round's deadline. A round
+    /// waits until `cap` at the latest (the deadline of an earlier round
+    /// that missed the concern: stamping writes again does not make the
+    /// client wait a timeout more).
     async fn replicate_once(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
         stored_locally: bool,
-        last_round: bool,
-    ) -> Result<(Vec<(usize, Stamp)>, Option<OpError>), OpError> {
+        cap: Option<tokio::time::Instant>,
+    ) -> Result<(Vec<(usize, Stamp)>, Option<(OpError, tokio::time::Instant)>), OpError> {
         if !self.has_peers() {
             return match mutations.first() {
                 Some(m) => self
@@ -347,8 +349,8 @@ impl Cluster {
             }
             (answered, done)
         };
-        let deadline = started + allowed;
-        let done = loop {
+        let deadline = cap.map_or(started + allowed, |cap| cap.min(started + allowed));
+        loop {
             let notified = self.acks.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -360,7 +362,7 @@ impl Cluster {
             // can answer has, the outcome is known.
             let refused = answered - done;
             if waits.len() - refused < need.remote_acks && answered == waits.len() {
-                break done;
+                break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 for ((p, _, last), (acked, moved, queued)) in waits.iter().zip(&at_start) {
@@ -384,24 +386,21 @@ impl Cluster {
                         self.suspect(p.id);
                     }
                 }
-                break tally().1;
+                break;
             }
-        };
-        let lost = Self::superseded(&waits);
-        if !lost.is_empty() && !last_round {
-            return Ok((lost, None));
         }
-        // A replica that answered with a newer version did not save the
-        // write: it is no copy of it.
-        let superseding = waits
+        // The replicas that saved the writes: acknowledged them, and hold
+        // no newer version of any (one that kept its own is no copy).
+        let saved = waits
             .iter()
             .filter(|(p, first, last)| {
                 let acked = p.acked.load(Ordering::Acquire);
                 Self::acknowledged_at(p, acked, *first, *last)
-                    && !Self::superseded_by(p, *first, *last).is_empty()
+                    && Self::superseded_by(p, *first, *last).is_empty()
             })
             .count();
-        Ok((lost, Some(unmet(done.saturating_sub(superseding)).await)))
+        let missed = unmet(saved).await;
+        Ok((Self::superseded(&waits), Some((missed, deadline))))
     }
 
     /// Of the writes each waited-for peer answered for, those it holds a
