@@ -81,6 +81,20 @@ fn read(id: u64) -> Vec<u8> {
     frame
 }
 
+/// A read of a key of 600 KiB: a frame that takes a while on a slow link.
+fn large_read(id: u64) -> Vec<u8> {
+    let msg = PeerMessage::Request {
+        id,
+        op: PeerOp::Read {
+            collection: "c".into(),
+            key: Bytes::from(vec![7u8; 600 << 10]),
+        },
+    };
+    let mut frame = Vec::new();
+    encode_frame(&msg, &mut frame, plain_max(MAX)).unwrap();
+    frame
+}
+
 fn sealed(frame: Vec<u8>, sealer: &mut Sealer) -> Vec<u8> {
     let mut frame = frame;
     seal_frame(&mut frame, 0, sealer).unwrap();
@@ -238,16 +252,7 @@ async fn a_frame_that_arrives_slowly_is_noted_as_it_arrives() {
         "{msg:?}"
     );
     // 600 KiB in 20 pieces, one every 60 ms: 1.14 s on the way.
-    let big = PeerMessage::Request {
-        id: 2,
-        op: PeerOp::Read {
-            collection: "c".into(),
-            key: Bytes::from(vec![7u8; 600 << 10]),
-        },
-    };
-    let mut frame = Vec::new();
-    encode_frame(&big, &mut frame, plain_max(MAX)).unwrap();
-    let frame = sealed(frame, &mut sealer);
+    let frame = sealed(large_read(2), &mut sealer);
     let (before, len) = (small.len() as u64, frame.len() as u64);
     tokio::spawn(async move {
         for piece in frame.chunks(frame.len().div_ceil(20)) {
@@ -286,16 +291,7 @@ async fn a_frame_that_stops_arriving_closes_the_connection() {
         ..
     } = dialer;
     let (_rd, mut wr) = tokio::io::split(dialer);
-    let big = PeerMessage::Request {
-        id: 1,
-        op: PeerOp::Read {
-            collection: "c".into(),
-            key: Bytes::from(vec![7u8; 600 << 10]),
-        },
-    };
-    let mut frame = Vec::new();
-    encode_frame(&big, &mut frame, plain_max(MAX)).unwrap();
-    let frame = sealed(frame, &mut sealer);
+    let frame = sealed(large_read(1), &mut sealer);
     // Most of it at once, then 11 KiB every 9 s: still arriving.
     let cut = frame.len() - (100 << 10);
     wr.write_all(&frame[..cut]).await.unwrap();
