@@ -316,17 +316,36 @@ fn log_of(dir: &Path, collection: &str) -> std::path::PathBuf {
 
 /// Starts `dhrtd` on `dir` expecting it to exit; returns its code and log.
 pub(crate) fn start_expecting_exit(dir: &Path) -> (Option<i32>, String) {
-    let out = Command::new(binary())
+    let mut child = Command::new(binary())
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .env("DHRT_LOG", "warn")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        err
+    });
+    // A node that starts instead of refusing would run for good: the test
+    // fails, it does not hang.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node did not exit within 60 s: it started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.code(), reader.join().unwrap())
 }
 
 /// Writes 2,000 records of 1 KB to `pw`, then kills the node.
