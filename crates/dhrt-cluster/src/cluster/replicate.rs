@@ -98,16 +98,22 @@ impl Cluster {
         // keys, and the newest such version's distance past the latest
         // time this node admits (ms).
         let mut unfollowed: (Vec<bytes::Bytes>, u64) = (Vec::new(), 0);
-        // The write concern as the first round that missed it told it (for
-        // the whole batch; later rounds send only the writes stamped
-        // again), and that round's deadline, which later rounds keep to.
-        let mut unmet: Option<(OpError, tokio::time::Instant)> = None;
+        // The write concern's error, as the last round that sent every
+        // write of the batch told it, or else the first round that missed
+        // it (a round that sends only the writes stamped again says nothing
+        // of the others); and the deadline of the first round that missed
+        // it, which later rounds keep to.
+        let mut unmet: Option<OpError> = None;
+        let mut cap: Option<tokio::time::Instant> = None;
         for round in 0..=RESTAMPS {
+            let whole = pending.len() == mutations.len();
             let batch: Vec<Mutation> = pending.iter().map(|&i| mutations[i].clone()).collect();
-            let cap = unmet.as_ref().map(|(_, deadline)| *deadline);
             let (lost, missed) = self.replicate_once(batch, stored_locally, cap).await?;
-            if unmet.is_none() {
-                unmet = missed;
+            if let Some((_, deadline)) = &missed {
+                cap.get_or_insert(*deadline);
+            }
+            if whole || unmet.is_none() {
+                unmet = missed.map(|(e, _)| e);
             }
             let clock = self.store.clock();
             // A newer version stamped further ahead than this node admits
@@ -172,7 +178,7 @@ impl Cluster {
                 self.guard().max_offset_ms,
             ));
         }
-        if let Some((e, _)) = unmet {
+        if let Some(e) = unmet {
             return Err(e);
         }
         Ok(mutations
