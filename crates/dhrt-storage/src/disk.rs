@@ -331,7 +331,10 @@ mod tests {
         disk.fake_free.store(u64::MAX, Ordering::Relaxed);
         assert!(!disk.check());
         assert!(disk.is_full());
-        assert!(dir.path().join(RESERVE_FILE).exists(), "the last stand stays");
+        assert!(
+            dir.path().join(RESERVE_FILE).exists(),
+            "the last stand stays"
+        );
         std::fs::remove_dir(&tmp).unwrap();
         disk.fake_free.store((2 << 20) + 5, Ordering::Relaxed);
         // A compaction found no room: the last stand goes, once.
