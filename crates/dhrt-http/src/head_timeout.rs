@@ -16,8 +16,9 @@
 //! whose head finds it spent is closed. Without it, every connection could
 //! hold hyper's whole read buffer of unfinished headers (about 400 KiB:
 //! 4.4 GB held by a stranger's 9,800 connections, each sending headers and
-//! never ending them). hyper's buffer itself is capped as well
-//! ([`MAX_BUF`]).
+//! never ending them). (Capping hyper's buffer instead, `max_buf_size`,
+//! caps its write buffer too, and a watch whose client reads nothing then
+//! held a stopping node for good.)
 
 use std::io;
 use std::pin::Pin;
@@ -28,10 +29,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-
-/// The most hyper buffers of a connection's reads: a request line of
-/// 65,534 bytes (the parser's limit) and its headers fit.
-pub(crate) const MAX_BUF: usize = 96 << 10;
 
 /// Bytes of a head a connection may hold without drawing on the shared
 /// [`HEAD_BUDGET`] (a request's headers are rarely 2 KiB).
@@ -96,8 +93,8 @@ impl HeadWatch {
                 self.state.store(since, Ordering::Relaxed);
                 self.head_bytes.store(0, Ordering::Relaxed);
             }
-            // A body, or the next request sent early (hyper's buffer,
-            // `MAX_BUF`, bounds that).
+            // A body, or the next request sent early (hyper's read
+            // buffer, about 400 KiB, bounds that).
             ANSWERING => return true,
             _ => {}
         }

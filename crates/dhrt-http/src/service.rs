@@ -1002,7 +1002,6 @@ impl<O: Operations> Api<O> {
         };
         let conn = http1::Builder::new()
             .keep_alive(true)
-            .max_buf_size(crate::head_timeout::MAX_BUF)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The guard is polled only when its timer or the shutdown signal
