@@ -871,6 +871,134 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
     assert!(node.stop("TERM").success());
 }
 
+/// A token revoked by a reload keeps no client slots: the connections
+/// that showed it, idle or not, are spared no more, and a newcomer with a
+/// valid token closes the oldest of them for its slot. Connections whose
+/// token is still valid are spared again once they show it.
+#[test]
+fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, admin_line) = make_token("admin");
+    let (revoked, revoked_line) = make_token("write");
+    let auth = dir.path().join("auth");
+    std::fs::write(&auth, format!("{admin_line}\n{revoked_line}\n")).unwrap();
+    let node = Dhrtd::start(
+        &dir.path().join("a"),
+        &[
+            "--memory",
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--max-connections",
+            "4",
+        ],
+    );
+    let at = node.addr;
+    // Keep-alive connections that showed a token: the admin's first (the
+    // oldest), then three with the token to be revoked (over HTTP one goes
+    // on asking, one goes idle; one over the binary protocol goes on
+    // asking).
+    let ask = |s: &mut TcpStream, token: &str| -> u16 {
+        write!(
+            s,
+            "GET /c/k HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        head.get(9..12)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no answer: {head:?}"))
+    };
+    let mut kept = TcpStream::connect(at).unwrap();
+    assert_eq!(ask(&mut kept, &admin), 404);
+    let mut busy = TcpStream::connect(at).unwrap();
+    assert_eq!(ask(&mut busy, &revoked), 404);
+    let mut idle = TcpStream::connect(at).unwrap();
+    assert_eq!(ask(&mut idle, &revoked), 404);
+    let frame = |op: dhrt_proto::Op| {
+        let mut buf = Vec::new();
+        dhrt_proto::encode_frame(&dhrt_proto::Request { id: 1, op }, &mut buf, 1 << 20).unwrap();
+        buf
+    };
+    let get = frame(dhrt_proto::Op::Get {
+        collection: "c".into(),
+        key: "k".into(),
+    });
+    // Sends a get and reads its answer (whatever it is).
+    let bin_ask = |s: &mut TcpStream| {
+        s.write_all(&get).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        assert!(s.read(&mut buf).unwrap() > 0, "no answer");
+    };
+    let mut bin_busy = TcpStream::connect(at).unwrap();
+    bin_busy.write_all(&dhrt_proto::preamble()).unwrap();
+    bin_busy
+        .write_all(&frame(dhrt_proto::Op::Auth {
+            token: revoked.clone(),
+        }))
+        .unwrap();
+    bin_ask(&mut bin_busy);
+    // Every slot is held by a connection that showed a valid token: a
+    // newcomer is refused.
+    let refused = http_at(
+        at,
+        "GET",
+        "/c/k",
+        &format!("Authorization: Bearer {admin}\r\n"),
+        b"",
+    );
+    assert!(
+        !matches!(refused, Ok((404, _))),
+        "a fourth connection was served beside three: {refused:?}"
+    );
+
+    // The token is revoked. One of its connections is refused (and asks no
+    // more), the other stays idle; the admin's shows its token again.
+    std::fs::write(&auth, format!("{admin_line}\n")).unwrap();
+    node.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask(&mut busy, &revoked) != 401 {
+        assert!(Instant::now() < deadline, "the revoked token still works");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bin_ask(&mut bin_busy);
+    assert_eq!(ask(&mut kept, &admin), 404);
+
+    // Three newcomers with the admin's token get in, in the slots of the
+    // revoked token's connections; the admin's older one is spared.
+    let mut newcomers = Vec::new();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(at).unwrap();
+        assert_eq!(ask(&mut s, &admin), 404, "newcomer {i}");
+        newcomers.push(s);
+    }
+    assert_closed(
+        busy,
+        Duration::from_secs(2),
+        "the revoked token's busy connection holds its slot",
+    );
+    assert_closed(
+        idle,
+        Duration::from_secs(2),
+        "the revoked token's idle connection holds its slot",
+    );
+    assert_closed(
+        bin_busy,
+        Duration::from_secs(2),
+        "the revoked token's binary connection holds its slot",
+    );
+    assert_eq!(ask(&mut kept, &admin), 404);
+    for (i, s) in newcomers.iter_mut().enumerate() {
+        assert_eq!(ask(s, &admin), 404, "newcomer {i}");
+    }
+    assert!(node.stop("TERM").success());
+}
+
 /// Strangers that connect and say nothing (or send a peer's preamble and
 /// prove nothing), reconnecting as soon as they are closed, cannot keep
 /// out a client with a token nor a peer with the secret: when every

@@ -95,7 +95,7 @@ pub(crate) async fn run(
         slots,
         pending_by_ip: Mutex::new(HashMap::new()),
         undeclared: Mutex::new(BTreeMap::new()),
-        unproven: Mutex::new(BTreeMap::new()),
+        tokened: Mutex::new(Tokened::default()),
         next_unproven: AtomicU64::new(0),
     });
     let tracker = TaskTracker::new();
@@ -191,11 +191,26 @@ struct Caps {
     /// not yet proved), oldest first, with the slot each holds: when every
     /// one is taken, a newcomer closes the oldest and takes its slot.
     undeclared: Mutex<BTreeMap<u64, (CancellationToken, OwnedSemaphorePermit)>>,
-    /// Client connections in a slot that must show a token and have not
-    /// yet, oldest first: when every slot is taken, a newcomer closes the
-    /// oldest of them and takes its slot.
-    unproven: Mutex<BTreeMap<u64, CancellationToken>>,
+    /// Client connections in a slot that must show a token.
+    tokened: Mutex<Tokened>,
     next_unproven: AtomicU64,
+}
+
+/// The client connections that must show a token, by whether they have
+/// (under the tokens now loaded).
+#[derive(Default)]
+struct Tokened {
+    /// Not shown a valid one yet, oldest first: when every slot is taken,
+    /// a newcomer closes the oldest of them and takes its slot.
+    unproven: BTreeMap<u64, CancellationToken>,
+    /// Shown one, under the tokens' generation given: never closed for a
+    /// newcomer while that is the latest. After a reload, those that have
+    /// not shown a token of the new set go back among the unproven (a
+    /// revoked token's connections must not keep their slots).
+    proven: HashMap<u64, (CancellationToken, u64)>,
+    /// The tokens' generation ([`dhrt_proto::Access::generation`]) last
+    /// seen: nothing in `proven` was proven under an earlier one.
+    generation: u64,
 }
 
 /// How long a newcomer waits for the slot of the stranger it closed.
@@ -205,7 +220,9 @@ impl Caps {
     /// A client slot: a free one, or else the one the oldest client that
     /// has not shown a token holds, once it has closed. `None` when every
     /// slot is held by a client that needs no token or has shown one.
-    async fn client_slot(&self) -> Option<SemaphorePermit<'_>> {
+    /// `generation` is the tokens' now: connections proven under an
+    /// earlier set must show a valid token again before they are spared.
+    async fn client_slot(&self, generation: u64) -> Option<SemaphorePermit<'_>> {
         if let Ok(slot) = self.clients.try_acquire() {
             return Some(slot);
         }
@@ -213,7 +230,11 @@ impl Caps {
         // the stranger closed is one that has had longer than any of them
         // to do so: strangers cannot hold every slot by connecting first
         // and saying nothing (or nothing valid).
-        let (_, oldest) = self.unproven.lock().unwrap().pop_first()?;
+        let (_, oldest) = {
+            let mut tokened = self.tokened.lock().unwrap();
+            tokened.seen(generation);
+            tokened.unproven.pop_first()?
+        };
         oldest.cancel();
         if let Some(left_out) = STRANGER_CLOSED.allow() {
             tracing::warn!(
@@ -269,25 +290,66 @@ impl Caps {
     /// a newcomer may close; `closing` closes it.
     fn unproven(self: &Arc<Self>, closing: CancellationToken) -> Proven {
         let id = self.next_unproven.fetch_add(1, Ordering::Relaxed);
-        self.unproven.lock().unwrap().insert(id, closing);
+        self.tokened.lock().unwrap().unproven.insert(id, closing);
         let guard = Unproven {
             caps: self.clone(),
             id,
         };
-        Proven::new(move || drop(guard))
+        Proven::rearmable(move |generation| guard.proved(generation))
     }
 }
 
-/// Takes a connection off the unproven list when it ends without proving
-/// itself (dropped with the [`Proven`] that would have).
+impl Tokened {
+    /// The tokens' generation is `generation`: connections proven under an
+    /// earlier one are unproven again.
+    fn seen(&mut self, generation: u64) {
+        if self.generation >= generation {
+            return;
+        }
+        self.generation = generation;
+        let stale: Vec<u64> = self
+            .proven
+            .iter()
+            .filter(|(_, (_, under))| *under < generation)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some((closing, _)) = self.proven.remove(&id) {
+                self.unproven.insert(id, closing);
+            }
+        }
+    }
+}
+
+/// A client connection that must show a token, on the listener's lists
+/// while it is open (dropped with its [`Proven`]).
 struct Unproven {
     caps: Arc<Caps>,
     id: u64,
 }
 
+impl Unproven {
+    /// It showed a token valid under the tokens of `generation`: spared
+    /// while they are the latest (unless it was closed already).
+    fn proved(&self, generation: u64) {
+        let mut tokened = self.caps.tokened.lock().unwrap();
+        tokened.seen(generation);
+        if generation < tokened.generation {
+            return;
+        }
+        if let Some(closing) = tokened.unproven.remove(&self.id) {
+            tokened.proven.insert(self.id, (closing, generation));
+        } else if let Some((_, under)) = tokened.proven.get_mut(&self.id) {
+            *under = generation;
+        }
+    }
+}
+
 impl Drop for Unproven {
     fn drop(&mut self) {
-        self.caps.unproven.lock().unwrap().remove(&self.id);
+        let mut tokened = self.caps.tokened.lock().unwrap();
+        tokened.unproven.remove(&self.id);
+        tokened.proven.remove(&self.id);
     }
 }
 
@@ -594,7 +656,7 @@ where
         Kind::Peer => (Some(pending), None),
         Kind::Http | Kind::Binary | Kind::Tls => {
             drop(pending);
-            let Some(slot) = caps.client_slot().await else {
+            let Some(slot) = caps.client_slot(servers.binary.access.generation()).await else {
                 if let Some(left_out) = KIND_FULL.allow() {
                     let limit = caps.slots.clients;
                     tracing::warn!(%remote, limit, left_out, "client connection limit reached; refusing");

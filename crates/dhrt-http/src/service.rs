@@ -976,9 +976,11 @@ impl<O: Operations> Api<O> {
             // contended.
             let role = {
                 let (memo, proven) = &mut *memo.lock().unwrap();
+                // Read before the token is checked: see `now_under`.
+                let generation = api.limits.access.generation();
                 let role = api.role(remote, req.headers(), memo);
                 if role.is_ok() {
-                    proven.now();
+                    proven.now_under(generation);
                 }
                 role
             };

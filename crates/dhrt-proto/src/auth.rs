@@ -277,18 +277,40 @@ pub struct Access {
     forbidden: AtomicU64,
 }
 
-/// Told, once, that a connection has shown it may use the node (a valid
-/// token): the listener stops counting it among the strangers it closes,
-/// oldest first, to make room for a newcomer when every client slot is
-/// taken. Servers call [`Proven::now`] whenever a token is accepted; only
-/// the first call does anything.
+/// Told that a connection has shown it may use the node (a valid token):
+/// the listener stops counting it among the strangers it closes, oldest
+/// first, to make room for a newcomer when every client slot is taken.
+/// Servers call [`Proven::now_under`] whenever a token is accepted. A proof
+/// made once ([`Proven::new`]) is told once; one made under a set of
+/// tokens ([`Proven::rearmable`]) is told again under each new set, so
+/// that after a reload a connection is spared only once it has shown a
+/// token of the new set (a revoked token's connections keep no slots).
 #[derive(Default)]
-pub struct Proven(Option<Box<dyn FnOnce() + Send>>);
+pub struct Proven(Option<Proof>);
+
+enum Proof {
+    Once(Box<dyn FnOnce() + Send>),
+    Rearmable {
+        /// The tokens' generation it was last told under.
+        told_under: Option<u64>,
+        told: Box<dyn Fn(u64) + Send>,
+    },
+}
 
 impl Proven {
     /// Runs `told` the first time the connection proves itself.
     pub fn new(told: impl FnOnce() + Send + 'static) -> Proven {
-        Proven(Some(Box::new(told)))
+        Proven(Some(Proof::Once(Box::new(told))))
+    }
+
+    /// Runs `told` with the tokens' generation
+    /// ([`Access::generation`]) each time the connection proves itself
+    /// under a generation it has not yet been told under.
+    pub fn rearmable(told: impl Fn(u64) + Send + 'static) -> Proven {
+        Proven(Some(Proof::Rearmable {
+            told_under: None,
+            told: Box::new(told),
+        }))
     }
 
     /// Nobody listens: a connection that needs no proof, or a test.
@@ -296,21 +318,41 @@ impl Proven {
         Proven(None)
     }
 
-    /// The connection has proved itself.
+    /// The connection has proved itself (a peer: the secret).
     pub fn now(&mut self) {
-        if let Some(told) = self.0.take() {
-            told();
+        self.now_under(0);
+    }
+
+    /// The connection has shown a token valid under the tokens of
+    /// `generation`, read *before* the token was checked (a reload in
+    /// between leaves it to be checked again, never spared on old tokens).
+    #[inline]
+    pub fn now_under(&mut self, generation: u64) {
+        match &mut self.0 {
+            None => {}
+            Some(Proof::Rearmable { told_under, told }) if *told_under != Some(generation) => {
+                *told_under = Some(generation);
+                told(generation);
+            }
+            Some(Proof::Rearmable { .. }) => {}
+            Some(Proof::Once(_)) => {
+                if let Some(Proof::Once(told)) = self.0.take() {
+                    told();
+                }
+            }
         }
     }
 }
 
 impl std::fmt::Debug for Proven {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Proven(waiting)"
-        } else {
-            "Proven(done)"
-        })
+        match &self.0 {
+            None => f.write_str("Proven(done)"),
+            Some(Proof::Once(_)) => f.write_str("Proven(waiting)"),
+            Some(Proof::Rearmable { told_under, .. }) => {
+                write!(f, "Proven(told under {told_under:?})")
+            }
+        }
     }
 }
 
@@ -383,6 +425,12 @@ impl Access {
     pub fn replace(&self, tokens: Tokens) {
         self.tokens.store(Arc::new(tokens));
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the tokens were replaced: a connection proved before
+    /// the latest must prove itself again.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Counts a refusal (for `/metrics`): every `Unauthenticated` or

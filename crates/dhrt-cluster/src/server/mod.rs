@@ -238,9 +238,22 @@ where
                 let payload = &rest[range];
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
                     Ok(request) => {
+                        // Read before the token is checked: see `now_under`.
+                        let generation = access.generation();
                         let item = admit(access, &mut standing, &mut memo, request);
-                        if let Standing::Token(_) = standing {
-                            proven.now();
+                        // A valid token: admitted, or just accepted (not a
+                        // connection whose token was revoked since).
+                        if let Standing::Token(_) = standing
+                            && matches!(
+                                &item,
+                                Ok(_)
+                                    | Err(Response {
+                                        result: Ok(Reply::Authenticated(_)),
+                                        ..
+                                    })
+                            )
+                        {
+                            proven.now_under(generation);
                         }
                         if let Ok(RequestRef {
                             id,
