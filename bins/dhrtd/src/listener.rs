@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use dhrt_cluster::{BinaryLimits, LogThrottle, Node, serve_binary};
 use dhrt_http::Api;
-use dhrt_proto::{Channel, PREAMBLE_LEN, Preamble, Proven, Standing, read_preamble};
+use dhrt_proto::auth::TokenHash;
+use dhrt_proto::{Access, Channel, PREAMBLE_LEN, Preamble, Proven, Standing, read_preamble};
 
 use crate::tls::{self, Tls};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -96,6 +97,7 @@ pub(crate) async fn run(
         pending_by_ip: Mutex::new(HashMap::new()),
         undeclared: Mutex::new(BTreeMap::new()),
         tokened: Mutex::new(Tokened::default()),
+        access: servers.binary.access.clone(),
         next_unproven: AtomicU64::new(0),
     });
     let tracker = TaskTracker::new();
@@ -193,23 +195,25 @@ struct Caps {
     undeclared: Mutex<BTreeMap<u64, (CancellationToken, OwnedSemaphorePermit)>>,
     /// Client connections in a slot that must show a token.
     tokened: Mutex<Tokened>,
+    /// The tokens they must show.
+    access: Arc<Access>,
     next_unproven: AtomicU64,
 }
 
 /// The client connections that must show a token, by whether they have
-/// (under the tokens now loaded).
+/// shown one that is valid now.
 #[derive(Default)]
 struct Tokened {
     /// Not shown a valid one yet, oldest first: when every slot is taken,
     /// a newcomer closes the oldest of them and takes its slot.
     unproven: BTreeMap<u64, CancellationToken>,
-    /// Shown one, under the tokens' generation given: never closed for a
-    /// newcomer while that is the latest. After a reload, those that have
-    /// not shown a token of the new set go back among the unproven (a
-    /// revoked token's connections must not keep their slots).
-    proven: HashMap<u64, (CancellationToken, u64)>,
-    /// The tokens' generation ([`dhrt_proto::Access::generation`]) last
-    /// seen: nothing in `proven` was proven under an earlier one.
+    /// Shown one (of this hash): never closed for a newcomer while it is
+    /// valid. After a reload, those whose token is no longer valid go
+    /// back among the unproven (a revoked token's connections, asking or
+    /// idle, must not keep their slots).
+    proven: HashMap<u64, (CancellationToken, TokenHash)>,
+    /// The tokens' generation ([`dhrt_proto::Access::generation`]) the
+    /// proven ones were last checked under.
     generation: u64,
 }
 
@@ -218,11 +222,10 @@ const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 impl Caps {
     /// A client slot: a free one, or else the one the oldest client that
-    /// has not shown a token holds, once it has closed. `None` when every
-    /// slot is held by a client that needs no token or has shown one.
-    /// `generation` is the tokens' now: connections proven under an
-    /// earlier set must show a valid token again before they are spared.
-    async fn client_slot(&self, generation: u64) -> Option<SemaphorePermit<'_>> {
+    /// has not shown a valid token holds (none, or one revoked since), once
+    /// it has closed. `None` when every slot is held by a client that needs
+    /// no token or has shown one still valid.
+    async fn client_slot(&self) -> Option<SemaphorePermit<'_>> {
         if let Ok(slot) = self.clients.try_acquire() {
             return Some(slot);
         }
@@ -232,7 +235,7 @@ impl Caps {
         // and saying nothing (or nothing valid).
         let (_, oldest) = {
             let mut tokened = self.tokened.lock().unwrap();
-            tokened.seen(generation);
+            tokened.seen(self.access.generation(), &self.access);
             tokened.unproven.pop_first()?
         };
         oldest.cancel();
@@ -295,25 +298,25 @@ impl Caps {
             caps: self.clone(),
             id,
         };
-        Proven::rearmable(move |generation| guard.proved(generation))
+        Proven::rearmable(move |generation, hash| guard.proved(generation, hash))
     }
 }
 
 impl Tokened {
-    /// The tokens' generation is `generation`: connections proven under an
-    /// earlier one are unproven again.
-    fn seen(&mut self, generation: u64) {
+    /// The tokens' generation is `generation`: after a reload, connections
+    /// whose token `access` no longer grants are unproven again.
+    fn seen(&mut self, generation: u64, access: &Access) {
         if self.generation >= generation {
             return;
         }
         self.generation = generation;
-        let stale: Vec<u64> = self
+        let revoked: Vec<u64> = self
             .proven
             .iter()
-            .filter(|(_, (_, under))| *under < generation)
+            .filter(|(_, (_, hash))| access.role(Standing::Token(*hash)).is_err())
             .map(|(id, _)| *id)
             .collect();
-        for id in stale {
+        for id in revoked {
             if let Some((closing, _)) = self.proven.remove(&id) {
                 self.unproven.insert(id, closing);
             }
@@ -329,18 +332,24 @@ struct Unproven {
 }
 
 impl Unproven {
-    /// It showed a token valid under the tokens of `generation`: spared
-    /// while they are the latest (unless it was closed already).
-    fn proved(&self, generation: u64) {
-        let mut tokened = self.caps.tokened.lock().unwrap();
-        tokened.seen(generation);
-        if generation < tokened.generation {
+    /// It showed the token of `hash`, valid under the tokens of
+    /// `generation`: spared while that token is valid (unless it was
+    /// closed already).
+    fn proved(&self, generation: u64, hash: TokenHash) {
+        let caps = &self.caps;
+        let mut tokened = caps.tokened.lock().unwrap();
+        tokened.seen(generation, &caps.access);
+        // Checked again under the lock: a reload may have come since.
+        if caps.access.role(Standing::Token(hash)).is_err() {
+            if let Some((closing, _)) = tokened.proven.remove(&self.id) {
+                tokened.unproven.insert(self.id, closing);
+            }
             return;
         }
         if let Some(closing) = tokened.unproven.remove(&self.id) {
-            tokened.proven.insert(self.id, (closing, generation));
-        } else if let Some((_, under)) = tokened.proven.get_mut(&self.id) {
-            *under = generation;
+            tokened.proven.insert(self.id, (closing, hash));
+        } else if let Some((_, held)) = tokened.proven.get_mut(&self.id) {
+            *held = hash;
         }
     }
 }
@@ -656,7 +665,7 @@ where
         Kind::Peer => (Some(pending), None),
         Kind::Http | Kind::Binary | Kind::Tls => {
             drop(pending);
-            let Some(slot) = caps.client_slot(servers.binary.access.generation()).await else {
+            let Some(slot) = caps.client_slot().await else {
                 if let Some(left_out) = KIND_FULL.allow() {
                     let limit = caps.slots.clients;
                     tracing::warn!(%remote, limit, left_out, "client connection limit reached; refusing");

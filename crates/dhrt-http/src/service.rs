@@ -976,11 +976,16 @@ impl<O: Operations> Api<O> {
             // contended.
             let role = {
                 let (memo, proven) = &mut *memo.lock().unwrap();
-                // Read before the token is checked: see `now_under`.
+                // Read before the token is checked: see `now_with`.
                 let generation = api.limits.access.generation();
                 let role = api.role(remote, req.headers(), memo);
                 if role.is_ok() {
-                    proven.now_under(generation);
+                    proven.now_with(generation, || {
+                        bearer(req.headers())
+                            .ok()
+                            .flatten()
+                            .map(dhrt_proto::auth::TokenHash::of)
+                    });
                 }
                 role
             };

@@ -280,11 +280,12 @@ pub struct Access {
 /// Told that a connection has shown it may use the node (a valid token):
 /// the listener stops counting it among the strangers it closes, oldest
 /// first, to make room for a newcomer when every client slot is taken.
-/// Servers call [`Proven::now_under`] whenever a token is accepted. A proof
-/// made once ([`Proven::new`]) is told once; one made under a set of
-/// tokens ([`Proven::rearmable`]) is told again under each new set, so
-/// that after a reload a connection is spared only once it has shown a
-/// token of the new set (a revoked token's connections keep no slots).
+/// Servers call [`Proven::now_with`] whenever a token is accepted. A proof
+/// made once ([`Proven::new`]) is told once; one made with a token
+/// ([`Proven::rearmable`]) is told again under each new set of tokens, with
+/// the token's hash, so that the listener can tell, after a reload, which
+/// connections showed a token that is no longer valid (a revoked token's
+/// connections keep no slots).
 #[derive(Default)]
 pub struct Proven(Option<Proof>);
 
@@ -293,7 +294,7 @@ enum Proof {
     Rearmable {
         /// The tokens' generation it was last told under.
         told_under: Option<u64>,
-        told: Box<dyn Fn(u64) + Send>,
+        told: Box<dyn Fn(u64, TokenHash) + Send>,
     },
 }
 
@@ -303,10 +304,10 @@ impl Proven {
         Proven(Some(Proof::Once(Box::new(told))))
     }
 
-    /// Runs `told` with the tokens' generation
-    /// ([`Access::generation`]) each time the connection proves itself
+    /// Runs `told` with the tokens' generation ([`Access::generation`])
+    /// and the token's hash each time the connection shows a valid token
     /// under a generation it has not yet been told under.
-    pub fn rearmable(told: impl Fn(u64) + Send + 'static) -> Proven {
+    pub fn rearmable(told: impl Fn(u64, TokenHash) + Send + 'static) -> Proven {
         Proven(Some(Proof::Rearmable {
             told_under: None,
             told: Box::new(told),
@@ -320,26 +321,25 @@ impl Proven {
 
     /// The connection has proved itself (a peer: the secret).
     pub fn now(&mut self) {
-        self.now_under(0);
+        if let Some(Proof::Once(told)) = self.0.take() {
+            told();
+        }
     }
 
     /// The connection has shown a token valid under the tokens of
-    /// `generation`, read *before* the token was checked (a reload in
-    /// between leaves it to be checked again, never spared on old tokens).
+    /// `generation`, read *before* the token was checked; `token` gives
+    /// its hash (asked for only when it is told).
     #[inline]
-    pub fn now_under(&mut self, generation: u64) {
+    pub fn now_with(&mut self, generation: u64, token: impl FnOnce() -> Option<TokenHash>) {
         match &mut self.0 {
-            None => {}
             Some(Proof::Rearmable { told_under, told }) if *told_under != Some(generation) => {
-                *told_under = Some(generation);
-                told(generation);
-            }
-            Some(Proof::Rearmable { .. }) => {}
-            Some(Proof::Once(_)) => {
-                if let Some(Proof::Once(told)) = self.0.take() {
-                    told();
+                if let Some(hash) = token() {
+                    *told_under = Some(generation);
+                    told(generation, hash);
                 }
             }
+            Some(Proof::Once(_)) => self.now(),
+            _ => {}
         }
     }
 }
@@ -427,8 +427,7 @@ impl Access {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// How many times the tokens were replaced: a connection proved before
-    /// the latest must prove itself again.
+    /// How many times the tokens were replaced.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }

@@ -238,12 +238,12 @@ where
                 let payload = &rest[range];
                 match dhrt_proto::decode::<RequestRef<'_>>(payload) {
                     Ok(request) => {
-                        // Read before the token is checked: see `now_under`.
+                        // Read before the token is checked: see `now_with`.
                         let generation = access.generation();
                         let item = admit(access, &mut standing, &mut memo, request);
                         // A valid token: admitted, or just accepted (not a
                         // connection whose token was revoked since).
-                        if let Standing::Token(_) = standing
+                        if let Standing::Token(hash) = standing
                             && matches!(
                                 &item,
                                 Ok(_)
@@ -253,7 +253,7 @@ where
                                     })
                             )
                         {
-                            proven.now_under(generation);
+                            proven.now_with(generation, || Some(hash));
                         }
                         if let Ok(RequestRef {
                             id,
