@@ -304,6 +304,27 @@ fn streamed_key_value(key: Bytes, value: Bytes) -> Response<ResponseBody> {
     r
 }
 
+/// The JSON list of a drop's keys: built whole when small, else sent a
+/// piece at a time (a drop of millions of keys would otherwise hold their
+/// JSON beside them, hundreds of MB).
+fn key_list(keys: dhrt_proto::Keys) -> Response<ResponseBody> {
+    if keys.len() < 1024 {
+        return json(json::key_list(&keys));
+    }
+    let (tx, body) = body::channel(2);
+    tokio::spawn(async move {
+        for piece in json::KeyListPieces::new(keys.iter(), VALUE_STEP) {
+            if tx.send(Ok(piece.into())).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    r
+}
+
 /// A name that could be a collection: valid UTF-8 of the allowed characters.
 fn as_collection_name(name: &[u8]) -> Option<&str> {
     let s = std::str::from_utf8(name).ok()?;
@@ -577,7 +598,7 @@ impl<O: Operations> Api<O> {
                 Some(c) if ops.has_collection(c) => {
                     allow(role, Role::Admin, "dropping a collection")?;
                     let keys = ops.drop_collection(c).await?;
-                    Ok(json(json::key_list(&keys)))
+                    Ok(key_list(keys))
                 }
                 _ => {
                     allow(role, Role::Write, "deleting a key")?;

@@ -148,6 +148,35 @@ async fn a_single_segment_means_the_collection_when_it_exists() {
     );
 }
 
+/// A drop of many keys lists them all (sent a piece at a time).
+#[tokio::test]
+async fn a_drop_of_many_keys_lists_every_one() {
+    let api = api();
+    let mut expected = Vec::new();
+    for i in 0..20_000 {
+        let key = format!("k{i:05}-ключ");
+        let uri = format!("/many/{}", urlencode(&key));
+        ok_json(&api, Method::PUT, &uri, b"v").await;
+        expected.push(key);
+    }
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/many", b"").await,
+        json!(expected)
+    );
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn listings_stream_in_batches_with_limit_and_after() {
     let api = api();
