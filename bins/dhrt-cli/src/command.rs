@@ -24,7 +24,8 @@ commands:
                                print each change of COLLECTION as it happens, one a line
                                (kind, key, value, resume token, tab-separated, with tab,
                                newline, CR and backslash written \\t \\n \\r \\\\, other
-                               control bytes \\xNN; --json for JSON lines), resuming by
+                               control characters and bytes that are not UTF-8 \\xNN,
+                               byte by byte; --json for JSON lines), resuming by
                                itself after a disconnect (said on stderr); exits 2 if the
                                node cannot be reached at the start; Ctrl-C stops
   stats                        node and cluster statistics

@@ -363,26 +363,32 @@ pub(crate) async fn watch(target: &Target<'_>, command: &Command, json: bool) ->
 }
 
 /// A key or value for a tab-separated line, or a value `get` shows on a
-/// terminal: a backslash, tab, newline or
-/// carriage return is written as `\\`, `\t`, `\n` or `\r`, and any other
-/// control character as `\xNN`, so a value
-/// can neither split its line, forge another event's, nor send the
-/// terminal escape sequences.
+/// terminal: a backslash, tab, newline or carriage return is written as
+/// `\\`, `\t`, `\n` or `\r`, and any other control character, and any
+/// byte that is not part of valid UTF-8, as `\xNN` for each of its bytes,
+/// so a value can neither split its line, forge another event's, nor send
+/// the terminal escape sequences, and every byte can be read back.
 fn escaped(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            // C0, DEL and C1: all below 0x100.
-            c if c.is_control() => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                // C0, DEL and C1 (whose UTF-8 is two bytes).
+                c if c.is_control() => {
+                    for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                        let _ = write!(out, "\\x{b:02x}");
+                    }
+                }
+                c => out.push(c),
             }
-            c => out.push(c),
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
         }
     }
     out
@@ -450,5 +456,68 @@ fn main() -> ExitCode {
             };
             ExitCode::from(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escaped;
+
+    /// What [`escaped`] wrote, read back.
+    fn unescaped(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = text.as_bytes();
+        while let Some((&b, tail)) = rest.split_first() {
+            rest = tail;
+            if b != b'\\' {
+                out.push(b);
+                continue;
+            }
+            let (&e, tail) = rest.split_first().expect("an escape is whole");
+            rest = tail;
+            match e {
+                b'\\' => out.push(b'\\'),
+                b't' => out.push(b'\t'),
+                b'n' => out.push(b'\n'),
+                b'r' => out.push(b'\r'),
+                b'x' => {
+                    let hex = std::str::from_utf8(&rest[..2]).unwrap();
+                    out.push(u8::from_str_radix(hex, 16).unwrap());
+                    rest = &rest[2..];
+                }
+                other => panic!("unknown escape \\{}", other as char),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_byte_is_written_so_that_it_reads_back_and_no_control_passes() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"a\xff\xfeb\x01\\".to_vec(),
+            "ключ\u{85}\u{9b}[31m\u{1b}[0m\t\r\n✓".as_bytes().to_vec(),
+            (0..=255).collect(),
+            vec![0xe2, 0x9c], // a character cut short
+        ];
+        // Pseudo-random bytes, a fixed sequence.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in [1, 7, 64, 1000] {
+            let v = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            cases.push(v);
+        }
+        for bytes in cases {
+            let text = escaped(&bytes);
+            assert_eq!(unescaped(&text), bytes, "{text}");
+            assert!(!text.chars().any(char::is_control), "{text:?}");
+            assert!(!text.contains('\u{fffd}'), "{text:?}");
+        }
+        assert_eq!(escaped(b"a\xff\xfeb\x01\\"), "a\\xff\\xfeb\\x01\\\\");
     }
 }
