@@ -127,8 +127,9 @@ pub(crate) struct Args {
     replicas: Option<String>,
     /// MiB per second this node sends to move collections to their owners
     /// (a handover after a join, a leave or a change of replication factor;
-    /// the streamed handoff of a newcomer); 0 for no limit. Client writes
-    /// and their replication are never paced.
+    /// the streamed handoff of a newcomer), and, apart, that anti-entropy
+    /// repairs send and take; 0 for no limit. Client writes and their
+    /// replication are never paced.
     #[arg(long, env = "DHRT_MOVE_RATE_MIB", value_name = "MIB_PER_S")]
     move_rate_mib: Option<u64>,
     /// Host only these collections (comma-separated); default all.

@@ -127,7 +127,11 @@ impl Cluster {
             if apply {
                 self.ae_pulled
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
+                let bytes = records.iter().map(crate::batch::mutation_bytes).sum();
                 self.apply_async(records).await.map_err(LinkError::Local)?;
+                // At the pace of moves: what a repair brings can be a
+                // whole collection (a raised replication factor).
+                self.moves.pace_repair(bytes).await;
             }
             // Pages go forward through the buckets asked for: a cursor that
             // goes back, stays, or leaves them is refused (a lying peer
@@ -208,6 +212,9 @@ impl Cluster {
         }
         batches.extend(batcher.finish());
         for batch in batches {
+            self.moves
+                .pace_repair(batch.iter().map(crate::batch::mutation_bytes).sum())
+                .await;
             self.ae_pushed
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             if let PeerReply::Applied { refused, .. } =

@@ -35,6 +35,10 @@ const MOVE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Moves {
     pub(crate) pacer: Pacer,
+    /// The pace of anti-entropy's repairs, at the same rate, apart: after
+    /// a change of replication factor or an interrupted handoff, new
+    /// copies come that way, and they must not starve clients either.
+    repairs: Pacer,
     held: Mutex<HashMap<String, Progress>>,
     /// Records and bytes sent by handovers and handoff streams since start.
     pub(crate) records: AtomicU64,
@@ -58,11 +62,18 @@ impl Moves {
     pub(crate) fn new(rate: u64) -> Moves {
         Moves {
             pacer: Pacer::new(rate),
+            repairs: Pacer::new(rate),
             held: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             stood_in: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Waits for the slot of `bytes` of records anti-entropy sends or
+    /// takes.
+    pub(crate) async fn pace_repair(&self, bytes: usize) {
+        self.repairs.take(bytes).await;
     }
 
     /// Counts a batch sent to move data, after waiting for its slot.
