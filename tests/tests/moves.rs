@@ -3,7 +3,8 @@
 //! or a new owner SIGKILLed in the middle of a move, under writers, loses
 //! no acknowledged write and brings no deleted key back, and every
 //! collection ends on its owners; two members joining at once through
-//! different members end with one placement.
+//! different members end with one placement; a raised replication factor
+//! fills its new owner at the pace of moves.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -481,4 +482,54 @@ fn a_dead_member_removed_by_an_operator_gives_its_collections_new_owners() {
     // Unknown members: a clear error.
     let (status, body) = a.http("DELETE", "/?member=00000000deadbeef", b"");
     assert_eq!(status, 404, "{body}");
+}
+
+/// A raised replication factor fills the new owner by anti-entropy, at the
+/// pace of moves too: what arrives after its first page takes at least its
+/// bytes over the rate (here 1 MiB/s, from both ends of a round: pulled by
+/// the new owner and pushed by the old one).
+#[test]
+fn a_raised_replication_factor_fills_the_new_owner_at_the_pace_of_moves() {
+    let flags = ["--replicas", "1", "--move-rate-mib", "1"];
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &flags);
+    let b = start_joined(dirs[1].path(), &a, &flags);
+    eventually("two healthy members", Duration::from_secs(20), || {
+        all_healthy(&[&a, &b], 2)
+    });
+    let c = "raised".to_string();
+    let keys = 1000;
+    preload(&a, std::slice::from_ref(&c), keys);
+    eventually("one owner holds it", Duration::from_secs(30), || {
+        settled(&[&a, &b], std::slice::from_ref(&c))
+    });
+    let (owner, other) = if local_keys(&a, &c) == u64::from(keys) {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(local_keys(other, &c), 0);
+    assert_eq!(owner.http("PUT", &format!("/{c}?replicas=2"), b"").0, 200);
+    let mut first = None;
+    eventually(
+        "the new owner holds every key",
+        Duration::from_secs(60),
+        || {
+            let held = local_keys(other, &c);
+            if held > 0 && first.is_none() {
+                first = Some((Instant::now(), held));
+            }
+            held == u64::from(keys)
+        },
+    );
+    let (since, held_first) = first.unwrap();
+    let took = since.elapsed();
+    let bytes = (u64::from(keys) - held_first) * preloaded(0).len() as u64;
+    // Two pacers (the pull's and the push's), each with a tenth of a
+    // second of burst, and a page's slot waited for at its start.
+    let floor = bytes as f64 / f64::from(2 << 20) * 0.8 - 0.5;
+    assert!(
+        took.as_secs_f64() >= floor,
+        "{bytes} bytes after the first page in {took:?}, at 1 MiB/s from each end"
+    );
 }

@@ -196,14 +196,16 @@ impl Cluster {
         Ok(())
     }
 
-    /// Sends `mutations` to the peer in `Apply` frames cut by bytes. What
-    /// the peer refuses (this node's clock is ahead of its own, a
+    /// Sends `mutations` to the peer in `Apply` frames cut by bytes, a
+    /// `repair` at the pace of moves ([`super::moves::Moves::pace_repair`];
+    /// a handover is paced by its caller). What the peer refuses (this node's clock is ahead of its own, a
     /// collection past its cap) is logged, not retried.
     pub(super) async fn push_to(
         &self,
         peer: &Peer,
         mutations: Vec<Mutation>,
         timeout: Duration,
+        repair: bool,
     ) -> Result<(), LinkError> {
         let mut batcher = crate::batch::Batcher::new(BATCH_BYTES, BATCH_ITEMS);
         let mut batches = Vec::new();
@@ -212,9 +214,11 @@ impl Cluster {
         }
         batches.extend(batcher.finish());
         for batch in batches {
-            self.moves
-                .pace_repair(batch.iter().map(crate::batch::mutation_bytes).sum())
-                .await;
+            if repair {
+                self.moves
+                    .pace_repair(batch.iter().map(crate::batch::mutation_bytes).sum())
+                    .await;
+            }
             self.ae_pushed
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             if let PeerReply::Applied { refused, .. } =
@@ -414,10 +418,11 @@ impl Cluster {
             self.worth_sending(c, chunk, &theirs, &mut push)?;
             let pending: usize = push.iter().map(mutation_bytes).sum();
             if push.len() >= BATCH_ITEMS || pending >= BATCH_BYTES {
-                self.push_to(peer, std::mem::take(&mut push), long).await?;
+                self.push_to(peer, std::mem::take(&mut push), long, true)
+                    .await?;
             }
         }
-        self.push_to(peer, push, long).await
+        self.push_to(peer, push, long, true).await
     }
 }
 

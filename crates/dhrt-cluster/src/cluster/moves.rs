@@ -492,7 +492,7 @@ impl Cluster {
         for batch in batches {
             let (n, bytes) = (batch.len(), batch.iter().map(mutation_bytes).sum());
             self.moves.send(n, bytes).await;
-            self.push_to(peer, batch, timeout).await?;
+            self.push_to(peer, batch, timeout, false).await?;
             self.moves.note(collection, &[], n, bytes, None);
         }
         Ok(())
