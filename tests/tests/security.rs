@@ -891,7 +891,7 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
             "--auth-file",
             auth.to_str().unwrap(),
             "--max-connections",
-            "4",
+            "5",
         ],
     );
     let at = node.addr;
@@ -943,6 +943,10 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
         }))
         .unwrap();
     bin_ask(&mut bin_busy);
+    // One that showed the token to be revoked, then the admin's.
+    let mut switched = TcpStream::connect(at).unwrap();
+    assert_eq!(ask(&mut switched, &revoked), 404);
+    assert_eq!(ask(&mut switched, &admin), 404);
     // Every slot is held by a connection that showed a valid token: a
     // newcomer is refused.
     let refused = http_at(
@@ -992,6 +996,20 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
         Duration::from_secs(2),
         "the revoked token's binary connection holds its slot",
     );
+    // Every slot is held by a connection whose token is valid again: a
+    // fourth newcomer is refused, the one that switched tokens kept.
+    let refused = http_at(
+        at,
+        "GET",
+        "/c/k",
+        &format!("Authorization: Bearer {admin}\r\n"),
+        b"",
+    );
+    assert!(
+        !matches!(refused, Ok((404, _))),
+        "a connection whose last token is valid was closed for a newcomer: {refused:?}"
+    );
+    assert_eq!(ask(&mut switched, &admin), 404);
     assert_eq!(ask(&mut kept, &admin), 404);
     for (i, s) in newcomers.iter_mut().enumerate() {
         assert_eq!(ask(s, &admin), 404, "newcomer {i}");

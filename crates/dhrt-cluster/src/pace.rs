@@ -1,7 +1,10 @@
-//! The pace of moves and handoffs: bytes per second that one node sends
-//! to others to move collections (a handover, the streamed handoff of a
-//! newcomer). Client traffic and replication of live writes are never
-//! paced; a join or a change of replication factor cannot starve them.
+//! The pace of moves, handoffs and repairs: bytes per second that one
+//! node sends to others to move collections (a handover, the streamed
+//! handoff of a newcomer), and, on a pacer of its own at the same rate,
+//! that anti-entropy pushes or pulls (every catch-up: a returning node, a
+//! healed partition, a re-sync, a raised replication factor). Client
+//! traffic and replication of live writes are never paced; a join or a
+//! change of replication factor cannot starve them.
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -999,13 +999,12 @@ impl<O: Operations> Api<O> {
                 let (memo, proven) = &mut *memo.lock().unwrap();
                 // Read before the token is checked: see `now_with`.
                 let generation = api.limits.access.generation();
+                let token = bearer(req.headers()).ok().flatten();
+                let changed = !token.is_some_and(|t| memo.remembers(t));
                 let role = api.role(remote, req.headers(), memo);
                 if role.is_ok() {
-                    proven.now_with(generation, || {
-                        bearer(req.headers())
-                            .ok()
-                            .flatten()
-                            .map(dhrt_proto::auth::TokenHash::of)
+                    proven.now_with(generation, changed, || {
+                        token.map(dhrt_proto::auth::TokenHash::of)
                     });
                 }
                 role

@@ -292,8 +292,8 @@ pub struct Proven(Option<Proof>);
 enum Proof {
     Once(Box<dyn FnOnce() + Send>),
     Rearmable {
-        /// The tokens' generation it was last told under.
-        told_under: Option<u64>,
+        /// The tokens' generation and the token it was last told under.
+        told_under: Option<(u64, TokenHash)>,
         told: Box<dyn Fn(u64, TokenHash) + Send>,
     },
 }
@@ -306,7 +306,7 @@ impl Proven {
 
     /// Runs `told` with the tokens' generation ([`Access::generation`])
     /// and the token's hash each time the connection shows a valid token
-    /// under a generation it has not yet been told under.
+    /// under a generation, or a token, it has not been told under last.
     pub fn rearmable(told: impl Fn(u64, TokenHash) + Send + 'static) -> Proven {
         Proven(Some(Proof::Rearmable {
             told_under: None,
@@ -319,22 +319,37 @@ impl Proven {
         Proven(None)
     }
 
-    /// The connection has proved itself (a peer: the secret).
+    /// The connection has proved itself (a peer: the secret). Only a
+    /// proof made once is told so.
     pub fn now(&mut self) {
-        if let Some(Proof::Once(told)) = self.0.take() {
+        if matches!(self.0, Some(Proof::Once(_)))
+            && let Some(Proof::Once(told)) = self.0.take()
+        {
             told();
         }
     }
 
     /// The connection has shown a token valid under the tokens of
     /// `generation`, read *before* the token was checked; `token` gives
-    /// its hash (asked for only when it is told).
+    /// its hash. A connection goes on with one token, as a rule: its hash
+    /// is computed only when the generation moved (and then compared with
+    /// the last one told), or, with `changed`, when the server saw another
+    /// token than the last.
     #[inline]
-    pub fn now_with(&mut self, generation: u64, token: impl FnOnce() -> Option<TokenHash>) {
+    pub fn now_with(
+        &mut self,
+        generation: u64,
+        changed: bool,
+        token: impl FnOnce() -> Option<TokenHash>,
+    ) {
         match &mut self.0 {
-            Some(Proof::Rearmable { told_under, told }) if *told_under != Some(generation) => {
-                if let Some(hash) = token() {
-                    *told_under = Some(generation);
+            Some(Proof::Rearmable { told_under, told })
+                if changed || told_under.is_none_or(|(g, _)| g != generation) =>
+            {
+                if let Some(hash) = token()
+                    && *told_under != Some((generation, hash))
+                {
+                    *told_under = Some((generation, hash));
                     told(generation, hash);
                 }
             }
@@ -365,6 +380,14 @@ pub struct Remembered {
     standing: Option<Standing>,
     token: Vec<u8>,
     role: Option<Role>,
+}
+
+impl Remembered {
+    /// Whether the last request checked carried `token` (and it was
+    /// valid then).
+    pub fn remembers(&self, token: &[u8]) -> bool {
+        self.role.is_some() && self.standing.is_none() && self.token == token
+    }
 }
 
 /// What a connection has shown so far.

@@ -465,6 +465,8 @@ impl Cluster {
             && !self.full_resync.load(Ordering::Acquire)
             && let Some(source) = self.sources().first()
         {
+            // Against a deadline: not at the pace of repairs.
+            self.moves.unpace_repairs();
             let round = self.anti_entropy_with(source.id);
             match tokio::time::timeout(LEAVE_ROUND, round).await {
                 Ok(Ok(())) => {}

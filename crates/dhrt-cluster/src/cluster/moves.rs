@@ -39,6 +39,9 @@ pub(crate) struct Moves {
     /// a change of replication factor or an interrupted handoff, new
     /// copies come that way, and they must not starve clients either.
     repairs: Pacer,
+    /// Set when the node leaves: its last round (against a deadline) goes
+    /// at full speed.
+    repairs_unpaced: std::sync::atomic::AtomicBool,
     held: Mutex<HashMap<String, Progress>>,
     /// Records and bytes sent by handovers and handoff streams since start.
     pub(crate) records: AtomicU64,
@@ -63,6 +66,7 @@ impl Moves {
         Moves {
             pacer: Pacer::new(rate),
             repairs: Pacer::new(rate),
+            repairs_unpaced: std::sync::atomic::AtomicBool::new(false),
             held: Mutex::new(HashMap::new()),
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -73,7 +77,15 @@ impl Moves {
     /// Waits for the slot of `bytes` of records anti-entropy sends or
     /// takes.
     pub(crate) async fn pace_repair(&self, bytes: usize) {
-        self.repairs.take(bytes).await;
+        if !self.repairs_unpaced.load(Ordering::Relaxed) {
+            self.repairs.take(bytes).await;
+        }
+    }
+
+    /// Repairs are no longer paced (the node is leaving, and its last
+    /// round has a deadline).
+    pub(crate) fn unpace_repairs(&self) {
+        self.repairs_unpaced.store(true, Ordering::Relaxed);
     }
 
     /// Counts a batch sent to move data, after waiting for its slot.

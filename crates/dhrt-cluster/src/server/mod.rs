@@ -253,7 +253,7 @@ where
                                     })
                             )
                         {
-                            proven.now_with(generation, || Some(hash));
+                            proven.now_with(generation, true, || Some(hash));
                         }
                         if let Ok(RequestRef {
                             id,
