@@ -66,6 +66,33 @@ fn dhrt_cli(node: &Dhrtd, token: Option<&str>, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
+/// A node in memory with `auth` as its auth file and `slots` client slots.
+fn start_with_slots(dir: &Path, auth: &Path, slots: &str) -> Dhrtd {
+    Dhrtd::start(
+        &dir.join("a"),
+        &[
+            "--memory",
+            "--auth-file",
+            auth.to_str().unwrap(),
+            "--max-connections",
+            slots,
+        ],
+    )
+}
+
+/// A newcomer with `token` is refused: every client slot is held by a
+/// connection it may not close.
+fn assert_newcomer_refused(at: SocketAddr, token: &str, what: &str) {
+    let got = http_at(
+        at,
+        "GET",
+        "/c/k",
+        &format!("Authorization: Bearer {token}\r\n"),
+        b"",
+    );
+    assert!(!matches!(got, Ok((200 | 404, _))), "{what}: {got:?}");
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -778,16 +805,7 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
     use std::net::TcpStream;
     let dir = tempfile::tempdir().unwrap();
     let (admin, auth) = admin_auth_file(dir.path());
-    let node = Dhrtd::start(
-        &dir.path().join("a"),
-        &[
-            "--memory",
-            "--auth-file",
-            auth.to_str().unwrap(),
-            "--max-connections",
-            "4",
-        ],
-    );
+    let node = start_with_slots(dir.path(), &auth, "4");
     let at = node.addr;
     // Four strangers take every client slot: two binary connections that
     // send the preamble and nothing more, one that shows a wrong token, and
@@ -852,16 +870,10 @@ fn strangers_holding_every_client_slot_make_room_for_a_client_with_a_token() {
     }
     // A newcomer finds no stranger to close: it is refused, and the clients
     // that showed a token are all still served.
-    let fifth = http_at(
+    assert_newcomer_refused(
         at,
-        "GET",
-        "/c/k",
-        &format!("Authorization: Bearer {admin}\r\n"),
-        b"",
-    );
-    assert!(
-        !matches!(fifth, Ok((200, _))),
-        "a fifth connection was served beside four clients: {fifth:?}"
+        &admin,
+        "a fifth connection was served beside four clients",
     );
     rt.block_on(async {
         for c in &proven {
@@ -884,16 +896,7 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
     let (revoked, revoked_line) = make_token("write");
     let auth = dir.path().join("auth");
     std::fs::write(&auth, format!("{admin_line}\n{revoked_line}\n")).unwrap();
-    let node = Dhrtd::start(
-        &dir.path().join("a"),
-        &[
-            "--memory",
-            "--auth-file",
-            auth.to_str().unwrap(),
-            "--max-connections",
-            "5",
-        ],
-    );
+    let node = start_with_slots(dir.path(), &auth, "5");
     let at = node.addr;
     // Keep-alive connections that showed a token: the admin's first (the
     // oldest), then three with the token to be revoked (over HTTP one goes
@@ -949,17 +952,7 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
     assert_eq!(ask(&mut switched, &admin), 404);
     // Every slot is held by a connection that showed a valid token: a
     // newcomer is refused.
-    let refused = http_at(
-        at,
-        "GET",
-        "/c/k",
-        &format!("Authorization: Bearer {admin}\r\n"),
-        b"",
-    );
-    assert!(
-        !matches!(refused, Ok((404, _))),
-        "a fourth connection was served beside three: {refused:?}"
-    );
+    assert_newcomer_refused(at, &admin, "a sixth connection was served beside five");
 
     // The token is revoked. One of its connections is refused (and asks no
     // more), the other stays idle, and so does the admin's.
@@ -998,16 +991,10 @@ fn connections_of_a_revoked_token_make_room_for_a_newcomer() {
     );
     // Every slot is held by a connection whose token is valid again: a
     // fourth newcomer is refused, the one that switched tokens kept.
-    let refused = http_at(
+    assert_newcomer_refused(
         at,
-        "GET",
-        "/c/k",
-        &format!("Authorization: Bearer {admin}\r\n"),
-        b"",
-    );
-    assert!(
-        !matches!(refused, Ok((404, _))),
-        "a connection whose last token is valid was closed for a newcomer: {refused:?}"
+        &admin,
+        "a connection whose last token is valid was closed for a newcomer",
     );
     assert_eq!(ask(&mut switched, &admin), 404);
     assert_eq!(ask(&mut kept, &admin), 404);
