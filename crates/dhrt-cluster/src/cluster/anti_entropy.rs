@@ -225,11 +225,18 @@ impl Cluster {
                 peer.link.request(PeerOp::Apply(batch), timeout).await?
                 && !refused.is_empty()
             {
-                tracing::warn!(
-                    "peer {} refused {} records (stamped too far ahead of its clock, or of a collection it cannot create or take: see its log)",
-                    peer.link.addr(),
-                    refused.len()
-                );
+                // Records a peer refuses for good come back every round:
+                // one line a minute says so.
+                static REFUSED: crate::throttle::LogThrottle =
+                    crate::throttle::LogThrottle::new(Duration::from_secs(60));
+                if let Some(left_out) = REFUSED.allow() {
+                    tracing::warn!(
+                        left_out,
+                        "peer {} refused {} records (stamped too far ahead of its clock, or of a collection it cannot create or take: see its log)",
+                        peer.link.addr(),
+                        refused.len()
+                    );
+                }
             }
         }
         Ok(())
