@@ -290,18 +290,9 @@ fn found_response(
 /// time: what the connection holds is the value and a few pieces, not the
 /// whole escaped text (six times the value for control bytes).
 fn streamed_key_value(key: Bytes, value: Bytes) -> Response<ResponseBody> {
-    let (tx, body) = body::channel(2);
-    tokio::spawn(async move {
-        for piece in json::KeyValuePieces::new(&key, &value, VALUE_STEP) {
-            if tx.send(Ok(piece.into())).await.is_err() {
-                return; // the client went away
-            }
-        }
-    });
-    let mut r = Response::new(body);
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-    r
+    streamed_json((key, value), |(key, value)| {
+        Box::new(json::KeyValuePieces::new(key, value, VALUE_STEP))
+    })
 }
 
 /// The JSON list of a drop's keys: built whole when small, else sent a
@@ -311,9 +302,20 @@ fn key_list(keys: dhrt_proto::Keys) -> Response<ResponseBody> {
     if keys.len() < 1024 {
         return json(json::key_list(&keys));
     }
+    streamed_json(keys, |keys| {
+        Box::new(json::KeyListPieces::new(keys.iter(), VALUE_STEP))
+    })
+}
+
+/// A JSON answer sent as the pieces `pieces` makes of `data`, as the client
+/// reads them.
+fn streamed_json<T: Send + Sync + 'static>(
+    data: T,
+    pieces: for<'a> fn(&'a T) -> Box<dyn Iterator<Item = Vec<u8>> + Send + 'a>,
+) -> Response<ResponseBody> {
     let (tx, body) = body::channel(2);
     tokio::spawn(async move {
-        for piece in json::KeyListPieces::new(keys.iter(), VALUE_STEP) {
+        for piece in pieces(&data) {
             if tx.send(Ok(piece.into())).await.is_err() {
                 return; // the client went away
             }
