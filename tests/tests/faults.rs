@@ -273,6 +273,37 @@ fn values_of_several_mb_missed_while_down_reach_a_node_through_anti_entropy() {
     assert!(moved >= 20.0, "{moved} records moved by anti-entropy");
 }
 
+/// A replica that died a moment ago refuses connections: a large write
+/// through another node is answered as soon as that is known (the plain
+/// timeout after the first refusal), not after the time its bytes are
+/// given to cross the slowest link, and it reaches the replica once back.
+#[test]
+fn a_large_write_to_a_replica_that_just_died_is_answered_without_its_transfer_time() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // write-ack all: every replica is waited for.
+    let (a, b, c) = three_joined(&dirs, &[]);
+    let big = value(8 << 20, 5);
+    assert_eq!(a.http("PUT", "/big/before", &big).0, 200);
+    let c_addr = c.addr;
+    c.stop("KILL");
+    let (status, body) = a.http("PUT", "/big/after", &big);
+    assert_eq!(status, 504, "{body}");
+    // Not "not met within 8500 ms": c was given up on before that.
+    assert!(body.contains("too few replicas are up"), "{body}");
+    assert!(body.contains("saved on 2 of 3 replicas"), "{body}");
+    let a_addr = a.addr.to_string();
+    let c = Dhrtd::start_on(Some(c_addr), dirs[2].path(), &["--node", &a_addr]);
+    eventually("c is healthy everywhere", Duration::from_secs(60), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    eventually("c holds the write", Duration::from_secs(60), || {
+        local_keys(&c, "big") == 2
+    });
+    let (status, got) = c.get_raw("/big/after");
+    assert_eq!(status, 200);
+    assert!(got == big, "the value c holds differs");
+}
+
 #[test]
 fn quorum_with_two_of_three_replicas_down_says_on_how_many_the_write_is() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -4,12 +4,11 @@
 //! peers' gossip (`crate::skew`).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dhrt_proto::{ErrorKind, Gossip, Liveness, MemberUpdate, OpError, PeerOp, PeerReply};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::moves::Round;
@@ -17,7 +16,6 @@ use super::{Cluster, Peer};
 use crate::link::{Link, LinkError};
 use crate::membership::Membership;
 use crate::membership::{Output, member_state, remembered_only};
-use crate::queue::Queue;
 
 /// How long a leaving member's last anti-entropy round may take.
 const LEAVE_ROUND: Duration = Duration::from_secs(5);
@@ -175,18 +173,11 @@ impl Cluster {
             old.gone.store(true, Ordering::Release);
             old.wake.notify_one();
         }
-        let peer = Arc::new(Peer {
+        let peer = Arc::new(Peer::new(
             id,
-            link: Link::to_member(addr.clone(), id, self.dialer.clone()),
-            gossip: Link::to_member(addr, id, self.dialer.clone()),
-            any_refused: AtomicBool::new(false),
-            any_superseded: AtomicBool::new(false),
-            refusal: Mutex::default(),
-            queue: Mutex::new(Queue::default()),
-            wake: Notify::new(),
-            acked: AtomicU64::new(0),
-            gone: AtomicBool::new(false),
-        });
+            Link::to_member(addr.clone(), id, self.dialer.clone()),
+            Link::to_member(addr, id, self.dialer.clone()),
+        ));
         peers.insert(id, peer.clone());
         let me = self.clone();
         let p = peer.clone();

@@ -32,6 +32,7 @@ mod driver;
 mod first;
 mod moves;
 mod owners;
+mod peer;
 mod read;
 mod render;
 mod replicate;
@@ -39,8 +40,8 @@ mod sync;
 mod tombstones;
 
 use contact::away_too_long;
+use peer::Peer;
 pub(crate) use read::list_local;
-use replicate::Peer;
 
 /// Who this node is.
 #[derive(Debug, Clone)]

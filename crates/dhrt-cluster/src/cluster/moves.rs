@@ -489,7 +489,7 @@ impl Cluster {
     /// its progress.
     async fn push_paced(
         &self,
-        peer: &super::replicate::Peer,
+        peer: &super::Peer,
         collection: &str,
         mutations: Vec<Mutation>,
         timeout: Duration,

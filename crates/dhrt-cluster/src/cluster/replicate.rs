@@ -4,48 +4,22 @@
 //! refuse it.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dhrt_proto::{ErrorKind, Liveness, Mutation, OpError, PeerOp, PeerReply, Stamp};
 use dhrt_storage::Version;
-use tokio::sync::Notify;
 
-use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, collection_of, stamp};
+use super::{BATCH_BYTES, BATCH_ITEMS, Cluster, Peer, collection_of, stamp};
 
 /// How many times a write that lost to newer versions on replicas is
 /// stamped again before it is left as it is (each time, a replica held a
 /// version written meanwhile).
 pub(crate) const RESTAMPS: usize = 3;
-use crate::link::{Link, LinkError};
+use crate::link::LinkError;
 use crate::placement;
-use crate::queue::{Queue, Room};
-
-/// One peer: its connection and the writes on their way to it.
-#[derive(Debug)]
-pub(super) struct Peer {
-    pub(super) id: u64,
-    pub(super) link: Link,
-    /// Membership's own connection to the peer: a probe never waits behind
-    /// a large value crossing a slow link on `link`, which would make a
-    /// busy peer look dead.
-    pub(super) gossip: Link,
-    /// Cached: whether the peer's queue remembers refusals, so a waiter
-    /// takes the queue's lock only when there are some.
-    pub(super) any_refused: AtomicBool,
-    /// Cached: whether the peer's queue remembers writes that lost to a
-    /// newer version the peer holds.
-    pub(super) any_superseded: AtomicBool,
-    /// Why the peer last refused writes, for the client told that its
-    /// write concern was not met.
-    pub(super) refusal: Mutex<String>,
-    pub(super) queue: Mutex<Queue>,
-    pub(super) wake: Notify,
-    /// Sequence number of the last mutation the peer acknowledged.
-    pub(super) acked: AtomicU64,
-    pub(super) gone: AtomicBool,
-}
+use crate::queue::Room;
 
 impl Cluster {
     /// Sends `mutations` (all of one collection) to every replica hosting
@@ -342,35 +316,44 @@ impl Cluster {
                 ),
             )
         };
-        // One reading of each peer: how many answered, and of those, how
-        // many acknowledged (answered and refused nothing).
+        let deadline = cap.map_or(started + allowed, |cap| cap.min(started + allowed));
+        // One reading of each peer: how many answered, of those how many
+        // acknowledged (answered and refused nothing), how many of the
+        // others are given up on (their link fails: a refused dial, a
+        // broken connection), and when the next of them will be.
         let tally = || {
-            let (mut answered, mut done) = (0, 0);
+            let (mut answered, mut done, mut gone, mut next) = (0, 0, 0, deadline);
+            let now = tokio::time::Instant::now();
             for (p, first, last) in &waits {
                 let acked = p.acked.load(Ordering::Acquire);
                 if acked >= *last {
                     answered += 1;
                     done += usize::from(Self::acknowledged_at(p, acked, *first, *last));
+                } else if let Some(at) = p.given_up_at(started, self.options.timeout) {
+                    if at <= now {
+                        gone += 1;
+                    } else {
+                        next = next.min(at);
+                    }
                 }
             }
-            (answered, done)
+            (answered, done, gone, next)
         };
-        let deadline = cap.map_or(started + allowed, |cap| cap.min(started + allowed));
         loop {
             let notified = self.acks.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (answered, done) = tally();
+            let (answered, done, gone, next) = tally();
             if done >= need.remote_acks {
                 return Ok((Self::superseded(&waits), None));
             }
             // Too few replicas are up, or some refused: once every one that
-            // can answer has, the outcome is known.
+            // can answer has (or cannot be reached), the outcome is known.
             let refused = answered - done;
-            if waits.len() - refused < need.remote_acks && answered == waits.len() {
+            if waits.len() - refused - gone < need.remote_acks && answered + gone == waits.len() {
                 break;
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if tokio::time::timeout_at(next, notified).await.is_err() && next >= deadline {
                 for ((p, _, last), (acked, moved, queued)) in waits.iter().zip(&at_start) {
                     // Still taking what it was sent (a large value, or
                     // writes queued before this one): late, not unhealthy.
@@ -509,11 +492,20 @@ impl Cluster {
                 .options
                 .timeout
                 .max(Duration::from_millis((mutations.len() as u64 / 8).max(1)));
-            match peer
+            let sent = peer
                 .link
                 .request(PeerOp::ApplyReporting(mutations), timeout)
-                .await
-            {
+                .await;
+            match &sent {
+                Err(LinkError::Unreachable { .. } | LinkError::Refused { .. }) => {
+                    peer.failed();
+                    // A write waiting for it need not wait its whole time.
+                    self.acks.notify_waiters();
+                }
+                Err(LinkError::Timeout { .. } | LinkError::Local(_)) => {}
+                Ok(_) | Err(LinkError::Remote { .. }) => peer.answered(),
+            }
+            match sent {
                 Ok(PeerReply::Superseded { refused, newer, .. }) => {
                     self.refused_by(&peer, &seqs, &refused);
                     {
