@@ -237,15 +237,14 @@ fn forget(state: &mut State, key_len: usize, old: &Slot) {
 /// state. `record` is the record's bytes, from its header on (the writer's
 /// own buffer on the write path); `log` holds the bytes the index's
 /// offsets point into. Returns `None` if it did not take effect, else the
-/// slot it replaced, if any; the keys a drop removed are pushed on
-/// `dropped`.
+/// slot it replaced, if any; what a drop did is told in `dropped`.
 pub(crate) fn apply_record(
     index: &Index,
     state: &mut State,
     log: &[u8],
     record: &[u8],
     offset: u64,
-    mut dropped: Option<&mut KeyList>,
+    mut dropped: Option<&mut Dropped>,
 ) -> Option<Option<Slot>> {
     let header = &record::peek_header(record);
     let key = &record[record::RECORD_HEADER_LEN..][..header.key_len as usize];
@@ -277,6 +276,10 @@ pub(crate) fn apply_record(
                         let s = e.value().load();
                         if s.version() < version {
                             doomed.push((e.key().clone(), s));
+                        } else if let Some(out) = dropped.as_deref_mut()
+                            && !s.is_tombstone()
+                        {
+                            out.newest_kept = out.newest_kept.max(Some(s.version()));
                         }
                         cursor = e.next();
                     }
@@ -285,7 +288,7 @@ pub(crate) fn apply_record(
                     index.remove(k.as_bytes());
                     forget(state, k.as_bytes().len(), &s);
                     if let (Some(out), false) = (dropped.as_deref_mut(), s.is_tombstone()) {
-                        out.push(k.as_bytes());
+                        out.removed.push(k.as_bytes());
                     }
                 }
             }
@@ -306,6 +309,31 @@ pub(crate) fn apply_record(
             |slot| index.upsert(key, slot),
         ),
     }
+}
+
+/// What a drop did to the index: the live keys it removed, and the newest
+/// version of a live key it kept (one written at or after it).
+#[derive(Debug, Default)]
+pub(crate) struct Dropped {
+    pub(crate) removed: KeyList,
+    pub(crate) newest_kept: Option<Version>,
+}
+
+/// The newest version of a live key in `index`.
+fn newest_live(index: &Index) -> Option<Version> {
+    let mut newest = None;
+    for shard in (0..index.shard_count()).map_while(|i| index.shard_at(i)) {
+        let guard = &crossbeam_epoch::pin();
+        let mut cursor = shard.front(guard);
+        while let Some(e) = cursor {
+            let s = e.value().load();
+            if !s.is_tombstone() {
+                newest = newest.max(Some(s.version()));
+            }
+            cursor = e.next();
+        }
+    }
+    newest
 }
 
 /// [`apply_record`] for a set or a tombstone, with `upsert` putting its
@@ -1162,8 +1190,16 @@ impl Collection {
     }
 
     /// Drops every key older than the drop's version; returns the live keys
-    /// removed, or `None` if a newer drop was already there.
-    pub(crate) fn drop_keys(&self, stamp: Stamp<'_>, sync: SyncMode) -> Result<Option<KeyList>> {
+    /// removed, or `None` if a newer drop was already there, and the newest
+    /// version of a live key kept (written at or after the drop).
+    /// (With `report` only, when a newer drop was there: that takes a walk
+    /// of the index, without the writer lock.)
+    pub(crate) fn drop_keys(
+        &self,
+        stamp: Stamp<'_>,
+        sync: SyncMode,
+        report: bool,
+    ) -> Result<(Option<KeyList>, Option<Version>)> {
         let mut w = WriterGuard(self.writer.lock().unwrap());
         let generation = self.current.load();
         self.check_poison(&generation.log)?;
@@ -1172,7 +1208,12 @@ impl Collection {
             Stamp::Given(v) => v,
         };
         if w.state.dropped_at.is_some_and(|d| d >= version) {
-            return Ok(None);
+            // Read without the writer lock: the index is read lock-free.
+            drop(w);
+            return Ok((
+                None,
+                report.then(|| newest_live(&generation.index)).flatten(),
+            ));
         }
         let Writer {
             buf,
@@ -1185,7 +1226,7 @@ impl Collection {
         record::encode(buf, Kind::Drop, &[], &[], version, seq);
         let offset = self.append(&generation.log, buf)?;
         let end = offset + buf.len() as u64;
-        let mut removed = KeyList::new();
+        let mut dropped = Dropped::default();
         let map = generation.log.map();
         apply_record(
             &generation.index,
@@ -1193,13 +1234,13 @@ impl Collection {
             &map,
             buf,
             offset,
-            Some(&mut removed),
+            Some(&mut dropped),
         );
         self.published(&generation.log, seq, *next_seq - 1, offset, end);
         drop(w);
         self.durable(&generation.log, end, sync)?;
-        removed.sort();
-        Ok(Some(removed))
+        dropped.removed.sort();
+        Ok((Some(dropped.removed), dropped.newest_kept))
     }
 
     /// Whether the encoded record `encoded` of `key` at `version` wins over

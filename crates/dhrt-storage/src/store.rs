@@ -918,11 +918,14 @@ impl Store {
             let Some(c) = self.existing(name)? else {
                 return Ok(KeyList::new());
             };
-            let dropped =
-                match c.drop_keys(Stamp::Local(&self.inner.clock), self.inner.options.sync) {
-                    Err(Error::Released { .. }) => continue,
-                    other => self.inner.noted(other)?,
-                };
+            let (dropped, _) = match c.drop_keys(
+                Stamp::Local(&self.inner.clock),
+                self.inner.options.sync,
+                false,
+            ) {
+                Err(Error::Released { .. }) => continue,
+                other => self.inner.noted(other)?,
+            };
             if dropped.is_some() {
                 self.changed(name);
             }
@@ -934,14 +937,38 @@ impl Store {
     /// `version`, and refuses older writes from then on. Returns the live
     /// keys removed, or `None` if an equal or newer drop was already there.
     pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<KeyList>> {
+        self.drop_given(name, version, false)
+            .map(|(dropped, _)| dropped)
+    }
+
+    /// [`apply_drop`](Self::apply_drop), also saying the newest version of
+    /// a live key it kept, one written at or after it (or after a newer
+    /// drop already there). A coordinator told so about a client's drop
+    /// stamps it again, later: a drop acknowledged to a client does not
+    /// leave a key acknowledged before it was sent (written through a node
+    /// whose clock is ahead of this drop's).
+    pub fn apply_drop_newer(
+        &self,
+        name: &str,
+        version: Version,
+    ) -> Result<(Option<KeyList>, Option<Version>)> {
+        self.drop_given(name, version, true)
+    }
+
+    fn drop_given(
+        &self,
+        name: &str,
+        version: Version,
+        report: bool,
+    ) -> Result<(Option<KeyList>, Option<Version>)> {
         self.inner.clock.observe(version.ts);
-        let dropped = self.with_collection(name, |c| {
-            c.drop_keys(Stamp::Given(version), self.inner.options.sync)
+        let (dropped, kept) = self.with_collection(name, |c| {
+            c.drop_keys(Stamp::Given(version), self.inner.options.sync, report)
         })?;
         if dropped.is_some() {
             self.changed(name);
         }
-        Ok(dropped)
+        Ok((dropped, kept))
     }
 
     /// The anti-entropy digest of `collection`: per bucket of key hashes

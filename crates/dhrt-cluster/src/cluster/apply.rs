@@ -22,7 +22,8 @@ pub(crate) struct Applied {
     /// invalid.
     pub(crate) refused: Vec<u32>,
     /// Indexes of puts that lost to a newer version held here (or to the
-    /// collection's drop), with that version, ascending.
+    /// collection's drop), with that version, and of drops that left a
+    /// live key written at or after them, with its version; ascending.
     pub(crate) newer: Vec<(u32, Stamp)>,
 }
 
@@ -193,8 +194,13 @@ impl Cluster {
                     collection,
                     version: v,
                 } => {
-                    match self.store.apply_drop(collection, version(*v)) {
-                        Ok(took) => applied += u64::from(took.is_some()),
+                    match self.store.apply_drop_newer(collection, version(*v)) {
+                        Ok((took, kept)) => {
+                            applied += u64::from(took.is_some());
+                            // A key written at or after it stays: the
+                            // writer stamps the drop again, later.
+                            newer.extend(kept.map(|kept| (i as u32, stamp(kept))));
+                        }
                         Err(e) if refused_alone(&e) => unstorable.push(i as u32),
                         Err(e) => return Err(crate::error::op_error(e)),
                     }
@@ -507,6 +513,54 @@ mod tests {
         assert!(store.get("_collections", b"ghost").unwrap().is_some());
         assert!(store.get("_replicas", b"users").unwrap().is_some());
         assert!(store.get("users", b"k").unwrap().is_some());
+    }
+
+    /// A drop that leaves a live key stamped at or after it (written
+    /// through a node whose clock was ahead of the drop's) says so, with
+    /// the newest such version: the node it went through stamps it again.
+    #[test]
+    fn a_drop_tells_the_newest_key_it_left() {
+        let store = Store::memory(Options::default());
+        let cluster = single(&store);
+        let ts = (dhrt_storage::wall_ms() << 16) | 1;
+        let at = |ts: u64| Stamp { ts, node: 0xdef };
+        let put = |k: &'static str, ts: u64| Mutation::Put {
+            collection: "c".into(),
+            key: Bytes::from_static(k.as_bytes()),
+            value: Some(Bytes::from_static(b"v")),
+            version: at(ts),
+        };
+        let drop = |ts: u64| Mutation::Drop {
+            collection: "c".into(),
+            version: at(ts),
+        };
+        cluster
+            .apply(&[
+                put("old", ts - 9),
+                put("later", ts + 5),
+                put("last", ts + 7),
+            ])
+            .unwrap();
+        let applied = cluster.apply(&[put("x", ts), drop(ts + 1)]).unwrap();
+        assert_eq!(applied.newer, [(1, at(ts + 7))]);
+        assert!(store.get("c", b"old").unwrap().is_none());
+        assert!(store.get("c", b"x").unwrap().is_none());
+        // Behind a newer drop it is not written, and still tells.
+        cluster.apply(&[drop(ts + 6)]).unwrap();
+        assert!(store.get("c", b"later").unwrap().is_none());
+        assert_eq!(
+            cluster.apply(&[drop(ts + 2)]).unwrap().newer,
+            [(0, at(ts + 7))]
+        );
+        // A drop after every live key (a tombstone left is no key) says
+        // nothing.
+        let mut delete = put("gone", ts + 20);
+        if let Mutation::Put { value, .. } = &mut delete {
+            *value = None;
+        }
+        cluster.apply(&[put("gone", ts + 9), delete]).unwrap();
+        assert!(cluster.apply(&[drop(ts + 10)]).unwrap().newer.is_empty());
+        assert!(store.get("c", b"last").unwrap().is_none());
     }
 
     /// A delete past its grace period is not written for a key this node
