@@ -22,6 +22,9 @@ pub(crate) struct MapNode {
     pub(crate) answers_now: AtomicBool,
     /// Gets answered through `get_now`.
     pub(crate) answered_now: AtomicUsize,
+    /// Collections another node holds (writes to them through it that
+    /// have not reached this one).
+    pub(crate) elsewhere: Mutex<Vec<String>>,
 }
 
 fn check(collection: &str, key: &[u8]) -> Result<(), OpError> {
@@ -126,6 +129,10 @@ impl Operations for MapNode {
 
     fn has_collection(&self, name: &str) -> bool {
         self.map.lock().unwrap().keys().any(|(c, _)| c == name)
+    }
+
+    async fn has_collection_elsewhere(&self, name: &str) -> bool {
+        self.elsewhere.lock().unwrap().iter().any(|c| c == name)
     }
 
     async fn drop_collection(&self, collection: &str) -> Result<dhrt_proto::Keys, OpError> {

@@ -148,6 +148,34 @@ async fn a_single_segment_means_the_collection_when_it_exists() {
     );
 }
 
+/// `DELETE /x` of a collection this node holds nothing of, that another
+/// node holds (a write to it through that node has not reached this one),
+/// drops it: it does not delete the key `x` of `default` instead.
+#[tokio::test]
+async fn a_delete_of_a_collection_held_only_elsewhere_drops_it_not_the_key() {
+    let api = api();
+    ok_json(&api, Method::POST, "/fruit/precious", b"").await;
+    api_node(&api)
+        .elsewhere
+        .lock()
+        .unwrap()
+        .push("fruit".into());
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/fruit", b"").await,
+        json!([])
+    );
+    assert_eq!(
+        ok_json(&api, Method::GET, "/default/fruit", b"").await,
+        json!({"Key": "fruit", "Value": "precious"})
+    );
+    // Held nowhere: the key.
+    api_node(&api).elsewhere.lock().unwrap().clear();
+    assert_eq!(
+        ok_json(&api, Method::DELETE, "/fruit", b"").await,
+        json!({"Key": "fruit"})
+    );
+}
+
 /// A drop of many keys lists them all (sent a piece at a time).
 #[tokio::test]
 async fn a_drop_of_many_keys_lists_every_one() {

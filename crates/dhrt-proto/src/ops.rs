@@ -82,6 +82,15 @@ pub trait Operations: Send + Sync + 'static {
     /// `GET /:collection` from `GET /:key`).
     fn has_collection(&self, name: &str) -> bool;
 
+    /// Whether a collection of this name holds any key on another node,
+    /// for one [`has_collection`](Self::has_collection) finds nothing of
+    /// here: a write to it through another node may not have reached this
+    /// one yet. Used before `DELETE /:x` deletes the key `x` of `default`.
+    fn has_collection_elsewhere(&self, name: &str) -> impl Future<Output = bool> + Send {
+        let _ = name;
+        async { false }
+    }
+
     /// Deletes every key of `collection`; returns the keys it held.
     fn drop_collection(
         &self,

@@ -45,6 +45,22 @@ impl Cluster {
         asks
     }
 
+    /// Whether a live peer holds a live key of `collection`: a page of one
+    /// entry is asked of each (one that does not answer is not counted).
+    pub(crate) async fn held_elsewhere(self: &Arc<Self>, collection: &str) -> bool {
+        let mut asks = self.ask_live_peers(|| PeerOp::List {
+            collection: collection.to_string(),
+            after: None,
+            limit: 1,
+        });
+        while let Some(Ok((_, r))) = asks.join_next().await {
+            if matches!(r, Ok(PeerReply::Page(page)) if !page.entries.is_empty()) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Asks every live peer for `key` in parallel and returns the newest
     /// entry found (a tombstone included), `budget` as in
     /// [`read_remote_told`](Self::read_remote_told).

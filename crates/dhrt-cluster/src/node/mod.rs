@@ -513,6 +513,12 @@ impl Operations for Node {
         self.op_has_collection(name)
     }
 
+    async fn has_collection_elsewhere(&self, name: &str) -> bool {
+        user_collection(name).is_ok()
+            && self.cluster.has_peers()
+            && self.cluster.held_elsewhere(name).await
+    }
+
     async fn replicas(&self, c: Option<&str>, set: Option<&str>) -> Result<ReplicasInfo, OpError> {
         if set.is_some() {
             self.refuse_writes().await?;
