@@ -780,6 +780,19 @@ fn a_node_with_an_auth_file_and_no_cluster_secret_takes_no_peers() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // Nor does an admin's join make it one: refused, and it stays alone
+    // (before, it joined, took its peer for dead and answered every write
+    // 504).
+    let out = dhrt_cli(
+        &guarded,
+        Some(&admin),
+        &["join", &intruder.addr.to_string()],
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("takes no peers"), "{said}");
+    let (code, body) = request(guarded.addr, "PUT", "/c/after", Some(&admin));
+    assert!(code == 201 || code == 200, "{code} {body}");
     // And a node told to cluster with an auth file and no secret does not
     // start.
     let (code, said) = refused(

@@ -457,6 +457,7 @@ async fn run(config: Config, access: Arc<Access>, tls: Option<tls::Tls>) -> anyh
             max_hints: config.max_hints,
             max_hint_bytes: config.max_hint_bytes,
             max_clock_ahead: config.max_clock_offset,
+            takes_peers: config.takes_peers(),
             connector: match &tls {
                 Some(tls) => tls.peers.clone(),
                 None => Arc::new(dhrt_cluster::TcpConnector),

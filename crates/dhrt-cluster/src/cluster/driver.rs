@@ -297,6 +297,12 @@ impl Cluster {
     /// empty, anti-entropy otherwise) while reporting itself syncing.
     /// Returns how many members it knows.
     pub async fn join_running(self: &Arc<Self>, addr: &str) -> Result<u32, OpError> {
+        if !self.options.takes_peers {
+            return Err(OpError::new(
+                ErrorKind::InvalidInput,
+                "this node has an auth file and no cluster secret, so it takes no peers and joins no cluster: set --cluster-secret on every node to cluster",
+            ));
+        }
         let me = self.membership.lock().unwrap().me().addr.clone();
         if addr.trim().is_empty() || addr == me {
             return Err(OpError::new(

@@ -99,6 +99,9 @@ pub struct ClusterOptions {
     /// the simulation's negative control switches them off, to show that
     /// its checker catches what they repair.
     pub repair: bool,
+    /// Whether this node talks to peers at all: not with an auth file and
+    /// no cluster secret (it refuses them, and joins no cluster).
+    pub takes_peers: bool,
     /// Bytes per second this node sends to move collections (handovers,
     /// the streamed handoff of a newcomer); 0 for no limit. Live writes
     /// are never paced.
@@ -124,6 +127,7 @@ impl Default for ClusterOptions {
             rng_seed: None,
             state_file: None,
             repair: true,
+            takes_peers: true,
             move_rate: DEFAULT_MOVE_RATE,
         }
     }
