@@ -5,11 +5,14 @@
 //! is answered here.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dhrt_proto::{CollectionInfo, ErrorKind, Liveness, Mutation, OpError, ReplicasInfo};
+use dhrt_proto::{
+    CollectionInfo, ErrorKind, Liveness, Mutation, OpError, PeerOp, PeerReply, ReplicasInfo,
+};
 use dhrt_storage::Store;
 
 use super::Cluster;
@@ -373,5 +376,48 @@ impl Cluster {
                 need.copies
             ),
         ))
+    }
+
+    /// Whether a live peer holds a live key of `collection`: a page of one
+    /// entry is asked of each (one that does not answer is not counted).
+    /// A write the concern acknowledged is on `copies` of the `replicas`
+    /// owners: once this node (an owner that holds none of it) and
+    /// `replicas - copies` other owners said no, it is nowhere, and no
+    /// one else is waited for (under `all`, no one is asked).
+    pub(crate) async fn held_elsewhere(self: &Arc<Self>, collection: &str) -> bool {
+        let (owners, enough) = {
+            let m = self.membership.lock().unwrap();
+            let owners = self.owners_in(&m, collection);
+            let me = m.me().id;
+            let others = m
+                .members()
+                .filter(|u| u.liveness != Liveness::Left && u.id != me && owners.contains(&u.id))
+                .count();
+            let need = placement::need(self.options.write_ack, others, true);
+            let enough = owners.contains(&me).then_some(need.replicas - need.copies);
+            (owners, enough)
+        };
+        if enough == Some(0) {
+            return false;
+        }
+        let mut asks = self.ask_live_peers(|| PeerOp::List {
+            collection: collection.to_string(),
+            after: None,
+            limit: 1,
+        });
+        let mut noes = 0;
+        while let Some(Ok((id, r))) = asks.join_next().await {
+            match r {
+                Ok(PeerReply::Page(page)) if !page.entries.is_empty() => return true,
+                Ok(PeerReply::Page(_)) if owners.contains(&id) => {
+                    noes += 1;
+                    if enough.is_some_and(|enough| noes >= enough) {
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        false
     }
 }

@@ -25,7 +25,7 @@ use crate::link::{Dialer, LinkError};
 impl Cluster {
     /// Sends `op()` to every live peer at once; their answers, by peer id,
     /// as they come.
-    fn ask_live_peers(
+    pub(super) fn ask_live_peers(
         self: &Arc<Self>,
         op: impl Fn() -> PeerOp,
     ) -> tokio::task::JoinSet<(u64, Result<PeerReply, LinkError>)> {
@@ -43,22 +43,6 @@ impl Cluster {
             asks.spawn(async move { (id, peer.link.request(op, timeout).await) });
         }
         asks
-    }
-
-    /// Whether a live peer holds a live key of `collection`: a page of one
-    /// entry is asked of each (one that does not answer is not counted).
-    pub(crate) async fn held_elsewhere(self: &Arc<Self>, collection: &str) -> bool {
-        let mut asks = self.ask_live_peers(|| PeerOp::List {
-            collection: collection.to_string(),
-            after: None,
-            limit: 1,
-        });
-        while let Some(Ok((_, r))) = asks.join_next().await {
-            if matches!(r, Ok(PeerReply::Page(page)) if !page.entries.is_empty()) {
-                return true;
-            }
-        }
-        false
     }
 
     /// Asks every live peer for `key` in parallel and returns the newest
