@@ -942,17 +942,19 @@ impl Store {
     }
 
     /// [`apply_drop`](Self::apply_drop), also saying the newest version of
-    /// a live key it kept, one written at or after it (or after a newer
-    /// drop already there). A coordinator told so about a client's drop
-    /// stamps it again, later: a drop acknowledged to a client does not
-    /// leave a key acknowledged before it was sent (written through a node
-    /// whose clock is ahead of this drop's).
+    /// a live key it kept, one written at or after it (or, with
+    /// `behind_too`, after a newer drop already there: that takes a walk of
+    /// the index). A coordinator told so about a client's drop stamps it
+    /// again, later: a drop acknowledged to a client does not leave a key
+    /// acknowledged before it was sent (written through a node whose clock
+    /// is ahead of this drop's).
     pub fn apply_drop_newer(
         &self,
         name: &str,
         version: Version,
+        behind_too: bool,
     ) -> Result<(Option<KeyList>, Option<Version>)> {
-        self.drop_given(name, version, true)
+        self.drop_given(name, version, behind_too)
     }
 
     fn drop_given(

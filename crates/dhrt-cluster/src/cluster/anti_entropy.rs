@@ -128,7 +128,9 @@ impl Cluster {
                 self.ae_pulled
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 let bytes = records.iter().map(crate::batch::mutation_bytes).sum();
-                self.apply_async(records).await.map_err(LinkError::Local)?;
+                self.apply_async(records, false)
+                    .await
+                    .map_err(LinkError::Local)?;
                 // At the pace of moves: what a repair brings can be a
                 // whole collection (a raised replication factor).
                 self.moves.pace_repair(bytes).await;
@@ -368,7 +370,7 @@ impl Cluster {
                 collection: collection.to_string(),
                 version: stamp(d),
             };
-            self.apply_async(vec![drop])
+            self.apply_async(vec![drop], false)
                 .await
                 .map_err(LinkError::Local)?;
         }

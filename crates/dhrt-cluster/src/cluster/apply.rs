@@ -61,20 +61,22 @@ impl Cluster {
     /// stored, not observed by the clock) and listed in the outcome; the
     /// others apply. Runs of puts to one collection go to the store as one
     /// batch (one lock, one write). An error is this node's own (storage).
-    pub(crate) fn apply(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
+    /// With `report`, a drop behind a newer one there tells the newest key
+    /// kept too (a walk of the index: for `ApplyReporting` only).
+    pub(crate) fn apply(&self, mutations: &[Mutation], report: bool) -> Result<Applied, OpError> {
         if mutations
             .iter()
             .any(|m| super::collection_of(m) == super::owners::SETTINGS)
         {
             // Read after this apply, whatever it takes.
-            let applied = self.apply_records(mutations);
+            let applied = self.apply_records(mutations, report);
             self.settings_changed();
             return applied;
         }
-        self.apply_records(mutations)
+        self.apply_records(mutations, report)
     }
 
-    fn apply_records(&self, mutations: &[Mutation]) -> Result<Applied, OpError> {
+    fn apply_records(&self, mutations: &[Mutation], report: bool) -> Result<Applied, OpError> {
         let guard = self.guard();
         let wall = self.admission_wall();
         let mut refused = Vec::new();
@@ -194,7 +196,7 @@ impl Cluster {
                     collection,
                     version: v,
                 } => {
-                    match self.store.apply_drop_newer(collection, version(*v)) {
+                    match self.store.apply_drop_newer(collection, version(*v), report) {
                         Ok((took, kept)) => {
                             applied += u64::from(took.is_some());
                             // A key written at or after it stays: the
@@ -279,14 +281,15 @@ impl Cluster {
     pub(crate) async fn apply_async(
         self: &Arc<Self>,
         mutations: Vec<Mutation>,
+        report: bool,
     ) -> Result<Applied, OpError> {
         if self.store.options().sync == SyncMode::Always {
             let me = self.clone();
-            tokio::task::spawn_blocking(move || me.apply(&mutations))
+            tokio::task::spawn_blocking(move || me.apply(&mutations, report))
                 .await
                 .map_err(|e| OpError::new(ErrorKind::Internal, e.to_string()))?
         } else {
-            self.apply(&mutations)
+            self.apply(&mutations, report)
         }
     }
 
@@ -345,7 +348,7 @@ impl Cluster {
     /// Keeps in this node's store writes it only forwarded and that no
     /// replica acknowledged: whether they were kept.
     pub(super) async fn keep_unacknowledged(self: &Arc<Self>, mutations: &[Mutation]) -> bool {
-        match self.apply_async(mutations.to_vec()).await {
+        match self.apply_async(mutations.to_vec(), false).await {
             // Records it refused (a collection past its cap, a stamp ahead
             // of its clock) are not kept.
             Ok(applied) if !applied.refused.is_empty() => {
@@ -443,16 +446,19 @@ mod tests {
             version: Stamp { ts, node: 0xdef },
         };
         let applied = cluster
-            .apply(&[
-                put("held", "k1"),
-                put("new", "a"),
-                put("new", "b"),
-                Mutation::Drop {
-                    collection: "other".into(),
-                    version: Stamp { ts, node: 0xdef },
-                },
-                put("held", "k2"),
-            ])
+            .apply(
+                &[
+                    put("held", "k1"),
+                    put("new", "a"),
+                    put("new", "b"),
+                    Mutation::Drop {
+                        collection: "other".into(),
+                        version: Stamp { ts, node: 0xdef },
+                    },
+                    put("held", "k2"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(applied.refused, [1, 2, 3]);
         assert_eq!(applied.applied, 2);
@@ -461,7 +467,10 @@ mod tests {
         // bad record refuses the run of its collection it came in; other
         // runs apply.
         let applied = cluster
-            .apply(&[put("held", ""), put("../x", "a"), put("held", "k3")])
+            .apply(
+                &[put("held", ""), put("../x", "a"), put("held", "k3")],
+                true,
+            )
             .unwrap();
         assert_eq!(applied.refused, [0, 1]);
         assert_eq!(
@@ -493,18 +502,21 @@ mod tests {
             version: stamp,
         };
         let applied = cluster
-            .apply(&[
-                put("_j0", "a"),
-                put("_collections", "_j1"),
-                put("_collections", "../x"),
-                put("_collections", "ghost"),
-                put("_replicas", "users"),
-                Mutation::Drop {
-                    collection: "_replicas".into(),
-                    version: stamp,
-                },
-                put("users", "k"),
-            ])
+            .apply(
+                &[
+                    put("_j0", "a"),
+                    put("_collections", "_j1"),
+                    put("_collections", "../x"),
+                    put("_collections", "ghost"),
+                    put("_replicas", "users"),
+                    Mutation::Drop {
+                        collection: "_replicas".into(),
+                        version: stamp,
+                    },
+                    put("users", "k"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(applied.refused, [0, 1, 2, 5]);
         assert_eq!(applied.applied, 3);
@@ -513,54 +525,6 @@ mod tests {
         assert!(store.get("_collections", b"ghost").unwrap().is_some());
         assert!(store.get("_replicas", b"users").unwrap().is_some());
         assert!(store.get("users", b"k").unwrap().is_some());
-    }
-
-    /// A drop that leaves a live key stamped at or after it (written
-    /// through a node whose clock was ahead of the drop's) says so, with
-    /// the newest such version: the node it went through stamps it again.
-    #[test]
-    fn a_drop_tells_the_newest_key_it_left() {
-        let store = Store::memory(Options::default());
-        let cluster = single(&store);
-        let ts = (dhrt_storage::wall_ms() << 16) | 1;
-        let at = |ts: u64| Stamp { ts, node: 0xdef };
-        let put = |k: &'static str, ts: u64| Mutation::Put {
-            collection: "c".into(),
-            key: Bytes::from_static(k.as_bytes()),
-            value: Some(Bytes::from_static(b"v")),
-            version: at(ts),
-        };
-        let drop = |ts: u64| Mutation::Drop {
-            collection: "c".into(),
-            version: at(ts),
-        };
-        cluster
-            .apply(&[
-                put("old", ts - 9),
-                put("later", ts + 5),
-                put("last", ts + 7),
-            ])
-            .unwrap();
-        let applied = cluster.apply(&[put("x", ts), drop(ts + 1)]).unwrap();
-        assert_eq!(applied.newer, [(1, at(ts + 7))]);
-        assert!(store.get("c", b"old").unwrap().is_none());
-        assert!(store.get("c", b"x").unwrap().is_none());
-        // Behind a newer drop it is not written, and still tells.
-        cluster.apply(&[drop(ts + 6)]).unwrap();
-        assert!(store.get("c", b"later").unwrap().is_none());
-        assert_eq!(
-            cluster.apply(&[drop(ts + 2)]).unwrap().newer,
-            [(0, at(ts + 7))]
-        );
-        // A drop after every live key (a tombstone left is no key) says
-        // nothing.
-        let mut delete = put("gone", ts + 20);
-        if let Mutation::Put { value, .. } = &mut delete {
-            *value = None;
-        }
-        cluster.apply(&[put("gone", ts + 9), delete]).unwrap();
-        assert!(cluster.apply(&[drop(ts + 10)]).unwrap().newer.is_empty());
-        assert!(store.get("c", b"last").unwrap().is_none());
     }
 
     /// A delete past its grace period is not written for a key this node
@@ -600,7 +564,7 @@ mod tests {
                 node: 0xdef,
             },
         };
-        let applied = cluster.apply(&[delete("k"), delete("gone")]).unwrap();
+        let applied = cluster.apply(&[delete("k"), delete("gone")], true).unwrap();
         assert_eq!(applied.applied, 1);
         let repaired = store.lookup("c", b"k").unwrap().expect("a tombstone");
         assert!(repaired.value.is_none());

@@ -29,6 +29,8 @@ mod clock;
 mod contact;
 mod digests;
 mod driver;
+#[cfg(test)]
+mod drop_report_tests;
 mod first;
 mod moves;
 mod owners;

@@ -406,7 +406,8 @@ impl Cluster {
             limit: 1,
         });
         let mut noes = 0;
-        while let Some(Ok((id, r))) = asks.join_next().await {
+        while let Some(joined) = asks.join_next().await {
+            let Ok((id, r)) = joined else { continue };
             match r {
                 Ok(PeerReply::Page(page)) if !page.entries.is_empty() => return true,
                 Ok(PeerReply::Page(_)) if owners.contains(&id) => {

@@ -37,9 +37,17 @@ pub(super) struct Peer {
     pub(super) acked: AtomicU64,
     pub(super) gone: AtomicBool,
     /// Since when its link has failed to reach it (a refused dial, a
-    /// broken connection) without an answer since, and the bytes the link
-    /// had moved then.
-    pub(super) unreachable: Mutex<Option<(Instant, u64)>>,
+    /// broken connection) without an answer since, the bytes the link had
+    /// moved then, and when it last failed.
+    pub(super) unreachable: Mutex<Option<Failing>>,
+}
+
+/// A peer's link failing: see [`Peer::unreachable`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Failing {
+    since: Instant,
+    moved: u64,
+    last: Instant,
 }
 
 impl Peer {
@@ -60,11 +68,20 @@ impl Peer {
     }
 
     /// Its link failed to reach it: the first failure since it last
-    /// answered is kept.
+    /// answered is kept (anew if bytes moved since: a retry got through,
+    /// then failed), and this one as the last.
     pub(super) fn failed(&self) {
+        let (now, moved) = (Instant::now(), self.link.moved());
         let mut unreachable = self.unreachable.lock().unwrap();
-        if unreachable.is_none() {
-            *unreachable = Some((Instant::now(), self.link.moved()));
+        match &mut *unreachable {
+            Some(f) if moved.saturating_sub(f.moved) < MIN_MOVED => f.last = now,
+            other => {
+                *other = Some(Failing {
+                    since: now,
+                    moved,
+                    last: now,
+                });
+            }
         }
     }
 
@@ -74,13 +91,58 @@ impl Peer {
     }
 
     /// When a write sent at `started` stops waiting for it: `timeout` after
-    /// its link began to fail (or after `started`, if later), unless the
-    /// link moved bytes since (a dial that got through, a large value on
-    /// its way). `None` while it is not failing: the write waits its whole
-    /// time (a large value's transfer time included), as for a peer that is
-    /// slow rather than gone.
+    /// its link began to fail (or after `started`, if later), once an
+    /// attempt made since `started` failed too (one from before may be
+    /// followed by a peer back up), unless the link moved bytes since (a
+    /// dial that got through, a large value on its way). `None` while it
+    /// is not failing: the write waits its whole time (a large value's
+    /// transfer time included), as for a peer that is slow, not gone.
     pub(super) fn given_up_at(&self, started: Instant, timeout: Duration) -> Option<Instant> {
-        let (since, moved) = (*self.unreachable.lock().unwrap())?;
-        (self.link.moved().saturating_sub(moved) < MIN_MOVED).then(|| since.max(started) + timeout)
+        let f = (*self.unreachable.lock().unwrap())?;
+        (f.last >= started && self.link.moved().saturating_sub(f.moved) < MIN_MOVED)
+            .then(|| f.since.max(started) + timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::{Instant, advance};
+
+    use super::Peer;
+    use crate::link::{Dialer, Link, TcpConnector};
+
+    /// A write stops waiting for a peer whose link fails a timeout after
+    /// the failure (or after the write, if later), but only once an
+    /// attempt made since the write failed: one from before may be
+    /// followed by the peer back up. An answer ends it.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_peer_is_given_up_a_timeout_after_a_failure_since_the_write() {
+        let dialer = Dialer {
+            me: 1,
+            secret: b"secret"[..].into(),
+            max_frame: 1 << 20,
+            connector: Arc::new(TcpConnector),
+        };
+        let link = || Link::new("127.0.0.1:9".into(), dialer.clone());
+        let peer = Peer::new(2, link(), link());
+        let (timeout, ms) = (Duration::from_millis(500), Duration::from_millis);
+        let started = Instant::now();
+        assert_eq!(peer.given_up_at(started, timeout), None);
+        advance(ms(100)).await;
+        peer.failed();
+        assert_eq!(peer.given_up_at(started, timeout), Some(started + ms(600)));
+        advance(ms(100)).await;
+        let later = Instant::now();
+        assert_eq!(peer.given_up_at(later, timeout), None);
+        advance(ms(100)).await;
+        peer.failed();
+        // Counted from the later write, the first failure being older.
+        assert_eq!(peer.given_up_at(later, timeout), Some(later + timeout));
+        assert_eq!(peer.given_up_at(started, timeout), Some(started + ms(600)));
+        peer.answered();
+        assert_eq!(peer.given_up_at(later, timeout), None);
     }
 }

@@ -108,14 +108,19 @@ impl Cluster {
                     guard.max_offset_ms / 1000,
                     v.node
                 );
-                let past = (v.ts >> dhrt_storage::LOGICAL_BITS)
-                    .saturating_sub(wall.saturating_add(guard.max_offset_ms));
-                unfollowed.1 = unfollowed.1.max(past);
-                unfollowed.0.extend(
-                    beyond
-                        .iter()
-                        .map(|&(at, _)| super::key_of(&mutations[pending[at]])),
-                );
+                // A drop that left a key so far ahead undid all the rest
+                // everywhere, and nothing will undo it: only that key stays.
+                let puts = beyond
+                    .iter()
+                    .filter(|&&(at, _)| matches!(mutations[pending[at]], Mutation::Put { .. }));
+                if let Some((_, v)) = puts.clone().max_by_key(|(_, v)| v.ts) {
+                    let past = (v.ts >> dhrt_storage::LOGICAL_BITS)
+                        .saturating_sub(wall.saturating_add(guard.max_offset_ms));
+                    unfollowed.1 = unfollowed.1.max(past);
+                    unfollowed
+                        .0
+                        .extend(puts.map(|&(at, _)| super::key_of(&mutations[pending[at]])));
+                }
             }
             if lost.is_empty() || round == RESTAMPS {
                 if !lost.is_empty() {
@@ -138,7 +143,7 @@ impl Cluster {
             }
             if stored_locally {
                 let restamped = again.iter().map(|&i| mutations[i].clone()).collect();
-                self.apply_async(restamped).await?;
+                self.apply_async(restamped, false).await?;
             }
             pending = again;
         }

@@ -410,7 +410,10 @@ impl Cluster {
                 }));
             }
             forgotten += forget.len() as u64;
-            let outcome = self.apply_async(forget).await.map_err(LinkError::Local)?;
+            let outcome = self
+                .apply_async(forget, false)
+                .await
+                .map_err(LinkError::Local)?;
             if !outcome.refused.is_empty() {
                 // Cannot happen (they are this node's own stamps + 1),
                 // but a prune that did not forget is no prune.

@@ -170,7 +170,7 @@ impl Node {
                         value: v.value.clone(),
                         version: v.version,
                     };
-                    if let Err(e) = self.cluster.apply_async(vec![m]).await {
+                    if let Err(e) = self.cluster.apply_async(vec![m], false).await {
                         tracing::warn!("read repair of {collection:?}: {e}");
                     }
                 }

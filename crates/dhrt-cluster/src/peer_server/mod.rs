@@ -350,10 +350,14 @@ async fn handle(
     op: PeerOp,
 ) -> Result<PeerReply, OpError> {
     match op {
-        PeerOp::Apply(mutations) => cluster.apply_async(mutations).await.map(PeerReply::from),
-        PeerOp::ApplyReporting(mutations) => {
-            cluster.apply_async(mutations).await.map(|a| a.reporting())
-        }
+        PeerOp::Apply(mutations) => cluster
+            .apply_async(mutations, false)
+            .await
+            .map(PeerReply::from),
+        PeerOp::ApplyReporting(mutations) => cluster
+            .apply_async(mutations, true)
+            .await
+            .map(|a| a.reporting()),
         PeerOp::Read { collection, key } => cluster.entry(&collection, &key, u32::MAX),
         PeerOp::Peek {
             collection,
