@@ -25,6 +25,8 @@ pub(crate) struct MapNode {
     /// Collections another node holds (writes to them through it that
     /// have not reached this one).
     pub(crate) elsewhere: Mutex<Vec<String>>,
+    /// Times the other nodes were asked about a collection.
+    pub(crate) probed: AtomicUsize,
 }
 
 fn check(collection: &str, key: &[u8]) -> Result<(), OpError> {
@@ -132,6 +134,7 @@ impl Operations for MapNode {
     }
 
     async fn has_collection_elsewhere(&self, name: &str) -> bool {
+        self.probed.fetch_add(1, Ordering::Relaxed);
         self.elsewhere.lock().unwrap().iter().any(|c| c == name)
     }
 

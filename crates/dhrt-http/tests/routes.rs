@@ -625,6 +625,25 @@ async fn tokens_and_roles_decide_who_may_do_what() {
         send(Method::DELETE, "/k", Some(&writer)).await.0,
         StatusCode::OK
     );
+    // The other nodes are asked whether they hold a collection x only for
+    // a client that may drop it: a writer's DELETE /x is the key's.
+    api_node(&api).elsewhere.lock().unwrap().push("e".into());
+    for token in [&writer, &admin] {
+        assert_eq!(
+            send(Method::POST, "/e/v", Some(&writer)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            send(Method::DELETE, "/e", Some(token)).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(api_node(&api).probed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        send(Method::GET, "/default/e", Some(&reader)).await.0,
+        StatusCode::OK,
+        "the admin's DELETE /e dropped the collection, not the key"
+    );
 }
 
 /// A web page's request (it carries an `Origin`) is refused unless the
