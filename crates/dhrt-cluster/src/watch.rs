@@ -431,7 +431,7 @@ impl NodeWatch {
                 return Err(OpError::new(
                     ErrorKind::Unavailable,
                     format!(
-                        "this watch fell too far behind ({behind} changes unread, more than the limit of {limit} bytes, and it caught up none of it in {} s): resume from the last token you received, or take a snapshot",
+                        "this watch fell too far behind ({behind} changes unread, more than the limit of {limit} bytes, and its client took not one batch of them in {} s): resume from the last token you received, or take a snapshot",
                         self.hub.options.lag_grace.as_secs()
                     ),
                 ));
