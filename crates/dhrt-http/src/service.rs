@@ -38,9 +38,14 @@ const LIST_CHUNK: usize = 256 * 1024;
 const VALUE_STEP: usize = 64 * 1024;
 /// A listing is sent in chunks of about this many bytes (a value larger
 /// than this in pieces): with two chunks queued and hyper's write buffer
-/// (about 400 KiB), a listing whose client reads nothing holds some 0.9
-/// MiB here, not 1.5 MiB with chunks of `LIST_CHUNK` (docs/http.md).
+/// (`MAX_BUF`), a listing whose client reads nothing holds some 360 KiB
+/// here, not 1.6 MiB with chunks of `LIST_CHUNK` and hyper's default
+/// buffer (docs/http.md).
 const SEND_CHUNK: usize = 64 * 1024;
+/// hyper's buffer of a connection, each way: what it takes of a response
+/// before the socket does (400 KiB by default), and room for the longest
+/// request head (a request line of 65,534 bytes and 100 headers).
+const MAX_BUF: usize = 128 * 1024;
 const OCTETS: &str = "application/octet-stream";
 /// A body of this many bytes or more, its length declared, is gathered in
 /// a buffer of that size from the start (`read_body`).
@@ -1050,6 +1055,7 @@ impl<O: Operations> Api<O> {
         };
         let conn = http1::Builder::new()
             .keep_alive(true)
+            .max_buf_size(MAX_BUF)
             .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         // The guard is polled only when its timer or the shutdown signal

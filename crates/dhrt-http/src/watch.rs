@@ -450,12 +450,19 @@ pub(crate) fn stream(
                 w.buf.push(b'\n');
             }
             // A client that reads nothing does not hold the stop: its
-            // connection is closed instead.
-            if tokio::time::timeout(STOP_WRITE, w.error(&stop))
+            // connection is closed instead, at once if the sentence cannot
+            // be handed over, else once what is still buffered had a
+            // moment to go out (the socket's buffers may not have been
+            // full yet: the body would end, and the connection wait for a
+            // client that never reads it).
+            let handed = tokio::time::timeout(STOP_WRITE, w.error(&stop))
                 .await
-                .is_err()
-                && let Some(close) = close_connection
-            {
+                .is_ok();
+            drop(w);
+            if let Some(close) = close_connection {
+                if handed {
+                    tokio::time::sleep(STOP_WRITE * 4).await;
+                }
                 close.cancel();
             }
         }
