@@ -937,7 +937,7 @@ impl Store {
     /// `version`, and refuses older writes from then on. Returns the live
     /// keys removed, or `None` if an equal or newer drop was already there.
     pub fn apply_drop(&self, name: &str, version: Version) -> Result<Option<KeyList>> {
-        self.drop_given(name, version, false)
+        self.apply_drop_newer(name, version, false)
             .map(|(dropped, _)| dropped)
     }
 
@@ -954,18 +954,9 @@ impl Store {
         version: Version,
         behind_too: bool,
     ) -> Result<(Option<KeyList>, Option<Version>)> {
-        self.drop_given(name, version, behind_too)
-    }
-
-    fn drop_given(
-        &self,
-        name: &str,
-        version: Version,
-        report: bool,
-    ) -> Result<(Option<KeyList>, Option<Version>)> {
         self.inner.clock.observe(version.ts);
         let (dropped, kept) = self.with_collection(name, |c| {
-            c.drop_keys(Stamp::Given(version), self.inner.options.sync, report)
+            c.drop_keys(Stamp::Given(version), self.inner.options.sync, behind_too)
         })?;
         if dropped.is_some() {
             self.changed(name);
