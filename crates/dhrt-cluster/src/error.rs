@@ -14,6 +14,13 @@ pub(crate) fn op_error(e: StorageError) -> OpError {
             ErrorKind::InvalidInput
         }
         StorageError::ValueTooLarge { .. } => ErrorKind::TooLarge,
+        // Applied here, its durability unknown: like a write saved on
+        // fewer replicas than asked, not one refused (the sentence says
+        // what became of it).
+        StorageError::NotDurable { .. } => {
+            tracing::error!("storage error: {e}");
+            ErrorKind::WriteConcern
+        }
         StorageError::Poisoned { .. }
         | StorageError::DiskFull { .. }
         | StorageError::Locked { .. }

@@ -1294,9 +1294,12 @@ impl Collection {
         }
     }
 
+    /// Waits for the record just applied (ending at `end`) to be durable,
+    /// if `sync` asks for it. It is in the index already: a failed fsync
+    /// says so ([`Error::NotDurable`]), it does not take it back.
     fn durable(&self, log: &LogFile, end: u64, sync: SyncMode) -> Result<()> {
         if sync == SyncMode::Always {
-            log.sync_to(end).map_err(|cause| Error::Poisoned {
+            log.sync_to(end).map_err(|cause| Error::NotDurable {
                 collection: self.name.clone(),
                 cause,
             })?;

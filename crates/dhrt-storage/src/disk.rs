@@ -181,12 +181,14 @@ impl Disk {
     /// Looks at the free space: full below one reserve, not full from
     /// three. Returns whether the state changed.
     pub(crate) fn check(&self) -> bool {
-        if self.reserve == 0 {
-            return false;
-        }
         let Some(free) = self.look() else {
             return false;
         };
+        // Without a reserve the node is never full (values are not
+        // refused ahead of the disk), but its free space is still told.
+        if self.reserve == 0 {
+            return false;
+        }
         let _change = self.change.lock().unwrap();
         if !self.is_full() {
             return free < self.reserve && self.enter();
@@ -372,7 +374,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = Disk::open(dir.path(), Some(0));
         assert!(!disk.out_of_space());
+        // The free space is still looked at, and told.
+        disk.fake_free.store(12345, Ordering::Relaxed);
         assert!(!disk.check());
+        assert_eq!(disk.free(), 12345);
         assert!(!disk.is_full());
         assert!(!dir.path().join(RESERVE_FILE).exists());
     }

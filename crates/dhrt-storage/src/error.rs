@@ -133,6 +133,21 @@ pub enum Error {
         cause: String,
     },
 
+    /// The write was applied (its record is in the log and the index, so
+    /// reads see it) but the fsync that was to make it durable failed: it
+    /// may survive a crash or not, and may reach replicas (anti-entropy
+    /// finds it here). The collection refuses writes from now on, as after
+    /// any failed fsync ([`Error::Poisoned`]).
+    #[error(
+        "the write is applied in collection {collection:?} but not confirmed durable, as its fsync failed ({cause}): it may be read here, and reach other replicas, or be lost if this node crashes; the collection now refuses writes until the node is restarted"
+    )]
+    NotDurable {
+        /// The collection.
+        collection: String,
+        /// The fsync error.
+        cause: String,
+    },
+
     /// A record failed its checksum when read: the bytes in the file are not
     /// what was written. The key's entry was **quarantined**: removed from
     /// the index (so the key now reads as missing here) and from the

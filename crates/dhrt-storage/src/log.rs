@@ -340,6 +340,26 @@ impl LogFile {
         self.pwrite(buf, offset, end)
     }
 
+    /// Gives back the space reserved past the tail (the disk is full, and
+    /// compactions need the room more); the next append reserves again, as
+    /// much as the disk has. Returns the bytes given back.
+    pub(crate) fn give_back_reserved(&self) -> io::Result<u64> {
+        let mut appender = self.appender.lock().unwrap();
+        let Appender::Reserved { reserved } = &mut *appender else {
+            return Ok(0);
+        };
+        // Appends store the tail under this lock: it cannot move now.
+        let tail = self.tail.load(Ordering::Acquire);
+        if *reserved <= tail {
+            return Ok(0);
+        }
+        // Readers only read below the tail (see `mmap.rs`).
+        self.file.set_len(tail)?;
+        let given = *reserved - tail;
+        *reserved = tail;
+        Ok(given)
+    }
+
     /// Reserves bytes `[from, to)` of the file (`fallocate`).
     fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
         #[cfg(test)]

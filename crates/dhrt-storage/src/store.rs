@@ -276,6 +276,14 @@ impl Store {
                 && validate_collection_name(name).is_ok()
             {
                 watermarked.push(name.to_string());
+            } else if file_name.ends_with(LOG_SUFFIX) {
+                // Not a name this node would give a collection (a file
+                // restored or copied under a wrong one): left alone, and
+                // said, so that its collection does not just look empty.
+                tracing::warn!(
+                    file = file_name,
+                    "ignoring a file named like a collection's log: what precedes {LOG_SUFFIX} is no valid collection name"
+                );
             }
         }
         names.sort();
@@ -1237,8 +1245,25 @@ impl Core {
     }
 
     /// Asks for a compaction of every collection holding garbage, now,
-    /// whatever failed before.
+    /// whatever failed before; and gives back the room every log holds
+    /// reserved past its tail (up to 32 MiB each), which those compactions
+    /// need more than appends do now.
     fn compact_for_room(&self) {
+        let mut given = 0;
+        for c in self.collections.load().values() {
+            match c.current.load().log.give_back_reserved() {
+                Ok(bytes) => given += bytes,
+                Err(e) => {
+                    tracing::warn!(collection = %c.name, "cannot give back reserved space: {e}")
+                }
+            }
+        }
+        if given > 0 {
+            tracing::warn!(
+                bytes = given,
+                "the disk is full: gave back the space the logs held reserved ahead of their tails"
+            );
+        }
         for c in self.collections.load().values() {
             if c.state().garbage > 0 {
                 *c.compaction_backoff.lock().unwrap() = None;
@@ -1772,6 +1797,11 @@ mod tests {
         let coll = store.existing("c").unwrap().unwrap();
         let log = coll.current.load().log.clone();
         let before = log.tail();
+        let file = Collection::log_path(dir.path(), "c");
+        assert!(
+            std::fs::metadata(&file).unwrap().len() > before,
+            "reserved ahead"
+        );
         log.disk_end.store(before + 4096, Release);
         let err = store.set("c", b"big", &vec![1u8; 8 << 20]).unwrap_err();
         assert!(
@@ -1779,6 +1809,9 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.disk_full().map(|(full, _)| full), Some(true));
+        // The room reserved ahead of the tail is given back, for the
+        // compactions to come.
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), before);
         assert_eq!(
             std::fs::metadata(&reserve).unwrap().len(),
             256 << 10,
@@ -2002,11 +2035,16 @@ mod tests {
             .log
             .fail_next_sync
             .store(true, std::sync::atomic::Ordering::Release);
-        // The write that meets the failed fsync is not acknowledged...
-        assert!(matches!(
-            store.set("sick", b"k2", b"v"),
-            Err(Error::Poisoned { .. })
-        ));
+        // The write that meets the failed fsync is not acknowledged, and
+        // says it is applied all the same (its record is in the log and
+        // the index, durable or not)...
+        let err = store.set("sick", b"k2", b"v").unwrap_err();
+        assert!(matches!(err, Error::NotDurable { .. }), "{err}");
+        assert!(err.to_string().contains("is applied"), "{err}");
+        assert_eq!(
+            store.get("sick", b"k2").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
         // ...and every later write is refused, though reads go on.
         let err = store.set("sick", b"k3", b"v").unwrap_err();
         assert!(err.to_string().contains("injected fsync failure"), "{err}");
