@@ -1061,3 +1061,45 @@ fn a_peer_without_the_secret_is_refused() {
         all_healthy(&[&a, &friend], 2)
     });
 }
+
+/// `DELETE /x` through a newcomer still receiving its handoff, which holds
+/// no key of `x` yet: under `all` an owner usually asks no one (an
+/// acknowledged collection write is on every owner), but a node that syncs
+/// holds nothing that says so. It asks, and drops the collection, instead
+/// of deleting a key `x` of `default` that is not there (a 404).
+#[test]
+fn a_drop_through_a_newcomer_mid_handoff_drops_the_collection() {
+    let args = ["--move-rate-mib", "1", "--write-ack", "all"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = two_joined(&dirs, &args);
+    let value = vec![b'v'; 50_000];
+    for i in 0..200 {
+        assert_eq!(a.http("PUT", &format!("/big/k{i}"), &value).0, 200);
+    }
+    for i in 0..20 {
+        assert_eq!(a.http("PUT", &format!("/small/k{i}"), b"v").0, 200);
+    }
+    eventually("b holds every key", Duration::from_secs(20), || {
+        local_keys(&b, "big") == 200 && local_keys(&b, "small") == 20
+    });
+    // The handoff goes in name order: `big` first, at 1 MiB/s.
+    let newcomer = start_joined(dirs[2].path(), &a, &args);
+    eventually(
+        "the newcomer is receiving big",
+        Duration::from_secs(20),
+        || (1..150).contains(&local_keys(&newcomer, "big")),
+    );
+    assert_eq!(local_keys(&newcomer, "small"), 0, "small arrived first");
+    let (status, body) = newcomer.http("DELETE", "/small", b"");
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("\"Key\""), "a key was deleted: {body}");
+    eventually(
+        "small is dropped everywhere",
+        Duration::from_secs(30),
+        || {
+            [&a, &b, &newcomer]
+                .iter()
+                .all(|n| local_keys(n, "small") == 0 && get(n, "/small/k3").0 == 404)
+        },
+    );
+}

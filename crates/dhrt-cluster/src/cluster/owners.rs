@@ -383,18 +383,22 @@ impl Cluster {
     /// A write the concern acknowledged is on `copies` of the `replicas`
     /// owners: once this node (an owner that holds none of it) and
     /// `replicas - copies` other owners said no, it is nowhere, and no
-    /// one else is waited for (under `all`, no one is asked).
+    /// one else is waited for (under `all`, no one is asked). Not while
+    /// this node syncs (a newcomer receiving its handoff, a node back from
+    /// a long absence): what it holds says nothing yet, so every live
+    /// peer is asked.
     pub(crate) async fn held_elsewhere(self: &Arc<Self>, collection: &str) -> bool {
         let (owners, enough) = {
             let m = self.membership.lock().unwrap();
             let owners = self.owners_in(&m, collection);
             let me = m.me().id;
+            let complete = !m.me().syncing && !self.sync.running.load(Ordering::Acquire);
             let others = m
                 .members()
                 .filter(|u| u.liveness != Liveness::Left && u.id != me && owners.contains(&u.id))
                 .count();
             let need = placement::need(self.options.write_ack, others, true);
-            let enough = owners.contains(&me).then_some(need.replicas - need.copies);
+            let enough = (complete && owners.contains(&me)).then_some(need.replicas - need.copies);
             (owners, enough)
         };
         if enough == Some(0) {
