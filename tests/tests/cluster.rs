@@ -1062,13 +1062,15 @@ fn a_peer_without_the_secret_is_refused() {
     });
 }
 
-/// `DELETE /x` through a newcomer still receiving its handoff, which holds
-/// no key of `x` yet: under `all` an owner usually asks no one (an
-/// acknowledged collection write is on every owner), but a node that syncs
-/// holds nothing that says so. It asks, and drops the collection, instead
-/// of deleting a key `x` of `default` that is not there (a 404).
+/// A newcomer still receiving its handoff holds part of each collection.
+/// A listing through it is an owner's that does not sync, so it lists what
+/// it has not received yet. And `DELETE /x` through it, which holds no key
+/// of `x` yet: under `all` an owner usually asks no one (an acknowledged
+/// collection write is on every owner), but a node that syncs holds
+/// nothing that says so. It asks, and drops the collection, instead of
+/// deleting a key `x` of `default` that is not there (a 404).
 #[test]
-fn a_drop_through_a_newcomer_mid_handoff_drops_the_collection() {
+fn a_newcomer_mid_handoff_lists_what_it_lacks_and_drops_a_collection_it_lacks() {
     let args = ["--move-rate-mib", "1", "--write-ack", "all"];
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let (a, b) = two_joined(&dirs, &args);
@@ -1090,6 +1092,14 @@ fn a_drop_through_a_newcomer_mid_handoff_drops_the_collection() {
         || (1..150).contains(&local_keys(&newcomer, "big")),
     );
     assert_eq!(local_keys(&newcomer, "small"), 0, "small arrived first");
+    let (status, body) = newcomer.http("GET", "/big", b"");
+    assert_eq!(status, 200);
+    let listed: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.len(), 200, "listed from its partial copy");
+    assert!(
+        local_keys(&newcomer, "big") < 200,
+        "the handoff ended first"
+    );
     let (status, body) = newcomer.http("DELETE", "/small", b"");
     assert_eq!(status, 200, "{body}");
     assert!(!body.contains("\"Key\""), "a key was deleted: {body}");

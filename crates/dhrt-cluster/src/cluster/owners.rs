@@ -126,6 +126,22 @@ impl Cluster {
     /// case, answered without a lock. Where it does not hold, writers name
     /// each collection in [`REGISTRY`], so that a member holding no copy
     /// of it still knows it exists.
+    /// Whether this node syncs now (a newcomer receiving its handoff, a
+    /// node back from a long absence): what it holds may lack what its
+    /// peers were acknowledged.
+    pub(crate) fn syncs(&self) -> bool {
+        self.membership.lock().unwrap().me().syncing || self.sync.running.load(Ordering::Acquire)
+    }
+
+    /// Whether member `id` said it syncs (unknown members do not).
+    pub(crate) fn member_syncs(&self, id: u64) -> bool {
+        self.membership
+            .lock()
+            .unwrap()
+            .members()
+            .any(|u| u.id == id && u.syncing)
+    }
+
     pub(crate) fn everyone_owns_everything(&self) -> bool {
         if self.options.collections.is_some() || self.members_pinned.load(Ordering::Acquire) {
             return false;
@@ -388,11 +404,11 @@ impl Cluster {
     /// a long absence): what it holds says nothing yet, so every live
     /// peer is asked.
     pub(crate) async fn held_elsewhere(self: &Arc<Self>, collection: &str) -> bool {
+        let complete = !self.syncs();
         let (owners, enough) = {
             let m = self.membership.lock().unwrap();
             let owners = self.owners_in(&m, collection);
             let me = m.me().id;
-            let complete = !m.me().syncing && !self.sync.running.load(Ordering::Acquire);
             let others = m
                 .members()
                 .filter(|u| u.liveness != Liveness::Left && u.id != me && owners.contains(&u.id))

@@ -294,14 +294,19 @@ impl Cluster {
     }
 
     /// A page of an owner's listing of `collection`: the owners are asked
-    /// in `watch_hosts` order until one answers. `None` if none does.
+    /// in `watch_hosts` order until one answers (with `synced_only`, only
+    /// those not syncing themselves). `None` if none does.
     pub(crate) async fn list_remote(
         self: &Arc<Self>,
         collection: &str,
         after: Option<&[u8]>,
         limit: u32,
+        synced_only: bool,
     ) -> Option<Page> {
         for (id, _) in self.watch_hosts(collection) {
+            if synced_only && self.member_syncs(id) {
+                continue;
+            }
             let Some(peer) = self.peer(id) else { continue };
             let op = PeerOp::List {
                 collection: collection.to_string(),

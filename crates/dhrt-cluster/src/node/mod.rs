@@ -379,19 +379,26 @@ impl Node {
         limit: u32,
     ) -> Result<Page, OpError> {
         user_collection(collection)?;
+        // A node that syncs holds part of what its peers were acknowledged:
+        // an owner that does not sync lists in its place, if one answers.
+        if self.cluster.has_peers()
+            && self.cluster.hosts_here(collection)
+            && self.cluster.syncs()
+            && let Some(page) = self
+                .cluster
+                .list_remote(collection, after, limit, true)
+                .await
+        {
+            return self.relayed(page);
+        }
         if !self.cluster.everyone_owns_everything() && !self.cluster.hosts_here(collection) {
             // An owner's listing: a copy here is partial, or gone.
-            if let Some(mut page) = self.cluster.list_remote(collection, after, limit).await {
-                // In this node's memory until the client has read it.
-                let parts = page
-                    .entries
-                    .iter_mut()
-                    .flat_map(|e| [&mut e.key, &mut e.value])
-                    .collect();
-                self.inflight
-                    .hold_all(parts)
-                    .map_err(|e| OpError::new(ErrorKind::Unavailable, e))?;
-                return Ok(page);
+            if let Some(page) = self
+                .cluster
+                .list_remote(collection, after, limit, false)
+                .await
+            {
+                return self.relayed(page);
             }
             // Without its owners, a listing would look complete.
             if !self.cluster.owners(collection).is_empty() {
@@ -407,6 +414,20 @@ impl Node {
             }
         }
         crate::cluster::list_local(&self.store, collection, after, limit)
+    }
+
+    /// A page another node listed, held in this node's memory until the
+    /// client has read it.
+    fn relayed(&self, mut page: Page) -> Result<Page, OpError> {
+        let parts = page
+            .entries
+            .iter_mut()
+            .flat_map(|e| [&mut e.key, &mut e.value])
+            .collect();
+        self.inflight
+            .hold_all(parts)
+            .map_err(|e| OpError::new(ErrorKind::Unavailable, e))?;
+        Ok(page)
     }
 
     fn op_has_collection(&self, name: &str) -> bool {
