@@ -769,3 +769,76 @@ fn a_write_no_node_could_take_is_answered_not_saved_and_registers_nothing() {
         assert!(held, "x{i} was answered saved but reads nowhere");
     }
 }
+
+/// A member restarted with another `--replicas` than its peers computes
+/// other owners: with 1, it owns about half of what it held under 2, and
+/// would hand the rest to the one owner it computes and release it, while
+/// its peers still count it as the second copy (one failure would then
+/// lose those collections). It asks its peers their factor first, and
+/// keeps every copy while they disagree, saying why.
+#[test]
+fn a_member_restarted_with_another_replication_factor_releases_nothing() {
+    let args = ["--replicas", "2"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &args);
+    let b = start_joined(dirs[1].path(), &a, &args);
+    let c = start_joined(dirs[2].path(), &a, &args);
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&[&a, &b, &c], 3)
+    });
+    const COLLECTIONS: usize = 20;
+    for i in 0..COLLECTIONS {
+        for k in 0..3 {
+            assert_eq!(a.http("PUT", &format!("/c{i}/k{k}"), b"v").0, 200);
+        }
+    }
+    eventually("each on its two owners", Duration::from_secs(30), || {
+        on_owners(&[&a, &b, &c], COLLECTIONS)
+    });
+    let held: Vec<String> = (0..COLLECTIONS)
+        .map(|i| format!("c{i}"))
+        .filter(|name| local_keys(&c, name) == 3)
+        .collect();
+    let addr = c.addr;
+    c.stop("TERM");
+    let c = Dhrtd::start_on(Some(addr), dirs[2].path(), &["--replicas", "1"]);
+    eventually(
+        "three healthy members again",
+        Duration::from_secs(20),
+        || all_healthy(&[&a, &b, &c], 3),
+    );
+    // Its own view: the collections it holds and no longer owns.
+    let not_owned = |s: &serde_json::Value| -> Vec<String> {
+        let me = s["node"]["id"].as_str().unwrap().to_string();
+        s["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| !x["owners"].as_array().unwrap().iter().any(|o| *o == me))
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    eventually(
+        "it sees the collections it no longer owns",
+        Duration::from_secs(10),
+        || !not_owned(&stats(&c)).is_empty(),
+    );
+    // Settling rounds run every second: time for several.
+    std::thread::sleep(Duration::from_secs(5));
+    for name in &held {
+        assert_eq!(local_keys(&c, name), 3, "{name} was released");
+    }
+    let s = stats(&c);
+    let kept = not_owned(&s);
+    let waiting = s["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == kept[0].as_str())
+        .map(|x| x["moving"]["waiting"].to_string())
+        .unwrap();
+    assert!(
+        waiting.contains("replication factor of 2, this node with 1"),
+        "{waiting}"
+    );
+}

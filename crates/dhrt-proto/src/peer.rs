@@ -313,6 +313,11 @@ pub enum PeerOp {
     /// every live member is syncing at once, each asks the others to
     /// choose the one that goes first.
     Contact,
+    /// The receiver's replication factor for collections without a
+    /// setting of their own: [`PeerReply::Replicas`]. A member that finds
+    /// a peer computing owners with another one keeps the copies it would
+    /// release.
+    Replicas,
 }
 
 /// The answer to a [`PeerOp`].
@@ -396,6 +401,10 @@ pub enum PeerReply {
     /// first with its own data; one with `None` never does while another
     /// has some: the others would forget what it lacks.
     Contact(Option<u64>),
+    /// The answer to [`PeerOp::Replicas`]: the cluster's default set
+    /// through the API if there is one, else the receiver's `--replicas`;
+    /// `None` for `all`.
+    Replicas(Option<u16>),
 }
 
 /// A member's liveness, as one node has heard it. At equal incarnation a

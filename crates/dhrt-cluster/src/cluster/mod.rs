@@ -31,6 +31,7 @@ mod digests;
 mod driver;
 #[cfg(test)]
 mod drop_report_tests;
+mod factors;
 mod first;
 mod moves;
 mod owners;

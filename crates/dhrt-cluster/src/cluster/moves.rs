@@ -48,6 +48,8 @@ pub(crate) struct Moves {
     pub(crate) bytes: AtomicU64,
     /// Collections a leave pushed to stand-ins already: once each.
     stood_in: Mutex<HashSet<String>>,
+    /// What each peer said of its replication factor (`factors.rs`).
+    pub(super) factors: super::factors::Factors,
 }
 
 /// One copy on its way to its owners.
@@ -71,6 +73,7 @@ impl Moves {
             records: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             stood_in: Mutex::new(HashSet::new()),
+            factors: Default::default(),
         }
     }
 
@@ -223,6 +226,12 @@ impl Cluster {
         failed: &mut HashSet<u64>,
     ) -> HandOver {
         let leaving = round != Round::Settle;
+        // Settling, a copy is released only while every live peer computes
+        // owners with this node's replication factor.
+        let disagree = match round {
+            Round::Settle => self.factors_disagree().await,
+            _ => None,
+        };
         let (mut held, mut kept) = (0, 0);
         // Copies whose owners are down, with how many: pushed to stand-ins
         // after every owner had its handover, so that they do not use up
@@ -307,8 +316,8 @@ impl Cluster {
                 }
                 Ok(Handover::Kept)
             } else {
-                self.moves.note(&c, &owners, 0, 0, None);
-                let release = round != Round::PreCopy && !back;
+                self.moves.note(&c, &owners, 0, 0, disagree.clone());
+                let release = round != Round::PreCopy && !back && disagree.is_none();
                 self.hand_over(&c, &owners, release, failed).await
             };
             match outcome {

@@ -374,6 +374,7 @@ async fn handle(
         PeerOp::DigestsAfter { after } => cluster.digests_after(after).map(PeerReply::Digests),
         PeerOp::Horizon => Ok(PeerReply::Horizon(cluster.horizon())),
         PeerOp::Contact => Ok(PeerReply::Contact(cluster.data_contact())),
+        PeerOp::Replicas => Ok(PeerReply::Replicas(cluster.default_factor())),
         PeerOp::Buckets {
             collection,
             buckets,
