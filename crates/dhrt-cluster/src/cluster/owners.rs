@@ -121,11 +121,6 @@ impl Cluster {
             .unwrap_or(self.options.replicas)
     }
 
-    /// Whether every member owns every collection (no pins, this node's or
-    /// another member's, no replication factor below `all`): the common
-    /// case, answered without a lock. Where it does not hold, writers name
-    /// each collection in [`REGISTRY`], so that a member holding no copy
-    /// of it still knows it exists.
     /// Whether this node syncs now (a newcomer receiving its handoff, a
     /// node back from a long absence): what it holds may lack what its
     /// peers were acknowledged.
@@ -142,6 +137,11 @@ impl Cluster {
             .any(|u| u.id == id && u.syncing)
     }
 
+    /// Whether every member owns every collection (no pins, this node's or
+    /// another member's, no replication factor below `all`): the common
+    /// case, answered without a lock. Where it does not hold, writers name
+    /// each collection in [`REGISTRY`], so that a member holding no copy
+    /// of it still knows it exists.
     pub(crate) fn everyone_owns_everything(&self) -> bool {
         if self.options.collections.is_some() || self.members_pinned.load(Ordering::Acquire) {
             return false;
