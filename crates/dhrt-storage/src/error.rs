@@ -111,7 +111,7 @@ pub enum Error {
     #[error(
         "the disk holding {dir} is full ({free_mib} MiB free): new values are refused until {needed_mib} MiB are free; deletes and drops are still taken, and free space once compacted",
         free_mib = free >> 20,
-        needed_mib = needed >> 20
+        needed_mib = needed.div_ceil(1 << 20)
     )]
     DiskFull {
         /// The data directory.

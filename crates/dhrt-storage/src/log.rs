@@ -67,11 +67,19 @@ pub(crate) fn is_full(e: &io::Error) -> bool {
 
 /// Space reserved ahead of the tail at a time: an eighth of the log, from
 /// 64 KiB to 32 MiB, so that reservations are rare and unused space small
-/// (also for many small collections).
-fn reservation_after(end: u64) -> u64 {
-    let chunk = (end / 8).clamp(64 << 10, 32 << 20);
+/// (also for many small collections). While the disk is full (`lean`), 64
+/// KiB: the room is for compactions, and deletes need little.
+fn reservation_after(end: u64, lean: bool) -> u64 {
+    let chunk = match lean {
+        true => LEAN_AHEAD,
+        false => (end / 8).clamp(64 << 10, 32 << 20),
+    };
     (end + chunk).div_ceil(PAGE) * PAGE
 }
+
+/// What a log keeps reserved past its tail while the disk is full: room for
+/// a few thousand tombstones.
+const LEAN_AHEAD: u64 = 64 << 10;
 
 /// An append-only log, read through a shared map by anyone. Appends, under
 /// the collection's writer lock, are written with `pwrite`, into space
@@ -100,6 +108,8 @@ pub(crate) struct LogFile {
     synced_cv: Condvar,
     /// Identifies this file to the collection's watermark.
     id: u64,
+    /// The disk is full: reserve little ahead (see [`reservation_after`]).
+    lean: std::sync::atomic::AtomicBool,
     /// Where successful fsyncs are recorded; `None` in memory mode and for
     /// a compaction's file until it is published.
     watermark: Option<Arc<Watermark>>,
@@ -194,6 +204,7 @@ impl LogFile {
             }),
             synced_cv: Condvar::new(),
             id: watermark::next_log_id(),
+            lean: std::sync::atomic::AtomicBool::new(false),
             watermark: None,
             fdatasyncs: AtomicU64::new(0),
             #[cfg(test)]
@@ -300,7 +311,7 @@ impl LogFile {
         let mut appender = self.appender.lock().unwrap();
         if let Appender::Reserved { reserved } = &mut *appender {
             if end > *reserved {
-                let mut want = reservation_after(end);
+                let mut want = reservation_after(end, self.lean.load(Ordering::Relaxed));
                 let mut result = self.reserve(*reserved, want);
                 // A nearly full disk: no room for the headroom, maybe for
                 // what this append needs.
@@ -340,23 +351,28 @@ impl LogFile {
         self.pwrite(buf, offset, end)
     }
 
-    /// Gives back the space reserved past the tail (the disk is full, and
-    /// compactions need the room more); the next append reserves again, as
-    /// much as the disk has. Returns the bytes given back.
-    pub(crate) fn give_back_reserved(&self) -> io::Result<u64> {
+    /// While the disk is full (`lean`), gives back the space reserved past
+    /// the tail but [`LEAN_AHEAD`] (compactions need the room more; deletes
+    /// keep a little), and reserves only that much ahead from then on.
+    /// Returns the bytes given back.
+    pub(crate) fn set_lean(&self, lean: bool) -> io::Result<u64> {
+        self.lean.store(lean, Ordering::Relaxed);
+        if !lean {
+            return Ok(0);
+        }
         let mut appender = self.appender.lock().unwrap();
         let Appender::Reserved { reserved } = &mut *appender else {
             return Ok(0);
         };
         // Appends store the tail under this lock: it cannot move now.
-        let tail = self.tail.load(Ordering::Acquire);
-        if *reserved <= tail {
+        let keep = reservation_after(self.tail.load(Ordering::Acquire), true);
+        if *reserved <= keep {
             return Ok(0);
         }
         // Readers only read below the tail (see `mmap.rs`).
-        self.file.set_len(tail)?;
-        let given = *reserved - tail;
-        *reserved = tail;
+        self.file.set_len(keep)?;
+        let given = *reserved - keep;
+        *reserved = keep;
         Ok(given)
     }
 
@@ -606,6 +622,31 @@ mod tests {
         assert!(!log.is_dirty());
         log.sync_all().unwrap();
         assert_eq!(log.fdatasyncs(), 1, "nothing new to sync");
+    }
+
+    /// While the disk is full, a log keeps 64 KiB reserved ahead of its
+    /// tail, not up to 32 MiB: what it held beyond is given back, and its
+    /// appends reserve no more; once the disk has room, as before.
+    #[test]
+    fn a_lean_log_gives_back_and_reserves_64_kib_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = LogFile::create(Some(&path), "t", HEADER).unwrap();
+        let len = || std::fs::metadata(&path).unwrap().len();
+        let ahead = |log: &LogFile| (log.tail() + LEAN_AHEAD).div_ceil(PAGE) * PAGE;
+        let mut expected = fill(&log, 40, 100_000);
+        assert!(len() > ahead(&log), "an eighth of 4 MB is reserved ahead");
+        let before = len();
+        assert_eq!(log.set_lean(true).unwrap(), before - ahead(&log));
+        assert_eq!(len(), ahead(&log));
+        assert_eq!(log.set_lean(true).unwrap(), 0, "nothing more to give back");
+        expected.extend(fill_more(&log, 30, 10_000));
+        assert!(len() <= ahead(&log), "{} past {}", len(), ahead(&log));
+        assert_eq!(&log.map()[..expected.len()], &expected[..]);
+        log.set_lean(false).unwrap();
+        expected.extend(fill_more(&log, 10, 10_000));
+        assert!(len() > ahead(&log), "an eighth again");
+        assert_eq!(&log.map()[..expected.len()], &expected[..]);
     }
 
     #[test]

@@ -1246,12 +1246,28 @@ impl Core {
 
     /// Asks for a compaction of every collection holding garbage, now,
     /// whatever failed before; and gives back the room every log holds
-    /// reserved past its tail (up to 32 MiB each), which those compactions
-    /// need more than appends do now.
+    /// reserved past its tail (up to 32 MiB each) but a little, which those
+    /// compactions need more than appends do now.
     fn compact_for_room(&self) {
+        self.lean_logs(true);
+        for c in self.collections.load().values() {
+            if c.state().garbage > 0 {
+                *c.compaction_backoff.lock().unwrap() = None;
+                c.compact_requested
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+    /// Sets every log lean while the disk is full (see
+    /// [`LogFile::set_lean`](crate::log::LogFile::set_lean)): what each
+    /// holds reserved ahead past a little is given back, and appends
+    /// reserve only that little ahead, so that the room the reserve and
+    /// the deletes give back goes to compactions; called every tick (a
+    /// compaction's new log is set at the next).
+    fn lean_logs(&self, full: bool) {
         let mut given = 0;
         for c in self.collections.load().values() {
-            match c.current.load().log.give_back_reserved() {
+            match c.current.load().log.set_lean(full) {
                 Ok(bytes) => given += bytes,
                 Err(e) => {
                     tracing::warn!(collection = %c.name, "cannot give back reserved space: {e}")
@@ -1264,14 +1280,8 @@ impl Core {
                 "the disk is full: gave back the space the logs held reserved ahead of their tails"
             );
         }
-        for c in self.collections.load().values() {
-            if c.state().garbage > 0 {
-                *c.compaction_backoff.lock().unwrap() = None;
-                c.compact_requested
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
-        }
     }
+
     /// Compacts every collection in which a damaged record was quarantined
     /// and not yet compacted out, now, on this thread: left in the file, it
     /// would stop the next open (damage below the durable watermark).
@@ -1391,6 +1401,9 @@ fn background(inner: &Core, shutdown: &Shutdown) {
             inner.compact_for_room();
         }
         let full = inner.disk.as_ref().is_some_and(crate::disk::Disk::is_full);
+        if inner.disk.is_some() {
+            inner.lean_logs(full);
+        }
         for c in inner.collections.load().values() {
             if closing() {
                 return;
@@ -1809,9 +1822,10 @@ mod tests {
             "{err}"
         );
         assert_eq!(store.disk_full().map(|(full, _)| full), Some(true));
-        // The room reserved ahead of the tail is given back, for the
-        // compactions to come.
-        assert_eq!(std::fs::metadata(&file).unwrap().len(), before);
+        // The room reserved ahead of the tail is given back but 64 KiB, for
+        // the compactions to come.
+        let lean = (before + (64 << 10)).div_ceil(4096) * 4096;
+        assert!(std::fs::metadata(&file).unwrap().len() <= lean);
         assert_eq!(
             std::fs::metadata(&reserve).unwrap().len(),
             256 << 10,
