@@ -1064,7 +1064,8 @@ fn a_peer_without_the_secret_is_refused() {
 
 /// A newcomer still receiving its handoff holds part of each collection.
 /// A listing through it is an owner's that does not sync, so it lists what
-/// it has not received yet. And `DELETE /x` through it, which holds no key
+/// it has not received yet, also of a collection none of whose keys has
+/// arrived (the handoff named it). And `DELETE /x` through it, which holds no key
 /// of `x` yet: under `all` an owner usually asks no one (an acknowledged
 /// collection write is on every owner), but a node that syncs holds
 /// nothing that says so. It asks, and drops the collection, instead of
@@ -1100,6 +1101,12 @@ fn a_newcomer_mid_handoff_lists_what_it_lacks_and_drops_a_collection_it_lacks() 
         local_keys(&newcomer, "big") < 200,
         "the handoff ended first"
     );
+    // `small` is named by the handoff before any key of it arrives: the
+    // collection, not a key `small` of `default`.
+    let (status, body) = newcomer.http("GET", "/small", b"");
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.len(), 20, "{body}");
     let (status, body) = newcomer.http("DELETE", "/small", b"");
     assert_eq!(status, 200, "{body}");
     assert!(!body.contains("\"Key\""), "a key was deleted: {body}");

@@ -173,6 +173,9 @@ pub(crate) fn version(s: Stamp) -> Version {
 #[derive(Debug, Default)]
 struct SyncProgress {
     running: AtomicBool,
+    /// The collections a newcomer's handoff brings, named before they
+    /// arrive (`GET /x` there is the collection, not a key of `default`).
+    expected: Mutex<std::collections::HashSet<String>>,
     received: AtomicU64,
     total: AtomicU64,
     started: Mutex<Option<Instant>>,

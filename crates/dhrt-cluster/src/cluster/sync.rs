@@ -65,7 +65,14 @@ impl Cluster {
         self.touched(now);
         self.data_contact.store(now, Ordering::Release);
         self.sync.running.store(false, Ordering::Release);
+        self.sync.expected.lock().unwrap().clear();
         self.with_membership(|m, _| m.set_syncing(false));
+    }
+
+    /// Whether a handoff running now brings `collection`.
+    pub(crate) fn expects(&self, collection: &str) -> bool {
+        self.sync.running.load(Ordering::Acquire)
+            && self.sync.expected.lock().unwrap().contains(collection)
     }
 
     /// While a full re-sync is pending or running: records of this node
@@ -167,6 +174,7 @@ impl Cluster {
         self.sync
             .total
             .store(wanted.iter().map(|d| d.1).sum(), Ordering::Relaxed);
+        *self.sync.expected.lock().unwrap() = wanted.iter().map(|d| d.0.clone()).collect();
         let mut total = 0;
         for (collection, entries) in wanted {
             tracing::info!(

@@ -433,7 +433,8 @@ impl Node {
     fn op_has_collection(&self, name: &str) -> bool {
         !name.starts_with('_')
             && (self.store.has_keys(name)
-                || (!self.cluster.everyone_owns_everything() && self.cluster.is_registered(name)))
+                || (!self.cluster.everyone_owns_everything() && self.cluster.is_registered(name))
+                || self.cluster.expects(name))
     }
 
     async fn op_drop_collection(&self, collection: &str) -> Result<Keys, OpError> {
