@@ -989,6 +989,15 @@ impl Store {
         })
     }
 
+    /// The version of `collection`'s newest drop, if one survives in its
+    /// log: every key stamped before it is gone, whether this store ever
+    /// held it or not.
+    pub fn dropped_at(&self, collection: &str) -> Result<Option<Version>> {
+        Ok(self
+            .existing(collection)?
+            .and_then(|c| c.state().dropped_at))
+    }
+
     /// Every record of `collection` in digest bucket `bucket` (tombstones
     /// included, with versions), in hash order.
     pub fn bucket(&self, collection: &str, bucket: usize) -> Result<Listing> {

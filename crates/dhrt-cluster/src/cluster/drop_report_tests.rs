@@ -79,3 +79,51 @@ fn a_drop_tells_the_newest_key_it_left() {
     );
     assert!(store.get("c", b"last").unwrap().is_none());
 }
+
+/// Asked for a key a drop removed (or one it never held before the drop),
+/// a node answers a deletion at the drop's version, not "no entry": a copy
+/// stamped before the drop, kept by a member the drop did not reach, then
+/// loses wherever answers are merged. A key written after the drop answers
+/// as itself.
+#[test]
+fn a_key_a_drop_removed_is_answered_deleted_at_the_drop() {
+    use dhrt_proto::{PeerReply, Versioned};
+    let store = Store::memory(Options::default());
+    let cluster = Cluster::single(
+        store.clone(),
+        Identity {
+            id: 0xabc,
+            name: "n1".into(),
+            addr: "127.0.0.1:7453".into(),
+        },
+    );
+    let ts = (dhrt_storage::wall_ms() << 16) | 1;
+    let at = |ts: u64| Stamp { ts, node: 0xdef };
+    let put = |k: &'static str, ts: u64| Mutation::Put {
+        collection: "c".into(),
+        key: Bytes::from_static(k.as_bytes()),
+        value: Some(Bytes::from_static(b"v")),
+        version: at(ts),
+    };
+    let entry = |k: &[u8]| cluster.entry("c", k, u32::MAX).unwrap();
+    assert_eq!(entry(b"k"), PeerReply::Entry(None), "no drop, no entry");
+    let drop = Mutation::Drop {
+        collection: "c".into(),
+        version: at(ts + 1),
+    };
+    cluster.apply(&[put("k", ts), drop], false).unwrap();
+    cluster.apply(&[put("after", ts + 2)], false).unwrap();
+    let deleted = PeerReply::Entry(Some(Versioned {
+        value: None,
+        version: at(ts + 1),
+    }));
+    assert_eq!(entry(b"k"), deleted);
+    assert_eq!(entry(b"never"), deleted);
+    assert_eq!(
+        entry(b"after"),
+        PeerReply::Entry(Some(Versioned {
+            value: Some(Bytes::from_static(b"v")),
+            version: at(ts + 2),
+        }))
+    );
+}

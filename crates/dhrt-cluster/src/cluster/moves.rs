@@ -466,6 +466,11 @@ impl Cluster {
                 .unwrap_or_else(Digest::empty),
             _ => Digest::empty(),
         };
+        // The owner's drop applies to this copy too (the drop went to the
+        // owners only): what it removed is not pushed again and again.
+        // This round then releases nothing (the copy changed); the next
+        // one pushes what is left.
+        self.apply_remote_drop(collection, local, &remote).await?;
         let mut push = Vec::new();
         if local.dropped_at > remote.dropped_at
             && let Some(d) = local.dropped_at

@@ -137,7 +137,19 @@ impl Cluster {
                     version: super::stamp(r.version),
                 })),
             },
-            None => PeerReply::Entry(None),
+            // A key a drop removed (or that this node never had before
+            // one): deleted at the drop's version, so that a copy of it
+            // stamped before, on a member the drop did not reach (a write
+            // kept by a node that does not own the collection), loses.
+            None => PeerReply::Entry(
+                self.store()
+                    .dropped_at(collection)
+                    .map_err(crate::error::op_error)?
+                    .map(|d| Versioned {
+                        value: None,
+                        version: super::stamp(d),
+                    }),
+            ),
         })
     }
 

@@ -160,7 +160,11 @@ impl Node {
         key: &[u8],
         found: Option<dhrt_proto::Versioned>,
     ) -> Option<Bytes> {
+        // A drop here removed every key stamped before it: a copy from a
+        // member it did not reach is no answer.
+        let dropped = self.store.dropped_at(collection).ok().flatten();
         match found {
+            Some(v) if dropped.is_some_and(|d| v.version <= stamp(d)) => None,
             Some(v) => {
                 if self.cluster.stores_locally(collection) {
                     // Read repair: keep what the others had.
