@@ -842,3 +842,44 @@ fn a_member_restarted_with_another_replication_factor_releases_nothing() {
         "{waiting}"
     );
 }
+
+/// A write through a member that does not own the collection, while its
+/// owner is frozen, is kept there (504, `kept on this node`). The owner,
+/// back, drops the collection: the drop goes to the owners only. The keys
+/// it removed must stay removed through every node, and the copy kept
+/// elsewhere is given up (before, every node read the kept values again,
+/// and that member pushed its copy to the owner for good).
+#[test]
+fn a_drop_wins_over_a_copy_kept_by_a_member_it_did_not_reach() {
+    let args = ["--replicas", "1", "--timeout-ms", "300"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = Dhrtd::start(dirs[0].path(), &args);
+    let b = start_joined(dirs[1].path(), &a, &args);
+    let c = start_joined(dirs[2].path(), &a, &args);
+    let nodes = [&a, &b, &c];
+    eventually("three healthy members", Duration::from_secs(15), || {
+        all_healthy(&nodes, 3)
+    });
+    assert_eq!(a.http("PUT", "/c/seed", b"s").0, 200);
+    let owner = *nodes
+        .iter()
+        .find(|n| local_keys(n, "c") == 1)
+        .expect("an owner holds it");
+    let other = *nodes.iter().find(|n| n.addr != owner.addr).unwrap();
+    owner.signal("STOP");
+    for i in 0..5 {
+        let (status, body) = other.http("PUT", &format!("/c/k{i}"), b"old");
+        assert_eq!(status, 504, "{body}");
+    }
+    owner.signal("CONT");
+    assert_eq!(owner.http("DELETE", "/c", b"").0, 200);
+    eventually("the kept copy is given up", Duration::from_secs(20), || {
+        local_keys(other, "c") == 0
+    });
+    for n in nodes {
+        for i in 0..5 {
+            let (status, body) = n.http("GET", &format!("/c/k{i}"), b"");
+            assert_eq!(status, 404, "k{i} through {}: {body}", n.addr);
+        }
+    }
+}
