@@ -871,6 +871,7 @@ fn a_drop_wins_over_a_copy_kept_by_a_member_it_did_not_reach() {
         let (status, body) = other.http("PUT", &format!("/c/k{i}"), b"old");
         assert_eq!(status, 504, "{body}");
     }
+    assert_eq!(local_keys(other, "c"), 5, "kept where they went through");
     owner.signal("CONT");
     assert_eq!(owner.http("DELETE", "/c", b"").0, 200);
     eventually("the kept copy is given up", Duration::from_secs(20), || {

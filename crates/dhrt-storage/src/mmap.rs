@@ -26,7 +26,8 @@
 //!    back to the tail).
 //!    The file is only ever shortened while no map of it exists (recovery,
 //!    before mapping) or past the tail (cutting back a failed `pwrite`,
-//!    giving back reserved space on close).
+//!    giving back reserved space on close, or while the disk is full:
+//!    `LogFile::set_lean`).
 //! 3. Compaction writes a *new* file and swaps it in; the old map stays alive
 //!    (reference counted through `Bytes`) until its last reader drops it. The
 //!    old file is unlinked but not truncated.

@@ -121,7 +121,10 @@ impl Moves {
         }
         p.records += records as u64;
         p.bytes += bytes as u64;
-        p.waiting = waiting;
+        // A batch's progress keeps the reason its round gave.
+        if waiting.is_some() || records == 0 {
+            p.waiting = waiting;
+        }
     }
 
     fn done(&self, collection: &str) {
@@ -227,11 +230,9 @@ impl Cluster {
     ) -> HandOver {
         let leaving = round != Round::Settle;
         // Settling, a copy is released only while every live peer computes
-        // owners with this node's replication factor.
-        let disagree = match round {
-            Round::Settle => self.factors_disagree().await,
-            _ => None,
-        };
+        // owners with this node's replication factor: asked once a round,
+        // when a copy is first about to go.
+        let mut disagree: Option<Option<String>> = None;
         let (mut held, mut kept) = (0, 0);
         // Copies whose owners are down, with how many: pushed to stand-ins
         // after every owner had its handover, so that they do not use up
@@ -316,8 +317,17 @@ impl Cluster {
                 }
                 Ok(Handover::Kept)
             } else {
-                self.moves.note(&c, &owners, 0, 0, disagree.clone());
-                let release = round != Round::PreCopy && !back && disagree.is_none();
+                let why = match (round, &disagree) {
+                    (Round::Settle, None) => {
+                        let why = self.factors_disagree().await;
+                        disagree = Some(why.clone());
+                        why
+                    }
+                    (Round::Settle, Some(why)) => why.clone(),
+                    _ => None,
+                };
+                self.moves.note(&c, &owners, 0, 0, why.clone());
+                let release = round != Round::PreCopy && !back && why.is_none();
                 self.hand_over(&c, &owners, release, failed).await
             };
             match outcome {
@@ -470,7 +480,14 @@ impl Cluster {
         // owners only): what it removed is not pushed again and again.
         // This round then releases nothing (the copy changed); the next
         // one pushes what is left.
-        self.apply_remote_drop(collection, local, &remote).await?;
+        // A copy that cannot take it (a failed fsync, a failing disk) is
+        // pushed all the same: the owner ignores what its drop removed.
+        if let Err(e) = self.apply_remote_drop(collection, local, &remote).await {
+            tracing::warn!(
+                collection,
+                "cannot apply the owners' drop to this copy: {e}"
+            );
+        }
         let mut push = Vec::new();
         if local.dropped_at > remote.dropped_at
             && let Some(d) = local.dropped_at

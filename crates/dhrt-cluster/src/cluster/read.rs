@@ -138,10 +138,12 @@ impl Cluster {
                 })),
             },
             // A key a drop removed (or that this node never had before
-            // one): deleted at the drop's version, so that a copy of it
-            // stamped before, on a member the drop did not reach (a write
-            // kept by a node that does not own the collection), loses.
-            None => PeerReply::Entry(
+            // one), on an owner: deleted at the drop's version, so that a
+            // copy of it stamped before, on a member the drop did not reach
+            // (a write kept by a node that does not own the collection),
+            // loses. (A member that does not own it says only what it holds:
+            // its drop does not speak for the owners.)
+            None if self.hosts_here(collection) => PeerReply::Entry(
                 self.store()
                     .dropped_at(collection)
                     .map_err(crate::error::op_error)?
@@ -150,6 +152,7 @@ impl Cluster {
                         version: super::stamp(d),
                     }),
             ),
+            None => PeerReply::Entry(None),
         })
     }
 

@@ -159,22 +159,28 @@ impl Cluster {
         let long = self.options.timeout.max(Duration::from_secs(10));
         // The collections this node owns, and how many records each holds.
         let mut wanted: Vec<(String, u64)> = Vec::new();
+        // Named before their keys arrive: those holding entries and no
+        // drop (one whose keys were all dropped is no collection to name).
+        let mut named = std::collections::HashSet::new();
         let mut after = None;
         loop {
             let page = self.digest_page(&peer, after, long).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.collection.clone());
             let m = self.membership.lock().unwrap();
-            wanted.extend(
-                page.into_iter()
-                    .filter(|d| self.owners_in(&m, &d.collection).contains(&m.me().id))
-                    .map(|d| (d.collection, d.entries)),
-            );
+            for d in page {
+                if self.owners_in(&m, &d.collection).contains(&m.me().id) {
+                    if d.entries > 0 && d.dropped_at.is_none() {
+                        named.insert(d.collection.clone());
+                    }
+                    wanted.push((d.collection, d.entries));
+                }
+            }
         }
         self.sync
             .total
             .store(wanted.iter().map(|d| d.1).sum(), Ordering::Relaxed);
-        *self.sync.expected.lock().unwrap() = wanted.iter().map(|d| d.0.clone()).collect();
+        *self.sync.expected.lock().unwrap() = named;
         let mut total = 0;
         for (collection, entries) in wanted {
             tracing::info!(

@@ -107,6 +107,9 @@ impl Node {
                     .read_remote_told(collection, key, Some(&self.inflight))
                     .await?;
                 let fresh = local.filter(|(_, v)| v.ts > seen);
+                // Older than a drop this node holds: no answer.
+                let dropped = self.store.dropped_at(collection).ok().flatten();
+                let remote = remote.filter(|r| dropped.is_none_or(|d| r.version > stamp(d)));
                 Ok(match (remote, fresh) {
                     (Some(r), Some((value, v))) if stamp(v) > r.version => value,
                     (Some(r), _) => r.value,
