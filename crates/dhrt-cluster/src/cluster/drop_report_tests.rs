@@ -8,11 +8,8 @@ use dhrt_storage::{Options, Store};
 
 use crate::cluster::{Cluster, Identity};
 
-/// A drop that leaves a live key stamped at or after it (written
-/// through a node whose clock was ahead of the drop's) says so, with
-/// the newest such version: the node it went through stamps it again.
-#[test]
-fn a_drop_tells_the_newest_key_it_left() {
+/// A node alone in memory, and a time to stamp from (now).
+fn single() -> (Store, std::sync::Arc<Cluster>, u64) {
     let store = Store::memory(Options::default());
     let cluster = Cluster::single(
         store.clone(),
@@ -22,14 +19,30 @@ fn a_drop_tells_the_newest_key_it_left() {
             addr: "127.0.0.1:7453".into(),
         },
     );
-    let ts = (dhrt_storage::wall_ms() << 16) | 1;
-    let at = |ts: u64| Stamp { ts, node: 0xdef };
-    let put = |k: &'static str, ts: u64| Mutation::Put {
+    (store, cluster, (dhrt_storage::wall_ms() << 16) | 1)
+}
+
+/// A version at `ts` by another node.
+fn at(ts: u64) -> Stamp {
+    Stamp { ts, node: 0xdef }
+}
+
+/// A put of `k` in collection `c` at `ts`.
+fn put(k: &'static str, ts: u64) -> Mutation {
+    Mutation::Put {
         collection: "c".into(),
         key: Bytes::from_static(k.as_bytes()),
         value: Some(Bytes::from_static(b"v")),
         version: at(ts),
-    };
+    }
+}
+
+/// A drop that leaves a live key stamped at or after it (written
+/// through a node whose clock was ahead of the drop's) says so, with
+/// the newest such version: the node it went through stamps it again.
+#[test]
+fn a_drop_tells_the_newest_key_it_left() {
+    let (store, cluster, ts) = single();
     let drop = |ts: u64| Mutation::Drop {
         collection: "c".into(),
         version: at(ts),
@@ -88,23 +101,7 @@ fn a_drop_tells_the_newest_key_it_left() {
 #[test]
 fn a_key_a_drop_removed_is_answered_deleted_at_the_drop() {
     use dhrt_proto::{PeerReply, Versioned};
-    let store = Store::memory(Options::default());
-    let cluster = Cluster::single(
-        store.clone(),
-        Identity {
-            id: 0xabc,
-            name: "n1".into(),
-            addr: "127.0.0.1:7453".into(),
-        },
-    );
-    let ts = (dhrt_storage::wall_ms() << 16) | 1;
-    let at = |ts: u64| Stamp { ts, node: 0xdef };
-    let put = |k: &'static str, ts: u64| Mutation::Put {
-        collection: "c".into(),
-        key: Bytes::from_static(k.as_bytes()),
-        value: Some(Bytes::from_static(b"v")),
-        version: at(ts),
-    };
+    let (_, cluster, ts) = single();
     let entry = |k: &[u8]| cluster.entry("c", k, u32::MAX).unwrap();
     assert_eq!(entry(b"k"), PeerReply::Entry(None), "no drop, no entry");
     let drop = Mutation::Drop {
