@@ -107,9 +107,7 @@ impl Node {
                     .read_remote_told(collection, key, Some(&self.inflight))
                     .await?;
                 let fresh = local.filter(|(_, v)| v.ts > seen);
-                // Older than a drop this node holds: no answer.
-                let dropped = self.store.dropped_at(collection).ok().flatten();
-                let remote = remote.filter(|r| dropped.is_none_or(|d| r.version > stamp(d)));
+                let remote = remote.filter(|r| !self.dropped_since(collection, r.version));
                 Ok(match (remote, fresh) {
                     (Some(r), Some((value, v))) if stamp(v) > r.version => value,
                     (Some(r), _) => r.value,
@@ -155,6 +153,13 @@ impl Node {
         Ok(self.keep(collection, key, found).await)
     }
 
+    /// Whether a drop this node holds of `collection` came at or after
+    /// `version`: it removed every key stamped so, and a copy from a member
+    /// it did not reach is no answer.
+    fn dropped_since(&self, collection: &str, version: dhrt_proto::Stamp) -> bool {
+        matches!(self.store.dropped_at(collection), Ok(Some(d)) if version <= stamp(d))
+    }
+
     /// What a replica answered for a key this node lacks, kept here (read
     /// repair) if this node stores the collection.
     async fn keep(
@@ -163,11 +168,8 @@ impl Node {
         key: &[u8],
         found: Option<dhrt_proto::Versioned>,
     ) -> Option<Bytes> {
-        // A drop here removed every key stamped before it: a copy from a
-        // member it did not reach is no answer.
-        let dropped = self.store.dropped_at(collection).ok().flatten();
         match found {
-            Some(v) if dropped.is_some_and(|d| v.version <= stamp(d)) => None,
+            Some(v) if self.dropped_since(collection, v.version) => None,
             Some(v) => {
                 if self.cluster.stores_locally(collection) {
                     // Read repair: keep what the others had.
