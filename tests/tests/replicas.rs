@@ -861,10 +861,23 @@ fn a_drop_wins_over_a_copy_kept_by_a_member_it_did_not_reach() {
         all_healthy(&nodes, 3)
     });
     assert_eq!(a.http("PUT", "/c/seed", b"s").0, 200);
+    // A node that forwarded the write keeps a copy until the owner has it.
+    eventually("only the owner holds it", Duration::from_secs(20), || {
+        nodes.iter().filter(|n| local_keys(n, "c") > 0).count() == 1
+    });
     let owner = *nodes
         .iter()
         .find(|n| local_keys(n, "c") == 1)
         .expect("an owner holds it");
+    let s = stats(owner);
+    let c_owners = s["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "c")
+        .map(|x| x["owners"].clone())
+        .unwrap();
+    assert_eq!(c_owners, serde_json::json!([s["node"]["id"]]));
     let other = *nodes.iter().find(|n| n.addr != owner.addr).unwrap();
     owner.signal("STOP");
     for i in 0..5 {
